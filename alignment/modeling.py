@@ -1,0 +1,166 @@
+"""Base model, tokenizer, 4-bit quantization, LoRA/DoRA, and loading adapters back.
+
+One decision is made here for every stage: the device plan. TRL's configs default to bf16 and
+gradient checkpointing on; on a CPU without bf16 instructions that makes a step 10-45x slower,
+so the plan picks per device and says in one line what it chose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignment.config import LoraConfig, ModelConfig
+from alignment.embedded import CHATML_EOS, EMBEDDED_NAMES, embedded_model_dir
+
+log = logging.getLogger(__name__)
+
+# Used when a tokenizer has no chat template of its own (base models, tiny test models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_model_path(name: str) -> str:
+    """The embedded default's converted folder for its names; anything else unchanged."""
+    if name.lower() in EMBEDDED_NAMES:
+        return str(embedded_model_dir())
+    return name
+
+
+@dataclass
+class DevicePlan:
+    device: str
+    quantize: bool
+    compute_dtype: torch.dtype
+    gradient_checkpointing: bool
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute_dtype == torch.bfloat16
+
+    @property
+    def fp16(self) -> bool:
+        return self.compute_dtype == torch.float16
+
+    def describe(self) -> str:
+        base = "4-bit NF4 base + LoRA (QLoRA)" if self.quantize else "unquantized base + LoRA"
+        dtype = str(self.compute_dtype).replace("torch.", "")
+        gc = "on" if self.gradient_checkpointing else "off"
+        return f"device {self.device} · {base} · {dtype} compute · gradient checkpointing {gc}"
+
+
+def device_plan(cfg: ModelConfig) -> DevicePlan:
+    cuda = torch.cuda.is_available()
+    if cfg.compute_dtype == "auto":
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, cfg.compute_dtype)
+    quantize = cfg.quantize
+    if quantize:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # pragma: no cover - depends on the install
+            log.warning("bitsandbytes unavailable (%s): running LoRA on an unquantized base", err)
+            quantize = False
+    gc = {"on": True, "off": False, "auto": cuda}[cfg.gradient_checkpointing]
+    return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = CHATML_EOS if CHATML_EOS in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(plan: DevicePlan):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=plan.compute_dtype,
+        bnb_4bit_quant_storage=plan.compute_dtype,
+    )
+
+
+def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, training: bool = True, **kwargs):
+    """The base model as the plan says: 4-bit (prepared for k-bit training) or plain."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    path = resolve_model_path(cfg.name)
+    extra = dict(kwargs)
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
+    if plan.quantize:
+        extra["quantization_config"] = bnb_config(plan)
+        if plan.device == "cuda":
+            extra["device_map"] = {"": torch.cuda.current_device()}
+    model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
+    if plan.quantize and training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing
+        )
+    if plan.device == "cuda" and not plan.quantize:
+        model.to("cuda")
+    return model
+
+
+def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+        bias="none",
+    )
+
+
+def keep_trainable_in(model, dtype: torch.dtype) -> None:
+    """Put trainable (adapter) weights back in `dtype`.
+
+    TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's recipe for GPUs).
+    On a CPU without bf16 instructions that makes every step many times slower, and TRL has no
+    switch for it, so after building a trainer on CPU we cast them back to the compute dtype.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_name(path: str | Path) -> str:
+    """The base model an adapter was trained on: our manifest's logical name, else peft's path."""
+    manifest = Path(path) / "align.json"
+    if manifest.is_file():
+        base = json.loads(manifest.read_text()).get("base_model")
+        if base:
+            return base
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

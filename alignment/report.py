@@ -1,0 +1,133 @@
+"""The run report: `report.html` (plots embedded as PNG, readable offline) and `report.md`.
+
+Made from the same files every stage writes (`metrics.jsonl`, `align.json`), so it can be
+rebuilt at any time with `python -m alignment.report runs/NAME`. Each stage contributes a
+section; a stage that has not run yet is simply absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignment.tracking import read_jsonl
+
+STAGE_ORDER = ["sft", "sample", "preferences", "reward", "dpo", "ppo", "grpo", "rloo", "eval"]
+
+# Which logged keys to plot for a stage, as (title, [keys]); keys missing from the log are skipped.
+PLOTS: dict[str, list[tuple[str, list[str]]]] = {
+    "sft": [("Loss", ["loss", "eval_loss"]), ("Learning rate", ["learning_rate"])],
+    "reward": [("Loss", ["loss", "eval_loss"]), ("Accuracy", ["accuracy", "eval_accuracy"])],
+    "dpo": [("Loss", ["loss", "eval_loss"]),
+            ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+            ("Accuracy", ["rewards/accuracies", "eval_rewards/accuracies"])],
+    "ppo": [("Reward", ["reward/mean"]), ("KL from reference", ["kl"]), ("Response length", ["length/mean"])],
+}
+
+
+def _figure_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str | None:
+    """A line plot of each key against step; None when no key has points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+        if pts:
+            series[key] = pts
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.0))
+    for key, pts in series.items():
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _figure_png(fig)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+        for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    )
+    return f"<table class='kv'>{rows}</table>" if rows else ""
+
+
+# Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html.
+SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {}
+
+
+def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
+    manifest_path = folder / "align.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    rows = read_jsonl(folder / "metrics.jsonl")
+    plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
+    imgs = "".join(f"<img alt='{stage} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
+    extra = SECTIONS[stage](folder, manifest) if stage in SECTIONS else ""
+    parts = [f"<section id='{stage}'><h2>{stage}</h2>",
+             f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"
+             f" · base {html.escape(str(manifest.get('base_model')))}</p>",
+             f"<div class='plots'>{imgs}</div>" if imgs else "", extra,
+             _metrics_table(manifest.get("metrics", {})), "</section>"]
+    md = [f"## {stage}", "", f"`{folder}`", ""]
+    md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
+    return "".join(parts), "\n".join(md) + "\n"
+
+
+CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.meta{color:#777;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
+table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
+table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    found = [p.name for p in run_dir.iterdir() if p.is_dir() and (p / "align.json").is_file()] if run_dir.is_dir() else []
+    stages = [s for s in STAGE_ORDER if s in found] + sorted(s for s in found if s not in STAGE_ORDER)
+    bodies, mds = [], [f"# align run: {run_dir.name}\n"]
+    for stage in stages:
+        section = stage_section(stage, run_dir / stage)
+        if section:
+            bodies.append(section[0])
+            mds.append(section[1])
+    nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in stages)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
+            f"<p class='meta'>stages: {nav}</p>{''.join(bodies)}</body></html>")
+    out = run_dir / "report.html"
+    out.write_text(page)
+    (run_dir / "report.md").write_text("\n".join(mds))
+    return out
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))

@@ -1,0 +1,136 @@
+"""Weights & Biases (offline unless the user has a key) and `metrics.jsonl`, the same figures in both.
+
+Trainer-based stages pass `report_to=["wandb"]` and `MetricsJSONL` as a callback; stages with
+their own loop (PPO, eval) use `Tracker`. Runs of one run directory share a W&B group, so a
+pipeline shows as one group with a run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from alignment.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(cfg: RunConfig) -> str:
+    if cfg.wandb != "auto":
+        return cfg.wandb
+    return "online" if has_wandb_key() else "offline"
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_wandb(cfg: RunConfig, stage: str) -> str:
+    """Set the env vars W&B (and transformers' WandbCallback) read; returns the mode."""
+    mode = wandb_mode(cfg)
+    run_dir = Path(cfg.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_DIR"] = str(run_dir)
+    os.environ["WANDB_PROJECT"] = cfg.wandb_project
+    os.environ["WANDB_RUN_GROUP"] = run_dir.name
+    os.environ["WANDB_NAME"] = f"{run_dir.name}/{stage}"
+    os.environ["WANDB_JOB_TYPE"] = stage
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_LOG_MODEL", "false")
+    return mode
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    return [] if wandb_mode(cfg) == "disabled" else ["wandb"]
+
+
+def wandb_hint(cfg: RunConfig) -> str | None:
+    if wandb_mode(cfg) == "offline":
+        return f"W&B offline run in {Path(cfg.dir) / 'wandb'}: upload with `wandb sync {Path(cfg.dir) / 'wandb'}/offline-run-*`"
+    return None
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_clean(record), default=str) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsJSONL(TrainerCallback):
+    """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "metrics.jsonl"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not state.global_step:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")  # a fresh run; a resumed one appends
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class Tracker:
+    """For stages with their own loop: W&B run + metrics.jsonl with one `log` call."""
+
+    def __init__(self, cfg: RunConfig, stage: str, out_dir: str | Path, config: dict[str, Any],
+                 *, resume: bool = False):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.write_text("")
+        self.run = None
+        if configure_wandb(cfg, stage) != "disabled":
+            import wandb
+
+            self.run = wandb.init(config=config, reinit="finish_previous")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        append_jsonl(self.path, {"step": step, **metrics})
+        if self.run is not None:
+            self.run.log(_clean(metrics), step=step)
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if self.run is not None:
+            if summary:
+                self.run.summary.update(_clean(summary))
+            self.run.finish()
+            self.run = None
