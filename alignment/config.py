@@ -10,6 +10,7 @@ default is the most common way a training run quietly does the wrong thing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -115,6 +119,130 @@ class MergeStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 96
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 16  # prompts per generate() call (left-padded, KV cache on)
+    seed: int = 0
+
+
+@dataclass
+class SampleStageConfig:
+    # The policy: an adapter folder, a merged model folder, or a model name; default <run.dir>/sft.
+    policy: str | None = None
+    prompts: str = "data/support/prompts.jsonl"
+    num_prompts: int = -1  # -1 = all
+    k: int = 4  # responses per prompt
+    # Identical responses for one prompt are re-sampled up to this many times, then marked.
+    max_resample: int = 2
+    batch: str | None = None  # the labelling batch name; default "round-<round>"
+    round: int = 0
+    store: str | None = None  # database URL; default sqlite:///<run.dir>/labels.db
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class ExportStageConfig:
+    store: str | None = None  # default sqlite:///<run.dir>/labels.db
+    output: str | None = None  # default <run.dir>/preferences
+    batches: list[str] | None = None  # default: every batch
+    ties: Literal["drop", "margin0"] = "drop"
+    combine: Literal["majority", "bradley_terry"] = "majority"
+    min_agreement: float | None = None
+    test_fraction: float = 0.1
+    seed: int = 0
+    jsonl: bool = False
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PreferenceDataConfig:
+    # A save_to_disk folder (align export's output), or a JSON/JSONL/parquet file with
+    # prompt/chosen/rejected columns; default <run.dir>/preferences.
+    path: str | None = None
+    test_fraction: float = 0.1  # used only when the data has no test split
+
+
+@dataclass
+class RewardStageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Start the reward model from the SFT adapter merged into the base (true), or the raw base.
+    from_sft: bool = True
+    sft: str | None = None  # default <run.dir>/sft
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2.0))
+    use_margin: bool = False  # use the export's margin column in the Bradley-Terry loss
+    center_rewards_coefficient: float | None = None
+    group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class DPOStageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: str | None = None  # the SFT adapter: initial policy and frozen reference; default <run.dir>/sft
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PPOStageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: str | None = None  # policy init + frozen reference; default <run.dir>/sft
+    reward_model: str | None = None  # default <run.dir>/reward
+    scorer: str | None = None  # a programmatic reward instead (module:function or built-in name)
+    min_reward_accuracy: float = 0.6  # the gate: refuse a reward model below this held-out accuracy
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    prompts: str = "data/support/prompts.jsonl"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_steps=20))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class EvalStageConfig:
+    # Policies to compare, name -> folder; default: every policy stage found in run.dir
+    # (sft, dpo, ppo). The baseline is compared against each of the others.
+    policies: dict[str, str] | None = None
+    baseline: str = "sft"
+    prompts: str = "data/support/prompts.jsonl"
+    num_prompts: int = -1
+    reward_model: str | None = None  # default <run.dir>/reward when present
+    scorer: str | None = None  # an independent programmatic judge
+    human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
+    bootstrap: int = 1000
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
+    label: str = "simulate"  # "simulate" or "human"
+    scorer: str = "support_style"  # the simulated annotator's scorer
+    rounds: int = 1
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    sample: SampleStageConfig = field(default_factory=SampleStageConfig)
+    export: ExportStageConfig = field(default_factory=ExportStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 # ---------------------------------------------------------------------------- loading
 
 
@@ -166,7 +294,7 @@ def _build(cls: type, raw: Any, prefix: str):
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r}; allowed keys in {where}: {', '.join(names)}"
+            f"unknown key '{prefix}{unknown[0]}'; allowed keys in {where}: {', '.join(names)}"
         )
     kwargs = {}
     for name in names:
@@ -200,12 +328,19 @@ def _check(key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_name(kind)}, got {value!r}")
         return [_check(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        key_kind, value_kind = get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_name(kind)}, got {value!r}")
+        return {_check(f"{key} key", k, key_kind): _check(f"{key}.{k}", v, value_kind) for k, v in value.items()}
     if kind is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {value!r}")
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -221,4 +356,6 @@ def _name(kind: Any) -> str:
         return "one of " + ", ".join(map(str, get_args(kind)))
     if origin is list:
         return f"list of {_name(get_args(kind)[0])}"
+    if origin is dict:
+        return f"mapping of {_name(get_args(kind)[0])} to {_name(get_args(kind)[1])}"
     return "null" if kind is type(None) else getattr(kind, "__name__", str(kind))
