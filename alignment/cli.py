@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if config_name is None:  # a stage with its own argument parser (the labelling app)
         return module.main(rest)
+    # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
+    subcommands = getattr(module, "SUBCOMMANDS", {})
+    if rest and rest[0] in subcommands:
+        return subcommands[rest[0]](rest[1:])
 
     from alignment import config as config_module
 
