@@ -48,7 +48,7 @@ def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden: int = 64, l
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=fast.bos_token_id,
+                         max_position_embeddings=512, initializer_range=0.1, bos_token_id=fast.bos_token_id,
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id

@@ -1,0 +1,38 @@
+"""The CLI: every stage listed, config errors are one clear line, unknown stages refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from alignment.cli import STAGES, main as align
+
+
+def test_help_lists_every_stage(capsys):
+    assert align(["--help"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval", "pipeline", "merge"):
+        assert f"  {stage} " in out
+    assert set(STAGES) >= {"sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval", "pipeline", "merge"}
+
+
+def test_stage_help_shows_config_keys(capsys):
+    assert align(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr = 0.0002" in out and "lora.use_dora = False" in out
+
+
+def test_unknown_stage_and_bad_override(capsys):
+    assert align(["trian"]) == 2
+    assert align(["sft", "train.lrr=1"]) == 2
+    assert "unknown key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_console_script_sets_the_cpu_environment():
+    """The CLI sets OMP_WAIT_POLICY / HF offline / telemetry itself, before torch loads."""
+    code = ("import os, alignment.cli as c; c.setup_environment(); "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline

@@ -1,0 +1,85 @@
+"""Strict config loading: unknown keys, wrong types and bad choices are named; every shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignment import config as C
+from alignment.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Which dataclass a shipped YAML is for, by file name.
+CONFIG_FOR = {
+    "sft": C.SFTStageConfig, "sample": C.SampleStageConfig, "export": C.ExportStageConfig,
+    "reward": C.RewardStageConfig, "dpo": C.DPOStageConfig, "ppo": C.PPOStageConfig, "grpo": C.PPOStageConfig,
+    "rloo": C.PPOStageConfig, "eval": C.EvalStageConfig, "pipeline": C.PipelineConfig, "merge": C.MergeStageConfig,
+}
+
+
+def test_defaults_and_dotted_overrides():
+    cfg = load_config(C.SFTStageConfig, None, ["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]",
+                                               "lora.use_dora=true", "train.epochs=2"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.use_dora is True
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.model.name == "smollm2-135m"
+
+
+def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'.*allowed keys in train: .*lr"):
+        load_config(C.SFTStageConfig, path)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*allowed keys in config: model, lora"):
+        load_config(C.SFTStageConfig, None, ["trian.lr=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=eight", r"train.batch_size: expected int, got 'eight'"),
+    ("train.batch_size=2.5", r"train.batch_size: expected int"),
+    ("model.quantize=maybe", r"model.quantize: expected bool"),
+    ("train.scheduler=steep", r"train.scheduler: 'steep' is not allowed; allowed values: cosine, linear"),
+    ("lora.target_modules=5", r"lora.target_modules: expected list of str or str"),
+    ("train=3", r"train: expected a section"),
+])
+def test_wrong_types_name_the_key_and_expected_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(C.SFTStageConfig, None, [override])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(C.SFTStageConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(C.SFTStageConfig, bad)
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(C.SFTStageConfig, None, ["train.lr"])
+
+
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_loads_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("align " in first or "accelerate launch" in first), \
+        f"{path} must start with a comment giving its exact command"
+    stage = path.stem
+    assert stage in CONFIG_FOR, f"no config class known for {path.name}"
+    load_config(CONFIG_FOR[stage], path)
+
+
+def test_shipped_configs_were_found():
+    assert any(p.name == "sft.yaml" for p in SHIPPED)

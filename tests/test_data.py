@@ -1,0 +1,124 @@
+"""Every accepted instruction-data format, and every kind of bad record, named by file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.data import DataError, load_prompts, load_sft_dataset
+
+USER = [{"role": "user", "content": "How do I export a note?"}]
+ASSISTANT = [{"role": "assistant", "content": "Open the note, then File > Export."}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def expect_one(ds):
+    assert ds["prompt"][0][-1] == {"role": "user", "content": "How do I export a note?"}
+    assert ds["completion"][0] == ASSISTANT
+
+
+def test_alpaca_jsonl_and_input_is_appended(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "How do I export a note?", "input": "", "output": "Open the note, then File > Export."},
+        {"instruction": "Why was I charged?", "input": "Order 1234", "output": "Let me check that."},
+    ])
+    ds, report = load_sft_dataset(path)
+    assert report.format == "alpaca" and report.used == 2 and report.skipped == 0
+    expect_one(ds)
+    assert ds["prompt"][1][0]["content"] == "Why was I charged?\n\nOrder 1234"
+
+
+def test_alpaca_json_list(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"instruction": "How do I export a note?", "output": ASSISTANT[0]["content"]}]))
+    ds, _ = load_sft_dataset(path)
+    expect_one(ds)
+
+
+def test_messages_jsonl_multi_turn(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, *USER, *ASSISTANT]}])
+    ds, report = load_sft_dataset(path)
+    assert report.format == "messages"
+    assert len(ds["prompt"][0]) == 4 and ds["prompt"][0][0]["role"] == "system"
+    expect_one(ds)
+
+
+def test_prompt_completion_strings_and_messages(tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "How do I export a note?", "completion": "Open the note, then File > Export."},
+        {"prompt": USER, "completion": ASSISTANT},
+    ])
+    ds, report = load_sft_dataset(path)
+    assert report.format == "prompt_completion" and report.used == 2
+    assert ds["prompt"][0] == ds["prompt"][1] == USER
+    assert ds["completion"][0] == ds["completion"][1] == ASSISTANT
+
+
+def test_parquet_and_save_to_disk(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = {"instruction": ["How do I export a note?"], "input": [""], "output": [ASSISTANT[0]["content"]]}
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "a.parquet"))
+    expect_one(load_sft_dataset(tmp_path / "a.parquet")[0])
+    DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "disk"))
+    expect_one(load_sft_dataset(tmp_path / "disk")[0])
+
+
+def test_system_prompt_is_prepended(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "How do I export a note?", "output": "x"}])
+    ds, _ = load_sft_dataset(path, system_prompt="You are Lumen's support assistant.")
+    assert ds["prompt"][0][0] == {"role": "system", "content": "You are Lumen's support assistant."}
+
+
+GOOD = {"instruction": "q", "input": "", "output": "a"}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"instruction": "q", "output": "a"', "not JSON"),
+    ({"instruction": "q", "input": ""}, "missing field 'output'"),
+    ({"instruction": "q", "output": "   "}, "field 'output' is empty"),
+    ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string, got int"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_bad_line_names_file_line_and_problem(tmp_path, bad, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError) as err:
+        load_sft_dataset(path)
+    assert f"{path}:3" in str(err.value) and problem in str(err.value)
+
+
+def test_bad_messages(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [*USER, {"role": "robot", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"m.jsonl:1: messages\[1\].role 'robot'"):
+        load_sft_dataset(path)
+    path = write_jsonl(tmp_path / "m2.jsonl", [{"messages": USER}])
+    with pytest.raises(DataError, match=r"m2.jsonl:1: the last message must be the assistant's"):
+        load_sft_dataset(path)
+
+
+def test_skip_mode_counts_what_it_drops(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, "{oops", {"instruction": "q"}, GOOD])
+    ds, report = load_sft_dataset(path, on_error="skip")
+    assert (report.used, report.skipped) == (2, 2) and len(ds) == 2
+    assert any("a.jsonl:2: not JSON" in p for p in report.problems)
+    assert any("a.jsonl:3: missing field 'output'" in p for p in report.problems)
+
+
+def test_unknown_format_is_explained(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="cannot tell the format.*answer, question"):
+        load_sft_dataset(path)
+
+
+def test_prompts_from_prompt_file_and_from_sft_data(tmp_path):
+    assert load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])) == ["a", "b"]
+    assert load_prompts(write_jsonl(tmp_path / "s.jsonl", [GOOD])) == ["q"]
+    with pytest.raises(DataError, match=r"p2.jsonl:1: field 'prompt' is empty"):
+        load_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": " "}]))

@@ -1,0 +1,42 @@
+"""The embedded SmolLM2-135M: GGUF → transformers folder round-trips, ChatML intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.smollm
+
+
+@pytest.fixture(scope="module")
+def converted():
+    from alignment.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+def test_tokenizer_keeps_chatml(converted):
+    from alignment.modeling import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_gguf_and_converted_folder_give_the_same_greedy_tokens(converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.embedded import gguf_path
+
+    gguf = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(converted))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    outs = []
+    for model in (AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name),
+                  AutoModelForCausalLM.from_pretrained(str(converted))):
+        with torch.no_grad():
+            outs.append(model.generate(**ids, max_new_tokens=12, do_sample=False)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert "Paris" in tok.decode(outs[1][ids["input_ids"].shape[1]:])

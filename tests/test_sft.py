@@ -1,0 +1,129 @@
+"""`align sft` on a tiny model, through the CLI: loss falls, adapters train, artifacts load back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.cli import main as align
+from alignment.tracking import read_jsonl
+
+FAST = ["run.wandb=disabled", "train.lr=5e-3", "train.batch_size=8", "train.logging_steps=1",
+        "train.warmup_ratio=0", "model.max_length=160", "data.eval_fraction=0.1"]
+
+
+def run_sft(tiny_model, sft_data, run_dir, *extra) -> Path:
+    rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={run_dir}", *FAST, *extra])
+    assert rc == 0
+    return Path(run_dir) / "sft"
+
+
+def losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft-qlora")
+    data = tmp / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Question {i}: how do I sync?", "input": "",
+                                          "output": "Thanks for reaching out! Open Settings and tap Sync now."})
+                              for i in range(40)) + "\n")
+    return run_sft(tiny_model, data, tmp / "run", "model.quantize=true", "train.max_steps=30",
+                   "train.eval_steps=15"), data
+
+
+def test_qlora_sft_loss_falls_and_every_adapter_trains(qlora_run):
+    out, _ = qlora_run
+    seen = losses(out)
+    assert len(seen) >= 10
+    assert seen[-1] < 0.7 * seen[0], f"loss did not fall: {seen}"
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b, "no LoRA weights saved"
+    # peft initialises every lora_B at zero: a non-zero B means that adapter was trained.
+    untouched = [k for k, v in lora_b.items() if v.abs().sum() == 0]
+    assert not untouched, f"adapters never updated: {untouched}"
+    # all-linear: attention and MLP projections of every layer.
+    assert {k.split(".")[-3] for k in lora_b} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
+
+
+def test_artifact_manifest_config_and_report(qlora_run):
+    out, data = qlora_run
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["stage"] == "sft"
+    assert manifest["data"]["used"] == 40 and manifest["data"]["skipped"] == 0
+    assert manifest["data"]["train"] + manifest["data"]["eval"] == 40
+    assert manifest["metrics"]["eval_loss"] < 4.0
+    assert "4-bit NF4" in manifest["device_plan"] and "float32 compute" in manifest["device_plan"]
+    assert (out / "config.yaml").is_file() and "quantize: true" in (out / "config.yaml").read_text()
+    assert any("eval_loss" in r for r in read_jsonl(out / "metrics.jsonl"))
+    report = (out.parent / "report.html").read_text()
+    assert "<img" in report and "id='sft'" in report
+
+
+def test_adapter_loads_back_with_peft_and_generates(qlora_run):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = qlora_run
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert isinstance(model, PeftModel)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Question 99: how do I sync?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    # The task has one answer; a trained adapter starts it.
+    assert text.startswith("Thanks"), text
+    base = AutoModelForCausalLM.from_pretrained(model.peft_config["default"].base_model_name_or_path)
+    assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
+
+
+def test_lora_dora_rslora_switches(tiny_model, sft_data, tmp_path):
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "lora.use_dora=true",
+                  "lora.use_rslora=true", "lora.r=4", "train.max_steps=3", "train.eval_steps=3")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True and cfg["r"] == 4
+    assert any("lora_magnitude_vector" in k for k in load_file(str(out / "adapter_model.safetensors")))
+
+
+def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=4",
+                  "train.eval_steps=2", "train.scheduler=constant")
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=6",
+                  "train.eval_steps=2", "train.scheduler=constant", "train.resume_from_checkpoint=latest")
+    # metrics.jsonl is appended on resume: steps 1-4 from the first run, 5-6 from the resumed
+    # one, none trained twice.
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
+    assert ends == [4, 6], f"expected a first run ending at 4 and a resumed one at 6, got {ends}"
+    assert json.loads((out / "align.json").read_text())["metrics"]["global_step"] == 6
+
+
+def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out, _ = qlora_run
+    assert align(["merge", f"adapter={out}", f"output={tmp_path / 'merged'}", "run.wandb=disabled"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    adapted = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, adapted(ids).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
+    rc = align(["sft", f"model.name={tiny_model}", f"data.path={bad}", f"run.dir={tmp_path}", "run.wandb=disabled"])
+    assert rc == 2
+    assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
