@@ -1,0 +1,63 @@
+"""Eval statistics on hand-made numbers: win-rate, bootstrap intervals, Bradley-Terry, text measures, KL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment import evaluation as ev
+
+
+def test_win_rate_counts_ties_half():
+    assert ev.win_rate([3, 2, 1, 5], [1, 2, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_data():
+    scores, base = [1, 0, 1, 1, 0, 1, 1, 1] * 4, [0] * 32
+    lo, hi = ev.bootstrap_ci(scores, base, n=2000)
+    assert lo <= ev.win_rate(scores, base) <= hi and 0.5 < lo and hi <= 1.0
+    lo2, hi2 = ev.bootstrap_ci(scores * 8, base * 8, n=2000)
+    assert hi2 - lo2 < hi - lo
+    assert ev.bootstrap_ci([1.0] * 10, [0.0] * 10) == (1.0, 1.0)  # always wins: no spread
+
+
+def test_bootstrap_mean_interval():
+    lo, hi = ev.bootstrap_ci([0.0, 1.0] * 50, stat="mean", n=2000)
+    assert lo < 0.5 < hi and hi - lo < 0.25
+
+
+def test_bradley_terry_hand_computed():
+    # A beats B in 3 of 4 games: the MLE strength ratio is 3, i.e. 400·log10(3) ≈ 190.8 Elo apart.
+    games = [("A", "B", 1.0)] * 3 + [("A", "B", 0.0)]
+    r = ev.bradley_terry(games, prior=0.0)
+    assert r["A"] - r["B"] == pytest.approx(400 * math.log10(3), abs=0.5)
+    assert (r["A"] + r["B"]) / 2 == pytest.approx(1000)
+
+
+def test_bradley_terry_ties_and_transitivity():
+    assert ev.bradley_terry([("A", "B", 0.5)] * 4, prior=0.0) == pytest.approx({"A": 1000, "B": 1000})
+    r = ev.bradley_terry([("A", "B", 1.0)] * 6 + [("B", "C", 1.0)] * 6 + [("A", "B", 0.0), ("B", "C", 0.0)])
+    assert r["A"] > r["B"] > r["C"]
+    r = ev.bradley_terry([("A", "B", 1.0)] * 5)  # never loses: the prior keeps it finite
+    assert math.isfinite(r["A"]) and r["A"] > r["B"]
+    ci = ev.bradley_terry_ci([("A", "B", 1.0)] * 6 + [("A", "B", 0.0)] * 2, n=100)
+    assert ci["A"][0] <= ci["A"][1]
+
+
+def test_distinct_n_and_repetition():
+    assert ev.distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
+    assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert ev.repetition("one two three four five") == 0.0
+    assert ev.repetition("a b c d a b c d a b c d") == pytest.approx(1 - 4 / 9)
+
+
+def test_sequence_kl_matches_the_definition():
+    p = torch.tensor([[[math.log(0.5), math.log(0.5)], [math.log(0.9), math.log(0.1)]]])
+    q = torch.tensor([[[math.log(0.5), math.log(0.5)], [math.log(0.5), math.log(0.5)]]])
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    kl = ev.sequence_kl(p, q, torch.tensor([[1.0, 1.0]]))
+    assert kl.item() == pytest.approx(expected, abs=1e-6)
+    assert ev.sequence_kl(p, q, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-7)
+    assert ev.sequence_kl(p, p, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-7)
