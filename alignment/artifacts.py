@@ -13,12 +13,21 @@ chat template and max length from their parent's manifest instead of asking agai
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "align.json"
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` (or torchrun); True for a plain single process.
+
+    Artifacts, manifests, reports, W&B and the labelling store are written by rank 0 only.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -46,6 +55,9 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
                    parents: dict[str, str | Path] | None = None, metrics: dict[str, Any] | None = None,
                    **extra: Any) -> Path:
     folder = Path(folder)
+    path = folder / MANIFEST
+    if not is_main_process():
+        return path
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
         "stage": stage,
@@ -57,7 +69,6 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "metrics": metrics or {},
         **extra,
     }
-    path = folder / MANIFEST
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     tmp.replace(path)  # a manifest is the "stage finished" mark: never half-written
@@ -81,6 +92,8 @@ def _parent(path: str | Path) -> dict[str, Any]:
 
 
 def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
+    if not is_main_process():
+        return
     print(f"\n✔ {stage} finished: {artifact}")
     if next_command:
         print(f"  next: {next_command}")

@@ -10,6 +10,7 @@ default is the most common way a training run quietly does the wrong thing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -272,6 +272,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 writes artifacts
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

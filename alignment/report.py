@@ -79,8 +79,55 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return f"<table class='kv'>{rows}</table>" if rows else ""
 
 
+def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
+    """Win-rates with intervals (a bar chart), the per-policy table, and answers side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table: dict[str, dict[str, Any]] = manifest.get("policies", {})
+    baseline = manifest.get("baseline", "sft")
+    parts = []
+    bars = [(f"{p} · {k.split('/')[0]}", v, row[k + "_ci"]) for p, row in table.items()
+            for k, v in row.items() if k.endswith("/win_rate")]
+    if bars:
+        fig, ax = plt.subplots(figsize=(6.0, 0.5 + 0.55 * len(bars)))
+        labels, values, cis = zip(*bars, strict=True)
+        err = [[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+               [hi - v for v, (_, hi) in zip(values, cis, strict=True)]]
+        ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
+        ax.axvline(0.5, color="#999", ls="--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"Win-rate against {baseline} (95% bootstrap interval)")
+        parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
+    keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")})
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join(
+        f"<tr><td><b>{html.escape(p)}</b></td>" + "".join(
+            f"<td>{_fmt(row[k]) if k in row else ''}"
+            + (f" [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]" if k + "_ci" in row else "") + "</td>"
+            for k in keys) + "</tr>" for p, row in table.items())
+    parts.append(f"<table><tr><th>policy</th>{head}</tr>{body}</table>")
+    board = (manifest.get("human") or {}).get("leaderboard")
+    if board:
+        rows = "".join(f"<tr><td>{html.escape(b['policy'])}</td><td>{b['rating']:.0f}</td>"
+                       f"<td>[{b['ci'][0]:.0f}, {b['ci'][1]:.0f}]</td></tr>" for b in board)
+        parts.append(f"<h3>Human arena (Bradley-Terry)</h3><table><tr><th>policy</th><th>rating</th>"
+                     f"<th>95% interval</th></tr>{rows}</table>")
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]] \
+        if (folder / "samples.jsonl").is_file() else []
+    if samples:
+        names = list(table)
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        rows = "".join("<tr><td>" + html.escape(s["prompt"]) + "</td>" + "".join(
+            f"<td>{html.escape(s.get(n, ''))}</td>" for n in names) + "</tr>" for s in samples)
+        parts.append(f"<h3>Answers side by side</h3><table class='samples'><tr><th>prompt</th>{head}</tr>{rows}</table>")
+    return "".join(parts)
+
+
 # Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html.
-SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {}
+SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {"eval": eval_section}
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
@@ -110,7 +157,11 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 
 
 def write_report(run_dir: str | Path) -> Path:
+    from alignment.artifacts import is_main_process
+
     run_dir = Path(run_dir)
+    if not is_main_process():
+        return run_dir / "report.html"
     found = [p.name for p in run_dir.iterdir() if p.is_dir() and (p / "align.json").is_file()] if run_dir.is_dir() else []
     stages = [s for s in STAGE_ORDER if s in found] + sorted(s for s in found if s not in STAGE_ORDER)
     bodies, mds = [], [f"# align run: {run_dir.name}\n"]

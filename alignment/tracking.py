@@ -107,17 +107,24 @@ class Tracker:
 
     def __init__(self, cfg: RunConfig, stage: str, out_dir: str | Path, config: dict[str, Any],
                  *, resume: bool = False):
+        from alignment.artifacts import is_main_process
+
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.main = is_main_process()
+        self.run = None
+        if not self.main:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.write_text("")
-        self.run = None
         if configure_wandb(cfg, stage) != "disabled":
             import wandb
 
             self.run = wandb.init(config=config, reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.main:
+            return
         append_jsonl(self.path, {"step": step, **metrics})
         if self.run is not None:
             self.run.log(_clean(metrics), step=step)

@@ -20,7 +20,13 @@ from alignment import report
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_sft_dataset
-from alignment.modeling import device_plan, keep_trainable_in, load_base_model, load_tokenizer, peft_lora_config
+from alignment.modeling import (
+    device_plan,
+    keep_trainable_in,
+    load_base_model,
+    load_tokenizer,
+    peft_lora_config,
+)
 from alignment.tracking import MetricsJSONL, configure_wandb, report_to, wandb_hint
 
 log = logging.getLogger(__name__)
@@ -128,8 +134,9 @@ def main(cfg: SFTStageConfig) -> Path:
         metrics.update(trainer.evaluate())
 
     # --- save -------------------------------------------------------------------------------
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    trainer.save_model(str(out))  # rank 0 only, inside the trainer
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
     save_config(cfg, out / "config.yaml")
     write_manifest(
         out, stage="sft", config=to_dict(cfg), base_model=cfg.model.name,
