@@ -141,3 +141,57 @@ class Tracker:
                 self.run.summary.update(_clean(summary))
             self.run.finish()
             self.run = None
+
+
+ARTIFACT_TYPES = {"sft": "model", "dpo": "model", "ppo": "model", "grpo": "model", "rloo": "model",
+                  "reward": "reward-model", "export": "dataset", "preferences": "dataset", "sample": "dataset",
+                  "eval": "evaluation"}
+SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl"}
+
+
+def artifact_name(run_dir: str | Path, stage: str) -> str:
+    return f"{Path(run_dir).resolve().name}-{stage}"
+
+
+def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: dict[str, str | Path] | None = None,
+                 run=None) -> None:
+    """Log a stage's artifact to the active W&B run, with its lineage.
+
+    Online, each parent is declared with `use_artifact`, so W&B draws the graph (preference data
+    → reward model → PPO policy). W&B refuses `use_artifact` offline, so the parents' names are
+    also kept in the artifact's metadata and the run's config: the lineage survives
+    `wandb sync` and reads back from the offline run files.
+    """
+    import wandb
+
+    from alignment.artifacts import is_main_process
+
+    run = run or wandb.run
+    if run is None or not is_main_process():
+        return
+    folder = Path(folder)
+    parent_names = {k: artifact_name(Path(p).parent, Path(p).name if Path(p).name != "preferences" else "export")
+                    for k, p in (parents or {}).items() if (Path(p) / "align.json").is_file()}
+    art = wandb.Artifact(artifact_name(run_dir, stage), type=ARTIFACT_TYPES.get(stage, "artifact"),
+                         metadata={"stage": stage, "parents": parent_names, "path": str(folder)})
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not (set(rel.parts) & SKIP_IN_ARTIFACT):
+            art.add_file(str(path), name=str(rel))
+    if not run.settings._offline:
+        for name in parent_names.values():
+            try:
+                run.use_artifact(f"{name}:latest")
+            except Exception as err:  # a parent logged with W&B off: lineage stays in metadata
+                log.info("W&B lineage: %s not found (%s)", name, err)
+    run.config.update({"lineage": {"artifact": art.name, "parents": parent_names}}, allow_val_change=True)
+    run.log_artifact(art)
+
+
+def finish_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.run.finish()

@@ -27,7 +27,14 @@ from alignment.modeling import (
     load_tokenizer,
     peft_lora_config,
 )
-from alignment.tracking import MetricsJSONL, configure_wandb, report_to, wandb_hint
+from alignment.tracking import (
+    MetricsJSONL,
+    configure_wandb,
+    finish_wandb,
+    log_artifact,
+    report_to,
+    wandb_hint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +152,8 @@ def main(cfg: SFTStageConfig) -> Path:
               "used": data_report.used, "skipped": data_report.skipped, "truncated": truncated,
               "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0},
     )
-    _finish_wandb()
+    log_artifact("sft", out, cfg.run.dir)
+    finish_wandb()
 
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
@@ -156,12 +164,3 @@ def main(cfg: SFTStageConfig) -> Path:
     print_done("sft", out, f"align sample run.dir={cfg.run.dir}")
     return out
 
-
-def _finish_wandb() -> None:
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-    except ImportError:  # pragma: no cover
-        pass
