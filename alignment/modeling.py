@@ -83,15 +83,18 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def bnb_config(plan: DevicePlan):
+def bnb_config(plan: DevicePlan, cfg_double_quant: bool = True):
     from transformers import BitsAndBytesConfig
 
+    # On CUDA the packed 4-bit weights are stored in the compute dtype, which FSDP and
+    # DeepSpeed ZeRO-3 need to shard them alongside the LoRA weights; on CPU, plain uint8.
+    storage = plan.compute_dtype if plan.device == "cuda" else torch.uint8
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=cfg_double_quant,
         bnb_4bit_compute_dtype=plan.compute_dtype,
-        bnb_4bit_quant_storage=plan.compute_dtype,
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -105,7 +108,7 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     if plan.quantize:
-        extra["quantization_config"] = bnb_config(plan)
+        extra["quantization_config"] = bnb_config(plan, cfg.double_quant)
         if plan.device == "cuda":
             extra["device_map"] = {"": torch.cuda.current_device()}
     model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)

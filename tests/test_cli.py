@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from alignment.cli import STAGES, main as align
+from alignment.cli import STAGES
+from alignment.cli import main as align
 
 
 def test_help_lists_every_stage(capsys):
