@@ -164,7 +164,9 @@ class PreferenceDataConfig:
     # A save_to_disk folder (align export's output), or a JSON/JSONL/parquet file with
     # prompt/chosen/rejected columns; default <run.dir>/preferences.
     path: str | None = None
-    test_fraction: float = 0.1  # used only when the data has no test split
+    test_fraction: float = 0.1  # used only when the data has no test split (split by prompt)
+    # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
+    on_error: Literal["raise", "skip"] = "raise"
 
 
 @dataclass
@@ -185,12 +187,16 @@ class RewardStageConfig:
 @dataclass
 class DPOStageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    sft: str | None = None  # the SFT adapter: initial policy and frozen reference; default <run.dir>/sft
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    # The SFT adapter: the policy starts as it (same LoRA shape, trained on) and a frozen copy of
+    # it is the reference, on one base. Default <run.dir>/sft.
+    sft: str | None = None
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
-    loss: str = "sigmoid"
+    # TRL 1.16's DPOTrainer losses (docs/reward_dpo.md says which is which).
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     beta: float = 0.1
+    # The probability a label is flipped: robust (cDPO-style, < 0.5), exo_pair (> 0), aot.
     label_smoothing: float = 0.0
     run: RunConfig = field(default_factory=RunConfig)
 
