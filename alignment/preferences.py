@@ -1,0 +1,269 @@
+"""Preference data (prompt / chosen / rejected) in every accepted format, validated row by row.
+
+Accepted, for `align reward` and `align dpo`:
+  a `datasets.save_to_disk` folder (what `align export` writes): a DatasetDict with train[/test]
+  splits, or a single Dataset;
+  .jsonl, .json (a list or JSON lines) and .parquet files, one pair per record.
+
+A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat messages
+(`{"role", "content"}`); strings become TRL's conversational form (prompt = one user turn,
+chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
+conversations: their shared leading turns become the prompt. Provenance columns are kept when
+present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
+prompt_id. A pair without task_id is grouped by its prompt, so pairs of one prompt count as one
+ranking. A bad record is an error naming the file, the line (or row) and the problem.
+
+Without a test split, one is made by prompt: every pair of a prompt lands on the same side, so
+the held-out accuracy measures prompts the model never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Sampler
+
+from alignment.data import DataError, iter_records
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system", "user", "assistant"}
+PROVENANCE = ("task_id", "batch", "annotators", "agreement", "margin", "source", "prompt_id")
+
+
+@dataclass
+class PreferenceReport:
+    path: str
+    format: str
+    train: int = 0
+    test: int = 0
+    split: str = "given"  # given | by prompt | none
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.path}: {self.train} train / {self.test} held-out pairs ({self.format}, test split "
+                f"{self.split}), {self.skipped} skipped")
+
+
+# ---------------------------------------------------------------------------- one record
+
+
+def _messages(value: Any, where: str, key: str, last_role: str | None) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        return [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {key!r} must be a string or a non-empty list of messages, "
+                        f"got {type(value).__name__}")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or "role" not in msg:
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and string 'content'")
+        if msg["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}].role {msg['role']!r} is not one of {sorted(ROLES)}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    if last_role and out[-1]["role"] != last_role:
+        raise DataError(f"{where}: the last message of {key!r} must be the {last_role}'s, got {out[-1]['role']!r}")
+    if not out[-1]["content"].strip():
+        raise DataError(f"{where}: the last message of {key!r} is empty")
+    return out
+
+
+def _provenance(record: dict, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("task_id", "batch", "source", "prompt_id"):
+        if record.get(key) is not None:
+            out[key] = str(record[key])
+    for key in ("agreement", "margin"):
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: field {key!r} must be a number, got {value!r}")
+        if value < 0 or (key == "agreement" and value > 1):
+            raise DataError(f"{where}: field {key!r} is {value}, outside {'[0, 1]' if key == 'agreement' else '>= 0'}")
+        out[key] = float(value)
+    annotators = record.get("annotators")
+    if annotators is not None:
+        if not isinstance(annotators, list) or not all(isinstance(a, str) for a in annotators):
+            raise DataError(f"{where}: field 'annotators' must be a list of names")
+        out["annotators"] = annotators
+    return out
+
+
+def to_pair(record: Any, where: str) -> dict[str, Any]:
+    """One record → {prompt, chosen, rejected (conversational), provenance...}, or a DataError."""
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise DataError(f"{where}: missing field {key!r}")
+    if record.get("prompt") is None:
+        # Implicit prompt (e.g. Anthropic HH): whole conversations whose shared start is the prompt.
+        chosen = _messages(record["chosen"], where, "chosen", "assistant")
+        rejected = _messages(record["rejected"], where, "rejected", "assistant")
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError(f"{where}: missing field 'prompt' (and chosen/rejected share no leading messages)")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    else:
+        prompt = _messages(record["prompt"], where, "prompt", "user")
+        chosen = _messages(record["chosen"], where, "chosen", "assistant")
+        rejected = _messages(record["rejected"], where, "rejected", "assistant")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are identical (a pair must prefer one answer)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_provenance(record, where)}
+
+
+def group_key(pair: dict[str, Any]) -> str:
+    """The ranking a pair belongs to: its task_id, else its prompt (pairs of one prompt = one ranking)."""
+    if pair.get("task_id"):
+        return str(pair["task_id"])
+    return "prompt:" + hashlib.sha1(json.dumps(pair["prompt"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- whole datasets
+
+
+def _iter_folder(path: Path) -> Iterator[tuple[str, str, Any]]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a datasets.save_to_disk folder ({err})") from None
+    splits = dict(ds) if isinstance(ds, DatasetDict) else {"train": ds} if isinstance(ds, Dataset) else {}
+    if "train" not in splits:
+        raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(splits)})")
+    unknown = [s for s in splits if s not in ("train", "test")]
+    if unknown:
+        log.warning("%s: ignoring splits %s (only train and test are used)", path, unknown)
+    for split in ("train", "test"):
+        for i, row in enumerate(splits.get(split, [])):
+            yield split, f"{path} {split} row {i}", row
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]]):
+    from datasets import Dataset
+
+    # Provenance present in some rows only still becomes a column (None elsewhere); task_id is
+    # always filled so K-wise grouping and prompt-level splits have a key.
+    keys = ["prompt", "chosen", "rejected"] + [k for k in PROVENANCE if any(k in r for r in rows)]
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    columns["task_id"] = [group_key(r) for r in rows]
+    return Dataset.from_dict(columns)
+
+
+def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int):
+    """(train rows, test rows) with every prompt on one side only."""
+    prompts = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rows))
+    n_test = round(len(prompts) * test_fraction)
+    n_test = min(max(n_test, 1 if test_fraction > 0 else 0), len(prompts) - 1)
+    if n_test <= 0:
+        return rows, []
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[:n_test])
+    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held_out]
+    test = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held_out]
+    return train, test
+
+
+def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int = 0, on_error: str = "raise"):
+    """Read, validate and convert; returns (DatasetDict with train[/test], PreferenceReport)."""
+    from datasets import DatasetDict
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (run `align export` first, or pass data.path=...)")
+    fmt = "dataset folder" if path.is_dir() else path.suffix.lstrip(".") or "jsonl"
+    records = _iter_folder(path) if path.is_dir() else (("train", w, r) for w, r in iter_records(path))
+    report = PreferenceReport(str(path), fmt)
+    rows: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for split, where, record in records:
+        try:
+            rows[split].append(to_pair(record, where))
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.skipped += 1
+            report.problems.append(str(err))
+            log.warning("skipped %s", err)
+    if not rows["train"]:
+        raise DataError(f"{path}: no usable preference pairs")
+    if not rows["test"]:
+        rows["train"], rows["test"] = split_by_prompt(rows["train"], test_fraction, seed)
+        report.split = "by prompt" if rows["test"] else "none"
+    report.train, report.test = len(rows["train"]), len(rows["test"])
+    log.info(report.summary())
+    return DatasetDict({s: _rows_to_dataset(r) for s, r in rows.items() if r}), report
+
+
+# ---------------------------------------------------------------------------- K-wise batches
+
+
+def ranking_batches(groups: list[str], batch_size: int, seed: int) -> list[list[int]]:
+    """Index batches in which the pairs of one ranking (same group) stay together.
+
+    InstructGPT trains on all C(K,2) pairs of a K-wise ranking in one batch element, because
+    pairs of one prompt are strongly correlated: shuffled apart, one prompt's pairs fill many
+    batches and the model overfits it. Here each ranking's pairs go in one batch (a ranking with
+    more pairs than the batch holds fills whole batches first); rankings are packed first-fit
+    in a seeded random order, so some batches are a little short rather than split a ranking.
+    """
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    rng = random.Random(seed)
+    keys = list(by_group)
+    rng.shuffle(keys)
+    full: list[list[int]] = []
+    open_bins: list[list[int]] = []
+    for key in keys:
+        idx = by_group[key]
+        while len(idx) > batch_size:
+            full.append(idx[:batch_size])
+            idx = idx[batch_size:]
+        target = next((b for b in open_bins if len(b) + len(idx) <= batch_size), None)
+        if target is None:
+            open_bins.append(list(idx))
+        else:
+            target.extend(idx)
+            if len(target) == batch_size:
+                open_bins.remove(target)
+                full.append(target)
+    batches = full + open_bins
+    rng.shuffle(batches)
+    return batches
+
+
+class RankingBatchSampler(Sampler):
+    """A batch sampler over `ranking_batches`, reshuffled every epoch (set_epoch, or each pass)."""
+
+    def __init__(self, groups: list[str], batch_size: int, seed: int = 0):
+        self.groups, self.batch_size, self.seed = list(groups), batch_size, seed
+        self.epoch = 0
+        self._len = len(ranking_batches(self.groups, batch_size, seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        batches = ranking_batches(self.groups, self.batch_size, self.seed + self.epoch)
+        self.epoch += 1
+        yield from batches
+
+    def __len__(self) -> int:
+        return self._len

@@ -1,0 +1,164 @@
+"""Preference data: every accepted format, prompt-level splits, K-wise batches, bad lines named."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.data import DataError
+from alignment.preferences import load_preferences, ranking_batches, split_by_prompt
+
+USER = [{"role": "user", "content": "How do I sync?"}]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def pairs(n: int, **extra) -> list[dict]:
+    return [{"prompt": f"Question {i}?", "chosen": f"Thanks! Answer {i}.", "rejected": f"No. {i}", **extra}
+            for i in range(n)]
+
+
+def test_jsonl_strings_become_conversational_with_provenance(tmp_path):
+    rows = pairs(10)
+    rows[0].update(task_id=7, margin=2, agreement=0.75, annotators=["ann", "bob"], source="sft@1", batch="round-0")
+    data, report = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows), test_fraction=0.2, seed=0)
+    row = next(r for r in data["train"].to_list() + data["test"].to_list() if r["task_id"] == "7")
+    assert row["prompt"] == [{"role": "user", "content": "Question 0?"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Thanks! Answer 0."}]
+    assert row["rejected"] == [{"role": "assistant", "content": "No. 0"}]
+    assert row["margin"] == 2.0 and row["agreement"] == 0.75 and row["annotators"] == ["ann", "bob"]
+    assert row["source"] == "sft@1" and row["batch"] == "round-0"
+    # Without task_id a pair is grouped by its prompt.
+    assert all(t.startswith("prompt:") for t in data["train"]["task_id"] if t != "7")
+    assert (report.train, report.test, report.split) == (8, 2, "by prompt")
+
+
+def test_json_list_of_messages_and_implicit_prompt(tmp_path):
+    system = {"role": "system", "content": "Be kind."}
+    records = [
+        {"prompt": [system, *USER], "chosen": [{"role": "assistant", "content": "Open Settings."}],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        # Anthropic-HH style: whole conversations, the shared start is the prompt.
+        {"chosen": [*USER, {"role": "assistant", "content": "Open Settings."}],
+         "rejected": [*USER, {"role": "assistant", "content": "No."}]},
+    ]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(records))
+    data, report = load_preferences(path, test_fraction=0)
+    rows = data["train"].to_list()
+    assert rows[0]["prompt"] == [system, *USER]
+    assert rows[1]["prompt"] == USER and rows[1]["rejected"] == [{"role": "assistant", "content": "No."}]
+    assert "test" not in data and report.split == "none"
+
+
+def test_parquet_and_save_to_disk_folders(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    pq.write_table(pa.Table.from_pylist(pairs(6)), tmp_path / "p.parquet")
+    data, report = load_preferences(tmp_path / "p.parquet", test_fraction=0.5, seed=1)
+    assert len(data["train"]) == 3 and len(data["test"]) == 3 and report.format == "parquet"
+
+    # align export's output: a DatasetDict whose test split is kept as given.
+    conv = [{"prompt": USER, "chosen": [{"role": "assistant", "content": f"Yes {i}"}],
+             "rejected": [{"role": "assistant", "content": f"No {i}"}], "task_id": f"t{i // 3}", "margin": 1,
+             "agreement": 1.0, "annotators": ["a"], "source": "sft", "prompt_id": "p0", "batch": "round-0"}
+            for i in range(9)]
+    DatasetDict({"train": Dataset.from_list(conv[:6]), "test": Dataset.from_list(conv[6:])}).save_to_disk(
+        str(tmp_path / "prefs"))
+    data, report = load_preferences(tmp_path / "prefs")
+    assert (len(data["train"]), len(data["test"]), report.split) == (6, 3, "given")
+    assert data["test"]["task_id"] == ["t2"] * 3
+
+    # A single saved Dataset: split by prompt.
+    Dataset.from_list(pairs(10)).save_to_disk(str(tmp_path / "single"))
+    data, report = load_preferences(tmp_path / "single", test_fraction=0.3)
+    assert (len(data["train"]), len(data["test"]), report.split) == (7, 3, "by prompt")
+
+
+def test_split_by_prompt_keeps_every_prompt_on_one_side():
+    rows = [{"prompt": [{"role": "user", "content": f"q{i % 10}"}], "n": i} for i in range(60)]
+    train, test = split_by_prompt(rows, 0.2, seed=3)
+    seen_train = {r["prompt"][0]["content"] for r in train}
+    seen_test = {r["prompt"][0]["content"] for r in test}
+    assert not seen_train & seen_test
+    assert len(seen_test) == 2 and len(train) + len(test) == 60
+
+
+BAD = [
+    ("{not json", r"not JSON"),
+    ("[1, 2]", r"expected a JSON object"),
+    ({"prompt": "q", "rejected": "no"}, r"missing field 'chosen'"),
+    ({"prompt": "q", "chosen": "yes", "rejected": "  "}, r"field 'rejected' is empty"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, r"chosen and rejected are identical"),
+    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "a", "rejected": "b"}, r"prompt\[0\].role 'bot'"),
+    ({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"},
+     r"last message of 'prompt' must be the user's"),
+    ({"prompt": "q", "chosen": 5, "rejected": "b"}, r"field 'chosen' must be a string or a non-empty list"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, r"field 'margin' must be a number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "agreement": 1.5}, r"field 'agreement' is 1.5, outside"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     r"missing field 'prompt'"),
+]
+
+
+BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
+           "wrong-type", "margin-text", "agreement-range", "no-prompt"]
+
+
+@pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)
+def test_bad_record_names_file_line_and_problem(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "p.jsonl", [pairs(1)[0], bad, pairs(2)[1]])
+    with pytest.raises(DataError, match=rf"{path}:2: .*{message}"):
+        load_preferences(path)
+    data, report = load_preferences(path, on_error="skip", test_fraction=0)
+    assert report.skipped == 1 and len(data["train"]) == 2 and "p.jsonl:2" in report.problems[0]
+
+
+def test_bad_row_in_a_dataset_folder_is_named(tmp_path):
+    from datasets import Dataset
+
+    rows = pairs(3)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "prefs"))
+    with pytest.raises(DataError, match=r"prefs train row 2: chosen and rejected are identical"):
+        load_preferences(tmp_path / "prefs")
+
+
+def test_cli_reports_a_bad_line_and_exits_2(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [pairs(1)[0], {"prompt": "q", "chosen": "a"}])
+    rc = align(["reward", f"data.path={path}", f"run.dir={tmp_path / 'run'}", "from_sft=false",
+                "run.wandb=disabled"])
+    assert rc == 2
+    assert f"{path}:2: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_ranking_batches_keep_each_ranking_in_one_batch():
+    # Rankings of 6, 3 and 1 pairs (K=4, K=3, K=2), shuffled into the index order.
+    groups = [f"t{i}" for i in range(12) for _ in range([6, 3, 1][i % 3])]
+    batches = ranking_batches(groups, batch_size=8, seed=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(groups)))  # every pair exactly once
+    assert all(len(b) <= 8 for b in batches)
+    where = {}
+    for n, batch in enumerate(batches):
+        for i in batch:
+            where.setdefault(groups[i], set()).add(n)
+    assert all(len(s) == 1 for s in where.values()), "a ranking was split across batches"
+    # Packed first-fit: close to full, not one ranking per batch.
+    assert len(batches) <= len(groups) // 8 + 3
+    assert ranking_batches(groups, 8, seed=1) != batches  # reshuffled per seed (epoch)
+
+
+def test_a_ranking_larger_than_the_batch_fills_whole_batches():
+    groups = ["big"] * 10 + ["small"] * 2
+    sizes = Counter(len(b) for b in ranking_batches(groups, batch_size=4, seed=0))
+    assert sum(k * v for k, v in sizes.items()) == 12 and max(sizes) == 4
