@@ -1,0 +1,200 @@
+"""The reward model: building its base, loading a trained one on its own, scoring, held-out figures.
+
+    model, tokenizer = load_reward_model("runs/quickstart/reward")
+    score(model, tokenizer, ["How do I sync?"], ["Open Settings and tap Sync."])   # -> [1.73]
+
+A reward model is a sequence-classification head (`score`, one label) on the base or on the SFT
+model, trained with a LoRA adapter. `<run.dir>/reward/` holds the adapter (the trained `score`
+head is inside it, peft's modules_to_save), the tokenizer (its model_max_length is the training
+max_length), `align.json`, and, when it was trained on the SFT model, a copy of the SFT adapter
+in `sft_adapter/`: loading merges that into the base first, exactly as training did, so the
+folder needs nothing else but the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignment.config import ModelConfig
+from alignment.modeling import (
+    DevicePlan,
+    adapter_base_name,
+    device_plan,
+    is_adapter_dir,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+log = logging.getLogger(__name__)
+
+SFT_ADAPTER = "sft_adapter"  # the SFT adapter's copy inside a reward folder trained from SFT
+
+
+def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None = None, *, training: bool = True):
+    """A one-label sequence-classification model on `model_cfg.name`, with the SFT adapter merged in.
+
+    The merge is done in full precision on an unquantized base (folding LoRA into 4-bit weights
+    would round it away), saved to a temporary folder and loaded back as a classifier: that one
+    `from_pretrained` quantizes it per the plan and swaps the LM head for a fresh `score` head.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if sft is None:
+        with suppress_seqcls_warning():
+            return trainable_on_cpu(load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification,
+                                                    training=training, num_labels=1), training)
+    from peft import PeftModel
+
+    causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=plan.compute_dtype)
+    merged = PeftModel.from_pretrained(causal, str(sft)).merge_and_unload()
+    with tempfile.TemporaryDirectory(prefix="align-sft-merged-") as tmp:
+        merged.save_pretrained(tmp)
+        del causal, merged
+        with suppress_seqcls_warning():
+            model = load_base_model(replace(model_cfg, name=tmp), plan, auto_class=AutoModelForSequenceClassification,
+                                    training=training, num_labels=1)
+    # peft records this as the adapter's base: the real base, not the deleted temporary folder.
+    model.name_or_path = model.config.name_or_path = resolve_model_path(model_cfg.name)
+    return trainable_on_cpu(model, training)
+
+
+def trainable_on_cpu(model, training: bool = True):
+    """Keep a 4-bit model's backward correct on CPUs with AVX512-BF16 after an evaluation.
+
+    bitsandbytes repacks a Linear4bit's weights for a faster CPU kernel the first time it runs
+    in eval mode without grad (any evaluation), and that kernel has no backward: training after
+    it silently loses every gradient through the frozen base (the LoRA of earlier layers learns
+    from the LoRA paths only). Turning the repack off keeps training exact. (This belongs in
+    alignment.modeling.load_base_model; until it is there, the reward and DPO stages do it.)
+    """
+    if training:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
+    """(model, tokenizer) from a folder `align reward` wrote; unquantized for scoring unless `plan` says so."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise FileNotFoundError(f"{path} is not a reward model folder (no adapter_config.json): run `align reward`")
+    plan = plan or device_plan(ModelConfig(quantize=False))
+    sft = path / SFT_ADAPTER if is_adapter_dir(path / SFT_ADAPTER) else None
+    base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
+    tokenizer = load_tokenizer(str(path))
+    model = PeftModel.from_pretrained(base, str(path))
+    if not plan.quantize:
+        model = model.merge_and_unload()  # one plain model: faster to score with
+    # The classifier reads the last non-pad token, so it must know the pad id training used.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def encode(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a whole conversation, exactly as TRL's RewardTrainer tokenized training pairs."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    limit = tokenizer.model_max_length
+    if limit and len(ids) > limit:
+        # Keep the end: the classifier scores the last token, i.e. the end of the response.
+        ids = ids[-limit:]
+    return list(ids)
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int = 16) -> list[float]:
+    """One reward per conversation (prompt turns + the response turn), right-padded like training."""
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for i in range(0, len(conversations), batch_size):
+        batch = [encode(tokenizer, c) for c in conversations[i:i + batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        out += logits[:, 0].float().tolist()
+    model.train(was_training)
+    return out
+
+
+def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+    """The reward of each response to its prompt (one user turn, one assistant turn)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                     for p, r in zip(prompts, responses, strict=True)]
+    return score_conversations(model, tokenizer, conversations, batch_size)
+
+
+# ---------------------------------------------------------------------------- held-out figures
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:  # fewer than two points, or a constant series
+        return None
+
+
+def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins: int = 5) -> dict[str, Any]:
+    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling.
+
+    Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
+    claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed
+    accuracy. Length correlation: Pearson r of reward against response length in characters over
+    every held-out response; a high |r| means the model may be rewarding length, not quality.
+    """
+    gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    n = len(gaps)
+    rewards = chosen + rejected
+    lengths = [len(m[-1]["content"]) for m in dataset["chosen"]] + [len(m[-1]["content"]) for m in dataset["rejected"]]
+    bins = []
+    order = sorted(range(n), key=lambda i: abs(gaps[i]))
+    k = max(1, min(n_bins, n))
+    for b in range(k):
+        idx = order[b * n // k:(b + 1) * n // k]
+        if not idx:
+            continue
+        bins.append({"gap_min": abs(gaps[idx[0]]), "gap_max": abs(gaps[idx[-1]]), "pairs": len(idx),
+                     "accuracy": sum(gaps[i] > 0 for i in idx) / len(idx),
+                     "predicted": sum(1 / (1 + math.exp(-abs(gaps[i]))) for i in idx) / len(idx)})
+    agreement = [a for a in dataset["agreement"] if a is not None] if "agreement" in dataset.column_names else []
+    return {
+        "eval_accuracy": sum(g > 0 for g in gaps) / n,
+        "eval_mean_margin": sum(gaps) / n,
+        "eval_pairs": n,
+        "length_correlation": _pearson(rewards, [float(x) for x in lengths]),
+        "agreement_ceiling": sum(agreement) / len(agreement) if agreement else None,
+        "calibration_error": sum(b["pairs"] / n * abs(b["accuracy"] - b["predicted"]) for b in bins),
+        "calibration": bins,
+    }
+
+
+def save_sft_copy(sft: str | Path, out: str | Path) -> Path:
+    """Copy the SFT adapter's files (not its checkpoints) into the reward folder, for load_reward_model."""
+    target = Path(out) / SFT_ADAPTER
+    target.mkdir(parents=True, exist_ok=True)
+    for f in Path(sft).iterdir():
+        if f.is_file() and (f.name.startswith("adapter_") or f.name == "align.json"):
+            shutil.copy2(f, target / f.name)
+    return target

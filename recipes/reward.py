@@ -1,0 +1,279 @@
+"""A reward model on the preference data: Bradley-Terry loss, QLoRA, held-out calibration.
+
+    align reward --config configs/quickstart/reward.yaml
+    align reward run.dir=runs/NAME use_margin=true from_sft=false
+    align reward score --prompt "How do I sync?" --response "Open Settings." --response "No."
+
+A one-label sequence classifier (`score` head) on the SFT model (its adapter merged into the
+base) or the raw base, with a fresh LoRA; TRL's RewardTrainer. Pairs of one K-wise ranking stay
+in one batch (group_by_ranking). Writes <run.dir>/reward/: the adapter with the score head,
+tokenizer, the SFT adapter it was built on, config.yaml, metrics.jsonl, align.json with the
+held-out accuracy (the PPO gate reads it), margin, calibration and length correlation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import set_seed
+from trl import RewardConfig, RewardTrainer
+
+from alignment import StageError, report
+from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.config import RewardStageConfig, save_config, to_dict
+from alignment.data import DataError, file_hash
+from alignment.modeling import (
+    adapter_base_name,
+    device_plan,
+    is_adapter_dir,
+    keep_trainable_in,
+    load_tokenizer,
+    peft_lora_config,
+)
+from alignment.preferences import RankingBatchSampler, load_preferences
+from alignment.reward_model import (
+    heldout_metrics,
+    load_reward_model,
+    reward_base,
+    save_sft_copy,
+    score,
+    score_conversations,
+)
+from alignment.tracking import (
+    MetricsJSONL,
+    append_jsonl,
+    configure_wandb,
+    finish_wandb,
+    log_artifact,
+    report_to,
+)
+
+log = logging.getLogger(__name__)
+
+LENGTH_WARNING = 0.5  # |Pearson r| of reward vs length above which the stage warns
+
+
+class RankingRewardTrainer(RewardTrainer):
+    """RewardTrainer whose training batches keep each K-wise ranking's pairs together.
+
+    TRL has no hook for this and transformers only takes per-index samplers (a batch sampler is
+    needed so a ranking never straddles two batches), so this one method is overridden.
+    """
+
+    def get_train_dataloader(self):
+        keep = [c for c in ("chosen_ids", "rejected_ids", "margin") if c in self.train_dataset.column_names]
+        sampler = RankingBatchSampler(self.train_dataset["task_id"], self.args.per_device_train_batch_size,
+                                      seed=self.args.seed)
+        loader = DataLoader(self.train_dataset.select_columns(keep), batch_sampler=sampler,
+                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
+
+
+def main(cfg: RewardStageConfig) -> Path:
+    # --- resolve inputs ---------------------------------------------------------------------
+    out = stage_dir(cfg.run.dir, "reward")
+    sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
+    if cfg.from_sft and not is_adapter_dir(sft):
+        raise StageError(f"no SFT adapter at {sft}: run `align sft run.dir={cfg.run.dir}` first, pass sft=<folder>, "
+                         "or from_sft=false to build the reward model on the raw base")
+    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "preferences")
+    if not data_path.exists():
+        raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
+                         "or pass data.path=<folder or .jsonl>")
+    # Built on the SFT model, the base is the SFT's (its manifest says which); else model.name.
+    model_cfg = replace(cfg.model, name=adapter_base_name(sft)) if cfg.from_sft else cfg.model
+    plan = device_plan(model_cfg)
+    log.info(plan.describe())
+    set_seed(cfg.train.seed)
+
+    # --- data -------------------------------------------------------------------------------
+    data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
+                                         on_error=cfg.data.on_error)
+    train, test = data["train"], data.get("test")
+    if cfg.use_margin:
+        if "margin" not in train.column_names or None in train["margin"]:
+            raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
+    else:  # TRL's loss uses a `margin` column whenever one is present
+        data = data.remove_columns([c for c in ["margin"] if c in train.column_names])
+        train, test = data["train"], data.get("test")
+    tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template
+    tokenizer.model_max_length = cfg.model.max_length  # saved with it: score() truncates alike
+
+    # --- model ------------------------------------------------------------------------------
+    model = reward_base(model_cfg, plan, sft if cfg.from_sft else None)
+
+    # --- trainer ----------------------------------------------------------------------------
+    configure_wandb(cfg.run, "reward")
+    has_eval = test is not None
+    args = RewardConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.scheduler,
+        warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a fraction of the steps
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        seed=cfg.train.seed,
+        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
+        bf16=plan.bf16,
+        fp16=plan.fp16,
+        use_cpu=plan.device == "cpu",
+        gradient_checkpointing=plan.gradient_checkpointing,
+        max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.train.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.train.eval_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        report_to=report_to(cfg.run),
+        run_name=f"{Path(cfg.run.dir).name}/reward",
+        dataloader_num_workers=0,
+    )
+    trainer_cls = RankingRewardTrainer if cfg.group_by_ranking else RewardTrainer
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        # A fresh LoRA; the new score head is trained in full and saved with it.
+        peft_config=peft_lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
+        callbacks=[MetricsJSONL(out)],
+    )
+    if plan.device == "cpu":
+        keep_trainable_in(trainer.model, torch.float32)
+    dropped = len(train) - len(trainer.train_dataset)
+    if dropped:
+        log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",
+                    dropped, len(train), cfg.model.max_length)
+
+    # --- train ------------------------------------------------------------------------------
+    resume = cfg.train.resume_from_checkpoint
+    if resume == "latest":
+        found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        resume = str(found[-1]) if found else None
+        log.info("resuming from %s", resume or "scratch (no checkpoint found)")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
+        k: v for k, v in result.metrics.items() if k.startswith("train_")}}
+
+    # --- evaluate on held-out pairs ---------------------------------------------------------
+    if has_eval:
+        chosen = score_conversations(trainer.model, tokenizer, [p + c for p, c in zip(test["prompt"], test["chosen"],
+                                                                                      strict=True)], cfg.train.batch_size)
+        rejected = score_conversations(trainer.model, tokenizer, [p + r for p, r in zip(
+            test["prompt"], test["rejected"], strict=True)], cfg.train.batch_size)
+        heldout = heldout_metrics(test, chosen, rejected)
+        metrics.update(heldout)
+        ceiling = heldout["agreement_ceiling"]
+        log.info("held-out: accuracy %.3f over %d pairs%s, mean margin %.3f, calibration error %.3f",
+                 heldout["eval_accuracy"], heldout["eval_pairs"],
+                 f" (annotator agreement ceiling {ceiling:.3f})" if ceiling is not None else "",
+                 heldout["eval_mean_margin"], heldout["calibration_error"])
+        r = heldout["length_correlation"]
+        if r is not None and abs(r) > LENGTH_WARNING:
+            log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "
+                        "model may be rewarding length rather than quality, which PPO will exploit", r)
+        if is_main_process():
+            append_jsonl(out / "metrics.jsonl", {"step": result.global_step, **heldout})
+            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))})
+    else:
+        log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")
+
+    # --- save -------------------------------------------------------------------------------
+    trainer.save_model(str(out))  # rank 0 only, inside the trainer
+    if is_main_process():
+        tokenizer.save_pretrained(str(out))
+        if cfg.from_sft:
+            save_sft_copy(sft, out)
+    cfg = replace(cfg, model=model_cfg)  # what ran: with from_sft, the SFT's base
+    save_config(cfg, out / "config.yaml")
+    parents = {"sft": sft, "preferences": data_path} if cfg.from_sft else {"preferences": data_path}
+    write_manifest(
+        out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
+        device_plan=plan.describe(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
+        data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
+              "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
+              "skipped": data_report.skipped, "too_long": dropped},
+    )
+    log_artifact("reward", out, cfg.run.dir, parents)
+    finish_wandb()
+
+    # --- report -----------------------------------------------------------------------------
+    html = report.write_report(cfg.run.dir)
+    log.info("report: %s", html)
+    print_done("reward", out, f"align ppo run.dir={cfg.run.dir}   (score by hand: align reward score "
+                              f"--run-dir {cfg.run.dir} --prompt ... --response ...)")
+    return out
+
+
+def _wandb_summary(figures: dict) -> None:
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.run.log({f"heldout/{k}": v for k, v in figures.items() if v is not None})
+        wandb.run.summary.update(figures)
+
+
+def score_main(argv: list[str]) -> int:
+    """`align reward score`: print the reward of each response (or each line of a JSONL file)."""
+    parser = argparse.ArgumentParser(prog="align reward score", description=score_main.__doc__)
+    parser.add_argument("--model", help="a reward model folder (default <run-dir>/reward)")
+    parser.add_argument("--run-dir", default="runs/quickstart")
+    parser.add_argument("--prompt")
+    parser.add_argument("--response", action="append", default=[], help="repeat to rank several responses")
+    parser.add_argument("--jsonl", help='a file of {"prompt": ..., "response": ...} lines')
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    if bool(args.jsonl) == bool(args.prompt or args.response):
+        parser.error("give --prompt with one or more --response, or --jsonl FILE")
+    if args.jsonl:
+        rows = []
+        for n, line in enumerate(Path(args.jsonl).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((str(row["prompt"]), str(row["response"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                print(f"align reward score: {args.jsonl}:{n}: needs a JSON object with prompt and response ({err})",
+                      file=sys.stderr)
+                return 2
+    elif not (args.prompt and args.response):
+        parser.error("--prompt needs at least one --response")
+    else:
+        rows = [(args.prompt, r) for r in args.response]
+    folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
+    try:
+        model, tokenizer = load_reward_model(folder)
+    except FileNotFoundError as err:
+        print(f"align reward score: {err}", file=sys.stderr)
+        return 2
+    scores = score(model, tokenizer, [p for p, _ in rows], [r for _, r in rows], args.batch_size)
+    for (prompt, response), value in zip(rows, scores, strict=True):
+        if args.jsonl:
+            print(json.dumps({"prompt": prompt, "response": response, "score": round(value, 4)}))
+        else:
+            print(f"{value:+.4f}\t{response}")
+    return 0
+
+
+SUBCOMMANDS = {"score": score_main}
