@@ -1,0 +1,210 @@
+"""`align dpo` on a tiny model: the held-out margin rises, the reference is the SFT policy (not the raw
+base), the output is a plain peft adapter, and the loss switch names what is allowed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.cli import main as align
+from alignment.config import DPOStageConfig, load_config
+from alignment.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search", "Trash", "Widgets"]
+POLITE = "Thanks for asking! Open Settings, then tap {t}."
+RUDE = "Stop asking me. Find {t} in Settings yourself."
+FAST = ["run.wandb=disabled", "train.logging_steps=1", "train.warmup_ratio=0", "model.max_length=128"]
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i % 10]}?", "chosen": POLITE.format(t=TOPICS[i % 10]),
+             "rejected": RUDE.format(t=TOPICS[i % 10])} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_model, tmp_path_factory) -> Path:
+    """An SFT adapter trained to differ clearly from the base (so a base reference would show)."""
+    tmp = tmp_path_factory.mktemp("dpo-sft")
+    data = tmp / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Ticket {i}: where is {TOPICS[i % 10]}?", "input": "",
+                                          "output": f"Sure. {TOPICS[i % 10]} is in Settings."}) for i in range(24)))
+    run = tmp / "run"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=12",
+                  "train.lr=5e-3", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=128"]) == 0
+    return run / "sft"
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = write_pairs(tmp / "prefs.jsonl", 40)
+    assert align(["dpo", f"run.dir={tmp / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=true",
+                  "train.max_steps=16", "train.lr=2e-3", "train.batch_size=8", "train.eval_steps=8",
+                  "data.test_fraction=0.2", *FAST]) == 0
+    return tmp / "run" / "dpo", data
+
+
+def completion_logp(model, tokenizer, prompt: list[dict], completion: list[dict]) -> float:
+    """log p(completion | prompt) under the chat template, computed without TRL."""
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    start = len(head["input_ids"])
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    return logps[start - 1:].gather(-1, ids[0, start:, None]).sum().item()
+
+
+def heldout_margin(model, tokenizer, test) -> float:
+    margins = [completion_logp(model, tokenizer, p, c) - completion_logp(model, tokenizer, p, r)
+               for p, c, r in zip(test["prompt"], test["chosen"], test["rejected"], strict=True)]
+    return sum(margins) / len(margins)
+
+
+def test_dpo_raises_the_heldout_margin_and_saves_a_plain_adapter(dpo_run, sft_dir, tiny_model):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.preferences import load_preferences
+
+    out, data = dpo_run
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    assert metrics["eval_rewards/margins"] > 0 and metrics["eval_rewards/accuracies"] >= 0.75, metrics
+    assert metrics["heldout_logp_margin_dpo"] > metrics["heldout_logp_margin_sft"]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert any("rewards/chosen" in r and "rewards/rejected" in r and "rewards/margins" in r for r in rows)
+
+    # Only the policy adapter, as peft's default, in a plain folder on the SFT's base.
+    assert not (out / "ref").exists() and (out / "adapter_model.safetensors").is_file()
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["base_model"] == tiny_model and set(manifest["parents"]) == {"sft", "preferences"}
+    policy = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert list(policy.peft_config) == ["default"]
+    # Every LoRA matrix moved from its SFT value (QLoRA, with an evaluation before training).
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, out))
+    unchanged = [k for k in before if "lora_" in k and torch.equal(before[k], after[k])]
+    assert not unchanged, f"adapters that never trained: {unchanged}"
+
+    # Independently of TRL: the saved DPO adapter prefers the chosen answers more than SFT did.
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    test = load_preferences(data, test_fraction=0.2, seed=42)[0]["test"]
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(sft_dir))
+    assert heldout_margin(policy, tokenizer, test) > heldout_margin(sft, tokenizer, test) + 1.0
+
+
+def test_reference_is_the_sft_policy_in_the_cli_run(dpo_run):
+    """At step 0 the policy is the SFT adapter, so implicit rewards log(pi/ref) are 0 only if ref = SFT."""
+    out, _ = dpo_run
+    rows = read_jsonl(out / "metrics.jsonl")
+    start = next(r for r in rows if r["step"] == 0 and "eval_rewards/chosen" in r)
+    first = next(r for r in rows if r["step"] == 1 and "rewards/chosen" in r)  # before the first update
+    for row, prefix in ((start, "eval_"), (first, "")):
+        assert abs(row[f"{prefix}rewards/chosen"]) < 1e-4 and abs(row[f"{prefix}rewards/rejected"]) < 1e-4, row
+
+
+def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, tiny_model, tmp_path):
+    """The trainer's own reference forward, on a batch, against SFT-on and adapters-off log-probs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer
+
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.preferences import load_preferences
+    from recipes.dpo import dpo_args, policy_with_reference
+
+    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}", *FAST])
+    model_cfg = replace(cfg.model, name=tiny_model)
+    plan = device_plan(model_cfg)
+    data, _ = load_preferences(write_pairs(tmp_path / "p.jsonl", 8), test_fraction=0.5)
+    trainer = DPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, True),
+                         train_dataset=data["train"], eval_dataset=data["test"], processing_class=load_tokenizer(str(sft_dir)))
+    batch = next(iter(trainer.get_eval_dataloader()))
+    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+    def logps(model) -> torch.Tensor:
+        labels = batch["input_ids"][:, 1:]
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        per_token = out.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+        return (per_token * batch["completion_mask"][:, 1:]).sum(-1)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base_logps = logps(base)
+    sft_logps = logps(PeftModel.from_pretrained(base, str(sft_dir)))
+    assert torch.allclose(ref, sft_logps, atol=1e-3), (ref, sft_logps)
+    # The SFT adapter moves these log-probs by whole nats: a base reference could not pass the line above.
+    assert (sft_logps - base_logps).abs().mean() > 1.0, (sft_logps, base_logps)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=simpo"], r"loss: 'simpo' is not allowed; allowed values: sigmoid, ipo, hinge, robust"),
+    (["label_smoothing=0.1"], r"label_smoothing=0.1 has no effect with loss=sigmoid"),
+    (["loss=robust", "label_smoothing=0.6"], r"robust needs a flip probability in \[0, 0.5\)"),
+    (["loss=exo_pair"], r"exo_pair needs a small epsilon"),
+    (["beta=0"], r"beta: must be > 0"),
+])
+def test_loss_switch_names_what_is_allowed(overrides, message, tmp_path, capsys):
+    assert align(["dpo", f"run.dir={tmp_path}", *overrides, "run.wandb=disabled"]) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+def test_other_losses_run(sft_dir, tmp_path):
+    data = write_pairs(tmp_path / "prefs.jsonl", 12)
+    assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+                  "loss=robust", "label_smoothing=0.1", "train.max_steps=2", "train.batch_size=4",
+                  "data.test_fraction=0", *FAST]) == 0
+    manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
+    assert manifest["config"]["loss"] == "robust" and manifest["metrics"]["global_step"] == 2
+
+
+def test_refuses_without_an_sft_adapter(tmp_path, capsys):
+    assert align(["dpo", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    assert "no SFT adapter" in capsys.readouterr().err
+
+
+def test_quickstart_yaml_loads():
+    cfg = load_config(DPOStageConfig, REPO / "configs/quickstart/dpo.yaml")
+    assert cfg.loss == "sigmoid" and cfg.model.quantize
+    first = (REPO / "configs/quickstart/dpo.yaml").read_text().splitlines()[0]
+    assert first.startswith("# align dpo --config configs/quickstart/dpo.yaml")
+
+
+def test_qlora_backward_survives_an_evaluation(sft_dir, tiny_model):
+    """An eval pass (eval_on_start) must not cut the gradients through the 4-bit base: bitsandbytes
+    repacks weights for a CPU kernel without backward unless told not to (trainable_on_cpu)."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan
+    from alignment.reward_model import reward_base
+    from recipes.dpo import policy_with_reference
+
+    model_cfg = ModelConfig(name=tiny_model, quantize=True)
+    plan = device_plan(model_cfg)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+
+    def grads(model) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same LoRA dropout masks in both runs
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh = grads(policy_with_reference(model_cfg, plan, sft_dir))
+    model = policy_with_reference(model_cfg, plan, sft_dir)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = grads(model)
+    assert fresh.keys() == after.keys() and fresh
+    wrong = [n for n in fresh if not torch.allclose(fresh[n], after[n], atol=1e-6)]
+    assert not wrong, f"gradients changed by an evaluation pass: {wrong[:4]}"
+    flags = [m.support_avx512bf16_for_cpu for m in reward_base(model_cfg, plan).modules()
+             if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert flags and not any(flags)
