@@ -250,7 +250,12 @@ def ranking_batches(groups: list[str], batch_size: int, seed: int) -> list[list[
 
 
 class RankingBatchSampler(Sampler):
-    """A batch sampler over `ranking_batches`, reshuffled every epoch (set_epoch, or each pass)."""
+    """A batch sampler over `ranking_batches`, reshuffled every epoch (set_epoch, or each pass).
+
+    First-fit packing of a new order can give a batch more or fewer than the first epoch's
+    count; the Trainer sizes every epoch by `len()` (the first), so an epoch may end a few
+    batches early or late.
+    """
 
     def __init__(self, groups: list[str], batch_size: int, seed: int = 0):
         self.groups, self.batch_size, self.seed = list(groups), batch_size, seed
