@@ -126,8 +126,96 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
+    """Calibration (accuracy per reward-gap bin against what the rewards predict) and warnings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = manifest.get("metrics", {})
+    parts = []
+    bins = m.get("calibration") or []
+    if bins:
+        fig, ax = plt.subplots(figsize=(5.2, 3.0))
+        xs = range(len(bins))
+        ax.bar([x - 0.2 for x in xs], [b["accuracy"] for b in bins], width=0.4, label="held-out accuracy")
+        ax.bar([x + 0.2 for x in xs], [b["predicted"] for b in bins], width=0.4, label="predicted (sigmoid of gap)")
+        ax.set_xticks(list(xs), [f"{b['gap_min']:.2f}–{b['gap_max']:.2f}\n{b['pairs']} pairs" for b in bins],
+                      fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("|reward gap| bin")
+        ax.set_title("Reward model calibration")
+        ax.legend(fontsize=8)
+        parts.append(f"<div class='plots'><img alt='calibration' src='data:image/png;base64,{_figure_png(fig)}'></div>")
+    notes = []
+    if isinstance(m.get("eval_accuracy"), float):
+        ceiling = m.get("agreement_ceiling")
+        notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b> on {m.get('eval_pairs', '?')} pairs"
+                     + (f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
+    r = m.get("length_correlation")
+    if isinstance(r, float):
+        warn = abs(r) > 0.5
+        notes.append(f"{'<b>Warning</b>: ' if warn else ''}reward vs response length: Pearson r = {r:.2f}"
+                     + (" (the model may reward length, which a policy will exploit)" if warn else ""))
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
+    return "".join(parts)
+
+
+def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
+    """The preference data: how many rankings, pairs and annotators, and what was dropped."""
+    summary = manifest.get("summary") or {}
+    annotators = summary.get("annotators") or summary.get("per_annotator")
+    parts = []
+    if isinstance(annotators, dict) and annotators:
+        rows = "".join(f"<tr><td>{html.escape(str(a))}</td><td>{_fmt(n)}</td></tr>" for a, n in annotators.items())
+        parts.append(f"<h3>Annotators</h3><table><tr><th>annotator</th><th>rankings</th></tr>{rows}</table>")
+    pairs = []
+    try:
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(folder))
+        pairs = [ds["train"][i] for i in range(min(3, len(ds["train"])))]
+    except Exception:  # noqa: BLE001 - the report shows what it can
+        pass
+    if pairs:
+        rows = "".join(
+            f"<tr><td>{html.escape(p['prompt'][-1]['content'])}</td><td>{html.escape(p['chosen'][-1]['content'])}</td>"
+            f"<td>{html.escape(p['rejected'][-1]['content'])}</td></tr>" for p in pairs)
+        parts.append("<h3>Example pairs</h3><table class='samples'><tr><th>prompt</th><th>chosen</th>"
+                     f"<th>rejected</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
+def headline(run_dir: Path) -> str:
+    """The answer first: did the aligned policy beat the baseline, by how much, how sure."""
+    path = run_dir / "eval" / "align.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    items = []
+    for name, row in m.get("policies", {}).items():
+        for key, value in row.items():
+            if key.endswith("/win_rate"):
+                lo, hi = row[key + "_ci"]
+                verdict = "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "is not distinguishable from"
+                items.append(f"<li><b>{html.escape(name)}</b> {verdict} <b>{html.escape(m.get('baseline', ''))}</b> "
+                             f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b> "
+                             f"[{lo:.1%}, {hi:.1%}] · KL {row.get('kl', float('nan')):.3f} nats</li>")
+    return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
+
+
+def _headline_md(run_dir: Path) -> str:
+    text = headline(run_dir)
+    for tag in ("<div class='headline'>", "</div>", "<ul>", "</ul>", "<b>", "</b>", "</li>"):
+        text = text.replace(tag, "")
+    return text.replace("<li>", "- ").replace("&amp;", "&") + "\n"
+
+
 # Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html.
-SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {"eval": eval_section}
+SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
+    "eval": eval_section, "reward": reward_section, "preferences": preferences_section}
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
@@ -153,7 +241,8 @@ CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em au
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .meta{color:#777;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
-table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}"""
+table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
+.headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}"""
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -164,16 +253,22 @@ def write_report(run_dir: str | Path) -> Path:
         return run_dir / "report.html"
     found = [p.name for p in run_dir.iterdir() if p.is_dir() and (p / "align.json").is_file()] if run_dir.is_dir() else []
     stages = [s for s in STAGE_ORDER if s in found] + sorted(s for s in found if s not in STAGE_ORDER)
-    bodies, mds = [], [f"# align run: {run_dir.name}\n"]
+    bodies, mds = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir)]
     for stage in stages:
         section = stage_section(stage, run_dir / stage)
         if section:
             bodies.append(section[0])
             mds.append(section[1])
+    rounds = sorted((p for p in run_dir.glob("round-*") if (p / "report.html").is_file()),
+                    key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else 0)
+    if rounds:
+        items = "".join(f"<li><a href='{r.name}/report.html'>{r.name}</a>{headline(r)}</li>" for r in rounds)
+        bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
+        mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
     nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in stages)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
-            f"<p class='meta'>stages: {nav}</p>{''.join(bodies)}</body></html>")
+            f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
     out.write_text(page)
     (run_dir / "report.md").write_text("\n".join(mds))
