@@ -18,6 +18,7 @@ config.yaml, metrics.jsonl and align.json (base model = the SFT's; parents sft +
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
         report_to=report_to(cfg.run),
         run_name=f"{Path(cfg.run.dir).name}/dpo",
         dataloader_num_workers=0,
+        # Under DDP every trainable (LoRA) weight takes part in each step (the frozen "ref" copy has
+        # none); the default search for unused ones costs an extra graph pass per step.
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -187,8 +191,11 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- save -------------------------------------------------------------------------------
     # The policy adapter alone, as peft's "default": a plain adapter folder on the SFT's base.
+    # Every rank calls save_model: under ZeRO-3 or FSDP the sharded weights are gathered first.
+    # It writes each adapter; the frozen "ref" copy is the SFT adapter, already a parent.
+    trainer.save_model(str(out))
     if is_main_process():
-        policy.save_pretrained(str(out), selected_adapters=["default"])
+        shutil.rmtree(out / "ref", ignore_errors=True)
         tokenizer.save_pretrained(str(out))
     cfg = replace(cfg, model=model_cfg)  # what ran: the SFT's base
     save_config(cfg, out / "config.yaml")

@@ -144,6 +144,9 @@ def main(cfg: RewardStageConfig) -> Path:
         report_to=report_to(cfg.run),
         run_name=f"{Path(cfg.run.dir).name}/reward",
         dataloader_num_workers=0,
+        # Under DDP every trainable (LoRA) weight takes part in each step; the default search for
+        # unused ones costs an extra pass over the graph per step when checkpointing is off.
+        ddp_find_unused_parameters=False,
     )
     trainer_cls = RankingRewardTrainer if cfg.group_by_ranking else RewardTrainer
     trainer = trainer_cls(

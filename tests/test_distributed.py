@@ -1,0 +1,225 @@
+"""Every stage under `accelerate launch` with two processes (DDP over gloo, on CPU), and every
+shipped accelerate config checked against accelerate's own loader and launcher.
+
+The two-process runs go through the shipped configs/accelerate/cpu_2proc.yaml, exactly as a user
+types it, and check what distribution must not change: the same artifact files as one process,
+a loss that falls, data split between the ranks, and one writer (rank 0) of every manifest,
+metrics file, W&B run and report. DeepSpeed and FSDP need GPUs; here their configs are loaded
+and turned into accelerate's plugins the way `accelerate launch` does, which rejects unknown
+or invalid settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = sorted(REPO.joinpath("configs/accelerate").rglob("*.yaml"))
+TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search", "Trash", "Widgets"]
+POLITE = "Thanks for asking! Open Settings, then tap {t}."
+RUDE = "Stop asking me. Find {t} in Settings yourself."
+COMMON = ["train.logging_steps=1", "train.warmup_ratio=0", "model.max_length=128", "model.quantize=true"]
+# stage -> overrides; SFT: 36 train examples, 4 per rank x 2 ranks = 8 a step -> epoch 1.0 at step 5.
+STAGES = {
+    "sft": ["train.lr=5e-3", "train.batch_size=4", "train.max_steps=10", "train.eval_steps=5",
+            "data.eval_fraction=0.1"],
+    "reward": ["train.lr=3e-3", "train.batch_size=4", "train.max_steps=8", "train.eval_steps=4",
+               "data.test_fraction=0.2"],
+    "dpo": ["train.lr=2e-3", "train.batch_size=4", "train.max_steps=8", "train.eval_steps=4",
+            "data.test_fraction=0.2"],
+}
+# The files of a finished stage folder (checkpoints/ aside), one process or two.
+ARTIFACT = {"adapter_model.safetensors", "adapter_config.json", "align.json", "config.yaml", "metrics.jsonl"}
+
+
+# ------------------------------------------------------------------------- accelerate configs
+
+
+def test_every_distributed_setup_has_a_config():
+    assert {p.stem for p in ACCELERATE_CONFIGS} >= {
+        "single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp",
+        "cpu_2proc"}
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_loads_and_launches_as_documented(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    rel = path.relative_to(REPO)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file {rel} -m alignment.cli "), first
+    stage = first.split(" -m alignment.cli ")[1].split()[0]
+    assert stage in {"sft", "reward", "dpo", "ppo"}
+
+    config = load_config_from_file(str(path))  # unknown top-level keys raise here
+    assert isinstance(config, ClusterConfig)
+    kind = config.distributed_type.value
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "cpu_2proc": "MULTI_GPU", "fsdp": "FSDP"}
+    assert kind == expected.get(path.stem, "DEEPSPEED"), kind
+    assert config.mixed_precision == "no"  # precision is the recipe's device plan, not the launcher's
+
+    # What `accelerate launch --config_file ...` does with it: the nested keys become launcher
+    # arguments, so a misspelt one would be silently dropped; every one must be a known argument.
+    parser = launch_command_parser()
+    known = {action.dest for action in parser._actions}
+    for section, prefix in (("fsdp_config", "fsdp_"), ("deepspeed_config", "")):
+        for key in getattr(config, section) or {}:
+            name = key if key.startswith(prefix) else prefix + key
+            assert name in known, f"{rel}: {section}.{key} is not an accelerate launch setting"
+    args, defaults, from_config = _validate_launch_command(parser.parse_args(
+        ["--config_file", str(path), "-m", "alignment.cli", stage]))
+    # The launcher it picks: torchrun for DDP/FSDP (also on CPU), deepspeed for ZeRO, one process for NO.
+    assert args.multi_gpu == (kind == "MULTI_GPU") and args.use_fsdp == (kind == "FSDP")
+    assert args.use_deepspeed == (kind == "DEEPSPEED") and not args.cpu
+    assert int(args.num_processes) == (1 if kind == "NO" else 2)
+
+    if kind == "FSDP":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.launch import prepare_multi_gpu_env
+
+        env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+        with mock.patch.dict(os.environ, env):
+            plugin = FullyShardedDataParallelPlugin()  # validates FSDP2's settings
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # the final save is a plain adapter
+        assert not plugin.activation_checkpointing  # the trainer's checkpointing; both at once is an error
+    if kind == "DEEPSPEED":
+        from accelerate.utils import DeepSpeedPlugin
+        from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            [*defaults.deepspeed_config, *(["mixed_precision"] if from_config else [])])
+        _, env = prepare_deepspeed_cmd_env(args)
+        with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}):
+            ds = DeepSpeedPlugin().deepspeed_config
+        zero = ds["zero_optimization"]
+        stage_n = 2 if "zero2" in path.stem else 3
+        assert zero["stage"] == stage_n
+        # batch, accumulation and clipping are left to the stage config (the trainer fills "auto").
+        assert ds["gradient_accumulation_steps"] == "auto" and ds["gradient_clipping"] == "auto"
+        offload = "cpu" if "offload" in path.stem else "none"
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == offload
+        if stage_n == 3:
+            assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # else the adapter saves empty
+
+
+# ------------------------------------------------------------------------- two processes on CPU
+
+
+def write_sft_data(path: Path) -> Path:
+    rows = [{"instruction": f"Ticket {i}: where is {TOPICS[i % 10]}?", "input": "",
+             "output": POLITE.format(t=TOPICS[i % 10])} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def write_pairs(path: Path) -> Path:
+    """The rule: the polite answer beats the rude one, at about the same length."""
+    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i % 10]}?", "chosen": POLITE.format(t=TOPICS[i % 10]),
+             "rejected": RUDE.format(t=TOPICS[i % 10])} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def stage_args(stage: str, run_dir: Path, tmp: Path, tiny_model: str) -> list[str]:
+    data = tmp / ("sft.jsonl" if stage == "sft" else "prefs.jsonl")
+    first = [f"model.name={tiny_model}"] if stage == "sft" else []
+    return [stage, *first, f"data.path={data}", f"run.dir={run_dir}", *COMMON, *STAGES[stage]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # not torchrun's fixed 29500: other test runs may hold it
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args: list[str]) -> subprocess.CompletedProcess:
+    config = REPO / "configs/accelerate/cpu_2proc.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "WANDB_SILENT": "true", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", str(free_port()), "-m", "alignment.cli", *args]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(args[:1])} failed under accelerate launch:\n{out.stderr[-4000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """sft -> reward and dpo, once with two processes (W&B offline) and once in this process."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    write_sft_data(tmp / "sft.jsonl")
+    write_pairs(tmp / "prefs.jsonl")
+    logs = {}
+    for stage in STAGES:
+        logs[stage] = launch([*stage_args(stage, tmp / "two", tmp, tiny_model), "run.wandb=offline"])
+        assert align([*stage_args(stage, tmp / "one", tmp, tiny_model), "run.wandb=disabled"]) == 0
+    return {"two": tmp / "two", "one": tmp / "one", "logs": logs}
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name != "checkpoints"}
+
+
+def losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_two_processes_write_the_same_artifact_and_learn(runs, stage):
+    two, one = runs["two"] / stage, runs["one"] / stage
+    assert files(two) == files(one) and files(two) >= ARTIFACT, (files(two) ^ files(one))
+    seen = losses(two)
+    assert seen[-1] < 0.8 * seen[0], f"{stage} loss did not fall under two processes: {seen}"
+    manifest = json.loads((two / "align.json").read_text())
+    max_steps = next(int(o.split("=")[1]) for o in STAGES[stage] if o.startswith("train.max_steps="))
+    assert manifest["stage"] == stage and manifest["metrics"]["global_step"] == max_steps
+    if stage == "reward":
+        from alignment.reward_model import load_reward_model
+
+        model, _ = load_reward_model(two)
+        assert manifest["metrics"]["eval_accuracy"] >= 0.75
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(two))
+        assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.distributed
+def test_the_ranks_split_the_data(runs):
+    # One process: 36 examples at 4 a step = 9 steps an epoch. Two: 8 a step (4 per rank) = 5.
+    two = {r["step"]: r["epoch"] for r in read_jsonl(runs["two"] / "sft" / "metrics.jsonl") if "loss" in r}
+    assert two[5] == pytest.approx(1.0), two
+    one = {r["step"]: r["epoch"] for r in read_jsonl(runs["one"] / "sft" / "metrics.jsonl") if "loss" in r}
+    assert one[9] == pytest.approx(1.0), one
+
+
+@pytest.mark.distributed
+def test_only_rank_zero_writes(runs):
+    for stage, out in runs["logs"].items():
+        assert out.stdout.count(f"✔ {stage} finished") == 1, out.stdout[-2000:]
+        rows = read_jsonl(runs["two"] / stage / "metrics.jsonl")
+        logged = [r["step"] for r in rows if "loss" in r]
+        assert logged == sorted(set(logged)), f"{stage}: metrics.jsonl written by more than one rank: {logged}"
+    # One offline W&B run per stage (rank 0's), one report.
+    wandb_runs = sorted((runs["two"] / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == len(STAGES), wandb_runs
+    assert (runs["two"] / "report.html").is_file()
+    # The ranks' own state in a checkpoint is per rank; the model and optimizer are rank 0's.
+    checkpoint = sorted((runs["two"] / "sft" / "checkpoints").glob("checkpoint-*"))[-1]
+    assert {p.name for p in checkpoint.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert len(list(checkpoint.glob("adapter_model*.safetensors"))) == 1
