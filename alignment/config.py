@@ -202,17 +202,55 @@ class DPOStageConfig:
 
 
 @dataclass
+class RLConfig:
+    """The RL loop's own knobs (PPO; GRPO/RLOO read the ones they share). docs/ppo.md explains each."""
+
+    rollout_prompts: int = 8  # prompts per step: one rollout, then PPO epochs over it
+    minibatch_size: int = 4  # responses per gradient step inside a PPO epoch
+    ppo_epochs: int = 4  # passes over each rollout
+    # KL penalty per response token, r_t = -kl_coef * (log pi - log ref); fixed, or adapted towards
+    # kl_target (nats per response) with Ziegler et al.'s proportional controller over kl_horizon.
+    kl_coef: float = 0.05
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # value loss weight in the one loss
+    whiten_rewards: bool = False  # normalise the rollout's scores to mean 0, std 1 before the KL term
+    score_clip: float | None = None  # clip each score to [-score_clip, score_clip]
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    # The value function: a linear head on the policy's last hidden states (shared trunk).
+    value_model: Literal["head"] = "head"
+    # With a reward model that was trained on this base: load its adapter on the policy's base as a
+    # third adapter (one base in memory) instead of a separate model.
+    reward_on_policy_base: bool = False
+    save_steps: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
+    sample_rows: int = 4  # sample responses per step in the W&B table
+    num_generations: int = 4  # GRPO/RLOO: responses per prompt (the group)
+
+
+@dataclass
 class PPOStageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    sft: str | None = None  # policy init + frozen reference; default <run.dir>/sft
+    # Policy init + frozen reference: an SFT adapter folder; default <run.dir>/sft. "none" (or a
+    # missing folder with scorer=) starts a fresh LoRA on the base, the reference then being the
+    # base with the adapter disabled; a merged SFT model folder goes in model.name with sft=none.
+    sft: str | None = None
     reward_model: str | None = None  # default <run.dir>/reward
     scorer: str | None = None  # a programmatic reward instead (module:function or built-in name)
     min_reward_accuracy: float = 0.6  # the gate: refuse a reward model below this held-out accuracy
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     prompts: str = "data/support/prompts.jsonl"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_steps=20))
+    num_prompts: int = -1  # -1 = all
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))  # only without an SFT adapter
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=1.0, batch_size=16))
+    rl: RLConfig = field(default_factory=RLConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_steps=20, scheduler="constant",
+                                                                 warmup_ratio=0.0, logging_steps=1))
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -294,7 +332,12 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, raw: Any, prefix: str):
+def _build(cls: type, raw: Any, prefix: str, base: Any = None):
+    """`cls` from `raw`; keys not in `raw` keep `base`'s values (the section's own default) or the class's.
+
+    A stage's section default (e.g. PPO's `train` with its own lr and scheduler) must survive an
+    override of one of its keys, so a nested section starts from the parent's default instance.
+    """
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
@@ -311,10 +354,18 @@ def _build(cls: type, raw: Any, prefix: str):
             continue
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.")
+            default = getattr(base, name) if base is not None else _default(cls, name)
+            kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", default)
         else:
             kwargs[name] = _check(f"{prefix}{name}", raw[name], kind)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _check(key: str, value: Any, kind: Any) -> Any:
