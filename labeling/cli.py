@@ -1,0 +1,113 @@
+"""`align label`: the labelling app, its accounts, simulated annotators and the store's status.
+
+    align label --run-dir runs/quickstart                      the app on http://127.0.0.1:7860
+    align label users add alice --admin                        an account (asks for a password)
+    align label users list
+    align label --simulate support_style --annotators 3 --noise 0.3
+    align label status                                         tasks and rankings per batch
+    align label gold TASK_ID 2,1,3,4                           a gold answer (canonical order)
+
+The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def store_url(args: argparse.Namespace) -> str:
+    if args.db:
+        return args.db
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(args.run_dir).resolve() / 'labels.db'}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align label", description="The labelling app and its store.")
+    p.add_argument("--run-dir", default="runs/quickstart", help="run directory (its labels.db is the default store)")
+    p.add_argument("--db", help="database URL: sqlite:///path.db or postgresql://user:pw@host/db")
+    p.add_argument("--guidelines", help="a markdown file shown to annotators (default: the shipped guidelines)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--overlap", type=int, default=1, help="annotators per task (default 1)")
+    p.add_argument("--gold-rate", type=float, default=0.0, help="share of gold tasks mixed in (0..1)")
+    p.add_argument("--batch", help="only this batch (default: every batch)")
+    p.add_argument("--simulate", metavar="SCORER", help="rank pending tasks with a scorer instead of starting the app")
+    p.add_argument("--annotators", type=int, default=1, help="with --simulate: how many simulated annotators")
+    p.add_argument("--noise", type=float, default=0.0, help="with --simulate: score noise (share of the spread)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | status | "
+                                              "gold TASK_ID RANKS")
+    p.add_argument("--admin", action="store_true", help="with users add: an admin account")
+    p.add_argument("--password", help="with users add: the password (asked for when absent)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from labeling.store import Store, StoreError
+
+    try:
+        store = Store(store_url(args))
+    except StoreError as err:
+        print(f"align label: {err}", file=sys.stderr)
+        return 2
+    cmd = args.command
+    try:
+        if cmd[:2] == ["users", "add"] and len(cmd) == 3:
+            password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
+            store.add_user(cmd[2], password, admin=args.admin)
+            print(f"user {cmd[2]!r} added{' (admin)' if args.admin else ''} to {store.url}")
+            return 0
+        if cmd == ["users", "list"]:
+            for u in store.users():
+                print(f"{u['name']}{'  (admin)' if u['is_admin'] else ''}")
+            return 0
+        if cmd == ["status"]:
+            for b in store.batch_counts():
+                print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
+                      f"{b['unranked']} unranked")
+            print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}")
+            return 0
+        if len(cmd) == 3 and cmd[0] == "gold":
+            store.add_gold(int(cmd[1]), [int(x) for x in cmd[2].split(",")])
+            print(f"task {cmd[1]} is gold with ranks {cmd[2]}")
+            return 0
+        if cmd:
+            print(f"align label: unknown command {' '.join(cmd)!r}; see `align label --help`", file=sys.stderr)
+            return 2
+        if args.simulate:
+            from labeling.simulate import simulate
+
+            n = simulate(store, args.simulate, annotators=args.annotators, noise=args.noise, seed=args.seed,
+                         batch=args.batch, overlap=max(args.overlap, args.annotators))
+            print(f"{n} rankings submitted by {args.annotators} simulated annotator(s) ({args.simulate})")
+            print(f"next: align export run.dir={args.run_dir}")
+            return 0
+    except (ValueError, KeyError) as err:
+        print(f"align label: {err}", file=sys.stderr)
+        return 2
+    return serve(store, args)
+
+
+def serve(store, args: argparse.Namespace) -> int:
+    from labeling.app import build_app
+
+    guidelines = Path(args.guidelines) if args.guidelines else Path(__file__).with_name("guidelines.md")
+    if not guidelines.is_file():
+        print(f"align label: guidelines file not found: {guidelines}", file=sys.stderr)
+        return 2
+    if not store.users():
+        print("align label: no accounts yet; make one first: align label users add NAME --admin", file=sys.stderr)
+        return 2
+    demo = build_app(store, guidelines.read_text(), overlap=args.overlap, gold_rate=args.gold_rate,
+                     export_dir=str(Path(args.run_dir) / "preferences"))
+    print(f"labelling app for {store.url}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0

@@ -1,0 +1,151 @@
+"""Rankings → preference pairs in TRL's columns, with provenance.
+
+The rules (docs/labeling.md says the same):
+- Only ranking tasks are exported: not gold tasks (their answers are known, they measure
+  annotators) and not the A/B tasks of `align eval --human` (batches named `eval-...`).
+- A ranking flagged "all are bad" or "unsafe" gives no pairs (counted in `dropped_flagged`).
+- A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
+- Several annotators on one task: `majority` takes, per pair of responses, the order most of
+  them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
+  them. A pair with no majority (or equal ratings) is a tie.
+- Ties: `drop` (default) gives no pair; `margin0` keeps it with margin 0 and the first response
+  as "chosen": only useful with a loss that weights pairs by margin.
+- `agreement` is the task's mean pairwise agreement between annotators (1.0 for one); tasks under
+  `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks.
+- Identical responses never make a pair. Train/test are split by prompt (no prompt on both sides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from labeling.agreement import task_agreement
+from labeling.store import Store
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str = "majority") -> list[tuple[int, int, float]]:
+    """(chosen index, rejected index, margin) for one task's rankings (canonical order)."""
+    k = len(rank_lists[0])
+    mean_rank = [_mean([r[i] for r in rank_lists]) for i in range(k)]
+    ratings = None
+    if combine == "bradley_terry":
+        from alignment.evaluation import bradley_terry
+
+        comparisons = [(str(i), str(j), 1.0 if r[i] < r[j] else 0.0 if r[i] > r[j] else 0.5)
+                       for r in rank_lists for i, j in itertools.combinations(range(k), 2)]
+        fitted = bradley_terry(comparisons)
+        ratings = [fitted[str(i)] for i in range(k)]
+    elif combine != "majority":
+        raise ValueError(f"combine: {combine!r} is not allowed; allowed values: majority, bradley_terry")
+    out = []
+    for i, j in itertools.combinations(range(k), 2):
+        if ratings is not None:
+            vote = (ratings[i] > ratings[j] + 1e-9) - (ratings[j] > ratings[i] + 1e-9)
+        else:
+            vote = sum((r[i] < r[j]) - (r[j] < r[i]) for r in rank_lists)
+        margin = abs(mean_rank[i] - mean_rank[j])
+        if vote > 0:
+            out.append((i, j, margin))
+        elif vote < 0:
+            out.append((j, i, margin))
+        elif ties == "margin0":
+            out.append((i, j, 0.0))
+        elif ties != "drop":
+            raise ValueError(f"ties: {ties!r} is not allowed; allowed values: drop, margin0")
+    return out
+
+
+def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None, ties: str = "drop",
+                combine: str = "majority", min_agreement: float | None = None, chat: bool = True
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(pair records, counts) from `Store.submitted_rankings()` rows."""
+    counts: Counter = Counter()
+    per_annotator: Counter = Counter()
+    by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] != "ranking" or r["is_gold"] or str(r["batch"]).startswith("eval-"):
+            continue
+        if batches and r["batch"] not in batches:
+            continue
+        counts["rankings"] += 1
+        per_annotator[r["annotator"]] += 1
+        if r["flags"]:
+            counts["dropped_flagged"] += 1
+            continue
+        by_task[r["task_id"]].append(r)
+    pairs, agreements = [], []
+    for task_id, ranked in sorted(by_task.items()):
+        counts["tasks"] += 1
+        rank_lists = [r["ranks"] for r in ranked]
+        agreement = task_agreement(rank_lists)
+        if min_agreement is not None and agreement < min_agreement:
+            counts["dropped_low_agreement"] += 1
+            continue
+        agreements.append(agreement)
+        first = ranked[0]
+        texts = [x["text"] for x in first["responses"]]
+        metas = [x.get("meta") or {} for x in first["responses"]]
+        decided = task_pairs(rank_lists, ties=ties, combine=combine)
+        k = len(texts)
+        counts["dropped_ties"] += k * (k - 1) // 2 - len(decided)
+        for chosen, rejected, margin in decided:
+            if texts[chosen].strip() == texts[rejected].strip():
+                counts["dropped_duplicates"] += 1
+                continue
+            if margin == 0 and ties == "margin0":
+                counts["kept_ties"] += 1
+            source = metas[chosen].get("policy") or first.get("source", {}).get("policy") or ""
+            prompt = [{"role": "user", "content": first["prompt"]}] if chat else first["prompt"]
+            pairs.append({
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": texts[chosen]}] if chat else texts[chosen],
+                "rejected": [{"role": "assistant", "content": texts[rejected]}] if chat else texts[rejected],
+                "task_id": str(task_id), "batch": first["batch"], "annotators": sorted({r["annotator"] for r in ranked}),
+                "agreement": agreement, "margin": float(margin), "source": str(source),
+                "prompt_id": hashlib.sha1(first["prompt"].encode()).hexdigest()[:12],
+            })
+    summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
+               "dropped_ties": counts["dropped_ties"], "dropped_flagged": counts["dropped_flagged"],
+               "dropped_low_agreement": counts["dropped_low_agreement"],
+               "dropped_duplicates": counts["dropped_duplicates"], "kept_ties": counts["kept_ties"],
+               "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator)}
+    return pairs, summary
+
+
+def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] | None = None, ties: str = "drop",
+                       combine: str = "majority", min_agreement: float | None = None, test_fraction: float = 0.1,
+                       seed: int = 0, jsonl: bool = False, chat: bool = True) -> dict[str, Any]:
+    """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary."""
+    from datasets import Dataset, DatasetDict
+
+    from alignment.preferences import split_by_prompt
+
+    pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
+                                 min_agreement=min_agreement, chat=chat)
+    out = Path(out_dir)
+    if not pairs:
+        return summary
+    train, test = split_by_prompt(pairs, test_fraction, seed)
+    splits = {"train": train, **({"test": test} if test else {})}
+    summary.update(train_pairs=len(train), test_pairs=len(test))
+    # Written beside and then moved into place: a killed export never leaves half a dataset.
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict({s: Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
+    if jsonl:
+        for s, rows in splits.items():
+            (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary

@@ -1,0 +1,100 @@
+"""Programmatic judges with the annotator's interface: `scorer(prompt, response) -> float`, higher = better.
+
+Used by simulated annotators (`align label --simulate NAME`), by `align eval scorer=NAME` as a
+judge independent of the reward model, and by `align ppo scorer=NAME` as a known reward.
+A name is a built-in below, or `module:function` for your own.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from collections.abc import Callable
+
+Scorer = Callable[[str, str], float]
+
+ACKNOWLEDGE = re.compile(r"^\W*(thanks|thank you|sorry|happy to help|glad|good question|great question|"
+                         r"no problem|of course|sure thing|i understand|i'm sorry|we're sorry)", re.I)
+POLITE = re.compile(r"\b(thanks|thank you|please|sorry|happy to help|glad to help)\b", re.I)
+STEPS = re.compile(r"(settings|tap|click|open|go to|select|choose|menu|>|\n\s*(\d+\.|-)\s)", re.I)
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def length(prompt: str, response: str) -> float:
+    """Longer is better (a classic reward-hacking direction: useful to see it exploited)."""
+    return float(len(_words(response)))
+
+
+def concise(prompt: str, response: str) -> float:
+    """Shorter is better, but an empty answer is worst."""
+    n = len(_words(response))
+    return -float(n) if n else -1e6
+
+
+def polite(prompt: str, response: str) -> float:
+    """A keyword rule: how many courtesy phrases (thanks, please, sorry, happy to help) appear, capped at 3."""
+    return float(min(3, len(POLITE.findall(response))))
+
+
+def sentiment(prompt: str, response: str) -> float:
+    """VADER's compound sentiment of the response, in [-1, 1]."""
+    return float(_vader().polarity_scores(response)["compound"])
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def repetition(text: str, n: int = 3) -> float:
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def support_style(prompt: str, response: str) -> float:
+    """The Lumen Notes support voice (data/support/README.md): acknowledge, give concrete steps, stay short.
+
+    +1 an opening that acknowledges the user (thanks / sorry / happy to help ...), +0.5 concrete
+    steps (Settings, tap, numbered items), +0.25 a courteous word elsewhere; −1 under 8 words,
+    −(words − 90)/40 past 90 words, −2 × the share of repeated 3-grams, −0.5 when it stops
+    mid-sentence; −0.004 per word so that, all else equal, shorter wins (few exact ties).
+    """
+    text = response.strip()
+    n = len(_words(text))
+    if n == 0:
+        return -3.0
+    score = 1.0 if ACKNOWLEDGE.search(text) else 0.0
+    score += 0.5 if STEPS.search(text) else 0.0
+    score += 0.25 if POLITE.search(text[20:]) else 0.0
+    score -= 1.0 if n < 8 else 0.0
+    score -= max(0.0, (n - 90) / 40)
+    score -= 2 * repetition(text)
+    score -= 0.0 if text[-1] in ".!?)\"'`" else 0.5
+    return score - 0.004 * n
+
+
+BUILTIN: dict[str, Scorer] = {"length": length, "concise": concise, "polite": polite, "sentiment": sentiment,
+                              "support_style": support_style}
+
+
+def resolve_scorer(spec: str) -> Scorer:
+    """A built-in name or `module:function`; an error says which and what is allowed."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        raise ValueError(f"scorer {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not module:function")
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"scorer {spec!r}: cannot import it ({err})") from None
+    if not callable(fn):
+        raise ValueError(f"scorer {spec!r}: {name} is not a function")
+    return fn

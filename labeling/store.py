@@ -1,0 +1,501 @@
+"""The labelling store: prompts, their K responses, annotators and rankings in a real database.
+
+SQLite by default (one file beside the run, WAL, foreign keys on, synchronous=FULL so that an
+acknowledged ranking survives a crash), PostgreSQL by URL for a team (`postgresql://...`, driven
+by psycopg 3). The data model follows Argilla's: a task (a prompt with its K responses, in a
+batch and round) gets at most one ranking per annotator (`UNIQUE(task, annotator)`), with a
+status draft / submitted / discarded. Assignment is serialised per database (SQLite: every write
+transaction is `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock), so two
+annotators asking at once never get the same slot, and a submit is one transaction that keeps
+the first acknowledged ranking when it is repeated (a double click, a retry after a timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+SCHEMA_VERSION = 1
+ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
+
+metadata = MetaData()
+meta_table = Table("align_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+prompts = Table(
+    "prompts", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("text_sha256", String(64), nullable=False, unique=True),
+    Column("text", Text, nullable=False),
+    Column("meta", Text, nullable=False, default="{}"),
+)
+tasks = Table(
+    "tasks", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("batch", String(200), nullable=False, index=True),
+    Column("round", Integer, nullable=False, default=0),
+    Column("kind", String(16), nullable=False, default="ranking"),  # ranking | pairwise
+    Column("prompt_id", Integer, ForeignKey("prompts.id"), nullable=False),
+    Column("source", Text, nullable=False, default="{}"),  # provenance: checkpoint, generation, time
+    Column("is_gold", Boolean, nullable=False, default=False),
+    Column("created", Float, nullable=False),
+    UniqueConstraint("batch", "prompt_id", name="uq_task_batch_prompt"),
+)
+responses = Table(
+    "responses", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("position", Integer, nullable=False),  # the canonical order rankings are stored in
+    Column("text", Text, nullable=False),
+    Column("meta", Text, nullable=False, default="{}"),
+    UniqueConstraint("task_id", "position", name="uq_response_position"),
+)
+annotators = Table(
+    "annotators", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("password_hash", String(256), nullable=False),
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created", Float, nullable=False),
+)
+assignments = Table(
+    "assignments", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False, index=True),
+    Column("status", String(16), nullable=False, default="assigned"),  # assigned | submitted | skipped
+    Column("assigned_at", Float, nullable=False),
+    UniqueConstraint("task_id", "annotator_id", name="uq_assignment_task_annotator"),
+)
+rankings = Table(
+    "rankings", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False),
+    Column("status", String(16), nullable=False, default="submitted"),  # draft | submitted | discarded
+    Column("ranks", Text, nullable=False),  # JSON list, canonical response order, 1 = best, ties share
+    Column("flags", Text, nullable=False, default="[]"),  # JSON list: all_bad, unsafe
+    Column("rationale", Text, nullable=False, default=""),
+    Column("seconds", Float, nullable=False, default=0.0),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+    UniqueConstraint("task_id", "annotator_id", name="uq_ranking_task_annotator"),
+)
+gold = Table(
+    "gold", metadata,
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+    Column("ranks", Text, nullable=False),
+)
+
+
+class StoreError(RuntimeError):
+    """A store problem worded for the user."""
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        _, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)).split("$")[2], digest)
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # let SQLAlchemy's begin hook issue BEGIN itself
+            cur = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=FULL", "busy_timeout=30000"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            # Take the write lock at the start: a read-then-write (assignment) cannot interleave.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql+psycopg"):
+        return create_engine(url, pool_pre_ping=True)
+    raise StoreError(f"unsupported database URL {url!r}: use sqlite:///path/labels.db or postgresql://user@host/db")
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    return json.loads(text) if text else default
+
+
+class Store:
+    """All reads and writes of the labelling data; the app and the stages get one passed in."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            path = url[len("sqlite:///"):]
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.engine = _engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._create()
+
+    def _create(self) -> None:
+        with self.tx(lock=True) as conn:
+            metadata.create_all(conn)
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
+            if row is None:
+                conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(f"{self.url}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
+                                 "upgrade align")
+
+    @property
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar_one())
+
+    @contextmanager
+    def tx(self, *, lock: bool = False) -> Iterator[Connection]:
+        """One transaction; `lock` serialises it against other locking transactions (assignment)."""
+        with self.engine.begin() as conn:
+            if lock and self.is_postgres:
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
+            yield conn
+
+    # ------------------------------------------------------------------------------ tasks
+
+    def add_tasks(self, batch: str, items: list[dict[str, Any]], *, source: dict[str, Any] | None = None,
+                  round: int = 0, kind: str = "ranking") -> int:
+        """Prompts with their K responses as tasks of `batch`, in one transaction; returns how many are new.
+
+        Idempotent on (batch, prompt): a prompt already in the batch is left as it is.
+        """
+        if kind not in ("ranking", "pairwise"):
+            raise ValueError(f"kind: {kind!r} is not allowed; allowed values: ranking, pairwise")
+        added = 0
+        now = time.time()
+        with self.tx(lock=True) as conn:
+            for n, item in enumerate(items):
+                texts = item.get("responses") or []
+                if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+                    raise ValueError(f"item {n}: 'prompt' must be a non-empty string")
+                if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
+                    raise ValueError(f"item {n}: 'responses' must be a list of at least two strings")
+                if kind == "pairwise" and len(texts) != 2:
+                    raise ValueError(f"item {n}: a pairwise task has exactly two responses, got {len(texts)}")
+                prompt_id = self._prompt_id(conn, item["prompt"], item.get("prompt_meta") or {})
+                exists = conn.execute(select(tasks.c.id).where(tasks.c.batch == batch,
+                                                               tasks.c.prompt_id == prompt_id)).first()
+                if exists:
+                    continue
+                task_id = conn.execute(insert(tasks).values(
+                    batch=batch, round=round, kind=kind, prompt_id=prompt_id, source=json.dumps(source or {}, default=str),
+                    is_gold=False, created=now)).inserted_primary_key[0]
+                metas = item.get("response_meta") or [{} for _ in texts]
+                conn.execute(insert(responses), [
+                    {"task_id": task_id, "position": i, "text": t, "meta": json.dumps(m, default=str)}
+                    for i, (t, m) in enumerate(zip(texts, metas, strict=True))])
+                added += 1
+        return added
+
+    @staticmethod
+    def _prompt_id(conn: Connection, text: str, meta: dict[str, Any]) -> int:
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        row = conn.execute(select(prompts.c.id).where(prompts.c.text_sha256 == sha)).first()
+        if row:
+            return row[0]
+        return conn.execute(insert(prompts).values(text_sha256=sha, text=text,
+                                                   meta=json.dumps(meta, default=str))).inserted_primary_key[0]
+
+    def task_prompts(self, batch: str) -> set[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(prompts.c.text).join(tasks, tasks.c.prompt_id == prompts.c.id)
+                                .where(tasks.c.batch == batch))
+            return {r[0] for r in rows}
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        """A task with its responses in canonical order (model names are in `meta`: not for annotators)."""
+        with self.engine.connect() as conn:
+            return self._task(conn, task_id)
+
+    @staticmethod
+    def _task(conn: Connection, task_id: int) -> dict[str, Any]:
+        row = conn.execute(select(tasks, prompts.c.text.label("prompt"))
+                           .join(prompts, tasks.c.prompt_id == prompts.c.id).where(tasks.c.id == task_id)).mappings().first()
+        if row is None:
+            raise KeyError(f"no task {task_id}")
+        resp = conn.execute(select(responses.c.text, responses.c.meta).where(responses.c.task_id == task_id)
+                            .order_by(responses.c.position)).all()
+        return {"task_id": row["id"], "batch": row["batch"], "round": row["round"], "kind": row["kind"],
+                "prompt": row["prompt"], "is_gold": bool(row["is_gold"]), "source": _loads(row["source"], {}),
+                "responses": [{"text": t, "meta": _loads(m, {})} for t, m in resp]}
+
+    def batch_tasks(self, batch: str) -> list[dict[str, Any]]:
+        """Flat rows (Dataset.from_list-able): task_id, batch, round, prompt, responses."""
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(tasks.c.id).where(tasks.c.batch == batch).order_by(tasks.c.id))]
+            out = []
+            for task_id in ids:
+                t = self._task(conn, task_id)
+                out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "prompt": t["prompt"],
+                            "responses": [r["text"] for r in t["responses"]]})
+            return out
+
+    def batches(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(tasks.c.batch).distinct().order_by(tasks.c.batch))]
+
+    def add_gold(self, task_id: int, ranks: list[int]) -> None:
+        """Mark a task as gold with its known ranking (canonical order); gold tasks are not exported."""
+        task = self.task(task_id)
+        _check_ranks(ranks, len(task["responses"]))
+        with self.tx() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(is_gold=True))
+            if conn.execute(select(gold.c.task_id).where(gold.c.task_id == task_id)).first():
+                conn.execute(update(gold).where(gold.c.task_id == task_id).values(ranks=json.dumps(ranks)))
+            else:
+                conn.execute(insert(gold).values(task_id=task_id, ranks=json.dumps(ranks)))
+
+    def gold_answers(self) -> dict[int, list[int]]:
+        with self.engine.connect() as conn:
+            return {t: json.loads(r) for t, r in conn.execute(select(gold.c.task_id, gold.c.ranks))}
+
+    # ------------------------------------------------------------------------------ annotators
+
+    def add_user(self, name: str, password: str, *, admin: bool = False) -> int:
+        name = name.strip()
+        if not name:
+            raise ValueError("a user name cannot be empty")
+        if len(password) < 4:
+            raise ValueError("a password needs at least 4 characters")
+        try:
+            with self.tx() as conn:
+                return conn.execute(insert(annotators).values(
+                    name=name, password_hash=hash_password(password), is_admin=admin, created=time.time())
+                ).inserted_primary_key[0]
+        except IntegrityError:
+            raise ValueError(f"user {name!r} already exists") from None
+
+    def users(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(annotators.c.id, annotators.c.name, annotators.c.is_admin)
+                                                  .order_by(annotators.c.name)).mappings()]
+
+    def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
+        if row is None or not check_password(password, row["password_hash"]):
+            return None
+        return {"annotator_id": row["id"], "name": row["name"], "is_admin": bool(row["is_admin"])}
+
+    # ------------------------------------------------------------------------------ assignment
+
+    def assign(self, annotator_id: int, *, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0,
+               batch: str | None = None) -> int | None:
+        """The task this annotator should do next (an open assignment first), or None.
+
+        A task goes to `overlap` annotators, never twice to one; with `gold_rate` > 0, a gold
+        task the annotator has not seen comes up at about that rate.
+        """
+        now = time.time()
+        with self.tx(lock=True) as conn:
+            open_ = conn.execute(select(assignments.c.task_id).where(
+                assignments.c.annotator_id == annotator_id, assignments.c.status == "assigned")
+                .order_by(assignments.c.id)).first()
+            if open_:
+                return open_[0]
+            mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
+            base = select(tasks.c.id).where(tasks.c.id.not_in(mine))
+            if batch:
+                base = base.where(tasks.c.batch == batch)
+            done = conn.execute(select(func.count()).select_from(assignments).where(
+                assignments.c.annotator_id == annotator_id)).scalar_one()
+            task_id = None
+            if gold_rate > 0 and random.Random(f"{seed}:{annotator_id}:{done}").random() < gold_rate:
+                row = conn.execute(base.where(tasks.c.is_gold.is_(True)).order_by(tasks.c.id)).first()
+                task_id = row[0] if row else None
+            if task_id is None:
+                # Slots held: submitted, or assigned recently (an abandoned assignment frees its slot).
+                held = (select(assignments.c.task_id, func.count().label("n"))
+                        .where((assignments.c.status == "submitted")
+                               | ((assignments.c.status == "assigned") & (assignments.c.assigned_at > now - ASSIGNMENT_TTL)))
+                        .group_by(assignments.c.task_id).subquery())
+                n = func.coalesce(held.c.n, 0)
+                row = conn.execute(base.where(tasks.c.is_gold.is_(False)).outerjoin(held, held.c.task_id == tasks.c.id)
+                                   .where(n < overlap).order_by(n, tasks.c.id).limit(1)).first()
+                task_id = row[0] if row else None
+            if task_id is None:
+                return None
+            conn.execute(insert(assignments).values(task_id=task_id, annotator_id=annotator_id, status="assigned",
+                                                    assigned_at=now))
+            return task_id
+
+    def progress(self, annotator_id: int) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(select(assignments.c.status, func.count()).where(
+                assignments.c.annotator_id == annotator_id).group_by(assignments.c.status)).all())
+        return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
+                "assigned": sum(counts.values())}
+
+    def skip(self, annotator_id: int, task_id: int) -> None:
+        with self.tx() as conn:
+            conn.execute(update(assignments).where(assignments.c.task_id == task_id,
+                                                   assignments.c.annotator_id == annotator_id,
+                                                   assignments.c.status == "assigned").values(status="skipped"))
+
+    # ------------------------------------------------------------------------------ rankings
+
+    def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
+                     rationale: str = "", seconds: float = 0.0, status: str = "submitted") -> bool:
+        """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
+
+        A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
+        A draft is replaced by a later draft or by the submit.
+        """
+        if status not in ("draft", "submitted"):
+            raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
+        now = time.time()
+        values = {"ranks": json.dumps(list(ranks)), "flags": json.dumps(sorted(flags or [])), "rationale": rationale,
+                  "seconds": float(seconds), "status": status, "updated": now}
+        for _attempt in range(3):
+            try:
+                with self.tx() as conn:
+                    assigned = conn.execute(select(assignments.c.status).where(
+                        assignments.c.task_id == task_id, assignments.c.annotator_id == annotator_id)).first()
+                    if assigned is None:
+                        raise PermissionError(f"task {task_id} is not assigned to this annotator")
+                    row = conn.execute(select(rankings.c.id, rankings.c.status).where(
+                        rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id)).first()
+                    if row and row.status == "submitted":
+                        return False
+                    if row:
+                        conn.execute(update(rankings).where(rankings.c.id == row.id).values(**values))
+                    else:
+                        conn.execute(insert(rankings).values(task_id=task_id, annotator_id=annotator_id, created=now,
+                                                             **values))
+                    if status == "submitted":
+                        conn.execute(update(assignments).where(assignments.c.task_id == task_id,
+                                                               assignments.c.annotator_id == annotator_id)
+                                     .values(status="submitted"))
+                    return True
+            except IntegrityError:
+                continue  # another request of this annotator inserted first: look again
+        return False
+
+    def discard(self, ranking_task_id: int, annotator_id: int) -> None:
+        with self.tx() as conn:
+            conn.execute(update(rankings).where(rankings.c.task_id == ranking_task_id,
+                                                rankings.c.annotator_id == annotator_id).values(status="discarded"))
+
+    def submitted_rankings(self, batch: str | None = None) -> list[dict[str, Any]]:
+        """Every submitted ranking with its task, in canonical response order."""
+        with self.engine.connect() as conn:
+            q = (select(rankings, annotators.c.name.label("annotator"))
+                 .join(annotators, annotators.c.id == rankings.c.annotator_id)
+                 .join(tasks, tasks.c.id == rankings.c.task_id)
+                 .where(rankings.c.status == "submitted").order_by(rankings.c.task_id, rankings.c.id))
+            if batch:
+                q = q.where(tasks.c.batch == batch)
+            rows = conn.execute(q).mappings().all()
+            cache: dict[int, dict[str, Any]] = {}
+            out = []
+            for r in rows:
+                t = cache.get(r["task_id"]) or cache.setdefault(r["task_id"], self._task(conn, r["task_id"]))
+                out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "kind": t["kind"],
+                            "prompt": t["prompt"], "responses": t["responses"], "source": t["source"],
+                            "annotator": r["annotator"], "ranks": json.loads(r["ranks"]),
+                            "flags": json.loads(r["flags"]), "rationale": r["rationale"], "seconds": r["seconds"],
+                            "is_gold": t["is_gold"], "submitted_at": r["updated"]})
+            return out
+
+    def pending_count(self, batch: str | None = None, overlap: int = 1) -> int:
+        """Rankings still needed: over non-gold tasks, the sum of max(0, overlap - submitted)."""
+        with self.engine.connect() as conn:
+            n = (select(rankings.c.task_id, func.count().label("n")).where(rankings.c.status == "submitted")
+                 .group_by(rankings.c.task_id).subquery())
+            q = select(func.coalesce(n.c.n, 0)).select_from(tasks.outerjoin(n, n.c.task_id == tasks.c.id)).where(
+                tasks.c.is_gold.is_(False))
+            if batch:
+                q = q.where(tasks.c.batch == batch)
+            return sum(max(0, overlap - c) for (c,) in conn.execute(q))
+
+    def batch_counts(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            n = (select(rankings.c.task_id, func.count().label("n")).where(rankings.c.status == "submitted")
+                 .group_by(rankings.c.task_id).subquery())
+            rows = conn.execute(select(tasks.c.batch, tasks.c.is_gold, func.coalesce(n.c.n, 0))
+                                .select_from(tasks.outerjoin(n, n.c.task_id == tasks.c.id))).all()
+        out: dict[str, dict[str, Any]] = {}
+        for batch, is_gold, count in rows:
+            b = out.setdefault(batch, {"batch": batch, "tasks": 0, "gold": 0, "rankings": 0, "unranked": 0})
+            b["tasks"] += 1
+            b["gold"] += bool(is_gold)
+            b["rankings"] += count
+            b["unranked"] += count == 0 and not is_gold
+        return sorted(out.values(), key=lambda b: b["batch"])
+
+    def annotator_activity(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            people = conn.execute(select(annotators.c.id, annotators.c.name, annotators.c.is_admin)).mappings().all()
+            status = conn.execute(select(assignments.c.annotator_id, assignments.c.status, func.count())
+                                  .group_by(assignments.c.annotator_id, assignments.c.status)).all()
+            times = conn.execute(select(rankings.c.annotator_id, func.min(rankings.c.updated), func.max(rankings.c.updated),
+                                        func.avg(rankings.c.seconds)).where(rankings.c.status == "submitted")
+                                 .group_by(rankings.c.annotator_id)).all()
+        counts: dict[int, dict[str, int]] = {}
+        for a, s, c in status:
+            counts.setdefault(a, {})[s] = c
+        spans = {a: (lo, hi, avg) for a, lo, hi, avg in times}
+        out = []
+        for p in people:
+            c = counts.get(p["id"], {})
+            lo, hi, avg = spans.get(p["id"], (None, None, None))
+            done = c.get("submitted", 0)
+            hours = max((hi - lo) / 3600, 1 / 60) if lo is not None else None
+            out.append({"name": p["name"], "admin": bool(p["is_admin"]), "done": done, "skipped": c.get("skipped", 0),
+                        "open": c.get("assigned", 0), "per_hour": round(done / hours, 1) if hours else 0.0,
+                        "mean_seconds": round(avg, 1) if avg is not None else None})
+        return out
+
+
+def _check_ranks(ranks: list[int], k: int) -> None:
+    if len(ranks) != k:
+        raise ValueError(f"give every response a rank: {len(ranks)} ranks for {k} responses")
+    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= k]
+    if bad:
+        raise ValueError(f"ranks must be whole numbers from 1 (best) to {k}; got {bad[0]!r}")
