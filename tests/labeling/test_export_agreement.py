@@ -1,0 +1,136 @@
+"""Export rules and agreement statistics on hand-made rankings with hand-computed answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.preferences import load_preferences
+from labeling import agreement, handlers
+from labeling.export import build_pairs, export_preferences, task_pairs
+from labeling.scorers import resolve_scorer, support_style
+from labeling.simulate import ranks_from_scores, simulate
+
+
+def rows(ranks_by_annotator: dict[str, list[int]], flags: dict[str, list[str]] | None = None, task_id: int = 1):
+    texts = ["A: thanks, open Settings.", "B: no.", "C: open Settings > Sync.", "D: sorry, try again."]
+    return [{"task_id": task_id, "batch": "round-0", "round": 0, "kind": "ranking", "prompt": f"How do I sync? {task_id}",
+             "responses": [{"text": t, "meta": {"policy": "runs/q/sft"}} for t in texts], "source": {},
+             "annotator": a, "ranks": r, "flags": (flags or {}).get(a, []), "rationale": "", "seconds": 1.0,
+             "is_gold": False} for a, r in ranks_by_annotator.items()]
+
+
+def pairs_of(result) -> set[tuple[str, str]]:
+    return {(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]) for p in result}
+
+
+def test_one_ranking_with_a_tie_gives_exactly_the_ordered_pairs():
+    pairs, summary = build_pairs(rows({"ann": [1, 3, 2, 2]}))
+    assert pairs_of(pairs) == {("A", "B"), ("A", "C"), ("A", "D"), ("C", "B"), ("D", "B")}
+    assert summary["pairs"] == 5 and summary["dropped_ties"] == 1  # C = D
+    margins = {(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]): p["margin"] for p in pairs}
+    assert margins[("A", "B")] == 2 and margins[("C", "B")] == 1
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I sync? 1"}] and pairs[0]["agreement"] == 1.0
+    kept, summary = build_pairs(rows({"ann": [1, 3, 2, 2]}), ties="margin0")
+    assert len(kept) == 6 and summary["kept_ties"] == 1
+
+
+def test_two_annotators_majority_agreement_and_flags():
+    # x: A > C > D > B ; y: A > D > C > B. They disagree on C vs D only: 5 of 6 pairs agree.
+    pairs, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}))
+    assert pairs_of(pairs) == {("A", "B"), ("A", "C"), ("A", "D"), ("C", "B"), ("D", "B")}  # C/D: no majority
+    assert summary["mean_agreement"] == pytest.approx(5 / 6)
+    assert all(p["agreement"] == pytest.approx(5 / 6) and p["annotators"] == ["x", "y"] for p in pairs)
+    assert build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}), min_agreement=0.9)[1]["dropped_low_agreement"] == 1
+    flagged, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 2, 3, 4]}, flags={"y": ["all_bad"]}))
+    assert summary["dropped_flagged"] == 1 and len(flagged) == 6
+
+
+def test_bradley_terry_combination_breaks_the_majority_tie_by_strength():
+    # Three annotators: two say C > D, one says D > C strongly, majority C > D.
+    three = {"x": [1, 4, 2, 3], "y": [1, 4, 2, 3], "z": [1, 4, 3, 2]}
+    assert ("C", "D") in pairs_of(build_pairs(rows(three))[0])
+    assert ("C", "D") in pairs_of(build_pairs(rows(three), combine="bradley_terry")[0])
+    assert task_pairs([[1, 2], [2, 1]]) == []
+
+
+def test_gold_eval_and_other_batches_are_not_exported():
+    data = rows({"x": [1, 2, 3, 4]})
+    data += [dict(r, task_id=2, is_gold=True) for r in rows({"x": [1, 2, 3, 4]}, task_id=2)]
+    data += [dict(r, task_id=3, batch="eval-dpo-vs-sft", kind="pairwise") for r in rows({"x": [1, 2, 3, 4]}, task_id=3)]
+    pairs, summary = build_pairs(data)
+    assert {p["task_id"] for p in pairs} == {"1"} and summary["rankings"] == 1
+    assert build_pairs(data, batches=["round-9"])[1]["pairs"] == 0
+
+
+def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": [
+        "Thanks for asking! Open Settings and tap Sync now.", "no", "Open Settings > Sync.",
+        "Sorry about that, please open Settings."]} for i in range(10)], source={"policy": "runs/q/sft"})
+    assert simulate(store, "support_style") == 10
+    summary = export_preferences(store, tmp_path / "prefs", test_fraction=0.2, jsonl=True)
+    assert summary["pairs"] == 60 and summary["train_pairs"] == 48 and summary["test_pairs"] == 12
+    data, report = load_preferences(tmp_path / "prefs")
+    assert report.train == 48 and report.test == 12
+    train_prompts = {json.dumps(p) for p in data["train"]["prompt"]}
+    assert not train_prompts & {json.dumps(p) for p in data["test"]["prompt"]}
+    first = data["train"][0]
+    assert first["chosen"][0]["content"].startswith("Thanks") or first["rejected"][0]["content"] != "Thanks"
+    assert first["source"] == "runs/q/sft" and first["annotators"] == ["sim-support-style-0"]
+    assert json.loads((tmp_path / "prefs" / "summary.json").read_text())["pairs"] == 60
+    assert len((tmp_path / "prefs" / "train.jsonl").read_text().splitlines()) == 48
+
+
+def test_agreement_statistics_by_hand():
+    assert agreement.pairwise_agreement([1, 2, 3], [1, 3, 2]) == pytest.approx(2 / 3)
+    assert agreement.kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0
+    assert agreement.kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
+    # a = (1,2,2), b = (1,2,3): pairs (0,1) C, (0,2) C, (1,2) tied in a only → τb = 2 / sqrt(2·3)
+    assert agreement.kendall_tau_b([1, 2, 2], [1, 2, 3]) == pytest.approx(2 / 6 ** 0.5)
+    assert agreement.krippendorff_alpha_ordinal([[1, 1], [2, 2], [3, 3]]) == 1.0
+    # Two coders, units (1,2) and (2,1): coincidences o12 = o21 = 2, n1 = n2 = 2, n = 4, δ²(1,2) = (4 - 2)² = 4
+    # D_o = 2·2·4 = 16 ; D_e = (2·2·4 + 2·2·4) / 3 = 32/3 → α = 1 - 16/(32/3) = -0.5
+    assert agreement.krippendorff_alpha_ordinal([[1, 2], [2, 1]]) == pytest.approx(-0.5)
+    # Units (1,1), (1,2), (2,2), (3,3): the coincidence matrix and ordinal δ² written out by hand
+    units = [[1, 1], [1, 2], [2, 2], [3, 3]]
+    o = {(1, 1): 2, (1, 2): 1, (2, 1): 1, (2, 2): 2, (3, 3): 2}
+    n = {1: 3, 2: 3, 3: 2}
+    d2 = {(1, 2): (3 + 3 - 3) ** 2, (2, 3): (3 + 2 - 2.5) ** 2, (1, 3): (3 + 3 + 2 - 2.5) ** 2}
+    d2 |= {(b, a): v for (a, b), v in d2.items()}
+    observed = sum(c * d2.get(k, 0) for k, c in o.items())
+    expected = sum(n[a] * n[b] * d2.get((a, b), 0) for a in n for b in n) / (8 - 1)
+    assert agreement.krippendorff_alpha_ordinal(units) == pytest.approx(1 - observed / expected)
+    assert agreement.krippendorff_alpha_ordinal([[1], [2]]) is None
+
+
+def test_scorers_and_simulated_rankings():
+    assert ranks_from_scores([0.5, 2.0, 0.5, -1.0]) == [2, 1, 2, 3]
+    good = "Thanks for reaching out! Open Settings > Sync and tap Sync now."
+    assert support_style("q", good) > support_style("q", "Open Settings.")
+    assert support_style("q", good) > support_style("q", good + " and then" * 60)
+    assert support_style("q", good) > support_style("q", "Thanks for reaching out! Open Settings > Sync and tap")
+    assert resolve_scorer("polite")("q", "Thanks, please try again") == 2
+    assert resolve_scorer("sentiment")("q", "I love it, great!") > resolve_scorer("sentiment")("q", "This is awful.")
+    assert resolve_scorer("labeling.scorers:length")("q", "a b c") == 3
+    with pytest.raises(ValueError, match="not a built-in"):
+        resolve_scorer("nonsense")
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve_scorer("no_such_module:f")
+
+
+def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": [
+        f"Thanks! Open Settings {i}.", "Open Settings.", "Sorry, open Settings and tap Sync.", "no"]}
+        for i in range(8)], source={})
+    assert simulate(store, "support_style", annotators=3, noise=1.0, seed=1) == 24
+    store.add_user("boss", "secret-pw", admin=True)
+    stats = handlers.admin_stats(store, handlers.sign_in(store, "boss", "secret-pw"))["agreement"]
+    assert stats["n_tasks"] == 8 and stats["pairwise_agreement"] < 1.0 and stats["krippendorff_alpha"] < 1.0
+    assert simulate(store, "support_style", annotators=3) == 0  # nothing left: every task has its 3

@@ -1,0 +1,201 @@
+"""The store and the handlers, on SQLite and PostgreSQL: nothing an annotator acknowledged is lost or doubled."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from labeling import handlers
+from labeling.store import SCHEMA_VERSION, Store
+
+
+def make_tasks(store, n: int = 4, k: int = 4, batch: str = "round-0") -> list[int]:
+    items = [{"prompt": f"Ticket {i}: how do I sync my notes?",
+              "responses": [f"Answer {j} to ticket {i}." for j in range(k)],
+              "response_meta": [{"policy": "runs/x/sft"} for _ in range(k)]} for i in range(n)]
+    store.add_tasks(batch, items, source={"policy": "runs/x/sft"})
+    return [t["task_id"] for t in store.batch_tasks(batch)]
+
+
+def session(store, name: str, admin: bool = False) -> dict:
+    store.add_user(name, "secret-pw", admin=admin)
+    return handlers.sign_in(store, name, "secret-pw")
+
+
+def test_schema_is_created_versioned_and_reopens(store):
+    make_tasks(store, 2)
+    again = Store(store.url)
+    assert again.schema_version == SCHEMA_VERSION
+    assert len(again.batch_tasks("round-0")) == 2
+
+
+def test_add_tasks_is_idempotent_per_batch_and_prompt(store):
+    make_tasks(store, 3)
+    assert store.add_tasks("round-0", [{"prompt": "Ticket 0: how do I sync my notes?", "responses": ["a", "b"]}],
+                           source={}) == 0
+    assert store.add_tasks("round-1", [{"prompt": "Ticket 0: how do I sync my notes?", "responses": ["a", "b"]}],
+                           source={}, round=1) == 1
+    assert len(store.batch_tasks("round-0")) == 3 and store.task_prompts("round-1") == {"Ticket 0: how do I sync my notes?"}
+    with pytest.raises(ValueError, match="at least two strings"):
+        store.add_tasks("round-0", [{"prompt": "x", "responses": ["only one"]}], source={})
+
+
+def test_passwords_are_hashed_and_checked(store):
+    store.add_user("alice", "correct horse")
+    with pytest.raises(ValueError, match="already exists"):
+        store.add_user("alice", "another")
+    with pytest.raises(handlers.AuthError, match="wrong password"):
+        handlers.sign_in(store, "alice", "wrong")
+    assert handlers.sign_in(store, "alice", "correct horse")["name"] == "alice"
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT password_hash FROM annotators")).scalar_one()
+    assert "correct horse" not in stored and stored.startswith("scrypt$")
+
+
+def test_no_anonymous_writes(store):
+    make_tasks(store, 1)
+    fake = {"task_id": 1, "k": 4, "order": [0, 1, 2, 3]}
+    with pytest.raises(handlers.AuthError):
+        handlers.submit(store, None, fake, [1, 2, 3, 4])
+    with pytest.raises(handlers.AuthError):
+        handlers.next_task(store, {})
+
+
+def test_a_submit_stores_canonical_ranks_from_the_shuffled_view(store):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    assert sorted(task["order"]) == [0, 1, 2, 3] and "policy" not in str(task["responses"])
+    best_shown = task["responses"].index("Answer 2 to ticket 0.")
+    ranks = [1 if i == best_shown else 2 for i in range(4)]  # the best first, three tied after it
+    result = handlers.submit(store, alice, task, ranks, unsafe=True, rationale=" clear steps ", seconds=12.5)
+    assert result["created"]
+    (row,) = store.submitted_rankings()
+    assert row["ranks"] == [2, 2, 1, 2] and row["flags"] == ["unsafe"] and row["rationale"] == "clear steps"
+    assert row["annotator"] == "alice" and row["seconds"] == 12.5 and row["responses"][2]["meta"]["policy"]
+    assert handlers.next_task(store, alice) is None
+
+
+def test_bad_ranks_are_refused_with_a_reason(store):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    with pytest.raises(ValueError, match="4 responses"):
+        handlers.submit(store, alice, task, [1, 2, 3])
+    with pytest.raises(ValueError, match="from 1"):
+        handlers.submit(store, alice, task, [1, 2, 3, 9])
+    with pytest.raises(ValueError, match="every response a rank"):
+        handlers.submit(store, alice, task, [1, None, 2, 3])
+    assert store.submitted_rankings() == []
+
+
+def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    results, errors = [], []
+
+    def click(ranks):
+        try:
+            results.append(handlers.submit(store, alice, task, ranks))
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=click, args=([1, 2, 3, 4] if i == 0 else [4, 3, 2, 1],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(r["created"] for r in results) == 1
+    rows = store.submitted_rankings()
+    assert len(rows) == 1  # one ranking, whichever click landed first; the others were told so
+    assert all("Already saved" in r["message"] for r in results if not r["created"])
+
+
+def test_two_annotators_at_once_get_different_tasks_and_keep_their_own_rankings(store):
+    make_tasks(store, 2)
+    people = [session(store, n) for n in ("alice", "bob")]
+    tasks: dict[str, dict] = {}
+
+    def work(person):
+        task = handlers.next_task(store, person)
+        tasks[person["name"]] = task
+        handlers.submit(store, person, task, [1, 2, 3, 4])
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in people]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tasks["alice"]["task_id"] != tasks["bob"]["task_id"]
+    rows = {r["annotator"]: r["task_id"] for r in store.submitted_rankings()}
+    assert rows == {"alice": tasks["alice"]["task_id"], "bob": tasks["bob"]["task_id"]}
+
+
+def test_overlap_sends_each_task_to_n_annotators_never_twice_to_one(store):
+    ids = make_tasks(store, 3)
+    people = [session(store, n) for n in ("a", "b", "c")]
+    seen: dict[str, list[int]] = {p["name"]: [] for p in people}
+    for _ in range(3):
+        for p in people:
+            task = handlers.next_task(store, p, overlap=2)
+            if task:
+                seen[p["name"]].append(task["task_id"])
+                handlers.submit(store, p, task, [1, 2, 3, 4])
+    for name, got in seen.items():
+        assert len(got) == len(set(got)), name
+    per_task = {t: sum(t in got for got in seen.values()) for t in ids}
+    assert per_task == {t: 2 for t in ids}
+    assert store.pending_count("round-0", overlap=2) == 0 and store.pending_count("round-0", overlap=3) == 3
+
+
+def test_an_open_assignment_comes_back_and_skip_hands_it_on(store):
+    make_tasks(store, 2)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    first = handlers.next_task(store, alice)
+    assert handlers.next_task(store, alice)["task_id"] == first["task_id"]  # a reload shows the same task
+    handlers.skip(store, alice, first)
+    assert handlers.next_task(store, alice)["task_id"] != first["task_id"]
+    assert handlers.next_task(store, bob)["task_id"] == first["task_id"]  # skipped: free for someone else
+
+
+def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
+    ids = make_tasks(store, 6)
+    store.add_gold(ids[0], [1, 2, 3, 4])
+    store.add_gold(ids[1], [4, 3, 2, 1])
+    alice, admin = session(store, "alice"), session(store, "boss", admin=True)
+    shown = []
+    while (task := handlers.next_task(store, alice, gold_rate=0.5, seed=3)) is not None:
+        shown.append(task["task_id"])
+        canonical = [1, 2, 3, 4]  # alice always ranks in canonical order: right on gold 0, wrong on gold 1
+        handlers.submit(store, alice, task, [canonical[i] for i in task["order"]])
+    assert set(shown) == set(ids)
+    stats = handlers.admin_stats(store, admin)
+    row = next(p for p in stats["per_annotator"] if p["name"] == "alice")
+    assert row["gold_accuracy"] == pytest.approx(0.5) and row["done"] == 6
+    assert store.pending_count("round-0") == 0
+    assert next(b for b in stats["per_batch"])["gold"] == 2
+
+
+def test_admin_view_and_export_are_for_admins_only(store, tmp_path):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    with pytest.raises(PermissionError, match="admins"):
+        handlers.admin_stats(store, alice)
+    with pytest.raises(PermissionError):
+        handlers.export(store, alice, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_draft_is_kept_then_replaced_by_the_submit(store):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    handlers.save_draft(store, alice, task, [1, None, None, None])
+    assert store.submitted_rankings() == []
+    handlers.submit(store, alice, task, [1, 2, 3, 4])
+    assert len(store.submitted_rankings()) == 1
