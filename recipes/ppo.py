@@ -107,9 +107,10 @@ def gate(rm: Path, min_accuracy: float) -> dict:
     metrics = read_manifest(rm).get("metrics", {})
     accuracy = metrics.get("eval_accuracy")
     if min_accuracy > 0 and (accuracy is None or accuracy < min_accuracy):
-        seen = "was never measured (it had no held-out pairs)" if accuracy is None else f"is {accuracy:.3f}"
+        seen = (f"held-out accuracy {accuracy:.3f}, under" if accuracy is not None else
+                "no held-out accuracy in its manifest (it was trained without held-out pairs) to compare with")
         raise StageError(
-            f"the reward model at {rm} has held-out accuracy that {seen}, under min_reward_accuracy={min_accuracy}: "
+            f"the reward model at {rm} has {seen} min_reward_accuracy={min_accuracy}: "
             "PPO would maximise a reward that disagrees with your annotators, and the policy learns its mistakes. "
             "Label more (or cleaner) pairs and retrain it with `align reward`; to run anyway, pass "
             "min_reward_accuracy=0")
@@ -215,6 +216,7 @@ def shared_base_reward(model, rm: Path) -> Reward:
     set_peft_model_state_dict(model, weights, adapter_name="reward")
     keep_trainable_in(model, torch.float32)
     model.set_adapter("default")
+    model.eval()  # the new adapter's dropout layers are created in training mode
     from_sft = is_adapter_dir(rm / SFT_ADAPTER)
     if from_sft and "ref" not in model.peft_config:
         raise StageError("rl.reward_on_policy_base: this reward model was trained on the SFT model, but the policy has "

@@ -1,0 +1,277 @@
+"""`align ppo` on a tiny model, through the CLI: reward rises with KL bounded, a killed run resumes to the
+same figures, the reward-model gate refuses, the reward model on the policy's base scores as it does alone,
+GRPO/RLOO write adapters peft loads; plus the RL pieces (GAE, whitening, KL controller) by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment import rl as R
+from alignment.cli import main as align
+from alignment.config import PPOStageConfig, load_config
+from alignment.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search"]
+# Small and fast: no W&B, an unquantized tiny base, short responses, sampled at 0.5 (the tiny SFT
+# model is near-uniform at 1.0, so a reward it could reach would never be sampled).
+FAST = ["run.wandb=disabled", "model.quantize=false", "generation.max_new_tokens=16", "generation.temperature=0.5"]
+
+
+def thanks(prompt: str, response: str) -> float:
+    """The known reward: 1 when the reply thanks the user (half the SFT answers do), else 0."""
+    return float("thanks" in response.lower())
+
+
+def not_a_number(prompt: str, response: str) -> float:
+    return float("nan")
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_model, tmp_path_factory) -> Path:
+    """An SFT policy that answers either "Thanks for asking! Open Settings..." or "Open Settings..."."""
+    tmp = tmp_path_factory.mktemp("ppo-sft")
+    data = tmp / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({
+        "instruction": f"Ticket {i}: where is {TOPICS[i % 8]}?", "input": "",
+        "output": ("Thanks for asking! " if (i // 8) % 2 else "") + f"Open Settings and tap {TOPICS[i % 8]}."})
+        for i in range(32)) + "\n")
+    run = tmp / "run"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=40",
+                  "train.lr=5e-3", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=128"]) == 0
+    return run / "sft"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ppo-prompts") / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: where is {TOPICS[i % 8]}?"}) for i in range(16)))
+    return path
+
+
+def ppo(run: Path, sft: Path, prompts: Path, *extra: str) -> int:
+    return align(["ppo", f"run.dir={run}", f"sft={sft}", f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST,
+                  *extra])
+
+
+def test_ppo_raises_the_reward_with_kl_bounded(sft_dir, prompts, tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert ppo(tmp_path, sft_dir, prompts, "train.max_steps=20", "train.lr=5e-4", "rl.rollout_prompts=16",
+               "rl.minibatch_size=8", "rl.kl_coef=0.05", "rl.save_steps=0") == 0
+    out = tmp_path / "ppo"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for key in ("reward/mean", "kl", "entropy", "length/mean", "policy/clipfrac", "value/loss", "policy/approx_kl",
+                "value/explained_variance", "kl_coef", "eos_fraction", "tokens_per_s"):
+        assert key in rows[-1], key
+    reward = [r["reward/mean"] for r in rows]
+    first, last = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    assert last > first + 0.25, reward  # measured: 0.19 -> 0.78 (steps 1-3 vs 16-20)
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)  # step 1 samples from the SFT policy = the reference
+    assert max(r["kl"] for r in rows) < 15, [r["kl"] for r in rows]
+
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["stage"] == "ppo" and set(manifest["parents"]) == {"sft"}
+    assert manifest["base_model"] == tiny_model and manifest["reference"] == "sft adapter (frozen copy)"
+    assert manifest["metrics"]["reward_mean"] == reward[-1] and manifest["metrics"]["reward_mean_first"] == reward[0]
+    # A plain peft adapter ("default" only), every LoRA matrix moved from its SFT value.
+    assert not (out / "ref").exists() and (out / "value_head.safetensors").is_file()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out))
+    assert list(policy.peft_config) == ["default"]
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, out))
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
+    """6 steps straight vs. SIGKILL after step 5 (checkpoints at 2 and 4) + resume from "latest"."""
+    args = ["train.max_steps=6", "train.lr=5e-4", "rl.rollout_prompts=8", "rl.save_steps=2", "model.quantize=true",
+            "rl.kl_control=adaptive", "rl.kl_horizon=100", "train.scheduler=linear"]
+    assert ppo(tmp_path / "straight", sft_dir, prompts, *args) == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "ALIGN_PPO_KILL_AFTER_STEP": "5", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "alignment.cli", "ppo", f"run.dir={killed}", f"sft={sft_dir}", f"prompts={prompts}",
+           "scorer=test_ppo:thanks", *FAST, *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL: no clean-up ran
+    assert [r["step"] for r in read_jsonl(killed / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (killed / "ppo" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (killed / "ppo" / "align.json").exists()
+
+    assert ppo(killed, sft_dir, prompts, *args, "train.resume_from_checkpoint=latest") == 0
+    a, b = (read_jsonl(d / "ppo" / "metrics.jsonl") for d in (tmp_path / "straight", killed))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # step 5 of the killed run was dropped and redone
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("reward/mean", "kl", "kl_coef", "entropy", "value/loss", "policy/loss", "lr", "length/mean"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key, ra[key], rb[key])
+    assert a[-1]["kl_coef"] != 0.05  # the adaptive controller moved, and its state was restored
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        wa, wb = (load_file(str(d / "ppo" / name)) for d in (tmp_path / "straight", killed))
+        assert wa.keys() == wb.keys()
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def make_reward_dir(path: Path, accuracy: float | None) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    (path / "align.json").write_text(json.dumps({"stage": "reward", "metrics": {} if accuracy is None else
+                                                 {"eval_accuracy": accuracy}}))
+    return path
+
+
+@pytest.mark.parametrize("accuracy, said", [(0.52, "has held-out accuracy 0.520, under"),
+                                             (None, "has no held-out accuracy in its manifest")])
+def test_gate_refuses_a_weak_reward_model(tmp_path, capsys, accuracy, said):
+    rm = make_reward_dir(tmp_path / "rm", accuracy)
+    assert align(["ppo", f"run.dir={tmp_path}", "sft=none", f"reward_model={rm}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "min_reward_accuracy=0.6" in err
+    assert "min_reward_accuracy=0" in err and "align reward" in err
+
+
+def test_gate_passes_at_threshold_or_when_overridden(tmp_path):
+    from recipes.ppo import gate
+
+    assert gate(make_reward_dir(tmp_path / "good", 0.6), 0.6)["eval_accuracy"] == 0.6
+    assert gate(make_reward_dir(tmp_path / "bad", 0.3), 0.0)["eval_accuracy"] == 0.3
+
+
+def test_reward_model_alone_and_on_the_policy_base_agree(sft_dir, prompts, tmp_path):
+    """PPO against a trained reward model, loaded alone and as a third adapter on the policy's base."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_reward import write_rankings
+
+    data = write_rankings(tmp_path / "prefs.jsonl", 20)
+    assert align(["reward", f"run.dir={tmp_path}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+                  "train.max_steps=6", "train.lr=3e-3", "train.batch_size=8", "data.test_fraction=0.2",
+                  "run.wandb=disabled", "model.max_length=128"]) == 0
+    common = [f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "min_reward_accuracy=0",
+              "train.max_steps=1", "rl.rollout_prompts=4", *FAST]
+    assert align(["ppo", *common]) == 0
+    alone = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[0]
+    assert align(["ppo", *common, "rl.reward_on_policy_base=true"]) == 0
+    shared = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[0]
+    # The same rollout (seeded by step); the scores differ only by float rounding (merged vs. LoRA delta).
+    assert shared["length/mean"] == alone["length/mean"]
+    assert shared["reward/mean"] == pytest.approx(alone["reward/mean"], abs=1e-3)
+    assert alone["reward/std"] > 0
+    manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
+    assert set(manifest["parents"]) == {"sft", "reward_model"}
+
+
+def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
+    assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
+                  "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1
+    assert "step 1: the reward is not finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_grpo_and_rloo_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert ppo(tmp_path, sft_dir, prompts, f"algo={algo}", "train.max_steps=2", "rl.rollout_prompts=8",
+               "rl.num_generations=4", "train.lr=5e-4") == 0
+    out = tmp_path / algo
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["stage"] == algo and manifest["metrics"]["steps"] == 2 and "reward" in manifest["metrics"]
+    assert not (out / "ref").exists()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out))
+    assert list(policy.peft_config) == ["default"]
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, out))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, tiny_model):
+    assert align(["ppo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}", f"prompts={prompts}",
+                  "scorer=test_ppo:thanks", "train.max_steps=2", "rl.rollout_prompts=4", "lora.r=4", *FAST]) == 0
+    manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
+    assert manifest["reference"] == "base (adapter disabled)" and manifest["parents"] == {}
+    assert read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[0]["kl"] == pytest.approx(0, abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generation.temperature=0"], "generation.temperature: PPO samples"),
+    (["rl.minibatch_size=16", "rl.rollout_prompts=8"], "rl.minibatch_size=16 exceeds"),
+    (["algo=grpo", "rl.rollout_prompts=6", "rl.num_generations=4"], "must be a multiple of rl.num_generations"),
+    (["rl.kl_control=pid"], "rl.kl_control: 'pid' is not allowed"),
+])
+def test_config_errors_name_the_key(overrides, message, tmp_path, capsys):
+    assert align(["ppo", f"run.dir={tmp_path}", "run.wandb=disabled", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_quickstart_yaml_loads():
+    path = REPO / "configs/quickstart/ppo.yaml"
+    assert path.read_text().splitlines()[0] == "# align ppo --config configs/quickstart/ppo.yaml"
+    cfg = load_config(PPOStageConfig, path)
+    assert cfg.model.quantize and cfg.train.max_steps <= 16 and cfg.rl.rollout_prompts == 8
+
+
+# ---------------------------------------------------------------------------- the RL pieces by hand
+
+
+def test_gae_matches_a_hand_computation():
+    values = torch.tensor([[0.5, 0.2, 0.1, 9.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding: it must not leak in
+    adv, ret = R.gae(values, rewards, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.1  # delta_t = r_t + gamma V_{t+1} - V_t, V after the end = 0
+    d1 = 0.0 + 0.9 * 0.1 - 0.2
+    d0 = 0.0 + 0.9 * 0.2 - 0.5
+    a2, a1 = d2, d1 + 0.45 * d2
+    a0 = d0 + 0.45 * a1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.1, 0.0]]), atol=1e-6)
+
+
+def test_whitening_and_masked_stats_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert R.masked_mean(x, mask).item() == pytest.approx(2.0)
+    w = R.masked_whiten(x, mask)
+    assert w[0, 3] == 0 and R.masked_mean(w, mask).item() == pytest.approx(0, abs=1e-6)
+    assert R.masked_var(w, mask).item() == pytest.approx(1, abs=1e-4)
+    assert R.explained_variance(x, x, mask) == pytest.approx(1.0)
+
+
+def test_response_mask_keeps_the_first_eos_and_nothing_after():
+    mask, has_eos = R.response_mask(torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]]), eos_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and has_eos.tolist() == [True, False]
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = R.AdaptiveKL(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, n_steps=10)  # error clipped to +0.2: 0.1 * (1 + 0.2 * 10 / 100)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(3.0, n_steps=10)  # error -0.2 (clipped from -0.5)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    restored = R.AdaptiveKL(0.5, 6.0, 100)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+
+
+def test_clipped_losses():
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 (clipped at 1.2) and 0.5 (clipped at 0.8)
+    loss, stats = R.policy_loss(new, old, adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and stats["policy/clipfrac"] == 1.0
+    vloss, vstats = R.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]),
+                                 torch.ones(1, 1), clip_range=0.2)
+    assert vloss.item() == pytest.approx(0.5 * 0.8 ** 2) and vstats["value/clipfrac"] == 1.0
