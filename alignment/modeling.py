@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
     if plan.quantize:
         extra["quantization_config"] = bnb_config(plan, cfg.double_quant)
         if plan.device == "cuda":
-            extra["device_map"] = {"": torch.cuda.current_device()}
+            # Under accelerate launch the trainer has not pinned this process's GPU yet when the
+            # model loads: LOCAL_RANK says which one is ours (0 when launched alone).
+            extra["device_map"] = {"": _local_gpu()}
     model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
     if plan.quantize and training:
         from peft import prepare_model_for_kbit_training
@@ -118,9 +121,19 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
         )
+        # bitsandbytes repacks 4-bit weights for a faster CPU kernel (AVX512-BF16) the first time
+        # a layer runs in eval mode, and that kernel has no backward: training after any
+        # evaluation would silently lose the gradients through the frozen base. Keep it off.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if plan.device == "cuda" and not plan.quantize:
-        model.to("cuda")
+        model.to(f"cuda:{_local_gpu()}")
     return model
+
+
+def _local_gpu() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):

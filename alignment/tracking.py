@@ -117,10 +117,16 @@ class Tracker:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.write_text("")
-        if configure_wandb(cfg, stage) != "disabled":
+        mode = configure_wandb(cfg, stage)
+        if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(config=config, reinit="finish_previous")
+            # Named explicitly: wandb reads its env vars once per process, and a pipeline runs
+            # several stages in one process.
+            env = os.environ
+            self.run = wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
+                                  job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=config,
+                                  reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.main:

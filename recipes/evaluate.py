@@ -1,0 +1,216 @@
+"""Did it work? Compare policies on held-out prompts: win-rate, reward, KL, length, diversity.
+
+    align eval --config configs/quickstart/eval.yaml
+    align eval policies='{sft: runs/q/sft, dpo: runs/q/dpo}' scorer=support_style
+    align eval human=true          # blind A/B tasks for annotators; rerun it for the leaderboard
+
+Every policy answers the same prompts with the same settings and seeds. Judges: the reward
+model (default <run.dir>/reward) and, optionally, a programmatic scorer (same interface as the
+simulated annotators) as an independent check on a policy that games the reward model. Each
+non-baseline policy gets a win-rate against the baseline with a bootstrap interval over
+prompts, and a KL from the baseline (the SFT policy, i.e. the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from alignment import StageError
+from alignment import evaluation as ev
+from alignment import report as report_module
+from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.config import EvalStageConfig, save_config, to_dict
+from alignment.data import load_prompts
+from alignment.generation import Policy, chat_prompt, generate
+from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
+from alignment.tracking import Tracker, log_artifact
+
+log = logging.getLogger(__name__)
+
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
+
+
+def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
+    if cfg.policies:
+        found = {name: Path(p) for name, p in cfg.policies.items()}
+    else:
+        found = {s: stage_dir(cfg.run.dir, s) for s in POLICY_STAGES if is_adapter_dir(stage_dir(cfg.run.dir, s))}
+    missing = [f"{n} ({p})" for n, p in found.items() if not is_adapter_dir(p)]
+    if missing:
+        raise StageError(f"not adapter folders: {', '.join(missing)}")
+    if cfg.baseline not in found:
+        raise StageError(f"the baseline {cfg.baseline!r} is not among the policies {sorted(found)}; "
+                         "set baseline=<name> or policies={name: folder, ...}")
+    if len(found) < 2 and not cfg.human:
+        raise StageError(f"only {sorted(found)} to evaluate: eval compares at least two policies "
+                         "(train one with `align dpo` or `align ppo`, or pass policies={...})")
+    return found
+
+
+def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
+    """One base in memory with every policy as a named adapter (they must share the base)."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    bases = {name: adapter_base_name(p) for name, p in paths.items()}
+    if len(set(bases.values())) > 1:
+        raise StageError(f"policies on different base models cannot be compared on one base: {bases}")
+    plan = device_plan(cfg.model)
+    base = load_base_model(replace(cfg.model, name=next(iter(bases.values()))), plan, training=False)
+    names = list(paths)
+    model = PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    model.eval()
+    return model, load_tokenizer(str(paths[cfg.baseline])), next(iter(bases.values()))
+
+
+@torch.no_grad()
+def kl_from(model, tokenizer, prompts: list[str], responses: list[str], policy: str, reference: str,
+            batch_size: int = 8) -> list[float]:
+    """Per-response KL(policy ‖ reference) summed over the response tokens."""
+    tokenizer.padding_side = "right"
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        heads = [chat_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
+        texts = [h + r + tokenizer.eos_token for h, r in zip(heads, responses[i:i + batch_size], strict=True)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = enc["attention_mask"].clone()
+        for j, h in enumerate(heads):  # score only the response's tokens
+            mask[j, : len(tokenizer(h, add_special_tokens=False)["input_ids"])] = 0
+        logits = {}
+        for name in (policy, reference):
+            model.set_adapter(name)
+            logits[name] = model(**enc).logits[:, :-1]
+        out += ev.sequence_kl(logits[policy], logits[reference], mask[:, 1:]).tolist()
+    return out
+
+
+def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
+    """{judge name: {policy: scores}} from the reward model and/or the scorer."""
+    judges: dict[str, dict[str, list[float]]] = {}
+    rm_path = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
+    if rm_path.exists():
+        from alignment.reward_model import load_reward_model, score
+
+        rm, rm_tok = load_reward_model(rm_path)
+        judges["reward_model"] = {n: score(rm, rm_tok, prompts, r) for n, r in responses.items()}
+        del rm
+    elif cfg.reward_model:
+        raise StageError(f"reward model {rm_path} not found")
+    if cfg.scorer:
+        from labeling.scorers import resolve_scorer
+
+        fn = resolve_scorer(cfg.scorer)
+        judges[f"scorer:{cfg.scorer}"] = {n: [float(fn(p, x)) for p, x in zip(prompts, r, strict=True)]
+                                          for n, r in responses.items()}
+    if not judges and not cfg.human:
+        raise StageError(f"no judge: no reward model at {rm_path} and no scorer; pass scorer=support_style "
+                         "(or any module:function), reward_model=<folder>, or human=true")
+    return judges
+
+
+def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]]) -> dict:
+    """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board)."""
+    from labeling.store import Store
+    from recipes.sample import store_url
+
+    store = Store(store_url(None, cfg.run.dir))
+    added = 0
+    for name, texts in responses.items():
+        if name == cfg.baseline:
+            continue
+        items = [{"prompt": p, "responses": [a, b], "response_meta": [{"policy": name}, {"policy": cfg.baseline}]}
+                 for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
+        added += store.add_tasks(f"eval-{name}-vs-{cfg.baseline}", items, source={"stage": "eval"}, kind="pairwise")
+    comparisons = []
+    for row in store.submitted_rankings():
+        if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
+            continue
+        (a, b), (ra, rb) = [r["meta"]["policy"] for r in row["responses"]], row["ranks"]
+        comparisons.append((a, b, 1.0 if ra < rb else 0.0 if rb < ra else 0.5))
+    board = {"tasks_added": added, "comparisons": len(comparisons)}
+    if comparisons:
+        ratings, cis = ev.bradley_terry(comparisons), ev.bradley_terry_ci(comparisons, n=200)
+        board["leaderboard"] = sorted(({"policy": p, "rating": r, "ci": cis[p]} for p, r in ratings.items()),
+                                      key=lambda x: -x["rating"])
+    return board
+
+
+def main(cfg: EvalStageConfig) -> Path:
+    # --- resolve inputs ---------------------------------------------------------------------
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StageError("align eval runs as one process (it does not split prompts between processes): "
+                         "run it without accelerate launch")
+    paths = resolve_policies(cfg)
+    out = stage_dir(cfg.run.dir, "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg.prompts)
+    if cfg.num_prompts > 0:
+        prompts = prompts[:cfg.num_prompts]
+    log.info("evaluating %s on %d prompts (baseline %s)", ", ".join(paths), len(prompts), cfg.baseline)
+
+    # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
+    model, tokenizer, base_name = load_adapters(paths, cfg)
+    responses: dict[str, list[str]] = {}
+    for name in paths:
+        model.set_adapter(name)
+        policy = Policy(model, tokenizer, str(paths[name]), base_name)
+        responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
+    kl = {name: kl_from(model, tokenizer, prompts, responses[name], name, cfg.baseline)
+          for name in paths if name != cfg.baseline}
+    del model
+
+    # --- judge ------------------------------------------------------------------------------
+    judges = judge(cfg, prompts, responses)
+    metrics: dict[str, float] = {}
+    table: dict[str, dict] = {}
+    for name, texts in responses.items():
+        row = {"length": ev.mean([len(t.split()) for t in texts]), "distinct_1": ev.distinct_n(texts, 1),
+               "distinct_2": ev.distinct_n(texts, 2), "repetition": ev.mean([ev.repetition(t) for t in texts])}
+        if name in kl:
+            row["kl"] = ev.mean(kl[name])
+        for jname, scores in judges.items():
+            row[f"{jname}/mean"] = ev.mean(scores[name])
+            if name != cfg.baseline:
+                base_scores = scores[cfg.baseline]
+                row[f"{jname}/win_rate"] = ev.win_rate(scores[name], base_scores)
+                row[f"{jname}/win_rate_ci"] = ev.bootstrap_ci(scores[name], base_scores, n=cfg.bootstrap)
+        table[name] = row
+        metrics.update({f"{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
+    board = human_eval(cfg, prompts, responses) if cfg.human else None
+
+    # --- save -------------------------------------------------------------------------------
+    with open(out / "samples.jsonl", "w") as fh:
+        for i, prompt in enumerate(prompts):
+            rec = {"prompt": prompt, **{n: responses[n][i] for n in responses}}
+            rec["scores"] = {j: {n: s[n][i] for n in s} for j, s in judges.items()}
+            fh.write(json.dumps(rec) + "\n")
+    save_config(cfg, out / "config.yaml")
+    write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents=paths,
+                   metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
+                   prompts=len(prompts))
+    tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
+    tracker.log(metrics, step=0)
+    tracker.table("eval/samples", ["prompt", *responses],
+                  [[p, *(responses[n][i] for n in responses)] for i, p in enumerate(prompts[:50])])
+    log_artifact("eval", out, cfg.run.dir, paths, run=tracker.run)
+    tracker.finish(metrics)
+
+    # --- report -----------------------------------------------------------------------------
+    for name, row in table.items():
+        if name == cfg.baseline:
+            continue
+        for jname in judges:
+            lo, hi = row[f"{jname}/win_rate_ci"]
+            print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} "
+                  f"[{lo:.1%}, {hi:.1%}] · KL {row['kl']:.2f} nats")
+    html = report_module.write_report(cfg.run.dir)
+    print_done("eval", out, f"open {html}")
+    return out

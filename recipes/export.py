@@ -1,0 +1,55 @@
+"""Rankings in the labelling store → a preference dataset TRL trains on unchanged.
+
+    align export --config configs/quickstart/export.yaml
+    align export min_agreement=0.6 ties=margin0 jsonl=true
+
+Writes <run.dir>/preferences/: a `datasets.DatasetDict` (train/test, split by prompt) with
+TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenance columns
+(task, annotators, agreement, margin, source checkpoint). The rules that turn K-wise rankings
+from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from alignment import StageError
+from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.config import ExportStageConfig, save_config, to_dict
+from alignment.tracking import Tracker, log_artifact
+from recipes.sample import store_url
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg: ExportStageConfig) -> Path:
+    from labeling.export import export_preferences
+    from labeling.store import Store
+
+    out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "preferences")
+    store = Store(store_url(cfg.store, cfg.run.dir))
+    rankings = store.submitted_rankings()
+    if not rankings:
+        raise StageError("the labelling store has no submitted rankings yet: label first "
+                         f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")
+    summary = export_preferences(
+        store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
+        test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl,
+    )
+    if not summary.get("pairs"):
+        raise StageError(f"no preference pairs came out of the rankings (summary: {json.dumps(summary)}); "
+                         "were all responses tied, or all tasks under min_agreement?")
+    save_config(cfg, out / "config.yaml")
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    write_manifest(out, stage="export", config=to_dict(cfg), base_model=None,
+                   parents={"store": store_url(cfg.store, cfg.run.dir)}, metrics=numbers, summary=summary,
+                   rankings_seen=len(rankings))
+    tracker = Tracker(cfg.run, "export", out, to_dict(cfg), resume=True)
+    sample_dir = stage_dir(cfg.run.dir, "sample")
+    log_artifact("export", out, cfg.run.dir, {"samples": sample_dir}, run=tracker.run)
+    tracker.finish(numbers)
+    log.info("export summary: %s", json.dumps(summary))
+    print_done("export", out, f"align reward run.dir={cfg.run.dir}   or   align dpo run.dir={cfg.run.dir}")
+    return out

@@ -1,0 +1,172 @@
+"""The whole loop in one run directory: sft → sample → label → export → reward → dpo/ppo → eval.
+
+    align pipeline --config configs/quickstart/pipeline.yaml
+    align pipeline --config configs/quickstart/pipeline.yaml rounds=2 label=human
+
+Each stage's input defaults to its upstream artifact in run.dir. A stage whose artifact is
+complete (its align.json exists) with the same config is skipped, so a killed pipeline picks up
+where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
+person) or `human` (the app starts, prints its address, and the pipeline waits until the batch
+has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
+sends those samples for ranking, and retrains on the grown preference data, in
+<run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from alignment import StageError
+from alignment import report as report_module
+from alignment.artifacts import MANIFEST, print_done
+from alignment.config import PipelineConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval")
+
+
+def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
+    """Finished with the same config and nothing upstream remade since (a make-like rule).
+
+    Every stage writes its manifest last and atomically, so a manifest means a finished stage.
+    An export is also redone when the store has gained rankings since it ran.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    m = json.loads(manifest.read_text())
+    if m.get("config") != json.loads(json.dumps(to_dict(cfg), default=str)):
+        return False
+    if rankings is not None and m.get("rankings_seen") != rankings:
+        return False
+    for parent in m.get("parents", {}).values():
+        upstream = Path(parent["path"]) / MANIFEST
+        if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
+            return False
+    return True
+
+
+def run_stage(name: str, folder: Path, cfg: Any, rankings: int | None = None) -> Path:
+    import importlib
+
+    if already_done(folder, cfg, rankings):
+        log.info("── %s: already done with this config (%s), skipping", name, folder)
+        return folder
+    log.info("── %s", name)
+    module = {"eval": "recipes.evaluate"}.get(name, f"recipes.{name}")
+    return importlib.import_module(module).main(cfg)
+
+
+def submitted_count(url: str) -> int:
+    from labeling.store import Store
+
+    return len(Store(url).submitted_rankings())
+
+
+def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
+    from labeling.store import Store
+
+    from recipes.sample import store_url
+
+    store = Store(store_url(cfg.sample.store, cfg.run.dir))
+    if cfg.label == "simulate":
+        from labeling.simulate import simulate
+
+        n = simulate(store, cfg.scorer, batch=batch)
+        log.info("simulated annotator %r ranked %d tasks of batch %s", cfg.scorer, n, batch)
+        return
+    if cfg.label != "human":
+        raise StageError(f"label: {cfg.label!r} is not allowed; allowed values: simulate, human")
+    if not store.pending_count(batch):
+        return
+    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir)])
+    try:
+        print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "
+              "Ctrl-C stops waiting and goes on with what is labelled.")
+        while (left := store.pending_count(batch)) > 0:
+            print(f"  {left} rankings still to do", end="\r", flush=True)
+            time.sleep(10)
+    except KeyboardInterrupt:
+        print("\nstopped waiting; going on with the rankings so far")
+    finally:
+        app.terminate()
+
+
+def main(cfg: PipelineConfig) -> Path:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise StageError(f"stages: {unknown[0]!r} is not a stage; allowed: {', '.join(STAGES)}")
+    root = Path(cfg.run.dir)
+    store = cfg.sample.store or f"sqlite:///{root.resolve() / 'labels.db'}"
+    policy_stage = "ppo" if "ppo" in cfg.stages and "dpo" not in cfg.stages else "dpo"
+    started = time.time()
+
+    for r in range(cfg.rounds):
+        run_dir = root if r == 0 else root / f"round-{r}"
+        run = replace(cfg.run, dir=str(run_dir))
+        sft_dir = root / "sft"
+        prev = root if r <= 1 else root / f"round-{r - 1}"
+        batch = f"round-{r}"
+        # Every stage of this round, wired to its upstream artifacts.
+        # Later stages run on the SFT's base: say so in their configs too, so that the config a
+        # stage records is the one asked for and a rerun recognises it as unchanged.
+        def on_base(section: Any, base: str = cfg.sft.model.name) -> Any:
+            return replace(section, model=replace(section.model, name=base))
+
+        stage_cfgs = {
+            "sft": replace(cfg.sft, run=replace(cfg.run, dir=str(root))),
+            "sample": replace(on_base(cfg.sample), run=run, store=store, round=r, batch=batch,
+                              policy=str(sft_dir if r == 0 else prev / policy_stage)),
+            "export": replace(cfg.export, run=run, store=store),
+            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir)),
+            "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
+            "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
+            # Judged by the scorer that labelled the data too (unless eval names its own), so the
+            # report says whether the policy learnt what the annotator wanted.
+            "eval": replace(on_base(cfg.eval), run=run,
+                            scorer=cfg.eval.scorer or (cfg.scorer if cfg.label == "simulate" else None)),
+        }
+        if r > 0:
+            stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
+                "sft": str(sft_dir), **{s: str(run_dir / s) for s in ("dpo", "ppo") if s in cfg.stages}})
+        for stage in cfg.stages:
+            if stage == "sft" and r > 0:
+                continue
+            if stage == "label":
+                label(cfg, run_dir, batch)
+                continue
+            folder = {"export": run_dir / "preferences", "sft": sft_dir}.get(stage, run_dir / stage)
+            rankings = submitted_count(store) if stage == "export" else None
+            run_stage(stage, folder, stage_cfgs[stage], rankings)
+        report_module.write_report(run_dir)
+
+    html = report_module.write_report(root)
+    minutes = (time.time() - started) / 60
+    summary = _summary(root if cfg.rounds == 1 else root / f"round-{cfg.rounds - 1}")
+    print(f"\npipeline finished in {minutes:.1f} min")
+    if summary:
+        print(summary)
+    print_done("pipeline", html, f"open {html}")
+    return html
+
+
+def _summary(run_dir: Path) -> str | None:
+    path = run_dir / "eval" / MANIFEST
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    lines = []
+    for name, row in m.get("policies", {}).items():
+        for key, value in row.items():
+            if key.endswith("/win_rate"):
+                lo, hi = row[key + "_ci"]
+                lines.append(f"  {name} vs {m['baseline']} · {key[:-9]}: win-rate {value:.1%} [{lo:.1%}, {hi:.1%}]")
+    return "\n".join(lines) or None

@@ -1,0 +1,15 @@
+"""Scorers with a known answer for tests, imported as `known_scorers:<name>` (tests/ is on sys.path)."""
+
+
+def says_thanks(prompt: str, response: str) -> float:
+    """1 when the reply thanks the user, else 0: a rule the tiny models can learn in a few steps."""
+    return float("thanks" in response.lower())
+
+
+def shorter(prompt: str, response: str) -> float:
+    return -float(len(response.split()))
+
+
+def thanks_then_short(prompt: str, response: str) -> float:
+    """Thanks first (a step of 10), then fewer characters: rarely a tie, even for a tiny model's babble."""
+    return 10 * says_thanks(prompt, response) - len(response) / 100

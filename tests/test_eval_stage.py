@@ -1,0 +1,71 @@
+"""`align eval` through the CLI on two tiny policies with a known winner: one was tuned to thank the
+user, the other to be curt; a scorer that rewards thanks must call the first the winner, with an
+interval above 1/2, and KL from the baseline must be measured and positive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.tracking import read_jsonl
+
+PROMPTS = ["How do I sync?", "Where is export?", "How do I change the theme?", "Can I share a note?",
+           "How do I restore from trash?", "Where are my tags?", "How do I reset my password?", "Is search offline?"]
+
+
+def tuned_policy(tiny_model: str, root: Path, name: str, reply: str) -> Path:
+    data = root / f"{name}.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"{p} (ticket {i})", "input": "", "output": reply})
+                              for i, p in enumerate(PROMPTS * 4)) + "\n")
+    run = root / name
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=20",
+                  "train.lr=5e-3", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=96"]) == 0
+    return run / "sft"
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    curt = tuned_policy(tiny_model, root, "curt", "Settings.")
+    polite = tuned_policy(tiny_model, root, "polite", "Thanks for asking! Open Settings.")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    run = root / "run"
+    assert align(["eval", f"policies={{sft: {curt}, polite: {polite}}}", "baseline=sft", f"prompts={prompts}",
+                  "scorer=known_scorers:says_thanks", "bootstrap=200", "generation.max_new_tokens=16",
+                  f"run.dir={run}", "run.wandb=disabled"]) == 0
+    return run
+
+
+def test_the_known_winner_wins_with_an_interval_above_half(eval_run):
+    manifest = json.loads((eval_run / "eval" / "align.json").read_text())
+    row = manifest["policies"]["polite"]
+    key = "scorer:known_scorers:says_thanks"
+    assert row[f"{key}/win_rate"] > 0.9
+    lo, hi = row[f"{key}/win_rate_ci"]
+    assert 0.5 < lo <= row[f"{key}/win_rate"] <= hi
+    assert row[f"{key}/mean"] > manifest["policies"]["sft"][f"{key}/mean"]
+    assert row["kl"] > 0.1  # two differently tuned adapters: far apart on each other's samples
+    assert "kl" not in manifest["policies"]["sft"]
+
+
+def test_samples_metrics_and_report_are_written(eval_run):
+    rows = [json.loads(line) for line in (eval_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == len(PROMPTS)
+    assert {"prompt", "sft", "polite", "scores"} <= set(rows[0])
+    assert sum("thanks" in r["polite"].lower() for r in rows) >= 7
+    logged = read_jsonl(eval_run / "eval" / "metrics.jsonl")
+    assert logged and "polite/scorer:known_scorers:says_thanks/win_rate" in logged[0]
+    page = (eval_run / "report.html").read_text()
+    assert "alt='win-rate' src='data:image/png;base64," in page
+    assert "polite</b> beats <b>sft" in page
+
+
+def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):
+    assert align(["eval", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    captured = capsys.readouterr()
+    assert "the baseline 'sft' is not among the policies" in captured.out + captured.err

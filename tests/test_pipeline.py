@@ -1,0 +1,157 @@
+"""`align pipeline` on a tiny model in a temp dir: every stage, a simulated annotator, W&B offline runs
+read back with `wandb leet inspect`, the report opened in headless Chromium, and a pipeline killed
+mid-way that, run again, skips its finished stages and ends with the same artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+STAGE_DIRS = ["sft", "sample", "preferences", "reward", "dpo", "eval"]
+
+
+def pipeline_args(tiny_model: str, data: Path, run_dir: Path, wandb: str = "offline") -> list[str]:
+    return [
+        "pipeline", "--config", str(REPO / "configs/quickstart/pipeline.yaml"), f"run.dir={run_dir}",
+        f"run.wandb={wandb}", "scorer=known_scorers:thanks_then_short",
+        f"sft.model.name={tiny_model}", f"sft.data.path={data}", "sft.train.max_steps=8", "sft.train.lr=5e-3",
+        "sft.train.eval_steps=4", "sft.model.max_length=128",
+        f"sample.prompts={data}", "sample.num_prompts=10", "sample.k=3", "sample.generation.max_new_tokens=12",
+        "reward.train.max_steps=4", "reward.train.eval_steps=2", "reward.model.max_length=128",
+        "dpo.train.max_steps=4", "dpo.train.eval_steps=2", "dpo.model.max_length=128", "dpo.train.lr=5e-3",
+        f"eval.prompts={data}", "eval.num_prompts=8", "eval.generation.max_new_tokens=12", "eval.bootstrap=100",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pipeline-data") / "train.jsonl"
+    rows = [{"instruction": f"Ticket {i}: how do I {t}?", "input": "",
+             "output": "Thanks for asking! Open Settings." if i % 2 else f"Open Settings, then {t}."}
+            for i, t in enumerate(["sync", "export", "share a note", "change the theme", "find tags"] * 6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    assert align(pipeline_args(tiny_model, data, run_dir)) == 0
+    return run_dir
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "align.json").read_text())
+
+
+def test_every_stage_leaves_its_artifact_wired_to_its_parent(run):
+    for stage in STAGE_DIRS:
+        assert (run / stage / "align.json").is_file(), stage
+    assert (run / "labels.db").is_file()
+    assert manifest(run / "sample")["parents"]["policy"]["path"] == str(run / "sft")
+    assert manifest(run / "reward")["parents"]["preferences"]["path"] == str(run / "preferences")
+    assert manifest(run / "dpo")["parents"]["sft"]["path"] == str(run / "sft")
+    evaluated = manifest(run / "eval")
+    assert set(evaluated["policies"]) == {"sft", "dpo"}
+    judges = {k.split("/")[0] for k in evaluated["policies"]["dpo"] if k.endswith("/win_rate")}
+    assert judges == {"reward_model", "scorer:known_scorers:thanks_then_short"}
+    prefs = manifest(run / "preferences")
+    assert prefs["metrics"]["pairs"] > 0 and prefs["rankings_seen"] == 10
+
+
+def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
+    from labeling.store import Store
+
+    rows = Store(f"sqlite:///{run / 'labels.db'}").submitted_rankings()
+    assert len(rows) == 10 and all(r["batch"] == "round-0" and len(r["ranks"]) == 3 for r in rows)
+    for r in rows:  # the scorer's order: a reply with thanks never ranks below one without
+        thanks = ["thanks" in x["text"].lower() for x in r["responses"]]
+        for i in range(3):
+            for j in range(3):
+                if thanks[i] and not thanks[j]:
+                    assert r["ranks"][i] < r["ranks"][j]
+
+
+def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
+    runs = {}
+    for folder in sorted((run / "wandb").glob("offline-run-*")):
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(folder)],
+                             capture_output=True, text=True, check=True)
+        info = json.loads(out.stdout)
+        runs[info["name"].split("/")[-1]] = info
+    assert set(runs) >= {"sft", "sample", "export", "reward", "dpo", "eval"}
+    assert all(info["state"] == "finished" for info in runs.values())
+    assert "train/loss" in runs["sft"]["summary"] and "eval/loss" in runs["sft"]["summary"]
+    assert "eval_accuracy" in runs["reward"]["summary"]
+    assert any(k.startswith("train/rewards/") for k in runs["dpo"]["summary"])
+    assert "dpo/scorer:known_scorers:thanks_then_short/win_rate" in runs["eval"]["summary"]
+    # Lineage: the preference data that trained the reward model came from the SFT policy's samples.
+    name = run.name
+    lineage = {stage: json.loads(json.dumps(runs[stage]["config"].get("lineage"))) for stage in runs}
+    assert lineage["reward"]["parents"] == {"sft": f"{name}-sft", "preferences": f"{name}-export"}
+    assert lineage["export"]["parents"] == {"samples": f"{name}-sample"}
+    assert lineage["sample"]["parents"] == {"policy": f"{name}-sft"}
+    assert set(lineage["eval"]["parents"].values()) == {f"{name}-sft", f"{name}-dpo"}
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+def test_report_renders_in_a_browser_with_its_plots(run):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((run / "report.html").as_uri())
+        sections = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.naturalWidth])")
+        headline = page.inner_text(".headline")
+        if os.environ.get("ALIGN_SCREENSHOTS"):
+            page.screenshot(path=str(REPO / "docs/img/report-tiny.png"))
+        browser.close()
+    assert sections[:6] == ["sft", "sample", "preferences", "reward", "dpo", "eval"]
+    alts = [a for a, _ in images]
+    assert {"sft plot", "reward plot", "dpo plot", "calibration", "win-rate"} <= set(alts)
+    assert all(width > 100 for _, width in images), images  # decoded PNGs, not broken images
+    assert "dpo" in headline and "win-rate" in headline
+
+
+def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, tmp_path):
+    """Kill after the reward model is written; a rerun skips sft..reward and ends where the unkilled did."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *pipeline_args(tiny_model, data, run_dir, "disabled")],
+                            cwd=REPO / "tests", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (run_dir / "reward" / "align.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the pipeline ended before the reward stage"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "eval" / "align.json").exists()
+    written = {s: (run_dir / s / "align.json").stat().st_mtime_ns for s in ["sft", "sample", "preferences", "reward"]}
+
+    assert align(pipeline_args(tiny_model, data, run_dir, "disabled")) == 0
+    for stage, mtime in written.items():
+        assert (run_dir / stage / "align.json").stat().st_mtime_ns == mtime, f"{stage} was redone"
+    for stage in STAGE_DIRS:
+        assert manifest(run_dir / stage)["metrics"].keys() == manifest(run / stage)["metrics"].keys()
+    # Same seeds, same data: the rerun ends where the unkilled run did.
+    theirs, ours = manifest(run / "eval")["policies"], manifest(run_dir / "eval")["policies"]
+    key = "scorer:known_scorers:thanks_then_short/mean"
+    assert ours["dpo"][key] == pytest.approx(theirs["dpo"][key])
+    assert ours["sft"][key] == pytest.approx(theirs["sft"][key])
+    shutil.rmtree(run_dir, ignore_errors=True)
