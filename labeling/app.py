@@ -215,7 +215,7 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
                 per_batch = gr.Dataframe(label="Per batch", interactive=False, elem_id="align-per-batch")
                 agreement = gr.Markdown("", elem_id="align-agreement")
                 with gr.Row():
-                    out_dir = gr.Textbox(value=str(export_dir or "runs/labels/export"), label="Export folder",
+                    out_dir = gr.Textbox(value=str(export_dir or "runs/quickstart/preferences"), label="Export folder",
                                          elem_id="align-export-dir", scale=3)
                     export = gr.Button("Export preference dataset", variant="primary",
                                        elem_id="align-export", scale=1)
@@ -307,9 +307,11 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
 
         # trigger_mode="once" ignores clicks while a submit is pending; disabling the button first
         # makes that visible. handlers.submit is idempotent, so a replayed request keeps one ranking.
+        # The last step runs even when do_submit failed unexpectedly: never leave Submit disabled.
         submit.click(lambda: gr.update(interactive=False), None, submit, queue=False).then(
             do_submit, [session, task, shown_at, *ranks, pairwise, all_bad, unsafe, rationale],
-            [message, *task_outputs])
+            [message, *task_outputs]).then(
+            lambda current: gr.update(interactive=current is not None), task, submit, queue=False)
         skip.click(do_skip, [session, task], [message, *task_outputs])
 
         def do_refresh(sess):

@@ -244,6 +244,8 @@ def test_double_click_on_submit_keeps_one_ranking(served, page):
     wait_for_message(page, "✅")
     page.wait_for_timeout(1000)  # let a second request, if any, land
     assert len(rankings_of(store, "double")) == 1
+    # the second click was swallowed by the page, not sent against the next (unranked) task
+    assert "⚠️" not in page.inner_text("#align-message")
 
 
 def test_two_annotators_at_once_get_different_tasks(served, browser):
@@ -275,6 +277,7 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
     url, store, export_dir = served
     sign_in(page, url, "plain")
     assert page.get_by_role("tab", name="Admin").count() == 0
+    assert page.locator("#align-refresh, #align-export").count() == 0  # not even in the page
 
     admin = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     admin.set_default_timeout(TIMEOUT_MS)
