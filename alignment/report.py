@@ -27,7 +27,11 @@ PLOTS: dict[str, list[tuple[str, list[str]]]] = {
     "dpo": [("Loss", ["loss", "eval_loss"]),
             ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
             ("Accuracy", ["rewards/accuracies", "eval_rewards/accuracies"])],
-    "ppo": [("Reward", ["reward/mean"]), ("KL from reference", ["kl"]), ("Response length", ["length/mean"])],
+    "ppo": [("Reward", ["reward/mean"]), ("KL from reference", ["kl", "kl_coef"]), ("Response length", ["length/mean"]),
+            ("Entropy", ["entropy"]), ("Clipping", ["policy/clipfrac", "value/clipfrac", "policy/approx_kl"]),
+            ("Value function", ["value/loss", "value/explained_variance"])],
+    "grpo": [("Reward", ["reward"]), ("KL from reference", ["kl"]), ("Response length", ["completions/mean_length"])],
+    "rloo": [("Reward", ["reward"]), ("KL from reference", ["kl"]), ("Response length", ["completions/mean_length"])],
 }
 
 

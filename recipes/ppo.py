@@ -134,18 +134,12 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
 
 
 def resolve_scorer(spec: str) -> Callable[[str, str], float]:
-    try:
-        from labeling.scorers import resolve_scorer as labeling_resolve
-    except ImportError:
-        labeling_resolve = None
-    if labeling_resolve is not None:
-        return labeling_resolve(spec)
-    import importlib
+    from labeling.scorers import resolve_scorer as labeling_resolve  # built-in names and module:function
 
-    module, sep, name = spec.partition(":")
-    if not sep:
-        raise ConfigError(f"scorer={spec!r}: give module:function (labeling.scorers with built-in names is not here)")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return labeling_resolve(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------- model
@@ -561,7 +555,9 @@ def main(cfg: PPOStageConfig) -> Path:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = device_plan(cfg.model)
     log.info(plan.describe())
-    if not cfg.scorer:  # the gate, before any model is loaded
+    if cfg.scorer:
+        resolve_scorer(cfg.scorer)  # a wrong name fails now, not after the models load
+    else:  # the gate, before any model is loaded
         gate(Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward"),
              cfg.min_reward_accuracy)
 

@@ -77,7 +77,7 @@ def test_ppo_raises_the_reward_with_kl_bounded(sft_dir, prompts, tmp_path, tiny_
         assert key in rows[-1], key
     reward = [r["reward/mean"] for r in rows]
     first, last = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
-    assert last > first + 0.25, reward  # measured: 0.19 -> 0.78 (steps 1-3 vs 16-20)
+    assert last > first + 0.25, reward  # measured: 0.10 -> 0.76 (steps 1-3 vs 16-20), KL <= 4.3
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)  # step 1 samples from the SFT policy = the reference
     assert max(r["kl"] for r in rows) < 15, [r["kl"] for r in rows]
 
@@ -209,6 +209,7 @@ def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, ti
     (["rl.minibatch_size=16", "rl.rollout_prompts=8"], "rl.minibatch_size=16 exceeds"),
     (["algo=grpo", "rl.rollout_prompts=6", "rl.num_generations=4"], "must be a multiple of rl.num_generations"),
     (["rl.kl_control=pid"], "rl.kl_control: 'pid' is not allowed"),
+    (["scorer=no_such_scorer"], "scorer 'no_such_scorer': not a built-in"),
 ])
 def test_config_errors_name_the_key(overrides, message, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", "run.wandb=disabled", *overrides]) == 2
