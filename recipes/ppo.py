@@ -549,6 +549,9 @@ def find_trl_checkpoint(out: Path, resume: str | None) -> str | None:
 def main(cfg: PPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check(cfg)
+    if cfg.algo == "ppo" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StageError("align ppo runs as one process (its loop does not average gradients between processes "
+                         "yet): run it without accelerate launch (algo=grpo|rloo use TRL's trainers)")
     out = stage_dir(cfg.run.dir, cfg.algo)
     sft = resolve_sft(cfg)
     if sft:
