@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
-ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain"]
+ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed"]
 TIMEOUT_MS = 15_000
 
 # A real-looking task for the screenshot: one prompt from data/support/prompts.jsonl and four
@@ -274,7 +274,12 @@ def test_two_annotators_at_once_get_different_tasks(served, browser):
 
 
 def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page, browser):
+    from labeling import handlers
+
     url, store, export_dir = served
+    seed = handlers.sign_in(store, "seed", PASSWORD)  # rankings to export, whichever tests ran before
+    for _ in range(2):
+        handlers.submit(store, seed, handlers.next_task(store, seed), [1, 2, 3, 4], seconds=30.0)
     sign_in(page, url, "plain")
     assert page.get_by_role("tab", name="Admin").count() == 0
     assert page.locator("#align-refresh, #align-export").count() == 0  # not even in the page
@@ -284,8 +289,9 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
     try:
         sign_in(admin, url, "boss")
         admin.get_by_role("tab", name="Admin").click()
-        admin.wait_for_function("document.querySelector('#align-totals').innerText.trim().length > 0")
-        assert "mouse" in admin.inner_text("#align-per-annotator")
+        admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
+        # the table renders its rows after the update lands
+        admin.wait_for_function("document.querySelector('#align-per-annotator').innerText.includes('seed')")
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('Exported')")
         summary = json.loads((export_dir / "summary.json").read_text())
@@ -384,12 +390,14 @@ def test_screenshots(tmp_path, browser, monkeypatch):
             if index in wanted:
                 page.click(f"#rank-{letter} label:has-text('{wanted[index]}')")
         page.click(f"#resp-{'abcd'[[_same(REFUND_REPLIES[1], b) for b in bodies].index(True)]} .align-body")
+        page.wait_for_timeout(600)
         page.screenshot(path=str(out / "annotator.png"), full_page=True)
 
         admin = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
         sign_in(admin, url, "lena")
         admin.get_by_role("tab", name="Admin").click()
-        admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
+        admin.wait_for_function("document.querySelector('#align-per-annotator').innerText.includes('maria')")
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('Exported')")
+        admin.wait_for_timeout(600)  # the "pending" fade of the updated blocks
         admin.screenshot(path=str(out / "admin.png"))
