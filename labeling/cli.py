@@ -107,7 +107,7 @@ def serve(store, args: argparse.Namespace) -> int:
         print("align label: no accounts yet; make one first: align label users add NAME --admin", file=sys.stderr)
         return 2
     demo = build_app(store, guidelines.read_text(), overlap=args.overlap, gold_rate=args.gold_rate,
-                     export_dir=str(Path(args.run_dir) / "preferences"))
+                     export_dir=str(Path(args.run_dir) / "preferences"), batch=args.batch)
     print(f"labelling app for {store.url}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
     demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
