@@ -70,13 +70,24 @@ def pairwise_ranks(choice: str) -> tuple[list[int], list[str]]:
     return table[choice]
 
 
+def _whole(value: Any) -> Any:
+    """A rank as an int when it is a whole number in any form ("2", 2.0 from a number box); else as given."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def submit(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown: list[int], *,
            all_bad: bool = False, unsafe: bool = False, rationale: str = "", seconds: float = 0.0) -> dict[str, Any]:
     """Validate and save one ranking. Idempotent: repeating it keeps the first submitted ranking."""
     session = _require(session)
     if task is None:
         raise ValueError("there is no task to submit")
-    ranks = [int(r) if isinstance(r, (int, float, str)) and str(r).strip().isdigit() else r for r in ranks_shown]
+    ranks = [_whole(r) for r in ranks_shown]
     if any(r is None or r == "" for r in ranks):
         raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
     _check_ranks(ranks, task["k"])
@@ -118,7 +129,8 @@ def gold_accuracy(store: Store) -> dict[str, float]:
     return {a: sum(v) / len(v) for a, v in scores.items()}
 
 
-def admin_stats(store: Store, session: dict[str, Any]) -> dict[str, Any]:
+def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> dict[str, Any]:
+    """Progress, throughput, gold accuracy and agreement; `pending` counts rankings still needed at `overlap`."""
     _require_admin(session)
     from labeling.agreement import agreement_summary
 
@@ -128,6 +140,8 @@ def admin_stats(store: Store, session: dict[str, Any]) -> dict[str, Any]:
     for p in people:
         p["gold_accuracy"] = round(gold[p["name"]], 3) if p["name"] in gold else None
     batches = store.batch_counts()
+    for b in batches:
+        b["pending"] = store.pending_count(b["batch"], overlap)
     return {"per_annotator": people, "per_batch": batches,
             "agreement": agreement_summary([r for r in rows if not r["is_gold"]]),
             "totals": {"tasks": sum(b["tasks"] for b in batches), "rankings": len(rows),

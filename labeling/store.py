@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 SCHEMA_VERSION = 1
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
@@ -132,6 +133,11 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)).split("$")[2], digest)
 
 
+def _safe_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -153,8 +159,11 @@ def _engine(url: str) -> Engine:
 
         return engine
     if url.startswith("postgresql+psycopg"):
-        return create_engine(url, pool_pre_ping=True)
-    raise StoreError(f"unsupported database URL {url!r}: use sqlite:///path/labels.db or postgresql://user@host/db")
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError:
+            raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
+    raise StoreError(f"unsupported database URL {_safe_url(url)!r}: use sqlite:///path/labels.db or postgresql://user@host/db")
 
 
 def _loads(text: str | None, default: Any) -> Any:
@@ -172,7 +181,10 @@ class Store:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.engine = _engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._create()
+        try:
+            self._create()
+        except OperationalError as err:
+            raise StoreError(f"cannot open the labelling store {_safe_url(url)}: {str(err.orig or err).strip()}") from err
 
     def _create(self) -> None:
         with self.tx(lock=True) as conn:
@@ -334,9 +346,10 @@ class Store:
         """
         now = time.time()
         with self.tx(lock=True) as conn:
-            open_ = conn.execute(select(assignments.c.task_id).where(
-                assignments.c.annotator_id == annotator_id, assignments.c.status == "assigned")
-                .order_by(assignments.c.id)).first()
+            open_q = (select(assignments.c.task_id).join(tasks, tasks.c.id == assignments.c.task_id)
+                      .where(assignments.c.annotator_id == annotator_id, assignments.c.status == "assigned")
+                      .order_by(assignments.c.id))
+            open_ = conn.execute(open_q.where(tasks.c.batch == batch) if batch else open_q).first()
             if open_:
                 return open_[0]
             mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
@@ -404,7 +417,12 @@ class Store:
                     if row and row.status == "submitted":
                         return False
                     if row:
-                        conn.execute(update(rankings).where(rankings.c.id == row.id).values(**values))
+                        # Conditional: on PostgreSQL two submits over one draft both read "draft"; the second
+                        # UPDATE waits for the first, re-checks this WHERE and changes nothing.
+                        changed = conn.execute(update(rankings).where(
+                            rankings.c.id == row.id, rankings.c.status != "submitted").values(**values)).rowcount
+                        if not changed:
+                            return False
                     else:
                         conn.execute(insert(rankings).values(task_id=task_id, annotator_id=annotator_id, created=now,
                                                              **values))

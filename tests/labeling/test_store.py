@@ -199,3 +199,72 @@ def test_a_draft_is_kept_then_replaced_by_the_submit(store):
     assert store.submitted_rankings() == []
     handlers.submit(store, alice, task, [1, 2, 3, 4])
     assert len(store.submitted_rankings()) == 1
+
+
+def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
+    # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    handlers.save_draft(store, alice, task, [1, None, None, None])
+    results, start = [], threading.Barrier(20)
+
+    def click(i):
+        start.wait()
+        results.append((i, handlers.submit(store, alice, task, [1, 2, 3, 4] if i % 2 else [4, 3, 2, 1])))
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (winner,) = [i for i, r in results if r["created"]]
+    (row,) = store.submitted_rankings()
+    assert row["ranks"] == handlers.to_canonical(task, [1, 2, 3, 4] if winner % 2 else [4, 3, 2, 1])
+
+
+def test_ranks_as_number_box_floats_or_text_are_accepted(store):
+    make_tasks(store, 2)
+    alice = session(store, "alice")
+    assert handlers.submit(store, alice, handlers.next_task(store, alice), [1.0, 2.0, 2.0, 3.0])["created"]
+    task = handlers.next_task(store, alice)
+    with pytest.raises(ValueError, match="whole numbers"):
+        handlers.submit(store, alice, task, [1.5, 2, 3, 4])
+    assert handlers.submit(store, alice, task, ["1", " 2", "3", "4"])["created"]
+    assert all(isinstance(r, int) for row in store.submitted_rankings() for r in row["ranks"])
+
+
+def test_admin_stats_per_batch_counts_pending_at_the_overlap(store):
+    make_tasks(store, 3)
+    make_tasks(store, 2, batch="round-1")
+    alice, boss = session(store, "alice"), session(store, "boss", admin=True)
+    handlers.submit(store, alice, handlers.next_task(store, alice, batch="round-1"), [1, 2, 3, 4])
+    per_batch = {b["batch"]: b for b in handlers.admin_stats(store, boss, overlap=2)["per_batch"]}
+    assert (per_batch["round-0"]["tasks"], per_batch["round-0"]["rankings"], per_batch["round-0"]["pending"]) == (3, 0, 6)
+    assert (per_batch["round-1"]["tasks"], per_batch["round-1"]["rankings"], per_batch["round-1"]["pending"]) == (2, 1, 3)
+    stats = handlers.admin_stats(store, boss)
+    assert stats["totals"]["rankings"] == 1 and {b["pending"] for b in stats["per_batch"]} == {3, 1}
+
+
+def test_an_open_assignment_of_another_batch_waits_when_the_app_serves_one_batch(store):
+    make_tasks(store, 1, batch="round-0")
+    make_tasks(store, 1, batch="round-1")
+    alice = session(store, "alice")
+    first = handlers.next_task(store, alice, batch="round-0")
+    other = handlers.next_task(store, alice, batch="round-1")
+    assert store.task(other["task_id"])["batch"] == "round-1"
+    assert handlers.next_task(store, alice)["task_id"] == first["task_id"]  # still open, still hers
+
+
+def test_each_store_sees_only_its_own_rows(store):
+    # The PostgreSQL fixture gives every test its own schema: a leftover from another test would show here.
+    assert store.batches() == [] and store.users() == [] and store.pending_count() == 0
+
+
+def test_an_unreachable_or_unknown_database_is_a_store_error():
+    from labeling.store import StoreError
+
+    with pytest.raises(StoreError, match=r"cannot open the labelling store postgresql://u:\*\*\*@127.0.0.1:1/x"):
+        Store("postgresql://u:secret@127.0.0.1:1/x")
+    with pytest.raises(StoreError, match="unsupported database URL"):
+        Store("mysql://x/y")
