@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import random
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -33,20 +35,60 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _check_options(ties: str, combine: str) -> None:
+    if ties not in ("drop", "margin0"):
+        raise ValueError(f"ties: {ties!r} is not allowed; allowed values: drop, margin0")
+    if combine not in ("majority", "bradley_terry"):
+        raise ValueError(f"combine: {combine!r} is not allowed; allowed values: majority, bradley_terry")
+
+
+def bradley_terry(comparisons: list[tuple[int, int, float]], k: int, *, iters: int = 200,
+                  prior: float = 0.1) -> list[float]:
+    """Log-strengths of responses 0..k-1 from (a, b, outcome) with 1 = a better, 0 = b better, 0.5 = tie.
+
+    Hunter's (2004) minorisation-maximisation with `prior` virtual ties between every two responses,
+    so one that never loses keeps a finite strength. The same fit as alignment.evaluation's
+    (labeling/ does not import alignment/, and this one needs no numpy for K <= 8).
+    """
+    wins = [[0.0 if a == b else prior / 2 for b in range(k)] for a in range(k)]
+    for a, b, outcome in comparisons:
+        wins[a][b] += outcome
+        wins[b][a] += 1 - outcome
+    strength = [1.0] * k
+    for _ in range(iters):
+        new = []
+        for a in range(k):
+            denom = sum((wins[a][b] + wins[b][a]) / (strength[a] + strength[b]) for b in range(k) if b != a)
+            new.append(sum(wins[a]) / denom)
+        centre = math.exp(_mean([math.log(x) for x in new]))
+        strength = [x / centre for x in new]
+    return [math.log(x) for x in strength]
+
+
+def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, test) with every prompt on one side only; the same rule as alignment.preferences'."""
+    prompts = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rows))
+    n_test = round(len(prompts) * test_fraction)
+    n_test = min(max(n_test, 1 if test_fraction > 0 else 0), len(prompts) - 1)
+    if n_test <= 0:
+        return rows, []
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[:n_test])
+    key = [json.dumps(r["prompt"], sort_keys=True) in held_out for r in rows]
+    return [r for r, t in zip(rows, key, strict=True) if not t], [r for r, t in zip(rows, key, strict=True) if t]
+
+
 def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str = "majority") -> list[tuple[int, int, float]]:
     """(chosen index, rejected index, margin) for one task's rankings (canonical order)."""
     k = len(rank_lists[0])
     mean_rank = [_mean([r[i] for r in rank_lists]) for i in range(k)]
+    _check_options(ties, combine)
     ratings = None
     if combine == "bradley_terry":
-        from alignment.evaluation import bradley_terry
-
-        comparisons = [(str(i), str(j), 1.0 if r[i] < r[j] else 0.0 if r[i] > r[j] else 0.5)
+        comparisons = [(i, j, 1.0 if r[i] < r[j] else 0.0 if r[i] > r[j] else 0.5)
                        for r in rank_lists for i, j in itertools.combinations(range(k), 2)]
-        fitted = bradley_terry(comparisons)
-        ratings = [fitted[str(i)] for i in range(k)]
-    elif combine != "majority":
-        raise ValueError(f"combine: {combine!r} is not allowed; allowed values: majority, bradley_terry")
+        ratings = bradley_terry(comparisons, k)
     out = []
     for i, j in itertools.combinations(range(k), 2):
         if ratings is not None:
@@ -60,8 +102,6 @@ def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str 
             out.append((j, i, margin))
         elif ties == "margin0":
             out.append((i, j, 0.0))
-        elif ties != "drop":
-            raise ValueError(f"ties: {ties!r} is not allowed; allowed values: drop, margin0")
     return out
 
 
@@ -69,6 +109,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 combine: str = "majority", min_agreement: float | None = None, chat: bool = True
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pair records, counts) from `Store.submitted_rankings()` rows."""
+    _check_options(ties, combine)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -128,13 +169,14 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary."""
     from datasets import Dataset, DatasetDict
 
-    from alignment.preferences import split_by_prompt
-
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
     pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
                                  min_agreement=min_agreement, chat=chat)
     out = Path(out_dir)
+    summary.update(train_pairs=0, test_pairs=0)
     if not pairs:
-        return summary
+        return summary  # nothing written: an empty dataset would only fail later, in training
     train, test = split_by_prompt(pairs, test_fraction, seed)
     splits = {"train": train, **({"test": test} if test else {})}
     summary.update(train_pairs=len(train), test_pairs=len(test))

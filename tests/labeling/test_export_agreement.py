@@ -52,7 +52,20 @@ def test_bradley_terry_combination_breaks_the_majority_tie_by_strength():
     three = {"x": [1, 4, 2, 3], "y": [1, 4, 2, 3], "z": [1, 4, 3, 2]}
     assert ("C", "D") in pairs_of(build_pairs(rows(three))[0])
     assert ("C", "D") in pairs_of(build_pairs(rows(three), combine="bradley_terry")[0])
-    assert task_pairs([[1, 2], [2, 1]]) == []
+    assert task_pairs([[1, 2], [2, 1]]) == [] and task_pairs([[1, 2], [2, 1]], combine="bradley_terry") == []
+
+
+def test_export_options_are_checked_before_anything_is_written(tmp_path):
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    with pytest.raises(ValueError, match="allowed values: drop, margin0"):
+        build_pairs(rows({"x": [1, 2, 3, 4]}), ties="keep")
+    with pytest.raises(ValueError, match="allowed values: majority, bradley_terry"):
+        export_preferences(store, tmp_path / "out", combine="vote")
+    summary = export_preferences(store, tmp_path / "out")
+    assert summary["pairs"] == summary["train_pairs"] == summary["test_pairs"] == 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_gold_eval_and_other_batches_are_not_exported():
@@ -105,6 +118,17 @@ def test_agreement_statistics_by_hand():
     expected = sum(n[a] * n[b] * d2.get((a, b), 0) for a in n for b in n) / (8 - 1)
     assert agreement.krippendorff_alpha_ordinal(units) == pytest.approx(1 - observed / expected)
     assert agreement.krippendorff_alpha_ordinal([[1], [2]]) is None
+
+
+def test_krippendorff_textbook_example_ordinal_alpha():
+    # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", section C: 4 observers, 12 units,
+    # missing values; the paper gives ordinal alpha = 0.815 (nominal 0.743, interval 0.849).
+    observers = [[1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None],
+                 [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+                 [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None],
+                 [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None]]
+    units = [list(u) for u in zip(*observers, strict=True)]
+    assert agreement.krippendorff_alpha_ordinal(units) == pytest.approx(0.815, abs=5e-4)
 
 
 def test_scorers_and_simulated_rankings():
