@@ -111,3 +111,7 @@ def serve(store, args: argparse.Namespace) -> int:
     print(f"labelling app for {store.url}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
     demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
