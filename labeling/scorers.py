@@ -15,7 +15,8 @@ from collections.abc import Callable
 Scorer = Callable[[str, str], float]
 
 ACKNOWLEDGE = re.compile(r"^\W*(thanks|thank you|sorry|happy to help|glad|good question|great question|"
-                         r"no problem|of course|sure thing|i understand|i'm sorry|we're sorry)", re.I)
+                         r"no problem|of course|sure thing|i understand|(i'm|i am|we're|we are)( really| so| very)? sorry|"
+                         r"(hi|hello|hey)\b)", re.I)
 POLITE = re.compile(r"\b(thanks|thank you|please|sorry|happy to help|glad to help)\b", re.I)
 STEPS = re.compile(r"(settings|tap|click|open|go to|select|choose|menu|>|\n\s*(\d+\.|-)\s)", re.I)
 
@@ -61,7 +62,7 @@ def repetition(text: str, n: int = 3) -> float:
 def support_style(prompt: str, response: str) -> float:
     """The Lumen Notes support voice (data/support/README.md): acknowledge, give concrete steps, stay short.
 
-    +1 an opening that acknowledges the user (thanks / sorry / happy to help ...), +0.5 concrete
+    +1 an opening that greets or acknowledges the user (hi / thanks / I'm so sorry / happy to help ...), +0.5 concrete
     steps (Settings, tap, numbered items), +0.25 a courteous word elsewhere; −1 under 8 words,
     −(words − 90)/40 past 90 words, −2 × the share of repeated 3-grams, −0.5 when it stops
     mid-sentence; −0.004 per word so that, all else equal, shorter wins (few exact ties).

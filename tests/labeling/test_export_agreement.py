@@ -9,7 +9,7 @@ import pytest
 from alignment.preferences import load_preferences
 from labeling import agreement, handlers
 from labeling.export import build_pairs, export_preferences, task_pairs
-from labeling.scorers import resolve_scorer, support_style
+from labeling.scorers import ACKNOWLEDGE, resolve_scorer, support_style
 from labeling.simulate import ranks_from_scores, simulate
 
 
@@ -137,6 +137,10 @@ def test_scorers_and_simulated_rankings():
     assert support_style("q", good) > support_style("q", "Open Settings.")
     assert support_style("q", good) > support_style("q", good + " and then" * 60)
     assert support_style("q", good) > support_style("q", "Thanks for reaching out! Open Settings > Sync and tap")
+    for opening in ("Hi there!", "I'm really sorry.", "I'm so sorry!", "We are sorry.", "Happy to help!"):
+        assert support_style("q", f"{opening} Open Settings > Sync and tap Sync now.") > support_style(
+            "q", "Open Settings > Sync and tap Sync now."), opening
+    assert not ACKNOWLEDGE.search("Highlights live in Settings > Sync for now.")  # "hi" only as a word
     assert resolve_scorer("polite")("q", "Thanks, please try again") == 2
     assert resolve_scorer("sentiment")("q", "I love it, great!") > resolve_scorer("sentiment")("q", "This is awful.")
     assert resolve_scorer("labeling.scorers:length")("q", "a b c") == 3
