@@ -50,9 +50,12 @@ def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_r
     task = store.task(task_id)
     k = len(task["responses"])
     order = shown_order(task_id, session["annotator_id"], k, seed)
+    draft = store.draft(session["annotator_id"], task_id)
     return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
             "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
-            "progress": store.progress(session["annotator_id"])}
+            "progress": store.progress(session["annotator_id"]),
+            # a saved partial ranking in shown order (None where unranked), so a reload loses nothing
+            "draft": [draft[i] or None for i in order] if draft else None}
 
 
 def to_canonical(task: dict[str, Any], ranks_shown: list[int]) -> list[int]:

@@ -239,6 +239,8 @@ class Store:
                     batch=batch, round=round, kind=kind, prompt_id=prompt_id, source=json.dumps(source or {}, default=str),
                     is_gold=False, created=now)).inserted_primary_key[0]
                 metas = item.get("response_meta") or [{} for _ in texts]
+                if len(metas) != len(texts):
+                    raise ValueError(f"item {n}: 'response_meta' has {len(metas)} entries for {len(texts)} responses")
                 conn.execute(insert(responses), [
                     {"task_id": task_id, "position": i, "text": t, "meta": json.dumps(m, default=str)}
                     for i, (t, m) in enumerate(zip(texts, metas, strict=True))])
@@ -434,6 +436,14 @@ class Store:
             except IntegrityError:
                 continue  # another request of this annotator inserted first: look again
         return False
+
+    def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
+        """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(rankings.c.ranks).where(
+                rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
+                rankings.c.status == "draft")).first()
+        return json.loads(row[0]) if row else None
 
     def discard(self, ranking_task_id: int, annotator_id: int) -> None:
         with self.tx() as conn:

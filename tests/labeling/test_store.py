@@ -195,10 +195,17 @@ def test_a_draft_is_kept_then_replaced_by_the_submit(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
     task = handlers.next_task(store, alice)
+    assert task["draft"] is None
     handlers.save_draft(store, alice, task, [1, None, None, None])
     assert store.submitted_rankings() == []
+    again = handlers.next_task(store, alice)  # a reload: the same task, the partial ranking as it was shown
+    assert again["order"] == task["order"] and again["draft"] == [1, None, None, None]
+    handlers.save_draft(store, alice, task, [1, 3, None, 2])
+    assert handlers.next_task(store, alice)["draft"] == [1, 3, None, 2]
     handlers.submit(store, alice, task, [1, 2, 3, 4])
     assert len(store.submitted_rankings()) == 1
+    with pytest.raises(ValueError, match="'response_meta' has 1 entries for 2 responses"):
+        store.add_tasks("round-0", [{"prompt": "new", "responses": ["a", "b"], "response_meta": [{}]}], source={})
 
 
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
