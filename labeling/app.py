@@ -316,7 +316,7 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
 
         def do_refresh(sess):
             try:
-                stats = handlers.admin_stats(store, sess)
+                stats = handlers.admin_stats(store, sess, overlap=overlap)
             except (PermissionError, handlers.AuthError) as err:
                 return [f"⛔ {err}", "", None, None, ""]
             return ["", _totals(stats), _table(stats.get("per_annotator")), _table(stats.get("per_batch")),
