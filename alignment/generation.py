@@ -67,14 +67,16 @@ def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str
 
 @torch.no_grad()
 def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
-             system_prompt: str | None = None, desc: str = "sampling") -> list[list[str]]:
-    """k responses for each prompt (a list of k strings per prompt), in prompt order."""
+             system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[str]]:
+    """k responses for each prompt (a list of k strings per prompt), in prompt order.
+
+    ``desc=None`` shows no progress bar (for a caller that keeps its own)."""
     tokenizer, model = policy.tokenizer, policy.model
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     outputs: list[list[str]] = []
     batches = range(0, len(prompts), gen.batch_size)
-    for b, start in enumerate(tqdm(batches, desc=desc, unit="batch")):
+    for b, start in enumerate(tqdm(batches, desc=desc, unit="batch", disable=desc is None)):
         chunk = prompts[start:start + gen.batch_size]
         texts = [chat_prompt(tokenizer, p, system_prompt) for p in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from alignment import StageError
 from alignment.artifacts import print_done, read_manifest, stage_dir, write_manifest
 from alignment.config import SampleStageConfig, save_config, to_dict
@@ -44,7 +46,7 @@ def resample_duplicates(policy, prompt: str, responses: list[str], cfg: SampleSt
         if not dup:
             return meta
         gen = replace(cfg.generation, seed=cfg.generation.seed + 7919 * attempt, batch_size=1)
-        fresh = generate(policy, [prompt], gen, k=len(dup), desc="re-sampling duplicates")[0]
+        fresh = generate(policy, [prompt], gen, k=len(dup), desc=None)[0]
         for i, text in zip(dup, fresh, strict=True):
             responses[i] = text
     for i, r in enumerate(responses):
@@ -95,10 +97,11 @@ def main(cfg: SampleStageConfig) -> Path:
 
         # --- sample → store, one transaction per generation batch ---------------------------
         step = cfg.generation.batch_size
+        bar = tqdm(total=len(todo), desc="sampling", unit="prompt")
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             gen = replace(cfg.generation, seed=cfg.generation.seed + start)
-            responses = generate(policy, chunk, gen, k=cfg.k, desc=f"sampling {start + len(chunk)}/{len(todo)}")
+            responses = generate(policy, chunk, gen, k=cfg.k, desc=None)
             items = []
             for prompt, resp in zip(chunk, responses, strict=True):
                 meta = resample_duplicates(policy, prompt, resp, cfg)
@@ -106,6 +109,8 @@ def main(cfg: SampleStageConfig) -> Path:
                 items.append({"prompt": prompt, "responses": resp,
                               "response_meta": [{"policy": str(policy_dir), **m} for m in meta]})
             added += store.add_tasks(batch, items, source=source, round=cfg.round)
+            bar.update(len(chunk))
+        bar.close()
 
     # --- save -------------------------------------------------------------------------------
     rows = store.batch_tasks(batch)
