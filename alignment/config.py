@@ -198,6 +198,10 @@ class DPOStageConfig:
     beta: float = 0.1
     # The probability a label is flipped: robust (cDPO-style, < 0.5), exo_pair (> 0), aot.
     label_smoothing: float = 0.0
+    # Evaluate the held-out pairs before the first update too (the SFT policy's figures as step 0
+    # of the eval curves). Off saves one pass over the held-out pairs; the SFT's margin is then
+    # taken from the final evaluation (log-prob margin minus reward margin / beta, exact).
+    eval_on_start: bool = True
     run: RunConfig = field(default_factory=RunConfig)
 
 

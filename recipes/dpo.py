@@ -101,7 +101,7 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
         # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure.
-        eval_on_start=has_eval,
+        eval_on_start=has_eval and cfg.eval_on_start,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.train.eval_steps,
         save_strategy="steps",
@@ -180,11 +180,12 @@ def main(cfg: DPOStageConfig) -> Path:
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if test is not None:
         metrics.update(trainer.evaluate())
-        # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now.
-        evals = [r for r in trainer.state.log_history if "eval_logps/chosen" in r]
-        before, after = evals[0], evals[-1]
-        metrics["heldout_logp_margin_sft"] = before["eval_logps/chosen"] - before["eval_logps/rejected"]
-        metrics["heldout_logp_margin_dpo"] = after["eval_logps/chosen"] - after["eval_logps/rejected"]
+        # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now. The
+        # reference is the SFT policy and TRL's rewards are beta * (log pi - log ref), averaged
+        # like the log-probs, so the SFT's margin is exactly the policy's minus reward margin / beta.
+        margin = metrics["eval_logps/chosen"] - metrics["eval_logps/rejected"]
+        metrics["heldout_logp_margin_sft"] = margin - metrics["eval_rewards/margins"] / cfg.beta
+        metrics["heldout_logp_margin_dpo"] = margin
         log.info("held-out: implicit reward accuracy %.3f, margin %.3f; policy log-prob margin %.2f (SFT) -> %.2f",
                  metrics.get("eval_rewards/accuracies", float("nan")), metrics.get("eval_rewards/margins", float("nan")),
                  metrics["heldout_logp_margin_sft"], metrics["heldout_logp_margin_dpo"])

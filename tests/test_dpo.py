@@ -109,6 +109,11 @@ def test_reference_is_the_sft_policy_in_the_cli_run(dpo_run):
     first = next(r for r in rows if r["step"] == 1 and "rewards/chosen" in r)  # before the first update
     for row, prefix in ((start, "eval_"), (first, "")):
         assert abs(row[f"{prefix}rewards/chosen"]) < 1e-4 and abs(row[f"{prefix}rewards/rejected"]) < 1e-4, row
+    # The SFT's held-out margin in the manifest (derived from the final eval through beta) is
+    # the one measured at step 0, when the policy was the SFT adapter.
+    metrics = json.loads((out / "align.json").read_text())["metrics"]
+    measured = start["eval_logps/chosen"] - start["eval_logps/rejected"]
+    assert metrics["heldout_logp_margin_sft"] == pytest.approx(measured, rel=1e-3, abs=1e-2)
 
 
 def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, tiny_model, tmp_path):
