@@ -73,7 +73,6 @@ def submitted_count(url: str) -> int:
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
     from labeling.store import Store
-
     from recipes.sample import store_url
 
     store = Store(store_url(cfg.sample.store, cfg.run.dir))
