@@ -74,6 +74,9 @@ class TrainConfig:
     save_total_limit: int = 2
     # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
+    # Liger's fused Triton kernels in TRL's trainers (fused linear + cross-entropy: no full-vocabulary
+    # logits in memory). CUDA only, `pip install liger-kernel` (the `gpu` extra).
+    liger: bool = False
 
 
 @dataclass

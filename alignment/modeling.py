@@ -73,6 +73,23 @@ def device_plan(cfg: ModelConfig) -> DevicePlan:
     return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
 
 
+def liger_kernel(liger: bool) -> bool:
+    """`train.liger` checked against the machine: TRL's `use_liger_kernel`, or a clear error."""
+    if not liger:
+        return False
+    from alignment import StageError
+
+    if not torch.cuda.is_available():
+        raise StageError("train.liger=true needs CUDA: Liger's kernels are Triton GPU kernels and this machine "
+                         "has no GPU; leave train.liger=false")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as err:
+        raise StageError("train.liger=true needs the liger-kernel package: pip install 'align[gpu]' "
+                         "(or pip install liger-kernel)") from err
+    return True
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

@@ -51,6 +51,7 @@ from alignment.modeling import (
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
+    liger_kernel,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
@@ -509,6 +510,7 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         max_completion_length=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
         top_p=cfg.generation.top_p, beta=cfg.rl.kl_coef, epsilon=cfg.rl.clip_range,
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
+        use_liger_kernel=liger_kernel(cfg.train.liger),
         logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.rl.save_steps or cfg.train.max_steps,
         save_total_limit=cfg.train.save_total_limit, report_to=report_to(cfg.run),
         run_name=f"{Path(cfg.run.dir).name}/{cfg.algo}", dataloader_num_workers=0,
@@ -558,6 +560,10 @@ def main(cfg: PPOStageConfig) -> Path:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = device_plan(cfg.model)
     log.info(plan.describe())
+    if cfg.train.liger and cfg.algo == "ppo":
+        raise StageError("train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
+                         "align's own PPO loop does not use it: leave train.liger=false")
+    liger_kernel(cfg.train.liger)  # checked before any loading
     if cfg.scorer:
         resolve_scorer(cfg.scorer)  # a wrong name fails now, not after the models load
     else:  # the gate, before any model is loaded

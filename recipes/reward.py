@@ -34,6 +34,7 @@ from alignment.modeling import (
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
+    liger_kernel,
     load_tokenizer,
     peft_lora_config,
 )
@@ -78,6 +79,7 @@ class RankingRewardTrainer(RewardTrainer):
 
 def main(cfg: RewardStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
+    liger_kernel(cfg.train.liger)  # a machine that cannot, refused before anything else
     out = stage_dir(cfg.run.dir, "reward")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if cfg.from_sft and not is_adapter_dir(sft):
@@ -113,6 +115,7 @@ def main(cfg: RewardStageConfig) -> Path:
     configure_wandb(cfg.run, "reward")
     has_eval = test is not None
     args = RewardConfig(
+        use_liger_kernel=liger_kernel(cfg.train.liger),
         output_dir=str(out / "checkpoints"),
         num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,

@@ -127,3 +127,18 @@ def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
     rc = align(["sft", f"model.name={tiny_model}", f"data.path={bad}", f"run.dir={tmp_path}", "run.wandb=disabled"])
     assert rc == 2
     assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+def test_liger_without_cuda_is_a_clear_error_before_loading(stage, tiny_model, tmp_path, capsys):
+    """train.liger=true on CPU names the key and why, for every training stage, and writes nothing."""
+    args = [stage, f"model.name={tiny_model}", f"run.dir={tmp_path}", "run.wandb=disabled", "train.liger=true"]
+    if stage in ("reward", "dpo", "ppo"):
+        (tmp_path / "prefs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+        args += [f"data.path={tmp_path / 'prefs.jsonl'}"] if stage != "ppo" else ["scorer=length", "sft=none"]
+    rc = align(args)
+    err = capsys.readouterr().err
+    assert rc != 0 and "train.liger" in err, err
+    assert ("CUDA" in err) if stage != "ppo" else ("own PPO loop" in err), err
+    assert not (tmp_path / stage / "align.json").exists()
