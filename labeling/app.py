@@ -236,6 +236,8 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
             is_pair = next_.get("kind") == "pairwise"
             done, assigned = next_["progress"]["done"], next_["progress"]["assigned"]
             choices = [str(r) for r in range(1, k + 1)]
+            # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
+            draft = (next_.get("draft") or []) + [None] * MAX_K
             return [
                 next_, time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
@@ -245,7 +247,8 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
                 f"**Customer:** {next_['prompt']}",
                 *[gr.update(visible=i < k) for i in range(MAX_K)],
                 *[gr.update(value=responses[i] if i < k else "") for i in range(MAX_K)],
-                *[gr.update(choices=choices, value=None, visible=not is_pair) for _ in range(MAX_K)],
+                *[gr.update(choices=choices, value=str(draft[i]) if draft[i] else None, visible=not is_pair)
+                  for i in range(MAX_K)],
                 gr.update(visible=is_pair, value=None),
                 gr.update(value=False, visible=not is_pair), False, "", gr.update(interactive=True),
             ]
@@ -297,6 +300,19 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
             except (ValueError, PermissionError, handlers.AuthError) as err:
                 return [f"⚠️ {err}", *[gr.skip()] * (len(task_outputs) - 1), gr.update(interactive=True)]
             return [f"✅ {result.get('message') or 'Saved.'}", *show(next_for(sess))]
+
+        def do_draft(sess, current, *rank_values):
+            """Every rank the annotator sets is kept as a draft (never over a submitted ranking)."""
+            if sess is None or current is None or current.get("kind") == "pairwise":
+                return
+            try:
+                handlers.save_draft(store, sess, current, list(rank_values[:current["k"]]))
+            except (ValueError, PermissionError, handlers.AuthError) as err:
+                log.warning("draft of task %s not saved: %s", current.get("task_id"), err)
+
+        for rank in ranks:  # .input: the annotator's own clicks and keys, not the updates show() makes
+            rank.input(do_draft, [session, task, *ranks], None, trigger_mode="always_last",
+                       show_progress="hidden")
 
         def do_skip(sess, current):
             if sess is None:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
-ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed"]
+ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload"]
 TIMEOUT_MS = 15_000
 
 # A real-looking task for the screenshot: one prompt from data/support/prompts.jsonl and four
@@ -233,6 +233,43 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     page.keyboard.press("s")  # skip: a new task, no ranking
     page.wait_for_function("p => !document.querySelector('#align-prompt').innerText.includes(p)", arg=prompt2)
     assert len(rankings_of(store, "keys")) == 1
+
+
+def test_a_partial_ranking_survives_a_reload(served, browser):
+    """Ranks set before a reload (or a crash of the tab) are saved as a draft and shown again."""
+    from labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "reload", PASSWORD)["annotator_id"]
+    first = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    first.set_default_timeout(TIMEOUT_MS)
+    sign_in(first, url, "reload")
+    prompt, bodies = shown_task(first)
+    first.click("#rank-a label:has-text('2')")
+    first.click("#rank-b label:has-text('1')")
+    task_id, partial = canonical(store, prompt, bodies, [2, 1, 0, 0])
+    deadline = time.monotonic() + 10
+    while store.draft(annotator, task_id) != partial and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.draft(annotator, task_id) == partial
+    first.context.close()  # the tab is gone without a submit
+
+    again = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    again.set_default_timeout(TIMEOUT_MS)
+    try:
+        sign_in(again, url, "reload")
+        assert shown_task(again) == (prompt, bodies)  # the same task, in the same shuffled order
+        checked = [again.locator(f"#rank-{x} input:checked") for x in "abcd"]
+        assert [c.get_attribute("value") if c.count() else None for c in checked] == ["2", "1", None, None]
+        again.click("#rank-c label:has-text('4')")
+        again.click("#rank-d label:has-text('3')")
+        again.click("#align-submit")
+        wait_for_message(again, "✅")
+        rows = wait_for_rows(store, "reload", 1)
+        assert [(r["task_id"], r["ranks"]) for r in rows] == [canonical(store, prompt, bodies, [2, 1, 4, 3])]
+        assert store.draft(annotator, task_id) is None  # the draft became the submitted ranking
+    finally:
+        again.context.close()
 
 
 def test_double_click_on_submit_keeps_one_ranking(served, page):
