@@ -2,25 +2,32 @@
 
     python benchmarks/ppo.py                                  # 4-bit base, 6 steps, 8 prompts, 48 tokens
     python benchmarks/ppo.py --steps 10 --sft runs/quickstart/sft --no-quantize
+    pip install --no-deps --target /tmp/trl112 trl==1.12.0    # once: TRL 1.12 beside the venv's TRL
+    python benchmarks/ppo.py --trl112 /tmp/trl112 --sft runs/quickstart/sft --reward runs/quickstart/reward
 
-Runs the real stage through `alignment.cli.main` with a programmatic reward (the reply's length
-in words, clipped: cheap to score, so the figures are PPO's own) and reads its metrics.jsonl:
-the rollout (generation with the KV cache) and the update (old/ref/value forwards + ppo_epochs
-of minibatch forward/backward) per step, response tokens per second, and peak RSS. Step 1 is
-left out of the medians (it pays one-off costs). Without --sft a fresh LoRA stands in for the
-SFT adapter (timings do not depend on its values; the reference is then the adapter-disabled
-base, the same forward cost as a "ref" adapter).
+Runs the real stage through `alignment.cli.main` and reads its metrics.jsonl: the rollout
+(generation with the KV cache) and the update (old/ref/value forwards + ppo_epochs of minibatch
+forward/backward) per step, response tokens per second, and peak RSS. Step 1 is left out of the
+medians (it pays one-off costs). The reward is `--reward` (an `align reward` folder) or else a
+programmatic one (the reply's length in words, clipped: cheap, so the figures are PPO's own).
+Without --sft a fresh LoRA stands in for the SFT adapter (timings do not depend on its values;
+the reference is then the adapter-disabled base, the same forward cost as a "ref" adapter).
 
-Only our figures are printed: TRL removed its PPOTrainer in 1.13, and a comparison with TRL
-1.12's experimental one would need a separate virtual environment, which this script does not
-build.
+`--trl112 DIR` then runs TRL 1.12's experimental PPOTrainer (removed from TRL in 1.13) on the
+same work in its own process (benchmarks/ppo_trl112.py, DIR first on PYTHONPATH) and prints the
+ratio of seconds per update. Both sides then use an unquantized fp32 base: TRL casts a 4-bit
+model's adapters to bf16, which this CPU runs 10-45x slower, so that would not be the same work.
+TRL's side is its design: a full value model and a reward model beside the policy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +49,11 @@ def main() -> int:
     parser.add_argument("--minibatch", type=int, default=4)
     parser.add_argument("--sft", default="none")
     parser.add_argument("--no-quantize", action="store_true")
+    parser.add_argument("--reward", help="an `align reward` folder (default: a programmatic reward)")
+    parser.add_argument("--trl112", metavar="DIR", help="TRL 1.12 installed with pip --target DIR: compare")
     args = parser.parse_args()
+    if args.trl112:
+        args.no_quantize = True  # the same work on both sides (see above)
     sys.path.insert(0, str(REPO))
 
     from alignment.cli import main as align
@@ -50,11 +61,13 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="align-ppo-bench-") as tmp:
         started = time.perf_counter()
-        code = align(["ppo", f"run.dir={tmp}", f"sft={args.sft}", "model.name=smollm2-135m", "scorer=__main__:words",
+        reward = [f"reward_model={args.reward}", "min_reward_accuracy=0"] if args.reward else ["scorer=__main__:words"]
+        code = align(["ppo", f"run.dir={tmp}", f"sft={args.sft}", "model.name=smollm2-135m", *reward,
                       f"model.quantize={str(not args.no_quantize).lower()}", f"train.max_steps={args.steps}",
                       f"rl.rollout_prompts={args.prompts}", f"rl.minibatch_size={args.minibatch}",
                       f"rl.ppo_epochs={args.epochs}", f"generation.max_new_tokens={args.tokens}",
-                      f"generation.batch_size={args.prompts}", "rl.save_steps=0", "run.wandb=disabled",
+                      f"generation.batch_size={args.prompts}", "generation.top_p=1.0", "rl.save_steps=0",
+                      "run.wandb=disabled",
                       "train.lr=1e-5"])
         if code:
             return code
@@ -75,7 +88,22 @@ def main() -> int:
           f"processed tokens/s (rollout + {args.epochs} epochs) {med('tokens_per_s'):.1f}")
     print(f"  whole stage {total:.1f} s (model load, {len(rows)} steps, save); peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print("  TRL: no comparison (PPOTrainer left TRL in 1.13; TRL 1.12 in its own venv is not built here)")
+    if not args.trl112:
+        print("  TRL: no comparison (PPOTrainer left TRL in 1.13; pass --trl112 DIR to run TRL 1.12's)")
+        return 0
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join([args.trl112, str(REPO)])}
+    cmd = [sys.executable, str(REPO / "benchmarks/ppo_trl112.py"), f"--steps={args.steps}",
+           f"--prompts={args.prompts}", f"--tokens={args.tokens}", f"--epochs={args.epochs}",
+           f"--minibatch={args.minibatch}", f"--sft={args.sft}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return out.returncode
+    trl = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"TRL {trl['trl']} PPOTrainer, same work: {trl['step_s']:.2f} s per step (median of steps 2-{trl['steps']}; "
+          f"step 1 {trl['first_step_s']:.1f} s), peak RSS {trl['peak_rss_mib']:.0f} MiB")
+    print(f"  ours/TRL speed per update: {trl['step_s'] / step:.2f}x"
+          + ("" if args.reward else "  (ours scores with a programmatic reward, TRL with a reward model forward)"))
     return 0
 
 
