@@ -73,10 +73,10 @@ def device_plan(cfg: ModelConfig) -> DevicePlan:
     return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
 
 
-def liger_kernel(liger: bool) -> bool:
-    """`train.liger` checked against the machine: TRL's `use_liger_kernel`, or a clear error."""
+def check_liger(liger: bool) -> None:
+    """`train.liger` (TRL's `use_liger_kernel`) checked against the machine: a clear error if it cannot."""
     if not liger:
-        return False
+        return
     from alignment import StageError
 
     if not torch.cuda.is_available():
@@ -87,7 +87,6 @@ def liger_kernel(liger: bool) -> bool:
     except ImportError as err:
         raise StageError("train.liger=true needs the liger-kernel package: pip install 'align[gpu]' "
                          "(or pip install liger-kernel)") from err
-    return True
 
 
 def load_tokenizer(name_or_path: str):

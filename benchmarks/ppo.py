@@ -67,8 +67,7 @@ def main() -> int:
                       f"rl.rollout_prompts={args.prompts}", f"rl.minibatch_size={args.minibatch}",
                       f"rl.ppo_epochs={args.epochs}", f"generation.max_new_tokens={args.tokens}",
                       f"generation.batch_size={args.prompts}", "generation.top_p=1.0", "rl.save_steps=0",
-                      "run.wandb=disabled",
-                      "train.lr=1e-5"])
+                      "run.wandb=disabled", "train.lr=1e-5"])
         if code:
             return code
         total = time.perf_counter() - started

@@ -33,10 +33,10 @@ from alignment.data import file_hash
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
+    check_liger,
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
-    liger_kernel,
     load_base_model,
     load_tokenizer,
 )
@@ -94,7 +94,7 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
         bf16=plan.bf16,
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
-        use_liger_kernel=liger_kernel(cfg.train.liger),
+        use_liger_kernel=cfg.train.liger,
         gradient_checkpointing=plan.gradient_checkpointing,
         max_length=cfg.model.max_length,
         loss_type=[cfg.loss],
@@ -123,7 +123,7 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
 def main(cfg: DPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check_loss(cfg)
-    liger_kernel(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
     out = stage_dir(cfg.run.dir, "dpo")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if not is_adapter_dir(sft):

@@ -48,10 +48,10 @@ from alignment.data import file_hash, load_prompts
 from alignment.generation import chat_prompt
 from alignment.modeling import (
     adapter_base_name,
+    check_liger,
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
-    liger_kernel,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
@@ -510,7 +510,7 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         max_completion_length=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
         top_p=cfg.generation.top_p, beta=cfg.rl.kl_coef, epsilon=cfg.rl.clip_range,
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=liger_kernel(cfg.train.liger),
+        use_liger_kernel=cfg.train.liger,
         logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.rl.save_steps or cfg.train.max_steps,
         save_total_limit=cfg.train.save_total_limit, report_to=report_to(cfg.run),
         run_name=f"{Path(cfg.run.dir).name}/{cfg.algo}", dataloader_num_workers=0,
@@ -563,7 +563,7 @@ def main(cfg: PPOStageConfig) -> Path:
     if cfg.train.liger and cfg.algo == "ppo":
         raise StageError("train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
                          "align's own PPO loop does not use it: leave train.liger=false")
-    liger_kernel(cfg.train.liger)  # checked before any loading
+    check_liger(cfg.train.liger)  # checked before any loading
     if cfg.scorer:
         resolve_scorer(cfg.scorer)  # a wrong name fails now, not after the models load
     else:  # the gate, before any model is loaded

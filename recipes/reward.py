@@ -31,10 +31,10 @@ from alignment.config import RewardStageConfig, save_config, to_dict
 from alignment.data import DataError, file_hash
 from alignment.modeling import (
     adapter_base_name,
+    check_liger,
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
-    liger_kernel,
     load_tokenizer,
     peft_lora_config,
 )
@@ -79,7 +79,7 @@ class RankingRewardTrainer(RewardTrainer):
 
 def main(cfg: RewardStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    liger_kernel(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
     out = stage_dir(cfg.run.dir, "reward")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if cfg.from_sft and not is_adapter_dir(sft):
@@ -115,7 +115,7 @@ def main(cfg: RewardStageConfig) -> Path:
     configure_wandb(cfg.run, "reward")
     has_eval = test is not None
     args = RewardConfig(
-        use_liger_kernel=liger_kernel(cfg.train.liger),
+        use_liger_kernel=cfg.train.liger,
         output_dir=str(out / "checkpoints"),
         num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,

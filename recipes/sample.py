@@ -97,20 +97,19 @@ def main(cfg: SampleStageConfig) -> Path:
 
         # --- sample → store, one transaction per generation batch ---------------------------
         step = cfg.generation.batch_size
-        bar = tqdm(total=len(todo), desc="sampling", unit="prompt")
-        for start in range(0, len(todo), step):
-            chunk = todo[start:start + step]
-            gen = replace(cfg.generation, seed=cfg.generation.seed + start)
-            responses = generate(policy, chunk, gen, k=cfg.k, desc=None)
-            items = []
-            for prompt, resp in zip(chunk, responses, strict=True):
-                meta = resample_duplicates(policy, prompt, resp, cfg)
-                duplicates += sum("duplicate_of" in m for m in meta)
-                items.append({"prompt": prompt, "responses": resp,
-                              "response_meta": [{"policy": str(policy_dir), **m} for m in meta]})
-            added += store.add_tasks(batch, items, source=source, round=cfg.round)
-            bar.update(len(chunk))
-        bar.close()
+        with tqdm(total=len(todo), desc="sampling", unit="prompt") as bar:
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                gen = replace(cfg.generation, seed=cfg.generation.seed + start)
+                responses = generate(policy, chunk, gen, k=cfg.k, desc=None)
+                items = []
+                for prompt, resp in zip(chunk, responses, strict=True):
+                    meta = resample_duplicates(policy, prompt, resp, cfg)
+                    duplicates += sum("duplicate_of" in m for m in meta)
+                    items.append({"prompt": prompt, "responses": resp,
+                                  "response_meta": [{"policy": str(policy_dir), **m} for m in meta]})
+                added += store.add_tasks(batch, items, source=source, round=cfg.round)
+                bar.update(len(chunk))
 
     # --- save -------------------------------------------------------------------------------
     rows = store.batch_tasks(batch)

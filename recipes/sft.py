@@ -21,9 +21,9 @@ from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_sft_dataset
 from alignment.modeling import (
+    check_liger,
     device_plan,
     keep_trainable_in,
-    liger_kernel,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
@@ -57,7 +57,7 @@ def latest_checkpoint(folder: Path) -> str | None:
 
 def main(cfg: SFTStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    use_liger = liger_kernel(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
     out = stage_dir(cfg.run.dir, "sft")
     out.mkdir(parents=True, exist_ok=True)
     plan = device_plan(cfg.model)
@@ -100,7 +100,7 @@ def main(cfg: SFTStageConfig) -> Path:
         seed=cfg.train.seed,
         # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
         bf16=plan.bf16,
-        use_liger_kernel=use_liger,
+        use_liger_kernel=cfg.train.liger,
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
         gradient_checkpointing=plan.gradient_checkpointing,

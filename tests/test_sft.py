@@ -134,9 +134,11 @@ def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
 def test_liger_without_cuda_is_a_clear_error_before_loading(stage, tiny_model, tmp_path, capsys):
     """train.liger=true on CPU names the key and why, for every training stage, and writes nothing."""
     args = [stage, f"model.name={tiny_model}", f"run.dir={tmp_path}", "run.wandb=disabled", "train.liger=true"]
-    if stage in ("reward", "dpo", "ppo"):
+    if stage in ("reward", "dpo"):
         (tmp_path / "prefs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-        args += [f"data.path={tmp_path / 'prefs.jsonl'}"] if stage != "ppo" else ["scorer=length", "sft=none"]
+        args.append(f"data.path={tmp_path / 'prefs.jsonl'}")
+    elif stage == "ppo":
+        args += ["scorer=length", "sft=none"]
     rc = align(args)
     err = capsys.readouterr().err
     assert rc != 0 and "train.liger" in err, err
