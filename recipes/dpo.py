@@ -36,9 +36,9 @@ from alignment.modeling import (
     check_liger,
     device_plan,
     is_adapter_dir,
-    keep_trainable_in,
     load_base_model,
     load_tokenizer,
+    speed_up_cpu_training,
 )
 from alignment.preferences import load_preferences
 from alignment.reward_model import trainable_on_cpu
@@ -166,11 +166,11 @@ def main(cfg: DPOStageConfig) -> Path:
     if plan.device == "cpu":
         # TRL rounds a quantized model's trainable adapter to bf16 (the QLoRA GPU recipe). On CPU
         # we train in fp32, so restore the policy from the exact fp32 "ref" copy: step 0 is then
-        # exactly the SFT policy, and the adapter stays fp32 (see keep_trainable_in).
+        # exactly the SFT policy, and the adapter stays fp32 (see speed_up_cpu_training).
         for name, param in policy.named_parameters():
             if ".default." in name:
                 param.data = policy.get_parameter(name.replace(".default.", ".ref.")).data.to(torch.float32).clone()
-        keep_trainable_in(policy, torch.float32)
+        speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
     resume = cfg.train.resume_from_checkpoint

@@ -20,7 +20,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
@@ -34,9 +33,9 @@ from alignment.modeling import (
     check_liger,
     device_plan,
     is_adapter_dir,
-    keep_trainable_in,
     load_tokenizer,
     peft_lora_config,
+    speed_up_cpu_training,
 )
 from alignment.preferences import RankingBatchSampler, load_preferences
 from alignment.reward_model import (
@@ -163,7 +162,7 @@ def main(cfg: RewardStageConfig) -> Path:
         callbacks=[MetricsJSONL(out)],
     )
     if plan.device == "cpu":
-        keep_trainable_in(trainer.model, torch.float32)
+        speed_up_cpu_training(trainer.model)
     dropped = len(train) - len(trainer.train_dataset)
     if dropped:
         log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",
