@@ -55,6 +55,7 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     peft_lora_config,
+    speed_up_cpu_training,
 )
 from alignment.reward_model import trainable_on_cpu
 from alignment.tracking import Tracker, read_jsonl
@@ -242,9 +243,12 @@ def shared_base_reward(model, rm: Path) -> Reward:
 def forward(model, head, input_ids, attention_mask, context: int, temperature: float, *, values: bool = True):
     """(log-probs of the response tokens, values, logits) for one batch; response = ids[:, context:]."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: as generate() numbered them
+    # Logits for the response positions only: the LM head (a 49k vocabulary on the embedded model)
+    # over the prompt would be thrown away.
+    keep = input_ids.shape[1] - context + 1
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                output_hidden_states=values, use_cache=False)
-    logits = out.logits[:, context - 1:-1]
+                output_hidden_states=values, use_cache=False, logits_to_keep=keep)
+    logits = out.logits[:, :-1]
     logp = R.logprobs_of(logits, input_ids[:, context:], temperature)
     v = head(out.hidden_states[-1][:, context - 1:-1]) if values else None
     return logp, v, logits
@@ -524,7 +528,7 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             for name, param in policy.named_parameters():
                 if ".default." in name:
                     param.data = policy.get_parameter(name.replace(".default.", ".ref.")).data.float().clone()
-        keep_trainable_in(policy, torch.float32)
+        speed_up_cpu_training(policy)
     resume = find_trl_checkpoint(out, cfg.train.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
