@@ -132,6 +132,10 @@ class GenerationConfig:
     top_p: float = 0.95
     batch_size: int = 16  # prompts per generate() call (left-padded, KV cache on)
     seed: int = 0
+    # transformers: model.generate (any device). vllm: vLLM's engine with the adapter served through
+    # its LoRA support (CUDA and `pip install vllm`; align sample, align eval, algo=grpo/rloo).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_gpu_memory_utilization: float = 0.4  # the share of GPU memory vLLM takes (the rest: training)
 
 
 @dataclass

@@ -4,6 +4,10 @@ Generation is most of RLHF's wall time, so prompts go through `generate` in batc
 padded (decoder-only models continue from the right edge), with the KV cache on, and finished
 sequences stop at EOS. Seeds are per batch, so two policies sampled with the same settings see
 the same random stream: the comparison in `align eval` is paired.
+
+On a GPU with vLLM installed, `generation.backend=vllm` samples with vLLM's engine instead: one
+engine per base model, each adapter served through vLLM's LoRA support (a LoRARequest per
+adapter folder), prompts tokenized here exactly as for transformers, a seed per prompt.
 """
 
 from __future__ import annotations
@@ -35,11 +39,16 @@ class Policy:
     base_model: str  # logical base name (for manifests)
 
 
-def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan) -> Policy:
-    """An adapter folder (base + adapter), or anything `from_pretrained` takes, ready to generate."""
+def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *, load_model: bool = True) -> Policy:
+    """An adapter folder (base + adapter), or anything `from_pretrained` takes, ready to generate.
+
+    ``load_model=False``: the tokenizer only (vLLM loads the weights itself)."""
     from dataclasses import replace
 
     source = str(source)
+    if not load_model:
+        base_name = adapter_base_name(source) if is_adapter_dir(source) else source
+        return Policy(None, load_tokenizer(source), source, base_name)
     if is_adapter_dir(source):
         from peft import PeftModel
 
@@ -71,6 +80,8 @@ def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: in
     """k responses for each prompt (a list of k strings per prompt), in prompt order.
 
     ``desc=None`` shows no progress bar (for a caller that keeps its own)."""
+    if gen.backend == "vllm":
+        return vllm_generate(policy, prompts, gen, k=k, system_prompt=system_prompt, desc=desc)
     tokenizer, model = policy.tokenizer, policy.model
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -99,3 +110,82 @@ def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: in
         for i in range(len(chunk)):
             outputs.append([d.strip() for d in decoded[i * k:(i + 1) * k]])
     return outputs
+
+
+# ---------------------------------------------------------------------------- vLLM
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
+_engines: dict[str, object] = {}
+_adapter_ids: dict[str, int] = {}
+
+
+def check_backend(gen: GenerationConfig) -> None:
+    """`generation.backend` checked against the machine before any model loads: a clear error if it cannot."""
+    if gen.backend != "vllm":
+        return
+    from alignment import StageError
+
+    if not torch.cuda.is_available():
+        raise StageError("generation.backend=vllm needs a CUDA GPU and this machine has none; "
+                         "use generation.backend=transformers")
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise StageError("generation.backend=vllm needs vLLM: pip install vllm (a CUDA machine), "
+                         "or use generation.backend=transformers") from err
+
+
+def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int):
+    """One vLLM engine per base model folder, LoRA on, kept for every adapter on that base."""
+    from vllm import LLM
+
+    engine = _engines.get(base)
+    if engine is None:
+        engine = LLM(model=base, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2, seed=gen.seed,
+                     gpu_memory_utilization=gen.vllm_gpu_memory_utilization, dtype="auto")
+        engine.align_max_lora_rank = max_lora_rank
+        _engines[base] = engine
+    elif max_lora_rank > engine.align_max_lora_rank:
+        from alignment import StageError
+
+        raise StageError(f"an adapter of rank {max_lora_rank} after one of rank {engine.align_max_lora_rank} on the "
+                         "same vLLM engine: sample them in separate runs")
+    return engine
+
+
+@torch.no_grad()
+def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
+                  system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[str]]:
+    """`generate` through vLLM: same prompts, token ids and sampling settings; the adapter as a LoRARequest."""
+    import json
+
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from alignment.modeling import resolve_model_path
+
+    source = policy.source
+    adapter = source if is_adapter_dir(source) else None
+    rank = 16
+    if adapter:
+        r = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+        rank = next((x for x in VLLM_LORA_RANKS if x >= r), r)
+    base = resolve_model_path(adapter_base_name(adapter) if adapter else source)
+    engine = vllm_engine(base, gen, rank)
+    lora = None
+    if adapter:
+        key = str(Path(adapter).resolve())
+        lora = LoRARequest(Path(adapter).name, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
+
+    tokenizer = policy.tokenizer
+    requests = [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, p, system_prompt),
+                                               add_special_tokens=False)["input_ids"]} for p in prompts]
+    sample = gen.temperature > 0
+    # A seed per prompt (its index), so two policies sampled with the same settings are paired.
+    params = [SamplingParams(n=k, temperature=gen.temperature if sample else 0.0,
+                             top_p=gen.top_p if sample else 1.0, max_tokens=gen.max_new_tokens,
+                             seed=gen.seed + i, stop_token_ids=[tokenizer.eos_token_id],
+                             skip_special_tokens=True) for i in range(len(prompts))]
+    results = engine.generate(requests, params, lora_request=lora, use_tqdm=desc is not None)
+    return [[c.text.strip() for c in r.outputs] for r in results]

@@ -45,7 +45,7 @@ from alignment import rl as R
 from alignment.artifacts import is_main_process, print_done, read_manifest, stage_dir, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import chat_prompt
+from alignment.generation import chat_prompt, check_backend
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -74,6 +74,10 @@ KILL_AFTER_STEP = "ALIGN_PPO_KILL_AFTER_STEP"
 
 def check(cfg: PPOStageConfig) -> None:
     rl, gen = cfg.rl, cfg.generation
+    if cfg.algo == "ppo" and gen.backend == "vllm":
+        raise ConfigError("generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV cache, "
+                          "batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
+    check_backend(gen)
     if gen.temperature <= 0:
         raise ConfigError("generation.temperature: PPO samples its rollouts, so it must be > 0 (1.0 is the usual)")
     if cfg.train.max_steps <= 0:
@@ -515,6 +519,9 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         top_p=cfg.generation.top_p, beta=cfg.rl.kl_coef, epsilon=cfg.rl.clip_range,
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
         use_liger_kernel=cfg.train.liger,
+        # vLLM in the training process (TRL syncs the policy's weights into it each step).
+        use_vllm=cfg.generation.backend == "vllm", vllm_mode="colocate",
+        vllm_gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
         logging_steps=cfg.train.logging_steps, save_strategy="steps", save_steps=cfg.rl.save_steps or cfg.train.max_steps,
         save_total_limit=cfg.train.save_total_limit, report_to=report_to(cfg.run),
         run_name=f"{Path(cfg.run.dir).name}/{cfg.algo}", dataloader_num_workers=0,

@@ -24,7 +24,7 @@ from alignment import StageError
 from alignment.artifacts import print_done, read_manifest, stage_dir, write_manifest
 from alignment.config import SampleStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import generate, load_policy
+from alignment.generation import check_backend, generate, load_policy
 from alignment.modeling import device_plan
 from alignment.tracking import Tracker, log_artifact
 
@@ -59,6 +59,7 @@ def main(cfg: SampleStageConfig) -> Path:
     from labeling.store import Store
 
     # --- resolve inputs ---------------------------------------------------------------------
+    check_backend(cfg.generation)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("align sample runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")
@@ -86,7 +87,8 @@ def main(cfg: SampleStageConfig) -> Path:
     added = duplicates = 0
     policy_manifest: dict = {}
     if todo:
-        policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan)
+        policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,
+                             load_model=cfg.generation.backend != "vllm")
         try:
             policy_manifest = read_manifest(policy_dir)
         except FileNotFoundError:

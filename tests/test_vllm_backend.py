@@ -1,0 +1,132 @@
+"""generation.backend=vllm: refused clearly where it cannot run, and the calls it makes to vLLM.
+
+vLLM needs a CUDA GPU, which CI does not have. Its refusals run for real here; what our code
+hands vLLM (token ids, sampling settings, the adapter as a LoRARequest, one engine per base) is
+checked against a stand-in `vllm` module that records the calls, since the engine itself cannot
+start on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.cli import main as align
+from alignment.config import GenerationConfig
+from alignment.generation import Policy, chat_prompt
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+@no_cuda
+@pytest.mark.parametrize("stage", ["sample", "eval", "ppo"])
+def test_vllm_without_cuda_is_a_clear_error_before_loading(stage, tiny_model, tmp_path, capsys):
+    args = [stage, f"run.dir={tmp_path}", "run.wandb=disabled", "generation.backend=vllm"]
+    if stage == "sample":
+        args += [f"policy={tiny_model}"]
+    elif stage == "ppo":
+        args += [f"model.name={tiny_model}", "scorer=length", "sft=none", "algo=grpo", "rl.num_generations=2"]
+    rc = align(args)
+    err = capsys.readouterr().err
+    assert rc != 0 and "generation.backend=vllm" in err and "CUDA" in err, err
+    assert not (tmp_path / stage / "align.json").exists()
+
+
+def test_ppo_own_loop_refuses_vllm_and_names_the_algorithms_that_take_it(tiny_model, tmp_path, capsys):
+    rc = align(["ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}", "run.wandb=disabled", "scorer=length",
+                "sft=none", "generation.backend=vllm"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "algo=grpo" in err and "generation.backend=vllm" in err, err
+
+
+class FakeLLM:
+    """Records what align hands vLLM and answers with the prompt's length and the sample's index."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        FakeLLM.made.append(kwargs)
+        self.calls: list[tuple] = []
+
+    def generate(self, requests, params, lora_request=None, use_tqdm=True):
+        self.calls.append((requests, params, lora_request))
+        out = types.SimpleNamespace
+        return [out(outputs=[out(text=f" {len(r['prompt_token_ids'])}-{j} ") for j in range(p.n)])
+                for r, p in zip(requests, params, strict=True)]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(name=name, id=lora_id, path=path)
+    for name, module in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    from alignment import generation
+
+    monkeypatch.setattr(generation, "_engines", {})
+    monkeypatch.setattr(generation, "_adapter_ids", {})
+    FakeLLM.made = []
+    return generation
+
+
+def adapter(tiny_model: str, folder: Path, r: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tiny_model, tmp_path):
+    from alignment.modeling import load_tokenizer
+
+    first, second = adapter(tiny_model, tmp_path / "sft", 4), adapter(tiny_model, tmp_path / "dpo", 16)
+    gen = GenerationConfig(backend="vllm", max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5)
+    tokenizer = load_tokenizer(str(first))
+    prompts = ["How do I sync?", "Where are my notes?", "Export to PDF?"]
+
+    got = fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts, gen, k=3)
+    ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert got == [[f"{len(i)}-{j}" for j in range(3)] for i in ids]  # in prompt order, k each, stripped
+
+    (made,) = FakeLLM.made
+    assert made["model"] == tiny_model and made["enable_lora"] and made["max_lora_rank"] == 8  # r=4 → 8
+    engine = fake_vllm._engines[tiny_model]
+    requests, params, lora = engine.calls[0]
+    assert [r["prompt_token_ids"] for r in requests] == ids
+    assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.seed) for p in params] == [
+        (3, 0.7, 0.9, 12, 5 + i) for i in range(3)]
+    assert params[0].stop_token_ids == [tokenizer.eos_token_id]
+    assert lora.path == str(first.resolve()) and lora.id == 1
+
+    # A second adapter on the same base: the same engine, its own LoRA id; a rank above the engine's is refused.
+    fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts[:1], gen)
+    assert len(FakeLLM.made) == 1 and engine.calls[1][2].id == 1
+    from alignment import StageError
+
+    with pytest.raises(StageError, match="rank 16"):
+        fake_vllm.generate(Policy(None, tokenizer, str(second), tiny_model), prompts[:1], gen)
+
+
+def test_sample_with_vllm_loads_no_torch_model(fake_vllm, tiny_model, tmp_path, monkeypatch):
+    """align sample's policy for vLLM is the tokenizer only: the GPU's memory is left to vLLM."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan
+
+    folder = adapter(tiny_model, tmp_path / "sft", 8)
+    policy = fake_vllm.load_policy(folder, ModelConfig(quantize=False), device_plan(ModelConfig(quantize=False)),
+                                   load_model=False)
+    assert policy.model is None and policy.base_model == json.loads(
+        (folder / "adapter_config.json").read_text())["base_model_name_or_path"]
