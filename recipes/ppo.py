@@ -16,6 +16,10 @@ Each step: sample a rollout (batched, left-padded, KV cache), score it, add a pe
 against the reference, GAE, then `rl.ppo_epochs` passes of clipped policy + value loss over
 minibatches. Rollouts are seeded by (seed, step), so a resumed run repeats an unkilled one.
 
+Under `accelerate launch` with N processes each rank samples and scores its share of the step's
+prompts (rl.rollout_prompts / N), the gradients are averaged over the ranks before each optimizer
+step (so every rank holds the same weights; checked at the end), and rank 0 writes everything.
+
 Writes <run.dir>/ppo/ (or grpo/, rloo/): a plain peft adapter (the policy, as "default"), the
 value head, tokenizer, config.yaml, metrics.jsonl, align.json (parents sft + reward_model), and
 checkpoints/step-N/ every rl.save_steps. docs/ppo.md explains every knob.
@@ -69,6 +73,66 @@ VALUE_HEAD = "value_head.safetensors"
 KILL_AFTER_STEP = "ALIGN_PPO_KILL_AFTER_STEP"
 
 
+class Ranks:
+    """This process's share of the PPO loop under `accelerate launch`; one process is rank 0 of 1.
+
+    The loop is written here, not by a trainer, so it does its own data split and gradient sync:
+    each rank samples rollout_prompts / world prompts, and the LoRA and value-head gradients are
+    averaged with one all-reduce (gloo on CPU, NCCL on GPU) before every optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cpu")
+        if self.world > 1:
+            from accelerate import PartialState
+
+            self.device = PartialState().device  # the process group, from the launcher's environment
+
+    def share(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return values
+        where = values.device
+        values = values.detach().to(self.device, copy=True)  # NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(values)
+        return (values / self.world).to(where)
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's `values` (same shape on each), concatenated in rank order."""
+        if self.world == 1:
+            return values
+        where, values = values.device, values.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(values) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, values)
+        return torch.cat(parts).to(where)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.mean(torch.cat([g.reshape(-1) for g in grads]))
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p).to(p.dtype)
+
+    def check_in_sync(self, params: list[torch.Tensor]) -> None:
+        """Stop if the ranks' weights differ: the saved adapter (rank 0's) would not be what all trained."""
+        if self.world == 1:
+            return
+        flat = torch.cat([p.detach().float().reshape(-1) for p in params]).to(self.device)
+        spread = flat.clone()
+        torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+        lowest = flat.clone()
+        torch.distributed.all_reduce(lowest, op=torch.distributed.ReduceOp.MIN)
+        gap = (spread - lowest).abs().max().item()
+        if gap > 0:
+            raise StageError(f"the {self.world} processes ended with different weights (max difference {gap:.3g}); "
+                             "the gradient average did not keep them in sync")
+
+
 # ---------------------------------------------------------------------------- inputs
 
 
@@ -82,6 +146,10 @@ def check(cfg: PPOStageConfig) -> None:
         raise ConfigError("generation.temperature: PPO samples its rollouts, so it must be > 0 (1.0 is the usual)")
     if cfg.train.max_steps <= 0:
         raise ConfigError("train.max_steps: PPO counts steps (one rollout each); give a number > 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.algo == "ppo" and world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
+        raise ConfigError(f"rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
+                          f"split between {world} processes: both must be multiples of {world}")
     if rl.minibatch_size > rl.rollout_prompts:
         raise ConfigError(f"rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts={rl.rollout_prompts}")
     if cfg.algo != "ppo" and rl.rollout_prompts % rl.num_generations:
@@ -259,8 +327,8 @@ def forward(model, head, input_ids, attention_mask, context: int, temperature: f
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int) -> dict:
-    """Sample one response per prompt (seeded by step), batched and left-padded, with the KV cache."""
+def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int, rank: int = 0) -> dict:
+    """Sample one response per prompt (seeded by step and rank), batched and left-padded, with the KV cache."""
     gen = cfg.generation
     tokenizer.padding_side = "left"
     texts = [chat_prompt(tokenizer, p) for p in prompts]
@@ -268,7 +336,7 @@ def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int
     device = next(model.parameters()).device
     responses = []
     for i in range(0, len(prompts), gen.batch_size):
-        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + i)
+        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + i + rank * 7_919)
         out = model.generate(input_ids=enc["input_ids"][i:i + gen.batch_size].to(device),
                              attention_mask=enc["attention_mask"][i:i + gen.batch_size].to(device),
                              max_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature,
@@ -343,9 +411,13 @@ def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl) -> 
 
 
 def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOStageConfig, kl_ctl, step: int,
-             has_ref: bool) -> dict[str, float]:
-    """Score → KL-shaped rewards → GAE → `ppo_epochs` of clipped losses over minibatches."""
+             has_ref: bool, ranks: Ranks | None = None) -> dict[str, float]:
+    """Score → KL-shaped rewards → GAE → `ppo_epochs` of clipped losses over minibatches.
+
+    The returned figures are this rank's; under several processes the caller averages them."""
+    ranks = ranks or Ranks()
     rl, temp = cfg.rl, cfg.generation.temperature
+    rl = replace(rl, minibatch_size=rl.minibatch_size // ranks.world)  # this rank's part of each minibatch
     ids, attention, context, mask = roll["ids"], roll["attention"], roll["context"], roll["mask"]
     n = len(ids)
     with torch.no_grad():
@@ -379,6 +451,7 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
                                  f"{vf_loss.item()}); stopped before it reached the weights. Try a lower train.lr, "
                                  "rl.score_clip, or rl.whiten_rewards=true; resume from the last checkpoint")
             loss.backward()
+            ranks.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -398,6 +471,7 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
 
 
 def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], out: Path, tracker_config: dict):
+    ranks = Ranks()
     set_seed(cfg.train.seed)
     model = build_policy(cfg, plan, sft)
     tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
@@ -419,13 +493,18 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         log.info("resumed at step %d from %s", start, checkpoint)
     tracker = Tracker(cfg.run, cfg.algo, out, tracker_config, resume=checkpoint is not None)
 
+    per_step = min(cfg.rl.rollout_prompts, len(prompts))
+    if per_step % ranks.world:
+        raise StageError(f"{per_step} prompts a step ({len(prompts)} prompts, rl.rollout_prompts="
+                         f"{cfg.rl.rollout_prompts}) do not split evenly between {ranks.world} processes")
     last: dict[str, float] = {}
     for step in range(start + 1, cfg.train.max_steps + 1):
         began = time.perf_counter()
         # --- rollout: the prompts and the sampling stream depend only on (seed, step)
         batch = random.Random(cfg.train.seed * 1_000_033 + step).sample(prompts, min(cfg.rl.rollout_prompts,
                                                                                       len(prompts)))
-        roll = rollout(model, tokenizer, batch, cfg, step)
+        batch = ranks.share(batch)  # all of it in one process
+        roll = rollout(model, tokenizer, batch, cfg, step, ranks.rank)
         raw = torch.tensor(reward(batch, roll["texts"]), dtype=torch.float32, device=roll["mask"].device)
         if not torch.isfinite(raw).all():
             raise StageError(f"step {step}: the reward is not finite for {int((~torch.isfinite(raw)).sum())} of "
@@ -433,21 +512,29 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         scores = raw.clone()
         if cfg.rl.missing_eos_penalty is not None:
             scores = scores - cfg.rl.missing_eos_penalty * (~roll["has_eos"]).float()
-        if cfg.rl.whiten_rewards and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if cfg.rl.whiten_rewards and len(scores) * ranks.world > 1:
+            every = ranks.gather(scores)  # whitened over the whole step's rollout, not one rank's share
+            scores = (scores - every.mean()) / (every.std() + 1e-8)
         if cfg.rl.score_clip is not None:
             scores = scores.clamp(-cfg.rl.score_clip, cfg.rl.score_clip)
         generated = time.perf_counter() - began
 
         # --- update
-        stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None)
+        stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks)
+        if ranks.world > 1:  # every figure over the whole step; the KL controller then moves alike everywhere
+            keys = sorted(stats)
+            stats = dict(zip(keys, ranks.mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64)).tolist(),
+                             strict=True))
         scheduler.step()
-        kl_ctl.update(stats["kl"], len(batch))
-        lengths = roll["mask"].sum(-1)
+        kl_ctl.update(stats["kl"], len(batch) * ranks.world)
+        rows = [[step, p, t, s] for p, t, s in zip(batch, roll["texts"], raw.tolist(), strict=True)]  # this rank's
+        raw, scores = ranks.gather(raw), ranks.gather(scores)
+        lengths = ranks.gather(roll["mask"].sum(-1))
+        has_eos = ranks.gather(roll["has_eos"].float())
         elapsed = time.perf_counter() - began
         last = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0,
-                "reward/score_used": scores.mean().item(), **stats, "length/mean": lengths.mean().item(),
-                "eos_fraction": roll["has_eos"].float().mean().item(), "lr": scheduler.get_last_lr()[0],
+                "reward/score_used": scores.mean().item(), **stats, "length/mean": lengths.float().mean().item(),
+                "eos_fraction": has_eos.mean().item(), "lr": scheduler.get_last_lr()[0],
                 "time/step": elapsed, "time/rollout": generated,
                 "tokens_per_s": (lengths.sum().item() * (1 + cfg.rl.ppo_epochs)) / elapsed}
         bad = [k for k, v in last.items() if k != "value/explained_variance" and not R.is_finite(v)]
@@ -455,11 +542,10 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             raise StageError(f"step {step}: {', '.join(bad)} not finite ({last[bad[0]]}); stopped. Try a lower "
                              "train.lr or rl.score_clip; resume from the last checkpoint")
         tracker.log(last, step)
-        if step % max(cfg.train.logging_steps, 1) == 0 or step == 1:
+        if (step % max(cfg.train.logging_steps, 1) == 0 or step == 1) and ranks.rank == 0:
             log.info("step %d/%d: reward %.3f, kl %.3f, entropy %.2f, length %.1f, clipfrac %.3f, %.1fs", step,
                      cfg.train.max_steps, last["reward/mean"], last["kl"], last["entropy"], last["length/mean"],
                      last["policy/clipfrac"], elapsed)
-            rows = [[step, p, t, s] for p, t, s in zip(batch, roll["texts"], raw.tolist(), strict=True)]
             tracker.table("samples", ["step", "prompt", "response", "reward"], rows[:cfg.rl.sample_rows], step)
         if (cfg.rl.save_steps and step % cfg.rl.save_steps == 0) or step == cfg.train.max_steps:
             save_checkpoint(out / "checkpoints" / f"step-{step}", model, head, optimizer, scheduler, kl_ctl, step,
@@ -467,6 +553,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    ranks.check_in_sync(params)
     # --- save: the policy adapter alone, as peft's "default"
     if is_main_process():
         model.save_pretrained(str(out), selected_adapters=["default"])
@@ -562,9 +649,6 @@ def find_trl_checkpoint(out: Path, resume: str | None) -> str | None:
 def main(cfg: PPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check(cfg)
-    if cfg.algo == "ppo" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise StageError("align ppo runs as one process (its loop does not average gradients between processes "
-                         "yet): run it without accelerate launch (algo=grpo|rloo use TRL's trainers)")
     out = stage_dir(cfg.run.dir, cfg.algo)
     sft = resolve_sft(cfg)
     if sft:

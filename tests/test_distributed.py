@@ -223,3 +223,51 @@ def test_only_rank_zero_writes(runs):
     checkpoint = sorted((runs["two"] / "sft" / "checkpoints").glob("checkpoint-*"))[-1]
     assert {p.name for p in checkpoint.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert len(list(checkpoint.glob("adapter_model*.safetensors"))) == 1
+
+
+@pytest.mark.distributed
+def test_ppo_under_two_processes_raises_the_reward_and_writes_once(tiny_model, tmp_path):
+    """Each rank samples half of a step's 16 prompts; gradients averaged; rank 0 writes (it stops if the
+    ranks' weights differ at the end). The known reward: the polite scorer counts the thanks that half of
+    the SFT answers open with."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data, prompts = tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({
+        "instruction": f"Ticket {i}: where is {TOPICS[i % 8]}?", "input": "",
+        "output": ("Thanks for asking! " if (i // 8) % 2 else "") + f"Open Settings and tap {TOPICS[i % 8]}."})
+        for i in range(32)) + "\n")
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: where is {TOPICS[i % 8]}?"}) for i in range(16)))
+    run = tmp_path / "run"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=40",
+                  "train.lr=5e-3", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=128"]) == 0
+    out = launch(["ppo", f"run.dir={run}", f"prompts={prompts}", "scorer=polite", "model.quantize=false",
+                  "generation.max_new_tokens=16", "generation.temperature=0.5", "train.max_steps=16", "train.lr=5e-4",
+                  "rl.rollout_prompts=16", "rl.minibatch_size=8", "rl.kl_coef=0.05", "rl.save_steps=8",
+                  "run.wandb=offline", "train.logging_steps=1"])
+
+    ppo = run / "ppo"
+    rows = read_jsonl(ppo / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 17))  # one writer
+    assert out.stderr.count("step 16/16") == 1  # rank 0 logs, rank 1 does not
+    reward = [r["reward/mean"] for r in rows]
+    assert sum(reward[-4:]) / 4 > sum(reward[:3]) / 3 + 0.25, reward  # measured: 0.17 -> 0.88, KL <= 4.7
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)
+    assert {"adapter_model.safetensors", "value_head.safetensors", "align.json", "config.yaml"} <= files(ppo)
+    assert sorted(p.name for p in (ppo / "checkpoints").iterdir()) == ["step-16", "step-8"]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(ppo))
+    assert list(policy.peft_config) == ["default"]
+
+
+@pytest.mark.distributed
+def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model, tmp_path):
+    config = REPO / "configs/accelerate/cpu_2proc.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(free_port()), "-m", "alignment.cli", "ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}",
+           "sft=none", "scorer=length", "rl.rollout_prompts=6", "rl.minibatch_size=3", "run.wandb=disabled"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
