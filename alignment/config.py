@@ -101,7 +101,8 @@ class SFTDataConfig:
     eval_fraction: float = 0.05
     packing: bool = False
     # Batch examples of similar length (transformers' LengthGroupedSampler: shuffled, then sorted
-    # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step.
+    # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The
+    # per-step training loss then moves with the batch's length; read the held-out loss.
     group_by_length: bool = False
     # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
     on_error: Literal["raise", "skip"] = "raise"

@@ -45,7 +45,7 @@ def run_ours(args, out: Path) -> dict:
                 f"model.quantize={str(args.quantize).lower()}", f"run.dir={out}", f"train.max_steps={args.steps}",
                 f"train.batch_size={args.batch}", "data.eval_fraction=0", "run.wandb=disabled",
                 f"model.max_length={args.max_length}", f"train.eval_steps={args.steps + 1}",
-                "train.logging_steps=1"])
+                "train.logging_steps=1", f"data.group_by_length={str(args.group_by_length).lower()}"])
     assert rc == 0
     rows = read_jsonl(out / "sft" / "metrics.jsonl")
     end = [r for r in rows if "train_runtime" in r][-1]
@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--group-by-length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                        help="ours only: batches of similar length, as the quickstart (default true)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,7 +126,8 @@ def main() -> None:
     results = {}
     for side in ("trl", "ours"):
         cmd = [sys.executable, __file__, "--child", side, "--model", args.model, "--quantize", str(args.quantize),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+               "--group-by-length", str(args.group_by_length)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -134,7 +137,9 @@ def main() -> None:
     peak = max(peak, matmul_peak_gflops())
     n = n_params(args.model)
     mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (fp32 base)"
-    print(f"\nSFT · {args.model} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length}")
+    grouped = "ours grouped by length" if args.group_by_length else "both shuffled"
+    print(f"\nSFT · {args.model} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length}"
+          f" · {grouped}")
     print(f"{'':8}{'tokens/s':>10}{'peak RSS MiB':>14}{'GFLOP/s':>10}{'% of peak':>11}")
     for side, r in results.items():
         tps = r["tokens"] / r["train_runtime"]
