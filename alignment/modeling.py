@@ -187,8 +187,10 @@ def speed_up_cpu_training(model) -> None:
     head scoring only the positions that have a label (fused_head_on_labelled_positions).
     """
     keep_trainable_in(model, torch.float32)
-    use_cpu_dropout(model)
+    swapped = use_cpu_dropout(model)
     fused_head_on_labelled_positions()
+    log.info("CPU training: fp32 adapters, %d LoRA dropouts as CPUDropout, LM head at labelled positions only",
+             swapped)
 
 
 def fused_head_on_labelled_positions() -> None:

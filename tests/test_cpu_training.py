@@ -144,3 +144,24 @@ def test_group_by_length_batches_examples_of_similar_length(tiny_model, tmp_path
 
     grouped, shuffled = padding(True), padding(False)
     assert grouped < shuffled / 3, (grouped, shuffled)
+
+
+def test_sft_and_dpo_train_with_the_cpu_parts(tiny_model, sft_data, tmp_path, caplog):
+    """The stages apply them: the log line names how many LoRA dropouts were swapped."""
+    import logging
+
+    from alignment.cli import main as align
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: sync?", "chosen": "Thanks! Tap Sync.",
+                                           "rejected": "No."}) for i in range(12)) + "\n")
+    common = ["run.wandb=disabled", "train.max_steps=1", "train.batch_size=4", "model.max_length=96",
+              f"run.dir={tmp_path}"]
+    with caplog.at_level(logging.INFO, logger="alignment.modeling"):
+        assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", "data.eval_fraction=0",
+                      "lora.dropout=0.05", *common]) == 0
+        assert align(["dpo", f"data.path={prefs}", "data.test_fraction=0", *common]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU training:")]
+    # SFT: a fresh LoRA on 2 layers × 7 linear; DPO: the policy and its frozen "ref" copy, swapped alike
+    # (same p: the reference forward behaves as TRL runs it, only the mask is drawn differently).
+    assert len(lines) == 2 and all("0 LoRA dropouts" not in line for line in lines), lines
