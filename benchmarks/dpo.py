@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,19 +27,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
+    SIZES,
+    cuda,
+    matmul_peak_gflops,
+    memory_label,
+    model_kwargs,
+    peak_memory_mib,
+    sized_model,
+    trl_device_args,
+)
+
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
 FLOPS_PER_PARAM = 6  # per token: policy forward 2N + backward through activations 2N + reference forward 2N
 
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def n_params(model_name: str) -> int:
@@ -98,20 +100,15 @@ def run_ours(args, out: Path, data: Path, sft: Path) -> dict:
 
 def run_trl(args, out: Path, data: Path, sft: Path) -> dict:
     """What a TRL user writes: a 4-bit base, the SFT adapter on it (trainable), DPOTrainer."""
-    import torch
     from datasets import load_dataset
     from peft import PeftModel, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from alignment.modeling import adapter_base_name, resolve_model_path
 
     path = resolve_model_path(adapter_base_name(sft))
-    kwargs = {"dtype": torch.float32}
-    if args.quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+    kwargs = model_kwargs(args.quantize)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if args.quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -120,7 +117,7 @@ def run_trl(args, out: Path, data: Path, sft: Path) -> dict:
     dataset = load_dataset("json", data_files=str(data), split="train")
     config = DPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                        learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=1,
-                       max_length=args.max_length, beta=0.1, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                       max_length=args.max_length, beta=0.1, **trl_device_args(),
                        report_to=[], save_strategy="no", seed=42)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     t = time.perf_counter()
@@ -137,7 +134,7 @@ def child(args) -> None:
         data = write_pairs(Path(tmp) / "pairs.jsonl")
         sft = Path(args.sft) if args.sft else fresh_adapter(args.model, Path(tmp) / "sft")
         result = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, sft)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mib"] = peak_memory_mib()
     print("RESULT " + json.dumps(result))
 
 
@@ -150,6 +147,8 @@ def _base_of(sft: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="the base for the stand-in adapter (without --sft)")
+    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
+                        "(random weights, the embedded tokenizer; replaces --model)")
     parser.add_argument("--sft", help="an SFT adapter folder (default: a fresh LoRA on --model)")
     parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     parser.add_argument("--steps", type=int, default=12)
@@ -159,6 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.size:
+        args.model = sized_model(args.size)
 
     # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
     peak = matmul_peak_gflops()
@@ -180,14 +181,14 @@ def main() -> None:
     mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (fp32 base)"
     print(f"\nDPO · {args.sft or args.model} · {mode} · batch {args.batch} pairs · {args.steps} steps · "
           f"max_length {args.max_length}")
-    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'peak RSS MiB':>14}{'GFLOP/s':>10}{'% of peak':>11}")
+    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{memory_label():>14}{'GFLOP/s':>10}{'% of peak':>11}")
     for side, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["train_runtime"]
         gflops = FLOPS_PER_PARAM * n * r["tokens_per_s"] / 1e9
-        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['train_runtime'] / args.steps:>9.2f}{r['peak_rss_mib']:>14.0f}"
+        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['train_runtime'] / args.steps:>9.2f}{r['peak_mib']:>14.0f}"
               f"{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   (fp32 matmul peak measured now: {peak:.0f} GFLOP/s)")
+    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   ({'bf16' if cuda() else 'fp32'} matmul peak measured now: {peak:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
+    SIZES,
+    cuda,
+    matmul_peak_gflops,
+    memory_label,
+    model_kwargs,
+    peak_memory_mib,
+    sized_model,
+    trl_device_args,
+)
+
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
 FLOPS_PER_PARAM = 4  # per token: forward 2N, backward through the activations 2N
 
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def matmul_params(model_name: str) -> int:
@@ -92,26 +94,21 @@ def run_ours(args, out: Path, data: Path) -> dict:
 
 def run_trl(args, out: Path, data: Path) -> dict:
     """What a TRL user writes: RewardTrainer on a 4-bit classifier with a LoRA that saves `score`."""
-    import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from alignment.modeling import resolve_model_path
 
     path = resolve_model_path(args.model)
-    kwargs = {"dtype": torch.float32, "num_labels": 1}
-    if args.quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+    kwargs = model_kwargs(args.quantize, num_labels=1)
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset = load_dataset("json", data_files=str(data), split="train").remove_columns(["margin", "task_id"])
     config = RewardConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                           learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1,
-                          max_length=args.max_length, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                          max_length=args.max_length, **trl_device_args(),
                           report_to=[], save_strategy="no", seed=42)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS",
                       modules_to_save=["score"])
@@ -120,7 +117,7 @@ def run_trl(args, out: Path, data: Path) -> dict:
     # TRL casts a 4-bit model's trainable weights to bf16 (its GPU recipe); with fp32 compute on CPU
     # the score head then fails (float != BFloat16), so a TRL user on CPU must cast them back.
     for param in trainer.model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and not cuda():
             param.data = param.data.float()
     t = time.perf_counter()
     result = trainer.train()
@@ -135,13 +132,15 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs.jsonl")
         result = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mib"] = peak_memory_mib()
     print("RESULT " + json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
+                        "(random weights, the embedded tokenizer; replaces --model)")
     parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=6)
@@ -150,6 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.size:
+        args.model = sized_model(args.size)
 
     # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
     peak = matmul_peak_gflops()
@@ -169,14 +170,14 @@ def main() -> None:
     mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (fp32 base)"
     print(f"\nreward · {args.model} · {mode} · batch {args.batch} pairs · {args.steps} steps · "
           f"max_length {args.max_length}")
-    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'peak RSS MiB':>14}{'GFLOP/s':>10}{'% of peak':>11}")
+    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{memory_label():>14}{'GFLOP/s':>10}{'% of peak':>11}")
     for side, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["train_runtime"]
         gflops = FLOPS_PER_PARAM * n * r["tokens_per_s"] / 1e9
-        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['train_runtime'] / args.steps:>9.2f}{r['peak_rss_mib']:>14.0f}"
+        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['train_runtime'] / args.steps:>9.2f}{r['peak_mib']:>14.0f}"
               f"{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   (fp32 matmul peak measured now: {peak:.0f} GFLOP/s)")
+    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   ({'bf16' if cuda() else 'fp32'} matmul peak measured now: {peak:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

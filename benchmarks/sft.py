@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
+    SIZES,
+    cuda,
+    matmul_peak_gflops,
+    memory_label,
+    model_kwargs,
+    peak_memory_mib,
+    sized_model,
+    trl_device_args,
+)
 
 
 def run_ours(args, out: Path) -> dict:
@@ -55,26 +55,21 @@ def run_ours(args, out: Path) -> dict:
 
 def run_trl(args, out: Path) -> dict:
     """What a TRL user writes: SFTTrainer with a peft LoraConfig and a 4-bit base."""
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from alignment.data import load_sft_dataset
     from alignment.modeling import resolve_model_path
 
     path = resolve_model_path(args.model)
-    kwargs = {"dtype": torch.float32}
-    if args.quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+    kwargs = model_kwargs(args.quantize)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset, _ = load_sft_dataset(REPO / "data/support/train.jsonl")
     config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                        learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1,
-                       max_length=args.max_length, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                       max_length=args.max_length, **trl_device_args(),
                        report_to=[], save_strategy="no", seed=42)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -91,7 +86,7 @@ def child(args) -> None:
     setup_environment()
     with tempfile.TemporaryDirectory() as tmp:
         result = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mib"] = peak_memory_mib()
     print("RESULT " + json.dumps(result))
 
 
@@ -109,6 +104,8 @@ def n_params(model_name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
+                        "(random weights, the embedded tokenizer; replaces --model)")
     parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
@@ -119,6 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.size:
+        args.model = sized_model(args.size)
 
     # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
     peak = matmul_peak_gflops()
@@ -140,14 +139,14 @@ def main() -> None:
     grouped = "ours grouped by length" if args.group_by_length else "both shuffled"
     print(f"\nSFT · {args.model} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length}"
           f" · {grouped}")
-    print(f"{'':8}{'tokens/s':>10}{'peak RSS MiB':>14}{'GFLOP/s':>10}{'% of peak':>11}")
+    print(f"{'':8}{'tokens/s':>10}{memory_label():>14}{'GFLOP/s':>10}{'% of peak':>11}")
     for side, r in results.items():
         tps = r["tokens"] / r["train_runtime"]
         gflops = 4 * n * tps / 1e9
         r["tokens_per_s"] = tps
-        print(f"{side:8}{tps:>10.1f}{r['peak_rss_mib']:>14.0f}{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
+        print(f"{side:8}{tps:>10.1f}{r['peak_mib']:>14.0f}{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   (fp32 matmul peak measured now: {peak:.0f} GFLOP/s)")
+    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   ({'bf16' if cuda() else 'fp32'} matmul peak measured now: {peak:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
