@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from _common import cuda, memory_label, peak_memory_mib  # noqa: E402  (benchmarks/, this folder)
 
 
 def words(prompt: str, response: str) -> float:
@@ -79,14 +80,14 @@ def main() -> int:
 
     step, rollout = med("time/step"), med("time/rollout")
     tokens = med("length/mean") * args.prompts
-    print(f"\nalign ppo on smollm2-135m ({'unquantized' if args.no_quantize else '4-bit NF4'} base, fp32 compute), "
+    print(f"\nalign ppo on smollm2-135m ({'unquantized' if args.no_quantize else '4-bit NF4'} base, {'bf16' if cuda() else 'fp32'} compute), "
           f"{args.prompts} prompts x {args.tokens} new tokens, {args.epochs} PPO epochs of minibatch {args.minibatch}")
     print(f"  per step (median of steps 2-{len(rows)}): {step:.2f} s = rollout {rollout:.2f} s + "
           f"score/update {step - rollout:.2f} s")
     print(f"  response tokens per step: {tokens:.0f}; generated tokens/s {tokens / rollout:.1f}; "
           f"processed tokens/s (rollout + {args.epochs} epochs) {med('tokens_per_s'):.1f}")
-    print(f"  whole stage {total:.1f} s (model load, {len(rows)} steps, save); peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"  whole stage {total:.1f} s (model load, {len(rows)} steps, save); {memory_label()} "
+          f"{peak_memory_mib():.0f}")
     if not args.trl112:
         print("  TRL: no comparison (PPOTrainer left TRL in 1.13; pass --trl112 DIR to run TRL 1.12's)")
         return 0
@@ -100,7 +101,7 @@ def main() -> int:
         return out.returncode
     trl = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"TRL {trl['trl']} PPOTrainer, same work: {trl['step_s']:.2f} s per step (median of steps 2-{trl['steps']}; "
-          f"step 1 {trl['first_step_s']:.1f} s), peak RSS {trl['peak_rss_mib']:.0f} MiB")
+          f"step 1 {trl['first_step_s']:.1f} s), {memory_label()} {trl['peak_rss_mib']:.0f}")
     print(f"  ours/TRL speed per update: {trl['step_s'] / step:.2f}x"
           + ("" if args.reward else "  (ours scores with a programmatic reward, TRL with a reward model forward)"))
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from _common import compute_dtype, peak_memory_mib, trl_device_args  # noqa: E402  (benchmarks/, this folder)
 
 
 def main() -> int:
@@ -55,14 +56,14 @@ def main() -> int:
     base = str(embedded_model_dir())
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype())
     if args.sft != "none":
         policy = PeftModel.from_pretrained(policy, args.sft, is_trainable=True)
     else:  # the same LoRA shape as align's default
         policy = get_peft_model(policy, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
-    value = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=compute_dtype())
+    reward = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=compute_dtype())
     for model in (value, reward):
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -84,7 +85,8 @@ def main() -> int:
             total_episodes=args.steps * args.prompts, local_rollout_forward_batch_size=args.prompts,
             response_length=args.tokens, stop_token="eos", missing_eos_penalty=1.0, temperature=0.8,
             kl_coef=0.05, learning_rate=1e-5, num_sample_generations=0, logging_steps=1, save_strategy="no",
-            report_to=[], bf16=False, fp16=False, use_cpu=True, seed=0, dataloader_num_workers=0,
+            report_to=[], fp16=False, seed=0, dataloader_num_workers=0,
+            **{k: v for k, v in trl_device_args().items() if k != "gradient_checkpointing"},
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
                              reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[Timer()])
@@ -94,7 +96,7 @@ def main() -> int:
     per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     timed = per_step[1:] or per_step
     print(json.dumps({"trl": trl.__version__, "steps": len(per_step), "step_s": statistics.median(timed),
-                      "first_step_s": per_step[0], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "first_step_s": per_step[0], "peak_rss_mib": peak_memory_mib()}))
     return 0
 
 
