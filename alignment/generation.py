@@ -26,6 +26,7 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
+    require_cuda_package,
 )
 
 log = logging.getLogger(__name__)
@@ -122,18 +123,13 @@ _adapter_ids: dict[str, int] = {}
 
 def check_backend(gen: GenerationConfig) -> None:
     """`generation.backend` checked against the machine before any model loads: a clear error if it cannot."""
-    if gen.backend != "vllm":
-        return
-    from alignment import StageError
-
-    if not torch.cuda.is_available():
-        raise StageError("generation.backend=vllm needs a CUDA GPU and this machine has none; "
-                         "use generation.backend=transformers")
-    try:
-        import vllm  # noqa: F401
-    except ImportError as err:
-        raise StageError("generation.backend=vllm needs vLLM: pip install vllm (a CUDA machine), "
-                         "or use generation.backend=transformers") from err
+    if gen.backend == "vllm":
+        require_cuda_package(
+            "vllm",
+            no_cuda="generation.backend=vllm needs a CUDA GPU and this machine has none; "
+                    "use generation.backend=transformers",
+            missing="generation.backend=vllm needs vLLM: pip install vllm (a CUDA machine), "
+                    "or use generation.backend=transformers")
 
 
 def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int):

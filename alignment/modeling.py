@@ -73,20 +73,29 @@ def device_plan(cfg: ModelConfig) -> DevicePlan:
     return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
 
 
-def check_liger(liger: bool) -> None:
-    """`train.liger` (TRL's `use_liger_kernel`) checked against the machine: a clear error if it cannot."""
-    if not liger:
-        return
+def require_cuda_package(module: str, *, no_cuda: str, missing: str) -> None:
+    """A GPU-only option checked against the machine before anything loads: the message for what is absent."""
+    import importlib
+
     from alignment import StageError
 
     if not torch.cuda.is_available():
-        raise StageError("train.liger=true needs CUDA: Liger's kernels are Triton GPU kernels and this machine "
-                         "has no GPU; leave train.liger=false")
+        raise StageError(no_cuda)
     try:
-        import liger_kernel  # noqa: F401
+        importlib.import_module(module)
     except ImportError as err:
-        raise StageError("train.liger=true needs the liger-kernel package: pip install 'align[gpu]' "
-                         "(or pip install liger-kernel)") from err
+        raise StageError(missing) from err
+
+
+def check_liger(liger: bool) -> None:
+    """`train.liger` (TRL's `use_liger_kernel`) checked against the machine: a clear error if it cannot."""
+    if liger:
+        require_cuda_package(
+            "liger_kernel",
+            no_cuda="train.liger=true needs CUDA: Liger's kernels are Triton GPU kernels and this machine "
+                    "has no GPU; leave train.liger=false",
+            missing="train.liger=true needs the liger-kernel package: pip install 'align[gpu]' "
+                    "(or pip install liger-kernel)")
 
 
 def load_tokenizer(name_or_path: str):

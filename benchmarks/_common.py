@@ -88,6 +88,18 @@ def matmul_peak_gflops(reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - began) / 1e9
 
 
+def n_params(model_name: str) -> int:
+    """The model's parameters (the tied embedding once), counted on the meta device: no weights load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignment.modeling import resolve_model_path
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
+    return sum(p.numel() for p in model.parameters())
+
+
 def sized_model(size: str) -> str:
     """A folder with a randomly initialised model of `size` and the embedded model's tokenizer, built once."""
     import torch

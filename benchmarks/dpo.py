@@ -35,6 +35,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     matmul_peak_gflops,
     memory_label,
     model_kwargs,
+    n_params,
     peak_memory_mib,
     sized_model,
     trl_device_args,
@@ -44,16 +45,6 @@ OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!
 FLOPS_PER_PARAM = 6  # per token: policy forward 2N + backward through activations 2N + reference forward 2N
 
 
-
-def n_params(model_name: str) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from alignment.modeling import resolve_model_path
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_pairs(path: Path) -> Path:

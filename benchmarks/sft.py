@@ -30,6 +30,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     matmul_peak_gflops,
     memory_label,
     model_kwargs,
+    n_params,
     peak_memory_mib,
     sized_model,
     trl_device_args,
@@ -89,16 +90,6 @@ def child(args) -> None:
     result["peak_mib"] = peak_memory_mib()
     print("RESULT " + json.dumps(result))
 
-
-def n_params(model_name: str) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from alignment.modeling import resolve_model_path
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
-    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:

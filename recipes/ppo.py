@@ -93,6 +93,9 @@ class Ranks:
     def share(self, items: list) -> list:
         return items[self.rank::self.world]
 
+    # torch.distributed directly, not accelerate.utils.reduce/gather: under the CPU launch config
+    # (MULTI_GPU without CUDA) PartialState opens the process group but reports DistributedType.NO,
+    # and accelerate's helpers then return this rank's values unreduced.
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
             return values
