@@ -129,7 +129,7 @@ def main(cfg: DPOStageConfig) -> Path:
     if not is_adapter_dir(sft):
         raise StageError(f"no SFT adapter at {sft}: DPO starts from the SFT policy and keeps it as the reference; "
                          f"run `align sft run.dir={cfg.run.dir}` first or pass sft=<adapter folder>")
-    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "preferences")
+    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "export")
     if not data_path.exists():
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")

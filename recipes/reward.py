@@ -84,7 +84,7 @@ def main(cfg: RewardStageConfig) -> Path:
     if cfg.from_sft and not is_adapter_dir(sft):
         raise StageError(f"no SFT adapter at {sft}: run `align sft run.dir={cfg.run.dir}` first, pass sft=<folder>, "
                          "or from_sft=false to build the reward model on the raw base")
-    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "preferences")
+    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "export")
     if not data_path.exists():
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
