@@ -52,8 +52,8 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
 
     if sft is None:
         with suppress_seqcls_warning():
-            return trainable_on_cpu(load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification,
-                                                    training=training, num_labels=1), training)
+            return load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification, training=training,
+                                   num_labels=1)
     from peft import PeftModel
 
     causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=plan.compute_dtype)
@@ -66,22 +66,6 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
                                     training=training, num_labels=1)
     # peft records this as the adapter's base: the real base, not the deleted temporary folder.
     model.name_or_path = model.config.name_or_path = resolve_model_path(model_cfg.name)
-    return trainable_on_cpu(model, training)
-
-
-def trainable_on_cpu(model, training: bool = True):
-    """Keep a 4-bit model's backward correct on CPUs with AVX512-BF16 after an evaluation.
-
-    bitsandbytes repacks a Linear4bit's weights for a faster CPU kernel the first time it runs
-    in eval mode without grad (any evaluation), and that kernel has no backward: training after
-    it silently loses every gradient through the frozen base (the LoRA of earlier layers learns
-    from the LoRA paths only). Turning the repack off keeps training exact. (This belongs in
-    alignment.modeling.load_base_model; until it is there, the reward and DPO stages do it.)
-    """
-    if training:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
     return model
 
 

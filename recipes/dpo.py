@@ -22,13 +22,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
 from alignment.config import ConfigError, DPOStageConfig, ModelConfig, save_config, to_dict
+from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
 from alignment.modeling import (
     DevicePlan,
@@ -38,10 +38,8 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
-    speed_up_cpu_training,
 )
 from alignment.preferences import load_preferences
-from alignment.reward_model import trainable_on_cpu
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, report_to
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     """
     from peft import PeftModel
 
-    base = trainable_on_cpu(load_base_model(model_cfg, plan))  # eval_on_start must not break backward
+    base = load_base_model(model_cfg, plan)
     return PeftModel.from_pretrained(base, str(sft), is_trainable=True)
 
 
@@ -163,13 +161,8 @@ def main(cfg: DPOStageConfig) -> Path:
     if "ref" not in policy.peft_config:
         raise StageError("DPOTrainer made no frozen 'ref' copy of the SFT adapter, so the reference would be the raw "
                          "base; refusing (check the installed trl/peft against pyproject.toml)")
-    if plan.device == "cpu":
-        # TRL rounds a quantized model's trainable adapter to bf16 (the QLoRA GPU recipe). On CPU
-        # we train in fp32, so restore the policy from the exact fp32 "ref" copy: step 0 is then
-        # exactly the SFT policy, and the adapter stays fp32 (see speed_up_cpu_training).
-        for name, param in policy.named_parameters():
-            if ".default." in name:
-                param.data = policy.get_parameter(name.replace(".default.", ".ref.")).data.to(torch.float32).clone()
+    if plan.device == "cpu":  # step 0 exactly the SFT policy, in fp32 (alignment.cpu)
+        restore_policy_from_ref(policy)
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------

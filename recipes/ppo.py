@@ -48,6 +48,7 @@ from alignment import StageError, report
 from alignment import rl as R
 from alignment.artifacts import is_main_process, print_done, read_manifest, stage_dir, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
+from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts
 from alignment.generation import chat_prompt, check_backend
 from alignment.modeling import (
@@ -55,13 +56,10 @@ from alignment.modeling import (
     check_liger,
     device_plan,
     is_adapter_dir,
-    keep_trainable_in,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
-    speed_up_cpu_training,
 )
-from alignment.reward_model import trainable_on_cpu
 from alignment.tracking import Tracker, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -239,7 +237,7 @@ def build_policy(cfg: PPOStageConfig, plan, sft: Path | None):
     """The base once, with the policy adapter ("default") and, from an SFT adapter, a frozen "ref" copy."""
     from peft import PeftModel, get_peft_model
 
-    base = trainable_on_cpu(load_base_model(cfg.model, plan))
+    base = load_base_model(cfg.model, plan)
     if sft is None:
         model = get_peft_model(base, peft_lora_config(cfg.lora))
     else:
@@ -596,7 +594,7 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
 
     reward_fn.__name__ = "reward"
     set_seed(cfg.train.seed)
-    base = trainable_on_cpu(load_base_model(cfg.model, plan))
+    base = load_base_model(cfg.model, plan)
     model = PeftModel.from_pretrained(base, str(sft), is_trainable=True) if sft else base
     tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
     configure_wandb(cfg.run, cfg.algo)
@@ -622,9 +620,7 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     policy = trainer.model
     if plan.device == "cpu":
         if "ref" in policy.peft_config:  # TRL rounded the adapter to bf16: restore it from the exact fp32 copy
-            for name, param in policy.named_parameters():
-                if ".default." in name:
-                    param.data = policy.get_parameter(name.replace(".default.", ".ref.")).data.float().clone()
+            restore_policy_from_ref(policy)
         speed_up_cpu_training(policy)
     resume = find_trl_checkpoint(out, cfg.train.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)

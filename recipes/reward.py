@@ -27,6 +27,7 @@ from trl import RewardConfig, RewardTrainer
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
 from alignment.config import RewardStageConfig, save_config, to_dict
+from alignment.cpu import speed_up_cpu_training
 from alignment.data import DataError, file_hash
 from alignment.modeling import (
     adapter_base_name,
@@ -35,7 +36,6 @@ from alignment.modeling import (
     is_adapter_dir,
     load_tokenizer,
     peft_lora_config,
-    speed_up_cpu_training,
 )
 from alignment.preferences import RankingBatchSampler, load_preferences
 from alignment.reward_model import (

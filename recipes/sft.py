@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from alignment import report
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
+from alignment.cpu import speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset
 from alignment.modeling import (
     check_liger,
@@ -25,7 +26,6 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     peft_lora_config,
-    speed_up_cpu_training,
 )
 from alignment.tracking import (
     MetricsJSONL,
