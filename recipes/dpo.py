@@ -40,7 +40,8 @@ from alignment.modeling import (
     load_tokenizer,
 )
 from alignment.preferences import load_preferences
-from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, report_to
+from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
+from alignment.training import resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -75,46 +76,15 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
 
 
 def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
-    return DPOConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=cfg.train.lr,
-        lr_scheduler_type=cfg.train.scheduler,
-        warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a fraction of the steps
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        seed=cfg.train.seed,
-        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
-        bf16=plan.bf16,
-        fp16=plan.fp16,
-        use_cpu=plan.device == "cpu",
-        use_liger_kernel=cfg.train.liger,
-        gradient_checkpointing=plan.gradient_checkpointing,
+    """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
+    return trl_args(
+        DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=has_eval,
         max_length=cfg.model.max_length,
         loss_type=[cfg.loss],
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
         # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure.
         eval_on_start=has_eval and cfg.eval_on_start,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.train.eval_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        report_to=report_to(cfg.run),
-        run_name=f"{Path(cfg.run.dir).name}/dpo",
-        dataloader_num_workers=0,
-        # Under DDP every trainable (LoRA) weight takes part in each step (the frozen "ref" copy has
-        # none); the default search for unused ones costs an extra graph pass per step.
-        ddp_find_unused_parameters=False,
     )
 
 
@@ -166,12 +136,7 @@ def main(cfg: DPOStageConfig) -> Path:
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
-    resume = cfg.train.resume_from_checkpoint
-    if resume == "latest":
-        found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume = str(found[-1]) if found else None
-        log.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if test is not None:

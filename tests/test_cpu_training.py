@@ -50,6 +50,14 @@ def test_use_cpu_dropout_swaps_every_lora_dropout(tiny_model):
     assert use_cpu_dropout(model) == 0  # already swapped
 
 
+def trl_use_triton():
+    """TRL's own `_use_triton`, unwrapped if a stage earlier in this test process patched it."""
+    from trl.trainer import utils
+
+    current = utils._use_triton
+    return current.__closure__[0].cell_contents if getattr(current, "labelled_only_on_cpu", False) else current
+
+
 @pytest.fixture
 def fused_model(tiny_model):
     from transformers import AutoModelForCausalLM
@@ -88,7 +96,7 @@ def test_fused_head_on_labelled_positions_gives_the_same_values_from_fewer_rows(
         grad = fused_model.model.layers[0].mlp.up_proj.weight.grad.clone()
         return out, grad
 
-    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())  # TRL's own (restored after the test)
     every, every_grad = run()
     fused_head_on_labelled_positions()
     labelled, labelled_grad = run()
@@ -111,9 +119,7 @@ def test_fused_head_patch_says_whether_it_applied(monkeypatch, caplog):
 
     from trl.trainer import utils
 
-    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
-    if getattr(utils._use_triton, "labelled_only_on_cpu", False):  # patched by an earlier stage in this process
-        monkeypatch.setattr(utils, "_use_triton", utils._use_triton.__closure__[0].cell_contents)
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())  # TRL's own (restored after the test)
     with caplog.at_level(logging.INFO, logger="alignment.cpu"):
         assert fused_head_on_labelled_positions() and utils._use_triton(torch.device("cpu"))
         assert fused_head_on_labelled_positions()
@@ -121,8 +127,7 @@ def test_fused_head_patch_says_whether_it_applied(monkeypatch, caplog):
         "CPU: TRL's fused LM head patched to score labelled positions only"]
 
     caplog.clear()
-    patched = utils._use_triton
-    monkeypatch.setattr(utils, "_use_triton", patched.__closure__[0].cell_contents)  # TRL's own again
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())
     monkeypatch.setattr(utils, "add_fused_lm_head", lambda model: model)  # a TRL whose head no longer asks it
     with caplog.at_level(logging.INFO, logger="alignment.cpu"):
         assert not fused_head_on_labelled_positions()
