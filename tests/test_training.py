@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import SFTStageConfig, load_config
+from alignment.config import PPOStageConfig, SFTStageConfig, load_config
 from alignment.modeling import device_plan
 from alignment.training import resume_checkpoint, trl_args
 
@@ -27,6 +27,18 @@ def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(na
     assert args.run_name == "demo/stage" and args.report_to == []
     assert args.bf16 is plan.bf16 and args.gradient_checkpointing is plan.gradient_checkpointing  # not TRL's defaults
     assert not args.bf16 and args.use_cpu  # the plan on this CPU machine
+
+
+def test_grpo_maps_the_rl_keys(tmp_path):
+    from recipes.grpo import grpo_args
+
+    cfg = load_config(PPOStageConfig, None, ["algo=rloo", "rl.rollout_prompts=8", "rl.num_generations=4",
+                                             "rl.kl_coef=0.02", "rl.save_steps=0", "train.max_steps=6",
+                                             "generation.max_new_tokens=20", "run.wandb=disabled"])
+    args = grpo_args(cfg, device_plan(cfg.model), tmp_path)
+    assert type(args).__name__ == "RLOOConfig"
+    assert (args.per_device_train_batch_size, args.num_generations, args.beta) == (8, 4, 0.02)
+    assert (args.max_completion_length, args.save_steps, args.gradient_accumulation_steps) == (20, 6, 1)
 
 
 def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
