@@ -3,10 +3,11 @@
     align pipeline --config configs/quickstart/pipeline.yaml
     align pipeline --config configs/quickstart/pipeline.yaml rounds=2 label=human
 
-The stages, their order and their folders are the registry's (alignment.artifacts.STAGES), and
-each is run through it. Each stage's input defaults to its upstream artifact in run.dir. A stage whose artifact is
-complete (its align.json exists) with the same config is skipped, so a killed pipeline picks up
-where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
+`stages:` says which stages run; their order and folders are the registry's
+(alignment.artifacts.STAGES), and each runs through it (so `ppo.algo=grpo` runs recipes/grpo.py
+and is found in grpo/). Each stage's input defaults to its upstream artifact in run.dir. A stage
+whose artifact is complete (its align.json exists) with the same config is skipped, so a killed
+pipeline picks up where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
 person) or `human` (the app starts, prints its address, and the pipeline waits until the batch
 has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
