@@ -1,25 +1,148 @@
-"""Run-directory layout and manifests (`align.json`): what made each artifact, from what.
+"""The run directory: one owner for its layout, the stage registry, and manifests (`align.json`).
 
-    runs/<name>/
-      sft/ sample/ labels.db preferences/ reward/ dpo/ ppo/ eval/    one folder per stage
-      report.html report.md                                           the run's report
+    runs/<name>/                 run.dir: the only path a user gives
+      sft/ sample/ preferences/ reward/ dpo/ ppo/ grpo/ rloo/ eval/    one folder per stage (STAGES)
+      labels.db                  the labelling store (default; store= names any SQLAlchemy URL)
+      report.html report.md      the run's report
+      round-1/ round-2/ ...      `align pipeline rounds=N`: each later round's stage folders
 
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
 data hash, git commit, time, and the stage's final figures. Later stages read base model,
 chat template and max length from their parent's manifest instead of asking again.
+
+`STAGES` is the one list of stages: the CLI's commands, the pipeline's order, the report's
+sections, W&B's artifact types and eval's policies all read it. A stage is a name, the recipe
+that runs it, its config class, its folder, its upstream stages and its kind; a new stage (e.g.
+a serving endpoint) is one entry here plus its recipe and config class.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MANIFEST = "align.json"
+STORE_FILE = "labels.db"  # the default labelling store, in the run directory
+
+# policy: a peft adapter a policy runs with (eval compares these); reward: a reward model; data: a
+# dataset or the store's contents; eval: figures about policies; service: a process that serves
+# until stopped (the labelling app); tool: runs other stages or works on an artifact (pipeline, merge).
+Kind = Literal["policy", "reward", "data", "eval", "service", "tool"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: Kind
+    help: str  # one line, for `align --help`
+    recipe: str  # the module that runs it: main(cfg) -> Path, or main(argv) -> int without a config class
+    config: str | None = None  # its config class in alignment.config; None: the recipe parses its own argv
+    folder: str | None = None  # its folder in the run directory; None: it writes none there
+    upstream: tuple[str, ...] = ()  # stages whose artifacts are its default inputs
+    in_pipeline: bool = False  # one of `align pipeline`'s stages
+    # Run by another stage's command instead of `align <name>`: (command, config key, value), e.g.
+    # GRPO is `align ppo algo=grpo`: one config, reward and gate for the three RL algorithms.
+    runs_as: tuple[str, str, str] | None = None
+
+
+_POLICY_INPUTS = ("sft", "reward")
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("sft", "policy", "instruction SFT with QLoRA (4-bit base + LoRA), LoRA or DoRA",
+          "recipes.sft", "SFTStageConfig", "sft", in_pipeline=True),
+    Stage("sample", "data", "sample K responses per prompt into the labelling store",
+          "recipes.sample", "SampleStageConfig", "sample", ("sft",), in_pipeline=True),
+    Stage("label", "service", "the labelling app (Gradio), accounts, simulated annotators",
+          "labeling.cli", None, None, ("sample",), in_pipeline=True),
+    Stage("export", "data", "rankings -> preference dataset (prompt/chosen/rejected)",
+          "recipes.export", "ExportStageConfig", "preferences", ("label",), in_pipeline=True),
+    Stage("reward", "reward", "train a reward model on the preferences (Bradley-Terry)",
+          "recipes.reward", "RewardStageConfig", "reward", ("sft", "export"), in_pipeline=True),
+    Stage("dpo", "policy", "align the policy directly on the preferences (DPO, IPO, ...)",
+          "recipes.dpo", "DPOStageConfig", "dpo", ("sft", "export"), in_pipeline=True),
+    Stage("ppo", "policy", "align the policy against the reward model (PPO; algo=grpo|rloo: GRPO/RLOO)",
+          "recipes.ppo", "PPOStageConfig", "ppo", _POLICY_INPUTS, in_pipeline=True),
+    Stage("grpo", "policy", "GRPO through TRL on the PPO stage's reward",
+          "recipes.grpo", "PPOStageConfig", "grpo", _POLICY_INPUTS, runs_as=("ppo", "algo", "grpo")),
+    Stage("rloo", "policy", "RLOO through TRL on the PPO stage's reward",
+          "recipes.grpo", "PPOStageConfig", "rloo", _POLICY_INPUTS, runs_as=("ppo", "algo", "rloo")),
+    Stage("eval", "eval", "win-rate, reward and KL of aligned policies against SFT",
+          "recipes.evaluate", "EvalStageConfig", "eval", ("sft", "dpo", "ppo", "grpo", "rloo", "reward"),
+          in_pipeline=True),
+    Stage("pipeline", "tool", "run every stage in one run directory, resumable",
+          "recipes.pipeline", "PipelineConfig"),
+    Stage("merge", "tool", "merge an adapter into its base for deployment (writes <adapter>-merged)",
+          "recipes.merge", "MergeStageConfig", upstream=("sft",)),
+]}
+
+
+def commands() -> list[Stage]:
+    """The stages run as `align <name>`, in order."""
+    return [s for s in STAGES.values() if s.runs_as is None]
+
+
+def pipeline_stages() -> list[str]:
+    """`align pipeline`'s stages, in the order it runs them."""
+    return [s.name for s in STAGES.values() if s.in_pipeline]
+
+
+def stages_of_kind(kind: Kind) -> list[str]:
+    return [s.name for s in STAGES.values() if s.kind == kind]
+
+
+def routed(command: str, cfg: Any) -> Stage:
+    """The stage `align <command>` runs with `cfg`: `align ppo algo=grpo` is the grpo stage."""
+    for stage in STAGES.values():
+        if stage.runs_as and stage.runs_as[0] == command and getattr(cfg, stage.runs_as[1], None) == stage.runs_as[2]:
+            return stage
+    return STAGES[command]
+
+
+def run_stage(command: str, cfg: Any) -> Path:
+    """Run the recipe of the stage `command` routes `cfg` to; returns the artifact it wrote.
+
+    The only way one stage starts another (the pipeline, `align ppo algo=grpo`): recipes never
+    import each other.
+    """
+    return importlib.import_module(routed(command, cfg).recipe).main(cfg)
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """<run_dir>/<the stage's folder>: export writes preferences/, `ppo algo=grpo` writes grpo/."""
+    folder = STAGES[stage].folder
+    if folder is None:
+        raise ValueError(f"stage {stage!r} has no folder in the run directory")
+    return Path(run_dir) / folder
+
+
+def store_url(store: str | None, run_dir: str | Path) -> str:
+    """`store` when given (any SQLAlchemy URL), else the run directory's SQLite file (made on first use)."""
+    if store:
+        return store
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(run_dir).resolve() / STORE_FILE}"
+
+
+def round_dir(root: str | Path, r: int) -> Path:
+    """Round r's run directory: the run directory itself for round 0, else <root>/round-<r>/."""
+    return Path(root) if r == 0 else Path(root) / round_batch(r)
+
+
+def round_batch(r: int) -> str:
+    """Round r's labelling batch in the store, named like its folder."""
+    return f"round-{r}"
+
+
+def later_rounds(root: str | Path) -> list[Path]:
+    """The round-<r>/ folders under `root`, in round order."""
+    found = [p for p in Path(root).glob("round-*") if p.is_dir() and p.name.removeprefix("round-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("round-")))
 
 
 def is_main_process() -> bool:
@@ -28,10 +151,6 @@ def is_main_process() -> bool:
     Artifacts, manifests, reports, W&B and the labelling store are written by rank 0 only.
     """
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / stage
 
 
 def git_commit() -> str | None:

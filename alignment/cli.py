@@ -1,4 +1,7 @@
-"""`align <stage> --config F.yaml key.sub=value ...`: the one place that knows every stage.
+"""`align <stage> --config F.yaml key.sub=value ...`: the command line over the stage registry.
+
+The stages themselves (recipe, config class, folder, ...) are listed once, in
+`alignment.artifacts.STAGES`; this module parses the command line and runs the one asked for.
 
     align sft --config configs/quickstart/sft.yaml train.max_steps=20
     align label users add alice --admin
@@ -15,29 +18,18 @@ import socket
 import sys
 import typing
 
-# stage -> (recipe module, config class in alignment.config, one-line help). A None module is a
-# stage that is planned but not built yet: it says so and exits non-zero instead of pretending.
-STAGES: dict[str, tuple[str | None, str | None, str]] = {
-    "sft": ("recipes.sft", "SFTStageConfig", "instruction SFT with QLoRA (4-bit base + LoRA), LoRA or DoRA"),
-    "sample": ("recipes.sample", "SampleStageConfig", "sample K responses per prompt into the labelling store"),
-    "label": ("labeling.cli", None, "the labelling app (Gradio), accounts, simulated annotators"),
-    "export": ("recipes.export", "ExportStageConfig", "rankings -> preference dataset (prompt/chosen/rejected)"),
-    "reward": ("recipes.reward", "RewardStageConfig", "train a reward model on the preferences (Bradley-Terry)"),
-    "dpo": ("recipes.dpo", "DPOStageConfig", "align the policy directly on the preferences (DPO, IPO, ...)"),
-    "ppo": ("recipes.ppo", "PPOStageConfig", "align the policy against the reward model (PPO; GRPO/RLOO)"),
-    "eval": ("recipes.evaluate", "EvalStageConfig", "win-rate, reward and KL of aligned policies against SFT"),
-    "pipeline": ("recipes.pipeline", "PipelineConfig", "run every stage in one run directory, resumable"),
-    "merge": ("recipes.merge", "MergeStageConfig", "merge an adapter into its base for deployment"),
-}
+from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
        align <stage> --help      the stage's config keys and defaults
 
 stages:
 {stages}
+{variants}
 
-Run directory: every stage writes to <run.dir>/<stage>/ (default runs/quickstart) and reads its
-input from the upstream stage's folder there, so `run.dir=runs/NAME` is the only path you need.
+Run directory: every stage writes to its folder in <run.dir> (default runs/quickstart; <stage>/,
+export: preferences/) and reads its input from the upstream stage's folder there, so
+`run.dir=runs/NAME` is the only path you need.
 """
 
 
@@ -79,30 +71,34 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        stages = "\n".join(f"  {name:<9} {text}" for name, (_, _, text) in STAGES.items())
-        print(USAGE.format(stages=stages))
+        stages = "\n".join(f"  {s.name:<9} {s.help}" for s in commands())
+        variants = "\n".join(f"  {s.name:<9} {s.help}: align {s.runs_as[0]} {s.runs_as[1]}={s.runs_as[2]}"
+                             for s in STAGES.values() if s.runs_as)
+        print(USAGE.format(stages=stages, variants=variants))
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
+    if stage in STAGES and STAGES[stage].runs_as:
+        command, key, value = STAGES[stage].runs_as
+        print(f"align: {stage} runs as `align {command} {key}={value}` (same config, reward and gate)", file=sys.stderr)
+        return 2
     if stage not in STAGES:
-        print(f"align: unknown stage {stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}", file=sys.stderr)
         return 2
     setup_environment()
     logging.basicConfig(level=logging.INFO, format="align: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    module_name, config_name, _ = STAGES[stage]
+    spec = STAGES[stage]
     try:
-        module = importlib.import_module(module_name) if module_name else None
+        module = importlib.import_module(spec.recipe)
     except ModuleNotFoundError as err:
-        if err.name != module_name:
+        if err.name != spec.recipe:
             raise
-        module = None
-    if module is None:
         print(f"align {stage}: not built yet in this version.", file=sys.stderr)
         return 3
-    if config_name is None:  # a stage with its own argument parser (the labelling app)
-        return module.main(rest)
+    if spec.config is None:  # the labelling app parses its own arguments; the run layout is handed to it
+        return module.main(rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"))
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
     subcommands = getattr(module, "SUBCOMMANDS", {})
     if rest and rest[0] in subcommands:
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from alignment import config as config_module
 
-    cls = getattr(config_module, config_name)
+    cls = getattr(config_module, spec.config)
     if "-h" in rest or "--help" in rest:
         print(f"usage: align {stage} [--config FILE.yaml] [section.key=value ...]\n\n{module.__doc__ or ''}")
         print("config keys (defaults):")
@@ -141,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(cls, config_path, overrides)
-        module.main(cfg)
+        run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)
         return 2

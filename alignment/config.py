@@ -272,7 +272,7 @@ class PPOStageConfig:
 @dataclass
 class EvalStageConfig:
     # Policies to compare, name -> folder; default: every policy stage found in run.dir
-    # (sft, dpo, ppo). The baseline is compared against each of the others.
+    # (sft, dpo, ppo, grpo, rloo: the registry's). The baseline is compared against each of the others.
     policies: dict[str, str] | None = None
     baseline: str = "sft"
     prompts: str = "data/support/prompts.jsonl"

@@ -2,7 +2,8 @@
 
 One decision is made here for every stage: the device plan. TRL's configs default to bf16 and
 gradient checkpointing on; on a CPU without bf16 instructions that makes a step 10-45x slower,
-so the plan picks per device and says in one line what it chose.
+so the plan picks per device and says in one line what it chose. The CPU workarounds beyond the
+plan are in alignment.cpu.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from alignment.config import LoraConfig, ModelConfig
+from alignment.cpu import keep_4bit_backward
 from alignment.embedded import CHATML_EOS, EMBEDDED_NAMES, embedded_model_dir
 
 log = logging.getLogger(__name__)
@@ -146,12 +148,7 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing
         )
-        # bitsandbytes repacks 4-bit weights for a faster CPU kernel (AVX512-BF16) the first time
-        # a layer runs in eval mode, and that kernel has no backward: training after any
-        # evaluation would silently lose the gradients through the frozen base. Keep it off.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_backward(model)  # an evaluation must not switch the 4-bit layers to a kernel without backward
     if plan.device == "cuda" and not plan.quantize:
         model.to(f"cuda:{_local_gpu()}")
     return model
@@ -177,53 +174,6 @@ def peft_lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_to_s
     )
 
 
-def keep_trainable_in(model, dtype: torch.dtype) -> None:
-    """Put trainable (adapter) weights back in `dtype`.
-
-    TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's recipe for GPUs).
-    On a CPU without bf16 instructions that makes every step many times slower, and TRL has no
-    switch for it, so after building a trainer on CPU we cast them back to the compute dtype.
-    """
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-
-
-def speed_up_cpu_training(model) -> None:
-    """What a training step on CPU needs beyond TRL's defaults (each measured, see benchmarks/README.md).
-
-    fp32 adapters (keep_trainable_in), a cheaper dropout mask (CPUDropout), and TRL's fused LM
-    head scoring only the positions that have a label (fused_head_on_labelled_positions).
-    """
-    keep_trainable_in(model, torch.float32)
-    swapped = use_cpu_dropout(model)
-    fused_head_on_labelled_positions()
-    log.info("CPU training: fp32 adapters, %d LoRA dropouts as CPUDropout, LM head at labelled positions only",
-             swapped)
-
-
-def fused_head_on_labelled_positions() -> None:
-    """TRL's fused LM head scores only positions with a label, on CPU too.
-
-    TRL 1.16 projects through the (49k-vocabulary) LM head, in tiles, only the positions whose
-    label is not -100 on Triton devices; elsewhere it scores every position so that tile shapes
-    stay fixed for compilers such as Neuron's. On CPU nothing is compiled, so the prompt and
-    padding positions are pure waste: on the embedded model a QLoRA SFT step ran 1.23x faster
-    with them skipped. The values are the same (tests/test_cpu_training.py checks it).
-    """
-    from trl.trainer import utils
-
-    original = getattr(utils, "_use_triton", None)
-    if original is None or getattr(original, "labelled_only_on_cpu", False):
-        return
-
-    def labelled_only(device) -> bool:
-        return device.type == "cpu" or original(device)
-
-    labelled_only.labelled_only_on_cpu = True
-    utils._use_triton = labelled_only
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -240,37 +190,3 @@ def adapter_base_name(path: str | Path) -> str:
 
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class CPUDropout(torch.nn.Dropout):
-    """`nn.Dropout` with a cheaper random mask on CPU; unchanged elsewhere and in eval mode.
-
-    On CPU, torch draws dropout's mask with `bernoulli_`, one generator call per element: on the
-    embedded model that was 19 % of a QLoRA SFT step (210 LoRA dropouts, 13.7 ms each, measured
-    with torch.profiler). Here one 64-bit draw gives four 16-bit lanes, each kept when its low 15
-    bits are at or above p·2^15: the same keep probability (to 1/32768); the draw is ~10x cheaper,
-    the whole dropout 2-2.5x.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
-            return super().forward(x)
-        n = x.numel()
-        lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
-        keep = (lanes & 0x7FFF) >= round(self.p * 32768)
-        return x * keep.view(x.shape).to(x.dtype).mul_(1 / (1 - self.p))
-
-
-def use_cpu_dropout(model) -> int:
-    """Swap every LoRA dropout in `model` for `CPUDropout` (same p); returns how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, layer in dropouts.items():
-            if type(layer) is torch.nn.Dropout:
-                dropouts[name] = CPUDropout(layer.p)
-                dropouts[name].train(layer.training)
-                swapped += 1
-    return swapped

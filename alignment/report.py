@@ -2,7 +2,8 @@
 
 Made from the same files every stage writes (`metrics.jsonl`, `align.json`), so it can be
 rebuilt at any time with `python -m alignment.report runs/NAME`. Each stage contributes a
-section; a stage that has not run yet is simply absent.
+section, in the registry's order (alignment.artifacts.STAGES), titled by its folder; a stage
+that has not run yet is simply absent.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignment.artifacts import MANIFEST, STAGES, later_rounds, stage_dir
 from alignment.tracking import read_jsonl
-
-STAGE_ORDER = ["sft", "sample", "preferences", "reward", "dpo", "ppo", "grpo", "rloo", "eval"]
 
 # Which logged keys to plot for a stage, as (title, [keys]); keys missing from the log are skipped.
 PLOTS: dict[str, list[tuple[str, list[str]]]] = {
@@ -194,7 +194,7 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
 
 def headline(run_dir: Path) -> str:
     """The answer first: did the aligned policy beat the baseline, by how much, how sure."""
-    path = run_dir / "eval" / "align.json"
+    path = stage_dir(run_dir, "eval") / MANIFEST
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
@@ -219,11 +219,12 @@ def _headline_md(run_dir: Path) -> str:
 
 # Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html.
 SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
-    "eval": eval_section, "reward": reward_section, "preferences": preferences_section}
+    "eval": eval_section, "reward": reward_section, "export": preferences_section}
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
-    manifest_path = folder / "align.json"
+    """A stage's section (html, markdown), titled and anchored by its folder's name; None before it ran."""
+    manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
@@ -231,12 +232,13 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{stage} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     extra = SECTIONS[stage](folder, manifest) if stage in SECTIONS else ""
-    parts = [f"<section id='{stage}'><h2>{stage}</h2>",
+    title = folder.name
+    parts = [f"<section id='{title}'><h2>{title}</h2>",
              f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"
              f" · base {html.escape(str(manifest.get('base_model')))}</p>",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra,
              _metrics_table(manifest.get("metrics", {})), "</section>"]
-    md = [f"## {stage}", "", f"`{folder}`", ""]
+    md = [f"## {title}", "", f"`{folder}`", ""]
     md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
     return "".join(parts), "\n".join(md) + "\n"
 
@@ -255,21 +257,25 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not is_main_process():
         return run_dir / "report.html"
-    found = [p.name for p in run_dir.iterdir() if p.is_dir() and (p / "align.json").is_file()] if run_dir.is_dir() else []
-    stages = [s for s in STAGE_ORDER if s in found] + sorted(s for s in found if s not in STAGE_ORDER)
-    bodies, mds = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir)]
-    for stage in stages:
-        section = stage_section(stage, run_dir / stage)
+    # The registry's stages in its order, then any other finished artifact (e.g. align merge's sft-merged/).
+    folders = {s.folder: s.name for s in STAGES.values() if s.folder}
+    found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) \
+        if run_dir.is_dir() else []
+    sections = [(name, folder) for folder, name in folders.items() if folder in found]
+    sections += [(folder, folder) for folder in found if folder not in folders]
+    bodies, mds, shown = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir)], []
+    for stage, folder in sections:
+        section = stage_section(stage, run_dir / folder)
         if section:
             bodies.append(section[0])
             mds.append(section[1])
-    rounds = sorted((p for p in run_dir.glob("round-*") if (p / "report.html").is_file()),
-                    key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else 0)
+            shown.append(folder)
+    rounds = [p for p in later_rounds(run_dir) if (p / "report.html").is_file()]
     if rounds:
         items = "".join(f"<li><a href='{r.name}/report.html'>{r.name}</a>{headline(r)}</li>" for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
-    nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in stages)
+    nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{''.join(bodies)}</body></html>")

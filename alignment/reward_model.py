@@ -9,22 +9,30 @@ head is inside it, peft's modules_to_save), the tokenizer (its model_max_length 
 max_length), `align.json`, and, when it was trained on the SFT model, a copy of the SFT adapter
 in `sft_adapter/`: loading merges that into the base first, exactly as training did, so the
 folder needs nothing else but the base model.
+
+For an RL stage: `gate` refuses a reward model whose held-out accuracy is too low to optimise,
+and `shared_base_reward` scores with its adapter on the policy's own base (one base in memory).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignment import StageError
+from alignment.artifacts import read_manifest
 from alignment.config import ModelConfig
+from alignment.cpu import keep_trainable_in
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -37,6 +45,7 @@ from alignment.modeling import (
 
 log = logging.getLogger(__name__)
 
+Reward = Callable[[list[str], list[str]], list[float]]  # (prompts, responses) -> one score each
 SFT_ADAPTER = "sft_adapter"  # the SFT adapter's copy inside a reward folder trained from SFT
 
 
@@ -52,8 +61,8 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
 
     if sft is None:
         with suppress_seqcls_warning():
-            return trainable_on_cpu(load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification,
-                                                    training=training, num_labels=1), training)
+            return load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification, training=training,
+                                   num_labels=1)
     from peft import PeftModel
 
     causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=plan.compute_dtype)
@@ -66,22 +75,6 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
                                     training=training, num_labels=1)
     # peft records this as the adapter's base: the real base, not the deleted temporary folder.
     model.name_or_path = model.config.name_or_path = resolve_model_path(model_cfg.name)
-    return trainable_on_cpu(model, training)
-
-
-def trainable_on_cpu(model, training: bool = True):
-    """Keep a 4-bit model's backward correct on CPUs with AVX512-BF16 after an evaluation.
-
-    bitsandbytes repacks a Linear4bit's weights for a faster CPU kernel the first time it runs
-    in eval mode without grad (any evaluation), and that kernel has no backward: training after
-    it silently loses every gradient through the frozen base (the LoRA of earlier layers learns
-    from the LoRA paths only). Turning the repack off keeps training exact. (This belongs in
-    alignment.modeling.load_base_model; until it is there, the reward and DPO stages do it.)
-    """
-    if training:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -198,3 +191,70 @@ def save_sft_copy(sft: str | Path, out: str | Path) -> Path:
         if f.is_file() and (f.name.startswith("adapter_") or f.name == "align.json"):
             shutil.copy2(f, target / f.name)
     return target
+
+
+# ---------------------------------------------------------------------------- for an RL stage
+
+
+def gate(rm: Path, min_accuracy: float) -> dict:
+    """Refuse a reward model whose held-out accuracy is under `min_accuracy`: PPO would optimise its noise."""
+    if not is_adapter_dir(rm):
+        raise StageError(f"no reward model at {rm}: run `align reward run.dir=...` first, pass reward_model=<folder>, "
+                         "or use a programmatic reward with scorer=<name or module:function>")
+    metrics = read_manifest(rm).get("metrics", {})
+    accuracy = metrics.get("eval_accuracy")
+    if min_accuracy > 0 and (accuracy is None or accuracy < min_accuracy):
+        seen = (f"held-out accuracy {accuracy:.3f}, under" if accuracy is not None else
+                "no held-out accuracy in its manifest (it was trained without held-out pairs) to compare with")
+        raise StageError(
+            f"the reward model at {rm} has {seen} min_reward_accuracy={min_accuracy}: "
+            "PPO would maximise a reward that disagrees with your annotators, and the policy learns its mistakes. "
+            "Label more (or cleaner) pairs and retrain it with `align reward`; to run anyway, pass "
+            "min_reward_accuracy=0")
+    return metrics
+
+
+def shared_base_reward(model, rm: Path) -> Reward:
+    """The reward model's adapter as a third adapter ("reward") on the policy's base, plus its score head.
+
+    The reward model is the base (+ the SFT adapter when it was trained from SFT) + its LoRA + a
+    linear `score` head on the last token. Here the SFT part is the "ref" adapter, activated
+    together with "reward": the same weights, except that SFT is a LoRA delta on the quantized base
+    rather than merged before quantization (close, not bit-identical; docs/ppo.md).
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = json.loads((rm / "adapter_config.json").read_text())
+    config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+    config.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
+    weights = load_file(str(rm / "adapter_model.safetensors"))
+    score_key = next(k for k in weights if k.endswith("score.weight"))
+    head = weights.pop(score_key).float()
+    model.add_adapter("reward", LoraConfig(**config))
+    set_peft_model_state_dict(model, weights, adapter_name="reward")
+    keep_trainable_in(model, torch.float32)
+    model.set_adapter("default")
+    model.eval()  # the new adapter's dropout layers are created in training mode
+    from_sft = is_adapter_dir(rm / SFT_ADAPTER)
+    if from_sft and "ref" not in model.peft_config:
+        raise StageError("rl.reward_on_policy_base: this reward model was trained on the SFT model, but the policy has "
+                         "no SFT adapter to stand for it; set rl.reward_on_policy_base=false")
+    tokenizer = load_tokenizer(str(rm))
+    active = ["ref", "reward"] if from_sft else ["reward"]
+
+    @torch.no_grad()
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        model.base_model.set_adapter(active, inference_mode=True)
+        try:
+            out = []
+            for p, r in zip(prompts, responses, strict=True):
+                ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": p},
+                                                       {"role": "assistant", "content": r}])])
+                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+                out.append((hidden.float() @ head.T).item())
+            return out
+        finally:
+            model.set_adapter("default")
+
+    return reward

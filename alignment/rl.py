@@ -1,6 +1,11 @@
-"""The small pieces of PPO for language models, as plain functions on (batch, response-token) tensors.
+"""What the RL recipes share (recipes/ppo.py, and recipes/grpo.py for GRPO/RLOO through TRL).
 
-From the PPO paper (Schulman et al., 2017), InstructGPT / Ziegler et al. (2019) for the KL
+The inputs: the SFT adapter the policy starts from, the reward (a reward model past its gate,
+its adapter on the policy's base, or a programmatic scorer) and the checks on `rl.*` they share.
+Then PPO's own pieces, as plain functions on (batch, response-token) tensors, and its
+checkpoints (everything a killed run needs to repeat an unkilled one).
+
+The maths follows the PPO paper (Schulman et al., 2017), InstructGPT / Ziegler et al. (2019) for the KL
 penalty and its controller, and "The N implementation details of RLHF with PPO" (Huang et al.,
 2023) for the details: log-probs of logits divided by the sampling temperature, whitening over
 real tokens only, value clipping, GAE over the response only. Every tensor here is
@@ -9,9 +14,95 @@ real tokens only, value clipping, GAE over the response only. Every tensor here 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from alignment import StageError
+from alignment.artifacts import is_main_process, stage_dir
+from alignment.config import ConfigError, PPOStageConfig
+from alignment.cpu import keep_trainable_in
+from alignment.generation import check_backend
+from alignment.modeling import is_adapter_dir
+from alignment.reward_model import Reward, gate, load_reward_model, score, shared_base_reward
+
+log = logging.getLogger(__name__)
+
+VALUE_HEAD = "value_head.safetensors"  # PPO's value head, beside the policy adapter
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def check(cfg: PPOStageConfig) -> None:
+    """The checks every RL algorithm needs; each recipe adds its own."""
+    rl, gen = cfg.rl, cfg.generation
+    check_backend(gen)
+    if gen.temperature <= 0:
+        raise ConfigError(f"generation.temperature: {cfg.algo.upper()} samples its rollouts, so it must be > 0 "
+                          "(1.0 is the usual)")
+    if cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps: {cfg.algo.upper()} counts steps (one rollout each); give a number > 0")
+    if rl.minibatch_size > rl.rollout_prompts:
+        raise ConfigError(f"rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts={rl.rollout_prompts}")
+
+
+def resolve_sft(cfg: PPOStageConfig) -> Path | None:
+    """The SFT adapter the policy starts from (and the reference is); None for a fresh LoRA on model.name."""
+    if cfg.sft == "none":
+        return None
+    sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
+    if is_adapter_dir(sft):
+        return sft
+    if cfg.sft:
+        raise StageError(f"sft={sft} is not an adapter folder; for a merged SFT model pass model.name={sft} sft=none")
+    if not cfg.scorer:
+        raise StageError(f"no SFT adapter at {sft}: PPO starts from the SFT policy and keeps it as the reference; "
+                         f"run `align sft run.dir={cfg.run.dir}` first, or pass sft=none to start from model.name")
+    log.warning("no SFT adapter at %s: a fresh LoRA on %s, the reference is the base (adapter disabled)", sft,
+                cfg.model.name)
+    return None
+
+
+def check_reward(cfg: PPOStageConfig) -> None:
+    """The reward's problems before any model loads: a scorer that does not exist, a reward model under the gate."""
+    if cfg.scorer:
+        resolve_scorer(cfg.scorer)
+    else:
+        gate(Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward"), cfg.min_reward_accuracy)
+
+
+def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | None]:
+    """(reward(prompts, responses) -> scores, gate figures, the reward model folder or None)."""
+    if cfg.scorer:
+        fn = resolve_scorer(cfg.scorer)
+        return (lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}, None
+    rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
+    figures = gate(rm, cfg.min_reward_accuracy)
+    if cfg.rl.reward_on_policy_base:
+        return shared_base_reward(policy, rm), figures, rm
+    model, tokenizer = load_reward_model(rm)
+    return (lambda prompts, responses: score(model, tokenizer, prompts, responses,
+                                             cfg.generation.batch_size)), figures, rm
+
+
+def resolve_scorer(spec: str) -> Callable[[str, str], float]:
+    """A built-in scorer's name or module:function; a wrong one is a config error naming it."""
+    from labeling.scorers import resolve_scorer as labeling_resolve  # built-in names and module:function
+
+    try:
+        return labeling_resolve(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
 
 # ---------------------------------------------------------------------------- masked statistics
 
@@ -181,3 +272,56 @@ def kl_controller(kind: str, value: float, target: float, horizon: int) -> Fixed
 def is_finite(*numbers: float) -> bool:
     return all(math.isfinite(n) for n in numbers)
 
+
+# ---------------------------------------------------------------------------- checkpoints (PPO's own loop)
+
+
+def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, step: int, keep: int) -> None:
+    """Everything a resumed run needs to repeat this one exactly, written to a temp folder then renamed."""
+    if not is_main_process():
+        return
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), selected_adapters=["default"])
+    save_file(head.state_dict(), str(tmp / VALUE_HEAD))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}},
+               tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict()}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    old = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N (None: from scratch)."""
+    if not resume:
+        return None
+    if resume in ("latest", "auto"):
+        found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        log.info("resuming from %s", found[-1] if found else "scratch (no checkpoint found)")
+        return found[-1] if found else None
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise StageError(f"train.resume_from_checkpoint={resume} is not a PPO checkpoint (no trainer_state.json)")
+    return Path(resume)
+
+
+def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl) -> int:
+    """Restore what save_checkpoint wrote into the live objects; returns the step to continue after."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")), adapter_name="default")
+    keep_trainable_in(model, next(head.parameters()).dtype)
+    head.load_state_dict(load_file(str(folder / VALUE_HEAD)))
+    state = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    info = json.loads((folder / "trainer_state.json").read_text())
+    kl_ctl.load_state_dict(info["kl_ctl"])
+    return info["step"]

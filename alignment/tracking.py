@@ -149,9 +149,8 @@ class Tracker:
             self.run = None
 
 
-ARTIFACT_TYPES = {"sft": "model", "dpo": "model", "ppo": "model", "grpo": "model", "rloo": "model",
-                  "reward": "reward-model", "export": "dataset", "preferences": "dataset", "sample": "dataset",
-                  "eval": "evaluation"}
+# A stage's W&B artifact type, by the stage's kind in the registry (alignment.artifacts.STAGES).
+ARTIFACT_TYPES = {"policy": "model", "reward": "reward-model", "data": "dataset", "eval": "evaluation"}
 SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl"}
 
 
@@ -170,15 +169,18 @@ def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: d
     """
     import wandb
 
-    from alignment.artifacts import is_main_process
+    from alignment.artifacts import MANIFEST, STAGES, is_main_process, read_manifest
 
     run = run or wandb.run
     if run is None or not is_main_process():
         return
     folder = Path(folder)
-    parent_names = {k: artifact_name(Path(p).parent, Path(p).name if Path(p).name != "preferences" else "export")
-                    for k, p in (parents or {}).items() if (Path(p) / "align.json").is_file()}
-    art = wandb.Artifact(artifact_name(run_dir, stage), type=ARTIFACT_TYPES.get(stage, "artifact"),
+    # A parent's artifact is named after the stage that wrote it, which its manifest says (the
+    # export's folder is preferences/, a grpo policy's grpo/, a parent may be any folder).
+    parent_names = {k: artifact_name(Path(p).parent, read_manifest(p).get("stage") or Path(p).name)
+                    for k, p in (parents or {}).items() if (Path(p) / MANIFEST).is_file()}
+    kind = STAGES[stage].kind if stage in STAGES else None
+    art = wandb.Artifact(artifact_name(run_dir, stage), type=ARTIFACT_TYPES.get(kind, "artifact"),
                          metadata={"stage": stage, "parents": parent_names, "path": str(folder)})
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)

@@ -8,6 +8,8 @@
     align label gold TASK_ID 2,1,3,4                           a gold answer (canonical order)
 
 The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
+Where the default store and the export folder are in a run directory is the run layout's to say
+(alignment.artifacts): `align label` passes them in, so labeling imports nothing from alignment.
 """
 
 from __future__ import annotations
@@ -16,16 +18,10 @@ import argparse
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def store_url(args: argparse.Namespace) -> str:
-    if args.db:
-        return args.db
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(args.run_dir).resolve() / 'labels.db'}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,12 +45,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
+         export_dir: Callable[[str], str | Path]) -> int:
+    """`store_url(--db, --run-dir)` is the store to open, `export_dir(--run-dir)` the admin's export folder."""
     args = parser().parse_args(argv)
     from labeling.store import Store, StoreError
 
     try:
-        store = Store(store_url(args))
+        store = Store(store_url(args.db, args.run_dir))
     except StoreError as err:
         print(f"align label: {err}", file=sys.stderr)
         return 2
@@ -93,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         print(f"align label: {err}", file=sys.stderr)
         return 2
-    return serve(store, args)
+    return serve(store, args, str(export_dir(args.run_dir)))
 
 
-def serve(store, args: argparse.Namespace) -> int:
+def serve(store, args: argparse.Namespace, export_dir: str) -> int:
     from labeling.app import build_app
 
     guidelines = Path(args.guidelines) if args.guidelines else Path(__file__).with_name("guidelines.md")
@@ -107,11 +105,7 @@ def serve(store, args: argparse.Namespace) -> int:
         print("align label: no accounts yet; make one first: align label users add NAME --admin", file=sys.stderr)
         return 2
     demo = build_app(store, guidelines.read_text(), overlap=args.overlap, gold_rate=args.gold_rate,
-                     export_dir=str(Path(args.run_dir) / "preferences"), batch=args.batch)
+                     export_dir=export_dir, batch=args.batch)
     print(f"labelling app for {store.url}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
     demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -22,13 +22,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
 from alignment.config import ConfigError, DPOStageConfig, ModelConfig, save_config, to_dict
+from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
 from alignment.modeling import (
     DevicePlan,
@@ -38,11 +38,10 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
-    speed_up_cpu_training,
 )
 from alignment.preferences import load_preferences
-from alignment.reward_model import trainable_on_cpu
-from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, report_to
+from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
+from alignment.training import resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -72,51 +71,20 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     """
     from peft import PeftModel
 
-    base = trainable_on_cpu(load_base_model(model_cfg, plan))  # eval_on_start must not break backward
+    base = load_base_model(model_cfg, plan)
     return PeftModel.from_pretrained(base, str(sft), is_trainable=True)
 
 
 def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
-    return DPOConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=cfg.train.lr,
-        lr_scheduler_type=cfg.train.scheduler,
-        warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a fraction of the steps
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        seed=cfg.train.seed,
-        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
-        bf16=plan.bf16,
-        fp16=plan.fp16,
-        use_cpu=plan.device == "cpu",
-        use_liger_kernel=cfg.train.liger,
-        gradient_checkpointing=plan.gradient_checkpointing,
+    """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
+    return trl_args(
+        DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=has_eval,
         max_length=cfg.model.max_length,
         loss_type=[cfg.loss],
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
         # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure.
         eval_on_start=has_eval and cfg.eval_on_start,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.train.eval_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        report_to=report_to(cfg.run),
-        run_name=f"{Path(cfg.run.dir).name}/dpo",
-        dataloader_num_workers=0,
-        # Under DDP every trainable (LoRA) weight takes part in each step (the frozen "ref" copy has
-        # none); the default search for unused ones costs an extra graph pass per step.
-        ddp_find_unused_parameters=False,
     )
 
 
@@ -129,7 +97,7 @@ def main(cfg: DPOStageConfig) -> Path:
     if not is_adapter_dir(sft):
         raise StageError(f"no SFT adapter at {sft}: DPO starts from the SFT policy and keeps it as the reference; "
                          f"run `align sft run.dir={cfg.run.dir}` first or pass sft=<adapter folder>")
-    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "preferences")
+    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "export")
     if not data_path.exists():
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
@@ -163,22 +131,12 @@ def main(cfg: DPOStageConfig) -> Path:
     if "ref" not in policy.peft_config:
         raise StageError("DPOTrainer made no frozen 'ref' copy of the SFT adapter, so the reference would be the raw "
                          "base; refusing (check the installed trl/peft against pyproject.toml)")
-    if plan.device == "cpu":
-        # TRL rounds a quantized model's trainable adapter to bf16 (the QLoRA GPU recipe). On CPU
-        # we train in fp32, so restore the policy from the exact fp32 "ref" copy: step 0 is then
-        # exactly the SFT policy, and the adapter stays fp32 (see speed_up_cpu_training).
-        for name, param in policy.named_parameters():
-            if ".default." in name:
-                param.data = policy.get_parameter(name.replace(".default.", ".ref.")).data.to(torch.float32).clone()
+    if plan.device == "cpu":  # step 0 exactly the SFT policy, in fp32 (alignment.cpu)
+        restore_policy_from_ref(policy)
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
-    resume = cfg.train.resume_from_checkpoint
-    if resume == "latest":
-        found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume = str(found[-1]) if found else None
-        log.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if test is not None:

@@ -23,7 +23,7 @@ import torch
 from alignment import StageError
 from alignment import evaluation as ev
 from alignment import report as report_module
-from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.artifacts import print_done, stage_dir, stages_of_kind, store_url, write_manifest
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import load_prompts
 from alignment.generation import Policy, chat_prompt, check_backend, generate
@@ -32,14 +32,12 @@ from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
-
-
 def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
     if cfg.policies:
         found = {name: Path(p) for name, p in cfg.policies.items()}
     else:
-        found = {s: stage_dir(cfg.run.dir, s) for s in POLICY_STAGES if is_adapter_dir(stage_dir(cfg.run.dir, s))}
+        found = {s: stage_dir(cfg.run.dir, s) for s in stages_of_kind("policy")
+                 if is_adapter_dir(stage_dir(cfg.run.dir, s))}
     missing = [f"{n} ({p})" for n, p in found.items() if not is_adapter_dir(p)]
     if missing:
         raise StageError(f"not adapter folders: {', '.join(missing)}")
@@ -119,7 +117,6 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
 def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]]) -> dict:
     """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board)."""
     from labeling.store import Store
-    from recipes.sample import store_url
 
     store = Store(store_url(None, cfg.run.dir))
     added = 0

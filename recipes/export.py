@@ -16,10 +16,9 @@ import logging
 from pathlib import Path
 
 from alignment import StageError
-from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.artifacts import print_done, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.tracking import Tracker, log_artifact
-from recipes.sample import store_url
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def main(cfg: ExportStageConfig) -> Path:
     from labeling.export import export_preferences
     from labeling.store import Store
 
-    out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "preferences")
+    out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))
     rankings = store.submitted_rankings()
     if not rankings:

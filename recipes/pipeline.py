@@ -3,9 +3,11 @@
     align pipeline --config configs/quickstart/pipeline.yaml
     align pipeline --config configs/quickstart/pipeline.yaml rounds=2 label=human
 
-Each stage's input defaults to its upstream artifact in run.dir. A stage whose artifact is
-complete (its align.json exists) with the same config is skipped, so a killed pipeline picks up
-where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
+`stages:` says which stages run; their order and folders are the registry's
+(alignment.artifacts.STAGES), and each runs through it (so `ppo.algo=grpo` runs recipes/grpo.py
+and is found in grpo/). Each stage's input defaults to its upstream artifact in run.dir. A stage
+whose artifact is complete (its align.json exists) with the same config is skipped, so a killed
+pipeline picks up where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
 person) or `human` (the app starts, prints its address, and the pipeline waits until the batch
 has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
@@ -25,12 +27,20 @@ from typing import Any
 
 from alignment import StageError
 from alignment import report as report_module
-from alignment.artifacts import MANIFEST, print_done
+from alignment.artifacts import (
+    MANIFEST,
+    pipeline_stages,
+    print_done,
+    round_batch,
+    round_dir,
+    routed,
+    run_stage,
+    stage_dir,
+    store_url,
+)
 from alignment.config import PipelineConfig, to_dict
 
 log = logging.getLogger(__name__)
-
-STAGES = ("sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval")
 
 
 def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
@@ -54,15 +64,14 @@ def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
     return True
 
 
-def run_stage(name: str, folder: Path, cfg: Any, rankings: int | None = None) -> Path:
-    import importlib
-
+def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: int | None = None) -> Path:
+    """Run stage `name` on `cfg` unless its folder in `run_dir` already holds this config's artifact."""
+    folder = stage_dir(run_dir, routed(name, cfg).name)  # ppo with algo=grpo writes grpo/
     if already_done(folder, cfg, rankings):
         log.info("── %s: already done with this config (%s), skipping", name, folder)
         return folder
     log.info("── %s", name)
-    module = {"eval": "recipes.evaluate"}.get(name, f"recipes.{name}")
-    return importlib.import_module(module).main(cfg)
+    return run_stage(name, cfg)
 
 
 def submitted_count(url: str) -> int:
@@ -73,7 +82,6 @@ def submitted_count(url: str) -> int:
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
     from labeling.store import Store
-    from recipes.sample import store_url
 
     store = Store(store_url(cfg.sample.store, cfg.run.dir))
     if cfg.label == "simulate":
@@ -100,20 +108,23 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
 
 
 def main(cfg: PipelineConfig) -> Path:
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    allowed = pipeline_stages()
+    unknown = [s for s in cfg.stages if s not in allowed]
     if unknown:
-        raise StageError(f"stages: {unknown[0]!r} is not a stage; allowed: {', '.join(STAGES)}")
+        raise StageError(f"stages: {unknown[0]!r} is not a stage; allowed: {', '.join(allowed)}")
     root = Path(cfg.run.dir)
-    store = cfg.sample.store or f"sqlite:///{root.resolve() / 'labels.db'}"
-    policy_stage = "ppo" if "ppo" in cfg.stages and "dpo" not in cfg.stages else "dpo"
+    store = store_url(cfg.sample.store, root)
+    # The policy a later round samples from, by the folder its stage writes (ppo with algo=grpo: grpo/).
+    policy_stage = routed("ppo", cfg.ppo).name if "ppo" in cfg.stages and "dpo" not in cfg.stages else "dpo"
+    trained = [routed(s, getattr(cfg, s)).name for s in ("dpo", "ppo") if s in cfg.stages]
     started = time.time()
 
     for r in range(cfg.rounds):
-        run_dir = root if r == 0 else root / f"round-{r}"
+        run_dir = round_dir(root, r)
         run = replace(cfg.run, dir=str(run_dir))
-        sft_dir = root / "sft"
-        prev = root if r <= 1 else root / f"round-{r - 1}"
-        batch = f"round-{r}"
+        sft_dir = stage_dir(root, "sft")
+        prev = round_dir(root, max(r - 1, 0))
+        batch = round_batch(r)
         # Every stage of this round, wired to its upstream artifacts.
         # Later stages run on the SFT's base: say so in their configs too, so that the config a
         # stage records is the one asked for and a rerun recognises it as unchanged.
@@ -123,7 +134,7 @@ def main(cfg: PipelineConfig) -> Path:
         stage_cfgs = {
             "sft": replace(cfg.sft, run=replace(cfg.run, dir=str(root))),
             "sample": replace(on_base(cfg.sample), run=run, store=store, round=r, batch=batch,
-                              policy=str(sft_dir if r == 0 else prev / policy_stage)),
+                              policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             "export": replace(cfg.export, run=run, store=store),
             "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
@@ -135,21 +146,20 @@ def main(cfg: PipelineConfig) -> Path:
         }
         if r > 0:
             stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
-                "sft": str(sft_dir), **{s: str(run_dir / s) for s in ("dpo", "ppo") if s in cfg.stages}})
-        for stage in cfg.stages:
-            if stage == "sft" and r > 0:
+                "sft": str(sft_dir), **{s: str(stage_dir(run_dir, s)) for s in trained}})
+        for stage in allowed:
+            if stage not in cfg.stages or (stage == "sft" and r > 0):
                 continue
             if stage == "label":
                 label(cfg, run_dir, batch)
                 continue
-            folder = {"export": run_dir / "preferences", "sft": sft_dir}.get(stage, run_dir / stage)
             rankings = submitted_count(store) if stage == "export" else None
-            run_stage(stage, folder, stage_cfgs[stage], rankings)
+            run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
 
     html = report_module.write_report(root)
     minutes = (time.time() - started) / 60
-    summary = _summary(root if cfg.rounds == 1 else root / f"round-{cfg.rounds - 1}")
+    summary = _summary(round_dir(root, cfg.rounds - 1))
     print(f"\npipeline finished in {minutes:.1f} min")
     if summary:
         print(summary)
@@ -158,7 +168,7 @@ def main(cfg: PipelineConfig) -> Path:
 
 
 def _summary(run_dir: Path) -> str | None:
-    path = run_dir / "eval" / MANIFEST
+    path = stage_dir(run_dir, "eval") / MANIFEST
     if not path.is_file():
         return None
     m = json.loads(path.read_text())

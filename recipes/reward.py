@@ -27,6 +27,7 @@ from trl import RewardConfig, RewardTrainer
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
 from alignment.config import RewardStageConfig, save_config, to_dict
+from alignment.cpu import speed_up_cpu_training
 from alignment.data import DataError, file_hash
 from alignment.modeling import (
     adapter_base_name,
@@ -35,7 +36,6 @@ from alignment.modeling import (
     is_adapter_dir,
     load_tokenizer,
     peft_lora_config,
-    speed_up_cpu_training,
 )
 from alignment.preferences import RankingBatchSampler, load_preferences
 from alignment.reward_model import (
@@ -46,14 +46,8 @@ from alignment.reward_model import (
     score,
     score_conversations,
 )
-from alignment.tracking import (
-    MetricsJSONL,
-    append_jsonl,
-    configure_wandb,
-    finish_wandb,
-    log_artifact,
-    report_to,
-)
+from alignment.tracking import MetricsJSONL, append_jsonl, configure_wandb, finish_wandb, log_artifact
+from alignment.training import resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +78,7 @@ def main(cfg: RewardStageConfig) -> Path:
     if cfg.from_sft and not is_adapter_dir(sft):
         raise StageError(f"no SFT adapter at {sft}: run `align sft run.dir={cfg.run.dir}` first, pass sft=<folder>, "
                          "or from_sft=false to build the reward model on the raw base")
-    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "preferences")
+    data_path = Path(cfg.data.path) if cfg.data.path else stage_dir(cfg.run.dir, "export")
     if not data_path.exists():
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
@@ -113,43 +107,9 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- trainer ----------------------------------------------------------------------------
     configure_wandb(cfg.run, "reward")
     has_eval = test is not None
-    args = RewardConfig(
-        use_liger_kernel=cfg.train.liger,
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=cfg.train.lr,
-        lr_scheduler_type=cfg.train.scheduler,
-        warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a fraction of the steps
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        seed=cfg.train.seed,
-        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
-        bf16=plan.bf16,
-        fp16=plan.fp16,
-        use_cpu=plan.device == "cpu",
-        gradient_checkpointing=plan.gradient_checkpointing,
-        max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.train.eval_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        report_to=report_to(cfg.run),
-        run_name=f"{Path(cfg.run.dir).name}/reward",
-        dataloader_num_workers=0,
-        # Under DDP every trainable (LoRA) weight takes part in each step; the default search for
-        # unused ones costs an extra pass over the graph per step when checkpointing is off.
-        ddp_find_unused_parameters=False,
-    )
+    args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
+                    max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
+                    center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer_cls = RankingRewardTrainer if cfg.group_by_ranking else RewardTrainer
     trainer = trainer_cls(
         model=model,
@@ -169,12 +129,7 @@ def main(cfg: RewardStageConfig) -> Path:
                     dropped, len(train), cfg.model.max_length)
 
     # --- train ------------------------------------------------------------------------------
-    resume = cfg.train.resume_from_checkpoint
-    if resume == "latest":
-        found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume = str(found[-1]) if found else None
-        log.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from alignment import StageError
-from alignment.artifacts import print_done, read_manifest, stage_dir, write_manifest
+from alignment.artifacts import print_done, read_manifest, round_batch, stage_dir, store_url, write_manifest
 from alignment.config import SampleStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
 from alignment.generation import check_backend, generate, load_policy
@@ -29,13 +29,6 @@ from alignment.modeling import device_plan
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
-
-
-def store_url(cfg_store: str | None, run_dir: str | Path) -> str:
-    if cfg_store:
-        return cfg_store
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(run_dir).resolve() / 'labels.db'}"
 
 
 def resample_duplicates(policy, prompt: str, responses: list[str], cfg: SampleStageConfig) -> list[dict]:
@@ -67,7 +60,7 @@ def main(cfg: SampleStageConfig) -> Path:
     if cfg.policy is None and not policy_dir.exists():
         raise StageError(f"no policy at {policy_dir}: run `align sft run.dir={cfg.run.dir}` first, "
                          "or pass policy=<adapter or model folder>")
-    batch = cfg.batch or f"round-{cfg.round}"
+    batch = cfg.batch or round_batch(cfg.round)
     out = stage_dir(cfg.run.dir, "sample")
     out.mkdir(parents=True, exist_ok=True)
     url = store_url(cfg.store, cfg.run.dir)

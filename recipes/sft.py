@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from alignment import report
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
+from alignment.cpu import speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset
 from alignment.modeling import (
     check_liger,
@@ -25,16 +26,9 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     peft_lora_config,
-    speed_up_cpu_training,
 )
-from alignment.tracking import (
-    MetricsJSONL,
-    configure_wandb,
-    finish_wandb,
-    log_artifact,
-    report_to,
-    wandb_hint,
-)
+from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, wandb_hint
+from alignment.training import resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -49,51 +43,14 @@ def count_truncated(dataset, tokenizer, max_length: int) -> int:
     return n
 
 
-def latest_checkpoint(folder: Path) -> str | None:
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
-
-
 def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool) -> SFTConfig:
-    """TRL's SFTConfig from ours: the device plan's dtype and checkpointing, not TRL's defaults."""
-    return SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=cfg.train.lr,
-        lr_scheduler_type=cfg.train.scheduler,
-        warmup_steps=cfg.train.warmup_ratio,  # a float < 1 is a fraction of the steps
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        seed=cfg.train.seed,
-        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
-        bf16=plan.bf16,
-        use_liger_kernel=cfg.train.liger,
-        fp16=plan.fp16,
-        use_cpu=plan.device == "cpu",
-        gradient_checkpointing=plan.gradient_checkpointing,
+    """TRL's SFTConfig from ours: the shared mapping (alignment.training) plus SFT's own keys."""
+    return trl_args(
+        SFTConfig, cfg.train, plan, cfg.run, "sft", out, has_eval=has_eval,
         max_length=cfg.model.max_length,
         packing=cfg.data.packing,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         completion_only_loss=True,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.train.eval_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss" if has_eval else None,
-        report_to=report_to(cfg.run),
-        run_name=f"{Path(cfg.run.dir).name}/sft",
-        dataloader_num_workers=0,
-        # Under DDP every trainable (LoRA) weight takes part in each step; the default search for
-        # unused ones costs an extra pass over the graph per step when checkpointing is off.
-        ddp_find_unused_parameters=False,
     )
 
 
@@ -141,11 +98,7 @@ def main(cfg: SFTStageConfig) -> Path:
         speed_up_cpu_training(trainer.model)
 
     # --- train ------------------------------------------------------------------------------
-    resume = cfg.train.resume_from_checkpoint
-    if resume == "latest":
-        resume = latest_checkpoint(out / "checkpoints")
-        log.info("resuming from %s", resume or "scratch (no checkpoint found)")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if has_eval:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from alignment.cli import STAGES
+from alignment.artifacts import STAGES
 from alignment.cli import main as align
 
 

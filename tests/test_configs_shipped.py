@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import STAGES
+from alignment.artifacts import STAGES
 from alignment.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,5 +25,5 @@ def test_loads_strictly_and_names_its_command(path):
     assert first == f"# align {stage} --config {path.relative_to(REPO)}", f"{path}: first line must give the command"
     import alignment.config
 
-    cfg = load_config(getattr(alignment.config, STAGES[stage][1]), path)
+    cfg = load_config(getattr(alignment.config, STAGES[stage].config), path)
     assert cfg.run.dir.startswith("runs/")

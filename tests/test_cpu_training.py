@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from alignment.config import SFTStageConfig, load_config
-from alignment.modeling import (
-    CPUDropout,
-    device_plan,
-    fused_head_on_labelled_positions,
-    load_tokenizer,
-    use_cpu_dropout,
-)
+from alignment.cpu import CPUDropout, fused_head_on_labelled_positions, use_cpu_dropout
+from alignment.modeling import device_plan, load_tokenizer
 
 
 def test_cpu_dropout_keeps_one_minus_p_scaled_and_masks_the_gradient():
@@ -55,6 +50,14 @@ def test_use_cpu_dropout_swaps_every_lora_dropout(tiny_model):
     assert use_cpu_dropout(model) == 0  # already swapped
 
 
+def trl_use_triton():
+    """TRL's own `_use_triton`, unwrapped if a stage earlier in this test process patched it."""
+    from trl.trainer import utils
+
+    current = utils._use_triton
+    return current.__closure__[0].cell_contents if getattr(current, "labelled_only_on_cpu", False) else current
+
+
 @pytest.fixture
 def fused_model(tiny_model):
     from transformers import AutoModelForCausalLM
@@ -93,7 +96,7 @@ def test_fused_head_on_labelled_positions_gives_the_same_values_from_fewer_rows(
         grad = fused_model.model.layers[0].mlp.up_proj.weight.grad.clone()
         return out, grad
 
-    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())  # TRL's own (restored after the test)
     every, every_grad = run()
     fused_head_on_labelled_positions()
     labelled, labelled_grad = run()
@@ -108,6 +111,30 @@ def test_fused_head_on_labelled_positions_gives_the_same_values_from_fewer_rows(
     assert torch.equal(every.is_top1, labelled.is_top1)
     assert torch.allclose(every.loss, labelled.loss, atol=1e-6)
     assert torch.allclose(every_grad, labelled_grad, atol=1e-6)
+
+
+def test_fused_head_patch_says_whether_it_applied(monkeypatch, caplog):
+    """Applied once (logged), then left alone; when TRL's internals move, a warning and nothing patched."""
+    import logging
+
+    from trl.trainer import utils
+
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())  # TRL's own (restored after the test)
+    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
+        assert fused_head_on_labelled_positions() and utils._use_triton(torch.device("cpu"))
+        assert fused_head_on_labelled_positions()
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU: TRL's fused LM head patched to score labelled positions only"]
+
+    caplog.clear()
+    monkeypatch.setattr(utils, "_use_triton", trl_use_triton())
+    monkeypatch.setattr(utils, "add_fused_lm_head", lambda model: model)  # a TRL whose head no longer asks it
+    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
+        assert not fused_head_on_labelled_positions()
+    assert not getattr(utils._use_triton, "labelled_only_on_cpu", False)
+    assert "TRL's internals changed" in caplog.text and caplog.records[0].levelname == "WARNING"
+    monkeypatch.delattr(utils, "_use_triton")
+    assert not fused_head_on_labelled_positions()
 
 
 def test_group_by_length_batches_examples_of_similar_length(tiny_model, tmp_path):
@@ -157,7 +184,7 @@ def test_sft_and_dpo_train_with_the_cpu_parts(tiny_model, sft_data, tmp_path, ca
                                            "rejected": "No."}) for i in range(12)) + "\n")
     common = ["run.wandb=disabled", "train.max_steps=1", "train.batch_size=4", "model.max_length=96",
               f"run.dir={tmp_path}"]
-    with caplog.at_level(logging.INFO, logger="alignment.modeling"):
+    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
         assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", "data.eval_fraction=0",
                       "lora.dropout=0.05", *common]) == 0
         assert align(["dpo", f"data.path={prefs}", "data.test_fraction=0", *common]) == 0

@@ -185,7 +185,8 @@ def test_quickstart_yaml_loads():
 
 def test_qlora_backward_survives_an_evaluation(sft_dir, tiny_model):
     """An eval pass (eval_on_start) must not cut the gradients through the 4-bit base: bitsandbytes
-    repacks weights for a CPU kernel without backward unless told not to (trainable_on_cpu)."""
+    repacks weights for a CPU kernel without backward unless told not to (alignment.cpu.keep_4bit_backward,
+    which load_base_model applies to every 4-bit model it loads for training)."""
     from alignment.config import ModelConfig
     from alignment.modeling import device_plan
     from alignment.reward_model import reward_base

@@ -155,3 +155,29 @@ def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, t
     assert ours["dpo"][key] == pytest.approx(theirs["dpo"][key])
     assert ours["sft"][key] == pytest.approx(theirs["sft"][key])
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path):
+    """ppo.algo=grpo writes grpo/ (the registry's folder): a rerun skips it, and eval compares it with sft
+    in both rounds. (The pipeline used to look for ppo/: it redid GRPO on every rerun, and round 1's eval
+    asked for round-1/ppo and stopped.)"""
+    run_dir = tmp_path / "run"
+    args = ["pipeline", f"run.dir={run_dir}", "run.wandb=disabled", "stages=[sft, ppo, eval]", "rounds=2",
+            "scorer=known_scorers:thanks_then_short",
+            f"sft.model.name={tiny_model}", f"sft.data.path={data}", "sft.train.max_steps=4", "sft.model.quantize=false",
+            "sft.model.max_length=128", "sft.data.eval_fraction=0",
+            "ppo.algo=grpo", "ppo.scorer=known_scorers:thanks_then_short", f"ppo.prompts={data}", "ppo.num_prompts=8",
+            "ppo.train.max_steps=1", "ppo.rl.rollout_prompts=4", "ppo.rl.num_generations=2",
+            "ppo.generation.max_new_tokens=8", "ppo.model.quantize=false", "ppo.model.max_length=128",
+            f"eval.prompts={data}", "eval.num_prompts=4", "eval.generation.max_new_tokens=8", "eval.bootstrap=50"]
+    assert align(args) == 0
+    rounds = [run_dir, run_dir / "round-1"]
+    for folder in rounds:
+        assert manifest(folder / "grpo")["stage"] == "grpo" and not (folder / "ppo").exists()
+        assert set(manifest(folder / "eval")["policies"]) == {"sft", "grpo"}
+        assert manifest(folder / "eval")["parents"]["grpo"]["path"] == str(folder / "grpo")
+    written = {f / s: (f / s / "align.json").stat().st_mtime_ns for f in rounds for s in ("grpo", "eval")}
+
+    assert align(args) == 0
+    for folder, mtime in written.items():
+        assert (folder / "align.json").stat().st_mtime_ns == mtime, f"{folder} was redone"

@@ -144,7 +144,7 @@ def test_gate_refuses_a_weak_reward_model(tmp_path, capsys, accuracy, said):
 
 
 def test_gate_passes_at_threshold_or_when_overridden(tmp_path):
-    from recipes.ppo import gate
+    from alignment.reward_model import gate
 
     assert gate(make_reward_dir(tmp_path / "good", 0.6), 0.6)["eval_accuracy"] == 0.6
     assert gate(make_reward_dir(tmp_path / "bad", 0.3), 0.0)["eval_accuracy"] == 0.3
@@ -208,6 +208,8 @@ def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, ti
     (["generation.temperature=0"], "generation.temperature: PPO samples"),
     (["rl.minibatch_size=16", "rl.rollout_prompts=8"], "rl.minibatch_size=16 exceeds"),
     (["algo=grpo", "rl.rollout_prompts=6", "rl.num_generations=4"], "must be a multiple of rl.num_generations"),
+    (["algo=rloo", "rl.reward_on_policy_base=true"], "rl.reward_on_policy_base is PPO's"),
+    (["algo=grpo", "generation.temperature=0"], "generation.temperature: GRPO samples"),
     (["rl.kl_control=pid"], "rl.kl_control: 'pid' is not allowed"),
     (["scorer=no_such_scorer"], "scorer 'no_such_scorer': not a built-in"),
 ])

@@ -26,12 +26,10 @@ def test_users_simulate_status_and_errors(tmp_path, capsys):
 
 
 def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
-    from labeling.cli import main as label
-
-    assert label(["--db", "postgresql://someone:hunter2@127.0.0.1:1/labels", "status"]) == 2
+    assert align(["label", "--db", "postgresql://someone:hunter2@127.0.0.1:1/labels", "status"]) == 2
     err = capsys.readouterr().err
     assert "cannot open the labelling store postgresql://someone:***@127.0.0.1:1/labels" in err
     assert "hunter2" not in err
-    assert label(["--db", "mysql://x/y", "users", "list"]) == 2
+    assert align(["label", "--db", "mysql://x/y", "users", "list"]) == 2
     assert "unsupported database URL" in capsys.readouterr().err
 

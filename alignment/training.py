@@ -1,0 +1,81 @@
+"""What the stages that train with a TRL trainer share: TRL's arguments from our config, and resume.
+
+    args = trl_args(DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=True, beta=cfg.beta, ...)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
+
+One mapping of our `train` section, the device plan and the run onto TRL's argument classes
+(SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig: all transformers'
+TrainingArguments underneath); each stage adds its own keys (max_length, loss_type, ...) as
+keyword arguments, which win over the shared ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from alignment.config import RunConfig, TrainConfig
+from alignment.modeling import DevicePlan
+from alignment.tracking import report_to
+
+log = logging.getLogger(__name__)
+
+Args = TypeVar("Args")
+
+
+def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run: RunConfig, stage: str, out: Path,
+             *, has_eval: bool, **stage_keys: Any) -> Args:
+    """`config_class` from our train section, the device plan and the run, plus the stage's own keys."""
+    shared: dict[str, Any] = dict(
+        output_dir=str(Path(out) / "checkpoints"),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # a float < 1 is a fraction of the steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        # TRL defaults bf16 and checkpointing on; chosen per device instead (see DevicePlan).
+        bf16=plan.bf16,
+        fp16=plan.fp16,
+        use_cpu=plan.device == "cpu",
+        gradient_checkpointing=plan.gradient_checkpointing,
+        use_liger_kernel=train.liger,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.eval_steps,  # every evaluation has its checkpoint: the best one is kept
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        report_to=report_to(run),
+        run_name=f"{Path(run.dir).name}/{stage}",
+        dataloader_num_workers=0,
+        # Under DDP every trainable (LoRA) weight takes part in each step (a frozen "ref" copy has
+        # none); the default search for unused ones costs an extra graph pass per step.
+        ddp_find_unused_parameters=False,
+    )
+    return config_class(**{**shared, **stage_keys})
+
+
+def resume_checkpoint(out: Path, resume: str | None) -> str | None:
+    """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N.
+
+    "latest" with no checkpoint yet starts from scratch (so a pipeline can always pass it); any
+    other value is a checkpoint folder, passed on as it is.
+    """
+    if resume not in ("latest", "auto"):
+        return resume
+    folder = Path(out) / "checkpoints"
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    log.info("resuming from %s", found or "scratch (no checkpoint found)")
+    return found

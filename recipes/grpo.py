@@ -1,0 +1,170 @@
+"""GRPO or RLOO through TRL on the PPO stage's reward: `align ppo algo=grpo` / `algo=rloo`.
+
+    align ppo --config configs/quickstart/ppo.yaml algo=grpo rl.num_generations=4
+    align ppo run.dir=runs/NAME algo=rloo scorer=support_style
+    align ppo algo=grpo train.resume_from_checkpoint=latest      # TRL's checkpoints/checkpoint-N
+
+One command with PPO on purpose: the same config (`rl.*`, `generation.*`, `train.*`), the same
+reward (the reward model past its gate, or `scorer=`) and the same starting policy; only the
+algorithm differs, so `algo=` picks it and alignment.artifacts routes `align ppo` here.
+
+The policy is the SFT adapter as a PeftModel (without one, a fresh LoRA on model.name); with
+rl.kl_coef > 0 TRL adds a frozen "ref" copy of it as the reference, as DPO does. The reward is
+wrapped as a TRL reward function. Mapping: rl.rollout_prompts → completions per step (a multiple
+of rl.num_generations, the group), rl.kl_coef → beta, rl.clip_range → epsilon, generation.* → max
+completion length, temperature, top_p; generation.backend=vllm → TRL's use_vllm (colocate).
+
+Writes <run.dir>/grpo/ (or rloo/): a plain peft adapter (the policy, as "default"), tokenizer,
+config.yaml, metrics.jsonl, align.json (parents sft + reward_model) and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from transformers import set_seed
+
+from alignment import report
+from alignment import rl as R
+from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
+from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
+from alignment.data import file_hash, load_prompts
+from alignment.modeling import (
+    adapter_base_name,
+    check_liger,
+    device_plan,
+    load_base_model,
+    load_tokenizer,
+    peft_lora_config,
+)
+from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
+from alignment.training import resume_checkpoint, trl_args
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: PPOStageConfig) -> None:
+    """GRPO/RLOO's own checks after the ones every RL algorithm shares (alignment.rl.check)."""
+    if cfg.algo not in ("grpo", "rloo"):
+        raise ConfigError(f"algo={cfg.algo} is run by recipes/ppo.py (alignment.artifacts.run_stage routes it)")
+    R.check(cfg)
+    if cfg.rl.rollout_prompts % cfg.rl.num_generations:
+        raise ConfigError(f"rl.rollout_prompts={cfg.rl.rollout_prompts} (completions per step for {cfg.algo}) must be "
+                          f"a multiple of rl.num_generations={cfg.rl.num_generations}")
+    if cfg.rl.reward_on_policy_base:
+        raise ConfigError(f"rl.reward_on_policy_base is PPO's (its own loop holds the policy's base); {cfg.algo} "
+                          "scores with the reward model loaded on its own: leave it false")
+
+
+def grpo_args(cfg: PPOStageConfig, plan, out: Path):
+    """TRL's GRPOConfig or RLOOConfig: the shared mapping (alignment.training) plus the RL keys."""
+    if cfg.algo == "grpo":
+        from trl import GRPOConfig as Config
+    else:
+        from trl import RLOOConfig as Config
+    return trl_args(
+        Config, cfg.train, plan, cfg.run, cfg.algo, out, has_eval=False,
+        per_device_train_batch_size=cfg.rl.rollout_prompts,  # completions per step, rl.num_generations per prompt
+        gradient_accumulation_steps=1,
+        num_generations=cfg.rl.num_generations,
+        max_completion_length=cfg.generation.max_new_tokens,
+        temperature=cfg.generation.temperature,
+        top_p=cfg.generation.top_p,
+        beta=cfg.rl.kl_coef,
+        epsilon=cfg.rl.clip_range,
+        # vLLM in the training process (TRL syncs the policy's weights into it each step).
+        use_vllm=cfg.generation.backend == "vllm",
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
+        save_steps=cfg.rl.save_steps or cfg.train.max_steps,
+    )
+
+
+def main(cfg: PPOStageConfig) -> Path:
+    # --- resolve inputs ---------------------------------------------------------------------
+    check(cfg)
+    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    out = stage_dir(cfg.run.dir, cfg.algo)
+    sft = R.resolve_sft(cfg)
+    if sft:
+        cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
+    plan = device_plan(cfg.model)
+    log.info(plan.describe())
+    R.check_reward(cfg)  # a wrong scorer or a reward model under the gate fails now, before any model loads
+
+    # --- data -------------------------------------------------------------------------------
+    from datasets import Dataset
+
+    prompts = load_prompts(cfg.prompts)
+    if cfg.num_prompts > 0:
+        prompts = prompts[:cfg.num_prompts]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+
+    # --- reward, model ----------------------------------------------------------------------
+    reward, gate_figures, rm = R.make_reward(cfg)
+
+    def reward_fn(prompts, completions, **_) -> list[float]:
+        text = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        asked = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return [float(x) for x in reward(asked, text)]
+
+    reward_fn.__name__ = "reward"  # TRL logs it as `reward`
+
+    from peft import PeftModel
+
+    # Seeded after the reward model has loaded (its fresh score head draws from the RNG): the policy's
+    # random stream is then the same with a reward model or a scorer.
+    set_seed(cfg.train.seed)
+    base = load_base_model(cfg.model, plan)
+    model = PeftModel.from_pretrained(base, str(sft), is_trainable=True) if sft else base
+    tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
+
+    # --- trainer ----------------------------------------------------------------------------
+    if cfg.algo == "grpo":
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOTrainer as Trainer
+    configure_wandb(cfg.run, cfg.algo)
+    trainer = Trainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, plan, out), train_dataset=data,
+                      processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
+                      callbacks=[MetricsJSONL(out)])
+    policy = trainer.model
+    if plan.device == "cpu":
+        if "ref" in policy.peft_config:  # TRL rounded the adapter to bf16: restore it from the exact fp32 copy
+            restore_policy_from_ref(policy)
+        speed_up_cpu_training(policy)
+
+    # --- train ------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
+    logs = [r for r in trainer.state.log_history if "reward" in r]
+    metrics = {"steps": result.global_step, "train_loss": result.training_loss,
+               "reward_mean_first": logs[0]["reward"] if logs else None,
+               **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()}}
+
+    # --- save -------------------------------------------------------------------------------
+    trainer.save_model(str(out))  # every rank (sharded weights are gathered); it writes each adapter
+    if is_main_process():
+        shutil.rmtree(out / "ref", ignore_errors=True)  # the frozen copy is the SFT adapter, already a parent
+        tokenizer.save_pretrained(str(out))
+    save_config(cfg, out / "config.yaml")
+    parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
+    write_manifest(
+        out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
+        device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
+        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
+        reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
+                                                            "eval_accuracy": gate_figures.get("eval_accuracy")},
+        prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},
+    )
+    log_artifact(cfg.algo, out, cfg.run.dir, parents)
+    finish_wandb()
+
+    # --- report -----------------------------------------------------------------------------
+    html = report.write_report(cfg.run.dir)
+    log.info("report: %s", html)
+    print_done(cfg.algo, out, f"align eval run.dir={cfg.run.dir}")
+    return out

@@ -1,0 +1,121 @@
+"""The run layout and the one stage registry: every stage loads, has its place, and the CLI, the
+pipeline, the report, W&B tracking and eval read the same list."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+import alignment.config
+from alignment import StageError
+from alignment.artifacts import (
+    MANIFEST,
+    STAGES,
+    commands,
+    later_rounds,
+    pipeline_stages,
+    round_batch,
+    round_dir,
+    routed,
+    stage_dir,
+    stages_of_kind,
+    store_url,
+)
+from alignment.cli import main as align
+from alignment.config import PipelineConfig, PPOStageConfig, load_config
+
+ORDER = list(STAGES)
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_every_stage_has_a_recipe_a_config_that_loads_and_known_upstreams(name):
+    stage = STAGES[name]
+    module = importlib.import_module(stage.recipe)
+    assert callable(module.main), f"{stage.recipe} has no main"
+    if stage.config is None:  # parses its own argv; handed the run layout by the CLI
+        assert {"store_url", "export_dir"} <= set(inspect.signature(module.main).parameters)
+    else:
+        cfg = load_config(getattr(alignment.config, stage.config), None, ["run.dir=runs/x"])
+        assert cfg.run.dir == "runs/x"
+    for up in stage.upstream:
+        assert up in STAGES and ORDER.index(up) < ORDER.index(name), f"{name}: upstream {up} must come first"
+    if stage.runs_as:
+        command, key, value = stage.runs_as
+        assert STAGES[command].runs_as is None and STAGES[command].config == stage.config
+        assert routed(command, load_config(getattr(alignment.config, stage.config), None, [f"{key}={value}"])) is stage
+
+
+def test_every_folder_is_one_stages():
+    folders = [s.folder for s in STAGES.values() if s.folder]
+    assert len(folders) == len(set(folders))
+    assert stage_dir("runs/q", "export") == Path("runs/q/preferences")
+    assert stage_dir("runs/q", "grpo") == Path("runs/q/grpo")
+    with pytest.raises(ValueError, match="label"):
+        stage_dir("runs/q", "label")
+
+
+def test_ppo_with_algo_grpo_is_the_grpo_stage_and_writes_grpo():
+    cfg = load_config(PPOStageConfig, None, ["algo=grpo"])
+    assert routed("ppo", cfg).name == "grpo" and stage_dir("r", routed("ppo", cfg).name) == Path("r/grpo")
+    assert routed("ppo", load_config(PPOStageConfig, None, [])).name == "ppo"
+    assert routed("dpo", cfg).name == "dpo"  # only ppo's own variants are routed
+
+
+def test_cli_lists_exactly_the_registrys_commands(capsys):
+    assert align(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.split("stages:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == [s.name for s in commands()] + [s.name for s in STAGES.values() if s.runs_as]
+    assert align(["grpo"]) == 2
+    assert "grpo runs as `align ppo algo=grpo`" in capsys.readouterr().err
+
+
+def test_pipeline_runs_the_registrys_stages_and_refuses_others(tmp_path):
+    from recipes import pipeline
+
+    assert pipeline_stages() == ["sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval"]
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "stages=[sft, merge]"])
+    with pytest.raises(StageError, match=f"'merge' is not a stage; allowed: {', '.join(pipeline_stages())}$"):
+        pipeline.main(cfg)
+    assert set(PipelineConfig().stages) <= set(pipeline_stages())
+
+
+def test_report_orders_sections_as_the_registry(tmp_path):
+    from alignment.report import write_report
+
+    finished = [s for s in reversed(ORDER) if STAGES[s].folder] + ["sft-merged"]  # made in reverse order
+    for folder in finished:
+        folder = STAGES[folder].folder if folder in STAGES else folder
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / MANIFEST).write_text(json.dumps({"stage": folder, "metrics": {}}))
+    (tmp_path / "not-an-artifact").mkdir()
+    html = write_report(tmp_path).read_text()
+    ids = [part.split("'")[0] for part in html.split("<section id='")[1:]]
+    assert ids == [STAGES[s].folder for s in ORDER if STAGES[s].folder] + ["sft-merged"]
+
+
+def test_every_artifact_stage_has_a_wandb_type_and_eval_knows_every_policy(tmp_path):
+    from alignment.tracking import ARTIFACT_TYPES
+    from recipes.evaluate import resolve_policies
+
+    assert all(s.kind in ARTIFACT_TYPES for s in STAGES.values() if s.folder)
+    assert stages_of_kind("policy") == ["sft", "dpo", "ppo", "grpo", "rloo"]
+    for policy in ("sft", "grpo", "rloo"):
+        stage_dir(tmp_path, policy).mkdir()
+        (stage_dir(tmp_path, policy) / "adapter_config.json").write_text("{}")
+    cfg = load_config(alignment.config.EvalStageConfig, None, [f"run.dir={tmp_path}"])
+    assert resolve_policies(cfg) == {p: tmp_path / p for p in ("sft", "grpo", "rloo")}
+
+
+def test_store_and_round_layout(tmp_path):
+    run = tmp_path / "run"
+    assert store_url(None, run) == f"sqlite:///{run.resolve() / 'labels.db'}" and run.is_dir()
+    assert store_url("postgresql://h/db", run) == "postgresql://h/db"
+    assert round_dir(run, 0) == run and round_dir(run, 2) == run / "round-2" and round_batch(2) == "round-2"
+    for r in (10, 2, 1):
+        round_dir(run, r).mkdir()
+    (run / "round-x").mkdir()
+    assert [p.name for p in later_rounds(run)] == ["round-1", "round-2", "round-10"]

@@ -1,0 +1,54 @@
+"""The one mapping of our train section onto TRL's argument classes, and resume from the newest checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from alignment.config import PPOStageConfig, SFTStageConfig, load_config
+from alignment.modeling import device_plan
+from alignment.training import resume_checkpoint, trl_args
+
+
+@pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig", "DPOConfig", "GRPOConfig", "RLOOConfig"])
+def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(name, tmp_path):
+    import trl
+
+    cfg = load_config(SFTStageConfig, None, ["train.lr=3e-4", "train.max_steps=7", "train.batch_size=8",
+                                             "train.eval_steps=3", "train.seed=5", "run.dir=runs/demo",
+                                             "run.wandb=disabled"])
+    plan = device_plan(cfg.model)
+    args = trl_args(getattr(trl, name), cfg.train, plan, cfg.run, "stage", tmp_path, has_eval=True, save_steps=6)
+    assert (args.output_dir, args.learning_rate, args.max_steps, args.seed) == (str(tmp_path / "checkpoints"), 3e-4, 7, 5)
+    assert args.per_device_train_batch_size == 8 and args.eval_steps == 3 and args.load_best_model_at_end
+    assert args.save_steps == 6  # the stage's own key wins over the shared one (eval_steps)
+    assert args.run_name == "demo/stage" and args.report_to == []
+    assert args.bf16 is plan.bf16 and args.gradient_checkpointing is plan.gradient_checkpointing  # not TRL's defaults
+    assert not args.bf16 and args.use_cpu  # the plan on this CPU machine
+
+
+def test_grpo_maps_the_rl_keys(tmp_path):
+    from recipes.grpo import grpo_args
+
+    cfg = load_config(PPOStageConfig, None, ["algo=rloo", "rl.rollout_prompts=8", "rl.num_generations=4",
+                                             "rl.kl_coef=0.02", "rl.save_steps=0", "train.max_steps=6",
+                                             "generation.max_new_tokens=20", "run.wandb=disabled"])
+    args = grpo_args(cfg, device_plan(cfg.model), tmp_path)
+    assert type(args).__name__ == "RLOOConfig"
+    assert (args.per_device_train_batch_size, args.num_generations, args.beta) == (8, 4, 0.02)
+    assert (args.max_completion_length, args.save_steps, args.gradient_accumulation_steps) == (20, 6, 1)
+
+
+def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
+    assert resume_checkpoint(tmp_path, "latest") is None  # no checkpoints/ yet: from scratch
+    for step in (2, 10, 9):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-99.tmp").mkdir()
+    with caplog.at_level(logging.INFO, logger="alignment.training"):
+        assert resume_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoints" / "checkpoint-10")
+    assert "resuming from" in caplog.text and "checkpoint-10" in caplog.text
+    assert resume_checkpoint(tmp_path, None) is None
+    assert resume_checkpoint(tmp_path, "/some/checkpoint-3") == "/some/checkpoint-3"
+    assert Path(resume_checkpoint(tmp_path, "auto")).name == "checkpoint-10"
