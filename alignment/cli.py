@@ -76,6 +76,14 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def _export_for_label_app(store: str, run_dir: str) -> dict:
+    """The labelling app's Export button is the export recipe; labeling/ cannot import it, so it is handed in
+    (imported on the first click: the app does not load torch until then)."""
+    from recipes.export import for_label_app
+
+    return for_label_app(store, run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {stage}: not built yet in this version.", file=sys.stderr)
         return 3
     if config_name is None:  # a stage with its own argument parser (the labelling app)
-        return module.main(rest)
+        return module.main(rest, export=_export_for_label_app)
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
     subcommands = getattr(module, "SUBCOMMANDS", {})
     if rest and rest[0] in subcommands:
