@@ -82,14 +82,17 @@ def sign_in(store: Store, name: str, password: str, address: str, *, throttle: T
             hours: float = SESSION_HOURS) -> tuple[str, dict[str, Any]]:
     """(session token, account) for a right name and password; SignInRefused otherwise, or while locked out."""
     name = (name or "").strip()
-    keys = [f"name:{name.lower()[:200]}", f"address:{address[:80]}"]
-    wait = store.count_sign_in(keys, throttle.lock_for, throttle.forget)
+    by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address[:80]}"
+    # The name's attempt is counted before the password is checked (parallel guesses cannot slip
+    # past); the address counts failures only, so a team signing in at once behind one proxy is fine.
+    wait = store.count_sign_in([by_name, by_address], [by_name], throttle.lock_for, throttle.forget)
     if wait > 0:
         raise SignInRefused(f"too many failed sign-ins: try again in {math.ceil(wait)} s", retry_after=wait)
     account = store.authenticate(name, password or "") if len(name) <= 100 else None
     if account is None:
+        store.count_sign_in([], [by_address], throttle.lock_for, throttle.forget)
         raise SignInRefused(REFUSED)
-    store.forgive_sign_in(keys, throttle.lock_for, reset=keys[:1])
+    store.reset_sign_in([by_name])
     return store.open_session(account["annotator_id"], hours * 3600), account
 
 

@@ -406,22 +406,24 @@ class Store:
         with self.tx() as conn:
             conn.execute(delete(sessions).where(sessions.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest()))
 
-    def count_sign_in(self, keys: list[str], lock_for: Callable[[str, int], float], forget: float) -> float:
-        """Count a sign-in attempt against every key, or refuse it while one is locked out.
+    def count_sign_in(self, check: list[str], count: list[str], lock_for: Callable[[str, int], float],
+                      forget: float) -> float:
+        """Refuse a sign-in while any `check` key is locked out; else count a failure against each `count` key.
 
-        Returns the seconds left of the longest lock-out (0: go ahead, the attempt is counted as a
-        failure until `forgive_sign_in` says otherwise). Counting before the password is checked,
-        in one serialised transaction, means parallel attempts cannot slip past the count.
+        Returns the seconds left of the longest lock-out (0: go ahead, counted). Counting before the
+        password is checked, in one serialised transaction, means parallel guesses at one name
+        cannot slip past the count (`reset_sign_in` takes it back when the password was right).
         `lock_for(key, failures)` is the lock-out after that many failures; a key's failures are
         forgotten `forget` seconds after its last one.
         """
         now = time.time()
         with self.tx(lock=True) as conn:
-            rows = {r.key: r for r in conn.execute(select(sign_in_failures).where(sign_in_failures.c.key.in_(keys)))}
-            wait = max((r.locked_until - now for r in rows.values()), default=0.0)
+            rows = {r.key: r for r in conn.execute(select(sign_in_failures)
+                                                   .where(sign_in_failures.c.key.in_(check + count)))}
+            wait = max((rows[k].locked_until - now for k in check if k in rows), default=0.0)
             if wait > 0:
                 return wait
-            for key in keys:
+            for key in count:
                 row = rows.get(key)
                 failures = (row.failures if row is not None and now - row.last < forget else 0) + 1
                 values = {"failures": failures, "last": now, "locked_until": now + lock_for(key, failures)}
@@ -431,14 +433,10 @@ class Store:
                     conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == key).values(**values))
             return 0.0
 
-    def forgive_sign_in(self, keys: list[str], lock_for: Callable[[str, int], float], *, reset: list[str]) -> None:
-        """The attempt `count_sign_in` counted against `keys` succeeded: take it back; `reset` keys start over."""
-        with self.tx(lock=True) as conn:
-            conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key.in_(reset)))
-            for row in conn.execute(select(sign_in_failures).where(sign_in_failures.c.key.in_(keys))).all():
-                failures = max(0, row.failures - 1)
-                conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == row.key).values(
-                    failures=failures, locked_until=row.last + lock_for(row.key, failures) if failures else 0.0))
+    def reset_sign_in(self, keys: list[str]) -> None:
+        """A right password: these keys start over."""
+        with self.tx() as conn:
+            conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key.in_(keys)))
 
     # ------------------------------------------------------------------------------ assignment
 
