@@ -8,19 +8,18 @@ TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenanc
 (task, annotators, agreement, margin, source checkpoint). The rules that turn K-wise rankings
 from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md). It never
 deletes what it did not write: an output folder that is not a previous export is refused.
-The labelling app's Export button runs this same recipe (`for_label_app`).
+The labelling app's Export button runs this same recipe (alignment.cli.export_for_label_app).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from alignment import StageError
 from alignment.artifacts import print_done, stage_dir, write_manifest
-from alignment.config import ConfigError, ExportStageConfig, load_config, save_config, to_dict
+from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.tracking import Tracker, log_artifact
 from recipes.sample import store_url
 
@@ -64,16 +63,3 @@ def main(cfg: ExportStageConfig) -> Path:
     print_done("export", out, f"align reward run.dir={cfg.run.dir}   or   align dpo run.dir={cfg.run.dir}")
     return out
 
-
-def for_label_app(store: str, run_dir: str) -> dict:
-    """The labelling app's Export button (`align label` hands it in): this recipe into <run_dir>/preferences,
-    with the settings of the export already there (its config.yaml) or the defaults; returns the summary.
-    A refusal comes back as a ValueError worded for the admin."""
-    previous = stage_dir(run_dir, "preferences") / "config.yaml"
-    try:
-        cfg = load_config(ExportStageConfig, previous if previous.is_file() else None)
-        cfg = dataclasses.replace(cfg, store=store, output=None, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
-        out = main(cfg)
-    except (ConfigError, StageError) as err:
-        raise ValueError(str(err)) from None
-    return json.loads((out / "summary.json").read_text())

@@ -87,10 +87,10 @@ def running(store, **kwargs) -> Iterator[str]:
 
 
 def exporter(store, run_dir: Path):
-    """What `align label` hands the app for its Export button: the export recipe on this run."""
-    from recipes.export import for_label_app
+    """What `align label` hands the app for its Export button: `align export` on this run."""
+    from alignment.cli import export_for_label_app
 
-    return lambda: for_label_app(store.url, str(run_dir))
+    return lambda: export_for_label_app(store.url, str(run_dir))
 
 
 def new_store(folder: Path, *, admin: str = "boss"):
