@@ -9,7 +9,7 @@
 
 The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
 The admin tab's Export button runs `align export` on <run-dir>/preferences: `align label` hands
-that recipe in as `export` (labeling/ imports nothing from alignment/); started on its own
+it in as `export` (labeling/ imports nothing from alignment/); started on its own
 (`python -m labeling.cli`), the app has no button and names the command instead.
 """
 

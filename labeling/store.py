@@ -4,12 +4,14 @@ SQLite by default (one file beside the run, WAL, foreign keys on, synchronous=FU
 acknowledged ranking survives a crash), PostgreSQL by URL for a team (`postgresql://...`, driven
 by psycopg 3). The data model follows Argilla's: a task (a prompt with its K responses, in a
 batch and round) gets at most one ranking per annotator (`UNIQUE(task, annotator)`), with a
-status draft / submitted / discarded. The app's sign-in state lives here too, so that every app
-process on one database agrees on it and a restart keeps it: signed-in sessions (only a hash of
-each token), failed sign-ins per user name and client address, and the secret that signs cookies. Assignment is serialised per database (SQLite: every write
+status draft / submitted / discarded. Assignment is serialised per database (SQLite: every write
 transaction is `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock), so two
 annotators asking at once never get the same slot, and a submit is one transaction that keeps
 the first acknowledged ranking when it is repeated (a double click, a retry after a timeout).
+
+The app's sign-in state lives here too, so that every app process on one database agrees on it
+and a restart keeps it: signed-in sessions (only a hash of each token, with its expiry), failed
+sign-ins per user name and client address, and the secret that signs session cookies.
 """
 
 from __future__ import annotations
