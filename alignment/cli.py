@@ -68,6 +68,38 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def export_for_label_app(store: str, run_dir: str) -> dict:
+    """The labelling app's Export button (labeling/ cannot import the recipe, so `align label` hands this in):
+    `align export` into <run_dir>/preferences with the settings of the export already there (its
+    config.yaml) or the defaults; returns its summary. It runs in a process of its own, so the app
+    never loads torch or W&B; a refusal comes back as a ValueError with the stage's own message."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from labeling.export import check_target
+
+    out = stage_dir(run_dir, "export")
+    check_target(out)  # a folder it must not replace: say so now, not after starting a process
+    settings = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+    settings = {**(settings or {}), "store": store, "output": None}
+    settings["run"] = {**(settings.get("run") or {}), "dir": str(run_dir)}
+    # A file, not `store=URL` in argv: the URL may hold a password and argv is visible to every user.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="align-export-") as config:  # mode 0600
+        yaml.safe_dump(settings, config)
+        config.flush()
+        done = subprocess.run([sys.executable, "-m", "alignment.cli", "export", "--config", config.name],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        said = [line for line in done.stderr.splitlines() if line.startswith("align export:")]
+        raise ValueError((said or done.stderr.strip().splitlines() or ["align export failed"])[-1]
+                         .removeprefix("align export:").strip())
+    return json.loads((out / "summary.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -98,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {stage}: not built yet in this version.", file=sys.stderr)
         return 3
     if spec.config is None:  # the labelling app parses its own arguments; the run layout is handed to it
-        return module.main(rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"))
+        return module.main(rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"),
+                           export=export_for_label_app)
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
     subcommands = getattr(module, "SUBCOMMANDS", {})
     if rest and rest[0] in subcommands:

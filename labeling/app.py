@@ -1,29 +1,37 @@
 """The labelling app: Gradio layout only, every decision is a call into `labeling.handlers`.
 
     align label users add alice --admin
-    align label serve --store sqlite:///runs/labels.db
+    align label --run-dir runs/quickstart
 
-The signed-in session lives in a `gr.State` (server side, one per browser tab), so a client can
-neither write anonymously nor claim to be an admin. Keyboard shortcuts are a small script
-installed on page load (see SHORTCUTS); it only clicks the same radios and buttons a mouse would.
+labeling/server.py serves this page only to a signed-in browser. Every event takes the
+identity from the request's signed session cookie, checked against the store on that call
+(`auth.session_of`), never from state a client could replay; the task an event acts on is the
+id the page shows (a hidden field), checked against the annotator's assignments. Prompts and
+responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
+HTML on this page. Keyboard shortcuts are a small script installed on page load (see
+SHORTCUTS); it only clicks the same radios and buttons a mouse would.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from labeling import handlers
+from labeling import auth, handlers
 
 log = logging.getLogger(__name__)
 
 MAX_K = 8  # response slots laid out; tasks with more responses are refused with a message
 LETTERS = "ABCDEFGH"
+RANK_CHOICES = [str(r) for r in range(1, MAX_K + 1)]
 # A/B verdicts: (label, the key handlers.pairwise_ranks turns into ranks of two and flags).
 PAIRWISE = [("A better", "A"), ("Tie", "tie"), ("B better", "B"), ("Both bad", "both_bad")]
 GUIDELINES = Path(__file__).with_name("guidelines.md")
@@ -41,7 +49,11 @@ CSS = """
 .align-response.align-selected { border-color: var(--color-accent); box-shadow: 0 0 0 2px var(--color-accent-soft); }
 .align-letter h3 { margin: 0; }
 #align-prompt { font-size: 1.05em; border-left: 4px solid var(--color-accent); padding-left: 12px; }
-#align-message.align-error, #align-signin-error { color: var(--error-text-color, #b91c1c); }
+#align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
+/* model text is plain text: keep its line breaks and wrap long words, never interpret it */
+.align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5; }
+.align-cut { color: var(--body-text-color-subdued); font-style: italic; }
+.align-error { color: var(--error-text-color, #b91c1c); }
 """
 
 # Installed once per page by demo.load(js=...). Selectors are the elem_ids set below.
@@ -65,7 +77,7 @@ KEYS_JS = """
   document.addEventListener('click', (e) => {
     const slot = e.target.closest && e.target.closest('.align-response');
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
-    if (e.target.closest && e.target.closest('#align-submit, #align-skip, #align-signin')) { sel = 0; setTimeout(mark, 300); }
+    if (e.target.closest && e.target.closest('#align-submit, #align-skip')) { sel = 0; setTimeout(mark, 300); }
   }, true);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
@@ -137,49 +149,63 @@ def _agreement(agreement: dict) -> str:
             f"Kendall τ-b **{_num(agreement.get('kendall_tau'))}**")
 
 
+def _note(text: str, icon: str = "", error: bool = False) -> str:
+    """A message for the page as HTML, every character of `text` escaped (it may quote what a client sent)."""
+    return f'<p class="{"align-error" if error else "align-note"}">{icon} {html.escape(text)}</p>'
+
+
+def _cookie(request: gr.Request | None) -> str | None:
+    """The session cookie of the HTTP request behind a Gradio event."""
+    if request is None:
+        return None
+    cookies = getattr(request, "cookies", None)
+    try:
+        return cookies[auth.COOKIE] if cookies is not None and auth.COOKIE in cookies else None
+    except (KeyError, TypeError):
+        return None
+
+
 def _export_summary(folder: str, summary: dict) -> str:
     dropped = ", ".join(f"{k.removeprefix('dropped_').replace('_', ' ')} {v}" for k, v in summary.items()
                         if k.startswith("dropped_") and v) or "none"
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
                f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}")
-    if not summary.get("pairs"):
-        return f"**No pairs**, nothing written ({counted}): rankings that are all ties or flagged give none."
     return (f"**Exported** {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, test "
             f"{summary.get('test_pairs', '?')}) to `{folder}` {counted}")
 
 
-def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold_rate: float = 0.0,
-              export_dir: str | Path | None = None, batch: str | None = None) -> gr.Blocks:
+def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap: int = 1, gold_rate: float = 0.0,
+              batch: str | None = None, export: Callable[[], dict] | None = None,
+              export_dir: str | Path | None = None) -> gr.Blocks:
     """The annotator and admin screens on `store`; `guidelines_md` defaults to labeling/guidelines.md.
 
-    `overlap`, `gold_rate` and `batch` go to handlers.next_task; `export_dir` is the Export button's
-    default folder.
+    `secret` is the store's cookie key (`Store.secret`); `overlap`, `gold_rate` and `batch` go to
+    handlers.next_task. `export` runs `align export` on the run's preferences folder `export_dir`
+    (injected by `align label`, labeling/cli.py); without it the admin tab says which command to run.
     """
     guidelines_md = guidelines_md if guidelines_md is not None else GUIDELINES.read_text()
+    exporting = threading.Lock()  # one export at a time: two admins clicking would write one folder twice
+
+    def signed_in(request: gr.Request | None) -> dict | None:
+        return auth.session_of(store, secret, _cookie(request))
 
     with gr.Blocks(title="align · labelling") as demo:
-        session = gr.State(None)  # handlers.sign_in's dict; server side, per tab
-        task = gr.State(None)  # the task on screen (handlers.next_task's dict)
-        shown_at = gr.State(0.0)  # time.monotonic() when that task was shown
+        shown_at = gr.State(0.0)  # time.monotonic() when the task on screen was shown (only for `seconds`)
 
         with gr.Row():
             gr.Markdown("## align · labelling")
-            who = gr.Markdown("", elem_id="align-who")
-            sign_out = gr.Button("Sign out", size="sm", visible=False, scale=0, min_width=100,
-                                 elem_id="align-signout")
+            who = gr.HTML("", elem_id="align-who")
+            # A real form post: the server ends the session, clears the cookie and shows the sign-in page.
+            sign_out = gr.Button("Sign out", size="sm", scale=0, min_width=100, elem_id="align-signout")
 
-        with gr.Column(visible=True, elem_id="align-signin-panel") as signin_panel:
-            name = gr.Textbox(label="Name", elem_id="align-name")
-            password = gr.Textbox(label="Password", type="password", elem_id="align-password")
-            signin = gr.Button("Sign in", variant="primary", elem_id="align-signin")
-            signin_error = gr.Markdown("", elem_id="align-signin-error")
-
-        with gr.Tabs(visible=False, elem_id="align-tabs") as tabs:
+        with gr.Tabs(elem_id="align-tabs"):
             with gr.Tab("Label", id="label", elem_id="align-label-tab"):
                 with gr.Accordion("Guidelines", open=False, elem_id="align-guidelines"):
                     gr.Markdown(guidelines_md)
                 progress = gr.Markdown("", elem_id="align-progress")
-                prompt = gr.Markdown("", elem_id="align-prompt")
+                # The id of the task on screen: submit, skip and drafts name it, the server checks it.
+                task_id = gr.Number(None, precision=0, visible="hidden", elem_id="align-task-id")
+                prompt = gr.HTML("", elem_id="align-prompt")
                 slots, bodies, ranks = [], [], []
                 for row_start in range(0, MAX_K, 2):
                     with gr.Row(equal_height=True):
@@ -188,8 +214,12 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
                             with gr.Column(visible=False, elem_id=f"resp-{letter.lower()}",
                                            elem_classes=["align-response"]) as slot:
                                 gr.Markdown(f"### {letter}", elem_classes=["align-letter"])
-                                bodies.append(gr.Markdown("", elem_classes=["align-body"]))
-                                ranks.append(gr.Radio([], label=f"Rank of {letter} (1 = best)",
+                                bodies.append(gr.HTML("", elem_classes=["align-body"]))
+                                # Every rank a task can have, though a task shows only 1..K: Gradio checks a
+                                # value against the choices of the page's server-side session, which it forgets
+                                # when it holds 10,000 newer ones; the page must still submit (the handler
+                                # checks ranks against K).
+                                ranks.append(gr.Radio(RANK_CHOICES, label=f"Rank of {letter} (1 = best)",
                                                       elem_id=f"rank-{letter.lower()}"))
                             slots.append(slot)
                 pairwise = gr.Radio(PAIRWISE, label="Which response is better?", visible=False,
@@ -202,28 +232,32 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="align-submit")
                     skip = gr.Button("Skip", elem_id="align-skip")
-                message = gr.Markdown("", elem_id="align-message")
+                message = gr.HTML("", elem_id="align-message")
                 gr.Markdown(SHORTCUTS, elem_id="align-shortcuts")
 
             with gr.Tab("Admin", id="admin", visible=False, elem_id="align-admin-tab") as admin_tab:
                 with gr.Row(equal_height=True):
                     totals = gr.Markdown("", elem_id="align-totals")
                     refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="align-refresh")
-                admin_message = gr.Markdown("", elem_id="align-admin-message")
+                admin_message = gr.HTML("", elem_id="align-admin-message")
                 per_annotator = gr.Dataframe(label="Per annotator", interactive=False,
                                              elem_id="align-per-annotator")
                 per_batch = gr.Dataframe(label="Per batch", interactive=False, elem_id="align-per-batch")
                 agreement = gr.Markdown("", elem_id="align-agreement")
-                with gr.Row():
-                    out_dir = gr.Textbox(value=str(export_dir or "runs/quickstart/preferences"), label="Export folder",
-                                         elem_id="align-export-dir", scale=3)
-                    export = gr.Button("Export preference dataset", variant="primary",
-                                       elem_id="align-export", scale=1)
+                folder = str(export_dir or "runs/quickstart/preferences")
+                with gr.Row(equal_height=True):
+                    # No path box: the export always goes to the run's preferences folder (align export's).
+                    gr.Markdown(f"Export folder: `{folder}` (the run's preferences, as `align export` writes them)"
+                                if export else f"Export with `align export` (it writes `{folder}`).",
+                                elem_id="align-export-dir")
+                    export_button = gr.Button("Export preference dataset", variant="primary", visible=export is not None,
+                                              elem_id="align-export", scale=0, min_width=240)
                 export_summary = gr.Markdown("", elem_id="align-export-summary")
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
-        task_outputs = [task, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
+        task_outputs = [task_id, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
                         unsafe, rationale, submit]
+        unchanged = [gr.skip()] * len(task_outputs)
 
         def show(next_: dict | None) -> list:
             """Updates for `task_outputs` that put `next_` (or the all-done screen) on the page."""
@@ -239,14 +273,14 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
             # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
             draft = (next_.get("draft") or []) + [None] * MAX_K
             return [
-                next_, time.monotonic(),
+                next_["task_id"], time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
                 + (f" ({next_['progress']['skipped']} skipped)" if next_["progress"].get("skipped") else "")
                 + f" · task {next_['task_id']} · "
                 + ("A/B comparison" if is_pair else f"rank {k} responses, ties allowed"),
-                f"**Customer:** {next_['prompt']}",
+                '<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"]),
                 *[gr.update(visible=i < k) for i in range(MAX_K)],
-                *[gr.update(value=responses[i] if i < k else "") for i in range(MAX_K)],
+                *[gr.update(value=handlers.text_html(responses[i]) if i < k else "") for i in range(MAX_K)],
                 *[gr.update(choices=choices, value=str(draft[i]) if draft[i] else None, visible=not is_pair)
                   for i in range(MAX_K)],
                 gr.update(visible=is_pair, value=None),
@@ -260,97 +294,98 @@ def build_app(store, guidelines_md: str | None = None, *, overlap: int = 1, gold
                                f"the app lays out at most {MAX_K}")
             return found
 
-        def do_sign_in(user: str, secret: str):
-            try:
-                sess = handlers.sign_in(store, user.strip(), secret)
-            except handlers.AuthError as err:
-                log.info("sign-in refused for %r: %s", user, err)
-                return [None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {err}",
-                        "", *[gr.skip()] * len(task_outputs)]
+        signed_out = _note("Your session has ended: reload the page to sign in again.", "⚠️", error=True)
+
+        def do_load(request: gr.Request):
+            sess = signed_in(request)
+            if sess is None:
+                return ["", gr.update(visible=False), signed_out, *show(None)]
             role = " (admin)" if sess.get("is_admin") else ""
-            return [sess, gr.update(visible=False), gr.update(visible=True),
-                    gr.update(visible=bool(sess.get("is_admin"))), gr.update(visible=True),
-                    f"Signed in as **{sess['name']}**{role}", "", "", *show(next_for(sess))]
+            return [f"Signed in as <b>{html.escape(sess['name'])}</b>{role}",
+                    gr.update(visible=bool(sess.get("is_admin"))), "", *show(next_for(sess))]
 
-        signin_outputs = [session, signin_panel, tabs, admin_tab, sign_out, who, signin_error, password,
-                          *task_outputs]
-        signin.click(do_sign_in, [name, password], signin_outputs)
-        password.submit(do_sign_in, [name, password], signin_outputs)
+        demo.load(do_load, None, [who, admin_tab, message, *task_outputs])
+        sign_out.click(None, None, None, js="""() => {
+          const form = document.createElement('form');
+          form.method = 'post'; form.action = 'logout';
+          document.body.appendChild(form); form.submit();
+        }""")
 
-        def do_sign_out():
-            return [None, gr.update(visible=True), gr.update(visible=False), gr.update(visible=False),
-                    gr.update(visible=False), "", "", "", *show(None)]
-
-        sign_out.click(do_sign_out, None, signin_outputs)
-
-        def do_submit(sess, current, started, *values):
+        def do_submit(request: gr.Request, current, started, *values):
             rank_values, (verdict, bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
-            if sess is None or current is None:
-                return ["⚠️ Sign in and open a task first.", *[gr.skip()] * (len(task_outputs) - 1),
-                        gr.update(interactive=current is not None)]
-            k = current["k"]
+            sess = signed_in(request)
+            if sess is None:
+                return [signed_out, *unchanged]
             try:
-                if current.get("kind") == "pairwise":
-                    shown, flags = handlers.pairwise_ranks(verdict)
-                    bad = bad or "all_bad" in flags
-                else:
-                    shown = list(rank_values[:k])
-                result = handlers.submit(store, sess, current, shown, all_bad=bool(bad), unsafe=bool(is_unsafe),
-                                         rationale=why or "", seconds=round(time.monotonic() - started, 2))
-            except (ValueError, PermissionError, handlers.AuthError) as err:
-                return [f"⚠️ {err}", *[gr.skip()] * (len(task_outputs) - 1), gr.update(interactive=True)]
-            return [f"✅ {result.get('message') or 'Saved.'}", *show(next_for(sess))]
+                result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
+                                         unsafe=bool(is_unsafe), rationale=why or "",
+                                         # 0 when this session's state was lost (it only feeds throughput)
+                                         seconds=round(time.monotonic() - started, 2) if started else 0.0)
+            except (ValueError, KeyError, PermissionError, handlers.AuthError) as err:
+                return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
+            if not result["created"]:
+                # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
+                # shows by now (the first submit's answer put the next task there).
+                return [_note(result["message"], "✅"), *unchanged]
+            return [_note(result["message"], "✅"), *show(next_for(sess))]
 
-        def do_draft(sess, current, *rank_values):
+        def do_draft(request: gr.Request, current, *rank_values):
             """Every rank the annotator sets is kept as a draft (never over a submitted ranking)."""
-            if sess is None or current is None or current.get("kind") == "pairwise":
+            sess = signed_in(request)
+            if sess is None or current is None:
                 return
             try:
-                handlers.save_draft(store, sess, current, list(rank_values[:current["k"]]))
-            except (ValueError, PermissionError, handlers.AuthError) as err:
-                log.warning("draft of task %s not saved: %s", current.get("task_id"), err)
+                handlers.save_draft(store, sess, current, list(rank_values))
+            except (ValueError, KeyError, PermissionError) as err:
+                log.warning("draft of task %s not saved: %s", current, err)
 
         for rank in ranks:  # .input: the annotator's own clicks and keys, not the updates show() makes
-            rank.input(do_draft, [session, task, *ranks], None, trigger_mode="always_last",
-                       show_progress="hidden")
+            rank.input(do_draft, [task_id, *ranks], None, trigger_mode="always_last", show_progress="hidden")
 
-        def do_skip(sess, current):
+        def do_skip(current, request: gr.Request):
+            sess = signed_in(request)
             if sess is None:
-                return ["⚠️ Sign in first.", *[gr.skip()] * len(task_outputs)]
-            if current is not None:
-                handlers.skip(store, sess, current)
-            return [f"Skipped task {current['task_id']}." if current else "", *show(next_for(sess))]
+                return [signed_out, *unchanged]
+            try:
+                if current is not None:
+                    handlers.skip(store, sess, current)
+            except (ValueError, PermissionError) as err:
+                return [_note(str(err), "⚠️", error=True), *unchanged]
+            return [_note(f"Skipped task {int(current)}.") if current is not None else "", *show(next_for(sess))]
 
         # trigger_mode="once" ignores clicks while a submit is pending; disabling the button first
-        # makes that visible. handlers.submit is idempotent, so a replayed request keeps one ranking.
+        # makes that visible. The submit names its task, so a replayed request is "already saved".
         # The last step runs even when do_submit failed unexpectedly: never leave Submit disabled.
         submit.click(lambda: gr.update(interactive=False), None, submit, queue=False).then(
-            do_submit, [session, task, shown_at, *ranks, pairwise, all_bad, unsafe, rationale],
+            do_submit, [task_id, shown_at, *ranks, pairwise, all_bad, unsafe, rationale],
             [message, *task_outputs]).then(
-            lambda current: gr.update(interactive=current is not None), task, submit, queue=False)
-        skip.click(do_skip, [session, task], [message, *task_outputs])
+            lambda current: gr.update(interactive=current is not None), task_id, submit, queue=False)
+        skip.click(do_skip, [task_id], [message, *task_outputs])
 
-        def do_refresh(sess):
+        def do_refresh(request: gr.Request):
             try:
-                stats = handlers.admin_stats(store, sess, overlap=overlap)
+                stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
             except (PermissionError, handlers.AuthError) as err:
-                return [f"⛔ {err}", "", None, None, ""]
+                return [_note(str(err), "⛔", error=True), "", None, None, ""]
             return ["", _totals(stats), _table(stats.get("per_annotator")), _table(stats.get("per_batch")),
                     _agreement(stats.get("agreement") or {})]
 
-        def do_export(sess, folder):
+        def do_export(request: gr.Request):
+            if export is None:
+                return "Export with `align export`."
             try:
-                summary = handlers.export(store, sess, folder)
+                with exporting:
+                    summary = handlers.export(signed_in(request), export)
             except (PermissionError, handlers.AuthError) as err:
                 return f"⛔ {err}"
-            except ValueError as err:
+            except ValueError as err:  # the recipe's refusals (not an export folder, no pairs), worded for people
                 return f"⚠️ {err}"
             return _export_summary(folder, summary)
 
         admin_outputs = [admin_message, totals, per_annotator, per_batch, agreement]
-        refresh.click(do_refresh, session, admin_outputs)
-        admin_tab.select(do_refresh, session, admin_outputs)
-        export.click(do_export, [session, out_dir], export_summary)
+        refresh.click(do_refresh, None, admin_outputs)
+        admin_tab.select(do_refresh, None, admin_outputs)
+        export_button.click(do_export, None, export_summary)
 
         demo.load(None, None, None, js=_js())
     return demo

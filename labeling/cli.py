@@ -9,7 +9,8 @@
 
 The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
 Where the default store and the export folder are in a run directory is the run layout's to say
-(alignment.artifacts): `align label` passes them in, so labeling imports nothing from alignment.
+(alignment.artifacts): `align label` passes them in, and the admin tab's Export button runs the
+`export` it is handed (`align export` into that folder), so labeling imports nothing from alignment.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidelines", help="a markdown file shown to annotators (default: the shipped guidelines)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--session-hours", type=float, default=12.0,
+                   help="a sign-in lasts this long, then the server asks again (default 12)")
     p.add_argument("--overlap", type=int, default=1, help="annotators per task (default 1)")
     p.add_argument("--gold-rate", type=float, default=0.0, help="share of gold tasks mixed in (0..1)")
     p.add_argument("--batch", help="only this batch (default: every batch)")
@@ -46,10 +49,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
-         export_dir: Callable[[str], str | Path]) -> int:
-    """`store_url(--db, --run-dir)` is the store to open, `export_dir(--run-dir)` the admin's export folder."""
+         export_dir: Callable[[str], str | Path], export: Callable[[str, str], dict] | None = None) -> int:
+    """`store_url(--db, --run-dir)` is the store to open, `export_dir(--run-dir)` the admin's export folder,
+    `export(store_url, run_dir) -> summary` is `align export` for the admin's button."""
     args = parser().parse_args(argv)
-    from labeling.store import Store, StoreError
+    from labeling.store import Store, StoreError, _safe_url
 
     try:
         store = Store(store_url(args.db, args.run_dir))
@@ -61,7 +65,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
         if cmd[:2] == ["users", "add"] and len(cmd) == 3:
             password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
             store.add_user(cmd[2], password, admin=args.admin)
-            print(f"user {cmd[2]!r} added{' (admin)' if args.admin else ''} to {store.url}")
+            print(f"user {cmd[2]!r} added{' (admin)' if args.admin else ''} to {_safe_url(store.url)}")
             return 0
         if cmd == ["users", "list"]:
             for u in store.users():
@@ -91,11 +95,13 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     except (ValueError, KeyError) as err:
         print(f"align label: {err}", file=sys.stderr)
         return 2
-    return serve(store, args, str(export_dir(args.run_dir)))
+    return serve(store, args, str(export_dir(args.run_dir)), export)
 
 
-def serve(store, args: argparse.Namespace, export_dir: str) -> int:
-    from labeling.app import build_app
+def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
+    from labeling.server import create_app
+    from labeling.server import serve as run_server
+    from labeling.store import _safe_url
 
     guidelines = Path(args.guidelines) if args.guidelines else Path(__file__).with_name("guidelines.md")
     if not guidelines.is_file():
@@ -104,8 +110,14 @@ def serve(store, args: argparse.Namespace, export_dir: str) -> int:
     if not store.users():
         print("align label: no accounts yet; make one first: align label users add NAME --admin", file=sys.stderr)
         return 2
-    demo = build_app(store, guidelines.read_text(), overlap=args.overlap, gold_rate=args.gold_rate,
-                     export_dir=export_dir, batch=args.batch)
-    print(f"labelling app for {store.url}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
-    demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, show_error=True)
+    if not 0 < args.session_hours <= 24 * 365:  # also refuses nan and inf
+        print(f"align label: --session-hours must be above 0 and at most 8760 (a year), got {args.session_hours}",
+              file=sys.stderr)
+        return 2
+    app = create_app(store, session_hours=args.session_hours, guidelines_md=guidelines.read_text(),
+                     overlap=args.overlap, gold_rate=args.gold_rate, batch=args.batch,
+                     export=(lambda: export(store.url, args.run_dir)) if export else None,
+                     export_dir=export_dir)
+    print(f"labelling app for {_safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    run_server(app, args.host, args.port)
     return 0

@@ -13,6 +13,12 @@ The rules (docs/labeling.md says the same):
 - `agreement` is the task's mean pairwise agreement between annotators (1.0 for one); tasks under
   `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks.
 - Identical responses never make a pair. Train/test are split by prompt (no prompt on both sides).
+
+Where it writes: a new folder, an empty one, or one a previous export wrote (it holds
+dataset_dict.json and summary.json). A previous export's files (`WRITTEN`) are replaced; any other
+file there is left as it is; any other folder is refused (`ExportError`) before anything is
+written. The export is built beside the target and moved in, so a killed export leaves the
+previous one whole.
 """
 
 from __future__ import annotations
@@ -23,12 +29,53 @@ import json
 import math
 import random
 import shutil
+import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from labeling.agreement import task_agreement
 from labeling.store import Store
+
+# Every name an export writes in its folder (align export adds its manifest, config and metrics): the
+# only names a later export may replace there.
+WRITTEN = ("dataset_dict.json", "train", "test", "train.jsonl", "test.jsonl", "summary.json", "align.json",
+           "config.yaml", "metrics.jsonl")
+
+
+class ExportError(ValueError):
+    """An export refused before anything was written, worded for the user."""
+
+
+def check_target(out: str | Path) -> None:
+    """Refuse (ExportError) a target that is neither absent, nor empty, nor a previous preferences export."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder: give the export another output folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not ((out / "dataset_dict.json").is_file() and (out / "summary.json").is_file()):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ExportError(f"{out} is not a preferences export (it holds {shown}); an export only replaces one it "
+                          "wrote before: give it another output folder, or move those files away yourself")
+
+
+def _move_into_place(new: Path, out: Path) -> None:
+    """Put the export built in `new` at `out`: a previous export's files there are replaced, nothing else is touched."""
+    if not out.exists():
+        new.rename(out)
+        return
+    check_target(out)  # again: the folder may have changed while the export ran
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    for name in WRITTEN:
+        if (out / name).exists():
+            (out / name).rename(old / name)
+    for path in new.iterdir():
+        path.rename(out / path.name)
+    new.rmdir()
+    shutil.rmtree(old)  # only what the previous export wrote
 
 
 def _mean(xs: list[float]) -> float:
@@ -165,12 +212,18 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
 
 def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] | None = None, ties: str = "drop",
                        combine: str = "majority", min_agreement: float | None = None, test_fraction: float = 0.1,
-                       seed: int = 0, jsonl: bool = False, chat: bool = True) -> dict[str, Any]:
-    """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary."""
+                       seed: int = 0, jsonl: bool = False, chat: bool = True,
+                       finish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary.
+
+    `finish(folder, summary)` runs on the new export before it moves into place: align export
+    writes its align.json and config.yaml there, so dataset and manifest arrive together.
+    """
     from datasets import Dataset, DatasetDict
 
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
+    check_target(out_dir)
     pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
                                  min_agreement=min_agreement, chat=chat)
     out = Path(out_dir)
@@ -180,14 +233,18 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     train, test = split_by_prompt(pairs, test_fraction, seed)
     splits = {"train": train, **({"test": test} if test else {})}
     summary.update(train_pairs=len(train), test_pairs=len(test))
-    # Written beside and then moved into place: a killed export never leaves half a dataset.
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict({s: Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
-    if jsonl:
-        for s, rows in splits.items():
-            (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # Built beside and then moved into place: a killed export never leaves half a dataset.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        DatasetDict({s: Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
+        if jsonl:
+            for s, rows in splits.items():
+                (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if finish is not None:
+            finish(tmp, summary)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp folder, if it is still there
     return summary

@@ -1,20 +1,26 @@
 """What the labelling app does, as pure functions of (store, session, inputs): tested without a browser.
 
 The app (labeling/app.py) is layout only and calls these. A session is the dict `sign_in`
-returns; a task view is what `next_task` returns: the prompt and the responses in the order this
-annotator sees them (shuffled per annotator, blind: no model names), plus `order`, the canonical
-index of each shown response, which `submit` uses to store ranks in canonical order.
+returns (the app gets it from the request's signed cookie, labeling/auth.py); a task view is
+what `next_task` returns: the prompt and the responses in the order this annotator sees them
+(shuffled per annotator, blind: no model names), plus `order`, the canonical index of each
+shown response. `submit`, `save_draft` and `skip` name their task by id: the server rebuilds
+the view from the store, so neither a replayed request nor a stale page can rank another task.
 """
 
 from __future__ import annotations
 
+import html
 import random
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from labeling.store import Store, _check_ranks
 
 FLAGS = ("all_bad", "unsafe")
+# At most this many characters of a prompt or response go to the page: a 1 MB response must not
+# freeze the annotator's browser. The stored text is never cut.
+SHOWN_CHARS = 20_000
 
 
 class AuthError(Exception):
@@ -41,21 +47,48 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
     return order
 
 
+def text_html(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
+    script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
+    the `align-text` class (white-space: pre-wrap); past `limit` characters it is cut, with a note."""
+    shown = f'<div class="align-text">{html.escape(text[:limit])}</div>'
+    if len(text) > limit:
+        shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
+                  "the stored text is whole]</p>")
+    return shown
+
+
+def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str, Any]:
+    task = store.task(task_id)
+    k = len(task["responses"])
+    order = shown_order(task_id, annotator_id, k, seed)
+    return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
+            "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k}
+
+
 def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0,
               batch: str | None = None) -> dict[str, Any] | None:
     session = _require(session)
     task_id = store.assign(session["annotator_id"], overlap=overlap, gold_rate=gold_rate, seed=seed, batch=batch)
     if task_id is None:
         return None
-    task = store.task(task_id)
-    k = len(task["responses"])
-    order = shown_order(task_id, session["annotator_id"], k, seed)
+    view = _view(store, session["annotator_id"], task_id, seed)
     draft = store.draft(session["annotator_id"], task_id)
-    return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
-            "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
-            "progress": store.progress(session["annotator_id"]),
+    return {**view, "progress": store.progress(session["annotator_id"]),
             # a saved partial ranking in shown order (None where unranked), so a reload loses nothing
-            "draft": [draft[i] or None for i in order] if draft else None}
+            "draft": [draft[i] or None for i in view["order"]] if draft else None}
+
+
+def _open_view(store: Store, session: dict[str, Any], task_id: Any, seed: int) -> tuple[dict[str, Any], str]:
+    """(view, assignment status) of a task this annotator was given; PermissionError for any other task."""
+    if isinstance(task_id, float) and task_id.is_integer():
+        task_id = int(task_id)  # a number box sends 12.0
+    if not isinstance(task_id, int) or isinstance(task_id, bool):
+        raise ValueError("there is no task to submit")
+    status = store.assignment_status(session["annotator_id"], task_id)
+    if status is None:
+        raise PermissionError(f"task {task_id} is not assigned to you")
+    return _view(store, session["annotator_id"], task_id, seed), status
 
 
 def to_canonical(task: dict[str, Any], ranks_shown: list[int]) -> list[int]:
@@ -84,32 +117,68 @@ def _whole(value: Any) -> Any:
     return value
 
 
-def submit(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown: list[int], *,
-           all_bad: bool = False, unsafe: bool = False, rationale: str = "", seconds: float = 0.0) -> dict[str, Any]:
-    """Validate and save one ranking. Idempotent: repeating it keeps the first submitted ranking."""
+ALREADY_SAVED = "Already saved (kept your first submission)."
+
+
+def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
+    """The first k ranks; the page sends one per response slot it lays out, and the slots past k must be empty."""
+    ranks = list(ranks_shown)
+    if any(r not in (None, "") for r in ranks[k:]):
+        raise ValueError(f"give every response a rank: {len(ranks)} ranks for {k} responses")
+    return ranks[:k]
+
+
+def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any] | None = None, *,
+           verdict: str | None = None, all_bad: bool = False, unsafe: bool = False, rationale: str = "",
+           seconds: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Validate and save this annotator's ranking of task `task_id`, given in the order they were shown it
+    (an A/B task takes the `verdict` of `pairwise_ranks` instead of ranks).
+
+    The task must be one they were given. Idempotent: a repeat (double click, replayed request)
+    keeps the first submitted ranking and changes nothing, whatever task is open by then.
+    """
     session = _require(session)
-    if task is None:
-        raise ValueError("there is no task to submit")
-    ranks = [_whole(r) for r in ranks_shown]
-    if any(r is None or r == "" for r in ranks):
-        raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
-    _check_ranks(ranks, task["k"])
+    task, status = _open_view(store, session, task_id, seed)
+    if status == "submitted":
+        return {"ok": True, "created": False, "message": ALREADY_SAVED}
+    if status == "skipped":
+        raise PermissionError(f"task {task['task_id']} was skipped; it is no longer yours to rank")
+    if task["kind"] == "pairwise":
+        ranks, verdict_flags = pairwise_ranks(verdict)
+        all_bad = all_bad or "all_bad" in verdict_flags
+    else:
+        ranks = [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
+        if any(r is None or r == "" for r in ranks):
+            raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
+        _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
                                  rationale=(rationale or "").strip(), seconds=seconds)
-    return {"ok": True, "created": created,
-            "message": "Saved. Next task." if created else "Already saved (kept your first submission)."}
+    return {"ok": True, "created": created, "message": "Saved. Next task." if created else ALREADY_SAVED}
 
 
-def save_draft(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown: list[int | None]) -> None:
-    """Keep a partial ranking (no validation beyond types): a reload shows nothing lost."""
+def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
+               seed: int = 0) -> bool:
+    """Keep a partial ranking of an open task (no validation beyond types): a reload shows nothing lost.
+
+    False (nothing written) once the task is submitted or skipped: a late draft never touches it.
+    """
     session = _require(session)
-    ranks = [int(r) if r not in (None, "") else 0 for r in ranks_shown]
-    store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), status="draft")
+    task, status = _open_view(store, session, task_id, seed)
+    if status != "assigned" or task["kind"] == "pairwise":
+        return False
+    ranks = [_whole(r) if r not in (None, "") else 0 for r in _fit(ranks_shown, task["k"])]
+    if len(ranks) != task["k"] or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= task["k"]
+                                          for r in ranks):
+        raise ValueError(f"a draft of task {task['task_id']} needs {task['k']} ranks from 0 (not ranked yet) "
+                         f"to {task['k']}")
+    return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), status="draft")
 
 
-def skip(store: Store, session: dict[str, Any], task: dict[str, Any]) -> None:
+def skip(store: Store, session: dict[str, Any], task_id: int) -> None:
+    """Pass an open task on to someone else; a repeat, or a task already submitted, changes nothing."""
     session = _require(session)
+    task, _ = _open_view(store, session, task_id, 0)
     store.skip(session["annotator_id"], task["task_id"])
 
 
@@ -151,8 +220,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
                        "annotators": sum(p["done"] > 0 for p in people)}}
 
 
-def export(store: Store, session: dict[str, Any], out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+def export(session: dict[str, Any], run_export: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The admin's Export button: `run_export` is `align export` on the run's preferences folder (labeling/cli.py)."""
     _require_admin(session)
-    from labeling.export import export_preferences
-
-    return export_preferences(store, out_dir, **kwargs)
+    return run_export()

@@ -53,7 +53,7 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                 if noise > 0:
                     spread = (max(scores) - min(scores)) or 1.0
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
-                handlers.submit(store, session, task, ranks_from_scores(scores),
+                handlers.submit(store, session, task["task_id"], ranks_from_scores(scores),
                                 rationale=f"simulated: {scorer_spec}", seconds=time.perf_counter() - started)
                 submitted += 1
                 bar.update(1)

@@ -8,6 +8,10 @@ status draft / submitted / discarded. Assignment is serialised per database (SQL
 transaction is `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock), so two
 annotators asking at once never get the same slot, and a submit is one transaction that keeps
 the first acknowledged ranking when it is repeated (a double click, a retry after a timeout).
+
+The app's sign-in state lives here too, so that every app process on one database agrees on it
+and a restart keeps it: signed-in sessions (only a hash of each token, with its expiry), failed
+sign-ins per user name and client address, and the secret that signs session cookies.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import json
 import os
 import random
 import re
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,16 +40,18 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions and sign_in_failures (the app's own sign-in)
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
 
 metadata = MetaData()
@@ -113,6 +120,21 @@ gold = Table(
     Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
     Column("ranks", Text, nullable=False),
 )
+sessions = Table(
+    "sessions", metadata,
+    # sha256 of the token: a copy of the database does not hold a usable cookie
+    Column("token_sha256", String(64), primary_key=True),
+    Column("annotator_id", Integer, ForeignKey("annotators.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("created", Float, nullable=False),
+    Column("expires", Float, nullable=False),
+)
+sign_in_failures = Table(
+    "sign_in_failures", metadata,
+    Column("key", String(300), primary_key=True),  # "name:<user name>" or "address:<client address>"
+    Column("failures", Integer, nullable=False),
+    Column("last", Float, nullable=False),
+    Column("locked_until", Float, nullable=False),
+)
 
 
 class StoreError(RuntimeError):
@@ -131,6 +153,11 @@ def check_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)).split("$")[2], digest)
+
+
+# Checked when the user name is unknown, so that an unknown name costs the same scrypt as a wrong
+# password: the time of an answer does not tell which names exist.
+_NO_SUCH_USER = hash_password(secrets.token_hex(16))
 
 
 def _safe_url(url: str) -> str:
@@ -188,13 +215,17 @@ class Store:
 
     def _create(self) -> None:
         with self.tx(lock=True) as conn:
-            metadata.create_all(conn)
-            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
-            if row is None:
-                conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row[0]) > SCHEMA_VERSION:
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() \
+                if inspect(conn).has_table("align_meta") else None
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{self.url}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
                                  "upgrade align")
+            metadata.create_all(conn)  # creates what is missing: every version so far only added tables
+            if row is None:
+                conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) < SCHEMA_VERSION:
+                conn.execute(update(meta_table).where(meta_table.c.key == "schema_version")
+                             .values(value=str(SCHEMA_VERSION)))
 
     @property
     def schema_version(self) -> int:
@@ -331,11 +362,83 @@ class Store:
                                                   .order_by(annotators.c.name)).mappings()]
 
     def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
+        """The account for a right name and password, else None; an unknown name takes as long as a wrong password."""
         with self.engine.connect() as conn:
             row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
-        if row is None or not check_password(password, row["password_hash"]):
+        ok = check_password(password, row["password_hash"] if row is not None else _NO_SUCH_USER)
+        if row is None or not ok:
             return None
         return {"annotator_id": row["id"], "name": row["name"], "is_admin": bool(row["is_admin"])}
+
+    # ------------------------------------------------------------------------------ sign-in state
+
+    def secret(self) -> bytes:
+        """This store's key for signing session cookies: made once, shared by every app process on it."""
+        with self.tx(lock=True) as conn:
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "session_secret")).first()
+            if row is not None:
+                return bytes.fromhex(row[0])
+            key = secrets.token_bytes(32)
+            conn.execute(insert(meta_table).values(key="session_secret", value=key.hex()))
+            return key
+
+    def open_session(self, annotator_id: int, ttl: float) -> str:
+        """A new session token for this annotator, valid for `ttl` seconds; expired sessions are purged."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        with self.tx() as conn:
+            conn.execute(delete(sessions).where(sessions.c.expires <= now))
+            conn.execute(insert(sessions).values(token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+                                                 annotator_id=annotator_id, created=now, expires=now + ttl))
+        return token
+
+    def session(self, token: str) -> dict[str, Any] | None:
+        """The account signed in with this token while the session has not expired nor been closed, else None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(annotators.c.id, annotators.c.name, annotators.c.is_admin, sessions.c.expires)
+                .join(sessions, sessions.c.annotator_id == annotators.c.id)
+                .where(sessions.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest(),
+                       sessions.c.expires > time.time())).first()
+        if row is None:
+            return None
+        return {"annotator_id": row.id, "name": row.name, "is_admin": bool(row.is_admin), "expires": row.expires}
+
+    def close_session(self, token: str) -> None:
+        with self.tx() as conn:
+            conn.execute(delete(sessions).where(sessions.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest()))
+
+    def count_sign_in(self, check: list[str], count: list[str], lock_for: Callable[[str, int], float],
+                      forget: float) -> float:
+        """Refuse a sign-in while any `check` key is locked out; else count a failure against each `count` key.
+
+        Returns the seconds left of the longest lock-out (0: go ahead, counted). Counting before the
+        password is checked, in one serialised transaction, means parallel guesses at one name
+        cannot slip past the count (`reset_sign_in` takes it back when the password was right).
+        `lock_for(key, failures)` is the lock-out after that many failures; a key's failures are
+        forgotten `forget` seconds after its last one.
+        """
+        now = time.time()
+        with self.tx(lock=True) as conn:
+            rows = {r.key: r for r in conn.execute(select(sign_in_failures)
+                                                   .where(sign_in_failures.c.key.in_(check + count)))}
+            wait = max((rows[k].locked_until - now for k in check if k in rows), default=0.0)
+            if wait > 0:
+                return wait
+            for key in count:
+                row = rows.get(key)
+                failures = (row.failures if row is not None and now - row.last < forget else 0) + 1
+                values = {"failures": failures, "last": now, "locked_until": now + lock_for(key, failures)}
+                if row is None:
+                    conn.execute(insert(sign_in_failures).values(key=key, **values))
+                else:
+                    conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == key).values(**values))
+            return 0.0
+
+    def reset_sign_in(self, keys: list[str]) -> None:
+        """A right password: these keys start over."""
+        with self.tx() as conn:
+            conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key.in_(keys)))
 
     # ------------------------------------------------------------------------------ assignment
 
@@ -387,6 +490,13 @@ class Store:
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
                 "assigned": sum(counts.values())}
 
+    def assignment_status(self, annotator_id: int, task_id: int) -> str | None:
+        """assigned / submitted / skipped for this annotator's assignment of the task; None if it is not theirs."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(assignments.c.status).where(
+                assignments.c.task_id == task_id, assignments.c.annotator_id == annotator_id)).first()
+        return row[0] if row else None
+
     def skip(self, annotator_id: int, task_id: int) -> None:
         with self.tx() as conn:
             conn.execute(update(assignments).where(assignments.c.task_id == task_id,
@@ -414,6 +524,8 @@ class Store:
                         assignments.c.task_id == task_id, assignments.c.annotator_id == annotator_id)).first()
                     if assigned is None:
                         raise PermissionError(f"task {task_id} is not assigned to this annotator")
+                    if assigned.status == "skipped":
+                        raise PermissionError(f"task {task_id} was skipped; it is no longer open for this annotator")
                     row = conn.execute(select(rankings.c.id, rankings.c.status).where(
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id)).first()
                     if row and row.status == "submitted":

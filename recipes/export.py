@@ -6,7 +6,9 @@
 Writes <run.dir>/preferences/: a `datasets.DatasetDict` (train/test, split by prompt) with
 TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenance columns
 (task, annotators, agreement, margin, source checkpoint). The rules that turn K-wise rankings
-from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md).
+from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md). It never
+deletes what it did not write: an output folder that is not a previous export is refused.
+The labelling app's Export button runs this same recipe (alignment.cli.export_for_label_app).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def main(cfg: ExportStageConfig) -> Path:
-    from labeling.export import export_preferences
+    from labeling.export import ExportError, export_preferences
     from labeling.store import Store
 
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
@@ -33,18 +35,25 @@ def main(cfg: ExportStageConfig) -> Path:
     if not rankings:
         raise StageError("the labelling store has no submitted rankings yet: label first "
                          f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")
-    summary = export_preferences(
-        store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
-        test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl,
-    )
+
+    def finish(folder: Path, summary: dict) -> None:  # into the new export, before it replaces the old one
+        save_config(cfg, folder / "config.yaml")
+        write_manifest(folder, stage="export", config=to_dict(cfg), base_model=None,
+                       parents={"store": store_url(cfg.store, cfg.run.dir)},
+                       metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                       summary=summary, rankings_seen=len(rankings))
+
+    try:
+        summary = export_preferences(
+            store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
+            test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl, finish=finish,
+        )
+    except ExportError as err:
+        raise StageError(str(err)) from None
     if not summary.get("pairs"):
         raise StageError(f"no preference pairs came out of the rankings (summary: {json.dumps(summary)}); "
                          "were all responses tied, or all tasks under min_agreement?")
-    save_config(cfg, out / "config.yaml")
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-    write_manifest(out, stage="export", config=to_dict(cfg), base_model=None,
-                   parents={"store": store_url(cfg.store, cfg.run.dir)}, metrics=numbers, summary=summary,
-                   rankings_seen=len(rankings))
     tracker = Tracker(cfg.run, "export", out, to_dict(cfg), resume=True)
     sample_dir = stage_dir(cfg.run.dir, "sample")
     log_artifact("export", out, cfg.run.dir, {"samples": sample_dir}, run=tracker.run)
@@ -52,3 +61,4 @@ def main(cfg: ExportStageConfig) -> Path:
     log.info("export summary: %s", json.dumps(summary))
     print_done("export", out, f"align reward run.dir={cfg.run.dir}   or   align dpo run.dir={cfg.run.dir}")
     return out
+

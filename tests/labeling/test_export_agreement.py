@@ -98,6 +98,37 @@ def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
     assert len((tmp_path / "prefs" / "train.jsonl").read_text().splitlines()) == 48
 
 
+def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_write(tmp_path):
+    from labeling.export import ExportError
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Thanks! Open Settings.", "no"]}
+                                for i in range(4)], source={})
+    simulate(store, "support_style")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("two years of work")
+    with pytest.raises(ExportError, match=r"mine is not a preferences export \(it holds thesis.tex\)"):
+        export_preferences(store, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ExportError, match="a file, not a folder"):
+        export_preferences(store, tmp_path / "a-file")
+
+    out = tmp_path / "prefs"
+    finished = []
+    export_preferences(store, out, jsonl=True, finish=lambda folder, summary: (
+        finished.append(folder.name), (folder / "align.json").write_text("{}")))
+    assert finished[0].startswith(".prefs.partial-") and (out / "align.json").is_file()
+    (out / "notes.md").write_text("why round 0 looks odd")  # the user's own file in the export folder
+    export_preferences(store, out, test_fraction=0.0)  # again: no test split and no JSONL this time
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_dict.json", "notes.md", "summary.json", "train"]
+    assert (out / "notes.md").read_text() == "why round 0 looks odd"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("labels.db")) == [
+        "a-file", "mine", "prefs"]  # no temporary folder left behind
+
+
 def test_agreement_statistics_by_hand():
     assert agreement.pairwise_agreement([1, 2, 3], [1, 3, 2]) == pytest.approx(2 / 3)
     assert agreement.kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0

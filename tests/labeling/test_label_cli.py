@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from alignment.cli import main as align
 from labeling.store import Store
 
@@ -33,3 +38,45 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
     assert align(["label", "--db", "mysql://x/y", "users", "list"]) == 2
     assert "unsupported database URL" in capsys.readouterr().err
 
+
+
+def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
+    """The admin's Export button is `align export` (manifest and config included), wired in by alignment's CLI."""
+    import labeling.server
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
+    store.add_user("boss", "pw-1234", admin=True)
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    built: dict = {}
+    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
+    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: built.update(served=(app, host, port)))
+    assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "nan"]) == 2
+    assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "2"]) == 0
+    assert built["served"] == ("app", "127.0.0.1", 7860) and built["session_hours"] == 2.0
+    assert built["export_dir"] == str(tmp_path / "preferences")
+    summary = built["export"]()  # what the button runs
+    assert summary["pairs"] == 3
+    manifest = json.loads((tmp_path / "preferences" / "align.json").read_text())
+    assert manifest["stage"] == "export" and (tmp_path / "preferences" / "config.yaml").is_file()
+
+
+def test_align_export_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    mine = tmp_path / "preferences"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert align(["export", f"run.dir={tmp_path}"]) == 1
+    assert "preferences is not a preferences export (it holds notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+
+
+def test_labeling_imports_nothing_from_alignment_or_torch():
+    """The boundary DESIGN.md keeps: the app and its store run without the training stack."""
+    code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'alignment', 'recipes', 'torch', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"

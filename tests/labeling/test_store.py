@@ -57,9 +57,8 @@ def test_passwords_are_hashed_and_checked(store):
 
 def test_no_anonymous_writes(store):
     make_tasks(store, 1)
-    fake = {"task_id": 1, "k": 4, "order": [0, 1, 2, 3]}
     with pytest.raises(handlers.AuthError):
-        handlers.submit(store, None, fake, [1, 2, 3, 4])
+        handlers.submit(store, None, 1, [1, 2, 3, 4])
     with pytest.raises(handlers.AuthError):
         handlers.next_task(store, {})
 
@@ -71,7 +70,7 @@ def test_a_submit_stores_canonical_ranks_from_the_shuffled_view(store):
     assert sorted(task["order"]) == [0, 1, 2, 3] and "policy" not in str(task["responses"])
     best_shown = task["responses"].index("Answer 2 to ticket 0.")
     ranks = [1 if i == best_shown else 2 for i in range(4)]  # the best first, three tied after it
-    result = handlers.submit(store, alice, task, ranks, unsafe=True, rationale=" clear steps ", seconds=12.5)
+    result = handlers.submit(store, alice, task["task_id"], ranks, unsafe=True, rationale=" clear steps ", seconds=12.5)
     assert result["created"]
     (row,) = store.submitted_rankings()
     assert row["ranks"] == [2, 2, 1, 2] and row["flags"] == ["unsafe"] and row["rationale"] == "clear steps"
@@ -84,11 +83,11 @@ def test_bad_ranks_are_refused_with_a_reason(store):
     alice = session(store, "alice")
     task = handlers.next_task(store, alice)
     with pytest.raises(ValueError, match="4 responses"):
-        handlers.submit(store, alice, task, [1, 2, 3])
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3])
     with pytest.raises(ValueError, match="from 1"):
-        handlers.submit(store, alice, task, [1, 2, 3, 9])
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3, 9])
     with pytest.raises(ValueError, match="every response a rank"):
-        handlers.submit(store, alice, task, [1, None, 2, 3])
+        handlers.submit(store, alice, task["task_id"], [1, None, 2, 3])
     assert store.submitted_rankings() == []
 
 
@@ -100,7 +99,7 @@ def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
 
     def click(ranks):
         try:
-            results.append(handlers.submit(store, alice, task, ranks))
+            results.append(handlers.submit(store, alice, task["task_id"], ranks))
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             errors.append(err)
 
@@ -124,7 +123,7 @@ def test_two_annotators_at_once_get_different_tasks_and_keep_their_own_rankings(
     def work(person):
         task = handlers.next_task(store, person)
         tasks[person["name"]] = task
-        handlers.submit(store, person, task, [1, 2, 3, 4])
+        handlers.submit(store, person, task["task_id"], [1, 2, 3, 4])
 
     threads = [threading.Thread(target=work, args=(p,)) for p in people]
     for t in threads:
@@ -145,7 +144,7 @@ def test_overlap_sends_each_task_to_n_annotators_never_twice_to_one(store):
             task = handlers.next_task(store, p, overlap=2)
             if task:
                 seen[p["name"]].append(task["task_id"])
-                handlers.submit(store, p, task, [1, 2, 3, 4])
+                handlers.submit(store, p, task["task_id"], [1, 2, 3, 4])
     for name, got in seen.items():
         assert len(got) == len(set(got)), name
     per_task = {t: sum(t in got for got in seen.values()) for t in ids}
@@ -158,7 +157,7 @@ def test_an_open_assignment_comes_back_and_skip_hands_it_on(store):
     alice, bob = session(store, "alice"), session(store, "bob")
     first = handlers.next_task(store, alice)
     assert handlers.next_task(store, alice)["task_id"] == first["task_id"]  # a reload shows the same task
-    handlers.skip(store, alice, first)
+    handlers.skip(store, alice, first["task_id"])
     assert handlers.next_task(store, alice)["task_id"] != first["task_id"]
     assert handlers.next_task(store, bob)["task_id"] == first["task_id"]  # skipped: free for someone else
 
@@ -172,7 +171,7 @@ def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
     while (task := handlers.next_task(store, alice, gold_rate=0.5, seed=3)) is not None:
         shown.append(task["task_id"])
         canonical = [1, 2, 3, 4]  # alice always ranks in canonical order: right on gold 0, wrong on gold 1
-        handlers.submit(store, alice, task, [canonical[i] for i in task["order"]])
+        handlers.submit(store, alice, task["task_id"], [canonical[i] for i in task["order"]], seed=3)
     assert set(shown) == set(ids)
     stats = handlers.admin_stats(store, admin)
     row = next(p for p in stats["per_annotator"] if p["name"] == "alice")
@@ -186,9 +185,10 @@ def test_admin_view_and_export_are_for_admins_only(store, tmp_path):
     alice = session(store, "alice")
     with pytest.raises(PermissionError, match="admins"):
         handlers.admin_stats(store, alice)
+    ran = []
     with pytest.raises(PermissionError):
-        handlers.export(store, alice, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        handlers.export(alice, lambda: ran.append(1))
+    assert ran == []
 
 
 def test_a_draft_is_kept_then_replaced_by_the_submit(store):
@@ -196,13 +196,13 @@ def test_a_draft_is_kept_then_replaced_by_the_submit(store):
     alice = session(store, "alice")
     task = handlers.next_task(store, alice)
     assert task["draft"] is None
-    handlers.save_draft(store, alice, task, [1, None, None, None])
+    handlers.save_draft(store, alice, task["task_id"], [1, None, None, None])
     assert store.submitted_rankings() == []
     again = handlers.next_task(store, alice)  # a reload: the same task, the partial ranking as it was shown
     assert again["order"] == task["order"] and again["draft"] == [1, None, None, None]
-    handlers.save_draft(store, alice, task, [1, 3, None, 2])
+    handlers.save_draft(store, alice, task["task_id"], [1, 3, None, 2])
     assert handlers.next_task(store, alice)["draft"] == [1, 3, None, 2]
-    handlers.submit(store, alice, task, [1, 2, 3, 4])
+    handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4])
     assert len(store.submitted_rankings()) == 1
     with pytest.raises(ValueError, match="'response_meta' has 1 entries for 2 responses"):
         store.add_tasks("round-0", [{"prompt": "new", "responses": ["a", "b"], "response_meta": [{}]}], source={})
@@ -213,12 +213,12 @@ def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
     task = handlers.next_task(store, alice)
-    handlers.save_draft(store, alice, task, [1, None, None, None])
+    handlers.save_draft(store, alice, task["task_id"], [1, None, None, None])
     results, start = [], threading.Barrier(20)
 
     def click(i):
         start.wait()
-        results.append((i, handlers.submit(store, alice, task, [1, 2, 3, 4] if i % 2 else [4, 3, 2, 1])))
+        results.append((i, handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4] if i % 2 else [4, 3, 2, 1])))
 
     threads = [threading.Thread(target=click, args=(i,)) for i in range(20)]
     for t in threads:
@@ -233,11 +233,11 @@ def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
 def test_ranks_as_number_box_floats_or_text_are_accepted(store):
     make_tasks(store, 2)
     alice = session(store, "alice")
-    assert handlers.submit(store, alice, handlers.next_task(store, alice), [1.0, 2.0, 2.0, 3.0])["created"]
+    assert handlers.submit(store, alice, handlers.next_task(store, alice)["task_id"], [1.0, 2.0, 2.0, 3.0])["created"]
     task = handlers.next_task(store, alice)
     with pytest.raises(ValueError, match="whole numbers"):
-        handlers.submit(store, alice, task, [1.5, 2, 3, 4])
-    assert handlers.submit(store, alice, task, ["1", " 2", "3", "4"])["created"]
+        handlers.submit(store, alice, task["task_id"], [1.5, 2, 3, 4])
+    assert handlers.submit(store, alice, task["task_id"], ["1", " 2", "3", "4"])["created"]
     assert all(isinstance(r, int) for row in store.submitted_rankings() for r in row["ranks"])
 
 
@@ -245,7 +245,7 @@ def test_admin_stats_per_batch_counts_pending_at_the_overlap(store):
     make_tasks(store, 3)
     make_tasks(store, 2, batch="round-1")
     alice, boss = session(store, "alice"), session(store, "boss", admin=True)
-    handlers.submit(store, alice, handlers.next_task(store, alice, batch="round-1"), [1, 2, 3, 4])
+    handlers.submit(store, alice, handlers.next_task(store, alice, batch="round-1")["task_id"], [1, 2, 3, 4])
     per_batch = {b["batch"]: b for b in handlers.admin_stats(store, boss, overlap=2)["per_batch"]}
     assert (per_batch["round-0"]["tasks"], per_batch["round-0"]["rankings"], per_batch["round-0"]["pending"]) == (3, 0, 6)
     assert (per_batch["round-1"]["tasks"], per_batch["round-1"]["rankings"], per_batch["round-1"]["pending"]) == (2, 1, 3)
@@ -275,3 +275,86 @@ def test_an_unreachable_or_unknown_database_is_a_store_error():
         Store("postgresql://u:secret@127.0.0.1:1/x")
     with pytest.raises(StoreError, match="unsupported database URL"):
         Store("mysql://x/y")
+
+
+def test_a_submit_names_its_task_and_a_repeat_never_ranks_the_next_one(store):
+    make_tasks(store, 4)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    first = handlers.next_task(store, alice)
+    assert handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4])["created"]
+    second = handlers.next_task(store, alice)  # the next task is open when the repeat arrives
+    repeat = handlers.submit(store, alice, first["task_id"], [4, 3, 2, 1])
+    assert not repeat["created"] and "Already saved" in repeat["message"]
+    assert [(r["task_id"], r["annotator"]) for r in store.submitted_rankings()] == [(first["task_id"], "alice")]
+    assert store.draft(alice["annotator_id"], second["task_id"]) is None
+    assert not handlers.save_draft(store, alice, first["task_id"], [1, None, None, None])  # late draft: ignored
+    # Another annotator's task, a skipped task, no task: refused, nothing written.
+    bobs = handlers.next_task(store, bob)
+    with pytest.raises(PermissionError, match="not assigned to you"):
+        handlers.submit(store, alice, bobs["task_id"], [1, 2, 3, 4])
+    handlers.skip(store, alice, second["task_id"])
+    with pytest.raises(PermissionError, match="skipped"):
+        handlers.submit(store, alice, second["task_id"], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="no task"):
+        handlers.submit(store, alice, None, [1, 2, 3, 4])
+    # The page sends one rank per slot it lays out (8): the slots past K must be empty.
+    third = handlers.next_task(store, alice)
+    with pytest.raises(ValueError, match="8 ranks for 4"):
+        handlers.submit(store, alice, third["task_id"], [1, 2, 3, 4, 1, None, None, None])
+    assert handlers.submit(store, alice, float(third["task_id"]), [1, 2, 3, 4, None, None, None, None])["created"]
+    assert len(store.submitted_rankings()) == 2
+
+
+def test_a_pairwise_submit_takes_the_verdict_of_the_task_it_names(store):
+    store.add_tasks("eval-ab", [{"prompt": "Which reply?", "responses": ["first", "second"]}], kind="pairwise")
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    with pytest.raises(ValueError, match="choose one of"):
+        handlers.submit(store, alice, task["task_id"], verdict="<img src=x>")
+    handlers.submit(store, alice, task["task_id"], [None] * 8, verdict="both_bad")
+    (row,) = store.submitted_rankings()
+    assert row["ranks"] == [1, 1] and row["flags"] == ["all_bad"]
+
+
+def test_model_text_becomes_inert_html_cut_at_the_limit():
+    hostile = '<form action="http://evil/"><input type=password></form>\n<img src=x onerror=alert(1)> & "q"'
+    shown = handlers.text_html(hostile)
+    assert "<form" not in shown and "<input" not in shown and "<img" not in shown
+    assert shown == ('<div class="align-text">&lt;form action=&quot;http://evil/&quot;&gt;&lt;input type=password&gt;'
+                     '&lt;/form&gt;\n&lt;img src=x onerror=alert(1)&gt; &amp; &quot;q&quot;</div>')
+    huge = handlers.text_html("x" * 1_000_000)
+    assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
+
+
+def test_sessions_expire_close_and_keep_only_a_hash(store):
+    alice = session(store, "alice")
+    token = store.open_session(alice["annotator_id"], ttl=3600)
+    assert store.session(token)["name"] == "alice" and store.session(token + "x") is None
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        stored = conn.execute(text("SELECT token_sha256 FROM sessions")).scalar_one()
+    assert token not in stored
+    store.close_session(token)
+    assert store.session(token) is None
+    old = store.open_session(alice["annotator_id"], ttl=-1)  # already expired
+    assert store.session(old) is None
+    store.open_session(alice["annotator_id"], ttl=60)  # purges the expired one
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sessions")).scalar_one() == 1
+    assert store.secret() == Store(store.url).secret() and len(store.secret()) == 32  # one key per store
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    from sqlalchemy import text
+
+    old = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    make_tasks(old, 1)
+    with old.engine.begin() as conn:  # what a store made by the previous align looks like
+        conn.execute(text("DROP TABLE sessions"))
+        conn.execute(text("DROP TABLE sign_in_failures"))
+        conn.execute(text("UPDATE align_meta SET value = '1' WHERE key = 'schema_version'"))
+    again = Store(old.url)
+    assert again.schema_version == SCHEMA_VERSION == 2 and len(again.batch_tasks("round-0")) == 1
+    alice = session(again, "alice")
+    assert again.session(again.open_session(alice["annotator_id"], 60))["name"] == "alice"

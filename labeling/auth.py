@@ -1,0 +1,101 @@
+"""Who is asking: sign-in with a lock-out, a signed session cookie checked on every request, sign-out.
+
+The app's identity is never something a client can copy out of a URL. Signing in sets the
+cookie `align_session` (HttpOnly, SameSite=Strict, Secure over HTTPS, with an expiry): a random
+token, signed with the store's secret (`Store.secret`). The server keeps only the token's hash,
+with its expiry, in the store's `sessions` table, so that every app process on one database
+agrees, a restart keeps everyone signed in, signing out ends the session at once, and an
+expired session is refused by the server whatever the browser still sends. The signature lets
+the server turn away forged or garbage cookies without a database query.
+
+Sign-in failures are counted per user name and per client address (`Throttle`): after a few,
+each further failure locks that name (or address) out for twice as long as the last one. An
+unknown name costs the same scrypt as a wrong password and gets the same answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from labeling.handlers import AuthError
+from labeling.store import Store
+
+COOKIE = "align_session"
+SESSION_HOURS = 12.0
+REFUSED = "unknown user or wrong password"
+
+
+class SignInRefused(AuthError):
+    """A refused sign-in, worded for the person signing in (`retry_after`: seconds locked out, or 0)."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Lock-outs after failed sign-ins: `free_*` failures are free, then `first_lock` seconds, doubling up
+    to `max_lock`; a name's or address's failures are forgotten `forget` seconds after its last one.
+    An address has more free failures than a name: many people may sign in from behind one proxy."""
+
+    free_per_name: int = 5
+    free_per_address: int = 20
+    first_lock: float = 30.0
+    max_lock: float = 15 * 60.0
+    forget: float = 60 * 60.0
+
+    def lock_for(self, key: str, failures: int) -> float:
+        free = self.free_per_address if key.startswith("address:") else self.free_per_name
+        return 0.0 if failures < free else min(self.max_lock, self.first_lock * 2 ** (failures - free))
+
+
+def _signature(secret: bytes, token: str) -> str:
+    digest = hmac.new(secret, token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def cookie_value(secret: bytes, token: str) -> str:
+    return f"{token}.{_signature(secret, token)}"
+
+
+def token_of(secret: bytes, value: str | None) -> str | None:
+    """The token of a cookie this server signed, else None (no database query for a forged one)."""
+    if not value or len(value) > 200 or "." not in value:
+        return None
+    token, signature = value.rsplit(".", 1)
+    return token if hmac.compare_digest(signature, _signature(secret, token)) else None
+
+
+def session_of(store: Store, secret: bytes, value: str | None) -> dict[str, Any] | None:
+    """The signed-in account for a cookie value, checked against the store now (expiry, sign-out), or None."""
+    token = token_of(secret, value)
+    return store.session(token) if token else None
+
+
+def sign_in(store: Store, name: str, password: str, address: str, *, throttle: Throttle = Throttle(),
+            hours: float = SESSION_HOURS) -> tuple[str, dict[str, Any]]:
+    """(session token, account) for a right name and password; SignInRefused otherwise, or while locked out."""
+    name = (name or "").strip()
+    by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address[:80]}"
+    # The name's attempt is counted before the password is checked (parallel guesses cannot slip
+    # past); the address counts failures only, so a team signing in at once behind one proxy is fine.
+    wait = store.count_sign_in([by_name, by_address], [by_name], throttle.lock_for, throttle.forget)
+    if wait > 0:
+        raise SignInRefused(f"too many failed sign-ins: try again in {math.ceil(wait)} s", retry_after=wait)
+    account = store.authenticate(name, password or "") if len(name) <= 100 else None
+    if account is None:
+        store.count_sign_in([], [by_address], throttle.lock_for, throttle.forget)
+        raise SignInRefused(REFUSED)
+    store.reset_sign_in([by_name])
+    return store.open_session(account["annotator_id"], hours * 3600), account
+
+
+def sign_out(store: Store, secret: bytes, value: str | None) -> None:
+    if token := token_of(secret, value):
+        store.close_session(token)

@@ -1,0 +1,216 @@
+"""The labelling app's web server: a sign-in page, the session cookie, and the Gradio app behind them.
+
+    align label --run-dir runs/quickstart      (labeling/cli.py builds this and serves it)
+
+One FastAPI app: `GET/POST /login` and `POST /logout` are ours (labeling/auth.py does the work),
+and the Gradio Blocks of labeling/app.py is mounted at `/` behind `RequireSession`. That
+middleware answers every request without a valid session itself (a redirect to /login for a
+page, 401 for anything else) before Gradio sees it, so anonymous traffic never creates Gradio
+session state: Gradio keeps 10,000 sessions and drops the oldest, and a flood of fresh session
+hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
+answer, so its routes would refuse an anonymous call too. Every response carries a
+Content-Security-Policy that lets the page load and send nothing outside this server.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
+
+from labeling import auth
+from labeling.app import build_app
+from labeling.store import Store
+
+log = logging.getLogger(__name__)
+
+OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}  # all a client without a session can reach
+SECURITY_HEADERS = {
+    # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
+    # sent to, another host: no remote image, font, frame, fetch or form target.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
+                               "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+                               "media-src 'self' data: blob:; worker-src 'self' blob:; connect-src 'self'; "
+                               "frame-src 'none'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # Gradio puts session hashes in URLs: never send them on
+    "X-Frame-Options": "DENY",
+}
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>align · labelling · sign in</title>
+<style>
+body {{ font-family: ui-sans-serif, system-ui, sans-serif; background: #fafafa; color: #27272a; }}
+main {{ max-width: 360px; margin: 12vh auto; background: #fff; border: 1px solid #e4e4e7; border-radius: 8px;
+       padding: 24px 28px; }}
+h1 {{ font-size: 1.3em; margin: 0 0 16px; }}
+label {{ display: block; margin: 12px 0 4px; font-weight: 600; }}
+input {{ width: 100%; box-sizing: border-box; padding: 8px; border: 1px solid #d4d4d8; border-radius: 6px;
+        font-size: 1em; }}
+button {{ margin-top: 18px; width: 100%; padding: 10px; border: 0; border-radius: 6px; background: #f97316;
+         color: #fff; font-size: 1em; font-weight: 600; cursor: pointer; }}
+#align-signin-error {{ color: #b91c1c; min-height: 1.2em; margin: 12px 0 0; }}
+</style></head>
+<body><main>
+<h1>align · labelling</h1>
+<form method="post" action="login">
+<label for="align-name">Name</label>
+<input id="align-name" name="name" autocomplete="username" required value="{name}" autofocus>
+<label for="align-password">Password</label>
+<input id="align-password" name="password" type="password" autocomplete="current-password" required>
+<button id="align-signin" type="submit">Sign in</button>
+<p id="align-signin-error" role="alert">{error}</p>
+</form>
+</main></body></html>
+"""
+
+
+def _login_page(error: str = "", name: str = "", status_code: int = 200, **headers: str) -> HTMLResponse:
+    body = LOGIN_PAGE.format(error=html.escape(error), name=html.escape(name))
+    return HTMLResponse(body, status_code=status_code, headers=headers or None)
+
+
+def _cross_site(request: Request) -> bool:
+    """A form another site's page posted (login CSRF); browsers say so in Sec-Fetch-Site."""
+    return request.headers.get("sec-fetch-site") == "cross-site"
+
+
+class RequireSession:
+    """ASGI middleware: a request without a valid session stops here, before Gradio sees it."""
+
+    def __init__(self, app: Any, store: Store, secret: bytes):
+        self.app, self.store, self.secret = app, store, secret
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers.setdefault(key, value)
+            await send(message)
+
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if (scope.get("method"), path) in OPEN:
+            await self.app(scope, receive, send_secured)
+            return
+        value = HTTPConnection(scope).cookies.get(auth.COOKIE)
+        session = None
+        if auth.token_of(self.secret, value):  # a forged or garbage cookie costs no database query
+            session = await run_in_threadpool(auth.session_of, self.store, self.secret, value)
+        if session is None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            wants_page = scope["method"] in ("GET", "HEAD") and b"text/html" in dict(scope["headers"]).get(b"accept", b"")
+            response: Response = (RedirectResponse("login", status_code=303) if wants_page else JSONResponse(
+                {"detail": "not signed in, or the session has ended: reload the page to sign in"}, status_code=401))
+            await response(scope, receive, send_secured)
+            return
+        scope.setdefault("state", {})["align_session"] = session
+        await self.app(scope, receive, send_secured)
+
+
+def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_hours: float = auth.SESSION_HOURS,
+               **layout: Any) -> FastAPI:
+    """The whole web app on `store`; `layout` goes to labeling.app.build_app (overlap, batch, export, ...)."""
+    throttle = throttle or auth.Throttle()
+    secret = store.secret()
+    blocks = build_app(store, secret=secret, **layout)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.blocks = blocks
+
+    @app.get("/login")
+    def login_page(request: Request) -> Response:
+        if auth.session_of(store, secret, request.cookies.get(auth.COOKIE)):
+            return RedirectResponse("./", status_code=303)
+        return _login_page()
+
+    @app.post("/login")
+    def login(request: Request, name: str = Form(""), password: str = Form("")) -> Response:
+        if _cross_site(request):
+            return _login_page("sign in from this page, not from another site", status_code=403)
+        address = request.client.host if request.client else "unknown"
+        try:
+            token, account = auth.sign_in(store, name, password, address, throttle=throttle, hours=session_hours)
+        except auth.SignInRefused as err:
+            log.info("sign-in refused for %r from %s: %s", name[:100], address, err)
+            if err.retry_after:
+                return _login_page(str(err), name[:100], status_code=429, **{"Retry-After": str(int(err.retry_after) + 1)})
+            return _login_page(str(err), name[:100], status_code=401)
+        response = RedirectResponse("./", status_code=303)
+        response.set_cookie(auth.COOKIE, auth.cookie_value(secret, token), max_age=int(session_hours * 3600),
+                            path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        log.info("%s signed in from %s", account["name"], address)
+        return response
+
+    @app.post("/logout")
+    def logout(request: Request) -> Response:
+        if _cross_site(request):
+            return JSONResponse({"detail": "cross-site request refused"}, status_code=403)
+        auth.sign_out(store, secret, request.cookies.get(auth.COOKIE))
+        response = RedirectResponse("login", status_code=303)
+        response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    blocks.queue(default_concurrency_limit=8)
+    gr.mount_gradio_app(
+        app, blocks, path="/", show_error=True, footer_links=[], run_history=False,
+        # Gradio's routes ask this too; the middleware has already refused anyone it would say None for.
+        auth_dependency=lambda request: (getattr(request.state, "align_session", None) or {}).get("name"),
+    )
+    app.add_middleware(RequireSession, store=store, secret=secret)
+    return app
+
+
+# Gradio keeps a heartbeat stream open per page: without a limit, stopping the server would wait
+# for every annotator to close their tab.
+SHUTDOWN_SECONDS = 3
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Serve until Ctrl-C. Behind a reverse proxy on this machine, its X-Forwarded-For / -Proto are
+    believed (uvicorn's default: FORWARDED_ALLOW_IPS=127.0.0.1,::1), so lock-outs count the real
+    client address and the cookie is Secure when the proxy speaks HTTPS."""
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+
+
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """`app` served from a thread of this process until the block ends (the browser tests); yields its URL."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_SECONDS))
+    thread = threading.Thread(target=server.run, name="align-label-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the labelling app did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
