@@ -84,8 +84,8 @@ GOOD = {"instruction": "q", "input": "", "output": "a"}
     ('{"instruction": "q", "output": "a"', "not JSON"),
     ({"instruction": "q", "input": ""}, "missing field 'output'"),
     ({"instruction": "q", "output": "   "}, "field 'output' is empty"),
-    ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string, got int"),
-    ([1, 2], "expected a JSON object, got list"),
+    ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string, got number"),
+    ([1, 2], "expected a JSON object, got array"),
 ])
 def test_bad_line_names_file_line_and_problem(tmp_path, bad, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, bad, GOOD])
