@@ -33,7 +33,6 @@ from alignment.data import file_hash
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
-    check_liger,
     device_plan,
     is_adapter_dir,
     load_base_model,
@@ -41,6 +40,7 @@ from alignment.modeling import (
     speed_up_cpu_training,
 )
 from alignment.preferences import load_preferences
+from alignment.preflight import check_stage
 from alignment.reward_model import trainable_on_cpu
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, report_to
 
@@ -105,7 +105,7 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
 
 def main(cfg: DPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("dpo", cfg)  # every input (adapter, data, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "dpo")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if not is_adapter_dir(sft):

@@ -27,10 +27,9 @@ from alignment import StageError
 from alignment import report as report_module
 from alignment.artifacts import MANIFEST, print_done
 from alignment.config import PipelineConfig, to_dict
+from alignment.preflight import check_stage
 
 log = logging.getLogger(__name__)
-
-STAGES = ("sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval")
 
 
 def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
@@ -100,9 +99,7 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
 
 
 def main(cfg: PipelineConfig) -> Path:
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise StageError(f"stages: {unknown[0]!r} is not a stage; allowed: {', '.join(STAGES)}")
+    check_stage("pipeline", cfg)  # every stage's inputs, before the first stage starts
     root = Path(cfg.run.dir)
     store = cfg.sample.store or f"sqlite:///{root.resolve() / 'labels.db'}"
     policy_stage = "ppo" if "ppo" in cfg.stages and "dpo" not in cfg.stages else "dpo"

@@ -49,10 +49,9 @@ from alignment import rl as R
 from alignment.artifacts import is_main_process, print_done, read_manifest, stage_dir, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import chat_prompt, check_backend
+from alignment.generation import chat_prompt
 from alignment.modeling import (
     adapter_base_name,
-    check_liger,
     device_plan,
     is_adapter_dir,
     keep_trainable_in,
@@ -61,6 +60,7 @@ from alignment.modeling import (
     peft_lora_config,
     speed_up_cpu_training,
 )
+from alignment.preflight import check_stage
 from alignment.reward_model import trainable_on_cpu
 from alignment.tracking import Tracker, read_jsonl
 
@@ -137,27 +137,6 @@ class Ranks:
 
 
 # ---------------------------------------------------------------------------- inputs
-
-
-def check(cfg: PPOStageConfig) -> None:
-    rl, gen = cfg.rl, cfg.generation
-    if cfg.algo == "ppo" and gen.backend == "vllm":
-        raise ConfigError("generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV cache, "
-                          "batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
-    check_backend(gen)
-    if gen.temperature <= 0:
-        raise ConfigError("generation.temperature: PPO samples its rollouts, so it must be > 0 (1.0 is the usual)")
-    if cfg.train.max_steps <= 0:
-        raise ConfigError("train.max_steps: PPO counts steps (one rollout each); give a number > 0")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.algo == "ppo" and world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
-        raise ConfigError(f"rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
-                          f"split between {world} processes: both must be multiples of {world}")
-    if rl.minibatch_size > rl.rollout_prompts:
-        raise ConfigError(f"rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts={rl.rollout_prompts}")
-    if cfg.algo != "ppo" and rl.rollout_prompts % rl.num_generations:
-        raise ConfigError(f"rl.rollout_prompts={rl.rollout_prompts} (completions per step for {cfg.algo}) must be a "
-                          f"multiple of rl.num_generations={rl.num_generations}")
 
 
 def resolve_sft(cfg: PPOStageConfig) -> Path | None:
@@ -651,20 +630,14 @@ def find_trl_checkpoint(out: Path, resume: str | None) -> str | None:
 
 def main(cfg: PPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check(cfg)
+    check_stage("ppo", cfg)  # every input (adapters, reward, prompts, paths, the machine) before any work
     out = stage_dir(cfg.run.dir, cfg.algo)
     sft = resolve_sft(cfg)
     if sft:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = device_plan(cfg.model)
     log.info(plan.describe())
-    if cfg.train.liger and cfg.algo == "ppo":
-        raise StageError("train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
-                         "align's own PPO loop does not use it: leave train.liger=false")
-    check_liger(cfg.train.liger)  # checked before any loading
-    if cfg.scorer:
-        resolve_scorer(cfg.scorer)  # a wrong name fails now, not after the models load
-    else:  # the gate, before any model is loaded
+    if not cfg.scorer:  # the gate, before any model is loaded
         gate(Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward"),
              cfg.min_reward_accuracy)
 

@@ -30,7 +30,6 @@ from alignment.config import RewardStageConfig, save_config, to_dict
 from alignment.data import DataError, file_hash
 from alignment.modeling import (
     adapter_base_name,
-    check_liger,
     device_plan,
     is_adapter_dir,
     load_tokenizer,
@@ -38,6 +37,7 @@ from alignment.modeling import (
     speed_up_cpu_training,
 )
 from alignment.preferences import RankingBatchSampler, load_preferences
+from alignment.preflight import check_stage
 from alignment.reward_model import (
     heldout_metrics,
     load_reward_model,
@@ -78,7 +78,7 @@ class RankingRewardTrainer(RewardTrainer):
 
 def main(cfg: RewardStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("reward", cfg)  # every input (adapter, data, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "reward")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if cfg.from_sft and not is_adapter_dir(sft):

@@ -20,13 +20,13 @@ from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_sft_dataset
 from alignment.modeling import (
-    check_liger,
     device_plan,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
     speed_up_cpu_training,
 )
+from alignment.preflight import check_stage
 from alignment.tracking import (
     MetricsJSONL,
     configure_wandb,
@@ -99,7 +99,7 @@ def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool) -> SFTConfig:
 
 def main(cfg: SFTStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("sft", cfg)  # every input (data, model, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "sft")
     out.mkdir(parents=True, exist_ok=True)
     plan = device_plan(cfg.model)
