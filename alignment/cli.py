@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 import socket
 import sys
 import typing
+from pathlib import Path
 
 # stage -> (recipe module, config class in alignment.config, one-line help). A None module is a
 # stage that is planned but not built yet: it says so and exits non-zero instead of pretending.
@@ -51,6 +54,16 @@ def setup_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
+    # bitsandbytes (>= 0.49), on a CPU with AVX512-BF16, tries on import to fetch a faster 4-bit
+    # matmul from the Hub through the `kernels` package, and warns when it cannot: align does not
+    # install `kernels`, usually runs offline, and never uses that kernel (it serves bitsandbytes'
+    # inference path, which training turns off; bitsandbytes falls back to its own). That one
+    # message is dropped; every other bitsandbytes warning still shows.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_hub_notice)
+
+
+def _no_kernels_hub_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:
@@ -70,9 +83,9 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
             lines.extend(describe_config(kind, f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        from alignment.config import _name
+        from alignment.config import describe_field
 
-        lines.append(f"  {prefix}{f.name} = {default!r}    ({_name(kind)})")
+        lines.append(f"  {prefix}{f.name} = {default!r}    {describe_field(f, kind)}")
     return lines
 
 
@@ -92,27 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     module_name, config_name, _ = STAGES[stage]
-    try:
-        module = importlib.import_module(module_name) if module_name else None
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        module = None
-    if module is None:
+    # The recipe (torch, transformers, peft: seconds to import) is imported only to run it: its help
+    # and a config that fails its checks need none of it.
+    spec = importlib.util.find_spec(module_name) if module_name else None
+    if spec is None:
         print(f"align {stage}: not built yet in this version.", file=sys.stderr)
         return 3
     if config_name is None:  # a stage with its own argument parser (the labelling app)
-        return module.main(rest)
+        return importlib.import_module(module_name).main(rest)
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
-    subcommands = getattr(module, "SUBCOMMANDS", {})
-    if rest and rest[0] in subcommands:
-        return subcommands[rest[0]](rest[1:])
+    if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        subcommands = getattr(importlib.import_module(module_name), "SUBCOMMANDS", {})
+        if rest[0] in subcommands:
+            return subcommands[rest[0]](rest[1:])
 
     from alignment import config as config_module
 
     cls = getattr(config_module, config_name)
     if "-h" in rest or "--help" in rest:
-        print(f"usage: align {stage} [--config FILE.yaml] [section.key=value ...]\n\n{module.__doc__ or ''}")
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) if spec.origin else None
+        print(f"usage: align {stage} [--config FILE.yaml] [section.key=value ...]\n\n{doc or ''}\n")
         print("config keys (defaults):")
         print("\n".join(describe_config(cls)))
         return 0
@@ -136,19 +148,38 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
 
     from alignment import StageError
+    from alignment.artifacts import discard_unfinished
     from alignment.config import ConfigError, load_config
     from alignment.data import DataError
+    from alignment.preflight import check_stage
 
     try:
         cfg = load_config(cls, config_path, overrides)
-        module.main(cfg)
+        check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
+        module = importlib.import_module(module_name)
+        with discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
+            module.main(cfg)
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
+
+        if not isinstance(err, StoreError):
+            raise
+        print(f"align {stage}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _outputs(stage: str, cfg) -> list[str]:
+    """Folders a stage may write outside its run directory (see discard_unfinished)."""
+    if stage == "merge" and cfg.adapter and not cfg.output:
+        return [str(cfg.adapter).rstrip("/") + "-merged"]
+    return [cfg.output] if getattr(cfg, "output", None) else []
 
 
 if __name__ == "__main__":
