@@ -113,19 +113,19 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path) -> Iterator[No
     to a person, and a folder with adapter files in it passes for one. So, when the block raises:
     a stage folder it created (a child of run_dir, of run_dir/round-N, or one of `outputs`) that
     has no align.json is removed, unless it holds checkpoints, which are kept for
-    train.resume_from_checkpoint=latest; a finished folder whose files it began to rewrite loses
-    its align.json (it no longer describes what is there); run_dir itself goes if it is new and
-    left empty. W&B's offline runs (run_dir/wandb) are kept: they show what the failed run did.
+    train.resume_from_checkpoint=latest; a finished folder whose files it began to rewrite (and
+    did not finish: its align.json unchanged) loses its align.json, which no longer describes what
+    is there; run_dir itself goes if it is new and left empty. W&B's offline runs (run_dir/wandb)
+    are kept: they show what the failed run did.
     """
     run_dir = Path(run_dir)
-    before = set(_stage_folders(run_dir, outputs))
+    before = {folder: _signature(folder) for folder in _stage_folders(run_dir, outputs)}
     existed = {p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir()}
-    started = time.time()
     try:
         yield
     except BaseException:
         if is_main_process():
-            _discard(run_dir, outputs, before, existed, started)
+            _discard(run_dir, outputs, before, existed)
         raise
 
 
@@ -136,34 +136,43 @@ def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
     return found + [Path(p) for p in outputs if Path(p).is_dir()]
 
 
-def _discard(run_dir: Path, outputs: tuple, before: set[Path], existed: set[Path], started: float) -> None:
+def _signature(folder: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each file of a finished artifact; its checkpoints and metrics log do not count."""
+    if not (folder / MANIFEST).is_file():
+        return {}
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "checkpoints"]
+        for name in files:
+            if name != "metrics.jsonl":
+                stat = os.stat(os.path.join(root, name))
+                out[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_mtime_ns, stat.st_size)
+    return out
+
+
+def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path]) -> None:
     import logging
     import shutil
 
     log = logging.getLogger(__name__)
     for folder in _stage_folders(run_dir, outputs):
-        manifest = folder / MANIFEST
-        if folder not in before and not manifest.is_file():
+        if folder not in before:
+            if (folder / MANIFEST).is_file():
+                continue  # finished by this run (a pipeline stage before the one that failed)
             if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
                 log.warning("kept %s: unfinished (no %s) but it holds checkpoints; train.resume_from_checkpoint="
                             "latest continues from them", folder, MANIFEST)
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.warning("removed %s: the failed run left it unfinished (no %s)", folder, MANIFEST)
-        elif folder in before and manifest.is_file() and manifest.stat().st_mtime < started and _rewritten(folder, started):
-            manifest.unlink()
+            continue
+        old = before[folder]
+        now = _signature(folder)
+        if old and now.get(MANIFEST) == old.get(MANIFEST) and now != old:
+            (folder / MANIFEST).unlink()
             log.warning("%s: the failed run began to rewrite this artifact; its %s is removed, so no later stage "
                         "takes it as finished", folder, MANIFEST)
     for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(parent.iterdir()):
             parent.rmdir()
-
-
-def _rewritten(folder: Path, since: float) -> bool:
-    """Any file of the artifact changed since `since` (its checkpoints and metrics log do not count)."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != "checkpoints"]
-        if any(f != "metrics.jsonl" and os.stat(os.path.join(root, f)).st_mtime >= since for f in files):
-            return True
-    return False
