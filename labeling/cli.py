@@ -55,19 +55,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         known = True
     if not known:
         return f"unknown command {' '.join(cmd)!r}; see `align label --help`"
-    run_dir, db_file = Path(args.run_dir), None
-    if not args.db:
-        if run_dir.exists() and not run_dir.is_dir():
-            return f"--run-dir {run_dir}: a file, not a folder"
-        if any(p.exists() and not p.is_dir() for p in run_dir.parents):
-            return f"--run-dir {run_dir}: a file is in the way of that folder"
-        db_file = run_dir / "labels.db"
-    elif args.db.startswith("sqlite:///") and args.db[len("sqlite:///"):] not in ("", ":memory:"):
-        db_file = Path(args.db[len("sqlite:///"):])
-    # Only `users add` may create a SQLite store: the other commands read one, and a typo in a
-    # path would otherwise leave an empty labels.db behind.
-    if db_file is not None and cmd[:2] != ["users", "add"] and not db_file.is_file():
-        return f"no labelling store at {db_file}: `align sample run.dir={run_dir}` makes it (or pass --db URL)"
     if args.simulate:
         from labeling.scorers import resolve_scorer
 
@@ -83,6 +70,19 @@ def check_args(args: argparse.Namespace) -> str | None:
             path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             return f"--guidelines {path}: not a readable UTF-8 text file ({err})"
+    run_dir, db_file = Path(args.run_dir), None
+    if not args.db:
+        if run_dir.exists() and not run_dir.is_dir():
+            return f"--run-dir {run_dir}: a file, not a folder"
+        if any(p.exists() and not p.is_dir() for p in run_dir.parents):
+            return f"--run-dir {run_dir}: a file is in the way of that folder"
+        db_file = run_dir / "labels.db"
+    elif args.db.startswith("sqlite:///") and args.db[len("sqlite:///"):] not in ("", ":memory:"):
+        db_file = Path(args.db[len("sqlite:///"):])
+    # Only `users add` may create a SQLite store: the other commands read one, and a typo in a
+    # path would otherwise leave an empty labels.db behind.
+    if db_file is not None and cmd[:2] != ["users", "add"] and not db_file.is_file():
+        return f"no labelling store at {db_file}: `align sample run.dir={run_dir}` makes it (or pass --db URL)"
     return None
 
 
