@@ -180,6 +180,7 @@ def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
                   "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1
     assert "step 1: the reward is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "ppo").exists()  # the failed run's folder (no checkpoint yet) is not left behind
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
