@@ -64,6 +64,7 @@ def _sft(cfg, pending: set[str], p: str) -> None:
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
     check_model(f"{p}model.name", cfg.model.name)
+    check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
     try:
         read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)
     except DataError as err:
@@ -101,6 +102,9 @@ def _reward(cfg, pending: set[str], p: str) -> None:
                       "or from_sft=false to build the reward model on the raw base")
     else:
         check_model(f"{p}model.name", cfg.model.name)
+    if not cfg.from_sft or cfg.sft is not None or "sft" not in pending:
+        base = cfg.model.name if not cfg.from_sft else _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
+        check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
 
@@ -126,6 +130,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     default_sft = stage_dir(cfg.run.dir, "sft")
     if cfg.sft == "none" or (cfg.sft is None and cfg.scorer and not default_sft.exists() and "sft" not in pending):
         check_model(f"{p}model.name", cfg.model.name)  # a fresh LoRA on it
+        check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
     else:
         _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "PPO starts from the SFT policy and keeps it as the "
                       "reference", "or pass sft=none to start from model.name")
@@ -317,6 +322,39 @@ def check_policy(key: str, policy: str) -> None:
         check_adapter(key, path)
     else:
         check_model(key, policy)
+
+
+def check_target_modules(key: str, targets: list[str] | str, model: str) -> None:
+    """Each named LoRA target is a module of the model, found as peft finds it (the name or a dotted suffix).
+
+    The model is built from its config on the meta device (no weights, no memory), so a typo is
+    named here instead of by peft after the model has loaded. "all-linear" and a regex (a string)
+    are peft's to resolve.
+    """
+    if not isinstance(targets, list):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignment.modeling import resolve_model_path
+
+    with init_empty_weights():
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    names = [name for name, _ in built.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"{key}: {', '.join(missing)} not among the modules of {model}; its linear layers are "
+                          f"{', '.join(linear)} (or use all-linear)")
+
+
+def _adapter_base(folder: str | Path) -> str:
+    manifest = Path(folder) / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("base_model") or ""
+    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
 
 
 def check_weights_file(key: str, file: Path) -> None:

@@ -188,6 +188,8 @@ CASES = [
      ["no_config: no config.json: not a transformers model folder"]),
     ("model.name truncated weights", "sft model.name={d}/truncated_model data.path={d}/good.jsonl", 2,
      ["truncated_model/model.safetensors is not a readable safetensors file", "truncated"]),
+    ("lora target typo", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[q_proj,q_porj]", 2,
+     ["lora.target_modules: q_porj not among the modules of", "its linear layers are", "q_proj"]),
     ("model.name an adapter", "sft model.name={d}/adapter data.path={d}/good.jsonl", 2, ["it is a LoRA adapter folder"]),
     ("truncated adapter to dpo", "dpo sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
      ["sft: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),
@@ -273,10 +275,12 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     """The same checks accept the good files, adapters and folders, so they refuse only what is wrong."""
     run = f"run.dir={tmp_path / 'run'}"
     good = {
-        "sft": (C.SFTStageConfig, [f"model.name={tiny_model}", f"data.path={d / 'good.jsonl'}"]),
+        "sft": (C.SFTStageConfig, [f"model.name={tiny_model}", f"data.path={d / 'good.jsonl'}",
+                                   "lora.target_modules=[q_proj, self_attn.v_proj]"]),
         "sample": (C.SampleStageConfig, [f"policy={d / 'adapter'}", f"prompts={d / 'prompts.jsonl'}"]),
         "dpo": (C.DPOStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}"]),
-        "reward": (C.RewardStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}"]),
+        "reward": (C.RewardStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}",
+                                         "lora.target_modules=[q_proj]"]),
         "ppo": (C.PPOStageConfig, [f"sft={d / 'adapter'}", "scorer=length", f"prompts={d / 'prompts.jsonl'}"]),
         "eval": (C.EvalStageConfig, [f"policies={{sft: {d / 'adapter'}, dpo: {d / 'adapter'}}}",
                                      f"prompts={d / 'prompts.jsonl'}", "scorer=length"]),
@@ -338,6 +342,16 @@ def test_label_commands_refused_before_the_store_is_made(argv, said, d, tmp_path
     assert align(["label", *args]) == 2
     assert said.format(**fill) in capsys.readouterr().err
     assert snapshot(tmp_path, d) == before and not fill["run"].exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--model", "{d}/adapter_truncated", "--prompt", "q", "--response", "a"],
+     "--model: {d}/adapter_truncated/adapter_model.safetensors is not a readable safetensors file"),
+    (["--model", "{d}/adapter", "--jsonl", "{d}/latin1.jsonl"], "--jsonl {d}/latin1.jsonl: cannot read it as UTF-8 text"),
+])
+def test_reward_score_names_a_bad_model_or_file(argv, said, d, capsys, no_model_loads):
+    assert align(["reward", "score", *(a.format(d=d) for a in argv)]) == 2
+    assert said.format(d=d) in capsys.readouterr().err
 
 
 def test_guidelines_file_checked_before_the_app(tmp_path, capsys):
