@@ -98,8 +98,8 @@ def _reward(cfg, pending: set[str], p: str) -> None:
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
     if cfg.from_sft:
-        _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending,
-                      "or from_sft=false to build the reward model on the raw base")
+        _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "the reward model is built on the SFT model",
+                      "or from_sft=false to build it on the raw base")
     else:
         check_model(f"{p}model.name", cfg.model.name)
     if not cfg.from_sft or cfg.sft is not None or "sft" not in pending:
@@ -288,10 +288,8 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
         raise ConfigError(f"{key}={folder}: no such folder")
     if not path.is_dir():
         raise ConfigError(f"{key}={folder}: a file, not an adapter folder")
-    if not (path / "adapter_config.json").is_file():
-        hint = (": it is a full model folder; for a merged model pass model.name=<folder> (ppo: with sft=none)"
-                if (path / "config.json").is_file() else "")
-        raise ConfigError(f"{key}={folder}: not an adapter folder (no adapter_config.json){hint}")
+    if not any(path.iterdir()):
+        raise ConfigError(f"{key}={folder}: an empty folder (a stage that stopped before writing anything?)")
     manifest: dict[str, Any] = {}
     if (path / MANIFEST).is_file():
         manifest = _read_json(key, path / MANIFEST)
@@ -299,6 +297,10 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
         raise ConfigError(f"{key}={folder}: an unfinished stage folder (no {MANIFEST}, which a stage writes last): "
                           "the run that wrote it stopped before the end; run that stage again "
                           "(train.resume_from_checkpoint=latest continues from its last checkpoint)")
+    if not (path / "adapter_config.json").is_file():
+        hint = (": it is a full model folder; for a merged model pass model.name=<folder> (ppo: with sft=none)"
+                if (path / "config.json").is_file() else "")
+        raise ConfigError(f"{key}={folder}: not an adapter folder (no adapter_config.json){hint}")
     config = _read_json(key, path / "adapter_config.json")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file() and not (path / "adapter_model.bin").is_file():

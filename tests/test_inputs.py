@@ -97,6 +97,8 @@ def d(tmp_path_factory, tiny_model) -> Path:
     (copy_adapter(d / "adapter", d / "adapter_lost_base") / "align.json").write_text(
         json.dumps({"stage": "sft", "base_model": str(d / "deleted-base")}))
     copy_adapter(d / "adapter", d / "run_with_sft" / "sft")
+    (d / "run_empty_sft" / "sft").mkdir(parents=True)  # what a stage killed at once leaves
+    (d / "run_killed_sft" / "sft" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # killed mid-training
     (d / "checkpoint_without_state").mkdir()
     (d / "checkpoint_without_state" / "adapter_config.json").write_text("{}")
     return d
@@ -199,6 +201,10 @@ CASES = [
      ["adapter_truncated/adapter_model.safetensors is not a readable"]),
     ("unfinished stage folder", "dpo sft={d}/adapter_unfinished data.path={d}/prefs.jsonl", 2,
      ["sft=", "adapter_unfinished: an unfinished stage folder (no align.json"]),
+    ("empty sft folder", "dpo run.dir={d}/run_empty_sft data.path={d}/prefs.jsonl", 2,
+     ["sft (default {d}/run_empty_sft/sft)={d}/run_empty_sft/sft: an empty folder"]),
+    ("killed sft folder", "reward run.dir={d}/run_killed_sft data.path={d}/prefs.jsonl", 2,
+     ["run_killed_sft/sft: an unfinished stage folder (no align.json", "train.resume_from_checkpoint=latest"]),
     ("adapter without tokenizer", "merge adapter={d}/adapter_no_tokenizer", 2, ["adapter_no_tokenizer: no tokenizer in it"]),
     ("adapter on a deleted base", "dpo sft={d}/adapter_lost_base data.path={d}/prefs.jsonl", 2,
      ["sft: its base model=", "deleted-base: no such folder"]),
