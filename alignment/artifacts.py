@@ -7,7 +7,9 @@
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
 data hash, git commit, time, and the stage's final figures. Later stages read base model,
-chat template and max length from their parent's manifest instead of asking again.
+chat template and max length from their parent's manifest instead of asking again. The manifest
+is written last: a folder without one is unfinished, and `discard_unfinished` (around every
+stage the CLI runs) removes such a folder when its stage fails, unless it holds checkpoints.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Every stage has one dataclass made of a few shared sections (`model`, `lora`, `train`, `run`)
 plus its own. Loading is strict on purpose: a typo in a YAML key silently falling back to a
-default is the most common way a training run quietly does the wrong thing.
+default is the most common way a training run quietly does the wrong thing. So is a value out of
+range: a numeric key declared with `bounded(default, gt=/ge=/le=/lt=)` is checked on load (and
+`align <stage> --help` shows the range), and a stage's rules across keys live in its `validate()`,
+run once its values are known. What the values point at (files, models) is alignment.preflight's.
 
     cfg = load_config(SFTStageConfig, "configs/quickstart/sft.yaml", ["train.lr=1e-4"])
 """

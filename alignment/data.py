@@ -4,11 +4,13 @@ Accepted for SFT (format detected from the first record unless given):
   alpaca             {"instruction", "input"?, "output"}            JSON list or JSONL
   messages           {"messages": [{"role", "content"}, ...]}         JSONL
   prompt_completion  {"prompt", "completion"} (strings or messages)   JSONL
-from .json / .jsonl files, .parquet files, or a `datasets.save_to_disk` folder.
+from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets.save_to_disk`
+folder; any other suffix, a folder that is not a dataset and an empty dataset are named errors.
 
 Everything becomes TRL's conversational prompt/completion form, so the chat template is applied
-to every example and the loss falls on the completion only. A bad record is an error naming the
-file, the line (or row) and the problem; with `on_error=skip` it is logged and counted instead.
+to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON,
+not an object, a missing or empty field) is an error naming the file, the line (or row) and the
+problem; with `on_error=skip` it is logged and counted instead.
 """
 
 from __future__ import annotations
