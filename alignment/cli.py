@@ -10,13 +10,16 @@ The stages themselves (recipe, config class, folder, ...) are listed once, in
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 import socket
 import sys
 import typing
+from pathlib import Path
 
 from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
 
@@ -43,6 +46,16 @@ def setup_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
+    # bitsandbytes (>= 0.49), on a CPU with AVX512-BF16, tries on import to fetch a faster 4-bit
+    # matmul from the Hub through the `kernels` package, and warns when it cannot: align does not
+    # install `kernels`, usually runs offline, and never uses that kernel (it serves bitsandbytes'
+    # inference path, which training turns off; bitsandbytes falls back to its own). That one
+    # message is dropped; every other bitsandbytes warning still shows.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_hub_notice)
+
+
+def _no_kernels_hub_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:
@@ -62,9 +75,9 @@ def describe_config(cls: type, prefix: str = "") -> list[str]:
             lines.extend(describe_config(kind, f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        from alignment.config import _name
+        from alignment.config import describe_field
 
-        lines.append(f"  {prefix}{f.name} = {default!r}    ({_name(kind)})")
+        lines.append(f"  {prefix}{f.name} = {default!r}    {describe_field(f, kind)}")
     return lines
 
 
@@ -76,7 +89,6 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     import json
     import subprocess
     import tempfile
-    from pathlib import Path
 
     import yaml
 
@@ -122,26 +134,28 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     spec = STAGES[stage]
-    try:
-        module = importlib.import_module(spec.recipe)
-    except ModuleNotFoundError as err:
-        if err.name != spec.recipe:
-            raise
+    # The recipe (torch, transformers, peft: seconds to import) is imported only to run it: its help
+    # and a config that fails its checks need none of it.
+    found = importlib.util.find_spec(spec.recipe)
+    if found is None:
         print(f"align {stage}: not built yet in this version.", file=sys.stderr)
         return 3
     if spec.config is None:  # the labelling app parses its own arguments; the run layout is handed to it
-        return module.main(rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"),
-                           export=export_for_label_app)
+        return importlib.import_module(spec.recipe).main(
+            rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"),
+            export=export_for_label_app)
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
-    subcommands = getattr(module, "SUBCOMMANDS", {})
-    if rest and rest[0] in subcommands:
-        return subcommands[rest[0]](rest[1:])
+    if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        subcommands = getattr(importlib.import_module(spec.recipe), "SUBCOMMANDS", {})
+        if rest[0] in subcommands:
+            return subcommands[rest[0]](rest[1:])
 
     from alignment import config as config_module
 
     cls = getattr(config_module, spec.config)
     if "-h" in rest or "--help" in rest:
-        print(f"usage: align {stage} [--config FILE.yaml] [section.key=value ...]\n\n{module.__doc__ or ''}")
+        doc = ast.get_docstring(ast.parse(Path(found.origin).read_text(encoding="utf-8"))) if found.origin else None
+        print(f"usage: align {stage} [--config FILE.yaml] [section.key=value ...]\n\n{doc or ''}\n")
         print("config keys (defaults):")
         print("\n".join(describe_config(cls)))
         return 0
@@ -165,19 +179,37 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
 
     from alignment import StageError
+    from alignment.artifacts import discard_unfinished
     from alignment.config import ConfigError, load_config
     from alignment.data import DataError
+    from alignment.preflight import check_stage
 
     try:
         cfg = load_config(cls, config_path, overrides)
-        run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
+        check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
+        with discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
+            run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
+
+        if not isinstance(err, StoreError):
+            raise
+        print(f"align {stage}: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _outputs(stage: str, cfg) -> list[str]:
+    """Folders a stage may write outside its run directory (see discard_unfinished)."""
+    if stage == "merge" and cfg.adapter and not cfg.output:
+        return [str(cfg.adapter).rstrip("/") + "-merged"]
+    return [cfg.output] if getattr(cfg, "output", None) else []
 
 
 if __name__ == "__main__":

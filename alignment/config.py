@@ -2,7 +2,10 @@
 
 Every stage has one dataclass made of a few shared sections (`model`, `lora`, `train`, `run`)
 plus its own. Loading is strict on purpose: a typo in a YAML key silently falling back to a
-default is the most common way a training run quietly does the wrong thing.
+default is the most common way a training run quietly does the wrong thing. So is a value out of
+range: a numeric key declared with `bounded(default, gt=/ge=/le=/lt=)` is checked on load (and
+`align <stage> --help` shows the range), and a stage's rules across keys live in its `validate()`,
+run once its values are known. What the values point at (files, models) is alignment.preflight's.
 
     cfg = load_config(SFTStageConfig, "configs/quickstart/sft.yaml", ["train.lr=1e-4"])
 """
@@ -10,6 +13,7 @@ default is the most common way a training run quietly does the wrong thing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -27,6 +31,43 @@ class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key and what is allowed."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: bounds, plus special values outside them (e.g. -1 = all)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    special: tuple = ()  # allowed as they are, e.g. -1 for "all"
+
+    def describe(self) -> str:
+        low = f"{'[' if self.ge is not None else '('}{self.ge if self.ge is not None else self.gt}"
+        high = f"{self.le if self.le is not None else self.lt}{']' if self.le is not None else ')'}"
+        if (self.ge, self.gt) != (None, None) and (self.le, self.lt) != (None, None):
+            text = f"in {low}, {high}"
+        elif self.ge is not None:
+            text = f">= {self.ge}"
+        elif self.gt is not None:
+            text = f"> {self.gt}"
+        elif self.le is not None:
+            text = f"<= {self.le}"
+        else:
+            text = f"< {self.lt}"
+        return " or ".join([*map(str, self.special), text])
+
+    def allows(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+
+def bounded(default: Any, **limits: Any) -> Any:
+    """A numeric field and its allowed range (Range's keywords), checked on load and shown by --help."""
+    return field(default=default, metadata={"range": Range(**limits)})
+
+
 # ---------------------------------------------------------------------------- shared sections
 
 
@@ -42,15 +83,15 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: on with CUDA (memory), off on CPU (it only costs time there).
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    max_length: int = 512
+    max_length: int = bounded(512, ge=1)  # tokens per example (prompt + completion)
     attn_implementation: str | None = None
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = bounded(16, ge=1)
+    alpha: int = bounded(32, ge=1)
+    dropout: float = bounded(0.05, ge=0, lt=1)
     # "all-linear" is peft's shorthand for every linear layer but the output head.
     target_modules: list[str] | str = "all-linear"
     use_dora: bool = False
@@ -59,19 +100,21 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
+    epochs: float = bounded(1.0, gt=0)
+    max_steps: int = bounded(-1, ge=1, special=(-1,))  # -1: train for `epochs`; a number overrides them
+    batch_size: int = bounded(8, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    # AdamW everywhere: a rate above 1 is a typo (1e3 for 1e-3), not a choice.
+    lr: float = bounded(2e-4, gt=0, le=1)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    logging_steps: int = 5
-    eval_steps: int = 20  # also the checkpoint interval
-    save_total_limit: int = 2
+    # A fraction of the steps: TRL reads a warmup value >= 1 as a number of steps instead.
+    warmup_ratio: float = bounded(0.05, ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    max_grad_norm: float = bounded(1.0, gt=0)
+    seed: int = bounded(42, ge=0, lt=2**32)  # numpy's seeds are 32-bit
+    logging_steps: int = bounded(5, ge=1)
+    eval_steps: int = bounded(20, ge=1)  # also the checkpoint interval
+    save_total_limit: int = bounded(2, ge=0)  # checkpoints kept; 0 keeps every one
     # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
     # Liger's fused Triton kernels in TRL's trainers (fused linear + cross-entropy: no full-vocabulary
@@ -98,7 +141,7 @@ class SFTDataConfig:
     # from the first record of the file / parquet / save_to_disk folder.
     format: Literal["auto", "alpaca", "messages", "prompt_completion"] = "auto"
     system_prompt: str | None = None
-    eval_fraction: float = 0.05
+    eval_fraction: float = bounded(0.05, ge=0, lt=1)
     packing: bool = False
     # Batch examples of similar length (transformers' LengthGroupedSampler: shuffled, then sorted
     # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The
@@ -128,15 +171,15 @@ class MergeStageConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 96
-    temperature: float = 0.8
-    top_p: float = 0.95
-    batch_size: int = 16  # prompts per generate() call (left-padded, KV cache on)
-    seed: int = 0
+    max_new_tokens: int = bounded(96, ge=1)
+    temperature: float = bounded(0.8, ge=0)  # 0: greedy decoding
+    top_p: float = bounded(0.95, gt=0, le=1)
+    batch_size: int = bounded(16, ge=1)  # prompts per generate() call (left-padded, KV cache on)
+    seed: int = bounded(0, ge=0, lt=2**32)
     # transformers: model.generate (any device). vllm: vLLM's engine with the adapter served through
     # its LoRA support (CUDA and `pip install vllm`; align sample, align eval, algo=grpo/rloo).
     backend: Literal["transformers", "vllm"] = "transformers"
-    vllm_gpu_memory_utilization: float = 0.4  # the share of GPU memory vLLM takes (the rest: training)
+    vllm_gpu_memory_utilization: float = bounded(0.4, gt=0, le=1)  # the share of GPU memory vLLM takes (the rest: training)
 
 
 @dataclass
@@ -144,16 +187,22 @@ class SampleStageConfig:
     # The policy: an adapter folder, a merged model folder, or a model name; default <run.dir>/sft.
     policy: str | None = None
     prompts: str = "data/support/prompts.jsonl"
-    num_prompts: int = -1  # -1 = all
-    k: int = 4  # responses per prompt
+    num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
+    k: int = bounded(4, ge=2)  # responses per prompt (a ranking needs two)
     # Identical responses for one prompt are re-sampled up to this many times, then marked.
-    max_resample: int = 2
+    max_resample: int = bounded(2, ge=0)
     batch: str | None = None  # the labelling batch name; default "round-<round>"
-    round: int = 0
+    round: int = bounded(0, ge=0)
     store: str | None = None  # database URL; default sqlite:///<run.dir>/labels.db
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.generation.temperature == 0:
+            raise ConfigError(f"{prefix}generation.temperature=0 is greedy decoding: the k={self.k} responses to a "
+                              "prompt would all be the same, and a ranking needs different ones; use a temperature "
+                              "> 0 (0.7-1.0 is usual)")
 
 
 @dataclass
@@ -163,11 +212,15 @@ class ExportStageConfig:
     batches: list[str] | None = None  # default: every batch
     ties: Literal["drop", "margin0"] = "drop"
     combine: Literal["majority", "bradley_terry"] = "majority"
-    min_agreement: float | None = None
-    test_fraction: float = 0.1
-    seed: int = 0
+    min_agreement: float | None = bounded(None, ge=0, le=1)
+    test_fraction: float = bounded(0.1, ge=0, lt=1)
+    seed: int = bounded(0, ge=0, lt=2**32)
     jsonl: bool = False
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.batches is not None and not self.batches:
+            raise ConfigError(f"{prefix}batches: an empty list exports nothing; leave it null for every batch")
 
 
 @dataclass
@@ -175,7 +228,7 @@ class PreferenceDataConfig:
     # A save_to_disk folder (align export's output), or a JSON/JSONL/parquet file with
     # prompt/chosen/rejected columns; default <run.dir>/preferences.
     path: str | None = None
-    test_fraction: float = 0.1  # used only when the data has no test split (split by prompt)
+    test_fraction: float = bounded(0.1, ge=0, lt=1)  # used only when the data has no test split (split by prompt)
     # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -190,9 +243,13 @@ class RewardStageConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2.0))
     use_margin: bool = False  # use the export's margin column in the Bradley-Terry loss
-    center_rewards_coefficient: float | None = None
+    center_rewards_coefficient: float | None = bounded(None, ge=0)
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# Losses that read label_smoothing in TRL 1.16 (the flip probability / EXO's epsilon).
+SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
 
 @dataclass
@@ -206,45 +263,54 @@ class DPOStageConfig:
     # TRL 1.16's DPOTrainer losses (docs/reward_dpo.md says which is which).
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     # The probability a label is flipped: robust (cDPO-style, < 0.5), exo_pair (> 0), aot.
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
     # Evaluate the held-out pairs before the first update too (the SFT policy's figures as step 0
     # of the eval curves). Off saves one pass over the held-out pairs; the SFT's margin is then
     # taken from the final evaluation (log-prob margin minus reward margin / beta, exact).
     eval_on_start: bool = True
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self, prefix: str = "") -> None:
+        # Loss settings TRL would ignore or reject.
+        if self.label_smoothing and self.loss not in SMOOTHED_LOSSES:
+            raise ConfigError(
+                f"{prefix}label_smoothing={self.label_smoothing} has no effect with loss={self.loss}; it is read by "
+                f"loss {', '.join(sorted(SMOOTHED_LOSSES))} (robust is the cDPO-style noisy-label loss)")
+        if self.loss == "exo_pair" and self.label_smoothing <= 0:
+            raise ConfigError(f"{prefix}label_smoothing: exo_pair needs a small epsilon > 0 (the EXO paper uses 1e-3)")
+
 
 @dataclass
 class RLConfig:
     """The RL loop's own knobs (PPO; GRPO/RLOO read the ones they share). docs/ppo.md explains each."""
 
-    rollout_prompts: int = 8  # prompts per step: one rollout, then PPO epochs over it
-    minibatch_size: int = 4  # responses per gradient step inside a PPO epoch
-    ppo_epochs: int = 4  # passes over each rollout
+    rollout_prompts: int = bounded(8, ge=1)  # prompts per step: one rollout, then PPO epochs over it
+    minibatch_size: int = bounded(4, ge=1)  # responses per gradient step inside a PPO epoch (divides the rollout)
+    ppo_epochs: int = bounded(4, ge=1)  # passes over each rollout
     # KL penalty per response token, r_t = -kl_coef * (log pi - log ref); fixed, or adapted towards
     # kl_target (nats per response) with Ziegler et al.'s proportional controller over kl_horizon.
-    kl_coef: float = 0.05
+    kl_coef: float = bounded(0.05, ge=0)
     kl_control: Literal["fixed", "adaptive"] = "fixed"
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    clip_range: float = 0.2  # policy ratio clip
-    clip_range_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1  # value loss weight in the one loss
+    kl_target: float = bounded(6.0, gt=0)
+    kl_horizon: int = bounded(10000, ge=1)
+    gamma: float = bounded(1.0, ge=0, le=1)  # GAE discount
+    lam: float = bounded(0.95, ge=0, le=1)  # GAE lambda
+    clip_range: float = bounded(0.2, gt=0)  # policy ratio clip
+    clip_range_value: float = bounded(0.2, gt=0)  # value clip around the rollout's values
+    vf_coef: float = bounded(0.1, ge=0)  # value loss weight in the one loss
     whiten_rewards: bool = False  # normalise the rollout's scores to mean 0, std 1 before the KL term
-    score_clip: float | None = None  # clip each score to [-score_clip, score_clip]
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    score_clip: float | None = bounded(None, gt=0)  # clip each score to [-score_clip, score_clip]
+    missing_eos_penalty: float | None = bounded(1.0, ge=0)  # subtracted from the score of a response cut at max_new_tokens
     # The value function: a linear head on the policy's last hidden states (shared trunk).
     value_model: Literal["head"] = "head"
     # With a reward model that was trained on this base: load its adapter on the policy's base as a
     # third adapter (one base in memory) instead of a separate model.
     reward_on_policy_base: bool = False
-    save_steps: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
-    sample_rows: int = 4  # sample responses per step in the W&B table
-    num_generations: int = 4  # GRPO/RLOO: responses per prompt (the group)
+    save_steps: int = bounded(10, ge=0)  # checkpoint every N steps (and at the end); 0 = only at the end
+    sample_rows: int = bounded(4, ge=0)  # sample responses per step in the W&B table
+    num_generations: int = bounded(4, ge=2)  # GRPO/RLOO: responses per prompt (the group compared)
 
 
 @dataclass
@@ -256,10 +322,10 @@ class PPOStageConfig:
     sft: str | None = None
     reward_model: str | None = None  # default <run.dir>/reward
     scorer: str | None = None  # a programmatic reward instead (module:function or built-in name)
-    min_reward_accuracy: float = 0.6  # the gate: refuse a reward model below this held-out accuracy
+    min_reward_accuracy: float = bounded(0.6, ge=0, le=1)  # the gate: refuse a reward model below this held-out accuracy
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     prompts: str = "data/support/prompts.jsonl"
-    num_prompts: int = -1  # -1 = all
+    num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))  # only without an SFT adapter
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=1.0, batch_size=16))
@@ -267,6 +333,35 @@ class PPOStageConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_steps=20, scheduler="constant",
                                                                  warmup_ratio=0.0, logging_steps=1))
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        rl, gen, p = self.rl, self.generation, prefix
+        if self.algo == "ppo" and gen.backend == "vllm":
+            raise ConfigError(f"{p}generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV "
+                              "cache, batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
+        if self.algo == "ppo" and self.train.liger:
+            raise ConfigError(f"{p}train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
+                              "align's own PPO loop does not use it: leave train.liger=false")
+        if gen.temperature <= 0:
+            raise ConfigError(f"{p}generation.temperature: PPO samples its rollouts, so it must be > 0 (1.0 is the usual)")
+        if self.train.max_steps < 1:
+            raise ConfigError(f"{p}train.max_steps: PPO counts steps (one rollout each); give a number >= 1")
+        if self.scorer and self.reward_model:
+            raise ConfigError(f"{p}scorer={self.scorer} and reward_model={self.reward_model}: the reward is one or the "
+                              "other; leave one unset")
+        if self.scorer and rl.reward_on_policy_base:
+            raise ConfigError(f"{p}rl.reward_on_policy_base=true loads a reward model's adapter, but scorer= gives the "
+                              "reward; leave it false")
+        if self.algo == "ppo":
+            if rl.minibatch_size > rl.rollout_prompts:
+                raise ConfigError(f"{p}rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts="
+                                  f"{rl.rollout_prompts}")
+            if rl.rollout_prompts % rl.minibatch_size:
+                raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts} must be a multiple of rl.minibatch_size="
+                                  f"{rl.minibatch_size}: each PPO epoch splits the rollout into whole minibatches")
+        elif rl.rollout_prompts % rl.num_generations:
+            raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts} (completions per step for {self.algo}) must "
+                              f"be a multiple of rl.num_generations={rl.num_generations}")
 
 
 @dataclass
@@ -276,11 +371,11 @@ class EvalStageConfig:
     policies: dict[str, str] | None = None
     baseline: str = "sft"
     prompts: str = "data/support/prompts.jsonl"
-    num_prompts: int = -1
+    num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
     reward_model: str | None = None  # default <run.dir>/reward when present
     scorer: str | None = None  # an independent programmatic judge
     human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
-    bootstrap: int = 1000
+    bootstrap: int = bounded(1000, ge=1)  # resamples for each win-rate's interval
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
@@ -288,10 +383,11 @@ class EvalStageConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
-    label: str = "simulate"  # "simulate" or "human"
+    stages: list[Literal["sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval"]] = field(
+        default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
+    label: Literal["simulate", "human"] = "simulate"
     scorer: str = "support_style"  # the simulated annotator's scorer
-    rounds: int = 1
+    rounds: int = bounded(1, ge=1)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)
     export: ExportStageConfig = field(default_factory=ExportStageConfig)
@@ -300,6 +396,16 @@ class PipelineConfig:
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.stages:
+            raise ConfigError(f"{prefix}stages: empty; list the stages to run, e.g. [sft, sample, label, export, dpo, eval]")
+        twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
+        if twice:
+            raise ConfigError(f"{prefix}stages: {', '.join(twice)} listed more than once")
+        if self.rounds > 1 and not {"dpo", "ppo"} & set(self.stages):
+            raise ConfigError(f"{prefix}rounds={self.rounds}: a later round samples from the previous round's aligned "
+                              "policy, so stages must include dpo or ppo")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -357,14 +463,14 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(
-            f"unknown key '{prefix}{unknown[0]}'; allowed keys in {where}: {', '.join(names)}"
+            f"unknown key '{prefix}{unknown[0]}'; allowed keys in {where}: {', '.join(fields)}"
         )
     kwargs = {}
-    for name in names:
+    for name, f in fields.items():
         if name not in raw:
             continue
         kind = hints[name]
@@ -373,7 +479,26 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
             kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", default)
         else:
             kwargs[name] = _check(f"{prefix}{name}", raw[name], kind)
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+            _check_range(f"{prefix}{name}", kwargs[name], f.metadata.get("range"))
+    built = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    if hasattr(built, "validate"):  # the section's cross-field rules, once every value is known
+        built.validate(prefix)
+    return built
+
+
+def _check_range(key: str, value: Any, allowed: Range | None) -> None:
+    if allowed is None or value is None:
+        return
+    if isinstance(value, float) and value != value:  # YAML's .nan
+        raise ConfigError(f"{key}: must be {allowed.describe()}, got nan")
+    if not allowed.allows(value):
+        raise ConfigError(f"{key}: must be {allowed.describe()}, got {value!r}")
+
+
+def describe_field(f: dataclasses.Field, kind: Any) -> str:
+    """`(type, allowed range)` for `align <stage> --help`."""
+    allowed = f.metadata.get("range")
+    return f"({_name(kind)}{', ' + allowed.describe() if allowed else ''})"
 
 
 def _default(cls: type, name: str) -> Any:
@@ -415,7 +540,11 @@ def _check(key: str, value: Any, kind: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    if kind is str and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{key}: empty; give a value (or null where the key allows it)")
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):

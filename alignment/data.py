@@ -4,15 +4,18 @@ Accepted for SFT (format detected from the first record unless given):
   alpaca             {"instruction", "input"?, "output"}            JSON list or JSONL
   messages           {"messages": [{"role", "content"}, ...]}         JSONL
   prompt_completion  {"prompt", "completion"} (strings or messages)   JSONL
-from .json / .jsonl files, .parquet files, or a `datasets.save_to_disk` folder.
+from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets.save_to_disk`
+folder; any other suffix, a folder that is not a dataset and an empty dataset are named errors.
 
 Everything becomes TRL's conversational prompt/completion form, so the chat template is applied
-to every example and the loss falls on the completion only. A bad record is an error naming the
-file, the line (or row) and the problem; with `on_error=skip` it is logged and counted instead.
+to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON,
+not an object, a missing or empty field) is an error naming the file, the line (or row) and the
+problem; with `on_error=skip` it is logged and counted instead.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -45,18 +48,35 @@ class LoadReport:
 # ---------------------------------------------------------------------------- reading
 
 
+# What a data path may be, besides a datasets.save_to_disk folder.
+SUFFIXES = (".jsonl", ".json", ".parquet")
+ACCEPTED = (".jsonl (one JSON object a line), .json (a list of objects, or JSON lines), .parquet, "
+            "or a datasets.save_to_disk folder")
+
+
+def json_kind(value: Any) -> str:
+    """A value's type in JSON's words (object, array, string, ...), for messages about records."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(
+        type(value), type(value).__name__)
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) pairs; location is 'file:line' or 'folder row N'."""
+    """Yield (location, record) pairs; location is 'file:line' or 'folder row N'.
+
+    A line that cannot be read (not UTF-8, not JSON) is yielded as a DataError in place of its
+    record, so that `on_error=skip` can skip it; a file that cannot be read at all raises one.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
+        from datasets import DatasetDict
 
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as err:
-            raise DataError(f"{path}: not a datasets.save_to_disk folder ({err})") from None
+        ds = load_dataset_folder(path)
         if isinstance(ds, DatasetDict):
             if "train" not in ds:
                 raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(ds)})")
@@ -64,28 +84,97 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(ds):
             yield f"{path} row {i}", row
         return
-    if path.suffix == ".parquet":
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file or folder")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; accepted: {ACCEPTED}")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable parquet file ({err})") from None
+        for i, row in enumerate(rows):
             yield f"{path} row {i}", row
         return
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
+    if path.suffix.lower() == ".json" and raw.lstrip()[:1] in (b"[", b"{"):
         try:
-            items = json.loads(text)
+            whole = json.loads(_utf8(path, raw))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not JSON ({err.msg})") from None
-        for i, item in enumerate(items):
-            yield f"{path} item {i}", item
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+            if raw.lstrip()[:1] == b"[":
+                raise DataError(f"{path}:{err.lineno}: not JSON ({err.msg} at column {err.colno})") from None
+            whole = None  # JSON lines in a .json file: read line by line below
+        if isinstance(whole, list):
+            for i, item in enumerate(whole):
+                yield f"{path} item {i}", item
+            return
+        if isinstance(whole, dict) and b"\n" in raw.strip():
+            raise DataError(f"{path}: one JSON object over several lines; expected a list of records "
+                            "([{...}, {...}]) or one object per line (JSON lines)")
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, DataError(f"{where}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte {err.start + 1} "
+                                   "of the line); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+            continue
+        if not text.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            record = json.loads(text)
         except json.JSONDecodeError as err:
-            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: not JSON ({err.msg} at column {err.colno})")
+            yield where, DataError(f"{where}: not JSON ({err.msg} at column {err.colno})")
+            continue
+        yield where, record
+
+
+def _utf8(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {column} of the line); "
+                        "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def load_dataset_folder(path: str | Path):
+    """`datasets.load_from_disk`, with a folder that is not one (or holds an empty one) named as such."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path / 'dataset_dict.json'}: unreadable ({err})") from None
+        folders = [path / str(split) for split in splits]
+    elif (path / "state.json").is_file():
+        folders = [path]
+    else:
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUFFIXES)[:3]
+        hint = f"; it holds {', '.join(inside)}: pass one of those files" if inside else ""
+        raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk (no "
+                        f"dataset_dict.json or state.json){hint}; accepted: {ACCEPTED}")
+    for folder in folders:
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{folder / 'state.json'}: unreadable ({err})") from None
+        if not state.get("_data_files"):  # load_from_disk fails on these with "list index out of range"
+            raise DataError(f"{folder}: an empty dataset (saved with no rows)")
+    try:
+        return load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a readable datasets.save_to_disk folder ({type(err).__name__}: {err})") from None
 
 
 def file_hash(path: str | Path) -> str:
@@ -104,20 +193,19 @@ def file_hash(path: str | Path) -> str:
 # ---------------------------------------------------------------------------- SFT examples
 
 
-def detect_format(record: Any) -> str:
-    if isinstance(record, dict):
-        if "messages" in record:
-            return "messages"
-        if "instruction" in record or "output" in record:
-            return "alpaca"
-        if "prompt" in record and "completion" in record:
-            return "prompt_completion"
-        keys = ", ".join(sorted(record))
-    else:
-        keys = type(record).__name__
+def detect_format(record: Any, where: str = "the first record") -> str:
+    """The SFT format of `record` (the first one of a file decides for the whole file)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {json_kind(record)}")
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
     raise DataError(
-        f"cannot tell the format from the first record (keys: {keys}); expected alpaca "
-        "{instruction, input, output}, chat {messages} or {prompt, completion}"
+        f"{where}: cannot tell the format from the first record (keys: {', '.join(sorted(record)) or 'none'}); "
+        "expected alpaca {instruction, input, output}, chat {messages} or {prompt, completion}"
     )
 
 
@@ -128,7 +216,7 @@ def _text(record: dict, key: str, where: str, *, required: bool = True) -> str:
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field {key!r} must be a string, got {json_kind(value)}")
     if required and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
     return value
@@ -152,7 +240,7 @@ def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
 def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict], list[dict]]:
     """One record → (prompt messages, completion messages), or a DataError naming the problem."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_kind(record)}")
     if fmt == "alpaca":
         instruction = _text(record, "instruction", where)
         extra = _text(record, "input", where, required=False)
@@ -189,11 +277,9 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
     raise DataError(f"unknown format {fmt!r}")
 
 
-def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
-                     on_error: str = "raise"):
-    """Read, validate and convert; returns (datasets.Dataset of prompt/completion, LoadReport)."""
-    from datasets import Dataset
-
+def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
+                      on_error: str = "raise") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
+    """Read and validate every record: (prompts, completions, LoadReport), as lists of chat messages."""
     report = LoadReport(str(path), fmt)
     prompts, completions = [], []
     for where, record in iter_records(path):
@@ -201,7 +287,7 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
             if isinstance(record, DataError):
                 raise record
             if report.format == "auto":
-                report.format = detect_format(record)
+                report.format = detect_format(record, where)
             prompt, completion = to_prompt_completion(record, report.format, where)
         except DataError as err:
             if on_error == "raise":
@@ -216,9 +302,25 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
         completions.append(completion)
     report.used = len(prompts)
     if not prompts:
-        raise DataError(f"{path}: no usable examples")
+        raise no_records(path, report.skipped, report.problems)
+    return prompts, completions, report
+
+
+def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
+                     on_error: str = "raise"):
+    """Read, validate and convert; returns (datasets.Dataset of prompt/completion, LoadReport)."""
+    from datasets import Dataset
+
+    prompts, completions, report = read_sft_examples(path, fmt, system_prompt=system_prompt, on_error=on_error)
     log.info(report.summary())
     return Dataset.from_dict({"prompt": prompts, "completion": completions}), report
+
+
+def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:
+    """The error for a data path that yielded nothing usable: empty, or every record skipped."""
+    if skipped:
+        return DataError(f"{path}: no usable {what}: all {skipped} records were skipped (the first: {problems[0]})")
+    return DataError(f"{path}: no {what} in it (empty)")
 
 
 def load_prompts(path: str | Path) -> list[str]:
@@ -228,15 +330,20 @@ def load_prompts(path: str | Path) -> list[str]:
     for where, record in iter_records(path):
         if isinstance(record, DataError):
             raise record
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str) and "completion" not in record:
+        if isinstance(record, dict) and "prompt" in record and "completion" not in record:
             text = record["prompt"]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field 'prompt' must be a string, got {json_kind(text)}")
             if not text.strip():
                 raise DataError(f"{where}: field 'prompt' is empty")
             prompts.append(text)
             continue
-        fmt = fmt or detect_format(record)
+        fmt = fmt or detect_format(record, where)
         prompt, _ = to_prompt_completion(record, fmt, where)
-        prompts.append(next(m["content"] for m in reversed(prompt) if m["role"] == "user"))
+        user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
+        if user is None:
+            raise DataError(f"{where}: no user message to use as the prompt")
+        prompts.append(user)
     if not prompts:
-        raise DataError(f"{path}: no prompts")
+        raise no_records(path, 0, [], "prompts")
     return prompts

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch.utils.data import Sampler
 
-from alignment.data import DataError, iter_records
+from alignment.data import DataError, iter_records, json_kind, load_dataset_folder, no_records
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _messages(value: Any, where: str, key: str, last_role: str | None) -> list[d
         return [{"role": "user" if key == "prompt" else "assistant", "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {key!r} must be a string or a non-empty list of messages, "
-                        f"got {type(value).__name__}")
+                        f"got {json_kind(value) if value != [] else 'an empty list'}")
     out = []
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or "role" not in msg:
@@ -105,7 +105,7 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
     if isinstance(record, DataError):
         raise record
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_kind(record)}")
     for key in ("chosen", "rejected"):
         if record.get(key) is None:
             raise DataError(f"{where}: missing field {key!r}")
@@ -139,12 +139,9 @@ def group_key(pair: dict[str, Any]) -> str:
 
 
 def _iter_folder(path: Path) -> Iterator[tuple[str, str, Any]]:
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict
 
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as err:
-        raise DataError(f"{path}: not a datasets.save_to_disk folder ({err})") from None
+    ds = load_dataset_folder(path)
     splits = dict(ds) if isinstance(ds, DatasetDict) else {"train": ds} if isinstance(ds, Dataset) else {}
     if "train" not in splits:
         raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(splits)})")
@@ -181,10 +178,8 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int)
     return train, test
 
 
-def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int = 0, on_error: str = "raise"):
-    """Read, validate and convert; returns (DatasetDict with train[/test], PreferenceReport)."""
-    from datasets import DatasetDict
-
+def read_preference_pairs(path: str | Path, *, on_error: str = "raise") -> tuple[dict[str, list], PreferenceReport]:
+    """Read and validate every record: ({"train": pairs, "test": pairs}, PreferenceReport), nothing split yet."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (run `align export` first, or pass data.path=...)")
@@ -202,7 +197,15 @@ def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int 
             report.problems.append(str(err))
             log.warning("skipped %s", err)
     if not rows["train"]:
-        raise DataError(f"{path}: no usable preference pairs")
+        raise no_records(path, report.skipped, report.problems, "preference pairs")
+    return rows, report
+
+
+def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int = 0, on_error: str = "raise"):
+    """Read, validate and convert; returns (DatasetDict with train[/test], PreferenceReport)."""
+    from datasets import DatasetDict
+
+    rows, report = read_preference_pairs(path, on_error=on_error)
     if not rows["test"]:
         rows["train"], rows["test"] = split_by_prompt(rows["train"], test_fraction, seed)
         report.split = "by prompt" if rows["test"] else "none"

@@ -25,22 +25,81 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _number(kind: type, low: float, high: float | None = None):
+    """An argparse type: `kind` in [low, high], else argparse's one-line error naming the option."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        if not (low <= value and (high is None or value <= high)):  # also refuses nan
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return parse
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options and command, found before the store is opened or created."""
+    cmd = args.command
+    known = (cmd[:2] == ["users", "add"] and len(cmd) == 3) or cmd in (["users", "list"], ["status"], [])
+    if len(cmd) == 3 and cmd[0] == "gold":
+        try:
+            int(cmd[1]), [int(x) for x in cmd[2].split(",")]
+        except ValueError:
+            return f"gold TASK_ID RANKS: a task number and comma-separated ranks, e.g. gold 12 2,1,3; got {cmd[1:]}"
+        known = True
+    if not known:
+        return f"unknown command {' '.join(cmd)!r}; see `align label --help`"
+    if args.simulate:
+        from labeling.scorers import resolve_scorer
+
+        try:
+            resolve_scorer(args.simulate)
+        except ValueError as err:
+            return f"--simulate: {err}"
+    elif not cmd and args.guidelines:
+        path = Path(args.guidelines)
+        if not path.is_file():
+            return f"--guidelines {path}: no such file"
+        try:
+            path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            return f"--guidelines {path}: not a readable UTF-8 text file ({err})"
+    run_dir, db_file = Path(args.run_dir), None
+    if not args.db:
+        if run_dir.exists() and not run_dir.is_dir():
+            return f"--run-dir {run_dir}: a file, not a folder"
+        if any(p.exists() and not p.is_dir() for p in run_dir.parents):
+            return f"--run-dir {run_dir}: a file is in the way of that folder"
+        db_file = run_dir / "labels.db"
+    elif args.db.startswith("sqlite:///") and args.db[len("sqlite:///"):] not in ("", ":memory:"):
+        db_file = Path(args.db[len("sqlite:///"):])
+    # Only `users add` may create a SQLite store: the other commands read one, and a typo in a
+    # path would otherwise leave an empty labels.db behind.
+    if db_file is not None and cmd[:2] != ["users", "add"] and not db_file.is_file():
+        return f"no labelling store at {db_file}: `align sample run.dir={run_dir}` makes it (or pass --db URL)"
+    return None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="align label", description="The labelling app and its store.")
     p.add_argument("--run-dir", default="runs/quickstart", help="run directory (its labels.db is the default store)")
     p.add_argument("--db", help="database URL: sqlite:///path.db or postgresql://user:pw@host/db")
     p.add_argument("--guidelines", help="a markdown file shown to annotators (default: the shipped guidelines)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_number(int, 1, 65535), default=7860)
     p.add_argument("--session-hours", type=float, default=12.0,
                    help="a sign-in lasts this long, then the server asks again (default 12)")
-    p.add_argument("--overlap", type=int, default=1, help="annotators per task (default 1)")
-    p.add_argument("--gold-rate", type=float, default=0.0, help="share of gold tasks mixed in (0..1)")
+    p.add_argument("--overlap", type=_number(int, 1), default=1, help="annotators per task (default 1)")
+    p.add_argument("--gold-rate", type=_number(float, 0, 1), default=0.0, help="share of gold tasks mixed in (0..1)")
     p.add_argument("--batch", help="only this batch (default: every batch)")
     p.add_argument("--simulate", metavar="SCORER", help="rank pending tasks with a scorer instead of starting the app")
-    p.add_argument("--annotators", type=int, default=1, help="with --simulate: how many simulated annotators")
-    p.add_argument("--noise", type=float, default=0.0, help="with --simulate: score noise (share of the spread)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--annotators", type=_number(int, 1), default=1, help="with --simulate: how many simulated annotators")
+    p.add_argument("--noise", type=_number(float, 0), default=0.0,
+                   help="with --simulate: score noise (share of the spread)")
+    p.add_argument("--seed", type=_number(int, 0), default=0)
     p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | status | "
                                               "gold TASK_ID RANKS")
     p.add_argument("--admin", action="store_true", help="with users add: an admin account")
@@ -53,6 +112,10 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     """`store_url(--db, --run-dir)` is the store to open, `export_dir(--run-dir)` the admin's export folder,
     `export(store_url, run_dir) -> summary` is `align export` for the admin's button."""
     args = parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"align label: {problem}", file=sys.stderr)
+        return 2
     from labeling.store import Store, StoreError, _safe_url
 
     try:

@@ -27,40 +27,23 @@ from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
-from alignment.config import ConfigError, DPOStageConfig, ModelConfig, save_config, to_dict
+from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
-    check_liger,
     device_plan,
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
 )
 from alignment.preferences import load_preferences
+from alignment.preflight import check_stage
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
 from alignment.training import resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
-
-# Losses that read label_smoothing in TRL 1.16 (the flip probability / EXO's epsilon).
-SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
-
-
-def check_loss(cfg: DPOStageConfig) -> None:
-    """Refuse loss settings TRL would ignore or reject, naming what is allowed."""
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta: must be > 0, got {cfg.beta}")
-    if cfg.label_smoothing and cfg.loss not in SMOOTHED_LOSSES:
-        raise ConfigError(f"label_smoothing={cfg.label_smoothing} has no effect with loss={cfg.loss}; it is read by "
-                          f"loss {', '.join(sorted(SMOOTHED_LOSSES))} (robust is the cDPO-style noisy-label loss)")
-    if cfg.loss == "robust" and not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing: robust needs a flip probability in [0, 0.5), got {cfg.label_smoothing}")
-    if cfg.loss == "exo_pair" and cfg.label_smoothing <= 0:
-        raise ConfigError("label_smoothing: exo_pair needs a small epsilon > 0 (the EXO paper uses 1e-3)")
-
 
 def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     """The base once, with the SFT adapter as the trainable policy adapter ("default").
@@ -90,8 +73,7 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
 
 def main(cfg: DPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_loss(cfg)
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("dpo", cfg)  # every input (adapter, data, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "dpo")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if not is_adapter_dir(sft):

@@ -26,8 +26,9 @@ from alignment import report as report_module
 from alignment.artifacts import print_done, stage_dir, stages_of_kind, store_url, write_manifest
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import load_prompts
-from alignment.generation import Policy, chat_prompt, check_backend, generate
+from alignment.generation import Policy, chat_prompt, generate
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
+from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 
 def main(cfg: EvalStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_backend(cfg.generation)
+    check_stage("eval", cfg)  # every input (policies, prompts, judges, paths, the machine) before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("align eval runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")

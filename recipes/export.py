@@ -20,6 +20,7 @@ from pathlib import Path
 from alignment import StageError
 from alignment.artifacts import print_done, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
+from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def main(cfg: ExportStageConfig) -> Path:
     from labeling.export import ExportError, export_preferences
     from labeling.store import Store
 
+    check_stage("export", cfg)  # the store and the paths before anything is written
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))
     rankings = store.submitted_rankings()

@@ -41,6 +41,7 @@ from alignment.modeling import (
     load_tokenizer,
     peft_lora_config,
 )
+from alignment.preflight import check_stage
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
 from alignment.training import resume_checkpoint, trl_args
 
@@ -86,6 +87,7 @@ def grpo_args(cfg: PPOStageConfig, plan, out: Path):
 
 def main(cfg: PPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
+    check_stage("ppo", cfg)  # every input (adapters, reward, prompts, paths, the machine) before any work
     check(cfg)
     check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
     out = stage_dir(cfg.run.dir, cfg.algo)

@@ -19,6 +19,7 @@ from alignment import StageError
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import MergeStageConfig, save_config, to_dict
 from alignment.modeling import adapter_base_name, is_adapter_dir, load_tokenizer, resolve_model_path
+from alignment.preflight import check_stage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def merge_adapter(adapter: str | Path, dtype: torch.dtype = torch.float32):
 
 def main(cfg: MergeStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
+    check_stage("merge", cfg)  # the adapter, its base and the output folder before anything is loaded
     adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
     if not is_adapter_dir(adapter):
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "

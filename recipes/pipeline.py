@@ -39,6 +39,7 @@ from alignment.artifacts import (
     store_url,
 )
 from alignment.config import PipelineConfig, to_dict
+from alignment.preflight import check_stage
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def main(cfg: PipelineConfig) -> Path:
     unknown = [s for s in cfg.stages if s not in allowed]
     if unknown:
         raise StageError(f"stages: {unknown[0]!r} is not a stage; allowed: {', '.join(allowed)}")
+    check_stage("pipeline", cfg)  # every stage's inputs, before the first stage starts
     root = Path(cfg.run.dir)
     store = store_url(cfg.sample.store, root)
     # The policy a later round samples from, by the folder its stage writes (ppo with algo=grpo: grpo/).

@@ -58,6 +58,7 @@ from alignment.modeling import (
     load_tokenizer,
     peft_lora_config,
 )
+from alignment.preflight import check_stage
 from alignment.tracking import Tracker, finish_wandb, log_artifact, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
 
 def main(cfg: PPOStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
+    check_stage("ppo", cfg)  # every input (adapters, reward, prompts, paths, the machine) before any work
     check(cfg)
     out = stage_dir(cfg.run.dir, "ppo")
     sft = R.resolve_sft(cfg)

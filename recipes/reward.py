@@ -26,18 +26,18 @@ from trl import RewardConfig, RewardTrainer
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
-from alignment.config import RewardStageConfig, save_config, to_dict
+from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
 from alignment.cpu import speed_up_cpu_training
 from alignment.data import DataError, file_hash
 from alignment.modeling import (
     adapter_base_name,
-    check_liger,
     device_plan,
     is_adapter_dir,
     load_tokenizer,
     peft_lora_config,
 )
 from alignment.preferences import RankingBatchSampler, load_preferences
+from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
     heldout_metrics,
     load_reward_model,
@@ -72,7 +72,7 @@ class RankingRewardTrainer(RewardTrainer):
 
 def main(cfg: RewardStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("reward", cfg)  # every input (adapter, data, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "reward")
     sft = Path(cfg.sft) if cfg.sft else stage_dir(cfg.run.dir, "sft")
     if cfg.from_sft and not is_adapter_dir(sft):
@@ -205,9 +205,22 @@ def score_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.jsonl) == bool(args.prompt or args.response):
         parser.error("give --prompt with one or more --response, or --jsonl FILE")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
+    try:
+        check_adapter("--model", folder, tokenizer=True)  # named before any model loads
+    except ConfigError as err:
+        print(f"align reward score: {err}", file=sys.stderr)
+        return 2
     if args.jsonl:
         rows = []
-        for n, line in enumerate(Path(args.jsonl).read_text().splitlines(), start=1):
+        try:
+            text = Path(args.jsonl).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"align reward score: --jsonl {args.jsonl}: cannot read it as UTF-8 text ({err})", file=sys.stderr)
+            return 2
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -221,7 +234,6 @@ def score_main(argv: list[str]) -> int:
         parser.error("--prompt needs at least one --response")
     else:
         rows = [(args.prompt, r) for r in args.response]
-    folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
     try:
         model, tokenizer = load_reward_model(folder)
     except FileNotFoundError as err:

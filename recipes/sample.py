@@ -24,8 +24,9 @@ from alignment import StageError
 from alignment.artifacts import print_done, read_manifest, round_batch, stage_dir, store_url, write_manifest
 from alignment.config import SampleStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import check_backend, generate, load_policy
+from alignment.generation import generate, load_policy
 from alignment.modeling import device_plan
+from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def main(cfg: SampleStageConfig) -> Path:
     from labeling.store import Store
 
     # --- resolve inputs ---------------------------------------------------------------------
-    check_backend(cfg.generation)
+    check_stage("sample", cfg)  # every input (policy, prompts, store, paths, the machine) before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("align sample runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")

@@ -21,12 +21,12 @@ from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset
 from alignment.modeling import (
-    check_liger,
     device_plan,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
 )
+from alignment.preflight import check_stage
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, wandb_hint
 from alignment.training import resume_checkpoint, trl_args
 
@@ -56,7 +56,7 @@ def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool) -> SFTConfig:
 
 def main(cfg: SFTStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    check_stage("sft", cfg)  # every input (data, model, paths, the machine) before anything is written
     out = stage_dir(cfg.run.dir, "sft")
     out.mkdir(parents=True, exist_ok=True)
     plan = device_plan(cfg.model)

@@ -84,8 +84,8 @@ GOOD = {"instruction": "q", "input": "", "output": "a"}
     ('{"instruction": "q", "output": "a"', "not JSON"),
     ({"instruction": "q", "input": ""}, "missing field 'output'"),
     ({"instruction": "q", "output": "   "}, "field 'output' is empty"),
-    ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string, got int"),
-    ([1, 2], "expected a JSON object, got list"),
+    ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string, got number"),
+    ([1, 2], "expected a JSON object, got array"),
 ])
 def test_bad_line_names_file_line_and_problem(tmp_path, bad, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, bad, GOOD])
@@ -122,3 +122,12 @@ def test_prompts_from_prompt_file_and_from_sft_data(tmp_path):
     assert load_prompts(write_jsonl(tmp_path / "s.jsonl", [GOOD])) == ["q"]
     with pytest.raises(DataError, match=r"p2.jsonl:1: field 'prompt' is empty"):
         load_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": " "}]))
+
+
+def test_utf8_with_bom_and_a_line_separator_inside_a_string(tmp_path):
+    """JSON lines split at newlines only: U+2028 is legal inside a JSON string (str.splitlines broke it)."""
+    path = tmp_path / "a.jsonl"
+    row = {"instruction": "How do I export a note?", "output": "First\u2028then"}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
+    ds, report = load_sft_dataset(path)
+    assert report.used == 1 and ds["completion"][0][0]["content"] == "First\u2028then"

@@ -153,7 +153,7 @@ def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, t
 @pytest.mark.parametrize("overrides, message", [
     (["loss=simpo"], r"loss: 'simpo' is not allowed; allowed values: sigmoid, ipo, hinge, robust"),
     (["label_smoothing=0.1"], r"label_smoothing=0.1 has no effect with loss=sigmoid"),
-    (["loss=robust", "label_smoothing=0.6"], r"robust needs a flip probability in \[0, 0.5\)"),
+    (["loss=robust", "label_smoothing=0.6"], r"label_smoothing: must be in \[0, 0.5\), got 0.6"),
     (["loss=exo_pair"], r"exo_pair needs a small epsilon"),
     (["beta=0"], r"beta: must be > 0"),
 ])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from alignment import rl as R
 from alignment.cli import main as align
@@ -126,8 +126,11 @@ def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
 
 
 def make_reward_dir(path: Path, accuracy: float | None) -> Path:
+    """A reward folder complete enough for the input checks (weights, tokenizer, base), with a given accuracy."""
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "smollm2-135m"}))
+    save_file({"score.weight": torch.zeros(1, 4)}, str(path / "adapter_model.safetensors"))
+    (path / "tokenizer_config.json").write_text("{}")
     (path / "align.json").write_text(json.dumps({"stage": "reward", "metrics": {} if accuracy is None else
                                                  {"eval_accuracy": accuracy}}))
     return path
@@ -177,6 +180,7 @@ def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
                   "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1
     assert "step 1: the reward is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "ppo").exists()  # the failed run's folder (no checkpoint yet) is not left behind
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

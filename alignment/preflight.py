@@ -1,0 +1,495 @@
+"""Every input of a stage checked before any work: folders, data files, models, adapters, checkpoints.
+
+    check_stage("dpo", cfg)     # a ConfigError / DataError / StageError naming the key, file and line
+
+Values are checked when the config loads (alignment.config: each numeric key's range, each
+stage's cross-field rules); this module checks what the values point at and what the machine
+can do. `align <stage>` runs it right after loading the config, before the recipe (and torch) is
+imported, so a bad input fails in a fraction of a second; each recipe's main runs it first thing
+too, for callers that skip the CLI (the pipeline, tests), and a config object the CLI has just
+checked is not checked twice. Nothing is written here: a run directory is probed, not created.
+
+What is checked:
+  run.dir          not a file, no file in the way, writable (probed with a temporary folder)
+  model.name       an embedded name, a model folder (config.json, readable weights, tokenizer),
+                   or a Hub id, which offline must already be in the Hugging Face cache
+  adapters         sft=, policy=, reward_model=, policies=, adapter=: adapter_config.json,
+                   adapter_model.safetensors readable to its end, tokenizer files, the base model
+                   they name (as model.name above), and align.json: a stage folder without one is
+                   unfinished and refused
+  data             every record of data.path / prompts (file and line named; not UTF-8 included)
+  checkpoints      train.resume_from_checkpoint: a checkpoint folder with its files, or latest
+  the machine      train.liger, generation.backend=vllm (CUDA and the package), processes for ppo
+  store, scorer    a database URL align supports, the store existing for export; a scorer resolves
+
+A missing upstream artifact (no SFT adapter in run.dir, ...) is a StageError saying which stage
+to run first; `pending` names stages the pipeline will run before this one, whose folders need
+not exist yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Collection
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from alignment import StageError
+from alignment.artifacts import MANIFEST, stage_dir
+from alignment.config import ConfigError
+from alignment.data import DataError, load_prompts, read_sft_examples
+
+# The last config object checked: the CLI checks before importing the recipe, whose main checks
+# again (it can be called without the CLI); the same object is not checked twice.
+_last_checked: tuple[str, Any] | None = None
+
+
+def check_stage(stage: str, cfg: Any, *, pending: Collection[str] = (), prefix: str = "") -> None:
+    """Check everything `stage` will read or write, raising the first problem found."""
+    global _last_checked
+    if _last_checked is not None and _last_checked[0] == stage and _last_checked[1] is cfg and not pending:
+        return
+    CHECKS[stage](cfg, set(pending), prefix)
+    if not pending and not prefix:
+        _last_checked = (stage, cfg)
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _sft(cfg, pending: set[str], p: str) -> None:
+    _liger(cfg.train.liger)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
+    check_model(f"{p}model.name", cfg.model.name)
+    check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
+    try:
+        read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)
+    except DataError as err:
+        raise DataError(f"{p}data.path: {err}") from None
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+
+
+def _sample(cfg, pending: set[str], p: str) -> None:
+    _backend(cfg.generation)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "sample")
+    if cfg.policy is not None:
+        check_policy(f"{p}policy", cfg.policy)
+    elif "sft" not in pending:
+        default = stage_dir(cfg.run.dir, "sft")
+        if not default.exists():
+            raise StageError(f"no policy at {default}: run `align sft run.dir={cfg.run.dir}` first, "
+                             "or pass policy=<adapter or model folder>")
+        check_policy(f"{p}policy (default {default})", str(default))
+    _prompts(f"{p}prompts", cfg.prompts)
+    check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist=False)
+
+
+def _export(cfg, pending: set[str], p: str) -> None:
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "preferences")
+    if cfg.output:
+        check_run_dir(f"{p}output", cfg.output)
+    check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist="sample" not in pending)
+
+
+def _reward(cfg, pending: set[str], p: str) -> None:
+    _liger(cfg.train.liger)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
+    if cfg.from_sft:
+        _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "the reward model is built on the SFT model",
+                      "or from_sft=false to build it on the raw base")
+    else:
+        check_model(f"{p}model.name", cfg.model.name)
+    if not cfg.from_sft or cfg.sft is not None or "sft" not in pending:
+        base = cfg.model.name if not cfg.from_sft else _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
+        check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
+    _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+
+
+def _dpo(cfg, pending: set[str], p: str) -> None:
+    _liger(cfg.train.liger)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "dpo")
+    _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "DPO starts from the SFT policy and keeps it as the "
+                  "reference")
+    _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+
+
+def _ppo(cfg, pending: set[str], p: str) -> None:
+    rl = cfg.rl
+    _backend(cfg.generation)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.algo == "ppo" and world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
+        raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
+                          f"split between {world} processes: both must be multiples of {world}")
+    _liger(cfg.train.liger)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, cfg.algo)
+    default_sft = stage_dir(cfg.run.dir, "sft")
+    if cfg.sft == "none" or (cfg.sft is None and cfg.scorer and not default_sft.exists() and "sft" not in pending):
+        check_model(f"{p}model.name", cfg.model.name)  # a fresh LoRA on it
+        check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
+    else:
+        _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "PPO starts from the SFT policy and keeps it as the "
+                      "reference", "or pass sft=none to start from model.name")
+    if cfg.scorer:
+        check_scorer(f"{p}scorer", cfg.scorer)
+    elif cfg.reward_model is not None:
+        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
+    elif "reward" not in pending:
+        default = stage_dir(cfg.run.dir, "reward")
+        if not default.exists():
+            raise StageError(f"no reward model at {default}: run `align reward run.dir=...` first, pass "
+                             "reward_model=<folder>, or use a programmatic reward with scorer=<name or module:function>")
+        check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True)
+    prompts = _prompts(f"{p}prompts", cfg.prompts)
+    n = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
+    if cfg.algo == "ppo" and rl.rollout_prompts > n:
+        raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts}: a rollout takes that many different prompts, "
+                          f"and {cfg.prompts} gives {n}{f' (num_prompts={cfg.num_prompts})' if cfg.num_prompts > 0 else ''}")
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
+                     ppo=cfg.algo == "ppo")
+
+
+def _eval(cfg, pending: set[str], p: str) -> None:
+    _backend(cfg.generation)
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "eval")
+    for name, folder in (cfg.policies or {}).items():
+        check_adapter(f"{p}policies.{name}", folder, tokenizer=True)
+    _prompts(f"{p}prompts", cfg.prompts)
+    if cfg.reward_model is not None:
+        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
+    elif "reward" not in pending and stage_dir(cfg.run.dir, "reward").exists():
+        check_adapter(f"{p}reward_model (default {stage_dir(cfg.run.dir, 'reward')})", stage_dir(cfg.run.dir, "reward"),
+                      tokenizer=True)
+    if cfg.scorer:
+        check_scorer(f"{p}scorer", cfg.scorer)
+
+
+def _merge(cfg, pending: set[str], p: str) -> None:
+    adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    if cfg.adapter is None and not adapter.exists():
+        raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
+                         "pass adapter=<folder written by align sft/dpo/ppo>")
+    check_adapter(f"{p}adapter", adapter, tokenizer=True)
+    check_run_dir(f"{p}output", cfg.output or str(adapter.with_name(adapter.name + "-merged")))
+
+
+def _pipeline(cfg, pending: set[str], p: str) -> None:
+    """Each stage's section as the pipeline runs it (recipes/pipeline.py), the stages before it pending.
+
+    The pipeline points sample, reward, dpo and ppo at <run.dir>/sft, each stage's default: left
+    unset here, so that a folder an earlier stage will write is not required to exist yet.
+    """
+    check_run_dir("run.dir", cfg.run.dir)
+    if "label" in cfg.stages and cfg.label == "simulate":
+        check_scorer("scorer", cfg.scorer)
+    run, base = cfg.run, cfg.sft.model.name
+
+    def on_base(section: Any) -> Any:
+        return replace(section, run=run, model=replace(section.model, name=base))
+
+    sections = {
+        "sft": replace(cfg.sft, run=run), "export": replace(cfg.export, run=run),
+        "sample": replace(on_base(cfg.sample), policy=None), "reward": replace(on_base(cfg.reward), sft=None),
+        "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
+        "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or (cfg.scorer if cfg.label == "simulate" else None)),
+    }
+    for i, stage in enumerate(cfg.stages):
+        if stage != "label":
+            check_stage(stage, sections[stage], pending=set(cfg.stages[:i]), prefix=f"{stage}.")
+
+
+# ---------------------------------------------------------------------------- what a key points at
+
+
+def check_run_dir(key: str, folder: str | Path, stage: str | None = None) -> None:
+    """A folder align can create and write in: not a file, nothing in the way, writable."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={folder}: a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: {existing} is a file, so the folder cannot be made")
+    try:  # os.access says yes to root on a read-only mount: ask the file system instead
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".align-write-check-"))
+    except OSError as err:
+        raise ConfigError(f"{key}={folder}: cannot write in {existing} ({err.strerror or err})") from None
+    if stage and (path / stage).exists() and not (path / stage).is_dir():
+        raise ConfigError(f"{key}={folder}: {path / stage} is a file where the {stage} stage writes its folder")
+
+
+def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:
+    """An embedded name, a model folder, or a Hub id that can be loaded here (offline: from the cache)."""
+    from alignment.embedded import EMBEDDED_NAMES, embedded_model_dir, gguf_path
+
+    names = ", ".join(sorted(EMBEDDED_NAMES))
+    if name.lower() in EMBEDDED_NAMES:
+        if not (embedded_model_dir(convert=False) / "config.json").is_file():
+            try:
+                gguf_path()
+            except FileNotFoundError as err:
+                raise ConfigError(f"{key}={name}: {err}") from None
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        check_model_folder(key, path, tokenizer=tokenizer)
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise ConfigError(f"{key}={name}: no such folder (and not an embedded model name: {names})")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"{key}={name!r}: not an embedded model name ({names}), no such folder, and not a Hub id "
+                          "(owner/name)") from None
+    if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ConfigError(f"{key}={name}: not an embedded model name ({names}) and no such local folder; the Hugging "
+                          "Face Hub is unreachable (offline), so a local model folder was expected (or a Hub id "
+                          "already in the Hugging Face cache)")
+
+
+def check_model_folder(key: str, path: Path, *, tokenizer: bool = True) -> None:
+    if not path.is_dir():
+        raise ConfigError(f"{key}={path}: a file, not a model folder")
+    if not (path / "config.json").is_file():
+        hint = (": it is a LoRA adapter folder; pass it where an adapter goes (sft=, policy=, adapter=)"
+                if (path / "adapter_config.json").is_file() else ": not a transformers model folder")
+        raise ConfigError(f"{key}={path}: no config.json{hint}")
+    _read_json(key, path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(key, index).get("weight_map", {}).values()))
+        weights = [path / s for s in shards]
+        missing = [w.name for w in weights if not w.is_file()]
+        if missing:
+            raise ConfigError(f"{key}={path}: {index.name} lists shards that are not there: {', '.join(missing[:3])}")
+    else:
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ConfigError(f"{key}={path}: no weights in it (model.safetensors or pytorch_model.bin)")
+    for file in weights:
+        check_weights_file(key, file)
+    if tokenizer:
+        _tokenizer_files(key, path)
+
+
+def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> dict[str, Any]:
+    """A complete LoRA adapter folder (ours or peft's) on a base that loads here; returns its adapter_config."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={folder}: no such folder")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={folder}: a file, not an adapter folder")
+    if not any(path.iterdir()):
+        raise ConfigError(f"{key}={folder}: an empty folder (a stage that stopped before writing anything?)")
+    manifest: dict[str, Any] = {}
+    if (path / MANIFEST).is_file():
+        manifest = _read_json(key, path / MANIFEST)
+    elif any((path / f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        raise ConfigError(f"{key}={folder}: an unfinished stage folder (no {MANIFEST}, which a stage writes last): "
+                          "the run that wrote it stopped before the end; run that stage again "
+                          "(train.resume_from_checkpoint=latest continues from its last checkpoint)")
+    if not (path / "adapter_config.json").is_file():
+        hint = (": it is a full model folder; for a merged model pass model.name=<folder> (ppo: with sft=none)"
+                if (path / "config.json").is_file() else "")
+        raise ConfigError(f"{key}={folder}: not an adapter folder (no adapter_config.json){hint}")
+    config = _read_json(key, path / "adapter_config.json")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file() and not (path / "adapter_model.bin").is_file():
+        raise ConfigError(f"{key}={folder}: no adapter_model.safetensors in it (the adapter's weights)")
+    if weights.is_file():
+        check_weights_file(key, weights)
+    if tokenizer:
+        _tokenizer_files(key, path, "align's stages save it beside the adapter; copy the base model's tokenizer files in")
+    base = manifest.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{key}={folder}: adapter_config.json names no base model (base_model_name_or_path) "
+                          f"and there is no {MANIFEST} to say which")
+    check_model(f"{key}: its base model", str(base), tokenizer=False)
+    return config
+
+
+def check_policy(key: str, policy: str) -> None:
+    """`align sample`'s policy: an adapter folder, a model folder, or a model name."""
+    path = Path(policy).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        check_adapter(key, path)
+    else:
+        check_model(key, policy)
+
+
+def check_target_modules(key: str, targets: list[str] | str, model: str) -> None:
+    """Each named LoRA target is a module of the model, found as peft finds it (the name or a dotted suffix).
+
+    The model is built from its config on the meta device (no weights, no memory), so a typo is
+    named here instead of by peft after the model has loaded. "all-linear" and a regex (a string)
+    are peft's to resolve.
+    """
+    if not isinstance(targets, list):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignment.modeling import resolve_model_path
+
+    with init_empty_weights():
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    names = [name for name, _ in built.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"{key}: {', '.join(missing)} not among the modules of {model}; its linear layers are "
+                          f"{', '.join(linear)} (or use all-linear)")
+
+
+def _adapter_base(folder: str | Path) -> str:
+    manifest = Path(folder) / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("base_model") or ""
+    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+
+
+def check_weights_file(key: str, file: Path) -> None:
+    """A safetensors file whose header reads and whose tensors reach the end (a truncated copy fails)."""
+    if file.suffix != ".safetensors":
+        if file.stat().st_size == 0:
+            raise ConfigError(f"{key}: {file} is empty")
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{key}: {file} is not a readable safetensors file ({err}); it may be truncated "
+                          "(an interrupted copy or save): copy it again or retrain") from None
+
+
+def check_checkpoint(key: str, value: str | None, *, ppo: bool = False) -> None:
+    """train.resume_from_checkpoint: latest, or a checkpoint folder this stage wrote."""
+    if value is None or value == "latest" or (ppo and value == "auto"):
+        return
+    path = Path(value).expanduser()
+    allowed = "latest" + (" (or auto)" if ppo else "")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value}: no such checkpoint folder; give one of the stage's checkpoints/"
+                          f"{'step-N' if ppo else 'checkpoint-N'} folders, or {allowed}")
+    needed = ["trainer_state.json"] + (["state.pt", "value_head.safetensors", "adapter_model.safetensors"] if ppo else [])
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"{key}={value}: not a {'PPO' if ppo else 'trainer'} checkpoint (no {', '.join(missing)}); "
+                          f"give one of the stage's checkpoints/{'step-N' if ppo else 'checkpoint-N'} folders, or "
+                          f"{allowed}")
+    _read_json(key, path / "trainer_state.json")
+    for file in sorted(path.glob("*.safetensors")):
+        check_weights_file(key, file)
+
+
+def check_store(key: str, url: str | None, run_dir: str, *, must_exist: bool) -> None:
+    """A database URL the labelling store supports; for export, a SQLite store that exists."""
+    shown = url or f"sqlite:///{Path(run_dir) / 'labels.db'} (the default)"
+    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
+    if url.startswith("sqlite:///"):
+        file = url[len("sqlite:///"):]
+        if file in ("", ":memory:"):
+            return
+        if Path(file).is_dir():
+            raise ConfigError(f"{key}={shown}: {file} is a folder, not a database file")
+        if must_exist and not Path(file).is_file():
+            raise StageError(f"no labelling store at {file}: run `align sample run.dir={run_dir}` and label first, "
+                             "or pass store=<database URL>")
+    elif not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        raise ConfigError(f"{key}={url}: not a database URL align supports; use sqlite:///path/labels.db or "
+                          "postgresql://user@host/db")
+
+
+def check_scorer(key: str, spec: str) -> None:
+    from labeling.scorers import resolve_scorer
+
+    try:
+        resolve_scorer(spec)
+    except ValueError as err:
+        message = str(err)
+        raise ConfigError(key + message[len("scorer"):] if message.startswith("scorer ") else f"{key}: {message}") \
+            from None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _upstream_sft(key: str, sft: str | None, run_dir: str, pending: set[str], why: str, alternative: str = "") -> None:
+    if sft is not None:
+        check_adapter(key, sft)
+        return
+    if "sft" in pending:
+        return
+    default = stage_dir(run_dir, "sft")
+    if not default.exists():
+        raise StageError(f"no SFT adapter at {default}: {why}; run `align sft run.dir={run_dir}` first, pass "
+                         f"sft=<adapter folder>{', ' + alternative if alternative else ''}")
+    check_adapter(f"{key} (default {default})", default)
+
+
+def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
+    from alignment.preferences import read_preference_pairs
+
+    if data.path is None and "export" in pending:
+        return
+    path = Path(data.path) if data.path else stage_dir(run_dir, "preferences")
+    if data.path is None and not path.exists():
+        raise StageError(f"no preference data at {path}: run `align export run.dir={run_dir}` first, "
+                         "or pass data.path=<folder or .jsonl>")
+    try:
+        read_preference_pairs(path, on_error=data.on_error)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+
+
+def _prompts(key: str, path: str) -> list[str]:
+    try:
+        return load_prompts(path)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+
+
+def _liger(liger: bool) -> None:
+    if liger:  # torch only when asked for
+        from alignment.modeling import check_liger
+
+        check_liger(liger)
+
+
+def _backend(gen) -> None:
+    if gen.backend == "vllm":  # torch only when asked for
+        from alignment.generation import check_backend
+
+        check_backend(gen)
+
+
+def _read_json(key: str, file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key}: {file} is not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: {file} should hold a JSON object")
+    return value
+
+
+def _tokenizer_files(key: str, path: Path, hint: str = "save the tokenizer beside the model") -> None:
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ConfigError(f"{key}={path}: no tokenizer in it (tokenizer.json or tokenizer_config.json); {hint}")
+
+
+CHECKS = {"sft": _sft, "sample": _sample, "export": _export, "reward": _reward, "dpo": _dpo, "ppo": _ppo,
+          "eval": _eval, "merge": _merge, "pipeline": _pipeline}

@@ -1,0 +1,432 @@
+"""Bad inputs to every stage: one named error before any model loads, and nothing written.
+
+Each case goes through `alignment.cli.main(argv)` and asserts the exit code, that the message
+names the key, file and line where there is one, that the files under the test's folders are
+exactly what they were before (no stage folder, no run directory, no probe left behind), and
+that no model, tokenizer or adapter was loaded during the call (their from_pretrained refuses to
+run). The good inputs beside them pass the same checks, so the checks refuse what is wrong, not
+everything. The table of cases is the one in the issue's report.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignment import config as C
+from alignment.artifacts import discard_unfinished
+from alignment.cli import main as align
+from alignment.config import load_config
+from alignment.preflight import check_stage
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {"instruction": "How do I sync my notes?", "input": "", "output": "Open Settings and tap Sync."}
+PAIR = {"prompt": "How do I sync?", "chosen": "Open Settings and tap Sync.", "rejected": "No idea."}
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory, tiny_model) -> Path:
+    """Every input file and folder the cases point at, good and bad, made once."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("inputs")
+    jsonl(d / "good.jsonl", [GOOD] * 12)
+    (d / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" +  # "café" in Latin-1: byte 0xe9
+                                     json.dumps({**GOOD, "output": "Merci, caf\u00e9"}, ensure_ascii=False)
+                                     .encode("latin-1") + b"\n")
+    (d / "empty.jsonl").write_text("")
+    jsonl(d / "array.jsonl", ["[1, 2]", GOOD])
+    jsonl(d / "null.jsonl", [GOOD, "null"])
+    jsonl(d / "missing.jsonl", [GOOD, {"instruction": "q", "input": ""}])
+    jsonl(d / "blank_output.jsonl", [GOOD, GOOD, {"instruction": "q", "output": "  "}])
+    jsonl(d / "unknown_format.jsonl", [{"question": "q", "answer": "a"}])
+    jsonl(d / "bad_json.jsonl", [GOOD, '{"instruction": "q", "output": "a"'])
+    (d / "pretty.json").write_text(json.dumps(GOOD, indent=2))
+    (d / "data.csv").write_text("instruction,output\nq,a\n")
+    (d / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    (d / "not_a_dataset").mkdir()
+    jsonl(d / "not_a_dataset" / "train.jsonl", [GOOD])
+    Dataset.from_dict({}).save_to_disk(str(d / "empty_dataset"))
+    jsonl(d / "prompts.jsonl", [{"prompt": f"Question {i}?"} for i in range(12)])
+    jsonl(d / "prompts3.jsonl", [{"prompt": f"Question {i}?"} for i in range(3)])
+    jsonl(d / "prompt_number.jsonl", [{"prompt": "ok?"}, {"prompt": 5}])
+    jsonl(d / "prefs.jsonl", [{**PAIR, "prompt": f"Question {i}?"} for i in range(8)])
+    (d / "prefs_latin1.jsonl").write_bytes(json.dumps(PAIR).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    jsonl(d / "prefs_no_rejected.jsonl", [PAIR, {"prompt": "q", "chosen": "a"}])
+    jsonl(d / "prefs_same.jsonl", [PAIR, {**PAIR, "rejected": PAIR["chosen"]}])
+    (d / "a_file").write_text("not a folder")
+    (d / "no_config").mkdir()
+    (d / "no_config" / "README.md").write_text("a folder, not a model")
+    shutil.copytree(tiny_model, d / "truncated_model")
+    truncate(d / "truncated_model" / "model.safetensors")
+
+    # A real LoRA adapter on the tiny model, as align writes one (weights, tokenizer, align.json).
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(d / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(d / "adapter")
+    (d / "adapter" / "align.json").write_text(json.dumps({"stage": "sft", "base_model": tiny_model}))
+    truncate(copy_adapter(d / "adapter", d / "adapter_truncated") / "adapter_model.safetensors")
+    (copy_adapter(d / "adapter", d / "adapter_unfinished") / "align.json").unlink()
+    (d / "adapter_unfinished" / "config.yaml").write_text("run: {}\n")
+    copy_adapter(d / "adapter", d / "adapter_no_tokenizer")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / "adapter_no_tokenizer" / f).unlink()
+    (copy_adapter(d / "adapter", d / "adapter_lost_base") / "align.json").write_text(
+        json.dumps({"stage": "sft", "base_model": str(d / "deleted-base")}))
+    copy_adapter(d / "adapter", d / "run_with_sft" / "sft")
+    (d / "run_empty_sft" / "sft").mkdir(parents=True)  # what a stage killed at once leaves
+    (d / "run_killed_sft" / "sft" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # killed mid-training
+    (d / "checkpoint_without_state").mkdir()
+    (d / "checkpoint_without_state" / "adapter_config.json").write_text("{}")
+    return d
+
+
+# (id, argv after the stage, exit code, what the message must name). {run} is a run directory
+# that does not exist yet; {tmp} the test's folder; {d} the inputs above; {tiny} the tiny model.
+M = "model.name={tiny}"
+CASES = [
+    # --- numbers: every key's range, named with what is allowed
+    ("lr<0", "sft train.lr=-1", 2, ["train.lr: must be in (0, 1], got -1.0"]),
+    ("lr=0", "sft train.lr=0", 2, ["train.lr: must be in (0, 1], got 0.0"]),
+    ("lr=1e3", "sft train.lr=1e3", 2, ["train.lr: must be in (0, 1], got 1000.0"]),
+    ("lr=text", "sft train.lr=fast", 2, ["train.lr: expected float, got 'fast'"]),
+    ("lr=nan", "sft train.lr=.nan", 2, ["train.lr: expected a finite number, got nan"]),
+    ("batch_size=0", "sft train.batch_size=0", 2, ["train.batch_size: must be >= 1, got 0"]),
+    ("batch_size<0", "dpo train.batch_size=-8", 2, ["train.batch_size: must be >= 1, got -8"]),
+    ("batch_size=2.5", "reward train.batch_size=2.5", 2, ["train.batch_size: expected int, got 2.5"]),
+    ("grad_accum=0", "sft train.grad_accum=0", 2, ["train.grad_accum: must be >= 1, got 0"]),
+    ("epochs=0", "sft train.epochs=0", 2, ["train.epochs: must be > 0, got 0.0"]),
+    ("max_steps=0", "sft train.max_steps=0", 2, ["train.max_steps: must be -1 or >= 1, got 0"]),
+    ("warmup_ratio=1.5", "dpo train.warmup_ratio=1.5", 2, ["train.warmup_ratio: must be in [0, 1), got 1.5"]),
+    ("seed<0", "sft train.seed=-1", 2, ["train.seed: must be in [0, 4294967296), got -1"]),
+    ("eval_steps=0", "sft train.eval_steps=0", 2, ["train.eval_steps: must be >= 1, got 0"]),
+    ("eval_fraction=1", "sft data.eval_fraction=1", 2, ["data.eval_fraction: must be in [0, 1), got 1.0"]),
+    ("test_fraction<0", "reward data.test_fraction=-0.1", 2, ["data.test_fraction: must be in [0, 1), got -0.1"]),
+    ("export test_fraction=1", "export test_fraction=1", 2, ["test_fraction: must be in [0, 1), got 1.0"]),
+    ("min_agreement>1", "export min_agreement=1.5", 2, ["min_agreement: must be in [0, 1], got 1.5"]),
+    ("lora.r=0", "sft lora.r=0", 2, ["lora.r: must be >= 1, got 0"]),
+    ("lora.alpha=0", "sft lora.alpha=0", 2, ["lora.alpha: must be >= 1, got 0"]),
+    ("lora.dropout=1", "sft lora.dropout=1", 2, ["lora.dropout: must be in [0, 1), got 1.0"]),
+    ("max_length=0", "dpo model.max_length=0", 2, ["model.max_length: must be >= 1, got 0"]),
+    ("k=1", "sample k=1", 2, ["k: must be >= 2, got 1"]),
+    ("num_prompts=0", "sample num_prompts=0", 2, ["num_prompts: must be -1 or >= 1, got 0"]),
+    ("max_new_tokens=0", "eval generation.max_new_tokens=0", 2, ["generation.max_new_tokens: must be >= 1, got 0"]),
+    ("temperature<0", "eval generation.temperature=-0.5", 2, ["generation.temperature: must be >= 0, got -0.5"]),
+    ("top_p=0", "sample generation.top_p=0", 2, ["generation.top_p: must be in (0, 1], got 0.0"]),
+    ("sample greedy", "sample generation.temperature=0", 2, ["generation.temperature=0 is greedy decoding", "k=4"]),
+    ("beta=0", "dpo beta=0", 2, ["beta: must be > 0, got 0.0"]),
+    ("label_smoothing=0.7", "dpo loss=robust label_smoothing=0.7", 2, ["label_smoothing: must be in [0, 0.5), got 0.7"]),
+    ("rl sizes do not divide", "ppo rl.rollout_prompts=6 rl.minibatch_size=4", 2,
+     ["rl.rollout_prompts=6 must be a multiple of rl.minibatch_size=4"]),
+    ("rl.gamma>1", "ppo rl.gamma=1.5", 2, ["rl.gamma: must be in [0, 1], got 1.5"]),
+    ("grpo group of 1", "ppo algo=grpo rl.num_generations=1", 2, ["rl.num_generations: must be >= 2, got 1"]),
+    ("ppo max_steps=-1", "ppo train.max_steps=-1", 2, ["train.max_steps: PPO counts steps"]),
+    ("scorer and reward_model", "ppo scorer=length reward_model={d}/adapter", 2, ["the reward is one or the other"]),
+    ("bootstrap=0", "eval bootstrap=0", 2, ["bootstrap: must be >= 1, got 0"]),
+    ("rounds=0", "pipeline rounds=0", 2, ["rounds: must be >= 1, got 0"]),
+    ("unknown stage", "pipeline stages=[sft,tune]", 2, ["stages[1]: 'tune' is not allowed; allowed values: sft, sample"]),
+    ("rounds without a policy stage", "pipeline rounds=2 stages=[sft,sample,label,export,reward,eval]", 2,
+     ["rounds=2", "stages must include dpo or ppo"]),
+    ("empty string", "sft \"data.path=''\"", 2, ["data.path: empty"]),
+    ("merge dtype", "merge dtype=int8", 2, ["dtype: 'int8' is not allowed; allowed values: float32, bfloat16, float16"]),
+    # --- data: file and line named
+    ("latin-1 sft data", f"sft {M} data.path={{d}}/latin1.jsonl", 2,
+     ["data.path: ", "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at byte 78 of the line)"]),
+    ("latin-1 dpo data", "dpo sft={d}/adapter data.path={d}/prefs_latin1.jsonl", 2,
+     ["prefs_latin1.jsonl:2: not UTF-8 text (byte 0xe9"]),
+    ("missing data file", f"sft {M} data.path={{d}}/nope.jsonl", 2, ["data.path: ", "nope.jsonl: no such file or folder"]),
+    ("empty data file", f"sft {M} data.path={{d}}/empty.jsonl", 2, ["empty.jsonl: no examples in it (empty)"]),
+    ("array per line", f"sft {M} data.path={{d}}/array.jsonl", 2, ["array.jsonl:1: expected a JSON object, got array"]),
+    ("null line", f"sft {M} data.path={{d}}/null.jsonl", 2, ["null.jsonl:2: expected a JSON object, got null"]),
+    ("missing column", f"sft {M} data.path={{d}}/missing.jsonl", 2, ["missing.jsonl:2: missing field 'output'"]),
+    ("blank completion", f"sft {M} data.path={{d}}/blank_output.jsonl", 2, ["blank_output.jsonl:3: field 'output' is empty"]),
+    ("not JSON", f"sft {M} data.path={{d}}/bad_json.jsonl", 2, ["bad_json.jsonl:2: not JSON"]),
+    ("unknown format", f"sft {M} data.path={{d}}/unknown_format.jsonl", 2,
+     ["unknown_format.jsonl:1: cannot tell the format", "answer, question"]),
+    ("pretty-printed .json object", f"sft {M} data.path={{d}}/pretty.json", 2, ["one JSON object over several lines"]),
+    ("csv", f"sft {M} data.path={{d}}/data.csv", 2, ["data.csv: unsupported file type '.csv'"]),
+    ("corrupt parquet", f"sft {M} data.path={{d}}/broken.parquet", 2, ["broken.parquet: not a readable parquet file"]),
+    ("folder, not a dataset", f"sft {M} data.path={{d}}/not_a_dataset", 2,
+     ["not_a_dataset: a folder, but not a dataset saved with datasets' save_to_disk", "pass one of those files"]),
+    ("empty save_to_disk", f"sft {M} data.path={{d}}/empty_dataset", 2, ["empty_dataset: an empty dataset (saved with no rows)"]),
+    ("pair without rejected", "dpo sft={d}/adapter data.path={d}/prefs_no_rejected.jsonl", 2,
+     ["prefs_no_rejected.jsonl:2: missing field 'rejected'"]),
+    ("chosen == rejected", "reward from_sft=false model.name={tiny} data.path={d}/prefs_same.jsonl", 2,
+     ["prefs_same.jsonl:2: chosen and rejected are identical"]),
+    ("prompt not a string", "sample policy={d}/adapter prompts={d}/prompt_number.jsonl", 2,
+     ["prompts: ", "prompt_number.jsonl:2: field 'prompt' must be a string, got number"]),
+    ("rollout > prompts", "ppo sft={d}/adapter scorer=length prompts={d}/prompts3.jsonl", 2,
+     ["rl.rollout_prompts=8: a rollout takes that many different prompts", "prompts3.jsonl gives 3"]),
+    # --- models, adapters, checkpoints, folders
+    ("model.name a missing folder", "sft model.name={d}/no/such/model data.path={d}/good.jsonl", 2,
+     ["model.name=", "no/such/model: no such folder"]),
+    ("model.name offline Hub id", "sft model.name=someone/some-model data.path={d}/good.jsonl", 2,
+     ["model.name=someone/some-model: not an embedded model name", "the Hugging Face Hub is unreachable (offline)",
+      "local model folder was expected"]),
+    ("model.name not a model folder", "sft model.name={d}/no_config data.path={d}/good.jsonl", 2,
+     ["no_config: no config.json: not a transformers model folder"]),
+    ("model.name truncated weights", "sft model.name={d}/truncated_model data.path={d}/good.jsonl", 2,
+     ["truncated_model/model.safetensors is not a readable safetensors file", "truncated"]),
+    ("lora target typo", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[q_proj,q_porj]", 2,
+     ["lora.target_modules: q_porj not among the modules of", "its linear layers are", "q_proj"]),
+    ("model.name an adapter", "sft model.name={d}/adapter data.path={d}/good.jsonl", 2, ["it is a LoRA adapter folder"]),
+    ("truncated adapter to dpo", "dpo sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
+     ["sft: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),
+    ("truncated adapter to merge", "merge adapter={d}/adapter_truncated", 2,
+     ["adapter: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),
+    ("truncated adapter to reward", "reward sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
+     ["adapter_truncated/adapter_model.safetensors is not a readable"]),
+    ("unfinished stage folder", "dpo sft={d}/adapter_unfinished data.path={d}/prefs.jsonl", 2,
+     ["sft=", "adapter_unfinished: an unfinished stage folder (no align.json"]),
+    ("empty sft folder", "dpo run.dir={d}/run_empty_sft data.path={d}/prefs.jsonl", 2,
+     ["sft (default {d}/run_empty_sft/sft)={d}/run_empty_sft/sft: an empty folder"]),
+    ("killed sft folder", "reward run.dir={d}/run_killed_sft data.path={d}/prefs.jsonl", 2,
+     ["run_killed_sft/sft: an unfinished stage folder (no align.json", "train.resume_from_checkpoint=latest"]),
+    ("adapter without tokenizer", "merge adapter={d}/adapter_no_tokenizer", 2, ["adapter_no_tokenizer: no tokenizer in it"]),
+    ("adapter on a deleted base", "dpo sft={d}/adapter_lost_base data.path={d}/prefs.jsonl", 2,
+     ["sft: its base model=", "deleted-base: no such folder"]),
+    ("sft= a model folder", "ppo sft={tiny} scorer=length prompts={d}/prompts.jsonl", 2,
+     ["not an adapter folder (no adapter_config.json): it is a full model folder"]),
+    ("policy a missing path", "sample policy=./no/such/policy prompts={d}/prompts.jsonl", 2,
+     ["policy=./no/such/policy: no such folder"]),
+    ("eval policy missing", "eval 'policies={{sft: {d}/adapter, dpo: {d}/gone}}' prompts={d}/prompts.jsonl", 2,
+     ["policies.dpo=", "gone: no such folder"]),
+    ("reward_model missing", "ppo sft={d}/adapter reward_model={d}/gone prompts={d}/prompts.jsonl", 2,
+     ["reward_model=", "gone: no such folder"]),
+    ("resume from a missing path", f"sft {M} data.path={{d}}/good.jsonl train.resume_from_checkpoint={{d}}/ckpt", 2,
+     ["train.resume_from_checkpoint=", "ckpt: no such checkpoint folder", "or latest"]),
+    ("resume from a non-checkpoint", "dpo sft={d}/adapter data.path={d}/prefs.jsonl "
+     "train.resume_from_checkpoint={d}/checkpoint_without_state", 2, ["not a trainer checkpoint (no trainer_state.json)"]),
+    ("ppo resume without its state", "ppo sft={d}/adapter scorer=length prompts={d}/prompts.jsonl "
+     "train.resume_from_checkpoint={d}/checkpoint_without_state", 2,
+     ["not a PPO checkpoint (no trainer_state.json, state.pt, value_head.safetensors, adapter_model.safetensors)"]),
+    ("run.dir a file", f"sft {M} data.path={{d}}/good.jsonl run.dir={{d}}/a_file", 2, ["run.dir=", "a_file: a file, not a folder"]),
+    ("run.dir under a file", f"sft {M} data.path={{d}}/good.jsonl run.dir={{d}}/a_file/run", 2,
+     ["a_file is a file, so the folder cannot be made"]),
+    ("merge output a file", "merge adapter={d}/adapter output={d}/a_file", 2, ["output=", "a_file: a file, not a folder"]),
+    ("no SFT in run.dir", "dpo data.path={d}/prefs.jsonl", 1, ["no SFT adapter at", "run `align sft run.dir="]),
+    ("export without a store", "export store=sqlite:///{tmp}/labels.db", 1, ["no labelling store at", "align sample"]),
+    ("unsupported store URL", "sample policy={d}/adapter prompts={d}/prompts.jsonl store=mysql://host/db", 2,
+     ["store=mysql://host/db: not a database URL align supports"]),
+    ("unknown scorer", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' prompts={d}/prompts.jsonl scorer=nope", 2,
+     ["scorer 'nope': not a built-in"]),
+    ("pipeline: bad data of a later stage", "pipeline sft.model.name={tiny} sft.data.path={d}/good.jsonl "
+     "sample.prompts={d}/prompt_number.jsonl", 2, ["sample.prompts: ", "prompt_number.jsonl:2"]),
+    ("pipeline: latin-1 sft data", "pipeline sft.model.name={tiny} sft.data.path={d}/latin1.jsonl", 2,
+     ["sft.data.path: ", "latin1.jsonl:2: not UTF-8"]),
+    ("pipeline: dpo without sft", "pipeline stages=[dpo] dpo.data.path={d}/prefs.jsonl", 1, ["no SFT adapter at"]),
+]
+
+
+def snapshot(*roots: Path) -> dict[str, object]:
+    """Every path under `roots` with its file's mtime (folders by name only: a probe inside changes theirs)."""
+    return {str(p): None if p.is_dir() else p.stat().st_mtime_ns for root in roots for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any from_pretrained of a model, tokenizer or adapter fails the test while it is active."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__}.from_pretrained ran before the inputs were checked")
+
+    for cls in (PreTrainedModel, PreTrainedTokenizerBase, PeftModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
+
+
+@pytest.mark.parametrize("argv, code, said", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_named_error_and_writes_nothing(argv, code, said, d, tiny_model, tmp_path, capsys,
+                                                         no_model_loads):
+    fill = {"d": d, "tiny": tiny_model, "tmp": tmp_path, "run": tmp_path / "run"}
+    stage, *rest = shlex.split(argv)
+    args = [stage, *(a.format(**fill) for a in rest)]
+    if not any(a.startswith("run.dir=") for a in args):
+        args.append(f"run.dir={fill['run']}")
+    before = snapshot(tmp_path, d)
+    assert align([*args, "run.wandb=disabled"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    for text in said:
+        assert text.format(**fill) in err, err
+    assert snapshot(tmp_path, d) == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_loads):
+    """The same checks accept the good files, adapters and folders, so they refuse only what is wrong."""
+    run = f"run.dir={tmp_path / 'run'}"
+    good = {
+        "sft": (C.SFTStageConfig, [f"model.name={tiny_model}", f"data.path={d / 'good.jsonl'}",
+                                   "lora.target_modules=[q_proj, self_attn.v_proj]"]),
+        "sample": (C.SampleStageConfig, [f"policy={d / 'adapter'}", f"prompts={d / 'prompts.jsonl'}"]),
+        "dpo": (C.DPOStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}"]),
+        "reward": (C.RewardStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}",
+                                         "lora.target_modules=[q_proj]"]),
+        "ppo": (C.PPOStageConfig, [f"sft={d / 'adapter'}", "scorer=length", f"prompts={d / 'prompts.jsonl'}"]),
+        "eval": (C.EvalStageConfig, [f"policies={{sft: {d / 'adapter'}, dpo: {d / 'adapter'}}}",
+                                     f"prompts={d / 'prompts.jsonl'}", "scorer=length"]),
+        "merge": (C.MergeStageConfig, [f"adapter={d / 'adapter'}", f"output={tmp_path / 'merged'}"]),
+        "pipeline": (C.PipelineConfig, [f"sft.model.name={tiny_model}", f"sft.data.path={d / 'good.jsonl'}",
+                                        f"sample.prompts={d / 'prompts.jsonl'}", f"eval.prompts={d / 'prompts.jsonl'}"]),
+    }
+    for stage, (cls, overrides) in good.items():
+        check_stage(stage, load_config(cls, None, [*overrides, run]))
+    check_stage("dpo", load_config(C.DPOStageConfig, None, [f"run.dir={d / 'run_with_sft'}",
+                                                           f"data.path={d / 'prefs.jsonl'}"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_cannot_be_written(tmp_path, capsys):
+    """A read-only place (sysfs refuses even root) is named before anything runs."""
+    target = Path("/sys/align-write-check")
+    try:
+        target.mkdir()
+    except OSError:
+        pass
+    else:  # pragma: no cover - a machine where /sys is writable
+        target.rmdir()
+        pytest.skip("/sys is writable here")
+    assert align(["sft", f"run.dir={target}", "run.wandb=disabled"]) == 2
+    assert "run.dir=/sys/align-write-check: cannot write in /sys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--port", "0"], "argument --port: must be in [1, 65535], got 0"),
+    (["--port", "http"], "argument --port: expected an integer, got 'http'"),
+    (["--overlap", "0"], "argument --overlap: must be >= 1, got 0"),
+    (["--gold-rate", "1.5"], "argument --gold-rate: must be in [0, 1], got 1.5"),
+    (["--annotators", "0", "--simulate", "length"], "argument --annotators: must be >= 1, got 0"),
+    (["--noise", "-1", "--simulate", "length"], "argument --noise: must be >= 0, got -1"),
+    (["--noise", "nan", "--simulate", "length"], "argument --noise: must be >= 0, got nan"),
+])
+def test_label_options_out_of_range(argv, said, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit: status 2 and a usage line
+        align(["label", "--run-dir", str(tmp_path / "run"), *argv])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--run-dir", "{d}/a_file", "status"], "--run-dir {d}/a_file: a file, not a folder"),
+    (["status"], "no labelling store at {run}/labels.db"),
+    (["--simulate", "nope"], "--simulate: scorer 'nope': not a built-in"),
+    (["--db", "sqlite:///{tmp}/typo.db", "users", "list"], "no labelling store at {tmp}/typo.db"),
+    (["gold", "x", "1,2"], "gold TASK_ID RANKS: a task number and comma-separated ranks"),
+    (["users", "remove", "bob"], "unknown command 'users remove bob'"),
+])
+def test_label_commands_refused_before_the_store_is_made(argv, said, d, tmp_path, capsys):
+    fill = {"d": d, "tmp": tmp_path, "run": tmp_path / "run"}
+    args = [a.format(**fill) for a in argv]
+    if "--run-dir" not in args:
+        args = ["--run-dir", str(fill["run"]), *args]
+    before = snapshot(tmp_path, d)
+    assert align(["label", *args]) == 2
+    assert said.format(**fill) in capsys.readouterr().err
+    assert snapshot(tmp_path, d) == before and not fill["run"].exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--model", "{d}/adapter_truncated", "--prompt", "q", "--response", "a"],
+     "--model: {d}/adapter_truncated/adapter_model.safetensors is not a readable safetensors file"),
+    (["--model", "{d}/adapter", "--jsonl", "{d}/latin1.jsonl"], "--jsonl {d}/latin1.jsonl: cannot read it as UTF-8 text"),
+])
+def test_reward_score_names_a_bad_model_or_file(argv, said, d, capsys, no_model_loads):
+    assert align(["reward", "score", *(a.format(d=d) for a in argv)]) == 2
+    assert said.format(d=d) in capsys.readouterr().err
+
+
+def test_guidelines_file_checked_before_the_app(tmp_path, capsys):
+    from labeling.store import Store
+
+    Store(f"sqlite:///{tmp_path / 'labels.db'}").add_user("ann", "pw-1234", admin=True)
+    (tmp_path / "guide.md").write_bytes(b"caf\xe9")
+    assert align(["label", "--run-dir", str(tmp_path), "--guidelines", str(tmp_path / "missing.md")]) == 2
+    assert "--guidelines" in capsys.readouterr().err
+    assert align(["label", "--run-dir", str(tmp_path), "--guidelines", str(tmp_path / "guide.md")]) == 2
+    assert "not a readable UTF-8 text file" in capsys.readouterr().err
+
+
+def test_config_errors_and_help_import_no_torch():
+    """A bad value fails, and --help answers, before torch (or the recipe) is imported: well under a second."""
+    code = ("import sys, time; from alignment.cli import main; t = time.time(); "
+            "codes = [main(['sft', 'train.lr=-1']), main(['dpo', '--help']), main(['ppo', 'rl.gamma=2'])]; "
+            "print(codes, 'torch' in sys.modules, round(time.time() - t, 2))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    codes, torch_loaded, seconds = out.stdout.strip().splitlines()[-1].rsplit(" ", 2)
+    assert codes.endswith("[2, 0, 2]") and torch_loaded == "False", out.stdout + out.stderr
+    assert float(seconds) < 5, seconds
+    assert "train.lr: must be in (0, 1], got -1.0" in out.stderr and "rl.gamma: must be in [0, 1], got 2.0" in out.stderr
+    assert "gemm_4bit_forward" not in out.stderr
+
+
+def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
+    """bitsandbytes' import-time notice about the `kernels` hub package is filtered; its other warnings are not."""
+    code = (
+        "import logging, alignment.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
+        "import bitsandbytes; from bitsandbytes.functional import has_avx512bf16; "
+        "ops = __import__('bitsandbytes.backends.cpu.ops', fromlist=['x']); "
+        "print('tried', has_avx512bf16() and getattr(ops, 'gemm_4bit_forward_kernel', 0) is None); "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "Failed to load CPU gemm_4bit_forward" not in out.stderr
+    assert "another bitsandbytes warning" in out.stderr
+    # On a CPU with AVX512-BF16 (this project's) bitsandbytes did try the kernel, so the notice was raised.
+    assert out.stdout.strip() in ("tried True", "tried False")
+
+
+# ---------------------------------------------------------------------------- after a failure
+
+
+def test_a_failed_stage_leaves_no_unfinished_folder(tmp_path):
+    """What discard_unfinished removes, keeps and un-marks when the stage inside raises."""
+    run = tmp_path / "run"
+    (run / "reward").mkdir(parents=True)
+    (run / "reward" / "adapter_model.safetensors").write_text("old")
+    (run / "reward" / "align.json").write_text("{}")
+    (run / "sft").mkdir()
+    (run / "sft" / "align.json").write_text("{}")
+    with pytest.raises(MemoryError), discard_unfinished(run, tmp_path / "merged"):
+        (run / "dpo" / "checkpoints").mkdir(parents=True)  # nothing to resume from yet
+        (run / "dpo" / "metrics.jsonl").write_text("{}\n")
+        (run / "ppo" / "checkpoints" / "step-2").mkdir(parents=True)  # resumable: kept
+        (run / "round-1" / "dpo").mkdir(parents=True)
+        (run / "wandb" / "offline-run-1").mkdir(parents=True)  # the failed run's log: kept
+        (tmp_path / "merged").mkdir()
+        (tmp_path / "merged" / "config.json").write_text("{}")
+        (run / "reward" / "adapter_model.safetensors").write_text("half new")  # an artifact half rewritten
+        (run / "sft" / "metrics.jsonl").write_text("{}\n")  # logged to only: still the same artifact
+        raise MemoryError("out of memory at step 3")
+    assert not (run / "dpo").exists() and not (run / "round-1").exists() and not (tmp_path / "merged").exists()
+    assert (run / "ppo" / "checkpoints" / "step-2").is_dir() and (run / "wandb" / "offline-run-1").is_dir()
+    assert not (run / "reward" / "align.json").exists() and (run / "sft" / "align.json").exists()
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt), discard_unfinished(fresh):
+        (fresh / "sft").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert not fresh.exists()
