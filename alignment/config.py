@@ -342,10 +342,15 @@ class PPOStageConfig:
         if self.algo == "ppo" and self.train.liger:
             raise ConfigError(f"{p}train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
                               "align's own PPO loop does not use it: leave train.liger=false")
+        name = self.algo.upper()
         if gen.temperature <= 0:
-            raise ConfigError(f"{p}generation.temperature: PPO samples its rollouts, so it must be > 0 (1.0 is the usual)")
+            raise ConfigError(f"{p}generation.temperature: {name} samples its rollouts, so it must be > 0 "
+                              "(1.0 is the usual)")
         if self.train.max_steps < 1:
-            raise ConfigError(f"{p}train.max_steps: PPO counts steps (one rollout each); give a number >= 1")
+            raise ConfigError(f"{p}train.max_steps: {name} counts steps (one rollout each); give a number >= 1")
+        if self.algo != "ppo" and rl.reward_on_policy_base:
+            raise ConfigError(f"{p}rl.reward_on_policy_base is PPO's (its own loop holds the policy's base); {self.algo} "
+                              "scores with the reward model loaded on its own: leave it false")
         if self.scorer and self.reward_model:
             raise ConfigError(f"{p}scorer={self.scorer} and reward_model={self.reward_model}: the reward is one or the "
                               "other; leave one unset")
@@ -383,7 +388,8 @@ class EvalStageConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[Literal["sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval"]] = field(
+    # Which of the registry's pipeline stages to run (alignment.artifacts.pipeline_stages); they run in its order.
+    stages: list[str] = field(
         default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
     label: Literal["simulate", "human"] = "simulate"
     scorer: str = "support_style"  # the simulated annotator's scorer
@@ -400,6 +406,13 @@ class PipelineConfig:
     def validate(self, prefix: str = "") -> None:
         if not self.stages:
             raise ConfigError(f"{prefix}stages: empty; list the stages to run, e.g. [sft, sample, label, export, dpo, eval]")
+        from alignment.artifacts import pipeline_stages
+
+        allowed = pipeline_stages()
+        for i, stage in enumerate(self.stages):
+            if stage not in allowed:
+                raise ConfigError(f"{prefix}stages[{i}]: {stage!r} is not a pipeline stage; allowed values: "
+                                  f"{', '.join(allowed)}")
         twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
         if twice:
             raise ConfigError(f"{prefix}stages: {', '.join(twice)} listed more than once")

@@ -88,7 +88,7 @@ def _sample(cfg, pending: set[str], p: str) -> None:
 
 
 def _export(cfg, pending: set[str], p: str) -> None:
-    check_run_dir(f"{p}run.dir", cfg.run.dir, "preferences")
+    check_run_dir(f"{p}run.dir", cfg.run.dir, "export")
     if cfg.output:
         check_run_dir(f"{p}output", cfg.output)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist="sample" not in pending)
@@ -445,7 +445,7 @@ def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
 
     if data.path is None and "export" in pending:
         return
-    path = Path(data.path) if data.path else stage_dir(run_dir, "preferences")
+    path = Path(data.path) if data.path else stage_dir(run_dir, "export")
     if data.path is None and not path.exists():
         raise StageError(f"no preference data at {path}: run `align export run.dir={run_dir}` first, "
                          "or pass data.path=<folder or .jsonl>")

@@ -43,16 +43,8 @@ VALUE_HEAD = "value_head.safetensors"  # PPO's value head, beside the policy ada
 
 
 def check(cfg: PPOStageConfig) -> None:
-    """The checks every RL algorithm needs; each recipe adds its own."""
-    rl, gen = cfg.rl, cfg.generation
-    check_backend(gen)
-    if gen.temperature <= 0:
-        raise ConfigError(f"generation.temperature: {cfg.algo.upper()} samples its rollouts, so it must be > 0 "
-                          "(1.0 is the usual)")
-    if cfg.train.max_steps <= 0:
-        raise ConfigError(f"train.max_steps: {cfg.algo.upper()} counts steps (one rollout each); give a number > 0")
-    if rl.minibatch_size > rl.rollout_prompts:
-        raise ConfigError(f"rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts={rl.rollout_prompts}")
+    """What the machine must offer every RL algorithm (the value rules are PPOStageConfig.validate's)."""
+    check_backend(cfg.generation)
 
 
 def resolve_sft(cfg: PPOStageConfig) -> Path | None:

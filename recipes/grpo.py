@@ -49,16 +49,10 @@ log = logging.getLogger(__name__)
 
 
 def check(cfg: PPOStageConfig) -> None:
-    """GRPO/RLOO's own checks after the ones every RL algorithm shares (alignment.rl.check)."""
+    """What is left to check once the config's own rules (PPOStageConfig.validate) have passed."""
     if cfg.algo not in ("grpo", "rloo"):
         raise ConfigError(f"algo={cfg.algo} is run by recipes/ppo.py (alignment.artifacts.run_stage routes it)")
     R.check(cfg)
-    if cfg.rl.rollout_prompts % cfg.rl.num_generations:
-        raise ConfigError(f"rl.rollout_prompts={cfg.rl.rollout_prompts} (completions per step for {cfg.algo}) must be "
-                          f"a multiple of rl.num_generations={cfg.rl.num_generations}")
-    if cfg.rl.reward_on_policy_base:
-        raise ConfigError(f"rl.reward_on_policy_base is PPO's (its own loop holds the policy's base); {cfg.algo} "
-                          "scores with the reward model loaded on its own: leave it false")
 
 
 def grpo_args(cfg: PPOStageConfig, plan, out: Path):

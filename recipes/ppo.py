@@ -72,16 +72,10 @@ KILL_AFTER_STEP = "ALIGN_PPO_KILL_AFTER_STEP"
 
 
 def check(cfg: PPOStageConfig) -> None:
-    """PPO's own checks after the ones every RL algorithm shares (alignment.rl.check)."""
+    """What is left to check once the config's own rules (PPOStageConfig.validate) have passed."""
     rl = cfg.rl
     if cfg.algo != "ppo":
         raise ConfigError(f"algo={cfg.algo} is run by recipes/grpo.py (alignment.artifacts.run_stage routes it)")
-    if cfg.generation.backend == "vllm":
-        raise ConfigError("generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV cache, "
-                          "batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
-    if cfg.train.liger:
-        raise StageError("train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
-                         "align's own PPO loop does not use it: leave train.liger=false")
     R.check(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):

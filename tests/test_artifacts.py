@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import alignment.config
-from alignment import StageError
 from alignment.artifacts import (
     MANIFEST,
     STAGES,
@@ -26,7 +25,7 @@ from alignment.artifacts import (
     store_url,
 )
 from alignment.cli import main as align
-from alignment.config import PipelineConfig, PPOStageConfig, load_config
+from alignment.config import ConfigError, PipelineConfig, PPOStageConfig, load_config
 
 ORDER = list(STAGES)
 
@@ -74,12 +73,10 @@ def test_cli_lists_exactly_the_registrys_commands(capsys):
 
 
 def test_pipeline_runs_the_registrys_stages_and_refuses_others(tmp_path):
-    from recipes import pipeline
-
     assert pipeline_stages() == ["sft", "sample", "label", "export", "reward", "dpo", "ppo", "eval"]
-    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "stages=[sft, merge]"])
-    with pytest.raises(StageError, match=f"'merge' is not a stage; allowed: {', '.join(pipeline_stages())}$"):
-        pipeline.main(cfg)
+    with pytest.raises(ConfigError, match=f"stages.1.: 'merge' is not a pipeline stage; allowed values: "
+                                          f"{', '.join(pipeline_stages())}$"):
+        load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "stages=[sft, merge]"])
     assert set(PipelineConfig().stages) <= set(pipeline_stages())
 
 

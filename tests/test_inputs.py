@@ -147,7 +147,7 @@ CASES = [
     ("scorer and reward_model", "ppo scorer=length reward_model={d}/adapter", 2, ["the reward is one or the other"]),
     ("bootstrap=0", "eval bootstrap=0", 2, ["bootstrap: must be >= 1, got 0"]),
     ("rounds=0", "pipeline rounds=0", 2, ["rounds: must be >= 1, got 0"]),
-    ("unknown stage", "pipeline stages=[sft,tune]", 2, ["stages[1]: 'tune' is not allowed; allowed values: sft, sample"]),
+    ("unknown stage", "pipeline stages=[sft,tune]", 2, ["stages[1]: 'tune' is not a pipeline stage; allowed values: sft, sample"]),
     ("rounds without a policy stage", "pipeline rounds=2 stages=[sft,sample,label,export,reward,eval]", 2,
      ["rounds=2", "stages must include dpo or ppo"]),
     ("empty string", "sft \"data.path=''\"", 2, ["data.path: empty"]),
