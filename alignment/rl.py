@@ -87,7 +87,7 @@ def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
     return rewards, kl
 
 

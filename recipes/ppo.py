@@ -246,7 +246,11 @@ def build_policy(cfg: PPOStageConfig, plan, sft: Path | None):
         model = PeftModel.from_pretrained(base, str(sft), is_trainable=True)
         model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
         model.set_adapter("default")
-    keep_trainable_in(model, torch.float32 if plan.device == "cpu" else plan.compute_dtype)
+    # fp32 adapters on every device: this loop has no autocast and no master weights, and Adam's steps at
+    # PPO's learning rates (1e-5) are below bf16's resolution for LoRA weights of ~1e-2 (2^-8 relative), so
+    # bf16 adapters would silently stop learning. peft runs the LoRA path in fp32 and casts its output back
+    # to the base's dtype; the LoRA matmuls are a small part of a step.
+    keep_trainable_in(model, torch.float32)
     # No dropout anywhere: the log-probs of a rollout and of its PPO epochs must be the same function.
     model.eval()
     return model
@@ -282,10 +286,10 @@ def shared_base_reward(model, rm: Path) -> Reward:
     config.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
     weights = load_file(str(rm / "adapter_model.safetensors"))
     score_key = next(k for k in weights if k.endswith("score.weight"))
-    head = weights.pop(score_key).float()
+    device = next(model.parameters()).device
+    head = weights.pop(score_key).float().to(device)
     model.add_adapter("reward", LoraConfig(**config))
     set_peft_model_state_dict(model, weights, adapter_name="reward")
-    keep_trainable_in(model, torch.float32)
     model.set_adapter("default")
     model.eval()  # the new adapter's dropout layers are created in training mode
     from_sft = is_adapter_dir(rm / SFT_ADAPTER)
@@ -302,7 +306,7 @@ def shared_base_reward(model, rm: Path) -> Reward:
             out = []
             for p, r in zip(prompts, responses, strict=True):
                 ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": p},
-                                                       {"role": "assistant", "content": r}])])
+                                                       {"role": "assistant", "content": r}])], device=device)
                 hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
                 out.append((hidden.float() @ head.T).item())
             return out
