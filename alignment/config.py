@@ -40,7 +40,9 @@ class ModelConfig:
     double_quant: bool = True
     # auto: bf16 on CUDA, fp32 on CPU (this kind of CPU has no bf16 instructions).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # auto: on with CUDA (memory), off on CPU (it only costs time there).
+    # auto: on CUDA, on only when the longest batch's activations would not fit in the GPU memory the
+    # loaded model leaves free (it recomputes the forward: a third more work with a frozen base);
+    # off on CPU (it only costs time there). alignment/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     max_length: int = 512
     attn_implementation: str | None = None
@@ -74,9 +76,11 @@ class TrainConfig:
     save_total_limit: int = 2
     # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
-    # Liger's fused Triton kernels in TRL's trainers (fused linear + cross-entropy: no full-vocabulary
-    # logits in memory). CUDA only, `pip install liger-kernel` (the `gpu` extra).
-    liger: bool = False
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in TRL's trainers: true needs CUDA and
+    # `pip install liger-kernel` (the `gpu` extra); auto uses them where both are there.
+    liger: bool | Literal["auto"] = "auto"
+    # torch.compile the model in TRL's trainers (opt-in: the first steps compile for minutes).
+    compile: bool = False
 
 
 @dataclass
@@ -104,6 +108,10 @@ class SFTDataConfig:
     # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The
     # per-step training loss then moves with the batch's length; read the held-out loss.
     group_by_length: bool = False
+    # Each batch as one flat sequence without padding, sequences told apart by position_ids (TRL's
+    # padding_free). on: always (the same maths on any attention); auto: with CUDA and a flash
+    # attention (model.attn_implementation), the only kind that skips the other sequences' blocks.
+    padding_free: Literal["auto", "on", "off"] = "auto"
     # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -395,6 +403,8 @@ def _check(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{key}: expected {_name(kind)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(kind)
+        if isinstance(value, bool) and "on" in allowed and "off" in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
         return value

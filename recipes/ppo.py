@@ -50,6 +50,7 @@ from alignment.artifacts import is_main_process, print_done, read_manifest, stag
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
 from alignment.generation import chat_prompt, check_backend
+from alignment.gpu_training import peak_gpu_mib, use_liger
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -612,7 +613,8 @@ def train_trl(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         max_completion_length=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
         top_p=cfg.generation.top_p, beta=cfg.rl.kl_coef, epsilon=cfg.rl.clip_range,
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", gradient_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=cfg.train.liger,
+        use_liger_kernel=use_liger(cfg.train.liger),
+        torch_compile=cfg.train.compile,
         # vLLM in the training process (TRL syncs the policy's weights into it each step).
         use_vllm=cfg.generation.backend == "vllm", vllm_mode="colocate",
         vllm_gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
@@ -662,9 +664,10 @@ def main(cfg: PPOStageConfig) -> Path:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = device_plan(cfg.model)
     log.info(plan.describe())
-    if cfg.train.liger and cfg.algo == "ppo":
-        raise StageError("train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
-                         "align's own PPO loop does not use it: leave train.liger=false")
+    if cfg.algo == "ppo" and (cfg.train.liger is True or cfg.train.compile):
+        key = "train.liger" if cfg.train.liger is True else "train.compile"
+        raise StageError(f"{key} applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
+                         f"align's own PPO loop does not use it: leave {key} at its default")
     check_liger(cfg.train.liger)  # checked before any loading
     if cfg.scorer:
         resolve_scorer(cfg.scorer)  # a wrong name fails now, not after the models load
@@ -688,7 +691,7 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
+        device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
         reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},
