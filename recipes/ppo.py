@@ -207,6 +207,7 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
     if cfg.rl.reward_on_policy_base:
         return shared_base_reward(policy, rm), figures, rm
     model, tokenizer = load_reward_model(rm)
+    log.info("reward model %s on %s", rm, next(model.parameters()).device)
     return (lambda prompts, responses: score(model, tokenizer, prompts, responses,
                                              cfg.generation.batch_size)), figures, rm
 
