@@ -241,7 +241,7 @@ def report(bench: str, title: str, results: dict, flops_per_token: float, peak_g
     kind = "bf16" if cuda() else "fp32"
     print(f"ratio ours/TRL tokens/s: {ratio:.2f}x · peak memory ours/TRL {memory:.2f} · {kind} matmul peak measured "
           f"now: {peak_gflops:.0f} GFLOP/s")
-    record = {"bench": bench, "title": title, "device": device_name(), "ratio": ratio, "memory_ratio": memory,
+    record = {"bench": bench, "step": os.environ.get("GPU_CHECK_STEP"), "title": title, "device": device_name(), "ratio": ratio, "memory_ratio": memory,
               "peak_gflops": peak_gflops, "flops_per_token": flops_per_token, **(extra or {}), "sides": results}
     if json_path:
         with open(json_path, "a") as fh:

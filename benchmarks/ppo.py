@@ -91,7 +91,7 @@ def main() -> int:
           f"{peak_memory_mib():.0f}")
     ours = {"s_per_step": step, "rollout_s": rollout, "tokens_per_s": med("tokens_per_s"),
             "peak_mib": peak_memory_mib()}
-    record = {"bench": "ppo", "title": f"PPO · smollm2-135m · {args.prompts} prompts x {args.tokens} tokens · "
+    record = {"bench": "ppo", "step": os.environ.get("GPU_CHECK_STEP"), "title": f"PPO · smollm2-135m · {args.prompts} prompts x {args.tokens} tokens · "
               f"{args.epochs} epochs · reward {'model ' + Path(args.reward).name if args.reward else 'programmatic'}",
               "device": device_name(), "reward_model": bool(args.reward), "sides": {"ours": ours}}
     if not args.trl112:
