@@ -86,10 +86,24 @@ else
   echo "== no CUDA GPU (or GPU_CHECK_SMOKE=1): every step shrunk to a smoke check of this script"
 fi
 
+# --- Liger is on by default where installed (train.liger=auto) and patches transformers' Llama code: if it
+# cannot run here, every stage would fail; tried first, and turned off for the rest if it fails.
+LIGER=()
+# (GPU_CHECK_LIGER_PREFLIGHT=1 forces the try: without CUDA it fails, which checks the fallback.)
+if { [ "$smoke" = 0 ] && "$PY" -c "import liger_kernel" 2>/dev/null; } || [ "${GPU_CHECK_LIGER_PREFLIGHT:-0}" = 1 ]; then
+  NOTE="3 SFT steps with train.liger=true; on failure the later steps run with train.liger=false" \
+    step liger-preflight 120 "$PY" -m alignment.cli sft --config configs/quickstart/sft.yaml "run.dir=$WORK/liger" \
+      train.max_steps=3 train.liger=true data.eval_fraction=0 run.wandb=disabled
+  [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" = 0 ] || LIGER=(train.liger=false)
+fi
+OURS=()
+[ ${#LIGER[@]} -gt 0 ] && OURS=(--ours "${LIGER[@]}")
+
 # --- the gpu-marked tests beside the pipeline (both are functional checks; the benchmarks run alone) ----
 RUN=$WORK/runs/gpu
 rm -rf "$RUN"
 pipeline=(--config configs/quickstart/pipeline.yaml "run.dir=$RUN" run.wandb=disabled)
+[ ${#LIGER[@]} -gt 0 ] && pipeline+=(sft.train.liger=false reward.train.liger=false dpo.train.liger=false)
 if [ "$smoke" = 1 ]; then
   pipeline+=(sft.train.max_steps=2 sft.train.eval_steps=2 sample.num_prompts=4 sample.k=2
              sample.generation.max_new_tokens=8 reward.train.max_steps=2 dpo.train.max_steps=2
@@ -108,7 +122,7 @@ printf '%s\t%s\t%s\t%s\n' pytest-gpu "$(cat "$WORK/pytest.rc")" "$(($(date +%s) 
 tail -n 3 "$OUT/pytest.log"
 
 # --- each stage against plain TRL --------------------------------------------------------------------
-J=(--json "$OUT/results.jsonl")
+J=(--json "$OUT/results.jsonl" ${OURS[@]+"${OURS[@]}"})
 if [ "$smoke" = 1 ]; then
   size=(--steps 3 --batch 4 --max-length 128); mid=(--steps 3 --batch 6 --max-length 128)
   big=(--steps 3 --batch 8 --max-length 128)
@@ -126,13 +140,17 @@ ppo_args=("${ppo[@]}")
 [ -f "$RUN/reward/adapter_config.json" ] && ppo_args+=(--reward "$RUN/reward")
 [ -n "$TRL112" ] && ppo_args+=(--trl112 "$TRL112")
 NOTE="reward model: $([ -f "$RUN/reward/adapter_config.json" ] && echo "the pipeline's" || echo none)" \
-  step ppo 120 "$PY" benchmarks/ppo.py "${ppo_args[@]}" "${J[@]}"
+  step ppo 120 "$PY" benchmarks/ppo.py "${ppo_args[@]}" --json "$OUT/results.jsonl"
 step sft-qlora-b8 90 "$PY" benchmarks/sft.py "${size[@]}" "${J[@]}"
 step sft-lora-b64 120 "$PY" benchmarks/sft.py "${big[@]}" --quantize false "${J[@]}"
 if [ "$full" = 1 ]; then
+  step sft-qlora-b8-gc-on 90 "$PY" benchmarks/sft.py "${size[@]}" --json "$OUT/results.jsonl" \
+    --ours model.gradient_checkpointing=on ${LIGER[@]+"${LIGER[@]}"}
   step sft-lora-b8 90 "$PY" benchmarks/sft.py "${size[@]}" --quantize false "${J[@]}"
-  step sft-qlora-b64-gc-on 150 "$PY" benchmarks/sft.py "${big[@]}" --ours model.gradient_checkpointing=on "${J[@]}"
-  step sft-qlora-b8-padding-free 90 "$PY" benchmarks/sft.py "${size[@]}" --ours data.padding_free=on "${J[@]}"
+  step sft-qlora-b64-gc-on 150 "$PY" benchmarks/sft.py "${big[@]}" --json "$OUT/results.jsonl" \
+    --ours model.gradient_checkpointing=on ${LIGER[@]+"${LIGER[@]}"}
+  step sft-qlora-b8-padding-free 90 "$PY" benchmarks/sft.py "${size[@]}" --json "$OUT/results.jsonl" \
+    --ours data.padding_free=on ${LIGER[@]+"${LIGER[@]}"}
   step reward-lora-b32 120 "$PY" benchmarks/reward.py "${mid[@]}" --quantize false "${J[@]}"
   step reward-qlora-b8 90 "$PY" benchmarks/reward.py "${size[@]}" "${J[@]}"
   step dpo-lora-b8 120 "$PY" benchmarks/dpo.py "${size[@]}" --quantize false "${J[@]}"
