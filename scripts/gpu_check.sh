@@ -156,7 +156,8 @@ if [ "$full" = 1 ]; then
   step dpo-lora-b8 120 "$PY" benchmarks/dpo.py "${size[@]}" --quantize false "${J[@]}"
   step dpo-qlora-b32 150 "$PY" benchmarks/dpo.py "${mid[@]}" "${J[@]}"
   [ "$smoke" = 0 ] && NOTE="7B QLoRA peak memory (goal <= 6 GB)" \
-    step sft-7b-qlora-b8 300 "$PY" benchmarks/sft.py --size 7b --steps 3 --batch 8 "${J[@]}"
+    step sft-7b-qlora-b8 300 "$PY" benchmarks/sft.py --size 7b --steps 3 --batch 8 --json "$OUT/results.jsonl" \
+      --ours model.gradient_checkpointing=on ${LIGER[@]+"${LIGER[@]}"}
 fi
 
 # --- one table -----------------------------------------------------------------------------------------
