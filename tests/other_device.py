@@ -60,6 +60,10 @@ class OnDevice(torch.Tensor):
     def __repr__(self) -> str:
         return f"OnDevice({self.elem!r})"
 
+    # torch reads is_meta (from the device type) as "no data here": load_state_dict would skip copying
+    # into such a parameter, where a GPU copies. This one has data.
+    is_meta = property(lambda self: False)
+
     def __tensor_flatten__(self):
         return ["elem"], None
 

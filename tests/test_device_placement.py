@@ -190,4 +190,10 @@ def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapte
         device_model.to(DEVICE)
         on_device = shared_base_reward(device_model, adapters["reward"])(PROMPTS, responses)
         assert {p.device for p in device_model.parameters()} == {DEVICE}
+        loaded = {n: unwrap(p).detach().clone() for n, p in device_model.named_parameters() if ".reward." in n}
     assert on_device == pytest.approx(on_cpu, abs=1e-5) and len(set(on_cpu)) == 3
+    # The reward adapter's weights did arrive on the device (a meta-like device would skip the copy).
+    expected = {n: p.detach() for n, p in cpu_model.named_parameters() if ".reward." in n}
+    assert loaded.keys() == expected.keys() and expected
+    assert all(torch.equal(loaded[n], expected[n]) for n in expected)
+    assert any(expected[n].abs().sum() > 0 for n in expected if "lora_B" in n)
