@@ -205,9 +205,10 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
     from alignment.reward_model import load_reward_model, score
 
     if cfg.rl.reward_on_policy_base:
-        return shared_base_reward(policy, rm), figures, rm
+        return shared_base_reward(policy, rm), {**figures, "device": str(next(policy.parameters()).device)}, rm
     model, tokenizer = load_reward_model(rm)
-    log.info("reward model %s on %s", rm, next(model.parameters()).device)
+    figures = {**figures, "device": str(next(model.parameters()).device)}  # the manifest says where it scored
+    log.info("reward model %s on %s", rm, figures["device"])
     return (lambda prompts, responses: score(model, tokenizer, prompts, responses,
                                              cfg.generation.batch_size)), figures, rm
 
@@ -695,7 +696,8 @@ def main(cfg: PPOStageConfig) -> Path:
         device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
         reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
-                                                            "eval_accuracy": gate_figures.get("eval_accuracy")},
+                                                            "eval_accuracy": gate_figures.get("eval_accuracy"),
+                                                            "device": gate_figures.get("device")},
         prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},
     )
     from alignment.tracking import finish_wandb, log_artifact

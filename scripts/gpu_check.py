@@ -156,12 +156,14 @@ def read_pytest(out: Path) -> str:
 
 def pipeline_figures(run_dir: Path) -> str:
     figures = []
-    for stage in ("sft", "reward", "dpo"):
+    for stage in ("sft", "reward", "dpo", "ppo"):
         manifest = run_dir / stage / "align.json"
         if manifest.is_file():
             m = json.loads(manifest.read_text())
             if m.get("gpu_peak_mib"):
                 figures.append(f"{stage} {m['gpu_peak_mib']:.0f} MiB")
+            if m.get("reward", {}).get("device"):
+                figures.append(f"ppo's reward model on {m['reward']['device']}")
     evaluated = run_dir / "eval" / "align.json"
     if evaluated.is_file():
         m = json.loads(evaluated.read_text())

@@ -102,12 +102,15 @@ OURS=()
 # --- the gpu-marked tests beside the pipeline (both are functional checks; the benchmarks run alone) ----
 RUN=$WORK/runs/gpu
 rm -rf "$RUN"
-pipeline=(--config configs/quickstart/pipeline.yaml "run.dir=$RUN" run.wandb=disabled)
+# PPO too, with the pipeline's reward model on the GPU; no accuracy gate: random weights rank at random.
+pipeline=(--config configs/quickstart/pipeline.yaml "run.dir=$RUN" run.wandb=disabled
+          "stages=[sft, sample, label, export, reward, dpo, ppo, eval]" ppo.train.max_steps=10 ppo.min_reward_accuracy=0)
 [ ${#LIGER[@]} -gt 0 ] && pipeline+=(sft.train.liger=false reward.train.liger=false dpo.train.liger=false)
 if [ "$smoke" = 1 ]; then
   pipeline+=(sft.train.max_steps=2 sft.train.eval_steps=2 sample.num_prompts=4 sample.k=2
              sample.generation.max_new_tokens=8 reward.train.max_steps=2 dpo.train.max_steps=2
-             eval.num_prompts=4 eval.generation.max_new_tokens=8 eval.bootstrap=20 export.test_fraction=0.5)
+             eval.num_prompts=4 eval.generation.max_new_tokens=8 eval.bootstrap=20 export.test_fraction=0.5
+             ppo.train.max_steps=2 ppo.rl.rollout_prompts=2 ppo.rl.minibatch_size=2 ppo.generation.max_new_tokens=8)
 fi
 ( timeout --kill-after=10 "$(( $(left) > 240 ? 240 : $(left) ))" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml" tests/ > "$OUT/pytest.log" 2>&1

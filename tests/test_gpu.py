@@ -146,6 +146,7 @@ def test_sample_eval_and_ppo_with_a_reward_model_on_the_gpu(sft_run, pairs, root
     assert any("reward model" in r.getMessage() and "on cuda" in r.getMessage() for r in caplog.records)
     ppo = json.loads((run / "ppo" / "align.json").read_text())
     assert ppo["device_plan"].startswith("device cuda") and 1 < ppo["gpu_peak_mib"] < 4000
+    assert ppo["reward"]["device"] == "cuda:0"
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert len(rows) == 6 and all(r["kl"] < 15 for r in rows)
     assert align(["eval", f"run.dir={run}", f"policies={{sft: {sft_run}, ppo: {run / 'ppo'}}}", f"prompts={prompts}",

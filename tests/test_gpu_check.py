@@ -53,6 +53,8 @@ def canned(tmp_path) -> tuple[Path, Path]:
     (run / "eval").mkdir(parents=True)
     (run / "sft").mkdir()
     (run / "sft" / "align.json").write_text(json.dumps({"gpu_peak_mib": 1234.5}))
+    (run / "ppo").mkdir()
+    (run / "ppo" / "align.json").write_text(json.dumps({"gpu_peak_mib": 900.0, "reward": {"device": "cuda:0"}}))
     (run / "eval" / "align.json").write_text(json.dumps({"baseline": "sft", "policies": {
         "sft": {"length": 20.0}, "dpo": {"kl": 0.33, "reward_model/win_rate": 0.625,
                                          "scorer:support_style/win_rate": 0.688}}}))
@@ -75,7 +77,7 @@ def test_the_summary_is_one_table_of_every_step_with_its_goals(canned):
     assert rows["pytest-gpu"][1] == "failed (1)" and "8 passed, 1 failed, 0 skipped (test_dpo_on_the_gpu)" in \
         rows["pytest-gpu"][7]
     assert rows["sft-qlora-b8"][1] == "timed out" and rows["sft-lora-b64"][1] == "skipped"
-    assert "sft 1234 MiB" in rows["pipeline"][7] and "dpo vs sft: win reward_model 62%, support_style 69%, KL 0.33" \
+    assert "sft 1234 MiB; ppo 900 MiB; ppo's reward model on cuda:0" in rows["pipeline"][7] and "dpo vs sft: win reward_model 62%, support_style 69%, KL 0.33" \
         in rows["pipeline"][7]
     assert lines[-1].startswith("goals: ")
 
