@@ -81,7 +81,9 @@ class ModelConfig:
     double_quant: bool = True
     # auto: bf16 on CUDA, fp32 on CPU (this kind of CPU has no bf16 instructions).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # auto: on with CUDA (memory), off on CPU (it only costs time there).
+    # auto: on CUDA, on only when the longest batch's activations would not fit in the GPU memory the
+    # loaded model leaves free (it recomputes the forward: a third more work with a frozen base);
+    # off on CPU (it only costs time there). alignment/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     max_length: int = bounded(512, ge=1)  # tokens per example (prompt + completion)
     attn_implementation: str | None = None
@@ -117,9 +119,11 @@ class TrainConfig:
     save_total_limit: int = bounded(2, ge=0)  # checkpoints kept; 0 keeps every one
     # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
-    # Liger's fused Triton kernels in TRL's trainers (fused linear + cross-entropy: no full-vocabulary
-    # logits in memory). CUDA only, `pip install liger-kernel` (the `gpu` extra).
-    liger: bool = False
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in TRL's trainers: true needs CUDA and
+    # `pip install liger-kernel` (the `gpu` extra); auto uses them where both are there.
+    liger: bool | Literal["auto"] = "auto"
+    # torch.compile the model in TRL's trainers (opt-in: the first steps compile for minutes).
+    compile: bool = False
 
 
 @dataclass
@@ -147,6 +151,10 @@ class SFTDataConfig:
     # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The
     # per-step training loss then moves with the batch's length; read the held-out loss.
     group_by_length: bool = False
+    # Each batch as one flat sequence without padding, sequences told apart by position_ids (TRL's
+    # padding_free). on: always (the same maths on any attention); auto: with CUDA and a flash
+    # attention (model.attn_implementation), the only kind that skips the other sequences' blocks.
+    padding_free: Literal["auto", "on", "off"] = "auto"
     # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -339,9 +347,10 @@ class PPOStageConfig:
         if self.algo == "ppo" and gen.backend == "vllm":
             raise ConfigError(f"{p}generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV "
                               "cache, batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
-        if self.algo == "ppo" and self.train.liger:
-            raise ConfigError(f"{p}train.liger applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
-                              "align's own PPO loop does not use it: leave train.liger=false")
+        if self.algo == "ppo" and (self.train.liger is True or self.train.compile):
+            key = "train.liger" if self.train.liger is True else "train.compile"
+            raise ConfigError(f"{p}{key} applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
+                              f"align's own PPO loop does not use it: leave {key} at its default")
         name = self.algo.upper()
         if gen.temperature <= 0:
             raise ConfigError(f"{p}generation.temperature: {name} samples its rollouts, so it must be > 0 "
@@ -533,6 +542,8 @@ def _check(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{key}: expected {_name(kind)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(kind)
+        if isinstance(value, bool) and "on" in allowed and "off" in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
         return value

@@ -32,7 +32,6 @@ import torch
 from alignment import StageError
 from alignment.artifacts import read_manifest
 from alignment.config import ModelConfig
-from alignment.cpu import keep_trainable_in
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -230,10 +229,10 @@ def shared_base_reward(model, rm: Path) -> Reward:
     config.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
     weights = load_file(str(rm / "adapter_model.safetensors"))
     score_key = next(k for k in weights if k.endswith("score.weight"))
-    head = weights.pop(score_key).float()
+    device = next(model.parameters()).device
+    head = weights.pop(score_key).float().to(device)
     model.add_adapter("reward", LoraConfig(**config))
     set_peft_model_state_dict(model, weights, adapter_name="reward")
-    keep_trainable_in(model, torch.float32)
     model.set_adapter("default")
     model.eval()  # the new adapter's dropout layers are created in training mode
     from_sft = is_adapter_dir(rm / SFT_ADAPTER)
@@ -250,7 +249,7 @@ def shared_base_reward(model, rm: Path) -> Reward:
             out = []
             for p, r in zip(prompts, responses, strict=True):
                 ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": p},
-                                                       {"role": "assistant", "content": r}])])
+                                                       {"role": "assistant", "content": r}])], device=device)
                 hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
                 out.append((hidden.float() @ head.T).item())
             return out

@@ -80,8 +80,10 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
     figures = gate(rm, cfg.min_reward_accuracy)
     if cfg.rl.reward_on_policy_base:
-        return shared_base_reward(policy, rm), figures, rm
+        return shared_base_reward(policy, rm), {**figures, "device": str(next(policy.parameters()).device)}, rm
     model, tokenizer = load_reward_model(rm)
+    figures = {**figures, "device": str(next(model.parameters()).device)}  # the manifest says where it scored
+    log.info("reward model %s on %s", rm, figures["device"])
     return (lambda prompts, responses: score(model, tokenizer, prompts, responses,
                                              cfg.generation.batch_size)), figures, rm
 
@@ -170,7 +172,7 @@ def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
     return rewards, kl
 
 

@@ -167,8 +167,10 @@ def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: d
     also kept in the artifact's metadata and the run's config: the lineage survives
     `wandb sync` and reads back from the offline run files.
     """
-    import wandb
-
+    try:
+        import wandb
+    except ImportError:  # run.wandb=disabled needs no wandb installed (a GPU box without it, say)
+        return
     from alignment.artifacts import MANIFEST, STAGES, is_main_process, read_manifest
 
     run = run or wandb.run

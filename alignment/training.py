@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from transformers.trainer_utils import get_last_checkpoint
 
 from alignment.config import RunConfig, TrainConfig
+from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
 from alignment.tracking import report_to
 
@@ -47,7 +48,8 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
         gradient_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=train.liger,
+        use_liger_kernel=use_liger(train.liger),  # auto: on where CUDA and liger-kernel are
+        torch_compile=train.compile,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",

@@ -1,14 +1,26 @@
 """What the benchmark scripts share: the device both sides run on, peak memory, the matmul peak,
-and larger stand-in models built from config (no Hub needed).
+larger stand-in models built from config (no Hub needed), the step clock both sides are timed
+with, and the comparison each script prints (and appends to `--json FILE` as one JSON line).
 
-On CUDA both sides get what `align`'s device plan picks there (bf16 compute, gradient
-checkpointing, the 4-bit base in bf16 storage) and peak memory is `torch.cuda.max_memory_allocated`;
-on CPU, fp32 without checkpointing and the process's peak RSS.
+On CUDA the plain-TRL side gets TRL's own GPU defaults (bf16, gradient checkpointing, the 4-bit
+base in bf16 storage), align's side whatever align decides (its `auto` levers), and peak memory
+is `torch.cuda.max_memory_allocated`; on CPU both run fp32 without checkpointing and peak memory
+is the process's peak RSS.
+
+Speed is counted the same way on both sides: non-padding tokens (the trainers' `num_tokens`,
+the attention mask's sum; in padding-free batches every token is real) between the end of step 1
+and the end of the last step, over the wall time between the two (each `on_log` follows a
+`loss.item()`, so the GPU has finished the step). Step 1 is left out: it pays cuBLAS and Triton
+start-up, and on CUDA the first allocations.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +31,8 @@ SIZES = {
              "num_key_value_heads": 4},  # ~0.45B parameters
     "1.5b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
              "num_key_value_heads": 8},  # ~1.56B parameters
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32},  # Llama-2-7B's shape: ~6.7B parameters
 }
 
 
@@ -115,11 +129,127 @@ def sized_model(size: str) -> str:
     small = LlamaConfig.from_pretrained(str(base))
     config = LlamaConfig(**{**small.to_dict(), **SIZES[size], "torch_dtype": "bfloat16"})
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # Initialised on the GPU where there is one: seconds instead of minutes of CPU random init.
+    with torch.device("cuda" if cuda() else "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     tmp = Path(str(folder) + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
     print(f"built {size} stand-in: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters in {folder}")
     return str(folder)
+
+
+# ---------------------------------------------------------------------------- timing both sides alike
+
+
+class StepClock:
+    """(time, cumulative non-pad tokens) at every logged training step: TRL's callback, and align's too.
+
+    Align's stages are run through `alignment.cli.main`, whose trainers log through
+    alignment.tracking.MetricsJSONL; `watch_align()` makes that callback report to this clock as well.
+    """
+
+    def __init__(self):
+        self.marks: list[tuple[float, float, int]] = []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                clock.mark(state.global_step, logs)
+
+        return Clock()
+
+    def mark(self, step: int, logs: dict | None) -> None:
+        if logs and "num_tokens" in logs and "train_runtime" not in logs and not any(k.startswith("eval_") for k in logs):
+            self.marks.append((time.perf_counter(), float(logs["num_tokens"]), step))
+
+    def watch_align(self) -> None:
+        from alignment import tracking
+
+        original = tracking.MetricsJSONL.on_log
+
+        def on_log(callback, args, state, control, logs=None, **kwargs):
+            self.mark(state.global_step, logs)
+            return original(callback, args, state, control, logs=logs, **kwargs)
+
+        tracking.MetricsJSONL.on_log = on_log
+
+    def figures(self) -> dict:
+        """tokens/s and s/step over steps 2..N, from the marks (logging_steps=1 gives one per step)."""
+        if len(self.marks) < 2:
+            raise RuntimeError(f"need at least 2 logged steps to time, got {len(self.marks)}: run more steps")
+        (t0, n0, s0), (t1, n1, s1) = self.marks[0], self.marks[-1]
+        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
+                "tokens_per_step": (n1 - n0) / (s1 - s0), "timed_steps": s1 - s0}
+
+
+def peak_memory() -> dict:
+    """Peak memory of this process: GPU allocated and reserved on CUDA, RSS always."""
+    import torch
+
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if cuda():
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        out["peak_mib"] = out["peak_rss_mib"]
+    return out
+
+
+def child_result(result: dict) -> None:
+    """The line a child process ends with; the parent reads the last one."""
+    print("RESULT " + json.dumps({**result, **peak_memory()}), flush=True)
+
+
+def run_sides(script: str, child_args: list[str], sides=("trl", "ours"), timeout: float | None = None) -> dict:
+    """Each side in its own process, one after the other (so peak memory is its own); their RESULT dicts."""
+    repo = Path(script).resolve().parents[1]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    results = {}
+    for side in sides:
+        cmd = [sys.executable, script, "--child", side, *child_args]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        results[side] = json.loads(line[-1][7:])
+    return results
+
+
+def report(bench: str, title: str, results: dict, flops_per_token: float, peak_gflops: float,
+           json_path: str | None, extra: dict | None = None) -> dict:
+    """Print the comparison table and the ratio; append the same figures to `json_path` as one line."""
+    label = "peak GPU MiB" if cuda() else "peak RSS MiB"
+    print(f"\n{title}")
+    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'tok/step':>9}{label:>14}{'GFLOP/s':>10}{'% of peak':>11}")
+    for side, r in results.items():
+        r["gflops"] = flops_per_token * r["tokens_per_s"] / 1e9
+        r["pct_of_peak"] = 100 * r["gflops"] / peak_gflops
+        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['s_per_step']:>9.2f}{r['tokens_per_step']:>9.0f}"
+              f"{r['peak_mib']:>14.0f}{r['gflops']:>10.1f}{r['pct_of_peak']:>10.1f}%")
+    ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
+    memory = results["ours"]["peak_mib"] / results["trl"]["peak_mib"]
+    kind = "bf16" if cuda() else "fp32"
+    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x · peak memory ours/TRL {memory:.2f} · {kind} matmul peak measured "
+          f"now: {peak_gflops:.0f} GFLOP/s")
+    record = {"bench": bench, "step": os.environ.get("GPU_CHECK_STEP"), "title": title, "device": device_name(), "ratio": ratio, "memory_ratio": memory,
+              "peak_gflops": peak_gflops, "flops_per_token": flops_per_token, **(extra or {}), "sides": results}
+    if json_path:
+        with open(json_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if cuda() else "cpu"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from _common import cuda, memory_label, peak_memory_mib  # noqa: E402  (benchmarks/, this folder)
+from _common import cuda, device_name, memory_label, peak_memory_mib  # noqa: E402  (benchmarks/, this folder)
 
 
 def words(prompt: str, response: str) -> float:
@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--no-quantize", action="store_true")
     parser.add_argument("--reward", help="an `align reward` folder (default: a programmatic reward)")
     parser.add_argument("--trl112", metavar="DIR", help="TRL 1.12 installed with pip --target DIR: compare")
+    parser.add_argument("--json", help="append the figures to this file as one JSON line")
     args = parser.parse_args()
     if args.trl112:
         args.no_quantize = True  # the same work on both sides (see above)
@@ -88,8 +89,14 @@ def main() -> int:
           f"processed tokens/s (rollout + {args.epochs} epochs) {med('tokens_per_s'):.1f}")
     print(f"  whole stage {total:.1f} s (model load, {len(rows)} steps, save); {memory_label()} "
           f"{peak_memory_mib():.0f}")
+    ours = {"s_per_step": step, "rollout_s": rollout, "tokens_per_s": med("tokens_per_s"),
+            "peak_mib": peak_memory_mib()}
+    record = {"bench": "ppo", "step": os.environ.get("GPU_CHECK_STEP"), "title": f"PPO · smollm2-135m · {args.prompts} prompts x {args.tokens} tokens · "
+              f"{args.epochs} epochs · reward {'model ' + Path(args.reward).name if args.reward else 'programmatic'}",
+              "device": device_name(), "reward_model": bool(args.reward), "sides": {"ours": ours}}
     if not args.trl112:
         print("  TRL: no comparison (PPOTrainer left TRL in 1.13; pass --trl112 DIR to run TRL 1.12's)")
+        write_json(args.json, record)
         return 0
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join([args.trl112, str(REPO)])}
     cmd = [sys.executable, str(REPO / "benchmarks/ppo_trl112.py"), f"--steps={args.steps}",
@@ -104,7 +111,16 @@ def main() -> int:
           f"step 1 {trl['first_step_s']:.1f} s), {memory_label()} {trl['peak_rss_mib']:.0f}")
     print(f"  ours/TRL speed per update: {trl['step_s'] / step:.2f}x"
           + ("" if args.reward else "  (ours scores with a programmatic reward, TRL with a reward model forward)"))
+    record["sides"]["trl"] = {"s_per_step": trl["step_s"], "peak_mib": trl["peak_rss_mib"]}
+    record.update(ratio=trl["step_s"] / step, memory_ratio=ours["peak_mib"] / trl["peak_rss_mib"])
+    write_json(args.json, record)
     return 0
+
+
+def write_json(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

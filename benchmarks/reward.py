@@ -1,28 +1,28 @@
 """`align reward` against a plain TRL RewardTrainer script: same model, pairs, LoRA, batch and steps.
 
     python benchmarks/reward.py                          # QLoRA on the embedded SmolLM2-135M, 12 steps
+    python benchmarks/reward.py --size 1.5b --batch 32 --steps 8     # on a GPU: the 1.5b stand-in
     python benchmarks/reward.py --steps 20 --quantize false --model /path/to/model
 
 The pairs are made from the shipped SFT data as K=3 rankings (the answer > its first two
 sentences > a rude rewrite), 3 pairs per prompt; the default batch of 6 holds two whole
 rankings, so our ranking-grouped batches and TRL's shuffled ones hold the same number of pairs.
-Both sides start from the base (from_sft=false) and skip evaluation, so only training is timed.
-Each side runs in its own process (peak RSS is its own) and prints tokens/s, peak memory, the
-ratio ours/TRL, and achieved GFLOP/s against this machine's measured fp32 matmul peak. FLOPs are
-4·N·tokens (forward 2N + backward through the activations 2N, frozen base), N being the
-classifier's parameters less the embedding (a lookup: a reward model has no LM head).
+Both sides read the pairs through align's loader (the same chat-formatted conversations, so the
+same tokens), start from the base (from_sft=false) and skip evaluation, so only training is
+timed. Each side runs in its own process and prints tokens/s (non-pad tokens over steps 2..N:
+benchmarks/_common.py), peak memory, the ratio ours/TRL, and achieved GFLOP/s against this
+machine's measured matmul peak. FLOPs are 4·N·tokens (forward 2N + backward through the
+activations 2N, frozen base), N being the classifier's parameters less the embedding (a lookup:
+a reward model has no LM head). `--ours KEY=VALUE` passes align overrides to our side only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +30,18 @@ sys.path.insert(0, str(REPO))
 
 from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     SIZES,
+    StepClock,
+    child_result,
     cuda,
     matmul_peak_gflops,
-    memory_label,
     model_kwargs,
-    peak_memory_mib,
+    report,
+    run_sides,
     sized_model,
     trl_device_args,
 )
+
+BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}
 
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
 FLOPS_PER_PARAM = 4  # per token: forward 2N, backward through the activations 2N
@@ -75,37 +79,33 @@ def write_pairs(path: Path) -> Path:
     return path
 
 
-def run_ours(args, out: Path, data: Path) -> dict:
+def run_ours(args, out: Path, data: Path, clock: StepClock) -> None:
     from alignment.cli import main as align
-    from alignment.tracking import read_jsonl
 
-    t = time.perf_counter()
+    clock.watch_align()
     rc = align(["reward", "--config", str(REPO / "configs/quickstart/reward.yaml"), f"model.name={args.model}",
                 "from_sft=false", f"model.quantize={str(args.quantize).lower()}", f"run.dir={out}",
                 f"data.path={data}", "data.test_fraction=0", f"train.max_steps={args.steps}",
                 f"train.batch_size={args.batch}", f"model.max_length={args.max_length}", "run.wandb=disabled",
-                f"train.eval_steps={args.steps + 1}", "train.logging_steps=1"])
-    assert rc == 0
-    rows = read_jsonl(out / "reward" / "metrics.jsonl")
-    end = [r for r in rows if "train_runtime" in r][-1]
-    tokens = max(r.get("num_tokens", 0) for r in rows)
-    return {"train_runtime": end["train_runtime"], "tokens": tokens, "wall": time.perf_counter() - t}
+                f"train.eval_steps={args.steps + 1}", "train.logging_steps=1", *args.ours])
+    assert rc == 0, f"align reward exited {rc}"
 
 
-def run_trl(args, out: Path, data: Path) -> dict:
+def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
     """What a TRL user writes: RewardTrainer on a 4-bit classifier with a LoRA that saves `score`."""
-    from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from alignment.modeling import resolve_model_path
+    from alignment.preferences import load_preferences
 
     path = resolve_model_path(args.model)
-    kwargs = model_kwargs(args.quantize, num_labels=1)
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(path, **model_kwargs(args.quantize, num_labels=1))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    dataset = load_dataset("json", data_files=str(data), split="train").remove_columns(["margin", "task_id"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # The same pairs, in the same chat format, as ours reads them.
+    dataset = load_preferences(data, test_fraction=0, seed=42)[0]["train"].remove_columns(["task_id"])
     config = RewardConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                           learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1,
                           max_length=args.max_length, **trl_device_args(),
@@ -113,27 +113,24 @@ def run_trl(args, out: Path, data: Path) -> dict:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="SEQ_CLS",
                       modules_to_save=["score"])
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=lora)
+                            peft_config=lora, callbacks=[clock.callback()])
     # TRL casts a 4-bit model's trainable weights to bf16 (its GPU recipe); with fp32 compute on CPU
     # the score head then fails (float != BFloat16), so a TRL user on CPU must cast them back.
     for param in trainer.model.parameters():
         if param.requires_grad and not cuda():
             param.data = param.data.float()
-    t = time.perf_counter()
-    result = trainer.train()
-    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
-    return {"train_runtime": result.metrics["train_runtime"], "tokens": tokens, "wall": time.perf_counter() - t}
+    trainer.train()
 
 
 def child(args) -> None:
     from alignment.cli import setup_environment
 
     setup_environment()
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs.jsonl")
-        result = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data)
-    result["peak_mib"] = peak_memory_mib()
-    print("RESULT " + json.dumps(result))
+        (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, clock)
+    child_result(clock.figures())
 
 
 def main() -> None:
@@ -141,10 +138,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
                         "(random weights, the embedded tokenizer; replaces --model)")
-    parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--quantize", default=True, **BOOL)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
+    parser.add_argument("--json", help="append the figures to this file as one JSON line")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -154,30 +153,16 @@ def main() -> None:
 
     # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
     peak = matmul_peak_gflops()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    results = {}
-    for side in ("trl", "ours"):
-        cmd = [sys.executable, __file__, "--child", side, "--model", args.model, "--quantize", str(args.quantize),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][7:])
-
+    results = run_sides(__file__, [
+        "--model", args.model, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch",
+        str(args.batch), "--max-length", str(args.max_length), "--ours", *args.ours])
     peak = max(peak, matmul_peak_gflops())
-    n = matmul_params(args.model)
-    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (fp32 base)"
-    print(f"\nreward · {args.model} · {mode} · batch {args.batch} pairs · {args.steps} steps · "
-          f"max_length {args.max_length}")
-    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{memory_label():>14}{'GFLOP/s':>10}{'% of peak':>11}")
-    for side, r in results.items():
-        r["tokens_per_s"] = r["tokens"] / r["train_runtime"]
-        gflops = FLOPS_PER_PARAM * n * r["tokens_per_s"] / 1e9
-        print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['train_runtime'] / args.steps:>9.2f}{r['peak_mib']:>14.0f}"
-              f"{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
-    ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   ({'bf16' if cuda() else 'fp32'} matmul peak measured now: {peak:.0f} GFLOP/s)")
+    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
+    name = args.size or Path(args.model).name
+    title = (f"reward · {name} · {mode} · batch {args.batch} pairs · {args.steps} steps · max_length "
+             f"{args.max_length}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
+    report("reward", title, results, FLOPS_PER_PARAM * matmul_params(args.model), peak, args.json,
+           {"model": name, "quantize": args.quantize, "batch": args.batch, "ours_overrides": args.ours})
 
 
 if __name__ == "__main__":

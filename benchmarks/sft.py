@@ -1,24 +1,26 @@
 """`align sft` against a plain TRL SFTTrainer script: same model, data, LoRA, batch and steps.
 
     python benchmarks/sft.py                       # QLoRA on the embedded SmolLM2-135M, 12 steps
+    python benchmarks/sft.py --size 1.5b --batch 64 --steps 8        # on a GPU: the 1.5b stand-in
     python benchmarks/sft.py --quantize false --steps 20 --model /path/to/model
 
-Each side runs in its own process (so peak RSS is its own), one after the other, and prints
-tokens/s, peak memory, the ratio ours/TRL, and achieved GFLOP/s against this machine's measured
-fp32 matmul peak. FLOPs are counted as 4·N·tokens for the frozen base (forward 2N + the
-backward pass through activations 2N; no weight gradients for frozen weights), where N is the
-number of base parameters; the LoRA weights add under 1 %.
+Each side runs in its own process (so peak memory is its own), one after the other, and prints
+tokens/s (non-pad tokens over steps 2..N, timed alike: benchmarks/_common.py), peak memory, the
+ratio ours/TRL, and achieved GFLOP/s against this machine's measured matmul peak. FLOPs are
+counted as 4·N per token for the frozen base (forward 2N + the backward pass through
+activations 2N; no weight gradients for frozen weights; a checkpointed forward's recompute is
+not counted: it is overhead, not work), where N is the base's parameters; LoRA adds under 1 %.
+
+Ours runs as `align sft` decides (its `auto` levers: checkpointing only when memory needs it,
+Liger where installed, length-grouped batches by default); `--ours KEY=VALUE` passes any align
+override to our side only (e.g. `--ours model.gradient_checkpointing=on` for the same memory as TRL).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,35 +28,33 @@ sys.path.insert(0, str(REPO))
 
 from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     SIZES,
-    cuda,
+    StepClock,
+    child_result,
     matmul_peak_gflops,
-    memory_label,
     model_kwargs,
     n_params,
-    peak_memory_mib,
+    report,
+    run_sides,
     sized_model,
     trl_device_args,
 )
 
+BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}
 
-def run_ours(args, out: Path) -> dict:
+
+def run_ours(args, out: Path, clock: StepClock) -> None:
     from alignment.cli import main as align
-    from alignment.tracking import read_jsonl
 
-    t = time.perf_counter()
+    clock.watch_align()
     rc = align(["sft", "--config", str(REPO / "configs/quickstart/sft.yaml"), f"model.name={args.model}",
                 f"model.quantize={str(args.quantize).lower()}", f"run.dir={out}", f"train.max_steps={args.steps}",
                 f"train.batch_size={args.batch}", "data.eval_fraction=0", "run.wandb=disabled",
                 f"model.max_length={args.max_length}", f"train.eval_steps={args.steps + 1}",
-                "train.logging_steps=1", f"data.group_by_length={str(args.group_by_length).lower()}"])
-    assert rc == 0
-    rows = read_jsonl(out / "sft" / "metrics.jsonl")
-    end = [r for r in rows if "train_runtime" in r][-1]
-    tokens = max(r.get("num_tokens", 0) for r in rows)
-    return {"train_runtime": end["train_runtime"], "tokens": tokens, "wall": time.perf_counter() - t}
+                "train.logging_steps=1", f"data.group_by_length={str(args.group_by_length).lower()}", *args.ours])
+    assert rc == 0, f"align sft exited {rc}"
 
 
-def run_trl(args, out: Path) -> dict:
+def run_trl(args, out: Path, clock: StepClock) -> None:
     """What a TRL user writes: SFTTrainer with a peft LoraConfig and a 4-bit base."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,8 +64,7 @@ def run_trl(args, out: Path) -> dict:
     from alignment.modeling import resolve_model_path
 
     path = resolve_model_path(args.model)
-    kwargs = model_kwargs(args.quantize)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(args.quantize))
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset, _ = load_sft_dataset(REPO / "data/support/train.jsonl")
     config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -74,22 +73,18 @@ def run_trl(args, out: Path) -> dict:
                        report_to=[], save_strategy="no", seed=42)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora)
-    t = time.perf_counter()
-    result = trainer.train()
-    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
-    return {"train_runtime": result.metrics["train_runtime"], "tokens": tokens, "wall": time.perf_counter() - t}
+                         peft_config=lora, callbacks=[clock.callback()])
+    trainer.train()
 
 
 def child(args) -> None:
     from alignment.cli import setup_environment
 
     setup_environment()
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
-        result = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp))
-    result["peak_mib"] = peak_memory_mib()
-    print("RESULT " + json.dumps(result))
-
+        (run_ours if args.child == "ours" else run_trl)(args, Path(tmp), clock)
+    child_result(clock.figures())
 
 
 def main() -> None:
@@ -97,12 +92,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
                         "(random weights, the embedded tokenizer; replaces --model)")
-    parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    parser.add_argument("--quantize", default=True, **BOOL)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--group-by-length", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+    parser.add_argument("--group-by-length", default=True, **BOOL,
                         help="ours only: batches of similar length, as the quickstart (default true)")
+    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
+    parser.add_argument("--json", help="append the figures to this file as one JSON line")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -112,32 +109,18 @@ def main() -> None:
 
     # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
     peak = matmul_peak_gflops()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    results = {}
-    for side in ("trl", "ours"):
-        cmd = [sys.executable, __file__, "--child", side, "--model", args.model, "--quantize", str(args.quantize),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
-               "--group-by-length", str(args.group_by_length)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][7:])
-
+    results = run_sides(__file__, [
+        "--model", args.model, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch",
+        str(args.batch), "--max-length", str(args.max_length), "--group-by-length", str(args.group_by_length),
+        "--ours", *args.ours])
     peak = max(peak, matmul_peak_gflops())
-    n = n_params(args.model)
-    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (fp32 base)"
+    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
     grouped = "ours grouped by length" if args.group_by_length else "both shuffled"
-    print(f"\nSFT · {args.model} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length}"
-          f" · {grouped}")
-    print(f"{'':8}{'tokens/s':>10}{memory_label():>14}{'GFLOP/s':>10}{'% of peak':>11}")
-    for side, r in results.items():
-        tps = r["tokens"] / r["train_runtime"]
-        gflops = 4 * n * tps / 1e9
-        r["tokens_per_s"] = tps
-        print(f"{side:8}{tps:>10.1f}{r['peak_mib']:>14.0f}{gflops:>10.1f}{100 * gflops / peak:>10.1f}%")
-    ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio ours/TRL tokens/s: {ratio:.2f}x   ({'bf16' if cuda() else 'fp32'} matmul peak measured now: {peak:.0f} GFLOP/s)")
+    name = args.size or Path(args.model).name
+    title = (f"SFT · {name} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length} · "
+             f"{grouped}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
+    report("sft", title, results, 4 * n_params(args.model), peak, args.json,
+           {"model": name, "quantize": args.quantize, "batch": args.batch, "ours_overrides": args.ours})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from alignment.artifacts import is_main_process, print_done, stage_dir, write_ma
 from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
+from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, use_liger
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -96,6 +97,11 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- model ------------------------------------------------------------------------------
     model = policy_with_reference(model_cfg, plan, sft)
+    # A step's backward holds batch_size pairs (chosen + rejected); the reference's forward keeps nothing.
+    plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
+                             tokens_per_step=2 * cfg.train.batch_size * cfg.model.max_length)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
     configure_wandb(cfg.run, "dpo")
@@ -146,7 +152,7 @@ def main(cfg: DPOStageConfig) -> Path:
     parents = {"sft": sft, "preferences": data_path}
     write_manifest(
         out, stage="dpo", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
+        device_plan=levers, gpu_peak_mib=peak_gpu_mib(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped},

@@ -75,11 +75,12 @@ def kl_from(model, tokenizer, prompts: list[str], responses: list[str], policy: 
             batch_size: int = 8) -> list[float]:
     """Per-response KL(policy ‖ reference) summed over the response tokens."""
     tokenizer.padding_side = "right"
+    device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         heads = [chat_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
         texts = [h + r + tokenizer.eos_token for h, r in zip(heads, responses[i:i + batch_size], strict=True)]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         mask = enc["attention_mask"].clone()
         for j, h in enumerate(heads):  # score only the response's tokens
             mask[j, : len(tokenizer(h, add_special_tokens=False)["input_ids"])] = 0
@@ -164,7 +165,7 @@ def main(cfg: EvalStageConfig) -> Path:
         responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
     kl = {name: kl_from(model, tokenizer, prompts, responses[name], name, cfg.baseline)
           for name in paths if name != cfg.baseline}
-    del model
+    del model, policy  # the policies leave the GPU before the reward model comes onto it
 
     # --- judge ------------------------------------------------------------------------------
     judges = judge(cfg, prompts, responses)

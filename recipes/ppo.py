@@ -51,6 +51,7 @@ from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
 from alignment.distributed import Ranks
 from alignment.generation import chat_prompt
+from alignment.gpu_training import peak_gpu_mib
 from alignment.modeling import (
     adapter_base_name,
     device_plan,
@@ -110,7 +111,11 @@ def build_policy(cfg: PPOStageConfig, plan, sft: Path | None):
         model = PeftModel.from_pretrained(base, str(sft), is_trainable=True)
         model.load_adapter(str(sft), adapter_name="ref", is_trainable=False)
         model.set_adapter("default")
-    keep_trainable_in(model, torch.float32 if plan.device == "cpu" else plan.compute_dtype)
+    # fp32 adapters on every device: this loop has no autocast and no master weights, and Adam's steps at
+    # PPO's learning rates (1e-5) are below bf16's resolution for LoRA weights of ~1e-2 (2^-8 relative), so
+    # bf16 adapters would silently stop learning. peft runs the LoRA path in fp32 and casts its output back
+    # to the base's dtype; the LoRA matmuls are a small part of a step.
+    keep_trainable_in(model, torch.float32)
     # No dropout anywhere: the log-probs of a rollout and of its PPO epochs must be the same function.
     model.eval()
     return model
@@ -364,10 +369,11 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage="ppo", config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
+        device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
         reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
-                                                            "eval_accuracy": gate_figures.get("eval_accuracy")},
+                                                            "eval_accuracy": gate_figures.get("eval_accuracy"),
+                                                            "device": gate_figures.get("device")},
         prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},
     )
     log_artifact("ppo", out, cfg.run.dir, parents)

@@ -29,6 +29,7 @@ from alignment.artifacts import is_main_process, print_done, stage_dir, write_ma
 from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
 from alignment.cpu import speed_up_cpu_training
 from alignment.data import DataError, file_hash
+from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, use_liger
 from alignment.modeling import (
     adapter_base_name,
     device_plan,
@@ -103,6 +104,11 @@ def main(cfg: RewardStageConfig) -> Path:
 
     # --- model ------------------------------------------------------------------------------
     model = reward_base(model_cfg, plan, sft if cfg.from_sft else None)
+    # A step holds batch_size pairs: a chosen and a rejected sequence each.
+    plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
+                             tokens_per_step=2 * cfg.train.batch_size * cfg.model.max_length)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
     configure_wandb(cfg.run, "reward")
@@ -167,7 +173,7 @@ def main(cfg: RewardStageConfig) -> Path:
     parents = {"sft": sft, "preferences": data_path} if cfg.from_sft else {"preferences": data_path}
     write_manifest(
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
+        device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},

@@ -20,6 +20,13 @@ from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset
+from alignment.gpu_training import (
+    describe_levers,
+    fit_checkpointing,
+    peak_gpu_mib,
+    use_liger,
+    use_padding_free,
+)
 from alignment.modeling import (
     device_plan,
     load_base_model,
@@ -43,11 +50,13 @@ def count_truncated(dataset, tokenizer, max_length: int) -> int:
     return n
 
 
-def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool) -> SFTConfig:
+def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool, padding_free: bool = False) -> SFTConfig:
     """TRL's SFTConfig from ours: the shared mapping (alignment.training) plus SFT's own keys."""
     return trl_args(
         SFTConfig, cfg.train, plan, cfg.run, "sft", out, has_eval=has_eval,
-        max_length=cfg.model.max_length,
+        # Padding-free: TRL enforces no max_length there; main() checked that every example fits.
+        max_length=None if padding_free else cfg.model.max_length,
+        padding_free=padding_free,
         packing=cfg.data.packing,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         completion_only_loss=True,
@@ -80,11 +89,17 @@ def main(cfg: SFTStageConfig) -> Path:
 
     # --- model ------------------------------------------------------------------------------
     model = load_base_model(cfg.model, plan)
+    plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
+                             tokens_per_step=cfg.train.batch_size * cfg.model.max_length)
+    padding_free = use_padding_free(cfg.data.padding_free, plan, cfg.model.attn_implementation, truncated)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), padding_free=padding_free,
+                             compile=cfg.train.compile)
+    log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
     configure_wandb(cfg.run, "sft")
     has_eval = eval_dataset is not None
-    args = sft_args(cfg, plan, out, has_eval)
+    args = sft_args(cfg, plan, out, has_eval, padding_free)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -111,7 +126,7 @@ def main(cfg: SFTStageConfig) -> Path:
     save_config(cfg, out / "config.yaml")
     write_manifest(
         out, stage="sft", config=to_dict(cfg), base_model=cfg.model.name,
-        parents={}, metrics=metrics, device_plan=plan.describe(),
+        parents={}, metrics=metrics, device_plan=levers, gpu_peak_mib=peak_gpu_mib(),
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": truncated,
               "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0},

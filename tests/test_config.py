@@ -29,6 +29,16 @@ def test_defaults_and_dotted_overrides():
     assert cfg.model.name == "smollm2-135m"
 
 
+def test_on_off_switches_accept_yaml_booleans_and_liger_auto():
+    """YAML 1.1 reads a bare `on`/`off` as true/false: the on|off|auto switches take them as meant."""
+    cfg = load_config(C.SFTStageConfig, None, ["model.gradient_checkpointing=on", "data.padding_free=off",
+                                               "train.liger=auto"])
+    assert cfg.model.gradient_checkpointing == "on" and cfg.data.padding_free == "off" and cfg.train.liger == "auto"
+    assert load_config(C.SFTStageConfig, None, ["train.liger=true"]).train.liger is True
+    with pytest.raises(C.ConfigError, match="train.liger"):
+        load_config(C.SFTStageConfig, None, ["train.liger=sometimes"])
+
+
 def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rate: 0.1\n")

@@ -1,0 +1,135 @@
+"""What a training step does on a GPU beyond TRL's defaults: each a config switch with an `auto`.
+
+    model.gradient_checkpointing: auto   on only when the step's activations would not fit in free GPU memory
+    train.liger: auto                     Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) with CUDA + liger-kernel
+    data.padding_free: auto               SFT batches as one flat sequence (no padding), with a varlen attention
+    train.compile: false                  torch.compile of the model (opt-in: minutes of compiling first)
+
+Each `auto` is decided once per stage, logged, and recorded in the stage's manifest (`device_plan`).
+On CPU every `auto` is off: alignment.modeling's CPU parts (speed_up_cpu_training) apply there.
+benchmarks/README.md says what each is expected to do and what has been measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+import torch
+
+from alignment.modeling import DevicePlan, _local_gpu, check_liger
+
+log = logging.getLogger(__name__)
+
+# Headroom kept free when deciding checkpointing: the optimizer's states (LoRA: small), the fused LM
+# head's chunks, cuBLAS workspaces and the caching allocator's fragmentation.
+RESERVE_BYTES = 2 * 2**30
+SAFETY = 1.25  # the activation estimate is multiplied by this before comparing with free memory
+
+
+def activation_bytes_per_token(config, dtype: torch.dtype, lora_dropout: bool = True) -> int:
+    """What autograd keeps per token for the backward of one decoder layer (Llama-like, LoRA on every linear).
+
+    Counted from what each op saves for its backward (a frozen weight's matmul keeps no input), in
+    units of the hidden size h, the MLP size i and the key/value width kv, at `dtype`'s bytes (b):
+    the two RMSNorms (input in fp32, the normalised output: (4 + 2b)h each), the LoRA paths' inputs
+    and RoPE'd q, k (~5h + 2kv), SDPA's q, k, v, output (2h + 2kv), the SiLU-gated MLP's gate, up,
+    product and down input (4i), and with LoRA dropout a dropped copy and a mask of each linear
+    layer's input (7 inputs: 6h + i, at 4 + 1 bytes: peft runs an fp32 adapter's path in fp32).
+    tests/test_gpu_training.py checks it against the bytes autograd really saves on a small Llama
+    (bf16, with and without autocast and dropout): at or above them, by less than half.
+    """
+    b = torch.finfo(dtype).bits // 8
+    h = config.hidden_size
+    i = config.intermediate_size
+    heads = config.num_attention_heads
+    kv = h // heads * getattr(config, "num_key_value_heads", heads)
+    per_layer = 2 * (4 + 2 * b) * h + b * (5 * h + 2 * kv) + b * (2 * h + 2 * kv) + b * 4 * i
+    if lora_dropout:
+        per_layer += (4 + 1) * (6 * h + i)
+    return per_layer * config.num_hidden_layers
+
+
+def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: int) -> DevicePlan:
+    """`model.gradient_checkpointing: auto` settled once the model is on the GPU: on only if memory needs it.
+
+    Checkpointing recomputes each layer's forward in the backward pass: with a frozen base (LoRA,
+    QLoRA) that is a third more matmul work per step (forward 2N + backward 2N + recompute 2N
+    FLOPs per token instead of 4N). It is worth it only when the activations of the longest batch
+    (`tokens_per_step`: batch × max_length, padded) would not fit in what the loaded model leaves
+    free. Sharded setups (FSDP, DeepSpeed) keep it on: the estimate does not know their layout.
+    """
+    if setting != "auto" or plan.device != "cuda":
+        return plan
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return replace(plan, gradient_checkpointing=True)
+    free, _ = torch.cuda.mem_get_info(_local_gpu())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    needed = activation_bytes_per_token(config, plan.compute_dtype) * tokens_per_step
+    fits = needed * SAFETY + RESERVE_BYTES < free
+    log.info("gradient checkpointing auto: the longest batch's activations need ~%.1f GiB without it, %.1f GiB "
+             "is free: %s", needed / 2**30, free / 2**30, "off (it fits)" if fits else "on (it does not fit)")
+    return replace(plan, gradient_checkpointing=not fits)
+
+
+def use_liger(setting: bool | str) -> bool:
+    """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there).
+
+    TRL 1.16 applies Liger's layer kernels only (RMSNorm, SwiGLU, RoPE) and refuses Liger's fused
+    linear cross-entropy: its own fused LM head (chunked log-probs at labelled positions, Triton on
+    CUDA) already keeps the full-vocabulary logits out of memory.
+    """
+    if setting == "auto":
+        if not torch.cuda.is_available():
+            return False
+        import importlib.util
+
+        return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+    check_liger(setting)
+    return bool(setting)
+
+
+def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | None, truncated: int) -> bool:
+    """`data.padding_free` for SFT: each batch as one flat sequence, sequences told apart by position_ids.
+
+    The maths is the padded batch's on any attention (tests/test_gpu_training.py): transformers builds
+    a block-diagonal causal mask from position_ids when no attention mask is given (masking_utils.
+    find_packed_sequence_indices), for sdpa and eager too. But sdpa then attends over the whole flat
+    batch with a dense mask, O((batch × length)^2): only a varlen kernel (flash attention) skips the
+    masked blocks. So auto is on with CUDA and a flash attention implementation, off otherwise.
+    TRL enforces no max_length in this mode, so it needs every example to fit in model.max_length
+    (align sft counts the ones that do not).
+    """
+    if setting == "off":
+        return False
+    if truncated:
+        if setting == "on":
+            from alignment import StageError
+
+            raise StageError(f"data.padding_free=on: {truncated} examples are longer than model.max_length and TRL "
+                             "does not truncate in padding-free mode; raise model.max_length, or use "
+                             "data.padding_free=off")
+        return False
+    if setting == "on":
+        return True
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return plan.device == "cuda" and is_flash_attention_requested(requested_attention_implementation=attn_implementation)
+
+
+def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None = None, compile: bool = False) -> str:
+    """One line for the log and the manifest: the device plan and each GPU lever as decided."""
+    parts = [plan.describe(), f"liger {'on' if liger else 'off'}"]
+    if padding_free is not None:
+        parts.append(f"padding-free {'on' if padding_free else 'off'}")
+    parts.append(f"torch.compile {'on' if compile else 'off'}")
+    return " · ".join(parts)
+
+
+def peak_gpu_mib() -> float | None:
+    """This process's peak GPU memory so far (torch's allocations), for the manifest; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)

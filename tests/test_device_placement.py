@@ -1,0 +1,199 @@
+"""Every path that hands tensors to a model builds them on the model's device, not the CPU's.
+
+Run on a CPU-only machine with a second device that has values (tests/other_device.py): the model
+is moved there, the code under test runs unchanged, and each result must equal the same code's on
+the CPU. An op that mixes the device with a CPU tensor fails as it does on a GPU, so
+`align eval`'s kl_from (CPU token ids into a CUDA model, seen on an H200) fails here without its fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from other_device import DEVICE, OnDevice, other_device, unwrap
+
+from alignment.config import GenerationConfig, PPOStageConfig, load_config
+from alignment.generation import Policy, generate
+from alignment.modeling import DevicePlan, load_tokenizer
+
+PROMPTS = ["How do I sync?", "Where is export?", "Can I share a note?"]
+CPU_PLAN = DevicePlan("cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
+
+
+def lora_adapter(base: str, folder: Path, seed: int, task_type: str = "CAUSAL_LM") -> Path:
+    """A LoRA adapter with random (not zero) B matrices, so that two of them are two different policies."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task_type == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        model.config.pad_token_id = load_tokenizer(base).pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=task_type, init_lora_weights=False,
+                        modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    get_peft_model(model, config).save_pretrained(str(folder))
+    load_tokenizer(base).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("device-adapters")
+    reward = lora_adapter(tiny_model, root / "reward", 3, "SEQ_CLS")
+    (reward / "align.json").write_text(json.dumps({"stage": "reward", "base_model": tiny_model,
+                                                   "metrics": {"eval_accuracy": 1.0}}))
+    return {"sft": lora_adapter(tiny_model, root / "sft", 1), "dpo": lora_adapter(tiny_model, root / "dpo", 2),
+            "reward": reward}
+
+
+def test_the_second_device_refuses_what_a_gpu_refuses_and_computes_what_the_cpu_does():
+    torch.manual_seed(0)
+    layer = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([[1, 2, 3]])
+    expected = layer(ids)
+    with other_device():
+        layer.to(DEVICE)
+        assert isinstance(layer.weight, OnDevice) and layer.weight.device == DEVICE
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+            layer(ids)
+        out = layer(ids.to(DEVICE))
+        assert out.device == DEVICE and torch.equal(out.cpu(), expected)
+        out.sum().backward()
+        assert layer.weight.grad.device == DEVICE and unwrap(layer.weight.grad).abs().sum() > 0
+        assert (out * torch.tensor(2.0)).device == DEVICE  # a 0-dim CPU tensor is a scalar, as on CUDA
+        assert out[0, torch.tensor([0, 2])].shape == (2, 4)  # CPU indices into a device tensor, as on CUDA
+        assert out.sum().item() == pytest.approx(expected.sum().item())
+        with pytest.raises(TypeError, match="numpy"):
+            out.detach().numpy()
+
+
+# ---------------------------------------------------------------------------- sampling, eval
+
+
+def policies_on_one_base(tiny_model: str, adapters: dict[str, Path]):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapters["sft"]),
+                                      adapter_name="sft")
+    model.load_adapter(str(adapters["dpo"]), adapter_name="dpo")
+    return model.eval()
+
+
+def test_generate_on_the_device_gives_the_cpu_samples(tiny_model, adapters):
+    model = policies_on_one_base(tiny_model, adapters)
+    tokenizer = load_tokenizer(tiny_model)
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.9, top_p=0.95, batch_size=2)
+    on_cpu = generate(Policy(model, tokenizer, "sft", tiny_model), PROMPTS, gen, k=2, desc=None)
+    with other_device():
+        model.to(DEVICE)
+        on_device = generate(Policy(model, tokenizer, "sft", tiny_model), PROMPTS, gen, k=2, desc=None)
+    assert on_device == on_cpu and len(on_cpu) == 3 and all(len(r) == 2 for r in on_cpu)
+
+
+def test_eval_kl_from_on_the_device_gives_the_cpu_figures(tiny_model, adapters):
+    """The H200's failure: kl_from tokenized on the CPU and passed the ids to the CUDA model."""
+    from recipes.evaluate import kl_from
+
+    model = policies_on_one_base(tiny_model, adapters)
+    tokenizer = load_tokenizer(tiny_model)
+    responses = ["Open Settings and tap Sync.", "It is under File.", "Yes, tap Share."]
+    on_cpu = kl_from(model, tokenizer, PROMPTS, responses, "dpo", "sft", batch_size=2)
+    with other_device():
+        model.to(DEVICE)
+        on_device = kl_from(model, tokenizer, PROMPTS, responses, "dpo", "sft", batch_size=2)
+    assert on_device == pytest.approx(on_cpu, abs=1e-5)
+    assert all(k > 0 for k in on_cpu)  # two different random adapters: a KL above zero on each response
+
+
+def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):
+    from alignment.reward_model import load_reward_model, score
+
+    model, tokenizer = load_reward_model(adapters["reward"], CPU_PLAN)
+    responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share, then pick a person to share with."]
+    on_cpu = score(model, tokenizer, PROMPTS, responses, batch_size=2)
+    with other_device():
+        model.to(DEVICE)
+        on_device = score(model, tokenizer, PROMPTS, responses, batch_size=2)
+    assert on_device == pytest.approx(on_cpu, abs=1e-5) and len(set(on_cpu)) == 3
+
+
+# ---------------------------------------------------------------------------- PPO
+
+
+def ppo_config(tiny_model: str, sft: Path, **rl) -> PPOStageConfig:
+    return load_config(PPOStageConfig, None, [
+        f"model.name={tiny_model}", f"sft={sft}", "model.quantize=false", "generation.max_new_tokens=8",
+        "generation.temperature=0.7", "rl.rollout_prompts=3", "rl.minibatch_size=3", "rl.ppo_epochs=2",
+        "run.wandb=disabled", *(f"rl.{k}={v}" for k, v in rl.items())])
+
+
+def one_ppo_step(model, tokenizer, cfg, reward, device=None) -> dict[str, float]:
+    """A rollout, its rewards and one PPO update, as train_ppo runs them."""
+    from alignment import rl as R
+    from recipes.ppo import ValueHead, ppo_step, rollout
+
+    torch.manual_seed(0)
+    head = ValueHead(model.config.hidden_size)
+    if device is not None:
+        model.to(device)
+    head.to(next(model.parameters()).device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    roll = rollout(model, tokenizer, PROMPTS, cfg, step=1)
+    scores = torch.tensor(reward(PROMPTS, roll["texts"]), dtype=torch.float32, device=roll["mask"].device)
+    kl_ctl = R.kl_controller("fixed", cfg.rl.kl_coef, 6.0, 10000)
+    stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step=1, has_ref=True)
+    return {"texts": roll["texts"], "scores": unwrap(scores).tolist(), **stats}
+
+
+def test_a_ppo_step_on_the_device_matches_the_cpu_step(tiny_model, adapters):
+    from recipes.ppo import build_policy
+
+    cfg = ppo_config(tiny_model, adapters["sft"])
+    tokenizer = load_tokenizer(str(adapters["sft"]))
+
+    def words(prompts, responses):
+        return [len(r.split()) / 4 for r in responses]
+
+    cpu_model = build_policy(cfg, CPU_PLAN, adapters["sft"])
+    device_model = copy.deepcopy(cpu_model)
+    on_cpu = one_ppo_step(cpu_model, tokenizer, cfg, words)
+    with other_device():
+        on_device = one_ppo_step(device_model, tokenizer, cfg, words, DEVICE)
+        assert {p.device for p in device_model.parameters()} == {DEVICE}
+        trained = {n: unwrap(p).detach().clone() for n, p in device_model.named_parameters() if p.requires_grad}
+    assert on_device["texts"] == on_cpu["texts"]
+    for key in ("kl", "entropy", "policy/loss", "value/loss", "value/mean"):
+        assert on_device[key] == pytest.approx(on_cpu[key], abs=1e-4), key
+    moved = {n: p for n, p in cpu_model.named_parameters() if p.requires_grad}
+    assert trained.keys() == moved.keys()
+    assert all(torch.allclose(trained[n], moved[n].detach(), atol=1e-5) for n in moved)
+
+
+def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapters):
+    """rl.reward_on_policy_base: token ids and the score head follow the policy's device."""
+    from recipes.ppo import build_policy, shared_base_reward
+
+    cfg = ppo_config(tiny_model, adapters["sft"], reward_on_policy_base="true")
+    responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share."]
+    cpu_model = build_policy(cfg, CPU_PLAN, adapters["sft"])
+    device_model = copy.deepcopy(cpu_model)
+    on_cpu = shared_base_reward(cpu_model, adapters["reward"])(PROMPTS, responses)
+    with other_device():
+        device_model.to(DEVICE)
+        on_device = shared_base_reward(device_model, adapters["reward"])(PROMPTS, responses)
+        assert {p.device for p in device_model.parameters()} == {DEVICE}
+        loaded = {n: unwrap(p).detach().clone() for n, p in device_model.named_parameters() if ".reward." in n}
+    assert on_device == pytest.approx(on_cpu, abs=1e-5) and len(set(on_cpu)) == 3
+    # The reward adapter's weights did arrive on the device (a meta-like device would skip the copy).
+    expected = {n: p.detach() for n, p in cpu_model.named_parameters() if ".reward." in n}
+    assert loaded.keys() == expected.keys() and expected
+    assert all(torch.equal(loaded[n], expected[n]) for n in expected)
+    assert any(expected[n].abs().sum() > 0 for n in expected if "lora_B" in n)

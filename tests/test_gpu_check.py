@@ -1,0 +1,131 @@
+"""scripts/gpu_check.sh and gpu_prep.sh, the parts that run without a GPU or a network: the shell is valid,
+the summary table says what canned results say, a trimmed wheel still installs, and the stand-in of the
+embedded model loads as its architecture with its tokenizer. (The whole script ran here once in its
+smoke mode, without CUDA; benchmarks/README.md says how.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gpu_check  # noqa: E402  (scripts/, not a package)
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_prep.sh"])
+def test_the_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / script)]).returncode == 0
+
+
+def bench(step: str, kind: str, ratio: float, memory: float, pct: float, **extra) -> dict:
+    trl = {"tokens_per_s": 1000.0, "s_per_step": 1.0, "tokens_per_step": 1000, "peak_mib": 5000.0,
+           "pct_of_peak": pct / ratio}
+    ours = {**trl, "tokens_per_s": 1000.0 * ratio, "peak_mib": 5000.0 * memory, "pct_of_peak": pct}
+    return {"bench": kind, "step": step, "title": f"{kind} · 1.5b", "device": "NVIDIA H200", "ratio": ratio,
+            "memory_ratio": memory, "sides": {"trl": trl, "ours": ours}, **extra}
+
+
+@pytest.fixture
+def canned(tmp_path) -> tuple[Path, Path]:
+    out, run = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    (out / "steps.tsv").write_text("\n".join([
+        "install\t0\t12\tinstalled .gpu/wheels", "pipeline\t0\t140\tquickstart on CUDA", "pytest-gpu\t1\t95\tsee log",
+        "sft-qlora-b64\t0\t60\t", "dpo-qlora-b8\t0\t50\t", "ppo\t0\t55\treward model: the pipeline's",
+        "sft-qlora-b8\t124\t90\t", "sft-lora-b64\t-1\t0\tskipped: 12 s of the budget left"]) + "\n")
+    records = [bench("sft-qlora-b64", "sft", 1.62, 0.9, 27.5, model="1.5b", batch=64),
+               bench("dpo-qlora-b8", "dpo", 1.2, 1.1, 9.0, model="1.5b", batch=8),
+               {"bench": "ppo", "step": "ppo", "title": "PPO · 135M", "device": "NVIDIA H200", "reward_model": True,
+                "ratio": 1.7, "memory_ratio": 0.3, "sides": {"trl": {"s_per_step": 5.1, "peak_mib": 2795.0},
+                                                              "ours": {"s_per_step": 3.0, "peak_mib": 838.5}}}]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "pytest.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="9" failures="1" errors="0" skipped="0">'
+        '<testcase name="test_sft_on_the_gpu[true]"/><testcase name="test_dpo_on_the_gpu"><failure message="x"/>'
+        '</testcase></testsuite></testsuites>')
+    (run / "eval").mkdir(parents=True)
+    (run / "sft").mkdir()
+    (run / "sft" / "align.json").write_text(json.dumps({"gpu_peak_mib": 1234.5}))
+    (run / "ppo").mkdir()
+    (run / "ppo" / "align.json").write_text(json.dumps({"gpu_peak_mib": 900.0, "reward": {"device": "cuda:0"}}))
+    (run / "eval" / "align.json").write_text(json.dumps({"baseline": "sft", "policies": {
+        "sft": {"length": 20.0}, "dpo": {"kl": 0.33, "reward_model/win_rate": 0.625,
+                                         "scorer:support_style/win_rate": 0.688}}}))
+    return out, run
+
+
+def test_the_summary_is_one_table_of_every_step_with_its_goals(canned):
+    out, run = canned
+    table = gpu_check.summary(out, run)
+    lines = table.splitlines()
+    assert lines[0].startswith("align GPU check · NVIDIA H200 · 6.8 min")  # 407 s: pytest ran beside the pipeline
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in lines[3:-1]}
+    assert list(rows) == ["install", "pipeline", "pytest-gpu", "sft-qlora-b64 (1.5b, b64)", "dpo-qlora-b8 (1.5b, b8)",
+                          "ppo (135M)", "sft-qlora-b8", "sft-lora-b64"]
+    sft = rows["sft-qlora-b64 (1.5b, b64)"]
+    assert sft[1:3] == ["ok", "60"] and sft[5] == "1.62x" and sft[6] == "5000 / 4500"
+    assert sft[7] == "speed ✓ memory ✓ peak ✓" and "(27.5%)" in sft[4]
+    assert rows["dpo-qlora-b8 (1.5b, b8)"][7] == "speed ✗ memory ✗"
+    assert rows["ppo (135M)"][3:8] == ["5.10 s/update", "3.00 s/update", "1.70x", "2795 / 838", "speed ✓ memory ✓"]
+    assert rows["pytest-gpu"][1] == "failed (1)" and "8 passed, 1 failed, 0 skipped (test_dpo_on_the_gpu)" in \
+        rows["pytest-gpu"][7]
+    assert rows["sft-qlora-b8"][1] == "timed out" and rows["sft-lora-b64"][1] == "skipped"
+    assert "sft 1234 MiB; ppo 900 MiB; ppo's reward model on cuda:0" in rows["pipeline"][7] and "dpo vs sft: win reward_model 62%, support_style 69%, KL 0.33" \
+        in rows["pipeline"][7]
+    assert lines[-1].startswith("goals: ")
+
+
+def test_summary_command_writes_summary_md(canned):
+    out, run = canned
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/gpu_check.py"), "summary", str(out), str(run)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "summary.md").read_text().strip() == proc.stdout.strip()
+
+
+def test_a_trimmed_wheel_keeps_its_record_true_and_installs(tmp_path):
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    files = {"demo/__init__.py": "x = 1\n", "demo/libdemo_cuda130.so": "keep", "demo/libdemo_cuda121.so": "drop",
+             "demo/libdemo_rocm63.so": "drop"}
+    record = "".join(f"{name},,\n" for name in [*files, "demo-1.0.dist-info/METADATA", "demo-1.0.dist-info/WHEEL"])
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr("demo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+        z.writestr("demo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                              "Tag: py3-none-any\n")
+        z.writestr("demo-1.0.dist-info/RECORD", record + "demo-1.0.dist-info/RECORD,,\n")
+    assert gpu_check.trim_wheel(wheel, ["demo/libdemo_cuda121.so", "demo/libdemo_rocm*.so"]) == 0
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(n for n in z.namelist() if n.endswith(".so")) == ["demo/libdemo_cuda130.so"]
+        assert "rocm" not in z.read("demo-1.0.dist-info/RECORD").decode()
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (target / "demo").glob("*.so")) == ["libdemo_cuda130.so"]
+
+
+def test_the_standin_has_the_architecture_and_tokenizer_of_the_files_it_is_given(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    files = tmp_path / "model-files"  # what gpu_prep.sh carries: config and tokenizer, no weights
+    files.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (Path(tiny_model) / name).is_file():
+            (files / name).write_bytes((Path(tiny_model) / name).read_bytes())
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    assert gpu_check.standin(files) == 0
+    folder = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert model.config.to_dict()["hidden_size"] == AutoConfig.from_pretrained(tiny_model).hidden_size
+    assert AutoTokenizer.from_pretrained(str(folder)).get_vocab() == AutoTokenizer.from_pretrained(tiny_model).get_vocab()
+    assert "RANDOM WEIGHTS" in (folder / "SOURCE.md").read_text()
+    assert gpu_check.standin(files) == 0  # a second call keeps what is there

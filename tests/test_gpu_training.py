@@ -1,0 +1,226 @@
+"""The GPU levers (alignment/gpu_training.py) and the 4-bit preparation: each decided as documented, and
+each that changes how a step is computed keeps its maths (same loss and gradients on a tiny model)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from alignment import StageError
+from alignment.config import ModelConfig, SFTStageConfig, load_config
+from alignment.gpu_training import (
+    RESERVE_BYTES,
+    activation_bytes_per_token,
+    fit_checkpointing,
+    use_liger,
+    use_padding_free,
+)
+from alignment.modeling import DevicePlan, load_base_model
+
+CUDA_PLAN = DevicePlan("cuda", quantize=True, compute_dtype=torch.bfloat16, gradient_checkpointing=True)
+CPU_PLAN = DevicePlan("cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
+
+
+# ---------------------------------------------------------------------------- 4-bit base
+
+
+def first_layer_input_dtype(model) -> torch.dtype:
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).dtype),
+        with_kwargs=True)
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    hook.remove()
+    return seen[0]
+
+
+def test_a_4bit_base_keeps_the_residual_stream_in_the_compute_dtype(tiny_model):
+    """peft's prepare_model_for_kbit_training upcasts the embedding, norms and LM head to fp32, and with them every
+    layer's input: the cause of align's 1.6x peak GPU memory against TRL at batch 64. Ours leaves them bf16."""
+    from peft import prepare_model_for_kbit_training
+
+    plan = DevicePlan("cpu", quantize=True, compute_dtype=torch.bfloat16, gradient_checkpointing=False)
+    ours = load_base_model(ModelConfig(name=tiny_model), plan)
+    assert {p.dtype for p in ours.parameters() if type(p).__name__ != "Params4bit"} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in ours.parameters())
+    assert first_layer_input_dtype(ours) == torch.bfloat16
+
+    peft_way = prepare_model_for_kbit_training(load_base_model(ModelConfig(name=tiny_model), plan, training=False),
+                                               use_gradient_checkpointing=False)
+    assert first_layer_input_dtype(peft_way) == torch.float32  # what the cast did
+
+
+# ---------------------------------------------------------------------------- checkpointing
+
+
+def saved_activation_bytes(layers: int, dtype: torch.dtype, dropout: float, autocast: bool, tokens: int = 256) -> int:
+    """The bytes autograd keeps for backward (parameters excluded) in one forward of a small LoRA Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM")).train()
+    if not autocast:  # TRL's QLoRA recipe: adapters cast to bf16, no autocast needed for them
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 512, (4, tokens // 4))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=ids)
+    return sum(saved.values()), config
+
+
+@pytest.mark.parametrize("dtype,dropout,autocast", [(torch.bfloat16, 0.05, True), (torch.bfloat16, 0.0, True),
+                                                    (torch.bfloat16, 0.05, False), (torch.float32, 0.05, False)])
+def test_the_activation_estimate_bounds_what_autograd_keeps(dtype, dropout, autocast):
+    two, config = saved_activation_bytes(2, dtype, dropout, autocast)
+    four, _ = saved_activation_bytes(4, dtype, dropout, autocast)
+    per_layer_token = (four - two) / 2 / 256  # what one more layer costs per token
+    estimate = activation_bytes_per_token(config, dtype, lora_dropout=dropout > 0) / config.num_hidden_layers
+    assert per_layer_token <= estimate < 1.5 * per_layer_token, (per_layer_token, estimate)
+
+
+def test_checkpointing_auto_is_on_only_when_the_activations_do_not_fit(tiny_model, monkeypatch):
+    from transformers import AutoConfig
+
+    model = type("Loaded", (), {"config": AutoConfig.from_pretrained(tiny_model)})()
+    per_token = activation_bytes_per_token(model.config, torch.bfloat16)
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * free["bytes"]))
+
+    free["bytes"] = RESERVE_BYTES + 2 * per_token * 4096  # room for 4096 tokens of activations, and more
+    assert fit_checkpointing(CUDA_PLAN, "auto", model, tokens_per_step=4096).gradient_checkpointing is False
+    free["bytes"] = RESERVE_BYTES + per_token * 4096  # exactly 4096 tokens: under the 1.25 safety margin
+    assert fit_checkpointing(CUDA_PLAN, "auto", model, tokens_per_step=4096).gradient_checkpointing is True
+    # Asked for explicitly, on CPU, or sharded (FSDP/DeepSpeed): left as the plan says.
+    free["bytes"] = 2**50
+    assert fit_checkpointing(CUDA_PLAN, "on", model, 4096).gradient_checkpointing is True
+    assert fit_checkpointing(CPU_PLAN, "auto", model, 4096).gradient_checkpointing is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fit_checkpointing(CUDA_PLAN, "auto", model, 4096).gradient_checkpointing is True
+
+
+# ---------------------------------------------------------------------------- liger, padding-free
+
+
+def test_liger_auto_is_off_without_cuda_and_true_is_refused():
+    assert use_liger("auto") is False and use_liger(False) is False
+    with pytest.raises(StageError, match="train.liger=true needs CUDA"):
+        use_liger(True)
+
+
+def test_padding_free_auto_needs_cuda_and_a_flash_attention():
+    assert use_padding_free("auto", CPU_PLAN, "flash_attention_2", truncated=0) is False
+    assert use_padding_free("auto", CUDA_PLAN, None, truncated=0) is False  # sdpa: correct, but O((batch*len)^2)
+    assert use_padding_free("auto", CUDA_PLAN, "flash_attention_2", truncated=0) is True
+    assert use_padding_free("auto", CUDA_PLAN, "kernels-community/flash-attn3", truncated=0) is True
+    assert use_padding_free("auto", CUDA_PLAN, "flash_attention_2", truncated=3) is False
+    assert use_padding_free("on", CPU_PLAN, None, truncated=0) is True
+    with pytest.raises(StageError, match="3 examples are longer than model.max_length"):
+        use_padding_free("on", CPU_PLAN, None, truncated=3)
+
+
+def sft_trainer(tiny_model, data, tmp_path, padding_free: bool, attn: str):
+    from trl import SFTTrainer
+
+    from alignment.data import load_sft_dataset
+    from alignment.modeling import load_tokenizer, peft_lora_config
+    from recipes.sft import sft_args
+
+    cfg = load_config(SFTStageConfig, None, [f"model.name={tiny_model}", "run.wandb=disabled", "lora.dropout=0",
+                                             f"model.attn_implementation={attn}", "model.quantize=false"])
+    dataset, _ = load_sft_dataset(data)
+    torch.manual_seed(0)
+    model = load_base_model(cfg.model, CPU_PLAN)
+    lora = replace(peft_lora_config(cfg.lora), init_lora_weights=False)  # random B: every LoRA weight gets a gradient
+    return SFTTrainer(model=model, args=sft_args(cfg, CPU_PLAN, tmp_path, False, padding_free), train_dataset=dataset,
+                      processing_class=load_tokenizer(tiny_model), peft_config=lora)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_model, tmp_path, attn):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Ticket {i}: " + "sync? " * (1 + 3 * i), "input": "",
+                                          "output": "Open Settings and tap Sync." * (1 + i % 3)})
+                              for i in range(6)) + "\n")
+    results = {}
+    for padding_free in (False, True):
+        trainer = sft_trainer(tiny_model, data, tmp_path / str(padding_free), padding_free, attn)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+        assert ("attention_mask" in batch) != padding_free  # padded: a mask; flat: position_ids only
+        if padding_free:
+            assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        results[padding_free] = loss.item(), grads, int((batch["input_ids"] != -1).sum())
+    (padded_loss, padded_grads, padded_len), (flat_loss, flat_grads, flat_len) = results[False], results[True]
+    assert flat_len < padded_len  # the padding is gone
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert padded_grads.keys() == flat_grads.keys() and len(padded_grads) > 0
+    for name, grad in padded_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(flat_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_sft_records_the_levers_it_decided(tiny_model, sft_data, tmp_path):
+    from alignment.cli import main as align
+
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path}",
+                  "run.wandb=disabled", "train.max_steps=2", "train.batch_size=4", "data.eval_fraction=0",
+                  "model.max_length=96", "model.quantize=false", "data.padding_free=on"]) == 0
+    manifest = json.loads((tmp_path / "sft" / "align.json").read_text())
+    assert manifest["device_plan"].endswith("liger off · padding-free on · torch.compile off")
+    assert manifest["gpu_peak_mib"] is None  # no CUDA here
+
+
+def test_train_compile_compiles_the_model_and_keeps_the_losses(tiny_model, sft_data, tmp_path):
+    """train.compile reaches the trainer (the model it trains is torch.compile's), with the same losses.
+
+    Compiled with dynamo's aot_eager backend (the traced graphs run eagerly): inductor's code generation
+    takes minutes on this CPU and is torch's to get right; what align owns is that the switch compiles."""
+    from accelerate.state import AcceleratorState
+    from trl import SFTTrainer
+
+    from alignment.data import load_sft_dataset
+    from alignment.modeling import load_tokenizer, peft_lora_config
+    from recipes.sft import sft_args
+
+    def train(compile: bool):
+        cfg = load_config(SFTStageConfig, None, [
+            f"model.name={tiny_model}", "run.wandb=disabled", "lora.dropout=0", "model.quantize=false",
+            "train.max_steps=3", "train.batch_size=4", f"train.compile={str(compile).lower()}", "model.max_length=96",
+            "train.logging_steps=1", "train.warmup_ratio=0"])
+        args = sft_args(cfg, CPU_PLAN, tmp_path / str(compile), False)
+        assert args.torch_compile is compile
+        if compile:
+            args.torch_compile_backend = "aot_eager"
+        AcceleratorState._reset_state(True)  # the compile settings live in accelerate's process-wide state
+        torch.manual_seed(0)
+        trainer = SFTTrainer(model=load_base_model(cfg.model, CPU_PLAN), args=args,
+                             train_dataset=load_sft_dataset(sft_data)[0], processing_class=load_tokenizer(tiny_model),
+                             peft_config=peft_lora_config(cfg.lora))
+        trainer.train()
+        AcceleratorState._reset_state(True)
+        return type(trainer.model_wrapped).__name__, [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+    (eager_kind, eager), (compiled_kind, compiled) = train(False), train(True)
+    assert eager_kind != "OptimizedModule" and compiled_kind == "OptimizedModule"
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
