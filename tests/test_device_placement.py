@@ -179,7 +179,8 @@ def test_a_ppo_step_on_the_device_matches_the_cpu_step(tiny_model, adapters):
 
 def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapters):
     """rl.reward_on_policy_base: token ids and the score head follow the policy's device."""
-    from recipes.ppo import build_policy, shared_base_reward
+    from alignment.reward_model import shared_base_reward
+    from recipes.ppo import build_policy
 
     cfg = ppo_config(tiny_model, adapters["sft"], reward_on_policy_base="true")
     responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share."]
