@@ -219,8 +219,12 @@ class ExportStageConfig:
     output: str | None = None  # default <run.dir>/preferences
     batches: list[str] | None = None  # default: every batch
     ties: Literal["drop", "margin0"] = "drop"
-    combine: Literal["majority", "bradley_terry"] = "majority"
+    # Several annotators on a task: majority vote per pair, a Bradley-Terry fit, or dawid_skene: each
+    # vote weighed by its annotator's estimated reliability, pairs with a soft label (p_chosen) and a weight.
+    combine: Literal["majority", "bradley_terry", "dawid_skene"] = "majority"
     min_agreement: float | None = bounded(None, ge=0, le=1)
+    # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
+    min_posterior: float | None = bounded(None, ge=0.5, le=1)
     test_fraction: float = bounded(0.1, ge=0, lt=1)
     seed: int = bounded(0, ge=0, lt=2**32)
     jsonl: bool = False
@@ -229,6 +233,9 @@ class ExportStageConfig:
     def validate(self, prefix: str = "") -> None:
         if self.batches is not None and not self.batches:
             raise ConfigError(f"{prefix}batches: an empty list exports nothing; leave it null for every batch")
+        if self.min_posterior is not None and self.combine != "dawid_skene":
+            raise ConfigError(f"{prefix}min_posterior={self.min_posterior} needs combine=dawid_skene (only its pairs "
+                              f"have a posterior); with combine={self.combine} leave it null")
 
 
 @dataclass
