@@ -258,6 +258,11 @@ class RewardStageConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2.0))
     use_margin: bool = False  # use the export's margin column in the Bradley-Terry loss
+    # Per-pair reliability in the loss (align export combine=dawid_skene's columns): soft = the posterior
+    # p_chosen as a soft label, weighted = the `weight` column on a hard label, off = every pair fully sure.
+    # auto: soft when the pairs have p_chosen, else weighted when they have weight, else off; on: the
+    # same, but refuses data with neither.
+    use_weights: Literal["auto", "on", "soft", "weighted", "off"] = "auto"
     center_rewards_coefficient: float | None = bounded(None, ge=0)
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
     run: RunConfig = field(default_factory=RunConfig)

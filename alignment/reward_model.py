@@ -138,6 +138,32 @@ def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size
     return score_conversations(model, tokenizer, conversations, batch_size)
 
 
+# ---------------------------------------------------------------------------- the loss
+
+
+def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
+              weight: torch.Tensor | None = None, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's Bradley-Terry loss with per-pair weights w and soft labels p (each 1 when not given):
+
+        mean_i  w_i * ( -p_i log sigmoid(d_i - m_i) - (1 - p_i) log sigmoid(-d_i - m_i) ),  d = r_chosen - r_rejected
+
+    With w = p = 1 it is TRL's RewardTrainer loss, -log sigmoid(d - m) averaged. With p the posterior
+    P(chosen beats rejected) of align export's dawid_skene, it is the expected Bradley-Terry
+    log-likelihood under that posterior: minimised at d = logit(p) (a pair as sure as 0.73 asks for a gap
+    of 1), where a hard label would push the gap on for ever. A weight w = 2p - 1 with a hard label agrees
+    with it near d = 0 (the same gradient, p - 1/2) but does not stop there. A margin m (use_margin)
+    applies to whichever response wins.
+    """
+    delta = chosen - rejected
+    m = margin if margin is not None else 0.0
+    loss = -torch.nn.functional.logsigmoid(delta - m)
+    if p_chosen is not None:
+        loss = p_chosen * loss - (1 - p_chosen) * torch.nn.functional.logsigmoid(-delta - m)
+    if weight is not None:
+        loss = weight * loss
+    return loss.mean()
+
+
 # ---------------------------------------------------------------------------- held-out figures
 
 

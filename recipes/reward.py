@@ -20,9 +20,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
@@ -42,6 +45,7 @@ from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
     heldout_metrics,
     load_reward_model,
+    pair_loss,
     reward_base,
     save_sft_copy,
     score,
@@ -53,22 +57,103 @@ from alignment.training import resume_checkpoint, trl_args
 log = logging.getLogger(__name__)
 
 LENGTH_WARNING = 0.5  # |Pearson r| of reward vs length above which the stage warns
+PAIR_COLUMNS = ("weight", "p_chosen")  # per-pair columns the loss reads (align export combine=dawid_skene)
 
 
-class RankingRewardTrainer(RewardTrainer):
-    """RewardTrainer whose training batches keep each K-wise ranking's pairs together.
+class WeightedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, passing each pair's `weight` and `p_chosen` on as tensors (it keeps only margin)."""
 
-    TRL has no hook for this and transformers only takes per-index samplers (a batch sampler is
-    needed so a ranking never straddles two batches), so this one method is overridden.
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        for key in PAIR_COLUMNS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float)
+        return batch
+
+
+class AlignRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer plus the two things it has no hook for, each a small override:
+
+    - batches that keep each K-wise ranking's pairs together (`group_by_ranking`): transformers only
+      takes per-index samplers, and a batch sampler is needed so a ranking never straddles two batches;
+    - per-pair weights and soft labels in the loss (`weight`, `p_chosen` columns): TRL's loss reads a
+      margin only. compute_loss lets TRL run the model and log its figures, then replaces the loss
+      with alignment.reward_model.pair_loss (TRL's own loss when a batch has neither column).
     """
 
+    def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
+        self.group_by_ranking = group_by_ranking
+        super().__init__(*args, **kwargs)
+        if isinstance(self.data_collator, DataCollatorForPreference):  # TRL's, made with its pad token
+            self.data_collator = WeightedPreferenceCollator(pad_token_id=self.data_collator.pad_token_id,
+                                                            pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
+
+    def _set_signature_columns_if_needed(self):
+        # The columns a batch keeps (TRL's: the token ids and margin), plus ours.
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS]
+
     def get_train_dataloader(self):
-        keep = [c for c in ("chosen_ids", "rejected_ids", "margin") if c in self.train_dataset.column_names]
+        if not self.group_by_ranking:
+            return super().get_train_dataloader()
+        keep = [c for c in ("chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS)
+                if c in self.train_dataset.column_names]
         sampler = RankingBatchSampler(self.train_dataset["task_id"], self.args.per_device_train_batch_size,
                                       seed=self.args.seed)
         loader = DataLoader(self.train_dataset.select_columns(keep), batch_sampler=sampler,
                             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if pair:
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = pair_loss(chosen, rejected, margin=inputs.get("margin"), **pair)
+            if self.args.center_rewards_coefficient is not None:  # as TRL adds it
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        return (loss, outputs) if return_outputs else loss
+
+
+def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> tuple[DatasetDict, str]:
+    """The splits with only the per-pair columns the loss should read (it reads margin, weight and p_chosen
+    whenever they are there), and the weighting that makes: soft, weighted or off (pair_weighting)."""
+    train = data["train"]
+    if cfg.use_margin and ("margin" not in train.column_names or None in train["margin"]):
+        raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
+    weighting = pair_weighting(cfg.use_weights, train, data_path)
+    drop = {"soft": {"weight"}, "weighted": {"p_chosen"}}.get(weighting, set(PAIR_COLUMNS))
+    drop |= set() if cfg.use_margin else {"margin"}
+    data = DatasetDict({k: split.remove_columns([c for c in split.column_names if c in drop]) for k, split in data.items()})
+    if weighting == "weighted":  # mean weight 1 over the training pairs: train.lr means what it means unweighted
+        mean = sum(data["train"]["weight"]) / len(data["train"])
+        if mean <= 0:
+            raise DataError(f"{data_path}: every training pair has weight 0: nothing to learn from")
+        data = data.map(lambda row: {"weight": row["weight"] / mean})
+    log.info("pair weighting: %s", {"soft": "soft labels p_chosen (expected Bradley-Terry loss under the posterior)",
+                                    "weighted": "per-pair weights (normalised to mean 1)",
+                                    "off": "none: every pair counts as fully sure"}[weighting])
+    return data, weighting
+
+
+def pair_weighting(use_weights: str, train, data_path: Path) -> str:
+    """What `use_weights` means for this data: soft (p_chosen), weighted (weight) or off.
+
+    auto: soft where every pair has a p_chosen (align export combine=dawid_skene), else weighted where
+    every pair has a weight, else off. on: the same, but data without either column is an error.
+    """
+    complete = {c: c in train.column_names and None not in train[c] for c in PAIR_COLUMNS}
+    if use_weights in ("auto", "on"):
+        found = "soft" if complete["p_chosen"] else "weighted" if complete["weight"] else "off"
+        if found == "off" and use_weights == "on":
+            raise DataError(f"{data_path}: use_weights=on needs a 'p_chosen' or a 'weight' on every pair "
+                            "(align export combine=dawid_skene writes both)")
+        return found
+    need = {"soft": "p_chosen", "weighted": "weight"}.get(use_weights)
+    if need and not complete[need]:
+        raise DataError(f"{data_path}: use_weights={use_weights} needs a {need!r} on every pair "
+                        "(align export combine=dawid_skene writes one)")
+    return use_weights
 
 
 def main(cfg: RewardStageConfig) -> Path:
@@ -92,13 +177,9 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
+    heldout = data.get("test")  # with every column, for the probes
+    data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
-    if cfg.use_margin:
-        if "margin" not in train.column_names or None in train["margin"]:
-            raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
-    else:  # TRL's loss uses a `margin` column whenever one is present
-        data = data.remove_columns([c for c in ["margin"] if c in train.column_names])
-        train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template
     tokenizer.model_max_length = cfg.model.max_length  # saved with it: score() truncates alike
 
@@ -116,9 +197,9 @@ def main(cfg: RewardStageConfig) -> Path:
     args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
                     max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
                     center_rewards_coefficient=cfg.center_rewards_coefficient)
-    trainer_cls = RankingRewardTrainer if cfg.group_by_ranking else RewardTrainer
-    trainer = trainer_cls(
+    trainer = AlignRewardTrainer(
         model=model,
+        group_by_ranking=cfg.group_by_ranking,
         args=args,
         train_dataset=train,
         eval_dataset=test,
@@ -174,6 +255,7 @@ def main(cfg: RewardStageConfig) -> Path:
     write_manifest(
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
+        weighting=weighting,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
