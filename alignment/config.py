@@ -263,6 +263,9 @@ class RewardStageConfig:
     # auto: soft when the pairs have p_chosen, else weighted when they have weight, else off; on: the
     # same, but refuses data with neither.
     use_weights: Literal["auto", "on", "soft", "weighted", "off"] = "auto"
+    # The scorer that labelled the data, when it is known (simulated annotators; the pipeline sets it):
+    # the probes then count only the flips it does not make too (docs/reward_dpo.md#probes).
+    probe_scorer: str | None = None
     center_rewards_coefficient: float | None = bounded(None, ge=0)
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
     run: RunConfig = field(default_factory=RunConfig)
@@ -343,6 +346,9 @@ class PPOStageConfig:
     reward_model: str | None = None  # default <run.dir>/reward
     scorer: str | None = None  # a programmatic reward instead (module:function or built-in name)
     min_reward_accuracy: float = bounded(0.6, ge=0, le=1)  # the gate: refuse a reward model below this held-out accuracy
+    # ... or one that prefers the worse answer of more than this share of held-out pairs once a neutral
+    # sentence or a polite phrase is appended to it (its probes; 1 turns this check off).
+    max_probe_flip_rate: float = bounded(0.25, ge=0, le=1)
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     prompts: str = "data/support/prompts.jsonl"
     num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all

@@ -43,9 +43,12 @@ from alignment.modeling import (
 from alignment.preferences import RankingBatchSampler, load_preferences
 from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
+    MAX_PROBE_FLIP_RATE,
     heldout_metrics,
     load_reward_model,
     pair_loss,
+    probe,
+    probe_failure,
     reward_base,
     save_sft_copy,
     score,
@@ -53,6 +56,7 @@ from alignment.reward_model import (
 )
 from alignment.tracking import MetricsJSONL, append_jsonl, configure_wandb, finish_wandb, log_artifact
 from alignment.training import resume_checkpoint, trl_args
+from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
-    heldout = data.get("test")  # with every column, for the probes
+    probe_pairs = data.get("test")  # with every column, for the probes
     data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template
@@ -237,10 +241,17 @@ def main(cfg: RewardStageConfig) -> Path:
         if r is not None and abs(r) > LENGTH_WARNING:
             log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "
                         "model may be rewarding length rather than quality, which PPO will exploit", r)
+        # --- probes: accuracy by agreement, and edits that must not win (alignment.reward_model) ---
+        probes = probe(lambda convs: score_conversations(trainer.model, tokenizer, convs, cfg.train.batch_size),
+                       probe_pairs, chosen, rejected, scorer=resolve_scorer(cfg.probe_scorer) if cfg.probe_scorer
+                       else None, scorer_name=cfg.probe_scorer)
+        metrics["probe_gate_rate"] = probes["gate"]["rate"] if probes["gate"] else None
+        _log_probes(probes)
         if is_main_process():
             append_jsonl(out / "metrics.jsonl", {"step": result.global_step, **heldout})
-            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))})
+            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))}, probes)
     else:
+        probes = None
         log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")
 
     # --- save -------------------------------------------------------------------------------
@@ -255,7 +266,7 @@ def main(cfg: RewardStageConfig) -> Path:
     write_manifest(
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
-        weighting=weighting,
+        weighting=weighting, probes=probes,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
@@ -271,14 +282,38 @@ def main(cfg: RewardStageConfig) -> Path:
     return out
 
 
-def _wandb_summary(figures: dict) -> None:
+def _log_probes(probes: dict) -> None:
+    for b in probes["by_agreement"]["buckets"]:
+        log.info("held-out accuracy, %s pairs: %.3f (%d)", b["bucket"], b["accuracy"], b["pairs"])
+    for e in probes["edits"]:
+        scorer = (f"; {probes['scorer']}: flips {e['scorer_flip_rate']:.0%}, gain {e['scorer_mean_gain']:+.3f}, "
+                  f"flips it does not make {e['unsupported_flip_rate']:.0%}"
+                  if probes["scorer"] and e["flip_rate"] is not None and e["scorer_flip_rate"] is not None else "")
+        log.info("probe %s (%s): flips %s of %d pairs, mean reward gain %+.3f%s", e["edit"], e["what"], e["flips"],
+                 e["of"], e["mean_gain"], scorer)
+    failure = probe_failure(probes, MAX_PROBE_FLIP_RATE)
+    if failure:
+        log.warning("%s: PPO will refuse this reward model unless max_probe_flip_rate is raised, and DPO on the same "
+                    "pairs may learn the same habit (docs/reward_dpo.md#probes)", failure)
+
+
+def _wandb_summary(figures: dict, probes: dict) -> None:
     try:
         import wandb
     except ImportError:  # pragma: no cover
         return
     if wandb.run is not None:
         wandb.run.log({f"heldout/{k}": v for k, v in figures.items() if v is not None})
-        wandb.run.summary.update(figures)
+        columns = ["edit", "what", "gated", "flips", "of", "flip_rate", "mean_gain", "gain_vs_gap", "scorer_flip_rate",
+                   "scorer_mean_gain", "unsupported_flip_rate"]
+        wandb.run.log({"probes": wandb.Table(columns=columns, data=[[e.get(c) for c in columns]
+                                                                   for e in probes["edits"]])})
+        flat = {f"probe/{e['edit']}/{k}": e[k] for e in probes["edits"] for k in
+                ("flip_rate", "mean_gain", "unsupported_flip_rate") if e.get(k) is not None}
+        flat.update({f"probe/accuracy/{b['bucket']}": b["accuracy"] for b in probes["by_agreement"]["buckets"]})
+        if probes["gate"]:
+            flat["probe/gate_rate"] = probes["gate"]["rate"]
+        wandb.run.summary.update({**figures, **flat})
 
 
 def score_main(argv: list[str]) -> int:

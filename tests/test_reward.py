@@ -73,6 +73,21 @@ def test_reward_model_learns_a_known_preference_and_writes_its_figures(reward_ru
     assert all(0 <= b["accuracy"] <= 1 and 0.5 <= b["predicted"] <= 1 for b in bins)
     last = read_jsonl(reward_run / "metrics.jsonl")[-1]
     assert last["eval_accuracy"] == metrics["eval_accuracy"] and last["calibration"] == bins
+    # The probes: every edit scored on the 16 held-out pairs; agreement known per task only (0.8, no vote counts).
+    probes = json.loads((reward_run / "align.json").read_text())["probes"]
+    assert probes["pairs"] == 16 and probes["scorer"] is None
+    assert probes["by_agreement"]["buckets"] == [{"bucket": "not unanimous", "pairs": 16,
+                                                  "accuracy": metrics["eval_accuracy"]}]
+    assert [b["bucket"] for b in probes["by_margin"]] == ["1"]  # write_rankings gives every pair margin 1
+    edits = {e["edit"]: e for e in probes["edits"]}
+    assert set(edits) == {"neutral_end", "repeat_end", "thanks_end", "sorry_end", "hope_end", "thanks_start",
+                          "sorry_start", "hope_start"}
+    for e in edits.values():
+        assert e["of"] == round(metrics["eval_accuracy"] * 16) and 0 <= e["flips"] <= e["of"]
+        assert isinstance(e["mean_gain"], float) and e["gated"] == e["edit"].endswith("_end")
+    assert probes["gate"]["edit"].endswith("_end")
+    assert metrics["probe_gate_rate"] == probes["gate"]["rate"] == max(edits[k]["flip_rate"] for k in edits
+                                                                       if k.endswith("_end"))
     assert any("loss" in r for r in read_jsonl(reward_run / "metrics.jsonl"))
 
 
@@ -128,9 +143,17 @@ def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_pat
     assert align(["reward", f"run.dir={tmp_path / 'run'}", f"model.name={tiny_model}", "from_sft=false",
                   f"data.path={data}", "model.quantize=true", "use_margin=true", "center_rewards_coefficient=0.01",
                   "group_by_ranking=false", "train.max_steps=20", "train.lr=3e-3", "train.batch_size=8",
-                  "train.eval_steps=20", "data.test_fraction=0.2", *FAST]) == 0
+                  "train.eval_steps=20", "data.test_fraction=0.2", "probe_scorer=support_style", *FAST]) == 0
     out = tmp_path / "run" / "reward"
     manifest = json.loads((out / "align.json").read_text())
+    # With the labelling scorer named, each edit says what it thought of it too; the gate counts the rest.
+    edits = {e["edit"]: e for e in manifest["probes"]["edits"]}
+    assert manifest["probes"]["scorer"] == "support_style"
+    assert edits["thanks_start"]["scorer_mean_gain"] > 0.5  # an opening acknowledgement: support_style pays +1
+    assert edits["neutral_end"]["scorer_flip_rate"] == 0  # 7 more words, a few thousandths less
+    assert all(e["unsupported_flips"] <= e["flips"] for e in edits.values())
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<h3>Probes</h3>" in page and "support_style: flip rate" in page and "putting &#x27;Thanks!&#x27; in front" in page
     assert set(manifest["parents"]) == {"preferences"} and not (out / "sft_adapter").exists()
     assert "4-bit NF4" in manifest["device_plan"]
     assert manifest["config"]["use_margin"] is True

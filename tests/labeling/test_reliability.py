@@ -201,6 +201,11 @@ def test_align_export_writes_the_columns_the_table_and_training_reads_them(three
     for column in ("p_chosen", "weight", "votes_chosen", "votes_rejected"):
         assert column in data["train"].column_names, column
     assert min(data["train"]["p_chosen"]) >= 0.6
+    from alignment.report import write_report
+
+    page = write_report(run).read_text()
+    assert "<h3>Annotator reliability</h3>" in page and "used to decide the pairs" in page
+    assert "sim-support-style-2-adversarial</td><td>0.0" in page  # its estimated accuracy, printed as 0.0xxx
     # A config that asks for a posterior threshold without the model that gives one is refused up front.
     assert align(["export", f"run.dir={run}", "min_posterior=0.6"]) == 2
 
