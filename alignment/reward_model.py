@@ -391,7 +391,8 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
     probes = manifest.get("probes")
     if probes is None and metrics.get("eval_accuracy") is not None:
         log.warning("the reward model at %s has no probes in its manifest (trained before `align reward` measured "
-                    "them): nothing says it does not pay for length or a polite phrase; retrain it to find out", rm)
+                    "them): nothing says it does not pay for length or a polite phrase; `align reward probe --model %s` "
+                    "measures them", rm, rm)
     failure = probe_failure(probes, max_probe_flip_rate)
     if failure:
         raise StageError(

@@ -371,4 +371,42 @@ def score_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"score": score_main}
+def probe_main(argv: list[str]) -> int:
+    """`align reward probe`: run the probes on a trained reward model's held-out pairs and print them as JSON.
+
+    For a reward model trained before the probes existed (the PPO gate then only warns), or to see
+    one with another labelling scorer; nothing is written into the model's folder.
+    """
+    parser = argparse.ArgumentParser(prog="align reward probe", description=probe_main.__doc__)
+    parser.add_argument("--model", help="a reward model folder (default <run-dir>/reward)")
+    parser.add_argument("--run-dir", default="runs/quickstart")
+    parser.add_argument("--data", help="preference data (default: what the model was trained on, from its manifest)")
+    parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
+    try:
+        check_adapter("--model", folder, tokenizer=True)
+        scorer = resolve_scorer(args.scorer) if args.scorer else None
+        manifest = json.loads((folder / "align.json").read_text())
+        data_path = Path(args.data or manifest.get("data", {}).get("path") or "")
+        test_fraction, seed = manifest["config"]["data"]["test_fraction"], manifest["config"]["train"]["seed"]
+        pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed)[0].get("test")
+    except (ConfigError, DataError, ValueError, KeyError, OSError) as err:
+        print(f"align reward probe: {err}", file=sys.stderr)
+        return 2
+    if pairs is None:
+        print(f"align reward probe: {data_path} has no held-out pairs to probe", file=sys.stderr)
+        return 2
+    model, tokenizer = load_reward_model(folder)
+    chosen, rejected = (score_conversations(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs[side],
+                                                                                    strict=True)], args.batch_size)
+                        for side in ("chosen", "rejected"))
+    probes = probe(lambda convs: score_conversations(model, tokenizer, convs, args.batch_size), pairs, chosen,
+                   rejected, scorer=scorer, scorer_name=args.scorer)
+    _log_probes(probes)
+    print(json.dumps(probes, indent=2))
+    return 0
+
+
+SUBCOMMANDS = {"score": score_main, "probe": probe_main}

@@ -131,6 +131,16 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     rude, polite = (float(line.split("\t")[0]) for line in lines)
     assert polite > rude
+    # `align reward probe`: the same probes from the folder alone (the split from its manifest).
+    capsys.readouterr()
+    assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "support_style"]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    trained = json.loads((reward_run / "align.json").read_text())["probes"]
+    assert probed["pairs"] == trained["pairs"] == 16 and probed["scorer"] == "support_style"
+    for mine, theirs in zip(probed["edits"], trained["edits"], strict=True):
+        assert mine["edit"] == theirs["edit"] and mine["mean_gain"] == pytest.approx(theirs["mean_gain"], abs=1e-3)
+        assert "unsupported_flip_rate" in mine
+    assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "nonsense"]) == 2
     jsonl = tmp_path / "score.jsonl"
     jsonl.write_text(json.dumps({"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags")}) + "\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
