@@ -154,9 +154,11 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         parts.append(f"<div class='plots'><img alt='calibration' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     notes = []
     if isinstance(m.get("eval_accuracy"), float):
-        ceiling = m.get("agreement_ceiling")
+        ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b> on {m.get('eval_pairs', '?')} pairs"
-                     + (f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
+                     + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
+                        f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
+                        f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
     r = m.get("length_correlation")
     if isinstance(r, float):
         warn = abs(r) > 0.5

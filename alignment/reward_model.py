@@ -179,7 +179,8 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
 
 
 def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins: int = 5) -> dict[str, Any]:
-    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling.
+    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling (and the
+    posterior one: the mean p_chosen, when the pairs carry it).
 
     Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
     claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed
@@ -201,12 +202,16 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
                      "accuracy": sum(gaps[i] > 0 for i in idx) / len(idx),
                      "predicted": sum(1 / (1 + math.exp(-abs(gaps[i]))) for i in idx) / len(idx)})
     agreement = [a for a in dataset["agreement"] if a is not None] if "agreement" in dataset.column_names else []
+    # With dawid_skene's soft labels, their own certainty is the better ceiling: an adversary lowers the
+    # annotators' agreement without making the (reliability-weighted) labels any worse.
+    posterior = [p for p in dataset["p_chosen"] if p is not None] if "p_chosen" in dataset.column_names else []
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,
         "length_correlation": _pearson(rewards, [float(x) for x in lengths]),
         "agreement_ceiling": sum(agreement) / len(agreement) if agreement else None,
+        "posterior_ceiling": sum(posterior) / len(posterior) if posterior else None,
         "calibration_error": sum(b["pairs"] / n * abs(b["accuracy"] - b["predicted"]) for b in bins),
         "calibration": bins,
     }

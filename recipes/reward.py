@@ -230,7 +230,7 @@ def main(cfg: RewardStageConfig) -> Path:
                                                                                       strict=True)], cfg.train.batch_size)
         rejected = score_conversations(trainer.model, tokenizer, [p + r for p, r in zip(
             test["prompt"], test["rejected"], strict=True)], cfg.train.batch_size)
-        heldout = heldout_metrics(test, chosen, rejected)
+        heldout = heldout_metrics(probe_pairs, chosen, rejected)  # every column: agreement, p_chosen
         metrics.update(heldout)
         ceiling = heldout["agreement_ceiling"]
         log.info("held-out: accuracy %.3f over %d pairs%s, mean margin %.3f, calibration error %.3f",

@@ -317,6 +317,7 @@ def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, ca
         manifest = json.loads((run / "reward" / "align.json").read_text())
         accuracy[mode] = manifest["metrics"]["eval_accuracy"]
         assert manifest["weighting"] == {"auto": "soft", "off": "off"}[mode]
+        assert manifest["metrics"]["posterior_ceiling"] == pytest.approx(0.97)  # the held-out pairs' p_chosen
     assert accuracy["auto"] >= 0.9 and accuracy["off"] <= 0.1, accuracy
     # Asked for a column the data does not have: named, before any model loads.
     plain = write_rankings(tmp_path / "plain.jsonl", 4)
