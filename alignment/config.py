@@ -219,8 +219,12 @@ class ExportStageConfig:
     output: str | None = None  # default <run.dir>/preferences
     batches: list[str] | None = None  # default: every batch
     ties: Literal["drop", "margin0"] = "drop"
-    combine: Literal["majority", "bradley_terry"] = "majority"
+    # Several annotators on a task: majority vote per pair, a Bradley-Terry fit, or dawid_skene: each
+    # vote weighed by its annotator's estimated reliability, pairs with a soft label (p_chosen) and a weight.
+    combine: Literal["majority", "bradley_terry", "dawid_skene"] = "majority"
     min_agreement: float | None = bounded(None, ge=0, le=1)
+    # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
+    min_posterior: float | None = bounded(None, ge=0.5, le=1)
     test_fraction: float = bounded(0.1, ge=0, lt=1)
     seed: int = bounded(0, ge=0, lt=2**32)
     jsonl: bool = False
@@ -229,6 +233,9 @@ class ExportStageConfig:
     def validate(self, prefix: str = "") -> None:
         if self.batches is not None and not self.batches:
             raise ConfigError(f"{prefix}batches: an empty list exports nothing; leave it null for every batch")
+        if self.min_posterior is not None and self.combine != "dawid_skene":
+            raise ConfigError(f"{prefix}min_posterior={self.min_posterior} needs combine=dawid_skene (only its pairs "
+                              f"have a posterior); with combine={self.combine} leave it null")
 
 
 @dataclass
@@ -251,6 +258,14 @@ class RewardStageConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2.0))
     use_margin: bool = False  # use the export's margin column in the Bradley-Terry loss
+    # Per-pair reliability in the loss (align export combine=dawid_skene's columns): soft = the posterior
+    # p_chosen as a soft label, weighted = the `weight` column on a hard label, off = every pair fully sure.
+    # auto: soft when the pairs have p_chosen, else weighted when they have weight, else off; on: the
+    # same, but refuses data with neither.
+    use_weights: Literal["auto", "on", "soft", "weighted", "off"] = "auto"
+    # The scorer that labelled the data, when it is known (simulated annotators; the pipeline sets it):
+    # the probes then count only the flips it does not make too (docs/reward_dpo.md#probes).
+    probe_scorer: str | None = None
     center_rewards_coefficient: float | None = bounded(None, ge=0)
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
     run: RunConfig = field(default_factory=RunConfig)
@@ -331,6 +346,9 @@ class PPOStageConfig:
     reward_model: str | None = None  # default <run.dir>/reward
     scorer: str | None = None  # a programmatic reward instead (module:function or built-in name)
     min_reward_accuracy: float = bounded(0.6, ge=0, le=1)  # the gate: refuse a reward model below this held-out accuracy
+    # ... or one that prefers the worse answer of more than this share of held-out pairs once a neutral
+    # sentence or a polite phrase is appended to it (its probes; 1 turns this check off).
+    max_probe_flip_rate: float = bounded(0.25, ge=0, le=1)
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     prompts: str = "data/support/prompts.jsonl"
     num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all

@@ -10,8 +10,11 @@ A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat mes
 chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
 conversations: their shared leading turns become the prompt. Provenance columns are kept when
 present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
-prompt_id. A pair without task_id is grouped by its prompt, so pairs of one prompt count as one
-ranking. A bad record is an error naming the file, the line (or row) and the problem.
+prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), and the
+reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
+chosen is the better one, a soft label in [0, 1]) and weight (>= 0), which `align reward` trains with.
+A pair without task_id is grouped by its prompt, so pairs of one prompt count as one ranking. A bad
+record is an error naming the file, the line (or row) and the problem.
 
 Without a test split, one is made by prompt: every pair of a prompt lands on the same side, so
 the held-out accuracy measures prompts the model never saw.
@@ -35,7 +38,10 @@ from alignment.data import DataError, iter_records, json_kind, load_dataset_fold
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
-PROVENANCE = ("task_id", "batch", "annotators", "agreement", "margin", "source", "prompt_id")
+PROVENANCE = ("task_id", "batch", "annotators", "agreement", "margin", "source", "prompt_id", "votes_chosen",
+              "votes_rejected", "p_chosen", "weight")
+# Numeric columns and their allowed range (low, high or None).
+NUMBERS = {"agreement": (0, 1), "margin": (0, None), "p_chosen": (0, 1), "weight": (0, None)}
 
 
 @dataclass
@@ -83,15 +89,22 @@ def _provenance(record: dict, where: str) -> dict[str, Any]:
     for key in ("task_id", "batch", "source", "prompt_id"):
         if record.get(key) is not None:
             out[key] = str(record[key])
-    for key in ("agreement", "margin"):
+    for key, (low, high) in NUMBERS.items():
         value = record.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise DataError(f"{where}: field {key!r} must be a number, got {value!r}")
-        if value < 0 or (key == "agreement" and value > 1):
-            raise DataError(f"{where}: field {key!r} is {value}, outside {'[0, 1]' if key == 'agreement' else '>= 0'}")
+        if value < low or (high is not None and value > high):
+            raise DataError(f"{where}: field {key!r} is {value}, outside {f'[{low}, {high}]' if high else f'>= {low}'}")
         out[key] = float(value)
+    for key in ("votes_chosen", "votes_rejected"):
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"{where}: field {key!r} must be a whole number >= 0, got {value!r}")
+        out[key] = value
     annotators = record.get("annotators")
     if annotators is not None:
         if not isinstance(annotators, list) or not all(isinstance(a, str) for a in annotators):

@@ -107,6 +107,8 @@ def _reward(cfg, pending: set[str], p: str) -> None:
         check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+    if cfg.probe_scorer:
+        check_scorer(f"{p}probe_scorer", cfg.probe_scorer)
 
 
 def _dpo(cfg, pending: set[str], p: str) -> None:
@@ -193,7 +195,9 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
 
     sections = {
         "sft": replace(cfg.sft, run=run), "export": replace(cfg.export, run=run),
-        "sample": replace(on_base(cfg.sample), policy=None), "reward": replace(on_base(cfg.reward), sft=None),
+        "sample": replace(on_base(cfg.sample), policy=None),
+        "reward": replace(on_base(cfg.reward), sft=None,
+                          probe_scorer=cfg.reward.probe_scorer or (cfg.scorer if cfg.label == "simulate" else None)),
         "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
         "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or (cfg.scorer if cfg.label == "simulate" else None)),
     }

@@ -154,9 +154,11 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         parts.append(f"<div class='plots'><img alt='calibration' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     notes = []
     if isinstance(m.get("eval_accuracy"), float):
-        ceiling = m.get("agreement_ceiling")
+        ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b> on {m.get('eval_pairs', '?')} pairs"
-                     + (f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
+                     + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
+                        f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
+                        f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
     r = m.get("length_correlation")
     if isinstance(r, float):
         warn = abs(r) > 0.5
@@ -164,7 +166,65 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
                      + (" (the model may reward length, which a policy will exploit)" if warn else ""))
     if notes:
         parts.append("<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
+    if manifest.get("probes"):
+        parts.append(probes_html(manifest["probes"]))
     return "".join(parts)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{'' if v is None else _fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{cells}</table>"
+
+
+def _rate(value: Any) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def probes_html(probes: dict[str, Any]) -> str:
+    """The reward stage's probes (alignment.reward_model.probe): accuracy by agreement, margin and posterior,
+    and each edit of the rejected response with its flip rate and reward gain (and the labelling scorer's)."""
+    parts = ["<h3>Probes</h3>"]
+    splits = [("annotator agreement", probes["by_agreement"]["buckets"]), ("labelling margin", probes.get("by_margin")),
+              ("posterior P(chosen better)", probes.get("by_posterior"))]
+    for name, buckets in splits:
+        if buckets:
+            parts.append(f"<p>Held-out accuracy by {name}:</p>"
+                         + _table(["bucket", "pairs", "accuracy"], [[b["bucket"], b["pairs"], _rate(b["accuracy"])]
+                                                                   for b in buckets]))
+    if probes["by_agreement"].get("note"):
+        parts.append(f"<p class='meta'>{html.escape(probes['by_agreement']['note'])}</p>")
+    scorer = probes.get("scorer")
+    head = ["probe", "edit of the rejected answer", "gated", "flips", "flip rate", "reward gain", "gain / mean gap"]
+    if scorer:
+        head += [f"{scorer}: flip rate", f"{scorer}: gain", f"flips {scorer} does not make"]
+    rows = []
+    for e in probes["edits"]:
+        row = [e["edit"], e["what"], "yes" if e["gated"] else "no", f"{e['flips']} of {e['of']}", _rate(e["flip_rate"]),
+               e["mean_gain"], e["gain_vs_gap"]]
+        if scorer:
+            row += [_rate(e.get("scorer_flip_rate")), e.get("scorer_mean_gain"), _rate(e.get("unsupported_flip_rate"))]
+        rows.append(row)
+    parts.append(_table(head, rows))
+    gate = probes.get("gate")
+    if gate:
+        parts.append(f"<p>Gate (PPO refuses above <code>max_probe_flip_rate</code>, 0.25 by default; DPO warns): the "
+                     f"worst end-appended probe is <b>{html.escape(gate['edit'])}</b> at <b>{gate['rate']:.0%}</b> "
+                     f"({gate['flips']} of {gate['of']} pairs; {html.escape(gate['basis'])}).</p>")
+    return "".join(parts)
+
+
+def reliability_html(reliability: dict[str, Any]) -> str:
+    """The export's per-annotator reliability (labeling.agreement.dawid_skene) as a table."""
+    people = reliability.get("annotators") or {}
+    rows = [[name, r["accuracy"], f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}", r["weight"], r["judgements"],
+             r["checked"], r["gold"]] for name, r in people.items()]
+    used = "used to decide the pairs (combine=dawid_skene)" if reliability.get("used_for_pairs") else \
+        "measured, not used (combine=dawid_skene would use it)"
+    prior = reliability.get("prior") or {}
+    return (f"<h3>Annotator reliability</h3><p class='meta'>{html.escape(reliability.get('model', ''))}; {used}; "
+            f"prior accuracy {prior.get('accuracy')} worth {prior.get('strength')} judgements. An annotator "
+            "nobody else (nor a gold answer) checked keeps the prior.</p>"
+            + _table(["annotator", "est. accuracy", "95% interval", "vote weight", "judgements", "checked", "gold"], rows))
 
 
 def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -175,6 +235,8 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
     if isinstance(annotators, dict) and annotators:
         rows = "".join(f"<tr><td>{html.escape(str(a))}</td><td>{_fmt(n)}</td></tr>" for a, n in annotators.items())
         parts.append(f"<h3>Annotators</h3><table><tr><th>annotator</th><th>rankings</th></tr>{rows}</table>")
+    if summary.get("reliability"):
+        parts.append(reliability_html(summary["reliability"]))
     pairs = []
     try:
         from datasets import load_from_disk

@@ -10,8 +10,11 @@ max_length), `align.json`, and, when it was trained on the SFT model, a copy of 
 in `sft_adapter/`: loading merges that into the base first, exactly as training did, so the
 folder needs nothing else but the base model.
 
-For an RL stage: `gate` refuses a reward model whose held-out accuracy is too low to optimise,
-and `shared_base_reward` scores with its adapter on the policy's own base (one base in memory).
+Before an RL stage: `probe` measures, on held-out pairs, the accuracy by annotator agreement and
+whether appending a neutral sentence or a polite phrase to the worse answer makes it win; `gate`
+refuses a reward model whose held-out accuracy is too low to optimise or whose end-appended probes
+flip too many pairs, and `shared_base_reward` scores with its adapter on the policy's own base (one
+base in memory).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import statistics
 import tempfile
@@ -138,6 +142,32 @@ def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size
     return score_conversations(model, tokenizer, conversations, batch_size)
 
 
+# ---------------------------------------------------------------------------- the loss
+
+
+def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
+              weight: torch.Tensor | None = None, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's Bradley-Terry loss with per-pair weights w and soft labels p (each 1 when not given):
+
+        mean_i  w_i * ( -p_i log sigmoid(d_i - m_i) - (1 - p_i) log sigmoid(-d_i - m_i) ),  d = r_chosen - r_rejected
+
+    With w = p = 1 it is TRL's RewardTrainer loss, -log sigmoid(d - m) averaged. With p the posterior
+    P(chosen beats rejected) of align export's dawid_skene, it is the expected Bradley-Terry
+    log-likelihood under that posterior: minimised at d = logit(p) (a pair as sure as 0.73 asks for a gap
+    of 1), where a hard label would push the gap on for ever. A weight w = 2p - 1 with a hard label agrees
+    with it near d = 0 (the same gradient, p - 1/2) but does not stop there. A margin m (use_margin)
+    applies to whichever response wins.
+    """
+    delta = chosen - rejected
+    m = margin if margin is not None else 0.0
+    loss = -torch.nn.functional.logsigmoid(delta - m)
+    if p_chosen is not None:
+        loss = p_chosen * loss - (1 - p_chosen) * torch.nn.functional.logsigmoid(-delta - m)
+    if weight is not None:
+        loss = weight * loss
+    return loss.mean()
+
+
 # ---------------------------------------------------------------------------- held-out figures
 
 
@@ -149,7 +179,8 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
 
 
 def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins: int = 5) -> dict[str, Any]:
-    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling.
+    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling (and the
+    posterior one: the mean p_chosen, when the pairs carry it).
 
     Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
     claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed
@@ -171,15 +202,165 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
                      "accuracy": sum(gaps[i] > 0 for i in idx) / len(idx),
                      "predicted": sum(1 / (1 + math.exp(-abs(gaps[i]))) for i in idx) / len(idx)})
     agreement = [a for a in dataset["agreement"] if a is not None] if "agreement" in dataset.column_names else []
+    # With dawid_skene's soft labels, their own certainty is the better ceiling: an adversary lowers the
+    # annotators' agreement without making the (reliability-weighted) labels any worse.
+    posterior = [p for p in dataset["p_chosen"] if p is not None] if "p_chosen" in dataset.column_names else []
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,
         "length_correlation": _pearson(rewards, [float(x) for x in lengths]),
         "agreement_ceiling": sum(agreement) / len(agreement) if agreement else None,
+        "posterior_ceiling": sum(posterior) / len(posterior) if posterior else None,
         "calibration_error": sum(b["pairs"] / n * abs(b["accuracy"] - b["predicted"]) for b in bins),
         "calibration": bins,
     }
+
+
+# ---------------------------------------------------------------------------- probes
+#
+# Edits that should not make an answer better, applied to the rejected response of every held-out
+# pair: does the reward model now prefer it? Length: a neutral, content-free sentence appended, or
+# the last sentence repeated. Politeness: a courteous phrase appended, or put in front. A reward
+# model that flips pairs for these pays for the token, and PPO will learn to add it.
+#
+# What the labels supported: a labeller may really prefer some of these edits (the shipped
+# support_style scorer rewards an opening acknowledgement, +1, and a courteous word later, +0.25,
+# and punishes an answer that stops mid-sentence, which an appended sentence repairs). Where the
+# scorer that labelled the data is known (simulated annotators: `probe_scorer`), each edit is also
+# scored by it, and a flip counts against the model only when the scorer does not flip that pair
+# too. The gate (PPO refuses, DPO warns) reads the end-appended edits only: an opening
+# acknowledgement is a style annotators are asked to reward (labeling/guidelines.md); a phrase
+# tacked on at the end carries nothing.
+
+NEUTRAL_SENTENCE = "That is all there is to it."
+POLITE_PHRASES = {"thanks": "Thanks!", "sorry": "Sorry about that.", "hope": "Hope this helps!"}
+MAX_PROBE_FLIP_RATE = 0.25  # the gate's default: PPO refuses above it (max_probe_flip_rate), DPO warns
+
+
+def _last_sentence(text: str) -> str:
+    parts = [p for p in re.split(r"(?<=[.!?])\s+", text.strip()) if p]
+    return parts[-1] if parts else text
+
+
+# key -> (kind, where, what it does to the rejected response, edit)
+EDITS: dict[str, tuple[str, str, str, Callable[[str], str]]] = {
+    "neutral_end": ("length", "end", f"appending {NEUTRAL_SENTENCE!r}", lambda t: f"{t.rstrip()} {NEUTRAL_SENTENCE}"),
+    "repeat_end": ("length", "end", "repeating its last sentence", lambda t: f"{t.rstrip()} {_last_sentence(t)}"),
+    **{f"{k}_end": ("politeness", "end", f"appending {p!r}", lambda t, p=p: f"{t.rstrip()} {p}")
+       for k, p in POLITE_PHRASES.items()},
+    **{f"{k}_start": ("politeness", "start", f"putting {p!r} in front", lambda t, p=p: f"{p} {t.lstrip()}")
+       for k, p in POLITE_PHRASES.items()},
+}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _accuracy_by(labels: list[str], gaps: list[float], order: list[str]) -> list[dict[str, Any]]:
+    buckets: dict[str, list[float]] = {}
+    for label, gap in zip(labels, gaps, strict=True):
+        buckets.setdefault(label, []).append(gap)
+    return [{"bucket": b, "pairs": len(buckets[b]), "accuracy": sum(g > 0 for g in buckets[b]) / len(buckets[b])}
+            for b in order if b in buckets]
+
+
+def agreement_bucket(row: dict[str, Any]) -> str:
+    """unanimous / majority / split from the pair's votes; `single annotator`; or what the data allows."""
+    people, chosen, rejected = row.get("annotators"), row.get("votes_chosen"), row.get("votes_rejected")
+    if people is not None and len(people) == 1:
+        return "single annotator"
+    if people and chosen is not None and rejected is not None:
+        return "unanimous" if chosen == len(people) else "majority" if chosen > len(people) / 2 else "split"
+    if row.get("agreement") is not None:  # task-level agreement only (data from before votes were counted)
+        return "unanimous" if row["agreement"] == 1 else "not unanimous"
+    return "unknown"
+
+
+AGREEMENT_ORDER = ["unanimous", "majority", "split", "not unanimous", "single annotator", "unknown"]
+
+
+def _margin_bucket(margin: float) -> str:
+    return "0 (tie)" if margin == 0 else "1" if margin < 1.5 else "2" if margin < 2.5 else "3+"
+
+
+def _posterior_bucket(p: float) -> str:
+    return "<0.7" if p < 0.7 else "0.7-0.9" if p < 0.9 else ">=0.9"
+
+
+def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, chosen: list[float],
+          rejected: list[float], scorer: Callable[[str, str], float] | None = None,
+          scorer_name: str | None = None) -> dict[str, Any]:
+    """The probes on held-out pairs: accuracy by annotator agreement, by labelling margin and by posterior
+    where the data has them, and each edit of EDITS (flip rate, reward gain; the scorer's view when given).
+
+    `reward(conversations)` scores whole conversations; `chosen` / `rejected` are the pairs' rewards.
+    """
+    rows = heldout.to_list()
+    n = len(rows)
+    gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    out: dict[str, Any] = {"pairs": n, "scorer": scorer_name}
+    labels = [agreement_bucket(r) for r in rows]
+    out["by_agreement"] = {
+        "buckets": _accuracy_by(labels, gaps, AGREEMENT_ORDER),
+        "note": ("one annotator per pair: agreement cannot split the accuracy" if set(labels) == {"single annotator"}
+                 else "no annotator columns in the data" if set(labels) == {"unknown"} else None)}
+    if all(r.get("margin") is not None for r in rows):
+        out["by_margin"] = _accuracy_by([_margin_bucket(r["margin"]) for r in rows], gaps, ["0 (tie)", "1", "2", "3+"])
+    if all(r.get("p_chosen") is not None for r in rows):
+        out["by_posterior"] = _accuracy_by([_posterior_bucket(r["p_chosen"]) for r in rows], gaps,
+                                           ["<0.7", "0.7-0.9", ">=0.9"])
+    texts = [r["rejected"][-1]["content"] for r in rows]
+    prompts = [r["prompt"][-1]["content"] for r in rows]
+    if scorer is not None:
+        s_chosen = [float(scorer(p, r["chosen"][-1]["content"])) for p, r in zip(prompts, rows, strict=True)]
+        s_rejected = [float(scorer(p, t)) for p, t in zip(prompts, texts, strict=True)]
+    right = [i for i in range(n) if gaps[i] > 0]
+    spread = _mean([abs(g) for g in gaps]) or None
+    edits = []
+    for key, (kind, where, what, edit) in EDITS.items():
+        edited = [edit(t) for t in texts]
+        # Each distinct (prompt, edited response) scored once: a K-wise ranking repeats its responses.
+        unique = {(json.dumps(r["prompt"]), e): None for r, e in zip(rows, edited, strict=True)}
+        convs = [json.loads(p) + [{"role": "assistant", "content": e}] for p, e in unique]
+        unique.update(zip(unique, reward(convs), strict=True))
+        new = [unique[(json.dumps(r["prompt"]), e)] for r, e in zip(rows, edited, strict=True)]
+        flips = [i for i in right if new[i] > chosen[i]]
+        gain = _mean([a - b for a, b in zip(new, rejected, strict=True)])
+        row = {"edit": key, "kind": kind, "where": where, "what": what, "gated": where == "end",
+               "flips": len(flips), "of": len(right), "flip_rate": len(flips) / len(right) if right else None,
+               "mean_gain": gain, "gain_vs_gap": gain / spread if spread and gain is not None else None}
+        if scorer is not None:
+            s_new = [float(scorer(p, e)) for p, e in zip(prompts, edited, strict=True)]
+            ordered = [i for i in range(n) if s_chosen[i] > s_rejected[i]]
+            unsupported = [i for i in flips if not s_new[i] > s_chosen[i]]
+            row.update(scorer_flip_rate=(sum(s_new[i] > s_chosen[i] for i in ordered) / len(ordered)
+                                         if ordered else None),
+                       scorer_mean_gain=_mean([a - b for a, b in zip(s_new, s_rejected, strict=True)]),
+                       unsupported_flips=len(unsupported),
+                       unsupported_flip_rate=len(unsupported) / len(right) if right else None)
+        edits.append(row)
+    out["edits"] = edits
+    rate_key = "unsupported_flip_rate" if scorer is not None else "flip_rate"
+    gated = [e for e in edits if e["gated"] and e[rate_key] is not None]
+    worst = max(gated, key=lambda e: e[rate_key], default=None)
+    out["gate"] = None if worst is None else {
+        "edit": worst["edit"], "what": worst["what"], "rate": worst[rate_key],
+        "flips": worst["unsupported_flips" if scorer is not None else "flips"], "of": worst["of"],
+        "basis": (f"flips {scorer_name} does not make too" if scorer is not None else "every flip (the labeller's "
+                  "own preferences are not known: set probe_scorer to the scorer that labelled the data, if any)")}
+    return out
+
+
+def probe_failure(probes: dict[str, Any] | None, max_flip_rate: float) -> str | None:
+    """A sentence naming the gated probe above `max_flip_rate`, or None when none is."""
+    gate = (probes or {}).get("gate")
+    if not gate or gate["rate"] <= max_flip_rate:
+        return None
+    return (f"the reward model prefers the worse answer of a held-out pair after {gate['what']} (probe "
+            f"{gate['edit']}) in {gate['flips']} of the {gate['of']} pairs it had right ({gate['rate']:.0%}; counted: "
+            f"{gate['basis']}), above max_probe_flip_rate={max_flip_rate}")
 
 
 def save_sft_copy(sft: str | Path, out: str | Path) -> Path:
@@ -195,12 +376,14 @@ def save_sft_copy(sft: str | Path, out: str | Path) -> Path:
 # ---------------------------------------------------------------------------- for an RL stage
 
 
-def gate(rm: Path, min_accuracy: float) -> dict:
-    """Refuse a reward model whose held-out accuracy is under `min_accuracy`: PPO would optimise its noise."""
+def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_FLIP_RATE) -> dict:
+    """Refuse a reward model whose held-out accuracy is under `min_accuracy` (PPO would optimise its noise), or
+    whose end-appended probes flip more than `max_probe_flip_rate` of the pairs (PPO would learn the phrase)."""
     if not is_adapter_dir(rm):
         raise StageError(f"no reward model at {rm}: run `align reward run.dir=...` first, pass reward_model=<folder>, "
                          "or use a programmatic reward with scorer=<name or module:function>")
-    metrics = read_manifest(rm).get("metrics", {})
+    manifest = read_manifest(rm)
+    metrics = manifest.get("metrics", {})
     accuracy = metrics.get("eval_accuracy")
     if min_accuracy > 0 and (accuracy is None or accuracy < min_accuracy):
         seen = (f"held-out accuracy {accuracy:.3f}, under" if accuracy is not None else
@@ -210,7 +393,33 @@ def gate(rm: Path, min_accuracy: float) -> dict:
             "PPO would maximise a reward that disagrees with your annotators, and the policy learns its mistakes. "
             "Label more (or cleaner) pairs and retrain it with `align reward`; to run anyway, pass "
             "min_reward_accuracy=0")
+    probes = manifest.get("probes")
+    if probes is None and metrics.get("eval_accuracy") is not None:
+        log.warning("the reward model at %s has no probes in its manifest (trained before `align reward` measured "
+                    "them): nothing says it does not pay for length or a polite phrase; `align reward probe --model %s` "
+                    "measures them", rm, rm)
+    failure = probe_failure(probes, max_probe_flip_rate)
+    if failure:
+        raise StageError(
+            f"the reward model at {rm} pays for a phrase, not for a better answer: {failure}. PPO would learn to add "
+            "it to every answer. See the probes in report.html and docs/reward_dpo.md#probes (label pairs where "
+            "the phrase is on both sides or on the worse one, or check the labels for it), retrain with `align "
+            "reward`; to run anyway, pass max_probe_flip_rate=1")
     return metrics
+
+
+def probe_warning(rm: Path, data_path: str | Path) -> str | None:
+    """For DPO, which never runs the reward model: a sentence when the one trained on the same pairs fails a probe."""
+    if not (rm / "align.json").is_file():
+        return None
+    manifest = read_manifest(rm)
+    parent = (manifest.get("parents", {}).get("preferences") or {}).get("path")
+    if parent is None or Path(parent).resolve() != Path(data_path).resolve():
+        return None
+    failure = probe_failure(manifest.get("probes"), MAX_PROBE_FLIP_RATE)
+    return (f"the reward model trained on these pairs ({rm}) fails a probe: {failure}. DPO learns from the same pairs "
+            "and may learn the same habit: compare the policies' answers in the eval report before using it "
+            "(docs/reward_dpo.md#probes)") if failure else None
 
 
 def shared_base_reward(model, rm: Path) -> Reward:

@@ -69,7 +69,8 @@ def check_reward(cfg: PPOStageConfig) -> None:
     if cfg.scorer:
         resolve_scorer(cfg.scorer)
     else:
-        gate(Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward"), cfg.min_reward_accuracy)
+        gate(Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward"), cfg.min_reward_accuracy,
+             cfg.max_probe_flip_rate)
 
 
 def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | None]:
@@ -78,7 +79,7 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
         fn = resolve_scorer(cfg.scorer)
         return (lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}, None
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
-    figures = gate(rm, cfg.min_reward_accuracy)
+    figures = gate(rm, cfg.min_reward_accuracy, cfg.max_probe_flip_rate)
     if cfg.rl.reward_on_policy_base:
         return shared_base_reward(policy, rm), {**figures, "device": str(next(policy.parameters()).device)}, rm
     model, tokenizer = load_reward_model(rm)

@@ -63,7 +63,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="align-ppo-bench-") as tmp:
         started = time.perf_counter()
-        reward = [f"reward_model={args.reward}", "min_reward_accuracy=0"] if args.reward else ["scorer=__main__:words"]
+        reward = ([f"reward_model={args.reward}", "min_reward_accuracy=0", "max_probe_flip_rate=1"] if args.reward
+                  else ["scorer=__main__:words"])
         code = align(["ppo", f"run.dir={tmp}", f"sft={args.sft}", "model.name=smollm2-135m", *reward,
                       f"model.quantize={str(not args.no_quantize).lower()}", f"train.max_steps={args.steps}",
                       f"rl.rollout_prompts={args.prompts}", f"rl.minibatch_size={args.minibatch}",

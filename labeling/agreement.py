@@ -1,4 +1,5 @@
-"""Inter-annotator agreement on rankings: Krippendorff's α (ordinal), pairwise agreement, Kendall's τ-b.
+"""Inter-annotator agreement on rankings (Krippendorff's α (ordinal), pairwise agreement, Kendall's τ-b) and
+each annotator's reliability (a one-coin Dawid-Skene model: estimated accuracy, interval, vote weight).
 
 A ranking is a list of ranks in canonical response order (1 = best, ties share a rank).
 For α, each response of each task is a unit and each annotator's rank of it a value; units with
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -102,3 +104,143 @@ def agreement_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"krippendorff_alpha": krippendorff_alpha_ordinal(units),
             "pairwise_agreement": sum(task_agreement(list(a.values())) for a in shared.values()) / len(shared),
             "kendall_tau": sum(taus) / len(taus) if taus else None, "n_tasks": len(shared)}
+
+
+
+# ---------------------------------------------------------------------------- annotator reliability
+#
+# One-coin Dawid-Skene (Dawid & Skene 1979, one accuracy per annotator instead of a confusion
+# matrix) on pairwise judgements. Every two responses i < j of a ranked task are an item whose true
+# order is unknown; each annotator who ordered them casts a vote (a tie says nothing), right with
+# probability q_a on any item. EM: the E-step turns the votes into the posterior
+# P(i beats j) = sigmoid(sum of the voters' log-odds log(q / (1 - q)), + for i, - for j) from an
+# even prior; the M-step sets q_a to the mean of a Beta prior updated with a's expected right votes.
+# Gold tasks' pairs have their known order fixed (they anchor who is right), and an annotator is
+# scored only on items someone else, or a gold answer, also judged: alone on an item their vote
+# would only agree with itself, so an annotator nobody can check keeps the prior. An annotator below
+# chance gets weight 0, not a negative one: reversals on the checked items say nothing sure about
+# the rest (a spammer may have learnt the gold items), so their votes are ignored, never turned round.
+# The pairs of one ranking are treated as independent items (they are not quite: a ranking is
+# transitive), as every pairwise Dawid-Skene does.
+
+PRIOR_ACCURACY = 0.7  # the Beta prior's mean: how far an unchecked annotator is trusted
+PRIOR_STRENGTH = 4.0  # ... worth this many judgements: one with few checked items stays near it
+
+Item = tuple[Any, int, int]  # (task_id, i, j) with i < j in canonical response order
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def vote_weight(accuracy: float) -> float:
+    """An annotator's vote in log-odds, log(q / (1 - q)); 0 at or below chance (ignored, never inverted)."""
+    return max(0.0, math.log(accuracy / (1 - accuracy)))
+
+
+def beta_interval(a: float, b: float, level: float = 0.95, grid: int = 4000) -> tuple[float, float]:
+    """The central `level` interval of Beta(a, b), from its density summed on a grid of `grid` cells.
+
+    Exact to a cell (1/4000) at the counts seen here; the standard library has no Beta quantile and
+    labeling/ needs nothing more.
+    """
+    xs = [(i + 0.5) / grid for i in range(grid)]
+    logs = [(a - 1) * math.log(x) + (b - 1) * math.log(1 - x) for x in xs]
+    top = max(logs)
+    density = [math.exp(v - top) for v in logs]
+    total = sum(density)
+    lo_mass, hi_mass = (1 - level) / 2 * total, (1 + level) / 2 * total
+    cumulative, lo, hi = 0.0, 0.0, 1.0
+    for x, d in zip(xs, density, strict=True):
+        before, cumulative = cumulative, cumulative + d
+        if before < lo_mass <= cumulative:
+            lo = x - 0.5 / grid
+        if before < hi_mass <= cumulative:
+            hi = x + 0.5 / grid
+            break
+    return lo, hi
+
+
+def pair_judgements(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None
+                    ) -> tuple[dict[Item, list[tuple[str, int]]], dict[Item, int]]:
+    """(votes, truth) from ranking rows and gold answers: each item's [(annotator, +1 i better / -1 j better)]
+    and each gold item's known +1 / -1. Ties give no vote; rows of other kinds (A/B eval tasks) are left out."""
+    votes: dict[Item, list[tuple[str, int]]] = defaultdict(list)
+    for r in rows:
+        if r.get("kind", "ranking") != "ranking":
+            continue
+        ranks = r["ranks"]
+        for i, j in itertools.combinations(range(len(ranks)), 2):
+            if v := _order(ranks[j], ranks[i]):  # a lower rank is better
+                votes[(r["task_id"], i, j)].append((r["annotator"], v))
+    truth = {}
+    for task_id, ranks in (gold or {}).items():
+        for i, j in itertools.combinations(range(len(ranks)), 2):
+            if v := _order(ranks[j], ranks[i]):
+                truth[(task_id, i, j)] = v
+    return dict(votes), truth
+
+
+@dataclass
+class Reliability:
+    """What `dawid_skene` estimated: per annotator, and per item the posterior P(i beats j)."""
+
+    annotators: dict[str, dict[str, Any]]  # name -> accuracy, interval, weight, judgements, checked, gold
+    posterior: dict[Item, float]  # items that are not gold
+    iterations: int
+    converged: bool
+    prior: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: the model, its prior, convergence and the per-annotator table."""
+        return {"model": "one-coin Dawid-Skene on pairwise judgements (EM, gold fixed, Beta prior)",
+                "prior": self.prior, "iterations": self.iterations, "converged": self.converged,
+                "annotators": self.annotators}
+
+
+def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int] | None = None, *,
+                prior_accuracy: float = PRIOR_ACCURACY, prior_strength: float = PRIOR_STRENGTH,
+                max_iter: int = 500, tol: float = 1e-7) -> Reliability:
+    """Fit annotator accuracies and item posteriors by EM (the model: this section's comment)."""
+    truth = truth or {}
+    alpha, beta = prior_accuracy * prior_strength, (1 - prior_accuracy) * prior_strength
+    names = sorted({a for vs in votes.values() for a, _ in vs})
+    checked = [x for x, vs in votes.items() if len(vs) >= 2 or x in truth]
+    q = dict.fromkeys(names, prior_accuracy)
+
+    def e_step() -> dict[Item, float]:
+        w = {a: vote_weight(q[a]) for a in names}
+        return {x: (1.0 if truth[x] > 0 else 0.0) if x in truth else _sigmoid(sum(w[a] * v for a, v in vs))
+                for x, vs in votes.items()}
+
+    converged, iterations = False, 0
+    right, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    while not converged and iterations < max_iter:
+        iterations += 1
+        posterior = e_step()
+        right, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+        for x in checked:
+            p = posterior[x]
+            for a, v in votes[x]:
+                right[a] += p if v > 0 else 1 - p
+                seen[a] += 1
+        new = {a: (right[a] + alpha) / (seen[a] + alpha + beta) for a in names}
+        converged = max((abs(new[a] - q[a]) for a in names), default=0.0) < tol
+        q = new
+    posterior = e_step()
+    gold_votes = Counter(a for x in truth for a, _ in votes.get(x, []))
+    judgements = Counter(a for vs in votes.values() for a, _ in vs)
+    table = {}
+    for a in names:
+        lo, hi = beta_interval(right[a] + alpha, seen[a] - right[a] + beta)
+        table[a] = {"accuracy": q[a], "interval": [lo, hi], "weight": vote_weight(q[a]), "judgements": judgements[a],
+                    "checked": seen[a], "gold": gold_votes[a]}
+    return Reliability(table, {x: p for x, p in posterior.items() if x not in truth}, iterations, converged,
+                       {"accuracy": prior_accuracy, "strength": prior_strength})
+
+
+def annotator_reliability(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None,
+                          **options: Any) -> Reliability:
+    """`dawid_skene` on every ranking in `rows` (Store.submitted_rankings()) with the store's gold answers."""
+    votes, truth = pair_judgements(rows, gold)
+    return dawid_skene(votes, truth, **options)

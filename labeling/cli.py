@@ -4,6 +4,7 @@
     align label users add alice --admin                        an account (asks for a password)
     align label users list
     align label --simulate support_style --annotators 3 --noise 0.3
+    align label --simulate support_style --profiles good,noisy:0.8,adversarial --gold-rate 0.1
     align label status                                         tasks and rankings per batch
     align label gold TASK_ID 2,1,3,4                           a gold answer (canonical order)
 
@@ -52,13 +53,24 @@ def check_args(args: argparse.Namespace) -> str | None:
         known = True
     if not known:
         return f"unknown command {' '.join(cmd)!r}; see `align label --help`"
+    if args.profiles and not args.simulate:
+        return "--profiles: only with --simulate (the profiles of simulated annotators)"
     if args.simulate:
         from labeling.scorers import resolve_scorer
+        from labeling.simulate import parse_profile
 
         try:
             resolve_scorer(args.simulate)
         except ValueError as err:
             return f"--simulate: {err}"
+        profiles = args.profiles.split(",") if args.profiles else []
+        for spec in profiles:
+            try:
+                parse_profile(spec)
+            except ValueError as err:
+                return f"--profiles: {err}"
+        if profiles and args.annotators is not None and args.annotators != len(profiles):
+            return f"--profiles gives {len(profiles)} profiles for --annotators {args.annotators}: one per annotator"
     elif not cmd and args.guidelines:
         path = Path(args.guidelines)
         if not path.is_file():
@@ -93,10 +105,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--session-hours", type=float, default=12.0,
                    help="a sign-in lasts this long, then the server asks again (default 12)")
     p.add_argument("--overlap", type=_number(int, 1), default=1, help="annotators per task (default 1)")
-    p.add_argument("--gold-rate", type=_number(float, 0, 1), default=0.0, help="share of gold tasks mixed in (0..1)")
+    p.add_argument("--gold-rate", type=_number(float, 0, 1), default=0.0,
+                   help="share of gold tasks mixed in (0..1), in the app and for simulated annotators")
     p.add_argument("--batch", help="only this batch (default: every batch)")
     p.add_argument("--simulate", metavar="SCORER", help="rank pending tasks with a scorer instead of starting the app")
-    p.add_argument("--annotators", type=_number(int, 1), default=1, help="with --simulate: how many simulated annotators")
+    p.add_argument("--annotators", type=_number(int, 1), default=None,
+                   help="with --simulate: how many simulated annotators (default 1, or one per --profiles entry)")
+    p.add_argument("--profiles", metavar="P,P,...",
+                   help="with --simulate: one profile per annotator: good, noisy:A (pairwise accuracy A), random, "
+                        "adversarial (reversed); e.g. good,noisy:0.8,adversarial")
     p.add_argument("--noise", type=_number(float, 0), default=0.0,
                    help="with --simulate: score noise (share of the spread)")
     p.add_argument("--seed", type=_number(int, 0), default=0)
@@ -150,9 +167,13 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
         if args.simulate:
             from labeling.simulate import simulate
 
-            n = simulate(store, args.simulate, annotators=args.annotators, noise=args.noise, seed=args.seed,
-                         batch=args.batch, overlap=max(args.overlap, args.annotators))
-            print(f"{n} rankings submitted by {args.annotators} simulated annotator(s) ({args.simulate})")
+            profiles = args.profiles.split(",") if args.profiles else None
+            annotators = args.annotators or (len(profiles) if profiles else 1)
+            n = simulate(store, args.simulate, annotators=annotators, noise=args.noise, seed=args.seed,
+                         batch=args.batch, overlap=max(args.overlap, annotators), profiles=profiles,
+                         gold_rate=args.gold_rate)
+            print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
+                  f"{', profiles ' + args.profiles if profiles else ''})")
             print(f"next: align export run.dir={args.run_dir}")
             return 0
     except (ValueError, KeyError) as err:

@@ -7,11 +7,17 @@ The rules (docs/labeling.md says the same):
 - A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
-  them. A pair with no majority (or equal ratings) is a tie.
+  them. A pair with no majority (or equal ratings) is a tie. `dawid_skene` weighs each vote by
+  its annotator's estimated reliability (labeling.agreement: a one-coin Dawid-Skene model fitted
+  on every ranking, gold tasks' answers fixed) and orders each pair by the posterior probability;
+  its pairs carry that probability (`p_chosen`, a soft label) and `weight` = 2 p_chosen - 1 (0 for
+  a coin flip, 1 for certain); `min_posterior` drops the pairs less sure than it (`dropped_uncertain`).
+  Whatever `combine` is, summary.json holds each annotator's estimated accuracy, interval and weight.
 - Ties: `drop` (default) gives no pair; `margin0` keeps it with margin 0 and the first response
   as "chosen": only useful with a loss that weights pairs by margin.
 - `agreement` is the task's mean pairwise agreement between annotators (1.0 for one); tasks under
   `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks.
+  `votes_chosen` / `votes_rejected` count the annotators who ordered the pair each way (ties neither).
 - Identical responses never make a pair. Train/test are split by prompt (no prompt on both sides).
 
 Where it writes: a new folder, an empty one, or one a previous export wrote (it holds
@@ -35,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from labeling.agreement import task_agreement
+from labeling.agreement import annotator_reliability, task_agreement
 from labeling.store import Store
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
@@ -82,11 +88,19 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def _check_options(ties: str, combine: str) -> None:
+COMBINE = ("majority", "bradley_terry", "dawid_skene")
+
+
+def _check_options(ties: str, combine: str, min_posterior: float | None = None) -> None:
     if ties not in ("drop", "margin0"):
         raise ValueError(f"ties: {ties!r} is not allowed; allowed values: drop, margin0")
-    if combine not in ("majority", "bradley_terry"):
-        raise ValueError(f"combine: {combine!r} is not allowed; allowed values: majority, bradley_terry")
+    if combine not in COMBINE:
+        raise ValueError(f"combine: {combine!r} is not allowed; allowed values: {', '.join(COMBINE)}")
+    if min_posterior is not None:
+        if combine != "dawid_skene":
+            raise ValueError(f"min_posterior={min_posterior} needs combine=dawid_skene (only its pairs have a posterior)")
+        if not 0.5 <= min_posterior <= 1:
+            raise ValueError(f"min_posterior: {min_posterior} is not allowed; it must be in [0.5, 1]")
 
 
 def bradley_terry(comparisons: list[tuple[int, int, float]], k: int, *, iters: int = 200,
@@ -126,8 +140,12 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
     return [r for r, t in zip(rows, key, strict=True) if not t], [r for r, t in zip(rows, key, strict=True) if t]
 
 
-def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str = "majority") -> list[tuple[int, int, float]]:
-    """(chosen index, rejected index, margin) for one task's rankings (canonical order)."""
+def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str = "majority",
+               posterior: dict[tuple[int, int], float] | None = None) -> list[tuple[int, int, float]]:
+    """(chosen index, rejected index, margin) for one task's rankings (canonical order).
+
+    With combine=dawid_skene, `posterior[(i, j)]` (i < j) is P(response i beats j); a pair missing from it is a tie.
+    """
     k = len(rank_lists[0])
     mean_rank = [_mean([r[i] for r in rank_lists]) for i in range(k)]
     _check_options(ties, combine)
@@ -138,7 +156,10 @@ def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str 
         ratings = bradley_terry(comparisons, k)
     out = []
     for i, j in itertools.combinations(range(k), 2):
-        if ratings is not None:
+        if combine == "dawid_skene":
+            p = (posterior or {}).get((i, j), 0.5)
+            vote = (p > 0.5 + 1e-9) - (p < 0.5 - 1e-9)
+        elif ratings is not None:
             vote = (ratings[i] > ratings[j] + 1e-9) - (ratings[j] > ratings[i] + 1e-9)
         else:
             vote = sum((r[i] < r[j]) - (r[j] < r[i]) for r in rank_lists)
@@ -153,10 +174,15 @@ def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str 
 
 
 def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None, ties: str = "drop",
-                combine: str = "majority", min_agreement: float | None = None, chat: bool = True
+                combine: str = "majority", min_agreement: float | None = None, min_posterior: float | None = None,
+                gold: dict[int, list[int]] | None = None, chat: bool = True
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(pair records, counts) from `Store.submitted_rankings()` rows."""
-    _check_options(ties, combine)
+    """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`."""
+    _check_options(ties, combine, min_posterior)
+    # Reliability from every ranking (all batches, gold tasks included: their answers are what
+    # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
+    reliability = annotator_reliability(
+        [r for r in rows if r["kind"] == "ranking" and not str(r["batch"]).startswith("eval-")], gold)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -183,13 +209,22 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         first = ranked[0]
         texts = [x["text"] for x in first["responses"]]
         metas = [x.get("meta") or {} for x in first["responses"]]
-        decided = task_pairs(rank_lists, ties=ties, combine=combine)
         k = len(texts)
+        posterior = {(i, j): reliability.posterior[(task_id, i, j)] for i, j in itertools.combinations(range(k), 2)
+                     if (task_id, i, j) in reliability.posterior}
+        decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior)
         counts["dropped_ties"] += k * (k - 1) // 2 - len(decided)
         for chosen, rejected, margin in decided:
             if texts[chosen].strip() == texts[rejected].strip():
                 counts["dropped_duplicates"] += 1
                 continue
+            soft = {}
+            if combine == "dawid_skene":
+                p = posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
+                if min_posterior is not None and p < min_posterior:
+                    counts["dropped_uncertain"] += 1
+                    continue
+                soft = {"p_chosen": p, "weight": 2 * p - 1}
             if margin == 0 and ties == "margin0":
                 counts["kept_ties"] += 1
             source = metas[chosen].get("policy") or first.get("source", {}).get("policy") or ""
@@ -201,17 +236,23 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 "task_id": str(task_id), "batch": first["batch"], "annotators": sorted({r["annotator"] for r in ranked}),
                 "agreement": agreement, "margin": float(margin), "source": str(source),
                 "prompt_id": hashlib.sha1(first["prompt"].encode()).hexdigest()[:12],
+                "votes_chosen": sum(r[chosen] < r[rejected] for r in rank_lists),
+                "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), **soft,
             })
     summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
                "dropped_ties": counts["dropped_ties"], "dropped_flagged": counts["dropped_flagged"],
                "dropped_low_agreement": counts["dropped_low_agreement"],
                "dropped_duplicates": counts["dropped_duplicates"], "kept_ties": counts["kept_ties"],
-               "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator)}
+               "dropped_uncertain": counts["dropped_uncertain"],
+               "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator),
+               "mean_p_chosen": _mean([p["p_chosen"] for p in pairs]) if combine == "dawid_skene" and pairs else None,
+               "reliability": {**reliability.summary(), "used_for_pairs": combine == "dawid_skene"}}
     return pairs, summary
 
 
 def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] | None = None, ties: str = "drop",
-                       combine: str = "majority", min_agreement: float | None = None, test_fraction: float = 0.1,
+                       combine: str = "majority", min_agreement: float | None = None,
+                       min_posterior: float | None = None, test_fraction: float = 0.1,
                        seed: int = 0, jsonl: bool = False, chat: bool = True,
                        finish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary.
@@ -223,9 +264,11 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
 
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
+    _check_options(ties, combine, min_posterior)
     check_target(out_dir)
     pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
-                                 min_agreement=min_agreement, chat=chat)
+                                 min_agreement=min_agreement, min_posterior=min_posterior,
+                                 gold=store.gold_answers(), chat=chat)
     out = Path(out_dir)
     summary.update(train_pairs=0, test_pairs=0)
     if not pairs:

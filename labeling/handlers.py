@@ -202,15 +202,23 @@ def gold_accuracy(store: Store) -> dict[str, float]:
 
 
 def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> dict[str, Any]:
-    """Progress, throughput, gold accuracy and agreement; `pending` counts rankings still needed at `overlap`."""
+    """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
+    `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
+    annotator's estimated accuracy with its 95 % interval, and the weight their votes get."""
     _require_admin(session)
-    from labeling.agreement import agreement_summary
+    from labeling.agreement import agreement_summary, annotator_reliability
 
     rows = store.submitted_rankings()
     gold = gold_accuracy(store)
+    reliability = annotator_reliability([r for r in rows if not str(r["batch"]).startswith("eval-")],
+                                        store.gold_answers()).annotators
     people = store.annotator_activity()
     for p in people:
         p["gold_accuracy"] = round(gold[p["name"]], 3) if p["name"] in gold else None
+        r = reliability.get(p["name"])
+        p["est_accuracy"] = round(r["accuracy"], 3) if r else None
+        p["accuracy_95"] = f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}" if r else None
+        p["weight"] = round(r["weight"], 2) if r else None
     batches = store.batch_counts()
     for b in batches:
         b["pending"] = store.pending_count(b["batch"], overlap)

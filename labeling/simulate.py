@@ -2,9 +2,17 @@
 
 Each simulated annotator signs in (an account `sim-<scorer>-<i>` is made once), asks for its
 next task, sees the responses in its own shuffled order, ranks them by score (equal scores tie)
-and submits with `handlers.submit`: assignment, overlap, validation and idempotency are the
-app's. `noise` adds Gaussian noise scaled to the spread of a task's scores, so several
+and submits with `handlers.submit`: assignment, overlap, gold tasks, validation and idempotency
+are the app's. `noise` adds Gaussian noise scaled to the spread of a task's scores, so several
 simulated annotators disagree about close calls as people do.
+
+A profile makes an annotator worse on purpose, to test what reliability estimation does with one
+(`--profiles good,noisy:0.8,adversarial`, one per annotator; its account is `sim-<scorer>-<i>-<profile>`):
+  good           ranks by the scorer (the default);
+  noisy:A        orders each pair of responses as the scorer does with probability about A (0.5..1): a
+                 share 2(1 - A) of its rankings are a random order, the rest the scorer's;
+  random         a random order every time (a click-through spammer: noisy:0.5);
+  adversarial    the scorer's order reversed.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from labeling.store import Store
 
 log = logging.getLogger(__name__)
 
+PROFILES = ("good", "noisy:A", "random", "adversarial")
+
 
 def ranks_from_scores(scores: list[float]) -> list[int]:
     """Dense ranks, 1 = highest score; equal scores share a rank."""
@@ -29,10 +39,45 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [distinct.index(s) + 1 for s in scores]
 
 
+def parse_profile(spec: str) -> tuple[str, float]:
+    """(kind, accuracy) of a profile spec; a ValueError names what is allowed."""
+    kind, _, value = spec.strip().partition(":")
+    if kind in ("good", "random", "adversarial") and not value:
+        return kind, {"good": 1.0, "random": 0.5, "adversarial": 0.0}[kind]
+    if kind == "noisy":
+        try:
+            accuracy = float(value)
+        except ValueError:
+            accuracy = float("nan")
+        if 0.5 <= accuracy <= 1:
+            return kind, accuracy
+        raise ValueError(f"profile {spec!r}: noisy:A needs an accuracy A in [0.5, 1], e.g. noisy:0.8")
+    raise ValueError(f"profile {spec!r} is not allowed; allowed profiles: {', '.join(PROFILES)}")
+
+
+def profile_ranks(profile: tuple[str, float], scores: list[float], rng: random.Random) -> list[int]:
+    """The ranks an annotator of this profile gives responses the scorer scored `scores`."""
+    kind, accuracy = profile
+    if kind == "adversarial":
+        return ranks_from_scores([-s for s in scores])
+    if kind in ("noisy", "random") and rng.random() < 2 * (1 - accuracy):
+        order = rng.sample(range(len(scores)), len(scores))  # a random order: right on half the pairs
+        return [order.index(i) + 1 for i in range(len(scores))]
+    return ranks_from_scores(scores)
+
+
 def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: float = 0.0, seed: int = 0,
-             batch: str | None = None, overlap: int | None = None) -> int:
-    """Rank every task still open for them; returns how many rankings were submitted."""
+             batch: str | None = None, overlap: int | None = None, profiles: list[str] | None = None,
+             gold_rate: float = 0.0) -> int:
+    """Rank every task still open for them; returns how many rankings were submitted.
+
+    `profiles` (one per annotator, default all good) and `gold_rate` (the share of gold tasks
+    mixed in, as the app's `--gold-rate`) let a run measure and down-weight a bad annotator.
+    """
     scorer = resolve_scorer(scorer_spec)
+    if profiles is not None and len(profiles) != annotators:
+        raise ValueError(f"{len(profiles)} profiles for {annotators} annotators: give one profile per annotator")
+    kinds = [parse_profile(p) for p in profiles] if profiles else [("good", 1.0)] * annotators
     overlap = overlap or annotators
     rng = random.Random(seed)
     known = {u["name"] for u in store.users()}
@@ -42,21 +87,26 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
     with tqdm(total=pending, desc=f"simulated annotators ({scorer_spec})", unit="ranking") as bar:
         for i in range(annotators):
             name, password = f"sim-{safe}-{i}", secrets.token_hex(8)
+            if profiles:
+                name += "-" + "".join(c if c.isalnum() else "-" for c in profiles[i].strip())
             if name not in known:
                 store.add_user(name, password)
             # A simulated annotator has no password to type: it gets its session as sign_in would.
             session = next(u for u in store.users() if u["name"] == name)
             session = {"annotator_id": session["id"], "name": name, "is_admin": False}
-            while (task := handlers.next_task(store, session, overlap=overlap, seed=seed, batch=batch)) is not None:
+            while (task := handlers.next_task(store, session, overlap=overlap, gold_rate=gold_rate, seed=seed,
+                                              batch=batch)) is not None:
                 started = time.perf_counter()
                 scores = [float(scorer(task["prompt"], r)) for r in task["responses"]]
                 if noise > 0:
                     spread = (max(scores) - min(scores)) or 1.0
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
-                handlers.submit(store, session, task["task_id"], ranks_from_scores(scores),
-                                rationale=f"simulated: {scorer_spec}", seconds=time.perf_counter() - started)
+                # The same seed as next_task's: it sets the shuffled order the ranks are given in.
+                handlers.submit(store, session, task["task_id"], profile_ranks(kinds[i], scores, rng),
+                                rationale=f"simulated: {scorer_spec}", seconds=time.perf_counter() - started,
+                                seed=seed)
                 submitted += 1
                 bar.update(1)
-    log.info("simulated annotators (%s, %d, noise %.2f) submitted %d rankings", scorer_spec, annotators, noise,
-             submitted)
+    log.info("simulated annotators (%s, %d, noise %.2f, profiles %s) submitted %d rankings", scorer_spec, annotators,
+             noise, ",".join(profiles) if profiles else "good", submitted)
     return submitted

@@ -41,6 +41,7 @@ from alignment.modeling import (
 )
 from alignment.preferences import load_preferences
 from alignment.preflight import check_stage
+from alignment.reward_model import probe_warning
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
 from alignment.training import resume_checkpoint, trl_args
 
@@ -84,6 +85,11 @@ def main(cfg: DPOStageConfig) -> Path:
     if not data_path.exists():
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
+    # DPO never runs the reward model, but one trained on these pairs that pays for a phrase says the
+    # labels may teach DPO the same habit (alignment.reward_model.probe).
+    probe_note = probe_warning(stage_dir(cfg.run.dir, "reward"), data_path)
+    if probe_note:
+        log.warning(probe_note)
     model_cfg = replace(cfg.model, name=adapter_base_name(sft))  # the SFT's base, from its manifest
     plan = device_plan(model_cfg)
     log.info(plan.describe())
@@ -153,6 +159,7 @@ def main(cfg: DPOStageConfig) -> Path:
     write_manifest(
         out, stage="dpo", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
+        reward_probe_warning=probe_note,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped},

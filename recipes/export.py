@@ -2,10 +2,13 @@
 
     align export --config configs/quickstart/export.yaml
     align export min_agreement=0.6 ties=margin0 jsonl=true
+    align export combine=dawid_skene min_posterior=0.6
 
 Writes <run.dir>/preferences/: a `datasets.DatasetDict` (train/test, split by prompt) with
 TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenance columns
-(task, annotators, agreement, margin, source checkpoint). The rules that turn K-wise rankings
+(task, annotators, agreement, margin, votes each way, source checkpoint; with combine=dawid_skene the
+posterior `p_chosen` and a `weight`). Each annotator's estimated reliability (accuracy, interval,
+vote weight) goes to summary.json, the manifest and W&B (a table). The rules that turn K-wise rankings
 from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md). It never
 deletes what it did not write: an output folder that is not a previous export is refused.
 The labelling app's Export button runs this same recipe (alignment.cli.export_for_label_app).
@@ -24,6 +27,15 @@ from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
+
+RELIABILITY_COLUMNS = ("annotator", "accuracy", "interval_low", "interval_high", "weight", "judgements", "checked",
+                       "gold")
+
+
+def reliability_rows(people: dict[str, dict]) -> list[list]:
+    """The per-annotator reliability table as rows of RELIABILITY_COLUMNS (W&B's table, the log)."""
+    return [[name, r["accuracy"], r["interval"][0], r["interval"][1], r["weight"], r["judgements"], r["checked"],
+             r["gold"]] for name, r in people.items()]
 
 
 def main(cfg: ExportStageConfig) -> Path:
@@ -48,7 +60,8 @@ def main(cfg: ExportStageConfig) -> Path:
     try:
         summary = export_preferences(
             store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
-            test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl, finish=finish,
+            min_posterior=cfg.min_posterior, test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl,
+            finish=finish,
         )
     except ExportError as err:
         raise StageError(str(err)) from None
@@ -56,11 +69,18 @@ def main(cfg: ExportStageConfig) -> Path:
         raise StageError(f"no preference pairs came out of the rankings (summary: {json.dumps(summary)}); "
                          "were all responses tied, or all tasks under min_agreement?")
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    people = summary["reliability"]["annotators"]
+    for name, row in people.items():  # W&B summary keys beside the table
+        numbers.update({f"reliability/{name}/accuracy": row["accuracy"], f"reliability/{name}/weight": row["weight"]})
     tracker = Tracker(cfg.run, "export", out, to_dict(cfg), resume=True)
+    tracker.table("reliability", list(RELIABILITY_COLUMNS), reliability_rows(people))
     sample_dir = stage_dir(cfg.run.dir, "sample")
     log_artifact("export", out, cfg.run.dir, {"samples": sample_dir}, run=tracker.run)
     tracker.finish(numbers)
-    log.info("export summary: %s", json.dumps(summary))
+    log.info("export summary: %s", json.dumps({k: v for k, v in summary.items() if k != "reliability"}))
+    log.info("annotator reliability (%s):\n%s", summary["reliability"]["model"],
+             "\n".join(f"  {r[0]}: accuracy {r[1]:.3f} [{r[2]:.2f}, {r[3]:.2f}], weight {r[4]:.2f}, "
+                       f"{r[6]} of {r[5]} judgements checked ({r[7]} on gold)" for r in reliability_rows(people)))
     print_done("export", out, f"align reward run.dir={cfg.run.dir}   or   align dpo run.dir={cfg.run.dir}")
     return out
 

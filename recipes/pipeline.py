@@ -134,7 +134,9 @@ def main(cfg: PipelineConfig) -> Path:
             "sample": replace(on_base(cfg.sample), run=run, store=store, round=r, batch=batch,
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             "export": replace(cfg.export, run=run, store=store),
-            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir)),
+            # The probes see the edits through the labelling scorer too (what the labels supported).
+            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir), probe_scorer=cfg.reward.probe_scorer or (
+                cfg.scorer if cfg.label == "simulate" else None)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
             "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
             # Judged by the scorer that labelled the data too (unless eval names its own), so the

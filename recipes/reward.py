@@ -20,9 +20,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
@@ -40,8 +43,12 @@ from alignment.modeling import (
 from alignment.preferences import RankingBatchSampler, load_preferences
 from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
+    MAX_PROBE_FLIP_RATE,
     heldout_metrics,
     load_reward_model,
+    pair_loss,
+    probe,
+    probe_failure,
     reward_base,
     save_sft_copy,
     score,
@@ -49,26 +56,108 @@ from alignment.reward_model import (
 )
 from alignment.tracking import MetricsJSONL, append_jsonl, configure_wandb, finish_wandb, log_artifact
 from alignment.training import resume_checkpoint, trl_args
+from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
 
 LENGTH_WARNING = 0.5  # |Pearson r| of reward vs length above which the stage warns
+PAIR_COLUMNS = ("weight", "p_chosen")  # per-pair columns the loss reads (align export combine=dawid_skene)
 
 
-class RankingRewardTrainer(RewardTrainer):
-    """RewardTrainer whose training batches keep each K-wise ranking's pairs together.
+class WeightedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, passing each pair's `weight` and `p_chosen` on as tensors (it keeps only margin)."""
 
-    TRL has no hook for this and transformers only takes per-index samplers (a batch sampler is
-    needed so a ranking never straddles two batches), so this one method is overridden.
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        for key in PAIR_COLUMNS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float)
+        return batch
+
+
+class AlignRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer plus the two things it has no hook for, each a small override:
+
+    - batches that keep each K-wise ranking's pairs together (`group_by_ranking`): transformers only
+      takes per-index samplers, and a batch sampler is needed so a ranking never straddles two batches;
+    - per-pair weights and soft labels in the loss (`weight`, `p_chosen` columns): TRL's loss reads a
+      margin only. compute_loss lets TRL run the model and log its figures, then replaces the loss
+      with alignment.reward_model.pair_loss (TRL's own loss when a batch has neither column).
     """
 
+    def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
+        self.group_by_ranking = group_by_ranking
+        super().__init__(*args, **kwargs)
+        if isinstance(self.data_collator, DataCollatorForPreference):  # TRL's, made with its pad token
+            self.data_collator = WeightedPreferenceCollator(pad_token_id=self.data_collator.pad_token_id,
+                                                            pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
+
+    def _set_signature_columns_if_needed(self):
+        # The columns a batch keeps (TRL's: the token ids and margin), plus ours.
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS]
+
     def get_train_dataloader(self):
-        keep = [c for c in ("chosen_ids", "rejected_ids", "margin") if c in self.train_dataset.column_names]
+        if not self.group_by_ranking:
+            return super().get_train_dataloader()
+        keep = [c for c in ("chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS)
+                if c in self.train_dataset.column_names]
         sampler = RankingBatchSampler(self.train_dataset["task_id"], self.args.per_device_train_batch_size,
                                       seed=self.args.seed)
         loader = DataLoader(self.train_dataset.select_columns(keep), batch_sampler=sampler,
                             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if pair:
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = pair_loss(chosen, rejected, margin=inputs.get("margin"), **pair)
+            if self.args.center_rewards_coefficient is not None:  # as TRL adds it
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        return (loss, outputs) if return_outputs else loss
+
+
+def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> tuple[DatasetDict, str]:
+    """The splits with only the per-pair columns the loss should read (it reads margin, weight and p_chosen
+    whenever they are there), and the weighting that makes: soft, weighted or off (pair_weighting)."""
+    train = data["train"]
+    if cfg.use_margin and ("margin" not in train.column_names or None in train["margin"]):
+        raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
+    weighting = pair_weighting(cfg.use_weights, train, data_path)
+    drop = {"soft": {"weight"}, "weighted": {"p_chosen"}}.get(weighting, set(PAIR_COLUMNS))
+    drop |= set() if cfg.use_margin else {"margin"}
+    data = DatasetDict({k: split.remove_columns([c for c in split.column_names if c in drop]) for k, split in data.items()})
+    if weighting == "weighted":  # mean weight 1 over the training pairs: train.lr means what it means unweighted
+        mean = sum(data["train"]["weight"]) / len(data["train"])
+        if mean <= 0:
+            raise DataError(f"{data_path}: every training pair has weight 0: nothing to learn from")
+        data = data.map(lambda row: {"weight": row["weight"] / mean})
+    log.info("pair weighting: %s", {"soft": "soft labels p_chosen (expected Bradley-Terry loss under the posterior)",
+                                    "weighted": "per-pair weights (normalised to mean 1)",
+                                    "off": "none: every pair counts as fully sure"}[weighting])
+    return data, weighting
+
+
+def pair_weighting(use_weights: str, train, data_path: Path) -> str:
+    """What `use_weights` means for this data: soft (p_chosen), weighted (weight) or off.
+
+    auto: soft where every pair has a p_chosen (align export combine=dawid_skene), else weighted where
+    every pair has a weight, else off. on: the same, but data without either column is an error.
+    """
+    complete = {c: c in train.column_names and None not in train[c] for c in PAIR_COLUMNS}
+    if use_weights in ("auto", "on"):
+        found = "soft" if complete["p_chosen"] else "weighted" if complete["weight"] else "off"
+        if found == "off" and use_weights == "on":
+            raise DataError(f"{data_path}: use_weights=on needs a 'p_chosen' or a 'weight' on every pair "
+                            "(align export combine=dawid_skene writes both)")
+        return found
+    need = {"soft": "p_chosen", "weighted": "weight"}.get(use_weights)
+    if need and not complete[need]:
+        raise DataError(f"{data_path}: use_weights={use_weights} needs a {need!r} on every pair "
+                        "(align export combine=dawid_skene writes one)")
+    return use_weights
 
 
 def main(cfg: RewardStageConfig) -> Path:
@@ -92,13 +181,9 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
+    probe_pairs = data.get("test")  # with every column, for the probes
+    data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
-    if cfg.use_margin:
-        if "margin" not in train.column_names or None in train["margin"]:
-            raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
-    else:  # TRL's loss uses a `margin` column whenever one is present
-        data = data.remove_columns([c for c in ["margin"] if c in train.column_names])
-        train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template
     tokenizer.model_max_length = cfg.model.max_length  # saved with it: score() truncates alike
 
@@ -116,9 +201,9 @@ def main(cfg: RewardStageConfig) -> Path:
     args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
                     max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
                     center_rewards_coefficient=cfg.center_rewards_coefficient)
-    trainer_cls = RankingRewardTrainer if cfg.group_by_ranking else RewardTrainer
-    trainer = trainer_cls(
+    trainer = AlignRewardTrainer(
         model=model,
+        group_by_ranking=cfg.group_by_ranking,
         args=args,
         train_dataset=train,
         eval_dataset=test,
@@ -145,7 +230,7 @@ def main(cfg: RewardStageConfig) -> Path:
                                                                                       strict=True)], cfg.train.batch_size)
         rejected = score_conversations(trainer.model, tokenizer, [p + r for p, r in zip(
             test["prompt"], test["rejected"], strict=True)], cfg.train.batch_size)
-        heldout = heldout_metrics(test, chosen, rejected)
+        heldout = heldout_metrics(probe_pairs, chosen, rejected)  # every column: agreement, p_chosen
         metrics.update(heldout)
         ceiling = heldout["agreement_ceiling"]
         log.info("held-out: accuracy %.3f over %d pairs%s, mean margin %.3f, calibration error %.3f",
@@ -156,10 +241,17 @@ def main(cfg: RewardStageConfig) -> Path:
         if r is not None and abs(r) > LENGTH_WARNING:
             log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "
                         "model may be rewarding length rather than quality, which PPO will exploit", r)
+        # --- probes: accuracy by agreement, and edits that must not win (alignment.reward_model) ---
+        probes = probe(lambda convs: score_conversations(trainer.model, tokenizer, convs, cfg.train.batch_size),
+                       probe_pairs, chosen, rejected, scorer=resolve_scorer(cfg.probe_scorer) if cfg.probe_scorer
+                       else None, scorer_name=cfg.probe_scorer)
+        metrics["probe_gate_rate"] = probes["gate"]["rate"] if probes["gate"] else None
+        _log_probes(probes)
         if is_main_process():
             append_jsonl(out / "metrics.jsonl", {"step": result.global_step, **heldout})
-            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))})
+            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))}, probes)
     else:
+        probes = None
         log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")
 
     # --- save -------------------------------------------------------------------------------
@@ -174,6 +266,7 @@ def main(cfg: RewardStageConfig) -> Path:
     write_manifest(
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
+        weighting=weighting, probes=probes,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
@@ -189,14 +282,38 @@ def main(cfg: RewardStageConfig) -> Path:
     return out
 
 
-def _wandb_summary(figures: dict) -> None:
+def _log_probes(probes: dict) -> None:
+    for b in probes["by_agreement"]["buckets"]:
+        log.info("held-out accuracy, %s pairs: %.3f (%d)", b["bucket"], b["accuracy"], b["pairs"])
+    for e in probes["edits"]:
+        scorer = (f"; {probes['scorer']}: flips {e['scorer_flip_rate']:.0%}, gain {e['scorer_mean_gain']:+.3f}, "
+                  f"flips it does not make {e['unsupported_flip_rate']:.0%}"
+                  if probes["scorer"] and e["flip_rate"] is not None and e["scorer_flip_rate"] is not None else "")
+        log.info("probe %s (%s): flips %s of %d pairs, mean reward gain %+.3f%s", e["edit"], e["what"], e["flips"],
+                 e["of"], e["mean_gain"], scorer)
+    failure = probe_failure(probes, MAX_PROBE_FLIP_RATE)
+    if failure:
+        log.warning("%s: PPO will refuse this reward model unless max_probe_flip_rate is raised, and DPO on the same "
+                    "pairs may learn the same habit (docs/reward_dpo.md#probes)", failure)
+
+
+def _wandb_summary(figures: dict, probes: dict) -> None:
     try:
         import wandb
     except ImportError:  # pragma: no cover
         return
     if wandb.run is not None:
         wandb.run.log({f"heldout/{k}": v for k, v in figures.items() if v is not None})
-        wandb.run.summary.update(figures)
+        columns = ["edit", "what", "gated", "flips", "of", "flip_rate", "mean_gain", "gain_vs_gap", "scorer_flip_rate",
+                   "scorer_mean_gain", "unsupported_flip_rate"]
+        wandb.run.log({"probes": wandb.Table(columns=columns, data=[[e.get(c) for c in columns]
+                                                                   for e in probes["edits"]])})
+        flat = {f"probe/{e['edit']}/{k}": e[k] for e in probes["edits"] for k in
+                ("flip_rate", "mean_gain", "unsupported_flip_rate") if e.get(k) is not None}
+        flat.update({f"probe/accuracy/{b['bucket']}": b["accuracy"] for b in probes["by_agreement"]["buckets"]})
+        if probes["gate"]:
+            flat["probe/gate_rate"] = probes["gate"]["rate"]
+        wandb.run.summary.update({**figures, **flat})
 
 
 def score_main(argv: list[str]) -> int:
@@ -254,4 +371,42 @@ def score_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"score": score_main}
+def probe_main(argv: list[str]) -> int:
+    """`align reward probe`: run the probes on a trained reward model's held-out pairs and print them as JSON.
+
+    For a reward model trained before the probes existed (the PPO gate then only warns), or to see
+    one with another labelling scorer; nothing is written into the model's folder.
+    """
+    parser = argparse.ArgumentParser(prog="align reward probe", description=probe_main.__doc__)
+    parser.add_argument("--model", help="a reward model folder (default <run-dir>/reward)")
+    parser.add_argument("--run-dir", default="runs/quickstart")
+    parser.add_argument("--data", help="preference data (default: what the model was trained on, from its manifest)")
+    parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
+    try:
+        check_adapter("--model", folder, tokenizer=True)
+        scorer = resolve_scorer(args.scorer) if args.scorer else None
+        manifest = json.loads((folder / "align.json").read_text())
+        data_path = Path(args.data or manifest.get("data", {}).get("path") or "")
+        test_fraction, seed = manifest["config"]["data"]["test_fraction"], manifest["config"]["train"]["seed"]
+        pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed)[0].get("test")
+    except (ConfigError, DataError, ValueError, KeyError, OSError) as err:
+        print(f"align reward probe: {err}", file=sys.stderr)
+        return 2
+    if pairs is None:
+        print(f"align reward probe: {data_path} has no held-out pairs to probe", file=sys.stderr)
+        return 2
+    model, tokenizer = load_reward_model(folder)
+    chosen, rejected = (score_conversations(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs[side],
+                                                                                    strict=True)], args.batch_size)
+                        for side in ("chosen", "rejected"))
+    probes = probe(lambda convs: score_conversations(model, tokenizer, convs, args.batch_size), pairs, chosen,
+                   rejected, scorer=scorer, scorer_name=args.scorer)
+    _log_probes(probes)
+    print(json.dumps(probes, indent=2))
+    return 0
+
+
+SUBCOMMANDS = {"score": score_main, "probe": probe_main}

@@ -102,9 +102,10 @@ OURS=()
 # --- the gpu-marked tests beside the pipeline (both are functional checks; the benchmarks run alone) ----
 RUN=$WORK/runs/gpu
 rm -rf "$RUN"
-# PPO too, with the pipeline's reward model on the GPU; no accuracy gate: random weights rank at random.
+# PPO too, with the pipeline's reward model on the GPU; no accuracy or probe gate: random weights rank at random.
 pipeline=(--config configs/quickstart/pipeline.yaml "run.dir=$RUN" run.wandb=disabled
-          "stages=[sft, sample, label, export, reward, dpo, ppo, eval]" ppo.train.max_steps=10 ppo.min_reward_accuracy=0)
+          "stages=[sft, sample, label, export, reward, dpo, ppo, eval]" ppo.train.max_steps=10 ppo.min_reward_accuracy=0
+          ppo.max_probe_flip_rate=1)
 [ ${#LIGER[@]} -gt 0 ] && pipeline+=(sft.train.liger=false reward.train.liger=false dpo.train.liger=false)
 if [ "$smoke" = 1 ]; then
   pipeline+=(sft.train.max_steps=2 sft.train.eval_steps=2 sample.num_prompts=4 sample.k=2

@@ -95,6 +95,13 @@ def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
     assert all(info["state"] == "finished" for info in runs.values())
     assert "train/loss" in runs["sft"]["summary"] and "eval/loss" in runs["sft"]["summary"]
     assert "eval_accuracy" in runs["reward"]["summary"]
+    # The probes and the annotator reliability reach W&B as summary keys (and tables).
+    assert "probe/gate_rate" in runs["reward"]["summary"] and "probe/thanks_end/flip_rate" in runs["reward"]["summary"]
+    assert "probe/thanks_end/unsupported_flip_rate" in runs["reward"]["summary"]  # the pipeline names its scorer
+    annotator = "sim-known-scorers-thanks-then-short-0"
+    assert runs["export"]["summary"][f"reliability/{annotator}/accuracy"] == pytest.approx(0.7)  # nobody checks it
+    assert runs["reward"]["summary"]["probes"]["_type"] == "table-file" and runs["reward"]["summary"]["probes"]["nrows"] == 8
+    assert runs["export"]["summary"]["reliability"]["_type"] == "table-file"
     assert any(k.startswith("train/rewards/") for k in runs["dpo"]["summary"])
     assert "dpo/scorer:known_scorers:thanks_then_short/win_rate" in runs["eval"]["summary"]
     # Lineage: the preference data that trained the reward model came from the SFT policy's samples.

@@ -163,7 +163,7 @@ def test_reward_model_alone_and_on_the_policy_base_agree(sft_dir, prompts, tmp_p
                   "train.max_steps=6", "train.lr=3e-3", "train.batch_size=8", "data.test_fraction=0.2",
                   "run.wandb=disabled", "model.max_length=128"]) == 0
     common = [f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "min_reward_accuracy=0",
-              "train.max_steps=1", "rl.rollout_prompts=4", *FAST]
+              "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4", *FAST]
     assert align(["ppo", *common]) == 0
     alone = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[0]
     assert align(["ppo", *common, "rl.reward_on_policy_base=true"]) == 0

@@ -73,6 +73,21 @@ def test_reward_model_learns_a_known_preference_and_writes_its_figures(reward_ru
     assert all(0 <= b["accuracy"] <= 1 and 0.5 <= b["predicted"] <= 1 for b in bins)
     last = read_jsonl(reward_run / "metrics.jsonl")[-1]
     assert last["eval_accuracy"] == metrics["eval_accuracy"] and last["calibration"] == bins
+    # The probes: every edit scored on the 16 held-out pairs; agreement known per task only (0.8, no vote counts).
+    probes = json.loads((reward_run / "align.json").read_text())["probes"]
+    assert probes["pairs"] == 16 and probes["scorer"] is None
+    assert probes["by_agreement"]["buckets"] == [{"bucket": "not unanimous", "pairs": 16,
+                                                  "accuracy": metrics["eval_accuracy"]}]
+    assert [b["bucket"] for b in probes["by_margin"]] == ["1"]  # write_rankings gives every pair margin 1
+    edits = {e["edit"]: e for e in probes["edits"]}
+    assert set(edits) == {"neutral_end", "repeat_end", "thanks_end", "sorry_end", "hope_end", "thanks_start",
+                          "sorry_start", "hope_start"}
+    for e in edits.values():
+        assert e["of"] == round(metrics["eval_accuracy"] * 16) and 0 <= e["flips"] <= e["of"]
+        assert isinstance(e["mean_gain"], float) and e["gated"] == e["edit"].endswith("_end")
+    assert probes["gate"]["edit"].endswith("_end")
+    assert metrics["probe_gate_rate"] == probes["gate"]["rate"] == max(edits[k]["flip_rate"] for k in edits
+                                                                       if k.endswith("_end"))
     assert any("loss" in r for r in read_jsonl(reward_run / "metrics.jsonl"))
 
 
@@ -116,6 +131,16 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     rude, polite = (float(line.split("\t")[0]) for line in lines)
     assert polite > rude
+    # `align reward probe`: the same probes from the folder alone (the split from its manifest).
+    capsys.readouterr()
+    assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "support_style"]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    trained = json.loads((reward_run / "align.json").read_text())["probes"]
+    assert probed["pairs"] == trained["pairs"] == 16 and probed["scorer"] == "support_style"
+    for mine, theirs in zip(probed["edits"], trained["edits"], strict=True):
+        assert mine["edit"] == theirs["edit"] and mine["mean_gain"] == pytest.approx(theirs["mean_gain"], abs=1e-3)
+        assert "unsupported_flip_rate" in mine
+    assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "nonsense"]) == 2
     jsonl = tmp_path / "score.jsonl"
     jsonl.write_text(json.dumps({"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags")}) + "\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
@@ -128,9 +153,17 @@ def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_pat
     assert align(["reward", f"run.dir={tmp_path / 'run'}", f"model.name={tiny_model}", "from_sft=false",
                   f"data.path={data}", "model.quantize=true", "use_margin=true", "center_rewards_coefficient=0.01",
                   "group_by_ranking=false", "train.max_steps=20", "train.lr=3e-3", "train.batch_size=8",
-                  "train.eval_steps=20", "data.test_fraction=0.2", *FAST]) == 0
+                  "train.eval_steps=20", "data.test_fraction=0.2", "probe_scorer=support_style", *FAST]) == 0
     out = tmp_path / "run" / "reward"
     manifest = json.loads((out / "align.json").read_text())
+    # With the labelling scorer named, each edit says what it thought of it too; the gate counts the rest.
+    edits = {e["edit"]: e for e in manifest["probes"]["edits"]}
+    assert manifest["probes"]["scorer"] == "support_style"
+    assert edits["thanks_start"]["scorer_mean_gain"] > 0.5  # an opening acknowledgement: support_style pays +1
+    assert edits["neutral_end"]["scorer_flip_rate"] == 0  # 7 more words, a few thousandths less
+    assert all(e["unsupported_flips"] <= e["flips"] for e in edits.values())
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<h3>Probes</h3>" in page and "support_style: flip rate" in page and "putting &#x27;Thanks!&#x27; in front" in page
     assert set(manifest["parents"]) == {"preferences"} and not (out / "sft_adapter").exists()
     assert "4-bit NF4" in manifest["device_plan"]
     assert manifest["config"]["use_margin"] is True
@@ -146,7 +179,7 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
     from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
     from alignment.preferences import load_preferences
     from alignment.reward_model import reward_base
-    from recipes.reward import RankingRewardTrainer
+    from recipes.reward import AlignRewardTrainer
 
     # 3 pairs per ranking, batch 4: grouped batches hold 3; shuffled ones would hold 4.
     rows = [json.loads(line) for line in write_rankings(tmp_path / "p.jsonl", 6).read_text().splitlines()]
@@ -154,7 +187,7 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
     plan = device_plan(ModelConfig(name=tiny_model, quantize=False))
-    trainer = RankingRewardTrainer(
+    trainer = AlignRewardTrainer(
         model=reward_base(ModelConfig(name=tiny_model, quantize=False), plan), processing_class=load_tokenizer(tiny_model),
         args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, use_cpu=True, bf16=False,
                           report_to=[], gradient_checkpointing=False),
@@ -175,3 +208,119 @@ def test_quickstart_yaml_loads():
     assert cfg.from_sft and cfg.group_by_ranking
     first = (REPO / "configs/quickstart/reward.yaml").read_text().splitlines()[0]
     assert first.startswith("# align reward --config configs/quickstart/reward.yaml")
+
+
+def test_pair_loss_by_hand():
+    import math
+
+    import torch
+
+    from alignment.reward_model import pair_loss
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log(1 + math.exp(-x))
+
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.5, -1.0])
+    weight, p = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.9, 0.6, 1.0])
+    by_hand = (1.0 * (-0.9 * log_sigmoid(1.0) - 0.1 * log_sigmoid(-1.0))
+               + 0.5 * (-0.6 * log_sigmoid(-0.5) - 0.4 * log_sigmoid(0.5)) + 0.0) / 3
+    assert pair_loss(chosen, rejected, weight=weight, p_chosen=p).item() == pytest.approx(by_hand, rel=1e-6)
+    # A margin applies to whichever response wins: the d - m and -d - m terms.
+    margin = torch.tensor([1.0, 0.0, 0.0])
+    by_hand = (-0.9 * log_sigmoid(0.0) - 0.1 * log_sigmoid(-2.0) - 0.6 * log_sigmoid(-0.5)
+               - 0.4 * log_sigmoid(0.5) - log_sigmoid(3.0)) / 3
+    assert pair_loss(chosen, rejected, margin=margin, p_chosen=p).item() == pytest.approx(by_hand, rel=1e-6)
+    # The soft label's loss is least where the reward gap is logit(p): it does not push past the posterior.
+    gaps = torch.linspace(-1, 4, 501, requires_grad=False)
+    losses = [pair_loss(g.reshape(1), torch.zeros(1), p_chosen=torch.tensor([0.8])).item() for g in gaps]
+    assert gaps[losses.index(min(losses))].item() == pytest.approx(math.log(0.8 / 0.2), abs=0.01)
+
+
+def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_otherwise(tiny_model, tmp_path):
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.config import LoraConfig, ModelConfig
+    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
+    from alignment.preferences import load_preferences
+    from alignment.reward_model import reward_base
+    from recipes.reward import AlignRewardTrainer
+
+    rows = [json.loads(line) for line in write_rankings(tmp_path / "p.jsonl", 3).read_text().splitlines()]
+    soft = [0.9, 0.6, 0.75, 1.0] * 3
+    (tmp_path / "w.jsonl").write_text("\n".join(json.dumps({**r, "weight": 1.0, "p_chosen": 1.0}) for r in rows))
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({**r, "weight": 1.0, "p_chosen": p})
+                                                for r, p in zip(rows, soft, strict=True)))
+    plan = device_plan(ModelConfig(name=tiny_model, quantize=False))
+
+    def first_batch(path: Path):
+        data, _ = load_preferences(path, test_fraction=0)
+        trainer = AlignRewardTrainer(
+            model=reward_base(ModelConfig(name=tiny_model, quantize=False), plan),
+            processing_class=load_tokenizer(tiny_model),
+            args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=12, use_cpu=True, bf16=False,
+                              report_to=[], gradient_checkpointing=False),
+            train_dataset=data["train"].remove_columns(["margin"]),
+            peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
+        trainer.model.eval()
+        return trainer, next(iter(trainer.get_train_dataloader()))
+
+    trainer, batch = first_batch(tmp_path / "w.jsonl")
+    assert batch["weight"].tolist() == [1.0] * 12 and batch["p_chosen"].tolist() == [1.0] * 12
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        trls = RewardTrainer.compute_loss(trainer, trainer.model, {k: v for k, v in batch.items()
+                                                                   if k not in ("weight", "p_chosen")})
+    assert ours.item() == pytest.approx(trls.item(), rel=1e-6)
+
+    trainer, batch = first_batch(tmp_path / "s.jsonl")
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch)).item()
+        rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    gaps = (rewards[:12] - rewards[12:]).tolist()
+    p = batch["p_chosen"].tolist()
+    assert sorted(p) == pytest.approx(sorted(soft))  # the soft labels reached the batch (in the sampler's order)
+    log_sigmoid = torch.nn.functional.logsigmoid
+    by_hand = sum(-pi * log_sigmoid(torch.tensor(g)).item() - (1 - pi) * log_sigmoid(torch.tensor(-g)).item()
+                  for g, pi in zip(gaps, p, strict=True)) / 12
+    assert ours == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, capsys):
+    """Most training pairs say rude beats polite, but only a distrusted annotator said so (p_chosen 0.52, weight
+    0.04); the held-out pairs are the truth. Trained with the weights, the model learns polite > rude; without, rude."""
+    from datasets import Dataset, DatasetDict
+
+    def pairs(first: int, n: int, *, reversed_: bool, p: float) -> list[dict]:
+        out = []
+        for i in range(first, first + n):
+            t = TOPICS[i % len(TOPICS)]
+            for c in POLITE:
+                for r in RUDE:
+                    good, bad = c.format(t=t), r.format(t=t)
+                    chosen, rejected = (bad, good) if reversed_ else (good, bad)
+                    out.append({"prompt": [{"role": "user", "content": f"Ticket {i}: where is {t}?"}],
+                                "chosen": [{"role": "assistant", "content": chosen}],
+                                "rejected": [{"role": "assistant", "content": rejected}],
+                                "task_id": f"task-{i}", "p_chosen": p, "weight": 2 * p - 1})
+        return out
+
+    train = pairs(0, 12, reversed_=False, p=0.97) + pairs(12, 20, reversed_=True, p=0.52)
+    DatasetDict({"train": Dataset.from_list(train),
+                 "test": Dataset.from_list(pairs(40, 4, reversed_=False, p=0.97))}).save_to_disk(str(tmp_path / "prefs"))
+    accuracy = {}
+    for mode in ("auto", "off"):
+        run = tmp_path / mode
+        assert align(["reward", f"run.dir={run}", f"sft={sft_dir}", f"data.path={tmp_path / 'prefs'}",
+                      f"use_weights={mode}", "model.quantize=false", "train.max_steps=30", "train.lr=3e-3",
+                      "train.batch_size=8", "train.eval_steps=30", *FAST]) == 0
+        manifest = json.loads((run / "reward" / "align.json").read_text())
+        accuracy[mode] = manifest["metrics"]["eval_accuracy"]
+        assert manifest["weighting"] == {"auto": "soft", "off": "off"}[mode]
+        assert manifest["metrics"]["posterior_ceiling"] == pytest.approx(0.97)  # the held-out pairs' p_chosen
+    assert accuracy["auto"] >= 0.9 and accuracy["off"] <= 0.1, accuracy
+    # Asked for a column the data does not have: named, before any model loads.
+    plain = write_rankings(tmp_path / "plain.jsonl", 4)
+    assert align(["reward", f"run.dir={tmp_path / 'x'}", f"sft={sft_dir}", f"data.path={plain}", "use_weights=soft",
+                  *FAST]) == 2
+    assert "use_weights=soft needs a 'p_chosen' on every pair" in capsys.readouterr().err

@@ -1,0 +1,240 @@
+"""Annotator reliability (one-coin Dawid-Skene) by hand, and through simulated annotators with a bad one among
+them: the bad one is down-weighted, the exported pairs follow the good ones, the columns reach training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.preferences import load_preferences
+from labeling import handlers
+from labeling.agreement import (
+    PRIOR_ACCURACY,
+    PRIOR_STRENGTH,
+    annotator_reliability,
+    beta_interval,
+    dawid_skene,
+    pair_judgements,
+    vote_weight,
+)
+from labeling.export import build_pairs
+from labeling.scorers import support_style
+from labeling.simulate import parse_profile, profile_ranks, simulate
+from labeling.store import Store
+
+ALPHA, BETA = PRIOR_ACCURACY * PRIOR_STRENGTH, (1 - PRIOR_ACCURACY) * PRIOR_STRENGTH
+
+
+def ranking(task_id, annotator, ranks, *, kind="ranking", batch="round-0"):
+    return {"task_id": task_id, "annotator": annotator, "ranks": ranks, "kind": kind, "batch": batch}
+
+
+def test_beta_interval_matches_closed_forms():
+    assert beta_interval(1, 1) == pytest.approx((0.025, 0.975), abs=3e-4)  # uniform
+    # Beta(2, 2): CDF 3x² - 2x³; its 2.5 % and 97.5 % points solved by hand (0.0943, 0.9057)
+    lo, hi = beta_interval(2, 2)
+    assert 3 * lo ** 2 - 2 * lo ** 3 == pytest.approx(0.025, abs=5e-4)
+    assert 3 * hi ** 2 - 2 * hi ** 3 == pytest.approx(0.975, abs=5e-4)
+    # Beta(a, 1): CDF x^a, so the points are 0.025^(1/a) and 0.975^(1/a)
+    assert beta_interval(5, 1) == pytest.approx((0.025 ** 0.2, 0.975 ** 0.2), abs=3e-4)
+
+
+def test_judgements_are_pairs_of_responses_and_ties_say_nothing():
+    votes, truth = pair_judgements([ranking(7, "a", [1, 2, 2]), ranking(8, "b", [1, 2], kind="pairwise")],
+                                   gold={9: [2, 1]})
+    assert votes == {(7, 0, 1): [("a", 1)], (7, 0, 2): [("a", 1)]}  # 1 vs 2 tied: no vote; A/B tasks left out
+    assert truth == {(9, 0, 1): -1}
+
+
+def test_gold_fixes_the_truth_and_the_prior_keeps_few_items_off_0_and_1():
+    # Only gold items: the posterior is the gold answer, so one M-step is exact:
+    # q = (right + alpha) / (checked + alpha + beta).
+    gold = {t: [1, 2] for t in range(5)}
+    rows = [ranking(t, "three-of-four", [1, 2] if t < 3 else [2, 1]) for t in range(4)]
+    rows += [ranking(4, "one-right", [1, 2]), ranking(4, "one-wrong", [2, 1])]
+    rel = annotator_reliability(rows, gold)
+    people = rel.annotators
+    assert people["three-of-four"]["accuracy"] == pytest.approx((3 + ALPHA) / (4 + ALPHA + BETA))  # 0.725
+    assert people["one-right"]["accuracy"] == pytest.approx((1 + ALPHA) / (1 + ALPHA + BETA))  # 0.76, not 1
+    assert people["one-wrong"]["accuracy"] == pytest.approx(ALPHA / (1 + ALPHA + BETA))  # 0.56, not 0
+    assert people["three-of-four"]["gold"] == people["three-of-four"]["checked"] == 4
+    lo, hi = people["three-of-four"]["interval"]
+    assert (lo, hi) == pytest.approx(beta_interval(3 + ALPHA, 1 + BETA))
+    assert people["three-of-four"]["weight"] == pytest.approx(math.log(0.725 / 0.275))
+    assert rel.posterior == {} and rel.converged
+
+
+def test_adversary_is_found_weighted_zero_and_pulls_no_pair_its_way():
+    # Two annotators agree on 30 pairs; a third reverses every one of them.
+    rows = []
+    for t in range(10):
+        rows += [ranking(t, "ann", [1, 2, 3]), ranking(t, "bob", [1, 2, 3]), ranking(t, "eve", [3, 2, 1])]
+    rows.append(ranking(99, "eve", [2, 1]))  # a task only eve ranked
+    rel = annotator_reliability(rows)
+    people = rel.annotators
+    assert people["eve"]["accuracy"] < 0.2 and people["eve"]["weight"] == 0
+    assert people["ann"]["accuracy"] > 0.85 and people["ann"]["weight"] > 1.5
+    assert people["eve"]["checked"] == 30  # her lone task is not evidence about her
+    assert rel.posterior[(99, 0, 1)] == 0.5  # eve alone decides nothing
+    # The E-step by hand: a pair is the sigmoid of the summed vote weights (eve's is 0).
+    w = vote_weight(people["ann"]["accuracy"]) + vote_weight(people["bob"]["accuracy"])
+    assert rel.posterior[(0, 0, 1)] == pytest.approx(1 / (1 + math.exp(-w)))
+
+
+def test_an_annotator_nobody_checks_keeps_the_prior():
+    rel = annotator_reliability([ranking(t, "solo", [1, 2, 3]) for t in range(20)])
+    solo = rel.annotators["solo"]
+    assert solo["accuracy"] == pytest.approx(PRIOR_ACCURACY) and solo["checked"] == 0 and solo["judgements"] == 60
+    assert list(rel.posterior.values()) == [pytest.approx(PRIOR_ACCURACY)] * 60  # one unchecked vote: the prior's belief
+
+
+def test_noisy_annotator_gets_less_weight_than_a_careful_one():
+    # careful agrees with gold everywhere; sloppy is wrong on a third of the gold pairs and of the shared ones.
+    gold = {t: [1, 2, 3] for t in range(6)}
+    rows = []
+    for t in range(30):
+        rows.append(ranking(t, "careful", [1, 2, 3]))
+        rows.append(ranking(t, "sloppy", [2, 1, 3] if t % 3 == 0 else [1, 2, 3]))
+        rows.append(ranking(t, "third", [1, 2, 3] if t % 5 else [1, 3, 2]))
+    people = annotator_reliability(rows, gold).annotators
+    assert people["careful"]["weight"] > people["third"]["weight"] > people["sloppy"]["weight"] > 0
+    assert people["sloppy"]["accuracy"] < people["careful"]["accuracy"]
+
+
+def test_profiles():
+    import random
+
+    assert parse_profile("noisy:0.8") == ("noisy", 0.8) and parse_profile("adversarial") == ("adversarial", 0.0)
+    for bad in ("noisy:0.3", "noisy", "noisy:x", "lazy", "good:1"):
+        with pytest.raises(ValueError, match="profile"):
+            parse_profile(bad)
+    rng = random.Random(0)
+    scores = [3.0, 1.0, 2.0, 0.0]
+    assert profile_ranks(("adversarial", 0.0), scores, rng) == [4, 2, 3, 1]
+    assert profile_ranks(("good", 1.0), scores, rng) == [1, 3, 2, 4]
+    # noisy:0.8 orders about 80 % of the pairs as the scorer does
+    right = total = 0
+    for _ in range(2000):
+        ranks = profile_ranks(("noisy", 0.8), scores, rng)
+        for i, j in itertools.combinations(range(4), 2):
+            right += (ranks[i] < ranks[j]) == (scores[i] > scores[j])
+            total += 1
+    assert right / total == pytest.approx(0.8, abs=0.02)
+
+
+OPENINGS = ["Thanks for asking! ", "I am so sorry about that. ", "", "Hi! "]  # word counts differ: no scorer ties
+BODIES = ["Open Settings and tap Sync now.", "Go to Settings > Account > Sync and choose Sync now, then wait a minute.",
+          "It syncs by itself when you are online, usually within a minute or two of a change.",
+          "no", "Try turning it off and on again and it will probably sort itself out in the end"]
+
+
+def tasks(n: int) -> list[dict]:
+    """K=4 support replies per prompt, mixed from openings and bodies so support_style scores them apart."""
+    out = []
+    for t in range(n):
+        combos = [(o, b) for o in OPENINGS for b in BODIES]
+        picks = [combos[(t * 7 + k * 5) % len(combos)] for k in range(4)]
+        out.append({"prompt": f"Ticket {t}: my notes do not sync", "responses": [o + b for o, b in picks]})
+    return out
+
+
+def truth_agreement(pairs: list[dict]) -> float:
+    """The share of pairs whose chosen the scorer itself prefers."""
+    return sum(support_style("", p["chosen"][0]["content"]) > support_style("", p["rejected"][0]["content"])
+               for p in pairs) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def three_annotators(tmp_path_factory):
+    """Two good annotators (one noisy) and an adversary rank 40 tasks with overlap 3; 8 more are gold."""
+    tmp_path = tmp_path_factory.mktemp("three-annotators")
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", tasks(48), source={"policy": "runs/q/sft"})
+    for task in store.batch_tasks("round-0")[:8]:
+        scores = [support_style(task["prompt"], r) for r in task["responses"]]
+        store.add_gold(task["task_id"], [sorted(set(scores), reverse=True).index(s) + 1 for s in scores])
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--profiles",
+                  "good,noisy:0.8,adversarial", "--gold-rate", "0.3", "--overlap", "3", "--seed", "3"]) == 0
+    return store, tmp_path
+
+
+def test_bad_annotator_is_down_weighted_and_pairs_follow_the_good_ones(three_annotators):
+    store, run = three_annotators
+    rows = store.submitted_rankings()
+    assert sum(r["is_gold"] for r in rows) >= 12  # every annotator met gold tasks
+    # --seed 3: ranks go back to canonical order with the shuffle they were given in (they did not, before)
+    assert handlers.gold_accuracy(store)["sim-support-style-0-good"] == 1.0
+    majority, _ = build_pairs(rows, gold=store.gold_answers())
+    weighted, summary = build_pairs(rows, combine="dawid_skene", gold=store.gold_answers())
+    people = summary["reliability"]["annotators"]
+    good, noisy, adversary = (people[f"sim-support-style-{i}-{p}"] for i, p in
+                              enumerate(["good", "noisy-0-8", "adversarial"]))
+    assert adversary["accuracy"] < 0.5 and adversary["weight"] == 0
+    assert good["accuracy"] > noisy["accuracy"] > adversary["accuracy"]
+    assert good["weight"] > noisy["weight"] > 0 and good["gold"] > 0
+    assert summary["reliability"]["used_for_pairs"] and summary["reliability"]["converged"]
+    # The pairs follow the good annotators: closer to the scorer's own order than the majority vote.
+    assert truth_agreement(weighted) > truth_agreement(majority)
+    assert truth_agreement(weighted) > 0.95
+    assert all(0.5 < p["p_chosen"] <= 1 and p["weight"] == pytest.approx(2 * p["p_chosen"] - 1) for p in weighted)
+    # A vote count per pair: the adversary's vote is the one against, on pairs all three ordered.
+    assert any(p["votes_chosen"] == 2 and p["votes_rejected"] == 1 for p in weighted)
+    assert all(p["votes_chosen"] + p["votes_rejected"] <= 3 for p in majority)
+    sure, sure_summary = build_pairs(rows, combine="dawid_skene", gold=store.gold_answers(), min_posterior=0.99)
+    assert sure_summary["dropped_uncertain"] == len(weighted) - len(sure) > 0
+    assert min(p["p_chosen"] for p in sure) >= 0.99
+
+
+def test_align_export_writes_the_columns_the_table_and_training_reads_them(three_annotators):
+    store, run = three_annotators
+    assert align(["export", f"run.dir={run}", "combine=dawid_skene", "min_posterior=0.6", "run.wandb=disabled"]) == 0
+    out = run / "preferences"
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["summary"]["reliability"]["annotators"] == summary["reliability"]["annotators"]
+    assert set(summary["reliability"]["annotators"]) == {r["annotator"] for r in store.submitted_rankings()}
+    data, _ = load_preferences(out)
+    for column in ("p_chosen", "weight", "votes_chosen", "votes_rejected"):
+        assert column in data["train"].column_names, column
+    assert min(data["train"]["p_chosen"]) >= 0.6
+    from alignment.report import write_report
+
+    page = write_report(run).read_text()
+    assert "<h3>Annotator reliability</h3>" in page and "used to decide the pairs" in page
+    assert "sim-support-style-2-adversarial</td><td>0.0" in page  # its estimated accuracy, printed as 0.0xxx
+    # A config that asks for a posterior threshold without the model that gives one is refused up front.
+    assert align(["export", f"run.dir={run}", "min_posterior=0.6"]) == 2
+
+
+def test_admin_view_shows_each_annotators_reliability(three_annotators):
+    store, _ = three_annotators
+    store.add_user("boss", "secret-pw", admin=True)
+    stats = handlers.admin_stats(store, handlers.sign_in(store, "boss", "secret-pw"))
+    rows = {p["name"]: p for p in stats["per_annotator"]}
+    adversary = rows["sim-support-style-2-adversarial"]
+    assert adversary["est_accuracy"] < 0.5 and adversary["weight"] == 0
+    assert rows["sim-support-style-0-good"]["weight"] > 1
+    assert rows["boss"]["est_accuracy"] is None  # ranked nothing: nothing estimated
+
+
+def test_simulate_refuses_bad_profiles_before_opening_the_store(tmp_path, capsys):
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--profiles", "good,lazy"]) == 2
+    assert "--profiles: profile 'lazy' is not allowed" in capsys.readouterr().err
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--profiles", "good,good",
+                  "--annotators", "3"]) == 2
+    assert "one per annotator" in capsys.readouterr().err
+    assert not (tmp_path / "labels.db").exists()
+    with pytest.raises(ValueError, match="one profile per annotator"):
+        simulate(Store(f"sqlite:///{tmp_path / 'x.db'}"), "support_style", annotators=2, profiles=["good"])
+
+
+def test_dawid_skene_is_deterministic_and_leaves_unvoted_pairs_out():
+    votes = {(1, 0, 1): [("a", 1), ("b", 1)], (1, 0, 2): [("a", -1), ("b", 1)]}
+    one, two = dawid_skene(votes), dawid_skene(votes)
+    assert one.annotators == two.annotators and one.posterior == two.posterior
+    assert (1, 1, 2) not in one.posterior
+    assert one.posterior[(1, 0, 2)] == pytest.approx(0.5)  # two equally trusted annotators disagree

@@ -1,0 +1,147 @@
+"""Reward-model probes by hand (a reward function with a known habit, a known labelling scorer), the PPO gate
+refusing a model that pays for a phrase, DPO warning about one trained on its pairs, and the report showing both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.reward_model import EDITS, MAX_PROBE_FLIP_RATE, gate, probe, probe_failure, probe_warning
+
+
+def conv(role: str, text: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": text}]
+
+
+def heldout(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": conv("user", r.get("prompt", "How do I sync?")),
+                               "chosen": conv("assistant", r["chosen"]), "rejected": conv("assistant", r["rejected"]),
+                               **{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")}}
+                              for r in rows])
+
+
+def thanks_anywhere(conversations: list[list[dict[str, str]]]) -> list[float]:
+    """A reward model with a habit: +2 for 'thanks' anywhere, +0.1 per 'Settings', nothing for length."""
+    out = []
+    for c in conversations:
+        text = c[-1]["content"]
+        out.append(2.0 * ("thanks" in text.lower()) + 0.1 * text.count("Settings"))
+    return out
+
+
+def opening_only(prompt: str, response: str) -> float:
+    """A labeller who rewards an opening 'Thanks' (+3) but not one at the end; 'Settings' +0.1 each."""
+    return 3.0 * response.startswith("Thanks") + 0.1 * response.count("Settings")
+
+
+PAIRS = [  # chosen mentions Settings twice, rejected once: the reward model orders them by 0.1
+    {"chosen": "Open Settings, then Settings > Sync.", "rejected": "Open Settings.", "annotators": ["a", "b", "c"],
+     "votes_chosen": 3, "votes_rejected": 0, "margin": 1.0, "p_chosen": 0.97},
+    {"chosen": "Settings > Sync. Settings > Export.", "rejected": "Settings, I think", "annotators": ["a", "b", "c"],
+     "votes_chosen": 2, "votes_rejected": 1, "margin": 2.0, "p_chosen": 0.8},
+    {"chosen": "Go to Settings and Settings again.", "rejected": "It is in Settings.", "annotators": ["a", "b"],
+     "votes_chosen": 1, "votes_rejected": 1, "margin": 1.0, "p_chosen": 0.6},
+    {"chosen": "Sync.", "rejected": "Settings > Sync.", "annotators": ["a", "b", "c"],  # the model gets this one wrong
+     "votes_chosen": 3, "votes_rejected": 0, "margin": 3.0, "p_chosen": 0.99},
+]
+
+
+def test_probes_by_hand():
+    data = heldout(PAIRS)
+    chosen = thanks_anywhere([r["prompt"] + r["chosen"] for r in data])
+    rejected = thanks_anywhere([r["prompt"] + r["rejected"] for r in data])
+    probes = probe(thanks_anywhere, data, chosen, rejected)
+    assert probes["pairs"] == 4 and probes["scorer"] is None
+    buckets = {b["bucket"]: (b["pairs"], b["accuracy"]) for b in probes["by_agreement"]["buckets"]}
+    assert buckets == {"unanimous": (2, 0.5), "majority": (1, 1.0), "split": (1, 1.0)}
+    assert {b["bucket"]: b["accuracy"] for b in probes["by_margin"]} == {"1": 1.0, "2": 1.0, "3+": 0.0}
+    assert {b["bucket"]: b["pairs"] for b in probes["by_posterior"]} == {"<0.7": 1, "0.7-0.9": 1, ">=0.9": 2}
+    edits = {e["edit"]: e for e in probes["edits"]}
+    assert set(edits) == set(EDITS)
+    # 'Thanks!' is worth 2, more than any 0.1 gap: every pair the model had right (3 of 4) flips, at either end.
+    for key in ("thanks_end", "thanks_start"):
+        assert (edits[key]["flips"], edits[key]["of"], edits[key]["flip_rate"]) == (3, 3, 1.0)
+        assert edits[key]["mean_gain"] == pytest.approx(2.0)
+    # 'Sorry about that.' and the neutral sentence add nothing this model counts; repeating the last sentence
+    # of "Open Settings." adds a Settings (+0.1): a tie with the chosen, not a flip.
+    for key in ("sorry_end", "neutral_end", "hope_start"):
+        assert edits[key]["flips"] == 0 and edits[key]["mean_gain"] == pytest.approx(0.0)
+    assert edits["repeat_end"]["flips"] == 0 and edits["repeat_end"]["mean_gain"] > 0
+    assert edits["thanks_end"]["gated"] and not edits["thanks_start"]["gated"]
+    # gain against the typical gap: (0.1 + 0.1 + 0.1 + 0.1) / 4 = 0.1, so 'Thanks!' is worth 20 gaps
+    assert edits["thanks_end"]["gain_vs_gap"] == pytest.approx(20.0)
+    assert probes["gate"]["edit"] == "thanks_end" and probes["gate"]["rate"] == 1.0
+    assert "every flip" in probes["gate"]["basis"]
+    failure = probe_failure(probes, MAX_PROBE_FLIP_RATE)
+    assert "after appending 'Thanks!' (probe thanks_end) in 3 of the 3 pairs it had right (100%" in failure
+    assert probe_failure(probes, 1.0) is None
+
+
+def test_a_known_labeller_separates_what_the_labels_taught_from_the_habit():
+    """The labeller rewards an opening Thanks: a flip there is supported; one from a Thanks at the end is not."""
+    data = heldout(PAIRS)
+    chosen = thanks_anywhere([r["prompt"] + r["chosen"] for r in data])
+    rejected = thanks_anywhere([r["prompt"] + r["rejected"] for r in data])
+    probes = probe(thanks_anywhere, data, chosen, rejected, scorer=opening_only, scorer_name="opening_only")
+    edits = {e["edit"]: e for e in probes["edits"]}
+    assert edits["thanks_start"]["scorer_flip_rate"] == 1.0 and edits["thanks_start"]["unsupported_flip_rate"] == 0
+    assert edits["thanks_start"]["scorer_mean_gain"] == pytest.approx(3.0)
+    assert edits["thanks_end"]["scorer_flip_rate"] == 0 and edits["thanks_end"]["unsupported_flip_rate"] == 1.0
+    assert probes["gate"]["edit"] == "thanks_end" and "opening_only does not make too" in probes["gate"]["basis"]
+
+
+def test_one_annotator_per_pair_is_said_so():
+    data = heldout([{**p, "annotators": ["solo"], "votes_chosen": 1, "votes_rejected": 0} for p in PAIRS[:2]])
+    scores = thanks_anywhere([r["prompt"] + r["chosen"] for r in data])
+    probes = probe(thanks_anywhere, data, scores, [s - 1 for s in scores])
+    assert probes["by_agreement"]["buckets"] == [{"bucket": "single annotator", "pairs": 2, "accuracy": 1.0}]
+    assert "one annotator per pair" in probes["by_agreement"]["note"]
+
+
+def reward_dir(path: Path, probes: dict | None, *, preferences: Path | None = None) -> Path:
+    """A reward folder complete enough for the input checks, with an accuracy that passes and the given probes."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "smollm2-135m"}))
+    save_file({"score.weight": torch.zeros(1, 4)}, str(path / "adapter_model.safetensors"))
+    (path / "tokenizer_config.json").write_text("{}")
+    manifest = {"stage": "reward", "metrics": {"eval_accuracy": 0.9},
+                "parents": {"preferences": {"path": str(preferences or path.parent / "preferences")}}}
+    (path / "align.json").write_text(json.dumps({**manifest, **({"probes": probes} if probes is not None else {})}))
+    return path
+
+
+FAILING = {"gate": {"edit": "thanks_end", "what": "appending 'Thanks!'", "rate": 0.45, "flips": 9, "of": 20,
+                    "basis": "every flip"}}
+
+
+def test_ppo_gate_refuses_a_reward_model_that_pays_for_a_phrase(tmp_path, capsys, caplog):
+    rm = reward_dir(tmp_path / "rm", FAILING)
+    assert align(["ppo", f"run.dir={tmp_path}", "sft=none", f"reward_model={rm}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "pays for a phrase" in err and "after appending 'Thanks!' (probe thanks_end) in 9 of the 20" in err
+    assert "max_probe_flip_rate=0.25" in err and "pass max_probe_flip_rate=1" in err
+    assert gate(rm, 0.6, 1.0)["eval_accuracy"] == 0.9  # overridden
+    assert gate(rm, 0.6, 0.5)["eval_accuracy"] == 0.9  # 0.45 is under a threshold of 0.5
+    caplog.set_level("WARNING")
+    assert gate(reward_dir(tmp_path / "old", None), 0.6)["eval_accuracy"] == 0.9  # before probes: a warning only
+    assert "has no probes in its manifest" in caplog.text
+
+
+def test_dpo_is_warned_about_a_reward_model_trained_on_its_pairs(tmp_path):
+    prefs = tmp_path / "preferences"
+    prefs.mkdir()
+    rm = reward_dir(tmp_path / "reward", FAILING, preferences=prefs)
+    note = probe_warning(rm, prefs)
+    assert note and "fails a probe" in note and "DPO learns from the same pairs" in note
+    assert probe_warning(rm, tmp_path / "other-prefs") is None  # trained on other pairs: says nothing about these
+    assert probe_warning(tmp_path / "no-reward", prefs) is None
+    passing = {"gate": {**FAILING["gate"], "rate": 0.1}}
+    assert probe_warning(reward_dir(tmp_path / "r2", passing, preferences=prefs), prefs) is None
