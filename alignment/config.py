@@ -420,6 +420,8 @@ class PipelineConfig:
         default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
     label: Literal["simulate", "human"] = "simulate"
     scorer: str = "support_style"  # the simulated annotator's scorer
+    # The simulated annotator ties replies whose scores round to the same multiple of this (0: equal scores only).
+    tie_resolution: float = bounded(0.0, ge=0)
     rounds: int = bounded(1, ge=1)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)

@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
                         "adversarial (reversed); e.g. good,noisy:0.8,adversarial")
     p.add_argument("--noise", type=_number(float, 0), default=0.0,
                    help="with --simulate: score noise (share of the spread)")
+    p.add_argument("--tie-resolution", type=_number(float, 0), default=0.0, metavar="R",
+                   help="with --simulate: replies whose scores round to the same multiple of R tie, as a person "
+                        "calls near-equal replies a tie (default 0: only equal scores)")
     p.add_argument("--seed", type=_number(int, 0), default=0)
     p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | status | "
                                               "gold TASK_ID RANKS")
@@ -171,7 +174,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             annotators = args.annotators or (len(profiles) if profiles else 1)
             n = simulate(store, args.simulate, annotators=annotators, noise=args.noise, seed=args.seed,
                          batch=args.batch, overlap=max(args.overlap, annotators), profiles=profiles,
-                         gold_rate=args.gold_rate)
+                         gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
             print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
                   f"{', profiles ' + args.profiles if profiles else ''})")
             print(f"next: align export run.dir={args.run_dir}")

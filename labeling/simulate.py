@@ -4,7 +4,11 @@ Each simulated annotator signs in (an account `sim-<scorer>-<i>` is made once), 
 next task, sees the responses in its own shuffled order, ranks them by score (equal scores tie)
 and submits with `handlers.submit`: assignment, overlap, gold tasks, validation and idempotency
 are the app's. `noise` adds Gaussian noise scaled to the spread of a task's scores, so several
-simulated annotators disagree about close calls as people do.
+simulated annotators disagree about close calls as people do. `tie_resolution` R makes it call
+replies whose scores round to the same multiple of R a tie, as a person does who cannot tell two
+near-equal replies apart (support_style's -0.004 a word otherwise orders replies that differ by a
+few words, a difference no reader sees and a reward model learns only as noise); export drops or
+keeps those ties by its `ties` rule.
 
 A profile makes an annotator worse on purpose, to test what reliability estimation does with one
 (`--profiles good,noisy:0.8,adversarial`, one per annotator; its account is `sim-<scorer>-<i>-<profile>`):
@@ -33,8 +37,10 @@ log = logging.getLogger(__name__)
 PROFILES = ("good", "noisy:A", "random", "adversarial")
 
 
-def ranks_from_scores(scores: list[float]) -> list[int]:
-    """Dense ranks, 1 = highest score; equal scores share a rank."""
+def ranks_from_scores(scores: list[float], tie_resolution: float = 0.0) -> list[int]:
+    """Dense ranks, 1 = highest score; equal scores (rounded to multiples of `tie_resolution` if > 0) share a rank."""
+    if tie_resolution > 0:
+        scores = [round(s / tie_resolution) for s in scores]
     distinct = sorted(set(scores), reverse=True)
     return [distinct.index(s) + 1 for s in scores]
 
@@ -55,25 +61,29 @@ def parse_profile(spec: str) -> tuple[str, float]:
     raise ValueError(f"profile {spec!r} is not allowed; allowed profiles: {', '.join(PROFILES)}")
 
 
-def profile_ranks(profile: tuple[str, float], scores: list[float], rng: random.Random) -> list[int]:
+def profile_ranks(profile: tuple[str, float], scores: list[float], rng: random.Random,
+                  tie_resolution: float = 0.0) -> list[int]:
     """The ranks an annotator of this profile gives responses the scorer scored `scores`."""
     kind, accuracy = profile
     if kind == "adversarial":
-        return ranks_from_scores([-s for s in scores])
+        return ranks_from_scores([-s for s in scores], tie_resolution)
     if kind in ("noisy", "random") and rng.random() < 2 * (1 - accuracy):
         order = rng.sample(range(len(scores)), len(scores))  # a random order: right on half the pairs
         return [order.index(i) + 1 for i in range(len(scores))]
-    return ranks_from_scores(scores)
+    return ranks_from_scores(scores, tie_resolution)
 
 
 def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: float = 0.0, seed: int = 0,
              batch: str | None = None, overlap: int | None = None, profiles: list[str] | None = None,
-             gold_rate: float = 0.0) -> int:
+             gold_rate: float = 0.0, tie_resolution: float = 0.0) -> int:
     """Rank every task still open for them; returns how many rankings were submitted.
 
     `profiles` (one per annotator, default all good) and `gold_rate` (the share of gold tasks
     mixed in, as the app's `--gold-rate`) let a run measure and down-weight a bad annotator.
+    `tie_resolution` (>= 0) ties replies whose scores round to the same multiple of it.
     """
+    if not tie_resolution >= 0:
+        raise ValueError(f"tie_resolution={tie_resolution}: must be >= 0 (0: only equal scores tie)")
     scorer = resolve_scorer(scorer_spec)
     if profiles is not None and len(profiles) != annotators:
         raise ValueError(f"{len(profiles)} profiles for {annotators} annotators: give one profile per annotator")
@@ -102,7 +112,7 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                     spread = (max(scores) - min(scores)) or 1.0
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
                 # The same seed as next_task's: it sets the shuffled order the ranks are given in.
-                handlers.submit(store, session, task["task_id"], profile_ranks(kinds[i], scores, rng),
+                handlers.submit(store, session, task["task_id"], profile_ranks(kinds[i], scores, rng, tie_resolution),
                                 rationale=f"simulated: {scorer_spec}", seconds=time.perf_counter() - started,
                                 seed=seed)
                 submitted += 1

@@ -88,7 +88,7 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
     if cfg.label == "simulate":
         from labeling.simulate import simulate
 
-        n = simulate(store, cfg.scorer, batch=batch)
+        n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution)
         log.info("simulated annotator %r ranked %d tasks of batch %s", cfg.scorer, n, batch)
         return
     if cfg.label != "human":

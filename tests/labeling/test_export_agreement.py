@@ -193,3 +193,18 @@ def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
     stats = handlers.admin_stats(store, handlers.sign_in(store, "boss", "secret-pw"))["agreement"]
     assert stats["n_tasks"] == 8 and stats["pairwise_agreement"] < 1.0 and stats["krippendorff_alpha"] < 1.0
     assert simulate(store, "support_style", annotators=3) == 0  # nothing left: every task has its 3
+
+
+def test_tie_resolution_ties_replies_a_reader_cannot_tell_apart(tmp_path):
+    # Scores 1.00 and 0.96 (the same reply, ten words longer) tie at a 0.25 resolution; 0.5 does not.
+    assert ranks_from_scores([1.0, 0.96, 0.5, -1.0], 0.25) == [1, 1, 2, 3]
+    assert ranks_from_scores([1.0, 0.96, 0.5, -1.0]) == [1, 2, 3, 4]
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    same = "Thanks! Open Settings > Sync and tap Sync now."
+    store.add_tasks("round-0", [{"prompt": "Sync?", "responses": [same, same + " It is quick.", "no"]}], source={})
+    assert simulate(store, "support_style", tie_resolution=0.25) == 1
+    assert store.submitted_rankings()[0]["ranks"] == [1, 1, 2]  # canonical order; the two good replies tie
+    with pytest.raises(ValueError, match="tie_resolution"):
+        simulate(store, "support_style", tie_resolution=-1)
