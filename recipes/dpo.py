@@ -43,7 +43,7 @@ from alignment.preferences import load_preferences
 from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
-from alignment.training import resume_checkpoint, trl_args
+from alignment.training import final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def main(cfg: DPOStageConfig) -> Path:
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if test is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
         # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now. The
         # reference is the SFT policy and TRL's rewards are beta * (log pi - log ref), averaged
         # like the log-probs, so the SFT's margin is exactly the policy's minus reward margin / beta.

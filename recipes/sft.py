@@ -35,7 +35,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, wandb_hint
-from alignment.training import resume_checkpoint, trl_args
+from alignment.training import final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def main(cfg: SFTStageConfig) -> Path:
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if has_eval:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
 
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # rank 0 only, inside the trainer

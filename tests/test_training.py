@@ -9,7 +9,7 @@ import pytest
 
 from alignment.config import PPOStageConfig, SFTStageConfig, load_config
 from alignment.modeling import device_plan
-from alignment.training import resume_checkpoint, trl_args
+from alignment.training import final_eval, resume_checkpoint, trl_args
 
 
 @pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig", "DPOConfig", "GRPOConfig", "RLOOConfig"])
@@ -27,6 +27,33 @@ def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(na
     assert args.run_name == "demo/stage" and args.report_to == []
     assert args.bf16 is plan.bf16 and args.gradient_checkpointing is plan.gradient_checkpointing  # not TRL's defaults
     assert not args.bf16 and args.use_cpu  # the plan on this CPU machine
+
+
+def test_held_out_pairs_are_scored_once_when_no_step_evaluates(tmp_path):
+    # eval_steps past the last step: no evaluation during training (transformers would still score the
+    # set at the last step, and the stage again after); the stage's own evaluation is the only one.
+    cfg = load_config(SFTStageConfig, None, ["train.max_steps=8", "train.eval_steps=100", "run.wandb=disabled"])
+    args = trl_args(__import__("trl").DPOConfig, cfg.train, device_plan(cfg.model), cfg.run, "dpo", tmp_path,
+                    has_eval=True)
+    assert args.eval_strategy == "no" and not args.load_best_model_at_end
+
+
+def test_final_eval_reuses_the_trainers_evaluation_of_the_model_it_ended_with():
+    from types import SimpleNamespace
+
+    calls = []
+    history = [{"step": 5, "eval_loss": 0.5, "eval_acc": 0.8, "epoch": 1.0}, {"step": 10, "loss": 0.3},
+               {"step": 10, "eval_loss": 0.6, "eval_acc": 0.7, "epoch": 2.0}]
+
+    def trainer(best, best_step, log):
+        return SimpleNamespace(args=SimpleNamespace(load_best_model_at_end=best),
+                               state=SimpleNamespace(global_step=10, best_global_step=best_step, log_history=log),
+                               evaluate=lambda: calls.append(1) or {"eval_loss": 9.0})
+
+    assert final_eval(trainer(True, 5, history)) == {"eval_loss": 0.5, "eval_acc": 0.8}  # the best step's model
+    assert final_eval(trainer(False, None, history)) == {"eval_loss": 0.6, "eval_acc": 0.7}  # the last step's
+    assert not calls
+    assert final_eval(trainer(False, None, history[:2])) == {"eval_loss": 9.0} and calls == [1]  # none logged
 
 
 def test_grpo_maps_the_rl_keys(tmp_path):
