@@ -66,18 +66,20 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
+def describe_config(cls: type, prefix: str = "", defaults=None) -> list[str]:
+    """`key = default    (type, range)` per key; a section's defaults are the stage's own (e.g. serve's
+    model.name=auto), not the section class's."""
+    from alignment.config import describe_field
+
+    defaults = cls() if defaults is None else defaults
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
-            lines.extend(describe_config(kind, f"{prefix}{f.name}."))
+            lines.extend(describe_config(kind, f"{prefix}{f.name}.", getattr(defaults, f.name)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        from alignment.config import describe_field
-
-        lines.append(f"  {prefix}{f.name} = {default!r}    {describe_field(f, kind)}")
+        lines.append(f"  {prefix}{f.name} = {getattr(defaults, f.name)!r}    {describe_field(f, kind)}")
     return lines
 
 
