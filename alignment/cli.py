@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 
 from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(cls, config_path, overrides)
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
-        with discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
+        # A service writes no stage folder; stopped with Ctrl-C it must not tidy up a run that another
+        # process (a training stage) is writing beside it.
+        with nullcontext() if spec.kind == "service" else discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
             run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)
