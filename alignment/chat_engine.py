@@ -4,12 +4,21 @@
     job = engine.prepare("dpo", messages, params)        # chat template + token limits: a RequestError if bad
     result = engine.run(job, on_text=lambda i, s: ...)   # generates with the dpo adapter; on_text streams
 
-Switching adapters is peft's `set_adapter` (it points each LoRA layer at another pair of matrices
-already in memory: nothing is loaded) and, for `base`, `disable_adapter()`; the switch is made
-per request and only when the request's model differs from the last one. Generation runs one
-request at a time behind a lock (a request's `n` answers are one batch), so the active adapter
-cannot change under a running generation; at most `limits.max_waiting` requests wait behind it,
-and one more is refused (Busy). docs/serving.md says what that means for concurrency.
+Choosing an adapter is one assignment. Each LoRA layer carries a forward pre-hook, put there once
+at load, that hands it this generate call's adapter per row as peft's `adapter_names` argument
+(peft's mixed-batch inference, `__base__` for `base`); a request sets that list before its
+generate and clears it after. Nothing else changes between requests, so no state of one request
+reaches the next, and the cost does not grow with the adapters loaded. peft's own ways cost
+that, measured on this project's 2-core CPU with the quickstart's SmolLM2 and 8 adapters loaded
+(benchmarks/serve.py): `generate(adapter_names=...)` walks every module twice per call to hook
+and unhook the layers (~50 ms under load), `set_adapter` walks them and resets every adapter's
+requires_grad (~70 ms), and `disable_adapter()` builds peft's model status report first (~300
+ms). A DoRA adapter is the exception: peft's mixed batches do not take DoRA, so it is made the
+active adapter with `set_adapter` when a request for it follows a request for another.
+
+Generation runs one request at a time behind a lock (a request's `n` answers are one batch); at
+most `limits.max_waiting` requests wait behind it, and one more is refused (Busy).
+docs/serving.md says what that means for concurrency.
 
 Each answer is decoded as it grows by one `StoppingCriteria` hooked into `generate` (`_Progress`):
 it ends a row at EOS or at a `stop` string, hands each new piece of text to `on_text` (the
@@ -24,7 +33,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,7 +89,6 @@ class Result:
     choices: list[Choice]
     prompt_tokens: int
     seconds: float  # generation alone, the wait for the lock not included
-    switch_seconds: float  # the adapter switch before it (0 when the model was already active)
 
     @property
     def completion_tokens(self) -> int:
@@ -101,13 +108,23 @@ class ChatEngine:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.closing = threading.Event()  # set on shutdown: every running generation stops at its next token
-        self._lock = threading.Lock()  # one generation at a time
+        self._lock = threading.Lock()  # one generation at a time (the global RNG, the rows' adapters)
         # A fast tokenizer is one Rust object: encoding (which first resets its padding settings) while another
         # thread decodes with it fails with "Already borrowed". Requests are tokenized while one generates.
         self._tokenizing = threading.Lock()
         self._count = threading.Lock()
         self._inside = 0  # requests admitted: the one generating and those waiting for it
-        self._active: str | None = next((a for a in adapters.values() if a), None)  # peft's first adapter is active
+        # This call's adapter per row, read by every LoRA layer's hook; None: the layers' active adapter.
+        self._rows: list[str] | None = None
+        self._dora = {a for a in adapters.values() if a and getattr(model.peft_config[a], "use_dora", False)}
+        self._active = next((a for a in adapters.values() if a), None)  # peft's first adapter starts active
+        if self._active is not None:
+            from peft.tuners.lora import LoraLayer
+            from peft.utils import AuxiliaryTrainingWrapper
+
+            for module in model.modules():  # the layers peft's own adapter_names hooks would reach
+                if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                    module.register_forward_pre_hook(self._name_adapters, with_kwargs=True)
 
     @classmethod
     def load(cls, models: dict[str, Path], base: str, cfg) -> ChatEngine:
@@ -180,15 +197,21 @@ class ChatEngine:
 
     # ------------------------------------------------------------------------ under the lock
 
-    def _switch(self, model: str) -> float:
-        """Point the LoRA layers at `model`'s adapter (nothing loaded, nothing copied); seconds it took."""
+    def _name_adapters(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._rows is not None:
+            kwargs["adapter_names"] = self._rows
+        return args, kwargs
+
+    def _select(self, model: str, n: int) -> None:
+        """The adapter of this call's n rows: named to every LoRA layer, or, for DoRA, made the active one."""
         adapter = self.adapters[model]
-        if adapter is None or adapter == self._active:
-            return 0.0
-        start = time.perf_counter()
-        self.model.set_adapter(adapter, inference_mode=True)
-        self._active = adapter
-        return time.perf_counter() - start
+        if adapter in self._dora:
+            self._rows = None
+            if adapter != self._active:
+                self.model.set_adapter(adapter, inference_mode=True)
+                self._active = adapter
+        elif self._active is not None:  # a model with adapters (else `base` alone: nothing to name)
+            self._rows = [adapter or "__base__"] * n
 
     @torch.no_grad()
     def run(self, job: Job, on_text: Callable[[int, str], None] | None = None) -> Result:
@@ -209,18 +232,18 @@ class ChatEngine:
         try:
             with self._lock:
                 if job.cancelled.is_set():
-                    return Result([], len(job.prompt_ids), 0.0, 0.0)
-                switched = self._switch(job.model)
+                    return Result([], len(job.prompt_ids), 0.0)
                 start = time.perf_counter()
                 # The global generator: safe under the lock, and a seed makes the answer the same each time.
                 torch.manual_seed(p.seed) if p.seed is not None else torch.seed()
                 ids = torch.tensor([job.prompt_ids], device=self.device)
                 progress = _Progress(rows, on_text, job.cancelled, self.closing)
-                # `base` on a model with adapters: peft's switch that bypasses every LoRA layer for this call.
-                with self.model.disable_adapter() if self.adapters[job.model] is None and len(self.adapters) > 1 \
-                        else nullcontext():
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings,
-                                        stopping_criteria=StoppingCriteriaList([progress]))
+                self._select(job.model, p.n)  # n rows: generate() expands the prompt before the first forward
+                try:
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        generation_config=settings, stopping_criteria=StoppingCriteriaList([progress]))
+                finally:
+                    self._rows = None
                 seconds = time.perf_counter() - start
         finally:
             self.release(job)
@@ -230,7 +253,7 @@ class ChatEngine:
             if piece and on_text:
                 on_text(i, piece)
             choices.append(Choice(i, row.text, row.reason, row.count))
-        return Result(choices, len(job.prompt_ids), seconds, switched)
+        return Result(choices, len(job.prompt_ids), seconds)
 
 
 def _ids(value: Any) -> list[int]:
@@ -293,13 +316,18 @@ class _Progress(StoppingCriteria):
 
     def __init__(self, rows: list[_Row], on_text: Callable[[int, str], None] | None, *halts: threading.Event):
         self.rows, self.on_text, self.halts = rows, on_text, halts
+        self.undeliverable = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        halt = any(h.is_set() for h in self.halts)
+        halt = self.undeliverable or any(h.is_set() for h in self.halts)
         last = input_ids[:, -1].tolist()
         for i, row in enumerate(self.rows):
             if not row.done:
                 piece = row.feed(last[i])
-                if piece and self.on_text:
-                    self.on_text(i, piece)
+                if piece and self.on_text and not halt:
+                    try:
+                        self.on_text(i, piece)
+                    except Exception:  # the receiver is gone (a closed event loop): stop generating for nobody
+                        log.exception("a streamed piece could not be delivered; generation stops")
+                        self.undeliverable = halt = True
         return torch.tensor([row.done or halt for row in self.rows], dtype=torch.bool, device=input_ids.device)

@@ -397,10 +397,11 @@ class EvalStageConfig:
 
 @dataclass
 class ServeGenerationConfig:
-    # transformers: one base with every adapter loaded by peft, switched per request (any device).
+    # transformers: one base with every adapter loaded by peft, chosen per request (any device).
     # vllm: vLLM's own OpenAI server with multi-LoRA (CUDA and `pip install vllm`). docs/serving.md.
     backend: Literal["transformers", "vllm"] = "transformers"
-    # What a request that leaves them out gets (OpenAI's own defaults: temperature 1, top_p 1).
+    # What a request that leaves them out gets (OpenAI's own defaults: temperature 1, top_p 1);
+    # max_new_tokens at most limits.max_tokens.
     max_new_tokens: int = bounded(256, ge=1)
     temperature: float = bounded(1.0, ge=0, le=2)  # OpenAI's range; 0 is greedy
     top_p: float = bounded(1.0, gt=0, le=1)
@@ -442,9 +443,6 @@ class ServeStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, prefix: str = "") -> None:
-        if self.generation.max_new_tokens > self.limits.max_tokens:
-            raise ConfigError(f"{prefix}generation.max_new_tokens={self.generation.max_new_tokens} is above "
-                              f"limits.max_tokens={self.limits.max_tokens}: the default would be refused")
         if self.api_key is not None and len(self.api_key.strip()) < 8:
             raise ConfigError(f"{prefix}api_key: too short to keep anyone out; use 8 characters or more "
                               "(e.g. `openssl rand -hex 16`)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def random_adapter(tiny_model: str, folder: Path, seed: int, *, stage: str | None = "sft", r: int = 8,
-                   base_model: str | None = None) -> Path:
+                   base_model: str | None = None, dora: bool = False) -> Path:
     """A LoRA adapter with random A and B (peft's init_lora_weights=False), so it changes the model's
     answers at once, saved with its tokenizer and, when `stage` is given, the manifest a stage writes."""
     import torch
@@ -19,7 +19,7 @@ def random_adapter(tiny_model: str, folder: Path, seed: int, *, stage: str | Non
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
-                                      task_type="CAUSAL_LM"))
+                                      use_dora=dora, task_type="CAUSAL_LM"))
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
     if stage:

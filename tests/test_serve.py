@@ -121,11 +121,28 @@ def test_each_model_answers_as_it_does_alone_and_switching_leaks_nothing(client,
         assert answers[name][0] == reference(tiny_model, folder), name
 
 
+def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
+    """peft's mixed batches do not take DoRA: a DoRA adapter is made the active one instead, and every
+    model still answers as it does alone, in any order."""
+    from alignment.chat_engine import Params
+
+    dora = random_adapter(tiny_model, tmp_path / "dora", 7, stage="sft", dora=True)
+    engine = load_engine(serve_config(run, "discover=false", f"adapters={{dora: {dora}, dpo: {run / 'dpo'}}}"))
+    expected = {"dora": reference(tiny_model, dora), "dpo": reference(tiny_model, run / "dpo"),
+                "base": reference(tiny_model, None)}
+    assert len(set(expected.values())) == 3
+    for name in ["dora", "dpo", "base", "dora", "base", "dpo", "dora"]:
+        result = engine.run(engine.prepare(name, PROMPT, Params(max_tokens=16, temperature=0)))
+        assert result.choices[0].text == expected[name], name
+
+
 def test_usage_and_finish_reason_length(client):
-    reply = greedy(client, "sft")
+    reply = greedy(client, "sft", max_tokens=12)
     assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.completion_tokens == 16 and reply.usage.prompt_tokens > 5
-    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 16
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+    default = client.chat.completions.create(model="sft", messages=PROMPT, temperature=0)
+    assert default.usage.completion_tokens == 16  # generation.max_new_tokens
 
 
 def test_a_stop_string_ends_the_answer_before_it(client):
@@ -279,6 +296,9 @@ def test_a_client_that_goes_away_stops_its_generation(served):
     while engine._inside and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine._inside == 0
+    # the rows' adapters are cleared once a call ends, however it ended; one hook per LoRA layer, never more
+    assert engine._rows is None
+    assert {len(m._forward_pre_hooks) for m in engine.model.modules() if hasattr(m, "lora_A")} == {1}
 
 
 def test_an_api_key_is_required_when_set(served):
@@ -350,7 +370,6 @@ def test_names_and_bases_are_checked_before_anything_loads(run, tiny_model, tmp_
         (ConfigError, [f"adapters={{gone: {tmp_path / 'gone'}}}"], "no such folder"),
         (ConfigError, ["host=0.0.0.0"], "ALIGN_SERVE_API_KEY"),
         (ConfigError, ["api_key=short"], "too short"),
-        (ConfigError, ["generation.max_new_tokens=2000"], "limits.max_tokens=1024"),
         (ConfigError, ["limits.max_waiting=40"], "limits.max_waiting"),
     ]
     monkeypatch.delenv("ALIGN_SERVE_API_KEY", raising=False)
