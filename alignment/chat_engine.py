@@ -4,17 +4,16 @@
     job = engine.prepare("dpo", messages, params)        # chat template + token limits: a RequestError if bad
     result = engine.run(job, on_text=lambda i, s: ...)   # generates with the dpo adapter; on_text streams
 
-Choosing an adapter is one assignment. Each LoRA layer carries a forward pre-hook, put there once
-at load, that hands it this generate call's adapter per row as peft's `adapter_names` argument
-(peft's mixed-batch inference, `__base__` for `base`); a request sets that list before its
-generate and clears it after. Nothing else changes between requests, so no state of one request
-reaches the next, and the cost does not grow with the adapters loaded. peft's own ways cost
-that, measured on this project's 2-core CPU with the quickstart's SmolLM2 and 8 adapters loaded
-(benchmarks/serve.py): `generate(adapter_names=...)` walks every module twice per call to hook
-and unhook the layers (~50 ms under load), `set_adapter` walks them and resets every adapter's
-requires_grad (~70 ms), and `disable_adapter()` builds peft's model status report first (~300
-ms). A DoRA adapter is the exception: peft's mixed batches do not take DoRA, so it is made the
-active adapter with `set_adapter` when a request for it follows a request for another.
+Choosing a request's adapter: peft's `set_adapter`, only when it differs from the last request's
+(a repeat costs nothing), then peft's ordinary LoRA forward. `base` is served through peft's
+mixed-batch inference instead: each LoRA layer carries a forward pre-hook, put there once at
+load, that hands it `adapter_names=["__base__", ...]` during a base request only, so the layers
+skip their adapters for that call and nothing global is flipped. Measured on this project's
+2-core CPU (under load) with the quickstart's SmolLM2 and 8 adapters loaded (benchmarks/serve.py):
+`set_adapter` walks every module and resets each adapter's requires_grad, ~60 ms a switch; the
+mixed-batch path makes the switch free but every token ~6 % slower (an index copy and a Python
+hook per layer per token), which costs more than the switch on any answer of a few dozen
+tokens; `disable_adapter()` for `base` builds peft's status report first, ~250 ms a request.
 
 Generation runs one request at a time behind a lock (a request's `n` answers are one batch); at
 most `limits.max_waiting` requests wait behind it, and one more is refused (Busy).
@@ -89,6 +88,7 @@ class Result:
     choices: list[Choice]
     prompt_tokens: int
     seconds: float  # generation alone, the wait for the lock not included
+    switch_seconds: float = 0.0  # peft's set_adapter before it (0 when the adapter was already active)
 
     @property
     def completion_tokens(self) -> int:
@@ -108,15 +108,14 @@ class ChatEngine:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.closing = threading.Event()  # set on shutdown: every running generation stops at its next token
-        self._lock = threading.Lock()  # one generation at a time (the global RNG, the rows' adapters)
+        self._lock = threading.Lock()  # one generation at a time (the global RNG, the active adapter)
         # A fast tokenizer is one Rust object: encoding (which first resets its padding settings) while another
         # thread decodes with it fails with "Already borrowed". Requests are tokenized while one generates.
         self._tokenizing = threading.Lock()
         self._count = threading.Lock()
         self._inside = 0  # requests admitted: the one generating and those waiting for it
-        # This call's adapter per row, read by every LoRA layer's hook; None: the layers' active adapter.
+        # ["__base__"] * n during a base request, read by every LoRA layer's hook; None otherwise.
         self._rows: list[str] | None = None
-        self._dora = {a for a in adapters.values() if a and getattr(model.peft_config[a], "use_dora", False)}
         self._active = next((a for a in adapters.values() if a), None)  # peft's first adapter starts active
         if self._active is not None:
             from peft.tuners.lora import LoraLayer
@@ -202,16 +201,19 @@ class ChatEngine:
             kwargs["adapter_names"] = self._rows
         return args, kwargs
 
-    def _select(self, model: str, n: int) -> None:
-        """The adapter of this call's n rows: named to every LoRA layer, or, for DoRA, made the active one."""
+    def _select(self, model: str, n: int) -> float:
+        """Make `model` the one this call's n rows run with; the seconds a switch of adapter took."""
         adapter = self.adapters[model]
-        if adapter in self._dora:
-            self._rows = None
-            if adapter != self._active:
-                self.model.set_adapter(adapter, inference_mode=True)
-                self._active = adapter
-        elif self._active is not None:  # a model with adapters (else `base` alone: nothing to name)
-            self._rows = [adapter or "__base__"] * n
+        if adapter is None:
+            self._rows = ["__base__"] * n if self._active is not None else None
+            return 0.0
+        self._rows = None
+        if adapter == self._active:
+            return 0.0
+        start = time.perf_counter()
+        self.model.set_adapter(adapter, inference_mode=True)
+        self._active = adapter
+        return time.perf_counter() - start
 
     @torch.no_grad()
     def run(self, job: Job, on_text: Callable[[int, str], None] | None = None) -> Result:
@@ -233,12 +235,12 @@ class ChatEngine:
             with self._lock:
                 if job.cancelled.is_set():
                     return Result([], len(job.prompt_ids), 0.0)
+                switched = self._select(job.model, p.n)  # n rows: generate() expands the prompt before the first forward
                 start = time.perf_counter()
                 # The global generator: safe under the lock, and a seed makes the answer the same each time.
                 torch.manual_seed(p.seed) if p.seed is not None else torch.seed()
                 ids = torch.tensor([job.prompt_ids], device=self.device)
                 progress = _Progress(rows, on_text, job.cancelled, self.closing)
-                self._select(job.model, p.n)  # n rows: generate() expands the prompt before the first forward
                 try:
                     self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                         generation_config=settings, stopping_criteria=StoppingCriteriaList([progress]))
@@ -253,7 +255,7 @@ class ChatEngine:
             if piece and on_text:
                 on_text(i, piece)
             choices.append(Choice(i, row.text, row.reason, row.count))
-        return Result(choices, len(job.prompt_ids), seconds)
+        return Result(choices, len(job.prompt_ids), seconds, switched)
 
 
 def _ids(value: Any) -> list[int]:

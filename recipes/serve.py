@@ -6,9 +6,9 @@
     align serve run.dir=runs/q generation.backend=vllm   vLLM's own server, multi-LoRA (CUDA + vllm)
 
 The base is loaded once and each adapter is attached to it with peft (alignment.chat_engine); a
-request's `model` picks the adapter for its own generate call (peft's adapter_names), without
-reloading or switching anything, and `base` is the base with every adapter bypassed. On start it prints the URL, the model names and a curl and an openai
-snippet; Ctrl-C stops it (a generation under way stops at its next token). docs/serving.md has the
+request's `model` picks the adapter (peft's set_adapter when it differs from the last request's,
+nothing reloaded), and `base` is the base with every adapter skipped. On start it prints the URL,
+the model names and a curl and an openai snippet; Ctrl-C stops it (a generation under way stops at its next token). docs/serving.md has the
 API, the limits, what runs on CPU and on GPU, and what concurrency means here.
 """
 

@@ -122,8 +122,9 @@ def test_each_model_answers_as_it_does_alone_and_switching_leaks_nothing(client,
 
 
 def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
-    """peft's mixed batches do not take DoRA: a DoRA adapter is made the active one instead, and every
-    model still answers as it does alone, in any order."""
+    """A DoRA adapter beside LoRA ones: made active with set_adapter like them, skipped for `base` through
+    peft's mixed-batch path (which refuses DoRA adapters by name, not `__base__`); every model answers as
+    it does alone, in any order."""
     from alignment.chat_engine import Params
 
     dora = random_adapter(tiny_model, tmp_path / "dora", 7, stage="sft", dora=True)
