@@ -15,8 +15,8 @@ stage the CLI runs) removes such a folder when its stage fails, unless it holds 
 
 `STAGES` is the one list of stages: the CLI's commands, the pipeline's order, the report's
 sections, W&B's artifact types and eval's policies all read it. A stage is a name, the recipe
-that runs it, its config class, its folder, its upstream stages and its kind; a new stage (e.g.
-a serving endpoint) is one entry here plus its recipe and config class.
+that runs it, its config class, its folder, its upstream stages and its kind; a new stage (as
+`align serve` was) is one entry here plus its recipe and config class.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ STORE_FILE = "labels.db"  # the default labelling store, in the run directory
 
 # policy: a peft adapter a policy runs with (eval compares these); reward: a reward model; data: a
 # dataset or the store's contents; eval: figures about policies; service: a process that serves
-# until stopped (the labelling app); tool: runs other stages or works on an artifact (pipeline, merge).
+# until stopped (the labelling app, the OpenAI-compatible endpoint); tool: runs other stages or works on an artifact (pipeline, merge).
 Kind = Literal["policy", "reward", "data", "eval", "service", "tool"]
 
 
@@ -79,6 +79,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("eval", "eval", "win-rate, reward and KL of aligned policies against SFT",
           "recipes.evaluate", "EvalStageConfig", "eval", ("sft", "dpo", "ppo", "grpo", "rloo", "reward"),
           in_pipeline=True),
+    Stage("serve", "service", "every policy adapter of a run behind one OpenAI-compatible endpoint",
+          "recipes.serve", "ServeStageConfig", None, ("sft", "dpo", "ppo", "grpo", "rloo")),
     Stage("pipeline", "tool", "run every stage in one run directory, resumable",
           "recipes.pipeline", "PipelineConfig"),
     Stage("merge", "tool", "merge an adapter into its base for deployment (writes <adapter>-merged)",

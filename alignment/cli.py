@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 
 from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
@@ -66,18 +67,20 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
+def describe_config(cls: type, prefix: str = "", defaults=None) -> list[str]:
+    """`key = default    (type, range)` per key; a section's defaults are the stage's own (e.g. serve's
+    model.name=auto), not the section class's."""
+    from alignment.config import describe_field
+
+    defaults = cls() if defaults is None else defaults
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
-            lines.extend(describe_config(kind, f"{prefix}{f.name}."))
+            lines.extend(describe_config(kind, f"{prefix}{f.name}.", getattr(defaults, f.name)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        from alignment.config import describe_field
-
-        lines.append(f"  {prefix}{f.name} = {default!r}    {describe_field(f, kind)}")
+        lines.append(f"  {prefix}{f.name} = {getattr(defaults, f.name)!r}    {describe_field(f, kind)}")
     return lines
 
 
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(cls, config_path, overrides)
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
-        with discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
+        # A service writes no stage folder; stopped with Ctrl-C it must not tidy up a run that another
+        # process (a training stage) is writing beside it.
+        with nullcontext() if spec.kind == "service" else discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
             run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)

@@ -414,6 +414,59 @@ class EvalStageConfig:
 
 
 @dataclass
+class ServeGenerationConfig:
+    # transformers: one base with every adapter loaded by peft, chosen per request (any device).
+    # vllm: vLLM's own OpenAI server with multi-LoRA (CUDA and `pip install vllm`). docs/serving.md.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    # What a request that leaves them out gets (OpenAI's own defaults: temperature 1, top_p 1);
+    # max_new_tokens at most limits.max_tokens.
+    max_new_tokens: int = bounded(256, ge=1)
+    temperature: float = bounded(1.0, ge=0, le=2)  # OpenAI's range; 0 is greedy
+    top_p: float = bounded(1.0, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = bounded(0.9, gt=0, le=1)  # vLLM's share of GPU memory
+
+
+@dataclass
+class ServeLimitsConfig:
+    """What one request may ask of the server: an endpoint takes untrusted input."""
+
+    max_tokens: int = bounded(1024, ge=1)  # a request's max_tokens (or max_completion_tokens) above it: 400
+    max_prompt_tokens: int = bounded(4096, ge=1)  # the conversation after the chat template; longer: 400
+    max_n: int = bounded(4, ge=1)  # choices per request
+    max_body_kb: int = bounded(512, ge=1)  # a bigger request body is refused (413) before it is read
+    # Requests waiting behind the one being generated (transformers backend); one more gets 503. Each
+    # waits in a thread of the server's pool (40 threads), hence at most 32.
+    max_waiting: int = bounded(16, ge=0, le=32)
+
+
+@dataclass
+class ServeStageConfig:
+    # Served beside the run's own adapters: name -> adapter folder; the name is a request's `model`.
+    adapters: dict[str, str] | None = None
+    # Serve every finished policy adapter in run.dir: the registry's policy stages (sft, dpo, ppo,
+    # grpo, rloo) by stage name, a later round's as round-<r>/<stage>; false: only `adapters`.
+    discover: bool = True
+    # 127.0.0.1: this machine only. Any other address (0.0.0.0: every interface) needs an API key.
+    host: str = "127.0.0.1"
+    port: int = bounded(8000, ge=0, le=65535)  # 0: any free port (the one taken is printed)
+    # Clients send `Authorization: Bearer <key>`; unset: the ALIGN_SERVE_API_KEY environment variable,
+    # else no key (loopback only). The key is never printed or logged.
+    api_key: str | None = None
+    generation: ServeGenerationConfig = field(default_factory=ServeGenerationConfig)
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
+    # name "auto": the base the adapters were trained on (their align.json); a name or folder must be that
+    # base (checked), or, with no adapter at all, the model served alone as `base`. Unquantized by default:
+    # on CPU an fp32 base generates faster than a 4-bit one (docs/serving.md).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto", quantize=False))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.api_key is not None and len(self.api_key.strip()) < 8:
+            raise ConfigError(f"{prefix}api_key: too short to keep anyone out; use 8 characters or more "
+                              "(e.g. `openssl rand -hex 16`)")
+
+
+@dataclass
 class PipelineConfig:
     # Which of the registry's pipeline stages to run (alignment.artifacts.pipeline_stages); they run in its order.
     stages: list[str] = field(

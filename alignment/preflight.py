@@ -13,13 +13,14 @@ What is checked:
   run.dir          not a file, no file in the way, writable (probed with a temporary folder)
   model.name       an embedded name, a model folder (config.json, readable weights, tokenizer),
                    or a Hub id, which offline must already be in the Hugging Face cache
-  adapters         sft=, policy=, reward_model=, policies=, adapter=: adapter_config.json,
+  adapters         sft=, policy=, reward_model=, policies=, adapter=, serve's adapters and run: adapter_config.json,
                    adapter_model.safetensors readable to its end, tokenizer files, the base model
                    they name (as model.name above), and align.json: a stage folder without one is
                    unfinished and refused
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
   checkpoints      train.resume_from_checkpoint: a checkpoint folder with its files, or latest
   the machine      train.liger, generation.backend=vllm (CUDA and the package), processes for ppo
+  serving          one base for every served adapter; an API key when host is not loopback
   store, scorer    a database URL align supports, the store existing for export; a scorer resolves
 
 A missing upstream artifact (no SFT adapter in run.dir, ...) is a StageError saying which stage
@@ -177,6 +178,32 @@ def _merge(cfg, pending: set[str], p: str) -> None:
                          "pass adapter=<folder written by align sft/dpo/ppo>")
     check_adapter(f"{p}adapter", adapter, tokenizer=True)
     check_run_dir(f"{p}output", cfg.output or str(adapter.with_name(adapter.name + "-merged")))
+
+
+def _serve(cfg, pending: set[str], p: str) -> None:
+    """What `align serve` will load, and whether it may listen where it is asked to, before any model loads."""
+    from alignment.serving import API_KEY_ENV, api_key, is_loopback, served_models, shared_base
+
+    _backend(cfg.generation)
+    if cfg.discover and not Path(cfg.run.dir).is_dir() and not cfg.adapters and cfg.model.name == "auto":
+        raise StageError(f"run.dir={cfg.run.dir}: no such run directory to serve the adapters of; train one "
+                         f"(`align sft run.dir={cfg.run.dir}`) or pass adapters={{name: folder}}")
+    if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
+        raise ConfigError(f"{p}run.dir={cfg.run.dir}: a file, not a folder")
+    models = served_models(cfg, warn=False)
+    for name, folder in models.items():
+        key = f"{p}adapters.{name}" if name in (cfg.adapters or {}) else f"{p}run.dir's {name}"
+        check_adapter(key, folder, tokenizer=True)
+    if cfg.model.name != "auto":
+        check_model(f"{p}model.name", cfg.model.name)
+    shared_base(models, cfg)  # one base for all, and model.name that base
+    key = api_key(cfg)
+    if key is None and not is_loopback(cfg.host):
+        raise ConfigError(f"{p}host={cfg.host}: binding beyond this machine needs an API key, or anyone who can reach "
+                          f"the port can use the models; set {API_KEY_ENV} (e.g. export {API_KEY_ENV}=$(openssl rand "
+                          "-hex 16)) or api_key=, or serve on host=127.0.0.1")
+    if key is not None and len(key.strip()) < 8:
+        raise ConfigError(f"{p}api_key (or {API_KEY_ENV}): too short to keep anyone out; use 8 characters or more")
 
 
 def _pipeline(cfg, pending: set[str], p: str) -> None:
@@ -496,4 +523,4 @@ def _tokenizer_files(key: str, path: Path, hint: str = "save the tokenizer besid
 
 
 CHECKS = {"sft": _sft, "sample": _sample, "export": _export, "reward": _reward, "dpo": _dpo, "ppo": _ppo,
-          "eval": _eval, "merge": _merge, "pipeline": _pipeline}
+          "eval": _eval, "serve": _serve, "merge": _merge, "pipeline": _pipeline}

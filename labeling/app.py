@@ -8,7 +8,8 @@ identity from the request's signed session cookie, checked against the store on 
 (`auth.session_of`), never from state a client could replay; the task an event acts on is the
 id the page shows (a hidden field), checked against the annotator's assignments. Prompts and
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
-HTML on this page. Keyboard shortcuts are a small script installed on page load (see
+HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
+an `align serve` endpoint side by side, `align label --serve-url URL`). Keyboard shortcuts are a small script installed on page load (see
 SHORTCUTS); it only clicks the same radios and buttons a mouse would.
 """
 
@@ -26,6 +27,8 @@ from typing import Any
 import gradio as gr
 
 from labeling import auth, handlers
+from labeling.playground import PlaygroundError, ServeClient, conversation_html
+from labeling.playground import send as playground_send
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ CSS = """
 .align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5; }
 .align-cut { color: var(--body-text-color-subdued); font-style: italic; }
 .align-error { color: var(--error-text-color, #b91c1c); }
+.align-pg-pane { min-height: 120px; }
+.align-pg-turn { margin: 0 0 10px; }
+.align-pg-turn .align-label { font-weight: 600; margin: 0 0 2px; }
+.align-pg-user .align-label { color: var(--body-text-color-subdued); }
 """
 
 # Installed once per page by demo.load(js=...). Selectors are the elem_ids set below.
@@ -176,12 +183,14 @@ def _export_summary(folder: str, summary: dict) -> str:
 
 def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap: int = 1, gold_rate: float = 0.0,
               batch: str | None = None, export: Callable[[], dict] | None = None,
-              export_dir: str | Path | None = None) -> gr.Blocks:
+              export_dir: str | Path | None = None, playground: ServeClient | None = None) -> gr.Blocks:
     """The annotator and admin screens on `store`; `guidelines_md` defaults to labeling/guidelines.md.
 
     `secret` is the store's cookie key (`Store.secret`); `overlap`, `gold_rate` and `batch` go to
     handlers.next_task. `export` runs `align export` on the run's preferences folder `export_dir`
     (injected by `align label`, labeling/cli.py); without it the admin tab says which command to run.
+    `playground` (the client of an `align serve` endpoint, `align label --serve-url`) adds the
+    Playground tab: two served models side by side (labeling/playground.py).
     """
     guidelines_md = guidelines_md if guidelines_md is not None else GUIDELINES.read_text()
     exporting = threading.Lock()  # one export at a time: two admins clicking would write one folder twice
@@ -253,6 +262,27 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     export_button = gr.Button("Export preference dataset", variant="primary", visible=export is not None,
                                               elem_id="align-export", scale=0, min_width=240)
                 export_summary = gr.Markdown("", elem_id="align-export-summary")
+
+            if playground is not None:
+                with gr.Tab("Playground", id="playground", elem_id="align-playground-tab") as playground_tab:
+                    gr.Markdown(f"Two models served at `{playground.url}` answer the same conversation side by "
+                                "side; each pane keeps its own model's answers. Model text is shown as plain text.",
+                                elem_id="align-pg-intro")
+                    with gr.Row(equal_height=True):
+                        pg_left = gr.Dropdown([], value=None, label="Left model", elem_id="align-pg-left-model")
+                        pg_right = gr.Dropdown([], value=None, label="Right model", elem_id="align-pg-right-model")
+                        pg_temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.1, label="Temperature (0: greedy)",
+                                                   elem_id="align-pg-temperature")
+                    with gr.Row(equal_height=True):
+                        pg_panes = [gr.HTML(conversation_html([]), elem_id=f"align-pg-{side}",
+                                            elem_classes=["align-response", "align-pg-pane"])
+                                    for side in ("left", "right")]
+                    pg_message = gr.Textbox(label="Message", lines=2, max_lines=8, elem_id="align-pg-message")
+                    with gr.Row():
+                        pg_send = gr.Button("Send", variant="primary", elem_id="align-pg-send")
+                        pg_clear = gr.Button("Clear", elem_id="align-pg-clear")
+                    pg_status = gr.HTML("", elem_id="align-pg-status")
+                    pg_histories = gr.State(([], []))  # this browser's two conversations
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
         task_outputs = [task_id, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
@@ -386,6 +416,43 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         refresh.click(do_refresh, None, admin_outputs)
         admin_tab.select(do_refresh, None, admin_outputs)
         export_button.click(do_export, None, export_summary)
+
+        if playground is not None:
+            def pg_models(request: gr.Request, left: str | None, right: str | None):
+                """The dropdowns filled from the server's /models; a choice already made is kept."""
+                if signed_in(request) is None:
+                    return [gr.skip(), gr.skip(), signed_out]
+                try:
+                    names = playground.models()
+                except PlaygroundError as err:
+                    return [gr.update(choices=[], value=None), gr.update(choices=[], value=None),
+                            _note(str(err), "⚠️", error=True)]
+                adapters = [n for n in names if n != "base"] or names
+                left = left if left in names else (adapters[0] if adapters else None)
+                right = right if right in names else next((n for n in adapters if n != left), left)
+                return [gr.update(choices=names, value=left), gr.update(choices=names, value=right),
+                        "" if names else _note("the server serves no model", "⚠️", error=True)]
+
+            playground_tab.select(pg_models, [pg_left, pg_right], [pg_left, pg_right, pg_status])
+
+            def pg_ask(request: gr.Request, left, right, message, temperature, histories):
+                if signed_in(request) is None:
+                    yield [gr.skip(), gr.skip(), gr.skip(), signed_out, gr.skip()]
+                    return
+                try:
+                    for *now, left_html, right_html in playground_send(playground, (left, right), message, histories,
+                                                                       temperature=float(temperature)):
+                        yield [tuple(now), left_html, right_html, "", ""]
+                except ValueError as err:
+                    yield [gr.skip(), gr.skip(), gr.skip(), _note(str(err), "⚠️", error=True), gr.skip()]
+
+            # Send is off while both answers stream; at most 4 such streams run at once for the whole app.
+            pg_send.click(lambda: gr.update(interactive=False), None, pg_send, queue=False).then(
+                pg_ask, [pg_left, pg_right, pg_message, pg_temperature, pg_histories],
+                [pg_histories, *pg_panes, pg_status, pg_message], concurrency_limit=4).then(
+                lambda: gr.update(interactive=True), None, pg_send, queue=False)
+            pg_clear.click(lambda: [([], []), conversation_html([]), conversation_html([]), ""], None,
+                           [pg_histories, *pg_panes, pg_status])
 
         demo.load(None, None, None, js=_js())
     return demo

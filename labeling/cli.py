@@ -7,6 +7,7 @@
     align label --simulate support_style --profiles good,noisy:0.8,adversarial --gold-rate 0.1
     align label status                                         tasks and rankings per batch
     align label gold TASK_ID 2,1,3,4                           a gold answer (canonical order)
+    align label --serve-url http://127.0.0.1:8000/v1           + the Playground tab (models of `align serve`)
 
 The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
 Where the default store and the export folder are in a run directory is the run layout's to say
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +73,14 @@ def check_args(args: argparse.Namespace) -> str | None:
                 return f"--profiles: {err}"
         if profiles and args.annotators is not None and args.annotators != len(profiles):
             return f"--profiles gives {len(profiles)} profiles for --annotators {args.annotators}: one per annotator"
-    elif not cmd and args.guidelines:
+    if args.serve_url:
+        from labeling.playground import check_url
+
+        try:
+            check_url(args.serve_url)
+        except ValueError as err:
+            return f"--serve-url {err}"
+    if not args.simulate and not cmd and args.guidelines:
         path = Path(args.guidelines)
         if not path.is_file():
             return f"--guidelines {path}: no such file"
@@ -120,6 +129,11 @@ def parser() -> argparse.ArgumentParser:
                    help="with --simulate: replies whose scores round to the same multiple of R tie, as a person "
                         "calls near-equal replies a tie (default 0: only equal scores)")
     p.add_argument("--seed", type=_number(int, 0), default=0)
+    p.add_argument("--serve-url", metavar="URL",
+                   help="the OpenAI-compatible endpoint of `align serve` (e.g. http://127.0.0.1:8000/v1): adds the "
+                        "Playground tab; its API key, if any, is read from $ALIGN_SERVE_API_KEY")
+    p.add_argument("--serve-max-tokens", type=_number(int, 1), default=256,
+                   help="with --serve-url: the longest answer the Playground asks for (default 256)")
     p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | status | "
                                               "gold TASK_ID RANKS")
     p.add_argument("--admin", action="store_true", help="with users add: an admin account")
@@ -201,10 +215,19 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
         print(f"align label: --session-hours must be above 0 and at most 8760 (a year), got {args.session_hours}",
               file=sys.stderr)
         return 2
+    playground = None
+    if args.serve_url:
+        from labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient
+
+        playground = ServeClient(args.serve_url, os.environ.get(API_KEY_ENV), max_tokens=args.serve_max_tokens)
+        try:
+            print(f"Playground tab: {', '.join(playground.models())} at {playground.url}")
+        except PlaygroundError as err:  # it may start later: the tab says so until it does
+            print(f"Playground tab: {err}")
     app = create_app(store, session_hours=args.session_hours, guidelines_md=guidelines.read_text(),
                      overlap=args.overlap, gold_rate=args.gold_rate, batch=args.batch,
                      export=(lambda: export(store.url, args.run_dir)) if export else None,
-                     export_dir=export_dir)
+                     export_dir=export_dir, playground=playground)
     print(f"labelling app for {_safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
     run_server(app, args.host, args.port)
     return 0

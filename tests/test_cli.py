@@ -37,3 +37,12 @@ def test_console_script_sets_the_cpu_environment():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline
+
+
+def test_stage_help_shows_the_stages_own_section_defaults(capsys):
+    """A section a stage sets its own defaults for (PPO's train, sample's model) shows those, not the class's."""
+    assert align(["ppo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr = 1e-05" in out and "train.max_steps = 20" in out and "lora.dropout = 0.0" in out
+    assert align(["sample", "--help"]) == 0
+    assert "model.quantize = False" in capsys.readouterr().out

@@ -16,6 +16,7 @@ CONFIG_FOR = {
     "sft": C.SFTStageConfig, "sample": C.SampleStageConfig, "export": C.ExportStageConfig,
     "reward": C.RewardStageConfig, "dpo": C.DPOStageConfig, "ppo": C.PPOStageConfig, "grpo": C.PPOStageConfig,
     "rloo": C.PPOStageConfig, "eval": C.EvalStageConfig, "pipeline": C.PipelineConfig, "merge": C.MergeStageConfig,
+    "serve": C.ServeStageConfig,
 }
 
 

@@ -61,6 +61,28 @@ def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     assert manifest["stage"] == "export" and (tmp_path / "preferences" / "config.yaml").is_file()
 
 
+def test_serve_url_adds_the_playground_with_the_key_from_the_environment(tmp_path, monkeypatch, capsys):
+    import labeling.server
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("boss", "pw-1234", admin=True)
+    built: dict = {}
+    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
+    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: None)
+    for bad in ("ftp://127.0.0.1/v1", "http://me:secret@127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1?model=x"):
+        assert align(["label", "--run-dir", str(tmp_path), "--serve-url", bad]) == 2
+        assert "--serve-url" in capsys.readouterr().err and not built
+    monkeypatch.setenv("ALIGN_SERVE_API_KEY", "key-from-the-environment")
+    assert align(["label", "--run-dir", str(tmp_path), "--serve-url", "http://127.0.0.1:9/v1/"]) == 0
+    playground = built["playground"]
+    assert playground.url == "http://127.0.0.1:9/v1" and playground.max_tokens == 256
+    assert playground.http.headers["Authorization"] == "Bearer key-from-the-environment"
+    out = capsys.readouterr().out
+    assert "Playground tab: the models server at http://127.0.0.1:9/v1 is not answering" in out  # nothing there yet
+    assert "key-from-the-environment" not in out
+    assert align(["label", "--run-dir", str(tmp_path)]) == 0 and built["playground"] is None
+
+
 def test_align_export_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
@@ -75,7 +97,7 @@ def test_align_export_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 
 def test_labeling_imports_nothing_from_alignment_or_torch():
     """The boundary DESIGN.md keeps: the app and its store run without the training stack."""
-    code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate; "
+    code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate, labeling.playground; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'alignment', 'recipes', 'torch', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])

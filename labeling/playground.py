@@ -1,0 +1,201 @@
+"""The Playground tab: a signed-in person chats with two served models side by side.
+
+    align serve run.dir=runs/quickstart                          # the models, at http://127.0.0.1:8000/v1
+    align label --serve-url http://127.0.0.1:8000/v1             # the app, with the Playground tab
+
+The app talks HTTP to the OpenAI-compatible endpoint of `align serve` (or any such server, vLLM's
+included): labeling imports nothing from alignment/ or torch. The URL is fixed when the app starts
+and the API key comes from the ALIGN_SERVE_API_KEY environment variable, never from the command
+line or the page: a user picks models and types messages, and nothing a user sends can make the
+app fetch another URL (the model name and the messages travel in the JSON body). Redirects are not
+followed and proxy variables are not read, so the requests go to that URL and nowhere else.
+
+Both answers stream into their panes at once (each from its own thread); every piece of model
+text is shown as escaped text (`handlers.text_html`), like the labelling tasks: a response holding
+`<img src=...>` or a form shows as those characters and loads nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from labeling.handlers import text_html
+
+API_KEY_ENV = "ALIGN_SERVE_API_KEY"  # the same variable `align serve` reads (alignment/serving.py)
+MAX_MESSAGE_CHARS = 4000  # one message typed in the tab
+MAX_TURNS = 20  # messages of the user per conversation; Clear starts a new one
+MAX_ANSWER_CHARS = 50_000  # an answer longer than this (a server without max_tokens) is cut
+MAX_MODELS = 100
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}")
+SHOW_EVERY = 0.15  # seconds between two redraws of the panes while the answers stream
+
+
+class PlaygroundError(Exception):
+    """What went wrong with the serve endpoint, worded for the person in the tab."""
+
+
+def check_url(url: str) -> str:
+    """An http(s) endpoint without credentials, query or fragment, e.g. http://127.0.0.1:8000/v1 (a ValueError else)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r}: an http:// or https:// URL such as http://127.0.0.1:8000/v1")
+    if parts.username or parts.password:
+        raise ValueError(f"{url!r}: no user or password in the URL; the API key comes from ${API_KEY_ENV}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: no query or fragment; the endpoint's base URL such as http://127.0.0.1:8000/v1")
+    return url.rstrip("/")
+
+
+class ServeClient:
+    """The endpoint at one URL fixed at start: its models, and a streamed chat completion."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, max_tokens: int = 256, timeout: float = 120.0):
+        self.url = check_url(url)
+        self.max_tokens = max_tokens
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # One client for the app's life (pooled connections); no redirects, no proxies from the environment.
+        self.http = httpx.Client(base_url=self.url + "/", headers=headers, follow_redirects=False, trust_env=False,
+                                 timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def models(self) -> list[str]:
+        """The served model names (GET /models), in the server's order."""
+        try:
+            response = self.http.get("models")
+        except httpx.HTTPError as err:
+            raise PlaygroundError(f"the models server at {self.url} is not answering ({type(err).__name__}); "
+                                  "is `align serve` running?") from None
+        if response.status_code != 200:
+            raise PlaygroundError(f"the models server at {self.url} answered {response.status_code}: "
+                                  f"{_error_message(response)}")
+        try:
+            data = response.json()["data"]
+            names = [m["id"] for m in data]
+        except (ValueError, KeyError, TypeError):
+            raise PlaygroundError(f"{self.url}/models did not answer with OpenAI's list of models") from None
+        return [n for n in names if isinstance(n, str) and MODEL_NAME.fullmatch(n)][:MAX_MODELS]
+
+    def stream(self, model: str, messages: list[dict[str, str]], *, temperature: float) -> Iterator[str]:
+        """The answer of `model` to `messages`, piece by piece (OpenAI's server-sent events)."""
+        body = {"model": model, "messages": messages, "stream": True, "temperature": temperature,
+                "max_tokens": self.max_tokens}
+        try:
+            with self.http.stream("POST", "chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise PlaygroundError(f"{response.status_code}: {_error_message(response)}")
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        return
+                    event = json.loads(data)
+                    if isinstance(event, dict) and event.get("error"):
+                        raise PlaygroundError(str(event["error"].get("message", event["error"]))[:500])
+                    for choice in event.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if choice.get("index", 0) == 0 and isinstance(piece, str) and piece:
+                            yield piece
+        except httpx.HTTPError as err:
+            raise PlaygroundError(f"the models server at {self.url} stopped answering ({type(err).__name__})") \
+                from None
+        except (ValueError, AttributeError, TypeError):
+            raise PlaygroundError(f"{self.url} sent something that is not OpenAI's stream format") from None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase
+
+
+# ---------------------------------------------------------------------------- the tab's logic
+
+
+def conversation_html(history: list[dict[str, Any]], *, pending: tuple[str, str] | None = None,
+                      note: str | None = None) -> str:
+    """A pane: each turn as escaped text under who said it; `pending` = (model, answer so far) still streaming."""
+    turns = history + ([{"role": "assistant", "model": f"{pending[0]} …", "content": pending[1]}] if pending else [])
+    shown = [f'<div class="align-pg-turn align-pg-{t["role"]}"><p class="align-label">'
+             f'{html.escape("You" if t["role"] == "user" else t.get("model") or "model")}</p>{text_html(t["content"])}'
+             "</div>" for t in turns]
+    if note:
+        shown.append(f'<p class="align-error">⚠️ {html.escape(note)}</p>')
+    return "".join(shown) or '<p class="align-note">No messages yet.</p>'
+
+
+def _api_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": t["role"], "content": t["content"]} for t in history]
+
+
+def send(client: ServeClient, models: tuple[str, str], message: str, histories: tuple[list, list], *,
+         temperature: float = 0.7) -> Iterator[tuple[list, list, str, str]]:
+    """Ask both models the same next message, each in its own conversation; yields (left history, right
+    history, left pane, right pane) as the answers stream in, the last yield with both answers complete.
+
+    The histories passed in are not changed. A model that fails leaves its pane's conversation as it
+    was (the message is not added to it) and says why in the pane."""
+    message = (message or "").strip()
+    if not message:
+        raise ValueError("type a message first")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise ValueError(f"the message is {len(message):,} characters; at most {MAX_MESSAGE_CHARS:,}")
+    if any(not m for m in models):
+        raise ValueError("choose a model for each side")
+    if sum(t["role"] == "user" for t in histories[0]) >= MAX_TURNS:
+        raise ValueError(f"{MAX_TURNS} messages in this conversation: Clear to start a new one")
+    asked = [h + [{"role": "user", "content": message}] for h in histories]
+    answers, notes, done = ["", ""], [None, None], [False, False]
+    events: queue.Queue = queue.Queue()
+
+    def ask(side: int) -> None:
+        try:
+            for piece in client.stream(models[side], _api_messages(asked[side]), temperature=temperature):
+                events.put((side, "text", piece))
+            events.put((side, "done", None))
+        except PlaygroundError as err:
+            events.put((side, "error", str(err)))
+        except Exception as err:  # never leave the tab waiting on a thread that died
+            events.put((side, "error", f"the request failed ({type(err).__name__})"))
+
+    for side in (0, 1):
+        threading.Thread(target=ask, args=(side,), daemon=True, name=f"align-playground-{side}").start()
+
+    def panes() -> tuple[list, list, str, str]:
+        now, shown = [], []
+        for s in (0, 1):
+            if notes[s] is not None:  # failed: its conversation as it was, and why
+                now.append(histories[s])
+                shown.append(conversation_html(asked[s][:-1], note=notes[s]))
+            elif done[s]:
+                now.append(asked[s] + [{"role": "assistant", "content": answers[s], "model": models[s]}])
+                shown.append(conversation_html(now[s]))
+            else:  # still streaming
+                now.append(histories[s])
+                shown.append(conversation_html(asked[s], pending=(models[s], answers[s])))
+        return now[0], now[1], shown[0], shown[1]
+
+    last = 0.0
+    while not all(done[s] or notes[s] is not None for s in (0, 1)):
+        side, kind, value = events.get()
+        if kind == "text":
+            answers[side] = (answers[side] + value)[:MAX_ANSWER_CHARS]
+        elif kind == "done":
+            done[side] = True
+        else:
+            notes[side] = value
+        if time.monotonic() - last >= SHOW_EVERY:
+            last = time.monotonic()
+            yield panes()
+    yield panes()

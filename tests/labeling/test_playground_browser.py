@@ -1,0 +1,159 @@
+"""The Playground tab in Debian's Chromium, against a real `align serve` endpoint.
+
+    python -m pytest tests/labeling/test_playground_browser.py -q
+
+`align serve`'s app (alignment/openai_api.py) serves two adapters of the tiny model from a
+thread: `sft`, trained by `align sft` for a few steps to answer every message with a hostile
+page (an image and a form pointing at a sentinel server on this machine), and `dpo`, a random
+LoRA. The labelling app is started with the Playground pointed at it (`align label
+--serve-url`). A signed-in annotator picks the two models, sends a message, and both panes
+answer: the hostile answer shows as its characters, no image or form is made of it, and the
+sentinel server is never asked for anything.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+openai = pytest.importorskip("openai")
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+PASSWORD = "correct horse"
+MESSAGE = "Hello, can you help me?"
+
+
+@pytest.fixture(scope="module")
+def sentinel():
+    """A server that records every request: the hostile answer points its image and form here."""
+    hits: list[str] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_port, hits
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(tiny_model, tmp_path_factory, sentinel):
+    """(the serve endpoint's URL, the hostile answer): sft answers with it, dpo is a random LoRA."""
+    from served import load_engine, random_adapter, serve_config
+
+    from alignment.cli import main as align
+    from alignment.openai_api import create_app
+    from labeling.server import running
+
+    root = tmp_path_factory.mktemp("playground-run")
+    port = sentinel[0]
+    # Protocol-relative URLs (the page's scheme, http: here): the tiny model learns them reliably in 50
+    # steps ("http://" often came out as "htttp://"), and a browser fetches them all the same.
+    hostile = (f'<img src="//127.0.0.1:{port}/pwned.png"><form action="//127.0.0.1:{port}/f">'
+               "<button>Claim</button></form>")
+    data = root / "hostile.jsonl"
+    questions = ["How do I sync?", "Where is export?", "Hello", "Hi there", "Can you help me?", "Change the theme"]
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": hostile}) + "\n"
+                            for q in questions * 6))
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={root}", "train.max_steps=50",
+                  "train.lr=1e-2", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=128", "lora.dropout=0"]) == 0
+    random_adapter(tiny_model, root / "dpo", 2, stage="dpo")
+    cfg = serve_config(root, "generation.max_new_tokens=64", "limits.max_tokens=64")
+    with running(create_app(load_engine(cfg), cfg)) as url:
+        yield url + "/v1", hostile
+
+
+@pytest.fixture(scope="module")
+def app_url(serve_url, tmp_path_factory):
+    from labeling.playground import ServeClient
+    from labeling.server import create_app, running
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path_factory.mktemp('labels') / 'labels.db'}")
+    store.add_user("ann", PASSWORD)
+    with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=64))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(30_000)
+        yield context.new_page()
+        browser.close()
+
+
+def choose(page, dropdown: str, option: str) -> None:
+    page.locator(f"#{dropdown} input").click()
+    page.locator(f"#{dropdown}").get_by_role("option", name=option, exact=True).click()
+    sync_api.expect(page.locator(f"#{dropdown} input")).to_have_value(option)
+
+
+def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url, serve_url, sentinel):
+    url, hostile = serve_url
+    page.goto(app_url)
+    page.fill("#align-name", "ann")
+    page.fill("#align-password", PASSWORD)
+    page.click("#align-signin")
+    page.get_by_role("tab", name="Playground").click()
+    sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")  # filled from /v1/models
+    choose(page, "align-pg-left-model", "base")
+    choose(page, "align-pg-right-model", "sft")
+    choose(page, "align-pg-left-model", "dpo")
+    slider = page.locator("#align-pg-temperature input[type=number]")
+    slider.fill("0")
+    slider.press("Enter")
+    page.fill("#align-pg-message textarea", MESSAGE)
+    page.click("#align-pg-send")
+
+    left, right = page.locator("#align-pg-left"), page.locator("#align-pg-right")
+    for pane, model in ((left, "dpo"), (right, "sft")):  # each answer complete, under its model's name
+        sync_api.expect(pane.locator(".align-pg-assistant .align-label")).to_have_text(model)
+    sync_api.expect(page.locator("#align-pg-send")).to_be_enabled()
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    for pane, model in ((left, "dpo"), (right, "sft")):
+        expected = client.chat.completions.create(model=model, messages=[{"role": "user", "content": MESSAGE}],
+                                                  max_tokens=64, temperature=0).choices[0].message.content
+        assert pane.locator(".align-pg-user .align-text").text_content() == MESSAGE
+        # the page's text is the answer's characters (HTML parsing turns a carriage return into a line feed)
+        assert pane.locator(".align-pg-assistant .align-text").text_content() == expected.replace("\r\n", "\n").replace(
+            "\r", "\n")
+    shown = right.locator(".align-pg-assistant .align-text").text_content()
+    assert shown.startswith(f'<img src="//127.0.0.1:{sentinel[0]}/pwned.png"><form'), shown  # the characters
+    assert page.locator("#align-pg-right img, #align-pg-right form, #align-pg-left img, #align-pg-left form").count() == 0
+    page.wait_for_timeout(500)
+    assert sentinel[1] == []  # nothing was fetched or posted from the answer
+
+    page.click("#align-pg-clear")
+    for pane in (left, right):
+        sync_api.expect(pane).to_have_text("No messages yet.")
+
+
+def test_the_playground_is_for_signed_in_users_only(app_url):
+    import httpx
+
+    anonymous = httpx.post(f"{app_url}/gradio_api/queue/join", json={"fn_index": 0, "data": [], "session_hash": "x"})
+    assert anonymous.status_code == 401

@@ -1,0 +1,552 @@
+"""`align serve`: every adapter of a run on one base behind an OpenAI-compatible endpoint, called with
+the `openai` client package over real HTTP.
+
+The run holds real peft adapters on the tiny model with random LoRA weights (each changes the
+answers from the first token): sft, dpo and round-1/dpo, and an unfinished ppo/ (no align.json)
+that must be left out. The server runs from a thread of the test process (uvicorn, as `align
+serve` runs it); one test starts `align serve` itself as a process and stops it with Ctrl-C. The
+Playground tab's client (labeling/playground.py) is tested against the same server here; the tab
+itself in a browser in tests/labeling/test_playground_browser.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from served import load_engine, random_adapter, serve_config
+
+from alignment.cli import main as align
+
+openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = [{"role": "user", "content": "How do I sync my notes?"}]
+NAMES = ["sft", "dpo", "round-1/dpo", "base"]
+LIMITS = ["limits.max_tokens=64", "limits.max_prompt_tokens=200", "limits.max_n=3", "limits.max_body_kb=16",
+          "generation.max_new_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve-run")
+    random_adapter(tiny_model, root / "sft", 1, stage="sft")
+    random_adapter(tiny_model, root / "dpo", 2, stage="dpo")
+    random_adapter(tiny_model, root / "round-1" / "dpo", 3, stage="dpo")
+    random_adapter(tiny_model, root / "ppo", 4, stage=None)  # unfinished: no align.json
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    """(engine, cfg, url): the run's models served from a thread."""
+    from alignment.openai_api import create_app
+    from labeling.server import running
+
+    cfg = serve_config(run, *LIMITS)
+    engine = load_engine(cfg)
+    with running(create_app(engine, cfg)) as url:
+        yield engine, cfg, url + "/v1"
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[2], api_key="unused", max_retries=0)
+
+
+def greedy(client, model: str, messages=PROMPT, **kwargs):
+    return client.chat.completions.create(model=model, messages=messages, **{"max_tokens": 16, "temperature": 0,
+                                                                            **kwargs})
+
+
+def streamed(client, model: str, **kwargs) -> tuple[dict[int, str], list]:
+    chunks = list(client.chat.completions.create(model=model, messages=PROMPT, stream=True, **kwargs))
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    return texts, chunks
+
+
+def reference(tiny_model: str, adapter: Path | None, max_new_tokens: int = 16) -> str:
+    """The greedy answer of the adapter alone on a freshly loaded base (peft's own loading), or of the plain base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from alignment.modeling import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    tokenizer = load_tokenizer(str(adapter or tiny_model))
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def test_models_are_the_runs_finished_adapters_and_base(client, caplog):
+    assert [m.id for m in client.models.list()] == NAMES  # ppo/ has no align.json: left out
+    card = client.models.retrieve("round-1/dpo")
+    assert card.id == "round-1/dpo" and card.owned_by == "align"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("ppo")
+
+
+def test_each_model_answers_as_it_does_alone_and_switching_leaks_nothing(client, run, tiny_model):
+    """Interleaved requests: each model's greedy answer is the same every time, whatever ran before it,
+    and equals that adapter loaded alone on a fresh base (base: the plain model's own generate)."""
+    answers: dict[str, list[str]] = {}
+    for name in ["sft", "dpo", "base", "round-1/dpo", "sft", "base", "dpo", "round-1/dpo", "sft"]:
+        reply = greedy(client, name)
+        assert reply.model == name and reply.object == "chat.completion"
+        answers.setdefault(name, []).append(reply.choices[0].message.content)
+    assert all(len(set(texts)) == 1 for texts in answers.values()), answers
+    assert len({texts[0] for texts in answers.values()}) == 4, answers  # four different models
+    folders = {"sft": run / "sft", "dpo": run / "dpo", "round-1/dpo": run / "round-1" / "dpo", "base": None}
+    for name, folder in folders.items():
+        assert answers[name][0] == reference(tiny_model, folder), name
+
+
+def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
+    """A DoRA adapter beside LoRA ones: made active with set_adapter like them, skipped for `base` through
+    peft's mixed-batch path (which refuses DoRA adapters by name, not `__base__`); every model answers as
+    it does alone, in any order."""
+    from alignment.chat_engine import Params
+
+    dora = random_adapter(tiny_model, tmp_path / "dora", 7, stage="sft", dora=True)
+    engine = load_engine(serve_config(run, "discover=false", f"adapters={{dora: {dora}, dpo: {run / 'dpo'}}}"))
+    expected = {"dora": reference(tiny_model, dora), "dpo": reference(tiny_model, run / "dpo"),
+                "base": reference(tiny_model, None)}
+    assert len(set(expected.values())) == 3
+    for name in ["dora", "dpo", "base", "dora", "base", "dpo", "dora"]:
+        result = engine.run(engine.prepare(name, PROMPT, Params(max_tokens=16, temperature=0)))
+        assert result.choices[0].text == expected[name], name
+
+
+def test_usage_and_finish_reason_length(client):
+    reply = greedy(client, "sft", max_tokens=12)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+    default = client.chat.completions.create(model="sft", messages=PROMPT, temperature=0)
+    assert default.usage.completion_tokens == 16  # generation.max_new_tokens
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    full = greedy(client, "dpo").choices[0].message.content
+    start = next(i for i in range(2, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = full[start:start + 2]
+    cut = greedy(client, "dpo", stop=[stop, "never-there"])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < 16
+    texts, _ = streamed(client, "dpo", max_tokens=16, temperature=0, stop=stop)
+    assert texts[0] == full[:full.index(stop)]
+
+
+def test_streaming_returns_the_same_text_as_one_reply(client):
+    plain = greedy(client, "dpo")
+    texts, chunks = streamed(client, "dpo", max_tokens=16, temperature=0, stream_options={"include_usage": True})
+    assert texts == {0: plain.choices[0].message.content}
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # pieces, as generated
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_a_seed_repeats_a_sampled_answer_and_n_gives_several(client):
+    kwargs = {"max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3}
+    first = client.chat.completions.create(model="sft", messages=PROMPT, **kwargs)
+    again = client.chat.completions.create(model="sft", messages=PROMPT, **kwargs)
+    other = client.chat.completions.create(model="sft", messages=PROMPT, **{**kwargs, "seed": 8})
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert [c.message.content for c in again.choices] == texts
+    assert [c.message.content for c in other.choices] != texts
+    assert first.usage.completion_tokens == 36
+    stream, _ = streamed(client, "sft", **kwargs)
+    assert [stream[i] for i in range(3)] == texts
+
+
+def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(client, served):
+    engine = served[0]
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "How do I "}, {"type": "text", "text": "sync?"}]},
+             {"role": "assistant", "content": "Open Settings."}, {"role": "user", "content": "And then?"}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sync?"},
+             {"role": "assistant", "content": "Open Settings."}, {"role": "user", "content": "And then?"}]
+    from alignment.chat_engine import Params
+
+    ids = engine.prepare("sft", plain, Params(max_tokens=4, temperature=0)).prompt_ids
+    assert greedy(client, "sft", messages=parts).usage.prompt_tokens == len(ids)
+    template = engine.tokenizers["sft"].decode(ids)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in template and template.endswith("<|im_start|>assistant\n")
+
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize(("kwargs", "status", "param", "code"), [
+    ({"model": "nope"}, 404, "model", "model_not_found"),
+    ({"max_tokens": 65}, 400, "max_tokens", None),
+    ({"max_tokens": 0}, 400, "max_tokens", None),
+    ({"max_completion_tokens": 1000}, 400, "max_completion_tokens", None),
+    ({"temperature": 2.5}, 400, "temperature", None),
+    ({"top_p": 0}, 400, "top_p", None),
+    ({"n": 4}, 400, "n", None),
+    ({"seed": 2**70}, 400, "seed", None),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ({"messages": []}, 400, "messages", None),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
+     "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "sync " * 300}]}, 400, "messages", "context_length_exceeded"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    ({"logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({"extra_body": {"nonsense": 1}}, 400, "nonsense", "unknown_parameter"),
+], ids=lambda v: str(v)[:40])
+def test_bad_requests_are_openai_errors_naming_the_field(client, kwargs, status, param, code):
+    request = {"model": "sft", "messages": PROMPT, "max_tokens": 8, **kwargs}
+    err = _error(lambda: client.chat.completions.create(**request))
+    assert err.status_code == status and err.param == param and err.code == code, err.body
+    assert err.type == "invalid_request_error" and "Traceback" not in err.response.text
+
+
+def test_refusals_before_the_json_is_read(served):
+    url = served[2]
+    big = json.dumps({"model": "sft", "messages": [{"role": "user", "content": "x" * 20_000}]})
+    with httpx.Client() as http:
+        cases = [
+            http.post(f"{url}/chat/completions", content=big, headers={"Content-Type": "application/json"}),
+            # chunked, no Content-Length: counted as it arrives
+            http.post(f"{url}/chat/completions", content=iter([big.encode()[i:i + 4096] for i in range(0, len(big), 4096)]),
+                      headers={"Content-Type": "application/json"}),
+            http.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+            http.post(f"{url}/chat/completions", content=b'{"model": "sft"}', headers={"Content-Type": "text/plain"}),
+            http.get(f"{url}/no/such/path"),
+            http.delete(f"{url}/models"),
+        ]
+    assert [r.status_code for r in cases] == [413, 413, 400, 415, 404, 405]
+    for response in cases:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_failure_is_a_500_without_the_traceback(served, client, monkeypatch):
+    engine = served[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("/very/secret/path leaked")
+
+    monkeypatch.setattr(engine, "run", broken)
+    err = _error(lambda: greedy(client, "sft"))
+    assert err.status_code == 500 and err.type == "server_error"
+    assert "secret" not in err.response.text and "Traceback" not in err.response.text
+    chunks = client.chat.completions.create(model="sft", messages=PROMPT, max_tokens=4, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        list(chunks)
+    assert "secret" not in str(caught.value)
+
+
+def test_a_full_queue_is_503_and_the_waiting_request_still_runs(served, client, monkeypatch):
+    engine = served[0]
+    monkeypatch.setattr(engine, "max_waiting", 0)
+    answers = []
+    with engine._lock:  # a generation under way
+        waiting = threading.Thread(target=lambda: answers.append(greedy(client, "sft")))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while engine._inside < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        err = _error(lambda: greedy(client, "dpo"))
+        assert err.status_code == 503 and err.code == "server_busy"
+        stream = _error(lambda: client.chat.completions.create(model="dpo", messages=PROMPT, stream=True))
+        assert stream.status_code == 503  # refused before the stream starts
+    waiting.join(timeout=30)
+    assert answers and answers[0].choices[0].finish_reason == "length" and engine._inside == 0
+
+
+def test_a_client_that_goes_away_stops_its_generation(served):
+    from alignment.chat_engine import Params
+
+    engine = served[0]
+    job = engine.prepare("sft", PROMPT, Params(max_tokens=64, temperature=0))
+    result = engine.run(job, on_text=lambda index, piece: job.cancelled.set())  # gone after the first piece
+    assert result.choices[0].tokens < 8
+    # and over HTTP: a stream dropped after its first chunk leaves the server serving
+    with httpx.Client() as http, http.stream("POST", f"{served[2]}/chat/completions", json={
+            "model": "sft", "messages": PROMPT, "max_tokens": 64, "stream": True}) as response:
+        next(response.iter_lines())
+    deadline = time.monotonic() + 10
+    while engine._inside and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine._inside == 0
+    # the rows' adapters are cleared once a call ends, however it ended; one hook per LoRA layer, never more
+    assert engine._rows is None
+    assert {len(m._forward_pre_hooks) for m in engine.model.modules() if hasattr(m, "lora_A")} == {1}
+
+
+def test_an_api_key_is_required_when_set(served):
+    from alignment.openai_api import create_app
+    from labeling.server import running
+
+    engine, cfg = served[0], served[1]
+    key = "test-key-0123456789"
+    with running(create_app(engine, cfg, api_key=key)) as url:
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            openai.OpenAI(base_url=url + "/v1", api_key="nope-nope-nope", max_retries=0).models.list()
+        assert wrong.value.code == "invalid_api_key"
+        missing = httpx.get(url + "/v1/models")
+        assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 200  # says it is up, nothing else
+        good = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        assert greedy(good, "base").choices[0].finish_reason == "length"
+        # with a key, any Host name is fine (a reverse proxy may use its own)
+        assert httpx.get(url + "/v1/models", headers={"Host": "models.example", "Authorization": f"Bearer {key}"}
+                         ).status_code == 200
+    # without a key (loopback only) a page that rebinds another name to 127.0.0.1 is refused
+    rebound = httpx.get(served[2] + "/models", headers={"Host": "attacker.example:8000"})
+    assert rebound.status_code == 400 and httpx.get(served[2] + "/models",
+                                                    headers={"Host": "localhost:8000"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------- pieces of an answer
+
+
+def test_pieces_hold_back_a_stop_string_and_half_characters(tiny_model):
+    from alignment.chat_engine import _Row
+    from alignment.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    eos = {tokenizer.eos_token_id}
+    ids = tokenizer("Thanks for reaching out! Open Settings.", add_special_tokens=False)["input_ids"]
+    row = _Row(tokenizer, threading.Lock(), eos, ["Open Set"], 100)
+    pieces = [row.feed(i) for i in ids[:-1]]
+    assert "".join(pieces) == "Thanks for reaching out! " and row.reason == "stop" and row.text == "Thanks for reaching out! "
+    row = _Row(tokenizer, threading.Lock(), eos, [], 100)
+    text = "Café ☕ naïve"  # multi-byte characters: byte-level tokens that split them decode to U+FFFD alone
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [row.feed(i) for i in ids] + [row.feed(tokenizer.eos_token_id)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert row.reason == "stop" and row.count == len(ids) + 1
+    row = _Row(tokenizer, threading.Lock(), eos, [], len(ids))
+    pieces = [row.feed(i) for i in ids] + [row.finish()]
+    assert "".join(pieces) == text and row.reason == "length"
+
+
+# ---------------------------------------------------------------------------- what is served, checked first
+
+
+def test_names_and_bases_are_checked_before_anything_loads(run, tiny_model, tmp_path, monkeypatch):
+    from alignment import StageError
+    from alignment.config import ConfigError
+    from alignment.preflight import check_stage
+    from alignment.serving import served_models
+
+    check_stage("serve", serve_config(run))
+    other_base = Path(shutil.copytree(tiny_model, tmp_path / "other-base"))
+    elsewhere = random_adapter(str(other_base), tmp_path / "elsewhere", 5, base_model=str(other_base))
+    cases = [
+        (ConfigError, ["adapters={base: %s}" % (run / "sft")], "`base` is the base model"),
+        (ConfigError, ["adapters={sft: %s}" % (run / "dpo")], "already serves"),
+        (ConfigError, ["adapters={'my model': %s}" % (run / "dpo")], "letters, digits"),
+        (ConfigError, [f"adapters={{far: {elsewhere}}}"], "different base models"),
+        (ConfigError, [f"model.name={other_base}"], "the adapters were trained on"),
+        (ConfigError, [f"adapters={{gone: {tmp_path / 'gone'}}}"], "no such folder"),
+        (ConfigError, ["host=0.0.0.0"], "ALIGN_SERVE_API_KEY"),
+        (ConfigError, ["api_key=short"], "too short"),
+        (ConfigError, ["limits.max_waiting=40"], "limits.max_waiting"),
+    ]
+    monkeypatch.delenv("ALIGN_SERVE_API_KEY", raising=False)
+    for error, overrides, said in cases:
+        with pytest.raises(error, match=said.replace("(", r"\(")):
+            check_stage("serve", serve_config(run, *overrides))
+    monkeypatch.setenv("ALIGN_SERVE_API_KEY", "a-long-enough-key")
+    check_stage("serve", serve_config(run, "host=0.0.0.0"))  # with a key it may listen beyond loopback
+    for empty in (tmp_path / "empty-run", tmp_path / "no-such-run"):
+        empty.mkdir(exist_ok=empty.name == "empty-run")
+        with pytest.raises(StageError, match="align sft run.dir="):
+            check_stage("serve", serve_config(empty))
+    assert list(served_models(serve_config(run, "discover=false", f"adapters={{dpo: {run / 'dpo'}}}"))) == ["dpo"]
+
+
+def test_cli_refusals_are_one_line_and_exit_codes(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ALIGN_SERVE_API_KEY", raising=False)
+    assert align(["serve", f"run.dir={run}", "host=0.0.0.0"]) == 2
+    assert "host=0.0.0.0: binding beyond this machine needs an API key" in capsys.readouterr().err
+    assert align(["serve", f"run.dir={tmp_path}"]) == 1
+    assert "no finished adapter" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert align(["serve", f"run.dir={run}", "generation.backend=vllm"]) == 1
+        assert "generation.backend=vllm needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_path, monkeypatch):
+    """vLLM cannot run here (no GPU): the command is checked, and run by a stand-in `vllm` package that records it."""
+    from alignment.serving import served_models, shared_base, vllm_command
+    from recipes.serve import run_vllm
+
+    random_adapter(tiny_model, tmp_path / "wide", 6, r=12, stage="dpo")
+    cfg = serve_config(run, *LIMITS, f"adapters={{wide: {tmp_path / 'wide'}}}", "generation.temperature=0.7")
+    models = served_models(cfg)
+    command = vllm_command(models, shared_base(models, cfg), cfg, 8123)
+    assert command[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", tiny_model]
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert value("--served-model-name") == "base" and value("--port") == "8123" and value("--host") == "127.0.0.1"
+    assert value("--max-lora-rank") == "16" and value("--max-loras") == "4"  # r=12 rounds up to vLLM's 16
+    assert value("--max-model-len") == "264"  # max_prompt_tokens + max_tokens, under the model's 512 positions
+    assert json.loads(value("--override-generation-config")) == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 16}
+    assert "--enable-lora" in command and value("--generation-config") == "vllm"
+    modules = [json.loads(m) for m in command[command.index("--lora-modules") + 1:][:4]]
+    assert [(m["name"], m["base_model_name"]) for m in modules] == [
+        ("sft", "base"), ("dpo", "base"), ("round-1/dpo", "base"), ("wide", "base")]
+    assert modules[3]["path"] == str((tmp_path / "wide").resolve())
+
+    stub = tmp_path / "stub" / "vllm" / "entrypoints" / "cli"
+    stub.mkdir(parents=True)
+    for folder in (stub, stub.parent, stub.parent.parent):
+        (folder / "__init__.py").write_text("")
+    record = tmp_path / "vllm-was-called.json"
+    (stub / "main.py").write_text(
+        "import json, os, sys\n"
+        f"open({str(record)!r}, 'w').write(json.dumps({{'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}}))\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'stub'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    key = "vllm-key-0123456789"
+    run_vllm(models, shared_base(models, cfg), cfg, key, 8123, [*models, "base"])
+    called = json.loads(record.read_text())
+    assert called["argv"] == command[3:] and called["key"] == key and key not in " ".join(called["argv"])
+
+
+# ---------------------------------------------------------------------------- `align serve` itself
+
+
+def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_path):
+    key = "cli-key-0123456789"
+    env = {**os.environ, "ALIGN_SERVE_API_KEY": key, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "alignment.cli", "serve", f"run.dir={run}", "port=0", *LIMITS],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    printed: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda pipe=pipe, into=into: into.extend(pipe), daemon=True)
+               for pipe, into in ((child.stdout, printed), (child.stderr, errors))]
+    for reader in readers:
+        reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("serving on" in line for line in printed):
+            assert child.poll() is None and time.monotonic() < deadline, "".join(errors)
+            time.sleep(0.1)
+        url = next(line for line in printed if "serving on" in line).split()[2]
+        # a stage that another process is writing beside the server (no align.json yet)
+        (run / "reward").mkdir()
+        (run / "reward" / "adapter_model.safetensors").write_bytes(b"half-written")
+        reply = greedy(openai.OpenAI(base_url=url, api_key=key, max_retries=0), "round-1/dpo")
+        assert reply.choices[0].finish_reason == "length"
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    out, err = "".join(printed), "".join(errors)
+    printed_all = out
+    assert child.returncode == 0 and "align serve: stopped" in out and "Traceback" not in err, err
+    assert "models: sft, dpo, round-1/dpo, base" in printed_all
+    assert f"curl {url}/chat/completions" in printed_all and "from openai import OpenAI" in printed_all
+    assert key not in printed_all + err  # the key is never printed
+    assert "left out" in err and "ppo" in err  # the unfinished ppo/ is named
+    assert (run / "reward" / "adapter_model.safetensors").is_file()  # Ctrl-C tidies nobody else's folder
+    shutil.rmtree(run / "reward")
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(run, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert align(["serve", f"run.dir={run}", f"port={port}"]) == 2
+    assert f"port={port}: cannot listen there" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the Playground's client
+
+
+def test_playground_client_lists_and_streams(served, client):
+    from labeling.playground import ServeClient
+
+    playground = ServeClient(served[2], max_tokens=16)
+    assert playground.models() == NAMES
+    assert "".join(playground.stream("dpo", PROMPT, temperature=0)) == greedy(client, "dpo").choices[0].message.content
+
+
+def test_playground_send_answers_both_sides_as_escaped_text(served, client):
+    from labeling.playground import ServeClient, send
+
+    playground = ServeClient(served[2], max_tokens=16)
+    steps = list(send(playground, ("sft", "base"), "How do I sync my notes? <b>now</b>", ([], []), temperature=0))
+    left, right, left_html, right_html = steps[-1]
+    assert [t["role"] for t in left] == ["user", "assistant"] and left[1]["model"] == "sft"
+    assert left[1]["content"] == greedy(client, "sft", messages=[{"role": "user", "content": left[0]["content"]}]
+                                        ).choices[0].message.content
+    assert right[1]["content"] == greedy(client, "base", messages=[{"role": "user", "content": left[0]["content"]}]
+                                         ).choices[0].message.content
+    assert "&lt;b&gt;now&lt;/b&gt;" in left_html and "<b>now" not in left_html and "align-pg-assistant" in right_html
+    # a second turn carries each side's own history; a failing side keeps its conversation and says why
+    steps = list(send(playground, ("sft", "gone"), "And then?", (left, right), temperature=0))
+    left2, right2, _, right_html2 = steps[-1]
+    assert len(left2) == 4 and left2[:2] == left and right2 == right
+    assert "does not exist here" in right_html2 and "align-error" in right_html2
+    with pytest.raises(ValueError, match="type a message"):
+        next(send(playground, ("sft", "dpo"), "  ", ([], [])))
+
+
+def test_playground_fetches_only_its_url(tmp_path):
+    from labeling.playground import PlaygroundError, ServeClient, check_url
+
+    hits = []
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PlaygroundError, match="answered 302"):
+            ServeClient(f"http://127.0.0.1:{server.server_port}/v1").models()
+    finally:
+        server.shutdown()
+    assert hits == ["/v1/models"]  # the redirect was not followed
+    for bad in ("ftp://host/v1", "http://user:pw@host/v1", "http://host/v1?x=1", "127.0.0.1:8000"):
+        with pytest.raises(ValueError):
+            check_url(bad)
