@@ -12,6 +12,9 @@ person) or `human` (the app starts, prints its address, and the pipeline waits u
 has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
+Round 0 samples the first `sample.num_prompts` prompts; with `sample.selection: uncertainty`, a
+later round picks them from `sample.pool_factor` x as many by the previous round's reward model
+(docs/active.md), and the labelling queue hands them out most uncertain first.
 """
 
 from __future__ import annotations
@@ -129,9 +132,15 @@ def main(cfg: PipelineConfig) -> Path:
         def on_base(section: Any, base: str = cfg.sft.model.name) -> Any:
             return replace(section, model=replace(section.model, name=base))
 
+        sample = on_base(cfg.sample)
+        if cfg.sample.selection_reward_model is None:
+            if r == 0:  # no reward model yet: the first num_prompts prompts, as selection=random does
+                sample = replace(sample, selection="random", pool_factor=1.0, explore=0.0)
+            elif sample.selection == "uncertainty":  # the tasks the previous round's reward model knows least
+                sample = replace(sample, selection_reward_model=str(stage_dir(prev, "reward")))
         stage_cfgs = {
             "sft": replace(cfg.sft, run=replace(cfg.run, dir=str(root))),
-            "sample": replace(on_base(cfg.sample), run=run, store=store, round=r, batch=batch,
+            "sample": replace(sample, run=run, store=store, round=r, batch=batch,
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             "export": replace(cfg.export, run=run, store=store),
             "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir)),
