@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from alignment.active import HeadEnsemble, acquisition, choose, fit_heads, pair_probabilities, reward_features
 from alignment.cli import main as align
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["run.wandb=disabled", "model.max_length=128"]
 
 
@@ -223,3 +226,71 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
     assert len(tasks) == 4 and all(t["priority"] == pytest.approx(values[t["prompt"]]) for t in tasks)
     assert min(t["priority"] for t in tasks) >= sorted(values.values())[-4]  # the 4 most uncertain of 8
     assert len(store.submitted_rankings("round-1")) == 4  # labelled, in queue order, by the simulated annotator
+
+
+# ---------------------------------------------------------------------------- benchmarks/active_learning.py
+
+
+def _benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("active_learning", REPO / "benchmarks" / "active_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypatch):
+    bench = _benchmark()
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: where is {t}?"})
+                              for i, t in enumerate(["Sync", "Export", "Tags", "Trash"] * 3)) + "\n")
+    out = tmp_path / "bench"
+    argv = ["--policy", str(run / "sft"), "--out", str(out), "--pool-prompts", str(pool), "--pool-size", "12",
+            "--test-prompts", str(run.parent / "prompts.jsonl"), "--test-size", "8", "--k", "3",
+            "--max-new-tokens", "8", "--max-length", "96", "--at", "4,8", "--start", "2", "--batch", "2",
+            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--real", "8",
+            "--real-set", "train.max_steps=2", "model.quantize=false", "--wandb", "offline"]
+    assert bench.main(argv) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["pool_tasks"] == 12 and curve["test_pairs"] > 0 and set(curve["curve"]) == {"4", "8"}
+    for row in curve["curve"].values():
+        for arm in ("random", "bald"):
+            lo, hi = row[arm]["ci"]
+            assert 0 <= lo <= row[arm]["accuracy"] <= hi <= 1 and len(row[arm]["per_seed"]) == 2
+        assert row["bald"]["delta"] == pytest.approx(row["bald"]["accuracy"] - row["random"]["accuracy"])
+    assert [(r["arm"], r["n"]) for r in curve["real"]] == [("random", 8), ("bald", 8)]
+    assert all(0 <= r["accuracy"] <= 1 and r["pairs"] == curve["test_pairs"] for r in curve["real"])
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "align.json").read_text())["stage"] == "active_learning"
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B run, offline
+    # the report of a run directory holding the output embeds the plot
+    from alignment.report import write_report
+
+    shutil.copytree(out, run / "active_learning", ignore=shutil.ignore_patterns("cache", "real", "wandb"))
+    page = write_report(run).read_text()
+    assert "alt='active learning curve'" in page and "random" in page
+
+    # the bald arm's first pick: the tasks the heads fitted on the start disagree on most
+    args = bench.parse_args(argv)
+    cache = next((out / "cache").iterdir())
+    tasks = [json.loads(line) for line in (cache / "pool.jsonl").read_text().splitlines()]
+    pairs = bench.labelled_pairs(tasks, "support_style", 0.0)
+    feats = torch.load(next(cache.glob("pool-features-*.pt")))
+    start = random.Random(0).sample(range(12), 2)
+    model = bench.fit(feats, pairs, start, args, 0)
+    left = [i for i in range(12) if i not in start]
+    values = [acquisition(model.scores(feats[i]), "bald") for i in left]
+    picked = bench.run_arm("bald", 0, feats, pairs, feats[:1], [[]], args)[4]["tasks"]
+    assert picked[:2] == start and picked[2:] == [left[j] for j in choose(values, 2)]
+
+    # a rerun reads the cache: no policy or trunk is loaded again
+    import alignment.generation
+    import alignment.reward_model
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded a model on a rerun")
+
+    monkeypatch.setattr(alignment.generation, "load_policy", refuse)
+    monkeypatch.setattr(alignment.reward_model, "reward_base", refuse)
+    assert bench.main([*argv[:argv.index("--real")], "--wandb", "disabled"]) == 0
