@@ -204,9 +204,23 @@ def reward_features(model, tokenizer, conversations: list[list[dict[str, str]]],
     return torch.cat(features), rewards
 
 
-def _pair_conversations(rows) -> tuple[list, list]:
-    return ([p + c for p, c in zip(rows["prompt"], rows["chosen"], strict=True)],
-            [p + r for p, r in zip(rows["prompt"], rows["rejected"], strict=True)])
+def _pair_features(model, tokenizer, rows, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) features [pairs, D] of preference rows, each distinct conversation run once.
+
+    A K-wise ranking's K(K-1)/2 pairs share its K responses (6 pairs, 4 responses for K=4): one
+    forward pass per response instead of two per pair.
+    """
+    sides = [[p + c for p, c in zip(rows["prompt"], rows["chosen"], strict=True)],
+             [p + r for p, r in zip(rows["prompt"], rows["rejected"], strict=True)]]
+    index: dict[str, int] = {}
+    unique = []
+    for conversation in sides[0] + sides[1]:
+        key = json.dumps(conversation, sort_keys=True)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(conversation)
+    feats, _ = reward_features(model, tokenizer, unique, batch_size)
+    return tuple(feats[[index[json.dumps(c, sort_keys=True)] for c in side]] for side in sides)
 
 
 def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: int, seed: int,
@@ -217,15 +231,13 @@ def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: i
     `task_id` when align export wrote them). Returns the heads' own held-out accuracy (their mean),
     so the manifest shows whether they are a fair stand-in for the model's score head.
     """
-    chosen, rejected = _pair_conversations(train)
-    feats, _ = reward_features(model, tokenizer, chosen + rejected, batch_size)
+    chosen, rejected = _pair_features(model, tokenizer, train, batch_size)
     groups = list(train["task_id"]) if "task_id" in train.column_names else None
-    ensemble = fit_heads(feats[:len(chosen)], feats[len(chosen):], groups, heads=heads, seed=seed)
+    ensemble = fit_heads(chosen, rejected, groups, heads=heads, seed=seed)
     figures: dict[str, Any] = {"heads": heads, "heads_pairs": len(chosen)}
     if test is not None and len(test):
-        chosen, rejected = _pair_conversations(test)
-        feats, _ = reward_features(model, tokenizer, chosen + rejected, batch_size)
-        gap = ensemble.scores(feats[:len(chosen)]).mean(0) - ensemble.scores(feats[len(chosen):]).mean(0)
+        chosen, rejected = _pair_features(model, tokenizer, test, batch_size)
+        gap = ensemble.scores(chosen).mean(0) - ensemble.scores(rejected).mean(0)
         figures["heads_eval_accuracy"] = float((gap > 0).float().mean())
     ensemble.meta.update({k: v for k, v in figures.items() if k != "heads"})
     ensemble.save(out)
