@@ -69,7 +69,7 @@ class HeadEnsemble:
         path = Path(folder) / HEADS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {HEADS_FILE} (the reward heads align sample's uncertainty "
-                                    "reads): retrain it with this align's `align reward` (heads > 0)")
+                                    "reads): train it again with `align reward heads=8`")
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
             tensors = {k: f.get_tensor(k) for k in ("weights", "mean", "scale")}

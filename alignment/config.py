@@ -277,8 +277,10 @@ class RewardStageConfig:
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
     # Bootstrap heads fitted on the trained model's own features after training and saved with it
     # (reward_heads.safetensors): their disagreement is what `align sample selection=uncertainty`
-    # picks by. One forward pass over the training pairs; 0 saves none.
-    heads: int = bounded(8, ge=2, special=(0,))
+    # picks by. They cost one forward pass per distinct training response (the quickstart's: ~40 s
+    # on 2 CPU cores, a third of the stage), so 0 (none) unless asked for; the pipeline asks for 8
+    # where the next round selects by uncertainty.
+    heads: int = bounded(0, ge=2, special=(0,))
     run: RunConfig = field(default_factory=RunConfig)
 
 

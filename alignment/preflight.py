@@ -336,8 +336,8 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
     heads = Path(folder).expanduser() / HEADS_FILE
     if not heads.is_file():
         raise ConfigError(f"{key}={folder}: no {HEADS_FILE} in it (the ensemble of reward heads whose disagreement "
-                          "is the uncertainty); it was trained by an older align or with heads=0: train it again "
-                          "with `align reward` (heads=8, the default)")
+                          "is the uncertainty); it was trained without them: train it again with "
+                          "`align reward heads=8`")
     check_weights_file(key, heads)
 
 

@@ -133,6 +133,7 @@ def main(cfg: PipelineConfig) -> Path:
             return replace(section, model=replace(section.model, name=base))
 
         sample = on_base(cfg.sample)
+        selects = cfg.sample.selection == "uncertainty" and cfg.sample.selection_reward_model is None
         if cfg.sample.selection_reward_model is None:
             if r == 0:  # no reward model yet: the first num_prompts prompts, as selection=random does
                 sample = replace(sample, selection="random", pool_factor=1.0, explore=0.0)
@@ -143,7 +144,9 @@ def main(cfg: PipelineConfig) -> Path:
             "sample": replace(sample, run=run, store=store, round=r, batch=batch,
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             "export": replace(cfg.export, run=run, store=store),
-            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir)),
+            # The next round picks its tasks by this round's reward model: it needs its heads.
+            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir),
+                              heads=cfg.reward.heads or (8 if selects and r < cfg.rounds - 1 else 0)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
             "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
             # Judged by the scorer that labelled the data too (unless eval names its own), so the

@@ -85,7 +85,7 @@ def test_heads_learn_the_preference_and_resample_by_task(tmp_path):
     heads.save(tmp_path)
     again = HeadEnsemble.load(tmp_path)
     assert torch.allclose(again.scores(test_c), heads.scores(test_c)) and again.meta["groups"] == 20
-    with pytest.raises(FileNotFoundError, match="no reward_heads.safetensors"):
+    with pytest.raises(FileNotFoundError, match="no reward_heads.safetensors.*align reward heads=8"):
         HeadEnsemble.load(tmp_path / "elsewhere")
 
 
@@ -211,13 +211,16 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
                   "sft.train.max_steps=2", "sft.model.quantize=false", "sft.data.eval_fraction=0",
                   f"sample.prompts={data}", "sample.num_prompts=4", "sample.k=3", "sample.generation.max_new_tokens=8",
                   "sample.selection=uncertainty", "sample.pool_factor=2", "export.test_fraction=0.25",
-                  "reward.train.max_steps=2", "reward.model.quantize=false", "reward.heads=3",
+                  "reward.train.max_steps=2", "reward.model.quantize=false",
                   "reward.model.max_length=96", "dpo.train.max_steps=1", "dpo.model.quantize=false",
                   "dpo.model.max_length=96"]) == 0
     first, second = (json.loads((r / "sample" / "align.json").read_text()) for r in (run, run / "round-1"))
     assert first["selection"]["selection"] == "random" and first["selection"]["pool"] == 4  # no reward model yet
     assert second["selection"]["selection"] == "uncertainty" and second["selection"]["candidates"] == 8
     assert second["selection"]["reward_model"] == str(run / "reward")  # round 0's
+    # round 0's reward model got the heads round 1 picks by; the last round's has no next round to serve
+    assert HeadEnsemble.load(run / "reward").weights.shape[0] == 8
+    assert not (run / "round-1" / "reward" / "reward_heads.safetensors").exists()
     store = Store(f"sqlite:///{run / 'labels.db'}")
     assert {t["priority"] for t in store.batch_tasks("round-0")} == {0.0}
     values = {json.loads(line)["prompt"]: json.loads(line)["acquisition"]

@@ -250,7 +250,7 @@ CASES = [
       "selection_reward_model=", "selection=random"]),
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
-     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward"]),
+     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward heads=8"]),
     ("uncertainty by a missing model", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/gone", 2, ["selection_reward_model=", "gone: no such folder"]),
     ("pipeline: uncertainty in one round", "pipeline sample.selection=uncertainty", 2,
