@@ -77,7 +77,7 @@ class HeadEnsemble:
 
 
 def fit_heads(chosen: torch.Tensor, rejected: torch.Tensor, groups: list | None = None, *, heads: int = 8,
-              l2: float = 1e-2, seed: int = 0, max_iter: int = 100) -> HeadEnsemble:
+              l2: float = 0.1, seed: int = 0, max_iter: int = 100) -> HeadEnsemble:
     """`heads` Bradley-Terry heads on pair features (chosen and rejected: [P, D]), one per bootstrap resample.
 
     Resamples are of `groups` (a task id per pair: a ranking's pairs go together), or of pairs.
