@@ -8,6 +8,8 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,7 +158,8 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     from labeling import handlers
     from labeling.store import Store
 
-    assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active")) == 0
+    assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active",
+                             "run.wandb=offline")) == 0
     store = Store(f"sqlite:///{run / 'labels.db'}")
     tasks = store.batch_tasks("active")
     candidates = [json.loads(line) for line in (run / "sample" / "candidates.jsonl").read_text().splitlines()]
@@ -182,6 +185,13 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     assert selection["mean_acquisition_chosen"] >= selection["mean_acquisition_candidates"]
     assert manifest["parents"]["selection_reward_model"]["path"] == str(run / "reward")
     assert manifest["metrics"]["selection/mean_acquisition_chosen"] == selection["mean_acquisition_chosen"]
+    # the same figures in the stage's W&B run (offline), with the reward model among the sample's parents
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                                      str(folder)], capture_output=True, text=True, check=True).stdout)
+    assert info["summary"]["selection/mean_acquisition_chosen"] == pytest.approx(selection["mean_acquisition_chosen"])
+    assert info["summary"]["selection/candidates"] == 6
+    assert info["config"]["lineage"]["parents"] == {"policy": "run-sft", "selection_reward_model": "run-reward"}
     # the same command again adds nothing: the batch already holds its 3 tasks of this pool
     assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active")) == 0
     assert len(store.batch_tasks("active")) == 3
