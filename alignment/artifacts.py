@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 MANIFEST = "align.json"
 STORE_FILE = "labels.db"  # the default labelling store, in the run directory
+# In a reward model's folder: the ensemble of heads whose disagreement is its uncertainty (alignment/active.py).
+HEADS_FILE = "reward_heads.safetensors"
 
 # policy: a peft adapter a policy runs with (eval compares these); reward: a reward model; data: a
 # dataset or the store's contents; eval: figures about policies; service: a process that serves

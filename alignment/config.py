@@ -202,6 +202,18 @@ class SampleStageConfig:
     batch: str | None = None  # the labelling batch name; default "round-<round>"
     round: int = bounded(0, ge=0)
     store: str | None = None  # database URL; default sqlite:///<run.dir>/labels.db
+    # Which num_prompts of the first pool_factor x num_prompts prompts become tasks (docs/active.md).
+    # random: drawn at random (pool_factor 1: all of them, in file order). uncertainty: every prompt of
+    # the pool is sampled, and the tasks the reward model is least sure of are kept, each with its
+    # acquisition value as its priority in the store (the labelling queue's order).
+    selection: Literal["random", "uncertainty"] = "random"
+    pool_factor: float = bounded(1.0, ge=1)
+    # bald: mutual information between the reward heads and each pair's outcome; variance: of the
+    # heads' pair probabilities; entropy: the reward model's own margins (alignment/active.py).
+    acquisition: Literal["bald", "variance", "entropy"] = "bald"
+    explore: float = bounded(0.0, ge=0, le=1)  # share of the chosen tasks drawn at random from the rest of the pool
+    # The reward model whose uncertainty picks; default <run.dir>/reward (the pipeline: the previous round's).
+    selection_reward_model: str | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
@@ -211,6 +223,16 @@ class SampleStageConfig:
             raise ConfigError(f"{prefix}generation.temperature=0 is greedy decoding: the k={self.k} responses to a "
                               "prompt would all be the same, and a ranking needs different ones; use a temperature "
                               "> 0 (0.7-1.0 is usual)")
+        if self.pool_factor > 1 and self.num_prompts < 0:
+            raise ConfigError(f"{prefix}pool_factor={self.pool_factor}: it picks num_prompts tasks out of pool_factor "
+                              "x num_prompts prompts, and num_prompts=-1 takes every prompt; give num_prompts")
+        if self.selection == "random":
+            if self.explore:
+                raise ConfigError(f"{prefix}explore={self.explore} applies to selection=uncertainty (the share drawn "
+                                  "at random); with selection=random every task is drawn at random: leave it 0")
+            if self.selection_reward_model:
+                raise ConfigError(f"{prefix}selection_reward_model is read by selection=uncertainty only; set "
+                                  "selection=uncertainty or leave it unset")
 
 
 @dataclass
@@ -268,6 +290,12 @@ class RewardStageConfig:
     probe_scorer: str | None = None
     center_rewards_coefficient: float | None = bounded(None, ge=0)
     group_by_ranking: bool = True  # keep pairs of one K-wise ranking in one batch
+    # Bootstrap heads fitted on the trained model's own features after training and saved with it
+    # (reward_heads.safetensors): their disagreement is what `align sample selection=uncertainty`
+    # picks by. They cost one forward pass per distinct training response (the quickstart's: ~40 s
+    # on 2 CPU cores, a third of the stage), so 0 (none) unless asked for; the pipeline asks for 8
+    # where the next round selects by uncertainty.
+    heads: int = bounded(0, ge=2, special=(0,))
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -501,6 +529,15 @@ class PipelineConfig:
         if self.rounds > 1 and not {"dpo", "ppo"} & set(self.stages):
             raise ConfigError(f"{prefix}rounds={self.rounds}: a later round samples from the previous round's aligned "
                               "policy, so stages must include dpo or ppo")
+        if self.sample.selection == "uncertainty" and self.sample.selection_reward_model is None:
+            # Round r > 0 picks by round r-1's reward model; round 0 has none yet and samples at random.
+            if self.rounds < 2:
+                raise ConfigError(f"{prefix}sample.selection=uncertainty picks by the previous round's reward model, "
+                                  "and round 0 has none (it samples at random): set rounds >= 2, or give "
+                                  "sample.selection_reward_model=<reward model folder>")
+            if "reward" not in self.stages:
+                raise ConfigError(f"{prefix}sample.selection=uncertainty picks by the previous round's reward model: "
+                                  "stages must include reward, or give sample.selection_reward_model=<folder>")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -22,6 +22,7 @@ What is checked:
   the machine      train.liger, generation.backend=vllm (CUDA and the package), processes for ppo
   serving          one base for every served adapter; an API key when host is not loopback
   store, scorer    a database URL align supports, the store existing for export; a scorer resolves
+  selection        sample's selection=uncertainty: a reward model with its heads (reward_heads.safetensors)
 
 A missing upstream artifact (no SFT adapter in run.dir, ...) is a StageError saying which stage
 to run first; `pending` names stages the pipeline will run before this one, whose folders need
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import MANIFEST, stage_dir
+from alignment.artifacts import HEADS_FILE, MANIFEST, stage_dir
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 
@@ -86,6 +87,8 @@ def _sample(cfg, pending: set[str], p: str) -> None:
         check_policy(f"{p}policy (default {default})", str(default))
     _prompts(f"{p}prompts", cfg.prompts)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist=False)
+    if cfg.selection == "uncertainty":
+        check_selection_model(f"{p}selection_reward_model", cfg.selection_reward_model, cfg.run.dir)
 
 
 def _export(cfg, pending: set[str], p: str) -> None:
@@ -220,9 +223,12 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     def on_base(section: Any) -> Any:
         return replace(section, run=run, model=replace(section.model, name=base))
 
+    sample = on_base(cfg.sample)
+    if cfg.sample.selection_reward_model is None:  # round 0 has no reward model yet: it samples at random
+        sample = replace(sample, selection="random", pool_factor=1.0, explore=0.0)
     sections = {
         "sft": replace(cfg.sft, run=run), "export": replace(cfg.export, run=run),
-        "sample": replace(on_base(cfg.sample), policy=None),
+        "sample": replace(sample, policy=None),
         "reward": replace(on_base(cfg.reward), sft=None,
                           probe_scorer=cfg.reward.probe_scorer or (cfg.scorer if cfg.label == "simulate" else None)),
         "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
@@ -346,6 +352,24 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
                           f"and there is no {MANIFEST} to say which")
     check_model(f"{key}: its base model", str(base), tokenizer=False)
     return config
+
+
+def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
+    """`align sample selection=uncertainty`'s reward model: an adapter with its uncertainty heads."""
+    if folder is None:
+        default = stage_dir(run_dir, "reward")
+        if not default.exists():
+            raise StageError(f"selection=uncertainty picks the tasks a reward model is least sure of, and there is "
+                             f"none at {default}: run `align reward run.dir={run_dir}` on the labels so far first, pass "
+                             "selection_reward_model=<reward model folder>, or use selection=random")
+        key, folder = f"{key} (default {default})", str(default)
+    check_adapter(key, folder, tokenizer=True)
+    heads = Path(folder).expanduser() / HEADS_FILE
+    if not heads.is_file():
+        raise ConfigError(f"{key}={folder}: no {HEADS_FILE} in it (the ensemble of reward heads whose disagreement "
+                          "is the uncertainty); it was trained without them: train it again with "
+                          "`align reward heads=8`")
+    check_weights_file(key, heads)
 
 
 def check_policy(key: str, policy: str) -> None:

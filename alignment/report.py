@@ -279,9 +279,34 @@ def _headline_md(run_dir: Path) -> str:
     return text.replace("<li>", "- ").replace("&amp;", "&") + "\n"
 
 
-# Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html.
+def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
+    """benchmarks/active_learning.py's curve (accuracy vs labelled tasks, active vs random) and its table."""
+    parts = []
+    png = folder / str(manifest.get("figure") or "curve.png")
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f"<div class='plots'><img alt='active learning curve' src='data:image/png;base64,{data}'></div>")
+    curve = json.loads((folder / "curve.json").read_text()) if (folder / "curve.json").is_file() else {}
+    table = curve.get("curve") or {}
+    arms = list(next(iter(table.values()), {}))
+    if table:
+        head = "".join(f"<th>{html.escape(a)}</th>" for a in arms)
+        body = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(
+            f"<td>{row[a]['accuracy']:.3f} [{row[a]['ci'][0]:.3f}, {row[a]['ci'][1]:.3f}]"
+            + (f" ({row[a]['delta']:+.3f})" if "delta" in row[a] else "") + "</td>" for a in arms) + "</tr>"
+            for n, row in table.items())
+        s = curve.get("settings", {})
+        parts.append(f"<p>Held-out pairwise accuracy of the reward model after n labelled tasks ({curve.get('test_pairs')} "
+                     f"test pairs, {s.get('seeds')} seeds, 95% bootstrap interval; in brackets after it, the "
+                     f"difference from random).</p><table><tr><th>tasks</th>{head}</tr>{body}</table>")
+    return "".join(parts)
+
+
+# Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html. A folder
+# outside the registry (a benchmark's output in the run directory) is matched by its manifest's stage.
 SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
-    "eval": eval_section, "reward": reward_section, "export": preferences_section}
+    "eval": eval_section, "reward": reward_section, "export": preferences_section,
+    "active_learning": active_learning_section}
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
@@ -293,7 +318,8 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     rows = read_jsonl(folder / "metrics.jsonl")
     plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{stage} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
-    extra = SECTIONS[stage](folder, manifest) if stage in SECTIONS else ""
+    kind = stage if stage in SECTIONS else manifest.get("stage")
+    extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
     title = folder.name
     parts = [f"<section id='{title}'><h2>{title}</h2>",
              f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"

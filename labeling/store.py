@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import re
@@ -51,7 +52,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-SCHEMA_VERSION = 2  # 2: sessions and sign_in_failures (the app's own sign-in)
+# 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
+SCHEMA_VERSION = 3
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
 
 metadata = MetaData()
@@ -73,6 +75,9 @@ tasks = Table(
     Column("source", Text, nullable=False, default="{}"),  # provenance: checkpoint, generation, time
     Column("is_gold", Boolean, nullable=False, default=False),
     Column("created", Float, nullable=False),
+    # Higher is handed out sooner (assign). `align sample selection=uncertainty` writes how much the
+    # current reward model would learn from the task; everything else is 0, so the queue is id order.
+    Column("priority", Float, nullable=False, default=0.0, server_default="0"),
     UniqueConstraint("batch", "prompt_id", name="uq_task_batch_prompt"),
 )
 responses = Table(
@@ -220,7 +225,11 @@ class Store:
             if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{self.url}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
                                  "upgrade align")
-            metadata.create_all(conn)  # creates what is missing: every version so far only added tables
+            old_tasks = inspect(conn).has_table("tasks")
+            metadata.create_all(conn)  # creates the tables that are missing (version 2 added two)
+            # Version 3 added a column to a table that exists: create_all leaves existing tables alone.
+            if old_tasks and "priority" not in {c["name"] for c in inspect(conn).get_columns("tasks")}:
+                conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN priority FLOAT NOT NULL DEFAULT 0")
             if row is None:
                 conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
             elif int(row[0]) < SCHEMA_VERSION:
@@ -246,7 +255,8 @@ class Store:
                   round: int = 0, kind: str = "ranking") -> int:
         """Prompts with their K responses as tasks of `batch`, in one transaction; returns how many are new.
 
-        Idempotent on (batch, prompt): a prompt already in the batch is left as it is.
+        Idempotent on (batch, prompt): a prompt already in the batch is left as it is. An item's
+        optional `priority` (a finite number, default 0) orders the queue: higher is handed out sooner.
         """
         if kind not in ("ranking", "pairwise"):
             raise ValueError(f"kind: {kind!r} is not allowed; allowed values: ranking, pairwise")
@@ -261,6 +271,9 @@ class Store:
                     raise ValueError(f"item {n}: 'responses' must be a list of at least two strings")
                 if kind == "pairwise" and len(texts) != 2:
                     raise ValueError(f"item {n}: a pairwise task has exactly two responses, got {len(texts)}")
+                priority = item.get("priority", 0.0)
+                if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
+                    raise ValueError(f"item {n}: 'priority' must be a finite number, got {priority!r}")
                 prompt_id = self._prompt_id(conn, item["prompt"], item.get("prompt_meta") or {})
                 exists = conn.execute(select(tasks.c.id).where(tasks.c.batch == batch,
                                                                tasks.c.prompt_id == prompt_id)).first()
@@ -268,7 +281,7 @@ class Store:
                     continue
                 task_id = conn.execute(insert(tasks).values(
                     batch=batch, round=round, kind=kind, prompt_id=prompt_id, source=json.dumps(source or {}, default=str),
-                    is_gold=False, created=now)).inserted_primary_key[0]
+                    is_gold=False, created=now, priority=float(priority))).inserted_primary_key[0]
                 metas = item.get("response_meta") or [{} for _ in texts]
                 if len(metas) != len(texts):
                     raise ValueError(f"item {n}: 'response_meta' has {len(metas)} entries for {len(texts)} responses")
@@ -307,17 +320,19 @@ class Store:
         resp = conn.execute(select(responses.c.text, responses.c.meta).where(responses.c.task_id == task_id)
                             .order_by(responses.c.position)).all()
         return {"task_id": row["id"], "batch": row["batch"], "round": row["round"], "kind": row["kind"],
-                "prompt": row["prompt"], "is_gold": bool(row["is_gold"]), "source": _loads(row["source"], {}),
+                "prompt": row["prompt"], "is_gold": bool(row["is_gold"]), "priority": row["priority"],
+                "source": _loads(row["source"], {}),
                 "responses": [{"text": t, "meta": _loads(m, {})} for t, m in resp]}
 
     def batch_tasks(self, batch: str) -> list[dict[str, Any]]:
-        """Flat rows (Dataset.from_list-able): task_id, batch, round, prompt, responses."""
+        """Flat rows (Dataset.from_list-able): task_id, batch, round, priority, prompt, responses."""
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(select(tasks.c.id).where(tasks.c.batch == batch).order_by(tasks.c.id))]
             out = []
             for task_id in ids:
                 t = self._task(conn, task_id)
-                out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "prompt": t["prompt"],
+                out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"],
+                            "priority": t["priority"], "prompt": t["prompt"],
                             "responses": [r["text"] for r in t["responses"]]})
             return out
 
@@ -447,7 +462,9 @@ class Store:
         """The task this annotator should do next (an open assignment first), or None.
 
         A task goes to `overlap` annotators, never twice to one; with `gold_rate` > 0, a gold
-        task the annotator has not seen comes up at about that rate.
+        task the annotator has not seen comes up at about that rate. Otherwise the queue's order:
+        the task with the fewest rankings held (so every task gets its first ranking before any gets
+        a second), then the highest `priority`, then the oldest (lowest id).
         """
         now = time.time()
         with self.tx(lock=True) as conn:
@@ -475,7 +492,8 @@ class Store:
                         .group_by(assignments.c.task_id).subquery())
                 n = func.coalesce(held.c.n, 0)
                 row = conn.execute(base.where(tasks.c.is_gold.is_(False)).outerjoin(held, held.c.task_id == tasks.c.id)
-                                   .where(n < overlap).order_by(n, tasks.c.id).limit(1)).first()
+                                   .where(n < overlap).order_by(n, tasks.c.priority.desc(), tasks.c.id)
+                                   .limit(1)).first()
                 task_id = row[0] if row else None
             if task_id is None:
                 return None

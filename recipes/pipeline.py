@@ -12,6 +12,9 @@ person) or `human` (the app starts, prints its address, and the pipeline waits u
 has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
+Round 0 samples the first `sample.num_prompts` prompts; with `sample.selection: uncertainty`, a
+later round picks them from `sample.pool_factor` x as many by the previous round's reward model
+(docs/active.md), and the labelling queue hands them out most uncertain first.
 """
 
 from __future__ import annotations
@@ -129,14 +132,23 @@ def main(cfg: PipelineConfig) -> Path:
         def on_base(section: Any, base: str = cfg.sft.model.name) -> Any:
             return replace(section, model=replace(section.model, name=base))
 
+        sample = on_base(cfg.sample)
+        selects = cfg.sample.selection == "uncertainty" and cfg.sample.selection_reward_model is None
+        if cfg.sample.selection_reward_model is None:
+            if r == 0:  # no reward model yet: the first num_prompts prompts, as selection=random does
+                sample = replace(sample, selection="random", pool_factor=1.0, explore=0.0)
+            elif sample.selection == "uncertainty":  # the tasks the previous round's reward model knows least
+                sample = replace(sample, selection_reward_model=str(stage_dir(prev, "reward")))
         stage_cfgs = {
             "sft": replace(cfg.sft, run=replace(cfg.run, dir=str(root))),
-            "sample": replace(on_base(cfg.sample), run=run, store=store, round=r, batch=batch,
+            "sample": replace(sample, run=run, store=store, round=r, batch=batch,
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             "export": replace(cfg.export, run=run, store=store),
-            # The probes see the edits through the labelling scorer too (what the labels supported).
+            # The probes see the edits through the labelling scorer too (what the labels supported);
+            # the next round picks its tasks by this round's reward model: it needs its heads.
             "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir), probe_scorer=cfg.reward.probe_scorer or (
-                cfg.scorer if cfg.label == "simulate" else None)),
+                cfg.scorer if cfg.label == "simulate" else None),
+                heads=cfg.reward.heads or (8 if selects and r < cfg.rounds - 1 else 0)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
             "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
             # Judged by the scorer that labelled the data too (unless eval names its own), so the

@@ -8,7 +8,9 @@ A one-label sequence classifier (`score` head) on the SFT model (its adapter mer
 base) or the raw base, with a fresh LoRA; TRL's RewardTrainer. Pairs of one K-wise ranking stay
 in one batch (group_by_ranking). Writes <run.dir>/reward/: the adapter with the score head,
 tokenizer, the SFT adapter it was built on, config.yaml, metrics.jsonl, align.json with the
-held-out accuracy (the PPO gate reads it), margin, calibration and length correlation.
+held-out accuracy (the PPO gate reads it), margin, calibration and length correlation, and
+`heads` bootstrap heads on its own features (reward_heads.safetensors: the uncertainty that
+`align sample selection=uncertainty` picks tasks by; alignment/active.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -254,6 +257,10 @@ def main(cfg: RewardStageConfig) -> Path:
         probes = None
         log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")
 
+    # --- uncertainty heads (align sample selection=uncertainty) ------------------------------
+    if cfg.heads and is_main_process():
+        metrics.update(save_uncertainty_heads(trainer.model, tokenizer, train, test, out, cfg))
+
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # rank 0 only, inside the trainer
     if is_main_process():
@@ -295,6 +302,20 @@ def _log_probes(probes: dict) -> None:
     if failure:
         log.warning("%s: PPO will refuse this reward model unless max_probe_flip_rate is raised, and DPO on the same "
                     "pairs may learn the same habit (docs/reward_dpo.md#probes)", failure)
+
+
+def save_uncertainty_heads(model, tokenizer, train, test, out: Path, cfg: RewardStageConfig) -> dict:
+    """Bootstrap heads on the trained model's features of its own training pairs, saved beside it."""
+    from alignment.active import fit_reward_heads
+
+    started = time.perf_counter()
+    figures = fit_reward_heads(model, tokenizer, train, test, out, heads=cfg.heads, seed=cfg.train.seed,
+                               batch_size=cfg.train.batch_size)
+    figures["heads_seconds"] = round(time.perf_counter() - started, 1)
+    log.info("uncertainty heads: %d on %d pairs in %.1f s%s", cfg.heads, figures["heads_pairs"],
+             figures["heads_seconds"], f", their held-out accuracy {figures['heads_eval_accuracy']:.3f}"
+             if "heads_eval_accuracy" in figures else "")
+    return figures
 
 
 def _wandb_summary(figures: dict, probes: dict) -> None:

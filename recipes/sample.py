@@ -2,18 +2,29 @@
 
     align sample --config configs/quickstart/sample.yaml
     align sample policy=runs/quickstart/dpo round=1 batch=round-1
+    align sample selection=uncertainty pool_factor=2 num_prompts=40    # the 40 the reward model knows least
 
 Each prompt becomes one task (the prompt and its K responses) in batch `batch` of the store,
-written one transaction per generation batch, with provenance: the policy's manifest, the
-generation settings and the time. Re-running the same command adds nothing twice: prompts
-already in the batch are skipped before any generation.
+with provenance: the policy's manifest, the generation settings and the time. Re-running the
+same command adds nothing twice: prompts already in the batch are skipped before any generation.
+
+Which prompts (docs/active.md): num_prompts tasks out of the first pool_factor x num_prompts
+prompts. selection=random draws them at random (pool_factor=1: the first num_prompts, in order),
+writing one transaction per generation batch. selection=uncertainty samples every prompt of the
+pool, scores each candidate task by how unsure a reward model (selection_reward_model, default
+<run.dir>/reward) is about its K responses (alignment/active.py), and stores the num_prompts most
+uncertain (a share `explore` drawn at random instead) with that value as their priority: the
+labelling queue hands them out highest first. `<out>/candidates.jsonl` lists every candidate's value.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
+import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +64,7 @@ def main(cfg: SampleStageConfig) -> Path:
     from labeling.store import Store
 
     # --- resolve inputs ---------------------------------------------------------------------
-    check_stage("sample", cfg)  # every input (policy, prompts, store, paths, the machine) before any work
+    check_stage("sample", cfg)  # every input (policy, prompts, store, reward model, paths, the machine) before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StageError("align sample runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")
@@ -61,26 +72,37 @@ def main(cfg: SampleStageConfig) -> Path:
     if cfg.policy is None and not policy_dir.exists():
         raise StageError(f"no policy at {policy_dir}: run `align sft run.dir={cfg.run.dir}` first, "
                          "or pass policy=<adapter or model folder>")
+    selector = (Path(cfg.selection_reward_model) if cfg.selection_reward_model else stage_dir(cfg.run.dir, "reward")) \
+        if cfg.selection == "uncertainty" else None
     batch = cfg.batch or round_batch(cfg.round)
     out = stage_dir(cfg.run.dir, "sample")
     out.mkdir(parents=True, exist_ok=True)
     url = store_url(cfg.store, cfg.run.dir)
     store = Store(url)
 
-    # --- data -------------------------------------------------------------------------------
+    # --- data: the pool of candidate prompts, and how many of them become tasks --------------
     prompts = load_prompts(cfg.prompts)
-    if cfg.num_prompts > 0:
-        prompts = prompts[:cfg.num_prompts]
+    wanted = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
+    pool = prompts[:min(len(prompts), math.ceil(wanted * cfg.pool_factor))]
     done = store.task_prompts(batch)
-    todo = [p for p in prompts if p not in done]
-    log.info("%d prompts, %d already in batch %r, sampling %d × k=%d", len(prompts), len(prompts) - len(todo),
-             batch, len(todo), cfg.k)
+    left = [p for p in pool if p not in done]
+    wanted = max(0, wanted - (len(pool) - len(left)))  # tasks of this pool already in the batch count
+    if cfg.selection == "uncertainty":
+        todo = left  # every candidate is sampled, then scored
+    elif len(left) > wanted:  # a random draw, kept in file order
+        drawn = set(random.Random(cfg.generation.seed).sample(range(len(left)), wanted))
+        todo = [p for i, p in enumerate(left) if i in drawn]
+    else:
+        todo = left
+    log.info("%d prompts in the pool, %d already in batch %r; %d more tasks wanted, sampling %d × k=%d (%s)",
+             len(pool), len(pool) - len(left), batch, wanted, len(todo), cfg.k, cfg.selection)
 
     # --- model ------------------------------------------------------------------------------
     plan = device_plan(cfg.model)
     added = duplicates = 0
     policy_manifest: dict = {}
-    if todo:
+    selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
+    if todo and wanted:
         policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,
                              load_model=cfg.generation.backend != "vllm")
         try:
@@ -89,9 +111,13 @@ def main(cfg: SampleStageConfig) -> Path:
             policy_manifest = {"source": str(policy_dir)}
         source = {"policy": str(policy_dir), "policy_stage": policy_manifest.get("stage"),
                   "policy_created": policy_manifest.get("created"), "base_model": policy.base_model,
-                  "generation": asdict(cfg.generation), "k": cfg.k, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "generation": asdict(cfg.generation), "k": cfg.k, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "selection": cfg.selection}
+        if selector:
+            source.update(selection_reward_model=str(selector), acquisition=cfg.acquisition)
 
-        # --- sample → store, one transaction per generation batch ---------------------------
+        # --- sample → store (random: one transaction per generation batch) ------------------
+        candidates: list[dict] = []
         step = cfg.generation.batch_size
         with tqdm(total=len(todo), desc="sampling", unit="prompt") as bar:
             for start in range(0, len(todo), step):
@@ -104,10 +130,43 @@ def main(cfg: SampleStageConfig) -> Path:
                     duplicates += sum("duplicate_of" in m for m in meta)
                     items.append({"prompt": prompt, "responses": resp,
                                   "response_meta": [{"policy": str(policy_dir), **m} for m in meta]})
-                added += store.add_tasks(batch, items, source=source, round=cfg.round)
+                if selector:
+                    candidates += items
+                else:
+                    added += store.add_tasks(batch, items, source=source, round=cfg.round)
                 bar.update(len(chunk))
+        del policy
+
+        # --- uncertainty: score every candidate, keep the most uncertain ---------------------
+        if selector:
+            from alignment.active import choose, load_selector, task_uncertainty
+
+            model, tokenizer, heads = load_selector(selector)
+            values = task_uncertainty(model, tokenizer, heads, candidates, cfg.acquisition,
+                                      batch_size=cfg.generation.batch_size)
+            del model
+            chosen = choose(values, wanted, explore=cfg.explore, seed=cfg.generation.seed)
+            picked = set(chosen)
+            added = store.add_tasks(batch, [{**candidates[i], "priority": values[i]} for i in chosen],
+                                    source=source, round=cfg.round)
+            with open(out / "candidates.jsonl", "w") as fh:
+                for i, item in enumerate(candidates):
+                    fh.write(json.dumps({"batch": batch, "prompt": item["prompt"], "acquisition": values[i],
+                                         "chosen": i in picked}) + "\n")
+            rest = [v for i, v in enumerate(values) if i not in picked]
+            selection.update({
+                "reward_model": str(selector), "acquisition": cfg.acquisition, "explore": cfg.explore,
+                "candidates": len(candidates), "chosen": len(chosen),
+                "mean_acquisition_chosen": statistics.fmean(values[i] for i in chosen) if chosen else None,
+                "mean_acquisition_candidates": statistics.fmean(values),
+                "mean_acquisition_not_chosen": statistics.fmean(rest) if rest else None})
+            log.info("selection: %d of %d candidates by %s under %s; mean acquisition %.4f chosen, %.4f all",
+                     len(chosen), len(candidates), cfg.acquisition, selector,
+                     selection["mean_acquisition_chosen"] or 0.0, selection["mean_acquisition_candidates"])
 
     # --- save -------------------------------------------------------------------------------
+    if not selector:  # this folder now describes a random selection: no uncertainty values of an earlier run
+        (out / "candidates.jsonl").unlink(missing_ok=True)
     rows = store.batch_tasks(batch)
     if rows:
         from datasets import Dataset
@@ -115,15 +174,17 @@ def main(cfg: SampleStageConfig) -> Path:
         Dataset.from_list(rows).save_to_disk(str(out / "samples"))
     save_config(cfg, out / "config.yaml")
     metrics = {"prompts": len(prompts), "new_tasks": added, "k": cfg.k, "duplicates_marked": duplicates,
-               "tasks_in_batch": len(rows)}
+               "tasks_in_batch": len(rows),
+               **{f"selection/{k}": v for k, v in selection.items() if isinstance(v, (int, float)) and v is not None}}
+    parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),
-                   parents={"policy": policy_dir}, metrics=metrics, store=url, batch=batch,
+                   parents=parents, metrics=metrics, store=url, batch=batch, selection=selection,
                    prompts_sha256=file_hash(cfg.prompts))
     tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("sample/responses", ["prompt", *(f"response_{i + 1}" for i in range(cfg.k))],
                   [[r["prompt"], *r["responses"][:cfg.k], *[""] * (cfg.k - len(r["responses"]))] for r in rows[:50]])
-    log_artifact("sample", out, cfg.run.dir, {"policy": policy_dir}, run=tracker.run)
+    log_artifact("sample", out, cfg.run.dir, parents, run=tracker.run)
     tracker.finish(metrics)
     log.info(json.dumps(metrics))
     print_done("sample", out, f"align label --run-dir {cfg.run.dir}   (unattended: align label --run-dir {cfg.run.dir} --simulate support_style)")

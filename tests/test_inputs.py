@@ -238,6 +238,25 @@ CASES = [
     ("pipeline: latin-1 sft data", "pipeline sft.model.name={tiny} sft.data.path={d}/latin1.jsonl", 2,
      ["sft.data.path: ", "latin1.jsonl:2: not UTF-8"]),
     ("pipeline: dpo without sft", "pipeline stages=[dpo] dpo.data.path={d}/prefs.jsonl", 1, ["no SFT adapter at"]),
+    # --- active selection (docs/active.md)
+    ("pool_factor<1", "sample pool_factor=0.5", 2, ["pool_factor: must be >= 1, got 0.5"]),
+    ("pool_factor with every prompt", "sample pool_factor=2", 2, ["pool_factor=2.0", "num_prompts=-1", "give num_prompts"]),
+    ("explore without uncertainty", "sample num_prompts=4 explore=0.25", 2, ["explore=0.25 applies to selection=uncertainty"]),
+    ("reward model for random selection", "sample selection_reward_model={d}/adapter", 2,
+     ["selection_reward_model is read by selection=uncertainty only"]),
+    ("reward heads=1", "reward heads=1", 2, ["heads: must be 0 or >= 2, got 1"]),
+    ("uncertainty without a reward model", "sample policy={d}/adapter prompts={d}/prompts.jsonl selection=uncertainty", 1,
+     ["selection=uncertainty picks the tasks a reward model is least sure of", "{run}/reward", "align reward",
+      "selection_reward_model=", "selection=random"]),
+    ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
+     "selection=uncertainty selection_reward_model={d}/adapter", 2,
+     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward heads=8"]),
+    ("uncertainty by a missing model", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
+     "selection=uncertainty selection_reward_model={d}/gone", 2, ["selection_reward_model=", "gone: no such folder"]),
+    ("pipeline: uncertainty in one round", "pipeline sample.selection=uncertainty", 2,
+     ["sample.selection=uncertainty", "round 0 has none", "rounds >= 2"]),
+    ("pipeline: uncertainty without reward", "pipeline rounds=2 stages=[sft,sample,label,export,dpo] "
+     "sample.selection=uncertainty", 2, ["stages must include reward"]),
 ]
 
 

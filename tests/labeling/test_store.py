@@ -355,6 +355,47 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
         conn.execute(text("DROP TABLE sign_in_failures"))
         conn.execute(text("UPDATE align_meta SET value = '1' WHERE key = 'schema_version'"))
     again = Store(old.url)
-    assert again.schema_version == SCHEMA_VERSION == 2 and len(again.batch_tasks("round-0")) == 1
+    assert again.schema_version == SCHEMA_VERSION == 3 and len(again.batch_tasks("round-0")) == 1
     alice = session(again, "alice")
     assert again.session(again.open_session(alice["annotator_id"], 60))["name"] == "alice"
+
+
+def test_the_queue_hands_out_higher_priority_first_then_older(store):
+    """align sample selection=uncertainty writes priorities; the app's queue (assign) follows them."""
+    store.add_tasks("round-1", [{"prompt": f"Ticket {i}", "responses": ["a", "b"], "priority": p}
+                                for i, p in enumerate([0.1, 0.7, 0.0, 0.7, 0.3])])
+    ids = [t["task_id"] for t in store.batch_tasks("round-1")]
+    assert [t["priority"] for t in store.batch_tasks("round-1")] == [0.1, 0.7, 0.0, 0.7, 0.3]
+    alice, bob = session(store, "alice"), session(store, "bob")
+    order = []
+    while (task := handlers.next_task(store, alice)) is not None:
+        order.append(task["task_id"])
+        handlers.submit(store, alice, task["task_id"], list(range(1, 3)))
+    assert order == [ids[1], ids[3], ids[4], ids[0], ids[2]]  # 0.7 (older first), 0.7, 0.3, 0.1, 0.0
+    # With overlap 2, every task gets its first ranking before any gets a second: bob's first task
+    # is the top priority among those alice has not held (all ranked once by her: same level).
+    assert handlers.next_task(store, bob, overlap=2)["task_id"] == ids[1]
+    with pytest.raises(ValueError, match="'priority' must be a finite number"):
+        store.add_tasks("round-1", [{"prompt": "Ticket nan", "responses": ["a", "b"], "priority": float("nan")}])
+    assert len(store.batch_tasks("round-1")) == 5  # the refused call added nothing
+
+
+def test_a_version_2_store_gains_the_priority_column_in_place(store):
+    """A store made by the previous align (schema 2: tasks without priority) opens, migrates, keeps its rows."""
+    from sqlalchemy import inspect, text
+
+    ids = make_tasks(store, 3)
+    with store.engine.begin() as conn:  # what a version-2 store's tasks table looks like
+        conn.execute(text("ALTER TABLE tasks DROP COLUMN priority"))
+        conn.execute(text("UPDATE align_meta SET value = '2' WHERE key = 'schema_version'"))
+    with store.engine.connect() as conn:
+        assert "priority" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
+    store.engine.dispose()
+    again = Store(store.url)
+    assert again.schema_version == SCHEMA_VERSION == 3
+    assert [t["priority"] for t in again.batch_tasks("round-0")] == [0.0, 0.0, 0.0]
+    again.add_tasks("round-0", [{"prompt": "urgent", "responses": ["a", "b"], "priority": 2.0}])
+    alice = session(again, "alice")
+    first = handlers.next_task(again, alice)["task_id"]
+    assert first not in ids and again.task(first)["prompt"] == "urgent"
+    assert Store(store.url).schema_version == 3  # opening a migrated store again changes nothing

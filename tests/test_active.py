@@ -1,0 +1,309 @@
+"""Active selection: the acquisition functions on hand-made heads, the bootstrap heads, the features they
+read, and `align sample selection=uncertainty` on a tiny model with a tiny reward model (the store's
+queue then hands out the most uncertain task first)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.active import HeadEnsemble, acquisition, choose, fit_heads, pair_probabilities, reward_features
+from alignment.cli import main as align
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["run.wandb=disabled", "model.max_length=128"]
+
+
+# ---------------------------------------------------------------------------- acquisition on hand-made heads
+
+
+def test_the_task_whose_heads_disagree_ranks_first():
+    agree = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 4)  # every head: the same confident order
+    disagree = torch.tensor([[2.0, 1.0, 0.0, -1.0], [-1.0, 0.0, 1.0, 2.0]] * 2)  # half the heads reverse it
+    tie = torch.zeros(4, 4)  # every head: all four equal, 50/50 on each pair
+    values = {name: [acquisition(s, name) for s in (agree, disagree, tie)] for name in ("bald", "variance")}
+    for name, (a, d, t) in values.items():
+        assert d > a and d > t, name
+        assert choose([a, d, t], 1) == [1]
+    # BALD: confident heads that agree teach nothing, and neither does a 50/50 all heads share (a near-tie);
+    # the entropy of the mean alone cannot tell that tie from the disagreement.
+    assert values["bald"][0] == pytest.approx(0, abs=1e-6) and values["bald"][2] == pytest.approx(0, abs=1e-6)
+    assert acquisition(tie, "entropy") == pytest.approx(math.log(2))
+    # entropy reads the reward model's own scores (small margins), not the heads
+    assert acquisition(disagree, "entropy", single=torch.tensor([5.0, 0.0, -5.0, -10.0])) < 0.05
+    with pytest.raises(ValueError, match="allowed values: bald, variance, entropy"):
+        acquisition(agree, "margin")
+
+
+def test_pair_probabilities_cover_every_pair_once():
+    p = pair_probabilities(torch.tensor([0.0, 1.0, 3.0]))
+    expected = [1 / (1 + math.exp(1)), 1 / (1 + math.exp(3)), 1 / (1 + math.exp(2))]  # (0,1), (0,2), (1,2)
+    assert p.tolist() == pytest.approx(expected)
+
+
+def test_choose_keeps_an_exploration_share_drawn_from_the_rest():
+    values = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]
+    assert choose(values, 3) == [0, 2, 4]
+    picked = choose(values, 4, explore=0.5, seed=1)
+    assert picked[:2] == [0, 2] and len(set(picked)) == 4 and not {0, 2} & set(picked[2:])
+    assert picked == choose(values, 4, explore=0.5, seed=1)  # seeded
+    assert len(choose(values, 20)) == 8
+
+
+# ---------------------------------------------------------------------------- the bootstrap heads
+
+
+def _pairs(n: int, dim: int = 6, seed: int = 0):
+    """Pairs whose preference is feature 0 (chosen has more of it); the other features are noise."""
+    g = torch.Generator().manual_seed(seed)
+    chosen, rejected = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    swap = chosen[:, 0] < rejected[:, 0]
+    chosen[swap], rejected[swap] = rejected[swap].clone(), chosen[swap].clone()
+    return chosen, rejected
+
+
+def test_heads_learn_the_preference_and_resample_by_task(tmp_path):
+    chosen, rejected = _pairs(60)
+    heads = fit_heads(chosen, rejected, [i // 3 for i in range(60)], heads=6, seed=0)
+    test_c, test_r = _pairs(200, seed=1)
+    assert ((heads.scores(test_c).mean(0) - heads.scores(test_r).mean(0)) > 0).float().mean() > 0.9
+    assert heads.weights[:, 0].min() > heads.weights[:, 1:].abs().max()  # every head found feature 0
+    assert not torch.allclose(heads.weights[1], heads.weights[2])  # different resamples, different heads
+    # head 0 is the fit on every pair: the ensemble of one
+    assert torch.allclose(fit_heads(chosen, rejected, heads=1).weights[0], heads.weights[0], atol=1e-3)
+    # one task only: every resample of tasks is that task, so the heads cannot disagree
+    same = fit_heads(chosen, rejected, ["one"] * 60, heads=4, seed=0)
+    assert torch.allclose(same.weights[1], same.weights[3], atol=1e-4)
+    assert acquisition(same.scores(test_c[:4]), "bald") == pytest.approx(0, abs=1e-4)
+    # saved and loaded, they score alike
+    heads.save(tmp_path)
+    again = HeadEnsemble.load(tmp_path)
+    assert torch.allclose(again.scores(test_c), heads.scores(test_c)) and again.meta["groups"] == 20
+    with pytest.raises(FileNotFoundError, match="no reward_heads.safetensors.*align reward heads=8"):
+        HeadEnsemble.load(tmp_path / "elsewhere")
+
+
+def test_features_are_what_the_score_head_reads(tiny_model):
+    """The hook's features times the head's weights give the model's own reward, plain and under peft."""
+    from peft import get_peft_model
+
+    from alignment.config import LoraConfig, ModelConfig
+    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
+    from alignment.reward_model import reward_base, score_conversations
+
+    cfg = ModelConfig(name=tiny_model, quantize=False)
+    model = reward_base(cfg, device_plan(cfg), training=False)
+    tokenizer = load_tokenizer(tiny_model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    conversations = [[{"role": "user", "content": "Where is Sync?"}, {"role": "assistant", "content": text}]
+                     for text in ["Open Settings.", "Thanks for asking! Open Settings, then tap Sync now.", "No."]]
+    feats, rewards = reward_features(model, tokenizer, conversations, batch_size=2)  # padded batches
+    assert feats.shape == (3, model.config.hidden_size)
+    assert (feats @ model.score.weight[0]).tolist() == pytest.approx(rewards, abs=1e-4)
+    assert rewards == pytest.approx(score_conversations(model, tokenizer, conversations), abs=1e-5)
+    wrapped = get_peft_model(model, peft_lora_config(LoraConfig(), "SEQ_CLS", modules_to_save=["score"]))
+    _, again = reward_features(wrapped, tokenizer, conversations)
+    assert again == pytest.approx(rewards, abs=1e-4)  # a fresh LoRA changes nothing yet
+
+
+# ---------------------------------------------------------------------------- align sample selection=uncertainty
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory) -> Path:
+    """An SFT adapter and a reward model with its heads in one run directory, plus 8 prompts."""
+    tmp = tmp_path_factory.mktemp("active")
+    run = tmp / "run"
+    sft = tmp / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"instruction": f"Ticket {i}: where is Sync?", "input": "",
+                                         "output": "Thanks for asking! Open Settings, then tap Sync."})
+                             for i in range(16)) + "\n")
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={sft}", f"run.dir={run}", "train.max_steps=2",
+                  "model.quantize=false", "data.eval_fraction=0", *FAST]) == 0
+    prefs = tmp / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps({
+        "prompt": f"Ticket {i}: where is Sync?", "chosen": "Thanks for asking! Open Settings, then tap Sync.",
+        "rejected": r, "task_id": f"t{i}"}) for i in range(12) for r in ("Find it yourself.", "No.")) + "\n")
+    assert align(["reward", f"run.dir={run}", f"data.path={prefs}", "model.quantize=false", "train.max_steps=4",
+                  "train.batch_size=4", "train.lr=3e-3", "data.test_fraction=0.25", "heads=4", *FAST]) == 0
+    (tmp / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in [
+        "Where is Sync?", "How do I export a note?", "Can I change the theme?", "Why was I logged out?",
+        "Where did my tags go?", "How do I share a notebook?", "Is there a dark mode?", "How do I get a refund?"]))
+    return run
+
+
+def sample_args(run: Path, *extra: str) -> list[str]:
+    return ["sample", f"run.dir={run}", f"prompts={run.parent / 'prompts.jsonl'}", "k=3",
+            "generation.max_new_tokens=10", "generation.batch_size=4", *FAST, *extra]
+
+
+def test_reward_saves_its_heads_with_their_figures(run):
+    manifest = json.loads((run / "reward" / "align.json").read_text())
+    heads = HeadEnsemble.load(run / "reward")
+    assert heads.weights.shape[0] == 4 and heads.meta["pairs"] == manifest["metrics"]["heads_pairs"] == 18
+    assert heads.meta["groups"] == 9  # resampled by task: 9 training tasks of 2 pairs
+    assert 0 <= manifest["metrics"]["heads_eval_accuracy"] <= 1
+
+
+def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
+    from alignment.active import load_selector, task_uncertainty
+    from labeling import handlers
+    from labeling.store import Store
+
+    assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active",
+                             "run.wandb=offline")) == 0
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    tasks = store.batch_tasks("active")
+    candidates = [json.loads(line) for line in (run / "sample" / "candidates.jsonl").read_text().splitlines()]
+    assert len(candidates) == 6 and len(tasks) == 3  # 3 of the first 6 prompts
+    chosen = sorted((c for c in candidates if c["chosen"]), key=lambda c: -c["acquisition"])
+    assert [c["prompt"] for c in chosen] == [c["prompt"] for c in sorted(candidates, key=lambda c: -c["acquisition"])[:3]]
+    # each stored task's priority is its own uncertainty, computed again here from its responses
+    model, tokenizer, heads = load_selector(run / "reward")
+    again = task_uncertainty(model, tokenizer, heads, tasks, "bald")
+    assert [t["priority"] for t in tasks] == pytest.approx(again, rel=1e-4, abs=1e-7)
+    assert {t["prompt"]: t["priority"] for t in tasks} == pytest.approx({c["prompt"]: c["acquisition"] for c in chosen})
+    # the queue (the app's and a simulated annotator's) hands them out most uncertain first
+    store.add_user("ann", "pw-for-ann")
+    ann = handlers.sign_in(store, "ann", "pw-for-ann")
+    order = []
+    while (task := handlers.next_task(store, ann, batch="active")) is not None:
+        order.append(task["prompt"])
+        handlers.submit(store, ann, task["task_id"], [1, 2, 3])
+    assert order == [c["prompt"] for c in chosen]
+    manifest = json.loads((run / "sample" / "align.json").read_text())
+    selection = manifest["selection"]
+    assert selection["chosen"] == 3 and selection["candidates"] == 6 and selection["acquisition"] == "bald"
+    assert selection["mean_acquisition_chosen"] >= selection["mean_acquisition_candidates"]
+    assert manifest["parents"]["selection_reward_model"]["path"] == str(run / "reward")
+    assert manifest["metrics"]["selection/mean_acquisition_chosen"] == selection["mean_acquisition_chosen"]
+    # the same figures in the stage's W&B run (offline), with the reward model among the sample's parents
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                                      str(folder)], capture_output=True, text=True, check=True).stdout)
+    assert info["summary"]["selection/mean_acquisition_chosen"] == pytest.approx(selection["mean_acquisition_chosen"])
+    assert info["summary"]["selection/candidates"] == 6
+    assert info["config"]["lineage"]["parents"] == {"policy": "run-sft", "selection_reward_model": "run-reward"}
+    # the same command again adds nothing: the batch already holds its 3 tasks of this pool
+    assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active")) == 0
+    assert len(store.batch_tasks("active")) == 3
+
+
+def test_random_selection_draws_from_the_pool_at_priority_0(run):
+    from labeling.store import Store
+
+    assert align(sample_args(run, "num_prompts=2", "pool_factor=4", "batch=random", "generation.seed=3")) == 0
+    tasks = Store(f"sqlite:///{run / 'labels.db'}").batch_tasks("random")
+    assert len(tasks) == 2 and {t["priority"] for t in tasks} == {0.0}
+    manifest = json.loads((run / "sample" / "align.json").read_text())
+    assert manifest["selection"] == {"selection": "random", "pool": 8, "pool_factor": 4.0}
+    assert not (run / "sample" / "candidates.jsonl").exists()
+
+
+def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
+    from labeling.store import Store
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Ticket {i}: how do I {t}?", "input": "",
+                                          "output": "Thanks for asking! Open Settings." if i % 2 else f"Open {t}."})
+                              for i, t in enumerate(["sync", "export", "share a note", "find tags"] * 4)) + "\n")
+    run = tmp_path / "run"
+    assert align(["pipeline", f"run.dir={run}", "run.wandb=disabled", "stages=[sft,sample,label,export,reward,dpo]",
+                  "rounds=2", "scorer=support_style", f"sft.model.name={tiny_model}", f"sft.data.path={data}",
+                  "sft.train.max_steps=2", "sft.model.quantize=false", "sft.data.eval_fraction=0",
+                  f"sample.prompts={data}", "sample.num_prompts=4", "sample.k=3", "sample.generation.max_new_tokens=8",
+                  "sample.selection=uncertainty", "sample.pool_factor=2", "export.test_fraction=0.25",
+                  "reward.train.max_steps=2", "reward.model.quantize=false",
+                  "reward.model.max_length=96", "dpo.train.max_steps=1", "dpo.model.quantize=false",
+                  "dpo.model.max_length=96"]) == 0
+    first, second = (json.loads((r / "sample" / "align.json").read_text()) for r in (run, run / "round-1"))
+    assert first["selection"]["selection"] == "random" and first["selection"]["pool"] == 4  # no reward model yet
+    assert second["selection"]["selection"] == "uncertainty" and second["selection"]["candidates"] == 8
+    assert second["selection"]["reward_model"] == str(run / "reward")  # round 0's
+    # round 0's reward model got the heads round 1 picks by; the last round's has no next round to serve
+    assert HeadEnsemble.load(run / "reward").weights.shape[0] == 8
+    assert not (run / "round-1" / "reward" / "reward_heads.safetensors").exists()
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    assert {t["priority"] for t in store.batch_tasks("round-0")} == {0.0}
+    values = {json.loads(line)["prompt"]: json.loads(line)["acquisition"]
+              for line in (run / "round-1" / "sample" / "candidates.jsonl").read_text().splitlines()}
+    tasks = store.batch_tasks("round-1")
+    assert len(tasks) == 4 and all(t["priority"] == pytest.approx(values[t["prompt"]]) for t in tasks)
+    assert min(t["priority"] for t in tasks) >= sorted(values.values())[-4]  # the 4 most uncertain of 8
+    assert len(store.submitted_rankings("round-1")) == 4  # labelled, in queue order, by the simulated annotator
+
+
+# ---------------------------------------------------------------------------- benchmarks/active_learning.py
+
+
+def _benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("active_learning", REPO / "benchmarks" / "active_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypatch):
+    bench = _benchmark()
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: where is {t}?"})
+                              for i, t in enumerate(["Sync", "Export", "Tags", "Trash"] * 3)) + "\n")
+    out = tmp_path / "bench"
+    argv = ["--policy", str(run / "sft"), "--out", str(out), "--pool-prompts", str(pool), "--pool-size", "12",
+            "--test-prompts", str(run.parent / "prompts.jsonl"), "--test-size", "8", "--k", "3",
+            "--max-new-tokens", "8", "--max-length", "96", "--at", "4,8", "--start", "2", "--batch", "2",
+            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--real", "8",
+            "--real-set", "train.max_steps=2", "model.quantize=false", "--wandb", "offline"]
+    assert bench.main(argv) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["pool_tasks"] == 12 and curve["test_pairs"] > 0 and set(curve["curve"]) == {"4", "8"}
+    for row in curve["curve"].values():
+        for arm in ("random", "bald"):
+            lo, hi = row[arm]["ci"]
+            assert 0 <= lo <= row[arm]["accuracy"] <= hi <= 1 and len(row[arm]["per_seed"]) == 2
+        assert row["bald"]["delta"] == pytest.approx(row["bald"]["accuracy"] - row["random"]["accuracy"])
+    assert [(r["arm"], r["n"]) for r in curve["real"]] == [("random", 8), ("bald", 8)]
+    assert all(0 <= r["accuracy"] <= 1 and r["pairs"] == curve["test_pairs"] for r in curve["real"])
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "align.json").read_text())["stage"] == "active_learning"
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B run, offline
+    # the report of a run directory holding the output embeds the plot
+    from alignment.report import write_report
+
+    shutil.copytree(out, run / "active_learning", ignore=shutil.ignore_patterns("cache", "real", "wandb"))
+    page = write_report(run).read_text()
+    assert "alt='active learning curve'" in page and "random" in page
+
+    # the bald arm's first pick: the tasks the heads fitted on the start disagree on most
+    args = bench.parse_args(argv)
+    cache = next((out / "cache").iterdir())
+    tasks = [json.loads(line) for line in (cache / "pool.jsonl").read_text().splitlines()]
+    pairs = bench.labelled_pairs(tasks, "support_style", 0.0)
+    feats = torch.load(next(cache.glob("pool-features-*.pt")))
+    start = random.Random(0).sample(range(12), 2)
+    model = bench.fit(feats, pairs, start, args, 0)
+    left = [i for i in range(12) if i not in start]
+    values = [acquisition(model.scores(feats[i]), "bald") for i in left]
+    picked = bench.run_arm("bald", 0, feats, pairs, feats[:1], [[]], args)[4]["tasks"]
+    assert picked[:2] == start and picked[2:] == [left[j] for j in choose(values, 2)]
+
+    # a rerun reads the cache: no policy or trunk is loaded again
+    import alignment.generation
+    import alignment.reward_model
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded a model on a rerun")
+
+    monkeypatch.setattr(alignment.generation, "load_policy", refuse)
+    monkeypatch.setattr(alignment.reward_model, "reward_base", refuse)
+    assert bench.main([*argv[:argv.index("--real")], "--wandb", "disabled"]) == 0
