@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from alignment.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -84,22 +82,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class MetricsJSONL(TrainerCallback):
-    """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
-
-    def __init__(self, out_dir: str | Path):
-        self.path = Path(out_dir) / "metrics.jsonl"
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not state.global_step:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a fresh run; a resumed one appends
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 class Tracker:

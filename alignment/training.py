@@ -15,12 +15,13 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from alignment.config import RunConfig, TrainConfig
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
-from alignment.tracking import report_to
+from alignment.tracking import append_jsonl, report_to
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +101,19 @@ def resume_checkpoint(out: Path, resume: str | None) -> str | None:
     found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     log.info("resuming from %s", found or "scratch (no checkpoint found)")
     return found
+
+
+class MetricsJSONL(TrainerCallback):
+    """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "metrics.jsonl"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not state.global_step:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")  # a fresh run; a resumed one appends
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})

@@ -150,7 +150,7 @@ class StepClock:
     """(time, cumulative non-pad tokens) at every logged training step: TRL's callback, and align's too.
 
     Align's stages are run through `alignment.cli.main`, whose trainers log through
-    alignment.tracking.MetricsJSONL; `watch_align()` makes that callback report to this clock as well.
+    alignment.training.MetricsJSONL; `watch_align()` makes that callback report to this clock as well.
     """
 
     def __init__(self):
@@ -172,15 +172,15 @@ class StepClock:
             self.marks.append((time.perf_counter(), float(logs["num_tokens"]), step))
 
     def watch_align(self) -> None:
-        from alignment import tracking
+        from alignment import training
 
-        original = tracking.MetricsJSONL.on_log
+        original = training.MetricsJSONL.on_log
 
         def on_log(callback, args, state, control, logs=None, **kwargs):
             self.mark(state.global_step, logs)
             return original(callback, args, state, control, logs=logs, **kwargs)
 
-        tracking.MetricsJSONL.on_log = on_log
+        training.MetricsJSONL.on_log = on_log
 
     def figures(self) -> dict:
         """tokens/s and s/step over steps 2..N, from the marks (logging_steps=1 gives one per step)."""

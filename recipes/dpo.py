@@ -42,8 +42,8 @@ from alignment.modeling import (
 from alignment.preferences import load_preferences
 from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
-from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
-from alignment.training import final_eval, resume_checkpoint, trl_args
+from alignment.tracking import configure_wandb, finish_wandb, log_artifact
+from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 

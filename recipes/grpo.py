@@ -42,8 +42,8 @@ from alignment.modeling import (
     peft_lora_config,
 )
 from alignment.preflight import check_stage
-from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact
-from alignment.training import resume_checkpoint, trl_args
+from alignment.tracking import configure_wandb, finish_wandb, log_artifact
+from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from alignment.reward_model import (
     score,
     score_conversations,
 )
-from alignment.tracking import MetricsJSONL, append_jsonl, configure_wandb, finish_wandb, log_artifact
-from alignment.training import resume_checkpoint, trl_args
+from alignment.tracking import append_jsonl, configure_wandb, finish_wandb, log_artifact
+from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
 from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from alignment.modeling import (
     peft_lora_config,
 )
 from alignment.preflight import check_stage
-from alignment.tracking import MetricsJSONL, configure_wandb, finish_wandb, log_artifact, wandb_hint
-from alignment.training import final_eval, resume_checkpoint, trl_args
+from alignment.tracking import configure_wandb, finish_wandb, log_artifact, wandb_hint
+from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Sea
 @pytest.fixture
 def seen_by_trainer(monkeypatch) -> dict:
     """What the trainer holds when training starts: devices of every parameter, and of the trainable ones."""
-    from alignment import tracking
+    from alignment import training
 
     seen: dict = {}
-    original = tracking.MetricsJSONL.on_train_begin
+    original = training.MetricsJSONL.on_train_begin
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = kwargs["model"]
@@ -38,7 +38,7 @@ def seen_by_trainer(monkeypatch) -> dict:
         seen["trainable"] = {(p.device.type, p.dtype) for p in model.parameters() if p.requires_grad}
         return original(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(tracking.MetricsJSONL, "on_train_begin", on_train_begin)
+    monkeypatch.setattr(training.MetricsJSONL, "on_train_begin", on_train_begin)
     return seen
 
 

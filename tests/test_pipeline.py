@@ -25,7 +25,7 @@ STAGE_DIRS = ["sft", "sample", "preferences", "reward", "dpo", "eval"]
 def pipeline_args(tiny_model: str, data: Path, run_dir: Path, wandb: str = "offline") -> list[str]:
     return [
         "pipeline", "--config", str(REPO / "configs/quickstart/pipeline.yaml"), f"run.dir={run_dir}",
-        f"run.wandb={wandb}", "scorer=known_scorers:thanks_then_short",
+        f"run.wandb={wandb}", "scorer=known_scorers:thanks_then_short", "tie_resolution=0",
         f"sft.model.name={tiny_model}", f"sft.data.path={data}", "sft.train.max_steps=8", "sft.train.lr=5e-3",
         "sft.train.eval_steps=4", "sft.model.max_length=128",
         f"sample.prompts={data}", "sample.num_prompts=10", "sample.k=3", "sample.generation.max_new_tokens=12",

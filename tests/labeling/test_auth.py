@@ -75,12 +75,15 @@ def test_parallel_guesses_cannot_slip_past_the_count(store):
             auth.sign_in(store, "alice", "guess", f"10.1.0.{i}", throttle=slow)
         except auth.SignInRefused as err:
             outcomes.append("locked" if err.retry_after else "checked")
+        except Exception as err:  # noqa: BLE001 - named in the assertion below, not lost in a thread
+            outcomes.append(repr(err))
 
     threads = [threading.Thread(target=guess, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(outcomes) == 12 and set(outcomes) <= {"checked", "locked"}, outcomes
     assert outcomes.count("checked") == 3  # every other guess was refused without checking the password
 
 
