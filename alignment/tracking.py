@@ -51,6 +51,27 @@ def configure_wandb(cfg: RunConfig, stage: str) -> str:
     return mode
 
 
+def start_wandb_run(cfg: RunConfig, stage: str, config: dict[str, Any] | None = None):
+    """This stage's W&B run, opened here with every setting named (None when disabled or not rank 0).
+
+    wandb reads its settings (mode, dir) once per process, at its first init, and transformers'
+    WandbCallback names neither: after any earlier run in the process (a pipeline's previous stage,
+    a notebook's own run) the callback's run went to that run's folder and mode, or, offline, failed
+    to log in. Opened first, the callback logs into this run (it starts one only when none is
+    open), and a run left open before is finished.
+    """
+    from alignment.artifacts import is_main_process
+
+    mode = configure_wandb(cfg, stage)
+    if mode == "disabled" or not is_main_process():
+        return None
+    import wandb
+
+    env = os.environ
+    return wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
+                      job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=config, reinit="finish_previous")
+
+
 def report_to(cfg: RunConfig) -> list[str]:
     return [] if wandb_mode(cfg) == "disabled" else ["wandb"]
 
@@ -99,16 +120,7 @@ class Tracker:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.write_text("")
-        mode = configure_wandb(cfg, stage)
-        if mode != "disabled":
-            import wandb
-
-            # Named explicitly: wandb reads its env vars once per process, and a pipeline runs
-            # several stages in one process.
-            env = os.environ
-            self.run = wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
-                                  job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=config,
-                                  reinit="finish_previous")
+        self.run = start_wandb_run(cfg, stage, config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.main:

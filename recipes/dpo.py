@@ -42,7 +42,7 @@ from alignment.modeling import (
 from alignment.preferences import load_preferences
 from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
-from alignment.tracking import configure_wandb, finish_wandb, log_artifact
+from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
 from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def main(cfg: DPOStageConfig) -> Path:
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
-    configure_wandb(cfg.run, "dpo")
+    start_wandb_run(cfg.run, "dpo")  # before the trainer: its W&B callback logs into this run
     trainer = DPOTrainer(
         model=model,
         args=dpo_args(cfg, out, plan, has_eval=test is not None),

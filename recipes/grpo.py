@@ -42,7 +42,7 @@ from alignment.modeling import (
     peft_lora_config,
 )
 from alignment.preflight import check_stage
-from alignment.tracking import configure_wandb, finish_wandb, log_artifact
+from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
 from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def main(cfg: PPOStageConfig) -> Path:
         from trl import GRPOTrainer as Trainer
     else:
         from trl import RLOOTrainer as Trainer
-    configure_wandb(cfg.run, cfg.algo)
+    start_wandb_run(cfg.run, cfg.algo)  # before the trainer: its W&B callback logs into this run
     trainer = Trainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, plan, out), train_dataset=data,
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
                       callbacks=[MetricsJSONL(out)])

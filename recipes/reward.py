@@ -57,7 +57,7 @@ from alignment.reward_model import (
     score,
     score_conversations,
 )
-from alignment.tracking import append_jsonl, configure_wandb, finish_wandb, log_artifact
+from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
 from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
 from labeling.scorers import resolve_scorer
 
@@ -199,7 +199,7 @@ def main(cfg: RewardStageConfig) -> Path:
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
-    configure_wandb(cfg.run, "reward")
+    start_wandb_run(cfg.run, "reward")  # before the trainer: its W&B callback logs into this run
     has_eval = test is not None
     args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
                     max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)

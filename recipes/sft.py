@@ -34,7 +34,7 @@ from alignment.modeling import (
     peft_lora_config,
 )
 from alignment.preflight import check_stage
-from alignment.tracking import configure_wandb, finish_wandb, log_artifact, wandb_hint
+from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, wandb_hint
 from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def main(cfg: SFTStageConfig) -> Path:
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
-    configure_wandb(cfg.run, "sft")
+    start_wandb_run(cfg.run, "sft")  # before the trainer: its W&B callback logs into this run
     has_eval = eval_dataset is not None
     args = sft_args(cfg, plan, out, has_eval, padding_free)
     trainer = SFTTrainer(

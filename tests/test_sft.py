@@ -144,3 +144,21 @@ def test_liger_without_cuda_is_a_clear_error_before_loading(stage, tiny_model, t
     assert rc != 0 and "train.liger" in err, err
     assert ("CUDA" in err) if stage != "ppo" else ("own PPO loop" in err), err
     assert not (tmp_path / stage / "align.json").exists()
+
+
+def test_a_wandb_run_left_open_does_not_swallow_the_stages_own_run(tiny_model, qlora_run, tmp_path):
+    """A W&B run opened before with other settings (wandb reads them once per process) does not take the stage's run."""
+    import subprocess
+    import sys
+
+    import wandb
+
+    leftover = wandb.init(project="elsewhere", name="leftover", dir=str(tmp_path), mode="offline")
+    run_dir = tmp_path / "run"
+    run_sft(tiny_model, qlora_run[1], run_dir, "run.wandb=offline", "train.max_steps=2", "train.eval_steps=100")
+    assert wandb.run is None or wandb.run.id != leftover.id
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # the stage's own run, in its run directory
+    info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                                      str(runs[0])], capture_output=True, text=True, check=True).stdout)
+    assert info["name"] == "run/sft" and "train/loss" in info["summary"]
