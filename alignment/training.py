@@ -1,4 +1,5 @@
-"""What the stages that train with a TRL trainer share: TRL's arguments from our config, and resume.
+"""What the stages that train with a TRL trainer share: TRL's arguments from our config, resume, the final
+held-out evaluation and the metrics.jsonl callback.
 
     args = trl_args(DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=True, beta=cfg.beta, ...)
     trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
