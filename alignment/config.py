@@ -513,6 +513,11 @@ class PipelineConfig:
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def labelling_scorer(self) -> str | None:
+        """The scorer that labelled the data (simulated annotators), else None: people labelled it."""
+        return self.scorer if self.label == "simulate" else None
+
     def validate(self, prefix: str = "") -> None:
         if not self.stages:
             raise ConfigError(f"{prefix}stages: empty; list the stages to run, e.g. [sft, sample, label, export, dpo, eval]")

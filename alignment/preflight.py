@@ -230,9 +230,9 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
         "sft": replace(cfg.sft, run=run), "export": replace(cfg.export, run=run),
         "sample": replace(sample, policy=None),
         "reward": replace(on_base(cfg.reward), sft=None,
-                          probe_scorer=cfg.reward.probe_scorer or (cfg.scorer if cfg.label == "simulate" else None)),
+                          probe_scorer=cfg.reward.probe_scorer or cfg.labelling_scorer),
         "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
-        "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or (cfg.scorer if cfg.label == "simulate" else None)),
+        "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or cfg.labelling_scorer),
     }
     for i, stage in enumerate(cfg.stages):
         if stage != "label":

@@ -146,15 +146,15 @@ def main(cfg: PipelineConfig) -> Path:
             "export": replace(cfg.export, run=run, store=store),
             # The probes see the edits through the labelling scorer too (what the labels supported);
             # the next round picks its tasks by this round's reward model: it needs its heads.
-            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir), probe_scorer=cfg.reward.probe_scorer or (
-                cfg.scorer if cfg.label == "simulate" else None),
-                heads=cfg.reward.heads or (8 if selects and r < cfg.rounds - 1 else 0)),
+            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir),
+                              probe_scorer=cfg.reward.probe_scorer or cfg.labelling_scorer,
+                              heads=cfg.reward.heads or (8 if selects and r < cfg.rounds - 1 else 0)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
             "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
             # Judged by the scorer that labelled the data too (unless eval names its own), so the
             # report says whether the policy learnt what the annotator wanted.
             "eval": replace(on_base(cfg.eval), run=run,
-                            scorer=cfg.eval.scorer or (cfg.scorer if cfg.label == "simulate" else None)),
+                            scorer=cfg.eval.scorer or cfg.labelling_scorer),
         }
         if r > 0:
             stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
