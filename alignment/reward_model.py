@@ -116,21 +116,26 @@ def encode(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 @torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int = 16) -> list[float]:
-    """One reward per conversation (prompt turns + the response turn), right-padded like training."""
+    """One reward per conversation (prompt turns + the response turn), right-padded like training.
+
+    Each distinct conversation is scored once (held-out pairs share responses: a K-wise ranking's
+    pairs), in batches of similar length, so little of a batch is padding."""
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[float] = []
-    for i in range(0, len(conversations), batch_size):
-        batch = [encode(tokenizer, c) for c in conversations[i:i + batch_size]]
+    encoded = [tuple(encode(tokenizer, c)) for c in conversations]
+    distinct = sorted(set(encoded), key=len)
+    reward: dict[tuple[int, ...], float] = {}
+    for i in range(0, len(distinct), batch_size):
+        batch = distinct[i:i + batch_size]
         width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
+        input_ids = torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in batch], device=device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        out += logits[:, 0].float().tolist()
+        reward.update(zip(batch, logits[:, 0].float().tolist(), strict=True))
     model.train(was_training)
-    return out
+    return [reward[ids] for ids in encoded]
 
 
 def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
@@ -321,11 +326,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
     edits = []
     for key, (kind, where, what, edit) in EDITS.items():
         edited = [edit(t) for t in texts]
-        # Each distinct (prompt, edited response) scored once: a K-wise ranking repeats its responses.
-        unique = {(json.dumps(r["prompt"]), e): None for r, e in zip(rows, edited, strict=True)}
-        convs = [json.loads(p) + [{"role": "assistant", "content": e}] for p, e in unique]
-        unique.update(zip(unique, reward(convs), strict=True))
-        new = [unique[(json.dumps(r["prompt"]), e)] for r, e in zip(rows, edited, strict=True)]
+        new = reward([r["prompt"] + [{"role": "assistant", "content": e}] for r, e in zip(rows, edited, strict=True)])
         flips = [i for i in right if new[i] > chosen[i]]
         gain = _mean([a - b for a, b in zip(new, rejected, strict=True)])
         row = {"edit": key, "kind": kind, "where": where, "what": what, "gated": where == "end",

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -118,3 +119,35 @@ class MetricsJSONL(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class UniqueRows:
+    """`model` called on the distinct rows of a batch only, its outputs' `logits` expanded back to every row.
+
+    The pairs of one K-wise ranking share their responses: a batch that keeps a ranking together
+    (`group_by_ranking`) holds each response in several pairs, as chosen in one and rejected in
+    another; K=4 gives 6 pairs, 12 rows, 4 distinct. Each distinct row (same tokens, same length)
+    runs once, and the gradient of every pair that uses it flows back through the gather: the same
+    loss and gradient as running each row (up to dropout, which then draws one mask per distinct row).
+
+        loss, outputs = super().compute_loss(UniqueRows(model), inputs, return_outputs=True)
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.rows = self.distinct = 0  # of the last call, for the log
+
+    def __call__(self, *, input_ids, attention_mask, **kwargs):
+        key = input_ids.masked_fill(attention_mask == 0, -1)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        self.rows, self.distinct = len(key), len(distinct)
+        if self.distinct == self.rows:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # Any row of each distinct group will do (they are equal); then drop the columns that are padding in all.
+        first = torch.empty(self.distinct, dtype=torch.long, device=key.device)
+        first.scatter_(0, inverse, torch.arange(self.rows, device=key.device))
+        used = attention_mask[first].any(dim=0).nonzero()
+        width = int(used.max()) + 1 if len(used) else attention_mask.shape[1]
+        outputs = self.model(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width], **kwargs)
+        outputs.logits = outputs.logits[inverse]
+        return outputs

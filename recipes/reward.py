@@ -58,7 +58,7 @@ from alignment.reward_model import (
     score_conversations,
 )
 from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, UniqueRows, resume_checkpoint, trl_args
 from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class AlignRewardTrainer(RewardTrainer):
 
     def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
         self.group_by_ranking = group_by_ranking
+        self.rows_seen = self.rows_run = 0  # responses in the batches' pairs, and distinct ones the model ran
         super().__init__(*args, **kwargs)
         if isinstance(self.data_collator, DataCollatorForPreference):  # TRL's, made with its pad token
             self.data_collator = WeightedPreferenceCollator(pad_token_id=self.data_collator.pad_token_id,
@@ -113,7 +114,11 @@ class AlignRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # Each distinct response once: a ranking's pairs share them (alignment.training.UniqueRows).
+        unique = UniqueRows(model)
+        loss, outputs = super().compute_loss(unique, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self.rows_seen += unique.rows
+        self.rows_run += unique.distinct
         if pair:
             chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
             loss = pair_loss(chosen, rejected, margin=inputs.get("margin"), **pair)
@@ -226,13 +231,18 @@ def main(cfg: RewardStageConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
+    if trainer.rows_seen:
+        metrics["train_distinct_rows"] = trainer.rows_run / trainer.rows_seen
+        log.info("training ran %d distinct responses for the %d in its pairs (%.2fx fewer forwards)",
+                 trainer.rows_run, trainer.rows_seen, trainer.rows_seen / trainer.rows_run)
 
     # --- evaluate on held-out pairs ---------------------------------------------------------
     if has_eval:
-        chosen = score_conversations(trainer.model, tokenizer, [p + c for p, c in zip(test["prompt"], test["chosen"],
-                                                                                      strict=True)], cfg.train.batch_size)
-        rejected = score_conversations(trainer.model, tokenizer, [p + r for p, r in zip(
-            test["prompt"], test["rejected"], strict=True)], cfg.train.batch_size)
+        n = len(test)
+        rewards = score_conversations(trainer.model, tokenizer, [p + c for p, c in zip(test["prompt"], test["chosen"], strict=True)]
+                                      + [p + r for p, r in zip(test["prompt"], test["rejected"], strict=True)],
+                                      cfg.train.batch_size)  # together: each distinct response is scored once
+        chosen, rejected = rewards[:n], rewards[n:]
         heldout = heldout_metrics(probe_pairs, chosen, rejected)  # every column: agreement, p_chosen
         metrics.update(heldout)
         ceiling = heldout["agreement_ceiling"]

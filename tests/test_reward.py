@@ -286,6 +286,54 @@ def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_
     assert ours == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_model, tmp_path):
+    # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (alignment.training.UniqueRows),
+    # and the loss and every LoRA gradient are what running all 8 rows gives.
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.config import LoraConfig, ModelConfig
+    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
+    from alignment.preferences import load_preferences
+    from alignment.reward_model import reward_base
+    from recipes.reward import AlignRewardTrainer
+
+    data, _ = load_preferences(write_rankings(tmp_path / "p.jsonl", 3), test_fraction=0)
+    cfg = ModelConfig(name=tiny_model, quantize=False)
+    trainer = AlignRewardTrainer(
+        model=reward_base(cfg, device_plan(cfg)), processing_class=load_tokenizer(tiny_model),
+        args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=12, use_cpu=True, bf16=False,
+                          report_to=[], gradient_checkpointing=False),
+        train_dataset=data["train"].remove_columns(["margin"]),
+        peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
+    model = trainer.model
+    for param in model.parameters():  # as if trained a little (LoRA's B starts at 0: no gradient reaches A)
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.05)
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows_per_call = []
+
+    def counted(**kwargs):
+        rows_per_call.append(len(kwargs["input_ids"]))
+        return model(**kwargs)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(dict(batch))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours, our_grads = loss_and_grads(lambda b: trainer.compute_loss(counted, b))
+    trls, trl_grads = loss_and_grads(lambda b: RewardTrainer.compute_loss(trainer, model, b))
+    assert rows_per_call == [12] and len(batch["input_ids"]) == 24  # 3 rankings: 24 rows, 12 distinct
+    assert (trainer.rows_seen, trainer.rows_run) == (24, 12)
+    assert ours == pytest.approx(trls, rel=1e-6) and ours != pytest.approx(0.6931, abs=1e-3)  # not the untrained ln 2
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 2
+    for name, grad in our_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, capsys):
     """Most training pairs say rude beats polite, but only a distrusted annotator said so (p_chosen 0.52, weight
     0.04); the held-out pairs are the truth. Trained with the weights, the model learns polite > rude; without, rude."""
