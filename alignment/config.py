@@ -321,6 +321,9 @@ class DPOStageConfig:
     # of the eval curves). Off saves one pass over the held-out pairs; the SFT's margin is then
     # taken from the final evaluation (log-prob margin minus reward margin / beta, exact).
     eval_on_start: bool = True
+    # Keep each K-wise ranking's pairs in one batch: its pairs share responses, and each distinct
+    # response then runs once (half the forwards at K=4), at the price of fewer prompts per batch.
+    group_by_ranking: bool = False
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, prefix: str = "") -> None:

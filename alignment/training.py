@@ -13,6 +13,7 @@ keyword arguments, which win over the shared ones.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,32 +123,68 @@ class MetricsJSONL(TrainerCallback):
 
 
 class UniqueRows:
-    """`model` called on the distinct rows of a batch only, its outputs' `logits` expanded back to every row.
+    """`model` called on the distinct rows of a batch only, every per-row output expanded back to every row.
 
     The pairs of one K-wise ranking share their responses: a batch that keeps a ranking together
     (`group_by_ranking`) holds each response in several pairs, as chosen in one and rejected in
-    another; K=4 gives 6 pairs, 12 rows, 4 distinct. Each distinct row (same tokens, same length)
-    runs once, and the gradient of every pair that uses it flows back through the gather: the same
-    loss and gradient as running each row (up to dropout, which then draws one mask per distinct row).
+    another; K=4 gives 6 pairs, 12 rows, 4 distinct. Each distinct row (same tokens, mask and
+    labels) runs once, and the gradient of every pair that uses it flows back through the gather:
+    the same loss and gradients as running each row (up to dropout, which then draws one mask per
+    distinct row). Outputs with one entry per row (a reward model's `logits`, TRL's per-token
+    `log_probs`, `entropy`, ...) are expanded; batch-wide ones (a scalar `loss`) are the distinct rows'.
 
         loss, outputs = super().compute_loss(UniqueRows(model), inputs, return_outputs=True)
+        with UniqueRows.patched(peft_model): ...   # every call of peft_model in the block (DPO's policy and reference)
     """
 
     def __init__(self, model):
         self.model = model
-        self.rows = self.distinct = 0  # of the last call, for the log
+        self.rows = self.distinct = 0  # summed over calls, for the log
 
     def __call__(self, *, input_ids, attention_mask, **kwargs):
         key = input_ids.masked_fill(attention_mask == 0, -1)
+        per_row = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() and len(v) == len(key)}
+        if per_row:
+            key = torch.cat([key, *(v.reshape(len(key), -1).to(key.dtype) for v in per_row.values())], dim=1)
         distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
-        self.rows, self.distinct = len(key), len(distinct)
-        if self.distinct == self.rows:
+        self.rows += len(key)
+        self.distinct += len(distinct)
+        if len(distinct) == len(key):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        # Any row of each distinct group will do (they are equal); then drop the columns that are padding in all.
-        first = torch.empty(self.distinct, dtype=torch.long, device=key.device)
-        first.scatter_(0, inverse, torch.arange(self.rows, device=key.device))
-        used = attention_mask[first].any(dim=0).nonzero()
-        width = int(used.max()) + 1 if len(used) else attention_mask.shape[1]
-        outputs = self.model(input_ids=input_ids[first, :width], attention_mask=attention_mask[first, :width], **kwargs)
-        outputs.logits = outputs.logits[inverse]
+        first = torch.empty(len(distinct), dtype=torch.long, device=key.device)  # any row of each group: they are equal
+        first.scatter_(0, inverse, torch.arange(len(key), device=key.device))
+        outputs = self.model(input_ids=input_ids[first], attention_mask=attention_mask[first],
+                             **{**kwargs, **{k: v[first] for k, v in per_row.items()}})
+        for name, value in list(outputs.items()):
+            if torch.is_tensor(value) and value.dim() and len(value) == len(distinct):
+                outputs[name] = value[inverse]
         return outputs
+
+    @classmethod
+    @contextmanager
+    def patched(cls, module):
+        """Within the block, every call of `module` (however wrapped: DDP, DeepSpeed) runs distinct rows only."""
+        own = module.__dict__.get("forward")
+        unique = cls(module.forward)
+        module.forward = unique
+        try:
+            yield unique
+        finally:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
+def ranking_dataloader(trainer: Any, columns: list[str]):
+    """`trainer`'s training loader with each K-wise ranking's pairs in one batch (alignment.preferences.ranking_batches),
+    keeping only `columns` (those the dataset has) for its collator; a Trainer's get_train_dataloader."""
+    from torch.utils.data import DataLoader
+
+    from alignment.preferences import RankingBatchSampler
+
+    data = trainer.train_dataset
+    sampler = RankingBatchSampler(data["task_id"], trainer.args.per_device_train_batch_size, seed=trainer.args.seed)
+    loader = DataLoader(data.select_columns([c for c in columns if c in data.column_names]), batch_sampler=sampler,
+                        collate_fn=trainer.data_collator, num_workers=trainer.args.dataloader_num_workers)
+    return trainer.accelerator.prepare(loader)

@@ -43,9 +43,46 @@ from alignment.preferences import load_preferences
 from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
+from alignment.training import (
+    MetricsJSONL,
+    UniqueRows,
+    final_eval,
+    ranking_dataloader,
+    resume_checkpoint,
+    trl_args,
+)
 
 log = logging.getLogger(__name__)
+
+class AlignDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, each distinct response of a batch run once (policy and reference alike).
+
+    A K-wise ranking's pairs share their responses; with `group_by_ranking` a batch keeps each
+    ranking's pairs together, so a batch of 8 pairs (16 rows) from two K=4 rankings holds 8
+    distinct responses, and the forward passes that cost the step halve. The loss, its gradients
+    and every logged figure are those of running each row (alignment.training.UniqueRows, which
+    expands TRL's per-token outputs back to the rows).
+    """
+
+    def __init__(self, *args, group_by_ranking: bool = False, **kwargs):
+        self.group_by_ranking = group_by_ranking
+        self.rows_seen = self.rows_run = 0  # rows of the batches (2 per pair) and distinct ones the model ran
+        super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        if not self.group_by_ranking:
+            return super().get_train_dataloader()
+        return ranking_dataloader(self, ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps",
+                                         "ref_rejected_logps"])
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with UniqueRows.patched(self.accelerator.unwrap_model(self.model)) as unique:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        if self.model.training:
+            self.rows_seen += unique.rows
+            self.rows_run += unique.distinct
+        return result
+
 
 def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     """The base once, with the SFT adapter as the trainable policy adapter ("default").
@@ -111,7 +148,8 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- trainer ----------------------------------------------------------------------------
     start_wandb_run(cfg.run, "dpo")  # before the trainer: its W&B callback logs into this run
-    trainer = DPOTrainer(
+    trainer = AlignDPOTrainer(
+        group_by_ranking=cfg.group_by_ranking,
         model=model,
         args=dpo_args(cfg, out, plan, has_eval=test is not None),
         train_dataset=train,
@@ -133,6 +171,10 @@ def main(cfg: DPOStageConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
+    if trainer.rows_run:
+        metrics["train_distinct_rows"] = trainer.rows_run / trainer.rows_seen
+        log.info("training ran %d distinct responses for the %d rows of its pairs (%.2fx fewer forwards)",
+                 trainer.rows_run, trainer.rows_seen, trainer.rows_seen / trainer.rows_run)
     if test is not None:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
         # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now. The

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from torch.utils.data import DataLoader
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -43,7 +42,7 @@ from alignment.modeling import (
     load_tokenizer,
     peft_lora_config,
 )
-from alignment.preferences import RankingBatchSampler, load_preferences
+from alignment.preferences import load_preferences
 from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
     MAX_PROBE_FLIP_RATE,
@@ -58,7 +57,7 @@ from alignment.reward_model import (
     score_conversations,
 )
 from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, UniqueRows, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, UniqueRows, ranking_dataloader, resume_checkpoint, trl_args
 from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
@@ -104,13 +103,7 @@ class AlignRewardTrainer(RewardTrainer):
     def get_train_dataloader(self):
         if not self.group_by_ranking:
             return super().get_train_dataloader()
-        keep = [c for c in ("chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS)
-                if c in self.train_dataset.column_names]
-        sampler = RankingBatchSampler(self.train_dataset["task_id"], self.args.per_device_train_batch_size,
-                                      seed=self.args.seed)
-        loader = DataLoader(self.train_dataset.select_columns(keep), batch_sampler=sampler,
-                            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
-        return self.accelerator.prepare(loader)
+        return ranking_dataloader(self, ["chosen_ids", "rejected_ids", "margin", *PAIR_COLUMNS])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}

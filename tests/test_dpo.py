@@ -150,6 +150,56 @@ def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, t
     assert (sft_logps - base_logps).abs().mean() > 1.0, (sft_logps, base_logps)
 
 
+def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_dir, tiny_model, tmp_path):
+    # K=3 rankings (3 pairs, 6 rows, 3 distinct responses each) batched by ranking: the policy and the reference
+    # run each distinct response once, and the loss and every gradient are what TRL's DPO gives on all rows.
+    from trl import DPOTrainer
+
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.preferences import load_preferences
+    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+
+    answers = [POLITE, "Open Settings, then tap {t}.", RUDE]
+    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": answers[a].format(t=TOPICS[i]),
+             "rejected": answers[b].format(t=TOPICS[i]), "task_id": f"task-{i}"}
+            for i in range(4) for a, b in [(0, 1), (0, 2), (1, 2)]]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
+    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
+                                             "train.batch_size=6", *FAST])
+    model_cfg = replace(cfg.model, name=tiny_model)
+    plan = device_plan(model_cfg)
+    trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, False),
+                              train_dataset=data["train"], processing_class=load_tokenizer(str(sft_dir)),
+                              group_by_ranking=True)
+    model = trainer.model
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # dropout off, and the policy a little away from the reference
+        if ".default." in name:
+            param.data += 0.02 * torch.randn_like(param)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["input_ids"]) == 12  # two whole rankings: 6 pairs
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(model, dict(batch), False)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours, our_grads = loss_and_grads(trainer._compute_loss)
+    assert (trainer.rows_seen, trainer.rows_run) == (2 * 12, 2 * 6)  # policy + reference: 12 rows, 6 distinct each
+    trls, trl_grads = loss_and_grads(lambda *a: DPOTrainer._compute_loss(trainer, *a))
+    assert ours == pytest.approx(trls, rel=1e-5) and abs(ours - 0.6931) > 1e-4  # not the untrained ln 2
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 2
+    for name, grad in our_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss=simpo"], r"loss: 'simpo' is not allowed; allowed values: sigmoid, ipo, hinge, robust"),
     (["label_smoothing=0.1"], r"label_smoothing=0.1 has no effect with loss=sigmoid"),
