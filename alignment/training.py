@@ -141,7 +141,9 @@ class UniqueRows:
         self.model = model
         self.rows = self.distinct = 0  # summed over calls, for the log
 
-    def __call__(self, *, input_ids, attention_mask, **kwargs):
+    def __call__(self, *args, input_ids=None, attention_mask=None, **kwargs):
+        if args or input_ids is None or attention_mask is None or input_ids.dim() != 2:  # packed (padding-free), or
+            return self.model(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # not ids: as is
         key = input_ids.masked_fill(attention_mask == 0, -1)
         per_row = {k: v for k, v in kwargs.items() if torch.is_tensor(v) and v.dim() and len(v) == len(key)}
         if per_row:

@@ -54,6 +54,7 @@ from alignment.training import (
 
 log = logging.getLogger(__name__)
 
+
 class AlignDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer, each distinct response of a batch run once (policy and reference alike).
 
