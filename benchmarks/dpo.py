@@ -7,9 +7,13 @@
 Both sides put an SFT adapter on a 4-bit base and hand the PeftModel to DPOTrainer, which
 keeps a frozen copy as the reference: the way TRL documents DPO on a pretrained adapter. Without
 --sft, a freshly initialised LoRA adapter stands in (timings do not depend on its values), made
-once for both sides. The pairs come from the shipped SFT data (the answer against a rude rewrite
-of it), read by both sides through align's loader: the same conversations in the same order, so
-the same batches. Both skip evaluation. Each side runs in its own process and prints tokens/s
+once for both sides. The pairs come from the shipped SFT data, read by both sides through align's
+loader (the same conversations): by default as K=3 rankings (the answer > its first two sentences >
+a rude rewrite; 3 pairs per prompt, as benchmarks/reward.py), which our side batches by ranking
+(the quickstart's `group_by_ranking`, each distinct response run once) and TRL shuffles; the
+default batch of 6 holds two whole rankings, so both sides train on 6 pairs a step. `--pairs
+single` gives one pair per prompt (the answer against the rude rewrite), where there is nothing to
+share and both sides see the same batches. Both skip evaluation. Each side runs in its own process and prints tokens/s
 (non-pad tokens over steps 2..N: benchmarks/_common.py), peak memory, ours/TRL, and achieved
 GFLOP/s against this machine's measured matmul peak. FLOPs are 6·N·tokens: the policy's forward
 (2N) and backward through the activations (2N, frozen base) plus the reference's forward (2N), N
@@ -51,7 +55,11 @@ FLOPS_PER_PARAM = 6  # per token: policy forward 2N + backward through activatio
 
 
 
-def write_pairs(path: Path) -> Path:
+def write_pairs(path: Path, kind: str = "ranking") -> Path:
+    if kind == "ranking":
+        from reward import write_pairs as ranking_pairs  # benchmarks/reward.py: K=3 rankings with task ids
+
+        return ranking_pairs(path)
     rows = []
     for line in (REPO / "data/support/train.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -119,7 +127,7 @@ def child(args) -> None:
     setup_environment()
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_pairs(Path(tmp) / "pairs.jsonl")
+        data = write_pairs(Path(tmp) / "pairs.jsonl", args.pairs)
         (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, Path(args.sft), clock)
     child_result(clock.figures())
 
@@ -132,7 +140,9 @@ def main() -> None:
     parser.add_argument("--sft", help="an SFT adapter folder (default: a fresh LoRA on --model)")
     parser.add_argument("--quantize", default=True, **BOOL)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=6, help="pairs a step (6: two K=3 rankings)")
+    parser.add_argument("--pairs", choices=["ranking", "single"], default="ranking",
+                        help="K=3 rankings per prompt (3 pairs sharing responses) or one pair per prompt")
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
     parser.add_argument("--json", help="append the figures to this file as one JSON line")
@@ -151,15 +161,16 @@ def main() -> None:
         sft = args.sft or str(fresh_adapter(args.model, Path(tmp) / "sft"))
         results = run_sides(__file__, [
             "--sft", sft, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch", str(args.batch),
-            "--max-length", str(args.max_length), "--ours", *args.ours])
+            "--max-length", str(args.max_length), "--pairs", args.pairs, "--ours", *args.ours])
     peak = max(peak, matmul_peak_gflops())
     mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
     name = args.size or Path(args.sft or args.model).name
-    title = (f"DPO · {name} · {mode} · batch {args.batch} pairs · {args.steps} steps · max_length "
+    title = (f"DPO · {name} · {mode} · batch {args.batch} pairs ({args.pairs}) · {args.steps} steps · max_length "
              f"{args.max_length}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
     n = n_params(adapter_base_name(args.sft) if args.sft else args.model)
     report("dpo", title, results, FLOPS_PER_PARAM * n, peak, args.json,
-           {"model": name, "quantize": args.quantize, "batch": args.batch, "ours_overrides": args.ours})
+           {"model": name, "quantize": args.quantize, "batch": args.batch, "pairs": args.pairs,
+            "ours_overrides": args.ours})
 
 
 if __name__ == "__main__":
