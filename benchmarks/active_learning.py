@@ -4,7 +4,8 @@
     python benchmarks/active_learning.py --policy runs/q0/sft --out runs/al --seeds 10 --real 40,80
 
 What it measures (docs/active.md has the figures): a simulated annotator (`--scorer`, default
-support_style, the quickstart's; `--noise` as `align label --simulate`) ranks K responses per task.
+support_style, the quickstart's; `--noise` as `align label --simulate`; `--tie-resolution`, default
+0.25 as the quickstart's, calls scores that close a tie) ranks K responses per task.
 The pool of candidate tasks is `--pool-prompts` (the shipped SFT instructions, which the quickstart
 samples from) answered K times by the SFT policy; the test set is fixed: `--test-prompts` (the
 shipped held-out prompts, the ones eval uses) answered alike and ranked by the same annotator, every
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="tokens the reward model reads (the quickstart's)")
     p.add_argument("--scorer", default="support_style")
     p.add_argument("--noise", type=float, default=0.0)
+    p.add_argument("--tie-resolution", type=float, default=0.25, help="scores this close are a tie, as the "
+                   "quickstart's simulated annotator (0: only equal scores; docs/active.md's curve used 0)")
     p.add_argument("--at", default="8,16,24,32,40,60,80", help="labelled tasks at which accuracy is measured")
     p.add_argument("--start", type=int, default=8, help="tasks drawn at random before any selection")
     p.add_argument("--batch", type=int, default=8, help="tasks picked per selection round")
@@ -131,8 +134,10 @@ def sampled(path: Path, policy_dir: str, prompts_file: str, size: int, args) -> 
     return rows[:size]
 
 
-def labelled_pairs(tasks: list[dict], scorer_spec: str, noise: float, seed: int = 0) -> list[list[tuple[int, int]]]:
-    """Per task, the (chosen, rejected) response indices the simulated annotator's ranking gives (ties dropped)."""
+def labelled_pairs(tasks: list[dict], scorer_spec: str, noise: float, seed: int = 0,
+                   tie_resolution: float = 0.0) -> list[list[tuple[int, int]]]:
+    """Per task, the (chosen, rejected) response indices the simulated annotator's ranking gives (ties dropped;
+    scores within `tie_resolution` of each other are ties, as `align label --tie-resolution`)."""
     from labeling.export import task_pairs
     from labeling.scorers import resolve_scorer
     from labeling.simulate import ranks_from_scores
@@ -146,7 +151,7 @@ def labelled_pairs(tasks: list[dict], scorer_spec: str, noise: float, seed: int 
             spread = (max(scores) - min(scores)) or 1.0
             scores = [s + rng.gauss(0, noise * spread) for s in scores]
         # identical responses never make a pair (align export's rule)
-        out.append([(c, r) for c, r, _ in task_pairs([ranks_from_scores(scores)])
+        out.append([(c, r) for c, r, _ in task_pairs([ranks_from_scores(scores, tie_resolution)])
                     if task["responses"][c] != task["responses"][r]])
     return out
 
@@ -367,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- data: the pool, the fixed test set, the simulated annotator's labels, the features ------
     tasks = sampled(cache / "pool.jsonl", policy, args.pool_prompts, args.pool_size, args)
     test_tasks = sampled(cache / "test.jsonl", policy, args.test_prompts, args.test_size, args)
-    pairs = labelled_pairs(tasks, args.scorer, args.noise)
-    test_pairs = labelled_pairs(test_tasks, args.scorer, args.noise, seed=1)
+    pairs = labelled_pairs(tasks, args.scorer, args.noise, tie_resolution=args.tie_resolution)
+    test_pairs = labelled_pairs(test_tasks, args.scorer, args.noise, seed=1, tie_resolution=args.tie_resolution)
     feats = trunk_features(tasks, policy, args.max_length, cache / f"pool-features-{len(tasks)}.pt")
     test_feats = trunk_features(test_tasks, policy, args.max_length, cache / f"test-features-{len(test_tasks)}.pt")
     keep = [i for i, p in enumerate(test_pairs) if p]  # a test task of all ties has no pair to score

@@ -253,6 +253,17 @@ def _benchmark():
     return module
 
 
+def test_the_benchmarks_annotator_calls_close_scores_a_tie_as_the_quickstarts_does():
+    bench = _benchmark()
+    task = {"prompt": "Where is Sync?", "responses": ["Open Settings and tap Sync to sync your notes now.",
+                                                      "Open Settings and tap Sync to sync all your notes now.",
+                                                      "Hi! Open Settings and tap Sync to sync your notes now."]}
+    # support_style: one word more costs 0.004, a greeting earns 1: within 0.25 only the first two tie
+    assert sorted(bench.labelled_pairs([task], "support_style", 0.0)[0]) == [(0, 1), (2, 0), (2, 1)]
+    assert sorted(bench.labelled_pairs([task], "support_style", 0.0, tie_resolution=0.25)[0]) == [(2, 0), (2, 1)]
+    assert bench.parse_args([]).tie_resolution == 0.25  # the quickstart's (configs/quickstart/pipeline.yaml)
+
+
 def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypatch):
     bench = _benchmark()
     pool = tmp_path / "pool.jsonl"
@@ -262,7 +273,7 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     argv = ["--policy", str(run / "sft"), "--out", str(out), "--pool-prompts", str(pool), "--pool-size", "12",
             "--test-prompts", str(run.parent / "prompts.jsonl"), "--test-size", "8", "--k", "3",
             "--max-new-tokens", "8", "--max-length", "96", "--at", "4,8", "--start", "2", "--batch", "2",
-            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--real", "8",
+            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--real", "8", "--tie-resolution", "0",
             "--real-set", "train.max_steps=2", "model.quantize=false", "--wandb", "offline"]
     assert bench.main(argv) == 0
     curve = json.loads((out / "curve.json").read_text())
