@@ -210,10 +210,10 @@ def run_arm(arm: str, seed: int, feats, pairs, test_feats, test_pairs, args) -> 
             take = min(args.batch, n - len(labelled))
             have = set(labelled)
             left = [i for i in range(len(feats)) if i not in have]
-            if arm == "random":
+            model = None if arm == "random" else fit(feats, pairs, labelled, args, seed)
+            if model is None:  # random, or nothing to fit yet (every labelled task a tie): pick at random
                 labelled += arm_rng.sample(left, take)
                 continue
-            model = fit(feats, pairs, labelled, args, seed)
             scores = model.scores(feats[left].flatten(0, 1)).view(model.weights.shape[0], len(left), -1)
             values = [acquisition(scores[:, j], arm) for j in range(len(left))]
             labelled += [left[j] for j in choose(values, take, explore=args.explore, seed=arm_rng.randrange(2**31))]

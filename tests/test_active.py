@@ -264,6 +264,16 @@ def test_the_benchmarks_annotator_calls_close_scores_a_tie_as_the_quickstarts_do
     assert bench.parse_args([]).tie_resolution == 0.25  # the quickstart's (configs/quickstart/pipeline.yaml)
 
 
+def test_an_arm_with_only_ties_labelled_so_far_picks_at_random_instead_of_failing():
+    bench = _benchmark()
+    args = bench.parse_args(["--start", "2", "--at", "4,6", "--batch", "2", "--heads", "2"])
+    feats = torch.randn(8, 3, 4)
+    pairs = [[(0, 1)], [(2, 0)]] + [[] for _ in range(6)]  # tasks 2-7 all ties: seed 0's start (6, 7) has nothing to fit
+    assert random.Random(0).sample(range(8), 2) == [6, 7]  # run_arm's start for seed 0
+    curve = bench.run_arm("bald", 0, feats, pairs, feats[:2], [[(0, 1)], [(1, 2)]], args)
+    assert [len(curve[n]["tasks"]) for n in (4, 6)] == [4, 6] and len(set(curve[6]["tasks"])) == 6
+
+
 def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypatch):
     bench = _benchmark()
     pool = tmp_path / "pool.jsonl"
@@ -273,7 +283,7 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     argv = ["--policy", str(run / "sft"), "--out", str(out), "--pool-prompts", str(pool), "--pool-size", "12",
             "--test-prompts", str(run.parent / "prompts.jsonl"), "--test-size", "8", "--k", "3",
             "--max-new-tokens", "8", "--max-length", "96", "--at", "4,8", "--start", "2", "--batch", "2",
-            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--real", "8", "--tie-resolution", "0",
+            "--seeds", "2", "--heads", "3", "--bootstrap", "50", "--tie-resolution", "0", "--real", "8",
             "--real-set", "train.max_steps=2", "model.quantize=false", "--wandb", "offline"]
     assert bench.main(argv) == 0
     curve = json.loads((out / "curve.json").read_text())
