@@ -89,7 +89,7 @@ class AlignRewardTrainer(RewardTrainer):
 
     def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
         self.group_by_ranking = group_by_ranking
-        self.rows_seen = self.rows_run = 0  # responses in the batches' pairs, and distinct ones the model ran
+        self.rows_seen = self.rows_run = 0  # training rows (2 per pair) and the distinct ones the model ran
         super().__init__(*args, **kwargs)
         if isinstance(self.data_collator, DataCollatorForPreference):  # TRL's, made with its pad token
             self.data_collator = WeightedPreferenceCollator(pad_token_id=self.data_collator.pad_token_id,
@@ -110,8 +110,9 @@ class AlignRewardTrainer(RewardTrainer):
         # Each distinct response once: a ranking's pairs share them (alignment.training.UniqueRows).
         unique = UniqueRows(model)
         loss, outputs = super().compute_loss(unique, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        self.rows_seen += unique.rows
-        self.rows_run += unique.distinct
+        if self.model.training:  # training batches only, for the log
+            self.rows_seen += unique.rows
+            self.rows_run += unique.distinct
         if pair:
             chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
             loss = pair_loss(chosen, rejected, margin=inputs.get("margin"), **pair)

@@ -310,6 +310,7 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_
     for param in model.parameters():  # as if trained a little (LoRA's B starts at 0: no gradient reaches A)
         if param.requires_grad:
             torch.nn.init.normal_(param, std=0.05)
+    model.train()  # the trainer counts training rows (LoRA dropout is 0 here, and the tiny base has none)
     batch = next(iter(trainer.get_train_dataloader()))
     rows_per_call = []
 
