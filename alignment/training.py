@@ -178,6 +178,15 @@ class UniqueRows:
                 module.forward = own
 
 
+def distinct_rows_metrics(rows: int, distinct: int) -> dict[str, float]:
+    """The manifest's `train_distinct_rows` (the share of training rows the model ran) and its log line."""
+    if not distinct:
+        return {}
+    log.info("training ran %d distinct responses for the %d rows of its pairs (%.2fx fewer forwards)",
+             distinct, rows, rows / distinct)
+    return {"train_distinct_rows": distinct / rows}
+
+
 def ranking_dataloader(trainer: Any, columns: list[str]):
     """`trainer`'s training loader with each K-wise ranking's pairs in one batch (alignment.preferences.ranking_batches),
     keeping only `columns` (those the dataset has) for its collator; a Trainer's get_train_dataloader."""

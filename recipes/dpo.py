@@ -46,6 +46,7 @@ from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
 from alignment.training import (
     MetricsJSONL,
     UniqueRows,
+    distinct_rows_metrics,
     final_eval,
     ranking_dataloader,
     resume_checkpoint,
@@ -172,10 +173,7 @@ def main(cfg: DPOStageConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
-    if trainer.rows_run:
-        metrics["train_distinct_rows"] = trainer.rows_run / trainer.rows_seen
-        log.info("training ran %d distinct responses for the %d rows of its pairs (%.2fx fewer forwards)",
-                 trainer.rows_run, trainer.rows_seen, trainer.rows_seen / trainer.rows_run)
+    metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
     if test is not None:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
         # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now. The

@@ -57,7 +57,14 @@ from alignment.reward_model import (
     score_conversations,
 )
 from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, UniqueRows, ranking_dataloader, resume_checkpoint, trl_args
+from alignment.training import (
+    MetricsJSONL,
+    UniqueRows,
+    distinct_rows_metrics,
+    ranking_dataloader,
+    resume_checkpoint,
+    trl_args,
+)
 from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
@@ -225,10 +232,7 @@ def main(cfg: RewardStageConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
-    if trainer.rows_seen:
-        metrics["train_distinct_rows"] = trainer.rows_run / trainer.rows_seen
-        log.info("training ran %d distinct responses for the %d in its pairs (%.2fx fewer forwards)",
-                 trainer.rows_run, trainer.rows_seen, trainer.rows_seen / trainer.rows_run)
+    metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
 
     # --- evaluate on held-out pairs ---------------------------------------------------------
     if has_eval:

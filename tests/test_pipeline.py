@@ -69,6 +69,9 @@ def test_every_stage_leaves_its_artifact_wired_to_its_parent(run):
     assert judges == {"reward_model", "scorer:known_scorers:thanks_then_short"}
     prefs = manifest(run / "preferences")
     assert prefs["metrics"]["pairs"] > 0 and prefs["rankings_seen"] == 10
+    # K=3 rankings batched by ranking: the reward model and DPO ran each distinct response once, not every row
+    for stage in ("reward", "dpo"):
+        assert 0.3 < manifest(run / stage)["metrics"]["train_distinct_rows"] < 0.9, stage
 
 
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
