@@ -59,6 +59,17 @@ def repetition(text: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def support_style_features(response: str) -> dict[str, float]:
+    """What `support_style` pays for, one value each (1.0/0.0 for the yes/no ones), so that a
+    diagnostic can ask which of them a reward model learnt (benchmarks/reward_features.py)."""
+    text = response.strip()
+    n = len(_words(text))
+    return {"acknowledge": float(bool(ACKNOWLEDGE.search(text))), "steps": float(bool(STEPS.search(text))),
+            "courtesy": float(bool(POLITE.search(text[20:]))), "short": float(0 < n < 8),
+            "too_long": max(0.0, (n - 90) / 40), "repetition": repetition(text),
+            "cut_off": float(n > 0 and text[-1] not in ".!?)\"'`"), "words": float(n)}
+
+
 def support_style(prompt: str, response: str) -> float:
     """The Lumen Notes support voice (data/support/README.md): acknowledge, give concrete steps, stay short.
 
@@ -67,18 +78,17 @@ def support_style(prompt: str, response: str) -> float:
     −(words − 90)/40 past 90 words, −2 × the share of repeated 3-grams, −0.5 when it stops
     mid-sentence; −0.004 per word so that, all else equal, shorter wins (few exact ties).
     """
-    text = response.strip()
-    n = len(_words(text))
-    if n == 0:
+    f = support_style_features(response)
+    if f["words"] == 0:
         return -3.0
-    score = 1.0 if ACKNOWLEDGE.search(text) else 0.0
-    score += 0.5 if STEPS.search(text) else 0.0
-    score += 0.25 if POLITE.search(text[20:]) else 0.0
-    score -= 1.0 if n < 8 else 0.0
-    score -= max(0.0, (n - 90) / 40)
-    score -= 2 * repetition(text)
-    score -= 0.0 if text[-1] in ".!?)\"'`" else 0.5
-    return score - 0.004 * n
+    score = 1.0 * f["acknowledge"]
+    score += 0.5 * f["steps"]
+    score += 0.25 * f["courtesy"]
+    score -= 1.0 * f["short"]
+    score -= f["too_long"]
+    score -= 2 * f["repetition"]
+    score -= 0.5 * f["cut_off"]
+    return score - 0.004 * f["words"]
 
 
 BUILTIN: dict[str, Scorer] = {"length": length, "concise": concise, "polite": polite, "sentiment": sentiment,

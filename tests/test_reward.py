@@ -61,6 +61,34 @@ def reward_run(sft_dir, tmp_path_factory):
     return tmp / "run" / "reward", data
 
 
+def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(reward_run, tmp_path):
+    """benchmarks/reward_features.py on the fixture's pairs: every pair differs in its opening (a thanks
+    or "happy to help" against none), so a fit on the scorer's features orders them all, and the reward
+    model's accuracy under "acknowledge" is its held-out accuracy, on the same 16 pairs the stage held out."""
+    import importlib.util
+
+    from labeling.scorers import support_style, support_style_features
+
+    spec = importlib.util.spec_from_file_location("reward_features", REPO / "benchmarks" / "reward_features.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reward_run, data = reward_run
+    out = tmp_path / "figures.jsonl"
+    assert bench.main(["--data", str(data), "--rm", str(reward_run), "--test-fraction", "0.1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    metrics = json.loads((reward_run / "align.json").read_text())["metrics"]
+    assert figures["test_pairs"] == metrics["eval_pairs"] == 16
+    assert figures["features"]["test_accuracy"] == 1.0 and figures["features"]["weights"]["acknowledge"] > 0
+    by = figures["by_feature"]
+    assert by["all"]["pairs"] == by["acknowledge"]["pairs"] == 16
+    assert by["all"]["accuracy"] == by["acknowledge"]["accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    # The features are the scorer's own terms: a greeting is worth 1, a cut-off reply costs 0.5.
+    f = support_style_features("Thanks! Open Settings and tap Sync")
+    assert (f["acknowledge"], f["steps"], f["cut_off"], f["words"]) == (1.0, 1.0, 1.0, 6.0)
+    assert support_style("q", "Thanks! Open Settings and tap Sync.") - support_style("q", "Open Settings and tap Sync.") \
+        == pytest.approx(1.0 - 0.004)
+
+
 def test_reward_model_learns_a_known_preference_and_writes_its_figures(reward_run):
     reward_run, _ = reward_run
     metrics = json.loads((reward_run / "align.json").read_text())["metrics"]
