@@ -82,7 +82,7 @@ def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(r
     by = figures["by_feature"]
     assert by["all"]["pairs"] == by["acknowledge"]["pairs"] == 16
     assert by["all"]["accuracy"] == by["acknowledge"]["accuracy"] == pytest.approx(metrics["eval_accuracy"])
-    # The features are the scorer's own terms: a greeting is worth 1, a cut-off reply costs 0.5.
+    # The features are the scorer's own terms: no closing stop is cut off; a greeting earns 1 (less its word's 0.004).
     f = support_style_features("Thanks! Open Settings and tap Sync")
     assert (f["acknowledge"], f["steps"], f["cut_off"], f["words"]) == (1.0, 1.0, 1.0, 6.0)
     assert support_style("q", "Thanks! Open Settings and tap Sync.") - support_style("q", "Open Settings and tap Sync.") \
