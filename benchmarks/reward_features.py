@@ -4,8 +4,8 @@
 
 For preference pairs labelled by the support_style scorer (the quickstart's simulated annotator):
 
-1. features: a Bradley-Terry fit (L2-penalised logistic regression on feature differences) on
-   the scorer's own features of the training pairs (labeling.scorers.support_style_features:
+1. features: a Bradley-Terry fit (L2-penalised logistic regression on feature differences, the
+   uncertainty heads' fit_heads with one head) on the scorer's own features of the training pairs (labeling.scorers.support_style_features:
    greeting, steps, courtesy, short, too long, repetition, cut off, words), scored on the test
    pairs: what the labels teach a model that sees exactly those features. Far above the reward
    model's accuracy, it says the labels are enough and the model's representation is what lacks.
@@ -48,34 +48,26 @@ def responses(split) -> tuple[list[str], list[str]]:
 
 
 def feature_fit(train, test, l2: float) -> dict:
-    """Bradley-Terry on the scorer's features: train on `train`'s pairs, accuracy on `test`'s."""
+    """Bradley-Terry on the scorer's features (alignment.active.fit_heads, one head): fitted on
+    `train`'s pairs, accuracy on `test`'s; weights per standard deviation of each feature."""
     import torch
 
+    from alignment.active import fit_heads
     from labeling.scorers import support_style_features
 
-    def diffs(split):
-        chosen, rejected = responses(split)
-        rows = [(support_style_features(c), support_style_features(r)) for c, r in zip(chosen, rejected, strict=True)]
-        names = list(rows[0][0])
-        scale = {"words": 100.0}  # per 100 words, so one L2 penalty suits every feature
-        return names, torch.tensor([[(c[k] - r[k]) / scale.get(k, 1.0) for k in names] for c, r in rows])
+    def features(split) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        sides = [[support_style_features(text) for text in side] for side in responses(split)]
+        names = list(sides[0][0])
+        return names, *(torch.tensor([[f[k] for k in names] for f in side]) for side in sides)
 
-    names, x_train = diffs(train)
-    _, x_test = diffs(test)
-    w = torch.zeros(x_train.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+    names, chosen, rejected = features(train)
+    head = fit_heads(chosen, rejected, heads=1, l2=l2, max_iter=500)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.softplus(-(x_train @ w)).mean() + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
+    def accuracy(c, r) -> float:
+        return (head.scores(c)[0] > head.scores(r)[0]).float().mean().item()
 
-    opt.step(closure)
-    with torch.no_grad():
-        return {"train_accuracy": (x_train @ w > 0).float().mean().item(),
-                "test_accuracy": (x_test @ w > 0).float().mean().item(),
-                "weights": {k: round(v, 3) for k, v in zip(names, w.tolist(), strict=True)}}
+    return {"train_accuracy": accuracy(chosen, rejected), "test_accuracy": accuracy(*features(test)[1:]),
+            "weights": {k: round(v, 3) for k, v in zip(names, head.weights[0].tolist(), strict=True)}}
 
 
 def by_feature(rm: str, test) -> dict:
