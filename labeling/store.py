@@ -433,8 +433,10 @@ class Store:
         `lock_for(key, failures)` is the lock-out after that many failures; a key's failures are
         forgotten `forget` seconds after its last one.
         """
-        now = time.time()
         with self.tx(lock=True) as conn:
+            # The clock is read under the lock: read before it, a sign-in that waited for another's
+            # transaction saw that one's later `locked_until` (a lock-free failure's "now") as a lock-out.
+            now = time.time()
             rows = {r.key: r for r in conn.execute(select(sign_in_failures)
                                                    .where(sign_in_failures.c.key.in_(check + count)))}
             wait = max((rows[k].locked_until - now for k in check if k in rows), default=0.0)
@@ -443,7 +445,8 @@ class Store:
             for key in count:
                 row = rows.get(key)
                 failures = (row.failures if row is not None and now - row.last < forget else 0) + 1
-                values = {"failures": failures, "last": now, "locked_until": now + lock_for(key, failures)}
+                lock = lock_for(key, failures)
+                values = {"failures": failures, "last": now, "locked_until": now + lock if lock > 0 else 0.0}
                 if row is None:
                     conn.execute(insert(sign_in_failures).values(key=key, **values))
                 else:

@@ -87,6 +87,23 @@ def test_parallel_guesses_cannot_slip_past_the_count(store):
     assert outcomes.count("checked") == 3  # every other guess was refused without checking the password
 
 
+def test_a_failure_under_the_free_count_locks_no_one_out_whatever_the_clock_read(store, monkeypatch):
+    """Two sign-ins in a row whose clock readings came in the other order (as when one waited for the
+    other's transaction): the second must not read the first's free failure as a lock-out. It did,
+    as a "try again in 1 s", when the free failure stored its own `now` as the end of its lock-out."""
+    import types
+
+    import labeling.store
+
+    readings = [999.9, 1000.0]  # popped from the end: 1000.0 first, then the earlier 999.9
+    monkeypatch.setattr(labeling.store, "time", types.SimpleNamespace(
+        time=lambda: readings.pop() if readings else time.time()))
+    lock_for = auth.Throttle(free_per_name=3).lock_for
+    assert store.count_sign_in(["name:alice"], ["name:alice"], lock_for, 3600.0) == 0.0
+    assert store.count_sign_in(["name:alice"], ["name:alice"], lock_for, 3600.0) == 0.0
+    assert not readings
+
+
 def test_a_team_signing_in_at_once_from_one_address_is_not_locked_out(store):
     """Only failures count against an address: 30 right passwords at once from one proxy all get in."""
     for i in range(30):
