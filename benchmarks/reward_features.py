@@ -5,8 +5,9 @@
 For preference pairs labelled by the support_style scorer (the quickstart's simulated annotator):
 
 1. features: a Bradley-Terry fit (L2-penalised logistic regression on feature differences, the
-   uncertainty heads' fit_heads with one head) on the scorer's own features of the training pairs (labeling.scorers.support_style_features:
-   greeting, steps, courtesy, short, too long, repetition, cut off, words), scored on the test
+   uncertainty heads' fit_heads with one head) on the scorer's own features of the training pairs
+   (labeling.scorers.support_style_features: greeting, steps, courtesy, short, too long,
+   repetition, cut off, words), scored on the test
    pairs: what the labels teach a model that sees exactly those features. Far above the reward
    model's accuracy, it says the labels are enough and the model's representation is what lacks.
 2. with --rm: the reward model's test accuracy split by the features in which a pair's two
@@ -76,8 +77,9 @@ def by_feature(rm: str, test) -> dict:
     from labeling.scorers import support_style_features
 
     model, tokenizer = load_reward_model(rm)
-    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in test])
-    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in test])
+    # One call: a ranking's responses are chosen in one pair and rejected in another, and are scored once.
+    scores = score_conversations(model, tokenizer, [r["prompt"] + r[side] for side in ("chosen", "rejected") for r in test])
+    chosen, rejected = scores[:len(test)], scores[len(test):]
     right: dict[str, list[bool]] = collections.defaultdict(list)
     for (c, r), a, b in zip(zip(*responses(test), strict=True), chosen, rejected, strict=True):
         fc, fr = support_style_features(c), support_style_features(r)
