@@ -13,6 +13,16 @@ For preference pairs labelled by the support_style scorer (the quickstart's simu
 2. with --rm: the reward model's test accuracy split by the features in which a pair's two
    responses differ (a pair counts under each feature it differs in; "none": same features,
    only the length tells them apart).
+3. with --frozen <sft adapter>: the same labels on the frozen SFT model's hidden states, two ways.
+   Each response is pooled three ways and concatenated: the middle layer's mean over the response,
+   its mean over the response's first 8 tokens, the last layer's last token.
+   a. pairs: a Bradley-Terry head on the pooled states of the training pairs, which is all a
+      ranking gives;
+   b. tags: one logistic head per yes/no feature of the scorer, fitted on the training responses
+      (what a rationale that ticks "greets", "gives steps", ... per response would record), then a
+      Bradley-Terry fit of the predicted tags on the training pairs.
+   Both are scored on the test pairs. Tags above pairs say that per-response rationale carries
+   what the pairs alone do not teach a small model.
 
 --data takes what `align reward` takes (the export's folder or JSONL; without a test split, the
 same split by prompt as the reward stage at --test-fraction and --seed).
@@ -39,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rm", help="a reward model folder (`align reward`'s reward/): its accuracy by feature")
     p.add_argument("--test-fraction", type=float, default=data.test_fraction)
     p.add_argument("--seed", type=int, default=TrainConfig().seed, help="the split's seed (the reward stage's train.seed)")
+    p.add_argument("--frozen", metavar="SFT", help="an SFT adapter folder: pairs against tags on its frozen hidden states")
     p.add_argument("--l2", type=float, default=1e-3)
     p.add_argument("--json", help="append the figures to this file as one JSON line")
     return p.parse_args(argv)
@@ -69,6 +80,78 @@ def feature_fit(train, test, l2: float) -> dict:
 
     return {"train_accuracy": accuracy(chosen, rejected), "test_accuracy": accuracy(*features(test)[1:]),
             "weights": {k: round(v, 3) for k, v in zip(names, head.weights[0].tolist(), strict=True)}}
+
+
+TAGS = ("acknowledge", "steps", "courtesy", "short", "cut_off")  # the scorer's yes/no features
+FIRST = 8  # response tokens in the opening's mean (a greeting is there)
+
+
+def frozen_fit(sft: str, train, test, l2: float) -> dict:
+    """Item 3 of the docstring: pairs against tags on the frozen SFT model's pooled hidden states."""
+    import torch
+
+    from alignment.active import fit_heads
+    from alignment.config import ModelConfig
+    from alignment.modeling import adapter_base_name, device_plan, load_tokenizer
+    from alignment.reward_model import encode, reward_base
+    from labeling.scorers import support_style_features
+
+    cfg = ModelConfig(name=adapter_base_name(sft), quantize=False)
+    model = reward_base(cfg, device_plan(cfg), sft, training=False)
+    tokenizer = load_tokenizer(sft)
+    tokenizer.model_max_length = 0  # whole conversations (encode keeps all): the reply starts where the prompt ends
+    pooled: dict[tuple, torch.Tensor] = {}  # conversation ids -> pooled states, each distinct response once
+
+    @torch.no_grad()
+    def pool(row: dict, side: str) -> torch.Tensor:
+        ids = tuple(encode(tokenizer, row["prompt"] + row[side]))
+        if ids not in pooled:
+            start = len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])  # the reply's first token
+            states = model.model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True).hidden_states
+            middle = states[len(states) // 2][0]
+            pooled[ids] = torch.cat([middle[start:].mean(0), middle[start:start + FIRST].mean(0),
+                                     states[-1][0, -1]]).float().cpu()
+        return pooled[ids]
+
+    def sides(split) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([pool(r, "chosen") for r in split]), torch.stack([pool(r, "rejected") for r in split])
+
+    def tags(split) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor([[support_style_features(text)[t] for t in TAGS] for text in side])
+                     for side in responses(split))
+
+    def accuracy(head, c, r) -> float:
+        return (head.scores(c)[0] > head.scores(r)[0]).float().mean().item()
+
+    (train_c, train_r), (test_c, test_r) = sides(train), sides(test)
+    pairs = fit_heads(train_c, train_r, heads=1, l2=l2, max_iter=500)
+    # Tags: logistic heads on the training responses (each once), standardised states, L2 as above.
+    states, labels = torch.cat([train_c, train_r]), torch.cat(tags(train))
+    mean, scale = states.mean(0), states.std(0) + 1e-4
+    x = torch.cat([(states - mean) / scale, torch.ones(len(states), 1)], 1)
+    weights = torch.zeros(x.shape[1], len(TAGS), requires_grad=True)
+    opt = torch.optim.LBFGS([weights], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weights, labels) + l2 * (weights[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predicted(s: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(torch.cat([(s - mean) / scale, torch.ones(len(s), 1)], 1) @ weights)
+
+    tag_head = fit_heads(predicted(train_c), predicted(train_r), heads=1, l2=l2, max_iter=500)
+    test_tags = torch.cat(tags(test))
+    right = ((predicted(torch.cat([test_c, test_r])) > 0.5).float() == test_tags).float().mean(0)
+    return {"sft": sft, "responses": len(pooled), "pairs_test_accuracy": accuracy(pairs, test_c, test_r),
+            "tags_test_accuracy": accuracy(tag_head, predicted(test_c), predicted(test_r)),
+            "tag_accuracy": {t: round(v, 3) for t, v in zip(TAGS, right.tolist(), strict=True)},
+            "tag_share": {t: round(v, 3) for t, v in zip(TAGS, labels.mean(0).tolist(), strict=True)}}
 
 
 def by_feature(rm: str, test) -> dict:
@@ -108,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the reward model {args.rm}, test accuracy by the features a pair differs in:")
         for k, v in out["by_feature"].items():
             print(f"  {k:12s} {v['accuracy']:.3f} ({v['pairs']} pairs)")
+    if args.frozen:
+        out["frozen"] = frozen = frozen_fit(args.frozen, data["train"], data["test"], args.l2)
+        print(f"frozen {args.frozen} states ({frozen['responses']} responses), test accuracy: pairs "
+              f"{frozen['pairs_test_accuracy']:.3f}, tags {frozen['tags_test_accuracy']:.3f}")
+        print("  tags right on test responses (share of training responses with it): " + ", ".join(
+            f"{t} {frozen['tag_accuracy'][t]:.2f} ({frozen['tag_share'][t]:.2f})" for t in TAGS))
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(out) + "\n")

@@ -61,10 +61,12 @@ def reward_run(sft_dir, tmp_path_factory):
     return tmp / "run" / "reward", data
 
 
-def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(reward_run, tmp_path):
+def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(reward_run, sft_dir, tmp_path):
     """benchmarks/reward_features.py on the fixture's pairs: every pair differs in its opening (a thanks
     or "happy to help" against none), so a fit on the scorer's features orders them all, and the reward
-    model's accuracy under "acknowledge" is its held-out accuracy, on the same 16 pairs the stage held out."""
+    model's accuracy under "acknowledge" is its held-out accuracy, on the same 16 pairs the stage held out.
+    On the frozen SFT states, the one tag that varies (the greeting, in the reply's first tokens) is read
+    right on every held-out response, and the tags order every held-out pair."""
     import importlib.util
 
     from labeling.scorers import support_style, support_style_features
@@ -74,7 +76,8 @@ def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(r
     spec.loader.exec_module(bench)
     reward_run, data = reward_run
     out = tmp_path / "figures.jsonl"
-    assert bench.main(["--data", str(data), "--rm", str(reward_run), "--test-fraction", "0.1", "--json", str(out)]) == 0
+    assert bench.main(["--data", str(data), "--rm", str(reward_run), "--frozen", str(sft_dir), "--test-fraction", "0.1",
+                       "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     metrics = json.loads((reward_run / "align.json").read_text())["metrics"]
     assert figures["test_pairs"] == metrics["eval_pairs"] == 16
@@ -82,6 +85,10 @@ def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(r
     by = figures["by_feature"]
     assert by["all"]["pairs"] == by["acknowledge"]["pairs"] == 16
     assert by["all"]["accuracy"] == by["acknowledge"]["accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    frozen = figures["frozen"]
+    assert frozen["responses"] == 40 * 4  # each distinct reply pooled once: 2 polite and 2 rude a task
+    assert frozen["tag_share"] == {"acknowledge": 0.5, "steps": 1.0, "courtesy": 0.0, "short": 0.0, "cut_off": 0.0}
+    assert frozen["tag_accuracy"]["acknowledge"] == 1.0 and frozen["tags_test_accuracy"] == 1.0
     # The features are the scorer's own terms: no closing stop is cut off; a greeting earns 1 (less its word's 0.004).
     f = support_style_features("Thanks! Open Settings and tap Sync")
     assert (f["acknowledge"], f["steps"], f["cut_off"], f["words"]) == (1.0, 1.0, 1.0, 6.0)
