@@ -224,8 +224,11 @@ def _pair_features(model, tokenizer, rows, batch_size: int) -> tuple[torch.Tenso
 
 
 def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: int, seed: int,
-                     batch_size: int = 16) -> dict[str, Any]:
+                     batch_size: int = 16, save: bool = True) -> dict[str, Any]:
     """Fit and save the uncertainty heads of a trained reward model on its training pairs; their figures.
+
+    Under several processes every rank calls it (the forwards of a sharded model are collective:
+    FSDP and ZeRO-3 gather each layer's weights from all ranks) and one saves (`save`).
 
     `train`/`test` are the reward stage's preference splits (prompt/chosen/rejected conversations,
     `task_id` when align export wrote them). Returns the heads' own held-out accuracy (their mean),
@@ -240,7 +243,8 @@ def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: i
         gap = ensemble.scores(chosen).mean(0) - ensemble.scores(rejected).mean(0)
         figures["heads_eval_accuracy"] = float((gap > 0).float().mean())
     ensemble.meta.update({k: v for k, v in figures.items() if k != "heads"})
-    ensemble.save(out)
+    if save:
+        ensemble.save(out)
     return figures
 
 

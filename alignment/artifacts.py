@@ -118,7 +118,11 @@ def run_stage(command: str, cfg: Any) -> Path:
     The only way one stage starts another (the pipeline, `align ppo algo=grpo`): recipes never
     import each other.
     """
-    return importlib.import_module(routed(command, cfg).recipe).main(cfg)
+    recipe = importlib.import_module(routed(command, cfg).recipe)
+    from alignment.gpu_training import new_stage_on_gpu
+
+    new_stage_on_gpu()
+    return recipe.main(cfg)
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:

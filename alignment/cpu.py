@@ -17,7 +17,8 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
 - `restore_policy_from_ref(policy)`: DPO and GRPO/RLOO copy the SFT adapter into a frozen "ref"
   adapter before TRL's bf16 cast reaches the trainable one, so the policy is restored from that
   exact fp32 copy: step 0 is then exactly the SFT policy (a rounded one would move the implicit
-  rewards off zero) and the adapter trains in fp32.
+  rewards off zero) and the adapter trains in fp32. Not CPU-only: DPO and GRPO/RLOO call it on a
+  GPU too, unless sharded (recipes/dpo.py).
 - `CPUDropout` (through `use_cpu_dropout`): torch draws dropout's mask with `bernoulli_`, one
   generator call per element: 19 % of a QLoRA SFT step (210 LoRA dropouts, 13.7 ms each, by
   torch.profiler). Four 16-bit lanes from one 64-bit draw: the mask 2-2.5x cheaper, the step
@@ -60,7 +61,7 @@ def keep_trainable_in(model, dtype: torch.dtype) -> None:
 def restore_policy_from_ref(policy) -> None:
     """The trainable "default" adapter set to the frozen "ref" copy TRL made of it, in fp32.
 
-    TRL copies the adapter into "ref" before it rounds the trainable one to bf16; on CPU the
+    TRL copies the adapter into "ref" before it rounds the trainable one to bf16; the
     policy then starts exactly at the SFT policy and trains in fp32.
     """
     for name, param in policy.named_parameters():

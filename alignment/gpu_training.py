@@ -12,6 +12,7 @@ benchmarks/README.md says what each is expected to do and what has been measured
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import replace
@@ -62,8 +63,7 @@ def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: in
     """
     if setting != "auto" or plan.device != "cuda":
         return plan
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if sharded():
         return replace(plan, gradient_checkpointing=True)
     free, _ = torch.cuda.mem_get_info(_local_gpu())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -74,12 +74,17 @@ def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: in
     return replace(plan, gradient_checkpointing=not fits)
 
 
+def sharded() -> bool:
+    """Launched by accelerate with FSDP or DeepSpeed: the model's weights are split across the ranks."""
+    return any(os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" for kind in ("FSDP", "DEEPSPEED"))
+
+
 def use_liger(setting: bool | str) -> bool:
     """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there).
 
-    TRL 1.16 applies Liger's layer kernels only (RMSNorm, SwiGLU, RoPE) and refuses Liger's fused
-    linear cross-entropy: its own fused LM head (chunked log-probs at labelled positions, Triton on
-    CUDA) already keeps the full-vocabulary logits out of memory.
+    Liger's layer kernels only (RMSNorm, SwiGLU, RoPE): trl_args turns its fused linear cross-entropy
+    off for every stage. TRL 1.16 does so in its sft, dpo and grpo trainers (its own fused LM head
+    keeps the full-vocabulary logits out of memory), not in RewardTrainer, whose classifier has no lm_head.
     """
     if setting == "auto":
         if not torch.cuda.is_available():
@@ -126,6 +131,16 @@ def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None 
         parts.append(f"padding-free {'on' if padding_free else 'off'}")
     parts.append(f"torch.compile {'on' if compile else 'off'}")
     return " · ".join(parts)
+
+
+def new_stage_on_gpu() -> None:
+    """A stage's GPU figures its own when the pipeline runs the stages in one process: what the last
+    stage left is collected and handed back to the driver (fit_checkpointing reads the free memory)
+    and the peak counter restarts (the manifest's gpu_peak_mib). Nothing without CUDA."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gpu_mib() -> float | None:

@@ -60,8 +60,8 @@ class DevicePlan:
 
 def device_plan(cfg: ModelConfig) -> DevicePlan:
     cuda = torch.cuda.is_available()
-    if cfg.compute_dtype == "auto":
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if cfg.compute_dtype == "auto":  # bf16 where the GPU has it in hardware (Ampere on); T4/V100 only emulate it
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     else:
         dtype = getattr(torch, cfg.compute_dtype)
     quantize = cfg.quantize

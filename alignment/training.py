@@ -38,6 +38,7 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
     # step there is none: the stage scores its held-out set once, after training (else transformers scores
     # it at the last step and the stage again: a DPO pass over the held-out pairs twice, ~40 s on 2 cores).
     during = has_eval and not (train.max_steps > 0 and train.eval_steps >= train.max_steps)
+    liger = use_liger(train.liger)
     shared: dict[str, Any] = dict(
         output_dir=str(Path(out) / "checkpoints"),
         num_train_epochs=train.epochs,
@@ -56,7 +57,11 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
         gradient_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=use_liger(train.liger),  # auto: on where CUDA and liger-kernel are
+        use_liger_kernel=liger,  # auto: on where CUDA and liger-kernel are
+        # Liger's layer kernels only. Its fused linear cross-entropy swaps in a causal LM's forward,
+        # which calls lm_head: TRL's sft, dpo and grpo trainers turn it off, its reward trainer does
+        # not, and a sequence-classification model has no lm_head (the first reward step failed).
+        liger_kernel_config={"fused_linear_cross_entropy": False} if liger else None,
         torch_compile=train.compile,
         logging_steps=train.logging_steps,
         logging_first_step=True,

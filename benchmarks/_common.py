@@ -45,7 +45,7 @@ def cuda() -> bool:
 def compute_dtype():
     import torch
 
-    return torch.bfloat16 if cuda() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cuda() and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
 
 
 def trl_device_args() -> dict:

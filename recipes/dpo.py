@@ -30,7 +30,7 @@ from alignment.artifacts import is_main_process, print_done, stage_dir, write_ma
 from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
-from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, use_liger
+from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, sharded, use_liger
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -165,8 +165,12 @@ def main(cfg: DPOStageConfig) -> Path:
     if "ref" not in policy.peft_config:
         raise StageError("DPOTrainer made no frozen 'ref' copy of the SFT adapter, so the reference would be the raw "
                          "base; refusing (check the installed trl/peft against pyproject.toml)")
-    if plan.device == "cpu":  # step 0 exactly the SFT policy, in fp32 (alignment.cpu)
+    # Step 0 exactly the SFT policy, its adapter trained in fp32, on every device (alignment.cpu): TRL
+    # rounds a 4-bit model's adapter to bf16, where an update under ~1/256 of a weight is lost. Not when
+    # sharded: FSDP and DeepSpeed hold one dtype per shard.
+    if not sharded():
         restore_policy_from_ref(policy)
+    if plan.device == "cpu":
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------

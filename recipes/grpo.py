@@ -33,6 +33,7 @@ from alignment.artifacts import is_main_process, print_done, stage_dir, write_ma
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts
+from alignment.gpu_training import sharded
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -129,9 +130,11 @@ def main(cfg: PPOStageConfig) -> Path:
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
                       callbacks=[MetricsJSONL(out)])
     policy = trainer.model
+    # TRL rounded a 4-bit model's adapter to bf16: restored from the exact fp32 copy on every device
+    # (PPO's lr 1e-5 is under bf16's step for most LoRA weights), except sharded (one dtype per shard).
+    if "ref" in policy.peft_config and not sharded():
+        restore_policy_from_ref(policy)
     if plan.device == "cpu":
-        if "ref" in policy.peft_config:  # TRL rounded the adapter to bf16: restore it from the exact fp32 copy
-            restore_policy_from_ref(policy)
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------

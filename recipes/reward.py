@@ -32,7 +32,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from alignment import StageError, report
 from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
 from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
-from alignment.cpu import speed_up_cpu_training
+from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import DataError, file_hash
 from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, use_liger
 from alignment.modeling import (
@@ -223,6 +223,8 @@ def main(cfg: RewardStageConfig) -> Path:
     )
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
+    elif plan.fp16:  # peft leaves the trained score head (modules_to_save) in fp16: the GradScaler refuses its grads
+        keep_trainable_in(trainer.model, torch.float32)
     dropped = len(train) - len(trainer.train_dataset)
     if dropped:
         log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",
@@ -266,7 +268,7 @@ def main(cfg: RewardStageConfig) -> Path:
         log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")
 
     # --- uncertainty heads (align sample selection=uncertainty) ------------------------------
-    if cfg.heads and is_main_process():
+    if cfg.heads:  # every rank runs the model (a sharded forward is collective); rank 0 saves
         metrics.update(save_uncertainty_heads(trainer.model, tokenizer, train, test, out, cfg))
 
     # --- save -------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def save_uncertainty_heads(model, tokenizer, train, test, out: Path, cfg: Reward
 
     started = time.perf_counter()
     figures = fit_reward_heads(model, tokenizer, train, test, out, heads=cfg.heads, seed=cfg.train.seed,
-                               batch_size=cfg.train.batch_size)
+                               batch_size=cfg.train.batch_size, save=is_main_process())
     figures["heads_seconds"] = round(time.perf_counter() - started, 1)
     log.info("uncertainty heads: %d on %d pairs in %.1f s%s", cfg.heads, figures["heads_pairs"],
              figures["heads_seconds"], f", their held-out accuracy {figures['heads_eval_accuracy']:.3f}"

@@ -35,7 +35,7 @@ STAGES = {
     "sft": ["train.lr=5e-3", "train.batch_size=4", "train.max_steps=10", "train.eval_steps=5",
             "data.eval_fraction=0.1"],
     "reward": ["train.lr=3e-3", "train.batch_size=4", "train.max_steps=8", "train.eval_steps=4",
-               "data.test_fraction=0.2"],
+               "data.test_fraction=0.2", "heads=2"],  # heads: every rank runs the model, rank 0 saves them
     "dpo": ["train.lr=2e-3", "train.batch_size=4", "train.max_steps=8", "train.eval_steps=4",
             "data.test_fraction=0.2"],
 }

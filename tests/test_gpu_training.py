@@ -224,3 +224,45 @@ def test_train_compile_compiles_the_model_and_keeps_the_losses(tiny_model, sft_d
     (eager_kind, eager), (compiled_kind, compiled) = train(False), train(True)
     assert eager_kind != "OptimizedModule" and compiled_kind == "OptimizedModule"
     assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_liger_never_swaps_in_a_causal_lm_forward(monkeypatch, tmp_path):
+    """Liger's fused linear cross-entropy replaces the model's forward with a causal LM's, which calls
+    lm_head: TRL turns it off in its sft, dpo and grpo trainers but not in RewardTrainer, whose
+    sequence-classification model has no lm_head. trl_args turns it off for every stage."""
+    from trl import DPOConfig, RewardConfig
+
+    from alignment import training
+    from alignment.config import RunConfig, TrainConfig
+
+    for liger, expected in ((True, {"fused_linear_cross_entropy": False}), (False, None)):
+        monkeypatch.setattr(training, "use_liger", lambda setting, on=liger: on)
+        for config_class in (RewardConfig, DPOConfig):
+            args = training.trl_args(config_class, TrainConfig(), CPU_PLAN, RunConfig(dir=str(tmp_path), wandb="disabled"),
+                                     "reward", tmp_path, has_eval=False)
+            assert args.use_liger_kernel is liger and args.liger_kernel_config == expected
+
+
+def test_auto_compute_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 or V100 too (emulated: slower than fp32); auto asks
+    for hardware bf16 and falls back to fp32 there."""
+    from alignment.modeling import device_plan
+
+    hardware = {"bf16": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or hardware["bf16"])
+    cfg = ModelConfig(name="any", quantize=False)
+    assert device_plan(cfg).compute_dtype == torch.float32
+    hardware["bf16"] = True
+    assert device_plan(cfg).compute_dtype == torch.bfloat16
+
+
+def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
+    from alignment.gpu_training import sharded
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert sharded() is False
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert sharded() is True
