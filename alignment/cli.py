@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the unfinished folder is gone (discard_unfinished said so); no stack
+        print(f"align {stage}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 

@@ -99,6 +99,11 @@ class LoraConfig:
     use_dora: bool = False
     use_rslora: bool = False
 
+    def validate(self, prefix: str = "") -> None:
+        if not self.target_modules:  # names that match no layer are caught once the model is loaded
+            raise ConfigError(f"{prefix}target_modules: empty, so LoRA would adapt nothing; name layers (q_proj, "
+                              "v_proj, ...) or use all-linear")
+
 
 @dataclass
 class TrainConfig:
@@ -559,9 +564,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a YAML config is UTF-8 "
+                              f"(convert it: iconv -f latin1 -t utf-8 {path})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:

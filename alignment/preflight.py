@@ -385,10 +385,11 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
     """Each named LoRA target is a module of the model, found as peft finds it (the name or a dotted suffix).
 
     The model is built from its config on the meta device (no weights, no memory), so a typo is
-    named here instead of by peft after the model has loaded. "all-linear" and a regex (a string)
-    are peft's to resolve.
+    named here instead of by peft after the model has loaded. A string other than "all-linear" is
+    a regex peft matches against whole module names (`lora.target_modules=q_proj` on the command
+    line is one): it must match one.
     """
-    if not isinstance(targets, list):
+    if targets == "all-linear":
         return
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -398,7 +399,15 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
     with init_empty_weights():
         built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
     names = [name for name, _ in built.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if isinstance(targets, str):
+        import re
+
+        try:
+            missing = [] if any(re.fullmatch(targets, n) for n in names) else [f"{targets!r} (a regex: whole names)"]
+        except re.error as err:
+            raise ConfigError(f"{key}: {targets!r} is neither all-linear nor a valid regex ({err})") from None
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         import torch
 
@@ -452,20 +461,20 @@ def check_checkpoint(key: str, value: str | None, *, ppo: bool = False) -> None:
 
 def check_store(key: str, url: str | None, run_dir: str, *, must_exist: bool) -> None:
     """A database URL the labelling store supports; for export, a SQLite store that exists."""
+    from labeling.store import url_problem
+
     shown = url or f"sqlite:///{Path(run_dir) / 'labels.db'} (the default)"
     url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError(f"{key}={problem}")
     if url.startswith("sqlite:///"):
-        file = url[len("sqlite:///"):]
-        if file in ("", ":memory:"):
-            return
+        file = url[len("sqlite:///"):].split("?")[0]
         if Path(file).is_dir():
             raise ConfigError(f"{key}={shown}: {file} is a folder, not a database file")
         if must_exist and not Path(file).is_file():
             raise StageError(f"no labelling store at {file}: run `align sample run.dir={run_dir}` and label first, "
                              "or pass store=<database URL>")
-    elif not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        raise ConfigError(f"{key}={url}: not a database URL align supports; use sqlite:///path/labels.db or "
-                          "postgresql://user@host/db")
 
 
 def check_scorer(key: str, spec: str) -> None:

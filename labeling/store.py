@@ -50,7 +50,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 # 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
 SCHEMA_VERSION = 3
@@ -170,6 +170,21 @@ def _safe_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a labelling store, worded for the user; None when it can be one."""
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///"):
+            return (f"{url}: a SQLite URL names its file after three slashes: sqlite:///relative/labels.db or "
+                    "sqlite:////absolute/labels.db")
+        if url[len("sqlite:///"):].split("?")[0] in ("", ":memory:"):
+            return (f"{url}: an in-memory database is gone when the command exits, with every task and ranking "
+                    "in it; name a file: sqlite:///path/labels.db")
+        return None
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return None
+    return f"{_safe_url(url)}: not a database URL align supports; use sqlite:///path/labels.db or postgresql://user@host/db"
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -207,16 +222,21 @@ class Store:
 
     def __init__(self, url: str):
         self.url = url
+        problem = url_problem(url)
+        if problem:
+            raise StoreError(problem)
         if url.startswith("sqlite:///"):
-            path = url[len("sqlite:///"):]
-            if path and path != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            path = url[len("sqlite:///"):].split("?")[0]
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.engine = _engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         try:
             self._create()
-        except OperationalError as err:
-            raise StoreError(f"cannot open the labelling store {_safe_url(url)}: {str(err.orig or err).strip()}") from err
+        except DatabaseError as err:  # unreachable, refused, or a file that is not an SQLite database (or is damaged)
+            detail = str(err.orig or err).strip()
+            if not self.is_postgres and not isinstance(err, OperationalError):
+                detail += " (not an SQLite database, or a damaged one)"
+            raise StoreError(f"cannot open the labelling store {_safe_url(url)}: {detail}") from err
 
     def _create(self) -> None:
         with self.tx(lock=True) as conn:

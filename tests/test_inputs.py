@@ -192,6 +192,12 @@ CASES = [
      ["truncated_model/model.safetensors is not a readable safetensors file", "truncated"]),
     ("lora target typo", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[q_proj,q_porj]", 2,
      ["lora.target_modules: q_porj not among the modules of", "its linear layers are", "q_proj"]),
+    # On the command line a lone name is a YAML string, which peft reads as a regex over whole names.
+    ("lora target a string", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=bogus_proj", 2,
+     ["lora.target_modules: 'bogus_proj' (a regex: whole names) not among the modules of", "q_proj"]),
+    ("lora targets empty", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[]", 2,
+     ["lora.target_modules: empty, so LoRA would adapt nothing"]),
+    ("config not UTF-8", f"sft --config {{d}}/latin1.jsonl {M}", 2, ["latin1.jsonl: not UTF-8 text (byte"]),
     ("model.name an adapter", "sft model.name={d}/adapter data.path={d}/good.jsonl", 2, ["it is a LoRA adapter folder"]),
     ("truncated adapter to dpo", "dpo sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
      ["sft: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),
@@ -231,6 +237,10 @@ CASES = [
     ("export without a store", "export store=sqlite:///{tmp}/labels.db", 1, ["no labelling store at", "align sample"]),
     ("unsupported store URL", "sample policy={d}/adapter prompts={d}/prompts.jsonl store=mysql://host/db", 2,
      ["store=mysql://host/db: not a database URL align supports"]),
+    ("in-memory store", "sample policy={d}/adapter prompts={d}/prompts.jsonl store=sqlite:///", 2,
+     ["store=sqlite:///: an in-memory database is gone when the command exits"]),
+    ("store not a database", "export store=sqlite:///{d}/good.jsonl", 1,
+     ["cannot open the labelling store", "good.jsonl: file is not a database (not an SQLite database, or a damaged one)"]),
     ("unknown scorer", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' prompts={d}/prompts.jsonl scorer=nope", 2,
      ["scorer 'nope': not a built-in"]),
     ("pipeline: bad data of a later stage", "pipeline sft.model.name={tiny} sft.data.path={d}/good.jsonl "
@@ -355,6 +365,8 @@ def test_label_options_out_of_range(argv, said, tmp_path, capsys):
     (["status"], "no labelling store at {run}/labels.db"),
     (["--simulate", "nope"], "--simulate: scorer 'nope': not a built-in"),
     (["--db", "sqlite:///{tmp}/typo.db", "users", "list"], "no labelling store at {tmp}/typo.db"),
+    (["--db", "sqlite://x.db", "status"], "--db sqlite://x.db: a SQLite URL names its file after three slashes"),
+    (["--db", "sqlite:///", "status"], "--db sqlite:///: an in-memory database is gone when the command exits"),
     (["gold", "x", "1,2"], "gold TASK_ID RANKS: a task number and comma-separated ranks"),
     (["users", "remove", "bob"], "unknown command 'users remove bob'"),
 ])
@@ -449,3 +461,17 @@ def test_a_failed_stage_leaves_no_unfinished_folder(tmp_path):
         (fresh / "sft").mkdir(parents=True)
         raise KeyboardInterrupt
     assert not fresh.exists()
+
+
+def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch, capsys):
+    from alignment import cli
+
+    def interrupted(stage, cfg):
+        (tmp_path / "run" / "sft").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_stage", interrupted)
+    assert align(["sft", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled"]) == 130
+    err = capsys.readouterr().err
+    assert "align sft: interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "sft").exists()

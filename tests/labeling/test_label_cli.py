@@ -36,7 +36,7 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
     assert "cannot open the labelling store postgresql://someone:***@127.0.0.1:1/labels" in err
     assert "hunter2" not in err
     assert align(["label", "--db", "mysql://x/y", "users", "list"]) == 2
-    assert "unsupported database URL" in capsys.readouterr().err
+    assert "--db mysql://x/y: not a database URL align supports" in capsys.readouterr().err
 
 
 

@@ -268,13 +268,23 @@ def test_each_store_sees_only_its_own_rows(store):
     assert store.batches() == [] and store.users() == [] and store.pending_count() == 0
 
 
-def test_an_unreachable_or_unknown_database_is_a_store_error():
+def test_an_unreachable_or_unknown_database_is_a_store_error(tmp_path):
     from labeling.store import StoreError
 
     with pytest.raises(StoreError, match=r"cannot open the labelling store postgresql://u:\*\*\*@127.0.0.1:1/x"):
         Store("postgresql://u:secret@127.0.0.1:1/x")
-    with pytest.raises(StoreError, match="unsupported database URL"):
+    with pytest.raises(StoreError, match="mysql://x/y: not a database URL align supports"):
         Store("mysql://x/y")
+    for memory in ("sqlite:///", "sqlite:///:memory:"):  # the tasks and rankings would go with the process
+        with pytest.raises(StoreError, match="an in-memory database is gone when the command exits"):
+            Store(memory)
+    with pytest.raises(StoreError, match="names its file after three slashes"):
+        Store("sqlite://labels.db")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    with pytest.raises(StoreError, match="file is not a database .not an SQLite database, or a damaged one."):
+        Store(f"sqlite:///{text}")
+    assert text.read_text() == "not a database\n" * 100
 
 
 def test_a_submit_names_its_task_and_a_repeat_never_ranks_the_next_one(store):
