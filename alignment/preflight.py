@@ -96,6 +96,21 @@ def _export(cfg, pending: set[str], p: str) -> None:
     if cfg.output:
         check_run_dir(f"{p}output", cfg.output)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist="sample" not in pending)
+    # A pipeline whose stages before export label nothing, on a store with no rankings, could only fail
+    # at export, after those stages' minutes of work.
+    if pending and "label" not in pending and not _has_rankings(cfg.store, cfg.run.dir):
+        raise ConfigError(f"stages: export needs submitted rankings, the store has none, and no label stage runs "
+                          f"before it ({', '.join(sorted(pending))} do not rank); add label to stages")
+
+
+def _has_rankings(url: str | None, run_dir: str) -> bool:
+    """The store holds a submitted ranking; a SQLite file that is not there holds none (and is not made)."""
+    from labeling.store import Store
+
+    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):].split("?")[0]).is_file():
+        return False
+    return any(batch["rankings"] for batch in Store(url).batch_counts())
 
 
 def _reward(cfg, pending: set[str], p: str) -> None:
@@ -499,8 +514,9 @@ def _upstream_sft(key: str, sft: str | None, run_dir: str, pending: set[str], wh
         return
     default = stage_dir(run_dir, "sft")
     if not default.exists():
-        raise StageError(f"no SFT adapter at {default}: {why}; run `align sft run.dir={run_dir}` first, pass "
-                         f"sft=<adapter folder>{', ' + alternative if alternative else ''}")
+        raise StageError(f"no SFT adapter at {default}: {why}; run `align sft run.dir={run_dir}` first"
+                         f"{', pass' if alternative else ' or pass'} sft=<adapter folder>"
+                         f"{', ' + alternative if alternative else ''}")
     check_adapter(f"{key} (default {default})", default)
 
 
@@ -513,6 +529,9 @@ def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
     if data.path is None and not path.exists():
         raise StageError(f"no preference data at {path}: run `align export run.dir={run_dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
+    if data.path is None and path.is_dir() and not (path / MANIFEST).is_file():  # the run's own export, cut short
+        raise StageError(f"{path}: an unfinished export (no {MANIFEST}, which export writes last): run "
+                         f"`align export run.dir={run_dir}` again, or pass data.path=<folder or .jsonl>")
     try:
         read_preference_pairs(path, on_error=data.on_error)
     except DataError as err:

@@ -384,6 +384,9 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
         raise StageError(f"no reward model at {rm}: run `align reward run.dir=...` first, pass reward_model=<folder>, "
                          "or use a programmatic reward with scorer=<name or module:function>")
     manifest = read_manifest(rm)
+    if manifest.get("stage") not in (None, "reward"):  # None: a reward model from elsewhere, or an old one
+        raise StageError(f"{rm} is the output of `align {manifest['stage']}`, not a reward model: pass "
+                         "reward_model=<an `align reward` folder> (run.dir's reward/ by default)")
     metrics = manifest.get("metrics", {})
     accuracy = metrics.get("eval_accuracy")
     if min_accuracy > 0 and (accuracy is None or accuracy < min_accuracy):

@@ -200,7 +200,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             print(f"next: align export run.dir={args.run_dir}")
             return 0
     except (ValueError, KeyError) as err:
-        print(f"align label: {err}", file=sys.stderr)
+        print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes
         return 2
     return serve(store, args, str(export_dir(args.run_dir)), export)
 

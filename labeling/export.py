@@ -266,6 +266,12 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
     _check_options(ties, combine, min_posterior)
     check_target(out_dir)
+    if batches:
+        known = [b["batch"] for b in store.batch_counts()]
+        unknown = [b for b in batches if b not in known]
+        if unknown:
+            raise ExportError(f"batches: {', '.join(map(repr, unknown))} not in the store; its batches: "
+                              f"{', '.join(known) or 'none yet'}")
     pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
                                  min_agreement=min_agreement, min_posterior=min_posterior,
                                  gold=store.gold_answers(), chat=chat)

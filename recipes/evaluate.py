@@ -42,6 +42,10 @@ def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
     missing = [f"{n} ({p})" for n, p in found.items() if not is_adapter_dir(p)]
     if missing:
         raise StageError(f"not adapter folders: {', '.join(missing)}")
+    if not found:
+        raise StageError(f"no policies in {cfg.run.dir}: none of its {', '.join(stages_of_kind('policy'))} folders "
+                         "holds an adapter; train them first (`align sft`, then `align dpo` or `align ppo`), or pass "
+                         "policies={name: folder, ...}")
     if cfg.baseline not in found:
         raise StageError(f"the baseline {cfg.baseline!r} is not among the policies {sorted(found)}; "
                          "set baseline=<name> or policies={name: folder, ...}")

@@ -68,4 +68,4 @@ def test_samples_metrics_and_report_are_written(eval_run):
 def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):
     assert align(["eval", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     captured = capsys.readouterr()
-    assert "the baseline 'sft' is not among the policies" in captured.out + captured.err
+    assert f"no policies in {tmp_path}: none of its sft, dpo, ppo" in captured.out + captured.err

@@ -91,6 +91,10 @@ def d(tmp_path_factory, tiny_model) -> Path:
     truncate(copy_adapter(d / "adapter", d / "adapter_truncated") / "adapter_model.safetensors")
     (copy_adapter(d / "adapter", d / "adapter_unfinished") / "align.json").unlink()
     (d / "adapter_unfinished" / "config.yaml").write_text("run: {}\n")
+    # A run whose export was cut short: its preferences/ folder lacks the align.json export writes last.
+    copy_adapter(d / "adapter", d / "run_cut" / "sft")
+    (d / "run_cut" / "preferences").mkdir()
+    (d / "run_cut" / "preferences" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     copy_adapter(d / "adapter", d / "adapter_no_tokenizer")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / "adapter_no_tokenizer" / f).unlink()
@@ -247,7 +251,15 @@ CASES = [
      "sample.prompts={d}/prompt_number.jsonl", 2, ["sample.prompts: ", "prompt_number.jsonl:2"]),
     ("pipeline: latin-1 sft data", "pipeline sft.model.name={tiny} sft.data.path={d}/latin1.jsonl", 2,
      ["sft.data.path: ", "latin1.jsonl:2: not UTF-8"]),
+    ("reward on a cut-short export", "reward run.dir={d}/run_cut", 1,
+     ["run_cut/preferences: an unfinished export (no align.json, which export writes last)"]),
+    ("ppo: an sft folder as the reward model", "ppo sft={d}/adapter reward_model={d}/adapter prompts={d}/prompts.jsonl",
+     1, ["adapter is the output of `align sft`, not a reward model"]),
     ("pipeline: dpo without sft", "pipeline stages=[dpo] dpo.data.path={d}/prefs.jsonl", 1, ["no SFT adapter at"]),
+    ("pipeline: export with nothing ranked", "pipeline stages=[sft,sample,export] sft.model.name={tiny} "
+     "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl", 2,
+     ["stages: export needs submitted rankings, the store has none, and no label stage runs before it (sample, sft "
+      "do not rank); add label to stages"]),
     # --- active selection (docs/active.md)
     ("pool_factor<1", "sample pool_factor=0.5", 2, ["pool_factor: must be >= 1, got 0.5"]),
     ("pool_factor with every prompt", "sample pool_factor=2", 2, ["pool_factor=2.0", "num_prompts=-1", "give num_prompts"]),

@@ -96,6 +96,10 @@ def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
     assert first["source"] == "runs/q/sft" and first["annotators"] == ["sim-support-style-0"]
     assert json.loads((tmp_path / "prefs" / "summary.json").read_text())["pairs"] == 60
     assert len((tmp_path / "prefs" / "train.jsonl").read_text().splitlines()) == 48
+    # A batch the store does not have is named, with the ones it has, before anything is written.
+    with pytest.raises(ValueError, match="batches: 'round-9' not in the store; its batches: round-0"):
+        export_preferences(store, tmp_path / "other", batches=["round-0", "round-9"])
+    assert not (tmp_path / "other").exists()
 
 
 def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_write(tmp_path):
