@@ -16,8 +16,10 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import typing
 from contextlib import nullcontext
 from pathlib import Path
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.data import DataError
     from alignment.preflight import check_stage
 
+    # `kill` or a scheduler's stop (SIGTERM) tidies up as Ctrl-C does, instead of leaving the folder behind.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         cfg = load_config(cls, config_path, overrides)
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
@@ -200,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: the unfinished folder is gone (discard_unfinished said so); no stack
-        print(f"align {stage}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the unfinished folder is gone (discard_unfinished said so)
+        print(f"align {stage}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:
         from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 
@@ -210,7 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the stage is, so that it unwinds as Ctrl-C does."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def _outputs(stage: str, cfg) -> list[str]:

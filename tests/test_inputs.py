@@ -487,3 +487,24 @@ def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "align sft: interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from alignment import cli
+
+    def killed(stage, cfg):
+        (tmp_path / "run" / "sft").mkdir(parents=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would
+        time.sleep(5)  # the handler raises here, at once
+        raise AssertionError("SIGTERM did not stop the stage")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "run_stage", killed)
+    assert align(["sft", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled"]) == 143
+    err = capsys.readouterr().err
+    assert "align sft: terminated" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "sft").exists() and signal.getsignal(signal.SIGTERM) is before
