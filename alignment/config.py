@@ -444,6 +444,9 @@ class EvalStageConfig:
     scorer: str | None = None  # an independent programmatic judge
     human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
     bootstrap: int = bounded(1000, ge=1)  # resamples for each win-rate's interval
+    # Answers per prompt each policy samples at temperature 1 (no top-p) for its KL from the baseline:
+    # only its own samples give an unbiased estimate (the judged answers are greedy). 0: no KL.
+    kl_samples: int = bounded(1, ge=0)
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)

@@ -96,9 +96,11 @@ def repetition(text: str, n: int = 4) -> float:
 def sequence_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(policy ‖ ref) of the next-token distributions, summed over each response's tokens.
 
-    Computed from the full distributions at every position of the sampled response (not the
-    single-sample log-ratio), so it is exact along those prefixes whatever the sampling
-    temperature was, and has far less variance. Shapes: logits [B, T, V], mask [B, T].
+    Computed from the full distributions at every position of the response (not the single-sample
+    log-ratio): exact along those prefixes, with far less variance. It estimates the sequence KL
+    without bias only when the responses are the policy's own samples at temperature 1 with no
+    top-p or top-k (recipes/evaluate.sampled_kl); along a greedy answer it is one fixed path's
+    figure. Shapes: logits [B, T, V], mask [B, T].
     """
     logp = torch.log_softmax(policy_logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)

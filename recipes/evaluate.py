@@ -8,7 +8,9 @@ Every policy answers the same prompts with the same settings and seeds. Judges: 
 model (default <run.dir>/reward) and, optionally, a programmatic scorer (same interface as the
 simulated annotators) as an independent check on a policy that games the reward model. Each
 non-baseline policy gets a win-rate against the baseline with a bootstrap interval over
-prompts, and a KL from the baseline (the SFT policy, i.e. the reference).
+prompts, and a KL from the baseline (the SFT policy, i.e. the reference), measured on answers the
+policy samples at temperature 1 (`kl_samples` per prompt): the judged answers are greedy, and a
+KL along them is one fixed path's, not the policy's.
 """
 
 from __future__ import annotations
@@ -74,25 +76,47 @@ def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
     return model, load_tokenizer(str(paths[cfg.baseline])), next(iter(bases.values()))
 
 
+def answer_mask(new_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on each generated token up to and including the first EOS (all of a cut-off answer), 0 after it
+    (generate pads a finished answer, with EOS itself where pad is EOS)."""
+    is_eos = (new_ids == eos_token_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
 @torch.no_grad()
-def kl_from(model, tokenizer, prompts: list[str], responses: list[str], policy: str, reference: str,
-            batch_size: int = 8) -> list[float]:
-    """Per-response KL(policy ‖ reference) summed over the response tokens."""
-    tokenizer.padding_side = "right"
+def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str, *, k: int = 1,
+               max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8) -> list[float]:
+    """Per prompt, KL(policy ‖ reference) over the first `max_new_tokens` tokens of an answer, in nats.
+
+    The policy samples `k` answers at temperature 1 with no top-p or top-k (its own distribution),
+    and each answer contributes the sum, over its tokens, of the full next-token KL at that prefix
+    (evaluation.sequence_kl); their mean is an unbiased estimate of the sequence KL. On the greedy
+    answers the win-rate is judged on it would not be: one fixed path, not the policy's distribution.
+    The sampled token ids are scored as they are (no decode and re-encode), EOS only where sampled.
+    """
+    tokenizer.padding_side = "left"
     device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
     out: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        heads = [chat_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-        texts = [h + r + tokenizer.eos_token for h, r in zip(heads, responses[i:i + batch_size], strict=True)]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        mask = enc["attention_mask"].clone()
-        for j, h in enumerate(heads):  # score only the response's tokens
-            mask[j, : len(tokenizer(h, add_special_tokens=False)["input_ids"])] = 0
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        model.set_adapter(policy)
+        torch.manual_seed(seed + b)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                             top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        width = enc["input_ids"].shape[1]
+        answer = answer_mask(ids[:, width:], tokenizer.eos_token_id)
+        prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)
+        attention = torch.cat([prompt_mask, answer], 1)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate numbered the left-padded rows
+        scored = torch.cat([torch.zeros_like(prompt_mask), answer], 1)  # the answer's tokens only
         logits = {}
         for name in (policy, reference):
             model.set_adapter(name)
-            logits[name] = model(**enc).logits[:, :-1]
-        out += ev.sequence_kl(logits[policy], logits[reference], mask[:, 1:]).tolist()
+            logits[name] = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1]
+        per_answer = ev.sequence_kl(logits[policy], logits[reference], scored[:, 1:])
+        out += per_answer.view(-1, k).mean(1).tolist()
     return out
 
 
@@ -167,8 +191,10 @@ def main(cfg: EvalStageConfig) -> Path:
         model.set_adapter(name)
         policy = Policy(model, tokenizer, str(paths[name]), base_name)
         responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
-    kl = {name: kl_from(model, tokenizer, prompts, responses[name], name, cfg.baseline)
-          for name in paths if name != cfg.baseline}
+    kl = {name: sampled_kl(model, tokenizer, prompts, name, cfg.baseline, k=cfg.kl_samples,
+                           max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
+                           batch_size=cfg.generation.batch_size)
+          for name in paths if name != cfg.baseline and cfg.kl_samples}
     del model, policy  # the policies leave the GPU before the reward model comes onto it
 
     # --- judge ------------------------------------------------------------------------------
@@ -214,7 +240,7 @@ def main(cfg: EvalStageConfig) -> Path:
         for jname in judges:
             lo, hi = row[f"{jname}/win_rate_ci"]
             print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} "
-                  f"[{lo:.1%}, {hi:.1%}] · KL {row['kl']:.2f} nats")
+                  f"[{lo:.1%}, {hi:.1%}] · KL {row.get('kl', float('nan')):.2f} nats")
     html = report_module.write_report(cfg.run.dir)
     print_done("eval", out, f"open {html}")
     return out

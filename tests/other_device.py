@@ -1,7 +1,7 @@
 """A second device on a CPU-only machine, for tests of device placement: `with other_device(): model.to(DEVICE)`.
 
 The bug this exists for: code that builds a tensor on the CPU and hands it to a model on a GPU
-(`align eval` did, in kl_from: "Expected all tensors to be on the same device ... index_select").
+(`align eval` did, in its KL: "Expected all tensors to be on the same device ... index_select").
 A CPU-only machine cannot show it, and neither of torch's own stand-ins catches it here:
 `FakeTensorMode` does check devices, but on a CPU-only build it cannot move a tensor to "cuda"
 (`.to("cuda")` fails before any mode sees it) and its backward aborts the process; the `meta`

@@ -3,7 +3,7 @@
 Run on a CPU-only machine with a second device that has values (tests/other_device.py): the model
 is moved there, the code under test runs unchanged, and each result must equal the same code's on
 the CPU. An op that mixes the device with a CPU tensor fails as it does on a GPU, so
-`align eval`'s kl_from (CPU token ids into a CUDA model, seen on an H200) fails here without its fix.
+`align eval`'s KL (CPU token ids into a CUDA model, seen on an H200) fails here without its fix.
 """
 
 from __future__ import annotations
@@ -97,19 +97,46 @@ def test_generate_on_the_device_gives_the_cpu_samples(tiny_model, adapters):
     assert on_device == on_cpu and len(on_cpu) == 3 and all(len(r) == 2 for r in on_cpu)
 
 
-def test_eval_kl_from_on_the_device_gives_the_cpu_figures(tiny_model, adapters):
-    """The H200's failure: kl_from tokenized on the CPU and passed the ids to the CUDA model."""
-    from recipes.evaluate import kl_from
+def test_eval_kl_on_the_device_gives_the_cpu_figures(tiny_model, adapters):
+    """The H200's failure: eval's KL tokenized on the CPU and passed the ids to the CUDA model."""
+    from recipes.evaluate import sampled_kl
 
     model = policies_on_one_base(tiny_model, adapters)
     tokenizer = load_tokenizer(tiny_model)
-    responses = ["Open Settings and tap Sync.", "It is under File.", "Yes, tap Share."]
-    on_cpu = kl_from(model, tokenizer, PROMPTS, responses, "dpo", "sft", batch_size=2)
+    on_cpu = sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=2, max_new_tokens=8, batch_size=2)
     with other_device():
         model.to(DEVICE)
-        on_device = kl_from(model, tokenizer, PROMPTS, responses, "dpo", "sft", batch_size=2)
+        on_device = sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=2, max_new_tokens=8, batch_size=2)
     assert on_device == pytest.approx(on_cpu, abs=1e-5)
-    assert all(k > 0 for k in on_cpu)  # two different random adapters: a KL above zero on each response
+    assert all(k > 0 for k in on_cpu)  # two different random adapters: a KL above zero on each prompt
+
+
+def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
+    """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
+    sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on
+    both sides gives 0; answer_mask counts a sampled EOS and nothing after it."""
+    from alignment import evaluation as ev
+    from alignment.generation import chat_prompt
+    from recipes.evaluate import answer_mask, sampled_kl
+
+    model = policies_on_one_base(tiny_model, adapters)
+    tokenizer = load_tokenizer(tiny_model)
+    prompts = ["Hi", "Where do I find the export button in the desktop app?", "Can I share a note?"]
+    batched = sampled_kl(model, tokenizer, prompts, "dpo", "sft", k=3, max_new_tokens=1, batch_size=3)
+    alone = []
+    for prompt in prompts:
+        ids = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        logits = {}
+        for name in ("dpo", "sft"):
+            model.set_adapter(name)
+            with torch.no_grad():
+                logits[name] = model(input_ids=ids).logits[:, -1:]
+        alone.append(ev.sequence_kl(logits["dpo"], logits["sft"], torch.ones(1, 1)).item())
+    assert batched == pytest.approx(alone, rel=1e-4) and min(alone) > 0
+    assert sampled_kl(model, tokenizer, prompts, "sft", "sft", max_new_tokens=4) == [0.0] * 3
+    eos = tokenizer.eos_token_id
+    new = torch.tensor([[5, 6, eos, eos, eos], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
+    assert answer_mask(new, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
 def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):
