@@ -317,10 +317,10 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     manifest = json.loads(manifest_path.read_text())
     rows = read_jsonl(folder / "metrics.jsonl")
     plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
-    imgs = "".join(f"<img alt='{stage} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
+    imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     kind = stage if stage in SECTIONS else manifest.get("stage")
     extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
-    title = folder.name
+    title = html.escape(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
     parts = [f"<section id='{title}'><h2>{title}</h2>",
              f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"
              f" · base {html.escape(str(manifest.get('base_model')))}</p>",
@@ -360,10 +360,11 @@ def write_report(run_dir: str | Path) -> Path:
             shown.append(folder)
     rounds = [p for p in later_rounds(run_dir) if (p / "report.html").is_file()]
     if rounds:
-        items = "".join(f"<li><a href='{r.name}/report.html'>{r.name}</a>{headline(r)}</li>" for r in rounds)
+        items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>{headline(r)}</li>"
+                        for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
-    nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in shown)
+    nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{''.join(bodies)}</body></html>")

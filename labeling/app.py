@@ -177,8 +177,8 @@ def _export_summary(folder: str, summary: dict) -> str:
                         if k.startswith("dropped_") and v) or "none"
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
                f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}")
-    return (f"**Exported** {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, test "
-            f"{summary.get('test_pairs', '?')}) to `{folder}` {counted}")
+    return (f"<p class='align-note'><b>Exported</b> {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, "
+            f"test {summary.get('test_pairs', '?')}) to <code>{html.escape(folder)}</code> {html.escape(counted)}</p>")
 
 
 def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap: int = 1, gold_rate: float = 0.0,
@@ -256,18 +256,22 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 folder = str(export_dir or "runs/quickstart/preferences")
                 with gr.Row(equal_height=True):
                     # No path box: the export always goes to the run's preferences folder (align export's).
-                    gr.Markdown(f"Export folder: `{folder}` (the run's preferences, as `align export` writes them)"
-                                if export else f"Export with `align export` (it writes `{folder}`).",
-                                elem_id="align-export-dir")
+                    # HTML with the path escaped: a folder name is text (in Markdown a backtick in it would
+                    # close the code span and let the rest be markup).
+                    gr.HTML(f"Export folder: <code>{html.escape(folder)}</code> (the run's preferences, as "
+                            "<code>align export</code> writes them)" if export else
+                            f"Export with <code>align export</code> (it writes <code>{html.escape(folder)}</code>).",
+                            elem_id="align-export-dir")
                     export_button = gr.Button("Export preference dataset", variant="primary", visible=export is not None,
                                               elem_id="align-export", scale=0, min_width=240)
-                export_summary = gr.Markdown("", elem_id="align-export-summary")
+                # HTML, escaped: a refusal quotes batch and file names from outside the app.
+                export_summary = gr.HTML("", elem_id="align-export-summary")
 
             if playground is not None:
                 with gr.Tab("Playground", id="playground", elem_id="align-playground-tab") as playground_tab:
-                    gr.Markdown(f"Two models served at `{playground.url}` answer the same conversation side by "
-                                "side; each pane keeps its own model's answers. Model text is shown as plain text.",
-                                elem_id="align-pg-intro")
+                    gr.HTML(f"Two models served at <code>{html.escape(playground.url)}</code> answer the same "
+                            "conversation side by side; each pane keeps its own model's answers. Model text is shown "
+                            "as plain text.", elem_id="align-pg-intro")
                     with gr.Row(equal_height=True):
                         pg_left = gr.Dropdown([], value=None, label="Left model", elem_id="align-pg-left-model")
                         pg_right = gr.Dropdown([], value=None, label="Right model", elem_id="align-pg-right-model")
@@ -402,14 +406,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         def do_export(request: gr.Request):
             if export is None:
-                return "Export with `align export`."
+                return _note("Export with align export.")
             try:
                 with exporting:
                     summary = handlers.export(signed_in(request), export)
             except (PermissionError, handlers.AuthError) as err:
-                return f"⛔ {err}"
+                return _note(str(err), "⛔", error=True)
             except ValueError as err:  # the recipe's refusals (not an export folder, no pairs), worded for people
-                return f"⚠️ {err}"
+                return _note(str(err), "⚠️", error=True)
             return _export_summary(folder, summary)
 
         admin_outputs = [admin_message, totals, per_annotator, per_batch, agreement]

@@ -94,6 +94,19 @@ def test_report_orders_sections_as_the_registry(tmp_path):
     assert ids == [STAGES[s].folder for s in ORDER if STAGES[s].folder] + ["sft-merged"]
 
 
+def test_report_shows_a_folder_name_as_text(tmp_path):
+    """Every folder with a manifest gets a section titled by its name, which a user chose (align export
+    output=..., merge output=...): markup in it is text in the page, in the title, the anchor and the nav."""
+    from alignment.report import write_report
+
+    name = "<img src=x onerror=alert(1)>"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / MANIFEST).write_text(json.dumps({"stage": "export", "metrics": {}}))
+    page = write_report(tmp_path).read_text()
+    # the section id and title, the nav link and its href, the folder path: each escaped
+    assert "<img src=x" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 5
+
+
 def test_every_artifact_stage_has_a_wandb_type_and_eval_knows_every_policy(tmp_path):
     from alignment.tracking import ARTIFACT_TYPES
     from recipes.evaluate import resolve_policies

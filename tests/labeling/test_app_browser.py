@@ -586,6 +586,9 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
     try:
         out.mkdir()
         (out / "thesis.tex").write_text("not an export")
+        # The refusal quotes the folder's file names: one that is markup must show as text, never as a form.
+        trap = "<input id=trap type=password placeholder='sign in again'>"  # no slash: a file name
+        (out / trap).write_text("")
         sign_in(admin, url, "boss")
         admin.get_by_role("tab", name="Admin").click()
         admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
@@ -594,9 +597,11 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         assert admin.locator("#align-export-dir input, #align-export-dir textarea").count() == 0  # no path to type
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('not a preferences')")
-        assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+        assert sorted(p.name for p in out.iterdir()) == sorted([trap, "thesis.tex"])
+        assert trap in admin.inner_text("#align-export-summary") and admin.locator("#trap, input[type=password]").count() == 0
 
         (out / "thesis.tex").unlink()
+        (out / trap).unlink()
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('Exported')")
         summary = json.loads((out / "summary.json").read_text())
