@@ -287,7 +287,9 @@ AGREEMENT_ORDER = ["unanimous", "majority", "split", "not unanimous", "single an
 
 
 def _margin_bucket(margin: float) -> str:
-    return "0 (tie)" if margin == 0 else "1" if margin < 1.5 else "2" if margin < 2.5 else "3+"
+    # The margin is the mean ranks' difference: 0 is a tie kept by ties=margin0, or a split vote the
+    # majority decided (2 to 1 with the ranks evening out), so the bucket is named for what it measures.
+    return "0 (equal mean rank)" if margin == 0 else "1" if margin < 1.5 else "2" if margin < 2.5 else "3+"
 
 
 def _posterior_bucket(p: float) -> str:
@@ -312,7 +314,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
         "note": ("one annotator per pair: agreement cannot split the accuracy" if set(labels) == {"single annotator"}
                  else "no annotator columns in the data" if set(labels) == {"unknown"} else None)}
     if all(r.get("margin") is not None for r in rows):
-        out["by_margin"] = _accuracy_by([_margin_bucket(r["margin"]) for r in rows], gaps, ["0 (tie)", "1", "2", "3+"])
+        out["by_margin"] = _accuracy_by([_margin_bucket(r["margin"]) for r in rows], gaps, ["0 (equal mean rank)", "1", "2", "3+"])
     if all(r.get("p_chosen") is not None for r in rows):
         out["by_posterior"] = _accuracy_by([_posterior_bucket(r["p_chosen"]) for r in rows], gaps,
                                            ["<0.7", "0.7-0.9", ">=0.9"])

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from alignment import StageError
 from alignment import evaluation as ev
@@ -97,7 +98,8 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
     out: list[float] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, desc=f"KL {policy} (sampled)", unit="batch")):
         chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         model.set_adapter(policy)
