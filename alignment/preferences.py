@@ -10,8 +10,8 @@ A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat mes
 chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
 conversations: their shared leading turns become the prompt. Provenance columns are kept when
 present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
-prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), and the
-reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
+prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), tie (a tie
+kept by ties=margin0), and the reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
 chosen is the better one, a soft label in [0, 1]) and weight (>= 0), which `align reward` trains with.
 A pair without task_id is grouped by its prompt, so pairs of one prompt count as one ranking. A bad
 record is an error naming the file, the line (or row) and the problem.
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
 PROVENANCE = ("task_id", "batch", "annotators", "agreement", "margin", "source", "prompt_id", "votes_chosen",
-              "votes_rejected", "p_chosen", "weight")
+              "votes_rejected", "p_chosen", "weight", "tie")
 # Numeric columns and their allowed range (low, high or None).
 NUMBERS = {"agreement": (0, 1), "margin": (0, None), "p_chosen": (0, 1), "weight": (0, None)}
 
@@ -110,6 +110,10 @@ def _provenance(record: dict, where: str) -> dict[str, Any]:
         if not isinstance(annotators, list) or not all(isinstance(a, str) for a in annotators):
             raise DataError(f"{where}: field 'annotators' must be a list of names")
         out["annotators"] = annotators
+    if record.get("tie") is not None:  # a tie align export kept (ties=margin0): no right answer to score
+        if not isinstance(record["tie"], bool):
+            raise DataError(f"{where}: field 'tie' must be true or false, got {record['tie']!r}")
+        out["tie"] = record["tie"]
     return out
 
 

@@ -183,15 +183,26 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
         return None
 
 
+def without_ties(dataset, chosen: list[float], rejected: list[float]):
+    """The pairs and their rewards less the ties an export kept (`tie`, with ties=margin0): a tie has no
+    right answer, so it counts in no accuracy. Returns (dataset, chosen, rejected, ties)."""
+    ties = [bool(t) for t in dataset["tie"]] if "tie" in dataset.column_names else []
+    if not any(ties) or all(ties):
+        return dataset, chosen, rejected, 0
+    keep = [i for i, t in enumerate(ties) if not t]
+    return dataset.select(keep), [chosen[i] for i in keep], [rejected[i] for i in keep], len(ties) - len(keep)
+
+
 def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins: int = 5) -> dict[str, Any]:
     """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling (and the
-    posterior one: the mean p_chosen, when the pairs carry it).
+    posterior one: the mean p_chosen, when the pairs carry it). Kept ties count in none of them (eval_ties).
 
     Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
     claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed
     accuracy. Length correlation: Pearson r of reward against response length in characters over
     every held-out response; a high |r| means the model may be rewarding length, not quality.
     """
+    dataset, chosen, rejected, ties = without_ties(dataset, chosen, rejected)
     gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
     n = len(gaps)
     rewards = chosen + rejected
@@ -214,6 +225,7 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,
+        "eval_ties": ties,
         "length_correlation": _pearson(rewards, [float(x) for x in lengths]),
         "agreement_ceiling": sum(agreement) / len(agreement) if agreement else None,
         "posterior_ceiling": sum(posterior) / len(posterior) if posterior else None,
@@ -304,6 +316,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
 
     `reward(conversations)` scores whole conversations; `chosen` / `rejected` are the pairs' rewards.
     """
+    heldout, chosen, rejected, _ = without_ties(heldout, chosen, rejected)  # a kept tie has no right answer
     rows = heldout.to_list()
     n = len(rows)
     gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]

@@ -214,6 +214,9 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                      if (task_id, i, j) in reliability.posterior}
         decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior)
         counts["dropped_ties"] += k * (k - 1) // 2 - len(decided)
+        # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).
+        untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)}
+
         for chosen, rejected, margin in decided:
             if texts[chosen].strip() == texts[rejected].strip():
                 counts["dropped_duplicates"] += 1
@@ -225,8 +228,8 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                     counts["dropped_uncertain"] += 1
                     continue
                 soft = {"p_chosen": p, "weight": 2 * p - 1}
-            if margin == 0 and ties == "margin0":
-                counts["kept_ties"] += 1
+            tie = (chosen, rejected) not in untied
+            counts["kept_ties"] += tie
             source = metas[chosen].get("policy") or first.get("source", {}).get("policy") or ""
             prompt = [{"role": "user", "content": first["prompt"]}] if chat else first["prompt"]
             pairs.append({
@@ -234,7 +237,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 "chosen": [{"role": "assistant", "content": texts[chosen]}] if chat else texts[chosen],
                 "rejected": [{"role": "assistant", "content": texts[rejected]}] if chat else texts[rejected],
                 "task_id": str(task_id), "batch": first["batch"], "annotators": sorted({r["annotator"] for r in ranked}),
-                "agreement": agreement, "margin": float(margin), "source": str(source),
+                "agreement": agreement, "margin": float(margin), "tie": tie, "source": str(source),
                 "prompt_id": hashlib.sha1(first["prompt"].encode()).hexdigest()[:12],
                 "votes_chosen": sum(r[chosen] < r[rejected] for r in rank_lists),
                 "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), **soft,

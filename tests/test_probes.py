@@ -145,3 +145,18 @@ def test_dpo_is_warned_about_a_reward_model_trained_on_its_pairs(tmp_path):
     assert probe_warning(tmp_path / "no-reward", prefs) is None
     passing = {"gate": {**FAILING["gate"], "rate": 0.1}}
     assert probe_warning(reward_dir(tmp_path / "r2", passing, preferences=prefs), prefs) is None
+
+
+def test_kept_ties_count_in_no_accuracy():
+    """A tie kept by ties=margin0 has its first response as 'chosen' and no right answer: scoring it would pull
+    accuracy toward 0.5 whatever the model does. It is counted (eval_ties) and left out of the figures."""
+    from alignment.reward_model import heldout_metrics
+
+    data = heldout([{"chosen": "Thanks! Open Settings.", "rejected": "no", "tie": False},
+                    {"chosen": "Open Settings.", "rejected": "Open Settings, then Sync.", "tie": True},
+                    {"chosen": "Thanks, tap Sync.", "rejected": "tap", "tie": False}])
+    figures = heldout_metrics(data, [2.0, 0.0, 1.0], [0.0, 1.0, -1.0])
+    assert figures["eval_accuracy"] == 1.0 and figures["eval_pairs"] == 2 and figures["eval_ties"] == 1
+    assert sum(b["pairs"] for b in figures["calibration"]) == 2
+    probes = probe(thanks_anywhere, data, [2.0, 0.0, 1.0], [0.0, 1.0, -1.0])
+    assert probes["pairs"] == 2

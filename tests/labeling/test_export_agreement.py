@@ -47,6 +47,18 @@ def test_two_annotators_majority_agreement_and_flags():
     assert summary["dropped_flagged"] == 1 and len(flagged) == 6
 
 
+def test_kept_ties_are_marked_and_a_split_vote_with_equal_mean_ranks_is_not_one():
+    # x, y: A > C > B > D; z: C > B > A > D. A vs C: 2 votes to 1 and mean ranks 5/3 each: margin 0, decided.
+    data = rows({"x": [1, 3, 2, 4], "y": [1, 3, 2, 4], "z": [3, 2, 1, 4]})
+    pairs, summary = build_pairs(data, ties="margin0")
+    by = {(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]): p for p in pairs}
+    assert by[("A", "C")]["margin"] == 0 and by[("A", "C")]["tie"] is False
+    assert not any(p["tie"] for p in pairs) and summary["kept_ties"] == 0
+    tied, summary = build_pairs(rows({"x": [1, 1, 2, 3]}), ties="margin0")  # A = B
+    assert [(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]) for p in tied if p["tie"]] == [("A", "B")]
+    assert summary["kept_ties"] == 1 and sum(not p["tie"] for p in tied) == 5
+
+
 def test_bradley_terry_combination_breaks_the_majority_tie_by_strength():
     # Three annotators: two say C > D, one says D > C strongly, majority C > D.
     three = {"x": [1, 4, 2, 3], "y": [1, 4, 2, 3], "z": [1, 4, 3, 2]}
