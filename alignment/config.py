@@ -421,6 +421,9 @@ class PPOStageConfig:
             raise ConfigError(f"{p}rl.reward_on_policy_base=true loads a reward model's adapter, but scorer= gives the "
                               "reward; leave it false")
         if self.algo == "ppo":
+            if gen.top_p < 1:
+                raise ConfigError(f"{p}generation.top_p={gen.top_p}: PPO's log-probs, ratios and KL are the full "
+                                  "softmax's, so its rollouts must be sampled from all of it: top_p must be 1.0")
             if rl.minibatch_size > rl.rollout_prompts:
                 raise ConfigError(f"{p}rl.minibatch_size={rl.minibatch_size} exceeds rl.rollout_prompts="
                                   f"{rl.rollout_prompts}")

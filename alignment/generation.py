@@ -13,6 +13,7 @@ adapter folder), prompts tokenized here exactly as for transformers, a seed per 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,26 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
         tokenizer = load_tokenizer(source)
     model.eval()
     return Policy(model, tokenizer, source, base_name)
+
+
+@contextmanager
+def plain_sampling(model):
+    """Within the block, generate() samples from softmax(logits / temperature) with only the knobs a call
+    passes: generate() fills every knob a call leaves unset from the model folder's
+    generation_config.json (a repetition_penalty, typical_p, min_p, no_repeat_ngram_size ... some models
+    ship), which is swapped for a bare one here. For samples whose log-probs are computed from the plain
+    softmax: PPO's rollouts, eval's KL. Callers still pass top_k (None or 0), whose library default is 50.
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = inner.generation_config
+    inner.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                                               pad_token_id=shipped.pad_token_id)
+    try:
+        yield
+    finally:
+        inner.generation_config = shipped
 
 
 def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:

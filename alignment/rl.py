@@ -304,16 +304,35 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
-def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl) -> int:
-    """Restore what save_checkpoint wrote into the live objects; returns the step to continue after."""
+def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = None,
+                      weight_decay: float | None = None) -> None:
+    """The optimizer's and the schedule's state from `state`, at `lr` and `weight_decay` where given."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if lr is not None:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    if weight_decay is not None:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = weight_decay
+
+
+def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, *, lr: float | None = None,
+                    weight_decay: float | None = None) -> int:
+    """Restore what save_checkpoint wrote into the live objects; returns the step to continue after.
+
+    The optimizer's moments and the schedule's position come back; its rate and weight decay are
+    this run's (`lr`, `weight_decay`): load_state_dict would restore the checkpoint's, and "resume
+    with a lower train.lr" (the instability guard's advice) would silently repeat the old one.
+    """
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")), adapter_name="default")
     keep_trainable_in(model, next(head.parameters()).dtype)
     head.load_state_dict(load_file(str(folder / VALUE_HEAD)))
     state = torch.load(folder / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    restore_optimizer(optimizer, scheduler, state, lr=lr, weight_decay=weight_decay)
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

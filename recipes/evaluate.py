@@ -29,7 +29,7 @@ from alignment import report as report_module
 from alignment.artifacts import print_done, stage_dir, stages_of_kind, store_url, write_manifest
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import load_prompts
-from alignment.generation import Policy, chat_prompt, generate
+from alignment.generation import Policy, chat_prompt, generate, plain_sampling
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
@@ -104,9 +104,10 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         model.set_adapter(policy)
         torch.manual_seed(seed + b)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        with plain_sampling(model):  # the policy's own distribution, not its folder's decoding settings
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                                 top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
         width = enc["input_ids"].shape[1]
         answer = answer_mask(ids[:, width:], tokenizer.eos_token_id)
         prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)

@@ -50,7 +50,7 @@ from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
 from alignment.distributed import Ranks
-from alignment.generation import chat_prompt
+from alignment.generation import chat_prompt, plain_sampling
 from alignment.gpu_training import peak_gpu_mib
 from alignment.modeling import (
     adapter_base_name,
@@ -162,11 +162,12 @@ def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int
     responses = []
     for i in range(0, len(prompts), gen.batch_size):
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + i + rank * 7_919)
-        out = model.generate(input_ids=enc["input_ids"][i:i + gen.batch_size].to(device),
-                             attention_mask=enc["attention_mask"][i:i + gen.batch_size].to(device),
-                             max_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature,
-                             top_p=gen.top_p, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        with plain_sampling(model):  # the log-probs below are the plain softmax's: so is the sampling
+            out = model.generate(input_ids=enc["input_ids"][i:i + gen.batch_size].to(device),
+                                 attention_mask=enc["attention_mask"][i:i + gen.batch_size].to(device),
+                                 max_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature,
+                                 top_p=gen.top_p, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
         responses.append(out[:, enc["input_ids"].shape[1]:].cpu())
     width = max(r.shape[1] for r in responses)
     responses = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tokenizer.pad_token_id)
@@ -259,7 +260,8 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     start = 0
     checkpoint = R.find_checkpoint(out, cfg.train.resume_from_checkpoint)
     if checkpoint:
-        start = R.load_checkpoint(checkpoint, model, head, optimizer, scheduler, kl_ctl)
+        start = R.load_checkpoint(checkpoint, model, head, optimizer, scheduler, kl_ctl, lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
         rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= start]
         if is_main_process():  # drop what the killed run logged after its checkpoint: it is redone
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -216,6 +216,7 @@ def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, ti
     (["algo=grpo", "generation.temperature=0"], "generation.temperature: GRPO samples"),
     (["rl.kl_control=pid"], "rl.kl_control: 'pid' is not allowed"),
     (["scorer=no_such_scorer"], "scorer 'no_such_scorer': not a built-in"),
+    (["generation.top_p=0.9"], "generation.top_p=0.9: PPO's log-probs, ratios and KL are the full softmax's"),
 ])
 def test_config_errors_name_the_key(overrides, message, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", "run.wandb=disabled", *overrides]) == 2
@@ -282,3 +283,52 @@ def test_clipped_losses():
     vloss, vstats = R.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]),
                                  torch.ones(1, 1), clip_range=0.2)
     assert vloss.item() == pytest.approx(0.5 * 0.8 ** 2) and vstats["value/clipfrac"] == 1.0
+
+
+def test_resume_trains_at_this_runs_rate_not_the_checkpoints():
+    """The instability guard says: resume with a lower train.lr. The optimizer's state dict carries the old
+    rate (and the schedule's base rates): restored as is, the new one would be ignored."""
+    from transformers import get_scheduler
+
+    def build(lr):
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
+        return weight, optimizer, get_scheduler("cosine", optimizer, 0, 10)
+
+    weight, optimizer, scheduler = build(1e-3)
+    for _ in range(4):
+        weight.sum().backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    _, optimizer, scheduler = build(1e-4)
+    R.restore_optimizer(optimizer, scheduler, state, lr=1e-4, weight_decay=0.01)
+    factor = scheduler.lr_lambdas[0](4)  # the cosine's position after 4 of 10 steps is kept
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor) and scheduler.last_epoch == 4
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.state_dict()["state"]  # moments kept
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * scheduler.lr_lambdas[0](5))
+
+
+def test_plain_sampling_ignores_the_model_folders_decoding_settings(tiny_model):
+    """A folder's generation_config.json may switch on processors (a repetition penalty); PPO's log-probs
+    and eval's KL are the plain softmax's, so inside plain_sampling the sampled-from scores are the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.generation import plain_sampling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.generation_config.repetition_penalty = 1.5
+    ids = torch.tensor([[1, 5, 9, 5, 9, 5]])
+
+    def scores_and_logits():
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True,
+                             temperature=1.0, top_p=1.0, top_k=None, output_scores=True, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(out.scores), torch.stack(out.logits)
+
+    scores, logits = scores_and_logits()
+    assert not torch.allclose(scores, logits)  # the shipped penalty at work
+    with plain_sampling(model):
+        scores, logits = scores_and_logits()
+    assert torch.equal(scores, logits) and model.generation_config.repetition_penalty == 1.5  # put back
