@@ -328,7 +328,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                f"the app lays out at most {MAX_K}")
             return found
 
-        signed_out = _note("Your session has ended: reload the page to sign in again.", "⚠️", error=True)
+        signed_out = _note("Your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks).", "⚠️", error=True)
 
         def do_load(request: gr.Request):
             sess = signed_in(request)
@@ -357,6 +357,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
             except (ValueError, KeyError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
+            if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
+                return [_note(result["message"], "⚠️", error=True), *show(next_for(sess))]
             if not result["created"]:
                 # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
                 # shows by now (the first submit's answer put the next task there).

@@ -118,6 +118,8 @@ def _whole(value: Any) -> Any:
 
 
 ALREADY_SAVED = "Already saved (kept your first submission)."
+OTHER_RANKING = ("Not saved: this task was already submitted, from another tab or window, with a different "
+                 "ranking, which is kept. Next task.")
 
 
 def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
@@ -140,7 +142,7 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)
     if status == "submitted":
-        return {"ok": True, "created": False, "message": ALREADY_SAVED}
+        return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
         raise PermissionError(f"task {task['task_id']} was skipped; it is no longer yours to rank")
     if task["kind"] == "pairwise":
@@ -154,7 +156,26 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
                                  rationale=(rationale or "").strip(), seconds=seconds)
-    return {"ok": True, "created": created, "message": "Saved. Next task." if created else ALREADY_SAVED}
+    if not created:  # another submit of this task landed first
+        return _repeat(store, session, task, ranks_shown, verdict)
+    return {"ok": True, "created": True, "message": "Saved. Next task."}
+
+
+def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown, verdict) -> dict[str, Any]:
+    """The answer to a submit of a task already submitted: a repeat of the same ranking (a double click, a
+    retried request) is "already saved"; a different one (a second tab) is said not to be saved."""
+    try:
+        ranks = pairwise_ranks(verdict)[0] if task["kind"] == "pairwise" else \
+            [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
+        mine = to_canonical(task, ranks)
+        if any(r in (None, "") for r in ranks):
+            mine = None
+    except (ValueError, TypeError):
+        mine = None
+    kept = store.submitted_ranks(session["annotator_id"], task["task_id"])
+    if mine is not None and kept is not None and mine != kept:
+        return {"ok": True, "created": False, "conflict": True, "message": OTHER_RANKING}
+    return {"ok": True, "created": False, "message": ALREADY_SAVED}
 
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,

@@ -551,7 +551,8 @@ class Store:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
-        A draft is replaced by a later draft or by the submit.
+        A draft is replaced by the submit, and updated by a later draft rank by rank: a rank the later
+        one leaves at 0 (not set in that tab) keeps its value.
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
@@ -567,10 +568,14 @@ class Store:
                         raise PermissionError(f"task {task_id} is not assigned to this annotator")
                     if assigned.status == "skipped":
                         raise PermissionError(f"task {task_id} was skipped; it is no longer open for this annotator")
-                    row = conn.execute(select(rankings.c.id, rankings.c.status).where(
+                    row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks).where(
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id)).first()
                     if row and row.status == "submitted":
                         return False
+                    if row and status == "draft":  # a draft fills in ranks (0 = not set here): a second tab
+                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it
+                        if len(kept) == len(ranks):
+                            values["ranks"] = json.dumps([new or old for new, old in zip(ranks, kept, strict=True)])
                     if row:
                         # Conditional: on PostgreSQL two submits over one draft both read "draft"; the second
                         # UPDATE waits for the first, re-checks this WHERE and changes nothing.
@@ -589,6 +594,14 @@ class Store:
             except IntegrityError:
                 continue  # another request of this annotator inserted first: look again
         return False
+
+    def submitted_ranks(self, annotator_id: int, task_id: int) -> list[int] | None:
+        """This annotator's submitted ranking of a task (canonical order), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(rankings.c.ranks).where(
+                rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
+                rankings.c.status == "submitted")).first()
+        return json.loads(row[0]) if row else None
 
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""

@@ -489,6 +489,39 @@ def test_sign_out_and_expiry_end_the_session_on_the_server(served, browser):
         thief.close()
 
 
+def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_another_tab(tmp_path, browser):
+    """The session ends while an annotator ranks: the page keeps the ranks and says to sign in again in a
+    new tab (a reload would go to the sign-in form and lose them); after that, Submit here saves them."""
+    from sqlalchemy import update
+
+    from labeling.server import create_app
+    from labeling.server import running as serve
+    from labeling.store import sessions
+
+    store = new_store(tmp_path)
+    store.add_user("late", PASSWORD)
+    store.add_tasks("shift", _support_tasks(2))
+    page = new_page(browser)
+    try:
+        with serve(create_app(store)) as url:
+            sign_in(page, url, "late")
+            prompt, bodies = shown_task(page)
+            rank_all(page, [3, 1, 2, 4])
+            with store.tx() as conn:  # the session's time is up
+                conn.execute(update(sessions).values(expires=0.0))
+            page.click("#align-submit")
+            page.wait_for_function("document.body.innerText.includes('sign in again in a new tab')")
+            assert rankings_of(store, "late") == []
+            other = page.context.new_page()  # same browser: its sign-in renews the cookie for both tabs
+            sign_in(other, url, "late")
+            other.close()
+            page.click("#align-submit")
+            wait_for_message(page, "✅")
+            assert [r["ranks"] for r in rankings_of(store, "late")] == [canonical(store, prompt, bodies, [3, 1, 2, 4])[1]]
+    finally:
+        page.context.close()
+
+
 def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, browser):
     """Issue 12.3: 150 anonymous calls with fresh session hashes, against a Gradio that keeps only 20 sessions:
     every call is refused before Gradio, and a signed-in annotator goes on working. So does she when another

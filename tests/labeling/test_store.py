@@ -99,7 +99,7 @@ def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
 
     def click(ranks):
         try:
-            results.append(handlers.submit(store, alice, task["task_id"], ranks))
+            results.append((ranks, handlers.submit(store, alice, task["task_id"], ranks)))
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             errors.append(err)
 
@@ -109,10 +109,14 @@ def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
     for t in threads:
         t.join()
     assert not errors
-    assert sum(r["created"] for r in results) == 1
+    assert sum(r["created"] for _, r in results) == 1
     rows = store.submitted_rankings()
     assert len(rows) == 1  # one ranking, whichever click landed first; the others were told so
-    assert all("Already saved" in r["message"] for r in results if not r["created"])
+    kept = next(ranks for ranks, r in results if r["created"])
+    # A repeat of the kept ranking is "already saved"; the other ranking is told it was not saved.
+    for ranks, r in results:
+        if not r["created"]:
+            assert r["message"] == (handlers.ALREADY_SAVED if ranks == kept else handlers.OTHER_RANKING), (ranks, r)
 
 
 def test_two_annotators_at_once_get_different_tasks_and_keep_their_own_rankings(store):
@@ -208,6 +212,18 @@ def test_a_draft_is_kept_then_replaced_by_the_submit(store):
         store.add_tasks("round-0", [{"prompt": "new", "responses": ["a", "b"], "response_meta": [{}]}], source={})
 
 
+def test_a_stale_tabs_draft_never_erases_ranks_another_tab_set(store):
+    """Two tabs on one task: the one that never saw a rank sends 0 (not set) for it, which keeps it."""
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    handlers.save_draft(store, alice, task["task_id"], [2, 1, None, None])  # tab 1
+    handlers.save_draft(store, alice, task["task_id"], [None, None, 4, None])  # tab 2, opened before
+    assert handlers.next_task(store, alice)["draft"] == [2, 1, 4, None]
+    handlers.save_draft(store, alice, task["task_id"], [3, None, None, None])  # a rank changed: the new one
+    assert handlers.next_task(store, alice)["draft"] == [3, 1, 4, None]
+
+
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
     make_tasks(store, 1)
@@ -293,8 +309,11 @@ def test_a_submit_names_its_task_and_a_repeat_never_ranks_the_next_one(store):
     first = handlers.next_task(store, alice)
     assert handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4])["created"]
     second = handlers.next_task(store, alice)  # the next task is open when the repeat arrives
-    repeat = handlers.submit(store, alice, first["task_id"], [4, 3, 2, 1])
-    assert not repeat["created"] and "Already saved" in repeat["message"]
+    repeat = handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4])
+    assert not repeat["created"] and repeat["message"] == handlers.ALREADY_SAVED
+    # The same task submitted with other ranks (a second tab): not saved, and said so, not "already saved".
+    other = handlers.submit(store, alice, first["task_id"], [4, 3, 2, 1])
+    assert not other["created"] and other["conflict"] and other["message"] == handlers.OTHER_RANKING
     assert [(r["task_id"], r["annotator"]) for r in store.submitted_rankings()] == [(first["task_id"], "alice")]
     assert store.draft(alice["annotator_id"], second["task_id"]) is None
     assert not handlers.save_draft(store, alice, first["task_id"], [1, None, None, None])  # late draft: ignored
