@@ -595,21 +595,20 @@ class Store:
                 continue  # another request of this annotator inserted first: look again
         return False
 
-    def submitted_ranks(self, annotator_id: int, task_id: int) -> list[int] | None:
-        """This annotator's submitted ranking of a task (canonical order), or None."""
+    def _ranks(self, annotator_id: int, task_id: int, status: str) -> list[int] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(rankings.c.ranks).where(
                 rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
-                rankings.c.status == "submitted")).first()
+                rankings.c.status == status)).first()
         return json.loads(row[0]) if row else None
+
+    def submitted_ranks(self, annotator_id: int, task_id: int) -> list[int] | None:
+        """This annotator's submitted ranking of a task (canonical order), or None."""
+        return self._ranks(annotator_id, task_id, "submitted")
 
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(rankings.c.ranks).where(
-                rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
-                rankings.c.status == "draft")).first()
-        return json.loads(row[0]) if row else None
+        return self._ranks(annotator_id, task_id, "draft")
 
     def discard(self, ranking_task_id: int, annotator_id: int) -> None:
         with self.tx() as conn:
