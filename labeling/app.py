@@ -318,7 +318,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 *[gr.update(choices=choices, value=str(draft[i]) if draft[i] else None, visible=not is_pair)
                   for i in range(MAX_K)],
                 gr.update(visible=is_pair, value=None),
-                gr.update(value=False, visible=not is_pair), False, "", gr.update(interactive=True),
+                # the draft's flags and rationale come back with its ranks
+                gr.update(value="all_bad" in next_.get("draft_flags", []), visible=not is_pair),
+                "unsafe" in next_.get("draft_flags", []), next_.get("draft_rationale", ""), gr.update(interactive=True),
             ]
 
         def next_for(sess: dict) -> dict | None:
@@ -365,18 +367,22 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [_note(result["message"], "✅"), *unchanged]
             return [_note(result["message"], "✅"), *show(next_for(sess))]
 
-        def do_draft(request: gr.Request, current, *rank_values):
-            """Every rank the annotator sets is kept as a draft (never over a submitted ranking)."""
+        def do_draft(request: gr.Request, current, *values):
+            """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted ranking)."""
+            rank_values, (bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
             sess = signed_in(request)
             if sess is None or current is None:
                 return
             try:
-                handlers.save_draft(store, sess, current, list(rank_values))
+                handlers.save_draft(store, sess, current, list(rank_values), all_bad=bool(bad), unsafe=bool(is_unsafe),
+                                    rationale=why or "")
             except (ValueError, KeyError, PermissionError) as err:
                 log.warning("draft of task %s not saved: %s", current, err)
 
-        for rank in ranks:  # .input: the annotator's own clicks and keys, not the updates show() makes
-            rank.input(do_draft, [task_id, *ranks], None, trigger_mode="always_last", show_progress="hidden")
+        # .input: the annotator's own clicks and keys, not the updates show() makes
+        for widget in (*ranks, all_bad, unsafe, rationale):
+            widget.input(do_draft, [task_id, *ranks, all_bad, unsafe, rationale], None, trigger_mode="always_last",
+                         show_progress="hidden")
 
         def do_skip(current, request: gr.Request):
             sess = signed_in(request)

@@ -74,9 +74,11 @@ def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_r
         return None
     view = _view(store, session["annotator_id"], task_id, seed)
     draft = store.draft(session["annotator_id"], task_id)
+    notes = store.draft_notes(session["annotator_id"], task_id) or {"flags": [], "rationale": ""}
     return {**view, "progress": store.progress(session["annotator_id"]),
             # a saved partial ranking in shown order (None where unranked), so a reload loses nothing
-            "draft": [draft[i] or None for i in view["order"]] if draft else None}
+            "draft": [draft[i] or None for i in view["order"]] if draft else None,
+            "draft_flags": notes["flags"], "draft_rationale": notes["rationale"]}
 
 
 def _open_view(store: Store, session: dict[str, Any], task_id: Any, seed: int) -> tuple[dict[str, Any], str]:
@@ -179,8 +181,9 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
-               seed: int = 0) -> bool:
-    """Keep a partial ranking of an open task (no validation beyond types): a reload shows nothing lost.
+               all_bad: bool = False, unsafe: bool = False, rationale: str = "", seed: int = 0) -> bool:
+    """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
+    reload shows nothing lost.
 
     False (nothing written) once the task is submitted or skipped: a late draft never touches it.
     """
@@ -193,7 +196,9 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
                                           for r in ranks):
         raise ValueError(f"a draft of task {task['task_id']} needs {task['k']} ranks from 0 (not ranked yet) "
                          f"to {task['k']}")
-    return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), status="draft")
+    flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
+    return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
+                              rationale=(rationale or "").strip(), status="draft")
 
 
 def skip(store: Store, session: dict[str, Any], task_id: int) -> None:

@@ -573,9 +573,11 @@ class Store:
                     if row and row.status == "submitted":
                         return False
                     if row and status == "draft":  # a draft fills in ranks (0 = not set here): a second tab
-                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it
+                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it; nor a rationale
                         if len(kept) == len(ranks):
                             values["ranks"] = json.dumps([new or old for new, old in zip(ranks, kept, strict=True)])
+                        if not rationale:
+                            values.pop("rationale", None)
                     if row:
                         # Conditional: on PostgreSQL two submits over one draft both read "draft"; the second
                         # UPDATE waits for the first, re-checks this WHERE and changes nothing.
@@ -609,6 +611,14 @@ class Store:
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""
         return self._ranks(annotator_id, task_id, "draft")
+
+    def draft_notes(self, annotator_id: int, task_id: int) -> dict[str, Any] | None:
+        """The flags and rationale of this annotator's draft of a task, or None without a draft."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(rankings.c.flags, rankings.c.rationale).where(
+                rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
+                rankings.c.status == "draft")).first()
+        return {"flags": json.loads(row.flags), "rationale": row.rationale} if row else None
 
     def discard(self, ranking_task_id: int, annotator_id: int) -> None:
         with self.tx() as conn:

@@ -274,7 +274,8 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
 
 
 def test_a_partial_ranking_survives_a_reload(served, browser):
-    """Ranks set before a reload (or a crash of the tab) are saved as a draft and shown again."""
+    """Ranks, flags and the rationale set before a reload (or a crash of the tab) are saved as a draft and
+    shown again."""
     from labeling import handlers
 
     url, store, _ = served
@@ -284,11 +285,15 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
     prompt, bodies = shown_task(first)
     first.click("#rank-a label:has-text('2')")
     first.click("#rank-b label:has-text('1')")
+    first.click("#align-unsafe input")
+    first.locator("#align-rationale textarea").press_sequentially("B gives the steps")
     task_id, partial = canonical(store, prompt, bodies, [2, 1, 0, 0])
+    notes = {"flags": ["unsafe"], "rationale": "B gives the steps"}
     deadline = time.monotonic() + 10
-    while store.draft(annotator, task_id) != partial and time.monotonic() < deadline:
+    while (store.draft(annotator, task_id), store.draft_notes(annotator, task_id)) != (partial, notes) and \
+            time.monotonic() < deadline:
         time.sleep(0.1)
-    assert store.draft(annotator, task_id) == partial
+    assert store.draft(annotator, task_id) == partial and store.draft_notes(annotator, task_id) == notes
     first.context.close()  # the tab is gone without a submit
 
     again = new_page(browser)
@@ -297,12 +302,15 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
         assert shown_task(again) == (prompt, bodies)  # the same task, in the same shuffled order
         checked = [again.locator(f"#rank-{x} input:checked") for x in "abcd"]
         assert [c.get_attribute("value") if c.count() else None for c in checked] == ["2", "1", None, None]
+        assert again.is_checked("#align-unsafe input") and not again.is_checked("#align-all-bad input")
+        assert again.input_value("#align-rationale textarea") == "B gives the steps"
         again.click("#rank-c label:has-text('4')")
         again.click("#rank-d label:has-text('3')")
         again.click("#align-submit")
         wait_for_message(again, "✅")
         rows = wait_for_rows(store, "reload", 1)
         assert [(r["task_id"], r["ranks"]) for r in rows] == [canonical(store, prompt, bodies, [2, 1, 4, 3])]
+        assert rows[0]["flags"] == ["unsafe"] and rows[0]["rationale"] == "B gives the steps"
         assert store.draft(annotator, task_id) is None  # the draft became the submitted ranking
     finally:
         again.context.close()
@@ -510,7 +518,8 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
             page.click("#align-submit")
-            page.wait_for_function("document.body.innerText.includes('sign in again in a new tab')")
+            page.wait_for_function("document.body.innerText.includes('sign in again in a new tab')",
+                                   timeout=30_000)  # behind the drafts the ranks queued, on a busy box
             assert rankings_of(store, "late") == []
             other = page.context.new_page()  # same browser: its sign-in renews the cookie for both tabs
             sign_in(other, url, "late")

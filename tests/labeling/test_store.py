@@ -224,6 +224,22 @@ def test_a_stale_tabs_draft_never_erases_ranks_another_tab_set(store):
     assert handlers.next_task(store, alice)["draft"] == [3, 1, 4, None]
 
 
+def test_a_drafts_flags_and_rationale_come_back_with_its_ranks(store):
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    assert (task["draft_flags"], task["draft_rationale"]) == ([], "")
+    handlers.save_draft(store, alice, task["task_id"], [1, None, None, None], unsafe=True, rationale=" B leaks a key ")
+    again = handlers.next_task(store, alice)
+    assert (again["draft"], again["draft_flags"], again["draft_rationale"]) == ([1, None, None, None], ["unsafe"],
+                                                                               "B leaks a key")
+    handlers.save_draft(store, alice, task["task_id"], [None, 2, None, None])  # a tab with no rationale typed
+    again = handlers.next_task(store, alice)
+    assert again["draft_rationale"] == "B leaks a key" and again["draft_flags"] == [] and again["draft"][:2] == [1, 2]
+    handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe=True, rationale="B leaks a key")
+    assert store.submitted_rankings()[0]["rationale"] == "B leaks a key"
+
+
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
     make_tasks(store, 1)
