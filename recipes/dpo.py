@@ -99,6 +99,16 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     return PeftModel.from_pretrained(base, str(sft), is_trainable=True)
 
 
+def count_too_long(pairs, tokenizer, max_length: int) -> int:
+    """Pairs whose prompt + chosen or prompt + rejected is longer than max_length tokens (as TRL tokenizes them)."""
+    n = 0
+    for row in pairs:
+        lengths = [len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)
+                       ["input_ids"]) for side in ("chosen", "rejected")]
+        n += max(lengths) > max_length
+    return n
+
+
 def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
     """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
     return trl_args(
@@ -139,6 +149,11 @@ def main(cfg: DPOStageConfig) -> Path:
                                          on_error=cfg.data.on_error)
     train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft))  # the SFT's chat template and pad token
+    too_long = count_too_long(train, tokenizer, cfg.model.max_length)
+    if too_long:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
+        log.warning("%d of %d training pairs have a side longer than model.max_length=%d tokens: TRL cuts it there "
+                    "(its end and EOS are not trained); raise model.max_length to keep them whole",
+                    too_long, len(train), cfg.model.max_length)
 
     # --- model ------------------------------------------------------------------------------
     model = policy_with_reference(model_cfg, plan, sft)
@@ -207,7 +222,7 @@ def main(cfg: DPOStageConfig) -> Path:
         reward_probe_warning=probe_note,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
-              "skipped": data_report.skipped},
+              "skipped": data_report.skipped, "too_long": too_long},
     )
     log_artifact("dpo", out, cfg.run.dir, parents)
     finish_wandb()

@@ -54,8 +54,9 @@ def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool, padding_free:
     """TRL's SFTConfig from ours: the shared mapping (alignment.training) plus SFT's own keys."""
     return trl_args(
         SFTConfig, cfg.train, plan, cfg.run, "sft", out, has_eval=has_eval,
-        # Padding-free: TRL enforces no max_length there; main() checked that every example fits.
-        max_length=None if padding_free else cfg.model.max_length,
+        # Padding-free: TRL enforces no max_length there; main() checked that every example fits. Packing
+        # needs it (the length it packs to), padding-free or not.
+        max_length=None if padding_free and not cfg.data.packing else cfg.model.max_length,
         padding_free=padding_free,
         packing=cfg.data.packing,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",

@@ -219,6 +219,7 @@ def test_other_losses_run(sft_dir, tmp_path):
                   "data.test_fraction=0", *FAST]) == 0
     manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
     assert manifest["config"]["loss"] == "robust" and manifest["metrics"]["global_step"] == 2
+    assert manifest["data"]["too_long"] == 0
 
 
 def test_refuses_without_an_sft_adapter(tmp_path, capsys):
@@ -264,3 +265,19 @@ def test_qlora_backward_survives_an_evaluation(sft_dir, tiny_model):
     flags = [m.support_avx512bf16_for_cpu for m in reward_base(model_cfg, plan).modules()
              if hasattr(m, "support_avx512bf16_for_cpu")]
     assert flags and not any(flags)
+
+
+def test_pairs_longer_than_max_length_are_counted(tiny_model, tmp_path):
+    """TRL cuts each side at max_length on its own: a long chosen loses its end and EOS without a word.
+    The stage counts such pairs (a warning, and data.too_long in the manifest)."""
+    from alignment.modeling import load_tokenizer
+    from recipes.dpo import count_too_long
+
+    tokenizer = load_tokenizer(tiny_model)
+    short = {"prompt": [{"role": "user", "content": "Where is Sync?"}],
+             "chosen": [{"role": "assistant", "content": "Settings > Sync."}],
+             "rejected": [{"role": "assistant", "content": "No idea."}]}
+    long_chosen = {**short, "chosen": [{"role": "assistant", "content": "Open Settings, then Sync. " * 40}]}
+    long_rejected = {**short, "rejected": [{"role": "assistant", "content": "I do not know. " * 40}]}
+    assert count_too_long([short, long_chosen, long_rejected, short], tokenizer, 128) == 2
+    assert count_too_long([long_chosen], tokenizer, 4096) == 0

@@ -266,3 +266,15 @@ def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
     assert sharded() is False
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert sharded() is True
+
+
+def test_packing_keeps_its_length_when_padding_free_is_on(tmp_path):
+    """Padding-free alone leaves max_length to TRL (every example was checked to fit); packing needs it as
+    the length it packs to, and TRL refused packing with max_length None."""
+    from recipes.sft import sft_args
+
+    cfg = load_config(SFTStageConfig, None, ["data.packing=true", "model.max_length=256", f"run.dir={tmp_path}",
+                                             "run.wandb=disabled"])
+    assert sft_args(cfg, CPU_PLAN, tmp_path, False, padding_free=True).max_length == 256
+    plain = replace(cfg, data=replace(cfg.data, packing=False))
+    assert sft_args(plain, CPU_PLAN, tmp_path, False, padding_free=True).max_length is None
