@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,9 +120,10 @@ def run_stage(command: str, cfg: Any) -> Path:
     import each other.
     """
     recipe = importlib.import_module(routed(command, cfg).recipe)
-    from alignment.gpu_training import new_stage_on_gpu
+    if "torch.cuda" in sys.modules:  # a stage before this one in the process may have used the GPU
+        from alignment.gpu_training import new_stage_on_gpu
 
-    new_stage_on_gpu()
+        new_stage_on_gpu()
     return recipe.main(cfg)
 
 

@@ -186,6 +186,7 @@ def url_problem(url: str) -> str | None:
 
 
 def _engine(url: str) -> Engine:
+    """The engine of a URL url_problem accepted: SQLite, or PostgreSQL through psycopg 3."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
@@ -205,12 +206,10 @@ def _engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    if url.startswith("postgresql+psycopg"):
-        try:
-            return create_engine(url, pool_pre_ping=True)
-        except ModuleNotFoundError:
-            raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
-    raise StoreError(f"unsupported database URL {_safe_url(url)!r}: use sqlite:///path/labels.db or postgresql://user@host/db")
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError:
+        raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
 
 
 def _loads(text: str | None, default: Any) -> Any:
@@ -597,28 +596,29 @@ class Store:
                 continue  # another request of this annotator inserted first: look again
         return False
 
-    def _ranks(self, annotator_id: int, task_id: int, status: str) -> list[int] | None:
+    def _ranking(self, annotator_id: int, task_id: int, status: str) -> dict[str, Any] | None:
+        """This annotator's ranking of a task in `status` (ranks in canonical order, flags, rationale), or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(rankings.c.ranks).where(
+            row = conn.execute(select(rankings.c.ranks, rankings.c.flags, rankings.c.rationale).where(
                 rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
                 rankings.c.status == status)).first()
-        return json.loads(row[0]) if row else None
+        return {"ranks": json.loads(row.ranks), "flags": json.loads(row.flags), "rationale": row.rationale} \
+            if row else None
 
     def submitted_ranks(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's submitted ranking of a task (canonical order), or None."""
-        return self._ranks(annotator_id, task_id, "submitted")
+        found = self._ranking(annotator_id, task_id, "submitted")
+        return found["ranks"] if found else None
 
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""
-        return self._ranks(annotator_id, task_id, "draft")
+        found = self._ranking(annotator_id, task_id, "draft")
+        return found["ranks"] if found else None
 
     def draft_notes(self, annotator_id: int, task_id: int) -> dict[str, Any] | None:
         """The flags and rationale of this annotator's draft of a task, or None without a draft."""
-        with self.engine.connect() as conn:
-            row = conn.execute(select(rankings.c.flags, rankings.c.rationale).where(
-                rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
-                rankings.c.status == "draft")).first()
-        return {"flags": json.loads(row.flags), "rationale": row.rationale} if row else None
+        found = self._ranking(annotator_id, task_id, "draft")
+        return {"flags": found["flags"], "rationale": found["rationale"]} if found else None
 
     def discard(self, ranking_task_id: int, annotator_id: int) -> None:
         with self.tx() as conn:
