@@ -150,7 +150,7 @@ class SFTDataConfig:
     # from the first record of the file / parquet / save_to_disk folder.
     format: Literal["auto", "alpaca", "messages", "prompt_completion"] = "auto"
     system_prompt: str | None = None
-    eval_fraction: float = bounded(0.05, ge=0, lt=1)
+    eval_fraction: float = bounded(0.05, ge=0, lt=1)  # held out by prompt: every answer to an instruction on one side
     packing: bool = False
     # Batch examples of similar length (transformers' LengthGroupedSampler: shuffled, then sorted
     # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The

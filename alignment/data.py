@@ -316,6 +316,25 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
     return Dataset.from_dict({"prompt": prompts, "completion": completions}), report
 
 
+def split_by_prompt(dataset, test_fraction: float, seed: int):
+    """(train, held-out) of a prompt/completion Dataset with every prompt on one side only.
+
+    Several answers to one instruction on both sides would make held-out loss optimistic (the model
+    saw the prompt). With every prompt distinct this is datasets' own train_test_split, row for row."""
+    keys = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
+    if len(set(keys)) == len(keys):
+        split = dataset.train_test_split(test_size=test_fraction, seed=seed)
+        return split["train"], split["test"]
+    from datasets import Dataset
+
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) < 2:
+        return dataset, None  # one prompt: nothing can be held out from it
+    held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=test_fraction, seed=seed)["test"]["key"])
+    test = [i for i, k in enumerate(keys) if k in held]
+    return dataset.select([i for i, k in enumerate(keys) if k not in held]), dataset.select(test)
+
+
 def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:
     """The error for a data path that yielded nothing usable: empty, or every record skipped."""
     if skipped:

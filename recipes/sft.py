@@ -19,7 +19,7 @@ from alignment import report
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import speed_up_cpu_training
-from alignment.data import file_hash, load_sft_dataset
+from alignment.data import file_hash, load_sft_dataset, split_by_prompt
 from alignment.gpu_training import (
     describe_levers,
     fit_checkpointing,
@@ -84,8 +84,7 @@ def main(cfg: SFTStageConfig) -> Path:
                     truncated, len(dataset), cfg.model.max_length)
     eval_dataset = None
     if cfg.data.eval_fraction > 0 and len(dataset) >= 10:
-        split = dataset.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.train.seed)
-        dataset, eval_dataset = split["train"], split["test"]
+        dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed)
     log.info("train %d examples, held out %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
 
     # --- model ------------------------------------------------------------------------------

@@ -77,6 +77,21 @@ def test_system_prompt_is_prepended(tmp_path):
     assert ds["prompt"][0][0] == {"role": "system", "content": "You are Lumen's support assistant."}
 
 
+
+def test_held_out_split_keeps_every_answer_of_a_prompt_on_one_side(tmp_path):
+    from alignment.data import split_by_prompt
+
+    rows = [{"instruction": f"Question {i}", "output": f"Answer {j} to {i}"} for i in range(20) for j in range(3)]
+    ds, _ = load_sft_dataset(write_jsonl(tmp_path / "a.jsonl", rows))
+    train, test = split_by_prompt(ds, 0.2, seed=0)
+    assert len(train) + len(test) == 60 and len(test) == 12  # 4 of the 20 prompts, with their 3 answers each
+    assert not {json.dumps(p) for p in train["prompt"]} & {json.dumps(p) for p in test["prompt"]}
+    # Every prompt distinct: exactly datasets' own split, so a run's figures do not move.
+    unique, _ = load_sft_dataset(write_jsonl(tmp_path / "b.jsonl", rows[::3]))
+    own = unique.train_test_split(test_size=0.2, seed=0)
+    assert [split["completion"] for split in split_by_prompt(unique, 0.2, seed=0)] == [
+        own["train"]["completion"], own["test"]["completion"]]
+
 GOOD = {"instruction": "q", "input": "", "output": "a"}
 
 
