@@ -2,7 +2,8 @@
 
 Generation is most of RLHF's wall time, so prompts go through `generate` in batches, left
 padded (decoder-only models continue from the right edge), with the KV cache on, and finished
-sequences stop at EOS. Seeds are per batch, so two policies sampled with the same settings see
+sequences stop at EOS; `generate_answers` also says of each answer whether it ended (EOS) or was
+cut at `max_new_tokens`, which `align sample` records for export and DPO. Seeds are per batch, so two policies sampled with the same settings see
 the same random stream: the comparison in `align eval` is paired.
 
 On a GPU with vLLM installed, `generation.backend=vllm` samples with vLLM's engine instead: one
@@ -16,6 +17,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +33,11 @@ from alignment.modeling import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Answer(NamedTuple):
+    text: str
+    finished: bool  # ended with EOS; False when cut at max_new_tokens
 
 
 @dataclass
@@ -96,18 +103,25 @@ def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
 def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
              system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[str]]:
     """k responses for each prompt (a list of k strings per prompt), in prompt order.
 
     ``desc=None`` shows no progress bar (for a caller that keeps its own)."""
+    answers = generate_answers(policy, prompts, gen, k=k, system_prompt=system_prompt, desc=desc)
+    return [[a.text for a in row] for row in answers]
+
+
+@torch.no_grad()
+def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
+                     system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[Answer]]:
+    """`generate`, each answer with whether it ended (sampled EOS) or was cut at gen.max_new_tokens."""
     if gen.backend == "vllm":
         return vllm_generate(policy, prompts, gen, k=k, system_prompt=system_prompt, desc=desc)
     tokenizer, model = policy.tokenizer, policy.model
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    outputs: list[list[str]] = []
+    outputs: list[list[Answer]] = []
     batches = range(0, len(prompts), gen.batch_size)
     for b, start in enumerate(tqdm(batches, desc=desc, unit="batch", disable=desc is None)):
         chunk = prompts[start:start + gen.batch_size]
@@ -128,9 +142,11 @@ def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: in
             use_cache=True,
         )
         new = out[:, enc["input_ids"].shape[1]:]
+        ended = (new == tokenizer.eos_token_id).any(dim=-1).tolist()  # pad after EOS may be EOS too: any() still right
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i in range(len(chunk)):
-            outputs.append([d.strip() for d in decoded[i * k:(i + 1) * k]])
+            outputs.append([Answer(d.strip(), e) for d, e in zip(decoded[i * k:(i + 1) * k], ended[i * k:(i + 1) * k],
+                                                                  strict=True)])
     return outputs
 
 
@@ -173,8 +189,8 @@ def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int):
 
 @torch.no_grad()
 def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
-                  system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[str]]:
-    """`generate` through vLLM: same prompts, token ids and sampling settings; the adapter as a LoRARequest."""
+                  system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[Answer]]:
+    """`generate_answers` through vLLM: same prompts, token ids and sampling settings; the adapter as a LoRARequest."""
     import json
 
     from vllm import SamplingParams
@@ -205,4 +221,5 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
                              seed=gen.seed + i, stop_token_ids=[tokenizer.eos_token_id],
                              skip_special_tokens=True) for i in range(len(prompts))]
     results = engine.generate(requests, params, lora_request=lora, use_tqdm=desc is not None)
-    return [[c.text.strip() for c in r.outputs] for r in results]
+    # finish_reason "stop": EOS (a stop token); "length": cut at max_tokens.
+    return [[Answer(c.text.strip(), c.finish_reason == "stop") for c in r.outputs] for r in results]

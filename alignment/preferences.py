@@ -11,7 +11,8 @@ chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may
 conversations: their shared leading turns become the prompt. Provenance columns are kept when
 present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
 prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), tie (a tie
-kept by ties=margin0), and the reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
+kept by ties=margin0), chosen_finished / rejected_finished (false: the response was cut at the
+sampler's max_new_tokens; DPO trains no end of turn after it), and the reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
 chosen is the better one, a soft label in [0, 1]) and weight (>= 0), which `align reward` trains with.
 A pair without task_id is grouped by its prompt, so pairs of one prompt count as one ranking. A bad
 record is an error naming the file, the line (or row) and the problem.
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
 PROVENANCE = ("task_id", "batch", "annotators", "agreement", "margin", "source", "prompt_id", "votes_chosen",
-              "votes_rejected", "p_chosen", "weight", "tie")
+              "votes_rejected", "p_chosen", "weight", "tie", "chosen_finished", "rejected_finished")
+# True/false columns: tie (a tie align export kept, ties=margin0: no right answer to score) and whether
+# each response ended or was cut at the sampler's max_new_tokens (align dpo trains no end of turn there).
+FLAGS = ("tie", "chosen_finished", "rejected_finished")
 # Numeric columns and their allowed range (low, high or None).
 NUMBERS = {"agreement": (0, 1), "margin": (0, None), "p_chosen": (0, 1), "weight": (0, None)}
 
@@ -110,10 +114,11 @@ def _provenance(record: dict, where: str) -> dict[str, Any]:
         if not isinstance(annotators, list) or not all(isinstance(a, str) for a in annotators):
             raise DataError(f"{where}: field 'annotators' must be a list of names")
         out["annotators"] = annotators
-    if record.get("tie") is not None:  # a tie align export kept (ties=margin0): no right answer to score
-        if not isinstance(record["tie"], bool):
-            raise DataError(f"{where}: field 'tie' must be true or false, got {record['tie']!r}")
-        out["tie"] = record["tie"]
+    for key in FLAGS:
+        if record.get(key) is not None:
+            if not isinstance(record[key], bool):
+                raise DataError(f"{where}: field {key!r} must be true or false, got {record[key]!r}")
+            out[key] = record[key]
     return out
 
 

@@ -19,6 +19,9 @@ The rules (docs/labeling.md says the same):
   `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks.
   `votes_chosen` / `votes_rejected` count the annotators who ordered the pair each way (ties neither).
 - Identical responses never make a pair. Train/test are split by prompt (no prompt on both sides).
+- `chosen_finished` / `rejected_finished`: whether each response ended (EOS) or was cut at the
+  sampler's max_new_tokens (`align sample` records it; absent for responses stored without it).
+  `align dpo` trains no end of turn after a cut response; summary.json counts `pairs_with_cut_side`.
 
 Where it writes: a new folder, an empty one, or one a previous export wrote (it holds
 dataset_dict.json and summary.json). A previous export's files (`WRITTEN`) are replaced; any other
@@ -230,6 +233,9 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 soft = {"p_chosen": p, "weight": 2 * p - 1}
             tie = (chosen, rejected) not in untied
             counts["kept_ties"] += tie
+            ends = {f"{side}_finished": metas[i]["finished"] for side, i in (("chosen", chosen), ("rejected", rejected))
+                    if isinstance(metas[i].get("finished"), bool)}
+            counts["pairs_with_cut_side"] += not all(ends.values())
             source = metas[chosen].get("policy") or first.get("source", {}).get("policy") or ""
             prompt = [{"role": "user", "content": first["prompt"]}] if chat else first["prompt"]
             pairs.append({
@@ -240,13 +246,13 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 "agreement": agreement, "margin": float(margin), "tie": tie, "source": str(source),
                 "prompt_id": hashlib.sha1(first["prompt"].encode()).hexdigest()[:12],
                 "votes_chosen": sum(r[chosen] < r[rejected] for r in rank_lists),
-                "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), **soft,
+                "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), **ends, **soft,
             })
     summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
                "dropped_ties": counts["dropped_ties"], "dropped_flagged": counts["dropped_flagged"],
                "dropped_low_agreement": counts["dropped_low_agreement"],
                "dropped_duplicates": counts["dropped_duplicates"], "kept_ties": counts["kept_ties"],
-               "dropped_uncertain": counts["dropped_uncertain"],
+               "dropped_uncertain": counts["dropped_uncertain"], "pairs_with_cut_side": counts["pairs_with_cut_side"],
                "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator),
                "mean_p_chosen": _mean([p["p_chosen"] for p in pairs]) if combine == "dawid_skene" and pairs else None,
                "reliability": {**reliability.summary(), "used_for_pairs": combine == "dawid_skene"}}

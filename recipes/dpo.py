@@ -71,6 +71,11 @@ class AlignDPOTrainer(DPOTrainer):
         self.rows_seen = self.rows_run = 0  # rows of the batches (2 per pair) and distinct ones the model ran
         super().__init__(*args, **kwargs)
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization, then no end of turn after a response cut at the sampler's max_new_tokens."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return drop_cut_ends(dataset, processing_class)
+
     def get_train_dataloader(self):
         if not self.group_by_ranking:
             return super().get_train_dataloader()
@@ -97,6 +102,35 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
 
     base = load_base_model(model_cfg, plan)
     return PeftModel.from_pretrained(base, str(sft), is_trainable=True)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids the chat template puts after an assistant message's text (e.g. <|im_end|> and a newline)."""
+    mark = "\x00align-end-of-turn\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    return tokenizer(text.split(mark)[-1], add_special_tokens=False)["input_ids"]
+
+
+def drop_cut_ends(dataset, tokenizer):
+    """Strip the end of turn from each side export marked cut (`chosen_finished` / `rejected_finished` false).
+
+    A response cut at max_new_tokens never ended; trained with the template's end of turn, DPO would
+    teach the policy to stop mid-sentence (a cut chosen) or to avoid stopping there (a cut rejected).
+    Without it, each side's text tokens are still compared."""
+    sides = [s for s in ("chosen", "rejected") if f"{s}_finished" in dataset.column_names]
+    end = end_of_turn_ids(tokenizer)
+    if not sides or not end:
+        return dataset
+
+    def strip(row):
+        for side in sides:
+            ids = row[f"{side}_ids"]
+            if row[f"{side}_finished"] is False and ids[-len(end):] == end and len(ids) > len(end):
+                row[f"{side}_ids"] = ids[:-len(end)]
+        return row
+
+    return dataset.map(strip, desc="No end of turn after cut responses")
 
 
 def count_too_long(pairs, tokenizer, max_length: int) -> int:

@@ -35,7 +35,7 @@ from alignment import StageError
 from alignment.artifacts import print_done, read_manifest, round_batch, stage_dir, store_url, write_manifest
 from alignment.config import SampleStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import generate, load_policy
+from alignment.generation import Answer, generate_answers, load_policy
 from alignment.modeling import device_plan
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
@@ -43,20 +43,24 @@ from alignment.tracking import Tracker, log_artifact
 log = logging.getLogger(__name__)
 
 
-def resample_duplicates(policy, prompt: str, responses: list[str], cfg: SampleStageConfig) -> list[dict]:
-    """Re-draw responses identical to an earlier one; mark those still identical after that."""
-    meta: list[dict] = [{} for _ in responses]
+def resample_duplicates(policy, prompt: str, answers: list[Answer], cfg: SampleStageConfig) -> list[dict]:
+    """Re-draw answers identical to an earlier one; mark those still identical after that.
+
+    `answers` is updated in place. Each response's meta says whether it ended (EOS) or was cut at
+    generation.max_new_tokens (`finished`: export carries it, DPO then trains no end of turn there)."""
+    texts = [a.text for a in answers]
     for attempt in range(1, cfg.max_resample + 1):
-        dup = [i for i, r in enumerate(responses) if r in responses[:i] or not r.strip()]
+        dup = [i for i, r in enumerate(texts) if r in texts[:i] or not r.strip()]
         if not dup:
-            return meta
+            break
         gen = replace(cfg.generation, seed=cfg.generation.seed + 7919 * attempt, batch_size=1)
-        fresh = generate(policy, [prompt], gen, k=len(dup), desc=None)[0]
-        for i, text in zip(dup, fresh, strict=True):
-            responses[i] = text
-    for i, r in enumerate(responses):
-        if r in responses[:i]:
-            meta[i]["duplicate_of"] = responses.index(r)
+        fresh = generate_answers(policy, [prompt], gen, k=len(dup), desc=None)[0]
+        for i, answer in zip(dup, fresh, strict=True):
+            answers[i], texts[i] = answer, answer.text
+    meta: list[dict] = [{"finished": a.finished} for a in answers]
+    for i, r in enumerate(texts):
+        if r in texts[:i]:
+            meta[i]["duplicate_of"] = texts.index(r)
     return meta
 
 
@@ -99,7 +103,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
     # --- model ------------------------------------------------------------------------------
     plan = device_plan(cfg.model)
-    added = duplicates = 0
+    added = duplicates = cut = sampled = 0
     policy_manifest: dict = {}
     selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
     if todo and wanted:
@@ -123,12 +127,13 @@ def main(cfg: SampleStageConfig) -> Path:
             for start in range(0, len(todo), step):
                 chunk = todo[start:start + step]
                 gen = replace(cfg.generation, seed=cfg.generation.seed + start)
-                responses = generate(policy, chunk, gen, k=cfg.k, desc=None)
                 items = []
-                for prompt, resp in zip(chunk, responses, strict=True):
-                    meta = resample_duplicates(policy, prompt, resp, cfg)
+                for prompt, answers in zip(chunk, generate_answers(policy, chunk, gen, k=cfg.k, desc=None), strict=True):
+                    meta = resample_duplicates(policy, prompt, answers, cfg)
                     duplicates += sum("duplicate_of" in m for m in meta)
-                    items.append({"prompt": prompt, "responses": resp,
+                    cut += sum(not m["finished"] for m in meta)
+                    sampled += len(meta)
+                    items.append({"prompt": prompt, "responses": [a.text for a in answers],
                                   "response_meta": [{"policy": str(policy_dir), **m} for m in meta]})
                 if selector:
                     candidates += items
@@ -173,7 +178,13 @@ def main(cfg: SampleStageConfig) -> Path:
 
         Dataset.from_list(rows).save_to_disk(str(out / "samples"))
     save_config(cfg, out / "config.yaml")
+    if sampled and cut / sampled > 0.2:
+        log.warning("%d of %d responses (%.0f %%) were cut at generation.max_new_tokens=%d before they ended: "
+                    "annotators rank them unfinished, and DPO trains no end of turn after them; raise "
+                    "generation.max_new_tokens if the policy's answers are longer", cut, sampled,
+                    100 * cut / sampled, cfg.generation.max_new_tokens)
     metrics = {"prompts": len(prompts), "new_tasks": added, "k": cfg.k, "duplicates_marked": duplicates,
+               "responses_sampled": sampled, "responses_cut": cut,
                "tasks_in_batch": len(rows),
                **{f"selection/{k}": v for k, v in selection.items() if isinstance(v, (int, float)) and v is not None}}
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}

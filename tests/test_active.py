@@ -206,6 +206,11 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     manifest = json.loads((run / "sample" / "align.json").read_text())
     assert manifest["selection"] == {"selection": "random", "pool": 8, "pool_factor": 4.0}
     assert not (run / "sample" / "candidates.jsonl").exists()
+    # each response says whether it ended or was cut at max_new_tokens (10 tokens here), and the stage counts the cut
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    flags = [r["meta"]["finished"] for t in tasks for r in store.task(t["task_id"])["responses"]]
+    assert len(flags) == 6 and all(isinstance(f, bool) for f in flags)
+    assert manifest["metrics"]["responses_cut"] == flags.count(False) and manifest["metrics"]["responses_sampled"] == 6
 
 
 def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):

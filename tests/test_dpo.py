@@ -281,3 +281,33 @@ def test_pairs_longer_than_max_length_are_counted(tiny_model, tmp_path):
     long_rejected = {**short, "rejected": [{"role": "assistant", "content": "I do not know. " * 40}]}
     assert count_too_long([short, long_chosen, long_rejected, short], tokenizer, 128) == 2
     assert count_too_long([long_chosen], tokenizer, 4096) == 0
+
+
+def test_a_side_cut_at_max_new_tokens_is_trained_without_an_end_of_turn(sft_dir, tiny_model, tmp_path):
+    """align sample marks a response cut at max_new_tokens (export: chosen_finished / rejected_finished false).
+    The trainer's tokens for that side stop at its text: no end of turn the policy never sampled."""
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.preferences import load_preferences
+    from recipes.dpo import AlignDPOTrainer, dpo_args, end_of_turn_ids, policy_with_reference
+
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 4).read_text().splitlines()]
+    flags = [(True, True), (False, True), (True, False), (False, False)]
+    for row, (chosen, rejected) in zip(rows, flags, strict=True):
+        row.update(chosen_finished=chosen, rejected_finished=rejected)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}", *FAST])
+    model_cfg = replace(cfg.model, name=tiny_model)
+    plan = device_plan(model_cfg)
+    data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
+    tokenizer = load_tokenizer(str(sft_dir))
+    trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir),
+                              args=dpo_args(cfg, tmp_path, plan, False), train_dataset=data["train"],
+                              processing_class=tokenizer)
+    end = end_of_turn_ids(tokenizer)
+    assert end and end[0] == tokenizer.eos_token_id  # ChatML: <|im_end|> then a newline
+    by_prompt = {r["prompt"][0]["content"]: r for r in trainer.train_dataset}
+    for row, finished in zip(rows, flags, strict=True):
+        got = by_prompt[row["prompt"]]
+        for side, done in zip(("chosen", "rejected"), finished, strict=True):
+            text = tokenizer(row[side], add_special_tokens=False)["input_ids"]
+            assert got[f"{side}_ids"] == (text + end if done else text), (side, done)

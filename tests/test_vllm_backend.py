@@ -56,7 +56,8 @@ class FakeLLM:
     def generate(self, requests, params, lora_request=None, use_tqdm=True):
         self.calls.append((requests, params, lora_request))
         out = types.SimpleNamespace
-        return [out(outputs=[out(text=f" {len(r['prompt_token_ids'])}-{j} ") for j in range(p.n)])
+        return [out(outputs=[out(text=f" {len(r['prompt_token_ids'])}-{j} ", finish_reason=("stop", "length")[j % 2])
+                             for j in range(p.n)])
                 for r, p in zip(requests, params, strict=True)]
 
 
@@ -100,6 +101,8 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
     got = fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts, gen, k=3)
     ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     assert got == [[f"{len(i)}-{j}" for j in range(3)] for i in ids]  # in prompt order, k each, stripped
+    answers = fake_vllm.generate_answers(Policy(None, tokenizer, str(first), tiny_model), prompts[:1], gen, k=3)
+    assert [a.finished for a in answers[0]] == [True, False, True]  # "stop" ended, "length" was cut
 
     (made,) = FakeLLM.made
     assert made["model"] == tiny_model and made["enable_lora"] and made["max_lora_rank"] == 8  # r=4 → 8
@@ -113,7 +116,7 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
 
     # A second adapter on the same base: the same engine, its own LoRA id; a rank above the engine's is refused.
     fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts[:1], gen)
-    assert len(FakeLLM.made) == 1 and engine.calls[1][2].id == 1
+    assert len(FakeLLM.made) == 1 and engine.calls[2][2].id == 1
     from alignment import StageError
 
     with pytest.raises(StageError, match="rank 16"):

@@ -89,6 +89,30 @@ def test_gold_eval_and_other_batches_are_not_exported():
     assert build_pairs(data, batches=["round-9"])[1]["pairs"] == 0
 
 
+def test_a_cut_response_is_marked_on_its_side_of_every_pair(tmp_path):
+    """align sample's `finished` (false: cut at max_new_tokens) follows each response into its pairs."""
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    texts = ["Thanks for asking! Open Settings and tap Sync now.", "no", "Open Settings > Sync and then",
+             "Sorry about that, please open Settings."]
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": texts,
+                                 "response_meta": [{"finished": f} for f in (True, True, False, True)]}
+                                for i in range(4)], source={"policy": "runs/q/sft"})
+    store.add_tasks("round-0", [{"prompt": "stored before the flag", "responses": texts}], source={})
+    assert simulate(store, "support_style") == 5
+    summary = export_preferences(store, tmp_path / "prefs", test_fraction=0)
+    assert summary["pairs"] == 30 and summary["pairs_with_cut_side"] == 4 * 3  # the cut one against the other 3
+    data, _ = load_preferences(tmp_path / "prefs", test_fraction=0)
+    for row in data["train"]:
+        for side in ("chosen", "rejected"):
+            flag = row[f"{side}_finished"]
+            if row["prompt"][0]["content"] == "stored before the flag":
+                assert flag is None  # unknown, not claimed finished
+            else:
+                assert flag is (row[side][0]["content"] != texts[2]), row
+
+
 def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
     from labeling.store import Store
 
