@@ -199,9 +199,10 @@ class GenerationConfig:
 class SampleStageConfig:
     # The policy: an adapter folder, a merged model folder, or a model name; default <run.dir>/sft.
     policy: str | None = None
-    prompts: str = "data/support/prompts.jsonl"
+    # The instructions the policy was tuned on; eval's data/support/prompts.jsonl stays held out.
+    prompts: str = "data/support/train.jsonl"
     num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
-    k: int = bounded(4, ge=2)  # responses per prompt (a ranking needs two)
+    k: int = bounded(4, ge=2, le=8)  # responses per prompt (a ranking needs two; the app lays out 8)
     # Identical responses for one prompt are re-sampled up to this many times, then marked.
     max_resample: int = bounded(2, ge=0)
     batch: str | None = None  # the labelling batch name; default "round-<round>"
@@ -386,7 +387,7 @@ class PPOStageConfig:
     # sentence or a polite phrase is appended to it (its probes; 1 turns this check off).
     max_probe_flip_rate: float = bounded(0.25, ge=0, le=1)
     algo: Literal["ppo", "grpo", "rloo"] = "ppo"
-    prompts: str = "data/support/prompts.jsonl"
+    prompts: str = "data/support/train.jsonl"  # rollout prompts; eval's data/support/prompts.jsonl stays held out
     num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))  # only without an SFT adapter
     generation: GenerationConfig = field(

@@ -113,6 +113,16 @@ def _has_rankings(url: str | None, run_dir: str) -> bool:
     return any(batch["rankings"] for batch in Store(url).batch_counts())
 
 
+def _has_accounts(url: str | None, run_dir: str) -> bool:
+    """The store has an account to sign in with; a SQLite file that is not there has none (and is not made)."""
+    from labeling.store import Store
+
+    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):].split("?")[0]).is_file():
+        return False
+    return bool(Store(url).users())
+
+
 def _reward(cfg, pending: set[str], p: str) -> None:
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
@@ -233,6 +243,12 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     check_run_dir("run.dir", cfg.run.dir)
     if "label" in cfg.stages and cfg.label == "simulate":
         check_scorer("scorer", cfg.scorer)
+    if "label" in cfg.stages and cfg.label == "human":
+        check_store("sample.store", cfg.sample.store, cfg.run.dir, must_exist=False)
+        if not _has_accounts(cfg.sample.store, cfg.run.dir):  # the app would refuse to start, after sft and sample
+            db = f" --db '{cfg.sample.store}'" if cfg.sample.store else ""
+            raise ConfigError(f"label=human: the labelling store has no accounts to sign in with; make one first: "
+                              f"align label --run-dir {cfg.run.dir}{db} users add NAME --admin")
     run, base = cfg.run, cfg.sft.model.name
 
     def on_base(section: Any) -> Any:
@@ -375,7 +391,7 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
         default = stage_dir(run_dir, "reward")
         if not default.exists():
             raise StageError(f"selection=uncertainty picks the tasks a reward model is least sure of, and there is "
-                             f"none at {default}: run `align reward run.dir={run_dir}` on the labels so far first, pass "
+                             f"none at {default}: run `align reward run.dir={run_dir} heads=8` on the labels so far first, pass "
                              "selection_reward_model=<reward model folder>, or use selection=random")
         key, folder = f"{key} (default {default})", str(default)
     check_adapter(key, folder, tokenizer=True)

@@ -12,6 +12,7 @@ import logging
 import math
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ def has_wandb_key() -> bool:
         return False
 
 
+def run_name(run_dir: Path) -> str:
+    """The run directory's name, with its run's for a pipeline round: runs/q/round-1 is "q/round-1"."""
+    if re.fullmatch(r"round-\d+", run_dir.name):  # artifacts.round_dir's folders
+        return f"{run_dir.parent.name}/{run_dir.name}"
+    return run_dir.name
+
+
 def configure_wandb(cfg: RunConfig, stage: str) -> str:
     """Set the env vars W&B (and transformers' WandbCallback) read; returns the mode."""
     mode = wandb_mode(cfg)
@@ -43,8 +51,9 @@ def configure_wandb(cfg: RunConfig, stage: str) -> str:
     os.environ["WANDB_MODE"] = mode
     os.environ["WANDB_DIR"] = str(run_dir)
     os.environ["WANDB_PROJECT"] = cfg.wandb_project
-    os.environ["WANDB_RUN_GROUP"] = run_dir.name
-    os.environ["WANDB_NAME"] = f"{run_dir.name}/{stage}"
+    name = run_name(run_dir)
+    os.environ["WANDB_RUN_GROUP"] = name.split("/")[0]  # a pipeline's later rounds in their run's group
+    os.environ["WANDB_NAME"] = f"{name}/{stage}"
     os.environ["WANDB_JOB_TYPE"] = stage
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_LOG_MODEL", "false")

@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from alignment import StageError
 from alignment import evaluation as ev
 from alignment import report as report_module
-from alignment.artifacts import print_done, stage_dir, stages_of_kind, store_url, write_manifest
+from alignment.artifacts import (
+    print_done,
+    read_manifest,
+    stage_dir,
+    stages_of_kind,
+    store_url,
+    write_manifest,
+)
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import load_prompts
 from alignment.generation import Policy, chat_prompt, generate, plain_sampling
@@ -35,6 +42,35 @@ from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
+
+def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
+    """The user prompts a policy (and the policies it started from) was trained on, from the manifests:
+    SFT's instructions, the prompts of DPO's training pairs, PPO's (or GRPO's, RLOO's) rollout prompts."""
+    from alignment.preferences import load_preferences
+
+    seen = seen if seen is not None else set()
+    if folder in seen or not (folder / "align.json").is_file():
+        return set()
+    seen.add(folder)
+    manifest = read_manifest(folder)
+    config, parents = manifest.get("config") or {}, manifest.get("parents") or {}
+    found: set[str] = set()
+    try:
+        if manifest.get("stage") == "sft":
+            found |= set(load_prompts(config["data"]["path"]))
+        elif manifest.get("stage") == "dpo" and "preferences" in parents:
+            data, _ = load_preferences(parents["preferences"]["path"], test_fraction=config["data"]["test_fraction"],
+                                       seed=config["train"]["seed"])
+            found |= {m["content"] for row in data["train"]["prompt"] for m in row if m["role"] == "user"}
+        elif config.get("prompts"):
+            found |= set(load_prompts(config["prompts"]))
+    except Exception as err:  # noqa: BLE001 - a moved or deleted file: the check is advice, not a gate
+        log.debug("prompts of %s not read: %s", folder, err)
+    for parent in parents.values():
+        if isinstance(parent, dict) and parent.get("stage") in stages_of_kind("policy"):
+            found |= trained_prompts(Path(parent["path"]), seen)
+    return found
+
 
 def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
     if cfg.policies:
@@ -186,6 +222,13 @@ def main(cfg: EvalStageConfig) -> Path:
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
     log.info("evaluating %s on %d prompts (baseline %s)", ", ".join(paths), len(prompts), cfg.baseline)
+    seen_in_training = {name: sum(p in trained for p in prompts)
+                        for name, trained in ((n, trained_prompts(Path(f))) for n, f in paths.items())}
+    for name, n in seen_in_training.items():
+        if n:
+            log.warning("%d of the %d eval prompts are prompts %s was trained on (its own or its parents' data): "
+                        "its figures are not on held-out prompts; point eval.prompts at prompts no stage trained on",
+                        n, len(prompts), name)
 
     # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
     model, tokenizer, base_name = load_adapters(paths, cfg)
@@ -228,7 +271,7 @@ def main(cfg: EvalStageConfig) -> Path:
     save_config(cfg, out / "config.yaml")
     write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents=paths,
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
-                   prompts=len(prompts))
+                   prompts=len(prompts), prompts_seen_in_training=seen_in_training)
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("eval/samples", ["prompt", *responses],

@@ -98,11 +98,16 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
         raise StageError(f"label: {cfg.label!r} is not allowed; allowed values: simulate, human")
     if not store.pending_count(batch):
         return
-    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir)])
+    db = ["--db", cfg.sample.store] if cfg.sample.store else []  # the store sample wrote, e.g. a PostgreSQL URL
+    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db])
     try:
         print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "
               "Ctrl-C stops waiting and goes on with what is labelled.")
         while (left := store.pending_count(batch)) > 0:
+            if app.poll() is not None:  # it refused to start (its reason is above) or was stopped
+                raise StageError(f"the labelling app exited (code {app.returncode}) with {left} rankings of batch "
+                                 f"{batch!r} still to do; its message is above. Start it yourself (align label "
+                                 f"--run-dir {cfg.run.dir}), or run the pipeline again to resume")
             print(f"  {left} rankings still to do", end="\r", flush=True)
             time.sleep(10)
     except KeyboardInterrupt:

@@ -104,15 +104,14 @@ def main(cfg: SampleStageConfig) -> Path:
     # --- model ------------------------------------------------------------------------------
     plan = device_plan(cfg.model)
     added = duplicates = cut = sampled = 0
-    policy_manifest: dict = {}
+    try:  # read even when nothing is left to sample: a rerun's manifest names the same base model
+        policy_manifest = read_manifest(policy_dir)
+    except FileNotFoundError:
+        policy_manifest = {"source": str(policy_dir)}
     selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
     if todo and wanted:
         policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,
                              load_model=cfg.generation.backend != "vllm")
-        try:
-            policy_manifest = read_manifest(policy_dir)
-        except FileNotFoundError:
-            policy_manifest = {"source": str(policy_dir)}
         source = {"policy": str(policy_dir), "policy_stage": policy_manifest.get("stage"),
                   "policy_created": policy_manifest.get("created"), "base_model": policy.base_model,
                   "generation": asdict(cfg.generation), "k": cfg.k, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -195,6 +195,8 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     # the same command again adds nothing: the batch already holds its 3 tasks of this pool
     assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active")) == 0
     assert len(store.batch_tasks("active")) == 3
+    again = json.loads((run / "sample" / "align.json").read_text())  # nothing sampled: still the policy's base
+    assert again["base_model"] == manifest["base_model"] is not None
 
 
 def test_random_selection_draws_from_the_pool_at_priority_0(run):

@@ -260,6 +260,10 @@ CASES = [
      "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl", 2,
      ["stages: export needs submitted rankings, the store has none, and no label stage runs before it (sample, sft "
       "do not rank); add label to stages"]),
+    ("pipeline: human labels without an account", "pipeline label=human sft.model.name={tiny} "
+     "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl", 2,
+     ["label=human: the labelling store has no accounts to sign in with", "users add NAME --admin"]),
+    ("more responses than the app shows", "sample policy={d}/adapter prompts={d}/prompts.jsonl k=9", 2, ["k: ", "9"]),
     # --- active selection (docs/active.md)
     ("pool_factor<1", "sample pool_factor=0.5", 2, ["pool_factor: must be >= 1, got 0.5"]),
     ("pool_factor with every prompt", "sample pool_factor=2", 2, ["pool_factor=2.0", "num_prompts=-1", "give num_prompts"]),
@@ -268,7 +272,7 @@ CASES = [
      ["selection_reward_model is read by selection=uncertainty only"]),
     ("reward heads=1", "reward heads=1", 2, ["heads: must be 0 or >= 2, got 1"]),
     ("uncertainty without a reward model", "sample policy={d}/adapter prompts={d}/prompts.jsonl selection=uncertainty", 1,
-     ["selection=uncertainty picks the tasks a reward model is least sure of", "{run}/reward", "align reward",
+     ["selection=uncertainty picks the tasks a reward model is least sure of", "{run}/reward", "heads=8",
       "selection_reward_model=", "selection=random"]),
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,

@@ -74,6 +74,19 @@ def test_every_stage_leaves_its_artifact_wired_to_its_parent(run):
         assert 0.3 < manifest(run / stage)["metrics"]["train_distinct_rows"] < 0.9, stage
 
 
+def test_eval_names_the_prompts_a_policy_was_trained_on(run):
+    """Here eval.prompts is the SFT data itself: every eval prompt was seen in training, by SFT and (through
+    its parent) by DPO, and the manifest says so. The quickstart's eval prompts are held out."""
+    assert manifest(run / "eval")["prompts_seen_in_training"] == {"sft": 8, "dpo": 8}
+
+
+def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
+    from alignment.tracking import run_name
+
+    assert run_name(tmp_path / "q") == "q" and run_name(tmp_path / "q" / "round-2") == "q/round-2"
+    assert run_name(tmp_path / "round-up") == "round-up"
+
+
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
     from labeling.store import Store
 
@@ -191,3 +204,30 @@ def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path
     assert align(args) == 0
     for folder, mtime in written.items():
         assert (folder / "align.json").stat().st_mtime_ns == mtime, f"{folder} was redone"
+
+
+def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch):
+    """label=human starts `align label` on the store sample wrote (--db when it is not the default) and
+    waits for the batch; an app that exits (refused, or stopped) ends the wait with its exit code."""
+    from alignment.config import PipelineConfig, load_config
+    from labeling.store import Store
+    from recipes import pipeline
+
+    url = f"sqlite:///{tmp_path / 'team.db'}"
+    store = Store(url)
+    store.add_user("ann", "pw-for-ann", admin=True)
+    store.add_tasks("round-0", [{"prompt": "Where is Sync?", "responses": ["Settings.", "No idea."]}], source={})
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human", f"sample.store={url}"])
+    started, popen, sleep = [], subprocess.Popen, time.sleep
+
+    def app(args):
+        started.append(args)
+        return popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", app)
+    monkeypatch.setattr(pipeline.time, "sleep", lambda s: sleep(0.1))
+    from alignment import StageError
+
+    with pytest.raises(StageError, match=r"the labelling app exited \(code 3\) with 1 rankings of batch 'round-0'"):
+        pipeline.label(cfg, tmp_path / "run", "round-0")
+    assert started[0][-2:] == ["--db", url]
