@@ -135,7 +135,7 @@ CASES = [
     ("lora.alpha=0", "sft lora.alpha=0", 2, ["lora.alpha: must be >= 1, got 0"]),
     ("lora.dropout=1", "sft lora.dropout=1", 2, ["lora.dropout: must be in [0, 1), got 1.0"]),
     ("max_length=0", "dpo model.max_length=0", 2, ["model.max_length: must be >= 1, got 0"]),
-    ("k=1", "sample k=1", 2, ["k: must be >= 2, got 1"]),
+    ("k=1", "sample k=1", 2, ["k: must be in [2, 8], got 1"]),
     ("num_prompts=0", "sample num_prompts=0", 2, ["num_prompts: must be -1 or >= 1, got 0"]),
     ("max_new_tokens=0", "eval generation.max_new_tokens=0", 2, ["generation.max_new_tokens: must be >= 1, got 0"]),
     ("temperature<0", "eval generation.temperature=-0.5", 2, ["generation.temperature: must be >= 0, got -0.5"]),
@@ -263,7 +263,8 @@ CASES = [
     ("pipeline: human labels without an account", "pipeline label=human sft.model.name={tiny} "
      "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl", 2,
      ["label=human: the labelling store has no accounts to sign in with", "users add NAME --admin"]),
-    ("more responses than the app shows", "sample policy={d}/adapter prompts={d}/prompts.jsonl k=9", 2, ["k: ", "9"]),
+    ("more responses than the app shows", "sample policy={d}/adapter prompts={d}/prompts.jsonl k=9", 2,
+     ["k: must be in [2, 8], got 9"]),
     # --- active selection (docs/active.md)
     ("pool_factor<1", "sample pool_factor=0.5", 2, ["pool_factor: must be >= 1, got 0.5"]),
     ("pool_factor with every prompt", "sample pool_factor=2", 2, ["pool_factor=2.0", "num_prompts=-1", "give num_prompts"]),
