@@ -258,10 +258,13 @@ def load_selector(folder: str | Path):
 
 
 def task_uncertainty(model, tokenizer, ensemble: HeadEnsemble, tasks: list[dict[str, Any]], method: str,
-                     batch_size: int = 16) -> list[float]:
-    """The acquisition value of each task ({prompt, responses}) under a reward model and its heads."""
-    conversations = [[{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": r}]
-                     for t in tasks for r in t["responses"]]
+                     batch_size: int = 16, system_prompt: str | None = None) -> list[float]:
+    """The acquisition value of each task ({prompt, responses}) under a reward model and its heads, each
+    conversation after `system_prompt` (the reward model's, system_prompt_of: as it was trained)."""
+    from alignment.data import with_system_prompt
+
+    conversations = [with_system_prompt([{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": r}],
+                                        system_prompt) for t in tasks for r in t["responses"]]
     feats, rewards = reward_features(model, tokenizer, conversations, batch_size)
     scores, own = ensemble.scores(feats), torch.tensor(rewards)
     out, start = [], 0

@@ -9,7 +9,9 @@
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
 data hash, git commit, time, and the stage's final figures. Later stages read base model,
-chat template and max length from their parent's manifest instead of asking again. The manifest
+chat template and max length from their parent's manifest instead of asking again, and the
+system prompt the policy was trained with (`system_prompt`, recorded by sft and carried by every
+stage after it; `system_prompt_of`). The manifest
 is written last: a folder without one is unfinished, and `discard_unfinished` (around every
 stage the CLI runs) removes such a folder when its stage fails, unless it holds checkpoints.
 
@@ -213,6 +215,26 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {MANIFEST}: is it an artifact of a finished stage?")
     return json.loads(path.read_text())
+
+
+def system_prompt_of(folder: str | Path | None) -> str | None:
+    """The system prompt the policy in `folder` was trained with (`sft.data.system_prompt`), or None.
+
+    Its manifest's `system_prompt`; a manifest written before stages recorded it is followed to the
+    policy it came from (parent sft, policy or adapter) and, at an SFT manifest, read from its config.
+    None for a folder without a manifest (a base model, a Hub name) and for a policy trained without one.
+    """
+    for _ in range(8):  # a chain of parents is a few stages long; a cycle is not followed for ever
+        if folder is None or not (Path(folder) / MANIFEST).is_file():
+            return None
+        manifest = read_manifest(folder)
+        if "system_prompt" in manifest:
+            return manifest["system_prompt"]
+        if manifest.get("stage") == "sft":
+            return ((manifest.get("config") or {}).get("data") or {}).get("system_prompt")
+        parents = manifest.get("parents") or {}
+        folder = next((parents[k]["path"] for k in ("sft", "policy", "adapter") if k in parents), None)
+    return None
 
 
 def _parent(path: str | Path) -> dict[str, Any]:

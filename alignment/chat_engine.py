@@ -15,6 +15,10 @@ mixed-batch path makes the switch free but every token ~6 % slower (an index cop
 hook per layer per token), which costs more than the switch on any answer of a few dozen
 tokens; `disable_adapter()` for `base` builds peft's status report first, ~250 ms a request.
 
+A request without a system message of its own gets the adapter's system prompt as its first
+turn: the one the adapter was trained with (`sft.data.system_prompt`, from its align.json through
+alignment.artifacts.system_prompt_of); one with a system (or developer) message is run as sent.
+
 Generation runs one request at a time behind a lock (a request's `n` answers are one batch); at
 most `limits.max_waiting` requests wait behind it, and one more is refused (Busy).
 docs/serving.md says what that means for concurrency.
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from alignment.data import with_system_prompt
 from alignment.serving import BASE
 
 log = logging.getLogger(__name__)
@@ -99,10 +104,12 @@ class ChatEngine:
     """A model (a PeftModel with every served adapter, or a plain model serving `base` alone) and its tokenizers."""
 
     def __init__(self, model, tokenizers: dict[str, Any], adapters: dict[str, str | None], *, max_prompt_tokens: int,
-                 max_waiting: int):
+                 max_waiting: int, system_prompts: dict[str, str | None] | None = None):
         self.model = model
         self.tokenizers = tokenizers  # served name -> its tokenizer (each adapter's own chat template)
         self.adapters = adapters  # served name -> peft adapter name; None: the base, adapters disabled
+        # served name -> the system prompt it was trained with, for a request that sends none
+        self.system_prompts = system_prompts or {}
         self.max_prompt_tokens = max_prompt_tokens
         self.max_waiting = max_waiting
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -128,6 +135,7 @@ class ChatEngine:
     @classmethod
     def load(cls, models: dict[str, Path], base: str, cfg) -> ChatEngine:
         """The base once, as the device plan says, then each adapter with peft's load_adapter."""
+        from alignment.artifacts import system_prompt_of
         from alignment.modeling import device_plan, load_base_model, load_tokenizer
 
         plan = device_plan(cfg.model)
@@ -135,6 +143,7 @@ class ChatEngine:
         model = load_base_model(replace(cfg.model, name=base), plan, training=False)
         adapters: dict[str, str | None] = {BASE: None}
         tokenizers = {BASE: load_tokenizer(base)}
+        system_prompts = {}
         if models:
             from peft import PeftModel
 
@@ -146,9 +155,10 @@ class ChatEngine:
                     model.load_adapter(str(folder), adapter_name=f"a{i}")
                 adapters[name] = f"a{i}"
                 tokenizers[name] = load_tokenizer(str(folder))
+                system_prompts[name] = system_prompt_of(folder)
         model.eval()
         return cls(model, tokenizers, adapters, max_prompt_tokens=cfg.limits.max_prompt_tokens,
-                   max_waiting=cfg.limits.max_waiting)
+                   max_waiting=cfg.limits.max_waiting, system_prompts=system_prompts)
 
     def names(self) -> list[str]:
         """The served model names: the adapters in the order given, then `base`."""
@@ -157,8 +167,11 @@ class ChatEngine:
     # ------------------------------------------------------------------------ before the lock
 
     def prepare(self, model: str, messages: list[dict[str, str]], params: Params) -> Job:
-        """The request as token ids through the model's chat template, checked against the token limits."""
+        """The request as token ids through the model's chat template, checked against the token limits; the
+        model's system prompt first when the messages have no system message."""
         tokenizer = self.tokenizers[model]
+        if not any(m["role"] == "system" for m in messages):
+            messages = with_system_prompt(messages, self.system_prompts.get(model))
         with self._tokenizing:
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

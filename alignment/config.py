@@ -149,6 +149,8 @@ class SFTDataConfig:
     # auto detects: alpaca {instruction,input,output}, chat {messages}, {prompt,completion},
     # from the first record of the file / parquet / save_to_disk folder.
     format: Literal["auto", "alpaca", "messages", "prompt_completion"] = "auto"
+    # A system turn before every example without one. Recorded in align.json: every later stage prompts
+    # this policy (and the ones aligned from it) with it; `align serve` when a request sends none.
     system_prompt: str | None = None
     eval_fraction: float = bounded(0.05, ge=0, lt=1)  # held out by prompt: every answer to an instruction on one side
     packing: bool = False

@@ -277,6 +277,13 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
     raise DataError(f"unknown format {fmt!r}")
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with a leading system turn of `system_prompt`, unless they open with one already (or it is None)."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
                       on_error: str = "raise") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
     """Read and validate every record: (prompts, completions, LoadReport), as lists of chat messages."""
@@ -296,8 +303,7 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
             report.problems.append(str(err))
             log.warning("skipped %s", err)
             continue
-        if system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        prompt = with_system_prompt(prompt, system_prompt)
         prompts.append(prompt)
         completions.append(completion)
     report.used = len(prompts)

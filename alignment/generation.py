@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from alignment.artifacts import system_prompt_of
 from alignment.config import GenerationConfig, ModelConfig
 from alignment.modeling import (
     DevicePlan,
@@ -46,10 +47,12 @@ class Policy:
     tokenizer: object
     source: str  # the folder or name it came from
     base_model: str  # logical base name (for manifests)
+    system_prompt: str | None = None  # the one it was trained with (sft.data.system_prompt): every prompt gets it
 
 
 def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *, load_model: bool = True) -> Policy:
-    """An adapter folder (base + adapter), or anything `from_pretrained` takes, ready to generate.
+    """An adapter folder (base + adapter), or anything `from_pretrained` takes, ready to generate, with the
+    system prompt its manifest names (none for a model without one).
 
     ``load_model=False``: the tokenizer only (vLLM loads the weights itself)."""
     from dataclasses import replace
@@ -57,7 +60,7 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
     source = str(source)
     if not load_model:
         base_name = adapter_base_name(source) if is_adapter_dir(source) else source
-        return Policy(None, load_tokenizer(source), source, base_name)
+        return Policy(None, load_tokenizer(source), source, base_name, system_prompt_of(source))
     if is_adapter_dir(source):
         from peft import PeftModel
 
@@ -74,7 +77,7 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
         model = load_base_model(replace(model_cfg, name=source), plan, training=False)
         tokenizer = load_tokenizer(source)
     model.eval()
-    return Policy(model, tokenizer, source, base_name)
+    return Policy(model, tokenizer, source, base_name, system_prompt_of(source))
 
 
 @contextmanager
@@ -105,7 +108,8 @@ def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str
 
 def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
              system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[str]]:
-    """k responses for each prompt (a list of k strings per prompt), in prompt order.
+    """k responses for each prompt (a list of k strings per prompt), in prompt order, each prompt after
+    the policy's system prompt (``system_prompt`` overrides it).
 
     ``desc=None`` shows no progress bar (for a caller that keeps its own)."""
     answers = generate_answers(policy, prompts, gen, k=k, system_prompt=system_prompt, desc=desc)
@@ -116,6 +120,7 @@ def generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: in
 def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
                      system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[Answer]]:
     """`generate`, each answer with whether it ended (sampled EOS) or was cut at gen.max_new_tokens."""
+    system_prompt = system_prompt if system_prompt is not None else policy.system_prompt
     if gen.backend == "vllm":
         return vllm_generate(policy, prompts, gen, k=k, system_prompt=system_prompt, desc=desc)
     tokenizer, model = policy.tokenizer, policy.model
@@ -212,6 +217,7 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
         lora = LoRARequest(Path(adapter).name, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
 
     tokenizer = policy.tokenizer
+    system_prompt = system_prompt if system_prompt is not None else policy.system_prompt
     requests = [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, p, system_prompt),
                                                add_special_tokens=False)["input_ids"]} for p in prompts]
     sample = gen.temperature > 0

@@ -34,7 +34,14 @@ from typing import Any
 
 from torch.utils.data import Sampler
 
-from alignment.data import DataError, iter_records, json_kind, load_dataset_folder, no_records
+from alignment.data import (
+    DataError,
+    iter_records,
+    json_kind,
+    load_dataset_folder,
+    no_records,
+    with_system_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +241,15 @@ def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int 
     report.train, report.test = len(rows["train"]), len(rows["test"])
     log.info(report.summary())
     return DatasetDict({s: _rows_to_dataset(r) for s, r in rows.items() if r}), report
+
+
+def add_system_prompt(data, system_prompt: str | None):
+    """The pairs (a Dataset or DatasetDict) with `system_prompt` as each prompt's first turn, where it has
+    no system turn of its own: the policy's (alignment.artifacts.system_prompt_of), so DPO and the reward
+    model see the prompts the policy was trained and is sampled with."""
+    if not system_prompt:
+        return data
+    return data.map(lambda row: {"prompt": with_system_prompt(row["prompt"], system_prompt)})
 
 
 # ---------------------------------------------------------------------------- K-wise batches

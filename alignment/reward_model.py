@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from alignment import StageError
-from alignment.artifacts import read_manifest
+from alignment.artifacts import read_manifest, system_prompt_of
 from alignment.config import ModelConfig
+from alignment.data import with_system_prompt
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -138,12 +139,14 @@ def score_conversations(model, tokenizer, conversations: list[list[dict[str, str
     return [reward[ids] for ids in encoded]
 
 
-def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
-    """The reward of each response to its prompt (one user turn, one assistant turn)."""
+def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, *,
+          system_prompt: str | None = None) -> list[float]:
+    """The reward of each response to its prompt (one user turn, one assistant turn), after `system_prompt`:
+    the one the reward model was trained with (alignment.artifacts.system_prompt_of of its folder)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                     for p, r in zip(prompts, responses, strict=True)]
+    conversations = [with_system_prompt([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                        system_prompt) for p, r in zip(prompts, responses, strict=True)]
     return score_conversations(model, tokenizer, conversations, batch_size)
 
 
@@ -468,6 +471,7 @@ def shared_base_reward(model, rm: Path) -> Reward:
         raise StageError("rl.reward_on_policy_base: this reward model was trained on the SFT model, but the policy has "
                          "no SFT adapter to stand for it; set rl.reward_on_policy_base=false")
     tokenizer = load_tokenizer(str(rm))
+    system_prompt = system_prompt_of(rm)  # the one it was trained with, as score() adds it
     active = ["ref", "reward"] if from_sft else ["reward"]
 
     @torch.no_grad()
@@ -476,8 +480,9 @@ def shared_base_reward(model, rm: Path) -> Reward:
         try:
             out = []
             for p, r in zip(prompts, responses, strict=True):
-                ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": p},
-                                                       {"role": "assistant", "content": r}])], device=device)
+                conversation = with_system_prompt([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                                  system_prompt)
+                ids = torch.tensor([encode(tokenizer, conversation)], device=device)
                 hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
                 out.append((hidden.float() @ head.T).item())
             return out

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment import StageError
-from alignment.artifacts import is_main_process, stage_dir
+from alignment.artifacts import is_main_process, stage_dir, system_prompt_of
 from alignment.config import ConfigError, PPOStageConfig
 from alignment.cpu import keep_trainable_in
 from alignment.generation import check_backend
@@ -85,8 +85,9 @@ def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | 
     model, tokenizer = load_reward_model(rm)
     figures = {**figures, "device": str(next(model.parameters()).device)}  # the manifest says where it scored
     log.info("reward model %s on %s", rm, figures["device"])
-    return (lambda prompts, responses: score(model, tokenizer, prompts, responses,
-                                             cfg.generation.batch_size)), figures, rm
+    system_prompt = system_prompt_of(rm)  # the one it was trained with (the SFT policy's)
+    return (lambda prompts, responses: score(model, tokenizer, prompts, responses, cfg.generation.batch_size,
+                                             system_prompt=system_prompt)), figures, rm
 
 
 def resolve_scorer(spec: str) -> Callable[[str, str], float]:

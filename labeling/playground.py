@@ -10,6 +10,10 @@ line or the page: a user picks models and types messages, and nothing a user sen
 app fetch another URL (the model name and the messages travel in the JSON body). Redirects are not
 followed and proxy variables are not read, so the requests go to that URL and nowhere else.
 
+The tab sends no system message: `align serve` then puts each adapter's own system prompt (the
+one it was trained with, `sft.data.system_prompt`) first, so a model answers here as it was trained
+and sampled; vLLM's server does not (docs/serving.md).
+
 Both answers stream into their panes at once (each from its own thread); every piece of model
 text is shown as escaped text (`handlers.text_html`), like the labelling tasks: a response holding
 `<img src=...>` or a form shows as those characters and loads nothing.

@@ -26,7 +26,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
-from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
@@ -39,7 +39,7 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
 )
-from alignment.preferences import load_preferences
+from alignment.preferences import add_system_prompt, load_preferences
 from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
@@ -181,6 +181,8 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
+    system_prompt = system_prompt_of(sft)  # the SFT's: each prompt opens with it, as the policy was trained
+    data = add_system_prompt(data, system_prompt)
     train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft))  # the SFT's chat template and pad token
     too_long = count_too_long(train, tokenizer, cfg.model.max_length)
@@ -253,7 +255,7 @@ def main(cfg: DPOStageConfig) -> Path:
     write_manifest(
         out, stage="dpo", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
-        reward_probe_warning=probe_note,
+        reward_probe_warning=probe_note, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": too_long},

@@ -32,6 +32,7 @@ from alignment.artifacts import (
     stage_dir,
     stages_of_kind,
     store_url,
+    system_prompt_of,
     write_manifest,
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
@@ -122,7 +123,8 @@ def answer_mask(new_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str, *, k: int = 1,
-               max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8) -> list[float]:
+               max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8,
+               system_prompt: str | None = None) -> list[float]:
     """Per prompt, KL(policy ‖ reference) over the first `max_new_tokens` tokens of an answer, in nats.
 
     The policy samples `k` answers at temperature 1 with no top-p or top-k (its own distribution),
@@ -130,13 +132,15 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     (evaluation.sequence_kl); their mean is an unbiased estimate of the sequence KL. On the greedy
     answers the win-rate is judged on it would not be: one fixed path, not the policy's distribution.
     The sampled token ids are scored as they are (no decode and re-encode), EOS only where sampled.
+    Each prompt opens with `system_prompt`, the policy's own, as its answers for the win-rate do; the
+    reference is read on the same context.
     """
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
     out: list[float] = []
     batches = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(batches, desc=f"KL {policy} (sampled)", unit="batch")):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        chunk = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         model.set_adapter(policy)
         torch.manual_seed(seed + b)
@@ -167,7 +171,9 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
         from alignment.reward_model import load_reward_model, score
 
         rm, rm_tok = load_reward_model(rm_path)
-        judges["reward_model"] = {n: score(rm, rm_tok, prompts, r) for n, r in responses.items()}
+        system_prompt = system_prompt_of(rm_path)  # the one it was trained with
+        judges["reward_model"] = {n: score(rm, rm_tok, prompts, r, system_prompt=system_prompt)
+                                  for n, r in responses.items()}
         del rm
     elif cfg.reward_model:
         raise StageError(f"reward model {rm_path} not found")
@@ -183,7 +189,8 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     return judges
 
 
-def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]]) -> dict:
+def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]],
+               system_prompts: dict[str, str | None] | None = None) -> dict:
     """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board)."""
     from labeling.store import Store
 
@@ -194,7 +201,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
             continue
         items = [{"prompt": p, "responses": [a, b], "response_meta": [{"policy": name}, {"policy": cfg.baseline}]}
                  for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
-        added += store.add_tasks(f"eval-{name}-vs-{cfg.baseline}", items, source={"stage": "eval"}, kind="pairwise")
+        source = {"stage": "eval", "system_prompts": {n: (system_prompts or {}).get(n) for n in (name, cfg.baseline)}}
+        added += store.add_tasks(f"eval-{name}-vs-{cfg.baseline}", items, source=source, kind="pairwise")
     comparisons = []
     for row in store.submitted_rankings():
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
@@ -232,14 +240,15 @@ def main(cfg: EvalStageConfig) -> Path:
 
     # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
     model, tokenizer, base_name = load_adapters(paths, cfg)
+    system_prompts = {name: system_prompt_of(path) for name, path in paths.items()}  # each policy's own
     responses: dict[str, list[str]] = {}
     for name in paths:
         model.set_adapter(name)
-        policy = Policy(model, tokenizer, str(paths[name]), base_name)
+        policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name])
         responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
     kl = {name: sampled_kl(model, tokenizer, prompts, name, cfg.baseline, k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
-                           batch_size=cfg.generation.batch_size)
+                           batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name])
           for name in paths if name != cfg.baseline and cfg.kl_samples}
     del model, policy  # the policies leave the GPU before the reward model comes onto it
 
@@ -260,7 +269,7 @@ def main(cfg: EvalStageConfig) -> Path:
                 row[f"{jname}/win_rate_ci"] = ev.bootstrap_ci(scores[name], base_scores, n=cfg.bootstrap)
         table[name] = row
         metrics.update({f"{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
-    board = human_eval(cfg, prompts, responses) if cfg.human else None
+    board = human_eval(cfg, prompts, responses, system_prompts) if cfg.human else None
 
     # --- save -------------------------------------------------------------------------------
     with open(out / "samples.jsonl", "w") as fh:
@@ -271,7 +280,7 @@ def main(cfg: EvalStageConfig) -> Path:
     save_config(cfg, out / "config.yaml")
     write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents=paths,
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
-                   prompts=len(prompts), prompts_seen_in_training=seen_in_training)
+                   prompts=len(prompts), prompts_seen_in_training=seen_in_training, system_prompts=system_prompts)
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("eval/samples", ["prompt", *responses],

@@ -29,10 +29,10 @@ from transformers import set_seed
 
 from alignment import report
 from alignment import rl as R
-from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
-from alignment.data import file_hash, load_prompts
+from alignment.data import file_hash, load_prompts, with_system_prompt
 from alignment.gpu_training import sharded
 from alignment.modeling import (
     adapter_base_name,
@@ -99,7 +99,9 @@ def main(cfg: PPOStageConfig) -> Path:
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+    system_prompt = system_prompt_of(sft or cfg.model.name)  # the SFT's (or a merged SFT model's)
+    data = Dataset.from_dict({"prompt": [with_system_prompt([{"role": "user", "content": p}], system_prompt)
+                                         for p in prompts]})
 
     # --- reward, model ----------------------------------------------------------------------
     reward, gate_figures, rm = R.make_reward(cfg)
@@ -154,7 +156,7 @@ def main(cfg: PPOStageConfig) -> Path:
     write_manifest(
         out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
         device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
-        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
+        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)", system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},
         prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from alignment import StageError
-from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.artifacts import print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import MergeStageConfig, save_config, to_dict
 from alignment.modeling import adapter_base_name, is_adapter_dir, load_tokenizer, resolve_model_path
 from alignment.preflight import check_stage
@@ -50,7 +50,7 @@ def main(cfg: MergeStageConfig) -> Path:
     tokenizer.save_pretrained(str(out))
     save_config(cfg, out / "config.yaml")
     write_manifest(out, stage="merge", config=to_dict(cfg), base_model=base_name,
-                   parents={"adapter": adapter}, merged=True)
+                   parents={"adapter": adapter}, merged=True, system_prompt=system_prompt_of(adapter))
     print_done("merge", out, f"python -c \"from transformers import AutoModelForCausalLM; "
                              f"AutoModelForCausalLM.from_pretrained('{out}')\"")
     return out

@@ -45,7 +45,7 @@ from transformers import get_scheduler, set_seed
 
 from alignment import StageError, report
 from alignment import rl as R
-from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
@@ -152,11 +152,13 @@ def forward(model, head, input_ids, attention_mask, context: int, temperature: f
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int, rank: int = 0) -> dict:
-    """Sample one response per prompt (seeded by step and rank), batched and left-padded, with the KV cache."""
+def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int, rank: int = 0,
+            system_prompt: str | None = None) -> dict:
+    """Sample one response per prompt (seeded by step and rank), batched and left-padded, with the KV cache;
+    each prompt after the policy's system prompt."""
     gen = cfg.generation
     tokenizer.padding_side = "left"
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    texts = [chat_prompt(tokenizer, p, system_prompt) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     responses = []
@@ -244,7 +246,8 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
     }
 
 
-def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], out: Path, tracker_config: dict):
+def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], out: Path, tracker_config: dict,
+              system_prompt: str | None = None):
     ranks = Ranks()
     set_seed(cfg.train.seed)
     model = build_policy(cfg, plan, sft)
@@ -279,7 +282,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         batch = random.Random(cfg.train.seed * 1_000_033 + step).sample(prompts, min(cfg.rl.rollout_prompts,
                                                                                       len(prompts)))
         batch = ranks.share(batch)  # all of it in one process
-        roll = rollout(model, tokenizer, batch, cfg, step, ranks.rank)
+        roll = rollout(model, tokenizer, batch, cfg, step, ranks.rank, system_prompt)
         raw = torch.tensor(reward(batch, roll["texts"]), dtype=torch.float32, device=roll["mask"].device)
         if not torch.isfinite(raw).all():
             raise StageError(f"step {step}: the reward is not finite for {int((~torch.isfinite(raw)).sum())} of "
@@ -357,6 +360,7 @@ def main(cfg: PPOStageConfig) -> Path:
     plan = device_plan(cfg.model)
     log.info(plan.describe())
     R.check_reward(cfg)  # a wrong scorer or a reward model under the gate fails now, before any model loads
+    system_prompt = system_prompt_of(sft or cfg.model.name)  # the SFT's (or a merged SFT model's): rollouts open with it
 
     # --- data -------------------------------------------------------------------------------
     prompts = load_prompts(cfg.prompts)
@@ -364,7 +368,7 @@ def main(cfg: PPOStageConfig) -> Path:
         prompts = prompts[:cfg.num_prompts]
 
     # --- model, train -----------------------------------------------------------------------
-    metrics, gate_figures, rm = train_ppo(cfg, plan, sft, prompts, out, to_dict(cfg))
+    metrics, gate_figures, rm = train_ppo(cfg, plan, sft, prompts, out, to_dict(cfg), system_prompt)
 
     # --- save -------------------------------------------------------------------------------
     save_config(cfg, out / "config.yaml")
@@ -372,7 +376,7 @@ def main(cfg: PPOStageConfig) -> Path:
     write_manifest(
         out, stage="ppo", config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
         device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
-        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)",
+        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)", system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy"),
                                                             "device": gate_figures.get("device")},

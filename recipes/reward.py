@@ -30,7 +30,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment import StageError, report
-from alignment.artifacts import is_main_process, print_done, stage_dir, write_manifest
+from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import DataError, file_hash
@@ -42,7 +42,7 @@ from alignment.modeling import (
     load_tokenizer,
     peft_lora_config,
 )
-from alignment.preferences import load_preferences
+from alignment.preferences import add_system_prompt, load_preferences
 from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
     MAX_PROBE_FLIP_RATE,
@@ -190,6 +190,10 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
+    # The SFT policy's system prompt (from_sft or not: it is the policy PPO samples and this model scores), on
+    # every conversation it trains on and is measured on; recorded, so scoring adds the same (system_prompt_of).
+    system_prompt = system_prompt_of(sft)
+    data = add_system_prompt(data, system_prompt)
     probe_pairs = data.get("test")  # with every column, for the probes
     data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
@@ -283,7 +287,7 @@ def main(cfg: RewardStageConfig) -> Path:
     write_manifest(
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
-        weighting=weighting, probes=probes,
+        weighting=weighting, probes=probes, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
@@ -393,7 +397,8 @@ def score_main(argv: list[str]) -> int:
     except FileNotFoundError as err:
         print(f"align reward score: {err}", file=sys.stderr)
         return 2
-    scores = score(model, tokenizer, [p for p, _ in rows], [r for _, r in rows], args.batch_size)
+    scores = score(model, tokenizer, [p for p, _ in rows], [r for _, r in rows], args.batch_size,
+                   system_prompt=system_prompt_of(folder))
     for (prompt, response), value in zip(rows, scores, strict=True):
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "response": response, "score": round(value, 4)}))
@@ -423,6 +428,7 @@ def probe_main(argv: list[str]) -> int:
         data_path = Path(args.data or manifest.get("data", {}).get("path") or "")
         test_fraction, seed = manifest["config"]["data"]["test_fraction"], manifest["config"]["train"]["seed"]
         pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed)[0].get("test")
+        pairs = add_system_prompt(pairs, system_prompt_of(folder)) if pairs is not None else None  # as trained
     except (ConfigError, DataError, ValueError, KeyError, OSError) as err:
         print(f"align reward probe: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from alignment import StageError
-from alignment.artifacts import print_done, read_manifest, round_batch, stage_dir, store_url, write_manifest
+from alignment.artifacts import (
+    print_done,
+    read_manifest,
+    round_batch,
+    stage_dir,
+    store_url,
+    system_prompt_of,
+    write_manifest,
+)
 from alignment.config import SampleStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
 from alignment.generation import Answer, generate_answers, load_policy
@@ -108,14 +116,15 @@ def main(cfg: SampleStageConfig) -> Path:
         policy_manifest = read_manifest(policy_dir)
     except FileNotFoundError:
         policy_manifest = {"source": str(policy_dir)}
+    system_prompt = system_prompt_of(policy_dir)  # the one it was trained with: generate() puts it first
     selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
     if todo and wanted:
         policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,
                              load_model=cfg.generation.backend != "vllm")
         source = {"policy": str(policy_dir), "policy_stage": policy_manifest.get("stage"),
                   "policy_created": policy_manifest.get("created"), "base_model": policy.base_model,
-                  "generation": asdict(cfg.generation), "k": cfg.k, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "selection": cfg.selection}
+                  "system_prompt": policy.system_prompt, "generation": asdict(cfg.generation), "k": cfg.k,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "selection": cfg.selection}
         if selector:
             source.update(selection_reward_model=str(selector), acquisition=cfg.acquisition)
 
@@ -147,7 +156,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
             model, tokenizer, heads = load_selector(selector)
             values = task_uncertainty(model, tokenizer, heads, candidates, cfg.acquisition,
-                                      batch_size=cfg.generation.batch_size)
+                                      batch_size=cfg.generation.batch_size, system_prompt=system_prompt_of(selector))
             del model
             chosen = choose(values, wanted, explore=cfg.explore, seed=cfg.generation.seed)
             picked = set(chosen)
@@ -189,7 +198,7 @@ def main(cfg: SampleStageConfig) -> Path:
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),
                    parents=parents, metrics=metrics, store=url, batch=batch, selection=selection,
-                   prompts_sha256=file_hash(cfg.prompts))
+                   prompts_sha256=file_hash(cfg.prompts), system_prompt=system_prompt)
     tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("sample/responses", ["prompt", *(f"response_{i + 1}" for i in range(cfg.k))],

@@ -9,7 +9,9 @@ The base is loaded once and each adapter is attached to it with peft (alignment.
 request's `model` picks the adapter (peft's set_adapter when it differs from the last request's,
 nothing reloaded), and `base` is the base with every adapter skipped. On start it prints the URL,
 the model names and a curl and an openai snippet; Ctrl-C stops it (a generation under way stops at its next token). docs/serving.md has the
-API, the limits, what runs on CPU and on GPU, and what concurrency means here.
+API, the limits, what runs on CPU and on GPU, and what concurrency means here. A request without a
+system message gets the adapter's system prompt (the one it was trained with), on the transformers
+backend; vLLM's server does not add it (a warning says so).
 """
 
 from __future__ import annotations
@@ -132,6 +134,13 @@ align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
 def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str | None, port: int,
              names: list[str]) -> Path:
     """vLLM's OpenAI server, one base with every adapter as a LoRA module, until Ctrl-C."""
+    from alignment.artifacts import system_prompt_of
+
+    prompted = [name for name, folder in models.items() if system_prompt_of(folder)]
+    if prompted:  # vLLM applies the chat template itself: nothing here can add a system turn per adapter
+        log.warning("%s trained with a system prompt (sft.data.system_prompt): vLLM's server does not add it; "
+                    "send it as the request's system message (the transformers backend adds it itself)",
+                    ", ".join(prompted))
     command = vllm_command(models, base, cfg, port)
     env = dict(os.environ)
     if key:

@@ -127,6 +127,7 @@ def main(cfg: SFTStageConfig) -> Path:
     write_manifest(
         out, stage="sft", config=to_dict(cfg), base_model=cfg.model.name,
         parents={}, metrics=metrics, device_plan=levers, gpu_peak_mib=peak_gpu_mib(),
+        system_prompt=cfg.data.system_prompt,  # every later stage prompts this policy with it (system_prompt_of)
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": truncated,
               "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0},
