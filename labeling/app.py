@@ -10,7 +10,8 @@ id the page shows (a hidden field), checked against the annotator's assignments.
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
 HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
 an `align serve` endpoint side by side, `align label --serve-url URL`). Keyboard shortcuts are a small script installed on page load (see
-SHORTCUTS); it only clicks the same radios and buttons a mouse would.
+SHORTCUTS); it only clicks the same radios and buttons a mouse would. The same script shows a notice
+when the server refuses a call of the page because its session has ended (see PAGE_JS).
 """
 
 from __future__ import annotations
@@ -61,16 +62,44 @@ CSS = """
 .align-pg-turn { margin: 0 0 10px; }
 .align-pg-turn .align-label { font-weight: 600; margin: 0 0 2px; }
 .align-pg-user .align-label { color: var(--body-text-color-subdued); }
+/* PAGE_JS's notice of a refused call: over the page's foot, seen wherever the page is scrolled */
+#align-session-ended { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
+  background: #fef3c7; color: #78350f; border-top: 2px solid #f59e0b; font-weight: 600; }
 """
 
-# Installed once per page by demo.load(js=...). Selectors are the elem_ids set below.
-KEYS_JS = """
+# Installed once per page by demo.load(js=...): the keyboard shortcuts, and the notice of a refused call.
+# Selectors are the elem_ids set below.
+#
+# The notice: once a session ends, labeling/server.py refuses every call of the page (401) before
+# Gradio or a handler sees it, and Gradio shows such a refusal of a call outside its queue nowhere (no
+# toast; the event's chain just stops) and of a queued call only as a toast that fades. So the page
+# watches its own calls: a 401 shows a notice that stays until a call sent after it is accepted
+# (the annotator signed in again in another tab). Its text is ours, set as text, never HTML.
+PAGE_JS = """
 () => {
   if (window.__alignKeys) return;
   window.__alignKeys = true;
   const style = document.createElement('style');
   style.textContent = %s;
   document.head.appendChild(style);
+  const notice = document.createElement('p');
+  notice.id = 'align-session-ended';
+  notice.setAttribute('role', 'alert');
+  notice.textContent = %s;
+  notice.hidden = true;
+  document.body.appendChild(notice);
+  const fetched = window.fetch;
+  let sent = 0, refused = 0;
+  window.fetch = async (...args) => {
+    const n = ++sent;
+    const response = await fetched(...args);
+    const url = String((args[0] && args[0].url) || args[0]);
+    if (url.includes('/gradio_api/')) {
+      if (response.status === 401) { refused = n; notice.hidden = false; }
+      else if (response.ok && n > refused) notice.hidden = true;  // not a call that was already on its way
+    }
+    return response;
+  };
   const shown = (el) => !!el && el.offsetParent !== null;
   const byId = (id) => document.getElementById(id);
   const slots = () => [...'abcdefgh'].map((l) => byId('resp-' + l)).filter(shown);
@@ -124,7 +153,7 @@ KEYS_JS = """
 
 
 def _js() -> str:
-    return KEYS_JS % json.dumps(CSS)
+    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"))
 
 
 def _table(rows: list[dict] | None) -> Any:
@@ -154,6 +183,9 @@ def _agreement(agreement: dict) -> str:
             f"Krippendorff α (ordinal) **{_num(agreement.get('krippendorff_alpha'))}** · "
             f"pairwise agreement **{_num(agreement.get('pairwise_agreement'))}** · "
             f"Kendall τ-b **{_num(agreement.get('kendall_tau'))}**")
+
+
+SESSION_ENDED = auth.SESSION_ENDED[:1].upper() + auth.SESSION_ENDED[1:] + "."
 
 
 def _note(text: str, icon: str = "", error: bool = False) -> str:
@@ -330,7 +362,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                f"the app lays out at most {MAX_K}")
             return found
 
-        signed_out = _note("Your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks).", "⚠️", error=True)
+        signed_out = _note(SESSION_ENDED, "⚠️", error=True)
 
         def do_load(request: gr.Request):
             sess = signed_in(request)
@@ -371,17 +403,20 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted ranking)."""
             rank_values, (bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
             sess = signed_in(request)
-            if sess is None or current is None:
-                return
+            if sess is None:
+                return signed_out
+            if current is None:
+                return gr.skip()
             try:
                 handlers.save_draft(store, sess, current, list(rank_values), all_bad=bool(bad), unsafe=bool(is_unsafe),
                                     rationale=why or "")
             except (ValueError, KeyError, PermissionError) as err:
                 log.warning("draft of task %s not saved: %s", current, err)
+            return gr.skip()
 
         # .input: the annotator's own clicks and keys, not the updates show() makes
         for widget in (*ranks, all_bad, unsafe, rationale):
-            widget.input(do_draft, [task_id, *ranks, all_bad, unsafe, rationale], None, trigger_mode="always_last",
+            widget.input(do_draft, [task_id, *ranks, all_bad, unsafe, rationale], message, trigger_mode="always_last",
                          show_progress="hidden")
 
         def do_skip(current, request: gr.Request):
@@ -395,13 +430,17 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [_note(str(err), "⚠️", error=True), *unchanged]
             return [_note(f"Skipped task {int(current)}.") if current is not None else "", *show(next_for(sess))]
 
-        # trigger_mode="once" ignores clicks while a submit is pending; disabling the button first
-        # makes that visible. The submit names its task, so a replayed request is "already saved".
-        # The last step runs even when do_submit failed unexpectedly: never leave Submit disabled.
-        submit.click(lambda: gr.update(interactive=False), None, submit, queue=False).then(
-            do_submit, [task_id, shown_at, *ranks, pairwise, all_bad, unsafe, rationale],
-            [message, *task_outputs]).then(
-            lambda current: gr.update(interactive=current is not None), task_id, submit, queue=False)
+        # do_submit's trigger_mode ("once") ignores clicks while a submit is pending; disabling the button
+        # first makes that visible. The submit names its task, so a replayed request is "already saved".
+        # The page itself disables Submit and enables it again, with no call to the server, which refuses
+        # every call once the session has ended (a refused first step stopped the chain before the submit
+        # was sent); and enables it after a failed submit too (Gradio 6's page runs .then only after a
+        # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
+        enable = "(current) => ({__type__: 'update', interactive: current !== null && current !== undefined})"
+        submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
+            do_submit, [task_id, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
+        submitting.then(None, task_id, submit, js=enable)
+        submitting.failure(None, task_id, submit, js=enable)
         skip.click(do_skip, [task_id], [message, *task_outputs])
 
         def do_refresh(request: gr.Request):

@@ -28,6 +28,9 @@ from labeling.store import Store
 COOKIE = "align_session"
 SESSION_HOURS = 12.0
 REFUSED = "unknown user or wrong password"
+# What a page whose session ended is told (labeling/server.py's refusals, labeling/app.py's page). Not "reload": a
+# reload goes to the sign-in page and loses what the page holds and the draft could not save.
+SESSION_ENDED = "your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks)"
 
 
 class SignInRefused(AuthError):

@@ -122,15 +122,11 @@ class RequireSession:
                 return
             wants_page = scope["method"] in ("GET", "HEAD") and b"text/html" in dict(scope["headers"]).get(b"accept", b"")
             response: Response = (RedirectResponse("login", status_code=303) if wants_page else JSONResponse(
-                {"detail": "not signed in, or " + SESSION_ENDED}, status_code=401))
+                {"detail": "not signed in, or " + auth.SESSION_ENDED}, status_code=401))
             await response(scope, receive, send_secured)
             return
         scope.setdefault("state", {})["align_session"] = session
         await self.app(scope, receive, send_secured)
-
-
-# Not "reload": a reload goes to the sign-in page and loses what this page holds and the draft could not save.
-SESSION_ENDED = "your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks)"
 
 
 def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_hours: float = auth.SESSION_HOURS,
