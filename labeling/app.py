@@ -346,7 +346,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 + ("A/B comparison" if is_pair else f"rank {k} responses, ties allowed"),
                 '<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"]),
                 *[gr.update(visible=i < k) for i in range(MAX_K)],
-                *[gr.update(value=handlers.text_html(responses[i]) if i < k else "") for i in range(MAX_K)],
+                *[gr.update(value=handlers.text_html(responses[i], cut_off=next_["cut_off"][i]) if i < k else "")
+                  for i in range(MAX_K)],
                 *[gr.update(choices=choices, value=str(draft[i]) if draft[i] else None, visible=not is_pair)
                   for i in range(MAX_K)],
                 gr.update(visible=is_pair, value=None),

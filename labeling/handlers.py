@@ -47,14 +47,18 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
     return order
 
 
-def text_html(text: str, limit: int = SHOWN_CHARS) -> str:
+def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
-    the `align-text` class (white-space: pre-wrap); past `limit` characters it is cut, with a note."""
+    the `align-text` class (white-space: pre-wrap); past `limit` characters it is cut, with a note.
+    `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
+    which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
     shown = f'<div class="align-text">{html.escape(text[:limit])}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")
+    if cut_off:
+        shown += '<p class="align-cut">[cut off at the length limit: the reply did not end here]</p>'
     return shown
 
 
@@ -63,7 +67,9 @@ def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str,
     k = len(task["responses"])
     order = shown_order(task_id, annotator_id, k, seed)
     return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
-            "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k}
+            "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
+            # cut at the sampler's max_new_tokens (align sample's mark; unknown counts as ended)
+            "cut_off": [(task["responses"][i].get("meta") or {}).get("finished") is False for i in order]}
 
 
 def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0,

@@ -371,6 +371,17 @@ def test_model_text_becomes_inert_html_cut_at_the_limit():
     assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
 
 
+
+def test_a_reply_cut_at_the_length_limit_is_marked_where_it_is_shown(store):
+    """align sample's `finished` false (cut at max_new_tokens) reaches the page, in the annotator's order."""
+    store.add_tasks("round-0", [{"prompt": "Where is Sync?", "responses": ["Open Settings and", "Settings > Sync.",
+                                                                         "It is in"],
+                                 "response_meta": [{"finished": False}, {"finished": True}, {}]}], source={})
+    task = handlers.next_task(store, session(store, "alice"))
+    assert task["cut_off"] == [task["responses"][i] == "Open Settings and" for i in range(3)]  # unknown: not marked
+    assert "cut off at the length limit" in handlers.text_html("Open Settings and", cut_off=True)
+    assert "cut off" not in handlers.text_html("Settings > Sync.")
+
 def test_sessions_expire_close_and_keep_only_a_hash(store):
     alice = session(store, "alice")
     token = store.open_session(alice["annotator_id"], ttl=3600)
