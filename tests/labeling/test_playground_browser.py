@@ -157,3 +157,35 @@ def test_the_playground_is_for_signed_in_users_only(app_url):
 
     anonymous = httpx.post(f"{app_url}/gradio_api/queue/join", json={"fn_index": 0, "data": [], "session_hash": "x"})
     assert anonymous.status_code == 401
+
+
+def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serve_url, tmp_path, page):
+    """The session ends while the Playground is open: the send is refused before any handler runs, the page
+    says so in the page, and Send is not left disabled (the page turns it off and on itself)."""
+    from sqlalchemy import update
+
+    from labeling.playground import ServeClient
+    from labeling.server import create_app, running
+    from labeling.store import Store, sessions
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("ann", PASSWORD)
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})  # its own cookies
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=16))) as url:
+        page.goto(url)
+        page.fill("#align-name", "ann")
+        page.fill("#align-password", PASSWORD)
+        page.click("#align-signin")
+        page.get_by_role("tab", name="Playground").click()
+        sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")
+        page.fill("#align-pg-message textarea", MESSAGE)
+        with store.tx() as conn:  # the session's time is up
+            conn.execute(update(sessions).values(expires=0.0))
+        with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url) as answer:
+            page.click("#align-pg-send")
+        assert answer.value.status == 401
+        page.wait_for_selector("#align-session-ended", state="visible")
+        sync_api.expect(page.locator("#align-pg-send")).to_be_enabled()
+    context.close()
