@@ -220,8 +220,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def system_prompt_of(folder: str | Path | None) -> str | None:
     """The system prompt the policy in `folder` was trained with (`sft.data.system_prompt`), or None.
 
-    Its manifest's `system_prompt`; a manifest written before stages recorded it is followed to the
-    policy it came from (parent sft, policy or adapter) and, at an SFT manifest, read from its config.
+    Its manifest's `system_prompt`; a policy's (or merge's) manifest written before stages recorded it is
+    followed to the policy it came from (parent sft, policy or adapter) and, at an SFT manifest, read from
+    its config. Another stage's older manifest (a reward model's) gives None: it was trained without one.
     None for a folder without a manifest (a base model, a Hub name) and for a policy trained without one.
     """
     for _ in range(8):  # a chain of parents is a few stages long; a cycle is not followed for ever
@@ -232,6 +233,8 @@ def system_prompt_of(folder: str | Path | None) -> str | None:
             return manifest["system_prompt"]
         if manifest.get("stage") == "sft":
             return ((manifest.get("config") or {}).get("data") or {}).get("system_prompt")
+        if manifest.get("stage") not in (*stages_of_kind("policy"), "merge"):
+            return None  # e.g. a reward model from before: it was trained without its SFT's system prompt
         parents = manifest.get("parents") or {}
         folder = next((parents[k]["path"] for k in ("sft", "policy", "adapter") if k in parents), None)
     return None

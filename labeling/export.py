@@ -295,7 +295,11 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        DatasetDict({s: Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
+        # Columns from every row's keys: from_list takes the first row's only, and a column some pairs lack (the
+        # finished marks, for responses stored before align sample recorded them) would vanish from the split.
+        keys = list(dict.fromkeys(k for rows in splits.values() for r in rows for k in r))
+        DatasetDict({s: Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+                     for s, rows in splits.items()}).save_to_disk(str(tmp))
         if jsonl:
             for s, rows in splits.items():
                 (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

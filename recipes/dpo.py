@@ -104,30 +104,24 @@ def policy_with_reference(model_cfg: ModelConfig, plan: DevicePlan, sft: Path):
     return PeftModel.from_pretrained(base, str(sft), is_trainable=True)
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The token ids the chat template puts after an assistant message's text (e.g. <|im_end|> and a newline)."""
-    mark = "\x00align-end-of-turn\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
-                                         tokenize=False)
-    return tokenizer(text.split(mark)[-1], add_special_tokens=False)["input_ids"]
-
-
 def drop_cut_ends(dataset, tokenizer):
-    """Strip the end of turn from each side export marked cut (`chosen_finished` / `rejected_finished` false).
+    """Each side export marked cut (`chosen_finished` / `rejected_finished` false) without its end of turn.
 
     A response cut at max_new_tokens never ended; trained with the template's end of turn, DPO would
     teach the policy to stop mid-sentence (a cut chosen) or to avoid stopping there (a cut rejected).
-    Without it, each side's text tokens are still compared."""
+    The side's ids become the conversation's rendered up to the end of the answer's text
+    (`continue_final_message`, tokenized as a whole: a BPE merge of the text's last character with an
+    end marker written as plain text is undone too), past the prompt tokens TRL kept."""
     sides = [s for s in ("chosen", "rejected") if f"{s}_finished" in dataset.column_names]
-    end = end_of_turn_ids(tokenizer)
-    if not sides or not end:
+    if not sides:
         return dataset
 
     def strip(row):
         for side in sides:
-            ids = row[f"{side}_ids"]
-            if row[f"{side}_finished"] is False and ids[-len(end):] == end and len(ids) > len(end):
-                row[f"{side}_ids"] = ids[:-len(end)]
+            if row[f"{side}_finished"] is False:
+                ids = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True,
+                                                    continue_final_message=True)["input_ids"]
+                row[f"{side}_ids"] = ids[len(row["prompt_ids"]):]
         return row
 
     return dataset.map(strip, desc="No end of turn after cut responses")

@@ -45,8 +45,9 @@ from alignment.tracking import Tracker, log_artifact
 log = logging.getLogger(__name__)
 
 def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
-    """The user prompts a policy (and the policies it started from) was trained on, from the manifests:
-    SFT's instructions, the prompts of DPO's training pairs, PPO's (or GRPO's, RLOO's) rollout prompts."""
+    """The user prompts in the training data of a policy and of the policies it started from, from the
+    manifests: SFT's instructions (its held-out share included), the prompts of DPO's training pairs,
+    PPO's (or GRPO's, RLOO's) rollout prompts."""
     from alignment.preferences import load_preferences
 
     seen = seen if seen is not None else set()
@@ -63,8 +64,9 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
             data, _ = load_preferences(parents["preferences"]["path"], test_fraction=config["data"]["test_fraction"],
                                        seed=config["train"]["seed"])
             found |= {m["content"] for row in data["train"]["prompt"] for m in row if m["role"] == "user"}
-        elif config.get("prompts"):
-            found |= set(load_prompts(config["prompts"]))
+        elif config.get("prompts"):  # PPO, GRPO, RLOO: the first num_prompts (-1: all) of its prompts
+            used = load_prompts(config["prompts"])
+            found |= set(used[:config["num_prompts"]] if config.get("num_prompts", -1) > 0 else used)
     except Exception as err:  # noqa: BLE001 - a moved or deleted file: the check is advice, not a gate
         log.debug("prompts of %s not read: %s", folder, err)
     for parent in parents.values():
@@ -234,7 +236,7 @@ def main(cfg: EvalStageConfig) -> Path:
                         for name, trained in ((n, trained_prompts(Path(f))) for n, f in paths.items())}
     for name, n in seen_in_training.items():
         if n:
-            log.warning("%d of the %d eval prompts are prompts %s was trained on (its own or its parents' data): "
+            log.warning("%d of the %d eval prompts are in the training data of %s (its own or its parents'): "
                         "its figures are not on held-out prompts; point eval.prompts at prompts no stage trained on",
                         n, len(prompts), name)
 

@@ -107,7 +107,8 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
             if app.poll() is not None:  # it refused to start (its reason is above) or was stopped
                 raise StageError(f"the labelling app exited (code {app.returncode}) with {left} rankings of batch "
                                  f"{batch!r} still to do; its message is above. Start it yourself (align label "
-                                 f"--run-dir {cfg.run.dir}), or run the pipeline again to resume")
+                                 f"--run-dir {cfg.run.dir}{' --db ' + repr(cfg.sample.store) if db else ''}), or run "
+                                 "the pipeline again to resume")
             print(f"  {left} rankings still to do", end="\r", flush=True)
             time.sleep(10)
     except KeyboardInterrupt:

@@ -283,12 +283,18 @@ def test_pairs_longer_than_max_length_are_counted(tiny_model, tmp_path):
     assert count_too_long([long_chosen], tokenizer, 4096) == 0
 
 
-def test_a_side_cut_at_max_new_tokens_is_trained_without_an_end_of_turn(sft_dir, tiny_model, tmp_path):
+TEXT_MARKERS = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}[END]\n{% endfor %}"
+                "{% if add_generation_prompt %}<<assistant>> {% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", "text markers"])
+def test_a_side_cut_at_max_new_tokens_is_trained_without_an_end_of_turn(sft_dir, tiny_model, tmp_path, template):
     """align sample marks a response cut at max_new_tokens (export: chosen_finished / rejected_finished false).
-    The trainer's tokens for that side stop at its text: no end of turn the policy never sampled."""
+    The trainer's tokens for that side stop at its text: no end of turn the policy never sampled. Also with
+    an end marker written as plain text, which BPE may merge with the text's last character."""
     from alignment.modeling import device_plan, load_tokenizer
     from alignment.preferences import load_preferences
-    from recipes.dpo import AlignDPOTrainer, dpo_args, end_of_turn_ids, policy_with_reference
+    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
 
     rows = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 4).read_text().splitlines()]
     flags = [(True, True), (False, True), (True, False), (False, False)]
@@ -300,14 +306,45 @@ def test_a_side_cut_at_max_new_tokens_is_trained_without_an_end_of_turn(sft_dir,
     plan = device_plan(model_cfg)
     data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
     tokenizer = load_tokenizer(str(sft_dir))
+    end = "<|im_end|>\n"
+    if template == "text markers":
+        tokenizer.chat_template, end = TEXT_MARKERS, "[END]\n"
     trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir),
                               args=dpo_args(cfg, tmp_path, plan, False), train_dataset=data["train"],
                               processing_class=tokenizer)
-    end = end_of_turn_ids(tokenizer)
-    assert end and end[0] == tokenizer.eos_token_id  # ChatML: <|im_end|> then a newline
     by_prompt = {r["prompt"][0]["content"]: r for r in trainer.train_dataset}
     for row, finished in zip(rows, flags, strict=True):
         got = by_prompt[row["prompt"]]
         for side, done in zip(("chosen", "rejected"), finished, strict=True):
-            text = tokenizer(row[side], add_special_tokens=False)["input_ids"]
-            assert got[f"{side}_ids"] == (text + end if done else text), (side, done)
+            # (lstrip: with the text template, BPE joins the space after "<<assistant>>" to the answer's first word)
+            assert tokenizer.decode(got[f"{side}_ids"]).lstrip() == row[side] + (end if done else ""), (side, done)
+
+
+@pytest.mark.smollm
+def test_a_cut_side_loses_an_end_marker_that_bpe_merged_into_its_text():
+    """With an end marker written as plain text, SmolLM2's BPE merges a final "." with its "<" ('.<'): the
+    end of turn is not a suffix of the side's ids. The cut side still ends exactly at its text."""
+    from datasets import Dataset
+    from trl.data_utils import common_prefix_length
+
+    from alignment.embedded import embedded_model_dir
+    from alignment.modeling import load_tokenizer
+    from recipes.dpo import drop_cut_ends
+
+    embedded_model_dir()
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|stop|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    prompt = [{"role": "user", "content": "Where is Sync?"}]
+    chosen = [{"role": "assistant", "content": "Open Settings, then tap Sync."}]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(prompt + chosen, tokenize=True, return_dict=True)["input_ids"]
+    n = common_prefix_length(prompt_ids, full)  # as TRL 1.16's DPO tokenization splits them
+    marker = tokenizer("<|stop|>\n", add_special_tokens=False)["input_ids"]
+    assert full[-len(marker):] != marker  # merged: a suffix cut would leave the marker in
+    rows = Dataset.from_list([{"prompt": prompt, "chosen": chosen, "prompt_ids": full[:n], "chosen_ids": full[n:],
+                               "chosen_finished": finished} for finished in (False, True)])
+    cut, whole = drop_cut_ends(rows, tokenizer)
+    assert tokenizer.decode(cut["chosen_ids"]) == "Open Settings, then tap Sync."
+    assert whole["chosen_ids"] == full[n:]

@@ -82,6 +82,9 @@ def test_lookup_walks_from_a_policy_to_its_sft_parent(tmp_path):
     write_manifest(dpo, stage="dpo", config={}, base_model="m", parents={"sft": old_sft, "preferences": tmp_path})
     write_manifest(ppo, stage="ppo", config={}, base_model="m", parents={"reward_model": tmp_path, "sft": dpo})
     assert system_prompt_of(dpo) == system_prompt_of(ppo) == SYSTEM
+    # A reward model from before recorded nothing and was trained without it: not its SFT parent's.
+    write_manifest(tmp_path / "reward", stage="reward", config={}, base_model="m", parents={"sft": old_sft})
+    assert system_prompt_of(tmp_path / "reward") is None
     write_manifest(dpo, stage="dpo", config={}, base_model="m", parents={"sft": old_sft}, system_prompt=None)
     assert system_prompt_of(dpo) is None  # its own record wins: a policy trained without one
     write_manifest(old_sft, stage="sft", config={"data": {"system_prompt": None}}, base_model="m")

@@ -96,10 +96,12 @@ def test_a_cut_response_is_marked_on_its_side_of_every_pair(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     texts = ["Thanks for asking! Open Settings and tap Sync now.", "no", "Open Settings > Sync and then",
              "Sorry about that, please open Settings."]
+    # The task stored before align sample marked answers comes first: its pairs lead the export, and the
+    # marks of the later ones must still become columns.
+    store.add_tasks("round-0", [{"prompt": "stored before the flag", "responses": texts}], source={})
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": texts,
                                  "response_meta": [{"finished": f} for f in (True, True, False, True)]}
                                 for i in range(4)], source={"policy": "runs/q/sft"})
-    store.add_tasks("round-0", [{"prompt": "stored before the flag", "responses": texts}], source={})
     assert simulate(store, "support_style") == 5
     summary = export_preferences(store, tmp_path / "prefs", test_fraction=0)
     assert summary["pairs"] == 30 and summary["pairs_with_cut_side"] == 4 * 3  # the cut one against the other 3
