@@ -103,24 +103,27 @@ def _export(cfg, pending: set[str], p: str) -> None:
                           f"before it ({', '.join(sorted(pending))} do not rank); add label to stages")
 
 
-def _has_rankings(url: str | None, run_dir: str) -> bool:
-    """The store holds a submitted ranking; a SQLite file that is not there holds none (and is not made)."""
+def _existing_store(url: str | None, run_dir: str):
+    """The labelling store at `url` (default <run_dir>/labels.db), or None for a SQLite file that is not
+    there (it is not made: a preflight writes nothing)."""
     from labeling.store import Store
 
     url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):].split("?")[0]).is_file():
-        return False
-    return any(batch["rankings"] for batch in Store(url).batch_counts())
+        return None
+    return Store(url)
+
+
+def _has_rankings(url: str | None, run_dir: str) -> bool:
+    """The store holds a submitted ranking."""
+    store = _existing_store(url, run_dir)
+    return store is not None and any(batch["rankings"] for batch in store.batch_counts())
 
 
 def _has_accounts(url: str | None, run_dir: str) -> bool:
-    """The store has an account to sign in with; a SQLite file that is not there has none (and is not made)."""
-    from labeling.store import Store
-
-    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):].split("?")[0]).is_file():
-        return False
-    return bool(Store(url).users())
+    """The store has an account to sign in with."""
+    store = _existing_store(url, run_dir)
+    return store is not None and bool(store.users())
 
 
 def _reward(cfg, pending: set[str], p: str) -> None:
