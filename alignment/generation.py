@@ -217,7 +217,6 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
         lora = LoRARequest(Path(adapter).name, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
 
     tokenizer = policy.tokenizer
-    system_prompt = system_prompt if system_prompt is not None else policy.system_prompt
     requests = [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, p, system_prompt),
                                                add_special_tokens=False)["input_ids"]} for p in prompts]
     sample = gen.temperature > 0

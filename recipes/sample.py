@@ -123,7 +123,7 @@ def main(cfg: SampleStageConfig) -> Path:
                              load_model=cfg.generation.backend != "vllm")
         source = {"policy": str(policy_dir), "policy_stage": policy_manifest.get("stage"),
                   "policy_created": policy_manifest.get("created"), "base_model": policy.base_model,
-                  "system_prompt": policy.system_prompt, "generation": asdict(cfg.generation), "k": cfg.k,
+                  "system_prompt": system_prompt, "generation": asdict(cfg.generation), "k": cfg.k,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "selection": cfg.selection}
         if selector:
             source.update(selection_reward_model=str(selector), acquisition=cfg.acquisition)
