@@ -81,6 +81,25 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
 
 
 @contextmanager
+def folded(model, adapter: str):
+    """`adapter` of a peft model with several, active and, for the block, folded into the base weights
+    (peft's merge_adapter), unfolded after: decoding runs one matmul per layer instead of three, ~20 %
+    faster on a CPU (eval's answers and KL samples, 2 CPU cores). Only on a float32 base that is not
+    quantized: unfolding there gives the weights back to float32 rounding, while on a bf16 or 4-bit base
+    every fold would leave its rounding in the weights every other adapter (the reference) runs on."""
+    model.set_adapter(adapter)
+    bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    if not bases or any(w.dtype != torch.float32 for w in bases):
+        yield model
+        return
+    model.merge_adapter([adapter])
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+@contextmanager
 def plain_sampling(model):
     """Within the block, generate() samples from softmax(logits / temperature) with only the knobs a call
     passes: generate() fills every knob a call leaves unset from the model folder's

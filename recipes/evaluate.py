@@ -37,7 +37,7 @@ from alignment.artifacts import (
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import load_prompts
-from alignment.generation import Policy, chat_prompt, generate, plain_sampling
+from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
@@ -144,9 +144,9 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     for b, start in enumerate(tqdm(batches, desc=f"KL {policy} (sampled)", unit="batch")):
         chunk = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        model.set_adapter(policy)
         torch.manual_seed(seed + b)
-        with plain_sampling(model):  # the policy's own distribution, not its folder's decoding settings
+        # the policy's own distribution, not its folder's decoding settings
+        with folded(model, policy), plain_sampling(model):
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                                  top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, use_cache=True)
@@ -245,9 +245,9 @@ def main(cfg: EvalStageConfig) -> Path:
     system_prompts = {name: system_prompt_of(path) for name, path in paths.items()}  # each policy's own
     responses: dict[str, list[str]] = {}
     for name in paths:
-        model.set_adapter(name)
-        policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name])
-        responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
+        with folded(model, name):
+            policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name])
+            responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
     kl = {name: sampled_kl(model, tokenizer, prompts, name, cfg.baseline, k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
                            batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name])

@@ -111,6 +111,35 @@ def test_eval_kl_on_the_device_gives_the_cpu_figures(tiny_model, adapters):
     assert all(k > 0 for k in on_cpu)  # two different random adapters: a KL above zero on each prompt
 
 
+def test_a_folded_policy_decodes_as_its_adapter_and_leaves_the_base_as_it_found_it(tiny_model, adapters):
+    """Eval decodes each policy folded into the fp32 base (generation.folded): the logits of the adapter
+    unfolded, and after the block every weight is back, so the reference and the next policy run on the
+    base they were trained on. A bf16 base, where unfolding would not give the weights back, is left alone."""
+    from alignment.generation import folded
+
+    model = policies_on_one_base(tiny_model, adapters)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = {}
+    for name in ("sft", "dpo"):
+        model.set_adapter(name)
+        expected[name] = model(input_ids=ids).logits
+    assert not torch.allclose(expected["sft"], expected["dpo"], atol=1e-3)
+    with torch.no_grad(), folded(model, "dpo"):
+        moved = [n for n, p in model.named_parameters() if "base_layer" in n and not torch.equal(p, before[n])]
+        assert moved  # folded into the base weights themselves, not run beside them
+        assert torch.allclose(model(input_ids=ids).logits, expected["dpo"], atol=1e-5)
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())
+    model.set_adapter("sft")
+    assert torch.allclose(model(input_ids=ids).logits, expected["sft"], atol=1e-5)
+
+    model.to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with folded(model, "dpo"):
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert model.active_adapter == "dpo"
+
+
 def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
     """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
     sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on
