@@ -140,6 +140,20 @@ def test_a_folded_policy_decodes_as_its_adapter_and_leaves_the_base_as_it_found_
         assert model.active_adapter == "dpo"
 
 
+def test_eval_kl_over_chunks_of_answers_gives_the_whole_batch_figures(tiny_model, adapters, monkeypatch):
+    """sampled_kl reads the logits of KL_ROWS answers at a time: 9 answers (3 prompts x 3) in chunks of 2, a
+    prompt's answers split across chunks, give each prompt's KL as one chunk of all 9 does."""
+    import recipes.evaluate as evaluate
+
+    model = policies_on_one_base(tiny_model, adapters)
+    tokenizer = load_tokenizer(tiny_model)
+    monkeypatch.setattr(evaluate, "KL_ROWS", 64)
+    whole = evaluate.sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=3, max_new_tokens=8, batch_size=3)
+    monkeypatch.setattr(evaluate, "KL_ROWS", 2)
+    chunked = evaluate.sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=3, max_new_tokens=8, batch_size=3)
+    assert chunked == pytest.approx(whole, abs=1e-5) and len(set(whole)) == 3
+
+
 def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
     """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
     sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on
