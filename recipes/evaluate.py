@@ -15,6 +15,7 @@ KL along them is one fixed path's, not the policy's.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -162,6 +163,9 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
         attention = torch.cat([prompt_mask, answer], 1)
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate numbered the left-padded rows
         keep = ids.shape[1] - width + 1  # the logits at the last prompt token and each answer token's
+        # a model whose forward has no logits_to_keep (remote code) computes them all: sliced below alike
+        trim = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(
+            model.get_base_model().forward).parameters else {}
         per_answer = []
         for rows in range(0, len(ids), KL_ROWS):
             part = slice(rows, rows + KL_ROWS)
@@ -169,7 +173,7 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
             for name in (policy, reference):
                 model.set_adapter(name)
                 logits[name] = model(input_ids=ids[part], attention_mask=attention[part], position_ids=positions[part],
-                                     logits_to_keep=keep).logits[:, :-1]  # those that predict the answer's tokens
+                                     **trim).logits[:, -keep:-1]  # those that predict the answer's tokens
             per_answer.append(ev.sequence_kl(logits[policy], logits[reference], answer[part]))
             del logits
         out += torch.cat(per_answer).view(-1, k).mean(1).tolist()

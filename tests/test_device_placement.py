@@ -140,9 +140,10 @@ def test_a_folded_policy_decodes_as_its_adapter_and_leaves_the_base_as_it_found_
         assert model.active_adapter == "dpo"
 
 
-def test_eval_kl_over_chunks_of_answers_gives_the_whole_batch_figures(tiny_model, adapters, monkeypatch):
-    """sampled_kl reads the logits of KL_ROWS answers at a time: 9 answers (3 prompts x 3) in chunks of 2, a
-    prompt's answers split across chunks, give each prompt's KL as one chunk of all 9 does."""
+def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_figures(tiny_model, adapters, monkeypatch):
+    """sampled_kl reads the logits of KL_ROWS answers at a time, only those that predict an answer's tokens:
+    9 answers (3 prompts x 3) in chunks of 2, a prompt's answers split across chunks, give each prompt's KL as
+    one chunk of all 9 does, and so does a model whose forward computes every logit (no logits_to_keep)."""
     import recipes.evaluate as evaluate
 
     model = policies_on_one_base(tiny_model, adapters)
@@ -152,6 +153,17 @@ def test_eval_kl_over_chunks_of_answers_gives_the_whole_batch_figures(tiny_model
     monkeypatch.setattr(evaluate, "KL_ROWS", 2)
     chunked = evaluate.sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=3, max_new_tokens=8, batch_size=3)
     assert chunked == pytest.approx(whole, abs=1e-5) and len(set(whole)) == 3
+
+    base = model.get_base_model()
+    forward = base.forward
+
+    def without_logits_to_keep(input_ids=None, attention_mask=None, position_ids=None, **kwargs):  # as remote code
+        assert "logits_to_keep" not in kwargs
+        return forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(base, "forward", without_logits_to_keep)  # every logit computed, the same ones read
+    alike = evaluate.sampled_kl(model, tokenizer, PROMPTS, "dpo", "sft", k=3, max_new_tokens=8, batch_size=3)
+    assert alike == pytest.approx(whole, abs=1e-5)
 
 
 def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
