@@ -40,3 +40,28 @@ def test_gguf_and_converted_folder_give_the_same_greedy_tokens(converted):
             outs.append(model.generate(**ids, max_new_tokens=12, do_sample=False)[0])
     assert torch.equal(outs[0], outs[1])
     assert "Paris" in tok.decode(outs[1][ids["input_ids"].shape[1]:])
+
+
+def test_gguf_read_once_parses_each_file_once_inside_the_block_only(tmp_path):
+    import gguf
+
+    from alignment.embedded import gguf_read_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.ones(4, 3).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # a path or its string: one parse
+        assert first.fields["llama.block_count"].contents() == 2
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name("model.embed_tokens") == "token_embd"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
