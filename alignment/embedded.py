@@ -89,8 +89,6 @@ def gguf_read_once():
 
 def convert_gguf(gguf: Path, target: Path) -> None:
     """GGUF → a plain transformers folder (fp32 weights, tokenizer with its ChatML template)."""
-    import copy
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the embedded SmolLM2-135M-Instruct from %s (once, ~15 s)", gguf.name)
@@ -98,7 +96,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     with gguf_read_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    config = copy.deepcopy(loaded.config)
+    config = loaded.config  # only its weights are used after this
     # The GGUF's quantization_config is what makes save_pretrained refuse; the weights we copy
     # are already de-quantized, so the saved model is an ordinary fp32 one.
     if hasattr(config, "quantization_config"):

@@ -148,6 +148,8 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
     out: list[float] = []
+    # a model whose forward has no logits_to_keep (remote code) computes them all: sliced below alike
+    trims = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
     batches = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(batches, desc=f"KL {policy} (sampled)", unit="batch")):
         chunk = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
@@ -164,9 +166,7 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
         attention = torch.cat([prompt_mask, answer], 1)
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate numbered the left-padded rows
         keep = ids.shape[1] - width + 1  # the logits at the last prompt token and each answer token's
-        # a model whose forward has no logits_to_keep (remote code) computes them all: sliced below alike
-        trim = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(
-            model.get_base_model().forward).parameters else {}
+        trim = {"logits_to_keep": keep} if trims else {}
         per_answer = []
         for rows in range(0, len(ids), KL_ROWS):
             part = slice(rows, rows + KL_ROWS)
