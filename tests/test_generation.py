@@ -32,3 +32,40 @@ def test_an_answer_is_finished_exactly_when_it_sampled_eos(tiny_model):
     ended = generate_answers(policy, PROMPTS, gen)
     assert ended[0][0].finished
     assert [row[0].finished for row in ended] == [first in ids for ids in greedy]
+
+
+def test_nucleus_filter_keeps_exactly_what_transformers_top_p_keeps():
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from alignment.generation import NucleusFilter
+
+    torch.manual_seed(0)
+    # Rows from flat (the nucleus spans thousands of tokens: the full-sort path) to peaked (a few tokens).
+    scores = torch.randn(32, 8000) * torch.linspace(0.3, 12, 32)[:, None]
+    ids = torch.zeros(32, 1, dtype=torch.long)
+    for top_p in (0.3, 0.9, 0.95, 0.99):
+        ours = NucleusFilter(top_p)(ids, scores.clone())
+        assert torch.equal(ours, TopPLogitsWarper(top_p)(ids, scores.clone()))
+    kept = (ours > -float("inf")).sum(-1)
+    assert kept.max() > NucleusFilter.candidates > kept.min()  # both paths ran
+
+
+def test_sampling_matches_transformers_own_temperature_and_top_p(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = load_tokenizer(tiny_model)
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.7, top_p=0.8, batch_size=len(PROMPTS), seed=3)
+    ours = generate(Policy(model, tokenizer, "tiny", tiny_model), PROMPTS, gen, k=3)
+    tokenizer.padding_side = "left"
+    enc = tokenizer([chat_prompt(tokenizer, p) for p in PROMPTS], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    torch.manual_seed(3)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.8,
+                         num_return_sequences=3, pad_token_id=tokenizer.pad_token_id,
+                         top_k=None, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    theirs = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [a for row in ours for a in row] == [t.strip() for t in theirs]
+    assert len({a for row in ours for a in row}) > len(PROMPTS)  # sampled, not greedy
