@@ -16,6 +16,7 @@ start-up, and on CUDA the first allocations.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -202,6 +203,52 @@ def peak_memory() -> dict:
     else:
         out["peak_mib"] = out["peak_rss_mib"]
     return out
+
+
+BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}  # --flag true / false
+
+
+def side_by_side_parser(doc: str, *, batch: int, batch_help: str | None = None,
+                        model_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every align-against-TRL script takes; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help=model_help)
+    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
+                        "(random weights, the embedded tokenizer; replaces --model)")
+    parser.add_argument("--quantize", default=True, **BOOL)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=batch, help=batch_help)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
+    parser.add_argument("--json", help="append the figures to this file as one JSON line")
+    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_or_run_child(parser: argparse.ArgumentParser, child) -> argparse.Namespace | None:
+    """The parent's arguments (--size resolved to its stand-in's folder), or None once `child` has run a side."""
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return None
+    if args.size:
+        args.model = sized_model(args.size)
+    return args
+
+
+def compare_sides(script: str, args: argparse.Namespace, *extra: str) -> tuple[dict, float]:
+    """Both sides run with the shared options and `extra`; their RESULT dicts, and the matmul peak: the best
+    of a measurement before and after (on a shared machine one alone can be low)."""
+    peak = matmul_peak_gflops()
+    results = run_sides(script, ["--quantize", str(args.quantize), "--steps", str(args.steps), "--batch",
+                                 str(args.batch), "--max-length", str(args.max_length), *extra, "--ours", *args.ours])
+    return results, max(peak, matmul_peak_gflops())
+
+
+def settings(args: argparse.Namespace) -> str:
+    """The title's tail: the base's precision and our side's overrides."""
+    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
+    return mode + (f" · ours: {' '.join(args.ours)}" if args.ours else "")
 
 
 def child_result(result: dict) -> None:

@@ -23,7 +23,6 @@ chosen and rejected sequences'. `--ours KEY=VALUE` passes align overrides to our
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -34,21 +33,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
-    SIZES,
     StepClock,
     child_result,
+    compare_sides,
     compute_dtype,
     cuda,
-    matmul_peak_gflops,
     model_kwargs,
     n_params,
+    parse_or_run_child,
     report,
-    run_sides,
-    sized_model,
+    settings,
+    side_by_side_parser,
     trl_device_args,
 )
 
-BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
 FLOPS_PER_PARAM = 6  # per token: policy forward 2N + backward through activations 2N + reference forward 2N
 
@@ -133,40 +131,22 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="the base for the stand-in adapter (without --sft)")
-    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
-                        "(random weights, the embedded tokenizer; replaces --model)")
+    parser = side_by_side_parser(__doc__, batch=6, batch_help="pairs a step (6: two K=3 rankings)",
+                                 model_help="the base for the stand-in adapter (without --sft)")
     parser.add_argument("--sft", help="an SFT adapter folder (default: a fresh LoRA on --model)")
-    parser.add_argument("--quantize", default=True, **BOOL)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=6, help="pairs a step (6: two K=3 rankings)")
     parser.add_argument("--pairs", choices=["ranking", "single"], default="ranking",
                         help="K=3 rankings per prompt (3 pairs sharing responses) or one pair per prompt")
-    parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
-    parser.add_argument("--json", help="append the figures to this file as one JSON line")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-    if args.size:
-        args.model = sized_model(args.size)
+    if not (args := parse_or_run_child(parser, child)):
+        return
 
     from alignment.modeling import adapter_base_name
 
-    # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
-    peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory(prefix="align-dpo-bench-") as tmp:
         sft = args.sft or str(fresh_adapter(args.model, Path(tmp) / "sft"))
-        results = run_sides(__file__, [
-            "--sft", sft, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch", str(args.batch),
-            "--max-length", str(args.max_length), "--pairs", args.pairs, "--ours", *args.ours])
-    peak = max(peak, matmul_peak_gflops())
-    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
+        results, peak = compare_sides(__file__, args, "--sft", sft, "--pairs", args.pairs)
     name = args.size or Path(args.sft or args.model).name
-    title = (f"DPO · {name} · {mode} · batch {args.batch} pairs ({args.pairs}) · {args.steps} steps · max_length "
-             f"{args.max_length}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
+    title = (f"DPO · {name} · batch {args.batch} pairs ({args.pairs}) · {args.steps} steps · max_length "
+             f"{args.max_length} · {settings(args)}")
     n = n_params(adapter_base_name(args.sft) if args.sft else args.model)
     report("dpo", title, results, FLOPS_PER_PARAM * n, peak, args.json,
            {"model": name, "quantize": args.quantize, "batch": args.batch, "pairs": args.pairs,

@@ -18,7 +18,6 @@ a reward model has no LM head). `--ours KEY=VALUE` passes align overrides to our
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -29,19 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
-    SIZES,
     StepClock,
     child_result,
+    compare_sides,
     cuda,
-    matmul_peak_gflops,
     model_kwargs,
+    parse_or_run_child,
     report,
-    run_sides,
-    sized_model,
+    settings,
+    side_by_side_parser,
     trl_device_args,
 )
-
-BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}
 
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
 FLOPS_PER_PARAM = 4  # per token: forward 2N, backward through the activations 2N
@@ -134,36 +131,15 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
-                        "(random weights, the embedded tokenizer; replaces --model)")
-    parser.add_argument("--quantize", default=True, **BOOL)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=6)
-    parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
-    parser.add_argument("--json", help="append the figures to this file as one JSON line")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-    if args.size:
-        args.model = sized_model(args.size)
-
-    # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
-    peak = matmul_peak_gflops()
-    results = run_sides(__file__, [
-        "--model", args.model, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch",
-        str(args.batch), "--max-length", str(args.max_length), "--ours", *args.ours])
-    peak = max(peak, matmul_peak_gflops())
-    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
+    parser = side_by_side_parser(__doc__, batch=6)
+    if not (args := parse_or_run_child(parser, child)):
+        return
+    results, peak = compare_sides(__file__, args, "--model", args.model)
     name = args.size or Path(args.model).name
-    title = (f"reward · {name} · {mode} · batch {args.batch} pairs · {args.steps} steps · max_length "
-             f"{args.max_length}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
+    title = (f"reward · {name} · batch {args.batch} pairs · {args.steps} steps · max_length {args.max_length} · "
+             f"{settings(args)}")
     report("reward", title, results, FLOPS_PER_PARAM * matmul_params(args.model), peak, args.json,
            {"model": name, "quantize": args.quantize, "batch": args.batch, "ours_overrides": args.ours})
-
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ override to our side only (e.g. `--ours model.gradient_checkpointing=on` for the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -27,19 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
-    SIZES,
+    BOOL,
     StepClock,
     child_result,
-    matmul_peak_gflops,
+    compare_sides,
     model_kwargs,
     n_params,
+    parse_or_run_child,
     report,
-    run_sides,
-    sized_model,
+    settings,
+    side_by_side_parser,
     trl_device_args,
 )
-
-BOOL = {"type": lambda s: s.lower() in ("1", "true", "yes", "on")}
 
 
 def run_ours(args, out: Path, clock: StepClock) -> None:
@@ -88,40 +86,18 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--size", choices=sorted(SIZES), help="a stand-in model of this size built from config "
-                        "(random weights, the embedded tokenizer; replaces --model)")
-    parser.add_argument("--quantize", default=True, **BOOL)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=384)
+    parser = side_by_side_parser(__doc__, batch=8)
     parser.add_argument("--group-by-length", default=True, **BOOL,
                         help="ours only: batches of similar length, as the quickstart (default true)")
-    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE", help="align overrides for our side")
-    parser.add_argument("--json", help="append the figures to this file as one JSON line")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-    if args.size:
-        args.model = sized_model(args.size)
-
-    # The peak is the best of a measurement before and after: on a shared machine one alone can be low.
-    peak = matmul_peak_gflops()
-    results = run_sides(__file__, [
-        "--model", args.model, "--quantize", str(args.quantize), "--steps", str(args.steps), "--batch",
-        str(args.batch), "--max-length", str(args.max_length), "--group-by-length", str(args.group_by_length),
-        "--ours", *args.ours])
-    peak = max(peak, matmul_peak_gflops())
-    mode = "QLoRA (4-bit NF4 base)" if args.quantize else "LoRA (unquantized base)"
+    if not (args := parse_or_run_child(parser, child)):
+        return
+    results, peak = compare_sides(__file__, args, "--model", args.model, "--group-by-length", str(args.group_by_length))
     grouped = "ours grouped by length" if args.group_by_length else "both shuffled"
     name = args.size or Path(args.model).name
-    title = (f"SFT · {name} · {mode} · batch {args.batch} · {args.steps} steps · max_length {args.max_length} · "
-             f"{grouped}" + (f" · ours: {' '.join(args.ours)}" if args.ours else ""))
+    title = (f"SFT · {name} · batch {args.batch} · {args.steps} steps · max_length {args.max_length} · {grouped} · "
+             f"{settings(args)}")
     report("sft", title, results, 4 * n_params(args.model), peak, args.json,
            {"model": name, "quantize": args.quantize, "batch": args.batch, "ours_overrides": args.ours})
-
 
 if __name__ == "__main__":
     main()
