@@ -42,6 +42,7 @@ from alignment.data import (
     no_records,
     with_system_prompt,
 )
+from labeling.export import split_by_prompt  # the export's rule: every prompt on one side only
 
 log = logging.getLogger(__name__)
 
@@ -191,20 +192,6 @@ def _rows_to_dataset(rows: list[dict[str, Any]]):
     columns = {k: [r.get(k) for r in rows] for k in keys}
     columns["task_id"] = [group_key(r) for r in rows]
     return Dataset.from_dict(columns)
-
-
-def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int):
-    """(train rows, test rows) with every prompt on one side only."""
-    prompts = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rows))
-    n_test = round(len(prompts) * test_fraction)
-    n_test = min(max(n_test, 1 if test_fraction > 0 else 0), len(prompts) - 1)
-    if n_test <= 0:
-        return rows, []
-    random.Random(seed).shuffle(prompts)
-    held_out = set(prompts[:n_test])
-    train = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in held_out]
-    test = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in held_out]
-    return train, test
 
 
 def read_preference_pairs(path: str | Path, *, on_error: str = "raise") -> tuple[dict[str, list], PreferenceReport]:

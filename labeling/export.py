@@ -131,7 +131,8 @@ def bradley_terry(comparisons: list[tuple[int, int, float]], k: int, *, iters: i
 
 def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, test) with every prompt on one side only; the same rule as alignment.preferences'."""
+    """(train, test) with every prompt on one side only (alignment.preferences splits a file without a test part
+    by this too)."""
     prompts = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rows))
     n_test = round(len(prompts) * test_fraction)
     n_test = min(max(n_test, 1 if test_fraction > 0 else 0), len(prompts) - 1)
