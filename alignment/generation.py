@@ -87,10 +87,12 @@ def folded(model, adapter: str):
     (peft's merge_adapter), unfolded after: decoding runs one matmul per layer instead of three, ~20 %
     faster on a CPU (eval's answers and KL samples, 2 CPU cores). Only on a float32 base that is not
     quantized: unfolding there gives the weights back to float32 rounding, while on a bf16 or 4-bit base
-    every fold would leave its rounding in the weights every other adapter (the reference) runs on."""
+    every fold would leave its rounding in the weights every other adapter (the reference) runs on. A 4-bit
+    base on CUDA with fp32 compute stores its packed weights as float32 (modeling.bnb_config): known by the
+    quantization state bitsandbytes gives each, not by the dtype."""
     model.set_adapter(adapter)
     bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
-    if not bases or any(w.dtype != torch.float32 for w in bases):
+    if not bases or any(w.dtype != torch.float32 or hasattr(w, "quant_state") for w in bases):
         yield model
         return
     model.merge_adapter([adapter])

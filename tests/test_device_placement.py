@@ -140,6 +140,28 @@ def test_a_folded_policy_decodes_as_its_adapter_and_leaves_the_base_as_it_found_
         assert model.active_adapter == "dpo"
 
 
+def test_a_4bit_base_stored_as_float32_is_not_folded_into(tiny_model, adapters):
+    """On CUDA with fp32 compute (a T4 or V100 under compute_dtype=auto) the packed NF4 weights are stored as
+    float32 (modeling.bnb_config): folding a policy in would re-quantize the base every other adapter runs on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from alignment.generation import folded
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_quant_storage=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantized, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapters["sft"]), adapter_name="sft")
+    model.load_adapter(str(adapters["dpo"]), adapter_name="dpo")
+    packed = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert packed and all(w.dtype == torch.float32 for w in packed)  # what the dtype check alone took for fp32
+    bits = [w.detach().view(torch.int32).clone() for w in packed]  # packed bytes: as floats some are NaN
+    with folded(model, "dpo"):
+        assert model.active_adapter == "dpo"
+        assert not any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A"))
+    assert all(torch.equal(w.detach().view(torch.int32), b) for w, b in zip(packed, bits, strict=True))
+
+
 def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_figures(tiny_model, adapters, monkeypatch):
     """sampled_kl reads the logits of KL_ROWS answers at a time, only those that predict an answer's tokens:
     9 answers (3 prompts x 3) in chunks of 2, a prompt's answers split across chunks, give each prompt's KL as
