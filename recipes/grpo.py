@@ -25,13 +25,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from alignment import report
 from alignment import rl as R
 from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
-from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
+from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
 from alignment.gpu_training import sharded
 from alignment.modeling import (
@@ -132,10 +133,14 @@ def main(cfg: PPOStageConfig) -> Path:
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
                       callbacks=[MetricsJSONL(out)])
     policy = trainer.model
-    # TRL rounded a 4-bit model's adapter to bf16: restored from the exact fp32 copy on every device
-    # (PPO's lr 1e-5 is under bf16's step for most LoRA weights), except sharded (one dtype per shard).
-    if "ref" in policy.peft_config and not sharded():
-        restore_policy_from_ref(policy)
+    # TRL rounded a 4-bit model's adapter to bf16 (PPO's lr 1e-5 is under bf16's step for most LoRA weights):
+    # fp32 again on every device, except sharded (one dtype per shard). An SFT adapter is restored from the
+    # exact copy TRL made as "ref"; a fresh one (B = 0) loses nothing to the rounding and is cast back.
+    if not sharded():
+        if "ref" in policy.peft_config:
+            restore_policy_from_ref(policy)
+        else:
+            keep_trainable_in(policy, torch.float32)
     if plan.device == "cpu":
         speed_up_cpu_training(policy)
 

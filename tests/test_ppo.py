@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,22 @@ def test_grpo_and_rloo_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_p
     assert list(policy.peft_config) == ["default"]
     before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, out))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grpo_on_a_fresh_lora_over_a_4bit_base_trains_fp32_adapters_as_on_a_gpu(prompts, tmp_path, tiny_model,
+                                                                             monkeypatch):
+    """On CUDA (bf16 compute, none of the CPU tweaks) TRL casts a 4-bit model's adapter to bf16, where AdamW's
+    steps at RL learning rates round away; with no SFT there is no "ref" copy to restore it from."""
+    import recipes.grpo
+
+    as_on_gpu = recipes.grpo.device_plan
+    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
+    monkeypatch.setattr(recipes.grpo, "speed_up_cpu_training", lambda model: None)
+    assert align(["ppo", "algo=grpo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}",
+                  f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST, "model.quantize=true", "train.max_steps=1",
+                  "rl.rollout_prompts=4", "rl.num_generations=4", "lora.r=4"]) == 0
+    saved = load_file(str(tmp_path / "grpo" / "adapter_model.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
 
 
 def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, tiny_model):
