@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ def score_conversations(model, tokenizer, conversations: list[list[dict[str, str
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # Trained under fp16, the adapter and score head stay fp32 (the GradScaler needs them so): fp16 autocast, as in
+    # training, or the fp32 head would be handed the fp16 base's hidden states.
+    dtypes = {p.dtype for p in model.parameters()}
+    mixed = torch.autocast(device.type, torch.float16) if {torch.float16, torch.float32} <= dtypes else nullcontext()
     encoded = [tuple(encode(tokenizer, c)) for c in conversations]
     distinct = sorted(set(encoded), key=len)
     reward: dict[tuple[int, ...], float] = {}
@@ -133,7 +138,8 @@ def score_conversations(model, tokenizer, conversations: list[list[dict[str, str
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in batch], device=device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        with mixed:
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         reward.update(zip(batch, logits[:, 0].float().tolist(), strict=True))
     model.train(was_training)
     return [reward[ids] for ids in encoded]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from alignment.cli import main as align
@@ -248,8 +249,6 @@ def test_quickstart_yaml_loads():
 def test_pair_loss_by_hand():
     import math
 
-    import torch
-
     from alignment.reward_model import pair_loss
 
     def log_sigmoid(x: float) -> float:
@@ -272,7 +271,6 @@ def test_pair_loss_by_hand():
 
 
 def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_otherwise(tiny_model, tmp_path):
-    import torch
     from trl import RewardConfig, RewardTrainer
 
     from alignment.config import LoraConfig, ModelConfig
@@ -324,7 +322,6 @@ def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_
 def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_model, tmp_path):
     # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (alignment.training.UniqueRows),
     # and the loss and every LoRA gradient are what running all 8 rows gives.
-    import torch
     from trl import RewardConfig, RewardTrainer
 
     from alignment.config import LoraConfig, ModelConfig
@@ -408,3 +405,28 @@ def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, ca
     assert align(["reward", f"run.dir={tmp_path / 'x'}", f"sft={sft_dir}", f"data.path={plain}", "use_weights=soft",
                   *FAST]) == 2
     assert "use_weights=soft needs a 'p_chosen' on every pair" in capsys.readouterr().err
+
+
+def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
+    """Under compute_dtype=float16 the stage keeps the adapter and score head in fp32 for the GradScaler
+    (recipes/reward.py); scoring after training must not hand the fp16 base's hidden states to the fp32 head."""
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.config import LoraConfig
+    from alignment.cpu import keep_trainable_in
+    from alignment.modeling import load_tokenizer, peft_lora_config
+    from alignment.reward_model import score
+
+    tokenizer = load_tokenizer(tiny_model)
+    prompts, replies = ["How do I sync?", "Where is export?"], ["Open Settings and tap Sync now.", "File > Export."]
+    scores = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=dtype)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = get_peft_model(base, peft_lora_config(LoraConfig(r=4), "SEQ_CLS", modules_to_save=["score"]))
+        keep_trainable_in(model, torch.float32)
+        assert {p.dtype for p in model.parameters()} == {dtype, torch.float32} or dtype == torch.float32
+        scores[dtype] = score(model, tokenizer, prompts, replies)
+    assert scores[torch.float16] == pytest.approx(scores[torch.float32], abs=0.02)
