@@ -250,6 +250,17 @@ def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int):
     return engine
 
 
+def release_vllm_engines() -> None:
+    """Drop every vLLM engine (`align pipeline` calls this between stages): each holds
+    generation.vllm_gpu_memory_utilization of the GPU, which training stages after sampling need back.
+    LLM.shutdown() where the vLLM version has it; otherwise the engine's own teardown when it is collected."""
+    for engine in _engines.values():
+        if callable(shutdown := getattr(engine, "shutdown", None)):
+            shutdown()
+    _engines.clear()
+    _adapter_ids.clear()
+
+
 @torch.no_grad()
 def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
                   system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[Answer]]:

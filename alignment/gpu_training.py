@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from dataclasses import replace
 
 import torch
@@ -136,8 +137,10 @@ def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None 
 def new_stage_on_gpu() -> None:
     """A stage's GPU figures its own when the pipeline runs the stages in one process: what the last
     stage left is collected and handed back to the driver (fit_checkpointing reads the free memory)
-    and the peak counter restarts (the manifest's gpu_peak_mib). Nothing without CUDA."""
+    and the peak counter restarts (the manifest's gpu_peak_mib), vLLM engines included. Nothing without CUDA."""
     if torch.cuda.is_available():
+        if "alignment.generation" in sys.modules:  # a stage that sampled with vLLM left its engine
+            sys.modules["alignment.generation"].release_vllm_engines()
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

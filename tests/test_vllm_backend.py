@@ -52,6 +52,10 @@ class FakeLLM:
     def __init__(self, **kwargs):
         FakeLLM.made.append(kwargs)
         self.calls: list[tuple] = []
+        self.shut_down = False
+
+    def shutdown(self):
+        self.shut_down = True
 
     def generate(self, requests, params, lora_request=None, use_tqdm=True):
         self.calls.append((requests, params, lora_request))
@@ -121,6 +125,27 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
 
     with pytest.raises(StageError, match="rank 16"):
         fake_vllm.generate(Policy(None, tokenizer, str(second), tiny_model), prompts[:1], gen)
+
+
+def test_the_next_stage_of_a_pipeline_gets_the_engines_gpu_memory_back(fake_vllm, tiny_model, tmp_path, monkeypatch):
+    """An engine holds generation.vllm_gpu_memory_utilization of the GPU; the stages after sampling need it."""
+    import torch
+
+    from alignment.config import GenerationConfig
+    from alignment.generation import Policy
+    from alignment.gpu_training import new_stage_on_gpu
+    from alignment.modeling import load_tokenizer
+
+    folder = adapter(tiny_model, tmp_path / "sft", 8)
+    policy = Policy(None, load_tokenizer(tiny_model), str(folder), tiny_model)
+    fake_vllm.generate(policy, ["How do I sync?"], GenerationConfig(backend="vllm", max_new_tokens=4))
+    (engine,) = fake_vllm._engines.values()
+    for name in ("is_available", "empty_cache", "reset_peak_memory_stats"):  # as on a CUDA machine
+        monkeypatch.setattr(torch.cuda, name, lambda: True)
+    new_stage_on_gpu()
+    assert engine.shut_down and not fake_vllm._engines and not fake_vllm._adapter_ids
+    fake_vllm.generate(policy, ["How do I sync?"], GenerationConfig(backend="vllm", max_new_tokens=4))
+    assert len(FakeLLM.made) == 2  # sampling again starts a fresh engine
 
 
 def test_sample_with_vllm_loads_no_torch_model(fake_vllm, tiny_model, tmp_path, monkeypatch):
