@@ -31,6 +31,7 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
+    merges_exactly,
     require_cuda_package,
 )
 
@@ -68,9 +69,9 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
         base_name = adapter_base_name(source)
         base = load_base_model(replace(model_cfg, name=base_name), plan, training=False)
         model = PeftModel.from_pretrained(base, source)
-        if not model_cfg.quantize:
-            # Sampling only: fold LoRA into the weights (one matmul per layer instead of three,
-            # ~15% faster decoding on CPU). Not into a 4-bit base, where it would round the update.
+        if merges_exactly(model):
+            # Sampling only: fold LoRA into the weights (one matmul per layer instead of three, ~15% faster
+            # decoding on CPU). Only into an fp32 base: into a bf16 or 4-bit one it would round the update away.
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(source)
     else:
@@ -86,13 +87,11 @@ def folded(model, adapter: str):
     """`adapter` of a peft model with several, active and, for the block, folded into the base weights
     (peft's merge_adapter), unfolded after: decoding runs one matmul per layer instead of three, ~20 %
     faster on a CPU (eval's answers and KL samples, 2 CPU cores). Only on a float32 base that is not
-    quantized: unfolding there gives the weights back to float32 rounding, while on a bf16 or 4-bit base
-    every fold would leave its rounding in the weights every other adapter (the reference) runs on. A 4-bit
-    base on CUDA with fp32 compute stores its packed weights as float32 (modeling.bnb_config): known by the
-    quantization state bitsandbytes gives each, not by the dtype."""
+    quantized (modeling.merges_exactly): unfolding there gives the weights back to float32 rounding, while on a
+    bf16 or 4-bit base every fold would leave its rounding in the weights every other adapter (the reference)
+    runs on."""
     model.set_adapter(adapter)
-    bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
-    if not bases or any(w.dtype != torch.float32 or hasattr(w, "quant_state") for w in bases):
+    if not merges_exactly(model):
         yield model
         return
     model.merge_adapter([adapter])

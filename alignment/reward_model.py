@@ -45,6 +45,7 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
+    merges_exactly,
     resolve_model_path,
 )
 
@@ -70,7 +71,8 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
                                    num_labels=1)
     from peft import PeftModel
 
-    causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=plan.compute_dtype)
+    # merged in fp32 whatever the plan: the merged weights are rounded once, to the plan's dtype, when loaded back
+    causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=torch.float32)
     merged = PeftModel.from_pretrained(causal, str(sft)).merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="align-sft-merged-") as tmp:
         merged.save_pretrained(tmp)
@@ -95,8 +97,8 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
     model = PeftModel.from_pretrained(base, str(path))
-    if not plan.quantize:
-        model = model.merge_and_unload()  # one plain model: faster to score with
+    if merges_exactly(model):
+        model = model.merge_and_unload()  # one plain model: faster to score with (not into bf16: it rounds the update)
     # The classifier reads the last non-pad token, so it must know the pad id training used.
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()

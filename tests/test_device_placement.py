@@ -162,6 +162,22 @@ def test_a_4bit_base_stored_as_float32_is_not_folded_into(tiny_model, adapters):
     assert all(torch.equal(w.detach().view(torch.int32), b) for w, b in zip(packed, bits, strict=True))
 
 
+@pytest.mark.parametrize("dtype, merged", [("float32", True), ("bfloat16", False)])
+def test_a_sampled_policy_is_folded_only_into_an_fp32_base(tiny_model, adapters, dtype, merged):
+    """A GPU's bf16 base would round most of the adapter's update away if LoRA were folded into it: the adapter is
+    kept beside it there, and folded only into fp32 (the CPU's), where sampling runs faster so."""
+    from peft import PeftModel
+
+    from alignment.config import ModelConfig
+    from alignment.generation import load_policy
+    from alignment.modeling import device_plan
+
+    cfg = ModelConfig(quantize=False, compute_dtype=dtype)
+    policy = load_policy(adapters["sft"], cfg, device_plan(cfg))
+    assert isinstance(policy.model, PeftModel) is not merged
+    assert policy.model.get_input_embeddings().weight.dtype == getattr(torch, dtype)
+
+
 def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_figures(tiny_model, adapters, monkeypatch):
     """sampled_kl reads the logits of KL_ROWS answers at a time, only those that predict an answer's tokens:
     9 answers (3 prompts x 3) in chunks of 2, a prompt's answers split across chunks, give each prompt's KL as
