@@ -225,10 +225,13 @@ def main(cfg: RewardStageConfig) -> Path:
         peft_config=peft_lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
         callbacks=[MetricsJSONL(out)],
     )
+    # fp32 adapter and score head unless compute is bf16: TRL rounds a 4-bit model's adapter to bf16 (a T4 or V100
+    # has none in hardware), and peft leaves the score head (modules_to_save) in fp16, whose grads the GradScaler
+    # refuses
+    if not plan.bf16:
+        keep_trainable_in(trainer.model, torch.float32)
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
-    elif plan.fp16:  # peft leaves the trained score head (modules_to_save) in fp16: the GradScaler refuses its grads
-        keep_trainable_in(trainer.model, torch.float32)
     dropped = len(train) - len(trainer.train_dataset)
     if dropped:
         log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",

@@ -12,18 +12,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from alignment import report
 from alignment.artifacts import print_done, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
-from alignment.cpu import speed_up_cpu_training
+from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset, split_by_prompt
 from alignment.gpu_training import (
     describe_levers,
     fit_checkpointing,
     peak_gpu_mib,
+    sharded,
     use_liger,
     use_padding_free,
 )
@@ -109,6 +111,10 @@ def main(cfg: SFTStageConfig) -> Path:
         peft_config=peft_lora_config(cfg.lora),
         callbacks=[MetricsJSONL(out)],
     )
+    # TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's choice under bf16 compute. Under fp32 or fp16
+    # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.
+    if not plan.bf16 and not sharded():
+        keep_trainable_in(trainer.model, torch.float32)
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
 
