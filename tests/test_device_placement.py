@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,18 @@ def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):
         model.to(DEVICE)
         on_device = score(model, tokenizer, PROMPTS, responses, batch_size=2)
     assert on_device == pytest.approx(on_cpu, abs=1e-5) and len(set(on_cpu)) == 3
+
+
+def test_a_bf16_reward_model_scores_in_fp32_without_ties(adapters):
+    """On a GPU the reward model runs in bf16: its score head computes in fp32, or distinct responses tie."""
+    from alignment.reward_model import load_reward_model, score
+
+    model, tokenizer = load_reward_model(adapters["reward"], replace(CPU_PLAN, compute_dtype=torch.bfloat16))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    responses = [f"Open Settings and tap Sync {i} times." for i in range(24)]
+    scores = score(model, tokenizer, [PROMPTS[0]] * len(responses), responses, batch_size=8)
+    in_bf16 = [s for s in scores if torch.tensor(s).bfloat16().item() == s]
+    assert len(set(scores)) == len(responses) and len(in_bf16) < 4  # fp32 values, not bf16 ones
 
 
 # ---------------------------------------------------------------------------- PPO
