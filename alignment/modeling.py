@@ -141,15 +141,20 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
         extra["attn_implementation"] = cfg.attn_implementation
     if plan.quantize:
         extra["quantization_config"] = bnb_config(plan, cfg.double_quant)
-        if plan.device == "cuda":
-            # Under accelerate launch the trainer has not pinned this process's GPU yet when the
-            # model loads: LOCAL_RANK says which one is ours (0 when launched alone).
+    if plan.device == "cuda":
+        from alignment.gpu_training import sharded
+
+        if plan.quantize or not sharded():
+            # Loaded straight onto this process's GPU, with no copy in host RAM first (a 7B model in bf16 is 14 GB).
+            # Under accelerate launch the trainer has not pinned this process's GPU yet when the model loads:
+            # LOCAL_RANK says which one is ours (0 when launched alone). An unquantized model under FSDP or
+            # DeepSpeed loads as they expect, without a device map (ZeRO-3 refuses one), and is moved after.
             extra["device_map"] = {"": _local_gpu()}
     model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
     if plan.quantize and training:
         prepare_4bit_for_training(model, plan)
         keep_4bit_backward(model)  # an evaluation must not switch the 4-bit layers to a kernel without backward
-    if plan.device == "cuda" and not plan.quantize:
+    if plan.device == "cuda" and "device_map" not in extra:
         model.to(f"cuda:{_local_gpu()}")
     return model
 

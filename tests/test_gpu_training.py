@@ -53,6 +53,37 @@ def test_a_4bit_base_keeps_the_residual_stream_in_the_compute_dtype(tiny_model):
     assert first_layer_input_dtype(peft_way) == torch.float32  # what the cast did
 
 
+@pytest.mark.parametrize("quantize, launch, device_map, moved", [
+    (False, {}, {"": 0}, None),  # alone: straight onto the GPU, no copy in host RAM first
+    (False, {"LOCAL_RANK": "1"}, {"": 1}, None),  # under accelerate launch: this rank's GPU
+    (False, {"LOCAL_RANK": "1", "ACCELERATE_USE_DEEPSPEED": "true"}, None, "cuda:1"),  # ZeRO-3 refuses a map
+    (True, {"LOCAL_RANK": "1", "ACCELERATE_USE_FSDP": "true"}, {"": 1}, None),  # 4-bit: bitsandbytes places it
+])
+def test_a_model_loads_onto_its_gpu_with_a_device_map_unless_sharded(tiny_model, monkeypatch, quantize, launch,
+                                                                      device_map, moved):
+    calls = {}
+
+    class Loaded:
+        def to(self, device):
+            calls["to"] = device
+            return self
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            calls.update(kwargs)
+            return Loaded()
+
+    for name in ("LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    plan = DevicePlan("cuda", quantize=quantize, compute_dtype=torch.bfloat16, gradient_checkpointing=False)
+    load_base_model(ModelConfig(name=tiny_model), plan, auto_class=Auto, training=False)
+    assert calls.get("device_map") == device_map and calls.get("to") == moved
+    assert ("quantization_config" in calls) is quantize
+
+
 # ---------------------------------------------------------------------------- checkpointing
 
 
