@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -105,14 +106,22 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.set_xlim(0, 1)
         ax.set_title(f"Win-rate against {baseline} (95% bootstrap interval)")
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
-    keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")})
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(
-        f"<tr><td><b>{html.escape(p)}</b></td>" + "".join(
-            f"<td>{_fmt(row[k]) if k in row else ''}"
-            + (f" [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]" if k + "_ci" in row else "") + "</td>"
-            for k in keys) + "</tr>" for p, row in table.items())
-    parts.append(f"<table><tr><th>policy</th>{head}</tr>{body}</table>")
+    # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
+    keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},
+                  key=lambda k: (not k.endswith("/win_rate"), k != "kl", k))
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        if key not in row:
+            return ""
+        if key.endswith("/win_rate") and key + "_ci" in row:
+            lo, hi = row[key + "_ci"]
+            return f"<b>{row[key]:.1%}</b> [{lo:.1%}, {hi:.1%}]"
+        return _fmt(row[key])
+
+    head = "".join(f"<th>{html.escape(p)}</th>" for p in table)
+    body = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{cell(row, k)}</td>" for row in table.values())
+                   + "</tr>" for k in keys)
+    parts.append(f"<table><tr><th>figure</th>{head}</tr>{body}</table>")
     board = (manifest.get("human") or {}).get("leaderboard")
     if board:
         rows = "".join(f"<tr><td>{html.escape(b['policy'])}</td><td>{b['rating']:.0f}</td>"
@@ -242,7 +251,13 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
         from datasets import load_from_disk
 
         ds = load_from_disk(str(folder))
-        pairs = [ds["train"][i] for i in range(min(3, len(ds["train"])))]
+        seen = set()
+        for pair in ds["train"]:  # one pair of each of the first three prompts (a ranking's pairs come together)
+            if pair["prompt"][-1]["content"] not in seen:
+                seen.add(pair["prompt"][-1]["content"])
+                pairs.append(pair)
+            if len(pairs) == 3:
+                break
     except Exception:  # noqa: BLE001 - the report shows what it can
         pass
     if pairs:
@@ -273,10 +288,8 @@ def headline(run_dir: Path) -> str:
 
 
 def _headline_md(run_dir: Path) -> str:
-    text = headline(run_dir)
-    for tag in ("<div class='headline'>", "</div>", "<ul>", "</ul>", "<b>", "</b>", "</li>"):
-        text = text.replace(tag, "")
-    return text.replace("<li>", "- ").replace("&amp;", "&") + "\n"
+    text = headline(run_dir).replace("<li>", "- ").replace("</li>", "\n")
+    return html.unescape(re.sub(r"<[^>]+>", "", text)) + "\n"
 
 
 def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -302,6 +315,124 @@ def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _num(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _steps(m: dict[str, Any]) -> str | None:
+    steps, runtime = _num(m, "global_step") or _num(m, "steps"), _num(m, "train_runtime")
+    if steps is None:
+        return None
+    return f"{steps:.0f} steps" + (f" in {runtime:.0f} s" if runtime is not None else "")
+
+
+def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
+    """A stage's outcome in a few plain-text figures, for the report's "at a glance" table; [] for a kind it
+    does not know (a merge) or a manifest without the figures."""
+    m = manifest.get("metrics") or {}
+    out: list[str | None] = []
+    if kind == "sft":
+        loss, accuracy = _num(m, "eval_loss"), _num(m, "eval_mean_token_accuracy")
+        out = [f"held-out loss {loss:.3f}" + (f" (next-token accuracy {accuracy:.1%})" if accuracy is not None else "")
+               if loss is not None else None, _steps(m)]
+    elif kind == "sample":
+        answers, prompts, cut = _num(m, "responses_sampled"), _num(m, "new_tasks"), _num(m, "responses_cut")
+        if answers is not None and prompts is not None:
+            out.append(f"{answers:.0f} answers to {prompts:.0f} prompts")
+        if cut and answers:
+            out.append(f"{cut:.0f} ({cut / answers:.0%}) cut at max_new_tokens")
+    elif kind == "export":
+        pairs, rankings = _num(m, "pairs"), _num(m, "rankings")
+        train, test = _num(m, "train_pairs"), _num(m, "test_pairs")
+        if pairs is not None:
+            out.append(f"{pairs:.0f} pairs" + (f" from {rankings:.0f} rankings" if rankings is not None else "")
+                       + (f": {train:.0f} to train, {test:.0f} held out" if train is not None and test is not None else ""))
+        dropped = [f"{_num(m, k):.0f} {k.removeprefix('dropped_').replace('_', ' ')}"
+                   for k in ("dropped_ties", "dropped_flagged", "dropped_low_agreement", "dropped_duplicates",
+                             "dropped_uncertain") if _num(m, k)]
+        if dropped:
+            out.append("dropped: " + ", ".join(dropped))
+    elif kind == "reward":
+        accuracy, pairs = _num(m, "eval_accuracy"), _num(m, "eval_pairs")
+        if accuracy is not None:
+            out.append(f"held-out accuracy {accuracy:.1%}" + (f" on {pairs:.0f} pairs" if pairs is not None else ""))
+        gate = (manifest.get("probes") or {}).get("gate")
+        if gate:
+            out.append(f"worst probe {gate['edit']}: {gate['rate']:.0%} of pairs flip")
+        out.append(_steps(m))
+    elif kind == "dpo":
+        accuracy, margin = _num(m, "eval_rewards/accuracies"), _num(m, "eval_rewards/margins")
+        if accuracy is not None:
+            out.append(f"held-out preference accuracy {accuracy:.1%}"
+                       + (f" (implicit reward margin {margin:.3f})" if margin is not None else ""))
+        out.append(_steps(m))
+    elif kind in ("ppo", "grpo", "rloo"):
+        first, last = _num(m, "reward_mean_first"), _num(m, "reward_mean") if kind == "ppo" else _num(m, "reward")
+        if first is not None and last is not None:
+            out.append(f"mean reward {first:.3f} → {last:.3f}")
+        kl = _num(m, "kl")
+        if kl is not None:
+            out.append(f"KL {kl:.2f}")
+        out.append(_steps(m))
+    elif kind == "eval":
+        baseline = manifest.get("baseline", "")
+        for name, row in (manifest.get("policies") or {}).items():
+            judged = [f"{row[k]:.1%} by {k[:-len('/win_rate')]}" for k in row
+                      if k.endswith("/win_rate") and isinstance(row[k], (int, float))]
+            if judged:
+                out.append(f"{name} vs {baseline}: " + ", ".join(judged)
+                           + (f", KL {row['kl']:.2f}" if isinstance(row.get("kl"), (int, float)) else ""))
+    return [part for part in out if part]
+
+
+def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
+    """What a stage measured that should be looked at before its output is used (plain text)."""
+    m = manifest.get("metrics") or {}
+    found = []
+    answers, cut = _num(m, "responses_sampled"), _num(m, "responses_cut")
+    if kind == "sample" and answers and cut and cut / answers > 0.5:
+        found.append(f"{cut / answers:.0%} of the sampled answers were cut at max_new_tokens: raise "
+                     "sample.generation.max_new_tokens for answers a person can judge whole")
+    r = _num(m, "length_correlation")
+    if kind == "reward" and r is not None and abs(r) > 0.5:
+        found.append(f"the reward model's scores track answer length (Pearson r = {r:.2f}: "
+                     f"{'longer' if r > 0 else 'shorter'} scores higher), which a policy can exploit")
+    gate = (manifest.get("probes") or {}).get("gate")
+    if kind == "reward" and gate:
+        from alignment.reward_model import MAX_PROBE_FLIP_RATE
+
+        if gate["rate"] > MAX_PROBE_FLIP_RATE:
+            found.append(f"probe {gate['edit']} ({gate['what']}) flips {gate['rate']:.0%} of the held-out pairs the "
+                         f"reward model had right, above the {MAX_PROBE_FLIP_RATE:.0%} at which PPO refuses it")
+    if kind == "eval":
+        for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
+            if seen:
+                found.append(f"{name} was trained on {seen} of the {manifest.get('prompts', '?')} eval prompts")
+    return found
+
+
+def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
+    """The run on one screen (html, markdown): each finished stage's outcome, then the cautions."""
+    rows, md, warn = [], [], []
+    for kind, folder in sections:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        kind = kind if kind in STAGES else manifest.get("stage", kind)
+        figures = glance(kind, manifest)
+        name = html.escape(folder.name)
+        rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{html.escape(' · '.join(figures))}</td></tr>")
+        md.append(f"- {folder.name}: {' · '.join(figures)}")
+        warn += [f"{folder.name}: {text}" for text in cautions(kind, manifest)]
+    if not rows:
+        return "", ""
+    page = f"<table class='glance'><tr><th>stage</th><th>outcome</th></tr>{''.join(rows)}</table>"
+    if warn:
+        page += "<div class='cautions'><b>Look at before using the result</b><ul>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in warn) + "</ul></div>"
+        md += ["", "Look at before using the result:", *[f"- {w}" for w in warn]]
+    return page, "\n".join(md) + "\n"
+
+
 # Extra per-stage sections (e.g. eval's win-rate table): stage -> f(stage_dir, manifest) -> html. A folder
 # outside the registry (a benchmark's output in the run directory) is matched by its manifest's stage.
 SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
@@ -321,11 +452,16 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     kind = stage if stage in SECTIONS else manifest.get("stage")
     extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
     title = html.escape(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
+    plan = f" · {html.escape(manifest['device_plan'])}" if manifest.get("device_plan") else ""
+    warning = manifest.get("reward_probe_warning")
+    metrics = "" if kind == "eval" else _metrics_table(manifest.get("metrics", {}))  # eval's table shows them all
+    if metrics and (imgs or extra):  # the figures above say it; every logged number a click away
+        metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     parts = [f"<section id='{title}'><h2>{title}</h2>",
              f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"
-             f" · base {html.escape(str(manifest.get('base_model')))}</p>",
-             f"<div class='plots'>{imgs}</div>" if imgs else "", extra,
-             _metrics_table(manifest.get("metrics", {})), "</section>"]
+             f" · base {html.escape(str(manifest.get('base_model')))}{plan}</p>",
+             f"<p class='caution'>{html.escape(warning)}</p>" if warning else "",
+             f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
     md = [f"## {title}", "", f"`{folder}`", ""]
     md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
     return "".join(parts), "\n".join(md) + "\n"
@@ -336,7 +472,10 @@ h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margi
 .meta{color:#777;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
 table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
-.headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}"""
+.headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}
+.cautions,.caution{background:#fff8e6;border:1px solid #f0dca0;border-radius:6px;padding:.4em 1em;margin:1em 0}
+.cautions ul{margin:.3em 0} details summary{cursor:pointer;color:#555;margin:.4em 0}
+section>table,section>details{max-width:100%;overflow-x:auto;display:block}"""
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -351,7 +490,8 @@ def write_report(run_dir: str | Path) -> Path:
         if run_dir.is_dir() else []
     sections = [(name, folder) for folder, name in folders.items() if folder in found]
     sections += [(folder, folder) for folder in found if folder not in folders]
-    bodies, mds, shown = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir)], []
+    glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
+    bodies, mds, shown = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir), glance_md], []
     for stage, folder in sections:
         section = stage_section(stage, run_dir / folder)
         if section:
@@ -367,7 +507,7 @@ def write_report(run_dir: str | Path) -> Path:
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
-            f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{''.join(bodies)}</body></html>")
+            f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
     out.write_text(page)
     (run_dir / "report.md").write_text("\n".join(mds))

@@ -103,8 +103,8 @@ def test_report_shows_a_folder_name_as_text(tmp_path):
     (tmp_path / name).mkdir()
     (tmp_path / name / MANIFEST).write_text(json.dumps({"stage": "export", "metrics": {}}))
     page = write_report(tmp_path).read_text()
-    # the section id and title, the nav link and its href, the folder path: each escaped
-    assert "<img src=x" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 5
+    # the section id and title, the nav link and its href, the folder path, the first screen's row and link: each escaped
+    assert "<img src=x" not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 7
 
 
 def test_every_artifact_stage_has_a_wandb_type_and_eval_knows_every_policy(tmp_path):

@@ -142,6 +142,9 @@ def test_report_renders_in_a_browser_with_its_plots(run):
         sections = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.naturalWidth])")
         headline = page.inner_text(".headline")
+        glance = page.eval_on_selector_all(".glance tr", "rows => rows.slice(1).map(r => r.innerText.split('\\t'))")
+        cautions = page.inner_text(".cautions")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         if os.environ.get("ALIGN_SCREENSHOTS"):
             page.screenshot(path=str(REPO / "docs/img/report-tiny.png"))
         browser.close()
@@ -150,6 +153,11 @@ def test_report_renders_in_a_browser_with_its_plots(run):
     assert {"sft plot", "reward plot", "dpo plot", "calibration", "win-rate"} <= set(alts)
     assert all(width > 100 for _, width in images), images  # decoded PNGs, not broken images
     assert "dpo" in headline and "win-rate" in headline
+    # The first screen: every stage's outcome from its real manifest, and eval's prompts named as trained on
+    assert [stage for stage, _ in glance] == STAGE_DIRS and all(outcome.strip() for _, outcome in glance), glance
+    assert dict(glance)["reward"].startswith("held-out accuracy") and "dpo vs sft" in dict(glance)["eval"]
+    assert "eval: dpo was trained on 8 of the 8 eval prompts" in cautions
+    assert overflow <= 0  # no table wider than the page
 
 
 def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, tmp_path):

@@ -1,0 +1,118 @@
+"""The run report's first screen: each stage's outcome in one row, and what to look at before using the result.
+
+Manifests written by hand with the keys each stage writes; tests/test_pipeline.py checks the same table on a
+real pipeline's manifests in a browser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignment.artifacts import MANIFEST
+from alignment.report import cautions, glance, write_report
+
+SFT = {"stage": "sft", "metrics": {"eval_loss": 3.3521, "eval_mean_token_accuracy": 0.3468, "global_step": 10,
+                                   "train_runtime": 101.1}}
+SAMPLE = {"stage": "sample", "metrics": {"new_tasks": 40, "responses_sampled": 160, "responses_cut": 104}}
+EXPORT = {"stage": "export", "metrics": {"pairs": 184, "rankings": 40, "train_pairs": 157, "test_pairs": 27,
+                                         "dropped_ties": 56, "dropped_flagged": 0}}
+GATE = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20, "basis": ""}
+REWARD = {"stage": "reward", "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "length_correlation": -0.53,
+                                         "global_step": 16, "train_runtime": 65.1},
+          "probes": {"gate": GATE, "by_agreement": {"buckets": []}, "edits": []}}
+DPO = {"stage": "dpo", "metrics": {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2265, "global_step": 10},
+       "reward_probe_warning": "the reward model trained on these pairs fails a probe"}
+EVAL = {"stage": "eval", "baseline": "sft", "prompts": 48, "prompts_seen_in_training": {"sft": 0, "dpo": 0},
+        "policies": {"sft": {"length": 34.1, "reward_model/mean": 0.78},
+                     "dpo": {"length": 16.6, "kl": 3.222, "reward_model/mean": 0.96, "reward_model/win_rate": 0.5,
+                             "reward_model/win_rate_ci": [0.354, 0.625], "scorer:support_style/win_rate": 0.8021,
+                             "scorer:support_style/win_rate_ci": [0.698, 0.896]}},
+        "metrics": {"dpo/kl": 3.222}}
+
+
+def test_each_stage_says_its_outcome_in_figures():
+    assert glance("sft", SFT) == ["held-out loss 3.352 (next-token accuracy 34.7%)", "10 steps in 101 s"]
+    assert glance("sample", SAMPLE) == ["160 answers to 40 prompts", "104 (65%) cut at max_new_tokens"]
+    assert glance("export", EXPORT) == ["184 pairs from 40 rankings: 157 to train, 27 held out", "dropped: 56 ties"]
+    assert glance("reward", REWARD) == ["held-out accuracy 74.1% on 27 pairs", "worst probe hope_end: 35% of pairs flip",
+                                        "16 steps in 65 s"]
+    assert glance("dpo", DPO) == ["held-out preference accuracy 75.0% (implicit reward margin 0.227)", "10 steps"]
+    assert glance("eval", EVAL) == ["dpo vs sft: 50.0% by reward_model, 80.2% by scorer:support_style, KL 3.22"]
+    ppo = {"metrics": {"reward_mean_first": -0.5, "reward_mean": 0.25, "kl": 1.5, "steps": 20}}
+    assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.50", "20 steps"]
+    grpo = {"metrics": {"reward_mean_first": 0.1, "reward": 0.4, "steps": 8}}
+    assert glance("grpo", grpo) == ["mean reward 0.100 → 0.400", "8 steps"]
+    assert glance("merge", {"metrics": {}}) == [] and glance("sft", {}) == []
+
+
+def test_cautions_name_only_what_crosses_its_line():
+    assert cautions("sample", SAMPLE) == ["65% of the sampled answers were cut at max_new_tokens: raise "
+                                          "sample.generation.max_new_tokens for answers a person can judge whole"]
+    assert cautions("sample", {"metrics": {"responses_sampled": 160, "responses_cut": 64}}) == []
+    found = cautions("reward", REWARD)
+    assert len(found) == 2 and "r = -0.53: shorter scores higher" in found[0]
+    assert "hope_end" in found[1] and "flips 35%" in found[1] and "above the 25% at which PPO refuses it" in found[1]
+    calm = {"metrics": {"length_correlation": 0.3}, "probes": {"gate": {**GATE, "rate": 0.2}}}
+    assert cautions("reward", calm) == []
+    assert cautions("eval", EVAL) == []
+    seen = {**EVAL, "prompts_seen_in_training": {"sft": 48, "dpo": 0}}
+    assert cautions("eval", seen) == ["sft was trained on 48 of the 48 eval prompts"]
+
+
+def write(run: Path, folder: str, manifest: dict) -> None:
+    (run / folder).mkdir(parents=True)
+    (run / folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
+    run = tmp_path / "run"
+    for folder, manifest in [("sft", SFT), ("sample", SAMPLE), ("preferences", EXPORT), ("reward", REWARD),
+                             ("dpo", DPO), ("eval", EVAL)]:
+        write(run, folder, manifest)
+    (run / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.4}) + "\n")
+    page = write_report(run).read_text()
+    glance_table = page[page.index("<table class='glance'>"):page.index("</table>", page.index("class='glance'"))]
+    rows = glance_table.split("<tr>")[2:]
+    assert [r.split("'")[1] for r in rows] == ["#sft", "#sample", "#preferences", "#reward", "#dpo", "#eval"]
+    assert "held-out accuracy 74.1% on 27 pairs" in rows[3]
+    assert page.index("class='glance'") < page.index("<section")  # the first screen, after the headline
+    assert page.count("<div class='cautions'>") == 1 and "sample: 65% of the sampled answers" in page
+    assert "<p class='caution'>the reward model trained on these pairs fails a probe</p>" in page  # dpo's warning
+    # eval: a row per figure, a column per policy, win-rates first with their interval
+    assert "<tr><th>figure</th><th>sft</th><th>dpo</th></tr><tr><td>reward_model/win_rate</td><td></td>" \
+           "<td><b>50.0%</b> [35.4%, 62.5%]</td></tr>" in page
+    # raw numbers folded under a section's plots; a section with nothing else shows them open
+    sft = page[page.index("<section id='sft'>"):page.index("</section>", page.index("<section id='sft'>"))]
+    assert "<details><summary>all metrics</summary><table class='kv'>" in sft
+    sample = page[page.index("<section id='sample'>"):page.index("</section>", page.index("<section id='sample'>"))]
+    assert "<details>" not in sample and "<table class='kv'>" in sample
+    md = (run / "report.md").read_text()
+    assert "- reward: held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip" in md
+    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
+
+
+def test_names_in_the_first_screen_are_text(tmp_path):
+    """A policy's name reaches the page from eval's manifest (an adapter folder a user named): text, not markup."""
+    name = "<img src=x onerror=alert(1)>"
+    write(tmp_path, "eval", {**EVAL, "policies": {name: EVAL["policies"]["dpo"]},
+                             "prompts_seen_in_training": {name: 3}})
+    page = write_report(tmp_path).read_text()
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt; vs sft: 50.0% by reward_model" in page
+    assert "&lt;img src=x onerror=alert(1)&gt; was trained on 3 of the 48 eval prompts" in page
+
+
+def test_example_pairs_come_from_different_prompts(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    def pair(prompt: str, chosen: str) -> dict:
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": "no"}]}
+
+    pairs = [pair("how do I sync", f"a{i}") for i in range(3)] + [pair("how do I export", "b"), pair("hi", "c")]
+    DatasetDict({"train": Dataset.from_list(pairs)}).save_to_disk(str(tmp_path / "preferences"))
+    (tmp_path / "preferences" / MANIFEST).write_text(json.dumps(EXPORT))
+    page = write_report(tmp_path).read_text()
+    examples = page[page.index("<h3>Example pairs</h3>"):]
+    assert examples.count("how do I sync") == 1 and "how do I export" in examples and ">hi<" in examples
+    assert ">a0<" in examples and ">a1<" not in examples
