@@ -56,7 +56,7 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         bf16=plan.bf16,
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
-        gradient_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing=plan.gradient_checkpointing,  # transformers 5: gradient_checkpointing is its deprecated alias
         use_liger_kernel=liger,  # auto: on where CUDA and liger-kernel are
         # Liger's layer kernels only. Its fused linear cross-entropy swaps in a causal LM's forward,
         # which calls lm_head: TRL's sft, dpo and grpo trainers turn it off, its reward trainer does

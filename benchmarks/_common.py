@@ -53,7 +53,7 @@ def trl_device_args() -> dict:
     """TRL config arguments matching align's DevicePlan on this machine."""
     import torch
 
-    return {"use_cpu": not cuda(), "bf16": compute_dtype() == torch.bfloat16, "gradient_checkpointing": cuda()}
+    return {"use_cpu": not cuda(), "bf16": compute_dtype() == torch.bfloat16, "activation_checkpointing": cuda()}
 
 
 def model_kwargs(quantize: bool, **extra) -> dict:

@@ -86,7 +86,7 @@ def main() -> int:
             response_length=args.tokens, stop_token="eos", missing_eos_penalty=1.0, temperature=0.8,
             kl_coef=0.05, learning_rate=1e-5, num_sample_generations=0, logging_steps=1, save_strategy="no",
             report_to=[], fp16=False, seed=0, dataloader_num_workers=0,
-            **{k: v for k, v in trl_device_args().items() if k != "gradient_checkpointing"},
+            **{k: v for k, v in trl_device_args().items() if k != "activation_checkpointing"},
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
                              reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[Timer()])

@@ -226,7 +226,7 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
     trainer = AlignRewardTrainer(
         model=reward_base(ModelConfig(name=tiny_model, quantize=False), plan), processing_class=load_tokenizer(tiny_model),
         args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, use_cpu=True, bf16=False,
-                          report_to=[], gradient_checkpointing=False),
+                          report_to=[], activation_checkpointing=False),
         train_dataset=data["train"], peft_config=peft_lora_config(LoraConfig(r=4), "SEQ_CLS", ["score"]))
     sizes = [batch["input_ids"].shape[0] // 2 for batch in trainer.get_train_dataloader()]
     assert sizes == [3] * 6
@@ -292,7 +292,7 @@ def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_
             model=reward_base(ModelConfig(name=tiny_model, quantize=False), plan),
             processing_class=load_tokenizer(tiny_model),
             args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=12, use_cpu=True, bf16=False,
-                              report_to=[], gradient_checkpointing=False),
+                              report_to=[], activation_checkpointing=False),
             train_dataset=data["train"].remove_columns(["margin"]),
             peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
         trainer.model.eval()
@@ -335,7 +335,7 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_
     trainer = AlignRewardTrainer(
         model=reward_base(cfg, device_plan(cfg)), processing_class=load_tokenizer(tiny_model),
         args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=12, use_cpu=True, bf16=False,
-                          report_to=[], gradient_checkpointing=False),
+                          report_to=[], activation_checkpointing=False),
         train_dataset=data["train"].remove_columns(["margin"]),
         peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
     model = trainer.model

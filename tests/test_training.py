@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,13 @@ def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(na
     assert args.run_name == "demo/stage" and args.report_to == []
     assert args.bf16 is plan.bf16 and args.gradient_checkpointing is plan.gradient_checkpointing  # not TRL's defaults
     assert not args.bf16 and args.use_cpu  # the plan on this CPU machine
+    # Checkpointing by transformers 5's name (its old one warns at every stage), read by TRL under either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on = trl_args(getattr(trl, name), cfg.train, replace(plan, gradient_checkpointing=True), cfg.run, "stage",
+                      tmp_path, has_eval=True)
+    assert on.activation_checkpointing is on.gradient_checkpointing is True
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
 
 
 def test_held_out_pairs_are_scored_once_when_no_step_evaluates(tmp_path):
