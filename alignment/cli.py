@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import typing
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def setup_environment() -> None:
     # inference path, which training turns off; bitsandbytes falls back to its own). That one
     # message is dropped; every other bitsandbytes warning still shows.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_hub_notice)
+    # peft reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a model, a
+    # FutureWarning in every stage that nothing in a user's config can change. That one is dropped too.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _no_kernels_hub_notice(record: logging.LogRecord) -> bool:

@@ -447,6 +447,24 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     assert out.stdout.strip() in ("tried True", "tried False")
 
 
+def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_still_show():
+    """peft wrapping a model reads transformers 5's `is_gradient_checkpointing`, which warns at every stage;
+    the CLI drops that message, and a FutureWarning of any other text still shows."""
+    code = (
+        "import warnings, alignment.cli as c; c.setup_environment(); "
+        "from transformers import LlamaConfig, LlamaForCausalLM; from peft import LoraConfig, get_peft_model; "
+        "m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
+        "num_attention_heads=2, num_key_value_heads=2, vocab_size=64)); "
+        "get_peft_model(m, LoraConfig(r=2, target_modules=['q_proj'])); m.is_gradient_checkpointing; "
+        "warnings.warn('another deprecation', FutureWarning)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "is_gradient_checkpointing" not in out.stderr
+    assert "another deprecation" in out.stderr
+    unfiltered = subprocess.run([sys.executable, "-c", code.replace("c.setup_environment(); ", "")],
+                                capture_output=True, text=True, cwd=REPO, check=True)
+    assert "is_gradient_checkpointing` is deprecated" in unfiltered.stderr  # the message it drops is real
+
+
 # ---------------------------------------------------------------------------- after a failure
 
 
