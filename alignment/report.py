@@ -378,7 +378,8 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
     elif kind == "eval":
         baseline = manifest.get("baseline", "")
         for name, row in (manifest.get("policies") or {}).items():
-            judged = [f"{row[k]:.1%} by {k[:-len('/win_rate')]}" for k in row
+            judged = [f"{row[k]:.1%}" + (" [{:.1%}, {:.1%}]".format(*row[k + "_ci"]) if k + "_ci" in row else "")
+                      + f" by {k[:-len('/win_rate')]}" for k in row
                       if k.endswith("/win_rate") and isinstance(row[k], (int, float))]
             if judged:
                 out.append(f"{name} vs {baseline}: " + ", ".join(judged)
@@ -478,18 +479,29 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 section>table,section>details{max-width:100%;overflow-x:auto;display:block}"""
 
 
+def finished_sections(run_dir: Path) -> list[tuple[str, str]]:
+    """(stage, folder) of every finished artifact in a run: the registry's stages in its order, then any
+    other folder with a manifest (e.g. align merge's sft-merged/)."""
+    folders = {s.folder: s.name for s in STAGES.values() if s.folder}
+    found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) \
+        if run_dir.is_dir() else []
+    return [(name, folder) for folder, name in folders.items() if folder in found] + \
+        [(folder, folder) for folder in found if folder not in folders]
+
+
+def glance_text(run_dir: str | Path) -> str:
+    """The report's first screen as text for a terminal: each stage's outcome, then the cautions."""
+    run_dir = Path(run_dir)
+    return at_a_glance([(stage, run_dir / folder) for stage, folder in finished_sections(run_dir)])[1]
+
+
 def write_report(run_dir: str | Path) -> Path:
     from alignment.artifacts import is_main_process
 
     run_dir = Path(run_dir)
     if not is_main_process():
         return run_dir / "report.html"
-    # The registry's stages in its order, then any other finished artifact (e.g. align merge's sft-merged/).
-    folders = {s.folder: s.name for s in STAGES.values() if s.folder}
-    found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) \
-        if run_dir.is_dir() else []
-    sections = [(name, folder) for folder, name in folders.items() if folder in found]
-    sections += [(folder, folder) for folder in found if folder not in folders]
+    sections = finished_sections(run_dir)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
     bodies, mds, shown = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir), glance_md], []
     for stage, folder in sections:

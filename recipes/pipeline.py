@@ -23,6 +23,7 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -177,23 +178,8 @@ def main(cfg: PipelineConfig) -> Path:
 
     html = report_module.write_report(root)
     minutes = (time.time() - started) / 60
-    summary = _summary(round_dir(root, cfg.rounds - 1))
-    print(f"\npipeline finished in {minutes:.1f} min")
-    if summary:
-        print(summary)
+    print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
+    print(textwrap.indent(report_module.glance_text(round_dir(root, cfg.rounds - 1)), "  "), end="")
     print_done("pipeline", html, f"open {html}")
     return html
 
-
-def _summary(run_dir: Path) -> str | None:
-    path = stage_dir(run_dir, "eval") / MANIFEST
-    if not path.is_file():
-        return None
-    m = json.loads(path.read_text())
-    lines = []
-    for name, row in m.get("policies", {}).items():
-        for key, value in row.items():
-            if key.endswith("/win_rate"):
-                lo, hi = row[key + "_ci"]
-                lines.append(f"  {name} vs {m['baseline']} · {key[:-9]}: win-rate {value:.1%} [{lo:.1%}, {hi:.1%}]")
-    return "\n".join(lines) or None

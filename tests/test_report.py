@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from alignment.artifacts import MANIFEST
-from alignment.report import cautions, glance, write_report
+from alignment.report import cautions, glance, glance_text, write_report
 
 SFT = {"stage": "sft", "metrics": {"eval_loss": 3.3521, "eval_mean_token_accuracy": 0.3468, "global_step": 10,
                                    "train_runtime": 101.1}}
@@ -37,7 +37,8 @@ def test_each_stage_says_its_outcome_in_figures():
     assert glance("reward", REWARD) == ["held-out accuracy 74.1% on 27 pairs", "worst probe hope_end: 35% of pairs flip",
                                         "16 steps in 65 s"]
     assert glance("dpo", DPO) == ["held-out preference accuracy 75.0% (implicit reward margin 0.227)", "10 steps"]
-    assert glance("eval", EVAL) == ["dpo vs sft: 50.0% by reward_model, 80.2% by scorer:support_style, KL 3.22"]
+    assert glance("eval", EVAL) == ["dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, "
+                                    "80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22"]
     ppo = {"metrics": {"reward_mean_first": -0.5, "reward_mean": 0.25, "kl": 1.5, "steps": 20}}
     assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.50", "20 steps"]
     grpo = {"metrics": {"reward_mean_first": 0.1, "reward": 0.4, "steps": 8}}
@@ -86,6 +87,16 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
     assert "<details><summary>all metrics</summary><table class='kv'>" in sft
     sample = page[page.index("<section id='sample'>"):page.index("</section>", page.index("<section id='sample'>"))]
     assert "<details>" not in sample and "<table class='kv'>" in sample
+    # the same first screen is what `align pipeline` prints when it ends
+    assert glance_text(run).splitlines() == [
+        "- sft: held-out loss 3.352 (next-token accuracy 34.7%) · 10 steps in 101 s",
+        "- sample: 160 answers to 40 prompts · 104 (65%) cut at max_new_tokens",
+        "- preferences: 184 pairs from 40 rankings: 157 to train, 27 held out · dropped: 56 ties",
+        "- reward: held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip · 16 steps in 65 s",
+        "- dpo: held-out preference accuracy 75.0% (implicit reward margin 0.227) · 10 steps",
+        "- eval: dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, 80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22",
+        "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
+        *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
     md = (run / "report.md").read_text()
     assert "- reward: held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip" in md
     assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
@@ -98,7 +109,7 @@ def test_names_in_the_first_screen_are_text(tmp_path):
                              "prompts_seen_in_training": {name: 3}})
     page = write_report(tmp_path).read_text()
     assert "<img src=x" not in page
-    assert "&lt;img src=x onerror=alert(1)&gt; vs sft: 50.0% by reward_model" in page
+    assert "&lt;img src=x onerror=alert(1)&gt; vs sft: 50.0% [35.4%, 62.5%] by reward_model" in page
     assert "&lt;img src=x onerror=alert(1)&gt; was trained on 3 of the 48 eval prompts" in page
 
 
