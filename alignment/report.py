@@ -399,13 +399,12 @@ def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
     if kind == "reward" and r is not None and abs(r) > 0.5:
         found.append(f"the reward model's scores track answer length (Pearson r = {r:.2f}: "
                      f"{'longer' if r > 0 else 'shorter'} scores higher), which a policy can exploit")
-    gate = (manifest.get("probes") or {}).get("gate")
-    if kind == "reward" and gate:
-        from alignment.reward_model import MAX_PROBE_FLIP_RATE
+    if kind == "reward" and (manifest.get("probes") or {}).get("gate"):
+        from alignment.reward_model import MAX_PROBE_FLIP_RATE, probe_failure
 
-        if gate["rate"] > MAX_PROBE_FLIP_RATE:
-            found.append(f"probe {gate['edit']} ({gate['what']}) flips {gate['rate']:.0%} of the held-out pairs the "
-                         f"reward model had right, above the {MAX_PROBE_FLIP_RATE:.0%} at which PPO refuses it")
+        failure = probe_failure(manifest["probes"], MAX_PROBE_FLIP_RATE)
+        if failure:
+            found.append(f"{failure}: PPO refuses it at that setting")
     if kind == "eval":
         for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
             if seen:

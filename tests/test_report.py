@@ -16,7 +16,8 @@ SFT = {"stage": "sft", "metrics": {"eval_loss": 3.3521, "eval_mean_token_accurac
 SAMPLE = {"stage": "sample", "metrics": {"new_tasks": 40, "responses_sampled": 160, "responses_cut": 104}}
 EXPORT = {"stage": "export", "metrics": {"pairs": 184, "rankings": 40, "train_pairs": 157, "test_pairs": 27,
                                          "dropped_ties": 56, "dropped_flagged": 0}}
-GATE = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20, "basis": ""}
+GATE = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
+        "basis": "every flip"}
 REWARD = {"stage": "reward", "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "length_correlation": -0.53,
                                          "global_step": 16, "train_runtime": 65.1},
           "probes": {"gate": GATE, "by_agreement": {"buckets": []}, "edits": []}}
@@ -52,7 +53,9 @@ def test_cautions_name_only_what_crosses_its_line():
     assert cautions("sample", {"metrics": {"responses_sampled": 160, "responses_cut": 64}}) == []
     found = cautions("reward", REWARD)
     assert len(found) == 2 and "r = -0.53: shorter scores higher" in found[0]
-    assert "hope_end" in found[1] and "flips 35%" in found[1] and "above the 25% at which PPO refuses it" in found[1]
+    assert found[1] == ("the reward model prefers the worse answer of a held-out pair after appending 'Hope this "
+                        "helps!' (probe hope_end) in 7 of the 20 pairs it had right (35%; counted: every flip), above "
+                        "max_probe_flip_rate=0.25: PPO refuses it at that setting")
     calm = {"metrics": {"length_correlation": 0.3}, "probes": {"gate": {**GATE, "rate": 0.2}}}
     assert cautions("reward", calm) == []
     assert cautions("eval", EVAL) == []
