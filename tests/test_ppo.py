@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from alignment import rl as R
 from alignment.cli import main as align
 from alignment.config import PPOStageConfig, load_config
+from alignment.report import glance
 from alignment.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +96,9 @@ def test_ppo_raises_the_reward_with_kl_bounded(sft_dir, prompts, tmp_path, tiny_
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
     assert (tmp_path / "report.html").is_file()
+    figures = glance("ppo", manifest)  # the report's first screen reads the keys this stage writes
+    assert figures[0] == f"mean reward {reward[0]:.3f} → {reward[-1]:.3f}" and figures[1].startswith("KL ")
+    assert figures[2].startswith(f"{len(rows)} steps")
 
 
 def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
@@ -194,6 +198,8 @@ def test_grpo_and_rloo_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_p
     out = tmp_path / algo
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["stage"] == algo and manifest["metrics"]["steps"] == 2 and "reward" in manifest["metrics"]
+    figures = glance(algo, manifest)  # the report's first screen reads the keys this stage writes
+    assert figures[0].startswith("mean reward ") and figures[-1].startswith("2 steps"), figures
     assert not (out / "ref").exists()
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out))
     assert list(policy.peft_config) == ["default"]
