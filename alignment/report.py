@@ -418,7 +418,7 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
     for kind, folder in sections:
         manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
-        figures = glance(kind, manifest)
+        figures = glance(kind, manifest) or ["—"]  # a folder it has no figures for (align merge's)
         name = html.escape(folder.name)
         rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{html.escape(' · '.join(figures))}</td></tr>")
         md.append(f"- {folder.name}: {' · '.join(figures)}")
