@@ -419,12 +419,17 @@ def test_guidelines_file_checked_before_the_app(tmp_path, capsys):
     assert "not a readable UTF-8 text file" in capsys.readouterr().err
 
 
+def python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter from the repository (its stdout and stderr as text); it must exit 0."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+
+
 def test_config_errors_and_help_import_no_torch():
     """A bad value fails, and --help answers, before torch (or the recipe) is imported: well under a second."""
     code = ("import sys, time; from alignment.cli import main; t = time.time(); "
             "codes = [main(['sft', 'train.lr=-1']), main(['dpo', '--help']), main(['ppo', 'rl.gamma=2'])]; "
             "print(codes, 'torch' in sys.modules, round(time.time() - t, 2))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    out = python(code)
     codes, torch_loaded, seconds = out.stdout.strip().splitlines()[-1].rsplit(" ", 2)
     assert codes.endswith("[2, 0, 2]") and torch_loaded == "False", out.stdout + out.stderr
     assert float(seconds) < 5, seconds
@@ -440,7 +445,7 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
         "ops = __import__('bitsandbytes.backends.cpu.ops', fromlist=['x']); "
         "print('tried', has_avx512bf16() and getattr(ops, 'gemm_4bit_forward_kernel', 0) is None); "
         "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    out = python(code)
     assert "Failed to load CPU gemm_4bit_forward" not in out.stderr
     assert "another bitsandbytes warning" in out.stderr
     # On a CPU with AVX512-BF16 (this project's) bitsandbytes did try the kernel, so the notice was raised.
@@ -457,11 +462,10 @@ def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_sti
         "num_attention_heads=2, num_key_value_heads=2, vocab_size=64)); "
         "get_peft_model(m, LoraConfig(r=2, target_modules=['q_proj'])); m.is_gradient_checkpointing; "
         "warnings.warn('another deprecation', FutureWarning)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    out = python(code)
     assert "is_gradient_checkpointing" not in out.stderr
     assert "another deprecation" in out.stderr
-    unfiltered = subprocess.run([sys.executable, "-c", code.replace("c.setup_environment(); ", "")],
-                                capture_output=True, text=True, cwd=REPO, check=True)
+    unfiltered = python(code.replace("c.setup_environment(); ", ""))
     assert "is_gradient_checkpointing` is deprecated" in unfiltered.stderr  # the message it drops is real
 
 
