@@ -126,7 +126,15 @@ def run_stage(command: str, cfg: Any) -> Path:
         from alignment.gpu_training import new_stage_on_gpu
 
         new_stage_on_gpu()
-    return recipe.main(cfg)
+    _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
+    try:
+        return recipe.main(cfg)
+    finally:
+        _started.pop()
+
+
+# When each running stage started, innermost last: its manifest records the seconds it took.
+_started: list[float] = []
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -200,6 +208,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"seconds": round(time.time() - _started[-1], 1)} if _started else {}),  # started by run_stage
         "config": config,
         "metrics": metrics or {},
         **extra,

@@ -412,20 +412,29 @@ def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
     return found
 
 
+def _clock(seconds: Any) -> str:
+    """A stage's wall time as m:ss ('' when its manifest has none: a stage run before align recorded it)."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return ""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}:{rest:02d}"
+
+
 def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
-    """The run on one screen (html, markdown): each finished stage's outcome, then the cautions."""
+    """The run on one screen (html, markdown): each finished stage's outcome and wall time, then the cautions."""
     rows, md, warn = [], [], []
     for kind, folder in sections:
         manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
         figures = glance(kind, manifest) or ["—"]  # a folder it has no figures for (align merge's)
-        name = html.escape(folder.name)
-        rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{html.escape(' · '.join(figures))}</td></tr>")
-        md.append(f"- {folder.name}: {' · '.join(figures)}")
+        name, clock = html.escape(folder.name), _clock(manifest.get("seconds"))
+        rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{clock}</td>"
+                    f"<td>{html.escape(' · '.join(figures))}</td></tr>")
+        md.append(f"- {folder.name}{f' ({clock})' if clock else ''}: {' · '.join(figures)}")
         warn += [f"{folder.name}: {text}" for text in cautions(kind, manifest)]
     if not rows:
         return "", ""
-    page = f"<table class='glance'><tr><th>stage</th><th>outcome</th></tr>{''.join(rows)}</table>"
+    page = f"<table class='glance'><tr><th>stage</th><th>time</th><th>outcome</th></tr>{''.join(rows)}</table>"
     if warn:
         page += "<div class='cautions'><b>Look at before using the result</b><ul>" + "".join(
             f"<li>{html.escape(w)}</li>" for w in warn) + "</ul></div>"

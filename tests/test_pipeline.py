@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,10 @@ def manifest(folder: Path) -> dict:
 def test_every_stage_leaves_its_artifact_wired_to_its_parent(run):
     for stage in STAGE_DIRS:
         assert (run / stage / "align.json").is_file(), stage
+    # Each stage's own wall time, not the pipeline's so far: no more than the time since the stage before it ended
+    created = [time.mktime(time.strptime(manifest(run / s)["created"], "%Y-%m-%dT%H:%M:%S%z")) for s in STAGE_DIRS]
+    for stage, before, after in zip(STAGE_DIRS[1:], created[:-1], created[1:], strict=True):
+        assert 0 <= manifest(run / stage)["seconds"] <= after - before + 1, stage
     assert (run / "labels.db").is_file()
     assert manifest(run / "sample")["parents"]["policy"]["path"] == str(run / "sft")
     assert manifest(run / "reward")["parents"]["preferences"]["path"] == str(run / "preferences")
@@ -154,8 +159,10 @@ def test_report_renders_in_a_browser_with_its_plots(run):
     assert all(width > 100 for _, width in images), images  # decoded PNGs, not broken images
     assert "dpo" in headline and "win-rate" in headline
     # The first screen: every stage's outcome from its real manifest, and eval's prompts named as trained on
-    assert [stage for stage, _ in glance] == STAGE_DIRS and all(outcome.strip() for _, outcome in glance), glance
-    assert dict(glance)["reward"].startswith("held-out accuracy") and "dpo vs sft" in dict(glance)["eval"]
+    assert [stage for stage, _, _ in glance] == STAGE_DIRS and all(outcome.strip() for *_, outcome in glance), glance
+    assert all(re.fullmatch(r"\d+:\d\d", clock) for _, clock, _ in glance), glance  # each stage's wall time
+    outcomes = {stage: outcome for stage, _, outcome in glance}
+    assert outcomes["reward"].startswith("held-out accuracy") and "dpo vs sft" in outcomes["eval"]
     assert "eval: dpo was trained on 8 of the 8 eval prompts" in cautions
     assert overflow <= 0  # no table wider than the page
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from alignment.artifacts import MANIFEST
 from alignment.report import cautions, glance, glance_text, write_report
 
-SFT = {"stage": "sft", "metrics": {"eval_loss": 3.3521, "eval_mean_token_accuracy": 0.3468, "global_step": 10,
+SFT = {"stage": "sft", "seconds": 130.4, "metrics": {"eval_loss": 3.3521, "eval_mean_token_accuracy": 0.3468, "global_step": 10,
                                    "train_runtime": 101.1}}
 SAMPLE = {"stage": "sample", "metrics": {"new_tasks": 40, "responses_sampled": 160, "responses_cut": 104}}
 EXPORT = {"stage": "export", "metrics": {"pairs": 184, "rankings": 40, "train_pairs": 157, "test_pairs": 27,
                                          "dropped_ties": 56, "dropped_flagged": 0}}
 GATE = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
         "basis": "every flip"}
-REWARD = {"stage": "reward", "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "length_correlation": -0.53,
+REWARD = {"stage": "reward", "seconds": 59.6, "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "length_correlation": -0.53,
                                          "global_step": 16, "train_runtime": 65.1},
           "probes": {"gate": GATE, "by_agreement": {"buckets": []}, "edits": []}}
 DPO = {"stage": "dpo", "metrics": {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2265, "global_step": 10},
@@ -92,16 +92,19 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
     assert "<details>" not in sample and "<table class='kv'>" in sample
     # the same first screen is what `align pipeline` prints when it ends
     assert glance_text(run).splitlines() == [
-        "- sft: held-out loss 3.352 (next-token accuracy 34.7%) · 10 steps in 101 s",
+        "- sft (2:10): held-out loss 3.352 (next-token accuracy 34.7%) · 10 steps in 101 s",
         "- sample: 160 answers to 40 prompts · 104 (65%) cut at max_new_tokens",
         "- preferences: 184 pairs from 40 rankings: 157 to train, 27 held out · dropped: 56 ties",
-        "- reward: held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip · 16 steps in 65 s",
+        "- reward (1:00): held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip · 16 steps "
+        "in 65 s",
         "- dpo: held-out preference accuracy 75.0% (implicit reward margin 0.227) · 10 steps",
         "- eval: dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, 80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22",
         "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
         *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
     md = (run / "report.md").read_text()
-    assert "- reward: held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip" in md
+    assert "- reward (1:00): held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip" in md
+    assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
+        in page  # a manifest without its wall time (written before align recorded it) leaves the cell empty
     assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
 
 
