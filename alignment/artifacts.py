@@ -115,6 +115,10 @@ def routed(command: str, cfg: Any) -> Stage:
     return STAGES[command]
 
 
+# When each running stage started, innermost last: its manifest records the seconds it took.
+_started: list[float] = []
+
+
 def run_stage(command: str, cfg: Any) -> Path:
     """Run the recipe of the stage `command` routes `cfg` to; returns the artifact it wrote.
 
@@ -131,10 +135,6 @@ def run_stage(command: str, cfg: Any) -> Path:
         return recipe.main(cfg)
     finally:
         _started.pop()
-
-
-# When each running stage started, innermost last: its manifest records the seconds it took.
-_started: list[float] = []
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
