@@ -426,12 +426,16 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
     for kind, folder in sections:
         manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
-        figures = glance(kind, manifest) or ["—"]  # a folder it has no figures for (align merge's)
+        try:
+            figures, found = glance(kind, manifest), cautions(kind, manifest)
+        except (KeyError, TypeError, ValueError, IndexError):  # a manifest of another align version: its section says it
+            figures, found = [], []
+        figures = figures or ["—"]  # or a folder it has no figures for (align merge's)
         name, clock = html.escape(folder.name), _clock(manifest.get("seconds"))
         rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{clock}</td>"
                     f"<td>{html.escape(' · '.join(figures))}</td></tr>")
         md.append(f"- {folder.name}{f' ({clock})' if clock else ''}: {' · '.join(figures)}")
-        warn += [f"{folder.name}: {text}" for text in cautions(kind, manifest)]
+        warn += [f"{folder.name}: {text}" for text in found]
     if not rows:
         return "", ""
     page = f"<table class='glance'><tr><th>stage</th><th>time</th><th>outcome</th></tr>{''.join(rows)}</table>"
@@ -459,7 +463,10 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     kind = stage if stage in SECTIONS else manifest.get("stage")
-    extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
+    try:
+        extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
+    except (KeyError, TypeError, ValueError, IndexError) as err:  # a manifest of another align version
+        extra = f"<p class='meta'>Its figures could not be drawn from its manifest ({html.escape(repr(err))}).</p>"
     title = html.escape(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
     plan = f" · {html.escape(manifest['device_plan'])}" if manifest.get("device_plan") else ""
     warning = manifest.get("reward_probe_warning")

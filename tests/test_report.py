@@ -133,3 +133,13 @@ def test_example_pairs_come_from_different_prompts(tmp_path):
     examples = page[page.index("<h3>Example pairs</h3>"):]
     assert examples.count("how do I sync") == 1 and "how do I export" in examples and ">hi<" in examples
     assert ">a0<" in examples and ">a1<" not in examples
+
+
+def test_a_manifest_of_another_shape_costs_its_row_not_the_report(tmp_path):
+    """A stage writes the report when it ends: a folder whose manifest lacks what the first screen reads (one
+    written by another version of align) gets a dash there, and the report is still written."""
+    write(tmp_path, "reward", {"stage": "reward", "metrics": {}, "probes": {"gate": {"rate": 0.5}}})
+    write(tmp_path, "sft", SFT)
+    page = write_report(tmp_path).read_text()
+    assert "<td><a href='#reward'>reward</a></td><td></td><td>—</td>" in page and "held-out loss 3.352" in page
+    assert "Its figures could not be drawn from its manifest (KeyError(&#x27;by_agreement&#x27;))" in page
