@@ -38,6 +38,26 @@ def bootstrap_ci(scores: Sequence[float], baseline: Sequence[float] | None = Non
     return float(lo), float(hi)
 
 
+def grouped_bootstrap_ci(values: Sequence[float], groups: Sequence[object] | None = None, *, n: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of `values`, resampling whole groups with replacement.
+
+    A reward model's held-out pairs are not independent: a ranking of K answers to one prompt gives
+    K(K-1)/2 pairs that share those answers, so an interval over pairs is too narrow. Each group (a
+    prompt) is resampled with all its pairs; without `groups`, each value is its own group.
+    """
+    labels = list(range(len(values))) if groups is None else list(groups)
+    index = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    sums, counts = np.zeros(len(index)), np.zeros(len(index))
+    for value, label in zip(values, labels, strict=True):
+        sums[index[label]] += value
+        counts[index[label]] += 1
+    idx = np.random.default_rng(seed).integers(0, len(index), size=(n, len(index)))
+    means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def bradley_terry(comparisons: Sequence[tuple[str, str, float]], *, iters: int = 200,
                   prior: float = 0.1) -> dict[str, float]:
     """Bradley-Terry strengths from (a, b, outcome) with outcome 1 = a wins, 0 = b wins, 0.5 = tie.

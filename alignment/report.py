@@ -164,7 +164,9 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     notes = []
     if isinstance(m.get("eval_accuracy"), float):
         ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
-        notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b> on {m.get('eval_pairs', '?')} pairs"
+        notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b>{_interval(m.get('eval_accuracy_ci'))} "
+                     f"on {m.get('eval_pairs', '?')} pairs"
+                     + (f" from {m['eval_prompts']} prompts (the interval resamples prompts)" if "eval_prompts" in m else "")
                      + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
                         f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
                         f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
@@ -320,6 +322,11 @@ def _num(metrics: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _interval(ci: Any) -> str:
+    """' [lo%, hi%]' for a manifest's 95 % interval, '' when it has none."""
+    return " [{:.1%}, {:.1%}]".format(*ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
 def _steps(m: dict[str, Any]) -> str | None:
     steps, runtime = _num(m, "global_step") or _num(m, "steps"), _num(m, "train_runtime")
     if steps is None:
@@ -354,9 +361,11 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
         if dropped:
             out.append("dropped: " + ", ".join(dropped))
     elif kind == "reward":
-        accuracy, pairs = _num(m, "eval_accuracy"), _num(m, "eval_pairs")
+        accuracy, pairs, prompts = _num(m, "eval_accuracy"), _num(m, "eval_pairs"), _num(m, "eval_prompts")
         if accuracy is not None:
-            out.append(f"held-out accuracy {accuracy:.1%}" + (f" on {pairs:.0f} pairs" if pairs is not None else ""))
+            out.append(f"held-out accuracy {accuracy:.1%}" + _interval(m.get("eval_accuracy_ci"))
+                       + (f" on {pairs:.0f} pairs" if pairs is not None else "")
+                       + (f" from {prompts:.0f} prompts" if prompts is not None else ""))
         gate = (manifest.get("probes") or {}).get("gate")
         if gate:
             out.append(f"worst probe {gate['edit']}: {gate['rate']:.0%} of pairs flip")
@@ -378,8 +387,7 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
     elif kind == "eval":
         baseline = manifest.get("baseline", "")
         for name, row in (manifest.get("policies") or {}).items():
-            judged = [f"{row[k]:.1%}" + (" [{:.1%}, {:.1%}]".format(*row[k + "_ci"]) if k + "_ci" in row else "")
-                      + f" by {k[:-len('/win_rate')]}" for k in row
+            judged = [f"{row[k]:.1%}{_interval(row.get(k + '_ci'))} by {k[:-len('/win_rate')]}" for k in row
                       if k.endswith("/win_rate") and isinstance(row[k], (int, float))]
             if judged:
                 out.append(f"{name} vs {baseline}: " + ", ".join(judged)

@@ -38,6 +38,7 @@ from alignment import StageError
 from alignment.artifacts import read_manifest, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.data import with_system_prompt
+from alignment.evaluation import grouped_bootstrap_ci
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -243,8 +244,14 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
     # With dawid_skene's soft labels, their own certainty is the better ceiling: an adversary lowers the
     # annotators' agreement without making the (reliability-weighted) labels any worse.
     posterior = [p for p in dataset["p_chosen"] if p is not None] if "p_chosen" in dataset.column_names else []
+    # The interval resamples prompts, not pairs: a ranking's pairs share its answers (27 held-out pairs of the
+    # quickstart come from 6 prompts).
+    column = next((c for c in ("prompt_id", "task_id") if c in dataset.column_names), None)
+    groups = dataset[column] if column and None not in dataset[column] else None  # else each pair alone
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
+        "eval_accuracy_ci": list(grouped_bootstrap_ci([float(g > 0) for g in gaps], groups)),
+        "eval_prompts": len(set(groups)) if groups is not None else n,
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,
         "eval_ties": ties,

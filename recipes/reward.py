@@ -253,8 +253,9 @@ def main(cfg: RewardStageConfig) -> Path:
         heldout = heldout_metrics(probe_pairs, chosen, rejected)  # every column: agreement, p_chosen
         metrics.update(heldout)
         ceiling = heldout["agreement_ceiling"]
-        log.info("held-out: accuracy %.3f over %d pairs%s, mean margin %.3f, calibration error %.3f",
-                 heldout["eval_accuracy"], heldout["eval_pairs"],
+        log.info("held-out: accuracy %.3f [%.3f, %.3f] over %d pairs from %d prompts%s, mean margin %.3f, "
+                 "calibration error %.3f", heldout["eval_accuracy"], *heldout["eval_accuracy_ci"], heldout["eval_pairs"],
+                 heldout["eval_prompts"],
                  f" (annotator agreement ceiling {ceiling:.3f})" if ceiling is not None else "",
                  heldout["eval_mean_margin"], heldout["calibration_error"])
         r = heldout["length_correlation"]

@@ -23,6 +23,18 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_data():
     assert ev.bootstrap_ci([1.0] * 10, [0.0] * 10) == (1.0, 1.0)  # always wins: no spread
 
 
+def test_grouped_interval_resamples_whole_groups():
+    """Pairs of one prompt move together: two prompts, one all right and one all wrong, can only resample to
+    0, 1/2 or 1, where the same twelve values taken one by one give a much narrower interval."""
+    values, groups = [1.0] * 6 + [0.0] * 6, ["a"] * 6 + ["b"] * 6
+    assert ev.grouped_bootstrap_ci(values, groups, n=2000) == (0.0, 1.0)
+    lo, hi = ev.grouped_bootstrap_ci(values, n=2000)  # no groups: each value alone
+    assert 0.1 < lo < 0.5 < hi < 0.9
+    assert ev.grouped_bootstrap_ci([1.0] * 10, ["a", "b"] * 5) == (1.0, 1.0)
+    # A group weighs by its pairs: the usual resample (one of each) pools to 9/10, not the group means' 1/2
+    assert ev.grouped_bootstrap_ci([1.0] * 9 + [0.0], ["big"] * 9 + ["small"], n=2000, level=0.5) == (0.9, 0.9)
+
+
 def test_bootstrap_mean_interval():
     lo, hi = ev.bootstrap_ci([0.0, 1.0] * 50, stat="mean", n=2000)
     assert lo < 0.5 < hi and hi - lo < 0.25

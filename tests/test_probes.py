@@ -160,3 +160,17 @@ def test_kept_ties_count_in_no_accuracy():
     assert sum(b["pairs"] for b in figures["calibration"]) == 2
     probes = probe(thanks_anywhere, data, [2.0, 0.0, 1.0], [0.0, 1.0, -1.0])
     assert probes["pairs"] == 2
+
+
+def test_heldout_accuracy_interval_resamples_prompts():
+    """Six pairs from two prompts' rankings: the interval moves whole prompts, so a model right on one prompt's
+    pairs and wrong on the other's can score anything from 0 to 1; pairs without a prompt id count alone."""
+    from alignment.reward_model import heldout_metrics
+
+    rows = [{"chosen": f"Thanks! Step {i}.", "rejected": "no", "prompt_id": "p1" if i < 3 else "p2"} for i in range(6)]
+    chosen, rejected = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0], [0.0] * 6
+    figures = heldout_metrics(heldout(rows), chosen, rejected)
+    assert figures["eval_accuracy"] == 0.5 and figures["eval_prompts"] == 2
+    assert figures["eval_accuracy_ci"] == [0.0, 1.0]
+    alone = heldout_metrics(heldout([{**r, "prompt_id": None} for r in rows]), chosen, rejected)
+    assert alone["eval_prompts"] == 6 and 0.0 < alone["eval_accuracy_ci"][0] < 0.5 < alone["eval_accuracy_ci"][1]

@@ -18,7 +18,8 @@ EXPORT = {"stage": "export", "metrics": {"pairs": 184, "rankings": 40, "train_pa
                                          "dropped_ties": 56, "dropped_flagged": 0}}
 GATE = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
         "basis": "every flip"}
-REWARD = {"stage": "reward", "seconds": 59.6, "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "length_correlation": -0.53,
+REWARD = {"stage": "reward", "seconds": 59.6, "metrics": {"eval_accuracy": 0.7407, "eval_pairs": 27, "eval_prompts": 6,
+                                                          "eval_accuracy_ci": [0.5186, 0.9259], "length_correlation": -0.53,
                                          "global_step": 16, "train_runtime": 65.1},
           "probes": {"gate": GATE, "by_agreement": {"buckets": []}, "edits": []}}
 DPO = {"stage": "dpo", "metrics": {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2265, "global_step": 10},
@@ -35,7 +36,7 @@ def test_each_stage_says_its_outcome_in_figures():
     assert glance("sft", SFT) == ["held-out loss 3.352 (next-token accuracy 34.7%)", "10 steps in 101 s"]
     assert glance("sample", SAMPLE) == ["160 answers to 40 prompts", "104 (65%) cut at max_new_tokens"]
     assert glance("export", EXPORT) == ["184 pairs from 40 rankings: 157 to train, 27 held out", "dropped: 56 ties"]
-    assert glance("reward", REWARD) == ["held-out accuracy 74.1% on 27 pairs", "worst probe hope_end: 35% of pairs flip",
+    assert glance("reward", REWARD) == ["held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts", "worst probe hope_end: 35% of pairs flip",
                                         "16 steps in 65 s"]
     assert glance("dpo", DPO) == ["held-out preference accuracy 75.0% (implicit reward margin 0.227)", "10 steps"]
     assert glance("eval", EVAL) == ["dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, "
@@ -78,7 +79,7 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
     glance_table = page[page.index("<table class='glance'>"):page.index("</table>", page.index("class='glance'"))]
     rows = glance_table.split("<tr>")[2:]
     assert [r.split("'")[1] for r in rows] == ["#sft", "#sample", "#preferences", "#reward", "#dpo", "#eval"]
-    assert "held-out accuracy 74.1% on 27 pairs" in rows[3]
+    assert "held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts" in rows[3]
     assert page.index("class='glance'") < page.index("<section")  # the first screen, after the headline
     assert page.count("<div class='cautions'>") == 1 and "sample: 65% of the sampled answers" in page
     assert "<p class='caution'>the reward model trained on these pairs fails a probe</p>" in page  # dpo's warning
@@ -95,14 +96,14 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         "- sft (2:10): held-out loss 3.352 (next-token accuracy 34.7%) · 10 steps in 101 s",
         "- sample: 160 answers to 40 prompts · 104 (65%) cut at max_new_tokens",
         "- preferences: 184 pairs from 40 rankings: 157 to train, 27 held out · dropped: 56 ties",
-        "- reward (1:00): held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip · 16 steps "
-        "in 65 s",
+        "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe hope_end: "
+        "35% of pairs flip · 16 steps in 65 s",
         "- dpo: held-out preference accuracy 75.0% (implicit reward margin 0.227) · 10 steps",
         "- eval: dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, 80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22",
         "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
         *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
     md = (run / "report.md").read_text()
-    assert "- reward (1:00): held-out accuracy 74.1% on 27 pairs · worst probe hope_end: 35% of pairs flip" in md
+    assert "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe" in md
     assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
         in page  # a manifest without its wall time (written before align recorded it) leaves the cell empty
     assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
