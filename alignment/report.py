@@ -113,9 +113,8 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     def cell(row: dict[str, Any], key: str) -> str:
         if key not in row:
             return ""
-        if key.endswith("/win_rate") and key + "_ci" in row:
-            lo, hi = row[key + "_ci"]
-            return f"<b>{row[key]:.1%}</b> [{lo:.1%}, {hi:.1%}]"
+        if key.endswith("/win_rate"):
+            return f"<b>{row[key]:.1%}</b>{_interval(row.get(key + '_ci'))}"
         return _fmt(row[key])
 
     head = "".join(f"<th>{html.escape(p)}</th>" for p in table)
@@ -284,8 +283,8 @@ def headline(run_dir: Path) -> str:
                 lo, hi = row[key + "_ci"]
                 verdict = "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "is not distinguishable from"
                 items.append(f"<li><b>{html.escape(name)}</b> {verdict} <b>{html.escape(m.get('baseline', ''))}</b> "
-                             f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b> "
-                             f"[{lo:.1%}, {hi:.1%}] · KL {row.get('kl', float('nan')):.3f} nats</li>")
+                             f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b>"
+                             f"{_interval(row[key + '_ci'])} · KL {row.get('kl', float('nan')):.3f} nats</li>")
     return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
 
 
