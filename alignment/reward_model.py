@@ -247,7 +247,8 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
     # The interval resamples prompts, not pairs: a ranking's pairs share its answers (27 held-out pairs of the
     # quickstart come from 6 prompts).
     column = next((c for c in ("prompt_id", "task_id") if c in dataset.column_names), None)
-    groups = dataset[column] if column and None not in dataset[column] else None  # else each pair alone
+    groups = dataset[column] if column else None
+    groups = groups if groups is not None and None not in groups else None  # else each pair alone
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
         "eval_accuracy_ci": list(grouped_bootstrap_ci([float(g > 0) for g in gaps], groups)),
