@@ -57,6 +57,11 @@ class RequestError(ValueError):
         self.param, self.code, self.status = param, code, status
 
 
+# A lower temperature is greedy decoding, as in vLLM (its _SAMPLING_EPS): dividing the logits by
+# ~1e-40 overflows them to inf, and sampling from that fails.
+MIN_TEMPERATURE = 1e-5
+
+
 class Busy(RuntimeError):
     """More requests are waiting than limits.max_waiting allows."""
 
@@ -166,9 +171,10 @@ class ChatEngine:
 
     # ------------------------------------------------------------------------ before the lock
 
-    def prepare(self, model: str, messages: list[dict[str, str]], params: Params) -> Job:
+    def prepare(self, model: str, messages: list[dict[str, str]], params: Params, job: Job | None = None) -> Job:
         """The request as token ids through the model's chat template, checked against the token limits; the
-        model's system prompt first when the messages have no system message."""
+        model's system prompt first when the messages have no system message. Given `job` (one already
+        counted in by `admit`), its prompt ids are filled in and it is returned."""
         tokenizer = self.tokenizers[model]
         if not any(m["role"] == "system" for m in messages):
             messages = with_system_prompt(messages, self.system_prompts.get(model))
@@ -187,7 +193,10 @@ class ChatEngine:
             raise RequestError(f"this model's maximum context length is {self.context} tokens; the messages are "
                                f"{len(ids)} and max_tokens is {params.max_tokens}: lower max_tokens or shorten the "
                                "messages", param="max_tokens", code="context_length_exceeded")
-        return Job(model, ids, params)
+        if job is None:
+            return Job(model, ids, params)
+        job.prompt_ids = ids
+        return job
 
     def admit(self, job: Job) -> None:
         """Count `job` in (Busy when max_waiting requests already wait): a streaming response checks before
@@ -235,11 +244,11 @@ class ChatEngine:
 
         p, tokenizer = job.params, self.tokenizers[job.model]
         eos = sorted(set(_ids(tokenizer.eos_token_id) + _ids(self.model.generation_config.eos_token_id)))
-        sample = p.temperature > 0
+        sample = p.temperature >= MIN_TEMPERATURE
         # Every sampling knob set: generate() fills the ones left unset from the model folder's
         # generation_config.json and then its own defaults (top_k=50), which OpenAI's API does not have.
         settings = GenerationConfig(
-            max_new_tokens=p.max_tokens, do_sample=sample, num_return_sequences=p.n, eos_token_id=eos,
+            max_new_tokens=p.max_tokens, do_sample=sample, num_return_sequences=p.n if sample else 1, eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0,
             **({"temperature": p.temperature, "top_p": p.top_p, "top_k": 0, "typical_p": 1.0} if sample else {}))
         rows = [_Row(tokenizer, self._tokenizing, set(eos), p.stop, p.max_tokens) for _ in range(p.n)]
@@ -252,7 +261,8 @@ class ChatEngine:
                 start = time.perf_counter()
                 # The global generator: safe under the lock, and a seed makes the answer the same each time.
                 torch.manual_seed(p.seed) if p.seed is not None else torch.seed()
-                ids = torch.tensor([job.prompt_ids], device=self.device)
+                # Greedy decoding refuses num_return_sequences > 1: its n identical answers as n prompt rows.
+                ids = torch.tensor([job.prompt_ids] * (1 if sample else p.n), device=self.device)
                 progress = _Progress(rows, on_text, job.cancelled, self.closing)
                 try:
                     self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from alignment.chat_engine import Busy, ChatEngine, Params, RequestError
+from alignment.chat_engine import Busy, ChatEngine, Job, Params, RequestError
 from alignment.serving import BASE
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,19 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
     async def chat(request: Request) -> Response:
         body = await _read_json(request, limits.max_body_kb * 1024)
         model, messages, params, stream, usage_in_stream = _parse(body, engine, limits, defaults)
-        job = await run_in_threadpool(engine.prepare, model, messages, params)
-        reply = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
+        job = Job(model, [], params)
         try:
-            engine.admit(job)  # counted now, so a full queue is a 503 before any stream starts
+            # Counted in before the chat template and the tokenizer run, so a full queue is a 503 before
+            # any stream starts, and a flood of big bodies is refused without tokenizing each one.
+            engine.admit(job)
         except Busy as err:
             return error_response(503, str(err), kind="server_busy", code="server_busy")
+        try:
+            await run_in_threadpool(engine.prepare, model, messages, params, job)
+        except BaseException:
+            engine.release(job)
+            raise
+        reply = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
         if stream:
             return StreamingResponse(_stream(engine, job, reply, usage_in_stream, running),
                                      media_type="text/event-stream",
@@ -163,7 +170,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: [[[[...]]]]
         raise RequestError(f"the body is not valid JSON ({err})") from None
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
@@ -187,8 +194,9 @@ def _parse(body: dict[str, Any], engine: ChatEngine, limits, defaults) -> tuple:
     if model not in engine.tokenizers:
         raise _unknown_model(model, engine)
     messages = _messages(body.get("messages"))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # OpenAI's newer name first; a null one (as clients that send every field write it) is unset.
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = min(defaults.max_new_tokens, limits.max_tokens)
     elif not _int(max_tokens) or max_tokens < 1:

@@ -182,6 +182,23 @@ def test_a_seed_repeats_a_sampled_answer_and_n_gives_several(client):
     assert [stream[i] for i in range(3)] == texts
 
 
+def test_n_greedy_answers_are_the_greedy_answer_n_times(client):
+    # transformers refuses num_return_sequences > 1 without sampling; OpenAI answers it. A temperature
+    # too small to divide by (1e-40 makes the logits inf) is greedy too, as in vLLM.
+    one = greedy(client, "dpo").choices[0].message.content
+    for temperature in (0, 1e-40):
+        reply = greedy(client, "dpo", n=2, temperature=temperature)
+        assert [c.message.content for c in reply.choices] == [one, one] and [c.index for c in reply.choices] == [0, 1]
+    stream, _ = streamed(client, "dpo", max_tokens=16, temperature=0, n=2)
+    assert stream == {0: one, 1: one}
+
+
+def test_a_null_max_completion_tokens_leaves_max_tokens(served):
+    body = {"model": "sft", "messages": PROMPT, "temperature": 0, "max_completion_tokens": None, "max_tokens": 3}
+    reply = httpx.post(f"{served[2]}/chat/completions", json=body).json()
+    assert reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["finish_reason"] == "length"
+
+
 def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(client, served):
     engine = served[0]
     parts = [{"role": "developer", "content": "Be brief."},
@@ -239,11 +256,13 @@ def test_refusals_before_the_json_is_read(served):
             http.post(f"{url}/chat/completions", content=iter([big.encode()[i:i + 4096] for i in range(0, len(big), 4096)]),
                       headers={"Content-Type": "application/json"}),
             http.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+            http.post(f"{url}/chat/completions", content=b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                      headers={"Content-Type": "application/json"}),  # deeper than json.loads recurses
             http.post(f"{url}/chat/completions", content=b'{"model": "sft"}', headers={"Content-Type": "text/plain"}),
             http.get(f"{url}/no/such/path"),
             http.delete(f"{url}/models"),
         ]
-    assert [r.status_code for r in cases] == [413, 413, 400, 415, 404, 405]
+    assert [r.status_code for r in cases] == [413, 413, 400, 400, 415, 404, 405]
     for response in cases:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -278,8 +297,14 @@ def test_a_full_queue_is_503_and_the_waiting_request_still_runs(served, client, 
         assert err.status_code == 503 and err.code == "server_busy"
         stream = _error(lambda: client.chat.completions.create(model="dpo", messages=PROMPT, stream=True))
         assert stream.status_code == 503  # refused before the stream starts
+        # refused before its chat template and tokenizer run: a flood of big bodies costs no tokenizing
+        long = [{"role": "user", "content": "sync " * 300}]
+        assert _error(lambda: greedy(client, "dpo", messages=long)).status_code == 503
     waiting.join(timeout=30)
     assert answers and answers[0].choices[0].finish_reason == "length" and engine._inside == 0
+    # a request refused after it was counted in is counted out
+    assert _error(lambda: greedy(client, "dpo", messages=long)).code == "context_length_exceeded"
+    assert engine._inside == 0
 
 
 def test_a_client_that_goes_away_stops_its_generation(served):
