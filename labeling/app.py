@@ -305,8 +305,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                             "conversation side by side; each pane keeps its own model's answers. Model text is shown "
                             "as plain text.", elem_id="align-pg-intro")
                     with gr.Row(equal_height=True):
-                        pg_left = gr.Dropdown([], value=None, label="Left model", elem_id="align-pg-left-model")
-                        pg_right = gr.Dropdown([], value=None, label="Right model", elem_id="align-pg-right-model")
+                        # allow_custom_value: Gradio checks a value against the choices it recorded for the page,
+                        # which a restart loses; send checks the names itself
+                        pg_left = gr.Dropdown([], value=None, label="Left model", elem_id="align-pg-left-model",
+                                              allow_custom_value=True)
+                        pg_right = gr.Dropdown([], value=None, label="Right model", elem_id="align-pg-right-model",
+                                               allow_custom_value=True)
                         pg_temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.1, label="Temperature (0: greedy)",
                                                    elem_id="align-pg-temperature")
                     with gr.Row(equal_height=True):
@@ -401,8 +405,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             return [_note(result["message"], "✅"), *show(next_for(sess))]
 
         def do_draft(request: gr.Request, current, *values):
-            """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted ranking)."""
-            rank_values, (bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
+            """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted ranking).
+            The rationale only from its own box (cleared too): a rank set in a second tab leaves it."""
+            rank_values, (bad, is_unsafe, *why) = values[:MAX_K], values[MAX_K:]
             sess = signed_in(request)
             if sess is None:
                 return signed_out
@@ -410,15 +415,15 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return gr.skip()
             try:
                 handlers.save_draft(store, sess, current, list(rank_values), all_bad=bool(bad), unsafe=bool(is_unsafe),
-                                    rationale=why or "")
+                                    rationale=(why[0] or "") if why else None)
             except (ValueError, KeyError, PermissionError) as err:
                 log.warning("draft of task %s not saved: %s", current, err)
             return gr.skip()
 
         # .input: the annotator's own clicks and keys, not the updates show() makes
-        for widget in (*ranks, all_bad, unsafe, rationale):
-            widget.input(do_draft, [task_id, *ranks, all_bad, unsafe, rationale], message, trigger_mode="always_last",
-                         show_progress="hidden")
+        for widget, inputs in [*((w, [task_id, *ranks, all_bad, unsafe]) for w in (*ranks, all_bad, unsafe)),
+                               (rationale, [task_id, *ranks, all_bad, unsafe, rationale])]:
+            widget.input(do_draft, inputs, message, trigger_mode="always_last", show_progress="hidden")
 
         def do_skip(current, request: gr.Request):
             sess = signed_in(request)
@@ -492,9 +497,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     yield [gr.skip(), gr.skip(), gr.skip(), signed_out, gr.skip()]
                     return
                 try:
+                    now = histories
                     for *now, left_html, right_html in playground_send(playground, (left, right), message, histories,
                                                                        temperature=float(temperature)):
-                        yield [tuple(now), left_html, right_html, "", ""]
+                        yield [tuple(now), left_html, right_html, "", gr.skip()]
+                    # The message box is emptied once a conversation holds the message: when both sides
+                    # failed, it is still there to send again.
+                    if any(len(h) > len(old) for h, old in zip(now, histories, strict=True)):
+                        yield [gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""]
                 except ValueError as err:
                     yield [gr.skip(), gr.skip(), gr.skip(), _note(str(err), "⚠️", error=True), gr.skip()]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from labeling.handlers import AuthError
-from labeling.store import Store
+from labeling.store import NAME_CHARS, Store
 
 COOKIE = "align_session"
 SESSION_HOURS = 12.0
@@ -55,7 +55,8 @@ class Throttle:
 
     def lock_for(self, key: str, failures: int) -> float:
         free = self.free_per_address if key.startswith("address:") else self.free_per_name
-        return 0.0 if failures < free else min(self.max_lock, self.first_lock * 2 ** (failures - free))
+        # the doubling capped: 2.0 ** 1030 overflows a float
+        return 0.0 if failures < free else min(self.max_lock, self.first_lock * 2.0 ** min(failures - free, 40))
 
 
 def _signature(secret: bytes, token: str) -> str:
@@ -69,7 +70,7 @@ def cookie_value(secret: bytes, token: str) -> str:
 
 def token_of(secret: bytes, value: str | None) -> str | None:
     """The token of a cookie this server signed, else None (no database query for a forged one)."""
-    if not value or len(value) > 200 or "." not in value:
+    if not value or len(value) > 200 or "." not in value or not value.isascii():  # compare_digest: ASCII only
         return None
     token, signature = value.rsplit(".", 1)
     return token if hmac.compare_digest(signature, _signature(secret, token)) else None
@@ -85,13 +86,15 @@ def sign_in(store: Store, name: str, password: str, address: str, *, throttle: T
             hours: float = SESSION_HOURS) -> tuple[str, dict[str, Any]]:
     """(session token, account) for a right name and password; SignInRefused otherwise, or while locked out."""
     name = (name or "").strip()
+    known = len(name) <= NAME_CHARS and "\x00" not in name  # no account has another name (Store.add_user)
+    name = name.replace("\x00", "")  # PostgreSQL keeps no NUL: a key without it
     by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address[:80]}"
     # The name's attempt is counted before the password is checked (parallel guesses cannot slip
     # past); the address counts failures only, so a team signing in at once behind one proxy is fine.
     wait = store.count_sign_in([by_name, by_address], [by_name], throttle.lock_for, throttle.forget)
     if wait > 0:
         raise SignInRefused(f"too many failed sign-ins: try again in {math.ceil(wait)} s", retry_after=wait)
-    account = store.authenticate(name, password or "") if len(name) <= 100 else None
+    account = store.authenticate(name, password or "") if known else None
     if account is None:
         store.count_sign_in([], [by_address], throttle.lock_for, throttle.forget)
         raise SignInRefused(REFUSED)

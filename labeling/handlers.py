@@ -187,9 +187,9 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
-               all_bad: bool = False, unsafe: bool = False, rationale: str = "", seed: int = 0) -> bool:
+               all_bad: bool = False, unsafe: bool = False, rationale: str | None = None, seed: int = 0) -> bool:
     """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
-    reload shows nothing lost.
+    reload shows nothing lost. `rationale` None leaves the saved one as it is; "" clears it.
 
     False (nothing written) once the task is submitted or skipped: a late draft never touches it.
     """
@@ -204,7 +204,7 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
                          f"to {task['k']}")
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
     return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
-                              rationale=(rationale or "").strip(), status="draft")
+                              rationale=None if rationale is None else rationale.strip(), status="draft")
 
 
 def skip(store: Store, session: dict[str, Any], task_id: int) -> None:

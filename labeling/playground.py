@@ -155,9 +155,10 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
         raise ValueError("type a message first")
     if len(message) > MAX_MESSAGE_CHARS:
         raise ValueError(f"the message is {len(message):,} characters; at most {MAX_MESSAGE_CHARS:,}")
-    if any(not m for m in models):
+    # A name the page sent (the dropdowns take any value: their choices are lost with a restart)
+    if not all(isinstance(m, str) and MODEL_NAME.fullmatch(m) for m in models):
         raise ValueError("choose a model for each side")
-    if sum(t["role"] == "user" for t in histories[0]) >= MAX_TURNS:
+    if max(sum(t["role"] == "user" for t in h) for h in histories) >= MAX_TURNS:
         raise ValueError(f"{MAX_TURNS} messages in this conversation: Clear to start a new one")
     asked = [h + [{"role": "user", "content": message}] for h in histories]
     answers, notes, done = ["", ""], [None, None], [False, False]

@@ -121,7 +121,10 @@ class RequireSession:
                 await send({"type": "websocket.close", "code": 1008})
                 return
             wants_page = scope["method"] in ("GET", "HEAD") and b"text/html" in dict(scope["headers"]).get(b"accept", b"")
-            response: Response = (RedirectResponse("login", status_code=303) if wants_page else JSONResponse(
+            # Relative, so that it holds behind a proxy's path prefix; from a deeper path, up to the root first
+            # (a plain "login" from /a/b would be /a/login, itself signed-out: a redirect loop)
+            login = "../" * (path.count("/") - 1) + "login"
+            response: Response = (RedirectResponse(login, status_code=303) if wants_page else JSONResponse(
                 {"detail": "not signed in, or " + auth.SESSION_ENDED}, status_code=401))
             await response(scope, receive, send_secured)
             return

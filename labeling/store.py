@@ -5,7 +5,7 @@ acknowledged ranking survives a crash), PostgreSQL by URL for a team (`postgresq
 by psycopg 3). The data model follows Argilla's: a task (a prompt with its K responses, in a
 batch and round) gets at most one ranking per annotator (`UNIQUE(task, annotator)`), with a
 status draft / submitted / discarded. Assignment is serialised per database (SQLite: every write
-transaction is `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock), so two
+transaction is `BEGIN IMMEDIATE`, while reads go on beside it under WAL; PostgreSQL: a transaction-scoped advisory lock), so two
 annotators asking at once never get the same slot, and a submit is one transaction that keeps
 the first acknowledged ranking when it is repeated (a double click, a retry after a timeout).
 
@@ -55,6 +55,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 # 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
 SCHEMA_VERSION = 3
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
+NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a longer value
 
 metadata = MetaData()
 meta_table = Table("align_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -68,7 +69,7 @@ prompts = Table(
 tasks = Table(
     "tasks", metadata,
     Column("id", Integer, primary_key=True),
-    Column("batch", String(200), nullable=False, index=True),
+    Column("batch", String(BATCH_CHARS), nullable=False, index=True),
     Column("round", Integer, nullable=False, default=0),
     Column("kind", String(16), nullable=False, default="ranking"),  # ranking | pairwise
     Column("prompt_id", Integer, ForeignKey("prompts.id"), nullable=False),
@@ -92,7 +93,7 @@ responses = Table(
 annotators = Table(
     "annotators", metadata,
     Column("id", Integer, primary_key=True),
-    Column("name", String(100), nullable=False, unique=True),
+    Column("name", String(NAME_CHARS), nullable=False, unique=True),
     Column("password_hash", String(256), nullable=False),
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("created", Float, nullable=False),
@@ -202,14 +203,21 @@ def _engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            # Take the write lock at the start: a read-then-write (assignment) cannot interleave.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write transaction (Store.tx) takes the write lock at the start: a read-then-write (assignment)
+            # cannot interleave. A read is a deferred BEGIN: WAL lets it read beside a writer, never waiting.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("align_write") else "BEGIN")
 
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError:
         raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
+
+
+def _text(value: str) -> str:
+    """Text as both databases keep it: PostgreSQL refuses a NUL character in a text column (SQLite takes
+    it), and one can come in a pasted rationale or a model's answer; it becomes U+FFFD, shown as such."""
+    return value.replace("\x00", "\ufffd")
 
 
 def _loads(text: str | None, default: Any) -> Any:
@@ -242,7 +250,7 @@ class Store:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() \
                 if inspect(conn).has_table("align_meta") else None
             if row is not None and int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"{self.url}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
+                raise StoreError(f"{_safe_url(self.url)}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
                                  "upgrade align")
             old_tasks = inspect(conn).has_table("tasks")
             metadata.create_all(conn)  # creates the tables that are missing (version 2 added two)
@@ -263,10 +271,12 @@ class Store:
     @contextmanager
     def tx(self, *, lock: bool = False) -> Iterator[Connection]:
         """One transaction; `lock` serialises it against other locking transactions (assignment)."""
-        with self.engine.begin() as conn:
-            if lock and self.is_postgres:
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
-            yield conn
+        with self.engine.connect() as conn:
+            conn.execution_options(align_write=True)  # SQLite: BEGIN IMMEDIATE (_engine's begin hook)
+            with conn.begin():
+                if lock and self.is_postgres:
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
+                yield conn
 
     # ------------------------------------------------------------------------------ tasks
 
@@ -279,6 +289,9 @@ class Store:
         """
         if kind not in ("ranking", "pairwise"):
             raise ValueError(f"kind: {kind!r} is not allowed; allowed values: ranking, pairwise")
+        if not 0 < len(batch) <= BATCH_CHARS or "\x00" in batch:
+            raise ValueError(f"batch: a name of 1 to {BATCH_CHARS} characters, got {batch[:40]!r}"
+                             f"{'...' if len(batch) > 40 else ''} ({len(batch)} characters)")
         added = 0
         now = time.time()
         with self.tx(lock=True) as conn:
@@ -293,7 +306,7 @@ class Store:
                 priority = item.get("priority", 0.0)
                 if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
                     raise ValueError(f"item {n}: 'priority' must be a finite number, got {priority!r}")
-                prompt_id = self._prompt_id(conn, item["prompt"], item.get("prompt_meta") or {})
+                prompt_id = self._prompt_id(conn, _text(item["prompt"]), item.get("prompt_meta") or {})
                 exists = conn.execute(select(tasks.c.id).where(tasks.c.batch == batch,
                                                                tasks.c.prompt_id == prompt_id)).first()
                 if exists:
@@ -305,7 +318,7 @@ class Store:
                 if len(metas) != len(texts):
                     raise ValueError(f"item {n}: 'response_meta' has {len(metas)} entries for {len(texts)} responses")
                 conn.execute(insert(responses), [
-                    {"task_id": task_id, "position": i, "text": t, "meta": json.dumps(m, default=str)}
+                    {"task_id": task_id, "position": i, "text": _text(t), "meta": json.dumps(m, default=str)}
                     for i, (t, m) in enumerate(zip(texts, metas, strict=True))])
                 added += 1
         return added
@@ -380,6 +393,9 @@ class Store:
         name = name.strip()
         if not name:
             raise ValueError("a user name cannot be empty")
+        if len(name) > NAME_CHARS or not name.isprintable():
+            raise ValueError(f"a user name has at most {NAME_CHARS} characters and no control characters "
+                             f"(got {len(name)} characters)")
         if len(password) < 4:
             raise ValueError("a password needs at least 4 characters")
         try:
@@ -546,17 +562,18 @@ class Store:
     # ------------------------------------------------------------------------------ rankings
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
-                     rationale: str = "", seconds: float = 0.0, status: str = "submitted") -> bool:
+                     rationale: str | None = "", seconds: float = 0.0, status: str = "submitted") -> bool:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
         A draft is replaced by the submit, and updated by a later draft rank by rank: a rank the later
-        one leaves at 0 (not set in that tab) keeps its value.
+        one leaves at 0 (not set in that tab) keeps its value. A draft's `rationale` of None keeps the
+        saved one (a rank or flag set, the rationale box untouched); "" clears it.
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
         now = time.time()
-        values = {"ranks": json.dumps(list(ranks)), "flags": json.dumps(sorted(flags or [])), "rationale": rationale,
+        values = {"ranks": json.dumps(list(ranks)), "flags": json.dumps(sorted(flags or [])), "rationale": _text(rationale or ""),
                   "seconds": float(seconds), "status": status, "updated": now}
         for _attempt in range(3):
             try:
@@ -572,11 +589,11 @@ class Store:
                     if row and row.status == "submitted":
                         return False
                     if row and status == "draft":  # a draft fills in ranks (0 = not set here): a second tab
-                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it; nor a rationale
+                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it
                         if len(kept) == len(ranks):
                             values["ranks"] = json.dumps([new or old for new, old in zip(ranks, kept, strict=True)])
-                        if not rationale:
-                            values.pop("rationale", None)
+                        if rationale is None:
+                            values.pop("rationale")
                     if row:
                         # Conditional: on PostgreSQL two submits over one draft both read "draft"; the second
                         # UPDATE waits for the first, re-checks this WHERE and changes nothing.

@@ -547,6 +547,15 @@ def test_playground_send_answers_both_sides_as_escaped_text(served, client):
     assert "does not exist here" in right_html2 and "align-error" in right_html2
     with pytest.raises(ValueError, match="type a message"):
         next(send(playground, ("sft", "dpo"), "  ", ([], [])))
+    # the page's dropdowns take any value (Gradio forgets their choices on a restart): send checks the names
+    for models in (("sft", None), ("sft", "../../v1/x?"), ("sft", ["dpo"])):
+        with pytest.raises(ValueError, match="choose a model for each side"):
+            next(send(playground, models, "Hi", ([], [])))
+    # the turn limit holds for each side: a side that kept failing is not the measure of the other
+    from labeling.playground import MAX_TURNS
+
+    with pytest.raises(ValueError, match="Clear to start a new one"):
+        next(send(playground, ("sft", "dpo"), "Hi", ([], [{"role": "user", "content": "x"}] * MAX_TURNS)))
 
 
 def test_playground_fetches_only_its_url(tmp_path):

@@ -20,7 +20,8 @@ def test_a_cookie_is_signed_and_checked_against_the_store(store):
     token, account = auth.sign_in(store, "alice", PASSWORD, "10.0.0.1")
     value = auth.cookie_value(secret, token)
     assert account["name"] == "alice" and auth.session_of(store, secret, value)["name"] == "alice"
-    for forged in (token, f"{token}.AAAA", value[:-1] + ("A" if value[-1] != "A" else "B"), "", None, "x" * 500):
+    for forged in (token, f"{token}.AAAA", value[:-1] + ("A" if value[-1] != "A" else "B"), "", None, "x" * 500,
+                   f"{token}.é"):  # another app's cookie on this host: hmac.compare_digest takes ASCII only
         assert auth.session_of(store, secret, forged) is None
     assert auth.session_of(store, b"another store's key".ljust(32), value) is None
     auth.sign_out(store, secret, value)
@@ -133,3 +134,13 @@ def test_an_unknown_name_takes_as_long_as_a_wrong_password(store):
             times.append(time.perf_counter() - started)
     ratio = statistics.median(unknown) / statistics.median(wrong)
     assert 1 / 1.5 < ratio < 1.5, (statistics.median(unknown), statistics.median(wrong))
+
+
+def test_names_no_account_can_have_are_refused_like_a_wrong_password(store):
+    """A NUL (PostgreSQL keeps none) or an over-long name is a plain refusal, counted, never a server error."""
+    store.add_user("alice", PASSWORD)
+    for name in ("ali\x00ce", "a" * 500):
+        with pytest.raises(auth.SignInRefused, match="unknown user or wrong password"):
+            auth.sign_in(store, name, PASSWORD, "10.0.0.1", throttle=FAST)
+    assert auth.sign_in(store, "alice", PASSWORD, "10.0.0.1", throttle=FAST)[1]["name"] == "alice"
+    assert FAST.lock_for("name:alice", 5000) == FAST.max_lock  # the doubling stops short of a float's range

@@ -151,12 +151,26 @@ def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url,
     for pane in (left, right):
         sync_api.expect(pane).to_have_text("No messages yet.")
 
+    # Both sides refuse it (longer than the tiny model's 512 positions): each pane says why, and the
+    # message is still in its box to shorten and send again.
+    long = "Please sync " * 300
+    page.fill("#align-pg-message textarea", long)
+    page.click("#align-pg-send")
+    for pane in (left, right):
+        sync_api.expect(pane.locator(".align-error")).to_contain_text("maximum context length")
+    sync_api.expect(page.locator("#align-pg-send")).to_be_enabled()
+    assert page.input_value("#align-pg-message textarea") == long
+
 
 def test_the_playground_is_for_signed_in_users_only(app_url):
     import httpx
 
     anonymous = httpx.post(f"{app_url}/gradio_api/queue/join", json={"fn_index": 0, "data": [], "session_hash": "x"})
     assert anonymous.status_code == 401
+    # a signed-out page view from any depth lands on the sign-in page (a relative "login" looped there)
+    for path in ("", "/gradio_api/file=/tmp/login", "/a/b/"):
+        view = httpx.get(f"{app_url}{path}", headers={"Accept": "text/html"}, follow_redirects=True)
+        assert view.status_code == 200 and str(view.url) == f"{app_url}/login", (path, view.url)
 
 
 def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serve_url, tmp_path, page):

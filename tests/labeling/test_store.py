@@ -233,9 +233,12 @@ def test_a_drafts_flags_and_rationale_come_back_with_its_ranks(store):
     again = handlers.next_task(store, alice)
     assert (again["draft"], again["draft_flags"], again["draft_rationale"]) == ([1, None, None, None], ["unsafe"],
                                                                                "B leaks a key")
-    handlers.save_draft(store, alice, task["task_id"], [None, 2, None, None])  # a tab with no rationale typed
+    handlers.save_draft(store, alice, task["task_id"], [None, 2, None, None])  # a rank set, the rationale untouched
     again = handlers.next_task(store, alice)
     assert again["draft_rationale"] == "B leaks a key" and again["draft_flags"] == [] and again["draft"][:2] == [1, 2]
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="")  # the rationale box cleared
+    assert handlers.next_task(store, alice)["draft_rationale"] == ""
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="B leaks a key")
     handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe=True, rationale="B leaks a key")
     assert store.submitted_rankings()[0]["rationale"] == "B leaks a key"
 
@@ -455,3 +458,38 @@ def test_a_version_2_store_gains_the_priority_column_in_place(store):
     first = handlers.next_task(again, alice)["task_id"]
     assert first not in ids and again.task(first)["prompt"] == "urgent"
     assert Store(store.url).schema_version == 3  # opening a migrated store again changes nothing
+
+
+def test_reads_go_on_while_a_write_transaction_holds_the_lock(store):
+    """Every page view reads the store (the session behind each request): a long write (an import, an
+    assignment) must not stall them. On SQLite only writes take the write lock (BEGIN IMMEDIATE)."""
+    from sqlalchemy import text
+
+    task_id = make_tasks(store, 1)[0]
+    token = store.open_session(session(store, "alice")["annotator_id"], ttl=600)
+    seen = []
+    with store.tx(lock=True) as conn:  # a writer, mid-transaction
+        conn.execute(text("UPDATE tasks SET priority = 1"))
+        reader = threading.Thread(target=lambda: seen.append((store.task(task_id)["prompt"], store.session(token))))
+        reader.start()
+        reader.join(timeout=5)
+        assert not reader.is_alive(), "a read waited for the writer"
+    assert seen[0][0].startswith("Ticket 0") and seen[0][1]["name"] == "alice"
+
+
+def test_text_postgresql_refuses_is_kept_or_refused_with_a_reason(store):
+    """A NUL in a pasted rationale or a model's answer, a name longer than its column: the same on both
+    databases, never a raw database error that loses the ranking."""
+    store.add_tasks("round-0", [{"prompt": "How do I\x00 sync?", "responses": ["Open\x00 Settings.", "b"]}], source={})
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    assert task["prompt"] == "How do I\ufffd sync?" and "Open\ufffd Settings." in task["responses"]
+    handlers.save_draft(store, alice, task["task_id"], [1, None], rationale="pasted\x00")
+    assert handlers.submit(store, alice, task["task_id"], [1, 2], rationale="pasted\x00 text")["created"]
+    assert store.submitted_rankings()[0]["rationale"] == "pasted\ufffd text"
+    with pytest.raises(ValueError, match="at most 100 characters"):
+        store.add_user("b" * 101, "secret-pw")
+    with pytest.raises(ValueError, match="no control characters"):
+        store.add_user("bo\x00b", "secret-pw")
+    with pytest.raises(ValueError, match="batch: a name of 1 to 200 characters"):
+        store.add_tasks("r" * 201, [{"prompt": "p", "responses": ["a", "b"]}], source={})
