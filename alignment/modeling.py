@@ -130,8 +130,14 @@ def bnb_config(plan: DevicePlan, cfg_double_quant: bool = True):
     )
 
 
-def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, training: bool = True, **kwargs):
-    """The base model as the plan says: 4-bit (prepared for k-bit training) or plain."""
+def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, training: bool = True,
+                    trainer_places: bool | None = None, **kwargs):
+    """The base model as the plan says: 4-bit (prepared for k-bit training) or plain.
+
+    `trainer_places` (default: `training`): a Trainer will place the model. Under FSDP or DeepSpeed
+    it shards an unquantized model from the host (FSDP2's fully_shard moves each shard to the GPU),
+    so it is left there: moved whole to every GPU first, a base that only fits sharded would not fit.
+    `align ppo`'s own loop is not a Trainer and says False."""
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
@@ -148,14 +154,14 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
             # Loaded straight onto this process's GPU, with no copy in host RAM first (a 7B model in bf16 is 14 GB).
             # Under accelerate launch the trainer has not pinned this process's GPU yet when the model loads:
             # LOCAL_RANK says which one is ours (0 when launched alone). An unquantized model under FSDP or
-            # DeepSpeed loads as they expect, without a device map (ZeRO-3 refuses one), and is moved after.
+            # DeepSpeed loads as they expect, without a device map (ZeRO-3 refuses one), on the host.
             extra["device_map"] = {"": _local_gpu()}
     model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
     if plan.quantize and training:
         prepare_4bit_for_training(model, plan)
         keep_4bit_backward(model)  # an evaluation must not switch the 4-bit layers to a kernel without backward
-    if plan.device == "cuda" and "device_map" not in extra:
-        model.to(f"cuda:{_local_gpu()}")
+    if plan.device == "cuda" and "device_map" not in extra and not (training if trainer_places is None else trainer_places):
+        model.to(f"cuda:{_local_gpu()}")  # sharded, and no Trainer to place it: whole on this process's GPU
     return model
 
 

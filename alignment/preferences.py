@@ -283,18 +283,25 @@ class RankingBatchSampler(Sampler):
     First-fit packing of a new order can give a batch more or fewer than the first epoch's
     count; the Trainer sizes every epoch by `len()` (the first), so an epoch may end a few
     batches early or late.
+
+    `batch_size` is None, as accelerate reads it: the batches are of several sizes. Under several
+    processes its BatchSamplerShard deals them out in turn; with a size set it would keep a round
+    only when the last process's batch has exactly that many pairs, dropping the others unseen
+    and leaving the ranks with different step counts (a hang in the first all-reduce).
     """
 
-    def __init__(self, groups: list[str], batch_size: int, seed: int = 0):
-        self.groups, self.batch_size, self.seed = list(groups), batch_size, seed
+    batch_size = None
+
+    def __init__(self, groups: list[str], pairs_per_batch: int, seed: int = 0):
+        self.groups, self.pairs_per_batch, self.seed = list(groups), pairs_per_batch, seed
         self.epoch = 0
-        self._len = len(ranking_batches(self.groups, batch_size, seed))
+        self._len = len(ranking_batches(self.groups, pairs_per_batch, seed))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        batches = ranking_batches(self.groups, self.batch_size, self.seed + self.epoch)
+        batches = ranking_batches(self.groups, self.pairs_per_batch, self.seed + self.epoch)
         self.epoch += 1
         yield from batches
 

@@ -282,7 +282,9 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
     model.save_pretrained(str(tmp), selected_adapters=["default"])
     save_file(head.state_dict(), str(tmp / VALUE_HEAD))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}},
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        # sampling on a GPU draws from its own generator
+                        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict()}))
     shutil.rmtree(folder, ignore_errors=True)
@@ -332,9 +334,13 @@ def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, *, 
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")), adapter_name="default")
     keep_trainable_in(model, next(head.parameters()).dtype)
     head.load_state_dict(load_file(str(folder / VALUE_HEAD)))
-    state = torch.load(folder / "state.pt", weights_only=False)
+    # Onto the host: the optimizer's moments were saved from rank 0's GPU (torch.load would put them back
+    # there on every rank, or fail on a machine without CUDA); load_state_dict moves each to its parameter.
+    state = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
     restore_optimizer(optimizer, scheduler, state, lr=lr, weight_decay=weight_decay)
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     info = json.loads((folder / "trainer_state.json").read_text())

@@ -104,7 +104,7 @@ def build_policy(cfg: PPOStageConfig, plan, sft: Path | None):
     """The base once, with the policy adapter ("default") and, from an SFT adapter, a frozen "ref" copy."""
     from peft import PeftModel, get_peft_model
 
-    base = load_base_model(cfg.model, plan)
+    base = load_base_model(cfg.model, plan, trainer_places=False)  # its own loop, not a Trainer
     if sft is None:
         model = get_peft_model(base, peft_lora_config(cfg.lora))
     else:

@@ -331,3 +331,30 @@ def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapte
     assert loaded.keys() == expected.keys() and expected
     assert all(torch.equal(loaded[n], expected[n]) for n in expected)
     assert any(expected[n].abs().sum() > 0 for n in expected if "lora_B" in n)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_an_unquantized_base_under_sharding_is_left_on_the_host_for_the_trainer(tiny_model, monkeypatch, kind):
+    """FSDP and ZeRO shard an unquantized model from the host; moved whole to every GPU first, a base that
+    only fits sharded would not fit. align ppo's own loop (no Trainer) moves it to its process's GPU."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import load_base_model
+
+    moved, real = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if args and str(args[0]).startswith("cuda"):  # this CPU build has no CUDA: record the move instead
+            moved.append(str(args[0]))
+            return self
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    plan = DevicePlan("cuda", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
+    cfg = ModelConfig(name=tiny_model, quantize=False)
+    load_base_model(cfg, plan)  # sft, reward, dpo, grpo: Trainers
+    assert moved == []
+    load_base_model(cfg, plan, trainer_places=False)  # ppo
+    load_base_model(cfg, plan, training=False)  # a model that only scores (ppo's reward model)
+    assert moved == ["cuda:1", "cuda:1"]

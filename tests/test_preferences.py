@@ -158,6 +158,33 @@ def test_ranking_batches_keep_each_ranking_in_one_batch():
     assert ranking_batches(groups, 8, seed=1) != batches  # reshuffled per seed (epoch)
 
 
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_ranking_batches_are_dealt_whole_to_every_process(processes):
+    """Under accelerate launch each process gets every n-th batch: every pair seen in an epoch, the same
+    number of steps on every rank (a rank with fewer would hang the others in their all-reduce)."""
+    import torch
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from alignment.preferences import RankingBatchSampler
+
+    # 60 rankings of 6, 5 or 3 pairs (K=4, some ties dropped): batches of 12 come out short, not full
+    groups = [f"t{i}" for i in range(60) for _ in range([6, 6, 5, 3][i % 4])]
+    per_rank = []
+    for rank in range(processes):
+        loader = DataLoader(list(range(len(groups))), batch_sampler=RankingBatchSampler(groups, 12, seed=0))
+        if processes > 1:
+            loader = prepare_data_loader(loader, device=torch.device("cpu"), num_processes=processes,
+                                         process_index=rank, put_on_device=False)
+        per_rank.append([b.tolist() for b in loader])
+        assert len(per_rank[-1]) == len(loader)
+    assert len({len(b) for b in per_rank}) == 1, [len(b) for b in per_rank]
+    seen = {i for batches in per_rank for batch in batches for i in batch}
+    assert seen == set(range(len(groups)))
+    for batches in per_rank:
+        assert all(len({groups[i] for i in b}) * 3 <= len(b) for b in batches)  # whole rankings, not single pairs
+
+
 def test_a_ranking_larger_than_the_batch_fills_whole_batches():
     groups = ["big"] * 10 + ["small"] * 2
     sizes = Counter(len(b) for b in ranking_batches(groups, batch_size=4, seed=0))
