@@ -585,8 +585,45 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        _set_dotted(raw, key.strip(), _Override.parse(value))
     return _build(cls, raw, prefix="")
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A `key=value` from the command line: read as YAML (numbers, lists, null), except where the key
+    takes text and YAML's reading is a comment, a mapping, a list or no YAML at all that the key does
+    not take: `data.system_prompt=#1 helper` is that text (YAML: a comment, so null), and so are
+    `...=Answer: briefly` (a mapping) and `...=[draft` (not YAML)."""
+
+    text: str
+    value: Any = None
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> _Override:
+        if not text.strip():
+            return cls(text)
+        try:
+            return cls(text, yaml.safe_load(text))
+        except yaml.YAMLError as err:
+            return cls(text, error=" ".join((getattr(err, "problem", None) or str(err)).split())[:200])
+
+    def resolve(self, key: str, kind: Any) -> Any:
+        options = get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
+        takes_text = str in options
+        if self.error is not None:
+            if takes_text:
+                return self.text.strip()
+            raise ConfigError(f"{key}: {self.text!r} is not a value YAML reads ({self.error}); expected {_name(kind)}")
+        if self.value is None and takes_text and self.text.strip() not in ("", "null", "Null", "NULL", "~"):
+            return self.text.strip()
+        try:
+            return _check(key, self.value, kind)
+        except ConfigError:
+            if not (takes_text and isinstance(self.value, (dict, list))):  # "a: b" and "[a" are text; 5 is not
+                raise
+            return self.text.strip()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -631,6 +668,8 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
         if name not in raw:
             continue
         kind = hints[name]
+        if isinstance(raw[name], _Override):  # a value typed on the command line, read for this key's type
+            raw[name] = raw[name].resolve(f"{prefix}{name}", Any if dataclasses.is_dataclass(kind) else kind)
         if dataclasses.is_dataclass(kind):
             default = getattr(base, name) if base is not None else _default(cls, name)
             kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", default)

@@ -74,6 +74,20 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(C.SFTStageConfig, bad)
 
 
+@pytest.mark.parametrize("value", ["#1 helper for Lumen Notes", "Answer: briefly", "[draft] be brief", "say {hi}"])
+def test_a_text_override_is_the_text_typed(value):
+    """YAML would read these as a comment (null), a mapping, a broken list: the key takes text, so text it is."""
+    assert load_config(C.SFTStageConfig, None, [f"data.system_prompt={value}"]).data.system_prompt == value
+    assert load_config(C.SFTStageConfig, None, ["data.system_prompt=null"]).data.system_prompt is None
+
+
+def test_an_override_yaml_cannot_read_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.lr: '\[oops' is not a value YAML reads .*expected float"):
+        load_config(C.SFTStageConfig, None, ["train.lr=[oops"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected int, got None"):  # a comment is no number
+        load_config(C.SFTStageConfig, None, ["train.max_steps=#3"])
+
+
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(C.SFTStageConfig, None, ["train.lr"])
