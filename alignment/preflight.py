@@ -244,6 +244,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     unset here, so that a folder an earlier stage will write is not required to exist yet.
     """
     check_run_dir("run.dir", cfg.run.dir)
+    _pipeline_sets(cfg)
     if "label" in cfg.stages and cfg.label == "simulate":
         check_scorer("scorer", cfg.scorer)
     if "label" in cfg.stages and cfg.label == "human":
@@ -271,6 +272,35 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     for i, stage in enumerate(cfg.stages):
         if stage != "label":
             check_stage(stage, sections[stage], pending=set(cfg.stages[:i]), prefix=f"{stage}.")
+
+
+def _pipeline_sets(cfg) -> None:
+    """Refuse the keys the pipeline sets itself (each stage wired to the one before it in run.dir): a
+    value given for one would be replaced without a word."""
+    from alignment.config import RunConfig
+
+    wired = {"sample.policy": cfg.sample.policy, "sample.batch": cfg.sample.batch,
+             "sample.round": cfg.sample.round or None, "export.output": cfg.export.output,
+             **{f"{s}.sft": getattr(cfg, s).sft for s in ("reward", "dpo", "ppo")}}
+    for key, value in wired.items():
+        if value is not None:
+            stage = key.split(".")[0]
+            raise ConfigError(f"{key}={value}: align pipeline sets it itself (each stage reads the one before it "
+                              f"in run.dir, round by round); leave it unset, or run `align {stage}` on its own")
+    if cfg.export.store is not None and cfg.export.store != cfg.sample.store:
+        raise ConfigError(f"export.store={cfg.export.store}: the pipeline's stages share one labelling store, "
+                          "sample.store (default <run.dir>/labels.db); set that instead")
+    for name in ("sft", "sample", "export", "reward", "dpo", "ppo", "eval"):
+        section = getattr(cfg, name)
+        if section.run != RunConfig():
+            changed = next(k for k, v in vars(section.run).items() if v != getattr(RunConfig(), k))
+            raise ConfigError(f"{name}.run.{changed}: the pipeline's stages share the top-level run section; "
+                              f"set run.{changed} instead")
+        own = getattr(section, "model", None)
+        if own is not None and own.name not in (type(section)().model.name, cfg.sft.model.name):
+            raise ConfigError(f"{name}.model.name={own.name}: the pipeline runs every stage on the SFT's base "
+                              f"(sft.model.name={cfg.sft.model.name}); set sft.model.name, or run `align {name}` "
+                              "on its own")
 
 
 # ---------------------------------------------------------------------------- what a key points at

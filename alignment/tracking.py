@@ -158,7 +158,9 @@ SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl"}
 
 
 def artifact_name(run_dir: str | Path, stage: str) -> str:
-    return f"{Path(run_dir).resolve().name}-{stage}"
+    """`<run>-<stage>`; a pipeline round's with its run's name (q-round-1-dpo), so that runs/x/round-1's
+    are not versions of runs/q/round-1's. W&B allows letters, digits, -, _ and . in a name."""
+    return f"{run_name(Path(run_dir).resolve()).replace('/', '-')}-{stage}"
 
 
 def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: dict[str, str | Path] | None = None,

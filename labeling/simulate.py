@@ -73,6 +73,11 @@ def profile_ranks(profile: tuple[str, float], scores: list[float], rng: random.R
     return ranks_from_scores(scores, tie_resolution)
 
 
+def simulated_rationale(scorer_spec: str, tie_resolution: float = 0.0) -> str:
+    """What a simulated ranking says of itself in the store: which scorer ranked, and its ties."""
+    return f"simulated: {scorer_spec}" + (f", ties within {tie_resolution:g}" if tie_resolution else "")
+
+
 def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: float = 0.0, seed: int = 0,
              batch: str | None = None, overlap: int | None = None, profiles: list[str] | None = None,
              gold_rate: float = 0.0, tie_resolution: float = 0.0) -> int:
@@ -113,7 +118,8 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
                 # The same seed as next_task's: it sets the shuffled order the ranks are given in.
                 handlers.submit(store, session, task["task_id"], profile_ranks(kinds[i], scores, rng, tie_resolution),
-                                rationale=f"simulated: {scorer_spec}", seconds=time.perf_counter() - started,
+                                rationale=simulated_rationale(scorer_spec, tie_resolution),
+                                seconds=time.perf_counter() - started,
                                 seed=seed)
                 submitted += 1
                 bar.update(1)

@@ -37,7 +37,7 @@ from alignment.artifacts import (
     write_manifest,
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
-from alignment.data import load_prompts
+from alignment.data import file_hash, load_prompts
 from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
@@ -181,10 +181,15 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     return out
 
 
+def reward_model_path(cfg: EvalStageConfig) -> Path:
+    """The reward model that judges: `reward_model`, else the run's own (used when it exists)."""
+    return Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
+
+
 def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
     """{judge name: {policy: scores}} from the reward model and/or the scorer."""
     judges: dict[str, dict[str, list[float]]] = {}
-    rm_path = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
+    rm_path = reward_model_path(cfg)
     if rm_path.exists():
         from alignment.reward_model import load_reward_model, score
 
@@ -296,14 +301,18 @@ def main(cfg: EvalStageConfig) -> Path:
             rec["scores"] = {j: {n: s[n][i] for n in s} for j, s in judges.items()}
             fh.write(json.dumps(rec) + "\n")
     save_config(cfg, out / "config.yaml")
-    write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents=paths,
+    # The judge is a parent too: a retrained reward model makes these figures stale (align pipeline reruns eval).
+    judged_by = {"reward_model": reward_model_path(cfg)} if "reward_model" in judges and "reward_model" not in paths \
+        else {}
+    write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents={**paths, **judged_by},
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
-                   prompts=len(prompts), prompts_seen_in_training=seen_in_training, system_prompts=system_prompts)
+                   prompts=len(prompts), prompts_seen_in_training=seen_in_training, system_prompts=system_prompts,
+                   prompts_sha256=file_hash(cfg.prompts))
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("eval/samples", ["prompt", *responses],
                   [[p, *(responses[n][i] for n in responses)] for i, p in enumerate(prompts[:50])])
-    log_artifact("eval", out, cfg.run.dir, paths, run=tracker.run)
+    log_artifact("eval", out, cfg.run.dir, {**paths, **judged_by}, run=tracker.run)
     tracker.finish(metrics)
 
     # --- report -----------------------------------------------------------------------------

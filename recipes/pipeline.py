@@ -43,28 +43,55 @@ from alignment.artifacts import (
     store_url,
 )
 from alignment.config import PipelineConfig, to_dict
+from alignment.data import file_hash
 from alignment.preflight import check_stage
 
 log = logging.getLogger(__name__)
+
+
+# Keys that change how a stage is logged or restarted, not what it makes: a change of one reruns nothing.
+UNMADE = (("run", "wandb"), ("run", "wandb_project"), ("train", "resume_from_checkpoint"))
+
+
+def _made_by(config: dict[str, Any]) -> dict[str, Any]:
+    config = json.loads(json.dumps(config, default=str))
+    for section, key in UNMADE:
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    return config
+
+
+def _inputs(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, sha256) of the data files and prompt files a manifest says its stage read."""
+    found = [(d.get("path"), d.get("sha256")) for d in (m.get("data"), m.get("prompts")) if isinstance(d, dict)]
+    if m.get("prompts_sha256"):  # sample and eval: the prompts file of their config
+        found.append(((m.get("config") or {}).get("prompts"), m["prompts_sha256"]))
+    return [(p, h) for p, h in found if p and h]
 
 
 def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
     """Finished with the same config and nothing upstream remade since (a make-like rule).
 
     Every stage writes its manifest last and atomically, so a manifest means a finished stage.
-    An export is also redone when the store has gained rankings since it ran.
+    Redone when: the config differs (W&B and resume settings aside); an upstream artifact's
+    manifest is newer; a data or prompts file it read has changed since (by sha256); an export's
+    store has gained rankings since it ran.
     """
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
     m = json.loads(manifest.read_text())
-    if m.get("config") != json.loads(json.dumps(to_dict(cfg), default=str)):
+    if _made_by(m.get("config") or {}) != _made_by(to_dict(cfg)):
         return False
     if rankings is not None and m.get("rankings_seen") != rankings:
         return False
     for parent in m.get("parents", {}).values():
         upstream = Path(parent["path"]) / MANIFEST
         if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
+            return False
+    for path, sha in _inputs(m):
+        if Path(path).exists() and file_hash(path) != sha:
+            log.info("── %s: %s has changed since it ran", folder.name, path)
             return False
     return True
 
@@ -90,7 +117,19 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
 
     store = Store(store_url(cfg.sample.store, cfg.run.dir))
     if cfg.label == "simulate":
-        from labeling.simulate import simulate
+        from labeling.simulate import simulate, simulated_rationale
+
+        # A batch ranked by another scorer (or tie resolution) keeps those rankings: its tasks are not open
+        # again, so this run would train on them while eval and the probes judge by this scorer.
+        # (A store of align before 2026-12 says only its scorer.)
+        asked = simulated_rationale(cfg.scorer, cfg.tie_resolution)
+        other = sorted({r["rationale"] for r in store.submitted_rankings(batch) if r["rationale"].startswith(
+            "simulated: ") and r["rationale"] not in (asked, f"simulated: {cfg.scorer}")})
+        if other:
+            raise StageError(f"batch {batch!r} of {store_url(cfg.sample.store, cfg.run.dir)} was ranked "
+                             f"'{other[0]}', and this run asks for '{asked}' (scorer, tie_resolution): those "
+                             "rankings stay in the store and the stages after label would train on them. Use "
+                             "another run.dir (or sample.store) to label with this scorer")
 
         n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution)
         log.info("simulated annotator %r ranked %d tasks of batch %s", cfg.scorer, n, batch)
@@ -163,9 +202,9 @@ def main(cfg: PipelineConfig) -> Path:
             "eval": replace(on_base(cfg.eval), run=run,
                             scorer=cfg.eval.scorer or cfg.labelling_scorer),
         }
-        if r > 0:
-            stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
-                "sft": str(sft_dir), **{s: str(stage_dir(run_dir, s)) for s in trained}})
+        # The policies by name (not whichever folders run.dir holds): a stage added to `stages` reruns eval.
+        stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
+            "sft": str(sft_dir), **{s: str(stage_dir(run_dir, s)) for s in trained}})
         for stage in pipeline_stages():  # the registry's order
             if stage not in cfg.stages or (stage == "sft" and r > 0):
                 continue

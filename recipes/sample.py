@@ -72,6 +72,21 @@ def resample_duplicates(policy, prompt: str, answers: list[Answer], cfg: SampleS
     return meta
 
 
+def _sampled_otherwise(store, batch: str, policy_dir: Path, policy_manifest: dict, cfg: SampleStageConfig) -> dict:
+    """The batch's tasks sampled otherwise than this run would (another policy or version of it, k or
+    generation settings), and what differs: {} when none. A rerun after `align sft` again, or with a
+    new k, keeps those tasks (people may have ranked them): it says so rather than seem to resample."""
+    now = {"policy": str(policy_dir), "policy_created": policy_manifest.get("created"), "k": cfg.k,
+           "generation": asdict(cfg.generation)}
+    differ, tasks = set(), 0
+    for row in store.batch_tasks(batch):
+        source = store.task(row["task_id"])["source"]
+        keys = {k for k, v in now.items() if k in source and source[k] != v}
+        differ |= keys
+        tasks += bool(keys)
+    return {"tasks": tasks, "differ": sorted(differ)} if tasks else {}
+
+
 def main(cfg: SampleStageConfig) -> Path:
     from labeling.store import Store
 
@@ -117,6 +132,11 @@ def main(cfg: SampleStageConfig) -> Path:
     except FileNotFoundError:
         policy_manifest = {"source": str(policy_dir)}
     system_prompt = system_prompt_of(policy_dir)  # the one it was trained with: generate() puts it first
+    stale = _sampled_otherwise(store, batch, policy_dir, policy_manifest, cfg)
+    if stale:
+        log.warning("%d tasks of batch %r were sampled with other settings than this run's (%s): the batch keeps "
+                    "them as they are, with their rankings, and samples only prompts it lacks. To sample afresh, "
+                    "use another batch= or run.dir", stale["tasks"], batch, ", ".join(stale["differ"]))
     selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
     if todo and wanted:
         policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,
@@ -198,7 +218,8 @@ def main(cfg: SampleStageConfig) -> Path:
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),
                    parents=parents, metrics=metrics, store=url, batch=batch, selection=selection,
-                   prompts_sha256=file_hash(cfg.prompts), system_prompt=system_prompt)
+                   prompts_sha256=file_hash(cfg.prompts), system_prompt=system_prompt,
+                   sampled_otherwise=stale)
     tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("sample/responses", ["prompt", *(f"response_{i + 1}" for i in range(cfg.k))],

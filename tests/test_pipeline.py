@@ -86,10 +86,14 @@ def test_eval_names_the_prompts_a_policy_was_trained_on(run):
 
 
 def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
-    from alignment.tracking import run_name
+    from alignment.tracking import artifact_name, run_name
 
     assert run_name(tmp_path / "q") == "q" and run_name(tmp_path / "q" / "round-2") == "q/round-2"
     assert run_name(tmp_path / "round-up") == "round-up"
+    # two runs' round-1 artifacts are two artifacts, not versions of one
+    assert artifact_name(tmp_path / "q" / "round-1", "dpo") == "q-round-1-dpo" != artifact_name(
+        tmp_path / "x" / "round-1", "dpo")
+    assert artifact_name(tmp_path / "q", "sft") == "q-sft"
 
 
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
@@ -131,7 +135,8 @@ def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
     assert lineage["reward"]["parents"] == {"sft": f"{name}-sft", "preferences": f"{name}-export"}
     assert lineage["export"]["parents"] == {"samples": f"{name}-sample"}
     assert lineage["sample"]["parents"] == {"policy": f"{name}-sft"}
-    assert set(lineage["eval"]["parents"].values()) == {f"{name}-sft", f"{name}-dpo"}
+    assert lineage["eval"]["parents"] == {"sft": f"{name}-sft", "dpo": f"{name}-dpo",
+                                          "reward_model": f"{name}-reward"}  # the policies and their judge
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
@@ -246,3 +251,50 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     with pytest.raises(StageError, match=r"the labelling app exited \(code 3\) with 1 rankings of batch 'round-0'"):
         pipeline.label(cfg, tmp_path / "run", "round-0")
     assert started[0][-2:] == ["--db", url]
+
+
+def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys):
+    """The rerun rule, on the finished run (no stage runs here: run_stage records what would):
+    W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
+    model redoes eval, which it judges; a batch ranked by another scorer is refused, not reused."""
+    import recipes.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+
+    def rerun(*extra: str) -> list[str]:
+        ran.clear()
+        assert align([*pipeline_args(tiny_model, data, run), *extra]) == 0
+        return list(ran)
+
+    assert rerun() == []
+    assert rerun("run.wandb=disabled", "dpo.train.resume_from_checkpoint=latest") == []
+    assert rerun("dpo.train.max_steps=5") == ["dpo"]  # (eval follows once dpo/ is newer: see the reward model)
+    text = data.read_text()
+    try:
+        data.write_text(text + json.dumps({"instruction": "Ticket 99: a new one?", "input": "", "output": "Yes."}) + "\n")
+        assert rerun() == ["sft", "sample", "eval"]  # sft's data, sample's and eval's prompts (the same file here)
+    finally:
+        data.write_text(text)
+    reward = run / "reward" / "align.json"
+    before = reward.stat()
+    try:
+        os.utime(reward, (before.st_atime, time.time() + 60))  # the reward model retrained
+        assert rerun() == ["eval"]
+    finally:
+        os.utime(reward, ns=(before.st_atime_ns, before.st_mtime_ns))
+    ran.clear()
+    assert align([*pipeline_args(tiny_model, data, run), "scorer=length"]) != 0
+    assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
+
+
+def test_sampling_again_with_other_settings_says_the_batch_keeps_its_tasks(run, data, tmp_path, caplog):
+    """The batch's prompts were sampled at k=3: asked again at k=4, sample keeps them (people may have ranked
+    them), says so, and its manifest records it rather than seem to have sampled at k=4."""
+    args = ["sample", f"run.dir={tmp_path}", f"policy={run / 'sft'}", f"store=sqlite:///{run / 'labels.db'}",
+            "batch=round-0", f"prompts={data}", "num_prompts=10", "k=4", "generation.max_new_tokens=12",
+            "run.wandb=disabled"]
+    assert align(args) == 0
+    m = manifest(tmp_path / "sample")
+    assert m["metrics"]["new_tasks"] == 0 and m["sampled_otherwise"] == {"tasks": 10, "differ": ["generation", "k"]}
+    assert "10 tasks of batch 'round-0' were sampled with other settings" in caplog.text
