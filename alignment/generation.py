@@ -282,7 +282,8 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
     lora = None
     if adapter:
         key = str(Path(adapter).resolve())
-        lora = LoRARequest(Path(adapter).name, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
+        # Named by its whole path: <run>/dpo and <run>/round-1/dpo are two adapters (vLLM may key on the name).
+        lora = LoRARequest(key, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
 
     tokenizer = policy.tokenizer
     requests = [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, p, system_prompt),

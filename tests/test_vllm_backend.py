@@ -116,7 +116,7 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
     assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.seed) for p in params] == [
         (3, 0.7, 0.9, 12, 5 + i) for i in range(3)]
     assert params[0].stop_token_ids == [tokenizer.eos_token_id]
-    assert lora.path == str(first.resolve()) and lora.id == 1
+    assert lora.path == lora.name == str(first.resolve()) and lora.id == 1  # named by path: round-1/sft is another
 
     # A second adapter on the same base: the same engine, its own LoRA id; a rank above the engine's is refused.
     fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts[:1], gen)
