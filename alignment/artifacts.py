@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -258,12 +259,29 @@ def _parent(path: str | Path) -> dict[str, Any]:
     return info
 
 
+# The folder of the --config this command was given (alignment.cli): the next stage's config is beside it.
+config_folder: Path | None = None
+
+
 def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
+    """Where the artifact is and what to run next; `align <stage> run.dir=...` with `--config` where the
+    config this command ran from has a sibling for that stage (configs/quickstart/sft.yaml → sample.yaml)."""
     if not is_main_process():
         return
     print(f"\n✔ {stage} finished: {artifact}")
     if next_command:
-        print(f"  next: {next_command}")
+        print(f"  next: {with_sibling_configs(next_command)}")
+
+
+def with_sibling_configs(command: str) -> str:
+    if config_folder is None:
+        return command
+
+    def add(match: re.Match) -> str:
+        sibling = config_folder / f"{match[1]}.yaml"
+        return f"align {match[1]} --config {sibling} " if sibling.is_file() else match[0]
+
+    return re.sub(r"align (\w+) (?=run\.dir=)", add, command)
 
 
 # ---------------------------------------------------------------------------- after a failure

@@ -25,6 +25,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+from alignment import artifacts
 from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         cfg = load_config(cls, config_path, overrides)
+        artifacts.config_folder = Path(config_path).parent if config_path else None
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
         # A service writes no stage folder; stopped with Ctrl-C it must not tidy up a run that another
         # process (a training stage) is writing beside it.

@@ -129,3 +129,18 @@ def test_store_and_round_layout(tmp_path):
         round_dir(run, r).mkdir()
     (run / "round-x").mkdir()
     assert [p.name for p in later_rounds(run)] == ["round-1", "round-2", "round-10"]
+
+
+def test_the_next_command_keeps_the_config_family_it_ran_from(monkeypatch):
+    """After `align sft --config configs/quickstart/sft.yaml`, the next step is quickstart's sample.yaml,
+    not the defaults (all 320 prompts)."""
+    from alignment import artifacts
+
+    quick = Path(__file__).resolve().parents[1] / "configs/quickstart"
+    monkeypatch.setattr(artifacts, "config_folder", quick)
+    got = artifacts.with_sibling_configs("align reward run.dir=r   or   align dpo run.dir=r   (align reward score x)")
+    assert got == (f"align reward --config {quick / 'reward.yaml'} run.dir=r   or   "
+                   f"align dpo --config {quick / 'dpo.yaml'} run.dir=r   (align reward score x)")
+    assert artifacts.with_sibling_configs("align label --run-dir r") == "align label --run-dir r"  # no label.yaml
+    monkeypatch.setattr(artifacts, "config_folder", None)
+    assert artifacts.with_sibling_configs("align sample run.dir=r") == "align sample run.dir=r"
