@@ -21,9 +21,18 @@ from alignment.config import RunConfig
 log = logging.getLogger(__name__)
 
 
+# The user's own WANDB_MODE, read before a stage sets it for the trainer's callback (configure_wandb).
+USER_MODE = os.environ.get("WANDB_MODE", "").strip().lower()
+
+
 def wandb_mode(cfg: RunConfig) -> str:
+    """run.wandb, or for `auto`: the user's WANDB_MODE where set, else online with a key, offline without."""
     if cfg.wandb != "auto":
         return cfg.wandb
+    if USER_MODE in ("online", "offline", "disabled"):
+        return USER_MODE
+    if USER_MODE == "dryrun":  # W&B's older name for offline
+        return "offline"
     return "online" if has_wandb_key() else "offline"
 
 

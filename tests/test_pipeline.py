@@ -96,6 +96,21 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
     assert artifact_name(tmp_path / "q", "sft") == "q-sft"
 
 
+def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
+    from alignment import tracking
+    from alignment.config import RunConfig
+
+    monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
+    for user, mode in (("disabled", "disabled"), ("offline", "offline"), ("dryrun", "offline"), ("", "online")):
+        monkeypatch.setattr(tracking, "USER_MODE", user)
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == mode
+    monkeypatch.setattr(tracking, "USER_MODE", "disabled")
+    assert tracking.wandb_mode(RunConfig(wandb="offline")) == "offline"  # run.wandb says so: it wins
+    monkeypatch.setattr(tracking, "USER_MODE", "")
+    monkeypatch.setattr(tracking, "has_wandb_key", lambda: False)
+    assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
+
+
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
     from labeling.store import Store
 
