@@ -124,7 +124,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
             yield where, DataError(f"{where}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte {err.start + 1} "
-                                   "of the line); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8")
+                                   f"of the line); save the file as UTF-8, e.g. {_convert_hint(raw)}")
             continue
         if not text.strip():
             continue
@@ -143,7 +143,13 @@ def _utf8(path: Path, raw: bytes) -> str:
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {column} of the line); "
-                        "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                        f"save the file as UTF-8, e.g. {_convert_hint(raw)}") from None
+
+
+def _convert_hint(raw: bytes) -> str:
+    """The iconv that converts it: UTF-16 by its byte-order mark (Windows' "Unicode"), else Latin-1."""
+    source = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"
+    return f"iconv -f {source} -t utf-8"
 
 
 def load_dataset_folder(path: str | Path):

@@ -57,6 +57,7 @@ def d(tmp_path_factory, tiny_model) -> Path:
     (d / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" +  # "café" in Latin-1: byte 0xe9
                                      json.dumps({**GOOD, "output": "Merci, caf\u00e9"}, ensure_ascii=False)
                                      .encode("latin-1") + b"\n")
+    (d / "utf16.jsonl").write_bytes((json.dumps(GOOD) + "\n").encode("utf-16"))  # Windows' "Unicode", with its BOM
     (d / "empty.jsonl").write_text("")
     jsonl(d / "array.jsonl", ["[1, 2]", GOOD])
     jsonl(d / "null.jsonl", [GOOD, "null"])
@@ -158,7 +159,9 @@ CASES = [
     ("merge dtype", "merge dtype=int8", 2, ["dtype: 'int8' is not allowed; allowed values: float32, bfloat16, float16"]),
     # --- data: file and line named
     ("latin-1 sft data", f"sft {M} data.path={{d}}/latin1.jsonl", 2,
-     ["data.path: ", "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at byte 78 of the line)"]),
+     ["data.path: ", "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at byte 78 of the line)", "iconv -f latin1"]),
+    ("utf-16 sft data", f"sft {M} data.path={{d}}/utf16.jsonl", 2,
+     ["utf16.jsonl:1: not UTF-8 text", "iconv -f utf-16 -t utf-8"]),
     ("latin-1 dpo data", "dpo sft={d}/adapter data.path={d}/prefs_latin1.jsonl", 2,
      ["prefs_latin1.jsonl:2: not UTF-8 text (byte 0xe9"]),
     ("missing data file", f"sft {M} data.path={{d}}/nope.jsonl", 2, ["data.path: ", "nope.jsonl: no such file or folder"]),
