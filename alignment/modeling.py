@@ -60,6 +60,10 @@ class DevicePlan:
 
 def device_plan(cfg: ModelConfig) -> DevicePlan:
     cuda = torch.cuda.is_available()
+    if cuda and "LOCAL_RANK" in os.environ:
+        # Under accelerate launch: this process's GPU before anything asks CUDA (the bf16 check below, the
+        # peak-memory reset): else each process opens a context on GPU 0 too, ~0.5 GB of it per process.
+        torch.cuda.set_device(_local_gpu())
     if cfg.compute_dtype == "auto":  # bf16 where the GPU has it in hardware (Ampere on); T4/V100 only emulate it
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     else:

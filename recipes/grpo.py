@@ -21,6 +21,7 @@ config.yaml, metrics.jsonl, align.json (parents sft + reward_model) and checkpoi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,13 @@ def check(cfg: PPOStageConfig) -> None:
     if cfg.algo not in ("grpo", "rloo"):
         raise ConfigError(f"algo={cfg.algo} is run by recipes/ppo.py (alignment.artifacts.run_stage routes it)")
     R.check(cfg)
+    if cfg.rl.rollout_prompts % _world():
+        raise ConfigError(f"rl.rollout_prompts={cfg.rl.rollout_prompts}: a step's completions are split between "
+                          f"{_world()} processes, as PPO's prompts are: it must be a multiple of {_world()}")
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def grpo_args(cfg: PPOStageConfig, plan, out: Path):
@@ -65,7 +73,9 @@ def grpo_args(cfg: PPOStageConfig, plan, out: Path):
         from trl import RLOOConfig as Config
     return trl_args(
         Config, cfg.train, plan, cfg.run, cfg.algo, out, has_eval=False,
-        per_device_train_batch_size=cfg.rl.rollout_prompts,  # completions per step, rl.num_generations per prompt
+        # A step's completions (rl.num_generations per prompt) over every process, as PPO splits its prompts:
+        # TRL's batch is per device.
+        per_device_train_batch_size=cfg.rl.rollout_prompts // _world(),
         gradient_accumulation_steps=1,
         num_generations=cfg.rl.num_generations,
         max_completion_length=cfg.generation.max_new_tokens,

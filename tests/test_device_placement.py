@@ -358,3 +358,22 @@ def test_an_unquantized_base_under_sharding_is_left_on_the_host_for_the_trainer(
     load_base_model(cfg, plan, trainer_places=False)  # ppo
     load_base_model(cfg, plan, training=False)  # a model that only scores (ppo's reward model)
     assert moved == ["cuda:1", "cuda:1"]
+
+
+def test_each_process_takes_its_own_gpu_before_cuda_is_asked_anything(monkeypatch):
+    """Under accelerate launch, LOCAL_RANK's GPU is set before the bf16 check: otherwise every process opens
+    a CUDA context on GPU 0 as well."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: calls.append(("bf16?",)) or True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    plan = device_plan(ModelConfig(quantize=False))
+    assert calls == [("set_device", 3), ("bf16?",)] and plan.device == "cuda" and plan.bf16
+    monkeypatch.delenv("LOCAL_RANK")
+    calls.clear()
+    device_plan(ModelConfig(quantize=False))  # launched alone: the current device, untouched
+    assert calls == [("bf16?",)]

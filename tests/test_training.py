@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import PPOStageConfig, SFTStageConfig, load_config
+from alignment.config import ConfigError, PPOStageConfig, SFTStageConfig, load_config
 from alignment.modeling import device_plan
 from alignment.training import final_eval, resume_checkpoint, trl_args
 
@@ -75,6 +75,19 @@ def test_grpo_maps_the_rl_keys(tmp_path):
     assert type(args).__name__ == "RLOOConfig"
     assert (args.per_device_train_batch_size, args.num_generations, args.beta) == (8, 4, 0.02)
     assert (args.max_completion_length, args.save_steps, args.gradient_accumulation_steps) == (20, 6, 1)
+
+
+def test_grpo_splits_a_steps_completions_between_the_processes_as_ppo_its_prompts(tmp_path, monkeypatch):
+    import recipes.grpo as grpo
+
+    cfg = load_config(PPOStageConfig, None, ["algo=grpo", "rl.rollout_prompts=8", "rl.num_generations=4",
+                                             "run.wandb=disabled"])
+    monkeypatch.setattr(grpo, "_world", lambda: 2)  # (WORLD_SIZE=2 would start torch.distributed here)
+    grpo.check(cfg)
+    assert grpo.grpo_args(cfg, device_plan(cfg.model), tmp_path).per_device_train_batch_size == 4  # 8 in all
+    monkeypatch.setattr(grpo, "_world", lambda: 3)
+    with pytest.raises(ConfigError, match="rl.rollout_prompts=8: .* split between 3 processes"):
+        grpo.check(cfg)
 
 
 def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
