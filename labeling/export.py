@@ -49,7 +49,8 @@ from labeling.store import Store
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
 # only names a later export may replace there.
-WRITTEN = ("dataset_dict.json", "train", "test", "train.jsonl", "test.jsonl", "summary.json", "align.json",
+MANIFEST = "align.json"  # alignment.artifacts.MANIFEST, the stage's "finished" mark (labeling imports no alignment)
+WRITTEN = ("dataset_dict.json", "train", "test", "train.jsonl", "test.jsonl", "summary.json", MANIFEST,
            "config.yaml", "metrics.jsonl")
 
 
@@ -78,10 +79,12 @@ def _move_into_place(new: Path, out: Path) -> None:
         return
     check_target(out)  # again: the folder may have changed while the export ran
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    for name in WRITTEN:
+    # Not one step: the manifest (the stage's "finished" mark) leaves first and arrives last, so a kill
+    # in between leaves a folder no stage takes for a finished export, never a mix that passes for one.
+    for name in sorted(WRITTEN, key=lambda n: n != MANIFEST):
         if (out / name).exists():
             (out / name).rename(old / name)
-    for path in new.iterdir():
+    for path in sorted(new.iterdir(), key=lambda p: p.name == MANIFEST):
         path.rename(out / path.name)
     new.rmdir()
     shutil.rmtree(old)  # only what the previous export wrote

@@ -510,7 +510,10 @@ class Store:
                       .where(assignments.c.annotator_id == annotator_id, assignments.c.status == "assigned")
                       .order_by(assignments.c.id))
             open_ = conn.execute(open_q.where(tasks.c.batch == batch) if batch else open_q).first()
-            if open_:
+            if open_:  # shown again (a reload): the annotator is at it, the slot stays theirs a while longer
+                conn.execute(update(assignments).where(assignments.c.task_id == open_[0],
+                                                       assignments.c.annotator_id == annotator_id)
+                             .values(assigned_at=now))
                 return open_[0]
             mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
             base = select(tasks.c.id).where(tasks.c.id.not_in(mine))
@@ -604,10 +607,11 @@ class Store:
                     else:
                         conn.execute(insert(rankings).values(task_id=task_id, annotator_id=annotator_id, created=now,
                                                              **values))
-                    if status == "submitted":
-                        conn.execute(update(assignments).where(assignments.c.task_id == task_id,
-                                                               assignments.c.annotator_id == annotator_id)
-                                     .values(status="submitted"))
+                    # A submit closes the assignment; a draft (the annotator at work) renews its hold on the slot,
+                    # so a task taking longer than ASSIGNMENT_TTL is not handed to someone else meanwhile.
+                    held = update(assignments).where(assignments.c.task_id == task_id,
+                                                     assignments.c.annotator_id == annotator_id)
+                    conn.execute(held.values(status="submitted") if status == "submitted" else held.values(assigned_at=now))
                     return True
             except IntegrityError:
                 continue  # another request of this annotator inserted first: look again

@@ -171,6 +171,28 @@ def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_w
         "a-file", "mine", "prefs"]  # no temporary folder left behind
 
 
+def test_a_replaced_export_loses_its_manifest_first_and_gets_the_new_one_last(tmp_path, monkeypatch):
+    """Replacing an export is several renames: killed in between, the folder has no align.json, so no
+    stage takes the mix of old and new files for a finished export."""
+    from pathlib import Path
+
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Thanks! Open Settings.", "no"]}
+                                for i in range(4)], source={})
+    simulate(store, "support_style")
+    out, manifest = tmp_path / "prefs", lambda folder, summary: (folder / "align.json").write_text("{}")
+    export_preferences(store, out, jsonl=True, finish=manifest)
+    moved, rename = [], Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, target: moved.append((self.parent.name, self.name))
+                        or rename(self, target))
+    export_preferences(store, out, jsonl=True, finish=manifest)
+    leaving = [name for folder, name in moved if folder == "prefs"]
+    arriving = [name for folder, name in moved if folder.startswith(".prefs.partial-")]
+    assert leaving[0] == "align.json" and arriving[-1] == "align.json" and len(arriving) > 3, moved
+
+
 def test_agreement_statistics_by_hand():
     assert agreement.pairwise_agreement([1, 2, 3], [1, 3, 2]) == pytest.approx(2 / 3)
     assert agreement.kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0

@@ -166,6 +166,27 @@ def test_an_open_assignment_comes_back_and_skip_hands_it_on(store):
     assert handlers.next_task(store, bob)["task_id"] == first["task_id"]  # skipped: free for someone else
 
 
+def test_an_annotator_at_work_keeps_the_slot_past_the_assignment_ttl(store, monkeypatch):
+    """An assignment nobody touches for ASSIGNMENT_TTL frees its slot; a draft or a reload renews it."""
+    import time as clock
+
+    from labeling import store as store_module
+
+    make_tasks(store, 1)
+    alice, bob, carol = session(store, "alice"), session(store, "bob"), session(store, "carol")
+    task = handlers.next_task(store, alice)
+    start = clock.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 0.8 * store_module.ASSIGNMENT_TTL)
+    handlers.save_draft(store, alice, task["task_id"], [1, None, None, None])  # still at it
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 1.6 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, bob) is None  # 0.8 TTL since her draft: still hers
+    assert handlers.next_task(store, alice)["task_id"] == task["task_id"]  # a reload renews it too
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 2.4 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, carol) is None
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 2.7 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, carol)["task_id"] == task["task_id"]  # abandoned: handed on
+
+
 def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
     ids = make_tasks(store, 6)
     store.add_gold(ids[0], [1, 2, 3, 4])
