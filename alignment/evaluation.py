@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,14 +88,21 @@ def bradley_terry(comparisons: Sequence[tuple[str, str, float]], *, iters: int =
     return {p: float(ratings[pos[p]]) for p in players}
 
 
-def bradley_terry_ci(comparisons: Sequence[tuple[str, str, float]], *, n: int = 200, seed: int = 0,
-                     level: float = 0.95) -> dict[str, tuple[float, float]]:
+def bradley_terry_ci(comparisons: Sequence[tuple[str, str, float]], *, groups: Sequence[Any] | None = None,
+                     n: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the Bradley-Terry ratings. With `groups` (a key per comparison, such
+    as its prompt) whole groups are resampled, as grouped_bootstrap_ci does: several annotators' verdicts on
+    one A/B task, or one prompt's tasks, are not independent comparisons."""
     rng = np.random.default_rng(seed)
     comparisons = list(comparisons)
+    units: dict[Any, list[int]] = {}
+    for i, key in enumerate(groups if groups is not None else range(len(comparisons))):
+        units.setdefault(key, []).append(i)
+    members = list(units.values())
     samples: dict[str, list[float]] = {}
     for _ in range(n):
-        pick = rng.integers(0, len(comparisons), len(comparisons))
-        for p, r in bradley_terry([comparisons[i] for i in pick]).items():
+        pick = rng.integers(0, len(members), len(members))
+        for p, r in bradley_terry([comparisons[i] for u in pick for i in members[u]]).items():
             samples.setdefault(p, []).append(r)
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     return {p: tuple(float(x) for x in np.quantile(v, q)) for p, v in samples.items()}

@@ -195,8 +195,12 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
 
         rm, rm_tok = load_reward_model(rm_path)
         system_prompt = system_prompt_of(rm_path)  # the one it was trained with
-        judges["reward_model"] = {n: score(rm, rm_tok, prompts, r, system_prompt=system_prompt)
-                                  for n, r in responses.items()}
+        # Every policy's answers in one call: it scores each distinct conversation once, so an answer two
+        # policies share gets one score and ties (scored apart, padding would move the last bits of it).
+        names, n = list(responses), len(prompts)
+        flat = score(rm, rm_tok, prompts * len(names), [a for name in names for a in responses[name]],
+                     system_prompt=system_prompt)
+        judges["reward_model"] = {name: flat[i * n:(i + 1) * n] for i, name in enumerate(names)}
         del rm
     elif cfg.reward_model:
         raise StageError(f"reward model {rm_path} not found")
@@ -226,15 +230,17 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
                  for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
         source = {"stage": "eval", "system_prompts": {n: (system_prompts or {}).get(n) for n in (name, cfg.baseline)}}
         added += store.add_tasks(f"eval-{name}-vs-{cfg.baseline}", items, source=source, kind="pairwise")
-    comparisons = []
+    comparisons, prompts_of = [], []
     for row in store.submitted_rankings():
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
             continue
         (a, b), (ra, rb) = [r["meta"]["policy"] for r in row["responses"]], row["ranks"]
         comparisons.append((a, b, 1.0 if ra < rb else 0.0 if rb < ra else 0.5))
+        prompts_of.append(row["prompt"])
     board = {"tasks_added": added, "comparisons": len(comparisons)}
     if comparisons:
-        ratings, cis = ev.bradley_terry(comparisons), ev.bradley_terry_ci(comparisons, n=200)
+        # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together
+        ratings, cis = ev.bradley_terry(comparisons), ev.bradley_terry_ci(comparisons, groups=prompts_of, n=200)
         board["leaderboard"] = sorted(({"policy": p, "rating": r, "ci": cis[p]} for p, r in ratings.items()),
                                       key=lambda x: -x["rating"])
     return board

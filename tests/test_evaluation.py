@@ -58,6 +58,17 @@ def test_bradley_terry_ties_and_transitivity():
     assert ci["A"][0] <= ci["A"][1]
 
 
+def test_bradley_terry_interval_resamples_prompts_not_each_annotators_verdict():
+    """10 prompts, A better on 7, five annotators agreeing on each: 50 verdicts that are 10 prompts' worth.
+    Resampled one verdict at a time, the interval excludes 1000 (A better for sure); by prompt it is wider."""
+    verdicts = [("A", "B", 1.0 if p < 7 else 0.0) for p in range(10) for _ in range(5)]
+    prompt = [p for p in range(10) for _ in range(5)]
+    loose = ev.bradley_terry_ci(verdicts, n=300)["A"]
+    grouped = ev.bradley_terry_ci(verdicts, groups=prompt, n=300)["A"]
+    assert loose[0] > 1000 and grouped[0] < 1000 < grouped[1]
+    assert grouped[1] - grouped[0] > 1.5 * (loose[1] - loose[0])
+
+
 def test_distinct_n_and_repetition():
     assert ev.distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
     assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)

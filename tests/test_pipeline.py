@@ -313,3 +313,19 @@ def test_sampling_again_with_other_settings_says_the_batch_keeps_its_tasks(run, 
     m = manifest(tmp_path / "sample")
     assert m["metrics"]["new_tasks"] == 0 and m["sampled_otherwise"] == {"tasks": 10, "differ": ["generation", "k"]}
     assert "10 tasks of batch 'round-0' were sampled with other settings" in caplog.text
+
+
+def test_an_answer_two_policies_share_ties_by_the_reward_model(run):
+    """Scored in one call, an answer two policies gave gets one score: a tie, not a win or a loss decided by
+    the last bits of a padded batch (an SFT compared with itself is exactly 50 %)."""
+    from alignment.config import EvalStageConfig, RunConfig
+    from alignment.evaluation import win_rate
+    from recipes.evaluate import judge
+
+    rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    prompts, sft, dpo = [r["prompt"] for r in rows], [r["sft"] for r in rows], [r["dpo"] for r in rows]
+    mixed = sft[:4] + dpo[4:]
+    cfg = EvalStageConfig(run=RunConfig(dir=str(run), wandb="disabled"), reward_model=str(run / "reward"))
+    scores = judge(cfg, prompts, {"sft": sft, "mixed": mixed, "same": list(sft)})["reward_model"]
+    assert scores["same"] == scores["sft"] and scores["mixed"][:4] == scores["sft"][:4]
+    assert win_rate(scores["same"], scores["sft"]) == 0.5
