@@ -84,6 +84,10 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return f"<table class='kv'>{rows}</table>" if rows else ""
 
 
+def _no_math(text: str) -> str:
+    return text.replace("$", r"\$")
+
+
 def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     """Win-rates with intervals (a bar chart), the per-policy table, and answers side by side."""
     import matplotlib
@@ -94,7 +98,8 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     table: dict[str, dict[str, Any]] = manifest.get("policies", {})
     baseline = manifest.get("baseline", "sft")
     parts = []
-    bars = [(f"{p} · {k.split('/')[0]}", v, row[k + "_ci"]) for p, row in table.items()
+    # Names as plain text: matplotlib reads "$...$" as math, and a name it cannot parse fails the section
+    bars = [(_no_math(f"{p} · {k.split('/')[0]}"), v, row[k + "_ci"]) for p, row in table.items()
             for k, v in row.items() if k.endswith("/win_rate")]
     if bars:
         fig, ax = plt.subplots(figsize=(6.0, 0.5 + 0.55 * len(bars)))
@@ -104,7 +109,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
-        ax.set_title(f"Win-rate against {baseline} (95% bootstrap interval)")
+        ax.set_title(_no_math(f"Win-rate against {baseline} (95% bootstrap interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
     keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},

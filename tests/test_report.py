@@ -120,6 +120,15 @@ def test_names_in_the_first_screen_are_text(tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt; was trained on 3 of the 48 eval prompts" in page
 
 
+def test_a_name_matplotlib_would_read_as_math_is_drawn_as_text(tmp_path):
+    """"$\\foo$" is math to matplotlib, which fails on it: the eval section must not be lost to a name."""
+    name = "dpo_$\\foo$"
+    write(tmp_path, "eval", {**EVAL, "policies": {"sft": EVAL["policies"]["sft"], name: EVAL["policies"]["dpo"]},
+                             "prompts_seen_in_training": {}})
+    page = write_report(tmp_path).read_text()
+    assert "alt='win-rate' src='data:image/png;base64," in page and "could not be drawn" not in page
+
+
 def test_example_pairs_come_from_different_prompts(tmp_path):
     from datasets import Dataset, DatasetDict
 
