@@ -70,6 +70,8 @@ def main() -> int:
                       f"rl.rollout_prompts={args.prompts}", f"rl.minibatch_size={args.minibatch}",
                       f"rl.ppo_epochs={args.epochs}", f"generation.max_new_tokens={args.tokens}",
                       f"generation.batch_size={args.prompts}", "generation.top_p=1.0", "rl.save_steps=0",
+                      # TRL's side (ppo_trl112.py): temperature 0.8 on the held-out prompts
+                      "generation.temperature=0.8", f"prompts={REPO / 'data/support/prompts.jsonl'}",
                       "run.wandb=disabled", "train.lr=1e-5"])
         if code:
             return code
@@ -80,17 +82,18 @@ def main() -> int:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in timed)
 
-    step, rollout = med("time/step"), med("time/rollout")
+    step, rollout, scoring = med("time/step"), med("time/rollout"), med("time/score")
     tokens = med("length/mean") * args.prompts
     print(f"\nalign ppo on smollm2-135m ({'unquantized' if args.no_quantize else '4-bit NF4'} base, {'bf16' if cuda() else 'fp32'} compute), "
           f"{args.prompts} prompts x {args.tokens} new tokens, {args.epochs} PPO epochs of minibatch {args.minibatch}")
-    print(f"  per step (median of steps 2-{len(rows)}): {step:.2f} s = rollout {rollout:.2f} s + "
-          f"score/update {step - rollout:.2f} s")
+    print(f"  per step (median of steps 2-{len(rows)}): {step:.2f} s = generation {rollout:.2f} s + "
+          f"scoring {scoring:.2f} s + update {step - rollout - scoring:.2f} s; mean response "
+          f"{med('length/mean'):.1f} tokens")
     print(f"  response tokens per step: {tokens:.0f}; generated tokens/s {tokens / rollout:.1f}; "
           f"processed tokens/s (rollout + {args.epochs} epochs) {med('tokens_per_s'):.1f}")
     print(f"  whole stage {total:.1f} s (model load, {len(rows)} steps, save); {memory_label()} "
           f"{peak_memory_mib():.0f}")
-    ours = {"s_per_step": step, "rollout_s": rollout, "tokens_per_s": med("tokens_per_s"),
+    ours = {"s_per_step": step, "rollout_s": rollout, "score_s": scoring, "tokens_per_s": med("tokens_per_s"),
             "peak_mib": peak_memory_mib()}
     record = {"bench": "ppo", "step": os.environ.get("GPU_CHECK_STEP"), "title": f"PPO · smollm2-135m · {args.prompts} prompts x {args.tokens} tokens · "
               f"{args.epochs} epochs · reward {'model ' + Path(args.reward).name if args.reward else 'programmatic'}",

@@ -283,6 +283,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
                                                                                       len(prompts)))
         batch = ranks.share(batch)  # all of it in one process
         roll = rollout(model, tokenizer, batch, cfg, step, ranks.rank, system_prompt)
+        generated = time.perf_counter() - began
         raw = torch.tensor(reward(batch, roll["texts"]), dtype=torch.float32, device=roll["mask"].device)
         if not torch.isfinite(raw).all():
             raise StageError(f"step {step}: the reward is not finite for {int((~torch.isfinite(raw)).sum())} of "
@@ -295,7 +296,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             scores = (scores - every.mean()) / (every.std() + 1e-8)
         if cfg.rl.score_clip is not None:
             scores = scores.clamp(-cfg.rl.score_clip, cfg.rl.score_clip)
-        generated = time.perf_counter() - began
+        scored = time.perf_counter() - began - generated
 
         # --- update
         stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks)
@@ -303,6 +304,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             keys = sorted(stats)
             stats = dict(zip(keys, ranks.mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64)).tolist(),
                              strict=True))
+        lr = scheduler.get_last_lr()[0]  # the rate this step trained at (the next one's after scheduler.step)
         scheduler.step()
         kl_ctl.update(stats["kl"], len(batch) * ranks.world)
         rows = [[step, p, t, s] for p, t, s in zip(batch, roll["texts"], raw.tolist(), strict=True)]  # this rank's
@@ -312,8 +314,8 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         elapsed = time.perf_counter() - began
         last = {"reward/mean": raw.mean().item(), "reward/std": raw.std().item() if len(raw) > 1 else 0.0,
                 "reward/score_used": scores.mean().item(), **stats, "length/mean": lengths.float().mean().item(),
-                "eos_fraction": has_eos.mean().item(), "lr": scheduler.get_last_lr()[0],
-                "time/step": elapsed, "time/rollout": generated,
+                "eos_fraction": has_eos.mean().item(), "lr": lr,
+                "time/step": elapsed, "time/rollout": generated, "time/score": scored,
                 "tokens_per_s": (lengths.sum().item() * (1 + cfg.rl.ppo_epochs)) / elapsed}
         bad = [k for k, v in last.items() if k != "value/explained_variance" and not R.is_finite(v)]
         if bad:

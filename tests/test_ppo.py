@@ -82,6 +82,8 @@ def test_ppo_raises_the_reward_with_kl_bounded(sft_dir, prompts, tmp_path, tiny_
     assert last > first + 0.25, reward  # measured: 0.10 -> 0.76 (steps 1-3 vs 16-20), KL <= 4.3
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)  # step 1 samples from the SFT policy = the reference
     assert max(r["kl"] for r in rows) < 15, [r["kl"] for r in rows]
+    assert all(0 < r["time/rollout"] and 0 <= r["time/score"] and r["time/rollout"] + r["time/score"] < r["time/step"]
+               for r in rows)  # generation, scoring and the update timed apart
 
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["stage"] == "ppo" and set(manifest["parents"]) == {"sft"}
@@ -99,6 +101,14 @@ def test_ppo_raises_the_reward_with_kl_bounded(sft_dir, prompts, tmp_path, tiny_
     figures = glance("ppo", manifest)  # the report's first screen reads the keys this stage writes
     assert figures[0] == f"mean reward {reward[0]:.3f} → {reward[-1]:.3f}" and figures[1].startswith("KL ")
     assert figures[2].startswith(f"{len(rows)} steps")
+
+
+def test_the_logged_rate_is_the_one_each_step_trained_at(sft_dir, prompts, tmp_path):
+    """A linear schedule over 2 steps trains at lr, then lr/2; the next step's rate (0 after the last) is not it."""
+    assert ppo(tmp_path, sft_dir, prompts, "train.max_steps=2", "train.lr=1e-3", "train.scheduler=linear",
+               "rl.rollout_prompts=4", "rl.minibatch_size=4", "rl.ppo_epochs=1", "rl.save_steps=0",
+               "generation.max_new_tokens=8") == 0
+    assert [r["lr"] for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl")] == pytest.approx([1e-3, 5e-4])
 
 
 def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
