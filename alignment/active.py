@@ -234,6 +234,9 @@ def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: i
     `task_id` when align export wrote them). Returns the heads' own held-out accuracy (their mean),
     so the manifest shows whether they are a fair stand-in for the model's score head.
     """
+    if "tie" in train.column_names:  # a kept tie (export ties=margin0) has no winner to fit, nor to be right about
+        train = train.filter(lambda row: not row["tie"])
+        test = test.filter(lambda row: not row["tie"]) if test is not None else None
     chosen, rejected = _pair_features(model, tokenizer, train, batch_size)
     groups = list(train["task_id"]) if "task_id" in train.column_names else None
     ensemble = fit_heads(chosen, rejected, groups, heads=heads, seed=seed)

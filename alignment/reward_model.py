@@ -210,7 +210,7 @@ def without_ties(dataset, chosen: list[float], rejected: list[float]):
     """The pairs and their rewards less the ties an export kept (`tie`, with ties=margin0): a tie has no
     right answer, so it counts in no accuracy. Returns (dataset, chosen, rejected, ties)."""
     ties = [bool(t) for t in dataset["tie"]] if "tie" in dataset.column_names else []
-    if not any(ties) or all(ties):
+    if not any(ties):
         return dataset, chosen, rejected, 0
     keep = [i for i, t in enumerate(ties) if not t]
     return dataset.select(keep), [chosen[i] for i in keep], [rejected[i] for i in keep], len(ties) - len(keep)
@@ -228,6 +228,10 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
     dataset, chosen, rejected, ties = without_ties(dataset, chosen, rejected)
     gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
     n = len(gaps)
+    if not n:  # every held-out pair a tie: nothing to be right about (the gate refuses a None accuracy)
+        return {"eval_accuracy": None, "eval_accuracy_ci": None, "eval_prompts": 0, "eval_mean_margin": None,
+                "eval_pairs": 0, "eval_ties": ties, "length_correlation": None, "agreement_ceiling": None,
+                "posterior_ceiling": None, "calibration_error": None, "calibration": []}
     rewards = chosen + rejected
     lengths = [len(m[-1]["content"]) for m in dataset["chosen"]] + [len(m[-1]["content"]) for m in dataset["rejected"]]
     bins = []
@@ -245,14 +249,12 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
     # annotators' agreement without making the (reliability-weighted) labels any worse.
     posterior = [p for p in dataset["p_chosen"] if p is not None] if "p_chosen" in dataset.column_names else []
     # The interval resamples prompts, not pairs: a ranking's pairs share its answers (27 held-out pairs of the
-    # quickstart come from 6 prompts).
-    column = next((c for c in ("prompt_id", "task_id") if c in dataset.column_names), None)
-    groups = dataset[column] if column else None
-    groups = groups if groups is not None and None not in groups else None  # else each pair alone
+    # quickstart come from 6 prompts), and two tasks of one prompt are one prompt.
+    groups = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
         "eval_accuracy_ci": list(grouped_bootstrap_ci([float(g > 0) for g in gaps], groups)),
-        "eval_prompts": len(set(groups)) if groups is not None else n,
+        "eval_prompts": len(set(groups)),
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,
         "eval_ties": ties,

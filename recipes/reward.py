@@ -55,6 +55,7 @@ from alignment.reward_model import (
     save_sft_copy,
     score,
     score_conversations,
+    score_head_in_fp32,
 )
 from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
 from alignment.training import (
@@ -138,6 +139,11 @@ def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> 
     drop = {"soft": {"weight"}, "weighted": {"p_chosen"}}.get(weighting, set(PAIR_COLUMNS))
     drop |= set() if cfg.use_margin else {"margin"}
     data = DatasetDict({k: split.remove_columns([c for c in split.column_names if c in drop]) for k, split in data.items()})
+    if weighting != "soft" and any(train["tie"] if "tie" in train.column_names else []):
+        # A tie kept by the export (ties=margin0) names neither answer the better: p_chosen 1/2, whose loss pulls
+        # the two rewards together. A hard label would train its first answer as the winner.
+        data = data.map(lambda row: {"p_chosen": 0.5 if row["tie"] else 1.0})
+        log.info("%d kept ties trained as p_chosen = 0.5", sum(bool(t) for t in data["train"]["tie"]))
     if weighting == "weighted":  # mean weight 1 over the training pairs: train.lr means what it means unweighted
         mean = sum(data["train"]["weight"]) / len(data["train"])
         if mean <= 0:
@@ -246,6 +252,8 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- evaluate on held-out pairs ---------------------------------------------------------
     if has_eval:
         n = len(test)
+        if plan.compute_dtype != torch.float32:  # scored as load_reward_model scores: a bf16 head ties answers
+            score_head_in_fp32(trainer.model)
         rewards = score_conversations(trainer.model, tokenizer, [p + c for p, c in zip(test["prompt"], test["chosen"], strict=True)]
                                       + [p + r for p, r in zip(test["prompt"], test["rejected"], strict=True)],
                                       cfg.train.batch_size)  # together: each distinct response is scored once
@@ -253,11 +261,15 @@ def main(cfg: RewardStageConfig) -> Path:
         heldout = heldout_metrics(probe_pairs, chosen, rejected)  # every column: agreement, p_chosen
         metrics.update(heldout)
         ceiling = heldout["agreement_ceiling"]
-        log.info("held-out: accuracy %.3f [%.3f, %.3f] over %d pairs from %d prompts%s, mean margin %.3f, "
-                 "calibration error %.3f", heldout["eval_accuracy"], *heldout["eval_accuracy_ci"], heldout["eval_pairs"],
-                 heldout["eval_prompts"],
-                 f" (annotator agreement ceiling {ceiling:.3f})" if ceiling is not None else "",
-                 heldout["eval_mean_margin"], heldout["calibration_error"])
+        if heldout["eval_accuracy"] is None:
+            log.warning("held-out: all %d pairs are ties (export ties=margin0): no accuracy to measure; hold out more "
+                        "prompts (data.test_fraction)", heldout["eval_ties"])
+        else:
+            log.info("held-out: accuracy %.3f [%.3f, %.3f] over %d pairs from %d prompts%s, mean margin %.3f, "
+                     "calibration error %.3f", heldout["eval_accuracy"], *heldout["eval_accuracy_ci"],
+                     heldout["eval_pairs"], heldout["eval_prompts"],
+                     f" (annotator agreement ceiling {ceiling:.3f})" if ceiling is not None else "",
+                     heldout["eval_mean_margin"], heldout["calibration_error"])
         r = heldout["length_correlation"]
         if r is not None and abs(r) > LENGTH_WARNING:
             log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "

@@ -164,13 +164,25 @@ def test_kept_ties_count_in_no_accuracy():
 
 def test_heldout_accuracy_interval_resamples_prompts():
     """Six pairs from two prompts' rankings: the interval moves whole prompts, so a model right on one prompt's
-    pairs and wrong on the other's can score anything from 0 to 1; pairs without a prompt id count alone."""
+    pairs and wrong on the other's can score anything from 0 to 1; six prompts' pairs move one by one. Two
+    tasks of one prompt (task ids apart, as two batches make) are one prompt."""
     from alignment.reward_model import heldout_metrics
 
-    rows = [{"chosen": f"Thanks! Step {i}.", "rejected": "no", "prompt_id": "p1" if i < 3 else "p2"} for i in range(6)]
+    rows = [{"prompt": "How do I sync?" if i < 3 else "Where is export?", "chosen": f"Thanks! Step {i}.",
+             "rejected": "no", "task_id": str(i)} for i in range(6)]
     chosen, rejected = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0], [0.0] * 6
     figures = heldout_metrics(heldout(rows), chosen, rejected)
     assert figures["eval_accuracy"] == 0.5 and figures["eval_prompts"] == 2
     assert figures["eval_accuracy_ci"] == [0.0, 1.0]
-    alone = heldout_metrics(heldout([{**r, "prompt_id": None} for r in rows]), chosen, rejected)
+    alone = heldout_metrics(heldout([{**r, "prompt": f"Question {i}?"} for i, r in enumerate(rows)]), chosen, rejected)
     assert alone["eval_prompts"] == 6 and 0.0 < alone["eval_accuracy_ci"][0] < 0.5 < alone["eval_accuracy_ci"][1]
+
+
+def test_held_out_pairs_that_are_all_ties_give_no_accuracy():
+    """Nothing to be right about: no accuracy (the PPO gate refuses None), not the ties scored as decisions."""
+    from alignment.reward_model import heldout_metrics
+
+    data = heldout([{"chosen": "Open Settings.", "rejected": "Open Settings, then Sync.", "tie": True}] * 4)
+    figures = heldout_metrics(data, [2.0] * 4, [0.0] * 4)
+    assert figures["eval_accuracy"] is None and figures["eval_pairs"] == 0 and figures["eval_ties"] == 4
+    assert probe(thanks_anywhere, data, [2.0] * 4, [0.0] * 4)["pairs"] == 0

@@ -430,3 +430,20 @@ def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
         assert {p.dtype for p in model.parameters()} == {dtype, torch.float32}  # fp16: the trained weights fp32
         scores[dtype] = score(model, tokenizer, prompts, replies)
     assert scores[torch.float16] == pytest.approx(scores[torch.float32], abs=0.02)
+
+
+def test_a_kept_tie_is_trained_as_half_not_as_a_win_for_its_first_answer(tmp_path):
+    """export ties=margin0 keeps a tie with its first answer as 'chosen': trained as a hard label, that answer
+    would be taught to win. It goes to the loss as p_chosen 1/2; decided pairs stay hard (1)."""
+    from datasets import Dataset, DatasetDict
+
+    from alignment.config import RewardStageConfig
+    from recipes.reward import loss_columns
+
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}], "margin": 0.0 if i % 2 else 1.0, "tie": bool(i % 2),
+             "weight": None, "p_chosen": None} for i in range(6)]
+    data = DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])})
+    out, weighting = loss_columns(data, RewardStageConfig(), tmp_path / "prefs")
+    assert weighting == "off" and out["train"]["p_chosen"] == [1.0, 0.5] * 3 and out["test"]["p_chosen"] == [1.0, 0.5]
+    assert "weight" not in out["train"].column_names
