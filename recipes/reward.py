@@ -442,6 +442,11 @@ def probe_main(argv: list[str]) -> int:
         scorer = resolve_scorer(args.scorer) if args.scorer else None
         manifest = json.loads((folder / "align.json").read_text())
         data_path = Path(args.data or manifest.get("data", {}).get("path") or "")
+        recorded = manifest.get("data", {}).get("sha256")
+        if not args.data and recorded and data_path.exists() and file_hash(data_path) != recorded:
+            # Re-split, other data puts pairs the model trained on among the "held-out" ones.
+            raise ValueError(f"{data_path} has changed since the model was trained on it (sha256), so its held-out "
+                             "split is not the one the model never saw; pass --data with pairs it never saw")
         test_fraction, seed = manifest["config"]["data"]["test_fraction"], manifest["config"]["train"]["seed"]
         pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed)[0].get("test")
         pairs = add_system_prompt(pairs, system_prompt_of(folder)) if pairs is not None else None  # as trained

@@ -4,6 +4,7 @@ the folder loads back on its own and scores; K-wise batches; QLoRA from the base
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,14 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
         assert mine["edit"] == theirs["edit"] and mine["mean_gain"] == pytest.approx(theirs["mean_gain"], abs=1e-3)
         assert "unsupported_flip_rate" in mine
     assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "nonsense"]) == 2
+    # data changed since training: re-split, its "held-out" pairs would include trained ones
+    moved = tmp_path / "reward-copy"
+    shutil.copytree(reward_run, moved)
+    manifest = json.loads((moved / "align.json").read_text())
+    (moved / "align.json").write_text(json.dumps({**manifest, "data": {**manifest["data"], "sha256": "0" * 64}}))
+    capsys.readouterr()
+    assert align(["reward", "probe", "--model", str(moved)]) == 2
+    assert "has changed since the model was trained on it" in capsys.readouterr().err
     jsonl = tmp_path / "score.jsonl"
     jsonl.write_text(json.dumps({"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags")}) + "\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
