@@ -27,6 +27,9 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The same for a vocabulary without a <|im_end|> token (GPT-2, Pythia, a Llama base): each turn ends
+# with the tokenizer's own EOS, the token every stage stops generating at, so SFT teaches it.
+CHATML_EOS_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_end|>'", "eos_token")
 
 
 def resolve_model_path(name: str) -> str:
@@ -113,7 +116,15 @@ def load_tokenizer(name_or_path: str):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        # A turn's end must be the EOS every stage stops at (tokenizer.eos_token_id): else SFT never trains
+        # the token that ends an answer, and the policy never stops.
+        if CHATML_EOS in tokenizer.get_vocab():
+            tokenizer.chat_template, tokenizer.eos_token = CHATML_TEMPLATE, CHATML_EOS
+        elif tokenizer.eos_token is not None:
+            tokenizer.chat_template = CHATML_EOS_TEMPLATE
+        else:
+            raise ValueError(f"{name_or_path}: its tokenizer has no chat template and no EOS token, so no answer "
+                             "could be taught to end; use a model with either")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = CHATML_EOS if CHATML_EOS in tokenizer.get_vocab() else tokenizer.eos_token
     return tokenizer

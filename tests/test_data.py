@@ -146,3 +146,28 @@ def test_utf8_with_bom_and_a_line_separator_inside_a_string(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
     ds, report = load_sft_dataset(path)
     assert report.used == 1 and ds["completion"][0][0]["content"] == "First\u2028then"
+
+
+@pytest.mark.parametrize("specials", [["<|endoftext|>"], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_stage_stops_at(tmp_path, specials):
+    """A base model's tokenizer (no template; EOS <|endoftext|>): with no <|im_end|> token the turns end with its
+    EOS; with one, <|im_end|> becomes the EOS. Either way the answer's last labelled token is what generation
+    stops at (it was ChatML's <|im_end|> as plain pieces: the policy never learnt to stop)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from alignment.modeling import load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["Open Settings and tap Sync now.", "How do I sync?"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    turns = [{"role": "user", "content": "How do I sync?"}, {"role": "assistant", "content": "Tap Sync."}]
+    ids = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    assert ids.count(tokenizer.eos_token_id) == 2  # each turn ends with it, as one token
+    prompt = tokenizer.apply_chat_template(turns[:1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert tokenizer.eos_token_id in ids[len(prompt["input_ids"]):]  # in the answer: SFT trains it
+    assert tokenizer.eos_token == ("<|im_end|>" if "<|im_end|>" in specials else "<|endoftext|>")
