@@ -325,6 +325,11 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
 
     prompts, completions, report = read_sft_examples(path, fmt, system_prompt=system_prompt, on_error=on_error)
     log.info(report.summary())
+    earlier = sum(any(m["role"] == "assistant" for m in p) for p in prompts)
+    if earlier:
+        log.warning("%d of %d examples have assistant turns before their last one: those are context, not "
+                    "trained (the loss is on each example's last assistant message only); to train every turn, "
+                    "give one example per turn (its conversation up to that turn)", earlier, len(prompts))
     return Dataset.from_dict({"prompt": prompts, "completion": completions}), report
 
 

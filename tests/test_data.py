@@ -171,3 +171,16 @@ def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_s
     prompt = tokenizer.apply_chat_template(turns[:1], tokenize=True, add_generation_prompt=True, return_dict=True)
     assert tokenizer.eos_token_id in ids[len(prompt["input_ids"]):]  # in the answer: SFT trains it
     assert tokenizer.eos_token == ("<|im_end|>" if "<|im_end|>" in specials else "<|endoftext|>")
+
+
+def test_earlier_assistant_turns_are_said_to_be_context(tmp_path, caplog):
+    from alignment.data import load_sft_dataset
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Sync?"}, {"role": "assistant", "content": "Tap Sync."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in (chat, chat[2:])) + "\n")
+    with caplog.at_level("WARNING"):
+        data, _ = load_sft_dataset(path)
+    assert data["completion"][0] == [{"role": "assistant", "content": "Tap Sync."}]
+    assert "1 of 2 examples have assistant turns before their last one: those are context, not trained" in caplog.text
