@@ -12,6 +12,7 @@ keyword arguments, which win over the shared ones.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from alignment.config import RunConfig, TrainConfig
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
-from alignment.tracking import append_jsonl, report_to
+from alignment.tracking import append_jsonl, read_jsonl, report_to
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,13 @@ class MetricsJSONL(TrainerCallback):
         self.path = Path(out_dir) / "metrics.jsonl"
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not state.global_step:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a fresh run; a resumed one appends
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts the file; a resumed one keeps the rows up to its checkpoint's step and appends:
+        # the steps the interrupted run logged after it are logged again from here, once.
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= state.global_step] if state.global_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

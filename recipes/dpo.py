@@ -137,7 +137,7 @@ def count_too_long(pairs, tokenizer, max_length: int) -> int:
     return n
 
 
-def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
+def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool, resuming: bool = False) -> DPOConfig:
     """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
     return trl_args(
         DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=has_eval,
@@ -145,8 +145,9 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -
         loss_type=[cfg.loss],
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
-        # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure.
-        eval_on_start=has_eval and cfg.eval_on_start,
+        # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure (not again on a
+        # resume: it would be the checkpoint's step evaluated a second time).
+        eval_on_start=has_eval and cfg.eval_on_start and not resuming,
     )
 
 
@@ -195,10 +196,11 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- trainer ----------------------------------------------------------------------------
     start_wandb_run(cfg.run, "dpo")  # before the trainer: its W&B callback logs into this run
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
     trainer = AlignDPOTrainer(
         group_by_ranking=cfg.group_by_ranking,
         model=model,
-        args=dpo_args(cfg, out, plan, has_eval=test is not None),
+        args=dpo_args(cfg, out, plan, has_eval=test is not None, resuming=checkpoint is not None),
         train_dataset=train,
         eval_dataset=test,
         processing_class=tokenizer,
@@ -219,7 +221,7 @@ def main(cfg: DPOStageConfig) -> Path:
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
