@@ -9,9 +9,10 @@ and is found in grpo/). Each stage's input defaults to its upstream artifact in 
 keys that wire them (sample.policy, dpo.sft, export.output, ...) are the pipeline's: set, they are
 refused (alignment.preflight). A stage whose artifact is complete (its align.json exists) with the
 same config (W&B and resume settings aside), its upstream artifacts and the data files it read
-unchanged since, is skipped (`already_done`), so a killed pipeline picks up where it stopped. Labelling is `simulate` (a scorer ranks, through the same submit path as a
-person) or `human` (the app starts, prints its address, and the pipeline waits until the batch
-has all its rankings). With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
+unchanged since, is skipped (`already_done`), so a killed pipeline picks up where it stopped.
+Labelling is `simulate` (a scorer ranks, through the same submit path as a person) or `human`
+(the app starts, prints its address, and the pipeline waits until the batch has all its
+rankings); a batch another scorer ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
 Round 0 samples the first `sample.num_prompts` prompts; with `sample.selection: uncertainty`, a
