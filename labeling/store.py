@@ -5,8 +5,8 @@ acknowledged ranking survives a crash), PostgreSQL by URL for a team (`postgresq
 by psycopg 3). The data model follows Argilla's: a task (a prompt with its K responses, in a
 batch and round) gets at most one ranking per annotator (`UNIQUE(task, annotator)`), with a
 status draft / submitted / discarded. Assignment is serialised per database (SQLite: every write
-transaction is `BEGIN IMMEDIATE`, while reads go on beside it under WAL; PostgreSQL: a transaction-scoped advisory lock), so two
-annotators asking at once never get the same slot, and a submit is one transaction that keeps
+transaction is `BEGIN IMMEDIATE`, while reads go on beside it under WAL; PostgreSQL: a
+transaction-scoped advisory lock), so two annotators asking at once never get the same slot, and a submit is one transaction that keeps
 the first acknowledged ranking when it is repeated (a double click, a retry after a timeout).
 
 The app's sign-in state lives here too, so that every app process on one database agrees on it
@@ -250,8 +250,8 @@ class Store:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() \
                 if inspect(conn).has_table("align_meta") else None
             if row is not None and int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"{_safe_url(self.url)}: schema version {row[0]} is newer than this align ({SCHEMA_VERSION}); "
-                                 "upgrade align")
+                raise StoreError(f"{_safe_url(self.url)}: schema version {row[0]} is newer than this align "
+                                 f"({SCHEMA_VERSION}); upgrade align")
             old_tasks = inspect(conn).has_table("tasks")
             metadata.create_all(conn)  # creates the tables that are missing (version 2 added two)
             # Version 3 added a column to a table that exists: create_all leaves existing tables alone.
