@@ -61,6 +61,20 @@ def check(cfg: PPOStageConfig) -> None:
                           f"{_world()} processes, as PPO's prompts are: it must be a multiple of {_world()}")
 
 
+# rl.* keys of align's own PPO loop that TRL's GRPO and RLOO have no use for (it has its own groups,
+# no value function, no reward whitening of this kind): set, they are said to be ignored.
+PPO_ONLY = ("minibatch_size", "ppo_epochs", "kl_control", "kl_target", "kl_horizon", "gamma", "lam",
+            "clip_range_value", "vf_coef", "whiten_rewards", "score_clip", "missing_eos_penalty")
+
+
+def ignored_settings(cfg: PPOStageConfig) -> list[str]:
+    """The PPO-only rl.* keys set away from their defaults (the quickstart's ppo.yaml sets several)."""
+    from alignment.config import RLConfig
+
+    default = RLConfig()
+    return [f"rl.{k}" for k in PPO_ONLY if getattr(cfg.rl, k) != getattr(default, k)]
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -96,6 +110,9 @@ def main(cfg: PPOStageConfig) -> Path:
     check_stage("ppo", cfg)  # every input (adapters, reward, prompts, paths, the machine) before any work
     check(cfg)
     check_liger(cfg.train.liger)  # a machine that cannot, refused before anything else
+    if ignored := ignored_settings(cfg):
+        log.warning("%s: align's PPO loop reads them, %s does not (TRL's trainer has no such setting)",
+                    ", ".join(ignored), cfg.algo)
     out = stage_dir(cfg.run.dir, cfg.algo)
     sft = R.resolve_sft(cfg)
     if sft:

@@ -77,6 +77,14 @@ def test_grpo_maps_the_rl_keys(tmp_path):
     assert (args.max_completion_length, args.save_steps, args.gradient_accumulation_steps) == (20, 6, 1)
 
 
+def test_grpo_says_which_ppo_settings_it_ignores():
+    from recipes.grpo import ignored_settings
+
+    quick = load_config(PPOStageConfig, Path(__file__).resolve().parents[1] / "configs/quickstart/ppo.yaml", ["algo=grpo"])
+    assert {"rl.whiten_rewards", "rl.score_clip", "rl.kl_control"} <= set(ignored_settings(quick))
+    assert ignored_settings(load_config(PPOStageConfig, None, ["algo=grpo"])) == []
+
+
 def test_grpo_splits_a_steps_completions_between_the_processes_as_ppo_its_prompts(tmp_path, monkeypatch):
     import recipes.grpo as grpo
 
