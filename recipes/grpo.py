@@ -97,6 +97,9 @@ def grpo_args(cfg: PPOStageConfig, plan, out: Path):
         top_p=cfg.generation.top_p,
         beta=cfg.rl.kl_coef,
         epsilon=cfg.rl.clip_range,
+        # As align's PPO: the log-probs of a rollout, its reference and its update are one function (TRL's
+        # default keeps the adapter's dropout on, noise in every ratio and KL).
+        disable_dropout=True,
         # vLLM in the training process (TRL syncs the policy's weights into it each step).
         use_vllm=cfg.generation.backend == "vllm",
         vllm_mode="colocate",

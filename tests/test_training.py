@@ -75,6 +75,7 @@ def test_grpo_maps_the_rl_keys(tmp_path):
     assert type(args).__name__ == "RLOOConfig"
     assert (args.per_device_train_batch_size, args.num_generations, args.beta) == (8, 4, 0.02)
     assert (args.max_completion_length, args.save_steps, args.gradient_accumulation_steps) == (20, 6, 1)
+    assert args.disable_dropout  # as align's PPO: ratios and KL without dropout noise
 
 
 def test_grpo_says_which_ppo_settings_it_ignores():
