@@ -40,9 +40,11 @@ class LoadReport:
     used: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    earlier_turns: int = 0  # assistant turns before a conversation's last: examples of their own (turns=all)
 
     def summary(self) -> str:
-        return f"{self.path}: {self.used} examples used, {self.skipped} skipped ({self.format})"
+        turns = f", {self.earlier_turns} of them earlier assistant turns" if self.earlier_turns else ""
+        return f"{self.path}: {self.used} examples used{turns}, {self.skipped} skipped ({self.format})"
 
 
 # ---------------------------------------------------------------------------- reading
@@ -291,8 +293,12 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 
 
 def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
-                      on_error: str = "raise") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
-    """Read and validate every record: (prompts, completions, LoadReport), as lists of chat messages."""
+                      on_error: str = "raise", turns: str = "all") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
+    """Read and validate every record: (prompts, completions, LoadReport), as lists of chat messages.
+
+    turns="all": a {messages} conversation gives an example for each non-empty assistant turn, the
+    conversation before it as the prompt (the loss is on the completion only, so every answer trains
+    once, in its context); "last": only the last."""
     report = LoadReport(str(path), fmt)
     prompts, completions = [], []
     for where, record in iter_records(path):
@@ -309,6 +315,12 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
             report.problems.append(str(err))
             log.warning("skipped %s", err)
             continue
+        if turns == "all" and report.format == "messages":
+            for j, message in enumerate(prompt):
+                if j and message["role"] == "assistant" and message["content"].strip():
+                    prompts.append(with_system_prompt(prompt[:j], system_prompt))
+                    completions.append([message])
+                    report.earlier_turns += 1
         prompt = with_system_prompt(prompt, system_prompt)
         prompts.append(prompt)
         completions.append(completion)
@@ -319,17 +331,18 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
 
 
 def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
-                     on_error: str = "raise"):
+                     on_error: str = "raise", turns: str = "all"):
     """Read, validate and convert; returns (datasets.Dataset of prompt/completion, LoadReport)."""
     from datasets import Dataset
 
-    prompts, completions, report = read_sft_examples(path, fmt, system_prompt=system_prompt, on_error=on_error)
+    prompts, completions, report = read_sft_examples(path, fmt, system_prompt=system_prompt, on_error=on_error,
+                                                     turns=turns)
     log.info(report.summary())
-    earlier = sum(any(m["role"] == "assistant" for m in p) for p in prompts)
-    if earlier:
-        log.warning("%d of %d examples have assistant turns before their last one: those are context, not "
-                    "trained (the loss is on each example's last assistant message only); to train every turn, "
-                    "give one example per turn (its conversation up to that turn)", earlier, len(prompts))
+    if turns == "last":
+        earlier = sum(any(m["role"] == "assistant" for m in p) for p in prompts)
+        if earlier:
+            log.warning("%d of %d examples have assistant turns before their last one: with data.turns=last those "
+                        "are context, not trained (data.turns=all trains each)", earlier, len(prompts))
     return Dataset.from_dict({"prompt": prompts, "completion": completions}), report
 
 
@@ -337,8 +350,10 @@ def split_by_prompt(dataset, test_fraction: float, seed: int):
     """(train, held-out) of a prompt/completion Dataset with every prompt on one side only.
 
     Several answers to one instruction on both sides would make held-out loss optimistic (the model
-    saw the prompt). With every prompt distinct this is datasets' own train_test_split, row for row."""
-    keys = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
+    saw the prompt). A prompt is the conversation's opening, up to its first assistant turn, so the
+    examples of one conversation's turns (data.turns=all) stay together. With every prompt distinct
+    this is datasets' own train_test_split, row for row."""
+    keys = [json.dumps(_opening(p), sort_keys=True) for p in dataset["prompt"]]
     if len(set(keys)) == len(keys):
         split = dataset.train_test_split(test_size=test_fraction, seed=seed)
         return split["train"], split["test"]
@@ -350,6 +365,14 @@ def split_by_prompt(dataset, test_fraction: float, seed: int):
     held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=test_fraction, seed=seed)["test"]["key"])
     test = [i for i, k in enumerate(keys) if k in held]
     return dataset.select([i for i, k in enumerate(keys) if k not in held]), dataset.select(test)
+
+
+def _opening(prompt: Any) -> Any:
+    """A conversation up to its first assistant turn (a plain-text prompt as it is)."""
+    if not isinstance(prompt, list):
+        return prompt
+    first = next((i for i, m in enumerate(prompt) if m.get("role") == "assistant"), len(prompt))
+    return prompt[:first]
 
 
 def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:

@@ -77,8 +77,8 @@ def main(cfg: SFTStageConfig) -> Path:
 
     # --- data -------------------------------------------------------------------------------
     dataset, data_report = load_sft_dataset(
-        cfg.data.path, cfg.data.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error
-    )
+        cfg.data.path, cfg.data.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
+        turns=cfg.data.turns)
     tokenizer = load_tokenizer(cfg.model.name)
     truncated = count_truncated(dataset, tokenizer, cfg.model.max_length)
     if truncated:

@@ -44,10 +44,13 @@ def test_messages_jsonl_multi_turn(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"}, *USER, *ASSISTANT]}])
-    ds, report = load_sft_dataset(path)
+    ds, report = load_sft_dataset(path, turns="last")
     assert report.format == "messages"
     assert len(ds["prompt"][0]) == 4 and ds["prompt"][0][0]["role"] == "system"
     expect_one(ds)
+    both, report = load_sft_dataset(path)  # turns=all: the earlier answer is an example too
+    assert report.earlier_turns == 1 and [c[0]["content"] for c in both["completion"]] == ["Hello!", ASSISTANT[0]["content"]]
+    assert both["prompt"][0] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
 
 
 def test_prompt_completion_strings_and_messages(tmp_path):
@@ -173,14 +176,26 @@ def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_s
     assert tokenizer.eos_token == ("<|im_end|>" if "<|im_end|>" in specials else "<|endoftext|>")
 
 
-def test_earlier_assistant_turns_are_said_to_be_context(tmp_path, caplog):
-    from alignment.data import load_sft_dataset
+def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one_side(tmp_path, caplog):
+    """data.turns=all (the default): each assistant turn is an example, its conversation before it the prompt;
+    the held-out split keeps a conversation's examples together (by its opening). turns=last: the last only."""
+    from alignment.data import load_sft_dataset, split_by_prompt
 
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Sync?"}, {"role": "assistant", "content": "Tap Sync."}]
+    chats = [[{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Sync?"}, {"role": "assistant", "content": f"Tap Sync {i}."}]
+             for i in range(20)]
     path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": m}) for m in (chat, chat[2:])) + "\n")
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in chats) + "\n")
+    data, report = load_sft_dataset(path)
+    assert len(data) == 40 and report.earlier_turns == 20
+    assert data["prompt"][0] == chats[0][:1] and data["completion"][0] == [chats[0][1]]
+    assert data["prompt"][1] == chats[0][:3] and data["completion"][1] == [chats[0][3]]
+    train, test = split_by_prompt(data, 0.25, seed=0)
+    opening = lambda p: p[0]["content"]  # noqa: E731
+    assert {opening(p) for p in train["prompt"]}.isdisjoint({opening(p) for p in test["prompt"]})
+    assert len(test) % 2 == 0 and len(test) >= 2  # whole conversations
+
     with caplog.at_level("WARNING"):
-        data, _ = load_sft_dataset(path)
-    assert data["completion"][0] == [{"role": "assistant", "content": "Tap Sync."}]
-    assert "1 of 2 examples have assistant turns before their last one: those are context, not trained" in caplog.text
+        last, _ = load_sft_dataset(path, turns="last")
+    assert len(last) == 20 and last["completion"][0] == [chats[0][3]]
+    assert "20 of 20 examples have assistant turns before their last one: with data.turns=last" in caplog.text
