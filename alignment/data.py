@@ -281,6 +281,10 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
             completion = _messages(completion, where, "completion")
             if not completion[-1]["content"].strip():
                 raise DataError(f"{where}: field 'completion' is empty")
+            others = sorted({m["role"] for m in completion} - {"assistant"})
+            if others:  # the loss is on the completion: a user turn there would train the model to write it
+                raise DataError(f"{where}: field 'completion' has a {others[0]} message; it holds the assistant's "
+                                "answer only (put the conversation before it in 'prompt')")
         return prompt, completion
     raise DataError(f"unknown format {fmt!r}")
 

@@ -199,3 +199,11 @@ def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one
         last, _ = load_sft_dataset(path, turns="last")
     assert len(last) == 20 and last["completion"][0] == [chats[0][3]]
     assert "20 of 20 examples have assistant turns before their last one: with data.turns=last" in caplog.text
+
+
+def test_a_completion_of_messages_is_the_assistants_only(tmp_path):
+    from alignment.data import DataError
+
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": USER, "completion": [*ASSISTANT, *USER]}])
+    with pytest.raises(DataError, match=r"pc.jsonl:1: field 'completion' has a user message"):
+        load_sft_dataset(path)
