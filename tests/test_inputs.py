@@ -369,6 +369,8 @@ def test_run_dir_that_cannot_be_written(tmp_path, capsys):
     (["--port", "http"], "argument --port: expected an integer, got 'http'"),
     (["--overlap", "0"], "argument --overlap: must be >= 1, got 0"),
     (["--gold-rate", "1.5"], "argument --gold-rate: must be in [0, 1], got 1.5"),
+    (["--session-hours", "0"], "argument --session-hours: must be in [0.01, 8760], got 0"),
+    (["--session-hours", "nan", "users", "list"], "argument --session-hours: must be in [0.01, 8760], got nan"),
     (["--annotators", "0", "--simulate", "length"], "argument --annotators: must be >= 1, got 0"),
     (["--noise", "-1", "--simulate", "length"], "argument --noise: must be >= 0, got -1"),
     (["--noise", "nan", "--simulate", "length"], "argument --noise: must be >= 0, got nan"),

@@ -51,7 +51,6 @@ def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     built: dict = {}
     monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
     monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: built.update(served=(app, host, port)))
-    assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "nan"]) == 2
     assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "2"]) == 0
     assert built["served"] == ("app", "127.0.0.1", 7860) and built["session_hours"] == 2.0
     assert built["export_dir"] == str(tmp_path / "preferences")
