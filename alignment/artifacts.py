@@ -214,8 +214,10 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "metrics": metrics or {},
         **extra,
     }
+    from alignment.config import redact
+
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.write_text(json.dumps(redact(json.loads(json.dumps(manifest, default=str))), indent=2))  # no URL's password
     tmp.replace(path)  # a manifest is the "stage finished" mark: never half-written
     return path
 

@@ -107,7 +107,9 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     out = stage_dir(run_dir, "export")
     check_target(out)  # a folder it must not replace: say so now, not after starting a process
     settings = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
-    settings = {**(settings or {}), "store": store, "output": None}
+    # Every batch: the batch filter of an earlier `align export batches=[...]` would leave each new batch out
+    # of every later export, without a word in the summary.
+    settings = {**(settings or {}), "store": store, "output": None, "batches": None}
     settings["run"] = {**(settings.get("run") or {}), "dir": str(run_dir)}
     # A file, not `store=URL` in argv: the URL may hold a password and argv is visible to every user.
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="align-export-") as config:  # mode 0600

@@ -633,11 +633,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+_PASSWORD_IN_URL = re.compile(r"(\w[\w+.-]*:/{1,2}[^:/@\s]+:)[^@\s]*@")  # one slash: a URL made a Path
+
+
+def redact(value: Any) -> Any:
+    """`value` (a config or manifest, nested) with the password of every URL in it masked: a store at
+    postgresql://user:password@host/db is written to config.yaml, align.json and W&B as user:***@."""
+    if isinstance(value, str):
+        return _PASSWORD_IN_URL.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 writes artifacts
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alignment.config import RunConfig
+from alignment.config import RunConfig, redact
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def start_wandb_run(cfg: RunConfig, stage: str, config: dict[str, Any] | None = 
 
     env = os.environ
     return wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
-                      job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=config, reinit="finish_previous")
+                      job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=redact(config), reinit="finish_previous")
 
 
 def report_to(cfg: RunConfig) -> list[str]:

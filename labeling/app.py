@@ -169,10 +169,12 @@ def _num(value: Any, digits: int = 2) -> str:
 
 def _totals(stats: dict) -> str:
     totals, people = stats.get("totals", {}), stats.get("per_annotator") or []
-    per_hour = sum(p.get("per_hour") or 0 for p in people if p.get("done"))
+    rates = [p["per_hour"] for p in people if p.get("per_hour")]
     seconds = [p["mean_seconds"] for p in people if p.get("mean_seconds") is not None]
+    # Their rates added: the team's rankings per hour when they all work at once (time on task)
+    throughput = f"**{sum(rates):.1f}** rankings/hour" if rates else "— (too few timed rankings yet)"
     return (f"**{totals.get('tasks', 0)}** tasks · **{totals.get('rankings', 0)}** rankings · "
-            f"**{totals.get('annotators', 0)}** active annotators · throughput **{per_hour:.1f}** rankings/hour"
+            f"**{totals.get('annotators', 0)}** active annotators · throughput {throughput}"
             + (f" · **{sum(seconds) / len(seconds):.0f} s** per task on average" if seconds else ""))
 
 

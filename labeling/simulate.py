@@ -117,10 +117,13 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                     spread = (max(scores) - min(scores)) or 1.0
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
                 # The same seed as next_task's: it sets the shuffled order the ranks are given in.
-                handlers.submit(store, session, task["task_id"], profile_ranks(kinds[i], scores, rng, tie_resolution),
+                ranks = profile_ranks(kinds[i], scores, rng, tie_resolution)
+                # An A/B task (align eval human=true) takes a verdict, as a person's click gives one
+                verdict = ({(1, 2): "A", (2, 1): "B"}.get(tuple(ranks), "tie") if task["kind"] == "pairwise"
+                           else None)
+                handlers.submit(store, session, task["task_id"], None if verdict else ranks, verdict=verdict,
                                 rationale=simulated_rationale(scorer_spec, tie_resolution),
-                                seconds=time.perf_counter() - started,
-                                seed=seed)
+                                seconds=time.perf_counter() - started, seed=seed)
                 submitted += 1
                 bar.update(1)
     log.info("simulated annotators (%s, %d, noise %.2f, profiles %s) submitted %d rankings", scorer_spec, annotators,

@@ -56,6 +56,7 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 SCHEMA_VERSION = 3
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
 NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a longer value
+MIN_TIMED = 3  # rankings with a known time before the admin view gives an annotator's rate
 
 metadata = MetaData()
 meta_table = Table("align_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -698,22 +699,24 @@ class Store:
             people = conn.execute(select(annotators.c.id, annotators.c.name, annotators.c.is_admin)).mappings().all()
             status = conn.execute(select(assignments.c.annotator_id, assignments.c.status, func.count())
                                   .group_by(assignments.c.annotator_id, assignments.c.status)).all()
-            times = conn.execute(select(rankings.c.annotator_id, func.min(rankings.c.updated), func.max(rankings.c.updated),
-                                        func.avg(rankings.c.seconds)).where(rankings.c.status == "submitted")
+            # Time on task: the seconds each ranking took; 0 is unknown (the app restarted while it was open)
+            times = conn.execute(select(rankings.c.annotator_id, func.count(), func.sum(rankings.c.seconds))
+                                 .where(rankings.c.status == "submitted", rankings.c.seconds > 0)
                                  .group_by(rankings.c.annotator_id)).all()
         counts: dict[int, dict[str, int]] = {}
         for a, s, c in status:
             counts.setdefault(a, {})[s] = c
-        spans = {a: (lo, hi, avg) for a, lo, hi, avg in times}
+        timed = {a: (n, total) for a, n, total in times}
         out = []
         for p in people:
             c = counts.get(p["id"], {})
-            lo, hi, avg = spans.get(p["id"], (None, None, None))
-            done = c.get("submitted", 0)
-            hours = max((hi - lo) / 3600, 1 / 60) if lo is not None else None
-            out.append({"name": p["name"], "admin": bool(p["is_admin"]), "done": done, "skipped": c.get("skipped", 0),
-                        "open": c.get("assigned", 0), "per_hour": round(done / hours, 1) if hours else 0.0,
-                        "mean_seconds": round(avg, 1) if avg is not None else None})
+            n, total = timed.get(p["id"], (0, 0.0))
+            # Rankings per hour of time on task (not per hour between the first and last submit, which
+            # counts breaks and says 60/hour for one ranking); none from fewer than MIN_TIMED rankings.
+            per_hour = round(3600 * n / total, 1) if n >= MIN_TIMED and total > 0 else None
+            out.append({"name": p["name"], "admin": bool(p["is_admin"]), "done": c.get("submitted", 0),
+                        "skipped": c.get("skipped", 0), "open": c.get("assigned", 0), "per_hour": per_hour,
+                        "mean_seconds": round(total / n, 1) if n else None})
         return out
 
 

@@ -45,7 +45,7 @@ from alignment.artifacts import (
     stage_dir,
     store_url,
 )
-from alignment.config import PipelineConfig, to_dict
+from alignment.config import PipelineConfig, redact, to_dict
 from alignment.data import file_hash
 from alignment.preflight import check_stage
 
@@ -57,7 +57,7 @@ UNMADE = (("run", "wandb"), ("run", "wandb_project"), ("train", "resume_from_che
 
 
 def _made_by(config: dict[str, Any]) -> dict[str, Any]:
-    config = json.loads(json.dumps(config, default=str))
+    config = redact(json.loads(json.dumps(config, default=str)))  # as written: a URL's password masked
     for section, key in UNMADE:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)

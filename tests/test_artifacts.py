@@ -144,3 +144,23 @@ def test_the_next_command_keeps_the_config_family_it_ran_from(monkeypatch):
     assert artifacts.with_sibling_configs("align label --run-dir r") == "align label --run-dir r"  # no label.yaml
     monkeypatch.setattr(artifacts, "config_folder", None)
     assert artifacts.with_sibling_configs("align sample run.dir=r") == "align sample run.dir=r"
+
+
+def test_a_database_password_is_never_written(tmp_path):
+    """A team's store is postgresql://user:password@host/db: config.yaml, align.json (and W&B, through the
+    same redact) hold user:***@, and the pipeline's rerun rule compares configs as written."""
+    import yaml
+
+    from alignment.artifacts import write_manifest
+    from alignment.config import ExportStageConfig, redact, save_config, to_dict
+
+    url = "postgresql://team:s3cret-PW@db.example:5432/labels"
+    cfg = ExportStageConfig(store=url)
+    save_config(cfg, tmp_path / "config.yaml")
+    write_manifest(tmp_path, stage="export", config=to_dict(cfg), base_model=None, parents={"store": url}, store=url)
+    for name in ("config.yaml", "align.json"):
+        text = (tmp_path / name).read_text()
+        assert "s3cret" not in text and "postgresql://team:***@db.example:5432/labels" in text, name
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["store"] == redact(url)
+    assert redact({"a": [url, "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}) == {
+        "a": ["postgresql://team:***@db.example:5432/labels", "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}

@@ -58,6 +58,11 @@ def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     assert summary["pairs"] == 3
     manifest = json.loads((tmp_path / "preferences" / "align.json").read_text())
     assert manifest["stage"] == "export" and (tmp_path / "preferences" / "config.yaml").is_file()
+    # a new batch after a command-line export of one batch: the button exports every batch, not that one
+    assert align(["export", f"run.dir={tmp_path}", "batches=[round-0]", "run.wandb=disabled"]) == 0
+    store.add_tasks("round-1", [{"prompt": f"r1 q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(2)])
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    assert built["export"]()["pairs"] == 5
 
 
 def test_serve_url_adds_the_playground_with_the_key_from_the_environment(tmp_path, monkeypatch, capsys):

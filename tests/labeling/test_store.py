@@ -514,3 +514,29 @@ def test_text_postgresql_refuses_is_kept_or_refused_with_a_reason(store):
         store.add_user("bo\x00b", "secret-pw")
     with pytest.raises(ValueError, match="batch: a name of 1 to 200 characters"):
         store.add_tasks("r" * 201, [{"prompt": "p", "responses": ["a", "b"]}], source={})
+
+
+def test_a_simulated_annotator_gives_an_ab_task_a_verdict(store):
+    """align eval human=true puts A/B tasks in the store; a simulated annotator meets them in its queue and
+    answers with a verdict, as a person's click does (it stopped there, on every rerun)."""
+    from labeling.simulate import simulate
+
+    make_tasks(store, 2)
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "Which reply?", "responses": ["no.", "Thanks! Open Settings."]},
+                                        {"prompt": "And this?", "responses": ["same", "same"]}], kind="pairwise")
+    assert simulate(store, "support_style") == 4
+    ab = {r["prompt"]: r["ranks"] for r in store.submitted_rankings() if r["kind"] == "pairwise"}
+    assert ab == {"Which reply?": [2, 1], "And this?": [1, 1]}  # B better; a tie
+
+
+def test_the_admins_rates_are_per_hour_of_time_on_task(store):
+    """Rankings per hour from the seconds each took (breaks are not work; one ranking is not 60 an hour), with
+    an unknown time (0: the app restarted while the task was open) in neither the rate nor the mean."""
+    make_tasks(store, 5)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    for seconds in (60.0, 90.0, 30.0, 0.0):
+        handlers.submit(store, alice, handlers.next_task(store, alice)["task_id"], [1, 2, 3, 4], seconds=seconds)
+    handlers.submit(store, bob, handlers.next_task(store, bob)["task_id"], [1, 2, 3, 4], seconds=20.0)
+    people = {p["name"]: p for p in store.annotator_activity()}
+    assert people["alice"]["done"] == 4 and people["alice"]["per_hour"] == 60.0 and people["alice"]["mean_seconds"] == 60.0
+    assert people["bob"]["per_hour"] is None and people["bob"]["mean_seconds"] == 20.0  # one timed ranking: no rate
