@@ -209,8 +209,10 @@ def _cookie(request: gr.Request | None) -> str | None:
 def _export_summary(folder: str, summary: dict) -> str:
     dropped = ", ".join(f"{k.removeprefix('dropped_').replace('_', ' ')} {v}" for k, v in summary.items()
                         if k.startswith("dropped_") and v) or "none"
+    gold = summary.get("gold_rankings")
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
-               f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}")
+               f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}"
+               + (f" · {gold} rankings of gold tasks scored the annotators" if gold else ""))
     return (f"<p class='align-note'><b>Exported</b> {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, "
             f"test {summary.get('test_pairs', '?')}) to <code>{html.escape(folder)}</code> {html.escape(counted)}</p>")
 
@@ -335,7 +337,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             """Updates for `task_outputs` that put `next_` (or the all-done screen) on the page."""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                return [None, 0.0, "**All done.** Nothing is left for you to label; thank you!",
+                return [None, 0.0, "**All done.** Nothing is left for you to label; thank you! When new tasks "
+                        "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
                         gr.update(visible=False, value=None), False, False, "", gr.update(interactive=False)]
             responses, k = next_["responses"], len(next_["responses"])

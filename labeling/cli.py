@@ -182,8 +182,12 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}")
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":
-            store.add_gold(int(cmd[1]), [int(x) for x in cmd[2].split(",")])
-            print(f"task {cmd[1]} is gold with ranks {cmd[2]}")
+            task_id = int(cmd[1])
+            store.add_gold(task_id, [int(x) for x in cmd[2].split(",")])
+            ranked = sum(r["task_id"] == task_id for r in store.submitted_rankings())
+            print(f"task {cmd[1]} is gold with ranks {cmd[2]}" + (
+                f"; its {ranked} submitted ranking{'s' if ranked > 1 else ''} now score{'' if ranked > 1 else 's'} "
+                "the annotators and no longer reach the exported pairs" if ranked else ""))
             return 0
         if cmd:
             print(f"align label: unknown command {' '.join(cmd)!r}; see `align label --help`", file=sys.stderr)

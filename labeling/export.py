@@ -194,9 +194,12 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["kind"] != "ranking" or r["is_gold"] or str(r["batch"]).startswith("eval-"):
-            continue
         if batches and r["batch"] not in batches:
+            continue
+        if r["kind"] != "ranking" or str(r["batch"]).startswith("eval-"):  # A/B tasks of align eval human=true
+            continue
+        if r["is_gold"]:  # a gold task's rankings score the annotators; a task marked gold after it was ranked
+            counts["gold_rankings"] += 1  # too, said here, where the rankings it had stop reaching the pairs
             continue
         counts["rankings"] += 1
         per_annotator[r["annotator"]] += 1
@@ -257,6 +260,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                "dropped_low_agreement": counts["dropped_low_agreement"],
                "dropped_duplicates": counts["dropped_duplicates"], "kept_ties": counts["kept_ties"],
                "dropped_uncertain": counts["dropped_uncertain"], "pairs_with_cut_side": counts["pairs_with_cut_side"],
+               "gold_rankings": counts["gold_rankings"],
                "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator),
                "mean_p_chosen": _mean([p["p_chosen"] for p in pairs]) if combine == "dawid_skene" and pairs else None,
                "reliability": {**reliability.summary(), "used_for_pairs": combine == "dawid_skene"}}

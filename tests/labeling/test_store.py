@@ -203,6 +203,10 @@ def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
     assert row["gold_accuracy"] == pytest.approx(0.5) and row["done"] == 6
     assert store.pending_count("round-0") == 0
     assert next(b for b in stats["per_batch"])["gold"] == 2
+    from labeling.export import build_pairs
+
+    _, summary = build_pairs(store.submitted_rankings(), gold=store.gold_answers())
+    assert summary["rankings"] == 4 and summary["gold_rankings"] == 2  # said, not silently fewer
 
 
 def test_admin_view_and_export_are_for_admins_only(store, tmp_path):
