@@ -3,6 +3,9 @@
     align label --run-dir runs/quickstart                      the app on http://127.0.0.1:7860
     align label users add alice --admin                        an account (asks for a password)
     align label users list
+    align label users passwd alice                             a new password (ends her sessions)
+    align label users disable bob                              no more sign-ins; his rankings stay
+    align label users admin carol on                           admin rights on (or off)
     align label --simulate support_style --annotators 3 --noise 0.3
     align label --simulate support_style --profiles good,noisy:0.8,adversarial --gold-rate 0.1
     align label status                                         tasks and rankings per batch
@@ -46,7 +49,9 @@ def _number(kind: type, low: float, high: float | None = None):
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the options and command, found before the store is opened or created."""
     cmd = args.command
-    known = (cmd[:2] == ["users", "add"] and len(cmd) == 3) or cmd in (["users", "list"], ["status"], [])
+    known = (cmd[:2] in (["users", "add"], ["users", "passwd"], ["users", "disable"]) and len(cmd) == 3) \
+        or (cmd[:2] == ["users", "admin"] and len(cmd) == 4 and cmd[3] in ("on", "off")) \
+        or cmd in (["users", "list"], ["status"], [])
     if len(cmd) == 3 and cmd[0] == "gold":
         try:
             int(cmd[1]), [int(x) for x in cmd[2].split(",")]
@@ -141,10 +146,11 @@ def parser() -> argparse.ArgumentParser:
                         "Playground tab; its API key, if any, is read from $ALIGN_SERVE_API_KEY")
     p.add_argument("--serve-max-tokens", type=_number(int, 1), default=256,
                    help="with --serve-url: the longest answer the Playground asks for (default 256)")
-    p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | status | "
-                                              "gold TASK_ID RANKS")
+    p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | "
+                                              "users passwd NAME [--password P] | users disable NAME | "
+                                              "users admin NAME on|off | status | gold TASK_ID RANKS")
     p.add_argument("--admin", action="store_true", help="with users add: an admin account")
-    p.add_argument("--password", help="with users add: the password (asked for when absent)")
+    p.add_argument("--password", help="with users add or passwd: the password (asked for when absent)")
     return p
 
 
@@ -173,7 +179,19 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             return 0
         if cmd == ["users", "list"]:
             for u in store.users():
-                print(f"{u['name']}{'  (admin)' if u['is_admin'] else ''}")
+                print(f"{u['name']}{'  (admin)' if u['is_admin'] else ''}{'  (disabled)' if u['disabled'] else ''}")
+            return 0
+        if cmd[:2] == ["users", "passwd"]:
+            store.set_password(cmd[2], args.password or getpass.getpass(f"new password for {cmd[2]}: "))
+            print(f"user {cmd[2]!r}: new password; signed out everywhere")
+            return 0
+        if cmd[:2] == ["users", "disable"]:
+            store.disable_user(cmd[2])
+            print(f"user {cmd[2]!r} disabled and signed out; their rankings stay (users passwd {cmd[2]} enables again)")
+            return 0
+        if cmd[:2] == ["users", "admin"]:
+            store.set_admin(cmd[2], cmd[3] == "on")
+            print(f"user {cmd[2]!r}: admin {cmd[3]}")
             return 0
         if cmd == ["status"]:
             for b in store.batch_counts():

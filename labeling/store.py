@@ -165,6 +165,7 @@ def check_password(password: str, stored: str) -> bool:
 # Checked when the user name is unknown, so that an unknown name costs the same scrypt as a wrong
 # password: the time of an answer does not tell which names exist.
 _NO_SUCH_USER = hash_password(secrets.token_hex(16))
+DISABLED = "disabled"  # a disabled account's password hash: no password matches it
 
 
 def _safe_url(url: str) -> str:
@@ -409,15 +410,53 @@ class Store:
 
     def users(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(annotators.c.id, annotators.c.name, annotators.c.is_admin)
-                                                  .order_by(annotators.c.name)).mappings()]
+            return [{**r, "disabled": r.pop("password_hash") == DISABLED} for r in (dict(r) for r in conn.execute(
+                select(annotators.c.id, annotators.c.name, annotators.c.is_admin, annotators.c.password_hash)
+                .order_by(annotators.c.name)).mappings())]
+
+    def _account(self, conn: Connection, name: str) -> Any:
+        row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
+        if row is None:
+            raise ValueError(f"no user {name!r} (align label users list)")
+        return row
+
+    def set_password(self, name: str, password: str) -> None:
+        """A new password (also how a disabled account comes back); the account's open sessions end."""
+        if len(password) < 4:
+            raise ValueError("a password needs at least 4 characters")
+        with self.tx() as conn:
+            row = self._account(conn, name)
+            conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(password_hash=hash_password(password)))
+            conn.execute(delete(sessions).where(sessions.c.annotator_id == row["id"]))
+
+    def disable_user(self, name: str) -> None:
+        """No more sign-ins, and its open sessions end now; its rankings stay (exports do not change)."""
+        with self.tx(lock=True) as conn:
+            row = self._account(conn, name)
+            if row["is_admin"] and self._admins(conn) <= 1:
+                raise ValueError(f"{name!r} is the last admin: make another admin first (users admin NAME on)")
+            conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(password_hash=DISABLED))
+            conn.execute(delete(sessions).where(sessions.c.annotator_id == row["id"]))
+
+    def set_admin(self, name: str, admin: bool) -> None:
+        with self.tx(lock=True) as conn:
+            row = self._account(conn, name)
+            if row["is_admin"] and not admin and self._admins(conn) <= 1:
+                raise ValueError(f"{name!r} is the last admin: make another admin first")
+            conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(is_admin=admin))
+
+    @staticmethod
+    def _admins(conn: Connection) -> int:
+        return conn.execute(select(func.count()).select_from(annotators).where(
+            annotators.c.is_admin.is_(True), annotators.c.password_hash != DISABLED)).scalar_one()
 
     def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
         """The account for a right name and password, else None; an unknown name takes as long as a wrong password."""
         with self.engine.connect() as conn:
             row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
-        ok = check_password(password, row["password_hash"] if row is not None else _NO_SUCH_USER)
-        if row is None or not ok:
+        known = row is not None and row["password_hash"] != DISABLED  # a disabled one: as long as a wrong password
+        ok = check_password(password, row["password_hash"] if known else _NO_SUCH_USER)
+        if not known or not ok:
             return None
         return {"annotator_id": row["id"], "name": row["name"], "is_admin": bool(row["is_admin"])}
 

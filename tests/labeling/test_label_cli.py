@@ -106,3 +106,29 @@ def test_labeling_imports_nothing_from_alignment_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
+    """A departed annotator loses access (sessions end now) and keeps their rankings; a forgotten password is
+    reset; admin rights move, never leaving the store without an admin."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("lead", "pw-1234", admin=True)
+    store.add_user("bob", "pw-bob1")
+    bob = store.authenticate("bob", "pw-bob1")
+    token = store.open_session(bob["annotator_id"], ttl=3600)
+    label = ["label", "--run-dir", str(tmp_path)]
+
+    assert align([*label, "users", "disable", "bob"]) == 0
+    assert store.authenticate("bob", "pw-bob1") is None and store.session(token) is None
+    assert align([*label, "users", "list"]) == 0 and "bob  (disabled)" in capsys.readouterr().out
+    assert align([*label, "users", "passwd", "bob", "--password", "new-pw-2"]) == 0  # enabled again
+    assert store.authenticate("bob", "new-pw-2")["name"] == "bob" and store.authenticate("bob", "pw-bob1") is None
+
+    assert align([*label, "users", "admin", "lead", "off"]) == 2
+    assert "'lead' is the last admin" in capsys.readouterr().err
+    assert align([*label, "users", "disable", "lead"]) == 2
+    assert align([*label, "users", "admin", "bob", "on"]) == 0 and align([*label, "users", "admin", "lead", "off"]) == 0
+    assert {u["name"]: u["is_admin"] for u in store.users()} == {"bob": True, "lead": False}
+    assert align([*label, "users", "passwd", "nobody", "--password", "x-1234"]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err
+    assert align([*label, "users", "admin", "bob", "maybe"]) == 2  # on or off
