@@ -121,9 +121,9 @@ def _has_rankings(url: str | None, run_dir: str) -> bool:
 
 
 def _has_accounts(url: str | None, run_dir: str) -> bool:
-    """The store has an account to sign in with."""
+    """The store has an account to sign in with (a disabled one is not)."""
     store = _existing_store(url, run_dir)
-    return store is not None and bool(store.users())
+    return store is not None and any(not u["disabled"] for u in store.users())
 
 
 def _reward(cfg, pending: set[str], p: str) -> None:

@@ -237,8 +237,9 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
     if not guidelines.is_file():
         print(f"align label: guidelines file not found: {guidelines}", file=sys.stderr)
         return 2
-    if not store.users():
-        print("align label: no accounts yet; make one first: align label users add NAME --admin", file=sys.stderr)
+    if not any(not u["disabled"] for u in store.users()):
+        print("align label: no accounts to sign in with yet; make one first: align label users add NAME --admin",
+              file=sys.stderr)
         return 2
     playground = None
     if args.serve_url:

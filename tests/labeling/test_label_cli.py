@@ -132,3 +132,15 @@ def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
     assert align([*label, "users", "passwd", "nobody", "--password", "x-1234"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
     assert align([*label, "users", "admin", "bob", "maybe"]) == 2  # on or off
+    assert align([*label, "users", "disable", "lead"]) == 0 and align([*label, "users", "disable", "bob"]) == 2
+    store.add_user("carol", "pw-carol", admin=True)
+    assert align([*label, "users", "disable", "bob"]) == 0 and align([*label, "users", "disable", "carol"]) == 2
+    from alignment.preflight import _has_accounts
+
+    assert _has_accounts(None, str(tmp_path))  # carol
+    solo = Store(f"sqlite:///{tmp_path / 'solo' / 'labels.db'}")
+    solo.add_user("x", "pw-xxxx")
+    solo.disable_user("x")  # no admin to keep: every account disabled is no account to sign in with
+    assert not _has_accounts(None, str(tmp_path / "solo"))
+    assert align(["label", "--run-dir", str(tmp_path / "solo")]) == 2
+    assert "no accounts to sign in with yet" in capsys.readouterr().err
