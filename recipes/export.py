@@ -45,7 +45,8 @@ def main(cfg: ExportStageConfig) -> Path:
     check_stage("export", cfg)  # the store and the paths before anything is written
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))
-    rankings = store.submitted_rankings()
+    # Of the batches this export reads: the pipeline compares the count to know whether to export again
+    rankings = [r for r in store.submitted_rankings() if not cfg.batches or r["batch"] in cfg.batches]
     if not rankings:
         raise StageError("the labelling store has no submitted rankings yet: label first "
                          f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")

@@ -109,10 +109,11 @@ def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: int | None = N
     return run_stage(name, cfg)
 
 
-def submitted_count(url: str) -> int:
+def submitted_count(url: str, batches: list[str] | None = None) -> int:
+    """Submitted rankings in the store, or in `batches` of it (as recipes/export.py counts `rankings_seen`)."""
     from labeling.store import Store
 
-    return len(Store(url).submitted_rankings())
+    return sum(not batches or r["batch"] in batches for r in Store(url).submitted_rankings())
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
@@ -192,7 +193,9 @@ def main(cfg: PipelineConfig) -> Path:
             "sft": replace(cfg.sft, run=replace(cfg.run, dir=str(root))),
             "sample": replace(sample, run=run, store=store, round=r, batch=batch,
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
-            "export": replace(cfg.export, run=run, store=store),
+            # This round's and the earlier rounds' batches: a later round's labels never remake an earlier round
+            "export": replace(cfg.export, run=run, store=store,
+                              batches=cfg.export.batches or [round_batch(i) for i in range(r + 1)]),
             # The probes see the edits through the labelling scorer too (what the labels supported);
             # the next round picks its tasks by this round's reward model: it needs its heads.
             "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir),
@@ -214,7 +217,7 @@ def main(cfg: PipelineConfig) -> Path:
             if stage == "label":
                 label(cfg, run_dir, batch)
                 continue
-            rankings = submitted_count(store) if stage == "export" else None
+            rankings = submitted_count(store, stage_cfgs["export"].batches) if stage == "export" else None
             run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
 

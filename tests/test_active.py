@@ -215,7 +215,7 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     assert manifest["metrics"]["responses_cut"] == flags.count(False) and manifest["metrics"]["responses_sampled"] == 6
 
 
-def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
+def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch):
     from labeling.store import Store
 
     data = tmp_path / "train.jsonl"
@@ -223,14 +223,15 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
                                           "output": "Thanks for asking! Open Settings." if i % 2 else f"Open {t}."})
                               for i, t in enumerate(["sync", "export", "share a note", "find tags"] * 4)) + "\n")
     run = tmp_path / "run"
-    assert align(["pipeline", f"run.dir={run}", "run.wandb=disabled", "stages=[sft,sample,label,export,reward,dpo]",
-                  "rounds=2", "scorer=support_style", f"sft.model.name={tiny_model}", f"sft.data.path={data}",
-                  "sft.train.max_steps=2", "sft.model.quantize=false", "sft.data.eval_fraction=0",
-                  f"sample.prompts={data}", "sample.num_prompts=4", "sample.k=3", "sample.generation.max_new_tokens=8",
-                  "sample.selection=uncertainty", "sample.pool_factor=2", "export.test_fraction=0.25",
-                  "reward.train.max_steps=2", "reward.model.quantize=false",
-                  "reward.model.max_length=96", "dpo.train.max_steps=1", "dpo.model.quantize=false",
-                  "dpo.model.max_length=96"]) == 0
+    args = ["pipeline", f"run.dir={run}", "run.wandb=disabled", "stages=[sft,sample,label,export,reward,dpo]",
+            "rounds=2", "scorer=support_style", f"sft.model.name={tiny_model}", f"sft.data.path={data}",
+            "sft.train.max_steps=2", "sft.model.quantize=false", "sft.data.eval_fraction=0",
+            f"sample.prompts={data}", "sample.num_prompts=4", "sample.k=3", "sample.generation.max_new_tokens=8",
+            "sample.selection=uncertainty", "sample.pool_factor=2", "export.test_fraction=0.25",
+            "reward.train.max_steps=2", "reward.model.quantize=false",
+            "reward.model.max_length=96", "dpo.train.max_steps=1", "dpo.model.quantize=false",
+            "dpo.model.max_length=96"]
+    assert align(args) == 0
     first, second = (json.loads((r / "sample" / "align.json").read_text()) for r in (run, run / "round-1"))
     assert first["selection"]["selection"] == "random" and first["selection"]["pool"] == 4  # no reward model yet
     assert second["selection"]["selection"] == "uncertainty" and second["selection"]["candidates"] == 8
@@ -246,6 +247,15 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path):
     assert len(tasks) == 4 and all(t["priority"] == pytest.approx(values[t["prompt"]]) for t in tasks)
     assert min(t["priority"] for t in tasks) >= sorted(values.values())[-4]  # the 4 most uncertain of 8
     assert len(store.submitted_rankings("round-1")) == 4  # labelled, in queue order, by the simulated annotator
+    # Each round exports its batch and the earlier ones; a rerun remakes nothing (round 1's labels once
+    # counted as new for round 0's export, which then retrained round 0's policies on them).
+    seen = [json.loads((r / "preferences" / "align.json").read_text())["rankings_seen"] for r in (run, run / "round-1")]
+    assert seen == [4, 8]
+    import recipes.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    assert align(args) == 0 and ran == []
 
 
 # ---------------------------------------------------------------------------- benchmarks/active_learning.py
