@@ -688,6 +688,11 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
         kind = hints[name]
         if isinstance(raw[name], _Override):  # a value typed on the command line, read for this key's type
             raw[name] = raw[name].resolve(f"{prefix}{name}", Any if dataclasses.is_dataclass(kind) else kind)
+        elif isinstance(raw[name], dict) and not dataclasses.is_dataclass(kind):  # policies.dpo=... into a mapping
+            options = get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
+            item = next((get_args(o)[1] for o in options if get_origin(o) is dict), Any)
+            raw[name] = {k: v.resolve(f"{prefix}{name}.{k}", item) if isinstance(v, _Override) else v
+                         for k, v in raw[name].items()}
         if dataclasses.is_dataclass(kind):
             default = getattr(base, name) if base is not None else _default(cls, name)
             kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", default)

@@ -41,6 +41,9 @@ class LoadReport:
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
     earlier_turns: int = 0  # assistant turns before a conversation's last: examples of their own (turns=all)
+    # Per example, the key split_by_prompt keeps on one side: its conversation's last prompt (an earlier
+    # turn's example has its conversation's, so a conversation is never split).
+    conversations: list[str] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         turns = f", {self.earlier_turns} of them earlier assistant turns" if self.earlier_turns else ""
@@ -319,15 +322,18 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
             report.problems.append(str(err))
             log.warning("skipped %s", err)
             continue
+        key = json.dumps(with_system_prompt(prompt, system_prompt), sort_keys=True)
         if turns == "all" and report.format == "messages":
             for j, message in enumerate(prompt):
                 if j and message["role"] == "assistant" and message["content"].strip():
                     prompts.append(with_system_prompt(prompt[:j], system_prompt))
                     completions.append([message])
+                    report.conversations.append(key)
                     report.earlier_turns += 1
         prompt = with_system_prompt(prompt, system_prompt)
         prompts.append(prompt)
         completions.append(completion)
+        report.conversations.append(key)
     report.used = len(prompts)
     if not prompts:
         raise no_records(path, report.skipped, report.problems)
@@ -350,14 +356,14 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
     return Dataset.from_dict({"prompt": prompts, "completion": completions}), report
 
 
-def split_by_prompt(dataset, test_fraction: float, seed: int):
+def split_by_prompt(dataset, test_fraction: float, seed: int, groups: list[str] | None = None):
     """(train, held-out) of a prompt/completion Dataset with every prompt on one side only.
 
     Several answers to one instruction on both sides would make held-out loss optimistic (the model
-    saw the prompt). A prompt is the conversation's opening, up to its first assistant turn, so the
-    examples of one conversation's turns (data.turns=all) stay together. With every prompt distinct
-    this is datasets' own train_test_split, row for row."""
-    keys = [json.dumps(_opening(p), sort_keys=True) for p in dataset["prompt"]]
+    saw the prompt). `groups` (LoadReport.conversations) keys rows instead of their prompts: the
+    turns of one conversation (data.turns=all) stay on one side. With every key distinct this is
+    datasets' own train_test_split, row for row."""
+    keys = list(groups) if groups is not None else [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
     if len(set(keys)) == len(keys):
         split = dataset.train_test_split(test_size=test_fraction, seed=seed)
         return split["train"], split["test"]
@@ -369,14 +375,6 @@ def split_by_prompt(dataset, test_fraction: float, seed: int):
     held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=test_fraction, seed=seed)["test"]["key"])
     test = [i for i, k in enumerate(keys) if k in held]
     return dataset.select([i for i, k in enumerate(keys) if k not in held]), dataset.select(test)
-
-
-def _opening(prompt: Any) -> Any:
-    """A conversation up to its first assistant turn (a plain-text prompt as it is)."""
-    if not isinstance(prompt, list):
-        return prompt
-    first = next((i for i, m in enumerate(prompt) if m.get("role") == "assistant"), len(prompt))
-    return prompt[:first]
 
 
 def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:

@@ -438,6 +438,8 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
     accuracy = metrics.get("eval_accuracy")
     if min_accuracy > 0 and (accuracy is None or accuracy < min_accuracy):
         seen = (f"held-out accuracy {accuracy:.3f}, under" if accuracy is not None else
+                f"no held-out accuracy: all {metrics['eval_ties']} of its held-out pairs are ties (hold out more "
+                "prompts: data.test_fraction), nothing to compare with" if metrics.get("eval_ties") else
                 "no held-out accuracy in its manifest (it was trained without held-out pairs) to compare with")
         raise StageError(
             f"the reward model at {rm} has {seen} min_reward_accuracy={min_accuracy}: "

@@ -410,9 +410,9 @@ class Store:
 
     def users(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [{**r, "disabled": r.pop("password_hash") == DISABLED} for r in (dict(r) for r in conn.execute(
-                select(annotators.c.id, annotators.c.name, annotators.c.is_admin, annotators.c.password_hash)
-                .order_by(annotators.c.name)).mappings())]
+            rows = conn.execute(select(annotators.c.id, annotators.c.name, annotators.c.is_admin,
+                                       annotators.c.password_hash == DISABLED).order_by(annotators.c.name)).all()
+        return [{"id": i, "name": name, "is_admin": admin, "disabled": bool(off)} for i, name, admin, off in rows]
 
     def _account(self, conn: Connection, name: str) -> Any:
         row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
@@ -441,7 +441,7 @@ class Store:
     def set_admin(self, name: str, admin: bool) -> None:
         with self.tx(lock=True) as conn:
             row = self._account(conn, name)
-            if row["is_admin"] and not admin and self._admins(conn) <= 1:
+            if row["is_admin"] and row["password_hash"] != DISABLED and not admin and self._admins(conn) <= 1:
                 raise ValueError(f"{name!r} is the last admin: make another admin first")
             conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(is_admin=admin))
 

@@ -130,7 +130,7 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
         other = sorted({r["rationale"] for r in store.submitted_rankings(batch) if r["rationale"].startswith(
             "simulated: ") and r["rationale"] not in (asked, f"simulated: {cfg.scorer}")})
         if other:
-            raise StageError(f"batch {batch!r} of {store_url(cfg.sample.store, cfg.run.dir)} was ranked "
+            raise StageError(f"batch {batch!r} of {redact(store_url(cfg.sample.store, cfg.run.dir))} was ranked "
                              f"'{other[0]}', and this run asks for '{asked}' (scorer, tie_resolution): those "
                              "rankings stay in the store and the stages after label would train on them. Use "
                              "another run.dir (or sample.store) to label with this scorer")

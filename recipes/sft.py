@@ -86,7 +86,8 @@ def main(cfg: SFTStageConfig) -> Path:
                     truncated, len(dataset), cfg.model.max_length)
     eval_dataset = None
     if cfg.data.eval_fraction > 0 and len(dataset) >= 10:
-        dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed)
+        dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed,
+                                                groups=data_report.conversations)
     log.info("train %d examples, held out %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
 
     # --- model ------------------------------------------------------------------------------

@@ -81,6 +81,16 @@ def test_a_text_override_is_the_text_typed(value):
     assert load_config(C.SFTStageConfig, None, ["data.system_prompt=null"]).data.system_prompt is None
 
 
+def test_an_override_into_a_mapping_adds_or_replaces_one_key(tmp_path):
+    """`policies.dpo=...` on the command line, beside a config file's own policies (and with none)."""
+    path = tmp_path / "eval.yaml"
+    path.write_text("policies: {sft: runs/a/sft}\n")
+    cfg = load_config(C.EvalStageConfig, path, ["policies.dpo=runs/a/dpo"])
+    assert cfg.policies == {"sft": "runs/a/sft", "dpo": "runs/a/dpo"}
+    assert load_config(C.EvalStageConfig, None, ["policies.sft=runs/b/sft"]).policies == {"sft": "runs/b/sft"}
+    assert load_config(C.ServeStageConfig, None, ["adapters.x=runs/a/dpo"]).adapters == {"x": "runs/a/dpo"}
+
+
 def test_an_override_yaml_cannot_read_names_the_key():
     with pytest.raises(ConfigError, match=r"train.lr: '\[oops' is not a value YAML reads .*expected float"):
         load_config(C.SFTStageConfig, None, ["train.lr=[oops"])

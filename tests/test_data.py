@@ -190,10 +190,19 @@ def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one
     assert len(data) == 40 and report.earlier_turns == 20
     assert data["prompt"][0] == chats[0][:1] and data["completion"][0] == [chats[0][1]]
     assert data["prompt"][1] == chats[0][:3] and data["completion"][1] == [chats[0][3]]
-    train, test = split_by_prompt(data, 0.25, seed=0)
+    train, test = split_by_prompt(data, 0.25, seed=0, groups=report.conversations)
     opening = lambda p: p[0]["content"]  # noqa: E731
     assert {opening(p) for p in train["prompt"]}.isdisjoint({opening(p) for p in test["prompt"]})
     assert len(test) % 2 == 0 and len(test) >= 2  # whole conversations
+    # conversations that open alike ("Hi") are still conversations apart: the split is not left empty
+    alike = tmp_path / "alike.jsonl"
+    alike.write_text("\n".join(json.dumps({"messages": [{**chats[i][0], "content": "Hi"}, chats[i][1],
+                                                         {**chats[i][2], "content": f"Question {i}?"}, chats[i][3]]})
+                               for i in range(20)) + "\n")
+    for turns in ("all", "last"):
+        data, report = load_sft_dataset(alike, turns=turns)
+        train, test = split_by_prompt(data, 0.25, seed=0, groups=report.conversations)
+        assert test is not None and len(test) >= 2, turns
 
     with caplog.at_level("WARNING"):
         last, _ = load_sft_dataset(path, turns="last")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from alignment import StageError
 from alignment.cli import main as align
 from alignment.reward_model import EDITS, MAX_PROBE_FLIP_RATE, gate, probe, probe_failure, probe_warning
 
@@ -186,3 +187,12 @@ def test_held_out_pairs_that_are_all_ties_give_no_accuracy():
     figures = heldout_metrics(data, [2.0] * 4, [0.0] * 4)
     assert figures["eval_accuracy"] is None and figures["eval_pairs"] == 0 and figures["eval_ties"] == 4
     assert probe(thanks_anywhere, data, [2.0] * 4, [0.0] * 4)["pairs"] == 0
+
+
+def test_the_gate_says_when_the_held_out_pairs_were_all_ties(tmp_path):
+    rm = reward_dir(tmp_path / "rm", None)
+    manifest = json.loads((rm / "align.json").read_text())
+    (rm / "align.json").write_text(json.dumps({**manifest, "metrics": {"eval_accuracy": None, "eval_pairs": 0,
+                                                                       "eval_ties": 5}}))
+    with pytest.raises(StageError, match=r"all 5 of its held-out pairs are ties \(hold out more prompts"):
+        gate(rm, 0.6)

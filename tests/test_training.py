@@ -110,3 +110,18 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
     assert resume_checkpoint(tmp_path, None) is None
     assert resume_checkpoint(tmp_path, "/some/checkpoint-3") == "/some/checkpoint-3"
     assert Path(resume_checkpoint(tmp_path, "auto")).name == "checkpoint-10"
+
+
+def test_metrics_of_a_run_killed_mid_line_read_back_and_resume(tmp_path):
+    """A kill while a row is written leaves half a line: read_jsonl leaves it out, and a resumed trainer
+    keeps the rows up to its checkpoint's step (the cut line and any step after it go)."""
+    from types import SimpleNamespace
+
+    from alignment.tracking import read_jsonl
+    from alignment.training import MetricsJSONL
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+    MetricsJSONL(tmp_path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]

@@ -129,12 +129,14 @@ def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
     assert align([*label, "users", "disable", "lead"]) == 2
     assert align([*label, "users", "admin", "bob", "on"]) == 0 and align([*label, "users", "admin", "lead", "off"]) == 0
     assert {u["name"]: u["is_admin"] for u in store.users()} == {"bob": True, "lead": False}
+    assert all(set(u) == {"id", "name", "is_admin", "disabled"} for u in store.users())  # no password hash
     assert align([*label, "users", "passwd", "nobody", "--password", "x-1234"]) == 2
     assert "no user 'nobody'" in capsys.readouterr().err
     assert align([*label, "users", "admin", "bob", "maybe"]) == 2  # on or off
     assert align([*label, "users", "disable", "lead"]) == 0 and align([*label, "users", "disable", "bob"]) == 2
     store.add_user("carol", "pw-carol", admin=True)
     assert align([*label, "users", "disable", "bob"]) == 0 and align([*label, "users", "disable", "carol"]) == 2
+    assert align([*label, "users", "admin", "bob", "off"]) == 0  # a disabled admin is not the last admin
     from alignment.preflight import _has_accounts
 
     assert _has_accounts(None, str(tmp_path))  # carol
