@@ -15,9 +15,10 @@ Labelling is `simulate` (a scorer ranks, through the same submit path as a perso
 rankings); a batch another scorer ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
-Round 0 samples the first `sample.num_prompts` prompts; with `sample.selection: uncertainty`, a
-later round picks them from `sample.pool_factor` x as many by the previous round's reward model
-(docs/active.md), and the labelling queue hands them out most uncertain first.
+Round 0 samples the first `sample.num_prompts` prompts, and each later round from the prompts no
+earlier round used (recipes/sample.py); with `sample.selection: uncertainty`, a later round picks
+them from `sample.pool_factor` x as many by the previous round's reward model (docs/active.md),
+and the labelling queue hands them out most uncertain first.
 """
 
 from __future__ import annotations

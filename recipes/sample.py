@@ -108,7 +108,22 @@ def main(cfg: SampleStageConfig) -> Path:
     store = Store(url)
 
     # --- data: the pool of candidate prompts, and how many of them become tasks --------------
-    prompts = load_prompts(cfg.prompts)
+    listed = load_prompts(cfg.prompts)
+    prompts = list(dict.fromkeys(listed))  # a prompt twice in the file is one task (the store keeps one)
+    if len(prompts) < len(listed):
+        log.warning("%d prompts of %s are repeats of earlier ones: sampled once", len(listed) - len(prompts),
+                    cfg.prompts)
+    # A later round asks about prompts no earlier round did: new ones for the new policy, and an
+    # uncertainty-picked round compared with a random one on equal terms.
+    earlier = set().union(*(store.task_prompts(round_batch(r)) for r in range(cfg.round)))
+    if earlier:
+        before = len(prompts)
+        prompts = [p for p in prompts if p not in earlier]
+        log.info("%d of the %d prompts were tasks of an earlier round (round-0..round-%d): left out",
+                 before - len(prompts), before, cfg.round - 1)
+    if not prompts:
+        raise StageError(f"every prompt of {cfg.prompts} was a task of an earlier round: give more prompts "
+                         "(prompts=<file>) or fewer rounds")
     wanted = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     pool = prompts[:min(len(prompts), math.ceil(wanted * cfg.pool_factor))]
     done = store.task_prompts(batch)

@@ -247,6 +247,7 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, m
     assert len(tasks) == 4 and all(t["priority"] == pytest.approx(values[t["prompt"]]) for t in tasks)
     assert min(t["priority"] for t in tasks) >= sorted(values.values())[-4]  # the 4 most uncertain of 8
     assert len(store.submitted_rankings("round-1")) == 4  # labelled, in queue order, by the simulated annotator
+    assert store.task_prompts("round-0").isdisjoint(store.task_prompts("round-1"))  # new prompts each round
     # Each round exports its batch and the earlier ones; a rerun remakes nothing (round 1's labels once
     # counted as new for round 0's export, which then retrained round 0's policies on them).
     seen = [json.loads((r / "preferences" / "align.json").read_text())["rankings_seen"] for r in (run, run / "round-1")]
