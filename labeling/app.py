@@ -119,12 +119,14 @@ PAGE_JS = """
     const submit = byId('align-submit');
     if (!shown(submit)) return;
     const t = e.target;
+    if (e.isComposing || e.keyCode === 229) return;  // an input method composing a character: its keys, not ours
     const typing = t && (t.tagName === 'TEXTAREA' || t.isContentEditable ||
       (t.tagName === 'INPUT' && !['radio', 'checkbox'].includes(t.type)));
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit.click(); sel = 0; return; }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
     const key = e.key.toLowerCase();
-    if (key === 'enter') { if (t.tagName === 'BUTTON') return; e.preventDefault(); submit.click(); sel = 0; return; }
+    // Enter on a focused button or link (the guidelines' links) is theirs
+    if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
     if (key === 's') { e.preventDefault(); byId('align-skip').click(); sel = 0; return; }
     if (key === 'u' || key === 'x') {
       const box = document.querySelector((key === 'u' ? '#align-unsafe' : '#align-all-bad') + ' input[type=checkbox]');

@@ -252,6 +252,8 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     sign_in(page, url, "keys")
     prompt, bodies = shown_task(page)
     page.locator("#align-progress").click()  # focus the page, outside any text box
+    page.evaluate("document.body.dispatchEvent(new KeyboardEvent('keydown', {key: '3', isComposing: true, bubbles: true}))")
+    assert page.locator("#rank-a input:checked").count() == 0  # an input method composing: its keys, no shortcut
     page.keyboard.type("2143")  # A=2, B=1, C=4, D=3 (the selection moves on after each digit)
     page.keyboard.press("c")
     page.keyboard.press("2")  # C=2: a tie with A
