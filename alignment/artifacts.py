@@ -286,6 +286,28 @@ def with_sibling_configs(command: str) -> str:
     return re.sub(r"align (\w+) (?=run\.dir=)", add, command)
 
 
+def set_aside_later_checkpoints(checkpoint: str | Path) -> Path | None:
+    """Resuming from a checkpoint older than the newest (`train.resume_from_checkpoint=<folder>`): the
+    later ones, of the run abandoned there, move to `checkpoints/abandoned-<time>/`. Left in place,
+    `latest` would jump back into that run, and pruning by step (save_total_limit) would delete this
+    run's new checkpoints before them. Returns where they went, or None."""
+    checkpoint = Path(checkpoint)
+    prefix, _, step = checkpoint.name.rpartition("-")
+    if not step.isdigit() or not is_main_process():
+        return None
+    later = [p for p in checkpoint.parent.glob(f"{prefix}-*") if p.is_dir() and p.name.rpartition("-")[2].isdigit()
+             and int(p.name.rpartition("-")[2]) > int(step)]
+    if not later:
+        return None
+    aside = checkpoint.parent / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in sorted(later):
+        path.rename(aside / path.name)
+    print(f"align: resuming from {checkpoint.name}: the {len(later)} later checkpoints (a run abandoned there) "
+          f"moved to {aside}", file=sys.stderr)
+    return aside
+
+
 # ---------------------------------------------------------------------------- after a failure
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment import StageError
-from alignment.artifacts import is_main_process, stage_dir, system_prompt_of
+from alignment.artifacts import is_main_process, set_aside_later_checkpoints, stage_dir, system_prompt_of
 from alignment.config import ConfigError, PPOStageConfig
 from alignment.cpu import keep_trainable_in
 from alignment.generation import check_backend
@@ -304,6 +304,7 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     if not (Path(resume) / "trainer_state.json").is_file():
         raise StageError(f"train.resume_from_checkpoint={resume} is not a PPO checkpoint (no trainer_state.json)")
+    set_aside_later_checkpoints(resume)
     return Path(resume)
 
 

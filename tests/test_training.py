@@ -125,3 +125,18 @@ def test_metrics_of_a_run_killed_mid_line_read_back_and_resume(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
     MetricsJSONL(tmp_path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(tmp_path, capsys):
+    """checkpoint-4 chosen over the newest: 6 and 8 (the run abandoned at 4) move aside, so `latest` and the
+    pruning by step see this run's checkpoints; `latest` itself moves nothing."""
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+    assert resume_checkpoint(tmp_path, "latest").endswith("checkpoint-8")
+    assert resume_checkpoint(tmp_path, str(folder / "checkpoint-4")) == str(folder / "checkpoint-4")
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    (aside,) = folder.glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert "the 2 later checkpoints (a run abandoned there) moved to" in capsys.readouterr().err
+    assert resume_checkpoint(tmp_path, "latest").endswith("checkpoint-4")
