@@ -613,8 +613,7 @@ class _Override:
             return cls(text, error=" ".join((getattr(err, "problem", None) or str(err)).split())[:200])
 
     def resolve(self, key: str, kind: Any) -> Any:
-        options = get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
-        takes_text = str in options
+        takes_text = str in _options(kind)
         if self.error is not None:
             if takes_text:
                 return self.text.strip()
@@ -627,6 +626,11 @@ class _Override:
             if not (takes_text and isinstance(self.value, (dict, list))):  # "a: b" and "[a" are text; 5 is not
                 raise
             return self.text.strip()
+
+
+def _options(kind: Any) -> tuple:
+    """The types a field takes: each of a union's, else the one."""
+    return get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -689,8 +693,7 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
         if isinstance(raw[name], _Override):  # a value typed on the command line, read for this key's type
             raw[name] = raw[name].resolve(f"{prefix}{name}", Any if dataclasses.is_dataclass(kind) else kind)
         elif isinstance(raw[name], dict) and not dataclasses.is_dataclass(kind):  # policies.dpo=... into a mapping
-            options = get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
-            item = next((get_args(o)[1] for o in options if get_origin(o) is dict), Any)
+            item = next((get_args(o)[1] for o in _options(kind) if get_origin(o) is dict), Any)
             raw[name] = {k: v.resolve(f"{prefix}{name}.{k}", item) if isinstance(v, _Override) else v
                          for k, v in raw[name].items()}
         if dataclasses.is_dataclass(kind):
