@@ -26,7 +26,7 @@ from alignment.artifacts import set_aside_later_checkpoints
 from alignment.config import RunConfig, TrainConfig
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
-from alignment.tracking import append_jsonl, report_to
+from alignment.tracking import append_jsonl, read_jsonl, report_to
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,6 @@ def resume_checkpoint(out: Path, resume: str | None) -> str | None:
     return found
 
 
-def _step(line: str) -> float:
-    """A metrics.jsonl row's step, or inf for a line that is not one (cut short by a kill)."""
-    try:
-        return float(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return float("inf")
-
-
 class MetricsJSONL(TrainerCallback):
     """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
 
@@ -135,9 +127,8 @@ class MetricsJSONL(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A fresh run starts the file; a resumed one keeps the rows up to its checkpoint's step and appends:
         # the steps the interrupted run logged after it are logged again from here, once.
-        kept = [line for line in (self.path.read_text().splitlines() if state.global_step and self.path.is_file()
-                                  else []) if _step(line) <= state.global_step]  # a half-written last line: none
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= state.global_step] if state.global_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # (read_jsonl drops a half-written line)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
