@@ -44,6 +44,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from alignment.data import with_system_prompt
+from alignment.generation import stop_ids
 from alignment.serving import BASE
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class ChatEngine:
         from transformers import GenerationConfig
 
         p, tokenizer = job.params, self.tokenizers[job.model]
-        eos = sorted(set(_ids(tokenizer.eos_token_id) + _ids(self.model.generation_config.eos_token_id)))
+        eos = stop_ids(tokenizer, self.model.generation_config)
         sample = p.temperature >= MIN_TEMPERATURE
         # Every sampling knob set: generate() fills the ones left unset from the model folder's
         # generation_config.json and then its own defaults (top_k=50), which OpenAI's API does not have.
@@ -279,10 +280,6 @@ class ChatEngine:
                 on_text(i, piece)
             choices.append(Choice(i, row.text, row.reason, row.count))
         return Result(choices, len(job.prompt_ids), seconds, switched)
-
-
-def _ids(value: Any) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 class _Row:

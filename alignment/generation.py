@@ -52,6 +52,16 @@ class Policy:
     system_prompt: str | None = None  # the one it was trained with (sft.data.system_prompt): every prompt gets it
 
 
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS and every EOS of the model's generation config
+    (Llama 3's `<|eot_id|>` beside `<|end_of_text|>`, Qwen's `<|im_end|>` beside `<|endoftext|>`), as
+    `generate()` and vLLM stop at by default. Stopping at the tokenizer's alone ran an instruct model that
+    ends its turns with another of them on to `max_new_tokens`, and counted its finished answers as cut."""
+    found = generation_config.eos_token_id if generation_config is not None else None
+    ids = [tokenizer.eos_token_id] + (found if isinstance(found, list) else [found])
+    return sorted({i for i in ids if i is not None})
+
+
 def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *, load_model: bool = True) -> Policy:
     """An adapter folder (base + adapter), or anything `from_pretrained` takes, ready to generate, with the
     system prompt its manifest names (none for a model without one).
@@ -181,6 +191,7 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
     tokenizer, model = policy.tokenizer, policy.model
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    eos = stop_ids(tokenizer, model.generation_config)
     outputs: list[list[Answer]] = []
     batches = range(0, len(prompts), gen.batch_size)
     for b, start in enumerate(tqdm(batches, desc=desc, unit="batch", disable=desc is None)):
@@ -200,11 +211,11 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
             top_k=None,  # passed as None: no top-k (left out, generate() takes 50 or the model folder's)
             num_return_sequences=k,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos,
             use_cache=True,
         )
         new = out[:, enc["input_ids"].shape[1]:]
-        ended = (new == tokenizer.eos_token_id).any(dim=-1).tolist()  # pad after EOS may be EOS too: any() still right
+        ended = torch.isin(new, torch.tensor(eos, device=new.device)).any(dim=-1).tolist()  # pad after EOS may be EOS too
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i in range(len(chunk)):
             outputs.append([Answer(d.strip(), e) for d, e in zip(decoded[i * k:(i + 1) * k], ended[i * k:(i + 1) * k],
@@ -285,6 +296,12 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
         # Named by its whole path: <run>/dpo and <run>/round-1/dpo are two adapters (vLLM may key on the name).
         lora = LoRARequest(key, _adapter_ids.setdefault(key, len(_adapter_ids) + 1), key)
 
+    from transformers import GenerationConfig as ModelGenerationConfig
+
+    try:
+        shipped = ModelGenerationConfig.from_pretrained(base)
+    except OSError:  # a model folder without generation_config.json
+        shipped = None
     tokenizer = policy.tokenizer
     requests = [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, p, system_prompt),
                                                add_special_tokens=False)["input_ids"]} for p in prompts]
@@ -292,7 +309,7 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
     # A seed per prompt (its index), so two policies sampled with the same settings are paired.
     params = [SamplingParams(n=k, temperature=gen.temperature if sample else 0.0,
                              top_p=gen.top_p if sample else 1.0, max_tokens=gen.max_new_tokens,
-                             seed=gen.seed + i, stop_token_ids=[tokenizer.eos_token_id],
+                             seed=gen.seed + i, stop_token_ids=stop_ids(tokenizer, shipped),
                              skip_special_tokens=True) for i in range(len(prompts))]
     results = engine.generate(requests, params, lora_request=lora, use_tqdm=desc is not None)
     # finish_reason "stop": EOS (a stop token); "length": cut at max_tokens.

@@ -153,13 +153,14 @@ def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 # ---------------------------------------------------------------------------- rewards, GAE
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask up to and including the first EOS, whether an EOS was produced) per response.
+def response_mask(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first EOS, whether an EOS was produced) per response; `eos_ids` one id
+    or all that end an answer (generation.stop_ids).
 
     Not `responses != pad`: many tokenizers pad with their EOS token, and the EOS that ends the
     response is itself an action the policy took.
     """
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
     has_eos = is_eos.any(-1)
     after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS
     return (~after).float(), has_eos

@@ -38,9 +38,10 @@ from alignment.artifacts import (
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.data import file_hash, load_prompts
-from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling
+from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling, stop_ids
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
+from alignment.rl import response_mask
 from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,6 @@ def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
 KL_ROWS = 16
 
 
-def answer_mask(new_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 on each generated token up to and including the first EOS (all of a cut-off answer), 0 after it
-    (generate pads a finished answer, with EOS itself where pad is EOS)."""
-    is_eos = (new_ids == eos_token_id).long()
-    return ((is_eos.cumsum(1) - is_eos) == 0).long()
-
-
 @torch.no_grad()
 def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str, *, k: int = 1,
                max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8,
@@ -147,6 +141,7 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     """
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device  # the ids go where the model is (a GPU refuses CPU ids)
+    eos = stop_ids(tokenizer, model.generation_config)
     out: list[float] = []
     # a model whose forward has no logits_to_keep (remote code) computes them all: sliced below alike
     trims = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
@@ -159,9 +154,10 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
         with folded(model, policy), plain_sampling(model):
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                                  top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
+                                 eos_token_id=eos, use_cache=True)
         width = enc["input_ids"].shape[1]
-        answer = answer_mask(ids[:, width:], tokenizer.eos_token_id)
+        # 1 on each answer token up to and including the first EOS (all of a cut answer), 0 on the padding after
+        answer = response_mask(ids[:, width:], eos)[0].long()
         prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)
         attention = torch.cat([prompt_mask, answer], 1)
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # as generate numbered the left-padded rows

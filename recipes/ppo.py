@@ -50,7 +50,7 @@ from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
 from alignment.distributed import Ranks
-from alignment.generation import chat_prompt, plain_sampling
+from alignment.generation import chat_prompt, plain_sampling, stop_ids
 from alignment.gpu_training import peak_gpu_mib
 from alignment.modeling import (
     adapter_base_name,
@@ -161,6 +161,7 @@ def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int
     texts = [chat_prompt(tokenizer, p, system_prompt) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
+    eos = stop_ids(tokenizer, model.generation_config)
     responses = []
     for i in range(0, len(prompts), gen.batch_size):
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 101 + i + rank * 7_919)
@@ -169,12 +170,12 @@ def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int
                                  attention_mask=enc["attention_mask"][i:i + gen.batch_size].to(device),
                                  max_new_tokens=gen.max_new_tokens, do_sample=True, temperature=gen.temperature,
                                  top_p=gen.top_p, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True)
+                                 eos_token_id=eos, use_cache=True)
         responses.append(out[:, enc["input_ids"].shape[1]:].cpu())
     width = max(r.shape[1] for r in responses)
     responses = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tokenizer.pad_token_id)
                            for r in responses])
-    mask, has_eos = R.response_mask(responses, tokenizer.eos_token_id)
+    mask, has_eos = R.response_mask(responses, eos)
     ids = torch.cat([enc["input_ids"], responses], 1).to(device)
     attention = torch.cat([enc["attention_mask"], mask.long()], 1).to(device)
     text = tokenizer.batch_decode(responses * mask.long() + tokenizer.pad_token_id * (1 - mask.long()),

@@ -208,10 +208,11 @@ def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_fig
 def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
     """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
     sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on
-    both sides gives 0; answer_mask counts a sampled EOS and nothing after it."""
+    both sides gives 0; response_mask counts a sampled EOS and nothing after it."""
     from alignment import evaluation as ev
     from alignment.generation import chat_prompt
-    from recipes.evaluate import answer_mask, sampled_kl
+    from alignment.rl import response_mask
+    from recipes.evaluate import sampled_kl
 
     model = policies_on_one_base(tiny_model, adapters)
     tokenizer = load_tokenizer(tiny_model)
@@ -230,7 +231,7 @@ def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters
     assert sampled_kl(model, tokenizer, prompts, "sft", "sft", max_new_tokens=4) == [0.0] * 3
     eos = tokenizer.eos_token_id
     new = torch.tensor([[5, 6, eos, eos, eos], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
-    assert answer_mask(new, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert response_mask(new, eos)[0].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
 def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):

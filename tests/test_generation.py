@@ -34,6 +34,27 @@ def test_an_answer_is_finished_exactly_when_it_sampled_eos(tiny_model):
     assert [row[0].finished for row in ended] == [first in ids for ids in greedy]
 
 
+def test_an_answer_ends_at_any_eos_of_the_model_generation_config(tiny_model):
+    """An instruct model that ends its turns with another EOS than the tokenizer's (Llama 3's <|eot_id|>,
+    Qwen's <|endoftext|>) lists it in generation_config.json: the answer stops there and counts as finished,
+    not run on to max_new_tokens and counted as cut."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.generation import stop_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = load_tokenizer(tiny_model)
+    gen = GenerationConfig(max_new_tokens=6, temperature=0.0, batch_size=2)
+    policy = Policy(model, tokenizer, "tiny", tiny_model)
+    ids = tokenizer(chat_prompt(tokenizer, PROMPTS[0]), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    first = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, -1].item()
+    assert first != tokenizer.eos_token_id and not generate_answers(policy, PROMPTS[:1], gen)[0][0].finished
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    assert stop_ids(tokenizer, model.generation_config) == sorted({tokenizer.eos_token_id, first})
+    answer = generate_answers(policy, PROMPTS[:1], gen)[0][0]
+    assert answer.finished and answer.text == tokenizer.decode([first], skip_special_tokens=True).strip()
+
+
 def test_nucleus_filter_keeps_exactly_what_transformers_top_p_keeps():
     import torch
     from transformers import TopPLogitsWarper

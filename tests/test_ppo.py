@@ -291,8 +291,11 @@ def test_whitening_and_masked_stats_ignore_padding():
 
 
 def test_response_mask_keeps_the_first_eos_and_nothing_after():
-    mask, has_eos = R.response_mask(torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]]), eos_id=2)
+    mask, has_eos = R.response_mask(torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]]), 2)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and has_eos.tolist() == [True, False]
+    # every id that ends an answer (generation.stop_ids): the first of any of them ends it
+    mask, has_eos = R.response_mask(torch.tensor([[5, 9, 6, 2, 2], [5, 6, 7, 8, 4]]), [2, 9])
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] and has_eos.tolist() == [True, False]
 
 
 def test_adaptive_kl_controller_follows_ziegler():
