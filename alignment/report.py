@@ -360,7 +360,7 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
             out.append(f"{pairs:.0f} pairs" + (f" from {rankings:.0f} rankings" if rankings is not None else "")
                        + (f": {train:.0f} to train, {test:.0f} held out" if train is not None and test is not None else ""))
         dropped = [f"{_num(m, k):.0f} {k.removeprefix('dropped_').replace('_', ' ')}"
-                   for k in ("dropped_ties", "dropped_flagged", "dropped_low_agreement", "dropped_duplicates",
+                   for k in ("dropped_ties", "dropped_flagged", "dropped_low_agreement", "dropped_duplicates", "dropped_empty",
                              "dropped_uncertain") if _num(m, k)]
         if dropped:
             out.append("dropped: " + ", ".join(dropped))

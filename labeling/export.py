@@ -219,18 +219,28 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         first = ranked[0]
         texts = [x["text"] for x in first["responses"]]
         metas = [x.get("meta") or {} for x in first["responses"]]
-        k = len(texts)
-        posterior = {(i, j): reliability.posterior[(task_id, i, j)] for i, j in itertools.combinations(range(k), 2)
-                     if (task_id, i, j) in reliability.posterior}
-        decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior)
-        counts["dropped_ties"] += k * (k - 1) // 2 - len(decided)
+        # One answer per distinct text: a task can hold copies (sampled twice, kept after resampling),
+        # each ranked apart; each copy's pairs would repeat a pair or contradict another ("Yes." > "No."
+        # and "No." > the second "Yes."). A text's rank in a ranking is its copies' mean. A blank answer
+        # (a policy that ended its turn at once) is no training side: its pairs are dropped.
+        copies: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            if text.strip():
+                copies.setdefault(text.strip(), []).append(i)
+        reps = [group[0] for group in copies.values()]  # each text's first copy, in response order
+        rank_lists = [[_mean([r[i] for i in group]) for group in copies.values()] for r in rank_lists]
+        k, m, filled = len(texts), len(reps), sum(len(g) for g in copies.values())
+        counts["dropped_empty"] += k * (k - 1) // 2 - filled * (filled - 1) // 2
+        counts["dropped_duplicates"] += filled * (filled - 1) // 2 - m * (m - 1) // 2
+        posterior = {(a, b): reliability.posterior[(task_id, reps[a], reps[b])]
+                     for a, b in itertools.combinations(range(m), 2) if (task_id, reps[a], reps[b]) in reliability.posterior}
+        decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior) if m > 1 else []
+        counts["dropped_ties"] += m * (m - 1) // 2 - len(decided)
         # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).
-        untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)}
+        untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)} if m > 1 else set()
+        texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
 
         for chosen, rejected, margin in decided:
-            if texts[chosen].strip() == texts[rejected].strip():
-                counts["dropped_duplicates"] += 1
-                continue
             soft = {}
             if combine == "dawid_skene":
                 p = posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
@@ -258,7 +268,8 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
                "dropped_ties": counts["dropped_ties"], "dropped_flagged": counts["dropped_flagged"],
                "dropped_low_agreement": counts["dropped_low_agreement"],
-               "dropped_duplicates": counts["dropped_duplicates"], "kept_ties": counts["kept_ties"],
+               "dropped_duplicates": counts["dropped_duplicates"], "dropped_empty": counts["dropped_empty"],
+               "kept_ties": counts["kept_ties"],
                "dropped_uncertain": counts["dropped_uncertain"], "pairs_with_cut_side": counts["pairs_with_cut_side"],
                "gold_rankings": counts["gold_rankings"],
                "mean_agreement": _mean(agreements) if agreements else None, "annotators": dict(per_annotator),

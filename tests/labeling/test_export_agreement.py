@@ -67,6 +67,25 @@ def test_bradley_terry_combination_breaks_the_majority_tie_by_strength():
     assert task_pairs([[1, 2], [2, 1]]) == [] and task_pairs([[1, 2], [2, 1]], combine="bradley_terry") == []
 
 
+def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
+    """A task can hold the same text twice (align sample keeps a copy it could not resample away) and a
+    blank answer (a turn ended at once): the copies are one answer at their mean rank, so no pair repeats
+    or contradicts another, and no pair has a blank side (it would make the export unloadable)."""
+    def task(texts, ranks, task_id=1, **kw):
+        (row,) = rows({"ann": ranks}, task_id=task_id)
+        return [{**row, "responses": [{"text": t, "meta": {}} for t in texts], **kw}]
+
+    pairs, summary = build_pairs(task(["Yes.", "No, never.", " Yes. "], [1, 2, 3]))  # Yes. at 1 and 3: level with No.
+    assert pairs == [] and summary["dropped_duplicates"] == 2 and summary["dropped_ties"] == 1
+    pairs, summary = build_pairs(task(["Paris.", "Lyon.", "Paris.", "Nice."], [1, 3, 2, 4]))
+    assert sorted(pairs_of(pairs)) == [("L", "N"), ("P", "L"), ("P", "N")] and summary["dropped_duplicates"] == 3
+    paris = next(p for p in pairs if p["chosen"][0]["content"] == "Paris." and p["rejected"][0]["content"] == "Lyon.")
+    assert paris["margin"] == 1.5 and paris["votes_chosen"] == 1  # mean rank 1.5 against 3
+    pairs, summary = build_pairs(task(["Open Settings.", "", "  ", "No."], [2, 1, 4, 3]))
+    assert pairs_of(pairs) == {("O", "N")} and summary["dropped_empty"] == 5
+    assert all(p["chosen"][0]["content"].strip() and p["rejected"][0]["content"].strip() for p in pairs)
+
+
 def test_export_options_are_checked_before_anything_is_written(tmp_path):
     from labeling.store import Store
 
