@@ -153,6 +153,15 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
         prompt = _messages(record["prompt"], where, "prompt", "user")
         chosen = _messages(record["chosen"], where, "chosen", "assistant")
         rejected = _messages(record["rejected"], where, "rejected", "assistant")
+        # UltraFeedback's shape (HuggingFaceH4/ultrafeedback_binarized): the prompt, and each side the whole
+        # conversation opening with it. Kept as is, prompt + side would hold the user's turn twice.
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+            chosen, rejected = chosen[n:], rejected[n:]
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if any(m["role"] == "user" for m in side):
+                raise DataError(f"{where}: {key!r} holds a user turn that is not the prompt's: put the conversation "
+                                "before the answer in 'prompt' and only the answer in 'chosen' and 'rejected'")
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are identical (a pair must prefer one answer)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_provenance(record, where)}

@@ -58,6 +58,16 @@ def test_json_list_of_messages_and_implicit_prompt(tmp_path):
     assert "test" not in data and report.split == "none"
 
 
+def test_ultrafeedback_sides_that_repeat_the_prompt_are_cut_to_the_answer(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: `prompt` a string, each side the whole conversation opening with
+    it. The user's turn is the prompt once, not again at the start of each side."""
+    record = {"prompt": "How do I sync?", "chosen": [*USER, {"role": "assistant", "content": "Open Settings."}],
+              "rejected": [*USER, {"role": "assistant", "content": "No."}]}
+    path = write_jsonl(tmp_path / "uf.jsonl", [record])
+    row = load_preferences(path, test_fraction=0)[0]["train"][0]
+    assert row["prompt"] == USER and row["chosen"] == [{"role": "assistant", "content": "Open Settings."}]
+
+
 def test_parquet_and_save_to_disk_folders(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -107,11 +117,13 @@ BAD = [
     ({"prompt": "q", "chosen": "a", "rejected": "b", "agreement": 1.5}, r"field 'agreement' is 1.5, outside"),
     ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
      r"missing field 'prompt'"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, r"'chosen' holds a user turn that is not the prompt's"),
 ]
 
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
-           "wrong-type", "margin-text", "agreement-range", "no-prompt"]
+           "wrong-type", "margin-text", "agreement-range", "no-prompt", "user-turn-in-side"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)
