@@ -361,10 +361,13 @@ def split_by_prompt(dataset, test_fraction: float, seed: int, groups: list[str] 
 
     Several answers to one instruction on both sides would make held-out loss optimistic (the model
     saw the prompt). `groups` (LoadReport.conversations) keys rows instead of their prompts: the
-    turns of one conversation (data.turns=all) stay on one side. With every key distinct this is
-    datasets' own train_test_split, row for row."""
-    keys = list(groups) if groups is not None else [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
-    if len(set(keys)) == len(keys):
+    turns of one conversation (data.turns=all) stay on one side. Conversations that open alike are
+    still apart, but an earlier turn's example they share (the same prompt) would be on both sides:
+    a held-out row whose prompt is also a training row's trains instead. With every key distinct this
+    is datasets' own train_test_split, row for row."""
+    prompts = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
+    keys = list(groups) if groups is not None else prompts
+    if len(set(keys)) == len(keys) and len(set(prompts)) == len(prompts):
         split = dataset.train_test_split(test_size=test_fraction, seed=seed)
         return split["train"], split["test"]
     from datasets import Dataset
@@ -373,8 +376,12 @@ def split_by_prompt(dataset, test_fraction: float, seed: int, groups: list[str] 
     if len(distinct) < 2:
         return dataset, None  # one prompt: nothing can be held out from it
     held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=test_fraction, seed=seed)["test"]["key"])
-    test = [i for i, k in enumerate(keys) if k in held]
-    return dataset.select([i for i, k in enumerate(keys) if k not in held]), dataset.select(test)
+    trained = {p for p, k in zip(prompts, keys, strict=True) if k not in held}
+    test = [i for i, (p, k) in enumerate(zip(prompts, keys, strict=True)) if k in held and p not in trained]
+    if not test:
+        return dataset, None
+    train = sorted(set(range(len(keys))) - set(test))
+    return dataset.select(train), dataset.select(test)
 
 
 def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:

@@ -203,6 +203,9 @@ def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one
         data, report = load_sft_dataset(alike, turns=turns)
         train, test = split_by_prompt(data, 0.25, seed=0, groups=report.conversations)
         assert test is not None and len(test) >= 2, turns
+        # ... and the first turn's example they share ("Hi" -> "Hello.") is not held out while it trains
+        seen = {json.dumps(p) for p in train["prompt"]}
+        assert not any(json.dumps(p) in seen for p in test["prompt"]) and len(train) + len(test) == len(data), turns
 
     with caplog.at_level("WARNING"):
         last, _ = load_sft_dataset(path, turns="last")
