@@ -278,6 +278,17 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     return pairs, summary
 
 
+def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]]) -> str:
+    """What an export of `rows` (Store.submitted_rankings(), one export's batches) depends on, hashed: each
+    ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
+    would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go)."""
+    tasks = {r["task_id"] for r in rows}
+    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], sorted(r["flags"] or []), bool(r["is_gold"]),
+                               r["kind"], r["batch"]]) for r in rows)
+    parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] | None = None, ties: str = "drop",
                        combine: str = "majority", min_agreement: float | None = None,
                        min_posterior: float | None = None, test_fraction: float = 0.1,

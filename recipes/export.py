@@ -39,14 +39,15 @@ def reliability_rows(people: dict[str, dict]) -> list[list]:
 
 
 def main(cfg: ExportStageConfig) -> Path:
-    from labeling.export import ExportError, export_preferences
+    from labeling.export import ExportError, export_preferences, rankings_fingerprint
     from labeling.store import Store
 
     check_stage("export", cfg)  # the store and the paths before anything is written
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))
-    # Of the batches this export reads: the pipeline compares the count to know whether to export again
+    # Of the batches this export reads: the pipeline compares their fingerprint to know whether to export again
     rankings = [r for r in store.submitted_rankings() if not cfg.batches or r["batch"] in cfg.batches]
+    fingerprint = rankings_fingerprint(rankings, store.gold_answers())
     if not rankings:
         raise StageError("the labelling store has no submitted rankings yet: label first "
                          f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")
@@ -56,7 +57,8 @@ def main(cfg: ExportStageConfig) -> Path:
         write_manifest(folder, stage="export", config=to_dict(cfg), base_model=None,
                        parents={"store": store_url(cfg.store, cfg.run.dir)},
                        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                       summary=summary, rankings_seen=len(rankings))
+                       summary=summary, rankings_seen=len(rankings),
+                       rankings_sha256=fingerprint)
 
     try:
         summary = export_preferences(

@@ -73,13 +73,13 @@ def _inputs(m: dict[str, Any]) -> list[tuple[str, str]]:
     return [(p, h) for p, h in found if p and h]
 
 
-def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
+def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     """Finished with the same config and nothing upstream remade since (a make-like rule).
 
     Every stage writes its manifest last and atomically, so a manifest means a finished stage.
     Redone when: the config differs (W&B and resume settings aside); an upstream artifact's
     manifest is newer; a data or prompts file it read has changed since (by sha256); an export's
-    store has gained rankings since it ran.
+    store's rankings have changed since it ran (added, changed, flagged, made gold).
     """
     manifest = folder / MANIFEST
     if not manifest.is_file():
@@ -87,7 +87,7 @@ def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
     m = json.loads(manifest.read_text())
     if _made_by(m.get("config") or {}) != _made_by(to_dict(cfg)):
         return False
-    if rankings is not None and m.get("rankings_seen") != rankings:
+    if rankings is not None and m.get("rankings_sha256") != rankings:
         return False
     for parent in m.get("parents", {}).values():
         upstream = Path(parent["path"]) / MANIFEST
@@ -100,7 +100,7 @@ def already_done(folder: Path, cfg: Any, rankings: int | None = None) -> bool:
     return True
 
 
-def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: int | None = None) -> Path:
+def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: str | None = None) -> Path:
     """Run stage `name` on `cfg` unless its folder in `run_dir` already holds this config's artifact."""
     folder = stage_dir(run_dir, routed(name, cfg).name)  # ppo with algo=grpo writes grpo/
     if already_done(folder, cfg, rankings):
@@ -110,11 +110,15 @@ def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: int | None = N
     return run_stage(name, cfg)
 
 
-def submitted_count(url: str, batches: list[str] | None = None) -> int:
-    """Submitted rankings in the store, or in `batches` of it (as recipes/export.py counts `rankings_seen`)."""
+def rankings_state(url: str, batches: list[str] | None = None) -> str:
+    """The fingerprint of the store's submitted rankings in `batches` (all without), as recipes/export.py
+    records it in `rankings_sha256`: it changes when rankings are added, changed, flagged or made gold."""
+    from labeling.export import rankings_fingerprint
     from labeling.store import Store
 
-    return sum(not batches or r["batch"] in batches for r in Store(url).submitted_rankings())
+    store = Store(url)
+    rows = [r for r in store.submitted_rankings() if not batches or r["batch"] in batches]
+    return rankings_fingerprint(rows, store.gold_answers())
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
@@ -218,7 +222,7 @@ def main(cfg: PipelineConfig) -> Path:
             if stage == "label":
                 label(cfg, run_dir, batch)
                 continue
-            rankings = submitted_count(store, stage_cfgs["export"].batches) if stage == "export" else None
+            rankings = rankings_state(store, stage_cfgs["export"].batches) if stage == "export" else None
             run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
 

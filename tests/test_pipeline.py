@@ -271,7 +271,8 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
 def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys):
     """The rerun rule, on the finished run (no stage runs here: run_stage records what would):
     W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
-    model redoes eval, which it judges; a batch ranked by another scorer is refused, not reused."""
+    model redoes eval, which it judges; a ranked task made gold redoes the export; a batch ranked by
+    another scorer is refused, not reused."""
     import recipes.pipeline as pipeline
 
     ran = []
@@ -298,6 +299,22 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
         assert rerun() == ["eval"]
     finally:
         os.utime(reward, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # A ranked task made gold (its rankings now score the annotators, not train): the same count of
+    # rankings, another export. (The count the pipeline compared before kept the stale one.)
+    import sqlite3
+
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    task = store.submitted_rankings()[0]
+    try:
+        store.add_gold(task["task_id"], task["ranks"])
+        assert rerun() == ["export"]
+    finally:
+        with sqlite3.connect(run / "labels.db") as db:
+            db.execute("UPDATE tasks SET is_gold = 0")
+            db.execute("DELETE FROM gold")
+    assert rerun() == []
     ran.clear()
     assert align([*pipeline_args(tiny_model, data, run), "scorer=length"]) != 0
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
