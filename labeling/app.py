@@ -275,7 +275,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     all_bad = gr.Checkbox(label="All are bad", elem_id="align-all-bad")
                     unsafe = gr.Checkbox(label="Unsafe (harmful, leaks data, dangerous advice)",
                                          elem_id="align-unsafe")
-                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="align-rationale")
+                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="align-rationale",
+                                       max_length=handlers.MAX_RATIONALE)
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="align-submit")
                     skip = gr.Button("Skip", elem_id="align-skip")

@@ -18,6 +18,7 @@ from typing import Any
 from labeling.store import Store, _check_ranks
 
 FLAGS = ("all_bad", "unsafe")
+MAX_RATIONALE = 5000  # characters: a reason, not a document (it is saved at each keystroke, exported with the pair)
 # At most this many characters of a prompt or response go to the page: a 1 MB response must not
 # freeze the annotator's browser. The stored text is never cut.
 SHOWN_CHARS = 20_000
@@ -162,11 +163,18 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
             raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
         _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
+    _check_rationale(rationale)
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
                                  rationale=(rationale or "").strip(), seconds=seconds)
     if not created:  # another submit of this task landed first
         return _repeat(store, session, task, ranks_shown, verdict)
     return {"ok": True, "created": True, "message": "Saved. Next task."}
+
+
+def _check_rationale(rationale: str | None) -> None:
+    if rationale is not None and len(rationale.strip()) > MAX_RATIONALE:
+        raise ValueError(f"a rationale has at most {MAX_RATIONALE} characters (this one has {len(rationale.strip())}): "
+                         "shorten it to submit")
 
 
 def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown, verdict) -> dict[str, Any]:
@@ -203,6 +211,7 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
         raise ValueError(f"a draft of task {task['task_id']} needs {task['k']} ranks from 0 (not ranked yet) "
                          f"to {task['k']}")
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
+    _check_rationale(rationale)
     return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
                               rationale=None if rationale is None else rationale.strip(), status="draft")
 

@@ -10,15 +10,25 @@ session state: Gradio keeps 10,000 sessions and drops the oldest, and a flood of
 hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
 answer, so its routes would refuse an anonymous call too. Every response carries a
 Content-Security-Policy that lets the page load and send nothing outside this server.
+
+A signed-in request reaches only the routes the page uses (`ROUTES`): Gradio also mounts routes
+this app has no use for and that a signed-in annotator must not have, such as `deep_link` (a copy
+of any session's page, by its hash), `upload` (files of any size into the server's temp folder),
+`file=` with a remote URL (an open proxy) and `proxy=`. A request body is at most `MAX_BODY`
+bytes, and a Gradio session hash belongs to the account that first used it: another account
+presenting it (to read that page's event stream, cancel its events) is refused.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
+import re
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +48,16 @@ from labeling.store import Store
 log = logging.getLogger(__name__)
 
 OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}  # all a client without a session can reach
+# What a signed-in page uses of Gradio's routes (each of the app's flows, recorded from the browser tests);
+# anything else is 404 before Gradio sees it.
+ROUTES = {
+    "GET": re.compile(r"/|/theme\.css|/favicon\.ico|/manifest\.json|/robots\.txt|/(assets|static|svelte)/.+"
+                      r"|/config/?|/gradio_api/(info/?|queue/data|heartbeat/[^/]+|startup-events)"),
+    "HEAD": re.compile(r"/|/(assets|static)/.+"),
+    "POST": re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"),
+}
+MAX_BODY = 1 << 20  # bytes: a ranking, a rationale (handlers.MAX_RATIONALE), a Playground message
+HASHES_KEPT = 100_000  # session hashes remembered with their account (Gradio itself keeps 10,000 sessions)
 SECURITY_HEADERS = {
     # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
     # sent to, another host: no remote image, font, frame, fetch or form target.
@@ -95,6 +115,16 @@ class RequireSession:
 
     def __init__(self, app: Any, store: Store, secret: bytes):
         self.app, self.store, self.secret = app, store, secret
+        self.owners: OrderedDict[str, int] = OrderedDict()  # Gradio session hash -> the annotator who used it first
+
+    def _owned_by_another(self, session_hash: Any, annotator_id: int) -> bool:
+        if not isinstance(session_hash, str) or not session_hash:
+            return False
+        owner = self.owners.setdefault(session_hash, annotator_id)
+        self.owners.move_to_end(session_hash)
+        if len(self.owners) > HASHES_KEPT:
+            self.owners.popitem(last=False)
+        return owner != annotator_id
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -129,7 +159,72 @@ class RequireSession:
             await response(scope, receive, send_secured)
             return
         scope.setdefault("state", {})["align_session"] = session
+        if scope["type"] == "http":
+            refused = await self._refusal(scope, receive, path, session)
+            if isinstance(refused, Response):
+                await refused(scope, receive, send_secured)
+                return
+            if refused is not None:  # the body, read to check it: handed on as it came
+                receive = _replay(refused, receive)
         await self.app(scope, receive, send_secured)
+
+    async def _refusal(self, scope: dict, receive: Any, path: str, session: dict) -> Response | bytes | None:
+        """A response refusing the request, else the body it read (POST), else None."""
+        route = ROUTES.get(scope["method"])
+        if route is None or not route.fullmatch(path):
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        query = HTTPConnection(scope).query_params
+        claimed = [query.get("session_hash")]
+        if path.startswith("/gradio_api/heartbeat/"):
+            claimed.append(path.rsplit("/", 1)[1])
+        body = None
+        if scope["method"] == "POST":
+            body = await _read_body(scope, receive)
+            if body is None:
+                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+            try:
+                payload = json.loads(body) if body[:1] == b"{" else None
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict):
+                claimed.append(payload.get("session_hash"))
+        if any(self._owned_by_another(h, session["annotator_id"]) for h in claimed):
+            return JSONResponse({"detail": "this page session belongs to another account"}, status_code=403)
+        return body
+
+
+
+async def _read_body(scope: dict, receive: Any) -> bytes | None:
+    """The whole request body, or None past MAX_BODY bytes (said by Content-Length or found reading)."""
+    declared = dict(scope["headers"]).get(b"content-length", b"0")
+    if not declared.isdigit() or int(declared) > MAX_BODY:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY:
+            return None
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that hands on a body already read, then the server's own (a disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_hours: float = auth.SESSION_HOURS,

@@ -432,7 +432,8 @@ def _gradio_post(request_context, url: str, call: dict, **changes):
 
 
 def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page(served, browser):
-    """Issue 12.2: the session hash (in URLs, in proxy logs) gives neither an identity nor a reading of another's page."""
+    """Issue 12.2: the session hash (in URLs, in proxy logs) gives neither an identity nor a reading of another's
+    page, nor does any route of Gradio's the page does not use."""
     url, store, _ = served
     victim, mallory, anonymous = new_page(browser), new_page(browser), browser.new_context()
     try:
@@ -455,9 +456,26 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                          anonymous.request.get(f"{url}/gradio_api/info")):
             assert response.status == 401
         assert "align-signin" in anonymous.request.get(url, headers={"Accept": "text/html"}).text()
-        # With another annotator's cookie: that annotator, whatever session hash the call names.
-        answer = _gradio_post(mallory.context.request, url, call, **as_victim)
+        # With another annotator's cookie: that annotator, and the victim's task is not hers.
+        answer = _gradio_post(mallory.context.request, url, call, data=as_victim["data"])
         assert answer.ok and "not assigned to you" in json.dumps(answer.json())
+        # The victim's session hash is the victim's: naming it is refused on every route that takes one
+        # (it used to read the victim's event stream, and through deep_link a copy of the victim's page).
+        theirs = mallory.context.request
+        for response in (_gradio_post(theirs, url, call, **as_victim),
+                         theirs.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
+                         theirs.get(f"{url}/gradio_api/queue/data?session_hash={victim_hash}"),
+                         theirs.get(f"{url}/gradio_api/heartbeat/{victim_hash}")):
+            assert response.status == 403, response.url
+        # Gradio's routes the page does not use are not there (a copy of any session's page, uploads into
+        # the server's temp folder, the server fetching remote URLs), and a body is at most 1 MiB.
+        for response in (theirs.get(f"{url}/gradio_api/deep_link?session_hash={victim_hash}"),
+                         theirs.post(f"{url}/gradio_api/upload", multipart={"files": {
+                             "name": "big.bin", "mimeType": "application/octet-stream", "buffer": b"x" * 1000}}),
+                         theirs.get(f"{url}/gradio_api/file=http://192.0.2.1/x"),
+                         theirs.get(f"{url}/gradio_api/proxy=http://192.0.2.1/x")):
+            assert response.status == 404, response.url
+        assert _gradio_post(theirs, url, call, rationale="x" * (1 << 21)).status == 413
         assert rankings_of(store, "victim") == [] and rankings_of(store, "mallory") == []
 
         [cookie] = [c for c in victim.context.cookies() if c["name"] == "align_session"]

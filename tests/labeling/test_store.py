@@ -264,6 +264,12 @@ def test_a_drafts_flags_and_rationale_come_back_with_its_ranks(store):
     handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="")  # the rationale box cleared
     assert handlers.next_task(store, alice)["draft_rationale"] == ""
     handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="B leaks a key")
+    # A rationale is a reason, not a document: a replayed call with megabytes of one is refused, the draft kept
+    too_long = "x" * (handlers.MAX_RATIONALE + 1)
+    for call in (handlers.save_draft, handlers.submit):
+        with pytest.raises(ValueError, match="a rationale has at most 5000 characters"):
+            call(store, alice, task["task_id"], [1, 2, 3, 4], rationale=too_long)
+    assert store.submitted_rankings() == [] and handlers.next_task(store, alice)["draft_rationale"] == "B leaks a key"
     handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe=True, rationale="B leaks a key")
     assert store.submitted_rankings()[0]["rationale"] == "B leaks a key"
 
