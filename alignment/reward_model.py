@@ -475,11 +475,19 @@ def probe_warning(rm: Path, data_path: str | Path) -> str | None:
             "(docs/reward_dpo.md#probes)") if failure else None
 
 
+def scored_position(ids: list[int], pad_token_id: int | None) -> int:
+    """The token a sequence classifier reads its score at, as transformers' *ForSequenceClassification do:
+    the last that is not the pad token. Not always the last: where pad is EOS (load_tokenizer's fallback) and
+    the chat template ends a turn with EOS (Llama 3, Mistral), it is the token before that EOS."""
+    real = [i for i, t in enumerate(ids) if t != pad_token_id]
+    return real[-1] if real else len(ids) - 1
+
+
 def shared_base_reward(model, rm: Path) -> Reward:
     """The reward model's adapter as a third adapter ("reward") on the policy's base, plus its score head.
 
     The reward model is the base (+ the SFT adapter when it was trained from SFT) + its LoRA + a
-    linear `score` head on the last token. Here the SFT part is the "ref" adapter, activated
+    linear `score` head on the last token that is not padding (scored_position). Here the SFT part is the "ref" adapter, activated
     together with "reward": the same weights, except that SFT is a LoRA delta on the quantized base
     rather than merged before quantization (close, not bit-identical; docs/ppo.md).
     """
@@ -513,8 +521,9 @@ def shared_base_reward(model, rm: Path) -> Reward:
             for p, r in zip(prompts, responses, strict=True):
                 conversation = with_system_prompt([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                                   system_prompt)
-                ids = torch.tensor([encode(tokenizer, conversation)], device=device)
-                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+                ids = encode(tokenizer, conversation)
+                hidden = model(input_ids=torch.tensor([ids], device=device),
+                               output_hidden_states=True).hidden_states[-1][0, scored_position(ids, tokenizer.pad_token_id)]
                 out.append((hidden.float() @ head.T).item())
             return out
         finally:

@@ -456,3 +456,28 @@ def test_a_kept_tie_is_trained_as_half_not_as_a_win_for_its_first_answer(tmp_pat
     out, weighting = loss_columns(data, RewardStageConfig(), tmp_path / "prefs")
     assert weighting == "off" and out["train"]["p_chosen"] == [1.0, 0.5] * 3 and out["test"]["p_chosen"] == [1.0, 0.5]
     assert "weight" not in out["train"].column_names
+
+
+def test_the_policy_base_reward_reads_the_token_the_classifier_reads(tiny_model):
+    """rl.reward_on_policy_base scores with the hidden state the reward model's own score head was trained on:
+    the last token that is not padding. Where pad is EOS and the chat template ends a turn with it (Llama 3's
+    <|eot_id|>, Mistral's </s>), that is the token before the EOS, not the EOS itself."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignment.modeling import load_tokenizer
+    from alignment.reward_model import scored_position
+
+    tokenizer = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    causal = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    causal.model.load_state_dict(classifier.model.state_dict())
+    text = tokenizer("Open Settings and tap Sync.", add_special_tokens=False)["input_ids"]
+    for ids in (text, text + [tokenizer.pad_token_id]):  # a turn ending in EOS = pad
+        with torch.no_grad():
+            theirs = classifier(input_ids=torch.tensor([ids])).logits[0, 0]
+            hidden = causal(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        ours = hidden[scored_position(ids, tokenizer.pad_token_id)] @ classifier.score.weight[0]
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    assert scored_position(text + [tokenizer.pad_token_id], tokenizer.pad_token_id) == len(text) - 1
