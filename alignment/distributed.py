@@ -38,12 +38,16 @@ class Ranks:
     # (MULTI_GPU without CUDA) PartialState opens the process group but reports DistributedType.NO,
     # and accelerate's helpers then return this rank's values unreduced.
     def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.world == 1 else self.total(values) / self.world
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over every rank (each rank gets the sum)."""
         if self.world == 1:
             return values
         where = values.device
         values = values.detach().to(self.device, copy=True)  # NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(values)
-        return (values / self.world).to(where)
+        return values.to(where)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's `values` (same shape on each), concatenated in rank order."""

@@ -118,9 +118,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the real positions; padding stays 0 so it cannot leak into sums."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the real positions; padding stays 0 so it cannot leak into sums.
+
+    `total` sums a tensor over the processes (distributed.Ranks.total): the mean and variance are then
+    the whole rollout's, as with one process, not each process's share's (which re-centres every share
+    on its own mean: under several processes a good answer among better ones was pushed down)."""
+    total = total or (lambda t: t)
+    sums = total(torch.stack([(x * mask).sum(), mask.sum()]))
+    n = sums[1]
+    mean = sums[0] / n.clamp(min=1)
+    var = total(((x - mean) ** 2 * mask).sum()) / n.clamp(min=1)
+    if n > 1:
+        var = var * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -318,6 +329,7 @@ def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = N
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr(): what the next step uses
     if weight_decay is not None:
         for group in optimizer.param_groups:
             group["weight_decay"] = weight_decay

@@ -211,7 +211,7 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
                                           context, temp, values=False)[0] for i in range(0, n, rl.minibatch_size)])
         rewards, kl = R.shape_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value)
         advantages, returns = R.gae(old_values, rewards, mask, rl.gamma, rl.lam)
-        advantages = R.masked_whiten(advantages, mask)
+        advantages = R.masked_whiten(advantages, mask, total=ranks.total)  # the whole rollout's mean and spread
 
     stats: dict[str, list[float]] = {}
     order = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)

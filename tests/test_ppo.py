@@ -290,6 +290,38 @@ def test_whitening_and_masked_stats_ignore_padding():
     assert R.explained_variance(x, x, mask) == pytest.approx(1.0)
 
 
+def test_advantages_are_whitened_over_the_whole_rollout_under_several_processes():
+    """Each process holds a share of the rollout; whitened with its own share's mean, a share of good answers
+    pushed its worse ones down. With the statistics summed over processes (Ranks.total, here two threads and an
+    all-reduce by hand) each process gets exactly its rows of the one-process result."""
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5) + torch.arange(8.0)[:, None]  # rows 0-3 low, 4-7 high: shares split bad from good
+    mask = (torch.rand(8, 5) > 0.3).float()
+    whole = R.masked_whiten(x, mask)
+    shares, slots, barrier, out = [slice(0, 4), slice(4, 8)], [None, None], threading.Barrier(2), [None, None]
+
+    def process(rank: int) -> None:
+        def total(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t
+            barrier.wait()
+            summed = slots[0] + slots[1]
+            barrier.wait()
+            return summed
+
+        out[rank] = R.masked_whiten(x[shares[rank]], mask[shares[rank]], total=total)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out), whole, atol=1e-5)
+    alone = R.masked_whiten(x[shares[1]], mask[shares[1]])  # the share by itself: its worst rows go negative
+    assert (R.masked_mean(alone[:1], mask[4:5]) < 0) and (R.masked_mean(whole[4:5], mask[4:5]) > 0)
+
+
 def test_response_mask_keeps_the_first_eos_and_nothing_after():
     mask, has_eos = R.response_mask(torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]]), 2)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and has_eos.tolist() == [True, False]
@@ -340,6 +372,7 @@ def test_resume_trains_at_this_runs_rate_not_the_checkpoints():
     R.restore_optimizer(optimizer, scheduler, state, lr=1e-4, weight_decay=0.01)
     factor = scheduler.lr_lambdas[0](4)  # the cosine's position after 4 of 10 steps is kept
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * factor) and scheduler.last_epoch == 4
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]  # what the resumed step logs as its lr
     assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.state_dict()["state"]  # moments kept
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * scheduler.lr_lambdas[0](5))
