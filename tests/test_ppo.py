@@ -233,6 +233,25 @@ def test_grpo_on_a_fresh_lora_over_a_4bit_base_trains_fp32_adapters_as_on_a_gpu(
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
 
 
+def test_grpo_without_a_kl_term_starts_from_the_exact_sft_adapter_over_a_4bit_base(sft_dir, prompts, tmp_path,
+                                                                                    monkeypatch):
+    """rl.kl_coef=0: TRL makes no "ref" copy to restore the bf16-rounded SFT adapter from; it is read from its
+    folder instead. One step at a rate too small to move anything leaves the SFT adapter as it was (the rounding
+    moved every weight by up to 0.4 %)."""
+    import recipes.grpo
+
+    as_on_gpu = recipes.grpo.device_plan
+    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
+    monkeypatch.setattr(recipes.grpo, "speed_up_cpu_training", lambda model: None)
+    assert ppo(tmp_path, sft_dir, prompts, "algo=grpo", "rl.kl_coef=0", "model.quantize=true", "train.max_steps=1",
+               "rl.rollout_prompts=4", "rl.num_generations=4", "train.lr=1e-12") == 0
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, tmp_path / "grpo"))
+    assert before.keys() == after.keys()
+    for key in before:
+        assert after[key].dtype == torch.float32
+        assert torch.allclose(after[key], before[key].float(), rtol=1e-6, atol=1e-9), key
+
+
 def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, tiny_model):
     assert align(["ppo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}", f"prompts={prompts}",
                   "scorer=test_ppo:thanks", "train.max_steps=2", "rl.rollout_prompts=4", "lora.r=4", *FAST]) == 0
