@@ -33,6 +33,7 @@ from alignment.cpu import keep_trainable_in
 from alignment.generation import check_backend
 from alignment.modeling import is_adapter_dir
 from alignment.reward_model import Reward, gate, load_reward_model, score, shared_base_reward
+from alignment.training import set_rate
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +327,7 @@ def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = N
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if lr is not None:
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-            group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr(): what the next step uses
+        set_rate(optimizer, scheduler, lr)
     if weight_decay is not None:
         for group in optimizer.param_groups:
             group["weight_decay"] = weight_decay

@@ -115,6 +115,29 @@ def resume_checkpoint(out: Path, resume: str | None) -> str | None:
     return found
 
 
+def set_rate(optimizer, scheduler, lr: float) -> None:
+    """Train at `lr` from here on, at the schedule's current position: a restored optimizer and LambdaLR
+    schedule carry the rate they were saved with, and would go on at that one."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr(): what the next step uses
+
+
+class ThisRunsRate(TrainerCallback):
+    """A run resumed from a checkpoint trains at this run's `train.lr`: the Trainer restores the checkpoint's
+    optimizer and schedule, rate included, so "resume with a lower train.lr" silently kept the old one while
+    config.yaml and align.json recorded the new. The schedule's position (warm-up, decay) is kept."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if not state.global_step or optimizer is None or not hasattr(lr_scheduler, "lr_lambdas"):
+            return
+        if any(g.get("initial_lr", args.learning_rate) != args.learning_rate for g in optimizer.param_groups):
+            log.info("resumed at step %d with train.lr=%g (the checkpoint's rate was %g)", state.global_step,
+                     args.learning_rate, optimizer.param_groups[0].get("initial_lr"))
+            set_rate(optimizer, lr_scheduler, args.learning_rate)
+
+
 class MetricsJSONL(TrainerCallback):
     """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
 

@@ -45,6 +45,7 @@ from alignment.reward_model import probe_warning
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
 from alignment.training import (
     MetricsJSONL,
+    ThisRunsRate,
     UniqueRows,
     distinct_rows_metrics,
     final_eval,
@@ -204,7 +205,7 @@ def main(cfg: DPOStageConfig) -> Path:
         train_dataset=train,
         eval_dataset=test,
         processing_class=tokenizer,
-        callbacks=[MetricsJSONL(out)],
+        callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
     # Guard the one thing DPO must get right: without "ref" (a TRL change, a peft version without
     # several adapters) TRL falls back to the adapter-disabled raw base as the reference.

@@ -46,7 +46,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def main(cfg: PPOStageConfig) -> Path:
     start_wandb_run(cfg.run, cfg.algo)  # before the trainer: its W&B callback logs into this run
     trainer = Trainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, plan, out), train_dataset=data,
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
-                      callbacks=[MetricsJSONL(out)])
+                      callbacks=[MetricsJSONL(out), ThisRunsRate()])
     policy = trainer.model
     # TRL rounded a 4-bit model's adapter to bf16 (PPO's lr 1e-5 is under bf16's step for most LoRA weights):
     # fp32 again on every device, except sharded (one dtype per shard). An SFT adapter is restored from the

@@ -60,6 +60,7 @@ from alignment.reward_model import (
 from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
 from alignment.training import (
     MetricsJSONL,
+    ThisRunsRate,
     UniqueRows,
     distinct_rows_metrics,
     ranking_dataloader,
@@ -229,7 +230,7 @@ def main(cfg: RewardStageConfig) -> Path:
         processing_class=tokenizer,
         # A fresh LoRA; the new score head is trained in full and saved with it.
         peft_config=peft_lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
-        callbacks=[MetricsJSONL(out)],
+        callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
     # fp32 adapter and score head unless compute is bf16: TRL rounds a 4-bit model's adapter to bf16 (a T4 or V100
     # has none in hardware), and peft leaves the score head (modules_to_save) in fp16, whose grads the GradScaler

@@ -37,7 +37,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, wandb_hint
-from alignment.training import MetricsJSONL, final_eval, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def main(cfg: SFTStageConfig) -> Path:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(cfg.lora),
-        callbacks=[MetricsJSONL(out)],
+        callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
     # TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's choice under bf16 compute. Under fp32 or fp16
     # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.

@@ -113,7 +113,8 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (5, 6)))
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=6",
-                  "train.eval_steps=2", "train.scheduler=constant", "train.resume_from_checkpoint=latest")
+                  "train.eval_steps=2", "train.scheduler=constant", "train.resume_from_checkpoint=latest",
+                  "train.lr=1e-4")
     # metrics.jsonl is appended on resume: steps 1-4 from the first run, 5-6 from the resumed
     # one (the killed run's 5 and 6 dropped), none trained or logged twice.
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -122,6 +123,9 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
     assert ends == [4, 6], f"expected a first run ending at 4 and a resumed one at 6, got {ends}"
     assert json.loads((out / "align.json").read_text())["metrics"]["global_step"] == 6
+    # resumed with another train.lr: the new rate trains (the Trainer restored the checkpoint's)
+    rates = {r["step"]: r["learning_rate"] for r in read_jsonl(out / "metrics.jsonl") if "learning_rate" in r}
+    assert rates[5] == rates[6] == pytest.approx(1e-4) and rates[4] != pytest.approx(1e-4), rates
 
 
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
