@@ -212,28 +212,52 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     return judges
 
 
+def policy_version(folder: str | Path) -> str:
+    """A short fingerprint of the policy a folder holds now: its manifest's (rewritten whenever the stage
+    trains again), else its path (a model name)."""
+    import hashlib
+
+    manifest = Path(folder) / "align.json"
+    text = manifest.read_bytes() if manifest.is_file() else str(folder).encode()
+    return hashlib.sha256(text).hexdigest()[:10]
+
+
 def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]],
-               system_prompts: dict[str, str | None] | None = None) -> dict:
-    """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board)."""
+               system_prompts: dict[str, str | None] | None = None, versions: dict[str, str] | None = None) -> dict:
+    """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board).
+
+    The batch and each answer carry the policy's version (policy_version): a policy trained again gets
+    new tasks with its new answers, and the board counts only verdicts on the policies as they are now
+    (those on an earlier version are counted apart, as `stale_comparisons`)."""
     from labeling.store import Store
 
+    versions = versions or {}
     store = Store(store_url(None, cfg.run.dir))
     added = 0
+
+    def tag(name: str) -> str:
+        return f"{name}@{versions[name]}" if versions.get(name) else name
+
     for name, texts in responses.items():
         if name == cfg.baseline:
             continue
-        items = [{"prompt": p, "responses": [a, b], "response_meta": [{"policy": name}, {"policy": cfg.baseline}]}
+        meta = [{"policy": n, "version": versions.get(n)} for n in (name, cfg.baseline)]
+        items = [{"prompt": p, "responses": [a, b], "response_meta": meta}
                  for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
         source = {"stage": "eval", "system_prompts": {n: (system_prompts or {}).get(n) for n in (name, cfg.baseline)}}
-        added += store.add_tasks(f"eval-{name}-vs-{cfg.baseline}", items, source=source, kind="pairwise")
-    comparisons, prompts_of = [], []
+        added += store.add_tasks(f"eval-{tag(name)}-vs-{tag(cfg.baseline)}", items, source=source, kind="pairwise")
+    comparisons, prompts_of, stale = [], [], 0
     for row in store.submitted_rankings():
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
             continue
-        (a, b), (ra, rb) = [r["meta"]["policy"] for r in row["responses"]], row["ranks"]
+        metas = [r["meta"] for r in row["responses"]]
+        if any(versions.get(m["policy"]) and m.get("version") != versions[m["policy"]] for m in metas):
+            stale += 1  # a verdict on answers of a policy since trained again
+            continue
+        (a, b), (ra, rb) = [m["policy"] for m in metas], row["ranks"]
         comparisons.append((a, b, 1.0 if ra < rb else 0.0 if rb < ra else 0.5))
         prompts_of.append(row["prompt"])
-    board = {"tasks_added": added, "comparisons": len(comparisons)}
+    board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale}
     if comparisons:
         # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together
         ratings, cis = ev.bradley_terry(comparisons), ev.bradley_terry_ci(comparisons, groups=prompts_of, n=200)
@@ -294,7 +318,8 @@ def main(cfg: EvalStageConfig) -> Path:
                 row[f"{jname}/win_rate_ci"] = ev.bootstrap_ci(scores[name], base_scores, n=cfg.bootstrap)
         table[name] = row
         metrics.update({f"{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
-    board = human_eval(cfg, prompts, responses, system_prompts) if cfg.human else None
+    board = human_eval(cfg, prompts, responses, system_prompts,
+                       {name: policy_version(folder) for name, folder in paths.items()}) if cfg.human else None
 
     # --- save -------------------------------------------------------------------------------
     with open(out / "samples.jsonl", "w") as fh:

@@ -69,3 +69,36 @@ def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):
     assert align(["eval", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     captured = capsys.readouterr()
     assert f"no policies in {tmp_path}: none of its sft, dpo, ppo" in captured.out + captured.err
+
+
+def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
+    """align eval human=true: A/B tasks per policy version. After dpo is trained again, a rerun adds tasks with
+    its new answers and the board counts only verdicts on the policies as they are (the old ones: stale)."""
+    from alignment.config import EvalStageConfig, RunConfig
+    from labeling import handlers
+    from labeling.store import Store
+    from recipes.evaluate import human_eval
+
+    cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), baseline="sft")
+    prompts = ["How do I sync?", "Where is export?"]
+
+    def rate_all(store, session, better):  # every open A/B task, the same verdict ("A": the first shown)
+        while (task := handlers.next_task(store, session)) and task.get("task_id"):
+            handlers.submit(store, session, task["task_id"], verdict=better)
+
+    first = human_eval(cfg, prompts, {"dpo": ["Old dpo 1.", "Old dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
+                       versions={"dpo": "v1", "sft": "s1"})
+    assert first["tasks_added"] == 2 and first["comparisons"] == 0
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("ann", "secret-pw")
+    ann = handlers.sign_in(store, "ann", "secret-pw")
+    rate_all(store, ann, "A")
+    again = human_eval(cfg, prompts, {"dpo": ["Old dpo 1.", "Old dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
+                       versions={"dpo": "v1", "sft": "s1"})
+    assert again["tasks_added"] == 0 and again["comparisons"] == 2 and again["stale_comparisons"] == 0
+    retrained = human_eval(cfg, prompts, {"dpo": ["New dpo 1.", "New dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
+                           versions={"dpo": "v2", "sft": "s1"})
+    assert retrained["tasks_added"] == 2 and retrained["comparisons"] == 0 and retrained["stale_comparisons"] == 2
+    assert "leaderboard" not in retrained  # no verdict yet on the dpo that is there now
+    shown = [t["responses"] for t in store.batch_tasks("eval-dpo@v2-vs-sft@s1")]
+    assert len(shown) == 2
