@@ -394,7 +394,7 @@ def no_records(path: str | Path, skipped: int, problems: list[str], what: str = 
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts for sampling/eval: {"prompt": str} JSONL, or any SFT format (its user turn)."""
     prompts: list[str] = []
-    fmt = None
+    fmt, cut = None, 0
     for where, record in iter_records(path):
         if isinstance(record, DataError):
             raise record
@@ -411,7 +411,12 @@ def load_prompts(path: str | Path) -> list[str]:
         user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
         if user is None:
             raise DataError(f"{where}: no user message to use as the prompt")
+        cut += any(m["role"] != "user" or m["content"] != user for m in prompt)
         prompts.append(user)
     if not prompts:
         raise no_records(path, 0, [], "prompts")
+    if cut:
+        log.warning("%s: %d of %d records have turns before their last user message (earlier turns, a system "
+                    "message): only that message is the prompt, without them. Prompts are single-turn: give a "
+                    "{\"prompt\": ...} JSONL that says each in full to sample or evaluate on it", path, cut, len(prompts))
     return prompts

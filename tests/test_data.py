@@ -135,9 +135,18 @@ def test_unknown_format_is_explained(tmp_path):
         load_sft_dataset(path)
 
 
-def test_prompts_from_prompt_file_and_from_sft_data(tmp_path):
+def test_prompts_from_prompt_file_and_from_sft_data(tmp_path, caplog):
     assert load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])) == ["a", "b"]
     assert load_prompts(write_jsonl(tmp_path / "s.jsonl", [GOOD])) == ["q"]
+    assert "turns before their last user message" not in caplog.text
+    # a conversation's prompt is its last user message: what it loses is said, not silently dropped
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Refund?"},
+            {"role": "assistant", "content": "Oui."}, {"role": "user", "content": "The first one, please."},
+            {"role": "assistant", "content": "D'accord."}]
+    with caplog.at_level("WARNING"):
+        assert load_prompts(write_jsonl(tmp_path / "c.jsonl", [{"messages": chat}, {"messages": chat[1:3]}])) == [
+            "The first one, please.", "Refund?"]
+    assert "1 of 2 records have turns before their last user message" in caplog.text
     with pytest.raises(DataError, match=r"p2.jsonl:1: field 'prompt' is empty"):
         load_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": " "}]))
 
