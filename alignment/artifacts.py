@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -265,6 +266,11 @@ def _parent(path: str | Path) -> dict[str, Any]:
 config_folder: Path | None = None
 
 
+def shell(value: str | Path) -> str:
+    """A path or URL as a shell word, for the commands printed to paste: quoted where it holds a space."""
+    return shlex.quote(str(value))
+
+
 def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
     """Where the artifact is and what to run next; `align <stage> run.dir=...` with `--config` where the
     config this command ran from has a sibling for that stage (configs/quickstart/sft.yaml → sample.yaml)."""
@@ -281,7 +287,7 @@ def with_sibling_configs(command: str) -> str:
 
     def add(match: re.Match) -> str:
         sibling = config_folder / f"{match[1]}.yaml"
-        return f"align {match[1]} --config {sibling} " if sibling.is_file() else match[0]
+        return f"align {match[1]} --config {shell(sibling)} " if sibling.is_file() else match[0]
 
     return re.sub(r"align (\w+) (?=run\.dir=)", add, command)
 

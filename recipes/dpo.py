@@ -26,7 +26,14 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
-from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
+from alignment.artifacts import (
+    is_main_process,
+    print_done,
+    shell,
+    stage_dir,
+    system_prompt_of,
+    write_manifest,
+)
 from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
@@ -263,5 +270,5 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("dpo", out, f"align eval run.dir={cfg.run.dir}")
+    print_done("dpo", out, f"align eval run.dir={shell(cfg.run.dir)}")
     return out

@@ -30,6 +30,7 @@ from alignment import report as report_module
 from alignment.artifacts import (
     print_done,
     read_manifest,
+    shell,
     stage_dir,
     stages_of_kind,
     store_url,
@@ -351,5 +352,5 @@ def main(cfg: EvalStageConfig) -> Path:
             print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} "
                   f"[{lo:.1%}, {hi:.1%}] · KL {row.get('kl', float('nan')):.2f} nats")
     html = report_module.write_report(cfg.run.dir)
-    print_done("eval", out, f"open {html}")
+    print_done("eval", out, f"open {shell(html)}")
     return out

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from alignment import StageError
-from alignment.artifacts import print_done, stage_dir, store_url, write_manifest
+from alignment.artifacts import print_done, shell, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
@@ -84,6 +84,7 @@ def main(cfg: ExportStageConfig) -> Path:
     log.info("annotator reliability (%s):\n%s", summary["reliability"]["model"],
              "\n".join(f"  {r[0]}: accuracy {r[1]:.3f} [{r[2]:.2f}, {r[3]:.2f}], weight {r[4]:.2f}, "
                        f"{r[6]} of {r[5]} judgements checked ({r[7]} on gold)" for r in reliability_rows(people)))
-    print_done("export", out, f"align reward run.dir={cfg.run.dir}   or   align dpo run.dir={cfg.run.dir}")
+    run = f"run.dir={shell(cfg.run.dir)}" + (f" data.path={shell(out)}" if cfg.output else "")
+    print_done("export", out, f"align reward {run}   or   align dpo {run}")
     return out
 

@@ -31,7 +31,14 @@ from transformers import set_seed
 
 from alignment import report
 from alignment import rl as R
-from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
+from alignment.artifacts import (
+    is_main_process,
+    print_done,
+    shell,
+    stage_dir,
+    system_prompt_of,
+    write_manifest,
+)
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
@@ -209,5 +216,5 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done(cfg.algo, out, f"align eval run.dir={cfg.run.dir}")
+    print_done(cfg.algo, out, f"align eval run.dir={shell(cfg.run.dir)}")
     return out

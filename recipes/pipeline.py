@@ -43,6 +43,7 @@ from alignment.artifacts import (
     round_dir,
     routed,
     run_stage,
+    shell,
     stage_dir,
     store_url,
 )
@@ -230,6 +231,6 @@ def main(cfg: PipelineConfig) -> Path:
     minutes = (time.time() - started) / 60
     print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
     print(textwrap.indent(report_module.glance_text(round_dir(root, cfg.rounds - 1)), "  "), end="")
-    print_done("pipeline", html, f"open {html}")
+    print_done("pipeline", html, f"open {shell(html)}")
     return html
 

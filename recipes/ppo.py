@@ -45,7 +45,14 @@ from transformers import get_scheduler, set_seed
 
 from alignment import StageError, report
 from alignment import rl as R
-from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
+from alignment.artifacts import (
+    is_main_process,
+    print_done,
+    shell,
+    stage_dir,
+    system_prompt_of,
+    write_manifest,
+)
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
@@ -391,5 +398,5 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("ppo", out, f"align eval run.dir={cfg.run.dir}")
+    print_done("ppo", out, f"align eval run.dir={shell(cfg.run.dir)}")
     return out

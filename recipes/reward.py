@@ -30,7 +30,14 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment import StageError, report
-from alignment.artifacts import is_main_process, print_done, stage_dir, system_prompt_of, write_manifest
+from alignment.artifacts import (
+    is_main_process,
+    print_done,
+    shell,
+    stage_dir,
+    system_prompt_of,
+    write_manifest,
+)
 from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import DataError, file_hash
@@ -315,8 +322,8 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("reward", out, f"align ppo run.dir={cfg.run.dir}   (score by hand: align reward score "
-                              f"--run-dir {cfg.run.dir} --prompt ... --response ...)")
+    print_done("reward", out, f"align ppo run.dir={shell(cfg.run.dir)}   (score by hand: align reward score "
+                              f"--run-dir {shell(cfg.run.dir)} --prompt ... --response ...)")
     return out
 
 

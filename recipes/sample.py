@@ -36,6 +36,7 @@ from alignment.artifacts import (
     print_done,
     read_manifest,
     round_batch,
+    shell,
     stage_dir,
     store_url,
     system_prompt_of,
@@ -242,5 +243,6 @@ def main(cfg: SampleStageConfig) -> Path:
     log_artifact("sample", out, cfg.run.dir, parents, run=tracker.run)
     tracker.finish(metrics)
     log.info(json.dumps(metrics))
-    print_done("sample", out, f"align label --run-dir {cfg.run.dir}   (unattended: align label --run-dir {cfg.run.dir} --simulate support_style)")
+    where = f"--db {shell(cfg.store)}" if cfg.store else f"--run-dir {shell(cfg.run.dir)}"
+    print_done("sample", out, f"align label {where}   (unattended: align label {where} --simulate support_style)")
     return out

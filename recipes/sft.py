@@ -17,7 +17,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from alignment import report
-from alignment.artifacts import print_done, stage_dir, write_manifest
+from alignment.artifacts import print_done, shell, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset, split_by_prompt
@@ -148,6 +148,6 @@ def main(cfg: SFTStageConfig) -> Path:
     if hint:
         log.info(hint)
     log.info("report: %s", html)
-    print_done("sft", out, f"align sample run.dir={cfg.run.dir}")
+    print_done("sft", out, f"align sample run.dir={shell(cfg.run.dir)}")
     return out
 

@@ -144,6 +144,20 @@ def test_the_next_command_keeps_the_config_family_it_ran_from(monkeypatch):
     assert artifacts.with_sibling_configs("align label --run-dir r") == "align label --run-dir r"  # no label.yaml
     monkeypatch.setattr(artifacts, "config_folder", None)
     assert artifacts.with_sibling_configs("align sample run.dir=r") == "align sample run.dir=r"
+    # pasted into a shell, a path with a space is still one word
+    assert f"align sample run.dir={artifacts.shell('runs/my run')}" == "align sample run.dir='runs/my run'"
+    assert artifacts.shell("runs/quickstart") == "runs/quickstart"
+
+
+def test_labelling_unattended_into_another_store_says_to_export_from_it(tmp_path, capsys):
+    from alignment.cli import main as align
+    from labeling.store import Store
+
+    url = f"sqlite:///{tmp_path / 'team store.db'}"
+    Store(url).add_tasks("round-0", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    assert align(["label", "--db", url, "--run-dir", str(tmp_path / "my run"), "--simulate", "support_style"]) == 0
+    hint = capsys.readouterr().out.split("next: ")[1].strip()
+    assert hint == f"align export run.dir='{tmp_path / 'my run'}' store='{url}'"
 
 
 def test_a_database_password_is_never_written(tmp_path):
