@@ -396,22 +396,23 @@ def score_main(argv: list[str]) -> int:
         print(f"align reward score: {err}", file=sys.stderr)
         return 2
     if args.jsonl:
+        from alignment.data import DataError, iter_records, json_kind
+
         rows = []
-        try:
-            text = Path(args.jsonl).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            print(f"align reward score: --jsonl {args.jsonl}: cannot read it as UTF-8 text ({err})", file=sys.stderr)
+        try:  # the loaders' reader: a BOM, CRLF, a U+2028 inside a string, the file and line of a bad one
+            for where, row in iter_records(args.jsonl):
+                if isinstance(row, DataError):
+                    raise row
+                fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "response")]
+                if not all(isinstance(f, str) for f in fields):
+                    raise DataError(f"{where}: needs a JSON object with string fields 'prompt' and 'response', "
+                                    f"got {json_kind(row) if not isinstance(row, dict) else sorted(row)}")
+                rows.append((fields[0], fields[1]))
+            if not rows:
+                raise DataError(f"{args.jsonl}: no lines to score (empty)")
+        except DataError as err:
+            print(f"align reward score: --jsonl {err}", file=sys.stderr)
             return 2
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((str(row["prompt"]), str(row["response"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                print(f"align reward score: {args.jsonl}:{n}: needs a JSON object with prompt and response ({err})",
-                      file=sys.stderr)
-                return 2
     elif not (args.prompt and args.response):
         parser.error("--prompt needs at least one --response")
     else:

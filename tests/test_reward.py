@@ -186,10 +186,16 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     capsys.readouterr()
     assert align(["reward", "probe", "--model", str(moved)]) == 2
     assert "has changed since the model was trained on it" in capsys.readouterr().err
-    jsonl = tmp_path / "score.jsonl"
-    jsonl.write_text(json.dumps({"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags")}) + "\n")
+    jsonl = tmp_path / "score.jsonl"  # as the training data may be: a BOM, CRLF, a U+2028 inside a string
+    row = {"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags") + "\u2028"}
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
     assert "score" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for text, message in ((json.dumps({"prompt": None, "response": 5}), "score.jsonl:1: needs a JSON object with string"),
+                          ("", "no lines to score (empty)")):
+        jsonl.write_text(text)
+        assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_path, caplog):
