@@ -221,8 +221,11 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                          gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
             print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
                   f"{', profiles ' + args.profiles if profiles else ''})")
-            print(f"next: align export run.dir={shlex.quote(str(args.run_dir))}"
-                  + (f" store={shlex.quote(args.db)}" if args.db else ""))
+            if str(args.batch or "").startswith("eval-"):  # align eval human=true's A/B tasks: its board, not export
+                print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true")
+            else:
+                print(f"next: align export run.dir={shlex.quote(str(args.run_dir))}"
+                      + (f" store={shlex.quote(args.db)}" if args.db else ""))
             return 0
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes

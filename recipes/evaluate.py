@@ -351,6 +351,16 @@ def main(cfg: EvalStageConfig) -> Path:
             lo, hi = row[f"{jname}/win_rate_ci"]
             print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} "
                   f"[{lo:.1%}, {hi:.1%}] · KL {row.get('kl', float('nan')):.2f} nats")
+    if board is not None:
+        for row in board.get("leaderboard", []):
+            lo, hi = row["ci"]
+            print(f"human A/B · {row['policy']}: rating {row['rating']:.0f} [{lo:.0f}, {hi:.0f}]")
+        print(f"human A/B: {board['tasks_added']} new tasks, {board['comparisons']} verdicts so far"
+              + (f" ({board['stale_comparisons']} on earlier versions, not counted)" if board["stale_comparisons"] else ""))
     html = report_module.write_report(cfg.run.dir)
-    print_done("eval", out, f"open {shell(html)}")
+    if board is not None:
+        print_done("eval", out, f"open {shell(html)}; annotators judge the A/B tasks in align label --run-dir "
+                                f"{shell(cfg.run.dir)}, then rerun align eval with human=true for the board")
+    else:
+        print_done("eval", out, f"open {shell(html)}")
     return out

@@ -37,8 +37,30 @@ def eval_run(tiny_model, tmp_path_factory):
     run = root / "run"
     assert align(["eval", f"policies={{sft: {curt}, polite: {polite}}}", "baseline=sft", f"prompts={prompts}",
                   "scorer=known_scorers:says_thanks", "bootstrap=200", "generation.max_new_tokens=16",
-                  f"run.dir={run}", "run.wandb=disabled"]) == 0
+                  f"run.dir={run}", "run.wandb=disabled", "human=true"]) == 0
     return run
+
+
+def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
+    """human=true: blind A/B tasks in the run's store, the label hint for them, and after a (simulated) annotator
+    judged them, a rerun's board ranks the known winner first."""
+    from labeling.store import Store
+
+    manifest = json.loads((eval_run / "eval" / "align.json").read_text())
+    assert manifest["human"]["tasks_added"] == len(PROMPTS) and manifest["human"]["comparisons"] == 0
+    store = Store(f"sqlite:///{eval_run / 'labels.db'}")
+    (batch,) = {b["batch"] for b in store.batch_counts()}
+    assert batch.startswith("eval-polite@") and "-vs-sft@" in batch
+    assert align(["label", "--run-dir", str(eval_run), "--simulate", "known_scorers:says_thanks", "--batch", batch]) == 0
+    assert f"next: align eval run.dir={eval_run} human=true" in capsys.readouterr().out
+    args = json.loads((eval_run / "eval" / "align.json").read_text())["config"]
+    assert align(["eval", f"policies={{sft: {args['policies']['sft']}, polite: {args['policies']['polite']}}}",
+                  "baseline=sft", f"prompts={args['prompts']}", "scorer=known_scorers:says_thanks", "bootstrap=50",
+                  "generation.max_new_tokens=16", f"run.dir={eval_run}", "run.wandb=disabled", "human=true"]) == 0
+    out = capsys.readouterr().out
+    assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the A/B tasks" in out
+    board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
+    assert [row["policy"] for row in board] == ["polite", "sft"]
 
 
 def test_the_known_winner_wins_with_an_interval_above_half(eval_run):
