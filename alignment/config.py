@@ -568,6 +568,21 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key written twice in one mapping: YAML keeps the last and drops the first
+    silently (a `train:` section written twice lost the first one's settings, checks and all)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: {key!r} is written twice in one "
+                                  f"mapping (first on line {seen[key]}); YAML would keep only the last: merge them")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
     """Build `cls` from a YAML file and `a.b=value` overrides, checking every key and type."""
     raw: dict[str, Any] = {}
@@ -576,7 +591,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+            loader.name = str(path)
+            try:
+                raw = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         except UnicodeDecodeError as err:

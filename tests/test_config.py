@@ -72,6 +72,15 @@ def test_bad_yaml_and_missing_file(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(C.SFTStageConfig, bad)
+    # a section written twice: YAML keeps the last and drops the first (lr: 5 would never have been checked)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 5\nmodel:\n  max_length: 64\ntrain:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 5: 'train' is written twice in one mapping \(first on "
+                                          r"line 1\)"):
+        load_config(C.SFTStageConfig, twice)
+    twice.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match="line 3: 'lr' is written twice"):
+        load_config(C.SFTStageConfig, twice)
 
 
 @pytest.mark.parametrize("value", ["#1 helper for Lumen Notes", "Answer: briefly", "[draft] be brief", "say {hi}"])
