@@ -615,9 +615,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 @dataclass(frozen=True)
 class _Override:
     """A `key=value` from the command line: read as YAML (numbers, lists, null), except where the key
-    takes text and YAML's reading is a comment, a mapping, a list or no YAML at all that the key does
-    not take: `data.system_prompt=#1 helper` is that text (YAML: a comment, so null), and so are
-    `...=Answer: briefly` (a mapping) and `...=[draft` (not YAML)."""
+    takes text and YAML's reading is a comment, a mapping, a list, a number, a boolean or no YAML at all
+    that the key does not take: `data.system_prompt=#1 helper` is that text (YAML: a comment, so null),
+    and so are `...=Answer: briefly` (a mapping), `...=[draft` (not YAML), `batch=1` and `...=no`."""
 
     text: str
     value: Any = None
@@ -642,10 +642,15 @@ class _Override:
             return self.text.strip()
         try:
             return _check(key, self.value, kind)
-        except ConfigError:
-            if not (takes_text and isinstance(self.value, (dict, list))):  # "a: b" and "[a" are text; 5 is not
-                raise
-            return self.text.strip()
+        except ConfigError as err:
+            # "a: b" and "[a" are text where the key takes text; 2024 and no too, where it takes only text (a
+            # name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake, not module "5")
+            plain = all(o in (str, type(None)) for o in _options(kind))
+            if takes_text and (isinstance(self.value, (dict, list)) or plain and isinstance(self.value, (bool, int, float))):
+                return self.text.strip()
+            if isinstance(self.value, (bool, int, float)) and str(self.value) != self.text.strip():
+                raise ConfigError(f"{err} ({self.text.strip()!r} as typed, which YAML reads as {self.value!r})") from None
+            raise
 
 
 def _options(kind: Any) -> tuple:

@@ -100,6 +100,15 @@ def test_an_override_into_a_mapping_adds_or_replaces_one_key(tmp_path):
     assert load_config(C.ServeStageConfig, None, ["adapters.x=runs/a/dpo"]).adapters == {"x": "runs/a/dpo"}
 
 
+def test_a_text_key_takes_a_number_or_yes_no_as_typed():
+    """YAML reads 1, 2024 and no as a number and a boolean; a key that takes text gets the text typed."""
+    assert load_config(C.SampleStageConfig, None, ["batch=1"]).batch == "1"
+    assert load_config(C.SFTStageConfig, None, ["run.dir=2024"]).run.dir == "2024"
+    assert load_config(C.SFTStageConfig, None, ["data.system_prompt=no"]).data.system_prompt == "no"
+    with pytest.raises(ConfigError, match=r"run.wandb: .*\('off' as typed, which YAML reads as False\)"):
+        load_config(C.SFTStageConfig, None, ["run.wandb=off"])
+
+
 def test_an_override_yaml_cannot_read_names_the_key():
     with pytest.raises(ConfigError, match=r"train.lr: '\[oops' is not a value YAML reads .*expected float"):
         load_config(C.SFTStageConfig, None, ["train.lr=[oops"])
