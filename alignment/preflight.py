@@ -290,6 +290,11 @@ def _pipeline_sets(cfg) -> None:
     if cfg.export.store is not None and cfg.export.store != cfg.sample.store:
         raise ConfigError(f"export.store={cfg.export.store}: the pipeline's stages share one labelling store, "
                           "sample.store (default <run.dir>/labels.db); set that instead")
+    trained = [s for s in cfg.stages if s in ("dpo", "ppo")]
+    if "eval" in cfg.stages and not trained and not cfg.eval.policies:
+        raise ConfigError(f"stages={list(cfg.stages)}: eval compares the SFT policy with one trained after it, and "
+                          "no stage here trains one: add dpo or ppo to stages, or set eval.policies={name: folder, "
+                          "...} (two or more)")
     for name in ("sft", "sample", "export", "reward", "dpo", "ppo", "eval"):
         section = getattr(cfg, name)
         if section.run != RunConfig():
@@ -577,10 +582,10 @@ def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
     path = Path(data.path) if data.path else stage_dir(run_dir, "export")
     if data.path is None and not path.exists():
         raise StageError(f"no preference data at {path}: run `align export run.dir={run_dir}` first, "
-                         "or pass data.path=<folder or .jsonl>")
+                         f"or pass {key}=<folder or .jsonl>")
     if data.path is None and path.is_dir() and not (path / MANIFEST).is_file():  # the run's own export, cut short
         raise StageError(f"{path}: an unfinished export (no {MANIFEST}, which export writes last): run "
-                         f"`align export run.dir={run_dir}` again, or pass data.path=<folder or .jsonl>")
+                         f"`align export run.dir={run_dir}` again, or pass {key}=<folder or .jsonl>")
     try:
         read_preference_pairs(path, on_error=data.on_error)
     except DataError as err:

@@ -259,6 +259,10 @@ CASES = [
     ("ppo: an sft folder as the reward model", "ppo sft={d}/adapter reward_model={d}/adapter prompts={d}/prompts.jsonl",
      1, ["adapter is the output of `align sft`, not a reward model"]),
     ("pipeline: dpo without sft", "pipeline stages=[dpo] dpo.data.path={d}/prefs.jsonl", 1, ["no SFT adapter at"]),
+    ("pipeline: eval with nothing to compare", "pipeline stages=[sft,sample,eval]", 2,
+     ["eval compares the SFT policy with one trained after it", "add dpo or ppo to stages, or set eval.policies="]),
+    ("pipeline: dpo with no preference data", "pipeline stages=[sft,dpo] run.dir={d}/empty_run", 1,
+     ["no preference data at", "or pass dpo.data.path=<folder or .jsonl>"]),
     ("pipeline: export with nothing ranked", "pipeline stages=[sft,sample,export] sft.model.name={tiny} "
      "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl", 2,
      ["stages: export needs submitted rankings, the store has none, and no label stage runs before it (sample, sft "
