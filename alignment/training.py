@@ -40,6 +40,10 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
     # step there is none: the stage scores its held-out set once, after training (else transformers scores
     # it at the last step and the stage again: a DPO pass over the held-out pairs twice, ~40 s on 2 cores).
     during = has_eval and not (train.max_steps > 0 and train.eval_steps >= train.max_steps)
+    # The checkpoint with the lowest held-out loss is kept for sft only. The reward model's and DPO's
+    # held-out figures are the verdict (the PPO gate reads the reward model's): picked on those same pairs,
+    # a checkpoint would report its own selection, optimistic on a few dozen pairs. They keep their last step.
+    keep_best = during and stage == "sft"
     liger = use_liger(train.liger)
     shared: dict[str, Any] = dict(
         output_dir=str(Path(out) / "checkpoints"),
@@ -70,10 +74,10 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         eval_strategy="steps" if during else "no",
         eval_steps=train.eval_steps,
         save_strategy="steps",
-        save_steps=train.eval_steps,  # every evaluation has its checkpoint: the best one is kept
+        save_steps=train.eval_steps,  # every evaluation has its checkpoint (sft: the best one is kept)
         save_total_limit=train.save_total_limit,
-        load_best_model_at_end=during,
-        metric_for_best_model="eval_loss" if during else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
         report_to=report_to(run),
         run_name=f"{Path(run.dir).name}/{stage}",
         dataloader_num_workers=0,

@@ -24,7 +24,7 @@ def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(na
     plan = device_plan(cfg.model)
     args = trl_args(getattr(trl, name), cfg.train, plan, cfg.run, "stage", tmp_path, has_eval=True, save_steps=6)
     assert (args.output_dir, args.learning_rate, args.max_steps, args.seed) == (str(tmp_path / "checkpoints"), 3e-4, 7, 5)
-    assert args.per_device_train_batch_size == 8 and args.eval_steps == 3 and args.load_best_model_at_end
+    assert args.per_device_train_batch_size == 8 and args.eval_steps == 3 and args.eval_strategy == "steps"
     assert args.save_steps == 6  # the stage's own key wins over the shared one (eval_steps)
     assert args.run_name == "demo/stage" and args.report_to == []
     assert args.bf16 is plan.bf16 and args.gradient_checkpointing is plan.gradient_checkpointing  # not TRL's defaults
@@ -36,6 +36,18 @@ def test_every_trl_config_gets_our_train_section_the_plan_and_the_stages_keys(na
                       tmp_path, has_eval=True)
     assert on.activation_checkpointing is on.gradient_checkpointing is True
     assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_only_sft_keeps_the_checkpoint_picked_on_its_held_out_set(tmp_path):
+    """The reward model's and DPO's held-out figures are their verdict (and the PPO gate's): a checkpoint
+    picked on those pairs would report its own selection. They keep their last step; sft its best loss."""
+    import trl
+
+    cfg = load_config(SFTStageConfig, None, ["train.max_steps=8", "train.eval_steps=2", "run.wandb=disabled"])
+    keeps = {stage: trl_args(config, cfg.train, device_plan(cfg.model), cfg.run, stage, tmp_path,
+                             has_eval=True).load_best_model_at_end
+             for stage, config in (("sft", trl.SFTConfig), ("reward", trl.RewardConfig), ("dpo", trl.DPOConfig))}
+    assert keeps == {"sft": True, "reward": False, "dpo": False}
 
 
 def test_held_out_pairs_are_scored_once_when_no_step_evaluates(tmp_path):
