@@ -314,6 +314,26 @@ def set_aside_later_checkpoints(checkpoint: str | Path) -> Path | None:
     return aside
 
 
+def set_aside_checkpoints(folder: str | Path) -> Path | None:
+    """A stage starting from scratch: the checkpoints an earlier run left in `folder` (`<stage>/checkpoints`)
+    move to `abandoned-<time>/` in it. Left in place, a later `train.resume_from_checkpoint=latest` (after
+    this run is killed before its first checkpoint) would continue the earlier run, on its data and config,
+    under this run's manifest. Returns where they went, or None."""
+    folder = Path(folder)
+    if not folder.is_dir() or not is_main_process():
+        return None
+    old = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("abandoned-")
+           and p.name.rpartition("-")[2].isdigit()]
+    if not old:
+        return None
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for path in sorted(old):
+        path.rename(aside / path.name)
+    print(f"align: starting from scratch: the {len(old)} checkpoints of an earlier run moved to {aside}", file=sys.stderr)
+    return aside
+
+
 # ---------------------------------------------------------------------------- after a failure
 
 

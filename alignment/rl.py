@@ -27,7 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignment import StageError
-from alignment.artifacts import is_main_process, set_aside_later_checkpoints, stage_dir, system_prompt_of
+from alignment.artifacts import (
+    is_main_process,
+    set_aside_checkpoints,
+    set_aside_later_checkpoints,
+    stage_dir,
+    system_prompt_of,
+)
 from alignment.config import ConfigError, PPOStageConfig
 from alignment.cpu import keep_trainable_in
 from alignment.generation import check_backend
@@ -310,6 +316,7 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N (None: from scratch)."""
     if not resume:
+        set_aside_checkpoints(out / "checkpoints")
         return None
     if resume in ("latest", "auto"):
         found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from alignment.artifacts import set_aside_later_checkpoints
+from alignment.artifacts import set_aside_checkpoints, set_aside_later_checkpoints
 from alignment.config import RunConfig, TrainConfig
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
@@ -112,6 +112,8 @@ def resume_checkpoint(out: Path, resume: str | None) -> str | None:
     if resume not in ("latest", "auto"):
         if resume:
             set_aside_later_checkpoints(resume)
+        else:
+            set_aside_checkpoints(Path(out) / "checkpoints")
         return resume
     folder = Path(out) / "checkpoints"
     found = get_last_checkpoint(str(folder)) if folder.is_dir() else None

@@ -178,3 +178,20 @@ def test_a_database_password_is_never_written(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["store"] == redact(url)
     assert redact({"a": [url, "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}) == {
         "a": ["postgresql://team:***@db.example:5432/labels", "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}
+
+
+def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):
+    """Started from scratch over an earlier run's checkpoints, then killed before its first checkpoint: `latest`
+    must not continue the earlier run (its data and config) under this run's manifest."""
+    from alignment.rl import find_checkpoint
+    from alignment.training import resume_checkpoint
+
+    for stage, name in (("reward", "checkpoint-6"), ("ppo", "step-4")):
+        out = tmp_path / stage
+        (out / "checkpoints" / name).mkdir(parents=True)
+        (out / "checkpoints" / name / "trainer_state.json").write_text("{}")
+        find = find_checkpoint if stage == "ppo" else resume_checkpoint
+        assert find(out, None) is None  # this run: from scratch
+        assert find(out, "latest") is None  # killed before its first checkpoint: scratch again, not the old run
+        (aside,) = (out / "checkpoints").glob("abandoned-*")
+        assert (aside / name / "trainer_state.json").is_file()  # kept, out of the way
