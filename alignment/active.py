@@ -272,8 +272,11 @@ def task_uncertainty(model, tokenizer, ensemble: HeadEnsemble, tasks: list[dict[
     scores, own = ensemble.scores(feats), torch.tensor(rewards)
     out, start = [], 0
     for t in tasks:
-        k = len(t["responses"])
-        out.append(acquisition(scores[:, start:start + k], method, single=own[start:start + k]))
-        start += k
+        # The pairs align export will make of the task: one answer per distinct text, none blank (a copy's
+        # pair, always level, scored ln 2 under entropy and 0 under bald). Fewer than two: nothing to learn.
+        first = {r.strip(): start + i for i, r in reversed(list(enumerate(t["responses"]))) if r.strip()}
+        kept = sorted(first.values())
+        out.append(acquisition(scores[:, kept], method, single=own[kept]) if len(kept) > 1 else 0.0)
+        start += len(t["responses"])
     return out
 

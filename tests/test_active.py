@@ -171,6 +171,13 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     again = task_uncertainty(model, tokenizer, heads, tasks, "bald")
     assert [t["priority"] for t in tasks] == pytest.approx(again, rel=1e-4, abs=1e-7)
     assert {t["prompt"]: t["priority"] for t in tasks} == pytest.approx({c["prompt"]: c["acquisition"] for c in chosen})
+    # a copy of an answer and a blank one count for nothing: export makes no pair of them
+    prompt, (a, b, *_) = tasks[0]["prompt"], tasks[0]["responses"]
+    for method in ("bald", "entropy", "variance"):
+        plain = task_uncertainty(model, tokenizer, heads, [{"prompt": prompt, "responses": [a, b]}], method)
+        padded = task_uncertainty(model, tokenizer, heads, [{"prompt": prompt, "responses": [a, b, f" {a} ", ""]},
+                                                            {"prompt": prompt, "responses": [a, a, " "]}], method)
+        assert padded == pytest.approx([plain[0], 0.0], rel=1e-4, abs=1e-7), method
     # the queue (the app's and a simulated annotator's) hands them out most uncertain first
     store.add_user("ann", "pw-for-ann")
     ann = handlers.sign_in(store, "ann", "pw-for-ann")
