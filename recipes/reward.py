@@ -456,8 +456,11 @@ def probe_main(argv: list[str]) -> int:
             # Re-split, other data puts pairs the model trained on among the "held-out" ones.
             raise ValueError(f"{data_path} has changed since the model was trained on it (sha256), so its held-out "
                              "split is not the one the model never saw; pass --data with pairs it never saw")
-        test_fraction, seed = manifest["config"]["data"]["test_fraction"], manifest["config"]["train"]["seed"]
-        pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed)[0].get("test")
+        recorded_data = manifest["config"]["data"]
+        test_fraction, seed = recorded_data["test_fraction"], manifest["config"]["train"]["seed"]
+        # read as training read it: records it skipped (data.on_error=skip) skipped again, not a failure
+        pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed,
+                                 on_error=recorded_data.get("on_error", "raise"))[0].get("test")
         pairs = add_system_prompt(pairs, system_prompt_of(folder)) if pairs is not None else None  # as trained
     except (ConfigError, DataError, ValueError, KeyError, OSError) as err:
         print(f"align reward probe: {err}", file=sys.stderr)

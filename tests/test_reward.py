@@ -186,6 +186,17 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     capsys.readouterr()
     assert align(["reward", "probe", "--model", str(moved)]) == 2
     assert "has changed since the model was trained on it" in capsys.readouterr().err
+    # trained with data.on_error=skip on data with a bad line: probed reading it the same way, not refused for it
+    from alignment.data import file_hash
+
+    skipping = tmp_path / "prefs-with-a-bad-line.jsonl"
+    skipping.write_text(Path(manifest["data"]["path"]).read_text() + "not json\n")
+    config = {**manifest["config"], "data": {**manifest["config"]["data"], "on_error": "skip"}}
+    (moved / "align.json").write_text(json.dumps({**manifest, "config": config, "data": {
+        **manifest["data"], "path": str(skipping), "sha256": file_hash(skipping)}}))
+    capsys.readouterr()
+    assert align(["reward", "probe", "--model", str(moved)]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == trained["pairs"]
     jsonl = tmp_path / "score.jsonl"  # as the training data may be: a BOM, CRLF, a U+2028 inside a string
     row = {"prompt": "Ticket 97: where is Tags?", "response": POLITE[0].format(t="Tags") + "\u2028"}
     jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
