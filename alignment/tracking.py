@@ -175,8 +175,9 @@ SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl"}
 
 def artifact_name(run_dir: str | Path, stage: str) -> str:
     """`<run>-<stage>`; a pipeline round's with its run's name (q-round-1-dpo), so that runs/x/round-1's
-    are not versions of runs/q/round-1's. W&B allows letters, digits, -, _ and . in a name."""
-    return f"{run_name(Path(run_dir).resolve()).replace('/', '-')}-{stage}"
+    are not versions of runs/q/round-1's. W&B allows letters, digits, -, _ and . in a name: any other
+    character of the folder's name (runs/lr=5e-3, "my run") is a _ there (the real path is in its metadata)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{run_name(Path(run_dir).resolve()).replace('/', '-')}-{stage}")
 
 
 def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: dict[str, str | Path] | None = None,
@@ -216,7 +217,10 @@ def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: d
             except Exception as err:  # a parent logged with W&B off: lineage stays in metadata
                 log.info("W&B lineage: %s not found (%s)", name, err)
     run.config.update({"lineage": {"artifact": art.name, "parents": parent_names}}, allow_val_change=True)
-    run.log_artifact(art)
+    try:
+        run.log_artifact(art)
+    except Exception as err:  # W&B's trouble is not the stage's: its artifact is on disk, finished
+        log.warning("W&B did not take the %s artifact (%s); the stage's folder %s is complete", stage, err, folder)
 
 
 def finish_wandb() -> None:

@@ -94,6 +94,11 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
     assert artifact_name(tmp_path / "q" / "round-1", "dpo") == "q-round-1-dpo" != artifact_name(
         tmp_path / "x" / "round-1", "dpo")
     assert artifact_name(tmp_path / "q", "sft") == "q-sft"
+    # W&B refuses any other character in an artifact's name (a stage crashed after training in runs/lr=5e-3)
+    import wandb
+
+    name = artifact_name(tmp_path / "lr=5e-3 my+run:2", "sft")
+    assert name == "lr_5e-3_my_run_2-sft" and wandb.Artifact(name, type="model").name == name
 
 
 def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
