@@ -289,7 +289,8 @@ def headline(run_dir: Path) -> str:
                 verdict = "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "is not distinguishable from"
                 items.append(f"<li><b>{html.escape(name)}</b> {verdict} <b>{html.escape(m.get('baseline', ''))}</b> "
                              f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b>"
-                             f"{_interval(row[key + '_ci'])} · KL {row.get('kl', float('nan')):.3f} nats</li>")
+                             f"{_interval(row[key + '_ci'])}"
+                             + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "") + "</li>")
     return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
 
 
@@ -349,8 +350,10 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
                if loss is not None else None, _steps(m)]
     elif kind == "sample":
         answers, prompts, cut = _num(m, "responses_sampled"), _num(m, "new_tasks"), _num(m, "responses_cut")
+        candidates = _num(m, "selection/candidates")  # selection=uncertainty: answers sampled for every candidate
         if answers is not None and prompts is not None:
-            out.append(f"{answers:.0f} answers to {prompts:.0f} prompts")
+            out.append(f"{prompts:.0f} prompts chosen from {candidates:.0f} candidates ({answers:.0f} answers sampled)"
+                       if candidates else f"{answers:.0f} answers to {prompts:.0f} prompts")
         if cut and answers:
             out.append(f"{cut:.0f} ({cut / answers:.0%}) cut at max_new_tokens")
     elif kind == "export":
@@ -503,7 +506,8 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 .headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}
 .cautions,.caution{background:#fff8e6;border:1px solid #f0dca0;border-radius:6px;padding:.4em 1em;margin:1em 0}
 .cautions ul{margin:.3em 0} details summary{cursor:pointer;color:#555;margin:.4em 0}
-section>table,section>details{max-width:100%;overflow-x:auto;display:block}"""
+section>table,section>details,table.glance{max-width:100%;overflow-x:auto;display:block}
+table.glance td{overflow-wrap:anywhere} .headline li{overflow-wrap:anywhere}"""
 
 
 def finished_sections(run_dir: Path) -> list[tuple[str, str]]:
@@ -544,7 +548,8 @@ def write_report(run_dir: str | Path) -> Path:
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>align · {html.escape(run_dir.name)}</title>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"

@@ -35,6 +35,8 @@ EVAL = {"stage": "eval", "baseline": "sft", "prompts": 48, "prompts_seen_in_trai
 def test_each_stage_says_its_outcome_in_figures():
     assert glance("sft", SFT) == ["held-out loss 3.352 (next-token accuracy 34.7%)", "10 steps in 101 s"]
     assert glance("sample", SAMPLE) == ["160 answers to 40 prompts", "104 (65%) cut at max_new_tokens"]
+    chosen = {"metrics": {**SAMPLE["metrics"], "selection/candidates": 80, "responses_sampled": 320}}
+    assert glance("sample", chosen)[0] == "40 prompts chosen from 80 candidates (320 answers sampled)"
     assert glance("export", EXPORT) == ["184 pairs from 40 rankings: 157 to train, 27 held out", "dropped: 56 ties"]
     assert glance("reward", REWARD) == ["held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts", "worst probe hope_end: 35% of pairs flip",
                                         "16 steps in 65 s"]
@@ -107,6 +109,12 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
     assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
         in page  # a manifest without its wall time (written before align recorded it) leaves the cell empty
     assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
+    assert "<meta name='viewport' content='width=device-width,initial-scale=1'>" in page  # a phone lays it out to fit
+    # eval with kl_samples=0 measured no KL: said by leaving it out, not as "KL nan"
+    (run / "eval" / MANIFEST).write_text(json.dumps({**EVAL, "policies": {
+        k: {f: v for f, v in row.items() if f != "kl"} for k, row in EVAL["policies"].items()}}))
+    page = write_report(run).read_text()
+    assert "nan" not in page.split("<section")[0] and "win-rate <b>80.2%</b> [69.8%, 89.6%]</li>" in page
 
 
 def test_names_in_the_first_screen_are_text(tmp_path):
