@@ -264,6 +264,9 @@ def _parent(path: str | Path) -> dict[str, Any]:
 
 # The folder of the --config this command was given (alignment.cli): the next stage's config is beside it.
 config_folder: Path | None = None
+# Off while align pipeline runs the stages: it runs the next one itself, and a stage's hint (a label
+# command with the shipped scorer, say) would point away from the pipeline's own settings.
+next_hints = True
 
 
 def shell(value: str | Path) -> str:
@@ -277,7 +280,7 @@ def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
     if not is_main_process():
         return
     print(f"\n✔ {stage} finished: {artifact}")
-    if next_command:
+    if next_command and next_hints:
         print(f"  next: {with_sibling_configs(next_command)}")
 
 

@@ -542,6 +542,11 @@ def write_report(run_dir: str | Path) -> Path:
             mds.append(section[1])
             shown.append(folder)
     rounds = [p for p in later_rounds(run_dir) if (p / "report.html").is_file()]
+    top = headline(run_dir)
+    if rounds and headline(rounds[-1]):  # the answer is the last round's: first, and each labelled with its round
+        top = (f"<p class='meta'>{html.escape(rounds[-1].name)}, the last round:</p>{headline(rounds[-1])}"
+               + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
+        mds[1] = f"{rounds[-1].name}, the last round:\n\n{_headline_md(rounds[-1])}\nround 0:\n\n{mds[1]}"
     if rounds:
         items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>{headline(r)}</li>"
                         for r in rounds)
@@ -551,7 +556,7 @@ def write_report(run_dir: str | Path) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
-            f"<p class='meta'>stages: {nav}</p>{headline(run_dir)}{glance_html}{''.join(bodies)}</body></html>")
+            f"<p class='meta'>stages: {nav}</p>{top}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
     out.write_text(page)
     (run_dir / "report.md").write_text("\n".join(mds))

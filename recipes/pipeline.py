@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from alignment import StageError
+from alignment import StageError, artifacts
 from alignment import report as report_module
 from alignment.artifacts import (
     MANIFEST,
@@ -175,7 +175,22 @@ def main(cfg: PipelineConfig) -> Path:
     policy_stage = routed("ppo", cfg.ppo).name if "ppo" in cfg.stages and "dpo" not in cfg.stages else "dpo"
     trained = [routed(s, getattr(cfg, s)).name for s in ("dpo", "ppo") if s in cfg.stages]
     started = time.time()
+    artifacts.next_hints = False  # each stage's "next:" is this loop's next stage
+    try:
+        _rounds(cfg, root, store, policy_stage, trained)
+    finally:
+        artifacts.next_hints = True
+    html = report_module.write_report(root)
+    minutes = (time.time() - started) / 60
+    print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
+    if cfg.rounds > 1:
+        print(f"  {round_dir(root, cfg.rounds - 1).name}, the last of {cfg.rounds} rounds (sft is round 0's):")
+    print(textwrap.indent(report_module.glance_text(round_dir(root, cfg.rounds - 1)), "  "), end="")
+    print_done("pipeline", html, f"open {shell(html)}")
+    return html
 
+
+def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trained: list[str]) -> None:
     for r in range(cfg.rounds):
         run_dir = round_dir(root, r)
         run = replace(cfg.run, dir=str(run_dir))
@@ -226,11 +241,4 @@ def main(cfg: PipelineConfig) -> Path:
             rankings = rankings_state(store, stage_cfgs["export"].batches) if stage == "export" else None
             run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
-
-    html = report_module.write_report(root)
-    minutes = (time.time() - started) / 60
-    print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
-    print(textwrap.indent(report_module.glance_text(round_dir(root, cfg.rounds - 1)), "  "), end="")
-    print_done("pipeline", html, f"open {shell(html)}")
-    return html
 

@@ -222,7 +222,7 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     assert manifest["metrics"]["responses_cut"] == flags.count(False) and manifest["metrics"]["responses_sampled"] == 6
 
 
-def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch):
+def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch, capsys):
     from labeling.store import Store
 
     data = tmp_path / "train.jsonl"
@@ -239,6 +239,8 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, m
             "reward.model.max_length=96", "dpo.train.max_steps=1", "dpo.model.quantize=false",
             "dpo.model.max_length=96"]
     assert align(args) == 0
+    out = capsys.readouterr().out  # the stages' own "next:" hints are off: the pipeline runs the next stage
+    assert out.count("next: ") == 1 and "next: open " in out and "round-1, the last of 2 rounds" in out
     first, second = (json.loads((r / "sample" / "align.json").read_text()) for r in (run, run / "round-1"))
     assert first["selection"]["selection"] == "random" and first["selection"]["pool"] == 4  # no reward model yet
     assert second["selection"]["selection"] == "uncertainty" and second["selection"]["candidates"] == 8

@@ -161,3 +161,16 @@ def test_a_manifest_of_another_shape_costs_its_row_not_the_report(tmp_path):
     page = write_report(tmp_path).read_text()
     assert "<td><a href='#reward'>reward</a></td><td></td><td>—</td>" in page and "held-out loss 3.352" in page
     assert "Its figures could not be drawn from its manifest (KeyError(&#x27;by_agreement&#x27;))" in page
+
+
+def test_with_rounds_the_answer_on_top_is_the_last_rounds_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    write(run, "eval", EVAL)
+    later = {**EVAL, "policies": {**EVAL["policies"], "dpo": {**EVAL["policies"]["dpo"],
+                                                              "scorer:support_style/win_rate": 0.9}}}
+    write(run / "round-1", "eval", later)
+    write_report(run / "round-1")
+    page = write_report(run).read_text()
+    top = page[:page.index("<table class='glance'>")]
+    assert top.index("round-1, the last round:") < top.index("win-rate <b>90.0%</b>") \
+        < top.index("round 0 (this folder):") < top.index("win-rate <b>80.2%</b>")
