@@ -424,6 +424,18 @@ def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
         for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
             if seen:
                 found.append(f"{name} was trained on {seen} of the {manifest.get('prompts', '?')} eval prompts")
+        for name, parent in (manifest.get("parents") or {}).items():  # a policy or judge remade (or gone) since
+            folder = Path(parent.get("path", ""))
+            if not parent.get("created"):
+                continue
+            try:
+                now = json.loads((folder / MANIFEST).read_text()).get("created")
+            except (OSError, ValueError):
+                now = None
+            if now != parent["created"]:
+                found.append(f"eval measured {name} as it was at {parent['created']}; {folder} "
+                             + ("is gone" if now is None else f"was made again at {now}")
+                             + ": its figures are not this one's until align eval runs again")
     return found
 
 

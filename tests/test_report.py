@@ -174,3 +174,16 @@ def test_with_rounds_the_answer_on_top_is_the_last_rounds_and_says_so(tmp_path):
     top = page[:page.index("<table class='glance'>")]
     assert top.index("round-1, the last round:") < top.index("win-rate <b>90.0%</b>") \
         < top.index("round 0 (this folder):") < top.index("win-rate <b>80.2%</b>")
+
+
+def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
+    run = tmp_path / "run"
+    write(run, "dpo", {**DPO, "created": "2026-12-02T09:00:00+0000"})
+    evaluated = {**EVAL, "parents": {"dpo": {"path": str(run / "dpo"), "created": "2026-12-02T08:00:00+0000"},
+                                     "sft": {"path": str(run / "sft"), "created": "2026-12-02T07:00:00+0000"}}}
+    found = cautions("eval", evaluated)
+    assert any(f"eval measured dpo as it was at 2026-12-02T08:00:00+0000; {run / 'dpo'} was made again at "
+               "2026-12-02T09:00:00+0000" in c for c in found)
+    assert any(f"{run / 'sft'} is gone" in c for c in found)
+    evaluated["parents"]["dpo"]["created"] = "2026-12-02T09:00:00+0000"
+    assert not any("dpo" in c for c in cautions("eval", evaluated))
