@@ -223,6 +223,20 @@ def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: d
         log.warning("W&B did not take the %s artifact (%s); the stage's folder %s is complete", stage, err, folder)
 
 
+def summarize_eval(metrics: dict[str, Any]) -> None:
+    """The held-out figures the manifest records (`eval_x`), as the W&B run's summary `eval/x`: the Trainer's
+    W&B callback leaves its last evaluation there, which is not the kept model's where sft keeps its best."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    from alignment.artifacts import is_main_process
+
+    if wandb.run is not None and is_main_process():
+        wandb.run.summary.update({f"eval/{k[5:]}": v for k, v in metrics.items()
+                                  if k.startswith("eval_") and isinstance(v, (int, float))})
+
+
 def finish_wandb() -> None:
     try:
         import wandb

@@ -36,7 +36,7 @@ from alignment.modeling import (
     peft_lora_config,
 )
 from alignment.preflight import check_stage
-from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, wandb_hint
+from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
 from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_checkpoint, trl_args
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def main(cfg: SFTStageConfig) -> Path:
         k: v for k, v in result.metrics.items() if k.startswith("train_")}}
     if has_eval:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
+        summarize_eval(metrics)  # the kept (best) step's, in W&B as in align.json
 
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # rank 0 only, inside the trainer

@@ -139,6 +139,8 @@ def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
     assert set(runs) >= {"sft", "sample", "export", "reward", "dpo", "eval"}
     assert all(info["state"] == "finished" for info in runs.values())
     assert "train/loss" in runs["sft"]["summary"] and "eval/loss" in runs["sft"]["summary"]
+    # the kept (best) step's held-out loss, as align.json has it, not the Trainer's last evaluation
+    assert runs["sft"]["summary"]["eval/loss"] == pytest.approx(manifest(run / "sft")["metrics"]["eval_loss"])
     assert "eval_accuracy" in runs["reward"]["summary"]
     # The probes and the annotator reliability reach W&B as summary keys (and tables).
     assert "probe/gate_rate" in runs["reward"]["summary"] and "probe/thanks_end/flip_rate" in runs["reward"]["summary"]
