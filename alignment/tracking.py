@@ -52,13 +52,20 @@ def run_name(run_dir: Path) -> str:
     return run_dir.name
 
 
+def wandb_dir(run_dir: str | Path) -> Path:
+    """Where a run's W&B files go: its folder, and a pipeline round's run's (runs/q/round-1 → runs/q), so that
+    one `wandb sync runs/q/wandb/offline-run-*` uploads every round."""
+    run_dir = Path(run_dir)
+    return run_dir.parent if re.fullmatch(r"round-\d+", run_dir.name) else run_dir
+
+
 def configure_wandb(cfg: RunConfig, stage: str) -> str:
     """Set the env vars W&B (and transformers' WandbCallback) read; returns the mode."""
     mode = wandb_mode(cfg)
     run_dir = Path(cfg.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = mode
-    os.environ["WANDB_DIR"] = str(run_dir)
+    os.environ["WANDB_DIR"] = str(wandb_dir(run_dir))
     os.environ["WANDB_PROJECT"] = cfg.wandb_project
     name = run_name(run_dir)
     os.environ["WANDB_RUN_GROUP"] = name.split("/")[0]  # a pipeline's later rounds in their run's group
@@ -96,7 +103,8 @@ def report_to(cfg: RunConfig) -> list[str]:
 
 def wandb_hint(cfg: RunConfig) -> str | None:
     if wandb_mode(cfg) == "offline":
-        return f"W&B offline run in {Path(cfg.dir) / 'wandb'}: upload with `wandb sync {Path(cfg.dir) / 'wandb'}/offline-run-*`"
+        folder = wandb_dir(cfg.dir) / "wandb"
+        return f"W&B offline runs in {folder}: upload with `wandb sync {folder}/offline-run-*`"
     return None
 
 

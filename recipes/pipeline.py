@@ -50,6 +50,7 @@ from alignment.artifacts import (
 from alignment.config import PipelineConfig, redact, to_dict
 from alignment.data import file_hash
 from alignment.preflight import check_stage
+from alignment.tracking import wandb_hint
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ def main(cfg: PipelineConfig) -> Path:
     if cfg.rounds > 1:
         print(f"  {round_dir(root, cfg.rounds - 1).name}, the last of {cfg.rounds} rounds (sft is round 0's):")
     print(textwrap.indent(report_module.glance_text(round_dir(root, cfg.rounds - 1)), "  "), end="")
+    if hint := wandb_hint(cfg.run):  # every stage's and round's runs, in one folder
+        print(f"\n  {hint}")
     print_done("pipeline", html, f"open {shell(html)}")
     return html
 

@@ -90,6 +90,10 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
 
     assert run_name(tmp_path / "q") == "q" and run_name(tmp_path / "q" / "round-2") == "q/round-2"
     assert run_name(tmp_path / "round-up") == "round-up"
+    # every round's W&B files in the run's folder: the one `wandb sync` the hint prints uploads them all
+    from alignment.tracking import wandb_dir
+
+    assert wandb_dir(tmp_path / "q" / "round-1") == wandb_dir(tmp_path / "q") == tmp_path / "q"
     # two runs' round-1 artifacts are two artifacts, not versions of one
     assert artifact_name(tmp_path / "q" / "round-1", "dpo") == "q-round-1-dpo" != artifact_name(
         tmp_path / "x" / "round-1", "dpo")
