@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from alignment.artifacts import HEADS_FILE
+from alignment.artifacts import HEADS_FILE, shell
 
 METHODS = ("bald", "variance", "entropy")
 
@@ -69,7 +69,8 @@ class HeadEnsemble:
         path = Path(folder) / HEADS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {HEADS_FILE} (the reward heads align sample's uncertainty "
-                                    "reads): train it again with `align reward heads=8`")
+                                    f"reads): train it again with `align reward run.dir={shell(Path(folder).parent)} "
+                                    "heads=8`")
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
             tensors = {k: f.get_tensor(k) for k in ("weights", "mean", "scale")}

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, MANIFEST, stage_dir
+from alignment.artifacts import HEADS_FILE, MANIFEST, shell, stage_dir
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 
@@ -175,8 +175,9 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     elif "reward" not in pending:
         default = stage_dir(cfg.run.dir, "reward")
         if not default.exists():
-            raise StageError(f"no reward model at {default}: run `align reward run.dir=...` first, pass "
-                             "reward_model=<folder>, or use a programmatic reward with scorer=<name or module:function>")
+            raise StageError(f"no reward model at {default}: run `align reward run.dir={shell(cfg.run.dir)}` first, pass "
+                             f"{p}reward_model=<folder>, or use a programmatic reward with {p}scorer=<name or "
+                             "module:function>")
         check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True)
     prompts = _prompts(f"{p}prompts", cfg.prompts)
     n = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
@@ -429,7 +430,7 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
         default = stage_dir(run_dir, "reward")
         if not default.exists():
             raise StageError(f"selection=uncertainty picks the tasks a reward model is least sure of, and there is "
-                             f"none at {default}: run `align reward run.dir={run_dir} heads=8` on the labels so far first, pass "
+                             f"none at {default}: run `align reward run.dir={shell(run_dir)} heads=8` on the labels so far first, pass "
                              "selection_reward_model=<reward model folder>, or use selection=random")
         key, folder = f"{key} (default {default})", str(default)
     check_adapter(key, folder, tokenizer=True)
@@ -437,7 +438,7 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
     if not heads.is_file():
         raise ConfigError(f"{key}={folder}: no {HEADS_FILE} in it (the ensemble of reward heads whose disagreement "
                           "is the uncertainty); it was trained without them: train it again with "
-                          "`align reward heads=8`")
+                          f"`align reward run.dir={shell(Path(folder).expanduser().parent)} heads=8`")
     check_weights_file(key, heads)
 
 

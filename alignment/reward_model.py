@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from alignment import StageError
-from alignment.artifacts import read_manifest, system_prompt_of
+from alignment.artifacts import read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.data import with_system_prompt
 from alignment.evaluation import grouped_bootstrap_ci
@@ -428,8 +428,8 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
     """Refuse a reward model whose held-out accuracy is under `min_accuracy` (PPO would optimise its noise), or
     whose end-appended probes flip more than `max_probe_flip_rate` of the pairs (PPO would learn the phrase)."""
     if not is_adapter_dir(rm):
-        raise StageError(f"no reward model at {rm}: run `align reward run.dir=...` first, pass reward_model=<folder>, "
-                         "or use a programmatic reward with scorer=<name or module:function>")
+        raise StageError(f"no reward model at {rm}: run `align reward run.dir={shell(rm.parent)}` first, pass "
+                         "reward_model=<folder>, or use a programmatic reward with scorer=<name or module:function>")
     manifest = read_manifest(rm)
     if manifest.get("stage") not in (None, "reward"):  # None: a reward model from elsewhere, or an old one
         raise StageError(f"{rm} is the output of `align {manifest['stage']}`, not a reward model: pass "

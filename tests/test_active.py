@@ -87,7 +87,7 @@ def test_heads_learn_the_preference_and_resample_by_task(tmp_path):
     heads.save(tmp_path)
     again = HeadEnsemble.load(tmp_path)
     assert torch.allclose(again.scores(test_c), heads.scores(test_c)) and again.meta["groups"] == 20
-    with pytest.raises(FileNotFoundError, match="no reward_heads.safetensors.*align reward heads=8"):
+    with pytest.raises(FileNotFoundError, match=r"no reward_heads.safetensors.*align reward run.dir=.* heads=8"):
         HeadEnsemble.load(tmp_path / "elsewhere")
 
 

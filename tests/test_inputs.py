@@ -284,7 +284,7 @@ CASES = [
       "selection_reward_model=", "selection=random"]),
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
-     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward heads=8"]),
+     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8"]),
     ("uncertainty by a missing model", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/gone", 2, ["selection_reward_model=", "gone: no such folder"]),
     ("pipeline: uncertainty in one round", "pipeline sample.selection=uncertainty", 2,
@@ -410,7 +410,7 @@ def test_label_commands_refused_before_the_store_is_made(argv, said, d, tmp_path
 @pytest.mark.parametrize("argv, said", [
     (["--model", "{d}/adapter_truncated", "--prompt", "q", "--response", "a"],
      "--model: {d}/adapter_truncated/adapter_model.safetensors is not a readable safetensors file"),
-    (["--model", "{d}/adapter", "--jsonl", "{d}/latin1.jsonl"], "--jsonl {d}/latin1.jsonl: cannot read it as UTF-8 text"),
+    (["--model", "{d}/adapter", "--jsonl", "{d}/latin1.jsonl"], "--jsonl {d}/latin1.jsonl:1: needs a JSON object with string fields 'prompt' and 'response'"),
 ])
 def test_reward_score_names_a_bad_model_or_file(argv, said, d, capsys, no_model_loads):
     assert align(["reward", "score", *(a.format(d=d) for a in argv)]) == 2
