@@ -144,6 +144,26 @@ class ThisRunsRate(TrainerCallback):
             set_rate(optimizer, lr_scheduler, args.learning_rate)
 
 
+def train_loss(result: Any, out: str | Path, resumed: bool) -> dict[str, float]:
+    """`train_loss` of the whole run. The Trainer's averages the steps this process trained: after a resume,
+    only those since the checkpoint (a run resumed near its end recorded a loss ~100x lower than the same
+    run unbroken). Resumed, it is rebuilt from metrics.jsonl's logged losses, each weighted by the steps it
+    averages, and the Trainer's own figure is kept as `train_loss_since_resume`."""
+    if not resumed:
+        return {"train_loss": result.training_loss}
+    logged = [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "metrics.jsonl")
+              if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)]
+    if not logged or logged[-1][0] != result.global_step:  # a log that does not reach the end: no whole-run figure
+        return {"train_loss_since_resume": result.training_loss}
+    total = previous = 0
+    weighted = 0.0
+    for step, loss in logged:
+        weighted += (step - previous) * loss
+        total += step - previous
+        previous = step
+    return {"train_loss": weighted / max(total, 1), "train_loss_since_resume": result.training_loss}
+
+
 class MetricsJSONL(TrainerCallback):
     """Every Trainer log line (train and eval) appended to `<out>/metrics.jsonl`, rank 0 only."""
 

@@ -53,7 +53,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_loss, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,12 @@ def main(cfg: PPOStageConfig) -> Path:
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     logs = [r for r in trainer.state.log_history if "reward" in r]
-    metrics = {"steps": result.global_step, "train_loss": result.training_loss,
-               "reward_mean_first": logs[0]["reward"] if logs else None,
-               **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()}}
+    metrics = {"steps": result.global_step, "reward_mean_first": logs[0]["reward"] if logs else None,
+               **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()},
+               **train_loss(result, out, resumed=checkpoint is not None)}
 
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # every rank (sharded weights are gathered); it writes each adapter

@@ -72,6 +72,7 @@ from alignment.training import (
     distinct_rows_metrics,
     ranking_dataloader,
     resume_checkpoint,
+    train_loss,
     trl_args,
 )
 from labeling.scorers import resolve_scorer
@@ -252,9 +253,10 @@ def main(cfg: RewardStageConfig) -> Path:
                     dropped, len(train), cfg.model.max_length)
 
     # --- train ------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
-    metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
-        k: v for k, v in result.metrics.items() if k.startswith("train_")}}
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
+               **train_loss(result, out, resumed=checkpoint is not None)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
 
     # --- evaluate on held-out pairs ---------------------------------------------------------

@@ -37,7 +37,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
-from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_checkpoint, trl_args
+from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_checkpoint, train_loss, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,10 @@ def main(cfg: SFTStageConfig) -> Path:
         speed_up_cpu_training(trainer.model)
 
     # --- train ------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
-    metrics = {"train_loss": result.training_loss, "global_step": result.global_step, **{
-        k: v for k, v in result.metrics.items() if k.startswith("train_")}}
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
+               **train_loss(result, out, resumed=checkpoint is not None)}  # the whole run's, also when resumed
     if has_eval:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
         summarize_eval(metrics)  # the kept (best) step's, in W&B as in align.json

@@ -126,6 +126,11 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     # resumed with another train.lr: the new rate trains (the Trainer restored the checkpoint's)
     rates = {r["step"]: r["learning_rate"] for r in read_jsonl(out / "metrics.jsonl") if "learning_rate" in r}
     assert rates[5] == rates[6] == pytest.approx(1e-4) and rates[4] != pytest.approx(1e-4), rates
+    # train_loss is the whole run's (steps 1-6), not only the two steps trained since the resume
+    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
+    recorded = json.loads((out / "align.json").read_text())["metrics"]
+    assert recorded["train_loss"] == pytest.approx(sum(losses.values()) / 6)  # logged every step here
+    assert recorded["train_loss_since_resume"] == pytest.approx((losses[5] + losses[6]) / 2, rel=1e-3)
 
 
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
