@@ -80,6 +80,22 @@ def sharded() -> bool:
     return any(os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" for kind in ("FSDP", "DEEPSPEED"))
 
 
+def one_trainable_dtype(model) -> None:
+    """Under FSDP (and DeepSpeed) the trainable weights of a wrapped layer must share one dtype (FSDP2: "FSDP
+    expects uniform original parameter dtype"). TRL casts a 4-bit model's LoRA weights to bf16 and leaves
+    DoRA's magnitude vectors in fp32, and accelerate's fp32 upcast skips a model with 4-bit weights: QLoRA +
+    DoRA under fsdp.yaml stopped at its first step. The odd ones are cast to the dtype most of them have."""
+    if not sharded():
+        return
+    from collections import Counter
+
+    from alignment.cpu import keep_trainable_in
+
+    dtypes = Counter(p.dtype for p in model.parameters() if p.requires_grad)
+    if len(dtypes) > 1:
+        keep_trainable_in(model, dtypes.most_common(1)[0][0])
+
+
 def use_liger(setting: bool | str) -> bool:
     """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there).
 

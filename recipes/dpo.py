@@ -37,7 +37,14 @@ from alignment.artifacts import (
 from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
-from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, sharded, use_liger
+from alignment.gpu_training import (
+    describe_levers,
+    fit_checkpointing,
+    one_trainable_dtype,
+    peak_gpu_mib,
+    sharded,
+    use_liger,
+)
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -226,6 +233,7 @@ def main(cfg: DPOStageConfig) -> Path:
     # sharded: FSDP and DeepSpeed hold one dtype per shard.
     if not sharded():
         restore_policy_from_ref(policy)
+    one_trainable_dtype(policy)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
     if plan.device == "cpu":
         speed_up_cpu_training(policy)
 

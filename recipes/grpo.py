@@ -42,7 +42,7 @@ from alignment.artifacts import (
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
-from alignment.gpu_training import sharded
+from alignment.gpu_training import one_trainable_dtype, sharded
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -185,6 +185,7 @@ def main(cfg: PPOStageConfig) -> Path:
 
                 set_peft_model_state_dict(policy, load_file(str(Path(sft) / "adapter_model.safetensors")),
                                           adapter_name="default")
+    one_trainable_dtype(policy)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
     if plan.device == "cpu":
         speed_up_cpu_training(policy)
 

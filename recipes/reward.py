@@ -41,7 +41,13 @@ from alignment.artifacts import (
 from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import DataError, file_hash
-from alignment.gpu_training import describe_levers, fit_checkpointing, peak_gpu_mib, use_liger
+from alignment.gpu_training import (
+    describe_levers,
+    fit_checkpointing,
+    one_trainable_dtype,
+    peak_gpu_mib,
+    use_liger,
+)
 from alignment.modeling import (
     adapter_base_name,
     device_plan,
@@ -245,6 +251,7 @@ def main(cfg: RewardStageConfig) -> Path:
     # refuses
     if not plan.bf16:
         keep_trainable_in(trainer.model, torch.float32)
+    one_trainable_dtype(trainer.model)  # sharded: a fp32 score head or DoRA magnitudes beside bf16 LoRA weights
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
     dropped = len(train) - len(trainer.train_dataset)

@@ -24,6 +24,7 @@ from alignment.data import file_hash, load_sft_dataset, split_by_prompt
 from alignment.gpu_training import (
     describe_levers,
     fit_checkpointing,
+    one_trainable_dtype,
     peak_gpu_mib,
     sharded,
     use_liger,
@@ -116,6 +117,7 @@ def main(cfg: SFTStageConfig) -> Path:
     # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.
     if not plan.bf16 and not sharded():
         keep_trainable_in(trainer.model, torch.float32)
+    one_trainable_dtype(trainer.model)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
 

@@ -299,6 +299,35 @@ def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
     assert sharded() is True
 
 
+def test_sharded_training_gets_one_trainable_dtype(tiny_model, monkeypatch):
+    """QLoRA + DoRA under FSDP: TRL leaves DoRA's magnitude vectors fp32 beside bf16 LoRA weights, and FSDP2
+    refuses a layer whose trainable weights mix dtypes. Sharded, the odd ones take the LoRA weights' dtype;
+    frozen weights are left as they are, and an unsharded run is not touched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment.gpu_training import one_trainable_dtype
+
+    def dora_as_trl_leaves_it():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                               LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))
+        for name, param in model.named_parameters():
+            if param.requires_grad and "magnitude" not in name:
+                param.data = param.data.to(torch.bfloat16)
+        return model
+
+    trainable = lambda m: {p.dtype for p in m.parameters() if p.requires_grad}  # noqa: E731
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    model = dora_as_trl_leaves_it()
+    one_trainable_dtype(model)
+    assert trainable(model) == {torch.bfloat16, torch.float32}  # one process: as it was
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    one_trainable_dtype(model)
+    assert trainable(model) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float32}
+
+
 def test_packing_keeps_its_length_when_padding_free_is_on(tmp_path):
     """Padding-free alone leaves max_length to TRL (every example was checked to fit); packing needs it as
     the length it packs to, and TRL refused packing with max_length None."""
