@@ -113,7 +113,8 @@ def use_liger(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | None, truncated: int) -> bool:
+def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | None, truncated: int,
+                     packing: bool = False) -> bool:
     """`data.padding_free` for SFT: each batch as one flat sequence, sequences told apart by position_ids.
 
     The maths is the padded batch's on any attention (tests/test_gpu_training.py): transformers builds
@@ -122,8 +123,13 @@ def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | 
     batch with a dense mask, O((batch × length)^2): only a varlen kernel (flash attention) skips the
     masked blocks. So auto is on with CUDA and a flash attention implementation, off otherwise.
     TRL enforces no max_length in this mode, so it needs every example to fit in model.max_length
-    (align sft counts the ones that do not).
+    (align sft counts the ones that do not). With data.packing, TRL packs padding-free whatever this says
+    (its "bfd" strategy) and cuts what overflows: on, so that the plan and align.json say what runs.
     """
+    if packing:
+        if setting == "off":
+            log.warning("data.padding_free=off: with data.packing TRL packs padding-free all the same")
+        return True
     if setting == "off":
         return False
     if truncated:

@@ -95,7 +95,8 @@ def main(cfg: SFTStageConfig) -> Path:
     model = load_base_model(cfg.model, plan)
     plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
                              tokens_per_step=cfg.train.batch_size * cfg.model.max_length)
-    padding_free = use_padding_free(cfg.data.padding_free, plan, cfg.model.attn_implementation, truncated)
+    padding_free = use_padding_free(cfg.data.padding_free, plan, cfg.model.attn_implementation, truncated,
+                                    packing=cfg.data.packing)
     levers = describe_levers(plan, liger=use_liger(cfg.train.liger), padding_free=padding_free,
                              compile=cfg.train.compile)
     log.info(levers)

@@ -165,6 +165,13 @@ def test_padding_free_auto_needs_cuda_and_a_flash_attention():
     assert use_padding_free("on", CPU_PLAN, None, truncated=0) is True
     with pytest.raises(StageError, match="3 examples are longer than model.max_length"):
         use_padding_free("on", CPU_PLAN, None, truncated=3)
+    # packing: TRL packs padding-free whatever the setting (its bfd strategy), cutting what overflows
+    for setting in ("auto", "on", "off"):
+        assert use_padding_free(setting, CPU_PLAN, None, truncated=3, packing=True) is True
+    from trl import SFTConfig, SFTTrainer
+
+    assert SFTConfig.__dataclass_fields__["packing_strategy"].default == "bfd"  # what the rule above reads TRL as
+    assert "packing_strategy in {\"bfd\", \"bfd_split\"}" in __import__("inspect").getsource(SFTTrainer.__init__)
 
 
 def sft_trainer(tiny_model, data, tmp_path, padding_free: bool, attn: str):
