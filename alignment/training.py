@@ -144,24 +144,28 @@ class ThisRunsRate(TrainerCallback):
             set_rate(optimizer, lr_scheduler, args.learning_rate)
 
 
-def train_loss(result: Any, out: str | Path, resumed: bool) -> dict[str, float]:
-    """`train_loss` of the whole run. The Trainer's averages the steps this process trained: after a resume,
-    only those since the checkpoint (a run resumed near its end recorded a loss ~100x lower than the same
-    run unbroken). Resumed, it is rebuilt from metrics.jsonl's logged losses, each weighted by the steps it
-    averages, and the Trainer's own figure is kept as `train_loss_since_resume`."""
-    if not resumed:
+def train_loss(result: Any, out: str | Path, checkpoint: str | None) -> dict[str, float]:
+    """`train_loss` of the whole run. The Trainer's averages the steps this process trained: after a resume
+    from `checkpoint` (checkpoint-R), only steps R+1..N (a run resumed near its end recorded a loss ~100x lower
+    than the same run unbroken). Resumed, steps 1..R come from metrics.jsonl's logged losses, each weighted by
+    the steps it averages (steps after the last log before R at that log's loss), steps R+1..N from the
+    Trainer's figure, which is also kept as `train_loss_since_resume`."""
+    if not checkpoint:
         return {"train_loss": result.training_loss}
-    logged = [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "metrics.jsonl")
-              if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)]
-    if not logged or logged[-1][0] != result.global_step:  # a log that does not reach the end: no whole-run figure
-        return {"train_loss_since_resume": result.training_loss}
-    total = previous = 0
-    weighted = 0.0
-    for step, loss in logged:
-        weighted += (step - previous) * loss
-        total += step - previous
+    since = {"train_loss_since_resume": result.training_loss}
+    resumed_at = Path(checkpoint).name.rpartition("-")[2]
+    before = [(r["step"], r["loss"]) for r in read_jsonl(Path(out) / "metrics.jsonl")
+              if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)
+              and resumed_at.isdigit() and r["step"] <= int(resumed_at)]
+    if not before or not result.global_step:
+        return {"train_loss": result.training_loss, **since}  # nothing known of the steps before: these only
+    total, previous = 0.0, 0
+    for step, loss in before:
+        total += (step - previous) * loss
         previous = step
-    return {"train_loss": weighted / max(total, 1), "train_loss_since_resume": result.training_loss}
+    total += (int(resumed_at) - previous) * before[-1][1]
+    total += (result.global_step - int(resumed_at)) * result.training_loss
+    return {"train_loss": total / result.global_step, **since}
 
 
 class MetricsJSONL(TrainerCallback):

@@ -240,7 +240,7 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- train ------------------------------------------------------------------------------
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
-               **train_loss(result, out, resumed=checkpoint is not None)}  # the whole run's, also when resumed
+               **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
     if test is not None:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one

@@ -195,7 +195,7 @@ def main(cfg: PPOStageConfig) -> Path:
     logs = [r for r in trainer.state.log_history if "reward" in r]
     metrics = {"steps": result.global_step, "reward_mean_first": logs[0]["reward"] if logs else None,
                **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()},
-               **train_loss(result, out, resumed=checkpoint is not None)}
+               **train_loss(result, out, checkpoint)}
 
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # every rank (sharded weights are gathered); it writes each adapter

@@ -126,7 +126,7 @@ def main(cfg: SFTStageConfig) -> Path:
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
-               **train_loss(result, out, resumed=checkpoint is not None)}  # the whole run's, also when resumed
+               **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     if has_eval:
         metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
         summarize_eval(metrics)  # the kept (best) step's, in W&B as in align.json
