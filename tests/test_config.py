@@ -81,6 +81,11 @@ def test_bad_yaml_and_missing_file(tmp_path):
     twice.write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
     with pytest.raises(ConfigError, match="line 3: 'lr' is written twice"):
         load_config(C.SFTStageConfig, twice)
+    # a merge key's keys, overridden after it, are YAML's own way to share settings: not a key written twice
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("dpo:\n  train: &t {epochs: 1, lr: 5.0e-4}\nreward:\n  train: {<<: *t, lr: 1.0e-5}\n")
+    cfg = load_config(C.PipelineConfig, shared)
+    assert (cfg.reward.train.epochs, cfg.reward.train.lr, cfg.dpo.train.lr) == (1, 1e-5, 5e-4)
 
 
 @pytest.mark.parametrize("value", ["#1 helper for Lumen Notes", "Answer: briefly", "[draft] be brief", "say {hi}"])
