@@ -210,30 +210,37 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     pairs, agreements = [], []
     for task_id, ranked in sorted(by_task.items()):
         counts["tasks"] += 1
-        rank_lists = [r["ranks"] for r in ranked]
-        agreement = task_agreement(rank_lists)
-        if min_agreement is not None and agreement < min_agreement:
-            counts["dropped_low_agreement"] += 1
-            continue
-        agreements.append(agreement)
         first = ranked[0]
         texts = [x["text"] for x in first["responses"]]
         metas = [x.get("meta") or {} for x in first["responses"]]
         # One answer per distinct text: a task can hold copies (sampled twice, kept after resampling),
         # each ranked apart; each copy's pairs would repeat a pair or contradict another ("Yes." > "No."
         # and "No." > the second "Yes."). A text's rank in a ranking is its copies' mean. A blank answer
-        # (a policy that ended its turn at once) is no training side: its pairs are dropped.
+        # (a policy that ended its turn at once) is no training side: its pairs are dropped. Agreement and
+        # the posterior are the merged answers' too: two people who order two copies apart still agree.
         copies: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             if text.strip():
                 copies.setdefault(text.strip(), []).append(i)
-        reps = [group[0] for group in copies.values()]  # each text's first copy, in response order
-        rank_lists = [[_mean([r[i] for i in group]) for group in copies.values()] for r in rank_lists]
-        k, m, filled = len(texts), len(reps), sum(len(g) for g in copies.values())
+        groups = list(copies.values())
+        reps = [group[0] for group in groups]  # each text's first copy, in response order
+        rank_lists = [[_mean([r["ranks"][i] for i in group]) for group in groups] for r in ranked]
+        agreement = task_agreement(rank_lists)
+        if min_agreement is not None and agreement < min_agreement:
+            counts["dropped_low_agreement"] += 1
+            continue
+        agreements.append(agreement)
+        k, m, filled = len(texts), len(reps), sum(len(g) for g in groups)
         counts["dropped_empty"] += k * (k - 1) // 2 - filled * (filled - 1) // 2
         counts["dropped_duplicates"] += filled * (filled - 1) // 2 - m * (m - 1) // 2
-        posterior = {(a, b): reliability.posterior[(task_id, reps[a], reps[b])]
-                     for a, b in itertools.combinations(range(m), 2) if (task_id, reps[a], reps[b]) in reliability.posterior}
+        posterior = {}
+        for a, b in itertools.combinations(range(m), 2):  # P(a beats b), pooled over every pair of their copies
+            found = [reliability.posterior[(task_id, i, j)] if (task_id, i, j) in reliability.posterior
+                     else 1 - reliability.posterior[(task_id, j, i)]
+                     for i in groups[a] for j in groups[b]
+                     if (task_id, i, j) in reliability.posterior or (task_id, j, i) in reliability.posterior]
+            if found:
+                posterior[(a, b)] = _mean(found)
         decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior) if m > 1 else []
         counts["dropped_ties"] += m * (m - 1) // 2 - len(decided)
         # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).

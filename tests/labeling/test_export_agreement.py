@@ -84,6 +84,14 @@ def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
     pairs, summary = build_pairs(task(["Open Settings.", "", "  ", "No."], [2, 1, 4, 3]))
     assert pairs_of(pairs) == {("O", "N")} and summary["dropped_empty"] == 5
     assert all(p["chosen"][0]["content"].strip() and p["rejected"][0]["content"].strip() for p in pairs)
+    # two people who agree on the answers and order two copies apart agree (min_agreement keeps the pair)
+    two = task(["Yes, open Settings.", "No.", "Yes, open Settings."], [1, 3, 2]) + \
+        [dict(r, annotator="other") for r in task(["Yes, open Settings.", "No.", "Yes, open Settings."], [2, 3, 1])]
+    pairs, summary = build_pairs(two, min_agreement=0.9)
+    assert pairs_of(pairs) == {("Y", "N")} and pairs[0]["agreement"] == 1.0
+    # dawid_skene pools the copies: "Yes" at ranks 1 and 3 around "No" at 2 is no confident pair
+    level = task(["Yes.", "No, never.", "Yes."], [1, 2, 3])
+    assert build_pairs(level, combine="dawid_skene")[0] == []
 
 
 def test_export_options_are_checked_before_anything_is_written(tmp_path):
