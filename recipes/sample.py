@@ -243,6 +243,7 @@ def main(cfg: SampleStageConfig) -> Path:
     log_artifact("sample", out, cfg.run.dir, parents, run=tracker.run)
     tracker.finish(metrics)
     log.info(json.dumps(metrics))
-    where = f"--db {shell(cfg.store)}" if cfg.store else f"--run-dir {shell(cfg.run.dir)}"
+    # the run's folder too: the admin's Export button and the next hint write into it
+    where = f"--run-dir {shell(cfg.run.dir)}" + (f" --db {shell(cfg.store)}" if cfg.store else "")
     print_done("sample", out, f"align label {where}   (unattended: align label {where} --simulate support_style)")
     return out
