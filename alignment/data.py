@@ -123,6 +123,11 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         if isinstance(whole, dict) and b"\n" in raw.strip():
             raise DataError(f"{path}: one JSON object over several lines; expected a list of records "
                             "([{...}, {...}]) or one object per line (JSON lines)")
+    yield from json_lines(path, raw)
+
+
+def json_lines(path: str | Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    """`iter_records` of JSON lines already read (`raw`, its BOM removed): (location, record or DataError)."""
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:

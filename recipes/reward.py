@@ -405,11 +405,17 @@ def score_main(argv: list[str]) -> int:
         print(f"align reward score: {err}", file=sys.stderr)
         return 2
     if args.jsonl:
-        from alignment.data import DataError, iter_records, json_kind
+        import codecs
+
+        from alignment.data import DataError, json_kind, json_lines
 
         rows = []
-        try:  # the loaders' reader: a BOM, CRLF, a U+2028 inside a string, the file and line of a bad one
-            for where, row in iter_records(args.jsonl):
+        try:  # the loaders' line reader (a BOM, CRLF, a U+2028 inside a string), on any path: /dev/stdin, a .txt
+            try:
+                raw = Path(args.jsonl).read_bytes().removeprefix(codecs.BOM_UTF8)
+            except OSError as err:
+                raise DataError(f"{args.jsonl}: cannot read it ({err.strerror or err})") from None
+            for where, row in json_lines(args.jsonl, raw):
                 if isinstance(row, DataError):
                     raise row
                 fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "response")]

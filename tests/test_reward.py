@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,6 +204,9 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
     assert "score" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    piped = subprocess.run([sys.executable, "-m", "alignment.cli", "reward", "score", "--model", str(reward_run),
+                            "--jsonl", "/dev/stdin"], input=json.dumps(row) + "\n", capture_output=True, text=True)
+    assert piped.returncode == 0 and "score" in json.loads(piped.stdout.strip().splitlines()[-1])  # a pipe, no suffix
     for text, message in ((json.dumps({"prompt": None, "response": 5}), "score.jsonl:1: needs a JSON object with string"),
                           ("", "no lines to score (empty)")):
         jsonl.write_text(text)
