@@ -113,7 +113,9 @@ PAGE_JS = """
   document.addEventListener('click', (e) => {
     const slot = e.target.closest && e.target.closest('.align-response');
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
-    if (e.target.closest && e.target.closest('#align-submit, #align-skip')) { sel = 0; setTimeout(mark, 300); }
+    const done = e.target.closest && e.target.closest('#align-submit, #align-skip');
+    // the button gives the focus back: left on Skip, the next task's Enter (submit) would click Skip
+    if (done) { sel = 0; setTimeout(() => { done.blur(); mark(); }, 300); }
   }, true);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
@@ -125,8 +127,11 @@ PAGE_JS = """
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit.click(); sel = 0; return; }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
     const key = e.key.toLowerCase();
-    // Enter on a focused button or link (the guidelines' links) is theirs
-    if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
+    // Enter on a focused button or link (the guidelines' links) is theirs; on Submit or Skip it submits
+    if (key === 'enter') {
+      if (t.closest && t.closest('button, a[href]') && !t.closest('#align-submit, #align-skip')) return;
+      e.preventDefault(); submit.click(); sel = 0; return;
+    }
     if (key === 's') { e.preventDefault(); byId('align-skip').click(); sel = 0; return; }
     if (key === 'u' || key === 'x') {
       const box = document.querySelector((key === 'u' ? '#align-unsafe' : '#align-all-bad') + ' input[type=checkbox]');

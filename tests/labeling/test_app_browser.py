@@ -274,6 +274,16 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p",
                            arg=page.inner_text("#align-prompt"))
     assert len(rankings_of(store, "keys")) == 1
+    # Skip clicked with the mouse, then the next task ranked by keys: Enter submits it (the focus left on Skip
+    # made Enter click Skip again, and the ranked task was skipped)
+    before = page.inner_text("#align-prompt")
+    page.click("#align-skip")
+    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p", arg=before)
+    page.wait_for_timeout(400)
+    page.keyboard.type("2143")
+    page.keyboard.press("Enter")
+    wait_for_message(page, "✅")
+    assert len(wait_for_rows(store, "keys", 2)) == 2
 
 
 def test_a_partial_ranking_survives_a_reload(served, browser):
