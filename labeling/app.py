@@ -417,26 +417,33 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [_note(result["message"], "✅"), *unchanged]
             return [_note(result["message"], "✅"), *show(next_for(sess))]
 
-        def do_draft(request: gr.Request, current, *values):
-            """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted ranking).
-            The rationale only from its own box (cleared too): a rank set in a second tab leaves it."""
-            rank_values, (bad, is_unsafe, *why) = values[:MAX_K], values[MAX_K:]
-            sess = signed_in(request)
-            if sess is None:
-                return signed_out
-            if current is None:
+        def drafting(own: str | None):
+            """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted
+            ranking). A flag and the rationale only from their own box (cleared too): a rank set in a second tab,
+            which may not show them as set, leaves them as saved."""
+
+            def do_draft(request: gr.Request, current, *values):
+                rank_values, value = values[:MAX_K], values[MAX_K] if own else None
+                sess = signed_in(request)
+                if sess is None:
+                    return signed_out
+                if current is None:
+                    return gr.skip()
+                given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or ""}
+                try:
+                    handlers.save_draft(store, sess, current, list(rank_values),
+                                        **({own: given[own]} if own else {}))
+                except (ValueError, KeyError, PermissionError) as err:
+                    log.warning("draft of task %s not saved: %s", current, err)
                 return gr.skip()
-            try:
-                handlers.save_draft(store, sess, current, list(rank_values), all_bad=bool(bad), unsafe=bool(is_unsafe),
-                                    rationale=(why[0] or "") if why else None)
-            except (ValueError, KeyError, PermissionError) as err:
-                log.warning("draft of task %s not saved: %s", current, err)
-            return gr.skip()
+
+            return do_draft
 
         # .input: the annotator's own clicks and keys, not the updates show() makes
-        for widget, inputs in [*((w, [task_id, *ranks, all_bad, unsafe]) for w in (*ranks, all_bad, unsafe)),
-                               (rationale, [task_id, *ranks, all_bad, unsafe, rationale])]:
-            widget.input(do_draft, inputs, message, trigger_mode="always_last", show_progress="hidden")
+        for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
+                            (rationale, "rationale")]:
+            widget.input(drafting(own), [task_id, *ranks, *([widget] if own else [])], message,
+                         trigger_mode="always_last", show_progress="hidden")
 
         def do_skip(current, request: gr.Request):
             sess = signed_in(request)

@@ -195,9 +195,11 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
-               all_bad: bool = False, unsafe: bool = False, rationale: str | None = None, seed: int = 0) -> bool:
+               all_bad: bool | None = None, unsafe: bool | None = None, rationale: str | None = None,
+               seed: int = 0) -> bool:
     """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
-    reload shows nothing lost. `rationale` None leaves the saved one as it is; "" clears it.
+    reload shows nothing lost. A flag or the rationale given as None leaves the saved one as it is (the page
+    sends each from its own box only: a rank set in a second tab cannot clear them); "" clears the rationale.
 
     False (nothing written) once the task is submitted or skipped: a late draft never touches it.
     """
@@ -210,9 +212,10 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
                                           for r in ranks):
         raise ValueError(f"a draft of task {task['task_id']} needs {task['k']} ranks from 0 (not ranked yet) "
                          f"to {task['k']}")
-    flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
+    given = {f: on for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on is not None}
     _check_rationale(rationale)
-    return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
+    return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks),
+                              flags=[f for f, on in given.items() if on], flags_set=list(given),
                               rationale=None if rationale is None else rationale.strip(), status="draft")
 
 

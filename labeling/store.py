@@ -25,7 +25,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -605,13 +605,16 @@ class Store:
     # ------------------------------------------------------------------------------ rankings
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
-                     rationale: str | None = "", seconds: float = 0.0, status: str = "submitted") -> bool:
+                     rationale: str | None = "", seconds: float = 0.0, status: str = "submitted",
+                     flags_set: Collection[str] | None = None) -> bool:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
         A draft is replaced by the submit, and updated by a later draft rank by rank: a rank the later
         one leaves at 0 (not set in that tab) keeps its value. A draft's `rationale` of None keeps the
-        saved one (a rank or flag set, the rationale box untouched); "" clears it.
+        saved one (a rank or flag set, the rationale box untouched); "" clears it. A draft's `flags_set` names
+        the flags this call speaks for (on when in `flags`, off when not); the others keep their saved value,
+        so a second tab that never showed a flag cannot clear it. None: `flags` is the whole set.
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
@@ -627,7 +630,7 @@ class Store:
                         raise PermissionError(f"task {task_id} is not assigned to this annotator")
                     if assigned.status == "skipped":
                         raise PermissionError(f"task {task_id} was skipped; it is no longer open for this annotator")
-                    row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks).where(
+                    row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks, rankings.c.flags).where(
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id)).first()
                     if row and row.status == "submitted":
                         return False
@@ -637,6 +640,10 @@ class Store:
                             values["ranks"] = json.dumps([new or old for new, old in zip(ranks, kept, strict=True)])
                         if rationale is None:
                             values.pop("rationale")
+                        if flags_set is not None:
+                            spoken = set(flags_set)
+                            kept_flags = set(json.loads(row.flags or "[]")) - spoken
+                            values["flags"] = json.dumps(sorted(kept_flags | (set(flags or []) & spoken)))
                     if row:
                         # Conditional: on PostgreSQL two submits over one draft both read "draft"; the second
                         # UPDATE waits for the first, re-checks this WHERE and changes nothing.

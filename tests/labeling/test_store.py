@@ -258,9 +258,16 @@ def test_a_drafts_flags_and_rationale_come_back_with_its_ranks(store):
     again = handlers.next_task(store, alice)
     assert (again["draft"], again["draft_flags"], again["draft_rationale"]) == ([1, None, None, None], ["unsafe"],
                                                                                "B leaks a key")
-    handlers.save_draft(store, alice, task["task_id"], [None, 2, None, None])  # a rank set, the rationale untouched
+    # a rank set (a second tab's, which never showed the flag): the flag and the rationale stay as saved
+    handlers.save_draft(store, alice, task["task_id"], [None, 2, None, None])
     again = handlers.next_task(store, alice)
-    assert again["draft_rationale"] == "B leaks a key" and again["draft_flags"] == [] and again["draft"][:2] == [1, 2]
+    assert again["draft_rationale"] == "B leaks a key" and again["draft_flags"] == ["unsafe"]
+    assert again["draft"][:2] == [1, 2]
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, all_bad=True)  # each flag from its own box
+    assert handlers.next_task(store, alice)["draft_flags"] == ["all_bad", "unsafe"]
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, unsafe=False)
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, all_bad=False)
+    assert handlers.next_task(store, alice)["draft_flags"] == []
     handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="")  # the rationale box cleared
     assert handlers.next_task(store, alice)["draft_rationale"] == ""
     handlers.save_draft(store, alice, task["task_id"], [None] * 4, rationale="B leaks a key")
