@@ -55,7 +55,8 @@ CSS = """
 #align-prompt { font-size: 1.05em; border-left: 4px solid var(--color-accent); padding-left: 12px; }
 #align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
 /* model text is plain text: keep its line breaks and wrap long words, never interpret it */
-.align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5; }
+.align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5;
+              unicode-bidi: plaintext; }
 .align-cut { color: var(--body-text-color-subdued); font-style: italic; }
 .align-error { color: var(--error-text-color, #b91c1c); }
 .align-pg-pane { min-height: 120px; }

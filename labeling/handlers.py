@@ -51,10 +51,11 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
-    the `align-text` class (white-space: pre-wrap); past `limit` characters it is cut, with a note.
+    the `align-text` class (white-space: pre-wrap), and Arabic or Hebrew reads right to left (dir="auto", each
+    line by its own first strong character); past `limit` characters it is cut, with a note.
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
-    shown = f'<div class="align-text">{html.escape(text[:limit])}</div>'
+    shown = f'<div class="align-text" dir="auto">{html.escape(text[:limit])}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")

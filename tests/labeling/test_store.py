@@ -406,8 +406,9 @@ def test_model_text_becomes_inert_html_cut_at_the_limit():
     hostile = '<form action="http://evil/"><input type=password></form>\n<img src=x onerror=alert(1)> & "q"'
     shown = handlers.text_html(hostile)
     assert "<form" not in shown and "<input" not in shown and "<img" not in shown
-    assert shown == ('<div class="align-text">&lt;form action=&quot;http://evil/&quot;&gt;&lt;input type=password&gt;'
+    assert shown == ('<div class="align-text" dir="auto">&lt;form action=&quot;http://evil/&quot;&gt;&lt;input type=password&gt;'
                      '&lt;/form&gt;\n&lt;img src=x onerror=alert(1)&gt; &amp; &quot;q&quot;</div>')
+    assert 'dir="auto"' in handlers.text_html("שלום (בכרטיס שלך).")  # Hebrew, Arabic: right to left
     huge = handlers.text_html("x" * 1_000_000)
     assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
 
