@@ -342,11 +342,13 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         unsafe, rationale, submit]
         unchanged = [gr.skip()] * len(task_outputs)
 
-        def show(next_: dict | None) -> list:
-            """Updates for `task_outputs` that put `next_` (or the all-done screen) on the page."""
+        def show(next_: dict | None, idle: bool = False) -> list:
+            """Updates for `task_outputs` that put `next_` (or the all-done screen; `idle`: an admin's page with
+            no task asked for yet) on the page."""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                return [None, 0.0, "**All done.** Nothing is left for you to label; thank you! When new tasks "
+                return [None, 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
+                        if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
                         gr.update(visible=False, value=None), False, False, "", gr.update(interactive=False)]
@@ -374,8 +376,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 "unsafe" in next_.get("draft_flags", []), next_.get("draft_rationale", ""), gr.update(interactive=True),
             ]
 
-        def next_for(sess: dict) -> dict | None:
-            found = handlers.next_task(store, sess, overlap=overlap, gold_rate=gold_rate, batch=batch)
+        def next_for(sess: dict, new: bool = True) -> dict | None:
+            found = handlers.next_task(store, sess, overlap=overlap, gold_rate=gold_rate, batch=batch, new=new)
             if found is not None and len(found["responses"]) > MAX_K:
                 raise gr.Error(f"task {found['task_id']} has {len(found['responses'])} responses; "
                                f"the app lays out at most {MAX_K}")
@@ -387,9 +389,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             sess = signed_in(request)
             if sess is None:
                 return ["", gr.update(visible=False), signed_out, *show(None)]
-            role = " (admin)" if sess.get("is_admin") else ""
-            return [f"Signed in as <b>{html.escape(sess['name'])}</b>{role}",
-                    gr.update(visible=bool(sess.get("is_admin"))), "", *show(next_for(sess))]
+            admin = bool(sess.get("is_admin"))
+            # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from the
+            # annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
+            task = next_for(sess, new=not admin)
+            return [f"Signed in as <b>{html.escape(sess['name'])}</b>{' (admin)' if admin else ''}",
+                    gr.update(visible=admin), "", *show(task, idle=admin)]
 
         demo.load(do_load, None, [who, admin_tab, message, *task_outputs])
         sign_out.click(None, None, None, js="""() => {

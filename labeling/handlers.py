@@ -75,9 +75,11 @@ def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str,
 
 
 def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0,
-              batch: str | None = None) -> dict[str, Any] | None:
+              batch: str | None = None, new: bool = True) -> dict[str, Any] | None:
+    """The task to show this annotator (Store.assign: an open one first; `new` false: only an open one)."""
     session = _require(session)
-    task_id = store.assign(session["annotator_id"], overlap=overlap, gold_rate=gold_rate, seed=seed, batch=batch)
+    task_id = store.assign(session["annotator_id"], overlap=overlap, gold_rate=gold_rate, seed=seed, batch=batch,
+                           new=new)
     if task_id is None:
         return None
     view = _view(store, session["annotator_id"], task_id, seed)

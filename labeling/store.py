@@ -536,8 +536,9 @@ class Store:
     # ------------------------------------------------------------------------------ assignment
 
     def assign(self, annotator_id: int, *, overlap: int = 1, gold_rate: float = 0.0, seed: int = 0,
-               batch: str | None = None) -> int | None:
-        """The task this annotator should do next (an open assignment first), or None.
+               batch: str | None = None, new: bool = True) -> int | None:
+        """The task this annotator should do next (an open assignment first), or None; with `new` false,
+        only an open assignment (nothing is newly held).
 
         A task goes to `overlap` annotators, never twice to one; with `gold_rate` > 0, a gold
         task the annotator has not seen comes up at about that rate. Otherwise the queue's order:
@@ -555,6 +556,8 @@ class Store:
                                                        assignments.c.annotator_id == annotator_id)
                              .values(assigned_at=now))
                 return open_[0]
+            if not new:
+                return None
             mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
             base = select(tasks.c.id).where(tasks.c.id.not_in(mine))
             if batch:

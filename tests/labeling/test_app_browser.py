@@ -678,7 +678,14 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         # The refusal quotes the folder's file names: one that is markup must show as text, never as a form.
         trap = "<input id=trap type=password placeholder='sign in again'>"  # no slash: a file name
         (out / trap).write_text("")
-        sign_in(admin, url, "boss")
+        sign_in(admin, url, "boss", expect_task=False)
+        # an admin's page load holds no task (watching the Admin tab kept a slot from the annotators)
+        admin.wait_for_function("(document.querySelector('#align-progress') || {innerText: ''}).innerText.includes('No task is held')")
+        from labeling import handlers
+
+        assert store.progress(handlers.sign_in(store, "boss", PASSWORD)["annotator_id"])["assigned"] == 0
+        admin.reload()  # a reload neither
+        admin.wait_for_function("(document.querySelector('#align-progress') || {innerText: ''}).innerText.includes('No task is held')")
         admin.get_by_role("tab", name="Admin").click()
         admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
         # the table renders its rows after the update lands
