@@ -119,9 +119,10 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="alignment.training"):
         assert resume_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoints" / "checkpoint-10")
     assert "resuming from" in caplog.text and "checkpoint-10" in caplog.text
-    assert resume_checkpoint(tmp_path, None) is None
     assert resume_checkpoint(tmp_path, "/some/checkpoint-3") == "/some/checkpoint-3"
     assert Path(resume_checkpoint(tmp_path, "auto")).name == "checkpoint-10"
+    assert resume_checkpoint(tmp_path, None) is None  # from scratch: the earlier run's checkpoints set aside
+    assert resume_checkpoint(tmp_path, "latest") is None
 
 
 def test_metrics_of_a_run_killed_mid_line_read_back_and_resume(tmp_path):
