@@ -370,7 +370,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                   for i in range(MAX_K)],
                 *[gr.update(choices=choices, value=str(draft[i]) if draft[i] else None, visible=not is_pair)
                   for i in range(MAX_K)],
-                gr.update(visible=is_pair, value=None),
+                gr.update(visible=is_pair, value=handlers.pairwise_verdict(next_.get("draft"), next_.get("draft_flags", []))
+                          if is_pair else None),
                 # the draft's flags and rationale come back with its ranks
                 gr.update(value="all_bad" in next_.get("draft_flags", []), visible=not is_pair),
                 "unsafe" in next_.get("draft_flags", []), next_.get("draft_rationale", ""), gr.update(interactive=True),
@@ -435,7 +436,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     return signed_out
                 if current is None:
                     return gr.skip()
-                given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or ""}
+                given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
                 try:
                     handlers.save_draft(store, sess, current, list(rank_values),
                                         **({own: given[own]} if own else {}))
@@ -447,7 +448,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         # .input: the annotator's own clicks and keys, not the updates show() makes
         for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
-                            (rationale, "rationale")]:
+                            (rationale, "rationale"), (pairwise, "verdict")]:
             widget.input(drafting(own), [task_id, *ranks, *([widget] if own else [])], message,
                          trigger_mode="always_last", show_progress="hidden")
 

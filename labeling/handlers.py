@@ -110,6 +110,14 @@ def to_canonical(task: dict[str, Any], ranks_shown: list[int]) -> list[int]:
     return canonical
 
 
+def pairwise_verdict(ranks_shown: list[int | None] | None, flags: list[str]) -> str | None:
+    """The A/B verdict a draft's ranks of two (in shown order) and flags stand for; None when none was given."""
+    shown = tuple(ranks_shown or [])[:2]
+    if shown == (1, 1):
+        return "both_bad" if "all_bad" in flags else "tie"
+    return {(1, 2): "A", (2, 1): "B"}.get(shown)
+
+
 def pairwise_ranks(choice: str) -> tuple[list[int], list[str]]:
     """An A/B verdict as ranks over the two shown responses (+ flags)."""
     table = {"A": ([1, 2], []), "B": ([2, 1], []), "tie": ([1, 1], []), "both_bad": ([1, 1], ["all_bad"])}
@@ -199,7 +207,7 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
                all_bad: bool | None = None, unsafe: bool | None = None, rationale: str | None = None,
-               seed: int = 0) -> bool:
+               verdict: str | None = None, seed: int = 0) -> bool:
     """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
     reload shows nothing lost. A flag or the rationale given as None leaves the saved one as it is (the page
     sends each from its own box only: a rank set in a second tab cannot clear them); "" clears the rationale.
@@ -208,8 +216,11 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
     """
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)
-    if status != "assigned" or task["kind"] == "pairwise":
+    if status != "assigned":
         return False
+    if task["kind"] == "pairwise":  # an A/B task's verdict, as the ranks of two (and both bad as all_bad)
+        ranks_shown, flagged = pairwise_ranks(verdict) if verdict else ([0, 0], [])
+        all_bad = "all_bad" in flagged if verdict else None
     ranks = [_whole(r) if r not in (None, "") else 0 for r in _fit(ranks_shown, task["k"])]
     if len(ranks) != task["k"] or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= task["k"]
                                           for r in ranks):

@@ -751,6 +751,13 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             page.locator("#align-progress").click()
             page.keyboard.press("3")  # B better
             assert page.locator("#align-pairwise input:checked").get_attribute("value") == "B"
+            page.keyboard.press("u")
+            page.wait_for_timeout(1500)  # the drafts land
+            page.reload()  # the verdict and the flag are a draft: a reload (or a crash of the tab) loses neither
+            page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'B'")
+            assert page.locator("#align-unsafe input").is_checked()
+            page.locator("#align-progress").click()
+            page.keyboard.press("u")  # not unsafe after all
             page.keyboard.press("Control+Enter")
             wait_for_message(page, "✅")
             [row] = wait_for_rows(store, "judge", 1)

@@ -397,9 +397,21 @@ def test_a_pairwise_submit_takes_the_verdict_of_the_task_it_names(store):
     task = handlers.next_task(store, alice)
     with pytest.raises(ValueError, match="choose one of"):
         handlers.submit(store, alice, task["task_id"], verdict="<img src=x>")
+    # an A/B task's verdict, flags and rationale are drafted too: a reload shows them again
+    handlers.save_draft(store, alice, task["task_id"], [None] * 8, verdict="B")
+    handlers.save_draft(store, alice, task["task_id"], [None] * 8, unsafe=True)
+    handlers.save_draft(store, alice, task["task_id"], [None] * 8, rationale="A is rude")
+    again = handlers.next_task(store, alice)
+    assert handlers.pairwise_verdict(again["draft"], again["draft_flags"]) == "B"
+    assert (again["draft_flags"], again["draft_rationale"]) == (["unsafe"], "A is rude")
+    handlers.save_draft(store, alice, task["task_id"], [None] * 8, verdict="both_bad")
+    again = handlers.next_task(store, alice)
+    assert handlers.pairwise_verdict(again["draft"], again["draft_flags"]) == "both_bad"
+    handlers.save_draft(store, alice, task["task_id"], [None] * 8, verdict="tie")
+    assert handlers.pairwise_verdict(*(lambda t: (t["draft"], t["draft_flags"]))(handlers.next_task(store, alice))) == "tie"
     handlers.submit(store, alice, task["task_id"], [None] * 8, verdict="both_bad")
     (row,) = store.submitted_rankings()
-    assert row["ranks"] == [1, 1] and row["flags"] == ["all_bad"]
+    assert row["ranks"] == [1, 1] and row["flags"] == ["all_bad"] and row["rationale"] == ""
 
 
 def test_model_text_becomes_inert_html_cut_at_the_limit():
