@@ -295,26 +295,38 @@ def with_sibling_configs(command: str) -> str:
     return re.sub(r"align (\w+) (?=run\.dir=)", add, command)
 
 
+def _step(path: Path) -> int | None:
+    """N of a checkpoint folder's name (checkpoint-N, step-N); None for any other name."""
+    step = path.name.rpartition("-")[2]
+    return int(step) if path.is_dir() and not path.name.startswith("abandoned-") and step.isdigit() else None
+
+
+def _set_aside(paths: list[Path], folder: Path, said: str) -> Path | None:
+    """`paths` (checkpoints) moved into `folder`/abandoned-<time>/, `said` on stderr (its {n} and {aside}
+    filled in); where they went, or None."""
+    if not paths or not is_main_process():
+        return None
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for path in sorted(paths):
+        path.rename(aside / path.name)
+    print("align: " + said.format(n=len(paths), aside=aside), file=sys.stderr)
+    return aside
+
+
 def set_aside_later_checkpoints(checkpoint: str | Path) -> Path | None:
     """Resuming from a checkpoint older than the newest (`train.resume_from_checkpoint=<folder>`): the
     later ones, of the run abandoned there, move to `checkpoints/abandoned-<time>/`. Left in place,
     `latest` would jump back into that run, and pruning by step (save_total_limit) would delete this
     run's new checkpoints before them. Returns where they went, or None."""
     checkpoint = Path(checkpoint)
-    prefix, _, step = checkpoint.name.rpartition("-")
-    if not step.isdigit() or not is_main_process():
+    step = _step(checkpoint) if checkpoint.exists() else None
+    if step is None:
         return None
-    later = [p for p in checkpoint.parent.glob(f"{prefix}-*") if p.is_dir() and p.name.rpartition("-")[2].isdigit()
-             and int(p.name.rpartition("-")[2]) > int(step)]
-    if not later:
-        return None
-    aside = checkpoint.parent / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
-    for path in sorted(later):
-        path.rename(aside / path.name)
-    print(f"align: resuming from {checkpoint.name}: the {len(later)} later checkpoints (a run abandoned there) "
-          f"moved to {aside}", file=sys.stderr)
-    return aside
+    prefix = checkpoint.name.rpartition("-")[0]
+    later = [p for p in checkpoint.parent.glob(f"{prefix}-*") if (_step(p) or 0) > step]
+    return _set_aside(later, checkpoint.parent, f"resuming from {checkpoint.name}: the {{n}} later checkpoints (a run "
+                                                "abandoned there) moved to {aside}")
 
 
 def set_aside_checkpoints(folder: str | Path) -> Path | None:
@@ -323,18 +335,8 @@ def set_aside_checkpoints(folder: str | Path) -> Path | None:
     this run is killed before its first checkpoint) would continue the earlier run, on its data and config,
     under this run's manifest. Returns where they went, or None."""
     folder = Path(folder)
-    if not folder.is_dir() or not is_main_process():
-        return None
-    old = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("abandoned-")
-           and p.name.rpartition("-")[2].isdigit()]
-    if not old:
-        return None
-    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
-    for path in sorted(old):
-        path.rename(aside / path.name)
-    print(f"align: starting from scratch: the {len(old)} checkpoints of an earlier run moved to {aside}", file=sys.stderr)
-    return aside
+    old = [p for p in folder.iterdir() if _step(p) is not None] if folder.is_dir() else []
+    return _set_aside(old, folder, "starting from scratch: the {n} checkpoints of an earlier run moved to {aside}")
 
 
 # ---------------------------------------------------------------------------- after a failure
