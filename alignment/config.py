@@ -568,21 +568,31 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, refusing a key written twice in one mapping: YAML keeps the last and drops the first
-    silently (a `train:` section written twice lost the first one's settings, checks and all)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written after it override it, as meant
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise ConfigError(f"{self.name}: line {key_node.start_mark.line + 1}: {key!r} is written twice in one "
-                                  f"mapping (first on line {seen[key]}); YAML would keep only the last: merge them")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+def _keys_written_once(node: yaml.Node, where: str) -> None:
+    """Refuse a key written twice in one mapping of a composed YAML document: YAML keeps the last and drops
+    the first silently (a `train:` section written twice lost the first one's settings, checks and all).
+    Checked on the document as written, before merge keys (`<<: *anchor`, whose keys a mapping may override
+    as meant) are flattened into it."""
+    seen_nodes: set[int] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen_nodes:  # an anchor's node, met again through an alias
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                todo.append(value_node)
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise ConfigError(f"{where}: line {line}: {key_node.value!r} is written twice in one mapping "
+                                      f"(first on line {seen[key_node.value]}); YAML would keep only the last: merge them")
+                seen[key_node.value] = line
+        elif isinstance(current, yaml.SequenceNode):
+            todo.extend(current.value)
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
@@ -593,10 +603,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
-            loader.name = str(path)
+            loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
             try:
-                raw = loader.get_single_data() or {}
+                document = loader.get_single_node()
+                if document is not None:
+                    _keys_written_once(document, str(path))
+                raw = (loader.construct_document(document) if document is not None else None) or {}
             finally:
                 loader.dispose()
         except yaml.YAMLError as err:

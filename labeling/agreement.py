@@ -164,13 +164,18 @@ def beta_interval(a: float, b: float, level: float = 0.95, grid: int = 4000) -> 
 def pair_judgements(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None
                     ) -> tuple[dict[Item, list[tuple[str, int]]], dict[Item, int]]:
     """(votes, truth) from ranking rows and gold answers: each item's [(annotator, +1 i better / -1 j better)]
-    and each gold item's known +1 / -1. Ties give no vote; rows of other kinds (A/B eval tasks) are left out."""
+    and each gold item's known +1 / -1. Ties give no vote; rows of other kinds (A/B eval tasks) are left out,
+    and so are pairs export makes no pair of (two copies of one answer, a blank one): how someone orders two
+    copies says nothing of their accuracy."""
     votes: dict[Item, list[tuple[str, int]]] = defaultdict(list)
     for r in rows:
         if r.get("kind", "ranking") != "ranking":
             continue
         ranks = r["ranks"]
+        texts = [str(x.get("text", "")).strip() for x in r.get("responses") or []]
         for i, j in itertools.combinations(range(len(ranks)), 2):
+            if len(texts) == len(ranks) and (texts[i] == texts[j] or not texts[i] or not texts[j]):
+                continue
             if v := _order(ranks[j], ranks[i]):  # a lower rank is better
                 votes[(r["task_id"], i, j)].append((r["annotator"], v))
     truth = {}

@@ -128,11 +128,8 @@ PAGE_JS = """
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit.click(); sel = 0; return; }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
     const key = e.key.toLowerCase();
-    // Enter on a focused button or link (the guidelines' links) is theirs; on Submit or Skip it submits
-    if (key === 'enter') {
-      if (t.closest && t.closest('button, a[href]') && !t.closest('#align-submit, #align-skip')) return;
-      e.preventDefault(); submit.click(); sel = 0; return;
-    }
+    // Enter on a focused button or link (the guidelines' links) is theirs
+    if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
     if (key === 's') { e.preventDefault(); byId('align-skip').click(); sel = 0; return; }
     if (key === 'u' || key === 'x') {
       const box = document.querySelector((key === 'u' ? '#align-unsafe' : '#align-all-bad') + ' input[type=checkbox]');
@@ -373,7 +370,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 gr.update(visible=is_pair, value=handlers.pairwise_verdict(next_.get("draft"), next_.get("draft_flags", []))
                           if is_pair else None),
                 # the draft's flags and rationale come back with its ranks
-                gr.update(value="all_bad" in next_.get("draft_flags", []), visible=not is_pair),
+                gr.update(value=not is_pair and "all_bad" in next_.get("draft_flags", []), visible=not is_pair),
                 "unsafe" in next_.get("draft_flags", []), next_.get("draft_rationale", ""), gr.update(interactive=True),
             ]
 

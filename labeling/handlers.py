@@ -167,7 +167,7 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
         raise PermissionError(f"task {task['task_id']} was skipped; it is no longer yours to rank")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)
-        all_bad = all_bad or "all_bad" in verdict_flags
+        all_bad = "all_bad" in verdict_flags  # the verdict says it (the page's own box is hidden on an A/B task)
     else:
         ranks = [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
         if any(r is None or r == "" for r in ranks):

@@ -633,8 +633,10 @@ class Store:
                         raise PermissionError(f"task {task_id} is not assigned to this annotator")
                     if assigned.status == "skipped":
                         raise PermissionError(f"task {task_id} was skipped; it is no longer open for this annotator")
+                    # FOR UPDATE: a draft merges into the saved one (ranks, flags), so on PostgreSQL a second draft
+                    # reading the row before this one commits would write back without it (SQLite: IMMEDIATE)
                     row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks, rankings.c.flags).where(
-                        rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id)).first()
+                        rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id).with_for_update()).first()
                     if row and row.status == "submitted":
                         return False
                     if row and status == "draft":  # a draft fills in ranks (0 = not set here): a second tab

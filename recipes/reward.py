@@ -407,15 +407,19 @@ def score_main(argv: list[str]) -> int:
     if args.jsonl:
         import codecs
 
-        from alignment.data import DataError, json_kind, json_lines
+        from alignment.data import SUFFIXES, DataError, iter_records, json_kind, json_lines
 
         rows = []
-        try:  # the loaders' line reader (a BOM, CRLF, a U+2028 inside a string), on any path: /dev/stdin, a .txt
-            try:
-                raw = Path(args.jsonl).read_bytes().removeprefix(codecs.BOM_UTF8)
-            except OSError as err:
-                raise DataError(f"{args.jsonl}: cannot read it ({err.strerror or err})") from None
-            for where, row in json_lines(args.jsonl, raw):
+        try:  # the loaders' reader (a JSON list, a BOM, CRLF, a U+2028 in a string); by lines for /dev/stdin, a .txt
+            path = Path(args.jsonl)
+            if path.is_file() and path.suffix.lower() in SUFFIXES:
+                records = iter_records(path)
+            else:
+                try:
+                    records = json_lines(args.jsonl, path.read_bytes().removeprefix(codecs.BOM_UTF8))
+                except OSError as err:
+                    raise DataError(f"{args.jsonl}: cannot read it ({err.strerror or err})") from None
+            for where, row in records:
                 if isinstance(row, DataError):
                     raise row
                 fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "response")]

@@ -86,6 +86,11 @@ def test_bad_yaml_and_missing_file(tmp_path):
     shared.write_text("dpo:\n  train: &t {epochs: 1, lr: 5.0e-4}\nreward:\n  train: {<<: *t, lr: 1.0e-5}\n")
     cfg = load_config(C.PipelineConfig, shared)
     assert (cfg.reward.train.epochs, cfg.reward.train.lr, cfg.dpo.train.lr) == (1, 1e-5, 5e-4)
+    shared.write_text("sft: {run: &quiet {dir: runs/exp, wandb: disabled}}\n"  # a merge of a merge
+                      "dpo: {run: &dpo_run {<<: *quiet, wandb: offline}}\nrun: {<<: *dpo_run, dir: runs/exp}\n")
+    cfg = load_config(C.PipelineConfig, shared)
+    assert (cfg.run.wandb, cfg.dpo.run.wandb, cfg.sft.run.wandb, cfg.run.dir) == ("offline", "offline", "disabled",
+                                                                                  "runs/exp")
 
 
 @pytest.mark.parametrize("value", ["#1 helper for Lumen Notes", "Answer: briefly", "[draft] be brief", "say {hi}"])

@@ -207,6 +207,11 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     piped = subprocess.run([sys.executable, "-m", "alignment.cli", "reward", "score", "--model", str(reward_run),
                             "--jsonl", "/dev/stdin"], input=json.dumps(row) + "\n", capture_output=True, text=True)
     assert piped.returncode == 0 and "score" in json.loads(piped.stdout.strip().splitlines()[-1])  # a pipe, no suffix
+    listed = tmp_path / "score.json"  # a JSON list, as the data loaders take it
+    listed.write_text(json.dumps([row, row]))
+    capsys.readouterr()
+    assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(listed)]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if '"score"' in line]) == 2
     for text, message in ((json.dumps({"prompt": None, "response": 5}), "score.jsonl:1: needs a JSON object with string"),
                           ("", "no lines to score (empty)")):
         jsonl.write_text(text)

@@ -92,6 +92,11 @@ def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
     # dawid_skene pools the copies: "Yes" at ranks 1 and 3 around "No" at 2 is no confident pair
     level = task(["Yes.", "No, never.", "Yes."], [1, 2, 3])
     assert build_pairs(level, combine="dawid_skene")[0] == []
+    # and the order someone gives two copies is no vote on their accuracy
+    from labeling.agreement import pair_judgements
+
+    votes, _ = pair_judgements(two)
+    assert set(votes) == {(1, 0, 1), (1, 1, 2)} and all(len(v) == 2 for v in votes.values())
 
 
 def test_export_options_are_checked_before_anything_is_written(tmp_path):
