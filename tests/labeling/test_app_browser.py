@@ -749,11 +749,6 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             prompt = page.inner_text("#align-prompt .align-text")
             a, b = [page.inner_text(f"#resp-{x} .align-text") for x in "ab"]
             page.locator("#align-progress").click()
-            page.keyboard.press("4")  # both bad, then thought better of: no all-bad flag stays behind
-            page.wait_for_timeout(1000)
-            page.reload()
-            page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'both_bad'")
-            page.locator("#align-progress").click()
             page.keyboard.press("3")  # B better
             assert page.locator("#align-pairwise input:checked").get_attribute("value") == "B"
             page.keyboard.press("u")
@@ -762,6 +757,12 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'B'")
             assert page.locator("#align-unsafe input").is_checked()
             page.locator("#align-progress").click()
+            page.keyboard.press("4")  # both bad, reloaded, then B better after all: no all-bad flag stays behind
+            page.wait_for_timeout(1000)
+            page.reload()
+            page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'both_bad'")
+            page.locator("#align-progress").click()
+            page.keyboard.press("3")
             page.keyboard.press("u")  # not unsafe after all
             page.keyboard.press("Control+Enter")
             wait_for_message(page, "✅")
