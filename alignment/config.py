@@ -13,6 +13,7 @@ run once its values are known. What the values point at (files, models) is align
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -637,6 +638,9 @@ class _Override:
     value: Any = None
     error: str | None = None
 
+    def __repr__(self) -> str:  # as typed, in an error that quotes a section holding it
+        return repr(self.text)
+
     @classmethod
     def parse(cls, text: str) -> _Override:
         if not text.strip():
@@ -657,11 +661,19 @@ class _Override:
         try:
             return _check(key, self.value, kind)
         except ConfigError as err:
-            # "a: b" and "[a" are text where the key takes text; 2024 and no too, where it takes only text (a
-            # name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake, not module "5")
+            # "a: b" and "[a" are text where the key takes text; 2024, 2024-06-01 and no too, where it takes
+            # only text (a name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake,
+            # not module "5")
             plain = all(o in (str, type(None)) for o in _options(kind))
-            if takes_text and (isinstance(self.value, (dict, list)) or plain and isinstance(self.value, (bool, int, float))):
+            scalar = (bool, int, float, datetime.date)
+            if takes_text and (isinstance(self.value, (dict, list)) or plain and isinstance(self.value, scalar)):
                 return self.text.strip()
+            if isinstance(self.value, list) and any(get_origin(o) is list and get_args(o) == (str,)
+                                                    for o in _options(kind)):
+                # a list of names: batches=[1, round-2] names batch "1", as batch=1 does (every item as text)
+                as_text = yaml.load(self.text, Loader=yaml.BaseLoader)
+                if isinstance(as_text, list) and all(isinstance(v, str) for v in as_text):
+                    return _check(key, as_text, kind)
             if isinstance(self.value, (bool, int, float)) and str(self.value) != self.text.strip():
                 raise ConfigError(f"{err} ({self.text.strip()!r} as typed, which YAML reads as {self.value!r})") from None
             raise
@@ -698,14 +710,28 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict, dotted: str, value: _Override) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section whose keys are all commented out (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
-    node[leaf] = value
+    if isinstance(node.get(leaf), dict) and isinstance(value.value, dict):
+        # `train={lr: 1e-4}` over a file's train section sets lr and keeps the file's other keys, as
+        # train.lr=1e-4 would: replacing the section dropped them without a word.
+        node[leaf] = _merged(node[leaf], value.value)
+    else:
+        node[leaf] = value
+
+
+def _merged(section: dict, update: dict) -> dict:
+    out = dict(section)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def _build(cls: type, raw: Any, prefix: str, base: Any = None):
@@ -739,12 +765,30 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
             default = getattr(base, name) if base is not None else _default(cls, name)
             kwargs[name] = _build(kind, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", default)
         else:
-            kwargs[name] = _check(f"{prefix}{name}", raw[name], kind)
+            kwargs[name] = _home(name, _check(f"{prefix}{name}", raw[name], kind))
             _check_range(f"{prefix}{name}", kwargs[name], f.metadata.get("range"))
     built = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     if hasattr(built, "validate"):  # the section's cross-field rules, once every value is known
         built.validate(prefix)
     return built
+
+
+# Keys naming a file or folder (a model may also be a Hub id, which never starts with ~).
+_PATH_KEYS = frozenset({"name", "dir", "path", "adapter", "output", "policy", "prompts", "sft", "reward_model",
+                        "selection_reward_model", "resume_from_checkpoint", "policies", "adapters"})
+
+
+def _home(key: str, value: Any) -> Any:
+    """`~/x` as the shell would expand it: `run.dir=~/x` reaches us unexpanded (bash expands a ~ after `=`
+    only in a variable assignment), and so does every path in a YAML file. Preflight checked the expanded
+    path while a stage wrote to ./~/x, or datasets (which expands it) to a second folder."""
+    if key not in _PATH_KEYS:
+        return value
+    if isinstance(value, dict):
+        return {k: _home(key, v) for k, v in value.items()}
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    return value
 
 
 def _check_range(key: str, value: Any, allowed: Range | None) -> None:
@@ -806,6 +850,8 @@ def _check(key: str, value: Any, kind: Any) -> Any:
         value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     if kind is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value}")
+    if kind is str and type(value) is datetime.date:  # YAML reads `dir: 2024-06-01` as a date
+        value = value.isoformat()
     if kind is str and isinstance(value, str) and not value.strip():
         raise ConfigError(f"{key}: empty; give a value (or null where the key allows it)")
     if kind is bool and not isinstance(value, bool):

@@ -119,6 +119,48 @@ def test_a_text_key_takes_a_number_or_yes_no_as_typed():
         load_config(C.SFTStageConfig, None, ["run.wandb=off"])
 
 
+def test_a_date_or_a_list_of_numbers_is_text_where_the_key_takes_text(tmp_path):
+    """YAML reads 2024-06-01 as a date and [1] as a number's list: a folder, a batch, a list of batch names."""
+    assert load_config(C.SFTStageConfig, None, ["run.dir=2024-06-01"]).run.dir == "2024-06-01"
+    assert load_config(C.SampleStageConfig, None, ["batch=2024-06-01"]).batch == "2024-06-01"
+    assert load_config(C.ExportStageConfig, None, ["batches=[1, round-2, no]"]).batches == ["1", "round-2", "no"]
+    (tmp_path / "c.yaml").write_text("run: {dir: 2024-06-01}\n")
+    assert load_config(C.SFTStageConfig, tmp_path / "c.yaml").run.dir == "2024-06-01"
+
+
+def test_a_home_folder_is_expanded_in_every_path_and_no_text():
+    """bash leaves `run.dir=~/x` as typed; preflight and the stages must see one folder, the user's home."""
+    home = str(Path("~").expanduser())
+    cfg = load_config(C.SampleStageConfig, None, ["run.dir=~/runs/a", "policy=~/sft", "prompts=~/p.jsonl",
+                                                  "model.name=~/models/base", "batch=~/b"])
+    assert (cfg.run.dir, cfg.policy, cfg.prompts, cfg.model.name) == (
+        f"{home}/runs/a", f"{home}/sft", f"{home}/p.jsonl", f"{home}/models/base")
+    assert cfg.batch == "~/b"  # a batch's name is text, not a folder
+    served = load_config(C.ServeStageConfig, None, ["adapters.x=~/dpo"])
+    assert served.adapters == {"x": f"{home}/dpo"}
+    prompt = load_config(C.SFTStageConfig, None, ["data.system_prompt=~/not a path"]).data.system_prompt
+    assert prompt == "~/not a path"
+
+
+def test_an_override_of_a_whole_section_keeps_the_files_other_keys(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("train: {max_steps: 12, batch_size: 4}\n")
+    train = load_config(C.SFTStageConfig, path, ["train={lr: 1e-4}"]).train
+    assert (train.max_steps, train.batch_size, train.lr) == (12, 4, 1e-4)
+
+
+def test_an_override_into_a_section_left_empty_in_the_file(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("train:\n  # max_steps: 12\n")
+    assert load_config(C.SFTStageConfig, path, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
+def test_an_error_quotes_an_override_as_typed():
+    with pytest.raises(ConfigError) as err:
+        load_config(C.ServeStageConfig, None, ["adapters.dpo-v1.5=runs/x/dpo"])
+    assert "_Override" not in str(err.value) and "'runs/x/dpo'" in str(err.value)
+
+
 def test_an_override_yaml_cannot_read_names_the_key():
     with pytest.raises(ConfigError, match=r"train.lr: '\[oops' is not a value YAML reads .*expected float"):
         load_config(C.SFTStageConfig, None, ["train.lr=[oops"])
