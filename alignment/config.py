@@ -87,7 +87,27 @@ class ModelConfig:
     # off on CPU (it only costs time there). alignment/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     max_length: int = bounded(512, ge=1)  # tokens per example (prompt + completion)
+    # null: transformers' choice (sdpa). One of ATTENTION, "paged|<one of them>", or a Hub kernel ("org/repo").
     attn_implementation: str | None = None
+
+    def validate(self, prefix: str = "") -> None:
+        attn = self.attn_implementation
+        if attn is None or "/" in attn:  # a Hub kernel: transformers fetches and checks it
+            return
+        if attn.removeprefix("paged|") not in ATTENTION:
+            raise ConfigError(f"{prefix}attn_implementation: {attn!r} is not allowed; allowed values: "
+                              f"{', '.join(ATTENTION)} (or paged|<one of them>, or a Hub kernel org/repo)")
+        if attn.removeprefix("paged|").startswith("flash_attention"):
+            import torch
+
+            if not (torch.cuda.is_available() or hasattr(torch, "xpu") and torch.xpu.is_available()):
+                raise ConfigError(f"{prefix}attn_implementation={attn} runs on a GPU only and this machine has "
+                                  "none; leave it unset (sdpa)")
+
+
+# transformers' attention kernels (transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, eager aside). Whether a
+# flash kernel's package is installed, transformers says itself: it may fetch the kernel from the Hub instead.
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 
@@ -108,4 +109,11 @@ def resolve_scorer(spec: str) -> Scorer:
         raise ValueError(f"scorer {spec!r}: cannot import it ({err})") from None
     if not callable(fn):
         raise ValueError(f"scorer {spec!r}: {name} is not a function")
+    try:
+        inspect.signature(fn).bind("prompt", "response")
+    except TypeError:  # it would fail at its first call, after the model loaded and generated
+        raise ValueError(f"scorer {spec!r}: {name}{inspect.signature(fn)} cannot be called as "
+                         f"{name}(prompt, response); a scorer takes those two texts and returns a number") from None
+    except ValueError:  # a builtin without a signature: its first call says
+        pass
     return fn

@@ -188,3 +188,17 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 
 def test_shipped_configs_were_found():
     assert any(p.name == "sft.yaml" for p in SHIPPED)
+
+
+def test_an_attention_kernel_is_checked_before_the_model_loads():
+    """A typo reached from_pretrained after the model's download; a flash kernel on a CPU box, its import."""
+    with pytest.raises(ConfigError, match="model.attn_implementation: 'flash_attn2' is not allowed; allowed values: "
+                                          "eager, sdpa"):
+        load_config(C.SFTStageConfig, None, ["model.attn_implementation=flash_attn2"])
+    for ok in ("sdpa", "eager", "paged|sdpa", "kernels-community/flash-attn2"):
+        assert load_config(C.SFTStageConfig, None, [f"model.attn_implementation={ok}"]).model.attn_implementation == ok
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="flash_attention_2 runs on a GPU only"):
+            load_config(C.SFTStageConfig, None, ["model.attn_implementation=flash_attention_2"])

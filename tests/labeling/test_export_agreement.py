@@ -275,6 +275,9 @@ def test_scorers_and_simulated_rankings():
         resolve_scorer("nonsense")
     with pytest.raises(ValueError, match="cannot import"):
         resolve_scorer("no_such_module:f")
+    # a function of one text failed at its first call, after a stage had loaded and sampled its model
+    with pytest.raises(ValueError, match=r"basename\(p\) cannot be called as basename\(prompt, response\)"):
+        resolve_scorer("os.path:basename")
 
 
 def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
