@@ -296,6 +296,16 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def check_batches(store, batches: list[str] | None) -> None:
+    """Every name in `batches` is a batch of the store (a typo read as "no rankings yet" sent people to label)."""
+    if batches:
+        known = [b["batch"] for b in store.batch_counts()]
+        unknown = [b for b in batches if b not in known]
+        if unknown:
+            raise ExportError(f"batches: {', '.join(map(repr, unknown))} not in the store; its batches: "
+                              f"{', '.join(known) or 'none yet'}")
+
+
 def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] | None = None, ties: str = "drop",
                        combine: str = "majority", min_agreement: float | None = None,
                        min_posterior: float | None = None, test_fraction: float = 0.1,
@@ -312,12 +322,7 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
     _check_options(ties, combine, min_posterior)
     check_target(out_dir)
-    if batches:
-        known = [b["batch"] for b in store.batch_counts()]
-        unknown = [b for b in batches if b not in known]
-        if unknown:
-            raise ExportError(f"batches: {', '.join(map(repr, unknown))} not in the store; its batches: "
-                              f"{', '.join(known) or 'none yet'}")
+    check_batches(store, batches)
     pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
                                  min_agreement=min_agreement, min_posterior=min_posterior,
                                  gold=store.gold_answers(), chat=chat)

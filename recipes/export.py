@@ -39,12 +39,16 @@ def reliability_rows(people: dict[str, dict]) -> list[list]:
 
 
 def main(cfg: ExportStageConfig) -> Path:
-    from labeling.export import ExportError, export_preferences, rankings_fingerprint
+    from labeling.export import ExportError, check_batches, export_preferences, rankings_fingerprint
     from labeling.store import Store
 
     check_stage("export", cfg)  # the store and the paths before anything is written
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))
+    try:
+        check_batches(store, cfg.batches)
+    except ExportError as err:
+        raise StageError(str(err)) from None
     # Of the batches this export reads: the pipeline compares their fingerprint to know whether to export again
     rankings = [r for r in store.submitted_rankings() if not cfg.batches or r["batch"] in cfg.batches]
     fingerprint = rankings_fingerprint(rankings, store.gold_answers())

@@ -307,3 +307,18 @@ def test_tie_resolution_ties_replies_a_reader_cannot_tell_apart(tmp_path):
     assert store.submitted_rankings()[0]["ranks"] == [1, 1, 2]  # canonical order; the two good replies tie
     with pytest.raises(ValueError, match="tie_resolution"):
         simulate(store, "support_style", tie_resolution=-1)
+
+
+def test_align_export_names_a_batch_the_store_lacks_before_saying_nothing_is_ranked(tmp_path):
+    """batches=[round-O] (a typo) filtered every ranking out, and the stage said "label first"."""
+    from alignment import StageError
+    from alignment.config import ExportStageConfig, load_config
+    from labeling.store import Store
+    from recipes.export import main
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "Ticket", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    assert simulate(store, "support_style") == 1
+    cfg = load_config(ExportStageConfig, None, [f"run.dir={tmp_path}", "batches=[round-O]", "run.wandb=disabled"])
+    with pytest.raises(StageError, match="batches: 'round-O' not in the store; its batches: round-0"):
+        main(cfg)
