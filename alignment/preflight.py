@@ -209,7 +209,17 @@ def _merge(cfg, pending: set[str], p: str) -> None:
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "pass adapter=<folder written by align sft/dpo/ppo>")
     check_adapter(f"{p}adapter", adapter, tokenizer=True)
-    check_run_dir(f"{p}output", cfg.output or str(adapter.with_name(adapter.name + "-merged")))
+    output = Path(cfg.output or str(adapter.with_name(adapter.name + "-merged")))
+    check_run_dir(f"{p}output", output)
+    # The merged weights are written into the folder: another stage's artifact (output=<the adapter>) lost
+    # its record to merge's align.json and config.yaml. An earlier merge's output is replaced.
+    if output.is_dir() and any(output.iterdir()):
+        manifest = output / "align.json"
+        stage = _read_json(f"{p}output", manifest).get("stage") if manifest.is_file() else None
+        if stage != "merge":
+            what = f"align {stage}'s artifact" if stage else "files that are not a merged model"
+            raise ConfigError(f"{p}output={output}: the folder holds {what}; give a new or empty folder "
+                              "(an earlier merge's output is replaced)")
 
 
 def _serve(cfg, pending: set[str], p: str) -> None:

@@ -240,6 +240,8 @@ CASES = [
     ("run.dir under a file", f"sft {M} data.path={{d}}/good.jsonl run.dir={{d}}/a_file/run", 2,
      ["a_file is a file, so the folder cannot be made"]),
     ("merge output a file", "merge adapter={d}/adapter output={d}/a_file", 2, ["output=", "a_file: a file, not a folder"]),
+    ("merge output onto an artifact", "merge adapter={d}/adapter output={d}/adapter", 2,
+     ["output=", "adapter: the folder holds", "give a new or empty folder"]),
     ("no SFT in run.dir", "dpo data.path={d}/prefs.jsonl", 1, ["no SFT adapter at", "run `align sft run.dir="]),
     ("export without a store", "export store=sqlite:///{tmp}/labels.db", 1, ["no labelling store at", "align sample"]),
     ("unsupported store URL", "sample policy={d}/adapter prompts={d}/prompts.jsonl store=mysql://host/db", 2,
