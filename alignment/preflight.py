@@ -79,12 +79,14 @@ def _sample(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sample")
     if cfg.policy is not None:
         check_policy(f"{p}policy", cfg.policy)
+        _on_policys_base(p, cfg, cfg.policy, "the policy sampled")
     elif "sft" not in pending:
         default = stage_dir(cfg.run.dir, "sft")
         if not default.exists():
             raise StageError(f"no policy at {default}: run `align sft run.dir={cfg.run.dir}` first, "
                              "or pass policy=<adapter or model folder>")
         check_policy(f"{p}policy (default {default})", str(default))
+        _on_policys_base(p, cfg, default, "the policy sampled")
     _prompts(f"{p}prompts", cfg.prompts)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist=False)
     if cfg.selection == "uncertainty":
@@ -136,6 +138,9 @@ def _reward(cfg, pending: set[str], p: str) -> None:
         check_model(f"{p}model.name", cfg.model.name)
     if not cfg.from_sft or cfg.sft is not None or "sft" not in pending:
         base = cfg.model.name if not cfg.from_sft else _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
+        if cfg.from_sft:
+            _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "the reward model is built on the SFT "
+                             "model (from_sft=true)")
         check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
@@ -148,6 +153,8 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "dpo")
     _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "DPO starts from the SFT policy and keeps it as the "
                   "reference")
+    if cfg.sft is not None or "sft" not in pending:
+        _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "DPO trains the SFT adapter")
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
 
@@ -168,6 +175,8 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     else:
         _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "PPO starts from the SFT policy and keeps it as the "
                       "reference", "or pass sft=none to start from model.name")
+        if cfg.sft is not None or "sft" not in pending:
+            _on_policys_base(p, cfg, cfg.sft or default_sft, "PPO trains the SFT adapter")
     if cfg.scorer:
         check_scorer(f"{p}scorer", cfg.scorer)
     elif cfg.reward_model is not None:
@@ -193,6 +202,7 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "eval")
     for name, folder in (cfg.policies or {}).items():
         check_adapter(f"{p}policies.{name}", folder, tokenizer=True)
+        _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
     _prompts(f"{p}prompts", cfg.prompts)
     if cfg.reward_model is not None:
         check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
@@ -583,6 +593,18 @@ def _upstream_sft(key: str, sft: str | None, run_dir: str, pending: set[str], wh
                          f"{', pass' if alternative else ' or pass'} sft=<adapter folder>"
                          f"{', ' + alternative if alternative else ''}")
     check_adapter(f"{key} (default {default})", default)
+
+
+def _on_policys_base(p: str, cfg, source: str | Path, why: str) -> None:
+    """A stage that runs on its adapter's base ignores model.name: set to anything else (a typo, another
+    model), it was recorded in config.yaml as if it had run."""
+    name, default = cfg.model.name, type(cfg)().model.name
+    if name == default or not Path(source).is_dir():
+        return
+    base = _adapter_base(source) if (Path(source) / "adapter_config.json").is_file() else str(source)
+    if base and name != base and Path(name).resolve() != Path(base).resolve():
+        raise ConfigError(f"{p}model.name={name}: this stage runs on {base}, the base of {source} ({why}); "
+                          "leave model.name unset")
 
 
 def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:

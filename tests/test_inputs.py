@@ -240,6 +240,12 @@ CASES = [
     ("run.dir under a file", f"sft {M} data.path={{d}}/good.jsonl run.dir={{d}}/a_file/run", 2,
      ["a_file is a file, so the folder cannot be made"]),
     ("merge output a file", "merge adapter={d}/adapter output={d}/a_file", 2, ["output=", "a_file: a file, not a folder"]),
+    ("sample: a model.name its policy does not run on", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
+     "model.name=no/such-model-typo", 2, ["model.name=no/such-model-typo: this stage runs on", "leave model.name unset"]),
+    ("dpo: a model.name its SFT does not run on", "dpo sft={d}/adapter data.path={d}/prefs.jsonl model.name=other/model",
+     2, ["model.name=other/model: this stage runs on", "DPO trains the SFT adapter"]),
+    ("eval: a model.name its policies do not run on", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' "
+     "prompts={d}/prompts.jsonl model.name=other/model", 2, ["model.name=other/model: this stage runs on"]),
     ("merge output onto an artifact", "merge adapter={d}/adapter output={d}/adapter", 2,
      ["output=", "adapter: the folder holds", "give a new or empty folder"]),
     ("no SFT in run.dir", "dpo data.path={d}/prefs.jsonl", 1, ["no SFT adapter at", "run `align sft run.dir="]),
