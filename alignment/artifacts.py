@@ -206,7 +206,8 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
         "stage": stage,
-        "base_model": base_model,
+        # A local folder named relative to where the stage ran: the next stage, run from elsewhere, reads it here.
+        "base_model": str(Path(base_model).resolve()) if base_model and Path(base_model).is_dir() else base_model,
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

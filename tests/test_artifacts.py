@@ -17,12 +17,14 @@ from alignment.artifacts import (
     commands,
     later_rounds,
     pipeline_stages,
+    read_manifest,
     round_batch,
     round_dir,
     routed,
     stage_dir,
     stages_of_kind,
     store_url,
+    write_manifest,
 )
 from alignment.cli import main as align
 from alignment.config import ConfigError, PipelineConfig, PPOStageConfig, load_config
@@ -195,3 +197,14 @@ def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):
         assert find(out, "latest") is None  # killed before its first checkpoint: scratch again, not the old run
         (aside,) = (out / "checkpoints").glob("abandoned-*")
         assert (aside / name / "trainer_state.json").is_file()  # kept, out of the way
+
+
+def test_a_local_base_named_relative_to_the_stage_is_recorded_absolute(tmp_path, monkeypatch):
+    """`align sft model.name=tiny` in one folder; the next stage, run from another, read `tiny` there."""
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    write_manifest(tmp_path / "sft", stage="sft", config={}, base_model="tiny")
+    write_manifest(tmp_path / "sft2", stage="sft", config={}, base_model="Org/model-on-the-hub")
+    monkeypatch.chdir(Path("/"))
+    assert read_manifest(tmp_path / "sft")["base_model"] == str(tmp_path / "tiny")
+    assert read_manifest(tmp_path / "sft2")["base_model"] == "Org/model-on-the-hub"
