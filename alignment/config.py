@@ -265,6 +265,9 @@ class SampleStageConfig:
             if self.selection_reward_model:
                 raise ConfigError(f"{prefix}selection_reward_model is read by selection=uncertainty only; set "
                                   "selection=uncertainty or leave it unset")
+            if self.acquisition != "bald":
+                raise ConfigError(f"{prefix}acquisition={self.acquisition} is read by selection=uncertainty only; set "
+                                  "selection=uncertainty or leave it unset")
 
 
 @dataclass

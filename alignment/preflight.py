@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, MANIFEST, shell, stage_dir
+from alignment.artifacts import HEADS_FILE, MANIFEST, shell, stage_dir, stages_of_kind
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 
@@ -203,6 +203,10 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     for name, folder in (cfg.policies or {}).items():
         check_adapter(f"{p}policies.{name}", folder, tokenizer=True)
         _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
+    names = list(cfg.policies or stages_of_kind("policy"))
+    if cfg.baseline not in names:
+        raise ConfigError(f"{p}baseline: {cfg.baseline!r} is not {'among the policies' if cfg.policies else 'a policy stage'}; "
+                          f"allowed values: {', '.join(names)}")
     _prompts(f"{p}prompts", cfg.prompts)
     if cfg.reward_model is not None:
         check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)

@@ -40,7 +40,7 @@ def _number(kind: type, low: float, high: float | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
                 from None
-        if not (low <= value and (high is None or value <= high)):  # also refuses nan
+        if not (low <= value and (high is None or value <= high)) or value == float("inf"):  # also refuses nan
             allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value

@@ -246,6 +246,12 @@ CASES = [
      2, ["model.name=other/model: this stage runs on", "DPO trains the SFT adapter"]),
     ("eval: a model.name its policies do not run on", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' "
      "prompts={d}/prompts.jsonl model.name=other/model", 2, ["model.name=other/model: this stage runs on"]),
+    ("eval: a baseline typo", "eval baseline=sfft prompts={d}/prompts.jsonl", 2,
+     ["baseline: 'sfft' is not a policy stage; allowed values: sft, dpo"]),
+    ("eval: a baseline not among the policies", "eval 'policies={{a: {d}/adapter, b: {d}/adapter}}' "
+     "prompts={d}/prompts.jsonl", 2, ["baseline: 'sft' is not among the policies; allowed values: a, b"]),
+    ("sample: acquisition without uncertainty", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
+     "acquisition=variance", 2, ["acquisition=variance is read by selection=uncertainty only"]),
     ("merge output onto an artifact", "merge adapter={d}/adapter output={d}/adapter", 2,
      ["output=", "adapter: the folder holds", "give a new or empty folder"]),
     ("no SFT in run.dir", "dpo data.path={d}/prefs.jsonl", 1, ["no SFT adapter at", "run `align sft run.dir="]),

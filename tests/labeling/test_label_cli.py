@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alignment.cli import main as align
 from labeling.store import Store
 
@@ -22,6 +24,9 @@ def test_users_simulate_status_and_errors(tmp_path, capsys):
     assert "alice  (admin)" in capsys.readouterr().out
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "no-such-scorer"]) == 2
     assert "not a built-in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:  # infinite noise: every ranking a coin toss, written as labels
+        align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--noise", "inf"])
+    assert bad.value.code == 2 and "--noise: must be >= 0, got inf" in capsys.readouterr().err
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
     assert len(store.submitted_rankings()) == 3
     assert align(["label", "--run-dir", str(tmp_path), "status"]) == 0
