@@ -42,7 +42,6 @@ from alignment.gpu_training import (
     fit_checkpointing,
     one_trainable_dtype,
     peak_gpu_mib,
-    sharded,
     use_liger,
 )
 from alignment.modeling import (
@@ -229,11 +228,9 @@ def main(cfg: DPOStageConfig) -> Path:
         raise StageError("DPOTrainer made no frozen 'ref' copy of the SFT adapter, so the reference would be the raw "
                          "base; refusing (check the installed trl/peft against pyproject.toml)")
     # Step 0 exactly the SFT policy, its adapter trained in fp32, on every device (alignment.cpu): TRL
-    # rounds a 4-bit model's adapter to bf16, where an update under ~1/256 of a weight is lost. Not when
-    # sharded: FSDP and DeepSpeed hold one dtype per shard.
-    if not sharded():
-        restore_policy_from_ref(policy)
-    one_trainable_dtype(policy)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
+    # rounds a 4-bit model's adapter to bf16, where an update under ~1/256 of a weight is lost.
+    restore_policy_from_ref(policy)
+    one_trainable_dtype(policy)  # sharded: DoRA's magnitudes too
     if plan.device == "cpu":
         speed_up_cpu_training(policy)
 

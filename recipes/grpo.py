@@ -42,7 +42,7 @@ from alignment.artifacts import (
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
-from alignment.gpu_training import one_trainable_dtype, sharded
+from alignment.gpu_training import one_trainable_dtype
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -171,21 +171,20 @@ def main(cfg: PPOStageConfig) -> Path:
                       callbacks=[MetricsJSONL(out), ThisRunsRate()])
     policy = trainer.model
     # TRL rounded a 4-bit model's adapter to bf16 (PPO's lr 1e-5 is under bf16's step for most LoRA weights):
-    # fp32 again on every device, except sharded (one dtype per shard). An SFT adapter is restored from the
-    # exact copy TRL made as "ref", or, with no KL term (rl.kl_coef=0: no "ref"), from its folder; a fresh
-    # one (B = 0) loses nothing to the rounding and is cast back.
-    if not sharded():
-        if "ref" in policy.peft_config:
-            restore_policy_from_ref(policy)
-        else:
-            keep_trainable_in(policy, torch.float32)
-            if sft:
-                from peft import set_peft_model_state_dict
-                from safetensors.torch import load_file
+    # fp32 again on every device. An SFT adapter is restored from the exact copy TRL made as "ref", or, with
+    # no KL term (rl.kl_coef=0: no "ref"), from its folder; a fresh one (B = 0) loses nothing to the rounding
+    # and is cast back.
+    if "ref" in policy.peft_config:
+        restore_policy_from_ref(policy)
+    else:
+        keep_trainable_in(policy, torch.float32)
+        if sft:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-                set_peft_model_state_dict(policy, load_file(str(Path(sft) / "adapter_model.safetensors")),
-                                          adapter_name="default")
-    one_trainable_dtype(policy)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
+            set_peft_model_state_dict(policy, load_file(str(Path(sft) / "adapter_model.safetensors")),
+                                      adapter_name="default")
+    one_trainable_dtype(policy)  # sharded: DoRA's magnitudes too
     if plan.device == "cpu":
         speed_up_cpu_training(policy)
 

@@ -118,7 +118,7 @@ def main(cfg: SFTStageConfig) -> Path:
     # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.
     if not plan.bf16 and not sharded():
         keep_trainable_in(trainer.model, torch.float32)
-    one_trainable_dtype(trainer.model)  # sharded: DoRA's fp32 magnitudes beside bf16 LoRA weights
+    one_trainable_dtype(trainer.model)  # sharded: every trainable weight fp32 (FSDP2 keeps no fp32 copy)
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
 

@@ -308,8 +308,9 @@ def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
 
 def test_sharded_training_gets_one_trainable_dtype(tiny_model, monkeypatch):
     """QLoRA + DoRA under FSDP: TRL leaves DoRA's magnitude vectors fp32 beside bf16 LoRA weights, and FSDP2
-    refuses a layer whose trainable weights mix dtypes. Sharded, the odd ones take the LoRA weights' dtype;
-    frozen weights are left as they are, and an unsharded run is not touched."""
+    refuses a layer whose trainable weights mix dtypes. Sharded, all are fp32 (in bf16, with no fp32 copy kept
+    by FSDP2, an AdamW step at lr 4e-4 left every magnitude near 1 where it was); frozen weights are left as
+    they are, and an unsharded run is not touched."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -331,8 +332,13 @@ def test_sharded_training_gets_one_trainable_dtype(tiny_model, monkeypatch):
     assert trainable(model) == {torch.bfloat16, torch.float32}  # one process: as it was
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     one_trainable_dtype(model)
-    assert trainable(model) == {torch.bfloat16}
+    assert trainable(model) == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float32}
+    magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
+    before = [m.detach().clone() for m in magnitudes]
+    sum(m.sum() for m in magnitudes).backward()
+    torch.optim.AdamW(magnitudes, lr=4e-4).step()
+    assert all((m != b).all() for m, b in zip(magnitudes, before, strict=True))  # every one moved
 
 
 def test_packing_keeps_its_length_when_padding_free_is_on(tmp_path):
