@@ -435,6 +435,10 @@ class PPOStageConfig:
             key = "train.liger" if self.train.liger is True else "train.compile"
             raise ConfigError(f"{p}{key} applies to TRL's trainers (algo=grpo|rloo, and sft, reward, dpo); "
                               f"align's own PPO loop does not use it: leave {key} at its default")
+        if self.algo == "ppo" and self.model.gradient_checkpointing == "on":
+            raise ConfigError(f"{p}model.gradient_checkpointing=on: align's own PPO loop does not recompute "
+                              "activations; lower rl.minibatch_size (or generation.max_new_tokens) to use less "
+                              "memory, or use algo=grpo|rloo")
         name = self.algo.upper()
         if gen.temperature <= 0:
             raise ConfigError(f"{p}generation.temperature: {name} samples its rollouts, so it must be > 0 "

@@ -251,6 +251,14 @@ def settings(args: argparse.Namespace) -> str:
     return mode + (f" · ours: {' '.join(args.ours)}" if args.ours else "")
 
 
+def work_share(stage_folder: Path) -> dict:
+    """Align's reward and DPO run each distinct response of a batch once (alignment.training.UniqueRows), while
+    tokens are counted over every pair's rows, as TRL's are: the share of those rows align ran, from the
+    stage's manifest, so its GFLOP/s counts the work it did (with K=3 rankings, about half)."""
+    manifest = json.loads((stage_folder / "align.json").read_text())
+    return {"work_share": manifest["metrics"].get("train_distinct_rows", 1.0)}
+
+
 def child_result(result: dict) -> None:
     """The line a child process ends with; the parent reads the last one."""
     print("RESULT " + json.dumps({**result, **peak_memory()}), flush=True)
@@ -278,8 +286,8 @@ def report(bench: str, title: str, results: dict, flops_per_token: float, peak_g
     label = "peak GPU MiB" if cuda() else "peak RSS MiB"
     print(f"\n{title}")
     print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'tok/step':>9}{label:>14}{'GFLOP/s':>10}{'% of peak':>11}")
-    for side, r in results.items():
-        r["gflops"] = flops_per_token * r["tokens_per_s"] / 1e9
+    for side, r in results.items():  # tokens/s: the pairs' tokens, the same work on both sides
+        r["gflops"] = flops_per_token * r["tokens_per_s"] * r.get("work_share", 1.0) / 1e9
         r["pct_of_peak"] = 100 * r["gflops"] / peak_gflops
         print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['s_per_step']:>9.2f}{r['tokens_per_step']:>9.0f}"
               f"{r['peak_mib']:>14.0f}{r['gflops']:>10.1f}{r['pct_of_peak']:>10.1f}%")

@@ -45,6 +45,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     settings,
     side_by_side_parser,
     trl_device_args,
+    work_share,
 )
 
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
@@ -83,7 +84,7 @@ def fresh_adapter(model_name: str, folder: Path) -> Path:
     return folder
 
 
-def run_ours(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
+def run_ours(args, out: Path, data: Path, sft: Path, clock: StepClock) -> dict:
     from alignment.cli import main as align
 
     clock.watch_align()
@@ -93,6 +94,7 @@ def run_ours(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
                 f"model.max_length={args.max_length}", "run.wandb=disabled", f"train.eval_steps={args.steps + 1}",
                 "train.logging_steps=1", *args.ours])
     assert rc == 0, f"align dpo exited {rc}"
+    return work_share(out / "dpo")
 
 
 def run_trl(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
@@ -126,8 +128,8 @@ def child(args) -> None:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs.jsonl", args.pairs)
-        (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, Path(args.sft), clock)
-    child_result(clock.figures())
+        extra = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, Path(args.sft), clock)
+    child_result({**clock.figures(), **(extra or {})})
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     settings,
     side_by_side_parser,
     trl_device_args,
+    work_share,
 )
 
 OPENER = re.compile(r"^(Sorry[^.!]*[.!]\s*|Thanks[^.!]*[.!]\s*|Happy to help[^.!]*[.!]\s*)", re.I)
@@ -76,7 +77,7 @@ def write_pairs(path: Path) -> Path:
     return path
 
 
-def run_ours(args, out: Path, data: Path, clock: StepClock) -> None:
+def run_ours(args, out: Path, data: Path, clock: StepClock) -> dict:
     from alignment.cli import main as align
 
     clock.watch_align()
@@ -86,6 +87,7 @@ def run_ours(args, out: Path, data: Path, clock: StepClock) -> None:
                 f"train.batch_size={args.batch}", f"model.max_length={args.max_length}", "run.wandb=disabled",
                 f"train.eval_steps={args.steps + 1}", "train.logging_steps=1", *args.ours])
     assert rc == 0, f"align reward exited {rc}"
+    return work_share(out / "reward")
 
 
 def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
@@ -126,8 +128,8 @@ def child(args) -> None:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs.jsonl")
-        (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, clock)
-    child_result(clock.figures())
+        extra = (run_ours if args.child == "ours" else run_trl)(args, Path(tmp) / "out", data, clock)
+    child_result({**clock.figures(), **(extra or {})})
 
 
 def main() -> None:

@@ -367,7 +367,7 @@ def main(cfg: PPOStageConfig) -> Path:
     sft = R.resolve_sft(cfg)
     if sft:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
-    plan = device_plan(cfg.model)
+    plan = replace(device_plan(cfg.model), gradient_checkpointing=False)  # its own loop recomputes nothing
     log.info(plan.describe())
     R.check_reward(cfg)  # a wrong scorer or a reward model under the gate fails now, before any model loads
     system_prompt = system_prompt_of(sft or cfg.model.name)  # the SFT's (or a merged SFT model's): rollouts open with it

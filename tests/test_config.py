@@ -202,3 +202,10 @@ def test_an_attention_kernel_is_checked_before_the_model_loads():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="flash_attention_2 runs on a GPU only"):
             load_config(C.SFTStageConfig, None, ["model.attn_implementation=flash_attention_2"])
+
+
+def test_ppo_refuses_gradient_checkpointing_its_loop_does_not_do():
+    """It was recorded as on in ppo/align.json while the loop never recomputed anything."""
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing=on: align's own PPO loop"):
+        load_config(C.PPOStageConfig, None, ["model.gradient_checkpointing=on"])
+    assert load_config(C.PPOStageConfig, None, ["algo=grpo", "model.gradient_checkpointing=on"])

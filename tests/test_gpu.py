@@ -138,7 +138,7 @@ def test_sample_eval_and_ppo_with_a_reward_model_on_the_gpu(sft_run, pairs, root
                   "train.max_steps=12", "train.lr=2e-3", "train.batch_size=8", "model.max_length=96", *COMMON]) == 0
     assert align(["sample", f"run.dir={run}", f"policy={sft_run}", f"prompts={prompts}", "num_prompts=4", "k=2",
                   "generation.max_new_tokens=12", "run.wandb=disabled"]) == 0
-    with caplog.at_level(logging.INFO, logger="recipes.ppo"):
+    with caplog.at_level(logging.INFO, logger="alignment.rl"):  # where the reward model says its device
         assert align(["ppo", f"run.dir={run}", f"sft={sft_run}", f"prompts={prompts}", "min_reward_accuracy=0",
                       "max_probe_flip_rate=1",  # a tiny reward model's probes: not what this test is about
                       "train.max_steps=6", "train.lr=5e-4", "rl.rollout_prompts=8", "rl.minibatch_size=4",
