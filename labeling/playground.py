@@ -14,9 +14,12 @@ The tab sends no system message: `align serve` then puts each adapter's own syst
 one it was trained with, `sft.data.system_prompt`) first, so a model answers here as it was trained
 and sampled; vLLM's server does not (docs/serving.md).
 
-Both answers stream into their panes at once (each from its own thread); every piece of model
-text is shown as escaped text (`handlers.text_html`), like the labelling tasks: a response holding
-`<img src=...>` or a form shows as those characters and loads nothing.
+Both answers stream into their panes at once (each from its own thread). A send nobody reads any
+more (the tab closed, the event cancelled: Gradio closes the generator) closes both streams at their
+next piece, so the server stops generating them: it generates one answer at a time for everyone,
+and Gradio's concurrency limit is freed at once. Every piece of model text is shown as escaped
+text (`handlers.text_html`), like the labelling tasks: a response holding `<img src=...>` or a form
+shows as those characters and loads nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -163,11 +167,18 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
     asked = [h + [{"role": "user", "content": message}] for h in histories]
     answers, notes, done = ["", ""], [None, None], [False, False]
     events: queue.Queue = queue.Queue()
+    # Set once nobody reads the answers (the tab closed, the event cancelled: the generator is closed).
+    # The server generates one answer at a time for everyone, so a stream nobody reads must end.
+    stop = threading.Event()
 
     def ask(side: int) -> None:
         try:
-            for piece in client.stream(models[side], _api_messages(asked[side]), temperature=temperature):
-                events.put((side, "text", piece))
+            # Closing the stream closes its response: the server sees the client go and stops generating.
+            with closing(client.stream(models[side], _api_messages(asked[side]), temperature=temperature)) as pieces:
+                for piece in pieces:
+                    if stop.is_set():
+                        return
+                    events.put((side, "text", piece))
             events.put((side, "done", None))
         except PlaygroundError as err:
             events.put((side, "error", str(err)))
@@ -192,15 +203,18 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
         return now[0], now[1], shown[0], shown[1]
 
     last = 0.0
-    while not all(done[s] or notes[s] is not None for s in (0, 1)):
-        side, kind, value = events.get()
-        if kind == "text":
-            answers[side] = (answers[side] + value)[:MAX_ANSWER_CHARS]
-        elif kind == "done":
-            done[side] = True
-        else:
-            notes[side] = value
-        if time.monotonic() - last >= SHOW_EVERY:
-            last = time.monotonic()
-            yield panes()
-    yield panes()
+    try:
+        while not all(done[s] or notes[s] is not None for s in (0, 1)):
+            side, kind, value = events.get()
+            if kind == "text":
+                answers[side] = (answers[side] + value)[:MAX_ANSWER_CHARS]
+            elif kind == "done":
+                done[side] = True
+            else:
+                notes[side] = value
+            if time.monotonic() - last >= SHOW_EVERY:
+                last = time.monotonic()
+                yield panes()
+        yield panes()
+    finally:  # GeneratorExit included: each side stops at its next piece
+        stop.set()

@@ -558,6 +558,35 @@ def test_playground_send_answers_both_sides_as_escaped_text(served, client):
         next(send(playground, ("sft", "dpo"), "Hi", ([], [{"role": "user", "content": "x"}] * MAX_TURNS)))
 
 
+def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch):
+    """Nobody reads the answers any more (the tab closed: Gradio closes the generator): both streams are
+    closed and the server stops generating them, rather than holding its one generation lock for both
+    answers to their end while Gradio's concurrency limit already lets the next send in."""
+    from labeling.playground import ServeClient, send
+
+    engine = served[0]
+    run, generated = engine.run, []
+
+    def paced(job, on_text=None):  # a token every 50 ms, as on a real model: 64 of them take seconds
+        def slow(index, piece):
+            time.sleep(0.05)
+            on_text(index, piece)
+
+        result = run(job, slow if on_text else None)
+        generated.append(result.completion_tokens)
+        return result
+
+    monkeypatch.setattr(engine, "run", paced)
+    steps = send(ServeClient(served[2], max_tokens=64), ("sft", "dpo"), "Tell me everything", ([], []),
+                 temperature=0)
+    next(steps)  # the first redraw
+    steps.close()
+    deadline = time.monotonic() + 30
+    while (len(generated) < 2 or engine._inside) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(generated) == 2 and max(generated) < 10, generated  # each stopped within a few tokens
+
+
 def test_playground_fetches_only_its_url(tmp_path):
     from labeling.playground import PlaygroundError, ServeClient, check_url
 
