@@ -109,12 +109,15 @@ def make_server(app, engine):
 def print_ready(cfg: ServeStageConfig, port: int, names: list[str], base: str, key: str | None, device) -> None:
     url = f"http://{url_host(cfg.host)}:{port}/v1"
     example = next((n for n in names if n != BASE), BASE)
-    secret = f"os.environ[{API_KEY_ENV!r}]" if key else '"none"'
+    # Double quotes only: the snippet is inside a shell's single quotes.
+    secret = f'os.environ["{API_KEY_ENV}"]' if key else '"none"'
     auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if key else ""
     where = (f"API key: required (Authorization: Bearer <key>; the key is ${API_KEY_ENV}"
              f"{'' if os.environ.get(API_KEY_ENV) else ' — set it to the api_key in your config'})"
              if key else "API key: none (this machine only)")
     body = json.dumps({"model": example, "messages": [{"role": "user", "content": "How do I sync my notes?"}]})
+    # The python snippet is one expression: pasted with its indentation, a statement starting on an
+    # indented line would be an IndentationError, while inside parentheses indentation does not count.
     print(f"""
 align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
   serving on {url}    (Ctrl-C stops it)
@@ -124,10 +127,9 @@ align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
   curl {url}/chat/completions -H "Content-Type: application/json"{auth} \\
     -d '{body}'
 
-  python -c 'import os; from openai import OpenAI
-  client = OpenAI(base_url="{url}", api_key={secret})
-  answer = client.chat.completions.create(model="{example}", messages=[{{"role": "user", "content": "Hello"}}])
-  print(answer.choices[0].message.content)'
+  python -c 'import os; from openai import OpenAI; print(OpenAI(
+    base_url="{url}", api_key={secret}).chat.completions.create(
+    model="{example}", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'
 """, flush=True)
 
 

@@ -488,6 +488,15 @@ def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_p
         (run / "reward" / "adapter_model.safetensors").write_bytes(b"half-written")
         reply = greedy(openai.OpenAI(base_url=url, api_key=key, max_retries=0), "round-1/dpo")
         assert reply.choices[0].finish_reason == "length"
+        # the two printed snippets, pasted into a shell as they are, with the key in the environment
+        text = "".join(printed)
+        curl = text[text.index("curl "):text.index("\n\n", text.index("curl "))]
+        python = text[text.index("python -c '"):text.index(")'\n", text.index("python -c '")) + 2]
+        shell = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        ran = [subprocess.run(["bash", "-c", snippet], env=shell, capture_output=True, text=True, timeout=120)
+               for snippet in (curl, python)]
+        assert [r.returncode for r in ran] == [0, 0], [r.stderr for r in ran]
+        assert json.loads(ran[0].stdout)["choices"][0]["finish_reason"] == "length"
         child.send_signal(signal.SIGINT)
         child.wait(timeout=60)
     finally:
