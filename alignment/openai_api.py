@@ -49,6 +49,7 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 NEUTRAL = {"frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "logprobs": (None, False),
            "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
            "tool_choice": (None, "none"), "function_call": (None, "none"), "response_format": (None, {"type": "text"})}
+EMPTY = (None, "", [], {})  # a message field at one of these says nothing
 KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stop",
          "stream"}
 
@@ -261,7 +262,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise RequestError(f"{where}.role: one of {', '.join(ROLES)} (tool calls are not supported), got {role!r}",
                                param=f"{where}.role")
-        extra = set(message) - {"role", "content", "name"}
+        # A reply's message sent back as the openai package dumps it carries every field OpenAI defines,
+        # null or empty (refusal, tool_calls, audio, ...): only a value is refused.
+        extra = {k for k, v in message.items() if k not in ("role", "content", "name") and v not in EMPTY}
         if extra:
             raise RequestError(f"{where}: {', '.join(sorted(extra))} not supported (text messages only)",
                                param=f"{where}.{sorted(extra)[0]}")

@@ -214,6 +214,24 @@ def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(c
     assert "<|im_start|>system\nBe brief.<|im_end|>" in template and template.endswith("<|im_start|>assistant\n")
 
 
+def test_a_reply_message_sent_back_as_it_is_continues_the_conversation(client):
+    """A client that appends the reply's message as the openai package gives it (the object, or its
+    model_dump(): refusal, tool_calls, audio, ... all null) gets the answer to the plain {role, content}
+    turn; an unsupported field that holds something is still refused, naming it."""
+    message = greedy(client, "sft").choices[0].message
+    dumped = message.model_dump()
+    assert dumped["tool_calls"] is None and dumped["refusal"] is None
+    follow = {"role": "user", "content": "And on Android?"}
+    plain = greedy(client, "sft", messages=[*PROMPT, {"role": "assistant", "content": message.content}, follow])
+    for sent in (message, dumped, {**dumped, "annotations": [], "audio": {}, "refusal": ""}):
+        reply = greedy(client, "sft", messages=[*PROMPT, sent, follow])
+        assert reply.choices[0].message.content == plain.choices[0].message.content
+        assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
+    called = {**dumped, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    err = _error(lambda: greedy(client, "sft", messages=[*PROMPT, called, follow]))
+    assert err.status_code == 400 and err.param == "messages[1].tool_calls", err.body
+
+
 def _error(call) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as caught:
         call()
