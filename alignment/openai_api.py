@@ -16,7 +16,7 @@ it rather than silently ignored.
 
 A browser page on another site cannot drive the endpoint: a JSON body needs a CORS preflight,
 which is never granted; without an API key (loopback only) the Host header must be a loopback
-name too, so a DNS-rebinding page cannot reach it by another name either.
+address or localhost too, so a DNS-rebinding page cannot reach it by another name either.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from alignment.chat_engine import Busy, ChatEngine, Job, Params, RequestError
-from alignment.serving import BASE
+from alignment.serving import BASE, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +347,6 @@ class Guard:
     """Before any route: the API key (when one is set; `/health` is open) and, without a key, a loopback
     Host header (DNS rebinding). Pure ASGI, so streamed responses pass through untouched."""
 
-    LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
-
     def __init__(self, app, *, api_key: str | None, loopback: bool):
         self.app, self.key, self.loopback = app, api_key.encode() if api_key else None, loopback
 
@@ -368,7 +366,8 @@ class Guard:
         elif self.loopback:
             host = headers.get(b"host", b"").decode("latin-1").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in self.LOOPBACK_NAMES:
+            # The addresses the server may listen on without a key (127.0.0.2 too), and localhost: no other name.
+            if not is_loopback(name):
                 problem = (400, f"Host {host!r}: this server (no API key) answers only to a loopback name such as "
                                 "127.0.0.1 or localhost", None)
         if problem:

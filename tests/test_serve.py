@@ -369,6 +369,21 @@ def test_an_api_key_is_required_when_set(served):
                                                     headers={"Host": "localhost:8000"}).status_code == 200
 
 
+def test_without_a_key_any_loopback_address_is_a_host_and_no_other_name(served):
+    """`align serve` listens without a key on any loopback address (host=127.0.0.2 too); it answers to
+    such an address or localhost in the Host header, and still refuses another name (DNS rebinding)."""
+    from alignment.openai_api import create_app
+    from labeling.server import running
+
+    engine, cfg = served[0], served[1]
+    with running(create_app(engine, cfg), host="127.0.0.2") as url:
+        assert httpx.get(url + "/v1/models").status_code == 200
+        for host in ("127.9.9.9", "[::1]:8000", "LOCALHOST:8000"):
+            assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 200, host
+        for host in ("attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example:8000", "0.0.0.0"):
+            assert httpx.get(url + "/v1/models", headers={"Host": host}).status_code == 400, host
+
+
 # ---------------------------------------------------------------------------- pieces of an answer
 
 
