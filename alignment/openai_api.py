@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -173,6 +174,9 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: [[[[...]]]]
         raise RequestError(f"the body is not valid JSON ({err})") from None
+    except ValueError:  # Python's limit on converting a string of digits to an int
+        raise RequestError(f"the body is not valid JSON here: it holds a number of more than "
+                           f"{sys.get_int_max_str_digits()} digits") from None
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     return body

@@ -276,11 +276,14 @@ def test_refusals_before_the_json_is_read(served):
             http.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
             http.post(f"{url}/chat/completions", content=b'{"model": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                       headers={"Content-Type": "application/json"}),  # deeper than json.loads recurses
+            http.post(f"{url}/chat/completions", content=b'{"model": "sft", "max_tokens": ' + b"9" * 5000 + b"}",
+                      headers={"Content-Type": "application/json"}),  # longer than Python converts to an int
             http.post(f"{url}/chat/completions", content=b'{"model": "sft"}', headers={"Content-Type": "text/plain"}),
             http.get(f"{url}/no/such/path"),
             http.delete(f"{url}/models"),
         ]
-    assert [r.status_code for r in cases] == [413, 413, 400, 400, 415, 404, 405]
+    assert [r.status_code for r in cases] == [413, 413, 400, 400, 400, 415, 404, 405]
+    assert "more than 4300 digits" in cases[4].json()["error"]["message"]
     for response in cases:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
