@@ -75,6 +75,8 @@ class Params:
     n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # max_tokens is the server's default, not asked for: lowered to the room the context leaves (as vLLM does)
+    default_max_tokens: bool = False
 
 
 @dataclass
@@ -191,12 +193,19 @@ class ChatEngine:
                                f"most {self.max_prompt_tokens} (limits.max_prompt_tokens)", param="messages",
                                code="context_length_exceeded")
         if self.context and len(ids) + params.max_tokens > self.context:
-            raise RequestError(f"this model's maximum context length is {self.context} tokens; the messages are "
-                               f"{len(ids)} and max_tokens is {params.max_tokens}: lower max_tokens or shorten the "
-                               "messages", param="max_tokens", code="context_length_exceeded")
+            room = self.context - len(ids)
+            if not params.default_max_tokens:
+                raise RequestError(f"this model's maximum context length is {self.context} tokens; the messages "
+                                   f"are {len(ids)} and max_tokens is {params.max_tokens}: lower max_tokens or "
+                                   "shorten the messages", param="max_tokens", code="context_length_exceeded")
+            if room < 1:
+                raise RequestError(f"this model's maximum context length is {self.context} tokens and the messages "
+                                   f"are {len(ids)}: shorten the messages", param="messages",
+                                   code="context_length_exceeded")
+            params = replace(params, max_tokens=room)
         if job is None:
             return Job(model, ids, params)
-        job.prompt_ids = ids
+        job.prompt_ids, job.params = ids, params
         return job
 
     def admit(self, job: Job) -> None:

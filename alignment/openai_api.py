@@ -202,7 +202,8 @@ def _parse(body: dict[str, Any], engine: ChatEngine, limits, defaults) -> tuple:
     # OpenAI's newer name first; a null one (as clients that send every field write it) is unset.
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
-    if max_tokens is None:
+    default = max_tokens is None
+    if default:  # at most what the model's context leaves after the messages (ChatEngine.prepare)
         max_tokens = min(defaults.max_new_tokens, limits.max_tokens)
     elif not _int(max_tokens) or max_tokens < 1:
         raise RequestError(f"{key}: an integer >= 1, got {max_tokens!r}", param=key)
@@ -233,7 +234,8 @@ def _parse(body: dict[str, Any], engine: ChatEngine, limits, defaults) -> tuple:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options: an object such as {\"include_usage\": true}", param="stream_options")
-    params = Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed, stop=stops)
+    params = Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed, stop=stops,
+                    default_max_tokens=default)
     return model, messages, params, stream, bool(options.get("include_usage"))
 
 

@@ -145,8 +145,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-url", metavar="URL",
                    help="the OpenAI-compatible endpoint of `align serve` (e.g. http://127.0.0.1:8000/v1): adds the "
                         "Playground tab; its API key, if any, is read from $ALIGN_SERVE_API_KEY")
-    p.add_argument("--serve-max-tokens", type=_number(int, 1), default=256,
-                   help="with --serve-url: the longest answer the Playground asks for (default 256)")
+    p.add_argument("--serve-max-tokens", type=_number(int, 1), default=None,
+                   help="with --serve-url: the longest answer the Playground asks for (default: the server's, "
+                        "align serve's generation.max_new_tokens, as far as the model's context leaves room)")
     p.add_argument("command", nargs="*", help="users add NAME [--admin] [--password P] | users list | "
                                               "users passwd NAME [--password P] | users disable NAME | "
                                               "users admin NAME on|off | status | gold TASK_ID RANKS")

@@ -67,8 +67,10 @@ def check_url(url: str) -> str:
 class ServeClient:
     """The endpoint at one URL fixed at start: its models, and a streamed chat completion."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, max_tokens: int = 256, timeout: float = 120.0):
+    def __init__(self, url: str, api_key: str | None = None, *, max_tokens: int | None = None, timeout: float = 120.0):
         self.url = check_url(url)
+        # None: sent without max_tokens, so the server's default applies, lowered to what the model's context
+        # leaves after the conversation (align serve and vLLM); a number sent can be more than is left.
         self.max_tokens = max_tokens
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # One client for the app's life (pooled connections); no redirects, no proxies from the environment.
@@ -94,8 +96,9 @@ class ServeClient:
 
     def stream(self, model: str, messages: list[dict[str, str]], *, temperature: float) -> Iterator[str]:
         """The answer of `model` to `messages`, piece by piece (OpenAI's server-sent events)."""
-        body = {"model": model, "messages": messages, "stream": True, "temperature": temperature,
-                "max_tokens": self.max_tokens}
+        body = {"model": model, "messages": messages, "stream": True, "temperature": temperature}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         try:
             with self.http.stream("POST", "chat/completions", json=body) as response:
                 if response.status_code != 200:

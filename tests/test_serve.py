@@ -199,6 +199,35 @@ def test_a_null_max_completion_tokens_leaves_max_tokens(served):
     assert reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_left_out_max_tokens_is_the_default_as_far_as_the_context_goes(served, run, monkeypatch):
+    """A request without max_tokens (the Playground sends none) gets generation.max_new_tokens lowered to
+    the room the model's context leaves after the messages, rather than a refusal to lower a max_tokens it
+    never sent; a max_tokens asked for beyond that room is refused, and so are messages that fill it."""
+    from alignment.chat_engine import Params, RequestError
+    from alignment.openai_api import create_app
+    from labeling.playground import ServeClient
+    from labeling.server import running
+
+    engine = served[0]
+    monkeypatch.setattr(engine, "max_prompt_tokens", 4096)  # the default: more than the tiny model's 512 positions
+    long = [{"role": "user", "content": "How do I sync my notes? " * 24}]  # ~330 tokens: room for less than 256
+    job = engine.prepare("sft", long, Params(max_tokens=256, temperature=0, default_max_tokens=True))
+    assert job.params.max_tokens == engine.context - len(job.prompt_ids) < 256
+    cfg = serve_config(run, *LIMITS, "generation.max_new_tokens=256", "limits.max_tokens=256")
+    with running(create_app(engine, cfg)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="sft", messages=long, temperature=0)
+        assert reply.usage.prompt_tokens == len(job.prompt_ids)
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= engine.context
+        assert "".join(ServeClient(url + "/v1").stream("sft", long, temperature=0)) == reply.choices[0].message.content
+        err = _error(lambda: client.chat.completions.create(model="sft", messages=long, max_tokens=256))
+        assert err.status_code == 400 and err.param == "max_tokens" and err.code == "context_length_exceeded"
+    monkeypatch.setattr(engine, "context", len(job.prompt_ids))
+    with pytest.raises(RequestError, match="maximum context length") as full:
+        engine.prepare("sft", long, Params(max_tokens=256, temperature=0, default_max_tokens=True))
+    assert full.value.param == "messages" and full.value.code == "context_length_exceeded"
+
+
 def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(client, served):
     engine = served[0]
     parts = [{"role": "developer", "content": "Be brief."},

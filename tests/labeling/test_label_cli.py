@@ -84,7 +84,7 @@ def test_serve_url_adds_the_playground_with_the_key_from_the_environment(tmp_pat
     monkeypatch.setenv("ALIGN_SERVE_API_KEY", "key-from-the-environment")
     assert align(["label", "--run-dir", str(tmp_path), "--serve-url", "http://127.0.0.1:9/v1/"]) == 0
     playground = built["playground"]
-    assert playground.url == "http://127.0.0.1:9/v1" and playground.max_tokens == 256
+    assert playground.url == "http://127.0.0.1:9/v1" and playground.max_tokens is None  # the server's default
     assert playground.http.headers["Authorization"] == "Bearer key-from-the-environment"
     out = capsys.readouterr().out
     assert "Playground tab: the models server at http://127.0.0.1:9/v1 is not answering" in out  # nothing there yet

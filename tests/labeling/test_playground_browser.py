@@ -92,7 +92,8 @@ def app_url(serve_url, tmp_path_factory):
 
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('labels') / 'labels.db'}")
     store.add_user("ann", PASSWORD)
-    with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=64))) as url:
+    # No max_tokens, as `align label` sends by default: the server's generation.max_new_tokens (64) applies.
+    with running(create_app(store, playground=ServeClient(serve_url[0]))) as url:
         yield url
 
 
