@@ -44,7 +44,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from alignment.data import with_system_prompt
-from alignment.generation import stop_ids
+from alignment.generation import plain_sampling, stop_ids
 from alignment.serving import BASE
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,10 @@ class ChatEngine:
         p, tokenizer = job.params, self.tokenizers[job.model]
         eos = stop_ids(tokenizer, self.model.generation_config)
         sample = p.temperature >= MIN_TEMPERATURE
-        # Every sampling knob set: generate() fills the ones left unset from the model folder's
-        # generation_config.json and then its own defaults (top_k=50), which OpenAI's API does not have.
+        # The request's settings alone: generate() fills every setting left unset from the model folder's
+        # generation_config.json (min_p, no_repeat_ngram_size, a repetition penalty, ... some models ship),
+        # swapped for a bare one while it runs (plain_sampling: a None such as min_p's cannot be set here, it
+        # means unset), then from its own defaults, neutral but for top_k=50, which OpenAI's API does not have.
         settings = GenerationConfig(
             max_new_tokens=p.max_tokens, do_sample=sample, num_return_sequences=p.n if sample else 1, eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id, use_cache=True, repetition_penalty=1.0,
@@ -275,8 +277,9 @@ class ChatEngine:
                 ids = torch.tensor([job.prompt_ids] * (1 if sample else p.n), device=self.device)
                 progress = _Progress(rows, on_text, job.cancelled, self.closing)
                 try:
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        generation_config=settings, stopping_criteria=StoppingCriteriaList([progress]))
+                    with plain_sampling(self.model):
+                        self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings,
+                                            stopping_criteria=StoppingCriteriaList([progress]))
                 finally:
                     self._rows = None
                 seconds = time.perf_counter() - start

@@ -117,7 +117,8 @@ def plain_sampling(model):
     passes: generate() fills every knob a call leaves unset from the model folder's
     generation_config.json (a repetition_penalty, typical_p, min_p, no_repeat_ngram_size ... some models
     ship), which is swapped for a bare one here. For samples whose log-probs are computed from the plain
-    softmax: PPO's rollouts, eval's KL. Callers still pass top_k (None or 0), whose library default is 50.
+    softmax: PPO's rollouts, eval's KL; and for `align serve`, whose answers depend on the request alone.
+    Callers still pass top_k (None or 0), whose library default is 50.
     """
     from transformers import GenerationConfig
 

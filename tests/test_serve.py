@@ -137,6 +137,38 @@ def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
         assert result.choices[0].text == expected[name], name
 
 
+def test_the_model_folders_decoding_settings_do_not_reach_a_request(tiny_model, tmp_path):
+    """generate() fills every setting a call leaves unset from the model folder's generation_config.json,
+    which may switch on sampling and processors (min_p, no_repeat_ngram_size, a repetition penalty, top_k):
+    served, an answer depends on the request alone. Greedy is the plain model's greedy, and a seeded sample
+    is plain softmax sampling, each as on the same model without those settings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignment.chat_engine import Params
+    from alignment.modeling import load_tokenizer
+
+    shipped = Path(shutil.copytree(tiny_model, tmp_path / "shipped"))
+    settings = json.loads((shipped / "generation_config.json").read_text())
+    settings.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.9, repetition_penalty=1.3,
+                    no_repeat_ngram_size=2, min_p=0.2)
+    (shipped / "generation_config.json").write_text(json.dumps(settings))
+    engine = load_engine(serve_config(tmp_path, "discover=false", f"model.name={shipped}"))
+
+    def served(**kwargs) -> str:
+        return engine.run(engine.prepare("base", PROMPT, Params(max_tokens=16, **kwargs))).choices[0].text
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model), load_tokenizer(tiny_model)
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    torch.manual_seed(7)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0)
+    sampled = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True,
+                               clean_up_tokenization_spaces=False)
+    assert served(temperature=0) == reference(tiny_model, None)
+    assert served(temperature=1.0, seed=7) == sampled
+    assert engine.model.generation_config.min_p == 0.2  # the model's own, left as it was
+
+
 def test_usage_and_finish_reason_length(client):
     reply = greedy(client, "sft", max_tokens=12)
     assert reply.choices[0].finish_reason == "length"
