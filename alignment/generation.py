@@ -117,7 +117,8 @@ def plain_sampling(model):
     passes: generate() fills every knob a call leaves unset from the model folder's
     generation_config.json (a repetition_penalty, typical_p, min_p, no_repeat_ngram_size ... some models
     ship), which is swapped for a bare one here. For samples whose log-probs are computed from the plain
-    softmax: PPO's rollouts, eval's KL; and for `align serve`, whose answers depend on the request alone.
+    softmax: PPO's rollouts, eval's KL; and for the answers of `align sample`, `align eval` and `align serve`,
+    which follow their generation settings alone (Qwen2.5's folder adds repetition_penalty 1.05 to every call).
     Callers still pass top_k (None or 0), whose library default is 50.
     """
     from transformers import GenerationConfig
@@ -201,20 +202,21 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(gen.seed + b)
         sample = gen.temperature > 0
-        out = model.generate(
-            **enc,
-            max_new_tokens=gen.max_new_tokens,
-            do_sample=sample,
-            # generate()'s own warpers off: sampling_warpers adds them, with top-p as NucleusFilter
-            temperature=1.0 if sample else None,
-            top_p=1.0 if sample else None,
-            logits_processor=sampling_warpers(gen) if sample else None,
-            top_k=None,  # passed as None: no top-k (left out, generate() takes 50 or the model folder's)
-            num_return_sequences=k,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
-        )
+        with plain_sampling(model):
+            out = model.generate(
+                **enc,
+                max_new_tokens=gen.max_new_tokens,
+                do_sample=sample,
+                # generate()'s own warpers off: sampling_warpers adds them, with top-p as NucleusFilter
+                temperature=1.0 if sample else None,
+                top_p=1.0 if sample else None,
+                logits_processor=sampling_warpers(gen) if sample else None,
+                top_k=None,  # passed as None: no top-k (left out, generate() takes 50 or the model folder's)
+                num_return_sequences=k,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                use_cache=True,
+            )
         new = out[:, enc["input_ids"].shape[1]:]
         ended = torch.isin(new, torch.tensor(eos, device=new.device)).any(dim=-1).tolist()  # pad after EOS may be EOS too
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -90,3 +90,18 @@ def test_sampling_matches_transformers_own_temperature_and_top_p(tiny_model):
     theirs = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert [a for row in ours for a in row] == [t.strip() for t in theirs]
     assert len({a for row in ours for a in row}) > len(PROMPTS)  # sampled, not greedy
+
+
+def test_the_model_folders_decoding_settings_do_not_reach_sample_or_eval_answers(tiny_model):
+    """generate() fills what a call leaves unset from the model's generation_config.json (Qwen2.5 ships a
+    repetition_penalty of 1.05): align sample and eval answer by their generation settings alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    policy = Policy(model, load_tokenizer(tiny_model), "tiny", tiny_model)
+    for gen, k in ((GenerationConfig(max_new_tokens=8, temperature=0.0, batch_size=2), 1),
+                   (GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, batch_size=2, seed=5), 2)):
+        clean = generate(policy, PROMPTS, gen, k=k)
+        model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_p=0.5, top_k=2)
+        assert generate(policy, PROMPTS, gen, k=k) == clean
+        model.generation_config.update(repetition_penalty=None, no_repeat_ngram_size=None, min_p=None, top_k=None)
