@@ -275,6 +275,17 @@ def shell(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
+def eval_command(run_dir: str | Path, stage: str, sft: str | Path | None) -> str:
+    """What to run after training `stage` from `sft`: eval finds the run's own policies by stage name, and an SFT
+    adapter from another folder only when told (`align dpo sft=<elsewhere>` then `align eval` said "the baseline
+    'sft' is not among the policies ['dpo']")."""
+    command = f"align eval run.dir={shell(run_dir)}"
+    if sft is None or Path(sft).resolve() == stage_dir(run_dir, "sft").resolve():
+        return command
+    policies = f"policies={{sft: {json.dumps(str(sft))}, {stage}: {json.dumps(str(stage_dir(run_dir, stage)))}}}"
+    return f"{command} {shell(policies)}"
+
+
 def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
     """Where the artifact is and what to run next; `align <stage> run.dir=...` with `--config` where the
     config this command ran from has a sibling for that stage (configs/quickstart/sft.yaml → sample.yaml)."""

@@ -27,9 +27,9 @@ from trl import DPOConfig, DPOTrainer
 
 from alignment import StageError, report
 from alignment.artifacts import (
+    eval_command,
     is_main_process,
     print_done,
-    shell,
     stage_dir,
     system_prompt_of,
     write_manifest,
@@ -276,5 +276,5 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("dpo", out, f"align eval run.dir={shell(cfg.run.dir)}")
+    print_done("dpo", out, eval_command(cfg.run.dir, "dpo", sft))
     return out

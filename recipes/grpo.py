@@ -32,9 +32,9 @@ from transformers import set_seed
 from alignment import report
 from alignment import rl as R
 from alignment.artifacts import (
+    eval_command,
     is_main_process,
     print_done,
-    shell,
     stage_dir,
     system_prompt_of,
     write_manifest,
@@ -217,5 +217,5 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done(cfg.algo, out, f"align eval run.dir={shell(cfg.run.dir)}")
+    print_done(cfg.algo, out, eval_command(cfg.run.dir, cfg.algo, sft))
     return out

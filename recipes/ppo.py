@@ -46,9 +46,9 @@ from transformers import get_scheduler, set_seed
 from alignment import StageError, report
 from alignment import rl as R
 from alignment.artifacts import (
+    eval_command,
     is_main_process,
     print_done,
-    shell,
     stage_dir,
     system_prompt_of,
     write_manifest,
@@ -398,5 +398,5 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("ppo", out, f"align eval run.dir={shell(cfg.run.dir)}")
+    print_done("ppo", out, eval_command(cfg.run.dir, "ppo", sft))
     return out

@@ -208,3 +208,18 @@ def test_a_local_base_named_relative_to_the_stage_is_recorded_absolute(tmp_path,
     monkeypatch.chdir(Path("/"))
     assert read_manifest(tmp_path / "sft")["base_model"] == str(tmp_path / "tiny")
     assert read_manifest(tmp_path / "sft2")["base_model"] == "Org/model-on-the-hub"
+
+
+def test_the_eval_hint_names_an_sft_trained_in_another_folder(tmp_path):
+    """`align dpo sft=<elsewhere>` then the printed `align eval` failed: the baseline sft was not in run.dir."""
+    import shlex
+
+    from alignment.artifacts import eval_command
+    from alignment.config import EvalStageConfig
+
+    run = tmp_path / "my run"
+    assert eval_command(run, "dpo", run / "sft") == f"align eval run.dir={shlex.quote(str(run))}"
+    words = shlex.split(eval_command(run, "dpo", tmp_path / "other" / "sft"))
+    assert words[:3] == ["align", "eval", f"run.dir={run}"]
+    cfg = load_config(EvalStageConfig, None, words[2:])
+    assert cfg.policies == {"sft": str(tmp_path / "other" / "sft"), "dpo": str(run / "dpo")}
