@@ -394,8 +394,9 @@ class RLConfig:
     missing_eos_penalty: float | None = bounded(1.0, ge=0)  # subtracted from the score of a response cut at max_new_tokens
     # The value function: a linear head on the policy's last hidden states (shared trunk).
     value_model: Literal["head"] = "head"
-    # With a reward model that was trained on this base: load its adapter on the policy's base as a
-    # third adapter (one base in memory) instead of a separate model.
+    # With a reward model that was trained on this base (and, from SFT, from this very SFT adapter: the
+    # policy's stands for it): load its adapter on the policy's base as a third adapter (one base in
+    # memory) instead of a separate model. Any other reward model is refused at preflight.
     reward_on_policy_base: bool = False
     save_steps: int = bounded(10, ge=0)  # checkpoint every N steps (and at the end); 0 = only at the end
     sample_rows: int = bounded(4, ge=0)  # sample responses per step in the W&B table

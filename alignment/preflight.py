@@ -188,6 +188,12 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
                              f"{p}reward_model=<folder>, or use a programmatic reward with {p}scorer=<name or "
                              "module:function>")
         check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True)
+    if rl.reward_on_policy_base and "reward" not in pending and (cfg.sft == "none" or "sft" not in pending):
+        from alignment.reward_model import check_shared_base
+
+        sft = None if cfg.sft == "none" else Path(cfg.sft or default_sft)
+        check_shared_base(Path(cfg.reward_model or stage_dir(cfg.run.dir, "reward")), sft,
+                          _adapter_base(sft) if sft else cfg.model.name, p)
     prompts = _prompts(f"{p}prompts", cfg.prompts)
     n = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     if cfg.algo == "ppo" and rl.rollout_prompts > n:

@@ -483,17 +483,87 @@ def scored_position(ids: list[int], pad_token_id: int | None) -> int:
     return real[-1] if real else len(ids) - 1
 
 
-def shared_base_reward(model, rm: Path) -> Reward:
+def _same_model(a: str, b: str) -> bool:
+    """Two names of one base: equal, one an embedded name for the other's folder, or one folder."""
+    a, b = resolve_model_path(a), resolve_model_path(b)
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+LORA_SHAPE = ("r", "lora_alpha", "use_rslora", "use_dora")  # with the weights, what a LoRA adds to its base
+
+
+def _same_adapter(a: Path, b: Path) -> bool:
+    """The same LoRA: byte-identical weights (save_sft_copy copies the file), else equal tensors (one saved
+    again), and the same scaling."""
+    import filecmp
+
+    def shape(folder: Path) -> dict:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return {k: config.get(k) for k in LORA_SHAPE}
+
+    if shape(a) != shape(b):
+        return False
+    wa, wb = a / "adapter_model.safetensors", b / "adapter_model.safetensors"
+    if not (wa.is_file() and wb.is_file()):
+        return False
+    if filecmp.cmp(wa, wb, shallow=False):
+        return True
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(wa)), load_file(str(wb))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def shared_base_problem(rm: Path, sft: Path | None, base: str) -> str | None:
+    """Why the reward model at `rm` cannot score on the policy's base (rl.reward_on_policy_base), or None.
+
+    There the reward model is rebuilt from the policy's parts: the policy's base, and the policy's "ref"
+    adapter standing for the SFT adapter the reward model was trained from (its copy in sft_adapter/). That
+    is the reward model only when those parts are its own; an SFT adapter retrained since, or another run's,
+    gave other scores, rankings reversed included, with nothing said. Refused rather than loaded apart with
+    a warning: the setting is there to keep one base in memory, and a second model where the user planned
+    for one may not fit; a mismatch is more often a wrong folder than a wish. Known from the folders alone,
+    so preflight says it before any model loads.
+    """
+    rm_base = adapter_base_name(rm)
+    if not _same_model(rm_base, base):
+        return (f"the reward model at {rm} was trained on {rm_base}, the policy's base is {base}: its adapter "
+                "on this base is not that reward model")
+    if not is_adapter_dir(rm / SFT_ADAPTER):
+        return None  # trained on the bare base: its adapter alone on the policy's base is the reward model
+    if sft is None:
+        return (f"the reward model at {rm} was trained on an SFT model (its copy in {rm / SFT_ADAPTER}), but the "
+                "policy has no SFT adapter to stand for it")
+    if not _same_adapter(rm / SFT_ADAPTER, Path(sft)):
+        return (f"the reward model at {rm} was trained from another SFT adapter than the policy's {sft} (its copy "
+                f"in {rm / SFT_ADAPTER} has other weights): the policy's would stand for it and score with a "
+                "reward model that was never trained")
+    return None
+
+
+def check_shared_base(rm: Path, sft: Path | None, base: str, prefix: str = "") -> None:
+    """A ConfigError when the reward model cannot score on the policy's base (shared_base_problem)."""
+    from alignment.config import ConfigError
+
+    if problem := shared_base_problem(rm, sft, base):
+        raise ConfigError(f"{prefix}rl.reward_on_policy_base=true: {problem}. Set {prefix}rl.reward_on_policy_base="
+                          "false to load the reward model on its own, or pass the sft= it was trained from")
+
+
+def shared_base_reward(model, rm: Path, sft: Path | None, base: str) -> Reward:
     """The reward model's adapter as a third adapter ("reward") on the policy's base, plus its score head.
 
     The reward model is the base (+ the SFT adapter when it was trained from SFT) + its LoRA + a
-    linear `score` head on the last token that is not padding (scored_position). Here the SFT part is the "ref" adapter, activated
-    together with "reward": the same weights, except that SFT is a LoRA delta on the quantized base
-    rather than merged before quantization (close, not bit-identical; docs/ppo.md).
+    linear `score` head on the last token that is not padding (scored_position). Here the SFT part is the
+    "ref" adapter (loaded from `sft`), activated together with "reward": the same weights, except that SFT
+    is a LoRA delta on the quantized base rather than merged before quantization (close, not bit-identical;
+    docs/ppo.md). `base` is the policy's base; a reward model these parts are not is refused
+    (shared_base_problem).
     """
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    check_shared_base(rm, sft, base)
     config = json.loads((rm / "adapter_config.json").read_text())
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
     config.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)
@@ -506,9 +576,6 @@ def shared_base_reward(model, rm: Path) -> Reward:
     model.set_adapter("default")
     model.eval()  # the new adapter's dropout layers are created in training mode
     from_sft = is_adapter_dir(rm / SFT_ADAPTER)
-    if from_sft and "ref" not in model.peft_config:
-        raise StageError("rl.reward_on_policy_base: this reward model was trained on the SFT model, but the policy has "
-                         "no SFT adapter to stand for it; set rl.reward_on_policy_base=false")
     tokenizer = load_tokenizer(str(rm))
     system_prompt = system_prompt_of(rm)  # the one it was trained with, as score() adds it
     active = ["ref", "reward"] if from_sft else ["reward"]

@@ -80,15 +80,17 @@ def check_reward(cfg: PPOStageConfig) -> None:
              cfg.max_probe_flip_rate)
 
 
-def make_reward(cfg: PPOStageConfig, policy=None) -> tuple[Reward, dict, Path | None]:
-    """(reward(prompts, responses) -> scores, gate figures, the reward model folder or None)."""
+def make_reward(cfg: PPOStageConfig, policy=None, sft: Path | None = None) -> tuple[Reward, dict, Path | None]:
+    """(reward(prompts, responses) -> scores, gate figures, the reward model folder or None); `policy` and its
+    `sft` adapter for rl.reward_on_policy_base (its base is cfg.model.name)."""
     if cfg.scorer:
         fn = resolve_scorer(cfg.scorer)
         return (lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}, None
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
     figures = gate(rm, cfg.min_reward_accuracy, cfg.max_probe_flip_rate)
     if cfg.rl.reward_on_policy_base:
-        return shared_base_reward(policy, rm), {**figures, "device": str(next(policy.parameters()).device)}, rm
+        reward = shared_base_reward(policy, rm, sft, cfg.model.name)
+        return reward, {**figures, "device": str(next(policy.parameters()).device)}, rm
     model, tokenizer = load_reward_model(rm)
     figures = {**figures, "device": str(next(model.parameters()).device)}  # the manifest says where it scored
     log.info("reward model %s on %s", rm, figures["device"])

@@ -261,7 +261,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     model = build_policy(cfg, plan, sft)
     tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
     head = ValueHead(model.config.hidden_size).to(next(model.parameters()).device)
-    reward, gate_figures, rm = R.make_reward(cfg, model)
+    reward, gate_figures, rm = R.make_reward(cfg, model, sft)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, int(cfg.train.warmup_ratio * cfg.train.max_steps),

@@ -320,10 +320,11 @@ def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapte
     responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share."]
     cpu_model = build_policy(cfg, CPU_PLAN, adapters["sft"])
     device_model = copy.deepcopy(cpu_model)
-    on_cpu = shared_base_reward(cpu_model, adapters["reward"])(PROMPTS, responses)
+    parts = adapters["reward"], adapters["sft"], tiny_model  # a reward model on the bare base
+    on_cpu = shared_base_reward(cpu_model, *parts)(PROMPTS, responses)
     with other_device():
         device_model.to(DEVICE)
-        on_device = shared_base_reward(device_model, adapters["reward"])(PROMPTS, responses)
+        on_device = shared_base_reward(device_model, *parts)(PROMPTS, responses)
         assert {p.device for p in device_model.parameters()} == {DEVICE}
         loaded = {n: unwrap(p).detach().clone() for n, p in device_model.named_parameters() if ".reward." in n}
     assert on_device == pytest.approx(on_cpu, abs=1e-5) and len(set(on_cpu)) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -168,17 +169,24 @@ def test_gate_passes_at_threshold_or_when_overridden(tmp_path):
     assert gate(make_reward_dir(tmp_path / "bad", 0.3), 0.0)["eval_accuracy"] == 0.3
 
 
-def test_reward_model_alone_and_on_the_policy_base_agree(sft_dir, prompts, tmp_path):
-    """PPO against a trained reward model, loaded alone and as a third adapter on the policy's base."""
+@pytest.fixture(scope="module")
+def reward_dir(sft_dir, tmp_path_factory) -> Path:
+    """A reward model trained on the SFT model (its copy of the SFT adapter in sft_adapter/)."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_reward import write_rankings
 
-    data = write_rankings(tmp_path / "prefs.jsonl", 20)
-    assert align(["reward", f"run.dir={tmp_path}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+    tmp = tmp_path_factory.mktemp("ppo-reward")
+    data = write_rankings(tmp / "prefs.jsonl", 20)
+    assert align(["reward", f"run.dir={tmp}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
                   "train.max_steps=6", "train.lr=3e-3", "train.batch_size=8", "data.test_fraction=0.2",
                   "run.wandb=disabled", "model.max_length=128"]) == 0
-    common = [f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "min_reward_accuracy=0",
-              "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4", *FAST]
+    return tmp / "reward"
+
+
+def test_reward_model_alone_and_on_the_policy_base_agree(sft_dir, reward_dir, prompts, tmp_path):
+    """PPO against a trained reward model, loaded alone and as a third adapter on the policy's base."""
+    common = [f"run.dir={tmp_path}", f"sft={sft_dir}", f"reward_model={reward_dir}", f"prompts={prompts}",
+              "min_reward_accuracy=0", "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4", *FAST]
     assert align(["ppo", *common]) == 0
     alone = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[0]
     assert align(["ppo", *common, "rl.reward_on_policy_base=true"]) == 0
@@ -189,6 +197,47 @@ def test_reward_model_alone_and_on_the_policy_base_agree(sft_dir, prompts, tmp_p
     assert alone["reward/std"] > 0
     manifest = json.loads((tmp_path / "ppo" / "align.json").read_text())
     assert set(manifest["parents"]) == {"sft", "reward_model"}
+
+
+def sft_copy(sft: Path, folder: Path, scale: float = 1.0, metadata: dict | None = None) -> Path:
+    """The SFT adapter's folder again, its lora_B weights times `scale` (1: the same weights, saved anew)."""
+    shutil.copytree(sft, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(str(sft / "adapter_model.safetensors"))
+    save_file({k: v * scale if "lora_B" in k else v for k, v in weights.items()},
+              str(folder / "adapter_model.safetensors"), metadata=metadata)
+    return folder
+
+
+def test_reward_on_the_policy_base_refuses_a_reward_model_of_another_sft(sft_dir, reward_dir, prompts, tmp_path,
+                                                                          capsys):
+    """On the policy's base the policy's SFT adapter stands for the reward model's own (sft_adapter/): from
+    another SFT adapter (one retrained since), it scored with a reward model that was never trained (the
+    reviewer's run reversed its ranking), and said nothing. Refused before any model loads."""
+    other = sft_copy(sft_dir, tmp_path / "other-sft", scale=-1.0)
+    assert align(["ppo", f"run.dir={tmp_path}", f"sft={other}", f"reward_model={reward_dir}", f"prompts={prompts}",
+                  "min_reward_accuracy=0", "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4",
+                  "rl.reward_on_policy_base=true", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "rl.reward_on_policy_base=true: the reward model at" in err and "another SFT adapter" in err
+    assert "rl.reward_on_policy_base=false" in err
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_which_reward_models_the_policy_base_can_stand_for(sft_dir, reward_dir, tmp_path, tiny_model):
+    from alignment.config import ConfigError
+    from alignment.reward_model import shared_base_problem, shared_base_reward
+
+    assert shared_base_problem(reward_dir, sft_dir, tiny_model) is None
+    # the same weights in a file not byte-identical (saved again, other metadata): the same adapter
+    again = sft_copy(sft_dir, tmp_path / "again", metadata={"saved": "again"})
+    assert (again / "adapter_model.safetensors").read_bytes() != (sft_dir / "adapter_model.safetensors").read_bytes()
+    assert shared_base_problem(reward_dir, again, tiny_model) is None
+    assert "another SFT adapter" in shared_base_problem(reward_dir, sft_copy(sft_dir, tmp_path / "b", 1.01),
+                                                        tiny_model)
+    assert "has no SFT adapter" in shared_base_problem(reward_dir, None, tiny_model)
+    assert f"the policy's base is {tmp_path}" in shared_base_problem(reward_dir, sft_dir, str(tmp_path))
+    with pytest.raises(ConfigError, match="another SFT adapter"):  # the function itself refuses, model untouched
+        shared_base_reward(None, reward_dir, tmp_path / "b", tiny_model)
 
 
 def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
