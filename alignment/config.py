@@ -389,9 +389,10 @@ class RLConfig:
     clip_range: float = bounded(0.2, gt=0)  # policy ratio clip
     clip_range_value: float = bounded(0.2, gt=0)  # value clip around the rollout's values
     vf_coef: float = bounded(0.1, ge=0)  # value loss weight in the one loss
-    whiten_rewards: bool = False  # normalise the rollout's scores to mean 0, std 1 before the KL term
+    whiten_rewards: bool = False  # normalise the rollout's scores to mean 0, std 1 (before the penalty and the KL term)
     score_clip: float | None = bounded(None, gt=0)  # clip each score to [-score_clip, score_clip]
-    missing_eos_penalty: float | None = bounded(1.0, ge=0)  # subtracted from the score of a response cut at max_new_tokens
+    # Subtracted from the score of a response cut at max_new_tokens; after whitening, so then in standard deviations.
+    missing_eos_penalty: float | None = bounded(1.0, ge=0)
     # The value function: a linear head on the policy's last hidden states (shared trunk).
     value_model: Literal["head"] = "head"
     # With a reward model that was trained on this base (and, from SFT, from this very SFT adapter: the

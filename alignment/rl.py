@@ -34,7 +34,7 @@ from alignment.artifacts import (
     stage_dir,
     system_prompt_of,
 )
-from alignment.config import ConfigError, PPOStageConfig
+from alignment.config import ConfigError, PPOStageConfig, RLConfig
 from alignment.cpu import keep_trainable_in
 from alignment.generation import check_backend
 from alignment.modeling import is_adapter_dir
@@ -184,6 +184,29 @@ def response_mask(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[to
     has_eos = is_eos.any(-1)
     after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS
     return (~after).float(), has_eos
+
+
+def scores_used(raw: torch.Tensor, has_eos: torch.Tensor, rl: RLConfig,
+                total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The scores PPO optimises: whitened over the rollout (rl.whiten_rewards), less rl.missing_eos_penalty
+    for a response cut at max_new_tokens, clipped (rl.score_clip). `total` as for masked_whiten.
+
+    The penalty comes after the whitening: subtracted before, re-centring on the mean took it back (every
+    response cut: every score down by the penalty and up again, the penalty gone) and in a mixed rollout
+    rescaled it by the spread. TRL 0.x kept the mean instead (masked_whiten(shift_mean=False) on its
+    per-token rewards), which keeps the penalty but also the reward model's offset, as arbitrary as its
+    scale; whitened first, the scores are the rollout's standard deviations from its mean and the penalty
+    is in those units, whatever the reward model's scale.
+    """
+    total = total or (lambda t: t)
+    scores = raw.clone()
+    if rl.whiten_rewards and total(torch.tensor(float(len(scores)), device=scores.device)).item() > 1:
+        scores = masked_whiten(scores, torch.ones_like(scores), total=total)  # the whole step's mean and spread
+    if rl.missing_eos_penalty is not None:
+        scores = scores - rl.missing_eos_penalty * (~has_eos).float()
+    if rl.score_clip is not None:
+        scores = scores.clamp(-rl.score_clip, rl.score_clip)
+    return scores
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -296,14 +296,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         if not torch.isfinite(raw).all():
             raise StageError(f"step {step}: the reward is not finite for {int((~torch.isfinite(raw)).sum())} of "
                              f"{len(raw)} responses (first: {roll['texts'][0][:80]!r}); fix the reward model/scorer")
-        scores = raw.clone()
-        if cfg.rl.missing_eos_penalty is not None:
-            scores = scores - cfg.rl.missing_eos_penalty * (~roll["has_eos"]).float()
-        if cfg.rl.whiten_rewards and len(scores) * ranks.world > 1:
-            every = ranks.gather(scores)  # whitened over the whole step's rollout, not one rank's share
-            scores = (scores - every.mean()) / (every.std() + 1e-8)
-        if cfg.rl.score_clip is not None:
-            scores = scores.clamp(-cfg.rl.score_clip, cfg.rl.score_clip)
+        scores = R.scores_used(raw, roll["has_eos"], cfg.rl, ranks.total)  # over the whole step, not a rank's share
         scored = time.perf_counter() - began - generated
 
         # --- update

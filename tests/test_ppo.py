@@ -301,6 +301,37 @@ def test_grpo_without_a_kl_term_starts_from_the_exact_sft_adapter_over_a_4bit_ba
         assert torch.allclose(after[key], before[key].float(), rtol=1e-6, atol=1e-9), key
 
 
+def test_whitening_keeps_the_penalty_for_a_cut_response(sft_dir, prompts, tmp_path):
+    """rl.whiten_rewards with every response cut at max_new_tokens (the quickstart turns both on): the penalty
+    was subtracted from every score and whitening's re-centring added it back, so the update was the one
+    without it. Now it comes after the whitening, and the run with it trains on other rewards."""
+    rows = {}
+    for penalty in ("1.0", "null"):
+        assert ppo(tmp_path / penalty, sft_dir, prompts, "generation.max_new_tokens=2", "rl.whiten_rewards=true",
+                   f"rl.missing_eos_penalty={penalty}", "train.max_steps=1", "rl.rollout_prompts=4",
+                   "rl.save_steps=0") == 0
+        rows[penalty] = read_jsonl(tmp_path / penalty / "ppo" / "metrics.jsonl")[0]
+    assert rows["1.0"]["eos_fraction"] == 0 and rows["1.0"]["reward/mean"] == rows["null"]["reward/mean"]
+    assert rows["null"]["reward/score_used"] == pytest.approx(0, abs=1e-6)  # whitened: mean 0
+    assert rows["1.0"]["reward/score_used"] == pytest.approx(-1.0, abs=1e-6)
+    assert rows["1.0"]["value/loss"] != pytest.approx(rows["null"]["value/loss"], rel=1e-3)
+
+
+def test_scores_used_whiten_then_penalise_then_clip():
+    rl = replace(PPOStageConfig().rl, whiten_rewards=True, missing_eos_penalty=0.5, score_clip=1.2)
+    raw, ended = torch.tensor([3.0, 1.0, 1.0, 3.0]), torch.tensor([True, True, False, False])  # the last two cut
+    white = (raw - 2) / raw.std()
+    expected = (white - 0.5 * (~ended).float()).clamp(-1.2, 1.2)
+    assert torch.allclose(R.scores_used(raw, ended, rl), expected, atol=1e-5)
+    # the penalty is the same in every rollout, in units of its spread, whatever the reward model's scale
+    assert torch.allclose(R.scores_used(raw * 100 + 7, ended, rl), expected, atol=1e-5)
+    # one response: nothing to whiten it against, its score is kept
+    assert R.scores_used(torch.tensor([3.0]), torch.tensor([True]), rl).tolist() == [pytest.approx(1.2)]
+    # without whitening: the raw score less the penalty
+    rl = replace(rl, whiten_rewards=False, score_clip=None)
+    assert R.scores_used(raw, ended, rl).tolist() == [3.0, 1.0, 0.5, 2.5]
+
+
 def test_fresh_lora_without_sft_uses_the_base_as_reference(prompts, tmp_path, tiny_model):
     assert align(["ppo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}", f"prompts={prompts}",
                   "scorer=test_ppo:thanks", "train.max_steps=2", "rl.rollout_prompts=4", "lora.r=4", *FAST]) == 0
