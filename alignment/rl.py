@@ -275,19 +275,22 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 class FixedKL:
-    """A constant KL coefficient."""
+    """A constant KL coefficient: rl.kl_coef, a resumed run's included."""
 
     def __init__(self, value: float):
-        self.value = value
+        self.value = self.initial = value  # initial: rl.kl_coef, what the run started with
 
     def update(self, kl: float, n_steps: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
+        return {"value": self.value, "initial": self.initial}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = state["value"]
+        """This run's rl.kl_coef, not the checkpoint's: restored, "resume with another kl_coef" silently kept
+        the old one while config.yaml and align.json recorded the new (as train.lr: ThisRunsRate)."""
+        if state["value"] != self.value:
+            log.info("resumed with rl.kl_coef=%g (the checkpoint's was %g)", self.value, state["value"])
 
 
 class AdaptiveKL(FixedKL):
@@ -300,6 +303,17 @@ class AdaptiveKL(FixedKL):
     def update(self, kl: float, n_steps: int) -> None:
         error = min(max(kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """The checkpoint's coefficient, where the controller had moved it (a resumed run repeats an unkilled
+        one). rl.kl_coef is only its starting point: changed since, it cannot apply without throwing that
+        away, so it is said rather than dropped in silence."""
+        started = state.get("initial")  # absent in checkpoints from before it was kept
+        if started is not None and started != self.initial:
+            log.warning("rl.kl_coef=%g is not the %g this run started from: the adaptive controller continues from "
+                        "the checkpoint's %g (rl.kl_coef is only its starting point); start from scratch for it to "
+                        "apply", self.initial, started, state["value"])
+        self.value = state["value"]
 
 
 def kl_controller(kind: str, value: float, target: float, horizon: int) -> FixedKL:

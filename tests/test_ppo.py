@@ -141,6 +141,39 @@ def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_a_resumed_run_trains_at_this_runs_fixed_kl_coef(sft_dir, prompts, tmp_path):
+    """rl.kl_control=fixed: the checkpoint's coefficient overwrote a changed rl.kl_coef while config.yaml and
+    align.json recorded the new one. The resumed steps use the config's, as a resumed train.lr does."""
+    args = ["rl.rollout_prompts=4", "rl.save_steps=1", "rl.ppo_epochs=1", "generation.max_new_tokens=8"]
+    assert ppo(tmp_path, sft_dir, prompts, *args, "train.max_steps=1", "rl.kl_coef=0.05") == 0
+    assert ppo(tmp_path, sft_dir, prompts, *args, "train.max_steps=2", "rl.kl_coef=0.2",
+               "train.resume_from_checkpoint=latest") == 0
+    rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+    assert [(r["step"], r["kl_coef"]) for r in rows] == [(1, 0.05), (2, 0.2)]
+    assert load_config(PPOStageConfig, tmp_path / "ppo" / "config.yaml").rl.kl_coef == 0.2
+
+
+def test_the_adaptive_kl_coef_resumes_where_it_was_and_says_a_changed_start_is_not_used(caplog):
+    moved = R.AdaptiveKL(0.05, target=6.0, horizon=100)
+    moved.update(12.0, n_steps=10)
+    state = moved.state_dict()
+    same = R.AdaptiveKL(0.05, 6.0, 100)
+    with caplog.at_level("WARNING", logger="alignment.rl"):
+        same.load_state_dict(state)
+    assert same.value == moved.value and not caplog.records
+    changed = R.AdaptiveKL(0.2, 6.0, 100)
+    with caplog.at_level("WARNING", logger="alignment.rl"):
+        changed.load_state_dict(state)
+    assert changed.value == moved.value  # the controller's state, not a restart at 0.2
+    assert "rl.kl_coef=0.2 is not the 0.05 this run started from" in caplog.text
+    fixed = R.FixedKL(0.2)
+    fixed.load_state_dict(state)
+    assert fixed.value == 0.2
+    old = R.AdaptiveKL(0.2, 6.0, 100)
+    old.load_state_dict({"value": 0.07})  # a checkpoint from before "initial" was kept: restored, nothing to say
+    assert old.value == 0.07
+
+
 def make_reward_dir(path: Path, accuracy: float | None) -> Path:
     """A reward folder complete enough for the input checks (weights, tokenizer, base), with a given accuracy."""
     path.mkdir(parents=True)
