@@ -86,6 +86,14 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def reference_of(cfg: PPOStageConfig, has_ref: bool) -> str:
+    """What the manifest names as the reference: the one TRL set up. With beta = rl.kl_coef = 0 it sets up
+    none (no KL term, no "ref" copy), and naming the SFT adapter's copy would name one that never existed."""
+    if cfg.rl.kl_coef == 0:
+        return "none: kl_coef=0"
+    return "sft adapter (frozen copy)" if has_ref else "base (adapter disabled)"
+
+
 def grpo_args(cfg: PPOStageConfig, plan, out: Path):
     """TRL's GRPOConfig or RLOOConfig: the shared mapping (alignment.training) plus the RL keys."""
     if cfg.algo == "grpo":
@@ -170,6 +178,7 @@ def main(cfg: PPOStageConfig) -> Path:
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
                       callbacks=[MetricsJSONL(out), ThisRunsRate()])
     policy = trainer.model
+    has_ref = "ref" in policy.peft_config  # TRL's frozen copy of the SFT adapter, its KL reference
     # TRL rounded a 4-bit model's adapter to bf16 (PPO's lr 1e-5 is under bf16's step for most LoRA weights):
     # fp32 again on every device. An SFT adapter is restored from the exact copy TRL made as "ref", or, with
     # no KL term (rl.kl_coef=0: no "ref"), from its folder; a fresh one (B = 0) loses nothing to the rounding
@@ -206,7 +215,7 @@ def main(cfg: PPOStageConfig) -> Path:
     write_manifest(
         out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
         device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
-        reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)", system_prompt=system_prompt,
+        reference=reference_of(cfg, has_ref), system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},
         prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},

@@ -290,6 +290,7 @@ def test_grpo_and_rloo_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_p
     out = tmp_path / algo
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["stage"] == algo and manifest["metrics"]["steps"] == 2 and "reward" in manifest["metrics"]
+    assert manifest["reference"] == "sft adapter (frozen copy)"
     figures = glance(algo, manifest)  # the report's first screen reads the keys this stage writes
     assert figures[0].startswith("mean reward ") and figures[-1].startswith("2 steps"), figures
     assert not (out / "ref").exists()
@@ -327,6 +328,8 @@ def test_grpo_without_a_kl_term_starts_from_the_exact_sft_adapter_over_a_4bit_ba
     monkeypatch.setattr(recipes.grpo, "speed_up_cpu_training", lambda model: None)
     assert ppo(tmp_path, sft_dir, prompts, "algo=grpo", "rl.kl_coef=0", "model.quantize=true", "train.max_steps=1",
                "rl.rollout_prompts=4", "rl.num_generations=4", "train.lr=1e-12") == 0
+    # TRL made no reference (beta 0): the manifest names none, not the SFT adapter's copy
+    assert json.loads((tmp_path / "grpo" / "align.json").read_text())["reference"] == "none: kl_coef=0"
     before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (sft_dir, tmp_path / "grpo"))
     assert before.keys() == after.keys()
     for key in before:
