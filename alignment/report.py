@@ -21,6 +21,13 @@ from typing import Any
 from alignment.artifacts import MANIFEST, STAGES, later_rounds, stage_dir
 from alignment.tracking import read_jsonl
 
+# What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (recipes/ppo.py), k1 = log
+# pi - log ref summed over a response (as eval's KL is); GRPO's and RLOO's are TRL's, a mean over tokens, of k3 =
+# ratio - 1 - log ratio (GRPO) or of k1 (RLOO), so about a response's length times smaller than PPO's.
+KL_UNITS = {"ppo": ("nats per response", "k1, summed over the response"),
+            "grpo": ("nats per token", "k3, TRL's mean over tokens"),
+            "rloo": ("nats per token", "k1, TRL's mean over tokens")}
+
 # Which logged keys to plot for a stage, as (title, [keys]); keys missing from the log are skipped.
 PLOTS: dict[str, list[tuple[str, list[str]]]] = {
     "sft": [("Loss", ["loss", "eval_loss"]), ("Learning rate", ["learning_rate"])],
@@ -28,11 +35,14 @@ PLOTS: dict[str, list[tuple[str, list[str]]]] = {
     "dpo": [("Loss", ["loss", "eval_loss"]),
             ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
             ("Accuracy", ["rewards/accuracies", "eval_rewards/accuracies"])],
-    "ppo": [("Reward", ["reward/mean"]), ("KL from reference", ["kl", "kl_coef"]), ("Response length", ["length/mean"]),
+    "ppo": [("Reward", ["reward/mean"]), ("KL from reference, nats per response (k1 sum)", ["kl", "kl_coef"]),
+            ("Response length", ["length/mean"]),
             ("Entropy", ["entropy"]), ("Clipping", ["policy/clipfrac", "value/clipfrac", "policy/approx_kl"]),
             ("Value function", ["value/loss", "value/explained_variance"])],
-    "grpo": [("Reward", ["reward"]), ("KL from reference", ["kl"]), ("Response length", ["completions/mean_length"])],
-    "rloo": [("Reward", ["reward"]), ("KL from reference", ["kl"]), ("Response length", ["completions/mean_length"])],
+    "grpo": [("Reward", ["reward"]), ("KL from reference, nats per token (k3 mean)", ["kl"]),
+             ("Response length", ["completions/mean_length"])],
+    "rloo": [("Reward", ["reward"]), ("KL from reference, nats per token (k1 mean)", ["kl"]),
+             ("Response length", ["completions/mean_length"])],
 }
 
 
@@ -388,8 +398,9 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
         if first is not None and last is not None:
             out.append(f"mean reward {first:.3f} → {last:.3f}")
         kl = _num(m, "kl")
-        if kl is not None:
-            out.append(f"KL {kl:.2f}")
+        if kl is not None:  # the unit said: a per-token KL (GRPO/RLOO) is not comparable with a per-response one
+            unit, how = KL_UNITS[kind]
+            out.append(f"KL {kl:.3g} {unit} ({how})")
         out.append(_steps(m))
     elif kind == "eval":
         baseline = manifest.get("baseline", "")

@@ -44,9 +44,25 @@ def test_each_stage_says_its_outcome_in_figures():
     assert glance("eval", EVAL) == ["dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, "
                                     "80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22"]
     ppo = {"metrics": {"reward_mean_first": -0.5, "reward_mean": 0.25, "kl": 1.5, "steps": 20}}
-    assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.50", "20 steps"]
+    assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.5 nats per response (k1, summed over the response)",
+                                  "20 steps"]
     grpo = {"metrics": {"reward_mean_first": 0.1, "reward": 0.4, "steps": 8}}
     assert glance("grpo", grpo) == ["mean reward 0.100 → 0.400", "8 steps"]
+
+
+def test_each_rl_stage_says_what_its_kl_is():
+    """PPO logs k1 summed over a response, TRL's GRPO k3 and RLOO k1 averaged over tokens: one key, "KL", for
+    figures about a response's length apart. Each says its own."""
+    kl = {"reward_mean_first": 0.1, "reward": 0.4, "reward_mean": 0.4, "kl": 0.0123, "steps": 8}
+    assert glance("ppo", {"metrics": kl})[1] == "KL 0.0123 nats per response (k1, summed over the response)"
+    assert glance("grpo", {"metrics": kl})[1] == "KL 0.0123 nats per token (k3, TRL's mean over tokens)"
+    assert glance("rloo", {"metrics": kl})[1] == "KL 0.0123 nats per token (k1, TRL's mean over tokens)"
+    from alignment.report import PLOTS
+
+    titles = {stage: next(t for t, keys in PLOTS[stage] if "kl" in keys) for stage in ("ppo", "grpo", "rloo")}
+    assert titles == {"ppo": "KL from reference, nats per response (k1 sum)",
+                      "grpo": "KL from reference, nats per token (k3 mean)",
+                      "rloo": "KL from reference, nats per token (k1 mean)"}
     assert glance("merge", {"metrics": {}}) == [] and glance("sft", {}) == []
 
 
