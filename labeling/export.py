@@ -24,23 +24,31 @@ The rules (docs/labeling.md says the same):
   `align dpo` trains no end of turn after a cut response; summary.json counts `pairs_with_cut_side`.
 
 Where it writes: a new folder, an empty one, or one a previous export wrote (it holds
-dataset_dict.json and summary.json). A previous export's files (`WRITTEN`) are replaced; any other
-file there is left as it is; any other folder is refused (`ExportError`) before anything is
-written. The export is built beside the target and moved in, so a killed export leaves the
-previous one whole.
+dataset_dict.json and summary.json, or only names an export writes: what an older align killed
+mid-way left). A previous export's files (`WRITTEN`) are replaced; any other file there moves to
+the new export as it is; any other folder is refused (`ExportError`) before anything is written.
+The export is built beside the target and swapped in whole (two renames), under a lock file beside
+the target (`.<name>.lock`) held from start to end, so two exports of one folder (the app's Export
+button, `align export`, the pipeline) take turns. A killed export leaves the previous export or the
+new one, or, killed between the two renames, no folder and the previous one set aside: the next
+export puts it back before it starts, and removes what else a killed one left.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import itertools
 import json
 import math
 import random
+import secrets
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,27 +74,60 @@ def check_target(out: str | Path) -> None:
     if not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: give the export another output folder")
     entries = sorted(p.name for p in out.iterdir())
-    if entries and not ((out / "dataset_dict.json").is_file() and (out / "summary.json").is_file()):
+    export = (out / "dataset_dict.json").is_file() and (out / "summary.json").is_file()
+    if not export and not all(name in WRITTEN for name in entries):  # only WRITTEN: a part of an export
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ExportError(f"{out} is not a preferences export (it holds {shown}); an export only replaces one it "
                           "wrote before: give it another output folder, or move those files away yourself")
 
 
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `out`: one export of a folder at a time, whichever process runs it; the
+    kernel lets go of a killed one's. The file stays: removed, a waiting export would lock a file no
+    later one opens."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _hand_back(folder: Path, out: Path) -> None:
+    """Move the entries of `folder` no export writes (the user's files, on their way to a new export) to `out`."""
+    for path in sorted(folder.iterdir()):
+        if path.name not in WRITTEN and not (out / path.name).exists():
+            out.mkdir(exist_ok=True)
+            path.rename(out / path.name)
+
+
+def _recover(out: Path) -> None:
+    """Put right what an export killed or failed before it ended left beside `out` (under the lock: no export
+    is running): the previous export set aside comes back when `out` is missing, the user's files come back
+    from an export that did not finish, and the leftover folders go."""
+    for kind in ("old", "partial"):  # old first: a partial folder's files go back into the restored export
+        for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            if kind == "old" and not out.exists():
+                folder.rename(out)  # killed between the swap's two renames: the previous export, whole
+                continue
+            _hand_back(folder, out)
+            shutil.rmtree(folder)
+
+
 def _move_into_place(new: Path, out: Path) -> None:
-    """Put the export built in `new` at `out`: a previous export's files there are replaced, nothing else is touched."""
+    """Put the export built in `new` at `out` (under the lock): a previous export's files there are replaced,
+    the user's other files move over to the new one."""
     if not out.exists():
         new.rename(out)
         return
     check_target(out)  # again: the folder may have changed while the export ran
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    # Not one step: the manifest (the stage's "finished" mark) leaves first and arrives last, so a kill
-    # in between leaves a folder no stage takes for a finished export, never a mix that passes for one.
-    for name in sorted(WRITTEN, key=lambda n: n != MANIFEST):
-        if (out / name).exists():
-            (out / name).rename(old / name)
-    for path in sorted(new.iterdir(), key=lambda p: p.name == MANIFEST):
-        path.rename(out / path.name)
-    new.rmdir()
+    # The user's files go over first (killed meanwhile, _recover hands them back), then the folders swap: at
+    # any moment `out` is the previous export, the new one, or, between the renames, missing.
+    for path in sorted(out.iterdir()):
+        if path.name not in WRITTEN:
+            path.rename(new / path.name)
+    old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+    out.rename(old)
+    new.rename(out)
     shutil.rmtree(old)  # only what the previous export wrote
 
 
@@ -321,34 +362,38 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
     _check_options(ties, combine, min_posterior)
-    check_target(out_dir)
     check_batches(store, batches)
-    pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
-                                 min_agreement=min_agreement, min_posterior=min_posterior,
-                                 gold=store.gold_answers(), chat=chat)
     out = Path(out_dir)
-    summary.update(train_pairs=0, test_pairs=0)
-    if not pairs:
-        return summary  # nothing written: an empty dataset would only fail later, in training
-    train, test = split_by_prompt(pairs, test_fraction, seed)
-    splits = {"train": train, **({"test": test} if test else {})}
-    summary.update(train_pairs=len(train), test_pairs=len(test))
-    # Built beside and then moved into place: a killed export never leaves half a dataset.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        # Columns from every row's keys: from_list takes the first row's only, and a column some pairs lack (the
-        # finished marks, for responses stored before align sample recorded them) would vanish from the split.
-        keys = list(dict.fromkeys(k for rows in splits.values() for r in rows for k in r))
-        DatasetDict({s: Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
-                     for s, rows in splits.items()}).save_to_disk(str(tmp))
-        if jsonl:
-            for s, rows in splits.items():
-                (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if finish is not None:
-            finish(tmp, summary)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temp folder, if it is still there
+    out = out.resolve() if out.is_symlink() else out  # swapped at its target: a rename would replace the link
+    if out.is_file():
+        check_target(out)  # refused before a lock file is made beside it
+    with _locked(out):
+        _recover(out)
+        check_target(out)
+        pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
+                                     min_agreement=min_agreement, min_posterior=min_posterior,
+                                     gold=store.gold_answers(), chat=chat)
+        summary.update(train_pairs=0, test_pairs=0)
+        if not pairs:
+            return summary  # nothing written: an empty dataset would only fail later, in training
+        train, test = split_by_prompt(pairs, test_fraction, seed)
+        splits = {"train": train, **({"test": test} if test else {})}
+        summary.update(train_pairs=len(train), test_pairs=len(test))
+        # Built beside and then swapped in: a killed export never leaves half a dataset.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            # Columns from every row's keys: from_list takes the first row's only, and a column some pairs lack
+            # (the finished marks, for responses stored before align sample recorded them) would vanish.
+            keys = list(dict.fromkeys(k for rows in splits.values() for r in rows for k in r))
+            DatasetDict({s: Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+                         for s, rows in splits.items()}).save_to_disk(str(tmp))
+            if jsonl:
+                for s, rows in splits.items():
+                    (tmp / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if finish is not None:
+                finish(tmp, summary)
+            _move_into_place(tmp, out)
+        finally:
+            _recover(out)  # after an error: the previous export and the user's files back, no folder left over
     return summary

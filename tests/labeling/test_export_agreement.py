@@ -200,29 +200,105 @@ def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_w
     assert sorted(p.name for p in out.iterdir()) == ["dataset_dict.json", "notes.md", "summary.json", "train"]
     assert (out / "notes.md").read_text() == "why round 0 looks odd"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("labels.db")) == [
-        "a-file", "mine", "prefs"]  # no temporary folder left behind
+        ".mine.lock", ".prefs.lock", "a-file", "mine", "prefs"]  # no temporary folder left behind
 
 
-def test_a_replaced_export_loses_its_manifest_first_and_gets_the_new_one_last(tmp_path, monkeypatch):
-    """Replacing an export is several renames: killed in between, the folder has no align.json, so no
-    stage takes the mix of old and new files for a finished export."""
-    from pathlib import Path
+# An export in a process of its own: killed (os._exit, as SIGKILL: no cleanup runs) at its n-th rename
+# when argv gives one, else held in `finish` until the file argv[4] appears.
+EXPORT_PROCESS = """
+import os, pathlib, sys, time
+from labeling.export import export_preferences
+from labeling.store import Store
+url, out, kill_at, hold = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+rename, renames = pathlib.Path.rename, []
+def dying(self, target):
+    renames.append(self)
+    if len(renames) == kill_at:
+        os._exit(9)
+    return rename(self, target)
+pathlib.Path.rename = dying
+def finish(folder, summary):
+    (folder / "align.json").write_text('{"by": %d}' % os.getpid())
+    (out.parent / f"in-finish-{os.getpid()}").touch()
+    while hold and not pathlib.Path(hold[0]).exists():
+        time.sleep(0.05)
+export_preferences(Store(url), out, test_fraction=0.0, finish=finish)
+"""
 
+
+def _export_process(store, out, kill_at: int = 0, hold=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", EXPORT_PROCESS, store.url, str(out), str(kill_at),
+                             *([str(hold)] if hold else [])], env=env)
+
+
+def _support_store(tmp_path):
     from labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Thanks! Open Settings.", "no"]}
                                 for i in range(4)], source={})
     simulate(store, "support_style")
-    out, manifest = tmp_path / "prefs", lambda folder, summary: (folder / "align.json").write_text("{}")
-    export_preferences(store, out, jsonl=True, finish=manifest)
-    moved, rename = [], Path.rename
-    monkeypatch.setattr(Path, "rename", lambda self, target: moved.append((self.parent.name, self.name))
-                        or rename(self, target))
-    export_preferences(store, out, jsonl=True, finish=manifest)
-    leaving = [name for folder, name in moved if folder == "prefs"]
-    arriving = [name for folder, name in moved if folder.startswith(".prefs.partial-")]
-    assert leaving[0] == "align.json" and arriving[-1] == "align.json" and len(arriving) > 3, moved
+    return store
+
+
+def test_an_export_killed_at_any_step_of_the_swap_leaves_a_whole_export_and_the_next_one_runs(tmp_path):
+    """Killed at each rename of replacing an export: the folder is the previous export or the new one (never a
+    mix), or missing between the swap's two renames; the next export puts right what was left (the previous
+    export back, the user's file back, no hidden folder) and replaces it."""
+    store = _support_store(tmp_path)
+    out, manifest = tmp_path / "prefs", lambda folder, summary: (folder / "align.json").write_text('{"by": 0}')
+    previous = ["align.json", "dataset_dict.json", "notes.md", "summary.json", "train", "train.jsonl"]
+    new = ["align.json", "dataset_dict.json", "notes.md", "summary.json", "train"]
+    seen = set()
+    for kill_at in range(1, 5):  # renames: notes.md into the new export, out aside, the new export in; 4: none
+        export_preferences(store, out, jsonl=True, test_fraction=0.0, finish=manifest)
+        (out / "notes.md").write_text("why round 0 looks odd")
+        assert _export_process(store, out, kill_at).wait() == (9 if kill_at < 4 else 0)
+        left = sorted(p.name for p in out.iterdir()) if out.exists() else None
+        seen.add(json.dumps(left))
+        if left is None:  # killed between the renames: the previous export is set aside, whole
+            (aside,) = tmp_path.glob(".prefs.old-*")
+            assert sorted(p.name for p in aside.iterdir()) == [n for n in previous if n != "notes.md"]
+        else:
+            assert left in (previous, new, [n for n in previous if n != "notes.md"]), (kill_at, left)
+            assert (json.loads((out / "align.json").read_text())["by"] == 0) == (left != new)  # 0: the previous
+        export_preferences(store, out, test_fraction=0.0)  # the next export: no refusal
+        assert sorted(p.name for p in out.iterdir()) == ["dataset_dict.json", "notes.md", "summary.json", "train"]
+        assert (out / "notes.md").read_text() == "why round 0 looks odd"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prefs")) == [".prefs.lock"]
+        load_preferences(out, test_fraction=0)
+    assert "null" in seen and json.dumps(new) in seen  # the kills did fall before, between and after the renames
+
+
+def test_two_exports_of_one_folder_in_two_processes_take_turns(tmp_path):
+    """The app's Export button and `align export` (or the pipeline) on one folder: the second waits for the first
+    to finish (a lock between processes), then replaces its export; both succeed and nothing is left over."""
+    import time
+
+    store = _support_store(tmp_path)
+    out, go = tmp_path / "prefs", tmp_path / "go"
+    export_preferences(store, out)
+    first = _export_process(store, out, hold=go)
+    for _ in range(600):  # the first export is in `finish`, about to swap
+        if list(tmp_path.glob("in-finish-*")) or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None and len(list(tmp_path.glob("in-finish-*"))) == 1
+    second = _export_process(store, out)
+    time.sleep(3)  # time enough for it to finish were it not waiting (about 1 s on its own)
+    try:
+        assert len(list(tmp_path.glob("in-finish-*"))) == 1 and second.poll() is None, "the second did not wait"
+    finally:
+        go.touch()
+        assert first.wait() == 0 and second.wait() == 0
+    assert json.loads((out / "align.json").read_text())["by"] == second.pid  # the later one's export stays
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prefs")) == [".prefs.lock"]
+    load_preferences(out, test_fraction=0)
 
 
 def test_agreement_statistics_by_hand():
