@@ -11,7 +11,8 @@ The rules (docs/labeling.md says the same):
   its annotator's estimated reliability (labeling.agreement: a one-coin Dawid-Skene model fitted
   on every ranking, gold tasks' answers fixed) and orders each pair by the posterior probability;
   its pairs carry that probability (`p_chosen`, a soft label) and `weight` = 2 p_chosen - 1 (0 for
-  a coin flip, 1 for certain); `min_posterior` drops the pairs less sure than it (`dropped_uncertain`).
+  a coin flip, 1 for certain; a kept tie has exactly 1/2 and 0); `min_posterior` drops the pairs
+  less sure than it (`dropped_uncertain`).
   Whatever `combine` is, summary.json holds each annotator's estimated accuracy, interval and weight.
 - Ties: `drop` (default) gives no pair; `margin0` keeps it with margin 0 and the first response
   as "chosen": only useful with a loss that weights pairs by margin.
@@ -289,14 +290,17 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
 
         for chosen, rejected, margin in decided:
+            tie = (chosen, rejected) not in untied
             soft = {}
             if combine == "dawid_skene":
                 p = posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
+                # A tie is a posterior within 1e-9 of 1/2, which a mean over copies can leave a hair under it:
+                # 2 p - 1 would be a negative weight, which the training stages refuse.
+                p = 0.5 if tie else p
                 if min_posterior is not None and p < min_posterior:
                     counts["dropped_uncertain"] += 1
                     continue
-                soft = {"p_chosen": p, "weight": 2 * p - 1}
-            tie = (chosen, rejected) not in untied
+                soft = {"p_chosen": p, "weight": max(0.0, 2 * p - 1)}
             counts["kept_ties"] += tie
             ends = {f"{side}_finished": metas[i]["finished"] for side, i in (("chosen", chosen), ("rejected", rejected))
                     if isinstance(metas[i].get("finished"), bool)}

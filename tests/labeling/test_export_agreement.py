@@ -99,6 +99,31 @@ def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
     assert set(votes) == {(1, 0, 1), (1, 1, 2)} and all(len(v) == 2 for v in votes.values())
 
 
+def test_a_kept_tie_under_dawid_skene_has_p_chosen_one_half_and_weight_zero():
+    """A tie is a posterior within 1e-9 of 1/2: pooled over copies it can come out at 0.49999999999999994, and
+    2 p - 1 then gave weight -1.1e-16, which align reward / align dpo refuse. A tie carries 1/2 and 0 exactly."""
+    from alignment.preferences import to_pair
+
+    given = [  # (texts, {annotator: canonical ranks}): the reviewer's case, copies of one answer in a task
+        (["C.", "C.", "C.", "B."], {"x": [3, 2, 4, 3]}),
+        (["A.", "C.", "A."], {"z": [3, 1, 2], "y": [3, 2, 1]}),
+        (["C.", "A.", "C.", "C."], {"y": [4, 2, 1, 4], "x": [3, 4, 2, 3], "z": [3, 2, 1, 2]}),
+        (["C.", "A.", "B."], {"z": [1, 2, 3], "x": [1, 3, 2], "y": [3, 1, 3]}),
+        (["B.", "C.", "A."], {"z": [1, 2, 2], "y": [3, 2, 3]}),
+        (["C.", "C.", "A.", "B."], {"x": [2, 1, 4, 4], "z": [2, 1, 4, 1]}),
+    ]
+    data = [{"task_id": t, "batch": "round-0", "round": 0, "kind": "ranking", "prompt": f"Ticket {t}",
+             "responses": [{"text": x, "meta": {}} for x in texts], "source": {}, "annotator": a, "ranks": r,
+             "flags": [], "rationale": "", "seconds": 1.0, "is_gold": False}
+            for t, (texts, ranks) in enumerate(given) for a, r in ranks.items()]
+    pairs, summary = build_pairs(data, combine="dawid_skene", ties="margin0")
+    ties = [p for p in pairs if p["tie"]]
+    assert ties and all(p["p_chosen"] == 0.5 and p["weight"] == 0.0 for p in ties)
+    assert all(p["p_chosen"] > 0.5 and 0 < p["weight"] == 2 * p["p_chosen"] - 1 for p in pairs if not p["tie"])
+    for p in pairs:
+        to_pair(p, "export row")  # the loader of align reward and align dpo takes every one
+
+
 def test_export_options_are_checked_before_anything_is_written(tmp_path):
     from labeling.store import Store
 
