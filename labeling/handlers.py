@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from labeling.store import Store, _check_ranks
+from labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
 
 FLAGS = ("all_bad", "unsafe")
 MAX_RATIONALE = 5000  # characters: a reason, not a document (it is saved at each keystroke, exported with the pair)
@@ -165,6 +165,9 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
         return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
         raise PermissionError(f"task {task['task_id']} was skipped; it is no longer yours to rank")
+    if status == "expired":
+        raise PermissionError(f"task {task['task_id']} was handed to someone else after it stood open for "
+                              f"{ASSIGNMENT_TTL // 60} minutes; it is no longer yours to rank (Skip gives you the next)")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)
         all_bad = "all_bad" in verdict_flags  # the verdict says it (the page's own box is hidden on an A/B task)
@@ -212,7 +215,7 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
     reload shows nothing lost. A flag or the rationale given as None leaves the saved one as it is (the page
     sends each from its own box only: a rank set in a second tab cannot clear them); "" clears the rationale.
 
-    False (nothing written) once the task is submitted or skipped: a late draft never touches it.
+    False (nothing written) once the task is submitted, skipped or expired: a late draft never touches it.
     """
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)

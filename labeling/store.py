@@ -104,7 +104,8 @@ assignments = Table(
     Column("id", Integer, primary_key=True),
     Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False, index=True),
-    Column("status", String(16), nullable=False, default="assigned"),  # assigned | submitted | skipped
+    # assigned | submitted | skipped | expired (abandoned, and its slot went to someone else: assign)
+    Column("status", String(16), nullable=False, default="assigned"),
     Column("assigned_at", Float, nullable=False),
     UniqueConstraint("task_id", "annotator_id", name="uq_assignment_task_annotator"),
 )
@@ -546,16 +547,32 @@ class Store:
         a second), then the highest `priority`, then the oldest (lowest id).
         """
         now = time.time()
+        # Slots held: submitted, or assigned recently (an abandoned assignment frees its slot).
+        holds = (assignments.c.status == "submitted") | (
+            (assignments.c.status == "assigned") & (assignments.c.assigned_at > now - ASSIGNMENT_TTL))
         with self.tx(lock=True) as conn:
-            open_q = (select(assignments.c.task_id).join(tasks, tasks.c.id == assignments.c.task_id)
+            open_q = (select(assignments.c.task_id, assignments.c.assigned_at, tasks.c.is_gold)
+                      .join(tasks, tasks.c.id == assignments.c.task_id)
                       .where(assignments.c.annotator_id == annotator_id, assignments.c.status == "assigned")
                       .order_by(assignments.c.id))
-            open_ = conn.execute(open_q.where(tasks.c.batch == batch) if batch else open_q).first()
-            if open_:  # shown again (a reload): the annotator is at it, the slot stays theirs a while longer
-                conn.execute(update(assignments).where(assignments.c.task_id == open_[0],
-                                                       assignments.c.annotator_id == annotator_id)
-                             .values(assigned_at=now))
-                return open_[0]
+            if batch:
+                open_q = open_q.where(tasks.c.batch == batch)
+            for task_id, assigned_at, is_gold in conn.execute(open_q).all():
+                own = (assignments.c.task_id == task_id) & (assignments.c.annotator_id == annotator_id)
+                if assigned_at <= now - ASSIGNMENT_TTL and not is_gold:
+                    # Abandoned, its slot was free for others: taken back only while the task has a slot free or
+                    # a draft of theirs is in it; else it would get a ranking more than `overlap` while others wait.
+                    others = conn.execute(select(func.count()).select_from(assignments).where(
+                        assignments.c.task_id == task_id, assignments.c.annotator_id != annotator_id, holds)).scalar_one()
+                    draft = conn.execute(select(rankings.c.id).where(
+                        rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
+                        rankings.c.status == "draft")).first()
+                    if others >= overlap and draft is None:
+                        conn.execute(update(assignments).where(own).values(status="expired"))
+                        continue
+                # shown again (a reload): the annotator is at it, the slot stays theirs a while longer
+                conn.execute(update(assignments).where(own).values(assigned_at=now))
+                return task_id
             if not new:
                 return None
             mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
@@ -569,10 +586,7 @@ class Store:
                 row = conn.execute(base.where(tasks.c.is_gold.is_(True)).order_by(tasks.c.id)).first()
                 task_id = row[0] if row else None
             if task_id is None:
-                # Slots held: submitted, or assigned recently (an abandoned assignment frees its slot).
-                held = (select(assignments.c.task_id, func.count().label("n"))
-                        .where((assignments.c.status == "submitted")
-                               | ((assignments.c.status == "assigned") & (assignments.c.assigned_at > now - ASSIGNMENT_TTL)))
+                held = (select(assignments.c.task_id, func.count().label("n")).where(holds)
                         .group_by(assignments.c.task_id).subquery())
                 n = func.coalesce(held.c.n, 0)
                 row = conn.execute(base.where(tasks.c.is_gold.is_(False)).outerjoin(held, held.c.task_id == tasks.c.id)
@@ -590,10 +604,11 @@ class Store:
             counts = dict(conn.execute(select(assignments.c.status, func.count()).where(
                 assignments.c.annotator_id == annotator_id).group_by(assignments.c.status)).all())
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
-                "assigned": sum(counts.values())}
+                "assigned": sum(n for status, n in counts.items() if status != "expired")}  # an expired one: not theirs
 
     def assignment_status(self, annotator_id: int, task_id: int) -> str | None:
-        """assigned / submitted / skipped for this annotator's assignment of the task; None if it is not theirs."""
+        """assigned / submitted / skipped / expired for this annotator's assignment of the task; None if it is not
+        theirs."""
         with self.engine.connect() as conn:
             row = conn.execute(select(assignments.c.status).where(
                 assignments.c.task_id == task_id, assignments.c.annotator_id == annotator_id)).first()
@@ -633,6 +648,9 @@ class Store:
                         raise PermissionError(f"task {task_id} is not assigned to this annotator")
                     if assigned.status == "skipped":
                         raise PermissionError(f"task {task_id} was skipped; it is no longer open for this annotator")
+                    if assigned.status == "expired":
+                        raise PermissionError(f"task {task_id} was handed to someone else; it is no longer open for "
+                                              "this annotator")
                     # FOR UPDATE: a draft merges into the saved one (ranks, flags), so on PostgreSQL a second draft
                     # reading the row before this one commits would write back without it (SQLite: IMMEDIATE)
                     row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks, rankings.c.flags).where(

@@ -187,6 +187,50 @@ def test_an_annotator_at_work_keeps_the_slot_past_the_assignment_ttl(store, monk
     assert handlers.next_task(store, carol)["task_id"] == task["task_id"]  # abandoned: handed on
 
 
+def test_an_expired_assignment_is_not_handed_back_once_another_annotator_holds_its_slot(store, monkeypatch):
+    """overlap 1: Alice opens task 1 and walks away; past ASSIGNMENT_TTL Bob is given it and submits. Back, Alice
+    gets task 2, which nobody has ranked, not task 1 again for a second ranking; her old page cannot submit it."""
+    import time as clock
+
+    from labeling import store as store_module
+
+    first_id, second_id = make_tasks(store, 2)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    assert handlers.next_task(store, alice)["task_id"] == first_id
+    start = clock.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 1.1 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, bob)["task_id"] == first_id  # abandoned: handed on
+    handlers.submit(store, bob, first_id, [1, 2, 3, 4])
+    assert handlers.next_task(store, alice)["task_id"] == second_id
+    with pytest.raises(PermissionError, match=f"task {first_id} was handed to someone else"):
+        handlers.submit(store, alice, first_id, [4, 3, 2, 1])
+    assert handlers.save_draft(store, alice, first_id, [1, 2, 0, 0]) is False
+    handlers.submit(store, alice, second_id, [4, 3, 2, 1])
+    assert sorted((r["task_id"], r["annotator"]) for r in store.submitted_rankings()) == [
+        (first_id, "bob"), (second_id, "alice")]
+    assert store.pending_count() == 0 and store.progress(alice["annotator_id"]) == {
+        "done": 1, "skipped": 0, "assigned": 1}
+
+
+def test_an_expired_assignment_comes_back_while_its_task_has_a_free_slot_or_the_annotator_a_draft(store, monkeypatch):
+    import time as clock
+
+    from labeling import store as store_module
+
+    (task_id,) = make_tasks(store, 1)
+    alice, bob, carol = session(store, "alice"), session(store, "bob"), session(store, "carol")
+    assert handlers.next_task(store, alice, overlap=2)["task_id"] == task_id
+    assert handlers.next_task(store, bob, overlap=2)["task_id"] == task_id
+    handlers.save_draft(store, bob, task_id, [1, 0, 0, 0])
+    start = clock.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 1.1 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, carol, overlap=2)["task_id"] == task_id  # both slots were free
+    handlers.submit(store, carol, task_id, [1, 2, 3, 4])
+    assert handlers.next_task(store, alice, overlap=2)["task_id"] == task_id  # one is still free: hers again
+    bob_back = handlers.next_task(store, bob, overlap=2)  # none is free, but his draft is in it: not lost
+    assert bob_back["task_id"] == task_id and 1 in bob_back["draft"]
+
+
 def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
     ids = make_tasks(store, 6)
     store.add_gold(ids[0], [1, 2, 3, 4])
