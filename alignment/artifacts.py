@@ -149,10 +149,12 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
 
 def store_url(store: str | None, run_dir: str | Path) -> str:
     """`store` when given (any SQLAlchemy URL), else the run directory's SQLite file (made on first use)."""
+    from labeling.store import sqlite_url
+
     if store:
         return store
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(run_dir).resolve() / STORE_FILE}"
+    return sqlite_url(Path(run_dir).resolve() / STORE_FILE)
 
 
 def round_dir(root: str | Path, r: int) -> Path:

@@ -108,10 +108,10 @@ def _export(cfg, pending: set[str], p: str) -> None:
 def _existing_store(url: str | None, run_dir: str):
     """The labelling store at `url` (default <run_dir>/labels.db), or None for a SQLite file that is not
     there (it is not made: a preflight writes nothing)."""
-    from labeling.store import Store
+    from labeling.store import Store, sqlite_path, sqlite_url
 
-    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):].split("?")[0]).is_file():
+    url = url or sqlite_url(Path(run_dir) / "labels.db")
+    if sqlite_path(url) is not None and not Path(sqlite_path(url)).is_file():
         return None
     return Store(url)
 
@@ -561,15 +561,15 @@ def check_checkpoint(key: str, value: str | None, *, ppo: bool = False) -> None:
 
 def check_store(key: str, url: str | None, run_dir: str, *, must_exist: bool) -> None:
     """A database URL the labelling store supports; for export, a SQLite store that exists."""
-    from labeling.store import url_problem
+    from labeling.store import sqlite_path, sqlite_url, url_problem
 
     shown = url or f"sqlite:///{Path(run_dir) / 'labels.db'} (the default)"
-    url = url or f"sqlite:///{Path(run_dir) / 'labels.db'}"
+    url = url or sqlite_url(Path(run_dir) / "labels.db")
     problem = url_problem(url)
     if problem:
         raise ConfigError(f"{key}={problem}")
-    if url.startswith("sqlite:///"):
-        file = url[len("sqlite:///"):].split("?")[0]
+    if sqlite_path(url) is not None:
+        file = sqlite_path(url)
         if Path(file).is_dir():
             raise ConfigError(f"{key}={shown}: {file} is a folder, not a database file")
         if must_exist and not Path(file).is_file():

@@ -102,13 +102,13 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--run-dir {run_dir}: a file is in the way of that folder"
         db_file = run_dir / "labels.db"
     else:
-        from labeling.store import url_problem
+        from labeling.store import sqlite_path, url_problem
 
         problem = url_problem(args.db)
         if problem:
             return f"--db {problem}"
-        if args.db.startswith("sqlite:///"):
-            db_file = Path(args.db[len("sqlite:///"):].split("?")[0])
+        if sqlite_path(args.db) is not None:
+            db_file = Path(sqlite_path(args.db))
     # Only `users add` may create a SQLite store: the other commands read one, and a typo in a
     # path would otherwise leave an empty labels.db behind.
     if db_file is not None and cmd[:2] != ["users", "add"] and not db_file.is_file():

@@ -49,7 +49,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 # 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
@@ -174,13 +174,26 @@ def _safe_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def sqlite_url(path: str | os.PathLike) -> str:
+    """The SQLite URL of a file, its path quoted: in sqlite:///{path} a `?` starts a query and a `%` an escape,
+    so a folder named `what?` or `100%41` gave another file."""
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a sqlite:/// URL names, as SQLAlchemy opens it (unquoted, no query); None for another URL."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return make_url(url).database or ""
+
+
 def url_problem(url: str) -> str | None:
     """Why `url` cannot be a labelling store, worded for the user; None when it can be one."""
     if url.startswith("sqlite:"):
         if not url.startswith("sqlite:///"):
             return (f"{url}: a SQLite URL names its file after three slashes: sqlite:///relative/labels.db or "
                     "sqlite:////absolute/labels.db")
-        if url[len("sqlite:///"):].split("?")[0] in ("", ":memory:"):
+        if sqlite_path(url) in ("", ":memory:"):
             return (f"{url}: an in-memory database is gone when the command exits, with every task and ranking "
                     "in it; name a file: sqlite:///path/labels.db")
         return None
@@ -235,8 +248,8 @@ class Store:
         problem = url_problem(url)
         if problem:
             raise StoreError(problem)
-        if url.startswith("sqlite:///"):
-            path = url[len("sqlite:///"):].split("?")[0]
+        path = sqlite_path(url)
+        if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.engine = _engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"

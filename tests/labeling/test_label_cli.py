@@ -45,6 +45,27 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
 
 
 
+def test_a_run_dir_with_a_question_mark_or_percent_sign_keeps_its_store_in_it(tmp_path, capsys):
+    """sqlite:///<path> read `?` as the start of a query and `%41` as "A": the store of run dir `what?` was a file
+    `what` beside it, that of `100%41` was refused. The URL quotes the path now, and every reader unquotes it."""
+    from alignment.artifacts import store_url
+    from alignment.preflight import check_store
+    from labeling.store import sqlite_path
+
+    for name in ("what?", "100%41", "hash#1", "with space"):
+        run = tmp_path / name
+        assert align(["label", "--run-dir", str(run), "users", "add", "lena", "--password", "pw-1234"]) == 0
+        assert (run / "labels.db").is_file(), sorted(p.name for p in tmp_path.iterdir())
+        url = store_url(None, run)
+        assert sqlite_path(url) == str(run.resolve() / "labels.db")
+        Store(url).add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b"]}])
+        assert align(["label", "--run-dir", str(run), "status"]) == 0
+        assert align(["label", "--db", url, "status"]) == 0  # --db: the file as SQLAlchemy reads the URL
+        assert "round-0: 1 tasks" in capsys.readouterr().out
+        check_store("store", None, str(run), must_exist=True)  # align export's preflight finds it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100%41", "hash#1", "what?", "with space"]
+
+
 def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     """The admin's Export button is `align export` (manifest and config included), wired in by alignment's CLI."""
     import labeling.server
