@@ -50,7 +50,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
 # 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
 SCHEMA_VERSION = 3
@@ -170,8 +170,17 @@ DISABLED = "disabled"  # a disabled account's password hash: no password matches
 
 
 def _safe_url(url: str) -> str:
-    """The URL with any password masked, for messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with any password masked, for messages: the user part's (an empty user name too, and all of a
+    password holding an @ not percent-encoded) and a `password` query parameter's (libpq reads one there)."""
+    if url.startswith("sqlite:"):
+        return url  # no password, and shown as the user wrote it
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return re.sub(r"://.*@", "://***@", url)  # unreadable: all before its last @ may be secret
+    if parsed.host and "@" in parsed.host:  # SQLAlchemy ends the password at its first @: the rest went to the host
+        parsed = parsed.set(password=parsed.password or "***", host=parsed.host.rsplit("@", 1)[1])
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", parsed.render_as_string(hide_password=True))
 
 
 def sqlite_url(path: str | os.PathLike) -> str:
@@ -198,6 +207,15 @@ def url_problem(url: str) -> str | None:
                     "in it; name a file: sqlite:///path/labels.db")
         return None
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        try:
+            host = make_url(url).host or ""
+        except (ArgumentError, ValueError):  # a port that is no number, as `:2@db` of a password `hun@ter:2`
+            host = None
+        if (host is None and url.count("@") > 1) or "@" in (host or ""):  # psycopg: "failed to resolve host"
+            return (f"{_safe_url(url)}: more than one @ before the host: percent-encode the password "
+                    "(an @ in it as %40, a % as %25)")
+        if host is None:
+            return f"{_safe_url(url)}: not a database URL SQLAlchemy can read (is the port a number?)"
         return None
     return f"{_safe_url(url)}: not a database URL align supports; use sqlite:///path/labels.db or postgresql://user@host/db"
 

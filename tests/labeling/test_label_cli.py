@@ -66,6 +66,27 @@ def test_a_run_dir_with_a_question_mark_or_percent_sign_keeps_its_store_in_it(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["100%41", "hash#1", "what?", "with space"]
 
 
+def test_a_postgresql_password_is_masked_however_it_is_given(capsys):
+    """A password after an empty user name, or in a `password` query parameter (libpq reads it there), was
+    printed as it is; an @ in it not percent-encoded sent the rest of it to the host (psycopg's "failed to
+    resolve host" quoted it): refused, saying how to write it."""
+    from labeling.store import _safe_url
+
+    for url in ("postgresql://:hunter2@127.0.0.1:1/labels",
+                "postgresql://someone@127.0.0.1:1/labels?password=hunter2&connect_timeout=2"):
+        assert align(["label", "--db", url, "status"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot open the labelling store postgresql://" in err and "***" in err and "hunter2" not in err
+    for url in ("postgresql://someone:Kx7@Qz9@db.internal/labels", "postgresql://someone:Kx7@Qz:9@db.internal/labels",
+                "postgresql://:Kx7@Qz9@db.internal/labels"):
+        assert align(["label", "--db", url, "status"]) == 2
+        err = capsys.readouterr().err
+        assert "more than one @ before the host: percent-encode the password (an @ in it as %40" in err
+        assert "Kx7" not in err and "Qz" not in err, err
+    assert _safe_url("postgresql://someone:p%40ss@db/labels?password=x&sslmode=require") == \
+        "postgresql://someone:***@db/labels?password=***&sslmode=require"
+
+
 def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     """The admin's Export button is `align export` (manifest and config included), wired in by alignment's CLI."""
     import labeling.server
