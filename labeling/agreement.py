@@ -86,11 +86,36 @@ def task_agreement(ranks: Sequence[Sequence[float]]) -> float:
     return sum(pairwise_agreement(a, b) for a, b in pairs) / len(pairs)
 
 
+def copy_groups(texts: Sequence[str]) -> list[list[int]]:
+    """The indices of each distinct answer (text stripped) of a task, in response order; blank ones are none.
+
+    A task can hold copies of one answer (sampled twice, kept after resampling), each ranked apart: how
+    someone orders two copies says nothing, so the export, the reliability model and the admin view compare
+    answers, each at its copies' mean rank (`merge_copies`).
+    """
+    copies: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        if text.strip():
+            copies.setdefault(text.strip(), []).append(i)
+    return list(copies.values())
+
+
+def merge_copies(ranks: Sequence[float], groups: list[list[int]]) -> list[float]:
+    """A ranking's rank of each answer of `copy_groups`: the mean of its copies' ranks."""
+    return [sum(ranks[i] for i in group) / len(group) for group in groups]
+
+
+def answer_ranks(row: dict[str, Any]) -> list[float]:
+    """A ranking row's ranks (Store.submitted_rankings()) per distinct answer of its task."""
+    return merge_copies(row["ranks"], copy_groups([str(x.get("text", "")) for x in row["responses"]]))
+
+
 def agreement_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """α, mean pairwise agreement and mean τ-b over tasks ranked by two or more annotators."""
-    by_task: dict[int, dict[str, list[int]]] = defaultdict(dict)
+    """α, mean pairwise agreement and mean τ-b over tasks ranked by two or more annotators, on each task's
+    distinct answers (`answer_ranks`), as the export measures agreement."""
+    by_task: dict[int, dict[str, list[float]]] = defaultdict(dict)
     for r in rows:
-        by_task[r["task_id"]][r["annotator"]] = r["ranks"]
+        by_task[r["task_id"]][r["annotator"]] = answer_ranks(r)
     shared = {t: a for t, a in by_task.items() if len(a) >= 2}
     if not shared:
         return {"krippendorff_alpha": None, "pairwise_agreement": None, "kendall_tau": None, "n_tasks": 0}

@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labeling.agreement import annotator_reliability, task_agreement
+from labeling.agreement import annotator_reliability, copy_groups, merge_copies, task_agreement
 from labeling.store import Store
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
@@ -255,18 +255,13 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         first = ranked[0]
         texts = [x["text"] for x in first["responses"]]
         metas = [x.get("meta") or {} for x in first["responses"]]
-        # One answer per distinct text: a task can hold copies (sampled twice, kept after resampling),
-        # each ranked apart; each copy's pairs would repeat a pair or contradict another ("Yes." > "No."
-        # and "No." > the second "Yes."). A text's rank in a ranking is its copies' mean. A blank answer
-        # (a policy that ended its turn at once) is no training side: its pairs are dropped. Agreement and
-        # the posterior are the merged answers' too: two people who order two copies apart still agree.
-        copies: dict[str, list[int]] = {}
-        for i, text in enumerate(texts):
-            if text.strip():
-                copies.setdefault(text.strip(), []).append(i)
-        groups = list(copies.values())
+        # One answer per distinct text (copy_groups): each copy's pairs would repeat a pair or contradict
+        # another ("Yes." > "No." and "No." > the second "Yes."). A blank answer (a policy that ended its
+        # turn at once) is no training side: its pairs are dropped. Agreement and the posterior are the
+        # merged answers' too: two people who order two copies apart still agree.
+        groups = copy_groups(texts)
         reps = [group[0] for group in groups]  # each text's first copy, in response order
-        rank_lists = [[_mean([r["ranks"][i] for i in group]) for group in groups] for r in ranked]
+        rank_lists = [merge_copies(r["ranks"], groups) for r in ranked]
         agreement = task_agreement(rank_lists)
         if min_agreement is not None and agreement < min_agreement:
             counts["dropped_low_agreement"] += 1

@@ -251,14 +251,16 @@ def _require_admin(session: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def gold_accuracy(store: Store) -> dict[str, float]:
-    """Per annotator: the fraction of response pairs ordered as in the gold answer, over gold tasks."""
-    from labeling.agreement import pairwise_agreement
+    """Per annotator: the fraction of pairs of answers ordered as in the gold answer, over gold tasks (copies of
+    one answer are one answer, at their mean rank: their order is no mistake)."""
+    from labeling.agreement import answer_ranks, pairwise_agreement
 
     answers = store.gold_answers()
     scores: dict[str, list[float]] = {}
     for r in store.submitted_rankings():
         if r["task_id"] in answers:
-            scores.setdefault(r["annotator"], []).append(pairwise_agreement(r["ranks"], answers[r["task_id"]]))
+            scores.setdefault(r["annotator"], []).append(
+                pairwise_agreement(answer_ranks(r), answer_ranks({**r, "ranks": answers[r["task_id"]]})))
     return {a: sum(v) / len(v) for a, v in scores.items()}
 
 

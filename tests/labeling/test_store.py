@@ -231,6 +231,24 @@ def test_an_expired_assignment_comes_back_while_its_task_has_a_free_slot_or_the_
     assert bob_back["task_id"] == task_id and 1 in bob_back["draft"]
 
 
+def test_the_admin_view_counts_copies_of_one_answer_as_one_answer(store):
+    """Two annotators agree on every answer of tasks holding two copies of one ("Yes." twice, as align sample
+    keeps them) and order the copies apart: the admin view's agreement and gold accuracy said 2/3, where the
+    export and the reliability model merge the copies (mean rank per text) and see full agreement."""
+    store.add_tasks("round-0", [{"prompt": "Can I get a refund?", "responses": ["Yes.", "No.", "Yes. "]},
+                                {"prompt": "Do you ship to Peru?", "responses": ["Yes, we do.", "No.", "Yes, we do."]}])
+    store.add_gold(2, [1, 3, 2])  # the answer "Yes, we do." above "No.", its copies at 1 and 2
+    admin = session(store, "boss", admin=True)
+    for name, ranks in (("x", [1, 3, 2]), ("y", [2, 3, 1])):  # both: "Yes" above "No", the copies either way
+        person = session(store, name)
+        while (task := handlers.next_task(store, person, overlap=2, gold_rate=1.0)) is not None:
+            handlers.submit(store, person, task["task_id"], [ranks[i] for i in task["order"]])
+    stats = handlers.admin_stats(store, admin, overlap=2)
+    assert stats["agreement"]["n_tasks"] == 1 and stats["agreement"]["pairwise_agreement"] == 1.0
+    assert stats["agreement"]["kendall_tau"] == 1.0
+    assert {p["name"]: p["gold_accuracy"] for p in stats["per_annotator"] if p["name"] != "boss"} == {"x": 1.0, "y": 1.0}
+
+
 def test_gold_tasks_are_mixed_in_scored_and_not_pending(store):
     ids = make_tasks(store, 6)
     store.add_gold(ids[0], [1, 2, 3, 4])
