@@ -30,10 +30,11 @@ import gradio as gr
 from labeling import auth, handlers
 from labeling.playground import PlaygroundError, ServeClient, conversation_html
 from labeling.playground import send as playground_send
+from labeling.store import MAX_RESPONSES
 
 log = logging.getLogger(__name__)
 
-MAX_K = 8  # response slots laid out; tasks with more responses are refused with a message
+MAX_K = MAX_RESPONSES  # response slots laid out (add_tasks refuses a task with more)
 LETTERS = "ABCDEFGH"
 RANK_CHOICES = [str(r) for r in range(1, MAX_K + 1)]
 # A/B verdicts: (label, the key handlers.pairwise_ranks turns into ranks of two and flags).

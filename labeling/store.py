@@ -56,6 +56,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, Operati
 SCHEMA_VERSION = 3
 ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds its slot (seconds)
 NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a longer value
+MAX_RESPONSES = 8  # responses a task may hold: the app lays out this many slots (generation.k allows 2 to 8)
 MIN_TIMED = 3  # rankings with a known time before the admin view gives an annotator's rate
 
 metadata = MetaData()
@@ -330,13 +331,24 @@ class Store:
         now = time.time()
         with self.tx(lock=True) as conn:
             for n, item in enumerate(items):
-                texts = item.get("responses") or []
                 if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
                     raise ValueError(f"item {n}: 'prompt' must be a non-empty string")
-                if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
-                    raise ValueError(f"item {n}: 'responses' must be a list of at least two strings")
+                where = f"item {n} (prompt {item['prompt'][:60]!r})"
+                texts, metas = item.get("responses"), item.get("response_meta")
+                got = (f"a {type(texts).__name__}" if not isinstance(texts, (list, tuple))  # a str: one per character
+                       else f"{len(texts)}" if not 2 <= len(texts) <= MAX_RESPONSES
+                       else next((f"a response that is not a string ({t!r:.40})" for t in texts if not isinstance(t, str)),
+                                 None))
+                if got:
+                    raise ValueError(f"{where}: 'responses' must be a list of 2 to {MAX_RESPONSES} strings (the app "
+                                     f"lays out {MAX_RESPONSES}), got {got}")
                 if kind == "pairwise" and len(texts) != 2:
-                    raise ValueError(f"item {n}: a pairwise task has exactly two responses, got {len(texts)}")
+                    raise ValueError(f"{where}: a pairwise task has exactly two responses, got {len(texts)}")
+                metas = metas or [{} for _ in texts]
+                if not isinstance(metas, (list, tuple)) or len(metas) != len(texts) \
+                        or not all(isinstance(m, dict) for m in metas):
+                    raise ValueError(f"{where}: 'response_meta' must be a list of {len(texts)} objects, one per "
+                                     f"response, got {json.dumps(metas, default=str)[:80]}")
                 priority = item.get("priority", 0.0)
                 if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
                     raise ValueError(f"item {n}: 'priority' must be a finite number, got {priority!r}")
@@ -348,9 +360,6 @@ class Store:
                 task_id = conn.execute(insert(tasks).values(
                     batch=batch, round=round, kind=kind, prompt_id=prompt_id, source=json.dumps(source or {}, default=str),
                     is_gold=False, created=now, priority=float(priority))).inserted_primary_key[0]
-                metas = item.get("response_meta") or [{} for _ in texts]
-                if len(metas) != len(texts):
-                    raise ValueError(f"item {n}: 'response_meta' has {len(metas)} entries for {len(texts)} responses")
                 conn.execute(insert(responses), [
                     {"task_id": task_id, "position": i, "text": _text(t), "meta": json.dumps(m, default=str)}
                     for i, (t, m) in enumerate(zip(texts, metas, strict=True))])

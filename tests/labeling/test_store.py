@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -37,8 +38,26 @@ def test_add_tasks_is_idempotent_per_batch_and_prompt(store):
     assert store.add_tasks("round-1", [{"prompt": "Ticket 0: how do I sync my notes?", "responses": ["a", "b"]}],
                            source={}, round=1) == 1
     assert len(store.batch_tasks("round-0")) == 3 and store.task_prompts("round-1") == {"Ticket 0: how do I sync my notes?"}
-    with pytest.raises(ValueError, match="at least two strings"):
+    with pytest.raises(ValueError, match="a list of 2 to 8 strings"):
         store.add_tasks("round-0", [{"prompt": "x", "responses": ["only one"]}], source={})
+
+
+def test_add_tasks_refuses_responses_the_app_cannot_show_before_anything_is_written(store):
+    """A string of responses became one response per character; nine responses, more than the app lays out, and
+    response_meta entries that are no objects were stored as they came. Each is refused, naming the item and
+    its prompt, and the items before it in the call are not stored either (one transaction)."""
+    good = {"prompt": "Q1", "responses": ["a", "b"]}
+    for bad, said in (({"prompt": "Refund?", "responses": "Yes, sure."}, "got a str"),
+                      ({"prompt": "Nine?", "responses": [str(i) for i in range(9)]}, "got 9"),
+                      ({"prompt": "Mixed?", "responses": ["a", 2]}, "got a response that is not a string (2)"),
+                      ({"prompt": "Meta?", "responses": ["a", "b"], "response_meta": ["x", "y"]},
+                       "'response_meta' must be a list of 2 objects, one per response"),
+                      ({"prompt": "Meta?", "responses": ["a", "b"], "response_meta": [{}]}, "list of 2 objects")):
+        with pytest.raises(ValueError, match=re.escape(f"item 1 (prompt {bad['prompt']!r})") + ".*" + re.escape(said)):
+            store.add_tasks("round-0", [good, bad])
+    assert store.batch_tasks("round-0") == []
+    assert store.add_tasks("round-0", [good, {"prompt": "Eight?", "responses": [str(i) for i in range(8)],
+                                              "response_meta": [{"policy": "p"}] * 8}]) == 2
 
 
 def test_passwords_are_hashed_and_checked(store):
@@ -295,7 +314,7 @@ def test_a_draft_is_kept_then_replaced_by_the_submit(store):
     assert handlers.next_task(store, alice)["draft"] == [1, 3, None, 2]
     handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4])
     assert len(store.submitted_rankings()) == 1
-    with pytest.raises(ValueError, match="'response_meta' has 1 entries for 2 responses"):
+    with pytest.raises(ValueError, match=r"'response_meta' must be a list of 2 objects, one per response, got \[\{\}\]"):
         store.add_tasks("round-0", [{"prompt": "new", "responses": ["a", "b"], "response_meta": [{}]}], source={})
 
 
