@@ -177,7 +177,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
         if cmd[:2] == ["users", "add"] and len(cmd) == 3:
             password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
             store.add_user(cmd[2], password, admin=args.admin)
-            print(f"user {cmd[2]!r} added{' (admin)' if args.admin else ''} to {_safe_url(store.url)}")
+            print(f"user {cmd[2].strip()!r} added{' (admin)' if args.admin else ''} to {_safe_url(store.url)}")
             return 0
         if cmd == ["users", "list"]:
             for u in store.users():
@@ -185,17 +185,22 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             return 0
         if cmd[:2] == ["users", "passwd"]:
             store.set_password(cmd[2], args.password or getpass.getpass(f"new password for {cmd[2]}: "))
-            print(f"user {cmd[2]!r}: new password; signed out everywhere")
+            print(f"user {cmd[2].strip()!r}: new password; signed out everywhere")
             return 0
         if cmd[:2] == ["users", "disable"]:
             store.disable_user(cmd[2])
-            print(f"user {cmd[2]!r} disabled and signed out; their rankings stay (users passwd {cmd[2]} enables again)")
+            print(f"user {cmd[2].strip()!r} disabled and signed out; their rankings stay (users passwd "
+                  f"{shlex.quote(cmd[2].strip())} enables again)")
             return 0
         if cmd[:2] == ["users", "admin"]:
             store.set_admin(cmd[2], cmd[3] == "on")
-            print(f"user {cmd[2]!r}: admin {cmd[3]}")
+            print(f"user {cmd[2].strip()!r}: admin {cmd[3]}")
             return 0
         if cmd == ["status"]:
+            if args.batch and args.batch not in store.batches():  # else "pending rankings: 0", as if all were done
+                print(f"align label: --batch {args.batch!r} is not in the store; its batches: "
+                      f"{', '.join(store.batches()) or 'none yet'}", file=sys.stderr)
+                return 2
             for b in store.batch_counts():
                 print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
                       f"{b['unranked']} unranked")

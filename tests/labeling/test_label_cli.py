@@ -193,3 +193,18 @@ def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
     assert not _has_accounts(None, str(tmp_path / "solo"))
     assert align(["label", "--run-dir", str(tmp_path / "solo")]) == 2
     assert "no accounts to sign in with yet" in capsys.readouterr().err
+
+
+def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoed_as_stored(tmp_path, capsys):
+    """`status --batch nope` printed "pending rankings: 0" for a batch that is not there; `users add "  lena  "`
+    said it added '  lena  ', stored as 'lena'."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b"]}])
+    store.add_tasks("round-1", [{"prompt": "q", "responses": ["a", "b"]}])
+    label = ["label", "--run-dir", str(tmp_path)]
+    assert align([*label, "status", "--batch", "nope"]) == 2
+    assert "--batch 'nope' is not in the store; its batches: round-0, round-1" in capsys.readouterr().err
+    assert align([*label, "status", "--batch", "round-1"]) == 0
+    assert "pending rankings (overlap 1): 1" in capsys.readouterr().out
+    assert align([*label, "users", "add", "  lena  ", "--password", "pw-1234"]) == 0
+    assert "user 'lena' added to" in capsys.readouterr().out and [u["name"] for u in store.users()] == ["lena"]
