@@ -23,8 +23,10 @@ that runs it, its config class, its folder, its upstream stages and its kind; a 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -37,10 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "align.json"
 STORE_FILE = "labels.db"  # the default labelling store, in the run directory
 # In a reward model's folder: the ensemble of heads whose disagreement is its uncertainty (alignment/active.py).
 HEADS_FILE = "reward_heads.safetensors"
+# In a training stage's checkpoints/: what its checkpoints were trained on (begin_training).
+TRAINED_ON = "trained_on.json"
+# A model folder's files that make it the model it is (model_fingerprint).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
 # policy: a peft adapter a policy runs with (eval compares these); reward: a reward model; data: a
 # dataset or the store's contents; eval: figures about policies; service: a process that serves
@@ -315,13 +323,22 @@ def _step(path: Path) -> int | None:
     return int(step) if path.is_dir() and not path.name.startswith("abandoned-") and step.isdigit() else None
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-N (step-N) folders in `folder`; none where it does not exist."""
+    return [p for p in folder.iterdir() if _step(p) is not None] if folder.is_dir() else []
+
+
 def _set_aside(paths: list[Path], folder: Path, said: str) -> Path | None:
     """`paths` (checkpoints) moved into `folder`/abandoned-<time>/, `said` on stderr (its {n} and {aside}
     filled in); where they went, or None."""
     if not paths or not is_main_process():
         return None
-    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
+    aside = stamped = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 100):  # a second set-aside within the second (a finished run's, then this run's) gets its own
+        if not aside.exists():
+            break
+        aside = stamped.with_name(f"{stamped.name}-{n}")
+    aside.mkdir()
     for path in sorted(paths):
         path.rename(aside / path.name)
     print("align: " + said.format(n=len(paths), aside=aside), file=sys.stderr)
@@ -343,14 +360,94 @@ def set_aside_later_checkpoints(checkpoint: str | Path) -> Path | None:
                                                 "abandoned there) moved to {aside}")
 
 
-def set_aside_checkpoints(folder: str | Path) -> Path | None:
+def set_aside_checkpoints(folder: str | Path, whose: str = "an earlier run") -> Path | None:
     """A stage starting from scratch: the checkpoints an earlier run left in `folder` (`<stage>/checkpoints`)
-    move to `abandoned-<time>/` in it. Left in place, a later `train.resume_from_checkpoint=latest` (after
-    this run is killed before its first checkpoint) would continue the earlier run, on its data and config,
-    under this run's manifest. Returns where they went, or None."""
+    move to `abandoned-<time>/` in it, with the record of what they were trained on. Left in place, a later
+    `train.resume_from_checkpoint=latest` (after this run is killed before its first checkpoint) would continue
+    the earlier run, on its data and config, under this run's manifest. Returns where they went, or None."""
     folder = Path(folder)
-    old = [p for p in folder.iterdir() if _step(p) is not None] if folder.is_dir() else []
-    return _set_aside(old, folder, "starting from scratch: the {n} checkpoints of an earlier run moved to {aside}")
+    aside = _set_aside(_checkpoints(folder), folder,
+                       f"starting from scratch: the {{n}} checkpoints of {whose} moved to {{aside}}")
+    if aside and (folder / TRAINED_ON).is_file():  # what they were trained on goes with them
+        (folder / TRAINED_ON).rename(aside / TRAINED_ON)
+    return aside
+
+
+def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
+                   trained_on: dict[str, Any] | None = None) -> Path | None:
+    """A training stage about to train into `out`: the checkpoint `train.resume_from_checkpoint` (`resume`)
+    continues from, or None for a fresh start; `trained_on` (the data's sha256, the model and adapter the run
+    starts from: model_identity) is then recorded in <out>/checkpoints/trained_on.json.
+
+    None: a fresh start, the earlier run's checkpoints set aside (set_aside_checkpoints). A checkpoint folder:
+    that one, with a warning when its run was trained on other inputs (asked for by name), the later ones of
+    its run set aside (set_aside_later_checkpoints). `latest` (or auto): the newest, unless it cannot go on
+    into this run, when every checkpoint is set aside and the run starts from scratch, saying why: one of a
+    finished run (at or past `max_steps`: nothing to resume, and the Trainer would train one step too many),
+    or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
+    up at its last step, train nothing and keep the old weights under a manifest naming the new data).
+    Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
+    """
+    folder = Path(out) / "checkpoints"
+    if resume not in ("latest", "auto"):
+        if resume:
+            differ = _trained_otherwise(Path(resume).parent, trained_on)
+            if differ:
+                log.warning("train.resume_from_checkpoint=%s: its run was trained on other inputs than this one "
+                            "(%s differ: see its %s); resuming from it as asked", resume, ", ".join(differ), TRAINED_ON)
+            set_aside_later_checkpoints(resume)
+        else:
+            set_aside_checkpoints(folder)
+        found = Path(resume) if resume else None
+    else:
+        found = max(_checkpoints(folder), key=_step, default=None)
+        differ = _trained_otherwise(folder, trained_on) if found else []
+        if differ:
+            set_aside_checkpoints(folder, f"a run on other inputs ({', '.join(differ)} differ: see its {TRAINED_ON})")
+            found = None
+        elif found and 0 < max_steps <= (_step(found) or 0):
+            set_aside_checkpoints(folder, f"a finished run ({found.name}, train.max_steps={max_steps}: nothing "
+                                          "left to resume)")
+            found = None
+        log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
+    if trained_on is not None and is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{TRAINED_ON}.tmp"
+        tmp.write_text(json.dumps(trained_on, indent=2))
+        tmp.replace(folder / TRAINED_ON)
+    return found
+
+
+def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:
+    """The inputs (keys of `trained_on`) the checkpoints in `folder` were trained on otherwise; [] when the same,
+    or unknown (no record: checkpoints of an align before it, or a folder of someone else's)."""
+    path = folder / TRAINED_ON
+    if trained_on is None or not path.is_file():
+        return []
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        recorded = {}
+    return [k for k in sorted(set(recorded) | set(trained_on)) if recorded.get(k) != trained_on.get(k)]
+
+
+def model_identity(name: str | Path | None) -> str | None:
+    """A model or adapter as a checkpoint's record names it: a Hub id or embedded name as it is, a local folder
+    as its absolute path and fingerprint (model_fingerprint: replaced in place, it is another model)."""
+    if not name or not Path(name).is_dir():
+        return str(name) if name else None
+    return f"{Path(name).resolve()}@{model_fingerprint(name)}"
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A local model folder's identity, cheaply (no weights read): its align.json's mtime where it has one (an
+    align artifact, written last by the stage that made it: an SFT adapter, a merged model), else the names,
+    sizes and mtimes of its config.json and weight files."""
+    folder = Path(folder)
+    files = [folder / MANIFEST] if (folder / MANIFEST).is_file() else sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- after a failure
@@ -411,7 +508,7 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
         if folder not in before:
             if (folder / MANIFEST).is_file():
                 continue  # finished by this run (a pipeline stage before the one that failed)
-            if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
+            if _checkpoints(folder / "checkpoints"):
                 log.warning("kept %s: unfinished (no %s) but it holds checkpoints; train.resume_from_checkpoint="
                             "latest continues from them", folder, MANIFEST)
             else:

@@ -71,7 +71,8 @@ def _sft(cfg, pending: set[str], p: str) -> None:
         read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)
     except DataError as err:
         raise DataError(f"{p}data.path: {err}") from None
-    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
+                     max_steps=cfg.train.max_steps)
 
 
 def _sample(cfg, pending: set[str], p: str) -> None:
@@ -143,7 +144,8 @@ def _reward(cfg, pending: set[str], p: str) -> None:
                              "model (from_sft=true)")
         check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
-    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
+                     max_steps=cfg.train.max_steps)
     if cfg.probe_scorer:
         check_scorer(f"{p}probe_scorer", cfg.probe_scorer)
 
@@ -156,7 +158,8 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
     if cfg.sft is not None or "sft" not in pending:
         _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "DPO trains the SFT adapter")
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
-    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint)
+    check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
+                     max_steps=cfg.train.max_steps)
 
 
 def _ppo(cfg, pending: set[str], p: str) -> None:
@@ -200,7 +203,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
         raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts}: a rollout takes that many different prompts, "
                           f"and {cfg.prompts} gives {n}{f' (num_prompts={cfg.num_prompts})' if cfg.num_prompts > 0 else ''}")
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
-                     ppo=cfg.algo == "ppo")
+                     ppo=cfg.algo == "ppo", max_steps=cfg.train.max_steps)
 
 
 def _eval(cfg, pending: set[str], p: str) -> None:
@@ -539,8 +542,9 @@ def check_weights_file(key: str, file: Path) -> None:
                           "(an interrupted copy or save): copy it again or retrain") from None
 
 
-def check_checkpoint(key: str, value: str | None, *, ppo: bool = False) -> None:
-    """train.resume_from_checkpoint: latest, or a checkpoint folder this stage wrote."""
+def check_checkpoint(key: str, value: str | None, *, ppo: bool = False, max_steps: int = -1) -> None:
+    """train.resume_from_checkpoint: latest, or a checkpoint folder this stage wrote, with steps left to train
+    before `max_steps` (at it, the run is finished: the Trainer would train one step past it)."""
     if value is None or value == "latest" or (ppo and value == "auto"):
         return
     path = Path(value).expanduser()
@@ -554,7 +558,12 @@ def check_checkpoint(key: str, value: str | None, *, ppo: bool = False) -> None:
         raise ConfigError(f"{key}={value}: not a {'PPO' if ppo else 'trainer'} checkpoint (no {', '.join(missing)}); "
                           f"give one of the stage's checkpoints/{'step-N' if ppo else 'checkpoint-N'} folders, or "
                           f"{allowed}")
-    _read_json(key, path / "trainer_state.json")
+    state = _read_json(key, path / "trainer_state.json")
+    step = state.get("step" if ppo else "global_step")
+    if isinstance(step, int) and 0 < max_steps <= step:
+        raise ConfigError(f"{key}={value}: a finished run's checkpoint (step {step}, train.max_steps={max_steps}): "
+                          "nothing is left to train from it; raise train.max_steps to train on from it, or leave "
+                          "train.resume_from_checkpoint unset to train again from scratch")
     for file in sorted(path.glob("*.safetensors")):
         check_weights_file(key, file)
 

@@ -28,14 +28,15 @@ from safetensors.torch import load_file, save_file
 
 from alignment import StageError
 from alignment.artifacts import (
+    begin_training,
     is_main_process,
-    set_aside_checkpoints,
-    set_aside_later_checkpoints,
+    model_identity,
     stage_dir,
     system_prompt_of,
 )
 from alignment.config import ConfigError, PPOStageConfig, RLConfig
 from alignment.cpu import keep_trainable_in
+from alignment.data import file_hash
 from alignment.generation import check_backend
 from alignment.modeling import is_adapter_dir
 from alignment.reward_model import Reward, gate, load_reward_model, score, shared_base_reward
@@ -69,6 +70,13 @@ def resolve_sft(cfg: PPOStageConfig) -> Path | None:
     log.warning("no SFT adapter at %s: a fresh LoRA on %s, the reference is the base (adapter disabled)", sft,
                 cfg.model.name)
     return None
+
+
+def trained_on(cfg: PPOStageConfig, sft: Path | None, rm: Path | None) -> dict[str, str | None]:
+    """What an RL run's checkpoints are trained on (alignment.artifacts.begin_training): the prompts, the model
+    and SFT adapter it starts from, and the reward it is trained against."""
+    return {"prompts": file_hash(cfg.prompts), "base_model": model_identity(cfg.model.name),
+            "sft": model_identity(sft), "reward": f"scorer:{cfg.scorer}" if cfg.scorer else model_identity(rm)}
 
 
 def check_reward(cfg: PPOStageConfig) -> None:
@@ -352,19 +360,14 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N (None: from scratch)."""
-    if not resume:
-        set_aside_checkpoints(out / "checkpoints")
-        return None
-    if resume in ("latest", "auto"):
-        found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        log.info("resuming from %s", found[-1] if found else "scratch (no checkpoint found)")
-        return found[-1] if found else None
-    if not (Path(resume) / "trainer_state.json").is_file():
+def find_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
+                    trained_on: dict[str, str | None] | None = None) -> Path | None:
+    """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N that can go on into this
+    run (alignment.artifacts.begin_training: not a finished run's, nor one trained on other inputs); None: from
+    scratch."""
+    if resume and resume not in ("latest", "auto") and not (Path(resume) / "trainer_state.json").is_file():
         raise StageError(f"train.resume_from_checkpoint={resume} is not a PPO checkpoint (no trainer_state.json)")
-    set_aside_later_checkpoints(resume)
-    return Path(resume)
+    return begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
 
 
 def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = None,

@@ -2,7 +2,8 @@
 held-out evaluation and the metrics.jsonl callback.
 
     args = trl_args(DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=True, beta=cfg.beta, ...)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint,
+                                                           max_steps=cfg.train.max_steps, trained_on={...}))
 
 One mapping of our `train` section, the device plan and the run onto TRL's argument classes
 (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig: all transformers'
@@ -20,9 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from alignment.artifacts import set_aside_checkpoints, set_aside_later_checkpoints
+from alignment.artifacts import begin_training
 from alignment.config import RunConfig, TrainConfig
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
@@ -103,22 +103,17 @@ def final_eval(trainer: Any) -> dict[str, float]:
     return trainer.evaluate()
 
 
-def resume_checkpoint(out: Path, resume: str | None) -> str | None:
-    """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N.
+def resume_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
+                      trained_on: dict[str, Any] | None = None) -> str | None:
+    """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N
+    that can go on into this run (alignment.artifacts.begin_training: not a finished run's, at `max_steps`, nor
+    one trained on other inputs than `trained_on`).
 
-    "latest" with no checkpoint yet starts from scratch (so a pipeline can always pass it); any
+    "latest" with no such checkpoint starts from scratch (so a pipeline can always pass it); any
     other value is a checkpoint folder, passed on as it is.
     """
-    if resume not in ("latest", "auto"):
-        if resume:
-            set_aside_later_checkpoints(resume)
-        else:
-            set_aside_checkpoints(Path(out) / "checkpoints")
-        return resume
-    folder = Path(out) / "checkpoints"
-    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    log.info("resuming from %s", found or "scratch (no checkpoint found)")
-    return found
+    found = begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
+    return str(found) if found else None
 
 
 def set_rate(optimizer, scheduler, lr: float) -> None:

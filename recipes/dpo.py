@@ -29,6 +29,7 @@ from alignment import StageError, report
 from alignment.artifacts import (
     eval_command,
     is_main_process,
+    model_identity,
     print_done,
     stage_dir,
     system_prompt_of,
@@ -211,7 +212,9 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- trainer ----------------------------------------------------------------------------
     start_wandb_run(cfg.run, "dpo")  # before the trainer: its W&B callback logs into this run
-    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
+                                               "sft": model_identity(sft)})
     trainer = AlignDPOTrainer(
         group_by_ranking=cfg.group_by_ranking,
         model=model,

@@ -198,7 +198,8 @@ def main(cfg: PPOStageConfig) -> Path:
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
-    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on=R.trained_on(cfg, sft, rm))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     logs = [r for r in trainer.state.log_history if "reward" in r]
     metrics = {"steps": result.global_step, "reward_mean_first": logs[0]["reward"] if logs else None,

@@ -269,7 +269,8 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     kl_ctl = R.kl_controller(cfg.rl.kl_control, cfg.rl.kl_coef, cfg.rl.kl_target, cfg.rl.kl_horizon)
 
     start = 0
-    checkpoint = R.find_checkpoint(out, cfg.train.resume_from_checkpoint)
+    checkpoint = R.find_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on=R.trained_on(cfg, sft, rm))
     if checkpoint:
         start = R.load_checkpoint(checkpoint, model, head, optimizer, scheduler, kl_ctl, lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)

@@ -32,6 +32,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from alignment import StageError, report
 from alignment.artifacts import (
     is_main_process,
+    model_identity,
     print_done,
     shell,
     stage_dir,
@@ -260,7 +261,9 @@ def main(cfg: RewardStageConfig) -> Path:
                     dropped, len(train), cfg.model.max_length)
 
     # --- train ------------------------------------------------------------------------------
-    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
+                                               "sft": model_identity(sft) if cfg.from_sft else None})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed

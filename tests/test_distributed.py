@@ -256,7 +256,7 @@ def test_ppo_under_two_processes_raises_the_reward_and_writes_once(tiny_model, t
     assert sum(reward[-4:]) / 4 > sum(reward[:3]) / 3 + 0.25, reward  # measured: 0.17 -> 0.88, KL <= 4.7
     assert rows[0]["kl"] == pytest.approx(0, abs=1e-5)
     assert {"adapter_model.safetensors", "value_head.safetensors", "align.json", "config.yaml"} <= files(ppo)
-    assert sorted(p.name for p in (ppo / "checkpoints").iterdir()) == ["step-16", "step-8"]
+    assert sorted(p.name for p in (ppo / "checkpoints").iterdir()) == ["step-16", "step-8", "trained_on.json"]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(ppo))
     assert list(policy.peft_config) == ["default"]

@@ -125,7 +125,7 @@ def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL: no clean-up ran
     assert [r["step"] for r in read_jsonl(killed / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in (killed / "ppo" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (killed / "ppo" / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
     assert not (killed / "ppo" / "align.json").exists()
 
     assert ppo(killed, sft_dir, prompts, *args, "train.resume_from_checkpoint=latest") == 0

@@ -142,6 +142,28 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     assert got == {"train_loss": pytest.approx((6.0 + 2 * 5.0 + 1 * 5.0 + 3 * 2.0) / 7), "train_loss_since_resume": 2.0}
 
 
+def test_latest_over_a_finished_run_on_other_data_trains_the_new_data(tiny_model, sft_data, tmp_path, capsys):
+    """The pipeline's case: sft finished, its data edited, run again with resume_from_checkpoint=latest. The
+    finished run's checkpoint-4 is set aside and 4 steps train on the new data (it resumed at step 4, trained
+    nothing and kept the old adapter under a manifest naming the new data's hash)."""
+    args = ["model.quantize=false", "train.max_steps=4", "train.eval_steps=2", "train.resume_from_checkpoint=latest"]
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", *args)
+    old = load_file(str(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+    sft_data.write_text(sft_data.read_text().replace("Open Settings", "Open the menu"))
+    capsys.readouterr()
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", *args)
+    assert "checkpoints of a run on other inputs (data differ" in capsys.readouterr().err
+    ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
+    assert ends == [4] and [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    new = load_file(str(out / "adapter_model.safetensors"))
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    # Named by its path, a finished run's checkpoint is refused before anything loads: nothing is left to train
+    # from it (the Trainer trained one step past train.max_steps).
+    rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}", *FAST,
+                "train.max_steps=4", f"train.resume_from_checkpoint={out / 'checkpoints' / 'checkpoint-4'}"])
+    assert rc == 2 and "a finished run's checkpoint (step 4, train.max_steps=4)" in capsys.readouterr().err
+
+
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

@@ -116,7 +116,7 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
     for step in (2, 10, 9):
         (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-99.tmp").mkdir()
-    with caplog.at_level(logging.INFO, logger="alignment.training"):
+    with caplog.at_level(logging.INFO, logger="alignment.artifacts"):
         assert resume_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoints" / "checkpoint-10")
     assert "resuming from" in caplog.text and "checkpoint-10" in caplog.text
     assert resume_checkpoint(tmp_path, "/some/checkpoint-3") == "/some/checkpoint-3"
@@ -153,3 +153,48 @@ def test_resuming_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(t
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8"]
     assert "the 2 later checkpoints (a run abandoned there) moved to" in capsys.readouterr().err
     assert resume_checkpoint(tmp_path, "latest").endswith("checkpoint-4")
+
+
+@pytest.mark.parametrize("kind", ["trl", "ppo"])
+def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_path, capsys, caplog):
+    """`latest` over a finished run's checkpoints (at train.max_steps) or a run's on other data (a pipeline rerun
+    after the data changed) starts from scratch: resumed, it trained nothing and kept the old weights under a
+    manifest naming the new data. Training longer, or at another lr, on the same inputs still resumes."""
+    import json
+
+    from alignment.rl import find_checkpoint
+
+    find = find_checkpoint if kind == "ppo" else resume_checkpoint
+    prefix = "step" if kind == "ppo" else "checkpoint"
+    folder = tmp_path / "checkpoints"
+
+    def saved(*steps):
+        for step in steps:
+            (folder / f"{prefix}-{step}").mkdir(parents=True)
+            (folder / f"{prefix}-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+    inputs = {"data": "sha-of-the-data", "base_model": "/models/tiny@1234", "sft": None}
+    assert find(tmp_path, None, max_steps=8, trained_on=inputs) is None  # a fresh run records what it trains on
+    assert json.loads((folder / "trained_on.json").read_text()) == inputs
+    saved(4, 8)
+    assert str(find(tmp_path, "latest", max_steps=12, trained_on=inputs)).endswith(f"{prefix}-8")  # to train longer
+    assert not list(folder.glob("abandoned-*"))
+
+    assert find(tmp_path, "latest", max_steps=8, trained_on=inputs) is None  # finished: nothing to resume
+    assert f"the 2 checkpoints of a finished run ({prefix}-8, train.max_steps=8" in capsys.readouterr().err
+    (aside,) = folder.glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == [f"{prefix}-4", f"{prefix}-8", "trained_on.json"]
+    assert json.loads((folder / "trained_on.json").read_text()) == inputs  # this run's own record
+
+    saved(2)
+    new_data = {**inputs, "data": "sha-of-other-data"}
+    assert find(tmp_path, "latest", max_steps=8, trained_on=new_data) is None
+    assert "the 1 checkpoints of a run on other inputs (data differ" in capsys.readouterr().err
+    assert not list(folder.glob(f"{prefix}-*")) and len(list(folder.glob("abandoned-*"))) == 2
+
+    # Named by its path, a checkpoint of other inputs is resumed as asked, with a warning.
+    saved(2)
+    with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):
+        assert str(find(tmp_path, str(folder / f"{prefix}-2"), max_steps=8, trained_on=inputs)) == str(
+            folder / f"{prefix}-2")
+    assert "was trained on other inputs than this one (data differ" in caplog.text
