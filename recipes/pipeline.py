@@ -47,6 +47,7 @@ from alignment.artifacts import (
     stage_dir,
     store_url,
 )
+from alignment.cli import Terminated
 from alignment.config import PipelineConfig, redact, to_dict
 from alignment.data import file_hash
 from alignment.preflight import check_stage
@@ -162,7 +163,9 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
                                  "the pipeline again to resume")
             print(f"  {left} rankings still to do", end="\r", flush=True)
             time.sleep(10)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):  # a `kill` or a scheduler's stop ends the pipeline, as in every stage
+            raise
         print("\nstopped waiting; going on with the rankings so far")
     finally:
         app.terminate()

@@ -279,6 +279,38 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     assert started[0][-2:] == ["--db", url]
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_waiting_for_human_labels_ctrl_c_goes_on_and_sigterm_ends_the_pipeline(stop, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the pipeline waits for the batch goes on with the rankings so far; SIGTERM (a `kill`, a
+    scheduler's stop) ends the pipeline as it ends every stage (exit 143). It went on to export and train on a
+    half-labelled batch. Either way the labelling app is stopped."""
+    from alignment.cli import Terminated
+    from alignment.config import PipelineConfig, load_config
+    from labeling.store import Store
+    from recipes import pipeline
+
+    store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "Where is Sync?", "responses": ["Settings.", "No idea."]}], source={})
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human"])
+    apps, popen, sleep = [], subprocess.Popen, time.sleep
+    monkeypatch.setattr(pipeline.subprocess, "Popen",
+                        lambda args: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"])) or apps[-1])
+
+    def signalled(seconds):  # the signal arrives in the wait (once: Popen.wait sleeps too)
+        monkeypatch.setattr(pipeline.time, "sleep", sleep)
+        raise Terminated if stop == "sigterm" else KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.time, "sleep", signalled)
+    if stop == "sigterm":
+        with pytest.raises(Terminated):
+            pipeline.label(cfg, tmp_path / "run", "round-0")
+        assert "going on with the rankings so far" not in capsys.readouterr().out
+    else:
+        pipeline.label(cfg, tmp_path / "run", "round-0")
+        assert "stopped waiting; going on with the rankings so far" in capsys.readouterr().out
+    assert apps[0].wait(timeout=10) is not None
+
+
 def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys):
     """The rerun rule, on the finished run (no stage runs here: run_stage records what would):
     W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
