@@ -387,8 +387,16 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
     up at its last step, train nothing and keep the old weights under a manifest naming the new data).
     Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
+
+    A finished artifact in `out` loses its align.json here, before the first file is rewritten (metrics.jsonl,
+    checkpoints/): a rerun killed on the way, even by SIGKILL, leaves an unfinished folder, not the old manifest
+    over this run's log and checkpoints. The run writes its own when it finishes.
     """
     folder = Path(out) / "checkpoints"
+    if (Path(out) / MANIFEST).is_file() and is_main_process():
+        (Path(out) / MANIFEST).unlink()
+        log.info("%s: training again, so its %s (the finished run's) is removed; this run writes its own when it "
+                 "finishes", out, MANIFEST)
     if resume not in ("latest", "auto"):
         if resume:
             differ = _trained_otherwise(Path(resume).parent, trained_on)

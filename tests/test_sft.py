@@ -164,6 +164,30 @@ def test_latest_over_a_finished_run_on_other_data_trains_the_new_data(tiny_model
     assert rc == 2 and "a finished run's checkpoint (step 4, train.max_steps=4)" in capsys.readouterr().err
 
 
+def test_a_rerun_of_a_finished_sft_is_no_longer_marked_finished_once_it_trains(tiny_model, sft_data, tmp_path,
+                                                                              monkeypatch):
+    """Run again over a finished sft and stopped at its first step, the folder holds this run's metrics.jsonl and
+    checkpoints/: its old align.json (the mark of a finished run) is gone from the moment training started, so a
+    kill that tidies nothing up (SIGKILL) leaves no finished-looking artifact, and the report shows no sft."""
+    from alignment.report import write_report
+    from alignment.training import MetricsJSONL
+
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=2",
+                  "train.eval_steps=2")
+    marked = []
+
+    def stopped(self, args, state, control, **kwargs):  # a kill after the first step
+        marked.append((out / "align.json").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsJSONL, "on_step_end", stopped)
+    rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}", *FAST,
+                "model.quantize=false", "train.max_steps=4", "train.eval_steps=2"])
+    assert rc == 130 and marked == [False]
+    assert not (out / "align.json").exists() and read_jsonl(out / "metrics.jsonl") == []  # this run's log, so far
+    assert "<section id='sft'>" not in write_report(tmp_path / "run").read_text()
+
+
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
