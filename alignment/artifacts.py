@@ -381,9 +381,10 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
 
     None: a fresh start, the earlier run's checkpoints set aside (set_aside_checkpoints). A checkpoint folder:
     that one, with a warning when its run was trained on other inputs (asked for by name), the later ones of
-    its run set aside (set_aside_later_checkpoints). `latest` (or auto): the newest, unless it cannot go on
-    into this run, when every checkpoint is set aside and the run starts from scratch, saying why: one of a
-    finished run (at or past `max_steps`: nothing to resume, and the Trainer would train one step too many),
+    its run set aside (set_aside_later_checkpoints). `latest` (or auto): the newest complete one (those cut
+    short by a kill while being saved are set aside first), unless it cannot go on into this run; then every
+    checkpoint is set aside and the run starts from scratch, saying why: one of a finished run (at or past
+    `max_steps`: nothing to resume, and the Trainer would train one step too many),
     or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
     up at its last step, train nothing and keep the old weights under a manifest naming the new data).
     Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
@@ -408,7 +409,11 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
             set_aside_checkpoints(folder)
         found = Path(resume) if resume else None
     else:
-        found = max(_checkpoints(folder), key=_step, default=None)
+        saved = _checkpoints(folder)
+        cut = [p for p in saved if not _complete(p)]
+        _set_aside(cut, folder, "the {n} checkpoints cut short while being saved (no readable trainer_state.json, "
+                                "which the Trainer writes last) moved to {aside}")
+        found = max((p for p in saved if p not in cut), key=_step, default=None)
         differ = _trained_otherwise(folder, trained_on) if found else []
         if differ:
             set_aside_checkpoints(folder, f"a run on other inputs ({', '.join(differ)} differ: see its {TRAINED_ON})")
@@ -424,6 +429,16 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
         tmp.write_text(json.dumps(trained_on, indent=2))
         tmp.replace(folder / TRAINED_ON)
     return found
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint saved to its end: its trainer_state.json, written last (by the Trainer, and by PPO before the
+    folder is renamed into place), is there and reads back."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:

@@ -109,9 +109,11 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=4",
                   "train.eval_steps=2", "train.scheduler=constant")
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
-    # as a run killed after checkpoint-4 leaves it: steps 5 and 6 logged, not checkpointed
+    # as a run killed after checkpoint-4 leaves it: steps 5 and 6 logged, checkpoint-6 cut short as it was saved
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (5, 6)))
+    (out / "checkpoints" / "checkpoint-6").mkdir()
+    (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"cut")
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=6",
                   "train.eval_steps=2", "train.scheduler=constant", "train.resume_from_checkpoint=latest",
                   "train.lr=1e-4")
@@ -119,6 +121,8 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     # one (the killed run's 5 and 6 dropped), none trained or logged twice.
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6], steps
+    (aside,) = (out / "checkpoints").glob("abandoned-*")  # resumed from checkpoint-4: the cut one set aside
+    assert (aside / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == b"cut"
     assert 9.0 not in [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
     assert ends == [4, 6], f"expected a first run ending at 4 and a resumed one at 6, got {ends}"

@@ -115,6 +115,7 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
     assert resume_checkpoint(tmp_path, "latest") is None  # no checkpoints/ yet: from scratch
     for step in (2, 10, 9):
         (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "checkpoint-99.tmp").mkdir()
     with caplog.at_level(logging.INFO, logger="alignment.artifacts"):
         assert resume_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoints" / "checkpoint-10")
@@ -146,6 +147,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(t
     folder = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
         (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert resume_checkpoint(tmp_path, "latest").endswith("checkpoint-8")
     assert resume_checkpoint(tmp_path, str(folder / "checkpoint-4")) == str(folder / "checkpoint-4")
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -198,3 +200,19 @@ def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_pa
         assert str(find(tmp_path, str(folder / f"{prefix}-2"), max_steps=8, trained_on=inputs)) == str(
             folder / f"{prefix}-2")
     assert "was trained on other inputs than this one (data differ" in caplog.text
+
+
+def test_latest_sets_aside_checkpoints_cut_short_by_a_kill(tmp_path, capsys):
+    """A kill while checkpoint-N was saved leaves it without trainer_state.json (written last) or with half of
+    it: `latest` resumes from the newest complete one and moves those aside (it crashed on them, run after run)."""
+    folder = tmp_path / "checkpoints"
+    for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, '{"global_st')):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert resume_checkpoint(tmp_path, "latest", max_steps=10) == str(folder / "checkpoint-4")
+    assert "the 2 checkpoints cut short while being saved" in capsys.readouterr().err
+    (aside,) = folder.glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
