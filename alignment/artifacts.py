@@ -477,7 +477,7 @@ def model_fingerprint(folder: str | Path) -> str:
 
 
 @contextmanager
-def discard_unfinished(run_dir: str | Path, *outputs: str | Path) -> Iterator[None]:
+def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str | None = None) -> Iterator[None]:
     """On a failure inside, leave no folder that a later stage could take for a finished artifact.
 
     A stage writes align.json last, so a folder without one is not an artifact; but an empty or
@@ -485,7 +485,8 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path) -> Iterator[No
     to a person, and a folder with adapter files in it passes for one. So, when the block raises:
     a stage folder it created (a child of run_dir, of run_dir/round-N, or one of `outputs`) that
     has no align.json is removed, unless it holds checkpoints, which are kept for
-    train.resume_from_checkpoint=latest; a finished folder whose files it began to rewrite (and
+    train.resume_from_checkpoint=latest (said with the key as `align <command>` takes it); a finished
+    folder whose files it began to rewrite (and
     did not finish: its align.json unchanged) loses its align.json, which no longer describes what
     is there; run_dir itself goes if it is new and left empty. W&B's offline runs (run_dir/wandb)
     are kept: they show what the failed run did.
@@ -497,7 +498,7 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path) -> Iterator[No
         yield
     except BaseException:
         if is_main_process():
-            _discard(run_dir, outputs, before, existed)
+            _discard(run_dir, outputs, before, existed, command)
         raise
 
 
@@ -522,18 +523,17 @@ def _signature(folder: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path]) -> None:
-    import logging
+def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path],
+             command: str | None) -> None:
     import shutil
 
-    log = logging.getLogger(__name__)
     for folder in _stage_folders(run_dir, outputs):
         if folder not in before:
             if (folder / MANIFEST).is_file():
                 continue  # finished by this run (a pipeline stage before the one that failed)
             if _checkpoints(folder / "checkpoints"):
-                log.warning("kept %s: unfinished (no %s) but it holds checkpoints; train.resume_from_checkpoint="
-                            "latest continues from them", folder, MANIFEST)
+                log.warning("kept %s: unfinished (no %s) but it holds checkpoints; %s continues from them",
+                            folder, MANIFEST, _resume_key(folder, command))
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.warning("removed %s: the failed run left it unfinished (no %s)", folder, MANIFEST)
@@ -544,7 +544,20 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
             (folder / MANIFEST).unlink()
             log.warning("%s: the failed run began to rewrite this artifact; its %s is removed, so no later stage "
                         "takes it as finished", folder, MANIFEST)
+        elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
+            log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
+                        "%s continues from them", folder, MANIFEST, _resume_key(folder, command))
     for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(parent.iterdir()):
             parent.rmdir()
+
+
+def _resume_key(folder: Path, command: str | None) -> str:
+    """The override that resumes `folder`'s stage from its checkpoints, as `align <command>` takes it: `align
+    pipeline` takes a stage's keys under the stage's name (sft.train..., ppo.train... for grpo/)."""
+    key = "train.resume_from_checkpoint=latest"
+    stage = next((s for s in STAGES.values() if s.folder == folder.name), None)
+    if command == "pipeline" and stage is not None:
+        return f"{stage.runs_as[0] if stage.runs_as else stage.name}.{key}"
+    return key

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
         # A service writes no stage folder; stopped with Ctrl-C it must not tidy up a run that another
         # process (a training stage) is writing beside it.
-        with nullcontext() if spec.kind == "service" else discard_unfinished(cfg.run.dir, *_outputs(stage, cfg)):
+        with nullcontext() if spec.kind == "service" else discard_unfinished(cfg.run.dir, *_outputs(stage, cfg),
+                                                                              command=stage):
             run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         print(f"align {stage}: error: {err}", file=sys.stderr)

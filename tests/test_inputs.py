@@ -525,6 +525,25 @@ def test_a_failed_stage_leaves_no_unfinished_folder(tmp_path):
     assert not fresh.exists()
 
 
+def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
+    """The folders kept for their checkpoints are named with the key that resumes them: under `align pipeline`
+    a stage's own (sft.train..., ppo.train... for grpo/), which the pipeline passes on; `train.` alone it refuses."""
+    for command, prefix in (("pipeline", ("sft.", "ppo.")), ("sft", ("", ""))):
+        run = tmp_path / command
+        (run / "grpo").mkdir(parents=True)
+        (run / "grpo" / "align.json").write_text("{}")
+        caplog.clear()
+        with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command=command):
+            (run / "sft" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+            (run / "grpo" / "align.json").unlink()  # a finished stage trained again: its manifest went as it started
+            (run / "grpo" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+            raise KeyboardInterrupt
+        assert (f"sft: unfinished (no align.json) but it holds checkpoints; {prefix[0]}train.resume_from_checkpoint="
+                "latest continues from them") in caplog.text
+        assert (f"grpo: unfinished (its align.json went as this run started training) but it holds checkpoints; "
+                f"{prefix[1]}train.resume_from_checkpoint=latest continues from them") in caplog.text
+
+
 def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch, capsys):
     from alignment import cli
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from alignment.cli import main as align
+from alignment.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -224,6 +225,34 @@ def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, t
     assert ours["dpo"][key] == pytest.approx(theirs["dpo"][key])
     assert ours["sft"][key] == pytest.approx(theirs["sft"][key])
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resumes(tiny_model, data, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """Stopped after sft's checkpoint-4, the pipeline names the key it takes (sft.train.resume_from_checkpoint;
+    `train.` alone is refused as an unknown key), and run again with it, sft goes on from checkpoint-4."""
+    from alignment.training import MetricsJSONL
+
+    args = ["pipeline", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "stages=[sft]",
+            f"sft.model.name={tiny_model}", f"sft.data.path={data}", "sft.train.max_steps=8", "sft.train.eval_steps=4",
+            "sft.model.quantize=false", "sft.model.max_length=128"]
+    step_end = MetricsJSONL.on_step_end
+
+    def stopped(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(MetricsJSONL, "on_step_end", stopped)
+    assert align(args) == 130
+    assert "holds checkpoints; sft.train.resume_from_checkpoint=latest continues from them" in caplog.text
+    monkeypatch.undo()
+    caplog.clear()
+    caplog.set_level("INFO", logger="alignment.artifacts")
+    assert align([*args, "sft.train.resume_from_checkpoint=latest"]) == 0
+    assert f"resuming from {tmp_path / 'run' / 'sft' / 'checkpoints' / 'checkpoint-4'}" in caplog.text
+    ends = [r["step"] for r in read_jsonl(tmp_path / "run" / "sft" / "metrics.jsonl") if "train_runtime" in r]
+    assert ends == [8] and manifest(tmp_path / "run" / "sft")["metrics"]["global_step"] == 8
 
 
 def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path):
