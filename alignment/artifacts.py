@@ -5,6 +5,7 @@
       labels.db                  the labelling store (default; store= names any SQLAlchemy URL)
       report.html report.md      the run's report
       round-1/ round-2/ ...      `align pipeline rounds=N`: each later round's stage folders
+      .align.lock                held by `align pipeline` while it runs (a stage holds its folder's: lock_file)
 
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
@@ -39,9 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment import StageError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "align.json"
+# Held (flock) by the process writing a folder: a stage its own folder, the pipeline its run directory (lock_file).
+LOCK = ".align.lock"
 STORE_FILE = "labels.db"  # the default labelling store, in the run directory
 # In a reward model's folder: the ensemble of heads whose disagreement is its uncertainty (alignment/active.py).
 HEADS_FILE = "reward_heads.safetensors"
@@ -127,24 +132,84 @@ def routed(command: str, cfg: Any) -> Stage:
 
 # When each running stage started, innermost last: its manifest records the seconds it took.
 _started: list[float] = []
+# The stages running in this process, outermost first (align pipeline, then the stage it runs): its locks say so.
+_running: list[str] = []
 
 
 def run_stage(command: str, cfg: Any) -> Path:
     """Run the recipe of the stage `command` routes `cfg` to; returns the artifact it wrote.
 
     The only way one stage starts another (the pipeline, `align ppo algo=grpo`): recipes never
-    import each other.
+    import each other. It runs holding its lock (lock_file), or not at all.
     """
-    recipe = importlib.import_module(routed(command, cfg).recipe)
-    if "torch.cuda" in sys.modules:  # a stage before this one in the process may have used the GPU
-        from alignment.gpu_training import new_stage_on_gpu
+    stage = routed(command, cfg)
+    with holding(lock_file(stage, cfg), f"{_running[0]}, at {stage.name}" if _running else stage.name):
+        recipe = importlib.import_module(stage.recipe)
+        if "torch.cuda" in sys.modules:  # a stage before this one in the process may have used the GPU
+            from alignment.gpu_training import new_stage_on_gpu
 
-        new_stage_on_gpu()
-    _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
+            new_stage_on_gpu()
+        _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
+        _running.append(stage.name)
+        try:
+            return recipe.main(cfg)
+        finally:
+            _started.pop()
+            _running.pop()
+
+
+def lock_file(stage: Stage, cfg: Any) -> Path | None:
+    """The file `stage` holds locked while it runs, so that two processes never write one folder: the pipeline
+    its run directory's (a second pipeline there set aside the first one's live checkpoints and trained under
+    it), a stage its own folder's (the same stage twice at once; different stages of a run, reward and dpo side
+    by side, still can). None where nothing is rewritten in place: export moves its folder in whole, and a
+    service or `align merge` writes no stage folder."""
+    if stage.name == "pipeline":
+        return Path(cfg.run.dir) / LOCK
+    if stage.folder is None or stage.name == "export":
+        return None
+    return stage_dir(cfg.run.dir, stage.name) / LOCK
+
+
+@contextmanager
+def holding(path: Path | None, what: str) -> Iterator[None]:
+    """The block run with an exclusive flock on `path` (made with its folder where missing), or a StageError
+    at once naming the process that holds it (`align <what> (pid N)`, written into the file). Rank 0 only under `accelerate launch`: the other ranks are the
+    same run. The file stays: removing a lock file another process may be opening would split the lock."""
+    if path is None or not is_main_process():
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return recipe.main(cfg)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise StageError(f"{path.parent} is in use by {holder} ({path}); wait for it to end, or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"align {what} (pid {os.getpid()})\n".encode(), 0)
+        yield
     finally:
-        _started.pop()
+        os.close(fd)
+
+
+def _held_elsewhere(folder: Path) -> bool:
+    """Another process holds `folder`'s lock: it is writing there (its own stage), whatever this one did."""
+    if not (folder / LOCK).is_file():
+        return False
+    import fcntl
+
+    fd = os.open(folder / LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -486,10 +551,10 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
     a stage folder it created (a child of run_dir, of run_dir/round-N, or one of `outputs`) that
     has no align.json is removed, unless it holds checkpoints, which are kept for
     train.resume_from_checkpoint=latest (said with the key as `align <command>` takes it); a finished
-    folder whose files it began to rewrite (and
-    did not finish: its align.json unchanged) loses its align.json, which no longer describes what
-    is there; run_dir itself goes if it is new and left empty. W&B's offline runs (run_dir/wandb)
-    are kept: they show what the failed run did.
+    folder whose files it began to rewrite (and did not finish: its align.json unchanged) loses its
+    align.json, which no longer describes what is there; run_dir itself goes if it is new and left
+    empty. A folder another process holds locked (lock_file: its stage, run beside this one) is not
+    touched. W&B's offline runs (run_dir/wandb) are kept: they show what the failed run did.
     """
     run_dir = Path(run_dir)
     before = {folder: _signature(folder) for folder in _stage_folders(run_dir, outputs)}
@@ -510,14 +575,14 @@ def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
 
 
 def _signature(folder: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of each file of a finished artifact; its checkpoints and metrics log do not count."""
+    """(mtime, size) of each file of a finished artifact; its checkpoints, metrics log and lock do not count."""
     if not (folder / MANIFEST).is_file():
         return {}
     out = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != "checkpoints"]
         for name in files:
-            if name != "metrics.jsonl":
+            if name not in ("metrics.jsonl", LOCK):
                 stat = os.stat(os.path.join(root, name))
                 out[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_mtime_ns, stat.st_size)
     return out
@@ -528,6 +593,8 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
     import shutil
 
     for folder in _stage_folders(run_dir, outputs):
+        if _held_elsewhere(folder):  # a stage another process runs beside this one (reward beside dpo): its own
+            continue
         if folder not in before:
             if (folder / MANIFEST).is_file():
                 continue  # finished by this run (a pipeline stage before the one that failed)
@@ -549,7 +616,8 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
                         "%s continues from them", folder, MANIFEST, _resume_key(folder, command))
     for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
-        if not any(parent.iterdir()):
+        if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made
+            (parent / LOCK).unlink(missing_ok=True)
             parent.rmdir()
 
 

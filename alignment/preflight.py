@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, MANIFEST, shell, stage_dir, stages_of_kind
+from alignment.artifacts import HEADS_FILE, LOCK, MANIFEST, shell, stage_dir, stages_of_kind
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 
@@ -428,7 +428,7 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
         raise ConfigError(f"{key}={folder}: no such folder")
     if not path.is_dir():
         raise ConfigError(f"{key}={folder}: a file, not an adapter folder")
-    if not any(path.iterdir()):
+    if not any(p.name != LOCK for p in path.iterdir()):
         raise ConfigError(f"{key}={folder}: an empty folder (a stage that stopped before writing anything?)")
     manifest: dict[str, Any] = {}
     if (path / MANIFEST).is_file():

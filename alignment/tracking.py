@@ -178,7 +178,7 @@ class Tracker:
 
 # A stage's W&B artifact type, by the stage's kind in the registry (alignment.artifacts.STAGES).
 ARTIFACT_TYPES = {"policy": "model", "reward": "reward-model", "data": "dataset", "eval": "evaluation"}
-SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl"}
+SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl", ".align.lock"}  # (artifacts.LOCK)
 
 
 def artifact_name(run_dir: str | Path, stage: str) -> str:

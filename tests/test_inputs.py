@@ -11,6 +11,7 @@ everything. The table of cases is the one in the issue's report.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from alignment import StageError
 from alignment import config as C
 from alignment.artifacts import discard_unfinished
 from alignment.cli import main as align
@@ -523,6 +525,50 @@ def test_a_failed_stage_leaves_no_unfinished_folder(tmp_path):
         (fresh / "sft").mkdir(parents=True)
         raise KeyboardInterrupt
     assert not fresh.exists()
+
+
+def test_a_failed_stage_leaves_a_stage_another_process_runs_beside_it_alone(tmp_path, monkeypatch):
+    """dpo fails while another process runs reward in the same run directory: reward/ (new, unfinished, no
+    checkpoints yet) is that process's, held by its lock, and stays; the failed run's own folder goes."""
+    import fcntl
+
+    from alignment.artifacts import holding
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(MemoryError), discard_unfinished(run, command="dpo"):
+        (run / "reward").mkdir()
+        other = open(run / "reward" / ".align.lock", "w")  # the reward process's lock (flock's unit: an open file)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        (run / "dpo").mkdir()
+        raise MemoryError
+    other.close()
+    assert (run / "reward").is_dir() and not (run / "dpo").exists()
+    # The lock itself: one holder; a second is refused at once, naming the first; under `accelerate launch` only
+    # rank 0 takes it (the other ranks are the same run).
+    with holding(run / "dpo" / ".align.lock", "dpo"):
+        with pytest.raises(StageError, match=rf"{run / 'dpo'} is in use by align dpo \(pid {os.getpid()}\)"):
+            with holding(run / "dpo" / ".align.lock", "dpo"):
+                pass
+        with holding(run / "reward" / ".align.lock", "reward"):  # another stage's folder: free
+            pass
+        monkeypatch.setenv("RANK", "1")
+        with holding(run / "dpo" / ".align.lock", "dpo"):
+            pass
+
+
+def test_a_pipeline_stopped_at_once_leaves_no_new_run_dir_behind(tiny_model, sft_data, tmp_path, monkeypatch):
+    """Its lock file (run.dir/.align.lock) is not something the failed pipeline made: the new run dir still goes."""
+    import recipes.pipeline
+
+    def stopped(cfg):
+        assert (tmp_path / "new" / ".align.lock").is_file()  # held while it runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes.pipeline, "main", stopped)
+    assert align(["pipeline", f"run.dir={tmp_path / 'new'}", "run.wandb=disabled", "stages=[sft]",
+                  f"sft.model.name={tiny_model}", f"sft.data.path={sft_data}"]) == 130
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -253,6 +254,50 @@ def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resu
     assert f"resuming from {tmp_path / 'run' / 'sft' / 'checkpoints' / 'checkpoint-4'}" in caplog.text
     ends = [r["step"] for r in read_jsonl(tmp_path / "run" / "sft" / "metrics.jsonl") if "train_runtime" in r]
     assert ends == [8] and manifest(tmp_path / "run" / "sft")["metrics"]["global_step"] == 8
+
+
+def test_one_pipeline_at_a_time_in_a_run_dir_and_one_process_per_stage_folder(tiny_model, data, tmp_path, capsys):
+    """A second pipeline in a run directory is refused at once, naming the one running there (it set aside the
+    first one's live checkpoints and trained under it), and so is a stage whose folder another process writes;
+    another stage of the same run (reward beside dpo) still runs."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"align pipeline (pid {os.getpid()})".encode())
+        print("locked", flush=True)
+        time.sleep(60)
+        """), str(run_dir / ".align.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["pipeline", f"run.dir={run_dir}", "run.wandb=disabled", "stages=[sft]", f"sft.model.name={tiny_model}",
+                f"sft.data.path={data}", "sft.train.max_steps=2", "sft.model.quantize=false", "sft.model.max_length=128"]
+        assert align(args) == 1
+        err = capsys.readouterr().err
+        assert f"align pipeline: {run_dir} is in use by align pipeline (pid {holder.pid})" in err, err
+        assert sorted(p.name for p in run_dir.iterdir()) == [".align.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert align(args) == 0  # its stages' locks name it: "align pipeline, at sft (pid N)" is the process to wait for
+    assert (run_dir / "sft" / ".align.lock").read_text() == f"align pipeline, at sft (pid {os.getpid()})\n"
+    shutil.rmtree(run_dir / "sft")
+    sft = ["sft", f"run.dir={run_dir}", "run.wandb=disabled", f"model.name={tiny_model}", f"data.path={data}",
+           "train.max_steps=2", "model.quantize=false", "model.max_length=128"]
+    import fcntl
+
+    for stage in ("sft", "reward"):
+        (run_dir / stage).mkdir()
+    # Another process writing sft/, then reward/ (an open file of its own here: flock's unit is the open file)
+    with open(run_dir / "sft" / ".align.lock", "w") as sft_lock, open(run_dir / "reward" / ".align.lock", "w") as beside:
+        fcntl.flock(sft_lock, fcntl.LOCK_EX)
+        assert align(sft) == 1
+        assert f"{run_dir / 'sft'} is in use by" in capsys.readouterr().err
+        fcntl.flock(sft_lock, fcntl.LOCK_UN)
+        fcntl.flock(beside, fcntl.LOCK_EX)
+        assert align(sft) == 0 and (run_dir / "sft" / "align.json").is_file()
 
 
 def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path):
