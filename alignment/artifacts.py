@@ -279,10 +279,13 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
     if not is_main_process():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    local = bool(base_model) and Path(base_model).is_dir()
     manifest = {
         "stage": stage,
         # A local folder named relative to where the stage ran: the next stage, run from elsewhere, reads it here.
-        "base_model": str(Path(base_model).resolve()) if base_model and Path(base_model).is_dir() else base_model,
+        "base_model": str(Path(base_model).resolve()) if local else base_model,
+        # and what it held: a model saved over it is another base (align pipeline remakes the stage)
+        **({"base_model_fingerprint": model_fingerprint(base_model)} if local else {}),
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

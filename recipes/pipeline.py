@@ -37,6 +37,7 @@ from alignment import StageError, artifacts
 from alignment import report as report_module
 from alignment.artifacts import (
     MANIFEST,
+    model_fingerprint,
     pipeline_stages,
     print_done,
     round_batch,
@@ -81,8 +82,9 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
 
     Every stage writes its manifest last and atomically, so a manifest means a finished stage.
     Redone when: the config differs (W&B and resume settings aside); an upstream artifact's
-    manifest is newer; a data or prompts file it read has changed since (by sha256); an export's
-    store's rankings have changed since it ran (added, changed, flagged, made gold).
+    manifest is newer; a data or prompts file it read has changed since (by sha256), or the local
+    base model folder it ran on (by its fingerprint: a model saved over it); an export's store's
+    rankings have changed since it ran (added, changed, flagged, made gold).
     """
     manifest = folder / MANIFEST
     if not manifest.is_file():
@@ -100,6 +102,10 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         if Path(path).exists() and file_hash(path) != sha:
             log.info("── %s: %s has changed since it ran", folder.name, path)
             return False
+    base, fingerprint = m.get("base_model"), m.get("base_model_fingerprint")
+    if fingerprint and Path(base).is_dir() and model_fingerprint(base) != fingerprint:
+        log.info("── %s: the base model %s has changed since it ran", folder.name, base)
+        return False
     return True
 
 

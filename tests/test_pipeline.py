@@ -437,6 +437,26 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
 
 
+def test_a_base_model_saved_over_its_folder_remakes_the_stage_on_it(tiny_model, data, tmp_path, monkeypatch):
+    """sft's model.name is a local folder: another model saved into it (same path, same config) is another base,
+    and the rerun remakes sft. It was skipped, the old adapter kept, as its data files alone were compared."""
+    from safetensors.torch import load_file, save_file
+
+    import recipes.pipeline as pipeline
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    args = ["pipeline", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "stages=[sft]", f"sft.model.name={base}",
+            f"sft.data.path={data}", "sft.train.max_steps=2", "sft.model.quantize=false", "sft.model.max_length=128"]
+    assert align(args) == 0
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    assert align(args) == 0 and ran == []
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: 2 * v for k, v in weights.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert align(args) == 0 and ran == ["sft"]
+
+
 def test_sampling_again_with_other_settings_says_the_batch_keeps_its_tasks(run, data, tmp_path, caplog):
     """The batch's prompts were sampled at k=3: asked again at k=4, sample keeps them (people may have ranked
     them), says so, and its manifest records it rather than seem to have sampled at k=4."""
