@@ -240,6 +240,19 @@ def round_batch(r: int) -> str:
     return f"round-{r}"
 
 
+def round_root(run_dir: str | Path) -> Path | None:
+    """The run directory whose later round `run_dir` is (round_dir's <root>/round-<r>), or None. A round-<r>
+    folder is one only below a run directory, which holds round 0's stage folders or its store: `align sft
+    run.dir=exps/round-1` is a run of its own, not round 1 of exps."""
+    run_dir = Path(run_dir)
+    if not re.fullmatch(r"round-\d+", run_dir.name):
+        return None
+    root = run_dir.parent
+    if (root / STORE_FILE).is_file() or any((root / s.folder).is_dir() for s in STAGES.values() if s.folder):
+        return root
+    return None
+
+
 def later_rounds(root: str | Path) -> list[Path]:
     """The round-<r>/ folders under `root`, in round order."""
     found = [p for p in Path(root).glob("round-*") if p.is_dir() and p.name.removeprefix("round-").isdigit()]

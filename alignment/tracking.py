@@ -46,17 +46,20 @@ def has_wandb_key() -> bool:
 
 
 def run_name(run_dir: Path) -> str:
-    """The run directory's name, with its run's for a pipeline round: runs/q/round-1 is "q/round-1"."""
-    if re.fullmatch(r"round-\d+", run_dir.name):  # artifacts.round_dir's folders
-        return f"{run_dir.parent.name}/{run_dir.name}"
-    return run_dir.name
+    """The run directory's name, with its run's for a pipeline round: runs/q/round-1 is "q/round-1" (a run.dir
+    named round-1 itself, exps/round-1 with no run in exps, is "round-1")."""
+    from alignment.artifacts import round_root
+
+    root = round_root(run_dir)
+    return f"{root.name}/{Path(run_dir).name}" if root else Path(run_dir).name
 
 
 def wandb_dir(run_dir: str | Path) -> Path:
     """Where a run's W&B files go: its folder, and a pipeline round's run's (runs/q/round-1 → runs/q), so that
     one `wandb sync runs/q/wandb/offline-run-*` uploads every round."""
-    run_dir = Path(run_dir)
-    return run_dir.parent if re.fullmatch(r"round-\d+", run_dir.name) else run_dir
+    from alignment.artifacts import round_root
+
+    return round_root(run_dir) or Path(run_dir)
 
 
 def configure_wandb(cfg: RunConfig, stage: str) -> str:

@@ -87,9 +87,11 @@ def test_eval_names_the_prompts_a_policy_was_trained_on(run):
     assert manifest(run / "eval")["prompts_seen_in_training"] == {"sft": 8, "dpo": 8}
 
 
-def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
+def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path, monkeypatch):
     from alignment.tracking import artifact_name, run_name
 
+    for run in ("q", "x"):
+        (tmp_path / run / "sft").mkdir(parents=True)  # round 0's stages are in the run's folder: round-N are its
     assert run_name(tmp_path / "q") == "q" and run_name(tmp_path / "q" / "round-2") == "q/round-2"
     assert run_name(tmp_path / "round-up") == "round-up"
     # every round's W&B files in the run's folder: the one `wandb sync` the hint prints uploads them all
@@ -105,6 +107,18 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path):
 
     name = artifact_name(tmp_path / "lr=5e-3 my+run:2", "sft")
     assert name == "lr_5e-3_my_run_2-sft" and wandb.Artifact(name, type="model").name == name
+    # run.dir=exps/round-1, with no run in exps: a run of its own, not round 1 of "exps" (its W&B files went to
+    # exps/wandb, in group exps)
+    from alignment.config import RunConfig
+    from alignment.tracking import configure_wandb
+
+    for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_JOB_TYPE"):
+        monkeypatch.delenv(key, raising=False)  # put back as they were after the test
+    own = tmp_path / "exps" / "round-1"
+    assert run_name(own) == "round-1" and wandb_dir(own) == own and artifact_name(own, "sft") == "round-1-sft"
+    configure_wandb(RunConfig(dir=str(own), wandb="offline"), "sft")
+    assert (os.environ["WANDB_DIR"], os.environ["WANDB_RUN_GROUP"], os.environ["WANDB_NAME"]) == (
+        str(own), "round-1", "round-1/sft")
 
 
 def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
