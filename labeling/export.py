@@ -25,8 +25,9 @@ The rules (docs/labeling.md says the same):
   `align dpo` trains no end of turn after a cut response; summary.json counts `pairs_with_cut_side`.
 
 Where it writes: a new folder, an empty one, or one a previous export wrote (it holds
-dataset_dict.json and summary.json, or only names an export writes: what an older align killed
-mid-way left). A previous export's files (`WRITTEN`) are replaced; any other file there moves to
+dataset_dict.json and summary.json, or only names an export writes with a `.<name>.old-*` folder
+beside it: what an older align killed mid-way left; a folder of train.jsonl and test.jsonl alone is
+someone's data). A previous export's files (`WRITTEN`) are replaced; any other file there moves to
 the new export as it is; any other folder is refused (`ExportError`) before anything is written.
 The export is built beside the target and swapped in whole (two renames), under a lock file beside
 the target (`.<name>.lock`) held from start to end, so two exports of one folder (the app's Export
@@ -76,7 +77,11 @@ def check_target(out: str | Path) -> None:
         raise ExportError(f"{out} is a file, not a folder: give the export another output folder")
     entries = sorted(p.name for p in out.iterdir())
     export = (out / "dataset_dict.json").is_file() and (out / "summary.json").is_file()
-    if not export and not all(name in WRITTEN for name in entries):  # only WRITTEN: a part of an export
+    # What an older align killed mid-swap left: only names an export writes, and the rest of it set aside
+    # beside it. Without that sibling, train.jsonl and test.jsonl are someone's data, never replaced.
+    remains = entries and all(name in WRITTEN for name in entries) and any(
+        out.parent.glob(f".{glob.escape(out.name)}.old-*"))
+    if entries and not export and not remains:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ExportError(f"{out} is not a preferences export (it holds {shown}); an export only replaces one it "
                           "wrote before: give it another output folder, or move those files away yourself")
@@ -364,20 +369,19 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     check_batches(store, batches)
     out = Path(out_dir)
     out = out.resolve() if out.is_symlink() else out  # swapped at its target: a rename would replace the link
-    if out.is_file():
-        check_target(out)  # refused before a lock file is made beside it
+    check_target(out)  # refused before anything is made beside it (a lock file, the run's folder)
+    pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
+                                 min_agreement=min_agreement, min_posterior=min_posterior,
+                                 gold=store.gold_answers(), chat=chat)
+    summary.update(train_pairs=0, test_pairs=0)
+    if not pairs:
+        return summary  # nothing written: an empty dataset would only fail later, in training
+    train, test = split_by_prompt(pairs, test_fraction, seed)
+    splits = {"train": train, **({"test": test} if test else {})}
+    summary.update(train_pairs=len(train), test_pairs=len(test))
     with _locked(out):
         _recover(out)
-        check_target(out)
-        pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
-                                     min_agreement=min_agreement, min_posterior=min_posterior,
-                                     gold=store.gold_answers(), chat=chat)
-        summary.update(train_pairs=0, test_pairs=0)
-        if not pairs:
-            return summary  # nothing written: an empty dataset would only fail later, in training
-        train, test = split_by_prompt(pairs, test_fraction, seed)
-        splits = {"train": train, **({"test": test} if test else {})}
-        summary.update(train_pairs=len(train), test_pairs=len(test))
+        check_target(out)  # again, now that no other export runs: it may have changed meanwhile
         # Built beside and then swapped in: a killed export never leaves half a dataset.
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:

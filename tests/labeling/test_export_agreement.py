@@ -225,7 +225,19 @@ def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_w
     assert sorted(p.name for p in out.iterdir()) == ["dataset_dict.json", "notes.md", "summary.json", "train"]
     assert (out / "notes.md").read_text() == "why round 0 looks odd"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("labels.db")) == [
-        ".mine.lock", ".prefs.lock", "a-file", "mine", "prefs"]  # no temporary folder left behind
+        ".prefs.lock", "a-file", "mine", "prefs"]  # no temporary folder left behind, no lock beside a refused one
+    # A folder of someone's train.jsonl and test.jsonl is data, not what a killed export left: never replaced.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (data / name).write_text('{"instruction": "mine"}\n')
+    with pytest.raises(ExportError, match=r"data is not a preferences export \(it holds test.jsonl, train.jsonl\)"):
+        export_preferences(store, data)
+    assert sorted(p.name for p in data.iterdir()) == ["test.jsonl", "train.jsonl"]
+    # Nothing to write: nothing made, not even the lock file or the run folder it would sit in.
+    unranked = Store(f"sqlite:///{tmp_path / 'unranked.db'}")
+    assert export_preferences(unranked, tmp_path / "new-run" / "prefs")["pairs"] == 0
+    assert not (tmp_path / "new-run").exists()
 
 
 # An export in a process of its own: killed (os._exit, as SIGKILL: no cleanup runs) at its n-th rename
