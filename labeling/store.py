@@ -615,7 +615,10 @@ class Store:
                 return task_id
             if not new:
                 return None
-            mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
+            # An expired assignment is not theirs, but the task may come to them again once its slot is free
+            # (the one who took it over skipped it): otherwise a small team could leave it unranked for good.
+            mine = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id,
+                                                       assignments.c.status != "expired")
             base = select(tasks.c.id).where(tasks.c.id.not_in(mine))
             if batch:
                 base = base.where(tasks.c.batch == batch)
@@ -635,8 +638,10 @@ class Store:
                 task_id = row[0] if row else None
             if task_id is None:
                 return None
-            conn.execute(insert(assignments).values(task_id=task_id, annotator_id=annotator_id, status="assigned",
-                                                    assigned_at=now))
+            again = (assignments.c.task_id == task_id) & (assignments.c.annotator_id == annotator_id)
+            if conn.execute(update(assignments).where(again).values(status="assigned", assigned_at=now)).rowcount == 0:
+                conn.execute(insert(assignments).values(task_id=task_id, annotator_id=annotator_id, status="assigned",
+                                                        assigned_at=now))
             return task_id
 
     def progress(self, annotator_id: int) -> dict[str, int]:

@@ -231,6 +231,26 @@ def test_an_expired_assignment_is_not_handed_back_once_another_annotator_holds_i
         "done": 1, "skipped": 0, "assigned": 1}
 
 
+def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_free(store, monkeypatch):
+    """overlap 1, one task: Alice walks away, Bob takes it over and skips it. Alice could never be given it again
+    (expired was for good), and a team of two left it unranked."""
+    import time as clock
+
+    from labeling import store as store_module
+
+    (task_id,) = make_tasks(store, 1)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    assert handlers.next_task(store, alice)["task_id"] == task_id
+    start = clock.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 1.1 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, bob)["task_id"] == task_id
+    assert handlers.next_task(store, alice) is None  # Bob holds its one slot
+    handlers.skip(store, bob, task_id)
+    assert handlers.next_task(store, alice)["task_id"] == task_id
+    handlers.submit(store, alice, task_id, [1, 2, 3, 4])
+    assert store.pending_count() == 0 and store.progress(alice["annotator_id"])["done"] == 1
+
+
 def test_an_expired_assignment_comes_back_while_its_task_has_a_free_slot_or_the_annotator_a_draft(store, monkeypatch):
     import time as clock
 
