@@ -62,10 +62,16 @@ UNMADE = (("run", "wandb"), ("run", "wandb_project"), ("train", "resume_from_che
 
 
 def _made_by(config: dict[str, Any]) -> dict[str, Any]:
+    from labeling.store import sqlite_path
+
     config = redact(json.loads(json.dumps(config, default=str)))  # as written: a URL's password masked
     for section, key in UNMADE:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)
+    # A SQLite store by the file it opens: its URL's quoting changed (a run.dir holding `:` or `?`), its file not.
+    for section in (config, *(v for v in config.values() if isinstance(v, dict))):
+        if isinstance(section.get("store"), str) and sqlite_path(section["store"]) is not None:
+            section["store"] = "sqlite:" + sqlite_path(section["store"])
     return config
 
 

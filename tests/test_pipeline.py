@@ -497,3 +497,14 @@ def test_an_answer_two_policies_share_ties_by_the_reward_model(run):
     scores = judge(cfg, prompts, {"sft": sft, "mixed": mixed, "same": list(sft)})["reward_model"]
     assert scores["same"] == scores["sft"] and scores["mixed"][:4] == scores["sft"][:4]
     assert win_rate(scores["same"], scores["sft"]) == 0.5
+
+
+def test_a_sqlite_store_is_compared_by_the_file_it_opens():
+    """align before 2026-12 wrote sqlite:////runs/2026-12-02T10:00/labels.db; now its path is quoted (a `?` in a
+    folder's name opened another file): a finished sample must not count as changed and redo every stage."""
+    from recipes.pipeline import _made_by
+
+    old = {"store": "sqlite:////runs/2026-12-02T10:00/labels.db", "run": {"dir": "runs/x"}}
+    new = {"store": "sqlite:////runs/2026-12-02T10%3A00/labels.db", "run": {"dir": "runs/x"}}
+    assert _made_by(old) == _made_by(new)
+    assert _made_by(old) != _made_by({**new, "store": "sqlite:////runs/other/labels.db"})
