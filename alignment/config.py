@@ -717,6 +717,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+_DATABASE_URL = re.compile(r"(postgres|postgresql|mysql|mariadb)(\+\w+)?://\S*")
 _PASSWORD_IN_URL = re.compile(r"(\w[\w+.-]*:/{1,2}[^:/@\s]+:)[^@\s]*@")  # one slash: a URL made a Path
 
 
@@ -724,6 +725,10 @@ def redact(value: Any) -> Any:
     """`value` (a config or manifest, nested) with the password of every URL in it masked: a store at
     postgresql://user:password@host/db is written to config.yaml, align.json and W&B as user:***@."""
     if isinstance(value, str):
+        if _DATABASE_URL.fullmatch(value):  # user:pw@, :pw@, ?password=, an @ in it: as the store's messages
+            from labeling.store import safe_url
+
+            return safe_url(value)
         return _PASSWORD_IN_URL.sub(r"\1***@", value)
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items()}

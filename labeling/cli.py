@@ -165,7 +165,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     if problem:
         print(f"align label: {problem}", file=sys.stderr)
         return 2
-    from labeling.store import Store, StoreError, _safe_url
+    from labeling.store import Store, StoreError, safe_url
 
     try:
         store = Store(store_url(args.db, args.run_dir))
@@ -177,7 +177,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
         if cmd[:2] == ["users", "add"] and len(cmd) == 3:
             password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
             store.add_user(cmd[2], password, admin=args.admin)
-            print(f"user {cmd[2].strip()!r} added{' (admin)' if args.admin else ''} to {_safe_url(store.url)}")
+            print(f"user {cmd[2].strip()!r} added{' (admin)' if args.admin else ''} to {safe_url(store.url)}")
             return 0
         if cmd == ["users", "list"]:
             for u in store.users():
@@ -242,7 +242,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
     from labeling.server import create_app
     from labeling.server import serve as run_server
-    from labeling.store import _safe_url
+    from labeling.store import safe_url
 
     guidelines = Path(args.guidelines) if args.guidelines else Path(__file__).with_name("guidelines.md")
     if not guidelines.is_file():
@@ -265,6 +265,6 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
                      overlap=args.overlap, gold_rate=args.gold_rate, batch=args.batch,
                      export=(lambda: export(store.url, args.run_dir)) if export else None,
                      export_dir=export_dir, playground=playground)
-    print(f"labelling app for {_safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    print(f"labelling app for {safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
     run_server(app, args.host, args.port)
     return 0

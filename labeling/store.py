@@ -170,7 +170,7 @@ _NO_SUCH_USER = hash_password(secrets.token_hex(16))
 DISABLED = "disabled"  # a disabled account's password hash: no password matches it
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL with any password masked, for messages: the user part's (an empty user name too, and all of a
     password holding an @ not percent-encoded) and a `password` query parameter's (libpq reads one there)."""
     if url.startswith("sqlite:"):
@@ -213,12 +213,12 @@ def url_problem(url: str) -> str | None:
         except (ArgumentError, ValueError):  # a port that is no number, as `:2@db` of a password `hun@ter:2`
             host = None
         if (host is None and url.count("@") > 1) or "@" in (host or ""):  # psycopg: "failed to resolve host"
-            return (f"{_safe_url(url)}: more than one @ before the host: percent-encode the password "
+            return (f"{safe_url(url)}: more than one @ before the host: percent-encode the password "
                     "(an @ in it as %40, a % as %25)")
         if host is None:
-            return f"{_safe_url(url)}: not a database URL SQLAlchemy can read (is the port a number?)"
+            return f"{safe_url(url)}: not a database URL SQLAlchemy can read (is the port a number?)"
         return None
-    return f"{_safe_url(url)}: not a database URL align supports; use sqlite:///path/labels.db or postgresql://user@host/db"
+    return f"{safe_url(url)}: not a database URL align supports; use sqlite:///path/labels.db or postgresql://user@host/db"
 
 
 def _engine(url: str) -> Engine:
@@ -278,14 +278,14 @@ class Store:
             detail = str(err.orig or err).strip()
             if not self.is_postgres and not isinstance(err, OperationalError):
                 detail += " (not an SQLite database, or a damaged one)"
-            raise StoreError(f"cannot open the labelling store {_safe_url(url)}: {detail}") from err
+            raise StoreError(f"cannot open the labelling store {safe_url(url)}: {detail}") from err
 
     def _create(self) -> None:
         with self.tx(lock=True) as conn:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() \
                 if inspect(conn).has_table("align_meta") else None
             if row is not None and int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"{_safe_url(self.url)}: schema version {row[0]} is newer than this align "
+                raise StoreError(f"{safe_url(self.url)}: schema version {row[0]} is newer than this align "
                                  f"({SCHEMA_VERSION}); upgrade align")
             old_tasks = inspect(conn).has_table("tasks")
             metadata.create_all(conn)  # creates the tables that are missing (version 2 added two)

@@ -180,6 +180,10 @@ def test_a_database_password_is_never_written(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["store"] == redact(url)
     assert redact({"a": [url, "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}) == {
         "a": ["postgresql://team:***@db.example:5432/labels", "sqlite:///runs/q/labels.db", "http://host:8000/v1"]}
+    # however the password is given: an empty user name, a libpq query parameter, an @ not percent-encoded
+    for given in ("postgresql://:TOPSECRET@db/labels", "postgresql://u@db/labels?password=TOPSECRET",
+                  "postgresql://u:TOP@SECRET@db/labels"):
+        assert "TOP" not in json.dumps(redact({"store": given})) and "db" in redact(given), given
 
 
 def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):

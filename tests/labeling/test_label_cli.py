@@ -70,7 +70,7 @@ def test_a_postgresql_password_is_masked_however_it_is_given(capsys):
     """A password after an empty user name, or in a `password` query parameter (libpq reads it there), was
     printed as it is; an @ in it not percent-encoded sent the rest of it to the host (psycopg's "failed to
     resolve host" quoted it): refused, saying how to write it."""
-    from labeling.store import _safe_url
+    from labeling.store import safe_url
 
     for url in ("postgresql://:hunter2@127.0.0.1:1/labels",
                 "postgresql://someone@127.0.0.1:1/labels?password=hunter2&connect_timeout=2"):
@@ -83,7 +83,7 @@ def test_a_postgresql_password_is_masked_however_it_is_given(capsys):
         err = capsys.readouterr().err
         assert "more than one @ before the host: percent-encode the password (an @ in it as %40" in err
         assert "Kx7" not in err and "Qz" not in err, err
-    assert _safe_url("postgresql://someone:p%40ss@db/labels?password=x&sslmode=require") == \
+    assert safe_url("postgresql://someone:p%40ss@db/labels?password=x&sslmode=require") == \
         "postgresql://someone:***@db/labels?password=***&sslmode=require"
 
 
