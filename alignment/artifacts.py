@@ -464,9 +464,9 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     that one, with a warning when its run was trained on other inputs (asked for by name), the later ones of
     its run set aside (set_aside_later_checkpoints). `latest` (or auto): the newest complete one (those cut
     short by a kill while being saved are set aside first), unless it cannot go on into this run; then every
-    checkpoint is set aside and the run starts from scratch, saying why: one of a finished run (at or past
-    `max_steps`: nothing to resume, and the Trainer would train one step too many),
-    or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
+    checkpoint is set aside and the run starts from scratch, saying why: one of a finished run (its align.json
+    was there: rerun, the stage is asked to train again, unless to train longer, past the checkpoint's step up
+    to a larger `max_steps`), or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
     up at its last step, train nothing and keep the old weights under a manifest naming the new data).
     Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
 
@@ -475,7 +475,8 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     over this run's log and checkpoints. The run writes its own when it finishes.
     """
     folder = Path(out) / "checkpoints"
-    if (Path(out) / MANIFEST).is_file() and is_main_process():
+    finished = (Path(out) / MANIFEST).is_file()  # not a run killed after its last checkpoint: that one goes on
+    if finished and is_main_process():
         (Path(out) / MANIFEST).unlink()
         log.info("%s: training again, so its %s (the finished run's) is removed; this run writes its own when it "
                  "finishes", out, MANIFEST)
@@ -499,9 +500,9 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
         if differ:
             set_aside_checkpoints(folder, f"a run on other inputs ({', '.join(differ)} differ: see its {TRAINED_ON})")
             found = None
-        elif found and 0 < max_steps <= (_step(found) or 0):
-            set_aside_checkpoints(folder, f"a finished run ({found.name}, train.max_steps={max_steps}: nothing "
-                                          "left to resume)")
+        elif found and finished and not 0 < (_step(found) or 0) < max_steps:
+            set_aside_checkpoints(folder, f"a finished run ({found.name}; to train it longer, raise train.max_steps "
+                                          "past its step)")
             found = None
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
     if trained_on is not None and is_main_process():

@@ -153,7 +153,7 @@ def count_too_long(pairs, tokenizer, max_length: int) -> int:
     return n
 
 
-def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool, resuming: bool = False) -> DPOConfig:
+def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
     """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
     return trl_args(
         DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=has_eval,
@@ -161,9 +161,9 @@ def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool, r
         loss_type=[cfg.loss],
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
-        # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure (not again on a
-        # resume: it would be the checkpoint's step evaluated a second time).
-        eval_on_start=has_eval and cfg.eval_on_start and not resuming,
+        # Step 0 on held-out pairs: the SFT policy's log-probs, the "before" of every figure (main turns it off
+        # on a resume).
+        eval_on_start=has_eval and cfg.eval_on_start,
     )
 
 
@@ -212,13 +212,10 @@ def main(cfg: DPOStageConfig) -> Path:
 
     # --- trainer ----------------------------------------------------------------------------
     start_wandb_run(cfg.run, "dpo")  # before the trainer: its W&B callback logs into this run
-    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
-                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
-                                               "sft": model_identity(sft)})
     trainer = AlignDPOTrainer(
         group_by_ranking=cfg.group_by_ranking,
         model=model,
-        args=dpo_args(cfg, out, plan, has_eval=test is not None, resuming=checkpoint is not None),
+        args=dpo_args(cfg, out, plan, has_eval=test is not None),
         train_dataset=train,
         eval_dataset=test,
         processing_class=tokenizer,
@@ -238,6 +235,12 @@ def main(cfg: DPOStageConfig) -> Path:
         speed_up_cpu_training(policy)
 
     # --- train ------------------------------------------------------------------------------
+    # Once the trainer stands (tokenized, its reference checked): this takes a finished run's align.json away.
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
+                                               "sft": model_identity(sft)})
+    if checkpoint is not None:  # step 0 once: on a resume it would be the checkpoint's step evaluated again
+        trainer.args.eval_on_start = False
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed

@@ -222,6 +222,26 @@ def test_other_losses_run(sft_dir, tmp_path):
     assert manifest["data"]["too_long"] == 0
 
 
+def test_a_rerun_stopped_before_it_trains_keeps_the_finished_artifact(sft_dir, tmp_path, monkeypatch):
+    """The finished run's align.json goes only as training begins: a rerun stopped while its trainer was built
+    (tokenizing, Ctrl-C) took it away and left the untouched adapter an unfinished folder."""
+    from recipes import dpo
+
+    data = write_pairs(tmp_path / "prefs.jsonl", 12)
+    args = ["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+            "train.max_steps=2", "train.batch_size=4", "data.test_fraction=0", *FAST]
+    assert align(args) == 0
+    manifest = tmp_path / "run" / "dpo" / "align.json"
+    before = manifest.read_text()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpo.AlignDPOTrainer, "__init__", stopped)
+    assert align([*args, "train.lr=1e-3"]) == 130
+    assert manifest.read_text() == before
+
+
 def test_refuses_without_an_sft_adapter(tmp_path, capsys):
     assert align(["dpo", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     assert "no SFT adapter" in capsys.readouterr().err

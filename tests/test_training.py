@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -179,14 +180,23 @@ def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_pa
     assert find(tmp_path, None, max_steps=8, trained_on=inputs) is None  # a fresh run records what it trains on
     assert json.loads((folder / "trained_on.json").read_text()) == inputs
     saved(4, 8)
+    # Killed after its last checkpoint (no align.json yet: the final save, eval or report cut short): it goes on.
+    assert str(find(tmp_path, "latest", max_steps=8, trained_on=inputs)).endswith(f"{prefix}-8")
+    manifest = tmp_path / "align.json"
+    manifest.write_text("{}")  # finished
     assert str(find(tmp_path, "latest", max_steps=12, trained_on=inputs)).endswith(f"{prefix}-8")  # to train longer
-    assert not list(folder.glob("abandoned-*"))
+    assert not list(folder.glob("abandoned-*")) and not manifest.exists()  # its manifest went as training began
 
-    assert find(tmp_path, "latest", max_steps=8, trained_on=inputs) is None  # finished: nothing to resume
-    assert f"the 2 checkpoints of a finished run ({prefix}-8, train.max_steps=8" in capsys.readouterr().err
-    (aside,) = folder.glob("abandoned-*")
-    assert sorted(p.name for p in aside.iterdir()) == [f"{prefix}-4", f"{prefix}-8", "trained_on.json"]
-    assert json.loads((folder / "trained_on.json").read_text()) == inputs  # this run's own record
+    for max_steps in (8, -1):  # finished at its max_steps, or by its epochs: asked to train again, from scratch
+        manifest.write_text("{}")
+        assert find(tmp_path, "latest", max_steps=max_steps, trained_on=inputs) is None
+        assert f"checkpoints of a finished run ({prefix}-8; to train it longer" in capsys.readouterr().err
+        (aside,) = folder.glob("abandoned-*")
+        assert sorted(p.name for p in aside.iterdir()) == [f"{prefix}-4", f"{prefix}-8", "trained_on.json"]
+        assert json.loads((folder / "trained_on.json").read_text()) == inputs  # this run's own record
+        if max_steps == 8:
+            shutil.rmtree(aside)
+            saved(4, 8)
 
     saved(2)
     new_data = {**inputs, "data": "sha-of-other-data"}
