@@ -19,7 +19,7 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -666,6 +666,7 @@ class _Override:
     text: str
     value: Any = None
     error: str | None = None
+    under: dict | None = None  # the file's mapping this replaces (see _set_dotted)
 
     def __repr__(self) -> str:  # as typed, in an error that quotes a section holding it
         return repr(self.text)
@@ -753,18 +754,21 @@ def _set_dotted(raw: dict, dotted: str, value: _Override) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
-    if isinstance(node.get(leaf), dict) and isinstance(value.value, dict):
-        # `train={lr: 1e-4}` over a file's train section sets lr and keeps the file's other keys, as
-        # train.lr=1e-4 would: replacing the section dropped them without a word.
-        node[leaf] = _merged(node[leaf], value.value)
-    else:
-        node[leaf] = value
+    # Over a mapping the file gave: _build merges it where the key is a section (`train={lr: 1e-4}` keeps the
+    # file's other train keys, as train.lr=1e-4 does) and replaces it where the key is a mapping of names
+    # (`policies={...}` is the whole list of policies).
+    node[leaf] = replace(value, under=node[leaf]) if isinstance(node.get(leaf), dict) else value
 
 
-def _merged(section: dict, update: dict) -> dict:
-    out = dict(section)
+def _merged(cls: type, section: dict, update: dict) -> dict:
+    """`update` over the file's `section` of dataclass `cls`: sections within it merged alike, any other key
+    (a mapping of names too) replaced."""
+    hints, out = typing.get_type_hints(cls), dict(section)
     for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        kind = hints.get(key)
+        nested = kind is not None and dataclasses.is_dataclass(kind)
+        out[key] = _merged(kind, out[key], value) if nested and isinstance(out.get(key), dict) and isinstance(
+            value, dict) else value
     return out
 
 
@@ -790,7 +794,10 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
             continue
         kind = hints[name]
         if isinstance(raw[name], _Override):  # a value typed on the command line, read for this key's type
-            raw[name] = raw[name].resolve(f"{prefix}{name}", Any if dataclasses.is_dataclass(kind) else kind)
+            typed = raw[name]
+            raw[name] = typed.resolve(f"{prefix}{name}", Any if dataclasses.is_dataclass(kind) else kind)
+            if dataclasses.is_dataclass(kind) and isinstance(typed.under, dict) and isinstance(raw[name], dict):
+                raw[name] = _merged(kind, typed.under, raw[name])
         elif isinstance(raw[name], dict) and not dataclasses.is_dataclass(kind):  # policies.dpo=... into a mapping
             item = next((get_args(o)[1] for o in _options(kind) if get_origin(o) is dict), Any)
             raw[name] = {k: v.resolve(f"{prefix}{name}.{k}", item) if isinstance(v, _Override) else v

@@ -209,3 +209,15 @@ def test_ppo_refuses_gradient_checkpointing_its_loop_does_not_do():
     with pytest.raises(ConfigError, match="model.gradient_checkpointing=on: align's own PPO loop"):
         load_config(C.PPOStageConfig, None, ["model.gradient_checkpointing=on"])
     assert load_config(C.PPOStageConfig, None, ["algo=grpo", "model.gradient_checkpointing=on"])
+
+
+def test_an_override_of_a_mapping_of_names_replaces_it(tmp_path):
+    """policies={...} is the whole list of policies (a section's override keeps the file's other keys; this is
+    no section): merged, eval ran a policy the user had dropped."""
+    path = tmp_path / "e.yaml"
+    path.write_text("policies: {sft: runs/a/sft, dpo: runs/a/dpo}\n")
+    cfg = load_config(C.EvalStageConfig, path, ["policies={sft: runs/b/sft, ppo: runs/b/ppo}"])
+    assert cfg.policies == {"sft": "runs/b/sft", "ppo": "runs/b/ppo"}
+    path.write_text("eval: {num_prompts: 8, policies: {sft: runs/a/sft, dpo: runs/a/dpo}}\n")
+    cfg = load_config(C.PipelineConfig, path, ["eval={policies: {sft: runs/b/sft, ppo: runs/b/ppo}}"])
+    assert cfg.eval.policies == {"sft": "runs/b/sft", "ppo": "runs/b/ppo"} and cfg.eval.num_prompts == 8
