@@ -47,6 +47,18 @@ def gguf_path() -> Path:
     return path
 
 
+def model_key(name: str) -> str:
+    """One spelling for each base model: "embedded" for the embedded model's names and its converted folder, a
+    local folder's absolute path (however it was named: relative, ~/, a link), else the name (a Hub id)."""
+    if name.lower() in EMBEDDED_NAMES:
+        return "embedded"
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    path = path.resolve()
+    return "embedded" if path == embedded_model_dir(convert=False).resolve() else str(path)
+
+
 def embedded_model_dir(convert: bool = True) -> Path:
     """The converted folder, converting on first use (safe when several processes race)."""
     target = cache_root() / "models" / "smollm2-135m-instruct"

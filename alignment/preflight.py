@@ -43,6 +43,7 @@ from alignment import StageError
 from alignment.artifacts import HEADS_FILE, LOCK, MANIFEST, shell, stage_dir, stages_of_kind
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
+from alignment.embedded import model_key
 
 # The last config object checked: the CLI checks before importing the recipe, whose main checks
 # again (it can be called without the CLI); the same object is not checked twice.
@@ -621,7 +622,7 @@ def _on_policys_base(p: str, cfg, source: str | Path, why: str) -> None:
     if name == default or not Path(source).is_dir():
         return
     base = _adapter_base(source) if (Path(source) / "adapter_config.json").is_file() else str(source)
-    if base and name != base and Path(name).resolve() != Path(base).resolve():
+    if base and model_key(name) != model_key(base):  # smollm2-135m, embedded: one model
         raise ConfigError(f"{p}model.name={name}: this stage runs on {base}, the base of {source} ({why}); "
                           "leave model.name unset")
 

@@ -38,6 +38,7 @@ from alignment import StageError
 from alignment.artifacts import read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.data import with_system_prompt
+from alignment.embedded import model_key
 from alignment.evaluation import grouped_bootstrap_ci
 from alignment.modeling import (
     DevicePlan,
@@ -485,8 +486,7 @@ def scored_position(ids: list[int], pad_token_id: int | None) -> int:
 
 def _same_model(a: str, b: str) -> bool:
     """Two names of one base: equal, one an embedded name for the other's folder, or one folder."""
-    a, b = resolve_model_path(a), resolve_model_path(b)
-    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return model_key(a) == model_key(b)
 
 
 LORA_SHAPE = ("r", "lora_alpha", "use_rslora", "use_dora")  # with the weights, what a LoRA adds to its base

@@ -51,6 +51,7 @@ from alignment.artifacts import (
 from alignment.cli import Terminated
 from alignment.config import PipelineConfig, redact, to_dict
 from alignment.data import file_hash
+from alignment.embedded import model_key
 from alignment.preflight import check_stage
 from alignment.tracking import wandb_hint
 
@@ -69,9 +70,13 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)
     # A SQLite store by the file it opens: its URL's quoting changed (a run.dir holding `:` or `?`), its file not.
+    # A base model by what it is: dpo and reward record their SFT's base as align.json has it (a folder's
+    # absolute path) where the pipeline's section says `tiny`.
     for section in (config, *(v for v in config.values() if isinstance(v, dict))):
         if isinstance(section.get("store"), str) and sqlite_path(section["store"]) is not None:
             section["store"] = "sqlite:" + sqlite_path(section["store"])
+        if isinstance(section.get("name"), str) and section is config.get("model"):
+            section["name"] = model_key(section["name"])
     return config
 
 

@@ -508,3 +508,16 @@ def test_a_sqlite_store_is_compared_by_the_file_it_opens():
     new = {"store": "sqlite:////runs/2026-12-02T10%3A00/labels.db", "run": {"dir": "runs/x"}}
     assert _made_by(old) == _made_by(new)
     assert _made_by(old) != _made_by({**new, "store": "sqlite:////runs/other/labels.db"})
+
+
+def test_a_base_model_is_compared_by_what_it_is(tmp_path, monkeypatch):
+    """dpo and reward record their SFT's base as its align.json has it (a folder's absolute path) where the
+    pipeline's section says `tiny`: every rerun redid reward, dpo and eval. The embedded model's names are one."""
+    from alignment.embedded import model_key
+    from recipes.pipeline import _made_by
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _made_by({"model": {"name": "tiny"}}) == _made_by({"model": {"name": str(tmp_path / "tiny")}})
+    assert _made_by({"model": {"name": "tiny"}}) != _made_by({"model": {"name": "Org/tiny"}})
+    assert model_key("SmolLM2-135M") == model_key("embedded") == model_key("smollm2-135m-instruct")
