@@ -174,8 +174,9 @@ def lock_file(stage: Stage, cfg: Any) -> Path | None:
 @contextmanager
 def holding(path: Path | None, what: str) -> Iterator[None]:
     """The block run with an exclusive flock on `path` (made with its folder where missing), or a StageError
-    at once naming the process that holds it (`align <what> (pid N)`, written into the file). Rank 0 only under `accelerate launch`: the other ranks are the
-    same run. The file stays: removing a lock file another process may be opening would split the lock."""
+    at once naming the process that holds it (`align <what> (pid N)`, written into the file). Rank 0 only
+    under `accelerate launch`: the other ranks are the same run. The file stays: removing a lock file another
+    process may be opening would split the lock."""
     if path is None or not is_main_process():
         yield
         return
@@ -465,9 +466,10 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     its run set aside (set_aside_later_checkpoints). `latest` (or auto): the newest complete one (those cut
     short by a kill while being saved are set aside first), unless it cannot go on into this run; then every
     checkpoint is set aside and the run starts from scratch, saying why: one of a finished run (its align.json
-    was there: rerun, the stage is asked to train again, unless to train longer, past the checkpoint's step up
-    to a larger `max_steps`), or of a run on other inputs (a pipeline rerun because the data or the SFT adapter changed would take it
-    up at its last step, train nothing and keep the old weights under a manifest naming the new data).
+    was there: rerun, the stage is asked to train again, unless to train longer, to a `max_steps` past the
+    checkpoint's step), or of a run on other inputs (a pipeline rerun because the data or the SFT adapter
+    changed would take it up at its last step, train nothing and keep the old weights under a manifest naming
+    the new data).
     Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
 
     A finished artifact in `out` loses its align.json here, before the first file is rewritten (metrics.jsonl,
@@ -537,11 +539,15 @@ def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[
 
 
 def model_identity(name: str | Path | None) -> str | None:
-    """A model or adapter as a checkpoint's record names it: a Hub id or embedded name as it is, a local folder
-    as its absolute path and fingerprint (model_fingerprint: replaced in place, it is another model)."""
-    if not name or not Path(name).is_dir():
-        return str(name) if name else None
-    return f"{Path(name).resolve()}@{model_fingerprint(name)}"
+    """A model or adapter as a checkpoint's record names it: as embedded.model_key spells it (a Hub id as it is,
+    the embedded model by any of its names), a local folder with its fingerprint (model_fingerprint: replaced
+    in place, it is another model)."""
+    from alignment.embedded import model_key
+
+    if not name:
+        return None
+    key = model_key(str(name))
+    return f"{key}@{model_fingerprint(key)}" if Path(key).is_dir() else key
 
 
 def model_fingerprint(folder: str | Path) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from alignment import StageError
 from alignment.artifacts import MANIFEST, later_rounds, stage_dir, stages_of_kind
 from alignment.config import ConfigError
+from alignment.embedded import model_key
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,6 @@ def adapter_base(folder: str | Path) -> str:
     return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
 
 
-def model_identity(name: str) -> str:
-    """One spelling per model: the embedded default's names are its converted folder; folders are resolved."""
-    from alignment.embedded import EMBEDDED_NAMES, embedded_model_dir
-
-    if name.lower() in EMBEDDED_NAMES:
-        return str(embedded_model_dir(convert=False).resolve())
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
 def shared_base(models: dict[str, Path], cfg: Any) -> str:
     """The base every served adapter was trained on (as they name it). A ConfigError when they differ or
     model.name is another model; a StageError when there is nothing to serve (an adapter to train first)."""
@@ -97,13 +88,13 @@ def shared_base(models: dict[str, Path], cfg: Any) -> str:
     bases = {name: adapter_base(folder) for name, folder in models.items()}
     groups: dict[str, list[str]] = {}
     for name, base in bases.items():
-        groups.setdefault(model_identity(base), []).append(name)
+        groups.setdefault(model_key(base), []).append(name)
     if len(groups) > 1:
         listed = "; ".join(f"{', '.join(names)} on {bases[names[0]]}" for names in groups.values())
         raise ConfigError(f"the adapters are on different base models ({listed}): one server holds one base; serve "
                          "each base's adapters with its own `align serve` (adapters={...}, discover=false)")
     base = next(iter(bases.values()))
-    if cfg.model.name != "auto" and model_identity(cfg.model.name) != next(iter(groups)):
+    if cfg.model.name != "auto" and model_key(cfg.model.name) != next(iter(groups)):
         raise ConfigError(f"model.name={cfg.model.name}: the adapters were trained on {base}; leave model.name=auto "
                          "(their base) or serve adapters of that model")
     return base
