@@ -88,13 +88,18 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
 
 
 def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
-    """(model, tokenizer) from a folder `align reward` wrote; unquantized for scoring unless `plan` says so."""
+    """(model, tokenizer) from a folder `align reward` wrote, on a base quantized as it was trained (unless `plan`
+    says otherwise): the 4-bit base a QLoRA reward model learnt on is the model its held-out accuracy and
+    probes measured, which the PPO gate reads; unquantized, PPO and eval scored with another one (0.741 held-out
+    against the stage's 0.778 on the quickstart's pairs)."""
     from peft import PeftModel
 
     path = Path(path)
     if not is_adapter_dir(path):
         raise FileNotFoundError(f"{path} is not a reward model folder (no adapter_config.json): run `align reward`")
-    plan = plan or device_plan(ModelConfig(quantize=False))
+    trained = (read_manifest(path).get("config") or {}).get("model") or {} if (path / "align.json").is_file() else {}
+    plan = plan or device_plan(ModelConfig(quantize=bool(trained.get("quantize", False)),
+                                           compute_dtype=trained.get("compute_dtype", "auto")))
     sft = path / SFT_ADAPTER if is_adapter_dir(path / SFT_ADAPTER) else None
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))

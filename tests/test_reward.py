@@ -241,6 +241,19 @@ def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_pat
     assert manifest["config"]["use_margin"] is True
     assert manifest["metrics"]["length_correlation"] > 0.5
     assert "correlates with response length" in caplog.text
+    # Loaded for PPO, eval and `align reward probe`: on the 4-bit base it learnt on, so it scores the held-out
+    # pairs as the stage measured them (the gate's figures); on an unquantized base it was another model.
+    from alignment.preferences import load_preferences
+    from alignment.reward_model import load_reward_model, score_conversations
+
+    model, tokenizer = load_reward_model(out)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    test = load_preferences(data, test_fraction=0.2, seed=42)[0]["test"]
+    chosen, rejected = (score_conversations(model, tokenizer, [p + c for p, c in zip(test["prompt"], test[side],
+                                                                                       strict=True)])
+                        for side in ("chosen", "rejected"))
+    margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+    assert margin == pytest.approx(manifest["metrics"]["eval_mean_margin"], rel=1e-3)  # 4-bit kernels: batch sizes
 
 
 def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
