@@ -188,7 +188,8 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     if isinstance(r, float):
         warn = abs(r) > 0.5
         notes.append(f"{'<b>Warning</b>: ' if warn else ''}reward vs response length: Pearson r = {r:.2f}"
-                     + (" (the model may reward length, which a policy will exploit)" if warn else ""))
+                     + (f" (the model may reward {'longer' if r > 0 else 'shorter'} answers, which a policy will "
+                        "exploit)" if warn else ""))
     if notes:
         parts.append("<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
     if manifest.get("probes"):
@@ -577,7 +578,7 @@ def write_report(run_dir: str | Path) -> Path:
         mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(run_dir.name)}</title>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(run_dir.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{top}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"

@@ -175,7 +175,11 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     cmd = args.command
     try:
         if cmd[:2] == ["users", "add"] and len(cmd) == 3:
-            password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
+            try:
+                password = args.password or getpass.getpass(f"password for {cmd[2]}: ")
+            except (EOFError, KeyboardInterrupt):  # no terminal to ask on, or Ctrl-D / Ctrl-C at the prompt
+                print(f"\nalign label: no password given for {cmd[2]!r}; give one with --password", file=sys.stderr)
+                return 2
             store.add_user(cmd[2], password, admin=args.admin)
             print(f"user {cmd[2].strip()!r} added{' (admin)' if args.admin else ''} to {safe_url(store.url)}")
             return 0
@@ -227,11 +231,14 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                          gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
             print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
                   f"{', profiles ' + args.profiles if profiles else ''})")
-            if str(args.batch or "").startswith("eval-"):  # align eval human=true's A/B tasks: its board, not export
-                print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true")
-            else:
+            # align eval human=true's A/B tasks (batches eval-*) are read by its board, not by export
+            batches = [args.batch] if args.batch else [b["batch"] for b in store.batch_counts() if b["rankings"]]
+            if any(not b.startswith("eval-") for b in batches):
                 print(f"next: align export run.dir={shlex.quote(str(args.run_dir))}"
                       + (f" store={shlex.quote(args.db)}" if args.db else ""))
+            if any(b.startswith("eval-") for b in batches):
+                print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true (with the settings "
+                      "that made the A/B tasks)")
             return 0
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes

@@ -293,7 +293,8 @@ def main(cfg: RewardStageConfig) -> Path:
         r = heldout["length_correlation"]
         if r is not None and abs(r) > LENGTH_WARNING:
             log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "
-                        "model may be rewarding length rather than quality, which PPO will exploit", r)
+                        "model may be rewarding %s answers rather than better ones, which PPO will exploit", r,
+                        "longer" if r > 0 else "shorter")
         # --- probes: accuracy by agreement, and edits that must not win (alignment.reward_model) ---
         probes = probe(lambda convs: score_conversations(trainer.model, tokenizer, convs, cfg.train.batch_size),
                        probe_pairs, chosen, rejected, scorer=resolve_scorer(cfg.probe_scorer) if cfg.probe_scorer

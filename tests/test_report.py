@@ -94,6 +94,7 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         write(run, folder, manifest)
     (run / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.4}) + "\n")
     page = write_report(run).read_text()
+    assert "<title>align · run</title>" in page  # the browser tab's name (an f-string without its f showed code)
     glance_table = page[page.index("<table class='glance'>"):page.index("</table>", page.index("class='glance'"))]
     rows = glance_table.split("<tr>")[2:]
     assert [r.split("'")[1] for r in rows] == ["#sft", "#sample", "#preferences", "#reward", "#dpo", "#eval"]

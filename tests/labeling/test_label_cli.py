@@ -208,3 +208,26 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
     assert "pending rankings (overlap 1): 1" in capsys.readouterr().out
     assert align([*label, "users", "add", "  lena  ", "--password", "pw-1234"]) == 0
     assert "user 'lena' added to" in capsys.readouterr().out and [u["name"] for u in store.users()] == ["lena"]
+
+
+def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):
+    """Simulated rankings of eval's A/B tasks (batch eval-*) are read by align eval human=true, not by export;
+    `users add` with no terminal to ask on (or Ctrl-D) ended in a traceback."""
+    import getpass
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    out = capsys.readouterr().out
+    assert "human=true" in out and "align export" not in out
+    store.add_tasks("round-0", [{"prompt": "q2", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--batch", "round-0"]) == 0
+    out = capsys.readouterr().out
+    assert "next: align export" in out and "human=true" not in out
+
+    def no_terminal(prompt):
+        raise EOFError
+
+    monkeypatch.setattr(getpass, "getpass", no_terminal)
+    assert align(["label", "--run-dir", str(tmp_path), "users", "add", "lena"]) == 2
+    assert "no password given for 'lena'; give one with --password" in capsys.readouterr().err
