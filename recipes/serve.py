@@ -127,6 +127,7 @@ align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
   curl {url}/chat/completions -H "Content-Type: application/json"{auth} \\
     -d '{body}'
 
+  # with the openai package (pip install openai; it is not one of align's dependencies)
   python -c 'import os; from openai import OpenAI; print(OpenAI(
     base_url="{url}", api_key={secret}).chat.completions.create(
     model="{example}", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'

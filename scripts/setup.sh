@@ -34,4 +34,4 @@ if [ "$dev" = 1 ]; then
     fi
   fi
 fi
-echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"
+echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)')); for the align command in your shell: . .venv/bin/activate"
