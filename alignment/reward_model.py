@@ -489,11 +489,6 @@ def scored_position(ids: list[int], pad_token_id: int | None) -> int:
     return real[-1] if real else len(ids) - 1
 
 
-def _same_model(a: str, b: str) -> bool:
-    """Two names of one base: equal, one an embedded name for the other's folder, or one folder."""
-    return model_key(a) == model_key(b)
-
-
 LORA_SHAPE = ("r", "lora_alpha", "use_rslora", "use_dora")  # with the weights, what a LoRA adds to its base
 
 
@@ -531,7 +526,7 @@ def shared_base_problem(rm: Path, sft: Path | None, base: str) -> str | None:
     so preflight says it before any model loads.
     """
     rm_base = adapter_base_name(rm)
-    if not _same_model(rm_base, base):
+    if model_key(rm_base) != model_key(base):  # one base however spelled (an embedded name, a folder)
         return (f"the reward model at {rm} was trained on {rm_base}, the policy's base is {base}: its adapter "
                 "on this base is not that reward model")
     if not is_adapter_dir(rm / SFT_ADAPTER):
