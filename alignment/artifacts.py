@@ -470,7 +470,9 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     checkpoint's step), or of a run on other inputs (a pipeline rerun because the data or the SFT adapter
     changed would take it up at its last step, train nothing and keep the old weights under a manifest naming
     the new data).
-    Hyperparameters are not recorded: resuming with a lower train.lr, or to train longer, is what resume is for.
+    Settings (`trained_on["settings"]`, settings_of: the stage's config less its inputs) do not decide: resuming
+    with a lower train.lr, or to train longer, is what resume is for. A resume whose settings differ from those
+    its checkpoint's run recorded says which, before it goes on (a changed LoRA shape would not load).
 
     A finished artifact in `out` loses its align.json here, before the first file is rewritten (metrics.jsonl,
     checkpoints/): a rerun killed on the way, even by SIGKILL, leaves an unfinished folder, not the old manifest
@@ -507,6 +509,13 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
                                           "past its step)")
             found = None
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
+    changed = _settings_changed(found.parent, trained_on) if found else []
+    if changed:
+        log.warning("resuming from %s with settings its run did not have: %s. The checkpoint's weights, optimizer "
+                    "state and place in the schedule carry on under them (train.lr: from here on)%s", found,
+                    "; ".join(changed), "; a LoRA of another shape (lora.*) does not load from it: start from scratch "
+                    "(train.resume_from_checkpoint unset) or resume with its settings" if any(
+                        c.startswith("lora.") for c in changed) else "")
     if trained_on is not None and is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{TRAINED_ON}.tmp"
@@ -525,17 +534,58 @@ def _complete(checkpoint: Path) -> bool:
         return False
 
 
-def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:
-    """The inputs (keys of `trained_on`) the checkpoints in `folder` were trained on otherwise; [] when the same,
-    or unknown (no record: checkpoints of an align before it, or a folder of someone else's)."""
-    path = folder / TRAINED_ON
-    if trained_on is None or not path.is_file():
-        return []
+def _recorded(folder: Path) -> dict[str, Any] | None:
+    """What the checkpoints in `folder` were trained on, as begin_training recorded it; None: no record
+    (checkpoints of an align before it, or a folder of someone else's)."""
     try:
-        recorded = json.loads(path.read_text())
+        recorded = json.loads((folder / TRAINED_ON).read_text())
+    except OSError:
+        return None
     except ValueError:
-        recorded = {}
-    return [k for k in sorted(set(recorded) | set(trained_on)) if recorded.get(k) != trained_on.get(k)]
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:
+    """The inputs (keys of `trained_on`, its settings aside) the checkpoints in `folder` were trained on
+    otherwise; [] when the same, or unknown."""
+    recorded = _recorded(folder)
+    if trained_on is None or recorded is None:
+        return []
+    keys = (set(recorded) | set(trained_on)) - {"settings"}
+    return [k for k in sorted(keys) if recorded.get(k) != trained_on.get(k)]
+
+
+def _settings_changed(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:
+    """'key old -> new' for each setting of `trained_on["settings"]` the run of the checkpoints in `folder`
+    recorded otherwise; [] when the same, or either has no record."""
+    ours, theirs = (trained_on or {}).get("settings"), (_recorded(folder) or {}).get("settings")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        return []
+    return [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+            if theirs.get(k) != ours.get(k)]
+
+
+# Config keys a resume compares as settings: not the run's own (run.*: its folder, W&B), not the resume key
+# and the length of training (training longer is what resume is for), not the inputs trained_on compares.
+_NOT_SETTINGS = ("run.", "train.resume_from_checkpoint", "train.max_steps", "train.epochs", "model.name", "sft",
+                 "reward_model", "scorer", "prompts", "data.path")
+
+
+def settings_of(cfg: Any) -> dict[str, Any]:
+    """A training stage's config as begin_training records its settings: flat ("train.lr"), its inputs and run
+    keys left out (_NOT_SETTINGS), as JSON holds them."""
+    from alignment.config import to_dict
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    settings = flat(json.loads(json.dumps(to_dict(cfg), default=str)))
+    return {k: v for k, v in settings.items() if not any(k == s or (s.endswith(".") and k.startswith(s))
+                                                         for s in _NOT_SETTINGS)}
 
 
 def model_identity(name: str | Path | None) -> str | None:

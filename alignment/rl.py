@@ -31,6 +31,7 @@ from alignment.artifacts import (
     begin_training,
     is_main_process,
     model_identity,
+    settings_of,
     stage_dir,
     system_prompt_of,
 )
@@ -76,7 +77,8 @@ def trained_on(cfg: PPOStageConfig, sft: Path | None, rm: Path | None) -> dict[s
     """What an RL run's checkpoints are trained on (alignment.artifacts.begin_training): the prompts, the model
     and SFT adapter it starts from, and the reward it is trained against."""
     return {"prompts": file_hash(cfg.prompts), "base_model": model_identity(cfg.model.name),
-            "sft": model_identity(sft), "reward": f"scorer:{cfg.scorer}" if cfg.scorer else model_identity(rm)}
+            "sft": model_identity(sft), "reward": f"scorer:{cfg.scorer}" if cfg.scorer else model_identity(rm),
+            "settings": settings_of(cfg)}
 
 
 def check_reward(cfg: PPOStageConfig) -> None:

@@ -31,6 +31,7 @@ from alignment.artifacts import (
     is_main_process,
     model_identity,
     print_done,
+    settings_of,
     stage_dir,
     system_prompt_of,
     write_manifest,
@@ -238,7 +239,7 @@ def main(cfg: DPOStageConfig) -> Path:
     # Once the trainer stands (tokenized, its reference checked): this takes a finished run's align.json away.
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
                                    trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
-                                               "sft": model_identity(sft)})
+                                               "sft": model_identity(sft), "settings": settings_of(cfg)})
     if checkpoint is not None:  # step 0 once: on a resume it would be the checkpoint's step evaluated again
         trainer.args.eval_on_start = False
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -34,6 +34,7 @@ from alignment.artifacts import (
     is_main_process,
     model_identity,
     print_done,
+    settings_of,
     shell,
     stage_dir,
     system_prompt_of,
@@ -263,7 +264,8 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
                                    trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
-                                               "sft": model_identity(sft) if cfg.from_sft else None})
+                                               "sft": model_identity(sft) if cfg.from_sft else None,
+                                               "settings": settings_of(cfg)})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed

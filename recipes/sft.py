@@ -17,7 +17,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from alignment import report
-from alignment.artifacts import model_identity, print_done, shell, stage_dir, write_manifest
+from alignment.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
 from alignment.data import file_hash, load_sft_dataset, split_by_prompt
@@ -124,7 +124,8 @@ def main(cfg: SFTStageConfig) -> Path:
 
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
-                                   trained_on={"data": file_hash(cfg.data.path), "base_model": model_identity(cfg.model.name)})
+                                   trained_on={"data": file_hash(cfg.data.path), "base_model": model_identity(cfg.model.name),
+                                               "settings": settings_of(cfg)})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed

@@ -226,3 +226,36 @@ def test_latest_sets_aside_checkpoints_cut_short_by_a_kill(tmp_path, capsys):
     (aside,) = folder.glob("abandoned-*")
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8"]
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
+    """A checkpoint resumed under settings its run did not have (another lr, another LoRA shape) goes on, and the
+    log says which settings changed: a LoRA of another shape then fails to load, and the warning says why.
+    The inputs (data, base model) still decide, the settings never do; run.* and the length of training are not
+    settings (training longer is what resume is for)."""
+    from alignment.artifacts import settings_of
+
+    cfg = load_config(SFTStageConfig, None, ["run.wandb=disabled"])
+    settings = settings_of(cfg)
+    assert settings["train.lr"] == cfg.train.lr and settings["lora.r"] == cfg.lora.r
+    assert not [k for k in settings if k.startswith("run.") or k in ("train.max_steps", "data.path", "model.name")]
+
+    inputs = {"data": "sha", "base_model": "tiny"}
+    assert resume_checkpoint(tmp_path, "latest", max_steps=8, trained_on={**inputs, "settings": settings}) is None
+    (tmp_path / "checkpoints" / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    other = settings_of(load_config(SFTStageConfig, None, ["run.wandb=disabled", "train.lr=1e-5", "lora.r=8",
+                                                           "train.max_steps=20", "run.dir=elsewhere"]))
+    for resume in ("latest", str(tmp_path / "checkpoints" / "checkpoint-4")):
+        with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):
+            found = resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
+        assert found == str(tmp_path / "checkpoints" / "checkpoint-4")
+        assert f"with settings its run did not have: lora.r {cfg.lora.r} -> 8; train.lr 0.0002 -> 1e-05" in caplog.text
+        assert "a LoRA of another shape (lora.*) does not load from it" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):  # now recorded as this run's
+            resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
+        assert "settings its run did not have" not in caplog.text
+        resume_checkpoint(tmp_path, None, trained_on={**inputs, "settings": settings})  # the record back
+        (tmp_path / "checkpoints" / "checkpoint-4").mkdir(exist_ok=True)
+        (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
