@@ -388,7 +388,12 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
         if scorer is not None:
             s_new = [float(scorer(p, e)) for p, e in zip(prompts, edited, strict=True)]
             ordered = [i for i in range(n) if s_chosen[i] > s_rejected[i]]
-            unsupported = [i for i in flips if not s_new[i] > s_chosen[i]]
+            # A flip is supported (the labels could have taught it) only where the scorer orders the pair as
+            # labelled and the phrase lifts the worse answer over the better by the scorer too. On a pair it
+            # orders the other way it prefers the rejected answer before any edit: its preferring the edited
+            # one says nothing of the phrase, and the reward model's flip there is its own.
+            supported = {i for i in ordered if s_new[i] > s_chosen[i]}
+            unsupported = [i for i in flips if i not in supported]
             row.update(scorer_flip_rate=(sum(s_new[i] > s_chosen[i] for i in ordered) / len(ordered)
                                          if ordered else None),
                        scorer_mean_gain=_mean([a - b for a, b in zip(s_new, s_rejected, strict=True)]),

@@ -4,6 +4,7 @@ refusing a model that pays for a phrase, DPO warning about one trained on its pa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,34 @@ def test_a_known_labeller_separates_what_the_labels_taught_from_the_habit():
     assert edits["thanks_start"]["scorer_mean_gain"] == pytest.approx(3.0)
     assert edits["thanks_end"]["scorer_flip_rate"] == 0 and edits["thanks_end"]["unsupported_flip_rate"] == 1.0
     assert probes["gate"]["edit"] == "thanks_end" and "opening_only does not make too" in probes["gate"]["basis"]
+
+
+def test_a_flip_on_a_pair_the_labeller_orders_the_other_way_is_not_supported():
+    """Labels from a noisy annotator: on 3 of 10 pairs the labelling scorer prefers the rejected answer. The
+    scorer gives nothing for 'Hope this helps!'; the reward model pays +0.5 for it and so flips exactly those 3
+    (their gap is 0.3). The scorer 'prefers' the edited rejected answer there only because it did before the
+    edit: the flips are the reward model's own habit, and the gate counts them."""
+    quality = {f"chosen {i}.": (1.0 if i >= 7 else 2.0) for i in range(10)}
+    quality |= {f"rejected {i}.": (2.0 if i >= 7 else 1.0) for i in range(10)}
+    learnt = {f"chosen {i}.": (0.3 if i >= 7 else 1.0) for i in range(10)} | {f"rejected {i}.": 0.0 for i in range(10)}
+
+    def answer(text: str) -> str:  # the answer an edit was made to
+        return re.search(r"(chosen|rejected) \d+\.", text).group(0)
+
+    def labeller(prompt: str, response: str) -> float:
+        return quality[answer(response)]
+
+    def reward(conversations):
+        return [learnt[answer(c[-1]["content"])] + 0.5 * ("Hope this helps!" in c[-1]["content"]) for c in conversations]
+
+    data = heldout([{"chosen": f"chosen {i}.", "rejected": f"rejected {i}."} for i in range(10)])
+    chosen = reward([r["prompt"] + r["chosen"] for r in data])
+    rejected = reward([r["prompt"] + r["rejected"] for r in data])
+    probes = probe(reward, data, chosen, rejected, scorer=labeller, scorer_name="labeller")
+    hope = {e["edit"]: e for e in probes["edits"]}["hope_end"]
+    assert (hope["flips"], hope["of"], hope["scorer_flip_rate"], hope["scorer_mean_gain"]) == (3, 10, 0.0, 0.0)
+    assert hope["unsupported_flips"] == 3 and hope["unsupported_flip_rate"] == pytest.approx(0.3)
+    assert probes["gate"]["edit"] == "hope_end" and probe_failure(probes, MAX_PROBE_FLIP_RATE) is not None
 
 
 def test_one_annotator_per_pair_is_said_so():
