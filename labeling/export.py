@@ -194,11 +194,21 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
     return [r for r, t in zip(rows, key, strict=True) if not t], [r for r, t in zip(rows, key, strict=True) if t]
 
 
-def task_pairs(rank_lists: list[list[int]], *, ties: str = "drop", combine: str = "majority",
+def dense_ranks(ranks: list[int]) -> list[int]:
+    """A ranking renumbered so tied answers share a rank and the next answer takes the next one (1, 1, 2, 3),
+    as labeling.simulate.ranks_from_scores writes them. The store accepts either numbering of a tie (1, 1, 3, 4
+    too), and only the order is the annotator's: the margin, a distance of ranks, must not depend on which."""
+    distinct = sorted(set(ranks))
+    return [distinct.index(r) + 1 for r in ranks]
+
+
+def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: str = "majority",
                posterior: dict[tuple[int, int], float] | None = None) -> list[tuple[int, int, float]]:
     """(chosen index, rejected index, margin) for one task's rankings (canonical order).
 
-    With combine=dawid_skene, `posterior[(i, j)]` (i < j) is P(response i beats j); a pair missing from it is a tie.
+    The margin is the distance of the two responses' mean ranks, so `rank_lists` are dense (dense_ranks;
+    build_pairs makes them so, before merging copies of an answer). With combine=dawid_skene,
+    `posterior[(i, j)]` (i < j) is P(response i beats j); a pair missing from it is a tie.
     """
     k = len(rank_lists[0])
     mean_rank = [_mean([r[i] for r in rank_lists]) for i in range(k)]
@@ -266,7 +276,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         # merged answers' too: two people who order two copies apart still agree.
         groups = copy_groups(texts)
         reps = [group[0] for group in groups]  # each text's first copy, in response order
-        rank_lists = [merge_copies(r["ranks"], groups) for r in ranked]
+        rank_lists = [merge_copies(dense_ranks(r["ranks"]), groups) for r in ranked]
         agreement = task_agreement(rank_lists)
         if min_agreement is not None and agreement < min_agreement:
             counts["dropped_low_agreement"] += 1

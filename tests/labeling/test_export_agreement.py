@@ -8,7 +8,7 @@ import pytest
 
 from alignment.preferences import load_preferences
 from labeling import agreement, handlers
-from labeling.export import build_pairs, export_preferences, task_pairs
+from labeling.export import build_pairs, dense_ranks, export_preferences, task_pairs
 from labeling.scorers import ACKNOWLEDGE, resolve_scorer, support_style
 from labeling.simulate import ranks_from_scores, simulate
 
@@ -34,6 +34,17 @@ def test_one_ranking_with_a_tie_gives_exactly_the_ordered_pairs():
     assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I sync? 1"}] and pairs[0]["agreement"] == 1.0
     kept, summary = build_pairs(rows({"ann": [1, 3, 2, 2]}), ties="margin0")
     assert len(kept) == 6 and summary["kept_ties"] == 1
+
+
+def test_the_margin_is_the_same_however_a_tie_is_numbered():
+    # A = B > C > D, written as the app's example (1, 1, 3, 4) or densely (1, 1, 2, 3): neighbours are 1 apart.
+    for ranks in ([1, 1, 3, 4], [1, 1, 2, 3]):
+        margins = {(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]): p["margin"]
+                   for p in build_pairs(rows({"ann": ranks}))[0]}
+        assert margins == {("A", "C"): 1, ("B", "C"): 1, ("A", "D"): 2, ("B", "D"): 2, ("C", "D"): 1}, ranks
+    # one best, three tied: 1, 4, 4, 4 is 1, 2, 2, 2
+    assert {m for *_, m in task_pairs([dense_ranks([1, 4, 4, 4])])} == {1}
+    assert dense_ranks([1, 1, 3, 4]) == [1, 1, 2, 3] and dense_ranks([2, 1, 4, 3]) == [2, 1, 4, 3]
 
 
 def test_two_annotators_majority_agreement_and_flags():
