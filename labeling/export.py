@@ -12,7 +12,7 @@ The rules (docs/labeling.md says the same):
   on every ranking, gold tasks' answers fixed) and orders each pair by the posterior probability;
   its pairs carry that probability (`p_chosen`, a soft label) and `weight` = 2 p_chosen - 1 (0 for
   a coin flip, 1 for certain; a kept tie has exactly 1/2 and 0); `min_posterior` drops the pairs
-  less sure than it (`dropped_uncertain`).
+  less sure than it (`dropped_uncertain`). A posterior within POSTERIOR_TIE (1e-3) of 1/2 is a tie.
   Whatever `combine` is, summary.json holds each annotator's estimated accuracy, interval and weight.
 - Ties: `drop` (default) gives no pair; `margin0` keeps it with margin 0 and the first response
   as "chosen": only useful with a loss that weights pairs by margin.
@@ -62,6 +62,12 @@ from labeling.store import Store
 MANIFEST = "align.json"  # alignment.artifacts.MANIFEST, the stage's "finished" mark (labeling imports no alignment)
 WRITTEN = ("dataset_dict.json", "train", "test", "train.jsonl", "test.jsonl", "summary.json", MANIFEST,
            "config.yaml", "metrics.jsonl")
+# combine=dawid_skene: a posterior within this of 1/2 is a tie. EM stops when no annotator's accuracy moves by
+# more than its tol (1e-7) in one step, but it gets there slowly, so two equally reliable annotators can end with
+# vote weights some 1e-5 apart, and a pair only they disagree on with p_chosen 0.500001: EM's residue, not a
+# decision (with no gold, 25 of 240 simulated pairs, every one the wrong way). 1e-3 is far above that residue
+# and below any posterior worth training on (weight 2p - 1 = 0.002).
+POSTERIOR_TIE = 1e-3
 
 
 class ExportError(ValueError):
@@ -222,7 +228,7 @@ def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: st
     for i, j in itertools.combinations(range(k), 2):
         if combine == "dawid_skene":
             p = (posterior or {}).get((i, j), 0.5)
-            vote = (p > 0.5 + 1e-9) - (p < 0.5 - 1e-9)
+            vote = (p > 0.5 + POSTERIOR_TIE) - (p < 0.5 - POSTERIOR_TIE)
         elif ratings is not None:
             vote = (ratings[i] > ratings[j] + 1e-9) - (ratings[j] > ratings[i] + 1e-9)
         else:
@@ -304,7 +310,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
             soft = {}
             if combine == "dawid_skene":
                 p = posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
-                # A tie is a posterior within 1e-9 of 1/2, which a mean over copies can leave a hair under it:
+                # A tie is a posterior within POSTERIOR_TIE of 1/2, which may be a little under it:
                 # 2 p - 1 would be a negative weight, which the training stages refuse.
                 p = 0.5 if tie else p
                 if min_posterior is not None and p < min_posterior:

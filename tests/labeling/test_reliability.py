@@ -105,6 +105,38 @@ def test_noisy_annotator_gets_less_weight_than_a_careful_one():
     assert people["sloppy"]["accuracy"] < people["careful"]["accuracy"]
 
 
+def test_two_equally_trusted_annotators_who_disagree_leave_a_tie_not_a_decision():
+    """No gold; good, noisy:0.8 and an adversary rank 40 tasks. Good and noisy end equally reliable (their weights
+    some 1e-5 apart: EM's residue at its tolerance), so a pair they disagree on is left at p_chosen 0.500001.
+    That is a tie (export.POSTERIOR_TIE), not a decision (with a band of 1e-9 all 25 such pairs were exported,
+    every one the wrong way): none is exported now, and ties=margin0 keeps them as ties."""
+    import random
+
+    from labeling.export import POSTERIOR_TIE
+
+    rng = random.Random(0)
+    rows, truth = [], {}
+    for t in range(40):
+        truth[t] = [rng.random() for _ in range(4)]
+        responses = [{"text": f"task {t} answer {i}", "meta": {}} for i in range(4)]
+        for name, profile in (("good", "good"), ("noisy", "noisy:0.8"), ("adv", "adversarial")):
+            rows.append({**ranking(t, name, profile_ranks(parse_profile(profile), truth[t], rng)), "prompt": f"q {t}",
+                         "responses": responses, "source": {}, "flags": [], "is_gold": False})
+
+    def answer(pair, side):
+        return int(pair[side][0]["content"].rsplit(" ", 1)[1])
+
+    pairs, summary = build_pairs(rows, combine="dawid_skene", gold={})
+    people = summary["reliability"]["annotators"]
+    assert people["good"]["weight"] == pytest.approx(people["noisy"]["weight"], abs=1e-3) and people["adv"]["weight"] == 0
+    wrong = [p for p in pairs if truth[int(p["task_id"])][answer(p, "chosen")] < truth[int(p["task_id"])][answer(p, "rejected")]]
+    assert wrong == [] and summary["dropped_ties"] >= 25  # the 25 disagreements of good and noisy, and real ties
+    assert all(abs(p["p_chosen"] - 0.5) >= POSTERIOR_TIE and p["weight"] > 0 for p in pairs)
+    kept, summary = build_pairs(rows, combine="dawid_skene", gold={}, ties="margin0")
+    ties = [p for p in kept if p["tie"]]
+    assert len(ties) == summary["kept_ties"] >= 25 and {(p["p_chosen"], p["weight"]) for p in ties} == {(0.5, 0.0)}
+
+
 def test_profiles():
     import random
 
