@@ -7,7 +7,8 @@
 A reward model scores a response with a linear `score` head on one hidden state (the last
 token's, after the final norm). The uncertainty estimate is an ensemble of more such heads on the
 same features: each a Bradley-Terry logistic regression fitted to a bootstrap resample of the
-labelled tasks (a ranking's pairs are drawn together, as they are not independent). Where the
+labelled tasks (a ranking's pairs are drawn together, as they are not independent), on the labels
+the model's loss read (soft labels p_chosen or weights, per the stage's weighting). Where the
 labels pin a direction down the heads agree; where they do not, they disagree, and a ranking of a
 task they disagree on is the one that teaches most. It costs no training pass through the trunk:
 `align reward` fits the heads on the hidden states of its own training pairs after training (one
@@ -77,15 +78,19 @@ class HeadEnsemble:
         return cls(tensors["weights"], tensors["mean"], tensors["scale"], meta)
 
 
-def fit_heads(chosen: torch.Tensor, rejected: torch.Tensor, groups: list | None = None, *, heads: int = 8,
+def fit_heads(chosen: torch.Tensor, rejected: torch.Tensor, groups: list | None = None, *,
+              p_chosen: torch.Tensor | None = None, weight: torch.Tensor | None = None, heads: int = 8,
               l2: float = 0.1, seed: int = 0, max_iter: int = 100) -> HeadEnsemble:
     """`heads` Bradley-Terry heads on pair features (chosen and rejected: [P, D]), one per bootstrap resample.
 
     Resamples are of `groups` (a task id per pair: a ranking's pairs go together), or of pairs.
-    Features are standardised over the responses seen; each head minimises the mean logistic
-    loss of its resample plus `l2` * |w|^2 (the heads are independent, so one L-BFGS run over
-    their sum fits each). Head 0 is fitted to every pair, not a resample: with heads=1 it is the
-    plain fit, and the mean of the ensemble stays near it.
+    Features are standardised over the responses seen; each head minimises the weighted mean of its
+    resample's pair losses plus `l2` * |w|^2 (the heads are independent, so one L-BFGS run over
+    their sum fits each). A pair's loss is the reward model's (alignment.reward_model.pair_loss):
+    p * softplus(-s) + (1 - p) * softplus(s) for s the head's gap, with `p_chosen` (soft labels; 1,
+    a hard win, when not given) and `weight` (1 when not given; a resample's weights are normalised
+    to sum 1, so `l2` means what it means unweighted). Head 0 is fitted to every pair, not a
+    resample: with heads=1 it is the plain fit, and the mean of the ensemble stays near it.
     """
     chosen, rejected = chosen.float(), rejected.float()
     pairs, dim = chosen.shape
@@ -104,13 +109,20 @@ def fit_heads(chosen: torch.Tensor, rejected: torch.Tensor, groups: list | None 
         for _ in keys:
             drawn[rng.randrange(len(keys))] += 1
         counts[b] = drawn[member]
-    counts = counts / counts.sum(1, keepdim=True)
+    if weight is not None:
+        counts = counts * weight.float()
+    counts = counts / counts.sum(1, keepdim=True).clamp_min(1e-12)  # a resample of weight-0 pairs only: l2 alone
+    p = p_chosen.float() if p_chosen is not None else None
     weights = torch.zeros(heads, dim, requires_grad=True)
     opt = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = (counts * torch.nn.functional.softplus(-(weights @ diff.T))).sum() + l2 * (weights ** 2).sum()
+        gap = weights @ diff.T
+        pair = torch.nn.functional.softplus(-gap)
+        if p is not None:
+            pair = p * pair + (1 - p) * torch.nn.functional.softplus(gap)
+        loss = (counts * pair).sum() + l2 * (weights ** 2).sum()
         loss.backward()
         return loss
 
@@ -224,23 +236,46 @@ def _pair_features(model, tokenizer, rows, batch_size: int) -> tuple[torch.Tenso
     return tuple(feats[[index[json.dumps(c, sort_keys=True)] for c in side]] for side in sides)
 
 
+def head_labels(train, weighting: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(p_chosen, weight) per training pair as the reward stage's loss read them under `weighting`
+    (recipes.reward.pair_weighting: soft, weighted or off), each None where that loss has none.
+
+    soft: the pairs' p_chosen; weighted: their weight; a kept tie (export ties=margin0) is p 1/2 in
+    every mode, as the stage trains it (recipes.reward.loss_columns): its loss pulls the gap to 0.
+    """
+    columns = train.column_names
+    ties = [bool(t) for t in train["tie"]] if "tie" in columns else []
+    if weighting == "soft":
+        p = torch.tensor(train["p_chosen"], dtype=torch.float)
+    elif any(ties):
+        p = torch.tensor([0.5 if t else 1.0 for t in ties])
+    else:
+        p = None
+    weight = torch.tensor(train["weight"], dtype=torch.float) if weighting == "weighted" else None
+    return p, weight
+
+
 def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: int, seed: int,
-                     batch_size: int = 16, save: bool = True) -> dict[str, Any]:
+                     weighting: str = "off", batch_size: int = 16, save: bool = True) -> dict[str, Any]:
     """Fit and save the uncertainty heads of a trained reward model on its training pairs; their figures.
 
     Under several processes every rank calls it (the forwards of a sharded model are collective:
     FSDP and ZeRO-3 gather each layer's weights from all ranks) and one saves (`save`).
 
     `train`/`test` are the reward stage's preference splits (prompt/chosen/rejected conversations,
-    `task_id` when align export wrote them). Returns the heads' own held-out accuracy (their mean),
-    so the manifest shows whether they are a fair stand-in for the model's score head.
+    `task_id` when align export wrote them). The heads fit the labels the model trained on: soft
+    labels or weights per the stage's `weighting` (head_labels); hard wins would have them learn
+    what a distrusted annotator decided, which the model was taught to doubt. Returns the heads'
+    own held-out accuracy (their mean), so the manifest shows whether they are a fair stand-in for
+    the model's score head.
     """
-    if "tie" in train.column_names:  # a kept tie (export ties=margin0) has no winner to fit, nor to be right about
-        train = train.filter(lambda row: not row["tie"])
-        test = test.filter(lambda row: not row["tie"]) if test is not None else None
+    if test is not None and "tie" in test.column_names:  # a kept tie has no winner to be right about
+        test = test.filter(lambda row: not row["tie"])
     chosen, rejected = _pair_features(model, tokenizer, train, batch_size)
     groups = list(train["task_id"]) if "task_id" in train.column_names else None
-    ensemble = fit_heads(chosen, rejected, groups, heads=heads, seed=seed)
+    p_chosen, weight = head_labels(train, weighting)
+    ensemble = fit_heads(chosen, rejected, groups, p_chosen=p_chosen, weight=weight, heads=heads, seed=seed)
+    ensemble.meta["weighting"] = weighting
     figures: dict[str, Any] = {"heads": heads, "heads_pairs": len(chosen)}
     if test is not None and len(test):
         chosen, rejected = _pair_features(model, tokenizer, test, batch_size)

@@ -312,7 +312,7 @@ def main(cfg: RewardStageConfig) -> Path:
 
     # --- uncertainty heads (align sample selection=uncertainty) ------------------------------
     if cfg.heads:  # every rank runs the model (a sharded forward is collective); rank 0 saves
-        metrics.update(save_uncertainty_heads(trainer.model, tokenizer, train, test, out, cfg))
+        metrics.update(save_uncertainty_heads(trainer.model, tokenizer, train, test, out, cfg, weighting))
 
     # --- save -------------------------------------------------------------------------------
     trainer.save_model(str(out))  # rank 0 only, inside the trainer
@@ -357,13 +357,14 @@ def _log_probes(probes: dict) -> None:
                     "pairs may learn the same habit (docs/reward_dpo.md#probes)", failure)
 
 
-def save_uncertainty_heads(model, tokenizer, train, test, out: Path, cfg: RewardStageConfig) -> dict:
-    """Bootstrap heads on the trained model's features of its own training pairs, saved beside it."""
+def save_uncertainty_heads(model, tokenizer, train, test, out: Path, cfg: RewardStageConfig, weighting: str) -> dict:
+    """Bootstrap heads on the trained model's features of its own training pairs, with the labels its loss read
+    (`weighting`: soft labels, weights or neither), saved beside it."""
     from alignment.active import fit_reward_heads
 
     started = time.perf_counter()
     figures = fit_reward_heads(model, tokenizer, train, test, out, heads=cfg.heads, seed=cfg.train.seed,
-                               batch_size=cfg.train.batch_size, save=is_main_process())
+                               weighting=weighting, batch_size=cfg.train.batch_size, save=is_main_process())
     figures["heads_seconds"] = round(time.perf_counter() - started, 1)
     log.info("uncertainty heads: %d on %d pairs in %.1f s%s", cfg.heads, figures["heads_pairs"],
              figures["heads_seconds"], f", their held-out accuracy {figures['heads_eval_accuracy']:.3f}"

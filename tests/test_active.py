@@ -91,6 +91,39 @@ def test_heads_learn_the_preference_and_resample_by_task(tmp_path):
         HeadEnsemble.load(tmp_path / "elsewhere")
 
 
+def test_heads_fit_soft_labels_and_weights_as_the_reward_model_does():
+    """12 tasks say feature 0 wins, sure (p 0.97); 20 say the reverse, decided by a distrusted annotator (p 0.52).
+    As hard wins the reverse outvotes; as soft labels or weights 2p - 1 (what the reward model trains on), the
+    sure ones win. A tie is p 1/2: pairs that are all ties pull every gap to 0."""
+    from datasets import Dataset
+
+    from alignment.active import head_labels
+
+    sure, doubted = _pairs(36, seed=2), _pairs(60, seed=3)
+    chosen, rejected = torch.cat([sure[0], doubted[1]]), torch.cat([sure[1], doubted[0]])  # doubted: reversed
+    groups = [i // 3 for i in range(96)]
+    p = torch.tensor([0.97] * 36 + [0.52] * 60)
+    hard = fit_heads(chosen, rejected, groups, heads=3)
+    soft = fit_heads(chosen, rejected, groups, p_chosen=p, heads=3)
+    weighted = fit_heads(chosen, rejected, groups, weight=2 * p - 1, heads=3)
+    assert hard.weights[:, 0].max() < 0 < soft.weights[:, 0].min() and weighted.weights[:, 0].min() > 0
+    # the weights' scale does not matter (normalised per resample), and weight 1 is no weight
+    assert torch.allclose(fit_heads(chosen, rejected, groups, weight=10 * (2 * p - 1), heads=3).weights,
+                          weighted.weights, atol=1e-3)  # L-BFGS stops within its tolerance
+    assert torch.allclose(fit_heads(chosen, rejected, groups, weight=torch.ones(96), heads=3).weights, hard.weights,
+                          atol=1e-3)
+    tied = fit_heads(chosen, rejected, groups, p_chosen=torch.full((96,), 0.5), heads=2)
+    assert tied.weights.abs().max() < 1e-4
+    # what the reward stage's weighting makes of a split: soft reads p_chosen, weighted reads weight, a kept tie
+    # is 1/2 in every mode
+    split = Dataset.from_list([{"p_chosen": 0.9, "weight": 0.8, "tie": False}, {"p_chosen": 0.5, "weight": 0.0, "tie": True}])
+    assert [None if x is None else x.tolist() for x in head_labels(split, "soft")] == [pytest.approx([0.9, 0.5]), None]
+    assert [None if x is None else x.tolist() for x in head_labels(split, "weighted")] == [[1.0, 0.5],
+                                                                                           pytest.approx([0.8, 0.0])]
+    assert head_labels(split, "off")[0].tolist() == [1.0, 0.5] and head_labels(split, "off")[1] is None
+    assert head_labels(split.remove_columns(["tie"]), "off") == (None, None)
+
+
 def test_features_are_what_the_score_head_reads(tiny_model):
     """The hook's features times the head's weights give the model's own reward, plain and under peft."""
     from peft import get_peft_model

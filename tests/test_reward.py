@@ -418,7 +418,8 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_
 
 def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, capsys):
     """Most training pairs say rude beats polite, but only a distrusted annotator said so (p_chosen 0.52, weight
-    0.04); the held-out pairs are the truth. Trained with the weights, the model learns polite > rude; without, rude."""
+    0.04); the held-out pairs are the truth. Trained with the weights, the model learns polite > rude; without, rude.
+    Its uncertainty heads fit the same labels as its loss, so they learn what it learns."""
     from datasets import Dataset, DatasetDict
 
     def pairs(first: int, n: int, *, reversed_: bool, p: float) -> list[dict]:
@@ -438,17 +439,18 @@ def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, ca
     train = pairs(0, 12, reversed_=False, p=0.97) + pairs(12, 20, reversed_=True, p=0.52)
     DatasetDict({"train": Dataset.from_list(train),
                  "test": Dataset.from_list(pairs(40, 4, reversed_=False, p=0.97))}).save_to_disk(str(tmp_path / "prefs"))
-    accuracy = {}
+    accuracy, heads = {}, {}
     for mode in ("auto", "off"):
         run = tmp_path / mode
         assert align(["reward", f"run.dir={run}", f"sft={sft_dir}", f"data.path={tmp_path / 'prefs'}",
                       f"use_weights={mode}", "model.quantize=false", "train.max_steps=30", "train.lr=3e-3",
-                      "train.batch_size=8", "train.eval_steps=30", *FAST]) == 0
+                      "train.batch_size=8", "train.eval_steps=30", "heads=2", *FAST]) == 0
         manifest = json.loads((run / "reward" / "align.json").read_text())
-        accuracy[mode] = manifest["metrics"]["eval_accuracy"]
+        accuracy[mode], heads[mode] = manifest["metrics"]["eval_accuracy"], manifest["metrics"]["heads_eval_accuracy"]
         assert manifest["weighting"] == {"auto": "soft", "off": "off"}[mode]
         assert manifest["metrics"]["posterior_ceiling"] == pytest.approx(0.97)  # the held-out pairs' p_chosen
     assert accuracy["auto"] >= 0.9 and accuracy["off"] <= 0.1, accuracy
+    assert heads["auto"] >= 0.9 and heads["off"] < 0.5, heads  # soft's heads fitted as hard wins: 0.25
     # Asked for a column the data does not have: named, before any model loads.
     plain = write_rankings(tmp_path / "plain.jsonl", 4)
     assert align(["reward", f"run.dir={tmp_path / 'x'}", f"sft={sft_dir}", f"data.path={plain}", "use_weights=soft",
