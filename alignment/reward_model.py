@@ -181,7 +181,8 @@ def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size
 
 def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
               weight: torch.Tensor | None = None, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's Bradley-Terry loss with per-pair weights w and soft labels p (each 1 when not given):
+    """The batch's Bradley-Terry loss with per-pair weights w and soft labels p (each 1 when not given): the mean
+    of pair_losses,
 
         mean_i  w_i * ( -p_i log sigmoid(d_i - m_i) - (1 - p_i) log sigmoid(-d_i - m_i) ),  d = r_chosen - r_rejected
 
@@ -192,6 +193,13 @@ def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Ten
     with it near d = 0 (the same gradient, p - 1/2) but does not stop there. A margin m (use_margin)
     applies to whichever response wins.
     """
+    return pair_losses(chosen, rejected, margin=margin, weight=weight, p_chosen=p_chosen).mean()
+
+
+def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """Each pair's term of pair_loss, [pairs]: for a training batch whose mean would weigh its pairs by its size
+    (recipes.reward.AlignRewardTrainer divides their sum by the nominal batch size instead)."""
     delta = chosen - rejected
     m = margin if margin is not None else 0.0
     loss = -torch.nn.functional.logsigmoid(delta - m)
@@ -199,7 +207,7 @@ def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Ten
         loss = p_chosen * loss - (1 - p_chosen) * torch.nn.functional.logsigmoid(-delta - m)
     if weight is not None:
         loss = weight * loss
-    return loss.mean()
+    return loss
 
 
 # ---------------------------------------------------------------------------- held-out figures

@@ -63,7 +63,7 @@ from alignment.reward_model import (
     MAX_PROBE_FLIP_RATE,
     heldout_metrics,
     load_reward_model,
-    pair_loss,
+    pair_losses,
     probe,
     probe_failure,
     reward_base,
@@ -103,13 +103,14 @@ class WeightedPreferenceCollator(DataCollatorForPreference):
 
 
 class AlignRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer plus the two things it has no hook for, each a small override:
+    """TRL's RewardTrainer plus the things it has no hook for, each a small override:
 
     - batches that keep each K-wise ranking's pairs together (`group_by_ranking`): transformers only
       takes per-index samplers, and a batch sampler is needed so a ranking never straddles two batches;
     - per-pair weights and soft labels in the loss (`weight`, `p_chosen` columns): TRL's loss reads a
       margin only. compute_loss lets TRL run the model and log its figures, then replaces the loss
-      with alignment.reward_model.pair_loss (TRL's own loss when a batch has neither column).
+      with alignment.reward_model's (TRL's own loss in evaluation when a batch has neither column);
+    - in training, every pair weighing the same whatever the size of its batch (compute_loss).
     """
 
     def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
@@ -138,11 +139,21 @@ class AlignRewardTrainer(RewardTrainer):
         if self.model.training:  # training batches only, for the log
             self.rows_seen += unique.rows
             self.rows_run += unique.distinct
-        if pair:
+        if pair or self.model.training:
             chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = pair_loss(chosen, rejected, margin=inputs.get("margin"), **pair)
-            if self.args.center_rewards_coefficient is not None:  # as TRL adds it
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            losses = pair_losses(chosen, rejected, margin=inputs.get("margin"), **pair)
+            if self.args.center_rewards_coefficient is not None:  # as TRL adds it (its mean: each pair's share)
+                losses = losses + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
+            loss = losses.mean()
+            if self.model.training:
+                # A batch's mean weighs each pair by 1 / its batch's size, and group_by_ranking's batches are
+                # short where a ranking did not fit (5 to 12 pairs at the quickstart's batch_size 12): a pair
+                # would count more for sharing its batch with fewer. Summed over the nominal batch size instead,
+                # each pair's share of a step is 1 / (batch_size * grad_accum) wherever it lands (the Trainer
+                # divides by grad_accum, having no labels to count; DDP averages the processes). The value stays
+                # the batch's mean per pair, for the logged loss; the gradient is the sum's.
+                summed = losses.sum() / self.args.per_device_train_batch_size
+                loss = summed + (loss - summed).detach()
         return (loss, outputs) if return_outputs else loss
 
 

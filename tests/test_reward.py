@@ -416,6 +416,58 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_
         torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_every_pair_weighs_the_same_whatever_the_size_of_its_batch(tiny_model, tmp_path):
+    """Three rankings of 4 pairs at batch_size 8: group_by_ranking packs them into a batch of 8 and one of 4. A mean
+    per batch would give a pair of the short batch twice the weight of one in the full batch; each pair's share of
+    a step is 1 / (batch_size * grad_accum) wherever it lands. The loss the Trainer logs stays each batch's mean."""
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.config import LoraConfig, ModelConfig
+    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
+    from alignment.preferences import load_preferences
+    from alignment.reward_model import reward_base
+    from recipes.reward import AlignRewardTrainer
+
+    data, _ = load_preferences(write_rankings(tmp_path / "p.jsonl", 3), test_fraction=0)
+    cfg = ModelConfig(name=tiny_model, quantize=False)
+    trainer = AlignRewardTrainer(
+        model=reward_base(cfg, device_plan(cfg)), processing_class=load_tokenizer(tiny_model),
+        args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                          use_cpu=True, bf16=False, report_to=[], activation_checkpointing=False),
+        train_dataset=data["train"].remove_columns(["margin"]),
+        peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
+    model = trainer.model
+    for param in model.parameters():  # as if trained a little (LoRA's B starts at 0: no gradient reaches A)
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    batches = {len(b["input_ids"]) // 2: b for b in trainer.get_train_dataloader()}
+    assert sorted(batches) == [4, 8]
+
+    def loss_and_grads(compute, batch):
+        model.zero_grad()
+        loss = compute(dict(batch))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    means, mean_grads = {}, {}
+    for pairs in (8, 4):
+        ours, our_grads = loss_and_grads(lambda b: trainer.compute_loss(model, b), batches[pairs])
+        means[pairs], mean_grads[pairs] = loss_and_grads(lambda b: RewardTrainer.compute_loss(trainer, model, b),
+                                                         batches[pairs])
+        assert ours == pytest.approx(means[pairs], rel=1e-6)  # logged: the batch's mean per pair
+        for name, grad in our_grads.items():  # the gradient: the batch's sum over the nominal 8 pairs
+            torch.testing.assert_close(grad, mean_grads[pairs][name] * pairs / 8, rtol=1e-4, atol=1e-7, msg=name)
+    # Through the Trainer's step, which divides by grad_accum (no labels, so no num_items_in_batch to divide by)
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    logged = trainer.training_step(model, dict(batches[4])).item()
+    assert logged == pytest.approx(means[4] / 2, rel=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, mean_grads[4][name] * 4 / 16, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, capsys):
     """Most training pairs say rude beats polite, but only a distrusted annotator said so (p_chosen 0.52, weight
     0.04); the held-out pairs are the truth. Trained with the weights, the model learns polite > rude; without, rude.
