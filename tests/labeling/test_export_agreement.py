@@ -198,7 +198,15 @@ def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
     train_prompts = {json.dumps(p) for p in data["train"]["prompt"]}
     assert not train_prompts & {json.dumps(p) for p in data["test"]["prompt"]}
     first = data["train"][0]
-    assert first["chosen"][0]["content"].startswith("Thanks") or first["rejected"][0]["content"] != "Thanks"
+    # Every pair, both splits, in the one noiseless annotator's direction: the reply support_style scores
+    # higher is chosen, and the vote counts say so (an export that swapped the sides would train the opposite).
+    for split in ("train", "test"):
+        for row in data[split]:
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert support_style(row["prompt"][0]["content"], chosen) > support_style(
+                row["prompt"][0]["content"], rejected), (split, chosen, rejected)
+            assert (row["votes_chosen"], row["votes_rejected"]) == (1, 0)
+    assert {r["chosen"][0]["content"] for r in data["train"]} >= {"Thanks for asking! Open Settings and tap Sync now."}
     assert first["source"] == "runs/q/sft" and first["annotators"] == ["sim-support-style-0"]
     assert json.loads((tmp_path / "prefs" / "summary.json").read_text())["pairs"] == 60
     assert len((tmp_path / "prefs" / "train.jsonl").read_text().splitlines()) == 48
