@@ -477,6 +477,7 @@ def test_adaptive_kl_controller_follows_ziegler():
 
 
 def test_clipped_losses():
+    """PPO's policy and value losses take the max of the clipped and unclipped terms: each side wins somewhere."""
     adv = torch.tensor([[1.0, -1.0]])
     mask = torch.ones(1, 2)
     old = torch.zeros(1, 2)
@@ -486,6 +487,14 @@ def test_clipped_losses():
     vloss, vstats = R.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]),
                                  torch.ones(1, 1), clip_range=0.2)
     assert vloss.item() == pytest.approx(0.5 * 0.8 ** 2) and vstats["value/clipfrac"] == 1.0
+    # And where the unclipped term is the larger one it must win (the max is pessimistic both ways):
+    # advantage +1 at ratio 0.5 gives -0.5 (not the clipped -0.8), advantage -1 at ratio 1.5 gives 1.5 (not 1.2).
+    loss, stats = R.policy_loss(torch.log(torch.tensor([[0.5, 1.5]])), old, adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx((-0.5 + 1.5) / 2) and stats["policy/clipfrac"] == 0.0
+    # value 1, old value 0, return -1: unclipped error (1 - -1)^2 = 4 beats the clipped (0.2 - -1)^2 = 1.44.
+    vloss, vstats = R.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[-1.0]]),
+                                 torch.ones(1, 1), clip_range=0.2)
+    assert vloss.item() == pytest.approx(0.5 * 4.0) and vstats["value/clipfrac"] == 0.0
 
 
 def test_resume_trains_at_this_runs_rate_not_the_checkpoints():
