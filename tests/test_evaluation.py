@@ -35,6 +35,20 @@ def test_grouped_interval_resamples_whole_groups():
     assert ev.grouped_bootstrap_ci([1.0] * 9 + [0.0], ["big"] * 9 + ["small"], n=2000, level=0.5) == (0.9, 0.9)
 
 
+def test_bootstrap_keeps_pairs_together_and_gives_the_95_percent_interval():
+    """Each prompt's score and baseline are resampled together: a policy one point above a varying baseline on
+    every prompt wins every resample. The interval's level is 95 % unless told: ten prompts, one of them a 1,
+    resample to k/10 with k ~ Binomial(10, 0.1), P(k <= 2) = 0.930 and P(k <= 3) = 0.987, so the 97.5th
+    percentile is 0.3 and the 75th 0.2 (the 2.5th and 25th are 0: P(k = 0) = 0.349)."""
+    assert ev.bootstrap_ci(range(1, 11), range(0, 10)) == (1.0, 1.0)
+    assert ev.bootstrap_ci([3.0, 1.0, 7.0, 2.0], [2.0, 0.0, 6.0, 1.0], n=2000, seed=3) == (1.0, 1.0)
+    one_in_ten = [0.0] * 9 + [1.0]
+    assert ev.bootstrap_ci(one_in_ten, stat="mean", n=2000) == pytest.approx((0.0, 0.3))
+    assert ev.bootstrap_ci(one_in_ten, stat="mean", n=2000, level=0.5) == pytest.approx((0.0, 0.2))
+    # the same level for a win-rate: nine wins and a loss against a baseline that varies too
+    assert ev.bootstrap_ci([2.0] * 9 + [0.0], [1.0] * 9 + [5.0], n=2000) == pytest.approx((0.7, 1.0))
+
+
 def test_bootstrap_mean_interval():
     lo, hi = ev.bootstrap_ci([0.0, 1.0] * 50, stat="mean", n=2000)
     assert lo < 0.5 < hi and hi - lo < 0.25
