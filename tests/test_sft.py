@@ -106,6 +106,7 @@ def test_lora_dora_rslora_switches(tiny_model, sft_data, tmp_path):
 
 
 def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
+    """A resumed run continues checkpoint-4: its step count, metrics, rate and its weights (not a fresh adapter)."""
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=4",
                   "train.eval_steps=2", "train.scheduler=constant")
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
@@ -127,6 +128,17 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
     assert ends == [4, 6], f"expected a first run ending at 4 and a resumed one at 6, got {ends}"
     assert json.loads((out / "align.json").read_text())["metrics"]["global_step"] == 6
+    # The resumed steps trained checkpoint-4's weights, not a fresh adapter: 2 Adam steps at 1e-4 move each weight
+    # by about 2e-4, where checkpoint-4's lora_B are about 2e-2 from the fresh adapter's zeros (4 steps at 5e-3),
+    # and step 5's loss continues the fall instead of starting again near step 1's. (checkpoint-6, not the final
+    # adapter: load_best_model_at_end would hand back checkpoint-4 itself if the resumed steps were worse.)
+    resumed_from = load_file(str(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+    final = load_file(str(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"))
+    assert final.keys() == resumed_from.keys()
+    assert min(v.abs().max().item() for k, v in resumed_from.items() if "lora_B" in k) > 5e-3
+    assert max((final[k] - resumed_from[k]).abs().max().item() for k in final) < 1e-3
+    loss_at = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
+    assert loss_at[5] < loss_at[4] < loss_at[1], loss_at
     # resumed with another train.lr: the new rate trains (the Trainer restored the checkpoint's)
     rates = {r["step"]: r["learning_rate"] for r in read_jsonl(out / "metrics.jsonl") if "learning_rate" in r}
     assert rates[5] == rates[6] == pytest.approx(1e-4) and rates[4] != pytest.approx(1e-4), rates
