@@ -192,6 +192,28 @@ def test_kept_ties_count_in_no_accuracy():
     assert probes["pairs"] == 2
 
 
+def test_calibration_bins_by_hand():
+    """Calibration on four hand-made gaps, two equal-count bins by |gap|: each bin's Bradley-Terry claim (the mean
+    sigmoid(|gap|)), its observed accuracy and the pair-weighted error between them, exactly."""
+    import math
+
+    from alignment.reward_model import heldout_metrics
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Thanks! Step {i}.", "rejected": "no"} for i in range(4)]
+    gaps = [0.1, 2.0, -1.0, 3.0]  # |gap| order 0.1, 1.0 | 2.0, 3.0: the -1.0 one is the wrong pick, in the first bin
+    figures = heldout_metrics(heldout(rows), gaps, [0.0] * 4, n_bins=2)
+    low, high = figures["calibration"]
+    assert (low["gap_min"], low["gap_max"], low["pairs"], low["accuracy"]) == (0.1, 1.0, 2, 0.5)
+    assert (high["gap_min"], high["gap_max"], high["pairs"], high["accuracy"]) == (2.0, 3.0, 2, 1.0)
+    assert low["predicted"] == pytest.approx((sigmoid(0.1) + sigmoid(1.0)) / 2) == pytest.approx(0.628019, abs=1e-6)
+    assert high["predicted"] == pytest.approx((sigmoid(2.0) + sigmoid(3.0)) / 2) == pytest.approx(0.916686, abs=1e-6)
+    assert figures["calibration_error"] == pytest.approx(0.5 * (0.628019 - 0.5) + 0.5 * (1.0 - 0.916686), abs=1e-6)
+    assert figures["eval_accuracy"] == 0.75 and figures["eval_mean_margin"] == pytest.approx(4.1 / 4)
+
+
 def test_heldout_accuracy_interval_resamples_prompts():
     """Six pairs from two prompts' rankings: the interval moves whole prompts, so a model right on one prompt's
     pairs and wrong on the other's can score anything from 0 to 1; six prompts' pairs move one by one. Two
