@@ -31,6 +31,20 @@ def test_schema_is_created_versioned_and_reopens(store):
     assert len(again.batch_tasks("round-0")) == 2
 
 
+def test_a_sqlite_store_runs_wal_with_full_sync_and_foreign_keys(tmp_path):
+    """What labeling/store.py promises of SQLite on every connection: WAL (reads beside a writer),
+    synchronous=FULL (an acknowledged ranking survives a crash of the machine, where NORMAL or OFF may lose it),
+    foreign keys enforced and a 30 s busy wait."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    make_tasks(store, 1)  # a write: the pool's connection has been used for a transaction
+    for _ in range(2):  # the pooled connection again, and a fresh one past the pool
+        with store.tx() as conn:
+            got = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+                   for p in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")}
+        assert got == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 30000}, got
+        store.engine.dispose()
+
+
 def test_add_tasks_is_idempotent_per_batch_and_prompt(store):
     make_tasks(store, 3)
     assert store.add_tasks("round-0", [{"prompt": "Ticket 0: how do I sync my notes?", "responses": ["a", "b"]}],
