@@ -16,7 +16,8 @@ this app has no use for and that a signed-in annotator must not have, such as `d
 of any session's page, by its hash), `upload` (files of any size into the server's temp folder),
 `file=` with a remote URL (an open proxy) and `proxy=`. A request body is at most `MAX_BODY`
 bytes, and a Gradio session hash belongs to the account that first used it: another account
-presenting it (to read that page's event stream, cancel its events) is refused.
+presenting it (to read that page's event stream, cancel its events) is refused. A POST body is
+read as Gradio reads it (JSON, leading whitespace allowed), and one that is not JSON is refused.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class RequireSession:
         if route is None or not route.fullmatch(path):
             return JSONResponse({"detail": "not found"}, status_code=404)
         query = HTTPConnection(scope).query_params
-        claimed = [query.get("session_hash")]
+        claimed: list[Any] = query.getlist("session_hash")  # every one given, whichever a route reads
         if path.startswith("/gradio_api/heartbeat/"):
             claimed.append(path.rsplit("/", 1)[1])
         body = None
@@ -182,10 +183,12 @@ class RequireSession:
             body = await _read_body(scope, receive)
             if body is None:
                 return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+            # Read as Gradio reads it (FastAPI: json.loads of the whole body, leading whitespace and all): a
+            # body this check read differently (it once looked only at bodies starting with "{") would skip it.
             try:
-                payload = json.loads(body) if body[:1] == b"{" else None
-            except ValueError:
-                payload = None
+                payload = json.loads(body)
+            except (ValueError, RecursionError):
+                return JSONResponse({"detail": "the request body is not JSON"}, status_code=400)
             if isinstance(payload, dict):
                 claimed.append(payload.get("session_hash"))
         if any(self._owned_by_another(h, session["annotator_id"]) for h in claimed):

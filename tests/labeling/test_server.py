@@ -1,0 +1,61 @@
+"""The labelling app's web server (labeling/server.py) over real HTTP, without a browser: what a hostile
+signed-in client or another site's page can send, and what the server answers.
+
+    python -m pytest tests/labeling/test_server.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+PASSWORD = "correct horse"
+JSON = {"content-type": "application/json"}
+
+
+@contextmanager
+def served(store, **kwargs) -> Iterator[str]:
+    """The real web app on `store` with an admin `boss` and annotators `alice`, `bob`, `carol`; yields its URL."""
+    from labeling.server import create_app, running
+
+    store.add_user("boss", PASSWORD, admin=True)
+    for name in ("alice", "bob", "carol"):
+        store.add_user(name, PASSWORD)
+    with running(create_app(store, **kwargs)) as url:
+        yield url
+
+
+def signed_in(url: str, name: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=30)
+    assert client.post("/login", data={"name": name, "password": PASSWORD}).status_code == 303
+    return client
+
+
+def call(client: httpx.Client, session_hash: str, path: str = "/gradio_api/run/do_refresh") -> httpx.Response:
+    """A call of the page's as its page session `session_hash` (do_refresh: the admin tab's, refused to others)."""
+    return client.post(path, json={"data": [], "session_hash": session_hash})
+
+
+def test_a_session_hash_is_checked_in_any_body_gradio_would_read(store):
+    """A body with whitespace before its JSON, or naming the hash twice, is read by Gradio all the same: it
+    used to skip the check (the check read only bodies starting with "{"), so another account drove the
+    victim's page session. A body Gradio could not read either is refused."""
+    with served(store) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        assert call(alice, "alices-page").status_code == 200
+        theirs = {"data": [], "session_hash": "alices-page"}
+        for body in (" " + json.dumps(theirs), "\r\n\t" + json.dumps(theirs) + "\n",
+                     '{"session_hash": "bobs-page", "data": [], "session_hash": "alices-page"}'):
+            for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
+                for headers in (JSON, {"content-type": "text/plain"}):
+                    answer = bob.post(path, content=body, headers=headers)
+                    assert answer.status_code == 403 and "another account" in answer.text, (body, path)
+        assert bob.get("/gradio_api/queue/data?session_hash=bobs-page&session_hash=alices-page").status_code == 403
+        for body in (b"", b"{", b"data=1&session_hash=alices-page", b"\xff{}", b"[" * 100_000):
+            for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
+                answer = bob.post(path, content=body, headers=JSON)
+                assert answer.status_code == 400 and "not JSON" in answer.text, (body[:20], path)
+        assert call(alice, "alices-page").status_code == 200  # hers still
