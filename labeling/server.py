@@ -58,7 +58,12 @@ ROUTES = {
     "POST": re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"),
 }
 MAX_BODY = 1 << 20  # bytes: a ranking, a rationale (handlers.MAX_RATIONALE), a Playground message
-HASHES_KEPT = 100_000  # session hashes remembered with their account (Gradio itself keeps 10,000 sessions)
+# The routes that take a page's session hash and read or drive its Gradio state: a hash's owner is checked and
+# recorded on these only (any other URL may carry a session_hash parameter; Gradio ignores it there).
+PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|run/[^/]+/?|cancel|heartbeat/[^/]+)")
+# Page-session hashes remembered per account (one per page load); past it an account forgets its own oldest,
+# never another account's (a global list, oldest dropped first, let one account flush out everyone's).
+HASHES_PER_ACCOUNT = 2_000
 SECURITY_HEADERS = {
     # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
     # sent to, another host: no remote image, font, frame, fetch or form target.
@@ -116,16 +121,25 @@ class RequireSession:
 
     def __init__(self, app: Any, store: Store, secret: bytes):
         self.app, self.store, self.secret = app, store, secret
-        self.owners: OrderedDict[str, int] = OrderedDict()  # Gradio session hash -> the annotator who used it first
+        # Gradio session hash -> the annotator who used it first, and each annotator's hashes, oldest first.
+        # In memory only: after a restart the map is empty and the next account to use a hash owns it. A hash
+        # is a random string the page makes for itself and sends only to this server, not a thing to guess,
+        # so this check is defence in depth; the identity of every call comes from the cookie.
+        self.owners: dict[str, int] = {}
+        self.hashes_of: dict[int, OrderedDict[str, None]] = {}
 
     def _owned_by_another(self, session_hash: Any, annotator_id: int) -> bool:
         if not isinstance(session_hash, str) or not session_hash:
             return False
         owner = self.owners.setdefault(session_hash, annotator_id)
-        self.owners.move_to_end(session_hash)
-        if len(self.owners) > HASHES_KEPT:
-            self.owners.popitem(last=False)
-        return owner != annotator_id
+        if owner != annotator_id:
+            return True
+        mine = self.hashes_of.setdefault(annotator_id, OrderedDict())
+        mine[session_hash] = None
+        mine.move_to_end(session_hash)
+        if len(mine) > HASHES_PER_ACCOUNT:  # this account's oldest page, most likely long closed
+            del self.owners[mine.popitem(last=False)[0]]
+        return False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -175,7 +189,7 @@ class RequireSession:
         if route is None or not route.fullmatch(path):
             return JSONResponse({"detail": "not found"}, status_code=404)
         query = HTTPConnection(scope).query_params
-        claimed: list[Any] = query.getlist("session_hash")  # every one given, whichever a route reads
+        claimed: list[Any] = query.getlist("session_hash") if PAGE_STATE.fullmatch(path) else []
         if path.startswith("/gradio_api/heartbeat/"):
             claimed.append(path.rsplit("/", 1)[1])
         body = None

@@ -59,3 +59,27 @@ def test_a_session_hash_is_checked_in_any_body_gradio_would_read(store):
                 answer = bob.post(path, content=body, headers=JSON)
                 assert answer.status_code == 400 and "not JSON" in answer.text, (body[:20], path)
         assert call(alice, "alices-page").status_code == 200  # hers still
+
+
+def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatch):
+    """Owners used to be one list of 100,000 hashes, oldest dropped first, and any URL naming a new hash (even
+    /robots.txt?session_hash=...) added one: an account could flush the list and take over another's page
+    session. Now only Gradio's page-state routes record a hash, and an account past its cap forgets its own
+    oldest."""
+    from labeling import server
+
+    monkeypatch.setattr(server, "HASHES_PER_ACCOUNT", 5)
+    with served(store) as url:
+        alice, bob, carol = signed_in(url, "alice"), signed_in(url, "bob"), signed_in(url, "carol")
+        assert call(alice, "alices-page").status_code == 200
+        for i in range(20):  # URLs that do not touch page state record nothing
+            assert bob.get(f"/robots.txt?session_hash=junk{i}").status_code == 200
+        assert call(carol, "junk0").status_code == 200  # not bob's: no one owned it
+        for i in range(20):  # four times bob's cap of hashes
+            assert call(bob, f"bobs-page-{i}").status_code == 200
+        for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
+            assert call(bob, "alices-page", path).status_code == 403
+        assert bob.get("/gradio_api/queue/data", params={"session_hash": "alices-page"}).status_code == 403
+        assert call(alice, "alices-page").status_code == 200
+        assert call(bob, "bobs-page-19").status_code == 200 and call(alice, "bobs-page-19").status_code == 403
+        assert call(alice, "bobs-page-0").status_code == 200  # bob's oldest, forgotten by bob's own newer ones
