@@ -59,6 +59,10 @@ CSS = """
 .align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5;
               unicode-bidi: plaintext; }
 .align-cut { color: var(--body-text-color-subdued); font-style: italic; }
+/* handlers.text_html's marker of a hidden or direction character, and its warning: read left to right as a unit */
+.align-hidden { unicode-bidi: isolate; direction: ltr; font-family: var(--font-mono); font-size: 0.8em;
+                color: var(--error-text-color, #b91c1c); border: 1px dashed currentColor; border-radius: 3px; padding: 0 2px; }
+.align-warn { color: var(--error-text-color, #b91c1c); font-weight: 600; margin: 0 0 4px; }
 .align-error { color: var(--error-text-color, #b91c1c); }
 .align-pg-pane { min-height: 120px; }
 .align-pg-turn { margin: 0 0 10px; }

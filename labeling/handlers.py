@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import html
 import random
+import re
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +50,52 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
     return order
 
 
+# Characters a page draws as nothing, or that change how the text around them reads: every format character
+# (Unicode category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width U+200B-200D,
+# U+2060 and U+FEFF; the tag characters U+E0001-E007F, which spell hidden ASCII; the soft hyphen ...) and the
+# other default-ignorable ones that are not combining marks (Hangul fillers, U+2065, U+FFF0-FFF8, the whole
+# U+E0000 block: tags, ideographic variation selectors, reserved). "Yes, we \u202esyad 41 nihtiw dnufer ton
+# od\u202c." reads "Yes, we do not refund within 14 days." while it stores the opposite.
+_INVISIBLE = {0x115F, 0x1160, 0x2065, 0x3164, 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _hidden(char: str) -> bool:
+    return ord(char) in _INVISIBLE or unicodedata.category(char) == "Cf"
+
+
+def _visible(escaped: str) -> tuple[str, int]:
+    """(`escaped` with each hidden character as a marker ⟨U+202E⟩, how many there were)."""
+    hidden = 0
+
+    def mark(run: re.Match) -> str:
+        nonlocal hidden
+        out = []
+        for char in run.group():
+            if _hidden(char):
+                hidden += 1
+                out.append(f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>')
+            else:
+                out.append(char)
+        return "".join(out)
+
+    return _NON_ASCII.sub(mark, escaped), hidden  # ASCII (all of most text) is never hidden
+
+
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
     the `align-text` class (white-space: pre-wrap), and Arabic or Hebrew reads right to left (dir="auto", each
     line by its own first strong character); past `limit` characters it is cut, with a note.
+    A character the page would draw as nothing or that would reorder the text (bidi overrides, zero-width
+    and tag characters: `_INVISIBLE`) shows as a marker ⟨U+202E⟩, and a line above the text says how many
+    there are: the annotator reads what is stored, not what those characters make of it.
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
-    shown = f'<div class="align-text" dir="auto">{html.escape(text[:limit])}</div>'
+    body, hidden = _visible(html.escape(text[:limit]))
+    shown = (f'<p class="align-warn">⚠️ holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, '
+             "shown as ⟨U+…⟩</p>" if hidden else "")
+    shown += f'<div class="align-text" dir="auto">{body}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")

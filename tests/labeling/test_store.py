@@ -540,6 +540,19 @@ def test_model_text_becomes_inert_html_cut_at_the_limit():
     assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
 
 
+def test_hidden_and_direction_characters_become_markers_and_are_counted():
+    shown = handlers.text_html("Yes, we \u202esyad 41 nihtiw dnufer ton od\u202c.")
+    assert "\u202e" not in shown and "\u202c" not in shown
+    assert ('<span class="align-hidden">⟨U+202E⟩</span>syad 41 nihtiw dnufer ton od'
+            '<span class="align-hidden">⟨U+202C⟩</span>.') in shown
+    assert shown.startswith('<p class="align-warn">⚠️ holds 2 hidden or direction characters')
+    for char in ("\u2066", "\u2069", "\u200e", "\u200f", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060",
+                 "\ufeff", "\U000e0000", "\U000e0041", "\U000e007f", "\u00ad", "\u3164", "\U000e0100"):
+        assert f"⟨U+{ord(char):04X}⟩" in handlers.text_html(f"a{char}b") and char not in handlers.text_html(f"a{char}b")
+    for plain in ("שלום (בכרטיס שלך).", "Grüße, café, 東京, emoji 🙂", "x" * 100):
+        assert "align-warn" not in handlers.text_html(plain) and plain in handlers.text_html(plain)
+
+
 
 def test_a_reply_cut_at_the_length_limit_is_marked_where_it_is_shown(store):
     """align sample's `finished` false (cut at max_new_tokens) reaches the page, in the annotator's order."""
