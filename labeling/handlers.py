@@ -64,22 +64,41 @@ def _hidden(char: str) -> bool:
     return ord(char) in _INVISIBLE or unicodedata.category(char) == "Cf"
 
 
-def _visible(escaped: str) -> tuple[str, int]:
-    """(`escaped` with each hidden character as a marker ⟨U+202E⟩, how many there were)."""
-    hidden = 0
+# Combining marks kept on one character: no script needs more (Vietnamese 2, pointed Hebrew 4), while a letter with
+# hundreds of them is one unbreakable glyph that towers over, or runs across, the text beside it.
+MAX_MARKS = 4
+
+
+def _visible(escaped: str) -> tuple[str, int, int]:
+    """(`escaped` with each hidden character as a marker ⟨U+202E⟩ and combining marks past MAX_MARKS on one
+    character cut, with a marker saying how many; how many hidden characters; how many marks were cut)."""
+    hidden = cut = 0
 
     def mark(run: re.Match) -> str:
-        nonlocal hidden
-        out = []
+        nonlocal hidden, cut
+        out, marks, dropped = [], 0, 0
         for char in run.group():
+            if unicodedata.category(char).startswith("M"):
+                marks += 1
+                if marks > MAX_MARKS:
+                    dropped += 1
+                    continue
+            else:
+                marks = 0
+            if dropped:
+                out.append(f'<span class="align-hidden">⟨{dropped:,} combining marks cut⟩</span>')
+                cut, dropped = cut + dropped, 0
             if _hidden(char):
                 hidden += 1
                 out.append(f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>')
             else:
                 out.append(char)
+        if dropped:
+            out.append(f'<span class="align-hidden">⟨{dropped:,} combining marks cut⟩</span>')
+            cut += dropped
         return "".join(out)
 
-    return _NON_ASCII.sub(mark, escaped), hidden  # ASCII (all of most text) is never hidden
+    return _NON_ASCII.sub(mark, escaped), hidden, cut  # ASCII (all of most text) is neither hidden nor a mark
 
 
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
@@ -89,12 +108,14 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     line by its own first strong character); past `limit` characters it is cut, with a note.
     A character the page would draw as nothing or that would reorder the text (bidi overrides, zero-width
     and tag characters: `_INVISIBLE`) shows as a marker ⟨U+202E⟩, and a line above the text says how many
-    there are: the annotator reads what is stored, not what those characters make of it.
+    there are: the annotator reads what is stored, not what those characters make of it. Combining marks
+    past MAX_MARKS on one character are cut, with a marker saying how many, and the line says so too.
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
-    body, hidden = _visible(html.escape(text[:limit]))
-    shown = (f'<p class="align-warn">⚠️ holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, '
-             "shown as ⟨U+…⟩</p>" if hidden else "")
+    body, hidden, cut = _visible(html.escape(text[:limit]))
+    warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
+                + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
+    shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
     shown += f'<div class="align-text" dir="auto">{body}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '

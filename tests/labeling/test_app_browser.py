@@ -478,6 +478,44 @@ def test_hidden_and_direction_characters_show_as_markers(tmp_path, browser):
         page.context.close()
 
 
+def test_a_letter_with_hundreds_of_combining_marks_stays_in_its_card(tmp_path, browser):
+    """One letter followed by hundreds of combining marks is one unbreakable glyph: it painted across response A
+    into response B. Marks past 4 on one letter are cut, with a marker saying how many, and the text box clips
+    and scrolls what is still too wide (500 Hangul leading jamo: one cluster, no marks)."""
+    marks = "".join(chr(0x300 + i % 0x70) for i in range(500))
+    store = new_store(tmp_path)
+    store.add_user("reader", PASSWORD)
+    store.add_tasks("marks", [{"prompt": "Can I get a refund?", "responses": [
+        "x" + marks, "\u1100" * 500, "Refunds are available within 14 days.", "Settings > Billing."]}])
+    page = new_page(browser)
+    try:
+        with running(store) as url:
+            sign_in(page, url, "reader")
+            card = page.locator(".align-response", has_text="x" + marks[:4])
+            box = card.bounding_box()
+            drawn = card.locator(".align-text").evaluate(
+                "e => { const r = document.createRange(); r.selectNodeContents(e); const b = r.getBoundingClientRect();"
+                " return [b.left, b.right, b.top, b.bottom]; }")
+            assert box["x"] <= drawn[0] and drawn[1] <= box["x"] + box["width"], (box, drawn)
+            assert box["y"] <= drawn[2] and drawn[3] <= box["y"] + box["height"], (box, drawn)
+            assert card.locator(".align-text").inner_text() == "x" + marks[:4] + "⟨496 combining marks cut⟩"
+            assert "496 combining marks past 4 on one character are not shown" in card.inner_text()
+            for letter in "abcd":
+                card = page.locator(f"#resp-{letter}")
+                box = card.bounding_box()
+                text = card.locator(".align-text")
+                inner = text.bounding_box()
+                assert box["x"] <= inner["x"] and inner["x"] + inner["width"] <= box["x"] + box["width"], letter
+                assert box["y"] <= inner["y"] and inner["y"] + inner["height"] <= box["y"] + box["height"], letter
+                # what the box cannot hold scrolls inside it and paints nowhere else
+                assert text.evaluate("e => getComputedStyle(e).overflowX") == "auto"
+                assert "paint" in text.evaluate("e => getComputedStyle(e).contain")
+            assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
 def _gradio_post(request_context, url: str, call: dict, **changes):
     """Send a Gradio call's body again (optionally changed) through /gradio_api/run/predict, as any client can."""
     return request_context.post(f"{url}/gradio_api/run/predict", data={**call, **changes})

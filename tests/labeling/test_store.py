@@ -553,6 +553,16 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
         assert "align-warn" not in handlers.text_html(plain) and plain in handlers.text_html(plain)
 
 
+def test_combining_marks_past_four_on_one_character_are_cut_with_a_count():
+    marks = "".join(chr(0x300 + i) for i in range(100))
+    shown = handlers.text_html("x" + marks + " and y" + marks[:4] + " z")
+    assert ("x" + marks[:4] + '<span class="align-hidden">⟨96 combining marks cut⟩</span> and y' + marks[:4] + " z"
+            in shown)
+    assert "⚠️ 96 combining marks past 4 on one character are not shown" in shown
+    pointed = "\u05e9\u05bc\u05c1\u05b8\u05a3\u05dc\u05d5\u05b9\u05dd Vie\u0323\u0302t"  # Hebrew with 4 marks on one letter, decomposed Vietnamese: whole
+    assert "align-warn" not in handlers.text_html(pointed) and pointed in handlers.text_html(pointed)
+
+
 
 def test_a_reply_cut_at_the_length_limit_is_marked_where_it_is_shown(store):
     """align sample's `finished` false (cut at max_new_tokens) reaches the page, in the annotator's order."""
