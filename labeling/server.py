@@ -9,7 +9,9 @@ page, 401 for anything else) before Gradio sees it, so anonymous traffic never c
 session state: Gradio keeps 10,000 sessions and drops the oldest, and a flood of fresh session
 hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
 answer, so its routes would refuse an anonymous call too. Every response carries a
-Content-Security-Policy that lets the page load and send nothing outside this server.
+Content-Security-Policy that lets the page load and send nothing outside this server. `/login` and
+`/logout` take a form only from this server's own pages (`_from_own_page`): another page, even on
+another port of this host, cannot sign a browser into another account.
 
 A signed-in request reaches only the routes the page uses (`ROUTES`): Gradio also mounts routes
 this app has no use for and that a signed-in annotator must not have, such as `deep_link` (a copy
@@ -33,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 import uvicorn
@@ -73,7 +76,10 @@ SECURITY_HEADERS = {
                                "frame-src 'none'; object-src 'none'; base-uri 'self'; form-action 'self'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",  # Gradio puts session hashes in URLs: never send them on
+    # Gradio puts session hashes in URLs: never send them on. "same-origin", not "no-referrer": under that
+    # a browser sends "Origin: null" with the page's own sign-in and sign-out forms, which a browser without
+    # Sec-Fetch-Site needs to show (_from_own_page); this server is the only one that gets a Referer.
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 
@@ -106,14 +112,40 @@ button {{ margin-top: 18px; width: 100%; padding: 10px; border: 0; border-radius
 """
 
 
+OTHER_PAGE = ("refused: this form was sent by another site's page (or another port of this host); "
+              "sign in and out on this server's own pages")
+
+
 def _login_page(error: str = "", name: str = "", status_code: int = 200, **headers: str) -> HTMLResponse:
     body = LOGIN_PAGE.format(error=html.escape(error), name=html.escape(name))
     return HTMLResponse(body, status_code=status_code, headers=headers or None)
 
 
-def _cross_site(request: Request) -> bool:
-    """A form another site's page posted (login CSRF); browsers say so in Sec-Fetch-Site."""
-    return request.headers.get("sec-fetch-site") == "cross-site"
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of a URL or an Origin header, the port filled in; None for "null" or garbage."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts.scheme, parts.hostname, port) if parts.scheme and parts.hostname else None
+
+
+def _from_own_page(request: Request) -> bool:
+    """Whether a POST to /login or /logout came from this server's own pages. Any other page's form, also one
+    on another port of this host or a sibling subdomain ("same-site"), signing a browser in is login CSRF: the
+    annotator then ranks as the attacker's account. Every current browser says where a request comes from in
+    Sec-Fetch-Site; without it, a browser posting a form to another origin sends Origin (or at least Referer),
+    which must then be this server's own (scheme://host:port, the host as the browser sent it). A request with
+    none of the three is no browser's cross-origin form (curl, a script): it may sign in."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")  # "none": the user's own navigation (typed, a bookmark)
+    sender = request.headers.get("origin") or request.headers.get("referer")
+    if sender is None:
+        return True
+    own = _origin(f"{request.url.scheme}://{request.headers.get('host', '')}")
+    return own is not None and _origin(sender) == own
 
 
 class RequireSession:
@@ -261,8 +293,8 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
 
     @app.post("/login")
     def login(request: Request, name: str = Form(""), password: str = Form("")) -> Response:
-        if _cross_site(request):
-            return _login_page("sign in from this page, not from another site", status_code=403)
+        if not _from_own_page(request):
+            return _login_page(OTHER_PAGE, status_code=403)
         address = request.client.host if request.client else "unknown"
         try:
             token, account = auth.sign_in(store, name, password, address, throttle=throttle, hours=session_hours)
@@ -279,8 +311,8 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
 
     @app.post("/logout")
     def logout(request: Request) -> Response:
-        if _cross_site(request):
-            return JSONResponse({"detail": "cross-site request refused"}, status_code=403)
+        if not _from_own_page(request):
+            return JSONResponse({"detail": OTHER_PAGE}, status_code=403)
         auth.sign_out(store, secret, request.cookies.get(auth.COOKIE))
         response = RedirectResponse("login", status_code=303)
         response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")

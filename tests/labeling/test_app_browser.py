@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked"]
+              "replay", "locked", "framed"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -798,6 +798,38 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         assert (out / "notes.md").read_text() == "the admin's own notes"
     finally:
         admin.context.close()
+
+
+def test_a_form_on_another_port_of_this_host_cannot_sign_the_browser_into_another_account(served, page):
+    """Login CSRF: a page on another port of the same host (a notebook, a dev server) is "same-site", and its
+    auto-submitted form used to sign the annotator's browser in as the attacker (her rankings then theirs)."""
+    url, _, _ = served
+    sign_in(page, url, "framed")
+    form = (f'<form id="f" method="post" action="{url}/login"><input name="name" value="mallory">'
+            f'<input name="password" value="{PASSWORD}"></form><script>document.getElementById("f").submit()</script>')
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(form.encode())
+
+        def log_message(self, *args):
+            pass
+
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        with page.expect_response(lambda r: r.url == f"{url}/login" and r.request.method == "POST") as answer:
+            page.goto(f"http://127.0.0.1:{attacker.server_address[1]}/")
+        assert answer.value.request.header_value("sec-fetch-site") == "same-site"
+        assert answer.value.status == 403 and "own pages" in page.inner_text("#align-signin-error")
+        page.goto(url)
+        page.wait_for_function("(document.querySelector('#align-who') || {innerText: ''}).innerText.includes('Signed')")
+        assert page.inner_text("#align-who") == "Signed in as framed"
+    finally:
+        attacker.shutdown()
 
 
 def test_sign_in_is_locked_out_after_five_failures(served, page):

@@ -83,3 +83,40 @@ def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatc
         assert call(alice, "alices-page").status_code == 200
         assert call(bob, "bobs-page-19").status_code == 200 and call(alice, "bobs-page-19").status_code == 403
         assert call(alice, "bobs-page-0").status_code == 200  # bob's oldest, forgotten by bob's own newer ones
+
+
+def test_only_this_servers_own_pages_can_sign_a_browser_in_or_out(store):
+    """Login CSRF: the sign-in was refused only when Sec-Fetch-Site said "cross-site", so a form on another port
+    of the same host ("same-site"), or one whose browser sent no such header, signed the annotator's browser in as
+    the attacker's account. Now a form counts only from this server's own origin; a client that sends neither
+    Sec-Fetch-Site nor Origin nor Referer (curl, this test) is no browser's cross-origin form."""
+    with served(store) as url:
+        form = {"name": "bob", "password": PASSWORD}
+        other_port = url.rsplit(":", 1)[0] + ":9999"
+        refused = [{"sec-fetch-site": "same-site"}, {"sec-fetch-site": "cross-site"},
+                   {"sec-fetch-site": "same-site", "origin": url}, {"origin": other_port}, {"origin": "null"},
+                   {"origin": url.replace("http:", "https:")}, {"origin": "http://evil.example"},
+                   {"referer": f"{other_port}/"}, {"origin": other_port, "referer": f"{url}/login"}]
+        accepted = [{"sec-fetch-site": "same-origin", "origin": "null"}, {"sec-fetch-site": "none"},
+                    {"origin": url}, {"referer": f"{url}/login"}, {}]
+        for headers in refused:
+            answer = httpx.post(f"{url}/login", data=form, headers=headers)
+            assert answer.status_code == 403 and "set-cookie" not in answer.headers, headers
+            assert "sign in and out on this server&#x27;s own pages" in answer.text
+        for headers in accepted:
+            answer = httpx.post(f"{url}/login", data=form, headers=headers)
+            assert answer.status_code == 303 and "align_session=" in answer.headers["set-cookie"], headers
+
+        alice = signed_in(url, "alice")
+        for headers in refused:
+            answer = alice.post("/logout", headers=headers)
+            assert answer.status_code == 403 and "own pages" in answer.json()["detail"], headers
+        assert alice.get("/gradio_api/info").status_code == 200  # still signed in
+        assert alice.post("/logout", headers={"sec-fetch-site": "same-origin"}).status_code == 303
+        assert alice.get("/gradio_api/info").status_code == 401
+
+    from labeling.server import _origin
+
+    assert _origin("https://labels.example.org") == _origin("HTTPS://Labels.Example.org:443/login")
+    assert _origin("http://labels.example.org") != _origin("https://labels.example.org")
+    assert _origin("null") is None and _origin("http://host:99999") is None
