@@ -303,14 +303,16 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 per_batch = gr.Dataframe(label="Per batch", interactive=False, elem_id="align-per-batch")
                 agreement = gr.Markdown("", elem_id="align-agreement")
                 folder = str(export_dir or "runs/quickstart/preferences")
+                # No path box: the export always goes to the run's preferences folder (align export's).
+                # HTML with the path escaped: a folder name is text (in Markdown a backtick in it would
+                # close the code span and let the rest be markup).
+                folder_note = (f"Export folder: <code>{html.escape(folder)}</code> (the run's preferences, as "
+                               "<code>align export</code> writes them)" if export else
+                               f"Export with <code>align export</code> (it writes <code>{html.escape(folder)}</code>).")
                 with gr.Row(equal_height=True):
-                    # No path box: the export always goes to the run's preferences folder (align export's).
-                    # HTML with the path escaped: a folder name is text (in Markdown a backtick in it would
-                    # close the code span and let the rest be markup).
-                    gr.HTML(f"Export folder: <code>{html.escape(folder)}</code> (the run's preferences, as "
-                            "<code>align export</code> writes them)" if export else
-                            f"Export with <code>align export</code> (it writes <code>{html.escape(folder)}</code>).",
-                            elem_id="align-export-dir")
+                    # Empty in the layout: /config, which every signed-in page fetches, holds each component's
+                    # value, and the Admin tab is only hidden. do_load fills it in for an admin.
+                    export_dir_note = gr.HTML("", elem_id="align-export-dir")
                     export_button = gr.Button("Export preference dataset", variant="primary", visible=export is not None,
                                               elem_id="align-export", scale=0, min_width=240)
                 # HTML, escaped: a refusal quotes batch and file names from outside the app.
@@ -393,15 +395,15 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         def do_load(request: gr.Request):
             sess = signed_in(request)
             if sess is None:
-                return ["", gr.update(visible=False), signed_out, *show(None)]
+                return ["", gr.update(visible=False), "", signed_out, *show(None)]
             admin = bool(sess.get("is_admin"))
             # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from the
             # annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
             task = next_for(sess, new=not admin)
             return [f"Signed in as <b>{html.escape(sess['name'])}</b>{' (admin)' if admin else ''}",
-                    gr.update(visible=admin), "", *show(task, idle=admin)]
+                    gr.update(visible=admin), folder_note if admin else "", "", *show(task, idle=admin)]
 
-        demo.load(do_load, None, [who, admin_tab, message, *task_outputs])
+        demo.load(do_load, None, [who, admin_tab, export_dir_note, message, *task_outputs])
         sign_out.click(None, None, None, js="""() => {
           const form = document.createElement('form');
           form.method = 'post'; form.action = 'logout';

@@ -771,6 +771,7 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         # the table renders its rows after the update lands
         admin.wait_for_function("document.querySelector('#align-per-annotator').innerText.includes('seed')")
         assert admin.locator("#align-export-dir input, #align-export-dir textarea").count() == 0  # no path to type
+        assert f"Export folder: {out}" in admin.inner_text("#align-export-dir")  # filled in for an admin only
         admin.click("#align-export")
         admin.wait_for_function("document.querySelector('#align-export-summary').innerText.includes('not a preferences')")
         assert sorted(p.name for p in out.iterdir()) == sorted([trap, "thesis.tex"])

@@ -120,3 +120,18 @@ def test_only_this_servers_own_pages_can_sign_a_browser_in_or_out(store):
     assert _origin("https://labels.example.org") == _origin("HTTPS://Labels.Example.org:443/login")
     assert _origin("http://labels.example.org") != _origin("https://labels.example.org")
     assert _origin("null") is None and _origin("http://host:99999") is None
+
+
+def test_an_annotators_config_holds_no_server_path(store, tmp_path):
+    """The Admin tab is hidden from annotators, but its contents were in /config, which every signed-in page
+    fetches: the server's absolute export path among them. Now the page load fills it in for admins only."""
+    folder = str(tmp_path / "runs" / "secret-run" / "preferences")
+    with served(store, export=lambda: {}, export_dir=folder) as url:
+        alice, boss = signed_in(url, "alice"), signed_in(url, "boss")
+        for client in (alice, boss):
+            config = client.get("/config")
+            assert config.status_code == 200 and "secret-run" not in config.text and str(tmp_path) not in config.text
+        # the load call, as each page makes it: the path in the admin's answer only
+        for client, shown in ((alice, False), (boss, True)):
+            answer = client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": f"{shown}-page"})
+            assert answer.status_code == 200 and ("secret-run" in answer.text) is shown, answer.text[:300]
