@@ -12,14 +12,14 @@ PASSWORD = "correct horse"
 
 def assert_secured(response: httpx.Response) -> None:
     """What docs/labeling.md promises on every response: a Content-Security-Policy that lets the page load and
-    send nothing outside this server and allows no framing, X-Frame-Options DENY, Referrer-Policy no-referrer."""
+    send nothing outside this server and allows no framing, X-Frame-Options DENY, Referrer-Policy same-origin (no other site gets a Referer)."""
     where = f"{response.request.method} {response.request.url.path} -> {response.status_code}"
     policy = [part.strip() for part in response.headers.get("content-security-policy", "").split(";")]
     for directive in ("default-src 'self'", "connect-src 'self'", "form-action 'self'", "frame-src 'none'",
                       "object-src 'none'", "frame-ancestors 'none'"):
         assert directive in policy, (where, directive, policy)
     assert response.headers.get("x-frame-options") == "DENY", where
-    assert response.headers.get("referrer-policy") == "no-referrer", where
+    assert response.headers.get("referrer-policy") == "same-origin", where
     assert response.headers.get("x-content-type-options") == "nosniff", where
 
 
