@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,15 +112,15 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
     raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
     if path.suffix.lower() == ".json" and raw.lstrip()[:1] in (b"[", b"{"):
+        text = _utf8(path, raw)
         try:
-            whole = json.loads(_utf8(path, raw))
+            whole = json.loads(text)
         except json.JSONDecodeError as err:
             if raw.lstrip()[:1] == b"[":
                 raise DataError(f"{path}:{err.lineno}: not JSON ({err.msg} at column {err.colno})") from None
             whole = None  # JSON lines in a .json file: read line by line below
         if isinstance(whole, list):
-            for i, item in enumerate(whole):
-                yield f"{path} item {i}", item
+            yield from json_list(path, text)
             return
         if isinstance(whole, dict) and b"\n" in raw.strip():
             raise DataError(f"{path}: one JSON object over several lines; expected a list of records "
@@ -144,6 +146,27 @@ def json_lines(path: str | Path, raw: bytes) -> Iterator[tuple[str, Any]]:
             yield where, DataError(f"{where}: not JSON ({err.msg} at column {err.colno})")
             continue
         yield where, record
+
+
+def json_list(path: str | Path, text: str) -> Iterator[tuple[str, Any]]:
+    """The items of a JSON array already checked to parse (`text`), each with the line it starts on.
+
+    Errors name a line, as for JSON lines: "list.json:3 (item 2)", not an index the user must count to."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line, counted = 1, 0  # the line of text[counted]
+    for number in itertools.count(1):
+        start = _WHITESPACE.match(text, pos).end()
+        if text[start] == "]":
+            return
+        line, counted = line + text.count("\n", counted, start), start
+        item, pos = decoder.raw_decode(text, start)
+        yield f"{path}:{line} (item {number})", item
+        pos = _WHITESPACE.match(text, pos).end()
+        pos += text[pos] == ","
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own whitespace, as the json module skips it
 
 
 def _utf8(path: Path, raw: bytes) -> str:

@@ -40,6 +40,17 @@ def test_alpaca_json_list(tmp_path):
     expect_one(ds)
 
 
+def test_a_bad_item_of_a_json_list_is_named_by_the_line_it_starts_on(tmp_path):
+    """A .json list's records have lines too: "item 1" (0-based, and counted by the user) was all it said."""
+    path = tmp_path / "list.json"
+    path.write_text('[\n{"instruction": "a", "output": "b"},\n\n  {"instruction": "x",\n "output": "y"}, '
+                    '{"instruction": "", "output": "b"}\n]')
+    with pytest.raises(DataError, match=r"list.json:5 \(item 3\): field 'instruction' is empty"):
+        load_sft_dataset(path)
+    ds, report = load_sft_dataset(path, on_error="skip")
+    assert report.used == 2 and report.problems == [f"{path}:5 (item 3): field 'instruction' is empty"]
+
+
 def test_messages_jsonl_multi_turn(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
