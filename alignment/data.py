@@ -8,9 +8,9 @@ from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets
 folder; any other suffix, a folder that is not a dataset and an empty dataset are named errors.
 
 Everything becomes TRL's conversational prompt/completion form, so the chat template is applied
-to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON,
-not an object, a missing or empty field) is an error naming the file, the line (or row) and the
-problem; with `on_error=skip` it is logged and counted instead.
+to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON, half a
+\\u-escaped character, not an object, a missing or empty field) is an error naming the file, the line
+(or row) and the problem; with `on_error=skip` it is logged and counted instead.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def json_lines(path: str | Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as err:
             yield where, DataError(f"{where}: not JSON ({err.msg} at column {err.colno})")
             continue
-        yield where, record
+        yield where, _no_lone_surrogate(record, where) if _SURROGATE_ESCAPE.search(text) else record
 
 
 def json_list(path: str | Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -161,12 +161,50 @@ def json_list(path: str | Path, text: str) -> Iterator[tuple[str, Any]]:
             return
         line, counted = line + text.count("\n", counted, start), start
         item, pos = decoder.raw_decode(text, start)
-        yield f"{path}:{line} (item {number})", item
+        where = f"{path}:{line} (item {number})"
+        yield where, _no_lone_surrogate(item, where) if _SURROGATE_ESCAPE.search(text, start, pos) else item
         pos = _WHITESPACE.match(text, pos).end()
         pos += text[pos] == ","
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own whitespace, as the json module skips it
+
+
+# JSON may spell half of a character: a lone "\\ud83d" parses to a str that is not text (it cannot be written as
+# UTF-8), and pyarrow fails on it later with a traceback that names no record. Only a \\u escape can make one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogate(record: Any, where: str) -> Any:
+    """`record`, or a DataError naming the field (messages[2].content) that holds a lone UTF-16 surrogate."""
+    def lone(text: str) -> str | None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"\\u{ord(text[err.start]):04x} at character {err.start + 1}"
+        return None
+
+    def find(value: Any, name: str) -> str | None:
+        if isinstance(value, str):
+            found = lone(value)
+            return found and f"{f'field {name!r}' if name else 'the record'} holds {found}"
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                found = lone(str(key))
+                if found:
+                    return f"a key of {f'field {name!r}' if name else 'the record'} holds {found}"
+                found = find(inner, f"{name}.{key}" if name else str(key))
+                if found:
+                    return found
+        if isinstance(value, list):
+            return next(filter(None, (find(inner, f"{name}[{i}]") for i, inner in enumerate(value))), None)
+        return None
+
+    problem = find(record, "")
+    if problem is None:
+        return record
+    return DataError(f"{where}: {problem}, a lone UTF-16 surrogate: half of an emoji (or another character JSON "
+                     "writes as two \\u escapes) whose other half is missing; write the character whole or remove it")
 
 
 def _utf8(path: Path, raw: bytes) -> str:

@@ -171,6 +171,28 @@ def test_utf8_with_bom_and_a_line_separator_inside_a_string(tmp_path):
     assert report.used == 1 and ds["completion"][0][0]["content"] == "First\u2028then"
 
 
+def test_a_lone_utf16_surrogate_is_a_named_error_not_a_pyarrow_traceback(tmp_path):
+    """JSON can spell half an emoji ("\\ud83d"): valid JSON, not text; pyarrow failed on it later, naming no line."""
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, '{"instruction": "Fix \\ud83d this", "output": "ok"}'])
+    with pytest.raises(DataError, match=r"a.jsonl:2: field 'instruction' holds \\ud83d at character 5, a lone UTF-16 "
+                                        r"surrogate: half of an emoji"):
+        load_sft_dataset(path)
+    chat = tmp_path / "chat.json"
+    chat.write_text('[\n{"messages": [{"role": "user", "content": "q"},\n {"role": "assistant", "content": "\\ude00"}]}]')
+    with pytest.raises(DataError, match=r"chat.json:2 \(item 1\): field 'messages\[1\].content' holds \\ude00"):
+        load_sft_dataset(chat)
+    whole = write_jsonl(tmp_path / "b.jsonl", [GOOD, '{"instruction": "Fix \\ud83d\\ude00 this", "output": "\\\\ud83d"}'])
+    assert load_sft_dataset(whole)[1].used == 2  # both halves, and an escaped backslash, are text
+
+
+def test_a_lone_surrogate_in_a_preference_pair_is_named_too(tmp_path):
+    from alignment.preferences import load_preferences
+
+    path = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "q", "chosen": "ok \\ud83d", "rejected": "no"}'])
+    with pytest.raises(DataError, match=r"p.jsonl:1: field 'chosen' holds \\ud83d"):
+        load_preferences(path)
+
+
 @pytest.mark.parametrize("specials", [["<|endoftext|>"], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
 def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_stage_stops_at(tmp_path, specials):
     """A base model's tokenizer (no template; EOS <|endoftext|>): with no <|im_end|> token the turns end with its
