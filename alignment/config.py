@@ -173,7 +173,9 @@ class SFTDataConfig:
     # A system turn before every example without one. Recorded in align.json: every later stage prompts
     # this policy (and the ones aligned from it) with it; `align serve` when a request sends none.
     system_prompt: str | None = None
-    eval_fraction: float = bounded(0.05, ge=0, lt=1)  # held out by prompt: every answer to an instruction on one side
+    # Held out by prompt: every answer to an instruction on one side. A DatasetDict's test (else validation)
+    # split is held out as given instead.
+    eval_fraction: float = bounded(0.05, ge=0, lt=1)
     packing: bool = False
     # Batch examples of similar length (transformers' LengthGroupedSampler: shuffled, then sorted
     # within mega-batches of a few batches): less padding, so fewer wasted FLOPs per step. The

@@ -5,7 +5,8 @@ Accepted for SFT (format detected from the first record unless given):
   messages           {"messages": [{"role", "content"}, ...]}         JSONL
   prompt_completion  {"prompt", "completion"} (strings or messages)   JSONL
 from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets.save_to_disk`
-folder; any other suffix, a folder that is not a dataset and an empty dataset are named errors.
+folder (a DatasetDict: its train split, and its test, else validation, split as the held-out set);
+any other suffix, a folder that is not a dataset and an empty dataset are named errors.
 
 Everything becomes TRL's conversational prompt/completion form, so the chat template is applied
 to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON, half a
@@ -43,6 +44,8 @@ class LoadReport:
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
     earlier_turns: int = 0  # assistant turns before a conversation's last: examples of their own (turns=all)
+    held_out: str | None = None  # a DatasetDict folder's held-out split (HELD_OUT_SPLITS), read with split=held_out
+    ignored: list[str] = field(default_factory=list)  # its other splits, which nothing reads
     # Per example, the key split_by_prompt keeps on one side: its conversation's last prompt (an earlier
     # turn's example has its conversation's, so a conversation is never split).
     conversations: list[str] = field(default_factory=list, repr=False)
@@ -71,11 +74,16 @@ def json_kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) pairs; location is 'file:line' or 'folder row N'.
+# A save_to_disk DatasetDict's held-out split, the first of these it has (datasets' and the Hub's usual names).
+HELD_OUT_SPLITS = ("test", "validation")
+
+
+def iter_records(path: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) pairs; location is 'file:line' or 'folder row N' ('folder test row N').
 
     A line that cannot be read (not UTF-8, not JSON) is yielded as a DataError in place of its
     record, so that `on_error=skip` can skip it; a file that cannot be read at all raises one.
+    `split` other than train: that split of a DatasetDict folder, and nothing from anything else.
     """
     path = Path(path)
     if not path.exists():
@@ -87,9 +95,14 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         if isinstance(ds, DatasetDict):
             if "train" not in ds:
                 raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(ds)})")
-            ds = ds["train"]
+            ds = ds.get(split, [])
+        elif split != "train":
+            return
+        label = f"{path} row" if split == "train" else f"{path} {split} row"
         for i, row in enumerate(ds):
-            yield f"{path} row {i}", row
+            yield f"{label} {i}", row
+        return
+    if split != "train":
         return
     if not path.is_file():
         raise DataError(f"{path}: not a regular file or folder")
@@ -254,6 +267,15 @@ def load_dataset_folder(path: str | Path):
         raise DataError(f"{path}: not a readable datasets.save_to_disk folder ({type(err).__name__}: {err})") from None
 
 
+def folder_splits(path: str | Path) -> list[str]:
+    """The splits of a save_to_disk DatasetDict folder, as its dataset_dict.json lists them; [] for anything else."""
+    index = Path(path) / "dataset_dict.json"
+    try:
+        return [str(split) for split in json.loads(index.read_text())["splits"]] if index.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # load_dataset_folder names the problem when the folder is read
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 of a file, or of every file in a folder (sorted), for manifests."""
     path = Path(path)
@@ -366,15 +388,20 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 
 
 def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
-                      on_error: str = "raise", turns: str = "all") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
+                      on_error: str = "raise", turns: str = "all",
+                      split: str = "train") -> tuple[list[list[dict]], list[list[dict]], LoadReport]:
     """Read and validate every record: (prompts, completions, LoadReport), as lists of chat messages.
 
     turns="all": a {messages} conversation gives an example for each non-empty assistant turn, the
     conversation before it as the prompt (the loss is on the completion only, so every answer trains
-    once, in its context); "last": only the last."""
-    report = LoadReport(str(path), fmt)
+    once, in its context); "last": only the last. `split`: a DatasetDict folder's split to read (the
+    report of its train names the held-out one, `held_out`)."""
+    report = LoadReport(str(path) if split == "train" else f"{path} {split}", fmt)
+    splits = folder_splits(path) if split == "train" else []
+    report.held_out = next((s for s in HELD_OUT_SPLITS if s in splits), None)
+    report.ignored = [s for s in splits if s not in ("train", report.held_out)]
     prompts, completions = [], []
-    for where, record in iter_records(path):
+    for where, record in iter_records(path, split):
         try:
             if isinstance(record, DataError):
                 raise record
@@ -402,18 +429,21 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
         report.conversations.append(key)
     report.used = len(prompts)
     if not prompts:
-        raise no_records(path, report.skipped, report.problems)
+        raise no_records(report.path, report.skipped, report.problems)
     return prompts, completions, report
 
 
 def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str | None = None,
-                     on_error: str = "raise", turns: str = "all"):
+                     on_error: str = "raise", turns: str = "all", split: str = "train"):
     """Read, validate and convert; returns (datasets.Dataset of prompt/completion, LoadReport)."""
     from datasets import Dataset
 
     prompts, completions, report = read_sft_examples(path, fmt, system_prompt=system_prompt, on_error=on_error,
-                                                     turns=turns)
+                                                     turns=turns, split=split)
     log.info(report.summary())
+    if report.ignored:
+        log.warning("%s: ignoring splits %s (only train%s are used)", path, report.ignored,
+                    f", and {report.held_out} as the held-out set," if report.held_out else "")
     if turns == "last":
         earlier = sum(any(m["role"] == "assistant" for m in p) for p in prompts)
         if earlier:

@@ -69,7 +69,9 @@ def _sft(cfg, pending: set[str], p: str) -> None:
     check_model(f"{p}model.name", cfg.model.name)
     check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
     try:
-        read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)
+        report = read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)[2]
+        if report.held_out:  # trained against it: a bad record there is as fatal as one in train
+            read_sft_examples(cfg.data.path, report.format, on_error=cfg.data.on_error, split=report.held_out)
     except DataError as err:
         raise DataError(f"{p}data.path: {err}") from None
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,

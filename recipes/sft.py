@@ -80,16 +80,25 @@ def main(cfg: SFTStageConfig) -> Path:
     dataset, data_report = load_sft_dataset(
         cfg.data.path, cfg.data.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
         turns=cfg.data.turns)
+    eval_dataset, eval_split = None, "none"
+    if data_report.held_out:  # a DatasetDict's own held-out split, as given: no other is cut from train
+        eval_dataset, _ = load_sft_dataset(
+            cfg.data.path, data_report.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
+            turns=cfg.data.turns, split=data_report.held_out)
+        eval_split = data_report.held_out
     tokenizer = load_tokenizer(cfg.model.name)
     truncated = count_truncated(dataset, tokenizer, cfg.model.max_length)
+    if eval_dataset is not None:
+        truncated += count_truncated(eval_dataset, tokenizer, cfg.model.max_length)
     if truncated:
         log.warning("%d of %d examples are longer than model.max_length=%d tokens and will be truncated",
-                    truncated, len(dataset), cfg.model.max_length)
-    eval_dataset = None
-    if cfg.data.eval_fraction > 0 and len(dataset) >= 10:
+                    truncated, len(dataset) + (len(eval_dataset) if eval_dataset else 0), cfg.model.max_length)
+    if eval_dataset is None and cfg.data.eval_fraction > 0 and len(dataset) >= 10:
         dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed,
                                                 groups=data_report.conversations)
-    log.info("train %d examples, held out %d", len(dataset), len(eval_dataset) if eval_dataset else 0)
+        eval_split = "by prompt" if eval_dataset is not None else "none"
+    log.info("train %d examples, held out %d (%s)", len(dataset), len(eval_dataset) if eval_dataset else 0,
+             eval_split if eval_split in ("none", "by prompt") else f"the data's {eval_split} split")
 
     # --- model ------------------------------------------------------------------------------
     model = load_base_model(cfg.model, plan)
@@ -144,7 +153,7 @@ def main(cfg: SFTStageConfig) -> Path:
         system_prompt=cfg.data.system_prompt,  # every later stage prompts this policy with it (system_prompt_of)
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": truncated,
-              "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0},
+              "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0, "eval_split": eval_split},
     )
     log_artifact("sft", out, cfg.run.dir)
     finish_wandb()

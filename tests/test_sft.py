@@ -226,6 +226,31 @@ def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
     assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
 
 
+def test_a_datasetdicts_test_split_is_the_held_out_set(tiny_model, tmp_path, caplog):
+    """A save_to_disk DatasetDict's test split is held out as given (it was ignored, and one cut from train);
+    validation stands in without one; other splits are ignored with a warning."""
+    from datasets import Dataset, DatasetDict
+
+    def rows(name, n):
+        return Dataset.from_list([{"instruction": f"{name} question {i}: how do I sync?", "output": "Open Settings."}
+                                  for i in range(n)])
+
+    folder = tmp_path / "dd"
+    DatasetDict({"train": rows("train", 12), "test": rows("test", 5), "extra": rows("extra", 3)}).save_to_disk(folder)
+    with caplog.at_level("WARNING"):
+        out = run_sft(tiny_model, folder, tmp_path / "run", "model.quantize=false", "train.max_steps=1")
+    data = json.loads((out / "align.json").read_text())["data"]
+    assert (data["train"], data["eval"], data["eval_split"]) == (12, 5, "test")
+    assert "ignoring splits ['extra'] (only train, and test as the held-out set, are used)" in caplog.text
+    from alignment.data import load_sft_dataset
+
+    DatasetDict({"train": rows("train", 12), "validation": rows("validation", 4)}).save_to_disk(tmp_path / "dv")
+    train, report = load_sft_dataset(tmp_path / "dv")
+    held, _ = load_sft_dataset(tmp_path / "dv", split=report.held_out)
+    assert (len(train), report.held_out, len(held)) == (12, "validation", 4)
+    assert all(p[0]["content"].startswith("validation") for p in held["prompt"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
 def test_liger_without_cuda_is_a_clear_error_before_loading(stage, tiny_model, tmp_path, capsys):
