@@ -187,8 +187,9 @@ class SFTDataConfig:
     padding_free: Literal["auto", "on", "off"] = "auto"
     # raise: stop at the first bad record (named by file and line); skip: log it, count it, go on.
     on_error: Literal["raise", "skip"] = "raise"
-    # A {messages} conversation with several assistant turns: all trains each of them (one example per
-    # turn, the conversation before it as its prompt); last trains the last, the others are context.
+    # A {messages} conversation (or an alpaca record's history) with several assistant turns: all trains each of
+    # them (one example per turn, the conversation before it as its prompt); last trains the last, the others
+    # are context.
     turns: Literal["all", "last"] = "all"
 
 

@@ -4,6 +4,8 @@ Accepted for SFT (format detected from the first record unless given):
   alpaca             {"instruction", "input"?, "output"}            JSON list or JSONL
   messages           {"messages": [{"role", "content"}, ...]}         JSONL
   prompt_completion  {"prompt", "completion"} (strings or messages)   JSONL
+each with an optional "system" (a leading system turn), and alpaca with LLaMA-Factory's "history"
+([[query, response], ...], the turns before the instruction: trained as a conversation's are, data.turns)
 from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets.save_to_disk`
 folder (a DatasetDict: its train split, and its test, else validation, split as the held-out set);
 any other suffix, a folder that is not a dataset and an empty dataset are named errors.
@@ -345,11 +347,12 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
         extra = _text(record, "input", where, required=False)
         output = _text(record, "output", where)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": user}], [{"role": "assistant", "content": output}]
+        prompt = [*_history(record, where), {"role": "user", "content": user}]
+        return _with_system_field(record, prompt, where, "instruction"), [{"role": "assistant", "content": output}]
     if fmt == "messages":
         if "messages" not in record:
             raise DataError(f"{where}: missing field 'messages'")
-        msgs = _messages(record["messages"], where, "messages")
+        msgs = _with_system_field(record, _messages(record["messages"], where, "messages"), where, "messages")
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's (the completion)")
         if not msgs[-1]["content"].strip():
@@ -366,6 +369,7 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
             prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
         else:
             prompt = _messages(prompt, where, "prompt")
+        prompt = _with_system_field(record, prompt, where, "prompt")
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": _text(record, "completion", where)}]
         else:
@@ -378,6 +382,39 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
                                 "answer only (put the conversation before it in 'prompt')")
         return prompt, completion
     raise DataError(f"unknown format {fmt!r}")
+
+
+def _history(record: dict, where: str) -> list[dict[str, str]]:
+    """An alpaca record's `history` (LLaMA-Factory's: [[query, response], ...], the turns before this one) as
+    user/assistant messages: context for the instruction, and with data.turns=all each response an example."""
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: field 'history' must be a list of [query, response] pairs (the earlier turns), "
+                        f"got {json_kind(history)}")
+    out = []
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"{where}: history[{i}] must be a [query, response] pair of strings, got "
+                            f"{json.dumps(turn, ensure_ascii=False)[:80]}")
+        if not turn[0].strip():
+            raise DataError(f"{where}: history[{i}]'s query is empty")
+        out += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return out
+
+
+def _with_system_field(record: dict, messages: list[dict], where: str, key: str) -> list[dict]:
+    """`messages` after the record's own `system` field (LLaMA-Factory's alpaca and sharegpt records carry one),
+    which data.system_prompt then leaves alone, as it does a conversation's own system turn."""
+    system = _text(record, "system", where, required=False)
+    if not system.strip():
+        return messages
+    if messages[0] == {"role": "system", "content": system}:
+        return messages
+    if any(m["role"] == "system" for m in messages):
+        raise DataError(f"{where}: field 'system' and a system message in {key!r}: give the system prompt once")
+    return [{"role": "system", "content": system}, *messages]
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -416,7 +453,7 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
             log.warning("skipped %s", err)
             continue
         key = json.dumps(with_system_prompt(prompt, system_prompt), sort_keys=True)
-        if turns == "all" and report.format == "messages":
+        if turns == "all" and report.format in ("messages", "alpaca"):  # alpaca: its history's responses
             for j, message in enumerate(prompt):
                 if j and message["role"] == "assistant" and message["content"].strip():
                     prompts.append(with_system_prompt(prompt[:j], system_prompt))
@@ -500,6 +537,10 @@ def load_prompts(path: str | Path) -> list[str]:
                 raise DataError(f"{where}: field 'prompt' must be a string, got {json_kind(text)}")
             if not text.strip():
                 raise DataError(f"{where}: field 'prompt' is empty")
+            if record.get("system"):  # a prompt here is one user message: nowhere to put it
+                raise DataError(f"{where}: field 'system' is not used here: a prompt is one user message, sampled "
+                                "after the policy's own system prompt (sft data.system_prompt); drop the field, or "
+                                "say it in the prompt")
             prompts.append(text)
             continue
         fmt = fmt or detect_format(record, where)

@@ -51,6 +51,44 @@ def test_a_bad_item_of_a_json_list_is_named_by_the_line_it_starts_on(tmp_path):
     assert report.used == 2 and report.problems == [f"{path}:5 (item 3): field 'instruction' is empty"]
 
 
+def test_a_records_system_field_and_alpacas_history_are_turns_not_dropped(tmp_path):
+    """LLaMA-Factory's alpaca carries `system` and `history` ([query, response] pairs before this turn); both were
+    dropped without a word, as was `system` beside {prompt, completion} or {messages}."""
+    system = {"role": "system", "content": "Answer in French."}
+    path = write_jsonl(tmp_path / "a.jsonl", [{
+        "system": "Answer in French.", "history": [["Hi", "Bonjour !"]], "instruction": "How do I export a note?",
+        "input": "", "output": "Open the note, then File > Export."}])
+    ds, report = load_sft_dataset(path, system_prompt="Be brief.")  # the record's own system wins, as a turn's does
+    hi = [system, {"role": "user", "content": "Hi"}]
+    assert ds["prompt"] == [hi, [*hi, {"role": "assistant", "content": "Bonjour !"}, *USER]]
+    assert ds["completion"] == [[{"role": "assistant", "content": "Bonjour !"}], ASSISTANT]
+    assert report.earlier_turns == 1
+    last, _ = load_sft_dataset(path, turns="last")  # the history is context only
+    assert len(last) == 1 and last["prompt"][0][-1] == USER[0]
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"system": "Answer in French.", "prompt": USER[0]["content"],
+                                              "completion": ASSISTANT[0]["content"]},
+                                             {"system": "Answer in French.", "prompt": USER, "completion": ASSISTANT}])
+    assert load_sft_dataset(pc)[0]["prompt"] == [[system, *USER]] * 2
+    chat = write_jsonl(tmp_path / "m.jsonl", [{"system": "Answer in French.", "messages": [*USER, *ASSISTANT]}])
+    assert load_sft_dataset(chat)[0]["prompt"] == [[system, *USER]]
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"history": [["Hi"]]}, r"history\[0\] must be a \[query, response\] pair of strings, got \[\"Hi\"\]"),
+    ({"history": "Hi"}, r"field 'history' must be a list of \[query, response\] pairs \(the earlier turns\), got string"),
+    ({"history": [["", "x"]]}, r"history\[0\]'s query is empty"),
+    ({"system": 3}, r"field 'system' must be a string, got number"),
+])
+def test_a_bad_system_or_history_field_is_named(tmp_path, record, problem):
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, **record}])
+    with pytest.raises(DataError, match=rf"a.jsonl:2: {problem}"):
+        load_sft_dataset(path)
+    chat = write_jsonl(tmp_path / "m.jsonl", [{"system": "S", "messages": [{"role": "system", "content": "T"}, *USER,
+                                                                           *ASSISTANT]}])
+    with pytest.raises(DataError, match=r"m.jsonl:1: field 'system' and a system message in 'messages'"):
+        load_sft_dataset(chat)
+
+
 def test_messages_jsonl_multi_turn(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
@@ -160,6 +198,8 @@ def test_prompts_from_prompt_file_and_from_sft_data(tmp_path, caplog):
     assert "1 of 2 records have turns before their last user message" in caplog.text
     with pytest.raises(DataError, match=r"p2.jsonl:1: field 'prompt' is empty"):
         load_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": " "}]))
+    with pytest.raises(DataError, match=r"p3.jsonl:2: field 'system' is not used here: a prompt is one user message"):
+        load_prompts(write_jsonl(tmp_path / "p3.jsonl", [{"prompt": "a"}, {"prompt": "b", "system": "Be brief."}]))
 
 
 def test_utf8_with_bom_and_a_line_separator_inside_a_string(tmp_path):
