@@ -8,7 +8,8 @@ Accepted, for `align reward` and `align dpo`:
 A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat messages
 (`{"role", "content"}`); strings become TRL's conversational form (prompt = one user turn,
 chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
-conversations: their shared leading turns become the prompt. Provenance columns are kept when
+conversations: their shared leading turns become the prompt, which must end with the user's turn,
+and neither side may hold one (conversations that part before their last answer are refused). Provenance columns are kept when
 present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
 prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), tie (a tie
 kept by ties=margin0), chosen_finished / rejected_finished (false: the response was cut at the
@@ -149,6 +150,17 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
         if n == 0:
             raise DataError(f"{where}: missing field 'prompt' (and chosen/rejected share no leading messages)")
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        # The checks an explicit prompt gets: conversations that part before their last answer (a different
+        # reply, then the user again) compare two conversations, and DPO would train the user's turns.
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: chosen and rejected part at message {n + 1}, after the {prompt[-1]['role']}'s "
+                            "turn: without 'prompt' the turns they share are the prompt, which must end with the "
+                            "user's (a pair is two answers to one conversation)")
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if any(m["role"] == "user" for m in side):
+                raise DataError(f"{where}: chosen and rejected part at message {n + 1}, before their last answer: "
+                                f"without 'prompt' the turns they share are the prompt, and {key!r} would hold a "
+                                "user turn, trained as the answer (a pair is two answers to one conversation)")
     else:
         prompt = _messages(record["prompt"], where, "prompt", "user")
         chosen = _messages(record["chosen"], where, "chosen", "assistant")

@@ -58,6 +58,31 @@ def test_json_list_of_messages_and_implicit_prompt(tmp_path):
     assert "test" not in data and report.split == "none"
 
 
+def test_implicit_prompt_conversations_that_part_before_the_last_answer_are_refused(tmp_path):
+    """Without `prompt`, the shared turns are the prompt; conversations that part earlier left user turns in a side
+    (DPO trained the policy to write them) or a prompt ending with the assistant, which an explicit prompt refuses."""
+    def u(text):
+        return {"role": "user", "content": text}
+
+    def a(text):
+        return {"role": "assistant", "content": text}
+
+    other_reply = {"chosen": [u("Hi"), a("Hello! How can I help?"), u("Reset my password"), a("Settings > Account.")],
+                   "rejected": [u("Hi"), a("What."), u("Reset my password"), a("No.")]}
+    other_question = {"chosen": [u("Hi"), a("Hello!"), u("Thanks"), a("You're welcome.")],
+                      "rejected": [u("Hi"), a("Hello!"), u("Bye"), a("Bye.")]}
+    good = {"chosen": [u("Hi"), a("Hello!"), u("Thanks"), a("You're welcome.")],
+            "rejected": [u("Hi"), a("Hello!"), u("Thanks"), a("Whatever.")]}
+    path = write_jsonl(tmp_path / "hh.jsonl", [good, other_reply, other_question])
+    with pytest.raises(DataError, match=r"hh.jsonl:2: chosen and rejected part at message 2, before their last answer: "
+                                        r"without 'prompt' the turns they share are the prompt, and 'chosen' would hold "
+                                        r"a user turn"):
+        load_preferences(path)
+    data, report = load_preferences(path, test_fraction=0, on_error="skip")
+    assert report.skipped == 2 and len(data["train"]) == 1 and data["train"][0]["prompt"][-1] == u("Thanks")
+    assert "hh.jsonl:3: chosen and rejected part at message 3, after the assistant's turn" in report.problems[1]
+
+
 def test_ultrafeedback_sides_that_repeat_the_prompt_are_cut_to_the_answer(tmp_path):
     """HuggingFaceH4/ultrafeedback_binarized: `prompt` a string, each side the whole conversation opening with
     it. The user's turn is the prompt once, not again at the start of each side."""
