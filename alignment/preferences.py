@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,8 +107,10 @@ def _provenance(record: dict, where: str) -> dict[str, Any]:
         value = record.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise DataError(f"{where}: field {key!r} must be a number, got {value!r}")
+        # Finite: JSON's 1e309 and Python's Infinity read as inf, and one infinite weight makes every weight
+        # 0 or NaN once the reward stage normalises them to mean 1.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"{where}: field {key!r} must be a finite number, got {value!r}")
         if value < low or (high is not None and value > high):
             raise DataError(f"{where}: field {key!r} is {value}, outside {f'[{low}, {high}]' if high else f'>= {low}'}")
         out[key] = float(value)

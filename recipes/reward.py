@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import replace
@@ -183,6 +184,20 @@ def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> 
     return data, weighting
 
 
+def refuse_non_finite(model, loss: float, step: int) -> None:
+    """A StageError when training went NaN or infinite: saved, such a reward model scores every answer NaN,
+    and PPO and eval would read that as a finished model (its manifest, rc 0)."""
+    bad = next((name for name, p in model.named_parameters() if p.requires_grad
+                and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)  # FSDP2: own shard
+    if math.isfinite(loss) and bad is None:
+        return
+    # transformers logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter), so
+    # train_loss can look fine over weights that are NaN: the weights decide.
+    what = f"{bad} holds NaN/inf" if bad else f"train_loss is {loss}"
+    raise StageError(f"training went non-finite by step {step} ({what}): nothing is saved. Lower train.lr, or "
+                     "check the data's weight, margin and p_chosen columns")
+
+
 def pair_weighting(use_weights: str, train, data_path: Path) -> str:
     """What `use_weights` means for this data: soft (p_chosen), weighted (weight) or off.
 
@@ -281,6 +296,7 @@ def main(cfg: RewardStageConfig) -> Path:
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
+    refuse_non_finite(trainer.model, metrics["train_loss"], result.global_step)
 
     # --- evaluate on held-out pairs ---------------------------------------------------------
     if has_eval:

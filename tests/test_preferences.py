@@ -138,8 +138,12 @@ BAD = [
     ({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"},
      r"last message of 'prompt' must be the user's"),
     ({"prompt": "q", "chosen": 5, "rejected": "b"}, r"field 'chosen' must be a string or a non-empty list"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, r"field 'margin' must be a number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, r"field 'margin' must be a finite number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "agreement": 1.5}, r"field 'agreement' is 1.5, outside"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "weight": 1e309}', r"field 'weight' must be a finite number, "
+                                                                           r"got inf"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": Infinity}', r"field 'margin' must be a finite number"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": NaN}', r"field 'p_chosen' must be a finite number"),
     ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
      r"missing field 'prompt'"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
@@ -148,7 +152,8 @@ BAD = [
 
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
-           "wrong-type", "margin-text", "agreement-range", "no-prompt", "user-turn-in-side"]
+           "wrong-type", "margin-text", "agreement-range", "weight-1e309", "margin-infinity", "p-chosen-nan",
+           "no-prompt", "user-turn-in-side"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)

@@ -281,6 +281,27 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
     assert sizes == [3] * 6
 
 
+def test_a_training_loss_gone_nan_is_refused_not_saved(tiny_model, tmp_path, monkeypatch, capsys):
+    """A NaN loss (an infinite weight once let through, a too-high train.lr) left NaN weights that were saved
+    with rc 0 and a manifest: PPO and eval would take them for a finished reward model."""
+    from recipes.reward import AlignRewardTrainer
+
+    compute_loss = AlignRewardTrainer.compute_loss
+
+    def nan_loss(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * float("nan") if isinstance(loss, torch.Tensor) else (loss[0] * float("nan"), loss[1])
+
+    monkeypatch.setattr(AlignRewardTrainer, "compute_loss", nan_loss)
+    data = write_rankings(tmp_path / "prefs.jsonl", 4)
+    assert align(["reward", f"run.dir={tmp_path / 'run'}", f"model.name={tiny_model}", "from_sft=false",
+                  f"data.path={data}", "model.quantize=false", "train.max_steps=2", "train.batch_size=4",
+                  "data.test_fraction=0", *FAST]) == 1
+    assert "training went non-finite by step 2 (base_model.model.model.layers.0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "reward" / "align.json").exists()
+    assert not (tmp_path / "run" / "reward" / "adapter_model.safetensors").exists()
+
+
 def test_refuses_without_sft_or_data(tmp_path, capsys):
     assert align(["reward", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     assert "no SFT adapter" in capsys.readouterr().err
