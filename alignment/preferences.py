@@ -9,10 +9,10 @@ A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat mes
 (`{"role", "content"}`); strings become TRL's conversational form (prompt = one user turn,
 chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
 conversations: their shared leading turns become the prompt, which must end with the user's turn,
-and neither side may hold one (conversations that part before their last answer are refused). Provenance columns are kept when
-present: task_id (the ranking a pair came from), batch, annotators, agreement, margin, source,
-prompt_id, votes_chosen / votes_rejected (annotators who ordered the pair each way), tie (a tie
-kept by ties=margin0), chosen_finished / rejected_finished (false: the response was cut at the
+and neither side may hold one (conversations that part before their last answer are refused).
+Provenance columns are kept when present: task_id (the ranking a pair came from), batch,
+annotators, agreement, margin, source, prompt_id, votes_chosen / votes_rejected (annotators who
+ordered the pair each way), tie (a tie kept by ties=margin0; align dpo leaves it out), chosen_finished / rejected_finished (false: the response was cut at the
 sampler's max_new_tokens; DPO trains no end of turn after it), and the reliability columns of `align export combine=dawid_skene`: p_chosen (the posterior probability that
 chosen is the better one, a soft label in [0, 1]) and weight (>= 0), which `align reward` trains with.
 A pair without task_id is grouped by its prompt, so pairs of one prompt count as one ranking. A bad

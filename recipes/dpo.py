@@ -144,6 +144,20 @@ def drop_cut_ends(dataset, tokenizer):
     return dataset.map(strip, desc="No end of turn after cut responses")
 
 
+def drop_ties(data):
+    """(the pairs without the ties `align export ties=margin0` kept, how many ties each split had).
+
+    A tie prefers neither answer, but DPO's loss has no p = 1/2 (the reward stage trains ties so): it would
+    train the first answer, `chosen` by the export's order only, as the winner."""
+    dropped = {}
+    for split in list(data):
+        ties = data[split]["tie"] if "tie" in data[split].column_names else []
+        dropped[split] = sum(bool(t) for t in ties)
+        if dropped[split]:
+            data[split] = data[split].filter(lambda row: not row["tie"], desc=f"Dropping ties from {split}")
+    return data, dropped
+
+
 def count_too_long(pairs, tokenizer, max_length: int) -> int:
     """Pairs whose prompt + chosen or prompt + rejected is longer than max_length tokens (as TRL tokenizes them)."""
     n = 0
@@ -193,9 +207,20 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
+    data, ties = drop_ties(data)
+    if ties["train"] == data_report.train:
+        raise StageError(f"{data_path}: all {ties['train']} training pairs are ties (tie: true, kept by align export "
+                         "ties=margin0), which prefer neither answer: DPO has nothing to learn from them; export "
+                         "with ties=drop, or train a reward model on them (align reward trains ties as p_chosen 0.5)")
+    if sum(ties.values()):
+        log.warning("left out %d tie pairs (%s): a tie prefers neither answer, and DPO would train the first as the "
+                 "winner", sum(ties.values()), ", ".join(f"{n} {split}" for split, n in ties.items()))
     system_prompt = system_prompt_of(sft)  # the SFT's: each prompt opens with it, as the policy was trained
     data = add_system_prompt(data, system_prompt)
     train, test = data["train"], data.get("test")
+    if test is not None and len(test) == 0:  # held-out pairs that were all ties
+        log.warning("every held-out pair is a tie: no held-out figures (hold out more prompts, data.test_fraction)")
+        test = None
     tokenizer = load_tokenizer(str(sft))  # the SFT's chat template and pad token
     too_long = count_too_long(train, tokenizer, cfg.model.max_length)
     if too_long:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
@@ -275,7 +300,7 @@ def main(cfg: DPOStageConfig) -> Path:
         reward_probe_warning=probe_note, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
-              "skipped": data_report.skipped, "too_long": too_long},
+              "skipped": data_report.skipped, "too_long": too_long, "ties_dropped": sum(ties.values())},
     )
     log_artifact("dpo", out, cfg.run.dir, parents)
     finish_wandb()

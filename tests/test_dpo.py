@@ -222,6 +222,26 @@ def test_other_losses_run(sft_dir, tmp_path):
     assert manifest["data"]["too_long"] == 0
 
 
+def test_ties_are_left_out_not_trained_as_wins_for_the_first_answer(sft_dir, tmp_path, caplog, capsys):
+    """`align export ties=margin0` keeps a tie with tie: true and its first answer as chosen: DPO trained that
+    order as a preference. The ties are left out (the reward stage trains them as p_chosen 1/2) and counted."""
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "prefs.jsonl", 16).read_text().splitlines()]
+    for row in rows[::4]:
+        row.update(tie=True, margin=0.0)
+    (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["dpo", f"sft={sft_dir}", "model.quantize=false", "train.max_steps=1", "train.batch_size=4", *FAST]
+    with caplog.at_level("WARNING"):
+        assert align([*args, f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'prefs.jsonl'}",
+                      "data.test_fraction=0"]) == 0
+    manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
+    assert (manifest["data"]["train"], manifest["data"]["ties_dropped"]) == (12, 4)
+    assert "left out 4 tie pairs (4 train): a tie prefers neither answer" in caplog.text
+    (tmp_path / "ties.jsonl").write_text("\n".join(json.dumps({**r, "tie": True}) for r in rows) + "\n")
+    assert align([*args, f"run.dir={tmp_path / 'all'}", f"data.path={tmp_path / 'ties.jsonl'}",
+                  "data.test_fraction=0"]) == 1
+    assert "all 16 training pairs are ties (tie: true" in capsys.readouterr().err
+
+
 def test_a_rerun_stopped_before_it_trains_keeps_the_finished_artifact(sft_dir, tmp_path, monkeypatch):
     """The finished run's align.json goes only as training begins: a rerun stopped while its trainer was built
     (tokenizing, Ctrl-C) took it away and left the untouched adapter an unfinished folder."""
