@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import common_prefix_length
 
 from alignment import StageError, report
 from alignment.artifacts import (
@@ -158,14 +159,21 @@ def drop_ties(data):
     return data, dropped
 
 
-def count_too_long(pairs, tokenizer, max_length: int) -> int:
-    """Pairs whose prompt + chosen or prompt + rejected is longer than max_length tokens (as TRL tokenizes them)."""
-    n = 0
+def count_too_long(pairs, tokenizer, max_length: int) -> tuple[int, int]:
+    """(pairs whose prompt + chosen or prompt + rejected is longer than max_length tokens, as TRL tokenizes them;
+    of them, those whose prompt alone reaches it, which TRL drops: no token of an answer is left). The prompt ends
+    where TRL's does, where it and each side part (trl's common_prefix_length)."""
+    def ids(messages, **kwargs) -> list[int]:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+    too_long = dropped = 0
     for row in pairs:
-        lengths = [len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)
-                       ["input_ids"]) for side in ("chosen", "rejected")]
-        n += max(lengths) > max_length
-    return n
+        sides = [ids(row["prompt"] + row[side]) for side in ("chosen", "rejected")]
+        if max(len(side) for side in sides) > max_length:
+            too_long += 1
+            prompt = ids(row["prompt"], add_generation_prompt=True)
+            dropped += min(common_prefix_length(prompt, side) for side in sides) >= max_length
+    return too_long, dropped
 
 
 def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
@@ -222,11 +230,24 @@ def main(cfg: DPOStageConfig) -> Path:
         log.warning("every held-out pair is a tie: no held-out figures (hold out more prompts, data.test_fraction)")
         test = None
     tokenizer = load_tokenizer(str(sft))  # the SFT's chat template and pad token
-    too_long = count_too_long(train, tokenizer, cfg.model.max_length)
-    if too_long:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
+    too_long, dropped = count_too_long(train, tokenizer, cfg.model.max_length)
+    test_dropped = count_too_long(test, tokenizer, cfg.model.max_length)[1] if test is not None else 0
+    if too_long > dropped:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
         log.warning("%d of %d training pairs have a side longer than model.max_length=%d tokens: TRL cuts it there "
                     "(its end and EOS are not trained); raise model.max_length to keep them whole",
-                    too_long, len(train), cfg.model.max_length)
+                    too_long - dropped, len(train), cfg.model.max_length)
+    if dropped + test_dropped:  # TRL leaves them out without a word
+        log.warning("%d of %d pairs are dropped (%d train, %d held out): their prompt alone is model.max_length=%d "
+                    "tokens or more, so no token of an answer is left to compare (TRL leaves them out); raise "
+                    "model.max_length to keep them", dropped + test_dropped, len(train) + (len(test) if test else 0),
+                    dropped, test_dropped, cfg.model.max_length)
+    if dropped == len(train):
+        raise StageError(f"every training pair's prompt is model.max_length={cfg.model.max_length} tokens or longer: "
+                         "no token of an answer is left to compare; raise model.max_length")
+    test_gone = 0  # held-out pairs all dropped: evaluated on, TRL's empty eval set would fail
+    if test is not None and test_dropped == len(test):
+        log.warning("every held-out pair is dropped: no held-out figures")
+        test, test_gone = None, test_dropped
 
     # --- model ------------------------------------------------------------------------------
     model = policy_with_reference(model_cfg, plan, sft)
@@ -247,6 +268,9 @@ def main(cfg: DPOStageConfig) -> Path:
         processing_class=tokenizer,
         callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
+    # What TRL trains and evaluates on: its datasets, less what it dropped.
+    counts = {"train": len(trainer.train_dataset), "test": len(trainer.eval_dataset) if test is not None else 0}
+    counts["dropped"] = len(train) - counts["train"] + (len(test) - counts["test"] if test is not None else 0) + test_gone
     # Guard the one thing DPO must get right: without "ref" (a TRL change, a peft version without
     # several adapters) TRL falls back to the adapter-disabled raw base as the reference.
     policy = trainer.model
@@ -299,8 +323,9 @@ def main(cfg: DPOStageConfig) -> Path:
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
         reward_probe_warning=probe_note, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
-              "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
-              "skipped": data_report.skipped, "too_long": too_long, "ties_dropped": sum(ties.values())},
+              "split": data_report.split, "train": counts["train"], "test": counts["test"],
+              "skipped": data_report.skipped, "too_long": too_long - dropped, "dropped_prompt_too_long": counts["dropped"],
+              "ties_dropped": sum(ties.values())},
     )
     log_artifact("dpo", out, cfg.run.dir, parents)
     finish_wandb()

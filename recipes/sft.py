@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
 
-from alignment import report
+from alignment import StageError, report
 from alignment.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
@@ -43,14 +44,21 @@ from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_ch
 log = logging.getLogger(__name__)
 
 
-def count_truncated(dataset, tokenizer, max_length: int) -> int:
-    """How many examples the trainer will cut at max_length (TRL truncates without a word)."""
-    n = 0
+def count_too_long(dataset, tokenizer, max_length: int) -> tuple[int, int]:
+    """(examples longer than max_length, which TRL cuts there without a word; of them, those whose prompt alone
+    reaches it, which TRL then drops: no token of their answer is left to train). The prompt ends where TRL's
+    does, where it and the whole conversation part (trl's common_prefix_length)."""
+    def ids(messages, **kwargs) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+
+    truncated = dropped = 0
     for row in dataset:
-        ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        n += len(ids) > max_length
-    return n
+        full = ids(row["prompt"] + row["completion"])
+        if len(full) > max_length:
+            truncated += 1
+            dropped += common_prefix_length(ids(row["prompt"], add_generation_prompt=True), full) >= max_length
+    return truncated, dropped
 
 
 def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool, padding_free: bool = False) -> SFTConfig:
@@ -86,18 +94,34 @@ def main(cfg: SFTStageConfig) -> Path:
             cfg.data.path, data_report.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
             turns=cfg.data.turns, split=data_report.held_out)
         eval_split = data_report.held_out
-    tokenizer = load_tokenizer(cfg.model.name)
-    truncated = count_truncated(dataset, tokenizer, cfg.model.max_length)
-    if eval_dataset is not None:
-        truncated += count_truncated(eval_dataset, tokenizer, cfg.model.max_length)
-    if truncated:
-        log.warning("%d of %d examples are longer than model.max_length=%d tokens and will be truncated",
-                    truncated, len(dataset) + (len(eval_dataset) if eval_dataset else 0), cfg.model.max_length)
     if eval_dataset is None and cfg.data.eval_fraction > 0 and len(dataset) >= 10:
         dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed,
                                                 groups=data_report.conversations)
         eval_split = "by prompt" if eval_dataset is not None else "none"
-    log.info("train %d examples, held out %d (%s)", len(dataset), len(eval_dataset) if eval_dataset else 0,
+    tokenizer = load_tokenizer(cfg.model.name)
+    truncated, dropped = count_too_long(dataset, tokenizer, cfg.model.max_length)
+    eval_truncated, eval_dropped = count_too_long(eval_dataset or [], tokenizer, cfg.model.max_length)
+    if cfg.data.packing:  # packed, nothing is cut or dropped example by example: a long prompt fills its chunk
+        dropped = eval_dropped = 0
+    examples = len(dataset) + (len(eval_dataset) if eval_dataset else 0)
+    cut = truncated + eval_truncated - dropped - eval_dropped  # trained, less the end of their answer
+    if cut:
+        log.warning("%d of %d examples are longer than model.max_length=%d tokens and will be truncated (the end "
+                    "of their answer is not trained)", cut, examples, cfg.model.max_length)
+    if dropped + eval_dropped:  # TRL leaves them out without a word
+        log.warning("%d of %d examples are dropped: their prompt alone is model.max_length=%d tokens or more, so "
+                    "no token of the answer is left to train (TRL leaves them out); raise model.max_length to keep "
+                    "them", dropped + eval_dropped, examples, cfg.model.max_length)
+    if dropped == len(dataset):
+        raise StageError(f"every training example's prompt is model.max_length={cfg.model.max_length} tokens or "
+                         "longer: no token of an answer is left to train; raise model.max_length")
+    eval_gone = 0  # held-out examples all dropped: evaluated on, TRL's empty eval set would fail
+    if eval_dataset is not None and eval_dropped == len(eval_dataset):
+        log.warning("every held-out example is dropped: no held-out loss")
+        eval_dataset, eval_split, eval_gone = None, "none", eval_dropped
+    truncated += eval_truncated  # what padding-free, which cuts nothing, must not meet
+    log.info("train %d examples, held out %d (%s)", len(dataset) - dropped,
+             len(eval_dataset) - eval_dropped if eval_dataset else 0,
              eval_split if eval_split in ("none", "by prompt") else f"the data's {eval_split} split")
 
     # --- model ------------------------------------------------------------------------------
@@ -123,6 +147,11 @@ def main(cfg: SFTStageConfig) -> Path:
         peft_config=peft_lora_config(cfg.lora),
         callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
+    # What TRL trains and evaluates on: its datasets, less what it dropped (packed, they hold chunks: the examples).
+    counts = {"train": len(dataset) if cfg.data.packing else len(trainer.train_dataset),
+              "eval": 0 if not has_eval else len(eval_dataset) if cfg.data.packing else len(trainer.eval_dataset)}
+    counts["dropped"] = (len(dataset) - counts["train"] + (len(eval_dataset) - counts["eval"] if has_eval else 0)
+                         + eval_gone)
     # TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's choice under bf16 compute. Under fp32 or fp16
     # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.
     if not plan.bf16 and not sharded():
@@ -152,8 +181,9 @@ def main(cfg: SFTStageConfig) -> Path:
         parents={}, metrics=metrics, device_plan=levers, gpu_peak_mib=peak_gpu_mib(),
         system_prompt=cfg.data.system_prompt,  # every later stage prompts this policy with it (system_prompt_of)
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
-              "used": data_report.used, "skipped": data_report.skipped, "truncated": truncated,
-              "train": len(dataset), "eval": len(eval_dataset) if eval_dataset else 0, "eval_split": eval_split},
+              "used": data_report.used, "skipped": data_report.skipped, "truncated": cut,
+              "dropped_prompt_too_long": counts["dropped"], "train": counts["train"], "eval": counts["eval"],
+              "eval_split": eval_split},
     )
     log_artifact("sft", out, cfg.run.dir)
     finish_wandb()

@@ -319,8 +319,26 @@ def test_pairs_longer_than_max_length_are_counted(tiny_model, tmp_path):
              "rejected": [{"role": "assistant", "content": "No idea."}]}
     long_chosen = {**short, "chosen": [{"role": "assistant", "content": "Open Settings, then Sync. " * 40}]}
     long_rejected = {**short, "rejected": [{"role": "assistant", "content": "I do not know. " * 40}]}
-    assert count_too_long([short, long_chosen, long_rejected, short], tokenizer, 128) == 2
-    assert count_too_long([long_chosen], tokenizer, 4096) == 0
+    long_prompt = {**short, "prompt": [{"role": "user", "content": "Here is my log: sync failed. " * 40}]}
+    assert count_too_long([short, long_chosen, long_rejected, short, long_prompt], tokenizer, 128) == (3, 1)
+    assert count_too_long([long_chosen], tokenizer, 4096) == (0, 0)
+
+
+def test_pairs_whose_prompt_fills_max_length_are_counted_as_dropped_not_trained(sft_dir, tmp_path, caplog):
+    """TRL drops a pair whose prompt alone reaches max_length: the stage said TRL "cuts" it, and align.json
+    counted it as trained. Now it says dropped, and records the pairs TRL trains on."""
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "prefs.jsonl", 20).read_text().splitlines()]
+    for row in rows[:6]:
+        row["prompt"] += " Here is my log: " + " ".join(f"line{j} error sync failed" for j in range(40))
+    (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with caplog.at_level("WARNING"):
+        assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={tmp_path / 'prefs.jsonl'}",
+                      "model.quantize=false", "train.max_steps=1", "train.batch_size=4", "data.test_fraction=0",
+                      *FAST]) == 0
+    data = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())["data"]
+    assert (data["train"], data["dropped_prompt_too_long"], data["too_long"]) == (14, 6, 0)
+    assert "6 of 20 pairs are dropped (6 train, 0 held out): their prompt alone is model.max_length=128" in caplog.text
+    assert "TRL cuts it there" not in caplog.text
 
 
 TEXT_MARKERS = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}[END]\n{% endfor %}"
