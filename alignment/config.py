@@ -485,7 +485,7 @@ class EvalStageConfig:
     reward_model: str | None = None  # default <run.dir>/reward when present
     scorer: str | None = None  # an independent programmatic judge
     human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
-    bootstrap: int = bounded(1000, ge=1)  # resamples for each win-rate's interval
+    bootstrap: int = bounded(1000, ge=1)  # resamples for the human board's rating intervals (win-rates: Wilson's)
     # Answers per prompt each policy samples at temperature 1 (no top-p) for its KL from the baseline:
     # only its own samples give an unbiased estimate (the judged answers are greedy). 0: no KL.
     kl_samples: int = bounded(1, ge=0)

@@ -119,7 +119,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
-        ax.set_title(_no_math(f"Win-rate against {baseline} (95% bootstrap interval)"))
+        ax.set_title(_no_math(f"Win-rate against {baseline} (95% Wilson interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
     keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},
@@ -180,7 +180,7 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b>{_interval(m.get('eval_accuracy_ci'))} "
                      f"on {m.get('eval_pairs', '?')} pairs"
-                     + (f" from {m['eval_prompts']} prompts (the interval resamples prompts)" if "eval_prompts" in m else "")
+                     + (f" from {m['eval_prompts']} prompts (the interval counts prompts, not pairs, as independent)" if "eval_prompts" in m else "")
                      + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
                         f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
                         f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))

@@ -39,7 +39,7 @@ from alignment.artifacts import read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.data import with_system_prompt
 from alignment.embedded import model_key
-from alignment.evaluation import grouped_bootstrap_ci
+from alignment.evaluation import grouped_proportion_ci
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -262,12 +262,12 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
     # With dawid_skene's soft labels, their own certainty is the better ceiling: an adversary lowers the
     # annotators' agreement without making the (reliability-weighted) labels any worse.
     posterior = [p for p in dataset["p_chosen"] if p is not None] if "p_chosen" in dataset.column_names else []
-    # The interval resamples prompts, not pairs: a ranking's pairs share its answers (27 held-out pairs of the
+    # The interval takes prompts, not pairs, as independent: a ranking's pairs share its answers (27 held-out pairs of the
     # quickstart come from 6 prompts), and two tasks of one prompt are one prompt.
     groups = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
     return {
         "eval_accuracy": sum(g > 0 for g in gaps) / n,
-        "eval_accuracy_ci": list(grouped_bootstrap_ci([float(g > 0) for g in gaps], groups)),
+        "eval_accuracy_ci": list(grouped_proportion_ci([float(g > 0) for g in gaps], groups)),
         "eval_prompts": len(set(groups)),
         "eval_mean_margin": sum(gaps) / n,
         "eval_pairs": n,

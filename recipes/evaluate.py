@@ -7,7 +7,7 @@
 Every policy answers the same prompts with the same settings and seeds. Judges: the reward
 model (default <run.dir>/reward) and, optionally, a programmatic scorer (same interface as the
 simulated annotators) as an independent check on a policy that games the reward model. Each
-non-baseline policy gets a win-rate against the baseline with a bootstrap interval over
+non-baseline policy gets a win-rate against the baseline with a Wilson interval over
 prompts, and a KL from the baseline (the SFT policy, i.e. the reference), measured on answers the
 policy samples at temperature 1 (`kl_samples` per prompt): the judged answers are greedy, and a
 KL along them is one fixed path's, not the policy's.
@@ -261,7 +261,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale}
     if comparisons:
         # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together
-        ratings, cis = ev.bradley_terry(comparisons), ev.bradley_terry_ci(comparisons, groups=prompts_of, n=200)
+        ratings = ev.bradley_terry(comparisons)
+        cis = ev.bradley_terry_ci(comparisons, groups=prompts_of, n=cfg.bootstrap)
         board["leaderboard"] = sorted(({"policy": p, "rating": r, "ci": cis[p]} for p, r in ratings.items()),
                                       key=lambda x: -x["rating"])
     return board
@@ -316,7 +317,7 @@ def main(cfg: EvalStageConfig) -> Path:
             if name != cfg.baseline:
                 base_scores = scores[cfg.baseline]
                 row[f"{jname}/win_rate"] = ev.win_rate(scores[name], base_scores)
-                row[f"{jname}/win_rate_ci"] = ev.bootstrap_ci(scores[name], base_scores, n=cfg.bootstrap)
+                row[f"{jname}/win_rate_ci"] = ev.win_rate_ci(scores[name], base_scores)
         table[name] = row
         metrics.update({f"{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
     board = human_eval(cfg, prompts, responses, system_prompts,

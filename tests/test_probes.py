@@ -214,9 +214,9 @@ def test_calibration_bins_by_hand():
     assert figures["eval_accuracy"] == 0.75 and figures["eval_mean_margin"] == pytest.approx(4.1 / 4)
 
 
-def test_heldout_accuracy_interval_resamples_prompts():
-    """Six pairs from two prompts' rankings: the interval moves whole prompts, so a model right on one prompt's
-    pairs and wrong on the other's can score anything from 0 to 1; six prompts' pairs move one by one. Two
+def test_heldout_accuracy_interval_counts_prompts():
+    """Six pairs from two prompts' rankings: the interval counts prompts, so a model right on one prompt's
+    pairs and wrong on the other's can score almost anything from 0 to 1; six prompts' pairs count one by one. Two
     tasks of one prompt (task ids apart, as two batches make) are one prompt."""
     from alignment.reward_model import heldout_metrics
 
@@ -225,7 +225,7 @@ def test_heldout_accuracy_interval_resamples_prompts():
     chosen, rejected = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0], [0.0] * 6
     figures = heldout_metrics(heldout(rows), chosen, rejected)
     assert figures["eval_accuracy"] == 0.5 and figures["eval_prompts"] == 2
-    assert figures["eval_accuracy_ci"] == [0.0, 1.0]
+    assert figures["eval_accuracy_ci"][0] < 0.02 and figures["eval_accuracy_ci"][1] > 0.98
     alone = heldout_metrics(heldout([{**r, "prompt": f"Question {i}?"} for i, r in enumerate(rows)]), chosen, rejected)
     assert alone["eval_prompts"] == 6 and 0.0 < alone["eval_accuracy_ci"][0] < 0.5 < alone["eval_accuracy_ci"][1]
 
