@@ -107,12 +107,14 @@ def _t_quantile(level: float, df: int) -> float:
 
 
 def bradley_terry(comparisons: Sequence[tuple[str, str, float]], *, iters: int = 200,
-                  prior: float = 0.1) -> dict[str, float]:
+                  prior: float = 0.1, anchor: str | None = None) -> dict[str, float]:
     """Bradley-Terry strengths from (a, b, outcome) with outcome 1 = a wins, 0 = b wins, 0.5 = tie.
 
     Minorisation-maximisation (Hunter 2004) with a small symmetric prior (`prior` virtual ties
     against every other player) so a player who never loses still has a finite rating.
-    Returned as Elo-like ratings: 400·log10(strength) centred to mean 1000.
+    Returned as Elo-like ratings, 400·log10(strength): the `anchor` (eval's baseline) at 1000 when it
+    played, else centred to mean 1000. Only differences are identified; anchored, a rating is its
+    difference from the baseline, which other players' presence does not shift.
     """
     players = sorted({p for a, b, _ in comparisons for p in (a, b)})
     if not players:
@@ -131,17 +133,24 @@ def bradley_terry(comparisons: Sequence[tuple[str, str, float]], *, iters: int =
         strength = wins.sum(axis=1) / denom
         strength /= np.exp(np.mean(np.log(strength)))
     ratings = 400 * np.log10(strength)
-    ratings += 1000 - ratings.mean()
+    ratings = ratings - (ratings[pos[anchor]] if anchor in pos else ratings.mean()) + 1000  # the anchor: exactly 1000
     return {p: float(ratings[pos[p]]) for p in players}
 
 
 def bradley_terry_ci(comparisons: Sequence[tuple[str, str, float]], *, groups: Sequence[Any] | None = None,
-                     n: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+                     n: int = 200, seed: int = 0, level: float = 0.95,
+                     anchor: str | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of the Bradley-Terry ratings. With `groups` (a key per comparison, such
-    as its prompt) whole groups are resampled: several annotators' verdicts on
-    one A/B task, or one prompt's tasks, are not independent comparisons."""
+    as its prompt) whole groups are resampled: several annotators' verdicts on one A/B task, or one prompt's
+    tasks, are not independent comparisons.
+
+    Each resample is put on the point estimate's scale: the `anchor` at 1000 (a resample where it did not play
+    is left out), as bradley_terry does. Centred on the mean of whichever players a resample happens to hold,
+    a player missing from some resamples would move every other's interval. A player missing from some
+    resamples gets the interval of those it is in."""
     rng = np.random.default_rng(seed)
     comparisons = list(comparisons)
+    anchored = anchor is not None and any(anchor in (a, b) for a, b, _ in comparisons)
     units: dict[Any, list[int]] = {}
     for i, key in enumerate(groups if groups is not None else range(len(comparisons))):
         units.setdefault(key, []).append(i)
@@ -149,7 +158,10 @@ def bradley_terry_ci(comparisons: Sequence[tuple[str, str, float]], *, groups: S
     samples: dict[str, list[float]] = {}
     for _ in range(n):
         pick = rng.integers(0, len(members), len(members))
-        for p, r in bradley_terry([comparisons[i] for u in pick for i in members[u]]).items():
+        ratings = bradley_terry([comparisons[i] for u in pick for i in members[u]], anchor=anchor)
+        if anchored and anchor not in ratings:
+            continue
+        for p, r in ratings.items():
             samples.setdefault(p, []).append(r)
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     return {p: tuple(float(x) for x in np.quantile(v, q)) for p, v in samples.items()}

@@ -140,7 +140,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     if board:
         rows = "".join(f"<tr><td>{html.escape(b['policy'])}</td><td>{b['rating']:.0f}</td>"
                        f"<td>[{b['ci'][0]:.0f}, {b['ci'][1]:.0f}]</td></tr>" for b in board)
-        parts.append(f"<h3>Human arena (Bradley-Terry)</h3><table><tr><th>policy</th><th>rating</th>"
+        parts.append(f"<h3>Human arena (Bradley-Terry; {html.escape(baseline)} = 1000)</h3><table><tr><th>policy</th><th>rating</th>"
                      f"<th>95% interval</th></tr>{rows}</table>")
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]] \
         if (folder / "samples.jsonl").is_file() else []

@@ -260,9 +260,10 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         prompts_of.append(row["prompt"])
     board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale}
     if comparisons:
-        # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together
-        ratings = ev.bradley_terry(comparisons)
-        cis = ev.bradley_terry_ci(comparisons, groups=prompts_of, n=cfg.bootstrap)
+        # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together;
+        # the baseline is 1000 in the ratings and in every resample, so each rating is its difference from it
+        ratings = ev.bradley_terry(comparisons, anchor=cfg.baseline)
+        cis = ev.bradley_terry_ci(comparisons, groups=prompts_of, n=cfg.bootstrap, anchor=cfg.baseline)
         board["leaderboard"] = sorted(({"policy": p, "rating": r, "ci": cis[p]} for p, r in ratings.items()),
                                       key=lambda x: -x["rating"])
     return board

@@ -97,6 +97,26 @@ def test_bradley_terry_interval_resamples_prompts_not_each_annotators_verdict():
     assert grouped[1] - grouped[0] > 1.5 * (loose[1] - loose[0])
 
 
+def test_bradley_terry_interval_is_anchored_to_the_baseline():
+    """Ratings put the baseline at 1000, in the estimate and in every resample: two verdicts on a third policy
+    (absent from many resamples) leave dpo's rating and interval where its own verdicts put them. Centred on
+    the mean of the players each resample held, dpo's 1060 [1000, 1120] became 902 [802, 1081]."""
+    rng = np.random.default_rng(0)
+    two = [("dpo", "sft", float(rng.random() < 0.7)) for _ in range(30)]
+    groups = [f"p{i}" for i in range(30)]
+    three, groups3 = two + [("ppo", "sft", 1.0)] * 2, groups + ["q0", "q1"]
+    alone, ci = ev.bradley_terry(two, anchor="sft"), ev.bradley_terry_ci(two, groups=groups, n=400, anchor="sft")
+    more, ci3 = ev.bradley_terry(three, anchor="sft"), ev.bradley_terry_ci(three, groups=groups3, n=400, anchor="sft")
+    assert alone["sft"] == more["sft"] == 1000 and ci["sft"] == ci3["sft"] == (1000, 1000)
+    assert more["dpo"] == pytest.approx(alone["dpo"], abs=5)
+    assert ci3["dpo"] == pytest.approx(ci["dpo"], abs=15)
+    assert ci["dpo"][0] <= alone["dpo"] <= ci["dpo"][1] and ci3["ppo"][0] > 1000
+    # the same differences as the mean-centred ratings; without the anchor among the players, centred as before
+    plain = ev.bradley_terry(two)
+    assert alone["dpo"] - alone["sft"] == pytest.approx(plain["dpo"] - plain["sft"])
+    assert ev.bradley_terry(two, anchor="grpo") == pytest.approx(plain)
+
+
 def test_distinct_n_and_repetition():
     assert ev.distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
     assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
