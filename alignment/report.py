@@ -35,7 +35,9 @@ PLOTS: dict[str, list[tuple[str, list[str]]]] = {
     "dpo": [("Loss", ["loss", "eval_loss"]),
             ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
             ("Accuracy", ["rewards/accuracies", "eval_rewards/accuracies"])],
-    "ppo": [("Reward", ["reward/mean"]), ("KL from reference, nats per response (k1 sum)", ["kl", "kl_coef"]),
+    "ppo": [("Reward", ["reward/mean"]), ("KL from reference, nats per response (k1 sum)", ["kl"]),
+            # beta weighs nats against the score: a coefficient, not nats, so on an axis of its own
+            ("KL coefficient β (reward per nat)", ["kl_coef"]),
             ("Response length", ["length/mean"]),
             ("Entropy", ["entropy"]), ("Clipping", ["policy/clipfrac", "value/clipfrac", "policy/approx_kl"]),
             ("Value function", ["value/loss", "value/explained_variance"])],

@@ -63,6 +63,11 @@ def test_each_rl_stage_says_what_its_kl_is():
     assert titles == {"ppo": "KL from reference, nats per response (k1 sum)",
                       "grpo": "KL from reference, nats per token (k3 mean)",
                       "rloo": "KL from reference, nats per token (k1 mean)"}
+    # PPO's KL coefficient is no KL: plotted on a nats axis, beta ~0.05 is a flat line at its floor
+    for stage in ("ppo", "grpo", "rloo"):
+        for title, keys in PLOTS[stage]:
+            assert "nats" not in title or keys == ["kl"], (stage, title, keys)
+    assert ("KL coefficient β (reward per nat)", ["kl_coef"]) in PLOTS["ppo"]
     assert glance("merge", {"metrics": {}}) == [] and glance("sft", {}) == []
 
 
