@@ -34,7 +34,8 @@ PLOTS: dict[str, list[tuple[str, list[str]]]] = {
     "reward": [("Loss", ["loss", "eval_loss"]), ("Accuracy", ["accuracy", "eval_accuracy"])],
     "dpo": [("Loss", ["loss", "eval_loss"]),
             ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
-            ("Accuracy", ["rewards/accuracies", "eval_rewards/accuracies"])],
+            # TRL's figures: each logged point a mean of per-batch means (the manifest's held-out accuracy is over pairs)
+            ("Accuracy (TRL: mean of per-batch means)", ["rewards/accuracies", "eval_rewards/accuracies"])],
     "ppo": [("Reward", ["reward/mean"]), ("KL from reference, nats per response (k1 sum)", ["kl"]),
             # beta weighs nats against the score: a coefficient, not nats, so on an axis of its own
             ("KL coefficient β (reward per nat)", ["kl_coef"]),
@@ -391,10 +392,16 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
             out.append(f"worst probe {gate['edit']}: {gate['rate']:.0%} of pairs flip")
         out.append(_steps(m))
     elif kind == "dpo":
-        accuracy, margin = _num(m, "eval_rewards/accuracies"), _num(m, "eval_rewards/margins")
+        accuracy, margin = _num(m, "heldout_accuracy"), _num(m, "heldout_reward_margin")
+        pairs, prompts = _num(m, "heldout_pairs"), _num(m, "heldout_prompts")
         if accuracy is not None:
-            out.append(f"held-out preference accuracy {accuracy:.1%}"
+            out.append(f"held-out preference accuracy {accuracy:.1%}" + _interval(m.get("heldout_accuracy_ci"))
+                       + (f" on {pairs:.0f} pairs" if pairs is not None else "")
+                       + (f" from {prompts:.0f} prompts" if prompts is not None else "")
                        + (f" (implicit reward margin {margin:.3f})" if margin is not None else ""))
+        elif _num(m, "eval_rewards/accuracies") is not None:  # a manifest from before the figures over pairs
+            out.append(f"held-out preference accuracy {_num(m, 'eval_rewards/accuracies'):.1%} (TRL's mean of "
+                       "per-batch means, not over pairs)")
         out.append(_steps(m))
     elif kind in ("ppo", "grpo", "rloo"):
         first, last = _num(m, "reward_mean_first"), _num(m, "reward_mean") if kind == "ppo" else _num(m, "reward")

@@ -60,11 +60,13 @@ from alignment.preflight import check_stage
 from alignment.reward_model import probe_warning
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
 from alignment.training import (
+    HeldoutPairs,
     MetricsJSONL,
     ThisRunsRate,
     UniqueRows,
     distinct_rows_metrics,
     final_eval,
+    heldout_preferences,
     ranking_dataloader,
     resume_checkpoint,
     train_loss,
@@ -82,11 +84,15 @@ class AlignDPOTrainer(DPOTrainer):
     distinct responses, and the forward passes that cost the step halve. The loss, its gradients
     and every logged figure are those of running each row (alignment.training.UniqueRows, which
     expands TRL's per-token outputs back to the rows).
+
+    Each evaluation also records every held-out pair's log-probs (alignment.training.HeldoutPairs): TRL's
+    eval figures are means of per-batch means; the manifest's are over the pairs.
     """
 
     def __init__(self, *args, group_by_ranking: bool = False, **kwargs):
         self.group_by_ranking = group_by_ranking
         self.rows_seen = self.rows_run = 0  # rows of the batches (2 per pair) and distinct ones the model ran
+        self.heldout = HeldoutPairs()  # each held-out pair's log-probs, from the last evaluation (TRL's: per batch)
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -100,8 +106,14 @@ class AlignDPOTrainer(DPOTrainer):
         return ranking_dataloader(self, ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps",
                                          "ref_rejected_logps"])
 
+    def evaluate(self, *args, **kwargs):
+        with self.heldout.evaluation():
+            return super().evaluate(*args, **kwargs)
+
     def _compute_loss(self, model, inputs, return_outputs):
-        with UniqueRows.patched(self.accelerator.unwrap_model(self.model)) as unique:
+        peft_model = self.accelerator.unwrap_model(self.model)
+        with UniqueRows.patched(peft_model) as unique, \
+                self.heldout.batch(peft_model, inputs, self.accelerator.gather_for_metrics):
             result = super()._compute_loss(model, inputs, return_outputs)
         if self.model.training:
             self.rows_seen += unique.rows
@@ -296,16 +308,10 @@ def main(cfg: DPOStageConfig) -> Path:
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))
     if test is not None:
-        metrics.update(final_eval(trainer))  # the trainer's own last evaluation when it made one
-        # The policy's own log-prob margin (chosen - rejected) on held-out pairs, SFT vs now. The
-        # reference is the SFT policy and TRL's rewards are beta * (log pi - log ref), averaged
-        # like the log-probs, so the SFT's margin is exactly the policy's minus reward margin / beta.
-        margin = metrics["eval_logps/chosen"] - metrics["eval_logps/rejected"]
-        metrics["heldout_logp_margin_sft"] = margin - metrics["eval_rewards/margins"] / cfg.beta
-        metrics["heldout_logp_margin_dpo"] = margin
-        log.info("held-out: implicit reward accuracy %.3f, margin %.3f; policy log-prob margin %.2f (SFT) -> %.2f",
-                 metrics.get("eval_rewards/accuracies", float("nan")), metrics.get("eval_rewards/margins", float("nan")),
-                 metrics["heldout_logp_margin_sft"], metrics["heldout_logp_margin_dpo"])
+        # TRL's last evaluation (its loss); its rewards/* and logps/* are means of per-batch means, so the
+        # accuracy and margins are measured over the held-out pairs instead (heldout_accuracy, ...)
+        metrics.update({k: v for k, v in final_eval(trainer).items() if not k.startswith(("eval_rewards/", "eval_logps/"))})
+        metrics.update(heldout_preferences(trainer, cfg.beta))
 
     # --- save -------------------------------------------------------------------------------
     # The policy adapter alone, as peft's "default": a plain adapter folder on the SFT's base.

@@ -197,6 +197,12 @@ def test_two_processes_write_the_same_artifact_and_learn(runs, stage):
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(two))
         assert list(model.peft_config) == ["default"]
+    if stage == "dpo":  # the figures over pairs gather every rank's share, each pair once: the reference's (the SFT's)
+        # margin is TRL's at step 0, when the policy was the SFT and its 8 pairs were one step of 4 per rank
+        start = next(r for r in read_jsonl(two / "metrics.jsonl") if r["step"] == 0 and "eval_logps/chosen" in r)
+        assert manifest["metrics"]["heldout_pairs"] == 8 and manifest["metrics"]["heldout_prompts"] == 8
+        assert manifest["metrics"]["heldout_logp_margin_sft"] == pytest.approx(
+            start["eval_logps/chosen"] - start["eval_logps/rejected"], rel=1e-3, abs=1e-2)
 
 
 @pytest.mark.distributed

@@ -78,7 +78,9 @@ def test_dpo_raises_the_heldout_margin_and_saves_a_plain_adapter(dpo_run, sft_di
 
     out, data = dpo_run
     metrics = json.loads((out / "align.json").read_text())["metrics"]
-    assert metrics["eval_rewards/margins"] > 0 and metrics["eval_rewards/accuracies"] >= 0.75, metrics
+    assert metrics["heldout_reward_margin"] > 0 and metrics["heldout_accuracy"] >= 0.75, metrics
+    assert metrics["heldout_pairs"] == 8 and len(metrics["heldout_accuracy_ci"]) == 2
+    assert not any(k.startswith(("eval_rewards/", "eval_logps/")) for k in metrics)  # TRL's per-batch means: not here
     assert metrics["heldout_logp_margin_dpo"] > metrics["heldout_logp_margin_sft"]
     rows = read_jsonl(out / "metrics.jsonl")
     assert any("rewards/chosen" in r and "rewards/rejected" in r and "rewards/margins" in r for r in rows)
@@ -109,8 +111,8 @@ def test_reference_is_the_sft_policy_in_the_cli_run(dpo_run):
     first = next(r for r in rows if r["step"] == 1 and "rewards/chosen" in r)  # before the first update
     for row, prefix in ((start, "eval_"), (first, "")):
         assert abs(row[f"{prefix}rewards/chosen"]) < 1e-4 and abs(row[f"{prefix}rewards/rejected"]) < 1e-4, row
-    # The SFT's held-out margin in the manifest (derived from the final eval through beta) is
-    # the one measured at step 0, when the policy was the SFT adapter.
+    # The SFT's held-out margin in the manifest (the reference's, measured after training) is the policy's
+    # at step 0, when the policy was the SFT adapter (8 held-out pairs: one batch, so TRL's mean is over pairs).
     metrics = json.loads((out / "align.json").read_text())["metrics"]
     measured = start["eval_logps/chosen"] - start["eval_logps/rejected"]
     assert metrics["heldout_logp_margin_sft"] == pytest.approx(measured, rel=1e-3, abs=1e-2)
@@ -148,6 +150,61 @@ def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, t
     assert torch.allclose(ref, sft_logps, atol=1e-3), (ref, sft_logps)
     # The SFT adapter moves these log-probs by whole nats: a base reference could not pass the line above.
     assert (sft_logps - base_logps).abs().mean() > 1.0, (sft_logps, base_logps)
+
+
+def test_heldout_figures_are_over_pairs_in_uneven_batches(sft_dir, tiny_model, tmp_path):
+    """7 held-out pairs as eval batches of 3, 3 and 1, the policy adapter moved off the SFT's: TRL's evaluation
+    records each pair's log-probs, the policy's and the reference's (as computed here without TRL), in the
+    dataset's order; TRL's eval_rewards/* are the means of the batch means of those same pairs, the figures over
+    pairs are not."""
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.preferences import load_preferences
+    from alignment.training import heldout_preferences
+    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+
+    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
+                                             "train.batch_size=3", *FAST])
+    model_cfg = replace(cfg.model, name=tiny_model)
+    plan = device_plan(model_cfg)
+    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": [POLITE, RUDE][i % 2].format(t=TOPICS[i]),
+             "rejected": [RUDE, POLITE][i % 2].format(t=TOPICS[i])} for i in range(10)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0.7)
+    test = data["test"]
+    assert len(test) == 7
+    tokenizer = load_tokenizer(str(sft_dir))
+    trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, True),
+                              train_dataset=data["train"], eval_dataset=test, processing_class=tokenizer)
+    model = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():  # the policy away from the reference, so that some pairs are right and some wrong
+        for name, param in model.named_parameters():
+            if "lora_B.default" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    trl = trainer.evaluate()
+    chosen, rejected, ref_chosen, ref_rejected = trainer.heldout.last
+
+    model.eval()
+    for adapter, (c, r) in (("default", (chosen, rejected)), ("ref", (ref_chosen, ref_rejected))):
+        model.set_adapter(adapter)
+        for i, row in enumerate(test):
+            assert c[i] == pytest.approx(completion_logp(model, tokenizer, row["prompt"], row["chosen"]), abs=1e-3)
+            assert r[i] == pytest.approx(completion_logp(model, tokenizer, row["prompt"], row["rejected"]), abs=1e-3)
+    model.set_adapter("default")
+
+    gaps = [0.1 * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected, strict=True)]
+    right = [float(g > 0) for g in gaps]
+
+    def batch_mean(values):
+        return sum(sum(b) / len(b) for b in (values[:3], values[3:6], values[6:])) / 3
+
+    assert trl["eval_rewards/accuracies"] == pytest.approx(batch_mean(right), abs=1e-6)
+    assert trl["eval_rewards/margins"] == pytest.approx(batch_mean(gaps), abs=1e-4)
+    figures = heldout_preferences(trainer, cfg.beta)
+    assert 0 < sum(right) < 7 and batch_mean(right) != pytest.approx(sum(right) / 7), right
+    assert figures["heldout_accuracy"] == pytest.approx(sum(right) / 7)
+    assert figures["heldout_reward_margin"] == pytest.approx(sum(gaps) / 7)
+    assert (figures["heldout_pairs"], figures["heldout_prompts"]) == (7, 7)
 
 
 def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_dir, tiny_model, tmp_path):

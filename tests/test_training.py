@@ -12,7 +12,7 @@ import pytest
 
 from alignment.config import ConfigError, PPOStageConfig, SFTStageConfig, load_config
 from alignment.modeling import device_plan
-from alignment.training import final_eval, resume_checkpoint, trl_args
+from alignment.training import final_eval, preference_figures, resume_checkpoint, trl_args
 
 
 @pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig", "DPOConfig", "GRPOConfig", "RLOOConfig"])
@@ -76,6 +76,35 @@ def test_final_eval_reuses_the_trainers_evaluation_of_the_model_it_ended_with():
     assert final_eval(trainer(False, None, history)) == {"eval_loss": 0.6, "eval_acc": 0.7}  # the last step's
     assert not calls
     assert final_eval(trainer(False, None, history[:2])) == {"eval_loss": 9.0} and calls == [1]  # none logged
+
+
+def test_dpo_heldout_figures_count_each_pair_once():
+    """The quickstart's case: 27 held-out pairs evaluated as batches of 12, 12 and 3, right on 9, 6 and 3 of them.
+    TRL's mean of per-batch means says 75.0 % (the last 3 pairs weigh as much as 12); over pairs it is 18/27."""
+    right = [True] * 9 + [False] * 3 + [True] * 6 + [False] * 6 + [True] * 3
+    # policy log-probs move the chosen answer up by 2 nats where right, down by 1 where wrong; the reference's
+    # (the SFT's) margin is 0.5 everywhere
+    chosen = [-10.0 + (2.0 if r else -1.0) for r in right]
+    rejected = [-10.5] * 27
+    ref_chosen, ref_rejected = [-10.0] * 27, [-10.5] * 27
+    groups = [f"prompt {i // 5}" for i in range(27)]  # 6 prompts: 5 pairs each, the last 2
+    figures = preference_figures(chosen, rejected, ref_chosen, ref_rejected, groups=groups, beta=0.1)
+    batch_means = [sum(b) / len(b) for b in (right[:12], right[12:24], right[24:])]
+    assert sum(batch_means) / 3 == pytest.approx(0.75)  # what TRL reports
+    assert figures["heldout_accuracy"] == pytest.approx(18 / 27)
+    assert figures["heldout_reward_margin"] == pytest.approx(0.1 * (18 * 2.0 - 9 * 1.0) / 27)
+    assert figures["heldout_logp_margin_sft"] == pytest.approx(0.5)
+    assert figures["heldout_logp_margin_dpo"] == pytest.approx(0.5 + (18 * 2.0 - 9 * 1.0) / 27)
+    assert (figures["heldout_pairs"], figures["heldout_prompts"], figures["heldout_ties"]) == (27, 6, 0)
+    lo, hi = figures["heldout_accuracy_ci"]
+    assert 0 < lo < 18 / 27 < hi < 1
+    # A tie an export kept has no right answer: in no figure
+    tied = preference_figures(chosen, rejected, ref_chosen, ref_rejected, groups=groups, beta=0.1,
+                              ties=[i >= 24 for i in range(27)])
+    assert tied["heldout_accuracy"] == pytest.approx(15 / 24) and (tied["heldout_pairs"], tied["heldout_ties"]) == (24, 3)
+    none = preference_figures(chosen[:2], rejected[:2], ref_chosen[:2], ref_rejected[:2], groups=groups[:2], beta=0.1,
+                              ties=[True, True])
+    assert none["heldout_accuracy"] is None and none["heldout_ties"] == 2
 
 
 def test_grpo_maps_the_rl_keys(tmp_path):
