@@ -229,10 +229,12 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 
     The batch and each answer carry the policy's version (policy_version): a policy trained again gets
     new tasks with its new answers, and the board counts only verdicts on the policies as they are now
-    (those on an earlier version are counted apart, as `stale_comparisons`)."""
+    (those on an earlier version are counted apart, as `stale_comparisons`). A policy this eval does not
+    load is as its run's stage folder (<run.dir>/ppo, ...) holds it now; with no such folder, its verdicts are
+    stale too: nothing says they judge a policy that still exists."""
     from labeling.store import Store
 
-    versions = versions or {}
+    versions = dict(versions or {})
     store = Store(store_url(None, cfg.run.dir))
     added = 0
 
@@ -247,12 +249,18 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
                  for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
         source = {"stage": "eval", "system_prompts": {n: (system_prompts or {}).get(n) for n in (name, cfg.baseline)}}
         added += store.add_tasks(f"eval-{tag(name)}-vs-{tag(cfg.baseline)}", items, source=source, kind="pairwise")
+    def version_now(name: str) -> str | None:  # None: unknown, every verdict on it counts (a policy of this eval)
+        if name not in responses and name not in versions:
+            folder = stage_dir(cfg.run.dir, name) if name in stages_of_kind("policy") else None
+            versions[name] = policy_version(folder) if folder and is_adapter_dir(folder) else "(not in the run)"
+        return versions.get(name)
+
     comparisons, prompts_of, stale = [], [], 0
     for row in store.submitted_rankings():
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
             continue
         metas = [r["meta"] for r in row["responses"]]
-        if any(versions.get(m["policy"]) and m.get("version") != versions[m["policy"]] for m in metas):
+        if any(version_now(m["policy"]) and m.get("version") != version_now(m["policy"]) for m in metas):
             stale += 1  # a verdict on answers of a policy since trained again
             continue
         (a, b), (ra, rb) = [m["policy"] for m in metas], row["ranks"]

@@ -5,6 +5,7 @@ interval above 1/2, and KL from the baseline must be measured and positive."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,39 @@ def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
     assert "leaderboard" not in retrained  # no verdict yet on the dpo that is there now
     shown = [t["responses"] for t in store.batch_tasks("eval-dpo@v2-vs-sft@s1")]
     assert len(shown) == 2
+
+
+def test_verdicts_on_a_policy_this_eval_does_not_load_follow_its_folder(tmp_path):
+    """ppo's A/B verdicts stay on the board of an eval without ppo while <run.dir>/ppo holds the version judged;
+    once ppo/ is trained again (or gone), they are stale, as docs/labeling.md says, not counted as ppo's."""
+    from alignment.config import EvalStageConfig, RunConfig
+    from labeling import handlers
+    from labeling.store import Store
+    from recipes.evaluate import human_eval, policy_version
+
+    cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), baseline="sft")
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "adapter_config.json").write_text("{}")
+    (ppo / "align.json").write_text(json.dumps({"stage": "ppo", "created": "first"}))
+    prompts = ["How do I sync?", "Where is export?"]
+    human_eval(cfg, prompts, {"ppo": ["Ppo 1.", "Ppo 2."], "sft": ["Sft 1.", "Sft 2."]},
+               versions={"ppo": policy_version(ppo), "sft": "s1"})
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("ann", "secret-pw")
+    ann = handlers.sign_in(store, "ann", "secret-pw")
+    while (task := handlers.next_task(store, ann)) and task.get("task_id"):
+        handlers.submit(store, ann, task["task_id"], verdict="A")
+
+    def board_without_ppo() -> dict:
+        return human_eval(cfg, prompts, {"dpo": ["Dpo 1.", "Dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
+                          versions={"dpo": "d1", "sft": "s1"})
+
+    same = board_without_ppo()
+    assert same["comparisons"] == 2 and same["stale_comparisons"] == 0
+    assert {row["policy"] for row in same["leaderboard"]} == {"ppo", "sft"}
+    (ppo / "align.json").write_text(json.dumps({"stage": "ppo", "created": "again"}))  # ppo trained again
+    retrained = board_without_ppo()
+    assert retrained["comparisons"] == 0 and retrained["stale_comparisons"] == 2 and "leaderboard" not in retrained
+    shutil.rmtree(ppo)
+    assert board_without_ppo()["stale_comparisons"] == 2
