@@ -168,7 +168,12 @@ def bradley_terry_ci(comparisons: Sequence[tuple[str, str, float]], *, groups: S
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams / all n-grams over every response of a policy (Li et al. 2016)."""
+    """Distinct n-grams / all n-grams, over every response of a policy (whitespace words): 1 when no n-gram
+    repeats, anywhere. Li et al. (2016), who named distinct-n, divide by the number of words instead; the same
+    for n = 1, and for n > 1 theirs is lower by the share of words that start no n-gram (the last n-1 of each
+    response), so it falls for short responses that repeat nothing. Dividing by the n-grams, as most
+    implementations do, keeps 1 for "no repeats" at any length: eval compares policies whose answers differ
+    in length."""
     grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 

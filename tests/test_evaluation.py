@@ -119,7 +119,8 @@ def test_bradley_terry_interval_is_anchored_to_the_baseline():
 
 def test_distinct_n_and_repetition():
     assert ev.distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
-    assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)  # 3 distinct of 4 bigrams (of 6 words)
+    assert ev.distinct_n(["a b"], 2) == 1.0  # no bigram repeats: 1 (Li et al.'s words denominator: 1/2)
     assert ev.repetition("one two three four five") == 0.0
     assert ev.repetition("a b c d a b c d a b c d") == pytest.approx(1 - 4 / 9)
 
