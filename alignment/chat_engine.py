@@ -144,6 +144,7 @@ class ChatEngine:
     def load(cls, models: dict[str, Path], base: str, cfg) -> ChatEngine:
         """The base once, as the device plan says, then each adapter with peft's load_adapter."""
         from alignment.artifacts import system_prompt_of
+        from alignment.cpu import keep_4bit_for_dora
         from alignment.modeling import device_plan, load_base_model, load_tokenizer
 
         plan = device_plan(cfg.model)
@@ -164,6 +165,7 @@ class ChatEngine:
                 adapters[name] = f"a{i}"
                 tokenizers[name] = load_tokenizer(str(folder))
                 system_prompts[name] = system_prompt_of(folder)
+            keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
         model.eval()
         return cls(model, tokenizers, adapters, max_prompt_tokens=cfg.limits.max_prompt_tokens,
                    max_waiting=cfg.limits.max_waiting, system_prompts=system_prompts)

@@ -25,6 +25,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from alignment.artifacts import system_prompt_of
 from alignment.config import GenerationConfig, ModelConfig
+from alignment.cpu import keep_4bit_for_dora
 from alignment.modeling import (
     DevicePlan,
     adapter_base_name,
@@ -79,6 +80,7 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
         base_name = adapter_base_name(source)
         base = load_base_model(replace(model_cfg, name=base_name), plan, training=False)
         model = PeftModel.from_pretrained(base, source)
+        keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
         if merges_exactly(model):
             # Sampling only: fold LoRA into the weights (one matmul per layer instead of three, ~15% faster
             # decoding on CPU). Only into an fp32 base: into a bf16 or 4-bit one it would round the update away.

@@ -37,6 +37,7 @@ import torch
 from alignment import StageError
 from alignment.artifacts import read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
+from alignment.cpu import keep_4bit_for_dora
 from alignment.data import with_system_prompt
 from alignment.embedded import model_key
 from alignment.evaluation import grouped_proportion_ci
@@ -104,6 +105,7 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
     model = PeftModel.from_pretrained(base, str(path))
+    keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
     if merges_exactly(model):
         model = model.merge_and_unload()  # one plain model: faster to score with (not into bf16: it rounds the update)
     else:

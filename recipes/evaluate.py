@@ -38,6 +38,7 @@ from alignment.artifacts import (
     write_manifest,
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
+from alignment.cpu import keep_4bit_for_dora
 from alignment.data import file_hash, load_prompts
 from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling, stop_ids
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
@@ -115,6 +116,7 @@ def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
     model = PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(paths[name]), adapter_name=name)
+    keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
     model.eval()
     return model, load_tokenizer(str(paths[cfg.baseline])), next(iter(bases.values()))
 

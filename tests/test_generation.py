@@ -105,3 +105,37 @@ def test_the_model_folders_decoding_settings_do_not_reach_sample_or_eval_answers
         model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_p=0.5, top_k=2)
         assert generate(policy, PROMPTS, gen, k=k) == clean
         model.generation_config.update(repetition_penalty=None, no_repeat_ngram_size=None, min_p=None, top_k=None)
+
+
+def test_a_dora_adapter_on_a_4bit_base_runs_as_trained_in_sample_eval_and_serve(tiny_model, tmp_path):
+    """bitsandbytes repacks a 4-bit layer for its AVX512-BF16 CPU kernel on the first forward without gradients;
+    peft's DoRA then dequantizes the repacked layout as a plain one for its weight norm, and the model answers with
+    other logits than training computed (alignment.cpu.keep_4bit_for_dora). Every inference loader keeps the
+    repack off under DoRA: its logits are training's, on the first forward and after it."""
+    import torch
+    from peft import PeftModel
+    from served import load_engine, random_adapter, serve_config
+
+    from alignment.config import EvalStageConfig, ModelConfig
+    from alignment.generation import load_policy
+    from alignment.modeling import device_plan, load_base_model
+    from recipes.evaluate import load_adapters
+
+    adapter = random_adapter(tiny_model, tmp_path / "run" / "sft", seed=3, dora=True)
+    cfg = ModelConfig(name=tiny_model, quantize=True)
+    plan = device_plan(cfg)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    trained = PeftModel.from_pretrained(load_base_model(cfg, plan), str(adapter)).eval()  # repack off, as trained
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    engine = load_engine(serve_config(tmp_path / "run", "model.quantize=true", "discover=false",
+                                      f"adapters={{sft: {adapter}}}"))
+    engine.model.set_adapter("a0")
+    loaded = {"sample": load_policy(adapter, cfg, plan).model,
+              "eval": load_adapters({"sft": adapter}, EvalStageConfig(model=cfg))[0],
+              "serve": engine.model}
+    for name, model in loaded.items():
+        with torch.no_grad():
+            for forward in ("first", "second"):
+                diff = (model(input_ids=ids).logits - expected).abs().max().item()
+                assert diff < 1e-4, f"{name}, {forward} forward: logits off training's by {diff:.3f}"

@@ -596,3 +596,31 @@ def test_the_policy_base_reward_reads_the_token_the_classifier_reads(tiny_model)
         ours = hidden[scored_position(ids, tokenizer.pad_token_id)] @ classifier.score.weight[0]
         assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert scored_position(text + [tokenizer.pad_token_id], tokenizer.pad_token_id) == len(text) - 1
+
+
+def test_a_dora_reward_model_on_a_4bit_base_scores_as_trained(tiny_model, tmp_path):
+    """A QLoRA+DoRA reward model loaded for scoring (PPO, eval, probes) keeps bitsandbytes' CPU repack off, as
+    training did: with it, DoRA reads the repacked 4-bit weights wrongly and the scores are another model's
+    (alignment.cpu.keep_4bit_for_dora)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.reward_model import load_reward_model, reward_base
+
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                                      use_dora=True, task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "reward")
+    load_tokenizer(tiny_model).save_pretrained(tmp_path / "reward")
+    cfg = ModelConfig(name=tiny_model, quantize=True)
+    plan = device_plan(cfg)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    trained = PeftModel.from_pretrained(reward_base(cfg, plan), str(tmp_path / "reward")).eval()  # repack off
+    loaded, _ = load_reward_model(tmp_path / "reward", plan)
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        scores = [loaded(input_ids=ids).logits for _ in range(2)]
+    assert [round((s - expected).abs().max().item(), 4) for s in scores] == [0, 0]
