@@ -208,6 +208,11 @@ class MergeStageConfig:
     adapter: str | None = None
     output: str | None = None  # default: <adapter>-merged
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The base weights the adapter is folded into. nf4: the base quantized as QLoRA training quantized it, then
+    # dequantized: the weights the adapter learnt against, so the merged model computes what training did.
+    # original: the checkpoint's own weights, without the 4-bit rounding. auto: nf4 for an adapter trained on the
+    # 4-bit base (its align.json says), else original.
+    base: Literal["auto", "nf4", "original"] = "auto"
     run: RunConfig = field(default_factory=RunConfig)
 
 

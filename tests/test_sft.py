@@ -205,17 +205,29 @@ def test_a_rerun_of_a_finished_sft_is_no_longer_marked_finished_once_it_trains(t
 
 
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
-    from peft import AutoPeftModelForCausalLM
+    """A QLoRA adapter is folded into the dequantized NF4 weights it was trained against: the merged model gives
+    the trained model's logits (the 4-bit base + the adapter), not those of the original weights + the adapter;
+    base=original folds it into the original weights, and the manifest says which."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan, load_base_model
+
     out, _ = qlora_run
-    assert align(["merge", f"adapter={out}", f"output={tmp_path / 'merged'}", "run.wandb=disabled"]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
-    adapted = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    for base in ("auto", "original"):
+        assert align(["merge", f"adapter={out}", f"output={tmp_path / base}", f"base={base}", "run.wandb=disabled"]) == 0
+    cfg = ModelConfig(name=json.loads((out / "align.json").read_text())["base_model"], quantize=True)
+    trained = PeftModel.from_pretrained(load_base_model(cfg, device_plan(cfg)), str(out)).eval()
+    original = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
-    with torch.no_grad():
-        a, b = merged(ids).logits, adapted(ids).logits
-    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    for base, reference in (("auto", trained), ("original", original)):
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / base))
+        with torch.no_grad():
+            a, b = merged(ids).logits, reference(ids).logits
+        assert torch.allclose(a, b, atol=1e-4), (base, (a - b).abs().max())
+    assert [json.loads((tmp_path / b / "align.json").read_text())["merged_into"] for b in ("auto", "original")] == [
+        "nf4", "original"]
 
 
 def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
