@@ -13,7 +13,9 @@ weights instead (base=original) it runs on weights it never saw: a QLoRA SFT ada
 embedded model went from a completion loss of 3.41 to 3.21 on its training examples and single
 logits moved by up to 24; better or worse, another model than the one trained and evaluated.
 Merging into the 4-bit weights themselves would round the adapter away: the merged model is
-saved in `dtype` and loads back with `AutoModelForCausalLM.from_pretrained(folder)`.
+saved in `dtype` and loads back with `AutoModelForCausalLM.from_pretrained(folder)`. Its
+generation_config stops at the tokenizer's EOS, the end of turn the adapter was trained to
+write, beside the base's own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from alignment import StageError
 from alignment.artifacts import print_done, read_manifest, stage_dir, system_prompt_of, write_manifest
 from alignment.config import MergeStageConfig, ModelConfig, save_config, to_dict
+from alignment.generation import stop_ids
 from alignment.modeling import (
     adapter_base_name,
     device_plan,
@@ -98,6 +101,13 @@ def main(cfg: MergeStageConfig) -> Path:
 
     # --- model → merge → save ---------------------------------------------------------------
     model, tokenizer, base_name, into = merge_adapter(adapter, getattr(torch, cfg.dtype), cfg.base)
+    # generate() stops at the folder's generation_config, the base's: for a base without a chat template whose
+    # vocabulary has <|im_end|>, load_tokenizer made that the EOS and SFT taught it, but the base's config ends at
+    # <|endoftext|> alone, and the merged model talked on past its answer.
+    stops = [tokenizer.eos_token_id] + [i for i in stop_ids(tokenizer, model.generation_config)
+                                        if i != tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("merged %s into %s", adapter, "the base's dequantized 4-bit NF4 weights, as it was trained"
              if into == "nf4" else "the base's original weights")
     model.save_pretrained(str(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,37 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
         assert torch.allclose(a, b, atol=1e-4), (base, (a - b).abs().max())
     assert [json.loads((tmp_path / b / "align.json").read_text())["merged_into"] for b in ("auto", "original")] == [
         "nf4", "original"]
+
+
+def test_the_merged_folder_stops_at_the_end_of_turn_sft_taught(tiny_model, tmp_path):
+    """A base without a chat template whose EOS is <|endoftext|> but whose vocabulary has <|im_end|> (SmolLM2's and
+    Qwen's base models): load_tokenizer makes <|im_end|> the EOS, and SFT teaches it. The merged folder's
+    generation_config, which generate() stops at, ends there too (besides the base's own), with a pad id."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from alignment.artifacts import write_manifest
+    from alignment.modeling import load_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    raw = AutoTokenizer.from_pretrained(base)
+    raw.chat_template, raw.eos_token = None, "<|endoftext|>"
+    raw.save_pretrained(base)
+    endoftext, im_end = raw.convert_tokens_to_ids("<|endoftext|>"), raw.convert_tokens_to_ids("<|im_end|>")
+    GenerationConfig(bos_token_id=raw.bos_token_id, eos_token_id=endoftext).save_pretrained(base)
+    tokenizer = load_tokenizer(str(base))
+    assert tokenizer.eos_token_id == im_end  # what SFT trains each answer to end with
+
+    adapter = tmp_path / "sft"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        adapter)
+    tokenizer.save_pretrained(adapter)
+    write_manifest(adapter, stage="sft", config={}, base_model=str(base))
+    assert align(["merge", f"adapter={adapter}", "run.wandb=disabled"]) == 0
+    merged = GenerationConfig.from_pretrained(tmp_path / "sft-merged")
+    assert merged.eos_token_id == [im_end, endoftext] and merged.pad_token_id == tokenizer.pad_token_id
 
 
 def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
