@@ -134,6 +134,7 @@ class TrainConfig:
     grad_accum: int = bounded(1, ge=1)
     # AdamW everywhere: a rate above 1 is a typo (1e3 for 1e-3), not a choice.
     lr: float = bounded(2e-4, gt=0, le=1)
+    # constant with warmup_ratio > 0 warms up first (transformers' constant ignores a warm-up: constant_with_warmup)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     # A fraction of the steps: TRL reads a warmup value >= 1 as a number of steps instead.
     warmup_ratio: float = bounded(0.05, ge=0, lt=1)

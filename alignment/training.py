@@ -54,7 +54,7 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.lr,
-        lr_scheduler_type=train.scheduler,
+        lr_scheduler_type=lr_schedule(train),
         warmup_steps=train.warmup_ratio,  # a float < 1 is a fraction of the steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
@@ -87,6 +87,28 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         ddp_find_unused_parameters=False,
     )
     return config_class(**{**shared, **stage_keys})
+
+
+def lr_schedule(train: TrainConfig) -> str:
+    """transformers' name for the schedule `train` asks for: `constant` with a warm-up is `constant_with_warmup`.
+
+    transformers' `constant` takes no warm-up and drops the one it is given without a word: train.warmup_ratio
+    (0.05 unless set) did nothing under scheduler=constant, the rate flat from the first step. A warm-up asked
+    for is one wanted (warmup_ratio=0 keeps the flat rate), so it is applied rather than refused."""
+    if train.scheduler == "constant" and train.warmup_ratio > 0:
+        log.info("train.scheduler=constant with train.warmup_ratio=%g: the rate warms up over that fraction of the "
+                 "steps, then stays constant (transformers' constant_with_warmup; warmup_ratio=0 for none)",
+                 train.warmup_ratio)
+        return "constant_with_warmup"
+    return train.scheduler
+
+
+def lr_scheduler(optimizer, train: TrainConfig):
+    """The schedule of a loop that is not a Trainer (align ppo's), as trl_args gives a Trainer: train.scheduler,
+    warmed up over train.warmup_ratio of train.max_steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(lr_schedule(train), optimizer, int(train.warmup_ratio * train.max_steps), train.max_steps)
 
 
 def final_eval(trainer: Any) -> dict[str, float]:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from alignment import StageError, report
 from alignment import rl as R
@@ -68,6 +68,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, finish_wandb, log_artifact, read_jsonl
+from alignment.training import lr_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     reward, gate_figures, rm = R.make_reward(cfg, model, sft)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(cfg.train.scheduler, optimizer, int(cfg.train.warmup_ratio * cfg.train.max_steps),
-                              cfg.train.max_steps)
+    scheduler = lr_scheduler(optimizer, cfg.train)
     kl_ctl = R.kl_controller(cfg.rl.kl_control, cfg.rl.kl_coef, cfg.rl.kl_target, cfg.rl.kl_horizon)
 
     start = 0

@@ -288,3 +288,33 @@ def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
         resume_checkpoint(tmp_path, None, trained_on={**inputs, "settings": settings})  # the record back
         (tmp_path / "checkpoints" / "checkpoint-4").mkdir(exist_ok=True)
         (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+
+
+def test_a_constant_schedule_warms_up_when_a_warmup_is_asked_for(tmp_path):
+    """transformers' `constant` schedule takes no warm-up and ignores one given: train.warmup_ratio=0.5 gave a flat
+    rate from the first step. With a warm-up asked for it is constant_with_warmup, in a Trainer's schedule (as the
+    Trainer builds it from trl_args) and in align ppo's own loop; without one the rate stays flat."""
+    import torch
+    import trl
+    from transformers import get_scheduler
+
+    from alignment.training import lr_scheduler
+
+    def rates(overrides: list[str]) -> list[list[float]]:
+        cfg = load_config(SFTStageConfig, None, ["train.max_steps=4", "train.lr=1e-3", "train.scheduler=constant",
+                                                 "run.wandb=disabled", *overrides])
+        args = trl_args(trl.SFTConfig, cfg.train, device_plan(cfg.model), cfg.run, "sft", tmp_path, has_eval=False)
+        schedules = []
+        for build in (lambda opt: get_scheduler(args.lr_scheduler_type, opt, args.get_warmup_steps(4), 4),  # Trainer's
+                      lambda opt: lr_scheduler(opt, cfg.train)):  # ppo's
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+            scheduler, seen = build(optimizer), []
+            for _ in range(4):
+                seen.append(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+            schedules.append(seen)
+        return schedules
+
+    assert rates(["train.warmup_ratio=0.5"]) == [[0.0, 5e-4, 1e-3, 1e-3]] * 2
+    assert rates(["train.warmup_ratio=0"]) == [[1e-3] * 4] * 2
