@@ -302,6 +302,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         **({"base_model_fingerprint": model_fingerprint(base_model)} if local else {}),
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
+        "cwd": os.getcwd(),  # where the stage ran: a relative path in its config is relative to it (parent_path)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"seconds": round(time.time() - _started[-1], 1)} if _started else {}),  # started by run_stage
         "config": config,
@@ -342,17 +343,39 @@ def system_prompt_of(folder: str | Path | None) -> str | None:
         if manifest.get("stage") not in (*stages_of_kind("policy"), "merge"):
             return None  # e.g. a reward model from before: it was trained without its SFT's system prompt
         parents = manifest.get("parents") or {}
-        folder = next((parents[k]["path"] for k in ("sft", "policy", "adapter") if k in parents), None)
+        folder = next((parent_path(parents[k]["path"], folder, manifest) for k in ("sft", "policy", "adapter")
+                       if k in parents), None)
     return None
 
 
 def _parent(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    info: dict[str, Any] = {"path": str(path)}
+    # Absolute: a report built from another directory reads it as the stage did (a store's URL stays as given)
+    info: dict[str, Any] = {"path": os.path.abspath(path) if Path(path).exists() else str(path)}
+    path = Path(info["path"])
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
         info.update(stage=m.get("stage"), created=m.get("created"))
     return info
+
+
+def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] | None = None) -> Path:
+    """A parent's path as `folder`'s manifest records it, wherever it is read from. Manifests written before
+    parents were recorded absolute hold them as the stage was given them (runs/quickstart/sft), relative to
+    the directory it ran in: that directory where the manifest records it (`cwd`); else the place the run
+    folder's own path says (runs/quickstart/sft beside /abs/runs/quickstart/eval: /abs/runs/quickstart/sft);
+    else a folder of that name beside `folder` or above it (a run made from inside itself, run.dir=.); else
+    as given, relative to this process's directory."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    if (manifest or {}).get("cwd"):
+        return Path(manifest["cwd"]) / path
+    above = Path(os.path.abspath(folder)).parents
+    for base in above:  # the longest run of path's first parts that ends base's
+        for k in range(min(len(base.parts) - 1, len(path.parts) - 1), 0, -1):
+            if base.parts[-k:] == path.parts[:k]:
+                return Path(*base.parts[:-k]) / path
+    return next((base / path for base in above if (base / path).exists()), path)
 
 
 # The folder of the --config this command was given (alignment.cli): the next stage's config is beside it.

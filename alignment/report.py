@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alignment.artifacts import MANIFEST, STAGES, later_rounds, stage_dir
+from alignment.artifacts import MANIFEST, STAGES, later_rounds, parent_path, stage_dir
 from alignment.tracking import read_jsonl
 
 # What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (recipes/ppo.py), k1 = log
@@ -423,8 +423,9 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
     return [part for part in out if part]
 
 
-def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
-    """What a stage measured that should be looked at before its output is used (plain text)."""
+def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) -> list[str]:
+    """What a stage measured that should be looked at before its output is used (plain text); `folder`, the
+    stage's, places the parents its manifest names relative to where the stage ran (parent_path)."""
     m = manifest.get("metrics") or {}
     found = []
     answers, cut = _num(m, "responses_sampled"), _num(m, "responses_cut")
@@ -446,15 +447,15 @@ def cautions(kind: str, manifest: dict[str, Any]) -> list[str]:
             if seen:
                 found.append(f"{name} was trained on {seen} of the {manifest.get('prompts', '?')} eval prompts")
         for name, parent in (manifest.get("parents") or {}).items():  # a policy or judge remade (or gone) since
-            folder = Path(parent.get("path", ""))
             if not parent.get("created"):
                 continue
+            where = parent_path(parent.get("path", ""), folder or Path.cwd(), manifest)
             try:
-                now = json.loads((folder / MANIFEST).read_text()).get("created")
+                now = json.loads((where / MANIFEST).read_text()).get("created")
             except (OSError, ValueError):
                 now = None
             if now != parent["created"]:
-                found.append(f"eval measured {name} as it was at {parent['created']}; {folder} "
+                found.append(f"eval measured {name} as it was at {parent['created']}; {where} "
                              + ("is gone" if now is None else f"was made again at {now}")
                              + ": its figures are not this one's until align eval runs again")
     return found
@@ -475,7 +476,7 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
         manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
         try:
-            figures, found = glance(kind, manifest), cautions(kind, manifest)
+            figures, found = glance(kind, manifest), cautions(kind, manifest, folder)
         except (KeyError, TypeError, ValueError, IndexError):  # a manifest of another align version: its section says it
             figures, found = [], []
         figures = figures or ["—"]  # or a folder it has no figures for (align merge's)
@@ -567,7 +568,8 @@ def write_report(run_dir: str | Path) -> Path:
         return run_dir / "report.html"
     sections = finished_sections(run_dir)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
-    bodies, mds, shown = [], [f"# align run: {run_dir.name}\n", _headline_md(run_dir), glance_md], []
+    name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m alignment.report .` names the folder, not ""
+    bodies, mds, shown = [], [f"# align run: {name}\n", _headline_md(run_dir), glance_md], []
     for stage, folder in sections:
         section = stage_section(stage, run_dir / folder)
         if section:
@@ -587,8 +589,8 @@ def write_report(run_dir: str | Path) -> Path:
         mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(run_dir.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>align run: {html.escape(run_dir.name)}</h1>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>align run: {html.escape(name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{top}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
     out.write_text(page)

@@ -28,6 +28,7 @@ from alignment import StageError
 from alignment import evaluation as ev
 from alignment import report as report_module
 from alignment.artifacts import (
+    parent_path,
     print_done,
     read_manifest,
     shell,
@@ -65,8 +66,8 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
         if manifest.get("stage") == "sft":
             found |= set(load_prompts(config["data"]["path"]))
         elif manifest.get("stage") == "dpo" and "preferences" in parents:
-            data, _ = load_preferences(parents["preferences"]["path"], test_fraction=config["data"]["test_fraction"],
-                                       seed=config["train"]["seed"])
+            data, _ = load_preferences(str(parent_path(parents["preferences"]["path"], folder, manifest)),
+                                       test_fraction=config["data"]["test_fraction"], seed=config["train"]["seed"])
             found |= {m["content"] for row in data["train"]["prompt"] for m in row if m["role"] == "user"}
         elif config.get("prompts"):  # PPO, GRPO, RLOO: the first num_prompts (-1: all) of its prompts
             used = load_prompts(config["prompts"])
@@ -75,7 +76,7 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
         log.debug("prompts of %s not read: %s", folder, err)
     for parent in parents.values():
         if isinstance(parent, dict) and parent.get("stage") in stages_of_kind("policy"):
-            found |= trained_prompts(Path(parent["path"]), seen)
+            found |= trained_prompts(parent_path(parent["path"], folder, manifest), seen)
     return found
 
 

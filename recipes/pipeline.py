@@ -38,6 +38,7 @@ from alignment import report as report_module
 from alignment.artifacts import (
     MANIFEST,
     model_fingerprint,
+    parent_path,
     pipeline_stages,
     print_done,
     round_batch,
@@ -106,7 +107,7 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     if rankings is not None and m.get("rankings_sha256") != rankings:
         return False
     for parent in m.get("parents", {}).values():
-        upstream = Path(parent["path"]) / MANIFEST
+        upstream = parent_path(parent["path"], folder, m) / MANIFEST
         if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
             return False
     for path, sha in _inputs(m):

@@ -215,3 +215,47 @@ def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
     assert any(f"{run / 'sft'} is gone" in c for c in found)
     evaluated["parents"]["dpo"]["created"] = "2026-12-02T09:00:00+0000"
     assert not any("dpo" in c for c in cautions("eval", evaluated))
+
+
+def test_relative_parent_paths_are_read_where_the_run_was_made(tmp_path, monkeypatch):
+    """A manifest from before parents were recorded absolute holds them as the stage was given them
+    (runs/quickstart/sft, relative to where it ran): a report built from elsewhere found them "gone"."""
+    run = tmp_path / "work" / "runs" / "quickstart"
+    for folder, manifest in [("sft", SFT), ("dpo", DPO)]:
+        write(run, folder, {**manifest, "created": f"2026-12-02T0{len(folder)}:00:00+0000"})
+    parents = {"sft": {"path": "runs/quickstart/sft", "created": "2026-12-02T03:00:00+0000"},
+               "dpo": {"path": "runs/quickstart/dpo", "created": "2026-12-02T03:00:00+0000"}}
+    write(run, "eval", {**EVAL, "parents": parents})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert "gone" not in write_report(run).read_text() and "gone" not in (run / "report.md").read_text()
+    (run / "dpo" / MANIFEST).unlink()  # one that is gone is said to be, where it was
+    assert f"{run / 'dpo'} is gone" in glance_text(run)
+    # a manifest that records the directory its stage ran in is read from there
+    write(tmp_path / "other" / "runs" / "quickstart", "dpo", {**DPO, "created": "2026-12-02T03:00:00+0000"})
+    (run / "eval" / MANIFEST).write_text(json.dumps({**EVAL, "parents": parents, "cwd": str(tmp_path / "other")}))
+    assert "dpo" not in glance_text(run).split("Look at")[-1]
+    # and `python -m alignment.report .` from inside the run is titled by the run's name, not ""
+    monkeypatch.chdir(run)
+    page = write_report(".").read_text()
+    assert "<h1>align run: quickstart</h1>" in page and (run / "report.md").read_text().startswith("# align run: quickstart\n")
+
+
+def test_new_manifests_record_their_parents_absolute(tmp_path, monkeypatch):
+    from alignment.artifacts import parent_path, write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "runs" / "x", "sft", SFT)
+    write_manifest("runs/x/dpo", stage="dpo", config={}, base_model=None,
+                   parents={"sft": "runs/x/sft", "store": "sqlite:///runs/x/labels.db"})
+    m = json.loads((tmp_path / "runs" / "x" / "dpo" / MANIFEST).read_text())
+    assert m["parents"]["sft"]["path"] == str(tmp_path / "runs" / "x" / "sft") and m["cwd"] == str(tmp_path)
+    assert m["parents"]["store"]["path"] == "sqlite:///runs/x/labels.db"  # a URL as given
+    # the forms parent_path reads: absolute, recorded cwd, the run folder's own path, a folder beside it
+    folder = Path("/abs/runs/x/eval")
+    assert parent_path("/a/sft", folder) == Path("/a/sft")
+    assert parent_path("runs/x/sft", folder, {"cwd": "/made/here"}) == Path("/made/here/runs/x/sft")
+    assert parent_path("runs/x/sft", folder) == Path("/abs/runs/x/sft")
+    assert parent_path("x/sft", folder) == Path("/abs/runs/x/sft")
+    assert parent_path("sft", tmp_path / "runs" / "x" / "dpo") == tmp_path / "runs" / "x" / "sft"
