@@ -428,6 +428,11 @@ def _step(path: Path) -> int | None:
     return int(step) if path.is_dir() and not path.name.startswith("abandoned-") and step.isdigit() else None
 
 
+def checkpoint_steps(folder: str | Path) -> list[int]:
+    """The steps of the checkpoints a stage folder holds (<folder>/checkpoints), in order; [] for none."""
+    return sorted(_step(p) or 0 for p in _checkpoints(Path(folder) / "checkpoints"))
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     """The checkpoint-N (step-N) folders in `folder`; none where it does not exist."""
     return [p for p in folder.iterdir() if _step(p) is not None] if folder.is_dir() else []
@@ -658,9 +663,24 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
     try:
         yield
     except BaseException:
-        if is_main_process():
-            _discard(run_dir, outputs, before, existed, command)
+        if is_main_process() and _discard(run_dir, outputs, before, existed, command):
+            _rebuild_reports(run_dir)
         raise
+
+
+def _rebuild_reports(run_dir: Path) -> None:
+    """The reports in run_dir and its rounds rebuilt after a failure changed which folders are finished: left as
+    they were, they showed a stage (and eval's verdict on it) whose manifest is gone. Never at the cost of the
+    failure's own message: a report that cannot be built says so in a line."""
+    from alignment.report import write_report
+
+    for folder in (run_dir, *later_rounds(run_dir)):
+        if (folder / "report.html").is_file():
+            try:
+                write_report(folder)
+            except Exception as err:  # noqa: BLE001 - the stage's own error is the one to see
+                log.warning("%s not rebuilt after the failure (%s): python -m alignment.report %s rebuilds it",
+                            folder / "report.html", err, shell(folder))
 
 
 def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
@@ -685,9 +705,12 @@ def _signature(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path],
-             command: str | None) -> None:
+             command: str | None) -> bool:
+    """Tidies up after a failure; True when a folder a report shows changed: one kept unfinished (for its
+    checkpoints) or a finished one that is finished no more."""
     import shutil
 
+    changed = False
     for folder in _stage_folders(run_dir, outputs):
         if _held_elsewhere(folder):  # a stage another process runs beside this one (reward beside dpo): its own
             continue
@@ -695,29 +718,32 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
             if (folder / MANIFEST).is_file():
                 continue  # finished by this run (a pipeline stage before the one that failed)
             if _checkpoints(folder / "checkpoints"):
+                changed = True
                 log.warning("kept %s: unfinished (no %s) but it holds checkpoints; %s continues from them",
-                            folder, MANIFEST, _resume_key(folder, command))
+                            folder, MANIFEST, resume_key(folder, command))
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.warning("removed %s: the failed run left it unfinished (no %s)", folder, MANIFEST)
             continue
         old = before[folder]
         now = _signature(folder)
+        changed |= bool(old) and (now != old or not now)
         if old and now.get(MANIFEST) == old.get(MANIFEST) and now != old:
             (folder / MANIFEST).unlink()
             log.warning("%s: the failed run began to rewrite this artifact; its %s is removed, so no later stage "
                         "takes it as finished", folder, MANIFEST)
         elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
             log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
-                        "%s continues from them", folder, MANIFEST, _resume_key(folder, command))
+                        "%s continues from them", folder, MANIFEST, resume_key(folder, command))
     for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made
             (parent / LOCK).unlink(missing_ok=True)
             parent.rmdir()
+    return changed
 
 
-def _resume_key(folder: Path, command: str | None) -> str:
+def resume_key(folder: Path, command: str | None) -> str:
     """The override that resumes `folder`'s stage from its checkpoints, as `align <command>` takes it: `align
     pipeline` takes a stage's keys under the stage's name (sft.train..., ppo.train... for grpo/)."""
     key = "train.resume_from_checkpoint=latest"

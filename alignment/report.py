@@ -18,7 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alignment.artifacts import MANIFEST, STAGES, later_rounds, parent_path, stage_dir
+from alignment.artifacts import (
+    MANIFEST,
+    STAGES,
+    checkpoint_steps,
+    later_rounds,
+    parent_path,
+    resume_key,
+    stage_dir,
+)
 from alignment.tracking import read_jsonl
 
 # What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (recipes/ppo.py), k1 = log
@@ -295,16 +303,21 @@ def headline(run_dir: Path) -> str:
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
+    changed = changed_parents(m, path.parent)  # a verdict on a policy (or by a judge) remade since is not its own
     items = []
     for name, row in m.get("policies", {}).items():
         for key, value in row.items():
             if key.endswith("/win_rate"):
                 lo, hi = row[key + "_ci"]
                 verdict = "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "is not distinguishable from"
+                stale = [f"eval measured an earlier {n}; its folder {since}" for n, (_, since) in changed.items()
+                         if n in (name, m.get("baseline"), key[:-9])]
                 items.append(f"<li><b>{html.escape(name)}</b> {verdict} <b>{html.escape(m.get('baseline', ''))}</b> "
                              f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b>"
                              f"{_interval(row[key + '_ci'])}"
-                             + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "") + "</li>")
+                             + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "")
+                             + (f" · <b>caution</b>: {html.escape('; '.join(stale))}" if stale else "")
+                             + "</li>")
     return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
 
 
@@ -446,19 +459,30 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
             if seen:
                 found.append(f"{name} was trained on {seen} of the {manifest.get('prompts', '?')} eval prompts")
-        for name, parent in (manifest.get("parents") or {}).items():  # a policy or judge remade (or gone) since
-            if not parent.get("created"):
-                continue
-            where = parent_path(parent.get("path", ""), folder or Path.cwd(), manifest)
-            try:
-                now = json.loads((where / MANIFEST).read_text()).get("created")
-            except (OSError, ValueError):
-                now = None
-            if now != parent["created"]:
-                found.append(f"eval measured {name} as it was at {parent['created']}; {where} "
-                             + ("is gone" if now is None else f"was made again at {now}")
-                             + ": its figures are not this one's until align eval runs again")
+        for name, (where, since) in changed_parents(manifest, folder).items():  # a policy or judge remade since
+            found.append(f"eval measured {name} as it was at {manifest['parents'][name]['created']}; {where} {since}"
+                         ": its figures are not this one's until align eval runs again")
     return found
+
+
+def changed_parents(manifest: dict[str, Any], folder: Path | None) -> dict[str, tuple[Path, str]]:
+    """name -> (folder, what became of it) for each parent of `manifest` (of the stage in `folder`) that is not
+    the artifact it was when the stage read it: made again, unfinished (its folder there without a manifest: a
+    rerun stopped or still running), or gone."""
+    out = {}
+    for name, parent in (manifest.get("parents") or {}).items():
+        if not isinstance(parent, dict) or not parent.get("created"):
+            continue
+        where = parent_path(parent.get("path", ""), folder or Path.cwd(), manifest)
+        try:
+            now = json.loads((where / MANIFEST).read_text()).get("created")
+        except (OSError, ValueError):
+            now = None
+        if now != parent["created"]:
+            out[name] = (where, f"was made again at {now}" if now else
+                         f"is unfinished (no {MANIFEST}: a rerun stopped, or still running)" if where.is_dir() else
+                         "is gone")
+    return out
 
 
 def _clock(seconds: Any) -> str:
@@ -473,6 +497,11 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
     """The run on one screen (html, markdown): each finished stage's outcome and wall time, then the cautions."""
     rows, md, warn = [], [], []
     for kind, folder in sections:
+        if not (folder / MANIFEST).is_file():  # kept for its checkpoints (finished_sections(unfinished=True))
+            said = resume_note(kind, folder)
+            rows.append(f"<tr><td>{html.escape(folder.name)}</td><td></td><td>{html.escape(said)}</td></tr>")
+            md.append(f"- {folder.name}: {said}")
+            continue
         manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
         try:
@@ -544,20 +573,32 @@ section>table,section>details,table.glance{max-width:100%;overflow-x:auto;displa
 table.glance td{overflow-wrap:anywhere} .headline li{overflow-wrap:anywhere}"""
 
 
-def finished_sections(run_dir: Path) -> list[tuple[str, str]]:
+def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str, str]]:
     """(stage, folder) of every finished artifact in a run: the registry's stages in its order, then any
-    other folder with a manifest (e.g. align merge's sft-merged/)."""
+    other folder with a manifest (e.g. align merge's sft-merged/); with `unfinished`, also each folder kept
+    without one for its checkpoints (a run stopped in training, to resume)."""
     folders = {s.folder: s.name for s in STAGES.values() if s.folder}
-    found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) \
-        if run_dir.is_dir() else []
+    found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (
+        (p / MANIFEST).is_file() or unfinished and checkpoint_steps(p))) if run_dir.is_dir() else []
     return [(name, folder) for folder, name in folders.items() if folder in found] + \
         [(folder, folder) for folder in found if folder not in folders]
+
+
+def resume_note(stage: str, folder: Path) -> str:
+    """What a folder kept without its manifest for its checkpoints is (a run stopped in training), and the key
+    that resumes it: as `align <stage>` takes it, and as `align pipeline` does (resume_key)."""
+    spec = STAGES.get(stage)
+    command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
+        f"align {stage}"
+    said = (f"unfinished (no {MANIFEST}; checkpoints to step {checkpoint_steps(folder)[-1]}): resume with "
+            f"{command} ... {resume_key(folder, None)}")
+    return said + (f" (align pipeline ... {resume_key(folder, 'pipeline')})" if spec else "")
 
 
 def glance_text(run_dir: str | Path) -> str:
     """The report's first screen as text for a terminal: each stage's outcome, then the cautions."""
     run_dir = Path(run_dir)
-    return at_a_glance([(stage, run_dir / folder) for stage, folder in finished_sections(run_dir)])[1]
+    return at_a_glance([(stage, run_dir / folder) for stage, folder in finished_sections(run_dir, unfinished=True)])[1]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -566,7 +607,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not is_main_process():
         return run_dir / "report.html"
-    sections = finished_sections(run_dir)
+    sections = finished_sections(run_dir, unfinished=True)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
     name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m alignment.report .` names the folder, not ""
     bodies, mds, shown = [], [f"# align run: {name}\n", _headline_md(run_dir), glance_md], []

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from alignment.artifacts import MANIFEST
 from alignment.report import cautions, glance, glance_text, write_report
 
@@ -230,7 +232,9 @@ def test_relative_parent_paths_are_read_where_the_run_was_made(tmp_path, monkeyp
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert "gone" not in write_report(run).read_text() and "gone" not in (run / "report.md").read_text()
-    (run / "dpo" / MANIFEST).unlink()  # one that is gone is said to be, where it was
+    import shutil
+
+    shutil.rmtree(run / "dpo")  # one that is gone is said to be, where it was
     assert f"{run / 'dpo'} is gone" in glance_text(run)
     # a manifest that records the directory its stage ran in is read from there
     write(tmp_path / "other" / "runs" / "quickstart", "dpo", {**DPO, "created": "2026-12-02T03:00:00+0000"})
@@ -259,3 +263,40 @@ def test_new_manifests_record_their_parents_absolute(tmp_path, monkeypatch):
     assert parent_path("runs/x/sft", folder) == Path("/abs/runs/x/sft")
     assert parent_path("x/sft", folder) == Path("/abs/runs/x/sft")
     assert parent_path("sft", tmp_path / "runs" / "x" / "dpo") == tmp_path / "runs" / "x" / "sft"
+
+
+def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(tmp_path, caplog, monkeypatch):
+    """A finished dpo trained again loses its align.json as training starts; stopped there, its folder stays for
+    its checkpoints. The report showed the old dpo section and eval's verdict on it; a rebuilt one said "is gone"."""
+    from alignment import report
+    from alignment.artifacts import discard_unfinished
+
+    run = tmp_path / "run"
+    write(run, "sft", {**SFT, "created": "2026-12-02T07:00:00+0000"})
+    write(run, "dpo", {**DPO, "created": "2026-12-02T08:00:00+0000"})
+    write(run, "eval", {**EVAL, "parents": {"dpo": {"path": str(run / "dpo"), "created": "2026-12-02T08:00:00+0000"},
+                                            "sft": {"path": str(run / "sft"), "created": "2026-12-02T07:00:00+0000"}}})
+    assert "<section id='dpo'>" in write_report(run).read_text()
+    with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="dpo"):
+        (run / "dpo" / MANIFEST).unlink()  # begin_training
+        (run / "dpo" / "checkpoints" / "checkpoint-70").mkdir(parents=True)
+        raise KeyboardInterrupt
+    page, md = (run / "report.html").read_text(), (run / "report.md").read_text()
+    assert "<section id='dpo'>" not in page and "gone" not in md
+    resume = ("dpo: unfinished (no align.json; checkpoints to step 70): resume with align dpo ... "
+              "train.resume_from_checkpoint=latest (align pipeline ... dpo.train.resume_from_checkpoint=latest)")
+    assert f"- {resume}" in md.splitlines() and f"- {resume}" in glance_text(run).splitlines()
+    assert ("- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats · caution: "
+            "eval measured an earlier dpo; its folder is unfinished (no align.json: a rerun stopped, or still running)") in md
+    assert f"{run / 'dpo'} is unfinished (no align.json: a rerun stopped, or still running)" in md
+    # a report that cannot be built costs a line, never the failure's own error
+    (run / "dpo" / MANIFEST).write_text(json.dumps({**DPO, "created": "2026-12-02T09:00:00+0000"}))
+
+    def broken(run_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(MemoryError, match="at step 3"), discard_unfinished(run, command="dpo"):
+        (run / "dpo" / MANIFEST).unlink()
+        raise MemoryError("at step 3")
+    assert f"{run / 'report.html'} not rebuilt after the failure (disk full)" in caplog.text
