@@ -25,6 +25,7 @@ from alignment.artifacts import (
     later_rounds,
     parent_path,
     resume_key,
+    round_root,
     stage_dir,
 )
 from alignment.tracking import read_jsonl
@@ -601,6 +602,36 @@ def glance_text(run_dir: str | Path) -> str:
     return at_a_glance([(stage, run_dir / folder) for stage, folder in finished_sections(run_dir, unfinished=True)])[1]
 
 
+def stale_round(run_dir: Path) -> str | None:
+    """Why a later round's folder (round-<r>/) is not of its run as it now is: one of its stages was built on an
+    artifact outside it (an earlier round's policy, round 0's sft) made again, unfinished or gone since (a
+    pipeline rerun with fewer rounds remakes round 0 and leaves round-1/ as it was); None when each is the one
+    it read, or run_dir is no later round."""
+    if round_root(run_dir) is None:
+        return None
+    inside = run_dir.resolve()
+    for _, name in finished_sections(run_dir):
+        folder = run_dir / name
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for parent, (where, since) in changed_parents(manifest, folder).items():
+            if inside in where.resolve().parents:  # its own round's: that round's report says so
+                continue
+            owner = where.parent.name if round_root(where.parent) else "round-0"
+            return (f"{run_dir.name} is stale: its {name} was built on the {owner} {where.name} of "
+                    f"{manifest['parents'][parent]['created']}, which {since}")
+    return None
+
+
+def stale_rounds(rounds: list[Path]) -> dict[Path, str]:
+    """round -> why it is stale (stale_round), for each of `rounds` (in order) that is, or follows one that is."""
+    found: dict[Path, str] = {}
+    for r, later in enumerate(rounds):
+        why = stale_round(later) or (f"{later.name} follows {rounds[r - 1].name}, which is stale" if found else None)
+        if why:
+            found[later] = why
+    return found
+
+
 def write_report(run_dir: str | Path) -> Path:
     from alignment.artifacts import is_main_process
 
@@ -618,16 +649,23 @@ def write_report(run_dir: str | Path) -> Path:
             mds.append(section[1])
             shown.append(folder)
     rounds = [p for p in later_rounds(run_dir) if (p / "report.html").is_file()]
+    stale = stale_rounds(rounds)
+    current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
-    if rounds and headline(rounds[-1]):  # the answer is the last round's: first, and each labelled with its round
-        top = (f"<p class='meta'>{html.escape(rounds[-1].name)}, the last round:</p>{headline(rounds[-1])}"
+    if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more
+        top = f"<div class='cautions'>{html.escape(own)}</div>{top}"
+        mds[1] = f"{own}\n\n{mds[1]}"
+    if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
+        top = (f"<p class='meta'>{html.escape(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
-        mds[1] = f"{rounds[-1].name}, the last round:\n\n{_headline_md(rounds[-1])}\nround 0:\n\n{mds[1]}"
+        mds[1] = f"{current[-1].name}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
     if rounds:
-        items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>{headline(r)}</li>"
+        items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>"
+                        + (f"<p class='caution'>{html.escape(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
                         for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
-        mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" for r in rounds]
+        mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" + (f": {stale[r]}" if r in stale else "")
+                                         for r in rounds]
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(name)}</title>"

@@ -300,3 +300,31 @@ def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(
         (run / "dpo" / MANIFEST).unlink()
         raise MemoryError("at step 3")
     assert f"{run / 'report.html'} not rebuilt after the failure (disk full)" in caplog.text
+
+
+def test_a_round_built_on_a_round_0_since_remade_is_stale_not_the_last_round(tmp_path):
+    """A rounds=2 pipeline, then rounds=1 with another dpo setting: round 0's dpo and eval are remade and
+    round-1/ is left as it was. Its answer is not this run's; the report opened with it as "the last round"."""
+    run = tmp_path / "run"
+    write(run, "dpo", {**DPO, "created": "2026-12-02T09:00:00+0000"})
+    write(run, "eval", EVAL)
+    write(run / "round-1", "sample", {**SAMPLE, "parents": {
+        "policy": {"path": str(run / "dpo"), "stage": "dpo", "created": "2026-12-02T08:00:00+0000"}}})
+    later = {**EVAL, "policies": {**EVAL["policies"], "dpo": {**EVAL["policies"]["dpo"],
+                                                              "scorer:support_style/win_rate": 0.9}}}
+    write(run / "round-1", "eval", later)
+    write(run / "round-2", "eval", later)
+    for r in ("round-1", "round-2"):
+        write_report(run / r)
+    page, md = write_report(run).read_text(), (run / "report.md").read_text()
+    assert "the last round" not in page and "win-rate <b>90.0%</b>" not in page
+    why = ("round-1 is stale: its sample was built on the round-0 dpo of 2026-12-02T08:00:00+0000, which was made "
+           "again at 2026-12-02T09:00:00+0000")
+    assert f"- [round-1](round-1/report.md): {why}" in md
+    assert "- [round-2](round-2/report.md): round-2 follows round-1, which is stale" in md
+    assert (run / "round-1" / "report.md").read_text().startswith(f"# align run: round-1\n\n{why}\n")
+    # the same round on the dpo it was built on is the run's last round
+    (run / "dpo" / MANIFEST).write_text(json.dumps({**DPO, "created": "2026-12-02T08:00:00+0000"}))
+    page = write_report(run).read_text()
+    assert "round-2, the last round:" in page and "stale" not in page
+
