@@ -379,11 +379,18 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
     elif kind == "sample":
         answers, prompts, cut = _num(m, "responses_sampled"), _num(m, "new_tasks"), _num(m, "responses_cut")
         candidates = _num(m, "selection/candidates")  # selection=uncertainty: answers sampled for every candidate
+        tasks, held, held_cut = _num(m, "tasks_in_batch"), _num(m, "answers_in_batch"), _num(m, "cut_in_batch")
+        batch = f"batch {manifest.get('batch') or '?'} holds {tasks:.0f} tasks, {held:.0f} answers" \
+            + (f", {held_cut / held:.0%} cut" if held and held_cut is not None else "") if tasks and held else None
+        if not answers and batch:  # the same sample run again: nothing new, the batch as it was
+            return ["no new answers", batch]
         if answers is not None and prompts is not None:
             out.append(f"{prompts:.0f} prompts chosen from {candidates:.0f} candidates ({answers:.0f} answers sampled)"
                        if candidates else f"{answers:.0f} answers to {prompts:.0f} prompts")
         if cut and answers:
             out.append(f"{cut:.0f} ({cut / answers:.0%}) cut at max_new_tokens")
+        if batch and held != answers:  # added to a batch that held answers before
+            out.append(batch)
     elif kind == "export":
         pairs, rankings = _num(m, "pairs"), _num(m, "rankings")
         train, test = _num(m, "train_pairs"), _num(m, "test_pairs")
@@ -442,9 +449,12 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
     stage's, places the parents its manifest names relative to where the stage ran (parent_path)."""
     m = manifest.get("metrics") or {}
     found = []
-    answers, cut = _num(m, "responses_sampled"), _num(m, "responses_cut")
+    answers, cut, which = _num(m, "responses_sampled"), _num(m, "responses_cut"), "the sampled answers"
+    if _num(m, "answers_in_batch") and _num(m, "cut_in_batch") is not None:  # what the labels and training read
+        answers, cut = _num(m, "answers_in_batch"), _num(m, "cut_in_batch")
+        which = f"the answers in batch {manifest.get('batch') or '?'}"
     if kind == "sample" and answers and cut and cut / answers > 0.5:
-        found.append(f"{cut / answers:.0%} of the sampled answers were cut at max_new_tokens: raise "
+        found.append(f"{cut / answers:.0%} of {which} were cut at max_new_tokens: raise "
                      "sample.generation.max_new_tokens for answers a person can judge whole")
     r = _num(m, "length_correlation")
     if kind == "reward" and r is not None and abs(r) > 0.5:

@@ -217,6 +217,9 @@ def main(cfg: SampleStageConfig) -> Path:
     if not selector:  # this folder now describes a random selection: no uncertainty values of an earlier run
         (out / "candidates.jsonl").unlink(missing_ok=True)
     rows = store.batch_tasks(batch)
+    # The batch as export, reward and dpo will read it, whatever this call added (nothing, run again): its own
+    # answers and how many were cut, from each answer's record (one written before it recorded `finished`: not cut)
+    in_batch = [r["meta"] for row in rows for r in store.task(row["task_id"])["responses"]]
     if rows:
         from datasets import Dataset
 
@@ -229,7 +232,8 @@ def main(cfg: SampleStageConfig) -> Path:
                     100 * cut / sampled, cfg.generation.max_new_tokens)
     metrics = {"prompts": len(prompts), "new_tasks": added, "k": cfg.k, "duplicates_marked": duplicates,
                "responses_sampled": sampled, "responses_cut": cut,
-               "tasks_in_batch": len(rows),
+               "tasks_in_batch": len(rows), "answers_in_batch": len(in_batch),
+               "cut_in_batch": sum(m.get("finished") is False for m in in_batch),
                **{f"selection/{k}": v for k, v in selection.items() if isinstance(v, (int, float)) and v is not None}}
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),

@@ -253,6 +253,11 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     flags = [r["meta"]["finished"] for t in tasks for r in store.task(t["task_id"])["responses"]]
     assert len(flags) == 6 and all(isinstance(f, bool) for f in flags)
     assert manifest["metrics"]["responses_cut"] == flags.count(False) and manifest["metrics"]["responses_sampled"] == 6
+    # the same command again samples nothing; its manifest still says what the batch holds, which export reads
+    assert align(sample_args(run, "num_prompts=2", "pool_factor=4", "batch=random", "generation.seed=3")) == 0
+    again = json.loads((run / "sample" / "align.json").read_text())["metrics"]
+    assert again["responses_sampled"] == 0 and again["tasks_in_batch"] == 2
+    assert again["answers_in_batch"] == 6 and again["cut_in_batch"] == flags.count(False)
 
 
 def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch, capsys):

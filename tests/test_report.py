@@ -328,3 +328,19 @@ def test_a_round_built_on_a_round_0_since_remade_is_stale_not_the_last_round(tmp
     page = write_report(run).read_text()
     assert "round-2, the last round:" in page and "stale" not in page
 
+
+def test_the_same_sample_run_again_shows_the_batch_it_left(tmp_path):
+    """`align sample` run again adds nothing to a batch that holds every prompt: its manifest's counts are that
+    call's (0), while export, reward and dpo train on the batch's 8 tasks and 24 answers, all cut."""
+    again = {"stage": "sample", "batch": "round-0", "metrics": {
+        "new_tasks": 0, "responses_sampled": 0, "responses_cut": 0, "tasks_in_batch": 8, "answers_in_batch": 24,
+        "cut_in_batch": 24}}
+    assert glance("sample", again) == ["no new answers", "batch round-0 holds 8 tasks, 24 answers, 100% cut"]
+    assert cautions("sample", again) == ["100% of the answers in batch round-0 were cut at max_new_tokens: raise "
+                                         "sample.generation.max_new_tokens for answers a person can judge whole"]
+    more = {**again, "metrics": {**again["metrics"], "new_tasks": 2, "responses_sampled": 6, "responses_cut": 1,
+                                 "tasks_in_batch": 10, "answers_in_batch": 30, "cut_in_batch": 25}}
+    assert glance("sample", more) == ["6 answers to 2 prompts", "1 (17%) cut at max_new_tokens",
+                                      "batch round-0 holds 10 tasks, 30 answers, 83% cut"]
+    first = {**again, "metrics": {**again["metrics"], "new_tasks": 8, "responses_sampled": 24, "responses_cut": 24}}
+    assert glance("sample", first) == ["24 answers to 8 prompts", "24 (100%) cut at max_new_tokens"]
