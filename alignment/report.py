@@ -110,6 +110,13 @@ def _no_math(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def interval_method(manifest: dict[str, Any]) -> str:
+    """How an eval's win-rate intervals were made, as its manifest records it; an eval from before it did
+    (`interval`) made them by bootstrap over prompts."""
+    method = str(manifest.get("interval") or "bootstrap")
+    return {"wilson": "Wilson"}.get(method, method)
+
+
 def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     """Win-rates with intervals (a bar chart), the per-policy table, and answers side by side."""
     import matplotlib
@@ -131,7 +138,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
-        ax.set_title(_no_math(f"Win-rate against {baseline} (95% Wilson interval)"))
+        ax.set_title(_no_math(f"Win-rate against {baseline} (95% {interval_method(manifest)} interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
     keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},

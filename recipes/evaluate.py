@@ -347,6 +347,7 @@ def main(cfg: EvalStageConfig) -> Path:
         else {}
     write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents={**paths, **judged_by},
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
+                   interval="wilson",  # how win_rate_ci is made: the report labels it by this (bootstrap before)
                    prompts=len(prompts), prompts_seen_in_training=seen_in_training, system_prompts=system_prompts,
                    prompts_sha256=file_hash(cfg.prompts))
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))

@@ -86,6 +86,7 @@ def test_samples_metrics_and_report_are_written(eval_run):
     page = (eval_run / "report.html").read_text()
     assert "alt='win-rate' src='data:image/png;base64," in page
     assert "polite</b> beats <b>sft" in page
+    assert json.loads((eval_run / "eval" / "align.json").read_text())["interval"] == "wilson"  # the report's label
 
 
 def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):

@@ -344,3 +344,23 @@ def test_the_same_sample_run_again_shows_the_batch_it_left(tmp_path):
                                       "batch round-0 holds 10 tasks, 30 answers, 83% cut"]
     first = {**again, "metrics": {**again["metrics"], "new_tasks": 8, "responses_sampled": 24, "responses_cut": 24}}
     assert glance("sample", first) == ["24 answers to 8 prompts", "24 (100%) cut at max_new_tokens"]
+
+
+def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
+    """Win-rate intervals were a bootstrap before they were Wilson's: a report rebuilt from an older eval titled
+    its bootstrap intervals "Wilson". Eval records its method (`interval`); a manifest without one is a bootstrap's."""
+    from alignment import report
+
+    titles = []
+
+    def drawn(fig):
+        titles.append(fig.axes[0].get_title())
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", drawn)
+    report.eval_section(Path("/nowhere"), EVAL)
+    report.eval_section(Path("/nowhere"), {**EVAL, "interval": "wilson"})
+    assert titles == ["Win-rate against sft (95% bootstrap interval)", "Win-rate against sft (95% Wilson interval)"]
