@@ -37,25 +37,42 @@ KL_UNITS = {"ppo": ("nats per response", "k1, summed over the response"),
             "grpo": ("nats per token", "k3, TRL's mean over tokens"),
             "rloo": ("nats per token", "k1, TRL's mean over tokens")}
 
-# Which logged keys to plot for a stage, as (title, [keys]); keys missing from the log are skipped.
-PLOTS: dict[str, list[tuple[str, list[str]]]] = {
-    "sft": [("Loss", ["loss", "eval_loss"]), ("Learning rate", ["learning_rate"])],
-    "reward": [("Loss", ["loss", "eval_loss"]), ("Accuracy", ["accuracy", "eval_accuracy"])],
-    "dpo": [("Loss", ["loss", "eval_loss"]),
-            ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+# Which logged keys to plot for a stage, as (title, y-axis label: unit and basis, [keys]); keys missing from the log
+# are skipped. A figure logged for training batches and one for the held-out set share an axis: LINES says which is which.
+PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
+    "sft": [("Loss", "cross-entropy, nats per token", ["loss", "eval_loss"]),
+            ("Learning rate", "learning rate", ["learning_rate"])],
+    "reward": [("Loss", "-log sigmoid(reward gap), nats per pair", ["loss", "eval_loss"]),
+               ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy"])],
+    "dpo": [("Loss", "loss per pair (sigmoid DPO: nats)", ["loss", "eval_loss"]),
+            ("Implicit rewards", "β × log-ratio to the reference, per answer",
+             ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
             # TRL's figures: each logged point a mean of per-batch means (the manifest's held-out accuracy is over pairs)
-            ("Accuracy (TRL: mean of per-batch means)", ["rewards/accuracies", "eval_rewards/accuracies"])],
-    "ppo": [("Reward", ["reward/mean"]), ("KL from reference, nats per response (k1 sum)", ["kl"]),
+            ("Accuracy (TRL: mean of per-batch means)", "share of pairs ranked right",
+             ["rewards/accuracies", "eval_rewards/accuracies"])],
+    "ppo": [("Reward", "score per response (step mean)", ["reward/mean"]),
+            ("KL from reference, nats per response (k1 sum)", "nats per response", ["kl"]),
             # beta weighs nats against the score: a coefficient, not nats, so on an axis of its own
-            ("KL coefficient β (reward per nat)", ["kl_coef"]),
-            ("Response length", ["length/mean"]),
-            ("Entropy", ["entropy"]), ("Clipping", ["policy/clipfrac", "value/clipfrac", "policy/approx_kl"]),
-            ("Value function", ["value/loss", "value/explained_variance"])],
-    "grpo": [("Reward", ["reward"]), ("KL from reference, nats per token (k3 mean)", ["kl"]),
-             ("Response length", ["completions/mean_length"])],
-    "rloo": [("Reward", ["reward"]), ("KL from reference, nats per token (k1 mean)", ["kl"]),
-             ("Response length", ["completions/mean_length"])],
+            ("KL coefficient β (reward per nat)", "β (reward per nat)", ["kl_coef"]),
+            ("Response length", "tokens per response (step mean)", ["length/mean"]),
+            ("Entropy", "nats per token", ["entropy"]),
+            ("Clipping", "share of tokens clipped; approx KL in nats", ["policy/clipfrac", "value/clipfrac",
+                                                                       "policy/approx_kl"]),
+            ("Value function", "squared error; explained variance (share)", ["value/loss", "value/explained_variance"])],
+    "grpo": [("Reward", "score per completion (step mean)", ["reward"]),
+             ("KL from reference, nats per token (k3 mean)", "nats per token", ["kl"]),
+             ("Response length", "tokens per completion (step mean)", ["completions/mean_length"])],
+    "rloo": [("Reward", "score per completion (step mean)", ["reward"]),
+             ("KL from reference, nats per token (k1 mean)", "nats per token", ["kl"]),
+             ("Response length", "tokens per completion (step mean)", ["completions/mean_length"])],
 }
+# A line's name in a plot's legend where the logged key does not say its basis: training figures are each logging
+# step's batches, the eval_ ones the held-out set's.
+LINES = {"loss": "training batches", "eval_loss": "held-out set", "accuracy": "training batches",
+         "eval_accuracy": "held-out set (over pairs)", "rewards/accuracies": "training batches",
+         "eval_rewards/accuracies": "held-out set"}
+# Eval's table rows whose figure has a unit or basis its key does not say.
+EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)"}
 
 
 def _figure_png(fig) -> str:
@@ -67,8 +84,8 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str | None:
-    """A line plot of each key against step; None when no key has points."""
+def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str], ylabel: str = "") -> str | None:
+    """A line plot of each key against step (named in the legend by LINES); None when no key has points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,9 +101,10 @@ def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str]) -> str 
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
     for key, pts in series.items():
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=key)
+        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=LINES.get(key, key))
     ax.set_title(title)
     ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _figure_png(fig)
@@ -138,6 +156,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
+        ax.set_xlabel("win-rate: share of prompts won (a tie counts half)")
         ax.set_title(_no_math(f"Win-rate against {baseline} (95% {interval_method(manifest)} interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
@@ -152,7 +171,8 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         return _fmt(row[key])
 
     head = "".join(f"<th>{html.escape(p)}</th>" for p in table)
-    body = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{cell(row, k)}</td>" for row in table.values())
+    body = "".join(f"<tr><td>{html.escape(EVAL_ROWS.get(k, k))}</td>"
+                   + "".join(f"<td>{cell(row, k)}</td>" for row in table.values())
                    + "</tr>" for k in keys)
     parts.append(f"<table><tr><th>figure</th>{head}</tr>{body}</table>")
     board = (manifest.get("human") or {}).get("leaderboard")
@@ -191,6 +211,7 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
                       fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("|reward gap| bin")
+        ax.set_ylabel("share of held-out pairs ranked right")
         ax.set_title("Reward model calibration")
         ax.legend(fontsize=8)
         parts.append(f"<div class='plots'><img alt='calibration' src='data:image/png;base64,{_figure_png(fig)}'></div>")
@@ -417,7 +438,7 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
                        + (f" from {prompts:.0f} prompts" if prompts is not None else ""))
         gate = (manifest.get("probes") or {}).get("gate")
         if gate:
-            out.append(f"worst probe {gate['edit']}: {gate['rate']:.0%} of pairs flip")
+            out.append(f"worst probe {gate['edit']}: {gate['rate']:.0%} of the {gate['of']} pairs it had right flip")
         out.append(_steps(m))
     elif kind == "dpo":
         accuracy, margin = _num(m, "heldout_accuracy"), _num(m, "heldout_reward_margin")
@@ -556,7 +577,7 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
         return None
     manifest = json.loads(manifest_path.read_text())
     rows = read_jsonl(folder / "metrics.jsonl")
-    plots = [plot_series(t, rows, keys) for t, keys in PLOTS.get(stage, [])]
+    plots = [plot_series(t, rows, keys, ylabel) for t, ylabel, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     kind = stage if stage in SECTIONS else manifest.get("stage")
     try:

@@ -41,8 +41,8 @@ def test_each_stage_says_its_outcome_in_figures():
     chosen = {"metrics": {**SAMPLE["metrics"], "selection/candidates": 80, "responses_sampled": 320}}
     assert glance("sample", chosen)[0] == "40 prompts chosen from 80 candidates (320 answers sampled)"
     assert glance("export", EXPORT) == ["184 pairs from 40 rankings: 157 to train, 27 held out", "dropped: 56 ties"]
-    assert glance("reward", REWARD) == ["held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts", "worst probe hope_end: 35% of pairs flip",
-                                        "16 steps in 65 s"]
+    assert glance("reward", REWARD) == ["held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts",
+                                        "worst probe hope_end: 35% of the 20 pairs it had right flip", "16 steps in 65 s"]
     assert glance("dpo", DPO) == ["held-out preference accuracy 66.7% [45.0%, 83.0%] on 27 pairs from 6 prompts "
                                   "(implicit reward margin 0.119)", "10 steps"]
     # TRL's figure, a mean of per-batch means (27 pairs as 12, 12 and 3: 75.0 % for 18 of 27), is said to be that
@@ -66,15 +66,15 @@ def test_each_rl_stage_says_what_its_kl_is():
     assert glance("rloo", {"metrics": kl})[1] == "KL 0.0123 nats per token (k1, TRL's mean over tokens)"
     from alignment.report import PLOTS
 
-    titles = {stage: next(t for t, keys in PLOTS[stage] if "kl" in keys) for stage in ("ppo", "grpo", "rloo")}
+    titles = {stage: next(t for t, _, keys in PLOTS[stage] if "kl" in keys) for stage in ("ppo", "grpo", "rloo")}
     assert titles == {"ppo": "KL from reference, nats per response (k1 sum)",
                       "grpo": "KL from reference, nats per token (k3 mean)",
                       "rloo": "KL from reference, nats per token (k1 mean)"}
     # PPO's KL coefficient is no KL: plotted on a nats axis, beta ~0.05 is a flat line at its floor
     for stage in ("ppo", "grpo", "rloo"):
-        for title, keys in PLOTS[stage]:
+        for title, _, keys in PLOTS[stage]:
             assert "nats" not in title or keys == ["kl"], (stage, title, keys)
-    assert ("KL coefficient β (reward per nat)", ["kl_coef"]) in PLOTS["ppo"]
+    assert ("KL coefficient β (reward per nat)", "β (reward per nat)", ["kl_coef"]) in PLOTS["ppo"]
     assert glance("merge", {"metrics": {}}) == [] and glance("sft", {}) == []
 
 
@@ -128,7 +128,7 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         "- sample: 160 answers to 40 prompts · 104 (65%) cut at max_new_tokens",
         "- preferences: 184 pairs from 40 rankings: 157 to train, 27 held out · dropped: 56 ties",
         "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe hope_end: "
-        "35% of pairs flip · 16 steps in 65 s",
+        "35% of the 20 pairs it had right flip · 16 steps in 65 s",
         "- dpo: held-out preference accuracy 66.7% [45.0%, 83.0%] on 27 pairs from 6 prompts (implicit reward margin 0.119) "
         "· 10 steps",
         "- eval: dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, 80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22",
@@ -364,3 +364,34 @@ def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
     report.eval_section(Path("/nowhere"), EVAL)
     report.eval_section(Path("/nowhere"), {**EVAL, "interval": "wilson"})
     assert titles == ["Win-rate against sft (95% bootstrap interval)", "Win-rate against sft (95% Wilson interval)"]
+
+
+def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
+    """A plot had no y-axis label; a loss or accuracy drew training batches and the held-out set as two bare keys
+    on one axis; eval's kl and length rows had no unit."""
+    from alignment import report
+
+    drawn = []
+
+    def png(fig):
+        import matplotlib.pyplot as plt
+
+        for ax in fig.axes:
+            drawn.append((ax.get_title(), ax.get_ylabel() or ax.get_xlabel(),
+                          [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]))
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", png)
+    assert all(ylabel for stage in report.PLOTS.values() for _, ylabel, _ in stage)
+    write(tmp_path, "sft", SFT)
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.4, "learning_rate": 1e-4}, {"step": 2, "eval_loss": 3.3}]))
+    write(tmp_path, "eval", EVAL)
+    page = write_report(tmp_path).read_text()
+    assert ("Loss", "cross-entropy, nats per token", ["training batches", "held-out set"]) in drawn
+    assert ("Win-rate against sft (95% bootstrap interval)", "win-rate: share of prompts won (a tie counts half)",
+            []) in drawn
+    assert all(label for _, label, _ in drawn)
+    assert "<tr><td>KL (nats/answer, sampled T=1)</td><td></td><td>3.222</td></tr>" in page
+    assert "<tr><td>length (words)</td><td>34.1</td><td>16.6</td></tr>" in page
