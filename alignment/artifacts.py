@@ -303,6 +303,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
         "cwd": os.getcwd(),  # where the stage ran: a relative path in its config is relative to it (parent_path)
+        **({"config_file": os.path.abspath(config_file)} if config_file else {}),  # the --config it ran with
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"seconds": round(time.time() - _started[-1], 1)} if _started else {}),  # started by run_stage
         "config": config,
@@ -380,6 +381,8 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
 
 # The folder of the --config this command was given (alignment.cli): the next stage's config is beside it.
 config_folder: Path | None = None
+# That file, recorded in the manifest (config_file): `align label`, run without one, hints the export's beside it.
+config_file: Path | None = None
 # Off while align pipeline runs the stages: it runs the next one itself, and a stage's hint (a label
 # command with the shipped scorer, say) would point away from the pipeline's own settings.
 next_hints = True
@@ -409,6 +412,20 @@ def print_done(stage: str, artifact: Path, next_command: str | None) -> None:
     print(f"\n✔ {stage} finished: {artifact}")
     if next_command and next_hints:
         print(f"  next: {with_sibling_configs(next_command)}")
+
+
+def sibling_config(folder: str | Path, stage: str) -> str | None:
+    """The manifest of `folder` names the --config its stage ran with: its sibling for `stage` (export.yaml),
+    as a path to paste here (relative below this directory), or None where there is none."""
+    try:
+        ran_with = json.loads((Path(folder) / MANIFEST).read_text()).get("config_file")
+    except (OSError, ValueError):
+        return None
+    sibling = Path(ran_with).parent / f"{stage}.yaml" if ran_with else None
+    if sibling is None or not sibling.is_file():
+        return None
+    here = os.path.relpath(sibling)
+    return str(sibling) if here.startswith("..") else here
 
 
 def with_sibling_configs(command: str) -> str:

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from alignment import artifacts
-from alignment.artifacts import STAGES, commands, run_stage, stage_dir, store_url
+from alignment.artifacts import STAGES, commands, run_stage, shell, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
        align <stage> --help      the stage's config keys and defaults
@@ -124,6 +124,15 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def export_command(run_dir: str, store: str | None) -> str:
+    """`align label`'s next step: `align export` for `run_dir` (and `store`), with the export.yaml beside the
+    --config its sample ran with (its manifest's config_file), as every stage's own hint keeps the config family:
+    without it, each hinted command after the labels ran on the built-in defaults."""
+    command = f"align export run.dir={shell(run_dir)}" + (f" store={shell(store)}" if store else "")
+    config = artifacts.sibling_config(stage_dir(run_dir, "sample"), "export")
+    return command.replace("align export ", f"align export --config {shell(config)} ", 1) if config else command
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.config is None:  # the labelling app parses its own arguments; the run layout is handed to it
         return importlib.import_module(spec.recipe).main(
             rest, store_url=store_url, export_dir=lambda run_dir: stage_dir(run_dir, "export"),
-            export=export_for_label_app)
+            export=export_for_label_app, export_command=export_command)
     # A recipe may offer plain subcommands beside training, e.g. `align reward score ...`.
     if rest and not rest[0].startswith("-") and "=" not in rest[0]:
         subcommands = getattr(importlib.import_module(spec.recipe), "SUBCOMMANDS", {})
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(cls, config_path, overrides)
         artifacts.config_folder = Path(config_path).parent if config_path else None
+        artifacts.config_file = Path(config_path) if config_path else None
         check_stage(stage, cfg)  # every input, before anything is imported, loaded or written
         # A service writes no stage folder; stopped with Ctrl-C it must not tidy up a run that another
         # process (a training stage) is writing beside it.

@@ -157,9 +157,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
-         export_dir: Callable[[str], str | Path], export: Callable[[str, str], dict] | None = None) -> int:
+         export_dir: Callable[[str], str | Path], export: Callable[[str, str], dict] | None = None,
+         export_command: Callable[[str, str | None], str] | None = None) -> int:
     """`store_url(--db, --run-dir)` is the store to open, `export_dir(--run-dir)` the admin's export folder,
-    `export(store_url, run_dir) -> summary` is `align export` for the admin's button."""
+    `export(store_url, run_dir) -> summary` is `align export` for the admin's button, `export_command(--run-dir,
+    --db)` the export to run next (with the config family the run's sample ran from)."""
     args = parser().parse_args(argv)
     problem = check_args(args)
     if problem:
@@ -234,8 +236,9 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             # align eval human=true's A/B tasks (batches eval-*) are read by its board, not by export
             batches = [args.batch] if args.batch else [b["batch"] for b in store.batch_counts() if b["rankings"]]
             if any(not b.startswith("eval-") for b in batches):
-                print(f"next: align export run.dir={shlex.quote(str(args.run_dir))}"
-                      + (f" store={shlex.quote(args.db)}" if args.db else ""))
+                print("next: " + (export_command(str(args.run_dir), args.db) if export_command else
+                                  f"align export run.dir={shlex.quote(str(args.run_dir))}"
+                                  + (f" store={shlex.quote(args.db)}" if args.db else "")))
             if any(b.startswith("eval-") for b in batches):
                 print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true (with the settings "
                       "that made the A/B tasks)")

@@ -364,9 +364,38 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("reward", out, f"align ppo run.dir={shell(cfg.run.dir)}   (score by hand: align reward score "
-                              f"--run-dir {shell(cfg.run.dir)} --prompt ... --response ...)")
+    run, refused = shell(cfg.run.dir), ppo_gate_refuses(out)
+    by_hand = f"score by hand: align reward score --run-dir {run} --prompt ... --response ..."
+    if refused:  # the hint is a command that runs: not the ppo its gate would refuse at once
+        key = refused.split("=")[0]
+        print_done("reward", out, f"align dpo run.dir={run}   (PPO's gate refuses this reward model at {refused}; "
+                                  f"to run it anyway: align ppo run.dir={run} {key}={1 if key.startswith('max') else 0}"
+                                  f"; {by_hand})")
+    else:
+        print_done("reward", out, f"align ppo run.dir={run}   ({by_hand})")
     return out
+
+
+def ppo_gate_refuses(out: Path) -> str | None:
+    """The setting of PPO's gate (alignment.reward_model.gate) that refuses the reward model in `out`, as
+    `key=value`, with the values `align ppo` would run with next (the sibling ppo.yaml of this command's
+    --config, else its defaults); None when the gate lets it through."""
+    from alignment import artifacts
+    from alignment.config import PPOStageConfig, load_config
+    from alignment.reward_model import gate
+
+    sibling = artifacts.config_folder / "ppo.yaml" if artifacts.config_folder else None
+    try:
+        ppo = load_config(PPOStageConfig, sibling if sibling and sibling.is_file() else None)
+    except ConfigError:
+        ppo = PPOStageConfig()
+    for key, accuracy, flips in (("min_reward_accuracy", ppo.min_reward_accuracy, 1.0),
+                                 ("max_probe_flip_rate", 0.0, ppo.max_probe_flip_rate)):
+        try:
+            gate(out, accuracy, flips)
+        except StageError:
+            return f"{key}={getattr(ppo, key)}"
+    return None
 
 
 def _log_probes(probes: dict) -> None:

@@ -1,0 +1,93 @@
+"""Each stage's printed `next:` hint, run as printed: from `align sft --config <dir>/sft.yaml` to eval, every
+hinted command keeps the config family (the sibling <stage>.yaml), `align label`'s too, and the reward stage
+hints a command that runs, not the ppo its gate refuses."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+
+from alignment.cli import main as align
+
+
+def configs(folder: Path, tiny_model: str, data: Path, run: Path) -> None:
+    """A config family like configs/quickstart/, tiny: settings a hinted command without --config would lose."""
+    family = {
+        "sft": {"model": {"name": tiny_model, "quantize": False, "max_length": 128}, "data": {"path": str(data)},
+                "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "eval_steps": 2}},
+        "sample": {"prompts": str(data), "num_prompts": 6, "k": 3, "generation": {"max_new_tokens": 8}},
+        # no held-out pairs: PPO's gate (min_reward_accuracy) refuses a reward model it cannot measure
+        "export": {"test_fraction": 0.0},
+        "reward": {"model": {"max_length": 128}, "data": {"test_fraction": 0.0}, "train": {"max_steps": 2, "batch_size": 4}},
+        "dpo": {"model": {"max_length": 128}, "train": {"max_steps": 2, "batch_size": 4}},
+        "ppo": {"min_reward_accuracy": 0.7},
+        "eval": {"prompts": str(data), "num_prompts": 4, "scorer": "support_style", "bootstrap": 50, "kl_samples": 0,
+                 "generation": {"max_new_tokens": 8}},
+    }
+    folder.mkdir()
+    for stage, settings in family.items():
+        (folder / f"{stage}.yaml").write_text(yaml.safe_dump({**settings, "run": {"dir": str(run), "wandb": "disabled"}}))
+
+
+def hinted(out: str) -> str:
+    """The command a stage's `next:` line says to run: the first one, or the unattended label's."""
+    line = next(line for line in out.splitlines() if line.strip().startswith("next: ")).strip().removeprefix("next: ")
+    if "(unattended: " in line:
+        return line.split("(unattended: ")[1].rstrip(")")
+    return line.split("   ")[0]
+
+
+def test_every_hint_runs_as_printed_with_the_config_family(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Ticket {i}: how do I {t}?", "input": "",
+                                        "output": "Thanks for asking! Open Settings." if i % 2 else f"Open Settings, then {t}."})
+                            + "\n" for i, t in enumerate(["sync", "export", "share a note", "find tags"] * 3)))
+    run, family = tmp_path / "run", tmp_path / "family"
+    configs(family, tiny_model, data, run)
+    command, ran = f"align sft --config {family / 'sft.yaml'}", []
+    while command.startswith("align "):
+        ran.append(command)
+        assert align(shlex.split(command)[1:]) == 0, command
+        out = capsys.readouterr().out
+        if command.startswith("align reward"):
+            assert ("PPO's gate refuses this reward model at min_reward_accuracy=0.7; to run it anyway: align ppo "
+                    f"--config family/ppo.yaml run.dir={run} min_reward_accuracy=0") in out
+        command = hinted(out)
+    assert [c.split()[1] for c in ran] == ["sft", "sample", "label", "export", "reward", "dpo", "eval"]
+    # the label hint names the export.yaml beside the sample's --config relative to here, as a user pastes it
+    assert ran[:2] == [f"align sft --config {family / 'sft.yaml'}", f"align sample --config {family / 'sample.yaml'} "
+                                                                     f"run.dir={run}"]
+    assert all(c.startswith(f"align {c.split()[1]} --config family/{c.split()[1]}.yaml run.dir={run}") for c in ran[3:])
+    assert command == f"open {run / 'report.html'}"
+    # what each hinted stage ran with is its sibling's, not the built-in defaults
+    assert yaml.safe_load((run / "preferences" / "config.yaml").read_text())["test_fraction"] == 0.0
+    assert yaml.safe_load((run / "reward" / "config.yaml").read_text())["train"]["max_steps"] == 2
+    assert yaml.safe_load((run / "eval" / "config.yaml").read_text())["scorer"] == "support_style"
+    sample = json.loads((run / "sample" / "align.json").read_text())
+    assert sample["config_file"] == str(family / "sample.yaml")
+
+
+def test_the_reward_hint_names_the_gate_setting_that_refuses_it(tmp_path, monkeypatch):
+    """PPO refuses a reward model a phrase appended to the worse answer flips (its probes): the key it names is the
+    one `align ppo` reads, with the value of the ppo.yaml beside this command's --config."""
+    from alignment import artifacts
+    from recipes.reward import ppo_gate_refuses
+
+    gate = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
+            "basis": "every flip"}
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    (reward / "adapter_config.json").write_text("{}")
+    (reward / "align.json").write_text(json.dumps({"stage": "reward", "metrics": {"eval_accuracy": 0.74},
+                                                   "probes": {"gate": gate}}))
+    monkeypatch.setattr(artifacts, "config_folder", None)
+    assert ppo_gate_refuses(reward) == "max_probe_flip_rate=0.25"
+    (tmp_path / "ppo.yaml").write_text("max_probe_flip_rate: 0.4\nmin_reward_accuracy: 0.8\n")
+    monkeypatch.setattr(artifacts, "config_folder", tmp_path)
+    assert ppo_gate_refuses(reward) == "min_reward_accuracy=0.8"
+    (tmp_path / "ppo.yaml").write_text("max_probe_flip_rate: 0.4\n")
+    assert ppo_gate_refuses(reward) is None
