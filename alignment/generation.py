@@ -21,7 +21,13 @@ from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from alignment.artifacts import system_prompt_of
 from alignment.config import GenerationConfig, ModelConfig
@@ -169,6 +175,31 @@ def sampling_warpers(gen: GenerationConfig) -> LogitsProcessorList:
     return warpers
 
 
+class DecodingProgress(StoppingCriteria):
+    """A progress bar moved by generate() at each decoding step (a token for every sequence of the batch), never
+    stopping it. A bar counted in batches sat at 0/1 for the whole of a batch of every prompt: the quickstart's
+    eval decodes its 48 prompts in one, 126 s of its 150. `decoding(bar, max_new_tokens)` opens one batch."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.steps, self.none = bar, 0, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.bar.update(1)
+        self.steps += 1
+        if self.none is None or self.none.shape[0] != input_ids.shape[0]:  # one tensor per batch, not per step
+            self.none = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self.none
+
+    @contextmanager
+    def decoding(self, max_new_tokens: int):
+        """One generate() call: what it leaves of its max_new_tokens steps (every sequence ended early) is
+        counted when it returns, so the bar's total is the batches' steps."""
+        self.steps = 0
+        yield StoppingCriteriaList([self])
+        if self.steps < max_new_tokens:
+            self.bar.update(max_new_tokens - self.steps)
+
+
 def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
@@ -198,13 +229,16 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
     eos = stop_ids(tokenizer, model.generation_config)
     outputs: list[list[Answer]] = []
     batches = range(0, len(prompts), gen.batch_size)
-    for b, start in enumerate(tqdm(batches, desc=desc, unit="batch", disable=desc is None)):
+    # by decoding step (max_new_tokens a batch): a batch of every prompt moves the bar as it decodes
+    bar = tqdm(total=len(batches) * gen.max_new_tokens, desc=desc, unit="token", disable=desc is None)
+    progress = DecodingProgress(bar)
+    for b, start in enumerate(batches):
         chunk = prompts[start:start + gen.batch_size]
         texts = [chat_prompt(tokenizer, p, system_prompt) for p in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(gen.seed + b)
         sample = gen.temperature > 0
-        with plain_sampling(model):
+        with plain_sampling(model), progress.decoding(gen.max_new_tokens) as stopping:
             out = model.generate(
                 **enc,
                 max_new_tokens=gen.max_new_tokens,
@@ -217,6 +251,7 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
                 num_return_sequences=k,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
+                stopping_criteria=stopping,
                 use_cache=True,
             )
         new = out[:, enc["input_ids"].shape[1]:]
@@ -225,6 +260,7 @@ def generate_answers(policy: Policy, prompts: list[str], gen: GenerationConfig, 
         for i in range(len(chunk)):
             outputs.append([Answer(d.strip(), e) for d, e in zip(decoded[i * k:(i + 1) * k], ended[i * k:(i + 1) * k],
                                                                   strict=True)])
+    bar.close()
     return outputs
 
 

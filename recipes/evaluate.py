@@ -41,7 +41,15 @@ from alignment.artifacts import (
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.cpu import keep_4bit_for_dora
 from alignment.data import file_hash, load_prompts
-from alignment.generation import Policy, chat_prompt, folded, generate, plain_sampling, stop_ids
+from alignment.generation import (
+    DecodingProgress,
+    Policy,
+    chat_prompt,
+    folded,
+    generate,
+    plain_sampling,
+    stop_ids,
+)
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
 from alignment.rl import response_mask
@@ -150,15 +158,21 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     # a model whose forward has no logits_to_keep (remote code) computes them all: sliced below alike
     trims = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
     batches = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(batches, desc=f"KL {policy} (sampled)", unit="batch")):
+    # A step per decoding step of a batch's answers, then one per chunk of KL_ROWS answers scored (both adapters):
+    # the quickstart's 48 prompts, one batch, moved its bar once, at the end of 71 s.
+    chunks = [-(-len(prompts[start:start + batch_size]) * k // KL_ROWS) for start in batches]
+    bar = tqdm(total=len(batches) * max_new_tokens + sum(chunks), unit="step",
+               desc=f"KL {policy} (sampled: {max_new_tokens} tokens, then {sum(chunks)} chunks scored)")
+    progress = DecodingProgress(bar)
+    for b, start in enumerate(batches):
         chunk = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(seed + b)
         # the policy's own distribution, not its folder's decoding settings
-        with folded(model, policy), plain_sampling(model):
+        with folded(model, policy), plain_sampling(model), progress.decoding(max_new_tokens) as stopping:
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                                  top_k=0, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=eos, use_cache=True)
+                                 eos_token_id=eos, stopping_criteria=stopping, use_cache=True)
         width = enc["input_ids"].shape[1]
         # 1 on each answer token up to and including the first EOS (all of a cut answer), 0 on the padding after
         answer = response_mask(ids[:, width:], eos)[0].long()
@@ -177,7 +191,9 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
                                      **trim).logits[:, -keep:-1]  # those that predict the answer's tokens
             per_answer.append(ev.sequence_kl(logits[policy], logits[reference], answer[part]))
             del logits
+            bar.update(1)
         out += torch.cat(per_answer).view(-1, k).mean(1).tolist()
+    bar.close()
     return out
 
 

@@ -205,6 +205,23 @@ def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_fig
     assert alike == pytest.approx(whole, abs=1e-5)
 
 
+def test_the_eval_kl_bar_moves_by_decoding_step_and_scored_chunk(tiny_model, adapters, monkeypatch):
+    """Its bar counted batches: the quickstart's 48 prompts, one batch, sat at 0/1 for 71 s. A step per decoding
+    step of a batch, then one per chunk of KL_ROWS answers scored: 3 prompts x 3 answers in chunks of 4 are 3."""
+    from test_generation import Bar
+
+    import recipes.evaluate as evaluate
+
+    model = policies_on_one_base(tiny_model, adapters)
+    monkeypatch.setattr(evaluate, "KL_ROWS", 4)
+    monkeypatch.setattr(evaluate, "tqdm", Bar)
+    Bar.made.clear()
+    evaluate.sampled_kl(model, load_tokenizer(tiny_model), PROMPTS[:3], "dpo", "sft", k=3, max_new_tokens=5,
+                        batch_size=3)
+    (bar,) = Bar.made
+    assert bar.total == 5 + 3 and bar.seen[-1] == 8 and len(bar.seen) >= 5  # moved during decoding, not at its end
+
+
 def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters):
     """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
     sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on

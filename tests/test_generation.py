@@ -139,3 +139,46 @@ def test_a_dora_adapter_on_a_4bit_base_runs_as_trained_in_sample_eval_and_serve(
             for forward in ("first", "second"):
                 diff = (model(input_ids=ids).logits - expected).abs().max().item()
                 assert diff < 1e-4, f"{name}, {forward} forward: logits off training's by {diff:.3f}"
+
+
+class Bar:
+    """A tqdm that records where it stood after each update."""
+
+    made: list[Bar] = []
+
+    def __init__(self, *args, total=None, desc=None, unit=None, disable=False, **kwargs):
+        self.total, self.desc, self.unit, self.n, self.seen = total, desc, unit, 0, []
+        Bar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+        self.seen.append(self.n)
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_moves_while_a_batch_decodes(tiny_model, monkeypatch):
+    """The bar counted batches: eval's 48 prompts in one batch sat at 0/1 until the end. It moves by decoding
+    step now, and the answers are the same as without it."""
+    from transformers import AutoModelForCausalLM
+
+    import alignment.generation as generation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    policy = Policy(model, load_tokenizer(tiny_model), "tiny", tiny_model)
+    gen = GenerationConfig(max_new_tokens=6, temperature=0.0, batch_size=len(PROMPTS))
+    monkeypatch.setattr(generation, "tqdm", Bar)
+    Bar.made.clear()
+    answers = generate(policy, PROMPTS, gen, desc="sampling sft")
+    (bar,) = Bar.made
+    assert bar.total == 6 and bar.unit == "token" and bar.seen == [1, 2, 3, 4, 5, 6]  # one batch, six steps
+    # a batch whose every answer ends early counts its steps left when it returns: the bar ends at its total
+    progress = generation.DecodingProgress(bar := Bar(total=10))
+    with progress.decoding(10) as stopping:
+        import torch
+
+        assert stopping(torch.zeros(3, 2, dtype=torch.long), None).tolist() == [False] * 3  # never stops a sequence
+    assert bar.seen == [1, 10]
+    monkeypatch.undo()
+    assert answers == generate(policy, PROMPTS, gen, desc=None)
