@@ -70,9 +70,11 @@ CSS = """
 .align-pg-turn { margin: 0 0 10px; }
 .align-pg-turn .align-label { font-weight: 600; margin: 0 0 2px; }
 .align-pg-user .align-label { color: var(--body-text-color-subdued); }
-/* PAGE_JS's notice of a refused call: over the page's foot, seen wherever the page is scrolled */
-#align-session-ended { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
+/* PAGE_JS's notices of a refused call and of a reload after a lost connection: over the page's foot, seen
+   wherever the page is scrolled (the refusal over the other) */
+#align-session-ended, #align-reconnected { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
   background: #fef3c7; color: #78350f; border-top: 2px solid #f59e0b; font-weight: 600; }
+#align-session-ended { z-index: 1001; }
 """
 
 # Installed once per page by demo.load(js=...): the keyboard shortcuts, and the notice of a refused call.
@@ -83,6 +85,12 @@ CSS = """
 # toast; the event's chain just stops) and of a queued call only as a toast that fades. So the page
 # watches its own calls: a 401 shows a notice that stays until a call sent after it is accepted
 # (the annotator signed in again in another tab). Its text is ours, set as text, never HTML.
+#
+# After a call fails in transit (the network dropped, the server restarted), Gradio's page polls
+# /gradio_api/app_id and reloads itself once it answers (labeling/server.py lets that through). The
+# reloaded page shows what the store holds: a rank set while the connection was down, whose draft never
+# arrived, is not shown as if it were saved. The page notes the poll (sessionStorage, this tab only) and
+# the reloaded one says so, until the annotator submits, skips or clicks the notice.
 PAGE_JS = """
 () => {
   if (window.__alignKeys) return;
@@ -96,12 +104,22 @@ PAGE_JS = """
   notice.textContent = %s;
   notice.hidden = true;
   document.body.appendChild(notice);
+  const reconnected = document.createElement('p');
+  reconnected.id = 'align-reconnected';
+  reconnected.setAttribute('role', 'status');
+  reconnected.textContent = %s;
+  const remember = (flag) => { try { flag ? sessionStorage.setItem(reconnected.id, '1') : sessionStorage.removeItem(reconnected.id); } catch (e) {} };
+  try { reconnected.hidden = sessionStorage.getItem(reconnected.id) !== '1'; } catch (e) { reconnected.hidden = true; }
+  remember(false);
+  reconnected.addEventListener('click', () => { reconnected.hidden = true; });
+  document.body.appendChild(reconnected);
   const fetched = window.fetch;
   let sent = 0, refused = 0;
   window.fetch = async (...args) => {
     const n = ++sent;
-    const response = await fetched(...args);
     const url = String((args[0] && args[0].url) || args[0]);
+    if (url.includes('/gradio_api/app_id')) remember(true);  // Gradio reconnects: it reloads the page next
+    const response = await fetched(...args);
     if (url.includes('/gradio_api/')) {
       if (response.status === 401) { refused = n; notice.hidden = false; }
       else if (response.ok && n > refused) notice.hidden = true;  // not a call that was already on its way
@@ -123,7 +141,7 @@ PAGE_JS = """
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
     const done = e.target.closest && e.target.closest('#align-submit, #align-skip');
     // the button gives the focus back: left on Skip, the next task's Enter (submit) would click Skip
-    if (done) { sel = 0; setTimeout(() => { done.blur(); mark(); }, 300); }
+    if (done) { sel = 0; reconnected.hidden = true; setTimeout(() => { done.blur(); mark(); }, 300); }
   }, true);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
@@ -164,8 +182,12 @@ PAGE_JS = """
 """
 
 
+RECONNECTED = ("The connection to the server was lost and the page has reloaded: it shows what is saved. A rank, "
+               "flag or rationale set while the connection was down may be missing: check them, then submit.")
+
+
 def _js() -> str:
-    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"))
+    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {RECONNECTED}"))
 
 
 def _table(rows: list[dict] | None) -> Any:

@@ -53,10 +53,12 @@ log = logging.getLogger(__name__)
 
 OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}  # all a client without a session can reach
 # What a signed-in page uses of Gradio's routes (each of the app's flows, recorded from the browser tests);
-# anything else is 404 before Gradio sees it.
+# anything else is 404 before Gradio sees it. `app_id` is what the page polls after a call failed in transit
+# (the network dropped, the server restarted) and reloads once it answers; without it the page was dead for
+# good. It answers the app's random id, which /config holds too.
 ROUTES = {
     "GET": re.compile(r"/|/theme\.css|/favicon\.ico|/manifest\.json|/robots\.txt|/(assets|static|svelte)/.+"
-                      r"|/config/?|/gradio_api/(info/?|queue/data|heartbeat/[^/]+|startup-events)"),
+                      r"|/config/?|/gradio_api/(info/?|queue/data|heartbeat/[^/]+|startup-events|app_id/?)"),
     "HEAD": re.compile(r"/|/(assets|static)/.+"),
     "POST": re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"),
 }

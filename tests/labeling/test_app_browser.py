@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed"]
+              "replay", "locked", "framed", "blip"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -111,7 +111,7 @@ def served(tmp_path_factory):
     store = new_store(tmp)
     for name in ANNOTATORS:
         store.add_user(name, PASSWORD)
-    store.add_tasks("support-1", _support_tasks(24), source={"policy": "test"})
+    store.add_tasks("support-1", _support_tasks(32), source={"policy": "test"})
     # Lock-outs as in production, only short enough for a test to wait one out.
     with running(store, overlap=1, throttle=Throttle(first_lock=2.0), export=exporter(store, tmp),
                  export_dir=str(tmp / "preferences")) as url:
@@ -327,6 +327,43 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
         assert store.draft(annotator, task_id) is None  # the draft became the submitted ranking
     finally:
         again.context.close()
+
+
+def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browser):
+    """A rank and a submit sent while the connection is down fail in transit; Gradio's page then polls
+    /gradio_api/app_id and reloads once it answers. The server answered that poll 404, so the page stayed dead:
+    Submit disabled, every rank set afterwards never saved. Now the page reloads, shows what the store holds
+    (not the rank whose draft never arrived), says so, and saves the next submit."""
+    from labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "blip", PASSWORD)["annotator_id"]
+    page = new_page(browser)
+    try:
+        sign_in(page, url, "blip")
+        prompt, bodies = shown_task(page)
+        rank_all(page, [1, 2, 3, 4])
+        task_id, ranks = canonical(store, prompt, bodies, [1, 2, 3, 4])
+        deadline = time.monotonic() + 10
+        while store.draft(annotator, task_id) != ranks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.draft(annotator, task_id) == ranks and page.is_hidden("#align-reconnected")
+        page.context.set_offline(True)
+        page.click("#rank-a label:has-text('4')")  # shown on the page, never saved
+        page.click("#align-submit")
+        page.wait_for_timeout(1500)
+        page.context.set_offline(False)
+        page.wait_for_selector("#align-reconnected", state="visible")  # only the reloaded page shows it
+        assert "page has reloaded" in page.inner_text("#align-reconnected")
+        page.wait_for_function("document.querySelectorAll('.align-response input:checked').length === 4")
+        assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["1", "2", "3", "4"]
+        assert store.draft(annotator, task_id) == ranks
+        page.click("#align-submit")
+        wait_for_message(page, "✅")
+        assert [(r["task_id"], r["ranks"]) for r in wait_for_rows(store, "blip", 1)] == [(task_id, ranks)]
+        assert page.is_hidden("#align-reconnected")
+    finally:
+        page.context.close()
 
 
 def test_double_click_on_submit_keeps_one_ranking(served, page):

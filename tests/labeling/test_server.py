@@ -135,3 +135,16 @@ def test_an_annotators_config_holds_no_server_path(store, tmp_path):
         for client, shown in ((alice, False), (boss, True)):
             answer = client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": f"{shown}-page"})
             assert answer.status_code == 200 and ("secret-run" in answer.text) is shown, answer.text[:300]
+
+
+def test_the_pages_reconnect_poll_is_answered_to_a_signed_in_page_only(store):
+    """Gradio's page polls /gradio_api/app_id after a call failed in transit, and reloads once it answers: the
+    server answered 404, and the page stayed dead. It answers a signed-in client the app's id (which /config
+    holds too), and nothing else; a client without a session gets 401."""
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        for path in ("/gradio_api/app_id", "/gradio_api/app_id/"):
+            answer = alice.get(path)
+            assert answer.status_code == 200 and list(answer.json()) == ["app_id"], path
+            assert answer.json()["app_id"] == alice.get("/config").json()["app_id"]
+            assert httpx.get(url + path).status_code == 401
