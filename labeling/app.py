@@ -6,7 +6,8 @@
 labeling/server.py serves this page only to a signed-in browser. Every event takes the
 identity from the request's signed session cookie, checked against the store on that call
 (`auth.session_of`), never from state a client could replay; the task an event acts on is the
-id the page shows (a hidden field), checked against the annotator's assignments. Prompts and
+id the page shows (a hidden field), checked against the annotator's assignments, and the page's
+account (another hidden field) must be the cookie's (`handlers.check_page_account`). Prompts and
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
 HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
 an `align serve` endpoint side by side, `align label --serve-url URL`). Keyboard shortcuts are a small script installed on page load (see
@@ -284,6 +285,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 progress = gr.Markdown("", elem_id="align-progress")
                 # The id of the task on screen: submit, skip and drafts name it, the server checks it.
                 task_id = gr.Number(None, precision=0, visible="hidden", elem_id="align-task-id")
+                # The account the page was drawn for: submit, skip and drafts refuse when the cookie is another's
+                # now (another tab of the browser signed in as someone else; after a restart nothing else says).
+                opened_by = gr.Textbox("", visible="hidden", elem_id="align-opened-by")
                 prompt = gr.HTML("", elem_id="align-prompt")
                 slots, bodies, ranks = [], [], []
                 for row_start in range(0, MAX_K, 2):
@@ -366,16 +370,17 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     pg_histories = gr.State(([], []))  # this browser's two conversations
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
-        task_outputs = [task_id, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
+        task_outputs = [task_id, opened_by, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
                         unsafe, rationale, submit]
         unchanged = [gr.skip()] * len(task_outputs)
 
-        def show(next_: dict | None, idle: bool = False) -> list:
+        def show(next_: dict | None, sess: dict | None, idle: bool = False) -> list:
             """Updates for `task_outputs` that put `next_` (or the all-done screen; `idle`: an admin's page with
-            no task asked for yet) on the page."""
+            no task asked for yet) on the page of `sess`'s account."""
+            account = sess["name"] if sess else ""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                return [None, 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
+                return [None, account, 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
@@ -387,7 +392,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
             draft = (next_.get("draft") or []) + [None] * MAX_K
             return [
-                next_["task_id"], time.monotonic(),
+                next_["task_id"], account, time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
                 + (f" ({next_['progress']['skipped']} skipped)" if next_["progress"].get("skipped") else "")
                 + f" · task {next_['task_id']} · "
@@ -417,13 +422,13 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         def do_load(request: gr.Request):
             sess = signed_in(request)
             if sess is None:
-                return ["", gr.update(visible=False), "", signed_out, *show(None)]
+                return ["", gr.update(visible=False), "", signed_out, *show(None, None)]
             admin = bool(sess.get("is_admin"))
             # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from the
             # annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
             task = next_for(sess, new=not admin)
             return [f"Signed in as <b>{html.escape(sess['name'])}</b>{' (admin)' if admin else ''}",
-                    gr.update(visible=admin), folder_note if admin else "", "", *show(task, idle=admin)]
+                    gr.update(visible=admin), folder_note if admin else "", "", *show(task, sess, idle=admin)]
 
         demo.load(do_load, None, [who, admin_tab, export_dir_note, message, *task_outputs])
         sign_out.click(None, None, None, js="""() => {
@@ -432,12 +437,13 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
           document.body.appendChild(form); form.submit();
         }""")
 
-        def do_submit(request: gr.Request, current, started, *values):
+        def do_submit(request: gr.Request, current, page_account, started, *values):
             rank_values, (verdict, bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
             sess = signed_in(request)
             if sess is None:
                 return [signed_out, *unchanged]
             try:
+                handlers.check_page_account(sess, page_account)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
                                          unsafe=bool(is_unsafe), rationale=why or "",
                                          # 0 when this session's state was lost (it only feeds throughput)
@@ -445,19 +451,19 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             except (ValueError, KeyError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
-                return [_note(result["message"], "⚠️", error=True), *show(next_for(sess))]
+                return [_note(result["message"], "⚠️", error=True), *show(next_for(sess), sess)]
             if not result["created"]:
                 # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
                 # shows by now (the first submit's answer put the next task there).
                 return [_note(result["message"], "✅"), *unchanged]
-            return [_note(result["message"], "✅"), *show(next_for(sess))]
+            return [_note(result["message"], "✅"), *show(next_for(sess), sess)]
 
         def drafting(own: str | None):
             """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted
             ranking). A flag and the rationale only from their own box (cleared too): a rank set in a second tab,
             which may not show them as set, leaves them as saved."""
 
-            def do_draft(request: gr.Request, current, *values):
+            def do_draft(request: gr.Request, current, page_account, *values):
                 rank_values, value = values[:MAX_K], values[MAX_K] if own else None
                 sess = signed_in(request)
                 if sess is None:
@@ -465,6 +471,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 if current is None:
                     return gr.skip()
                 given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
+                try:
+                    handlers.check_page_account(sess, page_account)
+                except handlers.AuthError as err:
+                    return _note(str(err), "⚠️", error=True)
                 try:
                     handlers.save_draft(store, sess, current, list(rank_values),
                                         **({own: given[own]} if own else {}))
@@ -477,19 +487,20 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # .input: the annotator's own clicks and keys, not the updates show() makes
         for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
                             (rationale, "rationale"), (pairwise, "verdict")]:
-            widget.input(drafting(own), [task_id, *ranks, *([widget] if own else [])], message,
+            widget.input(drafting(own), [task_id, opened_by, *ranks, *([widget] if own else [])], message,
                          trigger_mode="always_last", show_progress="hidden")
 
-        def do_skip(current, request: gr.Request):
+        def do_skip(current, page_account, request: gr.Request):
             sess = signed_in(request)
             if sess is None:
                 return [signed_out, *unchanged]
             try:
+                handlers.check_page_account(sess, page_account)
                 if current is not None:
                     handlers.skip(store, sess, current)
-            except (ValueError, PermissionError) as err:
+            except (ValueError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⚠️", error=True), *unchanged]
-            return [_note(f"Skipped task {int(current)}.") if current is not None else "", *show(next_for(sess))]
+            return [_note(f"Skipped task {int(current)}.") if current is not None else "", *show(next_for(sess), sess)]
 
         # do_submit's trigger_mode ("once") ignores clicks while a submit is pending; disabling the button
         # first makes that visible. The submit names its task, so a replayed request is "already saved".
@@ -499,10 +510,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
         enable = "(current) => ({__type__: 'update', interactive: current !== null && current !== undefined})"
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
-            do_submit, [task_id, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
+            do_submit, [task_id, opened_by, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
         submitting.then(None, task_id, submit, js=enable)
         submitting.failure(None, task_id, submit, js=enable)
-        skip.click(do_skip, [task_id], [message, *task_outputs])
+        skip.click(do_skip, [task_id, opened_by], [message, *task_outputs])
 
         def do_refresh(request: gr.Request):
             try:

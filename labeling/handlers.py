@@ -43,6 +43,16 @@ def _require(session: dict[str, Any] | None) -> dict[str, Any]:
     return session
 
 
+def check_page_account(session: dict[str, Any], opened_by: str | None) -> None:
+    """AuthError when the page a call comes from was drawn for another account than the session's: the cookie
+    is the browser's, so signing in as someone else in one tab changes whose calls every tab makes (the
+    server's other check of that, a page session's owner, is in memory and gone after a restart). A page drawn
+    for nobody (loaded signed out) claims no account."""
+    name = _require(session)["name"]
+    if opened_by and opened_by != name:
+        raise AuthError(f"this page was opened by {opened_by}; you are signed in as {name}: reload to rank as {name}")
+
+
 def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[int]:
     """The same shuffle for an annotator every time they see a task; another for each annotator."""
     order = list(range(k))

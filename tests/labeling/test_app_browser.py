@@ -213,7 +213,8 @@ def submit_call(page) -> dict:
     with recorded_calls(page) as calls:
         page.click("#align-submit")
         page.wait_for_function("document.querySelector('#align-message').innerText.trim().length > 0")
-    [call] = [c for c in calls if len(c.get("data", [])) == 14]  # task id, shown_at, 8 ranks, verdict, flags, why
+    # task id, the page's account, shown_at, 8 ranks, verdict, flags, why
+    [call] = [c for c in calls if len(c.get("data", [])) == 15]
     return call
 
 
@@ -574,8 +575,8 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                 victim.click("#rank-a label:has-text('1')")
                 victim.wait_for_timeout(500)
             victim_hash = calls[0]["session_hash"]
-        as_victim = {"session_hash": victim_hash, "data": [victim_task, None, "1", "2", "3", "4", *[None] * 4,
-                                                           None, False, False, "mine now"]}
+        as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", None, "1", "2", "3", "4",
+                                                           *[None] * 4, None, False, False, "mine now"]}
         # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
         for response in (_gradio_post(anonymous.request, url, call, **as_victim),
                          anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
@@ -676,7 +677,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 14) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == 15) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 401  # the submit, refused before any handler runs (labeling/server.py)
             # The page says so, and it stays said.

@@ -148,3 +148,34 @@ def test_the_pages_reconnect_poll_is_answered_to_a_signed_in_page_only(store):
             assert answer.status_code == 200 and list(answer.json()) == ["app_id"], path
             assert answer.json()["app_id"] == alice.get("/config").json()["app_id"]
             assert httpx.get(url + path).status_code == 401
+
+
+def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
+    """The cookie is the browser's: once another tab of it signs in as bob, alice's open page makes bob's calls.
+    The server's record of page sessions' owners refused those, but it is in memory: after a restart, alice's
+    page submitted her ranks as bob's, mapped through bob's shuffle. Now the page carries the account it was
+    drawn for, and submit, drafts and skip refuse another's cookie, saying whose page it is."""
+    from labeling import handlers
+
+    store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
+    with served(store, overlap=2) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        bob_id = handlers.sign_in(store, "bob", PASSWORD)["annotator_id"]
+        pages = {}
+        for name, client in (("alice", alice), ("bob", bob)):  # who, admin tab, folder, message, task, account, ...
+            pages[name] = client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": f"{name}s-page"}
+                                      ).json()["data"][4:6]
+        task = pages["alice"][0]
+        assert pages == {"alice": [task, "alice"], "bob": [task, "bob"]}  # one task, both assigned it
+        ranks = ["1", "2", "3", "4", *[None] * 4]
+        refused = "this page was opened by alice; you are signed in as bob: reload to rank as bob"
+        # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
+        for path, data in (("do_submit", [task, "alice", 0.0, *ranks, None, False, False, "mine"]),
+                           ("do_draft", [task, "alice", *ranks]), ("do_skip", [task, "alice"])):
+            answer = bob.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "restarted"})
+            assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
+        assert store.draft(bob_id, task) is None and store.assignment_status(bob_id, task) == "assigned"
+        assert store.submitted_rankings() == []
+        answer = bob.post("/gradio_api/run/do_submit", json={  # bob's own page
+            "data": [task, "bob", 0.0, *ranks, None, False, False, ""], "session_hash": "bobs-page"})
+        assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]

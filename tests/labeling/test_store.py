@@ -96,6 +96,19 @@ def test_no_anonymous_writes(store):
         handlers.next_task(store, {})
 
 
+def test_a_page_drawn_for_another_account_is_refused_by_name(store):
+    """The account a page was drawn for must be the session's: the cookie changes under an open page when another
+    tab signs in as someone else."""
+    bob = session(store, "bob")
+    handlers.check_page_account(bob, "bob")
+    handlers.check_page_account(bob, "")  # a page loaded signed out claims nobody
+    with pytest.raises(handlers.AuthError, match="^this page was opened by ann; you are signed in as bob: "
+                                                 "reload to rank as bob$"):
+        handlers.check_page_account(bob, "ann")
+    with pytest.raises(handlers.AuthError):
+        handlers.check_page_account(None, "bob")
+
+
 def test_a_submit_stores_canonical_ranks_from_the_shuffled_view(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
