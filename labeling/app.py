@@ -44,7 +44,7 @@ GUIDELINES = Path(__file__).with_name("guidelines.md")
 
 SHORTCUTS = """**Keyboard** (outside text boxes): **a**-**d** select a response, **1**-**4** give the selected \
 response that rank and move to the next one (so `2 1 4 3` ranks A..D), **x** all are bad, **u** unsafe, \
-**s** skip, **Enter** or **Ctrl+Enter** submit (Ctrl+Enter also works in the rationale box). \
+**Alt+S** skip, **Enter** or **Ctrl+Enter** submit (Ctrl+Enter also works in the rationale box). \
 A/B tasks: **1** A better, **2** tie, **3** B better, **4** both bad."""
 
 CSS = """
@@ -142,8 +142,25 @@ PAGE_JS = """
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
     const done = e.target.closest && e.target.closest('#align-submit, #align-skip');
     // the button gives the focus back: left on Skip, the next task's Enter (submit) would click Skip
-    if (done) { sel = 0; reconnected.hidden = true; setTimeout(() => { done.blur(); mark(); }, 300); }
+    if (done) {
+      sel = 0; reconnected.hidden = true; setTimeout(() => { done.blur(); mark(); }, 300);
+      // a rank radio keeps the focus through the next task's drawing: a space would rank that task
+      const focused = document.activeElement;
+      if (focused && focused !== done && focused.closest && focused.closest('.align-response')) focused.blur();
+    }
   }, true);
+  // The keys wait SETTLE_MS after another task replaced the one on screen: a key pressed before the annotator
+  // could see the new task was meant for the old one. (Gradio sets the hidden task id's value, which no
+  // MutationObserver sees: it is read every 100 ms.)
+  const SETTLE_MS = 300;
+  const taskOnScreen = () => { const box = document.querySelector('#align-task-id input'); return box ? box.value : ''; };
+  let task = taskOnScreen(), replacedAt = 0;
+  const watch = () => {
+    const now = taskOnScreen();
+    // "0" or "": no task yet (the number box shows None as 0 until the page's load fills it in)
+    if (now !== task) { if (!['', '0'].includes(task)) replacedAt = Date.now(); task = now; sel = 0; mark(); }
+  };
+  setInterval(watch, 100);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
     if (!shown(submit)) return;
@@ -152,11 +169,17 @@ PAGE_JS = """
     const typing = t && (t.tagName === 'TEXTAREA' || t.isContentEditable ||
       (t.tagName === 'INPUT' && !['radio', 'checkbox'].includes(t.type)));
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); submit.click(); sel = 0; return; }
-    if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
+    watch();
+    if (typing || e.ctrlKey || e.metaKey || Date.now() - replacedAt < SETTLE_MS) return;
     const key = e.key.toLowerCase();
+    // Skip is Alt+S, never a bare key: a stray "s" (a rationale typed before its box had the focus) skipped a
+    // ranked task for good. e.code: Option+S on a Mac types "ß".
+    if (e.altKey) {
+      if (!e.shiftKey && (e.code === 'KeyS' || key === 's')) { e.preventDefault(); byId('align-skip').click(); sel = 0; }
+      return;
+    }
     // Enter on a focused button or link (the guidelines' links) is theirs
     if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
-    if (key === 's') { e.preventDefault(); byId('align-skip').click(); sel = 0; return; }
     if (key === 'u' || key === 'x') {
       const box = document.querySelector((key === 'u' ? '#align-unsafe' : '#align-all-bad') + ' input[type=checkbox]');
       if (shown(box)) { e.preventDefault(); box.click(); }

@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed", "blip"]
+              "replay", "locked", "framed", "blip", "stray"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -271,9 +271,10 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     prompt2, _ = shown_task(page)
     assert prompt2 != prompt
     page.locator("#align-progress").click()
-    page.keyboard.press("s")  # skip: a new task, no ranking
-    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p",
-                           arg=page.inner_text("#align-prompt"))
+    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced: they were meant for the old one
+    before = page.inner_text("#align-prompt")
+    page.keyboard.press("Alt+s")  # skip: a new task, no ranking
+    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p", arg=before)
     assert len(rankings_of(store, "keys")) == 1
     # Skip clicked with the mouse, then the next task ranked by keys: Enter submits it (the focus left on Skip
     # made Enter click Skip again, and the ranked task was skipped)
@@ -285,6 +286,33 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     page.keyboard.press("Enter")
     wait_for_message(page, "✅")
     assert len(wait_for_rows(store, "keys", 2)) == 2
+
+
+def test_stray_keys_neither_skip_nor_rank_the_next_task(served, page):
+    """A rationale typed before its box had the focus (the focus still on the last rank radio): its first "s"
+    skipped the fully ranked task for good, and a space then ranked the next task. Now skip is Alt+S (not in a
+    text box), and a rank radio loses the focus when the task is submitted or skipped."""
+    from labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "stray", PASSWORD)["annotator_id"]
+    sign_in(page, url, "stray")
+    first = int(page.input_value("#align-task-id input"))
+    rank_all(page, [2, 1, 4, 3])  # the focus stays on D's radio
+    page.keyboard.type("B is best", delay=20)
+    page.locator("#align-rationale textarea").press("Alt+s")  # in a text box: the box's, not a skip
+    page.wait_for_timeout(600)
+    assert int(page.input_value("#align-task-id input")) == first
+    assert store.assignment_status(annotator, first) == "assigned"
+    assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["2", "1", "4", "3"]
+    page.click("#rank-d label:has-text('3')")
+    page.keyboard.press("Alt+s")
+    page.wait_for_function("t => document.querySelector('#align-task-id input').value != t", arg=str(first))
+    assert store.assignment_status(annotator, first) == "skipped"
+    page.wait_for_timeout(400)
+    page.keyboard.press(" ")
+    page.wait_for_timeout(400)
+    assert page.locator(".align-response input:checked").count() == 0
 
 
 def test_a_partial_ranking_survives_a_reload(served, browser):
