@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from sqlalchemy.exc import SQLAlchemyError
 
 from labeling import auth, handlers
 from labeling.playground import PlaygroundError, ServeClient, conversation_html
@@ -246,6 +247,14 @@ def _agreement(agreement: dict) -> str:
 
 
 SESSION_ENDED = auth.SESSION_ENDED[:1].upper() + auth.SESSION_ENDED[1:] + "."
+# A store that cannot answer (SQLite's write lock held past its 30 s busy timeout by another process,
+# PostgreSQL unreachable): the handlers say so in these words and log the detail, never the exception's
+# own text (SQL, parameters, paths).
+STORE_ERRORS = (SQLAlchemyError, OSError)
+NOT_SAVED = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
+             "press Submit again in a moment.")
+NOT_SKIPPED = "Not skipped: the store is busy or unreachable. Press Skip again in a moment."
+NO_TASK = "The store is busy or unreachable, so no task could be fetched: reload the page in a moment."
 
 
 def _note(text: str, icon: str = "", error: bool = False) -> str:
@@ -443,13 +452,17 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         signed_out = _note(SESSION_ENDED, "⚠️", error=True)
 
         def do_load(request: gr.Request):
-            sess = signed_in(request)
-            if sess is None:
-                return ["", gr.update(visible=False), "", signed_out, *show(None, None)]
-            admin = bool(sess.get("is_admin"))
-            # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from the
-            # annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
-            task = next_for(sess, new=not admin)
+            try:
+                sess = signed_in(request)
+                if sess is None:
+                    return ["", gr.update(visible=False), "", signed_out, *show(None, None)]
+                admin = bool(sess.get("is_admin"))
+                # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from
+                # the annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
+                task = next_for(sess, new=not admin)
+            except STORE_ERRORS:
+                log.exception("page load: the store failed")
+                return ["", gr.update(visible=False), "", _note(NO_TASK, "⚠️", error=True), *unchanged]
             return [f"Signed in as <b>{html.escape(sess['name'])}</b>{' (admin)' if admin else ''}",
                     gr.update(visible=admin), folder_note if admin else "", "", *show(task, sess, idle=admin)]
 
@@ -460,12 +473,20 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
           document.body.appendChild(form); form.submit();
         }""")
 
+        def moved_on(sess: dict, note: str) -> list:
+            """`note` and the next task on the page; when the store cannot hand one out, `note` and what to do."""
+            try:
+                return [note, *show(next_for(sess), sess)]
+            except STORE_ERRORS:
+                log.exception("no next task for %s: the store failed", sess["name"])
+                return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
+
         def do_submit(request: gr.Request, current, page_account, started, *values):
             rank_values, (verdict, bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
-            sess = signed_in(request)
-            if sess is None:
-                return [signed_out, *unchanged]
             try:
+                sess = signed_in(request)
+                if sess is None:
+                    return [signed_out, *unchanged]
                 handlers.check_page_account(sess, page_account)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
                                          unsafe=bool(is_unsafe), rationale=why or "",
@@ -473,13 +494,16 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
             except (ValueError, KeyError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
+            except STORE_ERRORS:
+                log.exception("submit of task %s not saved: the store failed", current)
+                return [_note(NOT_SAVED, "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
-                return [_note(result["message"], "⚠️", error=True), *show(next_for(sess), sess)]
+                return moved_on(sess, _note(result["message"], "⚠️", error=True))
             if not result["created"]:
                 # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
                 # shows by now (the first submit's answer put the next task there).
                 return [_note(result["message"], "✅"), *unchanged]
-            return [_note(result["message"], "✅"), *show(next_for(sess), sess)]
+            return moved_on(sess, _note(result["message"], "✅"))
 
         def drafting(own: str | None):
             """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted
@@ -488,21 +512,23 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
             def do_draft(request: gr.Request, current, page_account, *values):
                 rank_values, value = values[:MAX_K], values[MAX_K] if own else None
-                sess = signed_in(request)
-                if sess is None:
-                    return signed_out
-                if current is None:
-                    return gr.skip()
                 given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
                 try:
+                    sess = signed_in(request)
+                    if sess is None:
+                        return signed_out
+                    if current is None:
+                        return gr.skip()
                     handlers.check_page_account(sess, page_account)
-                except handlers.AuthError as err:
-                    return _note(str(err), "⚠️", error=True)
-                try:
                     handlers.save_draft(store, sess, current, list(rank_values),
                                         **({own: given[own]} if own else {}))
+                except handlers.AuthError as err:
+                    return _note(str(err), "⚠️", error=True)
                 except (ValueError, KeyError, PermissionError) as err:
                     log.warning("draft of task %s not saved: %s", current, err)
+                except STORE_ERRORS:
+                    log.exception("draft of task %s not saved: the store failed", current)
+                    return _note(NOT_SAVED, "⚠️", error=True)
                 return gr.skip()
 
             return do_draft
@@ -514,16 +540,19 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                          trigger_mode="always_last", show_progress="hidden")
 
         def do_skip(current, page_account, request: gr.Request):
-            sess = signed_in(request)
-            if sess is None:
-                return [signed_out, *unchanged]
             try:
+                sess = signed_in(request)
+                if sess is None:
+                    return [signed_out, *unchanged]
                 handlers.check_page_account(sess, page_account)
                 if current is not None:
                     handlers.skip(store, sess, current)
             except (ValueError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⚠️", error=True), *unchanged]
-            return [_note(f"Skipped task {int(current)}.") if current is not None else "", *show(next_for(sess), sess)]
+            except STORE_ERRORS:
+                log.exception("skip of task %s not saved: the store failed", current)
+                return [_note(NOT_SKIPPED, "⚠️", error=True), *unchanged]
+            return moved_on(sess, _note(f"Skipped task {int(current)}.") if current is not None else "")
 
         # do_submit's trigger_mode ("once") ignores clicks while a submit is pending; disabling the button
         # first makes that visible. The submit names its task, so a replayed request is "already saved".

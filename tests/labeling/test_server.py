@@ -7,6 +7,7 @@ signed-in client or another site's page can send, and what the server answers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -179,3 +180,38 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         answer = bob.post("/gradio_api/run/do_submit", json={  # bob's own page
             "data": [task, "bob", 0.0, *ranks, None, False, False, ""], "session_hash": "bobs-page"})
         assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
+
+
+def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, monkeypatch, caplog):
+    """SQLite's write lock held past its busy timeout by another process (or PostgreSQL gone): the handlers
+    caught only the app's own errors, and the annotator read SQLAlchemy's text, "(sqlite3.OperationalError)
+    database is locked [SQL: BEGIN IMMEDIATE] ...". Now the page says the store is busy or unreachable and what
+    to do, and the detail goes to the server's log."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    def locked(*args, **kwargs):
+        raise OperationalError("BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked"))
+
+    store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        task = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4]
+        ranks = ["1", "2", "3", "4", *[None] * 4]
+        submit = [task, "alice", 0.0, *ranks, None, False, False, ""]
+        for method in ("save_ranking", "skip", "assign"):
+            monkeypatch.setattr(store, method, locked)
+        not_saved = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
+                     "press Submit again in a moment.")
+        for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", *ranks], not_saved),
+                                 ("do_skip", [task, "alice"], "Not skipped: the store is busy or unreachable"),
+                                 ("do_load", [], "no task could be fetched: reload the page in a moment")):
+            answer = alice.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "page"})
+            assert answer.status_code == 200 and said in answer.text, (path, answer.text[:300])
+            assert not re.search(r"(?i)sqlite|SQL:|OperationalError|locked", answer.text), (path, answer.text[:300])
+        logged = [r.getMessage() for r in caplog.records if r.exc_info and "database is locked" in str(r.exc_info[1])]
+        assert len(logged) == 4 and all("the store failed" in m for m in logged)
+        monkeypatch.undo()
+        answer = alice.post("/gradio_api/run/do_submit", json={"data": submit, "session_hash": "page"})
+        assert "Saved" in answer.text and len(store.submitted_rankings()) == 1
