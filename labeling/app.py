@@ -133,6 +133,30 @@ PAGE_JS = """
   const slots = () => [...'abcdefgh'].map((l) => byId('resp-' + l)).filter(shown);
   let sel = 0;
   const mark = () => slots().forEach((el, i) => el.classList.toggle('align-selected', i === sel));
+  // Screen readers and keyboards: each set of rank radios is a radiogroup named by its label ("Rank of A (1 =
+  // best)"), each radio "Rank of A: 2" (Gradio names them "1", "2", ... only), and a group's radios share one
+  // name (Gradio gives each its own, so Tab stopped on every radio and the arrow keys moved nowhere). Gradio
+  // draws the radios again when a task changes their choices: an observer labels them again.
+  const labelGroups = () => {
+    for (const [id, name] of [...'abcdefgh'].map((l) => ['rank-' + l, 'Rank of ' + l.toUpperCase()])
+                              .concat([['align-pairwise', '']])) {
+      const group = byId(id);
+      if (!group) continue;
+      const label = group.querySelector('[data-testid="block-info"]');
+      if (label && label.id !== id + '-label') label.id = id + '-label';
+      if (group.getAttribute('role') !== 'radiogroup') group.setAttribute('role', 'radiogroup');
+      if (label && group.getAttribute('aria-labelledby') !== label.id) group.setAttribute('aria-labelledby', label.id);
+      for (const input of group.querySelectorAll('input[type=radio]')) {
+        if (input.name !== id + '-choice') input.name = id + '-choice';
+        if (name && input.getAttribute('aria-label') !== name + ': ' + input.value) input.setAttribute('aria-label', name + ': ' + input.value);
+      }
+    }
+  };
+  let labelling = false;
+  new MutationObserver(() => {
+    if (!labelling) { labelling = true; queueMicrotask(() => { labelling = false; labelGroups(); }); }
+  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['name']});
+  labelGroups();
   const clickRadio = (id, value) => {
     const input = document.querySelector('#' + id + ' input[type=radio][value="' + value + '"]');
     if (input) input.click();

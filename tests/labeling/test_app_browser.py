@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed", "blip", "stray"]
+              "replay", "locked", "framed", "blip", "stray", "aria"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -313,6 +313,39 @@ def test_stray_keys_neither_skip_nor_rank_the_next_task(served, page):
     page.keyboard.press(" ")
     page.wait_for_timeout(400)
     assert page.locator(".align-response input:checked").count() == 0
+
+
+def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served, page):
+    """A screen reader heard each rank radio as "1", "2", ... in no named group, and every radio had a name of
+    its own: Tab stopped on each, the arrow keys moved nowhere. Now each set is a radiogroup named by its label,
+    its radios "Rank of A: 1", ...; Tab goes group to group and an arrow key moves the rank (a draft, as a
+    click), on the next task too (Gradio draws its radios again)."""
+    from labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "aria", PASSWORD)["annotator_id"]
+    sign_in(page, url, "aria")
+    prompt, bodies = shown_task(page)
+    for letter in "ABCD":
+        group = page.get_by_role("radiogroup", name=f"Rank of {letter} (1 = best)")
+        assert [group.get_by_role("radio", name=f"Rank of {letter}: {r}").count() for r in range(1, 5)] == [1] * 4
+    page.get_by_role("radio", name="Rank of A: 1").click()
+    page.keyboard.press("ArrowRight")
+    assert page.locator("#rank-a input:checked").get_attribute("value") == "2"
+    task_id, draft = canonical(store, prompt, bodies, [2, 0, 0, 0])
+    deadline = time.monotonic() + 10
+    while store.draft(annotator, task_id) != draft and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.draft(annotator, task_id) == draft
+    page.keyboard.press("Tab")  # the next group, not A's next radio
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of B: 1"
+    page.locator("#align-progress").click()
+    page.keyboard.type("2143")
+    page.keyboard.press("Enter")
+    wait_for_message(page, "✅")
+    page.wait_for_function("p => document.querySelector('#align-prompt .align-text').innerText !== p", arg=prompt)
+    group = page.get_by_role("radiogroup", name="Rank of C (1 = best)")
+    group.get_by_role("radio", name="Rank of C: 4").wait_for()
 
 
 def test_a_partial_ranking_survives_a_reload(served, browser):
