@@ -132,7 +132,11 @@ PAGE_JS = """
   const byId = (id) => document.getElementById(id);
   const slots = () => [...'abcdefgh'].map((l) => byId('resp-' + l)).filter(shown);
   let sel = 0;
-  const mark = () => slots().forEach((el, i) => el.classList.toggle('align-selected', i === sel));
+  // `scroll`: a selection made by key is scrolled into view (with eight responses E..H are below the fold)
+  const mark = (scroll) => slots().forEach((el, i) => {
+    el.classList.toggle('align-selected', i === sel);
+    if (scroll && i === sel) el.scrollIntoView({block: 'nearest'});
+  });
   // Screen readers and keyboards: each set of rank radios is a radiogroup named by its label ("Rank of A (1 =
   // best)"), each radio "Rank of A: 2" (Gradio names them "1", "2", ... only), and a group's radios share one
   // name (Gradio gives each its own, so Tab stopped on every radio and the arrow keys moved nowhere). Gradio
@@ -218,13 +222,13 @@ PAGE_JS = """
     }
     const list = slots();
     const letter = 'abcdefgh'.indexOf(key);
-    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(); return; }
+    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(true); return; }
     const rank = parseInt(key, 10);
     if (rank >= 1 && rank <= list.length) {
       e.preventDefault();
       if (sel >= list.length) sel = 0;
       if (clickRadio('rank-' + 'abcdefgh'[sel], String(rank))) sel = Math.min(sel + 1, list.length - 1);
-      mark();
+      mark(true);
     }
   });
 }

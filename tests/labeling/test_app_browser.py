@@ -348,6 +348,34 @@ def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served
     group.get_by_role("radio", name="Rank of C: 4").wait_for()
 
 
+def test_a_response_selected_by_key_is_scrolled_into_view(tmp_path, browser):
+    """Eight responses on a 1280x720 window: E..H are below the fold, and selecting them by key only moved the
+    highlight, so the annotator ranked responses she could not see. Now the selected one is scrolled into view."""
+    store = new_store(tmp_path)
+    store.add_user("eight", PASSWORD)
+    store.add_tasks("k8", [{"prompt": "How do I export my notes?",
+                            "responses": [f"Answer {i}. " + "Some words here. " * (4 + 6 * i) for i in range(8)]}])
+    page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    in_view = "l => { const r = document.getElementById('resp-' + l).getBoundingClientRect(); " \
+              "return r.top > -1 && r.bottom < innerHeight + 1; }"  # whole, give or take a rounding
+    try:
+        with running(store) as url:
+            sign_in(page, url, "eight")
+            assert not page.evaluate(in_view, "e")
+            page.locator("#align-progress").click()
+            page.keyboard.type("1234")  # A..D ranked: E is selected
+            page.wait_for_function(in_view, arg="e")
+            assert page.evaluate(in_view, "e")
+            page.keyboard.press("h")
+            page.wait_for_function(in_view, arg="h")
+            page.keyboard.press("a")
+            page.wait_for_function(in_view, arg="a")
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
 def test_a_partial_ranking_survives_a_reload(served, browser):
     """Ranks, flags and the rationale set before a reload (or a crash of the tab) are saved as a draft and
     shown again."""
