@@ -161,6 +161,23 @@ PAGE_JS = """
     if (!labelling) { labelling = true; queueMicrotask(() => { labelling = false; labelGroups(); }); }
   }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['name']});
   labelGroups();
+  // The rationale box stops at its maxlength without a word (a paste past it is cut): the page says so below it
+  // while the box is full. The note is made on demand, so a redraw of the box by Gradio loses nothing.
+  document.addEventListener('input', (e) => {
+    const box = e.target, block = byId('align-rationale');
+    if (!block || !block.contains(box) || box.tagName !== 'TEXTAREA') return;
+    const full = box.maxLength > 0 && box.value.length >= box.maxLength;
+    let note = byId('align-rationale-full');
+    if (!note && full) {
+      note = document.createElement('p');
+      note.id = 'align-rationale-full';
+      note.className = 'align-error';
+      note.setAttribute('role', 'status');
+      note.textContent = %s;
+      block.appendChild(note);
+    }
+    if (note) note.hidden = !full;
+  }, true);
   const clickRadio = (id, value) => {
     const input = document.querySelector('#' + id + ' input[type=radio][value="' + value + '"]');
     if (input) input.click();
@@ -235,12 +252,15 @@ PAGE_JS = """
 """
 
 
+RATIONALE_FULL = (f"A rationale holds at most {handlers.MAX_RATIONALE:,} characters: this one is full, and text "
+                  "typed or pasted past that was not taken.")
 RECONNECTED = ("The connection to the server was lost and the page has reloaded: it shows what is saved. A rank, "
                "flag or rationale set while the connection was down may be missing: check them, then submit.")
 
 
 def _js() -> str:
-    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {RECONNECTED}"))
+    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {RECONNECTED}"),
+                      json.dumps(f"⚠️ {RATIONALE_FULL}"))
 
 
 def _table(rows: list[dict] | None) -> Any:
@@ -371,7 +391,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     all_bad = gr.Checkbox(label="All are bad", elem_id="align-all-bad")
                     unsafe = gr.Checkbox(label="Unsafe (harmful, leaks data, dangerous advice)",
                                          elem_id="align-unsafe")
-                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="align-rationale",
+                rationale = gr.Textbox(label=f"Rationale (optional, at most {handlers.MAX_RATIONALE:,} characters)",
+                                       lines=2, elem_id="align-rationale",
                                        max_length=handlers.MAX_RATIONALE)
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="align-submit")

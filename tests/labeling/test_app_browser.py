@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed", "blip", "stray", "aria"]
+              "replay", "locked", "framed", "blip", "stray", "aria", "wordy"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -374,6 +374,22 @@ def test_a_response_selected_by_key_is_scrolled_into_view(tmp_path, browser):
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()
+
+
+def test_a_rationale_cut_at_its_limit_says_so(served, page):
+    """The rationale box stops at 5,000 characters (its maxlength): a longer paste was cut without a word. Now
+    the label gives the limit and a note under the box says while it is full that the rest was not taken."""
+    url, store, _ = served
+    sign_in(page, url, "wordy")
+    assert "at most 5,000 characters" in page.inner_text("#align-rationale")
+    box = page.locator("#align-rationale textarea")
+    box.click()
+    page.keyboard.insert_text("x" * 6000)  # as a paste inserts it
+    assert len(box.input_value()) == 5000
+    page.wait_for_selector("#align-rationale-full", state="visible")
+    assert "at most 5,000 characters" in page.inner_text("#align-rationale-full")
+    box.press("Backspace")
+    page.wait_for_selector("#align-rationale-full", state="hidden")
 
 
 def test_a_partial_ranking_survives_a_reload(served, browser):
