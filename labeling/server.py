@@ -321,8 +321,10 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
         return response
 
     blocks.queue(default_concurrency_limit=8)
+    # show_error=False: an exception's own text (SQL, a path, model text in a message) stays in the server's log;
+    # the page shows what a handler raises as gr.Error, which Gradio shows either way.
     gr.mount_gradio_app(
-        app, blocks, path="/", show_error=True, footer_links=[], run_history=False,
+        app, blocks, path="/", show_error=False, footer_links=[], run_history=False,
         # Gradio's routes ask this too; the middleware has already refused anyone it would say None for.
         auth_dependency=lambda request: (getattr(request.state, "align_session", None) or {}).get("name"),
     )

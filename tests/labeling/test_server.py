@@ -215,3 +215,20 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
         monkeypatch.undo()
         answer = alice.post("/gradio_api/run/do_submit", json={"data": submit, "session_hash": "page"})
         assert "Saved" in answer.text and len(store.submitted_rankings()) == 1
+
+
+def test_an_unexpected_error_shows_the_page_no_detail(store, monkeypatch):
+    """A handler's uncaught exception (here the admin's statistics) reached the page with its own text under
+    show_error=True: a path, SQL, model text quoted in a message. The page gets Gradio's bare error; the text
+    stays in the server's log."""
+    from labeling import handlers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("detail of /srv/secret/labels.db")
+
+    monkeypatch.setattr(handlers, "admin_stats", broken)
+    with served(store) as url:
+        boss = signed_in(url, "boss")
+        answer = boss.post("/gradio_api/run/do_refresh", json={"data": [], "session_hash": "admin-page"})
+        assert answer.status_code >= 400 or '"error"' in answer.text, answer.text[:300]
+        assert "secret" not in answer.text and "RuntimeError" not in answer.text, answer.text[:300]
