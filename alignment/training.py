@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,7 +109,9 @@ def lr_scheduler(optimizer, train: TrainConfig):
     warmed up over train.warmup_ratio of train.max_steps."""
     from transformers import get_scheduler
 
-    return get_scheduler(lr_schedule(train), optimizer, int(train.warmup_ratio * train.max_steps), train.max_steps)
+    # Rounded up, as transformers' TrainingArguments.get_warmup_steps does: 5 % of 10 steps warms up over one.
+    warmup = math.ceil(train.warmup_ratio * train.max_steps)
+    return get_scheduler(lr_schedule(train), optimizer, warmup, train.max_steps)
 
 
 def final_eval(trainer: Any) -> dict[str, float]:

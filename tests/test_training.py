@@ -318,3 +318,5 @@ def test_a_constant_schedule_warms_up_when_a_warmup_is_asked_for(tmp_path):
 
     assert rates(["train.warmup_ratio=0.5"]) == [[0.0, 5e-4, 1e-3, 1e-3]] * 2
     assert rates(["train.warmup_ratio=0"]) == [[1e-3] * 4] * 2
+    # A warm-up shorter than a step is one step in both, as transformers rounds it up (ppo's rounded it away)
+    assert rates(["train.warmup_ratio=0.05"]) == [[0.0, 1e-3, 1e-3, 1e-3]] * 2
