@@ -135,6 +135,10 @@ def test_a_dora_adapter_on_a_4bit_base_runs_as_trained_in_sample_eval_and_serve(
               "eval": load_adapters({"sft": adapter}, EvalStageConfig(model=cfg))[0],
               "serve": engine.model}
     for name, model in loaded.items():
+        # The repack happens only on CPUs with AVX512-BF16 (bitsandbytes' has_avx512bf16): elsewhere the logits
+        # below match either way, so the switch itself is checked too, whatever the machine.
+        flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert flags and not any(flags), f"{name}: the repack is left on for {sum(flags)} of {len(flags)} layers"
         with torch.no_grad():
             for forward in ("first", "second"):
                 diff = (model(input_ids=ids).logits - expected).abs().max().item()

@@ -620,6 +620,9 @@ def test_a_dora_reward_model_on_a_4bit_base_scores_as_trained(tiny_model, tmp_pa
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
     trained = PeftModel.from_pretrained(reward_base(cfg, plan), str(tmp_path / "reward")).eval()  # repack off
     loaded, _ = load_reward_model(tmp_path / "reward", plan)
+    # Only CPUs with AVX512-BF16 repack (the scores below match elsewhere either way): the switch, on any machine
+    flags = [m.support_avx512bf16_for_cpu for m in loaded.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert flags and not any(flags)
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
         scores = [loaded(input_ids=ids).logits for _ in range(2)]
