@@ -10,6 +10,7 @@ A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat mes
 chosen/rejected = one assistant turn). Without `prompt`, chosen and rejected may be whole
 conversations: their shared leading turns become the prompt, which must end with the user's turn,
 and neither side may hold one (conversations that part before their last answer are refused).
+A `system` field is the prompt's leading system turn, as in SFT data (beside a system message: an error).
 Provenance columns are kept when present: task_id (the ranking a pair came from), batch,
 annotators, agreement, margin, source, prompt_id, votes_chosen / votes_rejected (annotators who
 ordered the pair each way), tie (a tie kept by ties=margin0; align dpo leaves it out), chosen_finished / rejected_finished (false: the response was cut at the
@@ -38,6 +39,7 @@ from torch.utils.data import Sampler
 
 from alignment.data import (
     DataError,
+    _with_system_field,
     iter_records,
     json_kind,
     load_dataset_folder,
@@ -179,6 +181,8 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
                                 "before the answer in 'prompt' and only the answer in 'chosen' and 'rejected'")
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are identical (a pair must prefer one answer)")
+    # A `system` field (LLaMA-Factory style), as SFT reads it: the prompt's leading system turn.
+    prompt = _with_system_field(record, prompt, where, "prompt" if record.get("prompt") is not None else "chosen")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_provenance(record, where)}
 
 

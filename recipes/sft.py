@@ -179,7 +179,9 @@ def main(cfg: SFTStageConfig) -> Path:
     write_manifest(
         out, stage="sft", config=to_dict(cfg), base_model=cfg.model.name,
         parents={}, metrics=metrics, device_plan=levers, gpu_peak_mib=peak_gpu_mib(),
-        system_prompt=cfg.data.system_prompt,  # every later stage prompts this policy with it (system_prompt_of)
+        # Every later stage prompts this policy with it (system_prompt_of): data.system_prompt, else the system turn
+        # every training example opens with (records' `system` field or their own system message).
+        system_prompt=cfg.data.system_prompt or data_report.system,
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": cut,
               "dropped_prompt_too_long": counts["dropped"], "train": counts["train"], "eval": counts["eval"],

@@ -73,6 +73,30 @@ def test_a_records_system_field_and_alpacas_history_are_turns_not_dropped(tmp_pa
     assert load_sft_dataset(chat)[0]["prompt"] == [[system, *USER]]
 
 
+def test_the_system_turn_every_example_opens_with_is_reported_and_different_ones_are_warned_about(tmp_path, caplog):
+    """Without data.system_prompt, the system turn every example opens with (a `system` field or the conversation's
+    own) is the report's `system`, which the SFT manifest records; different ones are warned about once, since
+    later stages then prompt the policy without any."""
+    same = write_jsonl(tmp_path / "same.jsonl", [
+        {"system": "Answer in French.", "messages": [*USER, *ASSISTANT]},
+        {"messages": [{"role": "system", "content": "Answer in French."}, *USER, *ASSISTANT]}])
+    assert load_sft_dataset(same)[1].system == "Answer in French."
+    assert load_sft_dataset(same, system_prompt="Be brief.")[1].system is None  # data.system_prompt is recorded
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"system": "Answer in French.", "prompt": "How do I export a note?", "completion": "Fichier > Exporter."},
+        {"system": "Answer in German.", "prompt": "How do I export a note?", "completion": "Datei > Exportieren."},
+        {"prompt": "How do I export a note?", "completion": "File > Export."}])
+    with caplog.at_level("WARNING"):
+        _, report = load_sft_dataset(mixed)
+    assert report.system is None
+    warned = [r.getMessage() for r in caplog.records if "system turn" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3 examples open with a system turn (2 different ones)" in warned[0]
+    assert "data.system_prompt" in warned[0]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "How do I export a note?", "completion": "File > Export."}])
+    caplog.clear()
+    assert load_sft_dataset(plain)[1].system is None and not caplog.records
+
+
 @pytest.mark.parametrize("record, problem", [
     ({"history": [["Hi"]]}, r"history\[0\] must be a \[query, response\] pair of strings, got \[\"Hi\"\]"),
     ({"history": "Hi"}, r"field 'history' must be a list of \[query, response\] pairs \(the earlier turns\), got string"),

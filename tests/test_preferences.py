@@ -93,6 +93,22 @@ def test_ultrafeedback_sides_that_repeat_the_prompt_are_cut_to_the_answer(tmp_pa
     assert row["prompt"] == USER and row["chosen"] == [{"role": "assistant", "content": "Open Settings."}]
 
 
+def test_a_records_system_field_is_the_prompts_system_turn_as_in_sft(tmp_path):
+    """LLaMA-Factory's `system` field, which SFT trains as a leading system turn, was dropped from a pair: DPO and
+    the reward model then saw the prompt without the system turn the policy was trained with."""
+    system = {"role": "system", "content": "Answer in French."}
+    answers = {"chosen": "Ouvrez Réglages.", "rejected": "No."}
+    hh = {"chosen": [*USER, {"role": "assistant", "content": "Ouvrez Réglages."}],
+          "rejected": [*USER, {"role": "assistant", "content": "No."}]}
+    path = write_jsonl(tmp_path / "s.jsonl", [
+        {"system": "Answer in French.", "prompt": "How do I sync?", **answers},
+        {"system": "Answer in French.", "prompt": [system, *USER], **answers},  # the same turn, given twice: once
+        {"system": "Answer in French.", **hh},  # implicit prompt
+        {"system": "", "prompt": "How do I sync?", **answers}])  # empty: no turn, as in SFT
+    prompts = load_preferences(path, test_fraction=0)[0]["train"]["prompt"]
+    assert prompts == [[system, *USER]] * 3 + [USER]
+
+
 def test_parquet_and_save_to_disk_folders(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -148,12 +164,15 @@ BAD = [
      r"missing field 'prompt'"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
       "rejected": "b"}, r"'chosen' holds a user turn that is not the prompt's"),
+    ({"system": "Be brief.", "prompt": [{"role": "system", "content": "Be kind."}, *USER], "chosen": "a",
+      "rejected": "b"}, r"field 'system' and a system message in 'prompt'"),
+    ({"system": 3, "prompt": "q", "chosen": "a", "rejected": "b"}, r"field 'system' must be a string, got number"),
 ]
 
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
            "wrong-type", "margin-text", "agreement-range", "weight-1e309", "margin-infinity", "p-chosen-nan",
-           "no-prompt", "user-turn-in-side"]
+           "no-prompt", "user-turn-in-side", "system-twice", "system-not-text"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)

@@ -171,3 +171,14 @@ def test_ppo_rollouts_and_their_reward_use_it(run, tmp_path, monkeypatch, on_pol
     assert len(rollouts) == 2 and all(text.startswith(TURN) for text in rollouts), rollouts
     assert len(scored) == 2 and all(m[0] == {"role": "system", "content": SYSTEM} for m in scored), scored
     assert manifest(tmp_path / "ppo")["system_prompt"] == SYSTEM
+
+
+def test_without_data_system_prompt_sft_records_the_system_turn_every_example_opens_with(tiny_model, tmp_path):
+    """Records that each carry the same `system` field train after that system turn: align.json records it, so
+    sample, DPO, reward, eval and serve prompt the policy with the system turn it was trained with."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"system": SYSTEM, "instruction": f"Ticket {i}: where is Sync?",
+                                         "output": "Open Settings, then tap Sync."}) for i in range(4)) + "\n")
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={sft}", f"run.dir={tmp_path / 'run'}",
+                  "train.max_steps=1", "data.eval_fraction=0", *FAST]) == 0
+    assert system_prompt_of(tmp_path / "run" / "sft") == SYSTEM
