@@ -60,18 +60,36 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
     return order
 
 
-# Characters a page draws as nothing, or that change how the text around them reads: every format character
-# (Unicode category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width U+200B-200D,
-# U+2060 and U+FEFF; the tag characters U+E0001-E007F, which spell hidden ASCII; the soft hyphen ...) and the
-# other default-ignorable ones that are not combining marks (Hangul fillers, U+2065, U+FFF0-FFF8, the whole
-# U+E0000 block: tags, ideographic variation selectors, reserved). "Yes, we \u202esyad 41 nihtiw dnufer ton
-# od\u202c." reads "Yes, we do not refund within 14 days." while it stores the opposite.
+# Characters a page draws as nothing, or that change how the text around them reads: format characters (Unicode
+# category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width U+200B, U+2060 and U+FEFF;
+# the invisible operators U+2061-2064, the annotation characters U+FFF9-FFFB; the tag characters U+E0001-E007F,
+# which spell hidden ASCII) and the other default-ignorable ones that are not combining marks (Hangul fillers,
+# U+2065, U+FFF0-FFF8, the whole U+E0000 block: tags, ideographic variation selectors, reserved). "Yes, we
+# \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes, we do not refund within 14 days." while it stores the
+# opposite. Ordinary text is left alone (_ORDINARY): the soft hyphen; ZWNJ and ZWJ between two letters or marks
+# (Persian and Urdu words, Indic conjuncts) and ZWJ between two emoji (👩‍💻); the tags of a subdivision flag
+# (U+1F3F4, tags, U+E007F: 🏴 England).
 _INVISIBLE = {0x115F, 0x1160, 0x2065, 0x3164, 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_SOFT_HYPHEN, _ZWNJ, _ZWJ, _VS16 = "\u00ad", "\u200c", "\u200d", "\ufe0f"
+_EMOJI_TAGS = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
 
 
 def _hidden(char: str) -> bool:
     return ord(char) in _INVISIBLE or unicodedata.category(char) == "Cf"
+
+
+def _ordinary(char: str, before: str, after: str) -> bool:
+    """Whether hidden `char` between `before` and `after` ("" at an end) is part of ordinary text (_INVISIBLE)."""
+    if char == _SOFT_HYPHEN:
+        return True
+    if char not in (_ZWNJ, _ZWJ) or not before or not after:
+        return False
+    kind, next_kind = unicodedata.category(before), unicodedata.category(after)
+    if kind[0] in "LM" and next_kind[0] in "LM":
+        return True
+    # An emoji ZWJ sequence: the emoji before may end in a skin tone (Sk) or the emoji presentation selector.
+    return char == _ZWJ and (kind in ("So", "Sk") or before == _VS16) and next_kind == "So"
 
 
 # Combining marks kept on one character: no script needs more (Vietnamese 2, pointed Hebrew 4), while a letter with
@@ -87,7 +105,9 @@ def _visible(escaped: str) -> tuple[str, int, int]:
     def mark(run: re.Match) -> str:
         nonlocal hidden, cut
         out, marks, dropped = [], 0, 0
-        for char in run.group():
+        text, start = run.string, run.start()
+        flags = {i for m in _EMOJI_TAGS.finditer(run.group()) for i in range(m.start() + 1, m.end())}
+        for i, char in enumerate(run.group()):
             if unicodedata.category(char).startswith("M"):
                 marks += 1
                 if marks > MAX_MARKS:
@@ -98,7 +118,8 @@ def _visible(escaped: str) -> tuple[str, int, int]:
             if dropped:
                 out.append(f'<span class="align-hidden">⟨{dropped:,} combining marks cut⟩</span>')
                 cut, dropped = cut + dropped, 0
-            if _hidden(char):
+            at = start + i
+            if _hidden(char) and i not in flags and not _ordinary(char, text[at - 1:at], text[at + 1:at + 2]):
                 hidden += 1
                 out.append(f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>')
             else:

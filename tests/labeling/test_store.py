@@ -559,11 +559,24 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
     assert ('<span class="align-hidden">⟨U+202E⟩</span>syad 41 nihtiw dnufer ton od'
             '<span class="align-hidden">⟨U+202C⟩</span>.') in shown
     assert shown.startswith('<p class="align-warn">⚠️ holds 2 hidden or direction characters')
-    for char in ("\u2066", "\u2069", "\u200e", "\u200f", "\u061c", "\u200b", "\u200c", "\u200d", "\u2060",
-                 "\ufeff", "\U000e0000", "\U000e0041", "\U000e007f", "\u00ad", "\u3164", "\U000e0100"):
+    for char in ("\u2066", "\u2069", "\u200e", "\u200f", "\u061c", "\u200b", "\u2060", "\u2062", "\ufff9",
+                 "\ufeff", "\U000e0000", "\U000e0041", "\U000e007f", "\u3164", "\U000e0100"):
         assert f"⟨U+{ord(char):04X}⟩" in handlers.text_html(f"a{char}b") and char not in handlers.text_html(f"a{char}b")
-    for plain in ("שלום (בכרטיס שלך).", "Grüße, café, 東京, emoji 🙂", "x" * 100):
-        assert "align-warn" not in handlers.text_html(plain) and plain in handlers.text_html(plain)
+    # ZWNJ and ZWJ outside a word or an emoji sequence; tags outside a well-formed flag sequence.
+    for text, char in [("a \u200c b", "\u200c"), ("\u200dsyad", "\u200d"), ("🙂\u200d.", "\u200d"),
+                       ("\U0001F3F4\U000e0067\U000e0062", "\U000e0067"), ("x\U000e0067\U000e007f", "\U000e007f")]:
+        assert f"⟨U+{ord(char):04X}⟩" in handlers.text_html(text), text
+
+
+def test_ordinary_text_with_format_characters_is_not_flagged():
+    """ZWNJ inside Persian and Urdu words, ZWJ and ZWNJ in Indic conjuncts, emoji ZWJ sequences, the soft hyphen and a
+    subdivision flag's tag characters are how these texts are written: shown as they are, with no warning line."""
+    for plain in ("שלום (בכרטיס שלך).", "Grüße, café, 東京, emoji 🙂", "x" * 100,
+                  "من می\u200cخواهم یادداشت\u200cهایم را همگام کنم.", "क्\u200dष and क्\u200cष",
+                  "Done! \U0001F469\u200d\U0001F4BB \U0001F469\U0001F3FD\u200d\U0001F4BB \u2764\ufe0f\u200d\U0001F525",
+                  "synchro\u00adnisation", "Go \U0001F3F4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f!"):
+        shown = handlers.text_html(plain)
+        assert "align-warn" not in shown and plain in shown, plain
 
 
 def test_combining_marks_past_four_on_one_character_are_cut_with_a_count():
