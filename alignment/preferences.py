@@ -2,7 +2,7 @@
 
 Accepted, for `align reward` and `align dpo`:
   a `datasets.save_to_disk` folder (what `align export` writes): a DatasetDict with train[/test]
-  splits, or a single Dataset;
+  splits (no test: validation is the held-out split, as in SFT), or a single Dataset;
   .jsonl, .json (a list or JSON lines) and .parquet files, one pair per record.
 
 A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat messages
@@ -38,6 +38,7 @@ from typing import Any
 from torch.utils.data import Sampler
 
 from alignment.data import (
+    HELD_OUT_SPLITS,
     DataError,
     _with_system_field,
     iter_records,
@@ -203,12 +204,15 @@ def _iter_folder(path: Path) -> Iterator[tuple[str, str, Any]]:
     splits = dict(ds) if isinstance(ds, DatasetDict) else {"train": ds} if isinstance(ds, Dataset) else {}
     if "train" not in splits:
         raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(splits)})")
-    unknown = [s for s in splits if s not in ("train", "test")]
+    # SFT's rule (HELD_OUT_SPLITS): the held-out pairs are `test`, else `validation`, as given.
+    held_out = next((s for s in HELD_OUT_SPLITS if s in splits), None)
+    unknown = [s for s in splits if s not in ("train", held_out)]
     if unknown:
-        log.warning("%s: ignoring splits %s (only train and test are used)", path, unknown)
-    for split in ("train", "test"):
-        for i, row in enumerate(splits.get(split, [])):
-            yield split, f"{path} {split} row {i}", row
+        log.warning("%s: ignoring splits %s (only train%s are used)", path, unknown,
+                    f", and {held_out} as the held-out set," if held_out else "")
+    for split, role in (("train", "train"), (held_out, "test")):
+        for i, row in enumerate(splits.get(split, []) if split else []):
+            yield role, f"{path} {split} row {i}", row
 
 
 def _rows_to_dataset(rows: list[dict[str, Any]]):

@@ -129,6 +129,13 @@ def test_parquet_and_save_to_disk_folders(tmp_path):
     assert (len(data["train"]), len(data["test"]), report.split) == (6, 3, "given")
     assert data["test"]["task_id"] == ["t2"] * 3
 
+    # No test split: validation is the held-out one, as SFT reads it; another split is ignored, with a warning.
+    DatasetDict({"train": Dataset.from_list(pairs(6)), "validation": Dataset.from_list(conv[6:]),
+                 "extra": Dataset.from_list(pairs(2))}).save_to_disk(str(tmp_path / "validation"))
+    data, report = load_preferences(tmp_path / "validation", test_fraction=0.5)
+    assert (len(data["train"]), len(data["test"]), report.split) == (6, 3, "given")
+    assert data["test"]["task_id"] == ["t2"] * 3
+
     # A single saved Dataset: split by prompt.
     Dataset.from_list(pairs(10)).save_to_disk(str(tmp_path / "single"))
     data, report = load_preferences(tmp_path / "single", test_fraction=0.3)
