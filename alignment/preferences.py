@@ -111,9 +111,15 @@ def _provenance(record: dict, where: str) -> dict[str, Any]:
         if value is None:
             continue
         # Finite: JSON's 1e309 and Python's Infinity read as inf, and one infinite weight makes every weight
-        # 0 or NaN once the reward stage normalises them to mean 1.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+        # 0 or NaN once the reward stage normalises them to mean 1; an integer past a float's range (a 400-digit
+        # one) has no float at all (OverflowError).
+        try:
+            finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+            raise DataError(f"{where}: field {key!r} must be a finite number, got {shown}")
         if value < low or (high is not None and value > high):
             raise DataError(f"{where}: field {key!r} is {value}, outside {f'[{low}, {high}]' if high else f'>= {low}'}")
         out[key] = float(value)

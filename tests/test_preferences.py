@@ -165,6 +165,8 @@ BAD = [
     ({"prompt": "q", "chosen": "a", "rejected": "b", "agreement": 1.5}, r"field 'agreement' is 1.5, outside"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "weight": 1e309}', r"field 'weight' must be a finite number, "
                                                                            r"got inf"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "weight": 1' + "0" * 400 + "}",
+     r"field 'weight' must be a finite number, got 10000000000000000000\.\.\. \(401 characters\)"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": Infinity}', r"field 'margin' must be a finite number"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": NaN}', r"field 'p_chosen' must be a finite number"),
     ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
@@ -178,8 +180,8 @@ BAD = [
 
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
-           "wrong-type", "margin-text", "agreement-range", "weight-1e309", "margin-infinity", "p-chosen-nan",
-           "no-prompt", "user-turn-in-side", "system-twice", "system-not-text"]
+           "wrong-type", "margin-text", "agreement-range", "weight-1e309", "weight-400-digits",
+           "margin-infinity", "p-chosen-nan", "no-prompt", "user-turn-in-side", "system-twice", "system-not-text"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)
