@@ -364,7 +364,8 @@ def main(cfg: RewardStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    run, refused = shell(cfg.run.dir), ppo_gate_refuses(out)
+    # The main process wrote align.json, which the gate reads; the others print nothing (print_done).
+    run, refused = shell(cfg.run.dir), ppo_gate_refuses(out) if is_main_process() else None
     by_hand = f"score by hand: align reward score --run-dir {run} --prompt ... --response ..."
     if refused:  # the hint is a command that runs: not the ppo its gate would refuse at once
         key = refused.split("=")[0]
