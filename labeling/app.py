@@ -200,11 +200,19 @@ PAGE_JS = """
   // MutationObserver sees: it is read every 100 ms.)
   const SETTLE_MS = 300;
   const taskOnScreen = () => { const box = document.querySelector('#align-task-id input'); return box ? box.value : ''; };
-  let task = taskOnScreen(), replacedAt = 0;
+  let task = taskOnScreen(), replacedAt = 0, drawnAt = 0;
+  // When the new task was drawn: the prompt's redraw, seen as it happens. The 100 ms poll (or a keydown) notices
+  // the new id later, on a busy machine much later, and "now" then held back keys pressed well after the new
+  // task was on screen.
+  new MutationObserver(() => { drawnAt = Date.now(); }).observe(byId('align-prompt') || document.body,
+    {childList: true, subtree: true, characterData: true});
   const watch = () => {
     const now = taskOnScreen();
     // "0" or "": no task yet (the number box shows None as 0 until the page's load fills it in)
-    if (now !== task) { if (!['', '0'].includes(task)) replacedAt = Date.now(); task = now; sel = 0; mark(); }
+    if (now !== task) {
+      if (!['', '0'].includes(task)) replacedAt = drawnAt || Date.now();
+      task = now; sel = 0; mark();
+    }
   };
   setInterval(watch, 100);
   document.addEventListener('keydown', (e) => {
