@@ -365,12 +365,30 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     the directory it ran in: that directory where the manifest records it (`cwd`); else the place the run
     folder's own path says (runs/quickstart/sft beside /abs/runs/quickstart/eval: /abs/runs/quickstart/sft);
     else a folder of that name beside `folder` or above it (a run made from inside itself, run.dir=.); else
-    as given, relative to this process's directory."""
+    as given, relative to this process's directory. An absolute parent that is no longer there (the run folder
+    or the project moved since) is looked for the same way, as the part of it below the recorded `cwd` (else
+    its longest tail that names a folder there now); else it is returned as recorded."""
     path = Path(path)
     if path.is_absolute():
+        if path.exists():
+            return path
+        cwd = (manifest or {}).get("cwd")
+        if cwd and path.is_relative_to(cwd):
+            moved = _relative_parent(path.relative_to(cwd), folder)
+            if moved.exists():
+                return moved
+        for i in range(1, len(path.parts) - 1):  # longest tail first: runs/q/sft before q/sft
+            moved = _relative_parent(Path(*path.parts[i:]), folder)
+            if moved.is_absolute() and moved.exists():
+                return moved
         return path
     if (manifest or {}).get("cwd"):
         return Path(manifest["cwd"]) / path
+    return _relative_parent(path, folder)
+
+
+def _relative_parent(path: Path, folder: str | Path) -> Path:
+    """A relative parent path placed by `folder`'s own path (parent_path)."""
     above = Path(os.path.abspath(folder)).parents
     for base in above:  # the longest run of path's first parts that ends base's
         for k in range(min(len(base.parts) - 1, len(path.parts) - 1), 0, -1):

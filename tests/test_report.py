@@ -265,6 +265,34 @@ def test_new_manifests_record_their_parents_absolute(tmp_path, monkeypatch):
     assert parent_path("sft", tmp_path / "runs" / "x" / "dpo") == tmp_path / "runs" / "x" / "sft"
 
 
+def test_absolute_parents_are_found_after_the_project_moved(tmp_path, monkeypatch):
+    """New manifests record parents absolute: once the project (or the run folder) was moved, the rebuilt report
+    said its live parents "are gone" and marked later rounds stale."""
+    import shutil
+
+    from alignment.artifacts import parent_path, write_manifest
+
+    old = tmp_path / "A" / "proj"
+    old.mkdir(parents=True)
+    monkeypatch.chdir(old)
+    write_manifest("runs/q/sft", stage="sft", config={}, base_model=None)
+    write_manifest("runs/q/dpo", stage="dpo", config={}, base_model=None, parents={"sft": "runs/q/sft"})
+    write_manifest("runs/q/eval", stage="eval", config={}, base_model=None,
+                   parents={"sft": "runs/q/sft", "dpo": "runs/q/dpo"}, baseline="sft",
+                   policies={"sft": {}, "dpo": {"scorer/win_rate": 0.8, "scorer/win_rate_ci": [0.7, 0.9]}})
+    monkeypatch.chdir(tmp_path)
+    shutil.move(str(tmp_path / "A"), str(tmp_path / "B"))
+    run = tmp_path / "B" / "proj" / "runs" / "q"
+    manifest = json.loads((run / "eval" / MANIFEST).read_text())
+    assert parent_path(manifest["parents"]["sft"]["path"], run / "eval", manifest) == run / "sft"
+    assert parent_path(str(old / "runs" / "q" / "sft"), run / "dpo") == run / "sft"  # no cwd recorded
+    write_report(run)
+    assert "gone" not in glance_text(run) and "gone" not in (run / "report.md").read_text()
+    shutil.move(str(run), str(tmp_path / "q"))  # the run folder alone, out of the project
+    assert "gone" not in glance_text(tmp_path / "q")
+    assert parent_path("/nowhere/runs/z/sft", tmp_path / "q" / "eval") == Path("/nowhere/runs/z/sft")  # as recorded
+
+
 def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(tmp_path, caplog, monkeypatch):
     """A finished dpo trained again loses its align.json as training starts; stopped there, its folder stays for
     its checkpoints. The report showed the old dpo section and eval's verdict on it; a rebuilt one said "is gone"."""
