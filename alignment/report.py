@@ -21,6 +21,7 @@ from typing import Any
 from alignment.artifacts import (
     MANIFEST,
     STAGES,
+    _held_elsewhere,
     checkpoint_steps,
     later_rounds,
     parent_path,
@@ -625,7 +626,11 @@ def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str
 
 def resume_note(stage: str, folder: Path) -> str:
     """What a folder kept without its manifest for its checkpoints is (a run stopped in training), and the key
-    that resumes it: as `align <stage>` takes it, and as `align pipeline` does (resume_key)."""
+    that resumes it: as `align <stage>` takes it, and as `align pipeline` does (resume_key). A folder another
+    process holds locked (its stage training now: reward and dpo run side by side) is running, not to resume."""
+    if _held_elsewhere(folder):
+        return (f"running (another process holds it; no {MANIFEST} yet, checkpoints to step "
+                f"{checkpoint_steps(folder)[-1]})")
     spec = STAGES.get(stage)
     command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
         f"align {stage}"

@@ -330,6 +330,31 @@ def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(
     assert f"{run / 'report.html'} not rebuilt after the failure (disk full)" in caplog.text
 
 
+def test_a_stage_training_in_another_process_is_running_not_to_resume(tmp_path):
+    """reward finishes (and rebuilds the report) while dpo trains beside it in another process: its folder has
+    checkpoints and no align.json yet, and the report told the user to resume the live run."""
+    import fcntl
+    import os
+
+    from alignment.artifacts import LOCK
+
+    run = tmp_path / "run"
+    write(run, "sft", SFT)
+    write(run, "reward", REWARD)
+    (run / "dpo" / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (run / "dpo" / LOCK).touch()
+    fd = os.open(run / "dpo" / LOCK, os.O_RDWR)  # another open file: to flock, another process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        write_report(run)
+        said = "- dpo: running (another process holds it; no align.json yet, checkpoints to step 20)"
+        assert said in (run / "report.md").read_text().splitlines() and said in glance_text(run).splitlines()
+        assert "resume" not in glance_text(run)
+    finally:
+        os.close(fd)
+    assert "dpo: unfinished (no align.json; checkpoints to step 20): resume with" in glance_text(run)
+
+
 def test_a_round_built_on_a_round_0_since_remade_is_stale_not_the_last_round(tmp_path):
     """A rounds=2 pipeline, then rounds=1 with another dpo setting: round 0's dpo and eval are remade and
     round-1/ is left as it was. Its answer is not this run's; the report opened with it as "the last round"."""
