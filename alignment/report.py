@@ -130,10 +130,24 @@ def _no_math(text: str) -> str:
 
 
 def interval_method(manifest: dict[str, Any]) -> str:
-    """How an eval's win-rate intervals were made, as its manifest records it; an eval from before it did
-    (`interval`) made them by bootstrap over prompts."""
-    method = str(manifest.get("interval") or "bootstrap")
-    return {"wilson": "Wilson"}.get(method, method)
+    """How an eval's win-rate intervals were made, as its manifest records it (`interval`), as the title's
+    "95% ... interval" words. An eval from before it recorded one made them by bootstrap over prompts, or (from
+    ca3f2c8) by Wilson's score interval: Wilson where every interval is Wilson's for its win-rate and the
+    manifest's `prompts`, else no method ("")."""
+    if manifest.get("interval"):
+        method = str(manifest["interval"])
+        return {"wilson": "Wilson"}.get(method, method)
+    from alignment.evaluation import wilson_interval
+
+    n = manifest.get("prompts")
+    pairs = [(row[k[:-len("_ci")]], row[k]) for row in (manifest.get("policies") or {}).values()
+             if isinstance(row, dict) for k in row if k.endswith("/win_rate_ci") and k[:-len("_ci")] in row]
+    try:
+        wilson = bool(pairs) and bool(n) and all(
+            abs(a - b) < 1e-6 for p, ci in pairs for a, b in zip(wilson_interval(float(p), float(n)), ci, strict=True))
+    except (TypeError, ValueError):
+        wilson = False
+    return "Wilson" if wilson else ""
 
 
 def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -158,7 +172,7 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_xlabel("win-rate: share of prompts won (a tie counts half)")
-        ax.set_title(_no_math(f"Win-rate against {baseline} (95% {interval_method(manifest)} interval)"))
+        ax.set_title(_no_math(f"Win-rate against {baseline} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
     keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},

@@ -401,8 +401,11 @@ def test_the_same_sample_run_again_shows_the_batch_it_left(tmp_path):
 
 def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
     """Win-rate intervals were a bootstrap before they were Wilson's: a report rebuilt from an older eval titled
-    its bootstrap intervals "Wilson". Eval records its method (`interval`); a manifest without one is a bootstrap's."""
+    its bootstrap intervals "Wilson". Eval records its method (`interval`); one from before it did (ca3f2c8 to
+    1e36e2c) made Wilson intervals without saying so, and was then titled "bootstrap": a manifest without the
+    key is Wilson's where its intervals are Wilson's for its win-rates and `prompts`, else no method is named."""
     from alignment import report
+    from alignment.evaluation import wilson_interval
 
     titles = []
 
@@ -416,7 +419,12 @@ def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
     monkeypatch.setattr(report, "_figure_png", drawn)
     report.eval_section(Path("/nowhere"), EVAL)
     report.eval_section(Path("/nowhere"), {**EVAL, "interval": "wilson"})
-    assert titles == ["Win-rate against sft (95% bootstrap interval)", "Win-rate against sft (95% Wilson interval)"]
+    dpo = {**EVAL["policies"]["dpo"], "reward_model/win_rate_ci": list(wilson_interval(0.5, 48)),
+           "scorer:support_style/win_rate_ci": list(wilson_interval(0.8021, 48))}
+    report.eval_section(Path("/nowhere"), {**EVAL, "policies": {**EVAL["policies"], "dpo": dpo}})
+    assert titles == ["Win-rate against sft (95% interval)", "Win-rate against sft (95% Wilson interval)",
+                      "Win-rate against sft (95% Wilson interval)"]
+    assert report.interval_method({**EVAL, "interval": "bootstrap"}) == "bootstrap"
 
 
 def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
@@ -443,7 +451,7 @@ def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     write(tmp_path, "eval", EVAL)
     page = write_report(tmp_path).read_text()
     assert ("Loss", "cross-entropy, nats per token", ["training batches", "held-out set"]) in drawn
-    assert ("Win-rate against sft (95% bootstrap interval)", "win-rate: share of prompts won (a tie counts half)",
+    assert ("Win-rate against sft (95% interval)", "win-rate: share of prompts won (a tie counts half)",
             []) in drawn
     assert all(label for _, label, _ in drawn)
     assert "<tr><td>KL (nats/answer, sampled T=1)</td><td></td><td>3.222</td></tr>" in page
