@@ -734,5 +734,25 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m alignment.report [RUN_DIR]`: rebuild the report, printing report.html's path. A folder that is
+    not there, or holds no stage folder, is one line and exit status 2 (it wrote `<typo>/report.html` or
+    failed with a traceback; `--help` was read as a folder)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m alignment.report", description=(
+        "Rebuild a run's report.html and report.md from the align.json and metrics.jsonl its stages wrote."))
+    parser.add_argument("run_dir", nargs="?", default="runs/quickstart",
+                        help="the run directory (run.dir), holding sft/, dpo/, ... (default: runs/quickstart)")
+    run_dir = Path(parser.parse_args(argv).run_dir)
+    if not run_dir.is_dir() or not (finished_sections(run_dir, unfinished=True)
+                                    or any((run_dir / spec.folder).is_dir() for spec in STAGES.values() if spec.folder)):
+        said = "no run directory" if not run_dir.is_dir() else "no stage folder in"
+        print(f"{said} {run_dir} (a run directory holds sft/, dpo/, ...)", file=sys.stderr)
+        return 2
+    print(write_report(run_dir))
+    return 0
+
+
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))
+    sys.exit(main())

@@ -456,3 +456,19 @@ def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     assert all(label for _, label, _ in drawn)
     assert "<tr><td>KL (nats/answer, sampled T=1)</td><td></td><td>3.222</td></tr>" in page
     assert "<tr><td>length (words)</td><td>34.1</td><td>16.6</td></tr>" in page
+
+
+def test_the_report_command_has_help_and_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    """`python -m alignment.report --help` and `... runs/typo` failed with a traceback (FileNotFoundError
+    '--help/report.html'); an empty folder got a report of nothing."""
+    from alignment.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "run directory" in capsys.readouterr().out
+    assert main([str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err == f"no run directory {tmp_path / 'typo'} (a run directory holds sft/, dpo/, ...)\n"
+    assert main([str(tmp_path)]) == 2 and "no stage folder in" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+    write(tmp_path, "sft", SFT)
+    assert main([str(tmp_path)]) == 0 and capsys.readouterr().out.strip() == str(tmp_path / "report.html")
