@@ -756,6 +756,9 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
                 changed = True
                 log.warning("kept %s: unfinished (no %s) but it holds checkpoints; %s continues from them",
                             folder, MANIFEST, resume_key(folder, command))
+            elif not any(p.name != LOCK for p in folder.iterdir()):  # refused before any work: only its lock
+                shutil.rmtree(folder, ignore_errors=True)
+                log.debug("removed %s: made by the failed run, which wrote nothing in it", folder)
             else:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.warning("removed %s: the failed run left it unfinished (no %s)", folder, MANIFEST)

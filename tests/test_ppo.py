@@ -5,6 +5,7 @@ GRPO/RLOO write adapters peft loads; plus the RL pieces (GAE, whitening, KL cont
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -193,6 +194,16 @@ def test_gate_refuses_a_weak_reward_model(tmp_path, capsys, accuracy, said):
     err = capsys.readouterr().err
     assert said in err and "min_reward_accuracy=0.6" in err
     assert "min_reward_accuracy=0" in err and "align reward" in err
+
+
+def test_gate_refusal_leaves_no_folder_and_says_nothing_of_it(tmp_path, capsys, caplog):
+    rm = make_reward_dir(tmp_path / "rm", 0.52)
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.DEBUG):
+        assert align(["ppo", f"run.dir={run_dir}", "sft=none", f"reward_model={rm}", "run.wandb=disabled"]) == 1
+    said = capsys.readouterr().err + caplog.text
+    assert "under" in said and "failed run left it unfinished" not in said
+    assert not run_dir.exists()  # neither ppo/ (its lock only) nor the run directory this command made
 
 
 def test_gate_passes_at_threshold_or_when_overridden(tmp_path):
