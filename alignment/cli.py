@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            print(f"align {stage}: unknown option {arg}; use section.key=value overrides", file=sys.stderr)
+            print(f"align {stage}: {unknown_option(arg)}", file=sys.stderr)
             return 2
         else:
             overrides.append(arg)
@@ -238,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+OPTIONS = ("--config", "--help")
+
+
+def unknown_option(arg: str) -> str:
+    """What `align <stage>` says of an option it does not take: the closest it does, and all it does."""
+    close = difflib.get_close_matches(arg.split("=", 1)[0], OPTIONS, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown option {arg}{hint}; options: {', '.join(OPTIONS)}; settings are section.key=value"
 
 
 class Terminated(KeyboardInterrupt):

@@ -46,3 +46,12 @@ def test_stage_help_shows_the_stages_own_section_defaults(capsys):
     assert "train.lr = 1e-05" in out and "train.max_steps = 20" in out and "lora.dropout = 0.0" in out
     assert align(["sample", "--help"]) == 0
     assert "model.quantize = False" in capsys.readouterr().out
+
+
+def test_an_unknown_option_names_the_closest_and_all_options(capsys):
+    assert align(["sft", "--confg", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option --confg (did you mean --config?); options: --config, --help; settings are section.key=value" \
+        in err
+    assert align(["sft", "--zzz"]) == 2
+    assert "unknown option --zzz; options: --config, --help" in capsys.readouterr().err
