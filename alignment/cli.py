@@ -61,10 +61,18 @@ def setup_environment() -> None:
     # peft reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a model, a
     # FutureWarning in every stage that nothing in a user's config can change. That one is dropped too.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # accelerate's gather_for_metrics, at the end of a loader without a length (the reward stage's: its
+    # RankingBatchSampler's batches are of several sizes, so accelerate reads no batch_size), says it cannot
+    # drop the last batch's padding; the reward stage's own figures do not depend on it. That one is dropped.
+    logging.getLogger("accelerate.accelerator").addFilter(_no_dataset_length_notice)
 
 
 def _no_kernels_hub_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def _no_dataset_length_notice(record: logging.LogRecord) -> bool:
+    return "The used dataset had no length, returning gathered tensors" not in str(record.msg)
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:

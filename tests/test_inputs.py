@@ -477,6 +477,24 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     assert out.stdout.strip() in ("tried True", "tried False")
 
 
+def test_accelerate_no_length_notice_on_the_ranking_loader_is_dropped_and_nothing_else():
+    """The reward stage's loader (a RankingBatchSampler: no batch size, so no length to accelerate) makes
+    gather_for_metrics log that the dataset had no length; the CLI drops that one line, not accelerate's others."""
+    code = (
+        "import logging, alignment.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
+        "from accelerate import Accelerator; from torch.utils.data import DataLoader; "
+        "from alignment.preferences import RankingBatchSampler; acc = Accelerator(cpu=True); "
+        "groups = ['a', 'a', 'b', 'c', 'c', 'c']; "
+        "loader = acc.prepare(DataLoader(list(range(6)), batch_sampler=RankingBatchSampler(groups, 2))); "
+        "[acc.gather_for_metrics(b) for b in loader]; "
+        "logging.getLogger('accelerate.accelerator').info('another accelerate line')")
+    out = python(code)
+    assert "had no length" not in out.stderr
+    assert "another accelerate line" in out.stderr
+    unfiltered = python(code.replace("c.setup_environment(); ", ""))
+    assert "The used dataset had no length" in unfiltered.stderr  # the message it drops is real
+
+
 def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_still_show():
     """peft wrapping a model reads transformers 5's `is_gradient_checkpointing`, which warns at every stage;
     the CLI drops that message, and a FutureWarning of any other text still shows."""
