@@ -411,6 +411,13 @@ class Store:
                             "responses": [r["text"] for r in t["responses"]]})
             return out
 
+    def batch_response_meta(self, batch: str) -> list[dict[str, Any]]:
+        """Each response's meta in `batch`, by task and canonical order, from one query (whatever the batch's size)."""
+        with self.engine.connect() as conn:
+            return [_loads(m, {}) for (m,) in conn.execute(
+                select(responses.c.meta).join(tasks, responses.c.task_id == tasks.c.id)
+                .where(tasks.c.batch == batch).order_by(tasks.c.id, responses.c.position))]
+
     def batches(self) -> list[str]:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(select(tasks.c.batch).distinct().order_by(tasks.c.batch))]

@@ -219,7 +219,7 @@ def main(cfg: SampleStageConfig) -> Path:
     rows = store.batch_tasks(batch)
     # The batch as export, reward and dpo will read it, whatever this call added (nothing, run again): its own
     # answers and how many were cut, from each answer's record (one written before it recorded `finished`: not cut)
-    in_batch = [r["meta"] for row in rows for r in store.task(row["task_id"])["responses"]]
+    in_batch = store.batch_response_meta(batch)
     if rows:
         from datasets import Dataset
 

@@ -24,6 +24,24 @@ def session(store, name: str, admin: bool = False) -> dict:
     return handlers.sign_in(store, name, "secret-pw")
 
 
+def test_batch_response_meta_is_one_query_whatever_the_batch(store):
+    """sample's counts of a batch's answers (and those cut) come from one query, not one task() per task."""
+    from sqlalchemy import event
+
+    statements = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    for n in (2, 6):
+        batch = f"b{n}"
+        store.add_tasks(batch, [{"prompt": f"{batch} ticket {i}", "responses": [f"a{i}", f"b{i}", f"c{i}"],
+                                 "response_meta": [{"finished": i % 2 == 0}] * 3} for i in range(n)])
+        statements.clear()
+        meta = store.batch_response_meta(batch)
+        assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1  # not SQLite's BEGIN
+        assert len(meta) == 3 * n and sum(m.get("finished") is False for m in meta) == 3 * (n // 2)
+        assert meta == [r["meta"] for t in store.batch_tasks(batch) for r in store.task(t["task_id"])["responses"]]
+    assert store.batch_response_meta("none") == []
+
+
 def test_schema_is_created_versioned_and_reopens(store):
     make_tasks(store, 2)
     again = Store(store.url)
