@@ -389,10 +389,10 @@ def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_
     assert ours == pytest.approx(by_hand, rel=1e-5)
 
 
-def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_model, tmp_path):
-    # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (alignment.training.UniqueRows),
-    # and the loss and every LoRA gradient are what running all 8 rows gives.
-    from trl import RewardConfig, RewardTrainer
+def three_rankings_trainer(tiny_model, tmp_path, **args):
+    """align's reward trainer on three K=4 rankings (write_rankings), a LoRA on the tiny model with weights as if
+    trained a little (LoRA's B starts at 0: no gradient would reach A), RewardConfig's `args` on the CPU."""
+    from trl import RewardConfig
 
     from alignment.config import LoraConfig, ModelConfig
     from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
@@ -404,14 +404,23 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_
     cfg = ModelConfig(name=tiny_model, quantize=False)
     trainer = AlignRewardTrainer(
         model=reward_base(cfg, device_plan(cfg)), processing_class=load_tokenizer(tiny_model),
-        args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=12, use_cpu=True, bf16=False,
-                          report_to=[], activation_checkpointing=False),
+        args=RewardConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to=[],
+                          activation_checkpointing=False, **args),
         train_dataset=data["train"].remove_columns(["margin"]),
         peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
-    model = trainer.model
-    for param in model.parameters():  # as if trained a little (LoRA's B starts at 0: no gradient reaches A)
+    for param in trainer.model.parameters():
         if param.requires_grad:
             torch.nn.init.normal_(param, std=0.05)
+    return trainer
+
+
+def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_model, tmp_path):
+    # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (alignment.training.UniqueRows),
+    # and the loss and every LoRA gradient are what running all 8 rows gives.
+    from trl import RewardTrainer
+
+    trainer = three_rankings_trainer(tiny_model, tmp_path, per_device_train_batch_size=12)
+    model = trainer.model
     model.train()  # the trainer counts training rows (LoRA dropout is 0 here, and the tiny base has none)
     batch = next(iter(trainer.get_train_dataloader()))
     rows_per_call = []
@@ -441,26 +450,10 @@ def test_every_pair_weighs_the_same_whatever_the_size_of_its_batch(tiny_model, t
     """Three rankings of 4 pairs at batch_size 8: group_by_ranking packs them into a batch of 8 and one of 4. A mean
     per batch would give a pair of the short batch twice the weight of one in the full batch; each pair's share of
     a step is 1 / (batch_size * grad_accum) wherever it lands. The loss the Trainer logs stays each batch's mean."""
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
-    from alignment.config import LoraConfig, ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import reward_base
-    from recipes.reward import AlignRewardTrainer
-
-    data, _ = load_preferences(write_rankings(tmp_path / "p.jsonl", 3), test_fraction=0)
-    cfg = ModelConfig(name=tiny_model, quantize=False)
-    trainer = AlignRewardTrainer(
-        model=reward_base(cfg, device_plan(cfg)), processing_class=load_tokenizer(tiny_model),
-        args=RewardConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                          use_cpu=True, bf16=False, report_to=[], activation_checkpointing=False),
-        train_dataset=data["train"].remove_columns(["margin"]),
-        peft_config=peft_lora_config(LoraConfig(r=4, dropout=0.0), "SEQ_CLS", ["score"]))
+    trainer = three_rankings_trainer(tiny_model, tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2)
     model = trainer.model
-    for param in model.parameters():  # as if trained a little (LoRA's B starts at 0: no gradient reaches A)
-        if param.requires_grad:
-            torch.nn.init.normal_(param, std=0.05)
     model.train()
     batches = {len(b["input_ids"]) // 2: b for b in trainer.get_train_dataloader()}
     assert sorted(batches) == [4, 8]
