@@ -449,6 +449,15 @@ def python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
 
 
+def assert_setup_drops(code: str, dropped: str, kept: str, dropped_in_full: str) -> None:
+    """`code` (which calls alignment.cli's setup_environment) prints `kept` but not `dropped`; without that call
+    it prints `dropped_in_full`: the message the filter drops is real."""
+    out = python(code)
+    assert dropped not in out.stderr
+    assert kept in out.stderr
+    assert dropped_in_full in python(code.replace("c.setup_environment(); ", "")).stderr
+
+
 def test_config_errors_and_help_import_no_torch():
     """A bad value fails, and --help answers, before torch (or the recipe) is imported: well under a second."""
     code = ("import sys, time; from alignment.cli import main; t = time.time(); "
@@ -488,11 +497,7 @@ def test_accelerate_no_length_notice_on_the_ranking_loader_is_dropped_and_nothin
         "loader = acc.prepare(DataLoader(list(range(6)), batch_sampler=RankingBatchSampler(groups, 2))); "
         "[acc.gather_for_metrics(b) for b in loader]; "
         "logging.getLogger('accelerate.accelerator').info('another accelerate line')")
-    out = python(code)
-    assert "had no length" not in out.stderr
-    assert "another accelerate line" in out.stderr
-    unfiltered = python(code.replace("c.setup_environment(); ", ""))
-    assert "The used dataset had no length" in unfiltered.stderr  # the message it drops is real
+    assert_setup_drops(code, "had no length", "another accelerate line", "The used dataset had no length")
 
 
 def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_still_show():
@@ -505,11 +510,8 @@ def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_sti
         "num_attention_heads=2, num_key_value_heads=2, vocab_size=64)); "
         "get_peft_model(m, LoraConfig(r=2, target_modules=['q_proj'])); m.is_gradient_checkpointing; "
         "warnings.warn('another deprecation', FutureWarning)")
-    out = python(code)
-    assert "is_gradient_checkpointing" not in out.stderr
-    assert "another deprecation" in out.stderr
-    unfiltered = python(code.replace("c.setup_environment(); ", ""))
-    assert "is_gradient_checkpointing` is deprecated" in unfiltered.stderr  # the message it drops is real
+    assert_setup_drops(code, "is_gradient_checkpointing", "another deprecation",
+                       "is_gradient_checkpointing` is deprecated")
 
 
 # ---------------------------------------------------------------------------- after a failure

@@ -187,6 +187,14 @@ def wait_for_rows(store, name: str, n: int, timeout: float = 10.0) -> list[dict]
     return rows
 
 
+def wait_for_draft(store, annotator: int, task_id: int, ranks: list[int], timeout: float = 10.0) -> list[int] | None:
+    """The annotator's stored draft of `task_id` once it is `ranks` (or whatever it is after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while (draft := store.draft(annotator, task_id)) != ranks and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return draft
+
+
 def rank_all(page, ranks: list[int]) -> None:
     for letter, rank in zip("abcd", ranks, strict=True):
         page.click(f"#rank-{letter} label:has-text('{rank}')")
@@ -333,10 +341,7 @@ def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served
     page.keyboard.press("ArrowRight")
     assert page.locator("#rank-a input:checked").get_attribute("value") == "2"
     task_id, draft = canonical(store, prompt, bodies, [2, 0, 0, 0])
-    deadline = time.monotonic() + 10
-    while store.draft(annotator, task_id) != draft and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert store.draft(annotator, task_id) == draft
+    assert wait_for_draft(store, annotator, task_id, draft) == draft
     page.keyboard.press("Tab")  # the next group, not A's next radio
     assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of B: 1"
     page.locator("#align-progress").click()
@@ -450,10 +455,7 @@ def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browse
         prompt, bodies = shown_task(page)
         rank_all(page, [1, 2, 3, 4])
         task_id, ranks = canonical(store, prompt, bodies, [1, 2, 3, 4])
-        deadline = time.monotonic() + 10
-        while store.draft(annotator, task_id) != ranks and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert store.draft(annotator, task_id) == ranks and page.is_hidden("#align-reconnected")
+        assert wait_for_draft(store, annotator, task_id, ranks) == ranks and page.is_hidden("#align-reconnected")
         page.context.set_offline(True)
         page.click("#rank-a label:has-text('4')")  # shown on the page, never saved
         page.click("#align-submit")
@@ -774,10 +776,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             rank_all(page, [3, 1, 2, 4])
             task_id, ranks = canonical(store, prompt, bodies, [3, 1, 2, 4])
             # The drafts the clicks sent are saved before the session ends: the refusal shown is the submit's.
-            deadline = time.monotonic() + 10
-            while store.draft(annotator, task_id) != ranks and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert store.draft(annotator, task_id) == ranks
+            assert wait_for_draft(store, annotator, task_id, ranks) == ranks
             assert page.is_hidden("#align-session-ended")
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
