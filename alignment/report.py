@@ -624,7 +624,8 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 .cautions,.caution{background:#fff8e6;border:1px solid #f0dca0;border-radius:6px;padding:.4em 1em;margin:1em 0}
 .cautions ul{margin:.3em 0} details summary{cursor:pointer;color:#555;margin:.4em 0}
 section>table,section>details,table.glance{max-width:100%;overflow-x:auto;display:block}
-table.glance td{overflow-wrap:anywhere} .headline li{overflow-wrap:anywhere}"""
+table.glance td{overflow-wrap:anywhere} table.glance td:not(:last-child){white-space:nowrap;overflow-wrap:normal}
+.headline li{overflow-wrap:anywhere}"""
 
 
 def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str, str]]:

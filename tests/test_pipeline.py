@@ -197,6 +197,10 @@ def test_report_renders_in_a_browser_with_its_plots(run):
         glance = page.eval_on_selector_all(".glance tr", "rows => rows.slice(1).map(r => r.innerText.split('\\t'))")
         cautions = page.inner_text(".cautions")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        # each stage's name and time on one line: the outcome column wraps, not "preferences"
+        lines = page.eval_on_selector_all(".glance tr td:not(:last-child)", "tds => tds.map(td => { "
+                                          "const r = document.createRange(); r.selectNodeContents(td); "
+                                          "return new Set([...r.getClientRects()].map(b => b.top)).size })")
         if os.environ.get("ALIGN_SCREENSHOTS"):
             page.screenshot(path=str(REPO / "docs/img/report-tiny.png"))
         browser.close()
@@ -212,6 +216,7 @@ def test_report_renders_in_a_browser_with_its_plots(run):
     assert outcomes["reward"].startswith("held-out accuracy") and "dpo vs sft" in outcomes["eval"]
     assert "eval: dpo was trained on 8 of the 8 eval prompts" in cautions
     assert overflow <= 0  # no table wider than the page
+    assert set(lines) <= {0, 1}, lines
 
 
 def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, tmp_path):
