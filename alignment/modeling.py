@@ -78,10 +78,38 @@ def device_plan(cfg: ModelConfig) -> DevicePlan:
         except Exception as err:  # pragma: no cover - depends on the install
             log.warning("bitsandbytes unavailable (%s): running LoRA on an unquantized base", err)
             quantize = False
+        else:
+            if cuda and (problem := bitsandbytes_cuda_problem()):
+                log.warning("%s: QLoRA cannot run here, running LoRA on an unquantized base", problem)
+                quantize = False
     # auto on CUDA: on until the stage has loaded the model and knows its batch, when
     # alignment.gpu_training.fit_checkpointing turns it off if the activations fit in memory.
     gc = {"on": True, "off": False, "auto": cuda}[cfg.gradient_checkpointing]
     return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
+
+
+def bitsandbytes_cuda_problem() -> str | None:
+    """Why bitsandbytes cannot run its 4-bit layers on this machine's CUDA GPU; None when it can (or without CUDA).
+
+    bitsandbytes does not fail its import when its CUDA library does not load (no build for torch's CUDA version
+    among the ones installed, a CUDA runtime library missing): it logs an error and puts in a stand-in whose
+    every call raises, so a QLoRA stage failed at its first 4-bit layer. A bitsandbytes laid out otherwise than
+    0.50's `cextension` is not second-guessed."""
+    if not torch.cuda.is_available() or torch.version.hip:
+        return None
+    import importlib.metadata
+
+    from bitsandbytes import cextension
+
+    loaded = getattr(cextension, "CudaBNBNativeLibrary", None)
+    if loaded is None or isinstance(getattr(cextension, "lib", None), loaded):
+        return None
+    builds = getattr(cextension, "get_available_cuda_binary_versions", list)()
+    error = str(vars(cextension.lib).get("error_msg", "")).strip().splitlines()
+    return (f"bitsandbytes {importlib.metadata.version('bitsandbytes')} loaded no CUDA library for torch's CUDA "
+            f"{torch.version.cuda} (its builds: {', '.join(builds) or 'none'}"
+            f"{'; ' + error[0] if error else ''}); install one with a build for it (pip install bitsandbytes: "
+            "the wheel carries every CUDA build)")
 
 
 def require_cuda_package(module: str, *, no_cuda: str, missing: str) -> None:

@@ -54,6 +54,17 @@ def env() -> int:
     if needed & set(missing):
         print(f"missing what align needs: {', '.join(sorted(needed & set(missing)))}", file=sys.stderr)
         return 1
+    if torch.cuda.is_available() and "bitsandbytes" not in missing:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from alignment.modeling import bitsandbytes_cuda_problem
+
+        if problem := bitsandbytes_cuda_problem():
+            wanted = (torch.version.cuda or "").replace(".", "")
+            print(f"{problem}.\nQLoRA cannot run here: align's stages fall back to LoRA on an unquantized base and "
+                  f"the benchmarks' 4-bit TRL side fails. With .gpu/ carried: scripts/gpu_prep.sh --cuda {wanted} "
+                  "where there is a registry (it keeps those builds of bitsandbytes), then carry .gpu again.",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -270,3 +270,95 @@ def test_a_failed_liger_preflight_turns_liger_off_and_uninstalls_only_what_this_
     assert [line for line in lines if "-m pip install" in line]
     assert not [line for line in lines if "-m pip uninstall" in line]
     assert "ALIGN_LIGER=off " in next(line for line in lines if "-m pytest -m gpu" in line)
+
+
+FAKE_PIP = """#!{python}
+# pip download writes a small wheel for each pin into -d (bitsandbytes with several CUDA builds), or fails as
+# with no registry (FAKE_PIP_FAIL=1); everything else is the real python
+import os, sys, zipfile
+args = sys.argv[1:]
+if args[:3] != ["-m", "pip", "download"]:
+    os.execv({python!r}, [{python!r}, *args])
+if os.environ.get("FAKE_PIP_FAIL"):
+    sys.exit("ERROR: Could not find a version that satisfies the requirement (no registry)")
+folder = args[args.index("-d") + 1]
+for pin in args[args.index("-d") + 2:]:
+    name, version = pin.split("==")
+    dist = name.replace("-", "_")
+    with zipfile.ZipFile(f"{{folder}}/{{dist}}-{{version}}-py3-none-any.whl", "w") as z:
+        members = [f"{{dist}}/__init__.py"]
+        if name == "bitsandbytes":
+            members += [f"bitsandbytes/libbitsandbytes_{{b}}.so" for b in ("cpu", "cuda118", "cuda128", "cuda130", "rocm64")]
+        for member in members:
+            z.writestr(member, "x")
+        z.writestr(f"{{dist}}-{{version}}.dist-info/RECORD", "".join(m + ",,\\n" for m in members))
+"""
+
+
+def fake_prep(tmp_path: Path, tiny_model: str) -> tuple[Path, dict]:
+    """gpu_prep.sh in a copy of scripts/ beside this checkout's alignment/, a converted model in ALIGN_CACHE, a pip
+    that downloads stand-in wheels, and a .gpu already carried."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("gpu_prep.sh", "gpu_check.py"):
+        shutil.copy2(REPO / "scripts" / name, repo / "scripts" / name)
+    (repo / "alignment").symlink_to(REPO / "alignment")
+    model_files(tiny_model, tmp_path / "cache" / "models" / "smollm2-135m-instruct")
+    carried = repo / ".gpu"
+    for part, name in (("wheels", "trl-1.16.0-py3-none-any.whl"), ("trl112", "trl-1.12.0-py3-none-any.whl"),
+                       ("model", "config.json")):
+        (carried / part).mkdir(parents=True)
+        (carried / part / name).write_text("carried")
+    python = tmp_path / "python"
+    python.write_text(FAKE_PIP.format(python=sys.executable))
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=str(python), ALIGN_CACHE=str(tmp_path / "cache"))
+    return repo, env
+
+
+def test_gpu_prep_without_a_registry_leaves_the_carried_gpu_folder_as_it_was(tiny_model, tmp_path):
+    """Run on the offline GPU machine by mistake, it removed .gpu/wheels, trl112 and model first, then failed at the
+    first download: what had been carried was gone."""
+    repo, env = fake_prep(tmp_path, tiny_model)
+    before = sorted(str(p.relative_to(repo)) for p in (repo / ".gpu").rglob("*"))
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_prep.sh")], env={**env, "FAKE_PIP_FAIL": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no registry" in proc.stderr
+    assert sorted(str(p.relative_to(repo)) for p in (repo / ".gpu").rglob("*")) == before
+    assert (repo / ".gpu" / "wheels" / "trl-1.16.0-py3-none-any.whl").read_text() == "carried"
+
+
+def test_gpu_prep_replaces_the_gpu_folder_once_all_is_there_with_the_cuda_builds_the_docs_name(tiny_model, tmp_path):
+    repo, env = fake_prep(tmp_path, tiny_model)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_prep.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    gpu = repo / ".gpu"
+    assert sorted(p.name for p in gpu.iterdir()) == ["PREP.txt", "model", "trl112", "wheels"]  # no .prep left
+    assert zipfile.is_zipfile(gpu / "wheels" / "trl-1.16.0-py3-none-any.whl")  # this run's, not the carried file
+    assert (gpu / "model" / "tokenizer.json").is_file() and (gpu / "trl112" / "trl-1.12.0-py3-none-any.whl").is_file()
+    bnb = next((gpu / "wheels").glob("bitsandbytes-*.whl"))
+    with zipfile.ZipFile(bnb) as z:
+        kept = sorted(n.split("/")[-1] for n in z.namelist() if n.endswith(".so"))
+    # The README's GPU install is torch cu128, the lent H200's torch cu130: both builds travel.
+    assert kept == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda128.so", "libbitsandbytes_cuda130.so"]
+    assert "download.pytorch.org/whl/cu128" in (REPO / "README.md").read_text()
+
+
+def test_the_env_step_says_qlora_cannot_run_and_which_cuda_to_carry(monkeypatch, capsys):
+    """torch cu128 with bitsandbytes' CUDA 13.0 build only: the env step passed, and every QLoRA row failed later."""
+    import torch
+    from bitsandbytes import cextension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cextension, "get_available_cuda_binary_versions", lambda: ["13.0"])
+    monkeypatch.setattr(cextension, "lib", cextension.ErrorHandlerMockBNBNativeLibrary("No compatible CUDA binary"))
+    assert gpu_check.env() == 1
+    err = capsys.readouterr().err
+    assert "QLoRA cannot run here" in err and "scripts/gpu_prep.sh --cuda 128" in err

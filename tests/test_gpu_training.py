@@ -308,6 +308,42 @@ def test_auto_compute_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     assert device_plan(cfg).compute_dtype == torch.bfloat16
 
 
+@pytest.fixture
+def cuda_128_with_bnb_built_for_130(monkeypatch):
+    """torch cu128 (the README's GPU install) and a bitsandbytes that has only its CUDA 13.0 build (what gpu_prep.sh
+    once kept): bitsandbytes' import succeeds, its native library is a stand-in that raises on every call."""
+    from bitsandbytes import cextension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cextension, "get_available_cuda_binary_versions", lambda: ["13.0"])
+    mock = cextension.ErrorHandlerMockBNBNativeLibrary(
+        "No compatible CUDA binary found at /site-packages/bitsandbytes/libbitsandbytes_cuda128.so")
+    monkeypatch.setattr(cextension, "lib", mock)
+    return cextension
+
+
+def test_qlora_on_cuda_is_planned_only_where_bitsandbytes_loaded_its_cuda_library(cuda_128_with_bnb_built_for_130,
+                                                                                  monkeypatch, caplog):
+    """The plan kept 4-bit on, and every QLoRA stage failed at its first 4-bit layer with bitsandbytes' error."""
+    import logging
+
+    from alignment.modeling import bitsandbytes_cuda_problem, device_plan
+
+    problem = bitsandbytes_cuda_problem()
+    assert problem and "CUDA 12.8" in problem and "its builds: 13.0" in problem and "libbitsandbytes_cuda128" in problem
+    with caplog.at_level(logging.WARNING, logger="alignment.modeling"):
+        plan = device_plan(ModelConfig(name="any", quantize=True))
+    assert plan.quantize is False and "unquantized base + LoRA" in plan.describe()
+    assert any("QLoRA cannot run here" in r.getMessage() for r in caplog.records)
+
+    cextension = cuda_128_with_bnb_built_for_130  # a CUDA library that loaded: 4-bit as asked
+    monkeypatch.setattr(cextension, "lib", object.__new__(cextension.CudaBNBNativeLibrary))
+    assert bitsandbytes_cuda_problem() is None
+    assert device_plan(ModelConfig(name="any", quantize=True)).quantize is True
+
+
 def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
     from alignment.gpu_training import sharded
 
