@@ -42,7 +42,13 @@ from alignment.artifacts import (
 from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
-from alignment.gpu_training import one_trainable_dtype
+from alignment.gpu_training import (
+    describe_levers,
+    fit_checkpointing,
+    one_trainable_dtype,
+    peak_gpu_mib,
+    use_liger,
+)
 from alignment.modeling import (
     adapter_base_name,
     check_liger,
@@ -92,6 +98,15 @@ def reference_of(cfg: PPOStageConfig, has_ref: bool) -> str:
     if cfg.rl.kl_coef == 0:
         return "none: kl_coef=0"
     return "sft adapter (frozen copy)" if has_ref else "base (adapter disabled)"
+
+
+def tokens_per_step(cfg: PPOStageConfig, tokenizer, prompts: list[list[dict]]) -> int:
+    """What one process's backward holds: its completions of a step (TRL's per-device batch, rl.rollout_prompts
+    over the processes), each its prompt (the longest, as TRL pads) and up to generation.max_new_tokens. The
+    rollout's generation and the reference's log-probs keep no activations."""
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return cfg.rl.rollout_prompts // _world() * (longest + cfg.generation.max_new_tokens)
 
 
 def grpo_args(cfg: PPOStageConfig, plan, out: Path):
@@ -167,6 +182,11 @@ def main(cfg: PPOStageConfig) -> Path:
     base = load_base_model(cfg.model, plan)
     model = PeftModel.from_pretrained(base, str(sft), is_trainable=True) if sft else base
     tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
+    # device_plan left `auto` on with CUDA until the batch is known: off where its activations fit.
+    plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, base,
+                             tokens_per_step=tokens_per_step(cfg, tokenizer, data["prompt"]))
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------
     if cfg.algo == "grpo":
@@ -215,7 +235,7 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), algo=cfg.algo, max_length=cfg.model.max_length,
+        device_plan=levers, gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
         reference=reference_of(cfg, has_ref), system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},

@@ -327,6 +327,53 @@ def test_grpo_on_a_fresh_lora_over_a_4bit_base_trains_fp32_adapters_as_on_a_gpu(
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("free_gib,checkpointing", [(80, "off"), (0, "on")])
+def test_grpo_settles_checkpointing_auto_on_cuda_once_the_model_is_loaded(prompts, tmp_path, tiny_model, monkeypatch,
+                                                                          free_gib, checkpointing):
+    """device_plan turns model.gradient_checkpointing=auto on with CUDA until the stage knows its batch; sft,
+    reward and dpo then call fit_checkpointing, GRPO/RLOO never did: they trained with checkpointing on (a third
+    more matmul work per step) however much memory was free, and recorded neither the levers nor the peak memory.
+    The CUDA plan is driven on this CPU: placement on the CPU, the GPU's free memory given."""
+    import recipes.grpo
+    from alignment import gpu_training, modeling
+    from alignment.data import load_prompts
+    from alignment.modeling import load_tokenizer
+
+    planned = recipes.grpo.device_plan
+    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(planned(cfg), device="cuda",
+                                                                          gradient_checkpointing=True))
+    monkeypatch.setattr(modeling, "_local_gpu", lambda: "cpu")
+    monkeypatch.setattr(gpu_training, "_local_gpu", lambda: "cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2**30, 80 * 2**30))
+    fitted = {}
+
+    def fit(plan, setting, model, tokens_per_step):
+        fitted["tokens"] = tokens_per_step
+        fitted["plan"] = gpu_training.fit_checkpointing(plan, setting, model, tokens_per_step)
+        return fitted["plan"]
+
+    monkeypatch.setattr(recipes.grpo, "fit_checkpointing", fit)
+    seen = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        seen["checkpointing"] = args.activation_checkpointing
+
+    monkeypatch.setattr(recipes.grpo.MetricsJSONL, "on_train_begin", on_train_begin)
+    assert align(["ppo", "algo=grpo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}",
+                  f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST, "train.max_steps=1", "rl.rollout_prompts=4",
+                  "rl.num_generations=2", "lora.r=4"]) == 0
+    manifest = json.loads((tmp_path / "grpo" / "align.json").read_text())
+    assert manifest["device_plan"] == (f"device cuda · unquantized base + LoRA · float32 compute · gradient "
+                                       f"checkpointing {checkpointing} · liger off · torch.compile off")
+    assert seen["checkpointing"] is (checkpointing == "on")  # what the trainer ran with
+    assert "gpu_peak_mib" in manifest  # None here: no CUDA to measure
+    tokenizer = load_tokenizer(tiny_model)
+    longest = max(len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                              add_generation_prompt=True))["input_ids"])
+                  for p in load_prompts(str(prompts)))
+    assert fitted["tokens"] == 4 * (longest + 16)  # 4 completions a step, each its prompt and 16 new tokens
+
+
 def test_grpo_without_a_kl_term_starts_from_the_exact_sft_adapter_over_a_4bit_base(sft_dir, prompts, tmp_path,
                                                                                     monkeypatch):
     """rl.kl_coef=0: TRL makes no "ref" copy to restore the bf16-rounded SFT adapter from; it is read from its
