@@ -354,7 +354,8 @@ class Guard:
     Host header (DNS rebinding). Pure ASGI, so streamed responses pass through untouched."""
 
     def __init__(self, app, *, api_key: str | None, loopback: bool):
-        self.app, self.key, self.loopback = app, api_key.encode() if api_key else None, loopback
+        key = (api_key or "").strip()  # as api_key() reads it, and as the client's token is compared
+        self.app, self.key, self.loopback = app, key.encode() if key else None, loopback
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] == "/health":

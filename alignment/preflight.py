@@ -270,7 +270,7 @@ def _serve(cfg, pending: set[str], p: str) -> None:
         raise ConfigError(f"{p}host={cfg.host}: binding beyond this machine needs an API key, or anyone who can reach "
                           f"the port can use the models; set {API_KEY_ENV} (e.g. export {API_KEY_ENV}=$(openssl rand "
                           "-hex 16)) or api_key=, or serve on host=127.0.0.1")
-    if key is not None and len(key.strip()) < 8:
+    if key is not None and len(key) < 8:
         raise ConfigError(f"{p}api_key (or {API_KEY_ENV}): too short to keep anyone out; use 8 characters or more")
 
 

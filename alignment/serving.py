@@ -111,8 +111,12 @@ def is_loopback(host: str) -> bool:
 
 
 def api_key(cfg: Any) -> str | None:
-    """The key clients must send: `api_key` in the config, else $ALIGN_SERVE_API_KEY, else none."""
-    return cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    """The key clients must send: `api_key` in the config, else $ALIGN_SERVE_API_KEY, else none.
+
+    Without the spaces or newline a pasted key may carry: a client's header loses them on the way (HTTP
+    strips a header value), so a key kept with them would refuse everyone. Blank stays "" (too short)."""
+    key = cfg.api_key or os.environ.get(API_KEY_ENV)
+    return key.strip() if key else None
 
 
 def url_host(host: str) -> str:

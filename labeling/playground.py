@@ -72,6 +72,7 @@ class ServeClient:
         # None: sent without max_tokens, so the server's default applies, lowered to what the model's context
         # leaves after the conversation (align serve and vLLM); a number sent can be more than is left.
         self.max_tokens = max_tokens
+        api_key = (api_key or "").strip()  # as `align serve` reads the same variable (alignment/serving.py)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # One client for the app's life (pooled connections); no redirects, no proxies from the environment.
         self.http = httpx.Client(base_url=self.url + "/", headers=headers, follow_redirects=False, trust_env=False,

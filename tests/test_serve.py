@@ -433,6 +433,30 @@ def test_an_api_key_is_required_when_set(served):
                                                     headers={"Host": "localhost:8000"}).status_code == 200
 
 
+def test_a_key_pasted_with_spaces_or_a_newline_is_the_key_without_them(tmp_path, monkeypatch):
+    """HTTP strips a header value, so a client sends the key without the spaces or newline it was pasted
+    with: the server reads and compares it without them too (it refused everyone with them)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from alignment.openai_api import Guard
+    from alignment.serving import api_key
+
+    inner = Starlette(routes=[Route("/v1/models", lambda request: PlainTextResponse("ok"))])
+    for pasted in (" a-long-enough-key", "a-long-enough-key \n"):
+        monkeypatch.setenv("ALIGN_SERVE_API_KEY", pasted)
+        key = api_key(serve_config(tmp_path))
+        assert key == "a-long-enough-key"
+        for guarded in (Guard(inner, api_key=key, loopback=True), Guard(inner, api_key=pasted, loopback=True)):
+            client = TestClient(guarded)
+            assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert client.get("/v1/models", headers={"Authorization": "Bearer a-long-enough"}).status_code == 401
+    monkeypatch.setenv("ALIGN_SERVE_API_KEY", "   ")
+    assert api_key(serve_config(tmp_path)) == ""  # refused by preflight as too short, not taken as no key
+
+
 def test_without_a_key_any_loopback_address_is_a_host_and_no_other_name(served):
     """`align serve` listens without a key on any loopback address (host=127.0.0.2 too); it answers to
     such an address or localhost in the Host header, and still refuses another name (DNS rebinding)."""
