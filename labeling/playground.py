@@ -14,7 +14,8 @@ The tab sends no system message: `align serve` then puts each adapter's own syst
 one it was trained with, `sft.data.system_prompt`) first, so a model answers here as it was trained
 and sampled; vLLM's server does not (docs/serving.md).
 
-Both answers stream into their panes at once (each from its own thread). A send nobody reads any
+Both models are asked at once (each from its own thread); `align serve` generates one answer at a time,
+so one pane streams to its end and then the other (vLLM streams both together). A send nobody reads any
 more (the tab closed, the event cancelled: Gradio closes the generator) closes both streams at their
 next piece, so the server stops generating them: it generates one answer at a time for everyone,
 and Gradio's concurrency limit is freed at once. Every piece of model text is shown as escaped
