@@ -31,7 +31,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import closing
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,8 +96,11 @@ class ServeClient:
             raise PlaygroundError(f"{self.url}/models did not answer with OpenAI's list of models") from None
         return [n for n in names if isinstance(n, str) and MODEL_NAME.fullmatch(n)][:MAX_MODELS]
 
-    def stream(self, model: str, messages: list[dict[str, str]], *, temperature: float) -> Iterator[str]:
-        """The answer of `model` to `messages`, piece by piece (OpenAI's server-sent events)."""
+    def stream(self, model: str, messages: list[dict[str, str]], *,
+               temperature: float) -> Generator[str, None, str | None]:
+        """The answer of `model` to `messages`, piece by piece (OpenAI's server-sent events); returns its
+        finish_reason: `length` when it was cut at the token limit, None when the server sent none."""
+        reason = None
         body = {"model": model, "messages": messages, "stream": True, "temperature": temperature}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
@@ -111,19 +114,24 @@ class ServeClient:
                         continue
                     data = line[len("data:"):].strip()
                     if data == "[DONE]":
-                        return
+                        return reason
                     event = json.loads(data)
                     if isinstance(event, dict) and event.get("error"):
                         raise PlaygroundError(str(event["error"].get("message", event["error"]))[:500])
                     for choice in event.get("choices") or []:
+                        if choice.get("index", 0) != 0:
+                            continue
                         piece = (choice.get("delta") or {}).get("content")
-                        if choice.get("index", 0) == 0 and isinstance(piece, str) and piece:
+                        if isinstance(piece, str) and piece:
                             yield piece
+                        if isinstance(choice.get("finish_reason"), str):
+                            reason = choice["finish_reason"]
         except httpx.HTTPError as err:
             raise PlaygroundError(f"the models server at {self.url} stopped answering ({type(err).__name__})") \
                 from None
         except (ValueError, AttributeError, TypeError):
             raise PlaygroundError(f"{self.url} sent something that is not OpenAI's stream format") from None
+        return reason  # the stream ended without [DONE]
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -138,10 +146,12 @@ def _error_message(response: httpx.Response) -> str:
 
 def conversation_html(history: list[dict[str, Any]], *, pending: tuple[str, str] | None = None,
                       note: str | None = None) -> str:
-    """A pane: each turn as escaped text under who said it; `pending` = (model, answer so far) still streaming."""
+    """A pane: each turn as escaped text under who said it, an answer cut at the token limit (`cut_off`)
+    with a note saying so; `pending` = (model, answer so far) still streaming."""
     turns = history + ([{"role": "assistant", "model": f"{pending[0]} …", "content": pending[1]}] if pending else [])
     shown = [f'<div class="align-pg-turn align-pg-{t["role"]}"><p class="align-label">'
-             f'{html.escape("You" if t["role"] == "user" else t.get("model") or "model")}</p>{text_html(t["content"])}'
+             f'{html.escape("You" if t["role"] == "user" else t.get("model") or "model")}</p>'
+             f'{text_html(t["content"], cut_off=t.get("cut_off", False))}'
              "</div>" for t in turns]
     if note:
         shown.append(f'<p class="align-error">⚠️ {html.escape(note)}</p>')
@@ -171,6 +181,7 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
         raise ValueError(f"{MAX_TURNS} messages in this conversation: Clear to start a new one")
     asked = [h + [{"role": "user", "content": message}] for h in histories]
     answers, notes, done = ["", ""], [None, None], [False, False]
+    reasons: list[str | None] = [None, None]  # each answer's finish_reason once it ended
     events: queue.Queue = queue.Queue()
     # Set once nobody reads the answers (the tab closed, the event cancelled: the generator is closed).
     # The server generates one answer at a time for everyone, so a stream nobody reads must end.
@@ -180,11 +191,15 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
         try:
             # Closing the stream closes its response: the server sees the client go and stops generating.
             with closing(client.stream(models[side], _api_messages(asked[side]), temperature=temperature)) as pieces:
-                for piece in pieces:
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as end:  # the stream's return value: its finish_reason
+                        events.put((side, "done", end.value))
+                        return
                     if stop.is_set():
                         return
                     events.put((side, "text", piece))
-            events.put((side, "done", None))
         except PlaygroundError as err:
             events.put((side, "error", str(err)))
         except Exception as err:  # never leave the tab waiting on a thread that died
@@ -200,7 +215,10 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
                 now.append(histories[s])
                 shown.append(conversation_html(asked[s][:-1], note=notes[s]))
             elif done[s]:
-                now.append(asked[s] + [{"role": "assistant", "content": answers[s], "model": models[s]}])
+                answer = {"role": "assistant", "content": answers[s], "model": models[s]}
+                if reasons[s] == "length":  # cut at the token limit: the pane says so, on later turns too
+                    answer["cut_off"] = True
+                now.append(asked[s] + [answer])
                 shown.append(conversation_html(now[s]))
             else:  # still streaming
                 now.append(histories[s])
@@ -214,7 +232,7 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
             if kind == "text":
                 answers[side] = (answers[side] + value)[:MAX_ANSWER_CHARS]
             elif kind == "done":
-                done[side] = True
+                done[side], reasons[side] = True, value
             else:
                 notes[side] = value
             if time.monotonic() - last >= SHOW_EVERY:

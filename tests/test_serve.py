@@ -688,6 +688,28 @@ def test_playground_send_answers_both_sides_as_escaped_text(served, client):
         next(send(playground, ("sft", "dpo"), "Hi", ([], [{"role": "user", "content": "x"}] * MAX_TURNS)))
 
 
+def test_the_playground_says_when_an_answer_was_cut_at_the_token_limit(served, client):
+    """An answer that stopped at max_tokens did not end there: its pane says so (as the labelling tasks
+    do, handlers.text_html's cut_off), on that turn and the next ones."""
+    from labeling.playground import ServeClient, conversation_html, send
+
+    note = "cut off at the length limit"
+    assert greedy(client, "sft", max_tokens=4).choices[0].finish_reason == "length"
+    pieces = ServeClient(served[2], max_tokens=4).stream("sft", PROMPT, temperature=0)
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as end:
+            assert end.value == "length"
+            break
+    playground = ServeClient(served[2], max_tokens=4)
+    left, right, left_html, right_html = list(send(playground, ("sft", "base"), "Hi", ([], []), temperature=0))[-1]
+    assert left[-1]["cut_off"] and note in left_html and note in right_html
+    left, _, left_html, _ = list(send(playground, ("sft", "base"), "And?", (left, right), temperature=0))[-1]
+    assert left_html.count(note) == 2 and [t["role"] for t in left] == ["user", "assistant"] * 2
+    assert note not in conversation_html([{"role": "assistant", "content": "Open Settings.", "model": "sft"}])
+
+
 def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch):
     """Nobody reads the answers any more (the tab closed: Gradio closes the generator): both streams are
     closed and the server stops generating them, rather than holding its one generation lock for both
