@@ -27,7 +27,10 @@ Each answer is decoded as it grows by one `StoppingCriteria` hooked into `genera
 it ends a row at EOS or at a `stop` string, hands each new piece of text to `on_text` (the
 streaming response), holds back what may be the start of a stop string or half a UTF-8
 character, and stops every row when the client has gone or the server is stopping. The
-streamed pieces add up to exactly the text a non-streamed request returns.
+streamed pieces add up to exactly the text a non-streamed request returns. An answer stopped that
+way did not end: it has no finish_reason, and when the server is stopping `run` raises ShuttingDown
+(a 503, or an error event in a stream) rather than return it as finished; a request still waiting
+for the lock then is refused the same way, as is one that arrives.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class RequestError(ValueError):
         self.param, self.code, self.status = param, code, status
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
 # A lower temperature is greedy decoding, as in vLLM (its _SAMPLING_EPS): dividing the logits by
 # ~1e-40 overflows them to inf, and sampling from that fails.
 MIN_TEMPERATURE = 1e-5
@@ -65,6 +70,10 @@ MIN_TEMPERATURE = 1e-5
 
 class Busy(RuntimeError):
     """More requests are waiting than limits.max_waiting allows."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping (Ctrl-C): the request is refused, or its answers were cut off unfinished."""
 
 
 @dataclass
@@ -92,7 +101,8 @@ class Job:
 class Choice:
     index: int
     text: str
-    finish_reason: str  # stop (EOS or a stop string) | length (max_tokens reached)
+    # stop (EOS or a stop string) | length (max_tokens reached) | None: cut short, the client gone
+    finish_reason: str | None
     tokens: int  # generated tokens, up to and including the one that ended the answer
 
 
@@ -216,6 +226,8 @@ class ChatEngine:
         with self._count:
             if job.admitted:
                 return
+            if self.closing.is_set():
+                raise ShuttingDown(SHUTTING_DOWN)
             if self._inside > self.max_waiting:
                 raise Busy(f"{self._inside} requests are running or waiting; try again shortly")
             self._inside += 1
@@ -271,6 +283,8 @@ class ChatEngine:
             with self._lock:
                 if job.cancelled.is_set():
                     return Result([], len(job.prompt_ids), 0.0)
+                if self.closing.is_set():  # it waited behind a generation that Ctrl-C stopped
+                    raise ShuttingDown(SHUTTING_DOWN)
                 switched = self._select(job.model, p.n)  # n rows: generate() expands the prompt before the first forward
                 start = time.perf_counter()
                 # The global generator: safe under the lock, and a seed makes the answer the same each time.
@@ -287,9 +301,11 @@ class ChatEngine:
                 seconds = time.perf_counter() - start
         finally:
             self.release(job)
+        rest = [row.finish() for row in rows]
+        if self.closing.is_set() and any(row.reason is None for row in rows):
+            raise ShuttingDown(f"{SHUTTING_DOWN}: the answer was cut off before it ended")
         choices = []
-        for i, row in enumerate(rows):
-            piece = row.finish()
+        for i, (row, piece) in enumerate(zip(rows, rest, strict=True)):
             if piece and on_text:
                 on_text(i, piece)
             choices.append(Choice(i, row.text, row.reason, row.count))
@@ -334,9 +350,11 @@ class _Row:
         return self._flush(end)
 
     def finish(self) -> str:
-        """Generation is over: the rest of the text; a row that neither hit EOS nor a stop string ran out of tokens."""
-        if self.reason is None:
-            self.reason = "length" if self.count >= self.max_tokens else "stop"
+        """Generation is over: the rest of the text not handed out yet. A row that neither hit EOS nor a stop
+        string ran out of tokens (`length`), or was stopped before it ended (the client gone, the server
+        stopping): its reason stays None, never `stop`, which would say the answer is whole."""
+        if self.reason is None and self.count >= self.max_tokens:
+            self.reason = "length"
         return self._flush()
 
     def _flush(self, end: int | None = None) -> str:

@@ -10,9 +10,11 @@ Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`
 status: 400 a bad request (the field named in `param`; a conversation over the token limits has
 code context_length_exceeded), 401 a missing or wrong API key, 404 an unknown model
 (model_not_found) or path, 413 a body over limits.max_body_kb, 415 a body that is not JSON, 503
-when limits.max_waiting requests already wait, 500 for anything else, its traceback only in the
-server's log. A parameter this server does not implement (tools, logprobs, ...) is a 400 naming
-it rather than silently ignored.
+when limits.max_waiting requests already wait or the server is shutting down, 500 for anything
+else, its traceback only in the server's log. On Ctrl-C an answer being generated stops at its next
+token and is not sent as finished: a 503 (code server_shutting_down), or in a stream an error event;
+so are the requests still waiting for it. A parameter this server does not implement (tools,
+logprobs, ...) is a 400 naming it rather than silently ignored.
 
 A browser page on another site cannot drive the endpoint: a JSON body needs a CORS preflight,
 which is never granted; without an API key (loopback only) the Host header must be a loopback
@@ -37,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from alignment.chat_engine import Busy, ChatEngine, Job, Params, RequestError
+from alignment.chat_engine import Busy, ChatEngine, Job, Params, RequestError, ShuttingDown
 from alignment.serving import BASE, is_loopback
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
             engine.admit(job)
         except Busy as err:
             return error_response(503, str(err), kind="server_busy", code="server_busy")
+        except ShuttingDown as err:
+            return _shutting_down(err)
         try:
             await run_in_threadpool(engine.prepare, model, messages, params, job)
         except BaseException:
@@ -126,6 +130,8 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             result = await run_in_threadpool(engine.run, job)
+        except ShuttingDown as err:  # it was cut off, or waited behind one that was: not a finished answer
+            return _shutting_down(err)
         except Exception:
             # Answered here rather than by the app's handler: an error that leaves the endpoint makes
             # uvicorn close the connection, which a client reusing it would see as a network failure.
@@ -141,6 +147,10 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
 
     app.add_middleware(Guard, api_key=api_key, loopback=loopback)
     return app
+
+
+def _shutting_down(err: ShuttingDown) -> JSONResponse:
+    return error_response(503, str(err), kind="server_error", code="server_shutting_down")
 
 
 def _unknown_model(name: str, engine: ChatEngine) -> RequestError:
@@ -307,7 +317,8 @@ def _stream(engine: ChatEngine, job, reply: dict[str, Any], usage: bool, running
         try:
             queue.put_nowait(("done", await run_in_threadpool(engine.run, job, on_text)))
         except Exception as err:  # reported in the stream: its status line has long been sent
-            log.error("a streamed completion failed", exc_info=err)
+            if not isinstance(err, ShuttingDown):
+                log.error("a streamed completion failed", exc_info=err)
             queue.put_nowait(("error", err))
         finally:
             engine.release(job)
@@ -341,7 +352,10 @@ async def _events(job, reply: dict[str, Any], usage: bool, queue: asyncio.Queue)
                     yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': _usage(result)})}\n\n"
                 break
             else:
-                failed = error_body("the server failed on this request; its log says why", kind="server_error")
+                (err,) = rest
+                failed = (error_body(str(err), kind="server_error", code="server_shutting_down")
+                          if isinstance(err, ShuttingDown)
+                          else error_body("the server failed on this request; its log says why", kind="server_error"))
                 yield f"data: {json.dumps(failed)}\n\n"
                 break
         yield "data: [DONE]\n\n"

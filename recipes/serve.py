@@ -97,7 +97,8 @@ def make_server(app, engine):
 
     class Server(uvicorn.Server):
         """uvicorn's, plus: on Ctrl-C every running generation stops at its next token (uvicorn only
-        stops taking connections and waits for the open ones, which a long generation would hold)."""
+        stops taking connections and waits for the open ones, which a long generation would hold), and
+        its answer, cut off, is a 503 or a stream's error event, not a finished one (ShuttingDown)."""
 
         def handle_exit(self, sig, frame) -> None:
             engine.closing.set()

@@ -636,6 +636,76 @@ def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_p
     shutil.rmtree(run / "reward")
 
 
+def shut_down_while_answering(engine, cfg, requests: list[tuple[str, bool]]) -> list[tuple[int, list]]:
+    """Ctrl-C as `align serve` takes it (recipes/serve.py's server, its handle_exit) while the first of
+    `requests` (model, stream) is being generated and the others wait behind it: each one's status and
+    what it got, the JSON body or the stream's events."""
+    from alignment.openai_api import create_app
+    from recipes.serve import bind, make_server
+
+    listener = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+    server = make_server(create_app(engine, cfg), engine)
+    serving = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    serving.start()
+    got: list = [None] * len(requests)
+
+    def ask(i: int, model: str, stream: bool) -> None:
+        body = {"model": model, "messages": PROMPT, "max_tokens": 64, "temperature": 0, "stream": stream}
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            if not stream:
+                got[i] = (response.status_code, [json.loads(response.read())])
+                return
+            got[i] = (response.status_code, [json.loads(line[5:]) for line in response.iter_lines()
+                                             if line.startswith("data:") and line != "data: [DONE]"])
+
+    askers = [threading.Thread(target=ask, args=(i, *r), daemon=True) for i, r in enumerate(requests)]
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i, asker in enumerate(askers):
+            asker.start()
+            while engine._inside <= i and time.monotonic() < deadline:  # counted in: running or waiting
+                time.sleep(0.02)
+        time.sleep(0.5)  # the first answer is a few tokens in
+        server.handle_exit(signal.SIGINT, None)
+        for asker in askers:
+            asker.join(timeout=30)
+        serving.join(timeout=30)
+    finally:
+        engine.closing.clear()  # the engine is the module's, served on
+    assert not serving.is_alive() and engine._inside == 0
+    return got
+
+
+def test_ctrl_c_never_sends_a_cut_answer_as_finished(served, monkeypatch):
+    """Ctrl-C stops the answer being generated at its next token. It did not end there, so it is not
+    sent as one that did (finish_reason stop, status 200, as it was): a 503 with OpenAI's error body,
+    or in a stream an error event; the requests waiting behind it are refused the same way."""
+    from alignment.chat_engine import _Progress
+
+    engine, cfg = served[0], served[1]
+    step = _Progress.__call__
+
+    def paced(self, input_ids, scores, **kwargs):  # a token every 50 ms, as on a real model: 64 take seconds
+        time.sleep(0.05)
+        return step(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(_Progress, "__call__", paced)
+    for requests in ([("sft", False), ("dpo", True), ("base", False)], [("dpo", True), ("sft", False)]):
+        got = shut_down_while_answering(engine, cfg, requests)
+        for (model, stream), (status, events) in zip(requests, got, strict=True):
+            reasons = [c.get("finish_reason") for e in events for c in e.get("choices", [])]
+            assert "stop" not in reasons and "length" not in reasons, (model, events)
+            error = events[-1]["error"]
+            assert (status, error["code"], error["type"]) == (200 if stream else 503, "server_shutting_down",
+                                                              "server_error"), (model, events)
+            assert "shutting down" in error["message"]
+        first = got[0][1][-1]["error"]["message"]
+        assert "cut off" in first  # the one being generated; those waiting were not started
+
+
 def test_a_port_in_use_is_refused_before_the_model_loads(run, capsys):
     import socket
 
