@@ -683,15 +683,19 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 except ValueError as err:
                     yield [gr.skip(), gr.skip(), gr.skip(), _note(str(err), "⚠️", error=True), gr.skip()]
 
-            # Send is off while both answers stream; at most 4 such streams run at once for the whole app. As
-            # for Submit, the page itself turns it off and on again, after a failed send too: a server call
-            # for that is refused once the session has ended, and stops the chain before the send.
-            on = "() => ({__type__: 'update', interactive: true})"
-            sending = pg_send.click(None, None, pg_send, js="() => ({__type__: 'update', interactive: false})").then(
+            # Send and Clear are off while both answers stream; at most 4 such streams run at once for the whole
+            # app. Clear too: the running send writes the conversations and panes until it ends, so a Clear
+            # in between would be undone and the next send would carry the turns it discarded. As for Submit,
+            # the page itself turns them off and on again, after a failed send too: a server call for that is
+            # refused once the session has ended, and stops the chain before the send.
+            buttons = [pg_send, pg_clear]
+            off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"
+            on = "() => [{__type__: 'update', interactive: true}, {__type__: 'update', interactive: true}]"
+            sending = pg_send.click(None, None, buttons, js=off).then(
                 pg_ask, [pg_left, pg_right, pg_message, pg_temperature, pg_histories],
                 [pg_histories, *pg_panes, pg_status, pg_message], concurrency_limit=4)
-            sending.then(None, None, pg_send, js=on)
-            sending.failure(None, None, pg_send, js=on)
+            sending.then(None, None, buttons, js=on)
+            sending.failure(None, None, buttons, js=on)
             pg_clear.click(lambda: [([], []), conversation_html([]), conversation_html([]), ""], None,
                            [pg_histories, *pg_panes, pg_status])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,4 +204,59 @@ def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serv
         assert answer.value.status == 401
         page.wait_for_selector("#align-session-ended", state="visible")
         sync_api.expect(page.locator("#align-pg-send")).to_be_enabled()
+    context.close()
+
+
+def test_clear_is_off_while_the_answers_stream_so_no_discarded_turn_comes_back(serve_url, tmp_path, page, monkeypatch):
+    """Clear while both answers streamed emptied the panes, then the running send wrote its conversation
+    back over them and the next send carried the turns Clear had discarded. Clear is off until the send
+    ends, as Send is; then it empties both conversations, and the next send asks the new message alone."""
+    from alignment.chat_engine import _Progress
+    from labeling.playground import ServeClient
+    from labeling.server import create_app, running
+    from labeling.store import Store
+
+    step = _Progress.__call__
+
+    def paced(self, input_ids, scores, **kwargs):  # a token every 40 ms: the two answers stream for seconds
+        time.sleep(0.04)
+        return step(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(_Progress, "__call__", paced)
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("ann", PASSWORD)
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    left, right = page.locator("#align-pg-left"), page.locator("#align-pg-right")
+
+    def user_turns() -> list[list[str]]:
+        return [pane.locator(".align-pg-user .align-text").all_text_contents() for pane in (left, right)]
+
+    with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=48))) as url:
+        page.goto(url)
+        page.fill("#align-name", "ann")
+        page.fill("#align-password", PASSWORD)
+        page.click("#align-signin")
+        page.get_by_role("tab", name="Playground").click()
+        sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")
+        page.fill("#align-pg-message textarea", "One")
+        page.click("#align-pg-send")
+        sync_api.expect(left.locator(".align-pg-assistant")).to_have_count(1)  # an answer under way
+        sync_api.expect(page.locator("#align-pg-send")).to_be_disabled()
+        sync_api.expect(page.locator("#align-pg-clear")).to_be_disabled()
+        page.locator("#align-pg-clear").click(force=True)  # a disabled button: the click does nothing
+        sync_api.expect(page.locator("#align-pg-send")).to_be_enabled(timeout=60_000)  # both answers ended
+        sync_api.expect(page.locator("#align-pg-clear")).to_be_enabled()
+        assert user_turns() == [["One"], ["One"]]
+        page.click("#align-pg-clear")
+        for pane in (left, right):
+            sync_api.expect(pane).to_have_text("No messages yet.")
+        page.fill("#align-pg-message textarea", "Two")
+        page.click("#align-pg-send")
+        sync_api.expect(page.locator("#align-pg-send")).to_be_disabled()
+        sync_api.expect(page.locator("#align-pg-send")).to_be_enabled(timeout=60_000)
+        for pane in (left, right):
+            sync_api.expect(pane.locator(".align-pg-assistant .align-label")).to_have_count(1)
+        assert user_turns() == [["Two"], ["Two"]]
     context.close()
