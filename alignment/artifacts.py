@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignment import StageError
+from alignment.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +520,7 @@ def set_aside_checkpoints(folder: str | Path, whose: str = "an earlier run") -> 
 
 
 def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
-                   trained_on: dict[str, Any] | None = None) -> Path | None:
+                   trained_on: dict[str, Any] | None = None, finishes_at_max_steps: bool = False) -> Path | None:
     """A training stage about to train into `out`: the checkpoint `train.resume_from_checkpoint` (`resume`)
     continues from, or None for a fresh start; `trained_on` (the data's sha256, the model and adapter the run
     starts from: model_identity) is then recorded in <out>/checkpoints/trained_on.json.
@@ -532,7 +533,11 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     was there: rerun, the stage is asked to train again, unless to train longer, to a `max_steps` past the
     checkpoint's step), or of a run on other inputs (a pipeline rerun because the data or the SFT adapter
     changed would take it up at its last step, train nothing and keep the old weights under a manifest naming
-    the new data).
+    the new data). The newest checkpoint of an unfinished run past `max_steps` (a run killed on the way to more
+    steps, rerun with fewer) is refused, as preflight refuses one named by its path: resumed, the run trained
+    nothing and wrote the checkpoint's weights under a manifest giving `max_steps`. One at `max_steps` is
+    refused too, unless `finishes_at_max_steps` (PPO's loop: it trains nothing and writes that step's weights,
+    finishing a run killed after its last checkpoint); the Trainer would train one step past it.
     Settings (`trained_on["settings"]`, settings_of: the stage's config less its inputs) do not decide: resuming
     with a lower train.lr, or to train longer, is what resume is for. A resume whose settings differ from those
     its checkpoint's run recorded says which, before it goes on (a changed LoRA shape would not load).
@@ -571,6 +576,13 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
             set_aside_checkpoints(folder, f"a finished run ({found.name}; to train it longer, raise train.max_steps "
                                           "past its step)")
             found = None
+        elif found and 0 < max_steps and (_step(found) > max_steps or (_step(found) == max_steps
+                                                                      and not finishes_at_max_steps)):
+            raise ConfigError(f"train.resume_from_checkpoint={resume}: its newest checkpoint, {found} (step "
+                              f"{_step(found)}), is {'past' if _step(found) > max_steps else 'at'} train.max_steps="
+                              f"{max_steps}: nothing is left to train from it; raise train.max_steps past its step to "
+                              f"train on from it, name a checkpoint folder before step {max_steps}, or leave "
+                              "train.resume_from_checkpoint unset to train again from scratch")
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
     changed = _settings_changed(found.parent, trained_on) if found else []
     if changed:

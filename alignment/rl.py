@@ -365,11 +365,12 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
 def find_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
                     trained_on: dict[str, str | None] | None = None) -> Path | None:
     """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N that can go on into this
-    run (alignment.artifacts.begin_training: not a finished run's, nor one trained on other inputs); None: from
-    scratch."""
+    run (alignment.artifacts.begin_training: not a finished run's, nor one trained on other inputs, nor one past
+    `max_steps`); None: from scratch. One at `max_steps` (a run killed after its last checkpoint) finishes the run:
+    the loop trains nothing and writes its weights."""
     if resume and resume not in ("latest", "auto") and not (Path(resume) / "trainer_state.json").is_file():
         raise StageError(f"train.resume_from_checkpoint={resume} is not a PPO checkpoint (no trainer_state.json)")
-    return begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
+    return begin_training(out, resume, max_steps=max_steps, trained_on=trained_on, finishes_at_max_steps=True)
 
 
 def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = None,

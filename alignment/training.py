@@ -254,7 +254,8 @@ def resume_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
                       trained_on: dict[str, Any] | None = None) -> str | None:
     """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N
     that can go on into this run (alignment.artifacts.begin_training: not a finished run's unless trained longer
-    to `max_steps`, nor one trained on other inputs than `trained_on`).
+    to `max_steps`, nor one trained on other inputs than `trained_on`); one at or past `max_steps` is refused (the
+    Trainer would train a step past it, or nothing under a manifest giving `max_steps`).
 
     "latest" with no such checkpoint starts from scratch (so a pipeline can always pass it); any
     other value is a checkpoint folder, passed on as it is.

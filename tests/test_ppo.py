@@ -128,6 +128,11 @@ def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
     assert [r["step"] for r in read_jsonl(killed / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (killed / "ppo" / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
     assert not (killed / "ppo" / "align.json").exists()
+    # rerun to fewer steps than its newest checkpoint's: refused (it trained nothing and wrote step 4's weights
+    # under a manifest saying 3 steps), the checkpoints kept for the resume below
+    assert ppo(killed, sft_dir, prompts, *args, "train.max_steps=3", "train.resume_from_checkpoint=latest") == 2
+    assert not (killed / "ppo" / "align.json").exists()
+    assert sorted(p.name for p in (killed / "ppo" / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
 
     assert ppo(killed, sft_dir, prompts, *args, "train.resume_from_checkpoint=latest") == 0
     a, b = (read_jsonl(d / "ppo" / "metrics.jsonl") for d in (tmp_path / "straight", killed))
