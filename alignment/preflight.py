@@ -199,7 +199,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
 
         sft = None if cfg.sft == "none" else Path(cfg.sft or default_sft)
         check_shared_base(Path(cfg.reward_model or stage_dir(cfg.run.dir, "reward")), sft,
-                          _adapter_base(sft) if sft else cfg.model.name, p)
+                          _adapter_base(sft) if sft else cfg.model.name, cfg.model, p)
     prompts = _prompts(f"{p}prompts", cfg.prompts)
     n = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     if cfg.algo == "ppo" and rl.rollout_prompts > n:

@@ -98,9 +98,7 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     path = Path(path)
     if not is_adapter_dir(path):
         raise FileNotFoundError(f"{path} is not a reward model folder (no adapter_config.json): run `align reward`")
-    trained = (read_manifest(path).get("config") or {}).get("model") or {} if (path / "align.json").is_file() else {}
-    plan = plan or device_plan(ModelConfig(quantize=bool(trained.get("quantize", False)),
-                                           compute_dtype=trained.get("compute_dtype", "auto")))
+    plan = plan or device_plan(trained_model_config(path))
     sft = path / SFT_ADAPTER if is_adapter_dir(path / SFT_ADAPTER) else None
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
@@ -114,6 +112,14 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def trained_model_config(path: str | Path) -> ModelConfig:
+    """The model.quantize and model.compute_dtype a reward model folder was trained with (its align.json);
+    unquantized and auto where it records none."""
+    path = Path(path)
+    trained = (read_manifest(path).get("config") or {}).get("model") or {} if (path / "align.json").is_file() else {}
+    return ModelConfig(quantize=bool(trained.get("quantize", False)), compute_dtype=trained.get("compute_dtype", "auto"))
 
 
 def score_head_in_fp32(model) -> None:
@@ -529,56 +535,76 @@ def _same_adapter(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def shared_base_problem(rm: Path, sft: Path | None, base: str) -> str | None:
-    """Why the reward model at `rm` cannot score on the policy's base (rl.reward_on_policy_base), or None.
+def shared_base_problem(rm: Path, sft: Path | None, base: str, settings: ModelConfig,
+                        prefix: str = "") -> str | None:
+    """Why the reward model at `rm` cannot score on the policy's base (rl.reward_on_policy_base), or None; the
+    sentence ends with what to do. `settings`: the policy's model.*, `prefix` the keys' as the user gives them.
 
-    There the reward model is rebuilt from the policy's parts: the policy's base, and the policy's "ref"
-    adapter standing for the SFT adapter the reward model was trained from (its copy in sft_adapter/). That
-    is the reward model only when those parts are its own; an SFT adapter retrained since, or another run's,
-    gave other scores, rankings reversed included, with nothing said. Refused rather than loaded apart with
-    a warning: the setting is there to keep one base in memory, and a second model where the user planned
-    for one may not fit; a mismatch is more often a wrong folder than a wish. Known from the folders alone,
+    There the reward model is rebuilt from the policy's parts: the policy's base, quantized and computing as the
+    policy's, and the policy's "ref" adapter standing for the SFT adapter the reward model was trained from (its
+    copy in sft_adapter/). That is the reward model only when those parts are its own; an SFT adapter retrained
+    since, or another run's, gave other scores, rankings reversed included, with nothing said, and a reward model
+    trained on an unquantized base scored on the policy's 4-bit one (the quickstart's reward and PPO settings)
+    up to 0.37 apart from its own scores on the same pairs. Refused rather than loaded apart with a warning: the
+    setting is there to keep one base in memory, and a second model where the user planned for one may not fit;
+    a mismatch is more often a wrong folder or setting than a wish. Known from the folders and the config alone,
     so preflight says it before any model loads.
     """
+    alone = f"set {prefix}rl.reward_on_policy_base=false to load the reward model on its own"
+    other_sft = f"{alone}, or pass the {prefix}sft= it was trained from"
     rm_base = adapter_base_name(rm)
     if model_key(rm_base) != model_key(base):  # one base however spelled (an embedded name, a folder)
         return (f"the reward model at {rm} was trained on {rm_base}, the policy's base is {base}: its adapter "
-                "on this base is not that reward model")
+                f"on this base is not that reward model; {other_sft}")
+    trained = trained_model_config(rm)
+    rm_plan, policy_plan = device_plan(trained), device_plan(settings)
+    if (rm_plan.quantize, rm_plan.compute_dtype) != (policy_plan.quantize, policy_plan.compute_dtype):
+        def described(cfg: ModelConfig, plan: DevicePlan) -> str:
+            return (f"{'a 4-bit NF4' if plan.quantize else 'an unquantized'} base, "
+                    f"{str(plan.compute_dtype).replace('torch.', '')} compute (model.quantize="
+                    f"{str(cfg.quantize).lower()}, model.compute_dtype={cfg.compute_dtype})")
+
+        match = ([f"{prefix}model.quantize={str(trained.quantize).lower()}"] if rm_plan.quantize != policy_plan.quantize
+                 else []) + ([f"{prefix}model.compute_dtype={trained.compute_dtype}"]
+                             if rm_plan.compute_dtype != policy_plan.compute_dtype else [])
+        return (f"the reward model at {rm} was trained on {described(trained, rm_plan)}, the policy runs on "
+                f"{described(settings, policy_plan)}: its adapter on the policy's base scores otherwise than the "
+                f"reward model its gate measured; set {' and '.join(match)} to run the policy as the reward model "
+                f"was trained, retrain the reward model with the policy's settings, or {alone}, as it was trained")
     if not is_adapter_dir(rm / SFT_ADAPTER):
         return None  # trained on the bare base: its adapter alone on the policy's base is the reward model
     if sft is None:
         return (f"the reward model at {rm} was trained on an SFT model (its copy in {rm / SFT_ADAPTER}), but the "
-                "policy has no SFT adapter to stand for it")
+                f"policy has no SFT adapter to stand for it; {other_sft}")
     if not _same_adapter(rm / SFT_ADAPTER, Path(sft)):
         return (f"the reward model at {rm} was trained from another SFT adapter than the policy's {sft} (its copy "
                 f"in {rm / SFT_ADAPTER} has other weights): the policy's would stand for it and score with a "
-                "reward model that was never trained")
+                f"reward model that was never trained; {other_sft}")
     return None
 
 
-def check_shared_base(rm: Path, sft: Path | None, base: str, prefix: str = "") -> None:
+def check_shared_base(rm: Path, sft: Path | None, base: str, settings: ModelConfig, prefix: str = "") -> None:
     """A ConfigError when the reward model cannot score on the policy's base (shared_base_problem)."""
     from alignment.config import ConfigError
 
-    if problem := shared_base_problem(rm, sft, base):
-        raise ConfigError(f"{prefix}rl.reward_on_policy_base=true: {problem}. Set {prefix}rl.reward_on_policy_base="
-                          "false to load the reward model on its own, or pass the sft= it was trained from")
+    if problem := shared_base_problem(rm, sft, base, settings, prefix):
+        raise ConfigError(f"{prefix}rl.reward_on_policy_base=true: {problem}")
 
 
-def shared_base_reward(model, rm: Path, sft: Path | None, base: str) -> Reward:
+def shared_base_reward(model, rm: Path, sft: Path | None, base: str, settings: ModelConfig) -> Reward:
     """The reward model's adapter as a third adapter ("reward") on the policy's base, plus its score head.
 
     The reward model is the base (+ the SFT adapter when it was trained from SFT) + its LoRA + a
     linear `score` head on the last token that is not padding (scored_position). Here the SFT part is the
     "ref" adapter (loaded from `sft`), activated together with "reward": the same weights, except that SFT
     is a LoRA delta on the quantized base rather than merged before quantization (close, not bit-identical;
-    docs/ppo.md). `base` is the policy's base; a reward model these parts are not is refused
-    (shared_base_problem).
+    docs/ppo.md). `base` is the policy's base, `settings` its model.* (quantization, compute dtype); a reward
+    model these parts are not is refused (shared_base_problem).
     """
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    check_shared_base(rm, sft, base)
+    check_shared_base(rm, sft, base, settings)
     config = json.loads((rm / "adapter_config.json").read_text())
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
     config.update(task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True)

@@ -99,7 +99,7 @@ def make_reward(cfg: PPOStageConfig, policy=None, sft: Path | None = None) -> tu
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
     figures = gate(rm, cfg.min_reward_accuracy, cfg.max_probe_flip_rate)
     if cfg.rl.reward_on_policy_base:
-        reward = shared_base_reward(policy, rm, sft, cfg.model.name)
+        reward = shared_base_reward(policy, rm, sft, cfg.model.name, cfg.model)
         return reward, {**figures, "device": str(next(policy.parameters()).device)}, rm
     model, tokenizer = load_reward_model(rm)
     figures = {**figures, "device": str(next(model.parameters()).device)}  # the manifest says where it scored

@@ -337,7 +337,7 @@ def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapte
     responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share."]
     cpu_model = build_policy(cfg, CPU_PLAN, adapters["sft"])
     device_model = copy.deepcopy(cpu_model)
-    parts = adapters["reward"], adapters["sft"], tiny_model  # a reward model on the bare base
+    parts = adapters["reward"], adapters["sft"], tiny_model, cfg.model  # a reward model on the bare base
     on_cpu = shared_base_reward(cpu_model, *parts)(PROMPTS, responses)
     with other_device():
         device_model.to(DEVICE)

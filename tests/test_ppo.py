@@ -270,23 +270,42 @@ def test_reward_on_the_policy_base_refuses_a_reward_model_of_another_sft(sft_dir
     assert "rl.reward_on_policy_base=true: the reward model at" in err and "another SFT adapter" in err
     assert "rl.reward_on_policy_base=false" in err
     assert not (tmp_path / "ppo").exists()
+    # the reward model (trained unquantized) on the policy's 4-bit base: refused as well, naming both settings
+    assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"reward_model={reward_dir}", f"prompts={prompts}",
+                  "min_reward_accuracy=0", "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4",
+                  "rl.reward_on_policy_base=true", *FAST, "model.quantize=true"]) == 2
+    err = capsys.readouterr().err
+    assert "(model.quantize=false, model.compute_dtype=auto), the policy runs on a 4-bit NF4 base" in err
+    assert "set model.quantize=false to run the policy as the reward model was trained" in err
+    assert not (tmp_path / "ppo").exists()
 
 
 def test_which_reward_models_the_policy_base_can_stand_for(sft_dir, reward_dir, tmp_path, tiny_model):
-    from alignment.config import ConfigError
+    from alignment.config import ConfigError, ModelConfig
     from alignment.reward_model import shared_base_problem, shared_base_reward
 
-    assert shared_base_problem(reward_dir, sft_dir, tiny_model) is None
+    as_trained = ModelConfig(quantize=False)  # reward_dir's: an unquantized base, auto compute
+    assert shared_base_problem(reward_dir, sft_dir, tiny_model, as_trained) is None
     # the same weights in a file not byte-identical (saved again, other metadata): the same adapter
     again = sft_copy(sft_dir, tmp_path / "again", metadata={"saved": "again"})
     assert (again / "adapter_model.safetensors").read_bytes() != (sft_dir / "adapter_model.safetensors").read_bytes()
-    assert shared_base_problem(reward_dir, again, tiny_model) is None
+    assert shared_base_problem(reward_dir, again, tiny_model, as_trained) is None
     assert "another SFT adapter" in shared_base_problem(reward_dir, sft_copy(sft_dir, tmp_path / "b", 1.01),
-                                                        tiny_model)
-    assert "has no SFT adapter" in shared_base_problem(reward_dir, None, tiny_model)
-    assert f"the policy's base is {tmp_path}" in shared_base_problem(reward_dir, sft_dir, str(tmp_path))
+                                                        tiny_model, as_trained)
+    assert "has no SFT adapter" in shared_base_problem(reward_dir, None, tiny_model, as_trained)
+    assert f"the policy's base is {tmp_path}" in shared_base_problem(reward_dir, sft_dir, str(tmp_path), as_trained)
+    # On the policy's 4-bit base (or in another compute dtype) a reward model trained unquantized in fp32 scores
+    # otherwise (up to 0.37 apart on the same pairs, measured): the settings to change are named.
+    problem = shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=True), "ppo.")
+    assert ("was trained on an unquantized base, float32 compute (model.quantize=false, model.compute_dtype=auto), "
+            "the policy runs on a 4-bit NF4 base, float32 compute (model.quantize=true, model.compute_dtype=auto)"
+            in problem)
+    assert "set ppo.model.quantize=false to run the policy as the reward model was trained" in problem
+    assert "ppo.rl.reward_on_policy_base=false" in problem
+    problem = shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=False, compute_dtype="bfloat16"))
+    assert "set model.compute_dtype=auto to run" in problem and "model.quantize=" not in problem.split("; set")[1]
     with pytest.raises(ConfigError, match="another SFT adapter"):  # the function itself refuses, model untouched
-        shared_base_reward(None, reward_dir, tmp_path / "b", tiny_model)
+        shared_base_reward(None, reward_dir, tmp_path / "b", tiny_model, as_trained)
 
 
 def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
