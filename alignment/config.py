@@ -392,7 +392,7 @@ class RLConfig:
     kl_coef: float = bounded(0.05, ge=0)
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     kl_target: float = bounded(6.0, gt=0)
-    kl_horizon: int = bounded(10000, ge=1)
+    kl_horizon: int = bounded(10000, ge=1)  # kl_coef moves at most 0.2 * rollout_prompts / kl_horizon a step
     gamma: float = bounded(1.0, ge=0, le=1)  # GAE discount
     lam: float = bounded(0.95, ge=0, le=1)  # GAE lambda
     clip_range: float = bounded(0.2, gt=0)  # policy ratio clip

@@ -478,6 +478,14 @@ def test_quickstart_yaml_loads():
     assert path.read_text().splitlines()[0] == "# align ppo --config configs/quickstart/ppo.yaml"
     cfg = load_config(PPOStageConfig, path)
     assert cfg.model.quantize and cfg.train.max_steps <= 16 and cfg.rl.rollout_prompts == 8
+    # Its adaptive KL controller can move kl_coef within the run, as its comment says: at kl_horizon 10000 it
+    # moved by at most 0.2 % over the 12 steps (0.2 * 8 / 10000 a step).
+    assert cfg.rl.kl_control == "adaptive"
+    for kl, reach in ((0.0, 0.7), (100.0, 1.4)):  # far under / over kl_target: the error clipped at -0.2 / +0.2
+        ctl = R.kl_controller(cfg.rl.kl_control, cfg.rl.kl_coef, cfg.rl.kl_target, cfg.rl.kl_horizon)
+        for _ in range(cfg.train.max_steps):
+            ctl.update(kl, n_steps=cfg.rl.rollout_prompts)  # n: the step's responses, as train_ppo passes it
+        assert (ctl.value <= reach * cfg.rl.kl_coef) if kl < cfg.rl.kl_target else (ctl.value >= reach * cfg.rl.kl_coef)
 
 
 # ---------------------------------------------------------------------------- the RL pieces by hand
