@@ -128,15 +128,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the real positions; padding stays 0 so it cannot leak into sums.
@@ -157,12 +148,28 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
-    var = masked_var(returns, mask, unbiased=False)
-    if var.item() == 0:
-        return float("nan")
-    return (1 - masked_var(returns - values, mask, unbiased=False) / var).item()
+def rollout_figures(entropy: torch.Tensor, values: torch.Tensor, returns: torch.Tensor, seq_kl: torch.Tensor,
+                    kl_coef: float, mask: torch.Tensor,
+                    total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """A step's rollout figures: over its real tokens `entropy`, `value/mean` and `value/explained_variance`
+    (1 - Var(returns - values) / Var(returns): 1 a perfect critic, 0 no better than a constant, NaN for returns
+    without spread), over its responses `kl` (`seq_kl`: nats per response) and `reward/non_score`.
+
+    `total` as for masked_whiten: the sums and moments are then the whole step's, as with one process. Each
+    process's figures averaged over the processes were not: its ratio (explained variance) and its token-weighted
+    means (entropy, value/mean) over shares of uneven token counts."""
+    total = total or (lambda t: t)
+    mask, entropy, values, returns = mask.float(), entropy.float(), values.float(), returns.float()
+    residual = returns - values
+    sums = total(torch.stack([mask.sum(), (entropy * mask).sum(), (values * mask).sum(), (returns * mask).sum(),
+                              (residual * mask).sum(), seq_kl.float().sum(), torch.ones_like(seq_kl).float().sum()]))
+    tokens, responses = sums[0].clamp(min=1), sums[6].clamp(min=1)
+    spread = total(torch.stack([((returns - sums[3] / tokens) ** 2 * mask).sum(),
+                                ((residual - sums[4] / tokens) ** 2 * mask).sum()])) / tokens
+    kl = (sums[5] / responses).item()
+    return {"kl": kl, "reward/non_score": -kl_coef * kl, "entropy": (sums[1] / tokens).item(),
+            "value/mean": (sums[2] / tokens).item(),
+            "value/explained_variance": float("nan") if spread[0].item() == 0 else (1 - spread[1] / spread[0]).item()}
 
 
 # ---------------------------------------------------------------------------- log-probs and entropy

@@ -199,7 +199,9 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
              has_ref: bool, ranks: Ranks | None = None) -> dict[str, float]:
     """Score → KL-shaped rewards → GAE → `ppo_epochs` of clipped losses over minibatches.
 
-    The returned figures are this rank's; under several processes the caller averages them."""
+    The returned figures are the whole step's, the same in every process: the rollout's summed over the processes
+    (rl.rollout_figures), the minibatches' losses and ratios each process's averaged (the mean loss the averaged
+    gradients follow)."""
     ranks = ranks or Ranks()
     rl, temp = cfg.rl, cfg.generation.temperature
     rl = replace(rl, minibatch_size=rl.minibatch_size // ranks.world)  # this rank's part of each minibatch
@@ -243,16 +245,11 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
             for k, v in {"policy/loss": pg_loss.item(), "value/loss": vf_loss.item(), **pg_stats, **vf_stats}.items():
                 stats.setdefault(k, []).append(v)
 
-    seq_kl = kl.sum(-1)
-    return {
-        "kl": seq_kl.mean().item(),
-        "kl_coef": kl_ctl.value,
-        "entropy": R.masked_mean(entropy, mask).item(),
-        "reward/non_score": (-kl_ctl.value * seq_kl).mean().item(),
-        "value/explained_variance": R.explained_variance(old_values, returns, mask),
-        "value/mean": R.masked_mean(old_values, mask).item(),
-        **{k: sum(v) / len(v) for k, v in stats.items()},
-    }
+    keys = sorted(stats)  # every rank logs the same keys, in this order
+    means = ranks.mean(torch.tensor([sum(stats[k]) / len(stats[k]) for k in keys], dtype=torch.float64)).tolist()
+    return {"kl_coef": kl_ctl.value,
+            **R.rollout_figures(entropy, old_values, returns, kl.sum(-1), kl_ctl.value, mask, total=ranks.total),
+            **dict(zip(keys, means, strict=True))}
 
 
 def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], out: Path, tracker_config: dict,
@@ -301,11 +298,8 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         scored = time.perf_counter() - began - generated
 
         # --- update
+        # every figure the whole step's, the same in every process: the KL controller then moves alike everywhere
         stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks)
-        if ranks.world > 1:  # every figure over the whole step; the KL controller then moves alike everywhere
-            keys = sorted(stats)
-            stats = dict(zip(keys, ranks.mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64)).tolist(),
-                             strict=True))
         lr = scheduler.get_last_lr()[0]  # the rate this step trained at (the next one's after scheduler.step)
         scheduler.step()
         kl_ctl.update(stats["kl"], len(batch) * ranks.world)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -511,21 +512,18 @@ def test_whitening_and_masked_stats_ignore_padding():
     assert R.masked_mean(x, mask).item() == pytest.approx(2.0)
     w = R.masked_whiten(x, mask)
     assert w[0, 3] == 0 and R.masked_mean(w, mask).item() == pytest.approx(0, abs=1e-6)
-    assert R.masked_var(w, mask).item() == pytest.approx(1, abs=1e-4)
-    assert R.explained_variance(x, x, mask) == pytest.approx(1.0)
+    assert w[mask.bool()].var().item() == pytest.approx(1, abs=1e-4)  # unbiased, as masked_whiten's
+    figures = R.rollout_figures(x, x, x, torch.tensor([2.0]), 0.1, mask)  # values = returns: a perfect critic
+    assert figures["value/explained_variance"] == pytest.approx(1.0) and figures["entropy"] == pytest.approx(2.0)
+    assert math.isnan(R.rollout_figures(x, x, torch.ones_like(x), x[:, 0], 0.1, mask)["value/explained_variance"])
 
 
-def test_advantages_are_whitened_over_the_whole_rollout_under_several_processes():
-    """Each process holds a share of the rollout; whitened with its own share's mean, a share of good answers
-    pushed its worse ones down. With the statistics summed over processes (Ranks.total, here two threads and an
-    all-reduce by hand) each process gets exactly its rows of the one-process result."""
+def over_two_processes(work):
+    """[work(0, total), work(1, total)] as two processes run it: two threads whose `total` sums a tensor over
+    both (Ranks.total's all-reduce, by hand)."""
     import threading
 
-    torch.manual_seed(0)
-    x = torch.randn(8, 5) + torch.arange(8.0)[:, None]  # rows 0-3 low, 4-7 high: shares split bad from good
-    mask = (torch.rand(8, 5) > 0.3).float()
-    whole = R.masked_whiten(x, mask)
-    shares, slots, barrier, out = [slice(0, 4), slice(4, 8)], [None, None], threading.Barrier(2), [None, None]
+    slots, barrier, out = [None, None], threading.Barrier(2), [None, None]
 
     def process(rank: int) -> None:
         def total(t: torch.Tensor) -> torch.Tensor:
@@ -535,13 +533,26 @@ def test_advantages_are_whitened_over_the_whole_rollout_under_several_processes(
             barrier.wait()
             return summed
 
-        out[rank] = R.masked_whiten(x[shares[rank]], mask[shares[rank]], total=total)
+        out[rank] = work(rank, total)
 
     threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return out
+
+
+def test_advantages_are_whitened_over_the_whole_rollout_under_several_processes():
+    """Each process holds a share of the rollout; whitened with its own share's mean, a share of good answers
+    pushed its worse ones down. With the statistics summed over processes (Ranks.total, here two threads and an
+    all-reduce by hand) each process gets exactly its rows of the one-process result."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5) + torch.arange(8.0)[:, None]  # rows 0-3 low, 4-7 high: shares split bad from good
+    mask = (torch.rand(8, 5) > 0.3).float()
+    whole = R.masked_whiten(x, mask)
+    shares = [slice(0, 4), slice(4, 8)]
+    out = over_two_processes(lambda rank, total: R.masked_whiten(x[shares[rank]], mask[shares[rank]], total=total))
     assert torch.allclose(torch.cat(out), whole, atol=1e-5)
     alone = R.masked_whiten(x[shares[1]], mask[shares[1]])  # the share by itself: its worst rows go negative
     assert (R.masked_mean(alone[:1], mask[4:5]) < 0) and (R.masked_mean(whole[4:5], mask[4:5]) > 0)
@@ -564,6 +575,38 @@ def test_adaptive_kl_controller_follows_ziegler():
     restored = R.AdaptiveKL(0.5, 6.0, 100)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+
+
+def test_a_steps_figures_are_the_whole_rollouts_under_several_processes():
+    """Entropy, value/mean and explained variance over the whole step's tokens, as one process computes them, when
+    two processes hold shares of uneven token counts: each process's figures averaged gave a mean of ratios (the
+    critic's explained variance per share) and token means weighted per process, not per token."""
+    torch.manual_seed(3)
+    rows, width = 8, 12
+    lengths = torch.tensor([12, 11, 12, 10, 2, 1, 3, 2])  # share 0 long responses, share 1 short ones
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    entropy = torch.rand(rows, width) + 3.0 * (torch.arange(rows)[:, None] >= 4)  # the short ones: high entropy
+    short = (torch.arange(rows)[:, None] >= 4).float()
+    returns = torch.randn(rows, width) * (1 - 0.7 * short) + 2.0 * torch.arange(rows)[:, None] / rows
+    values = returns + 0.5 * torch.randn(rows, width) + short  # off on share 1, whose returns spread less
+    seq_kl = torch.rand(rows) * 4
+    whole = R.rollout_figures(entropy, values, returns, seq_kl, 0.1, mask)
+    real = mask.bool()
+    r, v = returns[real], values[real]
+    assert whole == pytest.approx({
+        "kl": seq_kl.mean().item(), "reward/non_score": -0.1 * seq_kl.mean().item(),
+        "entropy": entropy[real].mean().item(), "value/mean": v.mean().item(),
+        "value/explained_variance": (1 - (r - v).var(unbiased=False) / r.var(unbiased=False)).item()}, abs=1e-5)
+
+    shares = [slice(0, 4), slice(4, 8)]
+    out = over_two_processes(lambda rank, total: R.rollout_figures(
+        entropy[shares[rank]], values[shares[rank]], returns[shares[rank]], seq_kl[shares[rank]], 0.1,
+        mask[shares[rank]], total=total))
+    assert out[0] == out[1] and out[0] == pytest.approx(whole, abs=1e-5)
+    # each process's own figures, averaged (as before): off on these shares
+    alone = [R.rollout_figures(entropy[s], values[s], returns[s], seq_kl[s], 0.1, mask[s]) for s in shares]
+    for key in ("entropy", "value/mean", "value/explained_variance"):
+        assert abs((alone[0][key] + alone[1][key]) / 2 - whole[key]) > 0.1, key
 
 
 def test_clipped_losses():
