@@ -375,7 +375,9 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary.
 
     `finish(folder, summary)` runs on the new export before it moves into place: align export
-    writes its align.json and config.yaml there, so dataset and manifest arrive together.
+    writes its align.json and config.yaml there, so dataset and manifest arrive together. The
+    summary's `rankings_read` is the read of the store the dataset was built from: its count of
+    submitted rankings in `batches` and their `rankings_fingerprint`.
     """
     from datasets import Dataset, DatasetDict
 
@@ -386,18 +388,26 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     out = Path(out_dir)
     out = out.resolve() if out.is_symlink() else out  # swapped at its target: a rename would replace the link
     check_target(out)  # refused before anything is made beside it (a lock file, the run's folder)
-    pairs, summary = build_pairs(store.submitted_rankings(), batches=batches, ties=ties, combine=combine,
-                                 min_agreement=min_agreement, min_posterior=min_posterior,
-                                 gold=store.gold_answers(), chat=chat)
-    summary.update(train_pairs=0, test_pairs=0)
-    if not pairs:
-        return summary  # nothing written: an empty dataset would only fail later, in training
-    train, test = split_by_prompt(pairs, test_fraction, seed)
-    splits = {"train": train, **({"test": test} if test else {})}
-    summary.update(train_pairs=len(train), test_pairs=len(test))
+    if not any(b["rankings"] for b in store.batch_counts() if not batches or b["batch"] in batches):
+        summary = build_pairs([], batches=batches, ties=ties, combine=combine, min_agreement=min_agreement,
+                              min_posterior=min_posterior, chat=chat)[1]
+        return {**summary, "train_pairs": 0, "test_pairs": 0}  # nothing made, not even the lock file
     with _locked(out):
         _recover(out)
         check_target(out)  # again, now that no other export runs: it may have changed meanwhile
+        # The rankings are read here, under the lock, and once: read before it, an export that waited for another
+        # could write the older read last; and the dataset and `rankings_read` (the manifest's) are one read.
+        rows, gold = store.submitted_rankings(), store.gold_answers()
+        pairs, summary = build_pairs(rows, batches=batches, ties=ties, combine=combine, min_agreement=min_agreement,
+                                     min_posterior=min_posterior, gold=gold, chat=chat)
+        read = [r for r in rows if not batches or r["batch"] in batches]
+        summary.update(train_pairs=0, test_pairs=0,
+                       rankings_read={"count": len(read), "sha256": rankings_fingerprint(read, gold)})
+        if not pairs:
+            return summary  # nothing written: an empty dataset would only fail later, in training
+        train, test = split_by_prompt(pairs, test_fraction, seed)
+        splits = {"train": train, **({"test": test} if test else {})}
+        summary.update(train_pairs=len(train), test_pairs=len(test))
         # Built beside and then swapped in: a killed export never leaves half a dataset.
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:

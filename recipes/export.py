@@ -39,7 +39,7 @@ def reliability_rows(people: dict[str, dict]) -> list[list]:
 
 
 def main(cfg: ExportStageConfig) -> Path:
-    from labeling.export import ExportError, check_batches, export_preferences, rankings_fingerprint
+    from labeling.export import ExportError, check_batches, export_preferences
     from labeling.store import Store
 
     check_stage("export", cfg)  # the store and the paths before anything is written
@@ -49,10 +49,7 @@ def main(cfg: ExportStageConfig) -> Path:
         check_batches(store, cfg.batches)
     except ExportError as err:
         raise StageError(str(err)) from None
-    # Of the batches this export reads: the pipeline compares their fingerprint to know whether to export again
-    rankings = [r for r in store.submitted_rankings() if not cfg.batches or r["batch"] in cfg.batches]
-    fingerprint = rankings_fingerprint(rankings, store.gold_answers())
-    if not rankings:
+    if not any(b["rankings"] for b in store.batch_counts() if not cfg.batches or b["batch"] in cfg.batches):
         raise StageError("the labelling store has no submitted rankings yet: label first "
                          f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")
 
@@ -61,8 +58,9 @@ def main(cfg: ExportStageConfig) -> Path:
         write_manifest(folder, stage="export", config=to_dict(cfg), base_model=None,
                        parents={"store": store_url(cfg.store, cfg.run.dir)},
                        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                       summary=summary, rankings_seen=len(rankings),
-                       rankings_sha256=fingerprint)
+                       summary=summary, rankings_seen=summary["rankings_read"]["count"],
+                       # the read the dataset was built from: the pipeline compares it to know whether to export again
+                       rankings_sha256=summary["rankings_read"]["sha256"])
 
     try:
         summary = export_preferences(

@@ -454,3 +454,35 @@ def test_align_export_names_a_batch_the_store_lacks_before_saying_nothing_is_ran
     cfg = load_config(ExportStageConfig, None, [f"run.dir={tmp_path}", "batches=[round-O]", "run.wandb=disabled"])
     with pytest.raises(StageError, match="batches: 'round-O' not in the store; its batches: round-0"):
         main(cfg)
+
+
+def test_align_export_builds_its_dataset_and_manifest_from_one_read_taken_under_the_lock(tmp_path, monkeypatch):
+    """Rankings were read before the export's lock (twice: the manifest's count and fingerprint, then the dataset),
+    so with submits going on align.json described another read than the dataset (86 rankings against 175), and an
+    export that waited for another's lock wrote its older read last. Here a ranking comes in while the export
+    waits for the lock: dataset, summary and manifest all hold it, and the fingerprint is the store's now."""
+    from contextlib import contextmanager
+
+    import labeling.export
+    from alignment.config import ExportStageConfig, load_config
+    from recipes.export import main
+    from recipes.pipeline import rankings_state
+
+    store = _support_store(tmp_path)  # 4 tasks, each ranked once
+    locked = labeling.export._locked
+
+    @contextmanager
+    def slow_lock(out):  # the lock taken just after another submit
+        store.add_tasks("round-0", [{"prompt": "Ticket late", "responses": ["Thanks! Open Settings.", "no"]}])
+        assert simulate(store, "support_style") == 1
+        with locked(out):
+            yield
+
+    monkeypatch.setattr(labeling.export, "_locked", slow_lock)
+    cfg = load_config(ExportStageConfig, None, [f"run.dir={tmp_path}", "run.wandb=disabled", "test_fraction=0"])
+    out = main(cfg)
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["summary"]["rankings"] == manifest["rankings_seen"] == 5
+    assert json.loads((out / "summary.json").read_text())["rankings_read"]["count"] == 5
+    assert manifest["rankings_sha256"] == rankings_state(store.url)
+    assert len(load_preferences(out, test_fraction=0)[0]["train"]) == manifest["summary"]["pairs"] == 5
