@@ -643,6 +643,17 @@ class Store:
                                    .where(n < overlap).order_by(n, tasks.c.priority.desc(), tasks.c.id)
                                    .limit(1)).first()
                 task_id = row[0] if row else None
+                if task_id is not None:
+                    # The slots of those who walked away (no draft of theirs in it) go to this annotator: their
+                    # assignments end here, so a submit from their old page is refused (else at overlap 1 the task
+                    # got two rankings), rather than when they next ask for a task.
+                    drafted = select(rankings.c.id).where(rankings.c.task_id == assignments.c.task_id,
+                                                          rankings.c.annotator_id == assignments.c.annotator_id,
+                                                          rankings.c.status == "draft")
+                    conn.execute(update(assignments).where(
+                        assignments.c.task_id == task_id, assignments.c.annotator_id != annotator_id,
+                        assignments.c.status == "assigned", assignments.c.assigned_at <= now - ASSIGNMENT_TTL,
+                        ~drafted.exists()).values(status="expired"))
             if task_id is None:
                 return None
             again = (assignments.c.task_id == task_id) & (assignments.c.annotator_id == annotator_id)

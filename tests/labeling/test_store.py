@@ -276,6 +276,30 @@ def test_an_expired_assignment_is_not_handed_back_once_another_annotator_holds_i
         "done": 1, "skipped": 0, "assigned": 1}
 
 
+def test_a_submit_from_the_old_page_is_refused_once_the_slot_went_to_someone_else(store, monkeypatch):
+    """overlap 1: Alice's assignment was marked expired only when she next asked for a task, so her old page's
+    submit, sent after her slot went to Bob, was saved, and the task got two rankings (Bob's too). A draft of
+    hers in it keeps her assignment, as it keeps it when she asks again."""
+    import time as clock
+
+    from labeling import store as store_module
+
+    first_id, second_id = make_tasks(store, 2)
+    alice, bob, carol, dave = (session(store, name) for name in ("alice", "bob", "carol", "dave"))
+    assert handlers.next_task(store, alice)["task_id"] == first_id
+    assert handlers.next_task(store, carol)["task_id"] == second_id
+    handlers.save_draft(store, carol, second_id, [1, 0, 0, 0])
+    start = clock.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: start + 1.1 * store_module.ASSIGNMENT_TTL)
+    assert handlers.next_task(store, bob)["task_id"] == first_id  # abandoned: handed on
+    with pytest.raises(PermissionError, match=f"task {first_id} was handed to someone else"):
+        handlers.submit(store, alice, first_id, [4, 3, 2, 1])
+    handlers.submit(store, bob, first_id, [1, 2, 3, 4])
+    assert [(r["task_id"], r["annotator"]) for r in store.submitted_rankings()] == [(first_id, "bob")]
+    assert handlers.next_task(store, dave)["task_id"] == second_id  # Carol's slot was free too
+    handlers.submit(store, carol, second_id, [1, 2, 3, 4])  # her draft is in it: still hers
+
+
 def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_free(store, monkeypatch):
     """overlap 1, one task: Alice walks away, Bob takes it over and skips it. Alice could never be given it again
     (expired was for good), and a team of two left it unranked."""
