@@ -12,7 +12,8 @@ responses are shown as escaped text (`handlers.text_html`): nothing in model out
 HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
 an `align serve` endpoint side by side, `align label --serve-url URL`). Keyboard shortcuts are a small script installed on page load (see
 SHORTCUTS); it only clicks the same radios and buttons a mouse would. The same script shows a notice
-when the server refuses a call of the page because its session has ended (see PAGE_JS).
+when the server refuses a call of the page because its session has ended, or because the store could not
+check it (see PAGE_JS).
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ CSS = """
 .align-pg-user .align-label { color: var(--body-text-color-subdued); }
 /* PAGE_JS's notices of a refused call and of a reload after a lost connection: over the page's foot, seen
    wherever the page is scrolled (the refusal over the other) */
-#align-session-ended, #align-reconnected { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
+#align-session-ended, #align-store-busy, #align-reconnected { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
   background: #fef3c7; color: #78350f; border-top: 2px solid #f59e0b; font-weight: 600; }
-#align-session-ended { z-index: 1001; }
+#align-session-ended, #align-store-busy { z-index: 1001; }
 """
 
 # Installed once per page by demo.load(js=...): the keyboard shortcuts, and the notice of a refused call.
@@ -86,7 +87,8 @@ CSS = """
 # Gradio or a handler sees it, and Gradio shows such a refusal of a call outside its queue nowhere (no
 # toast; the event's chain just stops) and of a queued call only as a toast that fades. So the page
 # watches its own calls: a 401 shows a notice that stays until a call sent after it is accepted
-# (the annotator signed in again in another tab). Its text is ours, set as text, never HTML.
+# (the annotator signed in again in another tab). Its text is ours, set as text, never HTML. A 503 (the store
+# could not check the session: busy or unreachable) shows NOT_SAVED the same way, until a later call is accepted.
 #
 # After a call fails in transit (the network dropped, the server restarted), Gradio's page polls
 # /gradio_api/app_id and reloads itself once it answers (labeling/server.py lets that through). The
@@ -106,6 +108,12 @@ PAGE_JS = """
   notice.textContent = %s;
   notice.hidden = true;
   document.body.appendChild(notice);
+  const busy = document.createElement('p');
+  busy.id = 'align-store-busy';
+  busy.setAttribute('role', 'alert');
+  busy.textContent = %s;
+  busy.hidden = true;
+  document.body.appendChild(busy);
   const reconnected = document.createElement('p');
   reconnected.id = 'align-reconnected';
   reconnected.setAttribute('role', 'status');
@@ -116,7 +124,7 @@ PAGE_JS = """
   reconnected.addEventListener('click', () => { reconnected.hidden = true; });
   document.body.appendChild(reconnected);
   const fetched = window.fetch;
-  let sent = 0, refused = 0;
+  let sent = 0, refused = 0, failed = 0;
   window.fetch = async (...args) => {
     const n = ++sent;
     const url = String((args[0] && args[0].url) || args[0]);
@@ -125,6 +133,8 @@ PAGE_JS = """
     if (url.includes('/gradio_api/')) {
       if (response.status === 401) { refused = n; notice.hidden = false; }
       else if (response.ok && n > refused) notice.hidden = true;  // not a call that was already on its way
+      if (response.status === 503) { failed = n; busy.hidden = false; }
+      else if (response.ok && n > failed) busy.hidden = true;
     }
     return response;
   };
@@ -267,7 +277,8 @@ RECONNECTED = ("The connection to the server was lost and the page has reloaded:
 
 
 def _js() -> str:
-    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {RECONNECTED}"),
+    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {NOT_SAVED}"),
+                      json.dumps(f"⚠️ {RECONNECTED}"),
                       json.dumps(f"⚠️ {RATIONALE_FULL}"))
 
 

@@ -5,9 +5,9 @@
 One FastAPI app: `GET/POST /login` and `POST /logout` are ours (labeling/auth.py does the work),
 and the Gradio Blocks of labeling/app.py is mounted at `/` behind `RequireSession`. That
 middleware answers every request without a valid session itself (a redirect to /login for a
-page, 401 for anything else) before Gradio sees it, so anonymous traffic never creates Gradio
-session state: Gradio keeps 10,000 sessions and drops the oldest, and a flood of fresh session
-hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
+page, 401 for anything else; 503 when the store cannot say whether it is valid) before Gradio sees
+it, so anonymous traffic never creates Gradio session state: Gradio keeps 10,000 sessions and
+drops the oldest, and a flood of fresh session hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
 answer, so its routes would refuse an anonymous call too. Every response carries a
 Content-Security-Policy that lets the page load and send nothing outside this server. `/login` and
 `/logout` take a form only from this server's own pages (`_from_own_page`): another page, even on
@@ -46,7 +46,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 
 from labeling import auth
-from labeling.app import build_app
+from labeling.app import STORE_ERRORS, build_app
 from labeling.store import Store
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,19 @@ button {{ margin-top: 18px; width: 100%; padding: 10px; border: 0; border-radius
 
 OTHER_PAGE = ("refused: this form was sent by another site's page (or another port of this host); "
               "sign in and out on this server's own pages")
+# The store cannot answer (PostgreSQL unreachable, SQLite's file gone or locked past its busy timeout) while the
+# server checks who is asking: 503 in these words, before any handler runs; the detail goes to the log.
+STORE_DOWN = "the store is busy or unreachable: nothing was saved or changed; try again in a moment"
+NOT_SIGNED_IN = "Not signed in: the store is busy or unreachable. Try again in a moment."
+STORE_DOWN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>align · labelling · store unreachable</title></head>
+<body style="font-family: ui-sans-serif, system-ui, sans-serif; max-width: 480px; margin: 12vh auto">
+<h1>align · labelling</h1>
+<p id="align-store-down" role="alert">{text}</p>
+</body></html>
+"""
+PAGE_NOT_SHOWN = "The store is busy or unreachable, so this page could not be shown: reload it in a moment."
+NOT_SIGNED_OUT = "Not signed out: the store is busy or unreachable. Go back and sign out again in a moment."
 
 
 def _login_page(error: str = "", name: str = "", status_code: int = 200, **headers: str) -> HTMLResponse:
@@ -192,14 +205,23 @@ class RequireSession:
             await self.app(scope, receive, send_secured)
             return
         value = HTTPConnection(scope).cookies.get(auth.COOKIE)
+        wants_page = scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and \
+            b"text/html" in dict(scope["headers"]).get(b"accept", b"")
         session = None
         if auth.token_of(self.secret, value):  # a forged or garbage cookie costs no database query
-            session = await run_in_threadpool(auth.session_of, self.store, self.secret, value)
+            try:
+                session = await run_in_threadpool(auth.session_of, self.store, self.secret, value)
+            except STORE_ERRORS:
+                log.exception("%s %s: the session could not be checked: the store failed", scope.get("method"), path)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1013})  # try again later
+                    return
+                await _store_down(wants_page)(scope, receive, send_secured)
+                return
         if session is None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            wants_page = scope["method"] in ("GET", "HEAD") and b"text/html" in dict(scope["headers"]).get(b"accept", b"")
             # Relative, so that it holds behind a proxy's path prefix; from a deeper path, up to the root first
             # (a plain "login" from /a/b would be /a/login, itself signed-out: a redirect loop)
             login = "../" * (path.count("/") - 1) + "login"
@@ -243,6 +265,15 @@ class RequireSession:
             return JSONResponse({"detail": "this page session belongs to another account"}, status_code=403)
         return body
 
+
+
+def _store_down(page: bool, text: str = PAGE_NOT_SHOWN) -> Response:
+    """503 for a request the store could not check or serve: a short page saying `text` for a page load, JSON for
+    a call (the page keeps what it holds and says "Not saved": labeling/app.py's PAGE_JS)."""
+    if page:
+        return HTMLResponse(STORE_DOWN_PAGE.format(text=html.escape(text)), status_code=503,
+                            headers={"Retry-After": "10"})
+    return JSONResponse({"detail": STORE_DOWN}, status_code=503, headers={"Retry-After": "10"})
 
 
 async def _read_body(scope: dict, receive: Any) -> bytes | None:
@@ -289,9 +320,12 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
 
     @app.get("/login")
     def login_page(request: Request) -> Response:
-        if auth.session_of(store, secret, request.cookies.get(auth.COOKIE)):
-            return RedirectResponse("./", status_code=303)
-        return _login_page()
+        try:
+            if auth.session_of(store, secret, request.cookies.get(auth.COOKIE)):
+                return RedirectResponse("./", status_code=303)
+        except STORE_ERRORS:
+            log.exception("sign-in page: the session could not be checked: the store failed")
+        return _login_page()  # the form either way: a sign-in says whether the store answers
 
     @app.post("/login")
     def login(request: Request, name: str = Form(""), password: str = Form("")) -> Response:
@@ -305,6 +339,9 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
             if err.retry_after:
                 return _login_page(str(err), name[:100], status_code=429, **{"Retry-After": str(int(err.retry_after) + 1)})
             return _login_page(str(err), name[:100], status_code=401)
+        except STORE_ERRORS:
+            log.exception("sign-in of %r from %s: the store failed", name[:100], address)
+            return _login_page(NOT_SIGNED_IN, name[:100], status_code=503, **{"Retry-After": "10"})
         response = RedirectResponse("./", status_code=303)
         response.set_cookie(auth.COOKIE, auth.cookie_value(secret, token), max_age=int(session_hours * 3600),
                             path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
@@ -315,7 +352,11 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
     def logout(request: Request) -> Response:
         if not _from_own_page(request):
             return JSONResponse({"detail": OTHER_PAGE}, status_code=403)
-        auth.sign_out(store, secret, request.cookies.get(auth.COOKIE))
+        try:
+            auth.sign_out(store, secret, request.cookies.get(auth.COOKIE))
+        except STORE_ERRORS:  # the session is not ended: the cookie stays, and the page says so
+            log.exception("sign-out: the store failed")
+            return _store_down(page=True, text=NOT_SIGNED_OUT)
         response = RedirectResponse("login", status_code=303)
         response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
         return response

@@ -800,6 +800,44 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
         page.context.close()
 
 
+def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_is_back(tmp_path, browser):
+    """The store unreachable (here SQLite's folder gone; PostgreSQL down is the same error): the server's session
+    check, before any handler, answered the submit with a bare 500, and the page never said "Not saved". Now a
+    503, and the page says "Not saved: the store is busy or unreachable" until a call is accepted; its ranks
+    stay, and Submit saves them once the store is back."""
+    from labeling import handlers
+
+    folder = tmp_path / "db"
+    store = new_store(folder)
+    store.add_user("anna", PASSWORD)
+    store.add_tasks("shift", _support_tasks(2))
+    annotator = handlers.sign_in(store, "anna", PASSWORD)["annotator_id"]
+    page = new_page(browser)
+    try:
+        with running(store) as url:
+            sign_in(page, url, "anna")
+            prompt, bodies = shown_task(page)
+            rank_all(page, [2, 1, 4, 3])
+            task_id, ranks = canonical(store, prompt, bodies, [2, 1, 4, 3])
+            assert wait_for_draft(store, annotator, task_id, ranks) == ranks
+            store.engine.dispose()
+            folder.rename(tmp_path / "gone")
+            with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
+                                      and len(r.request.post_data_json.get("data", [])) == 15) as answer:
+                page.click("#align-submit")
+            assert answer.value.status == 503
+            page.wait_for_selector("#align-store-busy", state="visible")
+            assert "Not saved: the store is busy or unreachable" in page.inner_text("#align-store-busy")
+            assert shown_task(page) == (prompt, bodies)
+            (tmp_path / "gone").rename(folder)
+            page.click("#align-submit")  # enabled again after the refused submit
+            wait_for_message(page, "✅")
+            assert [r["ranks"] for r in rankings_of(store, "anna")] == [ranks]
+            assert page.is_hidden("#align-store-busy")
+    finally:
+        page.context.close()
+
+
 def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, browser):
     """Issue 12.3: 150 anonymous calls with fresh session hashes, against a Gradio that keeps only 20 sessions:
     every call is refused before Gradio, and a signed-in annotator goes on working. So does she when another

@@ -217,6 +217,44 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
         assert "Saved" in answer.text and len(store.submitted_rankings()) == 1
 
 
+def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path, caplog):
+    """The server checks every request's session in the store before any handler runs, and that check was not
+    guarded: with the store unreachable (here SQLite's folder gone; PostgreSQL down is the same error) the page
+    load, /config, a submit and a sign-in all answered a bare 500. Now a 503 in plain words (a short page for
+    a page load and the sign-in form, JSON for the page's calls), the detail in the log; back once it is."""
+    from labeling import server
+    from labeling.store import Store
+
+    folder = tmp_path / "db"
+    store = Store(f"sqlite:///{folder / 'labels.db'}")
+    store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        task = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4]
+        submit = {"data": [task, "alice", 0.0, "1", "2", "3", "4", *[None] * 4, None, False, False, ""],
+                  "session_hash": "page"}
+        store.engine.dispose()
+        folder.rename(tmp_path / "gone")
+        page = alice.get("/", headers={"accept": "text/html"})
+        assert page.status_code == 503 and "The store is busy or unreachable" in page.text
+        for answer in (alice.get("/config"), alice.post("/gradio_api/queue/join", json=submit),
+                       alice.post("/gradio_api/run/do_submit", json=submit)):
+            assert answer.status_code == 503 and answer.json()["detail"] == server.STORE_DOWN, answer.text[:300]
+        assert alice.get("/login").status_code == 200  # the form: signing in says whether the store answers
+        bob = httpx.Client(base_url=url, timeout=30)
+        signing_in = bob.post("/login", data={"name": "bob", "password": PASSWORD})
+        assert signing_in.status_code == 503 and server.NOT_SIGNED_IN in signing_in.text
+        signing_out = alice.post("/logout")
+        assert signing_out.status_code == 503 and server.NOT_SIGNED_OUT in signing_out.text
+        for shown in (page, signing_in, signing_out):
+            assert not re.search(r"(?i)sqlite|SQL|OperationalError|unable to open", shown.text)
+        assert any(r.exc_info and "unable to open database file" in str(r.exc_info[1]) for r in caplog.records)
+        (tmp_path / "gone").rename(folder)
+        assert alice.get("/", headers={"accept": "text/html"}).status_code == 200
+        assert "Saved" in alice.post("/gradio_api/run/do_submit", json=submit).text
+        assert len(store.submitted_rankings()) == 1
+
+
 def test_an_unexpected_error_shows_the_page_no_detail(store, monkeypatch):
     """A handler's uncaught exception (here the admin's statistics) reached the page with its own text under
     show_error=True: a path, SQL, model text quoted in a message. The page gets Gradio's bare error; the text
