@@ -210,7 +210,10 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             for b in store.batch_counts():
                 print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
                       f"{b['unranked']} unranked")
-            print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}")
+            skipped = store.skipped_out(args.batch, args.overlap)
+            print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}"
+                  + (f", {skipped} of them on tasks every annotator skipped (nobody left to rank them; an account "
+                     "added with `align label users add` would be given them)" if skipped else ""))
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":
             task_id = int(cmd[1])

@@ -811,6 +811,30 @@ class Store:
                 q = q.where(tasks.c.batch == batch)
             return sum(max(0, overlap - c) for (c,) in conn.execute(q))
 
+    def skipped_out(self, batch: str | None = None, overlap: int = 1) -> int:
+        """Of pending_count's rankings, those nobody is left to give: on a task someone skipped, the rankings still
+        needed past the accounts that can sign in and have neither ranked nor skipped it. A skip is final for its
+        annotator (assign never hands the task back to them), so a task every annotator skipped waits for an
+        account added later; `align label status` and `align pipeline label=human` count these apart."""
+        with self.engine.connect() as conn:
+            live = {a for (a,) in conn.execute(select(annotators.c.id).where(annotators.c.password_hash != DISABLED))}
+            scope = select(tasks.c.id).where(tasks.c.is_gold.is_(False))
+            if batch:
+                scope = scope.where(tasks.c.batch == batch)
+            closed: dict[int, set[int]] = {}  # task -> who ranked or skipped it
+            skipped: set[int] = set()
+            for task_id, annotator_id, status in conn.execute(
+                    select(assignments.c.task_id, assignments.c.annotator_id, assignments.c.status).where(
+                        assignments.c.status.in_(("submitted", "skipped")), assignments.c.task_id.in_(scope))):
+                closed.setdefault(task_id, set()).add(annotator_id)
+                if status == "skipped":
+                    skipped.add(task_id)
+            if not skipped:
+                return 0
+            ranked = dict(conn.execute(select(rankings.c.task_id, func.count()).where(
+                rankings.c.status == "submitted", rankings.c.task_id.in_(skipped)).group_by(rankings.c.task_id)).all())
+        return sum(max(0, overlap - ranked.get(t, 0) - len(live - closed[t])) for t in skipped)
+
     def batch_counts(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             n = (select(rankings.c.task_id, func.count().label("n")).where(rankings.c.status == "submitted")

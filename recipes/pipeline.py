@@ -166,7 +166,12 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
         return
     if cfg.label != "human":
         raise StageError(f"label: {cfg.label!r} is not allowed; allowed values: simulate, human")
-    if not store.pending_count(batch):
+    # Rankings on tasks every annotator skipped are waited for by nobody: a skip is final for its annotator
+    skipped_out = (f"{{}} rankings of batch {batch!r} are on tasks every annotator skipped: going on without them "
+                   "(an account added with `align label users add` would be given them)")
+    if (left := store.pending_count(batch)) <= store.skipped_out(batch):
+        if left:
+            print(skipped_out.format(left))
         return
     db = ["--db", cfg.sample.store] if cfg.sample.store else []  # the store sample wrote, e.g. a PostgreSQL URL
     app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db])
@@ -174,12 +179,16 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
         print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "
               "Ctrl-C stops waiting and goes on with what is labelled.")
         while (left := store.pending_count(batch)) > 0:
+            if left <= (skipped := store.skipped_out(batch)):
+                print("\n" + skipped_out.format(left))
+                break
             if app.poll() is not None:  # it refused to start (its reason is above) or was stopped
                 raise StageError(f"the labelling app exited (code {app.returncode}) with {left} rankings of batch "
                                  f"{batch!r} still to do; its message is above. Start it yourself (align label "
                                  f"--run-dir {cfg.run.dir}{' --db ' + repr(cfg.sample.store) if db else ''}), or run "
                                  "the pipeline again to resume")
-            print(f"  {left} rankings still to do", end="\r", flush=True)
+            print(f"  {left} rankings still to do" + (f" ({skipped} on tasks every annotator skipped)" if skipped
+                                                      else ""), end="\r", flush=True)
             time.sleep(10)
     except KeyboardInterrupt as err:
         if isinstance(err, Terminated):  # a `kill` or a scheduler's stop ends the pipeline, as in every stage

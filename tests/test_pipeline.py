@@ -372,6 +372,42 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     assert started[0][-2:] == ["--db", url]
 
 
+def test_human_labelling_stops_waiting_for_tasks_every_annotator_skipped(tmp_path, monkeypatch, capsys):
+    """A lone annotator skips a task: nobody is left to rank it, and the pipeline waited for it for ever ("1 rankings
+    still to do") while the app said "All done". It goes on, saying so, and does not start the app for it again."""
+    from alignment.config import PipelineConfig, load_config
+    from labeling import handlers
+    from labeling.store import Store
+    from recipes import pipeline
+
+    store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
+    store.add_user("ann", "pw-for-ann", admin=True)
+    store.add_tasks("round-0", [{"prompt": f"Where is Sync? {i}", "responses": ["Settings.", "No idea."]}
+                                for i in range(2)], source={})
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human"])
+    apps, popen, sleep = [], subprocess.Popen, time.sleep
+    monkeypatch.setattr(pipeline.subprocess, "Popen",
+                        lambda args: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"])) or apps[-1])
+    ann = handlers.sign_in(store, "ann", "pw-for-ann")
+
+    def annotator_at_work(seconds):  # the wait's first 10 s: ann ranks one task, skips the other
+        if seconds != 10:  # Popen.wait's
+            return sleep(seconds)
+        assert handlers.next_task(store, ann) is not None, "the pipeline still waits for the skipped task"
+        while (task := handlers.next_task(store, ann)) is not None:
+            if task["prompt"].endswith("0"):
+                handlers.submit(store, ann, task["task_id"], [1, 2])
+            else:
+                handlers.skip(store, ann, task["task_id"])
+
+    monkeypatch.setattr(pipeline.time, "sleep", annotator_at_work)
+    pipeline.label(cfg, tmp_path / "run", "round-0")
+    assert "1 rankings of batch 'round-0' are on tasks every annotator skipped: going on" in capsys.readouterr().out
+    assert len(apps) == 1 and apps[0].wait(timeout=30) is not None  # the app stopped
+    pipeline.label(cfg, tmp_path / "run", "round-0")  # again (a rerun): no app started to wait for nobody
+    assert len(apps) == 1 and "every annotator skipped" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_waiting_for_human_labels_ctrl_c_goes_on_and_sigterm_ends_the_pipeline(stop, tmp_path, monkeypatch, capsys):
     """Ctrl-C while the pipeline waits for the batch goes on with the rankings so far; SIGTERM (a `kill`, a

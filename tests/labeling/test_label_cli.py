@@ -208,6 +208,10 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
     assert "pending rankings (overlap 1): 1" in capsys.readouterr().out
     assert align([*label, "users", "add", "  lena  ", "--password", "pw-1234"]) == 0
     assert "user 'lena' added to" in capsys.readouterr().out and [u["name"] for u in store.users()] == ["lena"]
+    lena = store.authenticate("lena", "pw-1234")["annotator_id"]
+    store.skip(lena, store.assign(lena, batch="round-1"))  # the only annotator skips it: nobody left to rank it
+    assert align([*label, "status", "--batch", "round-1"]) == 0
+    assert "pending rankings (overlap 1): 1, 1 of them on tasks every annotator skipped" in capsys.readouterr().out
 
 
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):

@@ -339,6 +339,30 @@ def test_an_expired_assignment_comes_back_while_its_task_has_a_free_slot_or_the_
     assert bob_back["task_id"] == task_id and 1 in bob_back["draft"]
 
 
+def test_rankings_of_tasks_every_annotator_skipped_are_counted_apart(store):
+    """A lone annotator's Skip left a task nobody could rank: the app said "All done" while pending_count (and
+    `align pipeline label=human`, waiting on it) said one ranking was still to do, for ever. skipped_out counts
+    the rankings nobody is left to give: an account that can sign in and has not skipped the task may give one."""
+    first_id, second_id = make_tasks(store, 2)
+    alice = session(store, "alice")
+    handlers.skip(store, alice, handlers.next_task(store, alice)["task_id"])
+    handlers.submit(store, alice, handlers.next_task(store, alice)["task_id"], [1, 2, 3, 4])
+    assert handlers.next_task(store, alice) is None
+    assert store.pending_count("round-0") == store.skipped_out("round-0") == 1
+    assert store.pending_count("round-0", overlap=2) == 3 and store.skipped_out("round-0", overlap=2) == 2
+    assert store.skipped_out("other-batch") == 0
+    bob = session(store, "bob")  # one who can still rank it
+    assert store.skipped_out("round-0") == 0 and store.skipped_out("round-0", overlap=2) == 1
+    assert handlers.next_task(store, bob)["task_id"] == first_id
+    handlers.skip(store, bob, first_id)
+    assert store.skipped_out() == 1
+    store.add_user("carol", "secret-pw")
+    store.disable_user("carol")  # cannot sign in: ranks nothing
+    assert store.skipped_out() == 1
+    store.set_password("carol", "secret-pw")
+    assert store.skipped_out() == 0
+
+
 def test_the_admin_view_counts_copies_of_one_answer_as_one_answer(store):
     """Two annotators agree on every answer of tasks holding two copies of one ("Yes." twice, as align sample
     keeps them) and order the copies apart: the admin view's agreement and gold accuracy said 2/3, where the
