@@ -167,6 +167,8 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     if problem:
         print(f"align label: {problem}", file=sys.stderr)
         return 2
+    from sqlalchemy.exc import OperationalError
+
     from labeling.store import Store, StoreError, safe_url
 
     try:
@@ -249,6 +251,10 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes
         return 2
+    except OperationalError as err:  # a lock held past LOCK_WAIT (another process stuck in it), or the server gone
+        print(f"align label: the store is busy or unreachable ({safe_url(store.url)}: "
+              f"{str(err.orig or err).strip()}); try again in a moment", file=sys.stderr)
+        return 1
     return serve(store, args, str(export_dir(args.run_dir)), export)
 
 

@@ -58,6 +58,12 @@ ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds i
 NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a longer value
 MAX_RESPONSES = 8  # responses a task may hold: the app lays out this many slots (generation.k allows 2 to 8)
 MIN_TIMED = 3  # rankings with a known time before the admin view gives an annotator's rate
+# How long a store is waited for before the call fails with an error (never a hang), the same on both databases:
+LOCK_WAIT = 30  # seconds for a lock another process holds (SQLite's busy timeout, PostgreSQL's lock_timeout)
+CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL server to answer a new connection
+# seconds a PostgreSQL session may sit in a transaction doing nothing (a process stopped or hung holding the
+# assignment lock) before the server ends it and frees the lock; no transaction of align's idles that long
+IDLE_IN_TRANSACTION = 60
 
 metadata = MetaData()
 meta_table = Table("align_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -226,13 +232,13 @@ def _engine(url: str) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": LOCK_WAIT, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # let SQLAlchemy's begin hook issue BEGIN itself
             cur = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=FULL", "busy_timeout=30000"):
+            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=FULL", f"busy_timeout={LOCK_WAIT * 1000}"):
                 cur.execute(f"PRAGMA {pragma}")
             cur.close()
 
@@ -244,9 +250,27 @@ def _engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=_pg_timeouts(make_url(url)))
     except ModuleNotFoundError:
         raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
+
+
+def _pg_timeouts(url: URL) -> dict[str, Any]:
+    """libpq settings so that a PostgreSQL store fails with an error where it would hang: a server that takes
+    the connection and never answers, a connection dropped without a word, a lock held by a process that is
+    stopped. A setting the URL (or PGCONNECT_TIMEOUT) gives is the user's; startup `options` add to theirs."""
+    given = dict(url.query)
+    args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 30,
+                            "keepalives_interval": 10, "keepalives_count": 3}
+    args = {k: v for k, v in args.items() if k not in given}
+    if "PGCONNECT_TIMEOUT" in os.environ:
+        args.pop("connect_timeout", None)
+    # No statement_timeout: an export's read of a big store may rightly take long.
+    ours = f"-c lock_timeout={LOCK_WAIT * 1000} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION * 1000}"
+    theirs = given.get("options", os.environ.get("PGOPTIONS", ""))
+    theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs  # given twice in the URL
+    args["options"] = f"{ours} {theirs}".strip()  # theirs last: a setting given twice takes the later one
+    return args
 
 
 def _text(value: str) -> str:
@@ -281,6 +305,12 @@ class Store:
             raise StoreError(f"cannot open the labelling store {safe_url(url)}: {detail}") from err
 
     def _create(self) -> None:
+        # A store already at this schema (most opens) is read without the lock: opening one, as `align label status`
+        # does, never waits for another process's locked transaction.
+        with self.engine.connect() as conn:
+            if inspect(conn).has_table("align_meta") and conn.execute(select(meta_table.c.value).where(
+                    meta_table.c.key == "schema_version")).scalar() == str(SCHEMA_VERSION):
+                return
         with self.tx(lock=True) as conn:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first() \
                 if inspect(conn).has_table("align_meta") else None

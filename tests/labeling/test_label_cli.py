@@ -45,6 +45,44 @@ def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
 
 
 
+def test_a_postgresql_server_that_never_answers_is_an_error_within_the_connect_timeout(capsys, monkeypatch):
+    """A listener that takes the connection and never replies (a hung server, a firewall that black-holes):
+    `align label status` waited for ever; now the connection gives up after CONNECT_TIMEOUT (here libpq's
+    least, 2 s), and the store says so."""
+    import socket
+    import time
+
+    pytest.importorskip("psycopg")
+    from labeling import store as store_module
+
+    monkeypatch.setattr(store_module, "CONNECT_TIMEOUT", 2)
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql://someone:hunter2@127.0.0.1:{silent.getsockname()[1]}/labels"
+        start = time.monotonic()
+        assert align(["label", "--db", url, "status"]) == 2
+        assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert "cannot open the labelling store postgresql://someone:***@" in err and "timeout" in err, err
+
+
+def test_a_store_locked_past_lock_wait_is_said_in_one_line(tmp_path, capsys, monkeypatch):
+    """Another process stuck inside its locked transaction: a command that writes fails after LOCK_WAIT with
+    a line saying the store is busy, not a traceback."""
+    from labeling import store as store_module
+
+    monkeypatch.setattr(store_module, "LOCK_WAIT", 1)
+    store = Store(store_module.sqlite_url(tmp_path / "labels.db"))
+    store.add_user("ann", "pw-1234", admin=True)
+    store.add_user("bob", "pw-1234")
+    with store.tx(lock=True):
+        assert align(["label", "--db", store.url, "users", "admin", "bob", "on"]) == 1
+    assert "align label: the store is busy or unreachable (sqlite:" in capsys.readouterr().err
+    assert align(["label", "--db", store.url, "users", "admin", "bob", "on"]) == 0
+
+
 def test_a_run_dir_with_a_question_mark_or_percent_sign_keeps_its_store_in_it(tmp_path, capsys):
     """sqlite:///<path> read `?` as the start of a query and `%41` as "A": the store of run dir `what?` was a file
     `what` beside it, that of `100%41` was refused. The URL quotes the path now, and every reader unquotes it."""

@@ -758,6 +758,45 @@ def test_reads_go_on_while_a_write_transaction_holds_the_lock(store):
     assert seen[0][0].startswith("Ticket 0") and seen[0][1]["name"] == "alice"
 
 
+def test_a_lock_held_by_a_stuck_process_is_an_error_after_lock_wait_not_a_hang(store, monkeypatch):
+    """A process stopped inside its locked transaction (assignment, sign-in counting) hung every other writer on
+    PostgreSQL for ever, and every open of the store (its schema check took the lock): now both databases fail
+    a writer after LOCK_WAIT, an open of a current store takes no lock, and PostgreSQL ends the stuck session
+    after IDLE_IN_TRANSACTION, freeing the lock."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from labeling import store as store_module
+
+    monkeypatch.setattr(store_module, "LOCK_WAIT", 1)
+    monkeypatch.setattr(store_module, "IDLE_IN_TRANSACTION", 3)
+    make_tasks(store, 1)
+    alice = session(store, "alice")["annotator_id"]
+    other = Store(store.url)  # another process, with the short waits
+    stuck = Store(store.url).tx(lock=True)
+    stuck.__enter__()  # and this one stopped inside its locked transaction
+    try:
+        start = time.monotonic()
+        assert [u["name"] for u in Store(store.url).users()] == ["alice"]  # opened and read: no wait
+        assert time.monotonic() - start < 1
+        with pytest.raises(OperationalError, match="lock"):  # SQLite: database is locked; PG: lock timeout
+            other.assign(alice)
+        assert 0.9 < time.monotonic() - start < 10
+        if other.is_postgres:
+            with other.engine.connect() as conn:  # the URL's own options (this test's schema) are kept
+                assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1s"
+                assert conn.exec_driver_sql("SHOW search_path").scalar() in store.url
+            time.sleep(4)  # the server ends the idle session, and its lock with it
+            assert other.assign(alice) == 1
+    finally:
+        try:
+            stuck.__exit__(None, None, None)
+        except DBAPIError:  # its session was ended for it
+            assert other.is_postgres
+    assert other.assign(alice) == 1
+
+
 def test_text_postgresql_refuses_is_kept_or_refused_with_a_reason(store):
     """A NUL in a pasted rationale or a model's answer, a name longer than its column: the same on both
     databases, never a raw database error that loses the ranking."""
