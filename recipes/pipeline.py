@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # Keys that change how a stage is logged or restarted, not what it makes: a change of one reruns nothing.
 UNMADE = (("run", "wandb"), ("run", "wandb_project"), ("train", "resume_from_checkpoint"))
+# Keys whose value is a file or folder: compared by the path they name, not as typed.
+PATHS = ("dir", "sft", "policy", "reward_model", "selection_reward_model", "output", "prompts", "path")
 
 
 def _made_by(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +80,15 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
             section["store"] = "sqlite:" + sqlite_path(section["store"])
         if isinstance(section.get("name"), str) and section is config.get("model"):
             section["name"] = model_key(section["name"])
+    # A path by the folder it names: run.dir=runs/x and =/home/me/runs/x are one run (the pipeline records
+    # them resolved; a config recorded before, relative, is read from where the pipeline runs now).
+    for section in (config, *(v for v in config.values() if isinstance(v, dict))):
+        for key in PATHS:
+            if isinstance(section.get(key), str) and section.get(key):
+                section[key] = str(Path(section[key]).resolve())
+        if isinstance(section.get("policies"), dict):
+            section["policies"] = {k: str(Path(v).resolve()) if isinstance(v, str) else v
+                                   for k, v in section["policies"].items()}
     return config
 
 
@@ -199,6 +210,9 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
 
 
 def main(cfg: PipelineConfig) -> Path:
+    # The run directory by the folder it names, so that every stage's recorded paths are one spelling:
+    # run.dir=runs/x and =$PWD/runs/x were a changed config, and the rerun redid every stage, sft first.
+    cfg = replace(cfg, run=replace(cfg.run, dir=str(Path(cfg.run.dir).resolve())))
     check_stage("pipeline", cfg)  # every stage's inputs, before the first stage starts
     root = Path(cfg.run.dir)
     store = store_url(cfg.sample.store, root)

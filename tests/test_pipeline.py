@@ -457,6 +457,10 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
 
     assert rerun() == []
     assert rerun("run.wandb=disabled", "dpo.train.resume_from_checkpoint=latest") == []
+    with monkeypatch.context() as m:  # the same run.dir spelt relative: the same run (it redid every stage)
+        m.chdir(run.parent)
+        ran.clear()
+        assert align(pipeline_args(tiny_model, data, Path(run.name))) == 0 and ran == []
     assert rerun("dpo.train.max_steps=5") == ["dpo"]  # (eval follows once dpo/ is newer: see the reward model)
     text = data.read_text()
     try:
@@ -549,6 +553,23 @@ def test_a_sqlite_store_is_compared_by_the_file_it_opens():
     new = {"store": "sqlite:////runs/2026-12-02T10%3A00/labels.db", "run": {"dir": "runs/x"}}
     assert _made_by(old) == _made_by(new)
     assert _made_by(old) != _made_by({**new, "store": "sqlite:////runs/other/labels.db"})
+
+
+def test_a_run_dir_is_compared_by_the_folder_it_names(tmp_path, monkeypatch):
+    """run.dir=runs/x and run.dir=$PWD/runs/x are one run: the config a stage recorded with one spelling is
+    unchanged under the other (a rerun with the other redid every stage, sft first), and so is the config of
+    a stage recorded before the pipeline resolved run.dir (relative paths, read from where it runs now)."""
+    from recipes.pipeline import _made_by
+
+    monkeypatch.chdir(tmp_path)
+    rel = {"run": {"dir": "runs/x"}, "sft": "runs/x/sft", "prompts": "data/p.jsonl", "data": {"path": "d.jsonl"},
+           "policies": {"sft": "runs/x/sft", "dpo": "runs/x/./dpo"}}
+    full = {"run": {"dir": f"{tmp_path}/runs/x/"}, "sft": f"{tmp_path}/runs/x/sft", "prompts": f"{tmp_path}/data/p.jsonl",
+            "data": {"path": f"{tmp_path}/d.jsonl"}, "policies": {"sft": f"{tmp_path}/runs/x/sft",
+                                                                  "dpo": f"{tmp_path}/runs/x/dpo"}}
+    assert _made_by(rel) == _made_by(full)
+    assert _made_by(rel) != _made_by({**full, "sft": f"{tmp_path}/runs/y/sft"})
+    assert _made_by(rel) != _made_by({**full, "run": {"dir": "runs/y"}})
 
 
 def test_a_base_model_is_compared_by_what_it_is(tmp_path, monkeypatch):
