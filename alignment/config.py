@@ -488,7 +488,7 @@ class EvalStageConfig:
     baseline: str = "sft"
     prompts: str = "data/support/prompts.jsonl"
     num_prompts: int = bounded(-1, ge=1, special=(-1,))  # -1 = all
-    reward_model: str | None = None  # default <run.dir>/reward when present
+    reward_model: str | None = None  # default <run.dir>/reward when present; "none": no reward-model judge
     scorer: str | None = None  # an independent programmatic judge
     human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
     bootstrap: int = bounded(1000, ge=1)  # resamples for the human board's rating intervals (win-rates: Wilson's)
@@ -576,6 +576,21 @@ class PipelineConfig:
     def labelling_scorer(self) -> str | None:
         """The scorer that labelled the data (simulated annotators), else None: people labelled it."""
         return self.scorer if self.label == "simulate" else None
+
+    def eval_reward_model(self, run_dir: str | Path) -> str:
+        """The reward model eval judges by in `run_dir` (a round's folder): eval.reward_model when set, else the
+        round's reward stage's, else the one ppo trains on; "none" without one. Named, not eval's default (whichever
+        reward/ the folder holds): a reward stage added to `stages` left eval "already done" without its judge,
+        and one dropped from it left the old reward model judging."""
+        from alignment.artifacts import stage_dir
+
+        if self.eval.reward_model:
+            return self.eval.reward_model
+        if "reward" in self.stages or ("ppo" in self.stages and not self.ppo.scorer and not self.ppo.reward_model):
+            return str(stage_dir(run_dir, "reward"))
+        if "ppo" in self.stages and self.ppo.reward_model:
+            return self.ppo.reward_model
+        return "none"
 
     def validate(self, prefix: str = "") -> None:
         if not self.stages:

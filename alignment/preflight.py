@@ -220,9 +220,9 @@ def _eval(cfg, pending: set[str], p: str) -> None:
         raise ConfigError(f"{p}baseline: {cfg.baseline!r} is not {'among the policies' if cfg.policies else 'a policy stage'}; "
                           f"allowed values: {', '.join(names)}")
     _prompts(f"{p}prompts", cfg.prompts)
-    if cfg.reward_model is not None:
+    if cfg.reward_model not in (None, "none"):
         check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
-    elif "reward" not in pending and stage_dir(cfg.run.dir, "reward").exists():
+    elif cfg.reward_model is None and "reward" not in pending and stage_dir(cfg.run.dir, "reward").exists():
         check_adapter(f"{p}reward_model (default {stage_dir(cfg.run.dir, 'reward')})", stage_dir(cfg.run.dir, "reward"),
                       tokenizer=True)
     if cfg.scorer:
@@ -304,7 +304,10 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
         "reward": replace(on_base(cfg.reward), sft=None,
                           probe_scorer=cfg.reward.probe_scorer or cfg.labelling_scorer),
         "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
-        "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or cfg.labelling_scorer),
+        # Its judge as the pipeline names it; this round's reward stage, still to run, by eval's default
+        "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or cfg.labelling_scorer,
+                        reward_model=None if "reward" in cfg.stages and not cfg.eval.reward_model
+                        else cfg.eval_reward_model(cfg.run.dir)),
     }
     for i, stage in enumerate(cfg.stages):
         if stage != "label":

@@ -5,7 +5,7 @@
     align eval human=true          # blind A/B tasks for annotators; rerun it for the leaderboard
 
 Every policy answers the same prompts with the same settings and seeds. Judges: the reward
-model (default <run.dir>/reward) and, optionally, a programmatic scorer (same interface as the
+model (default <run.dir>/reward when present; `reward_model=none`: none) and, optionally, a programmatic scorer (same interface as the
 simulated annotators) as an independent check on a policy that games the reward model. Each
 non-baseline policy gets a win-rate against the baseline with a Wilson interval over
 prompts, and a KL from the baseline (the SFT policy, i.e. the reference), measured on answers the
@@ -197,8 +197,11 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     return out
 
 
-def reward_model_path(cfg: EvalStageConfig) -> Path:
-    """The reward model that judges: `reward_model`, else the run's own (used when it exists)."""
+def reward_model_path(cfg: EvalStageConfig) -> Path | None:
+    """The reward model that judges: `reward_model`, else the run's own (used when it exists); None with
+    reward_model=none."""
+    if cfg.reward_model == "none":
+        return None
     return Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
 
 
@@ -206,7 +209,7 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     """{judge name: {policy: scores}} from the reward model and/or the scorer."""
     judges: dict[str, dict[str, list[float]]] = {}
     rm_path = reward_model_path(cfg)
-    if rm_path.exists():
+    if rm_path is not None and rm_path.exists():
         from alignment.reward_model import load_reward_model, score
 
         rm, rm_tok = load_reward_model(rm_path)
@@ -218,7 +221,7 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
                      system_prompt=system_prompt)
         judges["reward_model"] = {name: flat[i * n:(i + 1) * n] for i, name in enumerate(names)}
         del rm
-    elif cfg.reward_model:
+    elif rm_path is not None and cfg.reward_model:
         raise StageError(f"reward model {rm_path} not found")
     if cfg.scorer:
         from labeling.scorers import resolve_scorer
@@ -227,7 +230,8 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
         judges[f"scorer:{cfg.scorer}"] = {n: [float(fn(p, x)) for p, x in zip(prompts, r, strict=True)]
                                           for n, r in responses.items()}
     if not judges and not cfg.human:
-        raise StageError(f"no judge: no reward model at {rm_path} and no scorer; pass scorer=support_style "
+        why = f"no reward model at {rm_path}" if rm_path is not None else "reward_model=none"
+        raise StageError(f"no judge: {why} and no scorer; pass scorer=support_style "
                          "(or any module:function), reward_model=<folder>, or human=true")
     return judges
 

@@ -113,7 +113,12 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     if not manifest.is_file():
         return False
     m = json.loads(manifest.read_text())
-    if _made_by(m.get("config") or {}) != _made_by(to_dict(cfg)):
+    recorded = m.get("config") or {}
+    if m.get("stage") == "eval" and "reward_model" in recorded and recorded["reward_model"] is None:
+        # An eval from before the pipeline named its judge: the reward model it judged by (a parent), else none
+        judge = m.get("parents", {}).get("reward_model")
+        recorded = {**recorded, "reward_model": judge["path"] if judge else "none"}
+    if _made_by(recorded) != _made_by(to_dict(cfg)):
         return False
     if rankings is not None and m.get("rankings_sha256") != rankings:
         return False
@@ -276,9 +281,11 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
             "eval": replace(on_base(cfg.eval), run=run,
                             scorer=cfg.eval.scorer or cfg.labelling_scorer),
         }
-        # The policies by name (not whichever folders run.dir holds): a stage added to `stages` reruns eval.
+        # The policies and the reward model by name (not whichever folders run.dir holds): a stage added to
+        # `stages`, or dropped from it, reruns eval.
         stage_cfgs["eval"] = replace(stage_cfgs["eval"], policies=cfg.eval.policies or {
-            "sft": str(sft_dir), **{s: str(stage_dir(run_dir, s)) for s in trained}})
+            "sft": str(sft_dir), **{s: str(stage_dir(run_dir, s)) for s in trained}},
+            reward_model=cfg.eval_reward_model(run_dir))
         for stage in pipeline_stages():  # the registry's order
             if stage not in cfg.stages or (stage == "sft" and r > 0):
                 continue

@@ -496,6 +496,54 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
 
 
+def test_evals_reward_model_is_named_so_a_reward_stage_added_or_dropped_reruns_eval(tiny_model, data, run,
+                                                                                    monkeypatch):
+    """The pipeline names eval's judge (<round>/reward, or none): with reward dropped from `stages`, eval reruns
+    judged by no reward model, not by the reward/ left in run.dir (it was "already done" both ways: eval's
+    default is whichever reward/ the folder holds). An eval recorded before, with no judge named, is unchanged."""
+    import recipes.pipeline as pipeline
+    from alignment.config import PipelineConfig, load_config
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append((name, cfg)) or Path(cfg.run.dir) / name)
+    assert manifest(run / "eval")["config"]["reward_model"] == str(run / "reward")
+    assert align([*pipeline_args(tiny_model, data, run), "stages=[sft, sample, label, export, dpo, eval]"]) == 0
+    assert [(name, cfg.reward_model) for name, cfg in ran] == [("eval", "none")]
+    # how each pipeline names it: ppo's own reward model (or its default, reward/), none with a scorer
+    for extra, judge in ((["stages=[sft, ppo, eval]", "ppo.reward_model=/rm"], "/rm"),
+                         (["stages=[sft, ppo, eval]"], str(run / "round-1" / "reward")),
+                         (["stages=[sft, ppo, eval]", "ppo.scorer=length"], "none"),
+                         (["stages=[sft, dpo, eval]", "eval.reward_model=/rm2"], "/rm2")):
+        cfg = load_config(PipelineConfig, None, [f"run.dir={run}", *extra])
+        assert cfg.eval_reward_model(run / "round-1") == judge, extra
+    # An eval of before: reward_model unset in its config, judged by run/reward (a parent): the same eval
+    path = run / "eval" / "align.json"
+    text, times = path.read_text(), path.stat()
+    try:
+        old = json.loads(text)
+        old["config"]["reward_model"] = None
+        path.write_text(json.dumps(old))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        ran.clear()
+        assert align(pipeline_args(tiny_model, data, run)) == 0 and ran == []
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
+    """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
+    from alignment.config import EvalStageConfig, RunConfig
+    from recipes.evaluate import judge
+
+    cfg = EvalStageConfig(run=RunConfig(dir=str(run), wandb="disabled"), reward_model="none", scorer="length")
+    assert list(judge(cfg, ["Hi?"], {"sft": ["Hello."], "dpo": ["Hello there."]})) == ["scorer:length"]
+    from alignment import StageError
+
+    with pytest.raises(StageError, match="no judge: reward_model=none and no scorer"):
+        judge(EvalStageConfig(run=RunConfig(dir=str(run)), reward_model="none"), ["Hi?"], {"sft": ["Hello."]})
+
+
 def test_a_base_model_saved_over_its_folder_remakes_the_stage_on_it(tiny_model, data, tmp_path, monkeypatch):
     """sft's model.name is a local folder: another model saved into it (same path, same config) is another base,
     and the rerun remakes sft. It was skipped, the old adapter kept, as its data files alone were compared."""
