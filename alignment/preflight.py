@@ -473,11 +473,15 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
                              "selection_reward_model=<reward model folder>, or use selection=random")
         key, folder = f"{key} (default {default})", str(default)
     check_adapter(key, folder, tokenizer=True)
-    heads = Path(folder).expanduser() / HEADS_FILE
-    if not heads.is_file():
-        raise ConfigError(f"{key}={folder}: no {HEADS_FILE} in it (the ensemble of reward heads whose disagreement "
+    path = Path(folder).expanduser()
+    # By its manifest where it says (a heads file an earlier run in the folder left is not this model's), else the file
+    trained = (_read_json(key, path / MANIFEST).get("config") or {}).get("heads") if (path / MANIFEST).is_file() else None
+    heads = path / HEADS_FILE
+    if trained == 0 or not heads.is_file():
+        what = f"its {MANIFEST} says heads=0" if trained == 0 else f"no {HEADS_FILE} in it"
+        raise ConfigError(f"{key}={folder}: {what} (the ensemble of reward heads whose disagreement "
                           "is the uncertainty); it was trained without them: train it again with "
-                          f"`align reward run.dir={shell(Path(folder).expanduser().parent)} heads=8`")
+                          f"`align reward run.dir={shell(path.parent)} heads=8`")
     check_weights_file(key, heads)
 
 

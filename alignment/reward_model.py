@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from alignment import StageError
-from alignment.artifacts import read_manifest, shell, system_prompt_of
+from alignment.artifacts import HEADS_FILE, MANIFEST, read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.cpu import keep_4bit_for_dora
 from alignment.data import with_system_prompt
@@ -99,7 +99,7 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     if not is_adapter_dir(path):
         raise FileNotFoundError(f"{path} is not a reward model folder (no adapter_config.json): run `align reward`")
     plan = plan or device_plan(trained_model_config(path))
-    sft = path / SFT_ADAPTER if is_adapter_dir(path / SFT_ADAPTER) else None
+    sft = path / SFT_ADAPTER if trained_from_sft(path) else None
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
     model = PeftModel.from_pretrained(base, str(path))
@@ -438,6 +438,28 @@ def probe_failure(probes: dict[str, Any] | None, max_flip_rate: float) -> str | 
             f"{gate['basis']}), above max_probe_flip_rate={max_flip_rate}")
 
 
+def trained_from_sft(rm: str | Path) -> bool:
+    """Whether the reward model in `rm` is base + SFT adapter + its own adapter: its manifest's `from_sft`, and
+    where a manifest has none (align before it recorded one), whether the folder holds the SFT copy. Not the
+    copy alone: a rerun with from_sft=false over a folder trained from SFT kept the old copy, and loaders
+    put that SFT under a reward adapter trained without it."""
+    recorded = read_manifest(rm).get("from_sft") if (Path(rm) / MANIFEST).is_file() else None
+    return recorded if isinstance(recorded, bool) else is_adapter_dir(Path(rm) / SFT_ADAPTER)
+
+
+def drop_earlier_extras(out: str | Path) -> None:
+    """Remove what an earlier run saved in `out` beside its adapter only when trained so (the SFT copy with
+    from_sft, the uncertainty heads with heads > 0): this run writes its own only if it is trained so, and an
+    earlier one's would be read as this run's. Called as training starts, after its align.json has gone."""
+    target = Path(out) / SFT_ADAPTER
+    if target.is_dir():
+        shutil.rmtree(target)
+        log.info("%s: removed the earlier run's %s/ (this run saves its own if it trains from SFT)", out, SFT_ADAPTER)
+    if (Path(out) / HEADS_FILE).is_file():
+        (Path(out) / HEADS_FILE).unlink()
+        log.info("%s: removed the earlier run's %s (this run saves its own with heads > 0)", out, HEADS_FILE)
+
+
 def save_sft_copy(sft: str | Path, out: str | Path) -> Path:
     """Copy the SFT adapter's files (not its checkpoints) into the reward folder, for load_reward_model."""
     target = Path(out) / SFT_ADAPTER
@@ -571,7 +593,7 @@ def shared_base_problem(rm: Path, sft: Path | None, base: str, settings: ModelCo
                 f"{described(settings, policy_plan)}: its adapter on the policy's base scores otherwise than the "
                 f"reward model its gate measured; set {' and '.join(match)} to run the policy as the reward model "
                 f"was trained, retrain the reward model with the policy's settings, or {alone}, as it was trained")
-    if not is_adapter_dir(rm / SFT_ADAPTER):
+    if not trained_from_sft(rm):
         return None  # trained on the bare base: its adapter alone on the policy's base is the reward model
     if sft is None:
         return (f"the reward model at {rm} was trained on an SFT model (its copy in {rm / SFT_ADAPTER}), but the "
@@ -616,7 +638,7 @@ def shared_base_reward(model, rm: Path, sft: Path | None, base: str, settings: M
     set_peft_model_state_dict(model, weights, adapter_name="reward")
     model.set_adapter("default")
     model.eval()  # the new adapter's dropout layers are created in training mode
-    from_sft = is_adapter_dir(rm / SFT_ADAPTER)
+    from_sft = trained_from_sft(rm)
     tokenizer = load_tokenizer(str(rm))
     system_prompt = system_prompt_of(rm)  # the one it was trained with, as score() adds it
     active = ["ref", "reward"] if from_sft else ["reward"]

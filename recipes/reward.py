@@ -62,6 +62,7 @@ from alignment.preferences import add_system_prompt, load_preferences
 from alignment.preflight import check_adapter, check_stage
 from alignment.reward_model import (
     MAX_PROBE_FLIP_RATE,
+    drop_earlier_extras,
     heldout_metrics,
     load_reward_model,
     pair_losses,
@@ -292,6 +293,8 @@ def main(cfg: RewardStageConfig) -> Path:
                                    trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
                                                "sft": model_identity(sft) if cfg.from_sft else None,
                                                "settings": settings_of(cfg)})
+    if is_main_process():  # its align.json gone (begin_training): an earlier run's SFT copy and heads go too
+        drop_earlier_extras(out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed

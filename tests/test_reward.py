@@ -620,3 +620,59 @@ def test_a_dora_reward_model_on_a_4bit_base_scores_as_trained(tiny_model, tmp_pa
         expected = trained(input_ids=ids).logits
         scores = [loaded(input_ids=ids).logits for _ in range(2)]
     assert [round((s - expected).abs().max().item(), 4) for s in scores] == [0, 0]
+
+
+def test_a_rerun_over_a_finished_folder_leaves_none_of_the_earlier_runs_extras(reward_run, tiny_model, tmp_path):
+    """Trained again over a finished reward model that had an SFT copy and heads, with from_sft=false and no heads:
+    both go as training starts. They stayed, and loaders took them for the new model's: base + the old SFT under
+    a reward adapter trained without it, and heads that passed the uncertainty selection's check."""
+    from alignment.active import HeadEnsemble
+    from alignment.artifacts import HEADS_FILE
+    from alignment.reward_model import load_reward_model, score
+
+    reward_dir, data = reward_run
+    run = tmp_path / "run"
+    shutil.copytree(reward_dir, run / "reward", ignore=shutil.ignore_patterns("checkpoints"))
+    HeadEnsemble(torch.zeros(2, 4), torch.zeros(4), torch.ones(4)).save(run / "reward")
+    assert (run / "reward" / "sft_adapter").is_dir()
+    assert align(["reward", f"run.dir={run}", f"model.name={tiny_model}", "from_sft=false", f"data.path={data}",
+                  "model.quantize=false", "train.max_steps=2", "train.eval_steps=2", *FAST]) == 0
+    assert not (run / "reward" / "sft_adapter").exists() and not (run / "reward" / HEADS_FILE).exists()
+    model, tokenizer = load_reward_model(run / "reward")
+    assert len(score(model, tokenizer, ["Where is Sync?"], ["In Settings."])) == 1
+
+
+def test_a_reward_model_is_loaded_and_selected_by_what_its_manifest_says(reward_run, tmp_path, monkeypatch):
+    """An SFT copy or a heads file in the folder that its align.json says this model was not trained with is an
+    earlier run's: not loaded under it (from_sft=false), not taken for its heads (heads=0). A manifest from
+    before it recorded them goes by the files, as then."""
+    from alignment import reward_model
+    from alignment.active import HeadEnsemble
+    from alignment.config import ConfigError
+    from alignment.preflight import check_selection_model
+
+    rm = tmp_path / "reward"
+    shutil.copytree(reward_run[0], rm, ignore=shutil.ignore_patterns("checkpoints"))
+    HeadEnsemble(torch.zeros(2, 4), torch.zeros(4), torch.ones(4)).save(rm)
+    manifest = json.loads((rm / "align.json").read_text())
+    built = []
+
+    def reward_base(model_cfg, plan, sft=None, *, training=True):
+        built.append(sft)
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(reward_model, "reward_base", reward_base)
+    for recorded, sft in ((False, None), (True, rm / "sft_adapter"), ("absent", rm / "sft_adapter")):
+        m = {**manifest, "from_sft": recorded, "config": {**manifest["config"], "heads": 0 if recorded is False else 8}}
+        if recorded == "absent":
+            del m["from_sft"], m["config"]["heads"]
+        (rm / "align.json").write_text(json.dumps(m))
+        with pytest.raises(RuntimeError, match="built"):
+            reward_model.load_reward_model(rm)
+        assert built[-1] == sft, recorded
+        assert reward_model.trained_from_sft(rm) is (sft is not None)
+        if recorded is False:
+            with pytest.raises(ConfigError, match="its align.json says heads=0"):
+                check_selection_model("selection_reward_model", str(rm), str(tmp_path))
+        else:
+            check_selection_model("selection_reward_model", str(rm), str(tmp_path))
