@@ -32,6 +32,7 @@ not exist yet.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Collection
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, LOCK, MANIFEST, shell, stage_dir, stages_of_kind
+from alignment.artifacts import HEADS_FILE, LOCK, MANIFEST, round_batch, shell, stage_dir, stages_of_kind
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 from alignment.embedded import model_key
@@ -282,6 +283,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     """
     check_run_dir("run.dir", cfg.run.dir)
     _pipeline_sets(cfg)
+    _later_rounds_reward(cfg)
     if "label" in cfg.stages and cfg.label == "simulate":
         check_scorer("scorer", cfg.scorer)
     if "label" in cfg.stages and cfg.label == "human":
@@ -312,6 +314,61 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     for i, stage in enumerate(cfg.stages):
         if stage != "label":
             check_stage(stage, sections[stage], pending=set(cfg.stages[:i]), prefix=f"{stage}.")
+    _prompts_for_every_round(cfg)
+    _export_batches(cfg)
+
+
+# What a later round or a later stage needs that the first stages' checks do not see: refused here, before
+# round 0 trains, not when round 1 (or export) gets to it.
+def _later_rounds_reward(cfg) -> None:
+    """PPO in round r > 0 trains on round r's reward model (<run.dir>/round-r/reward): a stage must make it."""
+    if cfg.rounds > 1 and "ppo" in cfg.stages and "reward" not in cfg.stages and not (cfg.ppo.scorer or
+                                                                                        cfg.ppo.reward_model):
+        raise ConfigError(f"rounds={cfg.rounds}: ppo trains in each round on that round's reward model "
+                          "(<run.dir>/round-1/reward for round 1), and no stage here trains one: add reward to "
+                          "stages, or set ppo.reward_model=<folder> (one for every round) or ppo.scorer=<name or "
+                          "module:function>")
+
+
+def _prompts_for_every_round(cfg) -> None:
+    """Each round samples sample.num_prompts prompts no earlier round used (recipes/sample.py), a later round
+    with selection=uncertainty out of pool_factor x as many: the file must hold them all, or a later round
+    samples fewer or none, after the rounds before it."""
+    s = cfg.sample
+    if cfg.rounds < 2 or "sample" not in cfg.stages:
+        return
+    have = len(set(load_prompts(s.prompts)))  # a prompt twice in the file is one task
+    if s.num_prompts < 0:
+        raise ConfigError(f"sample.num_prompts=-1 (every prompt) with rounds={cfg.rounds}: round 0 takes all {have} "
+                          f"prompts of {s.prompts} and round 1 finds none that no earlier round used; set "
+                          f"sample.num_prompts=N (at most {have // cfg.rounds} for {cfg.rounds} rounds)")
+    factor = s.pool_factor if s.selection == "uncertainty" else 1.0
+    last = math.ceil(s.num_prompts * factor)  # the last round's pool
+    need = s.num_prompts * (cfg.rounds - 1) + last
+    if have >= need:
+        return
+    fits = next(n for n in range(s.num_prompts, -1, -1) if n * (cfg.rounds - 1) + math.ceil(n * factor) <= have)
+    picks = (f", and the last picks them out of sample.pool_factor={s.pool_factor} x as many ({last}, "
+             "selection=uncertainty)") if factor > 1 else ""
+    raise ConfigError(f"sample.prompts={s.prompts}: {have} distinct prompts, and rounds={cfg.rounds} need {need}: each "
+                      f"round samples sample.num_prompts={s.num_prompts} prompts no earlier round used{picks}. Give "
+                      f"more prompts, or lower sample.num_prompts (to {fits} or fewer) or rounds")
+
+
+def _export_batches(cfg) -> None:
+    """export.batches names batches of the store or batches this pipeline samples (round-<r>): another name
+    exports nothing (a typo), after the stages before export have run."""
+    if "export" not in cfg.stages or not cfg.export.batches:
+        return
+    planned = [round_batch(r) for r in range(cfg.rounds)] if "sample" in cfg.stages else []
+    store = _existing_store(cfg.sample.store, cfg.run.dir)
+    stored = store.batches() if store is not None else []
+    for name in cfg.export.batches:
+        if name not in stored and name not in planned:
+            raise ConfigError(f"export.batches: {name!r} is not a batch of the store ({', '.join(stored) or 'none yet'})"
+                              f" nor one this pipeline samples ({', '.join(planned) or 'none: no sample stage'}); "
+                              "name those, or leave export.batches unset (each round exports its batch and the "
+                              "earlier rounds')")
 
 
 def _pipeline_sets(cfg) -> None:

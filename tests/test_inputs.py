@@ -114,6 +114,8 @@ def d(tmp_path_factory, tiny_model) -> Path:
 # (id, argv after the stage, exit code, what the message must name). {run} is a run directory
 # that does not exist yet; {tmp} the test's folder; {d} the inputs above; {tiny} the tiny model.
 M = "model.name={tiny}"
+# A pipeline whose every stage's own inputs pass, for the cases that need the whole pipeline checked
+PIPE = "sft.model.name={tiny} sft.data.path={d}/good.jsonl sample.prompts={d}/prompts.jsonl eval.prompts={d}/prompts.jsonl"
 CASES = [
     # --- numbers: every key's range, named with what is allowed
     ("lr<0", "sft train.lr=-1", 2, ["train.lr: must be in (0, 1], got -1.0"]),
@@ -307,6 +309,27 @@ CASES = [
      ["sample.selection=uncertainty", "round 0 has none", "rounds >= 2"]),
     ("pipeline: uncertainty without reward", "pipeline rounds=2 stages=[sft,sample,label,export,dpo] "
      "sample.selection=uncertainty", 2, ["stages must include reward"]),
+    # --- what a later round needs: refused before round 0 trains, not when round 1 gets to it
+    ("pipeline: every prompt with rounds", "pipeline rounds=3 "
+     f"{PIPE} "
+     "sample.num_prompts=-1", 2, ["sample.num_prompts=-1 (every prompt) with rounds=3: round 0 takes all 12 prompts",
+                                  "set sample.num_prompts=N (at most 4 for 3 rounds)"]),
+    ("pipeline: too few prompts for the rounds", "pipeline rounds=3 "
+     f"{PIPE} "
+     "sample.num_prompts=5", 2, ["sample.prompts={d}/prompts.jsonl: 12 distinct prompts, and rounds=3 need 15",
+                                 "lower sample.num_prompts (to 4 or fewer) or rounds"]),
+    ("pipeline: too few prompts for the last round's pool", "pipeline rounds=2 "
+     f"{PIPE} "
+     "sample.num_prompts=5 sample.selection=uncertainty sample.pool_factor=2", 2,
+     ["12 distinct prompts, and rounds=2 need 15", "sample.pool_factor=2.0 x as many (10, selection=uncertainty)",
+      "(to 4 or fewer)"]),
+    ("pipeline: ppo in later rounds without a reward model", "pipeline rounds=2 stages=[sft,sample,label,export,ppo]",
+     2, ["rounds=2: ppo trains in each round on that round's reward model (<run.dir>/round-1/reward for round 1)",
+         "add reward to stages, or set ppo.reward_model=<folder> (one for every round) or ppo.scorer="]),
+    ("pipeline: export of a batch nobody samples", "pipeline stages=[sft,sample,label,export,dpo] "
+     f"{PIPE} "
+     "export.batches=[round-0,round-9]", 2, ["export.batches: 'round-9' is not a batch of the store (none yet) nor one "
+                                             "this pipeline samples (round-0)", "leave export.batches unset"]),
 ]
 
 
