@@ -258,6 +258,35 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     return serve(store, args, str(export_dir(args.run_dir)), export)
 
 
+# `align pipeline label=human` starts the app with its own pid here: the app stops when that process is gone.
+PARENT_ENV = "ALIGN_LABEL_PARENT_PID"
+
+
+def stop_with_parent() -> None:
+    """When started by a pipeline (PARENT_ENV), stop (SIGTERM, as a `kill` does) once that process is gone, even
+    killed by SIGKILL, whose pipeline never ran the code that stops the app: the app went on holding its port,
+    and every rerun's app failed with "address already in use". On Linux the kernel sends the signal
+    (PR_SET_PDEATHSIG); elsewhere, and for a parent gone before that was set, a thread watches the parent's pid."""
+    import signal
+    import threading
+    import time
+
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="align-label-parent", daemon=True).start()
+
+
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
     from labeling.server import create_app
     from labeling.server import serve as run_server
@@ -271,6 +300,7 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
         print("align label: no accounts to sign in with yet; make one first: align label users add NAME --admin",
               file=sys.stderr)
         return 2
+    stop_with_parent()
     playground = None
     if args.serve_url:
         from labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient

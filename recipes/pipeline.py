@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,7 @@ from alignment.data import file_hash
 from alignment.embedded import model_key
 from alignment.preflight import check_stage
 from alignment.tracking import wandb_hint
+from labeling.cli import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,9 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
             print(skipped_out.format(left))
         return
     db = ["--db", cfg.sample.store] if cfg.sample.store else []  # the store sample wrote, e.g. a PostgreSQL URL
-    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db])
+    # With this process's pid, the app stops when it is gone, even killed by SIGKILL (labeling.cli.stop_with_parent)
+    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db],
+                           env={**os.environ, PARENT_ENV: str(os.getpid())})
     try:
         print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "
               "Ctrl-C stops waiting and goes on with what is labelled.")

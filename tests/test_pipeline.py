@@ -359,7 +359,7 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human", f"sample.store={url}"])
     started, popen, sleep = [], subprocess.Popen, time.sleep
 
-    def app(args):
+    def app(args, **kw):
         started.append(args)
         return popen([sys.executable, "-c", "import sys; sys.exit(3)"])
 
@@ -423,7 +423,8 @@ def test_waiting_for_human_labels_ctrl_c_goes_on_and_sigterm_ends_the_pipeline(s
     cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human"])
     apps, popen, sleep = [], subprocess.Popen, time.sleep
     monkeypatch.setattr(pipeline.subprocess, "Popen",
-                        lambda args: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"])) or apps[-1])
+                        lambda args, **kw: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+                        or apps[-1])
 
     def signalled(seconds):  # the signal arrives in the wait (once: Popen.wait sleeps too)
         monkeypatch.setattr(pipeline.time, "sleep", sleep)
@@ -438,6 +439,60 @@ def test_waiting_for_human_labels_ctrl_c_goes_on_and_sigterm_ends_the_pipeline(s
         pipeline.label(cfg, tmp_path / "run", "round-0")
         assert "stopped waiting; going on with the rankings so far" in capsys.readouterr().out
     assert apps[0].wait(timeout=10) is not None
+
+
+def test_the_labelling_app_stops_when_the_pipeline_that_started_it_is_killed(tmp_path):
+    """A pipeline killed by SIGKILL while it waits for human labels never runs the code that stops its app: the app
+    stops itself (its parent gone), instead of holding port 7860 so that every rerun's app failed to start."""
+    import socket
+
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
+    store.add_user("ann", "pw-for-ann", admin=True)
+    store.add_tasks("round-0", [{"prompt": "Where is Sync?", "responses": ["Settings.", "No idea."]}], source={})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The pipeline's own label(), its Popen given a free port and the app's pid written down
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys
+        from alignment.config import PipelineConfig, load_config
+        from recipes import pipeline
+        popen = subprocess.Popen
+        def app(args, **kw):
+            child = popen([*args, "--port", "{port}"], **kw)
+            print(child.pid, flush=True)
+            return child
+        pipeline.subprocess.Popen = app
+        pipeline.label(load_config(PipelineConfig, None, ["run.dir={tmp_path / 'run'}", "label=human"]),
+                       None, "round-0")
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        child = int(parent.stdout.readline())
+        deadline = time.time() + 120
+        while True:  # the app up and listening
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert parent.poll() is None and time.time() < deadline, "the labelling app did not start"
+            time.sleep(0.5)
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def gone(pid: int) -> bool:  # exited (a zombie no one reaps yet counts: it holds no port)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
+    deadline = time.time() + 30
+    while not gone(child):
+        if time.time() > deadline:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the labelling app outlived the pipeline that started it")
+        time.sleep(0.2)
 
 
 def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys):
