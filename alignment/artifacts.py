@@ -137,6 +137,12 @@ _started: list[float] = []
 _running: list[str] = []
 
 
+def key_prefix(section: str) -> str:
+    """How a hint names `section`'s keys: `ppo.reward_model=` under `align pipeline`, which takes each stage's
+    keys in its section (a bare `reward_model=` there is an unknown key), else `reward_model=`."""
+    return f"{section}." if _running[:1] == ["pipeline"] else ""
+
+
 def run_stage(command: str, cfg: Any) -> Path:
     """Run the recipe of the stage `command` routes `cfg` to; returns the artifact it wrote.
 

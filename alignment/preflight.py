@@ -41,7 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, LOCK, MANIFEST, round_batch, shell, stage_dir, stages_of_kind
+from alignment.artifacts import (
+    HEADS_FILE,
+    LOCK,
+    MANIFEST,
+    key_prefix,
+    round_batch,
+    shell,
+    stage_dir,
+    stages_of_kind,
+)
 from alignment.config import ConfigError
 from alignment.data import DataError, load_prompts, read_sft_examples
 from alignment.embedded import model_key
@@ -56,7 +65,7 @@ def check_stage(stage: str, cfg: Any, *, pending: Collection[str] = (), prefix: 
     global _last_checked
     if _last_checked is not None and _last_checked[0] == stage and _last_checked[1] is cfg and not pending:
         return
-    CHECKS[stage](cfg, set(pending), prefix)
+    CHECKS[stage](cfg, set(pending), prefix or (key_prefix(stage) if stage != "pipeline" else ""))
     if not pending and not prefix:
         _last_checked = (stage, cfg)
 
@@ -89,7 +98,7 @@ def _sample(cfg, pending: set[str], p: str) -> None:
         default = stage_dir(cfg.run.dir, "sft")
         if not default.exists():
             raise StageError(f"no policy at {default}: run `align sft run.dir={cfg.run.dir}` first, "
-                             "or pass policy=<adapter or model folder>")
+                             f"or pass {p}policy=<adapter or model folder>")
         check_policy(f"{p}policy (default {default})", str(default))
         _on_policys_base(p, cfg, default, "the policy sampled")
     _prompts(f"{p}prompts", cfg.prompts)

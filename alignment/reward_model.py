@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from alignment import StageError
-from alignment.artifacts import HEADS_FILE, MANIFEST, read_manifest, shell, system_prompt_of
+from alignment.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.cpu import keep_4bit_for_dora
 from alignment.data import with_system_prompt
@@ -477,8 +477,9 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
     """Refuse a reward model whose held-out accuracy is under `min_accuracy` (PPO would optimise its noise), or
     whose end-appended probes flip more than `max_probe_flip_rate` of the pairs (PPO would learn the phrase)."""
     if not is_adapter_dir(rm):
+        p = key_prefix("ppo")
         raise StageError(f"no reward model at {rm}: run `align reward run.dir={shell(rm.parent)}` first, pass "
-                         "reward_model=<folder>, or use a programmatic reward with scorer=<name or module:function>")
+                         f"{p}reward_model=<folder>, or use a programmatic reward with {p}scorer=<name or module:function>")
     manifest = read_manifest(rm)
     if manifest.get("stage") not in (None, "reward"):  # None: a reward model from elsewhere, or an old one
         raise StageError(f"{rm} is the output of `align {manifest['stage']}`, not a reward model: pass "
@@ -494,7 +495,7 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
             f"the reward model at {rm} has {seen} min_reward_accuracy={min_accuracy}: "
             "PPO would maximise a reward that disagrees with your annotators, and the policy learns its mistakes. "
             "Label more (or cleaner) pairs and retrain it with `align reward`; to run anyway, pass "
-            "min_reward_accuracy=0")
+            f"{key_prefix('ppo')}min_reward_accuracy=0")
     probes = manifest.get("probes")
     if probes is None and metrics.get("eval_accuracy") is not None:
         log.warning("the reward model at %s has no probes in its manifest (trained before `align reward` measured "
@@ -506,7 +507,7 @@ def gate(rm: Path, min_accuracy: float, max_probe_flip_rate: float = MAX_PROBE_F
             f"the reward model at {rm} pays for a phrase, not for a better answer: {failure}. PPO would learn to add "
             "it to every answer. See the probes in report.html and docs/reward_dpo.md#probes (label pairs where "
             "the phrase is on both sides or on the worse one, or check the labels for it), retrain with `align "
-            "reward`; to run anyway, pass max_probe_flip_rate=1")
+            f"reward`; to run anyway, pass {key_prefix('ppo')}max_probe_flip_rate=1")
     return metrics
 
 

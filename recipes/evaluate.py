@@ -28,6 +28,7 @@ from alignment import StageError
 from alignment import evaluation as ev
 from alignment import report as report_module
 from alignment.artifacts import (
+    key_prefix,
     parent_path,
     print_done,
     read_manifest,
@@ -231,8 +232,9 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
                                           for n, r in responses.items()}
     if not judges and not cfg.human:
         why = f"no reward model at {rm_path}" if rm_path is not None else "reward_model=none"
-        raise StageError(f"no judge: {why} and no scorer; pass scorer=support_style "
-                         "(or any module:function), reward_model=<folder>, or human=true")
+        p = key_prefix("eval")
+        raise StageError(f"no judge: {why} and no scorer; pass {p}scorer=support_style "
+                         f"(or any module:function), {p}reward_model=<folder>, or {p}human=true")
     return judges
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from alignment import StageError
 from alignment.artifacts import (
+    key_prefix,
     print_done,
     read_manifest,
     round_batch,
@@ -99,7 +100,7 @@ def main(cfg: SampleStageConfig) -> Path:
     policy_dir = Path(cfg.policy) if cfg.policy else stage_dir(cfg.run.dir, "sft")
     if cfg.policy is None and not policy_dir.exists():
         raise StageError(f"no policy at {policy_dir}: run `align sft run.dir={cfg.run.dir}` first, "
-                         "or pass policy=<adapter or model folder>")
+                         f"or pass {key_prefix('sample')}policy=<adapter or model folder>")
     selector = (Path(cfg.selection_reward_model) if cfg.selection_reward_model else stage_dir(cfg.run.dir, "reward")) \
         if cfg.selection == "uncertainty" else None
     batch = cfg.batch or round_batch(cfg.round)
@@ -124,7 +125,7 @@ def main(cfg: SampleStageConfig) -> Path:
                  before - len(prompts), before, cfg.round - 1)
     if not prompts:
         raise StageError(f"every prompt of {cfg.prompts} was a task of an earlier round: give more prompts "
-                         "(prompts=<file>) or fewer rounds")
+                         f"({key_prefix('sample')}prompts=<file>) or fewer rounds")
     wanted = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     pool = prompts[:min(len(prompts), math.ceil(wanted * cfg.pool_factor))]
     done = store.task_prompts(batch)

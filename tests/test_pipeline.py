@@ -686,3 +686,24 @@ def test_a_base_model_is_compared_by_what_it_is(tmp_path, monkeypatch):
     assert _made_by({"model": {"name": "tiny"}}) == _made_by({"model": {"name": str(tmp_path / "tiny")}})
     assert _made_by({"model": {"name": "tiny"}}) != _made_by({"model": {"name": "Org/tiny"}})
     assert model_key("SmolLM2-135M") == model_key("embedded") == model_key("smollm2-135m-instruct")
+
+
+def test_a_hint_under_the_pipeline_names_the_key_with_its_section(tmp_path, monkeypatch):
+    """Under `align pipeline` a stage's keys are given in its section (ppo.reward_model=; reward_model= alone is an
+    unknown key there): a hint a stage gives while the pipeline runs it says so. On its own, the bare key."""
+    from alignment import StageError, artifacts
+    from alignment.config import EvalStageConfig, RunConfig, SampleStageConfig
+    from alignment.preflight import check_stage
+    from alignment.reward_model import gate
+    from recipes.evaluate import judge
+
+    run = RunConfig(dir=str(tmp_path / "run"))
+    for running, p in ((["pipeline", "ppo"], "{}."), (["ppo"], "")):
+        monkeypatch.setattr(artifacts, "_running", running)
+        with pytest.raises(StageError, match=re.escape(f"pass {p.format('ppo')}reward_model=<folder>, or use a "
+                                                       f"programmatic reward with {p.format('ppo')}scorer=")):
+            gate(tmp_path / "run" / "reward", 0.6)
+        with pytest.raises(StageError, match=re.escape(f"or pass {p.format('sample')}policy=<adapter")):
+            check_stage("sample", SampleStageConfig(run=run))
+        with pytest.raises(StageError, match=re.escape(f"pass {p.format('eval')}scorer=support_style")):
+            judge(EvalStageConfig(run=run, reward_model="none"), ["Hi?"], {"sft": ["Hello."]})
