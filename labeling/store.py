@@ -674,16 +674,23 @@ class Store:
                                    .limit(1)).first()
                 task_id = row[0] if row else None
                 if task_id is not None:
-                    # The slots of those who walked away (no draft of theirs in it) go to this annotator: their
-                    # assignments end here, so a submit from their old page is refused (else at overlap 1 the task
-                    # got two rankings), rather than when they next ask for a task.
+                    # Those who walked away (no draft of theirs in it) still hold a slot while one is free for them;
+                    # the slots this annotator over-takes end here, the oldest first, so a submit from such an old
+                    # page is refused (else at overlap 1 the task got two rankings), rather than when its owner
+                    # next asks for a task. At overlap > 1 the others keep theirs while the task has room.
+                    others = (assignments.c.task_id == task_id) & (assignments.c.annotator_id != annotator_id)
                     drafted = select(rankings.c.id).where(rankings.c.task_id == assignments.c.task_id,
                                                           rankings.c.annotator_id == assignments.c.annotator_id,
-                                                          rankings.c.status == "draft")
-                    conn.execute(update(assignments).where(
-                        assignments.c.task_id == task_id, assignments.c.annotator_id != annotator_id,
-                        assignments.c.status == "assigned", assignments.c.assigned_at <= now - ASSIGNMENT_TTL,
-                        ~drafted.exists()).values(status="expired"))
+                                                          rankings.c.status == "draft").exists()
+                    held_now = conn.execute(select(func.count()).select_from(assignments).where(
+                        others, holds)).scalar_one()
+                    stale = conn.execute(select(assignments.c.id, drafted).where(
+                        others, assignments.c.status == "assigned", assignments.c.assigned_at <= now - ASSIGNMENT_TTL)
+                        .order_by(assignments.c.assigned_at.desc(), assignments.c.id.desc())).all()
+                    free = overlap - 1 - held_now - sum(1 for _, has_draft in stale if has_draft)
+                    over = [row_id for row_id, has_draft in stale if not has_draft][max(0, free):]
+                    if over:
+                        conn.execute(update(assignments).where(assignments.c.id.in_(over)).values(status="expired"))
             if task_id is None:
                 return None
             again = (assignments.c.task_id == task_id) & (assignments.c.annotator_id == annotator_id)

@@ -300,6 +300,31 @@ def test_a_submit_from_the_old_page_is_refused_once_the_slot_went_to_someone_els
     handlers.submit(store, carol, second_id, [1, 2, 3, 4])  # her draft is in it: still hers
 
 
+def test_handing_on_one_slot_expires_only_the_stale_holders_it_over_takes(store, monkeypatch):
+    """overlap 3, one task: Alice and Dan walk away, Bob submits, Carol takes one of the two free slots. Every
+    stale holder was marked expired, so both old pages were refused though one slot was still free; now only the
+    oldest (Alice) is, and Dan keeps his until someone else takes that last slot."""
+    from labeling import store as store_module
+
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
+    (task_id,) = make_tasks(store, 1)
+    alice, dan, bob, carol, erin = (session(store, name) for name in ("alice", "dan", "bob", "carol", "erin"))
+    for person in (alice, dan, bob):
+        clock["now"] += 1
+        assert handlers.next_task(store, person, overlap=3)["task_id"] == task_id
+    handlers.submit(store, bob, task_id, [1, 2, 3, 4])
+    clock["now"] += 1.1 * store_module.ASSIGNMENT_TTL
+    assert handlers.next_task(store, carol, overlap=3)["task_id"] == task_id
+    assert store.assignment_status(alice["annotator_id"], task_id) == "expired"  # the slot Carol took
+    assert store.assignment_status(dan["annotator_id"], task_id) == "assigned"
+    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+        handlers.submit(store, alice, task_id, [4, 3, 2, 1])
+    handlers.submit(store, dan, task_id, [1, 2, 3, 4])  # the last slot was free: his ranking counts
+    handlers.submit(store, carol, task_id, [2, 1, 3, 4])
+    assert store.pending_count(overlap=3) == 0 and handlers.next_task(store, erin, overlap=3) is None
+
+
 def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_free(store, monkeypatch):
     """overlap 1, one task: Alice walks away, Bob takes it over and skips it. Alice could never be given it again
     (expired was for good), and a team of two left it unranked."""
