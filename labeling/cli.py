@@ -212,10 +212,14 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             for b in store.batch_counts():
                 print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
                       f"{b['unranked']} unranked")
+            on_skipped = store.pending_on_skipped(args.batch, args.overlap)
             skipped = store.skipped_out(args.batch, args.overlap)
+            why = [f"{skipped} on tasks every annotator skipped (nobody left to rank them; an account added with "
+                   "`align label users add` would be given them)"] if skipped else []
+            if on_skipped > skipped:  # an admin counts once they take a task: one who only watches is not waited for
+                why.append(f"{on_skipped - skipped} waiting for an annotator who has not skipped the task")
             print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}"
-                  + (f", {skipped} of them on tasks every annotator skipped (nobody left to rank them; an account "
-                     "added with `align label users add` would be given them)" if skipped else ""))
+                  + (f", {on_skipped} of them on tasks someone skipped: {', '.join(why)}" if on_skipped else ""))
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":
             task_id = int(cmd[1])

@@ -850,14 +850,31 @@ class Store:
 
     def skipped_out(self, batch: str | None = None, overlap: int = 1) -> int:
         """Of pending_count's rankings, those nobody is left to give: on a task someone skipped, the rankings still
-        needed past the accounts that can sign in and have neither ranked nor skipped it. A skip is final for its
+        needed past the annotators who can sign in and have neither ranked nor skipped it. A skip is final for its
         annotator (assign never hands the task back to them), so a task every annotator skipped waits for an
-        account added later; `align label status` and `align pipeline label=human` count these apart."""
+        account added later; `align label status` and `align pipeline label=human` count these apart. An admin
+        counts as an annotator once they have taken a task of the batch or ranked anything: one who only watches
+        the admin view would keep the wait open for ever."""
+        return self._skipped(batch, overlap)[1]
+
+    def pending_on_skipped(self, batch: str | None = None, overlap: int = 1) -> int:
+        """Of pending_count's rankings, those on tasks someone skipped (skipped_out's, and those still waiting for
+        an annotator who has not skipped them)."""
+        return self._skipped(batch, overlap)[0]
+
+    def _skipped(self, batch: str | None, overlap: int) -> tuple[int, int]:
+        """(pending rankings on skipped tasks, of them those nobody is left to give): see skipped_out."""
         with self.engine.connect() as conn:
-            live = {a for (a,) in conn.execute(select(annotators.c.id).where(annotators.c.password_hash != DISABLED))}
-            scope = select(tasks.c.id).where(tasks.c.is_gold.is_(False))
+            in_batch = select(tasks.c.id)
             if batch:
-                scope = scope.where(tasks.c.batch == batch)
+                in_batch = in_batch.where(tasks.c.batch == batch)
+            took = select(assignments.c.id).where(assignments.c.annotator_id == annotators.c.id,
+                                                  assignments.c.task_id.in_(in_batch)).exists()
+            ranked_any = select(rankings.c.id).where(rankings.c.annotator_id == annotators.c.id,
+                                                     rankings.c.status == "submitted").exists()
+            live = {a for (a,) in conn.execute(select(annotators.c.id).where(
+                annotators.c.password_hash != DISABLED, ~annotators.c.is_admin | took | ranked_any))}
+            scope = in_batch.where(tasks.c.is_gold.is_(False))
             closed: dict[int, set[int]] = {}  # task -> who ranked or skipped it
             skipped: set[int] = set()
             for task_id, annotator_id, status in conn.execute(
@@ -867,10 +884,11 @@ class Store:
                 if status == "skipped":
                     skipped.add(task_id)
             if not skipped:
-                return 0
+                return 0, 0
             ranked = dict(conn.execute(select(rankings.c.task_id, func.count()).where(
                 rankings.c.status == "submitted", rankings.c.task_id.in_(skipped)).group_by(rankings.c.task_id)).all())
-        return sum(max(0, overlap - ranked.get(t, 0) - len(live - closed[t])) for t in skipped)
+        needed = {t: max(0, overlap - ranked.get(t, 0)) for t in skipped}
+        return sum(needed.values()), sum(max(0, n - len(live - closed[t])) for t, n in needed.items())
 
     def batch_counts(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -207,8 +207,10 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
                                  f"{batch!r} still to do; its message is above. Start it yourself (align label "
                                  f"--run-dir {cfg.run.dir}{' --db ' + repr(cfg.sample.store) if db else ''}), or run "
                                  "the pipeline again to resume")
-            print(f"  {left} rankings still to do" + (f" ({skipped} on tasks every annotator skipped)" if skipped
-                                                      else ""), end="\r", flush=True)
+            on_skipped = store.pending_on_skipped(batch)  # waiting for someone who has not skipped them
+            print(f"  {left} rankings still to do" + (
+                f" ({on_skipped} on tasks someone skipped, {skipped} of them every annotator skipped)" if on_skipped
+                else ""), end="\r", flush=True)
             time.sleep(10)
     except KeyboardInterrupt as err:
         if isinstance(err, Terminated):  # a `kill` or a scheduler's stop ends the pipeline, as in every stage

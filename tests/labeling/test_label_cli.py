@@ -249,7 +249,12 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
     lena = store.authenticate("lena", "pw-1234")["annotator_id"]
     store.skip(lena, store.assign(lena, batch="round-1"))  # the only annotator skips it: nobody left to rank it
     assert align([*label, "status", "--batch", "round-1"]) == 0
-    assert "pending rankings (overlap 1): 1, 1 of them on tasks every annotator skipped" in capsys.readouterr().out
+    assert ("pending rankings (overlap 1): 1, 1 of them on tasks someone skipped: 1 on tasks every annotator skipped"
+            in capsys.readouterr().out)
+    store.add_user("mo", "pw-5678")  # one who has not skipped it: the ranking waits for them
+    assert align([*label, "status", "--batch", "round-1"]) == 0
+    assert ("pending rankings (overlap 1): 1, 1 of them on tasks someone skipped: 1 waiting for an annotator who has "
+            "not skipped the task") in capsys.readouterr().out
 
 
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):

@@ -388,6 +388,22 @@ def test_rankings_of_tasks_every_annotator_skipped_are_counted_apart(store):
     assert store.skipped_out() == 0
 
 
+def test_an_admin_who_only_watches_is_not_waited_for_on_a_skipped_task(store):
+    """Root (an admin) only watches, Bob skips the task: root was counted as one who could still rank it, so the
+    task was never skipped out and `align pipeline label=human` waited for ever. An admin counts once they take a
+    task of the batch (or have ranked anything)."""
+    (task_id,) = make_tasks(store, 1)
+    root, bob = session(store, "root", admin=True), session(store, "bob")
+    assert handlers.next_task(store, bob)["task_id"] == task_id
+    handlers.skip(store, bob, task_id)
+    assert store.pending_count() == store.skipped_out() == store.pending_on_skipped() == 1
+    make_tasks(store, 1, batch="round-1")
+    assert handlers.next_task(store, root, batch="round-1") is not None  # root labels another batch
+    assert store.skipped_out("round-0") == 1 and store.skipped_out() == 0
+    handlers.submit(store, root, store.batch_tasks("round-1")[0]["task_id"], [1, 2, 3, 4])
+    assert store.skipped_out("round-0") == 0 and store.pending_on_skipped("round-0") == 1  # root has ranked: may rank it
+
+
 def test_the_admin_view_counts_copies_of_one_answer_as_one_answer(store):
     """Two annotators agree on every answer of tasks holding two copies of one ("Yes." twice, as align sample
     keeps them) and order the copies apart: the admin view's agreement and gold accuracy said 2/3, where the
