@@ -250,27 +250,46 @@ def _engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True, connect_args=_pg_timeouts(make_url(url)))
+        engine = create_engine(url, pool_pre_ping=True, connect_args=_pg_client_timeouts(make_url(url)))
     except ModuleNotFoundError:
         raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
+    settings = _pg_server_timeouts(make_url(url))
+    if settings:
+        # Set in each transaction, not as the startup parameter `options`: PgBouncer before 1.20 refuses a
+        # connection that sends any ("unsupported startup parameter: options"), later ones may drop them, and in
+        # transaction pooling a session setting would land on whichever server connection is free. SET LOCAL lasts
+        # to the transaction's end, through any pooler; both in one round trip (no parameters: one simple query).
+        statement = "; ".join(f"SET LOCAL {name} = {value}" for name, value in settings.items())
+
+        @event.listens_for(engine, "begin")
+        def _pg_begin(conn):
+            conn.exec_driver_sql(statement)
+
+    return engine
 
 
-def _pg_timeouts(url: URL) -> dict[str, Any]:
-    """libpq settings so that a PostgreSQL store fails with an error where it would hang: a server that takes
-    the connection and never answers, a connection dropped without a word, a lock held by a process that is
-    stopped. A setting the URL (or PGCONNECT_TIMEOUT) gives is the user's; startup `options` add to theirs."""
+def _pg_client_timeouts(url: URL) -> dict[str, Any]:
+    """libpq's own settings (client side, nothing sent to the server) so that a PostgreSQL store fails with an
+    error where it would hang: a server that takes the connection and never answers, a connection dropped
+    without a word. A setting the URL (or PGCONNECT_TIMEOUT) gives is the user's."""
     given = dict(url.query)
     args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 30,
                             "keepalives_interval": 10, "keepalives_count": 3}
     args = {k: v for k, v in args.items() if k not in given}
     if "PGCONNECT_TIMEOUT" in os.environ:
         args.pop("connect_timeout", None)
-    # No statement_timeout: an export's read of a big store may rightly take long.
-    ours = f"-c lock_timeout={LOCK_WAIT * 1000} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION * 1000}"
-    theirs = given.get("options", os.environ.get("PGOPTIONS", ""))
-    theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs  # given twice in the URL
-    args["options"] = f"{ours} {theirs}".strip()  # theirs last: a setting given twice takes the later one
     return args
+
+
+def _pg_server_timeouts(url: URL) -> dict[str, str]:
+    """The server settings each transaction starts with: a lock held by a process that is stopped fails the wait
+    after LOCK_WAIT, and such a session is ended after IDLE_IN_TRANSACTION, freeing its lock. One the user sets
+    in the URL's `options` or in PGOPTIONS is theirs (left out here). No statement_timeout: an export's read of a
+    big store may rightly take long."""
+    theirs = url.query.get("options", os.environ.get("PGOPTIONS", ""))
+    theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs  # given twice in the URL
+    ours = {"lock_timeout": f"{LOCK_WAIT * 1000}", "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION * 1000}"}
+    return {name: value for name, value in ours.items() if not re.search(rf"(?<![\w.]){name}\s*=", theirs)}
 
 
 def _text(value: str) -> str:

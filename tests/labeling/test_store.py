@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from labeling import handlers
 from labeling.store import SCHEMA_VERSION, Store
@@ -836,6 +838,104 @@ def test_a_lock_held_by_a_stuck_process_is_an_error_after_lock_wait_not_a_hang(s
         except DBAPIError:  # its session was ended for it
             assert other.is_postgres
     assert other.assign(alice) == 1
+
+
+def test_postgresql_gets_its_timeouts_in_each_transaction_never_as_startup_options(store):
+    """lock_timeout and idle_in_transaction_session_timeout went as the startup parameter `options` on every
+    connection, which PgBouncer before 1.20 refuses ("unsupported startup parameter: options"): a store behind it
+    could not connect. They are set in each transaction now; the URL's own options go to the server as given,
+    and a setting in them is the user's."""
+    from sqlalchemy import event
+
+    if not store.is_postgres:
+        pytest.skip("PostgreSQL only")
+    sent = []
+    event.listen(store.engine, "do_connect", lambda _dialect, _record, _args, params: sent.append(dict(params)))
+    store.engine.dispose()
+    with store.tx() as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "30s"
+        assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
+    assert sent[0]["options"] == make_url(store.url).query["options"]  # the test's search_path only
+    assert sent[0]["connect_timeout"] == 10 and sent[0]["keepalives"] == 1  # libpq's own, sent to no server
+    theirs = Store(f"{store.url}%20-c%20lock_timeout%3D5s")
+    with theirs.engine.connect() as conn:  # a read's transaction too
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "5s"
+        assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
+    theirs.engine.dispose()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/pgbouncer"), reason="needs PgBouncer (apt-get install pgbouncer)")
+def test_a_store_behind_pgbouncer_connects_and_its_lock_wait_holds(store, monkeypatch):
+    """PgBouncer 1.18 in transaction pooling, in front of the test server: the store could not even open
+    (PgBouncer refused the startup `options` align sent); it opens, writes, and a writer behind a stuck
+    transaction still fails after LOCK_WAIT."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from labeling import store as store_module
+
+    if not store.is_postgres:
+        pytest.skip("PostgreSQL only")
+    server = make_url(store.url)
+    database = f"test_pgb_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    admin = create_engine(server.set(drivername="postgresql+psycopg", query={}), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
+    folder = tempfile.mkdtemp(prefix="align-pgbouncer-")  # readable by the `postgres` user it runs as under root
+    os.chmod(folder, 0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(f"{folder}/users.txt", "w") as f:
+        f.write(f'"{server.username}" ""\n')
+    with open(f"{folder}/pgbouncer.ini", "w") as f:
+        f.write(f"[databases]\n{database} = host={server.host} port={server.port} dbname={database}\n"
+                f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n"
+                f"auth_file = {folder}/users.txt\npool_mode = transaction\n")
+    as_user = ["-u", "postgres"] if os.geteuid() == 0 else []  # PgBouncer refuses to run as root
+    bouncer = subprocess.Popen(["/usr/sbin/pgbouncer", *as_user, f"{folder}/pgbouncer.ini"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stores = []
+    try:
+        url = f"postgresql://{server.username}@127.0.0.1:{port}/{database}"
+        for _ in range(50):  # until it listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        monkeypatch.setattr(store_module, "LOCK_WAIT", 1)
+        behind = Store(url)  # refused before: "unsupported startup parameter: options"
+        stores.append(behind)
+        make_tasks(behind, 1)
+        alice = session(behind, "alice")["annotator_id"]
+        stuck = behind.tx(lock=True)
+        stuck.__enter__()
+        try:
+            other = Store(url)
+            stores.append(other)
+            start = time.monotonic()
+            with pytest.raises(OperationalError, match="lock"):
+                other.assign(alice)
+            assert time.monotonic() - start < 10
+        finally:
+            stuck.__exit__(None, None, None)
+        assert other.assign(alice) == 1
+    finally:
+        for s in stores:
+            s.engine.dispose()
+        bouncer.terminate()
+        log = bouncer.communicate(timeout=30)[0].decode(errors="replace")
+        shutil.rmtree(folder, ignore_errors=True)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}"')
+        admin.dispose()
+    assert "unsupported startup parameter" not in log
 
 
 def test_text_postgresql_refuses_is_kept_or_refused_with_a_reason(store):
