@@ -411,6 +411,9 @@ config_file: Path | None = None
 # Off while align pipeline runs the stages: it runs the next one itself, and a stage's hint (a label
 # command with the shipped scorer, say) would point away from the pipeline's own settings.
 next_hints = True
+# Set by `align pipeline` while it runs its stages: a stage's messages name its keys as the pipeline takes them
+# (sft.train.max_steps, ppo.train... for grpo/: stage_key)
+in_pipeline = False
 
 
 def shell(value: str | Path) -> str:
@@ -526,7 +529,7 @@ def set_aside_checkpoints(folder: str | Path, whose: str = "an earlier run") -> 
 
 
 def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
-                   trained_on: dict[str, Any] | None = None, finishes_at_max_steps: bool = False) -> Path | None:
+                   trained_on: dict[str, Any] | None = None) -> Path | None:
     """A training stage about to train into `out`: the checkpoint `train.resume_from_checkpoint` (`resume`)
     continues from, or None for a fresh start; `trained_on` (the data's sha256, the model and adapter the run
     starts from: model_identity) is then recorded in <out>/checkpoints/trained_on.json.
@@ -541,9 +544,9 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     changed would take it up at its last step, train nothing and keep the old weights under a manifest naming
     the new data). The newest checkpoint of an unfinished run past `max_steps` (a run killed on the way to more
     steps, rerun with fewer) is refused, as preflight refuses one named by its path: resumed, the run trained
-    nothing and wrote the checkpoint's weights under a manifest giving `max_steps`. One at `max_steps` is
-    refused too, unless `finishes_at_max_steps` (PPO's loop: it trains nothing and writes that step's weights,
-    finishing a run killed after its last checkpoint); the Trainer would train one step past it.
+    nothing and wrote the checkpoint's weights under a manifest giving `max_steps`. One at `max_steps` (a run
+    killed after its last step, while it evaluated or saved) finishes the run: it trains nothing more and writes
+    that step's weights (PPO's loop; the Trainer through alignment.training.train_from).
     Settings (`trained_on["settings"]`, settings_of: the stage's config less its inputs) do not decide: resuming
     with a lower train.lr, or to train longer, is what resume is for. A resume whose settings differ from those
     its checkpoint's run recorded says which, before it goes on (a changed LoRA shape would not load).
@@ -553,6 +556,7 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     over this run's log and checkpoints. The run writes its own when it finishes.
     """
     folder = Path(out) / "checkpoints"
+    keys = stage_key(Path(out), "", "pipeline" if in_pipeline else None)  # "sft." in a pipeline, else ""
     finished = (Path(out) / MANIFEST).is_file()  # not a run killed after its last checkpoint: that one goes on
     if finished and is_main_process():
         (Path(out) / MANIFEST).unlink()
@@ -562,8 +566,9 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
         if resume:
             differ = _trained_otherwise(Path(resume).parent, trained_on)
             if differ:
-                log.warning("train.resume_from_checkpoint=%s: its run was trained on other inputs than this one "
-                            "(%s differ: see its %s); resuming from it as asked", resume, ", ".join(differ), TRAINED_ON)
+                log.warning("%strain.resume_from_checkpoint=%s: its run was trained on other inputs than this one "
+                            "(%s differ: see its %s); resuming from it as asked", keys, resume, ", ".join(differ),
+                            TRAINED_ON)
             set_aside_later_checkpoints(resume)
         else:
             set_aside_checkpoints(folder)
@@ -579,16 +584,15 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
             set_aside_checkpoints(folder, f"a run on other inputs ({', '.join(differ)} differ: see its {TRAINED_ON})")
             found = None
         elif found and finished and not 0 < (_step(found) or 0) < max_steps:
-            set_aside_checkpoints(folder, f"a finished run ({found.name}; to train it longer, raise train.max_steps "
-                                          "past its step)")
+            set_aside_checkpoints(folder, f"a finished run ({found.name}; to train it longer, raise {keys}train."
+                                          "max_steps past its step)")
             found = None
-        elif found and 0 < max_steps and (_step(found) > max_steps or (_step(found) == max_steps
-                                                                      and not finishes_at_max_steps)):
-            raise ConfigError(f"train.resume_from_checkpoint={resume}: its newest checkpoint, {found} (step "
-                              f"{_step(found)}), is {'past' if _step(found) > max_steps else 'at'} train.max_steps="
-                              f"{max_steps}: nothing is left to train from it; raise train.max_steps past its step to "
-                              f"train on from it, name a checkpoint folder before step {max_steps}, or leave "
-                              "train.resume_from_checkpoint unset to train again from scratch")
+        elif found and 0 < max_steps < _step(found):
+            raise ConfigError(f"{keys}train.resume_from_checkpoint={resume}: its newest checkpoint, {found} (step "
+                              f"{_step(found)}), is past {keys}train.max_steps={max_steps}: nothing is left to train "
+                              f"from it; raise {keys}train.max_steps to its step or past it to train on from it, name "
+                              f"a checkpoint folder at step {max_steps} or before, or leave {keys}train."
+                              "resume_from_checkpoint unset to train again from scratch")
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
     changed = _settings_changed(found.parent, trained_on) if found else []
     if changed:
@@ -800,9 +804,13 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
 
 
 def resume_key(folder: Path, command: str | None) -> str:
-    """The override that resumes `folder`'s stage from its checkpoints, as `align <command>` takes it: `align
-    pipeline` takes a stage's keys under the stage's name (sft.train..., ppo.train... for grpo/)."""
-    key = "train.resume_from_checkpoint=latest"
+    """The override that resumes `folder`'s stage from its checkpoints, as `align <command>` takes it."""
+    return stage_key(folder, "train.resume_from_checkpoint=latest", command)
+
+
+def stage_key(folder: Path, key: str, command: str | None) -> str:
+    """`key` of the stage writing `folder`, as `align <command>` takes it: `align pipeline` takes a stage's keys
+    under the stage's name (sft.train..., ppo.train... for grpo/)."""
     stage = next((s for s in STAGES.values() if s.folder == folder.name), None)
     if command == "pipeline" and stage is not None:
         return f"{stage.runs_as[0] if stage.runs_as else stage.name}.{key}"

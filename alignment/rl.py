@@ -377,7 +377,7 @@ def find_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
     the loop trains nothing and writes its weights."""
     if resume and resume not in ("latest", "auto") and not (Path(resume) / "trainer_state.json").is_file():
         raise StageError(f"train.resume_from_checkpoint={resume} is not a PPO checkpoint (no trainer_state.json)")
-    return begin_training(out, resume, max_steps=max_steps, trained_on=trained_on, finishes_at_max_steps=True)
+    return begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
 
 
 def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = None,

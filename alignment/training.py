@@ -2,8 +2,9 @@
 held-out evaluation (and DPO's over its pairs) and the metrics.jsonl callback.
 
     args = trl_args(DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=True, beta=cfg.beta, ...)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(out, cfg.train.resume_from_checkpoint,
-                                                           max_steps=cfg.train.max_steps, trained_on={...}))
+    checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
+                                   trained_on={...})
+    result = train_from(trainer, checkpoint)  # trainer.train, never a step past max_steps
 
 One mapping of our `train` section, the device plan and the run onto TRL's argument classes
 (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig: all transformers'
@@ -254,14 +255,39 @@ def resume_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
                       trained_on: dict[str, Any] | None = None) -> str | None:
     """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N
     that can go on into this run (alignment.artifacts.begin_training: not a finished run's unless trained longer
-    to `max_steps`, nor one trained on other inputs than `trained_on`); one at or past `max_steps` is refused (the
-    Trainer would train a step past it, or nothing under a manifest giving `max_steps`).
+    to `max_steps`, nor one trained on other inputs than `trained_on`); one past `max_steps` is refused (it would
+    train nothing under a manifest giving `max_steps`), one at it finishes the run (train_from).
 
     "latest" with no such checkpoint starts from scratch (so a pipeline can always pass it); any
     other value is a checkpoint folder, passed on as it is.
     """
     found = begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
     return str(found) if found else None
+
+
+def train_from(trainer: Any, checkpoint: str | None) -> Any:
+    """trainer.train(resume_from_checkpoint=checkpoint), training no step past train.max_steps.
+
+    A run killed after its last step (while it evaluated, saved or wrote its manifest) leaves checkpoint-<max_steps>.
+    Resumed from it, transformers' loop fast-forwards into the epoch and trains one more batch before it checks
+    max_steps (a run of 2 steps ended at step 3). From a checkpoint at max_steps, the epoch pass is left out: the
+    Trainer loads the checkpoint (weights, state, the best step so far), trains nothing and finishes as usual
+    (its train_* figures, the best checkpoint loaded back when load_best_model_at_end)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else {}
+    if not 0 < trainer.args.max_steps <= state.get("global_step", 0):
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    if not callable(getattr(trainer, "_run_epoch", None)):  # another transformers: a step past max_steps, not silently
+        raise RuntimeError("this transformers' Trainer has no _run_epoch: alignment.training.train_from cannot "
+                           f"finish the run at {checkpoint} without training a step past train.max_steps")
+
+    def no_steps_left(**_kwargs) -> None:
+        trainer.control.should_training_stop = True
+
+    trainer._run_epoch = no_steps_left  # this instance only, for this call
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        del trainer._run_epoch
 
 
 def set_rate(optimizer, scheduler, lr: float) -> None:

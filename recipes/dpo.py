@@ -69,6 +69,7 @@ from alignment.training import (
     heldout_preferences,
     ranking_dataloader,
     resume_checkpoint,
+    train_from,
     train_loss,
     trl_args,
 )
@@ -303,7 +304,7 @@ def main(cfg: DPOStageConfig) -> Path:
                                                "sft": model_identity(sft), "settings": settings_of(cfg)})
     if checkpoint is not None:  # step 0 once: on a resume it would be the checkpoint's step evaluated again
         trainer.args.eval_on_start = False
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_from(trainer, checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))

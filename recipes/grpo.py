@@ -59,7 +59,7 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_loss, trl_args
+from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_from, train_loss, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
                                    trained_on=R.trained_on(cfg, sft, rm))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_from(trainer, checkpoint)
     logs = [r for r in trainer.state.log_history if "reward" in r]
     metrics = {"steps": result.global_step, "reward_mean_first": logs[0]["reward"] if logs else None,
                **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()},

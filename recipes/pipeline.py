@@ -232,10 +232,12 @@ def main(cfg: PipelineConfig) -> Path:
     trained = [routed(s, getattr(cfg, s)).name for s in ("dpo", "ppo") if s in cfg.stages]
     started = time.time()
     artifacts.next_hints = False  # each stage's "next:" is this loop's next stage
+    artifacts.in_pipeline = True  # and its messages name its keys as this command takes them (sft.train...)
     try:
         _rounds(cfg, root, store, policy_stage, trained)
     finally:
         artifacts.next_hints = True
+        artifacts.in_pipeline = False
     html = report_module.write_report(root)
     minutes = (time.time() - started) / 60
     print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text

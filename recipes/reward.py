@@ -82,6 +82,7 @@ from alignment.training import (
     distinct_rows_metrics,
     ranking_dataloader,
     resume_checkpoint,
+    train_from,
     train_loss,
     trl_args,
 )
@@ -295,7 +296,7 @@ def main(cfg: RewardStageConfig) -> Path:
                                                "settings": settings_of(cfg)})
     if is_main_process():  # its align.json gone (begin_training): an earlier run's SFT copy and heads go too
         drop_earlier_extras(out)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_from(trainer, checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     metrics.update(distinct_rows_metrics(trainer.rows_seen, trainer.rows_run))

@@ -39,7 +39,15 @@ from alignment.modeling import (
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
-from alignment.training import MetricsJSONL, ThisRunsRate, final_eval, resume_checkpoint, train_loss, trl_args
+from alignment.training import (
+    MetricsJSONL,
+    ThisRunsRate,
+    final_eval,
+    resume_checkpoint,
+    train_from,
+    train_loss,
+    trl_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +172,7 @@ def main(cfg: SFTStageConfig) -> Path:
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
                                    trained_on={"data": file_hash(cfg.data.path), "base_model": model_identity(cfg.model.name),
                                                "settings": settings_of(cfg)})
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_from(trainer, checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
                **train_loss(result, out, checkpoint)}  # the whole run's, also when resumed
     if has_eval:

@@ -203,27 +203,30 @@ def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):
         assert (aside / name / "trainer_state.json").is_file()  # kept, out of the way
 
 
-def test_latest_past_max_steps_is_refused_as_a_named_checkpoint_is(tmp_path):
+def test_latest_past_max_steps_is_refused_as_a_named_checkpoint_is(tmp_path, monkeypatch):
     """A run killed on its way to 4 steps (checkpoints at 2 and 3), rerun to train.max_steps=2 with `latest`:
     resumed at step 3, it trained nothing and wrote step 3's weights under a manifest saying 2 steps. Refused, as
-    the same checkpoint named by its path is; at max_steps PPO's loop finishes the run (it trains nothing and
-    writes that step's weights), where the Trainer would train a step past it."""
+    the same checkpoint named by its path is. One at max_steps (a run killed after its last step) finishes the run,
+    for PPO's loop and the Trainer alike (train_from); refused, nothing could finish such a run. Under align
+    pipeline the message names the keys as it takes them (sft.train...)."""
+    from alignment import artifacts
     from alignment.rl import find_checkpoint
     from alignment.training import resume_checkpoint
 
-    for find, name in ((find_checkpoint, "step-{}"), (resume_checkpoint, "checkpoint-{}")):
-        out = tmp_path / name[:4]
+    for find, name, folder in ((find_checkpoint, "step-{}", "ppo"), (resume_checkpoint, "checkpoint-{}", "sft")):
+        out = tmp_path / folder
         for step in (2, 3):
             (out / "checkpoints" / name.format(step)).mkdir(parents=True)
             (out / "checkpoints" / name.format(step) / "trainer_state.json").write_text("{}")
-        with pytest.raises(ConfigError, match=r"newest checkpoint, .*-3 \(step 3\), is past train.max_steps=2: "
-                                              "nothing is left to train"):
+        with pytest.raises(ConfigError, match=r"^train.resume_from_checkpoint=latest: its newest checkpoint, .*-3 "
+                                              r"\(step 3\), is past train.max_steps=2: nothing is left to train"):
             find(out, "latest", max_steps=2)
-        if find is find_checkpoint:
-            assert Path(find(out, "latest", max_steps=3)).name == "step-3"
-        else:
-            with pytest.raises(ConfigError, match="is at train.max_steps=3"):
-                find(out, "latest", max_steps=3)
+        monkeypatch.setattr(artifacts, "in_pipeline", True)
+        with pytest.raises(ConfigError, match=rf"^{folder}.train.resume_from_checkpoint=latest: .* is past "
+                                              rf"{folder}.train.max_steps=2: .* raise {folder}.train.max_steps"):
+            find(out, "latest", max_steps=2)
+        monkeypatch.setattr(artifacts, "in_pipeline", False)
+        assert Path(find(out, "latest", max_steps=3)).name == name.format(3)
         assert Path(find(out, "latest", max_steps=4)).name == name.format(3)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [name.format(2), name.format(3)]
 

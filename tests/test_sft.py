@@ -205,6 +205,41 @@ def test_a_rerun_of_a_finished_sft_is_no_longer_marked_finished_once_it_trains(t
     assert "<section id='sft'>" not in write_report(tmp_path / "run").read_text()
 
 
+def test_a_run_stopped_after_its_last_step_finishes_with_latest_at_max_steps(tiny_model, sft_data, tmp_path,
+                                                                             monkeypatch, caplog):
+    """Stopped after its last step (Ctrl-C while it wrote its manifest), a run leaves checkpoint-<max_steps> and no
+    align.json, and align says `latest` continues it. `latest` refused that checkpoint ("nothing is left to
+    train"); before that, the Trainer resumed from it trained a step past train.max_steps (global_step 3 of 2).
+    Now it trains nothing more, ends at exactly max_steps and writes the artifact from checkpoint-2's weights."""
+    import recipes.sft
+
+    args = ["model.quantize=false", "train.max_steps=2", "train.eval_steps=2", "train.resume_from_checkpoint=latest"]
+    real = recipes.sft.write_manifest
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes.sft, "write_manifest", stopped)
+    rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}", *FAST,
+                *args])
+    out = tmp_path / "run" / "sft"
+    assert rc == 130 and not (out / "align.json").exists()
+    assert "train.resume_from_checkpoint=latest continues from them" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    trained = load_file(str(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    logged = read_jsonl(out / "metrics.jsonl")
+    monkeypatch.setattr(recipes.sft, "write_manifest", real)
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", *args)
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["metrics"]["global_step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]  # no step 3
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert manifest["metrics"]["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-3)  # the whole run's
+    final = load_file(str(out / "adapter_model.safetensors"))
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+
+
 def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
     """A QLoRA adapter is folded into the dequantized NF4 weights it was trained against: the merged model gives
     the trained model's logits (the 4-bit base + the adapter), not those of the original weights + the adapter;
