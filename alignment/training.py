@@ -434,3 +434,41 @@ def ranking_dataloader(trainer: Any, columns: list[str]):
     loader = DataLoader(data.select_columns([c for c in columns if c in data.column_names]), batch_sampler=sampler,
                         collate_fn=trainer.data_collator, num_workers=trainer.args.dataloader_num_workers)
     return trainer.accelerator.prepare(loader)
+
+
+@contextmanager
+def gathers_of_any_size(accelerator):
+    """Within the block, `accelerator.gather` takes a tensor of any length from each process.
+
+    A ranking batch (ranking_dataloader) keeps its rankings whole, so in one step the processes'
+    batches hold different numbers of pairs; TRL's compute_loss gathers per-pair figures (the
+    reward trainer's rewards, DPO's rewards, margins and log-probs) with `accelerator.gather`, an
+    all-gather that needs one shape everywhere: a gloo size error, or undefined under NCCL. Here
+    each process's rows are padded to the longest and the padding cut off after the gather, so
+    every pair is counted once. The loss is untouched: each process's own pairs' (DDP averages).
+    Scalars (TRL's gather_for_metrics of sums and means) gather as before.
+    """
+    if accelerator.num_processes == 1:
+        yield
+        return
+    own = accelerator.__dict__.get("gather")
+    plain = accelerator.gather
+
+    def gather(tensor):
+        if not torch.is_tensor(tensor) or tensor.dim() == 0:
+            return plain(tensor)
+        lengths = plain(torch.tensor([len(tensor)], device=tensor.device)).tolist()
+        longest = max(lengths)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:len(tensor)] = tensor
+        rows = plain(padded).split(longest)
+        return torch.cat([part[:n] for part, n in zip(rows, lengths, strict=True)])
+
+    accelerator.gather = gather
+    try:
+        yield
+    finally:
+        if own is None:
+            del accelerator.gather
+        else:
+            accelerator.gather = own

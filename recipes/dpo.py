@@ -66,6 +66,7 @@ from alignment.training import (
     UniqueRows,
     distinct_rows_metrics,
     final_eval,
+    gathers_of_any_size,
     heldout_preferences,
     ranking_dataloader,
     resume_checkpoint,
@@ -114,7 +115,8 @@ class AlignDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         peft_model = self.accelerator.unwrap_model(self.model)
         with UniqueRows.patched(peft_model) as unique, \
-                self.heldout.batch(peft_model, inputs, self.accelerator.gather_for_metrics):
+                self.heldout.batch(peft_model, inputs, self.accelerator.gather_for_metrics), \
+                gathers_of_any_size(self.accelerator):  # a ranking batch's size differs between the processes
             result = super()._compute_loss(model, inputs, return_outputs)
         if self.model.training:
             self.rows_seen += unique.rows

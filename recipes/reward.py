@@ -80,6 +80,7 @@ from alignment.training import (
     ThisRunsRate,
     UniqueRows,
     distinct_rows_metrics,
+    gathers_of_any_size,
     ranking_dataloader,
     resume_checkpoint,
     train_from,
@@ -138,7 +139,10 @@ class AlignRewardTrainer(RewardTrainer):
         pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
         # Each distinct response once: a ranking's pairs share them (alignment.training.UniqueRows).
         unique = UniqueRows(model)
-        loss, outputs = super().compute_loss(unique, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # A ranking batch's size differs between the processes; TRL gathers the per-row rewards for its log.
+        with gathers_of_any_size(self.accelerator):
+            loss, outputs = super().compute_loss(unique, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         if self.model.training:  # training batches only, for the log
             self.rows_seen += unique.rows
             self.rows_run += unique.distinct

@@ -12,6 +12,7 @@ or invalid settings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -277,3 +278,41 @@ def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model
            "sft=none", "scorer=length", "rl.rollout_prompts=6", "rl.minibatch_size=3", "run.wandb=disabled"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
+
+
+def write_rankings(path: Path, prompts: int = 12) -> Path:
+    """K-wise rankings of K = 2, 3, 4 in turn, as all their C(K, 2) pairs (1, 3, 6 a ranking): batches that
+    keep a ranking together hold different numbers of pairs, so the two ranks' batches differ in size."""
+    rows = []
+    for i in range(prompts):
+        t = TOPICS[i % 10]
+        ranked = [POLITE.format(t=t), f"Open Settings and tap {t}.", f"Find {t} in Settings.", RUDE.format(t=t)]
+        ranked = ranked[:2 + i % 3]
+        rows += [{"prompt": f"Ticket {i}: where is {t}?", "chosen": ranked[a], "rejected": ranked[b],
+                  "task_id": f"task-{i}"} for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.distributed
+def test_rankings_of_mixed_sizes_train_under_two_processes(tiny_model, tmp_path):
+    """group_by_ranking under two processes: each rank's batch keeps its rankings whole, so the ranks' batches
+    differ in size in the same step. TRL gathers per-pair figures across the ranks (the rewards, margins),
+    which needs tensors of one size: the gathers pad and trim, and every pair is counted once."""
+    write_sft_data(tmp_path / "sft.jsonl")
+    prefs = write_rankings(tmp_path / "rankings.jsonl")
+    run = tmp_path / "run"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={tmp_path / 'sft.jsonl'}", f"run.dir={run}",
+                  "train.max_steps=2", "run.wandb=disabled", "model.quantize=false", "data.eval_fraction=0",
+                  "model.max_length=128"]) == 0
+    common = [f"data.path={prefs}", f"run.dir={run}", "model.max_length=128", "model.quantize=false",
+              "train.batch_size=4", "train.max_steps=6", "train.eval_steps=3", "train.logging_steps=1",
+              "train.warmup_ratio=0", "data.test_fraction=0.2", "run.wandb=disabled"]
+    for stage, extra in (("reward", ["train.lr=3e-3"]), ("dpo", ["train.lr=2e-3", "group_by_ranking=true"])):
+        launch([stage, *common, *extra])
+        manifest = json.loads((run / stage / "align.json").read_text())
+        assert manifest["metrics"]["global_step"] == 6
+        rows = [r for r in read_jsonl(run / stage / "metrics.jsonl") if "loss" in r]
+        assert [r["step"] for r in rows] == list(range(1, 7))
+        key = "mean_reward" if stage == "reward" else "rewards/margins"
+        assert all(math.isfinite(r[key]) for r in rows), rows
