@@ -159,10 +159,18 @@ def run_stage(command: str, cfg: Any) -> Path:
         _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
         _running.append(stage.name)
         try:
-            return recipe.main(cfg)
+            out = recipe.main(cfg)
         finally:
             _started.pop()
             _running.pop()
+    # Under accelerate launch rank 0 alone writes the artifact (adapter, manifest, report) after the others are
+    # done: a rank going on at once (the pipeline's next stage) would find a folder without align.json yet.
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    return out
 
 
 def lock_file(stage: Stage, cfg: Any) -> Path | None:

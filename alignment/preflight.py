@@ -284,6 +284,11 @@ def _serve(cfg, pending: set[str], p: str) -> None:
         raise ConfigError(f"{p}api_key (or {API_KEY_ENV}): too short to keep anyone out; use 8 characters or more")
 
 
+# The pipeline's stages that do not split their work between processes (sample and eval refuse several; label
+# and export open the labelling store, which no training stage does).
+ONE_PROCESS_STAGES = ("sample", "label", "export", "eval")
+
+
 def _pipeline(cfg, pending: set[str], p: str) -> None:
     """Each stage's section as the pipeline runs it (recipes/pipeline.py), the stages before it pending.
 
@@ -292,6 +297,15 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     """
     check_run_dir("run.dir", cfg.run.dir)
     _pipeline_sets(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    one_process = [s for s in cfg.stages if s in ONE_PROCESS_STAGES]
+    if world > 1 and one_process:  # else they refuse only when reached, after the training before them
+        raise ConfigError(
+            f"stages: {', '.join(one_process)} run as one process, and this pipeline was started with {world} "
+            f"(accelerate launch); run the pipeline as one process (align pipeline ...), or under accelerate "
+            f"launch only its training stages (stages: [{', '.join(s for s in cfg.stages if s not in one_process)}], "
+            f"or each as accelerate launch ... -m alignment.cli <stage> run.dir={shell(cfg.run.dir)}) and "
+            f"{', '.join(one_process)} with plain align")
     _later_rounds_reward(cfg)
     if "label" in cfg.stages and cfg.label == "simulate":
         check_scorer("scorer", cfg.scorer)

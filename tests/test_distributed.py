@@ -316,3 +316,35 @@ def test_rankings_of_mixed_sizes_train_under_two_processes(tiny_model, tmp_path)
         assert [r["step"] for r in rows] == list(range(1, 7))
         key = "mean_reward" if stage == "reward" else "rewards/margins"
         assert all(math.isfinite(r[key]) for r in rows), rows
+
+
+def pipeline_config(path: Path, tmp: Path, tiny_model: str, stages: list[str]) -> Path:
+    path.write_text(json.dumps({  # YAML is a superset of JSON
+        "stages": stages, "label": "simulate", "scorer": "length",
+        "sft": {"model": {"name": tiny_model, "max_length": 128},
+                "data": {"path": str(write_sft_data(tmp / "sft.jsonl")), "eval_fraction": 0},
+                "train": {"max_steps": 2, "batch_size": 4}},
+        "dpo": {"model": {"max_length": 128}, "data": {"path": str(write_pairs(tmp / "prefs.jsonl")), "test_fraction": 0},
+                "train": {"max_steps": 2, "batch_size": 4}},
+        "sample": {"prompts": str(tmp / "prefs.jsonl"), "num_prompts": 4, "k": 2},
+        "run": {"dir": str(tmp / "run"), "wandb": "disabled"}}))
+    return path
+
+
+@pytest.mark.distributed
+def test_a_pipeline_of_training_stages_runs_under_two_processes(tiny_model, tmp_path):
+    """Rank 0 alone writes each stage's artifact; the other rank waits for it before the next stage, whose
+    preflight would otherwise find the SFT folder without its align.json (an 'unfinished stage folder')."""
+    launch(["pipeline", "--config", str(pipeline_config(tmp_path / "pipe.yaml", tmp_path, tiny_model, ["sft", "dpo"]))])
+    for stage in ("sft", "dpo"):
+        assert json.loads((tmp_path / "run" / stage / "align.json").read_text())["stage"] == stage
+
+
+def test_a_pipeline_with_one_process_stages_is_refused_under_several_before_any_training(tiny_model, tmp_path,
+                                                                                         monkeypatch, capsys):
+    config = pipeline_config(tmp_path / "pipe.yaml", tmp_path, tiny_model, ["sft", "sample", "label", "export", "dpo"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert align(["pipeline", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "stages: sample, label, export run as one process" in err and "stages: [sft, dpo]" in err, err
+    assert not (tmp_path / "run" / "sft").exists()
