@@ -74,6 +74,7 @@ def check_stage(stage: str, cfg: Any, *, pending: Collection[str] = (), prefix: 
 
 
 def _sft(cfg, pending: set[str], p: str) -> None:
+    _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
     check_model(f"{p}model.name", cfg.model.name)
@@ -143,6 +144,7 @@ def _has_accounts(url: str | None, run_dir: str) -> bool:
 
 
 def _reward(cfg, pending: set[str], p: str) -> None:
+    _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
     if cfg.from_sft:
@@ -164,6 +166,7 @@ def _reward(cfg, pending: set[str], p: str) -> None:
 
 
 def _dpo(cfg, pending: set[str], p: str) -> None:
+    _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "dpo")
     _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "DPO starts from the SFT policy and keeps it as the "
@@ -182,6 +185,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     if cfg.algo == "ppo" and world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
         raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
                           f"split between {world} processes: both must be multiples of {world}")
+    _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, cfg.algo)
     default_sft = stage_dir(cfg.run.dir, "sft")
@@ -739,6 +743,31 @@ def _prompts(key: str, path: str) -> list[str]:
         return load_prompts(path)
     except DataError as err:
         raise DataError(f"{key}: {err}") from None
+
+
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage `accelerate launch` set up for this process (None outside DeepSpeed): from its
+    config's zero_stage (ACCELERATE_DEEPSPEED_ZERO_STAGE), or a DeepSpeed JSON config file's."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    try:
+        with open(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", ""), encoding="utf-8") as f:
+            return int(json.load(f)["zero_optimization"]["stage"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # unreadable, or no stage in it: DeepSpeed says so itself
+
+
+def _launcher(p: str, cfg) -> None:
+    """What the launch (accelerate launch's environment) cannot do with this stage's settings."""
+    if cfg.model.quantize and deepspeed_zero_stage() == 3:
+        # align places a 4-bit base with a device_map, which transformers refuses under ZeRO-3 only once
+        # TrainingArguments exist (its ZeRO-3 test reads them), and align loads the model before them: unrefused,
+        # the whole 4-bit base would go on every GPU, under a ZeRO-3 that does not expect it.
+        raise ConfigError(f"{p}model.quantize=true: align's 4-bit (QLoRA) base is placed whole on each GPU, which "
+                          f"DeepSpeed ZeRO-3 does not support; pass {p}model.quantize=false (LoRA on a bf16 base, "
+                          "which ZeRO-3 shards), or for QLoRA launch with configs/accelerate/multi_gpu.yaml (DDP)")
 
 
 def _liger(liger: bool) -> None:

@@ -348,3 +348,39 @@ def test_a_pipeline_with_one_process_stages_is_refused_under_several_before_any_
     err = capsys.readouterr().err
     assert "stages: sample, label, export run as one process" in err and "stages: [sft, dpo]" in err, err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def launcher_env(config: str) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file configs/accelerate/<config>` gives its processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args, defaults, from_config = _validate_launch_command(parser.parse_args(
+        ["--config_file", str(REPO / "configs/accelerate" / config), "-m", "alignment.cli", "sft"]))
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            [*defaults.deepspeed_config, *(["mixed_precision"] if from_config else [])])
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "pipeline"])
+def test_zero3_with_a_4bit_base_is_refused_before_anything_loads(stage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", {**os.environ, **launcher_env("deepspeed_zero3.yaml")})
+    assert align([stage, f"run.dir={tmp_path}", *(["stages=[sft]"] if stage == "pipeline" else [])]) == 2
+    err = capsys.readouterr().err
+    assert "ZeRO-3 does not support" in err and "model.quantize=false" in err, err
+
+
+def test_the_zero_stage_is_read_from_the_launchers_environment(monkeypatch):
+    from alignment.preflight import deepspeed_zero_stage
+
+    expected = {"deepspeed_zero3.yaml": 3, "deepspeed_zero3_offload.yaml": 3, "deepspeed_zero2.yaml": 2,
+                "fsdp.yaml": None, "multi_gpu.yaml": None}
+    envs = {config: launcher_env(config) for config in expected}
+    for config, stage in expected.items():
+        monkeypatch.setattr(os, "environ", envs[config])
+        assert deepspeed_zero_stage() == stage, config
