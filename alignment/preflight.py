@@ -761,6 +761,14 @@ def deepspeed_zero_stage() -> int | None:
 
 def _launcher(p: str, cfg) -> None:
     """What the launch (accelerate launch's environment) cannot do with this stage's settings."""
+    sharding = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
+    if getattr(cfg, "algo", None) == "ppo" and sharding:
+        # Its own loop, not a Trainer: nothing would hand the model to FSDP or DeepSpeed, and every process would
+        # hold and train the whole model under a launch that was asked to shard it.
+        raise ConfigError(f"{p}algo=ppo: align's own PPO loop does not shard the model, and this process was launched "
+                          f"with {'FSDP' if sharding == ['FSDP'] else 'DeepSpeed'}; use {p}algo=grpo (or rloo: TRL's "
+                          "trainers, which shard), or launch PPO with configs/accelerate/multi_gpu.yaml (DDP: the "
+                          "whole model on each GPU, gradients averaged)")
     if cfg.model.quantize and deepspeed_zero_stage() == 3:
         # align places a 4-bit base with a device_map, which transformers refuses under ZeRO-3 only once
         # TrainingArguments exist (its ZeRO-3 test reads them), and align loads the model before them: unrefused,

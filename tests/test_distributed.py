@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -370,7 +371,8 @@ def launcher_env(config: str) -> dict[str, str]:
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "pipeline"])
 def test_zero3_with_a_4bit_base_is_refused_before_anything_loads(stage, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "environ", {**os.environ, **launcher_env("deepspeed_zero3.yaml")})
-    assert align([stage, f"run.dir={tmp_path}", *(["stages=[sft]"] if stage == "pipeline" else [])]) == 2
+    extra = {"pipeline": ["stages=[sft]"], "ppo": ["algo=grpo"]}.get(stage, [])  # algo=ppo: refused for any sharding
+    assert align([stage, f"run.dir={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err
     assert "ZeRO-3 does not support" in err and "model.quantize=false" in err, err
 
@@ -384,3 +386,22 @@ def test_the_zero_stage_is_read_from_the_launchers_environment(monkeypatch):
     for config, stage in expected.items():
         monkeypatch.setattr(os, "environ", envs[config])
         assert deepspeed_zero_stage() == stage, config
+
+
+@pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_align_ppo_is_refused_under_a_sharded_launch(config, tmp_path, monkeypatch, capsys):
+    """Align's own PPO loop hands the model to no trainer: under FSDP or DeepSpeed nothing would be sharded."""
+    from alignment.config import PPOStageConfig
+    from alignment.preflight import _launcher
+
+    env = {**os.environ, **launcher_env(config)}
+    plain = {**os.environ, **launcher_env("multi_gpu.yaml")}
+    monkeypatch.setattr(os, "environ", env)
+    for args in (["ppo", "model.quantize=false"],
+                 ["pipeline", "stages=[sft,ppo]", "sft.model.quantize=false", "ppo.model.quantize=false"]):
+        assert align([*args, f"run.dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert "algo=ppo: align's own PPO loop does not shard" in err and "algo=grpo" in err, err
+    _launcher("", PPOStageConfig(algo="grpo", model=replace(PPOStageConfig().model, quantize=False)))  # TRL's: shards
+    monkeypatch.setattr(os, "environ", plain)
+    _launcher("", PPOStageConfig())  # DDP: the loop's own gradient average
