@@ -387,7 +387,7 @@ def test_human_labelling_stops_waiting_for_tasks_every_annotator_skipped(tmp_pat
     cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path / 'run'}", "label=human"])
     apps, popen, sleep = [], subprocess.Popen, time.sleep
     monkeypatch.setattr(pipeline.subprocess, "Popen",
-                        lambda args: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"])) or apps[-1])
+                        lambda args, **kw: apps.append(popen([sys.executable, "-c", "import time; time.sleep(60)"])) or apps[-1])
     ann = handlers.sign_in(store, "ann", "pw-for-ann")
 
     def annotator_at_work(seconds):  # the wait's first 10 s: ann ranks one task, skips the other
