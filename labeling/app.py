@@ -102,22 +102,19 @@ PAGE_JS = """
   const style = document.createElement('style');
   style.textContent = %s;
   document.head.appendChild(style);
-  const notice = document.createElement('p');
-  notice.id = 'align-session-ended';
-  notice.setAttribute('role', 'alert');
-  notice.textContent = %s;
-  notice.hidden = true;
+  const bar = (id, role, text) => {  // a notice at the foot of the page, its text set as text
+    const p = document.createElement('p');
+    p.id = id;
+    p.setAttribute('role', role);
+    p.textContent = text;
+    p.hidden = true;
+    return p;
+  };
+  const notice = bar('align-session-ended', 'alert', %s);
   document.body.appendChild(notice);
-  const busy = document.createElement('p');
-  busy.id = 'align-store-busy';
-  busy.setAttribute('role', 'alert');
-  busy.textContent = %s;
-  busy.hidden = true;
+  const busy = bar('align-store-busy', 'alert', %s);
   document.body.appendChild(busy);
-  const reconnected = document.createElement('p');
-  reconnected.id = 'align-reconnected';
-  reconnected.setAttribute('role', 'status');
-  reconnected.textContent = %s;
+  const reconnected = bar('align-reconnected', 'status', %s);
   const remember = (flag) => { try { flag ? sessionStorage.setItem(reconnected.id, '1') : sessionStorage.removeItem(reconnected.id); } catch (e) {} };
   try { reconnected.hidden = sessionStorage.getItem(reconnected.id) !== '1'; } catch (e) { reconnected.hidden = true; }
   remember(false);

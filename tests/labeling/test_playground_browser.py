@@ -114,14 +114,19 @@ def choose(page, dropdown: str, option: str) -> None:
     sync_api.expect(page.locator(f"#{dropdown} input")).to_have_value(option)
 
 
-def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url, serve_url, sentinel):
-    url, hostile = serve_url
-    page.goto(app_url)
+def open_playground(page, url: str) -> None:
+    """Sign in as ann and open the Playground tab, once its model lists are filled from /v1/models."""
+    page.goto(url)
     page.fill("#align-name", "ann")
     page.fill("#align-password", PASSWORD)
     page.click("#align-signin")
     page.get_by_role("tab", name="Playground").click()
-    sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")  # filled from /v1/models
+    sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")
+
+
+def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url, serve_url, sentinel):
+    url, hostile = serve_url
+    open_playground(page, app_url)
     choose(page, "align-pg-left-model", "base")
     choose(page, "align-pg-right-model", "sft")
     choose(page, "align-pg-left-model", "dpo")
@@ -190,12 +195,7 @@ def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serv
     context.set_default_timeout(30_000)
     page = context.new_page()
     with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=16))) as url:
-        page.goto(url)
-        page.fill("#align-name", "ann")
-        page.fill("#align-password", PASSWORD)
-        page.click("#align-signin")
-        page.get_by_role("tab", name="Playground").click()
-        sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")
+        open_playground(page, url)
         page.fill("#align-pg-message textarea", MESSAGE)
         with store.tx() as conn:  # the session's time is up
             conn.execute(update(sessions).values(expires=0.0))
@@ -234,12 +234,7 @@ def test_clear_is_off_while_the_answers_stream_so_no_discarded_turn_comes_back(s
         return [pane.locator(".align-pg-user .align-text").all_text_contents() for pane in (left, right)]
 
     with running(create_app(store, playground=ServeClient(serve_url[0], max_tokens=48))) as url:
-        page.goto(url)
-        page.fill("#align-name", "ann")
-        page.fill("#align-password", PASSWORD)
-        page.click("#align-signin")
-        page.get_by_role("tab", name="Playground").click()
-        sync_api.expect(page.locator("#align-pg-left-model input")).to_have_value("sft")
+        open_playground(page, url)
         page.fill("#align-pg-message textarea", "One")
         page.click("#align-pg-send")
         sync_api.expect(left.locator(".align-pg-assistant")).to_have_count(1)  # an answer under way
