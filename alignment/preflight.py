@@ -32,7 +32,6 @@ not exist yet.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Collection
@@ -358,9 +357,9 @@ def _later_rounds_reward(cfg) -> None:
 
 
 def _prompts_for_every_round(cfg) -> None:
-    """Each round samples sample.num_prompts prompts no earlier round used (recipes/sample.py), a later round
-    with selection=uncertainty out of pool_factor x as many: the file must hold them all, or a later round
-    samples fewer or none, after the rounds before it."""
+    """Each round samples sample.num_prompts prompts no earlier round used (recipes/sample.py): the file must hold
+    them all, or a later round samples fewer or none, after the rounds before it. (An uncertainty-picked round's
+    pool of pool_factor x as many is cut to the prompts left: a smaller pool, not a refusal.)"""
     s = cfg.sample
     if cfg.rounds < 2 or "sample" not in cfg.stages:
         return
@@ -369,17 +368,12 @@ def _prompts_for_every_round(cfg) -> None:
         raise ConfigError(f"sample.num_prompts=-1 (every prompt) with rounds={cfg.rounds}: round 0 takes all {have} "
                           f"prompts of {s.prompts} and round 1 finds none that no earlier round used; set "
                           f"sample.num_prompts=N (at most {have // cfg.rounds} for {cfg.rounds} rounds)")
-    factor = s.pool_factor if s.selection == "uncertainty" else 1.0
-    last = math.ceil(s.num_prompts * factor)  # the last round's pool
-    need = s.num_prompts * (cfg.rounds - 1) + last
+    need = s.num_prompts * cfg.rounds
     if have >= need:
         return
-    fits = next(n for n in range(s.num_prompts, -1, -1) if n * (cfg.rounds - 1) + math.ceil(n * factor) <= have)
-    picks = (f", and the last picks them out of sample.pool_factor={s.pool_factor} x as many ({last}, "
-             "selection=uncertainty)") if factor > 1 else ""
     raise ConfigError(f"sample.prompts={s.prompts}: {have} distinct prompts, and rounds={cfg.rounds} need {need}: each "
-                      f"round samples sample.num_prompts={s.num_prompts} prompts no earlier round used{picks}. Give "
-                      f"more prompts, or lower sample.num_prompts (to {fits} or fewer) or rounds")
+                      f"round samples sample.num_prompts={s.num_prompts} prompts no earlier round used. Give more "
+                      f"prompts, or lower sample.num_prompts (to {have // cfg.rounds} or fewer) or rounds")
 
 
 def _export_batches(cfg) -> None:

@@ -318,11 +318,10 @@ CASES = [
      f"{PIPE} "
      "sample.num_prompts=5", 2, ["sample.prompts={d}/prompts.jsonl: 12 distinct prompts, and rounds=3 need 15",
                                  "lower sample.num_prompts (to 4 or fewer) or rounds"]),
-    ("pipeline: too few prompts for the last round's pool", "pipeline rounds=2 "
+    ("pipeline: too few prompts for uncertainty-picked rounds", "pipeline rounds=3 "
      f"{PIPE} "
-     "sample.num_prompts=5 sample.selection=uncertainty sample.pool_factor=2", 2,
-     ["12 distinct prompts, and rounds=2 need 15", "sample.pool_factor=2.0 x as many (10, selection=uncertainty)",
-      "(to 4 or fewer)"]),
+     "sample.num_prompts=5 sample.selection=uncertainty sample.pool_factor=2 stages=[sft,sample,label,export,reward,dpo]",
+     2, ["12 distinct prompts, and rounds=3 need 15", "(to 4 or fewer)"]),
     ("pipeline: ppo in later rounds without a reward model", "pipeline rounds=2 stages=[sft,sample,label,export,ppo]",
      2, ["rounds=2: ppo trains in each round on that round's reward model (<run.dir>/round-1/reward for round 1)",
          "add reward to stages, or set ppo.reward_model=<folder> (one for every round) or ppo.scorer="]),
@@ -390,6 +389,10 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
         check_stage(stage, load_config(cls, None, [*overrides, run]))
     check_stage("dpo", load_config(C.DPOStageConfig, None, [f"run.dir={d / 'run_with_sft'}",
                                                            f"data.path={d / 'prefs.jsonl'}"]))
+    # Two rounds of 5 of the 12 prompts: round 1's pool of pool_factor x 5 is cut to the 7 left, not refused
+    check_stage("pipeline", load_config(C.PipelineConfig, None, [
+        *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,reward,dpo]", "sample.num_prompts=5",
+        "sample.selection=uncertainty", "sample.pool_factor=4"]))
     assert not (tmp_path / "run").exists()
 
 
