@@ -554,7 +554,8 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     steps, rerun with fewer) is refused, as preflight refuses one named by its path: resumed, the run trained
     nothing and wrote the checkpoint's weights under a manifest giving `max_steps`. One at `max_steps` (a run
     killed after its last step, while it evaluated or saved) finishes the run: it trains nothing more and writes
-    that step's weights (PPO's loop; the Trainer through alignment.training.train_from).
+    that step's weights (PPO's loop; the Trainer through alignment.training.train_from), when that run was to
+    stop there too (its trainer_state.json max_steps): one saved on the way to more steps is refused.
     Settings (`trained_on["settings"]`, settings_of: the stage's config less its inputs) do not decide: resuming
     with a lower train.lr, or to train longer, is what resume is for. A resume whose settings differ from those
     its checkpoint's run recorded says which, before it goes on (a changed LoRA shape would not load).
@@ -601,6 +602,15 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
                               f"from it; raise {keys}train.max_steps to its step or past it to train on from it, name "
                               f"a checkpoint folder at step {max_steps} or before, or leave {keys}train."
                               "resume_from_checkpoint unset to train again from scratch")
+        elif found and 0 < max_steps == _step(found) and _planned_steps(found) not in (None, max_steps):
+            # A run of more steps killed on the way, rerun with fewer: its weights are at this step of another
+            # schedule (learning rate, KL horizon), and finishing here would label them a run of max_steps
+            raise ConfigError(f"{keys}train.resume_from_checkpoint={resume}: its newest checkpoint, {found}, is at "
+                              f"{keys}train.max_steps={max_steps} but was saved on the way to {_planned_steps(found)} "
+                              f"steps: nothing is left to train from it at this max_steps; set {keys}train.max_steps="
+                              f"{_planned_steps(found)} to finish that run, name a checkpoint folder before step "
+                              f"{max_steps}, or leave {keys}train.resume_from_checkpoint unset to train again from "
+                              "scratch")
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")
     changed = _settings_changed(found.parent, trained_on) if found else []
     if changed:
@@ -615,6 +625,16 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
         tmp.write_text(json.dumps(trained_on, indent=2))
         tmp.replace(folder / TRAINED_ON)
     return found
+
+
+def _planned_steps(checkpoint: Path) -> int | None:
+    """train.max_steps of the run that saved `checkpoint` (the Trainer's trainer_state.json max_steps, PPO's
+    own); None where it is not recorded (PPO checkpoints of an align before it)."""
+    try:
+        planned = json.loads((checkpoint / "trainer_state.json").read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return planned if isinstance(planned, int) and planned > 0 else None
 
 
 def _complete(checkpoint: Path) -> bool:

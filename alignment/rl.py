@@ -347,7 +347,8 @@ def is_finite(*numbers: float) -> bool:
 # ---------------------------------------------------------------------------- checkpoints (PPO's own loop)
 
 
-def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, step: int, keep: int) -> None:
+def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, step: int, keep: int,
+                    max_steps: int) -> None:
     """Everything a resumed run needs to repeat this one exactly, written to a temp folder then renamed."""
     if not is_main_process():
         return
@@ -361,7 +362,8 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
                         # sampling on a GPU draws from its own generator
                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}},
                tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict()}))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": max_steps,
+                                                                 "kl_ctl": kl_ctl.state_dict()}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     old = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep] if keep > 0 else []

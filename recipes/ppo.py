@@ -325,7 +325,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             tracker.table("samples", ["step", "prompt", "response", "reward"], rows[:cfg.rl.sample_rows], step)
         if (cfg.rl.save_steps and step % cfg.rl.save_steps == 0) or step == cfg.train.max_steps:
             R.save_checkpoint(out / "checkpoints" / f"step-{step}", model, head, optimizer, scheduler, kl_ctl, step,
-                            cfg.train.save_total_limit)
+                              cfg.train.save_total_limit, cfg.train.max_steps)
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -231,6 +231,27 @@ def test_latest_past_max_steps_is_refused_as_a_named_checkpoint_is(tmp_path, mon
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [name.format(2), name.format(3)]
 
 
+def test_latest_at_max_steps_of_a_longer_run_is_refused(tmp_path):
+    """checkpoint-2 of a run on its way to 4 steps (killed), rerun with train.max_steps=2 and `latest`: its weights
+    are step 2 of a 4-step schedule; finishing there (train_from) would label them a 2-step run. Refused, naming
+    the run's own max_steps; the same checkpoint saved by a 2-step run finishes it, and with max_steps=4 goes on."""
+    from alignment.rl import find_checkpoint
+    from alignment.training import resume_checkpoint
+
+    for find, name, key in ((find_checkpoint, "step-2", "step"), (resume_checkpoint, "checkpoint-2", "global_step")):
+        out = tmp_path / name
+        (out / "checkpoints" / name).mkdir(parents=True)
+        state = out / "checkpoints" / name / "trainer_state.json"
+        state.write_text(json.dumps({key: 2, "max_steps": 4}))
+        with pytest.raises(ConfigError, match=r"^train.resume_from_checkpoint=latest: its newest checkpoint, .*-2, is "
+                                              r"at train.max_steps=2 but was saved on the way to 4 steps: .*set "
+                                              r"train.max_steps=4 to finish that run"):
+            find(out, "latest", max_steps=2)
+        assert Path(find(out, "latest", max_steps=4)).name == name
+        state.write_text(json.dumps({key: 2, "max_steps": 2}))
+        assert Path(find(out, "latest", max_steps=2)).name == name
+
+
 def test_a_local_base_named_relative_to_the_stage_is_recorded_absolute(tmp_path, monkeypatch):
     """`align sft model.name=tiny` in one folder; the next stage, run from another, read `tiny` there."""
     (tmp_path / "tiny").mkdir()
