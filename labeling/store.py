@@ -289,7 +289,25 @@ def _pg_server_timeouts(url: URL) -> dict[str, str]:
     theirs = url.query.get("options", os.environ.get("PGOPTIONS", ""))
     theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs  # given twice in the URL
     ours = {"lock_timeout": f"{LOCK_WAIT * 1000}", "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION * 1000}"}
-    return {name: value for name, value in ours.items() if not re.search(rf"(?<![\w.]){name}\s*=", theirs)}
+    return {name: value for name, value in ours.items() if name not in _pg_option_names(theirs)}
+
+
+def _pg_option_names(options: str) -> set[str]:
+    """The settings libpq's `options` string gives the server, as the server reads them (postgres.c,
+    ParseLongOption): `-c name=value`, `-cname=value` or `--name=value`, a name in any case and with - for _
+    (`-c Lock-Timeout=5s` sets lock_timeout); a backslash keeps a space in a value."""
+    words = re.split(r"(?<!\\)\s+", options.strip())
+    names = set()
+    for i, word in enumerate(words):
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+        elif word.startswith("--") or (word.startswith("-c") and word != "-c"):
+            setting = word[2:]
+        else:
+            continue
+        if "=" in setting:
+            names.add(setting.split("=", 1)[0].strip().lower().replace("-", "_"))
+    return names
 
 
 def _text(value: str) -> str:

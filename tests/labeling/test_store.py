@@ -864,6 +864,29 @@ def test_postgresql_gets_its_timeouts_in_each_transaction_never_as_startup_optio
     theirs.engine.dispose()
 
 
+def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monkeypatch):
+    """The server reads `-clock_timeout=5s`, `--lock-timeout=5s` and `-c Lock_Timeout=5s` as lock_timeout too;
+    align set its own after them (SET LOCAL wins), overriding the user's. A value naming the setting is not one."""
+    from labeling.store import _pg_server_timeouts
+
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    ours = {"lock_timeout", "idle_in_transaction_session_timeout"}
+
+    def left(options: str | None = None, env: str | None = None) -> set[str]:
+        if env is not None:
+            monkeypatch.setenv("PGOPTIONS", env)
+        query = {} if options is None else {"options": options}
+        return set(_pg_server_timeouts(make_url("postgresql://u@db/labels").set(query=query)))
+
+    assert left() == ours
+    for given in ("-c lock_timeout=5s", "-clock_timeout=5s", "--lock-timeout=5s", "-c Lock_Timeout=5s",
+                  "-c search_path=s1   -c   LOCK-TIMEOUT=5s", "-csearch_path=s1 -clock_timeout=5s"):
+        assert left(given) == {"idle_in_transaction_session_timeout"}, given
+    assert left("-c idle_in_transaction_session_timeout=0 --lock_timeout=0") == set()
+    assert left("-c application_name=lock_timeout=1 -c search_path=x_lock_timeout") == ours
+    assert left(env="-cLOCK_TIMEOUT=2s") == {"idle_in_transaction_session_timeout"}
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/sbin/pgbouncer"), reason="needs PgBouncer (apt-get install pgbouncer)")
 def test_a_store_behind_pgbouncer_connects_and_its_lock_wait_holds(store, monkeypatch):
     """PgBouncer 1.18 in transaction pooling, in front of the test server: the store could not even open
