@@ -250,7 +250,12 @@ def _engine(url: str) -> Engine:
 
         return engine
     try:
-        engine = create_engine(url, pool_pre_ping=True, connect_args=_pg_client_timeouts(make_url(url)))
+        # prepare_threshold=None: no server-side prepared statements. psycopg prepares a statement after 5 runs and
+        # reuses it by name; behind PgBouncer in transaction pooling (before 1.21) the next transaction may be on
+        # a server connection without it, or with another client's of the same name ("prepared statement _pg3_1
+        # already exists": the 6th ranking two annotators saved failed). The store's statements are small.
+        engine = create_engine(url, pool_pre_ping=True,
+                               connect_args={**_pg_client_timeouts(make_url(url)), "prepare_threshold": None})
     except ModuleNotFoundError:
         raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
     settings = _pg_server_timeouts(make_url(url))
