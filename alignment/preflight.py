@@ -240,6 +240,15 @@ def _eval(cfg, pending: set[str], p: str) -> None:
                       tokenizer=True)
     if cfg.scorer:
         check_scorer(f"{p}scorer", cfg.scorer)
+    default_rm = stage_dir(cfg.run.dir, "reward")
+    policies = cfg.policies or pending or any(stage_dir(cfg.run.dir, s).exists() for s in names)  # else: "no policies"
+    if policies and not (cfg.scorer or cfg.human) and (cfg.reward_model == "none" or (
+            cfg.reward_model is None and "reward" not in pending and not default_rm.exists())):
+        # else eval fails after the policies have answered (recipes/evaluate.py: "no judge"), after the stages before it
+        why = "reward_model=none" if cfg.reward_model == "none" else f"no reward model at {default_rm}"
+        there = f"{p}reward_model={shell(default_rm)}, " if default_rm.exists() else f"{p}reward_model=<folder>, "
+        raise ConfigError(f"no judge for eval: {why} and no scorer; pass {p}scorer=support_style (or any "
+                          f"module:function), {there}or {p}human=true")
 
 
 def _merge(cfg, pending: set[str], p: str) -> None:

@@ -268,6 +268,11 @@ CASES = [
      ["cannot open the labelling store", "good.jsonl: file is not a database (not an SQLite database, or a damaged one)"]),
     ("unknown scorer", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' prompts={d}/prompts.jsonl scorer=nope", 2,
      ["scorer 'nope': not a built-in"]),
+    ("eval with no judge", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' prompts={d}/prompts.jsonl "
+     "reward_model=none", 2, ["no judge for eval: reward_model=none and no scorer; pass scorer=support_style"]),
+    ("pipeline: people label, no stage trains a judge for eval", "pipeline stages=[sft,dpo,eval] label=human "
+     f"{PIPE} dpo.data.path={{d}}/prefs.jsonl", 2,
+     ["no judge for eval: reward_model=none and no scorer; pass eval.scorer=support_style", "or eval.human=true"]),
     ("pipeline: bad data of a later stage", "pipeline sft.model.name={tiny} sft.data.path={d}/good.jsonl "
      "sample.prompts={d}/prompt_number.jsonl", 2, ["sample.prompts: ", "prompt_number.jsonl:2"]),
     ("pipeline: latin-1 sft data", "pipeline sft.model.name={tiny} sft.data.path={d}/latin1.jsonl", 2,
