@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}", file=sys.stderr)
         return 2
     setup_environment()
-    logging.basicConfig(level=logging.INFO, format="align: %(message)s")
+    # Under accelerate launch every process runs this: the main one says what happens, the others only what goes
+    # wrong on them (their held-out, probe and progress lines were each printed once per process)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.WARNING if rank else logging.INFO,
+                        format=f"align[rank {rank}]: %(message)s" if rank else "align: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -223,6 +223,7 @@ def test_only_rank_zero_writes(runs):
         rows = read_jsonl(runs["two"] / stage / "metrics.jsonl")
         logged = [r["step"] for r in rows if "loss" in r]
         assert logged == sorted(set(logged)), f"{stage}: metrics.jsonl written by more than one rank: {logged}"
+    assert runs["logs"]["reward"].stderr.count("held-out: accuracy") == 1  # said once, not once per process
     # One offline W&B run per stage (rank 0's), one report.
     wandb_runs = sorted((runs["two"] / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == len(STAGES), wandb_runs
