@@ -298,21 +298,43 @@ def _pg_server_timeouts(url: URL) -> dict[str, str]:
 
 
 def _pg_option_names(options: str) -> set[str]:
-    """The settings libpq's `options` string gives the server, as the server reads them (postgres.c,
-    ParseLongOption): `-c name=value`, `-cname=value` or `--name=value`, a name in any case and with - for _
-    (`-c Lock-Timeout=5s` sets lock_timeout); a backslash keeps a space in a value."""
-    words = re.split(r"(?<!\\)\s+", options.strip())
-    names = set()
-    for i, word in enumerate(words):
-        if word == "-c" and i + 1 < len(words):
-            setting = words[i + 1]
-        elif word.startswith("--") or (word.startswith("-c") and word != "-c"):
-            setting = word[2:]
+    """The settings libpq's `options` string gives the server, read as the server reads it: split into words at
+    unescaped spaces, a backslash escaping the next character (postinit.c pg_split_opts), then getopt over them
+    (postgres.c process_postgres_switches): `-c name=value`, `-cname=value`, `--name=value`, after other flags
+    in the same word too (`-ec name=value`); a name in any case, with - for _ (ParseLongOption, GUC lookup)."""
+    words, word, escaped, started = [], [], False, False
+    for ch in options + " ":
+        if ch in " \t\n\v\f\r" and not escaped:  # C isspace
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        elif ch == "\\" and not escaped:
+            escaped = started = True
         else:
-            continue
-        if "=" in setting:
-            names.add(setting.split("=", 1)[0].strip().lower().replace("-", "_"))
+            word.append(ch)
+            escaped, started = False, True
+    names, i = set(), 0
+    while i < len(words):
+        flags, i = words[i], i + 1
+        j = 1 if flags.startswith("-") else len(flags)  # a word that is no option: skipped
+        while j < len(flags):
+            letter, j = flags[j], j + 1
+            if letter not in _PG_SWITCHES_WITH_VALUE:
+                continue
+            if j < len(flags):
+                value = flags[j:]
+            elif i < len(words):
+                value, i = words[i], i + 1
+            else:
+                break
+            if letter in "c-" and "=" in value:
+                names.add(value.split("=", 1)[0].strip().lower().replace("-", "_"))
+            break
     return names
+
+
+# postgres.c's getopt string "B:bC:c:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:": the switches that take a value
+_PG_SWITCHES_WITH_VALUE = "BCcDdfhkNprStvW-"
 
 
 def _text(value: str) -> str:

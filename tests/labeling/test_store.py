@@ -865,8 +865,9 @@ def test_postgresql_gets_its_timeouts_in_each_transaction_never_as_startup_optio
 
 
 def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monkeypatch):
-    """The server reads `-clock_timeout=5s`, `--lock-timeout=5s` and `-c Lock_Timeout=5s` as lock_timeout too;
-    align set its own after them (SET LOCAL wins), overriding the user's. A value naming the setting is not one."""
+    """The server reads `-clock_timeout=5s`, `--lock-timeout=5s`, `-c Lock_Timeout=5s`, `-ec lock_timeout=5s` and
+    `-c lock\\_timeout=5s` as lock_timeout too; align set its own after them (SET LOCAL wins), overriding the
+    user's. A value naming the setting is not one."""
     from labeling.store import _pg_server_timeouts
 
     monkeypatch.delenv("PGOPTIONS", raising=False)
@@ -882,6 +883,11 @@ def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monk
     for given in ("-c lock_timeout=5s", "-clock_timeout=5s", "--lock-timeout=5s", "-c Lock_Timeout=5s",
                   "-c search_path=s1   -c   LOCK-TIMEOUT=5s", "-csearch_path=s1 -clock_timeout=5s"):
         assert left(given) == {"idle_in_transaction_session_timeout"}, given
+    # split as the server splits (a backslash escapes the next character, itself included), flags bundled
+    for given in ("-c application_name=a\\\\ -c lock_timeout=7s", "-c lock\\_timeout=7s", "-ec lock_timeout=7s",
+                  "-c application_name=a\\ b -c lock_timeout=7s"):
+        assert left(given) == {"idle_in_transaction_session_timeout"}, given
+    assert left("-c application_name=a\\ -c\\ lock_timeout=7s") == ours  # one value: "a -c lock_timeout=7s"
     assert left("-c idle_in_transaction_session_timeout=0 --lock_timeout=0") == set()
     assert left("-c application_name=lock_timeout=1 -c search_path=x_lock_timeout") == ours
     assert left(env="-cLOCK_TIMEOUT=2s") == {"idle_in_transaction_session_timeout"}
