@@ -45,6 +45,7 @@ from alignment.artifacts import (
     LOCK,
     MANIFEST,
     key_prefix,
+    pipeline_stages,
     round_batch,
     shell,
     stage_dir,
@@ -346,9 +347,10 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
                         reward_model=None if "reward" in cfg.stages and not cfg.eval.reward_model
                         else cfg.eval_reward_model(cfg.run.dir)),
     }
-    for i, stage in enumerate(cfg.stages):
+    ordered = [s for s in pipeline_stages() if s in cfg.stages]  # the order they run in, not as listed
+    for i, stage in enumerate(ordered):
         if stage != "label":
-            check_stage(stage, sections[stage], pending=set(cfg.stages[:i]), prefix=f"{stage}.")
+            check_stage(stage, sections[stage], pending=set(ordered[:i]), prefix=f"{stage}.")
     _prompts_for_every_round(cfg)
     _export_batches(cfg)
 

@@ -394,6 +394,10 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
         check_stage(stage, load_config(cls, None, [*overrides, run]))
     check_stage("dpo", load_config(C.DPOStageConfig, None, [f"run.dir={d / 'run_with_sft'}",
                                                            f"data.path={d / 'prefs.jsonl'}"]))
+    # People label and eval is judged by the reward model trained before it, whatever order `stages` lists them in
+    check_stage("pipeline", load_config(C.PipelineConfig, None, [
+        *good["pipeline"][1], run, "label=human", "stages=[sft,dpo,eval,reward]", f"dpo.data.path={d / 'prefs.jsonl'}",
+        f"reward.data.path={d / 'prefs.jsonl'}"]))
     # Two rounds of 5 of the 12 prompts: round 1's pool of pool_factor x 5 is cut to the 7 left, not refused
     check_stage("pipeline", load_config(C.PipelineConfig, None, [
         *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,reward,dpo]", "sample.num_prompts=5",
