@@ -602,13 +602,13 @@ def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
                               f"from it; raise {keys}train.max_steps to its step or past it to train on from it, name "
                               f"a checkpoint folder at step {max_steps} or before, or leave {keys}train."
                               "resume_from_checkpoint unset to train again from scratch")
-        elif found and 0 < max_steps == _step(found) and _planned_steps(found) not in (None, max_steps):
+        elif found and 0 < max_steps == _step(found) and (planned := _planned_steps(found)) not in (None, max_steps):
             # A run of more steps killed on the way, rerun with fewer: its weights are at this step of another
             # schedule (learning rate, KL horizon), and finishing here would label them a run of max_steps
             raise ConfigError(f"{keys}train.resume_from_checkpoint={resume}: its newest checkpoint, {found}, is at "
-                              f"{keys}train.max_steps={max_steps} but was saved on the way to {_planned_steps(found)} "
+                              f"{keys}train.max_steps={max_steps} but was saved on the way to {planned} "
                               f"steps: nothing is left to train from it at this max_steps; set {keys}train.max_steps="
-                              f"{_planned_steps(found)} to finish that run, name a checkpoint folder before step "
+                              f"{planned} to finish that run, name a checkpoint folder before step "
                               f"{max_steps}, or leave {keys}train.resume_from_checkpoint unset to train again from "
                               "scratch")
         log.info("resuming from %s", found or "scratch (no checkpoint to continue)")

@@ -362,8 +362,8 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
                         # sampling on a GPU draws from its own generator
                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}},
                tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": max_steps,
-                                                                 "kl_ctl": kl_ctl.state_dict()}))
+    state = {"step": step, "max_steps": max_steps, "kl_ctl": kl_ctl.state_dict()}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     old = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep] if keep > 0 else []

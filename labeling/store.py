@@ -294,7 +294,8 @@ def _pg_server_timeouts(url: URL) -> dict[str, str]:
     theirs = url.query.get("options", os.environ.get("PGOPTIONS", ""))
     theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs  # given twice in the URL
     ours = {"lock_timeout": f"{LOCK_WAIT * 1000}", "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION * 1000}"}
-    return {name: value for name, value in ours.items() if name not in _pg_option_names(theirs)}
+    given = _pg_option_names(theirs)
+    return {name: value for name, value in ours.items() if name not in given}
 
 
 def _pg_option_names(options: str) -> set[str]:
