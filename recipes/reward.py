@@ -289,6 +289,10 @@ def main(cfg: RewardStageConfig) -> Path:
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
     dropped = len(train) - len(trainer.train_dataset)
+    if dropped == len(train):  # else 0 steps, and the fresh score head saved as a finished reward model
+        raise StageError(f"all {len(train)} training pairs have a side longer than model.max_length="
+                         f"{cfg.model.max_length} tokens, and TRL leaves such pairs out: nothing to train on; raise "
+                         "model.max_length")
     if dropped:
         log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",
                     dropped, len(train), cfg.model.max_length)
@@ -363,7 +367,7 @@ def main(cfg: RewardStageConfig) -> Path:
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
         weighting=weighting, probes=probes, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
-              "split": data_report.split, "train": len(train), "test": len(test) if test else 0,
+              "split": data_report.split, "train": len(trainer.train_dataset), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
     )
     log_artifact("reward", out, cfg.run.dir, parents)

@@ -302,6 +302,32 @@ def test_a_training_loss_gone_nan_is_refused_not_saved(tiny_model, tmp_path, mon
     assert not (tmp_path / "run" / "reward" / "adapter_model.safetensors").exists()
 
 
+def test_pairs_longer_than_max_length_are_counted_out_and_all_of_them_refused(tiny_model, tmp_path, caplog, capsys):
+    """TRL's RewardTrainer leaves out a pair with a side longer than max_length. align.json counted them as
+    trained (data.train), and with every training pair left out the stage trained 0 steps, then saved the fresh
+    score head as a finished reward model (rc 0, held-out figures, a hint to run PPO). SFT and DPO refuse that."""
+    data = write_rankings(tmp_path / "prefs.jsonl", 4)  # 4 tasks of 4 pairs
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for row in rows[:4]:  # the first task's pairs: a chosen far beyond 128 tokens
+        row["chosen"] += " Open Settings, then General, then Sync." * 20
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = [f"model.name={tiny_model}", "from_sft=false", f"data.path={data}", "model.quantize=false",
+           "train.max_steps=1", "train.batch_size=4", "data.test_fraction=0", *FAST]
+    with caplog.at_level("WARNING"):
+        assert align(["reward", f"run.dir={tmp_path / 'some'}", *run]) == 0
+    assert "4 of 16 training pairs are longer than model.max_length=128 tokens and are left out" in caplog.text
+    manifest = json.loads((tmp_path / "some" / "reward" / "align.json").read_text())
+    assert (manifest["data"]["train"], manifest["data"]["too_long"]) == (12, 4)
+
+    capsys.readouterr()
+    assert align(["reward", f"run.dir={tmp_path / 'all'}", *run, "model.max_length=16"]) == 1
+    out, err = capsys.readouterr()
+    assert "all 16 training pairs have a side longer than model.max_length=16 tokens" in err
+    assert "reward finished" not in out
+    assert not (tmp_path / "all" / "reward" / "align.json").exists()
+    assert not (tmp_path / "all" / "reward" / "adapter_model.safetensors").exists()
+
+
 def test_refuses_without_sft_or_data(tmp_path, capsys):
     assert align(["reward", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     assert "no SFT adapter" in capsys.readouterr().err
