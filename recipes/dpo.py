@@ -246,11 +246,14 @@ def main(cfg: DPOStageConfig) -> Path:
         test = None
     tokenizer = load_tokenizer(str(sft))  # the SFT's chat template and pad token
     too_long, dropped = count_too_long(train, tokenizer, cfg.model.max_length)
-    test_dropped = count_too_long(test, tokenizer, cfg.model.max_length)[1] if test is not None else 0
-    if too_long > dropped:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
-        log.warning("%d of %d training pairs have a side longer than model.max_length=%d tokens: TRL cuts it there "
-                    "(its end and EOS are not trained); raise model.max_length to keep them whole",
-                    too_long - dropped, len(train), cfg.model.max_length)
+    test_too_long, test_dropped = count_too_long(test, tokenizer, cfg.model.max_length) if test is not None else (0, 0)
+    cut, test_cut = too_long - dropped, test_too_long - test_dropped
+    if cut + test_cut:  # TRL cuts each side to max_length on its own, keeping the start: a side loses its end
+        log.warning("%d of %d pairs have a side longer than model.max_length=%d tokens (%d train, %d held out): TRL "
+                    "cuts it there, so a training side's end and EOS are not trained, and a held-out pair is "
+                    "measured on its start only (answers that part later score alike); raise model.max_length to "
+                    "keep them whole", cut + test_cut, len(train) + (len(test) if test else 0), cfg.model.max_length,
+                    cut, test_cut)
     if dropped + test_dropped:  # TRL leaves them out without a word
         log.warning("%d of %d pairs are dropped (%d train, %d held out): their prompt alone is model.max_length=%d "
                     "tokens or more, so no token of an answer is left to compare (TRL leaves them out); raise "
@@ -333,7 +336,7 @@ def main(cfg: DPOStageConfig) -> Path:
         reward_probe_warning=probe_note, system_prompt=system_prompt,
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": counts["train"], "test": counts["test"],
-              "skipped": data_report.skipped, "too_long": too_long - dropped, "dropped_prompt_too_long": counts["dropped"],
+              "skipped": data_report.skipped, "too_long": cut + test_cut, "dropped_prompt_too_long": counts["dropped"],
               "ties_dropped": sum(ties.values())},
     )
     log_artifact("dpo", out, cfg.run.dir, parents)

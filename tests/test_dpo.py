@@ -398,6 +398,28 @@ def test_pairs_whose_prompt_fills_max_length_are_counted_as_dropped_not_trained(
     assert "TRL cuts it there" not in caplog.text
 
 
+def test_heldout_pairs_cut_at_max_length_are_warned_about_and_counted(sft_dir, tmp_path, caplog):
+    """TRL cuts a held-out side at max_length too: two long answers that part only at their end were compared on
+    the same text (margin 0, accuracy 0 %), and only the training pairs were counted: no warning, too_long 0."""
+    from datasets import Dataset, DatasetDict
+
+    pairs = [json.loads(line) for line in write_pairs(tmp_path / "prefs.jsonl", 10).read_text().splitlines()]
+    steps = " Open Settings, then General, then the tab named Sync." * 20  # far beyond 128 tokens
+    for row in pairs[8:]:  # held out: the same long answer, then a different last sentence
+        row["chosen"], row["rejected"] = steps + " Thanks for asking!", steps + " Stop asking me."
+    pairs[0]["chosen"] += steps  # and one training pair
+    DatasetDict({"train": Dataset.from_list(pairs[:8]), "test": Dataset.from_list(pairs[8:])}).save_to_disk(
+        tmp_path / "prefs")
+    with caplog.at_level("WARNING"):
+        assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={tmp_path / 'prefs'}",
+                      "model.quantize=false", "train.max_steps=1", "train.batch_size=4", "eval_on_start=false",
+                      *FAST]) == 0
+    assert ("3 of 10 pairs have a side longer than model.max_length=128 tokens (1 train, 2 held out): TRL cuts it "
+            "there") in caplog.text
+    data = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())["data"]
+    assert (data["train"], data["test"], data["too_long"], data["dropped_prompt_too_long"]) == (8, 2, 3, 0)
+
+
 TEXT_MARKERS = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}[END]\n{% endfor %}"
                 "{% if add_generation_prompt %}<<assistant>> {% endif %}")
 
