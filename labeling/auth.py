@@ -1,12 +1,13 @@
 """Who is asking: sign-in with a lock-out, a signed session cookie checked on every request, sign-out.
 
 The app's identity is never something a client can copy out of a URL. Signing in sets the
-cookie `align_session` (HttpOnly, SameSite=Strict, Secure over HTTPS, with an expiry): a random
-token, signed with the store's secret (`Store.secret`). The server keeps only the token's hash,
-with its expiry, in the store's `sessions` table, so that every app process on one database
-agrees, a restart keeps everyone signed in, signing out ends the session at once, and an
-expired session is refused by the server whatever the browser still sends. The signature lets
-the server turn away forged or garbage cookies without a database query.
+cookie `align_session` (`__Host-align_session` over HTTPS; HttpOnly, SameSite=Strict, Secure over
+HTTPS, with an expiry): a random token, signed with the store's secret (`Store.secret`). The
+server keeps only the token's hash, with its expiry, in the store's `sessions` table, so that
+every app process on one database agrees, a restart keeps everyone signed in, signing out ends
+the session at once, and an expired session is refused by the server whatever the browser still
+sends. The signature lets the server turn away forged or garbage cookies without a database
+query. A request carrying the session cookie twice (another site planted one) is signed out.
 
 Sign-in failures are counted per user name and per client address (`Throttle`): after a few,
 each further failure locks that name (or address) out for twice as long as the last one. An
@@ -19,13 +20,22 @@ import base64
 import hashlib
 import hmac
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from labeling.handlers import AuthError
 from labeling.store import NAME_CHARS, Store
 
-COOKIE = "align_session"
+COOKIE = "align_session"  # the session cookie over plain HTTP (the default: this machine's own browser)
+# Over HTTPS (or behind a proxy that says so) the cookie is this one: a browser keeps a `__Host-` cookie only when
+# this host set it itself, Secure, for Path=/ and with no Domain. So a sibling subdomain cannot plant one (a plain
+# cookie set for the parent domain is sent along with the app's own), nor can a page served over plain HTTP.
+HTTPS_COOKIE = "__Host-" + COOKIE
+# A browser that sends the session cookie twice holds one that another site set (for the parent domain, or for a
+# narrower path): which is whose cannot be told, so nobody is signed in until the cookies are cleared.
+TWO_COOKIES = ("This browser sent two session cookies for this app: another site on this domain (or another port "
+               "of this host) set one. Clear this site's cookies in the browser's settings, then sign in.")
 SESSION_HOURS = 12.0
 REFUSED = "unknown user or wrong password"
 # What a page whose session ended is told (labeling/server.py's refusals, labeling/app.py's page). Not "reload": a
@@ -66,6 +76,24 @@ def _signature(secret: bytes, token: str) -> str:
 
 def cookie_value(secret: bytes, token: str) -> str:
     return f"{token}.{_signature(secret, token)}"
+
+
+def cookie_name(https: bool) -> str:
+    return HTTPS_COOKIE if https else COOKIE
+
+
+def session_cookies(cookie_headers: Iterable[str], https: bool) -> list[str]:
+    """Every value a request's Cookie headers give the session cookie (`HTTPS_COOKIE` over HTTPS: a plain
+    `align_session` there is another site's, and ignored). More than one: `TWO_COOKIES`. Read here rather than
+    from Starlette's cookie dict, which keeps the last of two and so took the planted one."""
+    name = cookie_name(https)
+    found = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                found.append(value.strip())
+    return found
 
 
 def token_of(secret: bytes, value: str | None) -> str | None:

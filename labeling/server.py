@@ -11,7 +11,10 @@ drops the oldest, and a flood of fresh session hashes used to push signed-in ann
 answer, so its routes would refuse an anonymous call too. Every response carries a
 Content-Security-Policy that lets the page load and send nothing outside this server. `/login` and
 `/logout` take a form only from this server's own pages (`_from_own_page`): another page, even on
-another port of this host, cannot sign a browser into another account.
+another port of this host, cannot post a sign-in into another account. Nor can a sibling subdomain plant
+its cookie: over HTTPS the cookie is `__Host-align_session`, which only this host can set, and a request
+carrying the session cookie twice is signed out (auth.session_cookies). A page on another port of this
+host can still overwrite the cookie (cookies do not tell ports apart: RFC 6265, section 8.5).
 
 A signed-in request reaches only the routes the page uses (`ROUTES`): Gradio also mounts routes
 this app has no use for and that a signed-in annotator must not have, such as `deep_link` (a copy
@@ -146,6 +149,11 @@ def _origin(url: str) -> tuple[str, str, int | None] | None:
     return (parts.scheme, parts.hostname, port) if parts.scheme and parts.hostname else None
 
 
+def _session_cookies(connection: HTTPConnection) -> list[str]:
+    """The values of the session cookie a request carries (auth.session_cookies): its name says HTTPS or not."""
+    return auth.session_cookies(connection.headers.getlist("cookie"), https=connection.url.scheme in ("https", "wss"))
+
+
 def _from_own_page(request: Request) -> bool:
     """Whether a POST to /login or /logout came from this server's own pages. Any other page's form, also one
     on another port of this host or a sibling subdomain ("same-site"), signing a browser in is login CSRF: the
@@ -204,7 +212,8 @@ class RequireSession:
         if (scope.get("method"), path) in OPEN:
             await self.app(scope, receive, send_secured)
             return
-        value = HTTPConnection(scope).cookies.get(auth.COOKIE)
+        values = _session_cookies(HTTPConnection(scope))
+        value = values[0] if len(values) == 1 else None  # two: one is another site's (auth.TWO_COOKIES)
         wants_page = scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and \
             b"text/html" in dict(scope["headers"]).get(b"accept", b"")
         session = None
@@ -229,6 +238,10 @@ class RequireSession:
                 {"detail": "not signed in, or " + auth.SESSION_ENDED}, status_code=401))
             await response(scope, receive, send_secured)
             return
+        # Gradio and labeling/app.py (which reads auth.COOKIE on each event) see the one cookie checked here, by
+        # its plain name, and no other: never a second session cookie that Starlette would prefer.
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"cookie"]
+                 + [(b"cookie", f"{auth.COOKIE}={value}".encode())]}
         scope.setdefault("state", {})["align_session"] = session
         if scope["type"] == "http":
             refused = await self._refusal(scope, receive, path, session)
@@ -320,8 +333,11 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
 
     @app.get("/login")
     def login_page(request: Request) -> Response:
+        values = _session_cookies(request)
+        if len(values) > 1:
+            return _login_page(auth.TWO_COOKIES)
         try:
-            if auth.session_of(store, secret, request.cookies.get(auth.COOKIE)):
+            if values and auth.session_of(store, secret, values[0]):
                 return RedirectResponse("./", status_code=303)
         except STORE_ERRORS:
             log.exception("sign-in page: the session could not be checked: the store failed")
@@ -343,8 +359,9 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
             log.exception("sign-in of %r from %s: the store failed", name[:100], address)
             return _login_page(NOT_SIGNED_IN, name[:100], status_code=503, **{"Retry-After": "10"})
         response = RedirectResponse("./", status_code=303)
-        response.set_cookie(auth.COOKIE, auth.cookie_value(secret, token), max_age=int(session_hours * 3600),
-                            path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        https = request.url.scheme == "https"  # served over HTTPS, or a proxy on this machine says so (serve)
+        response.set_cookie(auth.cookie_name(https), auth.cookie_value(secret, token), max_age=int(session_hours * 3600),
+                            path="/", httponly=True, samesite="strict", secure=https)
         log.info("%s signed in from %s", account["name"], address)
         return response
 
@@ -353,12 +370,14 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
         if not _from_own_page(request):
             return JSONResponse({"detail": OTHER_PAGE}, status_code=403)
         try:
-            auth.sign_out(store, secret, request.cookies.get(auth.COOKIE))
+            for value in _session_cookies(request):  # two (auth.TWO_COOKIES): both end
+                auth.sign_out(store, secret, value)
         except STORE_ERRORS:  # the session is not ended: the cookie stays, and the page says so
             log.exception("sign-out: the store failed")
             return _store_down(page=True, text=NOT_SIGNED_OUT)
         response = RedirectResponse("login", status_code=303)
-        response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
+        https = request.url.scheme == "https"  # a browser takes a `__Host-` cookie's removal only with Secure
+        response.delete_cookie(auth.cookie_name(https), path="/", httponly=True, samesite="strict", secure=https)
         return response
 
     blocks.queue(default_concurrency_limit=8)
@@ -381,7 +400,7 @@ SHUTDOWN_SECONDS = 3
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Serve until Ctrl-C. Behind a reverse proxy on this machine, its X-Forwarded-For / -Proto are
     believed (uvicorn's default: FORWARDED_ALLOW_IPS=127.0.0.1,::1), so lock-outs count the real
-    client address and the cookie is Secure when the proxy speaks HTTPS."""
+    client address and the cookie is Secure (and `__Host-`) when the proxy speaks HTTPS."""
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -270,3 +271,47 @@ def test_an_unexpected_error_shows_the_page_no_detail(store, monkeypatch):
         answer = boss.post("/gradio_api/run/do_refresh", json={"data": [], "session_hash": "admin-page"})
         assert answer.status_code >= 400 or '"error"' in answer.text, answer.text[:300]
         assert "secret" not in answer.text and "RuntimeError" not in answer.text, answer.text[:300]
+
+
+def test_a_session_cookie_planted_by_another_site_signs_nobody_in(store):
+    """Login CSRF by cookie: a sibling subdomain sets the attacker's own cookie (carol's here) for the parent
+    domain, and the browser sends it along with the app's own; Starlette kept the last of the two, and the
+    annotator ranked as the attacker. Now two session cookies sign nobody in, and the sign-in page says why. Over HTTPS (here a
+    proxy on this machine says so) the cookie is `__Host-align_session`, which a browser keeps only from this
+    host itself, and a plain `align_session` is another site's: ignored. Plain HTTP keeps the plain name."""
+    from labeling import auth
+
+    store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
+    with served(store) as url:
+        def who(cookie: str, **headers: str) -> int | str:
+            answer = httpx.post(f"{url}/gradio_api/run/do_load", json={"data": [], "session_hash": uuid.uuid4().hex},
+                                headers={"cookie": cookie, **headers})
+            return answer.json()["data"][5] if answer.status_code == 200 else answer.status_code
+
+        plain = {}
+        for name in ("alice", "carol"):
+            answer = httpx.post(f"{url}/login", data={"name": name, "password": PASSWORD})
+            assert answer.status_code == 303 and "secure" not in answer.headers["set-cookie"].lower()
+            plain[name] = answer.cookies[auth.COOKIE]
+        alice, carol = (f"{auth.COOKIE}={plain[n]}" for n in ("alice", "carol"))
+        assert who(alice) == "alice" and who(f"other=1; {alice}") == "alice"
+        for both in (f"{alice}; {carol}", f"{carol}; {alice}"):
+            assert who(both) == 401
+            page = httpx.get(url, headers={"cookie": both, "accept": "text/html"})
+            assert page.status_code == 303 and page.headers["location"] == "login"
+            page = httpx.get(f"{url}/login", headers={"cookie": both})
+            assert "two session cookies" in page.text and "align-signin" in page.text
+
+        https = {"x-forwarded-proto": "https"}
+        answer = httpx.post(f"{url}/login", data={"name": "alice", "password": PASSWORD}, headers=https)
+        set_cookie = answer.headers["set-cookie"]
+        assert set_cookie.startswith(f"{auth.HTTPS_COOKIE}=") and "; secure" in set_cookie.lower()
+        assert "path=/;" in set_cookie.lower() and "domain" not in set_cookie.lower()
+        secured = f"{auth.HTTPS_COOKIE}={answer.cookies[auth.HTTPS_COOKIE]}"
+        assert who(secured, **https) == "alice" and who(f"{secured}; {carol}", **https) == "alice"
+        assert who(f"{carol}; {secured}", **https) == "alice"  # the app's handlers see the checked cookie only
+        assert who(carol, **https) == 401  # a plain cookie over HTTPS: any site on the domain could have set it
+        out = httpx.post(f"{url}/logout", headers={**https, "cookie": secured})
+        assert out.status_code == 303 and out.headers["set-cookie"].startswith(f'{auth.HTTPS_COOKIE}=""')
+        assert "; secure" in out.headers["set-cookie"].lower()  # else a browser ignores the removal
+        assert who(secured, **https) == 401
