@@ -20,7 +20,8 @@ A signed-in request reaches only the routes the page uses (`ROUTES`): Gradio als
 this app has no use for and that a signed-in annotator must not have, such as `deep_link` (a copy
 of any session's page, by its hash), `upload` (files of any size into the server's temp folder),
 `file=` with a remote URL (an open proxy) and `proxy=`. A request body is at most `MAX_BODY`
-bytes, and a Gradio session hash belongs to the account that first used it: another account
+bytes (a sign-in or sign-out form, sent before any session, `FORM_BODY`; the sign-in form URL-encoded
+only), and a Gradio session hash belongs to the account that first used it: another account
 presenting it (to read that page's event stream, cancel its events) is refused. A POST body is
 read as Gradio reads it (JSON, leading whitespace allowed), and one that is not JSON is refused.
 """
@@ -66,6 +67,7 @@ ROUTES = {
     "POST": re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"),
 }
 MAX_BODY = 1 << 20  # bytes: a ranking, a rationale (handlers.MAX_RATIONALE), a Playground message
+FORM_BODY = 1 << 16  # bytes: a sign-in form (a name of at most store.NAME_CHARS and a password), or a sign-out
 # The routes that take a page's session hash and read or drive its Gradio state: a hash's owner is checked and
 # recorded on these only (any other URL may carry a session_hash parameter; Gradio ignores it there).
 PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|run/[^/]+/?|cancel|heartbeat/[^/]+)")
@@ -210,6 +212,12 @@ class RequireSession:
 
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         if (scope.get("method"), path) in OPEN:
+            if scope["method"] == "POST":
+                form = await _form_refusal(scope, receive, path)
+                if isinstance(form, Response):
+                    await form(scope, receive, send_secured)
+                    return
+                receive = _replay(form, receive)
             await self.app(scope, receive, send_secured)
             return
         values = _session_cookies(HTTPConnection(scope))
@@ -289,10 +297,25 @@ def _store_down(page: bool, text: str = PAGE_NOT_SHOWN) -> Response:
     return JSONResponse({"detail": STORE_DOWN}, status_code=503, headers={"Retry-After": "10"})
 
 
-async def _read_body(scope: dict, receive: Any) -> bytes | None:
-    """The whole request body, or None past MAX_BODY bytes (said by Content-Length or found reading)."""
+async def _form_refusal(scope: dict, receive: Any, path: str) -> Response | bytes:
+    """A response refusing a sign-in or sign-out form nobody has signed in to send, else its body (read whole).
+    FastAPI parses a form before the handler runs, a multipart one into temp files of any size: anonymous
+    uploads to /login could fill the disk (of a SQLite store too). So the sign-in form must be URL-encoded,
+    the one kind the page's form sends, and either form is at most FORM_BODY bytes."""
+    kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+    if path == "/login" and kind != b"application/x-www-form-urlencoded":
+        return JSONResponse({"detail": "the sign-in form must be application/x-www-form-urlencoded"},
+                            status_code=415)
+    body = await _read_body(scope, receive, FORM_BODY)
+    if body is None:
+        return JSONResponse({"detail": f"request body over {FORM_BODY} bytes"}, status_code=413)
+    return body
+
+
+async def _read_body(scope: dict, receive: Any, limit: int = MAX_BODY) -> bytes | None:
+    """The whole request body, or None past `limit` bytes (said by Content-Length or found reading)."""
     declared = dict(scope["headers"]).get(b"content-length", b"0")
-    if not declared.isdigit() or int(declared) > MAX_BODY:
+    if not declared.isdigit() or int(declared) > limit:
         return None
     chunks, size = [], 0
     while True:
@@ -301,7 +324,7 @@ async def _read_body(scope: dict, receive: Any) -> bytes | None:
             break
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
-        if size > MAX_BODY:
+        if size > limit:
             return None
         if not message.get("more_body"):
             break

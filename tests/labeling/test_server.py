@@ -315,3 +315,39 @@ def test_a_session_cookie_planted_by_another_site_signs_nobody_in(store):
         assert out.status_code == 303 and out.headers["set-cookie"].startswith(f'{auth.HTTPS_COOKIE}=""')
         assert "; secure" in out.headers["set-cookie"].lower()  # else a browser ignores the removal
         assert who(secured, **https) == 401
+
+
+def test_a_sign_in_or_sign_out_form_is_small_and_the_sign_in_url_encoded(store):
+    """/login and /logout are open to anyone, and the 1 MiB cap applied only after the session check: FastAPI
+    parsed a sign-in form of any size, a multipart one into temp files (1 GB spooled to disk, then 401). Now
+    either form is at most FORM_BODY bytes (413, said by Content-Length or found reading a chunked body), and
+    the sign-in must be URL-encoded, as the page's form is (415): none of these counts as a failed sign-in."""
+    from urllib.parse import urlencode
+
+    from labeling.server import FORM_BODY
+
+    with served(store) as url:
+        form = {"name": "alice", "password": PASSWORD}
+        multipart = [{"files": {"f": ("big.bin", b"x" * (3 << 20))}, "data": form},
+                     {"files": {"name": (None, "alice"), "password": (None, PASSWORD)}}]
+        for kwargs in multipart + [{"json": form}, {"content": urlencode(form)},
+                                   {"content": urlencode(form), "headers": {"content-type": "text/plain"}}]:
+            answer = httpx.post(f"{url}/login", **kwargs)
+            assert answer.status_code == 415 and "set-cookie" not in answer.headers, (answer.text, kwargs.keys())
+
+        def streamed():  # chunked: no Content-Length to refuse up front
+            yield b"name=alice&password="
+            for _ in range(64):
+                yield b"x" * FORM_BODY
+
+        for path, kwargs in (("/login", {"data": {**form, "password": "x" * FORM_BODY}}),
+                             ("/login", {"content": streamed()}), ("/logout", {"content": b"x" * (FORM_BODY + 1)})):
+            answer = httpx.post(f"{url}{path}", headers={"content-type": "application/x-www-form-urlencoded"},
+                                **kwargs)
+            assert answer.status_code == 413 and "set-cookie" not in answer.headers, (path, answer.text)
+
+        for content_type in ("application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded; charset=UTF-8"):
+            answer = httpx.post(f"{url}/login", content=urlencode(form), headers={"content-type": content_type})
+            assert answer.status_code == 303 and "align_session=" in answer.headers["set-cookie"], content_type
+        assert httpx.post(f"{url}/logout", headers={"cookie": answer.headers["set-cookie"].split(";")[0]}
+                          ).status_code == 303
