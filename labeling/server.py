@@ -9,7 +9,9 @@ page, 401 for anything else; 503 when the store cannot say whether it is valid) 
 it, so anonymous traffic never creates Gradio session state: Gradio keeps 10,000 sessions and
 drops the oldest, and a flood of fresh session hashes used to push signed-in annotators out. Gradio's own `auth_dependency` is given the same
 answer, so its routes would refuse an anonymous call too. Every response carries a
-Content-Security-Policy that lets the page load and send nothing outside this server. `/login` and
+Content-Security-Policy that lets the page load and send nothing outside this server, and no CORS header
+(Gradio's own allowed a page on another port, or behind a proxy any page, to read `/config` as the
+annotator: `send_secured` takes them out). `/login` and
 `/logout` take a form only from this server's own pages (`_from_own_page`): another page, even on
 another port of this host, cannot post a sign-in into another account. Nor can a sibling subdomain plant
 its cookie: over HTTPS the cookie is `__Host-align_session`, which only this host can set, and a request
@@ -208,6 +210,10 @@ class RequireSession:
                 headers = MutableHeaders(scope=message)
                 for key, value in SECURITY_HEADERS.items():
                     headers.setdefault(key, value)
+                # No page of another origin may read an answer: Gradio's CORS middleware allowed any localhost
+                # origin on a localhost host, and any origin at all behind a proxy, with credentials.
+                for key in {k for k in headers.keys() if k.startswith("access-control-")}:
+                    del headers[key]
             await send(message)
 
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"

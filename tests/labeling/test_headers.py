@@ -57,3 +57,30 @@ def test_every_response_is_secured_and_a_cross_site_sign_in_is_refused(store):
         app_page = client.get("/", headers={"Accept": "text/html"})
         assert app_page.status_code == 200 and "<html" in app_page.text.lower()
         assert_secured(app_page)
+
+
+def test_no_page_of_another_origin_may_read_an_answer(store):
+    """Gradio's CORS middleware answered a localhost origin on a localhost host, and behind a proxy (another Host)
+    any origin, with Access-Control-Allow-Origin and -Credentials: a page on another port of this host, or any
+    page once proxied, read /config as the signed-in annotator (their name, the Playground's serve URL). Now no
+    response carries an Access-Control-* header, so the browser lets no other origin read one."""
+    from labeling.server import create_app, running
+
+    store.add_user("alice", PASSWORD)
+    with running(create_app(store)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/login", data={"name": "alice", "password": PASSWORD}).status_code == 303
+        own = url.removeprefix("http://")
+        for host, origin in ((own, "http://127.0.0.1:9911"), (own, "http://localhost:8888"),
+                             ("labels.example.org", "https://evil.example.org"),
+                             ("labels.example.org", "https://attacker.example")):
+            for method, path, extra in (("GET", "/config", {}), ("GET", "/gradio_api/info", {}),
+                                        ("GET", "/", {"accept": "text/html"}), ("GET", "/login", {}),
+                                        ("OPTIONS", "/config", {"access-control-request-method": "GET"}),
+                                        ("OPTIONS", "/gradio_api/run/do_load", {
+                                            "access-control-request-method": "POST",
+                                            "access-control-request-headers": "content-type"})):
+                answer = client.request(method, path, headers={"host": host, "origin": origin, **extra})
+                assert answer.status_code < 500, (method, path, answer.status_code)
+                leaked = [k for k in answer.headers if k.lower().startswith("access-control-")]
+                assert not leaked, (host, origin, method, path, answer.status_code, leaked)
+        assert client.get("/config").status_code == 200  # the page's own reads work as before
