@@ -327,6 +327,67 @@ def test_handing_on_one_slot_expires_only_the_stale_holders_it_over_takes(store,
     assert store.pending_count(overlap=3) == 0 and handlers.next_task(store, erin, overlap=3) is None
 
 
+def test_a_drafted_stale_slot_is_still_held_so_handing_on_the_free_one_expires_the_other(store, monkeypatch):
+    """overlap 2, one task: Alice (a draft in it) and Bob walk away; Carol takes the one slot free. Alice's draft
+    keeps hers, so Bob's is the one Carol over-takes: it ends, his old page is refused, and the task gets two
+    rankings, not three."""
+    from labeling import store as store_module
+
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
+    (task_id,) = make_tasks(store, 1)
+    alice, bob, carol = (session(store, name) for name in ("alice", "bob", "carol"))
+    for person in (alice, bob):
+        clock["now"] += 1
+        assert handlers.next_task(store, person, overlap=2)["task_id"] == task_id
+    handlers.save_draft(store, alice, task_id, [1, 0, 0, 0])
+    clock["now"] += 1.1 * store_module.ASSIGNMENT_TTL
+    assert handlers.next_task(store, carol, overlap=2)["task_id"] == task_id
+    assert store.assignment_status(alice["annotator_id"], task_id) == "assigned"
+    assert store.assignment_status(bob["annotator_id"], task_id) == "expired"
+    handlers.submit(store, alice, task_id, [1, 2, 3, 4])
+    handlers.submit(store, carol, task_id, [2, 1, 3, 4])
+    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+        handlers.submit(store, bob, task_id, [4, 3, 2, 1])
+    assert len(store.submitted_rankings()) == 2
+
+
+def test_a_fresh_holder_counts_so_the_stale_slot_handed_on_is_expired(store, monkeypatch):
+    """overlap 2, one task: Alice walks away, Bob takes the free slot (he holds it, nothing submitted yet), Carol
+    takes Alice's. Alice's ends there and her old page is refused: Bob's slot is held as a submitted one is."""
+    from labeling import store as store_module
+
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
+    (task_id,) = make_tasks(store, 1)
+    alice, bob, carol = (session(store, name) for name in ("alice", "bob", "carol"))
+    assert handlers.next_task(store, alice, overlap=2)["task_id"] == task_id
+    clock["now"] += 1.1 * store_module.ASSIGNMENT_TTL
+    assert handlers.next_task(store, bob, overlap=2)["task_id"] == task_id  # the slot nobody held
+    assert handlers.next_task(store, carol, overlap=2)["task_id"] == task_id  # Alice's
+    assert store.assignment_status(alice["annotator_id"], task_id) == "expired"
+    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+        handlers.submit(store, alice, task_id, [4, 3, 2, 1])
+
+
+def test_a_skip_older_than_the_ttl_stays_a_skip_when_the_task_is_handed_on(store, monkeypatch):
+    """Only an assignment still open can be over-taken: Alice's skip, however old, is not turned into an expired
+    assignment (which could come back to her) when Bob is given the task; once Bob skips it too, she is not
+    given it again."""
+    from labeling import store as store_module
+
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
+    (task_id,) = make_tasks(store, 1)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    handlers.skip(store, alice, handlers.next_task(store, alice)["task_id"])
+    clock["now"] += 1.1 * store_module.ASSIGNMENT_TTL
+    assert handlers.next_task(store, bob)["task_id"] == task_id
+    assert store.assignment_status(alice["annotator_id"], task_id) == "skipped"
+    handlers.skip(store, bob, task_id)
+    assert handlers.next_task(store, alice) is None
+    assert store.skipped_out() == 1
+
 def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_free(store, monkeypatch):
     """overlap 1, one task: Alice walks away, Bob takes it over and skips it. Alice could never be given it again
     (expired was for good), and a team of two left it unranked."""
@@ -405,6 +466,44 @@ def test_an_admin_who_only_watches_is_not_waited_for_on_a_skipped_task(store):
     handlers.submit(store, root, store.batch_tasks("round-1")[0]["task_id"], [1, 2, 3, 4])
     assert store.skipped_out("round-0") == 0 and store.pending_on_skipped("round-0") == 1  # root has ranked: may rank it
 
+
+def test_a_task_one_annotator_ranked_and_the_other_skipped_is_skipped_out_at_overlap_2(store):
+    """overlap 2, a team of two: Alice ranks the task, Bob skips it. Its second ranking has nobody left to give
+    it (Alice gave hers), so the wait ends: skipped_out counts it."""
+    (task_id,) = make_tasks(store, 1)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    assert handlers.next_task(store, alice, overlap=2)["task_id"] == task_id
+    handlers.submit(store, alice, task_id, [1, 2, 3, 4])
+    assert handlers.next_task(store, bob, overlap=2)["task_id"] == task_id
+    handlers.skip(store, bob, task_id)
+    assert handlers.next_task(store, alice, overlap=2) is None and handlers.next_task(store, bob, overlap=2) is None
+    assert store.pending_count(overlap=2) == store.skipped_out(overlap=2) == store.pending_on_skipped(overlap=2) == 1
+
+
+def test_a_skipped_task_others_can_still_rank_does_not_offset_one_nobody_can(store):
+    """Task 1 every annotator skipped; task 2 only Alice did, Bob and Carol can still rank it. skipped_out is
+    task 1's one ranking: task 2's two annotators to spare are not a negative count taken off it."""
+    first_id, second_id = make_tasks(store, 2)
+    alice, bob, carol = (session(store, name) for name in ("alice", "bob", "carol"))
+    for person in (alice, bob, carol):
+        assert handlers.next_task(store, person)["task_id"] == first_id
+        handlers.skip(store, person, first_id)
+    assert handlers.next_task(store, alice)["task_id"] == second_id
+    handlers.skip(store, alice, second_id)
+    assert store.pending_count() == store.pending_on_skipped() == 2
+    assert store.skipped_out() == 1
+
+
+def test_a_skipped_gold_task_is_no_ranking_to_wait_for(store):
+    """Gold tasks are not pending (test_gold_tasks_are_mixed_in_scored_and_not_pending): one Alice skipped is not
+    counted among the rankings nobody is left to give, nor among those waiting on skipped tasks."""
+    first_id, gold_id = make_tasks(store, 2)
+    store.add_gold(gold_id, [1, 2, 3, 4])
+    alice = session(store, "alice")
+    assert handlers.next_task(store, alice, gold_rate=1.0)["task_id"] == gold_id
+    handlers.skip(store, alice, gold_id)
+    assert store.pending_count() == 1  # the other task, which Alice can still rank
+    assert store.skipped_out() == store.pending_on_skipped() == 0
 
 def test_the_admin_view_counts_copies_of_one_answer_as_one_answer(store):
     """Two annotators agree on every answer of tasks holding two copies of one ("Yes." twice, as align sample
@@ -855,6 +954,14 @@ def test_postgresql_gets_its_timeouts_in_each_transaction_never_as_startup_optio
     with store.tx() as conn:
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "30s"
         assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
+    raw = store.engine.raw_connection()  # the same server connection, in a transaction that is not align's
+    try:  # SET LOCAL ended with align's: a pooler's next client on this server connection gets the defaults
+        cur = raw.cursor()
+        cur.execute("SHOW lock_timeout")
+        assert cur.fetchone()[0] == "0"
+    finally:
+        raw.close()
+    assert len(sent) == 1
     assert sent[0]["options"] == make_url(store.url).query["options"]  # the test's search_path only
     assert sent[0]["connect_timeout"] == 10 and sent[0]["keepalives"] == 1  # libpq's own, sent to no server
     theirs = Store(f"{store.url}%20-c%20lock_timeout%3D5s")
@@ -892,6 +999,20 @@ def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monk
     assert left("-c application_name=lock_timeout=1 -c search_path=x_lock_timeout") == ours
     assert left(env="-cLOCK_TIMEOUT=2s") == {"idle_in_transaction_session_timeout"}
 
+
+
+def test_a_connect_timeout_the_user_sets_in_the_url_or_environment_is_theirs(monkeypatch):
+    """align's connect_args go over the URL's query, and libpq reads PGCONNECT_TIMEOUT only where no
+    connect_timeout is passed: align's 10 s would override either. A keepalive the URL sets is kept too."""
+    from labeling.store import CONNECT_TIMEOUT, _pg_client_timeouts
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    url = make_url("postgresql://u@db/labels")
+    assert _pg_client_timeouts(url)["connect_timeout"] == CONNECT_TIMEOUT
+    theirs = _pg_client_timeouts(url.set(query={"connect_timeout": "45", "keepalives_idle": "5"}))
+    assert "connect_timeout" not in theirs and "keepalives_idle" not in theirs and theirs["keepalives"] == 1
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "40")
+    assert "connect_timeout" not in _pg_client_timeouts(url) and _pg_client_timeouts(url)["keepalives"] == 1
 
 @pytest.mark.skipif(not os.path.exists("/usr/sbin/pgbouncer"), reason="needs PgBouncer (apt-get install pgbouncer)")
 def test_a_store_behind_pgbouncer_connects_and_its_lock_wait_holds(store, monkeypatch):
