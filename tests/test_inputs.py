@@ -75,6 +75,7 @@ def d(tmp_path_factory, tiny_model) -> Path:
     Dataset.from_dict({}).save_to_disk(str(d / "empty_dataset"))
     jsonl(d / "prompts.jsonl", [{"prompt": f"Question {i}?"} for i in range(12)])
     jsonl(d / "prompts3.jsonl", [{"prompt": f"Question {i}?"} for i in range(3)])
+    jsonl(d / "prompts_twice.jsonl", [{"prompt": f"Question {i % 10}?"} for i in range(12)])  # 10 distinct
     jsonl(d / "prompt_number.jsonl", [{"prompt": "ok?"}, {"prompt": 5}])
     jsonl(d / "prefs.jsonl", [{**PAIR, "prompt": f"Question {i}?"} for i in range(8)])
     (d / "prefs_latin1.jsonl").write_bytes(json.dumps(PAIR).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
@@ -323,6 +324,10 @@ CASES = [
      f"{PIPE} "
      "sample.num_prompts=5", 2, ["sample.prompts={d}/prompts.jsonl: 12 distinct prompts, and rounds=3 need 15",
                                  "lower sample.num_prompts (to 4 or fewer) or rounds"]),
+    ("pipeline: a prompt given twice is one prompt for the rounds", "pipeline rounds=2 sft.model.name={tiny} "
+     "sft.data.path={d}/good.jsonl sample.prompts={d}/prompts_twice.jsonl eval.prompts={d}/prompts.jsonl "
+     "sample.num_prompts=6", 2, ["sample.prompts={d}/prompts_twice.jsonl: 10 distinct prompts, and rounds=2 need 12",
+                                 "(to 5 or fewer)"]),
     ("pipeline: too few prompts for uncertainty-picked rounds", "pipeline rounds=3 "
      f"{PIPE} "
      "sample.num_prompts=5 sample.selection=uncertainty sample.pool_factor=2 stages=[sft,sample,label,export,reward,dpo]",
@@ -402,6 +407,16 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     check_stage("pipeline", load_config(C.PipelineConfig, None, [
         *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,reward,dpo]", "sample.num_prompts=5",
         "sample.selection=uncertainty", "sample.pool_factor=4"]))
+    # Two rounds of 5 from a file of 12 lines, 10 distinct prompts: exactly enough
+    check_stage("pipeline", load_config(C.PipelineConfig, None, [
+        *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,dpo]", "sample.num_prompts=5",
+        f"sample.prompts={d / 'prompts_twice.jsonl'}"]))
+    # PPO's later rounds on a reward model named for every round: no stage need train one
+    check_stage("pipeline", load_config(C.PipelineConfig, None, [
+        *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,ppo]", "sample.num_prompts=5",
+        f"ppo.reward_model={d / 'adapter'}"]))
+    # Eval judged by people alone: no reward model, no scorer
+    check_stage("eval", load_config(C.EvalStageConfig, None, [*good["eval"][1][:2], run, "human=true"]))
     assert not (tmp_path / "run").exists()
 
 
