@@ -252,6 +252,20 @@ def test_latest_at_max_steps_of_a_longer_run_is_refused(tmp_path):
         assert Path(find(out, "latest", max_steps=2)).name == name
 
 
+
+def test_latest_resumes_a_run_trained_by_epochs(tmp_path):
+    """train.max_steps=-1 (the Trainer stages' default: train.epochs sets the length) is no step count to be past:
+    `latest` goes on from the newest checkpoint of a run killed on the way, whatever its step."""
+    from alignment.training import resume_checkpoint
+
+    out = tmp_path / "sft"
+    for step in (2, 3):
+        (out / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "max_steps": 9}))  # the Trainer's count of the epochs' steps
+    assert Path(resume_checkpoint(out, "latest", max_steps=-1)).name == "checkpoint-3"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
 def test_a_local_base_named_relative_to_the_stage_is_recorded_absolute(tmp_path, monkeypatch):
     """`align sft model.name=tiny` in one folder; the next stage, run from another, read `tiny` there."""
     (tmp_path / "tiny").mkdir()
