@@ -378,6 +378,19 @@ def test_zero3_with_a_4bit_base_is_refused_before_anything_loads(stage, tmp_path
     assert "ZeRO-3 does not support" in err and "model.quantize=false" in err, err
 
 
+
+def test_a_4bit_base_passes_under_zero2_and_ddp(monkeypatch):
+    """ZeRO-3 alone is refused a 4-bit base: ZeRO-2 keeps whole weights on each GPU, as DDP does (docs/scaling.md,
+    QLoRA with each setup)."""
+    from alignment.config import SFTStageConfig
+    from alignment.preflight import _launcher
+
+    assert SFTStageConfig().model.quantize
+    env = dict(os.environ)
+    for config in ("deepspeed_zero2.yaml", "multi_gpu.yaml"):
+        monkeypatch.setattr(os, "environ", {**env, **launcher_env(config)})
+        _launcher("", SFTStageConfig())
+
 def test_the_zero_stage_is_read_from_the_launchers_environment(monkeypatch):
     from alignment.preflight import deepspeed_zero_stage
 

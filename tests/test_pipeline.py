@@ -248,9 +248,10 @@ def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, t
 
 
 def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resumes(tiny_model, data, tmp_path,
-                                                                                     monkeypatch, caplog):
+                                                                                     monkeypatch, caplog, capsys):
     """Stopped after sft's checkpoint-4, the pipeline names the key it takes (sft.train.resume_from_checkpoint;
-    `train.` alone is refused as an unknown key), and run again with it, sft goes on from checkpoint-4."""
+    `train.` alone is refused as an unknown key), and run again with it, sft goes on from checkpoint-4. Run again
+    to fewer steps than that, the refusal names the keys as the pipeline takes them too (sft.train.max_steps)."""
     from alignment.training import MetricsJSONL
 
     args = ["pipeline", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "stages=[sft]",
@@ -267,6 +268,11 @@ def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resu
     assert align(args) == 130
     assert "holds checkpoints; sft.train.resume_from_checkpoint=latest continues from them" in caplog.text
     monkeypatch.undo()
+    capsys.readouterr()
+    assert align([*args, "sft.train.resume_from_checkpoint=latest", "sft.train.max_steps=3"]) == 2
+    assert ("sft.train.resume_from_checkpoint=latest: its newest checkpoint, "
+            f"{tmp_path / 'run' / 'sft' / 'checkpoints' / 'checkpoint-4'} (step 4), is past sft.train.max_steps=3"
+            in capsys.readouterr().err)
     caplog.clear()
     caplog.set_level("INFO", logger="alignment.artifacts")
     assert align([*args, "sft.train.resume_from_checkpoint=latest"]) == 0
