@@ -67,12 +67,14 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
 # U+2065, U+FFF0-FFF8, the whole U+E0000 block: tags, ideographic variation selectors, reserved). "Yes, we
 # \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes, we do not refund within 14 days." while it stores the
 # opposite. Ordinary text is left alone (_ORDINARY): the soft hyphen; ZWNJ and ZWJ between two letters or marks
-# (Persian and Urdu words, Indic conjuncts) and ZWJ between two emoji (👩‍💻); the tags of a subdivision flag
-# (U+1F3F4, tags, U+E007F: 🏴 England).
+# (Persian and Urdu words, Indic conjuncts) and ZWJ between two emoji (👩‍💻); the tags of the three subdivision
+# flags emoji has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags, U+E007F: 🏴 England, Scotland, Wales). Any other
+# run of tags, behind a black flag and a cancel tag or not, is drawn as nothing and may spell a hidden instruction.
 _INVISIBLE = {0x115F, 0x1160, 0x2065, 0x3164, 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _SOFT_HYPHEN, _ZWNJ, _ZWJ, _VS16 = "\u00ad", "\u200c", "\u200d", "\ufe0f"
-_EMOJI_TAGS = re.compile("\U0001F3F4[\U000E0020-\U000E007E]+\U000E007F")
+_EMOJI_TAGS = re.compile("\U0001F3F4(?:" + "|".join("".join(chr(0xE0000 + ord(c)) for c in flag)
+                                                      for flag in ("gbeng", "gbsct", "gbwls")) + ")\U000E007F")
 
 
 def _hidden(char: str) -> bool:
