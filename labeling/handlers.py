@@ -63,16 +63,25 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[
 # Characters a page draws as nothing, or that change how the text around them reads: format characters (Unicode
 # category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width U+200B, U+2060 and U+FEFF;
 # the invisible operators U+2061-2064, the annotation characters U+FFF9-FFFB; the tag characters U+E0001-E007F,
-# which spell hidden ASCII) and the other default-ignorable ones that are not combining marks (Hangul fillers,
-# U+2065, U+FFF0-FFF8, the whole U+E0000 block: tags, ideographic variation selectors, reserved). "Yes, we
-# \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes, we do not refund within 14 days." while it stores the
-# opposite. Ordinary text is left alone (_ORDINARY): the soft hyphen; ZWNJ and ZWJ between two letters or marks
-# (Persian and Urdu words, Indic conjuncts) and ZWJ between two emoji (👩‍💻); the tags of the three subdivision
-# flags emoji has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags, U+E007F: 🏴 England, Scotland, Wales). Any other
-# run of tags, behind a black flag and a cancel tag or not, is drawn as nothing and may spell a hidden instruction.
-_INVISIBLE = {0x115F, 0x1160, 0x2065, 0x3164, 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
+# which spell hidden ASCII) and the other default-ignorable ones (Hangul fillers, U+2065, U+FFF0-FFF8, the whole
+# U+E0000 block: tags, ideographic variation selectors, reserved), the combining marks among them too: the
+# variation selectors U+FE00-FE0F, the combining grapheme joiner U+034F, the Mongolian free variation selectors
+# U+180B-180D and U+180F, the Khmer inherent vowels U+17B4-17B5 (two replies that look the same can differ by
+# them, and a run of them carries hidden data). "Yes, we \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes,
+# we do not refund within 14 days." while it stores the opposite. Ordinary text is left alone (_ORDINARY): the soft
+# hyphen; ZWNJ and ZWJ between a letter and a letter or mark (Persian and Urdu words, Indic conjuncts), never
+# between two marks, and ZWJ between two emoji (👩‍💻); one emoji or text presentation selector (U+FE0F, U+FE0E)
+# right after a symbol or a keycap's digit, # or * (❤️, 1️⃣); one free variation selector right after a Mongolian
+# letter; the tags of the three subdivision flags emoji has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags,
+# U+E007F: 🏴 England, Scotland, Wales). Any other run of tags, behind a black flag and a cancel tag or not, is
+# drawn as nothing and may spell a hidden instruction.
+_INVISIBLE = {0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2065, 0x3164, 0xFFA0,
+              *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
-_SOFT_HYPHEN, _ZWNJ, _ZWJ, _VS16 = "\u00ad", "\u200c", "\u200d", "\ufe0f"
+_SOFT_HYPHEN, _ZWNJ, _ZWJ, _VS15, _VS16 = "\u00ad", "\u200c", "\u200d", "\ufe0e", "\ufe0f"
+# Emoji that take a presentation selector and are not symbols (So): a keycap's base, ‼ ⁉ ℹ ↔ ◻ ◼ ◽ ◾ ⤴ ⤵ 〰 〽
+_EMOJI_NOT_SO = set("#*0123456789\u203c\u2049\u2139\u2194\u25fb\u25fc\u25fd\u25fe\u2934\u2935\u3030\u303d")
+_MONGOLIAN_FVS = "\u180b\u180c\u180d\u180f"
 _EMOJI_TAGS = re.compile("\U0001F3F4(?:" + "|".join("".join(chr(0xE0000 + ord(c)) for c in flag)
                                                       for flag in ("gbeng", "gbsct", "gbwls")) + ")\U000E007F")
 
@@ -85,10 +94,15 @@ def _ordinary(char: str, before: str, after: str) -> bool:
     """Whether hidden `char` between `before` and `after` ("" at an end) is part of ordinary text (_INVISIBLE)."""
     if char == _SOFT_HYPHEN:
         return True
+    if char in (_VS15, _VS16):  # one, on the symbol it sets the look of
+        return bool(before) and (unicodedata.category(before) == "So" or before in _EMOJI_NOT_SO)
+    if char in _MONGOLIAN_FVS:
+        return "\u1820" <= before <= "\u18aa"
     if char not in (_ZWNJ, _ZWJ) or not before or not after:
         return False
     kind, next_kind = unicodedata.category(before), unicodedata.category(after)
-    if kind[0] in "LM" and next_kind[0] in "LM":
+    # a joiner between two marks joins nothing: between marks it hid data and restarted the count of marks
+    if kind[0] in "LM" and next_kind[0] in "LM" and "L" in (kind[0], next_kind[0]):
         return True
     # An emoji ZWJ sequence: the emoji before may end in a skin tone (Sk) or the emoji presentation selector.
     return char == _ZWJ and (kind in ("So", "Sk") or before == _VS16) and next_kind == "So"
@@ -115,7 +129,7 @@ def _visible(escaped: str) -> tuple[str, int, int]:
                 if marks > MAX_MARKS:
                     dropped += 1
                     continue
-            else:
+            elif char not in (_ZWNJ, _ZWJ):  # a joiner is no new character: the marks after it count on
                 marks = 0
             if dropped:
                 out.append(f'<span class="align-hidden">⟨{dropped:,} combining marks cut⟩</span>')

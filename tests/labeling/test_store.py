@@ -801,9 +801,38 @@ def test_ordinary_text_with_format_characters_is_not_flagged():
     for plain in ("שלום (בכרטיס שלך).", "Grüße, café, 東京, emoji 🙂", "x" * 100,
                   "من می\u200cخواهم یادداشت\u200cهایم را همگام کنم.", "क्\u200dष and क्\u200cष",
                   "Done! \U0001F469\u200d\U0001F4BB \U0001F469\U0001F3FD\u200d\U0001F4BB \u2764\ufe0f\u200d\U0001F525",
-                  "synchro\u00adnisation", "Go \U0001F3F4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f!"):
+                  "synchro\u00adnisation", "Go \U0001F3F4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f!",
+                  "Love it \u2764\ufe0f, press 1\ufe0f\u20e3 or #\ufe0f\u20e3 \u263a\ufe0e",  # emoji and text presentation
+                  "\u09b0\u200c\u09cd\u09af\u09be\u09ac",  # Bengali: ZWNJ before the virama keeps ya-phala apart
+                  "\u1820\u180b\u1821"):  # Mongolian: a free variation selector on its letter
         shown = handlers.text_html(plain)
         assert "align-warn" not in shown and plain in shown, plain
+
+
+def test_invisible_combining_marks_are_markers_and_joiners_between_marks_restart_no_count():
+    """Variation selectors, the combining grapheme joiner and the Mongolian free variation selectors are drawn as
+    nothing but are combining marks, so they passed as ordinary: a reply that looked like another differed from it
+    unseen (the export's "identical replies make no pair" compares the stored text), and a run of them carried
+    hidden data. A ZWJ or ZWNJ between two marks passed as ordinary and restarted the count of marks: 800 marks on
+    one letter, none cut. Now they are markers, except one presentation selector on a symbol or a free variation
+    selector on a Mongolian letter, and the marks after a joiner count on."""
+    same = "We refund within 14 days."
+    for char in ("\u034f", "\ufe00", "\ufe01", "\ufe0d", "\ufe0e", "\ufe0f", "\u180b", "\u180f", "\u17b4"):
+        shown = handlers.text_html(same + char)
+        assert f"⟨U+{ord(char):04X}⟩" in shown and char not in shown.split("</p>")[1], hex(ord(char))  # ⚠️ has U+FE0F
+        assert "holds 1 hidden or direction character," in shown, hex(ord(char))
+    shown = handlers.text_html(same + "\u034f\ufe00\ufe01\u180b")
+    assert "holds 4 hidden or direction characters" in shown
+    for text, char in [("a\ufe0fb", "\ufe0f"), ("\u2764\ufe0f\ufe0f", "\ufe0f"), ("\u2764\ufe00", "\ufe00"),
+                       ("a\u180bb", "\u180b"), ("\u1820\u180b\u180b", "\u180b")]:
+        shown = handlers.text_html(text)
+        assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
+    stacked = handlers.text_html("x" + "\u0301\u0302\u0303\u0304\u200d" * 200)
+    assert "796 combining marks past 4 on one character are not shown" in stacked
+    assert "holds 200 hidden or direction characters" in stacked  # every joiner between marks
+    alternating = handlers.text_html("y" + "\u0301\u200c" * 300)
+    assert "296 combining marks past 4 on one character are not shown" in alternating
+    assert "holds 300 hidden or direction characters" in alternating
 
 
 def test_combining_marks_past_four_on_one_character_are_cut_with_a_count():
