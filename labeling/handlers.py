@@ -113,9 +113,38 @@ def _ordinary(char: str, before: str, after: str) -> bool:
 MAX_MARKS = 4
 
 
-def _visible(escaped: str) -> tuple[str, int, int]:
+_ASCII_LETTERS = re.compile(r"[A-Za-z]")
+
+
+def _direction(text: str) -> str:
+    """"rtl" when most letters of `text` read right to left (Hebrew, Arabic), else "ltr": the whole text's
+    direction, every line's. A line does not take its own from its first letter (dir="auto" with
+    unicode-bidi: plaintext did): a right-to-left character that looks like a hyphen, U+05BE, at the start of a
+    line of English turned the line right to left and drew its words in reverse order."""
+    ltr, rtl = len(_ASCII_LETTERS.findall(text)), 0
+    for char in "".join(_NON_ASCII.findall(text)):
+        kind = unicodedata.bidirectional(char)
+        ltr += kind == "L"
+        rtl += kind in ("R", "AL")
+    return "rtl" if rtl > ltr else "ltr"
+
+
+def _rtl_letter(char: str) -> bool:
+    return bool(char) and unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] in "LM"
+
+
+def _turns(char: str, before: str, after: str) -> bool:
+    """Whether `char`, in left-to-right text, is a right-to-left character that is no letter (U+05BE ־ looks like a
+    hyphen, U+05C3 ׃ like a colon) outside a right-to-left word: it turns the numbers and signs beside it around."""
+    return (unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] not in "LM"
+            and not (_rtl_letter(before) and _rtl_letter(after)))
+
+
+def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
     """(`escaped` with each hidden character as a marker ⟨U+202E⟩ and combining marks past MAX_MARKS on one
-    character cut, with a marker saying how many; how many hidden characters; how many marks were cut)."""
+    character cut, with a marker saying how many; how many hidden characters; how many marks were cut).
+    Unless the text reads right to left (`rtl`), a right-to-left sign outside a right-to-left word (_turns)
+    is a marker too."""
     hidden = cut = 0
 
     def mark(run: re.Match) -> str:
@@ -135,7 +164,9 @@ def _visible(escaped: str) -> tuple[str, int, int]:
                 out.append(f'<span class="align-hidden">⟨{dropped:,} combining marks cut⟩</span>')
                 cut, dropped = cut + dropped, 0
             at = start + i
-            if _hidden(char) and i not in flags and not _ordinary(char, text[at - 1:at], text[at + 1:at + 2]):
+            before, after = text[at - 1:at], text[at + 1:at + 2]
+            if (_hidden(char) and i not in flags and not _ordinary(char, before, after)) or (
+                    not rtl and _turns(char, before, after)):
                 hidden += 1
                 out.append(f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>')
             else:
@@ -151,19 +182,21 @@ def _visible(escaped: str) -> tuple[str, int, int]:
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
-    the `align-text` class (white-space: pre-wrap), and Arabic or Hebrew reads right to left (dir="auto", each
-    line by its own first strong character); past `limit` characters it is cut, with a note.
-    A character the page would draw as nothing or that would reorder the text (bidi overrides, zero-width
-    and tag characters: `_INVISIBLE`) shows as a marker ⟨U+202E⟩, and a line above the text says how many
+    the `align-text` class (white-space: pre-wrap), and a text most of whose letters are Arabic or Hebrew reads
+    right to left (dir="rtl", every line; else dir="ltr": _direction); past `limit` characters it is cut, with a
+    note. A character the page would draw as nothing or that would reorder the text (bidi overrides, zero-width
+    and tag characters: `_INVISIBLE`; in left-to-right text a right-to-left sign: `_turns`) shows as a marker
+    ⟨U+202E⟩, and a line above the text says how many
     there are: the annotator reads what is stored, not what those characters make of it. Combining marks
     past MAX_MARKS on one character are cut, with a marker saying how many, and the line says so too.
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
-    body, hidden, cut = _visible(html.escape(text[:limit]))
+    direction = _direction(text[:limit])
+    body, hidden, cut = _visible(html.escape(text[:limit]), rtl=direction == "rtl")
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
                 + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
-    shown += f'<div class="align-text" dir="auto">{body}</div>'
+    shown += f'<div class="align-text" dir="{direction}">{body}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")

@@ -623,6 +623,45 @@ def test_hidden_and_direction_characters_show_as_markers(tmp_path, browser):
         page.context.close()
 
 
+# Where `needle` is drawn in element `e`: the left edge of its first occurrence in one of e's text nodes.
+LEFT_OF = """(e, needle) => {
+  const walker = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+  let node; while ((node = walker.nextNode()) && !node.data.includes(needle)) {}
+  const r = document.createRange(), i = node.data.indexOf(needle);
+  r.setStart(node, i); r.setEnd(node, i + needle.length);
+  return r.getBoundingClientRect().left;
+}"""
+
+
+def test_a_line_of_english_is_drawn_left_to_right_whatever_its_first_character(tmp_path, browser):
+    """Each line took its direction from its first letter (unicode-bidi: plaintext): a line of English starting with
+    U+05BE (a Hebrew sign that looks like a hyphen) was drawn right to left, "־14 days־ not ־30 days־ Refunds are
+    possible within" as "Refunds are possible within ־days 30־ not ־days 14־", and a line starting with a Hebrew word
+    put the English after it on its left. Now a text reads in the direction of most of its letters, every line, and
+    the sign is a marker; a Hebrew reply still reads right to left."""
+    store = new_store(tmp_path)
+    store.add_user("reader", PASSWORD)
+    stored = "\u05be14 days\u05be not \u05be30 days\u05be Refunds are possible within"
+    store.add_tasks("bidi", [{"prompt": "How long do I have for a refund?", "responses": [
+        stored, "Refunds: 14 days.\nשלום means hello", "שלום (בכרטיס שלך).", "Refunds: Settings > Billing."]}])
+    page = new_page(browser)
+    try:
+        with running(store) as url:
+            sign_in(page, url, "reader")
+            turned = page.locator(".align-response", has_text="Refunds are possible").locator(".align-text")
+            assert turned.inner_text() == stored.replace("\u05be", "⟨U+05BE⟩")
+            assert turned.evaluate(LEFT_OF, "14") < turned.evaluate(LEFT_OF, "30") < turned.evaluate(LEFT_OF, "Refunds")
+            quoted = page.locator(".align-response", has_text="means hello").locator(".align-text")
+            assert quoted.evaluate(LEFT_OF, "שלום") < quoted.evaluate(LEFT_OF, "means")
+            assert page.locator(".align-response", has_text="means hello").locator(".align-warn").count() == 0
+            hebrew = page.locator(".align-response", has_text="בכרטיס").locator(".align-text")
+            assert hebrew.evaluate("e => getComputedStyle(e).direction") == "rtl"
+            assert hebrew.evaluate(LEFT_OF, "בכרטיס") < hebrew.evaluate(LEFT_OF, "שלום")  # read from the right
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
 def test_a_letter_with_hundreds_of_combining_marks_stays_in_its_card(tmp_path, browser):
     """One letter followed by hundreds of combining marks is one unbreakable glyph: it painted across response A
     into response B. Marks past 4 on one letter are cut, with a marker saying how many, and the text box clips

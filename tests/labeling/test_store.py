@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import threading
@@ -754,9 +755,9 @@ def test_model_text_becomes_inert_html_cut_at_the_limit():
     hostile = '<form action="http://evil/"><input type=password></form>\n<img src=x onerror=alert(1)> & "q"'
     shown = handlers.text_html(hostile)
     assert "<form" not in shown and "<input" not in shown and "<img" not in shown
-    assert shown == ('<div class="align-text" dir="auto">&lt;form action=&quot;http://evil/&quot;&gt;&lt;input type=password&gt;'
+    assert shown == ('<div class="align-text" dir="ltr">&lt;form action=&quot;http://evil/&quot;&gt;&lt;input type=password&gt;'
                      '&lt;/form&gt;\n&lt;img src=x onerror=alert(1)&gt; &amp; &quot;q&quot;</div>')
-    assert 'dir="auto"' in handlers.text_html("שלום (בכרטיס שלך).")  # Hebrew, Arabic: right to left
+    assert 'dir="rtl"' in handlers.text_html("שלום (בכרטיס שלך).")  # Hebrew, Arabic: right to left
     huge = handlers.text_html("x" * 1_000_000)
     assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
 
@@ -792,7 +793,27 @@ def test_tags_behind_a_black_flag_are_markers_unless_they_spell_one_of_its_three
         assert "\U000E007F" not in shown and "⟨U+E007F⟩" in shown, text
     for flag in ("gbeng", "gbsct", "gbwls"):
         plain = f"Go \U0001F3F4{tags(flag)}\U000E007F!"
-        assert handlers.text_html(plain) == f'<div class="align-text" dir="auto">{plain}</div>', flag
+        assert handlers.text_html(plain) == f'<div class="align-text" dir="ltr">{plain}</div>', flag
+
+
+def test_a_text_reads_in_the_direction_of_most_of_its_letters_and_rtl_signs_in_ltr_text_are_markers():
+    """Each line took its direction from its first letter (dir="auto", unicode-bidi: plaintext): U+05BE, a Hebrew
+    sign that looks like a hyphen, at the start of an English line turned it right to left, and "־14 days־ not ־30
+    days־ Refunds are possible within" read "Refunds are possible within ־days 30־ not ־days 14־". Now the whole
+    text has the direction most of its letters have, and in left-to-right text a right-to-left sign outside a
+    right-to-left word is a marker (what it did to the numbers beside it is undone)."""
+    stored = "\u05be14 days\u05be not \u05be30 days\u05be Refunds are possible within"
+    shown = handlers.text_html(stored)
+    marker = '<span class="align-hidden">⟨U+05BE⟩</span>'
+    assert shown == ('<p class="align-warn">⚠️ holds 4 hidden or direction characters, shown as ⟨U+…⟩</p>'
+                     f'<div class="align-text" dir="ltr">{marker}14 days{marker} not {marker}30 days{marker} '
+                     "Refunds are possible within</div>")
+    assert "⟨U+05C3⟩" in handlers.text_html("Refunds\u05c3 14 days")  # sof pasuq, like a colon
+    for plain, direction in [("שלום (בכרטיס שלך).", "rtl"), ("בית־ספר, 14 ימים", "rtl"), ("مرحبا، كيف حالك؟", "rtl"),
+                             ("The Hebrew for school is בית־ספר.", "ltr"), ("Hello\nשלום means hello", "ltr"),
+                             ("שלום\nHello, how are you?", "ltr"), ("", "ltr"), ("14 - 30", "ltr")]:
+        shown = handlers.text_html(plain)
+        assert shown == f'<div class="align-text" dir="{direction}">{html.escape(plain)}</div>', plain
 
 
 def test_ordinary_text_with_format_characters_is_not_flagged():
