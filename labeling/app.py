@@ -10,7 +10,8 @@ id the page shows (a hidden field), checked against the annotator's assignments,
 account (another hidden field) must be the cookie's (`handlers.check_page_account`). Prompts and
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
 HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
-an `align serve` endpoint side by side, `align label --serve-url URL`). Keyboard shortcuts are a small script installed on page load (see
+an `align serve` endpoint side by side, `align label --serve-url URL`; admins only while blind A/B
+tasks are open: `handlers.playground_open`). Keyboard shortcuts are a small script installed on page load (see
 SHORTCUTS); it only clicks the same radios and buttons a mouse would. The same script shows a notice
 when the server refuses a call of the page because its session has ended, or because the store could not
 check it (see PAGE_JS).
@@ -442,11 +443,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 # HTML, escaped: a refusal quotes batch and file names from outside the app.
                 export_summary = gr.HTML("", elem_id="align-export-summary")
 
+            pg_load_outputs = []  # what do_load sets of the Playground tab
             if playground is not None:
-                with gr.Tab("Playground", id="playground", elem_id="align-playground-tab") as playground_tab:
-                    gr.HTML(f"Two models served at <code>{html.escape(playground.url)}</code> answer the same "
-                            "conversation side by side; each pane keeps its own model's answers. Model text is shown "
-                            "as plain text.", elem_id="align-pg-intro")
+                # Hidden, and empty of the endpoint's URL (/config holds each component's value), until do_load
+                # shows it to an account that may use it now (handlers.playground_open: while blind A/B tasks are
+                # open, admins only).
+                with gr.Tab("Playground", id="playground", visible=False,
+                            elem_id="align-playground-tab") as playground_tab:
+                    pg_intro = gr.HTML("", elem_id="align-pg-intro")
                     with gr.Row(equal_height=True):
                         # allow_custom_value: Gradio checks a value against the choices it recorded for the page,
                         # which a restart loses; send checks the names itself
@@ -466,6 +470,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         pg_clear = gr.Button("Clear", elem_id="align-pg-clear")
                     pg_status = gr.HTML("", elem_id="align-pg-status")
                     pg_histories = gr.State(([], []))  # this browser's two conversations
+                pg_intro_text = (f"Two models served at <code>{html.escape(playground.url)}</code> answer the same "
+                                 "conversation side by side; each pane keeps its own model's answers. Model text is "
+                                 "shown as plain text.")
+                pg_load_outputs = [playground_tab, pg_intro]
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
         task_outputs = [task_id, opened_by, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
@@ -517,22 +525,29 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         signed_out = _note(SESSION_ENDED, "⚠️", error=True)
 
+        def pg_shown(on: bool) -> list:
+            """Updates for `pg_load_outputs`: the Playground tab and its intro shown (`on`) or hidden."""
+            return [gr.update(visible=on), pg_intro_text if on else ""] if playground is not None else []
+
         def do_load(request: gr.Request):
             try:
                 sess = signed_in(request)
                 if sess is None:
-                    return ["", gr.update(visible=False), "", signed_out, *show(None, None)]
+                    return ["", gr.update(visible=False), "", signed_out, *show(None, None), *pg_shown(False)]
                 admin = bool(sess.get("is_admin"))
                 # An admin's page load holds no new task (one who only watches the Admin tab kept a slot from
                 # the annotators, and `align pipeline label=human` waiting); a task the admin took stays on the page.
                 task = next_for(sess, new=not admin)
+                pg_on = playground is not None and handlers.playground_open(store, sess, overlap=overlap)
             except STORE_ERRORS:
                 log.exception("page load: the store failed")
-                return ["", gr.update(visible=False), "", _note(NO_TASK, "⚠️", error=True), *unchanged]
+                return ["", gr.update(visible=False), "", _note(NO_TASK, "⚠️", error=True), *unchanged,
+                        *pg_shown(False)]
             return [f"Signed in as <b>{html.escape(sess['name'])}</b>{' (admin)' if admin else ''}",
-                    gr.update(visible=admin), folder_note if admin else "", "", *show(task, sess, idle=admin)]
+                    gr.update(visible=admin), folder_note if admin else "", "", *show(task, sess, idle=admin),
+                    *pg_shown(pg_on)]
 
-        demo.load(do_load, None, [who, admin_tab, export_dir_note, message, *task_outputs])
+        demo.load(do_load, None, [who, admin_tab, export_dir_note, message, *task_outputs, *pg_load_outputs])
         sign_out.click(None, None, None, js="""() => {
           const form = document.createElement('form');
           form.method = 'post'; form.action = 'logout';
@@ -659,10 +674,24 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         export_button.click(do_export, None, export_summary)
 
         if playground is not None:
+            def pg_closed(sess: dict) -> str | None:
+                """Why `sess` may not use the Playground now (handlers.playground_open), or None. Checked on every
+                call: the tab is only hidden, and an A/B eval may have started since the page was loaded."""
+                try:
+                    if handlers.playground_open(store, sess, overlap=overlap):
+                        return None
+                except STORE_ERRORS:
+                    log.exception("playground: the store failed")
+                    return _note("The store is busy or unreachable: send again in a moment.", "⚠️", error=True)
+                return _note(handlers.PLAYGROUND_CLOSED, "⛔", error=True)
+
             def pg_models(request: gr.Request, left: str | None, right: str | None):
                 """The dropdowns filled from the server's /models; a choice already made is kept."""
-                if signed_in(request) is None:
+                sess = signed_in(request)
+                if sess is None:
                     return [gr.skip(), gr.skip(), signed_out]
+                if closed := pg_closed(sess):
+                    return [gr.update(choices=[], value=None), gr.update(choices=[], value=None), closed]
                 try:
                     names = playground.models()
                 except PlaygroundError as err:
@@ -677,8 +706,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             playground_tab.select(pg_models, [pg_left, pg_right], [pg_left, pg_right, pg_status])
 
             def pg_ask(request: gr.Request, left, right, message, temperature, histories):
-                if signed_in(request) is None:
+                sess = signed_in(request)
+                if sess is None:
                     yield [gr.skip(), gr.skip(), gr.skip(), signed_out, gr.skip()]
+                    return
+                if closed := pg_closed(sess):
+                    yield [gr.skip(), gr.skip(), gr.skip(), closed, gr.skip()]
                     return
                 try:
                     now = histories

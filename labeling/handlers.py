@@ -391,6 +391,18 @@ def _require_admin(session: dict[str, Any] | None) -> dict[str, Any]:
     return session
 
 
+PLAYGROUND_CLOSED = ("The Playground is closed to annotators while A/B tasks (align eval human=true) wait for "
+                     "verdicts: its models would give those tasks' answers and show which model wrote each side.")
+
+
+def playground_open(store: Store, session: dict[str, Any] | None, *, overlap: int = 1) -> bool:
+    """Whether this account may use the Playground now: an admin always, an annotator only while no blind A/B task
+    is open (Store.blind_tasks_open). An A/B task's answers are its models' greedy ones (align eval), so asking the
+    Playground's same models its prompt at temperature 0 gives them back, and names each side."""
+    session = _require(session)
+    return bool(session.get("is_admin")) or not store.blind_tasks_open(overlap)
+
+
 def gold_accuracy(store: Store) -> dict[str, float]:
     """Per annotator: the fraction of pairs of answers ordered as in the gold answer, over gold tasks (copies of
     one answer are one answer, at their mean rank: their order is no mistake)."""

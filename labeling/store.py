@@ -913,6 +913,15 @@ class Store:
                 q = q.where(tasks.c.batch == batch)
             return sum(max(0, overlap - c) for (c,) in conn.execute(q))
 
+    def blind_tasks_open(self, overlap: int = 1) -> bool:
+        """Whether an A/B task (kind pairwise: `align eval human=true`'s blind comparisons) can still be handed
+        out at `overlap`: a gold one, or one with fewer than `overlap` submitted verdicts."""
+        verdicts = (select(func.count()).select_from(rankings)
+                    .where(rankings.c.task_id == tasks.c.id, rankings.c.status == "submitted").scalar_subquery())
+        open_ = select(tasks.c.id).where(tasks.c.kind == "pairwise", tasks.c.is_gold | (verdicts < overlap)).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(open_).first() is not None
+
     def skipped_out(self, batch: str | None = None, overlap: int = 1) -> int:
         """Of pending_count's rankings, those nobody is left to give: on a task someone skipped, the rankings still
         needed past the annotators who can sign in and have neither ranked nor skipped it. A skip is final for its

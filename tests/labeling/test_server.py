@@ -351,3 +351,52 @@ def test_a_sign_in_or_sign_out_form_is_small_and_the_sign_in_url_encoded(store):
             assert answer.status_code == 303 and "align_session=" in answer.headers["set-cookie"], content_type
         assert httpx.post(f"{url}/logout", headers={"cookie": answer.headers["set-cookie"].split(";")[0]}
                           ).status_code == 303
+
+
+def test_the_playground_is_for_admins_while_blind_ab_tasks_are_open(store):
+    """An A/B task's answers are its models' own (align eval's greedy ones), and the Playground served every
+    signed-in annotator the same models: its prompt asked there at temperature 0 gave the task's answers back and
+    named each side of the blind comparison. While an A/B task waits for verdicts the tab is hidden from
+    annotators, its calls are refused to them (the tab is only hidden), and their /config holds no endpoint URL;
+    an admin keeps it, and annotators get it back once every A/B task has its verdicts."""
+    from labeling import handlers
+    from labeling.playground import ServeClient
+
+    asked = []
+
+    class Served(ServeClient):
+        def models(self):
+            return ["base", "dpo", "sft"]
+
+        def stream(self, model, messages, *, temperature):
+            asked.append(model)
+            yield f"{model} says hi"
+            return "stop"
+
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "How do I sync?", "responses": ["Open Settings.", "No idea."]}],
+                    kind="pairwise")
+    assert store.blind_tasks_open(overlap=1)
+    with served(store, playground=Served("http://127.0.0.1:9/serve-secret/v1"), overlap=1) as url:
+        alice, boss = signed_in(url, "alice"), signed_in(url, "boss")
+
+        def page(client, name):  # the page's load: (Playground tab's update, its intro)
+            return client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": name}).json()["data"][-2:]
+
+        def ask(client, name):
+            data = ["dpo", "sft", "How do I sync?", 0.0, [[], []]]
+            return client.post("/gradio_api/run/pg_ask", json={"data": data, "session_hash": name}).text
+
+        assert "serve-secret" not in alice.get("/config").text
+        (tab, intro), (boss_tab, boss_intro) = page(alice, "alice-1"), page(boss, "boss-1")
+        assert tab["visible"] is False and intro == "" and boss_tab["visible"] is True and "serve-secret" in boss_intro
+        models = alice.post("/gradio_api/run/pg_models", json={"data": [None, None], "session_hash": "alice-1"}).text
+        assert "closed to annotators" in models and "dpo" not in models
+        assert "closed to annotators" in ask(alice, "alice-1") and asked == []
+        assert "dpo says hi" in ask(boss, "boss-1") and sorted(asked) == ["dpo", "sft"]
+
+        her = handlers.sign_in(store, "alice", PASSWORD)  # her page's load was handed the task
+        handlers.submit(store, her, handlers.next_task(store, her)["task_id"], verdict="A")
+        assert not store.blind_tasks_open(overlap=1)
+        tab, intro = page(alice, "alice-2")
+        assert tab["visible"] is True and "serve-secret" in intro
+        assert "dpo says hi" in ask(alice, "alice-2")

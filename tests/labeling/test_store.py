@@ -1208,3 +1208,25 @@ def test_the_admins_rates_are_per_hour_of_time_on_task(store):
     people = {p["name"]: p for p in store.annotator_activity()}
     assert people["alice"]["done"] == 4 and people["alice"]["per_hour"] == 60.0 and people["alice"]["mean_seconds"] == 60.0
     assert people["bob"]["per_hour"] is None and people["bob"]["mean_seconds"] == 20.0  # one timed ranking: no rate
+
+
+def test_the_playground_is_open_to_annotators_only_while_no_blind_ab_task_waits(store):
+    """handlers.playground_open: an admin always; an annotator once every A/B task (align eval human=true) has its
+    `overlap` verdicts and none is gold (a gold task is handed out again and again). Ranking tasks do not count."""
+    alice, bob, boss = session(store, "alice"), session(store, "bob"), session(store, "boss", admin=True)
+    store.add_tasks("round-0", [{"prompt": "p", "responses": ["a", "b", "c", "d"]}])
+    assert handlers.playground_open(store, alice, overlap=2)
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "q", "responses": ["x", "y"]}], kind="pairwise")
+    assert not handlers.playground_open(store, alice, overlap=2) and handlers.playground_open(store, boss, overlap=2)
+    for person in (alice, bob):
+        task = handlers.next_task(store, person, overlap=2)
+        while task["kind"] != "pairwise":
+            handlers.skip(store, person, task["task_id"])
+            task = handlers.next_task(store, person, overlap=2)
+        handlers.submit(store, person, task["task_id"], verdict="tie")
+        assert handlers.playground_open(store, alice, overlap=2) is (person is bob)
+    assert handlers.playground_open(store, alice, overlap=1)
+    store.add_gold(store.submitted_rankings()[0]["task_id"], [1, 2])
+    assert not handlers.playground_open(store, alice, overlap=1)
+    with pytest.raises(handlers.AuthError):
+        handlers.playground_open(store, None)
