@@ -125,10 +125,23 @@ def trained_model_config(path: str | Path) -> ModelConfig:
 def score_head_in_fp32(model) -> None:
     """The `score` head of a half-precision reward model computes in fp32 (its weights and input cast up): a
     bf16 output keeps 8 bits of mantissa, and distinct responses tie (147 distinct scores for 248 distinct
-    responses, measured on the quickstart's reward model), each tie a coin toss in a win-rate or a comparison."""
+    responses, measured on the quickstart's reward model), each tie a coin toss in a win-rate or a comparison.
+
+    Cast up at each call, not once (`head.float()`): under FSDP the head's weight outside a forward is the
+    rank's fp32 shard, and the forward gathers it in the mixed-precision policy's bf16 again, which an fp32
+    input refused (align reward under fsdp.yaml stopped at its held-out scoring, after all the training)."""
+    from functools import partial
+
+    import torch.nn.functional as F
+
+    def fp32_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        bias = None if linear.bias is None else linear.bias.float()
+        return F.linear(x.float(), linear.weight.float(), bias)
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.score.float()
-    head.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
+    for linear in inner.score.modules():  # the head, or peft's copies of it (modules_to_save)
+        if isinstance(linear, torch.nn.Linear):
+            linear.forward = partial(fp32_forward, linear)
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -575,6 +575,54 @@ def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
     assert scores[torch.float16] == pytest.approx(scores[torch.float32], abs=0.02)
 
 
+def test_the_fp32_score_head_scores_a_model_fsdp_sharded_in_bf16(tiny_model, tmp_path):
+    """After training under fsdp.yaml with bf16, the reward stage scores its held-out pairs with the head in fp32
+    (score_head_in_fp32). The weights are then sharded: FSDP2 on a one-rank gloo mesh on the CPU, with the
+    mixed-precision policy accelerate builds for bf16, each layer wrapped as fsdp.yaml does, after a step's
+    backward (which leaves them sharded, as trainer.train() does). Casting the head once changed only the fp32
+    shard; the forward gathered it in bf16 again and refused the fp32 input ("expected m1 and m2 to have the same
+    dtype")."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.config import LoraConfig
+    from alignment.cpu import keep_trainable_in
+    from alignment.modeling import load_tokenizer, peft_lora_config
+    from alignment.reward_model import score_conversations, score_head_in_fp32
+
+    tokenizer = load_tokenizer(tiny_model)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.bfloat16)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = get_peft_model(base, peft_lora_config(LoraConfig(r=4), "SEQ_CLS", modules_to_save=["score"]))
+    keep_trainable_in(model, torch.float32)  # gpu_training.one_trainable_dtype, under FSDP
+    conversations = [[{"role": "user", "content": "How do I sync?"}, {"role": "assistant", "content": c}]
+                     for c in ("Open Settings and tap Sync.", "No.")]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.float().sum().backward()
+        head = model.get_base_model().score.modules_to_save["default"]
+        assert type(head.weight).__name__ == "DTensor"  # sharded, as at the end of training
+        in_bf16 = score_conversations(model, tokenizer, conversations)
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.float().sum().backward()  # sharded again
+
+        score_head_in_fp32(model)
+        seen = []
+        head.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, module.weight.dtype, out.dtype)))
+        in_fp32 = score_conversations(model, tokenizer, conversations)
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)]  # handed and gathered in bf16, computed in fp32
+    assert in_fp32 == pytest.approx(in_bf16, abs=0.02)  # the same head, its output no longer rounded to bf16
+
+
 def test_a_kept_tie_is_trained_as_half_not_as_a_win_for_its_first_answer(tmp_path):
     """export ties=margin0 keeps a tie with its first answer as 'chosen': trained as a hard label, that answer
     would be taught to win. It goes to the loss as p_chosen 1/2; decided pairs stay hard (1)."""
