@@ -61,16 +61,22 @@ def trained_quantization(adapter: str | Path) -> ModelConfig | None:
 
 
 def nf4_base(name: str, quantized: ModelConfig, dtype: torch.dtype):
-    """The base as QLoRA training saw it: loaded 4-bit as its plan loaded it, each 4-bit layer dequantized to
-    `dtype` (bitsandbytes' dequantize_4bit, through transformers' `dequantize`)."""
+    """The base as QLoRA training saw it: loaded 4-bit as its plan loaded it (on the GPU, quantized there as
+    training quantized it), then on the host each 4-bit layer dequantized to `dtype` (bitsandbytes'
+    dequantize_4bit, through transformers' `dequantize`).
+
+    Dequantized on the host, not where it loaded: transformers makes each layer's full-precision copy on the
+    device of its 4-bit weights, so dequantized on the GPU the whole base was there in `dtype` before any of it
+    moved (Llama-3-8B in fp32: ~30 GiB, more than the 24 GB card docs/scaling.md trains it on with QLoRA). The
+    values are the same on either: each is an NF4 code times its block's scale, in fp32 arithmetic."""
     cfg = ModelConfig(name=name, quantize=True, double_quant=quantized.double_quant,
                       compute_dtype=quantized.compute_dtype)
     plan = device_plan(cfg)
     if not plan.quantize:
         raise StageError("merge base=nf4 quantizes the base as QLoRA training did and needs bitsandbytes; "
                          "install it (pip install bitsandbytes) or pass base=original")
-    model = load_base_model(cfg, plan, training=False)
-    return model.dequantize(dtype=dtype).to(device="cpu", dtype=dtype)
+    model = load_base_model(cfg, plan, training=False).to("cpu")  # 4-bit (bitsandbytes moves its quantization state)
+    return model.dequantize(dtype=dtype).to(dtype=dtype)  # and the layers left unquantized (embeddings, norms)
 
 
 def merge_adapter(adapter: str | Path, dtype: torch.dtype = torch.float32, base: str = "auto"):

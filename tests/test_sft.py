@@ -266,6 +266,29 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
         "nf4", "original"]
 
 
+def test_merge_dequantizes_the_4bit_base_on_the_host(qlora_run, tmp_path, monkeypatch):
+    """On a GPU the 4-bit base loads there, and transformers' `dequantize` makes each layer's full-precision copy
+    on the device of its 4-bit weights: the base is moved to the host before, or the GPU would hold it whole in
+    the merge's dtype (Llama-3-8B in fp32 on the 24 GB card QLoRA trained it on: out of memory). No GPU here: the
+    base's moves and its dequantization are recorded, in order, and the merge is still the one into NF4."""
+    import recipes.merge
+
+    out, _ = qlora_run
+    calls, load = [], recipes.merge.load_base_model
+
+    def recorded(*args, **kwargs):
+        model = load(*args, **kwargs)
+        to, dequantize = model.to, model.dequantize
+        model.to = lambda *a, **k: calls.append(("to", a, k)) or to(*a, **k)
+        model.dequantize = lambda *a, **k: calls.append(("dequantize",)) or dequantize(*a, **k)
+        return model
+
+    monkeypatch.setattr(recipes.merge, "load_base_model", recorded)
+    assert align(["merge", f"adapter={out}", f"output={tmp_path / 'merged'}", "run.wandb=disabled"]) == 0
+    assert calls[:2] == [("to", ("cpu",), {}), ("dequantize",)], calls
+    assert json.loads((tmp_path / "merged" / "align.json").read_text())["merged_into"] == "nf4"
+
+
 def test_the_merged_folder_stops_at_the_end_of_turn_sft_taught(tiny_model, tmp_path):
     """A base without a chat template whose EOS is <|endoftext|> but whose vocabulary has <|im_end|> (SmolLM2's and
     Qwen's base models): load_tokenizer makes <|im_end|> the EOS, and SFT teaches it. The merged folder's
