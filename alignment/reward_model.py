@@ -115,11 +115,16 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
 
 
 def trained_model_config(path: str | Path) -> ModelConfig:
-    """The model.quantize and model.compute_dtype a reward model folder was trained with (its align.json);
-    unquantized and auto where it records none."""
+    """The model.quantize and model.compute_dtype a reward model folder was trained with, as they resolved where
+    it trained (its align.json: modeling.trained_model_settings), so that it scores in the dtype its held-out
+    accuracy and probes were measured in, which the gate reads; unquantized and auto where it records none."""
+    from alignment.modeling import trained_model_settings
+
     path = Path(path)
-    trained = (read_manifest(path).get("config") or {}).get("model") or {} if (path / "align.json").is_file() else {}
-    return ModelConfig(quantize=bool(trained.get("quantize", False)), compute_dtype=trained.get("compute_dtype", "auto"))
+    if not (path / "align.json").is_file():
+        return ModelConfig(quantize=False)
+    trained = trained_model_settings(read_manifest(path))
+    return ModelConfig(quantize=trained.quantize, compute_dtype=trained.compute_dtype)
 
 
 def score_head_in_fp32(model) -> None:

@@ -21,7 +21,7 @@ write, beside the base's own.
 from __future__ import annotations
 
 import logging
-import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     resolve_model_path,
+    trained_model_settings,
 )
 from alignment.preflight import check_stage
 
@@ -48,16 +49,10 @@ def trained_quantization(adapter: str | Path) -> ModelConfig | None:
     or None when its manifest says it trained on an unquantized base, or it has no manifest."""
     if not (Path(adapter) / "align.json").is_file():
         return None
-    manifest = read_manifest(adapter)
-    model = (manifest.get("config") or {}).get("model") or {}
-    plan = manifest.get("device_plan") or ""
-    if not model.get("quantize") or (plan and "4-bit" not in plan):  # without bitsandbytes the plan ran unquantized
+    trained = trained_model_settings(read_manifest(adapter))
+    if not trained.quantize:
         return None
-    dtype = model.get("compute_dtype", "auto")
-    if dtype == "auto":  # as it resolved on the machine that trained it ("... · bfloat16 compute · ...")
-        found = re.search(r"(\w+) compute", plan)
-        dtype = found[1] if found and found[1] in ("float32", "bfloat16", "float16") else "float32"
-    return ModelConfig(quantize=True, double_quant=bool(model.get("double_quant", True)), compute_dtype=dtype)
+    return replace(trained, compute_dtype="float32") if trained.compute_dtype == "auto" else trained
 
 
 def nf4_base(name: str, quantized: ModelConfig, dtype: torch.dtype):

@@ -276,7 +276,7 @@ def test_reward_on_the_policy_base_refuses_a_reward_model_of_another_sft(sft_dir
                   "min_reward_accuracy=0", "max_probe_flip_rate=1", "train.max_steps=1", "rl.rollout_prompts=4",
                   "rl.reward_on_policy_base=true", *FAST, "model.quantize=true"]) == 2
     err = capsys.readouterr().err
-    assert "(model.quantize=false, model.compute_dtype=auto), the policy runs on a 4-bit NF4 base" in err
+    assert "(model.quantize=false, model.compute_dtype=float32), the policy runs on a 4-bit NF4 base" in err
     assert "set model.quantize=false to run the policy as the reward model was trained" in err
     assert not (tmp_path / "ppo").exists()
 
@@ -298,15 +298,40 @@ def test_which_reward_models_the_policy_base_can_stand_for(sft_dir, reward_dir, 
     # On the policy's 4-bit base (or in another compute dtype) a reward model trained unquantized in fp32 scores
     # otherwise (up to 0.37 apart on the same pairs, measured): the settings to change are named.
     problem = shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=True), "ppo.")
-    assert ("was trained on an unquantized base, float32 compute (model.quantize=false, model.compute_dtype=auto), "
+    assert ("was trained on an unquantized base, float32 compute (model.quantize=false, model.compute_dtype=float32), "
             "the policy runs on a 4-bit NF4 base, float32 compute (model.quantize=true, model.compute_dtype=auto)"
             in problem)
     assert "set ppo.model.quantize=false to run the policy as the reward model was trained" in problem
     assert "ppo.rl.reward_on_policy_base=false" in problem
     problem = shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=False, compute_dtype="bfloat16"))
-    assert "set model.compute_dtype=auto to run" in problem and "model.quantize=" not in problem.split("; set")[1]
+    assert "set model.compute_dtype=float32 to run" in problem and "model.quantize=" not in problem.split("; set")[1]
     with pytest.raises(ConfigError, match="another SFT adapter"):  # the function itself refuses, model untouched
         shared_base_reward(None, reward_dir, tmp_path / "b", tiny_model, as_trained)
+
+
+def test_a_reward_model_computes_in_the_dtype_it_was_trained_in(sft_dir, reward_dir, tiny_model, monkeypatch):
+    """reward_dir trained on this CPU with model.compute_dtype=auto: in fp32 (its align.json's plan). On a GPU with
+    bf16, auto resolved again to bf16: PPO, GRPO, eval's judge and sample's selection scored it in another dtype
+    than its gate read (the quickstart's: held-out accuracy 0.70 in bf16, 0.74 as trained), and the policy's base
+    on such a GPU (auto too) was taken for the one it trained on. Its dtype is now read from where it trained."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan, trained_model_settings
+    from alignment.reward_model import shared_base_problem, trained_model_config
+
+    assert "float32 compute" in json.loads((reward_dir / "align.json").read_text())["device_plan"]
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU with bf16 (the plans only, no model)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device_plan(ModelConfig(quantize=False)).compute_dtype == torch.bfloat16  # the policy's auto here
+    assert device_plan(trained_model_config(reward_dir)).compute_dtype == torch.float32  # load_reward_model's plan
+    problem = shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=False), "ppo.")
+    assert problem and "float32 compute" in problem and "bfloat16 compute" in problem
+    assert "set ppo.model.compute_dtype=float32 to run the policy as the reward model was trained" in problem
+    assert shared_base_problem(reward_dir, sft_dir, tiny_model, ModelConfig(quantize=False, compute_dtype="float32")) is None
+    # quantize=true where bitsandbytes was missing ran unquantized, as its plan says: loaded so too
+    ran = trained_model_settings({"config": {"model": {"quantize": True, "compute_dtype": "auto"}},
+                                  "device_plan": "device cpu · unquantized base + LoRA · float32 compute"})
+    assert (ran.quantize, ran.compute_dtype) == (False, "float32")
 
 
 def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
