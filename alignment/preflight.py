@@ -19,7 +19,8 @@ What is checked:
                    unfinished and refused
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
   checkpoints      train.resume_from_checkpoint: a checkpoint folder with its files, or latest
-  the machine      train.liger, generation.backend=vllm (CUDA and the package), processes for ppo
+  the machine      train.liger, generation.backend=vllm (CUDA and the package; no DoRA adapter), processes
+                   for ppo
   serving          one base for every served adapter; an API key when host is not loopback
   store, scorer    a database URL align supports, the store existing for export; a scorer resolves
   selection        sample's selection=uncertainty: a reward model with its heads (reward_heads.safetensors)
@@ -102,6 +103,7 @@ def _sample(cfg, pending: set[str], p: str) -> None:
                              f"or pass {p}policy=<adapter or model folder>")
         check_policy(f"{p}policy (default {default})", str(default))
         _on_policys_base(p, cfg, default, "the policy sampled")
+    _vllm_takes_no_dora(cfg.generation, {f"{p}policy": cfg.policy or stage_dir(cfg.run.dir, "sft")}, p)
     _prompts(f"{p}prompts", cfg.prompts)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist=False)
     if cfg.selection == "uncertainty":
@@ -230,6 +232,9 @@ def _eval(cfg, pending: set[str], p: str) -> None:
         check_adapter(f"{p}policies.{name}", folder, tokenizer=True)
         _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
     names = list(cfg.policies or stages_of_kind("policy"))
+    _vllm_takes_no_dora(cfg.generation, {f"{p}policies.{name}": folder for name, folder in cfg.policies.items()}
+                        if cfg.policies else {f"{p}policies ({name}: default)": stage_dir(cfg.run.dir, name)
+                                              for name in names if name not in pending}, p)
     if cfg.baseline not in names:
         raise ConfigError(f"{p}baseline: {cfg.baseline!r} is not {'among the policies' if cfg.policies else 'a policy stage'}; "
                           f"allowed values: {', '.join(names)}")
@@ -285,6 +290,8 @@ def _serve(cfg, pending: set[str], p: str) -> None:
     for name, folder in models.items():
         key = f"{p}adapters.{name}" if name in (cfg.adapters or {}) else f"{p}run.dir's {name}"
         check_adapter(key, folder, tokenizer=True)
+    _vllm_takes_no_dora(cfg.generation, {f"{p}adapters.{name}" if name in (cfg.adapters or {}) else f"{p}run.dir's {name}":
+                                         folder for name, folder in models.items()}, p)
     if cfg.model.name != "auto":
         check_model(f"{p}model.name", cfg.model.name)
     shared_base(models, cfg)  # one base for all, and model.name that base
@@ -320,6 +327,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
             f"or each as accelerate launch ... -m alignment.cli <stage> run.dir={shell(cfg.run.dir)}) and "
             f"{', '.join(one_process)} with plain align")
     _later_rounds_reward(cfg)
+    _vllm_after_dora_sft(cfg)
     if "label" in cfg.stages and cfg.label == "simulate":
         check_scorer("scorer", cfg.scorer)
     if "label" in cfg.stages and cfg.label == "human":
@@ -795,6 +803,34 @@ def _backend(gen) -> None:
         from alignment.generation import check_backend
 
         check_backend(gen)
+
+
+def _vllm_takes_no_dora(gen, adapters: dict[str, str | Path], p: str) -> None:
+    """vLLM loads LoRA adapters, not DoRA ones: its PEFTHelper refuses use_dora ("vLLM does not yet support DoRA.",
+    vllm/lora/peft_helper.py), once its engine and the base have loaded. `adapters`: each key and its folder; a
+    folder that is no adapter (a model, or one a pending stage will write) is left alone."""
+    if gen.backend != "vllm":
+        return
+    for key, folder in adapters.items():
+        config = Path(folder).expanduser() / "adapter_config.json"
+        if config.is_file() and _read_json(key, config).get("use_dora"):
+            raise ConfigError(f"{key}={folder}: a DoRA adapter (use_dora in its adapter_config.json: trained with "
+                              "lora.use_dora=true), and vLLM loads none (\"vLLM does not yet support DoRA\"); use "
+                              f"{p}generation.backend=transformers")
+
+
+def _vllm_after_dora_sft(cfg) -> None:
+    """A pipeline's sample and eval (by default) generate with its SFT adapter and the ones trained on from it (dpo,
+    ppo): DoRA adapters with sft.lora.use_dora=true, refused by vLLM (_vllm_takes_no_dora) before one exists."""
+    if "sft" not in cfg.stages or not cfg.sft.lora.use_dora:
+        return
+    for stage in ("sample", "eval"):
+        section = getattr(cfg, stage)
+        if stage in cfg.stages and section.generation.backend == "vllm" and not getattr(section, "policies", None):
+            raise ConfigError(f"{stage}.generation.backend=vllm with sft.lora.use_dora=true: {stage} generates with "
+                              "the SFT adapter and those trained on from it, DoRA adapters, and vLLM loads none "
+                              f"(\"vLLM does not yet support DoRA\"); use {stage}.generation.backend=transformers, "
+                              "or sft.lora.use_dora=false")
 
 
 def _read_json(key: str, file: Path) -> dict[str, Any]:

@@ -158,3 +158,43 @@ def test_sample_with_vllm_loads_no_torch_model(fake_vllm, tiny_model, tmp_path, 
                                    load_model=False)
     assert policy.model is None and policy.base_model == json.loads(
         (folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_a_dora_adapter_is_refused_for_vllm_before_any_model_loads(tiny_model, sft_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """vLLM loads LoRA adapters only: its PEFTHelper refuses one with use_dora ("vLLM does not yet support DoRA."),
+    after the engine and the base have loaded. sample, eval and serve refuse it first, naming the key; a pipeline
+    whose SFT trains DoRA, before it trains. (The CUDA and package check passes, as on a GPU machine with vLLM.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment import generation
+
+    monkeypatch.setattr(generation, "check_backend", lambda gen: None)
+    lora = adapter(tiny_model, tmp_path / "lora", 8)
+    dora = tmp_path / "dora"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", use_dora=True)).save_pretrained(dora)
+    for f in lora.glob("tokenizer*"):
+        (dora / f.name).write_bytes(f.read_bytes())
+    (prompts := tmp_path / "prompts.jsonl").write_text('{"prompt": "How do I sync?"}\n')
+    common = [f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "generation.backend=vllm"]
+    for args, key in (
+            (["sample", f"policy={dora}", f"prompts={prompts}"], f"policy={dora}"),
+            (["eval", f"policies={{a: {lora}, b: {dora}}}", "baseline=a", f"prompts={prompts}", "scorer=length"],
+             f"policies.b={dora}"),
+            (["serve", f"adapters={{a: {lora}, b: {dora}}}"], f"adapters.b={dora}")):
+        assert align([*args, *common]) == 2, args
+        err = capsys.readouterr().err
+        assert f"{key}: a DoRA adapter" in err and "generation.backend=transformers" in err, err
+    # LoRA for vLLM, and DoRA for transformers: let through
+    from alignment.config import SampleStageConfig, ServeStageConfig, load_config
+    from alignment.preflight import check_stage
+
+    check_stage("sample", load_config(SampleStageConfig, None, [f"policy={lora}", f"prompts={prompts}", *common]))
+    check_stage("serve", load_config(ServeStageConfig, None, [f"adapters={{b: {dora}}}", *common[:2]]))
+    assert align(["pipeline", f"run.dir={tmp_path / 'p'}", "run.wandb=disabled", "stages=[sft, sample]",
+                  f"sft.model.name={tiny_model}", f"sft.data.path={sft_data}", "sft.lora.use_dora=true",
+                  f"sample.prompts={prompts}", "sample.generation.backend=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "sample.generation.backend=vllm with sft.lora.use_dora=true" in err and not (tmp_path / "p" / "sft").exists()
