@@ -57,6 +57,11 @@ class Policy:
     source: str  # the folder or name it came from
     base_model: str  # logical base name (for manifests)
     system_prompt: str | None = None  # the one it was trained with (sft.data.system_prompt): every prompt gets it
+    # How generation.backend=vllm loads the base: 4-bit as the stage's plan loads it (model.quantize), and in its
+    # model.compute_dtype ("auto": vLLM's choice). Else it sampled from the unquantized base, not the 4-bit one the
+    # adapter trained on and eval's KL ran on.
+    quantize: bool = False
+    compute_dtype: str = "auto"
 
 
 def stop_ids(tokenizer, generation_config=None) -> list[int]:
@@ -77,9 +82,10 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
     from dataclasses import replace
 
     source = str(source)
+    vllm = {"quantize": plan.quantize, "compute_dtype": model_cfg.compute_dtype}
     if not load_model:
         base_name = adapter_base_name(source) if is_adapter_dir(source) else source
-        return Policy(None, load_tokenizer(source), source, base_name, system_prompt_of(source))
+        return Policy(None, load_tokenizer(source), source, base_name, system_prompt_of(source), **vllm)
     if is_adapter_dir(source):
         from peft import PeftModel
 
@@ -97,7 +103,7 @@ def load_policy(source: str | Path, model_cfg: ModelConfig, plan: DevicePlan, *,
         model = load_base_model(replace(model_cfg, name=source), plan, training=False)
         tokenizer = load_tokenizer(source)
     model.eval()
-    return Policy(model, tokenizer, source, base_name, system_prompt_of(source))
+    return Policy(model, tokenizer, source, base_name, system_prompt_of(source), **vllm)
 
 
 @contextmanager
@@ -283,16 +289,22 @@ def check_backend(gen: GenerationConfig) -> None:
                     "or use generation.backend=transformers")
 
 
-def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int):
-    """One vLLM engine per base model folder, LoRA on, kept for every adapter on that base."""
+def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int, *, quantize: bool = False,
+                dtype: str = "auto"):
+    """One vLLM engine per base model folder (and way of loading it), LoRA on, kept for every adapter on that base.
+
+    `quantize`: the base 4-bit as QLoRA trained on it, through vLLM's bitsandbytes in-flight quantization (NF4
+    with double quantization), as `align serve` passes --quantization bitsandbytes; `dtype` its compute dtype."""
     from vllm import LLM
 
-    engine = _engines.get(base)
+    key = f"{base}|{'nf4' if quantize else 'full'}|{dtype}"
+    engine = _engines.get(key)
     if engine is None:
         engine = LLM(model=base, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2, seed=gen.seed,
-                     gpu_memory_utilization=gen.vllm_gpu_memory_utilization, dtype="auto")
+                     gpu_memory_utilization=gen.vllm_gpu_memory_utilization, dtype=dtype,
+                     quantization="bitsandbytes" if quantize else None)
         engine.align_max_lora_rank = max_lora_rank
-        _engines[base] = engine
+        _engines[key] = engine
     elif max_lora_rank > engine.align_max_lora_rank:
         from alignment import StageError
 
@@ -330,7 +342,7 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
         r = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
         rank = next((x for x in VLLM_LORA_RANKS if x >= r), r)
     base = resolve_model_path(adapter_base_name(adapter) if adapter else source)
-    engine = vllm_engine(base, gen, rank)
+    engine = vllm_engine(base, gen, rank, quantize=policy.quantize, dtype=policy.compute_dtype)
     lora = None
     if adapter:
         key = str(Path(adapter).resolve())

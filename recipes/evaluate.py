@@ -326,10 +326,12 @@ def main(cfg: EvalStageConfig) -> Path:
     # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
     model, tokenizer, base_name = load_adapters(paths, cfg)
     system_prompts = {name: system_prompt_of(path) for name, path in paths.items()}  # each policy's own
+    # generation.backend=vllm answers on the base the KL below runs on: 4-bit when it is, in model.compute_dtype
+    vllm = {"quantize": bool(getattr(model, "is_loaded_in_4bit", False)), "compute_dtype": cfg.model.compute_dtype}
     responses: dict[str, list[str]] = {}
     for name in paths:
         with folded(model, name):
-            policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name])
+            policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name], **vllm)
             responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
     kl = {name: sampled_kl(model, tokenizer, prompts, name, cfg.baseline, k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,

@@ -110,7 +110,8 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
 
     (made,) = FakeLLM.made
     assert made["model"] == tiny_model and made["enable_lora"] and made["max_lora_rank"] == 8  # r=4 → 8
-    engine = fake_vllm._engines[tiny_model]
+    assert made["quantization"] is None and made["dtype"] == "auto"  # a Policy says nothing: the base as it is
+    (engine,) = fake_vllm._engines.values()
     requests, params, lora = engine.calls[0]
     assert [r["prompt_token_ids"] for r in requests] == ids
     assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.seed) for p in params] == [
@@ -198,3 +199,31 @@ def test_a_dora_adapter_is_refused_for_vllm_before_any_model_loads(tiny_model, s
                   f"sample.prompts={prompts}", "sample.generation.backend=vllm"]) == 2
     err = capsys.readouterr().err
     assert "sample.generation.backend=vllm with sft.lora.use_dora=true" in err and not (tmp_path / "p" / "sft").exists()
+
+
+def test_vllm_loads_the_base_as_the_stage_does_4bit_and_in_its_dtype(fake_vllm, tiny_model, tmp_path, monkeypatch):
+    """model.quantize and model.compute_dtype reach vLLM's engine, as `align serve` passes them (--quantization
+    bitsandbytes, --dtype): sample drew from the unquantized base, not the 4-bit one its adapter trained on, and
+    eval's answers came from it while its KL ran on the 4-bit transformers model."""
+    from alignment.config import ModelConfig
+    from alignment.modeling import device_plan
+
+    folder = adapter(tiny_model, tmp_path / "sft", 8)
+    gen = GenerationConfig(backend="vllm", max_new_tokens=4)
+    for cfg, expected in ((ModelConfig(quantize=True, compute_dtype="bfloat16"), ("bitsandbytes", "bfloat16")),
+                          (ModelConfig(quantize=False), (None, "auto"))):
+        policy = fake_vllm.load_policy(folder, cfg, device_plan(cfg), load_model=False)  # align sample's
+        fake_vllm.generate(policy, ["How do I sync?"], gen)
+        assert (FakeLLM.made[-1]["quantization"], FakeLLM.made[-1]["dtype"]) == expected
+    assert len(fake_vllm._engines) == 2  # one engine per way of loading the base
+
+    # align eval: the policies answer through vLLM on the 4-bit base its KL model is loaded on
+    monkeypatch.setattr(fake_vllm, "check_backend", lambda gen: None)  # as on a GPU machine with vLLM
+    other = adapter(tiny_model, tmp_path / "dpo", 8)
+    (prompts := tmp_path / "prompts.jsonl").write_text('{"prompt": "How do I sync?"}\n{"prompt": "Export?"}\n')
+    FakeLLM.made = []
+    fake_vllm._engines.clear()
+    assert align(["eval", f"policies={{sft: {folder}, dpo: {other}}}", "baseline=sft", f"prompts={prompts}",
+                  "scorer=length", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "generation.backend=vllm",
+                  "generation.max_new_tokens=4", "model.quantize=true", "kl_samples=0", "bootstrap=10"]) == 0
+    assert [(m["quantization"], m["dtype"]) for m in FakeLLM.made] == [("bitsandbytes", "auto")]
