@@ -5,7 +5,8 @@
 Values are checked when the config loads (alignment.config: each numeric key's range, each
 stage's cross-field rules); this module checks what the values point at and what the machine
 can do. `align <stage>` runs it right after loading the config, before the recipe (and torch) is
-imported, so a bad input fails in a fraction of a second; each recipe's main runs it first thing
+imported, so a bad input fails in a fraction of a second (SFT's last check loads the model's tokenizer, a
+second or two); each recipe's main runs it first thing
 too, for callers that skip the CLI (the pipeline, tests), and a config object the CLI has just
 checked is not checked twice. Nothing is written here: a run directory is probed, not created.
 
@@ -18,6 +19,8 @@ What is checked:
                    they name (as model.name above), and align.json: a stage folder without one is
                    unfinished and refused
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
+  chat template    sft: the model's tokenizer loads as the recipe loads it, and its chat template renders
+                   the first example (with data.system_prompt) and the first with a system turn of its own
   checkpoints      train.resume_from_checkpoint: a checkpoint folder with its files, or latest
   the machine      train.liger, generation.backend=vllm (CUDA and the package; no DoRA adapter), processes
                    for ppo
@@ -53,7 +56,14 @@ from alignment.artifacts import (
     stages_of_kind,
 )
 from alignment.config import ConfigError
-from alignment.data import DataError, load_prompts, read_sft_examples
+from alignment.data import (
+    DataError,
+    iter_records,
+    load_prompts,
+    read_sft_examples,
+    to_prompt_completion,
+    with_system_prompt,
+)
 from alignment.embedded import model_key
 
 # The last config object checked: the CLI checks before importing the recipe, whose main checks
@@ -88,6 +98,7 @@ def _sft(cfg, pending: set[str], p: str) -> None:
         raise DataError(f"{p}data.path: {err}") from None
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
+    check_chat_template(p, cfg.model.name, cfg.data, report)  # last: it loads the tokenizer
 
 
 def _sample(cfg, pending: set[str], p: str) -> None:
@@ -499,6 +510,63 @@ def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:
                           "already in the Hugging Face cache)")
 
 
+def check_chat_template(p: str, model: str, data, report) -> None:
+    """The model's tokenizer loads as SFT loads it (alignment.modeling.load_tokenizer) and its chat template
+    renders the first training example, with data.system_prompt, and the first that opens with a system turn of
+    its own: a template that refuses the system role (Gemma's) or a conversation's order, or a
+    tokenizer with neither a template nor an EOS, is named here in one line, not by a traceback after the model
+    has loaded. `report`: read_sft_examples' report of data.path (its format; whether any example opens with a
+    system turn). The tokenizer is all that loads, and records are read only up to the ones rendered."""
+    from alignment.embedded import EMBEDDED_NAMES
+
+    if model.lower() in EMBEDDED_NAMES:  # align's own, with a template that takes every role
+        return
+    from alignment.modeling import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except Exception as err:  # the model's own files and code (a tokenizer class, sentencepiece): any failure
+        said = _first_line(err)
+        raise ConfigError(f"{p}model.name={said}" if said.startswith(f"{model}: ") else
+                          f"{p}model.name={model}: its tokenizer does not load ({said})") from None
+
+    def fails(prompt: list[dict], completion: list[dict]) -> str | None:
+        try:  # the template is the model's own code: whatever it raises is its refusal
+            tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        except Exception as err:
+            return _first_line(err)
+        return None
+
+    def examples():
+        for where, record in iter_records(data.path):
+            if isinstance(record, DataError):
+                continue  # skipped (data.on_error=skip): read_sft_examples has said so
+            try:
+                prompt, completion = to_prompt_completion(record, report.format, where)
+            except DataError:
+                continue
+            yield where, prompt, completion
+
+    refuses = f"the chat template of {p}model.name={model} refuses"
+    advice = "use a model whose chat template takes a system turn"
+    for i, (where, prompt, completion) in enumerate(examples()):
+        own_system = prompt[0]["role"] == "system"
+        if i and not own_system:
+            continue
+        problem = fails(prompt, completion)
+        if problem:
+            hint = f"; drop its system turn, or {advice}" if own_system and "system" in problem.lower() else ""
+            raise DataError(f"{p}data.path: {where}: {refuses} this example's conversation ({problem}){hint}")
+        if data.system_prompt and not own_system:
+            problem = fails(with_system_prompt(prompt, data.system_prompt), completion)
+            if problem:
+                raise ConfigError(f"{p}data.system_prompt: {refuses} a conversation opening with it ({problem}, on "
+                                  f"{where}); unset data.system_prompt, or {advice}")
+        if own_system or data.system_prompt or not (report.system or report.systems[0]):
+            return  # a system turn rendered, or none in the data: else on to the first example with one
+
+
 def check_model_folder(key: str, path: Path, *, tokenizer: bool = True) -> None:
     if not path.is_dir():
         raise ConfigError(f"{key}={path}: a file, not a model folder")
@@ -841,6 +909,12 @@ def _read_json(key: str, file: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: {file} should hold a JSON object")
     return value
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception in one line for a one-line message: its first line, else its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _tokenizer_files(key: str, path: Path, hint: str = "save the tokenizer beside the model") -> None:

@@ -3,8 +3,8 @@
 Each case goes through `alignment.cli.main(argv)` and asserts the exit code, that the message
 names the key, file and line where there is one, that the files under the test's folders are
 exactly what they were before (no stage folder, no run directory, no probe left behind), and
-that no model, tokenizer or adapter was loaded during the call (their from_pretrained refuses to
-run). The good inputs beside them pass the same checks, so the checks refuse what is wrong, not
+that no model or adapter was loaded during the call (their from_pretrained refuses to run; SFT's
+check loads the tokenizer, to render its first examples through the chat template). The good inputs beside them pass the same checks, so the checks refuse what is wrong, not
 everything. The table of cases is the one in the issue's report.
 """
 
@@ -50,9 +50,10 @@ def truncate(file: Path) -> None:
 @pytest.fixture(scope="module")
 def d(tmp_path_factory, tiny_model) -> Path:
     """Every input file and folder the cases point at, good and bad, made once."""
+    import tokenizers
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("inputs")
     jsonl(d / "good.jsonl", [GOOD] * 12)
@@ -109,6 +110,21 @@ def d(tmp_path_factory, tiny_model) -> Path:
     (d / "run_killed_sft" / "sft" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # killed mid-training
     (d / "checkpoint_without_state").mkdir()
     (d / "checkpoint_without_state" / "adapter_config.json").write_text("{}")
+    # A user's own model whose chat template refuses the system role (Gemma's does), and one whose tokenizer has
+    # neither a template nor an EOS, with data that opens with a system turn (at once, and only on line 3).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    shutil.copytree(tiny_model, d / "model_no_system")
+    tokenizer.save_pretrained(d / "model_no_system")
+    shutil.copytree(tiny_model, d / "model_no_eos")
+    for f in [*(d / "model_no_eos").glob("*token*"), *(d / "model_no_eos").glob("chat_template*")]:
+        f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {"[UNK]": 0, "sync": 1}, unk_token="[UNK]"))).save_pretrained(d / "model_no_eos")
+    jsonl(d / "system.jsonl", [{**GOOD, "system": "You are the support desk."}] * 2)
+    jsonl(d / "system_later.jsonl", [GOOD, GOOD, {**GOOD, "system": "You are the support desk."}])
     return d
 
 
@@ -198,6 +214,17 @@ CASES = [
     ("model.name offline Hub id", "sft model.name=someone/some-model data.path={d}/good.jsonl", 2,
      ["model.name=someone/some-model: not an embedded model name", "the Hugging Face Hub is unreachable (offline)",
       "local model folder was expected"]),
+    ("chat template refuses a system turn", "sft model.name={d}/model_no_system data.path={d}/system.jsonl", 2,
+     ["data.path: {d}/system.jsonl:1: the chat template of model.name={d}/model_no_system refuses this example's "
+      "conversation (System role not supported); drop its system turn, or use a model whose chat template takes"]),
+    ("... on a later record", "sft model.name={d}/model_no_system data.path={d}/system_later.jsonl", 2,
+     ["data.path: {d}/system_later.jsonl:3: the chat template of model.name={d}/model_no_system refuses"]),
+    ("... or data.system_prompt", "sft model.name={d}/model_no_system data.path={d}/good.jsonl "
+     "'data.system_prompt=Be brief.'", 2,
+     ["data.system_prompt: the chat template of model.name={d}/model_no_system refuses a conversation opening with "
+      "it (System role not supported, on {d}/good.jsonl:1); unset data.system_prompt"]),
+    ("tokenizer without template or EOS", "sft model.name={d}/model_no_eos data.path={d}/good.jsonl", 2,
+     ["model.name={d}/model_no_eos: its tokenizer has no chat template and no EOS token"]),
     ("model.name not a model folder", "sft model.name={d}/no_config data.path={d}/good.jsonl", 2,
      ["no_config: no config.json: not a transformers model folder"]),
     ("model.name truncated weights", "sft model.name={d}/truncated_model data.path={d}/good.jsonl", 2,
@@ -349,14 +376,15 @@ def snapshot(*roots: Path) -> dict[str, object]:
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    """Any from_pretrained of a model, tokenizer or adapter fails the test while it is active."""
+    """Any from_pretrained of a model or adapter fails the test while it is active. (A tokenizer loads: SFT's
+    check renders the first examples through the model's chat template.)"""
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
     def refuse(cls, *args, **kwargs):
         raise AssertionError(f"{cls.__name__}.from_pretrained ran before the inputs were checked")
 
-    for cls in (PreTrainedModel, PreTrainedTokenizerBase, PeftModel):
+    for cls in (PreTrainedModel, PeftModel):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
 
 
@@ -397,6 +425,9 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     }
     for stage, (cls, overrides) in good.items():
         check_stage(stage, load_config(cls, None, [*overrides, run]))
+    # A chat template without the system role takes data without system turns
+    check_stage("sft", load_config(C.SFTStageConfig, None, [f"model.name={d / 'model_no_system'}",
+                                                           f"data.path={d / 'good.jsonl'}", run]))
     check_stage("dpo", load_config(C.DPOStageConfig, None, [f"run.dir={d / 'run_with_sft'}",
                                                            f"data.path={d / 'prefs.jsonl'}"]))
     # People label and eval is judged by the reward model trained before it, whatever order `stages` lists them in
