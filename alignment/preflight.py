@@ -19,6 +19,8 @@ What is checked:
                    they name (as model.name above), and align.json: a stage folder without one is
                    unfinished and refused
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
+  positions        a model with a table of learned positions (GPT-2's n_positions): model.max_length within
+                   it, and for sample, eval and ppo each prompt (tokenized only then) with max_new_tokens
   chat template    sft: the model's tokenizer loads as the recipe loads it, and its chat template renders
                    the first example (with data.system_prompt) and the first with a system turn of its own
   checkpoints      train.resume_from_checkpoint: a checkpoint folder with its files, or latest
@@ -90,6 +92,7 @@ def _sft(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
     check_model(f"{p}model.name", cfg.model.name)
     check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
+    check_max_length(f"{p}model.max_length", cfg.model.max_length, cfg.model.name)
     try:
         report = read_sft_examples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)[2]
         if report.held_out:  # trained against it: a bad record there is as fatal as one in train
@@ -115,7 +118,10 @@ def _sample(cfg, pending: set[str], p: str) -> None:
         check_policy(f"{p}policy (default {default})", str(default))
         _on_policys_base(p, cfg, default, "the policy sampled")
     _vllm_takes_no_dora(cfg.generation, {f"{p}policy": cfg.policy or stage_dir(cfg.run.dir, "sft")}, p)
-    _prompts(f"{p}prompts", cfg.prompts)
+    prompts = _prompts(f"{p}prompts", cfg.prompts)
+    # The SFT still to run in a pipeline: on model.name, its base
+    policy = cfg.policy or (cfg.model.name if "sft" in pending else stage_dir(cfg.run.dir, "sft"))
+    check_generation_fits(p, policy, prompts, cfg.prompts, cfg.generation.max_new_tokens)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist=False)
     if cfg.selection == "uncertainty":
         check_selection_model(f"{p}selection_reward_model", cfg.selection_reward_model, cfg.run.dir)
@@ -171,6 +177,8 @@ def _reward(cfg, pending: set[str], p: str) -> None:
             _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "the reward model is built on the SFT "
                              "model (from_sft=true)")
         check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
+    check_max_length(f"{p}model.max_length", cfg.model.max_length,
+                     base if not cfg.from_sft or cfg.sft is not None or "sft" not in pending else cfg.model.name)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
@@ -186,6 +194,8 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
                   "reference")
     if cfg.sft is not None or "sft" not in pending:
         _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "DPO trains the SFT adapter")
+    check_max_length(f"{p}model.max_length", cfg.model.max_length, _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
+                     if cfg.sft is not None or "sft" not in pending else cfg.model.name)
     _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
@@ -228,6 +238,9 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
         check_shared_base(Path(cfg.reward_model or stage_dir(cfg.run.dir, "reward")), sft,
                           _adapter_base(sft) if sft else cfg.model.name, cfg.model, p)
     prompts = _prompts(f"{p}prompts", cfg.prompts)
+    fresh = cfg.sft == "none" or (cfg.sft is None and not default_sft.exists())  # a fresh LoRA, or a pending SFT's
+    check_generation_fits(p, cfg.model.name if fresh else cfg.sft or default_sft, prompts, cfg.prompts,
+                          cfg.generation.max_new_tokens)
     n = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     if cfg.algo == "ppo" and rl.rollout_prompts > n:
         raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts}: a rollout takes that many different prompts, "
@@ -249,7 +262,10 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     if cfg.baseline not in names:
         raise ConfigError(f"{p}baseline: {cfg.baseline!r} is not {'among the policies' if cfg.policies else 'a policy stage'}; "
                           f"allowed values: {', '.join(names)}")
-    _prompts(f"{p}prompts", cfg.prompts)
+    prompts = _prompts(f"{p}prompts", cfg.prompts)
+    folders = list((cfg.policies or {}).values()) or [stage_dir(cfg.run.dir, s) for s in names]
+    for policy in dict.fromkeys(str(f) if Path(f).exists() else cfg.model.name for f in folders):
+        check_generation_fits(p, policy, prompts, cfg.prompts, cfg.generation.max_new_tokens)  # (a stage to run: its base)
     if cfg.reward_model not in (None, "none"):
         check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
     elif cfg.reward_model is None and "reward" not in pending and stage_dir(cfg.run.dir, "reward").exists():
@@ -565,6 +581,83 @@ def check_chat_template(p: str, model: str, data, report) -> None:
                                   f"{where}); unset data.system_prompt, or {advice}")
         if own_system or data.system_prompt or not (report.system or report.systems[0]):
             return  # a system turn rendered, or none in the data: else on to the first example with one
+
+
+# Model types whose positions are a table of so many rows (learned; CTRL's fixed sinusoids): a longer sequence
+# indexes past its end, an IndexError in the embedding mid-training. Rotary (Llama, Qwen, Mistral, GPT-NeoX)
+# and ALiBi (BLOOM) models have no table: past max_position_embeddings they degrade, they do not fail.
+TABLE_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt", "openai-gpt", "ctrl"}
+
+
+def position_limit(model: str | Path) -> tuple[int, str] | None:
+    """(how many positions, the config.json key that says so) of a model with a table of positions, read from its
+    folder or the Hugging Face cache; None for any other model, or one whose config is not here to read."""
+    file = Path(model).expanduser() / "config.json"
+    if not file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(model), "config.json")
+        except Exception:  # not a Hub id (an embedded name): nothing cached under it
+            return None
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") not in TABLE_POSITIONS:
+        return None
+    key = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
+    return (config[key], key) if key else None
+
+
+def check_max_length(key: str, max_length: int, model: str) -> None:
+    """model.max_length within the positions of a model with a table of them (GPT-2's n_positions)."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit[0]:
+        raise ConfigError(f"{key}={max_length}: {model} has positions for {limit[0]} tokens ({limit[1]} in its "
+                          "config.json: a table of learned positions, and a longer example has none to embed); "
+                          f"set {key}={limit[0]} or less")
+
+
+def check_generation_fits(p: str, policy: str | Path, prompts: list[str], source: str, max_new_tokens: int) -> None:
+    """Each prompt (chat template and the policy's system prompt around it) with generation.max_new_tokens after it
+    within the positions of a policy (an adapter or model folder, a model name) on a base with a table of them
+    (check_max_length). The prompts are tokenized only for such a base."""
+    folder = Path(policy).expanduser()
+    base = _adapter_base(folder) if (folder / "adapter_config.json").is_file() else str(policy)
+    limit = position_limit(base) if base else None
+    if limit is None:
+        return
+    key = f"{p}generation.max_new_tokens"
+    if max_new_tokens >= limit[0]:
+        raise ConfigError(f"{key}={max_new_tokens}: {base} has positions for {limit[0]} tokens ({limit[1]} in its "
+                          f"config.json), prompt and answer together; set {key} well below {limit[0]}")
+    from alignment.artifacts import system_prompt_of
+    from alignment.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder if folder.is_dir() else policy))
+    system = system_prompt_of(folder if folder.is_dir() else None)
+    opening = [{"role": "system", "content": system}] if system else []
+
+    def length(prompt: str) -> int:
+        ids = tokenizer.apply_chat_template([*opening, {"role": "user", "content": prompt}], tokenize=True,
+                                            add_generation_prompt=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    lengths = [length(prompt) for prompt in dict.fromkeys(prompts)]
+    longest = max(lengths)
+    if longest + max_new_tokens > limit[0]:
+        over = sum(n + max_new_tokens > limit[0] for n in lengths)
+        fix = (f"lower {key} to {limit[0] - longest} or less, or shorten those prompts" if longest < limit[0]
+               else "shorten or drop those prompts")
+        raise ConfigError(f"{key}={max_new_tokens}: {over} of the {len(lengths)} prompts of {source} leave fewer than "
+                          f"{max_new_tokens} of the {limit[0]} positions of {base} for the answer ({limit[1]} in its "
+                          "config.json: a table of learned positions; the longest prompt is "
+                          f"{longest} tokens in {policy}'s chat template{' with its system prompt' if system else ''}); "
+                          f"{fix}")
 
 
 def check_model_folder(key: str, path: Path, *, tokenizer: bool = True) -> None:

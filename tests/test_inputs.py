@@ -123,6 +123,13 @@ def d(tmp_path_factory, tiny_model) -> Path:
         f.unlink()
     PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(
         {"[UNK]": 0, "sync": 1}, unk_token="[UNK]"))).save_pretrained(d / "model_no_eos")
+    # GPT-2 with a table of 32 learned positions: a longer sequence has none to embed
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+                    ).save_pretrained(d / "gpt2_32_positions")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(d / "gpt2_32_positions")
+    jsonl(d / "long_prompts.jsonl", [{"prompt": "How do I sync?"}, {"prompt": "How do I sync my notes? " * 4}])
     jsonl(d / "system.jsonl", [{**GOOD, "system": "You are the support desk."}] * 2)
     jsonl(d / "system_later.jsonl", [GOOD, GOOD, {**GOOD, "system": "You are the support desk."}])
     return d
@@ -225,6 +232,15 @@ CASES = [
       "it (System role not supported, on {d}/good.jsonl:1); unset data.system_prompt"]),
     ("tokenizer without template or EOS", "sft model.name={d}/model_no_eos data.path={d}/good.jsonl", 2,
      ["model.name={d}/model_no_eos: its tokenizer has no chat template and no EOS token"]),
+    ("max_length past GPT-2's positions", "sft model.name={d}/gpt2_32_positions data.path={d}/good.jsonl", 2,
+     ["model.max_length=512: {d}/gpt2_32_positions has positions for 32 tokens (n_positions in its config.json",
+      "set model.max_length=32 or less"]),
+    ("max_new_tokens past them", "sample policy={d}/gpt2_32_positions prompts={d}/prompts.jsonl", 2,
+     ["generation.max_new_tokens=96: {d}/gpt2_32_positions has positions for 32 tokens"]),
+    ("a prompt and its answer past them", "sample policy={d}/gpt2_32_positions prompts={d}/long_prompts.jsonl "
+     "generation.max_new_tokens=8", 2,
+     ["generation.max_new_tokens=8: 1 of the 2 prompts of {d}/long_prompts.jsonl leave fewer than 8 of the 32 "
+      "positions of {d}/gpt2_32_positions for the answer", "the longest prompt is", "shorten or drop those prompts"]),
     ("model.name not a model folder", "sft model.name={d}/no_config data.path={d}/good.jsonl", 2,
      ["no_config: no config.json: not a transformers model folder"]),
     ("model.name truncated weights", "sft model.name={d}/truncated_model data.path={d}/good.jsonl", 2,
@@ -425,6 +441,12 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     }
     for stage, (cls, overrides) in good.items():
         check_stage(stage, load_config(cls, None, [*overrides, run]))
+    # GPT-2's positions hold an example of model.max_length, and a prompt with its answer
+    check_stage("sft", load_config(C.SFTStageConfig, None, [f"model.name={d / 'gpt2_32_positions'}",
+                                                           f"data.path={d / 'good.jsonl'}", "model.max_length=32", run]))
+    check_stage("sample", load_config(C.SampleStageConfig, None, [f"policy={d / 'gpt2_32_positions'}", run,
+                                                                 f"prompts={d / 'prompts.jsonl'}",
+                                                                 "generation.max_new_tokens=4"]))
     # A chat template without the system role takes data without system turns
     check_stage("sft", load_config(C.SFTStageConfig, None, [f"model.name={d / 'model_no_system'}",
                                                            f"data.path={d / 'good.jsonl'}", run]))
