@@ -48,11 +48,13 @@ class LoadReport:
     earlier_turns: int = 0  # assistant turns before a conversation's last: examples of their own (turns=all)
     held_out: str | None = None  # a DatasetDict folder's held-out split (HELD_OUT_SPLITS), read with split=held_out
     ignored: list[str] = field(default_factory=list)  # its other splits, which nothing reads
-    # Without system_prompt: the system turn every example opens with (a `system` field or the conversation's own),
-    # which the SFT manifest records so later stages prompt with it; else None, and `systems` counts the examples
-    # that open with one and how many different ones they are (later stages prompt without any).
+    # The system turn every example opens with (system_prompt, a `system` field or the conversation's own), which
+    # the SFT manifest records so later stages prompt with it; else None, and `systems` counts the examples that
+    # open with one and how many different ones they are. `own_system`: with system_prompt, the examples that
+    # open with a system turn of their own instead (it is kept, not replaced): with every one, system is theirs.
     system: str | None = None
     systems: tuple[int, int] = (0, 0)
+    own_system: int = 0
     # Per example, the key split_by_prompt keeps on one side: its conversation's last prompt (an earlier
     # turn's example has its conversation's, so a conversation is never split).
     conversations: list[str] = field(default_factory=list, repr=False)
@@ -472,12 +474,13 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
     report.used = len(prompts)
     if not prompts:
         raise no_records(report.path, report.skipped, report.problems)
-    if not system_prompt:
-        opening = [p[0]["content"] if p and p[0]["role"] == "system" else None for p in prompts]
-        if opening[0] is not None and opening.count(opening[0]) == len(opening):
-            report.system = opening[0]
-        else:
-            report.systems = (sum(o is not None for o in opening), len({o for o in opening if o is not None}))
+    opening = [p[0]["content"] if p and p[0]["role"] == "system" else None for p in prompts]
+    if opening[0] is not None and opening.count(opening[0]) == len(opening):
+        report.system = opening[0]
+    else:
+        report.systems = (sum(o is not None for o in opening), len({o for o in opening if o is not None}))
+    if system_prompt:
+        report.own_system = sum(o != system_prompt for o in opening)
     return prompts, completions, report
 
 
@@ -493,7 +496,16 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
         log.warning("%s: ignoring splits %s (only train%s are used)", path, report.ignored,
                     f", and {report.held_out} as the held-out set," if report.held_out else "")
     with_system, different = report.systems
-    if with_system and split == "train":
+    if report.own_system and split == "train" and report.system is not None:
+        log.warning("%s: every example opens with a system turn of its own, which data.system_prompt does not "
+                    "replace: none trained with data.system_prompt. The one they share is recorded as the policy's "
+                    "system prompt instead, for later stages (sample, dpo, reward, eval, serve) to prompt with: %r",
+                    path, report.system)
+    elif report.own_system and split == "train":
+        log.warning("%s: %d of %d examples open with a system turn of their own (which data.system_prompt does not "
+                    "replace); later stages (sample, dpo, reward, eval, serve) prompt the policy with data.system_prompt, "
+                    "as the other %d trained", path, report.own_system, len(prompts), len(prompts) - report.own_system)
+    elif with_system and split == "train" and not system_prompt:
         log.warning("%s: %d of %d examples open with a system turn (%d different ones): later stages (sample, dpo, "
                     "reward, eval, serve) prompt the policy without one; set data.system_prompt to the one they "
                     "should use", path, with_system, len(prompts), different)

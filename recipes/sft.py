@@ -187,9 +187,10 @@ def main(cfg: SFTStageConfig) -> Path:
     write_manifest(
         out, stage="sft", config=to_dict(cfg), base_model=cfg.model.name,
         parents={}, metrics=metrics, device_plan=levers, gpu_peak_mib=peak_gpu_mib(),
-        # Every later stage prompts this policy with it (system_prompt_of): data.system_prompt, else the system turn
-        # every training example opens with (records' `system` field or their own system message).
-        system_prompt=cfg.data.system_prompt or data_report.system,
+        # Every later stage prompts this policy with it (system_prompt_of): the system turn every training example
+        # opens with (data.system_prompt, records' `system` field or their own system message), else
+        # data.system_prompt (some examples kept their own: warned about), else none.
+        system_prompt=data_report.system if data_report.system is not None else cfg.data.system_prompt,
         data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": cut,
               "dropped_prompt_too_long": counts["dropped"], "train": counts["train"], "eval": counts["eval"],

@@ -81,7 +81,23 @@ def test_the_system_turn_every_example_opens_with_is_reported_and_different_ones
         {"system": "Answer in French.", "messages": [*USER, *ASSISTANT]},
         {"messages": [{"role": "system", "content": "Answer in French."}, *USER, *ASSISTANT]}])
     assert load_sft_dataset(same)[1].system == "Answer in French."
-    assert load_sft_dataset(same, system_prompt="Be brief.")[1].system is None  # data.system_prompt is recorded
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "How do I export a note?", "completion": "File > Export."}])
+    assert load_sft_dataset(plain, system_prompt="Be brief.")[1].system == "Be brief."
+    # data.system_prompt does not replace an example's own system turn: with every example keeping one, none trained
+    # with it, and the one they share is the policy's system prompt; with some, they are counted and warned about
+    with caplog.at_level("WARNING"):
+        assert load_sft_dataset(same, system_prompt="Be brief.")[1].system == "Answer in French."
+        _, report = load_sft_dataset(write_jsonl(tmp_path / "some.jsonl", [
+            {"system": "Answer in French.", "prompt": "How do I export a note?", "completion": "Fichier > Exporter."},
+            {"prompt": "How do I export a note?", "completion": "File > Export."},
+            {"prompt": "How do I sync?", "completion": "Tap Sync."}]), system_prompt="Be brief.")
+    assert report.system is None and report.own_system == 1
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "every example opens with a system turn of its own" in warned[0], warned
+    assert "none trained with data.system_prompt" in warned[0] and "'Answer in French.'" in warned[0]
+    assert "1 of 3 examples open with a system turn of their own" in warned[1]
+    assert "prompt the policy with data.system_prompt, as the other 2 trained" in warned[1]
+    caplog.clear()
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
         {"system": "Answer in French.", "prompt": "How do I export a note?", "completion": "Fichier > Exporter."},
         {"system": "Answer in German.", "prompt": "How do I export a note?", "completion": "Datei > Exportieren."},
@@ -92,7 +108,6 @@ def test_the_system_turn_every_example_opens_with_is_reported_and_different_ones
     warned = [r.getMessage() for r in caplog.records if "system turn" in r.getMessage()]
     assert len(warned) == 1 and "2 of 3 examples open with a system turn (2 different ones)" in warned[0]
     assert "data.system_prompt" in warned[0]
-    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "How do I export a note?", "completion": "File > Export."}])
     caplog.clear()
     assert load_sft_dataset(plain)[1].system is None and not caplog.records
 

@@ -182,3 +182,14 @@ def test_without_data_system_prompt_sft_records_the_system_turn_every_example_op
     assert align(["sft", f"model.name={tiny_model}", f"data.path={sft}", f"run.dir={tmp_path / 'run'}",
                   "train.max_steps=1", "data.eval_fraction=0", *FAST]) == 0
     assert system_prompt_of(tmp_path / "run" / "sft") == SYSTEM
+
+
+def test_data_system_prompt_that_no_example_trained_with_is_not_recorded(tiny_model, tmp_path):
+    """Examples that each open with their own system turn keep it (data.system_prompt does not replace it): the
+    policy never saw data.system_prompt, so align.json records the turn it trained with, not data.system_prompt."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"system": SYSTEM, "instruction": f"Ticket {i}: where is Sync?",
+                                         "output": "Open Settings, then tap Sync."}) for i in range(4)) + "\n")
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={sft}", f"run.dir={tmp_path / 'run'}",
+                  "data.system_prompt=You are a pirate.", "train.max_steps=1", "data.eval_fraction=0", *FAST]) == 0
+    assert system_prompt_of(tmp_path / "run" / "sft") == SYSTEM
