@@ -552,17 +552,26 @@ def no_records(path: str | Path, skipped: int, problems: list[str], what: str = 
     return DataError(f"{path}: no {what} in it (empty)")
 
 
+# What a prompts file's record may be (sample, eval, ppo), for the error that names the one it is not.
+PROMPT_RECORDS = ('{"prompt": "..."}, TRL\'s prompt-only {"prompt": [messages]}, {"messages": [...]} ending with the '
+                  "user's turn, or an SFT record (alpaca, {messages}, {prompt, completion}: its last user message)")
+
+
 def load_prompts(path: str | Path) -> list[str]:
-    """Prompts for sampling/eval: {"prompt": str} JSONL, or any SFT format (its user turn)."""
+    """Prompts for sampling/eval: {"prompt": str} JSONL, TRL's prompt-only {"prompt": [messages]}, {"messages"}
+    ending with the user's turn, or any SFT format: of a conversation, its last user message."""
     prompts: list[str] = []
     fmt, cut = None, 0
     for where, record in iter_records(path):
         if isinstance(record, DataError):
             raise record
-        if isinstance(record, dict) and "prompt" in record and "completion" not in record:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {json_kind(record)}; a prompts file holds "
+                            f"{PROMPT_RECORDS}")
+        if "prompt" in record and "completion" not in record and not isinstance(record["prompt"], list):
             text = record["prompt"]
             if not isinstance(text, str):
-                raise DataError(f"{where}: field 'prompt' must be a string, got {json_kind(text)}")
+                raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, got {json_kind(text)}")
             if not text.strip():
                 raise DataError(f"{where}: field 'prompt' is empty")
             if record.get("system"):  # a prompt here is one user message: nowhere to put it
@@ -571,11 +580,23 @@ def load_prompts(path: str | Path) -> list[str]:
                                 "say it in the prompt")
             prompts.append(text)
             continue
-        fmt = fmt or detect_format(record, where)
-        prompt, _ = to_prompt_completion(record, fmt, where)
+        if "prompt" in record and "completion" not in record:  # TRL's conversational prompt-only: the turns so far
+            prompt = _with_system_field(record, _messages(record["prompt"], where, "prompt"), where, "prompt")
+        elif "messages" in record and _ends_with_user(record["messages"]):  # a conversation waiting for its answer
+            prompt = _with_system_field(record, _messages(record["messages"], where, "messages"), where, "messages")
+        else:
+            if fmt is None:
+                try:
+                    fmt = detect_format(record, where)
+                except DataError:
+                    raise DataError(f"{where}: cannot tell the prompt (keys: {', '.join(sorted(record)) or 'none'}); "
+                                    f"a prompts file holds {PROMPT_RECORDS}") from None
+            prompt, _ = to_prompt_completion(record, fmt, where)
         user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
         if user is None:
             raise DataError(f"{where}: no user message to use as the prompt")
+        if not user.strip():
+            raise DataError(f"{where}: the last user message, the prompt, is empty")
         cut += any(m["role"] != "user" or m["content"] != user for m in prompt)
         prompts.append(user)
     if not prompts:
@@ -585,3 +606,8 @@ def load_prompts(path: str | Path) -> list[str]:
                     "message): only that message is the prompt, without them. Prompts are single-turn: give a "
                     "{\"prompt\": ...} JSONL that says each in full to sample or evaluate on it", path, cut, len(prompts))
     return prompts
+
+
+def _ends_with_user(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) and \
+        messages[-1].get("role") == "user"

@@ -241,6 +241,27 @@ def test_prompts_from_prompt_file_and_from_sft_data(tmp_path, caplog):
         load_prompts(write_jsonl(tmp_path / "p3.jsonl", [{"prompt": "a"}, {"prompt": "b", "system": "Be brief."}]))
 
 
+def test_prompts_from_chat_records_that_end_with_the_users_turn(tmp_path, caplog):
+    """A conversation waiting for its answer ({messages} ending with the user's turn, TRL's prompt-only
+    {"prompt": [messages]}) gives its last user message, as an SFT record does; it was refused as an SFT record
+    without its answer ("the last message must be the assistant's")."""
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I export a note?"}
+    caplog.set_level("WARNING")
+    assert load_prompts(write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [system, user]}, {"messages": [{"role": "user", "content": "Refund please"}]}])) == [
+        "How do I export a note?", "Refund please"]
+    assert "1 of 2 records have turns before their last user message" in caplog.text
+    caplog.clear()
+    assert load_prompts(write_jsonl(tmp_path / "trl.jsonl", [{"prompt": [user]}, {"prompt": "Sync?"}])) == [
+        "How do I export a note?", "Sync?"]
+    assert not caplog.records
+    with pytest.raises(DataError, match=r"e.jsonl:1: the last user message, the prompt, is empty"):
+        load_prompts(write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": " "}]}]))
+    with pytest.raises(DataError, match=r"q.jsonl:1: cannot tell the prompt \(keys: question\); a prompts file holds "
+                                        r"\{\"prompt\": \"...\"\}, TRL's prompt-only"):
+        load_prompts(write_jsonl(tmp_path / "q.jsonl", [{"question": "How do I sync?"}]))
+
+
 def test_utf8_with_bom_and_a_line_separator_inside_a_string(tmp_path):
     """JSON lines split at newlines only: U+2028 is legal inside a JSON string (str.splitlines broke it)."""
     path = tmp_path / "a.jsonl"

@@ -212,7 +212,7 @@ CASES = [
     ("chosen == rejected", "reward from_sft=false model.name={tiny} data.path={d}/prefs_same.jsonl", 2,
      ["prefs_same.jsonl:2: chosen and rejected are identical"]),
     ("prompt not a string", "sample policy={d}/adapter prompts={d}/prompt_number.jsonl", 2,
-     ["prompts: ", "prompt_number.jsonl:2: field 'prompt' must be a string, got number"]),
+     ["prompts: ", "prompt_number.jsonl:2: field 'prompt' must be a string or a list of messages, got number"]),
     ("rollout > prompts", "ppo sft={d}/adapter scorer=length prompts={d}/prompts3.jsonl", 2,
      ["rl.rollout_prompts=8: a rollout takes that many different prompts", "prompts3.jsonl gives 3"]),
     # --- models, adapters, checkpoints, folders
