@@ -7,8 +7,10 @@ Accepted for SFT (format detected from the first record unless given):
 each with an optional "system" (a leading system turn), and alpaca with LLaMA-Factory's "history"
 ([[query, response], ...], the turns before the instruction: trained as a conversation's are, data.turns)
 from .json / .jsonl files (UTF-8, a BOM allowed), .parquet files, or a `datasets.save_to_disk`
-folder (a DatasetDict: its train split, and its test, else validation, split as the held-out set);
-any other suffix, a folder that is not a dataset and an empty dataset are named errors.
+folder (a DatasetDict: its train split, else train_sft, else its only train* split, and that name with
+test, else validation, as the held-out set: test_sft beside train_sft); any other suffix, a folder that
+is not a dataset and an empty dataset are named errors. Data is local only: a Hub dataset id is told to
+be saved with `load_dataset(id).save_to_disk(folder)` first.
 
 Everything becomes TRL's conversational prompt/completion form, so the chat template is applied
 to every example and the loss falls on the completion only. A bad record (not UTF-8, not JSON, half a
@@ -46,7 +48,8 @@ class LoadReport:
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
     earlier_turns: int = 0  # assistant turns before a conversation's last: examples of their own (turns=all)
-    held_out: str | None = None  # a DatasetDict folder's held-out split (HELD_OUT_SPLITS), read with split=held_out
+    held_out: str | None = None  # a DatasetDict folder's held-out split (split_roles), read with split=held_out
+    train_split: str = "train"  # the DatasetDict split trained on (split_roles: train, train_sft, ...)
     ignored: list[str] = field(default_factory=list)  # its other splits, which nothing reads
     # The system turn every example opens with (system_prompt, a `system` field or the conversation's own), which
     # the SFT manifest records so later stages prompt with it; else None, and `systems` counts the examples that
@@ -87,23 +90,61 @@ def json_kind(value: Any) -> str:
 HELD_OUT_SPLITS = ("test", "validation")
 
 
+def split_roles(splits: list[str], conventional: str = "train_sft") -> tuple[str | None, str | None]:
+    """(the split to train on, its held-out split or None) of a DatasetDict's splits; (None, None) when none is.
+
+    train, else `conventional` (the names of Hugging Face H4's datasets: UltraFeedback's train_sft for SFT and
+    train_prefs for preferences, UltraChat's train_sft), else the only split whose name starts with train. Held
+    out: that name with test, else validation, in place of train (test_prefs beside train_prefs)."""
+    train = "train" if "train" in splits else conventional if conventional in splits else None
+    if train is None:
+        named = [s for s in splits if s.startswith("train")]
+        train = named[0] if len(named) == 1 else None
+    if train is None:
+        return None, None
+    return train, next((train.replace("train", h, 1) for h in HELD_OUT_SPLITS if train.replace("train", h, 1) in splits),
+                       None)
+
+
+def no_train_split(path: str | Path, splits: list[str]) -> DataError:
+    """The error for a DatasetDict with no split split_roles trains on."""
+    return DataError(f"{path}: a DatasetDict without a 'train' split (has {splits}), and not one split named train* "
+                     f"to train on instead; pass the folder of the split to train on, data.path={Path(path) / '<split>'} "
+                     "(a held-out set is then cut from it)")
+
+
+def missing(path: str | Path, hint: str = "") -> DataError:
+    """The error for a data path that is not there; a Hugging Face Hub dataset id (owner/name) is told how to
+    save it to a folder: align reads local data only (its stages hand data on as local artifacts)."""
+    text = str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and Path(text).suffix.lower() not in SUFFIXES:
+        name = text.split("/")[1]
+        hint += (f"; if it is a Hugging Face Hub dataset id: align reads local files and folders only, so save it "
+                 f"once where the Hub is reachable, python -c \"from datasets import load_dataset; "
+                 f"load_dataset('{text}').save_to_disk('data/{name}')\", and pass data/{name} instead")
+    return DataError(f"{path}: no such file or folder{hint}")
+
+
 def iter_records(path: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Yield (location, record) pairs; location is 'file:line' or 'folder row N' ('folder test row N').
 
     A line that cannot be read (not UTF-8, not JSON) is yielded as a DataError in place of its
     record, so that `on_error=skip` can skip it; a file that cannot be read at all raises one.
-    `split` other than train: that split of a DatasetDict folder, and nothing from anything else.
+    `split` other than train: that split of a DatasetDict folder, and nothing from anything else; train is the
+    one split_roles trains on (train, else train_sft, else the only train* split).
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+        raise missing(path)
     if path.is_dir():
         from datasets import DatasetDict
 
         ds = load_dataset_folder(path)
         if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(ds)})")
+            train = split_roles(list(ds))[0]
+            if train is None:
+                raise no_train_split(path, list(ds))
+            split = train if split == "train" else split
             ds = ds.get(split, [])
         elif split != "train":
             return
@@ -442,8 +483,10 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
     report of its train names the held-out one, `held_out`)."""
     report = LoadReport(str(path) if split == "train" else f"{path} {split}", fmt)
     splits = folder_splits(path) if split == "train" else []
-    report.held_out = next((s for s in HELD_OUT_SPLITS if s in splits), None)
-    report.ignored = [s for s in splits if s not in ("train", report.held_out)]
+    if splits:
+        train, report.held_out = split_roles(splits)
+        report.train_split = train or "train"  # none: iter_records says so
+    report.ignored = [s for s in splits if s not in (report.train_split, report.held_out)]
     prompts, completions = [], []
     for where, record in iter_records(path, split):
         try:
@@ -493,7 +536,7 @@ def load_sft_dataset(path: str | Path, fmt: str = "auto", *, system_prompt: str 
                                                      turns=turns, split=split)
     log.info(report.summary())
     if report.ignored:
-        log.warning("%s: ignoring splits %s (only train%s are used)", path, report.ignored,
+        log.warning("%s: ignoring splits %s (only %s%s are used)", path, report.ignored, report.train_split,
                     f", and {report.held_out} as the held-out set," if report.held_out else "")
     with_system, different = report.systems
     if report.own_system and split == "train" and report.system is not None:

@@ -2,7 +2,8 @@
 
 Accepted, for `align reward` and `align dpo`:
   a `datasets.save_to_disk` folder (what `align export` writes): a DatasetDict with train[/test]
-  splits (no test: validation is the held-out split, as in SFT), or a single Dataset;
+  splits (no test: validation is the held-out split, as in SFT; no train: UltraFeedback's
+  train_prefs/test_prefs, or the only train* split and its test*), or a single Dataset;
   .jsonl, .json (a list or JSON lines) and .parquet files, one pair per record.
 
 A record has `prompt`, `chosen`, `rejected`, each a string or a list of chat messages
@@ -38,13 +39,15 @@ from typing import Any
 from torch.utils.data import Sampler
 
 from alignment.data import (
-    HELD_OUT_SPLITS,
     DataError,
     _with_system_field,
     iter_records,
     json_kind,
     load_dataset_folder,
+    missing,
     no_records,
+    no_train_split,
+    split_roles,
     with_system_prompt,
 )
 from labeling.export import split_by_prompt  # the export's rule: every prompt on one side only
@@ -208,15 +211,16 @@ def _iter_folder(path: Path) -> Iterator[tuple[str, str, Any]]:
 
     ds = load_dataset_folder(path)
     splits = dict(ds) if isinstance(ds, DatasetDict) else {"train": ds} if isinstance(ds, Dataset) else {}
-    if "train" not in splits:
-        raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(splits)})")
-    # SFT's rule (HELD_OUT_SPLITS): the held-out pairs are `test`, else `validation`, as given.
-    held_out = next((s for s in HELD_OUT_SPLITS if s in splits), None)
-    unknown = [s for s in splits if s not in ("train", held_out)]
+    # SFT's rule (split_roles), with UltraFeedback's train_prefs as the conventional name: the held-out pairs are
+    # that name with test, else validation (test_prefs), as given.
+    train, held_out = split_roles(list(splits), "train_prefs")
+    if train is None:
+        raise no_train_split(path, list(splits))
+    unknown = [s for s in splits if s not in (train, held_out)]
     if unknown:
-        log.warning("%s: ignoring splits %s (only train%s are used)", path, unknown,
+        log.warning("%s: ignoring splits %s (only %s%s are used)", path, unknown, train,
                     f", and {held_out} as the held-out set," if held_out else "")
-    for split, role in (("train", "train"), (held_out, "test")):
+    for split, role in ((train, "train"), (held_out, "test")):
         for i, row in enumerate(splits.get(split, []) if split else []):
             yield role, f"{path} {split} row {i}", row
 
@@ -236,7 +240,7 @@ def read_preference_pairs(path: str | Path, *, on_error: str = "raise") -> tuple
     """Read and validate every record: ({"train": pairs, "test": pairs}, PreferenceReport), nothing split yet."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder (run `align export` first, or pass data.path=...)")
+        raise missing(path, " (run `align export` first, or pass data.path=...)")
     fmt = "dataset folder" if path.is_dir() else path.suffix.lstrip(".") or "jsonl"
     records = _iter_folder(path) if path.is_dir() else (("train", w, r) for w, r in iter_records(path))
     report = PreferenceReport(str(path), fmt)

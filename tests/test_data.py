@@ -162,6 +162,49 @@ def test_parquet_and_save_to_disk(tmp_path):
     expect_one(load_sft_dataset(tmp_path / "disk")[0])
 
 
+def test_a_hub_datasetdict_trains_on_its_train_sft_split_or_its_only_train_one(tmp_path, caplog):
+    """A Hub dataset saved with load_dataset(id).save_to_disk(folder) keeps the Hub's split names: UltraFeedback's
+    train_sft and test_sft (beside train_prefs, train_gen, ...), or a lone train_* split, train and hold out as
+    train and test do; it was refused for having no 'train'. Several train_* splits: the error says how to pick."""
+    from datasets import Dataset, DatasetDict
+
+    from alignment.data import read_sft_examples
+
+    def rows(tag: str, n: int):
+        return Dataset.from_list([{"messages": [*USER, {"role": "assistant", "content": f"{tag} {i}"}]} for i in range(n)])
+
+    DatasetDict({"train_prefs": rows("prefs", 4), "train_sft": rows("sft", 3), "test_sft": rows("held", 2),
+                 "train_gen": rows("gen", 1)}).save_to_disk(str(tmp_path / "uf"))
+    with caplog.at_level("WARNING"):
+        ds, report = load_sft_dataset(tmp_path / "uf")
+    assert [c[0]["content"] for c in ds["completion"]] == ["sft 0", "sft 1", "sft 2"]
+    assert (report.train_split, report.held_out) == ("train_sft", "test_sft")
+    assert "ignoring splits ['train_prefs', 'train_gen'] (only train_sft, and test_sft as the held-out set, are used)" \
+        in caplog.text
+    assert [c[0]["content"] for c in load_sft_dataset(tmp_path / "uf", split="test_sft")[0]["completion"]] == [
+        "held 0", "held 1"]
+    DatasetDict({"train_chat": rows("a", 2), "validation_chat": rows("b", 1)}).save_to_disk(str(tmp_path / "one"))
+    assert read_sft_examples(tmp_path / "one")[2].held_out == "validation_chat"
+    DatasetDict({"train_a": rows("a", 2), "train_b": rows("b", 1)}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(DataError, match=r"two: a DatasetDict without a 'train' split \(has \['train_a', 'train_b'\]\), "
+                                        r"and not one split named train\* to train on instead; pass the folder of the "
+                                        r"split to train on, data.path=.*two/<split>"):
+        load_sft_dataset(tmp_path / "two")
+    assert len(load_sft_dataset(tmp_path / "two" / "train_b")[0]) == 1  # as the error says: a split's own folder
+
+
+def test_a_hub_dataset_id_is_told_to_be_saved_to_a_folder_first(tmp_path, monkeypatch):
+    """align reads local data only: a Hub id (owner/name) that is no file or folder here says how to save it,
+    where it said only "no such file or folder"; a missing local file is not taken for one."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^tatsu-lab/alpaca: no such file or folder; if it is a Hugging Face Hub "
+                                        r"dataset id: align reads local files and folders only.*load_dataset\("
+                                        r"'tatsu-lab/alpaca'\).save_to_disk\('data/alpaca'\).*pass data/alpaca"):
+        load_sft_dataset("tatsu-lab/alpaca")
+    with pytest.raises(DataError, match=r"^data/train.jsonl: no such file or folder$"):
+        load_sft_dataset("data/train.jsonl")
+
+
 def test_system_prompt_is_prepended(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "How do I export a note?", "output": "x"}])
     ds, _ = load_sft_dataset(path, system_prompt="You are Lumen's support assistant.")

@@ -136,6 +136,15 @@ def test_parquet_and_save_to_disk_folders(tmp_path):
     assert (len(data["train"]), len(data["test"]), report.split) == (6, 3, "given")
     assert data["test"]["task_id"] == ["t2"] * 3
 
+    # UltraFeedback saved from the Hub (load_dataset(id).save_to_disk): its train_prefs, test_prefs held out,
+    # its SFT and generation splits ignored; it was refused for having no 'train' split.
+    DatasetDict({"train_prefs": Dataset.from_list(pairs(6)), "test_prefs": Dataset.from_list(conv[6:]),
+                 "train_sft": Dataset.from_list(pairs(2)), "test_gen": Dataset.from_list(pairs(2))}).save_to_disk(
+        str(tmp_path / "ultrafeedback"))
+    data, report = load_preferences(tmp_path / "ultrafeedback")
+    assert (len(data["train"]), len(data["test"]), report.split) == (6, 3, "given")
+    assert data["test"]["task_id"] == ["t2"] * 3
+
     # A single saved Dataset: split by prompt.
     Dataset.from_list(pairs(10)).save_to_disk(str(tmp_path / "single"))
     data, report = load_preferences(tmp_path / "single", test_fraction=0.3)
@@ -259,3 +268,10 @@ def test_a_ranking_larger_than_the_batch_fills_whole_batches():
     groups = ["big"] * 10 + ["small"] * 2
     sizes = Counter(len(b) for b in ranking_batches(groups, batch_size=4, seed=0))
     assert sum(k * v for k, v in sizes.items()) == 12 and max(sizes) == 4
+
+
+def test_a_hub_dataset_id_is_told_to_be_saved_to_a_folder_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"HuggingFaceH4/ultrafeedback_binarized: no such file or folder .*if it is a "
+                                        r"Hugging Face Hub dataset id.*save_to_disk\('data/ultrafeedback_binarized'\)"):
+        load_preferences("HuggingFaceH4/ultrafeedback_binarized")
