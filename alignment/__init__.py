@@ -1,6 +1,34 @@
 """align: RLHF and preference alignment with humans in the loop. The library the recipes share."""
 
+import os
+
 __version__ = "0.1.0"
+
+# Where a launcher puts this process's rank and the number of processes, in accelerate's order (its multi-CPU
+# state reads them so: accelerate.utils.environment.get_cpu_distributed_information): torchrun's and DeepSpeed's
+# RANK, then MPI's (Intel MPI and MPICH, Open MPI, MVAPICH), which `accelerate launch --cpu --mpirun_hostfile`
+# gives instead; accelerate copies the rank into RANK only once its state exists. Read here rather than asked of
+# accelerate: the CLI sets up its log before torch is imported, and asking would open the process group.
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _launcher_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value and int(value) >= 0:
+            return int(value)
+    return default
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` (torchrun, DeepSpeed or mpirun); 0 for a plain process."""
+    return _launcher_int(RANK_VARS, 0)
+
+
+def process_count() -> int:
+    """How many processes the launcher started (1 for a plain process)."""
+    return _launcher_int(WORLD_SIZE_VARS, 1)
 
 
 class StageError(RuntimeError):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment import StageError
+from alignment import StageError, process_rank
 from alignment.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def is_main_process() -> bool:
 
     Artifacts, manifests, reports, W&B and the labelling store are written by rank 0 only.
     """
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank() == 0
 
 
 def git_commit() -> str | None:

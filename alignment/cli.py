@@ -26,7 +26,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from alignment import artifacts
+from alignment import artifacts, process_rank
 from alignment.artifacts import STAGES, commands, run_stage, shell, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_environment()
     # Under accelerate launch every process runs this: the main one says what happens, the others only what goes
     # wrong on them (their held-out, probe and progress lines were each printed once per process)
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = process_rank()
     logging.basicConfig(level=logging.WARNING if rank else logging.INFO,
                         format=f"align[rank {rank}]: %(message)s" if rank else "align: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):

@@ -25,6 +25,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from alignment import process_rank
+
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -763,7 +765,7 @@ def redact(value: Any) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 writes artifacts
+    if process_rank() != 0:  # rank 0 writes artifacts
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))

@@ -7,11 +7,9 @@ PPO loop (recipes/ppo.py) is not a Trainer, so it splits its work and averages i
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from alignment import StageError
+from alignment import StageError, process_count, process_rank
 
 
 class Ranks:
@@ -23,8 +21,8 @@ class Ranks:
     """
 
     def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = process_count()
+        self.rank = process_rank()
         self.device = torch.device("cpu")
         if self.world > 1:
             from accelerate import PartialState

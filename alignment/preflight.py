@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from alignment import StageError
+from alignment import StageError, process_count
 from alignment.artifacts import (
     HEADS_FILE,
     LOCK,
@@ -204,7 +204,7 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
 def _ppo(cfg, pending: set[str], p: str) -> None:
     rl = cfg.rl
     _backend(cfg.generation)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count()
     if cfg.algo == "ppo" and world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
         raise ConfigError(f"{p}rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
                           f"split between {world} processes: both must be multiples of {world}")
@@ -344,7 +344,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     """
     check_run_dir("run.dir", cfg.run.dir)
     _pipeline_sets(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count()
     one_process = [s for s in cfg.stages if s in ONE_PROCESS_STAGES]
     if world > 1 and one_process:  # else they refuse only when reached, after the training before them
         raise ConfigError(

@@ -18,13 +18,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from alignment import StageError
+from alignment import StageError, process_count
 from alignment import evaluation as ev
 from alignment import report as report_module
 from alignment.artifacts import (
@@ -305,7 +304,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 def main(cfg: EvalStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("eval", cfg)  # every input (policies, prompts, judges, paths, the machine) before any work
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if process_count() > 1:
         raise StageError("align eval runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")
     paths = resolve_policies(cfg)

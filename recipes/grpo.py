@@ -21,7 +21,6 @@ config.yaml, metrics.jsonl, align.json (parents sft + reward_model) and checkpoi
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from alignment import report
+from alignment import process_count, report
 from alignment import rl as R
 from alignment.artifacts import (
     eval_command,
@@ -89,7 +88,7 @@ def ignored_settings(cfg: PPOStageConfig) -> list[str]:
 
 
 def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return process_count()
 
 
 def reference_of(cfg: PPOStageConfig, has_ref: bool) -> str:

@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from alignment import StageError, report
+from alignment import StageError, process_count, report
 from alignment import rl as R
 from alignment.artifacts import (
     eval_command,
@@ -86,7 +86,7 @@ def check(cfg: PPOStageConfig) -> None:
     if cfg.algo != "ppo":
         raise ConfigError(f"algo={cfg.algo} is run by recipes/grpo.py (alignment.artifacts.run_stage routes it)")
     R.check(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count()
     if world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):
         raise ConfigError(f"rl.rollout_prompts={rl.rollout_prompts} and rl.minibatch_size={rl.minibatch_size} are "
                           f"split between {world} processes: both must be multiples of {world}")

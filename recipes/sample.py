@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment import StageError
+from alignment import StageError, process_count
 from alignment.artifacts import (
     key_prefix,
     print_done,
@@ -94,7 +93,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("sample", cfg)  # every input (policy, prompts, store, reward model, paths, the machine) before any work
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if process_count() > 1:
         raise StageError("align sample runs as one process (it does not split prompts between processes): "
                          "run it without accelerate launch")
     policy_dir = Path(cfg.policy) if cfg.policy else stage_dir(cfg.run.dir, "sft")

@@ -320,6 +320,55 @@ def test_rankings_of_mixed_sizes_train_under_two_processes(tiny_model, tmp_path)
         assert all(math.isfinite(r[key]) for r in rows), rows
 
 
+def test_the_rank_and_process_count_are_read_where_accelerate_reads_them(monkeypatch):
+    """torchrun's RANK and WORLD_SIZE, else MPI's (Intel MPI, Open MPI, MVAPICH), in accelerate's own order."""
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    from alignment import RANK_VARS, WORLD_SIZE_VARS, process_count, process_rank
+
+    for name in (*RANK_VARS, *WORLD_SIZE_VARS):
+        monkeypatch.delenv(name, raising=False)
+    assert (process_rank(), process_count()) == (0, 1)
+    for rank, size in zip(reversed(RANK_VARS), reversed(WORLD_SIZE_VARS), strict=True):
+        monkeypatch.setenv(rank, str(len(RANK_VARS) - RANK_VARS.index(rank)))  # each set in turn, earlier ones win
+        monkeypatch.setenv(size, str(10 + len(RANK_VARS) - RANK_VARS.index(rank)))
+        accelerate = get_cpu_distributed_information()
+        assert (process_rank(), process_count()) == (accelerate.rank, accelerate.world_size), rank
+
+
+@pytest.mark.distributed
+def test_an_mpirun_launch_has_one_main_process(tiny_model, tmp_path):
+    """`accelerate launch --cpu --mpirun_hostfile H --num_processes 2` starts the processes through mpirun, which
+    names their ranks in OMPI_COMM_WORLD_* (Open MPI; PMI_* for Intel MPI), not RANK: accelerate reads those once
+    its state exists, align must read them from the start. Reading RANK alone, both processes were rank 0: both
+    took the stage's lock (the second was refused, the first then waited for it forever) and both logged.
+    mpirun is not installed here: each process gets the environment it and accelerate's launcher would give."""
+    run = tmp_path / "run"
+    args = ["sft", f"model.name={tiny_model}", f"data.path={write_sft_data(tmp_path / 'sft.jsonl')}", f"run.dir={run}",
+            "train.max_steps=2", "train.batch_size=4", "train.logging_steps=1", "run.wandb=disabled",
+            "model.quantize=false", "data.eval_fraction=0", "model.max_length=128"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+             for rank in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]  # the second rank's refusal left the first waiting
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-2000:] for _, err in outs)
+    (out0, err0), (out1, err1) = outs
+    assert "✔ sft finished" in out0 and "✔ sft finished" not in out1
+    assert "align: train 40 examples" in err0
+    assert not [line for line in err1.splitlines() if line.startswith("align")], err1[-2000:]  # warnings only
+    rows = [r for r in read_jsonl(run / "sft" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["epoch"] == pytest.approx(0.2)  # 40 examples, 8 a step
+
+
 def pipeline_config(path: Path, tmp: Path, tiny_model: str, stages: list[str]) -> Path:
     path.write_text(json.dumps({  # YAML is a superset of JSON
         "stages": stages, "label": "simulate", "scorer": "length",
@@ -342,10 +391,12 @@ def test_a_pipeline_of_training_stages_runs_under_two_processes(tiny_model, tmp_
         assert json.loads((tmp_path / "run" / stage / "align.json").read_text())["stage"] == stage
 
 
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "PMI_SIZE"])  # torchrun's; mpirun's (Intel MPI)
 def test_a_pipeline_with_one_process_stages_is_refused_under_several_before_any_training(tiny_model, tmp_path,
-                                                                                         monkeypatch, capsys):
+                                                                                         monkeypatch, capsys, variable):
     config = pipeline_config(tmp_path / "pipe.yaml", tmp_path, tiny_model, ["sft", "sample", "label", "export", "dpo"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(variable, "2")
     assert align(["pipeline", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "stages: sample, label, export run as one process" in err and "stages: [sft, dpo]" in err, err
