@@ -88,7 +88,8 @@ class AlignDPOTrainer(DPOTrainer):
     expands TRL's per-token outputs back to the rows).
 
     Each evaluation also records every held-out pair's log-probs (alignment.training.HeldoutPairs): TRL's
-    eval figures are means of per-batch means; the manifest's are over the pairs.
+    eval figures are means of per-batch means; the manifest's are over the pairs. In training every pair
+    weighs the same whatever the size of its batch (_compute_loss).
     """
 
     def __init__(self, *args, group_by_ranking: bool = False, **kwargs):
@@ -121,6 +122,15 @@ class AlignDPOTrainer(DPOTrainer):
         if self.model.training:
             self.rows_seen += unique.rows
             self.rows_run += unique.distinct
+            # TRL's loss is its batch's mean per pair, which weighs a pair by 1 / its batch's size; group_by_ranking's
+            # batches are short where a ranking did not fit, so a pair would count more for sharing its batch with
+            # fewer. Scaled to the sum over the nominal batch size (mean x pairs / batch_size), each pair's share of a
+            # step is 1 / (batch_size * grad_accum) wherever it lands, as in the reward stage (the Trainer divides by
+            # grad_accum; DDP averages the processes). The value stays TRL's mean, for the log; the gradient is the sum's.
+            loss = result[0] if return_outputs else result
+            summed = loss * (len(inputs["input_ids"]) // 2) / self.args.per_device_train_batch_size  # rows: [chosen; rejected]
+            loss = summed + (loss - summed).detach()
+            result = (loss, result[1]) if return_outputs else loss
         return result
 
 

@@ -257,6 +257,67 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_d
         torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_every_pair_weighs_the_same_whatever_the_size_of_its_batch(sft_dir, tiny_model, tmp_path):
+    """Three K=3 rankings (3 pairs each) at batch_size 6: group_by_ranking packs them into a batch of 6 and one of 3.
+    TRL's mean per batch would give a pair of the short batch twice the weight of one in the full batch; each pair's
+    share of a step is 1 / (batch_size * grad_accum) wherever it lands, as in the reward stage. The loss the Trainer
+    logs stays TRL's, the batch's mean."""
+    from trl import DPOTrainer
+
+    from alignment.modeling import device_plan, load_tokenizer
+    from alignment.preferences import load_preferences
+    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+
+    answers = [POLITE, "Open Settings, then tap {t}.", RUDE]
+    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": answers[a].format(t=TOPICS[i]),
+             "rejected": answers[b].format(t=TOPICS[i]), "task_id": f"task-{i}"}
+            for i in range(3) for a, b in [(0, 1), (0, 2), (1, 2)]]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
+    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
+                                             "train.batch_size=6", "train.grad_accum=2", *FAST])
+    model_cfg = replace(cfg.model, name=tiny_model)
+    plan = device_plan(model_cfg)
+    trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, False),
+                              train_dataset=data["train"], processing_class=load_tokenizer(str(sft_dir)),
+                              group_by_ranking=True)
+    model = trainer.model
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # dropout off, and the policy a little away from the reference
+        if ".default." in name:
+            param.data += 0.02 * torch.randn_like(param)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    batches = {len(b["input_ids"]) // 2: b for b in trainer.get_train_dataloader()}
+    assert sorted(batches) == [3, 6]
+
+    def loss_and_grads(compute, batch):
+        model.zero_grad()
+        loss = compute(model, dict(batch), False)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    means, mean_grads = {}, {}
+    for pairs in (6, 3):
+        ours, our_grads = loss_and_grads(trainer._compute_loss, batches[pairs])
+        means[pairs], mean_grads[pairs] = loss_and_grads(lambda *a: DPOTrainer._compute_loss(trainer, *a), batches[pairs])
+        assert ours == pytest.approx(means[pairs], rel=1e-5)  # logged: TRL's mean per pair
+        assert our_grads.keys() == mean_grads[pairs].keys() and len(our_grads) > 2
+        for name, grad in our_grads.items():  # the gradient: the batch's sum over the nominal 6 pairs
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(grad, mean_grads[pairs][name] * pairs / 6, rtol=1e-4, atol=1e-7, msg=name)
+    # Through the Trainer's step, which divides by grad_accum (TRL's DPO loss is not scaled for it)
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    logged = trainer.training_step(model, dict(batches[3])).item()
+    assert logged == pytest.approx(means[3] / 2, rel=1e-5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, mean_grads[3][name] * 3 / 12, rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss=simpo"], r"loss: 'simpo' is not allowed; allowed values: sigmoid, ipo, hinge, robust"),
     (["label_smoothing=0.1"], r"label_smoothing=0.1 has no effect with loss=sigmoid"),
