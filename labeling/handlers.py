@@ -10,6 +10,8 @@ the view from the store, so neither a replayed request nor a stale page can rank
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import random
 import re
@@ -53,10 +55,14 @@ def check_page_account(session: dict[str, Any], opened_by: str | None) -> None:
         raise AuthError(f"this page was opened by {opened_by}; you are signed in as {name}: reload to rank as {name}")
 
 
-def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0) -> list[int]:
-    """The same shuffle for an annotator every time they see a task; another for each annotator."""
+def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0, *, key: bytes) -> list[int]:
+    """The same shuffle for an annotator every time they see a task; another for each annotator. Keyed with the
+    store's secret (`key`, Store.secret): seeded with the task, annotator and seed alone, anyone could work out
+    the order from values that are no secret (the page shows the task's id), and an A/B task's first response is
+    the policy's, its second the baseline's: the shuffle said which side was which."""
     order = list(range(k))
-    random.Random(f"{seed}:{task_id}:{annotator_id}").shuffle(order)
+    random.Random(hmac.new(key, f"shown-order:{seed}:{task_id}:{annotator_id}".encode(), hashlib.sha256).digest()
+                  ).shuffle(order)
     return order
 
 
@@ -208,7 +214,7 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
 def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str, Any]:
     task = store.task(task_id)
     k = len(task["responses"])
-    order = shown_order(task_id, annotator_id, k, seed)
+    order = shown_order(task_id, annotator_id, k, seed, key=store.secret())
     return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
             "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
             # cut at the sampler's max_new_tokens (align sample's mark; unknown counts as ended)

@@ -353,6 +353,7 @@ class Store:
 
     def __init__(self, url: str):
         self.url = url
+        self._secret: bytes | None = None  # secret()'s, once read: it never changes
         problem = url_problem(url)
         if problem:
             raise StoreError(problem)
@@ -606,14 +607,19 @@ class Store:
     # ------------------------------------------------------------------------------ sign-in state
 
     def secret(self) -> bytes:
-        """This store's key for signing session cookies: made once, shared by every app process on it."""
+        """This store's key for signing session cookies and keying the annotators' shuffles: made once, shared by
+        every app process on it (read once per Store: every task view asks for it)."""
+        if self._secret is not None:
+            return self._secret
         with self.tx(lock=True) as conn:
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "session_secret")).first()
             if row is not None:
-                return bytes.fromhex(row[0])
+                self._secret = bytes.fromhex(row[0])
+                return self._secret
             key = secrets.token_bytes(32)
             conn.execute(insert(meta_table).values(key="session_secret", value=key.hex()))
-            return key
+        self._secret = key  # once the row is committed: a failed commit leaves the next call to make or read one
+        return key
 
     def open_session(self, annotator_id: int, ttl: float) -> str:
         """A new session token for this annotator, valid for `ttl` seconds; expired sessions are purged."""

@@ -130,6 +130,35 @@ def test_a_page_drawn_for_another_account_is_refused_by_name(store):
         handlers.check_page_account(None, "bob")
 
 
+def test_the_shown_order_is_keyed_with_the_stores_secret(store):
+    """The shuffle was seeded with "seed:task:annotator" alone, values that are no secret (the page shows the task's
+    id; account ids count up from 1): anyone could work out each annotator's order, and an A/B task's first
+    response is the policy's, so which side was which. Now it is keyed with the store's secret: not the public
+    formula's order, nor another key's, and the same on every view."""
+    import random
+    import secrets
+
+    make_tasks(store, 12)
+    alice = session(store, "alice")
+    shown = {}
+    while (task := handlers.next_task(store, alice)) is not None:
+        shown[task["task_id"]] = task["order"]
+        again = handlers.next_task(store, alice)
+        assert again["task_id"] == task["task_id"] and again["order"] == task["order"]
+        handlers.skip(store, alice, task["task_id"])
+    assert len(shown) == 12
+
+    def public(task_id: int) -> list[int]:
+        order = list(range(4))
+        random.Random(f"0:{task_id}:{alice['annotator_id']}").shuffle(order)
+        return order
+
+    assert shown != {t: public(t) for t in shown}
+    assert shown == {t: handlers.shown_order(t, alice["annotator_id"], 4, key=store.secret()) for t in shown}
+    other = secrets.token_bytes(32)
+    assert shown != {t: handlers.shown_order(t, alice["annotator_id"], 4, key=other) for t in shown}
+
+
 def test_a_submit_stores_canonical_ranks_from_the_shuffled_view(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
