@@ -6,8 +6,10 @@
 labeling/server.py serves this page only to a signed-in browser. Every event takes the
 identity from the request's signed session cookie, checked against the store on that call
 (`auth.session_of`), never from state a client could replay; the task an event acts on is the
-id the page shows (a hidden field), checked against the annotator's assignments, and the page's
-account (another hidden field) must be the cookie's (`handlers.check_page_account`). Prompts and
+id the page shows (a hidden field), checked against the annotator's assignments, the page's
+account (another hidden field) must be the cookie's (`handlers.check_page_account`), and a submit
+or draft carries the fingerprint of the order the page shows (a third): ranks given in an order the
+server no longer shows are refused, never saved (`handlers.check_order`). Prompts and
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
 HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
 an `align serve` endpoint side by side, `align label --serve-url URL`; admins only while blind A/B
@@ -386,6 +388,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 # The account the page was drawn for: submit, skip and drafts refuse when the cookie is another's
                 # now (another tab of the browser signed in as someone else; after a restart nothing else says).
                 opened_by = gr.Textbox("", visible="hidden", elem_id="align-opened-by")
+                # The fingerprint of the order the page shows the responses in (handlers.order_tag): submit and
+                # drafts send it back, refused when the server's order changed since (an update): the ranks
+                # would be mapped through the new order onto the wrong responses. It tells nothing of the order.
+                order_tag = gr.Textbox("", visible="hidden", elem_id="align-order-tag")
                 prompt = gr.HTML("", elem_id="align-prompt")
                 slots, bodies, ranks = [], [], []
                 for row_start in range(0, MAX_K, 2):
@@ -476,8 +482,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 pg_load_outputs = [playground_tab, pg_intro]
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
-        task_outputs = [task_id, opened_by, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise, all_bad,
-                        unsafe, rationale, submit]
+        task_outputs = [task_id, opened_by, order_tag, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise,
+                        all_bad, unsafe, rationale, submit]
         unchanged = [gr.skip()] * len(task_outputs)
 
         def show(next_: dict | None, sess: dict | None, idle: bool = False) -> list:
@@ -486,7 +492,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             account = sess["name"] if sess else ""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                return [None, account, 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
+                return [None, account, "", 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
@@ -498,7 +504,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
             draft = (next_.get("draft") or []) + [None] * MAX_K
             return [
-                next_["task_id"], account, time.monotonic(),
+                next_["task_id"], account, next_["order_tag"], time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
                 + (f" ({next_['progress']['skipped']} skipped)" if next_["progress"].get("skipped") else "")
                 + f" · task {next_['task_id']} · "
@@ -562,7 +568,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 log.exception("no next task for %s: the store failed", sess["name"])
                 return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
 
-        def do_submit(request: gr.Request, current, page_account, started, *values):
+        def do_submit(request: gr.Request, current, page_account, page_order, started, *values):
             rank_values, (verdict, bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
             try:
                 sess = signed_in(request)
@@ -571,9 +577,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 handlers.check_page_account(sess, page_account)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
                                          unsafe=bool(is_unsafe), rationale=why or "",
+                                         order_tag=page_order or "",  # a page without one is stale
                                          # 0 when this session's state was lost (it only feeds throughput)
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
-            except (ValueError, KeyError, PermissionError, handlers.AuthError) as err:
+            except (ValueError, KeyError, PermissionError, handlers.AuthError, handlers.StaleOrder) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             except STORE_ERRORS:
                 log.exception("submit of task %s not saved: the store failed", current)
@@ -591,7 +598,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             ranking). A flag and the rationale only from their own box (cleared too): a rank set in a second tab,
             which may not show them as set, leaves them as saved."""
 
-            def do_draft(request: gr.Request, current, page_account, *values):
+            def do_draft(request: gr.Request, current, page_account, page_order, *values):
                 rank_values, value = values[:MAX_K], values[MAX_K] if own else None
                 given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
                 try:
@@ -601,9 +608,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     if current is None:
                         return gr.skip()
                     handlers.check_page_account(sess, page_account)
-                    handlers.save_draft(store, sess, current, list(rank_values),
+                    handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
                                         **({own: given[own]} if own else {}))
-                except handlers.AuthError as err:
+                except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)
                 except (ValueError, KeyError, PermissionError) as err:
                     log.warning("draft of task %s not saved: %s", current, err)
@@ -617,7 +624,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # .input: the annotator's own clicks and keys, not the updates show() makes
         for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
                             (rationale, "rationale"), (pairwise, "verdict")]:
-            widget.input(drafting(own), [task_id, opened_by, *ranks, *([widget] if own else [])], message,
+            widget.input(drafting(own), [task_id, opened_by, order_tag, *ranks, *([widget] if own else [])], message,
                          trigger_mode="always_last", show_progress="hidden")
 
         def do_skip(current, page_account, request: gr.Request):
@@ -643,7 +650,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
         enable = "(current) => ({__type__: 'update', interactive: current !== null && current !== undefined})"
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
-            do_submit, [task_id, opened_by, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
+            do_submit, [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
         submitting.then(None, task_id, submit, js=enable)
         submitting.failure(None, task_id, submit, js=enable)
         skip.click(do_skip, [task_id, opened_by], [message, *task_outputs])

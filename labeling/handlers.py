@@ -5,7 +5,9 @@ returns (the app gets it from the request's signed cookie, labeling/auth.py); a 
 what `next_task` returns: the prompt and the responses in the order this annotator sees them
 (shuffled per annotator, blind: no model names), plus `order`, the canonical index of each
 shown response. `submit`, `save_draft` and `skip` name their task by id: the server rebuilds
-the view from the store, so neither a replayed request nor a stale page can rank another task.
+the view from the store, so neither a replayed request nor a stale page can rank another task; a page
+sends back the view's `order_tag` too, so ranks given in an order the server no longer shows are
+refused, never saved against the wrong responses (`check_order`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ SHOWN_CHARS = 20_000
 
 class AuthError(Exception):
     """Shown to the user as it is."""
+
+
+class StaleOrder(Exception):
+    """A page's ranks were given in an order the server no longer shows (`check_order`); shown to the user as it
+    is, on submit and on a draft alike: nothing was saved."""
+
+
+STALE_ORDER = "this task's order changed since the page was drawn (the app was updated): reload; nothing was saved"
 
 
 def sign_in(store: Store, name: str, password: str) -> dict[str, Any]:
@@ -64,6 +74,25 @@ def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0, *, key: 
     random.Random(hmac.new(key, f"shown-order:{seed}:{task_id}:{annotator_id}".encode(), hashlib.sha256).digest()
                   ).shuffle(order)
     return order
+
+
+def order_tag(task_id: int, annotator_id: int, order: list[int], *, key: bytes) -> str:
+    """A short fingerprint of the order a page shows a task in, which the page sends back with its ranks
+    (`check_order`). Keyed with the store's secret and bound to the task and annotator: it tells nothing of the
+    order (an A/B task has only two, and a plain hash of them, or the same tag on every task shown in one of
+    them, would say which side is which)."""
+    text = f"order-tag:{task_id}:{annotator_id}:{','.join(map(str, order))}"
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+def check_order(view: dict[str, Any], tag: str | None) -> None:
+    """StaleOrder unless `tag` is the order tag of `view`, the order the server shows the task in now. The server
+    maps a page's ranks back to canonical order through its own order; when that changed since the page was drawn
+    (an update that changed how orders are drawn, a new store secret), the page's ranks would be saved against
+    the wrong responses, silently. A page with no tag (drawn by a version before tags) is such a page. `tag`
+    None: the caller holds a view it just took from next_task (align label simulate, tests), nothing to check."""
+    if tag is not None and not hmac.compare_digest(str(tag), view["order_tag"]):
+        raise StaleOrder(STALE_ORDER)
 
 
 # Characters a page draws as nothing, or that change how the text around them reads: format characters (Unicode
@@ -217,6 +246,8 @@ def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str,
     order = shown_order(task_id, annotator_id, k, seed, key=store.secret())
     return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
             "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
+            # the page sends it back with its ranks: check_order
+            "order_tag": order_tag(task_id, annotator_id, order, key=store.secret()),
             # cut at the sampler's max_new_tokens (align sample's mark; unknown counts as ended)
             "cut_off": [(task["responses"][i].get("meta") or {}).get("finished") is False for i in order]}
 
@@ -299,15 +330,17 @@ def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
 
 def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any] | None = None, *,
            verdict: str | None = None, all_bad: bool = False, unsafe: bool = False, rationale: str = "",
-           seconds: float = 0.0, seed: int = 0) -> dict[str, Any]:
+           seconds: float = 0.0, seed: int = 0, order_tag: str | None = None) -> dict[str, Any]:
     """Validate and save this annotator's ranking of task `task_id`, given in the order they were shown it
-    (an A/B task takes the `verdict` of `pairwise_ranks` instead of ranks).
+    (an A/B task takes the `verdict` of `pairwise_ranks` instead of ranks); `order_tag` is the one of the view
+    the ranks were given in (the page's: "" when it had none), StaleOrder when that is no longer the task's order.
 
     The task must be one they were given. Idempotent: a repeat (double click, replayed request)
     keeps the first submitted ranking and changes nothing, whatever task is open by then.
     """
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)
+    check_order(task, order_tag)  # before any mapping: even a repeat's ranks are compared in canonical order
     if status == "submitted":
         return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
@@ -357,10 +390,11 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
                all_bad: bool | None = None, unsafe: bool | None = None, rationale: str | None = None,
-               verdict: str | None = None, seed: int = 0) -> bool:
+               verdict: str | None = None, seed: int = 0, order_tag: str | None = None) -> bool:
     """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
     reload shows nothing lost. A flag or the rationale given as None leaves the saved one as it is (the page
     sends each from its own box only: a rank set in a second tab cannot clear them); "" clears the rationale.
+    `order_tag` as for submit: a draft in an order the task is no longer shown in is StaleOrder, nothing written.
 
     False (nothing written) once the task is submitted, skipped or expired: a late draft never touches it.
     """
@@ -368,6 +402,7 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
     task, status = _open_view(store, session, task_id, seed)
     if status != "assigned":
         return False
+    check_order(task, order_tag)
     if task["kind"] == "pairwise":  # an A/B task's verdict, as the ranks of two (and both bad as all_bad)
         ranks_shown, flagged = pairwise_ranks(verdict) if verdict else ([0, 0], [])
         all_bad = "all_bad" in flagged if verdict else None

@@ -39,7 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed", "blip", "stray", "aria", "wordy"]
+              "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -221,8 +221,8 @@ def submit_call(page) -> dict:
     with recorded_calls(page) as calls:
         page.click("#align-submit")
         page.wait_for_function("document.querySelector('#align-message').innerText.trim().length > 0")
-    # task id, the page's account, shown_at, 8 ranks, verdict, flags, why
-    [call] = [c for c in calls if len(c.get("data", [])) == 15]
+    # task id, the page's account, the order's tag, shown_at, 8 ranks, verdict, flags, why
+    [call] = [c for c in calls if len(c.get("data", [])) == 16]
     return call
 
 
@@ -474,6 +474,46 @@ def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browse
         page.context.close()
 
 
+def test_a_page_drawn_before_its_order_changed_saves_nothing_and_says_reload(served, page, monkeypatch):
+    """The server maps a page's ranks through the order it shows the task in now: after an update that changed
+    the orders (the keyed shuffle did), a page drawn before it had its drafts and submit saved against the wrong
+    responses, silently. The page sends the tag of its order: refused, said, nothing saved; a reload saves."""
+    from labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "stale", PASSWORD)["annotator_id"]
+    sign_in(page, url, "stale")
+    prompt, bodies = shown_task(page)
+    page.click("#rank-a label:has-text('2')")
+    task_id, saved = canonical(store, prompt, bodies, [2, 0, 0, 0])
+    assert wait_for_draft(store, annotator, task_id, saved) == saved
+    shuffle = handlers.shown_order  # the app is updated: every order is another one now
+    monkeypatch.setattr(handlers, "shown_order", lambda *args, **kwargs: shuffle(*args, **kwargs)[::-1])
+    page.click("#rank-b label:has-text('1')")
+    wait_for_message(page, "this task's order changed since the page was drawn (the app was updated): reload")
+    page.click("#rank-c label:has-text('3')")
+    page.click("#rank-d label:has-text('4')")
+    # Submit is turned off while its call runs, and on again once it answered.
+    page.evaluate("""() => { window.__toggles = 0; new MutationObserver(() => window.__toggles++).observe(
+        document.getElementById('align-submit'), {attributes: true, attributeFilter: ['disabled']}); }""")
+    page.click("#align-submit")
+    page.wait_for_function("window.__toggles >= 2 && !document.getElementById('align-submit').disabled")
+    assert "nothing was saved" in page.inner_text("#align-message")
+    assert rankings_of(store, "stale") == [] and store.draft(annotator, task_id) == saved
+    assert shown_task(page) == (prompt, bodies)  # the ranks are still on the page
+
+    page.reload()
+    page.wait_for_selector("#resp-a", state="visible")
+    again = shown_task(page)
+    assert again[0] == prompt and again[1] == bodies[::-1]  # the new order, the draft saved before it shown in it
+    assert page.locator("#rank-d input:checked").get_attribute("value") == "2"
+    rank_all(page, [1, 3, 4, 2])
+    page.click("#align-submit")
+    wait_for_message(page, "✅")
+    assert [(r["task_id"], r["ranks"]) for r in wait_for_rows(store, "stale", 1)] == [
+        canonical(store, prompt, again[1], [1, 3, 4, 2])]
+
+
 def test_double_click_on_submit_keeps_one_ranking(served, page):
     url, store, _ = served
     sign_in(page, url, "double")
@@ -721,7 +761,7 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                 victim.click("#rank-a label:has-text('1')")
                 victim.wait_for_timeout(500)
             victim_hash = calls[0]["session_hash"]
-        as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", None, "1", "2", "3", "4",
+        as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", "", None, "1", "2", "3", "4",
                                                            *[None] * 4, None, False, False, "mine now"]}
         # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
         for response in (_gradio_post(anonymous.request, url, call, **as_victim),
@@ -820,7 +860,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 15) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == 16) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 401  # the submit, refused before any handler runs (labeling/server.py)
             # The page says so, and it stays said.
@@ -862,7 +902,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
             store.engine.dispose()
             folder.rename(tmp_path / "gone")
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 15) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == 16) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 503
             page.wait_for_selector("#align-store-busy", state="visible")

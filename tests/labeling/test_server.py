@@ -164,22 +164,22 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
         bob_id = handlers.sign_in(store, "bob", PASSWORD)["annotator_id"]
         pages = {}
-        for name, client in (("alice", alice), ("bob", bob)):  # who, admin tab, folder, message, task, account, ...
-            pages[name] = client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": f"{name}s-page"}
-                                      ).json()["data"][4:6]
-        task = pages["alice"][0]
-        assert pages == {"alice": [task, "alice"], "bob": [task, "bob"]}  # one task, both assigned it
+        for name, client in (("alice", alice), ("bob", bob)):  # who, admin tab, folder, message, task, account,
+            pages[name] = client.post("/gradio_api/run/do_load",  # the order's tag, ...
+                                      json={"data": [], "session_hash": f"{name}s-page"}).json()["data"][4:7]
+        task, alice_tag = pages["alice"][0], pages["alice"][2]
+        assert [p[:2] for p in pages.values()] == [[task, "alice"], [task, "bob"]]  # one task, both assigned it
         ranks = ["1", "2", "3", "4", *[None] * 4]
         refused = "this page was opened by alice; you are signed in as bob: reload to rank as bob"
         # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
-        for path, data in (("do_submit", [task, "alice", 0.0, *ranks, None, False, False, "mine"]),
-                           ("do_draft", [task, "alice", *ranks]), ("do_skip", [task, "alice"])):
+        for path, data in (("do_submit", [task, "alice", alice_tag, 0.0, *ranks, None, False, False, "mine"]),
+                           ("do_draft", [task, "alice", alice_tag, *ranks]), ("do_skip", [task, "alice"])):
             answer = bob.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "restarted"})
             assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
         assert store.draft(bob_id, task) is None and store.assignment_status(bob_id, task) == "assigned"
         assert store.submitted_rankings() == []
         answer = bob.post("/gradio_api/run/do_submit", json={  # bob's own page
-            "data": [task, "bob", 0.0, *ranks, None, False, False, ""], "session_hash": "bobs-page"})
+            "data": [task, "bob", pages["bob"][2], 0.0, *ranks, None, False, False, ""], "session_hash": "bobs-page"})
         assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
 
 
@@ -198,14 +198,14 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
         alice = signed_in(url, "alice")
-        task = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4]
+        task, _, tag = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4:7]
         ranks = ["1", "2", "3", "4", *[None] * 4]
-        submit = [task, "alice", 0.0, *ranks, None, False, False, ""]
+        submit = [task, "alice", tag, 0.0, *ranks, None, False, False, ""]
         for method in ("save_ranking", "skip", "assign"):
             monkeypatch.setattr(store, method, locked)
         not_saved = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
                      "press Submit again in a moment.")
-        for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", *ranks], not_saved),
+        for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", tag, *ranks], not_saved),
                                  ("do_skip", [task, "alice"], "Not skipped: the store is busy or unreachable"),
                                  ("do_load", [], "no task could be fetched: reload the page in a moment")):
             answer = alice.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "page"})
@@ -231,8 +231,8 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
         alice = signed_in(url, "alice")
-        task = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4]
-        submit = {"data": [task, "alice", 0.0, "1", "2", "3", "4", *[None] * 4, None, False, False, ""],
+        task, _, tag = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4:7]
+        submit = {"data": [task, "alice", tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False, False, ""],
                   "session_hash": "page"}
         store.engine.dispose()
         folder.rename(tmp_path / "gone")

@@ -159,6 +159,58 @@ def test_the_shown_order_is_keyed_with_the_stores_secret(store):
     assert shown != {t: handlers.shown_order(t, alice["annotator_id"], 4, key=other) for t in shown}
 
 
+def test_ranks_given_in_an_order_the_server_no_longer_shows_are_refused_and_nothing_is_saved(store):
+    """The server maps a page's ranks to canonical order through the order it shows the task in now. When that
+    changed since the page was drawn (this version's keyed shuffle; a new store secret), the page's ranks, A/B
+    verdict and drafts were saved against the wrong responses, silently. The page sends back the tag of its order:
+    a page with another one, or none (drawn before tags), is refused and nothing is written; its own tag saves."""
+    from sqlalchemy import update
+
+    from labeling.store import meta_table
+
+    make_tasks(store, 1)
+    store.add_tasks("eval-ab", [{"prompt": "Which reply?", "responses": ["first", "second"]}], kind="pairwise")
+    alice, bob = session(store, "alice"), session(store, "bob")
+    page = handlers.next_task(store, alice, batch="round-0")
+    ab_page = handlers.next_task(store, bob, batch="eval-ab")
+    best = page["responses"].index("Answer 2 to ticket 0.")
+    handlers.save_draft(store, alice, page["task_id"], [int(i == best) for i in range(4)], order_tag=page["order_tag"])
+    assert store.draft(alice["annotator_id"], page["task_id"]) == [0, 0, 1, 0]
+    # The tag tells nothing of the order: another task or another key, the same order, another tag.
+    assert page["order_tag"] != handlers.order_tag(page["task_id"] + 1, alice["annotator_id"], page["order"],
+                                                   key=store.secret())
+    assert page["order_tag"] != handlers.order_tag(page["task_id"], alice["annotator_id"], page["order"],
+                                                   key=b"another key")
+
+    # The orders change under the open pages (as they did with the keyed shuffle): here the store's secret.
+    with store.tx() as conn:
+        conn.execute(update(meta_table).where(meta_table.c.key == "session_secret").values(value="ab" * 32))
+    store = Store(store.url)  # the app restarted
+    for tag in (page["order_tag"], "", "0" * 8):  # the page's old tag, none (a page drawn before tags), a made-up one
+        with pytest.raises(handlers.StaleOrder, match="order changed since the page was drawn.*nothing was saved"):
+            handlers.submit(store, alice, page["task_id"], [1 if i == best else 2 for i in range(4)], order_tag=tag)
+        with pytest.raises(handlers.StaleOrder, match="reload"):
+            handlers.save_draft(store, alice, page["task_id"], [2, 2, 2, 2], order_tag=tag)
+        with pytest.raises(handlers.StaleOrder):
+            handlers.submit(store, bob, ab_page["task_id"], verdict="A", order_tag=tag)
+        with pytest.raises(handlers.StaleOrder):
+            handlers.save_draft(store, bob, ab_page["task_id"], [], verdict="B", order_tag=tag)
+    assert store.submitted_rankings() == [] and store.draft(bob["annotator_id"], ab_page["task_id"]) is None
+    assert store.draft(alice["annotator_id"], page["task_id"]) == [0, 0, 1, 0]  # as the old page saved it
+
+    # Reloaded: the same tasks in their new orders, the draft shown in it; the page's own tag saves.
+    page = handlers.next_task(store, alice, batch="round-0")
+    best = page["responses"].index("Answer 2 to ticket 0.")
+    assert page["draft"] == [1 if i == best else None for i in range(4)]
+    assert handlers.submit(store, alice, page["task_id"], [1 if i == best else 2 for i in range(4)],
+                           order_tag=page["order_tag"])["created"]
+    ab_page = handlers.next_task(store, bob, batch="eval-ab")
+    assert handlers.save_draft(store, bob, ab_page["task_id"], [], verdict="B", order_tag=ab_page["order_tag"])
+    verdict = "A" if ab_page["responses"][0] == "first" else "B"  # "first" is better
+    assert handlers.submit(store, bob, ab_page["task_id"], verdict=verdict, order_tag=ab_page["order_tag"])["created"]
+    assert {r["annotator"]: r["ranks"] for r in store.submitted_rankings()} == {"alice": [2, 2, 1, 2], "bob": [1, 2]}
+
+
 def test_a_submit_stores_canonical_ranks_from_the_shuffled_view(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
