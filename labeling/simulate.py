@@ -112,12 +112,18 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
             while (task := handlers.next_task(store, session, overlap=overlap, gold_rate=gold_rate, seed=seed,
                                               batch=batch)) is not None:
                 started = time.perf_counter()
-                scores = [float(scorer(task["prompt"], r)) for r in task["responses"]]
+                # Scored, noised and ranked in the task's own order, then given in the order shown: the shown order
+                # is keyed with the store's secret (a new one per store), and drawn in it the noise would land on
+                # other responses in every run.
+                canonical = [""] * task["k"]
+                for shown, original in enumerate(task["order"]):
+                    canonical[original] = task["responses"][shown]
+                scores = [float(scorer(task["prompt"], r)) for r in canonical]
                 if noise > 0:
                     spread = (max(scores) - min(scores)) or 1.0
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
-                # The same seed as next_task's: it sets the shuffled order the ranks are given in.
-                ranks = profile_ranks(kinds[i], scores, rng, tie_resolution)
+                ranked = profile_ranks(kinds[i], scores, rng, tie_resolution)
+                ranks = [ranked[original] for original in task["order"]]
                 # An A/B task (align eval human=true) takes a verdict, as a person's click gives one
                 verdict = ({(1, 2): "A", (2, 1): "B"}.get(tuple(ranks), "tie") if task["kind"] == "pairwise"
                            else None)

@@ -486,3 +486,21 @@ def test_align_export_builds_its_dataset_and_manifest_from_one_read_taken_under_
     assert json.loads((out / "summary.json").read_text())["rankings_read"]["count"] == 5
     assert manifest["rankings_sha256"] == rankings_state(store.url)
     assert len(load_preferences(out, test_fraction=0)[0]["train"]) == manifest["summary"]["pairs"] == 5
+
+
+def test_a_noisy_simulated_annotator_ranks_alike_whatever_order_the_store_shows(tmp_path):
+    """The shown order is keyed with the store's secret, new in every store: the noise and a noisy profile's
+    random orders are drawn in the task's own order, so the same run on another store (another secret, other
+    shown orders) gives the same rankings. Drawn in the shown order they landed on other responses each run."""
+    from labeling.store import Store
+
+    tasks = [{"prompt": f"Ticket {i}", "responses": [f"Thanks! Open Settings {i}.", "Open Settings.",
+                                                     "Sorry, open Settings and tap Sync.", "no"]} for i in range(8)]
+    rankings = []
+    for name in ("a", "b"):
+        store = Store(f"sqlite:///{tmp_path / f'{name}.db'}")
+        store.add_tasks("round-0", tasks, source={})
+        simulate(store, "support_style", annotators=2, noise=1.0, seed=1, profiles=["good", "noisy:0.6"])
+        rankings.append(sorted((r["task_id"], r["annotator"], tuple(r["ranks"])) for r in store.submitted_rankings()))
+    assert store.secret() != Store(f"sqlite:///{tmp_path / 'a.db'}").secret()
+    assert rankings[0] == rankings[1] and len(rankings[0]) == 16
