@@ -19,22 +19,25 @@ base in memory).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import re
 import shutil
+import socket
 import statistics
 import tempfile
-from collections.abc import Callable
-from contextlib import nullcontext
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignment import StageError
+from alignment import StageError, process_count
 from alignment.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
 from alignment.cpu import keep_4bit_for_dora
@@ -63,7 +66,8 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
 
     The merge is done in full precision on an unquantized base (folding LoRA into 4-bit weights
     would round it away), saved to a temporary folder and loaded back as a classifier: that one
-    `from_pretrained` quantizes it per the plan and swaps the LM head for a fresh `score` head.
+    `from_pretrained` quantizes it per the plan and swaps the LM head for a fresh `score` head. Under several
+    processes, once per machine (merged_once).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
@@ -72,20 +76,63 @@ def reward_base(model_cfg: ModelConfig, plan: DevicePlan, sft: str | Path | None
         with suppress_seqcls_warning():
             return load_base_model(model_cfg, plan, auto_class=AutoModelForSequenceClassification, training=training,
                                    num_labels=1)
-    from peft import PeftModel
+    def merge(folder: str) -> None:
+        from peft import PeftModel
 
-    # merged in fp32 whatever the plan: the merged weights are rounded once, to the plan's dtype, when loaded back
-    causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(causal, str(sft)).merge_and_unload()
-    with tempfile.TemporaryDirectory(prefix="align-sft-merged-") as tmp:
-        merged.save_pretrained(tmp)
-        del causal, merged
-        with suppress_seqcls_warning():
-            model = load_base_model(replace(model_cfg, name=tmp), plan, auto_class=AutoModelForSequenceClassification,
-                                    training=training, num_labels=1)
+        # merged in fp32 whatever the plan: the merged weights are rounded once, to the plan's dtype, when loaded back
+        causal = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.name), dtype=torch.float32)
+        PeftModel.from_pretrained(causal, str(sft)).merge_and_unload().save_pretrained(folder)
+
+    with merged_once(merge, plan) as folder, suppress_seqcls_warning():
+        model = load_base_model(replace(model_cfg, name=folder), plan, auto_class=AutoModelForSequenceClassification,
+                                training=training, num_labels=1)
     # peft records this as the adapter's base: the real base, not the deleted temporary folder.
     model.name_or_path = model.config.name_or_path = resolve_model_path(model_cfg.name)
     return model
+
+
+@contextmanager
+def merged_once(merge: Callable[[str], None], plan: DevicePlan) -> Iterator[str]:
+    """A temporary folder `merge` has written into, removed after the block.
+
+    Under several processes (accelerate launch) the lowest rank on each machine merges and the others wait
+    for it and load its folder: merged by each, every process held its own fp32 copy of the base in memory
+    and on disk at the same time (8 x 28 GB for a 7B base on 8 GPUs). The processes need the process group
+    for that before the trainer opens it: opened here as the trainer opens it (transformers' TrainingArguments:
+    accelerate's state, on the CPU where the plan is; the trainer's default timeout), which the trainer then
+    finds open and keeps.
+    """
+    if process_count() == 1:
+        with tempfile.TemporaryDirectory(prefix="align-sft-merged-") as tmp:
+            merge(tmp)
+            yield tmp
+        return
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    if plan.device == "cpu":
+        PartialState(cpu=True)
+    else:
+        PartialState(timeout=datetime.timedelta(seconds=TrainingArguments.ddp_timeout))
+    # Ranks from the process group, not from accelerate's state: one opened earlier without cpu=True (PPO's Ranks,
+    # on a machine without CUDA) says every process is process 0.
+    rank = dist.get_rank()
+    machines: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(machines, socket.gethostname())
+    first = machines.index(machines[rank]) == rank
+    name = [uuid.uuid4().hex if rank == 0 else None]  # one folder name for this launch, on every machine
+    dist.broadcast_object_list(name, src=0)
+    folder = Path(tempfile.gettempdir()) / f"align-sft-merged-{name[0]}"
+    try:
+        if first:
+            merge(str(folder))
+        dist.barrier()  # merged on this machine
+        yield str(folder)
+        dist.barrier()  # and loaded by every process
+    finally:
+        if first:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_reward_model(path: str | Path, plan: DevicePlan | None = None):

@@ -147,10 +147,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess:
+def launch(args: list[str], **env_vars: str) -> subprocess.CompletedProcess:
     config = REPO / "configs/accelerate/cpu_2proc.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
-           "WANDB_SILENT": "true", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+           "WANDB_SILENT": "true", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **env_vars}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--main_process_port", str(free_port()), "-m", "alignment.cli", *args]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -280,6 +280,87 @@ def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model
            "sft=none", "scorer=length", "rl.rollout_prompts=6", "rl.minibatch_size=3", "run.wandb=disabled"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
+
+
+# Imported by every Python process the launch starts (sitecustomize): records each save of a merged SFT copy.
+SAVES_SPY = """
+import os
+import transformers
+
+_save = transformers.PreTrainedModel.save_pretrained
+
+
+def save_pretrained(self, folder, *args, **kwargs):
+    if os.path.basename(str(folder)).startswith("align-sft-merged-"):
+        with open(os.environ["ALIGN_TEST_SAVES"], "a") as f:
+            f.write(f"{os.getpid()} {folder}\\n")
+    return _save(self, folder, *args, **kwargs)
+
+
+transformers.PreTrainedModel.save_pretrained = save_pretrained
+"""
+
+
+@pytest.mark.distributed
+def test_the_reward_stage_merges_the_sft_adapter_once_for_both_processes(tiny_model, tmp_path):
+    """The reward model is built on the SFT model: the SFT adapter merged into an fp32 copy of the base, saved and
+    loaded back. Each process did that on its own (a full fp32 copy each, in memory and on disk); the first
+    process of the machine now merges and the other loads its folder, which is removed after."""
+    write_sft_data(tmp_path / "sft.jsonl")
+    run = tmp_path / "run"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={tmp_path / 'sft.jsonl'}", f"run.dir={run}",
+                  "train.max_steps=2", "run.wandb=disabled", "model.quantize=false", "data.eval_fraction=0",
+                  "model.max_length=128"]) == 0
+    spy, saves, tmp = tmp_path / "spy", tmp_path / "saves.txt", tmp_path / "tmp"
+    spy.mkdir()
+    tmp.mkdir()
+    (spy / "sitecustomize.py").write_text(SAVES_SPY)
+    launch(["reward", f"data.path={write_pairs(tmp_path / 'prefs.jsonl')}", f"run.dir={run}", "model.max_length=128",
+            "model.quantize=false", "train.batch_size=4", "train.max_steps=2", "data.test_fraction=0.2",
+            "run.wandb=disabled"], PYTHONPATH=f"{spy}{os.pathsep}{REPO}", ALIGN_TEST_SAVES=str(saves), TMPDIR=str(tmp))
+    assert len(saves.read_text().splitlines()) == 1, saves.read_text()  # before: once per process
+    assert not list(tmp.glob("align-sft-merged-*"))
+    assert json.loads((run / "reward" / "align.json").read_text())["metrics"]["global_step"] == 2
+
+
+MERGED_ONCE_AFTER_RANKS = """
+import os
+import sys
+
+import torch
+
+from alignment.distributed import Ranks
+from alignment.modeling import DevicePlan
+from alignment.reward_model import merged_once
+
+Ranks()  # align ppo opens accelerate's state so (no cpu=True) before it loads a reward model
+
+
+def merge(folder):
+    os.makedirs(folder)
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{os.getpid()} {folder}\\n")
+
+
+with merged_once(merge, DevicePlan("cpu", False, torch.float32, False)) as folder:
+    assert os.path.isdir(folder), folder
+"""
+
+
+@pytest.mark.distributed
+def test_the_merge_is_done_once_after_ppo_opened_the_process_group(tmp_path):
+    """Opened without cpu=True on a machine without CUDA (as PPO's Ranks opens it), accelerate's state calls every
+    process process 0; the merge's ranks come from the process group, so one process merges."""
+    script, merges = tmp_path / "merge.py", tmp_path / "merges.txt"
+    script.write_text(MERGED_ONCE_AFTER_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+           "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(script), str(merges)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(merges.read_text().splitlines()) == 1, merges.read_text()
+    assert not list(tmp_path.glob("align-sft-merged-*"))
 
 
 def write_rankings(path: Path, prompts: int = 12) -> Path:
