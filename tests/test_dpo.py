@@ -207,11 +207,9 @@ def test_heldout_figures_are_over_pairs_in_uneven_batches(sft_dir, tiny_model, t
     assert (figures["heldout_pairs"], figures["heldout_prompts"]) == (7, 7)
 
 
-def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_dir, tiny_model, tmp_path):
-    # K=3 rankings (3 pairs, 6 rows, 3 distinct responses each) batched by ranking: the policy and the reference
-    # run each distinct response once, and the loss and every gradient are what TRL's DPO gives on all rows.
-    from trl import DPOTrainer
-
+def _ranking_trainer(sft_dir, tiny_model, tmp_path, rankings: int, *overrides: str):
+    """An AlignDPOTrainer batching by ranking over `rankings` K=3 rankings (3 pairs each) at batch_size 6, dropout
+    off, its policy a little away from the reference, in training mode; and the loss-and-gradients of a batch."""
     from alignment.modeling import device_plan, load_tokenizer
     from alignment.preferences import load_preferences
     from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
@@ -219,11 +217,11 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_d
     answers = [POLITE, "Open Settings, then tap {t}.", RUDE]
     rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": answers[a].format(t=TOPICS[i]),
              "rejected": answers[b].format(t=TOPICS[i]), "task_id": f"task-{i}"}
-            for i in range(4) for a, b in [(0, 1), (0, 2), (1, 2)]]
+            for i in range(rankings) for a, b in [(0, 1), (0, 2), (1, 2)]]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
     cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
-                                             "train.batch_size=6", *FAST])
+                                             "train.batch_size=6", *overrides, *FAST])
     model_cfg = replace(cfg.model, name=tiny_model)
     plan = device_plan(model_cfg)
     trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, False),
@@ -231,25 +229,35 @@ def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_d
                               group_by_ranking=True)
     model = trainer.model
     torch.manual_seed(0)
-    for name, param in model.named_parameters():  # dropout off, and the policy a little away from the reference
+    for name, param in model.named_parameters():
         if ".default." in name:
             param.data += 0.02 * torch.randn_like(param)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert len(batch["input_ids"]) == 12  # two whole rankings: 6 pairs
 
-    def loss_and_grads(compute):
+    def loss_and_grads(compute, batch):
         model.zero_grad()
         loss = compute(model, dict(batch), False)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    ours, our_grads = loss_and_grads(trainer._compute_loss)
+    return trainer, loss_and_grads
+
+
+def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(sft_dir, tiny_model, tmp_path):
+    # K=3 rankings (3 pairs, 6 rows, 3 distinct responses each) batched by ranking: the policy and the reference
+    # run each distinct response once, and the loss and every gradient are what TRL's DPO gives on all rows.
+    from trl import DPOTrainer
+
+    trainer, loss_and_grads = _ranking_trainer(sft_dir, tiny_model, tmp_path, 4)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["input_ids"]) == 12  # two whole rankings: 6 pairs
+
+    ours, our_grads = loss_and_grads(trainer._compute_loss, batch)
     assert (trainer.rows_seen, trainer.rows_run) == (2 * 12, 2 * 6)  # policy + reference: 12 rows, 6 distinct each
-    trls, trl_grads = loss_and_grads(lambda *a: DPOTrainer._compute_loss(trainer, *a))
+    trls, trl_grads = loss_and_grads(lambda *a: DPOTrainer._compute_loss(trainer, *a), batch)
     assert ours == pytest.approx(trls, rel=1e-5) and abs(ours - 0.6931) > 1e-4  # not the untrained ln 2
     assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 2
     for name, grad in our_grads.items():
@@ -264,40 +272,10 @@ def test_every_pair_weighs_the_same_whatever_the_size_of_its_batch(sft_dir, tiny
     logs stays TRL's, the batch's mean."""
     from trl import DPOTrainer
 
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.preferences import load_preferences
-    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
-
-    answers = [POLITE, "Open Settings, then tap {t}.", RUDE]
-    rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": answers[a].format(t=TOPICS[i]),
-             "rejected": answers[b].format(t=TOPICS[i]), "task_id": f"task-{i}"}
-            for i in range(3) for a, b in [(0, 1), (0, 2), (1, 2)]]
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data, _ = load_preferences(tmp_path / "p.jsonl", test_fraction=0)
-    cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
-                                             "train.batch_size=6", "train.grad_accum=2", *FAST])
-    model_cfg = replace(cfg.model, name=tiny_model)
-    plan = device_plan(model_cfg)
-    trainer = AlignDPOTrainer(model=policy_with_reference(model_cfg, plan, sft_dir), args=dpo_args(cfg, tmp_path, plan, False),
-                              train_dataset=data["train"], processing_class=load_tokenizer(str(sft_dir)),
-                              group_by_ranking=True)
+    trainer, loss_and_grads = _ranking_trainer(sft_dir, tiny_model, tmp_path, 3, "train.grad_accum=2")
     model = trainer.model
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():  # dropout off, and the policy a little away from the reference
-        if ".default." in name:
-            param.data += 0.02 * torch.randn_like(param)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    model.train()
     batches = {len(b["input_ids"]) // 2: b for b in trainer.get_train_dataloader()}
     assert sorted(batches) == [3, 6]
-
-    def loss_and_grads(compute, batch):
-        model.zero_grad()
-        loss = compute(model, dict(batch), False)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     means, mean_grads = {}, {}
     for pairs in (6, 3):
