@@ -242,12 +242,12 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
 
 def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str, Any]:
     task = store.task(task_id)
-    k = len(task["responses"])
-    order = shown_order(task_id, annotator_id, k, seed, key=store.secret())
+    k, key = len(task["responses"]), store.secret()
+    order = shown_order(task_id, annotator_id, k, seed, key=key)
     return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
             "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
             # the page sends it back with its ranks: check_order
-            "order_tag": order_tag(task_id, annotator_id, order, key=store.secret()),
+            "order_tag": order_tag(task_id, annotator_id, order, key=key),
             # cut at the sampler's max_new_tokens (align sample's mark; unknown counts as ended)
             "cut_off": [(task["responses"][i].get("meta") or {}).get("finished") is False for i in order]}
 
