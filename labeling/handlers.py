@@ -168,18 +168,27 @@ def _rtl_letter(char: str) -> bool:
     return bool(char) and unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] in "LM"
 
 
-def _turns(char: str, before: str, after: str) -> bool:
-    """Whether `char`, in left-to-right text, is a right-to-left character that is no letter (U+05BE ־ looks like a
-    hyphen, U+05C3 ׃ like a colon) outside a right-to-left word: it turns the numbers and signs beside it around."""
-    return (unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] not in "LM"
-            and not (_rtl_letter(before) and _rtl_letter(after)))
+def _turns(text: str, at: int) -> bool:
+    """Whether `text[at]`, in left-to-right text, is a right-to-left character that is no letter (U+05BE ־ looks like
+    a hyphen, U+05C3 ׃ like a colon) with no right-to-left letter beside it: it turns the numbers and signs beside it
+    around. One that ends or starts a Hebrew or Arabic word is how that word is written (the Arabic question mark in
+    "مساعدتك؟", the Urdu full stop, the geresh of "ג׳", the maqaf of "ב־14"), the letter beside it is seen, and a
+    currency sign (﷼, ؋) is a glyph of its own: none of them is a marker. The letter before may carry marks (vowel
+    points, harakat)."""
+    kind = unicodedata.category(text[at])
+    if unicodedata.bidirectional(text[at]) not in ("R", "AL") or kind[0] in "LM" or kind == "Sc":
+        return False
+    start = at
+    while start and unicodedata.category(text[start - 1])[0] == "M":
+        start -= 1
+    return not (_rtl_letter(text[start - 1:start]) or _rtl_letter(text[at + 1:at + 2]))
 
 
 def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
     """(`escaped` with each hidden character as a marker ⟨U+202E⟩ and combining marks past MAX_MARKS on one
     character cut, with a marker saying how many; how many hidden characters; how many marks were cut).
-    Unless the text reads right to left (`rtl`), a right-to-left sign outside a right-to-left word (_turns)
-    is a marker too."""
+    Unless the text reads right to left (`rtl`), a right-to-left sign with no right-to-left letter beside it
+    (_turns) is a marker too."""
     hidden = cut = 0
 
     def mark(run: re.Match) -> str:
@@ -201,7 +210,7 @@ def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
             at = start + i
             before, after = text[at - 1:at], text[at + 1:at + 2]
             if (_hidden(char) and i not in flags and not _ordinary(char, before, after)) or (
-                    not rtl and _turns(char, before, after)):
+                    not rtl and _turns(text, at)):
                 hidden += 1
                 out.append(f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>')
             else:

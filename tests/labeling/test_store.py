@@ -897,6 +897,24 @@ def test_a_text_reads_in_the_direction_of_most_of_its_letters_and_rtl_signs_in_l
         assert shown == f'<div class="align-text" dir="{direction}">{html.escape(plain)}</div>', plain
 
 
+def test_a_sign_that_ends_a_hebrew_or_arabic_word_and_a_currency_sign_are_no_markers_in_ltr_text():
+    """In left-to-right text a right-to-left sign was a marker unless it had a Hebrew or Arabic letter on both sides:
+    the question mark ending an Arabic question quoted in English, the Urdu full stop, the geresh of ג׳ and ﷼ in a
+    price showed as ⟨U+061F⟩ ... under "holds 1 hidden or direction character". A sign with a right-to-left letter
+    on either side (its marks skipped) is how the word is written, a currency sign a glyph of its own: as stored.
+    A sign with no such letter beside it (the maqaf and sof pasuq of the reordering attack) is still a marker."""
+    for plain in ("In Arabic, 'How can I help you?' is 'كيف يمكنني مساعدتك؟'", "Say مساعدتكَ؟ with a fatha",
+                  "Urdu: یہ اچھا ہے۔ It means this is good.", "The letter ג׳ sounds like j.", "Hebrew: ב־14 ימים.",
+                  "Genesis 1:1 ends with הָאָרֶץ׃ in Hebrew.", "Arabic: كلمة؛ كلمة", "Pro costs 120 ﷼ a year.",
+                  "The fee is 50 ؋ in Kabul."):
+        shown = handlers.text_html(plain)
+        assert "align-warn" not in shown and html.escape(plain) in shown, plain
+    for text, char in [("Refunds\u05c3 14 days", "\u05c3"), ("\u05be14 days", "\u05be"), ("Use ؛ like this", "\u061b"),
+                       ("Why \u061f 30 days", "\u061f")]:
+        shown = handlers.text_html(text)
+        assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
+
+
 def test_ordinary_text_with_format_characters_is_not_flagged():
     """ZWNJ inside Persian and Urdu words, ZWJ and ZWNJ in Indic conjuncts, emoji ZWJ sequences, the soft hyphen and a
     subdivision flag's tag characters are how these texts are written: shown as they are, with no warning line."""
