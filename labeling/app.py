@@ -63,10 +63,14 @@ CSS = """
 #align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
 /* model text is plain text: keep its line breaks and wrap long words, never interpret it; a glyph wider or
    taller than the box (one letter with many combining marks) scrolls or is clipped in it, never paints over
-   the response beside it. Its direction is its dir attribute's, for every line (handlers.text_html): no
-   unicode-bidi: plaintext, which let a line's first character turn the line around */
+   the response beside it. Its direction is its dir attribute's, and a line that reads the other way is an
+   align-line with its own (handlers.text_html): no unicode-bidi: plaintext, which let a line's first character
+   turn the line around */
 .align-text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-md); line-height: 1.5;
               overflow-x: auto; contain: paint; padding-block: 0.25em; }
+/* a whole line, ordered and aligned in its own direction; inline-block, not block: the text copied from the page
+   (innerText) keeps the stored line breaks, where a block would add one on each side */
+.align-line { display: inline-block; width: 100%; }
 .align-cut { color: var(--body-text-color-subdued); font-style: italic; }
 /* handlers.text_html's marker of a hidden or direction character, and its warning: read left to right as a unit */
 .align-hidden { unicode-bidi: isolate; direction: ltr; font-family: var(--font-mono); font-size: 0.8em;

@@ -149,19 +149,35 @@ MAX_MARKS = 4
 
 
 _ASCII_LETTERS = re.compile(r"[A-Za-z]")
+# Where the page starts a new line: the HTML parser reads "\r\n" and "\r" as "\n"
+_LINE_BREAK = re.compile(r"(\r\n?|\n)")
 
 
-def _direction(text: str) -> str:
-    """"rtl" when most letters of `text` read right to left (Hebrew, Arabic), else "ltr": the whole text's
-    direction, every line's. A line does not take its own from its first letter (dir="auto" with
-    unicode-bidi: plaintext did): a right-to-left character that looks like a hyphen, U+05BE, at the start of a
-    line of English turned the line right to left and drew its words in reverse order."""
-    ltr, rtl = len(_ASCII_LETTERS.findall(text)), 0
+def _strong(char: str) -> str:
+    """"L" or "R" for a character drawn in a direction of its own (bidi class L; R or AL), else "". A format
+    character is shown as a marker (_hidden), so it has none: an RLM cannot turn a line around."""
+    kind = unicodedata.bidirectional(char)
+    if kind not in ("L", "R", "AL") or unicodedata.category(char) == "Cf":
+        return ""
+    return "L" if kind == "L" else "R"
+
+
+def _direction(text: str, default: str = "ltr") -> str:
+    """"rtl" when `text`, a line or a whole text, reads right to left: most of its letters are Hebrew or Arabic,
+    or it starts with a Hebrew or Arabic letter and ends with one or with such a sign (an Arabic sentence around
+    English names: "هل جربت Settings > Sync > Sync now؟"); "ltr" otherwise; `default` when it has no letters.
+    A line does not take its direction from its first character (dir="auto" with unicode-bidi: plaintext did): a
+    right-to-left character that looks like a hyphen, U+05BE, at the start of a line of English turned the line
+    right to left and drew its words in reverse order, and "שלום means hello" put the English on the left."""
+    count = {"L": len(_ASCII_LETTERS.findall(text)), "R": 0}
     for char in "".join(_NON_ASCII.findall(text)):
-        kind = unicodedata.bidirectional(char)
-        ltr += kind == "L"
-        rtl += kind in ("R", "AL")
-    return "rtl" if rtl > ltr else "ltr"
+        if side := _strong(char):
+            count[side] += 1
+    if not count["L"] + count["R"]:
+        return default
+    first = next((_strong(c) for c in text if unicodedata.category(c)[0] == "L" and _strong(c)), "")
+    last = next((side for c in reversed(text) if (side := _strong(c))), "")
+    return "rtl" if count["R"] > count["L"] or first == last == "R" else "ltr"
 
 
 def _rtl_letter(char: str) -> bool:
@@ -226,21 +242,29 @@ def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
-    the `align-text` class (white-space: pre-wrap), and a text most of whose letters are Arabic or Hebrew reads
-    right to left (dir="rtl", every line; else dir="ltr": _direction); past `limit` characters it is cut, with a
-    note. A character the page would draw as nothing or that would reorder the text (bidi overrides, zero-width
-    and tag characters: `_INVISIBLE`; in left-to-right text a right-to-left sign: `_turns`) shows as a marker
-    ⟨U+202E⟩, and a line above the text says how many
-    there are: the annotator reads what is stored, not what those characters make of it. Combining marks
-    past MAX_MARKS on one character are cut, with a marker saying how many, and the line says so too.
+    the `align-text` class (white-space: pre-wrap), and a text that reads right to left (_direction: most of its
+    letters Arabic or Hebrew, or starting and ending with them) has dir="rtl", any other dir="ltr"; a line that
+    reads the other way than its text (an Arabic line in an English reply, an English one in an Arabic reply) is
+    an `align-line` with its own dir, while a line with no letters reads like its text; past `limit` characters
+    it is cut, with a note. A character the page would draw as nothing or that would reorder the text (bidi
+    overrides, zero-width and tag characters: `_INVISIBLE`; in a left-to-right line a right-to-left sign:
+    `_turns`) shows as a marker ⟨U+202E⟩, and a line above the text says how many there are: the annotator reads
+    what is stored, not what those characters make of it. Combining marks past MAX_MARKS on one character are
+    cut, with a marker saying how many, and the line says so too.
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
-    direction = _direction(text[:limit])
-    body, hidden, cut = _visible(html.escape(text[:limit]), rtl=direction == "rtl")
+    direction, lines = _direction(text[:limit]), _LINE_BREAK.split(text[:limit])
+    body, hidden, cut = [], 0, 0
+    for line, end in zip(lines[::2], [*lines[1::2], ""], strict=True):
+        line_direction = _direction(line, direction)
+        drawn, line_hidden, line_cut = _visible(html.escape(line), rtl=line_direction == "rtl")
+        hidden, cut = hidden + line_hidden, cut + line_cut
+        body.append((f'<span class="align-line" dir="{line_direction}">{drawn}</span>'
+                     if line_direction != direction else drawn) + end)
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
                 + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
-    shown += f'<div class="align-text" dir="{direction}">{body}</div>'
+    shown += f'<div class="align-text" dir="{direction}">{"".join(body)}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")

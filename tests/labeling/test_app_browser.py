@@ -673,17 +673,30 @@ LEFT_OF = """(e, needle) => {
 }"""
 
 
+# How far from e's right edge `needle` ends, as LEFT_OF finds it.
+RIGHT_GAP = """(e, needle) => {
+  const walker = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+  let node; while ((node = walker.nextNode()) && !node.data.includes(needle)) {}
+  const r = document.createRange(), i = node.data.indexOf(needle);
+  r.setStart(node, i); r.setEnd(node, i + needle.length);
+  return e.getBoundingClientRect().right - r.getBoundingClientRect().right;
+}"""
+
+
 def test_a_line_of_english_is_drawn_left_to_right_whatever_its_first_character(tmp_path, browser):
     """Each line took its direction from its first letter (unicode-bidi: plaintext): a line of English starting with
     U+05BE (a Hebrew sign that looks like a hyphen) was drawn right to left, "־14 days־ not ־30 days־ Refunds are
     possible within" as "Refunds are possible within ־days 30־ not ־days 14־", and a line starting with a Hebrew word
     put the English after it on its left. Now a text reads in the direction of most of its letters, every line, and
-    the sign is a marker; a Hebrew reply still reads right to left."""
+    the sign is a marker; a Hebrew reply still reads right to left. An Arabic line quoting English labels in an
+    English reply was then drawn left to right, its phrases in reverse reading order: now it reads right to left
+    from the right edge, and the page's text keeps the stored line break."""
     store = new_store(tmp_path)
     store.add_user("reader", PASSWORD)
     stored = "\u05be14 days\u05be not \u05be30 days\u05be Refunds are possible within"
+    arabic_line = "Refunds: Settings > Billing.\nافتح Settings > Account > Sign out ثم Sign in مرة أخرى."
     store.add_tasks("bidi", [{"prompt": "How long do I have for a refund?", "responses": [
-        stored, "Refunds: 14 days.\nשלום means hello", "שלום (בכרטיס שלך).", "Refunds: Settings > Billing."]}])
+        stored, "Refunds: 14 days.\nשלום means hello", "שלום (בכרטיס שלך).", arabic_line]}])
     page = new_page(browser)
     try:
         with running(store) as url:
@@ -697,6 +710,11 @@ def test_a_line_of_english_is_drawn_left_to_right_whatever_its_first_character(t
             hebrew = page.locator(".align-response", has_text="בכרטיס").locator(".align-text")
             assert hebrew.evaluate("e => getComputedStyle(e).direction") == "rtl"
             assert hebrew.evaluate(LEFT_OF, "בכרטיס") < hebrew.evaluate(LEFT_OF, "שלום")  # read from the right
+            card = page.locator(".align-response", has_text="Sign out")
+            assert card.locator(".align-text").inner_text() == arabic_line and card.locator(".align-warn").count() == 0
+            left = [card.locator(".align-text").evaluate(LEFT_OF, word) for word in ("ثم", "Account", "افتح")]
+            assert left[0] < left[1] < left[2]  # read from the right: "open" first, then the labels, then "then"
+            assert card.locator(".align-text").evaluate(RIGHT_GAP, "افتح") < 2  # and starts at the right edge
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()

@@ -892,9 +892,38 @@ def test_a_text_reads_in_the_direction_of_most_of_its_letters_and_rtl_signs_in_l
     assert "⟨U+05C3⟩" in handlers.text_html("Refunds\u05c3 14 days")  # sof pasuq, like a colon
     for plain, direction in [("שלום (בכרטיס שלך).", "rtl"), ("בית־ספר, 14 ימים", "rtl"), ("مرحبا، كيف حالك؟", "rtl"),
                              ("The Hebrew for school is בית־ספר.", "ltr"), ("Hello\nשלום means hello", "ltr"),
-                             ("שלום\nHello, how are you?", "ltr"), ("", "ltr"), ("14 - 30", "ltr")]:
+                             ("", "ltr"), ("14 - 30", "ltr")]:
         shown = handlers.text_html(plain)
         assert shown == f'<div class="align-text" dir="{direction}">{html.escape(plain)}</div>', plain
+
+
+def test_a_line_that_reads_the_other_way_than_its_text_has_its_own_direction():
+    """The whole text had one direction, that of most of its letters (English ones too), for every line: an Arabic
+    reply quoting English labels ("افتح Settings > Account > Sign out ثم Sign in مرة أخرى." has more English letters
+    than Arabic) was drawn left to right, its phrases in reverse reading order, and so was an Arabic line in an
+    English reply. A line or text also reads right to left when it starts with a Hebrew or Arabic letter and ends
+    with one or with such a sign, and a line that reads the other way than its text has a dir of its own; in a
+    left-to-right line of a right-to-left text a right-to-left sign is a marker again."""
+    arabic = "افتح Settings > Account > Sign out ثم Sign in مرة أخرى.\nهل جربت Settings > Sync > Sync now؟"
+    assert handlers.text_html(arabic) == f'<div class="align-text" dir="rtl">{html.escape(arabic)}</div>'
+    line = '<span class="align-line" dir="{}">{}</span>'
+    quoted = "Try this:\r\n" + arabic.split("\n")[0] + "\nThen sync."
+    assert handlers.text_html(quoted) == ('<div class="align-text" dir="ltr">Try this:\r\n'
+                                          + line.format("rtl", html.escape(arabic.split("\n")[0])) + "\nThen sync.</div>")
+    assert handlers.text_html("שלום\nHello, how are you?") == ('<div class="align-text" dir="ltr">'
+                                                              + line.format("rtl", "שלום") + "\nHello, how are you?</div>")
+    hebrew = "שלום, נסה שוב בבקשה עכשיו מיד.\n\u05be14 days\u05be later\n\n14 - 30"
+    marker = '<span class="align-hidden">⟨U+05BE⟩</span>'
+    assert handlers.text_html(hebrew) == (
+        '<p class="align-warn">⚠️ holds 2 hidden or direction characters, shown as ⟨U+…⟩</p>'
+        '<div class="align-text" dir="rtl">שלום, נסה שוב בבקשה עכשיו מיד.\n'
+        + line.format("ltr", f"{marker}14 days{marker} later") + "\n\n14 - 30</div>")
+    # what the first direction rule was for stays: a line of English starting with a sign or a Hebrew word, or ending
+    # in a hidden right-to-left mark, reads left to right
+    for plain in ("Refunds: 14 days.\nשלום means hello", "\u05be14 days\u05be not Refunds are possible within",
+                  "ש 14 days not 30 days Refunds are possible within\u200f"):
+        shown = handlers.text_html(plain)
+        assert 'dir="rtl"' not in shown and shown.count('dir="ltr"') == 1, ascii(plain)
 
 
 def test_a_sign_that_ends_a_hebrew_or_arabic_word_and_a_currency_sign_are_no_markers_in_ltr_text():
