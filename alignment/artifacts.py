@@ -246,6 +246,38 @@ def store_url(store: str | None, run_dir: str | Path) -> str:
     return sqlite_url(Path(run_dir).resolve() / STORE_FILE)
 
 
+def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str:
+    """The labelling store of a stage that puts tasks beside the run's labels (eval human=true): `store` when given;
+    else the one the run's sample (else its export) recorded in its align.json, in `run_dir` or, for a later
+    round's folder, in its root, so that after `align sample store=postgresql://...` the tasks go where the
+    annotators rank; else the root's labels.db (a round's folder has no store of its own). A recorded SQLite
+    file no longer there is passed over (the run folder moved; its labels.db moved with it). Nothing is made."""
+    from labeling.store import sqlite_path, sqlite_url
+
+    if store:
+        return store
+    root = round_root(run_dir)
+    for folder in (Path(run_dir), *([root] if root else [])):
+        for stage in ("sample", "export"):
+            manifest = stage_dir(folder, stage) / MANIFEST
+            try:
+                m = json.loads(manifest.read_text()) if manifest.is_file() else {}
+                url = m.get("store") if stage == "sample" else ((m.get("parents") or {}).get("store") or {}).get("path")
+            except (OSError, ValueError, AttributeError):  # unreadable: the next one, or the default
+                continue
+            if not isinstance(url, str) or not url:
+                continue
+            if sqlite_path(url) is not None and m.get("cwd") and not Path(sqlite_path(url)).is_absolute():
+                url = sqlite_url(Path(m["cwd"]) / sqlite_path(url))  # store=sqlite:///x.db: where that stage ran
+            if sqlite_path(url) is not None and not Path(sqlite_path(url)).is_file():
+                continue
+            if "***" in url:  # align.json keeps no password (config.redact): it cannot be opened from there
+                raise ConfigError(f"{key}: the run's {stage} used the labelling store {url}, and its {MANIFEST} keeps "
+                                  f"no password; pass {key}=<that URL> (the one given to align {stage})")
+            return url
+    return sqlite_url(Path(root or run_dir).resolve() / STORE_FILE)
+
+
 def round_dir(root: str | Path, r: int) -> Path:
     """Round r's run directory: the run directory itself for round 0, else <root>/round-<r>/."""
     return Path(root) if r == 0 else Path(root) / round_batch(r)

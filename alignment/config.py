@@ -493,6 +493,9 @@ class EvalStageConfig:
     reward_model: str | None = None  # default <run.dir>/reward when present; "none": no reward-model judge
     scorer: str | None = None  # an independent programmatic judge
     human: bool = False  # put blind A/B tasks into the labelling store instead of judging now
+    # The store for human=true's A/B tasks (database URL); default: the store the run's sample (else export)
+    # used, as its align.json records it, else sqlite:///<run.dir>/labels.db (a later round's: the root run's)
+    store: str | None = None
     bootstrap: int = bounded(1000, ge=1)  # resamples for the human board's rating intervals (win-rates: Wilson's)
     # Answers per prompt each policy samples at temperature 1 (no top-p) for its KL from the baseline:
     # only its own samples give an unbiased estimate (the judged answers are greedy). 0: no KL.

@@ -50,9 +50,11 @@ from alignment.artifacts import (
     HEADS_FILE,
     LOCK,
     MANIFEST,
+    STORE_FILE,
     key_prefix,
     pipeline_stages,
     round_batch,
+    run_store,
     shell,
     stage_dir,
     stages_of_kind,
@@ -273,6 +275,8 @@ def _eval(cfg, pending: set[str], p: str) -> None:
                       tokenizer=True)
     if cfg.scorer:
         check_scorer(f"{p}scorer", cfg.scorer)
+    if cfg.human:  # the store the A/B tasks go to: given, or the one the run's labels are in
+        check_store(f"{p}store", run_store(cfg.store, cfg.run.dir, f"{p}store"), cfg.run.dir, must_exist=False)
     default_rm = stage_dir(cfg.run.dir, "reward")
     policies = cfg.policies or pending or any(stage_dir(cfg.run.dir, s).exists() for s in names)  # else: "no policies"
     if policies and not (cfg.scorer or cfg.human) and (cfg.reward_model == "none" or (
@@ -342,6 +346,8 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     The pipeline points sample, reward, dpo and ppo at <run.dir>/sft, each stage's default: left
     unset here, so that a folder an earlier stage will write is not required to exist yet.
     """
+    from labeling.store import sqlite_url
+
     check_run_dir("run.dir", cfg.run.dir)
     _pipeline_sets(cfg)
     world = process_count()
@@ -378,7 +384,9 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
                           probe_scorer=cfg.reward.probe_scorer or cfg.labelling_scorer),
         "dpo": replace(on_base(cfg.dpo), sft=None), "ppo": replace(on_base(cfg.ppo), sft=None),
         # Its judge as the pipeline names it; this round's reward stage, still to run, by eval's default
+        # and its A/B tasks (human=true) in the pipeline's one store, as it runs it
         "eval": replace(on_base(cfg.eval), scorer=cfg.eval.scorer or cfg.labelling_scorer,
+                        store=cfg.sample.store or sqlite_url(Path(cfg.run.dir).resolve() / STORE_FILE),
                         reward_model=None if "reward" in cfg.stages and not cfg.eval.reward_model
                         else cfg.eval_reward_model(cfg.run.dir)),
     }
@@ -451,9 +459,11 @@ def _pipeline_sets(cfg) -> None:
             stage = key.split(".")[0]
             raise ConfigError(f"{key}={value}: align pipeline sets it itself (each stage reads the one before it "
                               f"in run.dir, round by round); leave it unset, or run `align {stage}` on its own")
-    if cfg.export.store is not None and cfg.export.store != cfg.sample.store:
-        raise ConfigError(f"export.store={cfg.export.store}: the pipeline's stages share one labelling store, "
-                          "sample.store (default <run.dir>/labels.db); set that instead")
+    for section in ("export", "eval"):
+        store = getattr(cfg, section).store
+        if store is not None and store != cfg.sample.store:
+            raise ConfigError(f"{section}.store={store}: the pipeline's stages share one labelling store, "
+                              "sample.store (default <run.dir>/labels.db); set that instead")
     trained = [s for s in cfg.stages if s in ("dpo", "ppo")]
     if "eval" in cfg.stages and not trained and not cfg.eval.policies:
         raise ConfigError(f"stages={list(cfg.stages)}: eval compares the SFT policy with one trained after it, and "

@@ -249,8 +249,9 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                                   f"align export run.dir={shlex.quote(str(args.run_dir))}"
                                   + (f" store={shlex.quote(args.db)}" if args.db else "")))
             if any(b.startswith("eval-") for b in batches):
-                print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true (with the settings "
-                      "that made the A/B tasks)")
+                print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true"
+                      + (f" store={shlex.quote(args.db)}" if args.db else "") + " (with the settings that made the "
+                      "A/B tasks)")
             return 0
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes

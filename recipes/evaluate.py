@@ -10,7 +10,9 @@ simulated annotators) as an independent check on a policy that games the reward 
 non-baseline policy gets a win-rate against the baseline with a Wilson interval over
 prompts, and a KL from the baseline (the SFT policy, i.e. the reference), measured on answers the
 policy samples at temperature 1 (`kl_samples` per prompt): the judged answers are greedy, and a
-KL along them is one fixed path's, not the policy's.
+KL along them is one fixed path's, not the policy's. With human=true the A/B tasks go to `store`, by default
+the store the run's sample (else export) used, as its align.json records it, else the run's labels.db (a later
+round's: the root run's): the one the annotators rank in.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from alignment import StageError, process_count
 from alignment import evaluation as ev
 from alignment import report as report_module
 from alignment.artifacts import (
+    STORE_FILE,
     key_prefix,
     parent_path,
     print_done,
     read_manifest,
+    run_store,
     shell,
     stage_dir,
     stages_of_kind,
-    store_url,
     system_prompt_of,
     write_manifest,
 )
@@ -249,7 +252,8 @@ def policy_version(folder: str | Path) -> str:
 
 def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[str]],
                system_prompts: dict[str, str | None] | None = None, versions: dict[str, str] | None = None) -> dict:
-    """Blind A/B tasks into the store; once labelled, Bradley-Terry ratings (an arena board).
+    """Blind A/B tasks into the store (`store`: the run's, run_store); once labelled, Bradley-Terry ratings (an
+    arena board).
 
     The batch and each answer carry the policy's version (policy_version): a policy trained again gets
     new tasks with its new answers, and the board counts only verdicts on the policies as they are now
@@ -259,7 +263,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     from labeling.store import Store
 
     versions = dict(versions or {})
-    store = Store(store_url(None, cfg.run.dir))
+    store = Store(run_store(cfg.store, cfg.run.dir, key_prefix("eval") + "store"))
     added = 0
 
     def tag(name: str) -> str:
@@ -299,6 +303,15 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         board["leaderboard"] = sorted(({"policy": p, "rating": r, "ci": cis[p]} for p, r in ratings.items()),
                                       key=lambda x: -x["rating"])
     return board
+
+
+def label_where(cfg: EvalStageConfig) -> str:
+    """`align label`'s arguments for the store the A/B tasks went to: --db unless it is run.dir's own labels.db."""
+    from labeling.store import sqlite_path
+
+    url = run_store(cfg.store, cfg.run.dir)
+    own = sqlite_path(url) is not None and Path(sqlite_path(url)).resolve() == (Path(cfg.run.dir) / STORE_FILE).resolve()
+    return f"--run-dir {shell(cfg.run.dir)}" + ("" if own else f" --db {shell(url)}")
 
 
 def main(cfg: EvalStageConfig) -> Path:
@@ -396,8 +409,8 @@ def main(cfg: EvalStageConfig) -> Path:
               + (f" ({board['stale_comparisons']} on earlier versions, not counted)" if board["stale_comparisons"] else ""))
     html = report_module.write_report(cfg.run.dir)
     if board is not None:
-        print_done("eval", out, f"open {shell(html)}; annotators judge the A/B tasks in align label --run-dir "
-                                f"{shell(cfg.run.dir)}, then rerun align eval with human=true for the board")
+        print_done("eval", out, f"open {shell(html)}; annotators judge the A/B tasks in align label "
+                                f"{label_where(cfg)}, then rerun align eval with human=true for the board")
     else:
         print_done("eval", out, f"open {shell(html)}")
     return out

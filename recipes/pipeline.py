@@ -14,7 +14,8 @@ Labelling is `simulate` (a scorer ranks, through the same submit path as a perso
 (the app starts, prints its address, and the pipeline waits until the batch has all its
 rankings); a batch another scorer ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
-<run.dir>/round-<r>/ (the store stays one, at <run.dir>/labels.db); each round keeps its figures.
+<run.dir>/round-<r>/ (the store stays one, sample.store, default <run.dir>/labels.db: every round's
+samples and eval human=true's A/B tasks go there); each round keeps its figures.
 Round 0 samples the first `sample.num_prompts` prompts, and each later round from the prompts no
 earlier round used (recipes/sample.py); with `sample.selection: uncertainty`, a later round picks
 them from `sample.pool_factor` x as many by the previous round's reward model (docs/active.md),
@@ -77,6 +78,8 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
     # A SQLite store by the file it opens: its URL's quoting changed (a run.dir holding `:` or `?`), its file not.
     # A base model by what it is: dpo and reward record their SFT's base as align.json has it (a folder's
     # absolute path) where the pipeline's section says `tiny`.
+    if config.get("human") is False:  # eval's store holds its A/B tasks only (an eval from before named none)
+        config.pop("store", None)
     for section in (config, *(v for v in config.values() if isinstance(v, dict))):
         if isinstance(section.get("store"), str) and sqlite_path(section["store"]) is not None:
             section["store"] = "sqlite:" + sqlite_path(section["store"])
@@ -285,8 +288,9 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),
             "ppo": replace(on_base(cfg.ppo), run=run, sft=str(sft_dir)),
             # Judged by the scorer that labelled the data too (unless eval names its own), so the
-            # report says whether the policy learnt what the annotator wanted.
-            "eval": replace(on_base(cfg.eval), run=run,
+            # report says whether the policy learnt what the annotator wanted; its A/B tasks (human=true)
+            # go to the one store, where the annotators rank, not to a round's folder.
+            "eval": replace(on_base(cfg.eval), run=run, store=store,
                             scorer=cfg.eval.scorer or cfg.labelling_scorer),
         }
         # The policies and the reward model by name (not whichever folders run.dir holds): a stage added to

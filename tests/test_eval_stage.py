@@ -162,3 +162,76 @@ def test_verdicts_on_a_policy_this_eval_does_not_load_follow_its_folder(tmp_path
     assert retrained["comparisons"] == 0 and retrained["stale_comparisons"] == 2 and "leaderboard" not in retrained
     shutil.rmtree(ppo)
     assert board_without_ppo()["stale_comparisons"] == 2
+
+
+def test_human_ab_tasks_go_to_the_store_the_runs_labels_are_in(tmp_path):
+    """With `sample.store=<URL>` the annotators rank in that store: eval human=true put its A/B tasks in
+    <run.dir>/labels.db instead, where nobody saw them, its board stayed at 0 verdicts and the Playground guard
+    (Store.blind_tasks_open) did not see them. Its default is now the store the run's sample (else export)
+    recorded; a later round's folder uses the root's store; eval.store names one; a recorded URL whose password
+    align.json masked is refused with the key to pass, not replaced by another store."""
+    from alignment.artifacts import run_store, write_manifest
+    from alignment.config import ConfigError, EvalStageConfig, RunConfig
+    from labeling.store import Store, sqlite_url
+    from recipes.evaluate import human_eval, label_where
+
+    team = sqlite_url(tmp_path / "team" / "labels.db")  # stands for the team's postgresql://... store
+    (tmp_path / "team").mkdir()
+    Store(team)
+    run = tmp_path / "run"
+    write_manifest(run / "sample", stage="sample", config={}, base_model=None, store=team, batch="round-0")
+    cfg = EvalStageConfig(run=RunConfig(dir=str(run), wandb="disabled"), baseline="sft")
+    prompts, answers = ["How do I sync?"], {"dpo": ["Open Settings."], "sft": ["Settings."]}
+    assert human_eval(cfg, prompts, answers, versions={"dpo": "d1", "sft": "s1"})["tasks_added"] == 1
+    assert Store(team).blind_tasks_open() and not (run / "labels.db").exists()
+    assert label_where(cfg) == f"--run-dir {run} --db {team}"
+    # a later round's folder: the root's store (the pipeline's one), not a labels.db of its own
+    (run / "round-1").mkdir()
+    assert run_store(None, run / "round-1") == team
+    (run / "sample" / "align.json").unlink()
+    assert run_store(None, run / "round-1") == sqlite_url(run.resolve() / "labels.db")
+    assert run_store(None, run) == sqlite_url(run.resolve() / "labels.db")
+    assert label_where(cfg) == f"--run-dir {run}"
+    # export's record when sample's is not there; eval.store before either
+    write_manifest(run / "preferences", stage="export", config={}, base_model=None, parents={"store": team})
+    assert run_store(None, run) == team and run_store("sqlite:///other.db", run) == "sqlite:///other.db"
+    # a relative SQLite store: where the stage that recorded it ran, not where eval runs
+    write_manifest(run / "sample", stage="sample", config={}, base_model=None, store="sqlite:///team/labels.db")
+    manifest = json.loads((run / "sample" / "align.json").read_text())
+    (run / "sample" / "align.json").write_text(json.dumps({**manifest, "cwd": str(tmp_path)}))
+    assert run_store(None, run) == team
+    write_manifest(run / "sample", stage="sample", config={}, base_model=None,
+                   store="postgresql://ann:pw@db.example/labels")
+    with pytest.raises(ConfigError, match=r"eval\.store: the run's sample used the labelling store "
+                                          r"postgresql://ann:\*\*\*@db.example/labels, and its align.json keeps no "
+                                          r"password; pass eval\.store=<that URL>"):
+        run_store(None, run, "eval.store")
+
+
+def test_a_pipeline_gives_every_rounds_eval_its_one_store(tmp_path, monkeypatch):
+    """align pipeline rounds=2: round 1's eval ran with run.dir=<run>/round-1 and no store, so its A/B tasks went to
+    round-1/labels.db, though the store stays one (sample.store, default <run.dir>/labels.db); eval.store other than
+    sample.store is refused, as export.store is."""
+    import recipes.pipeline as pipeline
+    from alignment.config import ConfigError, PipelineConfig, load_config
+    from alignment.preflight import _pipeline_sets
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_unless_done", lambda name, run_dir, cfg, rankings=None: seen.update(
+        {(name, Path(run_dir).name): cfg}))
+    monkeypatch.setattr(pipeline, "label", lambda *args: None)
+    monkeypatch.setattr(pipeline, "rankings_state", lambda *args: "")
+    monkeypatch.setattr(pipeline.report_module, "write_report", lambda *args: None)
+    for given in (None, "postgresql://ann@db.example/labels"):
+        cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "rounds=2", "eval.human=true",
+                                                 *([f"sample.store={given}"] if given else [])])
+        store = pipeline.store_url(cfg.sample.store, tmp_path)
+        pipeline._rounds(cfg, tmp_path, store, "dpo", ["dpo"])
+        assert seen[("eval", tmp_path.name)].store == seen[("eval", "round-1")].store == store
+        assert store == (given or f"sqlite:///{tmp_path.resolve()}/labels.db")
+    # an eval's store counts for a rerun only with human=true: an eval recorded before the key was there is unchanged
+    assert pipeline._made_by({"human": False}) == pipeline._made_by({"human": False, "store": store})
+    assert pipeline._made_by({"human": True}) != pipeline._made_by({"human": True, "store": store})
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "eval.store=postgresql://ann@db.example/other"])
+    with pytest.raises(ConfigError, match="eval.store=postgresql://ann@db.example/other: the pipeline's stages share"):
+        _pipeline_sets(cfg)
