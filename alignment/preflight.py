@@ -17,7 +17,8 @@ What is checked:
   adapters         sft=, policy=, reward_model=, policies=, adapter=, serve's adapters and run: adapter_config.json,
                    adapter_model.safetensors readable to its end, tokenizer files, the base model
                    they name (as model.name above), and align.json: a stage folder without one is
-                   unfinished and refused
+                   unfinished and refused; a reward_model an `align reward` folder, eval's policies a
+                   policy stage's (by align.json's stage, else adapter_config.json's task_type)
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
   positions        a model with a table of learned positions (GPT-2's n_positions): model.max_length within
                    it, and for sample, eval and ppo each prompt (tokenized only then) with max_new_tokens
@@ -43,13 +44,14 @@ import tempfile
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alignment import StageError, process_count
 from alignment.artifacts import (
     HEADS_FILE,
     LOCK,
     MANIFEST,
+    STAGES,
     STORE_FILE,
     key_prefix,
     pipeline_stages,
@@ -225,14 +227,14 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     if cfg.scorer:
         check_scorer(f"{p}scorer", cfg.scorer)
     elif cfg.reward_model is not None:
-        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
+        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True, kind="reward")
     elif "reward" not in pending:
         default = stage_dir(cfg.run.dir, "reward")
         if not default.exists():
             raise StageError(f"no reward model at {default}: run `align reward run.dir={shell(cfg.run.dir)}` first, pass "
                              f"{p}reward_model=<folder>, or use a programmatic reward with {p}scorer=<name or "
                              "module:function>")
-        check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True)
+        check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True, kind="reward")
     if rl.reward_on_policy_base and "reward" not in pending and (cfg.sft == "none" or "sft" not in pending):
         from alignment.reward_model import check_shared_base
 
@@ -255,7 +257,7 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     _backend(cfg.generation)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "eval")
     for name, folder in (cfg.policies or {}).items():
-        check_adapter(f"{p}policies.{name}", folder, tokenizer=True)
+        check_adapter(f"{p}policies.{name}", folder, tokenizer=True, kind="policy")
         _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
     names = list(cfg.policies or stages_of_kind("policy"))
     _vllm_takes_no_dora(cfg.generation, {f"{p}policies.{name}": folder for name, folder in cfg.policies.items()}
@@ -269,10 +271,10 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     for policy in dict.fromkeys(str(f) if Path(f).exists() else cfg.model.name for f in folders):
         check_generation_fits(p, policy, prompts, cfg.prompts, cfg.generation.max_new_tokens)  # (a stage to run: its base)
     if cfg.reward_model not in (None, "none"):
-        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True)
+        check_adapter(f"{p}reward_model", cfg.reward_model, tokenizer=True, kind="reward")
     elif cfg.reward_model is None and "reward" not in pending and stage_dir(cfg.run.dir, "reward").exists():
         check_adapter(f"{p}reward_model (default {stage_dir(cfg.run.dir, 'reward')})", stage_dir(cfg.run.dir, "reward"),
-                      tokenizer=True)
+                      tokenizer=True, kind="reward")
     if cfg.scorer:
         check_scorer(f"{p}scorer", cfg.scorer)
     if cfg.human:  # the store the A/B tasks go to: given, or the one the run's labels are in
@@ -695,8 +697,16 @@ def check_model_folder(key: str, path: Path, *, tokenizer: bool = True) -> None:
         _tokenizer_files(key, path)
 
 
-def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> dict[str, Any]:
-    """A complete LoRA adapter folder (ours or peft's) on a base that loads here; returns its adapter_config."""
+# What a key that takes an adapter of a kind needs: the stages that write one, and the peft task type its
+# adapter_config.json records (a causal LM's LoRA, or a sequence classifier's with its score head).
+ADAPTER_KINDS = {"policy": ("a policy", "CAUSAL_LM"), "reward": ("a reward model", "SEQ_CLS")}
+
+
+def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True,
+                  kind: Literal["policy", "reward"] | None = None) -> dict[str, Any]:
+    """A complete LoRA adapter folder (ours or peft's) on a base that loads here, and with `kind` the kind the key
+    takes (a policy, a reward model: by the stage its align.json names, else its task type); returns its
+    adapter_config."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise ConfigError(f"{key}={folder}: no such folder")
@@ -716,6 +726,8 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
                 if (path / "config.json").is_file() else "")
         raise ConfigError(f"{key}={folder}: not an adapter folder (no adapter_config.json){hint}")
     config = _read_json(key, path / "adapter_config.json")
+    if kind is not None:
+        _adapter_kind(key, folder, manifest, config, kind)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file() and not (path / "adapter_model.bin").is_file():
         raise ConfigError(f"{key}={folder}: no adapter_model.safetensors in it (the adapter's weights)")
@@ -731,6 +743,23 @@ def check_adapter(key: str, folder: str | Path, *, tokenizer: bool = True) -> di
     return config
 
 
+def _adapter_kind(key: str, folder: str | Path, manifest: dict[str, Any], config: dict[str, Any], kind: str) -> None:
+    """Refuse an adapter of another kind than the key takes: eval loaded a policy as its reward model and failed
+    after every answer and the KL (an AttributeError), and took a reward model as a policy and judged text
+    generated with a classifier's LoRA. By the stage of its align.json, else (an adapter from elsewhere) by its
+    task type; neither recorded: not refused."""
+    what, task = ADAPTER_KINDS[kind]
+    stage, found = manifest.get("stage"), config.get("task_type")
+    wanted = ("the folder `align reward` wrote" if kind == "reward" else
+              f"a policy adapter (the folder `align {' / '.join(stages_of_kind('policy'))}` wrote)")
+    if isinstance(stage, str) and stage in STAGES and stage not in stages_of_kind(kind):
+        other = next((f" ({w})" for k, (w, _) in ADAPTER_KINDS.items() if stage in stages_of_kind(k)), "")
+        raise ConfigError(f"{key}={folder}: the output of `align {stage}`{other}, not {what}; pass {wanted}")
+    if found and found != task:
+        raise ConfigError(f"{key}={folder}: its adapter_config.json says task_type {found}, and {what} is a {task} "
+                          f"adapter; pass {wanted}")
+
+
 def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
     """`align sample selection=uncertainty`'s reward model: an adapter with its uncertainty heads."""
     if folder is None:
@@ -740,7 +769,7 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
                              f"none at {default}: run `align reward run.dir={shell(run_dir)} heads=8` on the labels so far first, pass "
                              "selection_reward_model=<reward model folder>, or use selection=random")
         key, folder = f"{key} (default {default})", str(default)
-    check_adapter(key, folder, tokenizer=True)
+    check_adapter(key, folder, tokenizer=True, kind="reward")
     path = Path(folder).expanduser()
     # By its manifest where it says (a heads file an earlier run in the folder left is not this model's), else the file
     trained = (_read_json(key, path / MANIFEST).get("config") or {}).get("heads") if (path / MANIFEST).is_file() else None

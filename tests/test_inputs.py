@@ -106,6 +106,14 @@ def d(tmp_path_factory, tiny_model) -> Path:
     (copy_adapter(d / "adapter", d / "adapter_lost_base") / "align.json").write_text(
         json.dumps({"stage": "sft", "base_model": str(d / "deleted-base")}))
     copy_adapter(d / "adapter", d / "run_with_sft" / "sft")
+    # An adapter of each kind by its align.json (a reward model's, without heads) or, from elsewhere, by its task type
+    (copy_adapter(d / "adapter", d / "rm_adapter") / "align.json").write_text(
+        json.dumps({"stage": "reward", "base_model": tiny_model}))
+    copy_adapter(d / "adapter", d / "run_policy_as_reward" / "reward")
+    for name, task in (("foreign_cls", "SEQ_CLS"), ("foreign_lm", "CAUSAL_LM")):
+        (copy_adapter(d / "adapter", d / name) / "align.json").unlink()
+        config = json.loads((d / name / "adapter_config.json").read_text())
+        (d / name / "adapter_config.json").write_text(json.dumps({**config, "task_type": task}))
     (d / "run_empty_sft" / "sft").mkdir(parents=True)  # what a stage killed at once leaves
     (d / "run_killed_sft" / "sft" / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # killed mid-training
     (d / "checkpoint_without_state").mkdir()
@@ -324,7 +332,29 @@ CASES = [
     ("reward on a cut-short export", "reward run.dir={d}/run_cut", 1,
      ["run_cut/preferences: an unfinished export (no align.json, which export writes last)"]),
     ("ppo: an sft folder as the reward model", "ppo sft={d}/adapter reward_model={d}/adapter prompts={d}/prompts.jsonl",
-     1, ["adapter is the output of `align sft`, not a reward model"]),
+     2, ["reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model; pass the folder "
+         "`align reward` wrote"]),
+    # eval loaded a policy as its judge (an AttributeError after every answer and the KL), a reward model as a policy
+    ("eval: a policy as the reward model", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' "
+     "prompts={d}/prompts.jsonl reward_model={d}/adapter", 2,
+     ["reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model; pass the folder "
+      "`align reward` wrote"]),
+    ("eval: run.dir's reward/ a policy", "eval 'policies={{sft: {d}/adapter, b: {d}/adapter}}' "
+     "prompts={d}/prompts.jsonl run.dir={d}/run_policy_as_reward", 2,
+     ["reward_model (default {d}/run_policy_as_reward/reward)={d}/run_policy_as_reward/reward: the output of "
+      "`align sft` (a policy), not a reward model"]),
+    ("eval: a reward model as a policy", "eval 'policies={{sft: {d}/adapter, rm: {d}/rm_adapter}}' "
+     "prompts={d}/prompts.jsonl scorer=length", 2,
+     ["policies.rm={d}/rm_adapter: the output of `align reward` (a reward model), not a policy; pass a policy "
+      "adapter (the folder `align sft / dpo / ppo / grpo / rloo` wrote)"]),
+    ("eval: a classifier's adapter from elsewhere as a policy", "eval 'policies={{sft: {d}/adapter, "
+     "rm: {d}/foreign_cls}}' prompts={d}/prompts.jsonl scorer=length", 2,
+     ["policies.rm={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM "
+      "adapter"]),
+    ("eval: a causal LM's adapter from elsewhere as the reward model", "eval 'policies={{sft: {d}/adapter, "
+     "b: {d}/foreign_lm}}' prompts={d}/prompts.jsonl reward_model={d}/foreign_lm", 2,
+     ["reward_model={d}/foreign_lm: its adapter_config.json says task_type CAUSAL_LM, and a reward model is a "
+      "SEQ_CLS adapter"]),
     ("pipeline: dpo without sft", "pipeline stages=[dpo] dpo.data.path={d}/prefs.jsonl", 1, ["no SFT adapter at"]),
     ("pipeline: eval with nothing to compare", "pipeline stages=[sft,sample,eval]", 2,
      ["eval compares the SFT policy with one trained after it", "add dpo or ppo to stages, or set eval.policies="]),
@@ -350,8 +380,11 @@ CASES = [
      ["selection=uncertainty picks the tasks a reward model is least sure of", "{run}/reward", "heads=8",
       "selection_reward_model=", "selection=random"]),
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
+     "selection=uncertainty selection_reward_model={d}/rm_adapter", 2,
+     ["selection_reward_model={d}/rm_adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8"]),
+    ("uncertainty by a policy", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
-     ["selection_reward_model={d}/adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8"]),
+     ["selection_reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model"]),
     ("uncertainty by a missing model", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/gone", 2, ["selection_reward_model=", "gone: no such folder"]),
     ("pipeline: uncertainty in one round", "pipeline sample.selection=uncertainty", 2,
@@ -433,8 +466,9 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
         "reward": (C.RewardStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}",
                                          "lora.target_modules=[q_proj]"]),
         "ppo": (C.PPOStageConfig, [f"sft={d / 'adapter'}", "scorer=length", f"prompts={d / 'prompts.jsonl'}"]),
-        "eval": (C.EvalStageConfig, [f"policies={{sft: {d / 'adapter'}, dpo: {d / 'adapter'}}}",
-                                     f"prompts={d / 'prompts.jsonl'}", "scorer=length"]),
+        "eval": (C.EvalStageConfig, [f"policies={{sft: {d / 'adapter'}, dpo: {d / 'foreign_lm'}}}",
+                                     f"prompts={d / 'prompts.jsonl'}", "scorer=length",
+                                     f"reward_model={d / 'rm_adapter'}"]),
         "merge": (C.MergeStageConfig, [f"adapter={d / 'adapter'}", f"output={tmp_path / 'merged'}"]),
         "pipeline": (C.PipelineConfig, [f"sft.model.name={tiny_model}", f"sft.data.path={d / 'good.jsonl'}",
                                         f"sample.prompts={d / 'prompts.jsonl'}", f"eval.prompts={d / 'prompts.jsonl'}"]),
@@ -467,7 +501,7 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     # PPO's later rounds on a reward model named for every round: no stage need train one
     check_stage("pipeline", load_config(C.PipelineConfig, None, [
         *good["pipeline"][1], run, "rounds=2", "stages=[sft,sample,label,export,ppo]", "sample.num_prompts=5",
-        f"ppo.reward_model={d / 'adapter'}"]))
+        f"ppo.reward_model={d / 'rm_adapter'}"]))
     # Eval judged by people alone: no reward model, no scorer
     check_stage("eval", load_config(C.EvalStageConfig, None, [*good["eval"][1][:2], run, "human=true"]))
     assert not (tmp_path / "run").exists()
