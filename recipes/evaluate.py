@@ -60,10 +60,22 @@ from alignment.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
 
-def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
+def recorded_path(path: str, folder: Path, manifest: dict) -> Path:
+    """A file a stage's config names (data.path, prompts), read as that stage read it: relative to the directory
+    it ran in (its manifest's `cwd`, parent_path), else, that copy gone (the project moved), placed by the run
+    folder's own path as a moved parent is; not relative to where eval runs."""
+    found = parent_path(path, folder, manifest)
+    if found.exists() or Path(path).is_absolute() or not manifest.get("cwd"):
+        return found
+    moved = parent_path(path, folder, {k: v for k, v in manifest.items() if k != "cwd"})
+    return moved if moved.exists() else found
+
+
+def trained_prompts(folder: Path, seen: set[Path] | None = None, unread: list[str] | None = None) -> set[str]:
     """The user prompts in the training data of a policy and of the policies it started from, from the
     manifests: SFT's instructions (its held-out share included), the prompts of DPO's training pairs,
-    PPO's (or GRPO's, RLOO's) rollout prompts."""
+    PPO's (or GRPO's, RLOO's) rollout prompts. Each file is read where its stage read it (recorded_path);
+    one that cannot be read is added to `unread` ("<file> (<stage> of <folder>): <why>")."""
     from alignment.preferences import load_preferences
 
     seen = seen if seen is not None else set()
@@ -73,22 +85,47 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None) -> set[str]:
     manifest = read_manifest(folder)
     config, parents = manifest.get("config") or {}, manifest.get("parents") or {}
     found: set[str] = set()
+    source = None
     try:
         if manifest.get("stage") == "sft":
-            found |= set(load_prompts(config["data"]["path"]))
+            source = recorded_path(config["data"]["path"], folder, manifest)
+            found |= set(load_prompts(source))
         elif manifest.get("stage") == "dpo" and "preferences" in parents:
-            data, _ = load_preferences(str(parent_path(parents["preferences"]["path"], folder, manifest)),
-                                       test_fraction=config["data"]["test_fraction"], seed=config["train"]["seed"])
+            source = parent_path(parents["preferences"]["path"], folder, manifest)
+            data, _ = load_preferences(str(source), test_fraction=config["data"]["test_fraction"],
+                                       seed=config["train"]["seed"])
             found |= {m["content"] for row in data["train"]["prompt"] for m in row if m["role"] == "user"}
         elif config.get("prompts"):  # PPO, GRPO, RLOO: the first num_prompts (-1: all) of its prompts
-            used = load_prompts(config["prompts"])
+            source = recorded_path(config["prompts"], folder, manifest)
+            used = load_prompts(source)
             found |= set(used[:config["num_prompts"]] if config.get("num_prompts", -1) > 0 else used)
     except Exception as err:  # noqa: BLE001 - a moved or deleted file: the check is advice, not a gate
-        log.debug("prompts of %s not read: %s", folder, err)
+        if unread is not None:
+            unread.append(f"{source or 'its data'} ({manifest.get('stage')} of {folder}): {err}")
     for parent in parents.values():
         if isinstance(parent, dict) and parent.get("stage") in stages_of_kind("policy"):
-            found |= trained_prompts(parent_path(parent["path"], folder, manifest), seen)
+            found |= trained_prompts(parent_path(parent["path"], folder, manifest), seen, unread)
     return found
+
+
+def seen_in_training(paths: dict[str, Path], prompts: list[str]) -> dict[str, int | None]:
+    """Per policy, how many of the eval prompts its training data (or its parents') holds, warning of each; None,
+    with a warning saying which file, where a training file could not be read and none of them was found in
+    the others (not 0: nothing says they were held out)."""
+    counts: dict[str, int | None] = {}
+    for name, folder in paths.items():
+        unread: list[str] = []
+        trained = trained_prompts(Path(folder), unread=unread)
+        n = sum(p in trained for p in prompts)
+        for why in unread:
+            log.warning("the training data of %s could not be read, so eval cannot say whether its prompts were "
+                        "held out from it: %s", name, why)
+        counts[name] = None if unread and not n else n
+        if n:
+            log.warning("%d of the %d eval prompts are in the training data of %s (its own or its parents'): "
+                        "its figures are not on held-out prompts; point eval.prompts at prompts no stage trained on",
+                        n, len(prompts), name)
+    return counts
 
 
 def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
@@ -327,13 +364,7 @@ def main(cfg: EvalStageConfig) -> Path:
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
     log.info("evaluating %s on %d prompts (baseline %s)", ", ".join(paths), len(prompts), cfg.baseline)
-    seen_in_training = {name: sum(p in trained for p in prompts)
-                        for name, trained in ((n, trained_prompts(Path(f))) for n, f in paths.items())}
-    for name, n in seen_in_training.items():
-        if n:
-            log.warning("%d of the %d eval prompts are in the training data of %s (its own or its parents'): "
-                        "its figures are not on held-out prompts; point eval.prompts at prompts no stage trained on",
-                        n, len(prompts), name)
+    seen = seen_in_training(paths, prompts)
 
     # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
     model, tokenizer, base_name = load_adapters(paths, cfg)
@@ -384,7 +415,7 @@ def main(cfg: EvalStageConfig) -> Path:
     write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents={**paths, **judged_by},
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
                    interval="wilson",  # how win_rate_ci is made: the report labels it by this (bootstrap before)
-                   prompts=len(prompts), prompts_seen_in_training=seen_in_training, system_prompts=system_prompts,
+                   prompts=len(prompts), prompts_seen_in_training=seen, system_prompts=system_prompts,
                    prompts_sha256=file_hash(cfg.prompts))
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)

@@ -235,3 +235,43 @@ def test_a_pipeline_gives_every_rounds_eval_its_one_store(tmp_path, monkeypatch)
     cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "eval.store=postgresql://ann@db.example/other"])
     with pytest.raises(ConfigError, match="eval.store=postgresql://ann@db.example/other: the pipeline's stages share"):
         _pipeline_sets(cfg)
+
+
+def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkeypatch, caplog):
+    """SFT's data.path and PPO's prompts, relative as given, were read relative to where eval ran: from another
+    directory eval said nothing, recorded `{'sft': 0}`, and the report's caution was gone. They are read where
+    the stage ran (its manifest's cwd), else, that copy gone, by the run folder's place (a moved project); a file
+    that cannot be read is a warning and no count (None), not a 0."""
+    import logging
+
+    from alignment.artifacts import write_manifest
+    from recipes.evaluate import seen_in_training
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text("".join(json.dumps({"instruction": p, "output": "Open Settings."})
+                                                          + "\n" for p in PROMPTS[:3]))
+    (project / "data" / "rl.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[3:7]))
+    run = project / "runs" / "q"
+    monkeypatch.chdir(project)  # where the stages ran
+    write_manifest(run / "sft", stage="sft", config={"data": {"path": "data/train.jsonl"}}, base_model=None)
+    write_manifest(run / "ppo", stage="ppo", config={"prompts": "data/rl.jsonl", "num_prompts": 3},
+                   base_model=None, parents={"sft": run / "sft"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where eval runs
+    paths = {"sft": run / "sft", "ppo": run / "ppo"}
+    with caplog.at_level(logging.WARNING, logger="recipes.evaluate"):
+        assert seen_in_training(paths, PROMPTS) == {"sft": 3, "ppo": 6}  # ppo: its first 3 prompts and its SFT's
+    assert "3 of the 8 eval prompts are in the training data of sft" in caplog.text
+    # the project moved: the recorded cwd is gone, the files are where the run folder's place says
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    paths = {"sft": moved / "runs" / "q" / "sft", "ppo": moved / "runs" / "q" / "ppo"}
+    assert seen_in_training(paths, PROMPTS) == {"sft": 3, "ppo": 6}
+    # a file gone: said, with the file, and counted as unknown
+    (moved / "data" / "train.jsonl").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recipes.evaluate"):
+        assert seen_in_training(paths, PROMPTS) == {"sft": None, "ppo": 3}
+    assert "the training data of sft could not be read" in caplog.text and "train.jsonl (sft of " in caplog.text
