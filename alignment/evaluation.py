@@ -21,6 +21,12 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
+def win_counts(scores: Sequence[float], baseline: Sequence[float]) -> dict[str, int]:
+    """Prompts won, tied and lost against the baseline, as win_rate counts them: {"wins", "ties", "losses"}."""
+    a, b = np.asarray(scores, float), np.asarray(baseline, float)
+    return {"wins": int(np.sum(a > b)), "ties": int(np.sum(a == b)), "losses": int(np.sum(a < b))}
+
+
 def win_rate_ci(scores: Sequence[float], baseline: Sequence[float], *, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of the win-rate over prompts (a win 1, a tie 1/2, a loss 0, as win_rate counts).
 

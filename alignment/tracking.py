@@ -122,6 +122,20 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def scalars(figures: dict[str, Any]) -> dict[str, int | float]:
+    """The numbers among `figures` as W&B's summary and charts hold them: each int or float as it is, each 95 %
+    interval (a [low, high] pair under a key ending in `_ci`) as `<key>_low` and `<key>_high`; Nones, lists and
+    tables left out. A filter for numbers alone dropped every interval (the manifest's win-rate and accuracy
+    intervals reached no W&B run)."""
+    out: dict[str, int | float] = {}
+    for key, value in figures.items():
+        if key.endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2:
+            out[f"{key}_low"], out[f"{key}_high"] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(_clean(record), default=str) + "\n")

@@ -29,7 +29,7 @@ from alignment.config import RunConfig, TrainConfig
 from alignment.evaluation import grouped_proportion_ci
 from alignment.gpu_training import use_liger
 from alignment.modeling import DevicePlan
-from alignment.tracking import append_jsonl, read_jsonl, report_to
+from alignment.tracking import append_jsonl, read_jsonl, report_to, scalars
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def heldout_preferences(trainer: Any, beta: float) -> dict[str, Any]:
     TRL's eval_rewards/* and eval_logps/* are means of its per-batch means: 27 pairs in batches of 12, 12 and 3
     weigh the last 3 as much as 12 (the quickstart's 18 right of 27, 66.7 %, was reported as 75.0 %). Here each
     pair counts once, from the log-probs the trainer's last evaluation (final_eval's) recorded (HeldoutPairs).
-    Every rank has every pair; W&B's summary gets the figures as heldout/*.
+    Every rank has every pair; W&B's summary gets the figures as heldout/* (the interval as
+    heldout/accuracy_ci_low and _high), and TRL's eval/rewards/* and eval/logps/* there become *_batch_mean.
     """
     if trainer.heldout.last is None:  # no evaluation in this process (a resume from a checkpoint with no step left)
         trainer.evaluate()
@@ -158,8 +159,16 @@ def heldout_preferences(trainer: Any, beta: float) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         return figures
     if wandb.run is not None and trainer.accelerator.is_main_process:
-        wandb.run.summary.update({f"heldout/{k.removeprefix('heldout_')}": v for k, v in figures.items()
-                                  if isinstance(v, (int, float))})
+        summary = {f"heldout/{k.removeprefix('heldout_')}": v for k, v in scalars(figures).items()}
+        # W&B's summary keeps each logged key's last value: TRL's last evaluation's eval/rewards/accuracies (0.75
+        # on the quickstart) stood beside heldout/accuracy (0.667) as if it were the held-out accuracy. Renamed
+        # there with _batch_mean, what it is; its charts keep TRL's names.
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in e), {})
+        for key, value in last.items():
+            if key.startswith(("eval_rewards/", "eval_logps/")):
+                del wandb.run.summary[f"eval/{key.removeprefix('eval_')}"]
+                summary[f"eval/{key.removeprefix('eval_')}_batch_mean"] = value
+        wandb.run.summary.update(summary)
     return figures
 
 

@@ -56,7 +56,7 @@ from alignment.generation import (
 from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from alignment.preflight import check_stage
 from alignment.rl import response_mask
-from alignment.tracking import Tracker, log_artifact
+from alignment.tracking import Tracker, log_artifact, scalars
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +351,16 @@ def label_where(cfg: EvalStageConfig) -> str:
     return f"--run-dir {shell(cfg.run.dir)}" + ("" if own else f" --db {shell(url)}")
 
 
+def human_figures(board: dict) -> dict[str, int | float]:
+    """The human board as W&B's summary and metrics.jsonl keep it: human/<policy>/rating with its interval
+    (rating_ci_low, rating_ci_high), and the verdicts counted (human/comparisons, human/stale_comparisons)."""
+    figures = {f"human/{k}": board[k] for k in ("comparisons", "stale_comparisons") if k in board}
+    for row in board.get("leaderboard", []):
+        figures.update(scalars({f"human/{row['policy']}/rating": row["rating"],
+                                f"human/{row['policy']}/rating_ci": row["ci"]}))
+    return figures
+
+
 def main(cfg: EvalStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("eval", cfg)  # every input (policies, prompts, judges, paths, the machine) before any work
@@ -384,7 +394,7 @@ def main(cfg: EvalStageConfig) -> Path:
 
     # --- judge ------------------------------------------------------------------------------
     judges = judge(cfg, prompts, responses)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, int | float] = {}
     table: dict[str, dict] = {}
     for name, texts in responses.items():
         row = {"length": ev.mean([len(t.split()) for t in texts]), "distinct_1": ev.distinct_n(texts, 1),
@@ -397,10 +407,15 @@ def main(cfg: EvalStageConfig) -> Path:
                 base_scores = scores[cfg.baseline]
                 row[f"{jname}/win_rate"] = ev.win_rate(scores[name], base_scores)
                 row[f"{jname}/win_rate_ci"] = ev.win_rate_ci(scores[name], base_scores)
+                row.update({f"{jname}/{k}": n for k, n in ev.win_counts(scores[name], base_scores).items()})
+                metrics[f"{name}/{jname}/prompts"] = len(prompts)
         table[name] = row
-        metrics.update({f"{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
+        # every number, each interval as _ci_low and _ci_high: W&B's summary and metrics.jsonl had the win-rates alone
+        metrics.update({f"{name}/{k}": v for k, v in scalars(row).items()})
     board = human_eval(cfg, prompts, responses, system_prompts,
                        {name: policy_version(folder) for name, folder in paths.items()}) if cfg.human else None
+    if board is not None:
+        metrics.update(human_figures(board))
 
     # --- save -------------------------------------------------------------------------------
     with open(out / "samples.jsonl", "w") as fh:

@@ -74,7 +74,7 @@ from alignment.reward_model import (
     score_conversations,
     score_head_in_fp32,
 )
-from alignment.tracking import append_jsonl, finish_wandb, log_artifact, start_wandb_run
+from alignment.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
 from alignment.training import (
     MetricsJSONL,
     ThisRunsRate,
@@ -344,7 +344,7 @@ def main(cfg: RewardStageConfig) -> Path:
         _log_probes(probes)
         if is_main_process():
             append_jsonl(out / "metrics.jsonl", {"step": result.global_step, **heldout})
-            _wandb_summary({k: v for k, v in heldout.items() if isinstance(v, (int, float))}, probes)
+            _wandb_summary(scalars(heldout), probes)  # the interval too, as eval_accuracy_ci_low and _high
     else:
         probes = None
         log.warning("no held-out pairs: eval_accuracy is not measured and the PPO gate will refuse this model")

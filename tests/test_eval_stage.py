@@ -62,6 +62,12 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
     assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the A/B tasks" in out
     board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
     assert [row["policy"] for row in board] == ["polite", "sft"]
+    # the board reaches metrics.jsonl (and W&B, the same figures): each rating with its interval, the verdicts counted
+    (logged,) = read_jsonl(eval_run / "eval" / "metrics.jsonl")
+    polite = board[0]
+    assert (logged["human/polite/rating"], logged["human/polite/rating_ci_low"], logged["human/polite/rating_ci_high"]) \
+        == (polite["rating"], *polite["ci"])
+    assert logged["human/sft/rating"] == 1000 and (logged["human/comparisons"], logged["human/stale_comparisons"]) == (8, 0)
 
 
 def test_the_known_winner_wins_with_an_interval_above_half(eval_run):
@@ -82,7 +88,16 @@ def test_samples_metrics_and_report_are_written(eval_run):
     assert {"prompt", "sft", "polite", "scores"} <= set(rows[0])
     assert sum("thanks" in r["polite"].lower() for r in rows) >= 7
     logged = read_jsonl(eval_run / "eval" / "metrics.jsonl")
-    assert logged and "polite/scorer:known_scorers:says_thanks/win_rate" in logged[0]
+    key = "polite/scorer:known_scorers:says_thanks"
+    assert logged and f"{key}/win_rate" in logged[0]
+    # each win-rate with its interval and what it is over: only the win-rate itself was logged
+    row = json.loads((eval_run / "eval" / "align.json").read_text())["policies"]["polite"]
+    judge = "scorer:known_scorers:says_thanks"
+    assert [logged[0][f"{key}/win_rate_ci_low"], logged[0][f"{key}/win_rate_ci_high"]] == row[f"{judge}/win_rate_ci"]
+    assert logged[0][f"{key}/prompts"] == len(PROMPTS)
+    counts = [logged[0][f"{key}/{k}"] for k in ("wins", "ties", "losses")]
+    assert counts == [row[f"{judge}/{k}"] for k in ("wins", "ties", "losses")] and sum(counts) == len(PROMPTS)
+    assert (counts[0] + counts[1] / 2) / len(PROMPTS) == pytest.approx(row[f"{judge}/win_rate"])
     page = (eval_run / "report.html").read_text()
     assert "alt='win-rate' src='data:image/png;base64," in page
     assert "polite</b> beats <b>sft" in page

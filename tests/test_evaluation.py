@@ -13,6 +13,7 @@ from alignment import evaluation as ev
 
 def test_win_rate_counts_ties_half():
     assert ev.win_rate([3, 2, 1, 5], [1, 2, 4, 0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert ev.win_counts([3, 2, 1, 5], [1, 2, 4, 0]) == {"wins": 2, "ties": 1, "losses": 1}
 
 
 def test_win_rate_interval_is_wilsons_and_never_a_point():

@@ -162,6 +162,21 @@ def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
     # the kept (best) step's held-out loss, as align.json has it, not the Trainer's last evaluation
     assert runs["sft"]["summary"]["eval/loss"] == pytest.approx(manifest(run / "sft")["metrics"]["eval_loss"])
     assert "eval_accuracy" in runs["reward"]["summary"]
+    # Every interval as two numbers (a list reached no summary): the reward model's, DPO's and each win-rate's
+    low, high = manifest(run / "reward")["metrics"]["eval_accuracy_ci"]
+    assert (runs["reward"]["summary"]["eval_accuracy_ci_low"], runs["reward"]["summary"]["eval_accuracy_ci_high"]) \
+        == pytest.approx((low, high))
+    low, high = manifest(run / "dpo")["metrics"]["heldout_accuracy_ci"]
+    assert (runs["dpo"]["summary"]["heldout/accuracy_ci_low"], runs["dpo"]["summary"]["heldout/accuracy_ci_high"]) \
+        == pytest.approx((low, high))
+    # TRL's held-out accuracy, a mean of per-batch means, no longer stands in the summary as the accuracy
+    assert "eval/rewards/accuracies" not in runs["dpo"]["summary"] and "eval/logps/chosen" not in runs["dpo"]["summary"]
+    assert "eval/rewards/accuracies_batch_mean" in runs["dpo"]["summary"] and "eval/loss" in runs["dpo"]["summary"]
+    win = "dpo/scorer:known_scorers:thanks_then_short/win_rate"
+    low, high = manifest(run / "eval")["policies"]["dpo"]["scorer:known_scorers:thanks_then_short/win_rate_ci"]
+    assert (runs["eval"]["summary"][f"{win}_ci_low"], runs["eval"]["summary"][f"{win}_ci_high"]) == pytest.approx((low, high))
+    judged = "dpo/scorer:known_scorers:thanks_then_short"
+    assert runs["eval"]["summary"][f"{judged}/prompts"] == 8 and f"{judged}/ties" in runs["eval"]["summary"]
     # The probes and the annotator reliability reach W&B as summary keys (and tables).
     assert "probe/gate_rate" in runs["reward"]["summary"] and "probe/thanks_end/flip_rate" in runs["reward"]["summary"]
     assert "probe/thanks_end/unsupported_flip_rate" in runs["reward"]["summary"]  # the pipeline names its scorer
