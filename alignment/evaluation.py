@@ -27,6 +27,39 @@ def win_counts(scores: Sequence[float], baseline: Sequence[float]) -> dict[str, 
     return {"wins": int(np.sum(a > b)), "ties": int(np.sum(a == b)), "losses": int(np.sum(a < b))}
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test, ties left out: the chance that `wins + losses` tosses of a fair coin split at
+    least as unevenly as `wins` to `losses`. 4 wins of 4 give 0.125, which Wilson's interval alone ([51 %, 100 %])
+    would call a win."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def sign_test_bound(rate: float, prompts: int) -> float:
+    """The largest sign-test p of any wins, ties and losses of `prompts` that give the win-rate `rate` (a tie
+    counting half): the test for an eval from before it recorded its counts."""
+    points = round(2 * rate * prompts)  # 2 per win, 1 per tie
+    splits = [((points - t) // 2, prompts - t - (points - t) // 2) for t in range(prompts + 1) if (points - t) % 2 == 0]
+    return max((sign_test(w, lost) for w, lost in splits if w >= 0 and lost >= 0), default=1.0)
+
+
+# Below this sign-test p (and with its interval clear of 1/2) a policy "beats" or "loses to" its baseline.
+SIGNIFICANCE = 0.05
+
+
+def verdict(ci: Sequence[float], p: float) -> str:
+    """How a win-rate reads against its baseline, the words every report line uses: "beats" or "loses to" when
+    its interval is clear of 1/2 and the sign test's p is under SIGNIFICANCE, else "is not distinguishable
+    from". Wilson's interval alone called equal policies different 12.5 % of the time at 4 prompts (7.7 % at 16,
+    6.0 % at 48); the exact test holds that under 5 %."""
+    lo, hi = ci
+    if p < SIGNIFICANCE and lo > 0.5:
+        return "beats"
+    if p < SIGNIFICANCE and hi < 0.5:
+        return "loses to"
+    return "is not distinguishable from"
+
+
 def win_rate_ci(scores: Sequence[float], baseline: Sequence[float], *, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of the win-rate over prompts (a win 1, a tie 1/2, a loss 0, as win_rate counts).
 

@@ -161,8 +161,10 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     baseline = manifest.get("baseline", "sft")
     parts = []
     # Names as plain text: matplotlib reads "$...$" as math, and a name it cannot parse fails the section
-    bars = [(_no_math(f"{p} · {k.split('/')[0]}"), v, row[k + "_ci"]) for p, row in table.items()
-            for k, v in row.items() if k.endswith("/win_rate")]
+    reads = {(p, k): judged(manifest, row, k) for p, row in table.items() for k in row if k.endswith("/win_rate")}
+    bars = [(_no_math(f"{p} · {k.split('/')[0]}" + (f" ({_ties(read['ties'])})" if read["ties"] is not None else "")),
+             table[p][k], table[p][k + "_ci"]) for (p, k), read in reads.items()]
+    prompts = {read["prompts"] for read in reads.values()}
     if bars:
         fig, ax = plt.subplots(figsize=(6.0, 0.5 + 0.55 * len(bars)))
         labels, values, cis = zip(*bars, strict=True)
@@ -172,17 +174,21 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_xlabel("win-rate: share of prompts won (a tie counts half)")
-        ax.set_title(_no_math(f"Win-rate against {baseline} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"))
+        over = f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else ""
+        ax.set_title(_no_math(f"Win-rate against {baseline}{over} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"))
         parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
-    keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci")},
+    # (a win-rate's wins, ties and losses in its cell)
+    keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci") and k.split("/")[-1] not in COUNTS},
                   key=lambda k: (not k.endswith("/win_rate"), k != "kl", k))
 
     def cell(row: dict[str, Any], key: str) -> str:
         if key not in row:
             return ""
         if key.endswith("/win_rate"):
-            return f"<b>{row[key]:.1%}</b>{_interval(row.get(key + '_ci'))}"
+            counts = [row.get(f"{key[:-len('/win_rate')]}/{c}") for c in COUNTS]
+            return f"<b>{row[key]:.1%}</b>{_interval(row.get(key + '_ci'))}" + (
+                " · {} won, {} tied, {} lost".format(*counts) if all(isinstance(c, int) for c in counts) else "")
         return _fmt(row[key])
 
     head = "".join(f"<th>{html.escape(p)}</th>" for p in table)
@@ -353,12 +359,15 @@ def headline(run_dir: Path) -> str:
         for key, value in row.items():
             if key.endswith("/win_rate"):
                 lo, hi = row[key + "_ci"]
-                verdict = "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "is not distinguishable from"
+                read = judged(m, row, key)
                 stale = [f"eval measured an earlier {n}; its folder {since}" for n, (_, since) in changed.items()
                          if n in (name, m.get("baseline"), key[:-9])]
-                items.append(f"<li><b>{html.escape(name)}</b> {verdict} <b>{html.escape(m.get('baseline', ''))}</b> "
+                # the sign test said, where it alone keeps the interval from deciding (4 wins of 4: p 0.125)
+                undecided = read["verdict"].startswith("is not") and (lo > 0.5 or hi < 0.5)
+                items.append(f"<li><b>{html.escape(name)}</b> {read['verdict']} <b>{html.escape(m.get('baseline', ''))}</b> "
                              f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b>"
-                             f"{_interval(row[key + '_ci'])}"
+                             f"{_interval(row[key + '_ci'])} {over_prompts(read['prompts'], read['ties'])}"
+                             + (f", sign test p = {read['p']:.3g}" if undecided else "")
                              + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "")
                              + (f" · <b>caution</b>: {html.escape('; '.join(stale))}" if stale else "")
                              + "</li>")
@@ -401,6 +410,38 @@ def _num(metrics: dict[str, Any], key: str) -> float | None:
 def _interval(ci: Any) -> str:
     """' [lo%, hi%]' for a manifest's 95 % interval, '' when it has none."""
     return " [{:.1%}, {:.1%}]".format(*ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
+COUNTS = ("wins", "ties", "losses")  # eval's per-judge counts beside each win-rate (`<judge>/wins`, ...)
+
+
+def over_prompts(prompts: Any, ties: Any = None) -> str:
+    """What a win-rate is over, for every line that gives one: 'over 48 prompts (1 tie)'; without a tie count
+    (an eval from before it recorded its counts), the prompts alone; '' without either."""
+    if not isinstance(prompts, int):
+        return ""
+    return f"over {prompts} prompts" + (f" ({_ties(ties)})" if isinstance(ties, int) else "")
+
+
+def _ties(n: int) -> str:
+    return f"{n} tie{'' if n == 1 else 's'}"
+
+
+def judged(manifest: dict[str, Any], row: dict[str, Any], key: str) -> dict[str, Any]:
+    """A win-rate's reading (`key` = '<judge>/win_rate' of a policy's `row`): its prompts, ties (None when the
+    eval did not count them), sign-test p and verdict (alignment.evaluation.verdict: the one place its words
+    are decided). Without counts, the p is the largest that the win-rate and prompts allow."""
+    from alignment.evaluation import sign_test, sign_test_bound, verdict
+
+    judge = key[:-len("/win_rate")]
+    counts = [row.get(f"{judge}/{c}") for c in COUNTS]
+    if all(isinstance(c, int) for c in counts):
+        wins, ties, losses = counts
+        prompts, p = wins + ties + losses, sign_test(wins, losses)
+    else:
+        prompts, ties = manifest.get("prompts"), None
+        p = sign_test_bound(float(row[key]), prompts) if isinstance(prompts, int) else 1.0
+    return {"prompts": prompts, "ties": ties, "p": p, "verdict": verdict(row[key + "_ci"], p)}
 
 
 def _steps(m: dict[str, Any]) -> str | None:
@@ -479,10 +520,15 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
     elif kind == "eval":
         baseline = manifest.get("baseline", "")
         for name, row in (manifest.get("policies") or {}).items():
-            judged = [f"{row[k]:.1%}{_interval(row.get(k + '_ci'))} by {k[:-len('/win_rate')]}" for k in row
-                      if k.endswith("/win_rate") and isinstance(row[k], (int, float))]
-            if judged:
-                out.append(f"{name} vs {baseline}: " + ", ".join(judged)
+            keys = [k for k in row if k.endswith("/win_rate") and isinstance(row[k], (int, float))]
+            reads = [judged(manifest, row, k) for k in keys]
+            figures = [f"{row[k]:.1%}{_interval(row.get(k + '_ci'))} by {k[:-len('/win_rate')]}"
+                       + (f" ({_ties(r['ties'])})" if r["ties"] is not None else "")
+                       for k, r in zip(keys, reads, strict=True)]
+            if figures:
+                prompts = {r["prompts"] for r in reads}
+                out.append(f"{name} vs {baseline}" + (f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else "")
+                           + ": " + ", ".join(figures)
                            + (f", KL {row['kl']:.2f}" if isinstance(row.get("kl"), (int, float)) else ""))
     return [part for part in out if part]
 

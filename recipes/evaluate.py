@@ -445,7 +445,8 @@ def main(cfg: EvalStageConfig) -> Path:
             continue
         for jname in judges:
             lo, hi = row[f"{jname}/win_rate_ci"]
-            print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} [{lo:.1%}, {hi:.1%}]"
+            print(f"{name} vs {cfg.baseline} · {jname}: win-rate {row[f'{jname}/win_rate']:.1%} [{lo:.1%}, {hi:.1%}] "
+                  f"{report_module.over_prompts(len(prompts), row[f'{jname}/ties'])}"
                   + (f" · KL {row['kl']:.2f} nats" if row.get("kl") is not None else ""))
     if board is not None:
         for row in board.get("leaderboard", []):

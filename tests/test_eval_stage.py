@@ -60,6 +60,7 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
                   "generation.max_new_tokens=16", f"run.dir={eval_run}", "run.wandb=disabled", "human=true"]) == 0
     out = capsys.readouterr().out
     assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the A/B tasks" in out
+    assert "polite vs sft · scorer:known_scorers:says_thanks: win-rate " in out and " over 8 prompts (" in out
     board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
     assert [row["policy"] for row in board] == ["polite", "sft"]
     # the board reaches metrics.jsonl (and W&B, the same figures): each rating with its interval, the verdicts counted

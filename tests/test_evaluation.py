@@ -30,6 +30,27 @@ def test_win_rate_interval_is_wilsons_and_never_a_point():
     assert hi2 - lo2 < hi - lo
 
 
+def test_a_verdict_needs_the_sign_test_too():
+    """By Wilson's interval alone, two equal policies (each prompt a fair coin, no ties) "differ" 12.5 % of the
+    time at 4 prompts, 7.7 % at 16 and 5.9 % at 48; with the exact sign test under 0.05 as well, under 5 %."""
+    assert ev.sign_test(4, 0) == ev.sign_test(0, 4) == pytest.approx(0.125)
+    assert ev.sign_test(38, 9) == pytest.approx(2.49e-5, rel=1e-2) and ev.sign_test(24, 24) == 1.0
+    assert ev.sign_test(0, 0) == 1.0
+    for n, wilson_alone in ((4, 0.125), (16, 0.0768), (48, 0.0595)):
+        chance = [math.comb(n, w) / 2 ** n for w in range(n + 1)]
+        cis = [ev.wilson_interval(w / n, n) for w in range(n + 1)]
+        assert sum(c for c, (lo, hi) in zip(chance, cis, strict=True) if lo > 0.5 or hi < 0.5) \
+            == pytest.approx(wilson_alone, abs=1e-4)
+        said = [ev.verdict(ci, ev.sign_test(w, n - w)) for w, ci in enumerate(cis)]
+        assert sum(c for c, v in zip(chance, said, strict=True) if v != "is not distinguishable from") < 0.05
+    assert ev.verdict((0.51, 1.0), 0.125) == "is not distinguishable from"
+    assert (ev.verdict((0.67, 0.89), 0.001), ev.verdict((0.1, 0.3), 0.001)) == ("beats", "loses to")
+    # without counts, the worst p over the ties the win-rate allows: 7/8 of 8 is 7 wins and a loss (p 0.070), or
+    # 6 wins and 2 ties (p 0.031)
+    assert ev.sign_test_bound(7 / 8, 8) == pytest.approx(ev.sign_test(7, 1)) == pytest.approx(0.0703, abs=1e-4)
+    assert ev.sign_test_bound(0.5, 4) == 1.0
+
+
 def test_student_t_quantiles():
     for df, t in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
         assert ev._t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)

@@ -31,7 +31,9 @@ EVAL = {"stage": "eval", "baseline": "sft", "prompts": 48, "prompts_seen_in_trai
         "policies": {"sft": {"length": 34.1, "reward_model/mean": 0.78},
                      "dpo": {"length": 16.6, "kl": 3.222, "reward_model/mean": 0.96, "reward_model/win_rate": 0.5,
                              "reward_model/win_rate_ci": [0.354, 0.625], "scorer:support_style/win_rate": 0.8021,
-                             "scorer:support_style/win_rate_ci": [0.698, 0.896]}},
+                             "scorer:support_style/win_rate_ci": [0.698, 0.896], "reward_model/wins": 24,
+                             "reward_model/ties": 0, "reward_model/losses": 24, "scorer:support_style/wins": 38,
+                             "scorer:support_style/ties": 1, "scorer:support_style/losses": 9}},
         "metrics": {"dpo/kl": 3.222}}
 
 
@@ -48,8 +50,8 @@ def test_each_stage_says_its_outcome_in_figures():
     # TRL's figure, a mean of per-batch means (27 pairs as 12, 12 and 3: 75.0 % for 18 of 27), is said to be that
     old = {"metrics": {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2265, "global_step": 10}}
     assert glance("dpo", old)[0] == "held-out preference accuracy 75.0% (TRL's mean of per-batch means, not over pairs)"
-    assert glance("eval", EVAL) == ["dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, "
-                                    "80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22"]
+    assert glance("eval", EVAL) == ["dpo vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model (0 ties), "
+                                    "80.2% [69.8%, 89.6%] by scorer:support_style (1 tie), KL 3.22"]
     ppo = {"metrics": {"reward_mean_first": -0.5, "reward_mean": 0.25, "kl": 1.5, "steps": 20}}
     assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.5 nats per response (k1, summed over the response)",
                                   "20 steps"]
@@ -116,7 +118,7 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
     assert "<p class='caution'>the reward model trained on these pairs fails a probe</p>" in page  # dpo's warning
     # eval: a row per figure, a column per policy, win-rates first with their interval
     assert "<tr><th>figure</th><th>sft</th><th>dpo</th></tr><tr><td>reward_model/win_rate</td><td></td>" \
-           "<td><b>50.0%</b> [35.4%, 62.5%]</td></tr>" in page
+           "<td><b>50.0%</b> [35.4%, 62.5%] · 24 won, 0 tied, 24 lost</td></tr>" in page
     # raw numbers folded under a section's plots; a section with nothing else shows them open
     sft = page[page.index("<section id='sft'>"):page.index("</section>", page.index("<section id='sft'>"))]
     assert "<details><summary>all metrics</summary><table class='kv'>" in sft
@@ -131,20 +133,22 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         "35% of the 20 pairs it had right flip · 16 steps in 65 s",
         "- dpo: held-out preference accuracy 66.7% [45.0%, 83.0%] on 27 pairs from 6 prompts (implicit reward margin 0.119) "
         "· 10 steps",
-        "- eval: dpo vs sft: 50.0% [35.4%, 62.5%] by reward_model, 80.2% [69.8%, 89.6%] by scorer:support_style, KL 3.22",
+        "- eval: dpo vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model (0 ties), 80.2% [69.8%, 89.6%] by "
+        "scorer:support_style (1 tie), KL 3.22",
         "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
         *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
     md = (run / "report.md").read_text()
     assert "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe" in md
     assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
         in page  # a manifest without its wall time (written before align recorded it) leaves the cell empty
-    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats\n" in md
+    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts (1 tie) · KL " \
+           "3.222 nats\n" in md
     assert "<meta name='viewport' content='width=device-width,initial-scale=1'>" in page  # a phone lays it out to fit
     # eval with kl_samples=0 measured no KL: said by leaving it out, not as "KL nan"
     (run / "eval" / MANIFEST).write_text(json.dumps({**EVAL, "policies": {
         k: {f: v for f, v in row.items() if f != "kl"} for k, row in EVAL["policies"].items()}}))
     page = write_report(run).read_text()
-    assert "nan" not in page.split("<section")[0] and "win-rate <b>80.2%</b> [69.8%, 89.6%]</li>" in page
+    assert "nan" not in page.split("<section")[0] and "win-rate <b>80.2%</b> [69.8%, 89.6%] over 48 prompts (1 tie)</li>" in page
 
 
 def test_names_in_the_first_screen_are_text(tmp_path):
@@ -154,7 +158,7 @@ def test_names_in_the_first_screen_are_text(tmp_path):
                              "prompts_seen_in_training": {name: 3}})
     page = write_report(tmp_path).read_text()
     assert "<img src=x" not in page
-    assert "&lt;img src=x onerror=alert(1)&gt; vs sft: 50.0% [35.4%, 62.5%] by reward_model" in page
+    assert "&lt;img src=x onerror=alert(1)&gt; vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model" in page
     assert "&lt;img src=x onerror=alert(1)&gt; was trained on 3 of the 48 eval prompts" in page
 
 
@@ -314,7 +318,8 @@ def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(
     resume = ("dpo: unfinished (no align.json; checkpoints to step 70): resume with align dpo ... "
               "train.resume_from_checkpoint=latest (align pipeline ... dpo.train.resume_from_checkpoint=latest)")
     assert f"- {resume}" in md.splitlines() and f"- {resume}" in glance_text(run).splitlines()
-    assert ("- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] · KL 3.222 nats · caution: "
+    assert ("- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts (1 tie) · KL "
+            "3.222 nats · caution: "
             "eval measured an earlier dpo; its folder is unfinished (no align.json: a rerun stopped, or still running)") in md
     assert f"{run / 'dpo'} is unfinished (no align.json: a rerun stopped, or still running)" in md
     # a report that cannot be built costs a line, never the failure's own error
@@ -422,9 +427,57 @@ def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
     dpo = {**EVAL["policies"]["dpo"], "reward_model/win_rate_ci": list(wilson_interval(0.5, 48)),
            "scorer:support_style/win_rate_ci": list(wilson_interval(0.8021, 48))}
     report.eval_section(Path("/nowhere"), {**EVAL, "policies": {**EVAL["policies"], "dpo": dpo}})
-    assert titles == ["Win-rate against sft (95% interval)", "Win-rate against sft (95% Wilson interval)",
-                      "Win-rate against sft (95% Wilson interval)"]
+    assert titles == ["Win-rate against sft over 48 prompts (95% interval)",
+                      "Win-rate against sft over 48 prompts (95% Wilson interval)",
+                      "Win-rate against sft over 48 prompts (95% Wilson interval)"]
     assert report.interval_method({**EVAL, "interval": "bootstrap"}) == "bootstrap"
+
+
+def test_a_win_rate_says_what_it_is_over_and_beats_only_past_a_sign_test(tmp_path, monkeypatch):
+    """A 4-prompt eval read "dpo beats sft judged by ...: win-rate 100.0% [51.0%, 100.0%]", laid out as the
+    48-prompt verdict is: 4 wins of 4 have sign-test p 0.125, and by Wilson's interval alone equal policies
+    "differ" 12.5 % of the time at 4 prompts. The headline, the first screen and the chart say how many prompts
+    (and ties) a win-rate is over, and "beats" / "loses to" also need the exact sign test under 0.05."""
+    from alignment import report
+    from alignment.evaluation import wilson_interval
+
+    def policies(wins: int, ties: int, losses: int) -> dict:
+        n = wins + ties + losses
+        rate = (wins + ties / 2) / n
+        return {"sft": {"length": 30.0}, "dpo": {"scorer:support_style/win_rate": rate,
+                                                 "scorer:support_style/win_rate_ci": list(wilson_interval(rate, n)),
+                                                 "scorer:support_style/wins": wins, "scorer:support_style/ties": ties,
+                                                 "scorer:support_style/losses": losses}}
+
+    small = {"stage": "eval", "baseline": "sft", "prompts": 4, "policies": policies(4, 0, 0)}
+    write(tmp_path, "eval", small)
+    titles = []
+    monkeypatch.setattr(report, "_figure_png", lambda fig: titles.append(
+        (fig.axes[0].get_title(), [t.get_text() for t in fig.axes[0].get_yticklabels()])) or "")
+    write_report(tmp_path)
+    assert "- dpo is not distinguishable from sft judged by scorer:support_style: win-rate 100.0% [51.0%, 100.0%] " \
+           "over 4 prompts (0 ties), sign test p = 0.125\n" in (tmp_path / "report.md").read_text()
+    assert glance("eval", small) == ["dpo vs sft over 4 prompts: 100.0% [51.0%, 100.0%] by scorer:support_style (0 ties)"]
+    assert titles == [("Win-rate against sft over 4 prompts (95% Wilson interval)", ["dpo · scorer:support_style (0 ties)"])]
+
+    def headline_of(manifest: dict) -> str:
+        (tmp_path / "eval" / MANIFEST).write_text(json.dumps(manifest))
+        return report._headline_md(tmp_path).strip()
+
+    # the quickstart's: 38 wins, 1 tie and 9 losses of 48 beat sft; the mirror image loses to it
+    assert headline_of({**small, "prompts": 48, "policies": policies(38, 1, 9)}).startswith(
+        "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [66.9%, 89.0%] over 48 prompts (1 tie)")
+    assert headline_of({**small, "prompts": 48, "policies": policies(9, 1, 38)}).startswith("- dpo loses to sft")
+    # 13 of 16: the interval is clear of 1/2 ([57.0%, 93.4%]), the sign test (p 0.021) too
+    assert headline_of({**small, "prompts": 16, "policies": policies(13, 0, 3)}).startswith("- dpo beats sft")
+    # An eval from before it counted: over its prompts, with the largest p its win-rate and prompts allow
+    uncounted = {k: v for k, v in policies(4, 0, 0)["dpo"].items() if not k.endswith(("wins", "ties", "losses"))}
+    assert headline_of({**small, "policies": {"dpo": uncounted}}) == (
+        "- dpo is not distinguishable from sft judged by scorer:support_style: win-rate 100.0% [51.0%, 100.0%] over 4 "
+        "prompts, sign test p = 0.125")
+    uncounted = {k: v for k, v in EVAL["policies"]["dpo"].items() if not k.endswith(("wins", "ties", "losses"))}
+    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts · KL" \
+        in headline_of({**EVAL, "policies": {"dpo": uncounted}})
 
 
 def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
@@ -451,7 +504,7 @@ def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     write(tmp_path, "eval", EVAL)
     page = write_report(tmp_path).read_text()
     assert ("Loss", "cross-entropy, nats per token", ["training batches", "held-out set"]) in drawn
-    assert ("Win-rate against sft (95% interval)", "win-rate: share of prompts won (a tie counts half)",
+    assert ("Win-rate against sft over 48 prompts (95% interval)", "win-rate: share of prompts won (a tie counts half)",
             []) in drawn
     assert all(label for _, label, _ in drawn)
     assert "<tr><td>KL (nats/answer, sampled T=1)</td><td></td><td>3.222</td></tr>" in page
