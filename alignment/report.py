@@ -200,7 +200,8 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     if board:
         rows = "".join(f"<tr><td>{html.escape(b['policy'])}</td><td>{b['rating']:.0f}</td>"
                        f"<td>[{b['ci'][0]:.0f}, {b['ci'][1]:.0f}]</td></tr>" for b in board)
-        parts.append(f"<h3>Human arena (Bradley-Terry; {html.escape(baseline)} = 1000)</h3><table><tr><th>policy</th><th>rating</th>"
+        parts.append(f"<h3>Human arena (Bradley-Terry; {html.escape(baseline)} = 1000; "
+                     f"{html.escape(verdicts(manifest['human']))})</h3><table><tr><th>policy</th><th>rating</th>"
                      f"<th>95% interval</th></tr>{rows}</table>")
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]] \
         if (folder / "samples.jsonl").is_file() else []
@@ -371,6 +372,14 @@ def headline(run_dir: Path) -> str:
                              + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "")
                              + (f" · <b>caution</b>: {html.escape('; '.join(stale))}" if stale else "")
                              + "</li>")
+    board, baseline = m.get("human"), m.get("baseline", "")
+    if isinstance(board, dict):  # people's verdicts: a rating with its interval, over how many verdicts
+        rated = [r for r in board.get("leaderboard") or [] if r["policy"] != baseline]
+        items += [f"<li><b>{html.escape(r['policy'])}</b> vs <b>{html.escape(baseline)}</b> judged by people (blind A/B, "
+                  f"{html.escape(verdicts(board))}): Bradley-Terry rating <b>{r['rating']:.0f}</b>"
+                  " [{:.0f}, {:.0f}]".format(*r["ci"]) + f" against {html.escape(baseline)}'s 1000</li>" for r in rated]
+        if not board.get("leaderboard"):
+            items += [f"<li>{html.escape(line)}</li>" for line in human_lines(m)]
     return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
 
 
@@ -425,6 +434,25 @@ def over_prompts(prompts: Any, ties: Any = None) -> str:
 
 def _ties(n: int) -> str:
     return f"{n} tie{'' if n == 1 else 's'}"
+
+
+def verdicts(board: dict[str, Any]) -> str:
+    """How many A/B verdicts eval's human board counts, and those on earlier versions it did not."""
+    n, stale = board.get("comparisons") or 0, board.get("stale_comparisons") or 0
+    return f"{n} verdict{'' if n == 1 else 's'}" + (f", {stale} on earlier versions not counted" if stale else "")
+
+
+def human_lines(manifest: dict[str, Any]) -> list[str]:
+    """Eval's human board in plain text, for the first screen and report.md: the ratings with their verdict count
+    (or that there are no verdicts yet); [] for an eval without human=true."""
+    board, baseline = manifest.get("human"), manifest.get("baseline", "")
+    if not isinstance(board, dict):
+        return []
+    if not board.get("leaderboard"):
+        return [f"human A/B ({verdicts(board)}): no ratings yet; annotators judge the A/B tasks in align label"]
+    rated = [r for r in board["leaderboard"] if r["policy"] != baseline]  # the baseline is 1000, its interval a point
+    return [f"human A/B ({verdicts(board)}): " + ", ".join("{} {:.0f} [{:.0f}, {:.0f}]".format(
+        r["policy"], r["rating"], *r["ci"]) for r in rated) + f" (Bradley-Terry, {baseline} = 1000)"]
 
 
 def judged(manifest: dict[str, Any], row: dict[str, Any], key: str) -> dict[str, Any]:
@@ -530,6 +558,7 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
                 out.append(f"{name} vs {baseline}" + (f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else "")
                            + ": " + ", ".join(figures)
                            + (f", KL {row['kl']:.2f}" if isinstance(row.get("kl"), (int, float)) else ""))
+        out += human_lines(manifest)  # a human-only eval's one outcome
     return [part for part in out if part]
 
 
@@ -658,6 +687,8 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
     md = [f"## {title}", "", f"`{folder}`", ""]
     md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
+    if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
+        md += [f"- {line}" for line in human_lines(manifest)]
     return "".join(parts), "\n".join(md) + "\n"
 
 

@@ -480,6 +480,30 @@ def test_a_win_rate_says_what_it_is_over_and_beats_only_past_a_sign_test(tmp_pat
         in headline_of({**EVAL, "policies": {"dpo": uncounted}})
 
 
+def test_a_human_only_eval_says_its_board(tmp_path):
+    """An eval judged by people alone (human=true, no reward model, no scorer) read "eval: —" at a glance, had
+    no headline, and report.md had no board at all: each now gives the ratings with their verdict count."""
+    board = {"tasks_added": 0, "comparisons": 6, "stale_comparisons": 2,
+             "leaderboard": [{"policy": "dpo", "rating": 1043.2, "ci": [990.1, 1100.4]},
+                             {"policy": "sft", "rating": 1000.0, "ci": [1000.0, 1000.0]}]}
+    human = {"stage": "eval", "baseline": "sft", "prompts": 6, "human": board, "metrics": {"dpo/length": 9.7},
+             "policies": {"sft": {"length": 9.2}, "dpo": {"length": 9.7}}}
+    line = "human A/B (6 verdicts, 2 on earlier versions not counted): dpo 1043 [990, 1100] (Bradley-Terry, sft = 1000)"
+    assert glance("eval", human) == [line]
+    write(tmp_path, "eval", human)
+    page = write_report(tmp_path).read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith(f"# align run: {tmp_path.name}\n\n- dpo vs sft judged by people (blind A/B, "
+                         "6 verdicts, 2 on earlier versions not counted): Bradley-Terry rating 1043 [990, 1100] against "
+                         "sft's 1000\n")
+    assert f"\n- eval: {line}\n" in md and md.endswith(f"- dpo/length: 9.7\n- {line}\n")  # its section too
+    assert "<div class='headline'><ul><li><b>dpo</b> vs <b>sft</b> judged by people" in page
+    assert "<h3>Human arena (Bradley-Terry; sft = 1000; 6 verdicts, 2 on earlier versions not counted)</h3>" in page
+    waiting = {**human, "human": {"tasks_added": 6, "comparisons": 0, "stale_comparisons": 0}}  # none judged yet
+    assert glance("eval", waiting) == ["human A/B (0 verdicts): no ratings yet; annotators judge the A/B tasks in "
+                                       "align label"]
+
+
 def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     """A plot had no y-axis label; a loss or accuracy drew training batches and the held-out set as two bare keys
     on one axis; eval's kl and length rows had no unit."""
