@@ -240,11 +240,15 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     notes = []
     if isinstance(m.get("eval_accuracy"), float):
         ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
+        buckets = ((manifest.get("probes") or {}).get("by_agreement") or {}).get("buckets") or []
+        if buckets and {b["bucket"] for b in buckets} == {"single annotator"}:
+            ceiling = None  # one annotator per pair agrees with itself: 100 %, no ceiling (the probes say so)
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b>{_interval(m.get('eval_accuracy_ci'))} "
                      f"on {m.get('eval_pairs', '?')} pairs"
                      + (f" from {m['eval_prompts']} prompts (the interval counts prompts, not pairs, as independent)" if "eval_prompts" in m else "")
                      + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
                         f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
+                        f" (the labels' mean posterior, the ceiling: {posterior:.1%})" if isinstance(posterior, float) else
                         f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
     r = m.get("length_correlation")
     if isinstance(r, float):

@@ -504,6 +504,28 @@ def test_a_human_only_eval_says_its_board(tmp_path):
                                        "align label"]
 
 
+def test_one_annotator_per_pair_gives_no_agreement_ceiling():
+    """Single-annotator data read "(annotator agreement, the ceiling: 100.0%)" right above the probes' "one
+    annotator per pair: agreement cannot split the accuracy": one annotator agrees with itself."""
+    from alignment.report import reward_section
+
+    single = {"buckets": [{"bucket": "single annotator", "pairs": 27, "accuracy": 0.7407}],
+              "note": "one annotator per pair: agreement cannot split the accuracy"}
+    alone = {**REWARD, "metrics": {**REWARD["metrics"], "agreement_ceiling": 1.0},
+             "probes": {**REWARD["probes"], "by_agreement": single}}
+    page = reward_section(Path("/nowhere"), alone)
+    assert "ceiling" not in page and "one annotator per pair: agreement cannot split the accuracy" in page
+    assert "from 6 prompts (the interval counts prompts, not pairs, as independent)</li>" in page
+    # dawid_skene's posterior is a ceiling with one annotator too; several annotators' agreement is one
+    posterior = {**alone, "metrics": {**alone["metrics"], "posterior_ceiling": 0.97}}
+    assert "as independent) (the labels' mean posterior, the ceiling: 97.0%)</li>" in reward_section(Path("/nowhere"), posterior)
+    several = {"buckets": [{"bucket": "unanimous", "pairs": 20, "accuracy": 0.8},
+                           {"bucket": "majority", "pairs": 7, "accuracy": 0.57}], "note": None}
+    shared = {**alone, "metrics": {**alone["metrics"], "agreement_ceiling": 0.9},
+              "probes": {**REWARD["probes"], "by_agreement": several}}
+    assert "as independent) (annotator agreement, the ceiling: 90.0%)</li>" in reward_section(Path("/nowhere"), shared)
+
+
 def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     """A plot had no y-axis label; a loss or accuracy drew training batches and the held-out set as two bare keys
     on one axis; eval's kl and length rows had no unit."""
