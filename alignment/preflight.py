@@ -17,8 +17,8 @@ What is checked:
   adapters         sft=, policy=, reward_model=, policies=, adapter=, serve's adapters and run: adapter_config.json,
                    adapter_model.safetensors readable to its end, tokenizer files, the base model
                    they name (as model.name above), and align.json: a stage folder without one is
-                   unfinished and refused; a reward_model an `align reward` folder, eval's policies a
-                   policy stage's (by align.json's stage, else adapter_config.json's task_type)
+                   unfinished and refused; a reward_model an `align reward` folder, eval's policies, sft=,
+                   sample's policy and serve's adapters a policy stage's (by align.json's stage, else adapter_config.json's task_type)
   data             every record of data.path / prompts (file and line named; not UTF-8 included)
   positions        a model with a table of learned positions (GPT-2's n_positions): model.max_length within
                    it, and for sample, eval and ppo each prompt (tokenized only then) with max_new_tokens
@@ -322,7 +322,7 @@ def _serve(cfg, pending: set[str], p: str) -> None:
     models = served_models(cfg, warn=False)
     for name, folder in models.items():
         key = f"{p}adapters.{name}" if name in (cfg.adapters or {}) else f"{p}run.dir's {name}"
-        check_adapter(key, folder, tokenizer=True)
+        check_adapter(key, folder, tokenizer=True, kind="policy")
     _vllm_takes_no_dora(cfg.generation, {f"{p}adapters.{name}" if name in (cfg.adapters or {}) else f"{p}run.dir's {name}":
                                          folder for name, folder in models.items()}, p)
     if cfg.model.name != "auto":
@@ -786,7 +786,7 @@ def check_policy(key: str, policy: str) -> None:
     """`align sample`'s policy: an adapter folder, a model folder, or a model name."""
     path = Path(policy).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        check_adapter(key, path)
+        check_adapter(key, path, kind="policy")
     else:
         check_model(key, policy)
 
@@ -909,7 +909,7 @@ def check_scorer(key: str, spec: str) -> None:
 
 def _upstream_sft(key: str, sft: str | None, run_dir: str, pending: set[str], why: str, alternative: str = "") -> None:
     if sft is not None:
-        check_adapter(key, sft)
+        check_adapter(key, sft, kind="policy")
         return
     if "sft" in pending:
         return
@@ -918,7 +918,7 @@ def _upstream_sft(key: str, sft: str | None, run_dir: str, pending: set[str], wh
         raise StageError(f"no SFT adapter at {default}: {why}; run `align sft run.dir={run_dir}` first"
                          f"{', pass' if alternative else ' or pass'} sft=<adapter folder>"
                          f"{', ' + alternative if alternative else ''}")
-    check_adapter(f"{key} (default {default})", default)
+    check_adapter(f"{key} (default {default})", default, kind="policy")
 
 
 def _on_policys_base(p: str, cfg, source: str | Path, why: str) -> None:

@@ -382,6 +382,13 @@ CASES = [
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/rm_adapter", 2,
      ["selection_reward_model={d}/rm_adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8"]),
+    # a reward model's LoRA where a policy goes: dpo/reward/ppo started from it, sample generated with it
+    ("dpo: a reward model as its sft", "dpo sft={d}/rm_adapter data.path={d}/prefs.jsonl", 2,
+     ["sft={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
+    ("reward: a classifier's adapter as its sft", "reward sft={d}/foreign_cls data.path={d}/prefs.jsonl", 2,
+     ["sft={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM adapter"]),
+    ("sample: a reward model as the policy", "sample policy={d}/rm_adapter prompts={d}/prompts.jsonl", 2,
+     ["policy={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
     ("uncertainty by a policy", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
      ["selection_reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model"]),

@@ -508,7 +508,10 @@ def test_names_and_bases_are_checked_before_anything_loads(run, tiny_model, tmp_
     check_stage("serve", serve_config(run))
     other_base = Path(shutil.copytree(tiny_model, tmp_path / "other-base"))
     elsewhere = random_adapter(str(other_base), tmp_path / "elsewhere", 5, base_model=str(other_base))
+    reward = Path(shutil.copytree(run / "sft", tmp_path / "reward"))  # a reward model's folder, by its align.json
+    (reward / "align.json").write_text(json.dumps({**json.loads((reward / "align.json").read_text()), "stage": "reward"}))
     cases = [
+        (ConfigError, [f"adapters={{rm: {reward}}}"], "the output of `align reward`"),
         (ConfigError, ["adapters={base: %s}" % (run / "sft")], "`base` is the base model"),
         (ConfigError, ["adapters={sft: %s}" % (run / "dpo")], "already serves"),
         (ConfigError, ["adapters={'my model': %s}" % (run / "dpo")], "letters, digits"),
