@@ -380,19 +380,19 @@ def main(cfg: RewardStageConfig) -> Path:
     run, refused = shell(cfg.run.dir), ppo_gate_refuses(out) if is_main_process() else None
     by_hand = f"score by hand: align reward score --run-dir {run} --prompt ... --response ..."
     if refused:  # the hint is a command that runs: not the ppo its gate would refuse at once
-        key = refused.split("=")[0]
-        print_done("reward", out, f"align dpo run.dir={run}   (PPO's gate refuses this reward model at {refused}; "
-                                  f"to run it anyway: align ppo run.dir={run} {key}={1 if key.startswith('max') else 0}"
+        print_done("reward", out, f"align dpo run.dir={run}   (PPO's gate refuses this reward model at "
+                                  f"{', '.join(refused)}; to run it anyway: align ppo run.dir={run} {run_anyway(refused)}"
                                   f"; {by_hand})")
     else:
         print_done("reward", out, f"align ppo run.dir={run}   ({by_hand})")
     return out
 
 
-def ppo_gate_refuses(out: Path) -> str | None:
-    """The setting of PPO's gate (alignment.reward_model.gate) that refuses the reward model in `out`, as
+def ppo_gate_refuses(out: Path) -> list[str]:
+    """Every setting of PPO's gate (alignment.reward_model.gate) that refuses the reward model in `out`, each as
     `key=value`, with the values `align ppo` would run with next (the sibling ppo.yaml of this command's
-    --config, else its defaults); None when the gate lets it through."""
+    --config, else its defaults); empty when the gate lets it through. Each is checked with the other off, so a
+    hint that overrides them all is one the gate lets through."""
     from alignment import artifacts
     from alignment.config import PPOStageConfig, load_config
     from alignment.reward_model import gate
@@ -402,13 +402,19 @@ def ppo_gate_refuses(out: Path) -> str | None:
         ppo = load_config(PPOStageConfig, sibling if sibling and sibling.is_file() else None)
     except ConfigError:
         ppo = PPOStageConfig()
+    refused = []
     for key, accuracy, flips in (("min_reward_accuracy", ppo.min_reward_accuracy, 1.0),
                                  ("max_probe_flip_rate", 0.0, ppo.max_probe_flip_rate)):
         try:
             gate(out, accuracy, flips)
         except StageError:
-            return f"{key}={getattr(ppo, key)}"
-    return None
+            refused.append(f"{key}={getattr(ppo, key)}")
+    return refused
+
+
+def run_anyway(refused: list[str]) -> str:
+    """The overrides that turn off each refusing gate setting of ppo_gate_refuses, for `align ppo`."""
+    return " ".join(f"{k.split('=')[0]}={1 if k.startswith('max') else 0}" for k in refused)
 
 
 def _log_probes(probes: dict) -> None:

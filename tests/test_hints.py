@@ -71,23 +71,30 @@ def test_every_hint_runs_as_printed_with_the_config_family(tiny_model, tmp_path,
     assert sample["config_file"] == str(family / "sample.yaml")
 
 
-def test_the_reward_hint_names_the_gate_setting_that_refuses_it(tmp_path, monkeypatch):
+def test_the_reward_hint_names_every_gate_setting_that_refuses_it(tmp_path, monkeypatch):
     """PPO refuses a reward model a phrase appended to the worse answer flips (its probes): the key it names is the
-    one `align ppo` reads, with the value of the ppo.yaml beside this command's --config."""
+    one `align ppo` reads, with the value of the ppo.yaml beside this command's --config. When the accuracy gate
+    refuses it too, both are named: a hint overriding only one would be refused on the other."""
     from alignment import artifacts
-    from recipes.reward import ppo_gate_refuses
+    from alignment.reward_model import gate
+    from recipes.reward import ppo_gate_refuses, run_anyway
 
-    gate = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
+    probe = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
             "basis": "every flip"}
     reward = tmp_path / "reward"
     reward.mkdir()
     (reward / "adapter_config.json").write_text("{}")
     (reward / "align.json").write_text(json.dumps({"stage": "reward", "metrics": {"eval_accuracy": 0.74},
-                                                   "probes": {"gate": gate}}))
+                                                   "probes": {"gate": probe}}))
     monkeypatch.setattr(artifacts, "config_folder", None)
-    assert ppo_gate_refuses(reward) == "max_probe_flip_rate=0.25"
+    assert ppo_gate_refuses(reward) == ["max_probe_flip_rate=0.25"]
     (tmp_path / "ppo.yaml").write_text("max_probe_flip_rate: 0.4\nmin_reward_accuracy: 0.8\n")
     monkeypatch.setattr(artifacts, "config_folder", tmp_path)
-    assert ppo_gate_refuses(reward) == "min_reward_accuracy=0.8"
+    assert ppo_gate_refuses(reward) == ["min_reward_accuracy=0.8"]
     (tmp_path / "ppo.yaml").write_text("max_probe_flip_rate: 0.4\n")
-    assert ppo_gate_refuses(reward) is None
+    assert ppo_gate_refuses(reward) == []
+    (tmp_path / "ppo.yaml").write_text("min_reward_accuracy: 0.8\n")
+    assert ppo_gate_refuses(reward) == ["min_reward_accuracy=0.8", "max_probe_flip_rate=0.25"]
+    # the hint's `align ppo ... <overrides>` is one the gate lets through
+    assert run_anyway(ppo_gate_refuses(reward)) == "min_reward_accuracy=0 max_probe_flip_rate=1"
+    gate(reward, 0.0, 1.0)
