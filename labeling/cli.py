@@ -126,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     # from 36 s to a year, refused with the other options before the store is opened
     p.add_argument("--session-hours", type=_number(float, 0.01, 24 * 365), default=12.0,
                    help="a sign-in lasts this long, then the server asks again (default 12)")
-    p.add_argument("--overlap", type=_number(int, 1), default=1, help="annotators per task (default 1)")
+    p.add_argument("--overlap", type=_number(int, 1), default=None,
+                   help="annotators per task (default 1; with --simulate, the number of simulated annotators)")
     p.add_argument("--gold-rate", type=_number(float, 0, 1), default=0.0,
                    help="share of gold tasks mixed in (0..1), in the app and for simulated annotators")
     p.add_argument("--batch", help="only this batch (default: every batch)")
@@ -167,6 +168,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     if problem:
         print(f"align label: {problem}", file=sys.stderr)
         return 2
+    overlap = args.overlap or 1  # --simulate's default is its number of annotators, below
     from sqlalchemy.exc import OperationalError
 
     from labeling.store import Store, StoreError, safe_url
@@ -212,13 +214,13 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             for b in store.batch_counts():
                 print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
                       f"{b['unranked']} unranked")
-            on_skipped = store.pending_on_skipped(args.batch, args.overlap)
-            skipped = store.skipped_out(args.batch, args.overlap)
+            on_skipped = store.pending_on_skipped(args.batch, overlap)
+            skipped = store.skipped_out(args.batch, overlap)
             why = [f"{skipped} on tasks every annotator skipped (nobody left to rank them; an account added with "
                    "`align label users add` would be given them)"] if skipped else []
             if on_skipped > skipped:  # an admin counts once they take a task: one who only watches is not waited for
                 why.append(f"{on_skipped - skipped} waiting for an annotator who has not skipped the task")
-            print(f"pending rankings (overlap {args.overlap}): {store.pending_count(args.batch, args.overlap)}"
+            print(f"pending rankings (overlap {overlap}): {store.pending_count(args.batch, overlap)}"
                   + (f", {on_skipped} of them on tasks someone skipped: {', '.join(why)}" if on_skipped else ""))
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":
@@ -238,7 +240,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             profiles = args.profiles.split(",") if args.profiles else None
             annotators = args.annotators or (len(profiles) if profiles else 1)
             n = simulate(store, args.simulate, annotators=annotators, noise=args.noise, seed=args.seed,
-                         batch=args.batch, overlap=max(args.overlap, annotators), profiles=profiles,
+                         batch=args.batch, overlap=args.overlap or annotators, profiles=profiles,
                          gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
             print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
                   f"{', profiles ' + args.profiles if profiles else ''})")
@@ -316,7 +318,7 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
         except PlaygroundError as err:  # it may start later: the tab says so until it does
             print(f"Playground tab: {err}")
     app = create_app(store, session_hours=args.session_hours, guidelines_md=guidelines.read_text(),
-                     overlap=args.overlap, gold_rate=args.gold_rate, batch=args.batch,
+                     overlap=args.overlap or 1, gold_rate=args.gold_rate, batch=args.batch,
                      export=(lambda: export(store.url, args.run_dir)) if export else None,
                      export_dir=export_dir, playground=playground)
     print(f"labelling app for {safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")

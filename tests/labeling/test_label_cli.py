@@ -35,6 +35,23 @@ def test_users_simulate_status_and_errors(tmp_path, capsys):
     assert store.gold_answers() == {1: [1, 2]}
 
 
+def test_simulated_annotators_honour_an_explicit_overlap(tmp_path, capsys):
+    """`--annotators 3 --overlap 1` ranks each task once, shared among the three; without --overlap each of the
+    three ranks every task (the overlap defaults to the number of annotators)."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(6)],
+                    source={})
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--annotators", "3",
+                  "--overlap", "1"]) == 0
+    assert len(store.submitted_rankings()) == 6
+    assert "6 rankings submitted by 3 simulated annotator(s)" in capsys.readouterr().out
+    store.add_tasks("round-1", [{"prompt": f"r{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(2)],
+                    source={})
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--annotators", "3",
+                  "--batch", "round-1"]) == 0
+    assert sum(r["batch"] == "round-1" for r in store.submitted_rankings()) == 6
+
+
 def test_a_database_that_cannot_be_opened_is_a_clear_error(capsys):
     assert align(["label", "--db", "postgresql://someone:hunter2@127.0.0.1:1/labels", "status"]) == 2
     err = capsys.readouterr().err
