@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import re
+import sys
 from collections.abc import Callable
 
 Scorer = Callable[[str, str], float]
@@ -96,6 +98,21 @@ BUILTIN: dict[str, Scorer] = {"length": length, "concise": concise, "polite": po
                               "support_style": support_style}
 
 
+def _import_module(module: str):
+    """import_module, with the current directory on sys.path when the package is not found without it: the
+    installed `align` command does not put it there as `python -m` does, and a user's `mypkg.judges` beside
+    them would be found by one and not the other."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != module.partition(".")[0] or cwd in {os.path.abspath(p) for p in sys.path}:
+            raise  # the package exists (something it imports is missing), or the cwd was searched already
+        sys.path.append(cwd)  # after the installed packages, which it must not shadow
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+
+
 def resolve_scorer(spec: str) -> Scorer:
     """A built-in name or `module:function`; an error says which and what is allowed."""
     if spec in BUILTIN:
@@ -104,7 +121,7 @@ def resolve_scorer(spec: str) -> Scorer:
         raise ValueError(f"scorer {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not module:function")
     module, _, name = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"scorer {spec!r}: cannot import it ({err})") from None
     if not callable(fn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -410,6 +411,27 @@ def test_scorers_and_simulated_rankings():
     # a function of one text failed at its first call, after a stage had loaded and sampled its model
     with pytest.raises(ValueError, match=r"basename\(p\) cannot be called as basename\(prompt, response\)"):
         resolve_scorer("os.path:basename")
+
+
+def test_a_scorer_in_the_current_directory_is_found_without_it_on_sys_path(tmp_path, monkeypatch):
+    """The installed `align` script does not put the current directory on sys.path (`python -m` does): a user's
+    `mypkg.judges:helpfulness` beside them is found all the same, and an import its module makes still fails."""
+    import sys
+
+    (tmp_path / "cwd_judges_pkg").mkdir()
+    (tmp_path / "cwd_judges_pkg" / "__init__.py").write_text("")
+    (tmp_path / "cwd_judges_pkg" / "judges.py").write_text("def helpfulness(prompt, response):\n"
+                                                           "    return float(len(response))\n")
+    (tmp_path / "cwd_broken_judges.py").write_text("import no_such_dependency_here\n\ndef f(p, r):\n    return 0.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and Path(p).resolve() != tmp_path.resolve()])
+    try:
+        assert resolve_scorer("cwd_judges_pkg.judges:helpfulness")("q", "abc") == 3.0
+        with pytest.raises(ValueError, match="No module named 'no_such_dependency_here'"):
+            resolve_scorer("cwd_broken_judges:f")
+    finally:
+        for name in ("cwd_judges_pkg", "cwd_judges_pkg.judges", "cwd_broken_judges"):
+            sys.modules.pop(name, None)
 
 
 def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
