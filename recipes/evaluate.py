@@ -301,7 +301,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 
     versions = dict(versions or {})
     store = Store(run_store(cfg.store, cfg.run.dir, key_prefix("eval") + "store"))
-    added = 0
+    added, batches = 0, []
 
     def tag(name: str) -> str:
         return f"{name}@{versions[name]}" if versions.get(name) else name
@@ -313,7 +313,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         items = [{"prompt": p, "responses": [a, b], "response_meta": meta}
                  for p, a, b in zip(prompts, texts, responses[cfg.baseline], strict=True)]
         source = {"stage": "eval", "system_prompts": {n: (system_prompts or {}).get(n) for n in (name, cfg.baseline)}}
-        added += store.add_tasks(f"eval-{tag(name)}-vs-{tag(cfg.baseline)}", items, source=source, kind="pairwise")
+        batches.append(f"eval-{tag(name)}-vs-{tag(cfg.baseline)}")
+        added += store.add_tasks(batches[-1], items, source=source, kind="pairwise")
     def version_now(name: str) -> str | None:  # None: unknown, every verdict on it counts (a policy of this eval)
         if name not in responses and name not in versions:
             folder = stage_dir(cfg.run.dir, name) if name in stages_of_kind("policy") else None
@@ -331,7 +332,9 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         (a, b), (ra, rb) = [m["policy"] for m in metas], row["ranks"]
         comparisons.append((a, b, 1.0 if ra < rb else 0.0 if rb < ra else 0.5))
         prompts_of.append(row["prompt"])
-    board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale}
+    # waiting: this eval's A/B tasks with no verdict yet (the hint asks for a rerun only while there are some)
+    board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale,
+             "waiting": sum(store.pending_count(b) for b in batches)}
     if comparisons:
         # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together;
         # the baseline is 1000 in the ratings and in every resample, so each rating is its difference from it
@@ -455,9 +458,9 @@ def main(cfg: EvalStageConfig) -> Path:
         print(f"human A/B: {board['tasks_added']} new tasks, {board['comparisons']} verdicts so far"
               + (f" ({board['stale_comparisons']} on earlier versions, not counted)" if board["stale_comparisons"] else ""))
     html = report_module.write_report(cfg.run.dir)
-    if board is not None:
-        print_done("eval", out, f"open {shell(html)}; annotators judge the A/B tasks in align label "
-                                f"{label_where(cfg)}, then rerun align eval with human=true for the board")
+    if board is not None and board["waiting"]:
+        print_done("eval", out, f"open {shell(html)}; annotators judge the {board['waiting']} A/B tasks waiting in "
+                                f"align label {label_where(cfg)}, then rerun align eval with human=true for the board")
     else:
         print_done("eval", out, f"open {shell(html)}")
     return out

@@ -59,7 +59,9 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
                   "baseline=sft", f"prompts={args['prompts']}", "scorer=known_scorers:says_thanks", "bootstrap=50",
                   "generation.max_new_tokens=16", f"run.dir={eval_run}", "run.wandb=disabled", "human=true"]) == 0
     out = capsys.readouterr().out
-    assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the A/B tasks" in out
+    # every verdict is in: the hint no longer asks annotators to judge A/B tasks and eval to be rerun
+    assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the" not in out
+    assert f"next: open {eval_run / 'report.html'}\n" in out
     assert "polite vs sft · scorer:known_scorers:says_thanks: win-rate " in out and " over 8 prompts (" in out
     board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
     assert [row["policy"] for row in board] == ["polite", "sft"]
@@ -128,7 +130,7 @@ def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
 
     first = human_eval(cfg, prompts, {"dpo": ["Old dpo 1.", "Old dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
                        versions={"dpo": "v1", "sft": "s1"})
-    assert first["tasks_added"] == 2 and first["comparisons"] == 0
+    assert first["tasks_added"] == 2 and first["comparisons"] == 0 and first["waiting"] == 2
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_user("ann", "secret-pw")
     ann = handlers.sign_in(store, "ann", "secret-pw")
@@ -136,6 +138,7 @@ def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
     again = human_eval(cfg, prompts, {"dpo": ["Old dpo 1.", "Old dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
                        versions={"dpo": "v1", "sft": "s1"})
     assert again["tasks_added"] == 0 and again["comparisons"] == 2 and again["stale_comparisons"] == 0
+    assert again["waiting"] == 0
     retrained = human_eval(cfg, prompts, {"dpo": ["New dpo 1.", "New dpo 2."], "sft": ["Sft 1.", "Sft 2."]},
                            versions={"dpo": "v2", "sft": "s1"})
     assert retrained["tasks_added"] == 2 and retrained["comparisons"] == 0 and retrained["stale_comparisons"] == 2
