@@ -461,12 +461,27 @@ def shell(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
-def eval_command(run_dir: str | Path, stage: str, sft: str | Path | None) -> str:
-    """What to run after training `stage` from `sft`: eval finds the run's own policies by stage name, and an SFT
-    adapter from another folder only when told (`align dpo sft=<elsewhere>` then `align eval` said "the baseline
-    'sft' is not among the policies ['dpo']")."""
-    command = f"align eval run.dir={shell(run_dir)}"
-    if sft is None or Path(sft).resolve() == stage_dir(run_dir, "sft").resolve():
+def eval_command(run_dir: str | Path, stage: str, sft: str | Path | None, *, scorer: str | None = None,
+                 reward_model: str | Path | None = None, base: str | None = None) -> str:
+    """What to run after training `stage` from `sft` (None: a fresh LoRA on `base`) against `scorer` or
+    `reward_model`. Eval finds the run's own policies by stage name and its reward/ as the judge; an SFT adapter
+    or a judge from elsewhere only when told (`align dpo sft=<elsewhere>` then `align eval` said "the baseline
+    'sft' is not among the policies ['dpo']"; `align ppo scorer=...` with no reward/ said "no judge for eval").
+    With no SFT adapter eval has no baseline to compare with: what to do instead, not a command that fails."""
+    run = shell(run_dir)
+    judge = ""
+    if not stage_dir(run_dir, "reward").exists():  # eval's default judge is not there: the one training used
+        judge = f" scorer={shell(scorer)}" if scorer else f" reward_model={shell(reward_model)}" if reward_model else ""
+    if sft is None:
+        given = (f"align eval run.dir={run}{judge} policies=\"{{sft: <an SFT adapter on {base}>, "
+                 f"{stage}: {shell(stage_dir(run_dir, stage))}}}\"")
+        why = f"{stage} started from a fresh LoRA on {base}, and align eval needs an SFT adapter on that base to compare it with"
+        if (stage_dir(run_dir, "sft") / "adapter_config.json").is_file():  # there, but not what it started from
+            return f"{why}: give it one, {given}"
+        return (f"{why}: train one (align sft run.dir={run} model.name={shell(str(base))}), then align eval "
+                f"run.dir={run}{judge}; or give it one, {given}")
+    command = f"align eval run.dir={run}{judge}"
+    if Path(sft).resolve() == stage_dir(run_dir, "sft").resolve():
         return command
     policies = f"policies={{sft: {json.dumps(str(sft))}, {stage}: {json.dumps(str(stage_dir(run_dir, stage)))}}}"
     return f"{command} {shell(policies)}"

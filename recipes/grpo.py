@@ -246,5 +246,6 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done(cfg.algo, out, eval_command(cfg.run.dir, cfg.algo, sft))
+    print_done(cfg.algo, out, eval_command(cfg.run.dir, cfg.algo, sft, scorer=cfg.scorer, reward_model=rm,
+                                            base=cfg.model.name))
     return out

@@ -386,5 +386,6 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- report -----------------------------------------------------------------------------
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
-    print_done("ppo", out, eval_command(cfg.run.dir, "ppo", sft))
+    print_done("ppo", out, eval_command(cfg.run.dir, "ppo", sft, scorer=cfg.scorer, reward_model=rm,
+                                          base=cfg.model.name))
     return out

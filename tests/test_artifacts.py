@@ -290,3 +290,19 @@ def test_the_eval_hint_names_an_sft_trained_in_another_folder(tmp_path):
     assert words[:3] == ["align", "eval", f"run.dir={run}"]
     cfg = load_config(EvalStageConfig, None, words[2:])
     assert cfg.policies == {"sft": str(tmp_path / "other" / "sft"), "dpo": str(run / "dpo")}
+
+
+def test_the_rl_eval_hint_carries_the_judge_training_used_where_the_run_has_no_reward_model(tmp_path):
+    """`align ppo scorer=...` with no reward/ in run.dir hinted `align eval run.dir=X`: "no judge for eval"."""
+    from alignment.artifacts import eval_command
+
+    run = tmp_path / "run"
+    assert eval_command(run, "ppo", run / "sft", scorer="mypkg.judges:helpfulness") == \
+        f"align eval run.dir={run} scorer=mypkg.judges:helpfulness"
+    assert eval_command(run, "ppo", run / "sft", reward_model=tmp_path / "rm") == \
+        f"align eval run.dir={run} reward_model={tmp_path / 'rm'}"
+    (run / "reward").mkdir(parents=True)  # eval's default judge: nothing to add
+    assert eval_command(run, "ppo", run / "sft", scorer="support_style") == f"align eval run.dir={run}"
+    # a fresh LoRA: no baseline for eval, so no eval command alone but what to do
+    fresh = eval_command(run, "grpo", None, scorer="support_style", base="Org/base")
+    assert not fresh.startswith("align ") and "align sft run.dir=" + str(run) + " model.name=Org/base" in fresh

@@ -98,3 +98,48 @@ def test_the_reward_hint_names_every_gate_setting_that_refuses_it(tmp_path, monk
     # the hint's `align ppo ... <overrides>` is one the gate lets through
     assert run_anyway(ppo_gate_refuses(reward)) == "min_reward_accuracy=0 max_probe_flip_rate=1"
     gate(reward, 0.0, 1.0)
+
+
+def test_the_rl_hint_runs_eval_with_the_scorer_it_trained_against(tiny_model, tmp_path, monkeypatch, capsys):
+    """`align ppo scorer=...` in a run with no reward model: the hinted eval carries the scorer (eval's default
+    judge, reward/, is not there). With no SFT adapter (a fresh LoRA) eval has no baseline: the hint is no eval
+    command that fails but what to do, and what it says runs as printed."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Ticket {i}: how do I {t}?", "input": "",
+                                        "output": "Thanks for asking! Open Settings." if i % 2 else f"Open Settings, then {t}."})
+                            + "\n" for i, t in enumerate(["sync", "export", "share a note", "find tags"] * 2)))
+    family = tmp_path / "family"
+    family.mkdir()
+    fast = {"run": {"wandb": "disabled"}}
+    for stage, settings in {
+        "sft": {"model": {"name": tiny_model, "quantize": False, "max_length": 128}, "data": {"path": str(data)},
+                "train": {"max_steps": 2, "batch_size": 4}},
+        "ppo": {"model": {"name": tiny_model, "quantize": False}, "prompts": str(data), "scorer": "support_style",
+                "train": {"max_steps": 1}, "rl": {"rollout_prompts": 4}, "lora": {"r": 4},
+                "generation": {"max_new_tokens": 8, "temperature": 0.5}},
+        "eval": {"prompts": str(data), "num_prompts": 4, "bootstrap": 50, "kl_samples": 0,
+                 "generation": {"max_new_tokens": 8}},  # no scorer: the hint must carry it
+    }.items():
+        (family / f"{stage}.yaml").write_text(yaml.safe_dump({**settings, **fast}))
+
+    # from an SFT adapter, no reward/: the hint is eval with PPO's scorer
+    assert align(["sft", "--config", "family/sft.yaml", "run.dir=acc"]) == 0
+    capsys.readouterr()
+    assert align(["ppo", "--config", "family/ppo.yaml", "run.dir=acc"]) == 0
+    command = hinted(capsys.readouterr().out)
+    assert command == "align eval --config family/eval.yaml run.dir=acc scorer=support_style"
+    assert align(shlex.split(command)[1:]) == 0, command
+    capsys.readouterr()
+
+    # a fresh LoRA: no eval command that fails, but the SFT to train on that base and the eval after it
+    assert align(["ppo", "--config", "family/ppo.yaml", "run.dir=fresh"]) == 0
+    line = hinted(capsys.readouterr().out)
+    assert not line.startswith("align ") and line.startswith(f"ppo started from a fresh LoRA on {tiny_model}")
+    sft, then = re.search(r"\((align sft [^)]*)\), then (align eval [^;]*);", line).groups()
+    assert sft == f"align sft --config family/sft.yaml run.dir=fresh model.name={tiny_model}"
+    assert then == "align eval --config family/eval.yaml run.dir=fresh scorer=support_style"
+    for command in (sft, then):
+        assert align(shlex.split(command)[1:]) == 0, command
