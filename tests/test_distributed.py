@@ -158,17 +158,43 @@ def launch(args: list[str], **env_vars: str) -> subprocess.CompletedProcess:
     return out
 
 
+# Imported by every Python process the launch starts (sitecustomize): records each save of a merged SFT copy.
+SAVES_SPY = """
+import os
+import transformers
+
+_save = transformers.PreTrainedModel.save_pretrained
+
+
+def save_pretrained(self, folder, *args, **kwargs):
+    if os.path.basename(str(folder)).startswith("align-sft-merged-"):
+        with open(os.environ["ALIGN_TEST_SAVES"], "a") as f:
+            f.write(f"{os.getpid()} {folder}\\n")
+    return _save(self, folder, *args, **kwargs)
+
+
+transformers.PreTrainedModel.save_pretrained = save_pretrained
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory) -> dict:
-    """sft -> reward and dpo, once with two processes (W&B offline) and once in this process."""
+    """sft -> reward and dpo, once with two processes (W&B offline) and once in this process. The two-process
+    reward stage runs with the merge spy (SAVES_SPY) and its own TMPDIR, for the merged-once test."""
     tmp = tmp_path_factory.mktemp("distributed")
     write_sft_data(tmp / "sft.jsonl")
     write_pairs(tmp / "prefs.jsonl")
+    spy, saves, merge_tmp = tmp / "spy", tmp / "saves.txt", tmp / "tmp"
+    spy.mkdir()
+    merge_tmp.mkdir()
+    (spy / "sitecustomize.py").write_text(SAVES_SPY)
+    spied = {"PYTHONPATH": f"{spy}{os.pathsep}{REPO}", "ALIGN_TEST_SAVES": str(saves), "TMPDIR": str(merge_tmp)}
     logs = {}
     for stage in STAGES:
-        logs[stage] = launch([*stage_args(stage, tmp / "two", tmp, tiny_model), "run.wandb=offline"])
+        env = spied if stage == "reward" else {}
+        logs[stage] = launch([*stage_args(stage, tmp / "two", tmp, tiny_model), "run.wandb=offline"], **env)
         assert align([*stage_args(stage, tmp / "one", tmp, tiny_model), "run.wandb=disabled"]) == 0
-    return {"two": tmp / "two", "one": tmp / "one", "logs": logs}
+    return {"two": tmp / "two", "one": tmp / "one", "logs": logs, "saves": saves, "merge_tmp": merge_tmp}
 
 
 def files(folder: Path) -> set[str]:
@@ -282,45 +308,16 @@ def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model
     assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
 
 
-# Imported by every Python process the launch starts (sitecustomize): records each save of a merged SFT copy.
-SAVES_SPY = """
-import os
-import transformers
-
-_save = transformers.PreTrainedModel.save_pretrained
-
-
-def save_pretrained(self, folder, *args, **kwargs):
-    if os.path.basename(str(folder)).startswith("align-sft-merged-"):
-        with open(os.environ["ALIGN_TEST_SAVES"], "a") as f:
-            f.write(f"{os.getpid()} {folder}\\n")
-    return _save(self, folder, *args, **kwargs)
-
-
-transformers.PreTrainedModel.save_pretrained = save_pretrained
-"""
-
-
 @pytest.mark.distributed
-def test_the_reward_stage_merges_the_sft_adapter_once_for_both_processes(tiny_model, tmp_path):
+def test_the_reward_stage_merges_the_sft_adapter_once_for_both_processes(runs):
     """The reward model is built on the SFT model: the SFT adapter merged into an fp32 copy of the base, saved and
     loaded back. Each process did that on its own (a full fp32 copy each, in memory and on disk); the first
-    process of the machine now merges and the other loads its folder, which is removed after."""
-    write_sft_data(tmp_path / "sft.jsonl")
-    run = tmp_path / "run"
-    assert align(["sft", f"model.name={tiny_model}", f"data.path={tmp_path / 'sft.jsonl'}", f"run.dir={run}",
-                  "train.max_steps=2", "run.wandb=disabled", "model.quantize=false", "data.eval_fraction=0",
-                  "model.max_length=128"]) == 0
-    spy, saves, tmp = tmp_path / "spy", tmp_path / "saves.txt", tmp_path / "tmp"
-    spy.mkdir()
-    tmp.mkdir()
-    (spy / "sitecustomize.py").write_text(SAVES_SPY)
-    launch(["reward", f"data.path={write_pairs(tmp_path / 'prefs.jsonl')}", f"run.dir={run}", "model.max_length=128",
-            "model.quantize=false", "train.batch_size=4", "train.max_steps=2", "data.test_fraction=0.2",
-            "run.wandb=disabled"], PYTHONPATH=f"{spy}{os.pathsep}{REPO}", ALIGN_TEST_SAVES=str(saves), TMPDIR=str(tmp))
-    assert len(saves.read_text().splitlines()) == 1, saves.read_text()  # before: once per process
-    assert not list(tmp.glob("align-sft-merged-*"))
-    assert json.loads((run / "reward" / "align.json").read_text())["metrics"]["global_step"] == 2
+    process of the machine now merges and the other loads its folder, which is removed after. Read from the
+    two-process reward run of `runs`, launched with the spy."""
+    saves = runs["saves"].read_text()
+    assert len(saves.splitlines()) == 1, saves  # before: once per process
+    assert not list(runs["merge_tmp"].glob("align-sft-merged-*"))
+    assert json.loads((runs["two"] / "reward" / "align.json").read_text())["metrics"]["global_step"] == 8
 
 
 MERGED_ONCE_AFTER_RANKS = """
