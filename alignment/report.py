@@ -9,6 +9,7 @@ that has not run yet is simply absent.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -87,28 +88,37 @@ def _figure_png(fig) -> str:
 
 def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str], ylabel: str = "") -> str | None:
     """A line plot of each key against step (named in the legend by LINES); None when no key has points."""
+    series = {}
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+        if pts:
+            series[key] = tuple(pts)
+    if not series:
+        return None
+    return _line_plot(title, ylabel, tuple((LINES.get(k, k), pts) for k, pts in series.items()), _figure_png)
+
+
+# Each stage (and the pipeline, after each stage) rewrites the whole run's report: a pipeline redrew every earlier
+# stage's unchanged plots after each stage. A plot is drawn once per process for its points; the renderer is part
+# of the key, so one swapped in draws afresh.
+@functools.lru_cache(maxsize=256)
+def _line_plot(title: str, ylabel: str, series: tuple[tuple[str, tuple[tuple[Any, Any], ...]], ...],
+               render: Callable[[Any], str]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {}
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-        if pts:
-            series[key] = pts
-    if not series:
-        return None
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    for key, pts in series.items():
+    for label, pts in series:
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=LINES.get(key, key))
+        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _figure_png(fig)
+    return render(fig)
 
 
 def _fmt(v: Any) -> str:
