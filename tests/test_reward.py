@@ -4,9 +4,8 @@ the folder loads back on its own and scores; K-wise batches; QLoRA from the base
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -204,9 +203,19 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\r\n")
     assert align(["reward", "score", "--model", str(reward_run), "--jsonl", str(jsonl)]) == 0
     assert "score" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    piped = subprocess.run([sys.executable, "-m", "alignment.cli", "reward", "score", "--model", str(reward_run),
-                            "--jsonl", "/dev/stdin"], input=json.dumps(row) + "\n", capture_output=True, text=True)
-    assert piped.returncode == 0 and "score" in json.loads(piped.stdout.strip().splitlines()[-1])  # a pipe, no suffix
+    # /dev/stdin a pipe, no suffix: this process's stdin (fd 0) made the read end of one for the call
+    read, write = os.pipe()
+    os.write(write, (json.dumps(row) + "\n").encode())
+    os.close(write)
+    stdin = os.dup(0)
+    os.dup2(read, 0)
+    os.close(read)
+    try:
+        piped = align(["reward", "score", "--model", str(reward_run), "--jsonl", "/dev/stdin"])
+    finally:
+        os.dup2(stdin, 0)
+        os.close(stdin)
+    assert piped == 0 and "score" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     listed = tmp_path / "score.json"  # a JSON list, as the data loaders take it
     listed.write_text(json.dumps([row, row]))
     capsys.readouterr()
