@@ -374,25 +374,36 @@ def write_rankings(path: Path, prompts: int = 12) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ranked_pipeline(tiny_model, tmp_path_factory) -> Path:
+    """One two-process `align pipeline` of sft -> reward -> dpo, the preference stages on K-wise rankings of
+    mixed sizes (dpo with group_by_ranking): its run folder."""
+    tmp = tmp_path_factory.mktemp("ranked")
+    prefs = write_rankings(tmp / "rankings.jsonl")
+    common = {"model": {"max_length": 128, "quantize": False}, "data": {"path": str(prefs), "test_fraction": 0.2},
+              "train": {"batch_size": 4, "max_steps": 6, "eval_steps": 3, "logging_steps": 1, "warmup_ratio": 0}}
+    config = tmp / "pipe.yaml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "stages": ["sft", "reward", "dpo"], "label": "simulate", "scorer": "length",
+        "sft": {"model": {"name": tiny_model, "max_length": 128, "quantize": False},
+                "data": {"path": str(write_sft_data(tmp / "sft.jsonl")), "eval_fraction": 0}, "train": {"max_steps": 2}},
+        "reward": {**common, "train": {**common["train"], "lr": 3e-3}},
+        "dpo": {**common, "train": {**common["train"], "lr": 2e-3}, "group_by_ranking": True},
+        "run": {"dir": str(tmp / "run"), "wandb": "disabled"}}))
+    launch(["pipeline", "--config", str(config)])
+    return tmp / "run"
+
+
 @pytest.mark.distributed
-def test_rankings_of_mixed_sizes_train_under_two_processes(tiny_model, tmp_path):
+def test_rankings_of_mixed_sizes_train_under_two_processes(ranked_pipeline):
     """group_by_ranking under two processes: each rank's batch keeps its rankings whole, so the ranks' batches
     differ in size in the same step. TRL gathers per-pair figures across the ranks (the rewards, margins),
-    which needs tensors of one size: the gathers pad and trim, and every pair is counted once."""
-    write_sft_data(tmp_path / "sft.jsonl")
-    prefs = write_rankings(tmp_path / "rankings.jsonl")
-    run = tmp_path / "run"
-    assert align(["sft", f"model.name={tiny_model}", f"data.path={tmp_path / 'sft.jsonl'}", f"run.dir={run}",
-                  "train.max_steps=2", "run.wandb=disabled", "model.quantize=false", "data.eval_fraction=0",
-                  "model.max_length=128"]) == 0
-    common = [f"data.path={prefs}", f"run.dir={run}", "model.max_length=128", "model.quantize=false",
-              "train.batch_size=4", "train.max_steps=6", "train.eval_steps=3", "train.logging_steps=1",
-              "train.warmup_ratio=0", "data.test_fraction=0.2", "run.wandb=disabled"]
-    for stage, extra in (("reward", ["train.lr=3e-3"]), ("dpo", ["train.lr=2e-3", "group_by_ranking=true"])):
-        launch([stage, *common, *extra])
-        manifest = json.loads((run / stage / "align.json").read_text())
+    which needs tensors of one size: the gathers pad and trim, and every pair is counted once. (The reward
+    and dpo stages of the ranked_pipeline launch.)"""
+    for stage in ("reward", "dpo"):
+        manifest = json.loads((ranked_pipeline / stage / "align.json").read_text())
         assert manifest["metrics"]["global_step"] == 6
-        rows = [r for r in read_jsonl(run / stage / "metrics.jsonl") if "loss" in r]
+        rows = [r for r in read_jsonl(ranked_pipeline / stage / "metrics.jsonl") if "loss" in r]
         assert [r["step"] for r in rows] == list(range(1, 7))
         key = "mean_reward" if stage == "reward" else "rewards/margins"
         assert all(math.isfinite(r[key]) for r in rows), rows
@@ -461,12 +472,11 @@ def pipeline_config(path: Path, tmp: Path, tiny_model: str, stages: list[str]) -
 
 
 @pytest.mark.distributed
-def test_a_pipeline_of_training_stages_runs_under_two_processes(tiny_model, tmp_path):
+def test_a_pipeline_of_training_stages_runs_under_two_processes(ranked_pipeline):
     """Rank 0 alone writes each stage's artifact; the other rank waits for it before the next stage, whose
     preflight would otherwise find the SFT folder without its align.json (an 'unfinished stage folder')."""
-    launch(["pipeline", "--config", str(pipeline_config(tmp_path / "pipe.yaml", tmp_path, tiny_model, ["sft", "dpo"]))])
-    for stage in ("sft", "dpo"):
-        assert json.loads((tmp_path / "run" / stage / "align.json").read_text())["stage"] == stage
+    for stage in ("sft", "reward", "dpo"):
+        assert json.loads((ranked_pipeline / stage / "align.json").read_text())["stage"] == stage
 
 
 @pytest.mark.parametrize("variable", ["WORLD_SIZE", "PMI_SIZE"])  # torchrun's; mpirun's (Intel MPI)
