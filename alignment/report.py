@@ -319,14 +319,16 @@ def reliability_html(reliability: dict[str, Any]) -> str:
     """The export's per-annotator reliability (labeling.agreement.dawid_skene) as a table."""
     people = reliability.get("annotators") or {}
     rows = [[name, r["accuracy"], f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}", r["weight"], r["judgements"],
-             r["checked"], r["gold"]] for name, r in people.items()]
+             r["checked"], r["gold"], r.get("gold_accuracy")] for name, r in people.items()]
     used = "used to decide the pairs (combine=dawid_skene)" if reliability.get("used_for_pairs") else \
         "measured, not used (combine=dawid_skene would use it)"
     prior = reliability.get("prior") or {}
     return (f"<h3>Annotator reliability</h3><p class='meta'>{html.escape(reliability.get('model', ''))}; {used}; "
             f"prior accuracy {prior.get('accuracy')} worth {prior.get('strength')} judgements. An annotator "
             "nobody else (nor a gold answer) checked keeps the prior.</p>"
-            + _table(["annotator", "est. accuracy", "95% interval", "vote weight", "judgements", "checked", "gold"], rows))
+            + "".join(f"<p><b>Warning</b>: {html.escape(w)}</p>" for w in reliability.get("warnings") or [])
+            + _table(["annotator", "est. accuracy", "95% interval", "vote weight", "judgements", "checked", "gold",
+                      "right on gold"], rows))
 
 
 def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -598,6 +600,8 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         failure = probe_failure(manifest["probes"], MAX_PROBE_FLIP_RATE)
         if failure:
             found.append(f"{failure}: PPO refuses it at that setting")
+    if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (labeling.agreement)
+        found += ((manifest.get("summary") or {}).get("reliability") or {}).get("warnings") or []
     if kind == "eval":
         for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
             if seen:

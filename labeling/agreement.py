@@ -140,6 +140,9 @@ def agreement_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # probability q_a on any item. EM: the E-step turns the votes into the posterior
 # P(i beats j) = sigmoid(sum of the voters' log-odds log(q / (1 - q)), + for i, - for j) from an
 # even prior; the M-step sets q_a to the mean of a Beta prior updated with a's expected right votes.
+# EM starts from each annotator's accuracy on the gold items (the Beta prior updated with them; the prior's
+# mean for one with no gold votes): EM only climbs to the optimum nearest its start, and from the prior two
+# annotators who agree outvote a third on the first step, whatever the gold answers say.
 # Gold tasks' pairs have their known order fixed (they anchor who is right), and an annotator is
 # scored only on items someone else, or a gold answer, also judged: alone on an item their vote
 # would only agree with itself, so an annotator nobody can check keeps the prior. An annotator below
@@ -215,17 +218,18 @@ def pair_judgements(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[flo
 class Reliability:
     """What `dawid_skene` estimated: per annotator, and per item the posterior P(i beats j)."""
 
-    annotators: dict[str, dict[str, Any]]  # name -> accuracy, interval, weight, judgements, checked, gold
+    annotators: dict[str, dict[str, Any]]  # name -> accuracy, interval, weight, judgements, checked, gold, gold_accuracy
     posterior: dict[Item, float]  # items that are not gold
     iterations: int
     converged: bool
     prior: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # annotators estimated above chance but below it on gold
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: the model, its prior, convergence and the per-annotator table."""
-        return {"model": "one-coin Dawid-Skene on pairwise judgements (EM, gold fixed, Beta prior)",
+        """JSON-ready: the model, its prior, convergence, the per-annotator table and the warnings."""
+        return {"model": "one-coin Dawid-Skene on pairwise judgements (EM from gold accuracy, gold fixed, Beta prior)",
                 "prior": self.prior, "iterations": self.iterations, "converged": self.converged,
-                "annotators": self.annotators}
+                "annotators": self.annotators, "warnings": self.warnings}
 
 
 def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int] | None = None, *,
@@ -236,7 +240,15 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
     alpha, beta = prior_accuracy * prior_strength, (1 - prior_accuracy) * prior_strength
     names = sorted({a for vs in votes.values() for a, _ in vs})
     checked = [x for x, vs in votes.items() if len(vs) >= 2 or x in truth]
-    q = dict.fromkeys(names, prior_accuracy)
+    gold_right, gold_seen = Counter(), Counter()
+    for x, answer in truth.items():
+        for a, v in votes.get(x, []):
+            gold_right[a] += v == answer
+            gold_seen[a] += 1
+    # EM starts from each annotator's accuracy on the gold items (Beta-smoothed; the prior without any). Started
+    # at the prior for everyone, two who agree outvote a third on the first E-step and EM settles there, gold or
+    # not: two reversed annotators of three were trusted (0.88) and every pair came out reversed.
+    q = {a: (gold_right[a] + alpha) / (gold_seen[a] + alpha + beta) for a in names}
 
     def e_step() -> dict[Item, float]:
         w = {a: vote_weight(q[a]) for a in names}
@@ -258,15 +270,20 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
         converged = max((abs(new[a] - q[a]) for a in names), default=0.0) < tol
         q = new
     posterior = e_step()
-    gold_votes = Counter(a for x in truth for a, _ in votes.get(x, []))
     judgements = Counter(a for vs in votes.values() for a, _ in vs)
     table = {}
     for a in names:
         lo, hi = beta_interval(right[a] + alpha, seen[a] - right[a] + beta)
         table[a] = {"accuracy": q[a], "interval": [lo, hi], "weight": vote_weight(q[a]), "judgements": judgements[a],
-                    "checked": seen[a], "gold": gold_votes[a]}
+                    "checked": seen[a], "gold": gold_seen[a],
+                    "gold_accuracy": gold_right[a] / gold_seen[a] if gold_seen[a] else None}
+    # EM finds a local optimum: one that disagrees with the gold answers is worth saying out loud.
+    warnings = [f"{a}: estimated accuracy {r['accuracy']:.2f} (weight {r['weight']:.2f}) but {r['gold_accuracy']:.2f} "
+                f"on the {r['gold']} gold votes: the estimate follows annotators who agree with {a}, not the gold "
+                "answers; check their rankings and the gold answers, and add gold tasks"
+                for a, r in table.items() if r["gold_accuracy"] is not None and r["gold_accuracy"] < 0.5 < r["accuracy"]]
     return Reliability(table, {x: p for x, p in posterior.items() if x not in truth}, iterations, converged,
-                       {"accuracy": prior_accuracy, "strength": prior_strength})
+                       {"accuracy": prior_accuracy, "strength": prior_strength}, warnings)
 
 
 def annotator_reliability(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None,

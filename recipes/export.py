@@ -29,13 +29,13 @@ from alignment.tracking import Tracker, log_artifact
 log = logging.getLogger(__name__)
 
 RELIABILITY_COLUMNS = ("annotator", "accuracy", "interval_low", "interval_high", "weight", "judgements", "checked",
-                       "gold")
+                       "gold", "gold_accuracy")
 
 
 def reliability_rows(people: dict[str, dict]) -> list[list]:
     """The per-annotator reliability table as rows of RELIABILITY_COLUMNS (W&B's table, the log)."""
     return [[name, r["accuracy"], r["interval"][0], r["interval"][1], r["weight"], r["judgements"], r["checked"],
-             r["gold"]] for name, r in people.items()]
+             r["gold"], r.get("gold_accuracy")] for name, r in people.items()]
 
 
 def main(cfg: ExportStageConfig) -> Path:
@@ -85,7 +85,10 @@ def main(cfg: ExportStageConfig) -> Path:
     log.info("export summary: %s", json.dumps({k: v for k, v in summary.items() if k != "reliability"}))
     log.info("annotator reliability (%s):\n%s", summary["reliability"]["model"],
              "\n".join(f"  {r[0]}: accuracy {r[1]:.3f} [{r[2]:.2f}, {r[3]:.2f}], weight {r[4]:.2f}, "
-                       f"{r[6]} of {r[5]} judgements checked ({r[7]} on gold)" for r in reliability_rows(people)))
+                       f"{r[6]} of {r[5]} judgements checked ({r[7]} on gold"
+                       + (f", {r[8]:.0%} of them right)" if r[8] is not None else ")") for r in reliability_rows(people)))
+    for warning in summary["reliability"].get("warnings") or []:
+        log.warning("annotator reliability: %s", warning)
     run = f"run.dir={shell(cfg.run.dir)}" + (f" data.path={shell(out)}" if cfg.output else "")
     print_done("export", out, f"align reward {run}   or   align dpo {run}")
     return out

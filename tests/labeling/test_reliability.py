@@ -85,6 +85,37 @@ def test_adversary_is_found_weighted_zero_and_pulls_no_pair_its_way():
     assert rel.posterior[(0, 0, 1)] == pytest.approx(1 / (1 + math.exp(-w)))
 
 
+def test_gold_outweighs_a_reversed_majority():
+    """Two of three annotators reverse every pair; 2 of 20 tasks are gold. EM started everyone at the prior, so on its
+    first step the two outvoted the third and it settled there: the reversed pair were trusted (0.88), the honest one
+    weighted 0, every pair came out reversed. It starts from each one's accuracy on gold now."""
+    gold = {t: [1, 2, 3, 4] for t in range(2)}
+    rows = []
+    for t in range(20):
+        rows += [ranking(t, "honest", [1, 2, 3, 4]), ranking(t, "rev1", [4, 3, 2, 1]), ranking(t, "rev2", [4, 3, 2, 1])]
+    rel = annotator_reliability(rows, gold)
+    people = rel.annotators
+    assert people["honest"]["accuracy"] > 0.9 and people["honest"]["weight"] > 2
+    assert people["rev1"]["accuracy"] < 0.1 and people["rev1"]["weight"] == people["rev2"]["weight"] == 0
+    assert all(p > 0.9 for p in rel.posterior.values())  # every non-gold pair ordered as the honest one did
+    assert (people["honest"]["gold_accuracy"], people["rev1"]["gold_accuracy"]) == (1.0, 0.0)
+    assert people["honest"]["gold"] == 12 and rel.warnings == []
+
+
+def test_an_annotator_trusted_against_their_gold_answers_is_warned_about():
+    # ann and bob agree on 10 tasks; ann got the one gold pair wrong, which one pair cannot outweigh.
+    rows = [ranking(t, name, [1, 2, 3]) for t in range(10) for name in ("ann", "bob")] + [ranking(10, "ann", [2, 1])]
+    rel = annotator_reliability(rows, {10: [1, 2]})
+    ann = rel.annotators["ann"]
+    assert ann["accuracy"] > 0.5 and ann["gold_accuracy"] == 0.0 and rel.annotators["bob"]["gold_accuracy"] is None
+    assert len(rel.warnings) == 1 and rel.warnings[0].startswith("ann: estimated accuracy 0.9")
+    assert "0.00 on the 1 gold votes" in rel.warnings[0] and rel.summary()["warnings"] == rel.warnings
+    from alignment.report import cautions, reliability_html  # the report says it: in the table, at a glance
+
+    assert "<b>Warning</b>: ann: estimated accuracy" in reliability_html(rel.summary())
+    assert cautions("export", {"summary": {"reliability": rel.summary()}}) == rel.warnings
+
+
 def test_an_annotator_nobody_checks_keeps_the_prior():
     rel = annotator_reliability([ranking(t, "solo", [1, 2, 3]) for t in range(20)])
     solo = rel.annotators["solo"]
