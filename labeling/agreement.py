@@ -78,12 +78,19 @@ def krippendorff_alpha_ordinal(units: Sequence[Sequence[float | None]]) -> float
     return 1 - observed / expected
 
 
-def task_agreement(ranks: Sequence[Sequence[float]]) -> float:
-    """Mean pairwise agreement over every pair of annotators of one task (1.0 with one annotator)."""
-    pairs = list(itertools.combinations(ranks, 2))
-    if not pairs:
+def task_agreement(ranks: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
+    """Mean pairwise agreement over every pair of annotators of one task (1.0 with one annotator).
+
+    With `weights` (one per ranking: combine=dawid_skene's vote weights), each pair of annotators counts by the
+    product of theirs, so one weighted 0 drops out (1.0 when fewer than two are left); all 0, they count alike.
+    """
+    pairs = list(itertools.combinations(range(len(ranks)), 2))
+    if weights is None or not any(weights):
+        weights = [1.0] * len(ranks)
+    counts = [weights[a] * weights[b] for a, b in pairs]
+    if not sum(counts):
         return 1.0
-    return sum(pairwise_agreement(a, b) for a, b in pairs) / len(pairs)
+    return sum(c * pairwise_agreement(ranks[a], ranks[b]) for c, (a, b) in zip(counts, pairs, strict=True)) / sum(counts)
 
 
 def copy_groups(texts: Sequence[str]) -> list[list[int]]:

@@ -17,7 +17,8 @@ The rules (docs/labeling.md says the same):
 - Ties: `drop` (default) gives no pair; `margin0` keeps it with margin 0 and the first response
   as "chosen": only useful with a loss that weights pairs by margin.
 - `agreement` is the task's mean pairwise agreement between annotators (1.0 for one); tasks under
-  `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks.
+  `min_agreement` are dropped. `margin` is the distance of the two responses' mean ranks. With `dawid_skene`
+  both weigh each annotator by their vote weight (one at weight 0 drops out), as the posterior does.
   `votes_chosen` / `votes_rejected` count the annotators who ordered the pair each way (ties neither).
 - Identical responses never make a pair. Train/test are split by prompt (no prompt on both sides).
 - `chosen_finished` / `rejected_finished`: whether each response ended (EOS) or was cut at the
@@ -209,15 +210,20 @@ def dense_ranks(ranks: list[int]) -> list[int]:
 
 
 def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: str = "majority",
-               posterior: dict[tuple[int, int], float] | None = None) -> list[tuple[int, int, float]]:
+               posterior: dict[tuple[int, int], float] | None = None, weights: list[float] | None = None
+               ) -> list[tuple[int, int, float]]:
     """(chosen index, rejected index, margin) for one task's rankings (canonical order).
 
     The margin is the distance of the two responses' mean ranks, so `rank_lists` are dense (dense_ranks;
     build_pairs makes them so, before merging copies of an answer). With combine=dawid_skene,
-    `posterior[(i, j)]` (i < j) is P(response i beats j); a pair missing from it is a tie.
+    `posterior[(i, j)]` (i < j) is P(response i beats j); a pair missing from it is a tie; and `weights` (one
+    per ranking, its annotator's vote weight) weigh the mean ranks, so a distrusted annotator's reversed ranks
+    do not cancel the margin of the ones the posterior follows (all 0: an even mean).
     """
     k = len(rank_lists[0])
-    mean_rank = [_mean([r[i] for r in rank_lists]) for i in range(k)]
+    if weights is None or not any(weights):
+        weights = [1.0] * len(rank_lists)
+    mean_rank = [sum(w * r[i] for w, r in zip(weights, rank_lists, strict=True)) / sum(weights) for i in range(k)]
     _check_options(ties, combine)
     ratings = None
     if combine == "bradley_terry":
@@ -283,7 +289,11 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         groups = copy_groups(texts)
         reps = [group[0] for group in groups]  # each text's first copy, in response order
         rank_lists = [merge_copies(dense_ranks(r["ranks"]), groups) for r in ranked]
-        agreement = task_agreement(rank_lists)
+        # dawid_skene: margin and agreement weigh each ranking by its annotator's vote weight, as the posterior
+        # does (an adversary at weight 0 cancelled every margin, and min_agreement dropped tasks it had settled).
+        weights = [reliability.annotators.get(r["annotator"], {}).get("weight", 0.0) for r in ranked] \
+            if combine == "dawid_skene" else None
+        agreement = task_agreement(rank_lists, weights)
         if min_agreement is not None and agreement < min_agreement:
             counts["dropped_low_agreement"] += 1
             continue
@@ -299,7 +309,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                      if (task_id, i, j) in reliability.posterior or (task_id, j, i) in reliability.posterior]
             if found:
                 posterior[(a, b)] = _mean(found)
-        decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior) if m > 1 else []
+        decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior, weights=weights) if m > 1 else []
         counts["dropped_ties"] += m * (m - 1) // 2 - len(decided)
         # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).
         untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)} if m > 1 else set()

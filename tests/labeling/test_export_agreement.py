@@ -48,6 +48,30 @@ def test_the_margin_is_the_same_however_a_tie_is_numbered():
     assert dense_ranks([1, 1, 3, 4]) == [1, 1, 2, 3] and dense_ranks([2, 1, 4, 3]) == [2, 1, 4, 3]
 
 
+def test_dawid_skene_margin_and_agreement_leave_out_the_annotator_it_distrusts():
+    """good ranks A > B > C > D on 20 tasks, adv the reverse; 6 tasks are gold. The posterior follows good, but the
+    margins and agreement were every annotator's mean: each pair had margin 0 and agreement 0, so use_margin trained
+    nothing and min_agreement dropped every task the posterior had settled. They weigh each annotator by their vote
+    weight now (adv's is 0); majority, which trusts nobody more, is as it was."""
+    ranked = [r for t in range(20) for r in rows({"good": [1, 2, 3, 4], "adv": [4, 3, 2, 1]}, task_id=t)]
+    gold = {t: [1, 2, 3, 4] for t in range(14, 20)}
+    for r in ranked:
+        r["is_gold"] = r["task_id"] in gold
+    pairs, summary = build_pairs(ranked, combine="dawid_skene", gold=gold, min_agreement=0.5)
+    assert summary["reliability"]["annotators"]["adv"]["weight"] == 0 and summary["dropped_low_agreement"] == 0
+    assert len(pairs) == 14 * 6 and all(p["p_chosen"] > 0.9 and p["agreement"] == 1.0 for p in pairs)
+    margins = {(p["chosen"][0]["content"][0], p["rejected"][0]["content"][0]): p["margin"] for p in pairs[:6]}
+    assert margins == {("A", "B"): 1, ("A", "C"): 2, ("A", "D"): 3, ("B", "C"): 1, ("B", "D"): 2, ("C", "D"): 1}
+    assert {(p["votes_chosen"], p["votes_rejected"]) for p in pairs} == {(1, 1)}  # counts of people, not weights
+    majority, summary = build_pairs(ranked, gold=gold, ties="margin0")
+    assert {(p["margin"], p["agreement"]) for p in majority} == {(0.0, 0.0)} and summary["kept_ties"] == 14 * 6
+    # weighted agreement by hand: pairs of annotators count by the product of their weights
+    a, b, c = [1, 2, 3], [1, 3, 2], [3, 2, 1]
+    assert agreement.task_agreement([a, b, c], [2.0, 1.0, 0.0]) == pytest.approx(2 / 3)  # a-b only
+    assert agreement.task_agreement([a, b, c], [1.0, 1.0, 1.0]) == agreement.task_agreement([a, b, c])
+    assert agreement.task_agreement([a, c], [1.0, 0.0]) == 1.0 and agreement.task_agreement([a, c], [0, 0]) == 0.0
+
+
 def test_two_annotators_majority_agreement_and_flags():
     # x: A > C > D > B ; y: A > D > C > B. They disagree on C vs D only: 5 of 6 pairs agree.
     pairs, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}))
