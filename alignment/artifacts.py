@@ -434,6 +434,17 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     return _relative_parent(path, folder)
 
 
+def recorded_path(path: str, folder: Path, manifest: dict[str, Any]) -> Path:
+    """A file a stage's config names (data.path, prompts), read as that stage read it: relative to the directory
+    it ran in (its manifest's `cwd`, parent_path), else, that copy gone (the project moved), placed by the run
+    folder's own path as a moved parent is; not relative to where this process runs."""
+    found = parent_path(path, folder, manifest)
+    if found.exists() or Path(path).is_absolute() or not manifest.get("cwd"):
+        return found
+    moved = parent_path(path, folder, {k: v for k, v in manifest.items() if k != "cwd"})
+    return moved if moved.exists() else found
+
+
 def _relative_parent(path: Path, folder: str | Path) -> Path:
     """A relative parent path placed by `folder`'s own path (parent_path)."""
     above = Path(os.path.abspath(folder)).parents

@@ -34,6 +34,7 @@ from alignment.artifacts import (
     parent_path,
     print_done,
     read_manifest,
+    recorded_path,
     run_store,
     shell,
     stage_dir,
@@ -59,17 +60,6 @@ from alignment.rl import response_mask
 from alignment.tracking import Tracker, log_artifact, scalars
 
 log = logging.getLogger(__name__)
-
-def recorded_path(path: str, folder: Path, manifest: dict) -> Path:
-    """A file a stage's config names (data.path, prompts), read as that stage read it: relative to the directory
-    it ran in (its manifest's `cwd`, parent_path), else, that copy gone (the project moved), placed by the run
-    folder's own path as a moved parent is; not relative to where eval runs."""
-    found = parent_path(path, folder, manifest)
-    if found.exists() or Path(path).is_absolute() or not manifest.get("cwd"):
-        return found
-    moved = parent_path(path, folder, {k: v for k, v in manifest.items() if k != "cwd"})
-    return moved if moved.exists() else found
-
 
 def trained_prompts(folder: Path, seen: set[Path] | None = None, unread: list[str] | None = None) -> set[str]:
     """The user prompts in the training data of a policy and of the policies it started from, from the

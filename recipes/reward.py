@@ -35,6 +35,7 @@ from alignment.artifacts import (
     is_main_process,
     model_identity,
     print_done,
+    recorded_path,
     settings_of,
     shell,
     stage_dir,
@@ -533,6 +534,21 @@ def score_main(argv: list[str]) -> int:
     return 0
 
 
+def trained_data(folder: Path, manifest: dict) -> Path:
+    """Where the preference data a reward model's manifest records is now: read as the stage read it
+    (recorded_path: relative to the directory it ran in, or moved with the project), or the folder of its name
+    beside the model (the run folder moved and renamed); the first of them there with the sha256 the manifest
+    records, else the first there (the caller's check refuses it as changed), else the recorded place."""
+    given = (manifest.get("data") or {}).get("path") or ((manifest.get("parents") or {}).get("preferences")
+                                                          or {}).get("path")
+    if not given:
+        raise ValueError(f"{folder / 'align.json'} records no preference data: pass --data")
+    places = list(dict.fromkeys([recorded_path(given, folder, manifest), folder.parent / Path(given).name]))
+    there = [p for p in places if p.exists()]
+    sha256 = (manifest.get("data") or {}).get("sha256")
+    return next((p for p in there if sha256 and file_hash(p) == sha256), there[0] if there else places[0])
+
+
 def probe_main(argv: list[str]) -> int:
     """`align reward probe`: run the probes on a trained reward model's held-out pairs and print them as JSON.
 
@@ -551,7 +567,11 @@ def probe_main(argv: list[str]) -> int:
         check_adapter("--model", folder, tokenizer=True)
         scorer = resolve_scorer(args.scorer) if args.scorer else None
         manifest = json.loads((folder / "align.json").read_text())
-        data_path = Path(args.data or manifest.get("data", {}).get("path") or "")
+        data_path = Path(args.data) if args.data else trained_data(folder, manifest)
+        if not data_path.exists():  # said here: load_preferences' hint names the stages' data.path, not --data
+            raise ValueError(f"--data {data_path}: no such file or folder" if args.data else
+                             f"{data_path}, the preference data the model was trained on, is not there any more "
+                             "(nor beside the model): pass --data with where it is now, or pairs the model never saw")
         recorded = manifest.get("data", {}).get("sha256")
         if not args.data and recorded and data_path.exists() and file_hash(data_path) != recorded:
             # Re-split, other data puts pairs the model trained on among the "held-out" ones.

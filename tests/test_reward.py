@@ -228,6 +228,37 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
         assert message in capsys.readouterr().err
 
 
+def test_probe_finds_the_training_data_of_a_moved_run(reward_run, tmp_path, capsys):
+    """`align reward probe` read the data.path its manifest records as it is: with the project moved (or the run
+    folder moved and renamed) it failed, and told the user to "pass data.path=...", an option it does not have.
+    It looks for the data as the report and eval look for a moved parent now, and words the hint as --data."""
+    reward_run, data = reward_run
+    manifest = json.loads((reward_run / "align.json").read_text())
+    trained = manifest["probes"]["pairs"]
+    gone = "/gone/project"  # where the run was made: the manifest's paths under it, none of them there any more
+
+    def place(run: Path, data_name: str) -> Path:
+        shutil.copytree(reward_run, run / "reward", ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copy(data, run / data_name)
+        (run / "reward" / "align.json").write_text(json.dumps({
+            **manifest, "cwd": gone, "data": {**manifest["data"], "path": f"{gone}/runs/q/{data_name}"},
+            "parents": {**manifest["parents"], "preferences": {**manifest["parents"]["preferences"],
+                                                               "path": f"{gone}/runs/q/{data_name}"}}}))
+        return run / "reward"
+
+    for run in (tmp_path / "moved" / "runs" / "q", tmp_path / "renamed"):  # the project moved; the run folder too
+        capsys.readouterr()
+        assert align(["reward", "probe", "--model", str(place(run, "prefs.jsonl"))]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["pairs"] == trained
+    (tmp_path / "renamed" / "prefs.jsonl").unlink()
+    assert align(["reward", "probe", "--model", str(tmp_path / "renamed" / "reward")]) == 2
+    err = capsys.readouterr().err
+    assert "the preference data the model was trained on, is not there any more" in err
+    assert "pass --data" in err and "data.path" not in err
+    assert align(["reward", "probe", "--model", str(reward_run), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert f"--data {tmp_path / 'nope.jsonl'}: no such file or folder" in capsys.readouterr().err
+
+
 def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_path, caplog):
     data = write_rankings(tmp_path / "prefs.jsonl", 20, long_wins=True)
     caplog.set_level("WARNING")
