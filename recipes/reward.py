@@ -553,12 +553,13 @@ def probe_main(argv: list[str]) -> int:
     """`align reward probe`: run the probes on a trained reward model's held-out pairs and print them as JSON.
 
     For a reward model trained before the probes existed (the PPO gate then only warns), or to see
-    one with another labelling scorer; nothing is written into the model's folder.
+    one with another labelling scorer, or on other pairs (--data); nothing is written into the model's folder.
     """
     parser = argparse.ArgumentParser(prog="align reward probe", description=probe_main.__doc__)
     parser.add_argument("--model", help="a reward model folder (default <run-dir>/reward)")
     parser.add_argument("--run-dir", default="runs/quickstart")
-    parser.add_argument("--data", help="preference data (default: what the model was trained on, from its manifest)")
+    parser.add_argument("--data", help="preference data to probe: its own test split if it has one (an align export "
+                        "folder), else every pair (default: the held-out split of what the model was trained on)")
     parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
@@ -579,9 +580,15 @@ def probe_main(argv: list[str]) -> int:
                              "split is not the one the model never saw; pass --data with pairs it never saw")
         recorded_data = manifest["config"]["data"]
         test_fraction, seed = recorded_data["test_fraction"], manifest["config"]["train"]["seed"]
-        # read as training read it: records it skipped (data.on_error=skip) skipped again, not a failure
-        pairs = load_preferences(data_path, test_fraction=test_fraction, seed=seed,
-                                 on_error=recorded_data.get("on_error", "raise"))[0].get("test")
+        # The training data is split as training split it, for the pairs the model never saw. --data is not split
+        # again (it did: 40 unseen pairs were probed on 4): its own test split where it has one, else every pair.
+        # Read as training read it: records it skipped (data.on_error=skip) skipped again, not a failure.
+        data = load_preferences(data_path, test_fraction=0.0 if args.data else test_fraction, seed=seed,
+                                on_error=recorded_data.get("on_error", "raise"))[0]
+        pairs = data.get("test")
+        if args.data and pairs is None:
+            pairs = data["train"]
+            log.info("probing every pair of %s (%d; it has no test split of its own)", data_path, len(pairs))
         pairs = add_system_prompt(pairs, system_prompt_of(folder)) if pairs is not None else None  # as trained
     except (ConfigError, DataError, ValueError, KeyError, OSError) as err:
         print(f"align reward probe: {err}", file=sys.stderr)

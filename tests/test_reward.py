@@ -259,6 +259,23 @@ def test_probe_finds_the_training_data_of_a_moved_run(reward_run, tmp_path, caps
     assert f"--data {tmp_path / 'nope.jsonl'}: no such file or folder" in capsys.readouterr().err
 
 
+def test_probe_with_data_probes_every_pair_or_the_files_own_test_split(reward_run, tmp_path, capsys):
+    """`align reward probe --data FILE` split FILE again by the model's test_fraction and probed the test tenth:
+    40 unseen pairs gave "pairs": 4. It probes every pair of a file, or the test split of one that has its own."""
+    from datasets import Dataset, DatasetDict
+
+    reward_run, _ = reward_run
+    unseen = write_rankings(tmp_path / "unseen.jsonl", 10)  # 10 prompts, 40 pairs
+    capsys.readouterr()
+    assert align(["reward", "probe", "--model", str(reward_run), "--data", str(unseen)]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 40
+    rows = [json.loads(line) for line in unseen.read_text().splitlines()]
+    DatasetDict({"train": Dataset.from_list(rows[:28]), "test": Dataset.from_list(rows[28:])}).save_to_disk(
+        str(tmp_path / "export"))
+    assert align(["reward", "probe", "--model", str(reward_run), "--data", str(tmp_path / "export")]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 12
+
+
 def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_path, caplog):
     data = write_rankings(tmp_path / "prefs.jsonl", 20, long_wins=True)
     caplog.set_level("WARNING")
