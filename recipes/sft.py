@@ -52,21 +52,28 @@ from alignment.training import (
 log = logging.getLogger(__name__)
 
 
-def count_too_long(dataset, tokenizer, max_length: int) -> tuple[int, int]:
-    """(examples longer than max_length, which TRL cuts there without a word; of them, those whose prompt alone
-    reaches it, which TRL then drops: no token of their answer is left to train). The prompt ends where TRL's
-    does, where it and the whole conversation part (trl's common_prefix_length)."""
+def too_long(dataset, tokenizer, max_length: int) -> tuple[int, list[int]]:
+    """(how many examples are longer than max_length, which TRL cuts there without a word; the rows of those whose
+    prompt alone reaches it, which have no token of their answer left to train). The prompt ends where TRL's does,
+    where it and the whole conversation part (trl's common_prefix_length)."""
     def ids(messages, **kwargs) -> list[int]:
         out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
         return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
-    truncated = dropped = 0
-    for row in dataset:
+    truncated, prompt_fills = 0, []
+    for i, row in enumerate(dataset):
         full = ids(row["prompt"] + row["completion"])
         if len(full) > max_length:
             truncated += 1
-            dropped += common_prefix_length(ids(row["prompt"], add_generation_prompt=True), full) >= max_length
-    return truncated, dropped
+            if common_prefix_length(ids(row["prompt"], add_generation_prompt=True), full) >= max_length:
+                prompt_fills.append(i)
+    return truncated, prompt_fills
+
+
+def without(dataset, rows: list[int]):
+    """The dataset less those rows, in order."""
+    gone = set(rows)
+    return dataset.select([i for i in range(len(dataset)) if i not in gone]) if gone else dataset
 
 
 def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool, padding_free: bool = False) -> SFTConfig:
@@ -107,30 +114,32 @@ def main(cfg: SFTStageConfig) -> Path:
                                                 groups=data_report.conversations)
         eval_split = "by prompt" if eval_dataset is not None else "none"
     tokenizer = load_tokenizer(cfg.model.name)
-    truncated, dropped = count_too_long(dataset, tokenizer, cfg.model.max_length)
-    eval_truncated, eval_dropped = count_too_long(eval_dataset or [], tokenizer, cfg.model.max_length)
-    if cfg.data.packing:  # packed, nothing is cut or dropped example by example: a long prompt fills its chunk
-        dropped = eval_dropped = 0
+    truncated, prompt_fills = too_long(dataset, tokenizer, cfg.model.max_length)
+    eval_truncated, eval_prompt_fills = too_long(eval_dataset or [], tokenizer, cfg.model.max_length)
+    dropped, eval_dropped = len(prompt_fills), len(eval_prompt_fills)
     examples = len(dataset) + (len(eval_dataset) if eval_dataset else 0)
     cut = truncated + eval_truncated - dropped - eval_dropped  # trained, less the end of their answer
     if cut:
         log.warning("%d of %d examples are longer than model.max_length=%d tokens and will be truncated (the end "
                     "of their answer is not trained)", cut, examples, cfg.model.max_length)
-    if dropped + eval_dropped:  # TRL leaves them out without a word
+    if dropped + eval_dropped:  # TRL leaves them out without a word (packed, it trains them: left out below)
         log.warning("%d of %d examples are dropped: their prompt alone is model.max_length=%d tokens or more, so "
-                    "no token of the answer is left to train (TRL leaves them out); raise model.max_length to keep "
+                    "no token of the answer is left to train (left out, packed or not); raise model.max_length to keep "
                     "them", dropped + eval_dropped, examples, cfg.model.max_length)
     if dropped == len(dataset):
         raise StageError(f"every training example's prompt is model.max_length={cfg.model.max_length} tokens or "
                          "longer: no token of an answer is left to train; raise model.max_length")
-    eval_gone = 0  # held-out examples all dropped: evaluated on, TRL's empty eval set would fail
-    if eval_dataset is not None and eval_dropped == len(eval_dataset):
+    if eval_dataset is not None and eval_dropped == len(eval_dataset):  # evaluated on, TRL's empty set would fail
         log.warning("every held-out example is dropped: no held-out loss")
-        eval_dataset, eval_split, eval_gone = None, "none", eval_dropped
+        eval_dataset, eval_split = None, "none"
     truncated += eval_truncated  # what padding-free, which cuts nothing, must not meet
     log.info("train %d examples, held out %d (%s)", len(dataset) - dropped,
              len(eval_dataset) - eval_dropped if eval_dataset else 0,
              eval_split if eval_split in ("none", "by prompt") else f"the data's {eval_split} split")
+    if cfg.data.packing:  # TRL drops them only unpacked; packed, each would train as a chunk of its prompt alone,
+        # cut at max_length, every label masked: a step of loss 0 (all of them: a run that "succeeds" untrained)
+        dataset = without(dataset, prompt_fills)
+        eval_dataset = without(eval_dataset, eval_prompt_fills) if eval_dataset is not None else None
 
     # --- model ------------------------------------------------------------------------------
     model = load_base_model(cfg.model, plan)
@@ -155,11 +164,11 @@ def main(cfg: SFTStageConfig) -> Path:
         peft_config=peft_lora_config(cfg.lora),
         callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
-    # What TRL trains and evaluates on: its datasets, less what it dropped (packed, they hold chunks: the examples).
+    # What TRL trains and evaluates on: its datasets, less what it dropped (packed, they hold chunks: the examples,
+    # less those dropped above).
     counts = {"train": len(dataset) if cfg.data.packing else len(trainer.train_dataset),
               "eval": 0 if not has_eval else len(eval_dataset) if cfg.data.packing else len(trainer.eval_dataset)}
-    counts["dropped"] = (len(dataset) - counts["train"] + (len(eval_dataset) - counts["eval"] if has_eval else 0)
-                         + eval_gone)
+    counts["dropped"] = examples - counts["train"] - counts["eval"]
     # TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's choice under bf16 compute. Under fp32 or fp16
     # compute (the CPU; a T4 or V100 GPU, which has no bf16 in hardware) the adapter trains in fp32.
     if not plan.bf16 and not sharded():

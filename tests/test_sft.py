@@ -328,10 +328,13 @@ def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
     assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
 
 
-def test_examples_whose_prompt_fills_max_length_are_counted_as_dropped_not_trained(tiny_model, tmp_path, caplog,
-                                                                                  capsys):
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_examples_whose_prompt_fills_max_length_are_counted_as_dropped_not_trained(packing, tiny_model, tmp_path,
+                                                                                  caplog, capsys):
     """TRL drops an example whose prompt alone reaches max_length (no answer token left): the stage said only
-    "truncated" and align.json counted it as trained. Now it says dropped, and records what TRL trains on."""
+    "truncated" and align.json counted it as trained. Now it says dropped, and records what TRL trains on.
+    Packed, TRL kept them as chunks of prompt alone, every label masked (all of them: loss 0, an untrained
+    adapter, no error): now they are dropped before TRL packs, and every prompt too long is the same error."""
     log = " Here is my log: " + " ".join(f"line{j} error sync failed" for j in range(40))
     rows = [{"instruction": f"Question {i}: how do I sync my notes?" + (log if i < 6 else ""),
              "output": f"Answer {i}: Open Settings and tap Sync now."} for i in range(20)]
@@ -339,13 +342,13 @@ def test_examples_whose_prompt_fills_max_length_are_counted_as_dropped_not_train
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with caplog.at_level("WARNING"):
         out = run_sft(tiny_model, data, tmp_path / "run", "model.quantize=false", "train.max_steps=1",
-                      "model.max_length=96", "data.eval_fraction=0")
+                      "model.max_length=96", "data.eval_fraction=0", f"data.packing={packing}")
     manifest = json.loads((out / "align.json").read_text())["data"]
     assert (manifest["used"], manifest["train"], manifest["dropped_prompt_too_long"]) == (20, 14, 6)
     assert "6 of 20 examples are dropped: their prompt alone is model.max_length=96 tokens or more" in caplog.text
     assert "will be truncated" not in caplog.text  # the other answers fit
     rc = align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={tmp_path / 'all'}", *FAST,
-                "model.max_length=8", "data.eval_fraction=0"])
+                "model.max_length=8", "data.eval_fraction=0", f"data.packing={packing}"])
     assert rc == 1 and "every training example's prompt is model.max_length=8 tokens or longer" in capsys.readouterr().err
 
 
