@@ -106,6 +106,26 @@ def trained_model_settings(manifest: dict) -> ModelConfig:
                        double_quant=bool(model.get("double_quant", True)), compute_dtype=dtype)
 
 
+def unseen_quantization(adapter: str | Path, plan: DevicePlan) -> str | None:
+    """A warning when `adapter` (an align stage's, by its align.json) trained on an unquantized base and `plan`
+    puts it on a 4-bit one: the stage then starts from it plus rounding it never trained with, not from it as
+    trained (a DPO reference "= the SFT" 1.4 nats of log-prob from the SFT on a tiny model). None otherwise: the
+    other way (a QLoRA adapter on the unquantized base, as the quickstart runs DPO) adds no error to its base, and
+    an adapter without a manifest that says how it trained is not second-guessed."""
+    manifest = Path(adapter) / "align.json"
+    if not plan.quantize or not manifest.is_file():
+        return None
+    recorded = json.loads(manifest.read_text())
+    if "quantize" not in ((recorded.get("config") or {}).get("model") or {}):
+        return None
+    if trained_model_settings(recorded).quantize:
+        return None
+    return (f"{adapter} was trained on an unquantized base and this stage puts it on a 4-bit one (model.quantize="
+            "true, the default): it starts from that adapter plus 4-bit rounding it never trained with, not as it "
+            "trained (its log-probs differ, and so does a reference that is to be the adapter); pass model.quantize=false to run it on the "
+            "base it trained on")
+
+
 def bitsandbytes_cuda_problem() -> str | None:
     """Why bitsandbytes cannot run its 4-bit layers on this machine's CUDA GPU; None when it can (or without CUDA).
 

@@ -54,6 +54,7 @@ from alignment.modeling import (
     is_adapter_dir,
     load_base_model,
     load_tokenizer,
+    unseen_quantization,
 )
 from alignment.preferences import add_system_prompt, load_preferences
 from alignment.preflight import check_stage
@@ -235,6 +236,8 @@ def main(cfg: DPOStageConfig) -> Path:
     model_cfg = replace(cfg.model, name=adapter_base_name(sft))  # the SFT's base, from its manifest
     plan = device_plan(model_cfg)
     log.info(plan.describe())
+    if note := unseen_quantization(sft, plan):  # the reference would not be the SFT as trained
+        log.warning(note)
     set_seed(cfg.train.seed)
 
     # --- data -------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     peft_lora_config,
+    unseen_quantization,
 )
 from alignment.preflight import check_stage
 from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
@@ -151,6 +152,8 @@ def main(cfg: PPOStageConfig) -> Path:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = device_plan(cfg.model)
     log.info(plan.describe())
+    if sft and (note := unseen_quantization(sft, plan)):  # the policy would not start as the SFT trained
+        log.warning(note)
     R.check_reward(cfg)  # a wrong scorer or a reward model under the gate fails now, before any model loads
 
     # --- data -------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from alignment.modeling import (
     load_base_model,
     load_tokenizer,
     peft_lora_config,
+    unseen_quantization,
 )
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, finish_wandb, log_artifact, read_jsonl
@@ -357,6 +358,8 @@ def main(cfg: PPOStageConfig) -> Path:
         cfg = replace(cfg, model=replace(cfg.model, name=adapter_base_name(sft)))  # the SFT's base
     plan = replace(device_plan(cfg.model), gradient_checkpointing=False)  # its own loop recomputes nothing
     log.info(plan.describe())
+    if sft and (note := unseen_quantization(sft, plan)):  # the policy and reference would not be the SFT as trained
+        log.warning(note)
     R.check_reward(cfg)  # a wrong scorer or a reward model under the gate fails now, before any model loads
     system_prompt = system_prompt_of(sft or cfg.model.name)  # the SFT's (or a merged SFT model's): rollouts open with it
 

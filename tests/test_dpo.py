@@ -524,3 +524,38 @@ def test_a_cut_side_loses_an_end_marker_that_bpe_merged_into_its_text():
     cut, whole = drop_cut_ends(rows, tokenizer)
     assert tokenizer.decode(cut["chosen_ids"]) == "Open Settings, then tap Sync."
     assert whole["chosen_ids"] == full[n:]
+
+
+def test_an_sft_trained_unquantized_put_on_a_4bit_base_is_warned_about(sft_dir, tmp_path, caplog):
+    """`align sft model.quantize=false` then `align dpo` (model.quantize defaults to true) put the SFT adapter on a
+    4-bit base without a word: the reference "= the SFT policy" was the SFT plus rounding it never trained with.
+    Now it says so, naming the key; on the base it trained on, and the other way round, it says nothing."""
+    data = write_pairs(tmp_path / "prefs.jsonl", 8)
+    args = ["dpo", f"sft={sft_dir}", f"data.path={data}", "train.max_steps=1", "train.batch_size=4",
+            "data.test_fraction=0", *FAST]
+    for quantize, warned in (("true", True), ("false", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert align([*args, f"run.dir={tmp_path / quantize}", f"model.quantize={quantize}"]) == 0
+        said = "was trained on an unquantized base and this stage puts it on a 4-bit one" in caplog.text
+        assert said == warned, caplog.text
+        assert ("pass model.quantize=false" in caplog.text) == warned
+
+
+def test_unseen_quantization_is_only_the_lossy_direction(tmp_path):
+    """A QLoRA adapter on the unquantized base (the quickstart's DPO, on purpose), or on a 4-bit base as it
+    trained, or an adapter without a manifest that says how it trained: no warning."""
+    from alignment.modeling import DevicePlan, unseen_quantization
+
+    four_bit = DevicePlan("cpu", quantize=True, compute_dtype=torch.float32, gradient_checkpointing=False)
+    full = replace(four_bit, quantize=False)
+    for name, quantize, ran in (("fp32", False, full), ("qlora", True, four_bit)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "align.json").write_text(json.dumps(
+            {"config": {"model": {"quantize": quantize}}, "device_plan": ran.describe()}))
+    (tmp_path / "bare").mkdir()
+    assert "model.quantize=false" in unseen_quantization(tmp_path / "fp32", four_bit)
+    assert unseen_quantization(tmp_path / "fp32", full) is None
+    assert unseen_quantization(tmp_path / "qlora", full) is None
+    assert unseen_quantization(tmp_path / "qlora", four_bit) is None
+    assert unseen_quantization(tmp_path / "bare", four_bit) is None
