@@ -11,8 +11,10 @@ adapter, makes that frozen "ref" copy itself and uses it for every reference for
 `peft_config` instead would make the raw base the reference, silently).
 
 Writes <run.dir>/dpo/: a plain peft adapter (the policy only), loadable with
-`PeftModel.from_pretrained(base, dir)` or `AutoPeftModelForCausalLM`, plus tokenizer,
-config.yaml, metrics.jsonl and align.json (base model = the SFT's; parents sft + preferences).
+`PeftModel.from_pretrained(base, dir)` on the base as it trained (4-bit under model.quantize=true;
+`AutoPeftModelForCausalLM` loads the base unquantized, another model than a QLoRA one trained:
+`align merge` gives the trained model's outputs), plus tokenizer, config.yaml, metrics.jsonl and
+align.json (base model = the SFT's; parents sft + preferences).
 """
 
 from __future__ import annotations
