@@ -34,9 +34,14 @@ CHATML_EOS_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_end|>'", "eos_token")
 
 
 def resolve_model_path(name: str) -> str:
-    """The embedded default's converted folder for its names; anything else unchanged."""
+    """The embedded default's converted folder for its names; a local folder as an absolute path; anything else (a
+    Hub id) unchanged. peft records the path a base was loaded from as an adapter's base_model_name_or_path:
+    `model.name=tiny` kept as typed, AutoPeftModelForCausalLM run from another directory looked for "tiny" on
+    the Hub."""
     if name.lower() in EMBEDDED_NAMES:
         return str(embedded_model_dir())
+    if Path(name).expanduser().is_dir():
+        return os.path.abspath(os.path.expanduser(name))
     return name
 
 

@@ -410,3 +410,17 @@ def test_a_wandb_run_left_open_does_not_swallow_the_stages_own_run(tiny_model, q
     info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
                                       str(runs[0])], capture_output=True, text=True, check=True).stdout)
     assert info["name"] == "run/sft" and "train/loss" in info["summary"]
+
+
+def test_the_adapter_names_a_relative_local_base_by_its_absolute_path(tiny_model, sft_data, tmp_path, monkeypatch):
+    """model.name=tiny (a folder in the working directory) was recorded as typed in adapter_config.json, so
+    AutoPeftModelForCausalLM run from another directory looked for "tiny" on the Hub and failed offline."""
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(Path(tiny_model).parent)
+    out = run_sft(Path(tiny_model).name, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=1")
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(Path(tiny_model).absolute())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert AutoPeftModelForCausalLM.from_pretrained(str(out)).peft_config["default"].base_model_name_or_path == recorded
