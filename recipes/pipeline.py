@@ -123,6 +123,10 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         # An eval from before the pipeline named its judge: the reward model it judged by (a parent), else none
         judge = m.get("parents", {}).get("reward_model")
         recorded = {**recorded, "reward_model": judge["path"] if judge else "none"}
+    if m.get("stage") == "eval" and "store" not in recorded:
+        # An eval from before eval.store: its A/B tasks went to the run's labels.db, the one store the pipeline
+        # passes (a human=true eval of those days, rerun by its pipeline, was redone for the key alone)
+        recorded = {**recorded, "store": getattr(cfg, "store", None)}
     if _made_by(recorded) != _made_by(to_dict(cfg)):
         return False
     if rankings is not None and m.get("rankings_sha256") != rankings:

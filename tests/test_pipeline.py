@@ -607,6 +607,32 @@ def test_evals_reward_model_is_named_so_a_reward_stage_added_or_dropped_reruns_e
         os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
+def test_a_human_eval_from_before_eval_store_is_not_redone_for_the_key_alone(tiny_model, data, run, monkeypatch):
+    """eval.store is new: a human=true eval recorded before it names no store, and its A/B tasks went to the run's
+    labels.db, the store the pipeline passes now. Its pipeline skips it (it was redone, every answer generated
+    again, for the missing key); one recorded with another store is redone."""
+    import recipes.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    path = run / "eval" / "align.json"
+    text, times = path.read_text(), path.stat()
+    try:
+        for store, redone in ((None, []), ("sqlite:////elsewhere/labels.db", ["eval"])):
+            old = json.loads(text)
+            old["config"]["human"] = True
+            old["config"].pop("store", None)
+            if store:
+                old["config"]["store"] = store
+            path.write_text(json.dumps(old))
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+            ran.clear()
+            assert align([*pipeline_args(tiny_model, data, run), "eval.human=true"]) == 0 and ran == redone, store
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
     from alignment.config import EvalStageConfig, RunConfig
