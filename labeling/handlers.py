@@ -164,8 +164,10 @@ def _strong(char: str) -> str:
 
 def _direction(text: str, default: str = "ltr") -> str:
     """"rtl" when `text`, a line or a whole text, reads right to left: most of its letters are Hebrew or Arabic,
-    or it starts with a Hebrew or Arabic letter and ends with one or with such a sign (an Arabic sentence around
-    English names: "هل جربت Settings > Sync > Sync now؟"); "ltr" otherwise; `default` when it has no letters.
+    or it starts with a Hebrew or Arabic letter and ends with one or with such a sign, with two such words at one
+    end or that sign last (an Arabic sentence around English names: "هل جربت Settings > Sync > Sync now؟", not
+    an English one around two foreign words: "שלום means peace, and in Arabic it is سلام"); "ltr" otherwise;
+    `default` when it has no letters.
     A line does not take its direction from its first character (dir="auto" with unicode-bidi: plaintext did): a
     right-to-left character that looks like a hyphen, U+05BE, at the start of a line of English turned the line
     right to left and drew its words in reverse order, and "שלום means hello" put the English on the left."""
@@ -175,9 +177,19 @@ def _direction(text: str, default: str = "ltr") -> str:
             count[side] += 1
     if not count["L"] + count["R"]:
         return default
+    if count["R"] > count["L"]:
+        return "rtl"
     first = next((_strong(c) for c in text if unicodedata.category(c)[0] == "L" and _strong(c)), "")
-    last = next((side for c in reversed(text) if (side := _strong(c))), "")
-    return "rtl" if count["R"] > count["L"] or first == last == "R" else "ltr"
+    end = next((c for c in reversed(text) if _strong(c)), "")
+    if not first == _strong(end) == "R":
+        return "ltr"
+    # Framed by Hebrew or Arabic: an Arabic sentence around English names opens or closes with two of its words
+    # or ends with its own sign (؟); an English sentence around one foreign word at each end ("שלום means peace,
+    # and in Arabic it is سلام") does not, and reads left to right
+    words = [kind for word in text.split() if (kind := {_strong(c) for c in word} - {""})]
+    lead = next((i for i, kind in enumerate(words) if kind != {"R"}), len(words))
+    trail = next((i for i, kind in enumerate(reversed(words)) if kind != {"R"}), len(words))
+    return "rtl" if max(lead, trail) >= 2 or unicodedata.category(end)[0] not in "LM" else "ltr"
 
 
 def _rtl_letter(char: str) -> bool:

@@ -920,8 +920,10 @@ def test_a_line_that_reads_the_other_way_than_its_text_has_its_own_direction():
         + line.format("ltr", f"{marker}14 days{marker} later") + "\n\n14 - 30</div>")
     # what the first direction rule was for stays: a line of English starting with a sign or a Hebrew word, or ending
     # in a hidden right-to-left mark, reads left to right
+    # nor one of English around a foreign word at each end: drawn right to left, the two words swapped places
     for plain in ("Refunds: 14 days.\nשלום means hello", "\u05be14 days\u05be not Refunds are possible within",
-                  "ש 14 days not 30 days Refunds are possible within\u200f"):
+                  "ש 14 days not 30 days Refunds are possible within\u200f", "שלום means peace, and in Arabic it is سلام",
+                  "Greetings:\nשלום is said on arrival and on leaving, as is سلام\nThat is all."):
         shown = handlers.text_html(plain)
         assert 'dir="rtl"' not in shown and shown.count('dir="ltr"') == 1, ascii(plain)
 
