@@ -251,7 +251,10 @@ def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str
     else the one the run's sample (else its export) recorded in its align.json, in `run_dir` or, for a later
     round's folder, in its root, so that after `align sample store=postgresql://...` the tasks go where the
     annotators rank; else the root's labels.db (a round's folder has no store of its own). A recorded SQLite
-    file no longer there is passed over (the run folder moved; its labels.db moved with it). Nothing is made."""
+    file no longer there is passed over (the run folder moved; its labels.db moved with it), and so is a
+    the run's own labels.db where the stage ran (_own_store) is this folder's: a copied or moved run's tasks
+    went to the labels.db of where it was, another run's, and the board counted that run's verdicts. Nothing
+    is made."""
     from labeling.store import sqlite_path, sqlite_url
 
     if store:
@@ -269,6 +272,8 @@ def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str
                 continue
             if sqlite_path(url) is not None and m.get("cwd") and not Path(sqlite_path(url)).is_absolute():
                 url = sqlite_url(Path(m["cwd"]) / sqlite_path(url))  # store=sqlite:///x.db: where that stage ran
+            if sqlite_path(url) is not None and _own_store(Path(sqlite_path(url)), m):
+                break  # the run's own labels.db where it ran: here, its copy's or its new place's
             if sqlite_path(url) is not None and not Path(sqlite_path(url)).is_file():
                 continue
             if "***" in url:  # align.json keeps no password (config.redact): it cannot be opened from there
@@ -276,6 +281,17 @@ def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str
                                   f"no password; pass {key}=<that URL> (the one given to align {stage})")
             return url
     return sqlite_url(Path(root or run_dir).resolve() / STORE_FILE)
+
+
+def _own_store(path: Path, manifest: dict) -> bool:
+    """Whether the SQLite store `path` a stage recorded is the labels.db of the run it ran in (its run.dir's, or
+    that round's root's) rather than one the user named: the one a copy of the run, or the run moved, has beside it."""
+    ran_in = ((manifest.get("config") or {}).get("run") or {}).get("dir")
+    if not isinstance(ran_in, str) or not ran_in:
+        return False
+    folder = Path(manifest.get("cwd") or ".") / ran_in
+    rounds = [folder.parent] if re.fullmatch(r"round-\d+", folder.name) else []  # a later round's: its root's
+    return path.resolve() in {(f / STORE_FILE).resolve() for f in (folder, *rounds)}
 
 
 def round_dir(root: str | Path, r: int) -> Path:

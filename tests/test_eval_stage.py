@@ -219,6 +219,15 @@ def test_human_ab_tasks_go_to_the_store_the_runs_labels_are_in(tmp_path):
     manifest = json.loads((run / "sample" / "align.json").read_text())
     (run / "sample" / "align.json").write_text(json.dumps({**manifest, "cwd": str(tmp_path)}))
     assert run_store(None, run) == team
+    # a copy of a run (or the run moved): the labels.db of where it ran is the copy's own, not the other run's
+    for ran_in in (tmp_path / "first", tmp_path / "first" / "round-1"):
+        write_manifest(run / "sample", stage="sample", config={"run": {"dir": str(ran_in)}}, base_model=None,
+                       store=sqlite_url(tmp_path / "first" / "labels.db"))
+        (tmp_path / "first").mkdir(exist_ok=True)
+        Store(sqlite_url(tmp_path / "first" / "labels.db"))
+        assert run_store(None, run) == sqlite_url(run.resolve() / "labels.db"), ran_in
+    write_manifest(run / "sample", stage="sample", config={"run": {"dir": str(run)}}, base_model=None, store=team)
+    assert run_store(None, run) == team  # a store the user named stays theirs
     write_manifest(run / "sample", stage="sample", config={}, base_model=None,
                    store="postgresql://ann:pw@db.example/labels")
     with pytest.raises(ConfigError, match=r"eval\.store: the run's sample used the labelling store "
