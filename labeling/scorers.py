@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 Scorer = Callable[[str, str], float]
 
@@ -113,6 +114,18 @@ def _import_module(module: str):
         return importlib.import_module(module)
 
 
+def _shadowed(module: str, err: Exception) -> str:
+    """What to add to an import error when the user's own file of that name is here and another module of the
+    name was imported instead (their code.py, utils.py: the cwd comes after the installed ones, _import_module)."""
+    top = module.partition(".")[0]
+    imported = getattr(sys.modules.get(top), "__file__", None)
+    here = Path.cwd().resolve()
+    mine = next((p for p in (here / f"{top}.py", here / top) if p.exists()), None)
+    if not isinstance(err, AttributeError) or mine is None or not imported or Path(imported).resolve().is_relative_to(here):
+        return ""
+    return f"; {mine.name} here is not the {top!r} that was imported ({imported}): rename your file"
+
+
 def resolve_scorer(spec: str) -> Scorer:
     """A built-in name or `module:function`; an error says which and what is allowed."""
     if spec in BUILTIN:
@@ -123,7 +136,7 @@ def resolve_scorer(spec: str) -> Scorer:
     try:
         fn = getattr(_import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"scorer {spec!r}: cannot import it ({err})") from None
+        raise ValueError(f"scorer {spec!r}: cannot import it ({err}){_shadowed(module, err)}") from None
     if not callable(fn):
         raise ValueError(f"scorer {spec!r}: {name} is not a function")
     try:

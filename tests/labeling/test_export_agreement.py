@@ -453,6 +453,13 @@ def test_a_scorer_in_the_current_directory_is_found_without_it_on_sys_path(tmp_p
         assert resolve_scorer("cwd_judges_pkg.judges:helpfulness")("q", "abc") == 3.0
         with pytest.raises(ValueError, match="No module named 'no_such_dependency_here'"):
             resolve_scorer("cwd_broken_judges:f")
+        # a file named like a module already installed (the stdlib's `code`) is not the one imported: said, with why
+        (tmp_path / "code.py").write_text("def score(prompt, response):\n    return 3.0\n")
+        with pytest.raises(ValueError, match=r"has no attribute 'score'\); code.py here is not the 'code' that was "
+                                             r"imported \(.*code.py\): rename your file"):
+            resolve_scorer("code:score")
+        with pytest.raises(ValueError, match=r"has no attribute 'nothing'\)$"):  # not said for a module of theirs
+            resolve_scorer("cwd_judges_pkg.judges:nothing")
     finally:
         for name in ("cwd_judges_pkg", "cwd_judges_pkg.judges", "cwd_broken_judges"):
             sys.modules.pop(name, None)
