@@ -180,6 +180,12 @@ def wait_for_message(page, text: str) -> str:
     return page.inner_text("#align-message")
 
 
+def wait_for_another_task(page, task_id: str) -> None:
+    """Until the page shows a task other than `task_id`. (Not "until #align-prompt's text changes": Gradio's
+    loading overlay in that block has text of its own, and it changes before the next task is drawn.)"""
+    page.wait_for_function("t => document.querySelector('#align-task-id input').value !== t", arg=task_id)
+
+
 def wait_for_rows(store, name: str, n: int, timeout: float = 10.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while len(rows := rankings_of(store, name)) < n and time.monotonic() < deadline:
@@ -280,15 +286,15 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     assert prompt2 != prompt
     page.locator("#align-progress").click()
     page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced: they were meant for the old one
-    before = page.inner_text("#align-prompt")
+    before = page.input_value("#align-task-id input")
     page.keyboard.press("Alt+s")  # skip: a new task, no ranking
-    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p", arg=before)
+    wait_for_another_task(page, before)
     assert len(rankings_of(store, "keys")) == 1
     # Skip clicked with the mouse, then the next task ranked by keys: Enter submits it (the focus left on Skip
     # made Enter click Skip again, and the ranked task was skipped)
-    before = page.inner_text("#align-prompt")
+    before = page.input_value("#align-task-id input")
     page.click("#align-skip")
-    page.wait_for_function("p => document.querySelector('#align-prompt').innerText !== p", arg=before)
+    wait_for_another_task(page, before)
     page.wait_for_timeout(400)
     page.keyboard.type("2143")
     page.keyboard.press("Enter")
