@@ -215,20 +215,21 @@ PAGE_JS = """
   // MutationObserver sees: it is read every 100 ms.)
   const SETTLE_MS = 300;
   const taskOnScreen = () => { const box = document.querySelector('#align-task-id input'); return box ? box.value : ''; };
-  let task = taskOnScreen(), replacedAt = 0, drawnAt = 0;
-  // When the new task was drawn: the prompt's redraw, seen as it happens. The 100 ms poll (or a keydown) notices
-  // the new id later, on a busy machine much later, and "now" then held back keys pressed well after the new
-  // task was on screen.
-  new MutationObserver(() => { drawnAt = Date.now(); }).observe(byId('align-prompt') || document.body,
-    {childList: true, subtree: true, characterData: true});
+  let task = taskOnScreen(), replacedAt = 0;
   const watch = () => {
     const now = taskOnScreen();
     // "0" or "": no task yet (the number box shows None as 0 until the page's load fills it in)
     if (now !== task) {
-      if (!['', '0'].includes(task)) replacedAt = drawnAt || Date.now();
+      if (!['', '0'].includes(task)) replacedAt = Date.now();
       task = now; sel = 0; mark();
     }
   };
+  // The new task is noticed as it is drawn: Gradio sets the id in the same update as the prompt's text, so a
+  // redraw of the prompt looks at the id. (The 100 ms poll alone noticed it late on a busy machine and held back
+  // keys pressed well after the new task showed; taking any redraw of the prompt block as a new task held back
+  // keys while ranking, as Gradio's loading overlay comes and goes in that block with every draft saved.)
+  new MutationObserver(watch).observe(byId('align-prompt') || document.body,
+    {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
