@@ -496,22 +496,27 @@ def eval_command(run_dir: str | Path, stage: str, sft: str | Path | None, *, sco
     'sft' is not among the policies ['dpo']"; `align ppo scorer=...` with no reward/ said "no judge for eval").
     With no SFT adapter eval has no baseline to compare with: what to do instead, not a command that fails."""
     run = shell(run_dir)
-    judge = ""
+    judge = unjudged = ""
     if not stage_dir(run_dir, "reward").exists():  # eval's default judge is not there: the one training used
         judge = f" scorer={shell(scorer)}" if scorer else f" reward_model={shell(reward_model)}" if reward_model else ""
+        if not judge:  # none known (`align dpo` on pairs from elsewhere): the bare command failed "no judge"
+            judge = " scorer=<module:function>"
+            unjudged = (f" (eval needs a judge and {shell(stage_dir(run_dir, 'reward'))} holds no reward model: "
+                        "give a scorer such as support_style, reward_model=<folder>, or human=true for "
+                        "annotators' A/B verdicts)")
     if sft is None:
         given = (f"align eval run.dir={run}{judge} policies=\"{{sft: <an SFT adapter on {base}>, "
                  f"{stage}: {shell(stage_dir(run_dir, stage))}}}\"")
         why = f"{stage} started from a fresh LoRA on {base}, and align eval needs an SFT adapter on that base to compare it with"
         if (stage_dir(run_dir, "sft") / "adapter_config.json").is_file():  # there, but not what it started from
-            return f"{why}: give it one, {given}"
+            return f"{why}: give it one, {given}{unjudged}"
         return (f"{why}: train one (align sft run.dir={run} model.name={shell(str(base))}), then align eval "
-                f"run.dir={run}{judge}; or give it one, {given}")
+                f"run.dir={run}{judge}; or give it one, {given}{unjudged}")
     command = f"align eval run.dir={run}{judge}"
     if Path(sft).resolve() == stage_dir(run_dir, "sft").resolve():
-        return command
+        return command + unjudged
     policies = f"policies={{sft: {json.dumps(str(sft))}, {stage}: {json.dumps(str(stage_dir(run_dir, stage)))}}}"
-    return f"{command} {shell(policies)}"
+    return f"{command} {shell(policies)}{unjudged}"
 
 
 def print_done(stage: str, artifact: Path, next_command: str | None) -> None:

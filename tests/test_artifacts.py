@@ -285,6 +285,7 @@ def test_the_eval_hint_names_an_sft_trained_in_another_folder(tmp_path):
     from alignment.config import EvalStageConfig
 
     run = tmp_path / "my run"
+    (run / "reward").mkdir(parents=True)  # eval's default judge
     assert eval_command(run, "dpo", run / "sft") == f"align eval run.dir={shlex.quote(str(run))}"
     words = shlex.split(eval_command(run, "dpo", tmp_path / "other" / "sft"))
     assert words[:3] == ["align", "eval", f"run.dir={run}"]
@@ -306,3 +307,16 @@ def test_the_rl_eval_hint_carries_the_judge_training_used_where_the_run_has_no_r
     # a fresh LoRA: no baseline for eval, so no eval command alone but what to do
     fresh = eval_command(run, "grpo", None, scorer="support_style", base="Org/base")
     assert not fresh.startswith("align ") and "align sft run.dir=" + str(run) + " model.name=Org/base" in fresh
+
+
+def test_the_dpo_eval_hint_says_eval_needs_a_judge_where_the_run_has_none(tmp_path):
+    """`align dpo` on pairs from elsewhere (no reward/ in run.dir, DPO has no scorer) hinted a bare `align eval
+    run.dir=X`, which failed "no judge"."""
+    from alignment.artifacts import eval_command
+
+    run = tmp_path / "run"
+    hint = eval_command(run, "dpo", run / "sft")
+    assert hint.startswith(f"align eval run.dir={run} scorer=<module:function> (eval needs a judge")
+    assert "support_style" in hint and "reward_model=<folder>" in hint and "human=true" in hint
+    (run / "reward").mkdir(parents=True)
+    assert eval_command(run, "dpo", run / "sft") == f"align eval run.dir={run}"
