@@ -28,6 +28,8 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 openai = pytest.importorskip("openai")
+# expect()'s own default is 5 s, whatever the context's is: two 64-token answers on a busy 2-core box take longer
+sync_api.expect.set_options(timeout=30_000)
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
