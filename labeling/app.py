@@ -226,8 +226,8 @@ PAGE_JS = """
   };
   // The new task is noticed as it is drawn: Gradio sets the id in the same update as the prompt's text, so a
   // redraw of the prompt looks at the id. (The 100 ms poll alone noticed it late on a busy machine and held back
-  // keys pressed well after the new task showed; taking any redraw of the prompt block as a new task held back
-  // keys while ranking, as Gradio's loading overlay comes and goes in that block with every draft saved.)
+  // keys pressed well after the new task showed; the time of the prompt block's last redraw, taken when the poll
+  // saw the id, was Gradio's loading overlay leaving that block up to ~200 ms after the new task showed.)
   new MutationObserver(watch).observe(byId('align-prompt') || document.body,
     {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
