@@ -251,10 +251,9 @@ def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str
     else the one the run's sample (else its export) recorded in its align.json, in `run_dir` or, for a later
     round's folder, in its root, so that after `align sample store=postgresql://...` the tasks go where the
     annotators rank; else the root's labels.db (a round's folder has no store of its own). A recorded SQLite
-    file no longer there is passed over (the run folder moved; its labels.db moved with it), and so is a
-    the run's own labels.db where the stage ran (_own_store) is this folder's: a copied or moved run's tasks
-    went to the labels.db of where it was, another run's, and the board counted that run's verdicts. Nothing
-    is made."""
+    file no longer there is passed over (the run folder moved; its labels.db moved with it), and the run's own
+    labels.db where the stage ran (_own_store) stands for this folder's: a copied or moved run's tasks went to
+    the labels.db of where it was, another run's, and the board counted that run's verdicts. Nothing is made."""
     from labeling.store import sqlite_path, sqlite_url
 
     if store:
