@@ -48,7 +48,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from alignment.data import with_system_prompt
 from alignment.generation import plain_sampling, stop_ids
-from alignment.serving import BASE
+from alignment.serving import BASE, warn_past_context
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class ChatEngine:
                 system_prompts[name] = system_prompt_of(folder)
             keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
         model.eval()
+        warn_past_context(cfg.limits, getattr(model.config, "max_position_embeddings", None), base)
         return cls(model, tokenizers, adapters, max_prompt_tokens=cfg.limits.max_prompt_tokens,
                    max_waiting=cfg.limits.max_waiting, system_prompts=system_prompts)
 
@@ -204,16 +205,18 @@ class ChatEngine:
             raise RequestError(f"the messages are {len(ids)} tokens after the chat template; this server takes at "
                                f"most {self.max_prompt_tokens} (limits.max_prompt_tokens)", param="messages",
                                code="context_length_exceeded")
+        # OpenAI's own words for these two, which clients show, and some read the numbers from.
         if self.context and len(ids) + params.max_tokens > self.context:
             room = self.context - len(ids)
+            if room < 1:  # no max_tokens would do
+                raise RequestError(f"This model's maximum context length is {self.context} tokens. However, your "
+                                   f"messages resulted in {len(ids)} tokens. Please reduce the length of the "
+                                   "messages.", param="messages", code="context_length_exceeded")
             if not params.default_max_tokens:
-                raise RequestError(f"this model's maximum context length is {self.context} tokens; the messages "
-                                   f"are {len(ids)} and max_tokens is {params.max_tokens}: lower max_tokens or "
-                                   "shorten the messages", param="max_tokens", code="context_length_exceeded")
-            if room < 1:
-                raise RequestError(f"this model's maximum context length is {self.context} tokens and the messages "
-                                   f"are {len(ids)}: shorten the messages", param="messages",
-                                   code="context_length_exceeded")
+                raise RequestError(f"This model's maximum context length is {self.context} tokens. However, you "
+                                   f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the messages, "
+                                   f"{params.max_tokens} in the completion). Please reduce the length of the "
+                                   "messages or completion.", param="max_tokens", code="context_length_exceeded")
             params = replace(params, max_tokens=room)
         if job is None:
             return Job(model, ids, params)

@@ -148,6 +148,7 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
     rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     context = cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
     positions = _max_positions(path)
+    warn_past_context(cfg.limits, positions, base)
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path,
                "--served-model-name", BASE, "--host", cfg.host, "--port", str(port),
                "--max-model-len", str(min(context, positions) if positions else context),
@@ -172,9 +173,20 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
     return command
 
 
+def warn_past_context(limits: Any, positions: int | None, base: str) -> None:
+    """A warning at start (not an error: the limits are only ceilings) when a request within
+    limits.max_prompt_tokens and limits.max_tokens can still be longer than the base's context."""
+    if positions and limits.max_prompt_tokens + limits.max_tokens > positions:
+        log.warning("limits.max_prompt_tokens=%d + limits.max_tokens=%d is more than the %d positions of %s: a "
+                    "request for both is refused (a 400), one that leaves out max_tokens "
+                    "gets what the context leaves; set the two to %d or less in all for limits that say so",
+                    limits.max_prompt_tokens, limits.max_tokens, positions, base, positions)
+
+
 def _max_positions(model_path: str) -> int | None:
     config = Path(model_path) / "config.json"
     if not config.is_file():
         return None
-    value = json.loads(config.read_text()).get("max_position_embeddings")
+    values = json.loads(config.read_text())
+    value = values.get("max_position_embeddings", values.get("n_positions"))  # n_positions: GPT-2's name for it
     return int(value) if isinstance(value, int) else None

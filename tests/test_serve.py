@@ -260,6 +260,59 @@ def test_a_left_out_max_tokens_is_the_default_as_far_as_the_context_goes(served,
     assert full.value.param == "messages" and full.value.code == "context_length_exceeded"
 
 
+def test_a_request_past_the_models_context_is_refused_in_openais_words(client, served, monkeypatch):
+    """The model's positions (the tiny model's 512, lowered here to just past the prompt) bound the messages
+    and max_tokens together: past them a 400 context_length_exceeded worded as OpenAI words it, naming
+    max_tokens, or the messages when they alone fill the context; a left-out max_tokens (the server's 16)
+    is lowered to the room left and answers."""
+    engine = served[0]
+    from alignment.chat_engine import Params
+
+    prompt = len(engine.prepare("sft", PROMPT, Params(max_tokens=1, temperature=0)).prompt_ids)
+    monkeypatch.setattr(engine, "context", prompt + 5)
+    err = _error(lambda: greedy(client, "sft", max_tokens=16))
+    assert isinstance(err, openai.BadRequestError) and err.status_code == 400
+    assert err.type == "invalid_request_error" and err.param == "max_tokens" and err.code == "context_length_exceeded"
+    assert err.body["message"] == (
+        f"This model's maximum context length is {prompt + 5} tokens. However, you requested {prompt + 16} tokens "
+        f"({prompt} in the messages, 16 in the completion). Please reduce the length of the messages or completion.")
+    reply = client.chat.completions.create(model="sft", messages=PROMPT, temperature=0)  # no max_tokens: 5 at most
+    assert reply.usage.prompt_tokens == prompt and 1 <= reply.usage.completion_tokens <= 5
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    monkeypatch.setattr(engine, "context", prompt)  # no room for one token, whatever max_tokens says
+    for kwargs in ({"max_tokens": 1}, {}):
+        err = _error(lambda kwargs=kwargs: client.chat.completions.create(model="sft", messages=PROMPT, **kwargs))
+        assert err.status_code == 400 and err.param == "messages" and err.code == "context_length_exceeded"
+        assert err.body["message"] == (f"This model's maximum context length is {prompt} tokens. However, your "
+                                       f"messages resulted in {prompt} tokens. Please reduce the length of the messages.")
+
+
+def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, tmp_path, caplog):
+    """limits.max_prompt_tokens + limits.max_tokens (4096 + 1024 by default) beyond the model's positions
+    (the tiny model's 512) is said once at start, on either backend, and the server still starts; within
+    them (200 + 64) nothing is said. vLLM's --max-model-len is the positions then."""
+    from alignment.serving import _max_positions, vllm_command
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "positions" in r.getMessage()]
+
+    alone = ["discover=false", f"model.name={tiny_model}"]
+    load_engine(serve_config(run, *alone, *LIMITS))
+    assert warnings() == []
+    engine = load_engine(serve_config(run, *alone))
+    assert warnings() == [f"limits.max_prompt_tokens=4096 + limits.max_tokens=1024 is more than the 512 positions of "
+                          f"{tiny_model}: a request for both is refused (a 400), one that leaves out max_tokens gets "
+                          "what the context leaves; set the two to 512 or less in all for limits that say so"]
+    assert engine.context == 512 and engine.names() == ["base"]
+    caplog.clear()
+    command = vllm_command({}, tiny_model, serve_config(run, *alone), 8123)
+    assert command[command.index("--max-model-len") + 1] == "512" and len(warnings()) == 1
+    gpt2 = tmp_path / "gpt2"  # GPT-2's config.json names its positions n_positions
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
+    assert _max_positions(str(gpt2)) == 1024
+
+
 def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(client, served):
     engine = served[0]
     parts = [{"role": "developer", "content": "Be brief."},
