@@ -76,6 +76,10 @@ CSS = """
 .align-hidden { unicode-bidi: isolate; direction: ltr; font-family: var(--font-mono); font-size: 0.8em;
                 color: var(--error-text-color, #b91c1c); border: 1px dashed currentColor; border-radius: 3px; padding: 0 2px; }
 .align-warn { color: var(--error-text-color, #b91c1c); font-weight: 600; margin: 0 0 4px; }
+/* the admin tab's reliability warnings (_reliability_warnings), above the per-annotator table they are about */
+.align-warn-block { border: 2px solid var(--error-border-color, #ef4444); border-radius: 6px; padding: 8px 12px;
+                    background: var(--error-background-fill, #fef2f2); }
+.align-warn-block ul { margin: 0; padding-left: 1.2em; }
 .align-error { color: var(--error-text-color, #b91c1c); }
 .align-pg-pane { min-height: 120px; }
 .align-pg-turn { margin: 0 0 10px; }
@@ -330,6 +334,17 @@ NOT_SKIPPED = "Not skipped: the store is busy or unreachable. Press Skip again i
 NO_TASK = "The store is busy or unreachable, so no task could be fetched: reload the page in a moment."
 
 
+def _reliability_warnings(warnings: list[str] | None) -> str:
+    """handlers.admin_stats' warnings as one block of HTML, every character escaped (they quote annotator names,
+    which whoever an account was made for chose); empty when there are none."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return (f'<div class="align-warn-block" role="alert"><p class="align-warn">⚠️ Reliability: {len(warnings)} '
+            f'annotator{"s" * (len(warnings) != 1)} estimated above chance but below it on the gold tasks</p>'
+            f"<ul>{items}</ul></div>")
+
+
 def _note(text: str, icon: str = "", error: bool = False) -> str:
     """A message for the page as HTML, every character of `text` escaped (it may quote what a client sent)."""
     return f'<p class="{"align-error" if error else "align-note"}">{icon} {html.escape(text)}</p>'
@@ -434,6 +449,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     totals = gr.Markdown("", elem_id="align-totals")
                     refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="align-refresh")
                 admin_message = gr.HTML("", elem_id="align-admin-message")
+                # Above the table: an estimate that contradicts the gold answers is the one thing to act on here.
+                reliability_warnings = gr.HTML("", elem_id="align-reliability-warnings")
                 per_annotator = gr.Dataframe(label="Per annotator", interactive=False,
                                              elem_id="align-per-annotator")
                 per_batch = gr.Dataframe(label="Per batch", interactive=False, elem_id="align-per-batch")
@@ -664,9 +681,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             try:
                 stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
             except (PermissionError, handlers.AuthError) as err:
-                return [_note(str(err), "⛔", error=True), "", None, None, ""]
-            return ["", _totals(stats), _table(stats.get("per_annotator")), _table(stats.get("per_batch")),
-                    _agreement(stats.get("agreement") or {})]
+                return [_note(str(err), "⛔", error=True), "", "", None, None, ""]
+            return ["", _totals(stats), _reliability_warnings(stats.get("warnings")), _table(stats.get("per_annotator")),
+                    _table(stats.get("per_batch")), _agreement(stats.get("agreement") or {})]
 
         def do_export(request: gr.Request):
             if export is None:
@@ -680,7 +697,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return _note(str(err), "⚠️", error=True)
             return _export_summary(folder, summary)
 
-        admin_outputs = [admin_message, totals, per_annotator, per_batch, agreement]
+        admin_outputs = [admin_message, totals, reliability_warnings, per_annotator, per_batch, agreement]
         refresh.click(do_refresh, None, admin_outputs)
         admin_tab.select(do_refresh, None, admin_outputs)
         export_button.click(do_export, None, export_summary)

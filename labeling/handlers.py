@@ -506,14 +506,17 @@ def gold_accuracy(store: Store) -> dict[str, float]:
 def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> dict[str, Any]:
     """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
     `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
-    annotator's estimated accuracy with its 95 % interval, and the weight their votes get."""
+    annotator's estimated accuracy with its 95 % interval, and the weight their votes get; `warnings` are its
+    sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
+    only logs: here the admin, who can check those rankings and add gold tasks, sees them."""
     _require_admin(session)
     from labeling.agreement import agreement_summary, annotator_reliability
 
     rows = store.submitted_rankings()
     gold = gold_accuracy(store)
-    reliability = annotator_reliability([r for r in rows if not str(r["batch"]).startswith("eval-")],
-                                        store.gold_answers()).annotators
+    estimate = annotator_reliability([r for r in rows if not str(r["batch"]).startswith("eval-")],
+                                     store.gold_answers())
+    reliability = estimate.annotators
     people = store.annotator_activity()
     for p in people:
         p["gold_accuracy"] = round(gold[p["name"]], 3) if p["name"] in gold else None
@@ -524,7 +527,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
     batches = store.batch_counts()
     for b in batches:
         b["pending"] = store.pending_count(b["batch"], overlap)
-    return {"per_annotator": people, "per_batch": batches,
+    return {"per_annotator": people, "per_batch": batches, "warnings": estimate.warnings,
             "agreement": agreement_summary([r for r in rows if not r["is_gold"]]),
             "totals": {"tasks": sum(b["tasks"] for b in batches), "rankings": len(rows),
                        "annotators": sum(p["done"] > 0 for p in people)}}

@@ -1029,6 +1029,19 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
     seed = handlers.sign_in(store, "seed", PASSWORD)  # rankings to export, whichever tests ran before
     for _ in range(2):
         handlers.submit(store, seed, handlers.next_task(store, seed)["task_id"], [1, 2, 3, 4], seconds=30.0)
+    # Two who reverse every pair outvote the gold task (test_reliability's collusion): the tab warns of them, the
+    # name that is markup as text. Their batch is all ranked at the app's overlap (1): no test after gets its tasks.
+    store.add_tasks("collusion", [{"prompt": f"Sync? {i}", "responses": ["Open Settings > Sync.", "no"]}
+                                  for i in range(11)])
+    gold_id = store.batch_tasks("collusion")[0]["task_id"]
+    store.add_gold(gold_id, [1, 2])
+    colluder = "<b id=colluder>rev2</b>"
+    for name, ranks, shared in (("honest", [1, 2], 2), ("rev1", [2, 1], 10), (colluder, [2, 1], 10)):
+        store.add_user(name, PASSWORD)
+        person = handlers.sign_in(store, name, PASSWORD)
+        for n in range(1 + shared):  # the gold task first, then the fewest-ranked: honest's 2 are theirs too
+            task = handlers.next_task(store, person, overlap=3, gold_rate=float(n == 0), batch="collusion")
+            handlers.submit(store, person, task["task_id"], [ranks[i] for i in task["order"]])
     sign_in(page, url, "plain")
     assert page.get_by_role("tab", name="Admin").count() == 0
     assert page.locator("#align-refresh, #align-export").count() == 0  # not even in the page
@@ -1055,6 +1068,12 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         admin.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
         # the table renders its rows after the update lands
         admin.wait_for_function("document.querySelector('#align-per-annotator').innerText.includes('seed')")
+        admin.wait_for_function("document.querySelector('#align-reliability-warnings').innerText.includes('gold')")
+        warned = admin.inner_text("#align-reliability-warnings")
+        assert "rev1: estimated accuracy 0.82" in warned and f"{colluder}: estimated accuracy 0.82" in warned
+        assert "honest:" not in warned and admin.locator("#colluder").count() == 0
+        above = admin.locator("#align-reliability-warnings").bounding_box()
+        assert above["y"] + above["height"] <= admin.locator("#align-per-annotator").bounding_box()["y"]
         assert admin.locator("#align-export-dir input, #align-export-dir textarea").count() == 0  # no path to type
         assert f"Export folder: {out}" in admin.inner_text("#align-export-dir")  # filled in for an admin only
         admin.click("#align-export")

@@ -284,6 +284,35 @@ def test_admin_view_shows_each_annotators_reliability(three_annotators):
     assert rows["boss"]["est_accuracy"] is None  # ranked nothing: nothing estimated
 
 
+def test_admin_view_says_who_is_trusted_against_the_gold_answers(store):
+    """rev1 and rev2 reverse every pair: the one gold task and the 10 tasks only they ranked; honest ranks the gold
+    task and 2 of theirs right. Their agreement outweighs one gold vote each, so they are trusted (0.82) and honest
+    is barely above chance (0.56). Reliability.warnings says so, and `align export` logged it, but the admin view
+    took only the table: its admin, who can act on it, saw two trusted annotators and no warning."""
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}: how do I sync?", "responses": ["Open Settings > Sync.", "no"]}
+                                for i in range(11)])
+    gold_id = store.batch_tasks("round-0")[0]["task_id"]
+    store.add_gold(gold_id, [1, 2])
+    for name, ranks, shared in (("honest", [1, 2], 2), ("rev1", [2, 1], 10), ("rev2", [2, 1], 10)):
+        store.add_user(name, "secret-pw")
+        person = handlers.sign_in(store, name, "secret-pw")
+        first = handlers.next_task(store, person, gold_rate=1.0)
+        assert first["task_id"] == gold_id
+        handlers.submit(store, person, gold_id, [ranks[i] for i in first["order"]])
+        for _ in range(shared):  # the fewest-ranked first: the lowest ids, which honest ranks too
+            task = handlers.next_task(store, person, overlap=3)
+            handlers.submit(store, person, task["task_id"], [ranks[i] for i in task["order"]])
+    store.add_user("boss", "secret-pw", admin=True)
+    stats = handlers.admin_stats(store, handlers.sign_in(store, "boss", "secret-pw"))
+    rows = {p["name"]: p for p in stats["per_annotator"]}
+    assert rows["rev1"]["est_accuracy"] > 0.8 and rows["rev1"]["gold_accuracy"] == 0.0
+    assert rows["honest"]["est_accuracy"] < 0.6 and rows["honest"]["gold_accuracy"] == 1.0
+    assert [w.split(":")[0] for w in stats["warnings"]] == ["rev1", "rev2"]  # not honest, whom gold backs
+    assert "0.00 on the 1 gold votes" in stats["warnings"][0]
+    estimate = annotator_reliability(store.submitted_rankings(), store.gold_answers())
+    assert stats["warnings"] == estimate.warnings  # the sentences `align export` logs
+
+
 def test_simulate_refuses_bad_profiles_before_opening_the_store(tmp_path, capsys):
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style", "--profiles", "good,lazy"]) == 2
     assert "--profiles: profile 'lazy' is not allowed" in capsys.readouterr().err
