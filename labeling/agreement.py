@@ -284,10 +284,15 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
         table[a] = {"accuracy": q[a], "interval": [lo, hi], "weight": vote_weight(q[a]), "judgements": judgements[a],
                     "checked": seen[a], "gold": gold_seen[a],
                     "gold_accuracy": gold_right[a] / gold_seen[a] if gold_seen[a] else None}
-    # EM finds a local optimum: one that disagrees with the gold answers is worth saying out loud.
+    # EM finds a local optimum: one that disagrees with the gold answers is worth saying out loud. Where nobody else
+    # judged what they judged (every check of theirs a gold vote), it is the prior that outweighs a few gold votes.
     warnings = [f"{a}: estimated accuracy {r['accuracy']:.2f} (weight {r['weight']:.2f}) but {r['gold_accuracy']:.2f} "
-                f"on the {r['gold']} gold votes: the estimate follows annotators who agree with {a}, not the gold "
-                "answers; check their rankings and the gold answers, and add gold tasks"
+                f"on the {r['gold']} gold votes: " + (
+                    f"the estimate follows annotators who agree with {a}, not the gold answers; check their rankings "
+                    "and the gold answers, and add gold tasks" if r["checked"] > r["gold"] else
+                    f"no one else ranked their other tasks, so the prior (an annotator right {prior_accuracy:.0%} of "
+                    f"the time, worth {prior_strength:g} judgements) outweighs so few gold votes; check their "
+                    "rankings, and add gold tasks or overlap")
                 for a, r in table.items() if r["gold_accuracy"] is not None and r["gold_accuracy"] < 0.5 < r["accuracy"]]
     return Reliability(table, {x: p for x, p in posterior.items() if x not in truth}, iterations, converged,
                        {"accuracy": prior_accuracy, "strength": prior_strength}, warnings)

@@ -102,6 +102,18 @@ def test_gold_outweighs_a_reversed_majority():
     assert people["honest"]["gold"] == 12 and rel.warnings == []
 
 
+def test_a_gold_miss_outweighed_by_the_prior_alone_is_not_blamed_on_agreement():
+    # cat ranked the gold task wrong and 3 tasks no one else ranked: nothing checks cat but the one gold vote, and the
+    # prior (0.7, worth 4 judgements) keeps cat above chance. The warning says so, not "follows who agree with cat".
+    rows = [ranking(t, "cat", [1, 2, 3]) for t in range(3)] + [ranking(10, "cat", [2, 1])]
+    rel = annotator_reliability(rows, {10: [1, 2]})
+    cat = rel.annotators["cat"]
+    assert 0.5 < cat["accuracy"] < 0.7 and cat["gold_accuracy"] == 0.0 and cat["checked"] == cat["gold"] == 1
+    assert len(rel.warnings) == 1 and rel.warnings[0].startswith("cat: estimated accuracy 0.5")
+    assert "the prior (an annotator right 70% of the time, worth 4 judgements)" in rel.warnings[0]
+    assert "agree with" not in rel.warnings[0]
+
+
 def test_an_annotator_trusted_against_their_gold_answers_is_warned_about():
     # ann and bob agree on 10 tasks; ann got the one gold pair wrong, which one pair cannot outweigh.
     rows = [ranking(t, name, [1, 2, 3]) for t in range(10) for name in ("ann", "bob")] + [ranking(10, "ann", [2, 1])]
