@@ -177,9 +177,10 @@ class ChatEngine:
                 system_prompts[name] = system_prompt_of(folder)
             keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
         model.eval()
-        warn_past_context(cfg.limits, getattr(model.config, "max_position_embeddings", None), base)
-        return cls(model, tokenizers, adapters, max_prompt_tokens=cfg.limits.max_prompt_tokens,
-                   max_waiting=cfg.limits.max_waiting, system_prompts=system_prompts)
+        engine = cls(model, tokenizers, adapters, max_prompt_tokens=cfg.limits.max_prompt_tokens,
+                     max_waiting=cfg.limits.max_waiting, system_prompts=system_prompts)
+        warn_past_context(cfg.limits, engine.context, base)
+        return engine
 
     def names(self) -> list[str]:
         """The served model names: the adapters in the order given, then `base`."""
