@@ -53,11 +53,13 @@ def setup_environment() -> None:
     if "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
     # bitsandbytes (>= 0.49), on a CPU with AVX512-BF16, tries on import to fetch a faster 4-bit
-    # matmul from the Hub through the `kernels` package, and warns when it cannot: align does not
-    # install `kernels`, usually runs offline, and never uses that kernel (it serves bitsandbytes'
-    # inference path, which training turns off; bitsandbytes falls back to its own). That one
-    # message is dropped; every other bitsandbytes warning still shows.
+    # matmul from the Hub through the `kernels` package (installed since transformers 5.25 requires
+    # it), and warns when it cannot; offline, `kernels` first warns that it skips the publisher check
+    # of that repository. bitsandbytes falls back to its own kernel (it serves only its inference
+    # path, which training turns off). Those two messages are dropped; every other warning of
+    # bitsandbytes and `kernels` still shows.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_hub_notice)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_no_kernels_hub_notice)
     # peft reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a model, a
     # FutureWarning in every stage that nothing in a user's config can change. That one is dropped too.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -67,8 +69,13 @@ def setup_environment() -> None:
     logging.getLogger("accelerate.accelerator").addFilter(_no_dataset_length_notice)
 
 
+BNB_KERNEL_REPO = "kernels-community/quantization-bitsandbytes"  # the one bitsandbytes asks `kernels` for
+
+
 def _no_kernels_hub_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+    message = str(record.msg)
+    return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                or message.startswith(f"Skipping publisher trust check for '{BNB_KERNEL_REPO}'"))
 
 
 def _no_dataset_length_notice(record: logging.LogRecord) -> bool:
