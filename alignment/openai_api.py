@@ -189,6 +189,10 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
                            f"{sys.get_int_max_str_digits()} digits") from None
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer (nor an error reply) can encode
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("the body holds a lone UTF-16 surrogate (such as \\ud800): not text") from None
     return body
 
 
@@ -275,7 +279,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise RequestError(f"{where}: an object with role and content", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RequestError(f"{where}.role: one of {', '.join(ROLES)} (tool calls are not supported), got {role!r}",
                                param=f"{where}.role")
         # A reply's message sent back as the openai package dumps it carries every field OpenAI defines,
@@ -329,6 +333,11 @@ def _stream(engine: ChatEngine, job, reply: dict[str, Any], usage: bool, running
     return _events(job, reply, usage, queue)
 
 
+# A stream waiting this long for its next piece sends an SSE comment: a request queued behind others gets no
+# bytes for minutes otherwise, and a client's read timeout (httpx's, the Playground's 120 s) ends it.
+KEEPALIVE_S = 10.0
+
+
 async def _events(job, reply: dict[str, Any], usage: bool, queue: asyncio.Queue) -> AsyncIterator[str]:
     chunk = {**reply, "object": "chat.completion.chunk", "system_fingerprint": None}
     extra = {"usage": None} if usage else {}
@@ -340,7 +349,11 @@ async def _events(job, reply: dict[str, Any], usage: bool, queue: asyncio.Queue)
         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.params.n)])
         while True:
-            kind, *rest = await queue.get()
+            try:
+                kind, *rest = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except TimeoutError:  # queued behind other requests (one generation at a time), or a slow token:
+                yield ": waiting\n\n"  # an SSE comment, which clients skip, so theirs read timeouts do not fire
+                continue
             if kind == "text":
                 index, piece = rest
                 yield event([{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])

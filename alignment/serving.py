@@ -184,9 +184,26 @@ def warn_past_context(limits: Any, positions: int | None, base: str) -> None:
 
 
 def _max_positions(model_path: str) -> int | None:
-    config = Path(model_path) / "config.json"
+    """The base's positions, from its folder's config.json or, for a Hub id, the config.json vLLM will read
+    (from the Hugging Face cache, downloaded when online: vLLM downloads the model then anyway). Without it
+    vLLM would be handed limits' context, which it refuses past the model's own unless told otherwise."""
+    config = Path(model_path).expanduser() / "config.json"
     if not config.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config = Path(hf_hub_download(model_path, "config.json"))
+        except Exception as err:  # offline and not cached, a name that is not a Hub id, a gated repository
+            log.warning("the positions of %s are unknown (its config.json: %s): vLLM gets --max-model-len "
+                        "limits.max_prompt_tokens + limits.max_tokens and refuses it if the model has fewer",
+                        model_path, type(err).__name__)
+            return None
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    values = json.loads(config.read_text())
-    value = values.get("max_position_embeddings", values.get("n_positions"))  # n_positions: GPT-2's name for it
-    return int(value) if isinstance(value, int) else None
+    for section in (values, values.get("text_config") or {}):  # text_config: a multimodal model's language part
+        value = section.get("max_position_embeddings", section.get("n_positions"))  # n_positions: GPT-2's name
+        if isinstance(value, int):
+            return value
+    return None

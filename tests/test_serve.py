@@ -313,6 +313,35 @@ def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, 
     assert _max_positions(str(gpt2)) == 1024
 
 
+def test_vllm_gets_a_hub_bases_own_positions_from_the_cache(run, tmp_path, monkeypatch, caplog):
+    """A Hub id's positions come from its cached config.json (vLLM refuses a --max-model-len past them: limits'
+    4096 + 1024 against TinyLlama's 2048), a multimodal config's from its text_config; a base whose config is
+    not to be had is said at start, and vLLM gets limits' context."""
+    from huggingface_hub import constants
+
+    from alignment.serving import _max_positions, vllm_command
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def cached(repo: str, config: dict) -> None:
+        folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / "config.json").write_text(json.dumps(config))
+
+    cached("TinyLlama/TinyLlama-1.1B-Chat-v1.0", {"model_type": "llama", "max_position_embeddings": 2048})
+    cached("org/vision-chat", {"model_type": "llava", "text_config": {"max_position_embeddings": 8192}})
+    cfg = serve_config(run, "discover=false", "model.name=TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    command = vllm_command({}, "TinyLlama/TinyLlama-1.1B-Chat-v1.0", cfg, 8123)
+    assert command[command.index("--max-model-len") + 1] == "2048"
+    assert _max_positions("org/vision-chat") == 8192
+    caplog.clear()
+    assert _max_positions("org/not-cached") is None
+    assert any("positions of org/not-cached are unknown" in r.getMessage() for r in caplog.records)
+
+
 def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(client, served):
     engine = served[0]
     parts = [{"role": "developer", "content": "Be brief."},
@@ -364,6 +393,8 @@ def _error(call) -> openai.APIStatusError:
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"messages": []}, 400, "messages", None),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, 400, "messages[0].role", None),
+    ({"messages": [{"role": {}, "content": "x"}]}, 400, "messages[0].role", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
      "messages[0].content", None),
     ({"messages": [{"role": "user", "content": "sync " * 300}]}, 400, "messages", "context_length_exceeded"),
@@ -392,11 +423,17 @@ def test_refusals_before_the_json_is_read(served):
                       headers={"Content-Type": "application/json"}),  # deeper than json.loads recurses
             http.post(f"{url}/chat/completions", content=b'{"model": "sft", "max_tokens": ' + b"9" * 5000 + b"}",
                       headers={"Content-Type": "application/json"}),  # longer than Python converts to an int
+            # lone surrogates: in a message (the tokenizer cannot encode it), in a name an error reply would quote
+            http.post(f"{url}/chat/completions", content=b'{"model": "sft", "messages": [{"role": "user", '
+                      b'"content": "hi \\ud800"}]}', headers={"Content-Type": "application/json"}),
+            http.post(f"{url}/chat/completions", content=b'{"model": "\\ud800", "messages": []}',
+                      headers={"Content-Type": "application/json"}),
             http.post(f"{url}/chat/completions", content=b'{"model": "sft"}', headers={"Content-Type": "text/plain"}),
             http.get(f"{url}/no/such/path"),
             http.delete(f"{url}/models"),
         ]
-    assert [r.status_code for r in cases] == [413, 413, 400, 400, 400, 415, 404, 405]
+    assert [r.status_code for r in cases] == [413, 413, 400, 400, 400, 400, 400, 415, 404, 405]
+    assert "surrogate" in cases[5].json()["error"]["message"]
     assert "more than 4300 digits" in cases[4].json()["error"]["message"]
     for response in cases:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
@@ -440,6 +477,30 @@ def test_a_full_queue_is_503_and_the_waiting_request_still_runs(served, client, 
     # a request refused after it was counted in is counted out
     assert _error(lambda: greedy(client, "dpo", messages=long)).code == "context_length_exceeded"
     assert engine._inside == 0
+
+
+def test_a_stream_queued_behind_a_generation_keeps_its_client_reading(served, monkeypatch):
+    """A streamed request waiting its turn got its first chunk, then no byte until the generation before it
+    ended: the Playground's client (a 120 s read timeout) gave up on it behind a few long answers. Now it
+    is sent an SSE comment while it waits, which the openai client skips as its parser does."""
+    import alignment.openai_api as api
+
+    engine = served[0]
+    monkeypatch.setattr(api, "KEEPALIVE_S", 0.2)
+    lines = []
+    with engine._lock:  # a generation under way: the request waits 1.5 s, more than its client's read timeout
+        def waiting():
+            with httpx.Client(timeout=httpx.Timeout(1.0)) as http, http.stream(
+                    "POST", f"{served[2]}/chat/completions", json={"model": "sft", "messages": PROMPT,
+                                                                   "max_tokens": 4, "stream": True}) as response:
+                lines.extend(response.iter_lines())
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        time.sleep(1.5)
+    thread.join(timeout=30)
+    assert ": waiting" in lines and "data: [DONE]" in lines, lines  # a read timeout: no [DONE]
+    assert any('"finish_reason": "length"' in line for line in lines)
 
 
 def test_a_client_that_goes_away_stops_its_generation(served):
