@@ -230,7 +230,7 @@ class Reliability:
     iterations: int
     converged: bool
     prior: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # annotators estimated above chance but below it on gold
+    warnings: list[str] = field(default_factory=list)  # above chance but below it on gold; an EM that did not settle
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the model, its prior, convergence, the per-annotator table and the warnings."""
@@ -262,7 +262,7 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
         return {x: (1.0 if truth[x] > 0 else 0.0) if x in truth else _sigmoid(sum(w[a] * v for a, v in vs))
                 for x, vs in votes.items()}
 
-    converged, iterations = False, 0
+    converged, iterations, moved = False, 0, 0.0
     right, seen = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     while not converged and iterations < max_iter:
         iterations += 1
@@ -274,7 +274,8 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
                 right[a] += p if v > 0 else 1 - p
                 seen[a] += 1
         new = {a: (right[a] + alpha) / (seen[a] + alpha + beta) for a in names}
-        converged = max((abs(new[a] - q[a]) for a in names), default=0.0) < tol
+        moved = max((abs(new[a] - q[a]) for a in names), default=0.0)
+        converged = moved < tol
         q = new
     posterior = e_step()
     judgements = Counter(a for vs in votes.values() for a, _ in vs)
@@ -294,8 +295,23 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
                     f"the time, worth {prior_strength:g} judgements) outweighs so few gold votes; check their "
                     "rankings, and add gold tasks or overlap")
                 for a, r in table.items() if r["gold_accuracy"] is not None and r["gold_accuracy"] < 0.5 < r["accuracy"]]
+    if not converged and names:
+        # Seen at 400 tasks of a good, a noisy and an adversarial simulated annotator without gold: EM drifts along
+        # the good/noisy ambiguity, and pairs they disagree on go to whichever is ahead when it stops (p ~ 0.50).
+        warnings.append(f"the estimate did not settle in {max_iter} iterations (accuracies still moving by {moved:.1e} "
+                        "an iteration): annotators the rankings alone cannot tell apart drift, and a pair they disagree "
+                        "on goes to whichever is ahead when it stops, at a posterior near 0.5; add gold tasks, which "
+                        "anchor it, or set min_posterior (combine=dawid_skene) to drop such pairs")
     return Reliability(table, {x: p for x, p in posterior.items() if x not in truth}, iterations, converged,
                        {"accuracy": prior_accuracy, "strength": prior_strength}, warnings)
+
+
+def rankings_for_reliability(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rankings the reliability estimate reads: not A/B eval tasks (align eval human=true), and not a
+    ranking flagged "all are bad" or "unsafe", which gives no pairs: its order says nothing of which answer
+    is better, and counted as votes it decided (and reversed) other people's pairs under dawid_skene."""
+    return [r for r in rows if r.get("kind", "ranking") == "ranking" and not str(r["batch"]).startswith("eval-")
+            and not r.get("flags")]
 
 
 def annotator_reliability(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None,

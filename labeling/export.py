@@ -55,7 +55,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labeling.agreement import annotator_reliability, copy_groups, merge_copies, task_agreement
+from labeling.agreement import (
+    annotator_reliability,
+    copy_groups,
+    merge_copies,
+    rankings_for_reliability,
+    task_agreement,
+)
 from labeling.store import Store
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
@@ -257,8 +263,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     _check_options(ties, combine, min_posterior)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
-    reliability = annotator_reliability(
-        [r for r in rows if r["kind"] == "ranking" and not str(r["batch"]).startswith("eval-")], gold)
+    reliability = annotator_reliability(rankings_for_reliability(rows), gold)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -356,11 +361,15 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     return pairs, summary
 
 
-def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]]) -> str:
-    """What an export of `rows` (Store.submitted_rankings(), one export's batches) depends on, hashed: each
-    ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
-    would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go)."""
-    tasks = {r["task_id"] for r in rows}
+def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]], *, batches: list[str] | None = None,
+                         combine: str = "majority") -> str:
+    """What an export of `batches` (all without) from `rows` (Store.submitted_rankings()) depends on, hashed:
+    each ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
+    would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go).
+    combine=dawid_skene: every batch's rankings and every gold answer, which its reliability estimate reads."""
+    if combine != "dawid_skene":
+        rows = [r for r in rows if not batches or r["batch"] in batches]
+    tasks = {r["task_id"] for r in rows} if combine != "dawid_skene" else set(gold)
     parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], sorted(r["flags"] or []), bool(r["is_gold"]),
                                r["kind"], r["batch"]]) for r in rows)
     parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)
@@ -412,7 +421,8 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
                                      min_posterior=min_posterior, gold=gold, chat=chat)
         read = [r for r in rows if not batches or r["batch"] in batches]
         summary.update(train_pairs=0, test_pairs=0,
-                       rankings_read={"count": len(read), "sha256": rankings_fingerprint(read, gold)})
+                       rankings_read={"count": len(read), "sha256": rankings_fingerprint(rows, gold, batches=batches,
+                                                                                         combine=combine)})
         if not pairs:
             return summary  # nothing written: an empty dataset would only fail later, in training
         train, test = split_by_prompt(pairs, test_fraction, seed)

@@ -510,12 +510,11 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
     sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
     only logs: here the admin, who can check those rankings and add gold tasks, sees them."""
     _require_admin(session)
-    from labeling.agreement import agreement_summary, annotator_reliability
+    from labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
 
     rows = store.submitted_rankings()
     gold = gold_accuracy(store)
-    estimate = annotator_reliability([r for r in rows if not str(r["batch"]).startswith("eval-")],
-                                     store.gold_answers())
+    estimate = annotator_reliability(rankings_for_reliability(rows), store.gold_answers())
     reliability = estimate.annotators
     people = store.annotator_activity()
     for p in people:

@@ -156,15 +156,15 @@ def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: str | None = N
     return run_stage(name, cfg)
 
 
-def rankings_state(url: str, batches: list[str] | None = None) -> str:
-    """The fingerprint of the store's submitted rankings in `batches` (all without), as recipes/export.py
-    records it in `rankings_sha256`: it changes when rankings are added, changed, flagged or made gold."""
+def rankings_state(url: str, batches: list[str] | None = None, combine: str = "majority") -> str:
+    """The fingerprint of the store's submitted rankings in `batches` (all without; every batch under
+    combine=dawid_skene), as recipes/export.py records it in `rankings_sha256`: it changes when rankings are
+    added, changed, flagged or made gold."""
     from labeling.export import rankings_fingerprint
     from labeling.store import Store
 
     store = Store(url)
-    rows = [r for r in store.submitted_rankings() if not batches or r["batch"] in batches]
-    return rankings_fingerprint(rows, store.gold_answers())
+    return rankings_fingerprint(store.submitted_rankings(), store.gold_answers(), batches=batches, combine=combine)
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
@@ -308,7 +308,7 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
             if stage == "label":
                 label(cfg, run_dir, batch)
                 continue
-            rankings = rankings_state(store, stage_cfgs["export"].batches) if stage == "export" else None
+            rankings = rankings_state(store, stage_cfgs["export"].batches, stage_cfgs["export"].combine) if stage == "export" else None
             run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
 

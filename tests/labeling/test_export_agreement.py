@@ -81,6 +81,32 @@ def test_two_annotators_majority_agreement_and_flags():
     assert build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}), min_agreement=0.9)[1]["dropped_low_agreement"] == 1
     flagged, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 2, 3, 4]}, flags={"y": ["all_bad"]}))
     assert summary["dropped_flagged"] == 1 and len(flagged) == 6
+    # Under dawid_skene too: two people flagging "all are bad" in the reverse order of the third's ranking
+    # decided (and reversed) each of the third's pairs through the posterior, at p_chosen 0.94 with 0 votes for it.
+    data = rows({"x": [1, 4, 2, 3], "y": [3, 2, 4, 1], "z": [3, 2, 4, 1]}, flags={"y": ["all_bad"], "z": ["unsafe"]})
+    for combine in ("majority", "dawid_skene"):
+        flagged, summary = build_pairs(data, combine=combine)
+        assert summary["dropped_flagged"] == 2 and pairs_of(flagged) == pairs_of(build_pairs(data[:1])[0]), combine
+        assert all(p["votes_chosen"] == 1 and p["votes_rejected"] == 0 for p in flagged)
+    assert agreement.rankings_for_reliability(data) == data[:1]
+
+
+def test_a_dawid_skene_exports_fingerprint_covers_the_batches_its_reliability_reads():
+    """The pipeline re-exports when the fingerprint changes. A dawid_skene export of one batch reads every batch's
+    rankings and every gold answer for its reliability estimate: one more gold ranking elsewhere changed its
+    pairs while the fingerprint (the exported batch's rankings only) stayed, and a stale export was kept."""
+    from labeling.export import rankings_fingerprint
+
+    exported = rows({"x": [1, 2, 3, 4], "y": [4, 3, 2, 1]})
+    other = [{**r, "batch": "round-1", "task_id": 2, "is_gold": True} for r in rows({"x": [1, 2, 3, 4]}, task_id=2)]
+    gold, more_gold = {}, {2: [1, 2, 3, 4]}
+    for combine, changes in (("majority", False), ("dawid_skene", True)):
+        before = rankings_fingerprint(exported, gold, batches=["round-0"], combine=combine)
+        after = rankings_fingerprint(exported + other, more_gold, batches=["round-0"], combine=combine)
+        assert (before != after) is changes, combine
+    # and dawid_skene's pairs do change with it: x, now known right on gold, decides the ties x and y made
+    assert build_pairs(exported, combine="dawid_skene")[0] == []
+    assert len(build_pairs(exported + other, combine="dawid_skene", gold=more_gold, batches=["round-0"])[0]) == 6
 
 
 def test_kept_ties_are_marked_and_a_split_vote_with_equal_mean_ranks_is_not_one():

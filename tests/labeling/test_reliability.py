@@ -342,3 +342,14 @@ def test_dawid_skene_is_deterministic_and_leaves_unvoted_pairs_out():
     assert one.annotators == two.annotators and one.posterior == two.posterior
     assert (1, 1, 2) not in one.posterior
     assert one.posterior[(1, 0, 2)] == pytest.approx(0.5)  # two equally trusted annotators disagree
+
+
+def test_an_estimate_that_does_not_settle_says_so():
+    """Without gold, a good and a noisy annotator the rankings cannot tell apart drift for hundreds of EM
+    iterations; stopped there, each pair they disagree on went to whichever was ahead (p ~ 0.50), and only
+    summary.json's `converged: false` said so. It is a warning now, which export logs and the admin tab shows."""
+    votes = {(t, 0, 1): [("good", 1), ("noisy", 1 if t % 5 else -1), ("adv", -1)] for t in range(40)}
+    stopped = dawid_skene(votes, max_iter=2)
+    assert not stopped.converged and any("did not settle in 2 iterations" in w for w in stopped.warnings)
+    settled = dawid_skene(votes)
+    assert settled.converged and not any("did not settle" in w for w in settled.warnings)
