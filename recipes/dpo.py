@@ -187,6 +187,29 @@ def drop_ties(data):
     return data, dropped
 
 
+UNSURE_POSTERIOR = 0.75
+
+
+def posterior_note(train) -> tuple[str | None, dict | None]:
+    """(a warning, the manifest's record) for pairs that carry `align export combine=dawid_skene`'s p_chosen:
+    DPO's loss has no per-pair certainty (align reward's has), so a pair the annotators' posterior barely
+    decided (p 0.50-0.75) is trained as surely as one it is certain of."""
+    if "p_chosen" not in train.column_names or not len(train):
+        return None, None
+    p = [float(x) for x in train["p_chosen"] if x is not None]
+    if not p:
+        return None, None
+    unsure = sum(x < UNSURE_POSTERIOR for x in p)
+    record = {"p_chosen_used": False, "mean_p_chosen": round(sum(p) / len(p), 4), "under_0.75": unsure}
+    if not unsure:
+        return None, record
+    return (f"{unsure} of {len(p)} training pairs have p_chosen under {UNSURE_POSTERIOR} (align export "
+            f"combine=dawid_skene's posterior; mean {record['mean_p_chosen']:.2f}): DPO trains each pair as a sure "
+            f"preference, its loss has no per-pair certainty, so these teach as much as the sure ones. Drop them "
+            f"with align export ... min_posterior={UNSURE_POSTERIOR}, or train on them with align reward (which "
+            "reads p_chosen as a soft label) and PPO"), record
+
+
 def count_too_long(pairs, tokenizer, max_length: int) -> tuple[int, int]:
     """(pairs whose prompt + chosen or prompt + rejected is longer than max_length tokens, as TRL tokenizes them;
     of them, those whose prompt alone reaches it, which TRL drops: no token of an answer is left). The prompt ends
@@ -253,6 +276,9 @@ def main(cfg: DPOStageConfig) -> Path:
     if sum(ties.values()):
         log.warning("left out %d tie pairs (%s): a tie prefers neither answer, and DPO would train the first as the "
                  "winner", sum(ties.values()), ", ".join(f"{n} {split}" for split, n in ties.items()))
+    posterior_warning, posterior = posterior_note(data["train"])
+    if posterior_warning:
+        log.warning(posterior_warning)
     system_prompt = system_prompt_of(sft)  # the SFT's: each prompt opens with it, as the policy was trained
     data = add_system_prompt(data, system_prompt)
     train, test = data["train"], data.get("test")
@@ -352,7 +378,7 @@ def main(cfg: DPOStageConfig) -> Path:
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": counts["train"], "test": counts["test"],
               "skipped": data_report.skipped, "too_long": cut + test_cut, "dropped_prompt_too_long": counts["dropped"],
-              "ties_dropped": sum(ties.values())},
+              "ties_dropped": sum(ties.values()), **({"posterior": posterior} if posterior else {})},
     )
     log_artifact("dpo", out, cfg.run.dir, parents)
     finish_wandb()

@@ -338,6 +338,24 @@ def test_ties_are_left_out_not_trained_as_wins_for_the_first_answer(sft_dir, tmp
     assert "all 16 training pairs are ties (tie: true" in capsys.readouterr().err
 
 
+def test_pairs_the_posterior_barely_decided_are_said_not_silently_trained_as_sure(sft_dir, tmp_path, caplog):
+    """combine=dawid_skene's p_chosen: align reward reads it as a soft label, DPO's loss cannot. A pair at p 0.50
+    was trained as surely as one at 0.99 without a word; now the stage says how many and how to drop them, and
+    the manifest records that p_chosen was not used."""
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "prefs.jsonl", 12).read_text().splitlines()]
+    for i, row in enumerate(rows):
+        p = 0.5025 if i % 3 == 0 else 0.97
+        row.update(p_chosen=p, weight=2 * p - 1)
+    (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with caplog.at_level("WARNING"):
+        assert align(["dpo", f"sft={sft_dir}", "model.quantize=false", "train.max_steps=1", "train.batch_size=4",
+                      f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'prefs.jsonl'}", "data.test_fraction=0",
+                      *FAST]) == 0
+    assert "4 of 12 training pairs have p_chosen under 0.75" in caplog.text and "min_posterior=0.75" in caplog.text
+    manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
+    assert manifest["data"]["posterior"] == {"p_chosen_used": False, "mean_p_chosen": 0.8142, "under_0.75": 4}
+
+
 def test_a_rerun_stopped_before_it_trains_keeps_the_finished_artifact(sft_dir, tmp_path, monkeypatch):
     """The finished run's align.json goes only as training begins: a rerun stopped while its trainer was built
     (tokenizing, Ctrl-C) took it away and left the untouched adapter an unfinished folder."""
