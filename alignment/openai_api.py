@@ -352,7 +352,7 @@ async def _events(job, reply: dict[str, Any], usage: bool, queue: asyncio.Queue)
             try:
                 kind, *rest = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
             except TimeoutError:  # queued behind other requests (one generation at a time), or a slow token:
-                yield ": waiting\n\n"  # an SSE comment, which clients skip, so theirs read timeouts do not fire
+                yield ": waiting\n\n"  # an SSE comment, which clients skip, so their read timeouts do not fire
                 continue
             if kind == "text":
                 index, piece = rest
