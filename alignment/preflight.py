@@ -601,25 +601,33 @@ def check_chat_template(p: str, model: str, data, report) -> None:
 TABLE_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt", "openai-gpt", "ctrl"}
 
 
-def position_limit(model: str | Path) -> tuple[int, str] | None:
-    """(how many positions, the config.json key that says so) of a model with a table of positions, read from its
-    folder or the Hugging Face cache; None for any other model, or one whose config is not here to read."""
+def model_config(model: str | Path, *, download: bool = False) -> dict[str, Any] | None:
+    """A model's config.json: from its folder, else the Hugging Face cache, else (with `download`, when online)
+    the Hub; None where none is to be had (not a Hub id, offline and not cached, gated) or it is not a JSON object."""
     file = Path(model).expanduser() / "config.json"
     if not file.is_file():
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         try:
-            cached = try_to_load_from_cache(str(model), "config.json")
-        except Exception:  # not a Hub id (an embedded name): nothing cached under it
+            found = hf_hub_download(str(model), "config.json") if download else \
+                try_to_load_from_cache(str(model), "config.json")
+        except Exception:  # not a Hub id (an embedded name), offline, gated, no network
             return None
-        if not isinstance(cached, str):
+        if not isinstance(found, str):
             return None
-        file = Path(cached)
+        file = Path(found)
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or config.get("model_type") not in TABLE_POSITIONS:
+    return config if isinstance(config, dict) else None
+
+
+def position_limit(model: str | Path) -> tuple[int, str] | None:
+    """(how many positions, the config.json key that says so) of a model with a table of positions, read from its
+    folder or the Hugging Face cache; None for any other model, or one whose config is not here to read."""
+    config = model_config(model)
+    if config is None or config.get("model_type") not in TABLE_POSITIONS:
         return None
     key = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
     return (config[key], key) if key else None

@@ -187,20 +187,13 @@ def _max_positions(model_path: str) -> int | None:
     """The base's positions, from its folder's config.json or, for a Hub id, the config.json vLLM will read
     (from the Hugging Face cache, downloaded when online: vLLM downloads the model then anyway). Without it
     vLLM would be handed limits' context, which it refuses past the model's own unless told otherwise."""
-    config = Path(model_path).expanduser() / "config.json"
-    if not config.is_file():
-        from huggingface_hub import hf_hub_download
+    from alignment.preflight import model_config
 
-        try:
-            config = Path(hf_hub_download(model_path, "config.json"))
-        except Exception as err:  # offline and not cached, a name that is not a Hub id, a gated repository
-            log.warning("the positions of %s are unknown (its config.json: %s): vLLM gets --max-model-len "
-                        "limits.max_prompt_tokens + limits.max_tokens and refuses it if the model has fewer",
-                        model_path, type(err).__name__)
-            return None
-    try:
-        values = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    values = model_config(model_path, download=True)
+    if values is None:
+        log.warning("the positions of %s are unknown (no config.json in a folder, the Hugging Face cache or, "
+                    "online, the Hub): vLLM gets --max-model-len limits.max_prompt_tokens + limits.max_tokens "
+                    "and refuses it if the model has fewer", model_path)
         return None
     for section in (values, values.get("text_config") or {}):  # text_config: a multimodal model's language part
         value = section.get("max_position_embeddings", section.get("n_positions"))  # n_positions: GPT-2's name
