@@ -44,7 +44,7 @@ from alignment.artifacts import (
 )
 from alignment.config import EvalStageConfig, save_config, to_dict
 from alignment.cpu import keep_4bit_for_dora
-from alignment.data import file_hash, load_prompts
+from alignment.data import file_hash, load_prompts, read_sft_examples
 from alignment.generation import (
     DecodingProgress,
     Policy,
@@ -79,11 +79,13 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None, unread: list[st
     try:
         if manifest.get("stage") == "sft":
             source = recorded_path(config["data"]["path"], folder, manifest)
-            found |= set(load_prompts(source))
+            # as the stage read it (its format), skipping what it may have skipped (data.on_error=skip): every user turn
+            prompts, _, _ = read_sft_examples(source, config["data"].get("format", "auto"), on_error="skip")
+            found |= {m["content"] for prompt in prompts for m in prompt if m["role"] == "user"}
         elif manifest.get("stage") == "dpo" and "preferences" in parents:
             source = parent_path(parents["preferences"]["path"], folder, manifest)
             data, _ = load_preferences(str(source), test_fraction=config["data"]["test_fraction"],
-                                       seed=config["train"]["seed"])
+                                       seed=config["train"]["seed"], on_error="skip")
             found |= {m["content"] for row in data["train"]["prompt"] for m in row if m["role"] == "user"}
         elif config.get("prompts"):  # PPO, GRPO, RLOO: the first num_prompts (-1: all) of its prompts
             source = recorded_path(config["prompts"], folder, manifest)

@@ -303,3 +303,25 @@ def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="recipes.evaluate"):
         assert seen_in_training(paths, PROMPTS) == {"sft": None, "ppo": 3}
     assert "the training data of sft could not be read" in caplog.text and "train.jsonl (sft of " in caplog.text
+
+
+def test_prompts_seen_in_training_read_past_the_lines_the_stage_skipped(tmp_path):
+    """A stage run with data.on_error=skip trained on the rest of a file with a bad line; eval re-read the file
+    strictly, could not, and recorded None with "could not be read": the warning that eval prompts were trained
+    on was lost. It reads as the stage did (SFT in its recorded format), skipping the bad lines."""
+    from alignment.artifacts import write_manifest
+    from recipes.evaluate import seen_in_training
+
+    sft_data = tmp_path / "train.jsonl"
+    sft_data.write_text("".join(json.dumps({"instruction": p, "output": "Open Settings."}) + "\n" for p in PROMPTS[:2])
+                        + json.dumps({"instruction": PROMPTS[2], "output": ""}) + "\n")  # empty answer: skipped
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": "Open Settings.", "rejected": "No."}) + "\n"
+                             for p in PROMPTS[3:6]) + json.dumps({"prompt": PROMPTS[6]}) + "\n")  # no chosen: skipped
+    write_manifest(tmp_path / "sft", stage="sft", base_model=None,
+                   config={"data": {"path": str(sft_data), "format": "alpaca", "on_error": "skip"}})
+    write_manifest(tmp_path / "dpo", stage="dpo", base_model=None,
+                   config={"data": {"test_fraction": 0.0, "on_error": "skip"}, "train": {"seed": 0}},
+                   parents={"preferences": tmp_path / "prefs.jsonl", "sft": tmp_path / "sft"})
+    counts = seen_in_training({"sft": tmp_path / "sft", "dpo": tmp_path / "dpo"}, PROMPTS)
+    assert counts == {"sft": 2, "dpo": 5}  # dpo: its 3 pairs' prompts and its SFT's 2
