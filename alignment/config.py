@@ -322,7 +322,8 @@ class RewardStageConfig:
     # Start the reward model from the SFT adapter merged into the base (true), or the raw base.
     from_sft: bool = True
     sft: str | None = None  # default <run.dir>/sft
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    # no dropout unless asked for: TRL's reward training (and the quickstart's figures) run without
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2.0))
     use_margin: bool = False  # use the export's margin column in the Bradley-Terry loss

@@ -269,7 +269,10 @@ def main(cfg: RewardStageConfig) -> Path:
     has_eval = test is not None
     args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
                     max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
-                    center_rewards_coefficient=cfg.center_rewards_coefficient)
+                    center_rewards_coefficient=cfg.center_rewards_coefficient,
+                    # TRL's RewardConfig turns every dropout off (p=0 after get_peft_model): lora.dropout
+                    # would be recorded and not applied; a dropout asked for is applied
+                    disable_dropout=not cfg.lora.dropout)
     trainer = AlignRewardTrainer(
         model=model,
         group_by_ranking=cfg.group_by_ranking,

@@ -359,6 +359,28 @@ def test_a_training_loss_gone_nan_is_refused_not_saved(tiny_model, tmp_path, mon
     assert not (tmp_path / "run" / "reward" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_dropout_is_applied_as_configured(tiny_model, tmp_path, monkeypatch, dropout):
+    """TRL's RewardConfig turns every dropout off after peft wraps the model: lora.dropout=0.05 (the default then)
+    was recorded in config.yaml and adapter_config.json and never applied. The default is none now, and a
+    dropout asked for is the one training runs with."""
+    from recipes.reward import AlignRewardTrainer
+
+    compute_loss, seen = AlignRewardTrainer.compute_loss, set()
+
+    def recording(self, model, *args, **kwargs):
+        seen.update(m.p for name, m in model.named_modules() if "lora_dropout" in name and hasattr(m, "p"))
+        assert model.training
+        return compute_loss(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(AlignRewardTrainer, "compute_loss", recording)
+    data = write_rankings(tmp_path / "prefs.jsonl", 4)
+    assert align(["reward", f"run.dir={tmp_path / 'run'}", f"model.name={tiny_model}", "from_sft=false",
+                  f"data.path={data}", "model.quantize=false", "train.max_steps=1", "train.batch_size=4",
+                  "data.test_fraction=0", *(["lora.dropout=0.2"] if dropout else []), *FAST]) == 0
+    assert seen == ({dropout} if dropout else set())  # none: peft puts an Identity where the dropout would be
+
+
 def test_pairs_longer_than_max_length_are_counted_out_and_all_of_them_refused(tiny_model, tmp_path, caplog, capsys):
     """TRL's RewardTrainer leaves out a pair with a side longer than max_length. align.json counted them as
     trained (data.train), and with every training pair left out the stage trained 0 steps, then saved the fresh
