@@ -225,12 +225,14 @@ def _iter_folder(path: Path) -> Iterator[tuple[str, str, Any]]:
             yield role, f"{path} {split} row {i}", row
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]]):
+def _rows_to_dataset(rows: list[dict[str, Any]], present: list[dict[str, Any]] | None = None):
+    """`present`: the rows whose keys make the columns (default `rows`): every split of one file gets the same."""
     from datasets import Dataset
 
     # Provenance present in some rows only still becomes a column (None elsewhere); task_id is
     # always filled so K-wise grouping and prompt-level splits have a key.
-    keys = ["prompt", "chosen", "rejected"] + [k for k in PROVENANCE if any(k in r for r in rows)]
+    present = rows if present is None else present
+    keys = ["prompt", "chosen", "rejected"] + [k for k in PROVENANCE if any(k in r for r in present)]
     columns = {k: [r.get(k) for r in rows] for k in keys}
     columns["task_id"] = [group_key(r) for r in rows]
     return Dataset.from_dict(columns)
@@ -269,7 +271,8 @@ def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int 
         report.split = "by prompt" if rows["test"] else "none"
     report.train, report.test = len(rows["train"]), len(rows["test"])
     log.info(report.summary())
-    return DatasetDict({s: _rows_to_dataset(r) for s, r in rows.items() if r}), report
+    every = rows["train"] + rows["test"]  # a column some pairs carry is in every split (None where a pair lacks it)
+    return DatasetDict({s: _rows_to_dataset(r, every) for s, r in rows.items() if r}), report
 
 
 def add_system_prompt(data, system_prompt: str | None):

@@ -169,9 +169,10 @@ def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> 
     """The splits with only the per-pair columns the loss should read (it reads margin, weight and p_chosen
     whenever they are there), and the weighting that makes: soft, weighted or off (pair_weighting)."""
     train = data["train"]
-    if cfg.use_margin and ("margin" not in train.column_names or None in train["margin"]):
+    if cfg.use_margin and not all("margin" in split.column_names and None not in split["margin"]
+                                  for split in data.values()):
         raise DataError(f"{data_path}: use_margin=true needs a 'margin' on every pair (align export writes one)")
-    weighting = pair_weighting(cfg.use_weights, train, data_path)
+    weighting = pair_weighting(cfg.use_weights, data, data_path)
     drop = {"soft": {"weight"}, "weighted": {"p_chosen"}}.get(weighting, set(PAIR_COLUMNS))
     drop |= set() if cfg.use_margin else {"margin"}
     data = DatasetDict({k: split.remove_columns([c for c in split.column_names if c in drop]) for k, split in data.items()})
@@ -205,18 +206,30 @@ def refuse_non_finite(model, loss: float, step: int) -> None:
                      "check the data's weight, margin and p_chosen columns")
 
 
-def pair_weighting(use_weights: str, train, data_path: Path) -> str:
+def pair_weighting(use_weights: str, data: DatasetDict, data_path: Path) -> str:
     """What `use_weights` means for this data: soft (p_chosen), weighted (weight) or off.
 
-    auto: soft where every pair has a p_chosen (align export combine=dawid_skene), else weighted where
-    every pair has a weight, else off. on: the same, but data without either column is an error.
+    auto: soft where every pair (of every split) has a p_chosen (align export combine=dawid_skene), else
+    weighted where every pair has a weight, else off, with a warning where some pairs had one. on: the
+    same, but data without either column is an error.
     """
-    complete = {c: c in train.column_names and None not in train[c] for c in PAIR_COLUMNS}
+    def count(column: str) -> int:
+        return sum(sum(v is not None for v in split[column]) for split in data.values() if column in split.column_names)
+
+    pairs = sum(len(split) for split in data.values())
+    have = {c: count(c) for c in PAIR_COLUMNS}
+    complete = {c: have[c] == pairs for c in PAIR_COLUMNS}
     if use_weights in ("auto", "on"):
         found = "soft" if complete["p_chosen"] else "weighted" if complete["weight"] else "off"
         if found == "off" and use_weights == "on":
             raise DataError(f"{data_path}: use_weights=on needs a 'p_chosen' or a 'weight' on every pair "
                             "(align export combine=dawid_skene writes both)")
+        partial = [f"{have[c]} of the {pairs} pairs have a {c!r}" for c in PAIR_COLUMNS
+                   if 0 < have[c] < pairs and not (found == "soft" and c == "weight")]
+        if partial and found != "soft":
+            log.warning("%s: %s: every pair needs one for it to count, so the pairs are weighted %s (use_weights="
+                        "auto); give every pair one, or use_weights=off to say so", data_path, "; ".join(partial),
+                        "by 'weight' alone" if found == "weighted" else "alike")
         return found
     need = {"soft": "p_chosen", "weighted": "weight"}.get(use_weights)
     if need and not complete[need]:

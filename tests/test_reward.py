@@ -719,6 +719,31 @@ def test_a_kept_tie_is_trained_as_half_not_as_a_win_for_its_first_answer(tmp_pat
     assert "weight" not in out["train"].column_names
 
 
+def test_a_column_some_pairs_carry_is_read_in_every_split_whichever_pairs_land_where(tmp_path, caplog):
+    """Each split's columns came from its own rows: with `tie` on some records only and none of them held out,
+    `loss_columns` raised KeyError 'tie'; one pair without a `weight` crashed the stage (None / mean) when it
+    was held out and switched weighting off without a word when it was in train."""
+    import logging
+
+    from alignment.config import RewardStageConfig
+    from alignment.preferences import load_preferences
+    from recipes.reward import loss_columns
+
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}",
+             **({"tie": i == 0} if i < 5 else {}), **({"weight": 2.0} if i != 9 else {})} for i in range(10)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed in range(8):  # the tie-less and the weight-less pairs land in train for some seeds, in test for others
+        data, _ = load_preferences(path, test_fraction=0.2, seed=seed)
+        assert data["train"].column_names == data["test"].column_names
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="recipes.reward"):
+            out, weighting = loss_columns(data, RewardStageConfig(), path)
+        assert weighting == "off" and "9 of the 10 pairs have a 'weight'" in caplog.text
+        ties = {row["prompt"][0]["content"]: row["p_chosen"] for split in out.values() for row in split}
+        assert ties == {f"Q{i}?": 0.5 if i == 0 else 1.0 for i in range(10)}
+
+
 def test_the_policy_base_reward_reads_the_token_the_classifier_reads(tiny_model):
     """rl.reward_on_policy_base scores with the hidden state the reward model's own score head was trained on:
     the last token that is not padding. Where pad is EOS and the chat template ends a turn with it (Llama 3's
