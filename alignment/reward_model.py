@@ -145,9 +145,11 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     path = Path(path)
     if not is_adapter_dir(path):
         raise FileNotFoundError(f"{path} is not a reward model folder (no adapter_config.json): run `align reward`")
-    plan = plan or device_plan(trained_model_config(path))
+    trained = trained_model_config(path)
+    plan = plan or device_plan(trained)
     sft = path / SFT_ADAPTER if trained_from_sft(path) else None
-    base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize), plan, sft, training=False)
+    base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize,
+                                   double_quant=trained.double_quant), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
     model = PeftModel.from_pretrained(base, str(path))
     keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
@@ -162,16 +164,17 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
 
 
 def trained_model_config(path: str | Path) -> ModelConfig:
-    """The model.quantize and model.compute_dtype a reward model folder was trained with, as they resolved where
-    it trained (its align.json: modeling.trained_model_settings), so that it scores in the dtype its held-out
-    accuracy and probes were measured in, which the gate reads; unquantized and auto where it records none."""
+    """The model.quantize, double_quant and compute_dtype a reward model folder was trained with, as they resolved
+    where it trained (its align.json: modeling.trained_model_settings), so that it scores on the weights and in the
+    dtype its held-out accuracy and probes were measured with, which the gate reads; unquantized and auto where it
+    records none."""
     from alignment.modeling import trained_model_settings
 
     path = Path(path)
     if not (path / "align.json").is_file():
         return ModelConfig(quantize=False)
     trained = trained_model_settings(read_manifest(path))
-    return ModelConfig(quantize=trained.quantize, compute_dtype=trained.compute_dtype)
+    return ModelConfig(quantize=trained.quantize, double_quant=trained.double_quant, compute_dtype=trained.compute_dtype)
 
 
 def score_head_in_fp32(model) -> None:
@@ -188,7 +191,8 @@ def score_head_in_fp32(model) -> None:
 
     def fp32_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = None if linear.bias is None else linear.bias.float()
-        return F.linear(x.float(), linear.weight.float(), bias)
+        with torch.autocast(x.device.type, enabled=False):  # fp16 autocast (score_conversations) would cast it back
+            return F.linear(x.float(), linear.weight.float(), bias)
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     for linear in inner.score.modules():  # the head, or peft's copies of it (modules_to_save)
@@ -659,6 +663,11 @@ def shared_base_problem(rm: Path, sft: Path | None, base: str, settings: ModelCo
                 f"{described(settings, policy_plan)}: its adapter on the policy's base scores otherwise than the "
                 f"reward model its gate measured; set {' and '.join(match)} to run the policy as the reward model "
                 f"was trained, retrain the reward model with the policy's settings, or {alone}, as it was trained")
+    if rm_plan.quantize and trained.double_quant != settings.double_quant:  # other 4-bit weights (its constants quantized or not)
+        return (f"the reward model at {rm} was trained on a 4-bit base with model.double_quant="
+                f"{str(trained.double_quant).lower()}, the policy's has {str(settings.double_quant).lower()}: its "
+                f"adapter on the policy's base scores otherwise than the reward model its gate measured; set "
+                f"{prefix}model.double_quant={str(trained.double_quant).lower()}, or {alone}, as it was trained")
     if not trained_from_sft(rm):
         return None  # trained on the bare base: its adapter alone on the policy's base is the reward model
     if sft is None:

@@ -334,6 +334,38 @@ def test_a_reward_model_computes_in_the_dtype_it_was_trained_in(sft_dir, reward_
     assert (ran.quantize, ran.compute_dtype) == (False, "float32")
 
 
+def test_a_qlora_reward_model_is_rebuilt_on_the_4bit_weights_it_trained_on(sft_dir, reward_dir, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """model.double_quant=false gives other 4-bit weights (its constants unquantized): load_reward_model built
+    the base with the default (true) and shared_base_problem did not compare it, so PPO, eval and sample's
+    selection scored with another model than the one the gate measured."""
+    import shutil
+
+    from alignment import reward_model
+    from alignment.config import ModelConfig
+
+    rm = tmp_path / "reward"
+    shutil.copytree(reward_dir, rm, ignore=shutil.ignore_patterns("checkpoints"))
+    manifest = json.loads((rm / "align.json").read_text())
+    manifest["config"]["model"].update(quantize=True, double_quant=False)
+    manifest["device_plan"] = "device cpu · 4-bit NF4 base + LoRA · float32 compute"
+    (rm / "align.json").write_text(json.dumps(manifest))
+    assert reward_model.trained_model_config(rm).double_quant is False
+    problem = reward_model.shared_base_problem(rm, sft_dir, tiny_model, ModelConfig(quantize=True), "ppo.")
+    assert problem and "set ppo.model.double_quant=false" in problem
+    assert reward_model.shared_base_problem(rm, sft_dir, tiny_model, ModelConfig(quantize=True, double_quant=False)) is None
+    built = []
+
+    def reward_base(model_cfg, plan, sft=None, *, training=True):
+        built.append(model_cfg)
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(reward_model, "reward_base", reward_base)
+    with pytest.raises(RuntimeError, match="built"):
+        reward_model.load_reward_model(rm)
+    assert built[0].double_quant is False
+
+
 def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
                   "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1

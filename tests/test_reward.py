@@ -654,6 +654,22 @@ def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
     assert scores[torch.float16] == pytest.approx(scores[torch.float32], abs=0.02)
 
 
+def test_the_fp32_score_head_stays_fp32_under_fp16_autocast(tiny_model):
+    """score_conversations runs an fp16 model with an fp32 adapter under fp16 autocast; inside it the head's
+    F.linear on fp32 inputs was cast back to fp16, and distinct answers tied again (score_head_in_fp32)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignment.reward_model import score_head_in_fp32
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float16)
+    score_head_in_fp32(model)
+    seen = []
+    model.score.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", torch.float16):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [torch.float32]
+
+
 def test_the_fp32_score_head_scores_a_model_fsdp_sharded_in_bf16(tiny_model, tmp_path):
     """After training under fsdp.yaml with bf16, the reward stage scores its held-out pairs with the head in fp32
     (score_head_in_fp32). The weights are then sharded: FSDP2 on a one-rank gloo mesh on the CPU, with the
