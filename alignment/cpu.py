@@ -18,7 +18,7 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
   adapter before TRL's bf16 cast reaches the trainable one, so the policy is restored from that
   exact fp32 copy: step 0 is then exactly the SFT policy (a rounded one would move the implicit
   rewards off zero) and the adapter trains in fp32. Not CPU-only: DPO and GRPO/RLOO call it on a
-  GPU too, unless sharded (recipes/dpo.py).
+  GPU too, sharded (FSDP, DeepSpeed) or not (recipes/dpo.py, then `one_trainable_dtype`).
 - `CPUDropout` (through `use_cpu_dropout`): torch draws dropout's mask with `bernoulli_`, one
   generator call per element: 19 % of a QLoRA SFT step (210 LoRA dropouts, 13.7 ms each, by
   torch.profiler). Four 16-bit lanes from one 64-bit draw: the mask 2-2.5x cheaper, the step
