@@ -378,7 +378,7 @@ def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
-        if msg["role"] not in ROLES:
+        if not isinstance(msg["role"], str) or msg["role"] not in ROLES:
             raise DataError(f"{where}: {key}[{i}].role {msg['role']!r} is not one of {sorted(ROLES)}")
         if not isinstance(msg["content"], str):
             raise DataError(f"{where}: {key}[{i}].content must be a string")

@@ -94,7 +94,7 @@ def _messages(value: Any, where: str, key: str, last_role: str | None) -> list[d
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or "role" not in msg:
             raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and string 'content'")
-        if msg["role"] not in ROLES:
+        if not isinstance(msg["role"], str) or msg["role"] not in ROLES:
             raise DataError(f"{where}: {key}[{i}].role {msg['role']!r} is not one of {sorted(ROLES)}")
         out.append({"role": msg["role"], "content": msg["content"]})
     if last_role and out[-1]["role"] != last_role:

@@ -247,6 +247,9 @@ def test_bad_messages(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [*USER, {"role": "robot", "content": "x"}]}])
     with pytest.raises(DataError, match=r"m.jsonl:1: messages\[1\].role 'robot'"):
         load_sft_dataset(path)
+    path = write_jsonl(tmp_path / "m3.jsonl", [{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError, match=r"m3.jsonl:1: messages\[0\].role \['user'\] is not one of"):
+        load_sft_dataset(path)  # was TypeError: unhashable type, with no file or line
     path = write_jsonl(tmp_path / "m2.jsonl", [{"messages": USER}])
     with pytest.raises(DataError, match=r"m2.jsonl:1: the last message must be the assistant's"):
         load_sft_dataset(path)

@@ -185,12 +185,13 @@ BAD = [
     ({"system": "Be brief.", "prompt": [{"role": "system", "content": "Be kind."}, *USER], "chosen": "a",
       "rejected": "b"}, r"field 'system' and a system message in 'prompt'"),
     ({"system": 3, "prompt": "q", "chosen": "a", "rejected": "b"}, r"field 'system' must be a string, got number"),
+    ({"prompt": [{"role": {"r": 1}, "content": "q"}], "chosen": "a", "rejected": "b"}, r"prompt\[0\]\.role .* is not one of"),
 ]
 
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
            "wrong-type", "margin-text", "agreement-range", "weight-1e309", "weight-400-digits",
-           "margin-infinity", "p-chosen-nan", "no-prompt", "user-turn-in-side", "system-twice", "system-not-text"]
+           "margin-infinity", "p-chosen-nan", "no-prompt", "user-turn-in-side", "system-twice", "system-not-text", "role-not-text"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)
