@@ -122,12 +122,16 @@ def sign_in(store: Store, name: str, password: str, address: str, *, throttle: T
     wait = store.count_sign_in([by_name, by_address], [by_name], throttle.lock_for, throttle.forget)
     if wait > 0:
         raise SignInRefused(f"too many failed sign-ins: try again in {math.ceil(wait)} s", retry_after=wait)
-    account = store.authenticate(name, password or "") if known else None
+    account = store.authenticate(name, password or "", with_hash=True) if known else None
     if account is None:
         store.count_sign_in([], [by_address], throttle.lock_for, throttle.forget)
         raise SignInRefused(REFUSED)
     store.reset_sign_in([by_name])
-    return store.open_session(account["annotator_id"], hours * 3600), account
+    verified = account.pop("password_hash")
+    # None: disabled or given a new password while this one was checked (the session would outlive that)
+    if (token := store.open_session(account["annotator_id"], hours * 3600, verified_hash=verified)) is None:
+        raise SignInRefused(REFUSED)
+    return token, account
 
 
 def sign_out(store: Store, secret: bytes, value: str | None) -> None:

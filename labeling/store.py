@@ -568,9 +568,10 @@ class Store:
         """A new password (also how a disabled account comes back); the account's open sessions end."""
         if len(password) < 4:
             raise ValueError("a password needs at least 4 characters")
-        with self.tx() as conn:
+        new_hash = hash_password(password)  # outside the lock: ~50 ms
+        with self.tx(lock=True) as conn:  # serialised with open_session: no sign-in with the old password after this
             row = self._account(conn, name)
-            conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(password_hash=hash_password(password)))
+            conn.execute(update(annotators).where(annotators.c.id == row["id"]).values(password_hash=new_hash))
             conn.execute(delete(sessions).where(sessions.c.annotator_id == row["id"]))
 
     def disable_user(self, name: str) -> None:
@@ -594,15 +595,17 @@ class Store:
         return conn.execute(select(func.count()).select_from(annotators).where(
             annotators.c.is_admin.is_(True), annotators.c.password_hash != DISABLED)).scalar_one()
 
-    def authenticate(self, name: str, password: str) -> dict[str, Any] | None:
-        """The account for a right name and password, else None; an unknown name takes as long as a wrong password."""
+    def authenticate(self, name: str, password: str, *, with_hash: bool = False) -> dict[str, Any] | None:
+        """The account for a right name and password, else None; an unknown name takes as long as a wrong password.
+        `with_hash`: with the stored hash the password was checked against ("password_hash"), for open_session."""
         with self.engine.connect() as conn:
             row = conn.execute(select(annotators).where(annotators.c.name == name.strip())).mappings().first()
         known = row is not None and row["password_hash"] != DISABLED  # a disabled one: as long as a wrong password
         ok = check_password(password, row["password_hash"] if known else _NO_SUCH_USER)
         if not known or not ok:
             return None
-        return {"annotator_id": row["id"], "name": row["name"], "is_admin": bool(row["is_admin"])}
+        account = {"annotator_id": row["id"], "name": row["name"], "is_admin": bool(row["is_admin"])}
+        return {**account, "password_hash": row["password_hash"]} if with_hash else account
 
     # ------------------------------------------------------------------------------ sign-in state
 
@@ -621,11 +624,18 @@ class Store:
         self._secret = key  # once the row is committed: a failed commit leaves the next call to make or read one
         return key
 
-    def open_session(self, annotator_id: int, ttl: float) -> str:
-        """A new session token for this annotator, valid for `ttl` seconds; expired sessions are purged."""
+    def open_session(self, annotator_id: int, ttl: float, *, verified_hash: str | None = None) -> str | None:
+        """A new session token for this annotator, valid for `ttl` seconds; expired sessions are purged.
+
+        `verified_hash`: the password hash a sign-in checked (authenticate's, read before its ~50 ms check). No
+        session (None) when the account's hash is another by now: `users disable` or `users passwd` committed in
+        between, and their "its sessions end now" ran before this one existed. Serialised with them (lock)."""
         token = secrets.token_urlsafe(32)
         now = time.time()
-        with self.tx() as conn:
+        with self.tx(lock=verified_hash is not None) as conn:
+            if verified_hash is not None and conn.execute(select(annotators.c.password_hash).where(
+                    annotators.c.id == annotator_id)).scalar() != verified_hash:
+                return None
             conn.execute(delete(sessions).where(sessions.c.expires <= now))
             conn.execute(insert(sessions).values(token_sha256=hashlib.sha256(token.encode()).hexdigest(),
                                                  annotator_id=annotator_id, created=now, expires=now + ttl))
@@ -638,7 +648,8 @@ class Store:
                 select(annotators.c.id, annotators.c.name, annotators.c.is_admin, sessions.c.expires)
                 .join(sessions, sessions.c.annotator_id == annotators.c.id)
                 .where(sessions.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest(),
-                       sessions.c.expires > time.time())).first()
+                       sessions.c.expires > time.time(),
+                       annotators.c.password_hash != DISABLED)).first()  # disabled: ended, whatever is left
         if row is None:
             return None
         return {"annotator_id": row.id, "name": row.name, "is_admin": bool(row.is_admin), "expires": row.expires}

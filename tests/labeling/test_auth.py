@@ -7,8 +7,10 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import func, select, update
 
 from labeling import auth
+from labeling.store import DISABLED, annotators, sessions
 
 PASSWORD = "correct horse"
 FAST = auth.Throttle(free_per_name=3, free_per_address=6, first_lock=1.0, max_lock=8.0)
@@ -144,3 +146,33 @@ def test_names_no_account_can_have_are_refused_like_a_wrong_password(store):
             auth.sign_in(store, name, PASSWORD, "10.0.0.1", throttle=FAST)
     assert auth.sign_in(store, "alice", PASSWORD, "10.0.0.1", throttle=FAST)[1]["name"] == "alice"
     assert FAST.lock_for("name:alice", 5000) == FAST.max_lock  # the doubling stops short of a float's range
+
+
+@pytest.mark.parametrize("command", ["disable", "passwd"])
+def test_a_sign_in_checked_while_the_account_is_disabled_or_its_password_changed_opens_no_session(
+        store, monkeypatch, command):
+    """The password is checked (~50 ms) before the session is written: `users disable` or `users passwd`
+    committing in between ended the account's sessions before the new one existed, which then stayed valid for
+    its 12 hours. The session is written only while the account's hash is the one checked; a disabled
+    account's leftover session is no session either."""
+    store.add_user("mallory", PASSWORD)
+    authenticate = type(store).authenticate
+
+    def admin_in_between(self, name, password, **kwargs):
+        account = authenticate(self, name, password, **kwargs)
+        store.disable_user("mallory") if command == "disable" else store.set_password("mallory", "a new one")
+        return account
+
+    monkeypatch.setattr(type(store), "authenticate", admin_in_between)
+    with pytest.raises(auth.SignInRefused, match="unknown user or wrong password"):
+        auth.sign_in(store, "mallory", PASSWORD, "10.0.0.1")
+    monkeypatch.undo()
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(sessions)).scalar() == 0
+    # a session row left behind for a disabled account (written by an older version, by hand) lets no one in
+    store.set_password("mallory", PASSWORD)
+    token, account = auth.sign_in(store, "mallory", PASSWORD, "10.0.0.1")
+    assert store.session(token)["name"] == "mallory"
+    with store.tx() as conn:
+        conn.execute(update(annotators).where(annotators.c.id == account["annotator_id"]).values(password_hash=DISABLED))
+    assert store.session(token) is None
