@@ -368,7 +368,9 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     if "label" in cfg.stages and cfg.label == "human":
         check_store("sample.store", cfg.sample.store, cfg.run.dir, must_exist=False)
         if not _has_accounts(cfg.sample.store, cfg.run.dir):  # the app would refuse to start, after sft and sample
-            db = f" --db '{cfg.sample.store}'" if cfg.sample.store else ""
+            from labeling.store import safe_url
+
+            db = f" --db '{safe_url(cfg.sample.store)}'" if cfg.sample.store else ""  # its password masked
             raise ConfigError(f"label=human: the labelling store has no accounts to sign in with; make one first: "
                               f"align label --run-dir {cfg.run.dir}{db} users add NAME --admin")
     run, base = cfg.run, cfg.sft.model.name

@@ -194,7 +194,14 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                 print(f"{u['name']}{'  (admin)' if u['is_admin'] else ''}{'  (disabled)' if u['disabled'] else ''}")
             return 0
         if cmd[:2] == ["users", "passwd"]:
-            store.set_password(cmd[2], args.password or getpass.getpass(f"new password for {cmd[2]}: "))
+            if cmd[2].strip() not in {u["name"] for u in store.users()}:  # before asking for a password
+                raise ValueError(f"no user {cmd[2].strip()!r} (align label users list)")
+            try:
+                password = args.password or getpass.getpass(f"new password for {cmd[2]}: ")
+            except (EOFError, KeyboardInterrupt):  # no terminal to ask on, or Ctrl-D / Ctrl-C at the prompt
+                print(f"\nalign label: no password given for {cmd[2]!r}; give one with --password", file=sys.stderr)
+                return 2
+            store.set_password(cmd[2], password)
             print(f"user {cmd[2].strip()!r}: new password; signed out everywhere")
             return 0
         if cmd[:2] == ["users", "disable"]:
@@ -246,13 +253,14 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                   f"{', profiles ' + args.profiles if profiles else ''})")
             # align eval human=true's A/B tasks (batches eval-*) are read by its board, not by export
             batches = [args.batch] if args.batch else [b["batch"] for b in store.batch_counts() if b["rankings"]]
+            db = safe_url(args.db) if args.db else None  # its password masked: hints land in logs
             if any(not b.startswith("eval-") for b in batches):
-                print("next: " + (export_command(str(args.run_dir), args.db) if export_command else
+                print("next: " + (export_command(str(args.run_dir), db) if export_command else
                                   f"align export run.dir={shlex.quote(str(args.run_dir))}"
-                                  + (f" store={shlex.quote(args.db)}" if args.db else "")))
+                                  + (f" store={shlex.quote(db)}" if db else "")))
             if any(b.startswith("eval-") for b in batches):
                 print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true"
-                      + (f" store={shlex.quote(args.db)}" if args.db else "") + " (with the settings that made the "
+                      + (f" store={shlex.quote(db)}" if db else "") + " (with the settings that made the "
                       "A/B tasks)")
             return 0
     except (ValueError, KeyError) as err:

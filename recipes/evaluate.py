@@ -339,11 +339,11 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 
 def label_where(cfg: EvalStageConfig) -> str:
     """`align label`'s arguments for the store the A/B tasks went to: --db unless it is run.dir's own labels.db."""
-    from labeling.store import sqlite_path
+    from labeling.store import safe_url, sqlite_path
 
     url = run_store(cfg.store, cfg.run.dir)
     own = sqlite_path(url) is not None and Path(sqlite_path(url)).resolve() == (Path(cfg.run.dir) / STORE_FILE).resolve()
-    return f"--run-dir {shell(cfg.run.dir)}" + ("" if own else f" --db {shell(url)}")
+    return f"--run-dir {shell(cfg.run.dir)}" + ("" if own else f" --db {shell(safe_url(url))}")  # password masked
 
 
 def human_figures(board: dict) -> dict[str, int | float]:

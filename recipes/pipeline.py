@@ -168,7 +168,7 @@ def rankings_state(url: str, batches: list[str] | None = None, combine: str = "m
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
-    from labeling.store import Store
+    from labeling.store import Store, safe_url
 
     store = Store(store_url(cfg.sample.store, cfg.run.dir))
     if cfg.label == "simulate":
@@ -212,7 +212,7 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
             if app.poll() is not None:  # it refused to start (its reason is above) or was stopped
                 raise StageError(f"the labelling app exited (code {app.returncode}) with {left} rankings of batch "
                                  f"{batch!r} still to do; its message is above. Start it yourself (align label "
-                                 f"--run-dir {cfg.run.dir}{' --db ' + repr(cfg.sample.store) if db else ''}), or run "
+                                 f"--run-dir {cfg.run.dir}{' --db ' + repr(safe_url(cfg.sample.store)) if db else ''}), or run "
                                  "the pipeline again to resume")
             on_skipped = store.pending_on_skipped(batch)  # waiting for someone who has not skipped them
             print(f"  {left} rankings still to do" + (

@@ -248,6 +248,8 @@ def main(cfg: SampleStageConfig) -> Path:
     tracker.finish(metrics)
     log.info(json.dumps(metrics))
     # the run's folder too: the admin's Export button and the next hint write into it
-    where = f"--run-dir {shell(cfg.run.dir)}" + (f" --db {shell(cfg.store)}" if cfg.store else "")
+    from labeling.store import safe_url  # a password in the URL masked: hints land in logs
+
+    where = f"--run-dir {shell(cfg.run.dir)}" + (f" --db {shell(safe_url(cfg.store))}" if cfg.store else "")
     print_done("sample", out, f"align label {where}   (unattended: align label {where} --simulate support_style)")
     return out

@@ -295,3 +295,17 @@ def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_lin
     monkeypatch.setattr(getpass, "getpass", no_terminal)
     assert align(["label", "--run-dir", str(tmp_path), "users", "add", "lena"]) == 2
     assert "no password given for 'lena'; give one with --password" in capsys.readouterr().err
+    store.add_user("lena", "pw-1234")
+    assert align(["label", "--run-dir", str(tmp_path), "users", "passwd", "lena"]) == 2  # a traceback too
+    assert "no password given for 'lena'; give one with --password" in capsys.readouterr().err
+    assert align(["label", "--run-dir", str(tmp_path), "users", "passwd", "nobody"]) == 2  # said before asking
+    assert "no user 'nobody'" in capsys.readouterr().err
+    # a PostgreSQL URL's password stays out of the hint (logs keep it): masked (the store itself: this SQLite one)
+    import labeling.store
+
+    store.add_tasks("round-1", [{"prompt": "q3", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    monkeypatch.setattr(labeling.store, "Store", lambda url: store)
+    assert align(["label", "--run-dir", str(tmp_path), "--db", "postgresql://ann:S3cret@db.example/labels",
+                  "--simulate", "support_style", "--batch", "round-1"]) == 0
+    out = capsys.readouterr().out
+    assert "store='postgresql://ann:***@db.example/labels'" in out and "S3cret" not in out
