@@ -801,6 +801,11 @@ def test_a_submit_names_its_task_and_a_repeat_never_ranks_the_next_one(store):
         handlers.submit(store, alice, second["task_id"], [1, 2, 3, 4])
     with pytest.raises(ValueError, match="no task"):
         handlers.submit(store, alice, None, [1, 2, 3, 4])
+    for beyond in (2**63, -2**63 - 1, 0, -1):  # past a 64-bit integer SQLite raised OverflowError: a 500
+        with pytest.raises(PermissionError, match="not assigned to you"):
+            handlers.submit(store, alice, beyond, [1, 2, 3, 4])
+        with pytest.raises(PermissionError, match="not assigned to you"):
+            handlers.skip(store, alice, beyond)
     # The page sends one rank per slot it lays out (8): the slots past K must be empty.
     third = handlers.next_task(store, alice)
     with pytest.raises(ValueError, match="8 ranks for 4"):
