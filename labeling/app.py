@@ -682,6 +682,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
             except (PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⛔", error=True), "", "", None, None, ""]
+            except STORE_ERRORS:
+                log.exception("admin tab: the store failed")
+                return [_note("The store is busy or unreachable: refresh again in a moment.", "⚠️", error=True),
+                        *[gr.skip()] * 5]
             return ["", _totals(stats), _reliability_warnings(stats.get("warnings")), _table(stats.get("per_annotator")),
                     _table(stats.get("per_batch")), _agreement(stats.get("agreement") or {})]
 
@@ -695,6 +699,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return _note(str(err), "⛔", error=True)
             except ValueError as err:  # the recipe's refusals (not an export folder, no pairs), worded for people
                 return _note(str(err), "⚠️", error=True)
+            except STORE_ERRORS:  # the session's check, or the export process could not start
+                log.exception("admin export failed")
+                return _note("The export could not run (the store busy or unreachable, or the export process "
+                             "failed to start; the app's log says which): try again in a moment.", "⚠️", error=True)
             return _export_summary(folder, summary)
 
         admin_outputs = [admin_message, totals, reliability_warnings, per_annotator, per_batch, agreement]

@@ -218,6 +218,30 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
         assert "Saved" in answer.text and len(store.submitted_rankings()) == 1
 
 
+def test_the_admin_tab_says_a_failed_store_in_plain_words(store, monkeypatch, caplog):
+    """The admin tab's refresh and export caught only refusals: a store that failed under them (SQLite's lock
+    held, PostgreSQL gone) showed a bare "Error" where the annotators' calls say what happened."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from labeling import handlers
+
+    def locked(*args, **kwargs):
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
+
+    with served(store, export=lambda url, run_dir: {}) as url:
+        boss = signed_in(url, "boss")
+        monkeypatch.setattr(handlers, "admin_stats", locked)
+        monkeypatch.setattr(handlers, "export", locked)
+        for path, said in (("do_refresh", "The store is busy or unreachable: refresh again in a moment."),
+                           ("do_export", "The export could not run (the store busy or unreachable")):
+            answer = call(boss, "admin-page", f"/gradio_api/run/{path}")
+            assert answer.status_code == 200 and said in answer.text, (path, answer.text[:300])
+            assert not re.search(r"(?i)sqlite|SQL:|OperationalError|locked", answer.text), (path, answer.text[:300])
+    assert sum("database is locked" in str(r.exc_info[1]) for r in caplog.records if r.exc_info) == 2
+
+
 def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path, caplog):
     """The server checks every request's session in the store before any handler runs, and that check was not
     guarded: with the store unreachable (here SQLite's folder gone; PostgreSQL down is the same error) the page
