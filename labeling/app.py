@@ -126,6 +126,10 @@ PAGE_JS = """
   document.body.appendChild(notice);
   const busy = bar('align-store-busy', 'alert', %s);
   document.body.appendChild(busy);
+  // 403: this page's calls come from another account now (a sign-in as someone else in another tab): refused
+  // until it is reloaded. The server's words name the account signed in; set as text.
+  const other = bar('align-other-account', 'alert', %s);
+  document.body.appendChild(other);
   const reconnected = bar('align-reconnected', 'status', %s);
   const remember = (flag) => { try { flag ? sessionStorage.setItem(reconnected.id, '1') : sessionStorage.removeItem(reconnected.id); } catch (e) {} };
   try { reconnected.hidden = sessionStorage.getItem(reconnected.id) !== '1'; } catch (e) { reconnected.hidden = true; }
@@ -133,7 +137,7 @@ PAGE_JS = """
   reconnected.addEventListener('click', () => { reconnected.hidden = true; });
   document.body.appendChild(reconnected);
   const fetched = window.fetch;
-  let sent = 0, refused = 0, failed = 0;
+  let sent = 0, refused = 0, failed = 0, foreign = 0;
   window.fetch = async (...args) => {
     const n = ++sent;
     const url = String((args[0] && args[0].url) || args[0]);
@@ -144,6 +148,12 @@ PAGE_JS = """
       else if (response.ok && n > refused) notice.hidden = true;  // not a call that was already on its way
       if (response.status === 503) { failed = n; busy.hidden = false; }
       else if (response.ok && n > failed) busy.hidden = true;
+      if (response.status === 403) {
+        foreign = n; other.hidden = false;
+        response.clone().json().then((body) => {
+          if (body && typeof body.detail === 'string') other.textContent = '\u26a0\ufe0f ' + body.detail;
+        }).catch(() => {});
+      } else if (response.ok && n > foreign) other.hidden = true;
     }
     return response;
   };
@@ -282,13 +292,15 @@ PAGE_JS = """
 
 RATIONALE_FULL = (f"A rationale holds at most {handlers.MAX_RATIONALE:,} characters: this one is full, and text "
                   "typed or pasted past that was not taken.")
+OTHER_ACCOUNT = ("This page was opened for another account than the one now signed in in this browser (a sign-in "
+                 "in another tab): nothing from it is saved. Reload it to rank as the account signed in.")
 RECONNECTED = ("The connection to the server was lost and the page has reloaded: it shows what is saved. A rank, "
                "flag or rationale set while the connection was down may be missing: check them, then submit.")
 
 
 def _js() -> str:
     return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {NOT_SAVED}"),
-                      json.dumps(f"⚠️ {RECONNECTED}"),
+                      json.dumps(f"⚠️ {OTHER_ACCOUNT}"), json.dumps(f"⚠️ {RECONNECTED}"),
                       json.dumps(f"⚠️ {RATIONALE_FULL}"))
 
 

@@ -289,7 +289,10 @@ class RequireSession:
             if isinstance(payload, dict):
                 claimed.append(payload.get("session_hash"))
         if any(self._owned_by_another(h, session["annotator_id"]) for h in claimed):
-            return JSONResponse({"detail": "this page session belongs to another account"}, status_code=403)
+            name = session["name"]  # the page's own account is not known here: its session's owner id only
+            return JSONResponse({"detail": f"this page was opened by another account; you are signed in as {name}: "
+                                           f"reload to rank as {name} (nothing from this page was saved)"},
+                                status_code=403)
         return body
 
 

@@ -905,6 +905,49 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
         page.context.close()
 
 
+def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and_saves_nothing(tmp_path, browser):
+    """The cookie is the browser's: once another tab signs in as bob, ann's open page is refused (403) before any
+    handler runs. Gradio showed that only as fading toasts and "Error" overlays; the page now says, in a bar that
+    stays, that it belongs to another account and to reload, and nothing is saved under either account."""
+    from labeling.server import create_app
+    from labeling.server import running as serve
+
+    store = new_store(tmp_path)
+    for name in ("ann", "bob"):
+        store.add_user(name, PASSWORD)
+    store.add_tasks("shift", _support_tasks(4))
+    page = new_page(browser)
+    try:
+        with serve(create_app(store)) as url:
+            sign_in(page, url, "ann")
+            assert page.is_hidden("#align-other-account")
+            other = page.context.new_page()  # same browser, same cookie
+            other.set_default_timeout(TIMEOUT_MS)
+            other.goto(url)
+            other.wait_for_selector("#resp-a", state="visible")
+            other.click("#align-signout")
+            sign_in(other, url, "bob")
+            page.bring_to_front()
+            with page.expect_response(lambda r: "/gradio_api/" in r.url and r.status == 403):
+                rank_all(page, [1, 2, 3, 4])
+                page.click("#align-submit")
+            page.wait_for_selector("#align-other-account", state="visible")
+            page.wait_for_function("document.getElementById('align-other-account').textContent"
+                                   ".includes('you are signed in as bob: reload to rank as bob')")
+            page.wait_for_timeout(1000)
+            assert page.is_visible("#align-other-account")  # stays: every call of this page is refused
+            assert store.submitted_rankings() == []
+            page.reload()  # as bob now: the bar is gone and a ranking saves under bob
+            page.wait_for_selector("#resp-a", state="visible")
+            assert page.is_hidden("#align-other-account")
+            rank_all(page, [1, 2, 3, 4])
+            page.click("#align-submit")
+            wait_for_message(page, "✅")
+            assert [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
+    finally:
+        page.context.close()
+
+
 def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_is_back(tmp_path, browser):
     """The store unreachable (here SQLite's folder gone; PostgreSQL down is the same error): the server's session
     check, before any handler, answered the submit with a bare 500, and the page never said "Not saved". Now a
