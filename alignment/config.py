@@ -293,6 +293,9 @@ class ExportStageConfig:
     min_agreement: float | None = bounded(None, ge=0, le=1)
     # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
     min_posterior: float | None = bounded(None, ge=0.5, le=1)
+    # With dawid_skene: the batches whose rankings its reliability estimate reads (null: every batch, whichever
+    # are exported). align pipeline sets its rounds so far: a later round's labels never remake an earlier round.
+    reliability_batches: list[str] | None = None
     test_fraction: float = bounded(0.1, ge=0, lt=1)
     seed: int = bounded(0, ge=0, lt=2**32)
     jsonl: bool = False
@@ -301,6 +304,9 @@ class ExportStageConfig:
     def validate(self, prefix: str = "") -> None:
         if self.batches is not None and not self.batches:
             raise ConfigError(f"{prefix}batches: an empty list exports nothing; leave it null for every batch")
+        if self.reliability_batches is not None and not self.reliability_batches:
+            raise ConfigError(f"{prefix}reliability_batches: an empty list gives the estimate nothing to read; leave "
+                              "it null for every batch")
         if self.min_posterior is not None and self.combine != "dawid_skene":
             raise ConfigError(f"{prefix}min_posterior={self.min_posterior} needs combine=dawid_skene (only its pairs "
                               f"have a posterior); with combine={self.combine} leave it null")

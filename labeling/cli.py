@@ -261,7 +261,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             if any(b.startswith("eval-") for b in batches):
                 print(f"next: align eval run.dir={shlex.quote(str(args.run_dir))} human=true"
                       + (f" store={shlex.quote(db)}" if db else "") + " (with the settings that made the "
-                      "A/B tasks)")
+                      "A/B tasks; or the align pipeline command that made them, again)")
             return 0
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes

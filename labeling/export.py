@@ -257,13 +257,14 @@ def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: st
 
 def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None, ties: str = "drop",
                 combine: str = "majority", min_agreement: float | None = None, min_posterior: float | None = None,
-                gold: dict[int, list[int]] | None = None, chat: bool = True
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`."""
+                gold: dict[int, list[int]] | None = None, chat: bool = True,
+                reliability_batches: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`.
+    `reliability_batches`: the batches whose rankings the reliability estimate reads (None: every batch)."""
     _check_options(ties, combine, min_posterior)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
-    reliability = annotator_reliability(rankings_for_reliability(rows), gold)
+    reliability = annotator_reliability(reliability_rows(rows, reliability_batches), gold)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -361,18 +362,37 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     return pairs, summary
 
 
+def reliability_rows(rows: list[dict[str, Any]], batches: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rankings dawid_skene's estimate reads: rankings_for_reliability's, of `batches` (None: every batch)."""
+    return rankings_for_reliability([r for r in rows if not batches or r["batch"] in batches])
+
+
 def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]], *, batches: list[str] | None = None,
-                         combine: str = "majority") -> str:
+                         combine: str = "majority", reliability_batches: list[str] | None = None) -> str:
     """What an export of `batches` (all without) from `rows` (Store.submitted_rankings()) depends on, hashed:
     each ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
     would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go).
-    combine=dawid_skene: every batch's rankings and every gold answer, which its reliability estimate reads."""
-    if combine != "dawid_skene":
-        rows = [r for r in rows if not batches or r["batch"] in batches]
+    combine=dawid_skene: with them, the rankings its reliability estimate reads (`reliability_batches`') and
+    every gold answer. Never the A/B verdicts of align eval human=true, which no export reads: judging them
+    remade the export, and with it the policy they judged."""
+    exported = [r for r in rows if (not batches or r["batch"] in batches) and r["kind"] == "ranking"
+                and not str(r["batch"]).startswith("eval-")]
+    if combine == "dawid_skene":
+        seen = {id(r) for r in exported}
+        exported += [r for r in reliability_rows(rows, reliability_batches) if id(r) not in seen]
+    rows = exported
     tasks = {r["task_id"] for r in rows} if combine != "dawid_skene" else set(gold)
     parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], sorted(r["flags"] or []), bool(r["is_gold"]),
                                r["kind"], r["batch"]]) for r in rows)
     parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def verdicts_fingerprint(rows: list[dict[str, Any]]) -> str:
+    """The A/B verdicts of align eval human=true in `rows` (Store.submitted_rankings()), hashed: its board's
+    input. The pipeline reruns a human=true eval when they change (new verdicts, or changed ones)."""
+    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], r["batch"]]) for r in rows
+                   if r["kind"] == "pairwise" and str(r["batch"]).startswith("eval-"))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -390,8 +410,10 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
                        combine: str = "majority", min_agreement: float | None = None,
                        min_posterior: float | None = None, test_fraction: float = 0.1,
                        seed: int = 0, jsonl: bool = False, chat: bool = True,
-                       finish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                       finish: Callable[[Path, dict[str, Any]], None] | None = None,
+                       reliability_batches: list[str] | None = None) -> dict[str, Any]:
     """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary.
+    `reliability_batches`: the batches dawid_skene's estimate reads (None: every batch).
 
     `finish(folder, summary)` runs on the new export before it moves into place: align export
     writes its align.json and config.yaml there, so dataset and manifest arrive together. The
@@ -404,6 +426,7 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
     _check_options(ties, combine, min_posterior)
     check_batches(store, batches)
+    check_batches(store, reliability_batches)
     out = Path(out_dir)
     out = out.resolve() if out.is_symlink() else out  # swapped at its target: a rename would replace the link
     check_target(out)  # refused before anything is made beside it (a lock file, the run's folder)
@@ -418,11 +441,12 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
         # could write the older read last; and the dataset and `rankings_read` (the manifest's) are one read.
         rows, gold = store.submitted_rankings(), store.gold_answers()
         pairs, summary = build_pairs(rows, batches=batches, ties=ties, combine=combine, min_agreement=min_agreement,
-                                     min_posterior=min_posterior, gold=gold, chat=chat)
+                                     min_posterior=min_posterior, gold=gold, chat=chat,
+                                     reliability_batches=reliability_batches)
         read = [r for r in rows if not batches or r["batch"] in batches]
         summary.update(train_pairs=0, test_pairs=0,
-                       rankings_read={"count": len(read), "sha256": rankings_fingerprint(rows, gold, batches=batches,
-                                                                                         combine=combine)})
+                       rankings_read={"count": len(read), "sha256": rankings_fingerprint(
+                           rows, gold, batches=batches, combine=combine, reliability_batches=reliability_batches)})
         if not pairs:
             return summary  # nothing written: an empty dataset would only fail later, in training
         train, test = split_by_prompt(pairs, test_fraction, seed)

@@ -289,6 +289,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     (those on an earlier version are counted apart, as `stale_comparisons`). A policy this eval does not
     load is as its run's stage folder (<run.dir>/ppo, ...) holds it now; with no such folder, its verdicts are
     stale too: nothing says they judge a policy that still exists."""
+    from labeling.export import verdicts_fingerprint
     from labeling.store import Store
 
     versions = dict(versions or {})
@@ -314,7 +315,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         return versions.get(name)
 
     comparisons, prompts_of, stale = [], [], 0
-    for row in store.submitted_rankings():
+    rows = store.submitted_rankings()
+    for row in rows:
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
             continue
         metas = [r["meta"] for r in row["responses"]]
@@ -326,7 +328,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         prompts_of.append(row["prompt"])
     # waiting: this eval's A/B tasks with no verdict yet (the hint asks for a rerun only while there are some)
     board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale,
-             "waiting": sum(store.pending_count(b) for b in batches)}
+             "waiting": sum(store.pending_count(b) for b in batches),
+             "verdicts_sha256": verdicts_fingerprint(rows)}  # what the board read: the pipeline reruns on a change
     if comparisons:
         # the interval resamples prompts: each prompt's verdicts (every annotator, every policy pair) go together;
         # the baseline is 1000 in the ratings and in every resample, so each rating is its difference from it
@@ -426,7 +429,9 @@ def main(cfg: EvalStageConfig) -> Path:
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
                    interval="wilson",  # how win_rate_ci is made: the report labels it by this (bootstrap before)
                    prompts=len(prompts), prompts_seen_in_training=seen, system_prompts=system_prompts,
-                   prompts_sha256=file_hash(cfg.prompts))
+                   prompts_sha256=file_hash(cfg.prompts),
+                   # human=true: the verdicts its board read (align pipeline reruns it when there are others)
+                   **({"rankings_sha256": board["verdicts_sha256"]} if board is not None else {}))
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("eval/samples", ["prompt", *responses],
@@ -452,7 +457,8 @@ def main(cfg: EvalStageConfig) -> Path:
     html = report_module.write_report(cfg.run.dir)
     if board is not None and board["waiting"]:
         print_done("eval", out, f"open {shell(html)}; annotators judge the {board['waiting']} A/B tasks waiting in "
-                                f"align label {label_where(cfg)}, then rerun align eval with human=true for the board")
+                                f"align label {label_where(cfg)}, then rerun align eval with human=true (or the align pipeline that "
+                                f"ran it) for the board")
     else:
         print_done("eval", out, f"open {shell(html)}")
     return out

@@ -66,7 +66,7 @@ def main(cfg: ExportStageConfig) -> Path:
         summary = export_preferences(
             store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
             min_posterior=cfg.min_posterior, test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl,
-            finish=finish,
+            finish=finish, reliability_batches=cfg.reliability_batches,
         )
     except ExportError as err:
         raise StageError(str(err)) from None

@@ -24,6 +24,7 @@ and the labelling queue hands them out most uncertain first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,16 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _as_recorded(config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the keys at null that `recorded` lacks: settings added since it ran, whose null default
+    does what was done before (export.reliability_batches), rerun nothing."""
+    def trim(now: dict, then: dict) -> dict:
+        return {k: trim(v, then[k]) if isinstance(v, dict) and isinstance(then.get(k), dict) else v
+                for k, v in now.items() if k in then or v is not None}
+
+    return trim(config, recorded)
+
+
 def _inputs(m: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, sha256) of the data files and prompt files a manifest says its stage read."""
     found = [(d.get("path"), d.get("sha256")) for d in (m.get("data"), m.get("prompts")) if isinstance(d, dict)]
@@ -127,9 +138,11 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         # An eval from before eval.store: its A/B tasks went to the run's labels.db, the one store the pipeline
         # passes (a human=true eval of those days, rerun by its pipeline, was redone for the key alone)
         recorded = {**recorded, "store": getattr(cfg, "store", None)}
-    if _made_by(recorded) != _made_by(to_dict(cfg)):
+    if _made_by(recorded) != _made_by(_as_recorded(to_dict(cfg), recorded)):
         return False
-    if rankings is not None and m.get("rankings_sha256") != rankings:
+    # an eval from before it recorded its verdicts read none, as far as anyone knows: rerun once there are some
+    unrecorded = hashlib.sha256(b"").hexdigest() if m.get("stage") == "eval" else None
+    if rankings is not None and m.get("rankings_sha256", unrecorded) != rankings:
         return False
     for parent in m.get("parents", {}).values():
         upstream = parent_path(parent["path"], folder, m) / MANIFEST
@@ -156,15 +169,24 @@ def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: str | None = N
     return run_stage(name, cfg)
 
 
-def rankings_state(url: str, batches: list[str] | None = None, combine: str = "majority") -> str:
-    """The fingerprint of the store's submitted rankings in `batches` (all without; every batch under
-    combine=dawid_skene), as recipes/export.py records it in `rankings_sha256`: it changes when rankings are
-    added, changed, flagged or made gold."""
+def rankings_state(url: str, export: Any) -> str:
+    """The fingerprint of the store's submitted rankings an export with these settings reads (its batches; under
+    combine=dawid_skene its reliability_batches too), as recipes/export.py records it in `rankings_sha256`: it
+    changes when rankings are added, changed, flagged or made gold."""
     from labeling.export import rankings_fingerprint
     from labeling.store import Store
 
     store = Store(url)
-    return rankings_fingerprint(store.submitted_rankings(), store.gold_answers(), batches=batches, combine=combine)
+    return rankings_fingerprint(store.submitted_rankings(), store.gold_answers(), batches=export.batches,
+                                combine=export.combine, reliability_batches=export.reliability_batches)
+
+
+def verdicts_state(url: str) -> str:
+    """The fingerprint of the store's A/B verdicts (align eval human=true), as eval records it in `rankings_sha256`."""
+    from labeling.export import verdicts_fingerprint
+    from labeling.store import Store
+
+    return verdicts_fingerprint(Store(url).submitted_rankings())
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
@@ -283,7 +305,9 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
                               policy=str(sft_dir if r == 0 else stage_dir(prev, policy_stage))),
             # This round's and the earlier rounds' batches: a later round's labels never remake an earlier round
             "export": replace(cfg.export, run=run, store=store,
-                              batches=cfg.export.batches or [round_batch(i) for i in range(r + 1)]),
+                              batches=cfg.export.batches or [round_batch(i) for i in range(r + 1)],
+                              reliability_batches=cfg.export.reliability_batches or (
+                                  [round_batch(i) for i in range(r + 1)] if cfg.export.combine == "dawid_skene" else None)),
             # The probes see the edits through the labelling scorer too (what the labels supported);
             # the next round picks its tasks by this round's reward model: it needs its heads.
             "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir),
@@ -308,7 +332,8 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
             if stage == "label":
                 label(cfg, run_dir, batch)
                 continue
-            rankings = rankings_state(store, stage_cfgs["export"].batches, stage_cfgs["export"].combine) if stage == "export" else None
+            rankings = (rankings_state(store, stage_cfgs["export"]) if stage == "export" else
+                        verdicts_state(store) if stage == "eval" and stage_cfgs["eval"].human else None)
             run_unless_done(stage, root if stage == "sft" else run_dir, stage_cfgs[stage], rankings)
         report_module.write_report(run_dir)
 

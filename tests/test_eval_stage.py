@@ -65,6 +65,10 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
     assert "polite vs sft · scorer:known_scorers:says_thanks: win-rate " in out and " over 8 prompts (" in out
     board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
     assert [row["policy"] for row in board] == ["polite", "sft"]
+    # the verdicts it read, recorded: align pipeline reruns a human=true eval when the store's are others
+    from recipes.pipeline import verdicts_state
+    assert json.loads((eval_run / "eval" / "align.json").read_text())["rankings_sha256"] == verdicts_state(store.url)
+    assert manifest["rankings_sha256"] != verdicts_state(store.url)  # the first run read none
     # the board reaches metrics.jsonl (and W&B, the same figures): each rating with its interval, the verdicts counted
     (logged,) = read_jsonl(eval_run / "eval" / "metrics.jsonl")
     polite = board[0]
@@ -249,6 +253,7 @@ def test_a_pipeline_gives_every_rounds_eval_its_one_store(tmp_path, monkeypatch)
         {(name, Path(run_dir).name): cfg}))
     monkeypatch.setattr(pipeline, "label", lambda *args: None)
     monkeypatch.setattr(pipeline, "rankings_state", lambda *args: "")
+    monkeypatch.setattr(pipeline, "verdicts_state", lambda *args: "")
     monkeypatch.setattr(pipeline.report_module, "write_report", lambda *args: None)
     for given in (None, "postgresql://ann@db.example/labels"):
         cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "rounds=2", "eval.human=true",

@@ -633,6 +633,45 @@ def test_a_human_eval_from_before_eval_store_is_not_redone_for_the_key_alone(tin
         os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
+def test_a_human_eval_is_redone_for_new_verdicts_and_they_remake_nothing_else(tiny_model, data, run, monkeypatch):
+    """A human=true eval's board counts the A/B verdicts there are when it runs: its pipeline said "already done"
+    after people judged them, and the board stayed at 0 verdicts. It is redone when they change; they remake
+    no export (under dawid_skene they did, and dpo with it: a new version, on which every verdict was stale)."""
+    import sqlite3
+
+    import recipes.pipeline as pipeline
+    from labeling.simulate import simulate
+    from labeling.store import Store
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    path = run / "eval" / "align.json"
+    text, times = path.read_text(), path.stat()
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    try:
+        old = json.loads(text)
+        old["config"]["human"] = True  # a human=true eval that read no verdicts (recorded before they were)
+        path.write_text(json.dumps(old))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert align([*pipeline_args(tiny_model, data, run), "eval.human=true"]) == 0 and ran == []
+        store.add_tasks("eval-dpo-vs-sft", [{"prompt": "Ticket 1: how do I export?",
+                                             "responses": ["Thanks for asking! Open Settings.", "No."]}],
+                        kind="pairwise")
+        assert simulate(store, "known_scorers:thanks_then_short", batch="eval-dpo-vs-sft") == 1
+        assert align([*pipeline_args(tiny_model, data, run), "eval.human=true"]) == 0 and ran == ["eval"]
+        ran.clear()  # and once eval recorded them, not again
+        path.write_text(json.dumps({**old, "rankings_sha256": pipeline.verdicts_state(store.url)}))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert align([*pipeline_args(tiny_model, data, run), "eval.human=true"]) == 0 and ran == []
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        with sqlite3.connect(run / "labels.db") as db:
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("DELETE FROM tasks WHERE batch LIKE 'eval-%'")
+    assert [r for r in store.submitted_rankings() if r["batch"].startswith("eval-")] == []
+
+
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
     from alignment.config import EvalStageConfig, RunConfig

@@ -107,6 +107,21 @@ def test_a_dawid_skene_exports_fingerprint_covers_the_batches_its_reliability_re
     # and dawid_skene's pairs do change with it: x, now known right on gold, decides the ties x and y made
     assert build_pairs(exported, combine="dawid_skene")[0] == []
     assert len(build_pairs(exported + other, combine="dawid_skene", gold=more_gold, batches=["round-0"])[0]) == 6
+    # What no export reads changes nothing: align eval human=true's A/B verdicts (they remade the export, and
+    # with it the policy they judged, whose verdicts then counted for nothing), and under reliability_batches
+    # (the pipeline's rounds so far) a later round's rankings.
+    verdicts = [{**r, "batch": "eval-dpo-vs-sft", "task_id": 3, "kind": "pairwise", "ranks": [1, 2]}
+                for r in rows({"x": [1, 2, 3, 4], "y": [1, 2, 3, 4]}, task_id=3)]
+    for combine in ("majority", "dawid_skene"):
+        for batches in (["round-0"], None):
+            assert rankings_fingerprint(exported + verdicts, gold, batches=batches, combine=combine) == \
+                rankings_fingerprint(exported, gold, batches=batches, combine=combine), (combine, batches)
+    later = rankings_fingerprint(exported + other, more_gold, batches=["round-0"], combine="dawid_skene",
+                                 reliability_batches=["round-0"])
+    assert later == rankings_fingerprint(exported, more_gold, batches=["round-0"], combine="dawid_skene",
+                                         reliability_batches=["round-0"])
+    assert build_pairs(exported + other, combine="dawid_skene", gold=more_gold, batches=["round-0"],
+                       reliability_batches=["round-0"])[0] == []  # the estimate did not read round-1's gold ranking
 
 
 def test_kept_ties_are_marked_and_a_split_vote_with_equal_mean_ranks_is_not_one():
@@ -563,7 +578,7 @@ def test_align_export_builds_its_dataset_and_manifest_from_one_read_taken_under_
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["summary"]["rankings"] == manifest["rankings_seen"] == 5
     assert json.loads((out / "summary.json").read_text())["rankings_read"]["count"] == 5
-    assert manifest["rankings_sha256"] == rankings_state(store.url)
+    assert manifest["rankings_sha256"] == rankings_state(store.url, cfg)
     assert len(load_preferences(out, test_fraction=0)[0]["train"]) == manifest["summary"]["pairs"] == 5
 
 
