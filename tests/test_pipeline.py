@@ -672,6 +672,31 @@ def test_a_human_eval_is_redone_for_new_verdicts_and_they_remake_nothing_else(ti
     assert [r for r in store.submitted_rankings() if r["batch"].startswith("eval-")] == []
 
 
+def test_a_setting_added_since_a_stage_ran_reruns_nothing_at_its_null_default(tiny_model, data, run, monkeypatch):
+    """export.reliability_batches is new: an export recorded before it lacks the key. At its null default it does
+    what was done then, so that export (and all after it) is not redone for the key alone; set, it is."""
+    import recipes.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    path = run / "preferences" / "align.json"
+    text, times = path.read_text(), path.stat()
+    try:
+        old = json.loads(text)
+        assert old["config"].pop("reliability_batches") is None
+        path.write_text(json.dumps(old))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        # (reward and dpo rerun here only because the export folder they hashed as their data now holds this
+        # edited align.json: an export written before the key was there is unedited)
+        assert align(pipeline_args(tiny_model, data, run)) == 0 and "export" not in ran
+        ran.clear()
+        assert align([*pipeline_args(tiny_model, data, run), "export.reliability_batches=[round-0]"]) == 0
+        assert "export" in ran
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
     from alignment.config import EvalStageConfig, RunConfig
