@@ -7,14 +7,17 @@ pipeline shows as one group with a run per stage.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import netrc
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from alignment.config import RunConfig, redact
 
@@ -26,14 +29,38 @@ USER_MODE = os.environ.get("WANDB_MODE", "").strip().lower()
 
 
 def wandb_mode(cfg: RunConfig) -> str:
-    """run.wandb, or for `auto`: the user's WANDB_MODE where set, else online with a key, offline without."""
+    """run.wandb, or for `auto`: the user's WANDB_MODE where set, else online with a key and a W&B server that
+    answers, offline otherwise (a key on a machine with no network: wandb.init waited 90 s, then every stage
+    failed with a traceback)."""
     if cfg.wandb != "auto":
         return cfg.wandb
     if USER_MODE in ("online", "offline", "disabled"):
         return USER_MODE
     if USER_MODE == "dryrun":  # W&B's older name for offline
         return "offline"
-    return "online" if has_wandb_key() else "offline"
+    if not has_wandb_key():
+        return "offline"
+    if not wandb_reachable():
+        log.warning("W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload the runs "
+                    "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[0])
+        return "offline"
+    return "online"
+
+
+def wandb_host() -> tuple[str, int]:
+    """The W&B server's host and port: WANDB_BASE_URL's, else api.wandb.ai:443."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def wandb_reachable(timeout: float = 2.0) -> bool:
+    """Whether the W&B server takes a connection (asked once a process)."""
+    try:
+        socket.create_connection(wandb_host(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def has_wandb_key() -> bool:

@@ -126,6 +126,7 @@ def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
     from alignment.config import RunConfig
 
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
+    monkeypatch.setattr(tracking, "wandb_reachable", lambda: True)
     for user, mode in (("disabled", "disabled"), ("offline", "offline"), ("dryrun", "offline"), ("", "online")):
         monkeypatch.setattr(tracking, "USER_MODE", user)
         assert tracking.wandb_mode(RunConfig(wandb="auto")) == mode
@@ -134,6 +135,34 @@ def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
     monkeypatch.setattr(tracking, "USER_MODE", "")
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: False)
     assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
+
+
+def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypatch, caplog):
+    """A key in ~/.netrc on a machine with no network: auto went online, wandb.init waited 90 s and every stage
+    ended in a traceback (export, sample and eval after writing their manifest). The server is asked first."""
+    import socket
+
+    from alignment import tracking
+    from alignment.config import RunConfig
+
+    monkeypatch.setattr(tracking, "USER_MODE", "")
+    monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.internal:8080")
+    asked = []
+
+    def no_network(address, timeout=None):
+        asked.append(address)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    tracking.wandb_reachable.cache_clear()
+    try:
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
+        assert asked == [("wandb.internal", 8080)] and "does not answer: logging offline" in caplog.text
+        assert tracking.wandb_mode(RunConfig(wandb="online")) == "online"  # asked for: as asked (and not probed)
+        assert len(asked) == 1
+    finally:
+        tracking.wandb_reachable.cache_clear()
 
 
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
