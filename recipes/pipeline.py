@@ -156,7 +156,19 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     if fingerprint and Path(base).is_dir() and model_fingerprint(base) != fingerprint:
         log.info("── %s: the base model %s has changed since it ran", folder.name, base)
         return False
+    if m.get("stage") == "sample" and getattr(cfg, "store", None) and m.get("batch"):
+        held, made = _tasks_held(cfg.store, m["batch"]), (m.get("metrics") or {}).get("tasks_in_batch") or 0
+        if held < made:  # a new store, or the labels.db deleted to label again: label would find nothing to rank
+            log.info("── %s: the store holds %d of the %d tasks of batch %r: sampling them again", folder.name, held,
+                     made, m["batch"])
+            return False
     return True
+
+
+def _tasks_held(url: str, batch: str) -> int:
+    from labeling.store import Store
+
+    return next((b["tasks"] for b in Store(url).batch_counts() if b["batch"] == batch), 0)
 
 
 def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: str | None = None) -> Path:

@@ -726,6 +726,28 @@ def test_a_setting_added_since_a_stage_ran_reruns_nothing_at_its_null_default(ti
         os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
+def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, monkeypatch, caplog):
+    """labels.db deleted (to label again) or a new store: sample was "already done", label found nothing to rank
+    and export failed with "batches: 'round-0' not in the store", with nothing saying how out of it."""
+    import shutil
+
+    import recipes.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    db = run / "labels.db"
+    shutil.copy2(db, run.parent / "labels.db.kept")
+    try:
+        db.unlink()
+        with caplog.at_level("INFO", logger="recipes.pipeline"):
+            align(pipeline_args(tiny_model, data, run))
+        assert ran[:1] == ["sample"] and "the store holds 0 of the 10 tasks of batch 'round-0'" in caplog.text
+    finally:
+        shutil.copy2(run.parent / "labels.db.kept", db)
+    ran.clear()
+    assert align(pipeline_args(tiny_model, data, run)) == 0 and ran == []
+
+
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
     from alignment.config import EvalStageConfig, RunConfig
