@@ -589,7 +589,8 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         which = f"the answers in batch {manifest.get('batch') or '?'}"
     if kind == "sample" and answers and cut and cut / answers > 0.5:
         found.append(f"{cut / answers:.0%} of {which} were cut at max_new_tokens: raise "
-                     "sample.generation.max_new_tokens for answers a person can judge whole")
+                     "sample.generation.max_new_tokens for answers a person can judge whole, with another run.dir "
+                     "(or, for align sample, another batch=): a batch keeps the answers it has")
     r = _num(m, "length_correlation")
     if kind == "reward" and r is not None and abs(r) > 0.5:
         found.append(f"the reward model's scores track answer length (Pearson r = {r:.2f}: "

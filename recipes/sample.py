@@ -152,7 +152,7 @@ def main(cfg: SampleStageConfig) -> Path:
     if stale:
         log.warning("%d tasks of batch %r were sampled with other settings than this run's (%s): the batch keeps "
                     "them as they are, with their rankings, and samples only prompts it lacks. To sample afresh, "
-                    "use another batch= or run.dir", stale["tasks"], batch, ", ".join(stale["differ"]))
+                    "use another batch= (align sample) or run.dir (align sample or align pipeline)", stale["tasks"], batch, ", ".join(stale["differ"]))
     selection: dict = {"selection": cfg.selection, "pool": len(pool), "pool_factor": cfg.pool_factor}
     if todo and wanted:
         policy = load_policy(policy_dir if policy_dir.exists() else cfg.policy, cfg.model, plan,

@@ -82,7 +82,8 @@ def test_each_rl_stage_says_what_its_kl_is():
 
 def test_cautions_name_only_what_crosses_its_line():
     assert cautions("sample", SAMPLE) == ["65% of the sampled answers were cut at max_new_tokens: raise "
-                                          "sample.generation.max_new_tokens for answers a person can judge whole"]
+                                          "sample.generation.max_new_tokens for answers a person can judge whole, with another run.dir "
+                                          "(or, for align sample, another batch=): a batch keeps the answers it has"]
     assert cautions("sample", {"metrics": {"responses_sampled": 160, "responses_cut": 64}}) == []
     found = cautions("reward", REWARD)
     assert len(found) == 2 and "r = -0.53: shorter scores higher" in found[0]
@@ -395,7 +396,8 @@ def test_the_same_sample_run_again_shows_the_batch_it_left(tmp_path):
         "cut_in_batch": 24}}
     assert glance("sample", again) == ["no new answers", "batch round-0 holds 8 tasks, 24 answers, 100% cut"]
     assert cautions("sample", again) == ["100% of the answers in batch round-0 were cut at max_new_tokens: raise "
-                                         "sample.generation.max_new_tokens for answers a person can judge whole"]
+                                         "sample.generation.max_new_tokens for answers a person can judge whole, with another run.dir "
+                                          "(or, for align sample, another batch=): a batch keeps the answers it has"]
     more = {**again, "metrics": {**again["metrics"], "new_tasks": 2, "responses_sampled": 6, "responses_cut": 1,
                                  "tasks_in_batch": 10, "answers_in_batch": 30, "cut_in_batch": 25}}
     assert glance("sample", more) == ["6 answers to 2 prompts", "1 (17%) cut at max_new_tokens",
