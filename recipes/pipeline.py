@@ -266,6 +266,7 @@ def main(cfg: PipelineConfig) -> Path:
     # run.dir=runs/x and =$PWD/runs/x were a changed config, and the rerun redid every stage, sft first.
     cfg = replace(cfg, run=replace(cfg.run, dir=str(Path(cfg.run.dir).resolve())))
     check_stage("pipeline", cfg)  # every stage's inputs, before the first stage starts
+    warn_shipped_prompts(cfg)
     root = Path(cfg.run.dir)
     store = store_url(cfg.sample.store, root)
     # The policy a later round samples from, by the folder its stage writes (ppo with algo=grpo: grpo/).
@@ -289,6 +290,26 @@ def main(cfg: PipelineConfig) -> Path:
         print(f"\n  {hint}")
     print_done("pipeline", html, f"open {shell(html)}")
     return html
+
+
+def warn_shipped_prompts(cfg: PipelineConfig) -> None:
+    """A warning where sft trains on the user's data while a later stage still reads its default prompts, the
+    shipped support data's (sft.data.path=mine alone sampled, evaluated and rolled out on support tickets)."""
+    from alignment.config import EvalStageConfig, PPOStageConfig, SampleStageConfig
+
+    def same(a: str, b: str) -> bool:
+        return Path(a).resolve() == Path(b).resolve()
+
+    if same(cfg.sft.data.path, SampleStageConfig.prompts) or "sft" not in cfg.stages:
+        return
+    defaults = {"sample": SampleStageConfig.prompts, "ppo": PPOStageConfig.prompts, "eval": EvalStageConfig.prompts}
+    shipped = [f"{s}.prompts" for s, default in defaults.items()
+               if s in cfg.stages and same(getattr(cfg, s).prompts, default)]
+    if shipped:
+        log.warning("sft trains on %s, but %s %s the shipped support data's prompts (the default%s): set %s to "
+                    "prompts of your own data (eval's held out from training)", cfg.sft.data.path,
+                    " and ".join(shipped), "reads" if len(shipped) == 1 else "read", "" if len(shipped) == 1 else "s",
+                    " and ".join(f"{k}=<file>" for k in shipped))
 
 
 def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trained: list[str]) -> None:

@@ -214,6 +214,11 @@ def main(cfg: SFTStageConfig) -> Path:
     if hint:
         log.info(hint)
     log.info("report: %s", html)
-    print_done("sft", out, f"align sample run.dir={shell(cfg.run.dir)}")
+    # Sampling's default prompts are the shipped support data's: after training on other data, the hint names it
+    from alignment.config import SampleStageConfig
+
+    shipped = Path(SampleStageConfig.prompts).resolve() == Path(cfg.data.path).resolve()
+    print_done("sft", out, f"align sample run.dir={shell(cfg.run.dir)}"
+               + ("" if shipped else f" prompts={shell(cfg.data.path)}"))
     return out
 

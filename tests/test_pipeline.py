@@ -748,6 +748,26 @@ def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, mon
     assert align(pipeline_args(tiny_model, data, run)) == 0 and ran == []
 
 
+def test_sft_on_the_users_data_with_the_shipped_prompts_elsewhere_is_warned(tmp_path, caplog):
+    """sft.data.path=mine alone: sample, ppo and eval kept their defaults, the shipped support data's prompts, and
+    the loop sampled, rolled out and evaluated on support tickets without a word."""
+    from alignment.config import PipelineConfig, load_config
+    from recipes.pipeline import warn_shipped_prompts
+
+    mine = tmp_path / "mine.jsonl"
+    for extra, said in (([], "sample.prompts and eval.prompts read"),
+                        ([f"sample.prompts={mine}"], "but eval.prompts reads"),
+                        ([f"sample.prompts={mine}", f"eval.prompts={mine}"], None)):
+        cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", f"sft.data.path={mine}", *extra])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recipes.pipeline"):
+            warn_shipped_prompts(cfg)
+        assert (said in caplog.text) if said else caplog.text == "", extra
+    caplog.clear()
+    warn_shipped_prompts(load_config(PipelineConfig, REPO / "configs/quickstart/pipeline.yaml", []))
+    assert caplog.text == ""  # the quickstart: its own data throughout
+
+
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
     from alignment.config import EvalStageConfig, RunConfig

@@ -169,7 +169,10 @@ def test_latest_over_a_finished_run_on_other_data_trains_the_new_data(tiny_model
     sft_data.write_text(sft_data.read_text().replace("Open Settings", "Open the menu"))
     capsys.readouterr()
     out = run_sft(tiny_model, sft_data, tmp_path / "run", *args)
-    assert "checkpoints of a run on other inputs (data differ" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "checkpoints of a run on other inputs (data differ" in said.err
+    # trained on its own data, the next step samples that data's prompts, not the shipped support data's default
+    assert f"next: align sample run.dir={tmp_path / 'run'} prompts={sft_data}\n" in said.out
     ends = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "train_runtime" in r]
     assert ends == [4] and [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     new = load_file(str(out / "adapter_model.safetensors"))
