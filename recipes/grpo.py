@@ -33,6 +33,7 @@ from alignment import rl as R
 from alignment.artifacts import (
     eval_command,
     is_main_process,
+    key_prefix,
     print_done,
     stage_dir,
     system_prompt_of,
@@ -115,6 +116,12 @@ def grpo_args(cfg: PPOStageConfig, plan, out: Path):
         from trl import GRPOConfig as Config
     else:
         from trl import RLOOConfig as Config
+    if cfg.generation.backend == "vllm" and plan.quantize:
+        log.warning("generation.backend=vllm on a 4-bit base: TRL starts vLLM with bitsandbytes and loads the merged "
+                    "policy's weights into it before each generation, which TRL's issues #3654 and #4973 report "
+                    "failing with shape mismatches (not run here: no GPU so far). If the first step stops so, set "
+                    "%smodel.quantize=false (LoRA on the bf16 base), or generation.backend=transformers",
+                    key_prefix("ppo"))
     return trl_args(
         Config, cfg.train, plan, cfg.run, cfg.algo, out, has_eval=False,
         # A step's completions (rl.num_generations per prompt) over every process, as PPO splits its prompts:
