@@ -215,10 +215,13 @@ def main(cfg: SFTStageConfig) -> Path:
         log.info(hint)
     log.info("report: %s", html)
     # Sampling's default prompts are the shipped support data's: after training on other data, the hint names it
+    # (unless a sample.yaml beside this --config, which the hint names, says which prompts)
+    from alignment import artifacts
     from alignment.config import SampleStageConfig
 
+    own = artifacts.config_folder is not None and (artifacts.config_folder / "sample.yaml").is_file()
     shipped = Path(SampleStageConfig.prompts).resolve() == Path(cfg.data.path).resolve()
     print_done("sft", out, f"align sample run.dir={shell(cfg.run.dir)}"
-               + ("" if shipped else f" prompts={shell(cfg.data.path)}"))
+               + ("" if shipped or own else f" prompts={shell(cfg.data.path)}"))
     return out
 

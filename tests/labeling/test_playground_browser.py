@@ -151,7 +151,9 @@ def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url,
         assert pane.locator(".align-pg-assistant .align-text").text_content() == expected.replace("\r\n", "\n").replace(
             "\r", "\n")
     shown = right.locator(".align-pg-assistant .align-text").text_content()
-    assert shown.startswith(f'<img src="//127.0.0.1:{sentinel[0]}/pwned.png"><form'), shown  # the characters
+    # the characters of the markup (the tiny model does not always learn the sentinel's port to the digit: with
+    # 44299 it wrote "4429" and "<1:429m<form0.png"; no element may come of it whatever the URL, checked next)
+    assert shown.startswith('<img src="//127.0.0.1:') and "<form" in shown, shown
     assert page.locator("#align-pg-right img, #align-pg-right form, #align-pg-left img, #align-pg-left form").count() == 0
     page.wait_for_timeout(500)
     assert sentinel[1] == []  # nothing was fetched or posted from the answer
