@@ -162,7 +162,8 @@ class ChatEngine:
         model = load_base_model(replace(cfg.model, name=base), plan, training=False)
         adapters: dict[str, str | None] = {BASE: None}
         tokenizers = {BASE: load_tokenizer(base)}
-        system_prompts = {}
+        # a merged model (align merge) served as the base keeps the system prompt its adapter was trained with
+        system_prompts = {BASE: system_prompt_of(base)}
         if models:
             from peft import PeftModel
 

@@ -560,9 +560,18 @@ class ServeStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, prefix: str = "") -> None:
+        from alignment.serving import is_loopback
+
+        p = prefix
         if self.api_key is not None and len(self.api_key.strip()) < 8:
-            raise ConfigError(f"{prefix}api_key: too short to keep anyone out; use 8 characters or more "
+            raise ConfigError(f"{p}api_key: too short to keep anyone out; use 8 characters or more "
                               "(e.g. `openssl rand -hex 16`)")
+        if self.generation.backend == "vllm" and not is_loopback(self.host):
+            raise ConfigError(f"{p}host={self.host} with {p}generation.backend=vllm: vLLM's API key guards only its /v1 "
+                              "routes (its /invocations answers anyone: vLLM issue #58144; its security docs say not to "
+                              "rely on the key), so beyond this machine anyone could use the models; serve on "
+                              "host=127.0.0.1 behind a reverse proxy that authenticates, or use "
+                              "generation.backend=transformers")
 
 
 @dataclass

@@ -199,7 +199,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
 def _parse(body: dict[str, Any], engine: ChatEngine, limits, defaults) -> tuple:
     """(model, messages, Params, stream, include usage in the stream) from a request body, or a RequestError."""
     for key, value in body.items():
-        if key in KNOWN or key in IGNORED:
+        if key in KNOWN or key in IGNORED or value is None:  # null: unset, as clients that send every field write it
             continue
         if key in NEUTRAL:
             if value not in NEUTRAL[key]:

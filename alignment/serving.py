@@ -154,10 +154,14 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
                "--max-model-len", str(min(context, positions) if positions else context),
                "--gpu-memory-utilization", str(cfg.generation.vllm_gpu_memory_utilization),
                # A request's defaults are serve's generation section, as on the transformers backend, not the
-               # sampling settings a model folder's generation_config.json may carry.
+               # sampling settings a model folder's generation_config.json may carry. vLLM takes max_new_tokens
+               # as a ceiling of every request's max_tokens (vllm/entrypoints/utils.py get_max_tokens), not a
+               # default: limits.max_tokens, the ceiling the transformers backend enforces too.
                "--generation-config", "vllm", "--override-generation-config", json.dumps(
                    {"temperature": cfg.generation.temperature, "top_p": cfg.generation.top_p,
-                    "max_new_tokens": cfg.generation.max_new_tokens})]
+                    "max_new_tokens": cfg.limits.max_tokens}),
+               # No cross-site page may call it (vLLM's CORS default allows every origin)
+               "--allowed-origins", "[]"]
     if models:
         # The first adapter's tokenizer: align's stages save it beside each adapter with the chat template the
         # adapter was trained with (a base without one gets ChatML), as the transformers backend uses.

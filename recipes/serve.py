@@ -140,7 +140,7 @@ def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str
     """vLLM's OpenAI server, one base with every adapter as a LoRA module, until Ctrl-C."""
     from alignment.artifacts import system_prompt_of
 
-    prompted = [name for name, folder in models.items() if system_prompt_of(folder)]
+    prompted = [name for name, folder in {BASE: base, **models}.items() if system_prompt_of(folder)]
     if prompted:  # vLLM applies the chat template itself: nothing here can add a system turn per adapter
         log.warning("%s trained with a system prompt (sft.data.system_prompt): vLLM's server does not add it; "
                     "send it as the request's system message (the transformers backend adds it itself)",

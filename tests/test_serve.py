@@ -137,6 +137,22 @@ def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
         assert result.choices[0].text == expected[name], name
 
 
+def test_a_merged_model_served_alone_keeps_the_system_prompt_it_was_trained_with(tiny_model, tmp_path):
+    """align merge records the adapter's system prompt in the merged folder; served as `base` (model.name=<the
+    folder>) the prompt was left out, and the merged model answered otherwise than its adapter (27 prompt tokens
+    against 54). It is added as it is for an adapter: when the request has no system message."""
+    from alignment.chat_engine import Params
+
+    merged = Path(shutil.copytree(tiny_model, tmp_path / "merged"))
+    (merged / "align.json").write_text(json.dumps({"stage": "merge", "system_prompt": "You answer in one line."}))
+    engine = load_engine(serve_config(tmp_path / "run", "discover=false", f"model.name={merged}"))
+    params = Params(max_tokens=4, temperature=0)
+    told = [{"role": "system", "content": "You answer in one line."}, *PROMPT]
+    assert engine.prepare("base", PROMPT, params).prompt_ids == engine.prepare("base", told, params).prompt_ids
+    assert engine.prepare("base", [{"role": "system", "content": "Other."}, *PROMPT], params).prompt_ids != \
+        engine.prepare("base", told, params).prompt_ids  # a request's own system message is kept
+
+
 def test_the_model_folders_decoding_settings_do_not_reach_a_request(tiny_model, tmp_path):
     """generate() fills every setting a call leaves unset from the model folder's generation_config.json,
     which may switch on sampling and processors (min_p, no_repeat_ngram_size, a repetition penalty, top_k):
@@ -229,6 +245,9 @@ def test_a_null_max_completion_tokens_leaves_max_tokens(served):
     body = {"model": "sft", "messages": PROMPT, "temperature": 0, "max_completion_tokens": None, "max_tokens": 3}
     reply = httpx.post(f"{served[2]}/chat/completions", json=body).json()
     assert reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["finish_reason"] == "length"
+    # a field this server does not know, sent as null by a client that writes every field: unset, not a 400
+    reply = httpx.post(f"{served[2]}/chat/completions", json={**body, "reasoning_effort": None, "nonsense": None})
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_left_out_max_tokens_is_the_default_as_far_as_the_context_goes(served, run, monkeypatch):
@@ -633,6 +652,8 @@ def test_names_and_bases_are_checked_before_anything_loads(run, tiny_model, tmp_
         (ConfigError, [f"model.name={other_base}"], "the adapters were trained on"),
         (ConfigError, [f"adapters={{gone: {tmp_path / 'gone'}}}"], "no such folder"),
         (ConfigError, ["host=0.0.0.0"], "ALIGN_SERVE_API_KEY"),
+        (ConfigError, ["host=0.0.0.0", "api_key=a-long-enough-key", "generation.backend=vllm"],
+         "vLLM's API key guards only its /v1 routes"),
         (ConfigError, ["api_key=short"], "too short"),
         (ConfigError, ["limits.max_waiting=40"], "limits.max_waiting"),
     ]
@@ -679,7 +700,9 @@ def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_pat
     assert value("--served-model-name") == "base" and value("--port") == "8123" and value("--host") == "127.0.0.1"
     assert value("--max-lora-rank") == "16" and value("--max-loras") == "4"  # r=12 rounds up to vLLM's 16
     assert value("--max-model-len") == "264"  # max_prompt_tokens + max_tokens, under the model's 512 positions
-    assert json.loads(value("--override-generation-config")) == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 16}
+    # vLLM reads max_new_tokens as every request's ceiling (not a default): limits.max_tokens, not 16
+    assert json.loads(value("--override-generation-config")) == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 64}
+    assert json.loads(value("--allowed-origins")) == []  # vLLM's CORS allows every origin unless told
     assert "--enable-lora" in command and value("--generation-config") == "vllm"
     modules = [json.loads(m) for m in command[command.index("--lora-modules") + 1:][:4]]
     assert [(m["name"], m["base_model_name"]) for m in modules] == [
