@@ -293,8 +293,8 @@ class ExportStageConfig:
     min_agreement: float | None = bounded(None, ge=0, le=1)
     # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
     min_posterior: float | None = bounded(None, ge=0.5, le=1)
-    # With dawid_skene: the batches whose rankings its reliability estimate reads (null: every batch, whichever
-    # are exported). align pipeline sets its rounds so far: a later round's labels never remake an earlier round.
+    # With dawid_skene: the batches whose rankings its reliability estimate reads beside the exported ones (null:
+    # every batch). align pipeline sets its rounds so far: a later round's labels never remake an earlier round.
     reliability_batches: list[str] | None = None
     test_fraction: float = bounded(0.1, ge=0, lt=1)
     seed: int = bounded(0, ge=0, lt=2**32)

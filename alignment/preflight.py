@@ -466,7 +466,9 @@ def _pipeline_sets(cfg) -> None:
     for section in ("export", "eval"):
         store = getattr(cfg, section).store
         if store is not None and store != cfg.sample.store:
-            raise ConfigError(f"{section}.store={store}: the pipeline's stages share one labelling store, "
+            from labeling.store import safe_url
+
+            raise ConfigError(f"{section}.store={safe_url(store)}: the pipeline's stages share one labelling store, "
                               "sample.store (default <run.dir>/labels.db); set that instead")
     trained = [s for s in cfg.stages if s in ("dpo", "ppo")]
     if "eval" in cfg.stages and not trained and not cfg.eval.policies:

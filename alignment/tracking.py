@@ -55,12 +55,29 @@ def wandb_host() -> tuple[str, int]:
 
 @functools.cache
 def wandb_reachable(timeout: float = 2.0) -> bool:
-    """Whether the W&B server takes a connection (asked once a process)."""
-    try:
-        socket.create_connection(wandb_host(), timeout=timeout).close()
+    """Whether the W&B server takes a connection (asked once a process, `timeout` seconds at most, the name's
+    lookup included). Through a proxy (HTTPS_PROXY, ...), as wandb would go: taken as reachable, not asked."""
+    import threading
+    import urllib.request
+
+    host, port = wandb_host()
+    scheme = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").scheme or "https"
+    proxies = urllib.request.getproxies()
+    if (proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return True
-    except OSError:
-        return False
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)  # a resolver that does not answer: not waited for
+    probe.start()
+    probe.join(timeout)
+    return answered == [True]
 
 
 def has_wandb_key() -> bool:

@@ -260,11 +260,12 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 gold: dict[int, list[int]] | None = None, chat: bool = True,
                 reliability_batches: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`.
-    `reliability_batches`: the batches whose rankings the reliability estimate reads (None: every batch)."""
+    `reliability_batches`: the batches whose rankings the reliability estimate reads beside the exported ones
+    (None: every batch)."""
     _check_options(ties, combine, min_posterior)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
-    reliability = annotator_reliability(reliability_rows(rows, reliability_batches), gold)
+    reliability = annotator_reliability(reliability_rows(rows, estimate_batches(batches, reliability_batches)), gold)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -362,6 +363,14 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     return pairs, summary
 
 
+def estimate_batches(batches: list[str] | None, reliability_batches: list[str] | None) -> list[str] | None:
+    """The batches dawid_skene's estimate reads: `reliability_batches` and the exported `batches` (a pair of an
+    exported task the estimate did not read would have no posterior); None: every batch."""
+    if reliability_batches is None or batches is None:
+        return None
+    return sorted({*reliability_batches, *batches})
+
+
 def reliability_rows(rows: list[dict[str, Any]], batches: list[str] | None = None) -> list[dict[str, Any]]:
     """The rankings dawid_skene's estimate reads: rankings_for_reliability's, of `batches` (None: every batch)."""
     return rankings_for_reliability([r for r in rows if not batches or r["batch"] in batches])
@@ -372,16 +381,17 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
     """What an export of `batches` (all without) from `rows` (Store.submitted_rankings()) depends on, hashed:
     each ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
     would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go).
-    combine=dawid_skene: with them, the rankings its reliability estimate reads (`reliability_batches`') and
-    every gold answer. Never the A/B verdicts of align eval human=true, which no export reads: judging them
+    combine=dawid_skene: with them, the rankings its reliability estimate reads (`estimate_batches`) and their
+    tasks' gold answers. Never the A/B verdicts of align eval human=true, which no export reads: judging them
     remade the export, and with it the policy they judged."""
     exported = [r for r in rows if (not batches or r["batch"] in batches) and r["kind"] == "ranking"
                 and not str(r["batch"]).startswith("eval-")]
     if combine == "dawid_skene":
         seen = {id(r) for r in exported}
-        exported += [r for r in reliability_rows(rows, reliability_batches) if id(r) not in seen]
+        exported += [r for r in reliability_rows(rows, estimate_batches(batches, reliability_batches))
+                     if id(r) not in seen]
     rows = exported
-    tasks = {r["task_id"] for r in rows} if combine != "dawid_skene" else set(gold)
+    tasks = {r["task_id"] for r in rows}  # a gold answer counts through the rankings of its task, as it is read
     parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], sorted(r["flags"] or []), bool(r["is_gold"]),
                                r["kind"], r["batch"]]) for r in rows)
     parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)

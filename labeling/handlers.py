@@ -320,7 +320,7 @@ def _open_view(store: Store, session: dict[str, Any], task_id: Any, seed: int) -
         task_id = int(task_id)  # a number box sends 12.0
     if not isinstance(task_id, int) or isinstance(task_id, bool):
         raise ValueError("there is no task to submit")
-    if not 0 < task_id < 2**63:  # no task has such an id, and the database would refuse it (SQLite: OverflowError)
+    if not 0 < task_id < 2**31:  # no task has such an id (PostgreSQL's integer; SQLite raised OverflowError past 2^63)
         raise PermissionError(f"task {task_id} is not assigned to you")
     status = store.assignment_status(session["annotator_id"], task_id)
     if status is None:

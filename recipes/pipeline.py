@@ -98,14 +98,27 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Keys added since a stage may have run whose effect its other records cover: export.reliability_batches, which
+# changes only which rankings the estimate reads, and its rankings_sha256 fingerprints exactly those.
+COVERED = ("reliability_batches",)
+
+
 def _as_recorded(config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
-    """`config` without the keys at null that `recorded` lacks: settings added since it ran, whose null default
-    does what was done before (export.reliability_batches), rerun nothing."""
+    """`config` without the keys `recorded` lacks that are at null, settings added since it ran whose null default
+    does what was done before, or in COVERED: neither reruns anything for the key alone."""
     def trim(now: dict, then: dict) -> dict:
         return {k: trim(v, then[k]) if isinstance(v, dict) and isinstance(then.get(k), dict) else v
-                for k, v in now.items() if k in then or v is not None}
+                for k, v in now.items() if k in then or (v is not None and k not in COVERED)}
 
     return trim(config, recorded)
+
+
+def _as_ran(m: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's config as its stage ran it where the two differ: a reward model recorded before
+    `lora_dropout_applied` ran without dropout whatever its lora.dropout said (TRL turned it off)."""
+    if m.get("stage") == "reward" and not m.get("lora_dropout_applied") and isinstance(recorded.get("lora"), dict):
+        return {**recorded, "lora": {**recorded["lora"], "dropout": 0.0}}
+    return recorded
 
 
 def _inputs(m: dict[str, Any]) -> list[tuple[str, str]]:
@@ -138,6 +151,7 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         # An eval from before eval.store: its A/B tasks went to the run's labels.db, the one store the pipeline
         # passes (a human=true eval of those days, rerun by its pipeline, was redone for the key alone)
         recorded = {**recorded, "store": getattr(cfg, "store", None)}
+    recorded = _as_ran(m, recorded)
     if _made_by(recorded) != _made_by(_as_recorded(to_dict(cfg), recorded)):
         return False
     # an eval from before it recorded its verdicts read none, as far as anyone knows: rerun once there are some

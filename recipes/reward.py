@@ -282,10 +282,7 @@ def main(cfg: RewardStageConfig) -> Path:
     has_eval = test is not None
     args = trl_args(RewardConfig, cfg.train, plan, cfg.run, "reward", out, has_eval=has_eval,
                     max_length=cfg.model.max_length,  # longer pairs are dropped (TRL filters, we count)
-                    center_rewards_coefficient=cfg.center_rewards_coefficient,
-                    # TRL's RewardConfig turns every dropout off (p=0 after get_peft_model): lora.dropout
-                    # would be recorded and not applied; a dropout asked for is applied
-                    disable_dropout=not cfg.lora.dropout)
+                    center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = AlignRewardTrainer(
         model=model,
         group_by_ranking=cfg.group_by_ranking,
@@ -297,6 +294,11 @@ def main(cfg: RewardStageConfig) -> Path:
         peft_config=peft_lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
         callbacks=[MetricsJSONL(out), ThisRunsRate()],
     )
+    # TRL's RewardConfig (disable_dropout) sets every dropout's p to 0 once peft has wrapped the model: the base
+    # model's stay off (GPT-2's, OPT's...), LoRA's are given back the lora.dropout asked for (else recorded, not run)
+    for name, module in trainer.model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." in f"{name}.":
+            module.p = cfg.lora.dropout
     # fp32 adapter and score head unless compute is bf16: TRL rounds a 4-bit model's adapter to bf16 (a T4 or V100
     # has none in hardware), and peft leaves the score head (modules_to_save) in fp16, whose grads the GradScaler
     # refuses
@@ -383,6 +385,7 @@ def main(cfg: RewardStageConfig) -> Path:
         out, stage="reward", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
         weighting=weighting, probes=probes, system_prompt=system_prompt,
+        lora_dropout_applied=True,  # before this key, TRL ran every reward model without (align pipeline reads it)
         data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
               "split": data_report.split, "train": len(trainer.train_dataset), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},

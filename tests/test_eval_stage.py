@@ -268,6 +268,10 @@ def test_a_pipeline_gives_every_rounds_eval_its_one_store(tmp_path, monkeypatch)
     cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "eval.store=postgresql://ann@db.example/other"])
     with pytest.raises(ConfigError, match="eval.store=postgresql://ann@db.example/other: the pipeline's stages share"):
         _pipeline_sets(cfg)
+    cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", "eval.store=postgresql://ann:S3cret@db.example/o"])
+    with pytest.raises(ConfigError, match=r"eval.store=postgresql://ann:\*\*\*@db.example/o: ") as said:
+        _pipeline_sets(cfg)  # its password masked: errors land in logs
+    assert "S3cret" not in str(said.value)
 
 
 def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkeypatch, caplog):

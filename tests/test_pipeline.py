@@ -161,6 +161,16 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
         assert asked == [("wandb.internal", 8080)] and "does not answer: logging offline" in caplog.text
         assert tracking.wandb_mode(RunConfig(wandb="online")) == "online"  # asked for: as asked (and not probed)
         assert len(asked) == 1
+        # behind a proxy wandb goes through it: taken as reachable, the direct connection never tried
+        monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+        tracking.wandb_reachable.cache_clear()
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == "online" and len(asked) == 1
+        # a name lookup that hangs is waited for no longer than the probe's timeout
+        monkeypatch.delenv("HTTP_PROXY")
+        monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: time.sleep(30))
+        tracking.wandb_reachable.cache_clear()
+        started = time.monotonic()
+        assert tracking.wandb_reachable(timeout=0.5) is False and time.monotonic() - started < 5
     finally:
         tracking.wandb_reachable.cache_clear()
 
@@ -701,29 +711,40 @@ def test_a_human_eval_is_redone_for_new_verdicts_and_they_remake_nothing_else(ti
     assert [r for r in store.submitted_rankings() if r["batch"].startswith("eval-")] == []
 
 
-def test_a_setting_added_since_a_stage_ran_reruns_nothing_at_its_null_default(tiny_model, data, run, monkeypatch):
-    """export.reliability_batches is new: an export recorded before it lacks the key. At its null default it does
-    what was done then, so that export (and all after it) is not redone for the key alone; set, it is."""
+def test_a_stage_recorded_before_an_upgrade_is_not_redone_for_what_did_not_change(tiny_model, data, run, monkeypatch):
+    """Keys added or defaults changed since a stage ran rerun it, and all after it, only where what it made
+    would change: export.reliability_batches (absent from an older export; what it changes, which rankings the
+    estimate reads, the export's rankings fingerprint covers), and a reward model recorded with lora.dropout
+    0.05, which TRL ran without dropout (the default is 0 now, as it ran)."""
     import recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
-    path = run / "preferences" / "align.json"
-    text, times = path.read_text(), path.stat()
+    saved = {}
     try:
-        old = json.loads(text)
-        assert old["config"].pop("reliability_batches") is None
-        path.write_text(json.dumps(old))
-        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
-        # (reward and dpo rerun here only because the export folder they hashed as their data now holds this
-        # edited align.json: an export written before the key was there is unedited)
-        assert align(pipeline_args(tiny_model, data, run)) == 0 and "export" not in ran
-        ran.clear()
+        for folder in ("preferences", "reward"):
+            path = run / folder / "align.json"
+            saved[path] = (path.read_text(), path.stat())
+        export, reward = (json.loads(saved[run / f / "align.json"][0]) for f in ("preferences", "reward"))
+        assert export["config"].pop("reliability_batches") is None
+        assert reward.pop("lora_dropout_applied") is True
+        reward["config"]["lora"]["dropout"] = 0.05
+        for folder, manifest in (("preferences", export), ("reward", reward)):
+            path = run / folder / "align.json"
+            path.write_text(json.dumps(manifest))
+            os.utime(path, ns=(saved[path][1].st_atime_ns, saved[path][1].st_mtime_ns))
+        # (reward and dpo would rerun here only because the export folder they hashed as their data now holds
+        # this edited align.json; an export written before the key was there is unedited: data hashes left out)
+        monkeypatch.setattr(pipeline, "_inputs", lambda m: [])
+        assert align(pipeline_args(tiny_model, data, run)) == 0 and ran == []
         assert align([*pipeline_args(tiny_model, data, run), "export.reliability_batches=[round-0]"]) == 0
-        assert "export" in ran
+        assert ran == []  # the same rankings read: the same export
+        assert align([*pipeline_args(tiny_model, data, run), "reward.lora.dropout=0.05"]) == 0
+        assert ran == ["reward"]  # asked for now, it is applied: another model
     finally:
-        path.write_text(text)
-        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        for path, (text, times) in saved.items():
+            path.write_text(text)
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, monkeypatch, caplog):

@@ -122,6 +122,14 @@ def test_a_dawid_skene_exports_fingerprint_covers_the_batches_its_reliability_re
                                          reliability_batches=["round-0"])
     assert build_pairs(exported + other, combine="dawid_skene", gold=more_gold, batches=["round-0"],
                        reliability_batches=["round-0"])[0] == []  # the estimate did not read round-1's gold ranking
+    # narrower than the exported batches: the estimate reads those too (their pairs had no posterior, and were
+    # dropped as ties without a word), and a gold answer of a task it does not read changes nothing
+    both = exported + [{**r, "batch": "seed", "task_id": 4} for r in rows({"x": [1, 2, 3, 4], "y": [1, 2, 3, 4]})]
+    pairs, summary = build_pairs(both, combine="dawid_skene", batches=["round-0", "seed"], reliability_batches=["round-0"])
+    assert {p["batch"] for p in pairs} == {"seed"} and len(pairs) == 6  # round-0's x/y disagree on all: ties
+    assert rankings_fingerprint(both, {}, batches=["round-0"], combine="dawid_skene", reliability_batches=["round-0"]) \
+        == rankings_fingerprint(both, {4: [1, 2, 3, 4]}, batches=["round-0"], combine="dawid_skene",
+                                reliability_batches=["round-0"])
 
 
 def test_kept_ties_are_marked_and_a_split_vote_with_equal_mean_ranks_is_not_one():

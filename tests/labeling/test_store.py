@@ -801,7 +801,7 @@ def test_a_submit_names_its_task_and_a_repeat_never_ranks_the_next_one(store):
         handlers.submit(store, alice, second["task_id"], [1, 2, 3, 4])
     with pytest.raises(ValueError, match="no task"):
         handlers.submit(store, alice, None, [1, 2, 3, 4])
-    for beyond in (2**63, -2**63 - 1, 0, -1):  # past a 64-bit integer SQLite raised OverflowError: a 500
+    for beyond in (2**31, 2**63, -2**63 - 1, 0, -1):  # SQLite raised OverflowError past 2^63, PostgreSQL past 2^31
         with pytest.raises(PermissionError, match="not assigned to you"):
             handlers.submit(store, alice, beyond, [1, 2, 3, 4])
         with pytest.raises(PermissionError, match="not assigned to you"):
