@@ -140,6 +140,9 @@ def main() -> None:
                         help="K=3 rankings per prompt (3 pairs sharing responses) or one pair per prompt")
     if not (args := parse_or_run_child(parser, child)):
         return
+    if args.pairs == "ranking" and args.batch % 3:  # ours takes whole rankings a step, TRL args.batch pairs
+        parser.error(f"--batch {args.batch}: our side batches whole K=3 rankings ({args.batch // 3 * 3} pairs a step) "
+                     f"and TRL's {args.batch}: give a multiple of 3, or --pairs single")
 
     from alignment.modeling import adapter_base_name
 

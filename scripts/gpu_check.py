@@ -5,6 +5,7 @@
     python scripts/gpu_check.py standin MODEL_FILES_DIR OWN_CACHE   # random weights of the embedded model's architecture
     python scripts/gpu_check.py summary OUT RUN_DIR      # the one table, from OUT/steps.tsv, results.jsonl, pytest.xml
     python scripts/gpu_check.py trim-wheel WHEEL PATTERN...   # drop members (fnmatch patterns) from a wheel
+    python scripts/gpu_check.py closure                  # name==version of what gpu_prep.sh ships (this env's)
 
 The summary reads only files, so it is tested on canned ones (tests/test_gpu_check.py).
 """
@@ -54,6 +55,16 @@ def env() -> int:
     if needed & set(missing):
         print(f"missing what align needs: {', '.join(sorted(needed & set(missing)))}", file=sys.stderr)
         return 1
+    # Installed is not importable: transformers checks its own requirements on import (an image's huggingface_hub
+    # 1.x under transformers 5.25, which wants >= 2.4, failed there and not here)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    for module in ("transformers", "trl", "peft", "datasets", "accelerate", "alignment.cli", "recipes.sft"):
+        try:
+            __import__(module)
+        except Exception as err:  # noqa: BLE001 - any failure to import is the answer
+            print(f"import {module} fails: {type(err).__name__}: {err}\nscripts/gpu_prep.sh ships what align needs "
+                  "beside torch (carry .gpu again after running it where there is a registry)", file=sys.stderr)
+            return 1
     if torch.cuda.is_available() and "bitsandbytes" not in missing:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from alignment.modeling import bitsandbytes_cuda_problem
@@ -66,6 +77,49 @@ def env() -> int:
                   file=sys.stderr)
             return 1
     return 0
+
+
+# What gpu_prep.sh ships: align's runtime needs for the GPU check and their requirements, at this environment's
+# versions, less what a CUDA + torch image has (torch's own needs) and the large packages such images carry
+# (numpy, pandas, pyarrow, matplotlib: gpu_check.py env says if one is missing).
+SHIPPED_ROOTS = ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "sqlalchemy", "vaderSentiment",
+                 "dill", "multiprocess", "kernels", "pyyaml")
+IMAGE_ROOTS = ("torch", "numpy", "pandas", "pyarrow", "matplotlib")
+
+
+def closure(roots: tuple[str, ...] = SHIPPED_ROOTS, image: tuple[str, ...] = IMAGE_ROOTS) -> dict[str, str]:
+    """{name: version} of `roots` and everything they require on Linux x86-64 (this environment's versions), less
+    what `image` and its requirements hold."""
+    import importlib.metadata as md
+    import re
+
+    from packaging.requirements import Requirement
+
+    where = {"extra": "", "python_version": "3.12", "python_full_version": "3.12.0", "platform_machine": "x86_64",
+             "platform_system": "Linux", "sys_platform": "linux", "implementation_name": "cpython",
+             "platform_python_implementation": "CPython", "os_name": "posix"}
+
+    def walk(names: tuple[str, ...]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            key = re.sub(r"[-_.]+", "-", name).lower()
+            if key in seen:
+                continue
+            try:
+                dist = md.distribution(name)
+            except md.PackageNotFoundError:
+                continue
+            seen[key] = dist.version
+            for line in dist.requires or []:
+                req = Requirement(line)
+                if req.marker is None or req.marker.evaluate(where):
+                    todo.append(req.name)
+        return seen
+
+    there = walk(image)
+    return {k: v for k, v in sorted(walk(roots).items()) if k not in there and not k.startswith("nvidia-")}
 
 
 def model_cache(own: Path) -> Path:
@@ -296,7 +350,11 @@ def main() -> int:
     p = sub.add_parser("trim-wheel")
     p.add_argument("wheel", type=Path)
     p.add_argument("patterns", nargs="+")
+    sub.add_parser("closure")
     args = parser.parse_args()
+    if args.command == "closure":
+        print("\n".join(f"{name}=={version}" for name, version in closure().items()))
+        return 0
     if args.command == "env":
         return env()
     if args.command == "model-cache":

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Gather what scripts/gpu_check.sh needs on a GPU machine without network, into .gpu/ (git-ignored):
-#   .gpu/wheels/   the packages align needs that a bare CUDA+torch image lacks (bitsandbytes trimmed to its CUDA
+#   .gpu/wheels/   what align needs beside torch: every requirement of it (gpu_check.py closure), less torch's and
+#                  numpy/pandas/pyarrow/matplotlib, which a CUDA image carries (bitsandbytes trimmed to its CUDA
 #                  12.8 and 13.0 builds: --cuda), for that machine's Python (--python-version, default 3.12)
 #   .gpu/trl112/   TRL 1.12, the last TRL with PPOTrainer, for benchmarks/ppo.py's comparison
 #   .gpu/model/    the embedded model's config, tokenizer and chat template (3.5 MB; not its 538 MB of weights:
 #                  gpu_check.sh builds random weights of the same architecture there)
 # Run here, where a package registry and the converted embedded model are reachable:
-#   scripts/gpu_prep.sh                       # then carry .gpu with the working tree (~30 MiB)
+#   scripts/gpu_prep.sh                       # then carry .gpu with the working tree (~50 MiB)
 #   scripts/gpu_prep.sh --python-version 3.11 --cuda 126,128     # the CUDA versions of that machine's torch
 # Versions are the ones this checkout's .venv runs (pyproject.toml's tested pins), so both machines run the same code.
 # Everything is gathered in .gpu/.prep first and replaces .gpu/'s folders only once all of it is there: a run that
@@ -33,12 +34,11 @@ rm -rf "$new"
 trap 'rm -rf "$new"' EXIT
 mkdir -p "$new/wheels" "$new/trl112" "$new/model"
 
-# The versions this checkout runs: the same code on both machines.
-version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
-pins=()
-for name in trl transformers peft datasets bitsandbytes dill multiprocess sqlalchemy vaderSentiment; do
-  pins+=("$name==$(version "$name")")
-done
+# The versions this checkout runs: the same code on both machines. Every requirement of them too, less torch's and
+# the large packages a CUDA image carries (gpu_check.py closure): transformers 5.25 would not import with an image's
+# huggingface_hub 1.x, which it requires >= 2.4.
+mapfile -t pins < <("$PY" scripts/gpu_check.py closure)
+[ ${#pins[@]} -gt 10 ] || { echo "gpu_prep: gpu_check.py closure listed ${#pins[@]} packages" >&2; exit 1; }
 pins+=("liger-kernel==${LIGER_VERSION:-0.8.5}")   # not in the CPU venv: the gpu extra's, pinned here
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do

@@ -362,3 +362,22 @@ def test_the_env_step_says_qlora_cannot_run_and_which_cuda_to_carry(monkeypatch,
     assert gpu_check.env() == 1
     err = capsys.readouterr().err
     assert "QLoRA cannot run here" in err and "scripts/gpu_prep.sh --cuda 128" in err
+
+
+def test_gpu_prep_ships_every_requirement_beside_torch_and_env_imports_them(monkeypatch, capsys):
+    """The lent image has huggingface_hub 1.33; transformers 5.25, shipped alone (--no-deps), requires >= 2.4 and
+    would not import there, while the env step, reading only package metadata, passed. gpu_prep ships the whole
+    requirement closure at this environment's versions, less torch's and the large packages such images carry;
+    the env step imports what the check runs."""
+    import importlib.metadata as md
+
+    shipped = gpu_check.closure()
+    for name in ("transformers", "trl", "peft", "datasets", "accelerate", "huggingface-hub", "tokenizers", "safetensors",
+                 "kernels", "regex", "bitsandbytes", "sqlalchemy", "vadersentiment"):
+        assert shipped.get(name) == md.version(name), name
+    assert not {"torch", "numpy", "pandas", "pyarrow", "matplotlib", "jinja2"} & set(shipped)
+    assert not [n for n in shipped if n.startswith("nvidia-")]
+    assert gpu_check.env() == 0
+    monkeypatch.setitem(sys.modules, "trl", None)  # installed, and `import trl` fails
+    assert gpu_check.env() == 1
+    assert "import trl fails: ModuleNotFoundError" in capsys.readouterr().err
