@@ -2,11 +2,12 @@
 
     align sample --config configs/quickstart/sample.yaml
     align sample policy=runs/quickstart/dpo round=1 batch=round-1
-    align sample selection=uncertainty pool_factor=2 num_prompts=40    # the 40 the reward model knows least
+    align sample selection=uncertainty pool_factor=2 num_prompts=40 round=1  # the 40 the reward model knows least
 
 Each prompt becomes one task (the prompt and its K responses) in batch `batch` of the store,
 with provenance: the policy's manifest, the generation settings and the time. Re-running the
-same command adds nothing twice: prompts already in the batch are skipped before any generation.
+same command adds nothing twice: prompts already in the batch are skipped before any generation, and
+prompts that are tasks of another batch (but a later round's or eval's) are not candidates.
 
 Which prompts (docs/active.md): num_prompts tasks out of the first pool_factor x num_prompts
 prompts. selection=random draws them at random (pool_factor=1: the first num_prompts, in order),
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -114,17 +116,23 @@ def main(cfg: SampleStageConfig) -> Path:
     if len(prompts) < len(listed):
         log.warning("%d prompts of %s are repeats of earlier ones: sampled once", len(listed) - len(prompts),
                     cfg.prompts)
-    # A later round asks about prompts no earlier round did: new ones for the new policy, and an
-    # uncertainty-picked round compared with a random one on equal terms.
-    earlier = set().union(*(store.task_prompts(round_batch(r)) for r in range(cfg.round)))
+    # A batch asks about prompts no other batch did (an earlier round's, or one sampled by hand): new ones for the
+    # new policy, an uncertainty-picked batch compared with a random one on equal terms, and no labelled prompt
+    # picked again for being uncertain. Not a later round's (a pipeline's round 0 run again) nor eval's A/B tasks.
+    def later_round(name: str) -> bool:
+        found = re.fullmatch(r"round-(\d+)", name)
+        return bool(found) and int(found[1]) > cfg.round
+
+    others = [b for b in store.batches() if b != batch and not b.startswith("eval-") and not later_round(b)]
+    earlier = set().union(*(store.task_prompts(b) for b in others))
     if earlier:
         before = len(prompts)
         prompts = [p for p in prompts if p not in earlier]
-        log.info("%d of the %d prompts were tasks of an earlier round (round-0..round-%d): left out",
-                 before - len(prompts), before, cfg.round - 1)
+        log.info("%d of the %d prompts are tasks of another batch (%s): left out", before - len(prompts), before,
+                 ", ".join(others))
     if not prompts:
-        raise StageError(f"every prompt of {cfg.prompts} was a task of an earlier round: give more prompts "
-                         f"({key_prefix('sample')}prompts=<file>) or fewer rounds")
+        raise StageError(f"every prompt of {cfg.prompts} is a task of another batch ({', '.join(others)}): give "
+                         f"more prompts ({key_prefix('sample')}prompts=<file>) or fewer rounds")
     wanted = len(prompts) if cfg.num_prompts < 0 else min(cfg.num_prompts, len(prompts))
     pool = prompts[:min(len(prompts), math.ceil(wanted * cfg.pool_factor))]
     done = store.task_prompts(batch)
@@ -137,8 +145,9 @@ def main(cfg: SampleStageConfig) -> Path:
         todo = [p for i, p in enumerate(left) if i in drawn]
     else:
         todo = left
-    log.info("%d prompts in the pool, %d already in batch %r; %d more tasks wanted, sampling %d × k=%d (%s)",
-             len(pool), len(pool) - len(left), batch, wanted, len(todo), cfg.k, cfg.selection)
+    log.info("%d prompts in the pool, %d already in batch %r; %d more tasks wanted, sampling %s (%s)",
+             len(pool), len(pool) - len(left), batch, wanted,
+             f"{len(todo)} × k={cfg.k}" if todo and wanted else "nothing", cfg.selection)
 
     # --- model ------------------------------------------------------------------------------
     plan = device_plan(cfg.model)

@@ -191,12 +191,16 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     from labeling import handlers
     from labeling.store import Store
 
+    store = Store(f"sqlite:///{run / 'labels.db'}")  # a prompt some other batch has (labelled by hand, say)
+    store.add_tasks("by-hand", [{"prompt": "Where is Sync?", "responses": ["Open Settings.", "No."]}])
     assert align(sample_args(run, "selection=uncertainty", "num_prompts=3", "pool_factor=2", "batch=active",
                              "run.wandb=offline")) == 0
-    store = Store(f"sqlite:///{run / 'labels.db'}")
     tasks = store.batch_tasks("active")
     candidates = [json.loads(line) for line in (run / "sample" / "candidates.jsonl").read_text().splitlines()]
-    assert len(candidates) == 6 and len(tasks) == 3  # 3 of the first 6 prompts
+    assert len(candidates) == 6 and len(tasks) == 3  # 3 of the first 6 prompts no other batch has
+    # not a task of another batch (only earlier rounds' were left out: a labelled prompt came back for being
+    # uncertain, to be labelled again)
+    assert "Where is Sync?" not in {c["prompt"] for c in candidates}
     chosen = sorted((c for c in candidates if c["chosen"]), key=lambda c: -c["acquisition"])
     assert [c["prompt"] for c in chosen] == [c["prompt"] for c in sorted(candidates, key=lambda c: -c["acquisition"])[:3]]
     # each stored task's priority is its own uncertainty, computed again here from its responses
@@ -242,11 +246,13 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
 def test_random_selection_draws_from_the_pool_at_priority_0(run):
     from labeling.store import Store
 
+    taken = set().union(*(Store(f"sqlite:///{run / 'labels.db'}").task_prompts(b)
+                          for b in Store(f"sqlite:///{run / 'labels.db'}").batches()))  # by the module's other tests
     assert align(sample_args(run, "num_prompts=2", "pool_factor=4", "batch=random", "generation.seed=3")) == 0
     tasks = Store(f"sqlite:///{run / 'labels.db'}").batch_tasks("random")
-    assert len(tasks) == 2 and {t["priority"] for t in tasks} == {0.0}
+    assert len(tasks) == 2 and {t["priority"] for t in tasks} == {0.0} and not taken & {t["prompt"] for t in tasks}
     manifest = json.loads((run / "sample" / "align.json").read_text())
-    assert manifest["selection"] == {"selection": "random", "pool": 8, "pool_factor": 4.0}
+    assert manifest["selection"] == {"selection": "random", "pool": 8 - len(taken), "pool_factor": 4.0}
     assert not (run / "sample" / "candidates.jsonl").exists()
     # each response says whether it ended or was cut at max_new_tokens (10 tokens here), and the stage counts the cut
     store = Store(f"sqlite:///{run / 'labels.db'}")
