@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -280,6 +281,12 @@ def real_reward(arm: str, seed: int, n: int, curve: dict, tasks: list[dict], pai
 
     folder = out / "real" / f"{arm}-n{n}-s{seed}"
     done = folder / "run" / "reward" / "align.json"
+    # What made it: a fit made with other settings (--real-set, --policy, the annotator, the config) is made again
+    made = json.dumps({"cache": args.cache_key, "policy": str(Path(policy_dir).resolve()), "real_set": args.real_set,
+                       "config": Path(args.real_config).read_text(), "tasks": curve["tasks"]}, sort_keys=True)
+    if done.is_file() and (folder / "made_by.json").is_file() and (folder / "made_by.json").read_text() != made:
+        log.info("%s was fitted with other settings: fitting it again", folder)
+        shutil.rmtree(folder)
     if not done.is_file():
         def rows(task_list, pair_list, ids):
             return [{"prompt": [{"role": "user", "content": task_list[t]["prompt"]}],
@@ -299,6 +306,7 @@ def real_reward(arm: str, seed: int, n: int, curve: dict, tasks: list[dict], pai
                       *args.real_set])
         if code != 0:
             raise SystemExit(f"align reward failed ({code}) for {folder}")
+        (folder / "made_by.json").write_text(made)
         log.info("real reward model %s n=%d seed %d: %.0f s", arm, n, seed, time.time() - started)
     metrics = json.loads(done.read_text())["metrics"]
     return {"arm": arm, "seed": seed, "n": n, "accuracy": metrics["eval_accuracy"], "pairs": metrics["eval_pairs"],
@@ -362,11 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     policy = args.policy or str(run_dir / "sft")
     out = Path(args.out) if args.out else run_dir / "active_learning"
+    from alignment.data import file_hash
+
+    # The sampled pool and test set are reused while these are the same, the prompt files' contents included; the
+    # annotator's settings are in the labels' key (args.cache_key), which the real reward models check too
     settings = {"policy": str(Path(policy).resolve()), "k": args.k, "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature, "max_length": args.max_length}
+                "temperature": args.temperature, "max_length": args.max_length,
+                "pool_prompts": [str(Path(args.pool_prompts).resolve()), file_hash(args.pool_prompts)],
+                "test_prompts": [str(Path(args.test_prompts).resolve()), file_hash(args.test_prompts)]}
     cache = out / "cache" / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "settings.json").write_text(json.dumps(settings, indent=1))
+    args.cache_key = hashlib.sha256(json.dumps({**settings, "scorer": args.scorer, "noise": args.noise,
+                                                "tie_resolution": args.tie_resolution}, sort_keys=True).encode()
+                                    ).hexdigest()[:12]
     started = time.time()
 
     # --- data: the pool, the fixed test set, the simulated annotator's labels, the features ------

@@ -399,3 +399,21 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     monkeypatch.setattr(alignment.generation, "load_policy", refuse)
     monkeypatch.setattr(alignment.reward_model, "reward_base", refuse)
     assert bench.main([*argv[:argv.index("--real")], "--wandb", "disabled"]) == 0
+    monkeypatch.undo()
+    # a real reward model fitted with other settings is fitted again, not read back (a 48-step run returned the
+    # 16-step one's accuracy); another pool file is sampled again (its cached answers were of the first file's)
+    fitted = []
+    import recipes.reward
+
+    main = recipes.reward.main
+    monkeypatch.setattr(recipes.reward, "main", lambda cfg: fitted.append(cfg.train.max_steps) or main(cfg))
+    assert bench.main([*argv[:-2], "--wandb", "disabled"]) == 0 and fitted == []  # the same settings: read back
+    more = [*argv[:argv.index("--real-set") + 1], "train.max_steps=3", *argv[argv.index("--real-set") + 2:-2]]
+    assert bench.main([*more, "--wandb", "disabled"]) == 0 and fitted == [3, 3]
+    assert all(r["steps"] == 3 for r in json.loads((out / "curve.json").read_text())["real"])
+    other = tmp_path / "other.jsonl"
+    other.write_text(pool.read_text().replace("where is", "how do I find"))
+    caches = set((out / "cache").iterdir())
+    assert bench.main([*argv[:argv.index("--real")], "--pool-prompts", str(other), "--wandb", "disabled"]) == 0
+    (new,) = set((out / "cache").iterdir()) - caches
+    assert all("how do I find" in json.loads(line)["prompt"] for line in (new / "pool.jsonl").read_text().splitlines())
