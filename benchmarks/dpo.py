@@ -41,6 +41,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     model_kwargs,
     n_params,
     parse_or_run_child,
+    release,
     report,
     settings,
     side_by_side_parser,
@@ -81,6 +82,8 @@ def fresh_adapter(model_name: str, folder: Path) -> Path:
     get_peft_model(base, lora).save_pretrained(str(folder))
     # An align SFT folder carries its tokenizer (align dpo reads the chat template from it).
     AutoTokenizer.from_pretrained(resolve_model_path(model_name)).save_pretrained(str(folder))
+    del base
+    release()
     return folder
 
 
