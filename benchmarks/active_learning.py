@@ -284,8 +284,9 @@ def real_reward(arm: str, seed: int, n: int, curve: dict, tasks: list[dict], pai
     # What made it: a fit made with other settings (--real-set, --policy, the annotator, the config) is made again
     made = json.dumps({"cache": args.cache_key, "policy": str(Path(policy_dir).resolve()), "real_set": args.real_set,
                        "config": Path(args.real_config).read_text(), "tasks": curve["tasks"]}, sort_keys=True)
-    if done.is_file() and (folder / "made_by.json").is_file() and (folder / "made_by.json").read_text() != made:
-        log.info("%s was fitted with other settings: fitting it again", folder)
+    recorded = folder / "made_by.json"
+    if done.is_file() and (not recorded.is_file() or recorded.read_text() != made):  # none: made before it was written
+        log.info("%s was fitted with other (or unrecorded) settings: fitting it again", folder)
         shutil.rmtree(folder)
     if not done.is_file():
         def rows(task_list, pair_list, ids):

@@ -1,7 +1,7 @@
 """`align dpo` against a plain TRL DPOTrainer script: same model, SFT adapter, pairs, batch and steps.
 
     python benchmarks/dpo.py                             # QLoRA on the embedded SmolLM2-135M, 12 steps
-    python benchmarks/dpo.py --size 1.5b --batch 8 --steps 8         # on a GPU: the 1.5b stand-in
+    python benchmarks/dpo.py --size 1.5b --batch 6 --steps 8         # on a GPU: the 1.5b stand-in
     python benchmarks/dpo.py --steps 20 --sft runs/quickstart/sft
 
 Both sides put an SFT adapter on a 4-bit base and hand the PeftModel to DPOTrainer, which

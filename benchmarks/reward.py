@@ -1,7 +1,7 @@
 """`align reward` against a plain TRL RewardTrainer script: same model, pairs, LoRA, batch and steps.
 
     python benchmarks/reward.py                          # QLoRA on the embedded SmolLM2-135M, 12 steps
-    python benchmarks/reward.py --size 1.5b --batch 32 --steps 8     # on a GPU: the 1.5b stand-in
+    python benchmarks/reward.py --size 1.5b --batch 30 --steps 8     # on a GPU: the 1.5b stand-in
     python benchmarks/reward.py --steps 20 --quantize false --model /path/to/model
 
 The pairs are made from the shipped SFT data as K=3 rankings (the answer > its first two

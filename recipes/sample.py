@@ -119,15 +119,16 @@ def main(cfg: SampleStageConfig) -> Path:
     # A batch asks about prompts no other batch did (an earlier round's, or one sampled by hand): new ones for the
     # new policy, an uncertainty-picked batch compared with a random one on equal terms, and no labelled prompt
     # picked again for being uncertain. Not a later round's (a pipeline's round 0 run again) nor eval's A/B tasks.
-    def later_round(name: str) -> bool:
+    def later_round(name: str) -> bool:  # only for a round's own batch: a batch named by hand leaves out every round
         found = re.fullmatch(r"round-(\d+)", name)
-        return bool(found) and int(found[1]) > cfg.round
+        return batch == round_batch(cfg.round) and bool(found) and int(found[1]) > cfg.round
 
     others = [b for b in store.batches() if b != batch and not b.startswith("eval-") and not later_round(b)]
     earlier = set().union(*(store.task_prompts(b) for b in others))
-    if earlier:
+    own = store.task_prompts(batch)  # kept, wherever else they are: the same command again adds nothing
+    if earlier - own:
         before = len(prompts)
-        prompts = [p for p in prompts if p not in earlier]
+        prompts = [p for p in prompts if p in own or p not in earlier]
         log.info("%d of the %d prompts are tasks of another batch (%s): left out", before - len(prompts), before,
                  ", ".join(others))
     if not prompts:

