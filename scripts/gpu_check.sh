@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_check.sh                 # on a GPU machine where align's dependencies are installed
 #   scripts/gpu_prep.sh                  # on a machine WITH network first, when the GPU machine has none:
-#                                        # wheels, TRL 1.12, the model's config+tokenizer into .gpu/ (~50 MiB);
+#                                        # wheels, TRL 1.12, the model's config+tokenizer into .gpu/ (~56 MiB);
 #                                        # carry .gpu with the working tree, then run this script there
 #   GPU_CHECK_BUDGET=900 scripts/gpu_check.sh --full   # also LoRA/QLoRA x batch 8/64 for every stage, and 7B memory
 #

@@ -7,7 +7,7 @@
 #   .gpu/model/    the embedded model's config, tokenizer and chat template (3.5 MB; not its 538 MB of weights:
 #                  gpu_check.sh builds random weights of the same architecture there)
 # Run here, where a package registry and the converted embedded model are reachable:
-#   scripts/gpu_prep.sh                       # then carry .gpu with the working tree (~50 MiB)
+#   scripts/gpu_prep.sh                       # then carry .gpu with the working tree (~56 MiB)
 #   scripts/gpu_prep.sh --python-version 3.11 --cuda 126,128     # the CUDA versions of that machine's torch
 # Versions are the ones this checkout's .venv runs (pyproject.toml's tested pins), so both machines run the same code.
 # Everything is gathered in .gpu/.prep first and replaces .gpu/'s folders only once all of it is there: a run that

@@ -207,6 +207,7 @@ case "$1 $2" in
   "-m alignment.cli") [ "$3" = sft ] && exit "${{FAKE_SFT_RC:-0}}"; exit 0 ;;
 esac
 case "$1" in benchmarks/*) exit 0 ;; esac
+[ "$2" = env ] && [ -n "${{FAKE_ENV_RC:-}}" ] && exit "$FAKE_ENV_RC"
 exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
@@ -381,3 +382,15 @@ def test_gpu_prep_ships_every_requirement_beside_torch_and_env_imports_them(monk
     monkeypatch.setitem(sys.modules, "trl", None)  # installed, and `import trl` fails
     assert gpu_check.env() == 1
     assert "import trl fails: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_a_failed_env_step_ends_the_check_with_its_table(tiny_model, tmp_path):
+    """A package that does not import (the env step's answer) failed every step after it as well, each spending
+    the device's budget and burying the cause; the check now ends there, with the table."""
+    repo, calls, env = fake_machine(tmp_path, tiny_model)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], env={**env, "FAKE_ENV_RC": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "stopped after the env step" in proc.stdout
+    ran = calls.read_text()
+    assert "alignment.cli pipeline" not in ran and "benchmarks/" not in ran
+    assert "env" in (tmp_path / "out" / "summary.md").read_text()
