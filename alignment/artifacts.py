@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment import StageError, process_rank
+from alignment import StageError, process_count, process_rank
 from alignment.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -616,6 +616,36 @@ def set_aside_checkpoints(folder: str | Path, whose: str = "an earlier run") -> 
 
 def begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
                    trained_on: dict[str, Any] | None = None) -> Path | None:
+    """_begin_training, decided once: under several processes rank 0 reads the folder, changes it (its align.json
+    removed, checkpoints set aside, trained_on.json written) and hands every rank its answer. Each rank reading
+    the folder while rank 0 changed it could start elsewhere (one from scratch, one from a checkpoint being set
+    aside): a FileNotFoundError, or ranks in different collectives until the timeout."""
+    if process_count() == 1:
+        return _begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the stages call this once their trainer (or PPO's Ranks) opened it
+        from accelerate import PartialState
+
+        PartialState()
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            found = _begin_training(out, resume, max_steps=max_steps, trained_on=trained_on)
+            answer = [("ok", str(found) if found else None)]
+        except Exception as err:  # every rank stops with it, not rank 0 alone while the others wait
+            answer = [(type(err).__name__, str(err))]
+            dist.broadcast_object_list(answer, src=0)
+            raise
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind != "ok":
+        raise (ConfigError if kind == "ConfigError" else StageError)(value)
+    return Path(value) if value else None
+
+
+def _begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
+                    trained_on: dict[str, Any] | None = None) -> Path | None:
     """A training stage about to train into `out`: the checkpoint `train.resume_from_checkpoint` (`resume`)
     continues from, or None for a fresh start; `trained_on` (the data's sha256, the model and adapter the run
     starts from: model_identity) is then recorded in <out>/checkpoints/trained_on.json.

@@ -141,6 +141,47 @@ def stage_args(stage: str, run_dir: Path, tmp: Path, tiny_model: str) -> list[st
     return [stage, *first, f"data.path={data}", f"run.dir={run_dir}", *COMMON, *STAGES[stage]]
 
 
+BEGIN_TRAINING = """
+import json, os, sys
+import torch.distributed as dist
+from pathlib import Path
+from alignment import artifacts
+from alignment.distributed import Ranks
+
+Ranks()  # the process group, as PPO opens it before its checkpoint is looked for
+out = Path(sys.argv[1])
+if dist.get_rank() != 0:  # the folder is rank 0's to read and change: a rank reading it itself could start elsewhere
+    artifacts._checkpoints = lambda folder: (_ for _ in ()).throw(AssertionError("rank 1 read the checkpoints"))
+found = artifacts.begin_training(out, "latest", max_steps=int(sys.argv[2]))
+with open(out.parent / f"rank{dist.get_rank()}.json", "w") as f:
+    json.dump(str(found) if found else None, f)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("max_steps, resumed", [(10, False), (20, True)])
+def test_every_rank_starts_where_rank_zero_decided(tmp_path, max_steps, resumed):
+    """A finished stage run again with resume_from_checkpoint=latest (as the pipeline passes it): each rank read the
+    folder while rank 0 removed its align.json and set its checkpoints aside, so one could resume from a checkpoint
+    the other set aside (a FileNotFoundError, or ranks in different collectives until the timeout). Rank 0 decides,
+    every rank gets its answer: from scratch at max_steps 10 (the finished run's), from its checkpoint at 20."""
+    out = tmp_path / "run" / "sft"
+    checkpoint = out / "checkpoints" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 10}))
+    (out / "align.json").write_text(json.dumps({"stage": "sft"}))
+    script = tmp_path / "begin.py"
+    script.write_text(BEGIN_TRAINING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(out), str(max_steps)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [json.loads((out.parent / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert answers[0] == answers[1] == (str(checkpoint) if resumed else None)
+    assert not (out / "align.json").exists() and checkpoint.exists() is resumed
+
+
 def free_port() -> int:
     with socket.socket() as sock:  # not torchrun's fixed 29500: other test runs may hold it
         sock.bind(("127.0.0.1", 0))
