@@ -155,6 +155,8 @@ if dist.get_rank() != 0:  # the folder is rank 0's to read and change: a rank re
 found = artifacts.begin_training(out, "latest", max_steps=int(sys.argv[2]))
 with open(out.parent / f"rank{dist.get_rank()}.json", "w") as f:
     json.dump(str(found) if found else None, f)
+dist.barrier()
+dist.destroy_process_group()  # left open, a rank's exit could abort in gloo's threads ("terminate called ...")
 """
 
 
