@@ -42,15 +42,16 @@ def wandb_mode(cfg: RunConfig) -> str:
         return "offline"
     if not wandb_reachable():
         log.warning("W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload the runs "
-                    "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[0])
+                    "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
         return "offline"
     return "online"
 
 
-def wandb_host() -> tuple[str, int]:
-    """The W&B server's host and port: WANDB_BASE_URL's, else api.wandb.ai:443."""
+def wandb_host() -> tuple[str, str, int]:
+    """The W&B server's scheme, host and port: WANDB_BASE_URL's, else https, api.wandb.ai, 443."""
     url = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
-    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    scheme = url.scheme or "https"
+    return scheme, url.hostname or "api.wandb.ai", url.port or (80 if scheme == "http" else 443)
 
 
 @functools.cache
@@ -60,8 +61,7 @@ def wandb_reachable(timeout: float = 2.0) -> bool:
     import threading
     import urllib.request
 
-    host, port = wandb_host()
-    scheme = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").scheme or "https"
+    scheme, host, port = wandb_host()
     proxies = urllib.request.getproxies()
     if (proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return True
