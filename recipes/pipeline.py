@@ -24,7 +24,6 @@ and the labelling queue hands them out most uncertain first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ from alignment.embedded import model_key
 from alignment.preflight import check_stage
 from alignment.tracking import wandb_hint
 from labeling.cli import PARENT_ENV
+from labeling.export import verdicts_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     if _made_by(recorded) != _made_by(_as_recorded(to_dict(cfg), recorded)):
         return False
     # an eval from before it recorded its verdicts read none, as far as anyone knows: rerun once there are some
-    unrecorded = hashlib.sha256(b"").hexdigest() if m.get("stage") == "eval" else None
+    unrecorded = verdicts_fingerprint([]) if m.get("stage") == "eval" else None
     if rankings is not None and m.get("rankings_sha256", unrecorded) != rankings:
         return False
     for parent in m.get("parents", {}).values():
@@ -209,7 +209,6 @@ def rankings_state(url: str, export: Any) -> str:
 
 def verdicts_state(url: str) -> str:
     """The fingerprint of the store's A/B verdicts (align eval human=true), as eval records it in `rankings_sha256`."""
-    from labeling.export import verdicts_fingerprint
     from labeling.store import Store
 
     return verdicts_fingerprint(Store(url).submitted_rankings())
