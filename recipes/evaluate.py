@@ -17,6 +17,8 @@ round's: the root run's): the one the annotators rank in.
 
 from __future__ import annotations
 
+import math
+
 import inspect
 import json
 import logging
@@ -261,6 +263,12 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
         fn = resolve_scorer(cfg.scorer)
         judges[f"scorer:{cfg.scorer}"] = {n: [float(fn(p, x)) for p, x in zip(prompts, r, strict=True)]
                                           for n, r in responses.items()}
+    for name, by_policy in judges.items():
+        for policy, scores in by_policy.items():
+            bad = next((i for i, v in enumerate(scores) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise StageError(f"judge {name} gave {scores[bad]} to {policy}'s answer to prompt {bad + 1} "
+                                 f"({prompts[bad][:60]!r}): a win-rate needs a finite score for every answer")
     if not judges and not cfg.human:
         why = f"no reward model at {rm_path}" if rm_path is not None else "reward_model=none"
         p = key_prefix("eval")

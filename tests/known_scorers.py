@@ -13,3 +13,8 @@ def shorter(prompt: str, response: str) -> float:
 def thanks_then_short(prompt: str, response: str) -> float:
     """Thanks first (a step of 10), then fewer characters: rarely a tie, even for a tiny model's babble."""
     return 10 * says_thanks(prompt, response) - len(response) / 100
+
+
+def nan_when_empty(prompt: str, response: str) -> float:
+    """A broken scorer: NaN for an empty reply (what a division by its length gives)."""
+    return float(len(response)) if response else float("nan")

@@ -800,6 +800,12 @@ def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
 
     with pytest.raises(StageError, match="no judge: reward_model=none and no scorer"):
         judge(EvalStageConfig(run=RunConfig(dir=str(run)), reward_model="none"), ["Hi?"], {"sft": ["Hello."]})
+    # A score that is no number counts as neither win, tie nor loss: refused, naming the judge, policy and prompt
+    cfg = EvalStageConfig(run=RunConfig(dir=str(run), wandb="disabled"), reward_model="none",
+                          scorer="known_scorers:nan_when_empty")
+    with pytest.raises(StageError, match=r"judge scorer:known_scorers:nan_when_empty gave nan to dpo's answer to "
+                                         r"prompt 2 \('Bye\?'\)"):
+        judge(cfg, ["Hi?", "Bye?"], {"sft": ["Hello.", "Bye."], "dpo": ["Hello there.", ""]})
 
 
 def test_a_base_model_saved_over_its_folder_remakes_the_stage_on_it(tiny_model, data, tmp_path, monkeypatch):
