@@ -386,6 +386,21 @@ def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     return out
 
 
+def check_prompt(prompt: list[dict[str, str]], where: str, key: str) -> list[dict[str, str]]:
+    """`prompt` (a conversation before its answer, as `key` holds it) if a chat template can render it as one:
+    a system message first or nowhere (a second, mid-conversation one renders as a new system block, and
+    data.system_prompt would stack a third), a user message to answer, and no empty user message."""
+    for i, message in enumerate(prompt):
+        if message["role"] == "system" and i:
+            raise DataError(f"{where}: {key}[{i}] is a system message after the conversation began; a system "
+                            "message can only be the first")
+        if message["role"] == "user" and not message["content"].strip():
+            raise DataError(f"{where}: {key}[{i}], a user message, is empty")
+    if not any(m["role"] == "user" for m in prompt):
+        raise DataError(f"{where}: {key!r} has no user message before the answer: nothing asked it")
+    return prompt
+
+
 def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict], list[dict]]:
     """One record → (prompt messages, completion messages), or a DataError naming the problem."""
     if not isinstance(record, dict):
@@ -400,7 +415,10 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
     if fmt == "messages":
         if "messages" not in record:
             raise DataError(f"{where}: missing field 'messages'")
-        msgs = _with_system_field(record, _messages(record["messages"], where, "messages"), where, "messages")
+        msgs = _messages(record["messages"], where, "messages")
+        if msgs[-1]["role"] == "assistant":
+            check_prompt(msgs[:-1], where, "messages")
+        msgs = _with_system_field(record, msgs, where, "messages")
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's (the completion)")
         if not msgs[-1]["content"].strip():
@@ -416,7 +434,7 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
         else:
-            prompt = _messages(prompt, where, "prompt")
+            prompt = check_prompt(_messages(prompt, where, "prompt"), where, "prompt")
         prompt = _with_system_field(record, prompt, where, "prompt")
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": _text(record, "completion", where)}]
@@ -505,7 +523,8 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
         key = json.dumps(with_system_prompt(prompt, system_prompt), sort_keys=True)
         if turns == "all" and report.format in ("messages", "alpaca"):  # alpaca: its history's responses
             for j, message in enumerate(prompt):
-                if j and message["role"] == "assistant" and message["content"].strip():
+                if message["role"] == "assistant" and message["content"].strip() and \
+                        any(m["role"] == "user" for m in prompt[:j]):
                     prompts.append(with_system_prompt(prompt[:j], system_prompt))
                     completions.append([message])
                     report.conversations.append(key)

@@ -41,6 +41,7 @@ from torch.utils.data import Sampler
 from alignment.data import (
     DataError,
     _with_system_field,
+    check_prompt,
     iter_records,
     json_kind,
     load_dataset_folder,
@@ -164,7 +165,7 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
             n += 1
         if n == 0:
             raise DataError(f"{where}: missing field 'prompt' (and chosen/rejected share no leading messages)")
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        prompt, chosen, rejected = check_prompt(chosen[:n], where, "chosen"), chosen[n:], rejected[n:]
         # The checks an explicit prompt gets: conversations that part before their last answer (a different
         # reply, then the user again) compare two conversations, and DPO would train the user's turns.
         if prompt[-1]["role"] != "user":
@@ -172,12 +173,15 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
                             "turn: without 'prompt' the turns they share are the prompt, which must end with the "
                             "user's (a pair is two answers to one conversation)")
         for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if any(m["role"] == "system" for m in side):
+                raise DataError(f"{where}: {key!r} holds a system message after the turns it shares with the other "
+                                "side: a system message can only open the conversation")
             if any(m["role"] == "user" for m in side):
                 raise DataError(f"{where}: chosen and rejected part at message {n + 1}, before their last answer: "
                                 f"without 'prompt' the turns they share are the prompt, and {key!r} would hold a "
                                 "user turn, trained as the answer (a pair is two answers to one conversation)")
     else:
-        prompt = _messages(record["prompt"], where, "prompt", "user")
+        prompt = check_prompt(_messages(record["prompt"], where, "prompt", "user"), where, "prompt")
         chosen = _messages(record["chosen"], where, "chosen", "assistant")
         rejected = _messages(record["rejected"], where, "rejected", "assistant")
         # UltraFeedback's shape (HuggingFaceH4/ultrafeedback_binarized): the prompt, and each side the whole
@@ -186,8 +190,9 @@ def to_pair(record: Any, where: str) -> dict[str, Any]:
         if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
             chosen, rejected = chosen[n:], rejected[n:]
         for key, side in (("chosen", chosen), ("rejected", rejected)):
-            if any(m["role"] == "user" for m in side):
-                raise DataError(f"{where}: {key!r} holds a user turn that is not the prompt's: put the conversation "
+            other = next((m["role"] for m in side if m["role"] != "assistant"), None)
+            if other:  # trained as the answer: a user turn would teach the model to write it, a system one to say it
+                raise DataError(f"{where}: {key!r} holds a {other} turn that is not the prompt's: put the conversation "
                                 "before the answer in 'prompt' and only the answer in 'chosen' and 'rejected'")
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are identical (a pair must prefer one answer)")

@@ -253,6 +253,21 @@ def test_bad_messages(tmp_path):
     path = write_jsonl(tmp_path / "m2.jsonl", [{"messages": USER}])
     with pytest.raises(DataError, match=r"m2.jsonl:1: the last message must be the assistant's"):
         load_sft_dataset(path)
+    # What a chat template cannot render as one conversation, or that asks nothing: refused, not trained
+    system, answer = {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "a"}
+    for messages, problem in (([*USER, system, answer], r"messages\[1\] is a system message after the conversation"),
+                              ([system, answer], r"'messages' has no user message before the answer"),
+                              ([{"role": "user", "content": " "}, answer], r"messages\[0\], a user message, is empty")):
+        path = write_jsonl(tmp_path / "m4.jsonl", [{"messages": messages}])
+        with pytest.raises(DataError, match=r"m4.jsonl:1: " + problem):
+            load_sft_dataset(path)
+    path = write_jsonl(tmp_path / "m5.jsonl", [{"prompt": [answer], "completion": "b"}])
+    with pytest.raises(DataError, match=r"m5.jsonl:1: 'prompt' has no user message"):
+        load_sft_dataset(path)
+    # An assistant's greeting before anyone asked is context, not an example of its own (data.turns=all)
+    path = write_jsonl(tmp_path / "m6.jsonl", [{"messages": [system, answer, *USER, answer]}])
+    ds, report = load_sft_dataset(path)
+    assert len(ds) == 1 and report.earlier_turns == 0
 
 
 def test_skip_mode_counts_what_it_drops(tmp_path):

@@ -182,6 +182,13 @@ BAD = [
      r"missing field 'prompt'"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
       "rejected": "b"}, r"'chosen' holds a user turn that is not the prompt's"),
+    ({"prompt": "q", "chosen": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, r"'chosen' holds a system turn that is not the prompt's"),
+    ({"chosen": [*USER, {"role": "assistant", "content": "a"}],
+      "rejected": [*USER, {"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]},
+     r"'rejected' holds a system message after the turns it shares"),
+    ({"prompt": [*USER, {"role": "system", "content": "s"}, *USER], "chosen": "a", "rejected": "b"},
+     r"prompt\[1\] is a system message after the conversation began"),
     ({"system": "Be brief.", "prompt": [{"role": "system", "content": "Be kind."}, *USER], "chosen": "a",
       "rejected": "b"}, r"field 'system' and a system message in 'prompt'"),
     ({"system": 3, "prompt": "q", "chosen": "a", "rejected": "b"}, r"field 'system' must be a string, got number"),
@@ -191,7 +198,7 @@ BAD = [
 
 BAD_IDS = ["not-json", "not-object", "missing-chosen", "empty", "identical", "bad-role", "prompt-ends-assistant",
            "wrong-type", "margin-text", "agreement-range", "weight-1e309", "weight-400-digits",
-           "margin-infinity", "p-chosen-nan", "no-prompt", "user-turn-in-side", "system-twice", "system-not-text", "role-not-text"]
+           "margin-infinity", "p-chosen-nan", "no-prompt", "user-turn-in-side", "system-turn-in-side", "system-in-implicit-side", "system-mid-prompt", "system-twice", "system-not-text", "role-not-text"]
 
 
 @pytest.mark.parametrize("bad, message", BAD, ids=BAD_IDS)
