@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -590,15 +591,21 @@ def split_by_prompt(dataset, test_fraction: float, seed: int, groups: list[str] 
     is datasets' own train_test_split, row for row."""
     prompts = [json.dumps(p, sort_keys=True) for p in dataset["prompt"]]
     keys = list(groups) if groups is not None else prompts
+    def n_test(n: int) -> int:  # datasets' own count (the ceiling), leaving at least one to train on
+        return min(math.ceil(test_fraction * n), n - 1)
+
     if len(set(keys)) == len(keys) and len(set(prompts)) == len(prompts):
-        split = dataset.train_test_split(test_size=test_fraction, seed=seed)
+        if len(keys) < 2:
+            return dataset, None
+        split = dataset.train_test_split(test_size=n_test(len(keys)), seed=seed)
         return split["train"], split["test"]
     from datasets import Dataset
 
     distinct = list(dict.fromkeys(keys))
     if len(distinct) < 2:
         return dataset, None  # one prompt: nothing can be held out from it
-    held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=test_fraction, seed=seed)["test"]["key"])
+    held = set(Dataset.from_dict({"key": distinct}).train_test_split(test_size=n_test(len(distinct)),
+                                                                     seed=seed)["test"]["key"])
     trained = {p for p, k in zip(prompts, keys, strict=True) if k not in held}
     test = [i for i, (p, k) in enumerate(zip(prompts, keys, strict=True)) if k in held and p not in trained]
     if not test:

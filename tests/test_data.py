@@ -225,6 +225,10 @@ def test_held_out_split_keeps_every_answer_of_a_prompt_on_one_side(tmp_path):
     own = unique.train_test_split(test_size=0.2, seed=0)
     assert [split["completion"] for split in split_by_prompt(unique, 0.2, seed=0)] == [
         own["train"]["completion"], own["test"]["completion"]]
+    # A fraction that would leave nothing to train on (data.eval_fraction may be up to 1) keeps one prompt to train
+    for data, n in ((unique, 20), (ds, 60)):
+        train, test = split_by_prompt(data, 0.99, seed=0)
+        assert len(train) == n // 20 and len(train) + len(test) == n
 
 GOOD = {"instruction": "q", "input": "", "output": "a"}
 
