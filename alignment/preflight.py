@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Collection
 from dataclasses import replace
@@ -822,8 +823,6 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
         built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
     names = [name for name, _ in built.named_modules()]
     if isinstance(targets, str):
-        import re
-
         try:
             missing = [] if any(re.fullmatch(targets, n) for n in names) else [f"{targets!r} (a regex: whole names)"]
         except re.error as err:
@@ -834,6 +833,12 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
         import torch
 
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+        plain = [t.strip() for t in targets.split(",")] if isinstance(targets, str) and re.fullmatch(r"[\w.,\s]+", targets) \
+            else []
+        if plain and all(any(n == t or n.endswith("." + t) for n in names) for t in plain):
+            raise ConfigError(f"{key}: a string is a regex peft matches against whole module names (such as "
+                              f"{next(n for n in names if n.endswith('.' + plain[0]))}), and {targets!r} matches none; "
+                              f"for the modules named {', '.join(plain)}, give a list: {key}=[{','.join(plain)}]")
         raise ConfigError(f"{key}: {', '.join(missing)} not among the modules of {model}; its linear layers are "
                           f"{', '.join(linear)} (or use all-linear)")
 

@@ -260,6 +260,10 @@ CASES = [
     # On the command line a lone name is a YAML string, which peft reads as a regex over whole names.
     ("lora target a string", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=bogus_proj", 2,
      ["lora.target_modules: 'bogus_proj' (a regex: whole names) not among the modules of", "q_proj"]),
+    ("lora targets as a string of names", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=q_proj,v_proj", 2,
+     ["lora.target_modules: a string is a regex peft matches against whole module names (such as "
+      "model.layers.0.self_attn.q_proj), and 'q_proj,v_proj' matches none; for the modules named q_proj, v_proj, "
+      "give a list: lora.target_modules=[q_proj,v_proj]"]),
     ("lora targets empty", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[]", 2,
      ["lora.target_modules: empty, so LoRA would adapt nothing"]),
     ("config not UTF-8", f"sft --config {{d}}/latin1.jsonl {M}", 2, ["latin1.jsonl: not UTF-8 text (byte"]),
