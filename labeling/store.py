@@ -490,10 +490,13 @@ class Store:
             raise KeyError(f"no task {task_id}")
         resp = conn.execute(select(responses.c.text, responses.c.meta).where(responses.c.task_id == task_id)
                             .order_by(responses.c.position)).all()
+        try:
+            source, metas = _loads(row["source"], {}), [_loads(m, {}) for _, m in resp]
+        except ValueError as err:  # written by hand or by a bug: name the task rather than fail on every page
+            raise StoreError(f"task {task_id}: its source or a response's meta in the store is not JSON ({err})") from None
         return {"task_id": row["id"], "batch": row["batch"], "round": row["round"], "kind": row["kind"],
                 "prompt": row["prompt"], "is_gold": bool(row["is_gold"]), "priority": row["priority"],
-                "source": _loads(row["source"], {}),
-                "responses": [{"text": t, "meta": _loads(m, {})} for t, m in resp]}
+                "source": source, "responses": [{"text": t, "meta": m} for (t, _), m in zip(resp, metas, strict=True)]}
 
     def batch_tasks(self, batch: str) -> list[dict[str, Any]]:
         """Flat rows (Dataset.from_list-able): task_id, batch, round, priority, prompt, responses."""
@@ -912,10 +915,23 @@ class Store:
             out = []
             for r in rows:
                 t = cache.get(r["task_id"]) or cache.setdefault(r["task_id"], self._task(conn, r["task_id"]))
+                # The app writes only checked ranks; a row edited by hand, or responses removed after it was
+                # ranked, would otherwise give pairs of the wrong answers, or a traceback naming no ranking.
+                try:
+                    ranks, flags = json.loads(r["ranks"]), json.loads(r["flags"])
+                    if not isinstance(ranks, list):
+                        raise ValueError(f"ranks {r['ranks']!r} is not a list")
+                    _check_ranks(ranks, len(t["responses"]))
+                    if not isinstance(flags, list):
+                        raise ValueError(f"flags {r['flags']!r} is not a list")
+                except ValueError as err:
+                    raise StoreError(f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) "
+                                     f"cannot be read: {err}; correct that row, or set its status to 'discarded', "
+                                     "to read the others") from None
                 out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "kind": t["kind"],
                             "prompt": t["prompt"], "responses": t["responses"], "source": t["source"],
-                            "annotator": r["annotator"], "ranks": json.loads(r["ranks"]),
-                            "flags": json.loads(r["flags"]), "rationale": r["rationale"], "seconds": r["seconds"],
+                            "annotator": r["annotator"], "ranks": ranks,
+                            "flags": flags, "rationale": r["rationale"], "seconds": r["seconds"],
                             "is_gold": t["is_gold"], "submitted_at": r["updated"]})
             return out
 

@@ -239,6 +239,37 @@ def test_bad_ranks_are_refused_with_a_reason(store):
     assert store.submitted_rankings() == []
 
 
+def test_a_ranking_row_spoilt_outside_the_app_is_named_not_read_as_other_pairs(store):
+    """Ranks the app never writes (a row edited by hand, a response deleted after the ranking): reading the
+    rankings names the task, annotator and row, instead of pairing the wrong answers or a bare traceback."""
+    from sqlalchemy import delete, update
+
+    from labeling.store import StoreError, rankings, responses, tasks
+
+    first, second = make_tasks(store, 2)
+    alice = session(store, "alice")
+    for _ in range(2):
+        task = handlers.next_task(store, alice)
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4])
+    assert len(store.submitted_rankings()) == 2
+    for bad, problem in (("[1, 2, 3, 9]", "whole numbers from 1"), ("[1, 2, 3, 4, 5]", "5 ranks for 4"),
+                         ("null", "ranks 'null' is not a list"), ("not json", "Expecting value")):
+        with store.tx() as conn:
+            conn.execute(update(rankings).where(rankings.c.task_id == first).values(ranks=bad))
+        with pytest.raises(StoreError, match=rf"task {first}'s ranking by alice \(rankings.id \d+\) cannot be "
+                                             rf"read: .*{problem}.*set its status to 'discarded'"):
+            store.submitted_rankings()
+    with store.tx() as conn:
+        conn.execute(update(rankings).where(rankings.c.task_id == first).values(status="discarded"))
+        conn.execute(delete(responses).where(responses.c.task_id == second, responses.c.position == 1))
+    with pytest.raises(StoreError, match=rf"task {second}'s ranking .* 4 ranks for 3 responses"):
+        store.submitted_rankings()  # the ranks of answers 2 and 3 would have become those of 3 and 4
+    with store.tx() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == second).values(source="{oops"))
+    with pytest.raises(StoreError, match=rf"task {second}: its source or a response's meta in the store is not JSON"):
+        store.task(second)
+
+
 def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
