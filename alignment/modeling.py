@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,13 +243,39 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
             # LOCAL_RANK says which one is ours (0 when launched alone). An unquantized model under FSDP or
             # DeepSpeed loads as they expect, without a device map (ZeRO-3 refuses one), on the host.
             extra["device_map"] = {"": _local_gpu()}
-    model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
+    placed_here = not (training if trainer_places is None else trainer_places)
+    with _whole_on_every_rank(placed_here):
+        model = auto_class.from_pretrained(path, dtype=plan.compute_dtype, **extra)
+    # (A Trainer's FSDP fills such weights from the first rank: only a model it will not wrap is checked.)
+    on_meta = placed_here and next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if on_meta:
+        raise RuntimeError(f"{cfg.name}: {on_meta} was left on the meta device when it loaded (no weights); with "
+                           "FSDP's cpu_ram_efficient_loading the ranks but the first load nothing until FSDP "
+                           "wraps the model")
     if plan.quantize and training:
         prepare_4bit_for_training(model, plan)
         keep_4bit_backward(model)  # an evaluation must not switch the 4-bit layers to a kernel without backward
-    if plan.device == "cuda" and "device_map" not in extra and not (training if trainer_places is None else trainer_places):
+    if plan.device == "cuda" and "device_map" not in extra and placed_here:
         model.to(f"cuda:{_local_gpu()}")  # sharded, and no Trainer to place it: whole on this process's GPU
     return model
+
+
+@contextmanager
+def _whole_on_every_rank(whole: bool):
+    """Loads within it give every rank the whole model when `whole` (no Trainer will wrap it: a reward model
+    scoring for GRPO, eval's policies). Under FSDP with cpu_ram_efficient_loading (accelerate's
+    FSDP_CPU_RAM_EFFICIENT_LOADING, fsdp.yaml's) transformers loads the weights on the first rank of each
+    machine only, for FSDP to send the others; with no FSDP to come, a weight the checkpoint lacks (a
+    classifier's fresh score head) stayed on the meta device on the other ranks, and the first use failed."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    before = os.environ.get(key)
+    if whole and before is not None:
+        os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if whole and before is not None:
+            os.environ[key] = before
 
 
 def prepare_4bit_for_training(model, plan: DevicePlan) -> None:

@@ -403,6 +403,46 @@ def test_the_merge_is_done_once_after_ppo_opened_the_process_group(tmp_path):
     assert not list(tmp_path.glob("align-sft-merged-*"))
 
 
+WHOLE_ON_EVERY_RANK = """
+import os, sys
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForSequenceClassification
+from alignment.config import ModelConfig
+from alignment.modeling import DevicePlan, load_base_model
+
+dist.init_process_group("gloo")
+plan = DevicePlan(device="cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
+cfg = ModelConfig(name=sys.argv[1], quantize=False)
+# A classifier from a causal LM's folder, as a reward model is built: its score head is not in the checkpoint
+scorer = load_base_model(cfg, plan, auto_class=AutoModelForSequenceClassification, num_labels=1, training=False)
+assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # put back for the trainers
+assert scorer.score.weight.device.type == "cpu"
+# What a Trainer's FSDP will fill from rank 0 stays as transformers leaves it
+trained = load_base_model(cfg, plan, auto_class=AutoModelForSequenceClassification, num_labels=1)
+print(f"rank {dist.get_rank()} trained score on {trained.score.weight.device.type}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_a_model_no_trainer_wraps_loads_whole_on_every_rank_under_fsdp_ram_efficient_loading(tiny_model, tmp_path):
+    """fsdp.yaml's cpu_ram_efficient_loading has transformers load a model on each machine's first rank only, for
+    FSDP to send to the others: a reward model scoring for GRPO (no Trainer wraps it) kept its score head on the
+    meta device on the other ranks, and its first use failed. Such a model loads whole on every rank."""
+    script = tmp_path / "load.py"
+    script.write_text(WHOLE_ON_EVERY_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+           "ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), tiny_model], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the training load is transformers' own: rank 1's head on meta shows the test sees the case it is about
+    assert "rank 0 trained score on cpu" in proc.stdout and "rank 1 trained score on meta" in proc.stdout, proc.stdout
+
+
 def write_rankings(path: Path, prompts: int = 12) -> Path:
     """K-wise rankings of K = 2, 3, 4 in turn, as all their C(K, 2) pairs (1, 3, 6 a ranking): batches that
     keep a ranking together hold different numbers of pairs, so the two ranks' batches differ in size."""
