@@ -53,7 +53,8 @@ def activation_bytes_per_token(config, dtype: torch.dtype, lora_dropout: bool = 
     return per_layer * config.num_hidden_layers
 
 
-def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: int) -> DevicePlan:
+def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: int, *,
+                      taken_later: float = 0.0) -> DevicePlan:
     """`model.gradient_checkpointing: auto` settled once the model is on the GPU: on only if memory needs it.
 
     Checkpointing recomputes each layer's forward in the backward pass: with a frozen base (LoRA,
@@ -61,17 +62,21 @@ def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: in
     FLOPs per token instead of 4N). It is worth it only when the activations of the longest batch
     (`tokens_per_step`: batch × max_length, padded) would not fit in what the loaded model leaves
     free. Sharded setups (FSDP, DeepSpeed) keep it on: the estimate does not know their layout.
+    `taken_later`: the share of the GPU's memory something started after this check will hold (GRPO's
+    colocated vLLM engine, built with the trainer: `vllm_gpu_memory_utilization` of the whole card).
     """
     if setting != "auto" or plan.device != "cuda":
         return plan
     if sharded():
         return replace(plan, gradient_checkpointing=True)
-    free, _ = torch.cuda.mem_get_info(_local_gpu())
+    free, total = torch.cuda.mem_get_info(_local_gpu())
+    free -= taken_later * total
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     needed = activation_bytes_per_token(config, plan.compute_dtype) * tokens_per_step
     fits = needed * SAFETY + RESERVE_BYTES < free
     log.info("gradient checkpointing auto: the longest batch's activations need ~%.1f GiB without it, %.1f GiB "
-             "is free: %s", needed / 2**30, free / 2**30, "off (it fits)" if fits else "on (it does not fit)")
+             "is free%s: %s", needed / 2**30, free / 2**30, f" (less {taken_later:.0%} of the GPU for vLLM)"
+             if taken_later else "", "off (it fits)" if fits else "on (it does not fit)")
     return replace(plan, gradient_checkpointing=not fits)
 
 

@@ -192,8 +192,11 @@ def main(cfg: PPOStageConfig) -> Path:
     model = PeftModel.from_pretrained(base, str(sft), is_trainable=True) if sft else base
     tokenizer = load_tokenizer(str(sft) if sft else cfg.model.name)
     # device_plan left `auto` on with CUDA until the batch is known: off where its activations fit.
+    # TRL starts its colocated vLLM engine with the trainer, after this check: what it will hold is not free
     plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, base,
-                             tokens_per_step=tokens_per_step(cfg, tokenizer, data["prompt"]))
+                             tokens_per_step=tokens_per_step(cfg, tokenizer, data["prompt"]),
+                             taken_later=cfg.generation.vllm_gpu_memory_utilization
+                             if cfg.generation.backend == "vllm" else 0.0)
     levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
     log.info(levers)
 

@@ -139,6 +139,11 @@ def test_checkpointing_auto_is_on_only_when_the_activations_do_not_fit(tiny_mode
     assert fit_checkpointing(CUDA_PLAN, "auto", model, tokens_per_step=4096).gradient_checkpointing is False
     free["bytes"] = RESERVE_BYTES + per_token * 4096  # exactly 4096 tokens: under the 1.25 safety margin
     assert fit_checkpointing(CUDA_PLAN, "auto", model, tokens_per_step=4096).gradient_checkpointing is True
+    # What vLLM will take once the trainer starts it (GRPO colocated) is not free: of a card half free, 30 % leaves
+    # room, 45 % does not
+    free["bytes"] = 4 * (RESERVE_BYTES + 2 * per_token * 4096)
+    assert fit_checkpointing(CUDA_PLAN, "auto", model, 4096, taken_later=0.3).gradient_checkpointing is False
+    assert fit_checkpointing(CUDA_PLAN, "auto", model, 4096, taken_later=0.45).gradient_checkpointing is True
     # Asked for explicitly, on CPU, or sharded (FSDP/DeepSpeed): left as the plan says.
     free["bytes"] = 2**50
     assert fit_checkpointing(CUDA_PLAN, "on", model, 4096).gradient_checkpointing is True

@@ -429,9 +429,9 @@ def test_grpo_settles_checkpointing_auto_on_cuda_once_the_model_is_loaded(prompt
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 2**30, 80 * 2**30))
     fitted = {}
 
-    def fit(plan, setting, model, tokens_per_step):
+    def fit(plan, setting, model, tokens_per_step, **kwargs):
         fitted["tokens"] = tokens_per_step
-        fitted["plan"] = gpu_training.fit_checkpointing(plan, setting, model, tokens_per_step)
+        fitted["plan"] = gpu_training.fit_checkpointing(plan, setting, model, tokens_per_step, **kwargs)
         return fitted["plan"]
 
     monkeypatch.setattr(recipes.grpo, "fit_checkpointing", fit)
