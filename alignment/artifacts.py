@@ -372,6 +372,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "metrics": metrics or {},
         **extra,
     }
+    manifest["files"] = artifact_files(folder)
     from alignment.config import redact
 
     tmp = path.with_suffix(".tmp")
@@ -380,11 +381,37 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
     return path
 
 
+# What a stage hands on (weights, datasets), recorded in its manifest with their sizes: a file of them gone or
+# changed since makes the folder unfinished to `align pipeline` (its other files are logs and plots).
+ARTIFACT_SUFFIXES = (".safetensors", ".bin", ".pt", ".arrow", ".parquet")
+
+
+def artifact_files(folder: str | Path) -> dict[str, int]:
+    """{path relative to `folder`: size} of its ARTIFACT_SUFFIXES files, less checkpoints and W&B's own."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.suffix in ARTIFACT_SUFFIXES and f.is_file()
+            and not {"checkpoints", "wandb"} & set(f.relative_to(folder).parts[:-1])}
+
+
+def missing_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """The files `manifest` recorded (artifact_files) that `folder` no longer holds as they were."""
+    folder = Path(folder)
+    return [name for name, size in (manifest.get("files") or {}).items()
+            if not (folder / name).is_file() or (folder / name).stat().st_size != size]
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {MANIFEST}: is it an artifact of a finished stage?")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise StageError(f"{path} cannot be read ({err}): run the stage that made {folder} again") from None
+    if not isinstance(manifest, dict):
+        raise StageError(f"{path} is not a stage's manifest (a JSON object): run the stage that made {folder} again")
+    return manifest
 
 
 def system_prompt_of(folder: str | Path | None) -> str | None:

@@ -364,12 +364,21 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """`folder`'s manifest, or None where it has none or one that cannot be read (half a file): not finished."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def headline(run_dir: Path) -> str:
     """The answer first: did the aligned policy beat the baseline, by how much, how sure."""
     path = stage_dir(run_dir, "eval") / MANIFEST
-    if not path.is_file():
+    m = _manifest(path.parent)
+    if m is None:
         return ""
-    m = json.loads(path.read_text())
     changed = changed_parents(m, path.parent)  # a verdict on a policy (or by a judge) remade since is not its own
     items = []
     for name, row in m.get("policies", {}).items():
@@ -645,12 +654,13 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
     """The run on one screen (html, markdown): each finished stage's outcome and wall time, then the cautions."""
     rows, md, warn = [], [], []
     for kind, folder in sections:
-        if not (folder / MANIFEST).is_file():  # kept for its checkpoints (finished_sections(unfinished=True))
-            said = resume_note(kind, folder)
+        manifest = _manifest(folder)
+        if manifest is None:  # kept for its checkpoints (finished_sections(unfinished=True)), or its manifest spoilt
+            said = resume_note(kind, folder) if not (folder / MANIFEST).is_file() else \
+                f"its {MANIFEST} cannot be read: run the stage again"
             rows.append(f"<tr><td>{html.escape(folder.name)}</td><td></td><td>{html.escape(said)}</td></tr>")
             md.append(f"- {folder.name}: {said}")
             continue
-        manifest = json.loads((folder / MANIFEST).read_text())
         kind = kind if kind in STAGES else manifest.get("stage", kind)
         try:
             figures, found = glance(kind, manifest), cautions(kind, manifest, folder)
@@ -681,10 +691,9 @@ SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     """A stage's section (html, markdown), titled and anchored by its folder's name; None before it ran."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    manifest = _manifest(folder)
+    if manifest is None:
         return None
-    manifest = json.loads(manifest_path.read_text())
     rows = read_jsonl(folder / "metrics.jsonl")
     plots = [plot_series(t, rows, keys, ylabel) for t, ylabel, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
@@ -766,8 +775,8 @@ def stale_round(run_dir: Path) -> str | None:
     inside = run_dir.resolve()
     for _, name in finished_sections(run_dir):
         folder = run_dir / name
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for parent, (where, since) in changed_parents(manifest, folder).items():
+        manifest = _manifest(folder)
+        for parent, (where, since) in changed_parents(manifest or {}, folder).items():
             if inside in where.resolve().parents:  # its own round's: that round's report says so
                 continue
             owner = where.parent.name if round_root(where.parent) else "round-0"

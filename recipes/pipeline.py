@@ -39,10 +39,12 @@ from alignment import StageError, artifacts
 from alignment import report as report_module
 from alignment.artifacts import (
     MANIFEST,
+    missing_files,
     model_fingerprint,
     parent_path,
     pipeline_stages,
     print_done,
+    read_manifest,
     round_batch,
     round_dir,
     routed,
@@ -95,6 +97,25 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(section.get("policies"), dict):
             section["policies"] = {k: str(Path(v).resolve()) if isinstance(v, str) else v
                                    for k, v in section["policies"].items()}
+    # A path inside run.dir by where it is in the run: a run copied or moved elsewhere is the same run (its
+    # stages read their parents there: artifacts.parent_path), not one to make again from sft.
+    root = (config.get("run") or {}).get("dir") if isinstance(config.get("run"), dict) else None
+    if root:
+        def in_run(value: Any, prefix: str = "") -> Any:
+            if not isinstance(value, str) or not value.startswith(prefix):
+                return value
+            try:
+                return prefix + str(Path("<run.dir>") / Path(value[len(prefix):]).relative_to(root))
+            except ValueError:
+                return value
+
+        for section in (config, *(v for v in config.values() if isinstance(v, dict))):
+            for key in (k for k in PATHS if k in section):
+                section[key] = in_run(section[key])
+            if isinstance(section.get("store"), str):
+                section["store"] = in_run(section["store"], "sqlite:")
+            if isinstance(section.get("policies"), dict):
+                section["policies"] = {k: in_run(v) for k, v in section["policies"].items()}
     return config
 
 
@@ -141,7 +162,16 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
-    m = json.loads(manifest.read_text())
+    try:
+        m = read_manifest(folder)
+    except StageError as err:  # half a file, by hand or a full disk: the stage's mark that it finished is gone
+        log.info("── %s: %s", folder.name, err)
+        return False
+    gone = missing_files(folder, m)
+    if gone:
+        log.info("── %s: %s %s gone or changed since it finished: making it again", folder.name, ", ".join(gone[:3]),
+                 "is" if len(gone) == 1 else "are")
+        return False
     recorded = m.get("config") or {}
     if m.get("stage") == "eval" and "reward_model" in recorded and recorded["reward_model"] is None:
         # An eval from before the pipeline named its judge: the reward model it judged by (a parent), else none

@@ -555,7 +555,8 @@ def test_the_labelling_app_stops_when_the_pipeline_that_started_it_is_killed(tmp
         time.sleep(0.2)
 
 
-def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys):
+def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys,
+                                                                  tmp_path):
     """The rerun rule, on the finished run (no stage runs here: run_stage records what would):
     W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
     model redoes eval, which it judges; a ranked task made gold redoes the export; a batch ranked by
@@ -606,6 +607,26 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
             db.execute("UPDATE tasks SET is_gold = 0")
             db.execute("DELETE FROM gold")
     assert rerun() == []
+    # A stage whose weights are gone is not done, whatever its manifest says (it was trusted, and eval or serve
+    # failed later); nor one whose manifest is half a file (a JSONDecodeError traceback, for good)
+    adapter = next((run / "dpo").glob("adapter_model.safetensors"))
+    adapter.rename(tmp_path / adapter.name)
+    try:
+        assert rerun() == ["dpo"]
+    finally:
+        (tmp_path / adapter.name).rename(adapter)
+    text = reward.read_text()
+    try:
+        reward.write_text(text[:300])
+        assert rerun() == ["reward", "eval"]  # (eval: the half file is newer than it)
+    finally:
+        reward.write_text(text)
+        os.utime(reward, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert rerun() == []
+    # The run copied elsewhere is the same run: nothing to make again (every stage was, from sft)
+    shutil.copytree(run, tmp_path / "copy", symlinks=True)
+    ran.clear()
+    assert align(pipeline_args(tiny_model, data, tmp_path / "copy")) == 0 and ran == []
     ran.clear()
     assert align([*pipeline_args(tiny_model, data, run), "scorer=length"]) != 0
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
