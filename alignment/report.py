@@ -501,6 +501,8 @@ def _steps(m: dict[str, Any]) -> str | None:
     steps, runtime = _num(m, "global_step") or _num(m, "steps"), _num(m, "train_runtime")
     if steps is None:
         return None
+    if runtime is not None and "train_loss_since_resume" in m:  # the Trainer's time is the resumed process's
+        return f"{steps:.0f} steps, resumed from a checkpoint ({runtime:.0f} s since)"
     return f"{steps:.0f} steps" + (f" in {runtime:.0f} s" if runtime is not None else "")
 
 

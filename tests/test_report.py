@@ -39,6 +39,8 @@ EVAL = {"stage": "eval", "baseline": "sft", "prompts": 48, "prompts_seen_in_trai
 
 def test_each_stage_says_its_outcome_in_figures():
     assert glance("sft", SFT) == ["held-out loss 3.352 (next-token accuracy 34.7%)", "10 steps in 101 s"]
+    resumed = {**SFT, "metrics": {**SFT["metrics"], "train_loss_since_resume": 2.0}}  # the time is the last process's
+    assert glance("sft", resumed)[1] == "10 steps, resumed from a checkpoint (101 s since)"
     assert glance("sample", SAMPLE) == ["160 answers to 40 prompts", "104 (65%) cut at max_new_tokens"]
     chosen = {"metrics": {**SAMPLE["metrics"], "selection/candidates": 80, "responses_sampled": 320}}
     assert glance("sample", chosen)[0] == "40 prompts chosen from 80 candidates (320 answers sampled)"
