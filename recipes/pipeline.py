@@ -142,6 +142,14 @@ def _as_ran(m: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     return recorded
 
 
+def _changed(then: Any, now: Any, key: str = "") -> list[str]:
+    """"key: then → now" for each setting that differs between two configs (nested keys dotted)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [c for k in dict.fromkeys([*then, *now])
+                for c in _changed(then.get(k, "(unset)"), now.get(k, "(unset)"), f"{key}.{k}" if key else k)]
+    return [] if then == now else [f"{key}: {json.dumps(then, default=str)[:60]} → {json.dumps(now, default=str)[:60]}"]
+
+
 def _inputs(m: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, sha256) of the data files and prompt files a manifest says its stage read."""
     found = [(d.get("path"), d.get("sha256")) for d in (m.get("data"), m.get("prompts")) if isinstance(d, dict)]
@@ -182,7 +190,11 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         # passes (a human=true eval of those days, rerun by its pipeline, was redone for the key alone)
         recorded = {**recorded, "store": getattr(cfg, "store", None)}
     recorded = _as_ran(m, recorded)
-    if _made_by(recorded) != _made_by(_as_recorded(to_dict(cfg), recorded)):
+    then, now = _made_by(recorded), _made_by(_as_recorded(to_dict(cfg), recorded))
+    if then != now:
+        changed = _changed(then, now)
+        log.info("── %s: made with other settings (%s%s): making it again", folder.name, "; ".join(changed[:4]),
+                 f"; {len(changed) - 4} more" if len(changed) > 4 else "")
         return False
     # an eval from before it recorded its verdicts read none, as far as anyone knows: rerun once there are some
     unrecorded = verdicts_fingerprint([]) if m.get("stage") == "eval" else None

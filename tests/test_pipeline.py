@@ -5,6 +5,7 @@ mid-way that, run again, skips its finished stages and ends with the same artifa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -556,7 +557,7 @@ def test_the_labelling_app_stops_when_the_pipeline_that_started_it_is_killed(tmp
 
 
 def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, data, run, monkeypatch, capsys,
-                                                                  tmp_path):
+                                                                  tmp_path, caplog):
     """The rerun rule, on the finished run (no stage runs here: run_stage records what would):
     W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
     model redoes eval, which it judges; a ranked task made gold redoes the export; a batch ranked by
@@ -577,7 +578,10 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
         m.chdir(run.parent)
         ran.clear()
         assert align(pipeline_args(tiny_model, data, Path(run.name))) == 0 and ran == []
-    assert rerun("dpo.train.max_steps=5") == ["dpo"]  # (eval follows once dpo/ is newer: see the reward model)
+    with caplog.at_level(logging.INFO, logger="recipes.pipeline"):
+        assert rerun("dpo.train.max_steps=5") == ["dpo"]  # (eval follows once dpo/ is newer: see the reward model)
+    assert re.search(r"── dpo: made with other settings \(train\.max_steps: \d+ → 5\): making it again",
+                     caplog.text), caplog.text
     text = data.read_text()
     try:
         data.write_text(text + json.dumps({"instruction": "Ticket 99: a new one?", "input": "", "output": "Yes."}) + "\n")
