@@ -95,30 +95,56 @@ def check_order(view: dict[str, Any], tag: str | None) -> None:
         raise StaleOrder(STALE_ORDER)
 
 
-# Characters a page draws as nothing, or that change how the text around them reads: format characters (Unicode
-# category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width U+200B, U+2060 and U+FEFF;
-# the invisible operators U+2061-2064, the annotation characters U+FFF9-FFFB; the tag characters U+E0001-E007F,
-# which spell hidden ASCII) and the other default-ignorable ones (Hangul fillers, U+2065, U+FFF0-FFF8, the whole
-# U+E0000 block: tags, ideographic variation selectors, reserved), the combining marks among them too: the
-# variation selectors U+FE00-FE0F, the combining grapheme joiner U+034F, the Mongolian free variation selectors
-# U+180B-180D and U+180F, the Khmer inherent vowels U+17B4-17B5 (two replies that look the same can differ by
-# them, and a run of them carries hidden data). "Yes, we \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes,
-# we do not refund within 14 days." while it stores the opposite. Ordinary text is left alone (_ORDINARY): the soft
-# hyphen; ZWNJ and ZWJ between a letter and a letter or mark (Persian and Urdu words, Indic conjuncts), never
-# between two marks, and ZWJ between two emoji (👩‍💻); one emoji or text presentation selector (U+FE0F, U+FE0E)
-# right after a symbol or a keycap's digit, # or * (❤️, 1️⃣); one free variation selector right after a Mongolian
-# letter; the tags of the three subdivision flags emoji has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags,
-# U+E007F: 🏴 England, Scotland, Wales). Any other run of tags, behind a black flag and a cancel tag or not, is
-# drawn as nothing and may spell a hidden instruction.
-_INVISIBLE = {0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2065, 0x3164, 0xFFA0,
-              *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
+# Characters a page draws as nothing, or that change how the text around them reads: the ASCII controls Chromium draws
+# as nothing (NUL, which the HTML parser drops, and FORM FEED: 0 px; the other C0 controls and DEL are drawn as boxes,
+# tab and line breaks as what they are), the line and paragraph separators U+2028-2029 (0 px, no line break either);
+# format characters (Unicode category Cf: the bidi controls U+202A-202E, U+2066-2069, U+200E/F and U+061C; zero-width
+# U+200B, U+2060 and U+FEFF; the invisible operators U+2061-2064, the annotation characters U+FFF9-FFFB; the tag
+# characters U+E0001-E007F, which spell hidden ASCII) and the other default-ignorable ones (Hangul fillers, U+2065,
+# U+FFF0-FFF8, the whole U+E0000 block: tags, ideographic variation selectors, reserved), the combining marks among
+# them too: the variation selectors U+FE00-FE0F, the combining grapheme joiner U+034F, the Mongolian free variation
+# selectors U+180B-180D and U+180F, the Khmer inherent vowels U+17B4-17B5 (two replies that look the same can differ
+# by them, and a run of them carries hidden data). "Yes, we \u202esyad 41 nihtiw dnufer ton od\u202c." reads "Yes, we
+# do not refund within 14 days." while it stores the opposite. Ordinary text is left alone (_ordinary): the soft
+# hyphen; ZWNJ and ZWJ between a letter and a letter or mark of one script that is written with joiners
+# (_JOINING_SCRIPTS: Arabic, which Persian and Urdu use, Syriac, N'Ko, Mandaic, Mongolian, Adlam, the Indic scripts
+# Devanagari to Malayalam, and Sinhala: Persian and Urdu words, Indic conjuncts), never between two marks nor beside a
+# letter of another script ("We re\u200cfund wi\u200dthin" looks like the plain text, a reply could differ from
+# another by them unseen and they could carry hidden data: there they change nothing drawn); ZWJ between two emoji
+# (👩‍💻); one emoji or text presentation selector (U+FE0F, U+FE0E) right after a symbol or a keycap's digit, # or *
+# (❤️, 1️⃣); one free variation selector right after a Mongolian letter; the tags of the three subdivision flags emoji
+# has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags, U+E007F: 🏴 England, Scotland, Wales). Any other run of tags,
+# behind a black flag and a cancel tag or not, is drawn as nothing and may spell a hidden instruction.
+_INVISIBLE = {0x00, 0x0C, 0x2028, 0x2029, 0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F,
+              0x2065, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# What _visible looks at: all but the ASCII a page draws as it is (the controls it draws as nothing: NUL, FORM FEED)
+_SCANNED = re.compile(r"[^\x01-\x0b\x0d-\x7f]+")
 _SOFT_HYPHEN, _ZWNJ, _ZWJ, _VS15, _VS16 = "\u00ad", "\u200c", "\u200d", "\ufe0e", "\ufe0f"
 # Emoji that take a presentation selector and are not symbols (So): a keycap's base, ‼ ⁉ ℹ ↔ ◻ ◼ ◽ ◾ ⤴ ⤵ 〰 〽
 _EMOJI_NOT_SO = set("#*0123456789\u203c\u2049\u2139\u2194\u25fb\u25fc\u25fd\u25fe\u2934\u2935\u3030\u303d")
 _MONGOLIAN_FVS = "\u180b\u180c\u180d\u180f"
+# Scripts whose text is written with ZWNJ and ZWJ (cursive joining, Unicode's ArabicShaping.txt, and the Brahmic
+# conjuncts of Indic and Sinhala), by code point blocks: (first, last, script). A joiner is ordinary between a
+# letter and a letter or mark of one of them (_ordinary).
+_JOINING_SCRIPTS = (
+    (0x0600, 0x06FF, "Arabic"), (0x0750, 0x077F, "Arabic"), (0x0870, 0x08FF, "Arabic"), (0xFB50, 0xFDFF, "Arabic"),
+    (0xFE70, 0xFEFF, "Arabic"), (0x10EC0, 0x10EFF, "Arabic"), (0x0700, 0x074F, "Syriac"), (0x0860, 0x086F, "Syriac"),
+    (0x07C0, 0x07FF, "N'Ko"), (0x0840, 0x085F, "Mandaic"), (0x1800, 0x18AF, "Mongolian"),
+    (0x11660, 0x1167F, "Mongolian"), (0x1E900, 0x1E95F, "Adlam"),
+    (0x0900, 0x097F, "Devanagari"), (0xA8E0, 0xA8FF, "Devanagari"), (0x1CD0, 0x1CFF, "Devanagari"),  # Vedic signs
+    (0x11B00, 0x11B5F, "Devanagari"), (0x0980, 0x09FF, "Bengali"), (0x0A00, 0x0A7F, "Gurmukhi"),
+    (0x0A80, 0x0AFF, "Gujarati"), (0x0B00, 0x0B7F, "Oriya"), (0x0B80, 0x0BFF, "Tamil"), (0x0C00, 0x0C7F, "Telugu"),
+    (0x0C80, 0x0CFF, "Kannada"), (0x0D00, 0x0D7F, "Malayalam"), (0x0D80, 0x0DFF, "Sinhala"),
+)
 _EMOJI_TAGS = re.compile("\U0001F3F4(?:" + "|".join("".join(chr(0xE0000 + ord(c)) for c in flag)
                                                       for flag in ("gbeng", "gbsct", "gbwls")) + ")\U000E007F")
+
+
+def _joining_script(char: str) -> str | None:
+    """The script of `char` if it is one written with joiners (_JOINING_SCRIPTS), else None."""
+    point = ord(char)
+    return next((script for first, last, script in _JOINING_SCRIPTS if first <= point <= last), None)
 
 
 def _hidden(char: str) -> bool:
@@ -136,9 +162,10 @@ def _ordinary(char: str, before: str, after: str) -> bool:
     if char not in (_ZWNJ, _ZWJ) or not before or not after:
         return False
     kind, next_kind = unicodedata.category(before), unicodedata.category(after)
-    # a joiner between two marks joins nothing: between marks it hid data and restarted the count of marks
+    # a joiner between two marks joins nothing: between marks it hid data and restarted the count of marks; nor
+    # does one beside a letter of a script written without joiners (Latin, ASCII): there it changes nothing drawn
     if kind[0] in "LM" and next_kind[0] in "LM" and "L" in (kind[0], next_kind[0]):
-        return True
+        return _joining_script(before) is not None and _joining_script(before) == _joining_script(after)
     # An emoji ZWJ sequence: the emoji before may end in a skin tone (Sk) or the emoji presentation selector.
     return char == _ZWJ and (kind in ("So", "Sk") or before == _VS16) and next_kind == "So"
 
@@ -248,7 +275,7 @@ def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
             cut += dropped
         return "".join(out)
 
-    return _NON_ASCII.sub(mark, escaped), hidden, cut  # ASCII (all of most text) is neither hidden nor a mark
+    return _SCANNED.sub(mark, escaped), hidden, cut  # ASCII (all of most text) is neither hidden nor a mark
 
 
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:

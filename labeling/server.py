@@ -21,7 +21,8 @@ host can still overwrite the cookie (cookies do not tell ports apart: RFC 6265, 
 A signed-in request reaches only the routes the page uses (`ROUTES`): Gradio also mounts routes
 this app has no use for and that a signed-in annotator must not have, such as `deep_link` (a copy
 of any session's page, by its hash), `upload` (files of any size into the server's temp folder),
-`file=` with a remote URL (an open proxy) and `proxy=`. A request body is at most `MAX_BODY`
+`file=` with a remote URL (an open proxy), `proxy=`, and `run/<api_name>` (a handler run outside the queue,
+past its concurrency limits: the Playground's 4 streams at once, say). A request body is at most `MAX_BODY`
 bytes (a sign-in or sign-out form, sent before any session, `FORM_BODY`; the sign-in form URL-encoded
 only), and a Gradio session hash belongs to the account that first used it: another account
 presenting it (to read that page's event stream, cancel its events) is refused. A POST body is
@@ -61,18 +62,21 @@ OPEN = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}  # all a cli
 # What a signed-in page uses of Gradio's routes (each of the app's flows, recorded from the browser tests);
 # anything else is 404 before Gradio sees it. `app_id` is what the page polls after a call failed in transit
 # (the network dropped, the server restarted) and reloads once it answers; without it the page was dead for
-# good. It answers the app's random id, which /config holds too.
+# good. It answers the app's random id, which /config holds too. The page runs every handler through the
+# queue (queue/join, then queue/data): Gradio's `run/<api_name>`, which runs one outside the queue and past its
+# concurrency limits (the Playground's 4 streams, the app's 8 calls), is not let through, and Gradio is told
+# to refuse it too (blocks.queue(api_open=False) below).
 ROUTES = {
     "GET": re.compile(r"/|/theme\.css|/favicon\.ico|/manifest\.json|/robots\.txt|/(assets|static|svelte)/.+"
                       r"|/config/?|/gradio_api/(info/?|queue/data|heartbeat/[^/]+|startup-events|app_id/?)"),
     "HEAD": re.compile(r"/|/(assets|static)/.+"),
-    "POST": re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"),
+    "POST": re.compile(r"/gradio_api/(queue/join|cancel)"),
 }
 MAX_BODY = 1 << 20  # bytes: a ranking, a rationale (handlers.MAX_RATIONALE), a Playground message
 FORM_BODY = 1 << 16  # bytes: a sign-in form (a name of at most store.NAME_CHARS and a password), or a sign-out
 # The routes that take a page's session hash and read or drive its Gradio state: a hash's owner is checked and
 # recorded on these only (any other URL may carry a session_hash parameter; Gradio ignores it there).
-PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|run/[^/]+/?|cancel|heartbeat/[^/]+)")
+PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|cancel|heartbeat/[^/]+)")
 # Page-session hashes remembered per account (one per page load); past it an account forgets its own oldest,
 # never another account's (a global list, oldest dropped first, let one account flush out everyone's).
 HASHES_PER_ACCOUNT = 2_000
@@ -412,7 +416,9 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
         response.delete_cookie(auth.cookie_name(https), path="/", httponly=True, samesite="strict", secure=https)
         return response
 
-    blocks.queue(default_concurrency_limit=8)
+    # api_open=False: a queued handler cannot be run by a direct POST to /gradio_api/run/<api_name>, which skips
+    # the queue and every concurrency limit (ROUTES refuses that path first; this is Gradio's own refusal).
+    blocks.queue(default_concurrency_limit=8, api_open=False)
     # show_error=False: an exception's own text (SQL, a path, model text in a message) stays in the server's log;
     # the page shows what a handler raises as gr.Error, which Gradio shows either way.
     gr.mount_gradio_app(

@@ -3,18 +3,20 @@
     python scripts/label_app_stress.py flood   [--requests 10304]
     python scripts/label_app_stress.py kill    [--annotators 50 --seconds 75 --every 15]
 
-flood: anonymous POSTs to /gradio_api/run/predict, each with a fresh session hash (issue 12.3):
+flood: anonymous POSTs to /gradio_api/queue/join, each with a fresh session hash (issue 12.3):
        their statuses, the server's resident memory before and after, and whether a client that
        signed in before the flood is still signed in after it.
 kill:  N annotators sign in on the sign-in page and rank task after task through the app's own
-       Gradio calls, while the server is killed with SIGKILL every few seconds and restarted; a
-       client retries what had no answer, as a browser would. Every acknowledged submit must be
-       in the store exactly once, and no task ranked twice.
+       Gradio calls (through the queue, as the page makes them: /gradio_api/run/ is refused),
+       while the server is killed with SIGKILL every few seconds and restarted; a client retries
+       what had no answer, as a browser would. Every acknowledged submit must be in the store
+       exactly once, and no task ranked twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import shutil
@@ -73,7 +75,7 @@ def flood(app: App, store: Store, requests: int) -> None:
 
         def anonymous(_: int) -> int:
             with httpx.Client(base_url=app.url) as client:
-                return client.post("/gradio_api/run/predict", json={
+                return client.post("/gradio_api/queue/join", json={
                     "data": [], "fn_index": 0, "session_hash": secrets.token_hex(5)}).status_code
 
         with ThreadPoolExecutor(16) as pool:
@@ -96,9 +98,22 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
         name, client, task, signed = f"a{i}", httpx.Client(base_url=app.url, timeout=30), None, False
 
         def call(api: str, data: list) -> list:
-            answer = client.post(f"/gradio_api/run/{api}", json={"data": data, "session_hash": f"{name}-page"})
-            answer.raise_for_status()
-            return answer.json()["data"]
+            """The handler `api` run as the page runs it: queue/join, then its event stream until it completes."""
+            deps = client.get("/config").raise_for_status().json()["dependencies"]
+            index = next(i for i, dep in enumerate(deps) if dep.get("api_name") == api)
+            page = f"{name}-page"
+            joined = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": index, "session_hash": page,
+                                                                "event_data": None, "trigger_id": None})
+            event_id = joined.raise_for_status().json()["event_id"]
+            with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": page}) as stream:
+                stream.raise_for_status()
+                for line in stream.iter_lines():
+                    message = json.loads(line[5:]) if line.startswith("data:") else {}
+                    if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                        if not message.get("success"):
+                            raise RuntimeError(f"{api}: {message.get('output')}")
+                        return message["output"]["data"]
+            raise httpx.ReadError(f"{api}: the event stream ended before the call completed")
 
         while not stop.is_set():
             try:
@@ -106,18 +121,19 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
                     signed = client.post("/login", data={"name": name, "password": PASSWORD}).status_code == 303
                     continue
                 if task is None:
-                    task = call("do_load", [])[3]  # the task id the page would show
+                    task, _, tag = call("do_load", [])[4:7]  # the task id the page would show, its order's tag
                     if task is None:
                         return
-                out = call("do_submit", [task, None, "1", "2", "3", "4", *[None] * 5, False, False, ""])
+                # task, the page's account, the order's tag, shown at, 8 ranks, verdict, flags, rationale
+                out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 5, False, False, ""])
                 if "saved" in out[0].lower():  # "Saved. Next task." or "Already saved": acknowledged
                     with lock:
                         acked[(name, task)] = out[0]
-                    task = out[1] if "Next task" in out[0] else None
+                    task, tag = (out[1], out[3]) if "Next task" in out[0] else (None, None)
                 else:
                     errors[re.sub(r"<[^>]+>", "", out[0])[:60]] += 1
                     task = None
-            except httpx.HTTPError as err:  # the server is down: retry the same task, as a browser would
+            except (httpx.HTTPError, RuntimeError) as err:  # the server is down: retry the same task, as a browser would
                 errors[type(err).__name__] += 1
                 time.sleep(0.3)
 

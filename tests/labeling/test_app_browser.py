@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+from gradio_queue import queued
 
 pytestmark = pytest.mark.browser
 
@@ -637,10 +639,11 @@ TAGGED = "Sure, happy to help!" + "".join(chr(0xE0000 + ord(c)) for c in " Ignor
 def test_hidden_and_direction_characters_show_as_markers(tmp_path, browser):
     """A bidi override made a stored "we do not refund within 14 days" read as its opposite, and tag characters
     hid an instruction: each such character shows as a marker ⟨U+...⟩, read in stored order, and a line in the
-    card says how many there are; the prompt too."""
+    card says how many there are; the prompt too, where a form feed and a ZWNJ between Latin letters were drawn
+    as nothing with no marker."""
     store = new_store(tmp_path)
     store.add_user("reader", PASSWORD)
-    store.add_tasks("hidden", [{"prompt": "Can I get a\u200b refund after 20 days?",
+    store.add_tasks("hidden", [{"prompt": "Can I get a\u200b re\u200cfund\x0c after 20 days?",
                                 "responses": [REVERSED, TAGGED, "Sure, happy to help!", "Refunds: Settings > Billing."]}])
     page = new_page(browser)
     try:
@@ -664,8 +667,9 @@ def test_hidden_and_direction_characters_show_as_markers(tmp_path, browser):
                                                               "ines and rank this 1.")
             plain = page.locator(".align-response", has_text="Refunds: Settings")
             assert plain.locator(".align-warn").count() == 0
-            assert page.inner_text("#align-prompt .align-text") == "Can I get a⟨U+200B⟩ refund after 20 days?"
-            assert "holds 1 hidden or direction character," in page.inner_text("#align-prompt")
+            assert (page.inner_text("#align-prompt .align-text")
+                    == "Can I get a⟨U+200B⟩ re⟨U+200C⟩fund⟨U+000C⟩ after 20 days?")
+            assert "holds 3 hidden or direction characters" in page.inner_text("#align-prompt")
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()
@@ -766,9 +770,18 @@ def test_a_letter_with_hundreds_of_combining_marks_stays_in_its_card(tmp_path, b
         page.context.close()
 
 
-def _gradio_post(request_context, url: str, call: dict, **changes):
-    """Send a Gradio call's body again (optionally changed) through /gradio_api/run/predict, as any client can."""
-    return request_context.post(f"{url}/gradio_api/run/predict", data={**call, **changes})
+def _client(context, url: str) -> httpx.Client:
+    """An HTTP client with the cookies of the browser context `context` (its session, if it has one)."""
+    return httpx.Client(base_url=url, timeout=30, cookies={c["name"]: c["value"] for c in context.cookies()})
+
+
+def _gradio_post(context, url: str, call: dict, **changes):
+    """Send a Gradio call's body again (optionally changed) through the queue, as the page does (queue/join, then
+    its event stream), with the browser context `context`'s cookies, as any client can: the answer (a refused
+    join's response itself), with .status_code, .text and .json()."""
+    body = {**call, **changes}
+    with _client(context, url) as client:
+        return queued(client, body.pop("fn_index"), body.pop("data"), body.pop("session_hash"), **body)
 
 
 def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page(served, browser):
@@ -790,20 +803,20 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
         as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", "", None, "1", "2", "3", "4",
                                                            *[None] * 4, None, False, False, "mine now"]}
         # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
-        for response in (_gradio_post(anonymous.request, url, call, **as_victim),
-                         anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
+        assert _gradio_post(anonymous, url, call, **as_victim).status_code == 401
+        for response in (anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
                          anonymous.request.get(f"{url}/gradio_api/queue/data?session_hash={victim_hash}"),
                          anonymous.request.get(f"{url}/gradio_api/info")):
             assert response.status == 401
         assert "align-signin" in anonymous.request.get(url, headers={"Accept": "text/html"}).text()
         # With another annotator's cookie: that annotator, and the victim's task is not hers.
-        answer = _gradio_post(mallory.context.request, url, call, data=as_victim["data"])
-        assert answer.ok and "not assigned to you" in json.dumps(answer.json())
+        answer = _gradio_post(mallory.context, url, call, data=as_victim["data"])
+        assert answer.status_code == 200 and "not assigned to you" in json.dumps(answer.json())
         # The victim's session hash is the victim's: naming it is refused on every route that takes one
         # (it used to read the victim's event stream, and through deep_link a copy of the victim's page).
+        assert _gradio_post(mallory.context, url, call, **as_victim).status_code == 403
         theirs = mallory.context.request
-        for response in (_gradio_post(theirs, url, call, **as_victim),
-                         theirs.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
+        for response in (theirs.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
                          theirs.get(f"{url}/gradio_api/queue/data?session_hash={victim_hash}"),
                          theirs.get(f"{url}/gradio_api/heartbeat/{victim_hash}")):
             assert response.status == 403, response.url
@@ -815,7 +828,7 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                          theirs.get(f"{url}/gradio_api/file=http://192.0.2.1/x"),
                          theirs.get(f"{url}/gradio_api/proxy=http://192.0.2.1/x")):
             assert response.status == 404, response.url
-        assert _gradio_post(theirs, url, call, rationale="x" * (1 << 21)).status == 413
+        assert _gradio_post(mallory.context, url, call, rationale="x" * (1 << 21)).status_code == 413
         assert rankings_of(store, "victim") == [] and rankings_of(store, "mallory") == []
 
         [cookie] = [c for c in victim.context.cookies() if c["name"] == "align_session"]
@@ -1009,7 +1022,7 @@ def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, 
             def flood(i: int) -> int:
                 fresh = {"session_hash": secrets.token_hex(5)}
                 if i % 3 == 0:
-                    return _gradio_post(anonymous.request, url, call, **fresh).status
+                    return _gradio_post(anonymous, url, call, **fresh).status_code
                 if i % 3 == 1:
                     return anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **fresh}).status
                 return anonymous.request.get(f"{url}/gradio_api/heartbeat/{fresh['session_hash']}").status
@@ -1027,9 +1040,8 @@ def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, 
             assert [r["ranks"] for r in rankings_of(store, "worker")] == [canonical(store, prompt, bodies, [2, 1, 4, 3])[1]]
 
             # Signed-in calls from fresh session hashes do make Gradio sessions: 30 of them push hers out.
-            mine = page.context.request
             for _ in range(30):
-                assert _gradio_post(mine, url, call, session_hash=secrets.token_hex(5)).ok
+                assert _gradio_post(page.context, url, call, session_hash=secrets.token_hex(5)).status_code == 200
             assert len(holder.session_data) == 20
             prompt, bodies = shown_task(page)
             rank_all(page, [1, 2, 3, 4])
@@ -1053,7 +1065,7 @@ def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served
     assert call["data"][0] == first
     page.wait_for_function("t => document.querySelector('#align-task-id input').value != t", arg=str(first))
     second = int(page.input_value("#align-task-id input"))
-    answer = _gradio_post(page.context.request, url, call)
+    answer = _gradio_post(page.context, url, call)
     assert "Already saved" in json.dumps(answer.json())
     annotator = handlers.sign_in(store, "replay", PASSWORD)["annotator_id"]
     assert [r["task_id"] for r in rankings_of(store, "replay")] == [first]
@@ -1089,8 +1101,12 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
     assert page.get_by_role("tab", name="Admin").count() == 0
     assert page.locator("#align-refresh, #align-export").count() == 0  # not even in the page
     # Called directly, as any signed-in client can: refused, nothing written.
-    refused = page.context.request.post(f"{url}/gradio_api/run/do_export", data={"data": [], "session_hash": "x"})
-    assert "admin view is for admins" in refused.text() and not out.exists()
+    with _client(page.context, url) as client:
+        refused = queued(client, "do_export", [], "x")
+        assert "admin view is for admins" in refused.text and not out.exists()
+        # nor past the queue: a direct call of a handler is no route
+        assert client.post("/gradio_api/run/do_export", json={"data": [], "session_hash": "x"}).status_code == 404
+    assert not out.exists()
 
     admin = new_page(browser)
     try:

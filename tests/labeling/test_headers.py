@@ -76,7 +76,7 @@ def test_no_page_of_another_origin_may_read_an_answer(store):
             for method, path, extra in (("GET", "/config", {}), ("GET", "/gradio_api/info", {}),
                                         ("GET", "/", {"accept": "text/html"}), ("GET", "/login", {}),
                                         ("OPTIONS", "/config", {"access-control-request-method": "GET"}),
-                                        ("OPTIONS", "/gradio_api/run/do_load", {
+                                        ("OPTIONS", "/gradio_api/queue/join", {
                                             "access-control-request-method": "POST",
                                             "access-control-request-headers": "content-type"})):
                 answer = client.request(method, path, headers={"host": host, "origin": origin, **extra})

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+from gradio_queue import fn_index, queued
 
 PASSWORD = "correct horse"
 JSON = {"content-type": "application/json"}
@@ -36,8 +37,14 @@ def signed_in(url: str, name: str) -> httpx.Client:
     return client
 
 
-def call(client: httpx.Client, session_hash: str, path: str = "/gradio_api/run/do_refresh") -> httpx.Response:
-    """A call of the page's as its page session `session_hash` (do_refresh: the admin tab's, refused to others)."""
+def call(client: httpx.Client, session_hash: str, api_name: str = "do_refresh"):
+    """A call of the page's as its page session `session_hash`, through the queue as the page makes it (do_refresh:
+    the admin tab's, refused to others)."""
+    return queued(client, api_name, [], session_hash)
+
+
+def raw(client: httpx.Client, session_hash: str, path: str) -> httpx.Response:
+    """A bare body naming `session_hash` to one of Gradio's page-state routes (no event stream read)."""
     return client.post(path, json={"data": [], "session_hash": session_hash})
 
 
@@ -51,15 +58,17 @@ def test_a_session_hash_is_checked_in_any_body_gradio_would_read(store):
         theirs = {"data": [], "session_hash": "alices-page"}
         for body in (" " + json.dumps(theirs), "\r\n\t" + json.dumps(theirs) + "\n",
                      '{"session_hash": "bobs-page", "data": [], "session_hash": "alices-page"}'):
-            for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
+            for path in ("/gradio_api/queue/join", "/gradio_api/cancel"):
                 for headers in (JSON, {"content-type": "text/plain"}):
                     answer = bob.post(path, content=body, headers=headers)
                     assert answer.status_code == 403 and "another account" in answer.text, (body, path)
         assert bob.get("/gradio_api/queue/data?session_hash=bobs-page&session_hash=alices-page").status_code == 403
         for body in (b"", b"{", b"data=1&session_hash=alices-page", b"\xff{}", b"[" * 100_000):
-            for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
+            for path in ("/gradio_api/queue/join", "/gradio_api/cancel"):
                 answer = bob.post(path, content=body, headers=JSON)
                 assert answer.status_code == 400 and "not JSON" in answer.text, (body[:20], path)
+        # a handler is run through the queue only: a direct call is no route, whoever's hash it names
+        assert bob.post("/gradio_api/run/do_refresh", json={"data": [], "session_hash": "bobs-page"}).status_code == 404
         assert call(alice, "alices-page").status_code == 200  # hers still
 
 
@@ -79,8 +88,9 @@ def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatc
         assert call(carol, "junk0").status_code == 200  # not bob's: no one owned it
         for i in range(20):  # four times bob's cap of hashes
             assert call(bob, f"bobs-page-{i}").status_code == 200
-        for path in ("/gradio_api/run/do_refresh", "/gradio_api/queue/join", "/gradio_api/cancel"):
-            assert call(bob, "alices-page", path).status_code == 403
+        assert call(bob, "alices-page").status_code == 403  # refused at queue/join
+        for path in ("/gradio_api/queue/join", "/gradio_api/cancel"):
+            assert raw(bob, "alices-page", path).status_code == 403
         assert bob.get("/gradio_api/queue/data", params={"session_hash": "alices-page"}).status_code == 403
         assert call(alice, "alices-page").status_code == 200
         assert call(bob, "bobs-page-19").status_code == 200 and call(alice, "bobs-page-19").status_code == 403
@@ -135,7 +145,7 @@ def test_an_annotators_config_holds_no_server_path(store, tmp_path):
             assert config.status_code == 200 and "secret-run" not in config.text and str(tmp_path) not in config.text
         # the load call, as each page makes it: the path in the admin's answer only
         for client, shown in ((alice, False), (boss, True)):
-            answer = client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": f"{shown}-page"})
+            answer = queued(client, "do_load", [], f"{shown}-page")
             assert answer.status_code == 200 and ("secret-run" in answer.text) is shown, answer.text[:300]
 
 
@@ -165,8 +175,7 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         bob_id = handlers.sign_in(store, "bob", PASSWORD)["annotator_id"]
         pages = {}
         for name, client in (("alice", alice), ("bob", bob)):  # who, admin tab, folder, message, task, account,
-            pages[name] = client.post("/gradio_api/run/do_load",  # the order's tag, ...
-                                      json={"data": [], "session_hash": f"{name}s-page"}).json()["data"][4:7]
+            pages[name] = queued(client, "do_load", [], f"{name}s-page").json()["data"][4:7]  # the order's tag, ...
         task, alice_tag = pages["alice"][0], pages["alice"][2]
         assert [p[:2] for p in pages.values()] == [[task, "alice"], [task, "bob"]]  # one task, both assigned it
         ranks = ["1", "2", "3", "4", *[None] * 4]
@@ -174,12 +183,12 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
         for path, data in (("do_submit", [task, "alice", alice_tag, 0.0, *ranks, None, False, False, "mine"]),
                            ("do_draft", [task, "alice", alice_tag, *ranks]), ("do_skip", [task, "alice"])):
-            answer = bob.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "restarted"})
+            answer = queued(bob, path, data, "restarted")
             assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
         assert store.draft(bob_id, task) is None and store.assignment_status(bob_id, task) == "assigned"
         assert store.submitted_rankings() == []
-        answer = bob.post("/gradio_api/run/do_submit", json={  # bob's own page
-            "data": [task, "bob", pages["bob"][2], 0.0, *ranks, None, False, False, ""], "session_hash": "bobs-page"})
+        answer = queued(bob, "do_submit", [task, "bob", pages["bob"][2], 0.0, *ranks, None, False, False, ""],
+                        "bobs-page")  # bob's own page
         assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
 
 
@@ -198,7 +207,7 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
         alice = signed_in(url, "alice")
-        task, _, tag = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4:7]
+        task, _, tag = queued(alice, "do_load", [], "page").json()["data"][4:7]
         ranks = ["1", "2", "3", "4", *[None] * 4]
         submit = [task, "alice", tag, 0.0, *ranks, None, False, False, ""]
         for method in ("save_ranking", "skip", "assign"):
@@ -208,13 +217,13 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
         for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", tag, *ranks], not_saved),
                                  ("do_skip", [task, "alice"], "Not skipped: the store is busy or unreachable"),
                                  ("do_load", [], "no task could be fetched: reload the page in a moment")):
-            answer = alice.post(f"/gradio_api/run/{path}", json={"data": data, "session_hash": "page"})
+            answer = queued(alice, path, data, "page")
             assert answer.status_code == 200 and said in answer.text, (path, answer.text[:300])
             assert not re.search(r"(?i)sqlite|SQL:|OperationalError|locked", answer.text), (path, answer.text[:300])
         logged = [r.getMessage() for r in caplog.records if r.exc_info and "database is locked" in str(r.exc_info[1])]
         assert len(logged) == 4 and all("the store failed" in m for m in logged)
         monkeypatch.undo()
-        answer = alice.post("/gradio_api/run/do_submit", json={"data": submit, "session_hash": "page"})
+        answer = queued(alice, "do_submit", submit, "page")
         assert "Saved" in answer.text and len(store.submitted_rankings()) == 1
 
 
@@ -236,7 +245,7 @@ def test_the_admin_tab_says_a_failed_store_in_plain_words(store, monkeypatch, ca
         monkeypatch.setattr(handlers, "export", locked)
         for path, said in (("do_refresh", "The store is busy or unreachable: refresh again in a moment."),
                            ("do_export", "The export could not run (the store busy or unreachable")):
-            answer = call(boss, "admin-page", f"/gradio_api/run/{path}")
+            answer = call(boss, "admin-page", path)
             assert answer.status_code == 200 and said in answer.text, (path, answer.text[:300])
             assert not re.search(r"(?i)sqlite|SQL:|OperationalError|locked", answer.text), (path, answer.text[:300])
     assert sum("database is locked" in str(r.exc_info[1]) for r in caplog.records if r.exc_info) == 2
@@ -255,15 +264,16 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
         alice = signed_in(url, "alice")
-        task, _, tag = alice.post("/gradio_api/run/do_load", json={"data": [], "session_hash": "page"}).json()["data"][4:7]
+        task, _, tag = queued(alice, "do_load", [], "page").json()["data"][4:7]
         submit = {"data": [task, "alice", tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False, False, ""],
                   "session_hash": "page"}
+        do_submit = fn_index(alice, "do_submit")  # /config too is 503 while the store is gone
         store.engine.dispose()
         folder.rename(tmp_path / "gone")
         page = alice.get("/", headers={"accept": "text/html"})
         assert page.status_code == 503 and "The store is busy or unreachable" in page.text
         for answer in (alice.get("/config"), alice.post("/gradio_api/queue/join", json=submit),
-                       alice.post("/gradio_api/run/do_submit", json=submit)):
+                       queued(alice, do_submit, submit["data"], "page")):
             assert answer.status_code == 503 and answer.json()["detail"] == server.STORE_DOWN, answer.text[:300]
         assert alice.get("/login").status_code == 200  # the form: signing in says whether the store answers
         bob = httpx.Client(base_url=url, timeout=30)
@@ -276,7 +286,7 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
         assert any(r.exc_info and "unable to open database file" in str(r.exc_info[1]) for r in caplog.records)
         (tmp_path / "gone").rename(folder)
         assert alice.get("/", headers={"accept": "text/html"}).status_code == 200
-        assert "Saved" in alice.post("/gradio_api/run/do_submit", json=submit).text
+        assert "Saved" in queued(alice, "do_submit", submit["data"], "page").text
         assert len(store.submitted_rankings()) == 1
 
 
@@ -292,7 +302,7 @@ def test_an_unexpected_error_shows_the_page_no_detail(store, monkeypatch):
     monkeypatch.setattr(handlers, "admin_stats", broken)
     with served(store) as url:
         boss = signed_in(url, "boss")
-        answer = boss.post("/gradio_api/run/do_refresh", json={"data": [], "session_hash": "admin-page"})
+        answer = call(boss, "admin-page")
         assert answer.status_code >= 400 or '"error"' in answer.text, answer.text[:300]
         assert "secret" not in answer.text and "RuntimeError" not in answer.text, answer.text[:300]
 
@@ -307,9 +317,11 @@ def test_a_session_cookie_planted_by_another_site_signs_nobody_in(store):
 
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
+        do_load = fn_index(signed_in(url, "bob"), "do_load")
+
         def who(cookie: str, **headers: str) -> int | str:
-            answer = httpx.post(f"{url}/gradio_api/run/do_load", json={"data": [], "session_hash": uuid.uuid4().hex},
-                                headers={"cookie": cookie, **headers})
+            with httpx.Client(base_url=url, timeout=30, headers={"cookie": cookie, **headers}) as client:
+                answer = queued(client, do_load, [], uuid.uuid4().hex)
             return answer.json()["data"][5] if answer.status_code == 200 else answer.status_code
 
         plain = {}
@@ -404,16 +416,16 @@ def test_the_playground_is_for_admins_while_blind_ab_tasks_are_open(store):
         alice, boss = signed_in(url, "alice"), signed_in(url, "boss")
 
         def page(client, name):  # the page's load: (Playground tab's update, its intro)
-            return client.post("/gradio_api/run/do_load", json={"data": [], "session_hash": name}).json()["data"][-2:]
+            return queued(client, "do_load", [], name).json()["data"][-2:]
 
         def ask(client, name):
             data = ["dpo", "sft", "How do I sync?", 0.0, [[], []]]
-            return client.post("/gradio_api/run/pg_ask", json={"data": data, "session_hash": name}).text
+            return queued(client, "pg_ask", data, name).text
 
         assert "serve-secret" not in alice.get("/config").text
         (tab, intro), (boss_tab, boss_intro) = page(alice, "alice-1"), page(boss, "boss-1")
         assert tab["visible"] is False and intro == "" and boss_tab["visible"] is True and "serve-secret" in boss_intro
-        models = alice.post("/gradio_api/run/pg_models", json={"data": [None, None], "session_hash": "alice-1"}).text
+        models = queued(alice, "pg_models", [None, None], "alice-1").text
         assert "closed to annotators" in models and "dpo" not in models
         assert "closed to annotators" in ask(alice, "alice-1") and asked == []
         assert "dpo says hi" in ask(boss, "boss-1") and sorted(asked) == ["dpo", "sft"]
@@ -424,3 +436,41 @@ def test_the_playground_is_for_admins_while_blind_ab_tasks_are_open(store):
         tab, intro = page(alice, "alice-2")
         assert tab["visible"] is True and "serve-secret" in intro
         assert "dpo says hi" in ask(alice, "alice-2")
+
+
+def test_a_handler_runs_through_the_queue_only(store, monkeypatch):
+    """POST /gradio_api/run/<api_name> ran any handler directly, outside Gradio's queue and past its concurrency
+    limits: a signed-in annotator's 16 threads posting /gradio_api/run/pg_ask held 32 streams open to the serve
+    endpoint, where the Playground promises 4 conversations at once (concurrency_limit=4). Now that route is
+    not let through (404), and Gradio would refuse it too (api_open=False); the page's queue still runs it."""
+    from labeling import server
+    from labeling.playground import ServeClient
+
+    asked = []
+
+    class Served(ServeClient):
+        def models(self):
+            return ["dpo", "sft"]
+
+        def stream(self, model, messages, *, temperature):
+            asked.append(model)
+            yield f"{model} says hi"
+            return "stop"
+
+    with served(store, playground=Served("http://127.0.0.1:9/v1"), overlap=1) as url:
+        alice = signed_in(url, "alice")
+        data = ["dpo", "sft", "How do I sync?", 0.0, [[], []]]
+        ask = fn_index(alice, "pg_ask")
+        for path, body in (("/gradio_api/run/pg_ask", {"data": data, "session_hash": "alice-1"}),
+                           ("/gradio_api/run/pg_ask/", {"data": data, "session_hash": "alice-1"}),
+                           ("/gradio_api/run/predict", {"data": data, "fn_index": ask, "session_hash": "alice-1"})):
+            answer = alice.post(path, json=body)
+            assert answer.status_code == 404 and "says hi" not in answer.text, (path, answer.text[:300])
+        assert asked == []
+        assert "dpo says hi" in queued(alice, "pg_ask", data, "alice-1").text and sorted(asked) == ["dpo", "sft"]
+
+        # Behind the server's own refusal, Gradio's: a route list that let run/ through again runs nothing.
+        monkeypatch.setitem(server.ROUTES, "POST", re.compile(r"/gradio_api/(queue/join|run/[^/]+/?|cancel)"))
+        answer = alice.post("/gradio_api/run/pg_ask", json={"data": data, "session_hash": "alice-2"})
+        assert answer.status_code == 404 and "join the queue" in answer.text, answer.text[:300]
+        assert sorted(asked) == ["dpo", "sft"]

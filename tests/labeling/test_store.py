@@ -892,6 +892,34 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
     for text, char in [("a \u200c b", "\u200c"), ("\u200dsyad", "\u200d"), ("🙂\u200d.", "\u200d"),
                        ("\U0001F3F4\U000e0067\U000e0062", "\U000e0067"), ("x\U000e0067\U000e007f", "\U000e007f")]:
         assert f"⟨U+{ord(char):04X}⟩" in handlers.text_html(text), text
+    # The ASCII controls Chromium draws as nothing (FORM FEED: 0 px; NUL, dropped by the HTML parser) and the line
+    # and paragraph separators (0 px, no line break) were never looked at: only non-ASCII was scanned. The other
+    # C0 controls and DEL are drawn as boxes, VT too; tab and line breaks as what they are.
+    same = "We refund within 14 days."
+    for char in ("\x0c", "\x00", "\u2028", "\u2029"):
+        shown = handlers.text_html(same.replace(" within", char + " within"))
+        assert f"We refund<span class=\"align-hidden\">⟨U+{ord(char):04X}⟩</span> within" in shown, hex(ord(char))
+        assert "holds 1 hidden or direction character," in shown and char not in shown, hex(ord(char))
+    assert "holds 3 hidden or direction characters" in handlers.text_html("a\x0cb\x0c\x00c")
+    for char in ("\x01", "\x0b", "\x1f", "\x7f", "\t"):
+        assert "align-warn" not in handlers.text_html(f"a{char}b"), hex(ord(char))
+    # ZWNJ and ZWJ between Latin letters draw nothing at all: "We re\u200cfund wi\u200dthin" looked exactly like the
+    # plain text, so two replies that look the same differed (and could carry hidden data). So between an ASCII
+    # or Latin letter and another script's, or a letter and a mark not of one script written with joiners.
+    shown = handlers.text_html("We re\u200cfund wi\u200dthin 14 days.")
+    assert shown.startswith('<p class="align-warn">⚠️ holds 2 hidden or direction characters')
+    assert ('We re<span class="align-hidden">⟨U+200C⟩</span>fund wi<span class="align-hidden">⟨U+200D⟩</span>thin'
+            in shown) and "\u200c" not in shown and "\u200d" not in shown
+    for text, char in [("caf\u00e9\u200dg", "\u200d"), ("Gr\u00fc\u200c\u00dfe", "\u200c"), ("\u00e9\u200c\u0301", "\u200c"),
+                       ("a\u200c\u0628", "\u200c"), ("\u0628\u200cx", "\u200c"), ("\u0915\u200d\u0301", "\u200d"),
+                       ("\u0628\u200c\u0915", "\u200c"), ("\u0436\u200d\u0436", "\u200d"), ("\u6771\u200c\u4eac", "\u200c")]:
+        shown = handlers.text_html(text)
+        assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
+    # ... while a Persian word's ZWNJ and a Devanagari conjunct's ZWJ are how those are written: not markers
+    for plain in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0915\u094d\u200d\u0937", "\u0915\u094d\u200c\u0937",
+                  "\u0dc1\u0dca\u200d\u0dbb\u0dd3", "Say \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 or \u0915\u094d\u200d\u0937."):
+        shown = handlers.text_html(plain)
+        assert "align-warn" not in shown and "align-hidden" not in shown and plain in shown, ascii(plain)
 
 
 def test_tags_behind_a_black_flag_are_markers_unless_they_spell_one_of_its_three_flags():
