@@ -308,13 +308,25 @@ def test_loss_switch_names_what_is_allowed(overrides, message, tmp_path, capsys)
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
 
 
-def test_other_losses_run(sft_dir, tmp_path):
+def test_other_losses_run(sft_dir, tmp_path, monkeypatch):
+    """loss and label_smoothing reach the trainer that trains (not only the manifest that records them)."""
+    import recipes.dpo
+
+    trained_with = {}
+    compute_loss = recipes.dpo.AlignDPOTrainer.compute_loss
+
+    def recording(self, *args, **kwargs):
+        trained_with.update(loss_type=self.args.loss_type, label_smoothing=self.args.label_smoothing)
+        return compute_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(recipes.dpo.AlignDPOTrainer, "compute_loss", recording)
     data = write_pairs(tmp_path / "prefs.jsonl", 12)
     assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
                   "loss=robust", "label_smoothing=0.1", "train.max_steps=2", "train.batch_size=4",
                   "data.test_fraction=0", *FAST]) == 0
     manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
     assert manifest["config"]["loss"] == "robust" and manifest["metrics"]["global_step"] == 2
+    assert trained_with == {"loss_type": ["robust"], "label_smoothing": 0.1}
     assert manifest["data"]["too_long"] == 0
 
 

@@ -107,6 +107,37 @@ def test_dpo_heldout_figures_count_each_pair_once():
     assert none["heldout_accuracy"] is None and none["heldout_ties"] == 2
 
 
+def test_a_gather_of_rows_of_any_length_keeps_each_processs_rows_once():
+    """gathers_of_any_size, as the second of two processes sees it: its 4 rows and the first's 3 (a ranking batch
+    keeps rankings whole, so the processes' batches differ). The all-gather needs one shape, so each side is
+    padded to 4; the padding must not come back as pairs (7 rows, each process's values, in rank order)."""
+    import torch
+
+    from alignment.training import gathers_of_any_size
+
+    first = torch.tensor([[1.0, 1.5], [2.0, 2.5], [3.0, 3.5]])
+    ours = torch.tensor([[4.0, 4.5], [5.0, 5.5], [6.0, 6.5], [7.0, 7.5]])
+
+    class TwoProcesses:  # an all-gather of the first process's tensor (same shape, zero-padded) with ours
+        num_processes = 2
+
+        def gather(self, tensor):
+            if tensor.dim() == 0:
+                return torch.stack([tensor, tensor])
+            if tensor.dtype == torch.long and tensor.shape == (1,):  # the lengths
+                return torch.cat([torch.tensor([len(first)]), tensor])
+            theirs = tensor.new_zeros(tensor.shape)
+            theirs[:len(first)] = first
+            return torch.cat([theirs, tensor])
+
+    accelerator = TwoProcesses()
+    with gathers_of_any_size(accelerator):
+        assert torch.equal(accelerator.gather(ours), torch.cat([first, ours]))
+        assert accelerator.gather(ours[:3]).tolist() == [*first.tolist(), *ours[:3].tolist()]
+        assert accelerator.gather(torch.tensor(2.0)).tolist() == [2.0, 2.0]  # a scalar: the plain gather
+    assert "gather" not in accelerator.__dict__  # the class's own again
+
+
 def test_grpo_maps_the_rl_keys(tmp_path):
     from recipes.grpo import grpo_args
 
