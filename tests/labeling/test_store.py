@@ -1090,18 +1090,41 @@ def test_sessions_expire_close_and_keep_only_a_hash(store):
     assert store.secret() == Store(store.url).secret() and len(store.secret()) == 32  # one key per store
 
 
+def ranked_before_migrating(store) -> tuple[int, dict]:
+    """A ranking, a draft and a gold answer in `store` (of make_tasks' 3 tasks or more): what a migration must keep."""
+    alice = session(store, "alice")
+    first = handlers.next_task(store, alice, overlap=1)
+    handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4])
+    second = handlers.next_task(store, alice, overlap=1)
+    store.save_ranking(alice["annotator_id"], second["task_id"], [2, 1, 4, 3], status="draft")
+    gold = next(t["task_id"] for t in store.batch_tasks("round-0") if t["task_id"] not in (first["task_id"],
+                                                                                         second["task_id"]))
+    store.add_gold(gold, [4, 3, 2, 1])
+    kept = {"rankings": store.submitted_rankings(), "gold": store.gold_answers(),
+            "draft": (alice["annotator_id"], second["task_id"], [2, 1, 4, 3])}
+    return alice["annotator_id"], kept
+
+
+def still_there(store, kept: dict) -> None:
+    annotator, task, ranks = kept["draft"]
+    assert store.submitted_rankings() == kept["rankings"] and len(kept["rankings"]) == 1
+    assert store.gold_answers() == kept["gold"] and store.draft(annotator, task) == ranks
+
+
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
     from sqlalchemy import text
 
     old = Store(f"sqlite:///{tmp_path / 'labels.db'}")
-    make_tasks(old, 1)
+    make_tasks(old, 3)
+    _, kept = ranked_before_migrating(old)
     with old.engine.begin() as conn:  # what a store made by the previous align looks like
         conn.execute(text("DROP TABLE sessions"))
         conn.execute(text("DROP TABLE sign_in_failures"))
         conn.execute(text("UPDATE align_meta SET value = '1' WHERE key = 'schema_version'"))
     again = Store(old.url)
-    assert again.schema_version == SCHEMA_VERSION == 3 and len(again.batch_tasks("round-0")) == 1
-    alice = session(again, "alice")
+    assert again.schema_version == SCHEMA_VERSION == 3 and len(again.batch_tasks("round-0")) == 3
+    still_there(again, kept)  # every ranking, draft and gold answer of the old store
+    alice = handlers.sign_in(again, "alice", "secret-pw")
     assert again.session(again.open_session(alice["annotator_id"], 60))["name"] == "alice"
 
 
@@ -1130,6 +1153,7 @@ def test_a_version_2_store_gains_the_priority_column_in_place(store):
     from sqlalchemy import inspect, text
 
     ids = make_tasks(store, 3)
+    _, kept = ranked_before_migrating(store)
     with store.engine.begin() as conn:  # what a version-2 store's tasks table looks like
         conn.execute(text("ALTER TABLE tasks DROP COLUMN priority"))
         conn.execute(text("UPDATE align_meta SET value = '2' WHERE key = 'schema_version'"))
@@ -1139,9 +1163,10 @@ def test_a_version_2_store_gains_the_priority_column_in_place(store):
     again = Store(store.url)
     assert again.schema_version == SCHEMA_VERSION == 3
     assert [t["priority"] for t in again.batch_tasks("round-0")] == [0.0, 0.0, 0.0]
+    still_there(again, kept)
     again.add_tasks("round-0", [{"prompt": "urgent", "responses": ["a", "b"], "priority": 2.0}])
-    alice = session(again, "alice")
-    first = handlers.next_task(again, alice)["task_id"]
+    bob = session(again, "bob")  # (alice's next task is the one she holds a draft of)
+    first = handlers.next_task(again, bob)["task_id"]
     assert first not in ids and again.task(first)["prompt"] == "urgent"
     assert Store(store.url).schema_version == 3  # opening a migrated store again changes nothing
 
