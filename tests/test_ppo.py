@@ -374,18 +374,20 @@ def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_grpo_and_rloo_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_path, tiny_model):
+def test_grpo_and_rloo_raise_the_reward_and_write_an_adapter_peft_loads(algo, sft_dir, prompts, tmp_path, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    assert ppo(tmp_path, sft_dir, prompts, f"algo={algo}", "train.max_steps=2", "rl.rollout_prompts=8",
+    assert ppo(tmp_path, sft_dir, prompts, f"algo={algo}", "train.max_steps=12", "rl.rollout_prompts=8",
                "rl.num_generations=4", "train.lr=5e-4") == 0
     out = tmp_path / algo
+    reward = [r["reward"] for r in read_jsonl(out / "metrics.jsonl") if "reward" in r]
+    assert len(reward) == 12 and sum(reward[-5:]) / 5 > sum(reward[:3]) / 3 + 0.25, reward  # measured: 0.25 -> 0.9
     manifest = json.loads((out / "align.json").read_text())
-    assert manifest["stage"] == algo and manifest["metrics"]["steps"] == 2 and "reward" in manifest["metrics"]
+    assert manifest["stage"] == algo and manifest["metrics"]["steps"] == 12 and "reward" in manifest["metrics"]
     assert manifest["reference"] == "sft adapter (frozen copy)"
     figures = glance(algo, manifest)  # the report's first screen reads the keys this stage writes
-    assert figures[0].startswith("mean reward ") and figures[-1].startswith("2 steps"), figures
+    assert figures[0].startswith("mean reward ") and figures[-1].startswith("12 steps"), figures
     assert not (out / "ref").exists()
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out))
     assert list(policy.peft_config) == ["default"]
