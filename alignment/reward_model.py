@@ -40,7 +40,7 @@ import torch
 from alignment import StageError, process_count
 from alignment.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
 from alignment.config import ModelConfig
-from alignment.cpu import keep_4bit_for_dora
+from alignment.cpu import keep_4bit_backward
 from alignment.data import with_system_prompt
 from alignment.embedded import model_key
 from alignment.evaluation import grouped_proportion_ci
@@ -152,7 +152,10 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
                                    double_quant=trained.double_quant), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
     model = PeftModel.from_pretrained(base, str(path))
-    keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
+    # bitsandbytes' CPU repack (AVX512-BF16) computes the 4-bit layers with another kernel, and other numbers, than
+    # the stage measured held-out accuracy and probes with (it trained with the repack off: keep_4bit_backward); the
+    # gate read those (a pair flipped of the quickstart's 27 with QLoRA); and DoRA reads repacked weights wrongly.
+    keep_4bit_backward(model)
     if merges_exactly(model):
         model = model.merge_and_unload()  # one plain model: faster to score with (not into bf16: it rounds the update)
     else:
