@@ -319,7 +319,10 @@ class ThisRunsRate(TrainerCallback):
         if any(g.get("initial_lr", args.learning_rate) != args.learning_rate for g in optimizer.param_groups):
             log.info("resumed at step %d with train.lr=%g (the checkpoint's rate was %g)", state.global_step,
                      args.learning_rate, optimizer.param_groups[0].get("initial_lr"))
-            set_rate(optimizer, lr_scheduler, args.learning_rate)
+        # Always: the restored optimizer holds the rate the checkpoint's schedule had reached, and a run resumed
+        # to train longer (a higher max_steps, the same lr) took its first step at the old schedule's end (0 after
+        # a cosine decay) before the new schedule's next step set it.
+        set_rate(optimizer, lr_scheduler, args.learning_rate)
 
 
 def train_loss(result: Any, out: str | Path, checkpoint: str | None) -> dict[str, float]:

@@ -138,6 +138,33 @@ def test_a_gather_of_rows_of_any_length_keeps_each_processs_rows_once():
     assert "gather" not in accelerator.__dict__  # the class's own again
 
 
+def test_a_run_resumed_to_train_longer_takes_its_first_step_at_the_new_schedules_rate():
+    """Resumed at step 2 with max_steps raised from 2 to 4 (the same train.lr): the Trainer restores the optimizer
+    at the old schedule's end (0 after a linear decay to 2 steps); the first resumed step must train at the new
+    schedule's rate for step 2, as a fresh 4-step run does (it trained at 0)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from alignment.training import ThisRunsRate
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 4)  # the resumed run's schedule: 4 steps
+    fresh = [scheduler.get_last_lr()[0]]
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+        fresh.append(scheduler.get_last_lr()[0])
+    # As restored from checkpoint-2 of the 2-step run: its schedule's position, and its rate at the end, 0
+    scheduler.last_epoch = 2
+    optimizer.param_groups[0]["lr"] = 0.0
+    ThisRunsRate().on_train_begin(SimpleNamespace(learning_rate=1e-3), SimpleNamespace(global_step=2), None,
+                                  optimizer=optimizer, lr_scheduler=scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh[2]) == pytest.approx(5e-4)
+
+
 def test_grpo_maps_the_rl_keys(tmp_path):
     from recipes.grpo import grpo_args
 
