@@ -197,9 +197,43 @@ def load_tokenizer(name_or_path: str):
         else:
             raise ValueError(f"{name_or_path}: its tokenizer has no chat template and no EOS token, so no answer "
                              "could be taught to end; use a model with either")
+        # Every stage tokenizes the rendered conversation without the tokenizer's own specials: a base model
+        # pretrained with a BOS first (Llama 2, Mistral v0.1) gets it from the template, as real templates give it.
+        probe = tokenizer("x")["input_ids"]
+        if tokenizer.bos_token is not None and probe and probe[0] == tokenizer.bos_token_id:
+            tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    turn_end = template_turn_end(tokenizer)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        # A template whose turns end with a special token that is not the EOS (Qwen2.5's base models: ChatML's
+        # <|im_end|>, EOS <|endoftext|>; Gemma's <end_of_turn>): SFT teaches that token as the answer's end, so it
+        # is the EOS every stage stops at (as TRL's SFTConfig.eos_token would set it). Else a policy trained here
+        # never stopped: every answer ran to max_new_tokens and counted as cut, and DPO trained that.
+        log.info("%s: its chat template ends a turn with %s, not its EOS %s: stopping there", name_or_path, turn_end,
+                 tokenizer.eos_token)
+        if tokenizer.pad_token is None:  # (the EOS it had pads, as before)
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.eos_token = turn_end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = CHATML_EOS if CHATML_EOS in tokenizer.get_vocab() else tokenizer.eos_token
     return tokenizer
+
+
+def template_turn_end(tokenizer) -> str | None:
+    """The special token the chat template puts right after an assistant's answer (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, </s>), or None where it puts none or the template cannot say (it refuses the conversation)."""
+    marker = "\uE000align-answer-end\uE000"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # a template's own raise_exception (roles it refuses) or a Jinja error: nothing to learn
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not after or after[0] not in special:
+        return None
+    return tokenizer.convert_ids_to_tokens(after[0])
 
 
 def bnb_config(plan: DevicePlan, cfg_double_quant: bool = True):

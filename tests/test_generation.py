@@ -186,3 +186,52 @@ def test_the_progress_bar_moves_while_a_batch_decodes(tiny_model, monkeypatch):
     assert bar.seen == [1, 10]
     monkeypatch.undo()
     assert answers == generate(policy, PROMPTS, gen, desc=None)
+
+
+def test_a_template_whose_turns_end_with_another_token_than_the_eos_stops_there(tmp_path):
+    """Qwen2.5's base models: a ChatML template (turns end with <|im_end|>) and EOS <|endoftext|>, which their
+    generation config lists alone. SFT teaches <|im_end|> as the answer's end, but every stage stopped at the EOS:
+    the answers ran to max_new_tokens, all counted as cut. The template's turn end is the EOS now; the old
+    EOS pads. A template that refuses the probe conversation, or ends turns with plain text, changes nothing."""
+    from transformers import AutoTokenizer
+
+    from alignment.embedded import embedded_model_dir
+    from alignment.generation import stop_ids
+    from alignment.modeling import template_turn_end
+
+    base = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    assert load_tokenizer(str(embedded_model_dir())).eos_token == "<|im_end|>"  # SmolLM2: already so
+    base.eos_token, base.pad_token = "<|endoftext|>", None
+    base.save_pretrained(tmp_path / "qwen-base-like")
+    tokenizer = load_tokenizer(str(tmp_path / "qwen-base-like"))
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert stop_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    base.chat_template = "{{ raise_exception('System role not supported') }}"
+    assert template_turn_end(base) is None
+    base.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert template_turn_end(base) is None  # a newline is no token a turn ends with
+
+
+def test_a_base_model_pretrained_with_a_bos_gets_it_from_the_fallback_template(tmp_path):
+    """A tokenizer without a chat template that adds a BOS (Llama 2, Mistral v0.1 bases): the stages tokenize the
+    rendered conversation without special tokens, so the fallback template must give the BOS itself."""
+    from transformers import AutoTokenizer
+
+    from alignment.embedded import embedded_model_dir
+
+    base = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "no-template")
+    plain = load_tokenizer(str(tmp_path / "no-template"))  # SmolLM2's adds no BOS: none in the template either
+    conversation = [{"role": "user", "content": "Hi"}]
+    assert plain.apply_chat_template(conversation, tokenize=False) == "<|im_start|>user\nHi<|im_end|>\n"
+    from tokenizers import processors
+
+    base.bos_token = "<|endoftext|>"
+    base.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{base.bos_token} $A", special_tokens=[(base.bos_token, base.bos_token_id)])
+    base.save_pretrained(tmp_path / "adds-bos")
+    with_bos = load_tokenizer(str(tmp_path / "adds-bos"))
+    assert with_bos("x")["input_ids"][0] == with_bos.bos_token_id
+    text = with_bos.apply_chat_template(conversation, tokenize=False)
+    assert text == "<|endoftext|><|im_start|>user\nHi<|im_end|>\n"
