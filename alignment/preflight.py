@@ -184,7 +184,9 @@ def _reward(cfg, pending: set[str], p: str) -> None:
         check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, base)
     check_max_length(f"{p}model.max_length", cfg.model.max_length,
                      base if not cfg.from_sft or cfg.sft is not None or "sft" not in pending else cfg.model.name)
-    _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    pairs = _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")) if cfg.from_sft
+                  else cfg.model.name)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
     if cfg.probe_scorer:
@@ -201,7 +203,8 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
         _on_policys_base(p, cfg, cfg.sft or stage_dir(cfg.run.dir, "sft"), "DPO trains the SFT adapter")
     check_max_length(f"{p}model.max_length", cfg.model.max_length, _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
                      if cfg.sft is not None or "sft" not in pending else cfg.model.name)
-    _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    pairs = _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
+    _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")))
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
 
@@ -963,9 +966,40 @@ def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
         raise StageError(f"{path}: an unfinished export (no {MANIFEST}, which export writes last): run "
                          f"`align export run.dir={run_dir}` again, or pass {key}=<folder or .jsonl>")
     try:
-        read_preference_pairs(path, on_error=data.on_error)
+        return read_preference_pairs(path, on_error=data.on_error)[0]
     except DataError as err:
         raise DataError(f"{key}: {err}") from None
+
+
+def _pairs_render(key: str, pairs: dict[str, list] | None, source: str | Path | None) -> None:
+    """The chat template of `source` (the SFT adapter's folder, or a model) renders the first pair and the first
+    whose prompt has a system turn of its own, each with the system prompt the stage adds (the SFT's): a template
+    that refuses the system role (Gemma's, Mistral v0.1's) is named here, not by a traceback once the model has
+    loaded. Skipped where the data or the tokenizer is not there yet (an export or sft the pipeline runs first)."""
+    if not pairs or source is None or (isinstance(source, Path) and not source.is_dir()):
+        return
+    from alignment.artifacts import system_prompt_of
+    from alignment.data import with_system_prompt
+    from alignment.modeling import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(str(source))
+    except Exception:  # the stage's own checks name a tokenizer that does not load
+        return
+    system = system_prompt_of(source) if Path(source).is_dir() else None
+    rows = [*pairs.get("train", []), *pairs.get("test", [])]
+    own = next((r for r in rows if r["prompt"][0]["role"] == "system"), None)
+    for pair in [r for r in (rows[:1] + [own]) if r is not None]:
+        prompt = with_system_prompt(pair["prompt"], system) if system else pair["prompt"]
+        try:  # the template is the model's own code: whatever it raises is its refusal
+            tokenizer.apply_chat_template(prompt + pair["chosen"], tokenize=False)
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        except Exception as err:
+            which = "its first pair with a system turn of its own" if pair is own else "its first pair"
+            hint = "; drop the system turns (field 'system' or the prompt's), or use a model whose chat template " \
+                   "takes one" if "system" in str(err).lower() else ""
+            raise DataError(f"{key}: the chat template of {source} refuses {which} ({_first_line(err)}; prompt "
+                            f"{pair['prompt'][-1]['content'][:60]!r}){hint}") from None
 
 
 def _prompts(key: str, path: str) -> list[str]:

@@ -81,6 +81,8 @@ def d(tmp_path_factory, tiny_model) -> Path:
     jsonl(d / "prompts_twice.jsonl", [{"prompt": f"Question {i % 10}?"} for i in range(12)])  # 10 distinct
     jsonl(d / "prompt_number.jsonl", [{"prompt": "ok?"}, {"prompt": 5}])
     jsonl(d / "prefs.jsonl", [{**PAIR, "prompt": f"Question {i}?"} for i in range(8)])
+    jsonl(d / "prefs_system.jsonl", [{**PAIR, "prompt": f"Question {i}?", **({"system": "Be brief."} if i == 3 else {})}
+                                     for i in range(8)])
     (d / "prefs_latin1.jsonl").write_bytes(json.dumps(PAIR).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
     jsonl(d / "prefs_no_rejected.jsonl", [PAIR, {"prompt": "q", "chosen": "a"}])
     jsonl(d / "prefs_same.jsonl", [PAIR, {**PAIR, "rejected": PAIR["chosen"]}])
@@ -240,6 +242,9 @@ CASES = [
      "'data.system_prompt=Be brief.'", 2,
      ["data.system_prompt: the chat template of model.name={d}/model_no_system refuses a conversation opening with "
       "it (System role not supported, on {d}/good.jsonl:1); unset data.system_prompt"]),
+    ("... a preference pair's", "reward from_sft=false model.name={d}/model_no_system data.path={d}/prefs_system.jsonl",
+     2, ["data.path: the chat template of {d}/model_no_system refuses its first pair with a system turn of its own "
+         "(System role not supported; prompt 'Question 3?'); drop the system turns"]),
     ("tokenizer without template or EOS", "sft model.name={d}/model_no_eos data.path={d}/good.jsonl", 2,
      ["model.name={d}/model_no_eos: its tokenizer has no chat template and no EOS token"]),
     ("max_length past GPT-2's positions", "sft model.name={d}/gpt2_32_positions data.path={d}/good.jsonl", 2,
