@@ -86,6 +86,7 @@ class Params:
     stop: list[str] = field(default_factory=list)
     # max_tokens is the server's default, not asked for: lowered to the room the context leaves (as vLLM does)
     default_max_tokens: bool = False
+    max_tokens_key: str = "max_tokens"  # the name the request gave it by (or max_completion_tokens), for its errors
 
 
 @dataclass
@@ -218,7 +219,8 @@ class ChatEngine:
                 raise RequestError(f"This model's maximum context length is {self.context} tokens. However, you "
                                    f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the messages, "
                                    f"{params.max_tokens} in the completion). Please reduce the length of the "
-                                   "messages or completion.", param="max_tokens", code="context_length_exceeded")
+                                   "messages or completion.", param=params.max_tokens_key,
+                                   code="context_length_exceeded")
             params = replace(params, max_tokens=room)
         if job is None:
             return Job(model, ids, params)

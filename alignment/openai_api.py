@@ -249,7 +249,7 @@ def _parse(body: dict[str, Any], engine: ChatEngine, limits, defaults) -> tuple:
     if not isinstance(options, dict):
         raise RequestError("stream_options: an object such as {\"include_usage\": true}", param="stream_options")
     params = Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed, stop=stops,
-                    default_max_tokens=default)
+                    default_max_tokens=default, max_tokens_key=key)
     return model, messages, params, stream, bool(options.get("include_usage"))
 
 

@@ -292,6 +292,8 @@ def test_a_request_past_the_models_context_is_refused_in_openais_words(client, s
     err = _error(lambda: greedy(client, "sft", max_tokens=16))
     assert isinstance(err, openai.BadRequestError) and err.status_code == 400
     assert err.type == "invalid_request_error" and err.param == "max_tokens" and err.code == "context_length_exceeded"
+    newer = _error(lambda: client.chat.completions.create(model="sft", messages=PROMPT, max_completion_tokens=16))
+    assert newer.param == "max_completion_tokens" and newer.code == "context_length_exceeded"  # the name it was sent by
     assert err.body["message"] == (
         f"This model's maximum context length is {prompt + 5} tokens. However, you requested {prompt + 16} tokens "
         f"({prompt} in the messages, 16 in the completion). Please reduce the length of the messages or completion.")
