@@ -169,6 +169,20 @@ def choose(values: list[float], n: int, *, explore: float = 0.0, seed: int = 0) 
     return top + random.Random(seed).sample(rest, n_random)
 
 
+def queue_priorities(values: list[float], chosen: list[int], *, explore: float = 0.0, seed: int = 0) -> list[float]:
+    """The priority of each of `chosen` (as `choose` returned them) in the app's queue, which hands out the highest
+    first: its value, but an exploration pick (the last `explore` share) takes the value of a top pick drawn at
+    random, so the picks at random are spread through the queue. By their own values they all came last, and an
+    annotator who stopped early left exactly the exploration share unlabelled."""
+    n_random = min(round(len(chosen) * explore), len(chosen))
+    top = chosen[:len(chosen) - n_random]
+    out = [values[i] for i in chosen]
+    if top and n_random:
+        rng = random.Random(seed + 1)
+        out[len(top):] = [values[rng.choice(top)] for _ in range(n_random)]
+    return out
+
+
 # ---------------------------------------------------------------------------- on a reward model
 
 

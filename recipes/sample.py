@@ -198,7 +198,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
         # --- uncertainty: score every candidate, keep the most uncertain ---------------------
         if selector:
-            from alignment.active import choose, load_selector, task_uncertainty
+            from alignment.active import choose, load_selector, queue_priorities, task_uncertainty
 
             model, tokenizer, heads = load_selector(selector)
             values = task_uncertainty(model, tokenizer, heads, candidates, cfg.acquisition,
@@ -206,7 +206,9 @@ def main(cfg: SampleStageConfig) -> Path:
             del model
             chosen = choose(values, wanted, explore=cfg.explore, seed=cfg.generation.seed)
             picked = set(chosen)
-            added = store.add_tasks(batch, [{**candidates[i], "priority": values[i]} for i in chosen],
+            priority = queue_priorities(values, chosen, explore=cfg.explore, seed=cfg.generation.seed)
+            added = store.add_tasks(batch, [{**candidates[i], "priority": p} for i, p in zip(chosen, priority,
+                                                                                            strict=True)],
                                     source=source, round=cfg.round)
             with open(out / "candidates.jsonl", "w") as fh:
                 for i, item in enumerate(candidates):

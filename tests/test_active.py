@@ -56,6 +56,14 @@ def test_choose_keeps_an_exploration_share_drawn_from_the_rest():
     assert picked[:2] == [0, 2] and len(set(picked)) == 4 and not {0, 2} & set(picked[2:])
     assert picked == choose(values, 4, explore=0.5, seed=1)  # seeded
     assert len(choose(values, 20)) == 8
+    # In the app's queue (highest first) the random picks sit among the chosen, not after them all (their own
+    # values are below every top pick's, so an annotator who stopped early left exactly them unlabelled)
+    from alignment.active import queue_priorities
+
+    assert queue_priorities(values, [0, 2, 4], seed=1) == [0.9, 0.8, 0.7]
+    priority = queue_priorities(values, picked, explore=0.5, seed=1)
+    assert priority[:2] == [0.9, 0.8] and set(priority[2:]) <= {0.9, 0.8}
+    assert queue_priorities(values, [1, 3], explore=1.0) == [0.1, 0.2]  # all at random: nothing to place them by
 
 
 # ---------------------------------------------------------------------------- the bootstrap heads
