@@ -200,8 +200,16 @@ def correct_per_prompt(model: HeadEnsemble | None, test_feats: torch.Tensor, tes
     return [sum(int(mean[i, c] > mean[i, r]) for c, r in pairs) for i, pairs in enumerate(test_pairs)]
 
 
-def run_arm(arm: str, seed: int, feats, pairs, test_feats, test_pairs, args) -> dict:
-    """One learning curve: the labelled tasks and the test pairs right at each of args.at."""
+def distinct_answers(tasks: list[dict]) -> list[list[int]]:
+    """Per task, the responses align sample's task_uncertainty scores: one per distinct non-blank text (a copy's
+    pair, always level, scored ln 2 under entropy), the first of each."""
+    return [sorted({r.strip(): i for i, r in reversed(list(enumerate(t["responses"]))) if r.strip()}.values())
+            for t in tasks]
+
+
+def run_arm(arm: str, seed: int, feats, pairs, test_feats, test_pairs, args, kept: list[list[int]]) -> dict:
+    """One learning curve: the labelled tasks and the test pairs right at each of args.at (`kept`: each pool
+    task's distinct answers, distinct_answers)."""
     rng = random.Random(seed)
     labelled = rng.sample(range(len(feats)), args.start)  # the same start for every arm of a seed
     arm_rng = random.Random(f"{seed}:{arm}")
@@ -216,7 +224,8 @@ def run_arm(arm: str, seed: int, feats, pairs, test_feats, test_pairs, args) -> 
                 labelled += arm_rng.sample(left, take)
                 continue
             scores = model.scores(feats[left].flatten(0, 1)).view(model.weights.shape[0], len(left), -1)
-            values = [acquisition(scores[:, j], arm) for j in range(len(left))]
+            values = [acquisition(scores[:, j, kept[left[j]]], arm) if len(kept[left[j]]) > 1 else 0.0
+                      for j in range(len(left))]
             labelled += [left[j] for j in choose(values, take, explore=args.explore, seed=arm_rng.randrange(2**31))]
         model = fit(feats, pairs, labelled, args, seed)
         curve[n] = {"tasks": list(labelled), "pairs": sum(len(pairs[t]) for t in labelled),
@@ -406,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict = {arm: {} for arm in args.arms}
     for seed in range(args.seeds):
         for arm in args.arms:
-            curves[arm][seed] = run_arm(arm, seed, feats, pairs, test_feats, test_pairs, args)
+            curves[arm][seed] = run_arm(arm, seed, feats, pairs, test_feats, test_pairs, args, distinct_answers(tasks))
         log.info("seed %d: %s", seed, ", ".join(
             f"{arm} {sum(curves[arm][seed][args.at[-1]]['correct']) / test_n:.3f}" for arm in args.arms))
     table = intervals(curves, test_pairs, args)

@@ -368,7 +368,7 @@ def test_an_arm_with_only_ties_labelled_so_far_picks_at_random_instead_of_failin
     feats = torch.randn(8, 3, 4)
     pairs = [[(0, 1)], [(2, 0)]] + [[] for _ in range(6)]  # tasks 2-7 all ties: seed 0's start (6, 7) has nothing to fit
     assert random.Random(0).sample(range(8), 2) == [6, 7]  # run_arm's start for seed 0
-    curve = bench.run_arm("bald", 0, feats, pairs, feats[:2], [[(0, 1)], [(1, 2)]], args)
+    curve = bench.run_arm("bald", 0, feats, pairs, feats[:2], [[(0, 1)], [(1, 2)]], args, [[0, 1, 2]] * 8)
     assert [len(curve[n]["tasks"]) for n in (4, 6)] == [4, 6] and len(set(curve[6]["tasks"])) == 6
 
 
@@ -412,8 +412,10 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     start = random.Random(0).sample(range(12), 2)
     model = bench.fit(feats, pairs, start, args, 0)
     left = [i for i in range(12) if i not in start]
-    values = [acquisition(model.scores(feats[i]), "bald") for i in left]
-    picked = bench.run_arm("bald", 0, feats, pairs, feats[:1], [[]], args)[4]["tasks"]
+    kept = bench.distinct_answers(tasks)  # as align sample scores a task: a copy or a blank answer left out
+    assert bench.distinct_answers([{"responses": ["a", " ", "b", "a "]}]) == [[0, 2]]
+    values = [acquisition(model.scores(feats[i])[:, kept[i]], "bald") if len(kept[i]) > 1 else 0.0 for i in left]
+    picked = bench.run_arm("bald", 0, feats, pairs, feats[:1], [[]], args, kept)[4]["tasks"]
     assert picked[:2] == start and picked[2:] == [left[j] for j in choose(values, 2)]
 
     # a rerun reads the cache: no policy or trunk is loaded again
