@@ -730,7 +730,8 @@ class Store:
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id,
                         rankings.c.status == "draft")).first()
                     if others >= overlap and draft is None:
-                        conn.execute(update(assignments).where(own).values(status="expired"))
+                        conn.execute(update(assignments).where(own, assignments.c.status == "assigned")
+                                     .values(status="expired"))
                         continue
                 # shown again (a reload): the annotator is at it, the slot stays theirs a while longer
                 conn.execute(update(assignments).where(own).values(assigned_at=now))
@@ -775,7 +776,8 @@ class Store:
                     free = overlap - 1 - held_now - sum(1 for _, has_draft in stale if has_draft)
                     over = [row_id for row_id, has_draft in stale if not has_draft][max(0, free):]
                     if over:
-                        conn.execute(update(assignments).where(assignments.c.id.in_(over)).values(status="expired"))
+                        conn.execute(update(assignments).where(assignments.c.id.in_(over),
+                                                               assignments.c.status == "assigned").values(status="expired"))
             if task_id is None:
                 return None
             again = (assignments.c.task_id == task_id) & (assignments.c.annotator_id == annotator_id)
@@ -826,7 +828,10 @@ class Store:
                   "seconds": float(seconds), "status": status, "updated": now}
         for _attempt in range(3):
             try:
-                with self.tx() as conn:
+                # lock: serialised with assign, which expires a stale assignment from what it read (PostgreSQL,
+                # READ COMMITTED): a submit between that read and its write got "expired" over "submitted", or
+                # wrote "submitted" over "expired", and the task two rankings at overlap 1 (SQLite: IMMEDIATE)
+                with self.tx(lock=True) as conn:
                     assigned = conn.execute(select(assignments.c.status).where(
                         assignments.c.task_id == task_id, assignments.c.annotator_id == annotator_id)).first()
                     if assigned is None:

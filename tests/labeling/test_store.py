@@ -270,6 +270,54 @@ def test_a_ranking_row_spoilt_outside_the_app_is_named_not_read_as_other_pairs(s
         store.task(second)
 
 
+def test_a_submit_racing_the_hand_over_of_its_stale_slot_is_one_ranking_not_two(store):
+    """alice walked away from her task past ASSIGNMENT_TTL and comes back to submit just as bob asks for a task.
+    Her submit read her assignment ("assigned"), then bob's assign expired it and took the slot, then her submit
+    wrote "submitted" over "expired": on PostgreSQL (READ COMMITTED; save_ranking took no lock) the task got two
+    rankings at overlap 1 (and the other order told her a saved submit was handed on, or looped her on it).
+    Her submit holds the assignment lock: bob waits, then gets another task."""
+    import threading
+
+    from sqlalchemy import event, update
+
+    from labeling import store as store_module
+
+    first, second = make_tasks(store, 2)
+    alice, bob = session(store, "alice"), session(store, "bob")
+    assert handlers.next_task(store, alice)["task_id"] == first
+    with store.engine.begin() as conn:  # she left it more than the TTL ago, without a draft
+        conn.execute(update(store_module.assignments).values(
+            assigned_at=store_module.assignments.c.assigned_at - 2 * store_module.ASSIGNMENT_TTL))
+    reached, go = threading.Event(), threading.Event()
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def pause_alice(conn, cursor, statement, *args):  # her submit, between reading her assignment and writing
+        if threading.current_thread().name == "alice" and "SELECT rankings.id, rankings.status" in statement:
+            reached.set()
+            go.wait(10)
+
+    results = {}
+
+    def run(name, call):
+        results[name] = call()
+
+    alices = threading.Thread(target=run, name="alice", args=("alice", lambda: handlers.submit(
+        store, alice, first, [1, 2, 3, 4])))
+    alices.start()
+    assert reached.wait(10)
+    bobs = threading.Thread(target=run, name="bob", args=("bob", lambda: handlers.next_task(store, bob)["task_id"]))
+    bobs.start()
+    bobs.join(1.0)
+    assert bobs.is_alive(), "bob's assign went ahead inside alice's submit"
+    go.set()
+    alices.join(30)
+    bobs.join(30)
+    event.remove(store.engine, "before_cursor_execute", pause_alice)
+    assert "Saved" in results["alice"]["message"] and results["bob"] == second
+    assert [r["annotator"] for r in store.submitted_rankings() if r["task_id"] == first] == ["alice"]
+    assert store.progress(alice["annotator_id"])["done"] == 1
+
+
 def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
