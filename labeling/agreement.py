@@ -204,7 +204,7 @@ def pair_judgements(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[flo
     copies says nothing of their accuracy."""
     votes: dict[Item, list[tuple[str, int]]] = defaultdict(list)
     for r in rows:
-        if r.get("kind", "ranking") != "ranking":
+        if r.get("kind", "ranking") != "ranking" or r.get("unreadable"):
             continue
         ranks = r["ranks"]
         texts = [str(x.get("text", "")).strip() for x in r.get("responses") or []]
@@ -311,7 +311,7 @@ def rankings_for_reliability(rows: Sequence[dict[str, Any]]) -> list[dict[str, A
     ranking flagged "all are bad" or "unsafe", which gives no pairs: its order says nothing of which answer
     is better, and counted as votes it decided (and reversed) other people's pairs under dawid_skene."""
     return [r for r in rows if r.get("kind", "ranking") == "ranking" and not str(r["batch"]).startswith("eval-")
-            and not r.get("flags")]
+            and not r.get("flags") and not r.get("unreadable")]  # (a row the app never wrote: the store says it)
 
 
 def annotator_reliability(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None,

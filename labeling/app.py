@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from labeling import auth, handlers
 from labeling.playground import PlaygroundError, ServeClient, conversation_html
 from labeling.playground import send as playground_send
-from labeling.store import MAX_RESPONSES
+from labeling.store import MAX_RESPONSES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -694,6 +694,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
             except (PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⛔", error=True), "", "", None, None, ""]
+            except StoreError as err:  # a row the app never wrote, named with what to do about it
+                return [_note(str(err), "⚠️", error=True), *[gr.skip()] * 5]
             except STORE_ERRORS:
                 log.exception("admin tab: the store failed")
                 return [_note("The store is busy or unreachable: refresh again in a moment.", "⚠️", error=True),
@@ -709,8 +711,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     summary = handlers.export(signed_in(request), export)
             except (PermissionError, handlers.AuthError) as err:
                 return _note(str(err), "⛔", error=True)
-            except ValueError as err:  # the recipe's refusals (not an export folder, no pairs), worded for people
-                return _note(str(err), "⚠️", error=True)
+            except (ValueError, StoreError) as err:  # the recipe's refusals (not an export folder, no pairs, a row
+                return _note(str(err), "⚠️", error=True)  # the app never wrote), worded for people
             except STORE_ERRORS:  # the session's check, or the export process could not start
                 log.exception("admin export failed")
                 return _note("The export could not run (the store busy or unreachable, or the export process "

@@ -62,7 +62,7 @@ from labeling.agreement import (
     rankings_for_reliability,
     task_agreement,
 )
-from labeling.store import Store
+from labeling.store import Store, readable
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
 # only names a later export may replace there.
@@ -274,6 +274,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
             continue
         if r["kind"] != "ranking" or str(r["batch"]).startswith("eval-"):  # A/B tasks of align eval human=true
             continue
+        readable([r])  # a ranking of an exported batch the app never wrote: named, not left out unsaid
         if r["is_gold"]:  # a gold task's rankings score the annotators; a task marked gold after it was ranked
             counts["gold_rankings"] += 1  # too, said here, where the rankings it had stop reaching the pairs
             continue

@@ -108,7 +108,7 @@ def check_order(view: dict[str, Any], tag: str | None) -> None:
 # do not refund within 14 days." while it stores the opposite. Ordinary text is left alone (_ordinary): the soft
 # hyphen; ZWNJ and ZWJ between a letter and a letter or mark of one script that is written with joiners
 # (_JOINING_SCRIPTS: Arabic, which Persian and Urdu use, Syriac, N'Ko, Mandaic, Mongolian, Adlam, the Indic scripts
-# Devanagari to Malayalam, and Sinhala: Persian and Urdu words, Indic conjuncts), never between two marks nor beside a
+# Devanagari to Malayalam, Sinhala, Myanmar and Khmer: Persian and Urdu words, Indic conjuncts), never between two marks nor beside a
 # letter of another script ("We re\u200cfund wi\u200dthin" looks like the plain text, a reply could differ from
 # another by them unseen and they could carry hidden data: there they change nothing drawn); ZWJ between two emoji
 # (👩‍💻); one emoji or text presentation selector (U+FE0F, U+FE0E) right after a symbol or a keycap's digit, # or *
@@ -136,6 +136,8 @@ _JOINING_SCRIPTS = (
     (0x11B00, 0x11B5F, "Devanagari"), (0x0980, 0x09FF, "Bengali"), (0x0A00, 0x0A7F, "Gurmukhi"),
     (0x0A80, 0x0AFF, "Gujarati"), (0x0B00, 0x0B7F, "Oriya"), (0x0B80, 0x0BFF, "Tamil"), (0x0C00, 0x0C7F, "Telugu"),
     (0x0C80, 0x0CFF, "Kannada"), (0x0D00, 0x0D7F, "Malayalam"), (0x0D80, 0x0DFF, "Sinhala"),
+    (0x1000, 0x109F, "Myanmar"), (0xA9E0, 0xA9FF, "Myanmar"), (0xAA60, 0xAA7F, "Myanmar"),
+    (0x1780, 0x17FF, "Khmer"), (0x19E0, 0x19FF, "Khmer"),
 )
 _EMOJI_TAGS = re.compile("\U0001F3F4(?:" + "|".join("".join(chr(0xE0000 + ord(c)) for c in flag)
                                                       for flag in ("gbeng", "gbsct", "gbwls")) + ")\U000E007F")
@@ -526,7 +528,7 @@ def gold_accuracy(store: Store) -> dict[str, float]:
     answers = store.gold_answers()
     scores: dict[str, list[float]] = {}
     for r in store.submitted_rankings():
-        if r["task_id"] in answers:
+        if r["task_id"] in answers and not r.get("unreadable"):
             scores.setdefault(r["annotator"], []).append(
                 pairwise_agreement(answer_ranks(r), answer_ranks({**r, "ranks": answers[r["task_id"]]})))
     return {a: sum(v) / len(v) for a, v in scores.items()}
@@ -556,7 +558,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
     for b in batches:
         b["pending"] = store.pending_count(b["batch"], overlap)
     return {"per_annotator": people, "per_batch": batches, "warnings": estimate.warnings,
-            "agreement": agreement_summary([r for r in rows if not r["is_gold"]]),
+            "agreement": agreement_summary([r for r in rows if not r["is_gold"] and not r.get("unreadable")]),
             "totals": {"tasks": sum(b["tasks"] for b in batches), "rankings": len(rows),
                        "annotators": sum(p["done"] > 0 for p in people)}}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import random
@@ -51,6 +52,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
+
+log = logging.getLogger(__name__)
 
 # 2: sessions and sign_in_failures (the app's own sign-in); 3: tasks.priority (the queue's order)
 SCHEMA_VERSION = 3
@@ -907,7 +910,9 @@ class Store:
                                                 rankings.c.annotator_id == annotator_id).values(status="discarded"))
 
     def submitted_rankings(self, batch: str | None = None) -> list[dict[str, Any]]:
-        """Every submitted ranking with its task, in canonical response order."""
+        """Every submitted ranking with its task, in canonical response order. A row the app never wrote (ranks out
+        of range, of another length than its task's answers, not JSON) comes with ranks None and `unreadable` (why):
+        a reader of its batch refuses it (`readable`), a reader of other batches, or of statistics, leaves it out."""
         with self.engine.connect() as conn:
             q = (select(rankings, annotators.c.name.label("annotator"))
                  .join(annotators, annotators.c.id == rankings.c.annotator_id)
@@ -929,13 +934,16 @@ class Store:
                     _check_ranks(ranks, len(t["responses"]))
                     if not isinstance(flags, list):
                         raise ValueError(f"flags {r['flags']!r} is not a list")
-                except ValueError as err:
-                    raise StoreError(f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) "
-                                     f"cannot be read: {err}; correct that row, or set its status to 'discarded', "
-                                     "to read the others") from None
+                    unreadable = None
+                except ValueError as err:  # kept, marked: a reader of its batch refuses it (readable), others skip it
+                    unreadable = (f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) cannot "
+                                  f"be read: {err}; correct that row, or set its status to 'discarded'")
+                    log.warning("%s", unreadable)
+                    ranks, flags = None, []
                 out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "kind": t["kind"],
                             "prompt": t["prompt"], "responses": t["responses"], "source": t["source"],
-                            "annotator": r["annotator"], "ranks": ranks,
+                            "annotator": r["annotator"], "ranks": ranks, **({"unreadable": unreadable} if unreadable
+                                                                             else {}),
                             "flags": flags, "rationale": r["rationale"], "seconds": r["seconds"],
                             "is_gold": t["is_gold"], "submitted_at": r["updated"]})
             return out
@@ -1041,6 +1049,15 @@ class Store:
                         "skipped": c.get("skipped", 0), "open": c.get("assigned", 0), "per_hour": per_hour,
                         "mean_seconds": round(total / n, 1) if n else None})
         return out
+
+
+def readable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` (Store.submitted_rankings()'s) if every one can be read, else a StoreError naming the first that
+    cannot (ranks the app never wrote): for a reader whose result it would change (an export of its batch)."""
+    bad = next((r["unreadable"] for r in rows if r.get("unreadable")), None)
+    if bad:
+        raise StoreError(bad)
+    return rows
 
 
 def _check_ranks(ranks: list[int], k: int) -> None:

@@ -17,11 +17,10 @@ round's: the root run's): the one the annotators rank in.
 
 from __future__ import annotations
 
-import math
-
 import inspect
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -327,6 +326,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     for row in rows:
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
             continue
+        if row.get("unreadable"):  # a verdict the app never wrote: named, not counted as either policy's
+            raise StageError(row["unreadable"])
         metas = [r["meta"] for r in row["responses"]]
         if any(version_now(m["policy"]) and m.get("version") != version_now(m["policy"]) for m in metas):
             stale += 1  # a verdict on answers of a policy since trained again

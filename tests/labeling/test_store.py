@@ -239,35 +239,43 @@ def test_bad_ranks_are_refused_with_a_reason(store):
     assert store.submitted_rankings() == []
 
 
-def test_a_ranking_row_spoilt_outside_the_app_is_named_not_read_as_other_pairs(store):
-    """Ranks the app never writes (a row edited by hand, a response deleted after the ranking): reading the
-    rankings names the task, annotator and row, instead of pairing the wrong answers or a bare traceback."""
+def test_a_ranking_row_spoilt_outside_the_app_is_named_not_read_as_other_pairs(store, tmp_path):
+    """Ranks the app never writes (a row edited by hand, a response deleted after the ranking): an export of its
+    batch names the task, annotator and row, instead of pairing the wrong answers or a bare traceback; an export
+    of another batch, and the admin's statistics, go on without it (one bad row stopped them all)."""
     from sqlalchemy import delete, update
 
-    from labeling.store import StoreError, rankings, responses, tasks
+    from labeling.export import export_preferences
+    from labeling.store import StoreError, rankings, readable, responses, tasks
 
     first, second = make_tasks(store, 2)
-    alice = session(store, "alice")
-    for _ in range(2):
-        task = handlers.next_task(store, alice)
+    other = make_tasks(store, 2, batch="round-1")
+    alice, boss = session(store, "alice"), session(store, "boss", admin=True)
+    while (task := handlers.next_task(store, alice)) is not None:
         handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4])
-    assert len(store.submitted_rankings()) == 2
+    assert len(readable(store.submitted_rankings())) == 4
     for bad, problem in (("[1, 2, 3, 9]", "whole numbers from 1"), ("[1, 2, 3, 4, 5]", "5 ranks for 4"),
                          ("null", "ranks 'null' is not a list"), ("not json", "Expecting value")):
         with store.tx() as conn:
             conn.execute(update(rankings).where(rankings.c.task_id == first).values(ranks=bad))
-        with pytest.raises(StoreError, match=rf"task {first}'s ranking by alice \(rankings.id \d+\) cannot be "
-                                             rf"read: .*{problem}.*set its status to 'discarded'"):
-            store.submitted_rankings()
+        named = rf"task {first}'s ranking by alice \(rankings.id \d+\) cannot be read: .*{problem}.*'discarded'"
+        with pytest.raises(StoreError, match=named):
+            readable(store.submitted_rankings())
+        with pytest.raises(StoreError, match=named):
+            export_preferences(store, tmp_path / "round-0", batches=["round-0"], test_fraction=0)
+    assert export_preferences(store, tmp_path / "round-1", batches=["round-1"], test_fraction=0)["pairs"] == 12
+    stats = handlers.admin_stats(store, boss)
+    assert stats["totals"]["rankings"] == 4 and stats["agreement"]["n_tasks"] == 0  # one ranking a task: no overlap
     with store.tx() as conn:
         conn.execute(update(rankings).where(rankings.c.task_id == first).values(status="discarded"))
         conn.execute(delete(responses).where(responses.c.task_id == second, responses.c.position == 1))
     with pytest.raises(StoreError, match=rf"task {second}'s ranking .* 4 ranks for 3 responses"):
-        store.submitted_rankings()  # the ranks of answers 2 and 3 would have become those of 3 and 4
+        readable(store.submitted_rankings())  # the ranks of answers 2 and 3 would have become those of 3 and 4
     with store.tx() as conn:
         conn.execute(update(tasks).where(tasks.c.id == second).values(source="{oops"))
     with pytest.raises(StoreError, match=rf"task {second}: its source or a response's meta in the store is not JSON"):
         store.task(second)
+    assert other  # (round-1's tasks)
 
 
 def test_a_submit_racing_the_hand_over_of_its_stale_slot_is_one_ranking_not_two(store):
@@ -965,7 +973,8 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
         assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
     # ... while a Persian word's ZWNJ and a Devanagari conjunct's ZWJ are how those are written: not markers
     for plain in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0915\u094d\u200d\u0937", "\u0915\u094d\u200c\u0937",
-                  "\u0dc1\u0dca\u200d\u0dbb\u0dd3", "Say \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 or \u0915\u094d\u200d\u0937."):
+                  "\u0dc1\u0dca\u200d\u0dbb\u0dd3", "\u1006\u200c\u1006",  # Sinhala's shri, Burmese
+                  "Say \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 or \u0915\u094d\u200d\u0937."):
         shown = handlers.text_html(plain)
         assert "align-warn" not in shown and "align-hidden" not in shown and plain in shown, ascii(plain)
 
