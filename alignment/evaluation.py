@@ -91,10 +91,8 @@ def grouped_proportion_ci(values: Sequence[float], groups: Sequence[object] | No
     cluster, or ratio-estimator, variance). Their ratio to a simple random sample's p(1-p)/(n-1) is the
     design effect; the interval is Wilson's at the effective size n / design effect, shrunk further for
     the few groups the variance comes from (by (t_{n-1} / t_{G-1})^2, G groups: Korn & Graubard 1998).
-    At 0 or 1 there is no spread to measure, so nothing says the pairs of a prompt are not one verdict: the
-    interval is Wilson's over the prompts (27 pairs of 6 prompts all right: [61 %, 100 %], not the pairs'
-    [82 %, 100 %], which held a true 0.75 in none of 60 such draws where prompts' accuracies were spread as
-    Beta(0.75, 0.25)). Without `groups`, each value is its own group: Wilson's interval.
+    At 0 or 1 there is no spread to measure: the design effect is taken as 1, and the interval still
+    does not collapse to a point. Without `groups`, each value is its own group: Wilson's interval.
     With a single group nothing is known of the next prompt: (0, 1).
     """
     labels = list(range(len(values))) if groups is None else list(groups)
@@ -108,9 +106,7 @@ def grouped_proportion_ci(values: Sequence[float], groups: Sequence[object] | No
         return 0.0, 1.0
     p = sums.sum() / n
     variance = g / (g - 1) * np.sum((sums - p * counts) ** 2) / n ** 2
-    if p in (0.0, 1.0):
-        return wilson_interval(float(p), float(g), level=level)
-    n_eff = n if variance <= 0 else min(n, p * (1 - p) / (n - 1) * n / variance)
+    n_eff = n if variance <= 0 or p in (0.0, 1.0) else min(n, p * (1 - p) / (n - 1) * n / variance)
     n_df = n_eff * (_t_quantile(level, int(n) - 1) / _t_quantile(level, g - 1)) ** 2
     return wilson_interval(float(p), float(n_df), level=level)
 
