@@ -185,8 +185,9 @@ def _reward(cfg, pending: set[str], p: str) -> None:
     check_max_length(f"{p}model.max_length", cfg.model.max_length,
                      base if not cfg.from_sft or cfg.sft is not None or "sft" not in pending else cfg.model.name)
     pairs = _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
-    _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")) if cfg.from_sft
-                  else cfg.model.name)
+    if not cfg.from_sft or cfg.sft is not None or "sft" not in pending:  # (an sft about to be remade: not its folder)
+        _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")) if cfg.from_sft
+                      else cfg.model.name)
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
     if cfg.probe_scorer:
@@ -204,7 +205,8 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
     check_max_length(f"{p}model.max_length", cfg.model.max_length, _adapter_base(cfg.sft or stage_dir(cfg.run.dir, "sft"))
                      if cfg.sft is not None or "sft" not in pending else cfg.model.name)
     pairs = _preference_data(f"{p}data.path", cfg.data, cfg.run.dir, pending)
-    _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")))
+    if cfg.sft is not None or "sft" not in pending:  # (an sft about to be remade: not the folder there now)
+        _pairs_render(f"{p}data.path", pairs, Path(cfg.sft or stage_dir(cfg.run.dir, "sft")))
     check_checkpoint(f"{p}train.resume_from_checkpoint", cfg.train.resume_from_checkpoint,
                      max_steps=cfg.train.max_steps)
 
@@ -836,11 +838,12 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
         import torch
 
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
-        plain = [t.strip() for t in targets.split(",")] if isinstance(targets, str) and re.fullmatch(r"[\w.,\s]+", targets) \
-            else []
+        plain = [t.strip() for t in targets.split(",") if t.strip()] \
+            if isinstance(targets, str) and re.fullmatch(r"[\w.,\s]+", targets) else []
         if plain and all(any(n == t or n.endswith("." + t) for n in names) for t in plain):
+            example = next((n for t in plain for n in names if n.endswith("." + t)), plain[0])
             raise ConfigError(f"{key}: a string is a regex peft matches against whole module names (such as "
-                              f"{next(n for n in names if n.endswith('.' + plain[0]))}), and {targets!r} matches none; "
+                              f"{example}), and {targets!r} matches none; "
                               f"for the modules named {', '.join(plain)}, give a list: {key}=[{','.join(plain)}]")
         raise ConfigError(f"{key}: {', '.join(missing)} not among the modules of {model}; its linear layers are "
                           f"{', '.join(linear)} (or use all-linear)")

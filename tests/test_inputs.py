@@ -265,6 +265,8 @@ CASES = [
     # On the command line a lone name is a YAML string, which peft reads as a regex over whole names.
     ("lora target a string", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=bogus_proj", 2,
      ["lora.target_modules: 'bogus_proj' (a regex: whole names) not among the modules of", "q_proj"]),
+    ("... one of them top-level", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=lm_head,q_proj", 2,
+     ["for the modules named lm_head, q_proj, give a list: lora.target_modules=[lm_head,q_proj]"]),
     ("lora targets as a string of names", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=q_proj,v_proj", 2,
      ["lora.target_modules: a string is a regex peft matches against whole module names (such as "
       "model.layers.0.self_attn.q_proj), and 'q_proj,v_proj' matches none; for the modules named q_proj, v_proj, "
@@ -493,6 +495,18 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     }
     for stage, (cls, overrides) in good.items():
         check_stage(stage, load_config(cls, None, [*overrides, run]))
+    # An sft folder about to be remade (pending) is not the chat template dpo's pairs are checked against
+    from transformers import AutoTokenizer
+
+    from alignment.data import DataError
+
+    refusing = tmp_path / "refusing"
+    shutil.copytree(d / "adapter", refusing / "sft")
+    AutoTokenizer.from_pretrained(d / "model_no_system").save_pretrained(refusing / "sft")
+    cfg = load_config(C.DPOStageConfig, None, [f"run.dir={refusing}", f"data.path={d / 'prefs_system.jsonl'}"])
+    check_stage("dpo", cfg, pending={"sft"})
+    with pytest.raises(DataError, match="refuses its first pair with a system turn of its own"):
+        check_stage("dpo", cfg)
     # GPT-2's positions hold an example of model.max_length, and a prompt with its answer
     check_stage("sft", load_config(C.SFTStageConfig, None, [f"model.name={d / 'gpt2_32_positions'}",
                                                            f"data.path={d / 'good.jsonl'}", "model.max_length=32", run]))
