@@ -164,9 +164,14 @@ def choose(values: list[float], n: int, *, explore: float = 0.0, seed: int = 0) 
     at random from the others instead (exploration: a sample of what the model thinks it knows)."""
     order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     n = min(n, len(order))
-    n_random = min(round(n * explore), n)
+    n_random = _explored(n, explore)
     top, rest = order[:n - n_random], order[n - n_random:]
     return top + random.Random(seed).sample(rest, n_random)
+
+
+def _explored(n: int, explore: float) -> int:
+    """How many of `n` chosen tasks `choose` draws at random (the last ones it returns)."""
+    return min(round(n * explore), n)
 
 
 def queue_priorities(values: list[float], chosen: list[int], *, explore: float = 0.0, seed: int = 0) -> list[float]:
@@ -174,7 +179,7 @@ def queue_priorities(values: list[float], chosen: list[int], *, explore: float =
     first: its value, but an exploration pick (the last `explore` share) takes the value of a top pick drawn at
     random, so the picks at random are spread through the queue. By their own values they all came last, and an
     annotator who stopped early left exactly the exploration share unlabelled."""
-    n_random = min(round(len(chosen) * explore), len(chosen))
+    n_random = _explored(len(chosen), explore)
     top = chosen[:len(chosen) - n_random]
     out = [values[i] for i in chosen]
     if top and n_random:

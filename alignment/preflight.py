@@ -548,6 +548,17 @@ def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:
                           "already in the Hugging Face cache)")
 
 
+def template_refusal(tokenizer, prompt: list[dict], completion: list[dict]) -> str | None:
+    """What the chat template says when it refuses to render `prompt` + `completion` (or the prompt waiting for its
+    answer), in one line; None when it renders both."""
+    try:  # the template is the model's own code: whatever it raises is its refusal
+        tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except Exception as err:
+        return _first_line(err)
+    return None
+
+
 def check_chat_template(p: str, model: str, data, report) -> None:
     """The model's tokenizer loads as SFT loads it (alignment.modeling.load_tokenizer) and its chat template
     renders the first training example, with data.system_prompt, and the first that opens with a system turn of
@@ -569,12 +580,7 @@ def check_chat_template(p: str, model: str, data, report) -> None:
                           f"{p}model.name={model}: its tokenizer does not load ({said})") from None
 
     def fails(prompt: list[dict], completion: list[dict]) -> str | None:
-        try:  # the template is the model's own code: whatever it raises is its refusal
-            tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        except Exception as err:
-            return _first_line(err)
-        return None
+        return template_refusal(tokenizer, prompt, completion)
 
     def examples():
         for where, record in iter_records(data.path):
@@ -994,15 +1000,13 @@ def _pairs_render(key: str, pairs: dict[str, list] | None, source: str | Path | 
     own = next((r for r in rows if r["prompt"][0]["role"] == "system"), None)
     for pair in [r for r in (rows[:1] + [own]) if r is not None]:
         prompt = with_system_prompt(pair["prompt"], system) if system else pair["prompt"]
-        try:  # the template is the model's own code: whatever it raises is its refusal
-            tokenizer.apply_chat_template(prompt + pair["chosen"], tokenize=False)
-            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        except Exception as err:
+        problem = template_refusal(tokenizer, prompt, pair["chosen"])
+        if problem:
             which = "its first pair with a system turn of its own" if pair is own else "its first pair"
             hint = "; drop the system turns (field 'system' or the prompt's), or use a model whose chat template " \
-                   "takes one" if "system" in str(err).lower() else ""
-            raise DataError(f"{key}: the chat template of {source} refuses {which} ({_first_line(err)}; prompt "
-                            f"{pair['prompt'][-1]['content'][:60]!r}){hint}") from None
+                   "takes one" if "system" in problem.lower() else ""
+            raise DataError(f"{key}: the chat template of {source} refuses {which} ({problem}; prompt "
+                            f"{pair['prompt'][-1]['content'][:60]!r}){hint}")
 
 
 def _prompts(key: str, path: str) -> list[str]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignment import StageError
 from alignment.artifacts import (
     MANIFEST,
     STAGES,
@@ -26,6 +27,7 @@ from alignment.artifacts import (
     checkpoint_steps,
     later_rounds,
     parent_path,
+    read_manifest,
     resume_key,
     round_root,
     stage_dir,
@@ -367,10 +369,9 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
 def _manifest(folder: Path) -> dict[str, Any] | None:
     """`folder`'s manifest, or None where it has none or one that cannot be read (half a file): not finished."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return read_manifest(folder)
+    except (FileNotFoundError, StageError):
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def headline(run_dir: Path) -> str:
