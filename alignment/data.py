@@ -123,6 +123,9 @@ def missing(path: str | Path, hint: str = "") -> DataError:
         hint += (f"; if it is a Hugging Face Hub dataset id: align reads local files and folders only, so save it "
                  f"once where the Hub is reachable, python -c \"from datasets import load_dataset; "
                  f"load_dataset('{text}').save_to_disk('data/{name}')\", and pass data/{name} instead")
+    if Path(text).parts[:2] == ("data", "support"):
+        hint += ("; it is the shipped default, which comes with align's source checkout, not with an installed "
+                 f"wheel: run from the checkout's root (it holds {text}), or point the setting at your own data")
     return DataError(f"{path}: no such file or folder{hint}")
 
 

@@ -205,6 +205,15 @@ def test_a_hub_dataset_id_is_told_to_be_saved_to_a_folder_first(tmp_path, monkey
         load_sft_dataset("data/train.jsonl")
 
 
+def test_the_shipped_default_data_missing_says_it_comes_with_the_checkout(tmp_path, monkeypatch):
+    """Installed from a wheel and run outside the checkout, the default data.path (data/support/...) is not there:
+    the error says where it lives, not only that it is missing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^data/support/train.jsonl: no such file or folder; it is the shipped "
+                                        r"default, which comes with align's source checkout"):
+        load_sft_dataset("data/support/train.jsonl")
+
+
 def test_system_prompt_is_prepended(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "How do I export a note?", "output": "x"}])
     ds, _ = load_sft_dataset(path, system_prompt="You are Lumen's support assistant.")
