@@ -609,7 +609,10 @@ def _set_aside(paths: list[Path], folder: Path, said: str) -> Path | None:
     aside.mkdir()
     for path in sorted(paths):
         path.rename(aside / path.name)
-    print("align: " + said.format(n=len(paths), aside=aside), file=sys.stderr)
+    every = sorted(folder.glob("abandoned-*"))
+    size = sum(f.stat().st_size for a in every for f in a.rglob("*") if f.is_file())
+    print("align: " + said.format(n=len(paths), aside=aside) + f" ({len(every)} set-aside run(s) there, "
+          f"{size / 2**20:.0f} MiB: `rm -r {folder}/abandoned-*` once you will not resume them)", file=sys.stderr)
     return aside
 
 

@@ -256,7 +256,9 @@ def test_resuming_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(t
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     (aside,) = folder.glob("abandoned-*")
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8"]
-    assert "the 2 later checkpoints (a run abandoned there) moved to" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the 2 later checkpoints (a run abandoned there) moved to" in err
+    assert f"(1 set-aside run(s) there, 0 MiB: `rm -r {folder}/abandoned-*` once you will not resume them)" in err
     assert resume_checkpoint(tmp_path, "latest").endswith("checkpoint-4")
 
 
