@@ -675,6 +675,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file; give the YAML file (--config {path}/<name>.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -691,14 +693,30 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a YAML config is UTF-8 "
                               f"(convert it: iconv -f latin1 -t utf-8 {path})") from None
+        except OSError as err:  # no permission to read it, an I/O error
+            raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = _unshared(raw, str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), _Override.parse(value))
     return _build(cls, raw, prefix="")
+
+
+def _unshared(value: Any, where: str, inside: tuple = ()) -> Any:
+    """`value` with every mapping and list its own: YAML gives one object to an anchor and each of its aliases
+    (`dpo: {train: *tr}`), so an override of dpo.train.lr changed sft's lr too. (copy.deepcopy keeps the sharing.)"""
+    if isinstance(value, (dict, list)):
+        if id(value) in inside:
+            raise ConfigError(f"{where}: an alias refers to the mapping or list it is in (`&a [*a]`); write the value out")
+        inside = (*inside, id(value))
+        if isinstance(value, dict):
+            return {k: _unshared(v, where, inside) for k, v in value.items()}
+        return [_unshared(v, where, inside) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

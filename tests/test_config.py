@@ -221,3 +221,30 @@ def test_an_override_of_a_mapping_of_names_replaces_it(tmp_path):
     path.write_text("eval: {num_prompts: 8, policies: {sft: runs/a/sft, dpo: runs/a/dpo}}\n")
     cfg = load_config(C.PipelineConfig, path, ["eval={policies: {sft: runs/b/sft, ppo: runs/b/ppo}}"])
     assert cfg.eval.policies == {"sft": "runs/b/sft", "ppo": "runs/b/ppo"} and cfg.eval.num_prompts == 8
+
+
+def test_an_override_changes_only_its_own_section_where_the_file_shares_one_by_an_alias(tmp_path):
+    """YAML gives an anchor and its aliases one mapping: dpo.train.lr=5e-5 changed sft's lr too."""
+    path = tmp_path / "p.yaml"
+    path.write_text("sft: {train: &tr {max_steps: 10, lr: 4.0e-4}}\ndpo: {train: *tr}\n")
+    cfg = load_config(C.PipelineConfig, path, ["dpo.train.lr=5e-5"])
+    assert (cfg.sft.train.lr, cfg.dpo.train.lr, cfg.dpo.train.max_steps) == (4e-4, 5e-5, 10)
+    cfg = load_config(C.PipelineConfig, path, ["sft.train={lr: 1e-4}"])
+    assert (cfg.sft.train.lr, cfg.dpo.train.lr) == (1e-4, 4e-4)
+    path.write_text("sft: {lora: {target_modules: &m [q_proj, *m]}}\n")  # an alias inside its own anchor
+    with pytest.raises(ConfigError, match="p.yaml: an alias refers to the mapping or list it is in"):
+        load_config(C.PipelineConfig, path)
+
+
+def test_a_folder_or_an_unreadable_file_as_the_config_is_named(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: a folder, not a config file"):
+        load_config(C.SFTStageConfig, tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 1.0e-4}\n")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)  # chmod 000 stops no root
+    with pytest.raises(ConfigError, match=r"c.yaml: cannot read it \(Permission denied\)"):
+        load_config(C.SFTStageConfig, path)
