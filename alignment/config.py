@@ -751,8 +751,11 @@ class _Override:
             raise ConfigError(f"{key}: {self.text!r} is not a value YAML reads ({self.error}); expected {_name(kind)}")
         if self.value is None and takes_text and self.text.strip() not in ("", "null", "Null", "NULL", "~"):
             return self.text.strip()
+        value, item = self.value, next((get_args(o)[1] for o in _options(kind) if get_origin(o) is dict), None)
+        if isinstance(value, dict) and item is not None:  # names a later override added: `policies={...} policies.b=y`
+            value = {k: v.resolve(f"{key}.{k}", item) if isinstance(v, _Override) else v for k, v in value.items()}
         try:
-            return _check(key, self.value, kind)
+            return _check(key, value, kind)
         except ConfigError as err:
             # "a: b" and "[a" are text where the key takes text; 2024, 2024-06-01 and no too, where it takes
             # only text (a name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake,
@@ -814,6 +817,12 @@ def _set_dotted(raw: dict, dotted: str, value: _Override) -> None:
     for part in parents:
         if node.get(part) is None:  # absent, or a section whose keys are all commented out (`train:`)
             node[part] = {}
+        elif isinstance(node[part], _Override) and isinstance(node[part].value, dict):
+            # a mapping an earlier override gave (`train={lr: 1e-4} train.max_steps=3`): into it, as the other
+            # order does
+            node[part] = replace(node[part], value=dict(node[part].value))
+            node = node[part].value
+            continue
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")

@@ -248,3 +248,18 @@ def test_a_folder_or_an_unreadable_file_as_the_config_is_named(tmp_path, monkeyp
     monkeypatch.setattr(Path, "read_text", unreadable)  # chmod 000 stops no root
     with pytest.raises(ConfigError, match=r"c.yaml: cannot read it \(Permission denied\)"):
         load_config(C.SFTStageConfig, path)
+
+
+def test_an_override_into_a_mapping_an_earlier_override_gave(tmp_path):
+    """`train={lr: 1e-4} train.max_steps=3` was refused ("'train' is a value") while the other order worked."""
+    path = tmp_path / "t.yaml"
+    path.write_text("train: {batch_size: 4}\n")
+    for overrides in (["train={lr: 1e-4}", "train.max_steps=3"], ["train.max_steps=3", "train={lr: 1e-4}"]):
+        train = load_config(C.SFTStageConfig, path, overrides).train
+        assert (train.lr, train.max_steps, train.batch_size) == (1e-4, 3, 4)
+    cfg = load_config(C.PipelineConfig, None, ["sft={train: {lr: 1e-4}}", "sft.train.max_steps=3",
+                                               "sft.data.system_prompt=#1 helper"])
+    assert (cfg.sft.train.lr, cfg.sft.train.max_steps, cfg.sft.data.system_prompt) == (1e-4, 3, "#1 helper")
+    assert load_config(C.EvalStageConfig, None, ["policies={a: x}", "policies.b=2"]).policies == {"a": "x", "b": "2"}
+    with pytest.raises(ConfigError, match="'lr' is a value, not a section"):
+        load_config(C.SFTStageConfig, None, ["train={lr: 1e-4}", "train.lr.x=3"])
