@@ -680,7 +680,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+            loader = _Loader(path.read_text(encoding="utf-8"))
             try:
                 document = loader.get_single_node()
                 if document is not None:
@@ -720,6 +720,39 @@ def _unshared(value: Any, where: str, inside: tuple = ()) -> Any:
 
 
 @dataclass(frozen=True)
+class _YAML11Int:
+    """An integer written in another form than plain decimal, kept as typed (_Loader): YAML 1.1 reads
+    `max_steps: 010` as 8 (octal), 0x10 as 16, 1:30 as 90 (base 60), and each was taken without a word."""
+
+    text: str
+    value: int
+
+    def __repr__(self) -> str:  # as written, in an error that quotes a mapping holding it
+        return self.text
+
+    def form(self) -> str:
+        digits = self.text.lstrip("+-")
+        if ":" in digits:
+            return "a base-60 number"
+        if digits.startswith(("0x", "0b")):
+            return "a hexadecimal number" if digits[1] == "x" else "a binary number"
+        return "an octal number" if digits.startswith("0") else "a number with underscores"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, with every integer not in plain decimal kept as a _YAML11Int for its key to refuse."""
+
+
+def _integer(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_yaml_int(node)
+    return value if _DECIMAL.fullmatch(node.value) else _YAML11Int(node.value, value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _integer)
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+
+
+@dataclass(frozen=True)
 class _Override:
     """A `key=value` from the command line: read as YAML (numbers, lists, null), except where the key
     takes text and YAML's reading is a comment, a mapping, a list, a number, a boolean or no YAML at all
@@ -739,7 +772,7 @@ class _Override:
         if not text.strip():
             return cls(text)
         try:
-            return cls(text, yaml.safe_load(text))
+            return cls(text, yaml.load(text, Loader=_Loader))
         except yaml.YAMLError as err:
             return cls(text, error=" ".join((getattr(err, "problem", None) or str(err)).split())[:200])
 
@@ -761,7 +794,7 @@ class _Override:
             # only text (a name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake,
             # not module "5")
             plain = all(o in (str, type(None)) for o in _options(kind))
-            scalar = (bool, int, float, datetime.date)
+            scalar = (bool, int, float, datetime.date, _YAML11Int)
             if takes_text and (isinstance(self.value, (dict, list)) or plain and isinstance(self.value, scalar)):
                 return self.text.strip()
             if isinstance(self.value, list) and any(get_origin(o) is list and get_args(o) == (str,)
@@ -928,6 +961,9 @@ def _default(cls: type, name: str) -> Any:
 
 def _check(key: str, value: Any, kind: Any) -> Any:
     """Return `value` if it fits `kind` (int widened to float), else raise a ConfigError."""
+    if isinstance(value, _YAML11Int):
+        raise ConfigError(f"{key}: {value.text} is {value.form()} in YAML 1.1, read as {value.value}; write the number "
+                          f"in plain decimal ({value.value} if that is meant), or quote it where text is meant")
     origin = get_origin(kind)
     if origin in (Union, types.UnionType):
         for option in get_args(kind):

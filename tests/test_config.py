@@ -263,3 +263,26 @@ def test_an_override_into_a_mapping_an_earlier_override_gave(tmp_path):
     assert load_config(C.EvalStageConfig, None, ["policies={a: x}", "policies.b=2"]).policies == {"a": "x", "b": "2"}
     with pytest.raises(ConfigError, match="'lr' is a value, not a section"):
         load_config(C.SFTStageConfig, None, ["train={lr: 1e-4}", "train.lr.x=3"])
+
+
+@pytest.mark.parametrize("typed, form, read", [("010", "an octal number", 8), ("0x10", "a hexadecimal number", 16),
+                                               ("1:30", "a base-60 number", 90), ("1_000", "a number with underscores",
+                                                                                  1000)])
+def test_an_integer_not_in_plain_decimal_is_refused_where_a_number_is_meant(tmp_path, typed, form, read):
+    """YAML 1.1 reads 010 as 8, 0x10 as 16 and 1:30 as 90: train.max_steps=010 trained 8 steps without a word."""
+    message = f"train.max_steps: {typed} is {form} in YAML 1.1, read as {read}; write the number in plain decimal"
+    with pytest.raises(ConfigError, match=message):
+        load_config(C.SFTStageConfig, None, [f"train.max_steps={typed}"])
+    (tmp_path / "c.yaml").write_text(f"train: {{max_steps: {typed}}}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(C.SFTStageConfig, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=f"train.lr: {typed} is {form}"):
+        load_config(C.SFTStageConfig, None, [f"train.lr={typed}"])
+    assert load_config(C.SampleStageConfig, None, [f"batch={typed}"]).batch == typed  # text, as typed
+    assert load_config(C.ExportStageConfig, None, [f"batches=[{typed}]"]).batches == [typed]
+
+
+def test_an_integer_in_plain_decimal_is_read_as_ever():
+    for typed, read in (("0", 0), ("12", 12), ("+5", 5)):
+        assert load_config(C.SFTStageConfig, None, [f"train.seed={typed}"]).train.seed == read
+    assert load_config(C.SFTStageConfig, None, ["train.max_steps=-1"]).train.max_steps == -1
