@@ -131,7 +131,9 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="align-export-") as config:  # mode 0600
         yaml.safe_dump(settings, config)
         config.flush()
-        done = subprocess.run([sys.executable, "-m", "alignment.cli", "export", "--config", config.name],
+        # -P: not the working directory first on sys.path, where a user's own recipes/ or labeling/ folder would
+        # stand in for align's
+        done = subprocess.run([sys.executable, "-P", "-m", "alignment.cli", "export", "--config", config.name],
                               capture_output=True, text=True)
     if done.returncode != 0:
         said = [line for line in done.stderr.splitlines() if line.startswith("align export:")]

@@ -431,6 +431,7 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     with pytest.raises(StageError, match=r"the labelling app exited \(code 3\) with 1 rankings of batch 'round-0'"):
         pipeline.label(cfg, tmp_path / "run", "round-0")
     assert started[0][-2:] == ["--db", url]
+    assert started[0][1:4] == ["-P", "-m", "alignment.cli"]  # no ./recipes/ or ./labeling/ of the user's in its way
 
 
 def test_human_labelling_stops_waiting_for_tasks_every_annotator_skipped(tmp_path, monkeypatch, capsys):
