@@ -301,7 +301,8 @@ def _merge(cfg, pending: set[str], p: str) -> None:
     if cfg.adapter is None and not adapter.exists():
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "pass adapter=<folder written by align sft/dpo/ppo>")
-    check_adapter(f"{p}adapter", adapter, tokenizer=True)
+    # a reward model's LoRA, folded into a causal LM, made a "merged model" without its score head
+    check_adapter(f"{p}adapter", adapter, tokenizer=True, kind="policy")
     output = Path(cfg.output or str(adapter.with_name(adapter.name + "-merged")))
     check_run_dir(f"{p}output", output)
     # The merged weights are written into the folder: another stage's artifact (output=<the adapter>) lost

@@ -402,6 +402,10 @@ CASES = [
      ["sft={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM adapter"]),
     ("sample: a reward model as the policy", "sample policy={d}/rm_adapter prompts={d}/prompts.jsonl", 2,
      ["policy={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
+    ("merge: a reward model", "merge adapter={d}/rm_adapter output={d}/rm_merged", 2,
+     ["adapter={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
+    ("merge: a classifier's adapter", "merge adapter={d}/foreign_cls output={d}/cls_merged", 2,
+     ["adapter={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM adapter"]),
     ("uncertainty by a policy", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
      ["selection_reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model"]),
