@@ -606,6 +606,17 @@ def test_reward_score_names_a_bad_model_or_file(argv, said, d, capsys, no_model_
     assert said.format(d=d) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["score", "probe"])
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_reward_score_and_probe_refuse_a_batch_size_below_one_before_the_model_loads(command, size, d, capsys,
+                                                                                     no_model_loads):
+    """`align reward probe --batch-size 0` ended in a traceback after the model loaded (a KeyError below 0)."""
+    texts = ["--prompt", "q", "--response", "a"] if command == "score" else []
+    with pytest.raises(SystemExit) as stopped:
+        align(["reward", command, "--model", str(d / "rm_adapter"), *texts, "--batch-size", size])
+    assert stopped.value.code == 2 and f"--batch-size must be >= 1, got {size}" in capsys.readouterr().err
+
+
 def test_guidelines_file_checked_before_the_app(tmp_path, capsys):
     from labeling.store import Store
 
