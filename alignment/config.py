@@ -88,7 +88,8 @@ class ModelConfig:
     # loaded model leaves free (it recomputes the forward: a third more work with a frozen base);
     # off on CPU (it only costs time there). alignment/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    max_length: int = bounded(512, ge=1)  # tokens per example (prompt + completion)
+    # tokens per training example (prompt + completion): sft, reward and dpo; the stages that generate refuse it
+    max_length: int = bounded(512, ge=1)
     # null: transformers' choice (sdpa). One of ATTENTION, "paged|<one of them>", or a Hub kernel ("org/repo").
     attn_implementation: str | None = None
 
@@ -110,6 +111,14 @@ class ModelConfig:
 # transformers' attention kernels (transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, eager aside). Whether a
 # flash kernel's package is installed, transformers says itself: it may fetch the kernel from the Hub instead.
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def max_length_unread(prefix: str, model: ModelConfig, stage: str, bound: str) -> None:
+    """Refuse model.max_length set where nothing reads it: it is the training stages' (sft, reward, dpo: TRL cuts an
+    example there), and the stages that generate cut no prompt (`ppo`'s quickstart config set 384 to no effect)."""
+    if model.max_length != ModelConfig().max_length:
+        raise ConfigError(f"{prefix}model.max_length={model.max_length}: {stage} does not read it (it cuts no prompt; "
+                          f"{bound}); leave it unset")
 
 
 @dataclass
@@ -262,6 +271,7 @@ class SampleStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, prefix: str = "") -> None:
+        max_length_unread(prefix, self.model, "align sample", "generation.max_new_tokens bounds each answer")
         if self.generation.temperature == 0:
             raise ConfigError(f"{prefix}generation.temperature=0 is greedy decoding: the k={self.k} responses to a "
                               "prompt would all be the same, and a ranking needs different ones; use a temperature "
@@ -448,6 +458,7 @@ class PPOStageConfig:
 
     def validate(self, prefix: str = "") -> None:
         rl, gen, p = self.rl, self.generation, prefix
+        max_length_unread(p, self.model, f"align ppo (algo={self.algo})", "generation.max_new_tokens bounds each response")
         if self.algo == "ppo" and gen.backend == "vllm":
             raise ConfigError(f"{p}generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV "
                               "cache, batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
@@ -511,6 +522,9 @@ class EvalStageConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self, prefix: str = "") -> None:
+        max_length_unread(prefix, self.model, "align eval", "generation.max_new_tokens bounds each answer")
+
 
 @dataclass
 class ServeGenerationConfig:
@@ -563,6 +577,7 @@ class ServeStageConfig:
         from alignment.serving import is_loopback
 
         p = prefix
+        max_length_unread(p, self.model, "align serve", "limits.max_prompt_tokens and limits.max_tokens bound a request")
         if self.api_key is not None and len(self.api_key.strip()) < 8:
             raise ConfigError(f"{p}api_key: too short to keep anyone out; use 8 characters or more "
                               "(e.g. `openssl rand -hex 16`)")

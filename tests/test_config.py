@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,15 @@ def test_an_integer_in_plain_decimal_is_read_as_ever():
     for typed, read in (("0", 0), ("12", 12), ("+5", 5)):
         assert load_config(C.SFTStageConfig, None, [f"train.seed={typed}"]).train.seed == read
     assert load_config(C.SFTStageConfig, None, ["train.max_steps=-1"]).train.max_steps == -1
+
+
+@pytest.mark.parametrize("cls, stage", [(C.PPOStageConfig, "align ppo (algo=ppo)"), (C.SampleStageConfig, "align sample"),
+                                        (C.EvalStageConfig, "align eval"), (C.ServeStageConfig, "align serve")])
+def test_model_max_length_is_refused_where_no_stage_reads_it(cls, stage):
+    """PPO, GRPO, RLOO, sample, eval and serve cut no prompt: ppo.yaml's max_length: 384 did nothing."""
+    with pytest.raises(ConfigError, match=re.escape(f"model.max_length=384: {stage} does not read it")):
+        load_config(cls, None, ["model.max_length=384"])
+    assert load_config(cls, None, ["model.max_length=512"])  # the default, as a saved config.yaml has it
+    with pytest.raises(ConfigError, match=r"ppo.model.max_length=384: align ppo \(algo=grpo\) does not read it"):
+        load_config(C.PipelineConfig, None, ["ppo.algo=grpo", "ppo.model.max_length=384"])
+    assert load_config(C.DPOStageConfig, None, ["model.max_length=384"]).model.max_length == 384
