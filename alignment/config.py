@@ -155,7 +155,7 @@ class TrainConfig:
     logging_steps: int = bounded(5, ge=1)
     eval_steps: int = bounded(20, ge=1)  # also the checkpoint interval
     save_total_limit: int = bounded(2, ge=0)  # checkpoints kept; 0 keeps every one
-    # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
+    # A checkpoint folder, or "latest" (or "auto") for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
     # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in TRL's trainers: true needs CUDA and
     # `pip install liger-kernel` (the `gpu` extra); auto uses them where both are there.
