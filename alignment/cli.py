@@ -131,7 +131,9 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="align-export-") as config:  # mode 0600
         yaml.safe_dump(settings, config)
         config.flush()
-        done = subprocess.run([sys.executable, "-m", "alignment.cli", "export", "--config", config.name],
+        # -P: not the working directory first on sys.path, where a user's own recipes/ or labeling/ folder would
+        # stand in for align's
+        done = subprocess.run([sys.executable, "-P", "-m", "alignment.cli", "export", "--config", config.name],
                               capture_output=True, text=True)
     if done.returncode != 0:
         said = [line for line in done.stderr.splitlines() if line.startswith("align export:")]
@@ -204,15 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     i = 0
     while i < len(rest):
         arg = rest[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(rest):
+        if arg in ("--config", "-c") or arg.startswith("--config="):
+            if arg.startswith("--config="):
+                given, i = arg.split("=", 1)[1], i + 1
+            elif i + 1 >= len(rest):
                 print("align: --config needs a file", file=sys.stderr)
                 return 2
-            config_path, i = rest[i + 1], i + 2
+            else:
+                given, i = rest[i + 1], i + 2
+            if config_path is not None:  # the second replaced the first without a word
+                print(f"align {stage}: --config given twice ({config_path}, {given}); a stage reads one config "
+                      "file: give one, and the other settings as section.key=value", file=sys.stderr)
+                return 2
+            config_path = given
             continue
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
+        if arg.startswith("-"):
             print(f"align {stage}: {unknown_option(arg)}", file=sys.stderr)
             return 2
         else:

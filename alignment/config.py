@@ -88,7 +88,8 @@ class ModelConfig:
     # loaded model leaves free (it recomputes the forward: a third more work with a frozen base);
     # off on CPU (it only costs time there). alignment/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    max_length: int = bounded(512, ge=1)  # tokens per example (prompt + completion)
+    # tokens per training example (prompt + completion): sft, reward and dpo; the stages that generate refuse it
+    max_length: int = bounded(512, ge=1)
     # null: transformers' choice (sdpa). One of ATTENTION, "paged|<one of them>", or a Hub kernel ("org/repo").
     attn_implementation: str | None = None
 
@@ -110,6 +111,14 @@ class ModelConfig:
 # transformers' attention kernels (transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, eager aside). Whether a
 # flash kernel's package is installed, transformers says itself: it may fetch the kernel from the Hub instead.
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def max_length_unread(prefix: str, model: ModelConfig, stage: str, bound: str) -> None:
+    """Refuse model.max_length set where nothing reads it: it is the training stages' (sft, reward, dpo: TRL cuts an
+    example there), and the stages that generate cut no prompt (`ppo`'s quickstart config set 384 to no effect)."""
+    if model.max_length != ModelConfig().max_length:
+        raise ConfigError(f"{prefix}model.max_length={model.max_length}: {stage} does not read it (it cuts no prompt; "
+                          f"{bound}); leave it unset")
 
 
 @dataclass
@@ -146,7 +155,7 @@ class TrainConfig:
     logging_steps: int = bounded(5, ge=1)
     eval_steps: int = bounded(20, ge=1)  # also the checkpoint interval
     save_total_limit: int = bounded(2, ge=0)  # checkpoints kept; 0 keeps every one
-    # A checkpoint folder, or "latest" for the newest one in this stage's checkpoints/.
+    # A checkpoint folder, or "latest" (or "auto") for the newest one in this stage's checkpoints/.
     resume_from_checkpoint: str | None = None
     # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in TRL's trainers: true needs CUDA and
     # `pip install liger-kernel` (the `gpu` extra); auto uses them where both are there.
@@ -262,6 +271,7 @@ class SampleStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, prefix: str = "") -> None:
+        max_length_unread(prefix, self.model, "align sample", "generation.max_new_tokens bounds each answer")
         if self.generation.temperature == 0:
             raise ConfigError(f"{prefix}generation.temperature=0 is greedy decoding: the k={self.k} responses to a "
                               "prompt would all be the same, and a ranking needs different ones; use a temperature "
@@ -448,6 +458,7 @@ class PPOStageConfig:
 
     def validate(self, prefix: str = "") -> None:
         rl, gen, p = self.rl, self.generation, prefix
+        max_length_unread(p, self.model, f"align ppo (algo={self.algo})", "generation.max_new_tokens bounds each response")
         if self.algo == "ppo" and gen.backend == "vllm":
             raise ConfigError(f"{p}generation.backend=vllm: PPO's own loop samples its rollouts with transformers (KV "
                               "cache, batched); vLLM rollouts come with algo=grpo or algo=rloo (TRL's use_vllm)")
@@ -511,6 +522,9 @@ class EvalStageConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self, prefix: str = "") -> None:
+        max_length_unread(prefix, self.model, "align eval", "generation.max_new_tokens bounds each answer")
+
 
 @dataclass
 class ServeGenerationConfig:
@@ -563,6 +577,7 @@ class ServeStageConfig:
         from alignment.serving import is_loopback
 
         p = prefix
+        max_length_unread(p, self.model, "align serve", "limits.max_prompt_tokens and limits.max_tokens bound a request")
         if self.api_key is not None and len(self.api_key.strip()) < 8:
             raise ConfigError(f"{p}api_key: too short to keep anyone out; use 8 characters or more "
                               "(e.g. `openssl rand -hex 16`)")
@@ -675,10 +690,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file; give the YAML file (--config {path}/<name>.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+            loader = _Loader(path.read_text(encoding="utf-8"))
             try:
                 document = loader.get_single_node()
                 if document is not None:
@@ -691,14 +708,63 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a YAML config is UTF-8 "
                               f"(convert it: iconv -f latin1 -t utf-8 {path})") from None
+        except OSError as err:  # no permission to read it, an I/O error
+            raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = _unshared(raw, str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), _Override.parse(value))
     return _build(cls, raw, prefix="")
+
+
+def _unshared(value: Any, where: str, inside: tuple = ()) -> Any:
+    """`value` with every mapping and list its own: YAML gives one object to an anchor and each of its aliases
+    (`dpo: {train: *tr}`), so an override of dpo.train.lr changed sft's lr too. (copy.deepcopy keeps the sharing.)"""
+    if isinstance(value, (dict, list)):
+        if id(value) in inside:
+            raise ConfigError(f"{where}: an alias refers to the mapping or list it is in (`&a [*a]`); write the value out")
+        inside = (*inside, id(value))
+        if isinstance(value, dict):
+            return {k: _unshared(v, where, inside) for k, v in value.items()}
+        return [_unshared(v, where, inside) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class _YAML11Int:
+    """An integer written in another form than plain decimal, kept as typed (_Loader): YAML 1.1 reads
+    `max_steps: 010` as 8 (octal), 0x10 as 16, 1:30 as 90 (base 60), and each was taken without a word."""
+
+    text: str
+    value: int
+
+    def __repr__(self) -> str:  # as written, in an error that quotes a mapping holding it
+        return self.text
+
+    def form(self) -> str:
+        digits = self.text.lstrip("+-")
+        if ":" in digits:
+            return "a base-60 number"
+        if digits.startswith(("0x", "0b")):
+            return "a hexadecimal number" if digits[1] == "x" else "a binary number"
+        return "an octal number" if digits.startswith("0") else "a number with underscores"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, with every integer not in plain decimal kept as a _YAML11Int for its key to refuse."""
+
+
+def _integer(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_yaml_int(node)
+    return value if _DECIMAL.fullmatch(node.value) else _YAML11Int(node.value, value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _integer)
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -721,7 +787,7 @@ class _Override:
         if not text.strip():
             return cls(text)
         try:
-            return cls(text, yaml.safe_load(text))
+            return cls(text, yaml.load(text, Loader=_Loader))
         except yaml.YAMLError as err:
             return cls(text, error=" ".join((getattr(err, "problem", None) or str(err)).split())[:200])
 
@@ -733,14 +799,17 @@ class _Override:
             raise ConfigError(f"{key}: {self.text!r} is not a value YAML reads ({self.error}); expected {_name(kind)}")
         if self.value is None and takes_text and self.text.strip() not in ("", "null", "Null", "NULL", "~"):
             return self.text.strip()
+        value, item = self.value, next((get_args(o)[1] for o in _options(kind) if get_origin(o) is dict), None)
+        if isinstance(value, dict) and item is not None:  # names a later override added: `policies={...} policies.b=y`
+            value = {k: v.resolve(f"{key}.{k}", item) if isinstance(v, _Override) else v for k, v in value.items()}
         try:
-            return _check(key, self.value, kind)
+            return _check(key, value, kind)
         except ConfigError as err:
             # "a: b" and "[a" are text where the key takes text; 2024, 2024-06-01 and no too, where it takes
             # only text (a name, a path, a prompt), not a list of names (lora.target_modules=5 is a mistake,
             # not module "5")
             plain = all(o in (str, type(None)) for o in _options(kind))
-            scalar = (bool, int, float, datetime.date)
+            scalar = (bool, int, float, datetime.date, _YAML11Int)
             if takes_text and (isinstance(self.value, (dict, list)) or plain and isinstance(self.value, scalar)):
                 return self.text.strip()
             if isinstance(self.value, list) and any(get_origin(o) is list and get_args(o) == (str,)
@@ -796,6 +865,12 @@ def _set_dotted(raw: dict, dotted: str, value: _Override) -> None:
     for part in parents:
         if node.get(part) is None:  # absent, or a section whose keys are all commented out (`train:`)
             node[part] = {}
+        elif isinstance(node[part], _Override) and isinstance(node[part].value, dict):
+            # a mapping an earlier override gave (`train={lr: 1e-4} train.max_steps=3`): into it, as the other
+            # order does
+            node[part] = replace(node[part], value=dict(node[part].value))
+            node = node[part].value
+            continue
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
@@ -901,6 +976,9 @@ def _default(cls: type, name: str) -> Any:
 
 def _check(key: str, value: Any, kind: Any) -> Any:
     """Return `value` if it fits `kind` (int widened to float), else raise a ConfigError."""
+    if isinstance(value, _YAML11Int):
+        raise ConfigError(f"{key}: {value.text} is {value.form()} in YAML 1.1, read as {value.value}; write the number "
+                          f"in plain decimal ({value.value} if that is meant), or quote it where text is meant")
     origin = get_origin(kind)
     if origin in (Union, types.UnionType):
         for option in get_args(kind):

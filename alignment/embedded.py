@@ -32,7 +32,8 @@ STANDIN_MARK = "RANDOM WEIGHTS"  # how a stand-in's SOURCE.md begins (scripts/gp
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+    """ALIGN_CACHE, else ~/.cache/align. Set but empty is unset (Path("") is the working directory)."""
+    return Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
 
 
 def gguf_path() -> Path:
@@ -71,10 +72,21 @@ def embedded_model_dir(convert: bool = True, cache: Path | None = None) -> Path:
         return target
     from filelock import FileLock
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    from alignment import StageError
+
+    lock = FileLock(str(target) + ".lock")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:  # ALIGN_CACHE a file, a folder this user cannot write, ...
+        where = f"ALIGN_CACHE={os.environ['ALIGN_CACHE']}" if os.environ.get("ALIGN_CACHE") else "the default cache"
+        raise StageError(f"the embedded model is converted once into {target.parent} ({where}), and that failed: "
+                         f"{err.strerror or err}; set ALIGN_CACHE to a folder you can write") from None
+    try:
         if not (target / "config.json").is_file():
             convert_gguf(gguf_path(), target)
+    finally:
+        lock.release()
     return target
 
 

@@ -301,7 +301,8 @@ def _merge(cfg, pending: set[str], p: str) -> None:
     if cfg.adapter is None and not adapter.exists():
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "pass adapter=<folder written by align sft/dpo/ppo>")
-    check_adapter(f"{p}adapter", adapter, tokenizer=True)
+    # a reward model's LoRA, folded into a causal LM, made a "merged model" without its score head
+    check_adapter(f"{p}adapter", adapter, tokenizer=True, kind="policy")
     output = Path(cfg.output or str(adapter.with_name(adapter.name + "-merged")))
     check_run_dir(f"{p}output", output)
     # The merged weights are written into the folder: another stage's artifact (output=<the adapter>) lost
@@ -881,10 +882,10 @@ def check_weights_file(key: str, file: Path) -> None:
 def check_checkpoint(key: str, value: str | None, *, ppo: bool = False, max_steps: int = -1) -> None:
     """train.resume_from_checkpoint: latest, or a checkpoint folder this stage wrote, with steps left to train
     before `max_steps` (at it, the run is finished: the Trainer would train one step past it)."""
-    if value is None or value == "latest" or (ppo and value == "auto"):
+    if value in (None, "latest", "auto"):  # auto: latest's other name, in every stage (begin_training reads both)
         return
     path = Path(value).expanduser()
-    allowed = "latest" + (" (or auto)" if ppo else "")
+    allowed = "latest"
     if not path.is_dir():
         raise ConfigError(f"{key}={value}: no such checkpoint folder; give one of the stage's checkpoints/"
                           f"{'step-N' if ppo else 'checkpoint-N'} folders, or {allowed}")

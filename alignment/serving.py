@@ -149,7 +149,7 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
     context = cfg.limits.max_prompt_tokens + cfg.limits.max_tokens
     positions = _max_positions(path)
     warn_past_context(cfg.limits, positions, base)
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path,
+    command = [sys.executable, "-P", "-m", "vllm.entrypoints.cli.main", "serve", path,  # -P: no ./vllm/ in its way
                "--served-model-name", BASE, "--host", cfg.host, "--port", str(port),
                "--max-model-len", str(min(context, positions) if positions else context),
                "--gpu-memory-utilization", str(cfg.generation.vllm_gpu_memory_utilization),

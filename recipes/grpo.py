@@ -247,7 +247,7 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage=cfg.algo, config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=levers, gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
+        device_plan=levers, gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo,
         reference=reference_of(cfg, has_ref), system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},

@@ -289,7 +289,8 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
         return
     db = ["--db", cfg.sample.store] if cfg.sample.store else []  # the store sample wrote, e.g. a PostgreSQL URL
     # With this process's pid, the app stops when it is gone, even killed by SIGKILL (labeling.cli.stop_with_parent)
-    app = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db],
+    # -P: not the working directory first on sys.path, where a user's own recipes/ or labeling/ would stand in for align's
+    app = subprocess.Popen([sys.executable, "-P", "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db],
                            env={**os.environ, PARENT_ENV: str(os.getpid())})
     try:
         print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "

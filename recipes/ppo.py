@@ -376,7 +376,7 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage="ppo", config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo, max_length=cfg.model.max_length,
+        device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo,
         reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)", system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy"),

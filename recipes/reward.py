@@ -582,6 +582,8 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:  # else a traceback once the model has loaded (a KeyError below 0)
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
     try:
         check_adapter("--model", folder, tokenizer=True)

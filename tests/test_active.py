@@ -183,7 +183,7 @@ def run(tiny_model, tmp_path_factory) -> Path:
 
 def sample_args(run: Path, *extra: str) -> list[str]:
     return ["sample", f"run.dir={run}", f"prompts={run.parent / 'prompts.jsonl'}", "k=3",
-            "generation.max_new_tokens=10", "generation.batch_size=4", *FAST, *extra]
+            "generation.max_new_tokens=10", "generation.batch_size=4", "run.wandb=disabled", *extra]
 
 
 def test_reward_saves_its_heads_with_their_figures(run):

@@ -55,3 +55,13 @@ def test_an_unknown_option_names_the_closest_and_all_options(capsys):
         in err
     assert align(["sft", "--zzz"]) == 2
     assert "unknown option --zzz; options: --config, --help" in capsys.readouterr().err
+
+
+def test_a_second_config_file_is_refused(tmp_path, capsys):
+    """The second --config replaced the first without a word (its settings all dropped)."""
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("train: {max_steps: 1}\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for args in (["--config", str(a), "--config", str(b)], [f"--config={a}", "-c", str(b)]):
+        assert align(["sft", *args]) == 2
+        assert f"align sft: --config given twice ({a}, {b}); a stage reads one config file" in capsys.readouterr().err

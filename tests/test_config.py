@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,80 @@ def test_an_override_of_a_mapping_of_names_replaces_it(tmp_path):
     path.write_text("eval: {num_prompts: 8, policies: {sft: runs/a/sft, dpo: runs/a/dpo}}\n")
     cfg = load_config(C.PipelineConfig, path, ["eval={policies: {sft: runs/b/sft, ppo: runs/b/ppo}}"])
     assert cfg.eval.policies == {"sft": "runs/b/sft", "ppo": "runs/b/ppo"} and cfg.eval.num_prompts == 8
+
+
+def test_an_override_changes_only_its_own_section_where_the_file_shares_one_by_an_alias(tmp_path):
+    """YAML gives an anchor and its aliases one mapping: dpo.train.lr=5e-5 changed sft's lr too."""
+    path = tmp_path / "p.yaml"
+    path.write_text("sft: {train: &tr {max_steps: 10, lr: 4.0e-4}}\ndpo: {train: *tr}\n")
+    cfg = load_config(C.PipelineConfig, path, ["dpo.train.lr=5e-5"])
+    assert (cfg.sft.train.lr, cfg.dpo.train.lr, cfg.dpo.train.max_steps) == (4e-4, 5e-5, 10)
+    cfg = load_config(C.PipelineConfig, path, ["sft.train={lr: 1e-4}"])
+    assert (cfg.sft.train.lr, cfg.dpo.train.lr) == (1e-4, 4e-4)
+    path.write_text("sft: {lora: {target_modules: &m [q_proj, *m]}}\n")  # an alias inside its own anchor
+    with pytest.raises(ConfigError, match="p.yaml: an alias refers to the mapping or list it is in"):
+        load_config(C.PipelineConfig, path)
+
+
+def test_a_folder_or_an_unreadable_file_as_the_config_is_named(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: a folder, not a config file"):
+        load_config(C.SFTStageConfig, tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 1.0e-4}\n")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)  # chmod 000 stops no root
+    with pytest.raises(ConfigError, match=r"c.yaml: cannot read it \(Permission denied\)"):
+        load_config(C.SFTStageConfig, path)
+
+
+def test_an_override_into_a_mapping_an_earlier_override_gave(tmp_path):
+    """`train={lr: 1e-4} train.max_steps=3` was refused ("'train' is a value") while the other order worked."""
+    path = tmp_path / "t.yaml"
+    path.write_text("train: {batch_size: 4}\n")
+    for overrides in (["train={lr: 1e-4}", "train.max_steps=3"], ["train.max_steps=3", "train={lr: 1e-4}"]):
+        train = load_config(C.SFTStageConfig, path, overrides).train
+        assert (train.lr, train.max_steps, train.batch_size) == (1e-4, 3, 4)
+    cfg = load_config(C.PipelineConfig, None, ["sft={train: {lr: 1e-4}}", "sft.train.max_steps=3",
+                                               "sft.data.system_prompt=#1 helper"])
+    assert (cfg.sft.train.lr, cfg.sft.train.max_steps, cfg.sft.data.system_prompt) == (1e-4, 3, "#1 helper")
+    assert load_config(C.EvalStageConfig, None, ["policies={a: x}", "policies.b=2"]).policies == {"a": "x", "b": "2"}
+    with pytest.raises(ConfigError, match="'lr' is a value, not a section"):
+        load_config(C.SFTStageConfig, None, ["train={lr: 1e-4}", "train.lr.x=3"])
+
+
+@pytest.mark.parametrize("typed, form, read", [("010", "an octal number", 8), ("0x10", "a hexadecimal number", 16),
+                                               ("1:30", "a base-60 number", 90), ("1_000", "a number with underscores",
+                                                                                  1000)])
+def test_an_integer_not_in_plain_decimal_is_refused_where_a_number_is_meant(tmp_path, typed, form, read):
+    """YAML 1.1 reads 010 as 8, 0x10 as 16 and 1:30 as 90: train.max_steps=010 trained 8 steps without a word."""
+    message = f"train.max_steps: {typed} is {form} in YAML 1.1, read as {read}; write the number in plain decimal"
+    with pytest.raises(ConfigError, match=message):
+        load_config(C.SFTStageConfig, None, [f"train.max_steps={typed}"])
+    (tmp_path / "c.yaml").write_text(f"train: {{max_steps: {typed}}}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(C.SFTStageConfig, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=f"train.lr: {typed} is {form}"):
+        load_config(C.SFTStageConfig, None, [f"train.lr={typed}"])
+    assert load_config(C.SampleStageConfig, None, [f"batch={typed}"]).batch == typed  # text, as typed
+    assert load_config(C.ExportStageConfig, None, [f"batches=[{typed}]"]).batches == [typed]
+
+
+def test_an_integer_in_plain_decimal_is_read_as_ever():
+    for typed, read in (("0", 0), ("12", 12), ("+5", 5)):
+        assert load_config(C.SFTStageConfig, None, [f"train.seed={typed}"]).train.seed == read
+    assert load_config(C.SFTStageConfig, None, ["train.max_steps=-1"]).train.max_steps == -1
+
+
+@pytest.mark.parametrize("cls, stage", [(C.PPOStageConfig, "align ppo (algo=ppo)"), (C.SampleStageConfig, "align sample"),
+                                        (C.EvalStageConfig, "align eval"), (C.ServeStageConfig, "align serve")])
+def test_model_max_length_is_refused_where_no_stage_reads_it(cls, stage):
+    """PPO, GRPO, RLOO, sample, eval and serve cut no prompt: ppo.yaml's max_length: 384 did nothing."""
+    with pytest.raises(ConfigError, match=re.escape(f"model.max_length=384: {stage} does not read it")):
+        load_config(cls, None, ["model.max_length=384"])
+    assert load_config(cls, None, ["model.max_length=512"])  # the default, as a saved config.yaml has it
+    with pytest.raises(ConfigError, match=r"ppo.model.max_length=384: align ppo \(algo=grpo\) does not read it"):
+        load_config(C.PipelineConfig, None, ["ppo.algo=grpo", "ppo.model.max_length=384"])
+    assert load_config(C.DPOStageConfig, None, ["model.max_length=384"]).model.max_length == 384

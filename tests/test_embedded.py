@@ -65,3 +65,26 @@ def test_gguf_read_once_parses_each_file_once_inside_the_block_only(tmp_path):
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name("model.embed_tokens") == "token_embd"
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+def test_a_cache_that_cannot_be_written_is_a_stage_error_naming_align_cache(tmp_path, monkeypatch):
+    """ALIGN_CACHE=/etc/passwd ended in a NotADirectoryError traceback."""
+    from alignment import StageError
+    from alignment.embedded import embedded_model_dir
+
+    a_file = tmp_path / "passwd"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("ALIGN_CACHE", str(a_file))
+    with pytest.raises(StageError, match=f"into {a_file}/models \\(ALIGN_CACHE={a_file}\\), and that failed: Not a "
+                                         "directory; set ALIGN_CACHE to a folder you can write"):
+        embedded_model_dir()
+
+
+def test_an_empty_align_cache_is_the_default_cache(monkeypatch):
+    """`ALIGN_CACHE=` put the converted model under the working directory (Path("") is ".")."""
+    from pathlib import Path
+
+    from alignment.embedded import cache_root
+
+    monkeypatch.setenv("ALIGN_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "align"

@@ -402,6 +402,10 @@ CASES = [
      ["sft={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM adapter"]),
     ("sample: a reward model as the policy", "sample policy={d}/rm_adapter prompts={d}/prompts.jsonl", 2,
      ["policy={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
+    ("merge: a reward model", "merge adapter={d}/rm_adapter output={d}/rm_merged", 2,
+     ["adapter={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
+    ("merge: a classifier's adapter", "merge adapter={d}/foreign_cls output={d}/cls_merged", 2,
+     ["adapter={d}/foreign_cls: its adapter_config.json says task_type SEQ_CLS, and a policy is a CAUSAL_LM adapter"]),
     ("uncertainty by a policy", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/adapter", 2,
      ["selection_reward_model={d}/adapter: the output of `align sft` (a policy), not a reward model"]),
@@ -600,6 +604,17 @@ def test_label_commands_refused_before_the_store_is_made(argv, said, d, tmp_path
 def test_reward_score_names_a_bad_model_or_file(argv, said, d, capsys, no_model_loads):
     assert align(["reward", "score", *(a.format(d=d) for a in argv)]) == 2
     assert said.format(d=d) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["score", "probe"])
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_reward_score_and_probe_refuse_a_batch_size_below_one_before_the_model_loads(command, size, d, capsys,
+                                                                                     no_model_loads):
+    """`align reward probe --batch-size 0` ended in a traceback after the model loaded (a KeyError below 0)."""
+    texts = ["--prompt", "q", "--response", "a"] if command == "score" else []
+    with pytest.raises(SystemExit) as stopped:
+        align(["reward", command, "--model", str(d / "rm_adapter"), *texts, "--batch-size", size])
+    assert stopped.value.code == 2 and f"--batch-size must be >= 1, got {size}" in capsys.readouterr().err
 
 
 def test_guidelines_file_checked_before_the_app(tmp_path, capsys):

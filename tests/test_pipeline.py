@@ -391,7 +391,7 @@ def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path
             "sft.model.max_length=128", "sft.data.eval_fraction=0",
             "ppo.algo=grpo", "ppo.scorer=known_scorers:thanks_then_short", f"ppo.prompts={data}", "ppo.num_prompts=8",
             "ppo.train.max_steps=1", "ppo.rl.rollout_prompts=4", "ppo.rl.num_generations=2",
-            "ppo.generation.max_new_tokens=8", "ppo.model.quantize=false", "ppo.model.max_length=128",
+            "ppo.generation.max_new_tokens=8", "ppo.model.quantize=false",
             f"eval.prompts={data}", "eval.num_prompts=4", "eval.generation.max_new_tokens=8", "eval.bootstrap=50"]
     assert align(args) == 0
     rounds = [run_dir, run_dir / "round-1"]
@@ -431,6 +431,7 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
     with pytest.raises(StageError, match=r"the labelling app exited \(code 3\) with 1 rankings of batch 'round-0'"):
         pipeline.label(cfg, tmp_path / "run", "round-0")
     assert started[0][-2:] == ["--db", url]
+    assert started[0][1:4] == ["-P", "-m", "alignment.cli"]  # no ./recipes/ or ./labeling/ of the user's in its way
 
 
 def test_human_labelling_stops_waiting_for_tasks_every_annotator_skipped(tmp_path, monkeypatch, capsys):

@@ -694,7 +694,7 @@ def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_pat
     cfg = serve_config(run, *LIMITS, f"adapters={{wide: {tmp_path / 'wide'}}}", "generation.temperature=0.7")
     models = served_models(cfg)
     command = vllm_command(models, shared_base(models, cfg), cfg, 8123)
-    assert command[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", tiny_model]
+    assert command[1:6] == ["-P", "-m", "vllm.entrypoints.cli.main", "serve", tiny_model]
 
     def value(flag: str) -> str:
         return command[command.index(flag) + 1]
@@ -723,7 +723,7 @@ def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_pat
     key = "vllm-key-0123456789"
     run_vllm(models, shared_base(models, cfg), cfg, key, 8123, [*models, "base"])
     called = json.loads(record.read_text())
-    assert called["argv"] == command[3:] and called["key"] == key and key not in " ".join(called["argv"])
+    assert called["argv"] == command[4:] and called["key"] == key and key not in " ".join(called["argv"])
 
 
 # ---------------------------------------------------------------------------- `align serve` itself

@@ -229,6 +229,16 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
     assert resume_checkpoint(tmp_path, "latest") is None
 
 
+@pytest.mark.parametrize("ppo", [False, True])
+def test_resume_auto_is_latest_in_every_stage_before_training_too(ppo):
+    """resume_checkpoint took auto as latest in every stage, and preflight refused it in all but PPO's loop."""
+    from alignment.preflight import check_checkpoint
+
+    check_checkpoint("train.resume_from_checkpoint", "auto", ppo=ppo)
+    with pytest.raises(ConfigError, match="no such checkpoint folder; give one of the stage's checkpoints/"):
+        check_checkpoint("train.resume_from_checkpoint", "newest", ppo=ppo)
+
+
 def test_metrics_of_a_run_killed_mid_line_read_back_and_resume(tmp_path):
     """A kill while a row is written leaves half a line: read_jsonl leaves it out, and a resumed trainer
     keeps the rows up to its checkpoint's step (the cut line and any step after it go)."""

@@ -309,3 +309,19 @@ def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_lin
                   "--simulate", "support_style", "--batch", "round-1"]) == 0
     out = capsys.readouterr().out
     assert "store='postgresql://ann:***@db.example/labels'" in out and "S3cret" not in out
+
+
+def test_the_apps_export_runs_align_export_past_a_users_own_recipes_folder(tmp_path, monkeypatch):
+    """`python -m` puts the working directory first on sys.path: a recipes/ (or labeling/) folder of the user's there
+    stood in for align's in the child, and the Export button said "align export: not built yet"."""
+    from alignment.cli import export_for_label_app
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    work = tmp_path / "work"
+    for package in ("recipes", "labeling"):
+        (work / package).mkdir(parents=True)
+        (work / package / "__init__.py").write_text("raise ImportError(\"a user's own package, not align's\")\n")
+    monkeypatch.chdir(work)
+    assert export_for_label_app(store.url, str(tmp_path))["pairs"] == 3
