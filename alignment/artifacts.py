@@ -456,8 +456,11 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     else a folder of that name beside `folder` or above it (a run made from inside itself, run.dir=.); else
     as given, relative to this process's directory. An absolute parent that is no longer there (the run folder
     or the project moved since) is looked for the same way, as the part of it below the recorded `cwd` (else
-    its longest tail that names a folder there now); else it is returned as recorded."""
+    its longest tail that names a folder there now); else it is returned as recorded. A parent inside the run
+    `folder` belongs to, where that run was copied or moved since (in_this_run), is its copy here, when there."""
     path = Path(path)
+    if (here := in_this_run(path, folder, manifest)) != path and here.exists():
+        return here
     if path.is_absolute():
         if path.exists():
             return path
@@ -474,6 +477,31 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     if (manifest or {}).get("cwd"):
         return Path(manifest["cwd"]) / path
     return _relative_parent(path, folder)
+
+
+def in_this_run(path: str | Path, folder: str | Path, manifest: dict[str, Any] | None) -> Path:
+    """`path`, recorded by the manifest of the stage folder `folder`, placed in the run `folder` is in now where it
+    lies inside the run that stage ran in (its run.dir, or for a later round's stage that round's root) and the run
+    was copied or moved since; else `path` as it is. A copy of a run read its stages' parents in the original, so a
+    stage remade in the copy left every later one there "already done" (their parents' manifests, the original's,
+    no newer), while the same change in place remade them."""
+    path = Path(path)
+    m = manifest or {}
+    ran_in = (m.get("config") or {}).get("run", {}).get("dir") if isinstance(m.get("config"), dict) else None
+    stage = STAGES.get(m.get("stage")) if isinstance(m.get("stage"), str) else None
+    if not isinstance(ran_in, str) or not ran_in or stage is None or stage.folder != Path(folder).name:
+        return path  # not a stage folder as its stage lays it out (merge's, export output=elsewhere)
+    cwd = m.get("cwd")
+    if not cwd and not (Path(ran_in).is_absolute() and path.is_absolute()):
+        return path  # relative to a directory not recorded
+    then = Path(os.path.normpath(Path(cwd or "/") / ran_in))
+    now = Path(os.path.abspath(folder)).parent
+    if re.fullmatch(r"round-\d+", then.name) and now.name == then.name:  # a later round's: its root's folders too
+        then, now = then.parent, now.parent
+    full = Path(os.path.normpath(Path(cwd or "/") / path))
+    if then == now or not full.is_relative_to(then):
+        return path
+    return now / full.relative_to(then)
 
 
 def recorded_path(path: str, folder: Path, manifest: dict[str, Any]) -> Path:
