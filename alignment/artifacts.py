@@ -213,19 +213,21 @@ def holding(path: Path | None, what: str) -> Iterator[None]:
 
 
 def _held_elsewhere(folder: Path) -> bool:
-    """Another process holds `folder`'s lock: it is writing there (its own stage), whatever this one did."""
-    if not (folder / LOCK).is_file():
-        return False
+    """Another process holds `folder`'s lock, or the export lock beside it (labeling.export's `.<name>.lock`): it is
+    writing there (its own stage, an export moving its folder in), whatever this one did."""
     import fcntl
 
-    fd = os.open(folder / LOCK, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    for lock in (folder / LOCK, folder.parent / f".{folder.name}.lock"):
+        if not lock.is_file():
+            continue
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -897,17 +899,18 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
     A stage writes align.json last, so a folder without one is not an artifact; but an empty or
     half-written one left by a run that failed (out of memory, a NaN loss, Ctrl-C) looks like one
     to a person, and a folder with adapter files in it passes for one. So, when the block raises:
-    a stage folder it created (a child of run_dir, of run_dir/round-N, or one of `outputs`) that
+    a stage folder it created (a STAGES folder in run_dir or run_dir/round-N, or one of `outputs`) that
     has no align.json is removed, unless it holds checkpoints, which are kept for
     train.resume_from_checkpoint=latest (said with the key as `align <command>` takes it); a finished
     folder whose files it began to rewrite (and did not finish: its align.json unchanged) loses its
     align.json, which no longer describes what is there; run_dir itself goes if it is new and left
-    empty. A folder another process holds locked (lock_file: its stage, run beside this one) is not
-    touched. W&B's offline runs (run_dir/wandb) are kept: they show what the failed run did.
+    empty. A folder another process holds locked (lock_file: its stage, run beside this one; an export's
+    lock beside its folder) is not touched, nor any folder but those (a user's own, W&B's offline runs,
+    which show what the failed run did).
     """
     run_dir = Path(run_dir)
     before = {folder: _signature(folder) for folder in _stage_folders(run_dir, outputs)}
-    existed = {p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir()}
+    existed = {p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir()}
     try:
         yield
     except BaseException:
@@ -932,9 +935,12 @@ def _rebuild_reports(run_dir: Path) -> None:
 
 
 def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
-    parents = [run_dir, *sorted(run_dir.glob("round-*"))] if run_dir.is_dir() else []
-    found = [p for parent in parents for p in parent.iterdir()
-             if p.is_dir() and p.name != "wandb" and not p.name.startswith("round-")]
+    """The stage folders (STAGES' folders) in run_dir and its rounds, and `outputs`: never another folder there (a
+    user's own notes, W&B's runs, an export's .preferences.partial-* of another process), which a failure removed
+    when it had no align.json."""
+    names = {s.folder for s in STAGES.values() if s.folder}
+    parents = [run_dir, *later_rounds(run_dir)] if run_dir.is_dir() else []
+    found = [parent / name for parent in parents for name in sorted(names) if (parent / name).is_dir()]
     return found + [Path(p) for p in outputs if Path(p).is_dir()]
 
 
@@ -986,7 +992,7 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
         elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
             log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
                         "%s continues from them", folder, MANIFEST, resume_key(folder, command))
-    for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
+    for parent in sorted((p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made
             (parent / LOCK).unlink(missing_ok=True)
