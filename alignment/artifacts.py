@@ -156,6 +156,7 @@ def run_stage(command: str, cfg: Any) -> Path:
             from alignment.gpu_training import new_stage_on_gpu
 
             new_stage_on_gpu()
+        forget_deepspeed_config()
         _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
         _running.append(stage.name)
         try:
@@ -171,6 +172,17 @@ def run_stage(command: str, cfg: Any) -> Path:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     return out
+
+
+def forget_deepspeed_config() -> None:
+    """transformers' record of the DeepSpeed config a stage before this one trained under (its TrainingArguments
+    set it; the next one sets it again) dropped. Kept alive by accelerate's shared state, it left
+    is_deepspeed_zero3_enabled() True, and a model no trainer wraps (reward's merge of its SFT adapter on rank 0
+    alone, GRPO's reward model) loaded under deepspeed.zero.Init in a later stage of `align pipeline`: a hang, or
+    a crash."""
+    deepspeed = sys.modules.get("transformers.integrations.deepspeed")  # not imported: nothing set it
+    if deepspeed is not None and hasattr(deepspeed, "unset_hf_deepspeed_config"):
+        deepspeed.unset_hf_deepspeed_config()
 
 
 def lock_file(stage: Stage, cfg: Any) -> Path | None:

@@ -320,3 +320,30 @@ def test_the_dpo_eval_hint_says_eval_needs_a_judge_where_the_run_has_none(tmp_pa
     assert "support_style" in hint and "reward_model=<folder>" in hint and "human=true" in hint
     (run / "reward").mkdir(parents=True)
     assert eval_command(run, "dpo", run / "sft") == f"align eval run.dir={run}"
+
+
+def test_each_stage_starts_without_the_deepspeed_config_of_the_one_before(monkeypatch):
+    """Under DeepSpeed ZeRO-3 a stage's TrainingArguments left transformers' record of its config alive (held by
+    accelerate's shared state): the next stage of `align pipeline` loaded the models no trainer wraps (reward's
+    merge of its SFT adapter, GRPO's reward model) under deepspeed.zero.Init, and hung or crashed."""
+    import weakref
+    from types import SimpleNamespace
+
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    import recipes.export
+    from alignment.artifacts import run_stage
+
+    class ZeRO3:  # what TrainingArguments(deepspeed=...) records (an HfDeepSpeedConfig)
+        config: dict = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    earlier = ZeRO3()  # alive, as accelerate's state keeps it
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(earlier))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    seen = []
+    monkeypatch.setattr(recipes.export, "main", lambda cfg: seen.append(hf_deepspeed.is_deepspeed_zero3_enabled()))
+    run_stage("export", SimpleNamespace(run=SimpleNamespace(dir="unused")))
+    assert seen == [False]
