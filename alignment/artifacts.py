@@ -9,7 +9,7 @@
 
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
-data hash, git commit, time, and the stage's final figures. Later stages read base model,
+data hash, align's version and git commit, time, and the stage's final figures. Later stages read base model,
 chat template and max length from their parent's manifest instead of asking again, and the
 system prompt the policy was trained with (`system_prompt`, recorded by sft and carried by every
 stage after it; `system_prompt_of`). The manifest
@@ -344,21 +344,47 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
-def git_commit() -> str | None:
+def git_commit(package: Path | None = None) -> str | None:
+    """The commit of align's own checkout this code runs from (`-dirty` with uncommitted changes), or None: align
+    installed from a wheel, even into a .venv inside the user's own git repository, whose commit it recorded.
+    `package`: the alignment package's folder (this one's by default)."""
+    package = package or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5,
+                             cwd=package)
+        if top.returncode != 0 or not _is_align_checkout(Path(top.stdout.strip()), package):
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=package)
         commit = out.stdout.strip()
         if out.returncode == 0 and commit:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+                                   capture_output=True, text=True, timeout=5, cwd=package).stdout.strip()
             return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return None
+
+
+def _is_align_checkout(top: Path, package: Path) -> bool:
+    """`top` (a git repository's top level) is align's own source tree, holding `package` as its alignment/: its
+    pyproject.toml names the project align."""
+    import tomllib
+
+    try:
+        project = tomllib.loads((top / "pyproject.toml").read_text()).get("project") or {}
+    except (OSError, ValueError):
+        return False
+    return project.get("name") == "align" and (top / "alignment").resolve() == package.resolve()
+
+
+def align_version() -> str | None:
+    """The installed align's version (its distribution's metadata), or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("align")
+    except PackageNotFoundError:
+        return None
 
 
 def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], base_model: str | None,
@@ -378,6 +404,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         **({"base_model_fingerprint": model_fingerprint(base_model)} if local else {}),
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
+        "align_version": align_version(),  # the code that made it, also where no checkout says which commit
         "cwd": os.getcwd(),  # where the stage ran: a relative path in its config is relative to it (parent_path)
         **({"config_file": os.path.abspath(config_file)} if config_file else {}),  # the --config it ran with
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

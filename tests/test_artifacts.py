@@ -347,3 +347,34 @@ def test_each_stage_starts_without_the_deepspeed_config_of_the_one_before(monkey
     monkeypatch.setattr(recipes.export, "main", lambda cfg: seen.append(hf_deepspeed.is_deepspeed_zero3_enabled()))
     run_stage("export", SimpleNamespace(run=SimpleNamespace(dir="unused")))
     assert seen == [False]
+
+
+def test_the_manifest_records_aligns_version_and_only_aligns_own_commit(tmp_path):
+    """align_version beside git_commit; and git_commit from align's own checkout only: installed in a .venv
+    inside the user's own git repository, it recorded the user's commit as the code's."""
+    import subprocess
+
+    from alignment.artifacts import align_version, git_commit, write_manifest
+
+    m = json.loads(write_manifest(tmp_path / "sft", stage="sft", config={}, base_model=None).read_text())
+    assert m["align_version"] == align_version() is not None and "git_commit" in m
+
+    def repo(name: str) -> Path:  # a git repository with a commit, holding <site-packages>/alignment/
+        top = tmp_path / name
+        package = top / ".venv" / "lib" / "site-packages" / "alignment"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (top / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+        git = ["git", "-c", "user.email=a@b", "-c", "user.name=a", "-C", str(top)]
+        subprocess.run([*git, "init", "-q"], check=True)
+        subprocess.run([*git, "add", "pyproject.toml"], check=True)
+        subprocess.run([*git, "commit", "-qm", "x"], check=True)
+        return top
+
+    users = repo("my-project")
+    assert git_commit(users / ".venv" / "lib" / "site-packages" / "alignment") is None
+    own = repo("align")  # align's own checkout: its alignment/ at the top
+    (own / "alignment").mkdir()
+    head = subprocess.run(["git", "-C", str(own), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(own / "alignment") == head
+    assert git_commit(own / ".venv" / "lib" / "site-packages" / "alignment") is None  # a wheel's copy in it
