@@ -338,6 +338,8 @@ def main(cfg: PipelineConfig) -> Path:
         artifacts.next_hints = True
         artifacts.in_pipeline = False
     html = report_module.write_report(root)
+    if not artifacts.is_main_process():  # under accelerate launch: the summary once, from rank 0
+        return html
     minutes = (time.time() - started) / 60
     print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
     if cfg.rounds > 1:

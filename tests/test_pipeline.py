@@ -654,6 +654,15 @@ def test_a_copied_run_remakes_in_the_copy_what_follows_a_stage_remade_there(tiny
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/align.json")} == original
 
 
+def test_the_pipelines_summary_is_printed_by_rank_0_alone(tiny_model, data, run, monkeypatch, capsys):
+    """Under accelerate launch every process runs the pipeline: the summary and the glance came once a process."""
+    assert align(pipeline_args(tiny_model, data, run, wandb="disabled")) == 0
+    assert "pipeline finished in" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    assert align(pipeline_args(tiny_model, data, run, wandb="disabled")) == 0
+    assert "pipeline finished in" not in capsys.readouterr().out
+
+
 def test_evals_reward_model_is_named_so_a_reward_stage_added_or_dropped_reruns_eval(tiny_model, data, run,
                                                                                     monkeypatch):
     """The pipeline names eval's judge (<round>/reward, or none): with reward dropped from `stages`, eval reruns
