@@ -9,7 +9,7 @@
 
 Each stage folder holds its artifact, the resolved `config.yaml`, `metrics.jsonl` and
 `align.json`: stage, base model, parents (upstream artifact folders with their hashes),
-data hash, git commit, time, and the stage's final figures. Later stages read base model,
+data hash, align's version and git commit, time, and the stage's final figures. Later stages read base model,
 chat template and max length from their parent's manifest instead of asking again, and the
 system prompt the policy was trained with (`system_prompt`, recorded by sft and carried by every
 stage after it; `system_prompt_of`). The manifest
@@ -156,6 +156,7 @@ def run_stage(command: str, cfg: Any) -> Path:
             from alignment.gpu_training import new_stage_on_gpu
 
             new_stage_on_gpu()
+        forget_deepspeed_config()
         _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
         _running.append(stage.name)
         try:
@@ -171,6 +172,17 @@ def run_stage(command: str, cfg: Any) -> Path:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     return out
+
+
+def forget_deepspeed_config() -> None:
+    """transformers' record of the DeepSpeed config a stage before this one trained under (its TrainingArguments
+    set it; the next one sets it again) dropped. Kept alive by accelerate's shared state, it left
+    is_deepspeed_zero3_enabled() True, and a model no trainer wraps (reward's merge of its SFT adapter on rank 0
+    alone, GRPO's reward model) loaded under deepspeed.zero.Init in a later stage of `align pipeline`: a hang, or
+    a crash."""
+    deepspeed = sys.modules.get("transformers.integrations.deepspeed")  # not imported: nothing set it
+    if deepspeed is not None and hasattr(deepspeed, "unset_hf_deepspeed_config"):
+        deepspeed.unset_hf_deepspeed_config()
 
 
 def lock_file(stage: Stage, cfg: Any) -> Path | None:
@@ -213,19 +225,21 @@ def holding(path: Path | None, what: str) -> Iterator[None]:
 
 
 def _held_elsewhere(folder: Path) -> bool:
-    """Another process holds `folder`'s lock: it is writing there (its own stage), whatever this one did."""
-    if not (folder / LOCK).is_file():
-        return False
+    """Another process holds `folder`'s lock, or the export lock beside it (labeling.export's `.<name>.lock`): it is
+    writing there (its own stage, an export moving its folder in), whatever this one did."""
     import fcntl
 
-    fd = os.open(folder / LOCK, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    for lock in (folder / LOCK, folder.parent / f".{folder.name}.lock"):
+        if not lock.is_file():
+            continue
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -330,21 +344,47 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
-def git_commit() -> str | None:
+def git_commit(package: Path | None = None) -> str | None:
+    """The commit of align's own checkout this code runs from (`-dirty` with uncommitted changes), or None: align
+    installed from a wheel, even into a .venv inside the user's own git repository, whose commit it recorded.
+    `package`: the alignment package's folder (this one's by default)."""
+    package = package or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5,
+                             cwd=package)
+        if top.returncode != 0 or not _is_align_checkout(Path(top.stdout.strip()), package):
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=package)
         commit = out.stdout.strip()
         if out.returncode == 0 and commit:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+                                   capture_output=True, text=True, timeout=5, cwd=package).stdout.strip()
             return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return None
+
+
+def _is_align_checkout(top: Path, package: Path) -> bool:
+    """`top` (a git repository's top level) is align's own source tree, holding `package` as its alignment/: its
+    pyproject.toml names the project align."""
+    import tomllib
+
+    try:
+        project = tomllib.loads((top / "pyproject.toml").read_text()).get("project") or {}
+    except (OSError, ValueError):
+        return False
+    return project.get("name") == "align" and (top / "alignment").resolve() == package.resolve()
+
+
+def align_version() -> str | None:
+    """The installed align's version (its distribution's metadata), or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("align")
+    except PackageNotFoundError:
+        return None
 
 
 def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], base_model: str | None,
@@ -364,6 +404,7 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         **({"base_model_fingerprint": model_fingerprint(base_model)} if local else {}),
         "parents": {k: _parent(v) for k, v in (parents or {}).items()},
         "git_commit": git_commit(),
+        "align_version": align_version(),  # the code that made it, also where no checkout says which commit
         "cwd": os.getcwd(),  # where the stage ran: a relative path in its config is relative to it (parent_path)
         **({"config_file": os.path.abspath(config_file)} if config_file else {}),  # the --config it ran with
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -456,8 +497,11 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     else a folder of that name beside `folder` or above it (a run made from inside itself, run.dir=.); else
     as given, relative to this process's directory. An absolute parent that is no longer there (the run folder
     or the project moved since) is looked for the same way, as the part of it below the recorded `cwd` (else
-    its longest tail that names a folder there now); else it is returned as recorded."""
+    its longest tail that names a folder there now); else it is returned as recorded. A parent inside the run
+    `folder` belongs to, where that run was copied or moved since (in_this_run), is its copy here, when there."""
     path = Path(path)
+    if (here := in_this_run(path, folder, manifest)) != path and here.exists():
+        return here
     if path.is_absolute():
         if path.exists():
             return path
@@ -474,6 +518,31 @@ def parent_path(path: str | Path, folder: str | Path, manifest: dict[str, Any] |
     if (manifest or {}).get("cwd"):
         return Path(manifest["cwd"]) / path
     return _relative_parent(path, folder)
+
+
+def in_this_run(path: str | Path, folder: str | Path, manifest: dict[str, Any] | None) -> Path:
+    """`path`, recorded by the manifest of the stage folder `folder`, placed in the run `folder` is in now where it
+    lies inside the run that stage ran in (its run.dir, or for a later round's stage that round's root) and the run
+    was copied or moved since; else `path` as it is. A copy of a run read its stages' parents in the original, so a
+    stage remade in the copy left every later one there "already done" (their parents' manifests, the original's,
+    no newer), while the same change in place remade them."""
+    path = Path(path)
+    m = manifest or {}
+    ran_in = (m.get("config") or {}).get("run", {}).get("dir") if isinstance(m.get("config"), dict) else None
+    stage = STAGES.get(m.get("stage")) if isinstance(m.get("stage"), str) else None
+    if not isinstance(ran_in, str) or not ran_in or stage is None or stage.folder != Path(folder).name:
+        return path  # not a stage folder as its stage lays it out (merge's, export output=elsewhere)
+    cwd = m.get("cwd")
+    if not cwd and not (Path(ran_in).is_absolute() and path.is_absolute()):
+        return path  # relative to a directory not recorded
+    then = Path(os.path.normpath(Path(cwd or "/") / ran_in))
+    now = Path(os.path.abspath(folder)).parent
+    if re.fullmatch(r"round-\d+", then.name) and now.name == then.name:  # a later round's: its root's folders too
+        then, now = then.parent, now.parent
+    full = Path(os.path.normpath(Path(cwd or "/") / path))
+    if then == now or not full.is_relative_to(then):
+        return path
+    return now / full.relative_to(then)
 
 
 def recorded_path(path: str, folder: Path, manifest: dict[str, Any]) -> Path:
@@ -872,17 +941,18 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
     A stage writes align.json last, so a folder without one is not an artifact; but an empty or
     half-written one left by a run that failed (out of memory, a NaN loss, Ctrl-C) looks like one
     to a person, and a folder with adapter files in it passes for one. So, when the block raises:
-    a stage folder it created (a child of run_dir, of run_dir/round-N, or one of `outputs`) that
+    a stage folder it created (a STAGES folder in run_dir or run_dir/round-N, or one of `outputs`) that
     has no align.json is removed, unless it holds checkpoints, which are kept for
     train.resume_from_checkpoint=latest (said with the key as `align <command>` takes it); a finished
     folder whose files it began to rewrite (and did not finish: its align.json unchanged) loses its
     align.json, which no longer describes what is there; run_dir itself goes if it is new and left
-    empty. A folder another process holds locked (lock_file: its stage, run beside this one) is not
-    touched. W&B's offline runs (run_dir/wandb) are kept: they show what the failed run did.
+    empty. A folder another process holds locked (lock_file: its stage, run beside this one; an export's
+    lock beside its folder) is not touched, nor any folder but those (a user's own, W&B's offline runs,
+    which show what the failed run did).
     """
     run_dir = Path(run_dir)
     before = {folder: _signature(folder) for folder in _stage_folders(run_dir, outputs)}
-    existed = {p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir()}
+    existed = {p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir()}
     try:
         yield
     except BaseException:
@@ -907,9 +977,12 @@ def _rebuild_reports(run_dir: Path) -> None:
 
 
 def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
-    parents = [run_dir, *sorted(run_dir.glob("round-*"))] if run_dir.is_dir() else []
-    found = [p for parent in parents for p in parent.iterdir()
-             if p.is_dir() and p.name != "wandb" and not p.name.startswith("round-")]
+    """The stage folders (STAGES' folders) in run_dir and its rounds, and `outputs`: never another folder there (a
+    user's own notes, W&B's runs, an export's .preferences.partial-* of another process), which a failure removed
+    when it had no align.json."""
+    names = {s.folder for s in STAGES.values() if s.folder}
+    parents = [run_dir, *later_rounds(run_dir)] if run_dir.is_dir() else []
+    found = [parent / name for parent in parents for name in sorted(names) if (parent / name).is_dir()]
     return found + [Path(p) for p in outputs if Path(p).is_dir()]
 
 
@@ -961,7 +1034,7 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
         elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
             log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
                         "%s continues from them", folder, MANIFEST, resume_key(folder, command))
-    for parent in sorted((p for p in (run_dir, *run_dir.glob("round-*")) if p.is_dir() and p not in existed),
+    for parent in sorted((p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made
             (parent / LOCK).unlink(missing_ok=True)

@@ -266,6 +266,8 @@ def main(cfg: DPOStageConfig) -> Path:
     set_seed(cfg.train.seed)
 
     # --- data -------------------------------------------------------------------------------
+    # Hashed before it is read: pairs edited while this stage trains are not what it trained on (a rerun remakes it)
+    data_sha256 = file_hash(data_path)
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
     data, ties = drop_ties(data)
@@ -346,7 +348,7 @@ def main(cfg: DPOStageConfig) -> Path:
     # --- train ------------------------------------------------------------------------------
     # Once the trainer stands (tokenized, its reference checked): this takes a finished run's align.json away.
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
-                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
+                                   trained_on={"data": data_sha256, "base_model": model_identity(model_cfg.name),
                                                "sft": model_identity(sft), "settings": settings_of(cfg)})
     if checkpoint is not None:  # step 0 once: on a resume it would be the checkpoint's step evaluated again
         trainer.args.eval_on_start = False
@@ -375,7 +377,7 @@ def main(cfg: DPOStageConfig) -> Path:
         out, stage="dpo", config=to_dict(cfg), base_model=model_cfg.name, parents=parents, metrics=metrics,
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), reference="sft adapter (frozen copy)", max_length=cfg.model.max_length,
         reward_probe_warning=probe_note, system_prompt=system_prompt,
-        data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
+        data={"path": str(data_path), "sha256": data_sha256, "format": data_report.format,
               "split": data_report.split, "train": counts["train"], "test": counts["test"],
               "skipped": data_report.skipped, "too_long": cut + test_cut, "dropped_prompt_too_long": counts["dropped"],
               "ties_dropped": sum(ties.values()), **({"posterior": posterior} if posterior else {})},

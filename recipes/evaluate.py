@@ -377,6 +377,7 @@ def main(cfg: EvalStageConfig) -> Path:
     paths = resolve_policies(cfg)
     out = stage_dir(cfg.run.dir, "eval")
     out.mkdir(parents=True, exist_ok=True)
+    prompts_sha256 = file_hash(cfg.prompts)  # before it is read: edited while this stage runs, it is not what it read
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
@@ -438,7 +439,7 @@ def main(cfg: EvalStageConfig) -> Path:
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
                    interval="wilson",  # how win_rate_ci is made: the report labels it by this (bootstrap before)
                    prompts=len(prompts), prompts_seen_in_training=seen, system_prompts=system_prompts,
-                   prompts_sha256=file_hash(cfg.prompts),
+                   prompts_sha256=prompts_sha256,
                    # human=true: the verdicts its board read (align pipeline reruns it when there are others)
                    **({"rankings_sha256": board["verdicts_sha256"]} if board is not None else {}))
     tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))

@@ -166,6 +166,7 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- data -------------------------------------------------------------------------------
     from datasets import Dataset
 
+    prompts_sha256 = file_hash(cfg.prompts)  # before it is read: edited while this stage trains, it is not what it read
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
@@ -251,7 +252,7 @@ def main(cfg: PPOStageConfig) -> Path:
         reference=reference_of(cfg, has_ref), system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy")},
-        prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},
+        prompts={"path": cfg.prompts, "sha256": prompts_sha256, "count": len(prompts)},
     )
     log_artifact(cfg.algo, out, cfg.run.dir, parents)
     finish_wandb()

@@ -39,6 +39,7 @@ from alignment import StageError, artifacts
 from alignment import report as report_module
 from alignment.artifacts import (
     MANIFEST,
+    in_this_run,
     missing_files,
     model_fingerprint,
     parent_path,
@@ -205,7 +206,8 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
         if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
             return False
     for path, sha in _inputs(m):
-        if Path(path).exists() and file_hash(path) != sha:
+        path = in_this_run(path, folder, m)  # a copied run's own file, not the original's
+        if path.exists() and file_hash(path) != sha:
             log.info("── %s: %s has changed since it ran", folder.name, path)
             return False
     base, fingerprint = m.get("base_model"), m.get("base_model_fingerprint")
@@ -337,6 +339,8 @@ def main(cfg: PipelineConfig) -> Path:
         artifacts.next_hints = True
         artifacts.in_pipeline = False
     html = report_module.write_report(root)
+    if not artifacts.is_main_process():  # under accelerate launch: the summary once, from rank 0
+        return html
     minutes = (time.time() - started) / 60
     print(f"\npipeline finished in {minutes:.1f} min")  # then the report's first screen, as text
     if cfg.rounds > 1:

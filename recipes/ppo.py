@@ -364,6 +364,7 @@ def main(cfg: PPOStageConfig) -> Path:
     system_prompt = system_prompt_of(sft or cfg.model.name)  # the SFT's (or a merged SFT model's): rollouts open with it
 
     # --- data -------------------------------------------------------------------------------
+    prompts_sha256 = file_hash(cfg.prompts)  # before it is read: edited while this stage trains, it is not what it read
     prompts = load_prompts(cfg.prompts)
     if cfg.num_prompts > 0:
         prompts = prompts[:cfg.num_prompts]
@@ -381,7 +382,7 @@ def main(cfg: PPOStageConfig) -> Path:
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy"),
                                                             "device": gate_figures.get("device")},
-        prompts={"path": cfg.prompts, "sha256": file_hash(cfg.prompts), "count": len(prompts)},
+        prompts={"path": cfg.prompts, "sha256": prompts_sha256, "count": len(prompts)},
     )
     log_artifact("ppo", out, cfg.run.dir, parents)
     finish_wandb()

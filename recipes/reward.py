@@ -257,6 +257,8 @@ def main(cfg: RewardStageConfig) -> Path:
     set_seed(cfg.train.seed)
 
     # --- data -------------------------------------------------------------------------------
+    # Hashed before it is read: pairs edited while this stage trains are not what it trained on (a rerun remakes it)
+    data_sha256 = file_hash(data_path)
     data, data_report = load_preferences(data_path, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
                                          on_error=cfg.data.on_error)
     # The SFT policy's system prompt (from_sft or not: it is the policy PPO samples and this model scores), on
@@ -318,7 +320,7 @@ def main(cfg: RewardStageConfig) -> Path:
 
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
-                                   trained_on={"data": file_hash(data_path), "base_model": model_identity(model_cfg.name),
+                                   trained_on={"data": data_sha256, "base_model": model_identity(model_cfg.name),
                                                "sft": model_identity(sft) if cfg.from_sft else None,
                                                "settings": settings_of(cfg)})
     if is_main_process():  # its align.json gone (begin_training): an earlier run's SFT copy and heads go too
@@ -386,7 +388,7 @@ def main(cfg: RewardStageConfig) -> Path:
         device_plan=levers, gpu_peak_mib=peak_gpu_mib(), from_sft=cfg.from_sft, max_length=cfg.model.max_length,
         weighting=weighting, probes=probes, system_prompt=system_prompt,
         lora_dropout_applied=True,  # before this key, TRL ran every reward model without (align pipeline reads it)
-        data={"path": str(data_path), "sha256": file_hash(data_path), "format": data_report.format,
+        data={"path": str(data_path), "sha256": data_sha256, "format": data_report.format,
               "split": data_report.split, "train": len(trainer.train_dataset), "test": len(test) if test else 0,
               "skipped": data_report.skipped, "too_long": dropped},
     )

@@ -75,6 +75,15 @@ def resample_duplicates(policy, prompt: str, answers: list[Answer], cfg: SampleS
     return meta
 
 
+def _drawn(prompts: list[str], wanted: int, cfg: SampleStageConfig) -> list[str]:
+    """The prompts of `prompts` sampled for `wanted` tasks: every one under selection=uncertainty (all scored,
+    the most uncertain kept) or when there are no more than wanted, else a seeded draw kept in file order."""
+    if cfg.selection == "uncertainty" or len(prompts) <= wanted:
+        return list(prompts)
+    drawn = set(random.Random(cfg.generation.seed).sample(range(len(prompts)), wanted))
+    return [p for i, p in enumerate(prompts) if i in drawn]
+
+
 def _sampled_otherwise(store, batch: str, policy_dir: Path, policy_manifest: dict, cfg: SampleStageConfig) -> dict:
     """The batch's tasks sampled otherwise than this run would (another policy or version of it, k or
     generation settings), and what differs: {} when none. A rerun after `align sft` again, or with a
@@ -111,6 +120,7 @@ def main(cfg: SampleStageConfig) -> Path:
     store = Store(url)
 
     # --- data: the pool of candidate prompts, and how many of them become tasks --------------
+    prompts_sha256 = file_hash(cfg.prompts)  # before it is read: edited while this stage runs, it is not what it read
     listed = load_prompts(cfg.prompts)
     prompts = list(dict.fromkeys(listed))  # a prompt twice in the file is one task (the store keeps one)
     if len(prompts) < len(listed):
@@ -138,14 +148,18 @@ def main(cfg: SampleStageConfig) -> Path:
     pool = prompts[:min(len(prompts), math.ceil(wanted * cfg.pool_factor))]
     done = store.task_prompts(batch)
     left = [p for p in pool if p not in done]
+    # What a call that finds nothing done samples, in order: uncertainty every candidate (then scored), random a
+    # draw kept in file order. A call after one stopped on the way (the store takes each generation batch whole)
+    # samples the rest of that plan, each prompt with the seed it had there, so it ends with the answers one
+    # uninterrupted call gives; a batch holding other prompts of this pool (num_prompts changed) draws afresh.
+    planned = _drawn(pool, wanted, cfg)
     wanted = max(0, wanted - (len(pool) - len(left)))  # tasks of this pool already in the batch count
-    if cfg.selection == "uncertainty":
-        todo = left  # every candidate is sampled, then scored
-    elif len(left) > wanted:  # a random draw, kept in file order
-        drawn = set(random.Random(cfg.generation.seed).sample(range(len(left)), wanted))
-        todo = [p for i, p in enumerate(left) if i in drawn]
+    if done.intersection(pool) <= set(planned):
+        todo = [p for p in planned if p not in done]
+        position = {p: i for i, p in enumerate(planned)}
     else:
-        todo = left
+        todo = _drawn(left, wanted, cfg)
+        position = {p: i for i, p in enumerate(pool)}  # not the plan's positions: no seed of a batch before again
     log.info("%d prompts in the pool, %d already in batch %r; %d more tasks wanted, sampling %s (%s)",
              len(pool), len(pool) - len(left), batch, wanted,
              f"{len(todo)} × k={cfg.k}" if todo and wanted else "nothing", cfg.selection)
@@ -180,7 +194,9 @@ def main(cfg: SampleStageConfig) -> Path:
         with tqdm(total=len(todo), desc="sampling", unit="prompt") as bar:
             for start in range(0, len(todo), step):
                 chunk = todo[start:start + step]
-                gen = replace(cfg.generation, seed=cfg.generation.seed + start)
+                # seeded by where the batch is in the plan, not in what is left: a resumed call gave its first
+                # prompts the seed the stopped call's first ones had, and answers unlike an uninterrupted call's
+                gen = replace(cfg.generation, seed=cfg.generation.seed + position[chunk[0]])
                 items = []
                 for prompt, answers in zip(chunk, generate_answers(policy, chunk, gen, k=cfg.k, desc=None), strict=True):
                     meta = resample_duplicates(policy, prompt, answers, cfg)
@@ -250,7 +266,7 @@ def main(cfg: SampleStageConfig) -> Path:
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),
                    parents=parents, metrics=metrics, store=url, batch=batch, selection=selection,
-                   prompts_sha256=file_hash(cfg.prompts), system_prompt=system_prompt,
+                   prompts_sha256=prompts_sha256, system_prompt=system_prompt,
                    sampled_otherwise=stale)
     tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))
     tracker.log(metrics, step=0)

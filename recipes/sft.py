@@ -100,6 +100,8 @@ def main(cfg: SFTStageConfig) -> Path:
     set_seed(cfg.train.seed)
 
     # --- data -------------------------------------------------------------------------------
+    # Hashed before it is read: a file edited while this stage trains is not what it trained on (a rerun remakes it)
+    data_sha256 = file_hash(cfg.data.path)
     dataset, data_report = load_sft_dataset(
         cfg.data.path, cfg.data.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
         turns=cfg.data.turns)
@@ -179,7 +181,7 @@ def main(cfg: SFTStageConfig) -> Path:
 
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
-                                   trained_on={"data": file_hash(cfg.data.path), "base_model": model_identity(cfg.model.name),
+                                   trained_on={"data": data_sha256, "base_model": model_identity(cfg.model.name),
                                                "settings": settings_of(cfg)})
     result = train_from(trainer, checkpoint)
     metrics = {"global_step": result.global_step, **{k: v for k, v in result.metrics.items() if k.startswith("train_")},
@@ -200,7 +202,7 @@ def main(cfg: SFTStageConfig) -> Path:
         # opens with (data.system_prompt, records' `system` field or their own system message), else
         # data.system_prompt (some examples kept their own: warned about), else none.
         system_prompt=data_report.system if data_report.system is not None else cfg.data.system_prompt,
-        data={"path": str(cfg.data.path), "sha256": file_hash(cfg.data.path), "format": data_report.format,
+        data={"path": str(cfg.data.path), "sha256": data_sha256, "format": data_report.format,
               "used": data_report.used, "skipped": data_report.skipped, "truncated": cut,
               "dropped_prompt_too_long": counts["dropped"], "train": counts["train"], "eval": counts["eval"],
               "eval_split": eval_split},

@@ -274,6 +274,38 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
     assert again["answers_in_batch"] == 6 and again["cut_in_batch"] == flags.count(False)
 
 
+def test_a_sample_stopped_and_resumed_gives_the_tasks_of_one_uninterrupted(run, tmp_path, monkeypatch):
+    """A call after one stopped on the way samples the rest of the same draw with the seeds it had there: it drew
+    again from what was left, and seeded the first of those with the stopped call's first seed."""
+    import recipes.sample as sample
+    from labeling.store import Store
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: how do I sync?"}) for i in range(6)) + "\n")
+    args = ["sample", f"run.dir={run}", f"prompts={prompts}", "k=2", "num_prompts=4", "pool_factor=1.5",
+            "generation.max_new_tokens=8", "generation.batch_size=2", "generation.seed=5", *FAST]
+
+    def tasks(url: str) -> dict[str, list[str]]:
+        return {t["prompt"]: t["responses"] for t in Store(url).batch_tasks("round-0")}
+
+    whole, resumed = f"sqlite:///{tmp_path / 'whole.db'}", f"sqlite:///{tmp_path / 'resumed.db'}"
+    assert align([*args, f"store={whole}"]) == 0
+    generate, calls = sample.generate_answers, []
+
+    def stopped(*a, **k):  # the second generation batch never ends
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate_answers", stopped)
+        assert align([*args, f"store={resumed}"]) != 0
+    assert len(tasks(resumed)) == 2
+    assert align([*args, f"store={resumed}"]) == 0
+    assert len(tasks(whole)) == 4 and tasks(resumed) == tasks(whole)
+
+
 def test_a_batch_named_by_hand_leaves_out_every_rounds_prompts_and_keeps_its_own(run):
     """A batch named by hand (round 0 by default) took the prompts of round-1 and later as "later rounds" of its
     own and picked them again; and a batch's own prompts that another batch holds too were left out of its pool,

@@ -320,3 +320,61 @@ def test_the_dpo_eval_hint_says_eval_needs_a_judge_where_the_run_has_none(tmp_pa
     assert "support_style" in hint and "reward_model=<folder>" in hint and "human=true" in hint
     (run / "reward").mkdir(parents=True)
     assert eval_command(run, "dpo", run / "sft") == f"align eval run.dir={run}"
+
+
+def test_each_stage_starts_without_the_deepspeed_config_of_the_one_before(monkeypatch):
+    """Under DeepSpeed ZeRO-3 a stage's TrainingArguments left transformers' record of its config alive (held by
+    accelerate's shared state): the next stage of `align pipeline` loaded the models no trainer wraps (reward's
+    merge of its SFT adapter, GRPO's reward model) under deepspeed.zero.Init, and hung or crashed."""
+    import weakref
+    from types import SimpleNamespace
+
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    import recipes.export
+    from alignment.artifacts import run_stage
+
+    class ZeRO3:  # what TrainingArguments(deepspeed=...) records (an HfDeepSpeedConfig)
+        config: dict = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    earlier = ZeRO3()  # alive, as accelerate's state keeps it
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(earlier))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    seen = []
+    monkeypatch.setattr(recipes.export, "main", lambda cfg: seen.append(hf_deepspeed.is_deepspeed_zero3_enabled()))
+    run_stage("export", SimpleNamespace(run=SimpleNamespace(dir="unused")))
+    assert seen == [False]
+
+
+def test_the_manifest_records_aligns_version_and_only_aligns_own_commit(tmp_path):
+    """align_version beside git_commit; and git_commit from align's own checkout only: installed in a .venv
+    inside the user's own git repository, it recorded the user's commit as the code's."""
+    import subprocess
+
+    from alignment.artifacts import align_version, git_commit, write_manifest
+
+    m = json.loads(write_manifest(tmp_path / "sft", stage="sft", config={}, base_model=None).read_text())
+    assert m["align_version"] == align_version() is not None and "git_commit" in m
+
+    def repo(name: str) -> Path:  # a git repository with a commit, holding <site-packages>/alignment/
+        top = tmp_path / name
+        package = top / ".venv" / "lib" / "site-packages" / "alignment"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (top / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+        git = ["git", "-c", "user.email=a@b", "-c", "user.name=a", "-C", str(top)]
+        subprocess.run([*git, "init", "-q"], check=True)
+        subprocess.run([*git, "add", "pyproject.toml"], check=True)
+        subprocess.run([*git, "commit", "-qm", "x"], check=True)
+        return top
+
+    users = repo("my-project")
+    assert git_commit(users / ".venv" / "lib" / "site-packages" / "alignment") is None
+    own = repo("align")  # align's own checkout: its alignment/ at the top
+    (own / "alignment").mkdir()
+    head = subprocess.run(["git", "-C", str(own), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(own / "alignment") == head
+    assert git_commit(own / ".venv" / "lib" / "site-packages" / "alignment") is None  # a wheel's copy in it

@@ -574,6 +574,22 @@ def test_a_pipeline_with_one_process_stages_is_refused_under_several_before_any_
     assert not (tmp_path / "run" / "sft").exists()
 
 
+@pytest.mark.parametrize("stage", ["export", "merge"])
+def test_export_and_merge_refuse_several_processes(stage, tmp_path, monkeypatch):
+    """Each writes one folder (preferences/, <adapter>-merged): every process of accelerate launch wrote it at once."""
+    import importlib
+
+    from alignment import StageError
+    from alignment.artifacts import STAGES
+    from alignment.config import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cls = getattr(importlib.import_module("alignment.config"), STAGES[stage].config)
+    with pytest.raises(StageError, match=f"align {stage} runs as one process .* run it without accelerate launch"):
+        importlib.import_module(STAGES[stage].recipe).main(load_config(cls, None, [f"run.dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())
+
+
 def launcher_env(config: str) -> dict[str, str]:
     """The ACCELERATE_* variables `accelerate launch --config_file configs/accelerate/<config>` gives its processes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser

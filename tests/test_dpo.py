@@ -330,6 +330,26 @@ def test_other_losses_run(sft_dir, tmp_path, monkeypatch):
     assert manifest["data"]["too_long"] == 0
 
 
+def test_pairs_edited_while_training_are_not_recorded_as_trained_on(sft_dir, tmp_path, monkeypatch):
+    """The manifest's data hash is the pairs' as the stage read them (taken after training, pairs edited meanwhile
+    were recorded as trained on, and `align pipeline` kept the policy of the old pairs)."""
+    import recipes.dpo
+    from alignment.data import file_hash
+
+    data = write_pairs(tmp_path / "prefs.jsonl", 12)
+    read, train_from = file_hash(data), recipes.dpo.train_from
+
+    def edited_meanwhile(*a, **k):
+        write_pairs(data, 13)
+        return train_from(*a, **k)
+
+    monkeypatch.setattr(recipes.dpo, "train_from", edited_meanwhile)
+    assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+                  "train.max_steps=1", "train.batch_size=4", "data.test_fraction=0", *FAST]) == 0
+    manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
+    assert manifest["data"]["sha256"] == read != file_hash(data)
+
+
 def test_ties_are_left_out_not_trained_as_wins_for_the_first_answer(sft_dir, tmp_path, caplog, capsys):
     """`align export ties=margin0` keeps a tie with tie: true and its first answer as chosen: DPO trained that
     order as a preference. The ties are left out (the reward stage trains them as p_chosen 1/2) and counted."""

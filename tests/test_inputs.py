@@ -770,6 +770,30 @@ def test_a_failed_stage_leaves_a_stage_another_process_runs_beside_it_alone(tmp_
             pass
 
 
+def test_a_failed_stage_removes_only_stage_folders_and_none_an_export_is_writing(tmp_path):
+    """A failure removed every folder made in run.dir meanwhile without an align.json: a user's own notes, and
+    another process's export on its way in (.preferences.partial-*, or preferences/ under its export lock)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="pipeline"):
+        for folder in (run / "my_analysis", run / "round-1" / "my_notes", run / ".preferences.partial-x1"):
+            folder.mkdir(parents=True)
+            (folder / "notes.txt").write_text("mine")
+        (run / "preferences").mkdir()
+        (run / "preferences" / "summary.json").write_text("{}")
+        other = open(run / ".preferences.lock", "a")  # labeling.export's lock, held by the exporting process
+        fcntl.flock(other, fcntl.LOCK_EX)
+        (run / "round-1" / "dpo").mkdir()
+        (run / "round-1" / "dpo" / "metrics.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+    other.close()
+    assert (run / "my_analysis" / "notes.txt").is_file() and (run / "round-1" / "my_notes" / "notes.txt").is_file()
+    assert (run / ".preferences.partial-x1" / "notes.txt").is_file() and (run / "preferences").is_dir()
+    assert not (run / "round-1" / "dpo").exists()
+
+
 def test_a_pipeline_stopped_at_once_leaves_no_new_run_dir_behind(tiny_model, sft_data, tmp_path, monkeypatch):
     """Its lock file (run.dir/.align.lock) is not something the failed pipeline made: the new run dir still goes."""
     import recipes.pipeline

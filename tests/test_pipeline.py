@@ -637,6 +637,33 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []
 
 
+def test_a_copied_run_remakes_in_the_copy_what_follows_a_stage_remade_there(tiny_model, data, run, tmp_path,
+                                                                             monkeypatch):
+    """A copy's stages compare themselves with their parents in the copy: they read the original's (absolute in
+    their manifests, and there), so an export remade in the copy left reward, dpo and eval "already done" there,
+    while the same change in place remade them. The original is not touched."""
+    import recipes.pipeline as pipeline
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=True)
+    original = {p: p.stat().st_mtime_ns for p in run.glob("*/align.json")}
+    ran, run_stage = [], pipeline.run_stage
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or run_stage(name, cfg))
+    assert align([*pipeline_args(tiny_model, data, copy, wandb="disabled"), "export.ties=margin0"]) == 0
+    assert ran == ["export", "reward", "dpo", "eval"]
+    assert manifest(copy / "eval")["parents"]["dpo"]["path"] == str(copy / "dpo")
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/align.json")} == original
+
+
+def test_the_pipelines_summary_is_printed_by_rank_0_alone(tiny_model, data, run, monkeypatch, capsys):
+    """Under accelerate launch every process runs the pipeline: the summary and the glance came once a process."""
+    assert align(pipeline_args(tiny_model, data, run, wandb="disabled")) == 0
+    assert "pipeline finished in" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    assert align(pipeline_args(tiny_model, data, run, wandb="disabled")) == 0
+    assert "pipeline finished in" not in capsys.readouterr().out
+
+
 def test_evals_reward_model_is_named_so_a_reward_stage_added_or_dropped_reruns_eval(tiny_model, data, run,
                                                                                     monkeypatch):
     """The pipeline names eval's judge (<round>/reward, or none): with reward dropped from `stages`, eval reruns

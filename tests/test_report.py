@@ -575,3 +575,28 @@ def test_the_report_command_has_help_and_refuses_a_folder_that_is_no_run(tmp_pat
     assert not (tmp_path / "report.html").exists()
     write(tmp_path, "sft", SFT)
     assert main([str(tmp_path)]) == 0 and capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+
+
+def test_a_copied_runs_parents_are_read_in_the_copy_and_a_rounds_in_its_roots(tmp_path):
+    """A copy of a run (the original still there) reads its stages' parents in the copy, a later round's stage its
+    root's folders too (sft/, round 0's dpo/); a parent outside the run stays where it was."""
+    import shutil
+
+    from alignment.artifacts import in_this_run, parent_path, write_manifest
+
+    run, outside = tmp_path / "run", tmp_path / "elsewhere" / "rm"
+    outside.mkdir(parents=True)
+    write_manifest(run / "sft", stage="sft", config={"run": {"dir": str(run)}}, base_model=None)
+    write_manifest(run / "dpo", stage="dpo", config={"run": {"dir": str(run)}}, base_model=None,
+                   parents={"sft": run / "sft"})
+    write_manifest(run / "round-1" / "sample", stage="sample", config={"run": {"dir": str(run / "round-1")}},
+                   base_model=None, parents={"policy": run / "dpo", "selection_reward_model": outside})
+    shutil.copytree(run, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    for folder, key, found in ((copy / "dpo", "sft", copy / "sft"), (copy / "round-1" / "sample", "policy", copy / "dpo"),
+                               (copy / "round-1" / "sample", "selection_reward_model", outside)):
+        m = json.loads((folder / MANIFEST).read_text())
+        assert parent_path(m["parents"][key]["path"], folder, m) == found, (folder, key)
+    m = json.loads((run / "dpo" / MANIFEST).read_text())  # in place: as recorded
+    assert parent_path(m["parents"]["sft"]["path"], run / "dpo", m) == run / "sft"
+    assert in_this_run(run / "data.jsonl", copy / "dpo", m) == copy / "data.jsonl"

@@ -427,3 +427,24 @@ def test_the_adapter_names_a_relative_local_base_by_its_absolute_path(tiny_model
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert AutoPeftModelForCausalLM.from_pretrained(str(out)).peft_config["default"].base_model_name_or_path == recorded
+
+
+def test_data_edited_while_training_is_not_recorded_as_trained_on(tiny_model, sft_data, tmp_path, monkeypatch):
+    """The manifest's data hash is the file's as the stage read it, before training: taken after, a file edited
+    while it trained was recorded as trained on, and `align pipeline` kept the adapter of the old data."""
+    import recipes.sft as sft
+    from alignment.data import file_hash
+
+    read = file_hash(sft_data)
+    train_from = sft.train_from
+
+    def edited_meanwhile(*a, **k):
+        sft_data.write_text(sft_data.read_text().replace("Open Settings", "Open the menu"))
+        return train_from(*a, **k)
+
+    monkeypatch.setattr(sft, "train_from", edited_meanwhile)
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=1",
+                  "data.eval_fraction=0")
+    manifest = json.loads((out / "align.json").read_text())
+    assert manifest["data"]["sha256"] == read != file_hash(sft_data)
+    assert json.loads((out / "checkpoints" / "trained_on.json").read_text())["data"] == read
