@@ -158,6 +158,15 @@ sign_in_failures = Table(
 )
 
 
+def gold_turn(key: bytes, seed: int, annotator_id: int, done: int, gold_rate: float) -> bool:
+    """Whether an annotator's next task (after `done` given) is a gold one, at about `gold_rate`. Keyed with the
+    store's secret (`key`, Store.secret): drawn from the seed, the account's id and the count alone, which are no
+    secret (ids go 1, 2, ... and the seed defaults to 0), an annotator could work out which of their tasks were
+    gold and rank those with care."""
+    digest = hmac.new(key, f"gold:{seed}:{annotator_id}:{done}".encode(), hashlib.sha256).digest()
+    return random.Random(digest).random() < gold_rate
+
+
 class StoreError(RuntimeError):
     """A store problem worded for the user."""
 
@@ -757,6 +766,7 @@ class Store:
         a second), then the highest `priority`, then the oldest (lowest id).
         """
         now = time.time()
+        key = self.secret() if gold_rate > 0 else b""  # before the transaction: secret() may write its own
         # Slots held: submitted, or assigned recently (an abandoned assignment frees its slot).
         holds = (assignments.c.status == "submitted") | (
             (assignments.c.status == "assigned") & (assignments.c.assigned_at > now - ASSIGNMENT_TTL))
@@ -796,7 +806,7 @@ class Store:
             done = conn.execute(select(func.count()).select_from(assignments).where(
                 assignments.c.annotator_id == annotator_id)).scalar_one()
             task_id = None
-            if gold_rate > 0 and random.Random(f"{seed}:{annotator_id}:{done}").random() < gold_rate:
+            if gold_rate > 0 and gold_turn(key, seed, annotator_id, done, gold_rate):
                 row = conn.execute(base.where(tasks.c.is_gold.is_(True)).order_by(tasks.c.id)).first()
                 task_id = row[0] if row else None
             if task_id is None:
@@ -840,6 +850,13 @@ class Store:
                 assignments.c.annotator_id == annotator_id).group_by(assignments.c.status)).all())
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
                 "assigned": sum(n for status, n in counts.items() if status != "expired")}  # an expired one: not theirs
+
+    def assigned_tasks(self, annotator_id: int) -> list[int]:
+        """Every task this annotator was given, whatever became of it: the open ones first, then the newest."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
+                                     .order_by((assignments.c.status == "assigned").desc(), assignments.c.id.desc()))
+                        .scalars())
 
     def assignment_status(self, annotator_id: int, task_id: int) -> str | None:
         """assigned / submitted / skipped / expired for this annotator's assignment of the task; None if it is not
