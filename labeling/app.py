@@ -6,7 +6,8 @@
 labeling/server.py serves this page only to a signed-in browser. Every event takes the
 identity from the request's signed session cookie, checked against the store on that call
 (`auth.session_of`), never from state a client could replay; the task an event acts on is the
-id the page shows (a hidden field), checked against the annotator's assignments, the page's
+one the page names (a hidden field: an opaque handle, `handlers.task_handle`, never the task's id,
+which would tell gold tasks apart), found among the annotator's assignments, the page's
 account (another hidden field) must be the cookie's (`handlers.check_page_account`), and a submit
 or draft carries the fingerprint of the order the page shows (a third): ranks given in an order the
 server no longer shows are refused, never saved (`handlers.check_order`). Prompts and
@@ -225,23 +226,23 @@ PAGE_JS = """
     }
   }, true);
   // The keys wait SETTLE_MS after another task replaced the one on screen: a key pressed before the annotator
-  // could see the new task was meant for the old one. (Gradio sets the hidden task id's value, which no
+  // could see the new task was meant for the old one. (Gradio sets the hidden task handle's value, which no
   // MutationObserver sees: it is read every 100 ms.)
   const SETTLE_MS = 300;
   const taskOnScreen = () => { const box = document.querySelector('#align-task-id input'); return box ? box.value : ''; };
   let task = taskOnScreen(), replacedAt = 0;
   const watch = () => {
     const now = taskOnScreen();
-    // "0" or "": no task yet (the number box shows None as 0 until the page's load fills it in)
+    // "": no task yet (until the page's load fills it in)
     if (now !== task) {
-      if (!['', '0'].includes(task)) replacedAt = Date.now();
+      if (task !== '') replacedAt = Date.now();
       task = now; sel = 0; mark();
     }
   };
-  // The new task is noticed as it is drawn: Gradio sets the id in the same update as the prompt's text, so a
-  // redraw of the prompt looks at the id. (The 100 ms poll alone noticed it late on a busy machine and held back
+  // The new task is noticed as it is drawn: Gradio sets the handle in the same update as the prompt's text, so a
+  // redraw of the prompt looks at the handle. (The 100 ms poll alone noticed it late on a busy machine and held back
   // keys pressed well after the new task showed; the time of the prompt block's last redraw, taken when the poll
-  // saw the id, was Gradio's loading overlay leaving that block up to ~200 ms after the new task showed.)
+  // saw the handle, was Gradio's loading overlay leaving that block up to ~200 ms after the new task showed.)
   new MutationObserver(watch).observe(byId('align-prompt') || document.body,
     {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
@@ -415,8 +416,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 with gr.Accordion("Guidelines", open=False, elem_id="align-guidelines"):
                     gr.Markdown(guidelines_md)
                 progress = gr.Markdown("", elem_id="align-progress")
-                # The id of the task on screen: submit, skip and drafts name it, the server checks it.
-                task_id = gr.Number(None, precision=0, visible="hidden", elem_id="align-task-id")
+                # The task on screen, as an opaque handle (handlers.task_handle): submit, skip and drafts name it,
+                # the server finds it among the annotator's tasks. Never the id: gold tasks' ids are out of sequence.
+                # One line: an <input>, as PAGE_JS reads it.
+                task_id = gr.Textbox("", lines=1, max_lines=1, visible="hidden", elem_id="align-task-id")
                 # The account the page was drawn for: submit, skip and drafts refuse when the cookie is another's
                 # now (another tab of the browser signed in as someone else; after a restart nothing else says).
                 opened_by = gr.Textbox("", visible="hidden", elem_id="align-opened-by")
@@ -526,7 +529,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             account = sess["name"] if sess else ""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                return [None, account, "", 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
+                return ["", account, "", 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
@@ -538,10 +541,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
             draft = (next_.get("draft") or []) + [None] * MAX_K
             return [
-                next_["task_id"], account, next_["order_tag"], time.monotonic(),
+                next_["handle"], account, next_["order_tag"], time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
                 + (f" ({next_['progress']['skipped']} skipped)" if next_["progress"].get("skipped") else "")
-                + f" · task {next_['task_id']} · "
+                + " · "
                 + ("A/B comparison" if is_pair else f"rank {k} responses, ties allowed"),
                 '<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"]),
                 *[gr.update(visible=i < k) for i in range(MAX_K)],
@@ -559,7 +562,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         def next_for(sess: dict, new: bool = True) -> dict | None:
             found = handlers.next_task(store, sess, overlap=overlap, gold_rate=gold_rate, batch=batch, new=new)
             if found is not None and len(found["responses"]) > MAX_K:
-                raise gr.Error(f"task {found['task_id']} has {len(found['responses'])} responses; "
+                raise gr.Error(f"this task has {len(found['responses'])} responses; "
                                f"the app lays out at most {MAX_K}")
             return found
 
@@ -609,6 +612,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 if sess is None:
                     return [signed_out, *unchanged]
                 handlers.check_page_account(sess, page_account)
+                current = handlers.task_of(store, sess, current)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
                                          unsafe=bool(is_unsafe), rationale=why or "",
                                          order_tag=page_order or "",  # a page without one is stale
@@ -639,9 +643,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     sess = signed_in(request)
                     if sess is None:
                         return signed_out
-                    if current is None:
+                    if not current:
                         return gr.skip()
                     handlers.check_page_account(sess, page_account)
+                    current = handlers.task_of(store, sess, current)
                     handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
                                         **({own: given[own]} if own else {}))
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
@@ -667,14 +672,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 if sess is None:
                     return [signed_out, *unchanged]
                 handlers.check_page_account(sess, page_account)
-                if current is not None:
-                    handlers.skip(store, sess, current)
+                if current:
+                    handlers.skip(store, sess, handlers.task_of(store, sess, current))
             except (ValueError, PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⚠️", error=True), *unchanged]
             except STORE_ERRORS:
                 log.exception("skip of task %s not saved: the store failed", current)
                 return [_note(NOT_SKIPPED, "⚠️", error=True), *unchanged]
-            return moved_on(sess, _note(f"Skipped task {int(current)}.") if current is not None else "")
+            return moved_on(sess, _note("Skipped.") if current else "")
 
         # do_submit's trigger_mode ("once") ignores clicks while a submit is pending; disabling the button
         # first makes that visible. The submit names its task, so a replayed request is "already saved".
@@ -682,7 +687,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # every call once the session has ended (a refused first step stopped the chain before the submit
         # was sent); and enables it after a failed submit too (Gradio 6's page runs .then only after a
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
-        enable = "(current) => ({__type__: 'update', interactive: current !== null && current !== undefined})"
+        enable = "(current) => ({__type__: 'update', interactive: !!current})"
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
             do_submit, [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
         submitting.then(None, task_id, submit, js=enable)

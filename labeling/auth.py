@@ -10,7 +10,8 @@ sends. The signature lets the server turn away forged or garbage cookies without
 query. A request carrying the session cookie twice (another site planted one) is signed out.
 
 Sign-in failures are counted per user name and per client address (`Throttle`): after a few,
-each further failure locks that name (or address) out for twice as long as the last one. An
+each further failure locks that name (or address) out for twice as long as the last one; a
+name's lock-out holds only addresses that failed recently, until the name has many failures. An
 unknown name costs the same scrypt as a wrong password and gets the same answer.
 """
 
@@ -20,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +57,15 @@ class SignInRefused(AuthError):
 class Throttle:
     """Lock-outs after failed sign-ins: `free_*` failures are free, then `first_lock` seconds, doubling up
     to `max_lock`; a name's or address's failures are forgotten `forget` seconds after its last one.
-    An address has more free failures than a name: many people may sign in from behind one proxy."""
+    An address has more free failures than a name: many people may sign in from behind one proxy. A name's
+    lock-out holds the addresses that failed recently; an address with a clean record may still try until the
+    name has `max_per_name` recent failures (else a few wrong guesses locked out anyone, the only admin too).
+    A sign-in waits at most `wait_for_turn` seconds while its address has other checks under way."""
 
     free_per_name: int = 5
     free_per_address: int = 20
+    max_per_name: int = 20
+    wait_for_turn: float = 10.0
     first_lock: float = 30.0
     max_lock: float = 15 * 60.0
     forget: float = 60 * 60.0
@@ -117,16 +124,26 @@ def sign_in(store: Store, name: str, password: str, address: str, *, throttle: T
     known = len(name) <= NAME_CHARS and "\x00" not in name  # no account has another name (Store.add_user)
     name = name.replace("\x00", "")  # PostgreSQL keeps no NUL: a key without it
     by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address[:80]}"
-    # The name's attempt is counted before the password is checked (parallel guesses cannot slip
-    # past); the address counts failures only, so a team signing in at once behind one proxy is fine.
-    wait = store.count_sign_in([by_name, by_address], [by_name], throttle.lock_for, throttle.forget)
+    counts = (throttle.lock_for, throttle.forget)
+    # Both attempts are counted before the password is checked (Store.begin_sign_in): parallel guesses
+    # cannot slip past either count. While the address has as many checks under way as failures to spare,
+    # this one waits for its turn (a team signing in at once behind one proxy), a while at most.
+    deadline = time.monotonic() + throttle.wait_for_turn
+    while (wait := store.begin_sign_in(by_name, by_address, *counts, max_per_name=throttle.max_per_name)) is None:
+        if time.monotonic() > deadline:
+            raise SignInRefused("too many sign-ins at once from this address: try again in a few seconds",
+                                retry_after=1.0)
+        time.sleep(0.05)
     if wait > 0:
         raise SignInRefused(f"too many failed sign-ins: try again in {math.ceil(wait)} s", retry_after=wait)
-    account = store.authenticate(name, password or "", with_hash=True) if known else None
+    outcome = None
+    try:
+        account = store.authenticate(name, password or "", with_hash=True) if known else None
+        outcome = account is not None
+    finally:
+        store.end_sign_in(by_name, by_address, outcome, *counts)
     if account is None:
-        store.count_sign_in([], [by_address], throttle.lock_for, throttle.forget)
         raise SignInRefused(REFUSED)
-    store.reset_sign_in([by_name])
     verified = account.pop("password_hash")
     # None: disabled or given a new password while this one was checked (the session would outlive that)
     if (token := store.open_session(account["annotator_id"], hours * 3600, verified_hash=verified)) is None:

@@ -4,10 +4,11 @@ The app (labeling/app.py) is layout only and calls these. A session is the dict 
 returns (the app gets it from the request's signed cookie, labeling/auth.py); a task view is
 what `next_task` returns: the prompt and the responses in the order this annotator sees them
 (shuffled per annotator, blind: no model names), plus `order`, the canonical index of each
-shown response. `submit`, `save_draft` and `skip` name their task by id: the server rebuilds
-the view from the store, so neither a replayed request nor a stale page can rank another task; a page
-sends back the view's `order_tag` too, so ranks given in an order the server no longer shows are
-refused, never saved against the wrong responses (`check_order`).
+shown response. `submit`, `save_draft` and `skip` name their task by id (a page names it by an opaque
+handle, `task_handle`, which `task_of` reads back among the annotator's own tasks: an id would tell gold
+tasks apart): the server rebuilds the view from the store, so neither a replayed request nor a stale page
+can rank another task; a page sends back the view's `order_tag` too, so ranks given in an order the
+server no longer shows are refused, never saved against the wrong responses (`check_order`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def check_page_account(session: dict[str, Any], opened_by: str | None) -> None:
 def shown_order(task_id: int, annotator_id: int, k: int, seed: int = 0, *, key: bytes) -> list[int]:
     """The same shuffle for an annotator every time they see a task; another for each annotator. Keyed with the
     store's secret (`key`, Store.secret): seeded with the task, annotator and seed alone, anyone could work out
-    the order from values that are no secret (the page shows the task's id), and an A/B task's first response is
+    the order from values that are no secret (task ids go 1, 2, ...), and an A/B task's first response is
     the policy's, its second the baseline's: the shuffle said which side was which."""
     order = list(range(k))
     random.Random(hmac.new(key, f"shown-order:{seed}:{task_id}:{annotator_id}".encode(), hashlib.sha256).digest()
@@ -83,6 +84,27 @@ def order_tag(task_id: int, annotator_id: int, order: list[int], *, key: bytes) 
     them, would say which side is which)."""
     text = f"order-tag:{task_id}:{annotator_id}:{','.join(map(str, order))}"
     return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+def task_handle(task_id: int, annotator_id: int, *, key: bytes) -> str:
+    """What an annotator's page calls a task by (its hidden field; `task_of` reads it back): the task's id would say
+    which tasks are gold (ordinary ones come in id order, gold ones from a fixed set, out of sequence). Keyed with
+    the store's secret and bound to the annotator: it tells nothing of the id, and is no use on another's page."""
+    return hmac.new(key, f"task-handle:{task_id}:{annotator_id}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def task_of(store: Store, session: dict[str, Any], handle: Any) -> int:
+    """The id of the task a page calls `handle` (`task_handle`): one of the tasks this annotator was given,
+    whatever became of it (a repeated submit is "already saved", a skipped task says so); PermissionError for any
+    other handle, ValueError for none (a page with no task)."""
+    session = _require(session)
+    if not handle or not isinstance(handle, str):
+        raise ValueError("there is no task to submit")
+    key = store.secret()
+    for task_id in store.assigned_tasks(session["annotator_id"]):
+        if hmac.compare_digest(handle.encode(), task_handle(task_id, session["annotator_id"], key=key).encode()):
+            return task_id
+    raise PermissionError("this task is not assigned to you")
 
 
 def check_order(view: dict[str, Any], tag: str | None) -> None:
@@ -318,7 +340,8 @@ def _view(store: Store, annotator_id: int, task_id: int, seed: int) -> dict[str,
     task = store.task(task_id)
     k, key = len(task["responses"]), store.secret()
     order = shown_order(task_id, annotator_id, k, seed, key=key)
-    return {"task_id": task_id, "kind": task["kind"], "prompt": task["prompt"],
+    return {"task_id": task_id, "handle": task_handle(task_id, annotator_id, key=key), "kind": task["kind"],
+            "prompt": task["prompt"],
             "responses": [task["responses"][i]["text"] for i in order], "order": order, "k": k,
             # the page sends it back with its ranks: check_order
             "order_tag": order_tag(task_id, annotator_id, order, key=key),
@@ -420,9 +443,9 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     if status == "submitted":
         return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
-        raise PermissionError(f"task {task['task_id']} was skipped; it is no longer yours to rank")
+        raise PermissionError("this task was skipped; it is no longer yours to rank")
     if status == "expired":
-        raise PermissionError(f"task {task['task_id']} was handed to someone else after it stood open for "
+        raise PermissionError("this task was handed to someone else after it stood open for "
                               f"{ASSIGNMENT_TTL // 60} minutes; it is no longer yours to rank (Skip gives you the next)")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)
@@ -485,7 +508,7 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
     ranks = [_whole(r) if r not in (None, "") else 0 for r in _fit(ranks_shown, task["k"])]
     if len(ranks) != task["k"] or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= task["k"]
                                           for r in ranks):
-        raise ValueError(f"a draft of task {task['task_id']} needs {task['k']} ranks from 0 (not ranked yet) "
+        raise ValueError(f"a draft of this task needs {task['k']} ranks from 0 (not ranked yet) "
                          f"to {task['k']}")
     given = {f: on for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on is not None}
     _check_rationale(rationale)

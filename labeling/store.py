@@ -62,6 +62,8 @@ NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a l
 MAX_RESPONSES = 8  # responses a task may hold: the app lays out this many slots (generation.k allows 2 to 8)
 MIN_TIMED = 3  # rankings with a known time before the admin view gives an annotator's rate
 # How long a store is waited for before the call fails with an error (never a hang), the same on both databases:
+# A sign-in's password check under way (Store.begin_sign_in) is forgotten after this long: the process died in it
+CHECK_EXPIRES = 60.0
 LOCK_WAIT = 30  # seconds for a lock another process holds (SQLite's busy timeout, PostgreSQL's lock_timeout)
 CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL server to answer a new connection
 # seconds a PostgreSQL session may sit in a transaction doing nothing (a process stopped or hung holding the
@@ -148,11 +150,21 @@ sessions = Table(
 )
 sign_in_failures = Table(
     "sign_in_failures", metadata,
-    Column("key", String(300), primary_key=True),  # "name:<user name>" or "address:<client address>"
+    # "name:<user name>", "address:<client address>", or "checking:address:<client address>" (checks under way)
+    Column("key", String(300), primary_key=True),
     Column("failures", Integer, nullable=False),
     Column("last", Float, nullable=False),
     Column("locked_until", Float, nullable=False),
 )
+
+
+def gold_turn(key: bytes, seed: int, annotator_id: int, done: int, gold_rate: float) -> bool:
+    """Whether an annotator's next task (after `done` given) is a gold one, at about `gold_rate`. Keyed with the
+    store's secret (`key`, Store.secret): drawn from the seed, the account's id and the count alone, which are no
+    secret (ids go 1, 2, ... and the seed defaults to 0), an annotator could work out which of their tasks were
+    gold and rank those with care."""
+    digest = hmac.new(key, f"gold:{seed}:{annotator_id}:{done}".encode(), hashlib.sha256).digest()
+    return random.Random(digest).random() < gold_rate
 
 
 class StoreError(RuntimeError):
@@ -664,40 +676,82 @@ class Store:
         with self.tx() as conn:
             conn.execute(delete(sessions).where(sessions.c.token_sha256 == hashlib.sha256(token.encode()).hexdigest()))
 
-    def count_sign_in(self, check: list[str], count: list[str], lock_for: Callable[[str, int], float],
-                      forget: float) -> float:
-        """Refuse a sign-in while any `check` key is locked out; else count a failure against each `count` key.
+    def begin_sign_in(self, name_key: str, address_key: str, lock_for: Callable[[str, int], float], forget: float,
+                      *, max_per_name: int) -> float | None:
+        """Start a sign-in's password check, or say why not: the seconds left of a lock-out, or None while the
+        address has as many checks under way as it has failures to spare (wait for one of them to end); 0: go
+        ahead (`end_sign_in` must follow).
 
-        Returns the seconds left of the longest lock-out (0: go ahead, counted). Counting before the
-        password is checked, in one serialised transaction, means parallel guesses at one name
-        cannot slip past the count (`reset_sign_in` takes it back when the password was right).
-        `lock_for(key, failures)` is the lock-out after that many failures; a key's failures are
-        forgotten `forget` seconds after its last one.
+        The name's attempt is counted as a failure before the check, and the address's as a check under way
+        (a row `checking:<address key>`), in one serialised transaction: parallel guesses cannot slip past
+        either count. The address's failures are counted when the check fails (`end_sign_in`), so a right
+        password never counts against it: a team behind one proxy waits for its turn, never for a lock-out.
+        The name's lock-out holds an address that failed recently or has a check under way; one with a clean
+        record may still try (anyone could lock a name, the only admin's too, with a few wrong guesses) until
+        the name has `max_per_name` recent failures, which keeps guessing from many addresses in check.
+        `lock_for(key, failures)` is the lock-out after that many failures; a key's failures are forgotten
+        `forget` seconds after its last one, a check under way after CHECK_EXPIRES (a process that died in it).
         """
+        checking = f"checking:{address_key}"
         with self.tx(lock=True) as conn:
             # The clock is read under the lock: read before it, a sign-in that waited for another's
             # transaction saw that one's later `locked_until` (a lock-free failure's "now") as a lock-out.
             now = time.time()
-            rows = {r.key: r for r in conn.execute(select(sign_in_failures)
-                                                   .where(sign_in_failures.c.key.in_(check + count)))}
-            wait = max((rows[k].locked_until - now for k in check if k in rows), default=0.0)
+            rows = {r.key: r for r in conn.execute(select(sign_in_failures).where(
+                sign_in_failures.c.key.in_([name_key, address_key, checking])))}
+
+            def recent(key: str, within: float) -> int:
+                row = rows.get(key)
+                return row.failures if row is not None and now - row.last < within else 0
+
+            def locked(key: str) -> float:
+                return rows[key].locked_until - now if key in rows else 0.0
+
+            failed, under_way, named = recent(address_key, forget), recent(checking, CHECK_EXPIRES), recent(name_key, forget)
+            wait = locked(address_key)
+            if failed or under_way or named >= max_per_name:
+                wait = max(wait, locked(name_key))
             if wait > 0:
                 return wait
-            for key in count:
-                row = rows.get(key)
-                failures = (row.failures if row is not None and now - row.last < forget else 0) + 1
-                lock = lock_for(key, failures)
-                values = {"failures": failures, "last": now, "locked_until": now + lock if lock > 0 else 0.0}
-                if row is None:
-                    conn.execute(insert(sign_in_failures).values(key=key, **values))
-                else:
-                    conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == key).values(**values))
+            if under_way and lock_for(address_key, failed + under_way) > 0:
+                return None
+            lock = lock_for(name_key, named + 1)
+            self._put_sign_in(conn, rows, name_key, failures=named + 1, last=now,
+                              locked_until=now + lock if lock > 0 else 0.0)
+            self._put_sign_in(conn, rows, checking, failures=under_way + 1, last=now, locked_until=0.0)
             return 0.0
 
-    def reset_sign_in(self, keys: list[str]) -> None:
-        """A right password: these keys start over."""
-        with self.tx() as conn:
-            conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key.in_(keys)))
+    def end_sign_in(self, name_key: str, address_key: str, outcome: bool | None,
+                    lock_for: Callable[[str, int], float], forget: float) -> None:
+        """A password check `begin_sign_in` let through has ended: `outcome` True (a right password: the name
+        starts over), False (wrong: a failure of the address, locked out after its free ones), None (the check
+        itself failed: only its place is given back)."""
+        checking = f"checking:{address_key}"
+        with self.tx(lock=True) as conn:
+            now = time.time()
+            rows = {r.key: r for r in conn.execute(select(sign_in_failures).where(
+                sign_in_failures.c.key.in_([name_key, address_key, checking])))}
+            if (row := rows.get(checking)) is not None:
+                if row.failures > 1 and now - row.last < CHECK_EXPIRES:
+                    conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == checking)
+                                 .values(failures=row.failures - 1))
+                else:
+                    conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key == checking))
+            if outcome:
+                conn.execute(delete(sign_in_failures).where(sign_in_failures.c.key == name_key))
+            elif outcome is False:
+                row = rows.get(address_key)
+                failures = (row.failures if row is not None and now - row.last < forget else 0) + 1
+                lock = lock_for(address_key, failures)
+                self._put_sign_in(conn, rows, address_key, failures=failures, last=now,
+                                  locked_until=now + lock if lock > 0 else 0.0)
+
+    @staticmethod
+    def _put_sign_in(conn: Connection, rows: dict[str, Any], key: str, **values: Any) -> None:
+        if key in rows:
+            conn.execute(update(sign_in_failures).where(sign_in_failures.c.key == key).values(**values))
+        else:
+            conn.execute(insert(sign_in_failures).values(key=key, **values))
 
     # ------------------------------------------------------------------------------ assignment
 
@@ -712,6 +766,7 @@ class Store:
         a second), then the highest `priority`, then the oldest (lowest id).
         """
         now = time.time()
+        key = self.secret() if gold_rate > 0 else b""  # before the transaction: secret() may write its own
         # Slots held: submitted, or assigned recently (an abandoned assignment frees its slot).
         holds = (assignments.c.status == "submitted") | (
             (assignments.c.status == "assigned") & (assignments.c.assigned_at > now - ASSIGNMENT_TTL))
@@ -751,7 +806,7 @@ class Store:
             done = conn.execute(select(func.count()).select_from(assignments).where(
                 assignments.c.annotator_id == annotator_id)).scalar_one()
             task_id = None
-            if gold_rate > 0 and random.Random(f"{seed}:{annotator_id}:{done}").random() < gold_rate:
+            if gold_rate > 0 and gold_turn(key, seed, annotator_id, done, gold_rate):
                 row = conn.execute(base.where(tasks.c.is_gold.is_(True)).order_by(tasks.c.id)).first()
                 task_id = row[0] if row else None
             if task_id is None:
@@ -795,6 +850,13 @@ class Store:
                 assignments.c.annotator_id == annotator_id).group_by(assignments.c.status)).all())
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
                 "assigned": sum(n for status, n in counts.items() if status != "expired")}  # an expired one: not theirs
+
+    def assigned_tasks(self, annotator_id: int) -> list[int]:
+        """Every task this annotator was given, whatever became of it: the open ones first, then the newest."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
+                                     .order_by((assignments.c.status == "assigned").desc(), assignments.c.id.desc()))
+                        .scalars())
 
     def assignment_status(self, annotator_id: int, task_id: int) -> str | None:
         """assigned / submitted / skipped / expired for this annotator's assignment of the task; None if it is not

@@ -182,8 +182,16 @@ def wait_for_message(page, text: str) -> str:
     return page.inner_text("#align-message")
 
 
+def task_on_page(store, page, name: str) -> int:
+    """The id of the task `name`'s page shows: the page names it by an opaque handle (handlers.task_handle)."""
+    from labeling import handlers
+
+    session = handlers.sign_in(store, name, PASSWORD)
+    return handlers.task_of(store, session, page.input_value("#align-task-id input"))
+
+
 def wait_for_another_task(page, task_id: str) -> None:
-    """Until the page shows a task other than `task_id`. (Not "until #align-prompt's text changes": Gradio's
+    """Until the page shows a task other than `task_id` (the page's handle of it). (Not "until #align-prompt's text changes": Gradio's
     loading overlay in that block has text of its own, and it changes before the next task is drawn.)"""
     page.wait_for_function("t => document.querySelector('#align-task-id input').value !== t", arg=task_id)
 
@@ -315,17 +323,17 @@ def test_stray_keys_neither_skip_nor_rank_the_next_task(served, page):
     url, store, _ = served
     annotator = handlers.sign_in(store, "stray", PASSWORD)["annotator_id"]
     sign_in(page, url, "stray")
-    first = int(page.input_value("#align-task-id input"))
+    handle, first = page.input_value("#align-task-id input"), task_on_page(store, page, "stray")
     rank_all(page, [2, 1, 4, 3])  # the focus stays on D's radio
     page.keyboard.type("B is best", delay=20)
     page.locator("#align-rationale textarea").press("Alt+s")  # in a text box: the box's, not a skip
     page.wait_for_timeout(600)
-    assert int(page.input_value("#align-task-id input")) == first
+    assert page.input_value("#align-task-id input") == handle
     assert store.assignment_status(annotator, first) == "assigned"
     assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["2", "1", "4", "3"]
     page.click("#rank-d label:has-text('3')")
     page.keyboard.press("Alt+s")
-    page.wait_for_function("t => document.querySelector('#align-task-id input').value != t", arg=str(first))
+    wait_for_another_task(page, handle)
     assert store.assignment_status(annotator, first) == "skipped"
     page.wait_for_timeout(400)
     page.keyboard.press(" ")
@@ -791,7 +799,7 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
     victim, mallory, anonymous = new_page(browser), new_page(browser), browser.new_context()
     try:
         sign_in(victim, url, "victim")
-        victim_task = int(victim.input_value("#align-task-id input"))
+        victim_task = victim.input_value("#align-task-id input")
         sign_in(mallory, url, "mallory")
         call = submit_call(mallory)  # a real submit call (nothing ranked yet: refused, nothing saved)
         victim_hash = victim.evaluate("window.__gradio_session_hash__ || null")
@@ -1059,12 +1067,12 @@ def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served
 
     url, store, _ = served
     sign_in(page, url, "replay")
-    first = int(page.input_value("#align-task-id input"))
+    handle, first = page.input_value("#align-task-id input"), task_on_page(store, page, "replay")
     rank_all(page, [4, 3, 2, 1])
     call = submit_call(page)
-    assert call["data"][0] == first
-    page.wait_for_function("t => document.querySelector('#align-task-id input').value != t", arg=str(first))
-    second = int(page.input_value("#align-task-id input"))
+    assert call["data"][0] == handle
+    wait_for_another_task(page, handle)
+    second = task_on_page(store, page, "replay")
     answer = _gradio_post(page.context, url, call)
     assert "Already saved" in json.dumps(answer.json())
     annotator = handlers.sign_in(store, "replay", PASSWORD)["annotator_id"]
@@ -1235,7 +1243,7 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             assert page.locator("#align-pairwise input:checked").get_attribute("value") == "B"
             page.keyboard.press("u")
             # the drafts land before the reload (Gradio drops the events a reloaded page had queued)
-            task_id = int(page.input_value("#align-task-id input"))
+            task_id = task_on_page(store, page, "judge")
             b_better = canonical(store, prompt, [a, b], [2, 1])[1]
             assert wait_for_draft(store, annotator, task_id, b_better) == b_better
             deadline = time.monotonic() + 10

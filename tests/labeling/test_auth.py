@@ -36,7 +36,7 @@ def test_failed_sign_ins_lock_the_name_out_for_longer_each_time(store):
         with pytest.raises(auth.SignInRefused, match="unknown user or wrong password"):
             auth.sign_in(store, "alice", "guess", "10.0.0.1", throttle=FAST)
     with pytest.raises(auth.SignInRefused, match="too many failed sign-ins") as locked:
-        auth.sign_in(store, "alice", PASSWORD, "10.0.0.2", throttle=FAST)  # the right password, another address
+        auth.sign_in(store, "alice", PASSWORD, "10.0.0.1", throttle=FAST)  # the right password, from the guesser
     assert 0 < locked.value.retry_after <= 1.0
     time.sleep(locked.value.retry_after + 0.05)
     with pytest.raises(auth.SignInRefused, match="unknown user or wrong password"):
@@ -66,28 +66,70 @@ def test_an_address_trying_many_names_is_locked_out(store):
     auth.sign_in(store, "alice", PASSWORD, "10.0.0.10", throttle=FAST)  # another address is not locked
 
 
-def test_parallel_guesses_cannot_slip_past_the_count(store):
-    store.add_user("alice", PASSWORD)
-    slow = auth.Throttle(free_per_name=3, first_lock=60.0)  # the lock-out outlasts the test on a busy machine
+def _at_once(n: int, attempt) -> list[str]:
+    """`attempt(i)` in n threads started together: "checked" (refused after the password check), "locked"
+    (refused without it) or "in", one per thread."""
     outcomes: list[str] = []
-    start = threading.Barrier(12)
+    start = threading.Barrier(n)
 
-    def guess(i: int) -> None:
+    def run(i: int) -> None:
         start.wait()
         try:
-            auth.sign_in(store, "alice", "guess", f"10.1.0.{i}", throttle=slow)
+            attempt(i)
+            outcomes.append("in")
         except auth.SignInRefused as err:
             outcomes.append("locked" if err.retry_after else "checked")
         except Exception as err:  # noqa: BLE001 - named in the assertion below, not lost in a thread
             outcomes.append(repr(err))
 
-    threads = [threading.Thread(target=guess, args=(i,)) for i in range(12)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(outcomes) == 12 and set(outcomes) <= {"checked", "locked"}, outcomes
-    assert outcomes.count("checked") == 3  # every other guess was refused without checking the password
+    assert len(outcomes) == n and set(outcomes) <= {"checked", "locked", "in"}, outcomes
+    return outcomes
+
+
+def test_parallel_guesses_cannot_slip_past_the_count(store):
+    """12 guesses at once at one name: from addresses that failed before, 3 (the name's free failures) are
+    checked; from 12 addresses with a clean record, `max_per_name` (6) and no more."""
+    store.add_user("alice", PASSWORD)
+    slow = auth.Throttle(free_per_name=3, max_per_name=6, first_lock=60.0)  # outlasts the test on a busy machine
+    for i in range(12):
+        with pytest.raises(auth.SignInRefused, match="wrong password"):
+            auth.sign_in(store, f"someone{i}", "guess", f"10.1.0.{i}", throttle=slow)
+    outcomes = _at_once(12, lambda i: auth.sign_in(store, "alice", "guess", f"10.1.0.{i}", throttle=slow))
+    assert outcomes.count("checked") == 3, outcomes  # every other guess was refused without checking the password
+    outcomes = _at_once(12, lambda i: auth.sign_in(store, "bob", "guess", f"10.9.0.{i}", throttle=slow))
+    assert outcomes.count("checked") == 6, outcomes
+
+
+def test_parallel_guesses_from_one_address_check_at_most_its_free_failures(store):
+    """30 guesses at 30 names at once from one address: 6 passwords checked (its free failures), the rest
+    refused unchecked. The address was counted only after a failed check: 47-50 of 60 were checked."""
+    slow = auth.Throttle(free_per_name=3, free_per_address=6, first_lock=60.0)
+    outcomes = _at_once(30, lambda i: auth.sign_in(store, f"user{i}", "guess", "10.3.0.1", throttle=slow))
+    assert outcomes.count("checked") == 6, outcomes
+
+
+def test_guesses_from_other_addresses_do_not_lock_the_name_out_of_a_clean_one(store):
+    """Wrong guesses at the admin from 5 addresses lock the name for those addresses (and the right password from
+    them waits out the lock), not for the admin's own address: they used to lock the only admin out. Past
+    `max_per_name` failures the name is locked for every address."""
+    store.add_user("boss", PASSWORD, admin=True)
+    slow = auth.Throttle(free_per_name=3, max_per_name=6, first_lock=60.0)
+    for i in range(5):
+        with pytest.raises(auth.SignInRefused):
+            auth.sign_in(store, "boss", "guess", f"203.0.113.{i}", throttle=slow)
+    with pytest.raises(auth.SignInRefused, match="too many failed sign-ins"):
+        auth.sign_in(store, "boss", PASSWORD, "203.0.113.4", throttle=slow)  # an address that failed: locked
+    assert auth.sign_in(store, "boss", PASSWORD, "198.51.100.7", throttle=slow)[1]["name"] == "boss"
+    for i in range(6):  # the right password reset the name: 6 failures from 6 clean addresses
+        with pytest.raises(auth.SignInRefused, match="wrong password"):
+            auth.sign_in(store, "boss", "guess", f"192.0.2.{i}", throttle=slow)
+    with pytest.raises(auth.SignInRefused, match="too many failed sign-ins"):
+        auth.sign_in(store, "boss", PASSWORD, "198.51.100.8", throttle=slow)  # clean, but the name is past 6
 
 
 def test_a_failure_under_the_free_count_locks_no_one_out_whatever_the_clock_read(store, monkeypatch):
@@ -102,13 +144,14 @@ def test_a_failure_under_the_free_count_locks_no_one_out_whatever_the_clock_read
     monkeypatch.setattr(labeling.store, "time", types.SimpleNamespace(
         time=lambda: readings.pop() if readings else time.time()))
     lock_for = auth.Throttle(free_per_name=3).lock_for
-    assert store.count_sign_in(["name:alice"], ["name:alice"], lock_for, 3600.0) == 0.0
-    assert store.count_sign_in(["name:alice"], ["name:alice"], lock_for, 3600.0) == 0.0
+    for _ in range(2):
+        assert store.begin_sign_in("name:alice", "address:10.0.0.1", lock_for, 3600.0, max_per_name=20) == 0.0
     assert not readings
 
 
 def test_a_team_signing_in_at_once_from_one_address_is_not_locked_out(store):
-    """Only failures count against an address: 30 right passwords at once from one proxy all get in."""
+    """Only failures count against an address: 30 right passwords at once from one proxy all get in (those past
+    its 6 free failures wait for their turn)."""
     for i in range(30):
         store.add_user(f"user{i}", PASSWORD)
     signed, start = [], threading.Barrier(30)

@@ -176,8 +176,10 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         pages = {}
         for name, client in (("alice", alice), ("bob", bob)):  # who, admin tab, folder, message, task, account,
             pages[name] = queued(client, "do_load", [], f"{name}s-page").json()["data"][4:7]  # the order's tag, ...
-        task, alice_tag = pages["alice"][0], pages["alice"][2]
-        assert [p[:2] for p in pages.values()] == [[task, "alice"], [task, "bob"]]  # one task, both assigned it
+        (task, _, alice_tag), bobs_handle = pages["alice"], pages["bob"][0]
+        assert [p[1] for p in pages.values()] == ["alice", "bob"]  # one task, both assigned it (named by a handle
+        task_id = store.batch_tasks("b")[0]["task_id"]              # of each annotator's own: handlers.task_handle)
+        assert store.assignment_status(bob_id, task_id) == "assigned"
         ranks = ["1", "2", "3", "4", *[None] * 4]
         refused = "this page was opened by alice; you are signed in as bob: reload to rank as bob"
         # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
@@ -185,11 +187,47 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
                            ("do_draft", [task, "alice", alice_tag, *ranks]), ("do_skip", [task, "alice"])):
             answer = queued(bob, path, data, "restarted")
             assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
-        assert store.draft(bob_id, task) is None and store.assignment_status(bob_id, task) == "assigned"
+        assert store.draft(bob_id, task_id) is None and store.assignment_status(bob_id, task_id) == "assigned"
         assert store.submitted_rankings() == []
-        answer = queued(bob, "do_submit", [task, "bob", pages["bob"][2], 0.0, *ranks, None, False, False, ""],
+        answer = queued(bob, "do_submit", [bobs_handle, "bob", pages["bob"][2], 0.0, *ranks, None, False, False, ""],
                         "bobs-page")  # bob's own page
         assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
+
+
+def test_an_annotators_page_does_not_tell_gold_tasks_apart(store):
+    """The progress line said "task 30" and the hidden field held the id: ordinary tasks come in id order and gold
+    ones from a fixed set, so alice saw task 1, task 30, task 31, task 2, ... and knew which to rank with care.
+    Now the page shows her own counter and names each task by a handle of hers (handlers.task_handle): no task id
+    anywhere in what the page is sent, and another account's page cannot use her handle."""
+    from labeling import handlers
+
+    store.add_tasks("b", [{"prompt": f"p{i}", "responses": ["x", "y"]} for i in range(40)])
+    gold = [t["task_id"] for t in store.batch_tasks("b")][29:31]
+    for task_id in gold:
+        store.add_gold(task_id, [1, 2])
+    with served(store, gold_rate=0.5) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        her = handlers.sign_in(store, "alice", PASSWORD)
+        out = queued(alice, "do_load", [], "page").json()["data"][4:]
+        shown = []
+        for n in range(12):
+            handle, _, tag, _, progress = out[:5]
+            assert re.fullmatch(r"[0-9a-f]{16}", handle) and not re.search(r"(?i)task \d", progress), (handle, progress)
+            assert progress.startswith(f"**Progress:** {n} / {n + 1} done")
+            shown.append(handlers.task_of(store, her, handle))
+            if n == 0:
+                theirs = queued(bob, "do_submit", [handle, "bob", tag, 0.0, "1", "2", *[None] * 6, None, False, False, ""],
+                                "bobs-page")
+                said = theirs.json()["data"][0]
+                assert "this task is not assigned to you" in said and not re.search(r"\d", said), said
+            answer = queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None, False, False, ""],
+                            "page")
+            assert "Saved" in answer.text
+            out = answer.json()["data"][1:]
+        assert set(gold) <= set(shown)  # the gold tasks came up, and nothing on the page said which they were
+        # the same submit again: "already saved", whatever task the page shows by now
+        assert "Already saved" in queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None,
+                                                              False, False, ""], "page").text
 
 
 def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, monkeypatch, caplog):

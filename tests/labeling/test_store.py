@@ -159,6 +159,32 @@ def test_the_shown_order_is_keyed_with_the_stores_secret(store):
     assert shown != {t: handlers.shown_order(t, alice["annotator_id"], 4, key=other) for t in shown}
 
 
+def test_the_gold_draw_is_keyed_with_the_stores_secret(tmp_path):
+    """Which of an annotator's turns were gold was drawn from "seed:annotator:count" alone: the seed defaults to 0,
+    account ids count up from 1, and everyone knows their own count, so anyone could work out their gold turns.
+    Now it is keyed with the store's secret: two stores alike but for their secrets draw different turns, and a
+    store draws the turns `gold_turn` gives with its own secret."""
+    import secrets
+
+    from labeling.store import gold_turn
+
+    turns = {}
+    for name in ("one", "two"):
+        store = Store(f"sqlite:///{tmp_path / name}.db")
+        ids = make_tasks(store, 60)
+        for task_id in ids[30:]:
+            store.add_gold(task_id, [1, 2, 3, 4])
+        alice = session(store, "alice")
+        turns[name] = []
+        for _ in range(24):  # enough gold for every turn: each draw shows
+            task = handlers.next_task(store, alice, gold_rate=0.5)
+            turns[name].append(task["task_id"] in ids[30:])
+            handlers.skip(store, alice, task["task_id"])
+        assert turns[name] == [gold_turn(store.secret(), 0, alice["annotator_id"], n, 0.5) for n in range(24)]
+        assert turns[name] != [gold_turn(secrets.token_bytes(32), 0, alice["annotator_id"], n, 0.5) for n in range(24)]
+    assert alice["annotator_id"] == 1 and turns["one"] != turns["two"]
+
+
 def test_ranks_given_in_an_order_the_server_no_longer_shows_are_refused_and_nothing_is_saved(store):
     """The server maps a page's ranks to canonical order through the order it shows the task in now. When that
     changed since the page was drawn (this version's keyed shuffle; a new store secret), the page's ranks, A/B
@@ -437,7 +463,7 @@ def test_an_expired_assignment_is_not_handed_back_once_another_annotator_holds_i
     assert handlers.next_task(store, bob)["task_id"] == first_id  # abandoned: handed on
     handlers.submit(store, bob, first_id, [1, 2, 3, 4])
     assert handlers.next_task(store, alice)["task_id"] == second_id
-    with pytest.raises(PermissionError, match=f"task {first_id} was handed to someone else"):
+    with pytest.raises(PermissionError, match="this task was handed to someone else"):
         handlers.submit(store, alice, first_id, [4, 3, 2, 1])
     assert handlers.save_draft(store, alice, first_id, [1, 2, 0, 0]) is False
     handlers.submit(store, alice, second_id, [4, 3, 2, 1])
@@ -463,7 +489,7 @@ def test_a_submit_from_the_old_page_is_refused_once_the_slot_went_to_someone_els
     start = clock.time()
     monkeypatch.setattr(store_module.time, "time", lambda: start + 1.1 * store_module.ASSIGNMENT_TTL)
     assert handlers.next_task(store, bob)["task_id"] == first_id  # abandoned: handed on
-    with pytest.raises(PermissionError, match=f"task {first_id} was handed to someone else"):
+    with pytest.raises(PermissionError, match="this task was handed to someone else"):
         handlers.submit(store, alice, first_id, [4, 3, 2, 1])
     handlers.submit(store, bob, first_id, [1, 2, 3, 4])
     assert [(r["task_id"], r["annotator"]) for r in store.submitted_rankings()] == [(first_id, "bob")]
@@ -489,7 +515,7 @@ def test_handing_on_one_slot_expires_only_the_stale_holders_it_over_takes(store,
     assert handlers.next_task(store, carol, overlap=3)["task_id"] == task_id
     assert store.assignment_status(alice["annotator_id"], task_id) == "expired"  # the slot Carol took
     assert store.assignment_status(dan["annotator_id"], task_id) == "assigned"
-    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+    with pytest.raises(PermissionError, match="this task was handed to someone else"):
         handlers.submit(store, alice, task_id, [4, 3, 2, 1])
     handlers.submit(store, dan, task_id, [1, 2, 3, 4])  # the last slot was free: his ranking counts
     handlers.submit(store, carol, task_id, [2, 1, 3, 4])
@@ -516,7 +542,7 @@ def test_a_drafted_stale_slot_is_still_held_so_handing_on_the_free_one_expires_t
     assert store.assignment_status(bob["annotator_id"], task_id) == "expired"
     handlers.submit(store, alice, task_id, [1, 2, 3, 4])
     handlers.submit(store, carol, task_id, [2, 1, 3, 4])
-    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+    with pytest.raises(PermissionError, match="this task was handed to someone else"):
         handlers.submit(store, bob, task_id, [4, 3, 2, 1])
     assert len(store.submitted_rankings()) == 2
 
@@ -535,7 +561,7 @@ def test_a_fresh_holder_counts_so_the_stale_slot_handed_on_is_expired(store, mon
     assert handlers.next_task(store, bob, overlap=2)["task_id"] == task_id  # the slot nobody held
     assert handlers.next_task(store, carol, overlap=2)["task_id"] == task_id  # Alice's
     assert store.assignment_status(alice["annotator_id"], task_id) == "expired"
-    with pytest.raises(PermissionError, match=f"task {task_id} was handed to someone else"):
+    with pytest.raises(PermissionError, match="this task was handed to someone else"):
         handlers.submit(store, alice, task_id, [4, 3, 2, 1])
 
 
