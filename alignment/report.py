@@ -47,7 +47,9 @@ PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "sft": [("Loss", "cross-entropy, nats per token", ["loss", "eval_loss"]),
             ("Learning rate", "learning rate", ["learning_rate"])],
     "reward": [("Loss", "-log sigmoid(reward gap), nats per pair", ["loss", "eval_loss"]),
-               ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy"])],
+               # eval_accuracy is align's, over the held-out pairs; TRL's evaluations during training log a mean of
+               # per-batch means (recipes/reward.py AlignRewardTrainer.log)
+               ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy_batch_mean", "eval_accuracy"])],
     "dpo": [("Loss", "loss per pair (sigmoid DPO: nats)", ["loss", "eval_loss"]),
             ("Implicit rewards", "β × log-ratio to the reference, per answer",
              ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
@@ -73,7 +75,8 @@ PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
 # A line's name in a plot's legend where the logged key does not say its basis: training figures are each logging
 # step's batches, the eval_ ones the held-out set's.
 LINES = {"loss": "training batches", "eval_loss": "held-out set", "accuracy": "training batches",
-         "eval_accuracy": "held-out set (over pairs)", "rewards/accuracies": "training batches",
+         "eval_accuracy": "held-out set (over pairs)",
+         "eval_accuracy_batch_mean": "held-out set (TRL: mean of per-batch means)", "rewards/accuracies": "training batches",
          "eval_rewards/accuracies": "held-out set"}
 # Eval's table rows whose figure has a unit or basis its key does not say.
 EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)"}
@@ -698,6 +701,8 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     if manifest is None:
         return None
     rows = read_jsonl(folder / "metrics.jsonl")
+    if stage == "reward":
+        rows = [_trl_eval_renamed(r) for r in rows]
     plots = [plot_series(t, rows, keys, ylabel) for t, ylabel, keys in PLOTS.get(stage, [])]
     imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     kind = stage if stage in SECTIONS else manifest.get("stage")
@@ -721,6 +726,15 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
         md += [f"- {line}" for line in human_lines(manifest)]
     return "".join(parts), "\n".join(md) + "\n"
+
+
+def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
+    """A reward stage's log row as it is logged now: before TRL's evaluations were renamed *_batch_mean
+    (AlignRewardTrainer.log), their eval_accuracy was a mean of per-batch means beside align's over the pairs
+    (its row, the last, has eval_pairs), and both were drawn as one line."""
+    if "eval_accuracy" in row and "eval_pairs" not in row:
+        return {("eval_accuracy_batch_mean" if k == "eval_accuracy" else k): v for k, v in row.items()}
+    return row
 
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

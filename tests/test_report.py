@@ -6,6 +6,7 @@ real pipeline's manifests in a browser."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -575,3 +576,35 @@ def test_the_report_command_has_help_and_refuses_a_folder_that_is_no_run(tmp_pat
     assert not (tmp_path / "report.html").exists()
     write(tmp_path, "sft", SFT)
     assert main([str(tmp_path)]) == 0 and capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+
+
+def test_the_reward_accuracy_over_pairs_is_aligns_alone(tmp_path, monkeypatch):
+    """TRL's evaluations during training (eval_steps < max_steps) logged eval_accuracy, a mean of per-batch means,
+    under the name of align's held-out accuracy over pairs: one line, "over pairs", drew both. A log from before
+    TRL's were renamed *_batch_mean (its rows without eval_pairs) is drawn as a new one is."""
+    from alignment import report
+
+    drawn = {}
+
+    def png(fig):
+        import matplotlib.pyplot as plt
+
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    drawn[(ax.get_title(), line.get_label())] = list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", png)
+    ours = {"step": 40, "eval_accuracy": 0.4, "eval_pairs": 59, "eval_accuracy_ci": [0.27, 0.55]}
+    for trls in ("eval_accuracy", "eval_accuracy_batch_mean"):
+        drawn.clear()
+        report._line_plot.cache_clear()
+        shutil.rmtree(tmp_path / "reward", ignore_errors=True)
+        write(tmp_path, "reward", REWARD)
+        (tmp_path / "reward" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"step": 20, "accuracy": 0.6}, {"step": 20, trls: 0.37}, {"step": 40, trls: 0.41}, ours]))
+        write_report(tmp_path)
+        assert drawn[("Accuracy", "held-out set (over pairs)")] == [(40, 0.4)], trls
+        assert drawn[("Accuracy", "held-out set (TRL: mean of per-batch means)")] == [(20, 0.37), (40, 0.41)]
