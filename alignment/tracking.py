@@ -81,12 +81,25 @@ def wandb_reachable(timeout: float = 2.0) -> bool:
 
 
 def has_wandb_key() -> bool:
+    """Whether wandb would find a key: WANDB_API_KEY, or the `wandb login` entry for the server (WANDB_BASE_URL's,
+    else api.wandb.ai) in the netrc file wandb reads (NETRC's, else ~/.netrc). Only api.wandb.ai in ~/.netrc
+    was looked up: a self-hosted server's key, or one in a NETRC file, left run.wandb=auto offline."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    url = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+    try:  # wandb's own reader (the file, the entry's name, a forge's upstream), where this wandb has it
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        return read_netrc_auth(host=url) is not None
+    except Exception:  # noqa: BLE001 - no wandb, one that moved its reader, or a URL or key it refuses: ours
+        pass
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        found = netrc.netrc(os.path.expanduser(path))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    split = urlsplit(url)  # `wandb login --host` writes the server's host:port as the machine
+    return any(found.authenticators(name) for name in dict.fromkeys((split.netloc, split.hostname)) if name)
 
 
 def run_name(run_dir: Path) -> str:
