@@ -15,6 +15,7 @@ import netrc
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -326,3 +327,17 @@ def finish_wandb() -> None:
         return
     if wandb.run is not None:
         wandb.run.finish()
+
+
+def fail_wandb(exit_code: int) -> None:
+    """Close this process's open W&B run as failed, with `exit_code` (1 for an error, 130 for Ctrl-C, 143 for
+    SIGTERM): a stage that failed or was stopped left its run open, and wandb's exit hook closed it as
+    finished, exit code 0, like one that ended well. Nothing when wandb was never imported (no run started)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as err:  # noqa: BLE001 - W&B's trouble must not hide the stage's own error
+        log.warning("W&B: could not mark the run as failed (%s)", err)
