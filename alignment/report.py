@@ -625,6 +625,13 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         for name, (where, since) in changed_parents(manifest, folder).items():  # a policy or judge remade since
             found.append(f"eval measured {name} as it was at {manifest['parents'][name]['created']}; {where} {since}"
                          ": its figures are not this one's until align eval runs again")
+    else:  # a stage built on an input remade since (a reward model on an earlier export): not of the run as it is
+        spec = STAGES.get(kind)
+        command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
+            f"align {kind}"
+        for name, (where, since) in changed_parents(manifest, folder).items():
+            found.append(f"built on {name} as it was at {manifest['parents'][name]['created']}; {where} {since}: "
+                         f"it is not built on the {name} there now until {command} runs again")
     return found
 
 

@@ -608,3 +608,34 @@ def test_the_reward_accuracy_over_pairs_is_aligns_alone(tmp_path, monkeypatch):
         write_report(tmp_path)
         assert drawn[("Accuracy", "held-out set (over pairs)")] == [(40, 0.4)], trls
         assert drawn[("Accuracy", "held-out set (TRL: mean of per-batch means)")] == [(20, 0.37), (40, 0.41)]
+
+
+def test_sample_and_export_rewrite_the_report_and_a_stage_on_a_remade_input_says_so(tiny_model, tmp_path):
+    """Every stage rewrites the run's report as it ends; sample and export did not, so after them report.html
+    and report.md still showed the run before them. A stage built on an input made again since (a reward model
+    on an earlier export, a sample of an earlier sft) was cautioned about for eval alone."""
+    from alignment.cli import main as align
+
+    run, data, prompts = tmp_path / "run", tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Ticket {i}: where is Sync?", "input": "",
+                                        "output": "Thanks! Open Settings."}) + "\n" for i in range(8)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Where is setting {i}?"}) + "\n" for i in range(3)))
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=1",
+                  "data.eval_fraction=0", "model.quantize=false", "model.max_length=64", "run.wandb=disabled"]) == 0
+    assert align(["sample", f"run.dir={run}", f"prompts={prompts}", "k=2", "max_resample=0", "num_prompts=3",
+                  "generation.max_new_tokens=4", "run.wandb=disabled"]) == 0
+    assert "## sample" in (run / "report.md").read_text() and "<section id='sample'>" in (run / "report.html").read_text()
+    assert align(["label", "--run-dir", str(run), "--simulate", "support_style"]) == 0
+    assert align(["export", f"run.dir={run}", "run.wandb=disabled", "test_fraction=0"]) == 0
+    assert "## preferences" in (run / "report.md").read_text()
+    # the sft made again: the sample (its answers were the old policy's) says so on the first screen
+    sample = json.loads((run / "sample" / MANIFEST).read_text())
+    manifest = json.loads((run / "sft" / MANIFEST).read_text())
+    (run / "sft" / MANIFEST).write_text(json.dumps({**manifest, "created": "2099-01-01T00:00:00+0000"}))
+    assert cautions("sample", sample, run / "sample")[-1:] == [  # after the answers cut at 4 tokens
+        f"built on policy as it was at {sample['parents']['policy']['created']}; {run / 'sft'} was made again at "
+        "2099-01-01T00:00:00+0000: it is not built on the policy there now until align sample runs again"]
+    assert "- sample: built on policy as it was at" in glance_text(run)
+    ppo = {"stage": "grpo", "parents": {"sft": {"path": str(run / "gone"), "created": "2026-01-01T00:00:00+0000"}}}
+    assert cautions("grpo", ppo, run / "grpo")[-1].endswith(f"{run / 'gone'} is gone: it is not built on the sft there "
+                                                            "now until align ppo algo=grpo runs again")
