@@ -140,6 +140,28 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return f"<table class='kv'>{rows}</table>" if rows else ""
 
 
+def _md(text: Any) -> str:
+    """Text for report.md: its <, > and & as entities, so that a name (a run's or stage folder's, a policy's, an
+    annotator's) is shown, never read as HTML by a Markdown viewer (a `<script>` in one ran there)."""
+    return html.escape(str(text), quote=False)
+
+
+def _md_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else _md(value)
+
+
+def _code(text: Any) -> str:
+    """`text` (a path) as a Markdown code span, its fence longer than any run of backticks in it (a ` would end
+    it); one holding <, > or & as escaped text instead (a viewer that does not keep a code span literal would
+    read it as HTML), each Markdown mark in it escaped."""
+    text = str(text)
+    if re.search(r"[<>&]", text):
+        return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _no_math(text: str) -> str:
     return text.replace("$", r"\$")
 
@@ -413,8 +435,9 @@ def headline(run_dir: Path) -> str:
 
 
 def _headline_md(run_dir: Path) -> str:
+    """The headline as report.md's lines: its markup gone, its text as text (_md)."""
     text = headline(run_dir).replace("<li>", "- ").replace("</li>", "\n")
-    return html.unescape(re.sub(r"<[^>]+>", "", text)) + "\n"
+    return _md(html.unescape(re.sub(r"<[^>]+>", "", text))) + "\n"
 
 
 def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -728,10 +751,11 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
              f" · base {html.escape(str(manifest.get('base_model')))}{plan}</p>",
              f"<p class='caution'>{html.escape(warning)}</p>" if warning else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {title}", "", f"`{folder}`", ""]
-    md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
+    md = [f"## {_md(folder.name)}", "", _code(folder), ""]
+    md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
+           if isinstance(v, (int, float, str))]
     if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
-        md += [f"- {line}" for line in human_lines(manifest)]
+        md += [f"- {_md(line)}" for line in human_lines(manifest)]
     return "".join(parts), "\n".join(md) + "\n"
 
 
@@ -828,7 +852,7 @@ def write_report(run_dir: str | Path) -> Path:
     sections = finished_sections(run_dir, unfinished=True)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
     name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m alignment.report .` names the folder, not ""
-    bodies, mds, shown = [], [f"# align run: {name}\n", _headline_md(run_dir), glance_md], []
+    bodies, mds, shown = [], [f"# align run: {_md(name)}\n", _headline_md(run_dir), _md(glance_md)], []
     for stage, folder in sections:
         section = stage_section(stage, run_dir / folder)
         if section:
@@ -841,17 +865,17 @@ def write_report(run_dir: str | Path) -> Path:
     top = headline(run_dir)
     if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more
         top = f"<div class='cautions'>{html.escape(own)}</div>{top}"
-        mds[1] = f"{own}\n\n{mds[1]}"
+        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
         top = (f"<p class='meta'>{html.escape(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
-        mds[1] = f"{current[-1].name}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
+        mds[1] = f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
     if rounds:
         items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>"
                         + (f"<p class='caution'>{html.escape(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
                         for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
-        mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" + (f": {stale[r]}" if r in stale else "")
+        mds += ["## later rounds\n"] + [f"- [{_md(r.name)}]({r.name}/report.md)" + (f": {_md(stale[r])}" if r in stale else "")
                                          for r in rounds]
     nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"

@@ -639,3 +639,32 @@ def test_sample_and_export_rewrite_the_report_and_a_stage_on_a_remade_input_says
     ppo = {"stage": "grpo", "parents": {"sft": {"path": str(run / "gone"), "created": "2026-01-01T00:00:00+0000"}}}
     assert cautions("grpo", ppo, run / "grpo")[-1].endswith(f"{run / 'gone'} is gone: it is not built on the sft there "
                                                             "now until align ppo algo=grpo runs again")
+
+
+def test_report_md_shows_names_as_text_never_as_html(tmp_path):
+    """report.md took the headline's text unescaped and the first screen, cautions, paths, metric keys and the
+    human board as they were: a run, folder, policy or annotator named `<script>...` was HTML there."""
+    import re
+
+    bad, folder = "<script>alert('x')</script>&", "<img src=x onerror=alert(1)>&"  # a folder's name: no /
+    run = tmp_path / f"run{folder}"
+    board = {"leaderboard": [{"policy": bad, "rating": 1010.0, "ci": [990.0, 1030.0]},
+                             {"policy": "sft", "rating": 1000.0, "ci": [1000.0, 1000.0]}], "comparisons": 5}
+    write(run, "eval", {**EVAL, "policies": {"sft": EVAL["policies"]["sft"], bad: EVAL["policies"]["dpo"]},
+                        "prompts_seen_in_training": {bad: 3}, "human": board})
+    write(run, "preferences", {**EXPORT, "metrics": {**EXPORT["metrics"], bad: 1},
+                               "summary": {"annotators": {bad: 4}, "reliability": {"warnings": [f"{bad} disagrees"]}}})
+    write(run, f"x{folder}", {"stage": "merge", "metrics": {"k": bad}})
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert not re.search(r"<[A-Za-z/!?]", md), [line for line in md.splitlines() if re.search(r"<[A-Za-z/!?]", line)]
+    shown, folder = "&lt;script&gt;alert('x')&lt;/script&gt;&amp;", "&lt;img src=x onerror=alert(1)&gt;&amp;"
+    assert f"# align run: run{folder}" in md and f"- {shown} is not distinguishable from sft judged by" in md
+    assert f"- eval: {shown} was trained on 3 of the 48 eval prompts" in md and f"- preferences: {shown} disagrees" in md
+    assert f"- {shown}: 1" in md and f"## x{folder}" in md and f"- k: {shown}" in md
+    assert "x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;\n" in md  # its path: escaped text, not a code span
+    assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
+    # a path stays a code span where it can (its backticks fenced by a longer run)
+    from alignment.report import _code
+
+    assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
