@@ -668,3 +668,24 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     from alignment.report import _code
 
     assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
+
+
+def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
+    """Each of these failed write_report, and so the stage that wrote it: an eval manifest without its win-rate
+    intervals or with null ones (the headline unpacked them), a metrics.jsonl line spoilt in the middle (only a
+    last line cut short was forgiven), a null `created` or a null answer in eval's samples (html.escape(None))."""
+    no_ci = {k: v for k, v in EVAL["policies"]["dpo"].items() if not k.endswith("_ci")}
+    null_ci = {k: None if k.endswith("_ci") else v for k, v in EVAL["policies"]["dpo"].items()}
+    for name, row in (("missing", no_ci), ("null", null_ci)):
+        run = tmp_path / name
+        write(run, "eval", {**EVAL, "created": None, "policies": {"sft": EVAL["policies"]["sft"], "dpo": row}})
+        (run / "eval" / "samples.jsonl").write_text(json.dumps({"prompt": "Where is Sync?", "sft": "Here.", "dpo": None}))
+        write(run, "sft", SFT)
+        (run / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.4}\n{"step": 2, "lo\n{"step": 3, "loss": 3.1}\n'
+                                                   '\n"a string"\n{"step": 4, "loss": 3.0}\n{"step": 5, "lo')
+        page = write_report(run).read_text()
+        assert "<li><b>dpo</b> vs <b>sft</b> judged by scorer:support_style: win-rate <b>80.2%</b> over 48 prompts " \
+               "(1 tie) · KL 3.222 nats</li>" in page, name  # no interval: no verdict, the rest as it is
+        assert "metrics.jsonl: lines 2, 5 cannot be read, left out of the plots" in page  # the cut last line: unsaid
+        assert "metrics.jsonl: lines 2, 5 cannot be read" in (run / "report.md").read_text()
+        assert "could not be drawn" not in page and "<td>Here.</td><td></td>" in page
