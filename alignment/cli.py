@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.config import ConfigError, load_config
     from alignment.data import DataError
     from alignment.preflight import check_stage
+    from alignment.tracking import fail_wandb
 
     # `kill` or a scheduler's stop (SIGTERM) tidies up as Ctrl-C does, instead of leaving the folder behind.
     main_thread = threading.current_thread() is threading.main_thread()
@@ -247,17 +248,22 @@ def main(argv: list[str] | None = None) -> int:
                                                                               command=stage):
             run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
+        fail_wandb(2)  # a stage's run (opened before the error) is closed as failed, not left to close as finished
         print(f"align {stage}: error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
+        fail_wandb(1)
         print(f"align {stage}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the unfinished folder is gone (discard_unfinished said so)
+        code = 143 if isinstance(err, Terminated) else 130
+        fail_wandb(code)
         print(f"align {stage}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return code
     except Exception as err:
         from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 
+        fail_wandb(1)
         if not isinstance(err, StoreError):
             raise
         print(f"align {stage}: {err}", file=sys.stderr)

@@ -32,7 +32,6 @@ from alignment.artifacts import (
     round_root,
     stage_dir,
 )
-from alignment.tracking import read_jsonl
 
 # What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (recipes/ppo.py), k1 = log
 # pi - log ref summed over a response (as eval's KL is); GRPO's and RLOO's are TRL's, a mean over tokens, of k3 =
@@ -47,7 +46,9 @@ PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "sft": [("Loss", "cross-entropy, nats per token", ["loss", "eval_loss"]),
             ("Learning rate", "learning rate", ["learning_rate"])],
     "reward": [("Loss", "-log sigmoid(reward gap), nats per pair", ["loss", "eval_loss"]),
-               ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy"])],
+               # eval_accuracy is align's, over the held-out pairs; TRL's evaluations during training log a mean of
+               # per-batch means (recipes/reward.py AlignRewardTrainer.log)
+               ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy_batch_mean", "eval_accuracy"])],
     "dpo": [("Loss", "loss per pair (sigmoid DPO: nats)", ["loss", "eval_loss"]),
             ("Implicit rewards", "β × log-ratio to the reference, per answer",
              ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
@@ -73,7 +74,8 @@ PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
 # A line's name in a plot's legend where the logged key does not say its basis: training figures are each logging
 # step's batches, the eval_ ones the held-out set's.
 LINES = {"loss": "training batches", "eval_loss": "held-out set", "accuracy": "training batches",
-         "eval_accuracy": "held-out set (over pairs)", "rewards/accuracies": "training batches",
+         "eval_accuracy": "held-out set (over pairs)",
+         "eval_accuracy_batch_mean": "held-out set (TRL: mean of per-batch means)", "rewards/accuracies": "training batches",
          "eval_rewards/accuracies": "held-out set"}
 # Eval's table rows whose figure has a unit or basis its key does not say.
 EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)"}
@@ -123,18 +125,46 @@ def _line_plot(title: str, ylabel: str, series: tuple[tuple[str, tuple[tuple[Any
     return render(fig)
 
 
+def _esc(value: Any) -> str:
+    """A manifest's field as HTML text: None as nothing, anything else as its str (html.escape of a None or a
+    number, a field an older or hand-edited manifest holds, failed the whole report)."""
+    return html.escape("" if value is None else str(value))
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return html.escape(str(v))
+    return _esc(v)
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+        f"<tr><td>{_esc(k)}</td><td>{_fmt(v)}</td></tr>"
         for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
     )
     return f"<table class='kv'>{rows}</table>" if rows else ""
+
+
+def _md(text: Any) -> str:
+    """Text for report.md: its <, > and & as entities, so that a name (a run's or stage folder's, a policy's, an
+    annotator's) is shown, never read as HTML by a Markdown viewer (a `<script>` in one ran there)."""
+    return html.escape(str(text), quote=False)
+
+
+def _md_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else _md(value)
+
+
+def _code(text: Any) -> str:
+    """`text` (a path) as a Markdown code span, its fence longer than any run of backticks in it (a ` would end
+    it); one holding <, > or & as escaped text instead (a viewer that does not keep a code span literal would
+    read it as HTML), each Markdown mark in it escaped."""
+    text = str(text)
+    if re.search(r"[<>&]", text):
+        return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _no_math(text: str) -> str:
@@ -173,9 +203,10 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     baseline = manifest.get("baseline", "sft")
     parts = []
     # Names as plain text: matplotlib reads "$...$" as math, and a name it cannot parse fails the section
-    reads = {(p, k): judged(manifest, row, k) for p, row in table.items() for k in row if k.endswith("/win_rate")}
+    reads = {(p, k): judged(manifest, row, k) for p, row in table.items() for k in row
+             if k.endswith("/win_rate") and isinstance(row[k], (int, float))}
     bars = [(_no_math(f"{p} · {k.split('/')[0]}" + (f" ({_ties(read['ties'])})" if read["ties"] is not None else "")),
-             table[p][k], table[p][k + "_ci"]) for (p, k), read in reads.items()]
+             table[p][k], read["ci"]) for (p, k), read in reads.items() if read["ci"]]
     prompts = {read["prompts"] for read in reads.values()}
     if bars:
         fig, ax = plt.subplots(figsize=(6.0, 0.5 + 0.55 * len(bars)))
@@ -197,31 +228,31 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     def cell(row: dict[str, Any], key: str) -> str:
         if key not in row:
             return ""
-        if key.endswith("/win_rate"):
+        if key.endswith("/win_rate") and isinstance(row[key], (int, float)):
             counts = [row.get(f"{key[:-len('/win_rate')]}/{c}") for c in COUNTS]
             return f"<b>{row[key]:.1%}</b>{_interval(row.get(key + '_ci'))}" + (
                 " · {} won, {} tied, {} lost".format(*counts) if all(isinstance(c, int) for c in counts) else "")
         return _fmt(row[key])
 
-    head = "".join(f"<th>{html.escape(p)}</th>" for p in table)
-    body = "".join(f"<tr><td>{html.escape(EVAL_ROWS.get(k, k))}</td>"
+    head = "".join(f"<th>{_esc(p)}</th>" for p in table)
+    body = "".join(f"<tr><td>{_esc(EVAL_ROWS.get(k, k))}</td>"
                    + "".join(f"<td>{cell(row, k)}</td>" for row in table.values())
                    + "</tr>" for k in keys)
     parts.append(f"<table><tr><th>figure</th>{head}</tr>{body}</table>")
     board = (manifest.get("human") or {}).get("leaderboard")
     if board:
-        rows = "".join(f"<tr><td>{html.escape(b['policy'])}</td><td>{b['rating']:.0f}</td>"
+        rows = "".join(f"<tr><td>{_esc(b['policy'])}</td><td>{b['rating']:.0f}</td>"
                        f"<td>[{b['ci'][0]:.0f}, {b['ci'][1]:.0f}]</td></tr>" for b in board)
-        parts.append(f"<h3>Human arena (Bradley-Terry; {html.escape(baseline)} = 1000; "
-                     f"{html.escape(verdicts(manifest['human']))})</h3><table><tr><th>policy</th><th>rating</th>"
+        parts.append(f"<h3>Human arena (Bradley-Terry; {_esc(baseline)} = 1000; "
+                     f"{_esc(verdicts(manifest['human']))})</h3><table><tr><th>policy</th><th>rating</th>"
                      f"<th>95% interval</th></tr>{rows}</table>")
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]] \
         if (folder / "samples.jsonl").is_file() else []
     if samples:
         names = list(table)
-        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-        rows = "".join("<tr><td>" + html.escape(s["prompt"]) + "</td>" + "".join(
-            f"<td>{html.escape(s.get(n, ''))}</td>" for n in names) + "</tr>" for s in samples)
+        head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+        rows = "".join("<tr><td>" + _esc(s["prompt"]) + "</td>" + "".join(
+            f"<td>{_esc(s.get(n, ''))}</td>" for n in names) + "</tr>" for s in samples)
         parts.append(f"<h3>Answers side by side</h3><table class='samples'><tr><th>prompt</th>{head}</tr>{rows}</table>")
     return "".join(parts)
 
@@ -277,7 +308,7 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{'' if v is None else _fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + f"</tr>{cells}</table>"
+    return "<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + f"</tr>{cells}</table>"
 
 
 def _rate(value: Any) -> str:
@@ -296,7 +327,7 @@ def probes_html(probes: dict[str, Any]) -> str:
                          + _table(["bucket", "pairs", "accuracy"], [[b["bucket"], b["pairs"], _rate(b["accuracy"])]
                                                                    for b in buckets]))
     if probes["by_agreement"].get("note"):
-        parts.append(f"<p class='meta'>{html.escape(probes['by_agreement']['note'])}</p>")
+        parts.append(f"<p class='meta'>{_esc(probes['by_agreement']['note'])}</p>")
     scorer = probes.get("scorer")
     head = ["probe", "edit of the rejected answer", "gated", "flips", "flip rate", "reward gain", "gain / mean gap"]
     if scorer:
@@ -312,8 +343,8 @@ def probes_html(probes: dict[str, Any]) -> str:
     gate = probes.get("gate")
     if gate:
         parts.append(f"<p>Gate (PPO refuses above <code>max_probe_flip_rate</code>, 0.25 by default; DPO warns): the "
-                     f"worst end-appended probe is <b>{html.escape(gate['edit'])}</b> at <b>{gate['rate']:.0%}</b> "
-                     f"({gate['flips']} of {gate['of']} pairs; {html.escape(gate['basis'])}).</p>")
+                     f"worst end-appended probe is <b>{_esc(gate['edit'])}</b> at <b>{gate['rate']:.0%}</b> "
+                     f"({gate['flips']} of {gate['of']} pairs; {_esc(gate['basis'])}).</p>")
     return "".join(parts)
 
 
@@ -325,10 +356,10 @@ def reliability_html(reliability: dict[str, Any]) -> str:
     used = "used to decide the pairs (combine=dawid_skene)" if reliability.get("used_for_pairs") else \
         "measured, not used (combine=dawid_skene would use it)"
     prior = reliability.get("prior") or {}
-    return (f"<h3>Annotator reliability</h3><p class='meta'>{html.escape(reliability.get('model', ''))}; {used}; "
+    return (f"<h3>Annotator reliability</h3><p class='meta'>{_esc(reliability.get('model', ''))}; {used}; "
             f"prior accuracy {prior.get('accuracy')} worth {prior.get('strength')} judgements. An annotator "
             "nobody else (nor a gold answer) checked keeps the prior.</p>"
-            + "".join(f"<p><b>Warning</b>: {html.escape(w)}</p>" for w in reliability.get("warnings") or [])
+            + "".join(f"<p><b>Warning</b>: {_esc(w)}</p>" for w in reliability.get("warnings") or [])
             + _table(["annotator", "est. accuracy", "95% interval", "vote weight", "judgements", "checked", "gold",
                       "right on gold"], rows))
 
@@ -339,7 +370,7 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
     annotators = summary.get("annotators") or summary.get("per_annotator")
     parts = []
     if isinstance(annotators, dict) and annotators:
-        rows = "".join(f"<tr><td>{html.escape(str(a))}</td><td>{_fmt(n)}</td></tr>" for a, n in annotators.items())
+        rows = "".join(f"<tr><td>{_esc(str(a))}</td><td>{_fmt(n)}</td></tr>" for a, n in annotators.items())
         parts.append(f"<h3>Annotators</h3><table><tr><th>annotator</th><th>rankings</th></tr>{rows}</table>")
     if summary.get("reliability"):
         parts.append(reliability_html(summary["reliability"]))
@@ -359,8 +390,8 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
         pass
     if pairs:
         rows = "".join(
-            f"<tr><td>{html.escape(p['prompt'][-1]['content'])}</td><td>{html.escape(p['chosen'][-1]['content'])}</td>"
-            f"<td>{html.escape(p['rejected'][-1]['content'])}</td></tr>" for p in pairs)
+            f"<tr><td>{_esc(p['prompt'][-1]['content'])}</td><td>{_esc(p['chosen'][-1]['content'])}</td>"
+            f"<td>{_esc(p['rejected'][-1]['content'])}</td></tr>" for p in pairs)
         parts.append("<h3>Example pairs</h3><table class='samples'><tr><th>prompt</th><th>chosen</th>"
                      f"<th>rejected</th></tr>{rows}</table>")
     return "".join(parts)
@@ -375,43 +406,53 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def headline(run_dir: Path) -> str:
-    """The answer first: did the aligned policy beat the baseline, by how much, how sure."""
+    """The answer first: did the aligned policy beat the baseline, by how much, how sure. An eval manifest of
+    another shape (another align version's, edited by hand) says so there instead of failing the report."""
     path = stage_dir(run_dir, "eval") / MANIFEST
     m = _manifest(path.parent)
     if m is None:
         return ""
-    changed = changed_parents(m, path.parent)  # a verdict on a policy (or by a judge) remade since is not its own
+    try:
+        return _headline(m, path.parent)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        return (f"<div class='headline'><ul><li>eval's verdicts could not be read from its {MANIFEST} "
+                f"({_esc(repr(err))}): run align eval again</li></ul></div>")
+
+
+def _headline(m: dict[str, Any], folder: Path) -> str:
+    changed = changed_parents(m, folder)  # a verdict on a policy (or by a judge) remade since is not its own
     items = []
-    for name, row in m.get("policies", {}).items():
+    for name, row in (m.get("policies") or {}).items():
         for key, value in row.items():
-            if key.endswith("/win_rate"):
-                lo, hi = row[key + "_ci"]
+            if key.endswith("/win_rate") and isinstance(value, (int, float)):
                 read = judged(m, row, key)
+                lo, hi = read["ci"] or (0.5, 0.5)  # no interval (an eval that recorded none): no verdict either
                 stale = [f"eval measured an earlier {n}; its folder {since}" for n, (_, since) in changed.items()
                          if n in (name, m.get("baseline"), key[:-9])]
                 # the sign test said, where it alone keeps the interval from deciding (4 wins of 4: p 0.125)
                 undecided = read["verdict"].startswith("is not") and (lo > 0.5 or hi < 0.5)
-                items.append(f"<li><b>{html.escape(name)}</b> {read['verdict']} <b>{html.escape(m.get('baseline', ''))}</b> "
-                             f"judged by {html.escape(key[:-9])}: win-rate <b>{value:.1%}</b>"
-                             f"{_interval(row[key + '_ci'])} {over_prompts(read['prompts'], read['ties'])}"
+                items.append(f"<li><b>{_esc(name)}</b> {read['verdict']} <b>{_esc(m.get('baseline', ''))}</b> "
+                             f"judged by {_esc(key[:-9])}: win-rate <b>{value:.1%}</b>"
+                             f"{_interval(read['ci'])} {over_prompts(read['prompts'], read['ties'])}"
                              + (f", sign test p = {read['p']:.3g}" if undecided else "")
                              + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "")
-                             + (f" · <b>caution</b>: {html.escape('; '.join(stale))}" if stale else "")
+                             + (f" · <b>caution</b>: {_esc('; '.join(stale))}" if stale else "")
                              + "</li>")
     board, baseline = m.get("human"), m.get("baseline", "")
     if isinstance(board, dict):  # people's verdicts: a rating with its interval, over how many verdicts
         rated = [r for r in board.get("leaderboard") or [] if r["policy"] != baseline]
-        items += [f"<li><b>{html.escape(r['policy'])}</b> vs <b>{html.escape(baseline)}</b> judged by people (blind A/B, "
-                  f"{html.escape(verdicts(board))}): Bradley-Terry rating <b>{r['rating']:.0f}</b>"
-                  " [{:.0f}, {:.0f}]".format(*r["ci"]) + f" against {html.escape(baseline)}'s 1000</li>" for r in rated]
+        items += [f"<li><b>{_esc(r['policy'])}</b> vs <b>{_esc(baseline)}</b> judged by people (blind A/B, "
+                  f"{_esc(verdicts(board))}): Bradley-Terry rating <b>{r['rating']:.0f}</b>"
+                  " [{:.0f}, {:.0f}]".format(*r["ci"]) + f" against {_esc(baseline)}'s 1000</li>" for r in rated]
         if not board.get("leaderboard"):
-            items += [f"<li>{html.escape(line)}</li>" for line in human_lines(m)]
+            items += [f"<li>{_esc(line)}</li>" for line in human_lines(m)]
     return f"<div class='headline'><ul>{''.join(items)}</ul></div>" if items else ""
 
 
 def _headline_md(run_dir: Path) -> str:
+    """The headline as report.md's lines: its markup gone, its text as text (_md)."""
     text = headline(run_dir).replace("<li>", "- ").replace("</li>", "\n")
-    return html.unescape(re.sub(r"<[^>]+>", "", text)) + "\n"
+    return _md(html.unescape(re.sub(r"<[^>]+>", "", text))) + "\n"
 
 
 def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
@@ -425,8 +466,8 @@ def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
     table = curve.get("curve") or {}
     arms = list(next(iter(table.values()), {}))
     if table:
-        head = "".join(f"<th>{html.escape(a)}</th>" for a in arms)
-        body = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(
+        head = "".join(f"<th>{_esc(a)}</th>" for a in arms)
+        body = "".join(f"<tr><td>{_esc(n)}</td>" + "".join(
             f"<td>{row[a]['accuracy']:.3f} [{row[a]['ci'][0]:.3f}, {row[a]['ci'][1]:.3f}]"
             + (f" ({row[a]['delta']:+.3f})" if "delta" in row[a] else "") + "</td>" for a in arms) + "</tr>"
             for n, row in table.items())
@@ -483,8 +524,9 @@ def human_lines(manifest: dict[str, Any]) -> list[str]:
 
 def judged(manifest: dict[str, Any], row: dict[str, Any], key: str) -> dict[str, Any]:
     """A win-rate's reading (`key` = '<judge>/win_rate' of a policy's `row`): its prompts, ties (None when the
-    eval did not count them), sign-test p and verdict (alignment.evaluation.verdict: the one place its words
-    are decided). Without counts, the p is the largest that the win-rate and prompts allow."""
+    eval did not count them), sign-test p, interval (`ci`) and verdict (alignment.evaluation.verdict: the one
+    place its words are decided). Without counts, the p is the largest that the win-rate and prompts allow;
+    without an interval (None, or none recorded), no verdict: "vs"."""
     from alignment.evaluation import sign_test, sign_test_bound, verdict
 
     judge = key[:-len("/win_rate")]
@@ -495,7 +537,10 @@ def judged(manifest: dict[str, Any], row: dict[str, Any], key: str) -> dict[str,
     else:
         prompts, ties = manifest.get("prompts"), None
         p = sign_test_bound(float(row[key]), prompts) if isinstance(prompts, int) else 1.0
-    return {"prompts": prompts, "ties": ties, "p": p, "verdict": verdict(row[key + "_ci"], p)}
+    ci = row.get(key + "_ci")
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
+        return {"prompts": prompts, "ties": ties, "p": p, "verdict": "vs", "ci": None}  # no interval: no verdict
+    return {"prompts": prompts, "ties": ties, "p": p, "verdict": verdict(ci, p), "ci": tuple(ci)}
 
 
 def _steps(m: dict[str, Any]) -> str | None:
@@ -622,6 +667,13 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         for name, (where, since) in changed_parents(manifest, folder).items():  # a policy or judge remade since
             found.append(f"eval measured {name} as it was at {manifest['parents'][name]['created']}; {where} {since}"
                          ": its figures are not this one's until align eval runs again")
+    else:  # a stage built on an input remade since (a reward model on an earlier export): not of the run as it is
+        spec = STAGES.get(kind)
+        command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
+            f"align {kind}"
+        for name, (where, since) in changed_parents(manifest, folder).items():
+            found.append(f"built on {name} as it was at {manifest['parents'][name]['created']}; {where} {since}: "
+                         f"it is not built on the {name} there now until {command} runs again")
     return found
 
 
@@ -661,7 +713,7 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
         if manifest is None:  # kept for its checkpoints (finished_sections(unfinished=True)), or its manifest spoilt
             said = resume_note(kind, folder) if not (folder / MANIFEST).is_file() else \
                 f"its {MANIFEST} cannot be read: run the stage again"
-            rows.append(f"<tr><td>{html.escape(folder.name)}</td><td></td><td>{html.escape(said)}</td></tr>")
+            rows.append(f"<tr><td>{_esc(folder.name)}</td><td></td><td>{_esc(said)}</td></tr>")
             md.append(f"- {folder.name}: {said}")
             continue
         kind = kind if kind in STAGES else manifest.get("stage", kind)
@@ -670,9 +722,9 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
         except (KeyError, TypeError, ValueError, IndexError):  # a manifest of another align version: its section says it
             figures, found = [], []
         figures = figures or ["—"]  # or a folder it has no figures for (align merge's)
-        name, clock = html.escape(folder.name), _clock(manifest.get("seconds"))
+        name, clock = _esc(folder.name), _clock(manifest.get("seconds"))
         rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{clock}</td>"
-                    f"<td>{html.escape(' · '.join(figures))}</td></tr>")
+                    f"<td>{_esc(' · '.join(figures))}</td></tr>")
         md.append(f"- {folder.name}{f' ({clock})' if clock else ''}: {' · '.join(figures)}")
         warn += [f"{folder.name}: {text}" for text in found]
     if not rows:
@@ -680,7 +732,7 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
     page = f"<table class='glance'><tr><th>stage</th><th>time</th><th>outcome</th></tr>{''.join(rows)}</table>"
     if warn:
         page += "<div class='cautions'><b>Look at before using the result</b><ul>" + "".join(
-            f"<li>{html.escape(w)}</li>" for w in warn) + "</ul></div>"
+            f"<li>{_esc(w)}</li>" for w in warn) + "</ul></div>"
         md += ["", "Look at before using the result:", *[f"- {w}" for w in warn]]
     return page, "\n".join(md) + "\n"
 
@@ -697,30 +749,66 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     manifest = _manifest(folder)
     if manifest is None:
         return None
-    rows = read_jsonl(folder / "metrics.jsonl")
+    rows, unreadable = _log_rows(folder / "metrics.jsonl")
+    if stage == "reward":
+        rows = [_trl_eval_renamed(r) for r in rows]
     plots = [plot_series(t, rows, keys, ylabel) for t, ylabel, keys in PLOTS.get(stage, [])]
-    imgs = "".join(f"<img alt='{html.escape(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
+    imgs = "".join(f"<img alt='{_esc(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
     kind = stage if stage in SECTIONS else manifest.get("stage")
     try:
         extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
     except (KeyError, TypeError, ValueError, IndexError) as err:  # a manifest of another align version
-        extra = f"<p class='meta'>Its figures could not be drawn from its manifest ({html.escape(repr(err))}).</p>"
-    title = html.escape(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
-    plan = f" · {html.escape(manifest['device_plan'])}" if manifest.get("device_plan") else ""
+        extra = f"<p class='meta'>Its figures could not be drawn from its manifest ({_esc(repr(err))}).</p>"
+    title = _esc(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
+    plan = f" · {_esc(manifest['device_plan'])}" if manifest.get("device_plan") else ""
     warning = manifest.get("reward_probe_warning")
     metrics = "" if kind == "eval" else _metrics_table(manifest.get("metrics", {}))  # eval's table shows them all
     if metrics and (imgs or extra):  # the figures above say it; every logged number a click away
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     parts = [f"<section id='{title}'><h2>{title}</h2>",
-             f"<p class='meta'>{html.escape(str(folder))} · {html.escape(manifest.get('created', ''))}"
-             f" · base {html.escape(str(manifest.get('base_model')))}{plan}</p>",
-             f"<p class='caution'>{html.escape(warning)}</p>" if warning else "",
+             f"<p class='meta'>{_esc(str(folder))} · {_esc(manifest.get('created', ''))}"
+             f" · base {_esc(str(manifest.get('base_model')))}{plan}</p>",
+             f"<p class='caution'>{_esc(warning)}</p>" if warning else "",
+             f"<p class='meta'>{_esc(unreadable)}</p>" if unreadable else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {title}", "", f"`{folder}`", ""]
-    md += [f"- {k}: {_fmt(v)}" for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float, str))]
+    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([_md(unreadable), ""] if unreadable else [])]
+    md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
+           if isinstance(v, (int, float, str))]
     if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
-        md += [f"- {line}" for line in human_lines(manifest)]
+        md += [f"- {_md(line)}" for line in human_lines(manifest)]
     return "".join(parts), "\n".join(md) + "\n"
+
+
+def _log_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """A stage's metrics.jsonl rows for its plots, and a line naming those that cannot be read ('' if none): a
+    line spoilt in the middle (a disk that filled, an edit) failed the whole report (read_jsonl forgives only a
+    last line cut short, which is left out here too, unsaid)."""
+    if not path.is_file():
+        return [], ""
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    rows, bad = [], []
+    for i, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i < len(lines) - 1 or row is not None:
+            bad.append(number)
+    said = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return rows, f"{path.name}: line{'s' if len(bad) > 1 else ''} {said} cannot be read, left out of the plots" \
+        if bad else ""
+
+
+def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
+    """A reward stage's log row as it is logged now: before TRL's evaluations were renamed *_batch_mean
+    (AlignRewardTrainer.log), their eval_accuracy was a mean of per-batch means beside align's over the pairs
+    (its row, the last, has eval_pairs), and both were drawn as one line."""
+    if "eval_accuracy" in row and "eval_pairs" not in row:
+        return {("eval_accuracy_batch_mean" if k == "eval_accuracy" else k): v for k, v in row.items()}
+    return row
 
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -807,7 +895,7 @@ def write_report(run_dir: str | Path) -> Path:
     sections = finished_sections(run_dir, unfinished=True)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
     name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m alignment.report .` names the folder, not ""
-    bodies, mds, shown = [], [f"# align run: {name}\n", _headline_md(run_dir), glance_md], []
+    bodies, mds, shown = [], [f"# align run: {_md(name)}\n", _headline_md(run_dir), _md(glance_md)], []
     for stage, folder in sections:
         section = stage_section(stage, run_dir / folder)
         if section:
@@ -819,23 +907,23 @@ def write_report(run_dir: str | Path) -> Path:
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
     if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more
-        top = f"<div class='cautions'>{html.escape(own)}</div>{top}"
-        mds[1] = f"{own}\n\n{mds[1]}"
+        top = f"<div class='cautions'>{_esc(own)}</div>{top}"
+        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
-        top = (f"<p class='meta'>{html.escape(current[-1].name)}, the last round:</p>{headline(current[-1])}"
+        top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
-        mds[1] = f"{current[-1].name}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
+        mds[1] = f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
     if rounds:
-        items = "".join(f"<li><a href='{html.escape(r.name)}/report.html'>{html.escape(r.name)}</a>"
-                        + (f"<p class='caution'>{html.escape(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
+        items = "".join(f"<li><a href='{_esc(r.name)}/report.html'>{_esc(r.name)}</a>"
+                        + (f"<p class='caution'>{_esc(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
                         for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
-        mds += ["## later rounds\n"] + [f"- [{r.name}]({r.name}/report.md)" + (f": {stale[r]}" if r in stale else "")
+        mds += ["## later rounds\n"] + [f"- [{_md(r.name)}]({r.name}/report.md)" + (f": {_md(stale[r])}" if r in stale else "")
                                          for r in rounds]
-    nav = " · ".join(f"<a href='#{html.escape(s)}'>{html.escape(s)}</a>" for s in shown)
+    nav = " · ".join(f"<a href='#{_esc(s)}'>{_esc(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {html.escape(name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>align run: {html.escape(name)}</h1>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {_esc(name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>align run: {_esc(name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{top}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
     out.write_text(page)

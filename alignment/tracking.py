@@ -15,6 +15,7 @@ import netrc
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,12 +82,25 @@ def wandb_reachable(timeout: float = 2.0) -> bool:
 
 
 def has_wandb_key() -> bool:
+    """Whether wandb would find a key: WANDB_API_KEY, or the `wandb login` entry for the server (WANDB_BASE_URL's,
+    else api.wandb.ai) in the netrc file wandb reads (NETRC's, else ~/.netrc). Only api.wandb.ai in ~/.netrc
+    was looked up: a self-hosted server's key, or one in a NETRC file, left run.wandb=auto offline."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    url = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+    try:  # wandb's own reader (the file, the entry's name, a forge's upstream), where this wandb has it
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        return read_netrc_auth(host=url) is not None
+    except Exception:  # noqa: BLE001 - no wandb, one that moved its reader, or a URL or key it refuses: ours
+        pass
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        found = netrc.netrc(os.path.expanduser(path))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    split = urlsplit(url)  # `wandb login --host` writes the server's host:port as the machine
+    return any(found.authenticators(name) for name in dict.fromkeys((split.netloc, split.hostname)) if name)
 
 
 def run_name(run_dir: Path) -> str:
@@ -313,3 +327,17 @@ def finish_wandb() -> None:
         return
     if wandb.run is not None:
         wandb.run.finish()
+
+
+def fail_wandb(exit_code: int) -> None:
+    """Close this process's open W&B run as failed, with `exit_code` (1 for an error, 130 for Ctrl-C, 143 for
+    SIGTERM): a stage that failed or was stopped left its run open, and wandb's exit hook closed it as
+    finished, exit code 0, like one that ended well. Nothing when wandb was never imported (no run started)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as err:  # noqa: BLE001 - W&B's trouble must not hide the stage's own error
+        log.warning("W&B: could not mark the run as failed (%s)", err)

@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from alignment import StageError, process_count
+from alignment import StageError, process_count, report
 from alignment.artifacts import print_done, shell, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.preflight import check_stage
@@ -92,6 +92,8 @@ def main(cfg: ExportStageConfig) -> Path:
                        + (f", {r[8]:.0%} of them right)" if r[8] is not None else ")") for r in reliability_rows(people)))
     for warning in summary["reliability"].get("warnings") or []:
         log.warning("annotator reliability: %s", warning)
+    if Path(cfg.run.dir).is_dir():  # as every stage does (output= elsewhere: the run's report, if it has one)
+        log.info("report: %s", report.write_report(cfg.run.dir))
     run = f"run.dir={shell(cfg.run.dir)}" + (f" data.path={shell(out)}" if cfg.output else "")
     print_done("export", out, f"align reward {run}   or   align dpo {run}")
     return out

@@ -115,7 +115,8 @@ class AlignRewardTrainer(RewardTrainer):
     - per-pair weights and soft labels in the loss (`weight`, `p_chosen` columns): TRL's loss reads a
       margin only. compute_loss lets TRL run the model and log its figures, then replaces the loss
       with alignment.reward_model's (TRL's own loss in evaluation when a batch has neither column);
-    - in training, every pair weighing the same whatever the size of its batch (compute_loss).
+    - in training, every pair weighing the same whatever the size of its batch (compute_loss);
+    - TRL's held-out figures logged as what they are (log).
     """
 
     def __init__(self, *args, group_by_ranking: bool = True, **kwargs):
@@ -163,6 +164,16 @@ class AlignRewardTrainer(RewardTrainer):
                 summed = losses.sum() / self.args.per_device_train_batch_size
                 loss = summed + (loss - summed).detach()
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's evaluation figures (accuracy, margin, rewards) are means of its per-batch means, logged as
+        eval_accuracy, ...: the name of the stage's own held-out accuracy over pairs (heldout_metrics), which
+        metrics.jsonl, W&B and the report then held two figures under. Here they are eval_*_batch_mean."""
+        if not self.model.training:  # an evaluation's log: TRL adds its averages, prefixed eval_, to `logs`
+            figures = self._metrics["eval"]
+            for key in [k for k in figures if k != "num_tokens" and not k.endswith("_batch_mean")]:
+                figures[f"{key}_batch_mean"] = figures.pop(key)
+        super().log(logs, start_time)
 
 
 def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> tuple[DatasetDict, str]:

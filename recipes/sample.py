@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment import StageError, process_count
+from alignment import StageError, process_count, report
 from alignment.artifacts import (
     key_prefix,
     print_done,
@@ -279,5 +279,6 @@ def main(cfg: SampleStageConfig) -> Path:
     from labeling.store import safe_url  # a password in the URL masked: hints land in logs
 
     where = f"--run-dir {shell(cfg.run.dir)}" + (f" --db {shell(safe_url(cfg.store))}" if cfg.store else "")
+    log.info("report: %s", report.write_report(cfg.run.dir))  # as every stage does: the run's, with this batch
     print_done("sample", out, f"align label {where}   (unattended: align label {where} --simulate support_style)")
     return out

@@ -860,3 +860,36 @@ def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, mo
     err = capsys.readouterr().err
     assert "align sft: terminated" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "sft").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stage_that_fails_or_is_stopped_closes_its_wandb_run_as_failed(tmp_path, monkeypatch, capsys):
+    """A stage that failed after opening its W&B run, or was stopped, left the run open, and wandb's exit hook
+    closed it as finished, exit code 0: in W&B it looked like a stage that ended well."""
+    import json
+    import subprocess
+    import sys
+
+    from alignment import StageError, cli
+    from alignment.tracking import start_wandb_run
+
+    for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_JOB_TYPE"):
+        monkeypatch.delenv(key, raising=False)  # put back as they were after the test
+    ways = {"stage error": (StageError("no data"), 1), "sigterm": (cli.Terminated(), 143),
+            "a bug": (RuntimeError("a bug"), None)}
+    for name, (error, code) in ways.items():
+        run = tmp_path / name.replace(" ", "-")
+
+        def fails(stage, cfg, error=error):
+            start_wandb_run(cfg.run, stage, {"lr": 1})  # as the stage does, before its model loads
+            raise error
+
+        monkeypatch.setattr(cli, "run_stage", fails)
+        if code is None:  # not the CLI's to say: the traceback, and the run closed as failed
+            with pytest.raises(RuntimeError):
+                align(["sft", f"run.dir={run}", "run.wandb=offline"])
+        else:
+            assert align(["sft", f"run.dir={run}", "run.wandb=offline"]) == code
+        [folder] = (run / "wandb").glob("offline-run-*")
+        info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
+                                          str(folder)], capture_output=True, text=True, check=True).stdout)
+        assert (info["state"], info["exit_code"]) == ("failed", code or 1), (name, info)

@@ -138,6 +138,40 @@ def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
     assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
 
 
+def test_wandb_auto_finds_a_login_for_a_self_hosted_server_and_in_a_netrc_file(tmp_path, monkeypatch):
+    """`wandb login --host https://wandb.corp:8443` keeps the key under that host, and NETRC names another file:
+    only api.wandb.ai in ~/.netrc was looked up, so run.wandb=auto logged such a user's runs offline. wandb's own
+    reader where it has one, else the same lookup here."""
+    import sys
+
+    from alignment import tracking
+
+    home, other = tmp_path / "home", tmp_path / "netrc"
+    home.mkdir()
+    (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+    other.write_text("machine wandb.corp:8443\n  login user\n  password local-" + "b" * 40 + "\n")
+    for path in (home / ".netrc", other):
+        path.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    for reader in ("wandb's", "ours"):
+        if reader == "ours":
+            monkeypatch.setitem(sys.modules, "wandb.sdk.lib.wbauth", None)  # an import of it fails
+        monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+        monkeypatch.delenv("NETRC", raising=False)
+        assert tracking.has_wandb_key(), reader  # the cloud's key in ~/.netrc
+        monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp:8443")
+        assert not tracking.has_wandb_key(), reader  # the cloud's key is not the server's
+        monkeypatch.setenv("NETRC", str(other))
+        assert tracking.has_wandb_key(), reader  # the server's, in the file NETRC names
+        monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+        assert not tracking.has_wandb_key(), reader
+        monkeypatch.setenv("WANDB_API_KEY", "c" * 40)
+        assert tracking.has_wandb_key(), reader
+        monkeypatch.delenv("WANDB_API_KEY")
+
+
 def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypatch, caplog):
     """A key in ~/.netrc on a machine with no network: auto went online, wandb.init waited 90 s and every stage
     ended in a traceback (export, sample and eval after writing their manifest). The server is asked first."""

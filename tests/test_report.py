@@ -6,6 +6,7 @@ real pipeline's manifests in a browser."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -600,3 +601,116 @@ def test_a_copied_runs_parents_are_read_in_the_copy_and_a_rounds_in_its_roots(tm
     m = json.loads((run / "dpo" / MANIFEST).read_text())  # in place: as recorded
     assert parent_path(m["parents"]["sft"]["path"], run / "dpo", m) == run / "sft"
     assert in_this_run(run / "data.jsonl", copy / "dpo", m) == copy / "data.jsonl"
+
+
+def test_the_reward_accuracy_over_pairs_is_aligns_alone(tmp_path, monkeypatch):
+    """TRL's evaluations during training (eval_steps < max_steps) logged eval_accuracy, a mean of per-batch means,
+    under the name of align's held-out accuracy over pairs: one line, "over pairs", drew both. A log from before
+    TRL's were renamed *_batch_mean (its rows without eval_pairs) is drawn as a new one is."""
+    from alignment import report
+
+    drawn = {}
+
+    def png(fig):
+        import matplotlib.pyplot as plt
+
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    drawn[(ax.get_title(), line.get_label())] = list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", png)
+    ours = {"step": 40, "eval_accuracy": 0.4, "eval_pairs": 59, "eval_accuracy_ci": [0.27, 0.55]}
+    for trls in ("eval_accuracy", "eval_accuracy_batch_mean"):
+        drawn.clear()
+        report._line_plot.cache_clear()
+        shutil.rmtree(tmp_path / "reward", ignore_errors=True)
+        write(tmp_path, "reward", REWARD)
+        (tmp_path / "reward" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"step": 20, "accuracy": 0.6}, {"step": 20, trls: 0.37}, {"step": 40, trls: 0.41}, ours]))
+        write_report(tmp_path)
+        assert drawn[("Accuracy", "held-out set (over pairs)")] == [(40, 0.4)], trls
+        assert drawn[("Accuracy", "held-out set (TRL: mean of per-batch means)")] == [(20, 0.37), (40, 0.41)]
+
+
+def test_sample_and_export_rewrite_the_report_and_a_stage_on_a_remade_input_says_so(tiny_model, tmp_path):
+    """Every stage rewrites the run's report as it ends; sample and export did not, so after them report.html
+    and report.md still showed the run before them. A stage built on an input made again since (a reward model
+    on an earlier export, a sample of an earlier sft) was cautioned about for eval alone."""
+    from alignment.cli import main as align
+
+    run, data, prompts = tmp_path / "run", tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Ticket {i}: where is Sync?", "input": "",
+                                        "output": "Thanks! Open Settings."}) + "\n" for i in range(8)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Where is setting {i}?"}) + "\n" for i in range(3)))
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=1",
+                  "data.eval_fraction=0", "model.quantize=false", "model.max_length=64", "run.wandb=disabled"]) == 0
+    assert align(["sample", f"run.dir={run}", f"prompts={prompts}", "k=2", "max_resample=0", "num_prompts=3",
+                  "generation.max_new_tokens=4", "run.wandb=disabled"]) == 0
+    assert "## sample" in (run / "report.md").read_text() and "<section id='sample'>" in (run / "report.html").read_text()
+    assert align(["label", "--run-dir", str(run), "--simulate", "support_style"]) == 0
+    assert align(["export", f"run.dir={run}", "run.wandb=disabled", "test_fraction=0"]) == 0
+    assert "## preferences" in (run / "report.md").read_text()
+    # the sft made again: the sample (its answers were the old policy's) says so on the first screen
+    sample = json.loads((run / "sample" / MANIFEST).read_text())
+    manifest = json.loads((run / "sft" / MANIFEST).read_text())
+    (run / "sft" / MANIFEST).write_text(json.dumps({**manifest, "created": "2099-01-01T00:00:00+0000"}))
+    assert cautions("sample", sample, run / "sample")[-1:] == [  # after the answers cut at 4 tokens
+        f"built on policy as it was at {sample['parents']['policy']['created']}; {run / 'sft'} was made again at "
+        "2099-01-01T00:00:00+0000: it is not built on the policy there now until align sample runs again"]
+    assert "- sample: built on policy as it was at" in glance_text(run)
+    ppo = {"stage": "grpo", "parents": {"sft": {"path": str(run / "gone"), "created": "2026-01-01T00:00:00+0000"}}}
+    assert cautions("grpo", ppo, run / "grpo")[-1].endswith(f"{run / 'gone'} is gone: it is not built on the sft there "
+                                                            "now until align ppo algo=grpo runs again")
+
+
+def test_report_md_shows_names_as_text_never_as_html(tmp_path):
+    """report.md took the headline's text unescaped and the first screen, cautions, paths, metric keys and the
+    human board as they were: a run, folder, policy or annotator named `<script>...` was HTML there."""
+    import re
+
+    bad, folder = "<script>alert('x')</script>&", "<img src=x onerror=alert(1)>&"  # a folder's name: no /
+    run = tmp_path / f"run{folder}"
+    board = {"leaderboard": [{"policy": bad, "rating": 1010.0, "ci": [990.0, 1030.0]},
+                             {"policy": "sft", "rating": 1000.0, "ci": [1000.0, 1000.0]}], "comparisons": 5}
+    write(run, "eval", {**EVAL, "policies": {"sft": EVAL["policies"]["sft"], bad: EVAL["policies"]["dpo"]},
+                        "prompts_seen_in_training": {bad: 3}, "human": board})
+    write(run, "preferences", {**EXPORT, "metrics": {**EXPORT["metrics"], bad: 1},
+                               "summary": {"annotators": {bad: 4}, "reliability": {"warnings": [f"{bad} disagrees"]}}})
+    write(run, f"x{folder}", {"stage": "merge", "metrics": {"k": bad}})
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert not re.search(r"<[A-Za-z/!?]", md), [line for line in md.splitlines() if re.search(r"<[A-Za-z/!?]", line)]
+    shown, folder = "&lt;script&gt;alert('x')&lt;/script&gt;&amp;", "&lt;img src=x onerror=alert(1)&gt;&amp;"
+    assert f"# align run: run{folder}" in md and f"- {shown} is not distinguishable from sft judged by" in md
+    assert f"- eval: {shown} was trained on 3 of the 48 eval prompts" in md and f"- preferences: {shown} disagrees" in md
+    assert f"- {shown}: 1" in md and f"## x{folder}" in md and f"- k: {shown}" in md
+    assert "x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;\n" in md  # its path: escaped text, not a code span
+    assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
+    # a path stays a code span where it can (its backticks fenced by a longer run)
+    from alignment.report import _code
+
+    assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
+
+
+def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
+    """Each of these failed write_report, and so the stage that wrote it: an eval manifest without its win-rate
+    intervals or with null ones (the headline unpacked them), a metrics.jsonl line spoilt in the middle (only a
+    last line cut short was forgiven), a null `created` or a null answer in eval's samples (html.escape(None))."""
+    no_ci = {k: v for k, v in EVAL["policies"]["dpo"].items() if not k.endswith("_ci")}
+    null_ci = {k: None if k.endswith("_ci") else v for k, v in EVAL["policies"]["dpo"].items()}
+    for name, row in (("missing", no_ci), ("null", null_ci)):
+        run = tmp_path / name
+        write(run, "eval", {**EVAL, "created": None, "policies": {"sft": EVAL["policies"]["sft"], "dpo": row}})
+        (run / "eval" / "samples.jsonl").write_text(json.dumps({"prompt": "Where is Sync?", "sft": "Here.", "dpo": None}))
+        write(run, "sft", SFT)
+        (run / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.4}\n{"step": 2, "lo\n{"step": 3, "loss": 3.1}\n'
+                                                   '\n"a string"\n{"step": 4, "loss": 3.0}\n{"step": 5, "lo')
+        page = write_report(run).read_text()
+        assert "<li><b>dpo</b> vs <b>sft</b> judged by scorer:support_style: win-rate <b>80.2%</b> over 48 prompts " \
+               "(1 tie) · KL 3.222 nats</li>" in page, name  # no interval: no verdict, the rest as it is
+        assert "metrics.jsonl: lines 2, 5 cannot be read, left out of the plots" in page  # the cut last line: unsaid
+        assert "metrics.jsonl: lines 2, 5 cannot be read" in (run / "report.md").read_text()
+        assert "could not be drawn" not in page and "<td>Here.</td><td></td>" in page

@@ -873,3 +873,17 @@ def test_a_reward_model_is_loaded_and_selected_by_what_its_manifest_says(reward_
                 check_selection_model("selection_reward_model", str(rm), str(tmp_path))
         else:
             check_selection_model("selection_reward_model", str(rm), str(tmp_path))
+
+
+def test_trls_held_out_figures_are_logged_as_batch_means_not_as_the_accuracy_over_pairs(reward_run):
+    """eval_steps=15 < max_steps=30: TRL evaluates twice in training and logged eval_accuracy (a mean of its
+    per-batch means) under the name of the stage's own accuracy over the held-out pairs; metrics.jsonl and W&B
+    held both under one key. TRL's are eval_*_batch_mean; eval_accuracy is align's alone."""
+    reward_run, _ = reward_run
+    rows = read_jsonl(reward_run / "metrics.jsonl")
+    ours = [r for r in rows if "eval_accuracy" in r]
+    assert len(ours) == 1 and ours[0]["eval_pairs"] == 16, ours
+    trls = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in trls] == [15, 30]
+    assert all({"eval_accuracy_batch_mean", "eval_margin_batch_mean", "eval_mean_reward_batch_mean"} <= set(r)
+               and "eval_margin" not in r for r in trls), trls
