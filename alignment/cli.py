@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import errno
 import importlib
 import importlib.util
 import logging
@@ -264,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 
         fail_wandb(1)
-        if not isinstance(err, StoreError):
+        said = disk_error(err)
+        if said is None and not isinstance(err, StoreError):
             raise
-        print(f"align {stage}: {err}", file=sys.stderr)
+        print(f"align {stage}: {said or err}", file=sys.stderr)
         return 1
     finally:
         if main_thread:
@@ -282,6 +284,24 @@ def unknown_option(arg: str) -> str:
     close = difflib.get_close_matches(arg.split("=", 1)[0], OPTIONS, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown option {arg}{hint}; options: {', '.join(OPTIONS)}; settings are section.key=value"
+
+
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_error(err: BaseException) -> str | None:
+    """A full disk or a refused read/write (a stage's weights, checkpoint or report), said in one line with its file,
+    in place of a traceback through safetensors or the Trainer; None for any other error. The state left behind is
+    as after Ctrl-C: the unfinished folder gone, its checkpoints kept."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK:
+            where = f"{seen.filename}: " if seen.filename else ""
+            return f"{where}{seen.strerror or seen} (free space or fix the permissions, then run it again)"
+        seen = seen.__cause__ or seen.__context__
+    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):  # safetensors' own error
+        return f"{str(err).strip()} (free space, then run it again)"
+    return None
 
 
 class Terminated(KeyboardInterrupt):

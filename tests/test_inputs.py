@@ -862,6 +862,41 @@ def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, mo
     assert not (tmp_path / "run" / "sft").exists() and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A full disk (safetensors' own error, or an OSError from the Trainer) or a permission refused mid-stage was a
+    30-line traceback; it is one line with the file, exit code 1. Any other error still raises."""
+    import errno
+
+    from alignment import cli
+
+    cases = [(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "sft" / "model.safetensors")),
+              f"{tmp_path / 'sft' / 'model.safetensors'}: No space left on device (free space"),
+             (PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "report.html")),
+              f"{tmp_path / 'report.html'}: Permission denied (free space or fix the permissions"),
+             (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           "\"No space left on device\" })"), "No space left on device"),
+             (ValueError("wrapped"), None)]
+    for error, said in cases:
+        def fails(stage, cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "run_stage", fails)
+        if said is None:
+            with pytest.raises(ValueError):
+                align(["sft", f"run.dir={tmp_path}", "run.wandb=disabled"])
+            continue
+        assert align(["sft", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("align sft: ") and said in err and "Traceback" not in err, err
+    try:  # raised from a wrapper (transformers re-raises): the OSError underneath is found
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/x/ckpt")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert cli.disk_error(outer) == "/x/ckpt: Disk quota exceeded (free space or fix the permissions, then run it again)"
+
+
 def test_a_stage_that_fails_or_is_stopped_closes_its_wandb_run_as_failed(tmp_path, monkeypatch, capsys):
     """A stage that failed after opening its W&B run, or was stopped, left the run open, and wandb's exit hook
     closed it as finished, exit code 0: in W&B it looked like a stage that ended well."""
