@@ -38,6 +38,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     compare_sides,
     compute_dtype,
     cuda,
+    fp32_adapters_on_cpu,
     model_kwargs,
     n_params,
     parse_or_run_child,
@@ -121,6 +122,7 @@ def run_trl(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
                        report_to=[], save_strategy="no", seed=42)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock.callback()])
+    fp32_adapters_on_cpu(trainer.model)  # TRL cast the 4-bit model's LoRA weights to bf16; ours trains fp32 on CPU
     trainer.train()
 
 

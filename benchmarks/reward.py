@@ -31,7 +31,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     StepClock,
     child_result,
     compare_sides,
-    cuda,
+    fp32_adapters_on_cpu,
     model_kwargs,
     parse_or_run_child,
     report,
@@ -115,9 +115,7 @@ def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
                             peft_config=lora, callbacks=[clock.callback()])
     # TRL casts a 4-bit model's trainable weights to bf16 (its GPU recipe); with fp32 compute on CPU
     # the score head then fails (float != BFloat16), so a TRL user on CPU must cast them back.
-    for param in trainer.model.parameters():
-        if param.requires_grad and not cuda():
-            param.data = param.data.float()
+    fp32_adapters_on_cpu(trainer.model)
     trainer.train()
 
 
