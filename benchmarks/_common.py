@@ -262,12 +262,15 @@ def side_by_side_parser(doc: str, *, batch: int, batch_help: str | None = None,
     return parser
 
 
-def parse_or_run_child(parser: argparse.ArgumentParser, child) -> argparse.Namespace | None:
-    """The parent's arguments (--size resolved to its stand-in's folder), or None once `child` has run a side."""
+def parse_or_run_child(parser: argparse.ArgumentParser, child, check=None) -> argparse.Namespace | None:
+    """The parent's arguments (--size resolved to its stand-in's folder), or None once `child` has run a side.
+    `check(parser, args)` refuses what will not run (parser.error) before a stand-in is built for it."""
     args = parser.parse_args()
     if args.child:
         child(args)
         return None
+    if check:
+        check(parser, args)
     if args.size:
         args.model = sized_model(args.size)
     return args

@@ -130,13 +130,17 @@ def child(args) -> None:
     child_result({**clock.figures(), **(extra or {})})
 
 
-def main() -> None:
-    parser = side_by_side_parser(__doc__, batch=6)
-    if not (args := parse_or_run_child(parser, child)):
-        return
+def check(parser, args) -> None:
+    """Refused before a stand-in is built."""
     if args.batch % 3:  # ours takes whole rankings a step, TRL args.batch pairs
         parser.error(f"--batch {args.batch}: our side batches whole K=3 rankings ({args.batch // 3 * 3} pairs a step) "
                      f"and TRL's {args.batch}: give a multiple of 3")
+
+
+def main() -> None:
+    parser = side_by_side_parser(__doc__, batch=6)
+    if not (args := parse_or_run_child(parser, child, check)):
+        return
     results, peak = compare_sides(__file__, args, "--model", args.model)
     name = args.size or Path(args.model).name
     title = (f"reward · {name} · batch {args.batch} pairs · {args.steps} steps · max_length {args.max_length} · "

@@ -72,7 +72,6 @@ def test_the_trl_sides_train_fp32_adapters_on_cpu_as_ours(bench, tiny_model, tmp
 
 def test_the_step_clock_reads_each_sides_adapter_dtype(bench):
     import torch
-
     from _common import StepClock
 
     model = torch.nn.Linear(2, 2).to(torch.bfloat16)
@@ -80,3 +79,18 @@ def test_the_step_clock_reads_each_sides_adapter_dtype(bench):
     clock.mark(1, {"num_tokens": 10}, model)
     clock.mark(2, {"num_tokens": 30}, model)
     assert clock.figures()["adapter_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("given", [["--size", "1.5b"], ["--model", "other-model"]])
+def test_dpo_refuses_a_model_beside_an_adapter_before_building_a_stand_in(bench, monkeypatch, capsys, given):
+    """Both sides train on the adapter's base: --size (or --model) with --sft would label the run with a model
+    it did not train, after building a 1.5b stand-in for nothing."""
+    import _common
+
+    dpo = bench("dpo")
+    monkeypatch.setattr(_common, "sized_model", lambda size: pytest.fail("built a stand-in"))
+    monkeypatch.setattr(sys, "argv", ["dpo.py", *given, "--sft", "runs/q/sft"])
+    with pytest.raises(SystemExit) as stop:
+        dpo.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{given[0]} {given[1]} with --sft runs/q/sft" in err and f"drop {given[0]}" in err
