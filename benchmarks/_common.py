@@ -334,7 +334,7 @@ def report(bench: str, title: str, results: dict, flops_per_token: float, peak_g
               f"{r['peak_mib']:>14.0f}{r['gflops']:>10.1f}{r['pct_of_peak']:>10.1f}%{r.get('adapter_dtype', '?'):>10}")
     for side, r in results.items():
         if r.get("work_share", 1.0) != 1.0:
-            print(f"{side}'s GFLOP/s counts the rows it ran: {100 * r['work_share']:.0f} % of the pairs' rows (each "
+            print(f"{side}: GFLOP/s counts the rows it ran, {100 * r['work_share']:.0f} % of the pairs' rows (each "
                   f"distinct response once); tokens/s counts every pair's tokens on both sides")
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     memory = results["ours"]["peak_mib"] / results["trl"]["peak_mib"]
