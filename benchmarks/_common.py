@@ -4,8 +4,12 @@ with, and the comparison each script prints (and appends to `--json FILE` as one
 
 On CUDA the plain-TRL side gets TRL's own GPU defaults (bf16, gradient checkpointing, the 4-bit
 base in bf16 storage), align's side whatever align decides (its `auto` levers), and peak memory
-is `torch.cuda.max_memory_allocated`; on CPU both run fp32 without checkpointing and peak memory
-is the process's peak RSS.
+is `torch.cuda.max_memory_allocated`; on CPU both compute in fp32 without checkpointing and peak
+memory is the process's peak RSS. TRL 1.16's SFT, DPO and reward trainers cast a 4-bit model's
+trainable LoRA weights to bf16 (the QLoRA paper's GPU recipe) and align casts them back on CPU
+(alignment.cpu.keep_trainable_in), so the TRL side does too on CPU (`fp32_adapters_on_cpu`):
+otherwise it would train bf16 adapters against ours' fp32 ones. Each side's trainable dtype is
+printed with its figures.
 
 Speed is counted the same way on both sides: non-padding tokens (the trainers' `num_tokens`,
 the attention mask's sum; in padding-free batches every token is real) between the end of step 1
@@ -70,6 +74,21 @@ def model_kwargs(quantize: bool, **extra) -> dict:
     if cuda():
         kwargs["device_map"] = {"": 0}
     return kwargs
+
+
+def fp32_adapters_on_cpu(model) -> None:
+    """On CPU, TRL's bf16 cast of a 4-bit model's trainable weights undone, as align's side does (a TRL user on
+    CPU must: reward's fp32 score head fails on bf16 inputs); on CUDA both keep TRL's bf16 adapters."""
+    if cuda():
+        return
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def trainable_dtype(model) -> str:
+    """The dtype(s) of the weights the optimizer trains, e.g. "float32" or "bfloat16,float32"."""
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}))
 
 
 def peak_memory_mib() -> float:
@@ -171,6 +190,7 @@ class StepClock:
 
     def __init__(self):
         self.marks: list[tuple[float, float, int]] = []
+        self.adapter_dtype = "?"  # the trainable weights' dtype, read at the first logged step
 
     def callback(self):
         from transformers import TrainerCallback
@@ -179,13 +199,15 @@ class StepClock:
 
         class Clock(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                clock.mark(state.global_step, logs)
+                clock.mark(state.global_step, logs, kwargs.get("model"))
 
         return Clock()
 
-    def mark(self, step: int, logs: dict | None) -> None:
+    def mark(self, step: int, logs: dict | None, model=None) -> None:
         if logs and "num_tokens" in logs and "train_runtime" not in logs and not any(k.startswith("eval_") for k in logs):
             self.marks.append((time.perf_counter(), float(logs["num_tokens"]), step))
+            if model is not None and self.adapter_dtype == "?":
+                self.adapter_dtype = trainable_dtype(model)
 
     def watch_align(self) -> None:
         from alignment import training
@@ -193,7 +215,7 @@ class StepClock:
         original = training.MetricsJSONL.on_log
 
         def on_log(callback, args, state, control, logs=None, **kwargs):
-            self.mark(state.global_step, logs)
+            self.mark(state.global_step, logs, kwargs.get("model"))
             return original(callback, args, state, control, logs=logs, **kwargs)
 
         training.MetricsJSONL.on_log = on_log
@@ -204,7 +226,7 @@ class StepClock:
             raise RuntimeError(f"need at least 2 logged steps to time, got {len(self.marks)}: run more steps")
         (t0, n0, s0), (t1, n1, s1) = self.marks[0], self.marks[-1]
         return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
-                "tokens_per_step": (n1 - n0) / (s1 - s0), "timed_steps": s1 - s0}
+                "tokens_per_step": (n1 - n0) / (s1 - s0), "timed_steps": s1 - s0, "adapter_dtype": self.adapter_dtype}
 
 
 def peak_memory() -> dict:
@@ -240,12 +262,15 @@ def side_by_side_parser(doc: str, *, batch: int, batch_help: str | None = None,
     return parser
 
 
-def parse_or_run_child(parser: argparse.ArgumentParser, child) -> argparse.Namespace | None:
-    """The parent's arguments (--size resolved to its stand-in's folder), or None once `child` has run a side."""
+def parse_or_run_child(parser: argparse.ArgumentParser, child, check=None) -> argparse.Namespace | None:
+    """The parent's arguments (--size resolved to its stand-in's folder), or None once `child` has run a side.
+    `check(parser, args)` refuses what will not run (parser.error) before a stand-in is built for it."""
     args = parser.parse_args()
     if args.child:
         child(args)
         return None
+    if check:
+        check(parser, args)
     if args.size:
         args.model = sized_model(args.size)
     return args
@@ -300,12 +325,17 @@ def report(bench: str, title: str, results: dict, flops_per_token: float, peak_g
     """Print the comparison table and the ratio; append the same figures to `json_path` as one line."""
     label = "peak GPU MiB" if cuda() else "peak RSS MiB"
     print(f"\n{title}")
-    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'tok/step':>9}{label:>14}{'GFLOP/s':>10}{'% of peak':>11}")
+    print(f"{'':8}{'tokens/s':>10}{'s/step':>9}{'tok/step':>9}{label:>14}{'GFLOP/s':>10}{'% of peak':>11}"
+          f"{'adapters':>10}")
     for side, r in results.items():  # tokens/s: the pairs' tokens, the same work on both sides
         r["gflops"] = flops_per_token * r["tokens_per_s"] * r.get("work_share", 1.0) / 1e9
         r["pct_of_peak"] = 100 * r["gflops"] / peak_gflops
         print(f"{side:8}{r['tokens_per_s']:>10.1f}{r['s_per_step']:>9.2f}{r['tokens_per_step']:>9.0f}"
-              f"{r['peak_mib']:>14.0f}{r['gflops']:>10.1f}{r['pct_of_peak']:>10.1f}%")
+              f"{r['peak_mib']:>14.0f}{r['gflops']:>10.1f}{r['pct_of_peak']:>10.1f}%{r.get('adapter_dtype', '?'):>10}")
+    for side, r in results.items():
+        if r.get("work_share", 1.0) != 1.0:
+            print(f"{side}: GFLOP/s counts the rows it ran, {100 * r['work_share']:.0f} % of the pairs' rows (each "
+                  f"distinct response once); tokens/s counts every pair's tokens on both sides")
     ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     memory = results["ours"]["peak_mib"] / results["trl"]["peak_mib"]
     kind = "bf16" if cuda() else "fp32"

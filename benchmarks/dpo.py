@@ -38,6 +38,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     compare_sides,
     compute_dtype,
     cuda,
+    fp32_adapters_on_cpu,
     model_kwargs,
     n_params,
     parse_or_run_child,
@@ -121,6 +122,7 @@ def run_trl(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
                        report_to=[], save_strategy="no", seed=42)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock.callback()])
+    fp32_adapters_on_cpu(trainer.model)  # TRL cast the 4-bit model's LoRA weights to bf16; ours trains fp32 on CPU
     trainer.train()
 
 
@@ -135,27 +137,39 @@ def child(args) -> None:
     child_result({**clock.figures(), **(extra or {})})
 
 
+def check(parser, args) -> None:
+    """What would not compare like with like, refused before a stand-in is built."""
+    if args.pairs == "ranking" and args.batch % 3:  # ours takes whole rankings a step, TRL args.batch pairs
+        parser.error(f"--batch {args.batch}: our side batches whole K=3 rankings ({args.batch // 3 * 3} pairs a step) "
+                     f"and TRL's {args.batch}: give a multiple of 3, or --pairs single")
+    if args.sft and args.size:  # both sides train on the adapter's base, whatever --size says
+        parser.error(f"--size {args.size} with --sft {args.sft}: both sides train on the base the adapter was made on "
+                     "(its adapter_config.json), not on a stand-in; drop --size (or --sft: a fresh adapter on the "
+                     "stand-in)")
+    elif args.sft and args.model != parser.get_default("model"):
+        parser.error(f"--model {args.model} with --sft {args.sft}: both sides train on the base the adapter was made "
+                     "on (its adapter_config.json); drop --model (or --sft: a fresh adapter on --model)")
+
+
 def main() -> None:
     parser = side_by_side_parser(__doc__, batch=6, batch_help="pairs a step (6: two K=3 rankings)",
                                  model_help="the base for the stand-in adapter (without --sft)")
     parser.add_argument("--sft", help="an SFT adapter folder (default: a fresh LoRA on --model)")
     parser.add_argument("--pairs", choices=["ranking", "single"], default="ranking",
                         help="K=3 rankings per prompt (3 pairs sharing responses) or one pair per prompt")
-    if not (args := parse_or_run_child(parser, child)):
+    if not (args := parse_or_run_child(parser, child, check)):
         return
-    if args.pairs == "ranking" and args.batch % 3:  # ours takes whole rankings a step, TRL args.batch pairs
-        parser.error(f"--batch {args.batch}: our side batches whole K=3 rankings ({args.batch // 3 * 3} pairs a step) "
-                     f"and TRL's {args.batch}: give a multiple of 3, or --pairs single")
 
     from alignment.modeling import adapter_base_name
 
     with tempfile.TemporaryDirectory(prefix="align-dpo-bench-") as tmp:
         sft = args.sft or str(fresh_adapter(args.model, Path(tmp) / "sft"))
         results, peak = compare_sides(__file__, args, "--sft", sft, "--pairs", args.pairs)
-    name = args.size or Path(args.sft or args.model).name
-    title = (f"DPO · {name} · batch {args.batch} pairs ({args.pairs}) · {args.steps} steps · max_length "
-             f"{args.max_length} · {settings(args)}")
-    n = n_params(adapter_base_name(args.sft) if args.sft else args.model)
+    base = adapter_base_name(args.sft) if args.sft else args.model  # what both sides trained on
+    name = args.size or Path(base).name
+    title = (f"DPO · {name}{f' + adapter {args.sft}' if args.sft else ''} · batch {args.batch} pairs ({args.pairs}) · "
+             f"{args.steps} steps · max_length {args.max_length} · {settings(args)}")
+    n = n_params(base)
     report("dpo", title, results, FLOPS_PER_PARAM * n, peak, args.json,
            {"model": name, "quantize": args.quantize, "batch": args.batch, "pairs": args.pairs,
             "ours_overrides": args.ours})

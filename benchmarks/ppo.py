@@ -15,9 +15,13 @@ the reference is then the adapter-disabled base, the same forward cost as a "ref
 
 `--trl112 DIR` then runs TRL 1.12's experimental PPOTrainer (removed from TRL in 1.13) on the
 same work in its own process (benchmarks/ppo_trl112.py, DIR first on PYTHONPATH) and prints the
-ratio of seconds per update. Both sides then use an unquantized fp32 base: TRL casts a 4-bit
-model's adapters to bf16, which this CPU runs 10-45x slower, so that would not be the same work.
-TRL's side is its design: a full value model and a reward model beside the policy.
+ratio of seconds per update. Both sides then use an unquantized base in the compute dtype (fp32 on
+CPU): ppo_trl112.py loads TRL's policy, value and reward models unquantized (its value model trains
+every weight, which a 4-bit model cannot), so ours runs the same base. TRL 1.12's PPOTrainer casts
+nothing on CPU: `peft_module_casting_to_bf16` runs only for a peft_config it wraps itself, with
+args.bf16 and a 4-bit model (trl/experimental/ppo/ppo_trainer.py, 1.12.0, lines 431-433), and it
+casts norms to fp32 and the embedding and LM head to bf16, not the LoRA weights. TRL's side is its
+design: a full value model and a reward model beside the policy.
 """
 
 from __future__ import annotations

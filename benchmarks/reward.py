@@ -31,7 +31,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     StepClock,
     child_result,
     compare_sides,
-    cuda,
+    fp32_adapters_on_cpu,
     model_kwargs,
     parse_or_run_child,
     report,
@@ -115,9 +115,7 @@ def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
                             peft_config=lora, callbacks=[clock.callback()])
     # TRL casts a 4-bit model's trainable weights to bf16 (its GPU recipe); with fp32 compute on CPU
     # the score head then fails (float != BFloat16), so a TRL user on CPU must cast them back.
-    for param in trainer.model.parameters():
-        if param.requires_grad and not cuda():
-            param.data = param.data.float()
+    fp32_adapters_on_cpu(trainer.model)
     trainer.train()
 
 
@@ -132,13 +130,17 @@ def child(args) -> None:
     child_result({**clock.figures(), **(extra or {})})
 
 
-def main() -> None:
-    parser = side_by_side_parser(__doc__, batch=6)
-    if not (args := parse_or_run_child(parser, child)):
-        return
+def check(parser, args) -> None:
+    """Refused before a stand-in is built."""
     if args.batch % 3:  # ours takes whole rankings a step, TRL args.batch pairs
         parser.error(f"--batch {args.batch}: our side batches whole K=3 rankings ({args.batch // 3 * 3} pairs a step) "
                      f"and TRL's {args.batch}: give a multiple of 3")
+
+
+def main() -> None:
+    parser = side_by_side_parser(__doc__, batch=6)
+    if not (args := parse_or_run_child(parser, child, check)):
+        return
     results, peak = compare_sides(__file__, args, "--model", args.model)
     name = args.size or Path(args.model).name
     title = (f"reward · {name} · batch {args.batch} pairs · {args.steps} steps · max_length {args.max_length} · "

@@ -12,8 +12,14 @@ activations 2N; no weight gradients for frozen weights; a checkpointed forward's
 not counted: it is overhead, not work), where N is the base's parameters; LoRA adds under 1 %.
 
 Ours runs as `align sft` decides (its `auto` levers: checkpointing only when memory needs it,
-Liger where installed, length-grouped batches by default); `--ours KEY=VALUE` passes any align
-override to our side only (e.g. `--ours model.gradient_checkpointing=on` for the same memory as TRL).
+Liger where installed). `--group-by-length` (default true, as the quickstart) applies to both
+sides: TRL's gets `train_sampling_strategy="group_by_length"`, the same sampler and seed, so both
+train the same batches (each prints its tokens a step). Grouped on one side only, a short run
+compared different work: transformers sorts mega-batches of min(n / (4 · batch), 50) batches
+longest first, and 2 steps gave ours 1479 tokens a step against TRL's random 1041. Grouping's own
+gain is two runs apart (`--group-by-length true` against `false`, per side) or benchmarks/sft_step.py
+--group. `--ours KEY=VALUE` passes any align override to our side only (e.g. `--ours
+model.gradient_checkpointing=on` for the same memory as TRL).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
     StepClock,
     child_result,
     compare_sides,
+    fp32_adapters_on_cpu,
     model_kwargs,
     n_params,
     parse_or_run_child,
@@ -68,10 +75,12 @@ def run_trl(args, out: Path, clock: StepClock) -> None:
     config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                        learning_rate=3e-4, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1,
                        max_length=args.max_length, **trl_device_args(),
+                       train_sampling_strategy="group_by_length" if args.group_by_length else "random",
                        report_to=[], save_strategy="no", seed=42)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora, callbacks=[clock.callback()])
+    fp32_adapters_on_cpu(trainer.model)  # TRL cast the 4-bit model's LoRA weights to bf16; ours trains fp32 on CPU
     trainer.train()
 
 
@@ -88,11 +97,11 @@ def child(args) -> None:
 def main() -> None:
     parser = side_by_side_parser(__doc__, batch=8)
     parser.add_argument("--group-by-length", default=True, **BOOL,
-                        help="ours only: batches of similar length, as the quickstart (default true)")
+                        help="both sides: batches of similar length, as the quickstart (default true)")
     if not (args := parse_or_run_child(parser, child)):
         return
     results, peak = compare_sides(__file__, args, "--model", args.model, "--group-by-length", str(args.group_by_length))
-    grouped = "ours grouped by length" if args.group_by_length else "both shuffled"
+    grouped = "both grouped by length" if args.group_by_length else "both shuffled"
     name = args.size or Path(args.model).name
     title = (f"SFT · {name} · batch {args.batch} · {args.steps} steps · max_length {args.max_length} · {grouped} · "
              f"{settings(args)}")
