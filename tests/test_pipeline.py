@@ -202,7 +202,11 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
         assert tracking.wandb_mode(RunConfig(wandb="auto")) == "online" and len(asked) == 1
         # a name lookup that hangs is waited for no longer than the probe's timeout
         monkeypatch.delenv("HTTP_PROXY")
-        monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: time.sleep(30))
+        def hangs(address, timeout=None):
+            time.sleep(30)
+            raise OSError("timed out")  # as a resolver that gives up would (None has no close: a thread's traceback)
+
+        monkeypatch.setattr(socket, "create_connection", hangs)
         tracking.wandb_reachable.cache_clear()
         started = time.monotonic()
         assert tracking.wandb_reachable(timeout=0.5) is False and time.monotonic() - started < 5
