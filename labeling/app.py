@@ -544,6 +544,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 next_["handle"], account, next_["order_tag"], time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
                 + (f" ({next_['progress']['skipped']} skipped)" if next_["progress"].get("skipped") else "")
+                + (f" · task {next_['task_id']}" if sess and sess.get("is_admin") else "")  # the admin's own view
                 + " · "
                 + ("A/B comparison" if is_pair else f"rank {k} responses, ties allowed"),
                 '<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"]),

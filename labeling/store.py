@@ -61,9 +61,9 @@ ASSIGNMENT_TTL = 30 * 60  # an open assignment older than this no longer holds i
 NAME_CHARS, BATCH_CHARS = 100, 200  # the columns' sizes: PostgreSQL refuses a longer value
 MAX_RESPONSES = 8  # responses a task may hold: the app lays out this many slots (generation.k allows 2 to 8)
 MIN_TIMED = 3  # rankings with a known time before the admin view gives an annotator's rate
-# How long a store is waited for before the call fails with an error (never a hang), the same on both databases:
 # A sign-in's password check under way (Store.begin_sign_in) is forgotten after this long: the process died in it
 CHECK_EXPIRES = 60.0
+# How long a store is waited for before the call fails with an error (never a hang), the same on both databases:
 LOCK_WAIT = 30  # seconds for a lock another process holds (SQLite's busy timeout, PostgreSQL's lock_timeout)
 CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL server to answer a new connection
 # seconds a PostgreSQL session may sit in a transaction doing nothing (a process stopped or hung holding the
@@ -851,12 +851,15 @@ class Store:
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
                 "assigned": sum(n for status, n in counts.items() if status != "expired")}  # an expired one: not theirs
 
-    def assigned_tasks(self, annotator_id: int) -> list[int]:
-        """Every task this annotator was given, whatever became of it: the open ones first, then the newest."""
+    def assigned_tasks(self, annotator_id: int, *, open_only: bool = False) -> list[int]:
+        """Every task this annotator was given, whatever became of it: the open ones first, then the newest;
+        `open_only`: the open ones alone."""
+        query = select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
+        if open_only:
+            query = query.where(assignments.c.status == "assigned")
         with self.engine.connect() as conn:
-            return list(conn.execute(select(assignments.c.task_id).where(assignments.c.annotator_id == annotator_id)
-                                     .order_by((assignments.c.status == "assigned").desc(), assignments.c.id.desc()))
-                        .scalars())
+            return list(conn.execute(query.order_by((assignments.c.status == "assigned").desc(),
+                                                    assignments.c.id.desc())).scalars())
 
     def assignment_status(self, annotator_id: int, task_id: int) -> str | None:
         """assigned / submitted / skipped / expired for this annotator's assignment of the task; None if it is not

@@ -225,6 +225,10 @@ def test_an_annotators_page_does_not_tell_gold_tasks_apart(store):
             assert "Saved" in answer.text
             out = answer.json()["data"][1:]
         assert set(gold) <= set(shown)  # the gold tasks came up, and nothing on the page said which they were
+        boss = signed_in(url, "boss")  # an admin's page is held no task until asked (Skip), then shows its id
+        admins = queued(boss, "do_skip", ["", "boss"], "boss-page").json()["data"][1:]
+        boss_session = handlers.sign_in(store, "boss", PASSWORD)
+        assert f" · task {handlers.task_of(store, boss_session, admins[0])} · " in admins[4], admins[4]
         # the same submit again: "already saved", whatever task the page shows by now
         assert "Already saved" in queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None,
                                                               False, False, ""], "page").text

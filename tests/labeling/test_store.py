@@ -718,6 +718,33 @@ def test_the_admin_view_counts_copies_of_one_answer_as_one_answer(store):
     assert {p["name"]: p["gold_accuracy"] for p in stats["per_annotator"] if p["name"] != "boss"} == {"x": 1.0, "y": 1.0}
 
 
+def test_a_handle_is_read_among_the_open_tasks_first_and_a_malformed_one_scans_nothing(store, monkeypatch):
+    """task_of re-made every handle the annotator ever had and compared it with the page's: a 1 MB bogus handle cost
+    ~1 s of the server's GIL per call at 5,000 tasks, and each submit, draft and skip read the whole history. A
+    handle that is not 16 hex digits is refused first; an open task's is found among the open ones alone."""
+    ids = make_tasks(store, 4)
+    alice = session(store, "alice")
+    done = []
+    for _ in range(3):
+        task = handlers.next_task(store, alice)
+        handlers.submit(store, alice, task["task_id"], list(range(1, 5)))
+        done.append(task["task_id"])
+    open_task = handlers.next_task(store, alice)["task_id"]
+    key, asked = store.secret(), []
+    scan = store.assigned_tasks
+    monkeypatch.setattr(store, "assigned_tasks", lambda a, open_only=False: asked.append(open_only) or scan(a, open_only=open_only))
+    assert handlers.task_of(store, alice, handlers.task_handle(open_task, alice["annotator_id"], key=key)) == open_task
+    assert asked == [True]
+    asked.clear()  # a replay of a submitted task's: the open ones, then the history
+    assert handlers.task_of(store, alice, handlers.task_handle(done[0], alice["annotator_id"], key=key)) == done[0]
+    assert asked == [True, False]
+    asked.clear()
+    for bogus in ("é" * 500_000, "0" * 17, "ABCDEF0123456789", "not a handle"):
+        with pytest.raises(PermissionError, match="this task is not assigned to you"):
+            handlers.task_of(store, alice, bogus)
+    assert asked == [] and sorted([*done, open_task]) == sorted(ids)
+
+
 def test_gold_tasks_are_mixed_in_scored_and_not_pending(store, monkeypatch):
     # The gold draw is keyed with the store's secret (random per store): a fixed one, whose draw for alice mixes the
     # two gold tasks in among the ordinary ones, keeps the test from depending on the secret a store made
