@@ -314,8 +314,8 @@ def _terminated(signum, frame) -> None:
 
 def _outputs(stage: str, cfg) -> list[str]:
     """Folders a stage may write outside its run directory (see discard_unfinished)."""
-    if stage == "merge" and cfg.adapter and not cfg.output:
-        return [str(cfg.adapter).rstrip("/") + "-merged"]
+    if stage == "merge" and not cfg.output:  # beside its adapter, <run.dir>/sft by default: merge has no stage folder
+        return [str(cfg.adapter or stage_dir(cfg.run.dir, "sft")).rstrip("/") + "-merged"]
     return [cfg.output] if getattr(cfg, "output", None) else []
 
 

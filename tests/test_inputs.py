@@ -862,6 +862,23 @@ def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, mo
     assert not (tmp_path / "run" / "sft").exists() and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_failed_merge_leaves_no_half_written_merged_folder(tmp_path):
+    """align merge with its adapter left to the default (<run.dir>/sft) writes <run.dir>/sft-merged, no stage folder:
+    once Ctrl-C's tidy-up swept only stage folders, a merge stopped in save_pretrained left a half-written one."""
+    from alignment import cli
+    from alignment.artifacts import discard_unfinished
+    from alignment.config import MergeStageConfig, RunConfig
+
+    cfg = MergeStageConfig(run=RunConfig(dir=str(tmp_path)))
+    assert cli._outputs("merge", cfg) == [str(tmp_path / "sft-merged")]
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(KeyboardInterrupt), discard_unfinished(tmp_path, *cli._outputs("merge", cfg), command="merge"):
+        (tmp_path / "sft-merged").mkdir()
+        (tmp_path / "sft-merged" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
+
+
 def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     """A full disk (safetensors' own error, or an OSError from the Trainer) or a permission refused mid-stage was a
     30-line traceback; it is one line with the file, exit code 1. Any other error still raises."""
