@@ -670,10 +670,15 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
     else:  # a stage built on an input remade since (a reward model on an earlier export): not of the run as it is
         spec = STAGES.get(kind)
         command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
-            f"align {kind}"
+            f"align {kind}" if spec else None
+        if kind == "sample":  # a batch keeps the answers it has: align sample again adds none from the new policy
+            remedy = "sample from it into another batch= (or another run.dir)"
+        else:  # a folder no stage writes (benchmarks/active_learning.py's) names no align command
+            remedy = f"until {command} runs again" if command else "until it is made again"
         for name, (where, since) in changed_parents(manifest, folder).items():
             found.append(f"built on {name} as it was at {manifest['parents'][name]['created']}; {where} {since}: "
-                         f"it is not built on the {name} there now until {command} runs again")
+                         + (f"its answers are not the {name}'s there now: {remedy}" if kind == "sample" else
+                            f"it is not built on the {name} there now {remedy}"))
     return found
 
 

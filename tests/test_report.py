@@ -659,11 +659,14 @@ def test_sample_and_export_rewrite_the_report_and_a_stage_on_a_remade_input_says
     (run / "sft" / MANIFEST).write_text(json.dumps({**manifest, "created": "2099-01-01T00:00:00+0000"}))
     assert cautions("sample", sample, run / "sample")[-1:] == [  # after the answers cut at 4 tokens
         f"built on policy as it was at {sample['parents']['policy']['created']}; {run / 'sft'} was made again at "
-        "2099-01-01T00:00:00+0000: it is not built on the policy there now until align sample runs again"]
+        "2099-01-01T00:00:00+0000: its answers are not the policy's there now: sample from it into another batch= "
+        "(or another run.dir)"]  # align sample again keeps the batch's answers: no command that would not help
     assert "- sample: built on policy as it was at" in glance_text(run)
     ppo = {"stage": "grpo", "parents": {"sft": {"path": str(run / "gone"), "created": "2026-01-01T00:00:00+0000"}}}
     assert cautions("grpo", ppo, run / "grpo")[-1].endswith(f"{run / 'gone'} is gone: it is not built on the sft there "
                                                             "now until align ppo algo=grpo runs again")
+    made = {"stage": "active_learning", "parents": {"sft": {"path": str(run / "gone"), "created": "2026-01-01"}}}
+    assert cautions("active_learning", made, run / "al")[-1].endswith("now until it is made again")  # no align command
 
 
 def test_report_md_shows_names_as_text_never_as_html(tmp_path):
