@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
 from collections.abc import Iterable
@@ -117,13 +118,28 @@ def session_of(store: Store, secret: bytes, value: str | None) -> dict[str, Any]
     return store.session(token) if token else None
 
 
+def address_key(address: str) -> str:
+    """What sign-in failures are counted against: an IPv6 client by its /64 (one host holds a whole /64, so keyed
+    by the full address every guess could come from a fresh one and the per-address count never bit); IPv4 and
+    anything else as it is (cut to the column)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address[:80]
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:  # ::ffff:10.0.0.9, as a dual-stack server sees an IPv4 client
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 def sign_in(store: Store, name: str, password: str, address: str, *, throttle: Throttle = Throttle(),
             hours: float = SESSION_HOURS) -> tuple[str, dict[str, Any]]:
     """(session token, account) for a right name and password; SignInRefused otherwise, or while locked out."""
     name = (name or "").strip()
     known = len(name) <= NAME_CHARS and "\x00" not in name  # no account has another name (Store.add_user)
     name = name.replace("\x00", "")  # PostgreSQL keeps no NUL: a key without it
-    by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address[:80]}"
+    by_name, by_address = f"name:{name.lower()[:200]}", f"address:{address_key(address)}"
     counts = (throttle.lock_for, throttle.forget)
     # Both attempts are counted before the password is checked (Store.begin_sign_in): parallel guesses
     # cannot slip past either count. While the address has as many checks under way as failures to spare,

@@ -66,6 +66,22 @@ def test_an_address_trying_many_names_is_locked_out(store):
     auth.sign_in(store, "alice", PASSWORD, "10.0.0.10", throttle=FAST)  # another address is not locked
 
 
+def test_an_ipv6_client_is_counted_by_its_64_not_by_each_address_it_can_take(store):
+    """One IPv6 host holds a whole /64: keyed by the full address, each guess came from a fresh one and the
+    address's count never bit (20 passwords checked against one name in 0.7 s). Counted by its /64 it bites."""
+    assert auth.address_key("2001:db8:1:2:aaaa::1") == auth.address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert auth.address_key("2001:db8:1:3::1") != auth.address_key("2001:db8:1:2::1")
+    assert auth.address_key("::ffff:10.0.0.9") == auth.address_key("10.0.0.9") == "10.0.0.9"  # IPv4 as ever
+    assert auth.address_key("testclient") == "testclient"  # not an address (a test client): as it is
+    store.add_user("alice", PASSWORD)
+    for i in range(6):
+        with pytest.raises(auth.SignInRefused, match="wrong password"):
+            auth.sign_in(store, f"user{i}", "guess", f"2001:db8:1:2::{i + 1:x}", throttle=FAST)
+    with pytest.raises(auth.SignInRefused, match="too many"):
+        auth.sign_in(store, "alice", PASSWORD, "2001:db8:1:2::99", throttle=FAST)
+    auth.sign_in(store, "alice", PASSWORD, "2001:db8:1:3::1", throttle=FAST)  # another /64 is not locked
+
+
 def _at_once(n: int, attempt) -> list[str]:
     """`attempt(i)` in n threads started together: "checked" (refused after the password check), "locked"
     (refused without it) or "in", one per thread."""
