@@ -151,9 +151,10 @@ def test_two_models_answer_side_by_side_and_model_text_stays_text(page, app_url,
         assert pane.locator(".align-pg-assistant .align-text").text_content() == expected.replace("\r\n", "\n").replace(
             "\r", "\n")
     shown = right.locator(".align-pg-assistant .align-text").text_content()
-    # the characters of the markup (the tiny model does not always learn the sentinel's port to the digit: with
-    # 44299 it wrote "4429" and "<1:429m<form0.png"; no element may come of it whatever the URL, checked next)
-    assert shown.startswith('<img src="//127.0.0.1:') and "<form" in shown, shown
+    # the characters of the markup, as text (the tiny model does not always learn the sentinel's URL to the
+    # character: with 44299 it wrote "<1:429m<form0.png", with 33889 '<img src="///127.0.127.0.0.0...'; the text
+    # equals the API's answer, checked above, and no element may come of it whatever it wrote, checked next)
+    assert shown.count("<") >= 2, shown
     assert page.locator("#align-pg-right img, #align-pg-right form, #align-pg-left img, #align-pg-left form").count() == 0
     page.wait_for_timeout(500)
     assert sentinel[1] == []  # nothing was fetched or posted from the answer
