@@ -289,9 +289,10 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b>{_interval(m.get('eval_accuracy_ci'))} "
                      f"on {m.get('eval_pairs', '?')} pairs"
                      + (f" from {m['eval_prompts']} prompts (the interval counts prompts, not pairs, as independent)" if "eval_prompts" in m else "")
-                     + (f" (the labels' mean posterior, the ceiling: {posterior:.1%}; annotator agreement "
-                        f"{ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
-                        f" (the labels' mean posterior, the ceiling: {posterior:.1%})" if isinstance(posterior, float) else
+                     + (f" against the labels' picks (their mean posterior, how often a pick is itself right: {posterior:.1%}; "
+                        f"annotator agreement {ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
+                        f" against the labels' picks (their mean posterior, how often a pick is itself right: {posterior:.1%})"
+                        if isinstance(posterior, float) else
                         f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
     r = m.get("length_correlation")
     if isinstance(r, float):

@@ -316,7 +316,7 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
 
     Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
     claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed
-    accuracy. Length correlation: Pearson r of reward against response length in characters over
+    accuracy (with soft labels, the expected one: p_chosen where the model picks the chosen, else 1 - p). Length correlation: Pearson r of reward against response length in characters over
     every held-out response; a high |r| means the model may be rewarding length, not quality.
     """
     dataset, chosen, rejected, ties = without_ties(dataset, chosen, rejected)
@@ -328,6 +328,10 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
                 "posterior_ceiling": None, "calibration_error": None, "calibration": []}
     rewards = chosen + rejected
     lengths = [len(m[-1]["content"]) for m in dataset["chosen"]] + [len(m[-1]["content"]) for m in dataset["rejected"]]
+    # With soft labels (dawid_skene's p_chosen) a pick is right with probability p, not surely: a model whose
+    # sigmoid(gap) equals p is calibrated, and is scored so (against the hard pick it was "wrong" 1 - p of the time).
+    soft = list(dataset["p_chosen"]) if "p_chosen" in dataset.column_names else [None] * n
+    right = [(1.0 if g > 0 else 0.0) if p is None else (p if g > 0 else 1 - p) for g, p in zip(gaps, soft, strict=True)]
     bins = []
     order = sorted(range(n), key=lambda i: abs(gaps[i]))
     k = max(1, min(n_bins, n))
@@ -336,7 +340,7 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
         if not idx:
             continue
         bins.append({"gap_min": abs(gaps[idx[0]]), "gap_max": abs(gaps[idx[-1]]), "pairs": len(idx),
-                     "accuracy": sum(gaps[i] > 0 for i in idx) / len(idx),
+                     "accuracy": sum(right[i] for i in idx) / len(idx),
                      "predicted": sum(1 / (1 + math.exp(-abs(gaps[i]))) for i in idx) / len(idx)})
     agreement = [a for a in dataset["agreement"] if a is not None] if "agreement" in dataset.column_names else []
     # With dawid_skene's soft labels, their own certainty is the better ceiling: an adversary lowers the

@@ -214,6 +214,24 @@ def test_calibration_bins_by_hand():
     assert figures["eval_accuracy"] == 0.75 and figures["eval_mean_margin"] == pytest.approx(4.1 / 4)
 
 
+def test_calibration_against_soft_labels():
+    """dawid_skene's pairs carry p_chosen: a model whose sigmoid(gap) equals p on every pair is calibrated (it
+    measured 0.30 calibration error against the hard pick), and its accuracy against the picks may exceed the
+    mean posterior (what the labels' own certainty says of their picks, not a ceiling on that accuracy)."""
+    import math
+
+    from alignment.reward_model import heldout_metrics
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Step {i}.", "rejected": "no", "p_chosen": 0.7} for i in range(20)]
+    figures = heldout_metrics(heldout(rows), [math.log(0.7 / 0.3)] * 20, [0.0] * 20)
+    assert figures["calibration_error"] == pytest.approx(0.0, abs=1e-9)
+    assert all(b["accuracy"] == pytest.approx(0.7) for b in figures["calibration"])
+    assert figures["eval_accuracy"] == 1.0 and figures["posterior_ceiling"] == pytest.approx(0.7)
+    wrong = heldout_metrics(heldout(rows), [-math.log(0.7 / 0.3)] * 20, [0.0] * 20)  # every pick reversed: right 30 %
+    assert all(b["accuracy"] == pytest.approx(0.3) for b in wrong["calibration"])
+    assert wrong["calibration_error"] == pytest.approx(0.4)
+
+
 def test_heldout_accuracy_interval_counts_prompts():
     """Six pairs from two prompts' rankings: the interval counts prompts, so a model right on one prompt's
     pairs and wrong on the other's can score almost anything from 0 to 1; six prompts' pairs count one by one. Two

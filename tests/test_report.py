@@ -521,9 +521,10 @@ def test_one_annotator_per_pair_gives_no_agreement_ceiling():
     page = reward_section(Path("/nowhere"), alone)
     assert "ceiling" not in page and "one annotator per pair: agreement cannot split the accuracy" in page
     assert "from 6 prompts (the interval counts prompts, not pairs, as independent)</li>" in page
-    # dawid_skene's posterior is a ceiling with one annotator too; several annotators' agreement is one
+    # dawid_skene's posterior is reported with one annotator too (what the labels say of their own picks)
     posterior = {**alone, "metrics": {**alone["metrics"], "posterior_ceiling": 0.97}}
-    assert "as independent) (the labels' mean posterior, the ceiling: 97.0%)</li>" in reward_section(Path("/nowhere"), posterior)
+    assert ("as independent) against the labels' picks (their mean posterior, how often a pick is itself right: 97.0%)</li>"
+            in reward_section(Path("/nowhere"), posterior))
     several = {"buckets": [{"bucket": "unanimous", "pairs": 20, "accuracy": 0.8},
                            {"bucket": "majority", "pairs": 7, "accuracy": 0.57}], "note": None}
     shared = {**alone, "metrics": {**alone["metrics"], "agreement_ceiling": 0.9},
