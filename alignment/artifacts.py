@@ -250,6 +250,14 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / folder
 
 
+def merge_paths(cfg: Any) -> tuple[Path, Path]:
+    """(the adapter `align merge` merges, the folder it writes): adapter= else <run.dir>/sft, output= else
+    <adapter>-merged beside it. One place: the preflight, the recipe and the CLI's tidy-up of a failed merge
+    must name the same folder."""
+    adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    return adapter, Path(cfg.output) if cfg.output else adapter.with_name(adapter.name + "-merged")
+
+
 def store_url(store: str | None, run_dir: str | Path) -> str:
     """`store` when given (any SQLAlchemy URL), else the run directory's SQLite file (made on first use)."""
     from labeling.store import sqlite_url

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from alignment import artifacts, process_rank
-from alignment.artifacts import STAGES, commands, run_stage, shell, stage_dir, store_url
+from alignment.artifacts import STAGES, commands, merge_paths, run_stage, shell, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
        align <stage> --help      the stage's config keys and defaults
@@ -315,7 +315,7 @@ def _terminated(signum, frame) -> None:
 def _outputs(stage: str, cfg) -> list[str]:
     """Folders a stage may write outside its run directory (see discard_unfinished)."""
     if stage == "merge" and not cfg.output:  # beside its adapter, <run.dir>/sft by default: merge has no stage folder
-        return [str(cfg.adapter or stage_dir(cfg.run.dir, "sft")).rstrip("/") + "-merged"]
+        return [str(merge_paths(cfg)[1])]
     return [cfg.output] if getattr(cfg, "output", None) else []
 
 
