@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import StageError, process_count
+from alignment import StageError, refuse_several_processes
 from alignment.artifacts import merge_paths, print_done, read_manifest, system_prompt_of, write_manifest
 from alignment.config import MergeStageConfig, ModelConfig, save_config, to_dict
 from alignment.generation import stop_ids
@@ -93,9 +93,7 @@ def merge_adapter(adapter: str | Path, dtype: torch.dtype = torch.float32, base:
 
 def main(cfg: MergeStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    if process_count() > 1:
-        raise StageError("align merge runs as one process (every process would write the same merged folder): "
-                         "run it without accelerate launch")
+    refuse_several_processes("merge", "every process would write the same merged folder")
     check_stage("merge", cfg)  # the adapter, its base and the output folder before anything is loaded
     adapter, out = merge_paths(cfg)
     if not is_adapter_dir(adapter):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment import StageError, process_count, report
+from alignment import StageError, refuse_several_processes, report
 from alignment.artifacts import (
     key_prefix,
     print_done,
@@ -104,9 +104,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("sample", cfg)  # every input (policy, prompts, store, reward model, paths, the machine) before any work
-    if process_count() > 1:
-        raise StageError("align sample runs as one process (it does not split prompts between processes): "
-                         "run it without accelerate launch")
+    refuse_several_processes("sample", "it does not split prompts between processes")
     policy_dir = Path(cfg.policy) if cfg.policy else stage_dir(cfg.run.dir, "sft")
     if cfg.policy is None and not policy_dir.exists():
         raise StageError(f"no policy at {policy_dir}: run `align sft run.dir={cfg.run.dir}` first, "
