@@ -76,6 +76,14 @@ class Stage:
     # GRPO is `align ppo algo=grpo`: one config, reward and gate for the three RL algorithms.
     runs_as: tuple[str, str, str] | None = None
 
+    @property
+    def command(self) -> str:
+        """How a user runs it: `align <name>`, or its runs_as (`align ppo algo=grpo`)."""
+        if self.runs_as is None:
+            return f"align {self.name}"
+        command, key, value = self.runs_as
+        return f"align {command} {key}={value}"
+
 
 _POLICY_INPUTS = ("sft", "reward")
 STAGES: dict[str, Stage] = {s.name: s for s in [

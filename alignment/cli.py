@@ -156,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         stages = "\n".join(f"  {s.name:<9} {s.help}" for s in commands())
-        variants = "\n".join(f"  {s.name:<9} {s.help}: align {s.runs_as[0]} {s.runs_as[1]}={s.runs_as[2]}"
-                             for s in STAGES.values() if s.runs_as)
+        variants = "\n".join(f"  {s.name:<9} {s.help}: {s.command}" for s in STAGES.values() if s.runs_as)
         print(USAGE.format(stages=stages, variants=variants))
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage in STAGES and STAGES[stage].runs_as:
-        command, key, value = STAGES[stage].runs_as
-        print(f"align: {stage} runs as `align {command} {key}={value}` (same config, reward and gate)", file=sys.stderr)
+        print(f"align: {stage} runs as `{STAGES[stage].command}` (same config, reward and gate)", file=sys.stderr)
         return 2
     if stage not in STAGES:
         print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}", file=sys.stderr)
