@@ -33,3 +33,10 @@ def process_count() -> int:
 
 class StageError(RuntimeError):
     """A stage refusing to go on, with a message that says why and what to do about it."""
+
+
+def refuse_several_processes(stage: str, why: str) -> None:
+    """Stop `align <stage>` under `accelerate launch` (several processes) with `why` it runs as one: a stage that
+    neither splits its work nor writes from one rank alone would do it all once per process, into one folder."""
+    if process_count() > 1:
+        raise StageError(f"align {stage} runs as one process ({why}): run it without accelerate launch")

@@ -76,6 +76,14 @@ class Stage:
     # GRPO is `align ppo algo=grpo`: one config, reward and gate for the three RL algorithms.
     runs_as: tuple[str, str, str] | None = None
 
+    @property
+    def command(self) -> str:
+        """How a user runs it: `align <name>`, or its runs_as (`align ppo algo=grpo`)."""
+        if self.runs_as is None:
+            return f"align {self.name}"
+        command, key, value = self.runs_as
+        return f"align {command} {key}={value}"
+
 
 _POLICY_INPUTS = ("sft", "reward")
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -248,6 +256,14 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     if folder is None:
         raise ValueError(f"stage {stage!r} has no folder in the run directory")
     return Path(run_dir) / folder
+
+
+def merge_paths(cfg: Any) -> tuple[Path, Path]:
+    """(the adapter `align merge` merges, the folder it writes): adapter= else <run.dir>/sft, output= else
+    <adapter>-merged beside it. One place: the preflight, the recipe and the CLI's tidy-up of a failed merge
+    must name the same folder."""
+    adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    return adapter, Path(cfg.output) if cfg.output else adapter.with_name(adapter.name + "-merged")
 
 
 def store_url(store: str | None, run_dir: str | Path) -> str:

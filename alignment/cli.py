@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from alignment import artifacts, process_rank
-from alignment.artifacts import STAGES, commands, run_stage, shell, stage_dir, store_url
+from alignment.artifacts import STAGES, commands, merge_paths, run_stage, shell, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
        align <stage> --help      the stage's config keys and defaults
@@ -156,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         stages = "\n".join(f"  {s.name:<9} {s.help}" for s in commands())
-        variants = "\n".join(f"  {s.name:<9} {s.help}: align {s.runs_as[0]} {s.runs_as[1]}={s.runs_as[2]}"
-                             for s in STAGES.values() if s.runs_as)
+        variants = "\n".join(f"  {s.name:<9} {s.help}: {s.command}" for s in STAGES.values() if s.runs_as)
         print(USAGE.format(stages=stages, variants=variants))
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage in STAGES and STAGES[stage].runs_as:
-        command, key, value = STAGES[stage].runs_as
-        print(f"align: {stage} runs as `align {command} {key}={value}` (same config, reward and gate)", file=sys.stderr)
+        print(f"align: {stage} runs as `{STAGES[stage].command}` (same config, reward and gate)", file=sys.stderr)
         return 2
     if stage not in STAGES:
         print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}", file=sys.stderr)
@@ -315,7 +313,7 @@ def _terminated(signum, frame) -> None:
 def _outputs(stage: str, cfg) -> list[str]:
     """Folders a stage may write outside its run directory (see discard_unfinished)."""
     if stage == "merge" and not cfg.output:  # beside its adapter, <run.dir>/sft by default: merge has no stage folder
-        return [str(cfg.adapter or stage_dir(cfg.run.dir, "sft")).rstrip("/") + "-merged"]
+        return [str(merge_paths(cfg)[1])]
     return [cfg.output] if getattr(cfg, "output", None) else []
 
 

@@ -62,6 +62,9 @@ class LoadReport:
     # Per example, the key split_by_prompt keeps on one side: its conversation's last prompt (an earlier
     # turn's example has its conversation's, so a conversation is never split).
     conversations: list[str] = field(default_factory=list, repr=False)
+    # Per example, the record it came from (`<file>:<line>`): an error found later (a chat template refusing it)
+    # names it as the reader's own errors do.
+    wheres: list[str] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         turns = f", {self.earlier_turns} of them earlier assistant turns" if self.earlier_turns else ""
@@ -532,11 +535,13 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
                     prompts.append(with_system_prompt(prompt[:j], system_prompt))
                     completions.append([message])
                     report.conversations.append(key)
+                    report.wheres.append(where)
                     report.earlier_turns += 1
         prompt = with_system_prompt(prompt, system_prompt)
         prompts.append(prompt)
         completions.append(completion)
         report.conversations.append(key)
+        report.wheres.append(where)
     report.used = len(prompts)
     if not prompts:
         raise no_records(report.path, report.skipped, report.problems)

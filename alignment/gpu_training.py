@@ -153,9 +153,14 @@ def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | 
     return plan.device == "cuda" and is_flash_attention_requested(requested_attention_implementation=attn_implementation)
 
 
-def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None = None, compile: bool = False) -> str:
-    """One line for the log and the manifest: the device plan and each GPU lever as decided."""
-    parts = [plan.describe(), f"liger {'on' if liger else 'off'}"]
+def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None = None, compile: bool = False,
+                    lora=None) -> str:
+    """One line for the log and the manifest: the device plan (with `lora`, a stage's LoraConfig section, the
+    adapter it trains: DoRA, rsLoRA's scaling) and each GPU lever as decided."""
+    adapter = "LoRA"
+    if lora is not None:
+        adapter = ("DoRA" if lora.use_dora else "LoRA") + (" with rsLoRA scaling" if lora.use_rslora else "")
+    parts = [plan.describe(adapter), f"liger {'on' if liger else 'off'}"]
     if padding_free is not None:
         parts.append(f"padding-free {'on' if padding_free else 'off'}")
     parts.append(f"torch.compile {'on' if compile else 'off'}")

@@ -61,8 +61,8 @@ class DevicePlan:
     def fp16(self) -> bool:
         return self.compute_dtype == torch.float16
 
-    def describe(self) -> str:
-        base = "4-bit NF4 base + LoRA (QLoRA)" if self.quantize else "unquantized base + LoRA"
+    def describe(self, adapter: str = "LoRA") -> str:
+        base = f"4-bit NF4 base + {adapter} (QLoRA)" if self.quantize else f"unquantized base + {adapter}"
         dtype = str(self.compute_dtype).replace("torch.", "")
         gc = "on" if self.gradient_checkpointing else "off"
         return f"device {self.device} · {base} · {dtype} compute · gradient checkpointing {gc}"

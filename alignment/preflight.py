@@ -55,6 +55,7 @@ from alignment.artifacts import (
     STAGES,
     STORE_FILE,
     key_prefix,
+    merge_paths,
     pipeline_stages,
     round_batch,
     run_store,
@@ -297,13 +298,12 @@ def _eval(cfg, pending: set[str], p: str) -> None:
 
 
 def _merge(cfg, pending: set[str], p: str) -> None:
-    adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    adapter, output = merge_paths(cfg)
     if cfg.adapter is None and not adapter.exists():
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "pass adapter=<folder written by align sft/dpo/ppo>")
     # a reward model's LoRA, folded into a causal LM, made a "merged model" without its score head
     check_adapter(f"{p}adapter", adapter, tokenizer=True, kind="policy")
-    output = Path(cfg.output or str(adapter.with_name(adapter.name + "-merged")))
     check_run_dir(f"{p}output", output)
     # The merged weights are written into the folder: another stage's artifact (output=<the adapter>) lost
     # its record to merge's align.json and config.yaml. An earlier merge's output is replaced.

@@ -670,8 +670,7 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
                          ": its figures are not this one's until align eval runs again")
     else:  # a stage built on an input remade since (a reward model on an earlier export): not of the run as it is
         spec = STAGES.get(kind)
-        command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
-            f"align {kind}" if spec else None
+        command = spec.command if spec else None
         if kind == "sample":  # a batch keeps the answers it has: align sample again adds none from the new policy
             remedy = "sample from it into another batch= (or another run.dir)"
         else:  # a folder no stage writes (benchmarks/active_learning.py's) names no align command
@@ -849,8 +848,7 @@ def resume_note(stage: str, folder: Path) -> str:
         return (f"running (another process holds it; no {MANIFEST} yet, checkpoints to step "
                 f"{checkpoint_steps(folder)[-1]})")
     spec = STAGES.get(stage)
-    command = f"align {spec.runs_as[0]} {spec.runs_as[1]}={spec.runs_as[2]}" if spec and spec.runs_as else \
-        f"align {stage}"
+    command = spec.command if spec else f"align {stage}"
     said = (f"unfinished (no {MANIFEST}; checkpoints to step {checkpoint_steps(folder)[-1]}): resume with "
             f"{command} ... {resume_key(folder, None)}")
     return said + (f" (align pipeline ... {resume_key(folder, 'pipeline')})" if spec else "")

@@ -363,6 +363,11 @@ def _loads(text: str | None, default: Any) -> Any:
     return json.loads(text) if text else default
 
 
+def _note_key(batch: str) -> str:
+    """A batch's note's key in align_meta (64 characters at most; a batch name takes up to 200): its hash."""
+    return "batch-note:" + hashlib.sha256(batch.encode()).hexdigest()[:53]
+
+
 class Store:
     """All reads and writes of the labelling data; the app and the stages get one passed in."""
 
@@ -427,11 +432,14 @@ class Store:
     # ------------------------------------------------------------------------------ tasks
 
     def add_tasks(self, batch: str, items: list[dict[str, Any]], *, source: dict[str, Any] | None = None,
-                  round: int = 0, kind: str = "ranking") -> int:
+                  round: int = 0, kind: str = "ranking", note: Any = None) -> int:
         """Prompts with their K responses as tasks of `batch`, in one transaction; returns how many are new.
 
         Idempotent on (batch, prompt): a prompt already in the batch is left as it is. An item's
         optional `priority` (a finite number, default 0) orders the queue: higher is handed out sooner.
+        `note` (JSON), when given, becomes the batch's note (batch_note) in the same transaction: how its tasks
+        were chosen (align sample selection=uncertainty) is kept exactly as long as they are, whatever stops
+        the caller after the commit.
         """
         if kind not in ("ranking", "pairwise"):
             raise ValueError(f"kind: {kind!r} is not allowed; allowed values: ranking, pairwise")
@@ -475,7 +483,19 @@ class Store:
                     {"task_id": task_id, "position": i, "text": _text(t), "meta": json.dumps(m, default=str)}
                     for i, (t, m) in enumerate(zip(texts, metas, strict=True))])
                 added += 1
+            if note is not None:
+                key, value = _note_key(batch), json.dumps(note, default=str)
+                if conn.execute(select(meta_table.c.key).where(meta_table.c.key == key)).first():
+                    conn.execute(update(meta_table).where(meta_table.c.key == key).values(value=value))
+                else:
+                    conn.execute(insert(meta_table).values(key=key, value=value))
         return added
+
+    def batch_note(self, batch: str) -> Any:
+        """The note the last add_tasks given one left for `batch` (None without one)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == _note_key(batch))).first()
+        return None if row is None else _loads(row[0], None)
 
     @staticmethod
     def _prompt_id(conn: Connection, text: str, meta: dict[str, Any]) -> int:

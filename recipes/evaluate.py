@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignment import StageError, process_count
+from alignment import StageError, refuse_several_processes
 from alignment import evaluation as ev
 from alignment import report as report_module
 from alignment.artifacts import (
@@ -371,9 +371,7 @@ def human_figures(board: dict) -> dict[str, int | float]:
 def main(cfg: EvalStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("eval", cfg)  # every input (policies, prompts, judges, paths, the machine) before any work
-    if process_count() > 1:
-        raise StageError("align eval runs as one process (it does not split prompts between processes): "
-                         "run it without accelerate launch")
+    refuse_several_processes("eval", "it does not split prompts between processes")
     paths = resolve_policies(cfg)
     out = stage_dir(cfg.run.dir, "eval")
     out.mkdir(parents=True, exist_ok=True)

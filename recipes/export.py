@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from alignment import StageError, process_count, report
+from alignment import StageError, refuse_several_processes, report
 from alignment.artifacts import print_done, shell, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.preflight import check_stage
@@ -42,9 +42,7 @@ def main(cfg: ExportStageConfig) -> Path:
     from labeling.export import ExportError, check_batches, export_preferences
     from labeling.store import Store
 
-    if process_count() > 1:
-        raise StageError("align export runs as one process (every process would write the same preferences "
-                         "folder): run it without accelerate launch")
+    refuse_several_processes("export", "every process would write the same preferences folder")
     check_stage("export", cfg)  # the store and the paths before anything is written
     out = Path(cfg.output) if cfg.output else stage_dir(cfg.run.dir, "export")
     store = Store(store_url(cfg.store, cfg.run.dir))

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from alignment import StageError, process_count
-from alignment.artifacts import print_done, read_manifest, stage_dir, system_prompt_of, write_manifest
+from alignment import StageError, refuse_several_processes
+from alignment.artifacts import merge_paths, print_done, read_manifest, system_prompt_of, write_manifest
 from alignment.config import MergeStageConfig, ModelConfig, save_config, to_dict
 from alignment.generation import stop_ids
 from alignment.modeling import (
@@ -93,15 +93,12 @@ def merge_adapter(adapter: str | Path, dtype: torch.dtype = torch.float32, base:
 
 def main(cfg: MergeStageConfig) -> Path:
     # --- resolve inputs ---------------------------------------------------------------------
-    if process_count() > 1:
-        raise StageError("align merge runs as one process (every process would write the same merged folder): "
-                         "run it without accelerate launch")
+    refuse_several_processes("merge", "every process would write the same merged folder")
     check_stage("merge", cfg)  # the adapter, its base and the output folder before anything is loaded
-    adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    adapter, out = merge_paths(cfg)
     if not is_adapter_dir(adapter):
         raise StageError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "pass adapter=<folder written by align sft/dpo/ppo>")
-    out = Path(cfg.output) if cfg.output else adapter.with_name(adapter.name + "-merged")
 
     # --- model → merge → save ---------------------------------------------------------------
     model, tokenizer, base_name, into = merge_adapter(adapter, getattr(torch, cfg.dtype), cfg.base)

@@ -287,7 +287,7 @@ def main(cfg: RewardStageConfig) -> Path:
     # A step holds batch_size pairs: a chosen and a rejected sequence each.
     plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
                              tokens_per_step=2 * cfg.train.batch_size * cfg.model.max_length)
-    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile, lora=cfg.lora)
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------

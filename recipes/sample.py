@@ -15,7 +15,8 @@ writing one transaction per generation batch. selection=uncertainty samples ever
 pool, scores each candidate task by how unsure a reward model (selection_reward_model, default
 <run.dir>/reward) is about its K responses (alignment/active.py), and stores the num_prompts most
 uncertain (a share `explore` drawn at random instead) with that value as their priority: the
-labelling queue hands them out highest first. `<out>/candidates.jsonl` lists every candidate's value.
+labelling queue hands them out highest first. `<out>/candidates.jsonl` lists every candidate's value, the
+batch's whole record: the store keeps it with the tasks (Store.batch_note), so a rerun writes it again.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment import StageError, process_count, report
+from alignment import StageError, refuse_several_processes, report
 from alignment.artifacts import (
     key_prefix,
     print_done,
@@ -84,6 +85,18 @@ def _drawn(prompts: list[str], wanted: int, cfg: SampleStageConfig) -> list[str]
     return [p for i, p in enumerate(prompts) if i in drawn]
 
 
+def _selection_figures(note: dict) -> dict:
+    """The manifest's figures of a batch's uncertainty selection, from its note in the store (every candidate)."""
+    values = [c["acquisition"] for c in note["candidates"]]
+    chosen = [c["acquisition"] for c in note["candidates"] if c["chosen"]]
+    rest = [c["acquisition"] for c in note["candidates"] if not c["chosen"]]
+    return {"reward_model": note["reward_model"], "acquisition": note["acquisition"], "explore": note["explore"],
+            "candidates": len(values), "chosen": len(chosen),
+            "mean_acquisition_chosen": statistics.fmean(chosen) if chosen else None,
+            "mean_acquisition_candidates": statistics.fmean(values) if values else None,
+            "mean_acquisition_not_chosen": statistics.fmean(rest) if rest else None}
+
+
 def _sampled_otherwise(store, batch: str, policy_dir: Path, policy_manifest: dict, cfg: SampleStageConfig) -> dict:
     """The batch's tasks sampled otherwise than this run would (another policy or version of it, k or
     generation settings), and what differs: {} when none. A rerun after `align sft` again, or with a
@@ -104,9 +117,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("sample", cfg)  # every input (policy, prompts, store, reward model, paths, the machine) before any work
-    if process_count() > 1:
-        raise StageError("align sample runs as one process (it does not split prompts between processes): "
-                         "run it without accelerate launch")
+    refuse_several_processes("sample", "it does not split prompts between processes")
     policy_dir = Path(cfg.policy) if cfg.policy else stage_dir(cfg.run.dir, "sft")
     if cfg.policy is None and not policy_dir.exists():
         raise StageError(f"no policy at {policy_dir}: run `align sft run.dir={cfg.run.dir}` first, "
@@ -223,25 +234,28 @@ def main(cfg: SampleStageConfig) -> Path:
             chosen = choose(values, wanted, explore=cfg.explore, seed=cfg.generation.seed)
             picked = set(chosen)
             priority = queue_priorities(values, chosen, explore=cfg.explore, seed=cfg.generation.seed)
+            # every candidate's value goes into the store with the chosen tasks (one transaction), over the batch's
+            # earlier record: a call stopped after the commit, run again, has nothing left to sample and still
+            # writes the record of how the batch's tasks were chosen (candidates.jsonl, the manifest's selection)
+            earlier = {c["prompt"]: c for c in (store.batch_note(batch) or {}).get("candidates", [])}
+            note = {"reward_model": str(selector), "acquisition": cfg.acquisition, "explore": cfg.explore,
+                    "candidates": list({**earlier, **{item["prompt"]: {
+                        "prompt": item["prompt"], "acquisition": values[i], "chosen": i in picked}
+                        for i, item in enumerate(candidates)}}.values())}
             added = store.add_tasks(batch, [{**candidates[i], "priority": p} for i, p in zip(chosen, priority,
                                                                                             strict=True)],
-                                    source=source, round=cfg.round)
-            with open(out / "candidates.jsonl", "w") as fh:
-                for i, item in enumerate(candidates):
-                    fh.write(json.dumps({"batch": batch, "prompt": item["prompt"], "acquisition": values[i],
-                                         "chosen": i in picked}) + "\n")
-            rest = [v for i, v in enumerate(values) if i not in picked]
-            selection.update({
-                "reward_model": str(selector), "acquisition": cfg.acquisition, "explore": cfg.explore,
-                "candidates": len(candidates), "chosen": len(chosen),
-                "mean_acquisition_chosen": statistics.fmean(values[i] for i in chosen) if chosen else None,
-                "mean_acquisition_candidates": statistics.fmean(values),
-                "mean_acquisition_not_chosen": statistics.fmean(rest) if rest else None})
+                                    source=source, round=cfg.round, note=note)
             log.info("selection: %d of %d candidates by %s under %s; mean acquisition %.4f chosen, %.4f all",
                      len(chosen), len(candidates), cfg.acquisition, selector,
-                     selection["mean_acquisition_chosen"] or 0.0, selection["mean_acquisition_candidates"])
+                     statistics.fmean(values[i] for i in chosen) if chosen else 0.0, statistics.fmean(values))
 
     # --- save -------------------------------------------------------------------------------
+    note = store.batch_note(batch) if selector else None
+    if note:  # the batch's every candidate: this call's, and those of a call before it (stopped, or num_prompts grown)
+        with open(out / "candidates.jsonl", "w") as fh:
+            for c in note["candidates"]:
+                fh.write(json.dumps({"batch": batch, **c}) + "\n")
+        selection.update(_selection_figures(note))
     if not selector:  # this folder now describes a random selection: no uncertainty values of an earlier run
         (out / "candidates.jsonl").unlink(missing_ok=True)
     rows = store.batch_tasks(batch)

@@ -21,7 +21,7 @@ from alignment import StageError, report
 from alignment.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
 from alignment.config import SFTStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, speed_up_cpu_training
-from alignment.data import file_hash, load_sft_dataset, split_by_prompt
+from alignment.data import DataError, file_hash, load_sft_dataset, split_by_prompt
 from alignment.gpu_training import (
     describe_levers,
     fit_checkpointing,
@@ -70,6 +70,38 @@ def too_long(dataset, tokenizer, max_length: int) -> tuple[int, list[int]]:
     return truncated, prompt_fills
 
 
+def template_refused(dataset, tokenizer, report, on_error: str, model: str):
+    """The dataset less the examples the model's chat template refuses to render. preflight renders the first
+    ones only; a template that insists on alternating turns (Llama-2, Mistral v0.1-0.2, Gemma) may refuse a later
+    conversation with two user turns in a row: named by its file and line (DataError), or with data.on_error=skip
+    left out, counted among the skipped and warned about, as the reader's own bad records are."""
+    from alignment.embedded import EMBEDDED_NAMES
+    from alignment.preflight import template_refusal
+
+    if model.lower() in EMBEDDED_NAMES:  # align's own template renders every role in any order
+        return dataset
+    refused = []
+    for i, row in enumerate(dataset):
+        problem = template_refusal(tokenizer, row["prompt"], row["completion"])
+        if problem is None:
+            continue
+        said = f"{report.wheres[i]}: the chat template of model.name={model} refuses this example's conversation ({problem})"
+        if on_error == "raise":
+            raise DataError(f"{said}; fix the record, or set data.on_error=skip to leave such examples out")
+        refused.append(i)
+        report.skipped += 1
+        report.problems.append(said)
+        log.warning("skipped %s", said)
+    if refused and len(refused) == len(dataset):
+        raise DataError(f"{report.path}: the chat template of model.name={model} refuses every example (the first: "
+                        f"{report.problems[-len(refused)]})")
+    gone = set(refused)  # the report's per-example lists stay row for row with the dataset (split_by_prompt's groups)
+    report.conversations = [c for i, c in enumerate(report.conversations) if i not in gone]
+    report.wheres = [w for i, w in enumerate(report.wheres) if i not in gone]
+    report.used -= len(refused)
+    return without(dataset, refused)
+
+
 def without(dataset, rows: list[int]):
     """The dataset less those rows, in order."""
     gone = set(rows)
@@ -105,17 +137,20 @@ def main(cfg: SFTStageConfig) -> Path:
     dataset, data_report = load_sft_dataset(
         cfg.data.path, cfg.data.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
         turns=cfg.data.turns)
+    tokenizer = load_tokenizer(cfg.model.name)
+    dataset = template_refused(dataset, tokenizer, data_report, cfg.data.on_error, cfg.model.name)
     eval_dataset, eval_split = None, "none"
     if data_report.held_out:  # a DatasetDict's own held-out split, as given: no other is cut from train
-        eval_dataset, _ = load_sft_dataset(
+        eval_dataset, held_out_report = load_sft_dataset(
             cfg.data.path, data_report.format, system_prompt=cfg.data.system_prompt, on_error=cfg.data.on_error,
             turns=cfg.data.turns, split=data_report.held_out)
+        eval_dataset = template_refused(eval_dataset, tokenizer, held_out_report, cfg.data.on_error, cfg.model.name)
+        data_report.skipped += held_out_report.skipped
         eval_split = data_report.held_out
     if eval_dataset is None and cfg.data.eval_fraction > 0 and len(dataset) >= 10:
         dataset, eval_dataset = split_by_prompt(dataset, cfg.data.eval_fraction, cfg.train.seed,
                                                 groups=data_report.conversations)
         eval_split = "by prompt" if eval_dataset is not None else "none"
-    tokenizer = load_tokenizer(cfg.model.name)
     truncated, prompt_fills = too_long(dataset, tokenizer, cfg.model.max_length)
     eval_truncated, eval_prompt_fills = too_long(eval_dataset or [], tokenizer, cfg.model.max_length)
     dropped, eval_dropped = len(prompt_fills), len(eval_prompt_fills)
@@ -150,7 +185,7 @@ def main(cfg: SFTStageConfig) -> Path:
     padding_free = use_padding_free(cfg.data.padding_free, plan, cfg.model.attn_implementation, truncated,
                                     packing=cfg.data.packing)
     levers = describe_levers(plan, liger=use_liger(cfg.train.liger), padding_free=padding_free,
-                             compile=cfg.train.compile)
+                             compile=cfg.train.compile, lora=cfg.lora)
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
     assert len(store.batch_tasks("active")) == 3
     again = json.loads((run / "sample" / "align.json").read_text())  # nothing sampled: still the policy's base
     assert again["base_model"] == manifest["base_model"] is not None
+    assert again["selection"] == selection  # and still the record of how the batch's tasks were chosen
 
 
 def test_random_selection_draws_from_the_pool_at_priority_0(run):
@@ -304,6 +305,39 @@ def test_a_sample_stopped_and_resumed_gives_the_tasks_of_one_uninterrupted(run, 
     assert len(tasks(resumed)) == 2
     assert align([*args, f"store={resumed}"]) == 0
     assert len(tasks(whole)) == 4 and tasks(resumed) == tasks(whole)
+
+
+def test_an_uncertainty_sample_stopped_after_storing_its_tasks_keeps_their_selection_record(run, tmp_path,
+                                                                                                monkeypatch):
+    """The chosen tasks go into the store in one transaction; a call stopped after it (before its manifest) lost
+    its sample folder, and the call run again, with nothing left to sample, wrote a manifest whose `selection`
+    named neither the reward model nor a chosen task, and no candidates.jsonl."""
+    import recipes.sample as sample
+    from labeling.store import Store
+
+    def call(name: str) -> list[str]:
+        return [*sample_args(run, "selection=uncertainty", "num_prompts=2", "pool_factor=2", f"policy={run / 'sft'}",
+                             f"selection_reward_model={run / 'reward'}"), f"run.dir={tmp_path / name}"]
+
+    def selection(name: str) -> dict:
+        return json.loads((tmp_path / name / "sample" / "align.json").read_text())["selection"]
+
+    def candidates(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "sample" / "candidates.jsonl").read_text().splitlines()]
+
+    assert align(call("whole")) == 0
+    with monkeypatch.context() as m:  # stopped once the tasks are in the store, before the manifest
+        m.setattr(sample, "save_config", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert align(call("resumed")) != 0
+    assert len(Store(f"sqlite:///{tmp_path / 'resumed' / 'labels.db'}").task_prompts("round-0")) == 2
+    assert not (tmp_path / "resumed" / "sample" / "align.json").exists()
+    assert align(call("resumed")) == 0  # nothing left to sample
+    resumed = selection("resumed")
+    assert resumed["chosen"] == 2 and resumed["candidates"] == 4 and resumed["reward_model"] == str(run / "reward")
+    assert resumed == selection("whole")  # the figures of the call that chose them
+    assert candidates("resumed") == candidates("whole")
+    chosen = {c["prompt"] for c in candidates("resumed") if c["chosen"]}
+    assert chosen == Store(f"sqlite:///{tmp_path / 'resumed' / 'labels.db'}").task_prompts("round-0")
 
 
 def test_a_batch_named_by_hand_leaves_out_every_rounds_prompts_and_keeps_its_own(run):

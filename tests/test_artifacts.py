@@ -64,6 +64,8 @@ def test_ppo_with_algo_grpo_is_the_grpo_stage_and_writes_grpo():
     assert routed("ppo", cfg).name == "grpo" and stage_dir("r", routed("ppo", cfg).name) == Path("r/grpo")
     assert routed("ppo", load_config(PPOStageConfig, None, [])).name == "ppo"
     assert routed("dpo", cfg).name == "dpo"  # only ppo's own variants are routed
+    # the command the report's hints and `align --help` name for it
+    assert STAGES["grpo"].command == "align ppo algo=grpo" and STAGES["sft"].command == "align sft"
 
 
 def test_cli_lists_exactly_the_registrys_commands(capsys):

@@ -574,9 +574,10 @@ def test_a_pipeline_with_one_process_stages_is_refused_under_several_before_any_
     assert not (tmp_path / "run" / "sft").exists()
 
 
-@pytest.mark.parametrize("stage", ["export", "merge"])
-def test_export_and_merge_refuse_several_processes(stage, tmp_path, monkeypatch):
-    """Each writes one folder (preferences/, <adapter>-merged): every process of accelerate launch wrote it at once."""
+@pytest.mark.parametrize("stage", ["export", "merge", "sample", "eval"])
+def test_one_process_stages_refuse_several_processes(stage, tmp_path, monkeypatch):
+    """export and merge each write one folder (preferences/, <adapter>-merged): every process of accelerate launch
+    wrote it at once; sample and eval do not split their prompts, so every process did all of them."""
     import importlib
 
     from alignment import StageError
@@ -585,8 +586,10 @@ def test_export_and_merge_refuse_several_processes(stage, tmp_path, monkeypatch)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cls = getattr(importlib.import_module("alignment.config"), STAGES[stage].config)
+    recipe = importlib.import_module(STAGES[stage].recipe)
+    monkeypatch.setattr(recipe, "check_stage", lambda *a, **k: None)  # sample and eval check their inputs first
     with pytest.raises(StageError, match=f"align {stage} runs as one process .* run it without accelerate launch"):
-        importlib.import_module(STAGES[stage].recipe).main(load_config(cls, None, [f"run.dir={tmp_path}"]))
+        recipe.main(load_config(cls, None, [f"run.dir={tmp_path}"]))
     assert not any(tmp_path.iterdir())
 
 

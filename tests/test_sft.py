@@ -104,6 +104,7 @@ def test_lora_dora_rslora_switches(tiny_model, sft_data, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True and cfg["use_rslora"] is True and cfg["r"] == 4
     assert any("lora_magnitude_vector" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    assert "unquantized base + DoRA with rsLoRA scaling" in json.loads((out / "align.json").read_text())["device_plan"]
 
 
 def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
@@ -329,6 +330,32 @@ def test_bad_data_line_is_a_clear_cli_error(tiny_model, tmp_path, capsys):
     rc = align(["sft", f"model.name={tiny_model}", f"data.path={bad}", f"run.dir={tmp_path}", "run.wandb=disabled"])
     assert rc == 2
     assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
+
+
+def test_a_later_example_the_chat_template_refuses_is_named_or_skipped(tiny_model, tmp_path, capsys):
+    """A template that insists on alternating turns (Llama-2's, Mistral v0.1's, Gemma's) refusing an example past the
+    first ones preflight renders: a Jinja traceback naming no file, and data.on_error=skip did not skip it. Now the
+    record's file and line (exit 2), or it is left out and counted as skipped."""
+    base = tmp_path / "alternating"
+    shutil.copytree(tiny_model, base)
+    strict = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    (base / "chat_template.jinja").write_text(strict)
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: how do I sync?"},
+                          {"role": "assistant", "content": f"Answer {i}: tap Sync now."}]} for i in range(12)]
+    rows[7]["messages"].insert(1, {"role": "user", "content": "Are you there?"})  # two user turns in a row
+    data = tmp_path / "alt.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc = align(["sft", f"model.name={base}", f"data.path={data}", f"run.dir={tmp_path / 'raise'}", *FAST,
+                "model.quantize=false", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{data}:8: the chat template of model.name={base} refuses this example's conversation" in err
+    assert "Conversation roles must alternate" in err and "Traceback" not in err
+    out = run_sft(base, data, tmp_path / "skip", "model.quantize=false", "train.max_steps=1", "data.on_error=skip")
+    manifest = json.loads((out / "align.json").read_text())["data"]
+    assert (manifest["used"], manifest["skipped"], manifest["train"] + manifest["eval"]) == (11, 1, 11)
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])

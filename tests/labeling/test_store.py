@@ -77,6 +77,22 @@ def test_add_tasks_is_idempotent_per_batch_and_prompt(store):
         store.add_tasks("round-0", [{"prompt": "x", "responses": ["only one"]}], source={})
 
 
+def test_a_batch_note_is_written_with_its_tasks_and_replaced_by_the_next(store):
+    """align sample selection=uncertainty keeps every candidate's value in the transaction of its tasks: a call
+    stopped after the commit left tasks whose selection no record described."""
+    long = "b" * 200  # a batch name longer than align_meta's 64-character key
+    assert store.batch_note("round-0") is None
+    store.add_tasks("round-0", [{"prompt": "p1", "responses": ["a", "b"]}], note={"candidates": [1]})
+    store.add_tasks(long, [{"prompt": "p1", "responses": ["a", "b"]}], note={"candidates": [2]})
+    store.add_tasks("round-0", [{"prompt": "p2", "responses": ["a", "b"]}])  # no note given: the batch's kept
+    assert store.batch_note("round-0") == {"candidates": [1]} and store.batch_note(long) == {"candidates": [2]}
+    store.add_tasks("round-0", [{"prompt": "p3", "responses": ["a", "b"]}], note={"candidates": [1, 3]})
+    assert store.batch_note("round-0") == {"candidates": [1, 3]} and store.batch_note(long) == {"candidates": [2]}
+    with pytest.raises(ValueError, match="a list of 2 to 8 strings"):  # the tasks refused: no note either
+        store.add_tasks("other", [{"prompt": "x", "responses": ["only one"]}], note={"candidates": []})
+    assert store.batch_note("other") is None
+
+
 def test_add_tasks_refuses_responses_the_app_cannot_show_before_anything_is_written(store):
     """A string of responses became one response per character; nine responses, more than the app lays out, and
     response_meta entries that are no objects were stored as they came. Each is refused, naming the item and
