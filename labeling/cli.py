@@ -213,11 +213,13 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             store.set_admin(cmd[2], cmd[3] == "on")
             print(f"user {cmd[2].strip()!r}: admin {cmd[3]}")
             return 0
+        if cmd in ([], ["status"]) and args.batch and args.batch not in store.batches():
+            # else status said "pending rankings: 0", --simulate ranked nothing and the app handed out no task, all
+            # with exit 0, as if the batch were done
+            print(f"align label: --batch {args.batch!r} is not in the store; its batches: "
+                  f"{', '.join(store.batches()) or 'none yet'} (`align sample batch=NAME` writes one)", file=sys.stderr)
+            return 2
         if cmd == ["status"]:
-            if args.batch and args.batch not in store.batches():  # else "pending rankings: 0", as if all were done
-                print(f"align label: --batch {args.batch!r} is not in the store; its batches: "
-                      f"{', '.join(store.batches()) or 'none yet'}", file=sys.stderr)
-                return 2
             for b in store.batch_counts():
                 print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
                       f"{b['unranked']} unranked")

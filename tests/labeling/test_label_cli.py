@@ -274,6 +274,23 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
             "not skipped the task") in capsys.readouterr().out
 
 
+def test_a_batch_the_store_lacks_is_refused_by_simulate_and_the_app_too(tmp_path, capsys, monkeypatch):
+    """`--simulate ... --batch nosuch` ranked nothing and `align label --batch nosuch` served no task, both
+    accepted as if the batch were done; `status` refused it already."""
+    import labeling.cli
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b"]}])
+    store.add_user("lead", "pw-1234", admin=True)
+    monkeypatch.setattr(labeling.cli, "serve", lambda *a, **k: 0)  # the app itself is not started here
+    label = ["label", "--run-dir", str(tmp_path), "--batch", "nosuch"]
+    for command in ([*label, "--simulate", "support_style"], label):
+        assert align(command) == 2
+        assert "--batch 'nosuch' is not in the store; its batches: round-0" in capsys.readouterr().err
+    assert not store.submitted_rankings()
+    assert align(["label", "--run-dir", str(tmp_path), "--batch", "round-0"]) == 0  # a batch it has: the app
+
+
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):
     """Simulated rankings of eval's A/B tasks (batch eval-*) are read by align eval human=true, not by export;
     `users add` with no terminal to ask on (or Ctrl-D) ended in a traceback."""
