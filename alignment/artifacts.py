@@ -599,6 +599,19 @@ def shell(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
+def stage_command(stage: str, run_dir: str | Path, *, sft: str | Path | None = None,
+                  data: str | Path | None = None) -> str:
+    """`align <stage> run.dir=...` plus `sft=` and `data.path=` for an SFT adapter or preference data that is not
+    the run's own (<run.dir>/sft, <run.dir>/preferences), where the next stage would look by default: after `align
+    reward sft=<elsewhere>` the bare `align dpo run.dir=...` failed "no SFT adapter at <run.dir>/sft"."""
+    command = f"align {stage} run.dir={shell(run_dir)}"
+    if sft is not None and Path(sft).resolve() != stage_dir(run_dir, "sft").resolve():
+        command += f" sft={shell(sft)}"
+    if data is not None and Path(data).resolve() != stage_dir(run_dir, "export").resolve():
+        command += f" data.path={shell(data)}"
+    return command
+
+
 def eval_command(run_dir: str | Path, stage: str, sft: str | Path | None, *, scorer: str | None = None,
                  reward_model: str | Path | None = None, base: str | None = None) -> str:
     """What to run after training `stage` from `sft` (None: a fresh LoRA on `base`) against `scorer` or

@@ -91,18 +91,23 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def describe_config(cls: type, prefix: str = "", defaults=None) -> list[str]:
+def describe_config(cls: type, prefix: str = "", defaults=None, hidden: frozenset[str] = frozenset()) -> list[str]:
     """`key = default    (type, range)` per key; a section's defaults are the stage's own (e.g. serve's
-    model.name=auto), not the section class's."""
+    model.name=auto), not the section class's. A key the stage refuses (its `unread_keys`: model.max_length where
+    nothing reads it) is left out: listed with its default, it read as a setting of the stage."""
     from alignment.config import describe_field
 
     defaults = cls() if defaults is None else defaults
+    hidden = hidden | set(getattr(cls, "unread_keys", ()))
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        if f.name in hidden:
+            continue
         if dataclasses.is_dataclass(kind):
-            lines.extend(describe_config(kind, f"{prefix}{f.name}.", getattr(defaults, f.name)))
+            within = frozenset(k.split(".", 1)[1] for k in hidden if k.startswith(f"{f.name}."))
+            lines.extend(describe_config(kind, f"{prefix}{f.name}.", getattr(defaults, f.name), within))
             continue
         lines.append(f"  {prefix}{f.name} = {getattr(defaults, f.name)!r}    {describe_field(f, kind)}")
     return lines

@@ -270,6 +270,8 @@ class SampleStageConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
 
+    unread_keys = ("model.max_length",)  # validate() refuses it (max_length_unread): --help leaves it out
+
     def validate(self, prefix: str = "") -> None:
         max_length_unread(prefix, self.model, "align sample", "generation.max_new_tokens bounds each answer")
         if self.generation.temperature == 0:
@@ -456,6 +458,8 @@ class PPOStageConfig:
                                                                  warmup_ratio=0.0, logging_steps=1))
     run: RunConfig = field(default_factory=RunConfig)
 
+    unread_keys = ("model.max_length",)  # validate() refuses it (max_length_unread): --help leaves it out
+
     def validate(self, prefix: str = "") -> None:
         rl, gen, p = self.rl, self.generation, prefix
         max_length_unread(p, self.model, f"align ppo (algo={self.algo})", "generation.max_new_tokens bounds each response")
@@ -522,6 +526,8 @@ class EvalStageConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
 
+    unread_keys = ("model.max_length",)  # validate() refuses it (max_length_unread): --help leaves it out
+
     def validate(self, prefix: str = "") -> None:
         max_length_unread(prefix, self.model, "align eval", "generation.max_new_tokens bounds each answer")
 
@@ -572,6 +578,8 @@ class ServeStageConfig:
     # on CPU an fp32 base generates faster than a 4-bit one (docs/serving.md).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto", quantize=False))
     run: RunConfig = field(default_factory=RunConfig)
+
+    unread_keys = ("model.max_length",)  # validate() refuses it (max_length_unread): --help leaves it out
 
     def validate(self, prefix: str = "") -> None:
         from alignment.serving import is_loopback

@@ -213,21 +213,27 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             store.set_admin(cmd[2], cmd[3] == "on")
             print(f"user {cmd[2].strip()!r}: admin {cmd[3]}")
             return 0
+        if cmd in ([], ["status"]) and args.batch and args.batch not in store.batches():
+            # else status said "pending rankings: 0", --simulate ranked nothing and the app handed out no task, all
+            # with exit 0, as if the batch were done
+            print(f"align label: --batch {args.batch!r} is not in the store; its batches: "
+                  f"{', '.join(store.batches()) or 'none yet'} (`align sample batch=NAME` writes one)", file=sys.stderr)
+            return 2
         if cmd == ["status"]:
-            if args.batch and args.batch not in store.batches():  # else "pending rankings: 0", as if all were done
-                print(f"align label: --batch {args.batch!r} is not in the store; its batches: "
-                      f"{', '.join(store.batches()) or 'none yet'}", file=sys.stderr)
-                return 2
             for b in store.batch_counts():
-                print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
-                      f"{b['unranked']} unranked")
+                if not args.batch or b["batch"] == args.batch:
+                    print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
+                          f"{b['unranked']} unranked")
             on_skipped = store.pending_on_skipped(args.batch, overlap)
             skipped = store.skipped_out(args.batch, overlap)
             why = [f"{skipped} on tasks every annotator skipped (nobody left to rank them; an account added with "
                    "`align label users add` would be given them)"] if skipped else []
             if on_skipped > skipped:  # an admin counts once they take a task: one who only watches is not waited for
                 why.append(f"{on_skipped - skipped} waiting for an annotator who has not skipped the task")
-            print(f"pending rankings (overlap {overlap}): {store.pending_count(args.batch, overlap)}"
+            # The store keeps no record of the overlap the app or --simulate used: counted against --overlap's
+            print(f"pending rankings (overlap {overlap}"
+                  + ("" if args.overlap else ", --overlap's default; the store does not record the overlap labelling "
+                     "used: give status the same --overlap") + f"): {store.pending_count(args.batch, overlap)}"
                   + (f", {on_skipped} of them on tasks someone skipped: {', '.join(why)}" if on_skipped else ""))
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":

@@ -1,7 +1,7 @@
 """Simulated annotators: a scorer ranks pending tasks through the same path a person's click takes.
 
 Each simulated annotator signs in (an account `sim-<scorer>-<i>` is made once), asks for its
-next task, sees the responses in its own shuffled order, ranks them by score (equal scores tie)
+next task (taking turns with the others, so an overlap below their number shares the tasks), sees the responses in its own shuffled order, ranks them by score (equal scores tie)
 and submits with `handlers.submit`: assignment, overlap, gold tasks, validation and idempotency
 are the app's. `noise` adds Gaussian noise scaled to the spread of a task's scores, so several
 simulated annotators disagree about close calls as people do. `tie_resolution` R makes it call
@@ -81,7 +81,7 @@ def simulated_rationale(scorer_spec: str, tie_resolution: float = 0.0) -> str:
 def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: float = 0.0, seed: int = 0,
              batch: str | None = None, overlap: int | None = None, profiles: list[str] | None = None,
              gold_rate: float = 0.0, tie_resolution: float = 0.0) -> int:
-    """Rank every task still open for them; returns how many rankings were submitted.
+    """Rank every task still open for them, taking turns; returns how many rankings were submitted.
 
     `profiles` (one per annotator, default all good) and `gold_rate` (the share of gold tasks
     mixed in, as the app's `--gold-rate`) let a run measure and down-weight a bad annotator.
@@ -99,18 +99,29 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
     safe = "".join(c if c.isalnum() else "-" for c in scorer_spec)[:40]
     submitted = 0
     pending = store.pending_count(batch, overlap)
+    sessions = []
+    for i in range(annotators):
+        name, password = f"sim-{safe}-{i}", secrets.token_hex(8)
+        if profiles:
+            name += "-" + "".join(c if c.isalnum() else "-" for c in profiles[i].strip())
+        if name not in known:
+            store.add_user(name, password)
+        # A simulated annotator has no password to type: it gets its session as sign_in would.
+        user = next(u for u in store.users() if u["name"] == name)
+        sessions.append({"annotator_id": user["id"], "name": name, "is_admin": False})
+    # They take turns, each asking for one task a turn until none gets one: one after another, the first took
+    # every task at --overlap 1 (`--annotators 3 --overlap 1` shares the tasks among the three). Where each is given
+    # every task (overlap >= annotators) they go one after another still, the order the runs measured so far drew
+    # their noise in.
+    waiting = list(range(annotators))
     with tqdm(total=pending, desc=f"simulated annotators ({scorer_spec})", unit="ranking") as bar:
-        for i in range(annotators):
-            name, password = f"sim-{safe}-{i}", secrets.token_hex(8)
-            if profiles:
-                name += "-" + "".join(c if c.isalnum() else "-" for c in profiles[i].strip())
-            if name not in known:
-                store.add_user(name, password)
-            # A simulated annotator has no password to type: it gets its session as sign_in would.
-            session = next(u for u in store.users() if u["name"] == name)
-            session = {"annotator_id": session["id"], "name": name, "is_admin": False}
-            while (task := handlers.next_task(store, session, overlap=overlap, gold_rate=gold_rate, seed=seed,
-                                              batch=batch)) is not None:
+        while waiting:
+            for i in list(waiting) if overlap < annotators else waiting[:1]:
+                session = sessions[i]
+                task = handlers.next_task(store, session, overlap=overlap, gold_rate=gold_rate, seed=seed, batch=batch)
+                if task is None:
+                    waiting.remove(i)
+                    continue
                 started = time.perf_counter()
                 # Scored, noised and ranked in the task's own order, then given in the order shown: the shown order
                 # is keyed with the store's secret (a new one per store), and drawn in it the noise would land on

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from alignment import StageError, refuse_several_processes, report
-from alignment.artifacts import print_done, shell, stage_dir, store_url, write_manifest
+from alignment.artifacts import print_done, stage_command, stage_dir, store_url, write_manifest
 from alignment.config import ExportStageConfig, save_config, to_dict
 from alignment.preflight import check_stage
 from alignment.tracking import Tracker, log_artifact
@@ -92,7 +92,7 @@ def main(cfg: ExportStageConfig) -> Path:
         log.warning("annotator reliability: %s", warning)
     if Path(cfg.run.dir).is_dir():  # as every stage does (output= elsewhere: the run's report, if it has one)
         log.info("report: %s", report.write_report(cfg.run.dir))
-    run = f"run.dir={shell(cfg.run.dir)}" + (f" data.path={shell(out)}" if cfg.output else "")
-    print_done("export", out, f"align reward {run}   or   align dpo {run}")
+    print_done("export", out, f"{stage_command('reward', cfg.run.dir, data=out)}   or   "
+                              f"{stage_command('dpo', cfg.run.dir, data=out)}")
     return out
 

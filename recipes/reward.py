@@ -38,6 +38,7 @@ from alignment.artifacts import (
     recorded_path,
     settings_of,
     shell,
+    stage_command,
     stage_dir,
     system_prompt_of,
     write_manifest,
@@ -410,15 +411,20 @@ def main(cfg: RewardStageConfig) -> Path:
     html = report.write_report(cfg.run.dir)
     log.info("report: %s", html)
     # The main process wrote align.json, which the gate reads; the others print nothing (print_done).
-    run, refused = shell(cfg.run.dir), ppo_gate_refuses(out) if is_main_process() else None
-    by_hand = f"score by hand: align reward score --run-dir {run} --prompt ... --response ..."
-    if refused:  # the hint is a command that runs: not the ppo its gate would refuse at once
-        print_done("reward", out, f"align dpo run.dir={run}   (PPO's gate refuses this reward model at "
-                                  f"{', '.join(refused)}; to run it anyway: align ppo run.dir={run} {run_anyway(refused)}"
-                                  f"; {by_hand})")
-    else:
-        print_done("reward", out, f"align ppo run.dir={run}   ({by_hand})")
+    print_done("reward", out, next_hint(cfg.run.dir, sft, data_path, ppo_gate_refuses(out) if is_main_process() else []))
     return out
+
+
+def next_hint(run_dir: str | Path, sft: Path, data_path: Path, refused: list[str]) -> str:
+    """PPO on this reward model, or DPO where PPO's gate refuses it (`refused`: a command that runs, not the ppo its
+    gate would refuse at once); each names the SFT adapter and (DPO) the pairs this model was trained from where
+    they are not the run's own, as the next stage would not find them by run.dir alone (stage_command)."""
+    ppo = stage_command("ppo", run_dir, sft=sft)
+    by_hand = f"score by hand: align reward score --run-dir {shell(run_dir)} --prompt ... --response ..."
+    if refused:
+        return (f"{stage_command('dpo', run_dir, sft=sft, data=data_path)}   (PPO's gate refuses this reward model "
+                f"at {', '.join(refused)}; to run it anyway: {ppo} {run_anyway(refused)}; {by_hand})")
+    return f"{ppo}   ({by_hand})"
 
 
 def ppo_gate_refuses(out: Path) -> list[str]:

@@ -48,6 +48,23 @@ def test_stage_help_shows_the_stages_own_section_defaults(capsys):
     assert "model.quantize = False" in capsys.readouterr().out
 
 
+def test_stage_help_leaves_out_the_keys_the_stage_refuses(capsys):
+    """sample, eval, serve and ppo refuse model.max_length (they cut no prompt), yet their --help listed it with
+    its default 512 as a setting; the training stages read it and still list it, the pipeline for theirs only."""
+    for stage in ("sample", "eval", "serve", "ppo"):
+        assert align([stage, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "model.max_length" not in out and "model.quantize" in out, stage
+    for stage in ("sft", "reward", "dpo"):
+        assert align([stage, "--help"]) == 0
+        assert "  model.max_length = 512" in capsys.readouterr().out, stage
+    assert align(["pipeline", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  sft.model.max_length = 512" in out and "  dpo.model.max_length = 512" in out
+    assert "sample.model.max_length" not in out and "ppo.model.max_length" not in out
+    assert "sample.model.quantize" in out
+
+
 def test_an_unknown_option_names_the_closest_and_all_options(capsys):
     assert align(["sft", "--confg", "x.yaml"]) == 2
     err = capsys.readouterr().err

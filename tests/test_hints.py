@@ -100,6 +100,27 @@ def test_the_reward_hint_names_every_gate_setting_that_refuses_it(tmp_path, monk
     gate(reward, 0.0, 1.0)
 
 
+def test_the_reward_hint_names_the_sft_and_pairs_it_was_trained_from_outside_the_run(tmp_path):
+    """`align reward run.dir=R sft=/other/sft data.path=/x/prefs.jsonl` hinted `align dpo run.dir=R` and `align ppo
+    run.dir=R`, which failed "no SFT adapter at R/sft": the hint names what is not the run's own, as DPO's does."""
+    from alignment.config import DPOStageConfig, PPOStageConfig, load_config
+    from recipes.reward import next_hint
+
+    run, sft, prefs = tmp_path / "my run", tmp_path / "other" / "sft", tmp_path / "x" / "prefs.jsonl"
+    own = next_hint(run, run / "sft", run / "preferences", [])
+    assert own.split("   ")[0] == f"align ppo run.dir={shlex.quote(str(run))}"
+    assert next_hint(run, run / "sft", run / "preferences", ["min_reward_accuracy=0.7"]).startswith(
+        f"align dpo run.dir={shlex.quote(str(run))}   (PPO's gate refuses")
+
+    ppo = shlex.split(next_hint(run, sft, prefs, []).split("   ")[0])
+    assert ppo[:2] == ["align", "ppo"] and load_config(PPOStageConfig, None, ppo[2:]).sft == str(sft)
+    hint = next_hint(run, sft, prefs, ["min_reward_accuracy=0.7"])
+    dpo = load_config(DPOStageConfig, None, shlex.split(hint.split("   ")[0])[2:])
+    assert (dpo.run.dir, dpo.sft, dpo.data.path) == (str(run), str(sft), str(prefs))
+    anyway = shlex.split(hint.split("to run it anyway: ")[1].split(";")[0])
+    assert anyway[:2] == ["align", "ppo"] and load_config(PPOStageConfig, None, anyway[2:]).sft == str(sft)
+
+
 def test_the_rl_hint_runs_eval_with_the_scorer_it_trained_against(tiny_model, tmp_path, monkeypatch, capsys):
     """`align ppo scorer=...` in a run with no reward model: the hinted eval carries the scorer (eval's default
     judge, reward/, is not there). With no SFT adapter (a fresh LoRA) eval has no baseline: the hint is no eval

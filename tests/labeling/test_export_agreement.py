@@ -528,6 +528,35 @@ def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
     assert simulate(store, "support_style", annotators=3) == 0  # nothing left: every task has its 3
 
 
+def test_simulated_annotators_take_turns_so_a_smaller_overlap_shares_the_tasks(tmp_path, monkeypatch):
+    """`--annotators 3 --overlap 1` ranks each task once, shared among the three (docs/labeling.md): one after
+    another, the first took every task. One annotator ranks the queue in its order, as before."""
+    from collections import Counter
+
+    from labeling.store import Store
+
+    def store_of(name: str) -> Store:
+        store = Store(f"sqlite:///{tmp_path / name}")
+        store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": [
+            f"Thanks! Open Settings {i}.", "Open Settings.", "Sorry, open Settings and tap Sync.", "no"]}
+            for i in range(9)], source={})
+        return store
+
+    store = store_of("shared.db")
+    assert simulate(store, "support_style", annotators=3, overlap=1) == 9
+    assert sorted(Counter(r["annotator"] for r in store.submitted_rankings()).values()) == [3, 3, 3]
+    store = store_of("two.db")
+    assert simulate(store, "support_style", annotators=3, overlap=2) == 18
+    by_task = Counter(r["task_id"] for r in store.submitted_rankings())
+    each = Counter(r["annotator"] for r in store.submitted_rankings())
+    assert set(by_task.values()) == {2} and len(each) == 3 and max(each.values()) < 9  # not two taking all
+    submitted, submit = [], handlers.submit
+    monkeypatch.setattr(handlers, "submit", lambda store, session, task_id, *a, **k: (
+        submitted.append(task_id), submit(store, session, task_id, *a, **k))[1])
+    assert simulate(store_of("one.db"), "support_style") == 9
+    assert submitted == list(range(1, 10))  # the queue's order, one task after another
+
+
 def test_tie_resolution_ties_replies_a_reader_cannot_tell_apart(tmp_path):
     # Scores 1.00 and 0.96 (the same reply, ten words longer) tie at a 0.25 resolution; 0.5 does not.
     assert ranks_from_scores([1.0, 0.96, 0.5, -1.0], 0.25) == [1, 1, 2, 3]

@@ -260,18 +260,59 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
     assert align([*label, "status", "--batch", "nope"]) == 2
     assert "--batch 'nope' is not in the store; its batches: round-0, round-1" in capsys.readouterr().err
     assert align([*label, "status", "--batch", "round-1"]) == 0
-    assert "pending rankings (overlap 1): 1" in capsys.readouterr().out
+    assert "pending rankings (overlap 1, --overlap's default; the store does not record the overlap" in \
+        capsys.readouterr().out
     assert align([*label, "users", "add", "  lena  ", "--password", "pw-1234"]) == 0
     assert "user 'lena' added to" in capsys.readouterr().out and [u["name"] for u in store.users()] == ["lena"]
     lena = store.authenticate("lena", "pw-1234")["annotator_id"]
     store.skip(lena, store.assign(lena, batch="round-1"))  # the only annotator skips it: nobody left to rank it
     assert align([*label, "status", "--batch", "round-1"]) == 0
-    assert ("pending rankings (overlap 1): 1, 1 of them on tasks someone skipped: 1 on tasks every annotator skipped"
-            in capsys.readouterr().out)
+    assert ("used: give status the same --overlap): 1, 1 of them on tasks someone skipped: 1 on tasks every annotator "
+            "skipped" in capsys.readouterr().out)
     store.add_user("mo", "pw-5678")  # one who has not skipped it: the ranking waits for them
     assert align([*label, "status", "--batch", "round-1"]) == 0
+    assert align([*label, "status", "--batch", "round-1", "--overlap", "1"]) == 0
     assert ("pending rankings (overlap 1): 1, 1 of them on tasks someone skipped: 1 waiting for an annotator who has "
             "not skipped the task") in capsys.readouterr().out
+
+
+def test_a_batch_the_store_lacks_is_refused_by_simulate_and_the_app_too(tmp_path, capsys, monkeypatch):
+    """`--simulate ... --batch nosuch` ranked nothing and `align label --batch nosuch` served no task, both
+    accepted as if the batch were done; `status` refused it already."""
+    import labeling.cli
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b"]}])
+    store.add_user("lead", "pw-1234", admin=True)
+    monkeypatch.setattr(labeling.cli, "serve", lambda *a, **k: 0)  # the app itself is not started here
+    label = ["label", "--run-dir", str(tmp_path), "--batch", "nosuch"]
+    for command in ([*label, "--simulate", "support_style"], label):
+        assert align(command) == 2
+        assert "--batch 'nosuch' is not in the store; its batches: round-0" in capsys.readouterr().err
+    assert not store.submitted_rankings()
+    assert align(["label", "--run-dir", str(tmp_path), "--batch", "round-0"]) == 0  # a batch it has: the app
+
+
+def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_given(tmp_path, capsys):
+    """`status --batch b2` printed every batch's line; after labelling at overlap 2, status counted pending at
+    --overlap's default 1 (the store does not record the overlap used), without saying so."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    for batch in ("b1", "b2"):
+        store.add_tasks(batch, [{"prompt": f"{batch} q{i}", "responses": ["Thanks! Open Settings.", "no"]}
+                                for i in range(3)])
+    label = ["label", "--run-dir", str(tmp_path)]
+    assert align([*label, "--simulate", "support_style", "--annotators", "2", "--batch", "b2", "--overlap", "1"]) == 0
+    capsys.readouterr()
+    assert align([*label, "status", "--batch", "b2"]) == 0
+    out = capsys.readouterr().out
+    assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked" in out and "b1:" not in out
+    assert ("pending rankings (overlap 1, --overlap's default; the store does not record the overlap labelling used: "
+            "give status the same --overlap): 0") in out
+    assert align([*label, "status", "--batch", "b2", "--overlap", "2"]) == 0
+    assert "pending rankings (overlap 2): 3" in capsys.readouterr().out
+    assert align([*label, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "b1: 3 tasks" in out and "b2: 3 tasks" in out
 
 
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):
