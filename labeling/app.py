@@ -697,7 +697,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         def do_refresh(request: gr.Request):
             try:
-                stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
+                stats = handlers.admin_stats(store, signed_in(request), overlap=overlap,
+                                             flagged=handlers.export_flagged(export_dir))
             except (PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⛔", error=True), "", "", None, None, ""]
             except StoreError as err:  # a row the app never wrote, named with what to do about it

@@ -20,6 +20,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
@@ -561,18 +562,34 @@ def gold_accuracy(store: Store) -> dict[str, float]:
     return {a: sum(v) / len(v) for a, v in scores.items()}
 
 
-def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> dict[str, Any]:
+def export_flagged(export_dir: str | Path | None) -> str:
+    """The `flagged` setting (keep / drop) of the export in `export_dir` (its config.yaml, which the Export button
+    runs with too), else the export's default, keep: the admin tab measures the rankings that export reads."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load((Path(export_dir) / "config.yaml").read_text()) if export_dir else None
+    except (OSError, yaml.YAMLError):
+        settings = None
+    flagged = settings.get("flagged") if isinstance(settings, dict) else None
+    return flagged if flagged in ("keep", "drop") else "keep"
+
+
+def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flagged: str = "keep") -> dict[str, Any]:
     """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
     `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
     annotator's estimated accuracy with its 95 % interval, and the weight their votes get; `warnings` are its
     sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
-    only logs: here the admin, who can check those rankings and add gold tasks, sees them."""
+    only logs: here the admin, who can check those rankings and add gold tasks, sees them. Both, and agreement,
+    read the rankings the export reads (rankings_for_reliability, with the export's `flagged`): never the A/B
+    verdicts of align eval human=true, whose "A" and "B" are the shown sides, no ranks of answers."""
     _require_admin(session)
     from labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
 
     rows = store.submitted_rankings()
     gold = gold_accuracy(store)
-    estimate = annotator_reliability(rankings_for_reliability(rows), store.gold_answers())
+    read = rankings_for_reliability(rows, flagged=flagged)
+    estimate = annotator_reliability(read, store.gold_answers())
     reliability = estimate.annotators
     people = store.annotator_activity()
     for p in people:
@@ -585,7 +602,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
     for b in batches:
         b["pending"] = store.pending_count(b["batch"], overlap)
     return {"per_annotator": people, "per_batch": batches, "warnings": estimate.warnings,
-            "agreement": agreement_summary([r for r in rows if not r["is_gold"] and not r.get("unreadable")]),
+            "agreement": agreement_summary([r for r in read if not r["is_gold"]]),
             "totals": {"tasks": sum(b["tasks"] for b in batches), "rankings": len(rows),
                        "annotators": sum(p["done"] > 0 for p in people)}}
 

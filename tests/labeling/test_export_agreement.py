@@ -641,3 +641,35 @@ def test_a_noisy_simulated_annotator_ranks_alike_whatever_order_the_store_shows(
         rankings.append(sorted((r["task_id"], r["annotator"], tuple(r["ranks"])) for r in store.submitted_rankings()))
     assert store.secret() != Store(f"sqlite:///{tmp_path / 'a.db'}").secret()
     assert rankings[0] == rankings[1] and len(rankings[0]) == 16
+
+
+def test_the_admin_tabs_agreement_reads_the_rankings_the_export_reads(tmp_path):
+    """Two annotators agreeing on every ranking showed α 0.27: the A/B verdicts of align eval human=true (batches
+    eval-...), which they judged oppositely and no export reads, were mixed in. Flagged rankings count as the
+    export's `flagged` has them (its config.yaml beside the run's preferences, which the Export button runs)."""
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("eval-dpo@1-vs-sft@1", [{"prompt": f"ab{i}", "responses": [f"L{i}", f"R{i}"]} for i in range(6)],
+                    kind="pairwise")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": [f"q{i} a", f"q{i} b", f"q{i} c"]} for i in range(3)])
+    store.add_user("boss", "secret-pw", admin=True)
+    for name in ("ann", "bob"):
+        store.add_user(name, "secret-pw")
+        person = handlers.sign_in(store, name, "secret-pw")
+        while (task := handlers.next_task(store, person, overlap=2)) is not None:
+            if task["kind"] == "pairwise":  # ann picks the first canonical answer, bob the second
+                first = (name == "ann") == (task["order"][0] == 0)
+                handlers.submit(store, person, task["task_id"], verdict="A" if first else "B")
+            else:  # both a > b > c; bob flags the last task unsafe (c is the unsafe one, ranked last)
+                handlers.submit(store, person, task["task_id"], [[1, 2, 3][i] for i in task["order"]],
+                                unsafe=name == "bob" and task["prompt"] == "q2")
+    boss = handlers.sign_in(store, "boss", "secret-pw")
+    stats = handlers.admin_stats(store, boss, overlap=2)["agreement"]
+    assert stats["n_tasks"] == 3 and stats["krippendorff_alpha"] == 1.0 and stats["pairwise_agreement"] == 1.0
+    assert handlers.admin_stats(store, boss, overlap=2, flagged="drop")["agreement"]["n_tasks"] == 2
+    preferences = tmp_path / "preferences"
+    assert handlers.export_flagged(preferences) == "keep"  # no export yet: the default
+    preferences.mkdir()
+    (preferences / "config.yaml").write_text("flagged: drop\nties: drop\n")
+    assert handlers.export_flagged(preferences) == "drop" and handlers.export_flagged(None) == "keep"
