@@ -648,8 +648,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         return gr.skip()
                     handlers.check_page_account(sess, page_account)
                     current = handlers.task_of(store, sess, current)
-                    handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
-                                        **({own: given[own]} if own else {}))
+                    if not handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
+                                               **({own: given[own]} if own else {})):
+                        # the task is no longer this annotator's (submitted, skipped, expired): said now, not at Submit
+                        note = handlers.late_draft_note(store, sess, current, list(rank_values),
+                                                        verdict=given["verdict"] if own == "verdict" else None)
+                        return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)
                 except (ValueError, KeyError, PermissionError) as err:

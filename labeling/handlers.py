@@ -522,6 +522,35 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
                               rationale=None if rationale is None else rationale.strip(), status="draft")
 
 
+LATE_DRAFT = {
+    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank set on it now "
+                 "changes nothing. Reload the page for your next task.",
+    "skipped": "Not saved: this task was skipped and is no longer yours to rank. Reload the page for your next task.",
+    "expired": f"Not saved: this task stood open for {ASSIGNMENT_TTL // 60} minutes and was handed to someone else; "
+               "it is no longer yours to rank. Press Skip (or reload the page) for your next task.",
+}
+
+
+def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
+                    verdict: str | None = None, seed: int = 0) -> str | None:
+    """What to tell the page whose draft save_draft refused (the task no longer open to this annotator): a rank
+    set there is lost, said at once, not at the submit. None for a draft that only repeats the ranks submitted:
+    a rank set just before the submit in the same page, whose draft landed after it."""
+    session = _require(session)
+    task, status = _open_view(store, session, task_id, seed)
+    if status == "submitted":
+        try:
+            shown = pairwise_ranks(verdict)[0] if task["kind"] == "pairwise" and verdict else \
+                [_whole(r) if r not in (None, "") else 0 for r in _fit(ranks_shown, task["k"])]
+            mine = to_canonical(task, shown) if len(shown) == task["k"] else None
+        except (ValueError, TypeError):
+            mine = None
+        kept = store.submitted_ranks(session["annotator_id"], task["task_id"])
+        if mine is not None and kept is not None and all(r in (0, k) for r, k in zip(mine, kept, strict=True)):
+            return None
+    return LATE_DRAFT.get(status)
+
+
 def skip(store: Store, session: dict[str, Any], task_id: int) -> None:
     """Pass an open task on to someone else; a repeat, or a task already submitted, changes nothing."""
     session = _require(session)
