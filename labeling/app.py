@@ -619,6 +619,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                          order_tag=page_order or "",  # a page without one is stale
                                          # 0 when this session's state was lost (it only feeds throughput)
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
+            except handlers.NotOpen as err:  # skipped or handed on (another tab, 30 minutes): on to the next task
+                return moved_on(sess, _note(str(err).strip("'\""), "⚠️", error=True))
             except (ValueError, KeyError, PermissionError, handlers.AuthError, handlers.StaleOrder) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             except STORE_ERRORS:
@@ -626,10 +628,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [_note(NOT_SAVED, "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
                 return moved_on(sess, _note(result["message"], "⚠️", error=True))
-            if not result["created"]:
-                # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
-                # shows by now (the first submit's answer put the next task there).
-                return [_note(result["message"], "✅"), *unchanged]
+            # A repeat of a submit already saved ("already saved"): the next task too. A second tab left on the
+            # task submitted in the first stayed there, its Submit answered "already saved" again and again; a
+            # replayed request whose page shows the next task by now gets that task again (the open one first).
             return moved_on(sess, _note(result["message"], "✅"))
 
         def drafting(own: str | None):

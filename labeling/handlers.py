@@ -41,6 +41,11 @@ class StaleOrder(Exception):
     is, on submit and on a draft alike: nothing was saved."""
 
 
+class NotOpen(PermissionError):
+    """A submit of a task this annotator was given that is no longer open for them (skipped, or handed to someone
+    else): the page moves on to their next task with the message, rather than staying on one it cannot rank."""
+
+
 STALE_ORDER = "this task's order changed since the page was drawn (the app was updated): reload; nothing was saved"
 
 
@@ -448,9 +453,9 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     if status == "submitted":
         return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
-        raise PermissionError("this task was skipped; it is no longer yours to rank")
+        raise NotOpen("this task was skipped; it is no longer yours to rank")
     if status == "expired":
-        raise PermissionError("this task was handed to someone else after it stood open for "
+        raise NotOpen("this task was handed to someone else after it stood open for "
                               f"{ASSIGNMENT_TTL // 60} minutes; it is no longer yours to rank (Skip gives you the next)")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)

@@ -545,3 +545,25 @@ def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
         assert late.json()["data"][0]["__type__"] == "update", late.text
         said = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5], "alices-page").text
         assert "already submitted" in said and "Reload the page" in said, said
+
+
+def test_a_second_tab_left_on_a_task_submitted_or_skipped_moves_on(store):
+    """Two tabs of alice on one task: the first submits it, and the second's Submit said "already saved" and left
+    the page on that task, again at every press; skipped in the first, the second's Submit was refused and stayed
+    there too. Both now say so and show her next task."""
+    store.add_tasks("b", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(3)])
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        pages = {p: queued(alice, "do_load", [], p).json()["data"][4:7] for p in ("tab-1", "tab-2")}
+        (task, _, tag), (same, _, tag2) = pages["tab-1"], pages["tab-2"]
+        assert task == same
+        ranks = ["1", "2", "3", *[None] * 5]
+        first = queued(alice, "do_submit", [task, "alice", tag, 0.0, *ranks, None, False, False, ""], "tab-1").json()
+        second = queued(alice, "do_submit", [task, "alice", tag2, 0.0, *ranks, None, False, False, ""], "tab-2").json()
+        assert "Already saved" in second["data"][0] and second["data"][1] == first["data"][1] != task, second["data"][:2]
+        task = first["data"][1]  # both tabs on the next task now; the first skips it, the second submits it
+        queued(alice, "do_skip", [task, "alice"], "tab-1")
+        said = queued(alice, "do_submit", [task, "alice", second["data"][3], 0.0, *ranks, None, False, False, ""],
+                      "tab-2").json()["data"]
+        assert "this task was skipped" in said[0] and said[1] not in ("", task), said[:2]
+        assert len(store.submitted_rankings()) == 1
