@@ -1563,3 +1563,25 @@ def test_the_playground_is_open_to_annotators_only_while_no_blind_ab_task_waits(
     assert not handlers.playground_open(store, alice, overlap=1)
     with pytest.raises(handlers.AuthError):
         handlers.playground_open(store, None)
+
+
+def test_a_discarded_ranking_frees_its_tasks_slot(store):
+    """Store.discard (what the unreadable-row message advises) set the ranking aside but left the assignment
+    submitted: the task held its slot, nobody could be given it, while pending_count counted it pending, so
+    `align pipeline label=human` waited for ever. Now the slot is free: pending, given out, and ranked again."""
+    (task_id,) = make_tasks(store, 1, k=2)
+    ann, bob = session(store, "ann"), session(store, "bob")
+    first = handlers.next_task(store, ann)
+    handlers.submit(store, ann, task_id, [1, 2], order_tag=first["order_tag"])
+    store.discard(task_id, ann["annotator_id"])
+    assert store.pending_count("round-0") == 1 and store.submitted_rankings() == []
+    assert store.progress(ann["annotator_id"])["done"] == 0
+    again = handlers.next_task(store, bob)
+    assert again is not None and again["task_id"] == task_id
+    handlers.submit(store, bob, task_id, [2, 1], order_tag=again["order_tag"])
+    assert store.pending_count("round-0") == 0 and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
+    # at overlap 2 it comes back to ann too, with nothing of the discarded ranking in her new draft
+    back = handlers.next_task(store, ann, overlap=2)
+    assert back["task_id"] == task_id and back["draft"] is None
+    handlers.save_draft(store, ann, task_id, [1, 0], order_tag=back["order_tag"])
+    assert store.draft(ann["annotator_id"], task_id).count(0) == 1
