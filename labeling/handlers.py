@@ -41,6 +41,9 @@ class StaleOrder(Exception):
     is, on submit and on a draft alike: nothing was saved."""
 
 
+LETTERS = "ABCDEFGH"  # the responses' letters on the page, in shown order (app.LETTERS)
+
+
 class NotOpen(PermissionError):
     """A submit of a task this annotator was given that is no longer open for them (skipped, or handed to someone
     else): the page moves on to their next task with the message, rather than staying on one it cannot rank."""
@@ -337,7 +340,10 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
                 + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
-    shown += f'<div class="align-text" dir="{direction}">{"".join(body)}</div>'
+    # An empty or blank reply (a policy that ended its turn at once) drew an empty card, read as a page that
+    # failed to load: said in words, after what is stored (its spaces and line breaks, escaped like the rest).
+    empty = '<span class="align-cut">(empty response)</span>' if not text.strip() else ""
+    shown += f'<div class="align-text" dir="{direction}">{"".join(body)}{empty}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")
@@ -408,8 +414,10 @@ def pairwise_verdict(ranks_shown: list[int | None] | None, flags: list[str]) -> 
 def pairwise_ranks(choice: str) -> tuple[list[int], list[str]]:
     """An A/B verdict as ranks over the two shown responses (+ flags)."""
     table = {"A": ([1, 2], []), "B": ([2, 1], []), "tie": ([1, 1], []), "both_bad": ([1, 1], ["all_bad"])}
+    if choice in (None, ""):  # submitted with no verdict picked: said as the page's buttons say it
+        raise ValueError("choose A better, B better, Tie or Both bad")
     if choice not in table:
-        raise ValueError(f"choose one of: A better, B better, tie, both bad (got {choice!r})")
+        raise ValueError(f"choose one of: A better, B better, Tie, Both bad (got {choice!r})")
     return table[choice]
 
 
@@ -462,8 +470,12 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
         all_bad = "all_bad" in verdict_flags  # the verdict says it (the page's own box is hidden on an A/B task)
     else:
         ranks = [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
-        if any(r is None or r == "" for r in ranks):
+        missing = [LETTERS[i] for i, r in enumerate(ranks) if r is None or r == ""]
+        if len(missing) == len(ranks):
             raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
+        if missing:  # the letters the page shows (A, B, ...), so the annotator sees at once which card is left
+            named = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+            raise ValueError(f"give every response a rank: rank {named} too (1 = best; equal ranks are ties)")
         _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
     _check_rationale(rationale)
