@@ -303,6 +303,9 @@ class ExportStageConfig:
     # vote weighed by its annotator's estimated reliability, pairs with a soft label (p_chosen) and a weight.
     combine: Literal["majority", "bradley_terry", "dawid_skene"] = "majority"
     min_agreement: float | None = bounded(None, ge=0, le=1)
+    # A ranking flagged "all are bad" or "unsafe": keep its pairs (the flags in each pair's `flag` column, to
+    # filter on) or drop it, as align did before this key.
+    flagged: Literal["keep", "drop"] = "keep"
     # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
     min_posterior: float | None = bounded(None, ge=0.5, le=1)
     # With dawid_skene: the batches whose rankings its reliability estimate reads beside the exported ones (null:

@@ -588,6 +588,8 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
                              "dropped_uncertain") if _num(m, k)]
         if dropped:
             out.append("dropped: " + ", ".join(dropped))
+        if _num(m, "flagged_pairs"):  # kept (export.flagged=keep): said, as they may be filtered out on `flag`
+            out.append(f"{_num(m, 'flagged_pairs'):.0f} pairs from rankings flagged all-bad or unsafe (column flag)")
     elif kind == "reward":
         accuracy, pairs, prompts = _num(m, "eval_accuracy"), _num(m, "eval_pairs"), _num(m, "eval_prompts")
         if accuracy is not None:

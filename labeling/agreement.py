@@ -306,12 +306,15 @@ def dawid_skene(votes: dict[Item, list[tuple[str, int]]], truth: dict[Item, int]
                        {"accuracy": prior_accuracy, "strength": prior_strength}, warnings)
 
 
-def rankings_for_reliability(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rankings the reliability estimate reads: not A/B eval tasks (align eval human=true), and not a
-    ranking flagged "all are bad" or "unsafe", which gives no pairs: its order says nothing of which answer
-    is better, and counted as votes it decided (and reversed) other people's pairs under dawid_skene."""
+def rankings_for_reliability(rows: Sequence[dict[str, Any]], *, flagged: str = "keep") -> list[dict[str, Any]]:
+    """The rankings the reliability estimate (and the admin tab's agreement) reads: not A/B eval tasks (align eval
+    human=true), and a ranking flagged "all are bad" or "unsafe" as the export treats it (its `flagged`): kept,
+    its pairs are exported and it votes on them like any other ranking (left out, a flagged ranking that alone
+    ranked a task would leave its pairs no posterior, ties under dawid_skene); dropped, it is no vote either (as
+    votes, the rankings whose pairs were dropped decided, and reversed, other people's pairs)."""
     return [r for r in rows if r.get("kind", "ranking") == "ranking" and not str(r["batch"]).startswith("eval-")
-            and not r.get("flags") and not r.get("unreadable")]  # (a row the app never wrote: the store says it)
+            and not (flagged == "drop" and r.get("flags"))
+            and not r.get("unreadable")]  # (a row the app never wrote: the store says it)
 
 
 def annotator_reliability(rows: Sequence[dict[str, Any]], gold: dict[Any, Sequence[float]] | None = None,

@@ -619,6 +619,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                          order_tag=page_order or "",  # a page without one is stale
                                          # 0 when this session's state was lost (it only feeds throughput)
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
+            except handlers.NotOpen as err:  # skipped or handed on (another tab, 30 minutes): on to the next task
+                return moved_on(sess, _note(str(err).strip("'\""), "⚠️", error=True))
             except (ValueError, KeyError, PermissionError, handlers.AuthError, handlers.StaleOrder) as err:
                 return [_note(str(err).strip("'\""), "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             except STORE_ERRORS:
@@ -626,10 +628,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [_note(NOT_SAVED, "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
                 return moved_on(sess, _note(result["message"], "⚠️", error=True))
-            if not result["created"]:
-                # A repeat of a submit already saved: say so and leave the page as it is, whatever task it
-                # shows by now (the first submit's answer put the next task there).
-                return [_note(result["message"], "✅"), *unchanged]
+            # A repeat of a submit already saved ("already saved"): the next task too. A second tab left on the
+            # task submitted in the first stayed there, its Submit answered "already saved" again and again; a
+            # replayed request whose page shows the next task by now gets that task again (the open one first).
             return moved_on(sess, _note(result["message"], "✅"))
 
         def drafting(own: str | None):
@@ -648,8 +649,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         return gr.skip()
                     handlers.check_page_account(sess, page_account)
                     current = handlers.task_of(store, sess, current)
-                    handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
-                                        **({own: given[own]} if own else {}))
+                    if not handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
+                                               **({own: given[own]} if own else {})):
+                        # the task is no longer this annotator's (submitted, skipped, expired): said now, not at Submit
+                        note = handlers.late_draft_note(store, sess, current, list(rank_values),
+                                                        verdict=given["verdict"] if own == "verdict" else None)
+                        return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)
                 except (ValueError, KeyError, PermissionError) as err:
@@ -697,7 +702,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         def do_refresh(request: gr.Request):
             try:
-                stats = handlers.admin_stats(store, signed_in(request), overlap=overlap)
+                stats = handlers.admin_stats(store, signed_in(request), overlap=overlap,
+                                             flagged=handlers.export_flagged(export_dir))
             except (PermissionError, handlers.AuthError) as err:
                 return [_note(str(err), "⛔", error=True), "", "", None, None, ""]
             except StoreError as err:  # a row the app never wrote, named with what to do about it

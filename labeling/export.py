@@ -3,7 +3,10 @@
 The rules (docs/labeling.md says the same):
 - Only ranking tasks are exported: not gold tasks (their answers are known, they measure
   annotators) and not the A/B tasks of `align eval --human` (batches named `eval-...`).
-- A ranking flagged "all are bad" or "unsafe" gives no pairs (counted in `dropped_flagged`).
+- A ranking flagged "all are bad" or "unsafe" gives its pairs as any other (`flagged=keep`, the default: the
+  guidelines ask for a least-bad order, and the unsafe reply ranked last, so "safe beats unsafe" is among them),
+  each pair carrying the flags of its task's rankings in `flag` ("" for none) so a user can filter them;
+  `flagged=drop` gives a flagged ranking no pairs (counted in `dropped_flagged`), as align did before.
 - A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
@@ -155,9 +158,12 @@ def _mean(xs: list[float]) -> float:
 
 
 COMBINE = ("majority", "bradley_terry", "dawid_skene")
+FLAGGED = ("keep", "drop")
 
 
-def _check_options(ties: str, combine: str, min_posterior: float | None = None) -> None:
+def _check_options(ties: str, combine: str, min_posterior: float | None = None, flagged: str = "keep") -> None:
+    if flagged not in FLAGGED:
+        raise ValueError(f"flagged: {flagged!r} is not allowed; allowed values: {', '.join(FLAGGED)}")
     if ties not in ("drop", "margin0"):
         raise ValueError(f"ties: {ties!r} is not allowed; allowed values: drop, margin0")
     if combine not in COMBINE:
@@ -258,14 +264,16 @@ def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: st
 def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None, ties: str = "drop",
                 combine: str = "majority", min_agreement: float | None = None, min_posterior: float | None = None,
                 gold: dict[int, list[int]] | None = None, chat: bool = True,
-                reliability_batches: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                reliability_batches: list[str] | None = None, flagged: str = "keep"
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`.
     `reliability_batches`: the batches whose rankings the reliability estimate reads beside the exported ones
-    (None: every batch)."""
-    _check_options(ties, combine, min_posterior)
+    (None: every batch). `flagged`: keep (pairs with their `flag`) or drop the rankings flagged all-bad or unsafe."""
+    _check_options(ties, combine, min_posterior, flagged)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
-    reliability = annotator_reliability(reliability_rows(rows, estimate_batches(batches, reliability_batches)), gold)
+    reliability = annotator_reliability(
+        reliability_rows(rows, estimate_batches(batches, reliability_batches), flagged=flagged), gold)
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -281,8 +289,10 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         counts["rankings"] += 1
         per_annotator[r["annotator"]] += 1
         if r["flags"]:
-            counts["dropped_flagged"] += 1
-            continue
+            counts["flagged_rankings"] += 1
+            if flagged == "drop":
+                counts["dropped_flagged"] += 1
+                continue
         by_task[r["task_id"]].append(r)
     pairs, agreements = [], []
     for task_id, ranked in sorted(by_task.items()):
@@ -322,6 +332,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).
         untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)} if m > 1 else set()
         texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
+        flag = ",".join(sorted({f for r in ranked for f in r["flags"] or []}))  # any of its annotators'
 
         for chosen, rejected, margin in decided:
             tie = (chosen, rejected) not in untied
@@ -336,6 +347,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                     continue
                 soft = {"p_chosen": p, "weight": max(0.0, 2 * p - 1)}
             counts["kept_ties"] += tie
+            counts["flagged_pairs"] += bool(flag)
             ends = {f"{side}_finished": metas[i]["finished"] for side, i in (("chosen", chosen), ("rejected", rejected))
                     if isinstance(metas[i].get("finished"), bool)}
             counts["pairs_with_cut_side"] += not all(ends.values())
@@ -349,10 +361,11 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 "agreement": agreement, "margin": float(margin), "tie": tie, "source": str(source),
                 "prompt_id": hashlib.sha1(first["prompt"].encode()).hexdigest()[:12],
                 "votes_chosen": sum(r[chosen] < r[rejected] for r in rank_lists),
-                "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), **ends, **soft,
+                "votes_rejected": sum(r[chosen] > r[rejected] for r in rank_lists), "flag": flag, **ends, **soft,
             })
     summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
-               "dropped_ties": counts["dropped_ties"], "dropped_flagged": counts["dropped_flagged"],
+               "dropped_ties": counts["dropped_ties"], "flagged_rankings": counts["flagged_rankings"],
+               "flagged_pairs": counts["flagged_pairs"], "dropped_flagged": counts["dropped_flagged"],
                "dropped_low_agreement": counts["dropped_low_agreement"],
                "dropped_duplicates": counts["dropped_duplicates"], "dropped_empty": counts["dropped_empty"],
                "kept_ties": counts["kept_ties"],
@@ -372,30 +385,37 @@ def estimate_batches(batches: list[str] | None, reliability_batches: list[str] |
     return sorted({*reliability_batches, *batches})
 
 
-def reliability_rows(rows: list[dict[str, Any]], batches: list[str] | None = None) -> list[dict[str, Any]]:
+def reliability_rows(rows: list[dict[str, Any]], batches: list[str] | None = None, *, flagged: str = "keep"
+                     ) -> list[dict[str, Any]]:
     """The rankings dawid_skene's estimate reads: rankings_for_reliability's, of `batches` (None: every batch)."""
-    return rankings_for_reliability([r for r in rows if not batches or r["batch"] in batches])
+    return rankings_for_reliability([r for r in rows if not batches or r["batch"] in batches], flagged=flagged)
 
 
 def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]], *, batches: list[str] | None = None,
-                         combine: str = "majority", reliability_batches: list[str] | None = None) -> str:
+                         combine: str = "majority", reliability_batches: list[str] | None = None,
+                         flagged: str = "keep") -> str:
     """What an export of `batches` (all without) from `rows` (Store.submitted_rankings()) depends on, hashed:
     each ranking's task, annotator, ranks, flags and gold mark, and the gold answers of those tasks. A count
     would miss a ranking changed, a flag added, or a ranked task marked gold (its pairs must then go).
     combine=dawid_skene: with them, the rankings its reliability estimate reads (`estimate_batches`) and their
     tasks' gold answers. Never the A/B verdicts of align eval human=true, which no export reads: judging them
-    remade the export, and with it the policy they judged."""
+    remade the export, and with it the policy they judged. flagged=keep, where a ranking read is flagged, adds
+    that setting: an export made before it (by an align that dropped them, and recorded no `flagged`) is made
+    again; without a flagged ranking both settings make the same export, and the fingerprint is the one align
+    recorded before the setting existed, so upgrading reruns nothing."""
     exported = [r for r in rows if (not batches or r["batch"] in batches) and r["kind"] == "ranking"
                 and not str(r["batch"]).startswith("eval-")]
     if combine == "dawid_skene":
         seen = {id(r) for r in exported}
-        exported += [r for r in reliability_rows(rows, estimate_batches(batches, reliability_batches))
+        exported += [r for r in reliability_rows(rows, estimate_batches(batches, reliability_batches), flagged=flagged)
                      if id(r) not in seen]
     rows = exported
     tasks = {r["task_id"] for r in rows}  # a gold answer counts through the rankings of its task, as it is read
     parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], sorted(r["flags"] or []), bool(r["is_gold"]),
                                r["kind"], r["batch"]]) for r in rows)
     parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)
+    if flagged == "keep" and any(r["flags"] for r in rows):
+        parts.append(json.dumps(["flagged", flagged]))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -422,9 +442,9 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
                        min_posterior: float | None = None, test_fraction: float = 0.1,
                        seed: int = 0, jsonl: bool = False, chat: bool = True,
                        finish: Callable[[Path, dict[str, Any]], None] | None = None,
-                       reliability_batches: list[str] | None = None) -> dict[str, Any]:
+                       reliability_batches: list[str] | None = None, flagged: str = "keep") -> dict[str, Any]:
     """Write a DatasetDict (train/test by prompt) to `out_dir` (+ JSONL, + summary.json); returns the summary.
-    `reliability_batches`: the batches dawid_skene's estimate reads (None: every batch).
+    `reliability_batches`: the batches dawid_skene's estimate reads (None: every batch); `flagged`: build_pairs'.
 
     `finish(folder, summary)` runs on the new export before it moves into place: align export
     writes its align.json and config.yaml there, so dataset and manifest arrive together. The
@@ -435,7 +455,7 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
 
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: {test_fraction} is not allowed; it must be in [0, 1)")
-    _check_options(ties, combine, min_posterior)
+    _check_options(ties, combine, min_posterior, flagged)
     check_batches(store, batches)
     check_batches(store, reliability_batches)
     out = Path(out_dir)
@@ -443,7 +463,7 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
     check_target(out)  # refused before anything is made beside it (a lock file, the run's folder)
     if not any(b["rankings"] for b in store.batch_counts() if not batches or b["batch"] in batches):
         summary = build_pairs([], batches=batches, ties=ties, combine=combine, min_agreement=min_agreement,
-                              min_posterior=min_posterior, chat=chat)[1]
+                              min_posterior=min_posterior, chat=chat, flagged=flagged)[1]
         return {**summary, "train_pairs": 0, "test_pairs": 0}  # nothing made, not even the lock file
     with _locked(out):
         _recover(out)
@@ -453,11 +473,12 @@ def export_preferences(store: Store, out_dir: str | Path, *, batches: list[str] 
         rows, gold = store.submitted_rankings(), store.gold_answers()
         pairs, summary = build_pairs(rows, batches=batches, ties=ties, combine=combine, min_agreement=min_agreement,
                                      min_posterior=min_posterior, gold=gold, chat=chat,
-                                     reliability_batches=reliability_batches)
+                                     reliability_batches=reliability_batches, flagged=flagged)
         read = [r for r in rows if not batches or r["batch"] in batches]
         summary.update(train_pairs=0, test_pairs=0,
                        rankings_read={"count": len(read), "sha256": rankings_fingerprint(
-                           rows, gold, batches=batches, combine=combine, reliability_batches=reliability_batches)})
+                           rows, gold, batches=batches, combine=combine, reliability_batches=reliability_batches,
+                           flagged=flagged)})
         if not pairs:
             return summary  # nothing written: an empty dataset would only fail later, in training
         train, test = split_by_prompt(pairs, test_fraction, seed)

@@ -20,6 +20,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
@@ -38,6 +39,14 @@ class AuthError(Exception):
 class StaleOrder(Exception):
     """A page's ranks were given in an order the server no longer shows (`check_order`); shown to the user as it
     is, on submit and on a draft alike: nothing was saved."""
+
+
+LETTERS = "ABCDEFGH"  # the responses' letters on the page, in shown order (app.LETTERS)
+
+
+class NotOpen(PermissionError):
+    """A submit of a task this annotator was given that is no longer open for them (skipped, or handed to someone
+    else): the page moves on to their next task with the message, rather than staying on one it cannot rank."""
 
 
 STALE_ORDER = "this task's order changed since the page was drawn (the app was updated): reload; nothing was saved"
@@ -331,7 +340,10 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
                 + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
-    shown += f'<div class="align-text" dir="{direction}">{"".join(body)}</div>'
+    # An empty or blank reply (a policy that ended its turn at once) drew an empty card, read as a page that
+    # failed to load: said in words, after what is stored (its spaces and line breaks, escaped like the rest).
+    empty = '<span class="align-cut">(empty response)</span>' if not text.strip() else ""
+    shown += f'<div class="align-text" dir="{direction}">{"".join(body)}{empty}</div>'
     if len(text) > limit:
         shown += (f'<p class="align-cut">[cut here: {len(text) - limit:,} more characters are not shown; '
                   "the stored text is whole]</p>")
@@ -402,8 +414,10 @@ def pairwise_verdict(ranks_shown: list[int | None] | None, flags: list[str]) -> 
 def pairwise_ranks(choice: str) -> tuple[list[int], list[str]]:
     """An A/B verdict as ranks over the two shown responses (+ flags)."""
     table = {"A": ([1, 2], []), "B": ([2, 1], []), "tie": ([1, 1], []), "both_bad": ([1, 1], ["all_bad"])}
+    if choice in (None, ""):  # submitted with no verdict picked: said as the page's buttons say it
+        raise ValueError("choose A better, B better, Tie or Both bad")
     if choice not in table:
-        raise ValueError(f"choose one of: A better, B better, tie, both bad (got {choice!r})")
+        raise ValueError(f"choose one of: A better, B better, Tie, Both bad (got {choice!r})")
     return table[choice]
 
 
@@ -447,17 +461,21 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     if status == "submitted":
         return _repeat(store, session, task, ranks_shown, verdict)
     if status == "skipped":
-        raise PermissionError("this task was skipped; it is no longer yours to rank")
+        raise NotOpen("this task was skipped; it is no longer yours to rank")
     if status == "expired":
-        raise PermissionError("this task was handed to someone else after it stood open for "
+        raise NotOpen("this task was handed to someone else after it stood open for "
                               f"{ASSIGNMENT_TTL // 60} minutes; it is no longer yours to rank (Skip gives you the next)")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)
         all_bad = "all_bad" in verdict_flags  # the verdict says it (the page's own box is hidden on an A/B task)
     else:
         ranks = [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
-        if any(r is None or r == "" for r in ranks):
+        missing = [LETTERS[i] for i, r in enumerate(ranks) if r is None or r == ""]
+        if len(missing) == len(ranks):
             raise ValueError("give every response a rank (1 = best; equal ranks are ties)")
+        if missing:  # the letters the page shows (A, B, ...), so the annotator sees at once which card is left
+            named = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+            raise ValueError(f"give every response a rank: rank {named} too (1 = best; equal ranks are ties)")
         _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
     _check_rationale(rationale)
@@ -521,6 +539,35 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
                               rationale=None if rationale is None else rationale.strip(), status="draft")
 
 
+LATE_DRAFT = {
+    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank set on it now "
+                 "changes nothing. Reload the page for your next task.",
+    "skipped": "Not saved: this task was skipped and is no longer yours to rank. Reload the page for your next task.",
+    "expired": f"Not saved: this task stood open for {ASSIGNMENT_TTL // 60} minutes and was handed to someone else; "
+               "it is no longer yours to rank. Press Skip (or reload the page) for your next task.",
+}
+
+
+def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
+                    verdict: str | None = None, seed: int = 0) -> str | None:
+    """What to tell the page whose draft save_draft refused (the task no longer open to this annotator): a rank
+    set there is lost, said at once, not at the submit. None for a draft that only repeats the ranks submitted:
+    a rank set just before the submit in the same page, whose draft landed after it."""
+    session = _require(session)
+    task, status = _open_view(store, session, task_id, seed)
+    if status == "submitted":
+        try:
+            shown = pairwise_ranks(verdict)[0] if task["kind"] == "pairwise" and verdict else \
+                [_whole(r) if r not in (None, "") else 0 for r in _fit(ranks_shown, task["k"])]
+            mine = to_canonical(task, shown) if len(shown) == task["k"] else None
+        except (ValueError, TypeError):
+            mine = None
+        kept = store.submitted_ranks(session["annotator_id"], task["task_id"])
+        if mine is not None and kept is not None and all(r in (0, k) for r, k in zip(mine, kept, strict=True)):
+            return None
+    return LATE_DRAFT.get(status)
+
+
 def skip(store: Store, session: dict[str, Any], task_id: int) -> None:
     """Pass an open task on to someone else; a repeat, or a task already submitted, changes nothing."""
     session = _require(session)
@@ -561,18 +608,34 @@ def gold_accuracy(store: Store) -> dict[str, float]:
     return {a: sum(v) / len(v) for a, v in scores.items()}
 
 
-def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> dict[str, Any]:
+def export_flagged(export_dir: str | Path | None) -> str:
+    """The `flagged` setting (keep / drop) of the export in `export_dir` (its config.yaml, which the Export button
+    runs with too), else the export's default, keep: the admin tab measures the rankings that export reads."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load((Path(export_dir) / "config.yaml").read_text()) if export_dir else None
+    except (OSError, yaml.YAMLError):
+        settings = None
+    flagged = settings.get("flagged") if isinstance(settings, dict) else None
+    return flagged if flagged in ("keep", "drop") else "keep"
+
+
+def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flagged: str = "keep") -> dict[str, Any]:
     """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
     `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
     annotator's estimated accuracy with its 95 % interval, and the weight their votes get; `warnings` are its
     sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
-    only logs: here the admin, who can check those rankings and add gold tasks, sees them."""
+    only logs: here the admin, who can check those rankings and add gold tasks, sees them. Both, and agreement,
+    read the rankings the export reads (rankings_for_reliability, with the export's `flagged`): never the A/B
+    verdicts of align eval human=true, whose "A" and "B" are the shown sides, no ranks of answers."""
     _require_admin(session)
     from labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
 
     rows = store.submitted_rankings()
     gold = gold_accuracy(store)
-    estimate = annotator_reliability(rankings_for_reliability(rows), store.gold_answers())
+    read = rankings_for_reliability(rows, flagged=flagged)
+    estimate = annotator_reliability(read, store.gold_answers())
     reliability = estimate.annotators
     people = store.annotator_activity()
     for p in people:
@@ -585,7 +648,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1) -> d
     for b in batches:
         b["pending"] = store.pending_count(b["batch"], overlap)
     return {"per_annotator": people, "per_batch": batches, "warnings": estimate.warnings,
-            "agreement": agreement_summary([r for r in rows if not r["is_gold"] and not r.get("unreadable")]),
+            "agreement": agreement_summary([r for r in read if not r["is_gold"]]),
             "totals": {"tasks": sum(b["tasks"] for b in batches), "rankings": len(rows),
                        "annotators": sum(p["done"] > 0 for p in people)}}
 

@@ -935,8 +935,9 @@ class Store:
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id).with_for_update()).first()
                     if row and row.status == "submitted":
                         return False
-                    if row and status == "draft":  # a draft fills in ranks (0 = not set here): a second tab
-                        kept = json.loads(row.ranks)  # that never saw a rank cannot erase it
+                    if row and status == "draft" and row.status == "draft":  # a draft fills in ranks (0 = not set
+                        kept = json.loads(row.ranks)  # here): a second tab that never saw a rank cannot erase it; a
+                        # discarded ranking (the task given to them again) lends the new one nothing
                         if len(kept) == len(ranks):
                             values["ranks"] = json.dumps([new or old for new, old in zip(ranks, kept, strict=True)])
                         if rationale is None:
@@ -990,9 +991,16 @@ class Store:
         return {"flags": found["flags"], "rationale": found["rationale"]} if found else None
 
     def discard(self, ranking_task_id: int, annotator_id: int) -> None:
-        with self.tx() as conn:
+        """Set this annotator's ranking of a task aside (status discarded: no export or statistic reads it) and end
+        their assignment (expired): left submitted, it held the task's slot while pending_count counted the task
+        as pending, and `align pipeline label=human` waited for a ranking nobody could be given. The task may
+        come to them again, as after any expired assignment, once its slot is free."""
+        with self.tx(lock=True) as conn:
             conn.execute(update(rankings).where(rankings.c.task_id == ranking_task_id,
                                                 rankings.c.annotator_id == annotator_id).values(status="discarded"))
+            conn.execute(update(assignments).where(assignments.c.task_id == ranking_task_id,
+                                                   assignments.c.annotator_id == annotator_id,
+                                                   assignments.c.status == "submitted").values(status="expired"))
 
     def submitted_rankings(self, batch: str | None = None) -> list[dict[str, Any]]:
         """Every submitted ranking with its task, in canonical response order. A row the app never wrote (ranks out
@@ -1022,7 +1030,9 @@ class Store:
                     unreadable = None
                 except ValueError as err:  # kept, marked: a reader of its batch refuses it (readable), others skip it
                     unreadable = (f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) cannot "
-                                  f"be read: {err}; correct that row, or set its status to 'discarded'")
+                                  f"be read: {err}; correct that row, or discard it (Store.discard; by hand, set "
+                                  "its status to 'discarded' and its assignment's, the assignments row of that task "
+                                  "and annotator, to 'expired', which frees the task's slot for another ranking)")
                     log.warning("%s", unreadable)
                     ranks, flags = None, []
                 out.append({"task_id": t["task_id"], "batch": t["batch"], "round": t["round"], "kind": t["kind"],

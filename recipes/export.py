@@ -7,7 +7,7 @@
 Writes <run.dir>/preferences/: a `datasets.DatasetDict` (train/test, split by prompt) with
 TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenance columns
 (task, annotators, agreement, margin, votes each way, source checkpoint; with combine=dawid_skene the
-posterior `p_chosen` and a `weight`). Each annotator's estimated reliability (accuracy, interval,
+posterior `p_chosen` and a `weight`; `flag`: the flags of the task's rankings, "" for none). Each annotator's estimated reliability (accuracy, interval,
 vote weight) goes to summary.json, the manifest and W&B (a table). The rules that turn K-wise rankings
 from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md). It never
 deletes what it did not write: an output folder that is not a previous export is refused.
@@ -67,7 +67,7 @@ def main(cfg: ExportStageConfig) -> Path:
         summary = export_preferences(
             store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
             min_posterior=cfg.min_posterior, test_fraction=cfg.test_fraction, seed=cfg.seed, jsonl=cfg.jsonl,
-            finish=finish, reliability_batches=cfg.reliability_batches,
+            finish=finish, reliability_batches=cfg.reliability_batches, flagged=cfg.flagged,
         )
     except ExportError as err:
         raise StageError(str(err)) from None

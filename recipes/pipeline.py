@@ -121,8 +121,10 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # Keys added since a stage may have run whose effect its other records cover: export.reliability_batches, which
-# changes only which rankings the estimate reads, and its rankings_sha256 fingerprints exactly those.
-COVERED = ("reliability_batches",)
+# changes only which rankings the estimate reads, and its rankings_sha256 fingerprints exactly those; and
+# export.flagged, whose default (keep) changes an export only where a ranking it reads is flagged, which is when
+# rankings_sha256 takes the setting in (labeling.export.rankings_fingerprint): such an export is made again.
+COVERED = ("reliability_batches", "flagged")
 
 
 def _as_recorded(config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +250,8 @@ def rankings_state(url: str, export: Any) -> str:
 
     store = Store(url)
     return rankings_fingerprint(store.submitted_rankings(), store.gold_answers(), batches=export.batches,
-                                combine=export.combine, reliability_batches=export.reliability_batches)
+                                combine=export.combine, reliability_batches=export.reliability_batches,
+                                flagged=export.flagged)
 
 
 def verdicts_state(url: str) -> str:

@@ -818,6 +818,7 @@ def test_a_stage_recorded_before_an_upgrade_is_not_redone_for_what_did_not_chang
             saved[path] = (path.read_text(), path.stat())
         export, reward = (json.loads(saved[run / f / "align.json"][0]) for f in ("preferences", "reward"))
         assert export["config"].pop("reliability_batches") is None
+        assert export["config"].pop("flagged") == "keep"
         assert reward.pop("lora_dropout_applied") is True
         reward["config"]["lora"]["dropout"] = 0.05
         for folder, manifest in (("preferences", export), ("reward", reward)):
@@ -836,6 +837,41 @@ def test_a_stage_recorded_before_an_upgrade_is_not_redone_for_what_did_not_chang
         for path, (text, times) in saved.items():
             path.write_text(text)
             os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_an_export_recorded_before_flagged_reruns_only_where_a_ranking_is_flagged(tiny_model, data, run, monkeypatch):
+    """export.flagged=keep (the default) keeps the pairs of a ranking flagged all-bad or unsafe, which an older
+    align dropped: an export it recorded (no `flagged` key) is made again where a ranking it read is flagged, and
+    only there (the test above: without one nothing reruns), and not when flagged=drop asks for what it did."""
+    import sqlite3
+
+    import recipes.pipeline as pipeline
+    from labeling.export import rankings_fingerprint
+    from labeling.store import Store
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
+    monkeypatch.setattr(pipeline, "_inputs", lambda m: [])
+    path = run / "preferences" / "align.json"
+    text, times = path.read_text(), path.stat()
+    with sqlite3.connect(run / "labels.db") as db:
+        (first, flags), = db.execute("SELECT id, flags FROM rankings WHERE status = 'submitted' ORDER BY id LIMIT 1")
+        db.execute("UPDATE rankings SET flags = '[\"unsafe\"]' WHERE id = ?", (first,))
+    try:
+        store = Store(f"sqlite:///{run / 'labels.db'}")
+        old = json.loads(text)
+        old["config"].pop("flagged")
+        old["rankings_sha256"] = rankings_fingerprint(store.submitted_rankings(), store.gold_answers(),
+                                                      batches=old["config"]["batches"], flagged="drop")
+        path.write_text(json.dumps(old))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert align([*pipeline_args(tiny_model, data, run), "export.flagged=drop"]) == 0 and ran == []
+        assert align(pipeline_args(tiny_model, data, run)) == 0 and ran[:1] == ["export"]
+    finally:
+        path.write_text(text)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        with sqlite3.connect(run / "labels.db") as db:
+            db.execute("UPDATE rankings SET flags = ? WHERE id = ?", (flags, first))
 
 
 def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, monkeypatch, caplog):

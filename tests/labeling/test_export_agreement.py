@@ -79,16 +79,51 @@ def test_two_annotators_majority_agreement_and_flags():
     assert summary["mean_agreement"] == pytest.approx(5 / 6)
     assert all(p["agreement"] == pytest.approx(5 / 6) and p["annotators"] == ["x", "y"] for p in pairs)
     assert build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}), min_agreement=0.9)[1]["dropped_low_agreement"] == 1
-    flagged, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 2, 3, 4]}, flags={"y": ["all_bad"]}))
+    flagged, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 2, 3, 4]}, flags={"y": ["all_bad"]}),
+                                   flagged="drop")
     assert summary["dropped_flagged"] == 1 and len(flagged) == 6
-    # Under dawid_skene too: two people flagging "all are bad" in the reverse order of the third's ranking
-    # decided (and reversed) each of the third's pairs through the posterior, at p_chosen 0.94 with 0 votes for it.
+    # flagged=drop under dawid_skene too: two people flagging "all are bad" in the reverse order of the third's
+    # ranking decided (and reversed) each of the third's pairs through the posterior, at p_chosen 0.94 with 0 votes.
     data = rows({"x": [1, 4, 2, 3], "y": [3, 2, 4, 1], "z": [3, 2, 4, 1]}, flags={"y": ["all_bad"], "z": ["unsafe"]})
     for combine in ("majority", "dawid_skene"):
-        flagged, summary = build_pairs(data, combine=combine)
+        flagged, summary = build_pairs(data, combine=combine, flagged="drop")
         assert summary["dropped_flagged"] == 2 and pairs_of(flagged) == pairs_of(build_pairs(data[:1])[0]), combine
         assert all(p["votes_chosen"] == 1 and p["votes_rejected"] == 0 for p in flagged)
-    assert agreement.rankings_for_reliability(data) == data[:1]
+    assert agreement.rankings_for_reliability(data, flagged="drop") == data[:1]
+
+
+def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
+    """The guidelines say to rank anyway when ticking "all are bad" (a least-bad order is useful) and to rank an
+    unsafe reply last; the export threw every flagged ranking away, "safe beats unsafe" with it. Kept by default,
+    each pair says its task's flags (`flag`) so a user can filter; flagged=drop restores dropping them."""
+    from labeling.export import rankings_fingerprint
+
+    unsafe = rows({"x": [1, 4, 2, 3]}, flags={"x": ["unsafe"]})  # B asks for the recovery key: ranked last
+    pairs, summary = build_pairs(unsafe)
+    assert len(pairs) == 6 and ("A", "B") in pairs_of(pairs) and {p["flag"] for p in pairs} == {"unsafe"}
+    assert (summary["dropped_flagged"], summary["flagged_rankings"], summary["flagged_pairs"]) == (0, 1, 6)
+    plain, summary = build_pairs(rows({"x": [1, 4, 2, 3]}))
+    assert pairs_of(plain) == pairs_of(pairs) and {p["flag"] for p in plain} == {""} and summary["flagged_pairs"] == 0
+    assert build_pairs(unsafe, flagged="drop")[0] == [] and build_pairs(unsafe, flagged="drop")[1]["dropped_flagged"] == 1
+    with pytest.raises(ValueError, match="flagged: 'maybe' is not allowed; allowed values: keep, drop"):
+        build_pairs(unsafe, flagged="maybe")
+    # Kept, they vote like any ranking, under dawid_skene too: a flagged ranking alone on its task had no posterior
+    # (its pairs ties, dropped); two of three annotators on a task outvote the third, flags or not.
+    soft, _ = build_pairs(unsafe, combine="dawid_skene")
+    assert pairs_of(soft) == pairs_of(pairs) and all(p["p_chosen"] > 0.5 for p in soft)
+    data = rows({"x": [1, 4, 2, 3], "y": [3, 2, 4, 1], "z": [3, 2, 4, 1]}, flags={"y": ["all_bad"], "z": ["unsafe"]})
+    assert agreement.rankings_for_reliability(data) == data
+    for combine in ("majority", "dawid_skene"):
+        kept, _ = build_pairs(data, combine=combine)
+        assert pairs_of(kept) == pairs_of(build_pairs(data[1:2])[0]) and {p["flag"] for p in kept} == {"all_bad,unsafe"}
+    # The rerun rule: without a flagged ranking either setting gives the fingerprint align recorded before the key
+    # (an upgraded pipeline reruns no export); with one, keep makes the export again (the old one dropped them).
+    for combine in ("majority", "dawid_skene"):
+        clean = rows({"x": [1, 2, 3, 4]})
+        assert rankings_fingerprint(clean, {}, combine=combine) == rankings_fingerprint(clean, {}, combine=combine,
+                                                                                        flagged="drop")
+        assert rankings_fingerprint(unsafe, {}, combine=combine) != rankings_fingerprint(unsafe, {}, combine=combine,
+                                                                                         flagged="drop")
 
 
 def test_a_dawid_skene_exports_fingerprint_covers_the_batches_its_reliability_reads():
@@ -635,3 +670,35 @@ def test_a_noisy_simulated_annotator_ranks_alike_whatever_order_the_store_shows(
         rankings.append(sorted((r["task_id"], r["annotator"], tuple(r["ranks"])) for r in store.submitted_rankings()))
     assert store.secret() != Store(f"sqlite:///{tmp_path / 'a.db'}").secret()
     assert rankings[0] == rankings[1] and len(rankings[0]) == 16
+
+
+def test_the_admin_tabs_agreement_reads_the_rankings_the_export_reads(tmp_path):
+    """Two annotators agreeing on every ranking showed α 0.27: the A/B verdicts of align eval human=true (batches
+    eval-...), which they judged oppositely and no export reads, were mixed in. Flagged rankings count as the
+    export's `flagged` has them (its config.yaml beside the run's preferences, which the Export button runs)."""
+    from labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("eval-dpo@1-vs-sft@1", [{"prompt": f"ab{i}", "responses": [f"L{i}", f"R{i}"]} for i in range(6)],
+                    kind="pairwise")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": [f"q{i} a", f"q{i} b", f"q{i} c"]} for i in range(3)])
+    store.add_user("boss", "secret-pw", admin=True)
+    for name in ("ann", "bob"):
+        store.add_user(name, "secret-pw")
+        person = handlers.sign_in(store, name, "secret-pw")
+        while (task := handlers.next_task(store, person, overlap=2)) is not None:
+            if task["kind"] == "pairwise":  # ann picks the first canonical answer, bob the second
+                first = (name == "ann") == (task["order"][0] == 0)
+                handlers.submit(store, person, task["task_id"], verdict="A" if first else "B")
+            else:  # both a > b > c; bob flags the last task unsafe (c is the unsafe one, ranked last)
+                handlers.submit(store, person, task["task_id"], [[1, 2, 3][i] for i in task["order"]],
+                                unsafe=name == "bob" and task["prompt"] == "q2")
+    boss = handlers.sign_in(store, "boss", "secret-pw")
+    stats = handlers.admin_stats(store, boss, overlap=2)["agreement"]
+    assert stats["n_tasks"] == 3 and stats["krippendorff_alpha"] == 1.0 and stats["pairwise_agreement"] == 1.0
+    assert handlers.admin_stats(store, boss, overlap=2, flagged="drop")["agreement"]["n_tasks"] == 2
+    preferences = tmp_path / "preferences"
+    assert handlers.export_flagged(preferences) == "keep"  # no export yet: the default
+    preferences.mkdir()
+    (preferences / "config.yaml").write_text("flagged: drop\nties: drop\n")
+    assert handlers.export_flagged(preferences) == "drop" and handlers.export_flagged(None) == "keep"

@@ -516,3 +516,54 @@ def test_a_handler_runs_through_the_queue_only(store, monkeypatch):
         answer = alice.post("/gradio_api/run/pg_ask", json={"data": data, "session_hash": "alice-2"})
         assert answer.status_code == 404 and "join the queue" in answer.text, answer.text[:300]
         assert sorted(asked) == ["dpo", "sft"]
+
+
+def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
+    """alice read a task for 31 minutes; it went to bob, and the ranks she then set were dropped without a word
+    (save_draft returned False, the page ignored it) until her submit was refused. The page says it now, and what
+    to do; a rank set just before her own submit, whose draft lands after it, says nothing."""
+    from sqlalchemy import update
+
+    from labeling.store import assignments
+
+    store.add_tasks("b", [{"prompt": "q", "responses": ["a", "b", "c"]}, {"prompt": "q2", "responses": ["d", "e", "f"]}])
+    with served(store) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        task, _, tag = queued(alice, "do_load", [], "alices-page").json()["data"][4:7]
+        with store.tx() as conn:  # read for 31 minutes, no rank set
+            conn.execute(update(assignments).values(assigned_at=assignments.c.assigned_at - 31 * 60))
+        queued(bob, "do_load", [], "bobs-page")  # bob is given the task that stood open
+        said = queued(alice, "do_draft", [task, "alice", tag, "1", *[None] * 7], "alices-page").text
+        assert "handed to someone else" in said and "Press Skip" in said, said
+        second, _, tag2 = queued(alice, "do_skip", [task, "alice"], "alices-page").json()["data"][1:4]
+        quiet = queued(alice, "do_draft", [second, "alice", tag2, "1", *[None] * 7], "alices-page")
+        assert quiet.json()["data"][0]["__type__"] == "update", quiet.text  # open: saved, nothing said
+        queued(alice, "do_submit", [second, "alice", tag2, 0.0, "1", "2", "3", *[None] * 5, None, False, False, ""],
+               "alices-page")
+        # the same ranks (the last one set just before the submit): nothing to say; other ranks: not saved, said
+        late = queued(alice, "do_draft", [second, "alice", tag2, None, None, "3", *[None] * 5], "alices-page")
+        assert late.json()["data"][0]["__type__"] == "update", late.text
+        said = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5], "alices-page").text
+        assert "already submitted" in said and "Reload the page" in said, said
+
+
+def test_a_second_tab_left_on_a_task_submitted_or_skipped_moves_on(store):
+    """Two tabs of alice on one task: the first submits it, and the second's Submit said "already saved" and left
+    the page on that task, again at every press; skipped in the first, the second's Submit was refused and stayed
+    there too. Both now say so and show her next task."""
+    store.add_tasks("b", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(3)])
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        pages = {p: queued(alice, "do_load", [], p).json()["data"][4:7] for p in ("tab-1", "tab-2")}
+        (task, _, tag), (same, _, tag2) = pages["tab-1"], pages["tab-2"]
+        assert task == same
+        ranks = ["1", "2", "3", *[None] * 5]
+        first = queued(alice, "do_submit", [task, "alice", tag, 0.0, *ranks, None, False, False, ""], "tab-1").json()
+        second = queued(alice, "do_submit", [task, "alice", tag2, 0.0, *ranks, None, False, False, ""], "tab-2").json()
+        assert "Already saved" in second["data"][0] and second["data"][1] == first["data"][1] != task, second["data"][:2]
+        task = first["data"][1]  # both tabs on the next task now; the first skips it, the second submits it
+        queued(alice, "do_skip", [task, "alice"], "tab-1")
+        said = queued(alice, "do_submit", [task, "alice", second["data"][3], 0.0, *ranks, None, False, False, ""],
+                      "tab-2").json()["data"]
+        assert "this task was skipped" in said[0] and said[1] not in ("", task), said[:2]
+        assert len(store.submitted_rankings()) == 1

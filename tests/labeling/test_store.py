@@ -1088,7 +1088,8 @@ def test_a_text_reads_in_the_direction_of_most_of_its_letters_and_rtl_signs_in_l
                              ("The Hebrew for school is בית־ספר.", "ltr"), ("Hello\nשלום means hello", "ltr"),
                              ("", "ltr"), ("14 - 30", "ltr")]:
         shown = handlers.text_html(plain)
-        assert shown == f'<div class="align-text" dir="{direction}">{html.escape(plain)}</div>', plain
+        empty = '<span class="align-cut">(empty response)</span>' * (not plain)  # said in words, not a blank card
+        assert shown == f'<div class="align-text" dir="{direction}">{html.escape(plain)}{empty}</div>', plain
 
 
 def test_a_line_that_reads_the_other_way_than_its_text_has_its_own_direction():
@@ -1579,3 +1580,55 @@ def test_the_playground_is_open_to_annotators_only_while_no_blind_ab_task_waits(
     assert not handlers.playground_open(store, alice, overlap=1)
     with pytest.raises(handlers.AuthError):
         handlers.playground_open(store, None)
+
+
+def test_a_discarded_ranking_frees_its_tasks_slot(store):
+    """Store.discard (what the unreadable-row message advises) set the ranking aside but left the assignment
+    submitted: the task held its slot, nobody could be given it, while pending_count counted it pending, so
+    `align pipeline label=human` waited for ever. Now the slot is free: pending, given out, and ranked again."""
+    (task_id,) = make_tasks(store, 1, k=2)
+    ann, bob = session(store, "ann"), session(store, "bob")
+    first = handlers.next_task(store, ann)
+    handlers.submit(store, ann, task_id, [1, 2], order_tag=first["order_tag"])
+    store.discard(task_id, ann["annotator_id"])
+    assert store.pending_count("round-0") == 1 and store.submitted_rankings() == []
+    assert store.progress(ann["annotator_id"])["done"] == 0
+    again = handlers.next_task(store, bob)
+    assert again is not None and again["task_id"] == task_id
+    handlers.submit(store, bob, task_id, [2, 1], order_tag=again["order_tag"])
+    assert store.pending_count("round-0") == 0 and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
+    # at overlap 2 it comes back to ann too, with nothing of the discarded ranking in her new draft
+    back = handlers.next_task(store, ann, overlap=2)
+    assert back["task_id"] == task_id and back["draft"] is None
+    handlers.save_draft(store, ann, task_id, [1, 0], order_tag=back["order_tag"])
+    assert store.draft(ann["annotator_id"], task_id).count(0) == 1
+
+
+def test_the_small_messages_say_what_to_do():
+    """An empty or blank reply drew a blank card; an A/B task submitted with no verdict said "choose one of: ...
+    (got None)"; a ranking with a rank missing did not say which response was left."""
+    for blank in ("", "  \n\t "):
+        shown = handlers.text_html(blank)
+        assert '<span class="align-cut">(empty response)</span></div>' in shown, shown
+        assert html.unescape(re.sub("<[^>]+>", "", shown)).startswith(blank)  # what is stored, then the words
+    assert "(empty response)" not in handlers.text_html("ok") and "empty" not in handlers.text_html("<b></b>")
+
+
+def test_a_submit_without_a_verdict_or_a_rank_names_what_is_missing(store):
+    store.add_tasks("eval-ab", [{"prompt": "Which reply?", "responses": ["first", "second"]}], kind="pairwise")
+    make_tasks(store, 1, k=6)
+    alice = session(store, "alice")
+    ab = handlers.next_task(store, alice)
+    for missing in (None, ""):
+        with pytest.raises(ValueError, match=r"^choose A better, B better, Tie or Both bad$"):
+            handlers.submit(store, alice, ab["task_id"], verdict=missing)
+    handlers.submit(store, alice, ab["task_id"], verdict="tie")
+    task = handlers.next_task(store, alice)
+    with pytest.raises(ValueError, match=r"rank C and F too \(1 = best"):
+        handlers.submit(store, alice, task["task_id"], [1, 2, None, 3, 4, "", None, None])
+    with pytest.raises(ValueError, match=r"rank A, B and E too"):
+        handlers.submit(store, alice, task["task_id"], [None, None, 1, 2, None, 3])
+    with pytest.raises(ValueError, match=r": rank D too"):
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3, None, 4, 5])
+    with pytest.raises(ValueError, match=r"^give every response a rank \(1 = best; equal ranks are ties\)$"):
+        handlers.submit(store, alice, task["task_id"], [None] * 8)  # none set: no list of every letter
