@@ -463,8 +463,11 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     if status == "skipped":
         raise NotOpen("this task was skipped; it is no longer yours to rank")
     if status == "expired":
-        raise NotOpen("this task was handed to someone else after it stood open for "
-                              f"{ASSIGNMENT_TTL // 60} minutes; it is no longer yours to rank (Skip gives you the next)")
+        # The page moves on to the next task with this note: no "press Skip" (it would skip that one). Expired is
+        # also a ranking an admin discarded (Store.discard), so the 30 minutes are a likely cause, not a certainty.
+        raise NotOpen("this task was handed to someone else (an assignment lapses after "
+                      f"{ASSIGNMENT_TTL // 60} minutes open, or an admin withdrew it) and is no longer yours to rank; "
+                      "your next task is below")
     if task["kind"] == "pairwise":
         ranks, verdict_flags = pairwise_ranks(verdict)
         all_bad = "all_bad" in verdict_flags  # the verdict says it (the page's own box is hidden on an A/B task)
@@ -543,8 +546,9 @@ LATE_DRAFT = {
     "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank set on it now "
                  "changes nothing. Reload the page for your next task.",
     "skipped": "Not saved: this task was skipped and is no longer yours to rank. Reload the page for your next task.",
-    "expired": f"Not saved: this task stood open for {ASSIGNMENT_TTL // 60} minutes and was handed to someone else; "
-               "it is no longer yours to rank. Press Skip (or reload the page) for your next task.",
+    "expired": f"Not saved: this task was handed to someone else (an assignment lapses after {ASSIGNMENT_TTL // 60} "
+               "minutes open, or an admin withdrew it); it is no longer yours to rank. Press Skip (or reload the page) "
+               "for your next task.",
 }
 
 

@@ -547,6 +547,26 @@ def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
         assert "already submitted" in said and "Reload the page" in said, said
 
 
+def test_a_submit_on_a_task_handed_on_shows_the_next_and_does_not_say_skip(store):
+    """alice's task went to bob after 31 minutes; her submit moves her page on to her next task, and its note told
+    her to press Skip, which would have skipped that fresh task for good."""
+    from sqlalchemy import update
+
+    from labeling.store import assignments
+
+    store.add_tasks("b", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(3)])
+    with served(store) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        task, _, tag = queued(alice, "do_load", [], "alices-page").json()["data"][4:7]
+        with store.tx() as conn:
+            conn.execute(update(assignments).values(assigned_at=assignments.c.assigned_at - 31 * 60))
+        queued(bob, "do_load", [], "bobs-page")
+        said = queued(alice, "do_submit", [task, "alice", tag, 0.0, "1", "2", "3", *[None] * 5, None, False, False, ""],
+                      "alices-page").json()["data"]
+        assert "handed to someone else" in said[0] and "your next task is below" in said[0], said[0]
+        assert "Skip" not in said[0] and said[1] not in ("", task), said[:2]
+
+
 def test_a_second_tab_left_on_a_task_submitted_or_skipped_moves_on(store):
     """Two tabs of alice on one task: the first submits it, and the second's Submit said "already saved" and left
     the page on that task, again at every press; skipped in the first, the second's Submit was refused and stayed
