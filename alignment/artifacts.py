@@ -263,6 +263,8 @@ def merge_paths(cfg: Any) -> tuple[Path, Path]:
     <adapter>-merged beside it. One place: the preflight, the recipe and the CLI's tidy-up of a failed merge
     must name the same folder."""
     adapter = Path(cfg.adapter) if cfg.adapter else stage_dir(cfg.run.dir, "sft")
+    if adapter.name in ("", "..") or str(adapter) == ".":  # `adapter=.`, `..`: no name of its own, its folder's
+        adapter = Path(os.path.abspath(adapter))
     return adapter, Path(cfg.output) if cfg.output else adapter.with_name(adapter.name + "-merged")
 
 

@@ -879,6 +879,24 @@ def test_a_failed_merge_leaves_no_half_written_merged_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
 
 
+def test_merge_of_the_folder_it_runs_in_names_the_merged_folder_beside_it(tmp_path, monkeypatch, capsys):
+    """`cd runs/x/sft && align merge adapter=.`: Path('.').with_name raised ValueError (a traceback) before the
+    adapter was checked; the merged folder is <that folder>-merged, and an empty one is refused in one line."""
+    from types import SimpleNamespace
+
+    from alignment.artifacts import merge_paths
+    from alignment.cli import main as align
+
+    here = tmp_path / "sft"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cfg = SimpleNamespace(adapter=".", output=None, run=SimpleNamespace(dir="runs/q"))
+    assert merge_paths(cfg) == (here, tmp_path / "sft-merged")
+    assert merge_paths(SimpleNamespace(adapter="a/sft/", output=None, run=cfg.run))[1] == Path("a/sft-merged")
+    assert align(["merge", "adapter=.", "run.wandb=disabled"]) == 2
+    assert f"adapter={here}: an empty folder" in capsys.readouterr().err
+
+
 def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     """A full disk (safetensors' own error, or an OSError from the Trainer) or a permission refused mid-stage was a
     30-line traceback; it is one line with the file, exit code 1. Any other error still raises."""
