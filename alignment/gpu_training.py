@@ -153,14 +153,30 @@ def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | 
     return plan.device == "cuda" and is_flash_attention_requested(requested_attention_implementation=attn_implementation)
 
 
+def adapter_name(lora) -> str:
+    """What the device plan calls the adapter a stage trains: `lora` is a stage's LoraConfig section or peft's
+    own config of an adapter it continues (adapter_settings); None: plain LoRA."""
+    if lora is None:
+        return "LoRA"
+    return ("DoRA" if getattr(lora, "use_dora", False) else "LoRA") + \
+        (" with rsLoRA scaling" if getattr(lora, "use_rslora", False) else "")
+
+
+def adapter_settings(sft, lora):
+    """The LoRA settings of the adapter a stage trains: the SFT adapter's own (peft's config in its folder) when
+    it continues one (dpo, ppo, grpo from an SFT), else its `lora` section."""
+    if sft is None:
+        return lora
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(sft))
+
+
 def describe_levers(plan: DevicePlan, *, liger: bool, padding_free: bool | None = None, compile: bool = False,
                     lora=None) -> str:
-    """One line for the log and the manifest: the device plan (with `lora`, a stage's LoraConfig section, the
-    adapter it trains: DoRA, rsLoRA's scaling) and each GPU lever as decided."""
-    adapter = "LoRA"
-    if lora is not None:
-        adapter = ("DoRA" if lora.use_dora else "LoRA") + (" with rsLoRA scaling" if lora.use_rslora else "")
-    parts = [plan.describe(adapter), f"liger {'on' if liger else 'off'}"]
+    """One line for the log and the manifest: the device plan (with `lora`, the adapter it trains: DoRA,
+    rsLoRA's scaling; adapter_name) and each GPU lever as decided."""
+    parts = [plan.describe(adapter_name(lora)), f"liger {'on' if liger else 'off'}"]
     if padding_free is not None:
         parts.append(f"padding-free {'on' if padding_free else 'off'}")
     parts.append(f"torch.compile {'on' if compile else 'off'}")

@@ -43,6 +43,7 @@ from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
 from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash
 from alignment.gpu_training import (
+    adapter_settings,
     describe_levers,
     fit_checkpointing,
     one_trainable_dtype,
@@ -315,7 +316,8 @@ def main(cfg: DPOStageConfig) -> Path:
     # A step's backward holds batch_size pairs (chosen + rejected); the reference's forward keeps nothing.
     plan = fit_checkpointing(plan, cfg.model.gradient_checkpointing, model,
                              tokens_per_step=2 * cfg.train.batch_size * cfg.model.max_length)
-    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile,
+                             lora=adapter_settings(sft, None))
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------

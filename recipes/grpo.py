@@ -43,6 +43,7 @@ from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
 from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from alignment.data import file_hash, load_prompts, with_system_prompt
 from alignment.gpu_training import (
+    adapter_settings,
     describe_levers,
     fit_checkpointing,
     one_trainable_dtype,
@@ -198,7 +199,8 @@ def main(cfg: PPOStageConfig) -> Path:
                              tokens_per_step=tokens_per_step(cfg, tokenizer, data["prompt"]),
                              taken_later=cfg.generation.vllm_gpu_memory_utilization
                              if cfg.generation.backend == "vllm" else 0.0)
-    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile)
+    levers = describe_levers(plan, liger=use_liger(cfg.train.liger), compile=cfg.train.compile,
+                             lora=adapter_settings(sft, cfg.lora))
     log.info(levers)
 
     # --- trainer ----------------------------------------------------------------------------

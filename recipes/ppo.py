@@ -58,7 +58,7 @@ from alignment.cpu import keep_trainable_in
 from alignment.data import file_hash, load_prompts
 from alignment.distributed import Ranks
 from alignment.generation import chat_prompt, plain_sampling, stop_ids
-from alignment.gpu_training import peak_gpu_mib
+from alignment.gpu_training import adapter_name, adapter_settings, peak_gpu_mib
 from alignment.modeling import (
     adapter_base_name,
     device_plan,
@@ -377,7 +377,7 @@ def main(cfg: PPOStageConfig) -> Path:
     parents = {k: v for k, v in {"sft": sft, "reward_model": rm}.items() if v}
     write_manifest(
         out, stage="ppo", config=to_dict(cfg), base_model=cfg.model.name, parents=parents, metrics=metrics,
-        device_plan=plan.describe(), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo,
+        device_plan=plan.describe(adapter_name(adapter_settings(sft, cfg.lora))), gpu_peak_mib=peak_gpu_mib(), algo=cfg.algo,
         reference="sft adapter (frozen copy)" if sft else "base (adapter disabled)", system_prompt=system_prompt,
         reward={"scorer": cfg.scorer} if cfg.scorer else {"reward_model": str(rm),
                                                             "eval_accuracy": gate_figures.get("eval_accuracy"),

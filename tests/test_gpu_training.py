@@ -407,3 +407,22 @@ def test_packing_keeps_its_length_when_padding_free_is_on(tmp_path):
     assert sft_args(cfg, CPU_PLAN, tmp_path, False, padding_free=True).max_length == 256
     plain = replace(cfg, data=replace(cfg.data, packing=False))
     assert sft_args(plain, CPU_PLAN, tmp_path, False, padding_free=True).max_length is None
+
+
+def test_the_device_plan_names_the_adapter_a_stage_continues(tiny_model, tmp_path):
+    """dpo, ppo and grpo continue the SFT adapter: a DoRA one was recorded as "LoRA" in their device plan (sft and
+    reward name their own lora section's). The SFT folder's own peft config says what they train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignment.config import LoraConfig as Section
+    from alignment.gpu_training import adapter_name, adapter_settings, describe_levers
+    from alignment.modeling import DevicePlan
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=4, use_dora=True, use_rslora=True, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    plan = DevicePlan("cpu", False, torch.float32, False)
+    assert "unquantized base + DoRA with rsLoRA scaling" in describe_levers(
+        plan, liger=False, lora=adapter_settings(tmp_path, Section()))  # the SFT's, not the section's
+    assert adapter_name(adapter_settings(None, Section(use_dora=True))) == "DoRA"
+    assert "base + LoRA (QLoRA)" in DevicePlan("cuda", True, torch.bfloat16, False).describe(adapter_name(None))
