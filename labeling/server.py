@@ -32,8 +32,10 @@ read as Gradio reads it (JSON, leading whitespace allowed), and one that is not 
 from __future__ import annotations
 
 import html
+import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -142,6 +144,77 @@ PAGE_NOT_SHOWN = "The store is busy or unreachable, so this page could not be sh
 NOT_SIGNED_OUT = "Not signed out: the store is busy or unreachable. Go back and sign out again in a moment."
 
 
+# Said once per process (_check_proxy): a proxy that sends no X-Forwarded-For makes every annotator one address.
+NO_FORWARDED_FOR = ("a request for %r came through a proxy on %s that sends no X-Forwarded-For: behind it every "
+                    "annotator shares its address, so twenty wrong passwords from anyone lock the whole team out, five "
+                    "on one name lock that person out everywhere, and without X-Forwarded-Proto the cookie is not "
+                    "Secure; make the proxy send X-Forwarded-For and X-Forwarded-Proto (docs/labeling.md, "
+                    "Deployment and security, Binding)")
+UNTRUSTED_PROXY = ("X-Forwarded-For came from %s, which FORWARDED_ALLOW_IPS does not trust (default 127.0.0.1,::1): "
+                   "it is ignored, so if %s is your proxy every annotator shares its address and sign-in limits lock "
+                   "the whole team out; set FORWARDED_ALLOW_IPS to the proxy's address (docs/labeling.md, Binding)")
+_proxy_warned: set[str] = set()
+
+
+def _loopback_name(host: str | None) -> bool:
+    """Whether a host name (from Host, Origin or Referer) is this machine's: localhost, 127.x, ::1."""
+    host = (host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _trusted_peer(peer: str) -> bool | None:
+    """Whether uvicorn believes X-Forwarded-For from `peer` (FORWARDED_ALLOW_IPS, as `serve` leaves it: default
+    127.0.0.1,::1); None when it trusts every address ("*": direct clients and a proxy cannot be told apart)."""
+    allowed = [a.strip() for a in os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if a.strip()]
+    if "*" in allowed:
+        return None
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer in allowed  # a unix socket's path, say
+    for entry in allowed:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _check_proxy(scope: dict) -> None:
+    """Warn once per process when the proxy in front cannot tell annotators apart. A proxy on this machine (or
+    one FORWARDED_ALLOW_IPS names) that sends no X-Forwarded-For, a plain nginx `proxy_pass` say, makes every
+    request come from its address. A browser went through a proxy when it asked for a host name that is not this
+    machine's: in Host, or (nginx sends the upstream's 127.0.0.1 as Host) in the Origin or Referer of a request
+    the browser calls same-origin. X-Forwarded-For from an address not trusted (a proxy in another container)
+    is ignored: the same thing."""
+    if len(_proxy_warned) == 2 or not scope.get("client"):
+        return
+    peer = scope["client"][0]  # the proxy's, unless uvicorn took the client's from X-Forwarded-For (then one of it)
+    headers = dict(scope["headers"])
+    trusted = _trusted_peer(peer)
+    if b"x-forwarded-for" in headers:
+        listed = [a.strip() for a in headers[b"x-forwarded-for"].decode("latin-1").split(",")]
+        if peer not in listed and trusted is False and "untrusted" not in _proxy_warned:
+            _proxy_warned.add("untrusted")
+            log.warning(UNTRUSTED_PROXY, peer, peer)
+        return
+    if "no-xff" in _proxy_warned or not (trusted or _loopback_name(peer)):
+        return
+    asked = [_origin("http://" + headers.get(b"host", b"").decode("latin-1"))]
+    if headers.get(b"sec-fetch-site", b"same-origin") == b"same-origin":
+        asked += [_origin(headers.get(h, b"").decode("latin-1")) for h in (b"origin", b"referer")]
+    outside = [o[1] for o in asked if o is not None and not _loopback_name(o[1])]
+    if outside:
+        _proxy_warned.add("no-xff")
+        log.warning(NO_FORWARDED_FOR, outside[0], peer)
+
+
 def _login_page(error: str = "", name: str = "", status_code: int = 200, **headers: str) -> HTMLResponse:
     body = LOGIN_PAGE.format(error=html.escape(error), name=html.escape(name))
     return HTMLResponse(body, status_code=status_code, headers=headers or None)
@@ -208,6 +281,7 @@ class RequireSession:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        _check_proxy(scope)
 
         async def send_secured(message: dict) -> None:
             if message["type"] == "http.response.start":

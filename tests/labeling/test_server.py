@@ -587,3 +587,53 @@ def test_a_second_tab_left_on_a_task_submitted_or_skipped_moves_on(store):
                       "tab-2").json()["data"]
         assert "this task was skipped" in said[0] and said[1] not in ("", task), said[:2]
         assert len(store.submitted_rankings()) == 1
+
+
+def test_a_proxy_that_sends_no_forwarded_for_is_warned_of_once(store, monkeypatch, caplog):
+    """Behind a proxy that sends no X-Forwarded-For (a plain nginx `proxy_pass`), every annotator was the proxy's
+    address, silently: twenty wrong passwords from anyone locked the whole team out. A request from a trusted
+    peer without it, asking for a host name that is not this machine's, now says so in the log, once."""
+    import logging
+
+    from labeling import server
+
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    monkeypatch.setattr(server, "_proxy_warned", set(), raising=False)
+    caplog.set_level(logging.WARNING, logger="labeling.server")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+
+    with served(store) as url, httpx.Client(base_url=url, timeout=30) as client:
+        port = url.rsplit(":", 1)[1]
+        assert client.get("/login").status_code == 200  # a browser on this machine, straight to the app
+        assert client.get("/login", headers={"referer": "https://wiki.example.org/", "sec-fetch-site": "cross-site"})
+        assert client.get("/login", headers={"host": "labels.example.org", "x-forwarded-for": "198.51.100.7",
+                                             "x-forwarded-proto": "https"}).status_code == 200  # a proxy done right
+        assert warnings() == []
+        # nginx's default: Host is the upstream's own, but the browser's same-origin request says where it was
+        nginx = {"host": f"127.0.0.1:{port}", "referer": "https://labels.example.org/login",
+                 "sec-fetch-site": "same-origin"}
+        assert client.post("/login", data={"name": "alice", "password": "wrong"}, headers=nginx).status_code == 401
+        for _ in range(3):  # Host kept (Caddy's way, FORWARDED_ALLOW_IPS aside): the same, said no more
+            client.get("/login", headers={"host": "labels.example.org"})
+        said = warnings()
+        assert len(said) == 1 and "'labels.example.org'" in said[0] and "127.0.0.1" in said[0], said
+        assert "lock the whole team out" in said[0] and "docs/labeling.md" in said[0]
+
+
+def test_forwarded_for_from_a_proxy_not_trusted_is_warned_of_once(store, monkeypatch, caplog):
+    """A proxy in another container sends X-Forwarded-For from an address FORWARDED_ALLOW_IPS does not name:
+    uvicorn ignores it, and every annotator is the proxy's address. The log says which address to trust."""
+    import logging
+
+    from labeling import server
+
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.9")  # read by uvicorn as `running` starts it, as `serve`
+    monkeypatch.setattr(server, "_proxy_warned", set(), raising=False)
+    caplog.set_level(logging.WARNING, logger="labeling.server")
+    with served(store) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(3):
+            client.get("/login", headers={"host": "labels.example.org", "x-forwarded-for": f"198.51.100.{i}"})
+    said = [r.getMessage() for r in caplog.records if "FORWARDED_ALLOW_IPS" in r.getMessage()]
+    assert len(said) == 1 and "from 127.0.0.1" in said[0], said
