@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import logging
 import os
 import shlex
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -308,6 +310,26 @@ def stop_with_parent() -> None:
     threading.Thread(target=watch, name="align-label-parent", daemon=True).start()
 
 
+def _loopback(host: str) -> bool:
+    """Whether --host keeps the app on this machine: localhost, 127.x or ::1."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _any_address(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def _open_url(host: str, port: int) -> str:
+    """A URL a person can open: http://0.0.0.0:PORT is no address to browse to, so an app on every interface is
+    named by this machine's host name."""
+    if _any_address(host):
+        host = socket.gethostname() or "<this machine>"
+    return f"http://[{host.strip('[]')}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
     from labeling.server import create_app
     from labeling.server import serve as run_server
@@ -335,6 +357,11 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
                      overlap=args.overlap or 1, gold_rate=args.gold_rate, batch=args.batch,
                      export=(lambda: export(store.url, args.run_dir)) if export else None,
                      export_dir=export_dir, playground=playground)
-    print(f"labelling app for {safe_url(store.url)}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    if not _loopback(args.host):
+        print(f"align label: warning: --host {args.host} serves the app over plain HTTP to "
+              f"{'every network this machine is on' if _any_address(args.host) else args.host}: passwords and "
+              "session cookies cross it unencrypted; keep the app on 127.0.0.1 behind a reverse proxy that speaks "
+              "HTTPS (docs/labeling.md, Deployment and security, Binding)", file=sys.stderr)
+    print(f"labelling app for {safe_url(store.url)}: {_open_url(args.host, args.port)}  (Ctrl-C stops it)")
     run_server(app, args.host, args.port)
     return 0

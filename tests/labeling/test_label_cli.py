@@ -366,3 +366,33 @@ def test_the_apps_export_runs_align_export_past_a_users_own_recipes_folder(tmp_p
         (work / package / "__init__.py").write_text("raise ImportError(\"a user's own package, not align's\")\n")
     monkeypatch.chdir(work)
     assert export_for_label_app(store.url, str(tmp_path))["pairs"] == 3
+
+
+def test_an_app_on_every_interface_is_warned_of_and_named_by_a_url_one_can_open(tmp_path, monkeypatch, capsys):
+    """`--host 0.0.0.0` served passwords over plain HTTP without a word, and printed http://0.0.0.0:7860, which
+    no browser elsewhere can open. It now warns, names the docs' section, and prints this machine's name."""
+    import socket
+
+    import labeling.server
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("boss", "pw-1234", admin=True)
+    served: list = []
+    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: "app")
+    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: served.append((host, port)))
+    monkeypatch.setattr(socket, "gethostname", lambda: "labelbox")
+    assert align(["label", "--run-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "http://127.0.0.1:7860" in out and "warning" not in err  # on loopback: nothing to say
+    assert align(["label", "--run-dir", str(tmp_path), "--host", "0.0.0.0", "--port", "8080"]) == 0
+    out, err = capsys.readouterr()
+    assert served[-1] == ("0.0.0.0", 8080) and "http://labelbox:8080" in out and "0.0.0.0:8080" not in out
+    assert "plain HTTP" in err and "HTTPS" in err and "docs/labeling.md" in err and "Binding" in err, err
+    assert align(["label", "--run-dir", str(tmp_path), "--host", "::"]) == 0
+    out, err = capsys.readouterr()
+    assert "http://labelbox:7860" in out and "plain HTTP" in err
+    assert align(["label", "--run-dir", str(tmp_path), "--host", "10.1.2.3"]) == 0
+    out, err = capsys.readouterr()
+    assert "http://10.1.2.3:7860" in out and "plain HTTP to 10.1.2.3" in err
+    assert align(["label", "--run-dir", str(tmp_path), "--host", "localhost"]) == 0
+    assert "warning" not in capsys.readouterr().err
