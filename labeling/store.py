@@ -25,6 +25,7 @@ import os
 import random
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -368,6 +369,31 @@ def _note_key(batch: str) -> str:
     return "batch-note:" + hashlib.sha256(batch.encode()).hexdigest()[:53]
 
 
+def _backup_sqlite(path: str, version: int) -> str:
+    """A copy of the SQLite store at `path` beside it, `<path>.v<version>.bak` (or `.v<version>.<n>.bak` when
+    that is taken), made with SQLite's backup API: under WAL a plain copy of the file misses what the -wal file
+    still holds (the latest writes, even the tables). Raises StoreError, and nothing is migrated, if it fails."""
+    target, n = f"{path}.v{version}.bak", 1
+    while os.path.exists(target):
+        target, n = f"{path}.v{version}.{n}.bak", n + 1
+    partial = target + ".partial"
+    try:
+        source, copy = sqlite3.connect(path, timeout=LOCK_WAIT), sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+        finally:
+            source.close()
+            copy.close()
+        os.replace(partial, target)
+    except (sqlite3.Error, OSError) as err:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise StoreError(f"{path}: schema version {version} needs migrating, and the backup made first failed "
+                         f"({err}); nothing was changed: free disk space beside it (or let this user write to its "
+                         "folder) and try again") from err
+    return target
+
+
 class Store:
     """All reads and writes of the labelling data; the app and the stages get one passed in."""
 
@@ -403,6 +429,11 @@ class Store:
             if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{safe_url(self.url)}: schema version {row[0]} is newer than this align "
                                  f"({SCHEMA_VERSION}); upgrade align")
+            path = sqlite_path(self.url)
+            if row is not None and int(row[0]) < SCHEMA_VERSION and path is not None:
+                backup = _backup_sqlite(path, int(row[0]))  # under the write lock: no write is half in it
+                log.warning("%s: schema version %s is migrated in place to %s; the store as it was is backed up "
+                            "in %s (remove it once this align works for you)", path, row[0], SCHEMA_VERSION, backup)
             old_tasks = inspect(conn).has_table("tasks")
             metadata.create_all(conn)  # creates the tables that are missing (version 2 added two)
             # Version 3 added a column to a table that exists: create_all leaves existing tables alone.

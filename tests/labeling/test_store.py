@@ -1632,3 +1632,40 @@ def test_a_submit_without_a_verdict_or_a_rank_names_what_is_missing(store):
         handlers.submit(store, alice, task["task_id"], [1, 2, 3, None, 4, 5])
     with pytest.raises(ValueError, match=r"^give every response a rank \(1 = best; equal ranks are ties\)$"):
         handlers.submit(store, alice, task["task_id"], [None] * 8)  # none set: no list of every letter
+
+
+def test_a_sqlite_store_is_backed_up_before_its_schema_is_migrated(tmp_path, caplog):
+    """The in-place migration ran silently with no copy of the store as it was; a copy of labels.db taken while the
+    app ran missed what WAL still held. Now the store is backed up first with SQLite's backup API, writes still
+    in the -wal file included, to labels.db.v<old version>.bak, and the log says where."""
+    import logging
+    import sqlite3
+
+    from sqlalchemy import text
+
+    old = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    make_tasks(old, 3)
+    _, kept = ranked_before_migrating(old)
+    with old.engine.begin() as conn:  # a version-1 store, its last writes still in labels.db-wal (old stays open)
+        conn.execute(text("DROP TABLE sessions"))
+        conn.execute(text("DROP TABLE sign_in_failures"))
+        conn.execute(text("UPDATE align_meta SET value = '1' WHERE key = 'schema_version'"))
+    assert (tmp_path / "labels.db-wal").stat().st_size > 0
+    caplog.set_level(logging.WARNING, logger="labeling.store")
+    again = Store(old.url)
+    assert again.schema_version == SCHEMA_VERSION
+    backup = tmp_path / "labels.db.v1.bak"
+    said = [r.getMessage() for r in caplog.records if "backed up" in r.getMessage()]
+    assert len(said) == 1 and str(backup) in said[0] and "version 1" in said[0], said
+    copy = sqlite3.connect(backup)
+    try:  # the store as it was: version 1, without the tables version 2 added, with every ranking
+        assert copy.execute("SELECT value FROM align_meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        tables = {r[0] for r in copy.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "sessions" not in tables and "rankings" in tables
+        assert copy.execute("SELECT count(*) FROM rankings WHERE status = 'submitted'").fetchone() == \
+            (len(kept["rankings"]),)
+    finally:
+        copy.close()
+    still_there(again, kept)
+    Store(old.url)  # at this version: no second backup
+    assert sorted(p.name for p in tmp_path.glob("labels.db.v*")) == ["labels.db.v1.bak"]
