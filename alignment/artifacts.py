@@ -172,6 +172,7 @@ def run_stage(command: str, cfg: Any) -> Path:
         finally:
             _started.pop()
             _running.pop()
+            give_back_freed_memory()
     # Under accelerate launch rank 0 alone writes the artifact (adapter, manifest, report) after the others are
     # done: a rank going on at once (the pipeline's next stage) would find a folder without align.json yet.
     if "torch.distributed" in sys.modules:
@@ -180,6 +181,24 @@ def run_stage(command: str, cfg: Any) -> Path:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     return out
+
+
+def give_back_freed_memory() -> None:
+    """What a stage freed handed back to the system. glibc's malloc raises its mmap threshold to the size of the
+    largest block freed (up to 32 MiB), so a training step's activations then come from its heaps, which it keeps
+    when they are freed: after the quickstart's SFT (8.5 GiB peak) the process held ~6.5 GiB with no live tensor
+    until the pipeline ended, while sample, reward, dpo and eval needed ~1-5 GiB of it (malloc_trim: 0.7 GiB).
+    Nothing on another C library."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl (Alpine) has no malloc_trim
+            pass
 
 
 def forget_deepspeed_config() -> None:
