@@ -131,9 +131,15 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _number(v: float) -> str:
+    """A logged float as a person reads it: a whole count (TRL logs num_tokens as 10700.0) in full, not 1.07e+04;
+    anything else to four significant digits."""
+    return f"{int(v):,}" if v.is_integer() and abs(v) >= 1e4 else f"{v:.4g}"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return _number(v)
     return _esc(v)
 
 
@@ -152,7 +158,7 @@ def _md(text: Any) -> str:
 
 
 def _md_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else _md(value)
+    return _number(value) if isinstance(value, float) else _md(value)
 
 
 def _code(text: Any) -> str:
@@ -412,6 +418,9 @@ def headline(run_dir: Path) -> str:
     path = stage_dir(run_dir, "eval") / MANIFEST
     m = _manifest(path.parent)
     if m is None:
+        if path.parent.is_dir() and not path.is_file():  # a rerun that failed or stopped took its verdict with it
+            return (f"<div class='headline'><ul><li>No verdict: {_esc(path.parent.name)}/ has no {MANIFEST} (its "
+                    f"last run stopped or failed, or it is running now): run align eval again</li></ul></div>")
         return ""
     try:
         return _headline(m, path.parent)
@@ -423,6 +432,7 @@ def headline(run_dir: Path) -> str:
 def _headline(m: dict[str, Any], folder: Path) -> str:
     changed = changed_parents(m, folder)  # a verdict on a policy (or by a judge) remade since is not its own
     items = []
+    said_interval = f" (95% {(interval_method(m) + ' ').lstrip()}interval)"  # the plot's title says it the same way
     for name, row in (m.get("policies") or {}).items():
         for key, value in row.items():
             if key.endswith("/win_rate") and isinstance(value, (int, float)):
@@ -434,9 +444,9 @@ def _headline(m: dict[str, Any], folder: Path) -> str:
                 undecided = read["verdict"].startswith("is not") and (lo > 0.5 or hi < 0.5)
                 items.append(f"<li><b>{_esc(name)}</b> {read['verdict']} <b>{_esc(m.get('baseline', ''))}</b> "
                              f"judged by {_esc(key[:-9])}: win-rate <b>{value:.1%}</b>"
-                             f"{_interval(read['ci'])} {over_prompts(read['prompts'], read['ties'])}"
+                             f"{_interval(read['ci'])}{said_interval if read['ci'] else ''} {over_prompts(read['prompts'], read['ties'])}"
                              + (f", sign test p = {read['p']:.3g}" if undecided else "")
-                             + (f" · KL {row['kl']:.3f} nats" if row.get("kl") is not None else "")
+                             + (f" · KL {row['kl']:.2f} nats per answer" if row.get("kl") is not None else "")
                              + (f" · <b>caution</b>: {_esc('; '.join(stale))}" if stale else "")
                              + "</li>")
     board, baseline = m.get("human"), m.get("baseline", "")
@@ -633,7 +643,8 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
                 prompts = {r["prompts"] for r in reads}
                 out.append(f"{name} vs {baseline}" + (f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else "")
                            + ": " + ", ".join(figures)
-                           + (f", KL {row['kl']:.2f}" if isinstance(row.get("kl"), (int, float)) else ""))
+                           + (f", KL {row['kl']:.2f} nats per answer" if isinstance(row.get("kl"), (int, float))
+                              else ""))
         out += human_lines(manifest)  # a human-only eval's one outcome
     return [part for part in out if part]
 
@@ -774,11 +785,12 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     parts = [f"<section id='{title}'><h2>{title}</h2>",
              f"<p class='meta'>{_esc(str(folder))} · {_esc(manifest.get('created', ''))}"
-             f" · base {_esc(str(manifest.get('base_model')))}{plan}</p>",
+             + (f" · base {_esc(manifest['base_model'])}" if manifest.get("base_model") else "") + f"{plan}</p>",
              f"<p class='caution'>{_esc(warning)}</p>" if warning else "",
              f"<p class='meta'>{_esc(unreadable)}</p>" if unreadable else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([_md(unreadable), ""] if unreadable else [])]
+    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([_md(warning), ""] if warning else []),
+          *([_md(unreadable), ""] if unreadable else [])]
     md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
            if isinstance(v, (int, float, str))]
     if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
@@ -828,7 +840,8 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 .cautions ul{margin:.3em 0} details summary{cursor:pointer;color:#555;margin:.4em 0}
 section>table,section>details,table.glance{max-width:100%;overflow-x:auto;display:block}
 table.glance td{overflow-wrap:anywhere} table.glance td:not(:last-child){white-space:nowrap;overflow-wrap:normal}
-.headline li{overflow-wrap:anywhere}"""
+.headline li{overflow-wrap:anywhere} .plots img:only-child{max-width:100%}
+@media (max-width:700px){.plots img{max-width:100%;margin:.3em 0 0}}"""
 
 
 def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str, str]]:
@@ -836,8 +849,11 @@ def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str
     other folder with a manifest (e.g. align merge's sft-merged/); with `unfinished`, also each folder kept
     without one for its checkpoints (a run stopped in training, to resume)."""
     folders = {s.folder: s.name for s in STAGES.values() if s.folder}
+    # A stage's own folder without a manifest is listed too: a rerun that failed or stopped (its align.json goes
+    # first) left no line at all for sample, export or eval, which keep no checkpoints: a run that never made them.
     found = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (
-        (p / MANIFEST).is_file() or unfinished and checkpoint_steps(p))) if run_dir.is_dir() else []
+        (p / MANIFEST).is_file() or unfinished and (checkpoint_steps(p) or p.name in folders))) \
+        if run_dir.is_dir() else []
     return [(name, folder) for folder, name in folders.items() if folder in found] + \
         [(folder, folder) for folder in found if folder not in folders]
 
@@ -846,12 +862,15 @@ def resume_note(stage: str, folder: Path) -> str:
     """What a folder kept without its manifest for its checkpoints is (a run stopped in training), and the key
     that resumes it: as `align <stage>` takes it, and as `align pipeline` does (resume_key). A folder another
     process holds locked (its stage training now: reward and dpo run side by side) is running, not to resume."""
+    steps = checkpoint_steps(folder)
     if _held_elsewhere(folder):
-        return (f"running (another process holds it; no {MANIFEST} yet, checkpoints to step "
-                f"{checkpoint_steps(folder)[-1]})")
+        return f"running (another process holds it; no {MANIFEST} yet" + \
+            (f", checkpoints to step {steps[-1]})" if steps else ")")
     spec = STAGES.get(stage)
     command = spec.command if spec else f"align {stage}"
-    said = (f"unfinished (no {MANIFEST}; checkpoints to step {checkpoint_steps(folder)[-1]}): resume with "
+    if not steps:  # a stage keeping no checkpoints (sample, export, eval), or one that failed before the first
+        return f"unfinished or failed (no {MANIFEST}: its last run stopped or failed): run {command} again"
+    said = (f"unfinished (no {MANIFEST}; checkpoints to step {steps[-1]}): resume with "
             f"{command} ... {resume_key(folder, None)}")
     return said + (f" (align pipeline ... {resume_key(folder, 'pipeline')})" if spec else "")
 

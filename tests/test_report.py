@@ -54,7 +54,7 @@ def test_each_stage_says_its_outcome_in_figures():
     old = {"metrics": {"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2265, "global_step": 10}}
     assert glance("dpo", old)[0] == "held-out preference accuracy 75.0% (TRL's mean of per-batch means, not over pairs)"
     assert glance("eval", EVAL) == ["dpo vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model (0 ties), "
-                                    "80.2% [69.8%, 89.6%] by scorer:support_style (1 tie), KL 3.22"]
+                                    "80.2% [69.8%, 89.6%] by scorer:support_style (1 tie), KL 3.22 nats per answer"]
     ppo = {"metrics": {"reward_mean_first": -0.5, "reward_mean": 0.25, "kl": 1.5, "steps": 20}}
     assert glance("ppo", ppo) == ["mean reward -0.500 → 0.250", "KL 1.5 nats per response (k1, summed over the response)",
                                   "20 steps"]
@@ -138,21 +138,21 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         "- dpo: held-out preference accuracy 66.7% [45.0%, 83.0%] on 27 pairs from 6 prompts (implicit reward margin 0.119) "
         "· 10 steps",
         "- eval: dpo vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model (0 ties), 80.2% [69.8%, 89.6%] by "
-        "scorer:support_style (1 tie), KL 3.22",
+        "scorer:support_style (1 tie), KL 3.22 nats per answer",
         "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
         *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
     md = (run / "report.md").read_text()
     assert "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe" in md
     assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
         in page  # a manifest without its wall time (written before align recorded it) leaves the cell empty
-    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts (1 tie) · KL " \
-           "3.222 nats\n" in md
+    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] (95% interval) over " \
+           "48 prompts (1 tie) · KL 3.22 nats per answer\n" in md
     assert "<meta name='viewport' content='width=device-width,initial-scale=1'>" in page  # a phone lays it out to fit
     # eval with kl_samples=0 measured no KL: said by leaving it out, not as "KL nan"
     (run / "eval" / MANIFEST).write_text(json.dumps({**EVAL, "policies": {
         k: {f: v for f, v in row.items() if f != "kl"} for k, row in EVAL["policies"].items()}}))
     page = write_report(run).read_text()
-    assert "nan" not in page.split("<section")[0] and "win-rate <b>80.2%</b> [69.8%, 89.6%] over 48 prompts (1 tie)</li>" in page
+    assert "nan" not in page.split("<section")[0] and "win-rate <b>80.2%</b> [69.8%, 89.6%] (95% interval) over 48 prompts (1 tie)</li>" in page
 
 
 def test_names_in_the_first_screen_are_text(tmp_path):
@@ -322,8 +322,8 @@ def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(
     resume = ("dpo: unfinished (no align.json; checkpoints to step 70): resume with align dpo ... "
               "train.resume_from_checkpoint=latest (align pipeline ... dpo.train.resume_from_checkpoint=latest)")
     assert f"- {resume}" in md.splitlines() and f"- {resume}" in glance_text(run).splitlines()
-    assert ("- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts (1 tie) · KL "
-            "3.222 nats · caution: "
+    assert ("- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] (95% interval) over 48 "
+            "prompts (1 tie) · KL 3.22 nats per answer · caution: "
             "eval measured an earlier dpo; its folder is unfinished (no align.json: a rerun stopped, or still running)") in md
     assert f"{run / 'dpo'} is unfinished (no align.json: a rerun stopped, or still running)" in md
     # a report that cannot be built costs a line, never the failure's own error
@@ -461,7 +461,7 @@ def test_a_win_rate_says_what_it_is_over_and_beats_only_past_a_sign_test(tmp_pat
         (fig.axes[0].get_title(), [t.get_text() for t in fig.axes[0].get_yticklabels()])) or "")
     write_report(tmp_path)
     assert "- dpo is not distinguishable from sft judged by scorer:support_style: win-rate 100.0% [51.0%, 100.0%] " \
-           "over 4 prompts (0 ties), sign test p = 0.125\n" in (tmp_path / "report.md").read_text()
+           "(95% Wilson interval) over 4 prompts (0 ties), sign test p = 0.125\n" in (tmp_path / "report.md").read_text()
     assert glance("eval", small) == ["dpo vs sft over 4 prompts: 100.0% [51.0%, 100.0%] by scorer:support_style (0 ties)"]
     assert titles == [("Win-rate against sft over 4 prompts (95% Wilson interval)", ["dpo · scorer:support_style (0 ties)"])]
 
@@ -471,17 +471,18 @@ def test_a_win_rate_says_what_it_is_over_and_beats_only_past_a_sign_test(tmp_pat
 
     # the quickstart's: 38 wins, 1 tie and 9 losses of 48 beat sft; the mirror image loses to it
     assert headline_of({**small, "prompts": 48, "policies": policies(38, 1, 9)}).startswith(
-        "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [66.9%, 89.0%] over 48 prompts (1 tie)")
+        "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [66.9%, 89.0%] (95% Wilson interval) over 48 "
+        "prompts (1 tie)")
     assert headline_of({**small, "prompts": 48, "policies": policies(9, 1, 38)}).startswith("- dpo loses to sft")
     # 13 of 16: the interval is clear of 1/2 ([57.0%, 93.4%]), the sign test (p 0.021) too
     assert headline_of({**small, "prompts": 16, "policies": policies(13, 0, 3)}).startswith("- dpo beats sft")
     # An eval from before it counted: over its prompts, with the largest p its win-rate and prompts allow
     uncounted = {k: v for k, v in policies(4, 0, 0)["dpo"].items() if not k.endswith(("wins", "ties", "losses"))}
     assert headline_of({**small, "policies": {"dpo": uncounted}}) == (
-        "- dpo is not distinguishable from sft judged by scorer:support_style: win-rate 100.0% [51.0%, 100.0%] over 4 "
-        "prompts, sign test p = 0.125")
+        "- dpo is not distinguishable from sft judged by scorer:support_style: win-rate 100.0% [51.0%, 100.0%] (95% "
+        "Wilson interval) over 4 prompts, sign test p = 0.125")
     uncounted = {k: v for k, v in EVAL["policies"]["dpo"].items() if not k.endswith(("wins", "ties", "losses"))}
-    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] over 48 prompts · KL" \
+    assert "- dpo beats sft judged by scorer:support_style: win-rate 80.2% [69.8%, 89.6%] (95% interval) over 48 prompts · KL" \
         in headline_of({**EVAL, "policies": {"dpo": uncounted}})
 
 
@@ -714,7 +715,29 @@ def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
                                                    '\n"a string"\n{"step": 4, "loss": 3.0}\n{"step": 5, "lo')
         page = write_report(run).read_text()
         assert "<li><b>dpo</b> vs <b>sft</b> judged by scorer:support_style: win-rate <b>80.2%</b> over 48 prompts " \
-               "(1 tie) · KL 3.222 nats</li>" in page, name  # no interval: no verdict, the rest as it is
+               "(1 tie) · KL 3.22 nats per answer</li>" in page, name  # no interval: no verdict, the rest as it is
         assert "metrics.jsonl: lines 2, 5 cannot be read, left out of the plots" in page  # the cut last line: unsaid
         assert "metrics.jsonl: lines 2, 5 cannot be read" in (run / "report.md").read_text()
         assert "could not be drawn" not in page and "<td>Here.</td><td></td>" in page
+
+
+def test_a_failed_eval_rerun_says_so_and_the_page_reads_on_a_phone(tmp_path):
+    """An eval rerun that failed (its align.json goes first) vanished from the report: no headline, no row, as if
+    eval had never run; stages without checkpoints (sample, export, eval) were listed only with a manifest. Also:
+    report.md left out DPO's probe caution, export's line said "base None", a token count read 1.07e+04, and
+    every plot was 178 px wide on a 390 px phone."""
+    from alignment.report import write_report
+
+    run = tmp_path / "run"
+    write(run, "sft", {**SFT, "metrics": {**SFT["metrics"], "eval_num_tokens": 10700.0}})
+    write(run, "preferences", {**EXPORT, "base_model": None})
+    write(run, "dpo", DPO)
+    (run / "eval").mkdir()
+    (run / "eval" / "samples.jsonl").write_text("{}\n")  # what the failed rerun left, without its manifest
+    page, md = write_report(run).read_text(), (run / "report.md").read_text()
+    said = "unfinished or failed (no align.json: its last run stopped or failed): run align eval again"
+    assert f"- eval: {said}" in md.splitlines() and said in page
+    assert "No verdict: eval/ has no align.json" in page and "No verdict: eval/ has no align.json" in md
+    assert DPO["reward_probe_warning"] in md
+    assert "base None" not in page and "10,700" in page and "1.07e+04" not in page and "- eval_num_tokens: 10,700" in md
+    assert "@media (max-width:700px){.plots img{max-width:100%" in page
