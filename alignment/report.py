@@ -338,13 +338,17 @@ def probes_html(probes: dict[str, Any]) -> str:
     scorer = probes.get("scorer")
     head = ["probe", "edit of the rejected answer", "gated", "flips", "flip rate", "reward gain", "gain / mean gap"]
     if scorer:
-        head += [f"{scorer}: flip rate", f"{scorer}: gain", f"flips {scorer} does not make"]
+        head += [f"{scorer}: flips (of the pairs it orders as labelled)", f"{scorer}: gain",
+                 f"flips {scorer} does not make"]
     rows = []
     for e in probes["edits"]:
         row = [e["edit"], e["what"], "yes" if e["gated"] else "no", f"{e['flips']} of {e['of']}", _rate(e["flip_rate"]),
                e["mean_gain"], e["gain_vs_gap"]]
         if scorer:
-            row += [_rate(e.get("scorer_flip_rate")), e.get("scorer_mean_gain"), _rate(e.get("unsupported_flip_rate"))]
+            of = e.get("scorer_of")  # the model's rate is over the pairs it had right, the scorer's over these
+            said = f"{e['scorer_flips']} of {of} ({_rate(e.get('scorer_flip_rate'))})" if isinstance(of, int) and \
+                "scorer_flips" in e else _rate(e.get("scorer_flip_rate"))
+            row += [said, e.get("scorer_mean_gain"), _rate(e.get("unsupported_flip_rate"))]
         rows.append(row)
     parts.append(_table(head, rows))
     gate = probes.get("gate")

@@ -486,8 +486,9 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
             # one says nothing of the phrase, and the reward model's flip there is its own.
             supported = {i for i in ordered if s_new[i] > s_chosen[i]}
             unsupported = [i for i in flips if i not in supported]
-            row.update(scorer_flip_rate=(sum(s_new[i] > s_chosen[i] for i in ordered) / len(ordered)
-                                         if ordered else None),
+            scorer_flips = sum(s_new[i] > s_chosen[i] for i in ordered)
+            row.update(scorer_flip_rate=scorer_flips / len(ordered) if ordered else None,
+                       scorer_flips=scorer_flips, scorer_of=len(ordered),  # over other pairs than the model's rate
                        scorer_mean_gain=_mean([a - b for a, b in zip(s_new, s_rejected, strict=True)]),
                        unsupported_flips=len(unsupported),
                        unsupported_flip_rate=len(unsupported) / len(right) if right else None)

@@ -95,6 +95,14 @@ def test_a_known_labeller_separates_what_the_labels_taught_from_the_habit():
     assert edits["thanks_start"]["scorer_mean_gain"] == pytest.approx(3.0)
     assert edits["thanks_end"]["scorer_flip_rate"] == 0 and edits["thanks_end"]["unsupported_flip_rate"] == 1.0
     assert probes["gate"]["edit"] == "thanks_end" and "opening_only does not make too" in probes["gate"]["basis"]
+    # the two rates are over different pairs (the model's right ones, the scorer's ordered ones): the page says of what
+    from alignment.report import probes_html
+
+    start = edits["thanks_start"]
+    page = probes_html(probes)
+    assert f"<td>{start['flips']} of {start['of']}</td>" in page
+    assert f"<td>{start['scorer_flips']} of {start['scorer_of']} (100%)</td>" in page and start["scorer_of"] > 0
+    assert "opening_only: flips (of the pairs it orders as labelled)" in page
 
 
 def test_a_flip_on_a_pair_the_labeller_orders_the_other_way_is_not_supported():

@@ -292,7 +292,7 @@ def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_pat
     assert edits["neutral_end"]["scorer_flip_rate"] == 0  # 7 more words, a few thousandths less
     assert all(e["unsupported_flips"] <= e["flips"] for e in edits.values())
     page = (tmp_path / "run" / "report.html").read_text()
-    assert "<h3>Probes</h3>" in page and "support_style: flip rate" in page and "putting &#x27;Thanks!&#x27; in front" in page
+    assert "<h3>Probes</h3>" in page and "support_style: flips (of the pairs it orders as labelled)" in page and "putting &#x27;Thanks!&#x27; in front" in page
     assert set(manifest["parents"]) == {"preferences"} and not (out / "sft_adapter").exists()
     assert "4-bit NF4" in manifest["device_plan"]
     assert manifest["config"]["use_margin"] is True
