@@ -35,6 +35,25 @@ def test_users_simulate_status_and_errors(tmp_path, capsys):
     assert store.gold_answers() == {1: [1, 2]}
 
 
+def test_gold_refuses_an_ab_task_and_an_answer_that_ties_every_response(tmp_path, capsys):
+    """`align label gold` took an A/B task of align eval human=true: it became every annotator's gold turn, left
+    the eval's pending count, and kept the Playground closed to annotators for good (a gold A/B task is always
+    open). It also took ranks that tie every response: no pair to score anyone on, 0.0 accuracy in the admin."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b", "c"]}], source={})
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "e", "responses": ["x", "y"]}], kind="pairwise")
+    ab = store.batch_tasks("eval-dpo-vs-sft")[0]["task_id"]
+    ranked = store.batch_tasks("round-0")[0]["task_id"]
+    run = ["label", "--run-dir", str(tmp_path)]
+    assert align([*run, "gold", str(ab), "1,2"]) == 2
+    assert "an A/B task of align eval human=true cannot be gold" in capsys.readouterr().err
+    assert align([*run, "gold", str(ranked), "2,2,2"]) == 2
+    assert "tie every response" in capsys.readouterr().err
+    assert store.gold_answers() == {} and store.pending_count("eval-dpo-vs-sft", 1) == 1
+    assert align([*run, "gold", str(ranked), "1,1,2"]) == 0  # a tie, but one pair to score on
+    assert store.gold_answers() == {ranked: [1, 1, 2]}
+
+
 def test_simulated_annotators_honour_an_explicit_overlap(tmp_path, capsys):
     """`--annotators 3 --overlap 1` ranks each task once, shared among the three; without --overlap each of the
     three ranks every task (the overlap defaults to the number of annotators)."""
