@@ -220,6 +220,35 @@ def test_align_export_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
 
 
+def test_align_export_says_when_the_only_rankings_are_ab_verdicts_or_gold(tmp_path, capsys):
+    """With only A/B verdicts of align eval human=true and gold rankings in the store, export counted them as
+    rankings, then refused with "no preference pairs came out of the rankings (summary: {...1.3 KB of JSON}); were
+    all responses tied...": neither was the reason. Now it says what the rankings are, without the JSON."""
+    from labeling import handlers
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "e", "responses": ["x", "y"]}], kind="pairwise")
+    store.add_gold(store.batch_tasks("round-0")[0]["task_id"], [1, 2])
+    store.add_user("alice", "pw-1234")
+    alice = handlers.sign_in(store, "alice", "pw-1234")
+    for rate in (1.0, 0.0):
+        task = handlers.next_task(store, alice, gold_rate=rate)
+        if task["kind"] == "pairwise":
+            handlers.submit(store, alice, task["task_id"], verdict="A")
+        else:
+            handlers.submit(store, alice, task["task_id"], [1, 2])
+    assert {(r["kind"], r["is_gold"]) for r in store.submitted_rankings()} == {("pairwise", False), ("ranking", True)}
+    assert align(["export", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "the only submitted rankings are A/B verdicts of align eval human=true" in err and "{" not in err
+    store.add_tasks("round-1", [{"prompt": "q2", "responses": ["same", "same"]}], source={})  # copies: no pair
+    handlers.submit(store, alice, handlers.next_task(store, alice)["task_id"], [1, 2])
+    assert align(["export", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "no preference pairs came out of 1 rankings of 1 tasks (dropped: " in err and "{" not in err
+
+
 def test_labeling_imports_nothing_from_alignment_or_torch():
     """The boundary DESIGN.md keeps: the app and its store run without the training stack."""
     code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate, labeling.playground; "
