@@ -381,6 +381,10 @@ def _export_summary(folder: str, summary: dict) -> str:
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
                f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}"
                + (f" · {gold} rankings of gold tasks scored the annotators" if gold else ""))
+    if summary.get("flagged_pairs"):  # flagged "all are bad" / "unsafe", yet in the pairs: the default, said
+        kept = summary.get("flagged_rankings", 0) - summary.get("dropped_flagged", 0)
+        counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} flagged rankings (export.flagged=keep; "
+                    "align export flagged=drop leaves them out, and the Export button then does too)")
     return (f"<p class='align-note'><b>Exported</b> {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, "
             f"test {summary.get('test_pairs', '?')}) to <code>{html.escape(folder)}</code> {html.escape(counted)}</p>")
 

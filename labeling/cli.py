@@ -225,7 +225,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             for b in store.batch_counts():
                 if not args.batch or b["batch"] == args.batch:
                     print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
-                          f"{b['unranked']} unranked")
+                          f"{b['unranked']} unranked, {store.pending_count(b['batch'], overlap)} pending")
             on_skipped = store.pending_on_skipped(args.batch, overlap)
             skipped = store.skipped_out(args.batch, overlap)
             why = [f"{skipped} on tasks every annotator skipped (nobody left to rank them; an account added with "

@@ -598,20 +598,6 @@ def playground_open(store: Store, session: dict[str, Any] | None, *, overlap: in
     return bool(session.get("is_admin")) or not store.blind_tasks_open(overlap)
 
 
-def gold_accuracy(store: Store) -> dict[str, float]:
-    """Per annotator: the fraction of pairs of answers ordered as in the gold answer, over gold tasks (copies of
-    one answer are one answer, at their mean rank: their order is no mistake)."""
-    from labeling.agreement import answer_ranks, pairwise_agreement
-
-    answers = store.gold_answers()
-    scores: dict[str, list[float]] = {}
-    for r in store.submitted_rankings():
-        if r["task_id"] in answers and not r.get("unreadable"):
-            scores.setdefault(r["annotator"], []).append(
-                pairwise_agreement(answer_ranks(r), answer_ranks({**r, "ranks": answers[r["task_id"]]})))
-    return {a: sum(v) / len(v) for a, v in scores.items()}
-
-
 def export_flagged(export_dir: str | Path | None) -> str:
     """The `flagged` setting (keep / drop) of the export in `export_dir` (its config.yaml, which the Export button
     runs with too), else the export's default, keep: the admin tab measures the rankings that export reads."""
@@ -628,7 +614,8 @@ def export_flagged(export_dir: str | Path | None) -> str:
 def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flagged: str = "keep") -> dict[str, Any]:
     """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
     `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
-    annotator's estimated accuracy with its 95 % interval, and the weight their votes get; `warnings` are its
+    annotator's estimated accuracy with its 95 % interval, the weight their votes get and their gold accuracy
+    (its share of their votes on gold tasks' pairs that match the gold answer); `warnings` are its
     sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
     only logs: here the admin, who can check those rankings and add gold tasks, sees them. Both, and agreement,
     read the rankings the export reads (rankings_for_reliability, with the export's `flagged`): never the A/B
@@ -637,14 +624,15 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flag
     from labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
 
     rows = store.submitted_rankings()
-    gold = gold_accuracy(store)
     read = rankings_for_reliability(rows, flagged=flagged)
     estimate = annotator_reliability(read, store.gold_answers())
     reliability = estimate.annotators
     people = store.annotator_activity()
     for p in people:
-        p["gold_accuracy"] = round(gold[p["name"]], 3) if p["name"] in gold else None
         r = reliability.get(p["name"])
+        # the estimate's own (the reliability table align export writes): the same rankings, pairs and ties, so the
+        # column agrees with est_accuracy's warnings beside it (read apart, A/B verdicts and flagged rows counted)
+        p["gold_accuracy"] = round(r["gold_accuracy"], 3) if r and r["gold_accuracy"] is not None else None
         p["est_accuracy"] = round(r["accuracy"], 3) if r else None
         p["accuracy_95"] = f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}" if r else None
         p["weight"] = round(r["weight"], 2) if r else None

@@ -588,9 +588,19 @@ class Store:
             return [r[0] for r in conn.execute(select(tasks.c.batch).distinct().order_by(tasks.c.batch))]
 
     def add_gold(self, task_id: int, ranks: list[int]) -> None:
-        """Mark a task as gold with its known ranking (canonical order); gold tasks are not exported."""
+        """Mark a task as gold with its known ranking (canonical order); gold tasks are not exported. Not an A/B task
+        of `align eval human=true` (it would become every annotator's gold turn, and the Playground, closed while
+        a gold A/B task is open, would stay closed for good), nor an answer with every response tied (no pair to
+        score an annotator on)."""
         task = self.task(task_id)
+        if task["kind"] == "pairwise" or str(task["batch"]).startswith("eval-"):
+            raise ValueError(f"task {task_id} (batch {task['batch']}): an A/B task of align eval human=true cannot be "
+                             "gold (align eval reads its verdicts); make a task of a ranking batch gold (align "
+                             "label status lists the batches)")
         _check_ranks(ranks, len(task["responses"]))
+        if len(set(ranks)) == 1:
+            raise ValueError(f"gold ranks {','.join(map(str, ranks))} tie every response: a gold answer needs at "
+                             "least one response ranked above another to score the annotators")
         with self.tx() as conn:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(is_gold=True))
             if conn.execute(select(gold.c.task_id).where(gold.c.task_id == task_id)).first():

@@ -50,9 +50,16 @@ def main(cfg: ExportStageConfig) -> Path:
         check_batches(store, cfg.batches)
     except ExportError as err:
         raise StageError(str(err)) from None
+    label_first = f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)"
     if not any(b["rankings"] for b in store.batch_counts() if not cfg.batches or b["batch"] in cfg.batches):
-        raise StageError("the labelling store has no submitted rankings yet: label first "
-                         f"(`align label --run-dir {cfg.run.dir}`, or `--simulate support_style`)")
+        raise StageError(f"the labelling store has no submitted rankings yet: label first {label_first}")
+    # Rankings that make no pair: the A/B verdicts of align eval human=true (its board reads them) and gold answers
+    # (they score the annotators); with only these the refusal below blamed ties or min_agreement
+    if not any(r["kind"] == "ranking" and not r["is_gold"] and not str(r["batch"]).startswith("eval-")
+               for r in store.submitted_rankings() if not cfg.batches or r["batch"] in cfg.batches):
+        raise StageError("the only submitted rankings are A/B verdicts of align eval human=true (batches eval-..., "
+                         "read by align eval, not exported) or rankings of gold tasks (they score the annotators): "
+                         f"no ranking to make pairs of; rank a batch of align sample first {label_first}")
 
     def finish(folder: Path, summary: dict) -> None:  # into the new export, before it replaces the old one
         save_config(cfg, folder / "config.yaml")
@@ -72,8 +79,11 @@ def main(cfg: ExportStageConfig) -> Path:
     except ExportError as err:
         raise StageError(str(err)) from None
     if not summary.get("pairs"):
-        raise StageError(f"no preference pairs came out of the rankings (summary: {json.dumps(summary)}); "
-                         "were all responses tied, or all tasks under min_agreement?")
+        dropped = ", ".join(f"{k.removeprefix('dropped_').replace('_', ' ')} {v}" for k, v in summary.items()
+                            if k.startswith("dropped_") and v)
+        raise StageError(f"no preference pairs came out of {summary.get('rankings', 0)} rankings of "
+                         f"{summary.get('tasks', 0)} tasks (dropped: {dropped or 'none'}); were all responses "
+                         "tied, or all tasks under min_agreement?")
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     people = summary["reliability"]["annotators"]
     for name, row in people.items():  # W&B summary keys beside the table

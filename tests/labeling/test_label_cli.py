@@ -35,6 +35,25 @@ def test_users_simulate_status_and_errors(tmp_path, capsys):
     assert store.gold_answers() == {1: [1, 2]}
 
 
+def test_gold_refuses_an_ab_task_and_an_answer_that_ties_every_response(tmp_path, capsys):
+    """`align label gold` took an A/B task of align eval human=true: it became every annotator's gold turn, left
+    the eval's pending count, and kept the Playground closed to annotators for good (a gold A/B task is always
+    open). It also took ranks that tie every response: no pair to score anyone on, 0.0 accuracy in the admin."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b", "c"]}], source={})
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "e", "responses": ["x", "y"]}], kind="pairwise")
+    ab = store.batch_tasks("eval-dpo-vs-sft")[0]["task_id"]
+    ranked = store.batch_tasks("round-0")[0]["task_id"]
+    run = ["label", "--run-dir", str(tmp_path)]
+    assert align([*run, "gold", str(ab), "1,2"]) == 2
+    assert "an A/B task of align eval human=true cannot be gold" in capsys.readouterr().err
+    assert align([*run, "gold", str(ranked), "2,2,2"]) == 2
+    assert "tie every response" in capsys.readouterr().err
+    assert store.gold_answers() == {} and store.pending_count("eval-dpo-vs-sft", 1) == 1
+    assert align([*run, "gold", str(ranked), "1,1,2"]) == 0  # a tie, but one pair to score on
+    assert store.gold_answers() == {ranked: [1, 1, 2]}
+
+
 def test_simulated_annotators_honour_an_explicit_overlap(tmp_path, capsys):
     """`--annotators 3 --overlap 1` ranks each task once, shared among the three; without --overlap each of the
     three ranks every task (the overlap defaults to the number of annotators)."""
@@ -201,6 +220,35 @@ def test_align_export_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
 
 
+def test_align_export_says_when_the_only_rankings_are_ab_verdicts_or_gold(tmp_path, capsys):
+    """With only A/B verdicts of align eval human=true and gold rankings in the store, export counted them as
+    rankings, then refused with "no preference pairs came out of the rankings (summary: {...1.3 KB of JSON}); were
+    all responses tied...": neither was the reason. Now it says what the rankings are, without the JSON."""
+    from labeling import handlers
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "e", "responses": ["x", "y"]}], kind="pairwise")
+    store.add_gold(store.batch_tasks("round-0")[0]["task_id"], [1, 2])
+    store.add_user("alice", "pw-1234")
+    alice = handlers.sign_in(store, "alice", "pw-1234")
+    for rate in (1.0, 0.0):
+        task = handlers.next_task(store, alice, gold_rate=rate)
+        if task["kind"] == "pairwise":
+            handlers.submit(store, alice, task["task_id"], verdict="A")
+        else:
+            handlers.submit(store, alice, task["task_id"], [1, 2])
+    assert {(r["kind"], r["is_gold"]) for r in store.submitted_rankings()} == {("pairwise", False), ("ranking", True)}
+    assert align(["export", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "the only submitted rankings are A/B verdicts of align eval human=true" in err and "{" not in err
+    store.add_tasks("round-1", [{"prompt": "q2", "responses": ["same", "same"]}], source={})  # copies: no pair
+    handlers.submit(store, alice, handlers.next_task(store, alice)["task_id"], [1, 2])
+    assert align(["export", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "no preference pairs came out of 1 rankings of 1 tasks (dropped: " in err and "{" not in err
+
+
 def test_labeling_imports_nothing_from_alignment_or_torch():
     """The boundary DESIGN.md keeps: the app and its store run without the training stack."""
     code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate, labeling.playground; "
@@ -309,10 +357,12 @@ def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_gi
     assert ("pending rankings (overlap 1, --overlap's default; the store does not record the overlap labelling used: "
             "give status the same --overlap): 0") in out
     assert align([*label, "status", "--batch", "b2", "--overlap", "2"]) == 0
-    assert "pending rankings (overlap 2): 3" in capsys.readouterr().out
-    assert align([*label, "status"]) == 0
     out = capsys.readouterr().out
-    assert "b1: 3 tasks" in out and "b2: 3 tasks" in out
+    assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked, 3 pending" in out and "pending rankings (overlap 2): 3" in out
+    assert align([*label, "status", "--overlap", "2"]) == 0  # pending per batch, as docs/labeling.md says, not one sum
+    out = capsys.readouterr().out
+    assert "b1: 3 tasks (0 gold), 0 rankings, 3 unranked, 6 pending" in out
+    assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked, 3 pending" in out and "pending rankings (overlap 2): 9" in out
 
 
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):

@@ -242,7 +242,6 @@ def test_bad_annotator_is_down_weighted_and_pairs_follow_the_good_ones(three_ann
     rows = store.submitted_rankings()
     assert sum(r["is_gold"] for r in rows) >= 12  # every annotator met gold tasks
     # --seed 3: ranks go back to canonical order with the shuffle they were given in (they did not, before)
-    assert handlers.gold_accuracy(store)["sim-support-style-0-good"] == 1.0
     majority, _ = build_pairs(rows, gold=store.gold_answers())
     weighted, summary = build_pairs(rows, combine="dawid_skene", gold=store.gold_answers())
     people = summary["reliability"]["annotators"]
@@ -250,7 +249,7 @@ def test_bad_annotator_is_down_weighted_and_pairs_follow_the_good_ones(three_ann
                               enumerate(["good", "noisy-0-8", "adversarial"]))
     assert adversary["accuracy"] < 0.5 and adversary["weight"] == 0
     assert good["accuracy"] > noisy["accuracy"] > adversary["accuracy"]
-    assert good["weight"] > noisy["weight"] > 0 and good["gold"] > 0
+    assert good["weight"] > noisy["weight"] > 0 and good["gold"] > 0 and good["gold_accuracy"] == 1.0
     assert summary["reliability"]["used_for_pairs"] and summary["reliability"]["converged"]
     # The pairs follow the good annotators: closer to the scorer's own order than the majority vote.
     assert truth_agreement(weighted) > truth_agreement(majority)
@@ -294,6 +293,33 @@ def test_admin_view_shows_each_annotators_reliability(three_annotators):
     assert adversary["est_accuracy"] < 0.5 and adversary["weight"] == 0
     assert rows["sim-support-style-0-good"]["weight"] > 1
     assert rows["boss"]["est_accuracy"] is None  # ranked nothing: nothing estimated
+
+
+def test_the_admin_views_gold_accuracy_is_the_reliability_tables(store):
+    """The Admin tab's gold_accuracy read every submitted row: a flagged ranking the export drops (flagged=drop), a
+    pair the annotator tied counted as a mistake. The reliability estimate beside it (and align export's table)
+    read neither, so the two columns disagreed. Now the tab shows the estimate's."""
+    from labeling.agreement import annotator_reliability, rankings_for_reliability
+
+    store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Open Settings.", "Sync.", "no", "meh"]}
+                                for i in range(3)])
+    gold_id = store.batch_tasks("round-0")[0]["task_id"]
+    store.add_gold(gold_id, [1, 2, 3, 4])
+    store.add_user("boss", "secret-pw", admin=True)
+    boss = handlers.sign_in(store, "boss", "secret-pw")
+    for name, ranks, unsafe in (("tied", [1, 1, 3, 4], False), ("flagged", [1, 2, 3, 4], True)):
+        store.add_user(name, "secret-pw")
+        person = handlers.sign_in(store, name, "secret-pw")
+        task = handlers.next_task(store, person, gold_rate=1.0)
+        assert task["task_id"] == gold_id
+        handlers.submit(store, person, gold_id, [ranks[i] for i in task["order"]], unsafe=unsafe)
+        task = handlers.next_task(store, person, overlap=2)
+        handlers.submit(store, person, task["task_id"], [1, 2, 3, 4])
+    rows = {p["name"]: p for p in handlers.admin_stats(store, boss, overlap=2, flagged="drop")["per_annotator"]}
+    estimate = annotator_reliability(rankings_for_reliability(store.submitted_rankings(), flagged="drop"),
+                                     store.gold_answers()).annotators
+    assert rows["tied"]["gold_accuracy"] == estimate["tied"]["gold_accuracy"] == 1.0  # the tie is no vote, not 5/6
+    assert rows["flagged"]["gold_accuracy"] is None and estimate["flagged"]["gold"] == 0  # dropped, as exported
 
 
 def test_admin_view_says_who_is_trusted_against_the_gold_answers(store):

@@ -637,3 +637,16 @@ def test_forwarded_for_from_a_proxy_not_trusted_is_warned_of_once(store, monkeyp
             client.get("/login", headers={"host": "labels.example.org", "x-forwarded-for": f"198.51.100.{i}"})
     said = [r.getMessage() for r in caplog.records if "FORWARDED_ALLOW_IPS" in r.getMessage()]
     assert len(said) == 1 and "from 127.0.0.1" in said[0], said
+
+
+def test_the_export_summary_says_it_kept_flagged_rankings_pairs():
+    """flagged=keep (the default) puts the pairs of rankings flagged "all are bad" / "unsafe" in the export: the
+    Export button's summary said nothing of them, though summary.json counts them."""
+    from labeling.app import _export_summary
+
+    summary = {"pairs": 30, "train_pairs": 24, "test_pairs": 6, "rankings": 6, "tasks": 5, "mean_agreement": 1.0,
+               "flagged_rankings": 1, "flagged_pairs": 6, "dropped_flagged": 0}
+    assert "kept 6 pairs from 1 flagged rankings (export.flagged=keep;" in _export_summary("/tmp/p", summary)
+    dropped = {**summary, "flagged_pairs": 0, "dropped_flagged": 1}  # flagged=drop: said among the dropped
+    assert "flagged rankings (" not in _export_summary("/tmp/p", dropped)
+    assert "dropped: flagged 1" in _export_summary("/tmp/p", dropped)

@@ -1576,8 +1576,9 @@ def test_the_playground_is_open_to_annotators_only_while_no_blind_ab_task_waits(
         handlers.submit(store, person, task["task_id"], verdict="tie")
         assert handlers.playground_open(store, alice, overlap=2) is (person is bob)
     assert handlers.playground_open(store, alice, overlap=1)
-    store.add_gold(store.submitted_rankings()[0]["task_id"], [1, 2])
-    assert not handlers.playground_open(store, alice, overlap=1)
+    with pytest.raises(ValueError, match="an A/B task of align eval human=true cannot be gold"):
+        store.add_gold(store.submitted_rankings()[0]["task_id"], [1, 2])  # once closed the Playground for good
+    assert handlers.playground_open(store, alice, overlap=1)
     with pytest.raises(handlers.AuthError):
         handlers.playground_open(store, None)
 
