@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import logging
 import os
 import shlex
@@ -310,14 +309,6 @@ def stop_with_parent() -> None:
     threading.Thread(target=watch, name="align-label-parent", daemon=True).start()
 
 
-def _loopback(host: str) -> bool:
-    """Whether --host keeps the app on this machine: localhost, 127.x or ::1."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _any_address(host: str) -> bool:
     return host.strip("[]") in ("0.0.0.0", "::", "")
 
@@ -331,7 +322,7 @@ def _open_url(host: str, port: int) -> str:
 
 
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
-    from labeling.server import create_app
+    from labeling.server import create_app, loopback_name
     from labeling.server import serve as run_server
     from labeling.store import safe_url
 
@@ -357,7 +348,7 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
                      overlap=args.overlap or 1, gold_rate=args.gold_rate, batch=args.batch,
                      export=(lambda: export(store.url, args.run_dir)) if export else None,
                      export_dir=export_dir, playground=playground)
-    if not _loopback(args.host):
+    if not loopback_name(args.host):
         print(f"align label: warning: --host {args.host} serves the app over plain HTTP to "
               f"{'every network this machine is on' if _any_address(args.host) else args.host}: passwords and "
               "session cookies cross it unencrypted; keep the app on 127.0.0.1 behind a reverse proxy that speaks "

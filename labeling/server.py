@@ -156,8 +156,9 @@ UNTRUSTED_PROXY = ("X-Forwarded-For came from %s, which FORWARDED_ALLOW_IPS does
 _proxy_warned: set[str] = set()
 
 
-def _loopback_name(host: str | None) -> bool:
-    """Whether a host name (from Host, Origin or Referer) is this machine's: localhost, 127.x, ::1."""
+def loopback_name(host: str | None) -> bool:
+    """Whether a host name (from Host, Origin or Referer, or `align label --host`) is this machine's: localhost,
+    127.x, ::1."""
     host = (host or "").strip("[]").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -204,12 +205,12 @@ def _check_proxy(scope: dict) -> None:
             _proxy_warned.add("untrusted")
             log.warning(UNTRUSTED_PROXY, peer, peer)
         return
-    if "no-xff" in _proxy_warned or not (trusted or _loopback_name(peer)):
+    if "no-xff" in _proxy_warned or not (trusted or loopback_name(peer)):
         return
     asked = [_origin("http://" + headers.get(b"host", b"").decode("latin-1"))]
     if headers.get(b"sec-fetch-site", b"same-origin") == b"same-origin":
         asked += [_origin(headers.get(h, b"").decode("latin-1")) for h in (b"origin", b"referer")]
-    outside = [o[1] for o in asked if o is not None and not _loopback_name(o[1])]
+    outside = [o[1] for o in asked if o is not None and not loopback_name(o[1])]
     if outside:
         _proxy_warned.add("no-xff")
         log.warning(NO_FORWARDED_FOR, outside[0], peer)
