@@ -42,7 +42,7 @@ from labeling.store import MAX_RESPONSES, StoreError
 log = logging.getLogger(__name__)
 
 MAX_K = MAX_RESPONSES  # response slots laid out (add_tasks refuses a task with more)
-LETTERS = "ABCDEFGH"
+LETTERS = handlers.LETTERS  # the letters the page shows each response by, which handlers names in its messages
 RANK_CHOICES = [str(r) for r in range(1, MAX_K + 1)]
 # A/B verdicts: (label, the key handlers.pairwise_ranks turns into ranks of two and flags).
 PAIRWISE = [("A better", "A"), ("Tie", "tie"), ("B better", "B"), ("Both bad", "both_bad")]

@@ -41,7 +41,7 @@ class StaleOrder(Exception):
     is, on submit and on a draft alike: nothing was saved."""
 
 
-LETTERS = "ABCDEFGH"  # the responses' letters on the page, in shown order (app.LETTERS)
+LETTERS = "ABCDEFGH"  # the responses' letters on the page, in shown order (app.py lays them out)
 
 
 class NotOpen(PermissionError):
