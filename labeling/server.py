@@ -31,6 +31,7 @@ read as Gradio reads it (JSON, leading whitespace allowed), and one that is not 
 
 from __future__ import annotations
 
+import functools
 import html
 import ipaddress
 import json
@@ -168,23 +169,31 @@ def loopback_name(host: str | None) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=8)
+def _allowed(setting: str) -> tuple[list[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    """FORWARDED_ALLOW_IPS's entries and the networks among them, parsed once per value (_check_proxy runs on
+    every request, each Gradio event and static file)."""
+    entries = [a.strip() for a in setting.split(",") if a.strip()]
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue
+    return entries, networks
+
+
 def _trusted_peer(peer: str) -> bool | None:
     """Whether uvicorn believes X-Forwarded-For from `peer` (FORWARDED_ALLOW_IPS, as `serve` leaves it: default
     127.0.0.1,::1); None when it trusts every address ("*": direct clients and a proxy cannot be told apart)."""
-    allowed = [a.strip() for a in os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1").split(",") if a.strip()]
-    if "*" in allowed:
+    entries, networks = _allowed(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
+    if "*" in entries:
         return None
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
-        return peer in allowed  # a unix socket's path, say
-    for entry in allowed:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
+        return peer in entries  # a unix socket's path, say
+    return any(address in network for network in networks)
 
 
 def _check_proxy(scope: dict) -> None:
