@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from sqlalchemy import insert
 
 from alignment.cli import main as align
 from alignment.preferences import load_preferences
@@ -24,7 +25,7 @@ from labeling.agreement import (
 from labeling.export import build_pairs
 from labeling.scorers import support_style
 from labeling.simulate import parse_profile, profile_ranks, simulate
-from labeling.store import Store
+from labeling.store import Store, meta_table
 
 ALPHA, BETA = PRIOR_ACCURACY * PRIOR_STRENGTH, (1 - PRIOR_ACCURACY) * PRIOR_STRENGTH
 
@@ -229,6 +230,12 @@ def three_annotators(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("three-annotators")
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", tasks(48), source={"policy": "runs/q/sft"})
+    # Which turns are gold is keyed with the store's secret (random per store), and the noisy annotator's noise is
+    # drawn in turn order: with a new secret each run, about 1 run in 30 gave the noisy annotator no wrong gold and
+    # Dawid-Skene no way to tell the two good ones apart (CI saw good and noisy at 0.9226 both). A fixed secret
+    # makes the run the same every time; the assertions below held for 29 of 30 random secrets.
+    with store.tx() as conn:
+        conn.execute(insert(meta_table).values(key="session_secret", value=b"reliability-test-key-0123456789ab".hex()))
     for task in store.batch_tasks("round-0")[:8]:
         scores = [support_style(task["prompt"], r) for r in task["responses"]]
         store.add_gold(task["task_id"], [sorted(set(scores), reverse=True).index(s) + 1 for s in scores])
