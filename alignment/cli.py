@@ -51,6 +51,12 @@ def setup_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers (>= 5.25, with the `kernels` package it requires) swaps layers of every model it loads on CUDA
+    # for kernels it downloads from the Hub (kernels-community/rotary, ...): code fetched and run at load time,
+    # whose version can change between two runs of one config, and offline (HF_HUB_OFFLINE, an air-gapped
+    # cluster) a ValueError before the first step (every stage failed so on the lent H200). Off unless the user
+    # asks for them (USE_HUB_KERNELS=YES); on CPU nothing was swapped (the same logits either way).
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     if "HF_HUB_OFFLINE" not in os.environ and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
     # bitsandbytes (>= 0.49), on a CPU with AVX512-BF16, tries on import to fetch a faster 4-bit

@@ -307,7 +307,9 @@ def child_result(result: dict) -> None:
 def run_sides(script: str, child_args: list[str], sides=("trl", "ours"), timeout: float | None = None) -> dict:
     """Each side in its own process, one after the other (so peak memory is its own); their RESULT dicts."""
     repo = Path(script).resolve().parents[1]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+    # The Hub's kernels the same way on both sides: off, as align runs (alignment.cli.setup_environment), unless
+    # USE_HUB_KERNELS is set (plain TRL under transformers >= 5.25 would load them on CUDA, align not)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "USE_HUB_KERNELS": os.environ.get("USE_HUB_KERNELS", "NO"),
            "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}
     results = {}
     for side in sides:

@@ -39,6 +39,19 @@ def test_console_script_sets_the_cpu_environment():
     assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline
 
 
+def test_the_cli_loads_no_kernels_from_the_hub_unless_asked():
+    """transformers 5.25 swapped layers for kernels downloaded from the Hub at every load on CUDA, and offline
+    raised before the first step of every stage (on the lent H200). The CLI turns that off; a user's
+    USE_HUB_KERNELS=YES is kept."""
+    code = ("import alignment.cli as c; c.setup_environment(); "
+            "from transformers.integrations.hub_kernels import _kernels_enabled; print(_kernels_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env={**env, **extra}, check=True).stdout.split()
+    assert run({}) == ["False"]
+    assert run({"USE_HUB_KERNELS": "YES"}) == ["True"]
+
+
 def test_stage_help_shows_the_stages_own_section_defaults(capsys):
     """A section a stage sets its own defaults for (PPO's train, sample's model) shows those, not the class's."""
     assert align(["ppo", "--help"]) == 0
