@@ -127,7 +127,7 @@ RUN=$WORK/runs/gpu
 rm -rf "$RUN"
 # PPO too, with the pipeline's reward model on the GPU; no accuracy or probe gate: random weights rank at random.
 pipeline=(--config configs/quickstart/pipeline.yaml "run.dir=$RUN" run.wandb=disabled
-          "stages=[sft, sample, label, export, reward, dpo, ppo, eval]" ppo.train.max_steps=10 ppo.min_reward_accuracy=0
+          "stages=[sft, sample, label, export, reward, dpo, ppo, eval]" ppo.train.max_steps=4 ppo.min_reward_accuracy=0
           ppo.max_probe_flip_rate=1)
 [ ${#LIGER[@]} -gt 0 ] && pipeline+=(sft.train.liger=false reward.train.liger=false dpo.train.liger=false)
 if [ "$smoke" = 1 ]; then
