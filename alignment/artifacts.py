@@ -450,6 +450,10 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "metrics": metrics or {},
         **extra,
     }
+    from alignment.tracking import wandb_record
+
+    if (run := wandb_record(stage)) is not None:  # the stage's W&B run, opened before this: the report links it
+        manifest["wandb"] = run
     manifest["files"] = artifact_files(folder)
     from alignment.config import redact
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alignment import StageError
 from alignment.artifacts import (
@@ -30,6 +31,7 @@ from alignment.artifacts import (
     read_manifest,
     resume_key,
     round_root,
+    shell,
     stage_dir,
 )
 
@@ -766,6 +768,28 @@ SECTIONS: dict[str, Callable[[Path, dict[str, Any]], str]] = {
     "active_learning": active_learning_section}
 
 
+def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
+    """Where a stage's W&B run is (html, markdown): its page online, its folder offline with the command that
+    uploads it; ('', '') for a stage that opened none (run.wandb=disabled, a manifest from before align recorded
+    it)."""
+    run = manifest.get("wandb")
+    if not isinstance(run, dict):
+        return "", ""
+    url = str(run.get("url") or "")
+    if url.startswith(("https://", "http://")):
+        return f" · <a href='{_esc(url)}'>W&amp;B run</a>", f"- W&B run: <{url}>"
+    folder = Path(str(run.get("folder") or ""))
+    if not folder.name:
+        return "", ""
+    try:  # a link that works where the report is opened: relative to the run directory, which holds it
+        href = folder.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        href = folder.as_uri() if folder.is_absolute() else folder.as_posix()
+    sync = f"wandb sync {shell(str(folder))}"
+    return (f" · W&amp;B run ({_esc(run.get('mode') or 'offline')}): <a href='{_esc(href)}'>{_esc(folder.name)}</a>, "
+            f"uploaded by <code>{_esc(sync)}</code>", f"- W&B run (offline): `{sync}`")
+
+
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     """A stage's section (html, markdown), titled and anchored by its folder's name; None before it ran."""
     manifest = _manifest(folder)
@@ -787,13 +811,17 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     metrics = "" if kind == "eval" else _metrics_table(manifest.get("metrics", {}))  # eval's table shows them all
     if metrics and (imgs or extra):  # the figures above say it; every logged number a click away
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
+    wandb_html, wandb_md = wandb_where(manifest, folder.parent)
     parts = [f"<section id='{title}'><h2>{title}</h2>",
-             f"<p class='meta'>{_esc(str(folder))} · {_esc(manifest.get('created', ''))}"
-             + (f" · base {_esc(manifest['base_model'])}" if manifest.get("base_model") else "") + f"{plan}</p>",
+             f"<p class='meta'><a href='{_esc(quote(folder.name))}/'>{_esc(str(folder))}</a> · "
+             f"{_esc(manifest.get('created', ''))}"
+             + (f" · base {_esc(manifest['base_model'])}" if manifest.get("base_model") else "")
+             + f"{plan}{wandb_html}</p>",
              f"<p class='caution'>{_esc(warning)}</p>" if warning else "",
              f"<p class='meta'>{_esc(unreadable)}</p>" if unreadable else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([_md(warning), ""] if warning else []),
+    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([wandb_md, ""] if wandb_md else []),
+          *([_md(warning), ""] if warning else []),
           *([_md(unreadable), ""] if unreadable else [])]
     md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
            if isinstance(v, (int, float, str))]

@@ -148,14 +148,31 @@ def start_wandb_run(cfg: RunConfig, stage: str, config: dict[str, Any] | None = 
     """
     from alignment.artifacts import is_main_process
 
+    _OPENED.clear()
     mode = configure_wandb(cfg, stage)
     if mode == "disabled" or not is_main_process():
         return None
     import wandb
 
     env = os.environ
-    return wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
-                      job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=redact(config), reinit="finish_previous")
+    run = wandb.init(project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"], name=env["WANDB_NAME"],
+                     job_type=stage, dir=env["WANDB_DIR"], mode=mode, config=redact(config), reinit="finish_previous")
+    try:
+        url = run.url  # None offline
+    except Exception:  # noqa: BLE001 - a run without one (a wandb that has no URL to give) is still recorded
+        url = None
+    _OPENED.update(stage=stage, mode=mode, id=run.id, url=url, folder=str(run.settings.sync_dir))
+    return run
+
+
+# The W&B run this process opened last (start_wandb_run), for the manifest of the stage it was opened for: the
+# report links each stage to its run (online) or names its folder and the `wandb sync` that uploads it (offline).
+_OPENED: dict[str, Any] = {}
+
+
+def wandb_record(stage: str) -> dict[str, Any] | None:
+    """{mode, id, url, folder} of the W&B run this process opened for `stage`; None when it opened none."""
+    return {k: v for k, v in _OPENED.items() if k != "stage"} if _OPENED.get("stage") == stage else None
 
 
 def report_to(cfg: RunConfig) -> list[str]:
@@ -225,14 +242,15 @@ class Tracker:
         self.run = None
         if not self.main:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume:  # resumed, the folder is made at the first log: export opens its run before it exists
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
         self.run = start_wandb_run(cfg, stage, config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.main:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(self.path, {"step": step, **metrics})
         if self.run is not None:
             self.run.log(_clean(metrics), step=step)

@@ -433,6 +433,7 @@ def main(cfg: EvalStageConfig) -> Path:
     # The judge is a parent too: a retrained reward model makes these figures stale (align pipeline reruns eval).
     judged_by = {"reward_model": reward_model_path(cfg)} if "reward_model" in judges and "reward_model" not in paths \
         else {}
+    tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))  # before the manifest, which records its W&B run
     write_manifest(out, stage="eval", config=to_dict(cfg), base_model=base_name, parents={**paths, **judged_by},
                    metrics=metrics, policies=table, baseline=cfg.baseline, human=board,
                    interval="wilson",  # how win_rate_ci is made: the report labels it by this (bootstrap before)
@@ -440,7 +441,6 @@ def main(cfg: EvalStageConfig) -> Path:
                    prompts_sha256=prompts_sha256,
                    # human=true: the verdicts its board read (align pipeline reruns it when there are others)
                    **({"rankings_sha256": board["verdicts_sha256"]} if board is not None else {}))
-    tracker = Tracker(cfg.run, "eval", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("eval/samples", ["prompt", *responses],
                   [[p, *(responses[n][i] for n in responses)] for i, p in enumerate(prompts[:50])])

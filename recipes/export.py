@@ -70,6 +70,8 @@ def main(cfg: ExportStageConfig) -> Path:
                        # the read the dataset was built from: the pipeline compares it to know whether to export again
                        rankings_sha256=summary["rankings_read"]["sha256"])
 
+    # Opened before the export, whose manifest records it (resumed: no folder is made before the export's own)
+    tracker = Tracker(cfg.run, "export", out, to_dict(cfg), resume=True)
     try:
         summary = export_preferences(
             store, out, batches=cfg.batches, ties=cfg.ties, combine=cfg.combine, min_agreement=cfg.min_agreement,
@@ -88,7 +90,6 @@ def main(cfg: ExportStageConfig) -> Path:
     people = summary["reliability"]["annotators"]
     for name, row in people.items():  # W&B summary keys beside the table
         numbers.update({f"reliability/{name}/accuracy": row["accuracy"], f"reliability/{name}/weight": row["weight"]})
-    tracker = Tracker(cfg.run, "export", out, to_dict(cfg), resume=True)
     tracker.table("reliability", list(RELIABILITY_COLUMNS), reliability_rows(people))
     sample_dir = stage_dir(cfg.run.dir, "sample")
     log_artifact("export", out, cfg.run.dir, {"samples": sample_dir}, run=tracker.run)

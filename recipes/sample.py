@@ -278,11 +278,11 @@ def main(cfg: SampleStageConfig) -> Path:
                "cut_in_batch": sum(m.get("finished") is False for m in in_batch),
                **{f"selection/{k}": v for k, v in selection.items() if isinstance(v, (int, float)) and v is not None}}
     parents = {"policy": policy_dir, **({"selection_reward_model": selector} if selector else {})}
+    tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))  # before the manifest, which records its W&B run
     write_manifest(out, stage="sample", config=to_dict(cfg), base_model=policy_manifest.get("base_model"),
                    parents=parents, metrics=metrics, store=url, batch=batch, selection=selection,
                    prompts_sha256=prompts_sha256, system_prompt=system_prompt,
                    sampled_otherwise=stale)
-    tracker = Tracker(cfg.run, "sample", out, to_dict(cfg))
     tracker.log(metrics, step=0)
     tracker.table("sample/responses", ["prompt", *(f"response_{i + 1}" for i in range(cfg.k))],
                   [[r["prompt"], *r["responses"][:cfg.k], *[""] * (cfg.k - len(r["responses"]))] for r in rows[:50]])

@@ -227,6 +227,24 @@ def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
                     assert r["ranks"][i] < r["ranks"][j]
 
 
+def test_the_report_links_each_stage_to_its_folder_and_its_offline_wandb_run(run):
+    """The report named no W&B run anywhere: which of the offline-run-* folders was the reward model's took
+    reading each. Each stage's manifest records the run it opened; the report links its folder and says the
+    `wandb sync` that uploads it."""
+    page = (run / "report.html").read_text()
+    md = (run / "report.md").read_text()
+    for stage, folder in [("sft", "sft"), ("sample", "sample"), ("export", "preferences"), ("reward", "reward"),
+                          ("dpo", "dpo"), ("eval", "eval")]:
+        opened = manifest(run / folder)["wandb"]
+        where = Path(opened["folder"])
+        assert opened["mode"] == "offline" and opened["url"] is None and where.name.endswith(opened["id"])
+        assert where.parent == run / "wandb" and (where / f"run-{opened['id']}.wandb").is_file(), stage
+        assert f"<a href='wandb/{where.name}'>{where.name}</a>" in page, stage
+        assert f"<a href='{folder}/'>" in page and f"wandb sync {where}" in md, stage
+    ids = [manifest(run / f)["wandb"]["id"] for f in ("sft", "sample", "preferences", "reward", "dpo", "eval")]
+    assert len(set(ids)) == len(ids)  # each stage its own run, not the one opened before it
+
+
 def test_wandb_offline_runs_read_back_with_their_keys_and_lineage(run):
     runs = {}
     for folder in sorted((run / "wandb").glob("offline-run-*")):

@@ -741,3 +741,20 @@ def test_a_failed_eval_rerun_says_so_and_the_page_reads_on_a_phone(tmp_path):
     assert DPO["reward_probe_warning"] in md
     assert "base None" not in page and "10,700" in page and "1.07e+04" not in page and "- eval_num_tokens: 10,700" in md
     assert "@media (max-width:700px){.plots img{max-width:100%" in page
+
+
+def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_becomes_a_link(tmp_path):
+    from alignment.report import wandb_where
+
+    online = wandb_where({"wandb": {"mode": "online", "id": "ab12", "url": "https://wandb.ai/me/align/runs/ab12",
+                                    "folder": str(tmp_path / "wandb" / "run-x-ab12")}}, tmp_path)
+    assert "<a href='https://wandb.ai/me/align/runs/ab12'>W&amp;B run</a>" in online[0]
+    assert online[1] == "- W&B run: <https://wandb.ai/me/align/runs/ab12>"
+    elsewhere = wandb_where({"wandb": {"mode": "offline", "url": None, "folder": "/data/w b/offline-run-1-cd"}},
+                            tmp_path)
+    assert "href='file:///data/w%20b/offline-run-1-cd'" in elsewhere[0]
+    assert elsewhere[1] == "- W&B run (offline): `wandb sync '/data/w b/offline-run-1-cd'`"
+    # A URL of another scheme is no link (nor is a folder named like markup)
+    odd = wandb_where({"wandb": {"url": "javascript:alert(1)", "folder": str(tmp_path / "<b>x")}}, tmp_path)
+    assert "javascript" not in odd[0] and "<b>" not in odd[0] and "&lt;b&gt;x" in odd[0]
+    assert wandb_where({}, tmp_path) == ("", "") and wandb_where({"wandb": None}, tmp_path) == ("", "")
