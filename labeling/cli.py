@@ -169,7 +169,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     if problem:
         print(f"align label: {problem}", file=sys.stderr)
         return 2
-    overlap = args.overlap or 1  # --simulate's default is its number of annotators, below
+    overlap = args.overlap or 1  # --simulate's default is its number of annotators, below; status's, the recorded
     from sqlalchemy.exc import OperationalError
 
     from labeling.store import Store, StoreError, safe_url
@@ -221,6 +221,8 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                   f"{', '.join(store.batches()) or 'none yet'} (`align sample batch=NAME` writes one)", file=sys.stderr)
             return 2
         if cmd == ["status"]:
+            recorded = None if args.overlap else store.recorded_overlap()  # what the app or --simulate last ran with
+            overlap = args.overlap or recorded or 1
             for b in store.batch_counts():
                 if not args.batch or b["batch"] == args.batch:
                     print(f"{b['batch']}: {b['tasks']} tasks ({b['gold']} gold), {b['rankings']} rankings, "
@@ -231,10 +233,10 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                    "`align label users add` would be given them)"] if skipped else []
             if on_skipped > skipped:  # an admin counts once they take a task: one who only watches is not waited for
                 why.append(f"{on_skipped - skipped} waiting for an annotator who has not skipped the task")
-            # The store keeps no record of the overlap the app or --simulate used: counted against --overlap's
-            print(f"pending rankings (overlap {overlap}"
-                  + ("" if args.overlap else ", --overlap's default; the store does not record the overlap labelling "
-                     "used: give status the same --overlap") + f"): {store.pending_count(args.batch, overlap)}"
+            # Counted against --overlap, else the overlap the app or --simulate last ran with on this store
+            said = "" if args.overlap else (", as labelling last ran with; --overlap counts another" if recorded else
+                                            ", --overlap's default: no labelling has run on this store yet")
+            print(f"pending rankings (overlap {overlap}{said}): {store.pending_count(args.batch, overlap)}"
                   + (f", {on_skipped} of them on tasks someone skipped: {', '.join(why)}" if on_skipped else ""))
             return 0
         if len(cmd) == 3 and cmd[0] == "gold":
@@ -253,6 +255,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
 
             profiles = args.profiles.split(",") if args.profiles else None
             annotators = args.annotators or (len(profiles) if profiles else 1)
+            store.record_overlap(args.overlap or annotators)
             n = simulate(store, args.simulate, annotators=annotators, noise=args.noise, seed=args.seed,
                          batch=args.batch, overlap=args.overlap or annotators, profiles=profiles,
                          gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
@@ -270,6 +273,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
                       + (f" store={shlex.quote(db)}" if db else "") + " (with the settings that made the "
                       "A/B tasks; or the align pipeline command that made them, again)")
             return 0
+        store.record_overlap(args.overlap or 1)  # the app's: what `align label status` counts pending against
     except (ValueError, KeyError) as err:
         print(f"align label: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)  # no repr quotes
         return 2

@@ -522,6 +522,21 @@ class Store:
                     conn.execute(insert(meta_table).values(key=key, value=value))
         return added
 
+    def record_overlap(self, overlap: int) -> None:
+        """The overlap `align label` (the app or --simulate) runs with, for `align label status` to count pending
+        rankings against when it is not given one."""
+        with self.tx(lock=True) as conn:
+            if conn.execute(select(meta_table.c.key).where(meta_table.c.key == "labelling_overlap")).first():
+                conn.execute(update(meta_table).where(meta_table.c.key == "labelling_overlap").values(value=str(overlap)))
+            else:
+                conn.execute(insert(meta_table).values(key="labelling_overlap", value=str(overlap)))
+
+    def recorded_overlap(self) -> int | None:
+        """The overlap labelling last ran with on this store (record_overlap); None before any did."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "labelling_overlap")).scalar()
+        return int(value) if value is not None and str(value).isdigit() else None
+
     def batch_note(self, batch: str) -> Any:
         """The note the last add_tasks given one left for `batch` (None without one)."""
         with self.engine.connect() as conn:

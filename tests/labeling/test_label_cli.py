@@ -308,14 +308,14 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
     assert align([*label, "status", "--batch", "nope"]) == 2
     assert "--batch 'nope' is not in the store; its batches: round-0, round-1" in capsys.readouterr().err
     assert align([*label, "status", "--batch", "round-1"]) == 0
-    assert "pending rankings (overlap 1, --overlap's default; the store does not record the overlap" in \
+    assert "pending rankings (overlap 1, --overlap's default: no labelling has run on this store yet)" in \
         capsys.readouterr().out
     assert align([*label, "users", "add", "  lena  ", "--password", "pw-1234"]) == 0
     assert "user 'lena' added to" in capsys.readouterr().out and [u["name"] for u in store.users()] == ["lena"]
     lena = store.authenticate("lena", "pw-1234")["annotator_id"]
     store.skip(lena, store.assign(lena, batch="round-1"))  # the only annotator skips it: nobody left to rank it
     assert align([*label, "status", "--batch", "round-1"]) == 0
-    assert ("used: give status the same --overlap): 1, 1 of them on tasks someone skipped: 1 on tasks every annotator "
+    assert ("run on this store yet): 1, 1 of them on tasks someone skipped: 1 on tasks every annotator "
             "skipped" in capsys.readouterr().out)
     store.add_user("mo", "pw-5678")  # one who has not skipped it: the ranking waits for them
     assert align([*label, "status", "--batch", "round-1"]) == 0
@@ -341,9 +341,10 @@ def test_a_batch_the_store_lacks_is_refused_by_simulate_and_the_app_too(tmp_path
     assert align(["label", "--run-dir", str(tmp_path), "--batch", "round-0"]) == 0  # a batch it has: the app
 
 
-def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_given(tmp_path, capsys):
+def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_given(tmp_path, capsys, monkeypatch):
     """`status --batch b2` printed every batch's line; after labelling at overlap 2, status counted pending at
-    --overlap's default 1 (the store does not record the overlap used), without saying so."""
+    --overlap's default 1, without saying so; the store did not record the overlap labelling ran with: now it
+    does, and status counts against it unless given another."""
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     for batch in ("b1", "b2"):
         store.add_tasks(batch, [{"prompt": f"{batch} q{i}", "responses": ["Thanks! Open Settings.", "no"]}
@@ -354,8 +355,7 @@ def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_gi
     assert align([*label, "status", "--batch", "b2"]) == 0
     out = capsys.readouterr().out
     assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked" in out and "b1:" not in out
-    assert ("pending rankings (overlap 1, --overlap's default; the store does not record the overlap labelling used: "
-            "give status the same --overlap): 0") in out
+    assert "pending rankings (overlap 1, as labelling last ran with; --overlap counts another): 0" in out
     assert align([*label, "status", "--batch", "b2", "--overlap", "2"]) == 0
     out = capsys.readouterr().out
     assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked, 3 pending" in out and "pending rankings (overlap 2): 3" in out
@@ -363,6 +363,15 @@ def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_gi
     out = capsys.readouterr().out
     assert "b1: 3 tasks (0 gold), 0 rankings, 3 unranked, 6 pending" in out
     assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked, 3 pending" in out and "pending rankings (overlap 2): 9" in out
+    # The app started at overlap 2 (not served here): status counts against that from then on
+    import labeling.cli
+
+    monkeypatch.setattr(labeling.cli, "serve", lambda *a, **k: 0)
+    assert align([*label, "--overlap", "2"]) == 0 and store.recorded_overlap() == 2
+    capsys.readouterr()
+    assert align([*label, "status", "--batch", "b2"]) == 0
+    assert "pending rankings (overlap 2, as labelling last ran with; --overlap counts another): 3" in \
+        capsys.readouterr().out
 
 
 def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_line(tmp_path, capsys, monkeypatch):
