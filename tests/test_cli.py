@@ -39,6 +39,34 @@ def test_console_script_sets_the_cpu_environment():
     assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline
 
 
+def test_the_hub_probe_asks_the_hub_huggingface_hub_would_use():
+    """HF_ENDPOINT (a mirror, a company's own Hub) is the one probed, and behind a proxy the Hub counts as
+    reachable: only huggingface.co:443 was tried, directly, so a cluster with a mirror or a proxy went offline
+    and a Hub id not yet cached was refused as unreachable."""
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    code = "import os, alignment.cli as c; c.setup_environment(); print(os.environ.get('HF_HUB_OFFLINE', 'unset'))"
+    proxy_vars = {"HF_HUB_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy"} | \
+        {f"{s}_PROXY" for s in ("HTTP", "HTTPS", "ALL")} | {f"{s}_proxy" for s in ("http", "https", "all")}
+    env = {k: v for k, v in os.environ.items() if k not in proxy_vars}
+    offline = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                           env={**env, **extra}, check=True).stdout.strip()
+    try:
+        up, down = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in (listening, closed))
+        assert offline({"HF_ENDPOINT": up}) == "unset"
+        assert offline({"HF_ENDPOINT": down}) == "1"
+        assert offline({"HTTPS_PROXY": up}) == "unset"  # huggingface.co (unreachable here) through a proxy
+        assert offline({"HF_ENDPOINT": down, "HTTP_PROXY": up, "NO_PROXY": "127.0.0.1"}) == "1"  # not through it
+    finally:
+        listening.close()
+        closed.close()
+
+
 def test_the_cli_loads_no_kernels_from_the_hub_unless_asked():
     """transformers 5.25 swapped layers for kernels downloaded from the Hub at every load on CUDA, and offline
     raised before the first step of every stage (on the lent H200). The CLI turns that off; a user's
