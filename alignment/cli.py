@@ -50,6 +50,9 @@ def setup_environment() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # vLLM (generation.backend=vllm, align serve's server) sends usage statistics (the machine, GPU, model
+    # architecture) to stats.vllm.ai from every engine it starts unless told not to: off like the two above.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers (>= 5.25, with the `kernels` package it requires) swaps layers of every model it loads on CUDA
     # for kernels it downloads from the Hub (kernels-community/rotary, ...): code fetched and run at load time,

@@ -33,10 +33,13 @@ def test_unknown_stage_and_bad_override(capsys):
 def test_console_script_sets_the_cpu_environment():
     """The CLI sets OMP_WAIT_POLICY / HF offline / telemetry itself, before torch loads."""
     code = ("import os, alignment.cli as c; c.setup_environment(); "
-            "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
+            "os.environ['VLLM_NO_USAGE_STATS'])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "VLLM_NO_USAGE_STATS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline
+    # no network here, so offline; vLLM's usage statistics off like the Hub's telemetry
+    assert out.split() == ["PASSIVE", "1", "1", "1"]
 
 
 def test_the_hub_probe_asks_the_hub_huggingface_hub_would_use():
