@@ -210,7 +210,6 @@ def test_a_flash_attention_without_its_package_is_not_fetched_from_the_hub_unask
     flash-attn2 from the Hub in its place, USE_HUB_KERNELS=NO (align's default) notwithstanding, and offline the
     model's load failed. (CUDA-only: the GPU check is stood in for; the package is absent here.)"""
     import torch
-
     from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
 
     if FLASH_ATTENTION_COMPATIBILITY_MATRIX[2]["general_availability_check"]():
