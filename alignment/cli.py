@@ -50,6 +50,9 @@ def setup_environment() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # vLLM (generation.backend=vllm, align serve's server) sends usage statistics (the machine, GPU, model
+    # architecture) to stats.vllm.ai from every engine it starts unless told not to: off like the two above.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers (>= 5.25, with the `kernels` package it requires) swaps layers of every model it loads on CUDA
     # for kernels it downloads from the Hub (kernels-community/rotary, ...): code fetched and run at load time,
@@ -90,11 +93,38 @@ def _no_dataset_length_notice(record: logging.LogRecord) -> bool:
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the Hub huggingface_hub would ask takes a connection: HF_ENDPOINT's (a mirror, a company's own Hub),
+    else huggingface.co. Through a proxy (HTTPS_PROXY, ...), as huggingface_hub would go: taken as reachable, not
+    asked. Only huggingface.co:443 was tried, directly: behind a proxy, or with a mirror on a cluster that cannot
+    reach huggingface.co, every command went offline and a Hub id not yet cached was refused as unreachable.
+    At most `timeout` seconds, the name's lookup included (a resolver that does not answer is not waited for)."""
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    url = urlsplit((os.environ.get("HF_ENDPOINT") or "https://huggingface.co").strip())
+    scheme = url.scheme or "https"
+    host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        port = url.port or (80 if scheme == "http" else 443)
+    except ValueError:  # a port that is not a number: huggingface_hub fails on it with its own message
         return True
-    except OSError:
-        return False
+    proxies = urllib.request.getproxies()
+    if (proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return True
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return answered == [True]
 
 
 def describe_config(cls: type, prefix: str = "", defaults=None, hidden: frozenset[str] = frozenset()) -> list[str]:

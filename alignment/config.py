@@ -106,10 +106,28 @@ class ModelConfig:
             if not (torch.cuda.is_available() or hasattr(torch, "xpu") and torch.xpu.is_available()):
                 raise ConfigError(f"{prefix}attn_implementation={attn} runs on a GPU only and this machine has "
                                   "none; leave it unset (sdpa)")
+            # Without its package, transformers fetches a kernel from the Hub in its place (kernels-community/
+            # flash-attn2, ...) whatever USE_HUB_KERNELS says, which align sets to NO (alignment.cli); offline that
+            # was an ImportError when the model loaded. Fetched only when asked: the Hub kernel named, or the switch.
+            from transformers.modeling_flash_attention_utils import (
+                FLASH_ATTENTION_COMPATIBILITY_MATRIX,
+                FLASH_ATTN_KERNEL_FALLBACK,
+            )
+            from transformers.utils.import_utils import is_env_variable_true
+
+            name = attn.removeprefix("paged|")
+            installed = FLASH_ATTENTION_COMPATIBILITY_MATRIX[int(name[-1])]["general_availability_check"]()
+            if not installed and not is_env_variable_true("USE_HUB_KERNELS", default="YES"):
+                kernel = FLASH_ATTN_KERNEL_FALLBACK[name]
+                raise ConfigError(f"{prefix}attn_implementation={attn}: its package is not installed, and in its place "
+                                  f"transformers would fetch {kernel} from the Hub, which align does only when asked; "
+                                  f"install it (flash-attn), name the kernel ({prefix}attn_implementation={kernel}), or "
+                                  "set USE_HUB_KERNELS=YES")
 
 
 # transformers' attention kernels (transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, eager aside). Whether a
-# flash kernel's package is installed, transformers says itself: it may fetch the kernel from the Hub instead.
+# flash kernel's package is installed, transformers says itself (ModelConfig.validate asks it): without it,
+# transformers would fetch the kernel from the Hub instead.
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 

@@ -96,6 +96,7 @@ def _sft(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
+    check_wandb(p, cfg.run)
     check_model(f"{p}model.name", cfg.model.name)
     check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
     check_max_length(f"{p}model.max_length", cfg.model.max_length, cfg.model.name)
@@ -113,6 +114,7 @@ def _sft(cfg, pending: set[str], p: str) -> None:
 def _sample(cfg, pending: set[str], p: str) -> None:
     _backend(cfg.generation)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sample")
+    check_wandb(p, cfg.run)
     if cfg.policy is not None:
         check_policy(f"{p}policy", cfg.policy)
         _on_policys_base(p, cfg, cfg.policy, "the policy sampled")
@@ -135,6 +137,7 @@ def _sample(cfg, pending: set[str], p: str) -> None:
 
 def _export(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "export")
+    check_wandb(p, cfg.run)
     if cfg.output:
         check_run_dir(f"{p}output", cfg.output)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist="sample" not in pending)
@@ -172,6 +175,7 @@ def _reward(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
+    check_wandb(p, cfg.run)
     if cfg.from_sft:
         _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "the reward model is built on the SFT model",
                       "or from_sft=false to build it on the raw base")
@@ -199,6 +203,7 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "dpo")
+    check_wandb(p, cfg.run)
     _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "DPO starts from the SFT policy and keeps it as the "
                   "reference")
     if cfg.sft is not None or "sft" not in pending:
@@ -222,6 +227,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, cfg.algo)
+    check_wandb(p, cfg.run)
     default_sft = stage_dir(cfg.run.dir, "sft")
     if cfg.sft == "none" or (cfg.sft is None and cfg.scorer and not default_sft.exists() and "sft" not in pending):
         check_model(f"{p}model.name", cfg.model.name)  # a fresh LoRA on it
@@ -263,6 +269,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
 def _eval(cfg, pending: set[str], p: str) -> None:
     _backend(cfg.generation)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "eval")
+    check_wandb(p, cfg.run)
     for name, folder in (cfg.policies or {}).items():
         check_adapter(f"{p}policies.{name}", folder, tokenizer=True, kind="policy")
         _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
@@ -358,6 +365,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     from labeling.store import sqlite_url
 
     check_run_dir("run.dir", cfg.run.dir)
+    check_wandb("", cfg.run)
     _pipeline_sets(cfg)
     world = process_count()
     one_process = [s for s in cfg.stages if s in ONE_PROCESS_STAGES]
@@ -514,6 +522,25 @@ def check_run_dir(key: str, folder: str | Path, stage: str | None = None) -> Non
         raise ConfigError(f"{key}={folder}: cannot write in {existing} ({err.strerror or err})") from None
     if stage and (path / stage).exists() and not (path / stage).is_dir():
         raise ConfigError(f"{key}={folder}: {path / stage} is a file where the {stage} stage writes its folder")
+
+
+def check_wandb(p: str, run) -> None:
+    """W&B online (run.wandb=online, or WANDB_MODE=online under auto) where it cannot start a run: no key, or a
+    server that does not answer. wandb.init then failed (no key; without a terminal it asks for none) or waited
+    90 s and failed, when the stage opened its run: for sample and eval after every answer was generated and
+    judged, and the stage ended with no manifest (its work redone on the next run)."""
+    from alignment.tracking import has_wandb_key, wandb_host, wandb_mode, wandb_reachable
+
+    if wandb_mode(run) != "online":
+        return
+    asked = f"{p}run.wandb=online" if run.wandb == "online" else f"WANDB_MODE=online (with {p}run.wandb=auto)"
+    host = wandb_host()[1]
+    if not has_wandb_key():
+        raise ConfigError(f"{asked}: no W&B key for {host} (WANDB_API_KEY, or `wandb login`), so no run could be "
+                          f"started; log in, or use {p}run.wandb=offline (upload later with `wandb sync`)")
+    if not wandb_reachable():
+        raise ConfigError(f"{asked}: {host} does not answer, so no run could be started; use {p}run.wandb=auto "
+                          "(offline when it does not answer) or offline, and upload later with `wandb sync`")
 
 
 def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:

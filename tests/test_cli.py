@@ -33,10 +33,41 @@ def test_unknown_stage_and_bad_override(capsys):
 def test_console_script_sets_the_cpu_environment():
     """The CLI sets OMP_WAIT_POLICY / HF offline / telemetry itself, before torch loads."""
     code = ("import os, alignment.cli as c; c.setup_environment(); "
-            "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
+            "os.environ['VLLM_NO_USAGE_STATS'])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "VLLM_NO_USAGE_STATS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split() == ["PASSIVE", "1", "1"]  # no network here, so offline
+    # no network here, so offline; vLLM's usage statistics off like the Hub's telemetry
+    assert out.split() == ["PASSIVE", "1", "1", "1"]
+
+
+def test_the_hub_probe_asks_the_hub_huggingface_hub_would_use():
+    """HF_ENDPOINT (a mirror, a company's own Hub) is the one probed, and behind a proxy the Hub counts as
+    reachable: only huggingface.co:443 was tried, directly, so a cluster with a mirror or a proxy went offline
+    and a Hub id not yet cached was refused as unreachable."""
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    code = "import os, alignment.cli as c; c.setup_environment(); print(os.environ.get('HF_HUB_OFFLINE', 'unset'))"
+    proxy_vars = {"HF_HUB_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy"} | \
+        {f"{s}_PROXY" for s in ("HTTP", "HTTPS", "ALL")} | {f"{s}_proxy" for s in ("http", "https", "all")}
+    env = {k: v for k, v in os.environ.items() if k not in proxy_vars}
+    offline = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                           env={**env, **extra}, check=True).stdout.strip()
+    try:
+        up, down = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in (listening, closed))
+        assert offline({"HF_ENDPOINT": up}) == "unset"
+        assert offline({"HF_ENDPOINT": down}) == "1"
+        assert offline({"HTTPS_PROXY": up}) == "unset"  # huggingface.co (unreachable here) through a proxy
+        assert offline({"HF_ENDPOINT": down, "HTTP_PROXY": up, "NO_PROXY": "127.0.0.1"}) == "1"  # not through it
+    finally:
+        listening.close()
+        closed.close()
 
 
 def test_the_cli_loads_no_kernels_from_the_hub_unless_asked():

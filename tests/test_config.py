@@ -205,6 +205,27 @@ def test_an_attention_kernel_is_checked_before_the_model_loads():
             load_config(C.SFTStageConfig, None, ["model.attn_implementation=flash_attention_2"])
 
 
+def test_a_flash_attention_without_its_package_is_not_fetched_from_the_hub_unasked(monkeypatch):
+    """attn_implementation=flash_attention_2 without flash-attn installed: transformers fetched kernels-community/
+    flash-attn2 from the Hub in its place, USE_HUB_KERNELS=NO (align's default) notwithstanding, and offline the
+    model's load failed. (CUDA-only: the GPU check is stood in for; the package is absent here.)"""
+    import torch
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+
+    if FLASH_ATTENTION_COMPATIBILITY_MATRIX[2]["general_availability_check"]():
+        pytest.skip("flash-attn is installed here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("USE_HUB_KERNELS", "NO")
+    for attn in ("flash_attention_2", "paged|flash_attention_2"):
+        with pytest.raises(ConfigError, match=r"its package is not installed, and in its place transformers would "
+                                              r"fetch kernels-community/flash-attn2 .*USE_HUB_KERNELS=YES"):
+            load_config(C.SFTStageConfig, None, [f"model.attn_implementation={attn}"])
+    # asked for: the kernel named, or the switch on
+    assert load_config(C.SFTStageConfig, None, ["model.attn_implementation=kernels-community/flash-attn2"])
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    assert load_config(C.SFTStageConfig, None, ["model.attn_implementation=flash_attention_2"])
+
+
 def test_ppo_refuses_gradient_checkpointing_its_loop_does_not_do():
     """It was recorded as on in ppo/align.json while the loop never recomputed anything."""
     with pytest.raises(ConfigError, match="model.gradient_checkpointing=on: align's own PPO loop"):

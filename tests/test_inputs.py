@@ -963,3 +963,38 @@ def test_a_stage_that_fails_or_is_stopped_closes_its_wandb_run_as_failed(tmp_pat
         info = json.loads(subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json",
                                           str(folder)], capture_output=True, text=True, check=True).stdout)
         assert (info["state"], info["exit_code"]) == ("failed", code or 1), (name, info)
+
+
+def test_wandb_online_where_no_run_could_start_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """run.wandb=online (or WANDB_MODE=online) with no key, or a W&B server that does not answer: wandb.init failed
+    (or waited 90 s and failed) when the stage opened its run, for sample and eval after all their answers were
+    generated and judged, and the stage ended with no manifest. Now the check before any work says so."""
+    import socket
+
+    from alignment import tracking
+
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(tracking, "USER_MODE", "")
+    run = tmp_path / "run"
+    for stage in ("sample", "eval", "sft"):
+        assert align([stage, f"run.dir={run}", "run.wandb=online"]) == 2
+        err = capsys.readouterr().err
+        assert "run.wandb=online: no W&B key for api.wandb.ai" in err and "run.wandb=offline" in err, err
+    assert not (run / "sample").exists() and not (run / "eval").exists()
+    monkeypatch.setattr(tracking, "USER_MODE", "online")  # the user's WANDB_MODE, under run.wandb=auto
+    assert align(["sample", f"run.dir={run}"]) == 2
+    assert "WANDB_MODE=online (with run.wandb=auto): no W&B key" in capsys.readouterr().err
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    tracking.wandb_reachable.cache_clear()
+    try:
+        assert align(["eval", f"run.dir={run}", "run.wandb=online"]) == 2
+        assert "does not answer, so no run could be started" in capsys.readouterr().err
+    finally:
+        tracking.wandb_reachable.cache_clear()
+        closed.close()
