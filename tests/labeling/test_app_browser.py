@@ -177,8 +177,15 @@ def rankings_of(store, name: str) -> list[dict]:
 
 
 def wait_for_message(page, text: str) -> str:
-    page.wait_for_function(
-        "t => document.querySelector('#align-message').innerText.includes(t)", arg=text)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "t => document.querySelector('#align-message').innerText.includes(t)", arg=text)
+    except PlaywrightTimeout:  # say what the page said instead (a timeout alone left a failure unexplained)
+        shown = page.evaluate("document.querySelector('#align-message')?.innerText")
+        focus = page.evaluate("document.activeElement && (document.activeElement.id || document.activeElement.tagName)")
+        raise AssertionError(f"waited for {text!r} in the message; it says {shown!r} (focus on {focus!r})") from None
     return page.inner_text("#align-message")
 
 
