@@ -213,6 +213,20 @@ PAGE_JS = """
     if (input) input.click();
     return !!input;
   };
+  // The focus and the selection go together: a response's rank radios reached by Tab select it (the digit keys then
+  // ranked the response highlighted before, A, while the focus ring was on C's radios), and a letter or digit key
+  // pressed with the focus on a response's radios takes the focus to the response it selects.
+  document.addEventListener('focusin', (e) => {
+    const slot = e.target.closest && e.target.closest('.align-response');
+    const at = slot ? slots().indexOf(slot) : -1;
+    if (at >= 0 && at !== sel) { sel = at; mark(); }
+  });
+  const follow = (from) => {
+    if (!(from && from.closest && from.closest('.align-response'))) return;
+    const group = '#rank-' + 'abcdefgh'[sel];
+    const radio = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
+    if (radio && radio !== from) radio.focus({preventScroll: true});
+  };
   document.addEventListener('click', (e) => {
     const slot = e.target.closest && e.target.closest('.align-response');
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
@@ -278,13 +292,14 @@ PAGE_JS = """
     }
     const list = slots();
     const letter = 'abcdefgh'.indexOf(key);
-    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(true); return; }
+    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(true); follow(t); return; }
     const rank = parseInt(key, 10);
     if (rank >= 1 && rank <= list.length) {
       e.preventDefault();
       if (sel >= list.length) sel = 0;
       if (clickRadio('rank-' + 'abcdefgh'[sel], String(rank))) sel = Math.min(sel + 1, list.length - 1);
       mark(true);
+      follow(t);
     }
   });
 }

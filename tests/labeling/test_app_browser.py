@@ -41,7 +41,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
-              "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale"]
+              "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
+              "tabber"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -113,7 +114,7 @@ def served(tmp_path_factory):
     store = new_store(tmp)
     for name in ANNOTATORS:
         store.add_user(name, PASSWORD)
-    store.add_tasks("support-1", _support_tasks(32), source={"policy": "test"})
+    store.add_tasks("support-1", _support_tasks(40), source={"policy": "test"})
     # Lock-outs as in production, only short enough for a test to wait one out.
     with running(store, overlap=1, throttle=Throttle(first_lock=4.0), export=exporter(store, tmp),
                  export_dir=str(tmp / "preferences")) as url:
@@ -376,6 +377,30 @@ def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served
     page.wait_for_function("p => document.querySelector('#align-prompt .align-text').innerText !== p", arg=prompt)
     group = page.get_by_role("radiogroup", name="Rank of C (1 = best)")
     group.get_by_role("radio", name="Rank of C: 4").wait_for()
+
+
+def test_the_digit_keys_rank_the_response_whose_radios_have_the_focus(served, page):
+    """Tab to C's rank radios, then "2": the focus ring was on C, yet the digit ranked A (the response selected
+    before, highlighted far above), so a keyboard annotator submitted ranks on the wrong responses. Now the
+    response whose radios get the focus is the one selected, and a digit moves the focus on with the selection."""
+    url, store, _ = served
+    sign_in(page, url, "tabber")
+    page.get_by_role("radio", name="Rank of A: 1").focus()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")  # C's radios
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of C: 1"
+    assert page.evaluate("document.querySelector('.align-selected').id") == "resp-c"
+    page.keyboard.press("2")
+    page.keyboard.press("3")  # the selection, and the focus, moved on to D
+    checked = [page.locator(f"#rank-{x} input:checked").get_attribute("value")
+               if page.locator(f"#rank-{x} input:checked").count() else None for x in "abcd"]
+    assert checked == [None, None, "2", "3"]
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of D: 3"
+    page.keyboard.press("a")  # a letter takes the focus to that response's radios too
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of A: 1"
+    page.keyboard.type("14")
+    checked = [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"]
+    assert checked == ["1", "4", "2", "3"]
 
 
 def test_a_response_selected_by_key_is_scrolled_into_view(tmp_path, browser):
