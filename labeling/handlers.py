@@ -184,8 +184,18 @@ def _joining_script(char: str) -> str | None:
     return next((script for first, last, script in _JOINING_SCRIPTS if first <= point <= last), None)
 
 
+# Where a code point this Python's Unicode data does not know (unassigned, or newer than it) is right to left in a
+# browser: Unicode's default bidi class of those blocks (DerivedBidiClass.txt, R and AL). Such a code point is drawn
+# as a box, yet turns the numbers and signs beside it around as a Hebrew letter would: "30 - 14" between two U+05FF
+# was drawn "14 - 30", and it had no marker (unicodedata gives it no direction). (first, last)
+_RTL_BLOCKS = ((0x0590, 0x08FF), (0xFB1D, 0xFDCF), (0xFDF0, 0xFDFF), (0xFE70, 0xFEFF), (0x10800, 0x10FFF),
+               (0x1E800, 0x1EFFF))
+
+
 def _hidden(char: str) -> bool:
-    return ord(char) in _INVISIBLE or unicodedata.category(char) == "Cf"
+    kind, point = unicodedata.category(char), ord(char)
+    return point in _INVISIBLE or kind == "Cf" or (
+        kind == "Cn" and any(first <= point <= last for first, last in _RTL_BLOCKS))
 
 
 def _ordinary(char: str, before: str, after: str) -> bool:
