@@ -23,6 +23,7 @@ check it (see PAGE_JS).
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import logging
 import threading
@@ -82,6 +83,9 @@ CSS = """
                     background: var(--error-background-fill, #fef2f2); }
 .align-warn-block ul { margin: 0; padding-left: 1.2em; }
 .align-error { color: var(--error-text-color, #b91c1c); }
+/* PAGE_JS's live region: read by screen readers, drawn nowhere */
+.align-sr-only { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
+                 clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
 .align-pg-pane { min-height: 120px; }
 .align-pg-turn { margin: 0 0 10px; }
 .align-pg-turn .align-label { font-weight: 600; margin: 0 0 2px; }
@@ -186,10 +190,33 @@ PAGE_JS = """
       }
     }
   };
+  // Screen readers: a message the server answers with ("Saved. Next task.", "Not saved: ...", a rank refused) is read
+  // out from a live region of the page's own; it was only drawn. Not #align-message itself: it also holds Gradio's
+  // "processing | 0.3s" while a call runs, which would be read out at every tick. Each message has a number of
+  // its own (_note; Gradio keeps the element and changes what differs), so the same words after the next submit
+  // are read again.
+  const spoken = document.createElement('div');
+  spoken.id = 'align-announce';
+  spoken.className = 'align-sr-only';
+  spoken.setAttribute('role', 'status');
+  spoken.setAttribute('aria-live', 'polite');
+  spoken.setAttribute('aria-atomic', 'true');
+  document.body.appendChild(spoken);
+  const heard = {};  // the number of the last message read out, by where it is shown
+  const announce = () => {
+    for (const id of ['align-message', 'align-admin-message', 'align-pg-status']) {
+      const note = document.querySelector('#' + id + ' :is(p.align-note, p.align-error)');
+      if (!note || heard[id] === note.dataset.note) continue;
+      heard[id] = note.dataset.note;
+      const text = note.textContent.trim();
+      spoken.textContent = '';  // emptied first: the same words as the last message are a change too
+      if (text) setTimeout(() => { spoken.textContent = text; }, 50);
+    }
+  };
   let labelling = false;
   new MutationObserver(() => {
-    if (!labelling) { labelling = true; queueMicrotask(() => { labelling = false; labelGroups(); }); }
-  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['name']});
+    if (!labelling) { labelling = true; queueMicrotask(() => { labelling = false; labelGroups(); announce(); }); }
+  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ['name', 'data-note']});
   labelGroups();
   // The rationale box stops at its maxlength without a word (a paste past it is cut): the page says so below it
   // while the box is full. The note is made on demand, so a redraw of the box by Gradio loses nothing.
@@ -373,9 +400,15 @@ def _reliability_warnings(warnings: list[str] | None) -> str:
             f"<ul>{items}</ul></div>")
 
 
+_NOTES = itertools.count(1)
+
+
 def _note(text: str, icon: str = "", error: bool = False) -> str:
-    """A message for the page as HTML, every character of `text` escaped (it may quote what a client sent)."""
-    return f'<p class="{"align-error" if error else "align-note"}">{icon} {html.escape(text)}</p>'
+    """A message for the page as HTML, every character of `text` escaped (it may quote what a client sent). Each
+    has a number of its own: PAGE_JS reads out a message with a new number, even when its words are the last one's
+    ("Saved. Next task." after each submit changed nothing on the page, and a screen reader said nothing)."""
+    return (f'<p class="{"align-error" if error else "align-note"}" data-note="{next(_NOTES)}">'
+            f'{icon} {html.escape(text)}</p>')
 
 
 def _cookie(request: gr.Request | None) -> str | None:

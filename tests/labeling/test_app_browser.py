@@ -42,7 +42,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber"]
+              "tabber", "listener"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -401,6 +401,29 @@ def test_the_digit_keys_rank_the_response_whose_radios_have_the_focus(served, pa
     page.keyboard.type("14")
     checked = [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"]
     assert checked == ["1", "4", "2", "3"]
+
+
+def test_the_message_after_a_submit_is_read_out_each_time(served, page):
+    """"Saved. Next task." and "Not saved: ..." were only drawn: no live region held them, so a screen reader said
+    nothing after a submit, and the same words after the next submit left the page's element as it was. Now each
+    message is read out from the page's polite live region, the second "Saved" too, and a late rank's refusal."""
+    url, store, _ = served
+    sign_in(page, url, "listener")
+    region = page.locator("#align-announce")
+    assert (region.get_attribute("role"), region.get_attribute("aria-live")) == ("status", "polite")
+    assert not region.is_visible() or region.bounding_box()["width"] <= 1  # read, not drawn
+    page.evaluate("""() => { window.heard = []; new MutationObserver(() => {
+      const t = document.getElementById('align-announce').textContent; if (t) window.heard.push(t);
+    }).observe(document.getElementById('align-announce'), {childList: true, characterData: true, subtree: true}); }""")
+    for n in (1, 2):
+        handle = page.input_value("#align-task-id input")
+        page.locator("#align-progress").click()
+        page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+        page.keyboard.type("2143")
+        page.keyboard.press("Enter")
+        wait_for_another_task(page, handle)
+        page.wait_for_function("n => window.heard.length >= n", arg=n)
+    assert page.evaluate("window.heard") == ["✅ Saved. Next task."] * 2
 
 
 def test_a_response_selected_by_key_is_scrolled_into_view(tmp_path, browser):
