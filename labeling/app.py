@@ -61,6 +61,10 @@ CSS = """
 .align-response > .align-body { flex-grow: 1 !important; }
 .align-response.align-selected { border-color: var(--color-accent); box-shadow: 0 0 0 2px var(--color-accent-soft); }
 .align-letter h3 { margin: 0; }
+/* the keyboard's focus: Gradio's radios and checkboxes only turned their 1 px border orange, hard to find on a page
+   of sixteen rank radios (and under 3:1 against white); a 2 px blue ring (5:1) */
+.align-response input:focus-visible, #align-pairwise input:focus-visible, #align-all-bad input:focus-visible,
+#align-unsafe input:focus-visible { outline: 2px solid #2563eb !important; outline-offset: 2px; }
 #align-prompt { font-size: 1.05em; border-left: 4px solid var(--color-accent); padding-left: 12px; }
 #align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
 /* model text is plain text: keep its line breaks and wrap long words, never interpret it; a glyph wider or

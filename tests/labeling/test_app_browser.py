@@ -390,6 +390,10 @@ def test_the_digit_keys_rank_the_response_whose_radios_have_the_focus(served, pa
     page.keyboard.press("Tab")  # C's radios
     assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of C: 1"
     assert page.evaluate("document.querySelector('.align-selected').id") == "resp-c"
+    # and the focus can be seen: Gradio's radios only turned their 1 px border orange
+    ring = page.evaluate("(e => { const c = getComputedStyle(e); return [c.outlineStyle, c.outlineWidth]; })"
+                         "(document.activeElement)")
+    assert ring[0] not in ("none", "hidden") and float(ring[1].removesuffix("px")) >= 2, ring
     page.keyboard.press("2")
     page.keyboard.press("3")  # the selection, and the focus, moved on to D
     checked = [page.locator(f"#rank-{x} input:checked").get_attribute("value")
