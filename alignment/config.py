@@ -401,7 +401,8 @@ class DPOStageConfig:
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     beta: float = bounded(0.1, gt=0)
-    # The probability a label is flipped: robust (cDPO-style, < 0.5), exo_pair (> 0), aot.
+    # The probability a label is flipped: robust (robust DPO's unbiased loss, < 0.5; not cDPO, which TRL 1.16's
+    # DPOTrainer lacks), exo_pair (EXO's epsilon, > 0), aot and aot_unpaired (smoothed toward the flip).
     label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
     # Evaluate the held-out pairs before the first update too (the SFT policy's figures as step 0
     # of the eval curves). Off saves one pass over the held-out pairs; the SFT's margin is then
@@ -417,7 +418,9 @@ class DPOStageConfig:
         if self.label_smoothing and self.loss not in SMOOTHED_LOSSES:
             raise ConfigError(
                 f"{prefix}label_smoothing={self.label_smoothing} has no effect with loss={self.loss}; it is read by "
-                f"loss {', '.join(sorted(SMOOTHED_LOSSES))} (robust is the cDPO-style noisy-label loss)")
+                f"loss {', '.join(sorted(SMOOTHED_LOSSES))} (robust: robust DPO, unbiased under labels flipped with "
+                "that probability; not cDPO's label smoothing, which TRL 1.16's DPOTrainer does not offer: "
+                "docs/reward_dpo.md#losses)")
         if self.loss == "exo_pair" and self.label_smoothing <= 0:
             raise ConfigError(f"{prefix}label_smoothing: exo_pair needs a small epsilon > 0 (the EXO paper uses 1e-3)")
 

@@ -299,6 +299,10 @@ def test_every_pair_weighs_the_same_whatever_the_size_of_its_batch(sft_dir, tiny
 @pytest.mark.parametrize("overrides, message", [
     (["loss=simpo"], r"loss: 'simpo' is not allowed; allowed values: sigmoid, ipo, hinge, robust"),
     (["label_smoothing=0.1"], r"label_smoothing=0.1 has no effect with loss=sigmoid"),
+    # cDPO users (TRL's old sigmoid + label_smoothing) are not sent to robust as if it were cDPO: it never stops
+    # pushing a pair apart, where cDPO stops at beta * gap = logit(1 - label_smoothing)
+    (["label_smoothing=0.1"], r"robust: robust DPO, unbiased under labels flipped with that probability; "
+                              r"not cDPO's label smoothing"),
     (["loss=robust", "label_smoothing=0.6"], r"label_smoothing: must be in \[0, 0.5\), got 0.6"),
     (["loss=exo_pair"], r"exo_pair needs a small epsilon"),
     (["beta=0"], r"beta: must be > 0"),
