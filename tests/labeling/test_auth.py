@@ -185,7 +185,10 @@ def test_a_team_signing_in_at_once_from_one_address_is_not_locked_out(store):
 
 
 def test_an_unknown_name_takes_as_long_as_a_wrong_password(store):
-    """Medians of 15 attempts each, interleaved, within a factor of 1.5 (before: 24 ms against 53 ms)."""
+    """15 attempts each, interleaved: the median of each unknown name's time over the wrong password's timed right
+    after it is within a factor of 1.5 (before: 24 ms against 53 ms). Paired, as both run under the same load: the
+    ratio of the two medians left (1/1.5, 1.5) in 5 of 340 runs with a torch loop busy beside them (another test
+    worker training on a 2-core box), the paired ratio in none of 180 (0.92-1.10)."""
     store.add_user("alice", PASSWORD)
     unknown, wrong = [], []
     for i in range(15):
@@ -193,8 +196,8 @@ def test_an_unknown_name_takes_as_long_as_a_wrong_password(store):
             started = time.perf_counter()
             assert store.authenticate(name, "guess") is None
             times.append(time.perf_counter() - started)
-    ratio = statistics.median(unknown) / statistics.median(wrong)
-    assert 1 / 1.5 < ratio < 1.5, (statistics.median(unknown), statistics.median(wrong))
+    ratio = statistics.median(u / w for u, w in zip(unknown, wrong, strict=True))
+    assert 1 / 1.5 < ratio < 1.5, (ratio, statistics.median(unknown), statistics.median(wrong))
 
 
 def test_names_no_account_can_have_are_refused_like_a_wrong_password(store):
