@@ -143,7 +143,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-resolution", type=_number(float, 0), default=0.0, metavar="R",
                    help="with --simulate: replies whose scores round to the same multiple of R tie, as a person "
                         "calls near-equal replies a tie (default 0: only equal scores)")
-    p.add_argument("--seed", type=_number(int, 0), default=0)
+    p.add_argument("--seed", type=_number(int, 0), default=0,
+                   help="with --simulate: the noise's and profiles' seed (with --gold-rate, the gold turns are "
+                        "keyed with the store's secret too: the same seed on another store draws otherwise)")
     p.add_argument("--serve-url", metavar="URL",
                    help="the OpenAI-compatible endpoint of `align serve` (e.g. http://127.0.0.1:8000/v1): adds the "
                         "Playground tab; its API key, if any, is read from $ALIGN_SERVE_API_KEY")
