@@ -23,9 +23,10 @@ check it (see PAGE_JS).
 from __future__ import annotations
 
 import html
-import itertools
 import json
 import logging
+import secrets
+import string
 import threading
 import time
 from collections.abc import Callable
@@ -196,7 +197,7 @@ PAGE_JS = """
   };
   // Screen readers: a message the server answers with ("Saved. Next task.", "Not saved: ...", a rank refused) is read
   // out from a live region of the page's own; it was only drawn. Not #align-message itself: it also holds Gradio's
-  // "processing | 0.3s" while a call runs, which would be read out at every tick. Each message has a number of
+  // "processing | 0.3s" while a call runs, which would be read out at every tick. Each message has a tag of
   // its own (_note; Gradio keeps the element and changes what differs), so the same words after the next submit
   // are read again.
   const spoken = document.createElement('div');
@@ -404,14 +405,17 @@ def _reliability_warnings(warnings: list[str] | None) -> str:
             f"<ul>{items}</ul></div>")
 
 
-_NOTES = itertools.count(1)
+def _note_tag() -> str:
+    """A message's tag for PAGE_JS: random letters, no count (a counter shared by every page told an annotator how
+    many messages others were given) and no digit (a page's text carries no number that could be a task id)."""
+    return "".join(secrets.choice(string.ascii_lowercase) for _ in range(10))
 
 
 def _note(text: str, icon: str = "", error: bool = False) -> str:
     """A message for the page as HTML, every character of `text` escaped (it may quote what a client sent). Each
-    has a number of its own: PAGE_JS reads out a message with a new number, even when its words are the last one's
+    has a tag of its own (_note_tag): PAGE_JS reads out a message with a new tag, even when its words are the last one's
     ("Saved. Next task." after each submit changed nothing on the page, and a screen reader said nothing)."""
-    return (f'<p class="{"align-error" if error else "align-note"}" data-note="{next(_NOTES)}">'
+    return (f'<p class="{"align-error" if error else "align-note"}" data-note="{_note_tag()}">'
             f'{icon} {html.escape(text)}</p>')
 
 
