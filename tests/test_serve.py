@@ -521,7 +521,8 @@ def test_a_stream_queued_behind_a_generation_keeps_its_client_reading(served, mo
         time.sleep(1.5)
     thread.join(timeout=30)
     assert ": waiting" in lines and "data: [DONE]" in lines, lines  # a read timeout: no [DONE]
-    assert any('"finish_reason": "length"' in line for line in lines)
+    # sampled at the default temperature, unseeded: 4 tokens, or an end of turn before them
+    assert any('"finish_reason": "length"' in line or '"finish_reason": "stop"' in line for line in lines)
 
 
 def test_a_client_that_goes_away_stops_its_generation(served):
@@ -759,7 +760,11 @@ def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_p
         ran = [subprocess.run(["bash", "-c", snippet], env=shell, capture_output=True, text=True, timeout=120)
                for snippet in (curl, python)]
         assert [r.returncode for r in ran] == [0, 0], [r.stderr for r in ran]
-        assert json.loads(ran[0].stdout)["choices"][0]["finish_reason"] == "length"
+        # The snippet samples at the server's default temperature, unseeded: the tiny model ends its answer early
+        # now and then (CI saw "stop" once), so either ending is an answer
+        answered = json.loads(ran[0].stdout)
+        assert answered["object"] == "chat.completion" and isinstance(answered["choices"][0]["message"]["content"], str)
+        assert answered["choices"][0]["finish_reason"] in ("length", "stop")
         child.send_signal(signal.SIGINT)
         child.wait(timeout=60)
     finally:
