@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import typing
@@ -97,34 +96,18 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
     else huggingface.co. Through a proxy (HTTPS_PROXY, ...), as huggingface_hub would go: taken as reachable, not
     asked. Only huggingface.co:443 was tried, directly: behind a proxy, or with a mirror on a cluster that cannot
     reach huggingface.co, every command went offline and a Hub id not yet cached was refused as unreachable.
-    At most `timeout` seconds, the name's lookup included (a resolver that does not answer is not waited for)."""
-    import threading
-    import urllib.request
+    At most `timeout` seconds, the name's lookup included (tracking.server_reachable)."""
     from urllib.parse import urlsplit
+
+    from alignment.tracking import server_reachable
 
     url = urlsplit((os.environ.get("HF_ENDPOINT") or "https://huggingface.co").strip())
     scheme = url.scheme or "https"
-    host = url.hostname or "huggingface.co"
     try:
         port = url.port or (80 if scheme == "http" else 443)
     except ValueError:  # a port that is not a number: huggingface_hub fails on it with its own message
         return True
-    proxies = urllib.request.getproxies()
-    if (proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
-        return True
-    answered: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            answered.append(True)
-        except OSError:
-            answered.append(False)
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout)
-    return answered == [True]
+    return server_reachable(scheme, url.hostname or "huggingface.co", port, timeout)
 
 
 def describe_config(cls: type, prefix: str = "", defaults=None, hidden: frozenset[str] = frozenset()) -> list[str]:

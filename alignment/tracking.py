@@ -57,12 +57,17 @@ def wandb_host() -> tuple[str, str, int]:
 
 @functools.cache
 def wandb_reachable(timeout: float = 2.0) -> bool:
-    """Whether the W&B server takes a connection (asked once a process, `timeout` seconds at most, the name's
-    lookup included). Through a proxy (HTTPS_PROXY, ...), as wandb would go: taken as reachable, not asked."""
+    """Whether the W&B server takes a connection (asked once a process; server_reachable)."""
+    return server_reachable(*wandb_host(), timeout)
+
+
+def server_reachable(scheme: str, host: str, port: int, timeout: float) -> bool:
+    """Whether host:port takes a connection, `timeout` seconds at most, the name's lookup included (a resolver that
+    does not answer is not waited for). Through a proxy (HTTPS_PROXY, ...), as the clients go: taken as reachable,
+    not asked. W&B's (wandb_reachable) and the Hub's (alignment.cli._hub_reachable)."""
     import threading
     import urllib.request
 
-    scheme, host, port = wandb_host()
     proxies = urllib.request.getproxies()
     if (proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return True
@@ -75,7 +80,7 @@ def wandb_reachable(timeout: float = 2.0) -> bool:
         except OSError:
             answered.append(False)
 
-    probe = threading.Thread(target=connect, daemon=True)  # a resolver that does not answer: not waited for
+    probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(timeout)
     return answered == [True]
