@@ -159,6 +159,14 @@ sign_in_failures = Table(
 )
 
 
+def _set_meta(conn: Connection, key: str, value: str) -> None:
+    """align_meta's `key` set to `value`, made where it is not there yet (inside the caller's transaction)."""
+    if conn.execute(select(meta_table.c.key).where(meta_table.c.key == key)).first():
+        conn.execute(update(meta_table).where(meta_table.c.key == key).values(value=value))
+    else:
+        conn.execute(insert(meta_table).values(key=key, value=value))
+
+
 def gold_turn(key: bytes, seed: int, annotator_id: int, done: int, gold_rate: float) -> bool:
     """Whether an annotator's next task (after `done` given) is a gold one, at about `gold_rate`. Keyed with the
     store's secret (`key`, Store.secret): drawn from the seed, the account's id and the count alone, which are no
@@ -515,21 +523,14 @@ class Store:
                     for i, (t, m) in enumerate(zip(texts, metas, strict=True))])
                 added += 1
             if note is not None:
-                key, value = _note_key(batch), json.dumps(note, default=str)
-                if conn.execute(select(meta_table.c.key).where(meta_table.c.key == key)).first():
-                    conn.execute(update(meta_table).where(meta_table.c.key == key).values(value=value))
-                else:
-                    conn.execute(insert(meta_table).values(key=key, value=value))
+                _set_meta(conn, _note_key(batch), json.dumps(note, default=str))
         return added
 
     def record_overlap(self, overlap: int) -> None:
         """The overlap `align label` (the app or --simulate) runs with, for `align label status` to count pending
         rankings against when it is not given one."""
         with self.tx(lock=True) as conn:
-            if conn.execute(select(meta_table.c.key).where(meta_table.c.key == "labelling_overlap")).first():
-                conn.execute(update(meta_table).where(meta_table.c.key == "labelling_overlap").values(value=str(overlap)))
-            else:
-                conn.execute(insert(meta_table).values(key="labelling_overlap", value=str(overlap)))
+            _set_meta(conn, "labelling_overlap", str(overlap))
 
     def recorded_overlap(self) -> int | None:
         """The overlap labelling last ran with on this store (record_overlap); None before any did."""
