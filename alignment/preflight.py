@@ -84,7 +84,10 @@ def check_stage(stage: str, cfg: Any, *, pending: Collection[str] = (), prefix: 
     global _last_checked
     if _last_checked is not None and _last_checked[0] == stage and _last_checked[1] is cfg and not pending:
         return
-    CHECKS[stage](cfg, set(pending), prefix or (key_prefix(stage) if stage != "pipeline" else ""))
+    p = prefix or (key_prefix(stage) if stage != "pipeline" else "")
+    if stage not in ("serve", "merge"):  # the stages that open a W&B run
+        check_wandb(p, cfg.run)
+    CHECKS[stage](cfg, set(pending), p)
     if not pending and not prefix:
         _last_checked = (stage, cfg)
 
@@ -96,7 +99,6 @@ def _sft(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sft")
-    check_wandb(p, cfg.run)
     check_model(f"{p}model.name", cfg.model.name)
     check_target_modules(f"{p}lora.target_modules", cfg.lora.target_modules, cfg.model.name)
     check_max_length(f"{p}model.max_length", cfg.model.max_length, cfg.model.name)
@@ -114,7 +116,6 @@ def _sft(cfg, pending: set[str], p: str) -> None:
 def _sample(cfg, pending: set[str], p: str) -> None:
     _backend(cfg.generation)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "sample")
-    check_wandb(p, cfg.run)
     if cfg.policy is not None:
         check_policy(f"{p}policy", cfg.policy)
         _on_policys_base(p, cfg, cfg.policy, "the policy sampled")
@@ -137,7 +138,6 @@ def _sample(cfg, pending: set[str], p: str) -> None:
 
 def _export(cfg, pending: set[str], p: str) -> None:
     check_run_dir(f"{p}run.dir", cfg.run.dir, "export")
-    check_wandb(p, cfg.run)
     if cfg.output:
         check_run_dir(f"{p}output", cfg.output)
     check_store(f"{p}store", cfg.store, cfg.run.dir, must_exist="sample" not in pending)
@@ -175,7 +175,6 @@ def _reward(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "reward")
-    check_wandb(p, cfg.run)
     if cfg.from_sft:
         _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "the reward model is built on the SFT model",
                       "or from_sft=false to build it on the raw base")
@@ -203,7 +202,6 @@ def _dpo(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "dpo")
-    check_wandb(p, cfg.run)
     _upstream_sft(f"{p}sft", cfg.sft, cfg.run.dir, pending, "DPO starts from the SFT policy and keeps it as the "
                   "reference")
     if cfg.sft is not None or "sft" not in pending:
@@ -227,7 +225,6 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
     _launcher(p, cfg)
     _liger(cfg.train.liger)
     check_run_dir(f"{p}run.dir", cfg.run.dir, cfg.algo)
-    check_wandb(p, cfg.run)
     default_sft = stage_dir(cfg.run.dir, "sft")
     if cfg.sft == "none" or (cfg.sft is None and cfg.scorer and not default_sft.exists() and "sft" not in pending):
         check_model(f"{p}model.name", cfg.model.name)  # a fresh LoRA on it
@@ -269,7 +266,6 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
 def _eval(cfg, pending: set[str], p: str) -> None:
     _backend(cfg.generation)
     check_run_dir(f"{p}run.dir", cfg.run.dir, "eval")
-    check_wandb(p, cfg.run)
     for name, folder in (cfg.policies or {}).items():
         check_adapter(f"{p}policies.{name}", folder, tokenizer=True, kind="policy")
         _on_policys_base(p, cfg, folder, "every policy is an adapter on its base")
@@ -365,7 +361,6 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     from labeling.store import sqlite_url
 
     check_run_dir("run.dir", cfg.run.dir)
-    check_wandb("", cfg.run)
     _pipeline_sets(cfg)
     world = process_count()
     one_process = [s for s in cfg.stages if s in ONE_PROCESS_STAGES]
