@@ -22,6 +22,7 @@ check it (see PAGE_JS).
 
 from __future__ import annotations
 
+import collections
 import html
 import json
 import logging
@@ -53,7 +54,8 @@ GUIDELINES = Path(__file__).with_name("guidelines.md")
 SHORTCUTS = """**Keyboard** (outside text boxes): **a**-**d** select a response, **1**-**4** give the selected \
 response that rank and move to the next one (so `2 1 4 3` ranks A..D), **x** all are bad, **u** unsafe, \
 **Alt+S** skip, **Enter** or **Ctrl+Enter** submit (Ctrl+Enter also works in the rationale box). \
-A/B tasks: **1** A better, **2** tie, **3** B better, **4** both bad."""
+A/B tasks: **1** A better, **2** tie, **3** B better, **4** both bad. The single keys (letters, digits, Enter) can be \
+turned off below, for speech input or a screen reader's own keys; Ctrl+Enter and Alt+S stay."""
 
 CSS = """
 .align-response { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 12px; }
@@ -66,6 +68,10 @@ CSS = """
    of sixteen rank radios (and under 3:1 against white); a 2 px blue ring (5:1) */
 .align-response input:focus-visible, #align-pairwise input:focus-visible, #align-all-bad input:focus-visible,
 #align-unsafe input:focus-visible { outline: 2px solid #2563eb !important; outline-offset: 2px; }
+/* Gradio's primary buttons (Submit, Send) wrote white on orange-500: 2.8:1, under WCAG AA's 4.5:1 for text; on
+   orange-700 5.2:1, orange-800 on hover 7.3:1 */
+button.primary:not(:disabled) { background: #c2410c !important; border-color: #c2410c !important; color: #ffffff !important; }
+button.primary:not(:disabled):hover { background: #9a3412 !important; border-color: #9a3412 !important; }
 #align-prompt { font-size: 1.05em; border-left: 4px solid var(--color-accent); padding-left: 12px; }
 #align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
 /* model text is plain text: keep its line breaks and wrap long words, never interpret it; a glyph wider or
@@ -259,10 +265,17 @@ PAGE_JS = """
     const radio = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
     if (radio && radio !== from) radio.focus({preventScroll: true});
   };
+  // Each draft and each submit carries the page's stamp: this page's id and how many submits it has sent. A draft
+  // sent before this page's submit (its rank set before it) may reach the server after it (another event's
+  // queue): the server says nothing of it then, where it said "Not saved: already submitted" over "Saved".
+  const pageId = Math.random().toString(36).slice(2, 12);
+  let submits = 0;
+  window.alignStamp = () => pageId + ':' + submits;
   document.addEventListener('click', (e) => {
     const slot = e.target.closest && e.target.closest('.align-response');
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
     const done = e.target.closest && e.target.closest('#align-submit, #align-skip');
+    if (done && done.id === 'align-submit' && !done.disabled) submits++;
     // the button gives the focus back: left on Skip, the next task's Enter (submit) would click Skip
     if (done) {
       sel = 0; reconnected.hidden = true; setTimeout(() => { done.blur(); mark(); }, 300);
@@ -271,6 +284,17 @@ PAGE_JS = """
       if (focused && focused !== done && focused.closest && focused.closest('.align-response')) focused.blur();
     }
   }, true);
+  // The single-key shortcuts can be turned off (#align-keys); the choice is kept in this browser for its next pages.
+  const KEYS_OFF = 'align-single-keys-off';
+  const keysBox = () => document.querySelector('#align-keys input[type=checkbox]');
+  const singleKeys = () => { const box = keysBox(); return !box || box.checked; };
+  try {
+    const box = keysBox();
+    if (box && box.checked && localStorage.getItem(KEYS_OFF) === '1') box.click();
+  } catch (err) {}  // storage refused (a privacy mode): on, as the page draws it
+  document.addEventListener('change', (e) => {
+    if (e.target === keysBox()) try { localStorage.setItem(KEYS_OFF, e.target.checked ? '0' : '1'); } catch (err) {}
+  });
   // The keys wait SETTLE_MS after another task replaced the one on screen: a key pressed before the annotator
   // could see the new task was meant for the old one. (Gradio sets the hidden task handle's value, which no
   // MutationObserver sees: it is read every 100 ms.)
@@ -309,6 +333,7 @@ PAGE_JS = """
       if (!e.shiftKey && (e.code === 'KeyS' || key === 's')) { e.preventDefault(); byId('align-skip').click(); sel = 0; }
       return;
     }
+    if (!singleKeys()) return;  // turned off: letters, digits and Enter are the browser's and the page's own
     // Enter on a focused button or link (the guidelines' links) is theirs
     if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
     if (key === 'u' || key === 'x') {
@@ -344,6 +369,42 @@ OTHER_ACCOUNT = ("This page was opened for another account than the one now sign
                  "in another tab): nothing from it is saved. Reload it to rank as the account signed in.")
 RECONNECTED = ("The connection to the server was lost and the page has reloaded: it shows what is saved. A rank, "
                "flag or rationale set while the connection was down may be missing: check them, then submit.")
+
+
+def stamped(n: int) -> str:
+    """The js of an event with `n` inputs, the last the page's stamp: it sends the stamp as it is when sent."""
+    return f"(...a) => [...a.slice(0, {n - 1}), window.alignStamp ? window.alignStamp() : '']"
+
+
+class PageSubmits:
+    """The stamp (PAGE_JS alignStamp: "page id:submits sent") of the submit that saved each annotator's ranking of a
+    task, the latest `size` kept: a draft of that task refused after it (submitted) was sent before it when it
+    comes from the same page with fewer submits sent. Its ranks were set before the submit (Gradio runs each
+    event in a queue of its own, so a draft sent first can land second): no "Not saved" over the "Saved"."""
+
+    def __init__(self, size: int = 10_000):
+        self.size, self._stamps, self._lock = size, collections.OrderedDict(), threading.Lock()
+
+    def sent(self, annotator_id: int, task_id: int, stamp: str | None) -> None:
+        if not _stamp(stamp):
+            return
+        with self._lock:
+            self._stamps[annotator_id, task_id] = stamp
+            self._stamps.move_to_end((annotator_id, task_id))
+            while len(self._stamps) > self.size:
+                self._stamps.popitem(last=False)
+
+    def sent_before(self, annotator_id: int, task_id: int, stamp: str | None) -> bool:
+        with self._lock:
+            submit = self._stamps.get((annotator_id, task_id))
+        draft, saved = _stamp(stamp), _stamp(submit)
+        return bool(draft and saved) and draft[0] == saved[0] and draft[1] < saved[1]
+
+
+def _stamp(stamp: str | None) -> tuple[str, int] | None:
+    """("page id", submits) from a page's stamp; None for none or a malformed one (a request is untrusted)."""
+    page, _, count = (stamp or "")[:64].partition(":")
+    return (page, int(count)) if page and count.isdigit() and len(count) <= 9 else None
 
 
 def _js() -> str:
@@ -458,6 +519,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
     """
     guidelines_md = guidelines_md if guidelines_md is not None else GUIDELINES.read_text()
     exporting = threading.Lock()  # one export at a time: two admins clicking would write one folder twice
+    submitted = PageSubmits()  # the stamp of each submit: a draft sent before it lands after it in silence
 
     def signed_in(request: gr.Request | None) -> dict | None:
         return auth.session_of(store, secret, _cookie(request))
@@ -466,7 +528,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         shown_at = gr.State(0.0)  # time.monotonic() when the task on screen was shown (only for `seconds`)
 
         with gr.Row():
-            gr.Markdown("## align · labelling")
+            gr.Markdown("# align · labelling", elem_id="align-title")  # the page's h1, as the sign-in page's
             who = gr.HTML("", elem_id="align-who")
             # A real form post: the server ends the session, clears the cookie and shows the sign-in page.
             sign_out = gr.Button("Sign out", size="sm", scale=0, min_width=100, elem_id="align-signout")
@@ -487,6 +549,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 # drafts send it back, refused when the server's order changed since (an update): the ranks
                 # would be mapped through the new order onto the wrong responses. It tells nothing of the order.
                 order_tag = gr.Textbox("", visible="hidden", elem_id="align-order-tag")
+                # The page's stamp (PAGE_JS alignStamp: its id, its submits so far), set by each draft's and submit's
+                # js as it is sent: a draft sent before the page's own submit says nothing when it lands after it.
+                page_stamp = gr.Textbox("", visible="hidden", elem_id="align-page-stamp")
                 prompt = gr.HTML("", elem_id="align-prompt")
                 slots, bodies, ranks = [], [], []
                 for row_start in range(0, MAX_K, 2):
@@ -518,6 +583,11 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     skip = gr.Button("Skip", elem_id="align-skip")
                 message = gr.HTML("", elem_id="align-message")
                 gr.Markdown(SHORTCUTS, elem_id="align-shortcuts")
+                # WCAG 2.1.4: a shortcut of one character key can be turned off (speech input types letters and
+                # digits; a screen reader's browse mode has keys of its own). PAGE_JS reads it at each key and keeps
+                # the choice in the browser (localStorage), for the next page too.
+                gr.Checkbox(True, label="Single-key shortcuts (letters, digits, Enter)", interactive=True,
+                            elem_id="align-keys")
 
             with gr.Tab("Admin", id="admin", visible=False, elem_id="align-admin-tab") as admin_tab:
                 with gr.Row(equal_height=True):
@@ -667,7 +737,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
 
         def do_submit(request: gr.Request, current, page_account, page_order, started, *values):
-            rank_values, (verdict, bad, is_unsafe, why) = values[:MAX_K], values[MAX_K:]
+            rank_values, (verdict, bad, is_unsafe, why, stamp) = values[:MAX_K], values[MAX_K:]
             try:
                 sess = signed_in(request)
                 if sess is None:
@@ -686,6 +756,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             except STORE_ERRORS:
                 log.exception("submit of task %s not saved: the store failed", current)
                 return [_note(NOT_SAVED, "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
+            if not result.get("conflict"):
+                submitted.sent(sess["annotator_id"], current, stamp)
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
                 return moved_on(sess, _note(result["message"], "⚠️", error=True))
             # A repeat of a submit already saved ("already saved"): the next task too. A second tab left on the
@@ -699,7 +771,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             which may not show them as set, leaves them as saved."""
 
             def do_draft(request: gr.Request, current, page_account, page_order, *values):
-                rank_values, value = values[:MAX_K], values[MAX_K] if own else None
+                rank_values, value, stamp = values[:MAX_K], values[MAX_K] if own else None, values[-1]
                 given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
                 try:
                     sess = signed_in(request)
@@ -711,7 +783,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     current = handlers.task_of(store, sess, current)
                     if not handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
                                                **({own: given[own]} if own else {})):
-                        # the task is no longer this annotator's (submitted, skipped, expired): said now, not at Submit
+                        # the task is no longer this annotator's (submitted, skipped, expired): said now, not at
+                        # Submit; not when this page's own submit of it was sent after this draft
+                        if submitted.sent_before(sess["annotator_id"], current, stamp):
+                            return gr.skip()
                         note = handlers.late_draft_note(store, sess, current, list(rank_values),
                                                         verdict=given["verdict"] if own == "verdict" else None)
                         return _note(note, "⚠️", error=True) if note else gr.skip()
@@ -729,8 +804,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # .input: the annotator's own clicks and keys, not the updates show() makes
         for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
                             (rationale, "rationale"), (pairwise, "verdict")]:
-            widget.input(drafting(own), [task_id, opened_by, order_tag, *ranks, *([widget] if own else [])], message,
-                         trigger_mode="always_last", show_progress="hidden")
+            inputs = [task_id, opened_by, order_tag, *ranks, *([widget] if own else []), page_stamp]
+            widget.input(drafting(own), inputs, message, js=stamped(len(inputs)), trigger_mode="always_last",
+                         show_progress="hidden")
 
         def do_skip(current, page_account, request: gr.Request):
             try:
@@ -754,8 +830,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # was sent); and enables it after a failed submit too (Gradio 6's page runs .then only after a
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
         enable = "(current) => ({__type__: 'update', interactive: !!current})"
+        submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, unsafe, rationale, page_stamp]
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
-            do_submit, [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, unsafe, rationale], [message, *task_outputs])
+            do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs)))
         submitting.then(None, task_id, submit, js=enable)
         submitting.failure(None, task_id, submit, js=enable)
         skip.click(do_skip, [task_id, opened_by], [message, *task_outputs])

@@ -124,8 +124,9 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
                     task, _, tag = call("do_load", [])[4:7]  # the task id the page would show, its order's tag
                     if task is None:
                         return
-                # task, the page's account, the order's tag, shown at, 8 ranks, verdict, flags, rationale
-                out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 5, False, False, ""])
+                # task, the page's account, the order's tag, shown at, 8 ranks, verdict, flags, rationale, the
+                # page's stamp (app.PageSubmits)
+                out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 5, False, False, "", ""])
                 if "saved" in out[0].lower():  # "Saved. Next task." or "Already saved": acknowledged
                     with lock:
                         acked[(name, task)] = out[0]
