@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignment.artifacts import HEADS_FILE, shell
+from align.artifacts import HEADS_FILE, shell
 
 METHODS = ("bald", "variance", "entropy")
 
@@ -86,7 +86,7 @@ def fit_heads(chosen: torch.Tensor, rejected: torch.Tensor, groups: list | None 
     Resamples are of `groups` (a task id per pair: a ranking's pairs go together), or of pairs.
     Features are standardised over the responses seen; each head minimises the weighted mean of its
     resample's pair losses plus `l2` * |w|^2 (the heads are independent, so one L-BFGS run over
-    their sum fits each). A pair's loss is the reward model's (alignment.reward_model.pair_loss):
+    their sum fits each). A pair's loss is the reward model's (align.reward_model.pair_loss):
     p * softplus(-s) + (1 - p) * softplus(s) for s the head's gap, with `p_chosen` (soft labels; 1,
     a hard win, when not given) and `weight` (1 when not given; a resample's weights are normalised
     to sum 1, so `l2` means what it means unweighted). Head 0 is fitted to every pair, not a
@@ -205,9 +205,9 @@ def reward_features(model, tokenizer, conversations: list[list[dict[str, str]]],
     """(features [N, D], rewards [N]): the hidden state the score head reads for each conversation, and its score.
 
     Read by a hook on the score head, at the token the classifier pools (the rightmost non-pad
-    token, transformers' rule), from the same right-padded batches as alignment.reward_model.score.
+    token, transformers' rule), from the same right-padded batches as align.reward_model.score.
     """
-    from alignment.reward_model import encode
+    from align.reward_model import encode
 
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -257,10 +257,10 @@ def _pair_features(model, tokenizer, rows, batch_size: int) -> tuple[torch.Tenso
 
 def head_labels(train, weighting: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(p_chosen, weight) per training pair as the reward stage's loss read them under `weighting`
-    (recipes.reward.pair_weighting: soft, weighted or off), each None where that loss has none.
+    (align.recipes.reward.pair_weighting: soft, weighted or off), each None where that loss has none.
 
     soft: the pairs' p_chosen; weighted: their weight; a kept tie (export ties=margin0) is p 1/2 in
-    every mode, as the stage trains it (recipes.reward.loss_columns): its loss pulls the gap to 0.
+    every mode, as the stage trains it (align.recipes.reward.loss_columns): its loss pulls the gap to 0.
     """
     columns = train.column_names
     ties = [bool(t) for t in train["tie"]] if "tie" in columns else []
@@ -308,7 +308,7 @@ def fit_reward_heads(model, tokenizer, train, test, out: str | Path, *, heads: i
 
 def load_selector(folder: str | Path):
     """(model, tokenizer, heads) of a reward model folder, for task_uncertainty."""
-    from alignment.reward_model import load_reward_model
+    from align.reward_model import load_reward_model
 
     heads = HeadEnsemble.load(folder)  # first: a folder without heads fails before the model loads
     model, tokenizer = load_reward_model(folder)
@@ -319,7 +319,7 @@ def task_uncertainty(model, tokenizer, ensemble: HeadEnsemble, tasks: list[dict[
                      batch_size: int = 16, system_prompt: str | None = None) -> list[float]:
     """The acquisition value of each task ({prompt, responses}) under a reward model and its heads, each
     conversation after `system_prompt` (the reward model's, system_prompt_of: as it was trained)."""
-    from alignment.data import with_system_prompt
+    from align.data import with_system_prompt
 
     conversations = [with_system_prompt([{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": r}],
                                         system_prompt) for t in tasks for r in t["responses"]]

@@ -40,16 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment import StageError, process_count, process_rank
-from alignment.config import ConfigError
+from align import StageError, process_count, process_rank
+from align.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+# pyproject.toml's project name: the distribution of the package align (PyPI's `align` is another project).
+DISTRIBUTION = "align-rlhf"
 MANIFEST = "align.json"
 # Held (flock) by the process writing a folder: a stage its own folder, the pipeline its run directory (lock_file).
 LOCK = ".align.lock"
 STORE_FILE = "labels.db"  # the default labelling store, in the run directory
-# In a reward model's folder: the ensemble of heads whose disagreement is its uncertainty (alignment/active.py).
+# In a reward model's folder: the ensemble of heads whose disagreement is its uncertainty (align/active.py).
 HEADS_FILE = "reward_heads.safetensors"
 # In a training stage's checkpoints/: what its checkpoints were trained on (begin_training).
 TRAINED_ON = "trained_on.json"
@@ -68,7 +70,7 @@ class Stage:
     kind: Kind
     help: str  # one line, for `align --help`
     recipe: str  # the module that runs it: main(cfg) -> Path, or main(argv) -> int without a config class
-    config: str | None = None  # its config class in alignment.config; None: the recipe parses its own argv
+    config: str | None = None  # its config class in align.config; None: the recipe parses its own argv
     folder: str | None = None  # its folder in the run directory; None: it writes none there
     upstream: tuple[str, ...] = ()  # stages whose artifacts are its default inputs
     in_pipeline: bool = False  # one of `align pipeline`'s stages
@@ -88,32 +90,32 @@ class Stage:
 _POLICY_INPUTS = ("sft", "reward")
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sft", "policy", "instruction SFT with QLoRA (4-bit base + LoRA), LoRA or DoRA",
-          "recipes.sft", "SFTStageConfig", "sft", in_pipeline=True),
+          "align.recipes.sft", "SFTStageConfig", "sft", in_pipeline=True),
     Stage("sample", "data", "sample K responses per prompt into the labelling store",
-          "recipes.sample", "SampleStageConfig", "sample", ("sft",), in_pipeline=True),
+          "align.recipes.sample", "SampleStageConfig", "sample", ("sft",), in_pipeline=True),
     Stage("label", "service", "the labelling app (Gradio), accounts, simulated annotators",
-          "labeling.cli", None, None, ("sample",), in_pipeline=True),
+          "align.labeling.cli", None, None, ("sample",), in_pipeline=True),
     Stage("export", "data", "rankings -> preference dataset (prompt/chosen/rejected)",
-          "recipes.export", "ExportStageConfig", "preferences", ("label",), in_pipeline=True),
+          "align.recipes.export", "ExportStageConfig", "preferences", ("label",), in_pipeline=True),
     Stage("reward", "reward", "train a reward model on the preferences (Bradley-Terry)",
-          "recipes.reward", "RewardStageConfig", "reward", ("sft", "export"), in_pipeline=True),
+          "align.recipes.reward", "RewardStageConfig", "reward", ("sft", "export"), in_pipeline=True),
     Stage("dpo", "policy", "align the policy directly on the preferences (DPO, IPO, ...)",
-          "recipes.dpo", "DPOStageConfig", "dpo", ("sft", "export"), in_pipeline=True),
+          "align.recipes.dpo", "DPOStageConfig", "dpo", ("sft", "export"), in_pipeline=True),
     Stage("ppo", "policy", "align the policy against the reward model (PPO; algo=grpo|rloo: GRPO/RLOO)",
-          "recipes.ppo", "PPOStageConfig", "ppo", _POLICY_INPUTS, in_pipeline=True),
+          "align.recipes.ppo", "PPOStageConfig", "ppo", _POLICY_INPUTS, in_pipeline=True),
     Stage("grpo", "policy", "GRPO through TRL on the PPO stage's reward",
-          "recipes.grpo", "PPOStageConfig", "grpo", _POLICY_INPUTS, runs_as=("ppo", "algo", "grpo")),
+          "align.recipes.grpo", "PPOStageConfig", "grpo", _POLICY_INPUTS, runs_as=("ppo", "algo", "grpo")),
     Stage("rloo", "policy", "RLOO through TRL on the PPO stage's reward",
-          "recipes.grpo", "PPOStageConfig", "rloo", _POLICY_INPUTS, runs_as=("ppo", "algo", "rloo")),
+          "align.recipes.grpo", "PPOStageConfig", "rloo", _POLICY_INPUTS, runs_as=("ppo", "algo", "rloo")),
     Stage("eval", "eval", "win-rate, reward and KL of aligned policies against SFT",
-          "recipes.evaluate", "EvalStageConfig", "eval", ("sft", "dpo", "ppo", "grpo", "rloo", "reward"),
+          "align.recipes.evaluate", "EvalStageConfig", "eval", ("sft", "dpo", "ppo", "grpo", "rloo", "reward"),
           in_pipeline=True),
     Stage("serve", "service", "every policy adapter of a run behind one OpenAI-compatible endpoint",
-          "recipes.serve", "ServeStageConfig", None, ("sft", "dpo", "ppo", "grpo", "rloo")),
+          "align.recipes.serve", "ServeStageConfig", None, ("sft", "dpo", "ppo", "grpo", "rloo")),
     Stage("pipeline", "tool", "run every stage in one run directory, resumable",
-          "recipes.pipeline", "PipelineConfig"),
+          "align.recipes.pipeline", "PipelineConfig"),
     Stage("merge", "tool", "merge an adapter into its base for deployment (writes <adapter>-merged)",
-          "recipes.merge", "MergeStageConfig", upstream=("sft",)),
+          "align.recipes.merge", "MergeStageConfig", upstream=("sft",)),
 ]}
 
 
@@ -161,7 +163,7 @@ def run_stage(command: str, cfg: Any) -> Path:
     with holding(lock_file(stage, cfg), f"{_running[0]}, at {stage.name}" if _running else stage.name):
         recipe = importlib.import_module(stage.recipe)
         if "torch.cuda" in sys.modules:  # a stage before this one in the process may have used the GPU
-            from alignment.gpu_training import new_stage_on_gpu
+            from align.gpu_training import new_stage_on_gpu
 
             new_stage_on_gpu()
         forget_deepspeed_config()
@@ -252,7 +254,7 @@ def holding(path: Path | None, what: str) -> Iterator[None]:
 
 
 def _held_elsewhere(folder: Path) -> bool:
-    """Another process holds `folder`'s lock, or the export lock beside it (labeling.export's `.<name>.lock`): it is
+    """Another process holds `folder`'s lock, or the export lock beside it (align.labeling.export's `.<name>.lock`): it is
     writing there (its own stage, an export moving its folder in), whatever this one did."""
     import fcntl
 
@@ -289,7 +291,7 @@ def merge_paths(cfg: Any) -> tuple[Path, Path]:
 
 def store_url(store: str | None, run_dir: str | Path) -> str:
     """`store` when given (any SQLAlchemy URL), else the run directory's SQLite file (made on first use)."""
-    from labeling.store import sqlite_url
+    from align.labeling.store import sqlite_url
 
     if store:
         return store
@@ -305,7 +307,7 @@ def run_store(store: str | None, run_dir: str | Path, key: str = "store") -> str
     file no longer there is passed over (the run folder moved; its labels.db moved with it), and the run's own
     labels.db where the stage ran (_own_store) stands for this folder's: a copied or moved run's tasks went to
     the labels.db of where it was, another run's, and the board counted that run's verdicts. Nothing is made."""
-    from labeling.store import sqlite_path, sqlite_url
+    from align.labeling.store import sqlite_path, sqlite_url
 
     if store:
         return store
@@ -384,7 +386,7 @@ def is_main_process() -> bool:
 def git_commit(package: Path | None = None) -> str | None:
     """The commit of align's own checkout this code runs from (`-dirty` with uncommitted changes), or None: align
     installed from a wheel, even into a .venv inside the user's own git repository, whose commit it recorded.
-    `package`: the alignment package's folder (this one's by default)."""
+    `package`: the align package's folder (this one's by default)."""
     package = package or Path(__file__).resolve().parent
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5,
@@ -403,15 +405,15 @@ def git_commit(package: Path | None = None) -> str | None:
 
 
 def _is_align_checkout(top: Path, package: Path) -> bool:
-    """`top` (a git repository's top level) is align's own source tree, holding `package` as its alignment/: its
-    pyproject.toml names the project align."""
+    """`top` (a git repository's top level) is align's own source tree, holding `package` as its align/: its
+    pyproject.toml names the project align-rlhf."""
     import tomllib
 
     try:
         project = tomllib.loads((top / "pyproject.toml").read_text()).get("project") or {}
     except (OSError, ValueError):
         return False
-    return project.get("name") == "align" and (top / "alignment").resolve() == package.resolve()
+    return project.get("name") == DISTRIBUTION and (top / "align").resolve() == package.resolve()
 
 
 def align_version() -> str | None:
@@ -419,7 +421,7 @@ def align_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("align")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return None
 
@@ -450,12 +452,12 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], ba
         "metrics": metrics or {},
         **extra,
     }
-    from alignment.tracking import wandb_record
+    from align.tracking import wandb_record
 
     if (run := wandb_record(stage)) is not None:  # the stage's W&B run, opened before this: the report links it
         manifest["wandb"] = run
     manifest["files"] = artifact_files(folder)
-    from alignment.config import redact
+    from align.config import redact
 
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(redact(json.loads(json.dumps(manifest, default=str))), indent=2))  # no URL's password
@@ -607,7 +609,7 @@ def _relative_parent(path: Path, folder: str | Path) -> Path:
     return next((base / path for base in above if (base / path).exists()), path)
 
 
-# The folder of the --config this command was given (alignment.cli): the next stage's config is beside it.
+# The folder of the --config this command was given (align.cli): the next stage's config is beside it.
 config_folder: Path | None = None
 # That file, recorded in the manifest (config_file): `align label`, run without one, hints the export's beside it.
 config_file: Path | None = None
@@ -815,7 +817,7 @@ def _begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     steps, rerun with fewer) is refused, as preflight refuses one named by its path: resumed, the run trained
     nothing and wrote the checkpoint's weights under a manifest giving `max_steps`. One at `max_steps` (a run
     killed after its last step, while it evaluated or saved) finishes the run: it trains nothing more and writes
-    that step's weights (PPO's loop; the Trainer through alignment.training.train_from), when that run was to
+    that step's weights (PPO's loop; the Trainer through align.training.train_from), when that run was to
     stop there too (its trainer_state.json max_steps): one saved on the way to more steps is refused.
     Settings (`trained_on["settings"]`, settings_of: the stage's config less its inputs) do not decide: resuming
     with a lower train.lr, or to train longer, is what resume is for. A resume whose settings differ from those
@@ -949,7 +951,7 @@ _NOT_SETTINGS = ("run.", "train.resume_from_checkpoint", "train.max_steps", "tra
 def settings_of(cfg: Any) -> dict[str, Any]:
     """A training stage's config as begin_training records its settings: flat ("train.lr"), its inputs and run
     keys left out (_NOT_SETTINGS), as JSON holds them."""
-    from alignment.config import to_dict
+    from align.config import to_dict
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -966,7 +968,7 @@ def model_identity(name: str | Path | None) -> str | None:
     """A model or adapter as a checkpoint's record names it: as embedded.model_key spells it (a Hub id as it is,
     the embedded model by any of its names), a local folder with its fingerprint (model_fingerprint: replaced
     in place, it is another model)."""
-    from alignment.embedded import model_key
+    from align.embedded import model_key
 
     if not name:
         return None
@@ -1019,14 +1021,14 @@ def _rebuild_reports(run_dir: Path) -> None:
     """The reports in run_dir and its rounds rebuilt after a failure changed which folders are finished: left as
     they were, they showed a stage (and eval's verdict on it) whose manifest is gone. Never at the cost of the
     failure's own message: a report that cannot be built says so in a line."""
-    from alignment.report import write_report
+    from align.report import write_report
 
     for folder in (run_dir, *later_rounds(run_dir)):
         if (folder / "report.html").is_file():
             try:
                 write_report(folder)
             except Exception as err:  # noqa: BLE001 - the stage's own error is the one to see
-                log.warning("%s not rebuilt after the failure (%s): python -m alignment.report %s rebuilds it",
+                log.warning("%s not rebuilt after the failure (%s): python -m align.report %s rebuilds it",
                             folder / "report.html", err, shell(folder))
 
 

@@ -17,7 +17,7 @@ tokens; `disable_adapter()` for `base` builds peft's status report first, ~250 m
 
 A request without a system message of its own gets the adapter's system prompt as its first
 turn: the one the adapter was trained with (`sft.data.system_prompt`, from its align.json through
-alignment.artifacts.system_prompt_of); one with a system (or developer) message is run as sent.
+align.artifacts.system_prompt_of); one with a system (or developer) message is run as sent.
 
 Generation runs one request at a time behind a lock (a request's `n` answers are one batch); at
 most `limits.max_waiting` requests wait behind it, and one more is refused (Busy).
@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from alignment.data import with_system_prompt
-from alignment.generation import plain_sampling, stop_ids
-from alignment.serving import BASE, warn_past_context
+from align.data import with_system_prompt
+from align.generation import plain_sampling, stop_ids
+from align.serving import BASE, warn_past_context
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,9 @@ class ChatEngine:
     @classmethod
     def load(cls, models: dict[str, Path], base: str, cfg) -> ChatEngine:
         """The base once, as the device plan says, then each adapter with peft's load_adapter."""
-        from alignment.artifacts import system_prompt_of
-        from alignment.cpu import keep_4bit_for_dora
-        from alignment.modeling import device_plan, load_base_model, load_tokenizer
+        from align.artifacts import system_prompt_of
+        from align.cpu import keep_4bit_for_dora
+        from align.modeling import device_plan, load_base_model, load_tokenizer
 
         plan = device_plan(cfg.model)
         log.info("base %s: %s", base, plan.describe().replace(" · gradient checkpointing off", ""))

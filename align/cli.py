@@ -1,7 +1,7 @@
 """`align <stage> --config F.yaml key.sub=value ...`: the command line over the stage registry.
 
 The stages themselves (recipe, config class, folder, ...) are listed once, in
-`alignment.artifacts.STAGES`; this module parses the command line and runs the one asked for.
+`align.artifacts.STAGES`; this module parses the command line and runs the one asked for.
 
     align sft --config configs/quickstart/sft.yaml train.max_steps=20
     align label users add alice --admin
@@ -26,8 +26,8 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from alignment import artifacts, process_rank
-from alignment.artifacts import STAGES, commands, merge_paths, run_stage, shell, stage_dir, store_url
+from align import artifacts, process_rank
+from align.artifacts import STAGES, commands, merge_paths, run_stage, shell, stage_dir, store_url
 
 USAGE = """usage: align <stage> [--config FILE.yaml] [section.key=value ...]
        align <stage> --help      the stage's config keys and defaults
@@ -99,7 +99,7 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
     At most `timeout` seconds, the name's lookup included (tracking.server_reachable)."""
     from urllib.parse import urlsplit
 
-    from alignment.tracking import server_reachable
+    from align.tracking import server_reachable
 
     url = urlsplit((os.environ.get("HF_ENDPOINT") or "https://huggingface.co").strip())
     scheme = url.scheme or "https"
@@ -114,7 +114,7 @@ def describe_config(cls: type, prefix: str = "", defaults=None, hidden: frozense
     """`key = default    (type, range)` per key; a section's defaults are the stage's own (e.g. serve's
     model.name=auto), not the section class's. A key the stage refuses (its `unread_keys`: model.max_length where
     nothing reads it) is left out: listed with its default, it read as a setting of the stage."""
-    from alignment.config import describe_field
+    from align.config import describe_field
 
     defaults = cls() if defaults is None else defaults
     hidden = hidden | set(getattr(cls, "unread_keys", ()))
@@ -133,7 +133,7 @@ def describe_config(cls: type, prefix: str = "", defaults=None, hidden: frozense
 
 
 def export_for_label_app(store: str, run_dir: str) -> dict:
-    """The labelling app's Export button (labeling/ cannot import the recipe, so `align label` hands this in):
+    """The labelling app's Export button (align/labeling/ cannot import the recipe, so `align label` hands this in):
     `align export` into <run_dir>/preferences with the settings of the export already there (its
     config.yaml) or the defaults; returns its summary. It runs in a process of its own, so the app
     never loads torch or W&B; a refusal comes back as a ValueError with the stage's own message."""
@@ -143,7 +143,7 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
 
     import yaml
 
-    from labeling.export import check_target
+    from align.labeling.export import check_target
 
     out = stage_dir(run_dir, "export")
     check_target(out)  # a folder it must not replace: say so now, not after starting a process
@@ -156,9 +156,9 @@ def export_for_label_app(store: str, run_dir: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="align-export-") as config:  # mode 0600
         yaml.safe_dump(settings, config)
         config.flush()
-        # -P: not the working directory first on sys.path, where a user's own recipes/ or labeling/ folder would
-        # stand in for align's
-        done = subprocess.run([sys.executable, "-P", "-m", "alignment.cli", "export", "--config", config.name],
+        # -P: not the working directory first on sys.path, where a user's own align/ folder would stand in
+        # for the installed one
+        done = subprocess.run([sys.executable, "-P", "-m", "align.cli", "export", "--config", config.name],
                               capture_output=True, text=True)
     if done.returncode != 0:
         said = [line for line in done.stderr.splitlines() if line.startswith("align export:")]
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest[0] in subcommands:
             return subcommands[rest[0]](rest[1:])
 
-    from alignment import config as config_module
+    from align import config as config_module
 
     cls = getattr(config_module, spec.config)
     if "-h" in rest or "--help" in rest:
@@ -250,12 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(arg)
         i += 1
 
-    from alignment import StageError
-    from alignment.artifacts import discard_unfinished
-    from alignment.config import ConfigError, load_config
-    from alignment.data import DataError
-    from alignment.preflight import check_stage
-    from alignment.tracking import fail_wandb
+    from align import StageError
+    from align.artifacts import discard_unfinished
+    from align.config import ConfigError, load_config
+    from align.data import DataError
+    from align.preflight import check_stage
+    from align.tracking import fail_wandb
 
     # `kill` or a scheduler's stop (SIGTERM) tidies up as Ctrl-C does, instead of leaving the folder behind.
     main_thread = threading.current_thread() is threading.main_thread()
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {stage}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}", file=sys.stderr)
         return code
     except Exception as err:
-        from labeling.store import StoreError  # the labelling store's own: a URL it cannot open
+        from align.labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 
         fail_wandb(1)
         said = disk_error(err)

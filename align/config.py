@@ -5,7 +5,7 @@ plus its own. Loading is strict on purpose: a typo in a YAML key silently fallin
 default is the most common way a training run quietly does the wrong thing. So is a value out of
 range: a numeric key declared with `bounded(default, gt=/ge=/le=/lt=)` is checked on load (and
 `align <stage> --help` shows the range), and a stage's rules across keys live in its `validate()`,
-run once its values are known. What the values point at (files, models) is alignment.preflight's.
+run once its values are known. What the values point at (files, models) is align.preflight's.
 
     cfg = load_config(SFTStageConfig, "configs/quickstart/sft.yaml", ["train.lr=1e-4"])
 """
@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from alignment import process_rank
+from align import process_rank
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -86,7 +86,7 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: on CUDA, on only when the longest batch's activations would not fit in the GPU memory the
     # loaded model leaves free (it recomputes the forward: a third more work with a frozen base);
-    # off on CPU (it only costs time there). alignment/gpu_training.py.
+    # off on CPU (it only costs time there). align/gpu_training.py.
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     # tokens per training example (prompt + completion): sft, reward and dpo; the stages that generate refuse it
     max_length: int = bounded(512, ge=1)
@@ -107,7 +107,7 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}attn_implementation={attn} runs on a GPU only and this machine has "
                                   "none; leave it unset (sdpa)")
             # Without its package, transformers fetches a kernel from the Hub in its place (kernels-community/
-            # flash-attn2, ...) whatever USE_HUB_KERNELS says, which align sets to NO (alignment.cli); offline that
+            # flash-attn2, ...) whatever USE_HUB_KERNELS says, which align sets to NO (align.cli); offline that
             # was an ImportError when the model loaded. Fetched only when asked: the Hub kernel named, or the switch.
             from transformers.modeling_flash_attention_utils import (
                 FLASH_ATTENTION_COMPATIBILITY_MATRIX,
@@ -279,7 +279,7 @@ class SampleStageConfig:
     selection: Literal["random", "uncertainty"] = "random"
     pool_factor: float = bounded(1.0, ge=1)
     # bald: mutual information between the reward heads and each pair's outcome; variance: of the
-    # heads' pair probabilities; entropy: the reward model's own margins (alignment/active.py).
+    # heads' pair probabilities; entropy: the reward model's own margins (align/active.py).
     acquisition: Literal["bald", "variance", "entropy"] = "bald"
     explore: float = bounded(0.0, ge=0, le=1)  # share of the chosen tasks drawn at random from the rest of the pool
     # The reward model whose uncertainty picks; default <run.dir>/reward (the pipeline: the previous round's).
@@ -606,7 +606,7 @@ class ServeStageConfig:
     unread_keys = ("model.max_length",)  # validate() refuses it (max_length_unread): --help leaves it out
 
     def validate(self, prefix: str = "") -> None:
-        from alignment.serving import is_loopback
+        from align.serving import is_loopback
 
         p = prefix
         max_length_unread(p, self.model, "align serve", "limits.max_prompt_tokens and limits.max_tokens bound a request")
@@ -623,7 +623,7 @@ class ServeStageConfig:
 
 @dataclass
 class PipelineConfig:
-    # Which of the registry's pipeline stages to run (alignment.artifacts.pipeline_stages); they run in its order.
+    # Which of the registry's pipeline stages to run (align.artifacts.pipeline_stages); they run in its order.
     stages: list[str] = field(
         default_factory=lambda: ["sft", "sample", "label", "export", "reward", "dpo", "eval"])
     label: Literal["simulate", "human"] = "simulate"
@@ -650,7 +650,7 @@ class PipelineConfig:
         round's reward stage's, else the one ppo trains on; "none" without one. Named, not eval's default (whichever
         reward/ the folder holds): a reward stage added to `stages` left eval "already done" without its judge,
         and one dropped from it left the old reward model judging."""
-        from alignment.artifacts import stage_dir
+        from align.artifacts import stage_dir
 
         if self.eval.reward_model:
             return self.eval.reward_model
@@ -663,7 +663,7 @@ class PipelineConfig:
     def validate(self, prefix: str = "") -> None:
         if not self.stages:
             raise ConfigError(f"{prefix}stages: empty; list the stages to run, e.g. [sft, sample, label, export, dpo, eval]")
-        from alignment.artifacts import pipeline_stages
+        from align.artifacts import pipeline_stages
 
         allowed = pipeline_stages()
         for i, stage in enumerate(self.stages):
@@ -873,7 +873,7 @@ def redact(value: Any) -> Any:
     postgresql://user:password@host/db is written to config.yaml, align.json and W&B as user:***@."""
     if isinstance(value, str):
         if _DATABASE_URL.fullmatch(value):  # user:pw@, :pw@, ?password=, an @ in it: as the store's messages
-            from labeling.store import safe_url
+            from align.labeling.store import safe_url
 
             return safe_url(value)
         return _PASSWORD_IN_URL.sub(r"\1***@", value)

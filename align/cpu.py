@@ -1,6 +1,6 @@
 """Every CPU-only workaround in one place: what each does, why, and what it was measured to save.
 
-The device plan (alignment.modeling.device_plan) already picks fp32 compute and no gradient
+The device plan (align.modeling.device_plan) already picks fp32 compute and no gradient
 checkpointing on CPU (TRL's bf16 default made a step 10-45x slower on a CPU without bf16
 matmuls). What is left is below, each a plain function a stage calls after building its trainer
 (`speed_up_cpu_training`), or that loading calls for it. Measured on the 2-core AVX-512 box this
@@ -18,7 +18,7 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
   adapter before TRL's bf16 cast reaches the trainable one, so the policy is restored from that
   exact fp32 copy: step 0 is then exactly the SFT policy (a rounded one would move the implicit
   rewards off zero) and the adapter trains in fp32. Not CPU-only: DPO and GRPO/RLOO call it on a
-  GPU too, sharded (FSDP, DeepSpeed) or not (recipes/dpo.py, then `one_trainable_dtype`).
+  GPU too, sharded (FSDP, DeepSpeed) or not (align/recipes/dpo.py, then `one_trainable_dtype`).
 - `CPUDropout` (through `use_cpu_dropout`): torch draws dropout's mask with `bernoulli_`, one
   generator call per element: 19 % of a QLoRA SFT step (210 LoRA dropouts, 13.7 ms each, by
   torch.profiler). Four 16-bit lanes from one 64-bit draw: the mask 2-2.5x cheaper, the step
@@ -29,7 +29,7 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
   a step 1.23x faster without them, the same values (tests/test_cpu_training.py). It patches a
   private TRL function, so it says in the log whether it applied, and that it did not when
   TRL's internals changed.
-- `keep_4bit_backward(model)` (called by alignment.modeling.load_base_model for every 4-bit
+- `keep_4bit_backward(model)` (called by align.modeling.load_base_model for every 4-bit
   model it loads to train): bitsandbytes repacks a 4-bit layer's weights for a faster CPU kernel
   (AVX512-BF16) the first time the layer runs in eval mode without gradients, and that kernel
   has no backward: training after any evaluation (DPO's eval_on_start, a mid-run eval) would
@@ -43,9 +43,9 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
   plain one, so the model it runs is not the one trained (a QLoRA+DoRA SFT adapter's loss 8.75
   against 4.59; `align sample` wrote 'I helpful\n\nhelpful...'). With DoRA the repack stays off.
 
-Outside this module: `OMP_WAIT_POLICY=PASSIVE` (alignment.cli.setup_environment, set before torch
+Outside this module: `OMP_WAIT_POLICY=PASSIVE` (align.cli.setup_environment, set before torch
 loads: with OpenMP's spin-waiting a CPU step went from 0.09 s to 2-4 s whenever another process
-used a core), and 4-bit weights stored as uint8 on CPU (alignment.modeling.bnb_config).
+used a core), and 4-bit weights stored as uint8 on CPU (align.modeling.bnb_config).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A training loop of our own under `accelerate launch`: this process's share and the sync between processes.
 
 TRL's trainers (sft, reward, dpo, grpo/rloo) are distributed by transformers' Trainer. Align's own
-PPO loop (recipes/ppo.py) is not a Trainer, so it splits its work and averages its gradients with
+PPO loop (align/recipes/ppo.py) is not a Trainer, so it splits its work and averages its gradients with
 `Ranks`; a plain single process is rank 0 of 1 and every method is then a no-op.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment import StageError, process_count, process_rank
+from align import StageError, process_count, process_rank
 
 
 class Ranks:

@@ -72,7 +72,7 @@ def embedded_model_dir(convert: bool = True, cache: Path | None = None) -> Path:
         return target
     from filelock import FileLock
 
-    from alignment import StageError
+    from align import StageError
 
     lock = FileLock(str(target) + ".lock")
     try:

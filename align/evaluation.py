@@ -230,7 +230,7 @@ def sequence_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: tor
     Computed from the full distributions at every position of the response (not the single-sample
     log-ratio): exact along those prefixes, with far less variance. It estimates the sequence KL
     without bias only when the responses are the policy's own samples at temperature 1 with no
-    top-p or top-k (recipes/evaluate.sampled_kl); along a greedy answer it is one fixed path's
+    top-p or top-k (align.recipes.evaluate.sampled_kl); along a greedy answer it is one fixed path's
     figure. Shapes: logits [B, T, V], mask [B, T].
     """
     logp = torch.log_softmax(policy_logits.float(), dim=-1)

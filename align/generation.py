@@ -29,10 +29,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from alignment.artifacts import system_prompt_of
-from alignment.config import GenerationConfig, ModelConfig
-from alignment.cpu import keep_4bit_for_dora
-from alignment.modeling import (
+from align.artifacts import system_prompt_of
+from align.config import GenerationConfig, ModelConfig
+from align.cpu import keep_4bit_for_dora
+from align.modeling import (
     DevicePlan,
     adapter_base_name,
     is_adapter_dir,
@@ -306,7 +306,7 @@ def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int, *, quantiz
         engine.align_max_lora_rank = max_lora_rank
         _engines[key] = engine
     elif max_lora_rank > engine.align_max_lora_rank:
-        from alignment import StageError
+        from align import StageError
 
         raise StageError(f"an adapter of rank {max_lora_rank} after one of rank {engine.align_max_lora_rank} on the "
                          "same vLLM engine: sample them in separate runs")
@@ -333,7 +333,7 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from alignment.modeling import resolve_model_path
+    from align.modeling import resolve_model_path
 
     source = policy.source
     adapter = source if is_adapter_dir(source) else None

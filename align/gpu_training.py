@@ -6,7 +6,7 @@
     train.compile: false                  torch.compile of the model (opt-in: minutes of compiling first)
 
 Each `auto` is decided once per stage, logged, and recorded in the stage's manifest (`device_plan`).
-On CPU every `auto` is off: alignment.modeling's CPU parts (speed_up_cpu_training) apply there.
+On CPU every `auto` is off: align.modeling's CPU parts (speed_up_cpu_training) apply there.
 benchmarks/README.md says what each is expected to do and what has been measured.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from alignment.modeling import DevicePlan, _local_gpu, check_liger
+from align.modeling import DevicePlan, _local_gpu, check_liger
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def one_trainable_dtype(model) -> None:
     policy still computes in bf16."""
     if not sharded():
         return
-    from alignment.cpu import keep_trainable_in
+    from align.cpu import keep_trainable_in
 
     keep_trainable_in(model, torch.float32)
 
@@ -140,7 +140,7 @@ def use_padding_free(setting: str, plan: DevicePlan, attn_implementation: str | 
         return False
     if truncated:
         if setting == "on":
-            from alignment import StageError
+            from align import StageError
 
             raise StageError(f"data.padding_free=on: {truncated} examples are longer than model.max_length and TRL "
                              "does not truncate in padding-free mode; raise model.max_length, or use "
@@ -188,8 +188,8 @@ def new_stage_on_gpu() -> None:
     stage left is collected and handed back to the driver (fit_checkpointing reads the free memory)
     and the peak counter restarts (the manifest's gpu_peak_mib), vLLM engines included. Nothing without CUDA."""
     if torch.cuda.is_available():
-        if "alignment.generation" in sys.modules:  # a stage that sampled with vLLM left its engine
-            sys.modules["alignment.generation"].release_vllm_engines()
+        if "align.generation" in sys.modules:  # a stage that sampled with vLLM left its engine
+            sys.modules["align.generation"].release_vllm_engines()
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -3,7 +3,7 @@
 One decision is made here for every stage: the device plan. TRL's configs default to bf16 and
 gradient checkpointing on; on a CPU without bf16 instructions that makes a step 10-45x slower,
 so the plan picks per device and says in one line what it chose. The CPU workarounds beyond the
-plan are in alignment.cpu.
+plan are in align.cpu.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from alignment.config import LoraConfig, ModelConfig
-from alignment.cpu import keep_4bit_backward
-from alignment.embedded import CHATML_EOS, EMBEDDED_NAMES, embedded_model_dir
+from align.config import LoraConfig, ModelConfig
+from align.cpu import keep_4bit_backward
+from align.embedded import CHATML_EOS, EMBEDDED_NAMES, embedded_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def device_plan(cfg: ModelConfig) -> DevicePlan:
                 log.warning("%s: QLoRA cannot run here, running LoRA on an unquantized base", problem)
                 quantize = False
     # auto on CUDA: on until the stage has loaded the model and knows its batch, when
-    # alignment.gpu_training.fit_checkpointing turns it off if the activations fit in memory.
+    # align.gpu_training.fit_checkpointing turns it off if the activations fit in memory.
     gc = {"on": True, "off": False, "auto": cuda}[cfg.gradient_checkpointing]
     return DevicePlan("cuda" if cuda else "cpu", quantize, dtype, gc)
 
@@ -160,7 +160,7 @@ def require_cuda_package(module: str, *, no_cuda: str, missing: str) -> None:
     """A GPU-only option checked against the machine before anything loads: the message for what is absent."""
     import importlib
 
-    from alignment import StageError
+    from align import StageError
 
     if not torch.cuda.is_available():
         raise StageError(no_cuda)
@@ -173,7 +173,7 @@ def require_cuda_package(module: str, *, no_cuda: str, missing: str) -> None:
 def check_liger(liger: bool | str) -> None:
     """`train.liger` (TRL's `use_liger_kernel`) checked against the machine: a clear error if true cannot be.
 
-    auto is never an error: alignment.gpu_training.use_liger turns it on only where it can run."""
+    auto is never an error: align.gpu_training.use_liger turns it on only where it can run."""
     if liger is True:
         require_cuda_package(
             "liger_kernel",
@@ -269,7 +269,7 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
     if plan.quantize:
         extra["quantization_config"] = bnb_config(plan, cfg.double_quant)
     if plan.device == "cuda":
-        from alignment.gpu_training import sharded
+        from align.gpu_training import sharded
 
         if plan.quantize or not sharded():
             # Loaded straight onto this process's GPU, with no copy in host RAM first (a 7B model in bf16 is 14 GB).

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from alignment.chat_engine import Busy, ChatEngine, Job, Params, RequestError, ShuttingDown
-from alignment.serving import BASE, is_loopback
+from align.chat_engine import Busy, ChatEngine, Job, Params, RequestError, ShuttingDown
+from align.serving import BASE, is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from torch.utils.data import Sampler
 
-from alignment.data import (
+from align.data import (
     DataError,
     _with_system_field,
     check_prompt,
@@ -51,7 +51,7 @@ from alignment.data import (
     split_roles,
     with_system_prompt,
 )
-from labeling.export import split_by_prompt  # the export's rule: every prompt on one side only
+from align.labeling.export import split_by_prompt  # the export's rule: every prompt on one side only
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def load_preferences(path: str | Path, *, test_fraction: float = 0.1, seed: int 
 
 def add_system_prompt(data, system_prompt: str | None):
     """The pairs (a Dataset or DatasetDict) with `system_prompt` as each prompt's first turn, where it has
-    no system turn of its own: the policy's (alignment.artifacts.system_prompt_of), so DPO and the reward
+    no system turn of its own: the policy's (align.artifacts.system_prompt_of), so DPO and the reward
     model see the prompts the policy was trained and is sampled with."""
     if not system_prompt:
         return data

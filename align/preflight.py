@@ -2,7 +2,7 @@
 
     check_stage("dpo", cfg)     # a ConfigError / DataError / StageError naming the key, file and line
 
-Values are checked when the config loads (alignment.config: each numeric key's range, each
+Values are checked when the config loads (align.config: each numeric key's range, each
 stage's cross-field rules); this module checks what the values point at and what the machine
 can do. `align <stage>` runs it right after loading the config, before the recipe (and torch) is
 imported, so a bad input fails in a fraction of a second (SFT's last check loads the model's tokenizer, a
@@ -47,8 +47,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment import StageError, process_count
-from alignment.artifacts import (
+from align import StageError, process_count
+from align.artifacts import (
     HEADS_FILE,
     LOCK,
     MANIFEST,
@@ -63,8 +63,8 @@ from alignment.artifacts import (
     stage_dir,
     stages_of_kind,
 )
-from alignment.config import ConfigError
-from alignment.data import (
+from align.config import ConfigError
+from align.data import (
     DataError,
     iter_records,
     load_prompts,
@@ -72,7 +72,7 @@ from alignment.data import (
     to_prompt_completion,
     with_system_prompt,
 )
-from alignment.embedded import model_key
+from align.embedded import model_key
 
 # The last config object checked: the CLI checks before importing the recipe, whose main checks
 # again (it can be called without the CLI); the same object is not checked twice.
@@ -151,7 +151,7 @@ def _export(cfg, pending: set[str], p: str) -> None:
 def _existing_store(url: str | None, run_dir: str):
     """The labelling store at `url` (default <run_dir>/labels.db), or None for a SQLite file that is not
     there (it is not made: a preflight writes nothing)."""
-    from labeling.store import Store, sqlite_path, sqlite_url
+    from align.labeling.store import Store, sqlite_path, sqlite_url
 
     url = url or sqlite_url(Path(run_dir) / "labels.db")
     if sqlite_path(url) is not None and not Path(sqlite_path(url)).is_file():
@@ -246,7 +246,7 @@ def _ppo(cfg, pending: set[str], p: str) -> None:
                              "module:function>")
         check_adapter(f"{p}reward_model (default {default})", default, tokenizer=True, kind="reward")
     if rl.reward_on_policy_base and "reward" not in pending and (cfg.sft == "none" or "sft" not in pending):
-        from alignment.reward_model import check_shared_base
+        from align.reward_model import check_shared_base
 
         sft = None if cfg.sft == "none" else Path(cfg.sft or default_sft)
         check_shared_base(Path(cfg.reward_model or stage_dir(cfg.run.dir, "reward")), sft,
@@ -293,7 +293,7 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     policies = cfg.policies or pending or any(stage_dir(cfg.run.dir, s).exists() for s in names)  # else: "no policies"
     if policies and not (cfg.scorer or cfg.human) and (cfg.reward_model == "none" or (
             cfg.reward_model is None and "reward" not in pending and not default_rm.exists())):
-        # else eval fails after the policies have answered (recipes/evaluate.py: "no judge"), after the stages before it
+        # else eval fails after the policies have answered (align/recipes/evaluate.py: "no judge"), after the stages before it
         why = "reward_model=none" if cfg.reward_model == "none" else f"no reward model at {default_rm}"
         there = f"{p}reward_model={shell(default_rm)}, " if default_rm.exists() else f"{p}reward_model=<folder>, "
         raise ConfigError(f"no judge for eval: {why} and no scorer; pass {p}scorer=support_style (or any "
@@ -321,7 +321,7 @@ def _merge(cfg, pending: set[str], p: str) -> None:
 
 def _serve(cfg, pending: set[str], p: str) -> None:
     """What `align serve` will load, and whether it may listen where it is asked to, before any model loads."""
-    from alignment.serving import API_KEY_ENV, api_key, is_loopback, served_models, shared_base
+    from align.serving import API_KEY_ENV, api_key, is_loopback, served_models, shared_base
 
     _backend(cfg.generation)
     if cfg.discover and not Path(cfg.run.dir).is_dir() and not cfg.adapters and cfg.model.name == "auto":
@@ -353,12 +353,12 @@ ONE_PROCESS_STAGES = ("sample", "label", "export", "eval")
 
 
 def _pipeline(cfg, pending: set[str], p: str) -> None:
-    """Each stage's section as the pipeline runs it (recipes/pipeline.py), the stages before it pending.
+    """Each stage's section as the pipeline runs it (align/recipes/pipeline.py), the stages before it pending.
 
     The pipeline points sample, reward, dpo and ppo at <run.dir>/sft, each stage's default: left
     unset here, so that a folder an earlier stage will write is not required to exist yet.
     """
-    from labeling.store import sqlite_url
+    from align.labeling.store import sqlite_url
 
     check_run_dir("run.dir", cfg.run.dir)
     _pipeline_sets(cfg)
@@ -369,7 +369,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
             f"stages: {', '.join(one_process)} run as one process, and this pipeline was started with {world} "
             f"(accelerate launch); run the pipeline as one process (align pipeline ...), or under accelerate "
             f"launch only its training stages (stages: [{', '.join(s for s in cfg.stages if s not in one_process)}], "
-            f"or each as accelerate launch ... -m alignment.cli <stage> run.dir={shell(cfg.run.dir)}) and "
+            f"or each as accelerate launch ... -m align.cli <stage> run.dir={shell(cfg.run.dir)}) and "
             f"{', '.join(one_process)} with plain align")
     _later_rounds_reward(cfg)
     _vllm_after_dora_sft(cfg)
@@ -378,7 +378,7 @@ def _pipeline(cfg, pending: set[str], p: str) -> None:
     if "label" in cfg.stages and cfg.label == "human":
         check_store("sample.store", cfg.sample.store, cfg.run.dir, must_exist=False)
         if not _has_accounts(cfg.sample.store, cfg.run.dir):  # the app would refuse to start, after sft and sample
-            from labeling.store import safe_url
+            from align.labeling.store import safe_url
 
             db = f" --db '{safe_url(cfg.sample.store)}'" if cfg.sample.store else ""  # its password masked
             raise ConfigError(f"label=human: the labelling store has no accounts to sign in with; make one first: "
@@ -425,7 +425,7 @@ def _later_rounds_reward(cfg) -> None:
 
 
 def _prompts_for_every_round(cfg) -> None:
-    """Each round samples sample.num_prompts prompts no earlier round used (recipes/sample.py): the file must hold
+    """Each round samples sample.num_prompts prompts no earlier round used (align/recipes/sample.py): the file must hold
     them all, or a later round samples fewer or none, after the rounds before it. (An uncertainty-picked round's
     pool of pool_factor x as many is cut to the prompts left: a smaller pool, not a refusal.)"""
     s = cfg.sample
@@ -463,7 +463,7 @@ def _export_batches(cfg) -> None:
 def _pipeline_sets(cfg) -> None:
     """Refuse the keys the pipeline sets itself (each stage wired to the one before it in run.dir): a
     value given for one would be replaced without a word."""
-    from alignment.config import RunConfig
+    from align.config import RunConfig
 
     wired = {"sample.policy": cfg.sample.policy, "sample.batch": cfg.sample.batch,
              "sample.round": cfg.sample.round or None, "export.output": cfg.export.output,
@@ -476,7 +476,7 @@ def _pipeline_sets(cfg) -> None:
     for section in ("export", "eval"):
         store = getattr(cfg, section).store
         if store is not None and store != cfg.sample.store:
-            from labeling.store import safe_url
+            from align.labeling.store import safe_url
 
             raise ConfigError(f"{section}.store={safe_url(store)}: the pipeline's stages share one labelling store, "
                               "sample.store (default <run.dir>/labels.db); set that instead")
@@ -524,7 +524,7 @@ def check_wandb(p: str, run) -> None:
     server that does not answer. wandb.init then failed (no key; without a terminal it asks for none) or waited
     90 s and failed, when the stage opened its run: for sample and eval after every answer was generated and
     judged, and the stage ended with no manifest (its work redone on the next run)."""
-    from alignment.tracking import has_wandb_key, wandb_host, wandb_mode, wandb_reachable
+    from align.tracking import has_wandb_key, wandb_host, wandb_mode, wandb_reachable
 
     if wandb_mode(run) != "online":
         return
@@ -540,7 +540,7 @@ def check_wandb(p: str, run) -> None:
 
 def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:
     """An embedded name, a model folder, or a Hub id that can be loaded here (offline: from the cache)."""
-    from alignment.embedded import EMBEDDED_NAMES, embedded_model_dir, gguf_path
+    from align.embedded import EMBEDDED_NAMES, embedded_model_dir, gguf_path
 
     names = ", ".join(sorted(EMBEDDED_NAMES))
     if name.lower() in EMBEDDED_NAMES:
@@ -583,17 +583,17 @@ def template_refusal(tokenizer, prompt: list[dict], completion: list[dict]) -> s
 
 
 def check_chat_template(p: str, model: str, data, report) -> None:
-    """The model's tokenizer loads as SFT loads it (alignment.modeling.load_tokenizer) and its chat template
+    """The model's tokenizer loads as SFT loads it (align.modeling.load_tokenizer) and its chat template
     renders the first training example, with data.system_prompt, and the first that opens with a system turn of
     its own: a template that refuses the system role (Gemma's) or a conversation's order, or a
     tokenizer with neither a template nor an EOS, is named here in one line, not by a traceback after the model
     has loaded. `report`: read_sft_examples' report of data.path (its format; whether any example opens with a
     system turn). The tokenizer is all that loads, and records are read only up to the ones rendered."""
-    from alignment.embedded import EMBEDDED_NAMES
+    from align.embedded import EMBEDDED_NAMES
 
     if model.lower() in EMBEDDED_NAMES:  # align's own, with a template that takes every role
         return
-    from alignment.modeling import load_tokenizer
+    from align.modeling import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(model)
@@ -694,8 +694,8 @@ def check_generation_fits(p: str, policy: str | Path, prompts: list[str], source
     if max_new_tokens >= limit[0]:
         raise ConfigError(f"{key}={max_new_tokens}: {base} has positions for {limit[0]} tokens ({limit[1]} in its "
                           f"config.json), prompt and answer together; set {key} well below {limit[0]}")
-    from alignment.artifacts import system_prompt_of
-    from alignment.modeling import load_tokenizer
+    from align.artifacts import system_prompt_of
+    from align.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder if folder.is_dir() else policy))
     system = system_prompt_of(folder if folder.is_dir() else None)
@@ -851,7 +851,7 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from alignment.modeling import resolve_model_path
+    from align.modeling import resolve_model_path
 
     with init_empty_weights():
         built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
@@ -929,7 +929,7 @@ def check_checkpoint(key: str, value: str | None, *, ppo: bool = False, max_step
 
 def check_store(key: str, url: str | None, run_dir: str, *, must_exist: bool) -> None:
     """A database URL the labelling store supports; for export, a SQLite store that exists."""
-    from labeling.store import sqlite_path, sqlite_url, url_problem
+    from align.labeling.store import sqlite_path, sqlite_url, url_problem
 
     shown = url or f"sqlite:///{Path(run_dir) / 'labels.db'} (the default)"
     url = url or sqlite_url(Path(run_dir) / "labels.db")
@@ -946,7 +946,7 @@ def check_store(key: str, url: str | None, run_dir: str, *, must_exist: bool) ->
 
 
 def check_scorer(key: str, spec: str) -> None:
-    from labeling.scorers import resolve_scorer
+    from align.labeling.scorers import resolve_scorer
 
     try:
         resolve_scorer(spec)
@@ -986,7 +986,7 @@ def _on_policys_base(p: str, cfg, source: str | Path, why: str) -> None:
 
 
 def _preference_data(key: str, data, run_dir: str, pending: set[str]) -> None:
-    from alignment.preferences import read_preference_pairs
+    from align.preferences import read_preference_pairs
 
     if data.path is None and "export" in pending:
         return
@@ -1010,9 +1010,9 @@ def _pairs_render(key: str, pairs: dict[str, list] | None, source: str | Path | 
     loaded. Skipped where the data or the tokenizer is not there yet (an export or sft the pipeline runs first)."""
     if not pairs or source is None or (isinstance(source, Path) and not source.is_dir()):
         return
-    from alignment.artifacts import system_prompt_of
-    from alignment.data import with_system_prompt
-    from alignment.modeling import load_tokenizer
+    from align.artifacts import system_prompt_of
+    from align.data import with_system_prompt
+    from align.modeling import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(str(source))
@@ -1074,14 +1074,14 @@ def _launcher(p: str, cfg) -> None:
 
 def _liger(liger: bool) -> None:
     if liger:  # torch only when asked for
-        from alignment.modeling import check_liger
+        from align.modeling import check_liger
 
         check_liger(liger)
 
 
 def _backend(gen) -> None:
     if gen.backend == "vllm":  # torch only when asked for
-        from alignment.generation import check_backend
+        from align.generation import check_backend
 
         check_backend(gen)
 

@@ -1,8 +1,8 @@
 """The run report: `report.html` (plots embedded as PNG, readable offline) and `report.md`.
 
 Made from the same files every stage writes (`metrics.jsonl`, `align.json`), so it can be
-rebuilt at any time with `python -m alignment.report runs/NAME`. Each stage contributes a
-section, in the registry's order (alignment.artifacts.STAGES), titled by its folder; a stage
+rebuilt at any time with `python -m align.report runs/NAME`. Each stage contributes a
+section, in the registry's order (align.artifacts.STAGES), titled by its folder; a stage
 that has not run yet is simply absent.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from alignment import StageError
-from alignment.artifacts import (
+from align import StageError
+from align.artifacts import (
     MANIFEST,
     STAGES,
     _held_elsewhere,
@@ -35,7 +35,7 @@ from alignment.artifacts import (
     stage_dir,
 )
 
-# What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (recipes/ppo.py), k1 = log
+# What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (align/recipes/ppo.py), k1 = log
 # pi - log ref summed over a response (as eval's KL is); GRPO's and RLOO's are TRL's, a mean over tokens, of k3 =
 # ratio - 1 - log ratio (GRPO) or of k1 (RLOO), so about a response's length times smaller than PPO's.
 KL_UNITS = {"ppo": ("nats per response", "k1, summed over the response"),
@@ -49,7 +49,7 @@ PLOTS: dict[str, list[tuple[str, str, list[str]]]] = {
             ("Learning rate", "learning rate", ["learning_rate"])],
     "reward": [("Loss", "-log sigmoid(reward gap), nats per pair", ["loss", "eval_loss"]),
                # eval_accuracy is align's, over the held-out pairs; TRL's evaluations during training log a mean of
-               # per-batch means (recipes/reward.py AlignRewardTrainer.log)
+               # per-batch means (align/recipes/reward.py AlignRewardTrainer.log)
                ("Accuracy", "share of pairs ranked right", ["accuracy", "eval_accuracy_batch_mean", "eval_accuracy"])],
     "dpo": [("Loss", "loss per pair (sigmoid DPO: nats)", ["loss", "eval_loss"]),
             ("Implicit rewards", "β × log-ratio to the reference, per answer",
@@ -187,7 +187,7 @@ def interval_method(manifest: dict[str, Any]) -> str:
     if manifest.get("interval"):
         method = str(manifest["interval"])
         return {"wilson": "Wilson"}.get(method, method)
-    from alignment.evaluation import wilson_interval
+    from align.evaluation import wilson_interval
 
     n = manifest.get("prompts")
     pairs = [(row[k[:-len("_ci")]], row[k]) for row in (manifest.get("policies") or {}).values()
@@ -325,7 +325,7 @@ def _rate(value: Any) -> str:
 
 
 def probes_html(probes: dict[str, Any]) -> str:
-    """The reward stage's probes (alignment.reward_model.probe): accuracy by agreement, margin and posterior,
+    """The reward stage's probes (align.reward_model.probe): accuracy by agreement, margin and posterior,
     and each edit of the rejected response with its flip rate and reward gain (and the labelling scorer's)."""
     parts = ["<h3>Probes</h3>"]
     splits = [("annotator agreement", probes["by_agreement"]["buckets"]), ("labelling margin", probes.get("by_margin")),
@@ -362,7 +362,7 @@ def probes_html(probes: dict[str, Any]) -> str:
 
 
 def reliability_html(reliability: dict[str, Any]) -> str:
-    """The export's per-annotator reliability (labeling.agreement.dawid_skene) as a table."""
+    """The export's per-annotator reliability (align.labeling.agreement.dawid_skene) as a table."""
     people = reliability.get("annotators") or {}
     rows = [[name, r["accuracy"], f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}", r["weight"], r["judgements"],
              r["checked"], r["gold"], r.get("gold_accuracy")] for name, r in people.items()]
@@ -541,10 +541,10 @@ def human_lines(manifest: dict[str, Any]) -> list[str]:
 
 def judged(manifest: dict[str, Any], row: dict[str, Any], key: str) -> dict[str, Any]:
     """A win-rate's reading (`key` = '<judge>/win_rate' of a policy's `row`): its prompts, ties (None when the
-    eval did not count them), sign-test p, interval (`ci`) and verdict (alignment.evaluation.verdict: the one
+    eval did not count them), sign-test p, interval (`ci`) and verdict (align.evaluation.verdict: the one
     place its words are decided). Without counts, the p is the largest that the win-rate and prompts allow;
     without an interval (None, or none recorded), no verdict: "vs"."""
-    from alignment.evaluation import sign_test, sign_test_bound, verdict
+    from align.evaluation import sign_test, sign_test_bound, verdict
 
     judge = key[:-len("/win_rate")]
     counts = [row.get(f"{judge}/{c}") for c in COUNTS]
@@ -673,12 +673,12 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         found.append(f"the reward model's scores track answer length (Pearson r = {r:.2f}: "
                      f"{'longer' if r > 0 else 'shorter'} scores higher), which a policy can exploit")
     if kind == "reward" and (manifest.get("probes") or {}).get("gate"):
-        from alignment.reward_model import MAX_PROBE_FLIP_RATE, probe_failure
+        from align.reward_model import MAX_PROBE_FLIP_RATE, probe_failure
 
         failure = probe_failure(manifest["probes"], MAX_PROBE_FLIP_RATE)
         if failure:
             found.append(f"{failure}: PPO refuses it at that setting")
-    if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (labeling.agreement)
+    if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (align.labeling.agreement)
         found += ((manifest.get("summary") or {}).get("reliability") or {}).get("warnings") or []
     if kind == "eval":
         for name, seen in (manifest.get("prompts_seen_in_training") or {}).items():
@@ -944,14 +944,14 @@ def stale_rounds(rounds: list[Path]) -> dict[Path, str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    from alignment.artifacts import is_main_process
+    from align.artifacts import is_main_process
 
     run_dir = Path(run_dir)
     if not is_main_process():
         return run_dir / "report.html"
     sections = finished_sections(run_dir, unfinished=True)
     glance_html, glance_md = at_a_glance([(stage, run_dir / folder) for stage, folder in sections])
-    name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m alignment.report .` names the folder, not ""
+    name = Path.cwd().joinpath(run_dir).resolve().name  # `python -m align.report .` names the folder, not ""
     bodies, mds, shown = [], [f"# align run: {_md(name)}\n", _headline_md(run_dir), _md(glance_md)], []
     for stage, folder in sections:
         section = stage_section(stage, run_dir / folder)
@@ -989,12 +989,12 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m alignment.report [RUN_DIR]`: rebuild the report, printing report.html's path. A folder that is
+    """`python -m align.report [RUN_DIR]`: rebuild the report, printing report.html's path. A folder that is
     not there, or holds no stage folder, is one line and exit status 2 (it wrote `<typo>/report.html` or
     failed with a traceback; `--help` was read as a folder)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m alignment.report", description=(
+    parser = argparse.ArgumentParser(prog="python -m align.report", description=(
         "Rebuild a run's report.html and report.md from the align.json and metrics.jsonl its stages wrote."))
     parser.add_argument("run_dir", nargs="?", default="runs/quickstart",
                         help="the run directory (run.dir), holding sft/, dpo/, ... (default: runs/quickstart)")

@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from alignment import StageError, process_count
-from alignment.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
-from alignment.config import ModelConfig
-from alignment.cpu import keep_4bit_backward
-from alignment.data import with_system_prompt
-from alignment.embedded import model_key
-from alignment.evaluation import grouped_proportion_ci
-from alignment.modeling import (
+from align import StageError, process_count
+from align.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
+from align.config import ModelConfig
+from align.cpu import keep_4bit_backward
+from align.data import with_system_prompt
+from align.embedded import model_key
+from align.evaluation import grouped_proportion_ci
+from align.modeling import (
     DevicePlan,
     adapter_base_name,
     device_plan,
@@ -171,7 +171,7 @@ def trained_model_config(path: str | Path) -> ModelConfig:
     where it trained (its align.json: modeling.trained_model_settings), so that it scores on the weights and in the
     dtype its held-out accuracy and probes were measured with, which the gate reads; unquantized and auto where it
     records none."""
-    from alignment.modeling import trained_model_settings
+    from align.modeling import trained_model_settings
 
     path = Path(path)
     if not (path / "align.json").is_file():
@@ -248,7 +248,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict[str, str
 def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, *,
           system_prompt: str | None = None) -> list[float]:
     """The reward of each response to its prompt (one user turn, one assistant turn), after `system_prompt`:
-    the one the reward model was trained with (alignment.artifacts.system_prompt_of of its folder)."""
+    the one the reward model was trained with (align.artifacts.system_prompt_of of its folder)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     conversations = [with_system_prompt([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
@@ -279,7 +279,7 @@ def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Ten
 def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
     """Each pair's term of pair_loss, [pairs]: for a training batch whose mean would weigh its pairs by its size
-    (recipes.reward.AlignRewardTrainer divides their sum by the nominal batch size instead)."""
+    (align.recipes.reward.AlignRewardTrainer divides their sum by the nominal batch size instead)."""
     delta = chosen - rejected
     m = margin if margin is not None else 0.0
     loss = -torch.nn.functional.logsigmoid(delta - m)
@@ -377,7 +377,7 @@ def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins:
 # scorer that labelled the data is known (simulated annotators: `probe_scorer`), each edit is also
 # scored by it, and a flip counts against the model only when the scorer does not flip that pair
 # too. The gate (PPO refuses, DPO warns) reads the end-appended edits only: an opening
-# acknowledgement is a style annotators are asked to reward (labeling/guidelines.md); a phrase
+# acknowledgement is a style annotators are asked to reward (align/labeling/guidelines.md); a phrase
 # tacked on at the end carries nothing.
 
 NEUTRAL_SENTENCE = "That is all there is to it."
@@ -690,7 +690,7 @@ def shared_base_problem(rm: Path, sft: Path | None, base: str, settings: ModelCo
 
 def check_shared_base(rm: Path, sft: Path | None, base: str, settings: ModelConfig, prefix: str = "") -> None:
     """A ConfigError when the reward model cannot score on the policy's base (shared_base_problem)."""
-    from alignment.config import ConfigError
+    from align.config import ConfigError
 
     if problem := shared_base_problem(rm, sft, base, settings, prefix):
         raise ConfigError(f"{prefix}rl.reward_on_policy_base=true: {problem}")

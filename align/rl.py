@@ -1,4 +1,4 @@
-"""What the RL recipes share (recipes/ppo.py, and recipes/grpo.py for GRPO/RLOO through TRL).
+"""What the RL recipes share (align/recipes/ppo.py, and align/recipes/grpo.py for GRPO/RLOO through TRL).
 
 The inputs: the SFT adapter the policy starts from, the reward (a reward model past its gate,
 its adapter on the policy's base, or a programmatic scorer) and the checks on `rl.*` they share.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignment import StageError
-from alignment.artifacts import (
+from align import StageError
+from align.artifacts import (
     begin_training,
     is_main_process,
     model_identity,
@@ -35,13 +35,13 @@ from alignment.artifacts import (
     stage_dir,
     system_prompt_of,
 )
-from alignment.config import ConfigError, PPOStageConfig, RLConfig
-from alignment.cpu import keep_trainable_in
-from alignment.data import file_hash
-from alignment.generation import check_backend
-from alignment.modeling import is_adapter_dir
-from alignment.reward_model import Reward, gate, load_reward_model, score, shared_base_reward
-from alignment.training import set_rate
+from align.config import ConfigError, PPOStageConfig, RLConfig
+from align.cpu import keep_trainable_in
+from align.data import file_hash
+from align.generation import check_backend
+from align.modeling import is_adapter_dir
+from align.reward_model import Reward, gate, load_reward_model, score, shared_base_reward
+from align.training import set_rate
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def resolve_sft(cfg: PPOStageConfig) -> Path | None:
 
 
 def trained_on(cfg: PPOStageConfig, sft: Path | None, rm: Path | None) -> dict[str, str | None]:
-    """What an RL run's checkpoints are trained on (alignment.artifacts.begin_training): the prompts, the model
+    """What an RL run's checkpoints are trained on (align.artifacts.begin_training): the prompts, the model
     and SFT adapter it starts from, and the reward it is trained against."""
     return {"prompts": file_hash(cfg.prompts), "base_model": model_identity(cfg.model.name),
             "sft": model_identity(sft), "reward": f"scorer:{cfg.scorer}" if cfg.scorer else model_identity(rm),
@@ -111,7 +111,9 @@ def make_reward(cfg: PPOStageConfig, policy=None, sft: Path | None = None) -> tu
 
 def resolve_scorer(spec: str) -> Callable[[str, str], float]:
     """A built-in scorer's name or module:function; a wrong one is a config error naming it."""
-    from labeling.scorers import resolve_scorer as labeling_resolve  # built-in names and module:function
+    from align.labeling.scorers import (
+        resolve_scorer as labeling_resolve,  # built-in names and module:function
+    )
 
     try:
         return labeling_resolve(spec)
@@ -374,7 +376,7 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
 def find_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
                     trained_on: dict[str, str | None] | None = None) -> Path | None:
     """`train.resume_from_checkpoint`: "latest" is the newest <out>/checkpoints/step-N that can go on into this
-    run (alignment.artifacts.begin_training: not a finished run's, nor one trained on other inputs, nor one past
+    run (align.artifacts.begin_training: not a finished run's, nor one trained on other inputs, nor one past
     `max_steps`); None: from scratch. One at `max_steps` (a run killed after its last checkpoint) finishes the run:
     the loop trains nothing and writes its weights."""
     if resume and resume not in ("latest", "auto") and not (Path(resume) / "trainer_state.json").is_file():

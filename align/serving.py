@@ -5,12 +5,12 @@
 
 A request's `model` is a name from `served_models`, or `base` (the base model with every adapter
 disabled). The run's own adapters are found through the stage registry: each finished policy
-stage (alignment.artifacts.stages_of_kind("policy"): sft, dpo, ppo, grpo, rloo) by its name, a
+stage (align.artifacts.stages_of_kind("policy"): sft, dpo, ppo, grpo, rloo) by its name, a
 later round's as `round-<r>/<stage>`; `adapters={name: folder}` adds others. A stage folder
 without align.json is unfinished (still training, or stopped) and is left out with a warning.
 
-No torch here: the CLI's checks (alignment.preflight) read these before anything heavy is
-imported. The model side is alignment.chat_engine, the HTTP side alignment.openai_api.
+No torch here: the CLI's checks (align.preflight) read these before anything heavy is
+imported. The model side is align.chat_engine, the HTTP side align.openai_api.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alignment import StageError
-from alignment.artifacts import MANIFEST, later_rounds, stage_dir, stages_of_kind
-from alignment.config import ConfigError
-from alignment.embedded import model_key
+from align import StageError
+from align.artifacts import MANIFEST, later_rounds, stage_dir, stages_of_kind
+from align.config import ConfigError
+from align.embedded import model_key
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,9 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
     backend (`base` and the adapters'), the same limits where vLLM has them.
 
     The API key is not on it (argv is visible to every user of the machine): vLLM reads VLLM_API_KEY,
-    which recipes/serve.py sets in the child's environment.
+    which align/recipes/serve.py sets in the child's environment.
     """
-    from alignment.embedded import EMBEDDED_NAMES, embedded_model_dir
+    from align.embedded import EMBEDDED_NAMES, embedded_model_dir
 
     path = str(embedded_model_dir()) if base.lower() in EMBEDDED_NAMES else base
     ranks = [json.loads((Path(f) / "adapter_config.json").read_text()).get("r", 8) for f in models.values()]
@@ -191,7 +191,7 @@ def _max_positions(model_path: str) -> int | None:
     """The base's positions, from its folder's config.json or, for a Hub id, the config.json vLLM will read
     (from the Hugging Face cache, downloaded when online: vLLM downloads the model then anyway). Without it
     vLLM would be handed limits' context, which it refuses past the model's own unless told otherwise."""
-    from alignment.preflight import model_config
+    from align.preflight import model_config
 
     values = model_config(model_path, download=True)
     if values is None:

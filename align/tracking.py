@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from alignment.config import RunConfig, redact
+from align.config import RunConfig, redact
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def wandb_reachable(timeout: float = 2.0) -> bool:
 def server_reachable(scheme: str, host: str, port: int, timeout: float) -> bool:
     """Whether host:port takes a connection, `timeout` seconds at most, the name's lookup included (a resolver that
     does not answer is not waited for). Through a proxy (HTTPS_PROXY, ...), as the clients go: taken as reachable,
-    not asked. W&B's (wandb_reachable) and the Hub's (alignment.cli._hub_reachable)."""
+    not asked. W&B's (wandb_reachable) and the Hub's (align.cli._hub_reachable)."""
     import threading
     import urllib.request
 
@@ -111,7 +111,7 @@ def has_wandb_key() -> bool:
 def run_name(run_dir: Path) -> str:
     """The run directory's name, with its run's for a pipeline round: runs/q/round-1 is "q/round-1" (a run.dir
     named round-1 itself, exps/round-1 with no run in exps, is "round-1")."""
-    from alignment.artifacts import round_root
+    from align.artifacts import round_root
 
     root = round_root(run_dir)
     return f"{root.name}/{Path(run_dir).name}" if root else Path(run_dir).name
@@ -120,7 +120,7 @@ def run_name(run_dir: Path) -> str:
 def wandb_dir(run_dir: str | Path) -> Path:
     """Where a run's W&B files go: its folder, and a pipeline round's run's (runs/q/round-1 → runs/q), so that
     one `wandb sync runs/q/wandb/offline-run-*` uploads every round."""
-    from alignment.artifacts import round_root
+    from align.artifacts import round_root
 
     return round_root(run_dir) or Path(run_dir)
 
@@ -151,7 +151,7 @@ def start_wandb_run(cfg: RunConfig, stage: str, config: dict[str, Any] | None = 
     to log in. Opened first, the callback logs into this run (it starts one only when none is
     open), and a run left open before is finished.
     """
-    from alignment.artifacts import is_main_process
+    from align.artifacts import is_main_process
 
     _OPENED.clear()
     mode = configure_wandb(cfg, stage)
@@ -240,7 +240,7 @@ class Tracker:
 
     def __init__(self, cfg: RunConfig, stage: str, out_dir: str | Path, config: dict[str, Any],
                  *, resume: bool = False):
-        from alignment.artifacts import is_main_process
+        from align.artifacts import is_main_process
 
         self.path = Path(out_dir) / "metrics.jsonl"
         self.main = is_main_process()
@@ -274,7 +274,7 @@ class Tracker:
             self.run = None
 
 
-# A stage's W&B artifact type, by the stage's kind in the registry (alignment.artifacts.STAGES).
+# A stage's W&B artifact type, by the stage's kind in the registry (align.artifacts.STAGES).
 ARTIFACT_TYPES = {"policy": "model", "reward": "reward-model", "data": "dataset", "eval": "evaluation"}
 SKIP_IN_ARTIFACT = {"checkpoints", "wandb", "metrics.jsonl", ".align.lock"}  # (artifacts.LOCK)
 
@@ -299,7 +299,7 @@ def log_artifact(stage: str, folder: str | Path, run_dir: str | Path, parents: d
         import wandb
     except ImportError:  # run.wandb=disabled needs no wandb installed (a GPU box without it, say)
         return
-    from alignment.artifacts import MANIFEST, STAGES, is_main_process, read_manifest
+    from align.artifacts import MANIFEST, STAGES, is_main_process, read_manifest
 
     run = run or wandb.run
     if run is None or not is_main_process():
@@ -336,7 +336,7 @@ def summarize_eval(metrics: dict[str, Any]) -> None:
         import wandb
     except ImportError:  # pragma: no cover
         return
-    from alignment.artifacts import is_main_process
+    from align.artifacts import is_main_process
 
     if wandb.run is not None and is_main_process():
         wandb.run.summary.update({f"eval/{k[5:]}": v for k, v in metrics.items()

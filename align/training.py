@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
-from alignment.artifacts import begin_training
-from alignment.config import RunConfig, TrainConfig
-from alignment.evaluation import grouped_proportion_ci
-from alignment.gpu_training import use_liger
-from alignment.modeling import DevicePlan
-from alignment.tracking import append_jsonl, read_jsonl, report_to, scalars
+from align.artifacts import begin_training
+from align.config import RunConfig, TrainConfig
+from align.evaluation import grouped_proportion_ci
+from align.gpu_training import use_liger
+from align.modeling import DevicePlan
+from align.tracking import append_jsonl, read_jsonl, report_to, scalars
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class HeldoutPairs:
             ref = [torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])]
         if len(policy) != 1 or len(ref) != 1:
             raise RuntimeError(f"a DPO evaluation batch ran {len(policy)} policy and {len(ref)} reference forwards "
-                               "with log-probs, not one each: TRL's DPO evaluation changed (alignment.training)")
+                               "with log-probs, not one each: TRL's DPO evaluation changed (align.training)")
         chosen, rejected = policy[0].float().chunk(2)
         ref_chosen, ref_rejected = ref[0].float().to(chosen.device).chunk(2)
         self._rows.append(gather(torch.stack([chosen, rejected, ref_chosen, ref_rejected], dim=1)).cpu())
@@ -263,7 +263,7 @@ def preference_figures(chosen: list[float], rejected: list[float], ref_chosen: l
 def resume_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
                       trained_on: dict[str, Any] | None = None) -> str | None:
     """`train.resume_from_checkpoint` for a TRL trainer: "latest" is the newest <out>/checkpoints/checkpoint-N
-    that can go on into this run (alignment.artifacts.begin_training: not a finished run's unless trained longer
+    that can go on into this run (align.artifacts.begin_training: not a finished run's unless trained longer
     to `max_steps`, nor one trained on other inputs than `trained_on`); one past `max_steps` is refused (it would
     train nothing under a manifest giving `max_steps`), one at it finishes the run (train_from).
 
@@ -286,7 +286,7 @@ def train_from(trainer: Any, checkpoint: str | None) -> Any:
     if not 0 < trainer.args.max_steps <= state.get("global_step", 0):
         return trainer.train(resume_from_checkpoint=checkpoint)
     if not callable(getattr(trainer, "_run_epoch", None)):  # another transformers: a step past max_steps, not silently
-        raise RuntimeError("this transformers' Trainer has no _run_epoch: alignment.training.train_from cannot "
+        raise RuntimeError("this transformers' Trainer has no _run_epoch: align.training.train_from cannot "
                            f"finish the run at {checkpoint} without training a step past train.max_steps")
 
     def no_steps_left(**_kwargs) -> None:
@@ -435,11 +435,11 @@ def distinct_rows_metrics(rows: int, distinct: int) -> dict[str, float]:
 
 
 def ranking_dataloader(trainer: Any, columns: list[str]):
-    """`trainer`'s training loader with each K-wise ranking's pairs in one batch (alignment.preferences.ranking_batches),
+    """`trainer`'s training loader with each K-wise ranking's pairs in one batch (align.preferences.ranking_batches),
     keeping only `columns` (those the dataset has) for its collator; a Trainer's get_train_dataloader."""
     from torch.utils.data import DataLoader
 
-    from alignment.preferences import RankingBatchSampler
+    from align.preferences import RankingBatchSampler
 
     data = trainer.train_dataset
     sampler = RankingBatchSampler(data["task_id"], trainer.args.per_device_train_batch_size, seed=trainer.args.seed)

@@ -177,7 +177,7 @@ def beta_interval(a: float, b: float, level: float = 0.95, grid: int = 4000) -> 
     """The central `level` interval of Beta(a, b), from its density summed on a grid of `grid` cells.
 
     Exact to a cell (1/4000) at the counts seen here; the standard library has no Beta quantile and
-    labeling/ needs nothing more.
+    align/labeling/ needs nothing more.
     """
     xs = [(i + 0.5) / grid for i in range(grid)]
     logs = [(a - 1) * math.log(x) + (b - 1) * math.log(1 - x) for x in xs]

@@ -1,9 +1,9 @@
-"""The labelling app: Gradio layout only, every decision is a call into `labeling.handlers`.
+"""The labelling app: Gradio layout only, every decision is a call into `align.labeling.handlers`.
 
     align label users add alice --admin
     align label --run-dir runs/quickstart
 
-labeling/server.py serves this page only to a signed-in browser. Every event takes the
+align/labeling/server.py serves this page only to a signed-in browser. Every event takes the
 identity from the request's signed session cookie, checked against the store on that call
 (`auth.session_of`), never from state a client could replay; the task an event acts on is the
 one the page names (a hidden field: an opaque handle, `handlers.task_handle`, never the task's id,
@@ -12,7 +12,7 @@ account (another hidden field) must be the cookie's (`handlers.check_page_accoun
 or draft carries the fingerprint of the order the page shows (a third): ranks given in an order the
 server no longer shows are refused, never saved (`handlers.check_order`). Prompts and
 responses are shown as escaped text (`handlers.text_html`): nothing in model output is ever
-HTML on this page, the Playground tab's chat panes included (labeling/playground.py: two models of
+HTML on this page, the Playground tab's chat panes included (align/labeling/playground.py: two models of
 an `align serve` endpoint side by side, `align label --serve-url URL`; admins only while blind A/B
 tasks are open: `handlers.playground_open`). Keyboard shortcuts are a small script installed on page load (see
 SHORTCUTS); it only clicks the same radios and buttons a mouse would. The same script shows a notice
@@ -36,10 +36,10 @@ from typing import Any
 import gradio as gr
 from sqlalchemy.exc import SQLAlchemyError
 
-from labeling import auth, handlers
-from labeling.playground import PlaygroundError, ServeClient, conversation_html
-from labeling.playground import send as playground_send
-from labeling.store import MAX_RESPONSES, StoreError
+from align.labeling import auth, handlers
+from align.labeling.playground import PlaygroundError, ServeClient, conversation_html
+from align.labeling.playground import send as playground_send
+from align.labeling.store import MAX_RESPONSES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ CSS = """
 # Installed once per page by demo.load(js=...): the keyboard shortcuts, and the notice of a refused call.
 # Selectors are the elem_ids set below.
 #
-# The notice: once a session ends, labeling/server.py refuses every call of the page (401) before
+# The notice: once a session ends, align/labeling/server.py refuses every call of the page (401) before
 # Gradio or a handler sees it, and Gradio shows such a refusal of a call outside its queue nowhere (no
 # toast; the event's chain just stops) and of a queued call only as a toast that fades. So the page
 # watches its own calls: a 401 shows a notice that stays until a call sent after it is accepted
@@ -113,7 +113,7 @@ CSS = """
 # could not check the session: busy or unreachable) shows NOT_SAVED the same way, until a later call is accepted.
 #
 # After a call fails in transit (the network dropped, the server restarted), Gradio's page polls
-# /gradio_api/app_id and reloads itself once it answers (labeling/server.py lets that through). The
+# /gradio_api/app_id and reloads itself once it answers (align/labeling/server.py lets that through). The
 # reloaded page shows what the store holds: a rank set while the connection was down, whose draft never
 # arrived, is not shown as if it were saved. The page notes the poll (sessionStorage, this tab only) and
 # the reloaded one says so, until the annotator submits, skips or clicks the notice.
@@ -448,13 +448,13 @@ def _export_summary(folder: str, summary: dict) -> str:
 def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap: int = 1, gold_rate: float = 0.0,
               batch: str | None = None, export: Callable[[], dict] | None = None,
               export_dir: str | Path | None = None, playground: ServeClient | None = None) -> gr.Blocks:
-    """The annotator and admin screens on `store`; `guidelines_md` defaults to labeling/guidelines.md.
+    """The annotator and admin screens on `store`; `guidelines_md` defaults to align/labeling/guidelines.md.
 
     `secret` is the store's cookie key (`Store.secret`); `overlap`, `gold_rate` and `batch` go to
     handlers.next_task. `export` runs `align export` on the run's preferences folder `export_dir`
-    (injected by `align label`, labeling/cli.py); without it the admin tab says which command to run.
+    (injected by `align label`, align/labeling/cli.py); without it the admin tab says which command to run.
     `playground` (the client of an `align serve` endpoint, `align label --serve-url`) adds the
-    Playground tab: two served models side by side (labeling/playground.py).
+    Playground tab: two served models side by side (align/labeling/playground.py).
     """
     guidelines_md = guidelines_md if guidelines_md is not None else GUIDELINES.read_text()
     exporting = threading.Lock()  # one export at a time: two admins clicking would write one folder twice

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from labeling.handlers import AuthError
-from labeling.store import NAME_CHARS, Store
+from align.labeling.handlers import AuthError
+from align.labeling.store import NAME_CHARS, Store
 
 COOKIE = "align_session"  # the session cookie over plain HTTP (the default: this machine's own browser)
 # Over HTTPS (or behind a proxy that says so) the cookie is this one: a browser keeps a `__Host-` cookie only when
@@ -41,7 +41,7 @@ TWO_COOKIES = ("This browser sent two session cookies for this app: another site
                "of this host) set one. Clear this site's cookies in the browser's settings, then sign in.")
 SESSION_HOURS = 12.0
 REFUSED = "unknown user or wrong password"
-# What a page whose session ended is told (labeling/server.py's refusals, labeling/app.py's page). Not "reload": a
+# What a page whose session ended is told (align/labeling/server.py's refusals, align/labeling/app.py's page). Not "reload": a
 # reload goes to the sign-in page and loses what the page holds and the draft could not save.
 SESSION_ENDED = "your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks)"
 

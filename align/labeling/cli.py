@@ -14,8 +14,8 @@
 
 The store is sqlite:///<run-dir>/labels.db unless --db gives a URL (postgresql://... for a team).
 Where the default store and the export folder are in a run directory is the run layout's to say
-(alignment.artifacts): `align label` passes them in, and the admin tab's Export button runs the
-`export` it is handed (`align export` into that folder), so labeling imports nothing from alignment.
+(align.artifacts): `align label` passes them in, and the admin tab's Export button runs the
+`export` it is handed (`align export` into that folder), so align.labeling imports nothing else of align.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.profiles and not args.simulate:
         return "--profiles: only with --simulate (the profiles of simulated annotators)"
     if args.simulate:
-        from labeling.scorers import resolve_scorer
-        from labeling.simulate import parse_profile
+        from align.labeling.scorers import resolve_scorer
+        from align.labeling.simulate import parse_profile
 
         try:
             resolve_scorer(args.simulate)
@@ -81,7 +81,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         if profiles and args.annotators is not None and args.annotators != len(profiles):
             return f"--profiles gives {len(profiles)} profiles for --annotators {args.annotators}: one per annotator"
     if args.serve_url:
-        from labeling.playground import check_url
+        from align.labeling.playground import check_url
 
         try:
             check_url(args.serve_url)
@@ -103,7 +103,7 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--run-dir {run_dir}: a file is in the way of that folder"
         db_file = run_dir / "labels.db"
     else:
-        from labeling.store import sqlite_path, url_problem
+        from align.labeling.store import sqlite_path, url_problem
 
         problem = url_problem(args.db)
         if problem:
@@ -174,7 +174,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
     overlap = args.overlap or 1  # --simulate's default is its number of annotators, below; status's, the recorded
     from sqlalchemy.exc import OperationalError
 
-    from labeling.store import Store, StoreError, safe_url
+    from align.labeling.store import Store, StoreError, safe_url
 
     try:
         store = Store(store_url(args.db, args.run_dir))
@@ -253,7 +253,7 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             print(f"align label: unknown command {' '.join(cmd)!r}; see `align label --help`", file=sys.stderr)
             return 2
         if args.simulate:
-            from labeling.simulate import simulate
+            from align.labeling.simulate import simulate
 
             profiles = args.profiles.split(",") if args.profiles else None
             annotators = args.annotators or (len(profiles) if profiles else 1)
@@ -328,9 +328,9 @@ def _open_url(host: str, port: int) -> str:
 
 
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
-    from labeling.server import create_app, loopback_name
-    from labeling.server import serve as run_server
-    from labeling.store import safe_url
+    from align.labeling.server import create_app, loopback_name
+    from align.labeling.server import serve as run_server
+    from align.labeling.store import safe_url
 
     guidelines = Path(args.guidelines) if args.guidelines else Path(__file__).with_name("guidelines.md")
     if not guidelines.is_file():
@@ -343,7 +343,7 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
     stop_with_parent()
     playground = None
     if args.serve_url:
-        from labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient
+        from align.labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient
 
         playground = ServeClient(args.serve_url, os.environ.get(API_KEY_ENV), max_tokens=args.serve_max_tokens)
         try:

@@ -11,7 +11,7 @@ The rules (docs/labeling.md says the same):
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
   them. A pair with no majority (or equal ratings) is a tie. `dawid_skene` weighs each vote by
-  its annotator's estimated reliability (labeling.agreement: a one-coin Dawid-Skene model fitted
+  its annotator's estimated reliability (align.labeling.agreement: a one-coin Dawid-Skene model fitted
   on every ranking, gold tasks' answers fixed) and orders each pair by the posterior probability;
   its pairs carry that probability (`p_chosen`, a soft label) and `weight` = 2 p_chosen - 1 (0 for
   a coin flip, 1 for certain; a kept tie has exactly 1/2 and 0); `min_posterior` drops the pairs
@@ -58,18 +58,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labeling.agreement import (
+from align.labeling.agreement import (
     annotator_reliability,
     copy_groups,
     merge_copies,
     rankings_for_reliability,
     task_agreement,
 )
-from labeling.store import Store, readable
+from align.labeling.store import Store, readable
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
 # only names a later export may replace there.
-MANIFEST = "align.json"  # alignment.artifacts.MANIFEST, the stage's "finished" mark (labeling imports no alignment)
+MANIFEST = "align.json"  # align.artifacts.MANIFEST, the stage's "finished" mark (align.labeling imports nothing else of align)
 WRITTEN = ("dataset_dict.json", "train", "test", "train.jsonl", "test.jsonl", "summary.json", MANIFEST,
            "config.yaml", "metrics.jsonl")
 # combine=dawid_skene: a posterior within this of 1/2 is a tie. EM stops when no annotator's accuracy moves by
@@ -180,8 +180,8 @@ def bradley_terry(comparisons: list[tuple[int, int, float]], k: int, *, iters: i
     """Log-strengths of responses 0..k-1 from (a, b, outcome) with 1 = a better, 0 = b better, 0.5 = tie.
 
     Hunter's (2004) minorisation-maximisation with `prior` virtual ties between every two responses,
-    so one that never loses keeps a finite strength. The same fit as alignment.evaluation's
-    (labeling/ does not import alignment/, and this one needs no numpy for K <= 8).
+    so one that never loses keeps a finite strength. The same fit as align.evaluation's
+    (align/labeling/ imports nothing else of align/, and this one needs no numpy for K <= 8).
     """
     wins = [[0.0 if a == b else prior / 2 for b in range(k)] for a in range(k)]
     for a, b, outcome in comparisons:
@@ -200,7 +200,7 @@ def bradley_terry(comparisons: list[tuple[int, int, float]], k: int, *, iters: i
 
 def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, test) with every prompt on one side only (alignment.preferences splits a file without a test part
+    """(train, test) with every prompt on one side only (align.preferences splits a file without a test part
     by this too)."""
     prompts = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rows))
     n_test = round(len(prompts) * test_fraction)
@@ -215,7 +215,7 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
 
 def dense_ranks(ranks: list[int]) -> list[int]:
     """A ranking renumbered so tied answers share a rank and the next answer takes the next one (1, 1, 2, 3),
-    as labeling.simulate.ranks_from_scores writes them. The store accepts either numbering of a tie (1, 1, 3, 4
+    as align.labeling.simulate.ranks_from_scores writes them. The store accepts either numbering of a tie (1, 1, 3, 4
     too), and only the order is the annotator's: the margin, a distance of ranks, must not depend on which."""
     distinct = sorted(set(ranks))
     return [distinct.index(r) + 1 for r in ranks]

@@ -1,7 +1,7 @@
 """What the labelling app does, as pure functions of (store, session, inputs): tested without a browser.
 
-The app (labeling/app.py) is layout only and calls these. A session is the dict `sign_in`
-returns (the app gets it from the request's signed cookie, labeling/auth.py); a task view is
+The app (align/labeling/app.py) is layout only and calls these. A session is the dict `sign_in`
+returns (the app gets it from the request's signed cookie, align/labeling/auth.py); a task view is
 what `next_task` returns: the prompt and the responses in the order this annotator sees them
 (shuffled per annotator, blind: no model names), plus `order`, the canonical index of each
 shown response. `submit`, `save_draft` and `skip` name their task by id (a page names it by an opaque
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
+from align.labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
 
 FLAGS = ("all_bad", "unsafe")
 MAX_RATIONALE = 5000  # characters: a reason, not a document (it is saved at each keystroke, exported with the pair)
@@ -623,7 +623,7 @@ def export_flagged(export_dir: str | Path | None) -> str:
 
 def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flagged: str = "keep") -> dict[str, Any]:
     """Progress, throughput, gold accuracy, reliability and agreement; `pending` counts rankings still needed at
-    `overlap`. Reliability is what `align export` estimates (labeling.agreement.annotator_reliability): each
+    `overlap`. Reliability is what `align export` estimates (align.labeling.agreement.annotator_reliability): each
     annotator's estimated accuracy with its 95 % interval, the weight their votes get and their gold accuracy
     (its share of their votes on gold tasks' pairs that match the gold answer); `warnings` are its
     sentences on annotators it trusts against their gold answers (Reliability.warnings), which `align export`
@@ -631,7 +631,7 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flag
     read the rankings the export reads (rankings_for_reliability, with the export's `flagged`): never the A/B
     verdicts of align eval human=true, whose "A" and "B" are the shown sides, no ranks of answers."""
     _require_admin(session)
-    from labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
+    from align.labeling.agreement import agreement_summary, annotator_reliability, rankings_for_reliability
 
     rows = store.submitted_rankings()
     read = rankings_for_reliability(rows, flagged=flagged)
@@ -656,6 +656,6 @@ def admin_stats(store: Store, session: dict[str, Any], *, overlap: int = 1, flag
 
 
 def export(session: dict[str, Any], run_export: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The admin's Export button: `run_export` is `align export` on the run's preferences folder (labeling/cli.py)."""
+    """The admin's Export button: `run_export` is `align export` on the run's preferences folder (align/labeling/cli.py)."""
     _require_admin(session)
     return run_export()

@@ -4,7 +4,7 @@
     align label --serve-url http://127.0.0.1:8000/v1             # the app, with the Playground tab
 
 The app talks HTTP to the OpenAI-compatible endpoint of `align serve` (or any such server, vLLM's
-included): labeling imports nothing from alignment/ or torch. The URL is fixed when the app starts
+included): align/labeling/ imports nothing else of align/, nor torch. The URL is fixed when the app starts
 and the API key comes from the ALIGN_SERVE_API_KEY environment variable, never from the command
 line or the page: a user picks models and types messages, and nothing a user sends can make the
 app fetch another URL (the model name and the messages travel in the JSON body). Redirects are not
@@ -38,9 +38,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from labeling.handlers import text_html
+from align.labeling.handlers import text_html
 
-API_KEY_ENV = "ALIGN_SERVE_API_KEY"  # the same variable `align serve` reads (alignment/serving.py)
+API_KEY_ENV = "ALIGN_SERVE_API_KEY"  # the same variable `align serve` reads (align/serving.py)
 MAX_MESSAGE_CHARS = 4000  # one message typed in the tab
 MAX_TURNS = 20  # messages of the user per conversation; Clear starts a new one
 MAX_ANSWER_CHARS = 50_000  # an answer longer than this (a server without max_tokens) is cut
@@ -73,7 +73,7 @@ class ServeClient:
         # None: sent without max_tokens, so the server's default applies, lowered to what the model's context
         # leaves after the conversation (align serve and vLLM); a number sent can be more than is left.
         self.max_tokens = max_tokens
-        api_key = (api_key or "").strip()  # as `align serve` reads the same variable (alignment/serving.py)
+        api_key = (api_key or "").strip()  # as `align serve` reads the same variable (align/serving.py)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # One client for the app's life (pooled connections); no redirects, no proxies from the environment.
         self.http = httpx.Client(base_url=self.url + "/", headers=headers, follow_redirects=False, trust_env=False,

@@ -1,9 +1,9 @@
 """The labelling app's web server: a sign-in page, the session cookie, and the Gradio app behind them.
 
-    align label --run-dir runs/quickstart      (labeling/cli.py builds this and serves it)
+    align label --run-dir runs/quickstart      (align/labeling/cli.py builds this and serves it)
 
-One FastAPI app: `GET/POST /login` and `POST /logout` are ours (labeling/auth.py does the work),
-and the Gradio Blocks of labeling/app.py is mounted at `/` behind `RequireSession`. That
+One FastAPI app: `GET/POST /login` and `POST /logout` are ours (align/labeling/auth.py does the work),
+and the Gradio Blocks of align/labeling/app.py is mounted at `/` behind `RequireSession`. That
 middleware answers every request without a valid session itself (a redirect to /login for a
 page, 401 for anything else; 503 when the store cannot say whether it is valid) before Gradio sees
 it, so anonymous traffic never creates Gradio session state: Gradio keeps 10,000 sessions and
@@ -55,9 +55,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 
-from labeling import auth
-from labeling.app import STORE_ERRORS, build_app
-from labeling.store import Store
+from align.labeling import auth
+from align.labeling.app import STORE_ERRORS, build_app
+from align.labeling.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class RequireSession:
                 {"detail": "not signed in, or " + auth.SESSION_ENDED}, status_code=401))
             await response(scope, receive, send_secured)
             return
-        # Gradio and labeling/app.py (which reads auth.COOKIE on each event) see the one cookie checked here, by
+        # Gradio and align/labeling/app.py (which reads auth.COOKIE on each event) see the one cookie checked here, by
         # its plain name, and no other: never a second session cookie that Starlette would prefer.
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"cookie"]
                  + [(b"cookie", f"{auth.COOKIE}={value}".encode())]}
@@ -387,7 +387,7 @@ class RequireSession:
 
 def _store_down(page: bool, text: str = PAGE_NOT_SHOWN) -> Response:
     """503 for a request the store could not check or serve: a short page saying `text` for a page load, JSON for
-    a call (the page keeps what it holds and says "Not saved": labeling/app.py's PAGE_JS)."""
+    a call (the page keeps what it holds and says "Not saved": align/labeling/app.py's PAGE_JS)."""
     if page:
         return HTMLResponse(STORE_DOWN_PAGE.format(text=html.escape(text)), status_code=503,
                             headers={"Retry-After": "10"})
@@ -444,7 +444,7 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_hours: float = auth.SESSION_HOURS,
                **layout: Any) -> FastAPI:
-    """The whole web app on `store`; `layout` goes to labeling.app.build_app (overlap, batch, export, ...)."""
+    """The whole web app on `store`; `layout` goes to align.labeling.app.build_app (overlap, batch, export, ...)."""
     throttle = throttle or auth.Throttle()
     secret = store.secret()
     blocks = build_app(store, secret=secret, **layout)

@@ -28,9 +28,9 @@ import time
 
 from tqdm.auto import tqdm
 
-from labeling import handlers
-from labeling.scorers import resolve_scorer
-from labeling.store import Store
+from align.labeling import handlers
+from align.labeling.scorers import resolve_scorer
+from align.labeling.store import Store
 
 log = logging.getLogger(__name__)
 

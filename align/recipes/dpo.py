@@ -28,8 +28,8 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import common_prefix_length
 
-from alignment import StageError, report
-from alignment.artifacts import (
+from align import StageError, report
+from align.artifacts import (
     eval_command,
     is_main_process,
     model_identity,
@@ -39,10 +39,10 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import DPOStageConfig, ModelConfig, save_config, to_dict
-from alignment.cpu import restore_policy_from_ref, speed_up_cpu_training
-from alignment.data import file_hash
-from alignment.gpu_training import (
+from align.config import DPOStageConfig, ModelConfig, save_config, to_dict
+from align.cpu import restore_policy_from_ref, speed_up_cpu_training
+from align.data import file_hash
+from align.gpu_training import (
     adapter_settings,
     describe_levers,
     fit_checkpointing,
@@ -50,7 +50,7 @@ from alignment.gpu_training import (
     peak_gpu_mib,
     use_liger,
 )
-from alignment.modeling import (
+from align.modeling import (
     DevicePlan,
     adapter_base_name,
     device_plan,
@@ -59,11 +59,11 @@ from alignment.modeling import (
     load_tokenizer,
     unseen_quantization,
 )
-from alignment.preferences import add_system_prompt, load_preferences
-from alignment.preflight import check_stage
-from alignment.reward_model import probe_warning
-from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import (
+from align.preferences import add_system_prompt, load_preferences
+from align.preflight import check_stage
+from align.reward_model import probe_warning
+from align.tracking import finish_wandb, log_artifact, start_wandb_run
+from align.training import (
     HeldoutPairs,
     MetricsJSONL,
     ThisRunsRate,
@@ -88,10 +88,10 @@ class AlignDPOTrainer(DPOTrainer):
     A K-wise ranking's pairs share their responses; with `group_by_ranking` a batch keeps each
     ranking's pairs together, so a batch of 8 pairs (16 rows) from two K=4 rankings holds 8
     distinct responses, and the forward passes that cost the step halve. The loss, its gradients
-    and every logged figure are those of running each row (alignment.training.UniqueRows, which
+    and every logged figure are those of running each row (align.training.UniqueRows, which
     expands TRL's per-token outputs back to the rows).
 
-    Each evaluation also records every held-out pair's log-probs (alignment.training.HeldoutPairs): TRL's
+    Each evaluation also records every held-out pair's log-probs (align.training.HeldoutPairs): TRL's
     eval figures are means of per-batch means; the manifest's are over the pairs. In training every pair
     weighs the same whatever the size of its batch (_compute_loss).
     """
@@ -229,7 +229,7 @@ def count_too_long(pairs, tokenizer, max_length: int) -> tuple[int, int]:
 
 
 def dpo_args(cfg: DPOStageConfig, out: Path, plan: DevicePlan, has_eval: bool) -> DPOConfig:
-    """TRL's DPOConfig from ours: the shared mapping (alignment.training) plus DPO's own keys."""
+    """TRL's DPOConfig from ours: the shared mapping (align.training) plus DPO's own keys."""
     return trl_args(
         DPOConfig, cfg.train, plan, cfg.run, "dpo", out, has_eval=has_eval,
         max_length=cfg.model.max_length,
@@ -255,7 +255,7 @@ def main(cfg: DPOStageConfig) -> Path:
         raise StageError(f"no preference data at {data_path}: run `align export run.dir={cfg.run.dir}` first, "
                          "or pass data.path=<folder or .jsonl>")
     # DPO never runs the reward model, but one trained on these pairs that pays for a phrase says the
-    # labels may teach DPO the same habit (alignment.reward_model.probe).
+    # labels may teach DPO the same habit (align.reward_model.probe).
     probe_note = probe_warning(stage_dir(cfg.run.dir, "reward"), data_path)
     if probe_note:
         log.warning(probe_note)
@@ -340,7 +340,7 @@ def main(cfg: DPOStageConfig) -> Path:
     if "ref" not in policy.peft_config:
         raise StageError("DPOTrainer made no frozen 'ref' copy of the SFT adapter, so the reference would be the raw "
                          "base; refusing (check the installed trl/peft against pyproject.toml)")
-    # Step 0 exactly the SFT policy, its adapter trained in fp32, on every device (alignment.cpu): TRL
+    # Step 0 exactly the SFT policy, its adapter trained in fp32, on every device (align.cpu): TRL
     # rounds a 4-bit model's adapter to bf16, where an update under ~1/256 of a weight is lost.
     restore_policy_from_ref(policy)
     one_trainable_dtype(policy)  # sharded: DoRA's magnitudes too

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignment import StageError, refuse_several_processes
-from alignment import evaluation as ev
-from alignment import report as report_module
-from alignment.artifacts import (
+from align import StageError, refuse_several_processes
+from align import evaluation as ev
+from align import report as report_module
+from align.artifacts import (
     STORE_FILE,
     key_prefix,
     parent_path,
@@ -43,10 +43,10 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import EvalStageConfig, save_config, to_dict
-from alignment.cpu import keep_4bit_for_dora
-from alignment.data import file_hash, load_prompts, read_sft_examples
-from alignment.generation import (
+from align.config import EvalStageConfig, save_config, to_dict
+from align.cpu import keep_4bit_for_dora
+from align.data import file_hash, load_prompts, read_sft_examples
+from align.generation import (
     DecodingProgress,
     Policy,
     chat_prompt,
@@ -55,10 +55,10 @@ from alignment.generation import (
     plain_sampling,
     stop_ids,
 )
-from alignment.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
-from alignment.preflight import check_stage
-from alignment.rl import response_mask
-from alignment.tracking import Tracker, log_artifact, scalars
+from align.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
+from align.preflight import check_stage
+from align.rl import response_mask
+from align.tracking import Tracker, log_artifact, scalars
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def trained_prompts(folder: Path, seen: set[Path] | None = None, unread: list[st
     manifests: SFT's instructions (its held-out share included), the prompts of DPO's training pairs,
     PPO's (or GRPO's, RLOO's) rollout prompts. Each file is read where its stage read it (recorded_path);
     one that cannot be read is added to `unread` ("<file> (<stage> of <folder>): <why>")."""
-    from alignment.preferences import load_preferences
+    from align.preferences import load_preferences
 
     seen = seen if seen is not None else set()
     if folder in seen or not (folder / "align.json").is_file():
@@ -243,7 +243,7 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     judges: dict[str, dict[str, list[float]]] = {}
     rm_path = reward_model_path(cfg)
     if rm_path is not None and rm_path.exists():
-        from alignment.reward_model import load_reward_model, score
+        from align.reward_model import load_reward_model, score
 
         rm, rm_tok = load_reward_model(rm_path)
         system_prompt = system_prompt_of(rm_path)  # the one it was trained with
@@ -257,7 +257,7 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     elif rm_path is not None and cfg.reward_model:
         raise StageError(f"reward model {rm_path} not found")
     if cfg.scorer:
-        from labeling.scorers import resolve_scorer
+        from align.labeling.scorers import resolve_scorer
 
         fn = resolve_scorer(cfg.scorer)
         judges[f"scorer:{cfg.scorer}"] = {n: [float(fn(p, x)) for p, x in zip(prompts, r, strict=True)]
@@ -296,8 +296,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     (those on an earlier version are counted apart, as `stale_comparisons`). A policy this eval does not
     load is as its run's stage folder (<run.dir>/ppo, ...) holds it now; with no such folder, its verdicts are
     stale too: nothing says they judge a policy that still exists."""
-    from labeling.export import verdicts_fingerprint
-    from labeling.store import Store
+    from align.labeling.export import verdicts_fingerprint
+    from align.labeling.store import Store
 
     versions = dict(versions or {})
     store = Store(run_store(cfg.store, cfg.run.dir, key_prefix("eval") + "store"))
@@ -351,7 +351,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
 
 def label_where(cfg: EvalStageConfig) -> str:
     """`align label`'s arguments for the store the A/B tasks went to: --db unless it is run.dir's own labels.db."""
-    from labeling.store import safe_url, sqlite_path
+    from align.labeling.store import safe_url, sqlite_path
 
     url = run_store(cfg.store, cfg.run.dir)
     own = sqlite_path(url) is not None and Path(sqlite_path(url)).resolve() == (Path(cfg.run.dir) / STORE_FILE).resolve()

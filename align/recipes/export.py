@@ -9,9 +9,9 @@ TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenanc
 (task, annotators, agreement, margin, votes each way, source checkpoint; with combine=dawid_skene the
 posterior `p_chosen` and a `weight`; `flag`: the flags of the task's rankings, "" for none). Each annotator's estimated reliability (accuracy, interval,
 vote weight) goes to summary.json, the manifest and W&B (a table). The rules that turn K-wise rankings
-from several annotators into pairs live in `labeling/export.py` (and docs/labeling.md). It never
+from several annotators into pairs live in `align/labeling/export.py` (and docs/labeling.md). It never
 deletes what it did not write: an output folder that is not a previous export is refused.
-The labelling app's Export button runs this same recipe (alignment.cli.export_for_label_app).
+The labelling app's Export button runs this same recipe (align.cli.export_for_label_app).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import json
 import logging
 from pathlib import Path
 
-from alignment import StageError, refuse_several_processes, report
-from alignment.artifacts import print_done, stage_command, stage_dir, store_url, write_manifest
-from alignment.config import ExportStageConfig, save_config, to_dict
-from alignment.preflight import check_stage
-from alignment.tracking import Tracker, log_artifact
+from align import StageError, refuse_several_processes, report
+from align.artifacts import print_done, stage_command, stage_dir, store_url, write_manifest
+from align.config import ExportStageConfig, save_config, to_dict
+from align.preflight import check_stage
+from align.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def reliability_rows(people: dict[str, dict]) -> list[list]:
 
 
 def main(cfg: ExportStageConfig) -> Path:
-    from labeling.export import ExportError, check_batches, export_preferences
-    from labeling.store import Store
+    from align.labeling.export import ExportError, check_batches, export_preferences
+    from align.labeling.store import Store
 
     refuse_several_processes("export", "every process would write the same preferences folder")
     check_stage("export", cfg)  # the store and the paths before anything is written

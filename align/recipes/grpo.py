@@ -6,7 +6,7 @@
 
 One command with PPO on purpose: the same config (`rl.*`, `generation.*`, `train.*`), the same
 reward (the reward model past its gate, or `scorer=`) and the same starting policy; only the
-algorithm differs, so `algo=` picks it and alignment.artifacts routes `align ppo` here.
+algorithm differs, so `algo=` picks it and align.artifacts routes `align ppo` here.
 
 The policy is the SFT adapter as a PeftModel (without one, a fresh LoRA on model.name); with
 rl.kl_coef > 0 TRL adds a frozen "ref" copy of it as the reference, as DPO does. The reward is
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from alignment import process_count, report
-from alignment import rl as R
-from alignment.artifacts import (
+from align import process_count, report
+from align import rl as R
+from align.artifacts import (
     eval_command,
     is_main_process,
     key_prefix,
@@ -39,10 +39,10 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
-from alignment.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
-from alignment.data import file_hash, load_prompts, with_system_prompt
-from alignment.gpu_training import (
+from align.config import ConfigError, PPOStageConfig, save_config, to_dict
+from align.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
+from align.data import file_hash, load_prompts, with_system_prompt
+from align.gpu_training import (
     adapter_settings,
     describe_levers,
     fit_checkpointing,
@@ -50,7 +50,7 @@ from alignment.gpu_training import (
     peak_gpu_mib,
     use_liger,
 )
-from alignment.modeling import (
+from align.modeling import (
     adapter_base_name,
     check_liger,
     device_plan,
@@ -59,9 +59,9 @@ from alignment.modeling import (
     peft_lora_config,
     unseen_quantization,
 )
-from alignment.preflight import check_stage
-from alignment.tracking import finish_wandb, log_artifact, start_wandb_run
-from alignment.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_from, train_loss, trl_args
+from align.preflight import check_stage
+from align.tracking import finish_wandb, log_artifact, start_wandb_run
+from align.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_from, train_loss, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 def check(cfg: PPOStageConfig) -> None:
     """What is left to check once the config's own rules (PPOStageConfig.validate) have passed."""
     if cfg.algo not in ("grpo", "rloo"):
-        raise ConfigError(f"algo={cfg.algo} is run by recipes/ppo.py (alignment.artifacts.run_stage routes it)")
+        raise ConfigError(f"algo={cfg.algo} is run by align/recipes/ppo.py (align.artifacts.run_stage routes it)")
     R.check(cfg)
     if cfg.rl.rollout_prompts % _world():
         raise ConfigError(f"rl.rollout_prompts={cfg.rl.rollout_prompts}: a step's completions are split between "
@@ -84,7 +84,7 @@ PPO_ONLY = ("minibatch_size", "ppo_epochs", "kl_control", "kl_target", "kl_horiz
 
 def ignored_settings(cfg: PPOStageConfig) -> list[str]:
     """The PPO-only rl.* keys set away from their defaults (the quickstart's ppo.yaml sets several)."""
-    from alignment.config import RLConfig
+    from align.config import RLConfig
 
     default = RLConfig()
     return [f"rl.{k}" for k in PPO_ONLY if getattr(cfg.rl, k) != getattr(default, k)]
@@ -112,7 +112,7 @@ def tokens_per_step(cfg: PPOStageConfig, tokenizer, prompts: list[list[dict]]) -
 
 
 def grpo_args(cfg: PPOStageConfig, plan, out: Path):
-    """TRL's GRPOConfig or RLOOConfig: the shared mapping (alignment.training) plus the RL keys."""
+    """TRL's GRPOConfig or RLOOConfig: the shared mapping (align.training) plus the RL keys."""
     if cfg.algo == "grpo":
         from trl import GRPOConfig as Config
     else:

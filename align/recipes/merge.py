@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from alignment import StageError, refuse_several_processes
-from alignment.artifacts import merge_paths, print_done, read_manifest, system_prompt_of, write_manifest
-from alignment.config import MergeStageConfig, ModelConfig, save_config, to_dict
-from alignment.generation import stop_ids
-from alignment.modeling import (
+from align import StageError, refuse_several_processes
+from align.artifacts import merge_paths, print_done, read_manifest, system_prompt_of, write_manifest
+from align.config import MergeStageConfig, ModelConfig, save_config, to_dict
+from align.generation import stop_ids
+from align.modeling import (
     adapter_base_name,
     device_plan,
     is_adapter_dir,
@@ -39,7 +39,7 @@ from alignment.modeling import (
     resolve_model_path,
     trained_model_settings,
 )
-from alignment.preflight import check_stage
+from align.preflight import check_stage
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@
     align pipeline --config configs/quickstart/pipeline.yaml rounds=2 label=human
 
 `stages:` says which stages run; their order and folders are the registry's
-(alignment.artifacts.STAGES), and each runs through it (so `ppo.algo=grpo` runs recipes/grpo.py
+(align.artifacts.STAGES), and each runs through it (so `ppo.algo=grpo` runs align/recipes/grpo.py
 and is found in grpo/). Each stage's input defaults to its upstream artifact in run.dir, and the
 keys that wire them (sample.policy, dpo.sft, export.output, ...) are the pipeline's: set, they are
-refused (alignment.preflight). A stage whose artifact is complete (its align.json exists) with the
+refused (align.preflight). A stage whose artifact is complete (its align.json exists) with the
 same config (W&B and resume settings aside), its upstream artifacts and the data files it read
 unchanged since, is skipped (`already_done`), so a killed pipeline picks up where it stopped.
 Labelling is `simulate` (a scorer ranks, through the same submit path as a person) or `human`
@@ -17,7 +17,7 @@ sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, sample.store, default <run.dir>/labels.db: every round's
 samples and eval human=true's A/B tasks go there); each round keeps its figures.
 Round 0 samples the first `sample.num_prompts` prompts, and each later round from the prompts no
-earlier round used (recipes/sample.py); with `sample.selection: uncertainty`, a later round picks
+earlier round used (align/recipes/sample.py); with `sample.selection: uncertainty`, a later round picks
 them from `sample.pool_factor` x as many by the previous round's reward model (docs/active.md),
 and the labelling queue hands them out most uncertain first.
 """
@@ -35,9 +35,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from alignment import StageError, artifacts
-from alignment import report as report_module
-from alignment.artifacts import (
+from align import StageError, artifacts
+from align import report as report_module
+from align.artifacts import (
     MANIFEST,
     in_this_run,
     missing_files,
@@ -54,14 +54,14 @@ from alignment.artifacts import (
     stage_dir,
     store_url,
 )
-from alignment.cli import Terminated
-from alignment.config import PipelineConfig, redact, to_dict
-from alignment.data import file_hash
-from alignment.embedded import model_key
-from alignment.preflight import check_stage
-from alignment.tracking import wandb_hint
-from labeling.cli import PARENT_ENV
-from labeling.export import verdicts_fingerprint
+from align.cli import Terminated
+from align.config import PipelineConfig, redact, to_dict
+from align.data import file_hash
+from align.embedded import model_key
+from align.labeling.cli import PARENT_ENV
+from align.labeling.export import verdicts_fingerprint
+from align.preflight import check_stage
+from align.tracking import wandb_hint
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ PATHS = ("dir", "sft", "policy", "reward_model", "selection_reward_model", "outp
 
 
 def _made_by(config: dict[str, Any]) -> dict[str, Any]:
-    from labeling.store import sqlite_path
+    from align.labeling.store import sqlite_path
 
     config = redact(json.loads(json.dumps(config, default=str)))  # as written: a URL's password masked
     for section, key in UNMADE:
@@ -123,7 +123,7 @@ def _made_by(config: dict[str, Any]) -> dict[str, Any]:
 # Keys added since a stage may have run whose effect its other records cover: export.reliability_batches, which
 # changes only which rankings the estimate reads, and its rankings_sha256 fingerprints exactly those; and
 # export.flagged, whose default (keep) changes an export only where a ranking it reads is flagged, which is when
-# rankings_sha256 takes the setting in (labeling.export.rankings_fingerprint): such an export is made again.
+# rankings_sha256 takes the setting in (align.labeling.export.rankings_fingerprint): such an export is made again.
 COVERED = ("reliability_batches", "flagged")
 
 
@@ -226,7 +226,7 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
 
 
 def _tasks_held(url: str, batch: str) -> int:
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     return next((b["tasks"] for b in Store(url).batch_counts() if b["batch"] == batch), 0)
 
@@ -243,10 +243,10 @@ def run_unless_done(name: str, run_dir: Path, cfg: Any, rankings: str | None = N
 
 def rankings_state(url: str, export: Any) -> str:
     """The fingerprint of the store's submitted rankings an export with these settings reads (its batches; under
-    combine=dawid_skene its reliability_batches too), as recipes/export.py records it in `rankings_sha256`: it
+    combine=dawid_skene its reliability_batches too), as align/recipes/export.py records it in `rankings_sha256`: it
     changes when rankings are added, changed, flagged or made gold."""
-    from labeling.export import rankings_fingerprint
-    from labeling.store import Store
+    from align.labeling.export import rankings_fingerprint
+    from align.labeling.store import Store
 
     store = Store(url)
     return rankings_fingerprint(store.submitted_rankings(), store.gold_answers(), batches=export.batches,
@@ -256,17 +256,17 @@ def rankings_state(url: str, export: Any) -> str:
 
 def verdicts_state(url: str) -> str:
     """The fingerprint of the store's A/B verdicts (align eval human=true), as eval records it in `rankings_sha256`."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     return verdicts_fingerprint(Store(url).submitted_rankings())
 
 
 def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
-    from labeling.store import Store, safe_url
+    from align.labeling.store import Store, safe_url
 
     store = Store(store_url(cfg.sample.store, cfg.run.dir))
     if cfg.label == "simulate":
-        from labeling.simulate import simulate, simulated_rationale
+        from align.labeling.simulate import simulate, simulated_rationale
 
         # A batch ranked by another scorer (or tie resolution) keeps those rankings: its tasks are not open
         # again, so this run would train on them while eval and the probes judge by this scorer.
@@ -293,9 +293,9 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
             print(skipped_out.format(left))
         return
     db = ["--db", cfg.sample.store] if cfg.sample.store else []  # the store sample wrote, e.g. a PostgreSQL URL
-    # With this process's pid, the app stops when it is gone, even killed by SIGKILL (labeling.cli.stop_with_parent)
-    # -P: not the working directory first on sys.path, where a user's own recipes/ or labeling/ would stand in for align's
-    app = subprocess.Popen([sys.executable, "-P", "-m", "alignment.cli", "label", "--run-dir", str(cfg.run.dir), *db],
+    # With this process's pid, the app stops when it is gone, even killed by SIGKILL (align.labeling.cli.stop_with_parent)
+    # -P: not the working directory first on sys.path, where a user's own align/ folder would stand in for ours
+    app = subprocess.Popen([sys.executable, "-P", "-m", "align.cli", "label", "--run-dir", str(cfg.run.dir), *db],
                            env={**os.environ, PARENT_ENV: str(os.getpid())})
     try:
         print(f"\nLabelling app started (see its address above). Waiting for batch {batch!r}: "
@@ -358,7 +358,7 @@ def main(cfg: PipelineConfig) -> Path:
 def warn_shipped_prompts(cfg: PipelineConfig) -> None:
     """A warning where sft trains on the user's data while a later stage still reads its default prompts, the
     shipped support data's (sft.data.path=mine alone sampled, evaluated and rolled out on support tickets)."""
-    from alignment.config import EvalStageConfig, PPOStageConfig, SampleStageConfig
+    from align.config import EvalStageConfig, PPOStageConfig, SampleStageConfig
 
     def same(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()

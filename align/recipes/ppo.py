@@ -4,7 +4,7 @@
     align ppo run.dir=runs/NAME rl.kl_coef=0.1 rl.kl_control=adaptive
     align ppo scorer=support_style                      # a programmatic reward, no reward model
     align ppo train.resume_from_checkpoint=latest       # continue a killed run where it stopped
-    align ppo algo=grpo                                 # GRPO / RLOO through TRL: recipes/grpo.py
+    align ppo algo=grpo                                 # GRPO / RLOO through TRL: align/recipes/grpo.py
 
 One base model in memory (4-bit per the device plan, fp32 compute on CPU) carrying: the policy
 adapter ("default", initialised from the SFT adapter), the reference ("ref", the SFT adapter again,
@@ -15,8 +15,8 @@ or with rl.reward_on_policy_base its adapter as a third one on this base), or `s
 Each step: sample a rollout (batched, left-padded, KV cache), score it, add a per-token KL penalty
 against the reference, GAE, then `rl.ppo_epochs` passes of clipped policy + value loss over
 minibatches. Rollouts are seeded by (seed, step), so a resumed run repeats an unkilled one. The
-maths, the reward and the checkpoints are alignment.rl's; the split between processes is
-alignment.distributed's.
+maths, the reward and the checkpoints are align.rl's; the split between processes is
+align.distributed's.
 
 Under `accelerate launch` with N processes each rank samples and scores its share of the step's
 prompts (rl.rollout_prompts / N), the gradients are averaged over the ranks before each optimizer
@@ -43,9 +43,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from alignment import StageError, process_count, report
-from alignment import rl as R
-from alignment.artifacts import (
+from align import StageError, process_count, report
+from align import rl as R
+from align.artifacts import (
     eval_command,
     is_main_process,
     print_done,
@@ -53,13 +53,13 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import ConfigError, PPOStageConfig, save_config, to_dict
-from alignment.cpu import keep_trainable_in
-from alignment.data import file_hash, load_prompts
-from alignment.distributed import Ranks
-from alignment.generation import chat_prompt, plain_sampling, stop_ids
-from alignment.gpu_training import adapter_name, adapter_settings, peak_gpu_mib
-from alignment.modeling import (
+from align.config import ConfigError, PPOStageConfig, save_config, to_dict
+from align.cpu import keep_trainable_in
+from align.data import file_hash, load_prompts
+from align.distributed import Ranks
+from align.generation import chat_prompt, plain_sampling, stop_ids
+from align.gpu_training import adapter_name, adapter_settings, peak_gpu_mib
+from align.modeling import (
     adapter_base_name,
     device_plan,
     load_base_model,
@@ -67,9 +67,9 @@ from alignment.modeling import (
     peft_lora_config,
     unseen_quantization,
 )
-from alignment.preflight import check_stage
-from alignment.tracking import Tracker, finish_wandb, log_artifact, read_jsonl
-from alignment.training import lr_scheduler
+from align.preflight import check_stage
+from align.tracking import Tracker, finish_wandb, log_artifact, read_jsonl
+from align.training import lr_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def check(cfg: PPOStageConfig) -> None:
     """What is left to check once the config's own rules (PPOStageConfig.validate) have passed."""
     rl = cfg.rl
     if cfg.algo != "ppo":
-        raise ConfigError(f"algo={cfg.algo} is run by recipes/grpo.py (alignment.artifacts.run_stage routes it)")
+        raise ConfigError(f"algo={cfg.algo} is run by align/recipes/grpo.py (align.artifacts.run_stage routes it)")
     R.check(cfg)
     world = process_count()
     if world > 1 and (rl.rollout_prompts % world or rl.minibatch_size % world):

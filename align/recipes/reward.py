@@ -10,7 +10,7 @@ in one batch (group_by_ranking). Writes <run.dir>/reward/: the adapter with the 
 tokenizer, the SFT adapter it was built on, config.yaml, metrics.jsonl, align.json with the
 held-out accuracy (the PPO gate reads it), margin, calibration and length correlation, and
 `heads` bootstrap heads on its own features (reward_heads.safetensors: the uncertainty that
-`align sample selection=uncertainty` picks tasks by; alignment/active.py).
+`align sample selection=uncertainty` picks tasks by; align/active.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignment import StageError, report
-from alignment.artifacts import (
+from align import StageError, report
+from align.artifacts import (
     is_main_process,
     model_identity,
     print_done,
@@ -43,26 +43,27 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import ConfigError, RewardStageConfig, save_config, to_dict
-from alignment.cpu import keep_trainable_in, speed_up_cpu_training
-from alignment.data import DataError, file_hash
-from alignment.gpu_training import (
+from align.config import ConfigError, RewardStageConfig, save_config, to_dict
+from align.cpu import keep_trainable_in, speed_up_cpu_training
+from align.data import DataError, file_hash
+from align.gpu_training import (
     describe_levers,
     fit_checkpointing,
     one_trainable_dtype,
     peak_gpu_mib,
     use_liger,
 )
-from alignment.modeling import (
+from align.labeling.scorers import resolve_scorer
+from align.modeling import (
     adapter_base_name,
     device_plan,
     is_adapter_dir,
     load_tokenizer,
     peft_lora_config,
 )
-from alignment.preferences import add_system_prompt, load_preferences
-from alignment.preflight import check_adapter, check_stage
-from alignment.reward_model import (
+from align.preferences import add_system_prompt, load_preferences
+from align.preflight import check_adapter, check_stage
+from align.reward_model import (
     MAX_PROBE_FLIP_RATE,
     drop_earlier_extras,
     heldout_metrics,
@@ -76,8 +77,8 @@ from alignment.reward_model import (
     score_conversations,
     score_head_in_fp32,
 )
-from alignment.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
-from alignment.training import (
+from align.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
+from align.training import (
     MetricsJSONL,
     ThisRunsRate,
     UniqueRows,
@@ -89,7 +90,6 @@ from alignment.training import (
     train_loss,
     trl_args,
 )
-from labeling.scorers import resolve_scorer
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class AlignRewardTrainer(RewardTrainer):
       takes per-index samplers, and a batch sampler is needed so a ranking never straddles two batches;
     - per-pair weights and soft labels in the loss (`weight`, `p_chosen` columns): TRL's loss reads a
       margin only. compute_loss lets TRL run the model and log its figures, then replaces the loss
-      with alignment.reward_model's (TRL's own loss in evaluation when a batch has neither column);
+      with align.reward_model's (TRL's own loss in evaluation when a batch has neither column);
     - in training, every pair weighing the same whatever the size of its batch (compute_loss);
     - TRL's held-out figures logged as what they are (log).
     """
@@ -140,7 +140,7 @@ class AlignRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pair = {k: inputs.pop(k) for k in PAIR_COLUMNS if k in inputs}
-        # Each distinct response once: a ranking's pairs share them (alignment.training.UniqueRows).
+        # Each distinct response once: a ranking's pairs share them (align.training.UniqueRows).
         unique = UniqueRows(model)
         # A ranking batch's size differs between the processes; TRL gathers the per-row rewards for its log.
         with gathers_of_any_size(self.accelerator):
@@ -369,7 +369,7 @@ def main(cfg: RewardStageConfig) -> Path:
             log.warning("reward correlates with response length (Pearson r = %.2f on held-out responses): the "
                         "model may be rewarding %s answers rather than better ones, which PPO will exploit", r,
                         "longer" if r > 0 else "shorter")
-        # --- probes: accuracy by agreement, and edits that must not win (alignment.reward_model) ---
+        # --- probes: accuracy by agreement, and edits that must not win (align.reward_model) ---
         probes = probe(lambda convs: score_conversations(trainer.model, tokenizer, convs, cfg.train.batch_size),
                        probe_pairs, chosen, rejected, scorer=resolve_scorer(cfg.probe_scorer) if cfg.probe_scorer
                        else None, scorer_name=cfg.probe_scorer)
@@ -428,13 +428,13 @@ def next_hint(run_dir: str | Path, sft: Path, data_path: Path, refused: list[str
 
 
 def ppo_gate_refuses(out: Path) -> list[str]:
-    """Every setting of PPO's gate (alignment.reward_model.gate) that refuses the reward model in `out`, each as
+    """Every setting of PPO's gate (align.reward_model.gate) that refuses the reward model in `out`, each as
     `key=value`, with the values `align ppo` would run with next (the sibling ppo.yaml of this command's
     --config, else its defaults); empty when the gate lets it through. Each is checked with the other off, so a
     hint that overrides them all is one the gate lets through."""
-    from alignment import artifacts
-    from alignment.config import PPOStageConfig, load_config
-    from alignment.reward_model import gate
+    from align import artifacts
+    from align.config import PPOStageConfig, load_config
+    from align.reward_model import gate
 
     sibling = artifacts.config_folder / "ppo.yaml" if artifacts.config_folder else None
     try:
@@ -474,7 +474,7 @@ def _log_probes(probes: dict) -> None:
 def save_uncertainty_heads(model, tokenizer, train, test, out: Path, cfg: RewardStageConfig, weighting: str) -> dict:
     """Bootstrap heads on the trained model's features of its own training pairs, with the labels its loss read
     (`weighting`: soft labels, weights or neither), saved beside it."""
-    from alignment.active import fit_reward_heads
+    from align.active import fit_reward_heads
 
     started = time.perf_counter()
     figures = fit_reward_heads(model, tokenizer, train, test, out, heads=cfg.heads, seed=cfg.train.seed,
@@ -528,7 +528,7 @@ def score_main(argv: list[str]) -> int:
     if args.jsonl:
         import codecs
 
-        from alignment.data import SUFFIXES, DataError, iter_records, json_kind, json_lines
+        from align.data import SUFFIXES, DataError, iter_records, json_kind, json_lines
 
         rows = []
         try:  # the loaders' reader (a JSON list, a BOM, CRLF, a U+2028 in a string); by lines for /dev/stdin, a .txt

@@ -13,7 +13,7 @@ Which prompts (docs/active.md): num_prompts tasks out of the first pool_factor x
 prompts. selection=random draws them at random (pool_factor=1: the first num_prompts, in order),
 writing one transaction per generation batch. selection=uncertainty samples every prompt of the
 pool, scores each candidate task by how unsure a reward model (selection_reward_model, default
-<run.dir>/reward) is about its K responses (alignment/active.py), and stores the num_prompts most
+<run.dir>/reward) is about its K responses (align/active.py), and stores the num_prompts most
 uncertain (a share `explore` drawn at random instead) with that value as their priority: the
 labelling queue hands them out highest first. `<out>/candidates.jsonl` lists every candidate's value, the
 batch's whole record: the store keeps it with the tasks (Store.batch_note), so a rerun writes it again.
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment import StageError, refuse_several_processes, report
-from alignment.artifacts import (
+from align import StageError, refuse_several_processes, report
+from align.artifacts import (
     key_prefix,
     print_done,
     read_manifest,
@@ -45,12 +45,12 @@ from alignment.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from alignment.config import SampleStageConfig, save_config, to_dict
-from alignment.data import file_hash, load_prompts
-from alignment.generation import Answer, generate_answers, load_policy
-from alignment.modeling import device_plan
-from alignment.preflight import check_stage
-from alignment.tracking import Tracker, log_artifact
+from align.config import SampleStageConfig, save_config, to_dict
+from align.data import file_hash, load_prompts
+from align.generation import Answer, generate_answers, load_policy
+from align.modeling import device_plan
+from align.preflight import check_stage
+from align.tracking import Tracker, log_artifact
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _sampled_otherwise(store, batch: str, policy_dir: Path, policy_manifest: dic
 
 
 def main(cfg: SampleStageConfig) -> Path:
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     # --- resolve inputs ---------------------------------------------------------------------
     check_stage("sample", cfg)  # every input (policy, prompts, store, reward model, paths, the machine) before any work
@@ -225,7 +225,7 @@ def main(cfg: SampleStageConfig) -> Path:
 
         # --- uncertainty: score every candidate, keep the most uncertain ---------------------
         if selector:
-            from alignment.active import choose, load_selector, queue_priorities, task_uncertainty
+            from align.active import choose, load_selector, queue_priorities, task_uncertainty
 
             model, tokenizer, heads = load_selector(selector)
             values = task_uncertainty(model, tokenizer, heads, candidates, cfg.acquisition,
@@ -290,7 +290,7 @@ def main(cfg: SampleStageConfig) -> Path:
     tracker.finish(metrics)
     log.info(json.dumps(metrics))
     # the run's folder too: the admin's Export button and the next hint write into it
-    from labeling.store import safe_url  # a password in the URL masked: hints land in logs
+    from align.labeling.store import safe_url  # a password in the URL masked: hints land in logs
 
     where = f"--run-dir {shell(cfg.run.dir)}" + (f" --db {shell(safe_url(cfg.store))}" if cfg.store else "")
     log.info("report: %s", report.write_report(cfg.run.dir))  # as every stage does: the run's, with this batch

@@ -5,7 +5,7 @@
     ALIGN_SERVE_API_KEY=$(openssl rand -hex 16) align serve run.dir=runs/q host=0.0.0.0
     align serve run.dir=runs/q generation.backend=vllm   vLLM's own server, multi-LoRA (CUDA + vllm)
 
-The base is loaded once and each adapter is attached to it with peft (alignment.chat_engine); a
+The base is loaded once and each adapter is attached to it with peft (align.chat_engine); a
 request's `model` picks the adapter (peft's set_adapter when it differs from the last request's,
 nothing reloaded), and `base` is the base with every adapter skipped. On start it prints the URL,
 the model names and a curl and an openai snippet; Ctrl-C stops it (a generation under way stops at its next token). docs/serving.md has the
@@ -24,9 +24,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-from alignment.config import ConfigError, ServeStageConfig
-from alignment.preflight import check_stage
-from alignment.serving import (
+from align.config import ConfigError, ServeStageConfig
+from align.preflight import check_stage
+from align.serving import (
     API_KEY_ENV,
     BASE,
     api_key,
@@ -59,8 +59,8 @@ def main(cfg: ServeStageConfig) -> Path:
         return run_vllm(models, base, cfg, key, port, names)
 
     # --- model ------------------------------------------------------------------------------
-    from alignment.chat_engine import ChatEngine
-    from alignment.openai_api import create_app
+    from align.chat_engine import ChatEngine
+    from align.openai_api import create_app
 
     engine = ChatEngine.load(models, base, cfg)
     app = create_app(engine, cfg, api_key=key, loopback=is_loopback(cfg.host))
@@ -138,7 +138,7 @@ align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
 def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str | None, port: int,
              names: list[str]) -> Path:
     """vLLM's OpenAI server, one base with every adapter as a LoRA module, until Ctrl-C."""
-    from alignment.artifacts import system_prompt_of
+    from align.artifacts import system_prompt_of
 
     prompted = [name for name, folder in {BASE: base, **models}.items() if system_prompt_of(folder)]
     if prompted:  # vLLM applies the chat template itself: nothing here can add a system turn per adapter
@@ -158,7 +158,7 @@ def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str
         child.send_signal(signal.SIGINT)
         code = child.wait(timeout=60)
     if code not in (0, -signal.SIGINT, 128 + signal.SIGINT):
-        from alignment import StageError
+        from align import StageError
 
         raise StageError(f"vLLM's server stopped with exit code {code}; its own messages above say why")
     print("align serve: stopped", flush=True)

@@ -17,12 +17,12 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from alignment import StageError, report
-from alignment.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
-from alignment.config import SFTStageConfig, save_config, to_dict
-from alignment.cpu import keep_trainable_in, speed_up_cpu_training
-from alignment.data import DataError, file_hash, load_sft_dataset, split_by_prompt
-from alignment.gpu_training import (
+from align import StageError, report
+from align.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
+from align.config import SFTStageConfig, save_config, to_dict
+from align.cpu import keep_trainable_in, speed_up_cpu_training
+from align.data import DataError, file_hash, load_sft_dataset, split_by_prompt
+from align.gpu_training import (
     describe_levers,
     fit_checkpointing,
     one_trainable_dtype,
@@ -31,15 +31,15 @@ from alignment.gpu_training import (
     use_liger,
     use_padding_free,
 )
-from alignment.modeling import (
+from align.modeling import (
     device_plan,
     load_base_model,
     load_tokenizer,
     peft_lora_config,
 )
-from alignment.preflight import check_stage
-from alignment.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
-from alignment.training import (
+from align.preflight import check_stage
+from align.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
+from align.training import (
     MetricsJSONL,
     ThisRunsRate,
     final_eval,
@@ -75,8 +75,8 @@ def template_refused(dataset, tokenizer, report, on_error: str, model: str):
     ones only; a template that insists on alternating turns (Llama-2, Mistral v0.1-0.2, Gemma) may refuse a later
     conversation with two user turns in a row: named by its file and line (DataError), or with data.on_error=skip
     left out, counted among the skipped and warned about, as the reader's own bad records are."""
-    from alignment.embedded import EMBEDDED_NAMES
-    from alignment.preflight import template_refusal
+    from align.embedded import EMBEDDED_NAMES
+    from align.preflight import template_refusal
 
     if model.lower() in EMBEDDED_NAMES:  # align's own template renders every role in any order
         return dataset
@@ -109,7 +109,7 @@ def without(dataset, rows: list[int]):
 
 
 def sft_args(cfg: SFTStageConfig, plan, out: Path, has_eval: bool, padding_free: bool = False) -> SFTConfig:
-    """TRL's SFTConfig from ours: the shared mapping (alignment.training) plus SFT's own keys."""
+    """TRL's SFTConfig from ours: the shared mapping (align.training) plus SFT's own keys."""
     return trl_args(
         SFTConfig, cfg.train, plan, cfg.run, "sft", out, has_eval=has_eval,
         # Padding-free: TRL enforces no max_length there; main() checked that every example fits. Packing
@@ -253,8 +253,8 @@ def main(cfg: SFTStageConfig) -> Path:
     log.info("report: %s", html)
     # Sampling's default prompts are the shipped support data's: after training on other data, the hint names it
     # (unless a sample.yaml beside this --config, which the hint names, says which prompts)
-    from alignment import artifacts
-    from alignment.config import SampleStageConfig
+    from align import artifacts
+    from align.config import SampleStageConfig
 
     own = artifacts.config_folder is not None and (artifacts.config_folder / "sample.yaml").is_file()
     shipped = Path(SampleStageConfig.prompts).resolve() == Path(cfg.data.path).resolve()
