@@ -179,7 +179,7 @@ def check_liger(liger: bool | str) -> None:
             "liger_kernel",
             no_cuda="train.liger=true needs CUDA: Liger's kernels are Triton GPU kernels and this machine "
                     "has no GPU; use train.liger=auto (on where it can run) or false",
-            missing="train.liger=true needs the liger-kernel package: pip install 'align[gpu]' "
+            missing="train.liger=true needs the liger-kernel package: pip install 'align-rlhf[gpu]' "
                     "(or pip install liger-kernel)")
 
 

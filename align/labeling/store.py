@@ -281,7 +281,7 @@ def _engine(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True,
                                connect_args={**_pg_client_timeouts(make_url(url)), "prepare_threshold": None})
     except ModuleNotFoundError:
-        raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align[postgres]'") from None
+        raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'align-rlhf[postgres]'") from None
     settings = _pg_server_timeouts(make_url(url))
     if settings:
         # Set in each transaction, not as the startup parameter `options`: PgBouncer before 1.20 refuses a
