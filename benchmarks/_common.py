@@ -7,7 +7,7 @@ base in bf16 storage), align's side whatever align decides (its `auto` levers), 
 is `torch.cuda.max_memory_allocated`; on CPU both compute in fp32 without checkpointing and peak
 memory is the process's peak RSS. TRL 1.16's SFT, DPO and reward trainers cast a 4-bit model's
 trainable LoRA weights to bf16 (the QLoRA paper's GPU recipe) and align casts them back on CPU
-(alignment.cpu.keep_trainable_in), so the TRL side does too on CPU (`fp32_adapters_on_cpu`):
+(align.cpu.keep_trainable_in), so the TRL side does too on CPU (`fp32_adapters_on_cpu`):
 otherwise it would train bf16 adapters against ours' fp32 ones. Each side's trainable dtype is
 printed with its figures.
 
@@ -127,7 +127,7 @@ def n_params(model_name: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from alignment.modeling import resolve_model_path
+    from align.modeling import resolve_model_path
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
@@ -139,7 +139,7 @@ def sized_model(size: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from alignment.embedded import embedded_model_dir
+    from align.embedded import embedded_model_dir
 
     base = embedded_model_dir()
     folder = base.parent / f"bench-{size}"
@@ -184,8 +184,8 @@ def release() -> None:
 class StepClock:
     """(time, cumulative non-pad tokens) at every logged training step: TRL's callback, and align's too.
 
-    Align's stages are run through `alignment.cli.main`, whose trainers log through
-    alignment.training.MetricsJSONL; `watch_align()` makes that callback report to this clock as well.
+    Align's stages are run through `align.cli.main`, whose trainers log through
+    align.training.MetricsJSONL; `watch_align()` makes that callback report to this clock as well.
     """
 
     def __init__(self):
@@ -210,7 +210,7 @@ class StepClock:
                 self.adapter_dtype = trainable_dtype(model)
 
     def watch_align(self) -> None:
-        from alignment import training
+        from align import training
 
         original = training.MetricsJSONL.on_log
 
@@ -292,7 +292,7 @@ def settings(args: argparse.Namespace) -> str:
 
 
 def work_share(stage_folder: Path) -> dict:
-    """Align's reward and DPO run each distinct response of a batch once (alignment.training.UniqueRows), while
+    """Align's reward and DPO run each distinct response of a batch once (align.training.UniqueRows), while
     tokens are counted over every pair's rows, as TRL's are: the share of those rows align ran, from the
     stage's manifest, so its GFLOP/s counts the work it did (with K=3 rankings, about half)."""
     manifest = json.loads((stage_folder / "align.json").read_text())
@@ -307,7 +307,7 @@ def child_result(result: dict) -> None:
 def run_sides(script: str, child_args: list[str], sides=("trl", "ours"), timeout: float | None = None) -> dict:
     """Each side in its own process, one after the other (so peak memory is its own); their RESULT dicts."""
     repo = Path(script).resolve().parents[1]
-    # The Hub's kernels the same way on both sides: off, as align runs (alignment.cli.setup_environment), unless
+    # The Hub's kernels the same way on both sides: off, as align runs (align.cli.setup_environment), unless
     # USE_HUB_KERNELS is set (plain TRL under transformers >= 5.25 would load them on CUDA, align not)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "USE_HUB_KERNELS": os.environ.get("USE_HUB_KERNELS", "NO"),
            "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}

@@ -13,7 +13,7 @@ pair of a task that is not a tie. Both are sampled once and cached in `<out>/cac
 straight to the curve; the cache is keyed by policy and generation settings).
 
 The curve: each seed draws `--start` tasks at random; then, every `--batch` tasks, each arm picks
-the next ones: `random` at random, the others by their acquisition (alignment/active.py, exactly
+the next ones: `random` at random, the others by their acquisition (align/active.py, exactly
 what `align sample selection=uncertainty acquisition=...` computes, with `--explore` as its
 explore share) under the reward model fitted to the tasks labelled so far. At each of `--at` the
 reward model is fitted again and scored on the test pairs.
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from alignment.active import HeadEnsemble, acquisition, choose, fit_heads, reward_features  # noqa: E402
+from align.active import HeadEnsemble, acquisition, choose, fit_heads, reward_features  # noqa: E402
 
 log = logging.getLogger("active_learning")
 
@@ -109,10 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sampled(path: Path, policy_dir: str, prompts_file: str, size: int, args) -> list[dict]:
     """`size` prompts answered K times by the policy, cached in `path` (JSONL, appended per generation batch)."""
-    from alignment.config import GenerationConfig, ModelConfig
-    from alignment.data import load_prompts
-    from alignment.generation import generate, load_policy
-    from alignment.modeling import device_plan
+    from align.config import GenerationConfig, ModelConfig
+    from align.data import load_prompts
+    from align.generation import generate, load_policy
+    from align.modeling import device_plan
 
     prompts = load_prompts(prompts_file)[:size]
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -139,16 +139,16 @@ def labelled_pairs(tasks: list[dict], scorer_spec: str, noise: float, seed: int 
                    tie_resolution: float = 0.0) -> list[list[tuple[int, int]]]:
     """Per task, the (chosen, rejected) response indices the simulated annotator's ranking gives (ties dropped;
     scores within `tie_resolution` of each other are ties, as `align label --tie-resolution`)."""
-    from labeling.export import task_pairs
-    from labeling.scorers import resolve_scorer
-    from labeling.simulate import ranks_from_scores
+    from align.labeling.export import task_pairs
+    from align.labeling.scorers import resolve_scorer
+    from align.labeling.simulate import ranks_from_scores
 
     scorer = resolve_scorer(scorer_spec)
     rng = random.Random(seed)
     out = []
     for task in tasks:
         scores = [float(scorer(task["prompt"], r)) for r in task["responses"]]
-        if noise > 0:  # as labeling.simulate: Gaussian noise scaled to the task's spread of scores
+        if noise > 0:  # as align.labeling.simulate: Gaussian noise scaled to the task's spread of scores
             spread = (max(scores) - min(scores)) or 1.0
             scores = [s + rng.gauss(0, noise * spread) for s in scores]
         # identical responses never make a pair (align export's rule)
@@ -161,9 +161,9 @@ def trunk_features(tasks: list[dict], policy_dir: str, max_length: int, path: Pa
     """[tasks, K, D]: the hidden state a fresh score head on the SFT model reads, per response (cached)."""
     if path.is_file():
         return torch.load(path)
-    from alignment.config import ModelConfig
-    from alignment.modeling import adapter_base_name, device_plan, load_tokenizer
-    from alignment.reward_model import reward_base
+    from align.config import ModelConfig
+    from align.modeling import adapter_base_name, device_plan, load_tokenizer
+    from align.reward_model import reward_base
 
     cfg = ModelConfig(name=adapter_base_name(policy_dir), quantize=False)
     model = reward_base(cfg, device_plan(cfg), policy_dir, training=False)
@@ -286,7 +286,7 @@ def real_reward(arm: str, seed: int, n: int, curve: dict, tasks: list[dict], pai
     import yaml
     from datasets import Dataset, DatasetDict
 
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     folder = out / "real" / f"{arm}-n{n}-s{seed}"
     done = folder / "run" / "reward" / "align.json"
@@ -374,13 +374,13 @@ def table_text(table: dict, args, test_n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="active_learning: %(message)s")
-    from alignment.cli import setup_environment
+    from align.cli import setup_environment
 
     setup_environment()
     run_dir = Path(args.run_dir)
     policy = args.policy or str(run_dir / "sft")
     out = Path(args.out) if args.out else run_dir / "active_learning"
-    from alignment.data import file_hash
+    from align.data import file_hash
 
     # The sampled pool and test set are reused while these are the same, the prompt files' contents included; the
     # annotator's settings are in the labels' key (args.cache_key), which the real reward models check too
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "curve.json").write_text(json.dumps(summary, indent=1))
     plot(table, real, args, out / "curve.png")
     (out / "curve.txt").write_text(text + "\n")
-    from alignment.artifacts import write_manifest
+    from align.artifacts import write_manifest
 
     last = table[args.at[-1]]
     metrics = {f"{arm}/accuracy@{args.at[-1]}": last[arm]["accuracy"] for arm in args.arms}
@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _wandb(table: dict, summary: dict, metrics: dict, out: Path, run_dir: Path, args) -> None:
     """The curve as a W&B run of the run directory's group: a step per labelled-task count, the plot, the table."""
-    from alignment.config import RunConfig
-    from alignment.tracking import Tracker
+    from align.config import RunConfig
+    from align.tracking import Tracker
 
     tracker = Tracker(RunConfig(dir=str(run_dir if out.parent == run_dir else out), wandb=args.wandb),
                       "active_learning", out, summary["settings"])

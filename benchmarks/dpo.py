@@ -75,7 +75,7 @@ def fresh_adapter(model_name: str, folder: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.modeling import resolve_model_path
+    from align.modeling import resolve_model_path
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=compute_dtype(),
                                                 device_map={"": 0} if cuda() else None)
@@ -89,7 +89,7 @@ def fresh_adapter(model_name: str, folder: Path) -> Path:
 
 
 def run_ours(args, out: Path, data: Path, sft: Path, clock: StepClock) -> dict:
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     clock.watch_align()
     rc = align(["dpo", "--config", str(REPO / "configs/quickstart/dpo.yaml"), f"sft={sft}",
@@ -107,8 +107,8 @@ def run_trl(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from alignment.modeling import adapter_base_name, resolve_model_path
-    from alignment.preferences import load_preferences
+    from align.modeling import adapter_base_name, resolve_model_path
+    from align.preferences import load_preferences
 
     path = resolve_model_path(adapter_base_name(sft))
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(args.quantize))
@@ -127,7 +127,7 @@ def run_trl(args, out: Path, data: Path, sft: Path, clock: StepClock) -> None:
 
 
 def child(args) -> None:
-    from alignment.cli import setup_environment
+    from align.cli import setup_environment
 
     setup_environment()
     clock = StepClock()
@@ -160,7 +160,7 @@ def main() -> None:
     if not (args := parse_or_run_child(parser, child, check)):
         return
 
-    from alignment.modeling import adapter_base_name
+    from align.modeling import adapter_base_name
 
     with tempfile.TemporaryDirectory(prefix="align-dpo-bench-") as tmp:
         sft = args.sft or str(fresh_adapter(args.model, Path(tmp) / "sft"))

@@ -5,7 +5,7 @@
     pip install --no-deps --target /tmp/trl112 trl==1.12.0    # once: TRL 1.12 beside the venv's TRL
     python benchmarks/ppo.py --trl112 /tmp/trl112 --sft runs/quickstart/sft --reward runs/quickstart/reward
 
-Runs the real stage through `alignment.cli.main` and reads its metrics.jsonl: the rollout
+Runs the real stage through `align.cli.main` and reads its metrics.jsonl: the rollout
 (generation with the KV cache) and the update (old/ref/value forwards + ppo_epochs of minibatch
 forward/backward) per step, response tokens per second, and peak RSS. Step 1 is left out of the
 medians (it pays one-off costs). The reward is `--reward` (an `align reward` folder) or else a
@@ -62,8 +62,8 @@ def main() -> int:
         args.no_quantize = True  # the same work on both sides (see above)
     sys.path.insert(0, str(REPO))
 
-    from alignment.cli import main as align
-    from alignment.tracking import read_jsonl
+    from align.cli import main as align
+    from align.tracking import read_jsonl
 
     with tempfile.TemporaryDirectory(prefix="align-ppo-bench-") as tmp:
         started = time.perf_counter()

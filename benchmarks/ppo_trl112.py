@@ -50,7 +50,7 @@ def main() -> int:
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from alignment.embedded import embedded_model_dir
+    from align.embedded import embedded_model_dir
 
     assert trl.__version__.startswith("1.12"), f"expected TRL 1.12 first on the path, got {trl.__version__}"
     base = str(embedded_model_dir())

@@ -41,7 +41,7 @@ VARIANTS = {"majority": ("majority", "off"), "dawid_skene_soft": ("dawid_skene",
 
 def truth_pairs(store, prompts: set[str]) -> list[tuple[str, str, str]]:
     """(prompt, better, worse) for every two responses of the tasks of `prompts` that support_style orders."""
-    from labeling.scorers import support_style
+    from align.labeling.scorers import support_style
 
     out = []
     for task in store.batch_tasks("round-0"):
@@ -56,7 +56,7 @@ def truth_pairs(store, prompts: set[str]) -> list[tuple[str, str, str]]:
 
 def eval_pairs(source: Path) -> list[tuple[str, str, str]]:
     """(prompt, better, worse) from the eval stage's samples of `source`: its sft and dpo answers, by support_style."""
-    from labeling.scorers import support_style
+    from align.labeling.scorers import support_style
 
     path = source / "eval" / "samples.jsonl"
     out = []
@@ -86,11 +86,11 @@ def main() -> int:
     parser.add_argument("--json", help="append the figures to this file as one JSON line")
     args = parser.parse_args()
 
-    from alignment.cli import main as align
-    from labeling.export import build_pairs
-    from labeling.scorers import support_style
-    from labeling.simulate import simulate
-    from labeling.store import Store
+    from align.cli import main as align
+    from align.labeling.export import build_pairs
+    from align.labeling.scorers import support_style
+    from align.labeling.simulate import simulate
+    from align.labeling.store import Store
 
     source, out = Path(args.source), Path(args.out)
     if out.exists():
@@ -146,7 +146,7 @@ def main() -> int:
         test_prompts = {p[-1]["content"] for p in load_from_disk(str(run / "majority" / "preferences"))["test"]["prompt"]}
         heldout = truth_pairs(store, test_prompts) + eval_pairs(source)
         figures["heldout_pairs"] = len(heldout)
-        from alignment.reward_model import load_reward_model, score
+        from align.reward_model import load_reward_model, score
 
         for name in args.variants:
             combine, use_weights = VARIANTS[name]

@@ -51,7 +51,7 @@ def matmul_params(model_name: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from alignment.modeling import resolve_model_path
+    from align.modeling import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_name), num_labels=1)
     with torch.device("meta"):
@@ -78,7 +78,7 @@ def write_pairs(path: Path) -> Path:
 
 
 def run_ours(args, out: Path, data: Path, clock: StepClock) -> dict:
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     clock.watch_align()
     rc = align(["reward", "--config", str(REPO / "configs/quickstart/reward.yaml"), f"model.name={args.model}",
@@ -96,8 +96,8 @@ def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from alignment.modeling import resolve_model_path
-    from alignment.preferences import load_preferences
+    from align.modeling import resolve_model_path
+    from align.preferences import load_preferences
 
     path = resolve_model_path(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(path, **model_kwargs(args.quantize, num_labels=1))
@@ -120,7 +120,7 @@ def run_trl(args, out: Path, data: Path, clock: StepClock) -> None:
 
 
 def child(args) -> None:
-    from alignment.cli import setup_environment
+    from align.cli import setup_environment
 
     setup_environment()
     clock = StepClock()

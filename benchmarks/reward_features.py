@@ -6,7 +6,7 @@ For preference pairs labelled by the support_style scorer (the quickstart's simu
 
 1. features: a Bradley-Terry fit (L2-penalised logistic regression on feature differences, the
    uncertainty heads' fit_heads with one head) on the scorer's own features of the training pairs
-   (labeling.scorers.support_style_features: greeting, steps, courtesy, short, too long,
+   (align.labeling.scorers.support_style_features: greeting, steps, courtesy, short, too long,
    repetition, cut off, words), scored on the test
    pairs: what the labels teach a model that sees exactly those features. Far above the reward
    model's accuracy, it says the labels are enough and the model's representation is what lacks.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from alignment.config import PreferenceDataConfig, TrainConfig
+    from align.config import PreferenceDataConfig, TrainConfig
 
     data = PreferenceDataConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,12 +60,12 @@ def responses(split) -> tuple[list[str], list[str]]:
 
 
 def feature_fit(train, test, l2: float) -> dict:
-    """Bradley-Terry on the scorer's features (alignment.active.fit_heads, one head): fitted on
+    """Bradley-Terry on the scorer's features (align.active.fit_heads, one head): fitted on
     `train`'s pairs, accuracy on `test`'s; weights per standard deviation of each feature."""
     import torch
 
-    from alignment.active import fit_heads
-    from labeling.scorers import support_style_features
+    from align.active import fit_heads
+    from align.labeling.scorers import support_style_features
 
     def features(split) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         sides = [[support_style_features(text) for text in side] for side in responses(split)]
@@ -90,11 +90,11 @@ def frozen_fit(sft: str, train, test, l2: float) -> dict:
     """Item 3 of the docstring: pairs against tags on the frozen SFT model's pooled hidden states."""
     import torch
 
-    from alignment.active import fit_heads
-    from alignment.config import ModelConfig
-    from alignment.modeling import adapter_base_name, device_plan, load_tokenizer
-    from alignment.reward_model import encode, reward_base
-    from labeling.scorers import support_style_features
+    from align.active import fit_heads
+    from align.config import ModelConfig
+    from align.labeling.scorers import support_style_features
+    from align.modeling import adapter_base_name, device_plan, load_tokenizer
+    from align.reward_model import encode, reward_base
 
     cfg = ModelConfig(name=adapter_base_name(sft), quantize=False)
     model = reward_base(cfg, device_plan(cfg), sft, training=False)
@@ -156,8 +156,8 @@ def frozen_fit(sft: str, train, test, l2: float) -> dict:
 
 def by_feature(rm: str, test) -> dict:
     """The reward model's accuracy on `test`, overall and per feature the two responses differ in."""
-    from alignment.reward_model import load_reward_model, score_conversations
-    from labeling.scorers import support_style_features
+    from align.labeling.scorers import support_style_features
+    from align.reward_model import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(rm)
     # One call: a ranking's responses are chosen in one pair and rejected in another, and are scored once.
@@ -174,7 +174,7 @@ def by_feature(rm: str, test) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from alignment.preferences import load_preferences
+    from align.preferences import load_preferences
 
     data, _ = load_preferences(args.data, test_fraction=args.test_fraction, seed=args.seed)
     if "test" not in data:

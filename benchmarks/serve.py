@@ -7,14 +7,14 @@ memory with N adapters loaded against one.
     python benchmarks/serve.py --run runs/quickstart --versus-4bit   # + the first adapter on a 4-bit base, same rounds
 
 Run by hand, never in the test suite. One process, the run's adapters loaded as `align serve` loads
-them (alignment.chat_engine.ChatEngine.load), then each served model and `base` gives one warm-up
+them (align.chat_engine.ChatEngine.load), then each served model and `base` gives one warm-up
 answer and, in `--repeat` rounds (each model once a round, so a burst of load hits all alike), a
 greedy answer of at most `--tokens` tokens to a prompt that draws long answers; tokens/s is the
 tokens generated over generate()'s time (prefill included; the median of the rounds), and the time
 to the first piece of text is taken from the streaming callback. In the same rounds: the first
 adapter merged into its base (peft's merge_and_unload, as `align sample` runs a policy): what serving it
 unmerged, hot-swappable, costs per token; and the first adapter through peft's mixed-batch path (the
-way `base` runs, alignment/chat_engine.py, and the way not taken for adapters). The switch: what a request does to choose its model
+way `base` runs, align/chat_engine.py, and the way not taken for adapters). The switch: what a request does to choose its model
 (`ChatEngine._select`, 200 times): alternating two adapters (peft's `set_adapter`), and
 alternating an adapter and `base`; beside them the two ways not taken, timed the same:
 `generate(adapter_names=...)`'s hooking and unhooking of every layer per call (peft's
@@ -58,7 +58,7 @@ def adapter_mib(model, adapter: str) -> float:
 def answer(engine, name: str, tokens: int, mixed: bool = False) -> tuple[int, float, float]:
     """(tokens generated, generate()'s seconds, seconds to the first piece of text) of one greedy answer;
     `mixed`: the adapter named to each layer through peft's mixed-batch path (the way not taken)."""
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     if mixed:  # the engine's own hooks, handed the adapter's name instead of "__base__"
         engine._select = lambda model, n: setattr(engine, "_rows", [engine.adapters[model]] * n) or 0.0
@@ -102,10 +102,10 @@ def main() -> None:
     import torch
     from peft import PeftModel
 
-    from alignment.chat_engine import ChatEngine
-    from alignment.config import ServeStageConfig, load_config
-    from alignment.modeling import device_plan, load_base_model, load_tokenizer
-    from alignment.serving import BASE, served_models, shared_base
+    from align.chat_engine import ChatEngine
+    from align.config import ServeStageConfig, load_config
+    from align.modeling import device_plan, load_base_model, load_tokenizer
+    from align.serving import BASE, served_models, shared_base
 
     cfg = load_config(ServeStageConfig, None, [f"run.dir={args.run}", f"model.quantize={str(args.quantize).lower()}",
                                                f"limits.max_tokens={max(args.tokens, 16)}"])
@@ -186,8 +186,8 @@ def main() -> None:
     if args.http:
         import openai
 
-        from alignment.openai_api import create_app
-        from labeling.server import running
+        from align.labeling.server import running
+        from align.openai_api import create_app
 
         with running(create_app(engine, cfg)) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused")

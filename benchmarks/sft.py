@@ -48,7 +48,7 @@ from _common import (  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def run_ours(args, out: Path, clock: StepClock) -> None:
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     clock.watch_align()
     rc = align(["sft", "--config", str(REPO / "configs/quickstart/sft.yaml"), f"model.name={args.model}",
@@ -65,8 +65,8 @@ def run_trl(args, out: Path, clock: StepClock) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from alignment.data import load_sft_dataset
-    from alignment.modeling import resolve_model_path
+    from align.data import load_sft_dataset
+    from align.modeling import resolve_model_path
 
     path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(args.quantize))
@@ -85,7 +85,7 @@ def run_trl(args, out: Path, clock: StepClock) -> None:
 
 
 def child(args) -> None:
-    from alignment.cli import setup_environment
+    from align.cli import setup_environment
 
     setup_environment()
     clock = StepClock()

@@ -8,7 +8,7 @@
 Builds TRL's SFTTrainer on the embedded model and shipped data as `align sft` does (4-bit NF4
 base, fp32 adapters, LoRA r=16 all-linear with dropout 0.05, batch 8, max_length 384), then times
 `training_step` on batches 2-4 (batch 1 warms up). Prints tokens/s over those steps; with
---profile, torch.profiler's table for one step. The parts (alignment/cpu.py):
+--profile, torch.profiler's table for one step. The parts (align/cpu.py):
   fp32     the LoRA weights cast back to fp32 (keep_trainable_in; TRL casts them to bf16)
   dropout  CPUDropout for LoRA's dropout (a cheaper mask than torch's bernoulli_)
   head     TRL's fused LM head over labelled positions only (fused_head_on_labelled_positions)
@@ -35,17 +35,17 @@ def main() -> None:
     parser.add_argument("--quantize", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     args = parser.parse_args()
 
-    from alignment.cli import setup_environment
+    from align.cli import setup_environment
 
     setup_environment()
     import torch
     from trl import SFTTrainer
 
-    from alignment.config import SFTStageConfig, load_config
-    from alignment.cpu import fused_head_on_labelled_positions, keep_trainable_in, use_cpu_dropout
-    from alignment.data import load_sft_dataset
-    from alignment.modeling import device_plan, load_base_model, load_tokenizer, peft_lora_config
-    from recipes.sft import sft_args
+    from align.config import SFTStageConfig, load_config
+    from align.cpu import fused_head_on_labelled_positions, keep_trainable_in, use_cpu_dropout
+    from align.data import load_sft_dataset
+    from align.modeling import device_plan, load_base_model, load_tokenizer, peft_lora_config
+    from align.recipes.sft import sft_args
 
     cfg = load_config(SFTStageConfig, REPO / "configs/quickstart/sft.yaml", [
         f"model.quantize={str(args.quantize).lower()}", f"data.group_by_length={str(args.group).lower()}",

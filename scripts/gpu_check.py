@@ -59,7 +59,7 @@ def env() -> int:
     # 1.x under transformers 5.25, which wants >= 2.4, failed there and not here)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     for module in ("numpy", "pandas", "pyarrow", "matplotlib", "transformers", "trl", "peft", "datasets", "accelerate",
-                   "alignment.cli", "recipes.sft"):
+                   "align.cli", "align.recipes.sft"):
         try:
             __import__(module)
         except Exception as err:  # noqa: BLE001 - any failure to import is the answer
@@ -68,7 +68,7 @@ def env() -> int:
             return 1
     if torch.cuda.is_available() and "bitsandbytes" not in missing:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from alignment.modeling import bitsandbytes_cuda_problem
+        from align.modeling import bitsandbytes_cuda_problem
 
         if problem := bitsandbytes_cuda_problem():
             wanted = (torch.version.cuda or "").replace(".", "")
@@ -131,7 +131,7 @@ def model_cache(own: Path) -> Path:
     import importlib.util
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from alignment.embedded import GGUF_PACKAGE, cache_root, embedded_model_dir, is_standin
+    from align.embedded import GGUF_PACKAGE, cache_root, embedded_model_dir, is_standin
 
     user = cache_root()
     folder = embedded_model_dir(convert=False, cache=user)
@@ -159,7 +159,7 @@ def standin(files: Path, cache: Path) -> int:
     import importlib.util
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from alignment.embedded import GGUF_PACKAGE, STANDIN_MARK, embedded_model_dir, is_standin
+    from align.embedded import GGUF_PACKAGE, STANDIN_MARK, embedded_model_dir, is_standin
 
     target = embedded_model_dir(convert=False, cache=cache)
     if importlib.util.find_spec(GGUF_PACKAGE) is not None:

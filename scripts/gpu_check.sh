@@ -105,12 +105,12 @@ LIGER=()
 # (GPU_CHECK_LIGER_PREFLIGHT=1 forces the try: without CUDA it fails, which checks the fallback.)
 if { [ "$smoke" = 0 ] && "$PY" -c "import liger_kernel" 2>/dev/null; } || [ "${GPU_CHECK_LIGER_PREFLIGHT:-0}" = 1 ]; then
   NOTE="3 SFT steps with train.liger=true; on failure the later steps run with train.liger=false" \
-    step liger-preflight 120 "$PY" -m alignment.cli sft --config configs/quickstart/sft.yaml "run.dir=$WORK/liger" \
+    step liger-preflight 120 "$PY" -m align.cli sft --config configs/quickstart/sft.yaml "run.dir=$WORK/liger" \
       train.max_steps=3 train.liger=true data.eval_fraction=0 run.wandb=disabled
   [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" = 0 ] || LIGER=(train.liger=false)
 fi
 # Off for the gpu-marked tests too, whose stages run with train.liger=auto: ALIGN_LIGER=off turns auto off
-# (alignment.gpu_training.use_liger). The liger-kernel this run installed where there was none is uninstalled
+# (align.gpu_training.use_liger). The liger-kernel this run installed where there was none is uninstalled
 # (it does not run here); one the machine had is left as it was.
 if [ ${#LIGER[@]} -gt 0 ]; then
   export ALIGN_LIGER=off
@@ -148,7 +148,7 @@ fi
 tests_pid=$!
 tests_began=$(date +%s)
 NOTE="quickstart on $([ "$smoke" = 1 ] && echo 'CPU, shrunk' || echo CUDA); pytest -m gpu ran beside it" \
-  step pipeline 300 "$PY" -m alignment.cli pipeline "${pipeline[@]}"
+  step pipeline 300 "$PY" -m align.cli pipeline "${pipeline[@]}"
 wait "$tests_pid"
 printf '%s\t%s\t%s\t%s\n' pytest-gpu "$(cat "$WORK/pytest.rc")" "$(($(date +%s) - tests_began))" "see pytest.log" \
   >> "$OUT/steps.tsv"

@@ -68,7 +68,7 @@ for c in ${cuda//,/ }; do
 done
 
 # The embedded model's files without its weights (converting it first if this machine has not yet).
-model=$("$PY" -c "import sys; sys.path.insert(0, '.'); from alignment.embedded import embedded_model_dir; print(embedded_model_dir())")
+model=$("$PY" -c "import sys; sys.path.insert(0, '.'); from align.embedded import embedded_model_dir; print(embedded_model_dir())")
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja special_tokens_map.json; do
   [ -f "$model/$f" ] && cp "$model/$f" "$new/model/"
 done

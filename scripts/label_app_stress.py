@@ -34,7 +34,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from labeling.store import Store  # noqa: E402
+from align.labeling.store import Store  # noqa: E402
 
 PASSWORD = "correct horse"
 
@@ -46,7 +46,7 @@ class App:
         self.run, self.url, self.port, self.proc = run, f"http://127.0.0.1:{port}", port, None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "label", "--run-dir", str(self.run),
+        self.proc = subprocess.Popen([sys.executable, "-m", "align.cli", "label", "--run-dir", str(self.run),
                                       "--port", str(self.port)], cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(240):

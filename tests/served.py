@@ -14,7 +14,7 @@ def random_adapter(tiny_model: str, folder: Path, seed: int, *, stage: str | Non
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.artifacts import write_manifest
+    from align.artifacts import write_manifest
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -28,14 +28,14 @@ def random_adapter(tiny_model: str, folder: Path, seed: int, *, stage: str | Non
 
 
 def serve_config(run_dir: Path | str, *overrides: str):
-    from alignment.config import ServeStageConfig, load_config
+    from align.config import ServeStageConfig, load_config
 
     return load_config(ServeStageConfig, None, [f"run.dir={run_dir}", *overrides])
 
 
 def load_engine(cfg):
-    from alignment.chat_engine import ChatEngine
-    from alignment.serving import served_models, shared_base
+    from align.chat_engine import ChatEngine
+    from align.serving import served_models, shared_base
 
     models = served_models(cfg)
     return ChatEngine.load(models, shared_base(models, cfg), cfg)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.active import HeadEnsemble, acquisition, choose, fit_heads, pair_probabilities, reward_features
-from alignment.cli import main as align
+from align.active import HeadEnsemble, acquisition, choose, fit_heads, pair_probabilities, reward_features
+from align.cli import main as align
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["run.wandb=disabled", "model.max_length=128"]
@@ -58,7 +58,7 @@ def test_choose_keeps_an_exploration_share_drawn_from_the_rest():
     assert len(choose(values, 20)) == 8
     # In the app's queue (highest first) the random picks sit among the chosen, not after them all (their own
     # values are below every top pick's, so an annotator who stopped early left exactly them unlabelled)
-    from alignment.active import queue_priorities
+    from align.active import queue_priorities
 
     assert queue_priorities(values, [0, 2, 4], seed=1) == [0.9, 0.8, 0.7]
     priority = queue_priorities(values, picked, explore=0.5, seed=1)
@@ -105,7 +105,7 @@ def test_heads_fit_soft_labels_and_weights_as_the_reward_model_does():
     sure ones win. A tie is p 1/2: pairs that are all ties pull every gap to 0."""
     from datasets import Dataset
 
-    from alignment.active import head_labels
+    from align.active import head_labels
 
     sure, doubted = _pairs(36, seed=2), _pairs(60, seed=3)
     chosen, rejected = torch.cat([sure[0], doubted[1]]), torch.cat([sure[1], doubted[0]])  # doubted: reversed
@@ -136,9 +136,9 @@ def test_features_are_what_the_score_head_reads(tiny_model):
     """The hook's features times the head's weights give the model's own reward, plain and under peft."""
     from peft import get_peft_model
 
-    from alignment.config import LoraConfig, ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
-    from alignment.reward_model import reward_base, score_conversations
+    from align.config import LoraConfig, ModelConfig
+    from align.modeling import device_plan, load_tokenizer, peft_lora_config
+    from align.reward_model import reward_base, score_conversations
 
     cfg = ModelConfig(name=tiny_model, quantize=False)
     model = reward_base(cfg, device_plan(cfg), training=False)
@@ -195,9 +195,9 @@ def test_reward_saves_its_heads_with_their_figures(run):
 
 
 def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
-    from alignment.active import load_selector, task_uncertainty
-    from labeling import handlers
-    from labeling.store import Store
+    from align.active import load_selector, task_uncertainty
+    from align.labeling import handlers
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{run / 'labels.db'}")  # a prompt some other batch has (labelled by hand, say)
     store.add_tasks("by-hand", [{"prompt": "Where is Sync?", "responses": ["Open Settings.", "No."]}])
@@ -253,7 +253,7 @@ def test_uncertainty_puts_the_least_sure_tasks_first_in_the_queue(run):
 
 
 def test_random_selection_draws_from_the_pool_at_priority_0(run):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     taken = set().union(*(Store(f"sqlite:///{run / 'labels.db'}").task_prompts(b)
                           for b in Store(f"sqlite:///{run / 'labels.db'}").batches()))  # by the module's other tests
@@ -278,8 +278,8 @@ def test_random_selection_draws_from_the_pool_at_priority_0(run):
 def test_a_sample_stopped_and_resumed_gives_the_tasks_of_one_uninterrupted(run, tmp_path, monkeypatch):
     """A call after one stopped on the way samples the rest of the same draw with the seeds it had there: it drew
     again from what was left, and seeded the first of those with the stopped call's first seed."""
-    import recipes.sample as sample
-    from labeling.store import Store
+    import align.recipes.sample as sample
+    from align.labeling.store import Store
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: how do I sync?"}) for i in range(6)) + "\n")
@@ -312,8 +312,8 @@ def test_an_uncertainty_sample_stopped_after_storing_its_tasks_keeps_their_selec
     """The chosen tasks go into the store in one transaction; a call stopped after it (before its manifest) lost
     its sample folder, and the call run again, with nothing left to sample, wrote a manifest whose `selection`
     named neither the reward model nor a chosen task, and no candidates.jsonl."""
-    import recipes.sample as sample
-    from labeling.store import Store
+    import align.recipes.sample as sample
+    from align.labeling.store import Store
 
     def call(name: str) -> list[str]:
         return [*sample_args(run, "selection=uncertainty", "num_prompts=2", "pool_factor=2", f"policy={run / 'sft'}",
@@ -344,7 +344,7 @@ def test_a_batch_named_by_hand_leaves_out_every_rounds_prompts_and_keeps_its_own
     """A batch named by hand (round 0 by default) took the prompts of round-1 and later as "later rounds" of its
     own and picked them again; and a batch's own prompts that another batch holds too were left out of its pool,
     so the same command again sampled new ones."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{run / 'labels.db'}")
     prompts = [json.loads(line)["prompt"] for line in (run.parent / "prompts.jsonl").read_text().splitlines()]
@@ -360,7 +360,7 @@ def test_a_batch_named_by_hand_leaves_out_every_rounds_prompts_and_keeps_its_own
 
 
 def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, monkeypatch, capsys):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Ticket {i}: how do I {t}?", "input": "",
@@ -398,7 +398,7 @@ def test_pipeline_round_1_picks_by_round_0s_reward_model(tiny_model, tmp_path, m
     # counted as new for round 0's export, which then retrained round 0's policies on them).
     seen = [json.loads((r / "preferences" / "align.json").read_text())["rankings_seen"] for r in (run, run / "round-1")]
     assert seen == [4, 8]
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -463,7 +463,7 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     assert json.loads((out / "align.json").read_text())["stage"] == "active_learning"
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B run, offline
     # the report of a run directory holding the output embeds the plot
-    from alignment.report import write_report
+    from align.report import write_report
 
     shutil.copytree(out, run / "active_learning", ignore=shutil.ignore_patterns("cache", "real", "wandb"))
     page = write_report(run).read_text()
@@ -485,23 +485,22 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_setting(run, tmp_path, monkeypa
     assert picked[:2] == start and picked[2:] == [left[j] for j in choose(values, 2)]
 
     # a rerun reads the cache: no policy or trunk is loaded again
-    import alignment.generation
-    import alignment.reward_model
+    from align import generation, reward_model
 
     def refuse(*a, **k):
         raise AssertionError("loaded a model on a rerun")
 
-    monkeypatch.setattr(alignment.generation, "load_policy", refuse)
-    monkeypatch.setattr(alignment.reward_model, "reward_base", refuse)
+    monkeypatch.setattr(generation, "load_policy", refuse)
+    monkeypatch.setattr(reward_model, "reward_base", refuse)
     assert bench.main([*argv[:argv.index("--real")], "--wandb", "disabled"]) == 0
     monkeypatch.undo()
     # a real reward model fitted with other settings is fitted again, not read back (a 48-step run returned the
     # 16-step one's accuracy); another pool file is sampled again (its cached answers were of the first file's)
     fitted = []
-    import recipes.reward
+    from align.recipes import reward
 
-    main = recipes.reward.main
-    monkeypatch.setattr(recipes.reward, "main", lambda cfg: fitted.append(cfg.train.max_steps) or main(cfg))
+    main = reward.main
+    monkeypatch.setattr(reward, "main", lambda cfg: fitted.append(cfg.train.max_steps) or main(cfg))
     assert bench.main([*argv[:-2], "--wandb", "disabled"]) == 0 and fitted == []  # the same settings: read back
     more = [*argv[:argv.index("--real-set") + 1], "train.max_steps=3", *argv[argv.index("--real-set") + 2:-2]]
     assert bench.main([*more, "--wandb", "disabled"]) == 0 and fitted == [3, 3]

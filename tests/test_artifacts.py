@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import alignment.config
-from alignment.artifacts import (
+from align import config as config_module
+from align.artifacts import (
     MANIFEST,
     STAGES,
     commands,
@@ -26,8 +26,8 @@ from alignment.artifacts import (
     store_url,
     write_manifest,
 )
-from alignment.cli import main as align
-from alignment.config import ConfigError, PipelineConfig, PPOStageConfig, load_config
+from align.cli import main as align
+from align.config import ConfigError, PipelineConfig, PPOStageConfig, load_config
 
 ORDER = list(STAGES)
 
@@ -40,14 +40,14 @@ def test_every_stage_has_a_recipe_a_config_that_loads_and_known_upstreams(name):
     if stage.config is None:  # parses its own argv; handed the run layout by the CLI
         assert {"store_url", "export_dir"} <= set(inspect.signature(module.main).parameters)
     else:
-        cfg = load_config(getattr(alignment.config, stage.config), None, ["run.dir=runs/x"])
+        cfg = load_config(getattr(config_module, stage.config), None, ["run.dir=runs/x"])
         assert cfg.run.dir == "runs/x"
     for up in stage.upstream:
         assert up in STAGES and ORDER.index(up) < ORDER.index(name), f"{name}: upstream {up} must come first"
     if stage.runs_as:
         command, key, value = stage.runs_as
         assert STAGES[command].runs_as is None and STAGES[command].config == stage.config
-        assert routed(command, load_config(getattr(alignment.config, stage.config), None, [f"{key}={value}"])) is stage
+        assert routed(command, load_config(getattr(config_module, stage.config), None, [f"{key}={value}"])) is stage
 
 
 def test_every_folder_is_one_stages():
@@ -85,7 +85,7 @@ def test_pipeline_runs_the_registrys_stages_and_refuses_others(tmp_path):
 
 
 def test_report_orders_sections_as_the_registry(tmp_path):
-    from alignment.report import write_report
+    from align.report import write_report
 
     finished = [s for s in reversed(ORDER) if STAGES[s].folder] + ["sft-merged"]  # made in reverse order
     for folder in finished:
@@ -101,7 +101,7 @@ def test_report_orders_sections_as_the_registry(tmp_path):
 def test_report_shows_a_folder_name_as_text(tmp_path):
     """Every folder with a manifest gets a section titled by its name, which a user chose (align export
     output=..., merge output=...): markup in it is text in the page, in the title, the anchor and the nav."""
-    from alignment.report import write_report
+    from align.report import write_report
 
     name = "<img src=x onerror=alert(1)>"
     (tmp_path / name).mkdir()
@@ -112,15 +112,15 @@ def test_report_shows_a_folder_name_as_text(tmp_path):
 
 
 def test_every_artifact_stage_has_a_wandb_type_and_eval_knows_every_policy(tmp_path):
-    from alignment.tracking import ARTIFACT_TYPES
-    from recipes.evaluate import resolve_policies
+    from align.recipes.evaluate import resolve_policies
+    from align.tracking import ARTIFACT_TYPES
 
     assert all(s.kind in ARTIFACT_TYPES for s in STAGES.values() if s.folder)
     assert stages_of_kind("policy") == ["sft", "dpo", "ppo", "grpo", "rloo"]
     for policy in ("sft", "grpo", "rloo"):
         stage_dir(tmp_path, policy).mkdir()
         (stage_dir(tmp_path, policy) / "adapter_config.json").write_text("{}")
-    cfg = load_config(alignment.config.EvalStageConfig, None, [f"run.dir={tmp_path}"])
+    cfg = load_config(config_module.EvalStageConfig, None, [f"run.dir={tmp_path}"])
     assert resolve_policies(cfg) == {p: tmp_path / p for p in ("sft", "grpo", "rloo")}
 
 
@@ -138,7 +138,7 @@ def test_store_and_round_layout(tmp_path):
 def test_the_next_command_keeps_the_config_family_it_ran_from(monkeypatch):
     """After `align sft --config configs/quickstart/sft.yaml`, the next step is quickstart's sample.yaml,
     not the defaults (all 320 prompts)."""
-    from alignment import artifacts
+    from align import artifacts
 
     quick = Path(__file__).resolve().parents[1] / "configs/quickstart"
     monkeypatch.setattr(artifacts, "config_folder", quick)
@@ -154,8 +154,8 @@ def test_the_next_command_keeps_the_config_family_it_ran_from(monkeypatch):
 
 
 def test_labelling_unattended_into_another_store_says_to_export_from_it(tmp_path, capsys):
-    from alignment.cli import main as align
-    from labeling.store import Store
+    from align.cli import main as align
+    from align.labeling.store import Store
 
     url = f"sqlite:///{tmp_path / 'team store.db'}"
     Store(url).add_tasks("round-0", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
@@ -169,8 +169,8 @@ def test_a_database_password_is_never_written(tmp_path):
     same redact) hold user:***@, and the pipeline's rerun rule compares configs as written."""
     import yaml
 
-    from alignment.artifacts import write_manifest
-    from alignment.config import ExportStageConfig, redact, save_config, to_dict
+    from align.artifacts import write_manifest
+    from align.config import ExportStageConfig, redact, save_config, to_dict
 
     url = "postgresql://team:s3cret-PW@db.example:5432/labels"
     cfg = ExportStageConfig(store=url)
@@ -191,8 +191,8 @@ def test_a_database_password_is_never_written(tmp_path):
 def test_a_fresh_start_sets_the_earlier_runs_checkpoints_aside(tmp_path):
     """Started from scratch over an earlier run's checkpoints, then killed before its first checkpoint: `latest`
     must not continue the earlier run (its data and config) under this run's manifest."""
-    from alignment.rl import find_checkpoint
-    from alignment.training import resume_checkpoint
+    from align.rl import find_checkpoint
+    from align.training import resume_checkpoint
 
     for stage, name in (("reward", "checkpoint-6"), ("ppo", "step-4")):
         out = tmp_path / stage
@@ -211,9 +211,9 @@ def test_latest_past_max_steps_is_refused_as_a_named_checkpoint_is(tmp_path, mon
     the same checkpoint named by its path is. One at max_steps (a run killed after its last step) finishes the run,
     for PPO's loop and the Trainer alike (train_from); refused, nothing could finish such a run. Under align
     pipeline the message names the keys as it takes them (sft.train...)."""
-    from alignment import artifacts
-    from alignment.rl import find_checkpoint
-    from alignment.training import resume_checkpoint
+    from align import artifacts
+    from align.rl import find_checkpoint
+    from align.training import resume_checkpoint
 
     for find, name, folder in ((find_checkpoint, "step-{}", "ppo"), (resume_checkpoint, "checkpoint-{}", "sft")):
         out = tmp_path / folder
@@ -237,8 +237,8 @@ def test_latest_at_max_steps_of_a_longer_run_is_refused(tmp_path):
     """checkpoint-2 of a run on its way to 4 steps (killed), rerun with train.max_steps=2 and `latest`: its weights
     are step 2 of a 4-step schedule; finishing there (train_from) would label them a 2-step run. Refused, naming
     the run's own max_steps; the same checkpoint saved by a 2-step run finishes it, and with max_steps=4 goes on."""
-    from alignment.rl import find_checkpoint
-    from alignment.training import resume_checkpoint
+    from align.rl import find_checkpoint
+    from align.training import resume_checkpoint
 
     for find, name, key in ((find_checkpoint, "step-2", "step"), (resume_checkpoint, "checkpoint-2", "global_step")):
         out = tmp_path / name
@@ -258,7 +258,7 @@ def test_latest_at_max_steps_of_a_longer_run_is_refused(tmp_path):
 def test_latest_resumes_a_run_trained_by_epochs(tmp_path):
     """train.max_steps=-1 (the Trainer stages' default: train.epochs sets the length) is no step count to be past:
     `latest` goes on from the newest checkpoint of a run killed on the way, whatever its step."""
-    from alignment.training import resume_checkpoint
+    from align.training import resume_checkpoint
 
     out = tmp_path / "sft"
     for step in (2, 3):
@@ -283,8 +283,8 @@ def test_the_eval_hint_names_an_sft_trained_in_another_folder(tmp_path):
     """`align dpo sft=<elsewhere>` then the printed `align eval` failed: the baseline sft was not in run.dir."""
     import shlex
 
-    from alignment.artifacts import eval_command
-    from alignment.config import EvalStageConfig
+    from align.artifacts import eval_command
+    from align.config import EvalStageConfig
 
     run = tmp_path / "my run"
     (run / "reward").mkdir(parents=True)  # eval's default judge
@@ -297,7 +297,7 @@ def test_the_eval_hint_names_an_sft_trained_in_another_folder(tmp_path):
 
 def test_the_rl_eval_hint_carries_the_judge_training_used_where_the_run_has_no_reward_model(tmp_path):
     """`align ppo scorer=...` with no reward/ in run.dir hinted `align eval run.dir=X`: "no judge for eval"."""
-    from alignment.artifacts import eval_command
+    from align.artifacts import eval_command
 
     run = tmp_path / "run"
     assert eval_command(run, "ppo", run / "sft", scorer="mypkg.judges:helpfulness") == \
@@ -314,7 +314,7 @@ def test_the_rl_eval_hint_carries_the_judge_training_used_where_the_run_has_no_r
 def test_the_dpo_eval_hint_says_eval_needs_a_judge_where_the_run_has_none(tmp_path):
     """`align dpo` on pairs from elsewhere (no reward/ in run.dir, DPO has no scorer) hinted a bare `align eval
     run.dir=X`, which failed "no judge"."""
-    from alignment.artifacts import eval_command
+    from align.artifacts import eval_command
 
     run = tmp_path / "run"
     hint = eval_command(run, "dpo", run / "sft")
@@ -333,8 +333,8 @@ def test_each_stage_starts_without_the_deepspeed_config_of_the_one_before(monkey
 
     import transformers.integrations.deepspeed as hf_deepspeed
 
-    import recipes.export
-    from alignment.artifacts import run_stage
+    from align.artifacts import run_stage
+    from align.recipes import export
 
     class ZeRO3:  # what TrainingArguments(deepspeed=...) records (an HfDeepSpeedConfig)
         config: dict = {"zero_optimization": {"stage": 3}}
@@ -346,7 +346,7 @@ def test_each_stage_starts_without_the_deepspeed_config_of_the_one_before(monkey
     monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(earlier))
     assert hf_deepspeed.is_deepspeed_zero3_enabled()
     seen = []
-    monkeypatch.setattr(recipes.export, "main", lambda cfg: seen.append(hf_deepspeed.is_deepspeed_zero3_enabled()))
+    monkeypatch.setattr(export, "main", lambda cfg: seen.append(hf_deepspeed.is_deepspeed_zero3_enabled()))
     run_stage("export", SimpleNamespace(run=SimpleNamespace(dir="unused")))
     assert seen == [False]
 
@@ -356,14 +356,14 @@ def test_the_manifest_records_aligns_version_and_only_aligns_own_commit(tmp_path
     inside the user's own git repository, it recorded the user's commit as the code's."""
     import subprocess
 
-    from alignment.artifacts import align_version, git_commit, write_manifest
+    from align.artifacts import align_version, git_commit, write_manifest
 
     m = json.loads(write_manifest(tmp_path / "sft", stage="sft", config={}, base_model=None).read_text())
     assert m["align_version"] == align_version() is not None and "git_commit" in m
 
-    def repo(name: str) -> Path:  # a git repository with a commit, holding <site-packages>/alignment/
+    def repo(name: str) -> Path:  # a git repository with a commit, holding <site-packages>/align/
         top = tmp_path / name
-        package = top / ".venv" / "lib" / "site-packages" / "alignment"
+        package = top / ".venv" / "lib" / "site-packages" / "align"
         package.mkdir(parents=True)
         (package / "__init__.py").write_text("")
         (top / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
@@ -374,12 +374,12 @@ def test_the_manifest_records_aligns_version_and_only_aligns_own_commit(tmp_path
         return top
 
     users = repo("my-project")
-    assert git_commit(users / ".venv" / "lib" / "site-packages" / "alignment") is None
-    own = repo("align")  # align's own checkout: its alignment/ at the top
-    (own / "alignment").mkdir()
+    assert git_commit(users / ".venv" / "lib" / "site-packages" / "align") is None
+    own = repo("align-rlhf")  # align's own checkout: its align/ at the top
+    (own / "align").mkdir()
     head = subprocess.run(["git", "-C", str(own), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert git_commit(own / "alignment") == head
-    assert git_commit(own / ".venv" / "lib" / "site-packages" / "alignment") is None  # a wheel's copy in it
+    assert git_commit(own / "align") == head
+    assert git_commit(own / ".venv" / "lib" / "site-packages" / "align") is None  # a wheel's copy in it
 
 
 def test_a_stage_gives_back_the_memory_it_freed(tmp_path):
@@ -397,8 +397,8 @@ def test_a_stage_gives_back_the_memory_it_freed(tmp_path):
         import ctypes
         from types import SimpleNamespace
         import torch
-        import recipes.export
-        from alignment.artifacts import run_stage
+        import align.recipes.export
+        from align.artifacts import run_stage
 
         def rss() -> int:
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
@@ -414,7 +414,7 @@ def test_a_stage_gives_back_the_memory_it_freed(tmp_path):
             del kept
             cfg.freed_at = rss()
 
-        recipes.export.main = stage
+        align.recipes.export.main = stage
         cfg = SimpleNamespace(run=SimpleNamespace(dir="unused"))
         run_stage("export", cfg)
         print(cfg.freed_at, rss())

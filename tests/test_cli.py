@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from alignment.artifacts import STAGES
-from alignment.cli import main as align
+from align.artifacts import STAGES
+from align.cli import main as align
 
 
 def test_help_lists_every_stage(capsys):
@@ -32,7 +32,7 @@ def test_unknown_stage_and_bad_override(capsys):
 
 def test_console_script_sets_the_cpu_environment():
     """The CLI sets OMP_WAIT_POLICY / HF offline / telemetry itself, before torch loads."""
-    code = ("import os, alignment.cli as c; c.setup_environment(); "
+    code = ("import os, align.cli as c; c.setup_environment(); "
             "print(os.environ['OMP_WAIT_POLICY'], os.environ['HF_HUB_DISABLE_TELEMETRY'], os.environ['HF_HUB_OFFLINE'], "
             "os.environ['VLLM_NO_USAGE_STATS'])")
     env = {k: v for k, v in os.environ.items()
@@ -53,7 +53,7 @@ def test_the_hub_probe_asks_the_hub_huggingface_hub_would_use():
     listening.listen(4)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
-    code = "import os, alignment.cli as c; c.setup_environment(); print(os.environ.get('HF_HUB_OFFLINE', 'unset'))"
+    code = "import os, align.cli as c; c.setup_environment(); print(os.environ.get('HF_HUB_OFFLINE', 'unset'))"
     proxy_vars = {"HF_HUB_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy"} | \
         {f"{s}_PROXY" for s in ("HTTP", "HTTPS", "ALL")} | {f"{s}_proxy" for s in ("http", "https", "all")}
     env = {k: v for k, v in os.environ.items() if k not in proxy_vars}
@@ -74,7 +74,7 @@ def test_the_cli_loads_no_kernels_from_the_hub_unless_asked():
     """transformers 5.25 swapped layers for kernels downloaded from the Hub at every load on CUDA, and offline
     raised before the first step of every stage (on the lent H200). The CLI turns that off; a user's
     USE_HUB_KERNELS=YES is kept."""
-    code = ("import alignment.cli as c; c.setup_environment(); "
+    code = ("import align.cli as c; c.setup_environment(); "
             "from transformers.integrations.hub_kernels import _kernels_enabled; print(_kernels_enabled())")
     env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
     run = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731

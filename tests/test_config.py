@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment import config as C
-from alignment.config import ConfigError, load_config
+from align import config as C
+from align.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

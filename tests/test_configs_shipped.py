@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.artifacts import STAGES
-from alignment.config import load_config
+from align.artifacts import STAGES
+from align.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_CONFIGS = sorted(p for p in REPO.joinpath("configs").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -23,7 +23,7 @@ def test_loads_strictly_and_names_its_command(path):
     assert stage in STAGES, f"{path}: name a config after its stage"
     first = path.read_text().splitlines()[0]
     assert first == f"# align {stage} --config {path.relative_to(REPO)}", f"{path}: first line must give the command"
-    import alignment.config
+    import align.config
 
-    cfg = load_config(getattr(alignment.config, STAGES[stage].config), path)
+    cfg = load_config(getattr(align.config, STAGES[stage].config), path)
     assert cfg.run.dir.startswith("runs/")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from alignment.config import SFTStageConfig, load_config
-from alignment.cpu import CPUDropout, fused_head_on_labelled_positions, use_cpu_dropout
-from alignment.modeling import device_plan, load_tokenizer
+from align.config import SFTStageConfig, load_config
+from align.cpu import CPUDropout, fused_head_on_labelled_positions, use_cpu_dropout
+from align.modeling import device_plan, load_tokenizer
 
 
 def test_cpu_dropout_keeps_one_minus_p_scaled_and_masks_the_gradient():
@@ -120,7 +120,7 @@ def test_fused_head_patch_says_whether_it_applied(monkeypatch, caplog):
     from trl.trainer import utils
 
     monkeypatch.setattr(utils, "_use_triton", trl_use_triton())  # TRL's own (restored after the test)
-    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
+    with caplog.at_level(logging.INFO, logger="align.cpu"):
         assert fused_head_on_labelled_positions() and utils._use_triton(torch.device("cpu"))
         assert fused_head_on_labelled_positions()
     assert [r.getMessage() for r in caplog.records] == [
@@ -129,7 +129,7 @@ def test_fused_head_patch_says_whether_it_applied(monkeypatch, caplog):
     caplog.clear()
     monkeypatch.setattr(utils, "_use_triton", trl_use_triton())
     monkeypatch.setattr(utils, "add_fused_lm_head", lambda model: model)  # a TRL whose head no longer asks it
-    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
+    with caplog.at_level(logging.INFO, logger="align.cpu"):
         assert not fused_head_on_labelled_positions()
     assert not getattr(utils._use_triton, "labelled_only_on_cpu", False)
     assert "TRL's internals changed" in caplog.text and caplog.records[0].levelname == "WARNING"
@@ -142,9 +142,9 @@ def test_group_by_length_batches_examples_of_similar_length(tiny_model, tmp_path
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
-    from alignment.data import load_sft_dataset
-    from alignment.modeling import peft_lora_config
-    from recipes.sft import sft_args
+    from align.data import load_sft_dataset
+    from align.modeling import peft_lora_config
+    from align.recipes.sft import sft_args
 
     data = tmp_path / "train.jsonl"
     # Lengths from 1 to 64 words, shuffled: random batches of 8 are mostly padding.
@@ -177,14 +177,14 @@ def test_sft_and_dpo_train_with_the_cpu_parts(tiny_model, sft_data, tmp_path, ca
     """The stages apply them: the log line names how many LoRA dropouts were swapped."""
     import logging
 
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: sync?", "chosen": "Thanks! Tap Sync.",
                                            "rejected": "No."}) for i in range(12)) + "\n")
     common = ["run.wandb=disabled", "train.max_steps=1", "train.batch_size=4", "model.max_length=96",
               f"run.dir={tmp_path}"]
-    with caplog.at_level(logging.INFO, logger="alignment.cpu"):
+    with caplog.at_level(logging.INFO, logger="align.cpu"):
         assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", "data.eval_fraction=0",
                       "lora.dropout=0.05", *common]) == 0
         assert align(["dpo", f"data.path={prefs}", "data.test_fraction=0", *common]) == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignment.data import DataError, load_prompts, load_sft_dataset
+from align.data import DataError, load_prompts, load_sft_dataset
 
 USER = [{"role": "user", "content": "How do I export a note?"}]
 ASSISTANT = [{"role": "assistant", "content": "Open the note, then File > Export."}]
@@ -168,7 +168,7 @@ def test_a_hub_datasetdict_trains_on_its_train_sft_split_or_its_only_train_one(t
     train and test do; it was refused for having no 'train'. Several train_* splits: the error says how to pick."""
     from datasets import Dataset, DatasetDict
 
-    from alignment.data import read_sft_examples
+    from align.data import read_sft_examples
 
     def rows(tag: str, n: int):
         return Dataset.from_list([{"messages": [*USER, {"role": "assistant", "content": f"{tag} {i}"}]} for i in range(n)])
@@ -222,7 +222,7 @@ def test_system_prompt_is_prepended(tmp_path):
 
 
 def test_held_out_split_keeps_every_answer_of_a_prompt_on_one_side(tmp_path):
-    from alignment.data import split_by_prompt
+    from align.data import split_by_prompt
 
     rows = [{"instruction": f"Question {i}", "output": f"Answer {j} to {i}"} for i in range(20) for j in range(3)]
     ds, _ = load_sft_dataset(write_jsonl(tmp_path / "a.jsonl", rows))
@@ -360,7 +360,7 @@ def test_a_lone_utf16_surrogate_is_a_named_error_not_a_pyarrow_traceback(tmp_pat
 
 
 def test_a_lone_surrogate_in_a_preference_pair_is_named_too(tmp_path):
-    from alignment.preferences import load_preferences
+    from align.preferences import load_preferences
 
     path = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "q", "chosen": "ok \\ud83d", "rejected": "no"}'])
     with pytest.raises(DataError, match=r"p.jsonl:1: field 'chosen' holds \\ud83d"):
@@ -375,7 +375,7 @@ def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_s
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from alignment.modeling import load_tokenizer
+    from align.modeling import load_tokenizer
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -395,7 +395,7 @@ def test_a_tokenizer_without_a_chat_template_ends_each_turn_with_the_eos_every_s
 def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one_side(tmp_path, caplog):
     """data.turns=all (the default): each assistant turn is an example, its conversation before it the prompt;
     the held-out split keeps a conversation's examples together (by its opening). turns=last: the last only."""
-    from alignment.data import load_sft_dataset, split_by_prompt
+    from align.data import load_sft_dataset, split_by_prompt
 
     chats = [[{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."},
               {"role": "user", "content": "Sync?"}, {"role": "assistant", "content": f"Tap Sync {i}."}]
@@ -430,7 +430,7 @@ def test_every_assistant_turn_of_a_conversation_trains_and_its_turns_stay_on_one
 
 
 def test_a_completion_of_messages_is_the_assistants_only(tmp_path):
-    from alignment.data import DataError
+    from align.data import DataError
 
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": USER, "completion": [*ASSISTANT, *USER]}])
     with pytest.raises(DataError, match=r"pc.jsonl:1: field 'completion' has a user message"):

@@ -17,9 +17,9 @@ import pytest
 import torch
 from other_device import DEVICE, OnDevice, other_device, unwrap
 
-from alignment.config import GenerationConfig, PPOStageConfig, load_config
-from alignment.generation import Policy, generate
-from alignment.modeling import DevicePlan, load_tokenizer
+from align.config import GenerationConfig, PPOStageConfig, load_config
+from align.generation import Policy, generate
+from align.modeling import DevicePlan, load_tokenizer
 
 PROMPTS = ["How do I sync?", "Where is export?", "Can I share a note?"]
 CPU_PLAN = DevicePlan("cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
@@ -100,7 +100,7 @@ def test_generate_on_the_device_gives_the_cpu_samples(tiny_model, adapters):
 
 def test_eval_kl_on_the_device_gives_the_cpu_figures(tiny_model, adapters):
     """The H200's failure: eval's KL tokenized on the CPU and passed the ids to the CUDA model."""
-    from recipes.evaluate import sampled_kl
+    from align.recipes.evaluate import sampled_kl
 
     model = policies_on_one_base(tiny_model, adapters)
     tokenizer = load_tokenizer(tiny_model)
@@ -116,7 +116,7 @@ def test_a_folded_policy_decodes_as_its_adapter_and_leaves_the_base_as_it_found_
     """Eval decodes each policy folded into the fp32 base (generation.folded): the logits of the adapter
     unfolded, and after the block every weight is back, so the reference and the next policy run on the
     base they were trained on. A bf16 base, where unfolding would not give the weights back, is left alone."""
-    from alignment.generation import folded
+    from align.generation import folded
 
     model = policies_on_one_base(tiny_model, adapters)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
@@ -147,7 +147,7 @@ def test_a_4bit_base_stored_as_float32_is_not_folded_into(tiny_model, adapters):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from alignment.generation import folded
+    from align.generation import folded
 
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                    bnb_4bit_quant_storage=torch.float32)
@@ -169,9 +169,9 @@ def test_a_sampled_policy_is_folded_only_into_an_fp32_base(tiny_model, adapters,
     kept beside it there, and folded only into fp32 (the CPU's), where sampling runs faster so."""
     from peft import PeftModel
 
-    from alignment.config import ModelConfig
-    from alignment.generation import load_policy
-    from alignment.modeling import device_plan
+    from align.config import ModelConfig
+    from align.generation import load_policy
+    from align.modeling import device_plan
 
     cfg = ModelConfig(quantize=False, compute_dtype=dtype)
     policy = load_policy(adapters["sft"], cfg, device_plan(cfg))
@@ -183,7 +183,7 @@ def test_eval_kl_over_chunks_of_answers_and_all_logits_gives_the_whole_batch_fig
     """sampled_kl reads the logits of KL_ROWS answers at a time, only those that predict an answer's tokens:
     9 answers (3 prompts x 3) in chunks of 2, a prompt's answers split across chunks, give each prompt's KL as
     one chunk of all 9 does, and so does a model whose forward computes every logit (no logits_to_keep)."""
-    import recipes.evaluate as evaluate
+    import align.recipes.evaluate as evaluate
 
     model = policies_on_one_base(tiny_model, adapters)
     tokenizer = load_tokenizer(tiny_model)
@@ -210,7 +210,7 @@ def test_the_eval_kl_bar_moves_by_decoding_step_and_scored_chunk(tiny_model, ada
     step of a batch, then one per chunk of KL_ROWS answers scored: 3 prompts x 3 answers in chunks of 4 are 3."""
     from test_generation import Bar
 
-    import recipes.evaluate as evaluate
+    import align.recipes.evaluate as evaluate
 
     model = policies_on_one_base(tiny_model, adapters)
     monkeypatch.setattr(evaluate, "KL_ROWS", 4)
@@ -226,10 +226,10 @@ def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters
     """With one-token answers the sequence KL is the KL of the first token's distributions, whatever is
     sampled: each prompt alone, unpadded, must give what the left-padded batch gave. The same adapter on
     both sides gives 0; response_mask counts a sampled EOS and nothing after it."""
-    from alignment import evaluation as ev
-    from alignment.generation import chat_prompt
-    from alignment.rl import response_mask
-    from recipes.evaluate import sampled_kl
+    from align import evaluation as ev
+    from align.generation import chat_prompt
+    from align.recipes.evaluate import sampled_kl
+    from align.rl import response_mask
 
     model = policies_on_one_base(tiny_model, adapters)
     tokenizer = load_tokenizer(tiny_model)
@@ -252,7 +252,7 @@ def test_eval_kl_of_one_token_answers_is_the_first_token_kl(tiny_model, adapters
 
 
 def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):
-    from alignment.reward_model import load_reward_model, score
+    from align.reward_model import load_reward_model, score
 
     model, tokenizer = load_reward_model(adapters["reward"], CPU_PLAN)
     responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share, then pick a person to share with."]
@@ -265,7 +265,7 @@ def test_reward_scores_on_the_device_are_the_cpu_scores(adapters):
 
 def test_a_bf16_reward_model_scores_in_fp32_without_ties(adapters):
     """On a GPU the reward model runs in bf16: its score head computes in fp32, or distinct responses tie."""
-    from alignment.reward_model import load_reward_model, score
+    from align.reward_model import load_reward_model, score
 
     model, tokenizer = load_reward_model(adapters["reward"], replace(CPU_PLAN, compute_dtype=torch.bfloat16))
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -287,8 +287,8 @@ def ppo_config(tiny_model: str, sft: Path, **rl) -> PPOStageConfig:
 
 def one_ppo_step(model, tokenizer, cfg, reward, device=None) -> dict[str, float]:
     """A rollout, its rewards and one PPO update, as train_ppo runs them."""
-    from alignment import rl as R
-    from recipes.ppo import ValueHead, ppo_step, rollout
+    from align import rl as R
+    from align.recipes.ppo import ValueHead, ppo_step, rollout
 
     torch.manual_seed(0)
     head = ValueHead(model.config.hidden_size)
@@ -305,7 +305,7 @@ def one_ppo_step(model, tokenizer, cfg, reward, device=None) -> dict[str, float]
 
 
 def test_a_ppo_step_on_the_device_matches_the_cpu_step(tiny_model, adapters):
-    from recipes.ppo import build_policy
+    from align.recipes.ppo import build_policy
 
     cfg = ppo_config(tiny_model, adapters["sft"])
     tokenizer = load_tokenizer(str(adapters["sft"]))
@@ -330,8 +330,8 @@ def test_a_ppo_step_on_the_device_matches_the_cpu_step(tiny_model, adapters):
 
 def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapters):
     """rl.reward_on_policy_base: token ids and the score head follow the policy's device."""
-    from alignment.reward_model import shared_base_reward
-    from recipes.ppo import build_policy
+    from align.recipes.ppo import build_policy
+    from align.reward_model import shared_base_reward
 
     cfg = ppo_config(tiny_model, adapters["sft"], reward_on_policy_base="true")
     responses = ["Open Settings and tap Sync.", "No.", "Yes, tap Share."]
@@ -356,8 +356,8 @@ def test_reward_model_on_the_policy_base_scores_on_the_device(tiny_model, adapte
 def test_an_unquantized_base_under_sharding_is_left_on_the_host_for_the_trainer(tiny_model, monkeypatch, kind):
     """FSDP and ZeRO shard an unquantized model from the host; moved whole to every GPU first, a base that
     only fits sharded would not fit. align ppo's own loop (no Trainer) moves it to its process's GPU."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import load_base_model
+    from align.config import ModelConfig
+    from align.modeling import load_base_model
 
     moved, real = [], torch.nn.Module.to
 
@@ -382,8 +382,8 @@ def test_an_unquantized_base_under_sharding_is_left_on_the_host_for_the_trainer(
 def test_each_process_takes_its_own_gpu_before_cuda_is_asked_anything(monkeypatch):
     """Under accelerate launch, LOCAL_RANK's GPU is set before the bf16 check: otherwise every process opens
     a CUDA context on GPU 0 as well."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan
+    from align.config import ModelConfig
+    from align.modeling import device_plan
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -23,8 +23,8 @@ from unittest import mock
 
 import pytest
 
-from alignment.cli import main as align
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted(REPO.joinpath("configs/accelerate").rglob("*.yaml"))
@@ -61,8 +61,8 @@ def test_accelerate_config_loads_and_launches_as_documented(path):
 
     rel = path.relative_to(REPO)
     first = path.read_text().splitlines()[0]
-    assert first.startswith(f"# accelerate launch --config_file {rel} -m alignment.cli "), first
-    stage = first.split(" -m alignment.cli ")[1].split()[0]
+    assert first.startswith(f"# accelerate launch --config_file {rel} -m align.cli "), first
+    stage = first.split(" -m align.cli ")[1].split()[0]
     assert stage in {"sft", "reward", "dpo", "ppo"}
 
     config = load_config_from_file(str(path))  # unknown top-level keys raise here
@@ -81,7 +81,7 @@ def test_accelerate_config_loads_and_launches_as_documented(path):
             name = key if key.startswith(prefix) else prefix + key
             assert name in known, f"{rel}: {section}.{key} is not an accelerate launch setting"
     args, defaults, from_config = _validate_launch_command(parser.parse_args(
-        ["--config_file", str(path), "-m", "alignment.cli", stage]))
+        ["--config_file", str(path), "-m", "align.cli", stage]))
     # The launcher it picks: torchrun for DDP/FSDP (also on CPU), deepspeed for ZeRO, one process for NO.
     assert args.multi_gpu == (kind == "MULTI_GPU") and args.use_fsdp == (kind == "FSDP")
     assert args.use_deepspeed == (kind == "DEEPSPEED") and not args.cpu
@@ -145,8 +145,8 @@ BEGIN_TRAINING = """
 import json, os, sys
 import torch.distributed as dist
 from pathlib import Path
-from alignment import artifacts
-from alignment.distributed import Ranks
+from align import artifacts
+from align.distributed import Ranks
 
 Ranks()  # the process group, as PPO opens it before its checkpoint is looked for
 out = Path(sys.argv[1])
@@ -195,7 +195,7 @@ def launch(args: list[str], **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
            "WANDB_SILENT": "true", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **env_vars}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(free_port()), "-m", "alignment.cli", *args]
+           "--main_process_port", str(free_port()), "-m", "align.cli", *args]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{' '.join(args[:1])} failed under accelerate launch:\n{out.stderr[-4000:]}"
     return out
@@ -259,7 +259,7 @@ def test_two_processes_write_the_same_artifact_and_learn(runs, stage):
     max_steps = next(int(o.split("=")[1]) for o in STAGES[stage] if o.startswith("train.max_steps="))
     assert manifest["stage"] == stage and manifest["metrics"]["global_step"] == max_steps
     if stage == "reward":
-        from alignment.reward_model import load_reward_model
+        from align.reward_model import load_reward_model
 
         model, _ = load_reward_model(two)
         assert manifest["metrics"]["eval_accuracy"] >= 0.75
@@ -345,7 +345,7 @@ def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model
     config = REPO / "configs/accelerate/cpu_2proc.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           str(free_port()), "-m", "alignment.cli", "ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}",
+           str(free_port()), "-m", "align.cli", "ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}",
            "sft=none", "scorer=length", "rl.rollout_prompts=6", "rl.minibatch_size=3", "run.wandb=disabled"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
@@ -369,9 +369,9 @@ import sys
 
 import torch
 
-from alignment.distributed import Ranks
-from alignment.modeling import DevicePlan
-from alignment.reward_model import merged_once
+from align.distributed import Ranks
+from align.modeling import DevicePlan
+from align.reward_model import merged_once
 
 Ranks()  # align ppo opens accelerate's state so (no cpu=True) before it loads a reward model
 
@@ -408,8 +408,8 @@ import os, sys
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForSequenceClassification
-from alignment.config import ModelConfig
-from alignment.modeling import DevicePlan, load_base_model
+from align.config import ModelConfig
+from align.modeling import DevicePlan, load_base_model
 
 dist.init_process_group("gloo")
 plan = DevicePlan(device="cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
@@ -496,7 +496,7 @@ def test_the_rank_and_process_count_are_read_where_accelerate_reads_them(monkeyp
     """torchrun's RANK and WORLD_SIZE, else MPI's (Intel MPI, Open MPI, MVAPICH), in accelerate's own order."""
     from accelerate.utils.environment import get_cpu_distributed_information
 
-    from alignment import RANK_VARS, WORLD_SIZE_VARS, process_count, process_rank
+    from align import RANK_VARS, WORLD_SIZE_VARS, process_count, process_rank
 
     for name in (*RANK_VARS, *WORLD_SIZE_VARS):
         monkeypatch.delenv(name, raising=False)
@@ -522,7 +522,7 @@ def test_an_mpirun_launch_has_one_main_process(tiny_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
                CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, text=True,
+    procs = [subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**env, "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2",
                                    "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
@@ -580,12 +580,12 @@ def test_one_process_stages_refuse_several_processes(stage, tmp_path, monkeypatc
     wrote it at once; sample and eval do not split their prompts, so every process did all of them."""
     import importlib
 
-    from alignment import StageError
-    from alignment.artifacts import STAGES
-    from alignment.config import load_config
+    from align import StageError
+    from align.artifacts import STAGES
+    from align.config import load_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cls = getattr(importlib.import_module("alignment.config"), STAGES[stage].config)
+    cls = getattr(importlib.import_module("align.config"), STAGES[stage].config)
     recipe = importlib.import_module(STAGES[stage].recipe)
     monkeypatch.setattr(recipe, "check_stage", lambda *a, **k: None)  # sample and eval check their inputs first
     with pytest.raises(StageError, match=f"align {stage} runs as one process .* run it without accelerate launch"):
@@ -600,7 +600,7 @@ def launcher_env(config: str) -> dict[str, str]:
 
     parser = launch_command_parser()
     args, defaults, from_config = _validate_launch_command(parser.parse_args(
-        ["--config_file", str(REPO / "configs/accelerate" / config), "-m", "alignment.cli", "sft"]))
+        ["--config_file", str(REPO / "configs/accelerate" / config), "-m", "align.cli", "sft"]))
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = ",".join(
             [*defaults.deepspeed_config, *(["mixed_precision"] if from_config else [])])
@@ -623,8 +623,8 @@ def test_zero3_with_a_4bit_base_is_refused_before_anything_loads(stage, tmp_path
 def test_a_4bit_base_passes_under_zero2_and_ddp(monkeypatch):
     """ZeRO-3 alone is refused a 4-bit base: ZeRO-2 keeps whole weights on each GPU, as DDP does (docs/scaling.md,
     QLoRA with each setup)."""
-    from alignment.config import SFTStageConfig
-    from alignment.preflight import _launcher
+    from align.config import SFTStageConfig
+    from align.preflight import _launcher
 
     assert SFTStageConfig().model.quantize
     env = dict(os.environ)
@@ -633,7 +633,7 @@ def test_a_4bit_base_passes_under_zero2_and_ddp(monkeypatch):
         _launcher("", SFTStageConfig())
 
 def test_the_zero_stage_is_read_from_the_launchers_environment(monkeypatch):
-    from alignment.preflight import deepspeed_zero_stage
+    from align.preflight import deepspeed_zero_stage
 
     expected = {"deepspeed_zero3.yaml": 3, "deepspeed_zero3_offload.yaml": 3, "deepspeed_zero2.yaml": 2,
                 "fsdp.yaml": None, "multi_gpu.yaml": None}
@@ -646,8 +646,8 @@ def test_the_zero_stage_is_read_from_the_launchers_environment(monkeypatch):
 @pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_align_ppo_is_refused_under_a_sharded_launch(config, tmp_path, monkeypatch, capsys):
     """Align's own PPO loop hands the model to no trainer: under FSDP or DeepSpeed nothing would be sharded."""
-    from alignment.config import PPOStageConfig
-    from alignment.preflight import _launcher
+    from align.config import PPOStageConfig
+    from align.preflight import _launcher
 
     env = {**os.environ, **launcher_env(config)}
     plain = {**os.environ, **launcher_env("multi_gpu.yaml")}

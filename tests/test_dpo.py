@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.cli import main as align
-from alignment.config import DPOStageConfig, load_config
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.config import DPOStageConfig, load_config
+from align.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search", "Trash", "Widgets"]
@@ -74,7 +74,7 @@ def test_dpo_raises_the_heldout_margin_and_saves_a_plain_adapter(dpo_run, sft_di
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.preferences import load_preferences
+    from align.preferences import load_preferences
 
     out, data = dpo_run
     metrics = json.loads((out / "align.json").read_text())["metrics"]
@@ -124,9 +124,9 @@ def test_trainer_reference_logprobs_are_the_sft_adapters_not_the_base(sft_dir, t
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
 
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.preferences import load_preferences
-    from recipes.dpo import dpo_args, policy_with_reference
+    from align.modeling import device_plan, load_tokenizer
+    from align.preferences import load_preferences
+    from align.recipes.dpo import dpo_args, policy_with_reference
 
     cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}", *FAST])
     model_cfg = replace(cfg.model, name=tiny_model)
@@ -157,10 +157,10 @@ def test_heldout_figures_are_over_pairs_in_uneven_batches(sft_dir, tiny_model, t
     records each pair's log-probs, the policy's and the reference's (as computed here without TRL), in the
     dataset's order; TRL's eval_rewards/* are the means of the batch means of those same pairs, the figures over
     pairs are not."""
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.preferences import load_preferences
-    from alignment.training import heldout_preferences
-    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+    from align.modeling import device_plan, load_tokenizer
+    from align.preferences import load_preferences
+    from align.recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+    from align.training import heldout_preferences
 
     cfg = load_config(DPOStageConfig, None, [f"sft={sft_dir}", "model.quantize=false", f"run.dir={tmp_path}",
                                              "train.batch_size=3", *FAST])
@@ -210,9 +210,9 @@ def test_heldout_figures_are_over_pairs_in_uneven_batches(sft_dir, tiny_model, t
 def _ranking_trainer(sft_dir, tiny_model, tmp_path, rankings: int, *overrides: str):
     """An AlignDPOTrainer batching by ranking over `rankings` K=3 rankings (3 pairs each) at batch_size 6, dropout
     off, its policy a little away from the reference, in training mode; and the loss-and-gradients of a batch."""
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.preferences import load_preferences
-    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+    from align.modeling import device_plan, load_tokenizer
+    from align.preferences import load_preferences
+    from align.recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
 
     answers = [POLITE, "Open Settings, then tap {t}.", RUDE]
     rows = [{"prompt": f"Ticket {i}: where is {TOPICS[i]}?", "chosen": answers[a].format(t=TOPICS[i]),
@@ -314,16 +314,16 @@ def test_loss_switch_names_what_is_allowed(overrides, message, tmp_path, capsys)
 
 def test_other_losses_run(sft_dir, tmp_path, monkeypatch):
     """loss and label_smoothing reach the trainer that trains (not only the manifest that records them)."""
-    import recipes.dpo
+    from align.recipes import dpo
 
     trained_with = {}
-    compute_loss = recipes.dpo.AlignDPOTrainer.compute_loss
+    compute_loss = dpo.AlignDPOTrainer.compute_loss
 
     def recording(self, *args, **kwargs):
         trained_with.update(loss_type=self.args.loss_type, label_smoothing=self.args.label_smoothing)
         return compute_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(recipes.dpo.AlignDPOTrainer, "compute_loss", recording)
+    monkeypatch.setattr(dpo.AlignDPOTrainer, "compute_loss", recording)
     data = write_pairs(tmp_path / "prefs.jsonl", 12)
     assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
                   "loss=robust", "label_smoothing=0.1", "train.max_steps=2", "train.batch_size=4",
@@ -337,17 +337,17 @@ def test_other_losses_run(sft_dir, tmp_path, monkeypatch):
 def test_pairs_edited_while_training_are_not_recorded_as_trained_on(sft_dir, tmp_path, monkeypatch):
     """The manifest's data hash is the pairs' as the stage read them (taken after training, pairs edited meanwhile
     were recorded as trained on, and `align pipeline` kept the policy of the old pairs)."""
-    import recipes.dpo
-    from alignment.data import file_hash
+    from align.data import file_hash
+    from align.recipes import dpo
 
     data = write_pairs(tmp_path / "prefs.jsonl", 12)
-    read, train_from = file_hash(data), recipes.dpo.train_from
+    read, train_from = file_hash(data), dpo.train_from
 
     def edited_meanwhile(*a, **k):
         write_pairs(data, 13)
         return train_from(*a, **k)
 
-    monkeypatch.setattr(recipes.dpo, "train_from", edited_meanwhile)
+    monkeypatch.setattr(dpo, "train_from", edited_meanwhile)
     assert align(["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
                   "train.max_steps=1", "train.batch_size=4", "data.test_fraction=0", *FAST]) == 0
     manifest = json.loads((tmp_path / "run" / "dpo" / "align.json").read_text())
@@ -395,7 +395,7 @@ def test_pairs_the_posterior_barely_decided_are_said_not_silently_trained_as_sur
 def test_a_rerun_stopped_before_it_trains_keeps_the_finished_artifact(sft_dir, tmp_path, monkeypatch):
     """The finished run's align.json goes only as training begins: a rerun stopped while its trainer was built
     (tokenizing, Ctrl-C) took it away and left the untouched adapter an unfinished folder."""
-    from recipes import dpo
+    from align.recipes import dpo
 
     data = write_pairs(tmp_path / "prefs.jsonl", 12)
     args = ["dpo", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
@@ -426,12 +426,12 @@ def test_quickstart_yaml_loads():
 
 def test_qlora_backward_survives_an_evaluation(sft_dir, tiny_model):
     """An eval pass (eval_on_start) must not cut the gradients through the 4-bit base: bitsandbytes
-    repacks weights for a CPU kernel without backward unless told not to (alignment.cpu.keep_4bit_backward,
+    repacks weights for a CPU kernel without backward unless told not to (align.cpu.keep_4bit_backward,
     which load_base_model applies to every 4-bit model it loads for training)."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan
-    from alignment.reward_model import reward_base
-    from recipes.dpo import policy_with_reference
+    from align.config import ModelConfig
+    from align.modeling import device_plan
+    from align.recipes.dpo import policy_with_reference
+    from align.reward_model import reward_base
 
     model_cfg = ModelConfig(name=tiny_model, quantize=True)
     plan = device_plan(model_cfg)
@@ -460,8 +460,8 @@ def test_qlora_backward_survives_an_evaluation(sft_dir, tiny_model):
 def test_pairs_longer_than_max_length_are_counted(tiny_model, tmp_path):
     """TRL cuts each side at max_length on its own: a long chosen loses its end and EOS without a word.
     The stage counts such pairs (a warning, and data.too_long in the manifest)."""
-    from alignment.modeling import load_tokenizer
-    from recipes.dpo import count_too_long
+    from align.modeling import load_tokenizer
+    from align.recipes.dpo import count_too_long
 
     tokenizer = load_tokenizer(tiny_model)
     short = {"prompt": [{"role": "user", "content": "Where is Sync?"}],
@@ -522,9 +522,9 @@ def test_a_side_cut_at_max_new_tokens_is_trained_without_an_end_of_turn(sft_dir,
     """align sample marks a response cut at max_new_tokens (export: chosen_finished / rejected_finished false).
     The trainer's tokens for that side stop at its text: no end of turn the policy never sampled. Also with
     an end marker written as plain text, which BPE may merge with the text's last character."""
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.preferences import load_preferences
-    from recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
+    from align.modeling import device_plan, load_tokenizer
+    from align.preferences import load_preferences
+    from align.recipes.dpo import AlignDPOTrainer, dpo_args, policy_with_reference
 
     rows = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 4).read_text().splitlines()]
     flags = [(True, True), (False, True), (True, False), (False, False)]
@@ -557,9 +557,9 @@ def test_a_cut_side_loses_an_end_marker_that_bpe_merged_into_its_text():
     from datasets import Dataset
     from trl.data_utils import common_prefix_length
 
-    from alignment.embedded import embedded_model_dir
-    from alignment.modeling import load_tokenizer
-    from recipes.dpo import drop_cut_ends
+    from align.embedded import embedded_model_dir
+    from align.modeling import load_tokenizer
+    from align.recipes.dpo import drop_cut_ends
 
     embedded_model_dir()
     tokenizer = load_tokenizer("smollm2-135m")
@@ -599,7 +599,7 @@ def test_an_sft_trained_unquantized_put_on_a_4bit_base_is_warned_about(sft_dir, 
 def test_unseen_quantization_is_only_the_lossy_direction(tmp_path):
     """A QLoRA adapter on the unquantized base (the quickstart's DPO, on purpose), or on a 4-bit base as it
     trained, or an adapter without a manifest that says how it trained: no warning."""
-    from alignment.modeling import DevicePlan, unseen_quantization
+    from align.modeling import DevicePlan, unseen_quantization
 
     four_bit = DevicePlan("cpu", quantize=True, compute_dtype=torch.float32, gradient_checkpointing=False)
     full = replace(four_bit, quantize=False)

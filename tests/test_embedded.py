@@ -10,13 +10,13 @@ pytestmark = pytest.mark.smollm
 
 @pytest.fixture(scope="module")
 def converted():
-    from alignment.embedded import embedded_model_dir
+    from align.embedded import embedded_model_dir
 
     return embedded_model_dir()
 
 
 def test_tokenizer_keeps_chatml(converted):
-    from alignment.modeling import load_tokenizer
+    from align.modeling import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     assert tok.eos_token == tok.pad_token == "<|im_end|>"
@@ -27,7 +27,7 @@ def test_tokenizer_keeps_chatml(converted):
 def test_gguf_and_converted_folder_give_the_same_greedy_tokens(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.embedded import gguf_path
+    from align.embedded import gguf_path
 
     gguf = gguf_path()
     tok = AutoTokenizer.from_pretrained(str(converted))
@@ -45,7 +45,7 @@ def test_gguf_and_converted_folder_give_the_same_greedy_tokens(converted):
 def test_gguf_read_once_parses_each_file_once_inside_the_block_only(tmp_path):
     import gguf
 
-    from alignment.embedded import gguf_read_once
+    from align.embedded import gguf_read_once
 
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -69,8 +69,8 @@ def test_gguf_read_once_parses_each_file_once_inside_the_block_only(tmp_path):
 
 def test_a_cache_that_cannot_be_written_is_a_stage_error_naming_align_cache(tmp_path, monkeypatch):
     """ALIGN_CACHE=/etc/passwd ended in a NotADirectoryError traceback."""
-    from alignment import StageError
-    from alignment.embedded import embedded_model_dir
+    from align import StageError
+    from align.embedded import embedded_model_dir
 
     a_file = tmp_path / "passwd"
     a_file.write_text("not a folder")
@@ -84,7 +84,7 @@ def test_an_empty_align_cache_is_the_default_cache(monkeypatch):
     """`ALIGN_CACHE=` put the converted model under the working directory (Path("") is ".")."""
     from pathlib import Path
 
-    from alignment.embedded import cache_root
+    from align.embedded import cache_root
 
     monkeypatch.setenv("ALIGN_CACHE", "")
     assert cache_root() == Path.home() / ".cache" / "align"

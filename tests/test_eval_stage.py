@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import main as align
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.tracking import read_jsonl
 
 PROMPTS = ["How do I sync?", "Where is export?", "How do I change the theme?", "Can I share a note?",
            "How do I restore from trash?", "Where are my tags?", "How do I reset my password?", "Is search offline?"]
@@ -45,7 +45,7 @@ def eval_run(tiny_model, tmp_path_factory):
 def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
     """human=true: blind A/B tasks in the run's store, the label hint for them, and after a (simulated) annotator
     judged them, a rerun's board ranks the known winner first."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     manifest = json.loads((eval_run / "eval" / "align.json").read_text())
     assert manifest["human"]["tasks_added"] == len(PROMPTS) and manifest["human"]["comparisons"] == 0
@@ -66,7 +66,7 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
     board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
     assert [row["policy"] for row in board] == ["polite", "sft"]
     # the verdicts it read, recorded: align pipeline reruns a human=true eval when the store's are others
-    from recipes.pipeline import verdicts_state
+    from align.recipes.pipeline import verdicts_state
     assert json.loads((eval_run / "eval" / "align.json").read_text())["rankings_sha256"] == verdicts_state(store.url)
     assert manifest["rankings_sha256"] != verdicts_state(store.url)  # the first run read none
     # the board reaches metrics.jsonl (and W&B, the same figures): each rating with its interval, the verdicts counted
@@ -120,10 +120,10 @@ def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):
 def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
     """align eval human=true: A/B tasks per policy version. After dpo is trained again, a rerun adds tasks with
     its new answers and the board counts only verdicts on the policies as they are (the old ones: stale)."""
-    from alignment.config import EvalStageConfig, RunConfig
-    from labeling import handlers
-    from labeling.store import Store
-    from recipes.evaluate import human_eval
+    from align.config import EvalStageConfig, RunConfig
+    from align.labeling import handlers
+    from align.labeling.store import Store
+    from align.recipes.evaluate import human_eval
 
     cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), baseline="sft")
     prompts = ["How do I sync?", "Where is export?"]
@@ -154,10 +154,10 @@ def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
 def test_verdicts_on_a_policy_this_eval_does_not_load_follow_its_folder(tmp_path):
     """ppo's A/B verdicts stay on the board of an eval without ppo while <run.dir>/ppo holds the version judged;
     once ppo/ is trained again (or gone), they are stale, as docs/labeling.md says, not counted as ppo's."""
-    from alignment.config import EvalStageConfig, RunConfig
-    from labeling import handlers
-    from labeling.store import Store
-    from recipes.evaluate import human_eval, policy_version
+    from align.config import EvalStageConfig, RunConfig
+    from align.labeling import handlers
+    from align.labeling.store import Store
+    from align.recipes.evaluate import human_eval, policy_version
 
     cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), baseline="sft")
     ppo = tmp_path / "ppo"
@@ -193,10 +193,10 @@ def test_human_ab_tasks_go_to_the_store_the_runs_labels_are_in(tmp_path):
     (Store.blind_tasks_open) did not see them. Its default is now the store the run's sample (else export)
     recorded; a later round's folder uses the root's store; eval.store names one; a recorded URL whose password
     align.json masked is refused with the key to pass, not replaced by another store."""
-    from alignment.artifacts import run_store, write_manifest
-    from alignment.config import ConfigError, EvalStageConfig, RunConfig
-    from labeling.store import Store, sqlite_url
-    from recipes.evaluate import human_eval, label_where
+    from align.artifacts import run_store, write_manifest
+    from align.config import ConfigError, EvalStageConfig, RunConfig
+    from align.labeling.store import Store, sqlite_url
+    from align.recipes.evaluate import human_eval, label_where
 
     team = sqlite_url(tmp_path / "team" / "labels.db")  # stands for the team's postgresql://... store
     (tmp_path / "team").mkdir()
@@ -244,9 +244,9 @@ def test_a_pipeline_gives_every_rounds_eval_its_one_store(tmp_path, monkeypatch)
     """align pipeline rounds=2: round 1's eval ran with run.dir=<run>/round-1 and no store, so its A/B tasks went to
     round-1/labels.db, though the store stays one (sample.store, default <run.dir>/labels.db); eval.store other than
     sample.store is refused, as export.store is."""
-    import recipes.pipeline as pipeline
-    from alignment.config import ConfigError, PipelineConfig, load_config
-    from alignment.preflight import _pipeline_sets
+    import align.recipes.pipeline as pipeline
+    from align.config import ConfigError, PipelineConfig, load_config
+    from align.preflight import _pipeline_sets
 
     seen = {}
     monkeypatch.setattr(pipeline, "run_unless_done", lambda name, run_dir, cfg, rankings=None: seen.update(
@@ -281,8 +281,8 @@ def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkey
     that cannot be read is a warning and no count (None), not a 0."""
     import logging
 
-    from alignment.artifacts import write_manifest
-    from recipes.evaluate import seen_in_training
+    from align.artifacts import write_manifest
+    from align.recipes.evaluate import seen_in_training
 
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
@@ -298,7 +298,7 @@ def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkey
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # where eval runs
     paths = {"sft": run / "sft", "ppo": run / "ppo"}
-    with caplog.at_level(logging.WARNING, logger="recipes.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="align.recipes.evaluate"):
         assert seen_in_training(paths, PROMPTS) == {"sft": 3, "ppo": 6}  # ppo: its first 3 prompts and its SFT's
     assert "3 of the 8 eval prompts are in the training data of sft" in caplog.text
     # the project moved: the recorded cwd is gone, the files are where the run folder's place says
@@ -309,7 +309,7 @@ def test_prompts_seen_in_training_are_read_where_each_stage_ran(tmp_path, monkey
     # a file gone: said, with the file, and counted as unknown
     (moved / "data" / "train.jsonl").unlink()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="recipes.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="align.recipes.evaluate"):
         assert seen_in_training(paths, PROMPTS) == {"sft": None, "ppo": 3}
     assert "the training data of sft could not be read" in caplog.text and "train.jsonl (sft of " in caplog.text
 
@@ -318,8 +318,8 @@ def test_prompts_seen_in_training_read_past_the_lines_the_stage_skipped(tmp_path
     """A stage run with data.on_error=skip trained on the rest of a file with a bad line; eval re-read the file
     strictly, could not, and recorded None with "could not be read": the warning that eval prompts were trained
     on was lost. It reads as the stage did (SFT in its recorded format), skipping the bad lines."""
-    from alignment.artifacts import write_manifest
-    from recipes.evaluate import seen_in_training
+    from align.artifacts import write_manifest
+    from align.recipes.evaluate import seen_in_training
 
     sft_data = tmp_path / "train.jsonl"
     sft_data.write_text("".join(json.dumps({"instruction": p, "output": "Open Settings."}) + "\n" for p in PROMPTS[:2])

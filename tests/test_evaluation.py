@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment import evaluation as ev
+from align import evaluation as ev
 
 
 def test_win_rate_counts_ties_half():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alignment.config import GenerationConfig
-from alignment.generation import Policy, chat_prompt, generate, generate_answers
-from alignment.modeling import load_tokenizer
+from align.config import GenerationConfig
+from align.generation import Policy, chat_prompt, generate, generate_answers
+from align.modeling import load_tokenizer
 
 PROMPTS = ["How do I sync?", "Where is export?", "Can I share a note?", "Why was I logged out?"]
 
@@ -40,7 +40,7 @@ def test_an_answer_ends_at_any_eos_of_the_model_generation_config(tiny_model):
     not run on to max_new_tokens and counted as cut."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.generation import stop_ids
+    from align.generation import stop_ids
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     tokenizer = load_tokenizer(tiny_model)
@@ -59,7 +59,7 @@ def test_nucleus_filter_keeps_exactly_what_transformers_top_p_keeps():
     import torch
     from transformers import TopPLogitsWarper
 
-    from alignment.generation import NucleusFilter
+    from align.generation import NucleusFilter
 
     torch.manual_seed(0)
     # Rows from flat (the nucleus spans thousands of tokens: the full-sort path) to peaked (a few tokens).
@@ -110,16 +110,16 @@ def test_the_model_folders_decoding_settings_do_not_reach_sample_or_eval_answers
 def test_a_dora_adapter_on_a_4bit_base_runs_as_trained_in_sample_eval_and_serve(tiny_model, tmp_path):
     """bitsandbytes repacks a 4-bit layer for its AVX512-BF16 CPU kernel on the first forward without gradients;
     peft's DoRA then dequantizes the repacked layout as a plain one for its weight norm, and the model answers with
-    other logits than training computed (alignment.cpu.keep_4bit_for_dora). Every inference loader keeps the
+    other logits than training computed (align.cpu.keep_4bit_for_dora). Every inference loader keeps the
     repack off under DoRA: its logits are training's, on the first forward and after it."""
     import torch
     from peft import PeftModel
     from served import load_engine, random_adapter, serve_config
 
-    from alignment.config import EvalStageConfig, ModelConfig
-    from alignment.generation import load_policy
-    from alignment.modeling import device_plan, load_base_model
-    from recipes.evaluate import load_adapters
+    from align.config import EvalStageConfig, ModelConfig
+    from align.generation import load_policy
+    from align.modeling import device_plan, load_base_model
+    from align.recipes.evaluate import load_adapters
 
     adapter = random_adapter(tiny_model, tmp_path / "run" / "sft", seed=3, dora=True)
     cfg = ModelConfig(name=tiny_model, quantize=True)
@@ -167,7 +167,7 @@ def test_the_progress_bar_moves_while_a_batch_decodes(tiny_model, monkeypatch):
     step now, and the answers are the same as without it."""
     from transformers import AutoModelForCausalLM
 
-    import alignment.generation as generation
+    import align.generation as generation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     policy = Policy(model, load_tokenizer(tiny_model), "tiny", tiny_model)
@@ -195,9 +195,9 @@ def test_a_template_whose_turns_end_with_another_token_than_the_eos_stops_there(
     EOS pads. A template that refuses the probe conversation, or ends turns with plain text, changes nothing."""
     from transformers import AutoTokenizer
 
-    from alignment.embedded import embedded_model_dir
-    from alignment.generation import stop_ids
-    from alignment.modeling import template_turn_end
+    from align.embedded import embedded_model_dir
+    from align.generation import stop_ids
+    from align.modeling import template_turn_end
 
     base = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     assert load_tokenizer(str(embedded_model_dir())).eos_token == "<|im_end|>"  # SmolLM2: already so
@@ -217,7 +217,7 @@ def test_a_base_model_pretrained_with_a_bos_gets_it_from_the_fallback_template(t
     rendered conversation without special tokens, so the fallback template must give the BOS itself."""
     from transformers import AutoTokenizer
 
-    from alignment.embedded import embedded_model_dir
+    from align.embedded import embedded_model_dir
 
     base = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     base.chat_template = None

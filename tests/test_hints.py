@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from alignment.cli import main as align
+from align.cli import main as align
 
 
 def configs(folder: Path, tiny_model: str, data: Path, run: Path) -> None:
@@ -75,9 +75,9 @@ def test_the_reward_hint_names_every_gate_setting_that_refuses_it(tmp_path, monk
     """PPO refuses a reward model a phrase appended to the worse answer flips (its probes): the key it names is the
     one `align ppo` reads, with the value of the ppo.yaml beside this command's --config. When the accuracy gate
     refuses it too, both are named: a hint overriding only one would be refused on the other."""
-    from alignment import artifacts
-    from alignment.reward_model import gate
-    from recipes.reward import ppo_gate_refuses, run_anyway
+    from align import artifacts
+    from align.recipes.reward import ppo_gate_refuses, run_anyway
+    from align.reward_model import gate
 
     probe = {"edit": "hope_end", "what": "appending 'Hope this helps!'", "rate": 0.35, "flips": 7, "of": 20,
             "basis": "every flip"}
@@ -103,8 +103,8 @@ def test_the_reward_hint_names_every_gate_setting_that_refuses_it(tmp_path, monk
 def test_the_reward_hint_names_the_sft_and_pairs_it_was_trained_from_outside_the_run(tmp_path):
     """`align reward run.dir=R sft=/other/sft data.path=/x/prefs.jsonl` hinted `align dpo run.dir=R` and `align ppo
     run.dir=R`, which failed "no SFT adapter at R/sft": the hint names what is not the run's own, as DPO's does."""
-    from alignment.config import DPOStageConfig, PPOStageConfig, load_config
-    from recipes.reward import next_hint
+    from align.config import DPOStageConfig, PPOStageConfig, load_config
+    from align.recipes.reward import next_hint
 
     run, sft, prefs = tmp_path / "my run", tmp_path / "other" / "sft", tmp_path / "x" / "prefs.jsonl"
     own = next_hint(run, run / "sft", run / "preferences", [])

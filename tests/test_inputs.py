@@ -1,6 +1,6 @@
 """Bad inputs to every stage: one named error before any model loads, and nothing written.
 
-Each case goes through `alignment.cli.main(argv)` and asserts the exit code, that the message
+Each case goes through `align.cli.main(argv)` and asserts the exit code, that the message
 names the key, file and line where there is one, that the files under the test's folders are
 exactly what they were before (no stage folder, no run directory, no probe left behind), and
 that no model or adapter was loaded during the call (their from_pretrained refuses to run; SFT's
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from alignment import StageError
-from alignment import config as C
-from alignment.artifacts import discard_unfinished
-from alignment.cli import BNB_KERNEL_REPO
-from alignment.cli import main as align
-from alignment.config import load_config
-from alignment.preflight import check_stage
+from align import StageError
+from align import config as C
+from align.artifacts import discard_unfinished
+from align.cli import BNB_KERNEL_REPO
+from align.cli import main as align
+from align.config import load_config
+from align.preflight import check_stage
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"instruction": "How do I sync my notes?", "input": "", "output": "Open Settings and tap Sync."}
@@ -502,7 +502,7 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     # An sft folder about to be remade (pending) is not the chat template dpo's pairs are checked against
     from transformers import AutoTokenizer
 
-    from alignment.data import DataError
+    from align.data import DataError
 
     refusing = tmp_path / "refusing"
     shutil.copytree(d / "adapter", refusing / "sft")
@@ -618,7 +618,7 @@ def test_reward_score_and_probe_refuse_a_batch_size_below_one_before_the_model_l
 
 
 def test_guidelines_file_checked_before_the_app(tmp_path, capsys):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     Store(f"sqlite:///{tmp_path / 'labels.db'}").add_user("ann", "pw-1234", admin=True)
     (tmp_path / "guide.md").write_bytes(b"caf\xe9")
@@ -634,7 +634,7 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def assert_setup_drops(code: str, dropped: str, kept: str, dropped_in_full: str) -> None:
-    """`code` (which calls alignment.cli's setup_environment) prints `kept` but not `dropped`; without that call
+    """`code` (which calls align.cli's setup_environment) prints `kept` but not `dropped`; without that call
     it prints `dropped_in_full`: the message the filter drops is real."""
     out = python(code)
     assert dropped not in out.stderr
@@ -644,7 +644,7 @@ def assert_setup_drops(code: str, dropped: str, kept: str, dropped_in_full: str)
 
 def test_config_errors_and_help_import_no_torch():
     """A bad value fails, and --help answers, before torch (or the recipe) is imported: well under a second."""
-    code = ("import sys, time; from alignment.cli import main; t = time.time(); "
+    code = ("import sys, time; from align.cli import main; t = time.time(); "
             "codes = [main(['sft', 'train.lr=-1']), main(['dpo', '--help']), main(['ppo', 'rl.gamma=2'])]; "
             "print(codes, 'torch' in sys.modules, round(time.time() - t, 2))")
     out = python(code)
@@ -659,7 +659,7 @@ def test_bitsandbytes_kernels_hub_notice_is_dropped_and_nothing_else():
     """bitsandbytes' import-time notices about the `kernels` hub package (its own, and `kernels`' offline
     publisher-check notice for that one repository) are filtered; their other warnings are not."""
     code = (
-        "import logging, alignment.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
+        "import logging, align.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
         "import bitsandbytes; from bitsandbytes.functional import has_avx512bf16; "
         "ops = __import__('bitsandbytes.backends.cpu.ops', fromlist=['x']); "
         "print('tried', has_avx512bf16() and getattr(ops, 'gemm_4bit_forward_kernel', 0) is None); "
@@ -683,9 +683,9 @@ def test_accelerate_no_length_notice_on_the_ranking_loader_is_dropped_and_nothin
     """The reward stage's loader (a RankingBatchSampler: no batch size, so no length to accelerate) makes
     gather_for_metrics log that the dataset had no length; the CLI drops that one line, not accelerate's others."""
     code = (
-        "import logging, alignment.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
+        "import logging, align.cli as c; c.setup_environment(); logging.basicConfig(level=logging.INFO); "
         "from accelerate import Accelerator; from torch.utils.data import DataLoader; "
-        "from alignment.preferences import RankingBatchSampler; acc = Accelerator(cpu=True); "
+        "from align.preferences import RankingBatchSampler; acc = Accelerator(cpu=True); "
         "groups = ['a', 'a', 'b', 'c', 'c', 'c']; "
         "loader = acc.prepare(DataLoader(list(range(6)), batch_sampler=RankingBatchSampler(groups, 2))); "
         "[acc.gather_for_metrics(b) for b in loader]; "
@@ -697,7 +697,7 @@ def test_peft_reading_a_deprecated_property_warns_no_user_and_other_warnings_sti
     """peft wrapping a model reads transformers 5's `is_gradient_checkpointing`, which warns at every stage;
     the CLI drops that message, and a FutureWarning of any other text still shows."""
     code = (
-        "import warnings, alignment.cli as c; c.setup_environment(); "
+        "import warnings, align.cli as c; c.setup_environment(); "
         "from transformers import LlamaConfig, LlamaForCausalLM; from peft import LoraConfig, get_peft_model; "
         "m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
         "num_attention_heads=2, num_key_value_heads=2, vocab_size=64)); "
@@ -745,7 +745,7 @@ def test_a_failed_stage_leaves_a_stage_another_process_runs_beside_it_alone(tmp_
     checkpoints yet) is that process's, held by its lock, and stays; the failed run's own folder goes."""
     import fcntl
 
-    from alignment.artifacts import holding
+    from align.artifacts import holding
 
     run = tmp_path / "run"
     run.mkdir()
@@ -783,7 +783,7 @@ def test_a_failed_stage_removes_only_stage_folders_and_none_an_export_is_writing
             (folder / "notes.txt").write_text("mine")
         (run / "preferences").mkdir()
         (run / "preferences" / "summary.json").write_text("{}")
-        other = open(run / ".preferences.lock", "a")  # labeling.export's lock, held by the exporting process
+        other = open(run / ".preferences.lock", "a")  # align.labeling.export's lock, held by the exporting process
         fcntl.flock(other, fcntl.LOCK_EX)
         (run / "round-1" / "dpo").mkdir()
         (run / "round-1" / "dpo" / "metrics.jsonl").write_text("{}\n")
@@ -796,13 +796,13 @@ def test_a_failed_stage_removes_only_stage_folders_and_none_an_export_is_writing
 
 def test_a_pipeline_stopped_at_once_leaves_no_new_run_dir_behind(tiny_model, sft_data, tmp_path, monkeypatch):
     """Its lock file (run.dir/.align.lock) is not something the failed pipeline made: the new run dir still goes."""
-    import recipes.pipeline
+    from align.recipes import pipeline
 
     def stopped(cfg):
         assert (tmp_path / "new" / ".align.lock").is_file()  # held while it runs
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(recipes.pipeline, "main", stopped)
+    monkeypatch.setattr(pipeline, "main", stopped)
     assert align(["pipeline", f"run.dir={tmp_path / 'new'}", "run.wandb=disabled", "stages=[sft]",
                   f"sft.model.name={tiny_model}", f"sft.data.path={sft_data}"]) == 130
     assert not (tmp_path / "new").exists()
@@ -828,7 +828,7 @@ def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
 
 
 def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch, capsys):
-    from alignment import cli
+    from align import cli
 
     def interrupted(stage, cfg):
         (tmp_path / "run" / "sft").mkdir(parents=True)
@@ -846,7 +846,7 @@ def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, mo
     import signal
     import time
 
-    from alignment import cli
+    from align import cli
 
     def killed(stage, cfg):
         (tmp_path / "run" / "sft").mkdir(parents=True)
@@ -865,9 +865,9 @@ def test_sigterm_unwinds_as_ctrl_c_does_and_the_handler_is_put_back(tmp_path, mo
 def test_a_failed_merge_leaves_no_half_written_merged_folder(tmp_path):
     """align merge with its adapter left to the default (<run.dir>/sft) writes <run.dir>/sft-merged, no stage folder:
     once Ctrl-C's tidy-up swept only stage folders, a merge stopped in save_pretrained left a half-written one."""
-    from alignment import cli
-    from alignment.artifacts import discard_unfinished
-    from alignment.config import MergeStageConfig, RunConfig
+    from align import cli
+    from align.artifacts import discard_unfinished
+    from align.config import MergeStageConfig, RunConfig
 
     cfg = MergeStageConfig(run=RunConfig(dir=str(tmp_path)))
     assert cli._outputs("merge", cfg) == [str(tmp_path / "sft-merged")]
@@ -884,8 +884,8 @@ def test_merge_of_the_folder_it_runs_in_names_the_merged_folder_beside_it(tmp_pa
     adapter was checked; the merged folder is <that folder>-merged, and an empty one is refused in one line."""
     from types import SimpleNamespace
 
-    from alignment.artifacts import merge_paths
-    from alignment.cli import main as align
+    from align.artifacts import merge_paths
+    from align.cli import main as align
 
     here = tmp_path / "sft"
     here.mkdir()
@@ -902,7 +902,7 @@ def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, mo
     30-line traceback; it is one line with the file, exit code 1. Any other error still raises."""
     import errno
 
-    from alignment import cli
+    from align import cli
 
     cases = [(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "sft" / "model.safetensors")),
               f"{tmp_path / 'sft' / 'model.safetensors'}: No space left on device (free space"),
@@ -939,8 +939,8 @@ def test_a_stage_that_fails_or_is_stopped_closes_its_wandb_run_as_failed(tmp_pat
     import subprocess
     import sys
 
-    from alignment import StageError, cli
-    from alignment.tracking import start_wandb_run
+    from align import StageError, cli
+    from align.tracking import start_wandb_run
 
     for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_JOB_TYPE"):
         monkeypatch.delenv(key, raising=False)  # put back as they were after the test
@@ -971,7 +971,7 @@ def test_wandb_online_where_no_run_could_start_is_refused_before_any_work(tmp_pa
     generated and judged, and the stage ended with no manifest. Now the check before any work says so."""
     import socket
 
-    from alignment import tracking
+    from align import tracking
 
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

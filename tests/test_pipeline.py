@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import main as align
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -89,14 +89,14 @@ def test_eval_names_the_prompts_a_policy_was_trained_on(run):
 
 
 def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path, monkeypatch):
-    from alignment.tracking import artifact_name, run_name
+    from align.tracking import artifact_name, run_name
 
     for run in ("q", "x"):
         (tmp_path / run / "sft").mkdir(parents=True)  # round 0's stages are in the run's folder: round-N are its
     assert run_name(tmp_path / "q") == "q" and run_name(tmp_path / "q" / "round-2") == "q/round-2"
     assert run_name(tmp_path / "round-up") == "round-up"
     # every round's W&B files in the run's folder: the one `wandb sync` the hint prints uploads them all
-    from alignment.tracking import wandb_dir
+    from align.tracking import wandb_dir
 
     assert wandb_dir(tmp_path / "q" / "round-1") == wandb_dir(tmp_path / "q") == tmp_path / "q"
     # two runs' round-1 artifacts are two artifacts, not versions of one
@@ -110,8 +110,8 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path, monkeypatch):
     assert name == "lr_5e-3_my_run_2-sft" and wandb.Artifact(name, type="model").name == name
     # run.dir=exps/round-1, with no run in exps: a run of its own, not round 1 of "exps" (its W&B files went to
     # exps/wandb, in group exps)
-    from alignment.config import RunConfig
-    from alignment.tracking import configure_wandb
+    from align.config import RunConfig
+    from align.tracking import configure_wandb
 
     for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_JOB_TYPE"):
         monkeypatch.delenv(key, raising=False)  # put back as they were after the test
@@ -123,8 +123,8 @@ def test_wandb_groups_a_pipelines_rounds_with_their_run(tmp_path, monkeypatch):
 
 
 def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
-    from alignment import tracking
-    from alignment.config import RunConfig
+    from align import tracking
+    from align.config import RunConfig
 
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
     monkeypatch.setattr(tracking, "wandb_reachable", lambda: True)
@@ -144,7 +144,7 @@ def test_wandb_auto_finds_a_login_for_a_self_hosted_server_and_in_a_netrc_file(t
     reader where it has one, else the same lookup here."""
     import sys
 
-    from alignment import tracking
+    from align import tracking
 
     home, other = tmp_path / "home", tmp_path / "netrc"
     home.mkdir()
@@ -177,8 +177,8 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
     ended in a traceback (export, sample and eval after writing their manifest). The server is asked first."""
     import socket
 
-    from alignment import tracking
-    from alignment.config import RunConfig
+    from align import tracking
+    from align.config import RunConfig
 
     monkeypatch.setattr(tracking, "USER_MODE", "")
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
@@ -215,7 +215,7 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
 
 
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     rows = Store(f"sqlite:///{run / 'labels.db'}").submitted_rankings()
     assert len(rows) == 10 and all(r["batch"] == "round-0" and len(r["ranks"]) == 3 for r in rows)
@@ -334,7 +334,7 @@ def test_killed_pipeline_reruns_only_what_is_unfinished(tiny_model, data, run, t
     """Kill after the reward model is written; a rerun skips sft..reward and ends where the unkilled did."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *pipeline_args(tiny_model, data, run_dir, "disabled")],
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", *pipeline_args(tiny_model, data, run_dir, "disabled")],
                             cwd=REPO / "tests", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (run_dir / "reward" / "align.json").is_file():
@@ -363,7 +363,7 @@ def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resu
     """Stopped after sft's checkpoint-4, the pipeline names the key it takes (sft.train.resume_from_checkpoint;
     `train.` alone is refused as an unknown key), and run again with it, sft goes on from checkpoint-4. Run again
     to fewer steps than that, the refusal names the keys as the pipeline takes them too (sft.train.max_steps)."""
-    from alignment.training import MetricsJSONL
+    from align.training import MetricsJSONL
 
     args = ["pipeline", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "stages=[sft]",
             f"sft.model.name={tiny_model}", f"sft.data.path={data}", "sft.train.max_steps=8", "sft.train.eval_steps=4",
@@ -385,7 +385,7 @@ def test_a_pipeline_stopped_in_training_says_the_key_it_takes_to_resume_and_resu
             f"{tmp_path / 'run' / 'sft' / 'checkpoints' / 'checkpoint-4'} (step 4), is past sft.train.max_steps=3"
             in capsys.readouterr().err)
     caplog.clear()
-    caplog.set_level("INFO", logger="alignment.artifacts")
+    caplog.set_level("INFO", logger="align.artifacts")
     assert align([*args, "sft.train.resume_from_checkpoint=latest"]) == 0
     assert f"resuming from {tmp_path / 'run' / 'sft' / 'checkpoints' / 'checkpoint-4'}" in caplog.text
     ends = [r["step"] for r in read_jsonl(tmp_path / "run" / "sft" / "metrics.jsonl") if "train_runtime" in r]
@@ -465,9 +465,9 @@ def test_grpo_is_found_evaluated_and_skipped_on_rerun(tiny_model, data, tmp_path
 def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch):
     """label=human starts `align label` on the store sample wrote (--db when it is not the default) and
     waits for the batch; an app that exits (refused, or stopped) ends the wait with its exit code."""
-    from alignment.config import PipelineConfig, load_config
-    from labeling.store import Store
-    from recipes import pipeline
+    from align.config import PipelineConfig, load_config
+    from align.labeling.store import Store
+    from align.recipes import pipeline
 
     url = f"sqlite:///{tmp_path / 'team.db'}"
     store = Store(url)
@@ -482,21 +482,21 @@ def test_human_labelling_stops_waiting_when_the_app_exits(tmp_path, monkeypatch)
 
     monkeypatch.setattr(pipeline.subprocess, "Popen", app)
     monkeypatch.setattr(pipeline.time, "sleep", lambda s: sleep(0.1))
-    from alignment import StageError
+    from align import StageError
 
     with pytest.raises(StageError, match=r"the labelling app exited \(code 3\) with 1 rankings of batch 'round-0'"):
         pipeline.label(cfg, tmp_path / "run", "round-0")
     assert started[0][-2:] == ["--db", url]
-    assert started[0][1:4] == ["-P", "-m", "alignment.cli"]  # no ./recipes/ or ./labeling/ of the user's in its way
+    assert started[0][1:4] == ["-P", "-m", "align.cli"]  # no ./align/ of the user's in its way
 
 
 def test_human_labelling_stops_waiting_for_tasks_every_annotator_skipped(tmp_path, monkeypatch, capsys):
     """A lone annotator skips a task: nobody is left to rank it, and the pipeline waited for it for ever ("1 rankings
     still to do") while the app said "All done". It goes on, saying so, and does not start the app for it again."""
-    from alignment.config import PipelineConfig, load_config
-    from labeling import handlers
-    from labeling.store import Store
-    from recipes import pipeline
+    from align.config import PipelineConfig, load_config
+    from align.labeling import handlers
+    from align.labeling.store import Store
+    from align.recipes import pipeline
 
     store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
     store.add_user("ann", "pw-for-ann", admin=True)
@@ -531,10 +531,10 @@ def test_waiting_for_human_labels_ctrl_c_goes_on_and_sigterm_ends_the_pipeline(s
     """Ctrl-C while the pipeline waits for the batch goes on with the rankings so far; SIGTERM (a `kill`, a
     scheduler's stop) ends the pipeline as it ends every stage (exit 143). It went on to export and train on a
     half-labelled batch. Either way the labelling app is stopped."""
-    from alignment.cli import Terminated
-    from alignment.config import PipelineConfig, load_config
-    from labeling.store import Store
-    from recipes import pipeline
+    from align.cli import Terminated
+    from align.config import PipelineConfig, load_config
+    from align.labeling.store import Store
+    from align.recipes import pipeline
 
     store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": "Where is Sync?", "responses": ["Settings.", "No idea."]}], source={})
@@ -564,7 +564,7 @@ def test_the_labelling_app_stops_when_the_pipeline_that_started_it_is_killed(tmp
     stops itself (its parent gone), instead of holding port 7860 so that every rerun's app failed to start."""
     import socket
 
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'run' / 'labels.db'}")
     store.add_user("ann", "pw-for-ann", admin=True)
@@ -575,8 +575,8 @@ def test_the_labelling_app_stops_when_the_pipeline_that_started_it_is_killed(tmp
     # The pipeline's own label(), its Popen given a free port and the app's pid written down
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess, sys
-        from alignment.config import PipelineConfig, load_config
-        from recipes import pipeline
+        from align.config import PipelineConfig, load_config
+        from align.recipes import pipeline
         popen = subprocess.Popen
         def app(args, **kw):
             child = popen([*args, "--port", "{port}"], **kw)
@@ -619,7 +619,7 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     W&B settings change nothing; an edited data file redoes the stages that read it; a retrained reward
     model redoes eval, which it judges; a ranked task made gold redoes the export; a batch ranked by
     another scorer is refused, not reused."""
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -635,7 +635,7 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
         m.chdir(run.parent)
         ran.clear()
         assert align(pipeline_args(tiny_model, data, Path(run.name))) == 0 and ran == []
-    with caplog.at_level(logging.INFO, logger="recipes.pipeline"):
+    with caplog.at_level(logging.INFO, logger="align.recipes.pipeline"):
         assert rerun("dpo.train.max_steps=5") == ["dpo"]  # (eval follows once dpo/ is newer: see the reward model)
     assert re.search(r"── dpo: made with other settings \(train\.max_steps: \d+ → 5\): making it again",
                      caplog.text), caplog.text
@@ -656,7 +656,7 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     # rankings, another export. (The count the pipeline compared before kept the stale one.)
     import sqlite3
 
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{run / 'labels.db'}")
     task = store.submitted_rankings()[0]
@@ -698,7 +698,7 @@ def test_a_copied_run_remakes_in_the_copy_what_follows_a_stage_remade_there(tiny
     """A copy's stages compare themselves with their parents in the copy: they read the original's (absolute in
     their manifests, and there), so an export remade in the copy left reward, dpo and eval "already done" there,
     while the same change in place remade them. The original is not touched."""
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, symlinks=True)
@@ -725,8 +725,8 @@ def test_evals_reward_model_is_named_so_a_reward_stage_added_or_dropped_reruns_e
     """The pipeline names eval's judge (<round>/reward, or none): with reward dropped from `stages`, eval reruns
     judged by no reward model, not by the reward/ left in run.dir (it was "already done" both ways: eval's
     default is whichever reward/ the folder holds). An eval recorded before, with no judge named, is unchanged."""
-    import recipes.pipeline as pipeline
-    from alignment.config import PipelineConfig, load_config
+    import align.recipes.pipeline as pipeline
+    from align.config import PipelineConfig, load_config
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append((name, cfg)) or Path(cfg.run.dir) / name)
@@ -759,7 +759,7 @@ def test_a_human_eval_from_before_eval_store_is_not_redone_for_the_key_alone(tin
     """eval.store is new: a human=true eval recorded before it names no store, and its A/B tasks went to the run's
     labels.db, the store the pipeline passes now. Its pipeline skips it (it was redone, every answer generated
     again, for the missing key); one recorded with another store is redone."""
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -787,9 +787,9 @@ def test_a_human_eval_is_redone_for_new_verdicts_and_they_remake_nothing_else(ti
     no export (under dawid_skene they did, and dpo with it: a new version, on which every verdict was stale)."""
     import sqlite3
 
-    import recipes.pipeline as pipeline
-    from labeling.simulate import simulate
-    from labeling.store import Store
+    import align.recipes.pipeline as pipeline
+    from align.labeling.simulate import simulate
+    from align.labeling.store import Store
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -825,7 +825,7 @@ def test_a_stage_recorded_before_an_upgrade_is_not_redone_for_what_did_not_chang
     would change: export.reliability_batches (absent from an older export; what it changes, which rankings the
     estimate reads, the export's rankings fingerprint covers), and a reward model recorded with lora.dropout
     0.05, which TRL ran without dropout (the default is 0 now, as it ran)."""
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -863,9 +863,9 @@ def test_an_export_recorded_before_flagged_reruns_only_where_a_ranking_is_flagge
     only there (the test above: without one nothing reruns), and not when flagged=drop asks for what it did."""
     import sqlite3
 
-    import recipes.pipeline as pipeline
-    from labeling.export import rankings_fingerprint
-    from labeling.store import Store
+    import align.recipes.pipeline as pipeline
+    from align.labeling.export import rankings_fingerprint
+    from align.labeling.store import Store
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -897,7 +897,7 @@ def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, mon
     and export failed with "batches: 'round-0' not in the store", with nothing saying how out of it."""
     import shutil
 
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     ran = []
     monkeypatch.setattr(pipeline, "run_stage", lambda name, cfg: ran.append(name) or Path(cfg.run.dir) / name)
@@ -905,7 +905,7 @@ def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, mon
     shutil.copy2(db, run.parent / "labels.db.kept")
     try:
         db.unlink()
-        with caplog.at_level("INFO", logger="recipes.pipeline"):
+        with caplog.at_level("INFO", logger="align.recipes.pipeline"):
             align(pipeline_args(tiny_model, data, run))
         assert ran[:1] == ["sample"] and "the store holds 0 of the 10 tasks of batch 'round-0'" in caplog.text
     finally:
@@ -917,8 +917,8 @@ def test_a_store_that_lost_the_batch_is_sampled_again(tiny_model, data, run, mon
 def test_sft_on_the_users_data_with_the_shipped_prompts_elsewhere_is_warned(tmp_path, caplog):
     """sft.data.path=mine alone: sample, ppo and eval kept their defaults, the shipped support data's prompts, and
     the loop sampled, rolled out and evaluated on support tickets without a word."""
-    from alignment.config import PipelineConfig, load_config
-    from recipes.pipeline import warn_shipped_prompts
+    from align.config import PipelineConfig, load_config
+    from align.recipes.pipeline import warn_shipped_prompts
 
     mine = tmp_path / "mine.jsonl"
     for extra, said in (([], "sample.prompts and eval.prompts read"),
@@ -926,7 +926,7 @@ def test_sft_on_the_users_data_with_the_shipped_prompts_elsewhere_is_warned(tmp_
                         ([f"sample.prompts={mine}", f"eval.prompts={mine}"], None)):
         cfg = load_config(PipelineConfig, None, [f"run.dir={tmp_path}", f"sft.data.path={mine}", *extra])
         caplog.clear()
-        with caplog.at_level("WARNING", logger="recipes.pipeline"):
+        with caplog.at_level("WARNING", logger="align.recipes.pipeline"):
             warn_shipped_prompts(cfg)
         assert (said in caplog.text) if said else caplog.text == "", extra
     caplog.clear()
@@ -936,12 +936,12 @@ def test_sft_on_the_users_data_with_the_shipped_prompts_elsewhere_is_warned(tmp_
 
 def test_eval_with_reward_model_none_judges_by_the_scorer_alone(run, data):
     """reward_model=none: no reward-model judge, even with a reward/ in run.dir."""
-    from alignment.config import EvalStageConfig, RunConfig
-    from recipes.evaluate import judge
+    from align.config import EvalStageConfig, RunConfig
+    from align.recipes.evaluate import judge
 
     cfg = EvalStageConfig(run=RunConfig(dir=str(run), wandb="disabled"), reward_model="none", scorer="length")
     assert list(judge(cfg, ["Hi?"], {"sft": ["Hello."], "dpo": ["Hello there."]})) == ["scorer:length"]
-    from alignment import StageError
+    from align import StageError
 
     with pytest.raises(StageError, match="no judge: reward_model=none and no scorer"):
         judge(EvalStageConfig(run=RunConfig(dir=str(run)), reward_model="none"), ["Hi?"], {"sft": ["Hello."]})
@@ -958,7 +958,7 @@ def test_a_base_model_saved_over_its_folder_remakes_the_stage_on_it(tiny_model, 
     and the rerun remakes sft. It was skipped, the old adapter kept, as its data files alone were compared."""
     from safetensors.torch import load_file, save_file
 
-    import recipes.pipeline as pipeline
+    import align.recipes.pipeline as pipeline
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
@@ -988,9 +988,9 @@ def test_sampling_again_with_other_settings_says_the_batch_keeps_its_tasks(run, 
 def test_an_answer_two_policies_share_ties_by_the_reward_model(run):
     """Scored in one call, an answer two policies gave gets one score: a tie, not a win or a loss decided by
     the last bits of a padded batch (an SFT compared with itself is exactly 50 %)."""
-    from alignment.config import EvalStageConfig, RunConfig
-    from alignment.evaluation import win_rate
-    from recipes.evaluate import judge
+    from align.config import EvalStageConfig, RunConfig
+    from align.evaluation import win_rate
+    from align.recipes.evaluate import judge
 
     rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     prompts, sft, dpo = [r["prompt"] for r in rows], [r["sft"] for r in rows], [r["dpo"] for r in rows]
@@ -1004,7 +1004,7 @@ def test_an_answer_two_policies_share_ties_by_the_reward_model(run):
 def test_a_sqlite_store_is_compared_by_the_file_it_opens():
     """align before 2026-12 wrote sqlite:////runs/2026-12-02T10:00/labels.db; now its path is quoted (a `?` in a
     folder's name opened another file): a finished sample must not count as changed and redo every stage."""
-    from recipes.pipeline import _made_by
+    from align.recipes.pipeline import _made_by
 
     old = {"store": "sqlite:////runs/2026-12-02T10:00/labels.db", "run": {"dir": "runs/x"}}
     new = {"store": "sqlite:////runs/2026-12-02T10%3A00/labels.db", "run": {"dir": "runs/x"}}
@@ -1016,7 +1016,7 @@ def test_a_run_dir_is_compared_by_the_folder_it_names(tmp_path, monkeypatch):
     """run.dir=runs/x and run.dir=$PWD/runs/x are one run: the config a stage recorded with one spelling is
     unchanged under the other (a rerun with the other redid every stage, sft first), and so is the config of
     a stage recorded before the pipeline resolved run.dir (relative paths, read from where it runs now)."""
-    from recipes.pipeline import _made_by
+    from align.recipes.pipeline import _made_by
 
     monkeypatch.chdir(tmp_path)
     rel = {"run": {"dir": "runs/x"}, "sft": "runs/x/sft", "prompts": "data/p.jsonl", "data": {"path": "d.jsonl"},
@@ -1032,8 +1032,8 @@ def test_a_run_dir_is_compared_by_the_folder_it_names(tmp_path, monkeypatch):
 def test_a_base_model_is_compared_by_what_it_is(tmp_path, monkeypatch):
     """dpo and reward record their SFT's base as its align.json has it (a folder's absolute path) where the
     pipeline's section says `tiny`: every rerun redid reward, dpo and eval. The embedded model's names are one."""
-    from alignment.embedded import model_key
-    from recipes.pipeline import _made_by
+    from align.embedded import model_key
+    from align.recipes.pipeline import _made_by
 
     (tmp_path / "tiny").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -1045,11 +1045,11 @@ def test_a_base_model_is_compared_by_what_it_is(tmp_path, monkeypatch):
 def test_a_hint_under_the_pipeline_names_the_key_with_its_section(tmp_path, monkeypatch):
     """Under `align pipeline` a stage's keys are given in its section (ppo.reward_model=; reward_model= alone is an
     unknown key there): a hint a stage gives while the pipeline runs it says so. On its own, the bare key."""
-    from alignment import StageError, artifacts
-    from alignment.config import EvalStageConfig, RunConfig, SampleStageConfig
-    from alignment.preflight import check_stage
-    from alignment.reward_model import gate
-    from recipes.evaluate import judge
+    from align import StageError, artifacts
+    from align.config import EvalStageConfig, RunConfig, SampleStageConfig
+    from align.preflight import check_stage
+    from align.recipes.evaluate import judge
+    from align.reward_model import gate
 
     run = RunConfig(dir=str(tmp_path / "run"))
     for running, p in ((["pipeline", "ppo"], "{}."), (["ppo"], "")):

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignment import rl as R
-from alignment.cli import main as align
-from alignment.config import PPOStageConfig, load_config
-from alignment.report import glance
-from alignment.tracking import read_jsonl
+from align import rl as R
+from align.cli import main as align
+from align.config import PPOStageConfig, load_config
+from align.report import glance
+from align.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search"]
@@ -122,7 +122,7 @@ def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "ALIGN_PPO_KILL_AFTER_STEP": "5", "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
-    cmd = [sys.executable, "-m", "alignment.cli", "ppo", f"run.dir={killed}", f"sft={sft_dir}", f"prompts={prompts}",
+    cmd = [sys.executable, "-m", "align.cli", "ppo", f"run.dir={killed}", f"sft={sft_dir}", f"prompts={prompts}",
            "scorer=test_ppo:thanks", *FAST, *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL: no clean-up ran
@@ -165,11 +165,11 @@ def test_the_adaptive_kl_coef_resumes_where_it_was_and_says_a_changed_start_is_n
     moved.update(12.0, n_steps=10)
     state = moved.state_dict()
     same = R.AdaptiveKL(0.05, 6.0, 100)
-    with caplog.at_level("WARNING", logger="alignment.rl"):
+    with caplog.at_level("WARNING", logger="align.rl"):
         same.load_state_dict(state)
     assert same.value == moved.value and not caplog.records
     changed = R.AdaptiveKL(0.2, 6.0, 100)
-    with caplog.at_level("WARNING", logger="alignment.rl"):
+    with caplog.at_level("WARNING", logger="align.rl"):
         changed.load_state_dict(state)
     assert changed.value == moved.value  # the controller's state, not a restart at 0.2
     assert "rl.kl_coef=0.2 is not the 0.05 this run started from" in caplog.text
@@ -213,7 +213,7 @@ def test_gate_refusal_leaves_no_folder_and_says_nothing_of_it(tmp_path, capsys, 
 
 
 def test_gate_passes_at_threshold_or_when_overridden(tmp_path):
-    from alignment.reward_model import gate
+    from align.reward_model import gate
 
     assert gate(make_reward_dir(tmp_path / "good", 0.6), 0.6)["eval_accuracy"] == 0.6
     assert gate(make_reward_dir(tmp_path / "bad", 0.3), 0.0)["eval_accuracy"] == 0.3
@@ -282,8 +282,8 @@ def test_reward_on_the_policy_base_refuses_a_reward_model_of_another_sft(sft_dir
 
 
 def test_which_reward_models_the_policy_base_can_stand_for(sft_dir, reward_dir, tmp_path, tiny_model):
-    from alignment.config import ConfigError, ModelConfig
-    from alignment.reward_model import shared_base_problem, shared_base_reward
+    from align.config import ConfigError, ModelConfig
+    from align.reward_model import shared_base_problem, shared_base_reward
 
     as_trained = ModelConfig(quantize=False)  # reward_dir's: an unquantized base, auto compute
     assert shared_base_problem(reward_dir, sft_dir, tiny_model, as_trained) is None
@@ -314,9 +314,9 @@ def test_a_reward_model_computes_in_the_dtype_it_was_trained_in(sft_dir, reward_
     bf16, auto resolved again to bf16: PPO, GRPO, eval's judge and sample's selection scored it in another dtype
     than its gate read (the quickstart's: held-out accuracy 0.70 in bf16, 0.74 as trained), and the policy's base
     on such a GPU (auto too) was taken for the one it trained on. Its dtype is now read from where it trained."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan, trained_model_settings
-    from alignment.reward_model import shared_base_problem, trained_model_config
+    from align.config import ModelConfig
+    from align.modeling import device_plan, trained_model_settings
+    from align.reward_model import shared_base_problem, trained_model_config
 
     assert "float32 compute" in json.loads((reward_dir / "align.json").read_text())["device_plan"]
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -341,8 +341,8 @@ def test_a_qlora_reward_model_is_rebuilt_on_the_4bit_weights_it_trained_on(sft_d
     selection scored with another model than the one the gate measured."""
     import shutil
 
-    from alignment import reward_model
-    from alignment.config import ModelConfig
+    from align import reward_model
+    from align.config import ModelConfig
 
     rm = tmp_path / "reward"
     shutil.copytree(reward_dir, rm, ignore=shutil.ignore_patterns("checkpoints"))
@@ -399,11 +399,11 @@ def test_grpo_on_a_fresh_lora_over_a_4bit_base_trains_fp32_adapters_as_on_a_gpu(
                                                                              monkeypatch):
     """On CUDA (bf16 compute, none of the CPU tweaks) TRL casts a 4-bit model's adapter to bf16, where AdamW's
     steps at RL learning rates round away; with no SFT there is no "ref" copy to restore it from."""
-    import recipes.grpo
+    from align.recipes import grpo
 
-    as_on_gpu = recipes.grpo.device_plan
-    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
-    monkeypatch.setattr(recipes.grpo, "speed_up_cpu_training", lambda model: None)
+    as_on_gpu = grpo.device_plan
+    monkeypatch.setattr(grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
+    monkeypatch.setattr(grpo, "speed_up_cpu_training", lambda model: None)
     assert align(["ppo", "algo=grpo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}",
                   f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST, "model.quantize=true", "train.max_steps=1",
                   "rl.rollout_prompts=4", "rl.num_generations=4", "lora.r=4"]) == 0
@@ -418,13 +418,13 @@ def test_grpo_settles_checkpointing_auto_on_cuda_once_the_model_is_loaded(prompt
     reward and dpo then call fit_checkpointing, GRPO/RLOO never did: they trained with checkpointing on (a third
     more matmul work per step) however much memory was free, and recorded neither the levers nor the peak memory.
     The CUDA plan is driven on this CPU: placement on the CPU, the GPU's free memory given."""
-    import recipes.grpo
-    from alignment import gpu_training, modeling
-    from alignment.data import load_prompts
-    from alignment.modeling import load_tokenizer
+    from align import gpu_training, modeling
+    from align.data import load_prompts
+    from align.modeling import load_tokenizer
+    from align.recipes import grpo
 
-    planned = recipes.grpo.device_plan
-    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(planned(cfg), device="cuda",
+    planned = grpo.device_plan
+    monkeypatch.setattr(grpo, "device_plan", lambda cfg: replace(planned(cfg), device="cuda",
                                                                           gradient_checkpointing=True))
     monkeypatch.setattr(modeling, "_local_gpu", lambda: "cpu")
     monkeypatch.setattr(gpu_training, "_local_gpu", lambda: "cpu")
@@ -436,13 +436,13 @@ def test_grpo_settles_checkpointing_auto_on_cuda_once_the_model_is_loaded(prompt
         fitted["plan"] = gpu_training.fit_checkpointing(plan, setting, model, tokens_per_step, **kwargs)
         return fitted["plan"]
 
-    monkeypatch.setattr(recipes.grpo, "fit_checkpointing", fit)
+    monkeypatch.setattr(grpo, "fit_checkpointing", fit)
     seen = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         seen["checkpointing"] = args.activation_checkpointing
 
-    monkeypatch.setattr(recipes.grpo.MetricsJSONL, "on_train_begin", on_train_begin)
+    monkeypatch.setattr(grpo.MetricsJSONL, "on_train_begin", on_train_begin)
     assert align(["ppo", "algo=grpo", f"run.dir={tmp_path}", "sft=none", f"model.name={tiny_model}",
                   f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST, "train.max_steps=1", "rl.rollout_prompts=4",
                   "rl.num_generations=2", "lora.r=4"]) == 0
@@ -463,11 +463,11 @@ def test_grpo_without_a_kl_term_starts_from_the_exact_sft_adapter_over_a_4bit_ba
     """rl.kl_coef=0: TRL makes no "ref" copy to restore the bf16-rounded SFT adapter from; it is read from its
     folder instead. One step at a rate too small to move anything leaves the SFT adapter as it was (the rounding
     moved every weight by up to 0.4 %)."""
-    import recipes.grpo
+    from align.recipes import grpo
 
-    as_on_gpu = recipes.grpo.device_plan
-    monkeypatch.setattr(recipes.grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
-    monkeypatch.setattr(recipes.grpo, "speed_up_cpu_training", lambda model: None)
+    as_on_gpu = grpo.device_plan
+    monkeypatch.setattr(grpo, "device_plan", lambda cfg: replace(as_on_gpu(cfg), compute_dtype=torch.bfloat16))
+    monkeypatch.setattr(grpo, "speed_up_cpu_training", lambda model: None)
     assert ppo(tmp_path, sft_dir, prompts, "algo=grpo", "rl.kl_coef=0", "model.quantize=true", "train.max_steps=1",
                "rl.rollout_prompts=4", "rl.num_generations=4", "train.lr=1e-12") == 0
     # TRL made no reference (beta 0): the manifest names none, not the SFT adapter's copy
@@ -719,7 +719,7 @@ def test_plain_sampling_ignores_the_model_folders_decoding_settings(tiny_model):
     and eval's KL are the plain softmax's, so inside plain_sampling the sampled-from scores are the logits."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.generation import plain_sampling
+    from align.generation import plain_sampling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     model.generation_config.repetition_penalty = 1.5

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import main as align
-from alignment.data import DataError
-from alignment.preferences import load_preferences, ranking_batches, split_by_prompt
+from align.cli import main as align
+from align.data import DataError
+from align.preferences import load_preferences, ranking_batches, split_by_prompt
 
 USER = [{"role": "user", "content": "How do I sync?"}]
 
@@ -253,7 +253,7 @@ def test_ranking_batches_are_dealt_whole_to_every_process(processes):
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from alignment.preferences import RankingBatchSampler
+    from align.preferences import RankingBatchSampler
 
     # 60 rankings of 6, 5 or 3 pairs (K=4, some ties dropped): batches of 12 come out short, not full
     groups = [f"t{i}" for i in range(60) for _ in range([6, 6, 5, 3][i % 4])]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment import StageError
-from alignment.cli import main as align
-from alignment.reward_model import EDITS, MAX_PROBE_FLIP_RATE, gate, probe, probe_failure, probe_warning
+from align import StageError
+from align.cli import main as align
+from align.reward_model import EDITS, MAX_PROBE_FLIP_RATE, gate, probe, probe_failure, probe_warning
 
 
 def conv(role: str, text: str) -> list[dict[str, str]]:
@@ -96,7 +96,7 @@ def test_a_known_labeller_separates_what_the_labels_taught_from_the_habit():
     assert edits["thanks_end"]["scorer_flip_rate"] == 0 and edits["thanks_end"]["unsupported_flip_rate"] == 1.0
     assert probes["gate"]["edit"] == "thanks_end" and "opening_only does not make too" in probes["gate"]["basis"]
     # the two rates are over different pairs (the model's right ones, the scorer's ordered ones): the page says of what
-    from alignment.report import probes_html
+    from align.report import probes_html
 
     start = edits["thanks_start"]
     page = probes_html(probes)
@@ -188,7 +188,7 @@ def test_dpo_is_warned_about_a_reward_model_trained_on_its_pairs(tmp_path):
 def test_kept_ties_count_in_no_accuracy():
     """A tie kept by ties=margin0 has its first response as 'chosen' and no right answer: scoring it would pull
     accuracy toward 0.5 whatever the model does. It is counted (eval_ties) and left out of the figures."""
-    from alignment.reward_model import heldout_metrics
+    from align.reward_model import heldout_metrics
 
     data = heldout([{"chosen": "Thanks! Open Settings.", "rejected": "no", "tie": False},
                     {"chosen": "Open Settings.", "rejected": "Open Settings, then Sync.", "tie": True},
@@ -205,7 +205,7 @@ def test_calibration_bins_by_hand():
     sigmoid(|gap|)), its observed accuracy and the pair-weighted error between them, exactly."""
     import math
 
-    from alignment.reward_model import heldout_metrics
+    from align.reward_model import heldout_metrics
 
     def sigmoid(x: float) -> float:
         return 1 / (1 + math.exp(-x))
@@ -228,7 +228,7 @@ def test_calibration_against_soft_labels():
     mean posterior (what the labels' own certainty says of their picks, not a ceiling on that accuracy)."""
     import math
 
-    from alignment.reward_model import heldout_metrics
+    from align.reward_model import heldout_metrics
 
     rows = [{"prompt": f"Question {i}?", "chosen": f"Step {i}.", "rejected": "no", "p_chosen": 0.7} for i in range(20)]
     figures = heldout_metrics(heldout(rows), [math.log(0.7 / 0.3)] * 20, [0.0] * 20)
@@ -244,7 +244,7 @@ def test_heldout_accuracy_interval_counts_prompts():
     """Six pairs from two prompts' rankings: the interval counts prompts, so a model right on one prompt's
     pairs and wrong on the other's can score almost anything from 0 to 1; six prompts' pairs count one by one. Two
     tasks of one prompt (task ids apart, as two batches make) are one prompt."""
-    from alignment.reward_model import heldout_metrics
+    from align.reward_model import heldout_metrics
 
     rows = [{"prompt": "How do I sync?" if i < 3 else "Where is export?", "chosen": f"Thanks! Step {i}.",
              "rejected": "no", "task_id": str(i)} for i in range(6)]
@@ -258,7 +258,7 @@ def test_heldout_accuracy_interval_counts_prompts():
 
 def test_held_out_pairs_that_are_all_ties_give_no_accuracy():
     """Nothing to be right about: no accuracy (the PPO gate refuses None), not the ties scored as decisions."""
-    from alignment.reward_model import heldout_metrics
+    from align.reward_model import heldout_metrics
 
     data = heldout([{"chosen": "Open Settings.", "rejected": "Open Settings, then Sync.", "tie": True}] * 4)
     figures = heldout_metrics(data, [2.0] * 4, [0.0] * 4)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.artifacts import MANIFEST
-from alignment.report import cautions, glance, glance_text, write_report
+from align.artifacts import MANIFEST
+from align.report import cautions, glance, glance_text, write_report
 
 SFT = {"stage": "sft", "seconds": 130.4, "metrics": {"eval_loss": 3.3521, "eval_mean_token_accuracy": 0.3468, "global_step": 10,
                                    "train_runtime": 101.1}}
@@ -69,7 +69,7 @@ def test_each_rl_stage_says_what_its_kl_is():
     assert glance("ppo", {"metrics": kl})[1] == "KL 0.0123 nats per response (k1, summed over the response)"
     assert glance("grpo", {"metrics": kl})[1] == "KL 0.0123 nats per token (k3, TRL's mean over tokens)"
     assert glance("rloo", {"metrics": kl})[1] == "KL 0.0123 nats per token (k1, TRL's mean over tokens)"
-    from alignment.report import PLOTS
+    from align.report import PLOTS
 
     titles = {stage: next(t for t, _, keys in PLOTS[stage] if "kl" in keys) for stage in ("ppo", "grpo", "rloo")}
     assert titles == {"ppo": "KL from reference, nats per response (k1 sum)",
@@ -248,14 +248,14 @@ def test_relative_parent_paths_are_read_where_the_run_was_made(tmp_path, monkeyp
     write(tmp_path / "other" / "runs" / "quickstart", "dpo", {**DPO, "created": "2026-12-02T03:00:00+0000"})
     (run / "eval" / MANIFEST).write_text(json.dumps({**EVAL, "parents": parents, "cwd": str(tmp_path / "other")}))
     assert "dpo" not in glance_text(run).split("Look at")[-1]
-    # and `python -m alignment.report .` from inside the run is titled by the run's name, not ""
+    # and `python -m align.report .` from inside the run is titled by the run's name, not ""
     monkeypatch.chdir(run)
     page = write_report(".").read_text()
     assert "<h1>align run: quickstart</h1>" in page and (run / "report.md").read_text().startswith("# align run: quickstart\n")
 
 
 def test_new_manifests_record_their_parents_absolute(tmp_path, monkeypatch):
-    from alignment.artifacts import parent_path, write_manifest
+    from align.artifacts import parent_path, write_manifest
 
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "runs" / "x", "sft", SFT)
@@ -278,7 +278,7 @@ def test_absolute_parents_are_found_after_the_project_moved(tmp_path, monkeypatc
     said its live parents "are gone" and marked later rounds stale."""
     import shutil
 
-    from alignment.artifacts import parent_path, write_manifest
+    from align.artifacts import parent_path, write_manifest
 
     old = tmp_path / "A" / "proj"
     old.mkdir(parents=True)
@@ -304,8 +304,8 @@ def test_absolute_parents_are_found_after_the_project_moved(tmp_path, monkeypatc
 def test_a_rerun_stopped_in_training_rebuilds_the_report_and_says_how_to_resume(tmp_path, caplog, monkeypatch):
     """A finished dpo trained again loses its align.json as training starts; stopped there, its folder stays for
     its checkpoints. The report showed the old dpo section and eval's verdict on it; a rebuilt one said "is gone"."""
-    from alignment import report
-    from alignment.artifacts import discard_unfinished
+    from align import report
+    from align.artifacts import discard_unfinished
 
     run = tmp_path / "run"
     write(run, "sft", {**SFT, "created": "2026-12-02T07:00:00+0000"})
@@ -345,7 +345,7 @@ def test_a_stage_training_in_another_process_is_running_not_to_resume(tmp_path):
     import fcntl
     import os
 
-    from alignment.artifacts import LOCK
+    from align.artifacts import LOCK
 
     run = tmp_path / "run"
     write(run, "sft", SFT)
@@ -414,8 +414,8 @@ def test_the_win_rate_chart_names_the_interval_its_eval_made(monkeypatch):
     its bootstrap intervals "Wilson". Eval records its method (`interval`); one from before it did (ca3f2c8 to
     1e36e2c) made Wilson intervals without saying so, and was then titled "bootstrap": a manifest without the
     key is Wilson's where its intervals are Wilson's for its win-rates and `prompts`, else no method is named."""
-    from alignment import report
-    from alignment.evaluation import wilson_interval
+    from align import report
+    from align.evaluation import wilson_interval
 
     titles = []
 
@@ -443,8 +443,8 @@ def test_a_win_rate_says_what_it_is_over_and_beats_only_past_a_sign_test(tmp_pat
     48-prompt verdict is: 4 wins of 4 have sign-test p 0.125, and by Wilson's interval alone equal policies
     "differ" 12.5 % of the time at 4 prompts. The headline, the first screen and the chart say how many prompts
     (and ties) a win-rate is over, and "beats" / "loses to" also need the exact sign test under 0.05."""
-    from alignment import report
-    from alignment.evaluation import wilson_interval
+    from align import report
+    from align.evaluation import wilson_interval
 
     def policies(wins: int, ties: int, losses: int) -> dict:
         n = wins + ties + losses
@@ -513,7 +513,7 @@ def test_a_human_only_eval_says_its_board(tmp_path):
 def test_one_annotator_per_pair_gives_no_agreement_ceiling():
     """Single-annotator data read "(annotator agreement, the ceiling: 100.0%)" right above the probes' "one
     annotator per pair: agreement cannot split the accuracy": one annotator agrees with itself."""
-    from alignment.report import reward_section
+    from align.report import reward_section
 
     single = {"buckets": [{"bucket": "single annotator", "pairs": 27, "accuracy": 0.7407}],
               "note": "one annotator per pair: agreement cannot split the accuracy"}
@@ -536,7 +536,7 @@ def test_one_annotator_per_pair_gives_no_agreement_ceiling():
 def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     """A plot had no y-axis label; a loss or accuracy drew training batches and the held-out set as two bare keys
     on one axis; eval's kl and length rows had no unit."""
-    from alignment import report
+    from align import report
 
     drawn = []
 
@@ -565,9 +565,9 @@ def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
 
 
 def test_the_report_command_has_help_and_refuses_a_folder_that_is_no_run(tmp_path, capsys):
-    """`python -m alignment.report --help` and `... runs/typo` failed with a traceback (FileNotFoundError
+    """`python -m align.report --help` and `... runs/typo` failed with a traceback (FileNotFoundError
     '--help/report.html'); an empty folder got a report of nothing."""
-    from alignment.report import main
+    from align.report import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
@@ -585,7 +585,7 @@ def test_a_copied_runs_parents_are_read_in_the_copy_and_a_rounds_in_its_roots(tm
     root's folders too (sft/, round 0's dpo/); a parent outside the run stays where it was."""
     import shutil
 
-    from alignment.artifacts import in_this_run, parent_path, write_manifest
+    from align.artifacts import in_this_run, parent_path, write_manifest
 
     run, outside = tmp_path / "run", tmp_path / "elsewhere" / "rm"
     outside.mkdir(parents=True)
@@ -609,7 +609,7 @@ def test_the_reward_accuracy_over_pairs_is_aligns_alone(tmp_path, monkeypatch):
     """TRL's evaluations during training (eval_steps < max_steps) logged eval_accuracy, a mean of per-batch means,
     under the name of align's held-out accuracy over pairs: one line, "over pairs", drew both. A log from before
     TRL's were renamed *_batch_mean (its rows without eval_pairs) is drawn as a new one is."""
-    from alignment import report
+    from align import report
 
     drawn = {}
 
@@ -641,7 +641,7 @@ def test_sample_and_export_rewrite_the_report_and_a_stage_on_a_remade_input_says
     """Every stage rewrites the run's report as it ends; sample and export did not, so after them report.html
     and report.md still showed the run before them. A stage built on an input made again since (a reward model
     on an earlier export, a sample of an earlier sft) was cautioned about for eval alone."""
-    from alignment.cli import main as align
+    from align.cli import main as align
 
     run, data, prompts = tmp_path / "run", tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Ticket {i}: where is Sync?", "input": "",
@@ -695,7 +695,7 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     assert "x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;\n" in md  # its path: escaped text, not a code span
     assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
     # a path stays a code span where it can (its backticks fenced by a longer run)
-    from alignment.report import _code
+    from align.report import _code
 
     assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
 
@@ -726,7 +726,7 @@ def test_a_failed_eval_rerun_says_so_and_the_page_reads_on_a_phone(tmp_path):
     eval had never run; stages without checkpoints (sample, export, eval) were listed only with a manifest. Also:
     report.md left out DPO's probe caution, export's line said "base None", a token count read 1.07e+04, and
     every plot was 178 px wide on a 390 px phone."""
-    from alignment.report import write_report
+    from align.report import write_report
 
     run = tmp_path / "run"
     write(run, "sft", {**SFT, "metrics": {**SFT["metrics"], "eval_num_tokens": 10700.0}})
@@ -744,7 +744,7 @@ def test_a_failed_eval_rerun_says_so_and_the_page_reads_on_a_phone(tmp_path):
 
 
 def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_becomes_a_link(tmp_path):
-    from alignment.report import wandb_where
+    from align.report import wandb_where
 
     online = wandb_where({"wandb": {"mode": "online", "id": "ab12", "url": "https://wandb.ai/me/align/runs/ab12",
                                     "folder": str(tmp_path / "wandb" / "run-x-ab12")}}, tmp_path)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.cli import main as align
-from alignment.config import RewardStageConfig, load_config
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.config import RewardStageConfig, load_config
+from align.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["Sync", "Export", "Backup", "Theme", "Share", "Tags", "Password", "Search", "Trash", "Widgets"]
@@ -72,7 +72,7 @@ def test_reward_features_names_what_the_labels_teach_and_what_the_model_learnt(r
     right on every held-out response, and the tags order every held-out pair."""
     import importlib.util
 
-    from labeling.scorers import support_style, support_style_features
+    from align.labeling.scorers import support_style, support_style_features
 
     spec = importlib.util.spec_from_file_location("reward_features", REPO / "benchmarks" / "reward_features.py")
     bench = importlib.util.module_from_spec(spec)
@@ -144,8 +144,8 @@ def test_adapter_and_score_head_trained_and_manifest_lineage(reward_run, sft_dir
 
 
 def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys):
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import load_reward_model, score, score_conversations
+    from align.preferences import load_preferences
+    from align.reward_model import load_reward_model, score, score_conversations
 
     reward_run, data_path = reward_run
     model, tokenizer = load_reward_model(reward_run)
@@ -188,7 +188,7 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     assert align(["reward", "probe", "--model", str(moved)]) == 2
     assert "has changed since the model was trained on it" in capsys.readouterr().err
     # trained with data.on_error=skip on data with a bad line: probed reading it the same way, not refused for it
-    from alignment.data import file_hash
+    from align.data import file_hash
 
     skipping = tmp_path / "prefs-with-a-bad-line.jsonl"
     skipping.write_text(Path(manifest["data"]["path"]).read_text() + "not json\n")
@@ -300,8 +300,8 @@ def test_qlora_from_the_base_with_margins_warns_about_length(tiny_model, tmp_pat
     assert "correlates with response length" in caplog.text
     # Loaded for PPO, eval and `align reward probe`: on the 4-bit base it learnt on, so it scores the held-out
     # pairs as the stage measured them (the gate's figures); on an unquantized base it was another model.
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import load_reward_model, score_conversations
+    from align.preferences import load_preferences
+    from align.reward_model import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(out)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
@@ -320,11 +320,11 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
     """The override is wired: the trainer's batches are whole rankings, not a shuffle of pairs."""
     from trl import RewardConfig
 
-    from alignment.config import LoraConfig, ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import reward_base
-    from recipes.reward import AlignRewardTrainer
+    from align.config import LoraConfig, ModelConfig
+    from align.modeling import device_plan, load_tokenizer, peft_lora_config
+    from align.preferences import load_preferences
+    from align.recipes.reward import AlignRewardTrainer
+    from align.reward_model import reward_base
 
     # 3 pairs per ranking, batch 4: grouped batches hold 3; shuffled ones would hold 4.
     rows = [json.loads(line) for line in write_rankings(tmp_path / "p.jsonl", 6).read_text().splitlines()]
@@ -344,7 +344,7 @@ def test_group_by_ranking_batches_reach_the_trainer(tiny_model, tmp_path):
 def test_a_training_loss_gone_nan_is_refused_not_saved(tiny_model, tmp_path, monkeypatch, capsys):
     """A NaN loss (an infinite weight once let through, a too-high train.lr) left NaN weights that were saved
     with rc 0 and a manifest: PPO and eval would take them for a finished reward model."""
-    from recipes.reward import AlignRewardTrainer
+    from align.recipes.reward import AlignRewardTrainer
 
     compute_loss = AlignRewardTrainer.compute_loss
 
@@ -367,7 +367,7 @@ def test_lora_dropout_is_applied_as_configured(tiny_model, tmp_path, monkeypatch
     """TRL's RewardConfig turns every dropout off after peft wraps the model: lora.dropout=0.05 (the default then)
     was recorded in config.yaml and adapter_config.json and never applied. The default is none now, and a
     dropout asked for is the one training runs with."""
-    from recipes.reward import AlignRewardTrainer
+    from align.recipes.reward import AlignRewardTrainer
 
     compute_loss, seen = AlignRewardTrainer.compute_loss, set()
 
@@ -427,7 +427,7 @@ def test_quickstart_yaml_loads():
 def test_pair_loss_by_hand():
     import math
 
-    from alignment.reward_model import pair_loss
+    from align.reward_model import pair_loss
 
     def log_sigmoid(x: float) -> float:
         return -math.log(1 + math.exp(-x))
@@ -451,11 +451,11 @@ def test_pair_loss_by_hand():
 def test_weighted_loss_in_the_trainer_is_trls_with_weights_1_and_the_hand_value_otherwise(tiny_model, tmp_path):
     from trl import RewardConfig, RewardTrainer
 
-    from alignment.config import LoraConfig, ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import reward_base
-    from recipes.reward import AlignRewardTrainer
+    from align.config import LoraConfig, ModelConfig
+    from align.modeling import device_plan, load_tokenizer, peft_lora_config
+    from align.preferences import load_preferences
+    from align.recipes.reward import AlignRewardTrainer
+    from align.reward_model import reward_base
 
     rows = [json.loads(line) for line in write_rankings(tmp_path / "p.jsonl", 3).read_text().splitlines()]
     soft = [0.9, 0.6, 0.75, 1.0] * 3
@@ -502,11 +502,11 @@ def three_rankings_trainer(tiny_model, tmp_path, **args):
     trained a little (LoRA's B starts at 0: no gradient would reach A), RewardConfig's `args` on the CPU."""
     from trl import RewardConfig
 
-    from alignment.config import LoraConfig, ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer, peft_lora_config
-    from alignment.preferences import load_preferences
-    from alignment.reward_model import reward_base
-    from recipes.reward import AlignRewardTrainer
+    from align.config import LoraConfig, ModelConfig
+    from align.modeling import device_plan, load_tokenizer, peft_lora_config
+    from align.preferences import load_preferences
+    from align.recipes.reward import AlignRewardTrainer
+    from align.reward_model import reward_base
 
     data, _ = load_preferences(write_rankings(tmp_path / "p.jsonl", 3), test_fraction=0)
     cfg = ModelConfig(name=tiny_model, quantize=False)
@@ -523,7 +523,7 @@ def three_rankings_trainer(tiny_model, tmp_path, **args):
 
 
 def test_each_distinct_response_runs_once_with_the_same_loss_and_gradients(tiny_model, tmp_path):
-    # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (alignment.training.UniqueRows),
+    # A K=4 ranking's 4 pairs hold 8 rows but 4 distinct responses: the model runs those 4 (align.training.UniqueRows),
     # and the loss and every LoRA gradient are what running all 8 rows gives.
     from trl import RewardTrainer
 
@@ -634,14 +634,14 @@ def test_reliability_weights_beat_the_labels_they_distrust(sft_dir, tmp_path, ca
 
 def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
     """Under compute_dtype=float16 the stage keeps the adapter and score head in fp32 for the GradScaler
-    (recipes/reward.py); scoring after training must not hand the fp16 base's hidden states to the fp32 head."""
+    (align/recipes/reward.py); scoring after training must not hand the fp16 base's hidden states to the fp32 head."""
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.config import LoraConfig
-    from alignment.cpu import keep_trainable_in
-    from alignment.modeling import load_tokenizer, peft_lora_config
-    from alignment.reward_model import score
+    from align.config import LoraConfig
+    from align.cpu import keep_trainable_in
+    from align.modeling import load_tokenizer, peft_lora_config
+    from align.reward_model import score
 
     tokenizer = load_tokenizer(tiny_model)
     prompts, replies = ["How do I sync?", "Where is export?"], ["Open Settings and tap Sync now.", "File > Export."]
@@ -662,7 +662,7 @@ def test_the_fp32_score_head_stays_fp32_under_fp16_autocast(tiny_model):
     F.linear on fp32 inputs was cast back to fp16, and distinct answers tied again (score_head_in_fp32)."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.reward_model import score_head_in_fp32
+    from align.reward_model import score_head_in_fp32
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float16)
     score_head_in_fp32(model)
@@ -686,10 +686,10 @@ def test_the_fp32_score_head_scores_a_model_fsdp_sharded_in_bf16(tiny_model, tmp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.config import LoraConfig
-    from alignment.cpu import keep_trainable_in
-    from alignment.modeling import load_tokenizer, peft_lora_config
-    from alignment.reward_model import score_conversations, score_head_in_fp32
+    from align.config import LoraConfig
+    from align.cpu import keep_trainable_in
+    from align.modeling import load_tokenizer, peft_lora_config
+    from align.reward_model import score_conversations, score_head_in_fp32
 
     tokenizer = load_tokenizer(tiny_model)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.bfloat16)
@@ -726,8 +726,8 @@ def test_a_kept_tie_is_trained_as_half_not_as_a_win_for_its_first_answer(tmp_pat
     would be taught to win. It goes to the loss as p_chosen 1/2; decided pairs stay hard (1)."""
     from datasets import Dataset, DatasetDict
 
-    from alignment.config import RewardStageConfig
-    from recipes.reward import loss_columns
+    from align.config import RewardStageConfig
+    from align.recipes.reward import loss_columns
 
     rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": "a"}],
              "rejected": [{"role": "assistant", "content": "b"}], "margin": 0.0 if i % 2 else 1.0, "tie": bool(i % 2),
@@ -744,9 +744,9 @@ def test_a_column_some_pairs_carry_is_read_in_every_split_whichever_pairs_land_w
     was held out and switched weighting off without a word when it was in train."""
     import logging
 
-    from alignment.config import RewardStageConfig
-    from alignment.preferences import load_preferences
-    from recipes.reward import loss_columns
+    from align.config import RewardStageConfig
+    from align.preferences import load_preferences
+    from align.recipes.reward import loss_columns
 
     rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}",
              **({"tie": i == 0} if i < 5 else {}), **({"weight": 2.0} if i != 9 else {})} for i in range(10)]
@@ -756,7 +756,7 @@ def test_a_column_some_pairs_carry_is_read_in_every_split_whichever_pairs_land_w
         data, _ = load_preferences(path, test_fraction=0.2, seed=seed)
         assert data["train"].column_names == data["test"].column_names
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="recipes.reward"):
+        with caplog.at_level(logging.WARNING, logger="align.recipes.reward"):
             out, weighting = loss_columns(data, RewardStageConfig(), path)
         assert weighting == "off" and "9 of the 10 pairs have a 'weight'" in caplog.text
         ties = {row["prompt"][0]["content"]: row["p_chosen"] for split in out.values() for row in split}
@@ -769,8 +769,8 @@ def test_the_policy_base_reward_reads_the_token_the_classifier_reads(tiny_model)
     <|eot_id|>, Mistral's </s>), that is the token before the EOS, not the EOS itself."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from alignment.modeling import load_tokenizer
-    from alignment.reward_model import scored_position
+    from align.modeling import load_tokenizer
+    from align.reward_model import scored_position
 
     tokenizer = load_tokenizer(tiny_model)
     torch.manual_seed(0)
@@ -791,13 +791,13 @@ def test_the_policy_base_reward_reads_the_token_the_classifier_reads(tiny_model)
 def test_a_dora_reward_model_on_a_4bit_base_scores_as_trained(tiny_model, tmp_path):
     """A QLoRA+DoRA reward model loaded for scoring (PPO, eval, probes) keeps bitsandbytes' CPU repack off, as
     training did: with it, DoRA reads the repacked 4-bit weights wrongly and the scores are another model's
-    (alignment.cpu.keep_4bit_for_dora)."""
+    (align.cpu.keep_4bit_for_dora)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan, load_tokenizer
-    from alignment.reward_model import load_reward_model, reward_base
+    from align.config import ModelConfig
+    from align.modeling import device_plan, load_tokenizer
+    from align.reward_model import load_reward_model, reward_base
 
     torch.manual_seed(4)
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1),
@@ -823,9 +823,9 @@ def test_a_rerun_over_a_finished_folder_leaves_none_of_the_earlier_runs_extras(r
     """Trained again over a finished reward model that had an SFT copy and heads, with from_sft=false and no heads:
     both go as training starts. They stayed, and loaders took them for the new model's: base + the old SFT under
     a reward adapter trained without it, and heads that passed the uncertainty selection's check."""
-    from alignment.active import HeadEnsemble
-    from alignment.artifacts import HEADS_FILE
-    from alignment.reward_model import load_reward_model, score
+    from align.active import HeadEnsemble
+    from align.artifacts import HEADS_FILE
+    from align.reward_model import load_reward_model, score
 
     reward_dir, data = reward_run
     run = tmp_path / "run"
@@ -843,10 +843,10 @@ def test_a_reward_model_is_loaded_and_selected_by_what_its_manifest_says(reward_
     """An SFT copy or a heads file in the folder that its align.json says this model was not trained with is an
     earlier run's: not loaded under it (from_sft=false), not taken for its heads (heads=0). A manifest from
     before it recorded them goes by the files, as then."""
-    from alignment import reward_model
-    from alignment.active import HeadEnsemble
-    from alignment.config import ConfigError
-    from alignment.preflight import check_selection_model
+    from align import reward_model
+    from align.active import HeadEnsemble
+    from align.config import ConfigError
+    from align.preflight import check_selection_model
 
     rm = tmp_path / "reward"
     shutil.copytree(reward_run[0], rm, ignore=shutil.ignore_patterns("checkpoints"))

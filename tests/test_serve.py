@@ -5,7 +5,7 @@ The run holds real peft adapters on the tiny model with random LoRA weights (eac
 answers from the first token): sft, dpo and round-1/dpo, and an unfinished ppo/ (no align.json)
 that must be left out. The server runs from a thread of the test process (uvicorn, as `align
 serve` runs it); one test starts `align serve` itself as a process and stops it with Ctrl-C. The
-Playground tab's client (labeling/playground.py) is tested against the same server here; the tab
+Playground tab's client (align/labeling/playground.py) is tested against the same server here; the tab
 itself in a browser in tests/labeling/test_playground_browser.py.
 """
 
@@ -26,7 +26,7 @@ import httpx
 import pytest
 from served import load_engine, random_adapter, serve_config
 
-from alignment.cli import main as align
+from align.cli import main as align
 
 openai = pytest.importorskip("openai")
 
@@ -50,8 +50,8 @@ def run(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(run):
     """(engine, cfg, url): the run's models served from a thread."""
-    from alignment.openai_api import create_app
-    from labeling.server import running
+    from align.labeling.server import running
+    from align.openai_api import create_app
 
     cfg = serve_config(run, *LIMITS)
     engine = load_engine(cfg)
@@ -83,7 +83,7 @@ def reference(tiny_model: str, adapter: Path | None, max_new_tokens: int = 16) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alignment.modeling import load_tokenizer
+    from align.modeling import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     if adapter is not None:
@@ -125,7 +125,7 @@ def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
     """A DoRA adapter beside LoRA ones: made active with set_adapter like them, skipped for `base` through
     peft's mixed-batch path (which refuses DoRA adapters by name, not `__base__`); every model answers as
     it does alone, in any order."""
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     dora = random_adapter(tiny_model, tmp_path / "dora", 7, stage="sft", dora=True)
     engine = load_engine(serve_config(run, "discover=false", f"adapters={{dora: {dora}, dpo: {run / 'dpo'}}}"))
@@ -141,7 +141,7 @@ def test_a_merged_model_served_alone_keeps_the_system_prompt_it_was_trained_with
     """align merge records the adapter's system prompt in the merged folder; served as `base` (model.name=<the
     folder>) the prompt was left out, and the merged model answered otherwise than its adapter (27 prompt tokens
     against 54). It is added as it is for an adapter: when the request has no system message."""
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     merged = Path(shutil.copytree(tiny_model, tmp_path / "merged"))
     (merged / "align.json").write_text(json.dumps({"stage": "merge", "system_prompt": "You answer in one line."}))
@@ -161,8 +161,8 @@ def test_the_model_folders_decoding_settings_do_not_reach_a_request(tiny_model, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignment.chat_engine import Params
-    from alignment.modeling import load_tokenizer
+    from align.chat_engine import Params
+    from align.modeling import load_tokenizer
 
     shipped = Path(shutil.copytree(tiny_model, tmp_path / "shipped"))
     settings = json.loads((shipped / "generation_config.json").read_text())
@@ -254,10 +254,10 @@ def test_a_left_out_max_tokens_is_the_default_as_far_as_the_context_goes(served,
     """A request without max_tokens (the Playground sends none) gets generation.max_new_tokens lowered to
     the room the model's context leaves after the messages, rather than a refusal to lower a max_tokens it
     never sent; a max_tokens asked for beyond that room is refused, and so are messages that fill it."""
-    from alignment.chat_engine import Params, RequestError
-    from alignment.openai_api import create_app
-    from labeling.playground import ServeClient
-    from labeling.server import running
+    from align.chat_engine import Params, RequestError
+    from align.labeling.playground import ServeClient
+    from align.labeling.server import running
+    from align.openai_api import create_app
 
     engine = served[0]
     monkeypatch.setattr(engine, "max_prompt_tokens", 4096)  # the default: more than the tiny model's 512 positions
@@ -285,7 +285,7 @@ def test_a_request_past_the_models_context_is_refused_in_openais_words(client, s
     max_tokens, or the messages when they alone fill the context; a left-out max_tokens (the server's 16)
     is lowered to the room left and answers."""
     engine = served[0]
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     prompt = len(engine.prepare("sft", PROMPT, Params(max_tokens=1, temperature=0)).prompt_ids)
     monkeypatch.setattr(engine, "context", prompt + 5)
@@ -312,7 +312,7 @@ def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, 
     """limits.max_prompt_tokens + limits.max_tokens (4096 + 1024 by default) beyond the model's positions
     (the tiny model's 512) is said once at start, on either backend, and the server still starts; within
     them (200 + 64) nothing is said. vLLM's --max-model-len is the positions then."""
-    from alignment.serving import _max_positions, vllm_command
+    from align.serving import _max_positions, vllm_command
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "positions" in r.getMessage()]
@@ -340,7 +340,7 @@ def test_vllm_gets_a_hub_bases_own_positions_from_the_cache(run, tmp_path, monke
     not to be had is said at start, and vLLM gets limits' context."""
     from huggingface_hub import constants
 
-    from alignment.serving import _max_positions, vllm_command
+    from align.serving import _max_positions, vllm_command
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -370,7 +370,7 @@ def test_text_parts_developer_and_assistant_turns_go_through_the_chat_template(c
              {"role": "assistant", "content": "Open Settings."}, {"role": "user", "content": "And then?"}]
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sync?"},
              {"role": "assistant", "content": "Open Settings."}, {"role": "user", "content": "And then?"}]
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     ids = engine.prepare("sft", plain, Params(max_tokens=4, temperature=0)).prompt_ids
     assert greedy(client, "sft", messages=parts).usage.prompt_tokens == len(ids)
@@ -504,7 +504,7 @@ def test_a_stream_queued_behind_a_generation_keeps_its_client_reading(served, mo
     """A streamed request waiting its turn got its first chunk, then no byte until the generation before it
     ended: the Playground's client (a 120 s read timeout) gave up on it behind a few long answers. Now it
     is sent an SSE comment while it waits, which the openai client skips as its parser does."""
-    import alignment.openai_api as api
+    import align.openai_api as api
 
     engine = served[0]
     monkeypatch.setattr(api, "KEEPALIVE_S", 0.2)
@@ -526,7 +526,7 @@ def test_a_stream_queued_behind_a_generation_keeps_its_client_reading(served, mo
 
 
 def test_a_client_that_goes_away_stops_its_generation(served):
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     engine = served[0]
     job = engine.prepare("sft", PROMPT, Params(max_tokens=64, temperature=0))
@@ -546,8 +546,8 @@ def test_a_client_that_goes_away_stops_its_generation(served):
 
 
 def test_an_api_key_is_required_when_set(served):
-    from alignment.openai_api import create_app
-    from labeling.server import running
+    from align.labeling.server import running
+    from align.openai_api import create_app
 
     engine, cfg = served[0], served[1]
     key = "test-key-0123456789"
@@ -577,8 +577,8 @@ def test_a_key_pasted_with_spaces_or_a_newline_is_the_key_without_them(tmp_path,
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from alignment.openai_api import Guard
-    from alignment.serving import api_key
+    from align.openai_api import Guard
+    from align.serving import api_key
 
     inner = Starlette(routes=[Route("/v1/models", lambda request: PlainTextResponse("ok"))])
     for pasted in (" a-long-enough-key", "a-long-enough-key \n"):
@@ -596,8 +596,8 @@ def test_a_key_pasted_with_spaces_or_a_newline_is_the_key_without_them(tmp_path,
 def test_without_a_key_any_loopback_address_is_a_host_and_no_other_name(served):
     """`align serve` listens without a key on any loopback address (host=127.0.0.2 too); it answers to
     such an address or localhost in the Host header, and still refuses another name (DNS rebinding)."""
-    from alignment.openai_api import create_app
-    from labeling.server import running
+    from align.labeling.server import running
+    from align.openai_api import create_app
 
     engine, cfg = served[0], served[1]
     with running(create_app(engine, cfg), host="127.0.0.2") as url:
@@ -612,8 +612,8 @@ def test_without_a_key_any_loopback_address_is_a_host_and_no_other_name(served):
 
 
 def test_pieces_hold_back_a_stop_string_and_half_characters(tiny_model):
-    from alignment.chat_engine import _Row
-    from alignment.modeling import load_tokenizer
+    from align.chat_engine import _Row
+    from align.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
     eos = {tokenizer.eos_token_id}
@@ -636,10 +636,10 @@ def test_pieces_hold_back_a_stop_string_and_half_characters(tiny_model):
 
 
 def test_names_and_bases_are_checked_before_anything_loads(run, tiny_model, tmp_path, monkeypatch):
-    from alignment import StageError
-    from alignment.config import ConfigError
-    from alignment.preflight import check_stage
-    from alignment.serving import served_models
+    from align import StageError
+    from align.config import ConfigError
+    from align.preflight import check_stage
+    from align.serving import served_models
 
     check_stage("serve", serve_config(run))
     other_base = Path(shutil.copytree(tiny_model, tmp_path / "other-base"))
@@ -688,8 +688,8 @@ def test_cli_refusals_are_one_line_and_exit_codes(run, tmp_path, capsys, monkeyp
 
 def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_path, monkeypatch):
     """vLLM cannot run here (no GPU): the command is checked, and run by a stand-in `vllm` package that records it."""
-    from alignment.serving import served_models, shared_base, vllm_command
-    from recipes.serve import run_vllm
+    from align.recipes.serve import run_vllm
+    from align.serving import served_models, shared_base, vllm_command
 
     random_adapter(tiny_model, tmp_path / "wide", 6, r=12, stage="dpo")
     cfg = serve_config(run, *LIMITS, f"adapters={{wide: {tmp_path / 'wide'}}}", "generation.temperature=0.7")
@@ -733,7 +733,7 @@ def test_vllm_command_serves_the_same_names_on_one_base(run, tiny_model, tmp_pat
 def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_path):
     key = "cli-key-0123456789"
     env = {**os.environ, "ALIGN_SERVE_API_KEY": key, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "alignment.cli", "serve", f"run.dir={run}", "port=0", *LIMITS],
+    child = subprocess.Popen([sys.executable, "-m", "align.cli", "serve", f"run.dir={run}", "port=0", *LIMITS],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     printed: list[str] = []
     errors: list[str] = []
@@ -784,11 +784,11 @@ def test_align_serve_starts_prints_how_to_call_it_and_stops_on_ctrl_c(run, tmp_p
 
 
 def shut_down_while_answering(engine, cfg, requests: list[tuple[str, bool]]) -> list[tuple[int, list]]:
-    """Ctrl-C as `align serve` takes it (recipes/serve.py's server, its handle_exit) while the first of
+    """Ctrl-C as `align serve` takes it (align/recipes/serve.py's server, its handle_exit) while the first of
     `requests` (model, stream) is being generated and the others wait behind it: each one's status and
     what it got, the JSON body or the stream's events."""
-    from alignment.openai_api import create_app
-    from recipes.serve import bind, make_server
+    from align.openai_api import create_app
+    from align.recipes.serve import bind, make_server
 
     listener = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
@@ -830,7 +830,7 @@ def test_ctrl_c_never_sends_a_cut_answer_as_finished(served, monkeypatch):
     """Ctrl-C stops the answer being generated at its next token. It did not end there, so it is not
     sent as one that did (finish_reason stop, status 200, as it was): a 503 with OpenAI's error body,
     or in a stream an error event; the requests waiting behind it are refused the same way."""
-    from alignment.chat_engine import _Progress
+    from align.chat_engine import _Progress
 
     engine, cfg = served[0], served[1]
     step = _Progress.__call__
@@ -868,7 +868,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads(run, capsys):
 
 
 def test_playground_client_lists_and_streams(served, client):
-    from labeling.playground import ServeClient
+    from align.labeling.playground import ServeClient
 
     playground = ServeClient(served[2], max_tokens=16)
     assert playground.models() == NAMES
@@ -876,7 +876,7 @@ def test_playground_client_lists_and_streams(served, client):
 
 
 def test_playground_send_answers_both_sides_as_escaped_text(served, client):
-    from labeling.playground import ServeClient, send
+    from align.labeling.playground import ServeClient, send
 
     playground = ServeClient(served[2], max_tokens=16)
     steps = list(send(playground, ("sft", "base"), "How do I sync my notes? <b>now</b>", ([], []), temperature=0))
@@ -899,7 +899,7 @@ def test_playground_send_answers_both_sides_as_escaped_text(served, client):
         with pytest.raises(ValueError, match="choose a model for each side"):
             next(send(playground, models, "Hi", ([], [])))
     # the turn limit holds for each side: a side that kept failing is not the measure of the other
-    from labeling.playground import MAX_TURNS
+    from align.labeling.playground import MAX_TURNS
 
     with pytest.raises(ValueError, match="Clear to start a new one"):
         next(send(playground, ("sft", "dpo"), "Hi", ([], [{"role": "user", "content": "x"}] * MAX_TURNS)))
@@ -908,7 +908,7 @@ def test_playground_send_answers_both_sides_as_escaped_text(served, client):
 def test_the_playground_says_when_an_answer_was_cut_at_the_token_limit(served, client):
     """An answer that stopped at max_tokens did not end there: its pane says so (as the labelling tasks
     do, handlers.text_html's cut_off), on that turn and the next ones."""
-    from labeling.playground import ServeClient, conversation_html, send
+    from align.labeling.playground import ServeClient, conversation_html, send
 
     note = "cut off at the length limit"
     assert greedy(client, "sft", max_tokens=4).choices[0].finish_reason == "length"
@@ -931,7 +931,7 @@ def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch
     """Nobody reads the answers any more (the tab closed: Gradio closes the generator): both streams are
     closed and the server stops generating them, rather than holding its one generation lock for both
     answers to their end while Gradio's concurrency limit already lets the next send in."""
-    from labeling.playground import ServeClient, send
+    from align.labeling.playground import ServeClient, send
 
     engine = served[0]
     run, generated = engine.run, []
@@ -957,7 +957,7 @@ def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch
 
 
 def test_playground_fetches_only_its_url(tmp_path):
-    from labeling.playground import PlaygroundError, ServeClient, check_url
+    from align.labeling.playground import PlaygroundError, ServeClient, check_url
 
     hits = []
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.cli import main as align
-from alignment.tracking import read_jsonl
+from align.cli import main as align
+from align.tracking import read_jsonl
 
 FAST = ["run.wandb=disabled", "train.lr=5e-3", "train.batch_size=8", "train.logging_steps=1",
         "train.warmup_ratio=0", "model.max_length=160", "data.eval_fraction=0.1"]
@@ -90,9 +90,9 @@ def test_qlora_adapters_train_in_fp32_unless_compute_is_bf16(compute, adapter, t
                                                              monkeypatch):
     """As on a GPU (none of the CPU's own tweaks): TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's
     choice under bf16 compute; under fp32 compute (a T4 or V100, whose hardware has no bf16) it stays fp32."""
-    import recipes.sft
+    from align.recipes import sft
 
-    monkeypatch.setattr(recipes.sft, "speed_up_cpu_training", lambda model: None)
+    monkeypatch.setattr(sft, "speed_up_cpu_training", lambda model: None)
     out = run_sft(tiny_model, sft_data, tmp_path, "model.quantize=true", f"model.compute_dtype={compute}",
                   "train.max_steps=1", "train.eval_steps=100")
     assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {adapter}
@@ -152,7 +152,7 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     # ... and where the logs do not reach the end of either part, the steps after a log count at its loss
     from types import SimpleNamespace
 
-    from alignment.training import train_loss
+    from align.training import train_loss
 
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 6.0},
                                                                              {"step": 3, "loss": 5.0}]))
@@ -190,8 +190,8 @@ def test_a_rerun_of_a_finished_sft_is_no_longer_marked_finished_once_it_trains(t
     """Run again over a finished sft and stopped at its first step, the folder holds this run's metrics.jsonl and
     checkpoints/: its old align.json (the mark of a finished run) is gone from the moment training started, so a
     kill that tidies nothing up (SIGKILL) leaves no finished-looking artifact, and the report shows no sft."""
-    from alignment.report import write_report
-    from alignment.training import MetricsJSONL
+    from align.report import write_report
+    from align.training import MetricsJSONL
 
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=2",
                   "train.eval_steps=2")
@@ -215,15 +215,15 @@ def test_a_run_stopped_after_its_last_step_finishes_with_latest_at_max_steps(tin
     align.json, and align says `latest` continues it. `latest` refused that checkpoint ("nothing is left to
     train"); before that, the Trainer resumed from it trained a step past train.max_steps (global_step 3 of 2).
     Now it trains nothing more, ends at exactly max_steps and writes the artifact from checkpoint-2's weights."""
-    import recipes.sft
+    from align.recipes import sft
 
     args = ["model.quantize=false", "train.max_steps=2", "train.eval_steps=2", "train.resume_from_checkpoint=latest"]
-    real = recipes.sft.write_manifest
+    real = sft.write_manifest
 
     def stopped(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(recipes.sft, "write_manifest", stopped)
+    monkeypatch.setattr(sft, "write_manifest", stopped)
     rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}", *FAST,
                 *args])
     out = tmp_path / "run" / "sft"
@@ -232,7 +232,7 @@ def test_a_run_stopped_after_its_last_step_finishes_with_latest_at_max_steps(tin
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     trained = load_file(str(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
     logged = read_jsonl(out / "metrics.jsonl")
-    monkeypatch.setattr(recipes.sft, "write_manifest", real)
+    monkeypatch.setattr(sft, "write_manifest", real)
     out = run_sft(tiny_model, sft_data, tmp_path / "run", *args)
     manifest = json.loads((out / "align.json").read_text())
     assert manifest["metrics"]["global_step"] == 2
@@ -251,8 +251,8 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(qlora_run, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan, load_base_model
+    from align.config import ModelConfig
+    from align.modeling import device_plan, load_base_model
 
     out, _ = qlora_run
     for base in ("auto", "original"):
@@ -275,10 +275,10 @@ def test_merge_dequantizes_the_4bit_base_on_the_host(qlora_run, tmp_path, monkey
     on the device of its 4-bit weights: the base is moved to the host before, or the GPU would hold it whole in
     the merge's dtype (Llama-3-8B in fp32 on the 24 GB card QLoRA trained it on: out of memory). No GPU here: the
     base's moves and its dequantization are recorded, in order, and the merge is still the one into NF4."""
-    import recipes.merge
+    from align.recipes import merge
 
     out, _ = qlora_run
-    calls, load = [], recipes.merge.load_base_model
+    calls, load = [], merge.load_base_model
 
     def recorded(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -287,7 +287,7 @@ def test_merge_dequantizes_the_4bit_base_on_the_host(qlora_run, tmp_path, monkey
         model.dequantize = lambda *a, **k: calls.append(("dequantize",)) or dequantize(*a, **k)
         return model
 
-    monkeypatch.setattr(recipes.merge, "load_base_model", recorded)
+    monkeypatch.setattr(merge, "load_base_model", recorded)
     assert align(["merge", f"adapter={out}", f"output={tmp_path / 'merged'}", "run.wandb=disabled"]) == 0
     assert calls[:2] == [("to", ("cpu",), {}), ("dequantize",)], calls
     assert json.loads((tmp_path / "merged" / "align.json").read_text())["merged_into"] == "nf4"
@@ -300,8 +300,8 @@ def test_the_merged_folder_stops_at_the_end_of_turn_sft_taught(tiny_model, tmp_p
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from alignment.artifacts import write_manifest
-    from alignment.modeling import load_tokenizer
+    from align.artifacts import write_manifest
+    from align.modeling import load_tokenizer
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
@@ -398,7 +398,7 @@ def test_a_datasetdicts_test_split_is_the_held_out_set(tiny_model, tmp_path, cap
     data = json.loads((out / "align.json").read_text())["data"]
     assert (data["train"], data["eval"], data["eval_split"]) == (12, 5, "test")
     assert "ignoring splits ['extra'] (only train, and test as the held-out set, are used)" in caplog.text
-    from alignment.data import load_sft_dataset
+    from align.data import load_sft_dataset
 
     DatasetDict({"train": rows("train", 12), "validation": rows("validation", 4)}).save_to_disk(tmp_path / "dv")
     train, report = load_sft_dataset(tmp_path / "dv")
@@ -459,8 +459,8 @@ def test_the_adapter_names_a_relative_local_base_by_its_absolute_path(tiny_model
 def test_data_edited_while_training_is_not_recorded_as_trained_on(tiny_model, sft_data, tmp_path, monkeypatch):
     """The manifest's data hash is the file's as the stage read it, before training: taken after, a file edited
     while it trained was recorded as trained on, and `align pipeline` kept the adapter of the old data."""
-    import recipes.sft as sft
-    from alignment.data import file_hash
+    import align.recipes.sft as sft
+    from align.data import file_hash
 
     read = file_hash(sft_data)
     train_from = sft.train_from

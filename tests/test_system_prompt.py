@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from served import load_engine, random_adapter, serve_config
 
-from alignment import generation
-from alignment.artifacts import system_prompt_of, write_manifest
-from alignment.cli import main as align
+from align import generation
+from align.artifacts import system_prompt_of, write_manifest
+from align.cli import main as align
 
 SYSTEM = "You are the Lumen Notes support desk."
 TURN = f"<|im_start|>system\n{SYSTEM}<|im_end|>"  # the tiny model's ChatML
@@ -40,8 +40,7 @@ def run(tiny_model, tmp_path_factory) -> Path:
         "rejected": "Find it yourself."}) for i in range(8)) + "\n")
     (tmp / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
 
-    import recipes.dpo
-    import recipes.reward
+    from align.recipes import dpo, reward
 
     seen: dict[str, str] = {}
 
@@ -53,9 +52,9 @@ def run(tiny_model, tmp_path_factory) -> Path:
         return Recording
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recipes.dpo, "AlignDPOTrainer", recording(recipes.dpo.AlignDPOTrainer, "dpo", "prompt_ids"))
-        mp.setattr(recipes.reward, "AlignRewardTrainer",
-                   recording(recipes.reward.AlignRewardTrainer, "reward", "chosen_ids"))
+        mp.setattr(dpo, "AlignDPOTrainer", recording(dpo.AlignDPOTrainer, "dpo", "prompt_ids"))
+        mp.setattr(reward, "AlignRewardTrainer",
+                   recording(reward.AlignRewardTrainer, "reward", "chosen_ids"))
         assert align(["dpo", f"run.dir={run}", f"data.path={prefs}", "train.max_steps=1", "train.batch_size=4",
                       "data.test_fraction=0", *FAST]) == 0
         assert align(["reward", f"run.dir={run}", f"data.path={prefs}", "train.max_steps=1", "train.batch_size=4",
@@ -100,7 +99,7 @@ def test_dpo_and_the_reward_model_train_on_prompts_that_open_with_it(run):
 
 
 def test_sample_prompts_the_policy_with_its_system_prompt(run, monkeypatch):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     seen: list[str] = []
     real = generation.chat_prompt
@@ -115,7 +114,7 @@ def test_sample_prompts_the_policy_with_its_system_prompt(run, monkeypatch):
 
 
 def test_eval_answers_and_kl_use_each_policys_own(run, tiny_model, monkeypatch):
-    import recipes.evaluate
+    from align.recipes import evaluate
 
     plain = random_adapter(tiny_model, run.parent / "plain", 5)  # an SFT trained without a system prompt
     seen: dict[str, list[str]] = {"answers": [], "kl": []}
@@ -125,7 +124,7 @@ def test_eval_answers_and_kl_use_each_policys_own(run, tiny_model, monkeypatch):
         return lambda *a, **k: seen[key].append(real(*a, **k)) or seen[key][-1]
 
     monkeypatch.setattr(generation, "chat_prompt", recorder("answers"))
-    monkeypatch.setattr(recipes.evaluate, "chat_prompt", recorder("kl"))
+    monkeypatch.setattr(evaluate, "chat_prompt", recorder("kl"))
     assert align(["eval", f"policies={{sft: {run / 'sft'}, dpo: {run / 'dpo'}, plain: {plain}}}", "baseline=sft",
                   f"prompts={run.parent / 'prompts.jsonl'}", "num_prompts=2", "kl_samples=1", "bootstrap=20",
                   "scorer=known_scorers:says_thanks", "generation.max_new_tokens=4",
@@ -139,7 +138,7 @@ def test_eval_answers_and_kl_use_each_policys_own(run, tiny_model, monkeypatch):
 
 
 def test_serve_adds_it_only_to_a_request_without_a_system_message(run):
-    from alignment.chat_engine import Params
+    from align.chat_engine import Params
 
     engine = load_engine(serve_config(run, "limits.max_prompt_tokens=200"))
     tokenizer = engine.tokenizers["sft"]
@@ -156,13 +155,13 @@ def test_serve_adds_it_only_to_a_request_without_a_system_message(run):
 
 @pytest.mark.parametrize("on_policy_base", ["false", "true"])
 def test_ppo_rollouts_and_their_reward_use_it(run, tmp_path, monkeypatch, on_policy_base):
-    import recipes.ppo
-    from alignment import reward_model
+    from align import reward_model
+    from align.recipes import ppo
 
     rollouts: list[str] = []
     scored: list[list[dict]] = []
-    real_prompt, real_encode = recipes.ppo.chat_prompt, reward_model.encode
-    monkeypatch.setattr(recipes.ppo, "chat_prompt", lambda *a, **k: rollouts.append(real_prompt(*a, **k)) or rollouts[-1])
+    real_prompt, real_encode = ppo.chat_prompt, reward_model.encode
+    monkeypatch.setattr(ppo, "chat_prompt", lambda *a, **k: rollouts.append(real_prompt(*a, **k)) or rollouts[-1])
     monkeypatch.setattr(reward_model, "encode", lambda tok, messages: scored.append(messages) or real_encode(tok, messages))
     assert align(["ppo", f"run.dir={tmp_path}", f"sft={run / 'sft'}", f"reward_model={run / 'reward'}",
                   f"prompts={run.parent / 'prompts.jsonl'}", "min_reward_accuracy=0", "max_probe_flip_rate=1",

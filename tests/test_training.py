@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import ConfigError, PPOStageConfig, SFTStageConfig, load_config
-from alignment.modeling import device_plan
-from alignment.training import final_eval, preference_figures, resume_checkpoint, trl_args
+from align.config import ConfigError, PPOStageConfig, SFTStageConfig, load_config
+from align.modeling import device_plan
+from align.training import final_eval, preference_figures, resume_checkpoint, trl_args
 
 
 @pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig", "DPOConfig", "GRPOConfig", "RLOOConfig"])
@@ -113,7 +113,7 @@ def test_a_gather_of_rows_of_any_length_keeps_each_processs_rows_once():
     padded to 4; the padding must not come back as pairs (7 rows, each process's values, in rank order)."""
     import torch
 
-    from alignment.training import gathers_of_any_size
+    from align.training import gathers_of_any_size
 
     first = torch.tensor([[1.0, 1.5], [2.0, 2.5], [3.0, 3.5]])
     ours = torch.tensor([[4.0, 4.5], [5.0, 5.5], [6.0, 6.5], [7.0, 7.5]])
@@ -147,7 +147,7 @@ def test_a_run_resumed_to_train_longer_takes_its_first_step_at_the_new_schedules
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from alignment.training import ThisRunsRate
+    from align.training import ThisRunsRate
 
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([weight], lr=1e-3)
@@ -166,7 +166,7 @@ def test_a_run_resumed_to_train_longer_takes_its_first_step_at_the_new_schedules
 
 
 def test_grpo_maps_the_rl_keys(tmp_path):
-    from recipes.grpo import grpo_args
+    from align.recipes.grpo import grpo_args
 
     cfg = load_config(PPOStageConfig, None, ["algo=rloo", "rl.rollout_prompts=8", "rl.num_generations=4",
                                              "rl.kl_coef=0.02", "rl.save_steps=0", "train.max_steps=6",
@@ -183,18 +183,18 @@ def test_grpo_with_vllm_on_a_4bit_base_warns_of_trls_weight_sync(tmp_path, caplo
     shape mismatches: not run here (no GPU), so said at start with the key that avoids it."""
     from dataclasses import replace
 
-    from recipes.grpo import grpo_args
+    from align.recipes.grpo import grpo_args
 
     cfg = load_config(PPOStageConfig, None, ["algo=grpo", "generation.backend=vllm", "run.wandb=disabled"])
     for quantize, warned in ((True, True), (False, False)):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="recipes.grpo"):
+        with caplog.at_level("WARNING", logger="align.recipes.grpo"):
             grpo_args(cfg, replace(device_plan(cfg.model), quantize=quantize), tmp_path)
         assert ("set model.quantize=false (LoRA on the bf16 base)" in caplog.text) is warned
 
 
 def test_grpo_says_which_ppo_settings_it_ignores():
-    from recipes.grpo import ignored_settings
+    from align.recipes.grpo import ignored_settings
 
     quick = load_config(PPOStageConfig, Path(__file__).resolve().parents[1] / "configs/quickstart/ppo.yaml", ["algo=grpo"])
     assert {"rl.whiten_rewards", "rl.score_clip", "rl.kl_control"} <= set(ignored_settings(quick))
@@ -202,7 +202,7 @@ def test_grpo_says_which_ppo_settings_it_ignores():
 
 
 def test_grpo_splits_a_steps_completions_between_the_processes_as_ppo_its_prompts(tmp_path, monkeypatch):
-    import recipes.grpo as grpo
+    import align.recipes.grpo as grpo
 
     cfg = load_config(PPOStageConfig, None, ["algo=grpo", "rl.rollout_prompts=8", "rl.num_generations=4",
                                              "run.wandb=disabled"])
@@ -220,7 +220,7 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
         (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "checkpoint-99.tmp").mkdir()
-    with caplog.at_level(logging.INFO, logger="alignment.artifacts"):
+    with caplog.at_level(logging.INFO, logger="align.artifacts"):
         assert resume_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoints" / "checkpoint-10")
     assert "resuming from" in caplog.text and "checkpoint-10" in caplog.text
     assert resume_checkpoint(tmp_path, "/some/checkpoint-3") == "/some/checkpoint-3"
@@ -232,7 +232,7 @@ def test_resume_latest_is_the_highest_step_not_the_last_name(tmp_path, caplog):
 @pytest.mark.parametrize("ppo", [False, True])
 def test_resume_auto_is_latest_in_every_stage_before_training_too(ppo):
     """resume_checkpoint took auto as latest in every stage, and preflight refused it in all but PPO's loop."""
-    from alignment.preflight import check_checkpoint
+    from align.preflight import check_checkpoint
 
     check_checkpoint("train.resume_from_checkpoint", "auto", ppo=ppo)
     with pytest.raises(ConfigError, match="no such checkpoint folder; give one of the stage's checkpoints/"):
@@ -244,8 +244,8 @@ def test_metrics_of_a_run_killed_mid_line_read_back_and_resume(tmp_path):
     keeps the rows up to its checkpoint's step (the cut line and any step after it go)."""
     from types import SimpleNamespace
 
-    from alignment.tracking import read_jsonl
-    from alignment.training import MetricsJSONL
+    from align.tracking import read_jsonl
+    from align.training import MetricsJSONL
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
@@ -279,7 +279,7 @@ def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_pa
     manifest naming the new data. Training longer, or at another lr, on the same inputs still resumes."""
     import json
 
-    from alignment.rl import find_checkpoint
+    from align.rl import find_checkpoint
 
     find = find_checkpoint if kind == "ppo" else resume_checkpoint
     prefix = "step" if kind == "ppo" else "checkpoint"
@@ -320,7 +320,7 @@ def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_pa
 
     # Named by its path, a checkpoint of other inputs is resumed as asked, with a warning.
     saved(2)
-    with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="align.artifacts"):
         assert str(find(tmp_path, str(folder / f"{prefix}-2"), max_steps=8, trained_on=inputs)) == str(
             folder / f"{prefix}-2")
     assert "was trained on other inputs than this one (data differ" in caplog.text
@@ -347,7 +347,7 @@ def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
     log says which settings changed: a LoRA of another shape then fails to load, and the warning says why.
     The inputs (data, base model) still decide, the settings never do; run.* and the length of training are not
     settings (training longer is what resume is for)."""
-    from alignment.artifacts import settings_of
+    from align.artifacts import settings_of
 
     cfg = load_config(SFTStageConfig, None, ["run.wandb=disabled"])
     settings = settings_of(cfg)
@@ -361,13 +361,13 @@ def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
     other = settings_of(load_config(SFTStageConfig, None, ["run.wandb=disabled", "train.lr=1e-5", "lora.r=8",
                                                            "train.max_steps=20", "run.dir=elsewhere"]))
     for resume in ("latest", str(tmp_path / "checkpoints" / "checkpoint-4")):
-        with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):
+        with caplog.at_level(logging.WARNING, logger="align.artifacts"):
             found = resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
         assert found == str(tmp_path / "checkpoints" / "checkpoint-4")
         assert f"with settings its run did not have: lora.r {cfg.lora.r} -> 8; train.lr 0.0002 -> 1e-05" in caplog.text
         assert "a LoRA of another shape (lora.*) does not load from it" in caplog.text
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="alignment.artifacts"):  # now recorded as this run's
+        with caplog.at_level(logging.WARNING, logger="align.artifacts"):  # now recorded as this run's
             resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
         assert "settings its run did not have" not in caplog.text
         resume_checkpoint(tmp_path, None, trained_on={**inputs, "settings": settings})  # the record back
@@ -383,7 +383,7 @@ def test_a_constant_schedule_warms_up_when_a_warmup_is_asked_for(tmp_path):
     import trl
     from transformers import get_scheduler
 
-    from alignment.training import lr_scheduler
+    from align.training import lr_scheduler
 
     def rates(overrides: list[str]) -> list[list[float]]:
         cfg = load_config(SFTStageConfig, None, ["train.max_steps=4", "train.lr=1e-3", "train.scheduler=constant",

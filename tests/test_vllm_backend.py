@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.cli import main as align
-from alignment.config import GenerationConfig
-from alignment.generation import Policy, chat_prompt
+from align.cli import main as align
+from align.config import GenerationConfig
+from align.generation import Policy, chat_prompt
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 
@@ -75,7 +75,7 @@ def fake_vllm(monkeypatch):
     request.LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(name=name, id=lora_id, path=path)
     for name, module in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    from alignment import generation
+    from align import generation
 
     monkeypatch.setattr(generation, "_engines", {})
     monkeypatch.setattr(generation, "_adapter_ids", {})
@@ -95,7 +95,7 @@ def adapter(tiny_model: str, folder: Path, r: int) -> Path:
 
 
 def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tiny_model, tmp_path):
-    from alignment.modeling import load_tokenizer
+    from align.modeling import load_tokenizer
 
     first, second = adapter(tiny_model, tmp_path / "sft", 4), adapter(tiny_model, tmp_path / "dpo", 16)
     gen = GenerationConfig(backend="vllm", max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5)
@@ -122,7 +122,7 @@ def test_vllm_generate_hands_the_same_tokens_settings_and_adapter(fake_vllm, tin
     # A second adapter on the same base: the same engine, its own LoRA id; a rank above the engine's is refused.
     fake_vllm.generate(Policy(None, tokenizer, str(first), tiny_model), prompts[:1], gen)
     assert len(FakeLLM.made) == 1 and engine.calls[2][2].id == 1
-    from alignment import StageError
+    from align import StageError
 
     with pytest.raises(StageError, match="rank 16"):
         fake_vllm.generate(Policy(None, tokenizer, str(second), tiny_model), prompts[:1], gen)
@@ -132,10 +132,10 @@ def test_the_next_stage_of_a_pipeline_gets_the_engines_gpu_memory_back(fake_vllm
     """An engine holds generation.vllm_gpu_memory_utilization of the GPU; the stages after sampling need it."""
     import torch
 
-    from alignment.config import GenerationConfig
-    from alignment.generation import Policy
-    from alignment.gpu_training import new_stage_on_gpu
-    from alignment.modeling import load_tokenizer
+    from align.config import GenerationConfig
+    from align.generation import Policy
+    from align.gpu_training import new_stage_on_gpu
+    from align.modeling import load_tokenizer
 
     folder = adapter(tiny_model, tmp_path / "sft", 8)
     policy = Policy(None, load_tokenizer(tiny_model), str(folder), tiny_model)
@@ -151,8 +151,8 @@ def test_the_next_stage_of_a_pipeline_gets_the_engines_gpu_memory_back(fake_vllm
 
 def test_sample_with_vllm_loads_no_torch_model(fake_vllm, tiny_model, tmp_path, monkeypatch):
     """align sample's policy for vLLM is the tokenizer only: the GPU's memory is left to vLLM."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan
+    from align.config import ModelConfig
+    from align.modeling import device_plan
 
     folder = adapter(tiny_model, tmp_path / "sft", 8)
     policy = fake_vllm.load_policy(folder, ModelConfig(quantize=False), device_plan(ModelConfig(quantize=False)),
@@ -169,7 +169,7 @@ def test_a_dora_adapter_is_refused_for_vllm_before_any_model_loads(tiny_model, s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignment import generation
+    from align import generation
 
     monkeypatch.setattr(generation, "check_backend", lambda gen: None)
     lora = adapter(tiny_model, tmp_path / "lora", 8)
@@ -189,8 +189,8 @@ def test_a_dora_adapter_is_refused_for_vllm_before_any_model_loads(tiny_model, s
         err = capsys.readouterr().err
         assert f"{key}: a DoRA adapter" in err and "generation.backend=transformers" in err, err
     # LoRA for vLLM, and DoRA for transformers: let through
-    from alignment.config import SampleStageConfig, ServeStageConfig, load_config
-    from alignment.preflight import check_stage
+    from align.config import SampleStageConfig, ServeStageConfig, load_config
+    from align.preflight import check_stage
 
     check_stage("sample", load_config(SampleStageConfig, None, [f"policy={lora}", f"prompts={prompts}", *common]))
     check_stage("serve", load_config(ServeStageConfig, None, [f"adapters={{b: {dora}}}", *common[:2]]))
@@ -205,8 +205,8 @@ def test_vllm_loads_the_base_as_the_stage_does_4bit_and_in_its_dtype(fake_vllm, 
     """model.quantize and model.compute_dtype reach vLLM's engine, as `align serve` passes them (--quantization
     bitsandbytes, --dtype): sample drew from the unquantized base, not the 4-bit one its adapter trained on, and
     eval's answers came from it while its KL ran on the 4-bit transformers model."""
-    from alignment.config import ModelConfig
-    from alignment.modeling import device_plan
+    from align.config import ModelConfig
+    from align.modeling import device_plan
 
     folder = adapter(tiny_model, tmp_path / "sft", 8)
     gen = GenerationConfig(backend="vllm", max_new_tokens=4)

@@ -14,7 +14,7 @@ PG_URL = os.environ.get("ALIGN_TEST_PG_URL")
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store(request, tmp_path):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     if request.param == "sqlite":
         yield Store(f"sqlite:///{tmp_path / 'labels.db'}")

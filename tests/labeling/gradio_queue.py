@@ -1,5 +1,5 @@
 """A handler of the labelling app called as its page calls it: through Gradio's queue (queue/join, then the
-queue/data event stream), the only way the server lets a signed-in client run one (labeling/server.py ROUTES;
+queue/data event stream), the only way the server lets a signed-in client run one (align/labeling/server.py ROUTES;
 /gradio_api/run/<api_name> is refused). Imported by the tests as `gradio_queue` (tests/labeling is on sys.path)."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python -m pytest tests/labeling/test_app_browser.py -q
     ALIGN_SCREENSHOTS=1 python -m pytest tests/labeling/test_app_browser.py -q -k screenshots
 
-One app (labeling/server.py: the sign-in page, the session cookie, the Gradio app behind them)
+One app (align/labeling/server.py: the sign-in page, the session cookie, the Gradio app behind them)
 on a temp SQLite store serves most of the module; each test signs in as its own annotator, so
 the tests do not share tasks. What a test checks is read back from the store, not from the
 page. The tests of a hostile page or client (model text as HTML, a copied session hash, a
@@ -83,8 +83,8 @@ def _support_tasks(n: int) -> list[dict]:
 @contextmanager
 def running(store, **kwargs) -> Iterator[str]:
     """The real web app on `store`, served from a thread of this process; yields its URL."""
-    from labeling.server import create_app
-    from labeling.server import running as serve
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
 
     with serve(create_app(store, **kwargs)) as url:
         yield url
@@ -92,13 +92,13 @@ def running(store, **kwargs) -> Iterator[str]:
 
 def exporter(store, run_dir: Path):
     """What `align label` hands the app for its Export button: `align export` on this run."""
-    from alignment.cli import export_for_label_app
+    from align.cli import export_for_label_app
 
     return lambda: export_for_label_app(store.url, str(run_dir))
 
 
 def new_store(folder: Path, *, admin: str = "boss"):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{folder / 'labels.db'}")
     store.add_user(admin, PASSWORD, admin=True)
@@ -108,7 +108,7 @@ def new_store(folder: Path, *, admin: str = "boss"):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(url, store, run_dir) for one running app shared by the module; closed after it."""
-    from labeling.auth import Throttle
+    from align.labeling.auth import Throttle
 
     tmp = tmp_path_factory.mktemp("labels")
     store = new_store(tmp)
@@ -192,7 +192,7 @@ def wait_for_message(page, text: str) -> str:
 
 def task_on_page(store, page, name: str) -> int:
     """The id of the task `name`'s page shows: the page names it by an opaque handle (handlers.task_handle)."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     session = handlers.sign_in(store, name, PASSWORD)
     return handlers.task_of(store, session, page.input_value("#align-task-id input"))
@@ -327,7 +327,7 @@ def test_stray_keys_neither_skip_nor_rank_the_next_task(served, page):
     """A rationale typed before its box had the focus (the focus still on the last rank radio): its first "s"
     skipped the fully ranked task for good, and a space then ranked the next task. Now skip is Alt+S (not in a
     text box), and a rank radio loses the focus when the task is submitted or skipped."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "stray", PASSWORD)["annotator_id"]
@@ -355,7 +355,7 @@ def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served
     its own: Tab stopped on each, the arrow keys moved nowhere. Now each set is a radiogroup named by its label,
     its radios "Rank of A: 1", ...; Tab goes group to group and an arrow key moves the rank (a draft, as a
     click), on the next task too (Gradio draws its radios again)."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "aria", PASSWORD)["annotator_id"]
@@ -576,7 +576,7 @@ def test_a_rationale_cut_at_its_limit_says_so(served, page):
 def test_a_partial_ranking_survives_a_reload(served, browser):
     """Ranks, flags and the rationale set before a reload (or a crash of the tab) are saved as a draft and
     shown again."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "reload", PASSWORD)["annotator_id"]
@@ -621,7 +621,7 @@ def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browse
     /gradio_api/app_id and reloads once it answers. The server answered that poll 404, so the page stayed dead:
     Submit disabled, every rank set afterwards never saved. Now the page reloads, shows what the store holds
     (not the rank whose draft never arrived), says so, and saves the next submit."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "blip", PASSWORD)["annotator_id"]
@@ -654,7 +654,7 @@ def test_a_page_drawn_before_its_order_changed_saves_nothing_and_says_reload(ser
     """The server maps a page's ranks through the order it shows the task in now: after an update that changed
     the orders (the keyed shuffle did), a page drawn before it had its drafts and submit saved against the wrong
     responses, silently. The page sends the tag of its order: refused, said, nothing saved; a reload saves."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     annotator = handlers.sign_in(store, "stale", PASSWORD)["annotator_id"]
@@ -1043,10 +1043,10 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
     that, Submit on this page saves them."""
     from sqlalchemy import update
 
-    from labeling import handlers
-    from labeling.server import create_app
-    from labeling.server import running as serve
-    from labeling.store import sessions
+    from align.labeling import handlers
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
+    from align.labeling.store import sessions
 
     store = new_store(tmp_path)
     store.add_user("late", PASSWORD)
@@ -1067,7 +1067,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
                                       and len(r.request.post_data_json.get("data", [])) == 17) as answer:
                 page.click("#align-submit")
-            assert answer.value.status == 401  # the submit, refused before any handler runs (labeling/server.py)
+            assert answer.value.status == 401  # the submit, refused before any handler runs (align/labeling/server.py)
             # The page says so, and it stays said.
             page.wait_for_selector("#align-session-ended", state="visible")
             assert "sign in again in a new tab" in page.inner_text("#align-session-ended")
@@ -1088,8 +1088,8 @@ def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and
     """The cookie is the browser's: once another tab signs in as bob, ann's open page is refused (403) before any
     handler runs. Gradio showed that only as fading toasts and "Error" overlays; the page now says, in a bar that
     stays, that it belongs to another account and to reload, and nothing is saved under either account."""
-    from labeling.server import create_app
-    from labeling.server import running as serve
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
 
     store = new_store(tmp_path)
     for name in ("ann", "bob"):
@@ -1132,7 +1132,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
     check, before any handler, answered the submit with a bare 500, and the page never said "Not saved". Now a
     503, and the page says "Not saved: the store is busy or unreachable" until a call is accepted; its ranks
     stay, and Submit saves them once the store is back."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     folder = tmp_path / "db"
     store = new_store(folder)
@@ -1169,8 +1169,8 @@ def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, 
     """Issue 12.3: 150 anonymous calls with fresh session hashes, against a Gradio that keeps only 20 sessions:
     every call is refused before Gradio, and a signed-in annotator goes on working. So does she when another
     signed-in client pushes her page's Gradio session out: her identity and task are not in that state."""
-    from labeling.server import create_app
-    from labeling.server import running as serve
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
 
     store = new_store(tmp_path)
     store.add_user("worker", PASSWORD)
@@ -1221,7 +1221,7 @@ def test_anonymous_floods_never_reach_gradio_and_nobody_is_signed_out(tmp_path, 
 
 def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served, page):
     """Issue 12.4: the same submit sent again after the next task is shown changes nothing."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     sign_in(page, url, "replay")
@@ -1243,7 +1243,7 @@ def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served
 def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page, browser):
     """Issue 12.5: the Export button writes the recipe's artifact (align.json, config.yaml) to the run's
     preferences folder, refuses a folder that is not an export, and never deletes a file it did not write."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, run_dir = served
     out = run_dir / "preferences"
@@ -1284,7 +1284,7 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
         sign_in(admin, url, "boss", expect_task=False)
         # an admin's page load holds no task (watching the Admin tab kept a slot from the annotators)
         admin.wait_for_function("(document.querySelector('#align-progress') || {innerText: ''}).innerText.includes('No task is held')")
-        from labeling import handlers
+        from align.labeling import handlers
 
         assert store.progress(handlers.sign_in(store, "boss", PASSWORD)["annotator_id"])["assigned"] == 0
         admin.reload()  # a reload neither
@@ -1385,7 +1385,7 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
     store = new_store(tmp_path)
     store.add_user("judge", PASSWORD)
     store.add_tasks("eval-ab", [{"prompt": REFUND_PROMPT, "responses": REFUND_REPLIES[:2]}], kind="pairwise")
-    from labeling import handlers
+    from align.labeling import handlers
 
     annotator = handlers.sign_in(store, "judge", PASSWORD)["annotator_id"]
     page = new_page(browser)
@@ -1443,8 +1443,8 @@ class _Clock:
 @pytest.mark.skipif(not __import__("os").environ.get("ALIGN_SCREENSHOTS"), reason="set ALIGN_SCREENSHOTS=1")
 def test_screenshots(tmp_path, browser, monkeypatch):
     """docs/img/annotator.png and admin.png from a store with realistic tasks and three annotators."""
-    import labeling.store
-    from labeling import handlers
+    import align.labeling.store
+    from align.labeling import handlers
 
     store = new_store(tmp_path, admin="lena")
     store.add_user("sam", PASSWORD)
@@ -1454,7 +1454,7 @@ def test_screenshots(tmp_path, browser, monkeypatch):
     refund, *rest = [t["task_id"] for t in store.batch_tasks("round-1")]
     store.add_gold(rest[4], [1, 2, 3, 4])
     rng = random.Random(0)
-    monkeypatch.setattr(labeling.store, "time", _Clock(time.time() - 3 * 3600))
+    monkeypatch.setattr(align.labeling.store, "time", _Clock(time.time() - 3 * 3600))
     # Three annotators over round-1 (overlap 3, so agreement is measured), then some of round-2;
     # each swaps two neighbouring ranks now and then, as people disagree about close calls.
     for name, n, noise in [("maria", 16, 0.15), ("jonas", 13, 0.35), ("priya", 9, 0.25)]:

@@ -1,4 +1,4 @@
-"""Sign-in, lock-outs and session cookies (labeling/auth.py) on SQLite and PostgreSQL, without a browser."""
+"""Sign-in, lock-outs and session cookies (align/labeling/auth.py) on SQLite and PostgreSQL, without a browser."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from labeling import auth
-from labeling.store import DISABLED, annotators, sessions
+from align.labeling import auth
+from align.labeling.store import DISABLED, annotators, sessions
 
 PASSWORD = "correct horse"
 FAST = auth.Throttle(free_per_name=3, free_per_address=6, first_lock=1.0, max_lock=8.0)
@@ -154,10 +154,10 @@ def test_a_failure_under_the_free_count_locks_no_one_out_whatever_the_clock_read
     as a "try again in 1 s", when the free failure stored its own `now` as the end of its lock-out."""
     import types
 
-    import labeling.store
+    import align.labeling.store
 
     readings = [999.9, 1000.0]  # popped from the end: 1000.0 first, then the earlier 999.9
-    monkeypatch.setattr(labeling.store, "time", types.SimpleNamespace(
+    monkeypatch.setattr(align.labeling.store, "time", types.SimpleNamespace(
         time=lambda: readings.pop() if readings else time.time()))
     lock_for = auth.Throttle(free_per_name=3).lock_for
     for _ in range(2):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from alignment.preferences import load_preferences
-from labeling import agreement, handlers
-from labeling.export import build_pairs, dense_ranks, export_preferences, task_pairs
-from labeling.scorers import ACKNOWLEDGE, resolve_scorer, support_style
-from labeling.simulate import ranks_from_scores, simulate
+from align.labeling import agreement, handlers
+from align.labeling.export import build_pairs, dense_ranks, export_preferences, task_pairs
+from align.labeling.scorers import ACKNOWLEDGE, resolve_scorer, support_style
+from align.labeling.simulate import ranks_from_scores, simulate
+from align.preferences import load_preferences
 
 
 def rows(ranks_by_annotator: dict[str, list[int]], flags: dict[str, list[str]] | None = None, task_id: int = 1):
@@ -96,7 +96,7 @@ def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
     """The guidelines say to rank anyway when ticking "all are bad" (a least-bad order is useful) and to rank an
     unsafe reply last; the export threw every flagged ranking away, "safe beats unsafe" with it. Kept by default,
     each pair says its task's flags (`flag`) so a user can filter; flagged=drop restores dropping them."""
-    from labeling.export import rankings_fingerprint
+    from align.labeling.export import rankings_fingerprint
 
     unsafe = rows({"x": [1, 4, 2, 3]}, flags={"x": ["unsafe"]})  # B asks for the recovery key: ranked last
     pairs, summary = build_pairs(unsafe)
@@ -130,7 +130,7 @@ def test_a_dawid_skene_exports_fingerprint_covers_the_batches_its_reliability_re
     """The pipeline re-exports when the fingerprint changes. A dawid_skene export of one batch reads every batch's
     rankings and every gold answer for its reliability estimate: one more gold ranking elsewhere changed its
     pairs while the fingerprint (the exported batch's rankings only) stayed, and a stale export was kept."""
-    from labeling.export import rankings_fingerprint
+    from align.labeling.export import rankings_fingerprint
 
     exported = rows({"x": [1, 2, 3, 4], "y": [4, 3, 2, 1]})
     other = [{**r, "batch": "round-1", "task_id": 2, "is_gold": True} for r in rows({"x": [1, 2, 3, 4]}, task_id=2)]
@@ -213,7 +213,7 @@ def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
     level = task(["Yes.", "No, never.", "Yes."], [1, 2, 3])
     assert build_pairs(level, combine="dawid_skene")[0] == []
     # and the order someone gives two copies is no vote on their accuracy
-    from labeling.agreement import pair_judgements
+    from align.labeling.agreement import pair_judgements
 
     votes, _ = pair_judgements(two)
     assert set(votes) == {(1, 0, 1), (1, 1, 2)} and all(len(v) == 2 for v in votes.values())
@@ -222,7 +222,7 @@ def test_copies_of_one_answer_are_one_answer_and_a_blank_one_no_side():
 def test_a_kept_tie_under_dawid_skene_has_p_chosen_one_half_and_weight_zero():
     """A tie is a posterior within 1e-9 of 1/2: pooled over copies it can come out at 0.49999999999999994, and
     2 p - 1 then gave weight -1.1e-16, which align reward / align dpo refuse. A tie carries 1/2 and 0 exactly."""
-    from alignment.preferences import to_pair
+    from align.preferences import to_pair
 
     given = [  # (texts, {annotator: canonical ranks}): the reviewer's case, copies of one answer in a task
         (["C.", "C.", "C.", "B."], {"x": [3, 2, 4, 3]}),
@@ -245,7 +245,7 @@ def test_a_kept_tie_under_dawid_skene_has_p_chosen_one_half_and_weight_zero():
 
 
 def test_export_options_are_checked_before_anything_is_written(tmp_path):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     with pytest.raises(ValueError, match="allowed values: drop, margin0"):
@@ -268,7 +268,7 @@ def test_gold_eval_and_other_batches_are_not_exported():
 
 def test_a_cut_response_is_marked_on_its_side_of_every_pair(tmp_path):
     """align sample's `finished` (false: cut at max_new_tokens) follows each response into its pairs."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     texts = ["Thanks for asking! Open Settings and tap Sync now.", "no", "Open Settings > Sync and then",
@@ -293,7 +293,7 @@ def test_a_cut_response_is_marked_on_its_side_of_every_pair(tmp_path):
 
 
 def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": [
@@ -326,8 +326,8 @@ def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
 
 
 def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_write(tmp_path):
-    from labeling.export import ExportError
-    from labeling.store import Store
+    from align.labeling.export import ExportError
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Thanks! Open Settings.", "no"]}
@@ -372,8 +372,8 @@ def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_w
 # when argv gives one, else held in `finish` until the file argv[4] appears.
 EXPORT_PROCESS = """
 import os, pathlib, sys, time
-from labeling.export import export_preferences
-from labeling.store import Store
+from align.labeling.export import export_preferences
+from align.labeling.store import Store
 url, out, kill_at, hold = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 rename, renames = pathlib.Path.rename, []
 def dying(self, target):
@@ -402,7 +402,7 @@ def _export_process(store, out, kill_at: int = 0, hold=None):
 
 
 def _support_store(tmp_path):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Thanks! Open Settings.", "no"]}
@@ -511,7 +511,7 @@ def test_scorers_and_simulated_rankings():
     assert not ACKNOWLEDGE.search("Highlights live in Settings > Sync for now.")  # "hi" only as a word
     assert resolve_scorer("polite")("q", "Thanks, please try again") == 2
     assert resolve_scorer("sentiment")("q", "I love it, great!") > resolve_scorer("sentiment")("q", "This is awful.")
-    assert resolve_scorer("labeling.scorers:length")("q", "a b c") == 3
+    assert resolve_scorer("align.labeling.scorers:length")("q", "a b c") == 3
     with pytest.raises(ValueError, match="not a built-in"):
         resolve_scorer("nonsense")
     with pytest.raises(ValueError, match="cannot import"):
@@ -550,7 +550,7 @@ def test_a_scorer_in_the_current_directory_is_found_without_it_on_sys_path(tmp_p
 
 
 def test_noise_makes_several_simulated_annotators_disagree(tmp_path):
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": [
@@ -568,7 +568,7 @@ def test_simulated_annotators_take_turns_so_a_smaller_overlap_shares_the_tasks(t
     another, the first took every task. One annotator ranks the queue in its order, as before."""
     from collections import Counter
 
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     def store_of(name: str) -> Store:
         store = Store(f"sqlite:///{tmp_path / name}")
@@ -596,7 +596,7 @@ def test_tie_resolution_ties_replies_a_reader_cannot_tell_apart(tmp_path):
     # Scores 1.00 and 0.96 (the same reply, ten words longer) tie at a 0.25 resolution; 0.5 does not.
     assert ranks_from_scores([1.0, 0.96, 0.5, -1.0], 0.25) == [1, 1, 2, 3]
     assert ranks_from_scores([1.0, 0.96, 0.5, -1.0]) == [1, 2, 3, 4]
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     same = "Thanks! Open Settings > Sync and tap Sync now."
@@ -609,10 +609,10 @@ def test_tie_resolution_ties_replies_a_reader_cannot_tell_apart(tmp_path):
 
 def test_align_export_names_a_batch_the_store_lacks_before_saying_nothing_is_ranked(tmp_path):
     """batches=[round-O] (a typo) filtered every ranking out, and the stage said "label first"."""
-    from alignment import StageError
-    from alignment.config import ExportStageConfig, load_config
-    from labeling.store import Store
-    from recipes.export import main
+    from align import StageError
+    from align.config import ExportStageConfig, load_config
+    from align.labeling.store import Store
+    from align.recipes.export import main
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": "Ticket", "responses": ["Thanks! Open Settings.", "no"]}], source={})
@@ -629,13 +629,13 @@ def test_align_export_builds_its_dataset_and_manifest_from_one_read_taken_under_
     waits for the lock: dataset, summary and manifest all hold it, and the fingerprint is the store's now."""
     from contextlib import contextmanager
 
-    import labeling.export
-    from alignment.config import ExportStageConfig, load_config
-    from recipes.export import main
-    from recipes.pipeline import rankings_state
+    import align.labeling.export
+    from align.config import ExportStageConfig, load_config
+    from align.recipes.export import main
+    from align.recipes.pipeline import rankings_state
 
     store = _support_store(tmp_path)  # 4 tasks, each ranked once
-    locked = labeling.export._locked
+    locked = align.labeling.export._locked
 
     @contextmanager
     def slow_lock(out):  # the lock taken just after another submit
@@ -644,7 +644,7 @@ def test_align_export_builds_its_dataset_and_manifest_from_one_read_taken_under_
         with locked(out):
             yield
 
-    monkeypatch.setattr(labeling.export, "_locked", slow_lock)
+    monkeypatch.setattr(align.labeling.export, "_locked", slow_lock)
     cfg = load_config(ExportStageConfig, None, [f"run.dir={tmp_path}", "run.wandb=disabled", "test_fraction=0"])
     out = main(cfg)
     manifest = json.loads((out / "align.json").read_text())
@@ -658,7 +658,7 @@ def test_a_noisy_simulated_annotator_ranks_alike_whatever_order_the_store_shows(
     """The shown order is keyed with the store's secret, new in every store: the noise and a noisy profile's
     random orders are drawn in the task's own order, so the same run on another store (another secret, other
     shown orders) gives the same rankings. Drawn in the shown order they landed on other responses each run."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     tasks = [{"prompt": f"Ticket {i}", "responses": [f"Thanks! Open Settings {i}.", "Open Settings.",
                                                      "Sorry, open Settings and tap Sync.", "no"]} for i in range(8)]
@@ -676,7 +676,7 @@ def test_the_admin_tabs_agreement_reads_the_rankings_the_export_reads(tmp_path):
     """Two annotators agreeing on every ranking showed α 0.27: the A/B verdicts of align eval human=true (batches
     eval-...), which they judged oppositely and no export reads, were mixed in. Flagged rankings count as the
     export's `flagged` has them (its config.yaml beside the run's preferences, which the Export button runs)."""
-    from labeling.store import Store
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("eval-dpo@1-vs-sft@1", [{"prompt": f"ab{i}", "responses": [f"L{i}", f"R{i}"]} for i in range(6)],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from labeling import auth
+from align.labeling import auth
 
 PASSWORD = "correct horse"
 
@@ -27,7 +27,7 @@ def test_every_response_is_secured_and_a_cross_site_sign_in_is_refused(store):
     """The sign-in page, a refused sign-in (401, 403), an anonymous call (401), an anonymous page (a redirect) and
     the signed-in page all carry the headers; a sign-in form posted from another site's page (Sec-Fetch-Site:
     cross-site, login CSRF) is refused with the right password and sets no cookie."""
-    from labeling.server import create_app, running
+    from align.labeling.server import create_app, running
 
     store.add_user("alice", PASSWORD)
     form = {"name": "alice", "password": PASSWORD}
@@ -64,7 +64,7 @@ def test_no_page_of_another_origin_may_read_an_answer(store):
     any origin, with Access-Control-Allow-Origin and -Credentials: a page on another port of this host, or any
     page once proxied, read /config as the signed-in annotator (their name, the Playground's serve URL). Now no
     response carries an Access-Control-* header, so the browser lets no other origin read one."""
-    from labeling.server import create_app, running
+    from align.labeling.server import create_app, running
 
     store.add_user("alice", PASSWORD)
     with running(create_app(store)) as url, httpx.Client(base_url=url, timeout=30) as client:

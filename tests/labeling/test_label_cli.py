@@ -1,4 +1,4 @@
-"""`align label` subcommands through `alignment.cli.main`: accounts, simulation, status, errors."""
+"""`align label` subcommands through `align.cli.main`: accounts, simulation, status, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import main as align
-from labeling.store import Store
+from align.cli import main as align
+from align.labeling.store import Store
 
 
 def test_users_simulate_status_and_errors(tmp_path, capsys):
@@ -89,7 +89,7 @@ def test_a_postgresql_server_that_never_answers_is_an_error_within_the_connect_t
     import time
 
     pytest.importorskip("psycopg")
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     monkeypatch.setattr(store_module, "CONNECT_TIMEOUT", 2)
     monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
@@ -107,7 +107,7 @@ def test_a_postgresql_server_that_never_answers_is_an_error_within_the_connect_t
 def test_a_store_locked_past_lock_wait_is_said_in_one_line(tmp_path, capsys, monkeypatch):
     """Another process stuck inside its locked transaction: a command that writes fails after LOCK_WAIT with
     a line saying the store is busy, not a traceback."""
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     monkeypatch.setattr(store_module, "LOCK_WAIT", 1)
     store = Store(store_module.sqlite_url(tmp_path / "labels.db"))
@@ -122,9 +122,9 @@ def test_a_store_locked_past_lock_wait_is_said_in_one_line(tmp_path, capsys, mon
 def test_a_run_dir_with_a_question_mark_or_percent_sign_keeps_its_store_in_it(tmp_path, capsys):
     """sqlite:///<path> read `?` as the start of a query and `%41` as "A": the store of run dir `what?` was a file
     `what` beside it, that of `100%41` was refused. The URL quotes the path now, and every reader unquotes it."""
-    from alignment.artifacts import store_url
-    from alignment.preflight import check_store
-    from labeling.store import sqlite_path
+    from align.artifacts import store_url
+    from align.labeling.store import sqlite_path
+    from align.preflight import check_store
 
     for name in ("what?", "100%41", "hash#1", "with space"):
         run = tmp_path / name
@@ -144,7 +144,7 @@ def test_a_postgresql_password_is_masked_however_it_is_given(capsys):
     """A password after an empty user name, or in a `password` query parameter (libpq reads it there), was
     printed as it is; an @ in it not percent-encoded sent the rest of it to the host (psycopg's "failed to
     resolve host" quoted it): refused, saying how to write it."""
-    from labeling.store import safe_url
+    from align.labeling.store import safe_url
 
     for url in ("postgresql://:hunter2@127.0.0.1:1/labels",
                 "postgresql://someone@127.0.0.1:1/labels?password=hunter2&connect_timeout=2"):
@@ -162,16 +162,16 @@ def test_a_postgresql_password_is_masked_however_it_is_given(capsys):
 
 
 def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
-    """The admin's Export button is `align export` (manifest and config included), wired in by alignment's CLI."""
-    import labeling.server
+    """The admin's Export button is `align export` (manifest and config included), wired in by align's CLI."""
+    from align.labeling import server
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
     store.add_user("boss", "pw-1234", admin=True)
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
     built: dict = {}
-    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
-    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: built.update(served=(app, host, port)))
+    monkeypatch.setattr(server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
+    monkeypatch.setattr(server, "serve", lambda app, host, port: built.update(served=(app, host, port)))
     assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "2"]) == 0
     assert built["served"] == ("app", "127.0.0.1", 7860) and built["session_hours"] == 2.0
     assert built["export_dir"] == str(tmp_path / "preferences")
@@ -187,13 +187,13 @@ def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
 
 
 def test_serve_url_adds_the_playground_with_the_key_from_the_environment(tmp_path, monkeypatch, capsys):
-    import labeling.server
+    from align.labeling import server
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_user("boss", "pw-1234", admin=True)
     built: dict = {}
-    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
-    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: None)
+    monkeypatch.setattr(server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
+    monkeypatch.setattr(server, "serve", lambda app, host, port: None)
     for bad in ("ftp://127.0.0.1/v1", "http://me:secret@127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1?model=x"):
         assert align(["label", "--run-dir", str(tmp_path), "--serve-url", bad]) == 2
         assert "--serve-url" in capsys.readouterr().err and not built
@@ -224,7 +224,7 @@ def test_align_export_says_when_the_only_rankings_are_ab_verdicts_or_gold(tmp_pa
     """With only A/B verdicts of align eval human=true and gold rankings in the store, export counted them as
     rankings, then refused with "no preference pairs came out of the rankings (summary: {...1.3 KB of JSON}); were
     all responses tied...": neither was the reason. Now it says what the rankings are, without the JSON."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": "q", "responses": ["Thanks! Open Settings.", "no"]}], source={})
@@ -249,13 +249,22 @@ def test_align_export_says_when_the_only_rankings_are_ab_verdicts_or_gold(tmp_pa
     assert "no preference pairs came out of 1 rankings of 1 tasks (dropped: " in err and "{" not in err
 
 
-def test_labeling_imports_nothing_from_alignment_or_torch():
-    """The boundary DESIGN.md keeps: the app and its store run without the training stack."""
-    code = ("import sys, labeling.cli, labeling.server, labeling.export, labeling.simulate, labeling.playground; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'alignment', 'recipes', 'torch', 'transformers'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
+def test_labeling_imports_nothing_else_of_align_nor_torch():
+    """The boundary DESIGN.md keeps: the app and its store run without the training stack. align.labeling
+    imports nothing of align outside it but the package itself, whose __init__.py imports only os."""
+    import ast
+
+    code = ("import sys, align.labeling.cli, align.labeling.server, align.labeling.export, "
+            "align.labeling.simulate, align.labeling.playground; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or "
+            "m.startswith('align.') and m != 'align.labeling' and not m.startswith('align.labeling.')))")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "[]"
+    imports = [node for node in ast.walk(ast.parse((repo / "align" / "__init__.py").read_text()))
+               if isinstance(node, ast.Import | ast.ImportFrom)]
+    imported = [(type(node).__name__, [alias.name for alias in node.names]) for node in imports]
+    assert imported == [("Import", ["os"])], imported
 
 
 def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
@@ -287,7 +296,7 @@ def test_a_lead_manages_accounts_from_the_command_line(tmp_path, capsys):
     store.add_user("carol", "pw-carol", admin=True)
     assert align([*label, "users", "disable", "bob"]) == 0 and align([*label, "users", "disable", "carol"]) == 2
     assert align([*label, "users", "admin", "bob", "off"]) == 0  # a disabled admin is not the last admin
-    from alignment.preflight import _has_accounts
+    from align.preflight import _has_accounts
 
     assert _has_accounts(None, str(tmp_path))  # carol
     solo = Store(f"sqlite:///{tmp_path / 'solo' / 'labels.db'}")
@@ -327,12 +336,12 @@ def test_status_of_a_batch_the_store_lacks_names_its_batches_and_a_user_is_echoe
 def test_a_batch_the_store_lacks_is_refused_by_simulate_and_the_app_too(tmp_path, capsys, monkeypatch):
     """`--simulate ... --batch nosuch` ranked nothing and `align label --batch nosuch` served no task, both
     accepted as if the batch were done; `status` refused it already."""
-    import labeling.cli
+    from align.labeling import cli
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": "q", "responses": ["a", "b"]}])
     store.add_user("lead", "pw-1234", admin=True)
-    monkeypatch.setattr(labeling.cli, "serve", lambda *a, **k: 0)  # the app itself is not started here
+    monkeypatch.setattr(cli, "serve", lambda *a, **k: 0)  # the app itself is not started here
     label = ["label", "--run-dir", str(tmp_path), "--batch", "nosuch"]
     for command in ([*label, "--simulate", "support_style"], label):
         assert align(command) == 2
@@ -364,9 +373,9 @@ def test_status_shows_only_the_batch_asked_for_and_counts_against_the_overlap_gi
     assert "b1: 3 tasks (0 gold), 0 rankings, 3 unranked, 6 pending" in out
     assert "b2: 3 tasks (0 gold), 3 rankings, 0 unranked, 3 pending" in out and "pending rankings (overlap 2): 9" in out
     # The app started at overlap 2 (not served here): status counts against that from then on
-    import labeling.cli
+    from align.labeling import cli
 
-    monkeypatch.setattr(labeling.cli, "serve", lambda *a, **k: 0)
+    monkeypatch.setattr(cli, "serve", lambda *a, **k: 0)
     assert align([*label, "--overlap", "2"]) == 0 and store.recorded_overlap() == 2
     capsys.readouterr()
     assert align([*label, "status", "--batch", "b2"]) == 0
@@ -401,28 +410,26 @@ def test_the_next_hint_follows_what_was_ranked_and_a_missing_password_is_one_lin
     assert align(["label", "--run-dir", str(tmp_path), "users", "passwd", "nobody"]) == 2  # said before asking
     assert "no user 'nobody'" in capsys.readouterr().err
     # a PostgreSQL URL's password stays out of the hint (logs keep it): masked (the store itself: this SQLite one)
-    import labeling.store
-
     store.add_tasks("round-1", [{"prompt": "q3", "responses": ["Thanks! Open Settings.", "no"]}], source={})
-    monkeypatch.setattr(labeling.store, "Store", lambda url: store)
+    monkeypatch.setattr("align.labeling.store.Store", lambda url: store)
     assert align(["label", "--run-dir", str(tmp_path), "--db", "postgresql://ann:S3cret@db.example/labels",
                   "--simulate", "support_style", "--batch", "round-1"]) == 0
     out = capsys.readouterr().out
     assert "store='postgresql://ann:***@db.example/labels'" in out and "S3cret" not in out
 
 
-def test_the_apps_export_runs_align_export_past_a_users_own_recipes_folder(tmp_path, monkeypatch):
-    """`python -m` puts the working directory first on sys.path: a recipes/ (or labeling/) folder of the user's there
-    stood in for align's in the child, and the Export button said "align export: not built yet"."""
-    from alignment.cli import export_for_label_app
+def test_the_apps_export_runs_align_export_past_a_users_own_align_folder(tmp_path, monkeypatch):
+    """`python -m` puts the working directory first on sys.path: an align/ folder of the user's there would stand
+    in for align's in the child (a recipes/ one did, when that was a package of its own, and the Export button said
+    "align export: not built yet")."""
+    from align.cli import export_for_label_app
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": ["Thanks! Open Settings.", "no"]} for i in range(3)])
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
     work = tmp_path / "work"
-    for package in ("recipes", "labeling"):
-        (work / package).mkdir(parents=True)
-        (work / package / "__init__.py").write_text("raise ImportError(\"a user's own package, not align's\")\n")
+    (work / "align").mkdir(parents=True)
+    (work / "align" / "__init__.py").write_text("raise ImportError(\"a user's own package, not align's\")\n")
     monkeypatch.chdir(work)
     assert export_for_label_app(store.url, str(tmp_path))["pairs"] == 3
 
@@ -432,13 +439,13 @@ def test_an_app_on_every_interface_is_warned_of_and_named_by_a_url_one_can_open(
     no browser elsewhere can open. It now warns, names the docs' section, and prints this machine's name."""
     import socket
 
-    import labeling.server
+    from align.labeling import server
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_user("boss", "pw-1234", admin=True)
     served: list = []
-    monkeypatch.setattr(labeling.server, "create_app", lambda store, **kwargs: "app")
-    monkeypatch.setattr(labeling.server, "serve", lambda app, host, port: served.append((host, port)))
+    monkeypatch.setattr(server, "create_app", lambda store, **kwargs: "app")
+    monkeypatch.setattr(server, "serve", lambda app, host, port: served.append((host, port)))
     monkeypatch.setattr(socket, "gethostname", lambda: "labelbox")
     assert align(["label", "--run-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()

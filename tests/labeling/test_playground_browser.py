@@ -2,7 +2,7 @@
 
     python -m pytest tests/labeling/test_playground_browser.py -q
 
-`align serve`'s app (alignment/openai_api.py) serves two adapters of the tiny model from a
+`align serve`'s app (align/openai_api.py) serves two adapters of the tiny model from a
 thread: `sft`, trained by `align sft` for a few steps to answer every message with a hostile
 page (an image and a form pointing at a sentinel server on this machine), and `dpo`, a random
 LoRA. The labelling app is started with the Playground pointed at it (`align label
@@ -64,9 +64,9 @@ def serve_url(tiny_model, tmp_path_factory, sentinel):
     """(the serve endpoint's URL, the hostile answer): sft answers with it, dpo is a random LoRA."""
     from served import load_engine, random_adapter, serve_config
 
-    from alignment.cli import main as align
-    from alignment.openai_api import create_app
-    from labeling.server import running
+    from align.cli import main as align
+    from align.labeling.server import running
+    from align.openai_api import create_app
 
     root = tmp_path_factory.mktemp("playground-run")
     port = sentinel[0]
@@ -89,9 +89,9 @@ def serve_url(tiny_model, tmp_path_factory, sentinel):
 
 @pytest.fixture(scope="module")
 def app_url(serve_url, tmp_path_factory):
-    from labeling.playground import ServeClient
-    from labeling.server import create_app, running
-    from labeling.store import Store
+    from align.labeling.playground import ServeClient
+    from align.labeling.server import create_app, running
+    from align.labeling.store import Store
 
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('labels') / 'labels.db'}")
     store.add_user("ann", PASSWORD)
@@ -190,9 +190,9 @@ def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serv
     says so in the page, and Send is not left disabled (the page turns it off and on itself)."""
     from sqlalchemy import update
 
-    from labeling.playground import ServeClient
-    from labeling.server import create_app, running
-    from labeling.store import Store, sessions
+    from align.labeling.playground import ServeClient
+    from align.labeling.server import create_app, running
+    from align.labeling.store import Store, sessions
 
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
     store.add_user("ann", PASSWORD)
@@ -216,10 +216,10 @@ def test_clear_is_off_while_the_answers_stream_so_no_discarded_turn_comes_back(s
     """Clear while both answers streamed emptied the panes, then the running send wrote its conversation
     back over them and the next send carried the turns Clear had discarded. Clear is off until the send
     ends, as Send is; then it empties both conversations, and the next send asks the new message alone."""
-    from alignment.chat_engine import _Progress
-    from labeling.playground import ServeClient
-    from labeling.server import create_app, running
-    from labeling.store import Store
+    from align.chat_engine import _Progress
+    from align.labeling.playground import ServeClient
+    from align.labeling.server import create_app, running
+    from align.labeling.store import Store
 
     step = _Progress.__call__
 

@@ -10,10 +10,9 @@ import math
 import pytest
 from sqlalchemy import insert
 
-from alignment.cli import main as align
-from alignment.preferences import load_preferences
-from labeling import handlers
-from labeling.agreement import (
+from align.cli import main as align
+from align.labeling import handlers
+from align.labeling.agreement import (
     PRIOR_ACCURACY,
     PRIOR_STRENGTH,
     annotator_reliability,
@@ -22,10 +21,11 @@ from labeling.agreement import (
     pair_judgements,
     vote_weight,
 )
-from labeling.export import build_pairs
-from labeling.scorers import support_style
-from labeling.simulate import parse_profile, profile_ranks, simulate
-from labeling.store import Store, meta_table
+from align.labeling.export import build_pairs
+from align.labeling.scorers import support_style
+from align.labeling.simulate import parse_profile, profile_ranks, simulate
+from align.labeling.store import Store, meta_table
+from align.preferences import load_preferences
 
 ALPHA, BETA = PRIOR_ACCURACY * PRIOR_STRENGTH, (1 - PRIOR_ACCURACY) * PRIOR_STRENGTH
 
@@ -123,7 +123,7 @@ def test_an_annotator_trusted_against_their_gold_answers_is_warned_about():
     assert ann["accuracy"] > 0.5 and ann["gold_accuracy"] == 0.0 and rel.annotators["bob"]["gold_accuracy"] is None
     assert len(rel.warnings) == 1 and rel.warnings[0].startswith("ann: estimated accuracy 0.9")
     assert "0.00 on the 1 gold votes" in rel.warnings[0] and rel.summary()["warnings"] == rel.warnings
-    from alignment.report import cautions, reliability_html  # the report says it: in the table, at a glance
+    from align.report import cautions, reliability_html  # the report says it: in the table, at a glance
 
     assert "<b>Warning</b>: ann: estimated accuracy" in reliability_html(rel.summary())
     assert cautions("export", {"summary": {"reliability": rel.summary()}}) == rel.warnings
@@ -156,7 +156,7 @@ def test_two_equally_trusted_annotators_who_disagree_leave_a_tie_not_a_decision(
     every one the wrong way): none is exported now, and ties=margin0 keeps them as ties."""
     import random
 
-    from labeling.export import POSTERIOR_TIE
+    from align.labeling.export import POSTERIOR_TIE
 
     rng = random.Random(0)
     rows, truth = [], {}
@@ -282,7 +282,7 @@ def test_align_export_writes_the_columns_the_table_and_training_reads_them(three
     for column in ("p_chosen", "weight", "votes_chosen", "votes_rejected"):
         assert column in data["train"].column_names, column
     assert min(data["train"]["p_chosen"]) >= 0.6
-    from alignment.report import write_report
+    from align.report import write_report
 
     page = write_report(run).read_text()
     assert "<h3>Annotator reliability</h3>" in page and "used to decide the pairs" in page
@@ -306,7 +306,7 @@ def test_the_admin_views_gold_accuracy_is_the_reliability_tables(store):
     """The Admin tab's gold_accuracy read every submitted row: a flagged ranking the export drops (flagged=drop), a
     pair the annotator tied counted as a mistake. The reliability estimate beside it (and align export's table)
     read neither, so the two columns disagreed. Now the tab shows the estimate's."""
-    from labeling.agreement import annotator_reliability, rankings_for_reliability
+    from align.labeling.agreement import annotator_reliability, rankings_for_reliability
 
     store.add_tasks("round-0", [{"prompt": f"Ticket {i}", "responses": ["Open Settings.", "Sync.", "no", "meh"]}
                                 for i in range(3)])

@@ -1,4 +1,4 @@
-"""The labelling app's web server (labeling/server.py) over real HTTP, without a browser: what a hostile
+"""The labelling app's web server (align/labeling/server.py) over real HTTP, without a browser: what a hostile
 signed-in client or another site's page can send, and what the server answers.
 
     python -m pytest tests/labeling/test_server.py -q
@@ -22,7 +22,7 @@ JSON = {"content-type": "application/json"}
 @contextmanager
 def served(store, **kwargs) -> Iterator[str]:
     """The real web app on `store` with an admin `boss` and annotators `alice`, `bob`, `carol`; yields its URL."""
-    from labeling.server import create_app, running
+    from align.labeling.server import create_app, running
 
     store.add_user("boss", PASSWORD, admin=True)
     for name in ("alice", "bob", "carol"):
@@ -77,7 +77,7 @@ def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatc
     /robots.txt?session_hash=...) added one: an account could flush the list and take over another's page
     session. Now only Gradio's page-state routes record a hash, and an account past its cap forgets its own
     oldest."""
-    from labeling import server
+    from align.labeling import server
 
     monkeypatch.setattr(server, "HASHES_PER_ACCOUNT", 5)
     with served(store) as url:
@@ -127,7 +127,7 @@ def test_only_this_servers_own_pages_can_sign_a_browser_in_or_out(store):
         assert alice.post("/logout", headers={"sec-fetch-site": "same-origin"}).status_code == 303
         assert alice.get("/gradio_api/info").status_code == 401
 
-    from labeling.server import _origin
+    from align.labeling.server import _origin
 
     assert _origin("https://labels.example.org") == _origin("HTTPS://Labels.Example.org:443/login")
     assert _origin("http://labels.example.org") != _origin("https://labels.example.org")
@@ -167,7 +167,7 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
     The server's record of page sessions' owners refused those, but it is in memory: after a restart, alice's
     page submitted her ranks as bob's, mapped through bob's shuffle. Now the page carries the account it was
     drawn for, and submit, drafts and skip refuse another's cookie, saying whose page it is."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store, overlap=2) as url:
@@ -199,7 +199,7 @@ def test_an_annotators_page_does_not_tell_gold_tasks_apart(store, monkeypatch):
     ones from a fixed set, so alice saw task 1, task 30, task 31, task 2, ... and knew which to rank with care.
     Now the page shows her own counter and names each task by a handle of hers (handlers.task_handle): no task id
     anywhere in what the page is sent, and another account's page cannot use her handle."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     # Gold turns are keyed with the store's secret: with a new one per run, alice's 12 tasks missed a gold one
     # about 1 run in 300 (fewer than 2 gold turns in 12 at 0.5). A fixed secret makes the draw the same every run.
@@ -279,7 +279,7 @@ def test_the_admin_tab_says_a_failed_store_in_plain_words(store, monkeypatch, ca
 
     from sqlalchemy.exc import OperationalError
 
-    from labeling import handlers
+    from align.labeling import handlers
 
     def locked(*args, **kwargs):
         raise OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
@@ -301,8 +301,8 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
     guarded: with the store unreachable (here SQLite's folder gone; PostgreSQL down is the same error) the page
     load, /config, a submit and a sign-in all answered a bare 500. Now a 503 in plain words (a short page for
     a page load and the sign-in form, JSON for the page's calls), the detail in the log; back once it is."""
-    from labeling import server
-    from labeling.store import Store
+    from align.labeling import server
+    from align.labeling.store import Store
 
     folder = tmp_path / "db"
     store = Store(f"sqlite:///{folder / 'labels.db'}")
@@ -339,7 +339,7 @@ def test_an_unexpected_error_shows_the_page_no_detail(store, monkeypatch):
     """A handler's uncaught exception (here the admin's statistics) reached the page with its own text under
     show_error=True: a path, SQL, model text quoted in a message. The page gets Gradio's bare error; the text
     stays in the server's log."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     def broken(*args, **kwargs):
         raise RuntimeError("detail of /srv/secret/labels.db")
@@ -358,7 +358,7 @@ def test_a_session_cookie_planted_by_another_site_signs_nobody_in(store):
     annotator ranked as the attacker. Now two session cookies sign nobody in, and the sign-in page says why. Over HTTPS (here a
     proxy on this machine says so) the cookie is `__Host-align_session`, which a browser keeps only from this
     host itself, and a plain `align_session` is another site's: ignored. Plain HTTP keeps the plain name."""
-    from labeling import auth
+    from align.labeling import auth
 
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
@@ -405,7 +405,7 @@ def test_a_sign_in_or_sign_out_form_is_small_and_the_sign_in_url_encoded(store):
     the sign-in must be URL-encoded, as the page's form is (415): none of these counts as a failed sign-in."""
     from urllib.parse import urlencode
 
-    from labeling.server import FORM_BODY
+    from align.labeling.server import FORM_BODY
 
     with served(store) as url:
         form = {"name": "alice", "password": PASSWORD}
@@ -440,8 +440,8 @@ def test_the_playground_is_for_admins_while_blind_ab_tasks_are_open(store):
     named each side of the blind comparison. While an A/B task waits for verdicts the tab is hidden from
     annotators, its calls are refused to them (the tab is only hidden), and their /config holds no endpoint URL;
     an admin keeps it, and annotators get it back once every A/B task has its verdicts."""
-    from labeling import handlers
-    from labeling.playground import ServeClient
+    from align.labeling import handlers
+    from align.labeling.playground import ServeClient
 
     asked = []
 
@@ -488,8 +488,8 @@ def test_a_handler_runs_through_the_queue_only(store, monkeypatch):
     limits: a signed-in annotator's 16 threads posting /gradio_api/run/pg_ask held 32 streams open to the serve
     endpoint, where the Playground promises 4 conversations at once (concurrency_limit=4). Now that route is
     not let through (404), and Gradio would refuse it too (api_open=False); the page's queue still runs it."""
-    from labeling import server
-    from labeling.playground import ServeClient
+    from align.labeling import server
+    from align.labeling.playground import ServeClient
 
     asked = []
 
@@ -527,7 +527,7 @@ def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
     to do; a rank set just before her own submit, whose draft lands after it, says nothing."""
     from sqlalchemy import update
 
-    from labeling.store import assignments
+    from align.labeling.store import assignments
 
     store.add_tasks("b", [{"prompt": "q", "responses": ["a", "b", "c"]}, {"prompt": "q2", "responses": ["d", "e", "f"]}])
     with served(store) as url:
@@ -560,7 +560,7 @@ def test_a_submit_on_a_task_handed_on_shows_the_next_and_does_not_say_skip(store
     her to press Skip, which would have skipped that fresh task for good."""
     from sqlalchemy import update
 
-    from labeling.store import assignments
+    from align.labeling.store import assignments
 
     store.add_tasks("b", [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(3)])
     with served(store) as url:
@@ -603,11 +603,11 @@ def test_a_proxy_that_sends_no_forwarded_for_is_warned_of_once(store, monkeypatc
     peer without it, asking for a host name that is not this machine's, now says so in the log, once."""
     import logging
 
-    from labeling import server
+    from align.labeling import server
 
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     monkeypatch.setattr(server, "_proxy_warned", set(), raising=False)
-    caplog.set_level(logging.WARNING, logger="labeling.server")
+    caplog.set_level(logging.WARNING, logger="align.labeling.server")
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
@@ -635,11 +635,11 @@ def test_forwarded_for_from_a_proxy_not_trusted_is_warned_of_once(store, monkeyp
     uvicorn ignores it, and every annotator is the proxy's address. The log says which address to trust."""
     import logging
 
-    from labeling import server
+    from align.labeling import server
 
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.9")  # read by uvicorn as `running` starts it, as `serve`
     monkeypatch.setattr(server, "_proxy_warned", set(), raising=False)
-    caplog.set_level(logging.WARNING, logger="labeling.server")
+    caplog.set_level(logging.WARNING, logger="align.labeling.server")
     with served(store) as url, httpx.Client(base_url=url, timeout=30) as client:
         for i in range(3):
             client.get("/login", headers={"host": "labels.example.org", "x-forwarded-for": f"198.51.100.{i}"})
@@ -650,7 +650,7 @@ def test_forwarded_for_from_a_proxy_not_trusted_is_warned_of_once(store, monkeyp
 def test_the_export_summary_says_it_kept_flagged_rankings_pairs():
     """flagged=keep (the default) puts the pairs of rankings flagged "all are bad" / "unsafe" in the export: the
     Export button's summary said nothing of them, though summary.json counts them."""
-    from labeling.app import _export_summary
+    from align.labeling.app import _export_summary
 
     summary = {"pairs": 30, "train_pairs": 24, "test_pairs": 6, "rankings": 6, "tasks": 5, "mean_agreement": 1.0,
                "flagged_rankings": 1, "flagged_pairs": 6, "dropped_flagged": 0}

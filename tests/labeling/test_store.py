@@ -11,8 +11,8 @@ import unicodedata
 import pytest
 from sqlalchemy.engine import make_url
 
-from labeling import handlers
-from labeling.store import SCHEMA_VERSION, Store
+from align.labeling import handlers
+from align.labeling.store import SCHEMA_VERSION, Store
 
 
 def make_tasks(store, n: int = 4, k: int = 4, batch: str = "round-0") -> list[int]:
@@ -54,7 +54,7 @@ def test_schema_is_created_versioned_and_reopens(store):
 
 
 def test_a_sqlite_store_runs_wal_with_full_sync_and_foreign_keys(tmp_path):
-    """What labeling/store.py promises of SQLite on every connection: WAL (reads beside a writer),
+    """What align/labeling/store.py promises of SQLite on every connection: WAL (reads beside a writer),
     synchronous=FULL (an acknowledged ranking survives a crash of the machine, where NORMAL or OFF may lose it),
     foreign keys enforced and a 30 s busy wait."""
     store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
@@ -183,7 +183,7 @@ def test_the_gold_draw_is_keyed_with_the_stores_secret(tmp_path):
     store draws the turns `gold_turn` gives with its own secret."""
     import secrets
 
-    from labeling.store import gold_turn
+    from align.labeling.store import gold_turn
 
     turns = {}
     for name in ("one", "two"):
@@ -209,7 +209,7 @@ def test_ranks_given_in_an_order_the_server_no_longer_shows_are_refused_and_noth
     a page with another one, or none (drawn before tags), is refused and nothing is written; its own tag saves."""
     from sqlalchemy import update
 
-    from labeling.store import meta_table
+    from align.labeling.store import meta_table
 
     make_tasks(store, 1)
     store.add_tasks("eval-ab", [{"prompt": "Which reply?", "responses": ["first", "second"]}], kind="pairwise")
@@ -288,8 +288,8 @@ def test_a_ranking_row_spoilt_outside_the_app_is_named_not_read_as_other_pairs(s
     of another batch, and the admin's statistics, go on without it (one bad row stopped them all)."""
     from sqlalchemy import delete, update
 
-    from labeling.export import export_preferences
-    from labeling.store import StoreError, rankings, readable, responses, tasks
+    from align.labeling.export import export_preferences
+    from align.labeling.store import StoreError, rankings, readable, responses, tasks
 
     first, second = make_tasks(store, 2)
     other = make_tasks(store, 2, batch="round-1")
@@ -331,7 +331,7 @@ def test_a_submit_racing_the_hand_over_of_its_stale_slot_is_one_ranking_not_two(
 
     from sqlalchemy import event, update
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     first, second = make_tasks(store, 2)
     alice, bob = session(store, "alice"), session(store, "bob")
@@ -448,7 +448,7 @@ def test_an_annotator_at_work_keeps_the_slot_past_the_assignment_ttl(store, monk
     """An assignment nobody touches for ASSIGNMENT_TTL frees its slot; a draft or a reload renews it."""
     import time as clock
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     make_tasks(store, 1)
     alice, bob, carol = session(store, "alice"), session(store, "bob"), session(store, "carol")
@@ -470,7 +470,7 @@ def test_an_expired_assignment_is_not_handed_back_once_another_annotator_holds_i
     gets task 2, which nobody has ranked, not task 1 again for a second ranking; her old page cannot submit it."""
     import time as clock
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     first_id, second_id = make_tasks(store, 2)
     alice, bob = session(store, "alice"), session(store, "bob")
@@ -496,7 +496,7 @@ def test_a_submit_from_the_old_page_is_refused_once_the_slot_went_to_someone_els
     hers in it keeps her assignment, as it keeps it when she asks again."""
     import time as clock
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     first_id, second_id = make_tasks(store, 2)
     alice, bob, carol, dave = (session(store, name) for name in ("alice", "bob", "carol", "dave"))
@@ -518,7 +518,7 @@ def test_handing_on_one_slot_expires_only_the_stale_holders_it_over_takes(store,
     """overlap 3, one task: Alice and Dan walk away, Bob submits, Carol takes one of the two free slots. Every
     stale holder was marked expired, so both old pages were refused though one slot was still free; now only the
     oldest (Alice) is, and Dan keeps his until someone else takes that last slot."""
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     clock = {"now": 1_000_000.0}
     monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
@@ -543,7 +543,7 @@ def test_a_drafted_stale_slot_is_still_held_so_handing_on_the_free_one_expires_t
     """overlap 2, one task: Alice (a draft in it) and Bob walk away; Carol takes the one slot free. Alice's draft
     keeps hers, so Bob's is the one Carol over-takes: it ends, his old page is refused, and the task gets two
     rankings, not three."""
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     clock = {"now": 1_000_000.0}
     monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
@@ -567,7 +567,7 @@ def test_a_drafted_stale_slot_is_still_held_so_handing_on_the_free_one_expires_t
 def test_a_fresh_holder_counts_so_the_stale_slot_handed_on_is_expired(store, monkeypatch):
     """overlap 2, one task: Alice walks away, Bob takes the free slot (he holds it, nothing submitted yet), Carol
     takes Alice's. Alice's ends there and her old page is refused: Bob's slot is held as a submitted one is."""
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     clock = {"now": 1_000_000.0}
     monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
@@ -586,7 +586,7 @@ def test_a_skip_older_than_the_ttl_stays_a_skip_when_the_task_is_handed_on(store
     """Only an assignment still open can be over-taken: Alice's skip, however old, is not turned into an expired
     assignment (which could come back to her) when Bob is given the task; once Bob skips it too, she is not
     given it again."""
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     clock = {"now": 1_000_000.0}
     monkeypatch.setattr(store_module.time, "time", lambda: clock["now"])
@@ -605,7 +605,7 @@ def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_fre
     (expired was for good), and a team of two left it unranked."""
     import time as clock
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     (task_id,) = make_tasks(store, 1)
     alice, bob = session(store, "alice"), session(store, "bob")
@@ -623,7 +623,7 @@ def test_an_expired_task_comes_to_its_first_annotator_again_once_its_slot_is_fre
 def test_an_expired_assignment_comes_back_while_its_task_has_a_free_slot_or_the_annotator_a_draft(store, monkeypatch):
     import time as clock
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     (task_id,) = make_tasks(store, 1)
     alice, bob, carol = session(store, "alice"), session(store, "bob"), session(store, "carol")
@@ -782,7 +782,7 @@ def test_gold_tasks_are_mixed_in_scored_and_not_pending(store, monkeypatch):
     assert row["gold_accuracy"] == pytest.approx(0.5) and row["done"] == 6
     assert store.pending_count("round-0") == 0
     assert next(b for b in stats["per_batch"])["gold"] == 2
-    from labeling.export import build_pairs
+    from align.labeling.export import build_pairs
 
     _, summary = build_pairs(store.submitted_rankings(), gold=store.gold_answers())
     assert summary["rankings"] == 4 and summary["gold_rankings"] == 2  # said, not silently fewer
@@ -921,7 +921,7 @@ def test_each_store_sees_only_its_own_rows(store):
 
 
 def test_an_unreachable_or_unknown_database_is_a_store_error(tmp_path):
-    from labeling.store import StoreError
+    from align.labeling.store import StoreError
 
     with pytest.raises(StoreError, match=r"cannot open the labelling store postgresql://u:\*\*\*@127.0.0.1:1/x"):
         Store("postgresql://u:secret@127.0.0.1:1/x")
@@ -1345,7 +1345,7 @@ def test_a_lock_held_by_a_stuck_process_is_an_error_after_lock_wait_not_a_hang(s
 
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     monkeypatch.setattr(store_module, "LOCK_WAIT", 1)
     monkeypatch.setattr(store_module, "IDLE_IN_TRANSACTION", 3)
@@ -1411,7 +1411,7 @@ def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monk
     """The server reads `-clock_timeout=5s`, `--lock-timeout=5s`, `-c Lock_Timeout=5s`, `-ec lock_timeout=5s` and
     `-c lock\\_timeout=5s` as lock_timeout too; align set its own after them (SET LOCAL wins), overriding the
     user's. A value naming the setting is not one."""
-    from labeling.store import _pg_server_timeouts
+    from align.labeling.store import _pg_server_timeouts
 
     monkeypatch.delenv("PGOPTIONS", raising=False)
     ours = {"lock_timeout", "idle_in_transaction_session_timeout"}
@@ -1440,7 +1440,7 @@ def test_a_timeout_the_user_sets_in_options_is_theirs_however_it_is_written(monk
 def test_a_connect_timeout_the_user_sets_in_the_url_or_environment_is_theirs(monkeypatch):
     """align's connect_args go over the URL's query, and libpq reads PGCONNECT_TIMEOUT only where no
     connect_timeout is passed: align's 10 s would override either. A keepalive the URL sets is kept too."""
-    from labeling.store import CONNECT_TIMEOUT, _pg_client_timeouts
+    from align.labeling.store import CONNECT_TIMEOUT, _pg_client_timeouts
 
     monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     url = make_url("postgresql://u@db/labels")
@@ -1465,7 +1465,7 @@ def test_a_store_behind_pgbouncer_connects_and_its_lock_wait_holds(store, monkey
     from sqlalchemy import create_engine
     from sqlalchemy.exc import OperationalError
 
-    from labeling import store as store_module
+    from align.labeling import store as store_module
 
     if not store.is_postgres:
         pytest.skip("PostgreSQL only")
@@ -1554,7 +1554,7 @@ def test_text_postgresql_refuses_is_kept_or_refused_with_a_reason(store):
 def test_a_simulated_annotator_gives_an_ab_task_a_verdict(store):
     """align eval human=true puts A/B tasks in the store; a simulated annotator meets them in its queue and
     answers with a verdict, as a person's click does (it stopped there, on every rerun)."""
-    from labeling.simulate import simulate
+    from align.labeling.simulate import simulate
 
     make_tasks(store, 2)
     store.add_tasks("eval-dpo-vs-sft", [{"prompt": "Which reply?", "responses": ["no.", "Thanks! Open Settings."]},
@@ -1669,7 +1669,7 @@ def test_a_sqlite_store_is_backed_up_before_its_schema_is_migrated(tmp_path, cap
         conn.execute(text("DROP TABLE sign_in_failures"))
         conn.execute(text("UPDATE align_meta SET value = '1' WHERE key = 'schema_version'"))
     assert (tmp_path / "labels.db-wal").stat().st_size > 0
-    caplog.set_level(logging.WARNING, logger="labeling.store")
+    caplog.set_level(logging.WARNING, logger="align.labeling.store")
     again = Store(old.url)
     assert again.schema_version == SCHEMA_VERSION
     backup = tmp_path / "labels.db.v1.bak"
