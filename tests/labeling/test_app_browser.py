@@ -385,7 +385,7 @@ def test_a_rank_set_before_the_submit_whose_draft_lands_after_it_says_nothing(se
     was ranked 4, then 2, then Enter. Each rank's draft runs in a queue of its own, so C=4's reached the store after
     the submit, with ranks other than the ones saved. A draft the page sent before its own submit says nothing
     now; one from another page of the same account still says its rank was not saved."""
-    from labeling import handlers
+    from align.labeling import handlers
 
     url, store, _ = served
     real, arrived = handlers.save_draft, []
