@@ -172,7 +172,8 @@ def test_a_name_matplotlib_would_read_as_math_is_drawn_as_text(tmp_path):
     write(tmp_path, "eval", {**EVAL, "policies": {"sft": EVAL["policies"]["sft"], name: EVAL["policies"]["dpo"]},
                              "prompts_seen_in_training": {}})
     page = write_report(tmp_path).read_text()
-    assert "alt='win-rate' src='data:image/png;base64," in page and "could not be drawn" not in page
+    assert "alt='win-rate: " in page and "could not be drawn" not in page
+    assert "dpo_$\\foo$ · reward_model (0 ties) 50.0%" in page  # in its alt text as it is named
 
 
 def test_example_pairs_come_from_different_prompts(tmp_path):
@@ -758,3 +759,47 @@ def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_
     odd = wandb_where({"wandb": {"url": "javascript:alert(1)", "folder": str(tmp_path / "<b>x")}}, tmp_path)
     assert "javascript" not in odd[0] and "<b>" not in odd[0] and "&lt;b&gt;x" in odd[0]
     assert wandb_where({}, tmp_path) == ("", "") and wandb_where({"wandb": None}, tmp_path) == ("", "")
+
+
+def test_each_chart_says_in_words_what_it_draws(tmp_path):
+    """Every chart was an image named 'sft plot' (or 'calibration', 'win-rate') to a screen reader, and report.md,
+    read on GitHub, had no trace of them: each now says its figures in its alt text and in report.md."""
+    import html as html_lib
+    import re
+
+    write(tmp_path, "sft", SFT)
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.456}, {"step": 6, "loss": 3.749}, {"step": 10, "loss": 3.375, "eval_loss": 3.352}]))
+    calibration = [{"gap_min": 0.05, "gap_max": 0.14, "pairs": 5, "accuracy": 0.2, "predicted": 0.52}]
+    write(tmp_path, "reward", {**REWARD, "metrics": {**REWARD["metrics"], "calibration": calibration}})
+    write(tmp_path, "eval", EVAL)
+    page, md = write_report(tmp_path).read_text(), (tmp_path / "report.md").read_text()
+    alts = [html_lib.unescape(a) for a in re.findall(r"<img alt='([^']*)'", page)]
+    said = ("Loss (cross-entropy, nats per token) by step: training batches 3.456 at step 1 to 3.375 at step 10 "
+            "(highest 3.749 at step 6); held-out set 3.352 at step 10")
+    assert f"sft plot: {said}" in alts and f"- plot: {said}" in md.splitlines()
+    assert any(a.startswith("calibration: ") and "gap 0.05–0.14 (5 pairs): 20% ranked right, 52% predicted" in a
+               for a in alts), alts
+    assert any(a.startswith("win-rate: Win-rate against sft over 48 prompts") and
+               "dpo · scorer:support_style (1 tie) 80.2% [69.8%, 89.6%]" in a for a in alts), alts
+
+
+def test_a_charts_lines_differ_in_more_than_colour(monkeypatch):
+    """Past 11 points a plot's lines lost their markers: training batches and the held-out set, on one axis,
+    were told apart by colour alone (blue and orange), not at all in grey or by some colour-blind readers."""
+    from align import report
+
+    styles = []
+
+    def png(fig):
+        import matplotlib.pyplot as plt
+
+        styles.extend((line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines())
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", png)
+    rows = [{"step": s, "loss": 1.0 / s, "eval_loss": 1.1 / s} for s in range(1, 40)]
+    report.plot_series("Loss (lines test)", rows, ["loss", "eval_loss"], "nats per token")
+    assert len(styles) == 2 and len({s for s, _ in styles}) == 2 and len({m for _, m in styles}) == 2, styles
+    assert all(m not in (None, "None", "") for _, m in styles)
