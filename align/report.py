@@ -984,6 +984,10 @@ def stale_rounds(rounds: list[Path]) -> dict[Path, str]:
     return found
 
 
+NO_VERDICT = ("No verdict yet: this run has no eval; align eval judges each policy against the baseline, "
+              "with a 95% interval")
+
+
 def write_report(run_dir: str | Path) -> Path:
     from align.artifacts import is_main_process
 
@@ -1004,9 +1008,6 @@ def write_report(run_dir: str | Path) -> Path:
     stale = stale_rounds(rounds)
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
-    if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more
-        top = f"<div class='cautions'>{_esc(own)}</div>{top}"
-        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
         top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
@@ -1018,6 +1019,17 @@ def write_report(run_dir: str | Path) -> Path:
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{_md(r.name)}]({r.name}/report.md)" + (f": {_md(stale[r])}" if r in stale else "")
                                          for r in rounds]
+    # The answer under a heading of its own, first (a screen reader's list of headings skipped it), and a run
+    # without one says so rather than opening on its stages' table as if that were the outcome
+    none = "" if top else f"<p>{_esc(NO_VERDICT)}</p>"
+    top = f"<h2 id='verdict'>Verdict: did the policy beat its baseline?</h2>{top}{none}"
+    mds[1] = "## Verdict: did the policy beat its baseline?\n\n" + (f"{NO_VERDICT}\n" if none else mds[1])
+    if glance_html:
+        glance_html = f"<h2 id='glance'>Stages at a glance</h2>{glance_html}"
+        mds[2] = f"## Stages at a glance\n\n{mds[2]}"
+    if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more: above all
+        top = f"<div class='cautions'>{_esc(own)}</div>{top}"
+        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     nav = " · ".join(f"<a href='#{_esc(s)}'>{_esc(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {_esc(name)}</title>"

@@ -500,7 +500,8 @@ def test_a_human_only_eval_says_its_board(tmp_path):
     write(tmp_path, "eval", human)
     page = write_report(tmp_path).read_text()
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith(f"# align run: {tmp_path.name}\n\n- dpo vs sft judged by people (blind A/B, "
+    assert md.startswith(f"# align run: {tmp_path.name}\n\n## Verdict: did the policy beat its baseline?\n\n"
+                         "- dpo vs sft judged by people (blind A/B, "
                          "6 verdicts, 2 on earlier versions not counted): Bradley-Terry rating 1043 [990, 1100] against "
                          "sft's 1000\n")
     assert f"\n- eval: {line}\n" in md and md.endswith(f"- dpo/length: 9.7\n- {line}\n")  # its section too
@@ -803,3 +804,24 @@ def test_a_charts_lines_differ_in_more_than_colour(monkeypatch):
     report.plot_series("Loss (lines test)", rows, ["loss", "eval_loss"], "nats per token")
     assert len(styles) == 2 and len({s for s, _ in styles}) == 2 and len({m for _, m in styles}) == 2, styles
     assert all(m not in (None, "None", "") for _, m in styles)
+
+
+def test_the_verdict_has_a_heading_and_a_run_without_one_says_so(tmp_path):
+    """The verdict opened the page with no heading (a screen reader's list of headings went from the run's name
+    to its first stage), and a run with no eval yet opened on its stages' table, saying nothing of a verdict."""
+    import re
+
+    write(tmp_path, "sft", SFT)
+    write(tmp_path, "sample", SAMPLE)
+    page, md = write_report(tmp_path).read_text(), (tmp_path / "report.md").read_text()
+    headings = re.findall(r"<h(\d)[^>]*>([^<]*)", page)
+    assert headings[:3] == [("1", f"align run: {tmp_path.name}"), ("2", "Verdict: did the policy beat its baseline?"),
+                            ("2", "Stages at a glance")]
+    assert "No verdict yet: this run has no eval" in page and page.index("No verdict yet") < page.index("class='glance'")
+    assert md.startswith(f"# align run: {tmp_path.name}\n\n## Verdict: did the policy beat its baseline?\n\n"
+                         "No verdict yet: this run has no eval")
+    assert "\n## Stages at a glance\n\n- sft (2:10): held-out loss 3.352" in md
+    write(tmp_path, "eval", EVAL)
+    page = write_report(tmp_path).read_text()
+    assert "No verdict yet" not in page
+    assert page.index("<h2 id='verdict'>") < page.index("<div class='headline'>") < page.index("<h2 id='glance'>")
