@@ -905,7 +905,7 @@ def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-.meta{color:#777;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
+.meta{color:#666;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
 table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
 .headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}

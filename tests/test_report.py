@@ -825,3 +825,27 @@ def test_the_verdict_has_a_heading_and_a_run_without_one_says_so(tmp_path):
     page = write_report(tmp_path).read_text()
     assert "No verdict yet" not in page
     assert page.index("<h2 id='verdict'>") < page.index("<div class='headline'>") < page.index("<h2 id='glance'>")
+
+
+def test_the_pages_text_colours_are_readable(tmp_path):
+    """The grey of every stage's folder line, date and device (.meta, #777 on white) was 4.48:1, under WCAG's
+    4.5:1 for text: each text colour in the page's CSS against each background it uses."""
+    import re
+
+    from align.report import CSS
+
+    def luminance(colour: str) -> float:
+        colour = colour.lstrip("#")
+        if len(colour) == 3:
+            colour = "".join(c * 2 for c in colour)
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    texts = re.findall(r"(?<![-\w])color:(#[0-9a-fA-F]{3,6})", CSS)
+    backgrounds = ["#fff", *re.findall(r"background:(#[0-9a-fA-F]{3,6})", CSS)]
+    assert "#222" in texts and len(backgrounds) >= 3
+    for text in texts:
+        for background in backgrounds:
+            hi, lo = sorted([luminance(text), luminance(background)], reverse=True)
+            assert (hi + 0.05) / (lo + 0.05) >= 4.5, (text, background)
