@@ -191,16 +191,9 @@ def _md_value(value: Any) -> str:
     return _number(value) if isinstance(value, float) else _md(value)
 
 
-def _code(text: Any) -> str:
-    """`text` (a path) as a Markdown code span, its fence longer than any run of backticks in it (a ` would end
-    it); one holding <, > or & as escaped text instead (a viewer that does not keep a code span literal would
-    read it as HTML), each Markdown mark in it escaped."""
-    text = str(text)
-    if re.search(r"[<>&]", text):
-        return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text))
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+def _md_marks(text: Any) -> str:
+    """`text` as Markdown text: each Markdown mark escaped, its <, > and & as entities (_md)."""
+    return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", str(text)))
 
 
 def _no_math(text: str) -> str:
@@ -853,14 +846,17 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     wandb_html, wandb_md = wandb_where(manifest, folder.parent)
     parts = [f"<section id='{title}'><h2>{title}</h2>",
-             f"<p class='meta'><a href='{_esc(quote(folder.name))}/'>{_esc(str(folder))}</a> · "
+             f"<p class='meta'><a href='{_esc(quote(folder.name))}/'>{_esc(folder.name)}/</a> · "
              f"{_esc(manifest.get('created', ''))}"
              + (f" · base {_esc(manifest['base_model'])}" if manifest.get("base_model") else "")
              + f"{plan}{wandb_html}</p>",
              f"<p class='caution'>{_esc(warning)}</p>" if warning else "",
              f"<p class='meta'>{_esc(unreadable)}</p>" if unreadable else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([wandb_md, ""] if wandb_md else []),
+    # its folder as a link beside report.md, as the page has it: the path it was built at (/home/me/runs/...)
+    # named a folder on another machine once the run was copied or pushed, and GitHub linked nothing
+    md = [f"## {_md(folder.name)}", "", f"[{_md_marks(folder.name)}/]({quote(folder.name)}/)", "",
+          *([wandb_md, ""] if wandb_md else []),
           *([_md(warning), ""] if warning else []),
           *([_md(unreadable), ""] if unreadable else [])]
     md += [f"- plot: {_md(said)}" for png, said in plots if png]

@@ -694,12 +694,9 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     assert f"# align run: run{folder}" in md and f"- {shown} is not distinguishable from sft judged by" in md
     assert f"- eval: {shown} was trained on 3 of the 48 eval prompts" in md and f"- preferences: {shown} disagrees" in md
     assert f"- {shown}: 1" in md and f"## x{folder}" in md and f"- k: {shown}" in md
-    assert "x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;\n" in md  # its path: escaped text, not a code span
+    # its folder: a link, its text escaped text, its address percent-quoted
+    assert "[x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;/](x%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E%26/)\n" in md
     assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
-    # a path stays a code span where it can (its backticks fenced by a longer run)
-    from align.report import _code
-
-    assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
 
 
 def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
@@ -849,3 +846,15 @@ def test_the_pages_text_colours_are_readable(tmp_path):
         for background in backgrounds:
             hi, lo = sorted([luminance(text), luminance(background)], reverse=True)
             assert (hi + 0.05) / (lo + 0.05) >= 4.5, (text, background)
+
+
+def test_each_stage_links_its_folder_relative_to_the_report(tmp_path):
+    """report.md named each stage's folder by the path the report was built at (`/home/me/runs/q/sft`), no link:
+    wrong on any other machine once the run was copied or pushed to GitHub; the page showed that path too."""
+    run = tmp_path / "run"
+    write(run, "sft", SFT)
+    write(run, "q_1 [x]", {"stage": "merge", "metrics": {}})
+    page, md = write_report(run).read_text(), (run / "report.md").read_text()
+    assert "\n[sft/](sft/)\n" in md and "\n[q\\_1 \\[x\\]/](q_1%20%5Bx%5D/)\n" in md
+    assert str(tmp_path) not in md and str(tmp_path) not in page
+    assert "<a href='sft/'>sft/</a>" in page
