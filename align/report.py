@@ -338,7 +338,7 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     if isinstance(r, float):
         warn = abs(r) > 0.5
         notes.append(f"{'<b>Warning</b>: ' if warn else ''}reward vs response length: Pearson r = {r:.2f}"
-                     + (f" (the model may reward {'longer' if r > 0 else 'shorter'} answers, which a policy will "
+                     + (f" (the model may reward {'longer' if r > 0 else 'shorter'} answers, which a policy can "
                         "exploit)" if warn else ""))
     if notes:
         parts.append("<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")

@@ -858,3 +858,12 @@ def test_each_stage_links_its_folder_relative_to_the_report(tmp_path):
     assert "\n[sft/](sft/)\n" in md and "\n[q\\_1 \\[x\\]/](q_1%20%5Bx%5D/)\n" in md
     assert str(tmp_path) not in md and str(tmp_path) not in page
     assert "<a href='sft/'>sft/</a>" in page
+
+
+def test_the_length_warning_says_a_policy_can_exploit_it_not_that_it_will(tmp_path):
+    """The reward section said a length-tracking reward model is one 'which a policy will exploit', a claim no
+    figure in the run supports (DPO never reads the reward model); the cautions say 'can', as here now."""
+    write(tmp_path, "reward", REWARD)
+    page = write_report(tmp_path).read_text()
+    assert "Pearson r = -0.53 (the model may reward shorter answers, which a policy can exploit)" in page
+    assert "will exploit" not in page
