@@ -901,7 +901,7 @@ def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-.meta{color:#666;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
+.meta{color:#666;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee;box-sizing:border-box}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
 table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
 .headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}
@@ -910,7 +910,10 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 section>table,section>details,table.glance{max-width:100%;overflow-x:auto;display:block}
 table.glance td{overflow-wrap:anywhere} table.glance td:not(:last-child){white-space:nowrap;overflow-wrap:normal}
 .headline li{overflow-wrap:anywhere} .plots img:only-child{max-width:100%}
-@media (max-width:700px){.plots img{max-width:100%;margin:.3em 0 0}}"""
+@media (max-width:700px){.plots img{max-width:100%;margin:.3em 0 0}}
+@media print{body{max-width:none;margin:0;padding:0} table{font-size:11px} td,th{padding:.15em .35em}
+section>table,section>details,table.glance{display:table;overflow:visible} .plots img,tr{break-inside:avoid}
+h2,h3{break-after:avoid}}"""
 
 
 def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str, str]]:
