@@ -83,6 +83,12 @@ LINES = {"loss": "training batches", "eval_loss": "held-out set", "accuracy": "t
 EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)"}
 
 
+# Okabe and Ito's colour-blind-safe palette; each line also has its own dash and marker
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
+DASHES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def _figure_png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -92,16 +98,36 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _series(rows: list[dict[str, Any]], keys: list[str]) -> tuple[tuple[str, tuple[tuple[Any, Any], ...]], ...]:
+    """(legend name, ((step, value), ...)) for each key with points, named by LINES."""
+    series = []
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+               and "step" in r]
+        if pts:
+            series.append((LINES.get(key, key), tuple(pts)))
+    return tuple(series)
+
+
 def plot_series(title: str, rows: list[dict[str, Any]], keys: list[str], ylabel: str = "") -> str | None:
     """A line plot of each key against step (named in the legend by LINES); None when no key has points."""
-    series = {}
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-        if pts:
-            series[key] = tuple(pts)
-    if not series:
-        return None
-    return _line_plot(title, ylabel, tuple((LINES.get(k, k), pts) for k, pts in series.items()), _figure_png)
+    series = _series(rows, keys)
+    return _line_plot(title, ylabel, series, _figure_png) if series else None
+
+
+def series_text(title: str, rows: list[dict[str, Any]], keys: list[str], ylabel: str = "") -> str:
+    """What plot_series draws, in words: the plot's alt text and report.md's line for it (a chart was an image
+    named 'sft plot' to a screen reader, and absent from report.md). '' when no key has points."""
+    said = []
+    for label, pts in _series(rows, keys):
+        (first_step, first), (last_step, last) = pts[0], pts[-1]
+        turns = [f"{word} {_number(float(p[1]))} at step {p[0]}" for word, p in
+                 (("lowest", min(pts, key=lambda p: p[1])), ("highest", max(pts, key=lambda p: p[1])))
+                 if p[1] not in (first, last)]  # a low or high between the ends, which the ends do not say
+        said.append(f"{label} {_number(float(first))} at step {first_step}"
+                    + (f" to {_number(float(last))} at step {last_step}" if len(pts) > 1 else "")
+                    + (f" ({', '.join(turns)})" if turns else ""))
+    return f"{title} ({ylabel}) by step: " + "; ".join(said) if said else ""
 
 
 # Each stage (and the pipeline, after each stage) rewrites the whole run's report: a pipeline redrew every earlier
@@ -116,9 +142,11 @@ def _line_plot(title: str, ylabel: str, series: tuple[tuple[str, tuple[tuple[Any
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    for label, pts in series:
+    for i, (label, pts) in enumerate(series):
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label)
+        # told apart by line and marker, not colour alone (a colour-blind reader, a grey print)
+        ax.plot(xs, ys, color=COLOURS[i % len(COLOURS)], ls=DASHES[i % len(DASHES)], marker=MARKERS[i % len(MARKERS)],
+                markersize=3 if len(xs) < 12 else 4, markevery=max(1, len(xs) // 12), label=label)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -163,16 +191,9 @@ def _md_value(value: Any) -> str:
     return _number(value) if isinstance(value, float) else _md(value)
 
 
-def _code(text: Any) -> str:
-    """`text` (a path) as a Markdown code span, its fence longer than any run of backticks in it (a ` would end
-    it); one holding <, > or & as escaped text instead (a viewer that does not keep a code span literal would
-    read it as HTML), each Markdown mark in it escaped."""
-    text = str(text)
-    if re.search(r"[<>&]", text):
-        return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text))
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+def _md_marks(text: Any) -> str:
+    """`text` as Markdown text: each Markdown mark escaped, its <, > and & as entities (_md)."""
+    return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", str(text)))
 
 
 def _no_math(text: str) -> str:
@@ -213,21 +234,27 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
     # Names as plain text: matplotlib reads "$...$" as math, and a name it cannot parse fails the section
     reads = {(p, k): judged(manifest, row, k) for p, row in table.items() for k in row
              if k.endswith("/win_rate") and isinstance(row[k], (int, float))}
-    bars = [(_no_math(f"{p} · {k.split('/')[0]}" + (f" ({_ties(read['ties'])})" if read["ties"] is not None else "")),
-             table[p][k], read["ci"]) for (p, k), read in reads.items() if read["ci"]]
+    named = [(f"{p} · {k.split('/')[0]}" + (f" ({_ties(read['ties'])})" if read["ties"] is not None else ""),
+              table[p][k], read["ci"]) for (p, k), read in reads.items() if read["ci"]]
+    bars = [(_no_math(label), value, ci) for label, value, ci in named]
     prompts = {read["prompts"] for read in reads.values()}
     if bars:
         fig, ax = plt.subplots(figsize=(6.0, 0.5 + 0.55 * len(bars)))
         labels, values, cis = zip(*bars, strict=True)
         err = [[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
                [hi - v for v, (_, hi) in zip(values, cis, strict=True)]]
-        ax.barh(labels, values, xerr=err, color="#4c78a8", capsize=4)
+        ax.barh(labels, values, xerr=err, color=COLOURS[0], capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_xlabel("win-rate: share of prompts won (a tie counts half)")
         over = f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else ""
-        ax.set_title(_no_math(f"Win-rate against {baseline}{over} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"))
-        parts.append(f"<div class='plots'><img alt='win-rate' src='data:image/png;base64,{_figure_png(fig)}'></div>")
+        title = f"Win-rate against {baseline}{over} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"
+        ax.set_title(_no_math(title))
+        ax.text(0.5, 1.0, " 0.5: no difference", transform=ax.get_xaxis_transform(), fontsize=7, color="#555",
+                va="bottom")
+        said = "; ".join(f"{label} {value:.1%}{_interval(ci)}" for label, value, ci in named)
+        parts.append(f"<div class='plots'><img alt='win-rate: {_esc(title)}: {_esc(said)} (0.5: no difference)' "
+                     f"src='data:image/png;base64,{_figure_png(fig)}'></div>")
     # A row per figure, a column per policy (a handful of policies, a dozen figures): win-rates first, then KL
     # (a win-rate's wins, ties and losses in its cell)
     keys = sorted({k for row in table.values() for k in row if not k.endswith("_ci") and k.split("/")[-1] not in COUNTS},
@@ -278,8 +305,10 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     if bins:
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
         xs = range(len(bins))
-        ax.bar([x - 0.2 for x in xs], [b["accuracy"] for b in bins], width=0.4, label="held-out accuracy")
-        ax.bar([x + 0.2 for x in xs], [b["predicted"] for b in bins], width=0.4, label="predicted (sigmoid of gap)")
+        ax.bar([x - 0.2 for x in xs], [b["accuracy"] for b in bins], width=0.4, color=COLOURS[0],
+               label="held-out accuracy")
+        ax.bar([x + 0.2 for x in xs], [b["predicted"] for b in bins], width=0.4, color="white", edgecolor=COLOURS[1],
+               hatch="///", label="predicted (sigmoid of gap)")  # hatched: told apart without colour
         ax.set_xticks(list(xs), [f"{b['gap_min']:.2f}–{b['gap_max']:.2f}\n{b['pairs']} pairs" for b in bins],
                       fontsize=7)
         ax.set_ylim(0, 1.05)
@@ -287,7 +316,10 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.set_ylabel("share of held-out pairs ranked right")
         ax.set_title("Reward model calibration")
         ax.legend(fontsize=8)
-        parts.append(f"<div class='plots'><img alt='calibration' src='data:image/png;base64,{_figure_png(fig)}'></div>")
+        said = "; ".join(f"gap {b['gap_min']:.2f}–{b['gap_max']:.2f} ({b['pairs']} pairs): {b['accuracy']:.0%} ranked "
+                         f"right, {b['predicted']:.0%} predicted" for b in bins)
+        parts.append(f"<div class='plots'><img alt='calibration: held-out accuracy against what the reward gap "
+                     f"predicts, by |reward gap| bin: {_esc(said)}' src='data:image/png;base64,{_figure_png(fig)}'></div>")
     notes = []
     if isinstance(m.get("eval_accuracy"), float):
         ceiling, posterior = m.get("agreement_ceiling"), m.get("posterior_ceiling")
@@ -306,7 +338,7 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
     if isinstance(r, float):
         warn = abs(r) > 0.5
         notes.append(f"{'<b>Warning</b>: ' if warn else ''}reward vs response length: Pearson r = {r:.2f}"
-                     + (f" (the model may reward {'longer' if r > 0 else 'shorter'} answers, which a policy will "
+                     + (f" (the model may reward {'longer' if r > 0 else 'shorter'} answers, which a policy can "
                         "exploit)" if warn else ""))
     if notes:
         parts.append("<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
@@ -798,8 +830,9 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     rows, unreadable = _log_rows(folder / "metrics.jsonl")
     if stage == "reward":
         rows = [_trl_eval_renamed(r) for r in rows]
-    plots = [plot_series(t, rows, keys, ylabel) for t, ylabel, keys in PLOTS.get(stage, [])]
-    imgs = "".join(f"<img alt='{_esc(stage)} plot' src='data:image/png;base64,{p}'>" for p in plots if p)
+    plots = [(plot_series(t, rows, keys, ylabel), series_text(t, rows, keys, ylabel)) for t, ylabel, keys in PLOTS.get(stage, [])]
+    imgs = "".join(f"<img alt='{_esc(stage)} plot: {_esc(said)}' src='data:image/png;base64,{png}'>"
+                   for png, said in plots if png)
     kind = stage if stage in SECTIONS else manifest.get("stage")
     try:
         extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
@@ -813,16 +846,20 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     wandb_html, wandb_md = wandb_where(manifest, folder.parent)
     parts = [f"<section id='{title}'><h2>{title}</h2>",
-             f"<p class='meta'><a href='{_esc(quote(folder.name))}/'>{_esc(str(folder))}</a> · "
+             f"<p class='meta'><a href='{_esc(quote(folder.name))}/'>{_esc(folder.name)}/</a> · "
              f"{_esc(manifest.get('created', ''))}"
              + (f" · base {_esc(manifest['base_model'])}" if manifest.get("base_model") else "")
              + f"{plan}{wandb_html}</p>",
              f"<p class='caution'>{_esc(warning)}</p>" if warning else "",
              f"<p class='meta'>{_esc(unreadable)}</p>" if unreadable else "",
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
-    md = [f"## {_md(folder.name)}", "", _code(folder), "", *([wandb_md, ""] if wandb_md else []),
+    # its folder as a link beside report.md, as the page has it: the path it was built at (/home/me/runs/...)
+    # named a folder on another machine once the run was copied or pushed, and GitHub linked nothing
+    md = [f"## {_md(folder.name)}", "", f"[{_md_marks(folder.name)}/]({quote(folder.name)}/)", "",
+          *([wandb_md, ""] if wandb_md else []),
           *([_md(warning), ""] if warning else []),
           *([_md(unreadable), ""] if unreadable else [])]
+    md += [f"- plot: {_md(said)}" for png, said in plots if png]
     md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
            if isinstance(v, (int, float, str))]
     if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
@@ -864,7 +901,7 @@ def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-.meta{color:#777;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee}
+.meta{color:#666;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee;box-sizing:border-box}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
 table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
 .headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}
@@ -873,7 +910,10 @@ table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-
 section>table,section>details,table.glance{max-width:100%;overflow-x:auto;display:block}
 table.glance td{overflow-wrap:anywhere} table.glance td:not(:last-child){white-space:nowrap;overflow-wrap:normal}
 .headline li{overflow-wrap:anywhere} .plots img:only-child{max-width:100%}
-@media (max-width:700px){.plots img{max-width:100%;margin:.3em 0 0}}"""
+@media (max-width:700px){.plots img{max-width:100%;margin:.3em 0 0}}
+@media print{body{max-width:none;margin:0;padding:0} table{font-size:11px} td,th{padding:.15em .35em}
+section>table,section>details,table.glance{display:table;overflow:visible} .plots img,tr{break-inside:avoid}
+h2,h3{break-after:avoid}}"""
 
 
 def finished_sections(run_dir: Path, unfinished: bool = False) -> list[tuple[str, str]]:
@@ -943,6 +983,10 @@ def stale_rounds(rounds: list[Path]) -> dict[Path, str]:
     return found
 
 
+NO_VERDICT = ("No verdict yet: this run has no eval; align eval judges each policy against the baseline, "
+              "with a 95% interval")
+
+
 def write_report(run_dir: str | Path) -> Path:
     from align.artifacts import is_main_process
 
@@ -963,9 +1007,6 @@ def write_report(run_dir: str | Path) -> Path:
     stale = stale_rounds(rounds)
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
-    if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more
-        top = f"<div class='cautions'>{_esc(own)}</div>{top}"
-        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
         top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
@@ -977,6 +1018,17 @@ def write_report(run_dir: str | Path) -> Path:
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{_md(r.name)}]({r.name}/report.md)" + (f": {_md(stale[r])}" if r in stale else "")
                                          for r in rounds]
+    # The answer under a heading of its own, first (a screen reader's list of headings skipped it), and a run
+    # without one says so rather than opening on its stages' table as if that were the outcome
+    none = "" if top else f"<p>{_esc(NO_VERDICT)}</p>"
+    top = f"<h2 id='verdict'>Verdict: did the policy beat its baseline?</h2>{top}{none}"
+    mds[1] = "## Verdict: did the policy beat its baseline?\n\n" + (f"{NO_VERDICT}\n" if none else mds[1])
+    if glance_html:
+        glance_html = f"<h2 id='glance'>Stages at a glance</h2>{glance_html}"
+        mds[2] = f"## Stages at a glance\n\n{mds[2]}"
+    if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more: above all
+        top = f"<div class='cautions'>{_esc(own)}</div>{top}"
+        mds[1] = f"{_md(own)}\n\n{mds[1]}"
     nav = " · ".join(f"<a href='#{_esc(s)}'>{_esc(s)}</a>" for s in shown)
     page = (f"<!doctype html><html><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>align · {_esc(name)}</title>"

@@ -106,7 +106,7 @@ def test_samples_metrics_and_report_are_written(eval_run):
     assert counts == [row[f"{judge}/{k}"] for k in ("wins", "ties", "losses")] and sum(counts) == len(PROMPTS)
     assert (counts[0] + counts[1] / 2) / len(PROMPTS) == pytest.approx(row[f"{judge}/win_rate"])
     page = (eval_run / "report.html").read_text()
-    assert "alt='win-rate' src='data:image/png;base64," in page
+    assert "alt='win-rate: " in page and "src='data:image/png;base64," in page
     assert "polite</b> beats <b>sft" in page
     assert json.loads((eval_run / "eval" / "align.json").read_text())["interval"] == "wilson"  # the report's label
 

@@ -172,7 +172,8 @@ def test_a_name_matplotlib_would_read_as_math_is_drawn_as_text(tmp_path):
     write(tmp_path, "eval", {**EVAL, "policies": {"sft": EVAL["policies"]["sft"], name: EVAL["policies"]["dpo"]},
                              "prompts_seen_in_training": {}})
     page = write_report(tmp_path).read_text()
-    assert "alt='win-rate' src='data:image/png;base64," in page and "could not be drawn" not in page
+    assert "alt='win-rate: " in page and "could not be drawn" not in page
+    assert "dpo_$\\foo$ · reward_model (0 ties) 50.0%" in page  # in its alt text as it is named
 
 
 def test_example_pairs_come_from_different_prompts(tmp_path):
@@ -499,7 +500,8 @@ def test_a_human_only_eval_says_its_board(tmp_path):
     write(tmp_path, "eval", human)
     page = write_report(tmp_path).read_text()
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith(f"# align run: {tmp_path.name}\n\n- dpo vs sft judged by people (blind A/B, "
+    assert md.startswith(f"# align run: {tmp_path.name}\n\n## Verdict: did the policy beat its baseline?\n\n"
+                         "- dpo vs sft judged by people (blind A/B, "
                          "6 verdicts, 2 on earlier versions not counted): Bradley-Terry rating 1043 [990, 1100] against "
                          "sft's 1000\n")
     assert f"\n- eval: {line}\n" in md and md.endswith(f"- dpo/length: 9.7\n- {line}\n")  # its section too
@@ -692,12 +694,9 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     assert f"# align run: run{folder}" in md and f"- {shown} is not distinguishable from sft judged by" in md
     assert f"- eval: {shown} was trained on 3 of the 48 eval prompts" in md and f"- preferences: {shown} disagrees" in md
     assert f"- {shown}: 1" in md and f"## x{folder}" in md and f"- k: {shown}" in md
-    assert "x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;\n" in md  # its path: escaped text, not a code span
+    # its folder: a link, its text escaped text, its address percent-quoted
+    assert "[x&lt;img src=x onerror=alert\\(1\\)&gt;&amp;/](x%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E%26/)\n" in md
     assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
-    # a path stays a code span where it can (its backticks fenced by a longer run)
-    from align.report import _code
-
-    assert _code("runs/a`b") == "``runs/a`b``" and _code("runs/q_1") == "`runs/q_1`"
 
 
 def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
@@ -758,3 +757,113 @@ def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_
     odd = wandb_where({"wandb": {"url": "javascript:alert(1)", "folder": str(tmp_path / "<b>x")}}, tmp_path)
     assert "javascript" not in odd[0] and "<b>" not in odd[0] and "&lt;b&gt;x" in odd[0]
     assert wandb_where({}, tmp_path) == ("", "") and wandb_where({"wandb": None}, tmp_path) == ("", "")
+
+
+def test_each_chart_says_in_words_what_it_draws(tmp_path):
+    """Every chart was an image named 'sft plot' (or 'calibration', 'win-rate') to a screen reader, and report.md,
+    read on GitHub, had no trace of them: each now says its figures in its alt text and in report.md."""
+    import html as html_lib
+    import re
+
+    write(tmp_path, "sft", SFT)
+    (tmp_path / "sft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.456}, {"step": 6, "loss": 3.749}, {"step": 10, "loss": 3.375, "eval_loss": 3.352}]))
+    calibration = [{"gap_min": 0.05, "gap_max": 0.14, "pairs": 5, "accuracy": 0.2, "predicted": 0.52}]
+    write(tmp_path, "reward", {**REWARD, "metrics": {**REWARD["metrics"], "calibration": calibration}})
+    write(tmp_path, "eval", EVAL)
+    page, md = write_report(tmp_path).read_text(), (tmp_path / "report.md").read_text()
+    alts = [html_lib.unescape(a) for a in re.findall(r"<img alt='([^']*)'", page)]
+    said = ("Loss (cross-entropy, nats per token) by step: training batches 3.456 at step 1 to 3.375 at step 10 "
+            "(highest 3.749 at step 6); held-out set 3.352 at step 10")
+    assert f"sft plot: {said}" in alts and f"- plot: {said}" in md.splitlines()
+    assert any(a.startswith("calibration: ") and "gap 0.05–0.14 (5 pairs): 20% ranked right, 52% predicted" in a
+               for a in alts), alts
+    assert any(a.startswith("win-rate: Win-rate against sft over 48 prompts") and
+               "dpo · scorer:support_style (1 tie) 80.2% [69.8%, 89.6%]" in a for a in alts), alts
+
+
+def test_a_charts_lines_differ_in_more_than_colour(monkeypatch):
+    """Past 11 points a plot's lines lost their markers: training batches and the held-out set, on one axis,
+    were told apart by colour alone (blue and orange), not at all in grey or by some colour-blind readers."""
+    from align import report
+
+    styles = []
+
+    def png(fig):
+        import matplotlib.pyplot as plt
+
+        styles.extend((line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines())
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(report, "_figure_png", png)
+    rows = [{"step": s, "loss": 1.0 / s, "eval_loss": 1.1 / s} for s in range(1, 40)]
+    report.plot_series("Loss (lines test)", rows, ["loss", "eval_loss"], "nats per token")
+    assert len(styles) == 2 and len({s for s, _ in styles}) == 2 and len({m for _, m in styles}) == 2, styles
+    assert all(m not in (None, "None", "") for _, m in styles)
+
+
+def test_the_verdict_has_a_heading_and_a_run_without_one_says_so(tmp_path):
+    """The verdict opened the page with no heading (a screen reader's list of headings went from the run's name
+    to its first stage), and a run with no eval yet opened on its stages' table, saying nothing of a verdict."""
+    import re
+
+    write(tmp_path, "sft", SFT)
+    write(tmp_path, "sample", SAMPLE)
+    page, md = write_report(tmp_path).read_text(), (tmp_path / "report.md").read_text()
+    headings = re.findall(r"<h(\d)[^>]*>([^<]*)", page)
+    assert headings[:3] == [("1", f"align run: {tmp_path.name}"), ("2", "Verdict: did the policy beat its baseline?"),
+                            ("2", "Stages at a glance")]
+    assert "No verdict yet: this run has no eval" in page and page.index("No verdict yet") < page.index("class='glance'")
+    assert md.startswith(f"# align run: {tmp_path.name}\n\n## Verdict: did the policy beat its baseline?\n\n"
+                         "No verdict yet: this run has no eval")
+    assert "\n## Stages at a glance\n\n- sft (2:10): held-out loss 3.352" in md
+    write(tmp_path, "eval", EVAL)
+    page = write_report(tmp_path).read_text()
+    assert "No verdict yet" not in page
+    assert page.index("<h2 id='verdict'>") < page.index("<div class='headline'>") < page.index("<h2 id='glance'>")
+
+
+def test_the_pages_text_colours_are_readable(tmp_path):
+    """The grey of every stage's folder line, date and device (.meta, #777 on white) was 4.48:1, under WCAG's
+    4.5:1 for text: each text colour in the page's CSS against each background it uses."""
+    import re
+
+    from align.report import CSS
+
+    def luminance(colour: str) -> float:
+        colour = colour.lstrip("#")
+        if len(colour) == 3:
+            colour = "".join(c * 2 for c in colour)
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+        r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    texts = re.findall(r"(?<![-\w])color:(#[0-9a-fA-F]{3,6})", CSS)
+    backgrounds = ["#fff", *re.findall(r"background:(#[0-9a-fA-F]{3,6})", CSS)]
+    assert "#222" in texts and len(backgrounds) >= 3
+    for text in texts:
+        for background in backgrounds:
+            hi, lo = sorted([luminance(text), luminance(background)], reverse=True)
+            assert (hi + 0.05) / (lo + 0.05) >= 4.5, (text, background)
+
+
+def test_each_stage_links_its_folder_relative_to_the_report(tmp_path):
+    """report.md named each stage's folder by the path the report was built at (`/home/me/runs/q/sft`), no link:
+    wrong on any other machine once the run was copied or pushed to GitHub; the page showed that path too."""
+    run = tmp_path / "run"
+    write(run, "sft", SFT)
+    write(run, "q_1 [x]", {"stage": "merge", "metrics": {}})
+    page, md = write_report(run).read_text(), (run / "report.md").read_text()
+    assert "\n[sft/](sft/)\n" in md and "\n[q\\_1 \\[x\\]/](q_1%20%5Bx%5D/)\n" in md
+    assert str(tmp_path) not in md and str(tmp_path) not in page
+    assert "<a href='sft/'>sft/</a>" in page
+
+
+def test_the_length_warning_says_a_policy_can_exploit_it_not_that_it_will(tmp_path):
+    """The reward section said a length-tracking reward model is one 'which a policy will exploit', a claim no
+    figure in the run supports (DPO never reads the reward model); the cautions say 'can', as here now."""
+    write(tmp_path, "reward", REWARD)
+    page = write_report(tmp_path).read_text()
+    assert "Pearson r = -0.53 (the model may reward shorter answers, which a policy can exploit)" in page
+    assert "will exploit" not in page
