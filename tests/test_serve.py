@@ -545,6 +545,51 @@ def test_a_client_that_goes_away_stops_its_generation(served):
     assert {len(m._forward_pre_hooks) for m in engine.model.modules() if hasattr(m, "lora_A")} == {1}
 
 
+def test_a_client_that_goes_away_before_its_whole_answer_stops_its_generation(served, monkeypatch):
+    """A non-streamed request whose client gave up (its read timeout: the openai client then sends it again)
+    ran to max_tokens for nobody, holding the one generation lock from everyone behind it. Now it stops at the
+    next token, or at once when it was still waiting for its turn."""
+    from align import chat_engine
+
+    engine = served[0]
+    run, generated = engine.run, []
+
+    def recorded(job, on_text=None):
+        result = run(job, on_text)
+        generated.append(result.completion_tokens)
+        return result
+
+    def gone(body):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served[2]}/chat/completions", json=body, timeout=httpx.Timeout(0.7))
+
+    def settled():
+        deadline = time.monotonic() + 30
+        while (not generated or engine._inside) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    monkeypatch.setattr(engine, "run", recorded)
+    body = {"model": "sft", "messages": PROMPT, "max_tokens": 64, "temperature": 0}
+    with engine._lock:  # a generation under way: the request waits its turn, and its client goes
+        gone(body)
+        time.sleep(0.3)
+    settled()
+    assert generated == [0], generated
+    progress = chat_engine._Progress.__call__
+
+    def slow(self, *args, **kwargs):  # a token every 50 ms, as on a real model: 64 of them take 3 s
+        time.sleep(0.05)
+        return progress(self, *args, **kwargs)
+
+    monkeypatch.setattr(chat_engine._Progress, "__call__", slow)
+    generated.clear()
+    gone(body)
+    settled()
+    assert len(generated) == 1 and generated[0] < 32, generated
+    assert greedy(openai.OpenAI(base_url=served[2], api_key="unused", max_retries=0), "sft", max_tokens=4
+                  ).usage.completion_tokens == 4  # a client that stays gets its whole answer
+
+
 def test_an_api_key_is_required_when_set(served):
     from align.labeling.server import running
     from align.openai_api import create_app
