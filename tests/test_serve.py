@@ -1001,6 +1001,32 @@ def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch
     assert len(generated) == 2 and max(generated) < 10, generated  # each stopped within a few tokens
 
 
+def test_the_playground_says_what_to_do_when_the_server_refuses_its_key_or_is_down(served):
+    """A refused key showed the endpoint's own words, "send the header `Authorization: Bearer <key>`", which nobody
+    on the page can do: the pane now names the variable `align label` reads it from. A server that is not up
+    read "stopped answering" in the panes, as if it had answered before."""
+    import socket
+
+    from align.labeling.playground import PlaygroundError, ServeClient, send
+    from align.labeling.server import running
+    from align.openai_api import create_app
+
+    engine, cfg = served[0], served[1]
+    with running(create_app(engine, cfg, api_key="test-key-0123456789")) as url:
+        for key in (None, "wrong-key-0123456789"):
+            client = ServeClient(url + "/v1", key)
+            with pytest.raises(PlaygroundError, match="restart it with ALIGN_SERVE_API_KEY set"):
+                client.models()
+            *_, left_html, _ = list(send(client, ("sft", "dpo"), "Hi", ([], [])))[-1]
+            assert "answered" not in left_html and "401" in left_html and "ALIGN_SERVE_API_KEY" in left_html
+        assert client.http.get(url + "/v1/models").status_code == 401
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    *_, left_html, right_html = list(send(ServeClient(f"http://127.0.0.1:{port}/v1"), ("sft", "dpo"), "Hi", ([], [])))[-1]
+    assert "is not answering" in left_html and "align serve` running?" in right_html
+
+
 def test_playground_fetches_only_its_url(tmp_path):
     from align.labeling.playground import PlaygroundError, ServeClient, check_url
 
