@@ -128,6 +128,9 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
             return StreamingResponse(_stream(engine, job, reply, usage_in_stream, running),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # A client that goes away (its read timeout, Ctrl-C) stops its generation at the next token, as a stream's
+        # does: one answer is generated at a time, and the openai client sends a timed-out request again.
+        watcher = asyncio.create_task(_cancel_when_gone(request, job))
         try:
             result = await run_in_threadpool(engine.run, job)
         except ShuttingDown as err:  # it was cut off, or waited behind one that was: not a finished answer
@@ -138,6 +141,7 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
             log.exception("a completion failed")
             return error_response(500, "the server failed on this request; its log says why", kind="server_error")
         finally:
+            watcher.cancel()
             engine.release(job)  # run() does; this covers a failure before it started
         return JSONResponse({
             **reply, "object": "chat.completion", "system_fingerprint": None,
@@ -147,6 +151,13 @@ def create_app(engine: ChatEngine, cfg, *, api_key: str | None = None, loopback:
 
     app.add_middleware(Guard, api_key=api_key, loopback=loopback)
     return app
+
+
+async def _cancel_when_gone(request: Request, job: Job) -> None:
+    """Cancel `job` once its client has gone: with the body read, the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
 
 
 def _shutting_down(err: ShuttingDown) -> JSONResponse:

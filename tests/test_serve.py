@@ -545,6 +545,51 @@ def test_a_client_that_goes_away_stops_its_generation(served):
     assert {len(m._forward_pre_hooks) for m in engine.model.modules() if hasattr(m, "lora_A")} == {1}
 
 
+def test_a_client_that_goes_away_before_its_whole_answer_stops_its_generation(served, monkeypatch):
+    """A non-streamed request whose client gave up (its read timeout: the openai client then sends it again)
+    ran to max_tokens for nobody, holding the one generation lock from everyone behind it. Now it stops at the
+    next token, or at once when it was still waiting for its turn."""
+    from align import chat_engine
+
+    engine = served[0]
+    run, generated = engine.run, []
+
+    def recorded(job, on_text=None):
+        result = run(job, on_text)
+        generated.append(result.completion_tokens)
+        return result
+
+    def gone(body):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served[2]}/chat/completions", json=body, timeout=httpx.Timeout(0.7))
+
+    def settled():
+        deadline = time.monotonic() + 30
+        while (not generated or engine._inside) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    monkeypatch.setattr(engine, "run", recorded)
+    body = {"model": "sft", "messages": PROMPT, "max_tokens": 64, "temperature": 0}
+    with engine._lock:  # a generation under way: the request waits its turn, and its client goes
+        gone(body)
+        time.sleep(0.3)
+    settled()
+    assert generated == [0], generated
+    progress = chat_engine._Progress.__call__
+
+    def slow(self, *args, **kwargs):  # a token every 50 ms, as on a real model: 64 of them take 3 s
+        time.sleep(0.05)
+        return progress(self, *args, **kwargs)
+
+    monkeypatch.setattr(chat_engine._Progress, "__call__", slow)
+    generated.clear()
+    gone(body)
+    settled()
+    assert len(generated) == 1 and generated[0] < 32, generated
+    assert greedy(openai.OpenAI(base_url=served[2], api_key="unused", max_retries=0), "sft", max_tokens=4
+                  ).usage.completion_tokens == 4  # a client that stays gets its whole answer
+
+
 def test_an_api_key_is_required_when_set(served):
     from align.labeling.server import running
     from align.openai_api import create_app
@@ -954,6 +999,32 @@ def test_an_abandoned_playground_send_stops_both_generations(served, monkeypatch
     while (len(generated) < 2 or engine._inside) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(generated) == 2 and max(generated) < 10, generated  # each stopped within a few tokens
+
+
+def test_the_playground_says_what_to_do_when_the_server_refuses_its_key_or_is_down(served):
+    """A refused key showed the endpoint's own words, "send the header `Authorization: Bearer <key>`", which nobody
+    on the page can do: the pane now names the variable `align label` reads it from. A server that is not up
+    read "stopped answering" in the panes, as if it had answered before."""
+    import socket
+
+    from align.labeling.playground import PlaygroundError, ServeClient, send
+    from align.labeling.server import running
+    from align.openai_api import create_app
+
+    engine, cfg = served[0], served[1]
+    with running(create_app(engine, cfg, api_key="test-key-0123456789")) as url:
+        for key in (None, "wrong-key-0123456789"):
+            client = ServeClient(url + "/v1", key)
+            with pytest.raises(PlaygroundError, match="restart it with ALIGN_SERVE_API_KEY set"):
+                client.models()
+            *_, left_html, _ = list(send(client, ("sft", "dpo"), "Hi", ([], [])))[-1]
+            assert "answered" not in left_html and "401" in left_html and "ALIGN_SERVE_API_KEY" in left_html
+        assert client.http.get(url + "/v1/models").status_code == 401
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    *_, left_html, right_html = list(send(ServeClient(f"http://127.0.0.1:{port}/v1"), ("sft", "dpo"), "Hi", ([], [])))[-1]
+    assert "is not answering" in left_html and "align serve` running?" in right_html
 
 
 def test_playground_fetches_only_its_url(tmp_path):

@@ -88,7 +88,7 @@ class ServeClient:
                                   "is `align serve` running?") from None
         if response.status_code != 200:
             raise PlaygroundError(f"the models server at {self.url} answered {response.status_code}: "
-                                  f"{_error_message(response)}")
+                                  f"{_error_message(response)}{_key_hint(response)}")
         try:
             data = response.json()["data"]
             names = [m["id"] for m in data]
@@ -108,7 +108,7 @@ class ServeClient:
             with self.http.stream("POST", "chat/completions", json=body) as response:
                 if response.status_code != 200:
                     response.read()
-                    raise PlaygroundError(f"{response.status_code}: {_error_message(response)}")
+                    raise PlaygroundError(f"{response.status_code}: {_error_message(response)}{_key_hint(response)}")
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -126,12 +126,23 @@ class ServeClient:
                             yield piece
                         if isinstance(choice.get("finish_reason"), str):
                             reason = choice["finish_reason"]
+        except httpx.ConnectError:  # it never answered (not up), rather than stopped mid-way as below
+            raise PlaygroundError(f"the models server at {self.url} is not answering (ConnectError); is `align serve` "
+                                  "running?") from None
         except httpx.HTTPError as err:
             raise PlaygroundError(f"the models server at {self.url} stopped answering ({type(err).__name__})") \
                 from None
         except (ValueError, AttributeError, TypeError):
             raise PlaygroundError(f"{self.url} sent something that is not OpenAI's stream format") from None
         return reason  # the stream ended without [DONE]
+
+
+def _key_hint(response: httpx.Response) -> str:
+    """What to do about a refused key: the endpoint's own words ask for a header, which nobody on the page sends."""
+    if response.status_code != 401:
+        return ""
+    return (f" (the app sends the key in ${API_KEY_ENV} as `align label` started: restart it with {API_KEY_ENV} set "
+            "to the key of `align serve`)")
 
 
 def _error_message(response: httpx.Response) -> str:
