@@ -140,9 +140,10 @@ def vllm_command(models: dict[str, Path], base: str, cfg: Any, port: int) -> lis
     The API key is not on it (argv is visible to every user of the machine): vLLM reads VLLM_API_KEY,
     which align/recipes/serve.py sets in the child's environment.
     """
-    from align.embedded import EMBEDDED_NAMES, embedded_model_dir
+    from align.modeling import resolve_model_path
 
-    path = str(embedded_model_dir()) if base.lower() in EMBEDDED_NAMES else base
+    # as the transformers backend loads it: `~/models/x` expanded (vLLM took it for a Hub id), the embedded names
+    path = resolve_model_path(base)
     ranks = [json.loads((Path(f) / "adapter_config.json").read_text()).get("r", 8) for f in models.values()]
     rank = max(ranks, default=8)
     rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)

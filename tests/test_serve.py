@@ -308,7 +308,7 @@ def test_a_request_past_the_models_context_is_refused_in_openais_words(client, s
                                        f"messages resulted in {prompt} tokens. Please reduce the length of the messages.")
 
 
-def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, tmp_path, caplog):
+def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, tmp_path, caplog, monkeypatch):
     """limits.max_prompt_tokens + limits.max_tokens (4096 + 1024 by default) beyond the model's positions
     (the tiny model's 512) is said once at start, on either backend, and the server still starts; within
     them (200 + 64) nothing is said. vLLM's --max-model-len is the positions then."""
@@ -328,6 +328,10 @@ def test_limits_past_the_models_context_are_a_warning_at_start(run, tiny_model, 
     caplog.clear()
     command = vllm_command({}, tiny_model, serve_config(run, *alone), 8123)
     assert command[command.index("--max-model-len") + 1] == "512" and len(warnings()) == 1
+    # a base under the home folder, written with ~, is that folder (vLLM took "~/..." for a Hub id)
+    monkeypatch.setenv("HOME", str(Path(tiny_model).parent))
+    command = vllm_command({}, f"~/{Path(tiny_model).name}", serve_config(run, *alone), 8123)
+    assert command[command.index("serve") + 1] == str(Path(tiny_model).resolve())
     gpt2 = tmp_path / "gpt2"  # GPT-2's config.json names its positions n_positions
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
