@@ -1057,3 +1057,26 @@ def test_playground_fetches_only_its_url(tmp_path):
     for bad in ("ftp://host/v1", "http://user:pw@host/v1", "http://host/v1?x=1", "127.0.0.1:8000"):
         with pytest.raises(ValueError):
             check_url(bad)
+
+
+def test_a_vllm_server_slow_to_stop_is_stopped_harder_never_left_running():
+    """After a Ctrl-C, align serve gave vLLM's server 60 s and then ended in a traceback (TimeoutExpired), leaving
+    it running and holding the GPU; so did a second Ctrl-C. Now SIGTERM follows, then SIGKILL."""
+    from align.recipes.serve import stop_child
+
+    def server(ignored: str) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                  f"for s in ({ignored}): signal.signal(s, signal.SIG_IGN)\n"
+                                  "print('up', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "up\n"
+        return child
+
+    polite = server("signal.SIGINT,")  # stops on SIGTERM
+    assert stop_child(polite, grace=0.3, term_grace=5) == -signal.SIGTERM
+    deaf = server("signal.SIGINT, signal.SIGTERM")
+    assert stop_child(deaf, grace=0.3, term_grace=0.3) == -signal.SIGKILL
+    quick = server("")
+    assert stop_child(quick, grace=5) == -signal.SIGINT or quick.returncode == 1  # Python's KeyboardInterrupt: 1
+    for child in (polite, deaf, quick):
+        assert child.poll() is not None
+        child.stdout.close()

@@ -135,6 +135,23 @@ align serve: {len(names) - 1} adapter(s) and the base on one {base} ({device})
 """, flush=True)
 
 
+def stop_child(child: subprocess.Popen, grace: float = 60.0, term_grace: float = 10.0) -> int:
+    """Stop vLLM's server after a Ctrl-C: SIGINT and `grace` seconds to shut down, then SIGTERM and 10 s, then
+    SIGKILL (`term_grace` after SIGTERM); a second Ctrl-C moves on to the next. A server slow to stop, or a second Ctrl-C, ended align serve
+    with a traceback and left vLLM running, holding the GPU. Its exit code."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, term_grace), (signal.SIGKILL, None)):
+        if child.poll() is not None:
+            return child.returncode
+        child.send_signal(sig)
+        try:
+            return child.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            log.warning("vLLM's server did not stop within %.0f s of %s", wait, signal.Signals(sig).name)
+        except KeyboardInterrupt:
+            log.warning("stopping vLLM's server harder (a second Ctrl-C)")
+    return child.wait()
+
+
 def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str | None, port: int,
              names: list[str]) -> Path:
     """vLLM's OpenAI server, one base with every adapter as a LoRA module, until Ctrl-C."""
@@ -155,9 +172,8 @@ def run_vllm(models: dict[str, Path], base: str, cfg: ServeStageConfig, key: str
     try:
         code = child.wait()
     except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
-        code = child.wait(timeout=60)
-    if code not in (0, -signal.SIGINT, 128 + signal.SIGINT):
+        code = stop_child(child)
+    if code not in (0, -signal.SIGINT, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
         from align import StageError
 
         raise StageError(f"vLLM's server stopped with exit code {code}; its own messages above say why")
