@@ -648,6 +648,17 @@ def test_gae_matches_a_hand_computation():
     assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.1, 0.0]]), atol=1e-6)
 
 
+def test_shaped_rewards_penalise_each_real_token_and_score_the_last():
+    """-kl_coef * (log pi - log ref) on every response token up to its end, nothing on padding, and the score
+    on the last real token (the EOS, or the last one of a cut response), never on a pad after it."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-2.0, -1.0, -0.5, -1.5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # row 0 ends at position 2, row 1 was cut
+    rewards, kl = R.shape_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, -0.5, 0.5]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0], [-0.1, 0.0, 0.05, -0.05 - 1.0]]))
+
+
 def test_whitening_and_masked_stats_ignore_padding():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
