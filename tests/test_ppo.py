@@ -603,6 +603,22 @@ def test_rollout_log_probs_are_the_sampling_distributions(sft_dir, monkeypatch):
     assert gap < 1e-4, gap
 
 
+def test_log_probs_are_the_responses_under_a_model_that_ignores_logits_to_keep(sft_dir, monkeypatch):
+    """forward() asks for the response's logits only (logits_to_keep); a model that returns every position
+    anyway must give the same log-probs, not the prompt's."""
+    from align.recipes import ppo as P
+
+    cfg, model, _, _, roll = policy_and_rollout(sft_dir, monkeypatch)
+    head = P.ValueHead(model.config.hidden_size)
+    args = (roll["ids"], roll["attention"], roll["context"], cfg.generation.temperature)
+    with torch.no_grad():
+        logp, values, _ = P.forward(model, head, *args)
+        call = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, logits_to_keep=0, **k: call(*a, **k))
+        every, every_values, _ = P.forward(model, head, *args)
+    assert torch.allclose(every, logp, atol=1e-5) and torch.equal(every_values, values)
+
+
 def test_the_first_minibatch_of_a_step_is_on_policy(sft_dir, monkeypatch):
     """On a step's first minibatch nothing has been updated yet: the ratio is exactly 1 (approx-KL 0, nothing
     clipped), which needs the old log-probs from the same function as the loss's (dropout off, the policy adapter,
