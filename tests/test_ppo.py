@@ -548,6 +548,105 @@ def test_quickstart_yaml_loads():
         assert (ctl.value <= reach * cfg.rl.kl_coef) if kl < cfg.rl.kl_target else (ctl.value >= reach * cfg.rl.kl_coef)
 
 
+# ---------------------------------------------------------------------------- a step's log-probs
+
+
+def policy_and_rollout(sft_dir: Path, monkeypatch, temperature: float = 0.5):
+    """The PPO policy built from the SFT adapter (its LoRA dropout 0.05) and one rollout of 8 prompts of
+    different lengths (left padding) in one generate() batch, at `temperature`. The tiny SFT policy rarely
+    samples its EOS, so a newline ends an answer too (a second stop id, as generation.stop_ids gives Llama 3's
+    <|eot_id|>): answers of different lengths, padding after their end. Returns (cfg, model, tokenizer, the
+    stop ids, the rollout)."""
+    from align.modeling import device_plan, load_tokenizer
+    from align.recipes import ppo as P
+
+    tokenizer = load_tokenizer(str(sft_dir))
+    stops = sorted({tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False)["input_ids"]})
+    monkeypatch.setattr(P, "stop_ids", lambda *_: stops)
+
+    cfg = PPOStageConfig(sft=str(sft_dir), scorer="test_ppo:thanks")
+    cfg = replace(cfg, model=replace(cfg.model, name=json.loads((sft_dir / "adapter_config.json").read_text())[
+                      "base_model_name_or_path"], quantize=False),
+                  generation=replace(cfg.generation, temperature=temperature, max_new_tokens=24, batch_size=8),
+                  rl=replace(cfg.rl, rollout_prompts=8, minibatch_size=4, ppo_epochs=2))
+    model = P.build_policy(cfg, replace(device_plan(cfg.model), gradient_checkpointing=False), sft_dir)
+    asked = [f"Ticket {i}: where is {TOPICS[i % 8]}?" + " Please help." * (i % 3) for i in range(8)]
+    return cfg, model, tokenizer, stops, P.rollout(model, tokenizer, asked, cfg, step=1)
+
+
+def test_rollout_log_probs_are_the_sampling_distributions(sft_dir, monkeypatch):
+    """The log-probs PPO trains on (forward: logits / temperature, the response's first token read at the prompt's
+    last position, prompts left padded) are those generate() sampled each token from: its processed
+    scores, log-softmaxed, at the same sampled tokens. Training on logits without / T, or one position off,
+    optimises a distribution the rollouts never came from."""
+    from align.generation import plain_sampling
+    from align.recipes import ppo as P
+
+    cfg, model, tokenizer, stops, roll = policy_and_rollout(sft_dir, monkeypatch)
+    mask, context = roll["mask"], roll["context"]
+    assert roll["has_eos"].any() and (mask == 0).any()  # answers that ended: EOS kept, padding after it
+    assert (roll["attention"][:, :context] == 0).any()  # and prompts left padded
+    with torch.no_grad():
+        logp, _, _ = P.forward(model, P.ValueHead(model.config.hidden_size), roll["ids"], roll["attention"], context,
+                               cfg.generation.temperature, values=False)
+        torch.manual_seed(cfg.train.seed * 1_000_003 + 101)  # rollout's seed for step 1's first batch
+        with plain_sampling(model):
+            out = model.generate(input_ids=roll["ids"][:, :context], attention_mask=roll["attention"][:, :context],
+                                 max_new_tokens=24, do_sample=True, temperature=cfg.generation.temperature, top_p=1.0,
+                                 top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stops, output_scores=True, return_dict_in_generate=True)
+    sampled = out.sequences[:, context:]
+    width = sampled.shape[1]
+    assert torch.equal(sampled * mask[:, :width].long(), roll["ids"][:, context:context + width] * mask[:, :width].long())
+    sampled_from = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
+    gap = ((sampled_from - logp[:, :width]) * mask[:, :width]).abs().max().item()
+    assert gap < 1e-4, gap
+
+
+def test_log_probs_are_the_responses_under_a_model_that_ignores_logits_to_keep(sft_dir, monkeypatch):
+    """forward() asks for the response's logits only (logits_to_keep); a model that returns every position
+    anyway must give the same log-probs, not the prompt's."""
+    from align.recipes import ppo as P
+
+    cfg, model, _, _, roll = policy_and_rollout(sft_dir, monkeypatch)
+    head = P.ValueHead(model.config.hidden_size)
+    args = (roll["ids"], roll["attention"], roll["context"], cfg.generation.temperature)
+    with torch.no_grad():
+        logp, values, _ = P.forward(model, head, *args)
+        call = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, logits_to_keep=0, **k: call(*a, **k))
+        every, every_values, _ = P.forward(model, head, *args)
+    assert torch.allclose(every, logp, atol=1e-5) and torch.equal(every_values, values)
+
+
+def test_the_first_minibatch_of_a_step_is_on_policy(sft_dir, monkeypatch):
+    """On a step's first minibatch nothing has been updated yet: the ratio is exactly 1 (approx-KL 0, nothing
+    clipped), which needs the old log-probs from the same function as the loss's (dropout off, the policy adapter,
+    the same precision and temperature). The step's KL is 0 too: the reference is the SFT adapter the policy
+    starts from. Later minibatches see the updated policy."""
+    from align.recipes import ppo as P
+
+    cfg, model, _, _, roll = policy_and_rollout(sft_dir, monkeypatch)
+    seen = []
+    policy_loss = R.policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, clip_range):
+        loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+        seen.append(((logprobs - old_logprobs).mul(mask).abs().max().item(), stats))
+        return loss, stats
+
+    monkeypatch.setattr(R, "policy_loss", spy)
+    head = P.ValueHead(model.config.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    figures = P.ppo_step(model, head, optimizer, roll, scores, cfg, R.FixedKL(0.05), 1, has_ref=True)
+    gap, first = seen[0]
+    assert gap < 1e-6 and first["policy/approx_kl"] == pytest.approx(0, abs=1e-9) and first["policy/clipfrac"] == 0
+    assert figures["kl"] == pytest.approx(0, abs=1e-6)
+    assert len(seen) == 4 and all(g > 1e-4 for g, _ in seen[1:])  # 2 epochs of 2 minibatches: the update moved it
+
+
 # ---------------------------------------------------------------------------- the RL pieces by hand
 
 
@@ -563,6 +662,17 @@ def test_gae_matches_a_hand_computation():
     a0 = d0 + 0.45 * a1
     assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
     assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.1, 0.0]]), atol=1e-6)
+
+
+def test_shaped_rewards_penalise_each_real_token_and_score_the_last():
+    """-kl_coef * (log pi - log ref) on every response token up to its end, nothing on padding, and the score
+    on the last real token (the EOS, or the last one of a cut response), never on a pad after it."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-2.0, -1.0, -0.5, -1.5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # row 0 ends at position 2, row 1 was cut
+    rewards, kl = R.shape_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 0.0, -0.5, 0.5]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0], [-0.1, 0.0, 0.05, -0.05 - 1.0]]))
 
 
 def test_whitening_and_masked_stats_ignore_padding():

@@ -154,7 +154,9 @@ def forward(model, head, input_ids, attention_mask, context: int, temperature: f
     keep = input_ids.shape[1] - context + 1
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 output_hidden_states=values, use_cache=False, logits_to_keep=keep)
-    logits = out.logits[:, :-1]
+    # Counted from the end: a model whose forward ignores logits_to_keep (remote code taking **kwargs) returns
+    # every position, and [:, :-1] of those read the prompt's logits (gather takes a shorter index silently).
+    logits = out.logits[:, -keep:-1]
     logp = R.logprobs_of(logits, input_ids[:, context:], temperature)
     v = head(out.hidden_states[-1][:, context - 1:-1]) if values else None
     return logp, v, logits
