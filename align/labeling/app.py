@@ -72,6 +72,8 @@ CSS = """
    orange-700 5.2:1, orange-800 on hover 7.3:1 */
 button.primary:not(:disabled) { background: #c2410c !important; border-color: #c2410c !important; color: #ffffff !important; }
 button.primary:not(:disabled):hover { background: #9a3412 !important; border-color: #9a3412 !important; }
+/* the selected tab's name, orange-500 on white (2.8:1) too */
+#align-tabs button[role="tab"][aria-selected="true"] { color: #c2410c !important; }
 #align-prompt { font-size: 1.05em; border-left: 4px solid var(--color-accent); padding-left: 12px; }
 #align-prompt .align-label { font-weight: 600; margin: 0 0 4px; }
 /* model text is plain text: keep its line breaks and wrap long words, never interpret it; a glyph wider or

@@ -431,6 +431,25 @@ def test_a_rank_set_before_the_submit_whose_draft_lands_after_it_says_nothing(se
         second.context.close()
 
 
+# [ratio, tag, id, text] of each visible element whose own text reads at under 4.5:1 on the background behind it
+LOW_CONTRAST_JS = """() => {
+  const lum = (c) => { const m = c.match(/[0-9.]+/g); if (!m) return null; const [r, g, b] = m.slice(0, 3).map(Number).map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const bg = (el) => { for (let e = el; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor; const m = c.match(/[0-9.]+/g);
+     if (m && (m.length < 4 || Number(m[3]) > 0.5)) return c; } return 'rgb(255,255,255)'; };
+  const out = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (!el.offsetParent || el.closest('button:disabled, [aria-disabled="true"]')) continue;  // WCAG: inactive, exempt
+    const own = [...el.childNodes].filter((n) => n.nodeType === 3 && n.textContent.trim()).map((n) => n.textContent.trim()).join(' ');
+    if (!own) continue;
+    const s = getComputedStyle(el); const a = lum(s.color), b = lum(bg(el));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    if (ratio < 4.5) out.push([ratio.toFixed(2), el.tagName, el.id || el.className, own.slice(0, 40)]);
+  }
+  return out;
+}"""
+
 CONTRAST_JS = """sel => {
   const lum = (c) => { const [r, g, b] = c.match(/[0-9.]+/g).slice(0, 3).map(Number).map((v) => {
     v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
@@ -446,11 +465,12 @@ def test_the_page_has_a_heading_readable_buttons_and_single_keys_that_can_be_tur
     Submit's white on orange at 2.8:1 (WCAG AA asks 4.5:1), and single-key shortcuts with no way to turn them off
     (WCAG 2.1.4: speech input types letters and digits, which ranked and submitted). Now the page's title is its
     h1, Submit reads at >= 4.5:1, and a checkbox turns the single keys off, remembered by the browser; Ctrl+Enter
-    (a key with a modifier) still submits."""
+    (a key with a modifier) still submits. Every text on the page reads at >= 4.5:1."""
     url, store, _ = served
     sign_in(page, url, "quiet")
     assert page.get_by_role("heading", level=1).inner_text().strip() == "align · labelling"
     assert page.evaluate(CONTRAST_JS, "#align-submit") >= 4.5
+    assert page.evaluate(LOW_CONTRAST_JS) == []  # the selected tab's orange name was 2.8:1 too
     page.get_by_label("Single-key shortcuts (letters, digits, Enter)").uncheck()
     page.locator("#align-progress").click()
     page.keyboard.type("1234")
