@@ -110,7 +110,7 @@ h1 {{ font-size: 1.3em; margin: 0 0 16px; }}
 label {{ display: block; margin: 12px 0 4px; font-weight: 600; }}
 input {{ width: 100%; box-sizing: border-box; padding: 8px; border: 1px solid #d4d4d8; border-radius: 6px;
         font-size: 1em; }}
-button {{ margin-top: 18px; width: 100%; padding: 10px; border: 0; border-radius: 6px; background: #f97316;
+button {{ margin-top: 18px; width: 100%; padding: 10px; border: 0; border-radius: 6px; background: #c2410c;
          color: #fff; font-size: 1em; font-weight: 600; cursor: pointer; }}
 #align-signin-error {{ color: #b91c1c; min-height: 1.2em; margin: 12px 0 0; }}
 </style></head>

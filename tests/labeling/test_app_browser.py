@@ -256,6 +256,7 @@ def test_sign_in_refuses_a_wrong_password(served, page):
     url, store, _ = served
     sign_in(page, url, "plain", "wrong password", expect_task=False)
     assert "unknown user or wrong password" in page.inner_text("#align-signin-error")
+    assert page.evaluate(LOW_CONTRAST_JS) == []  # the sign-in button's white on orange was 2.8:1
     sign_in(page, url, "no-such-user", "wrong password", expect_task=False)
     assert "unknown user or wrong password" in page.inner_text("#align-signin-error")  # the same words
     assert page.locator("#resp-a, #align-submit").count() == 0  # the app is not even sent
