@@ -333,7 +333,8 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
                         f"annotator agreement {ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
                         f" against the labels' picks (their mean posterior, how often a pick is itself right: {posterior:.1%})"
                         if isinstance(posterior, float) else
-                        f" (annotator agreement, the ceiling: {ceiling:.1%})" if isinstance(ceiling, float) else ""))
+                        f" (annotator agreement: {ceiling:.1%}; not a ceiling: a majority of several annotators is right more "
+                        "often than two of them agree)" if isinstance(ceiling, float) else ""))
     r = m.get("length_correlation")
     if isinstance(r, float):
         warn = abs(r) > 0.5

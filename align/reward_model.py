@@ -311,8 +311,9 @@ def without_ties(dataset, chosen: list[float], rejected: list[float]):
 
 
 def heldout_metrics(dataset, chosen: list[float], rejected: list[float], n_bins: int = 5) -> dict[str, Any]:
-    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, agreement ceiling (and the
-    posterior one: the mean p_chosen, when the pairs carry it). Kept ties count in none of them (eval_ties).
+    """Pairwise accuracy, mean margin, calibration by reward gap, length correlation, annotator agreement
+    (agreement_ceiling: no ceiling on the accuracy, as a majority of several annotators is right more often than
+    two agree), and the mean p_chosen when the pairs carry it (posterior_ceiling). Kept ties count in none of them (eval_ties).
 
     Calibration: pairs are binned by |reward gap| (equal-count bins); a Bradley-Terry model
     claims P(its pick is right) = sigmoid(|gap|), so each bin shows that claim beside the observed

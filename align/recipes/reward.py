@@ -362,7 +362,7 @@ def main(cfg: RewardStageConfig) -> Path:
             log.info("held-out: accuracy %.3f [%.3f, %.3f] over %d pairs from %d prompts%s, mean margin %.3f, "
                      "calibration error %.3f", heldout["eval_accuracy"], *heldout["eval_accuracy_ci"],
                      heldout["eval_pairs"], heldout["eval_prompts"],
-                     f" (annotator agreement ceiling {ceiling:.3f})" if ceiling is not None else "",
+                     f" (annotator agreement {ceiling:.3f})" if ceiling is not None else "",
                      heldout["eval_mean_margin"], heldout["calibration_error"])
         r = heldout["length_correlation"]
         if r is not None and abs(r) > LENGTH_WARNING:
