@@ -457,6 +457,20 @@ def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict],
     raise DataError(f"unknown format {fmt!r}")
 
 
+def other_format(err: DataError, record: Any, fmt: str, detected: bool) -> DataError:
+    """`err`, saying so when the record is in another format than the file's: a {messages} line in an alpaca
+    file was "missing field 'instruction'", which sent the user looking for a field, not a format."""
+    try:
+        own = detect_format(record)
+    except DataError:
+        return err
+    if own == fmt:
+        return err
+    how = "detected from the first record" if detected else "data.format"
+    return DataError(f"{err}; this record is in the {own} format, the file's is {fmt} ({how}): every record of "
+                     "one file must be in one format")
+
+
 def _history(record: dict, where: str) -> list[dict[str, str]]:
     """An alpaca record's `history` (LLaMA-Factory's: [[query, response], ...], the turns before this one) as
     user/assistant messages: context for the instruction, and with data.turns=all each response an example."""
@@ -513,13 +527,17 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
         report.train_split = train or "train"  # none: iter_records says so
     report.ignored = [s for s in splits if s not in (report.train_split, report.held_out)]
     prompts, completions = [], []
+    detected = fmt == "auto"
     for where, record in iter_records(path, split):
         try:
             if isinstance(record, DataError):
                 raise record
             if report.format == "auto":
                 report.format = detect_format(record, where)
-            prompt, completion = to_prompt_completion(record, report.format, where)
+            try:
+                prompt, completion = to_prompt_completion(record, report.format, where)
+            except DataError as err:
+                raise other_format(err, record, report.format, detected) from None
         except DataError as err:
             if on_error == "raise":
                 raise

@@ -435,3 +435,15 @@ def test_a_completion_of_messages_is_the_assistants_only(tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": USER, "completion": [*ASSISTANT, *USER]}])
     with pytest.raises(DataError, match=r"pc.jsonl:1: field 'completion' has a user message"):
         load_sft_dataset(path)
+
+
+def test_a_record_in_another_format_than_the_files_is_told_so(tmp_path):
+    """The format is the first record's: a {messages} line in an alpaca file says it is in another format, not
+    only that it lacks 'instruction' (a field the user would look for in vain)."""
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, {"messages": USER + ASSISTANT}])
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: missing field 'instruction'; this record is in the "
+                                        r"messages format, the file's is alpaca \(detected from the first record\)"):
+        load_sft_dataset(path)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"instruction": "q"}])  # same format: the error as it was
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'output'$"):
+        load_sft_dataset(bad)
