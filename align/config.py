@@ -322,7 +322,7 @@ class ExportStageConfig:
     combine: Literal["majority", "bradley_terry", "dawid_skene"] = "majority"
     min_agreement: float | None = bounded(None, ge=0, le=1)
     # A ranking flagged "all are bad" or "unsafe": keep its pairs (the flags in each pair's `flag` column, to
-    # filter on) or drop it, as align did before this key.
+    # filter on) or drop its task (every annotator's ranking of it: the others' could make an unsafe reply chosen).
     flagged: Literal["keep", "drop"] = "keep"
     # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
     min_posterior: float | None = bounded(None, ge=0.5, le=1)

@@ -113,7 +113,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     # Only `users add` may create a SQLite store: the other commands read one, and a typo in a
     # path would otherwise leave an empty labels.db behind.
     if db_file is not None and cmd[:2] != ["users", "add"] and not db_file.is_file():
-        return f"no labelling store at {db_file}: `align sample run.dir={run_dir}` makes it (or pass --db URL)"
+        # with --db, the store sample writes is named by its store= (run.dir's labels.db is another file)
+        made_by = f"`align sample store={shlex.quote(args.db)}` makes it (or check the --db URL)" if args.db else \
+            f"`align sample run.dir={shlex.quote(str(run_dir))}` makes it (or pass --db URL)"
+        return f"no labelling store at {db_file}: {made_by}"
     return None
 
 

@@ -6,7 +6,9 @@ The rules (docs/labeling.md says the same):
 - A ranking flagged "all are bad" or "unsafe" gives its pairs as any other (`flagged=keep`, the default: the
   guidelines ask for a least-bad order, and the unsafe reply ranked last, so "safe beats unsafe" is among them),
   each pair carrying the flags of its task's rankings in `flag` ("" for none) so a user can filter them;
-  `flagged=drop` gives a flagged ranking no pairs (counted in `dropped_flagged`), as align did before.
+  `flagged=drop` gives a task any of its rankings is flagged no pairs: neither the flagged ranking (as align did
+  before) nor the other annotators' rankings of it, whose order could make the reply one of them flagged unsafe
+  the chosen one, in a pair with no flag to filter it by (`dropped_flagged` counts the rankings so dropped).
 - A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
@@ -277,6 +279,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     counts: Counter = Counter()
     per_annotator: Counter = Counter()
     by_task: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    flagged_tasks: set[int] = set()  # flagged=drop: every ranking of these goes, not only the flagged one
     for r in rows:
         if batches and r["batch"] not in batches:
             continue
@@ -291,9 +294,10 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         if r["flags"]:
             counts["flagged_rankings"] += 1
             if flagged == "drop":
-                counts["dropped_flagged"] += 1
-                continue
+                flagged_tasks.add(r["task_id"])
         by_task[r["task_id"]].append(r)
+    for task_id in flagged_tasks:
+        counts["dropped_flagged"] += len(by_task.pop(task_id))
     pairs, agreements = [], []
     for task_id, ranked in sorted(by_task.items()):
         counts["tasks"] += 1

@@ -81,15 +81,28 @@ def test_two_annotators_majority_agreement_and_flags():
     assert build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 4, 3, 2]}), min_agreement=0.9)[1]["dropped_low_agreement"] == 1
     flagged, summary = build_pairs(rows({"x": [1, 4, 2, 3], "y": [1, 2, 3, 4]}, flags={"y": ["all_bad"]}),
                                    flagged="drop")
-    assert summary["dropped_flagged"] == 1 and len(flagged) == 6
+    assert summary["dropped_flagged"] == 2 and flagged == []  # the task's every ranking (test below)
     # flagged=drop under dawid_skene too: two people flagging "all are bad" in the reverse order of the third's
-    # ranking decided (and reversed) each of the third's pairs through the posterior, at p_chosen 0.94 with 0 votes.
+    # ranking decided (and reversed) each of the third's pairs through the posterior, at p_chosen 0.94 with 0 votes;
+    # an unflagged task (2) of the same people keeps x's order: flagged rankings are no votes in the estimate.
     data = rows({"x": [1, 4, 2, 3], "y": [3, 2, 4, 1], "z": [3, 2, 4, 1]}, flags={"y": ["all_bad"], "z": ["unsafe"]})
+    clean = rows({"x": [1, 4, 2, 3]}, task_id=2)
     for combine in ("majority", "dawid_skene"):
-        flagged, summary = build_pairs(data, combine=combine, flagged="drop")
-        assert summary["dropped_flagged"] == 2 and pairs_of(flagged) == pairs_of(build_pairs(data[:1])[0]), combine
-        assert all(p["votes_chosen"] == 1 and p["votes_rejected"] == 0 for p in flagged)
+        flagged, summary = build_pairs(data + clean, combine=combine, flagged="drop")
+        assert summary["dropped_flagged"] == 3 and pairs_of(flagged) == pairs_of(build_pairs(clean)[0]), combine
+        assert all(p["votes_chosen"] == 1 and p["votes_rejected"] == 0 and p["task_id"] == "2" for p in flagged)
     assert agreement.rankings_for_reliability(data, flagged="drop") == data[:1]
+
+
+def test_flagged_drop_leaves_out_the_other_rankings_of_a_flagged_task():
+    """x flags B ("B: no.") unsafe and ranks it last; y, who missed it, ranks it first. flagged=drop dropped x's
+    ranking alone, and y's made B the chosen reply of three pairs with `flag` "" (nothing to filter on), where
+    flagged=keep ties them: the setting meant to keep flagged replies out of training let the unsafe one win."""
+    data = rows({"x": [1, 4, 2, 3], "y": [2, 1, 3, 4]}, flags={"x": ["unsafe"]})
+    kept, _ = build_pairs(data)
+    assert ("B", "A") not in pairs_of(kept) and {p["flag"] for p in kept} == {"unsafe"}
+    dropped, summary = build_pairs(data, flagged="drop")
+    assert dropped == [] and summary["dropped_flagged"] == 2 and summary["tasks"] == 0
 
 
 def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
