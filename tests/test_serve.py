@@ -1065,7 +1065,10 @@ def test_a_vllm_server_slow_to_stop_is_stopped_harder_never_left_running():
     from align.recipes.serve import stop_child
 
     def server(ignored: str) -> subprocess.Popen:
+        # the default handlers first: a pytest-xdist worker's children inherit SIGINT ignored
         child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                  "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                                  "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
                                   f"for s in ({ignored}): signal.signal(s, signal.SIG_IGN)\n"
                                   "print('up', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline() == "up\n"
