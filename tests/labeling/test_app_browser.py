@@ -432,11 +432,15 @@ def test_a_rank_set_before_the_submit_whose_draft_lands_after_it_says_nothing(se
         second.context.close()
 
 
+# WCAG's contrast ratio of two CSS colours ("rgb(r, g, b)"), for the two page scripts below
+RATIO_JS = """const lum = (c) => c.match(/[0-9.]+/g).slice(0, 3).map(Number).map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+    .reduce((sum, v, i) => sum + [0.2126, 0.7152, 0.0722][i] * v, 0);
+  const ratio = (fg, bg) => { const [a, b] = [lum(fg), lum(bg)]; return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); };"""
+
 # [ratio, tag, id, text] of each visible element whose own text reads at under 4.5:1 on the background behind it
 LOW_CONTRAST_JS = """() => {
-  const lum = (c) => { const m = c.match(/[0-9.]+/g); if (!m) return null; const [r, g, b] = m.slice(0, 3).map(Number).map((v) => {
-    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  """ + RATIO_JS + """
   const bg = (el) => { for (let e = el; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor; const m = c.match(/[0-9.]+/g);
      if (m && (m.length < 4 || Number(m[3]) > 0.5)) return c; } return 'rgb(255,255,255)'; };
   const out = [];
@@ -444,20 +448,16 @@ LOW_CONTRAST_JS = """() => {
     if (!el.offsetParent || el.closest('button:disabled, [aria-disabled="true"]')) continue;  // WCAG: inactive, exempt
     const own = [...el.childNodes].filter((n) => n.nodeType === 3 && n.textContent.trim()).map((n) => n.textContent.trim()).join(' ');
     if (!own) continue;
-    const s = getComputedStyle(el); const a = lum(s.color), b = lum(bg(el));
-    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    if (ratio < 4.5) out.push([ratio.toFixed(2), el.tagName, el.id || el.className, own.slice(0, 40)]);
+    const r = ratio(getComputedStyle(el).color, bg(el));
+    if (r < 4.5) out.push([r.toFixed(2), el.tagName, el.id || el.className, own.slice(0, 40)]);
   }
   return out;
 }"""
 
 CONTRAST_JS = """sel => {
-  const lum = (c) => { const [r, g, b] = c.match(/[0-9.]+/g).slice(0, 3).map(Number).map((v) => {
-    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  """ + RATIO_JS + """
   const s = getComputedStyle(document.querySelector(sel));
-  const [a, b] = [lum(s.color), lum(s.backgroundColor)];
-  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  return ratio(s.color, s.backgroundColor);
 }"""
 
 
