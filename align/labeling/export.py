@@ -9,6 +9,13 @@ The rules (docs/labeling.md says the same):
   `flagged=drop` gives a task any of its rankings is flagged no pairs: neither the flagged ranking (as align did
   before) nor the other annotators' rankings of it, whose order could make the reply one of them flagged unsafe
   the chosen one, in a pair with no flag to filter it by (`dropped_flagged` counts the rankings so dropped).
+- A reply flagged unsafe (`unsafe:<i>`: each reply has its own box) by any annotator of its task (one flag is
+  enough) is never chosen over a reply nobody flagged (`unsafe_rule`): under keep such a pair has the unflagged
+  one chosen whatever the ranks said (`flag` adds rejected_unsafe; votes, agreement and margin as the ranks give
+  them; dawid_skene's p_chosen and weight 1), a pair of two flagged replies keeps the ranks' order (chosen_unsafe);
+  under drop only the pairs with a flagged reply go (`dropped_unsafe`), not the task. The reliability estimate
+  reads the rankings as given; the rule applies to the pairs after it. Ranking-level flags (all_bad, unsafe
+  alone) are as above.
 - A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
@@ -306,7 +313,8 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`.
     `reliability_batches`: the batches whose rankings the reliability estimate reads beside the exported ones
-    (None: every batch). `flagged`: keep (pairs with their `flag`) or drop the rankings flagged all-bad or unsafe."""
+    (None: every batch). `flagged`: keep (pairs with their `flag`) or drop the rankings flagged all-bad or unsafe,
+    and for a reply flagged unsafe: keep its pairs with it rejected, or drop them (`unsafe_rule`)."""
     _check_options(ties, combine, min_posterior, flagged)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
@@ -454,7 +462,9 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
     remade the export, and with it the policy they judged. flagged=keep, where a ranking read is flagged, adds
     that setting: an export made before it (by an align that dropped them, and recorded no `flagged`) is made
     again; without a flagged ranking both settings make the same export, and the fingerprint is the one align
-    recorded before the setting existed, so upgrading reruns nothing."""
+    recorded before the setting existed, so upgrading reruns nothing. Where a ranking flags a reply unsafe
+    (unsafe:<i>) that rule is added too: an export made by an align without the rule (which made that reply the
+    chosen side) is made again; without such a flag the fingerprint is as it was."""
     exported = [r for r in rows if (not batches or r["batch"] in batches) and r["kind"] == "ranking"
                 and not str(r["batch"]).startswith("eval-")]
     if combine == "dawid_skene":

@@ -658,3 +658,7 @@ def test_the_export_summary_says_it_kept_flagged_rankings_pairs():
     dropped = {**summary, "flagged_pairs": 0, "dropped_flagged": 1}  # flagged=drop: said among the dropped
     assert "flagged rankings (" not in _export_summary("/tmp/p", dropped)
     assert "dropped: flagged 1" in _export_summary("/tmp/p", dropped)
+    # a reply flagged unsafe: its pairs are said, and how many went against the ranks (drop: among the dropped)
+    ruled = {**summary, "unsafe_replies": 1, "unsafe_pairs": 3, "unsafe_overridden": 2}
+    assert "3 pairs put a reply flagged unsafe on the rejected side (2 against the ranks)" in _export_summary("/tmp/p", ruled)
+    assert "dropped: unsafe 3" in _export_summary("/tmp/p", {**summary, "dropped_unsafe": 3})
