@@ -323,6 +323,8 @@ class ExportStageConfig:
     min_agreement: float | None = bounded(None, ge=0, le=1)
     # A ranking flagged "all are bad" or "unsafe": keep its pairs (the flags in each pair's `flag` column, to
     # filter on) or drop its task (every annotator's ranking of it: the others' could make an unsafe reply chosen).
+    # A reply flagged unsafe (its own box): keep puts it on the rejected side of every pair with a reply nobody
+    # flagged; drop drops only the pairs with it.
     flagged: Literal["keep", "drop"] = "keep"
     # With dawid_skene: drop pairs whose posterior P(chosen beats rejected) is under this (null: keep all).
     min_posterior: float | None = bounded(None, ge=0.5, le=1)

@@ -633,12 +633,15 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
             out.append(f"{pairs:.0f} pairs" + (f" from {rankings:.0f} rankings" if rankings is not None else "")
                        + (f": {train:.0f} to train, {test:.0f} held out" if train is not None and test is not None else ""))
         dropped = [f"{_num(m, k):.0f} {k.removeprefix('dropped_').replace('_', ' ')}"
-                   for k in ("dropped_ties", "dropped_flagged", "dropped_low_agreement", "dropped_duplicates", "dropped_empty",
-                             "dropped_uncertain") if _num(m, k)]
+                   for k in ("dropped_ties", "dropped_flagged", "dropped_unsafe", "dropped_low_agreement",
+                             "dropped_duplicates", "dropped_empty", "dropped_uncertain") if _num(m, k)]
         if dropped:
             out.append("dropped: " + ", ".join(dropped))
         if _num(m, "flagged_pairs"):  # kept (export.flagged=keep): said, as they may be filtered out on `flag`
             out.append(f"{_num(m, 'flagged_pairs'):.0f} pairs from rankings flagged all-bad or unsafe (column flag)")
+        if _num(m, "unsafe_pairs"):  # export.unsafe_rule: a reply flagged unsafe put on the rejected side
+            out.append(f"{_num(m, 'unsafe_pairs'):.0f} pairs with a reply flagged unsafe as the rejected side "
+                       f"({_num(m, 'unsafe_overridden') or 0:.0f} against the ranks)")
     elif kind == "reward":
         accuracy, pairs, prompts = _num(m, "eval_accuracy"), _num(m, "eval_pairs"), _num(m, "eval_prompts")
         if accuracy is not None:

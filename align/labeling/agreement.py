@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.labeling.store import task_flags
+
 
 def _order(a: float, b: float) -> int:
     return (a > b) - (a < b)
@@ -311,9 +313,11 @@ def rankings_for_reliability(rows: Sequence[dict[str, Any]], *, flagged: str = "
     human=true), and a ranking flagged "all are bad" or "unsafe" as the export treats it (its `flagged`): kept,
     its pairs are exported and it votes on them like any other ranking (left out, a flagged ranking that alone
     ranked a task would leave its pairs no posterior, ties under dawid_skene); dropped, it is no vote either (as
-    votes, the rankings whose pairs were dropped decided, and reversed, other people's pairs)."""
+    votes, the rankings whose pairs were dropped decided, and reversed, other people's pairs). A ranking that flags
+    only replies unsafe (unsafe:<i>, no all_bad or bare unsafe) is read as given under either setting: its task's
+    other pairs are exported, and the export's unsafe rule applies to the pairs after the estimate."""
     return [r for r in rows if r.get("kind", "ranking") == "ranking" and not str(r["batch"]).startswith("eval-")
-            and not (flagged == "drop" and r.get("flags"))
+            and not (flagged == "drop" and task_flags(r.get("flags")))
             and not r.get("unreadable")]  # (a row the app never wrote: the store says it)
 
 

@@ -52,8 +52,8 @@ PAIRWISE = [("A better", "A"), ("Tie", "tie"), ("B better", "B"), ("Both bad", "
 GUIDELINES = Path(__file__).with_name("guidelines.md")
 
 SHORTCUTS = """**Keyboard** (outside text boxes): **a**-**d** select a response, **1**-**4** give the selected \
-response that rank and move to the next one (so `2 1 4 3` ranks A..D), **x** all are bad, **u** unsafe, \
-**Alt+S** skip, **Enter** or **Ctrl+Enter** submit (Ctrl+Enter also works in the rationale box). \
+response that rank and move to the next one (so `2 1 4 3` ranks A..D), **x** all are bad, **u** the selected \
+response is unsafe (again: it is not), **Alt+S** skip, **Enter** or **Ctrl+Enter** submit (Ctrl+Enter also works in the rationale box). \
 A/B tasks: **1** A better, **2** tie, **3** B better, **4** both bad. The single keys (letters, digits, Enter) can be \
 turned off below, for speech input or a screen reader's own keys; Ctrl+Enter and Alt+S stay."""
 
@@ -66,8 +66,8 @@ CSS = """
 .align-letter h3 { margin: 0; }
 /* the keyboard's focus: Gradio's radios and checkboxes only turned their 1 px border orange, hard to find on a page
    of sixteen rank radios (and under 3:1 against white); a 2 px blue ring (5:1) */
-.align-response input:focus-visible, #align-pairwise input:focus-visible, #align-all-bad input:focus-visible,
-#align-unsafe input:focus-visible { outline: 2px solid #2563eb !important; outline-offset: 2px; }
+.align-response input:focus-visible, #align-pairwise input:focus-visible,
+#align-all-bad input:focus-visible { outline: 2px solid #2563eb !important; outline-offset: 2px; }
 /* Gradio's primary buttons (Submit, Send) wrote white on orange-500: 2.8:1, under WCAG AA's 4.5:1 for text; on
    orange-700 5.2:1, orange-800 on hover 7.3:1 */
 button.primary:not(:disabled) { background: #c2410c !important; border-color: #c2410c !important; color: #ffffff !important; }
@@ -338,24 +338,26 @@ PAGE_JS = """
     if (!singleKeys()) return;  // turned off: letters, digits and Enter are the browser's and the page's own
     // Enter on a focused button or link (the guidelines' links) is theirs
     if (key === 'enter') { if (t.closest && t.closest('button, a[href]')) return; e.preventDefault(); submit.click(); sel = 0; return; }
+    const list = slots();
+    if (sel >= list.length) sel = 0;
+    // u: the selected response's own Unsafe box (each response has one; the store keeps which response it is)
     if (key === 'u' || key === 'x') {
-      const box = document.querySelector((key === 'u' ? '#align-unsafe' : '#align-all-bad') + ' input[type=checkbox]');
+      const box = document.querySelector((key === 'u' ? '#unsafe-' + 'abcdefgh'[sel] : '#align-all-bad') + ' input[type=checkbox]');
       if (shown(box)) { e.preventDefault(); box.click(); }
       return;
     }
+    // a letter selects its response on an A/B task too: u then flags it
+    const letter = 'abcdefgh'.indexOf(key);
+    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(true); follow(t); return; }
     if (shown(byId('align-pairwise'))) {
       const options = document.querySelectorAll('#align-pairwise input[type=radio]');
       const n = parseInt(key, 10);
       if (n >= 1 && n <= options.length) { e.preventDefault(); options[n - 1].click(); }
       return;
     }
-    const list = slots();
-    const letter = 'abcdefgh'.indexOf(key);
-    if (key.length === 1 && letter >= 0 && letter < list.length) { e.preventDefault(); sel = letter; mark(true); follow(t); return; }
     const rank = parseInt(key, 10);
     if (rank >= 1 && rank <= list.length) {
       e.preventDefault();
-      if (sel >= list.length) sel = 0;
       if (clickRadio('rank-' + 'abcdefgh'[sel], String(rank))) sel = Math.min(sel + 1, list.length - 1);
       mark(true);
       follow(t);
@@ -504,6 +506,9 @@ def _export_summary(folder: str, summary: dict) -> str:
         kept = summary.get("flagged_rankings", 0) - summary.get("dropped_flagged", 0)
         counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} flagged rankings (export.flagged=keep; "
                     "align export flagged=drop leaves them out, and the Export button then does too)")
+    if summary.get("unsafe_pairs"):  # the unsafe rule's pairs (export.unsafe_rule), said with how many it turned
+        counted += (f" · {summary['unsafe_pairs']} pairs put a reply flagged unsafe on the rejected side "
+                    f"({summary.get('unsafe_overridden', 0)} against the ranks)")
     return (f"<p class='align-note'><b>Exported</b> {summary['pairs']} pairs (train {summary.get('train_pairs', '?')}, "
             f"test {summary.get('test_pairs', '?')}) to <code>{html.escape(folder)}</code> {html.escape(counted)}</p>")
 
@@ -555,7 +560,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 # js as it is sent: a draft sent before the page's own submit says nothing when it lands after it.
                 page_stamp = gr.Textbox("", visible="hidden", elem_id="align-page-stamp")
                 prompt = gr.HTML("", elem_id="align-prompt")
-                slots, bodies, ranks = [], [], []
+                slots, bodies, ranks, unsafes = [], [], [], []
                 for row_start in range(0, MAX_K, 2):
                     with gr.Row(equal_height=True):
                         for i in range(row_start, row_start + 2):
@@ -570,13 +575,15 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                                 # checks ranks against K).
                                 ranks.append(gr.Radio(RANK_CHOICES, label=f"Rank of {letter} (1 = best)",
                                                       elem_id=f"rank-{letter.lower()}"))
+                                # Which reply is unsafe, not only that one is: the submit and the draft send the
+                                # shown slot, the server stores the reply's canonical index (handlers.unsafe_flags)
+                                unsafes.append(gr.Checkbox(label=f"{letter} is unsafe (harmful, leaks data, "
+                                                                 "dangerous advice)", elem_id=f"unsafe-{letter.lower()}"))
                             slots.append(slot)
                 pairwise = gr.Radio(PAIRWISE, label="Which response is better?", visible=False,
                                     elem_id="align-pairwise")
                 with gr.Row():
                     all_bad = gr.Checkbox(label="All are bad", elem_id="align-all-bad")
-                    unsafe = gr.Checkbox(label="Unsafe (harmful, leaks data, dangerous advice)",
-                                         elem_id="align-unsafe")
                 rationale = gr.Textbox(label=f"Rationale (optional, at most {handlers.MAX_RATIONALE:,} characters)",
                                        lines=2, elem_id="align-rationale",
                                        max_length=handlers.MAX_RATIONALE)
@@ -652,7 +659,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
         # ---- events: thin adapters from widgets to handlers -------------------------------------
         task_outputs = [task_id, opened_by, order_tag, shown_at, progress, prompt, *slots, *bodies, *ranks, pairwise,
-                        all_bad, unsafe, rationale, submit]
+                        all_bad, *unsafes, rationale, submit]
         unchanged = [gr.skip()] * len(task_outputs)
 
         def show(next_: dict | None, sess: dict | None, idle: bool = False) -> list:
@@ -665,13 +672,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
                         "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
-                        gr.update(visible=False, value=None), False, False, "", gr.update(interactive=False)]
+                        gr.update(visible=False, value=None), False, *[False] * MAX_K, "", gr.update(interactive=False)]
             responses, k = next_["responses"], len(next_["responses"])
             is_pair = next_.get("kind") == "pairwise"
             done, assigned = next_["progress"]["done"], next_["progress"]["assigned"]
             choices = [str(r) for r in range(1, k + 1)]
             # a partial ranking saved earlier (handlers.next_task's "draft"), so a reload loses nothing
             draft = (next_.get("draft") or []) + [None] * MAX_K
+            flagged = (next_.get("draft_unsafe") or []) + [False] * MAX_K  # shown order, as the boxes
             return [
                 next_["handle"], account, next_["order_tag"], time.monotonic(),
                 f"**Progress:** {done} / {assigned} done"
@@ -689,7 +697,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                           if is_pair else None),
                 # the draft's flags and rationale come back with its ranks
                 gr.update(value=not is_pair and "all_bad" in next_.get("draft_flags", []), visible=not is_pair),
-                "unsafe" in next_.get("draft_flags", []), next_.get("draft_rationale", ""), gr.update(interactive=True),
+                *[bool(flagged[i]) for i in range(MAX_K)], next_.get("draft_rationale", ""), gr.update(interactive=True),
             ]
 
         def next_for(sess: dict, new: bool = True) -> dict | None:
@@ -739,7 +747,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
 
         def do_submit(request: gr.Request, current, page_account, page_order, started, *values):
-            rank_values, (verdict, bad, is_unsafe, why, stamp) = values[:MAX_K], values[MAX_K:]
+            rank_values, (verdict, bad), unsafe_values = values[:MAX_K], values[MAX_K:MAX_K + 2], values[MAX_K + 2:-2]
+            why, stamp = values[-2:]
             try:
                 sess = signed_in(request)
                 if sess is None:
@@ -747,7 +756,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 handlers.check_page_account(sess, page_account)
                 current = handlers.task_of(store, sess, current)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
-                                         unsafe=bool(is_unsafe), rationale=why or "",
+                                         unsafe_shown=[bool(v) for v in unsafe_values], rationale=why or "",
                                          order_tag=page_order or "",  # a page without one is stale
                                          # 0 when this session's state was lost (it only feeds throughput)
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
@@ -767,14 +776,15 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # replayed request whose page shows the next task by now gets that task again (the open one first).
             return moved_on(sess, _note(result["message"], "✅"))
 
-        def drafting(own: str | None):
+        def drafting(own: str | int | None):
             """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted
             ranking). A flag and the rationale only from their own box (cleared too): a rank set in a second tab,
-            which may not show them as set, leaves them as saved."""
+            which may not show them as set, leaves them as saved. `own` an int: the Unsafe box of that shown slot."""
 
             def do_draft(request: gr.Request, current, page_account, page_order, *values):
-                rank_values, value, stamp = values[:MAX_K], values[MAX_K] if own else None, values[-1]
-                given = {"all_bad": bool(value), "unsafe": bool(value), "rationale": value or "", "verdict": value}
+                rank_values, value, stamp = values[:MAX_K], values[MAX_K] if own is not None else None, values[-1]
+                given = {"all_bad": {"all_bad": bool(value)}, "rationale": {"rationale": value or ""},
+                         "verdict": {"verdict": value}, None: {}}.get(own, {"unsafe_reply": (own, bool(value))})
                 try:
                     sess = signed_in(request)
                     if sess is None:
@@ -784,13 +794,13 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     handlers.check_page_account(sess, page_account)
                     current = handlers.task_of(store, sess, current)
                     if not handlers.save_draft(store, sess, current, list(rank_values), order_tag=page_order or "",
-                                               **({own: given[own]} if own else {})):
+                                               **given):
                         # the task is no longer this annotator's (submitted, skipped, expired): said now, not at
                         # Submit; not when this page's own submit of it was sent after this draft
                         if submitted.sent_before(sess["annotator_id"], current, stamp):
                             return gr.skip()
                         note = handlers.late_draft_note(store, sess, current, list(rank_values),
-                                                        verdict=given["verdict"] if own == "verdict" else None)
+                                                        verdict=given.get("verdict"))
                         return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)
@@ -804,9 +814,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             return do_draft
 
         # .input: the annotator's own clicks and keys, not the updates show() makes
-        for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), (unsafe, "unsafe"),
+        for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), *((w, i) for i, w in enumerate(unsafes)),
                             (rationale, "rationale"), (pairwise, "verdict")]:
-            inputs = [task_id, opened_by, order_tag, *ranks, *([widget] if own else []), page_stamp]
+            inputs = [task_id, opened_by, order_tag, *ranks, *([widget] if own is not None else []), page_stamp]
             widget.input(drafting(own), inputs, message, js=stamped(len(inputs)), trigger_mode="always_last",
                          show_progress="hidden")
 
@@ -832,7 +842,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # was sent); and enables it after a failed submit too (Gradio 6's page runs .then only after a
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
         enable = "(current) => ({__type__: 'update', interactive: !!current})"
-        submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, unsafe, rationale, page_stamp]
+        submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, *unsafes, rationale,
+                         page_stamp]
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
             do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs)))
         submitting.then(None, task_id, submit, js=enable)

@@ -9,6 +9,13 @@ The rules (docs/labeling.md says the same):
   `flagged=drop` gives a task any of its rankings is flagged no pairs: neither the flagged ranking (as align did
   before) nor the other annotators' rankings of it, whose order could make the reply one of them flagged unsafe
   the chosen one, in a pair with no flag to filter it by (`dropped_flagged` counts the rankings so dropped).
+- A reply flagged unsafe (`unsafe:<i>`: each reply has its own box) by any annotator of its task (one flag is
+  enough) is never chosen over a reply nobody flagged (`unsafe_rule`): under keep such a pair has the unflagged
+  one chosen whatever the ranks said (`flag` adds rejected_unsafe; votes, agreement and margin as the ranks give
+  them; dawid_skene's p_chosen and weight 1), a pair of two flagged replies keeps the ranks' order (chosen_unsafe);
+  under drop only the pairs with a flagged reply go (`dropped_unsafe`), not the task. The reliability estimate
+  reads the rankings as given; the rule applies to the pairs after it. Ranking-level flags (all_bad, unsafe
+  alone) are as above.
 - A K-wise ranking gives a pair for each two responses it orders: up to K(K-1)/2 pairs.
 - Several annotators on one task: `majority` takes, per pair of responses, the order most of
   them gave; `bradley_terry` fits ratings to all their comparisons of the task and orders by
@@ -67,7 +74,7 @@ from align.labeling.agreement import (
     rankings_for_reliability,
     task_agreement,
 )
-from align.labeling.store import Store, readable
+from align.labeling.store import Store, flag_names, readable, task_flags, unsafe_replies
 
 # Every name an export writes in its folder (align export adds its manifest, config and metrics): the
 # only names a later export may replace there.
@@ -223,6 +230,44 @@ def dense_ranks(ranks: list[int]) -> list[int]:
     return [distinct.index(r) + 1 for r in ranks]
 
 
+def mean_ranks(rank_lists: list[list[float]], weights: list[float] | None = None) -> list[float]:
+    """Each response's mean rank over `rank_lists`, weighed by `weights` (None, or all 0: an even mean): the margin
+    of a pair is the distance of its two responses' mean ranks."""
+    if weights is None or not any(weights):
+        weights = [1.0] * len(rank_lists)
+    return [sum(w * r[i] for w, r in zip(weights, rank_lists, strict=True)) / sum(weights)
+            for i in range(len(rank_lists[0]))]
+
+
+def unsafe_rule(decided: list[tuple[int, int, float]], untied: set[tuple[int, int]], unsafe: set[int], m: int,
+                mean_rank: list[float], flagged: str) -> tuple[list[tuple[int, int, float]], dict[str, int]]:
+    """`decided` (task_pairs' pairs of m answers) with the responses flagged unsafe (`unsafe`, answer indices) put
+    last: under flagged=keep a pair of an unsafe answer and one nobody flagged has the unflagged one chosen, whatever
+    the ranks said (a tie too; margin the distance of their mean ranks, as any pair's); under flagged=drop no pair
+    with an unsafe answer is kept. The other pairs (two flagged answers under keep, two unflagged) are as decided. `untied`: the pairs the ranks
+    decided (not ties margin0 kept). Returns the pairs, in answer order, and counts: `unsafe_pairs` (kept by the
+    rule), `unsafe_overridden` (of them, the ones the ranks tied or ordered the other way), `dropped_unsafe`,
+    `dropped_ties` (ties dropped among the pairs the rule leaves alone)."""
+    by_pair = {frozenset((c, r)): (c, r, margin) for c, r, margin in decided}
+    out, counts = [], Counter()
+    for a, b in itertools.combinations(range(m), 2):
+        found = by_pair.get(frozenset((a, b)))
+        if flagged == "drop" and (a in unsafe or b in unsafe):
+            counts["dropped_unsafe"] += 1
+            continue
+        if (a in unsafe) == (b in unsafe):
+            if found:
+                out.append(found)
+            else:
+                counts["dropped_ties"] += 1
+            continue
+        safe, bad = (b, a) if a in unsafe else (a, b)
+        counts["unsafe_pairs"] += 1
+        counts["unsafe_overridden"] += not (found and found[0] == safe and (safe, bad) in untied)
+        out.append((safe, bad, abs(mean_rank[safe] - mean_rank[bad])))
+    return out, counts
+
+
 def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: str = "majority",
                posterior: dict[tuple[int, int], float] | None = None, weights: list[float] | None = None
                ) -> list[tuple[int, int, float]]:
@@ -235,9 +280,7 @@ def task_pairs(rank_lists: list[list[float]], *, ties: str = "drop", combine: st
     do not cancel the margin of the ones the posterior follows (all 0: an even mean).
     """
     k = len(rank_lists[0])
-    if weights is None or not any(weights):
-        weights = [1.0] * len(rank_lists)
-    mean_rank = [sum(w * r[i] for w, r in zip(weights, rank_lists, strict=True)) / sum(weights) for i in range(k)]
+    mean_rank = mean_ranks(rank_lists, weights)
     _check_options(ties, combine)
     ratings = None
     if combine == "bradley_terry":
@@ -270,7 +313,8 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(pair records, counts) from `Store.submitted_rankings()` rows; `gold` is `Store.gold_answers()`.
     `reliability_batches`: the batches whose rankings the reliability estimate reads beside the exported ones
-    (None: every batch). `flagged`: keep (pairs with their `flag`) or drop the rankings flagged all-bad or unsafe."""
+    (None: every batch). `flagged`: keep (pairs with their `flag`) or drop the rankings flagged all-bad or unsafe,
+    and for a reply flagged unsafe: keep its pairs with it rejected, or drop them (`unsafe_rule`)."""
     _check_options(ties, combine, min_posterior, flagged)
     # Reliability from every ranking (all batches, gold tasks included: their answers are what
     # anchors it), whichever batches are exported: the more an annotator is seen, the better known.
@@ -293,7 +337,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         per_annotator[r["annotator"]] += 1
         if r["flags"]:
             counts["flagged_rankings"] += 1
-            if flagged == "drop":
+            if flagged == "drop" and task_flags(r["flags"]):  # all_bad, or unsafe naming no reply: the task whole
                 flagged_tasks.add(r["task_id"])
         by_task[r["task_id"]].append(r)
     for task_id in flagged_tasks:
@@ -332,17 +376,27 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
             if found:
                 posterior[(a, b)] = _mean(found)
         decided = task_pairs(rank_lists, ties=ties, combine=combine, posterior=posterior, weights=weights) if m > 1 else []
-        counts["dropped_ties"] += m * (m - 1) // 2 - len(decided)
         # The ties margin0 kept, told from decided pairs whose mean ranks happen to be equal (2 votes to 1).
         untied = {(c, r) for c, r, _ in task_pairs(rank_lists, combine=combine, posterior=posterior)} if m > 1 else set()
+        # Replies flagged unsafe (unsafe:<i>) by any of the task's annotators: the conservative rule, one flag is
+        # enough. An answer is unsafe when any copy of its text is. After the ranks are combined (and the
+        # posterior estimated): the rule decides the exported pairs, never the estimate.
+        flagged_replies = {i for r in ranked for i in unsafe_replies(r["flags"])}
+        counts["unsafe_replies"] += len(flagged_replies)
+        unsafe = {a for a, group in enumerate(groups) if flagged_replies & set(group)}
+        decided, ruled = unsafe_rule(decided, untied, unsafe, m, mean_ranks(rank_lists, weights), flagged)
+        counts.update(ruled)
         texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
-        flag = ",".join(sorted({f for r in ranked for f in r["flags"] or []}))  # any of its annotators'
+        names = {f for r in ranked for f in flag_names(r["flags"])}  # any of its annotators'
 
         for chosen, rejected, margin in decided:
-            tie = (chosen, rejected) not in untied
+            by_rule = rejected in unsafe and chosen not in unsafe  # the unsafe rule's pair, not the ranks'
+            tie = (chosen, rejected) not in untied and not by_rule
+            flag = ",".join(sorted(names | ({"rejected_unsafe"} if by_rule else set())
+                                   | ({"chosen_unsafe"} if chosen in unsafe else set())))
             soft = {}
             if combine == "dawid_skene":
-                p = posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
+                p = 1.0 if by_rule else posterior.get((chosen, rejected), 1 - posterior.get((rejected, chosen), 0.5))
                 # A tie is a posterior within POSTERIOR_TIE of 1/2, which may be a little under it:
                 # 2 p - 1 would be a negative weight, which the training stages refuse.
                 p = 0.5 if tie else p
@@ -370,6 +424,8 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
     summary = {"tasks": counts["tasks"], "rankings": counts["rankings"], "pairs": len(pairs),
                "dropped_ties": counts["dropped_ties"], "flagged_rankings": counts["flagged_rankings"],
                "flagged_pairs": counts["flagged_pairs"], "dropped_flagged": counts["dropped_flagged"],
+               "unsafe_replies": counts["unsafe_replies"], "unsafe_pairs": counts["unsafe_pairs"],
+               "unsafe_overridden": counts["unsafe_overridden"], "dropped_unsafe": counts["dropped_unsafe"],
                "dropped_low_agreement": counts["dropped_low_agreement"],
                "dropped_duplicates": counts["dropped_duplicates"], "dropped_empty": counts["dropped_empty"],
                "kept_ties": counts["kept_ties"],
@@ -406,7 +462,9 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
     remade the export, and with it the policy they judged. flagged=keep, where a ranking read is flagged, adds
     that setting: an export made before it (by an align that dropped them, and recorded no `flagged`) is made
     again; without a flagged ranking both settings make the same export, and the fingerprint is the one align
-    recorded before the setting existed, so upgrading reruns nothing."""
+    recorded before the setting existed, so upgrading reruns nothing. Where a ranking flags a reply unsafe
+    (unsafe:<i>) that rule is added too: an export made by an align without the rule (which made that reply the
+    chosen side) is made again; without such a flag the fingerprint is as it was."""
     exported = [r for r in rows if (not batches or r["batch"] in batches) and r["kind"] == "ranking"
                 and not str(r["batch"]).startswith("eval-")]
     if combine == "dawid_skene":
@@ -420,6 +478,8 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
     parts += sorted(json.dumps(["gold", t, ranks]) for t, ranks in gold.items() if t in tasks)
     if flagged == "keep" and any(r["flags"] for r in rows):
         parts.append(json.dumps(["flagged", flagged]))
+    if any(unsafe_replies(r["flags"]) for r in rows):  # the unsafe rule's pairs: an align before it made others
+        parts.append(json.dumps(["unsafe_replies", flagged]))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from align.labeling.store import ASSIGNMENT_TTL, Store, _check_ranks
+from align.labeling.store import ASSIGNMENT_TTL, Store, _check_ranks, unsafe_flag, unsafe_replies
 
 FLAGS = ("all_bad", "unsafe")
 MAX_RATIONALE = 5000  # characters: a reason, not a document (it is saved at each keystroke, exported with the pair)
@@ -386,10 +386,13 @@ def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_r
     view = _view(store, session["annotator_id"], task_id, seed)
     draft = store.draft(session["annotator_id"], task_id)
     notes = store.draft_notes(session["annotator_id"], task_id) or {"flags": [], "rationale": ""}
+    flagged = unsafe_replies(notes["flags"])
     return {**view, "progress": store.progress(session["annotator_id"]),
             # a saved partial ranking in shown order (None where unranked), so a reload loses nothing
             "draft": [draft[i] or None for i in view["order"]] if draft else None,
-            "draft_flags": notes["flags"], "draft_rationale": notes["rationale"]}
+            "draft_flags": notes["flags"], "draft_rationale": notes["rationale"],
+            # the responses the draft flags unsafe, in shown order (the store holds canonical indices)
+            "draft_unsafe": [i in flagged for i in view["order"]]}
 
 
 def _open_view(store: Store, session: dict[str, Any], task_id: Any, seed: int) -> tuple[dict[str, Any], str]:
@@ -447,6 +450,16 @@ OTHER_RANKING = ("Not saved: this task was already submitted, from another tab o
                  "ranking, which is kept. Next task.")
 
 
+def unsafe_flags(task: dict[str, Any], unsafe_shown: list[Any] | None) -> list[str]:
+    """The unsafe:<i> flags (i canonical, `to_canonical`'s mapping) of the responses ticked unsafe in shown order
+    (one box per slot the page lays out: the ones past the task's k must be unticked)."""
+    shown = [bool(on) for on in unsafe_shown or []]
+    if any(shown[task["k"]:]):
+        raise ValueError(f"this task has {task['k']} responses: no response {LETTERS[shown.index(True, task['k'])]} "
+                         "to flag unsafe")
+    return [unsafe_flag(task["order"][i]) for i, on in enumerate(shown[:task["k"]]) if on]
+
+
 def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
     """The first k ranks; the page sends one per response slot it lays out, and the slots past k must be empty."""
     ranks = list(ranks_shown)
@@ -457,10 +470,13 @@ def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
 
 def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any] | None = None, *,
            verdict: str | None = None, all_bad: bool = False, unsafe: bool = False, rationale: str = "",
-           seconds: float = 0.0, seed: int = 0, order_tag: str | None = None) -> dict[str, Any]:
+           seconds: float = 0.0, seed: int = 0, order_tag: str | None = None,
+           unsafe_shown: list[Any] | None = None) -> dict[str, Any]:
     """Validate and save this annotator's ranking of task `task_id`, given in the order they were shown it
     (an A/B task takes the `verdict` of `pairwise_ranks` instead of ranks); `order_tag` is the one of the view
     the ranks were given in (the page's: "" when it had none), StaleOrder when that is no longer the task's order.
+    `unsafe_shown`: a tick per response in shown order, saved as unsafe:<i> with i canonical (`unsafe_flags`);
+    `unsafe` flags the ranking without naming a reply (what the app wrote before per-reply flags).
 
     The task must be one they were given. Idempotent: a repeat (double click, replayed request)
     keeps the first submitted ranking and changes nothing, whatever task is open by then.
@@ -490,7 +506,7 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
             named = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
             raise ValueError(f"give every response a rank: rank {named} too (1 = best; equal ranks are ties)")
         _check_ranks(ranks, task["k"])
-    flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on]
+    flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on] + unsafe_flags(task, unsafe_shown)
     _check_rationale(rationale)
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
                                  rationale=(rationale or "").strip(), seconds=seconds)
@@ -524,10 +540,13 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
 
 def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
                all_bad: bool | None = None, unsafe: bool | None = None, rationale: str | None = None,
-               verdict: str | None = None, seed: int = 0, order_tag: str | None = None) -> bool:
+               verdict: str | None = None, seed: int = 0, order_tag: str | None = None,
+               unsafe_reply: tuple[int, bool] | None = None) -> bool:
     """Keep a partial ranking of an open task, with its flags and rationale (no validation beyond types): a
     reload shows nothing lost. A flag or the rationale given as None leaves the saved one as it is (the page
     sends each from its own box only: a rank set in a second tab cannot clear them); "" clears the rationale.
+    `unsafe_reply` (shown index, ticked): one response's unsafe box, saved as unsafe:<canonical index>; the
+    other responses' flags stay as saved.
     `order_tag` as for submit: a draft in an order the task is no longer shown in is StaleOrder, nothing written.
 
     False (nothing written) once the task is submitted, skipped or expired: a late draft never touches it.
@@ -546,6 +565,11 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
         raise ValueError(f"a draft of this task needs {task['k']} ranks from 0 (not ranked yet) "
                          f"to {task['k']}")
     given = {f: on for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on is not None}
+    if unsafe_reply is not None:
+        shown, on = unsafe_reply
+        if not isinstance(shown, int) or isinstance(shown, bool) or not 0 <= shown < task["k"]:
+            raise ValueError(f"this task has {task['k']} responses: no response {shown!r} to flag unsafe")
+        given[unsafe_flag(task["order"][shown])] = bool(on)
     _check_rationale(rationale)
     return store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks),
                               flags=[f for f, on in given.items() if on], flags_set=list(given),

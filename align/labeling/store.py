@@ -129,7 +129,8 @@ rankings = Table(
     Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False),
     Column("status", String(16), nullable=False, default="submitted"),  # draft | submitted | discarded
     Column("ranks", Text, nullable=False),  # JSON list, canonical response order, 1 = best, ties share
-    Column("flags", Text, nullable=False, default="[]"),  # JSON list: all_bad, unsafe
+    # JSON list: all_bad, unsafe (the ranking; written before per-reply flags), unsafe:<i> (response i, canonical)
+    Column("flags", Text, nullable=False, default="[]"),
     Column("rationale", Text, nullable=False, default=""),
     Column("seconds", Float, nullable=False, default=0.0),
     Column("created", Float, nullable=False),
@@ -968,6 +969,7 @@ class Store:
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
+        check_flags([*(flags or []), *(flags_set or [])], len(ranks))
         now = time.time()
         values = {"ranks": json.dumps(list(ranks)), "flags": json.dumps(sorted(flags or [])), "rationale": _text(rationale or ""),
                   "seconds": float(seconds), "status": status, "updated": now}
@@ -1084,6 +1086,9 @@ class Store:
                     _check_ranks(ranks, len(t["responses"]))
                     if not isinstance(flags, list):
                         raise ValueError(f"flags {r['flags']!r} is not a list")
+                    # an unsafe:<i> past the task's responses would flag another reply, or none: refused as ranks are
+                    check_flags([f for f in flags if isinstance(f, str) and f.startswith(UNSAFE_REPLY)],
+                                len(t["responses"]))
                     unreadable = None
                 except ValueError as err:  # kept, marked: a reader of its batch refuses it (readable), others skip it
                     unreadable = (f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) cannot "
@@ -1210,6 +1215,43 @@ def readable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if bad:
         raise StoreError(bad)
     return rows
+
+
+UNSAFE_REPLY = "unsafe:"  # a ranking's flag naming one unsafe response by its canonical index: "unsafe:2"
+FLAGS = ("all_bad", "unsafe")  # the ranking's own flags; "unsafe" alone is what the app wrote before per-reply flags
+
+
+def unsafe_flag(index: int) -> str:
+    """The flag that marks response `index` (canonical order) unsafe."""
+    return f"{UNSAFE_REPLY}{index}"
+
+
+def unsafe_replies(flags: Collection[str] | None) -> set[int]:
+    """The canonical indices of the responses a ranking's `flags` mark unsafe (its unsafe:<i> entries)."""
+    return {int(f[len(UNSAFE_REPLY):]) for f in flags or () if isinstance(f, str) and f.startswith(UNSAFE_REPLY)}
+
+
+def task_flags(flags: Collection[str] | None) -> set[str]:
+    """A ranking's flags that speak for the whole ranking: all_bad, and unsafe written without a response (the app
+    before per-reply flags); flagged=drop drops such a ranking's task whole."""
+    return {f for f in flags or () if not (isinstance(f, str) and f.startswith(UNSAFE_REPLY))}
+
+
+def flag_names(flags: Collection[str] | None) -> set[str]:
+    """A ranking's flags as the export's `flag` column names them: unsafe:<i> is "unsafe" (which reply is
+    the pair's own matter: rejected_unsafe, chosen_unsafe)."""
+    return {"unsafe" if isinstance(f, str) and f.startswith(UNSAFE_REPLY) else f for f in flags or ()}
+
+
+def check_flags(flags: Collection[str], k: int) -> None:
+    """ValueError unless every flag is all_bad, unsafe, or unsafe:<i> with 0 <= i < k (a response of the task)."""
+    for f in flags:
+        if f in FLAGS:
+            continue
+        index = f[len(UNSAFE_REPLY):] if isinstance(f, str) and f.startswith(UNSAFE_REPLY) else None
+        if index is None or not (index.isdigit() and index.isascii() and index == str(int(index)) and int(index) < k):
+            raise ValueError(f"flag {f!r} is not allowed: a flag is all_bad, unsafe, or unsafe:<i> with i the index "
+                             f"of one of the task's {k} responses (0 to {k - 1}, canonical order)")
 
 
 def _check_ranks(ranks: list[int], k: int) -> None:

@@ -7,7 +7,8 @@
 Writes <run.dir>/preferences/: a `datasets.DatasetDict` (train/test, split by prompt) with
 TRL's `prompt`/`chosen`/`rejected` columns in conversational form plus provenance columns
 (task, annotators, agreement, margin, votes each way, source checkpoint; with combine=dawid_skene the
-posterior `p_chosen` and a `weight`; `flag`: the flags of the task's rankings, "" for none). Each annotator's estimated reliability (accuracy, interval,
+posterior `p_chosen` and a `weight`; `flag`: the flags of the task's rankings, "" for none, plus
+rejected_unsafe / chosen_unsafe where a side is a reply flagged unsafe). Each annotator's estimated reliability (accuracy, interval,
 vote weight) goes to summary.json, the manifest and W&B (a table). The rules that turn K-wise rankings
 from several annotators into pairs live in `align/labeling/export.py` (and docs/labeling.md). It never
 deletes what it did not write: an output folder that is not a previous export is refused.

@@ -42,7 +42,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber", "listener", "late", "later", "quiet"]
+              "tabber", "listener", "late", "later", "quiet", "flagger"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -169,6 +169,13 @@ def canonical(store, prompt: str, bodies: list[str], ranks_shown: list[int]) -> 
     return task["task_id"], ranks
 
 
+def canonical_index(store, prompt: str, body: str) -> int:
+    """The store's index of the response the page showed as `body` (of the task with `prompt`)."""
+    task = next(t for t in store_tasks(store) if t["prompt"] == prompt)
+    [index] = [i for i, r in enumerate(task["responses"]) if r == body]
+    return index
+
+
 def store_tasks(store) -> list[dict]:
     return [t for batch in store.batches() for t in store.batch_tasks(batch)]
 
@@ -246,8 +253,9 @@ def submit_call(page) -> dict:
         page.click("#align-submit")
         # the answer, not the loading overlay's "processing | 0.2s" that #align-message holds before it
         page.wait_for_function("/[✅⚠]/.test(document.querySelector('#align-message').innerText)")
-    # task id, the page's account, the order's tag, shown_at, 8 ranks, verdict, flags, why, the page's stamp
-    [call] = [c for c in calls if len(c.get("data", [])) == 17]
+    # task id, the page's account, the order's tag, shown_at, 8 ranks, verdict, all bad, 8 unsafe boxes, why, the
+    # page's stamp
+    [call] = [c for c in calls if len(c.get("data", [])) == 24]
     assert re.fullmatch(r"[0-9a-z]+:[1-9][0-9]*", call["data"][-1]), call["data"][-1]  # set as it was sent
     return call
 
@@ -293,7 +301,7 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     page.keyboard.type("2143")  # A=2, B=1, C=4, D=3 (the selection moves on after each digit)
     page.keyboard.press("c")
     page.keyboard.press("2")  # C=2: a tie with A
-    page.keyboard.press("u")  # unsafe
+    page.keyboard.press("u")  # the selected response (D, after C's rank) is unsafe
     checked = [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"]
     assert checked == ["2", "1", "2", "3"]
     page.keyboard.press("Enter")
@@ -301,7 +309,7 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     rows = wait_for_rows(store, "keys", 1)
     task_id, expected = canonical(store, prompt, bodies, [2, 1, 2, 3])
     assert [(r["task_id"], r["ranks"]) for r in rows] == [(task_id, expected)]
-    assert rows[0]["flags"] == ["unsafe"]
+    assert rows[0]["flags"] == [f"unsafe:{canonical_index(store, prompt, bodies[3])}"]
 
     prompt2, _ = shown_task(page)
     assert prompt2 != prompt
@@ -370,7 +378,9 @@ def test_rank_radios_are_named_groups_for_screen_readers_and_the_keyboard(served
     assert page.locator("#rank-a input:checked").get_attribute("value") == "2"
     task_id, draft = canonical(store, prompt, bodies, [2, 0, 0, 0])
     assert wait_for_draft(store, annotator, task_id, draft) == draft
-    page.keyboard.press("Tab")  # the next group, not A's next radio
+    page.keyboard.press("Tab")  # not A's next radio: A's own unsafe box, then the next group
+    assert page.evaluate("document.activeElement.closest('#unsafe-a') !== null")
+    page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of B: 1"
     page.locator("#align-progress").click()
     page.keyboard.type("2143")
@@ -506,8 +516,8 @@ def test_the_digit_keys_rank_the_response_whose_radios_have_the_focus(served, pa
     url, store, _ = served
     sign_in(page, url, "tabber")
     page.get_by_role("radio", name="Rank of A: 1").focus()
-    page.keyboard.press("Tab")
-    page.keyboard.press("Tab")  # C's radios
+    for _ in range(4):  # A's unsafe box, B's radios, B's unsafe box, C's radios
+        page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rank of C: 1"
     assert page.evaluate("document.querySelector('.align-selected').id") == "resp-c"
     # and the focus can be seen: Gradio's radios only turned their 1 px border orange
@@ -606,10 +616,10 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
     prompt, bodies = shown_task(first)
     first.click("#rank-a label:has-text('2')")
     first.click("#rank-b label:has-text('1')")
-    first.click("#align-unsafe input")
+    first.click("#unsafe-b input")
     first.locator("#align-rationale textarea").press_sequentially("B gives the steps")
     task_id, partial = canonical(store, prompt, bodies, [2, 1, 0, 0])
-    notes = {"flags": ["unsafe"], "rationale": "B gives the steps"}
+    notes = {"flags": [f"unsafe:{canonical_index(store, prompt, bodies[1])}"], "rationale": "B gives the steps"}
     deadline = time.monotonic() + 10
     while (store.draft(annotator, task_id), store.draft_notes(annotator, task_id)) != (partial, notes) and \
             time.monotonic() < deadline:
@@ -623,7 +633,8 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
         assert shown_task(again) == (prompt, bodies)  # the same task, in the same shuffled order
         checked = [again.locator(f"#rank-{x} input:checked") for x in "abcd"]
         assert [c.get_attribute("value") if c.count() else None for c in checked] == ["2", "1", None, None]
-        assert again.is_checked("#align-unsafe input") and not again.is_checked("#align-all-bad input")
+        assert again.is_checked("#unsafe-b input") and not again.is_checked("#align-all-bad input")
+        assert [again.is_checked(f"#unsafe-{x} input") for x in "acd"] == [False] * 3
         assert again.input_value("#align-rationale textarea") == "B gives the steps"
         again.click("#rank-c label:has-text('4')")
         again.click("#rank-d label:has-text('3')")
@@ -631,10 +642,46 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
         wait_for_message(again, "✅")
         rows = wait_for_rows(store, "reload", 1)
         assert [(r["task_id"], r["ranks"]) for r in rows] == [canonical(store, prompt, bodies, [2, 1, 4, 3])]
-        assert rows[0]["flags"] == ["unsafe"] and rows[0]["rationale"] == "B gives the steps"
+        assert rows[0]["flags"] == notes["flags"] and rows[0]["rationale"] == "B gives the steps"
         assert store.draft(annotator, task_id) is None  # the draft became the submitted ranking
     finally:
         again.context.close()
+
+
+def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboard(served, page):
+    """One Unsafe box flagged the whole ranking: nobody could tell which reply was unsafe. Each response has its own
+    box now, ticked with the mouse, by Tab and Space, or with u on the selected response; the page shows the
+    responses shuffled, and the store keeps the reply's own (canonical) index, never the letter it was shown as."""
+    url, store, _ = served
+    sign_in(page, url, "flagger")
+    prompt, bodies = shown_task(page)
+    page.click("#unsafe-b input")  # the mouse
+    rank_all(page, [1, 4, 2, 3])
+    page.click("#align-submit")
+    wait_for_message(page, "✅")
+    [row] = wait_for_rows(store, "flagger", 1)
+    assert row["flags"] == [f"unsafe:{canonical_index(store, prompt, bodies[1])}"]
+
+    page.wait_for_function("t => document.querySelector('#align-prompt .align-text').innerText !== t", arg=prompt)
+    prompt, bodies = shown_task(page)
+    page.locator("#align-progress").click()
+    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+    page.keyboard.type("1423")  # A..D ranked: D is selected
+    page.keyboard.press("b")
+    page.keyboard.press("u")  # B's box, by its key
+    assert page.is_checked("#unsafe-b input") and not page.is_checked("#unsafe-d input")
+    box = page.get_by_role("checkbox", name="C is unsafe (harmful, leaks data, dangerous advice)")
+    box.focus()  # reached by Tab like any box; Space ticks it, u again unticks B
+    page.keyboard.press("Space")
+    page.keyboard.press("b")
+    page.keyboard.press("u")
+    assert [page.is_checked(f"#unsafe-{x} input") for x in "abcd"] == [False, False, True, False]
+    page.keyboard.press("u")
+    page.keyboard.press("Enter")
+    wait_for_message(page, "✅")
+    [row] = [r for r in wait_for_rows(store, "flagger", 2) if r["prompt"] == prompt]
+    assert row["flags"] == sorted(f"unsafe:{canonical_index(store, prompt, bodies[i])}" for i in (1, 2))
+    assert row["ranks"] == canonical(store, prompt, bodies, [1, 4, 2, 3])[1]
 
 
 def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browser):
@@ -988,7 +1035,7 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                 victim.wait_for_timeout(500)
             victim_hash = calls[0]["session_hash"]
         as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", "", None, "1", "2", "3", "4",
-                                                           *[None] * 4, None, False, False, "mine now", ""]}
+                                                           *[None] * 4, None, False, *[False] * 8, "mine now", ""]}
         # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
         assert _gradio_post(anonymous, url, call, **as_victim).status_code == 401
         for response in (anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
@@ -1086,7 +1133,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 17) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == 24) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 401  # the submit, refused before any handler runs (align/labeling/server.py)
             # The page says so, and it stays said.
@@ -1171,7 +1218,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
             store.engine.dispose()
             folder.rename(tmp_path / "gone")
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 17) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == 24) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 503
             page.wait_for_selector("#align-store-busy", state="visible")
@@ -1420,17 +1467,18 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             page.locator("#align-progress").click()
             page.keyboard.press("3")  # B better
             assert page.locator("#align-pairwise input:checked").get_attribute("value") == "B"
-            page.keyboard.press("u")
+            page.keyboard.press("u")  # A, the response selected
             # the drafts land before the reload (Gradio drops the events a reloaded page had queued)
             task_id = task_on_page(store, page, "judge")
             b_better = canonical(store, prompt, [a, b], [2, 1])[1]
             assert wait_for_draft(store, annotator, task_id, b_better) == b_better
             deadline = time.monotonic() + 10
-            while "unsafe" not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
+            a_flag = f"unsafe:{canonical_index(store, prompt, a)}"
+            while a_flag not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
                 time.sleep(0.1)
             page.reload()  # the verdict and the flag are a draft: a reload (or a crash of the tab) loses neither
             page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'B'")
-            assert page.locator("#align-unsafe input").is_checked()
+            assert page.locator("#unsafe-a input").is_checked() and not page.locator("#unsafe-b input").is_checked()
             page.locator("#align-progress").click()
             page.keyboard.press("4")  # both bad, reloaded, then B better after all: no all-bad flag stays behind
             assert wait_for_draft(store, annotator, task_id, [1, 1]) == [1, 1]

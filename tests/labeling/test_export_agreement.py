@@ -105,6 +105,43 @@ def test_flagged_drop_leaves_out_the_other_rankings_of_a_flagged_task():
     assert dropped == [] and summary["dropped_flagged"] == 2 and summary["tasks"] == 0
 
 
+def test_a_reply_flagged_unsafe_is_never_chosen_over_one_nobody_flagged():
+    """x and z rank B ("B: no.") first; y flags B unsafe (unsafe:1) and ranks it last. The ranking-level flag could
+    not say which reply was unsafe, so the majority made B the chosen side of three pairs (flag "unsafe" on every
+    pair of the task alike), and flagged=drop threw away the task's three pairs without B too. Now one annotator's
+    flag is enough (the conservative rule): under keep B is the rejected side against every reply nobody flagged,
+    whatever the ranks said (votes and margin as they were, p_chosen 1, flag rejected_unsafe); under drop only the
+    pairs with B go. The estimate reads the rankings as given: dawid_skene's other pairs are majority's."""
+    data = rows({"x": [2, 1, 3, 4], "z": [2, 1, 4, 3], "y": [1, 4, 2, 3]}, flags={"y": ["unsafe:1"]})
+    plain = rows({"x": [2, 1, 3, 4], "z": [2, 1, 4, 3], "y": [1, 4, 2, 3]})
+    assert {("B", "A"), ("B", "C"), ("B", "D")} <= pairs_of(build_pairs(plain)[0])  # what the ranks alone say
+    for combine in ("majority", "dawid_skene"):
+        kept, summary = build_pairs(data, combine=combine)
+        assert pairs_of(kept) == {("A", "B"), ("C", "B"), ("D", "B"), ("A", "C"), ("A", "D"), ("C", "D")}, combine
+        ruled = [p for p in kept if p["rejected"][0]["content"][0] == "B"]
+        assert {p["flag"] for p in ruled} == {"rejected_unsafe,unsafe"} and not any(p["tie"] for p in ruled)
+        assert {(p["votes_chosen"], p["votes_rejected"]) for p in ruled} == {(1, 2)}  # counted as they were
+        assert {p["flag"] for p in kept if p not in ruled} == {"unsafe"}
+        assert (summary["unsafe_replies"], summary["unsafe_pairs"], summary["unsafe_overridden"]) == (1, 3, 3)
+        if combine == "dawid_skene":
+            assert {(p["p_chosen"], p["weight"]) for p in ruled} == {(1.0, 1.0)}
+            assert all(p["p_chosen"] < 1 for p in kept if p not in ruled)
+        dropped, summary = build_pairs(data, combine=combine, flagged="drop")
+        assert pairs_of(dropped) == {("A", "C"), ("A", "D"), ("C", "D")}, combine
+        assert (summary["dropped_unsafe"], summary["dropped_flagged"], summary["tasks"]) == (3, 0, 1)
+    assert agreement.rankings_for_reliability(data, flagged="drop") == data  # a vote on the pairs it leaves
+    # Two flagged replies keep the ranks' order between them (flag chosen_unsafe, to filter on), or go under drop
+    both = rows({"x": [2, 1, 3, 4], "z": [2, 1, 4, 3], "y": [1, 4, 2, 3]}, flags={"y": ["unsafe:1", "unsafe:3"]})
+    kept, summary = build_pairs(both)
+    assert ("B", "D") in pairs_of(kept) and ("A", "B") in pairs_of(kept) and ("C", "D") in pairs_of(kept)
+    assert next(p["flag"] for p in kept if pairs_of([p]) == {("B", "D")}) == "chosen_unsafe,unsafe"
+    assert summary["unsafe_replies"] == 2 and pairs_of(build_pairs(both, flagged="drop")[0]) == {("A", "C")}
+    # A ranking-level flag (all_bad, or unsafe naming no reply: the app before per-reply flags) still drops the
+    # task whole under drop, whatever else it holds
+    mixed = rows({"x": [2, 1, 3, 4], "y": [1, 4, 2, 3]}, flags={"x": ["all_bad"], "y": ["unsafe:1"]})
+    assert build_pairs(mixed, flagged="drop")[0] == [] and build_pairs(mixed, flagged="drop")[1]["dropped_flagged"] == 2
+
+
 def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
     """The guidelines say to rank anyway when ticking "all are bad" (a least-bad order is useful) and to rank an
     unsafe reply last; the export threw every flagged ranking away, "safe beats unsafe" with it. Kept by default,
@@ -115,6 +152,7 @@ def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
     pairs, summary = build_pairs(unsafe)
     assert len(pairs) == 6 and ("A", "B") in pairs_of(pairs) and {p["flag"] for p in pairs} == {"unsafe"}
     assert (summary["dropped_flagged"], summary["flagged_rankings"], summary["flagged_pairs"]) == (0, 1, 6)
+    assert (summary["unsafe_replies"], summary["unsafe_pairs"], summary["dropped_unsafe"]) == (0, 0, 0)  # no reply named
     plain, summary = build_pairs(rows({"x": [1, 4, 2, 3]}))
     assert pairs_of(plain) == pairs_of(pairs) and {p["flag"] for p in plain} == {""} and summary["flagged_pairs"] == 0
     assert build_pairs(unsafe, flagged="drop")[0] == [] and build_pairs(unsafe, flagged="drop")[1]["dropped_flagged"] == 1

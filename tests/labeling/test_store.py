@@ -860,6 +860,48 @@ def test_a_drafts_flags_and_rationale_come_back_with_its_ranks(store):
     assert store.submitted_rankings()[0]["rationale"] == "B leaks a key"
 
 
+def test_a_reply_flagged_unsafe_is_stored_by_its_canonical_index(store, tmp_path):
+    """The Unsafe box flagged the ranking, not a reply: nobody could tell which was unsafe. Each reply has its own
+    box now; the store keeps unsafe:<i> with i the reply's canonical index (the page shows them shuffled), in the
+    same JSON list (no new column). A draft's box speaks for its own reply only, and a flag naming no response of
+    the task is refused, on a save and on a read of a row written by hand."""
+    from sqlalchemy import update
+
+    from align.labeling.store import StoreError, rankings, readable
+
+    make_tasks(store, 2)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    shown_b = task["order"][1]  # the reply the page shows as B
+    assert task["draft_unsafe"] == [False] * 4
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, unsafe_reply=(1, True), order_tag=task["order_tag"])
+    assert store.draft_notes(alice["annotator_id"], task["task_id"])["flags"] == [f"unsafe:{shown_b}"]
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, unsafe_reply=(3, True))
+    handlers.save_draft(store, alice, task["task_id"], [2, None, None, None], all_bad=True)  # other boxes: kept
+    again = handlers.next_task(store, alice)
+    assert again["draft_unsafe"] == [False, True, False, True] and "all_bad" in again["draft_flags"]
+    handlers.save_draft(store, alice, task["task_id"], [None] * 4, unsafe_reply=(3, False))  # D unticked
+    assert handlers.next_task(store, alice)["draft_unsafe"] == [False, True, False, False]
+    for bad in ((4, True), (-1, True), ("1", True)):
+        with pytest.raises(ValueError, match="no response .* to flag unsafe"):
+            handlers.save_draft(store, alice, task["task_id"], [None] * 4, unsafe_reply=bad)
+    with pytest.raises(ValueError, match="no response E to flag unsafe"):
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe_shown=[0, 0, 0, 0, 1, 0, 0, 0])
+    for flag in ("unsafe:4", "unsafe:01", "unsafe:-1", "unsafe:x", "maybe"):
+        with pytest.raises(ValueError, match=rf"flag '{flag}' is not allowed: .*0 to 3, canonical order"):
+            store.save_ranking(alice["annotator_id"], task["task_id"], [1, 2, 3, 4], flags=[flag])
+    assert store.submitted_rankings() == []
+    handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe_shown=[False, True, False, False, False],
+                    order_tag=task["order_tag"])
+    (row,) = store.submitted_rankings()
+    assert row["flags"] == [f"unsafe:{shown_b}"] and row["ranks"][shown_b] == 2  # the page's B, wherever it is stored
+    # a row flagged past its task's responses (by hand): named as ranks out of range are
+    with store.tx() as conn:
+        conn.execute(update(rankings).where(rankings.c.task_id == task["task_id"]).values(flags='["unsafe:7"]'))
+    with pytest.raises(StoreError, match=r"cannot be read: flag 'unsafe:7' is not allowed"):
+        readable(store.submitted_rankings())
+
+
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
     make_tasks(store, 1)
