@@ -89,6 +89,20 @@ def test_the_known_winner_wins_with_an_interval_above_half(eval_run):
     assert "kl" not in manifest["policies"]["sft"]
 
 
+def test_policies_may_have_names_peft_would_refuse_as_adapter_names(eval_run, tmp_path):
+    """A policy is named by the user: `dpo-b0.1` (a dot) or `values` (a ModuleDict method) were handed to peft as
+    adapter names and ended in torch's KeyError before any answer; eval names the adapters itself."""
+    policies = json.loads((eval_run / "eval" / "align.json").read_text())["config"]["policies"]
+    assert align(["eval", f"policies={{sft: {policies['sft']}, polite-b0.1: {policies['polite']}, "
+                  f"values: {policies['polite']}}}", "baseline=sft", f"prompts={eval_run.parent / 'prompts.jsonl'}",
+                  "scorer=known_scorers:says_thanks", "bootstrap=20", "generation.max_new_tokens=16", "num_prompts=4",
+                  f"run.dir={tmp_path / 'run'}", "run.wandb=disabled"]) == 0
+    rows = json.loads((tmp_path / "run" / "eval" / "align.json").read_text())["policies"]
+    # the two names are one adapter folder: the same greedy answers, each beating the curt baseline
+    assert rows["polite-b0.1"]["scorer:known_scorers:says_thanks/win_rate"] == 1.0
+    assert rows["values"]["scorer:known_scorers:says_thanks/win_rate"] == 1.0 and rows["values"]["kl"] > 0.1
+
+
 def test_samples_metrics_and_report_are_written(eval_run):
     rows = [json.loads(line) for line in (eval_run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == len(PROMPTS)

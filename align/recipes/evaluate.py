@@ -144,7 +144,8 @@ def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
 
 
 def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
-    """One base in memory with every policy as a named adapter (they must share the base)."""
+    """One base in memory with every policy as an adapter (they must share the base): (model, tokenizer, base
+    name, {policy: its adapter name in the model})."""
     from dataclasses import replace
 
     from peft import PeftModel
@@ -154,13 +155,21 @@ def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
         raise StageError(f"policies on different base models cannot be compared on one base: {bases}")
     plan = device_plan(cfg.model)
     base = load_base_model(replace(cfg.model, name=next(iter(bases.values()))), plan, training=False)
+    adapters = adapter_names(paths)
     names = list(paths)
-    model = PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
+    model = PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=adapters[names[0]])
     for name in names[1:]:
-        model.load_adapter(str(paths[name]), adapter_name=name)
+        model.load_adapter(str(paths[name]), adapter_name=adapters[name])
     keep_4bit_for_dora(model)  # else on CPU DoRA reads the 4-bit weights wrongly once they are repacked
     model.eval()
-    return model, load_tokenizer(str(paths[cfg.baseline])), next(iter(bases.values()))
+    return model, load_tokenizer(str(paths[cfg.baseline])), next(iter(bases.values())), adapters
+
+
+def adapter_names(paths: dict[str, Path]) -> dict[str, str]:
+    """Each policy's adapter name in the peft model, made of its position, not its name: peft names modules
+    after their adapter, and torch takes no module name with a "." or one a ModuleDict already has as an
+    attribute (`policies={sft: ..., dpo-b0.1: ...}` ended in a KeyError, so would a policy called `values`)."""
+    return {name: f"policy{i}" for i, name in enumerate(paths)}
 
 
 # Answers whose full-vocabulary logits sampled_kl holds at once, per adapter: 64 answer tokens over SmolLM2's
@@ -173,7 +182,7 @@ KL_ROWS = 16
 @torch.no_grad()
 def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str, *, k: int = 1,
                max_new_tokens: int = 64, seed: int = 0, batch_size: int = 8,
-               system_prompt: str | None = None) -> list[float]:
+               system_prompt: str | None = None, label: str | None = None) -> list[float]:
     """Per prompt, KL(policy ‖ reference) over the first `max_new_tokens` tokens of an answer, in nats.
 
     The policy samples `k` answers at temperature 1 with no top-p or top-k (its own distribution),
@@ -195,7 +204,7 @@ def sampled_kl(model, tokenizer, prompts: list[str], policy: str, reference: str
     # the quickstart's 48 prompts, one batch, moved its bar once, at the end of 71 s.
     chunks = [-(-len(prompts[start:start + batch_size]) * k // KL_ROWS) for start in batches]
     bar = tqdm(total=len(batches) * max_new_tokens + sum(chunks), unit="step",
-               desc=f"KL {policy} (sampled: {max_new_tokens} tokens, then {sum(chunks)} chunks scored)")
+               desc=f"KL {label or policy} (sampled: {max_new_tokens} tokens, then {sum(chunks)} chunks scored)")
     progress = DecodingProgress(bar)
     for b, start in enumerate(batches):
         chunk = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
@@ -383,18 +392,18 @@ def main(cfg: EvalStageConfig) -> Path:
     seen = seen_in_training(paths, prompts)
 
     # --- model: one base, every policy an adapter; same prompts, settings and seeds ----------
-    model, tokenizer, base_name = load_adapters(paths, cfg)
+    model, tokenizer, base_name, adapters = load_adapters(paths, cfg)
     system_prompts = {name: system_prompt_of(path) for name, path in paths.items()}  # each policy's own
     # generation.backend=vllm answers on the base the KL below runs on: 4-bit when it is, in model.compute_dtype
     vllm = {"quantize": bool(getattr(model, "is_loaded_in_4bit", False)), "compute_dtype": cfg.model.compute_dtype}
     responses: dict[str, list[str]] = {}
     for name in paths:
-        with folded(model, name):
+        with folded(model, adapters[name]):
             policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name], **vllm)
             responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
-    kl = {name: sampled_kl(model, tokenizer, prompts, name, cfg.baseline, k=cfg.kl_samples,
+    kl = {name: sampled_kl(model, tokenizer, prompts, adapters[name], adapters[cfg.baseline], k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
-                           batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name])
+                           batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name], label=name)
           for name in paths if name != cfg.baseline and cfg.kl_samples}
     del model, policy  # the policies leave the GPU before the reward model comes onto it
 
