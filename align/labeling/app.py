@@ -318,6 +318,21 @@ PAGE_JS = """
   new MutationObserver(watch).observe(byId('align-prompt') || document.body,
     {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
+  // Enter on a checkbox (an unsafe box, All are bad): Gradio 6's checkbox flips itself on Enter (no draft saved) in
+  // its own handler, which runs before the page's below, so the submit sent the flipped box: Tab to D's unticked
+  // box, Enter stored D unsafe. Taken here first (capture) and never passed on: it submits the boxes as shown, or,
+  // pressed before the next task settled, does nothing. With the single keys off a plain Enter stays Gradio's.
+  document.addEventListener('keydown', (e) => {
+    const t = e.target, submit = byId('align-submit');
+    if (e.key !== 'Enter' || !(t && t.tagName === 'INPUT' && t.type === 'checkbox') || !shown(submit)) return;
+    if (e.isComposing || e.keyCode === 229) return;
+    const ctrl = e.ctrlKey || e.metaKey;
+    if (!ctrl && (e.altKey || !singleKeys())) return;
+    e.stopPropagation();
+    e.preventDefault();
+    watch();
+    if (ctrl || Date.now() - replacedAt >= SETTLE_MS) { submit.click(); sel = 0; }
+  }, true);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
     if (!shown(submit)) return;
