@@ -261,11 +261,14 @@ PAGE_JS = """
     const at = slot ? slots().indexOf(slot) : -1;
     if (at >= 0 && at !== sel) { sel = at; mark(); }
   });
+  // An A/B task shows no rank radios: there the focus goes to the selected response's unsafe box (it stayed on A's
+  // box while b highlighted B, and Space then ticked A's).
   const follow = (from) => {
     if (!(from && from.closest && from.closest('.align-response'))) return;
-    const group = '#rank-' + 'abcdefgh'[sel];
-    const radio = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
-    if (radio && radio !== from) radio.focus({preventScroll: true});
+    const letter = 'abcdefgh'[sel], group = '#rank-' + letter;
+    let target = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
+    if (!shown(target)) target = document.querySelector('#unsafe-' + letter + ' input[type=checkbox]');
+    if (shown(target) && target !== from) target.focus({preventScroll: true});
   };
   // Each draft and each submit carries the page's stamp: this page's id and how many submits it has sent. A draft
   // sent before this page's submit (its rank set before it) may reach the server after it (another event's

@@ -1526,6 +1526,29 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
         page.context.close()
 
 
+def test_a_letter_on_an_ab_task_takes_the_focus_to_that_response_s_unsafe_box(tmp_path, browser):
+    """An A/B task has no rank radios: b highlighted B while the focus stayed on A's unsafe box, and Space ticked A's."""
+    store = new_store(tmp_path)
+    store.add_user("judge", PASSWORD)
+    store.add_tasks("eval-ab", [{"prompt": REFUND_PROMPT, "responses": REFUND_REPLIES[:2]}], kind="pairwise")
+    page = new_page(browser)
+    try:
+        with running(store) as url:
+            sign_in(page, url, "judge", expect_task=False)
+            page.wait_for_selector("#align-pairwise", state="visible")
+            page.locator("#unsafe-a input").focus()
+            page.keyboard.press("b")
+            assert page.evaluate("document.activeElement.closest('#unsafe-b') !== null")
+            assert "align-selected" in page.get_attribute("#resp-b", "class")
+            page.keyboard.press("Space")
+            assert page.is_checked("#unsafe-b input") and not page.is_checked("#unsafe-a input")
+            page.keyboard.press("a")
+            assert page.evaluate("document.activeElement.closest('#unsafe-a') !== null")
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
 class _Clock:
     """time.time for the store while seeding the screenshot: a labelling session spread over hours."""
 
