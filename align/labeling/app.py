@@ -818,7 +818,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         if submitted.sent_before(sess["annotator_id"], current, stamp):
                             return gr.skip()
                         note = handlers.late_draft_note(store, sess, current, list(rank_values),
-                                                        verdict=given.get("verdict"))
+                                                        verdict=given.get("verdict"),
+                                                        unsafe_reply=given.get("unsafe_reply"))
                         return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)
