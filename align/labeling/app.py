@@ -520,10 +520,13 @@ def _export_summary(folder: str, summary: dict) -> str:
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
                f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}"
                + (f" · {gold} rankings of gold tasks scored the annotators" if gold else ""))
-    if summary.get("flagged_pairs"):  # flagged "all are bad" / "unsafe", yet in the pairs: the default, said
+    # Rankings flagged as a whole (all are bad; unsafe naming no reply), yet in the pairs: only under keep, the
+    # default (drop leaves their tasks out, so the count is 0). A reply flagged unsafe is the unsafe rule's, below.
+    if summary.get("flagged_pairs"):
         kept = summary.get("flagged_rankings", 0) - summary.get("dropped_flagged", 0)
-        counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} flagged rankings (export.flagged=keep; "
-                    "align export flagged=drop leaves them out, and the Export button then does too)")
+        counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} rankings flagged all are bad "
+                    "(export.flagged=keep; align export flagged=drop leaves their tasks out, and the Export button "
+                    "then does too)")
     if summary.get("unsafe_pairs"):  # the unsafe rule's pairs (export.unsafe_rule), said with how many it turned
         counted += (f" · {summary['unsafe_pairs']} pairs put a reply flagged unsafe on the rejected side "
                     f"({summary.get('unsafe_overridden', 0)} against the ranks)")

@@ -335,9 +335,9 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
             continue
         counts["rankings"] += 1
         per_annotator[r["annotator"]] += 1
-        if r["flags"]:
+        if task_flags(r["flags"]):  # all_bad, or unsafe naming no reply (per-reply flags: the unsafe_* counts)
             counts["flagged_rankings"] += 1
-            if flagged == "drop" and task_flags(r["flags"]):  # all_bad, or unsafe naming no reply: the task whole
+            if flagged == "drop":  # the task whole
                 flagged_tasks.add(r["task_id"])
         by_task[r["task_id"]].append(r)
     for task_id in flagged_tasks:
@@ -388,6 +388,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         counts.update(ruled)
         texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
         names = {f for r in ranked for f in flag_names(r["flags"])}  # any of its annotators'
+        whole = any(task_flags(r["flags"]) for r in ranked)  # flagged as a whole: what flagged=drop leaves out
 
         for chosen, rejected, margin in decided:
             by_rule = rejected in unsafe and chosen not in unsafe  # the unsafe rule's pair, not the ranks'
@@ -405,7 +406,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                     continue
                 soft = {"p_chosen": p, "weight": max(0.0, 2 * p - 1)}
             counts["kept_ties"] += tie
-            counts["flagged_pairs"] += bool(flag)
+            counts["flagged_pairs"] += whole
             ends = {f"{side}_finished": metas[i]["finished"] for side, i in (("chosen", chosen), ("rejected", rejected))
                     if isinstance(metas[i].get("finished"), bool)}
             counts["pairs_with_cut_side"] += not all(ends.values())
