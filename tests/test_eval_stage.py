@@ -194,6 +194,14 @@ def test_a_verdict_for_an_answer_flagged_unsafe_counts_for_the_other_policy(tmp_
     two_one = ev.bradley_terry([("dpo", "sft", 1.0), ("dpo", "sft", 1.0), ("dpo", "sft", 0.0)], anchor="sft")
     assert rating["dpo"] == pytest.approx(two_one["dpo"])
     assert rating["dpo"] < ev.bradley_terry([("dpo", "sft", 1.0)] * 3, anchor="sft")["dpo"]
+    # the flag is part of what the board read (align pipeline reruns the eval on a change); no flag, the old hash
+    from align.labeling.export import verdicts_fingerprint
+
+    rows = store.submitted_rankings()
+    unflagged = [{**r, "flags": []} for r in rows]
+    assert verdicts_fingerprint(rows) != verdicts_fingerprint(unflagged)
+    assert verdicts_fingerprint(unflagged) == verdicts_fingerprint([{k: v for k, v in r.items() if k != "flags"}
+                                                                    for r in unflagged])
 
 
 def test_verdicts_on_a_policy_this_eval_does_not_load_follow_its_folder(tmp_path):

@@ -486,9 +486,12 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
 
 def verdicts_fingerprint(rows: list[dict[str, Any]]) -> str:
     """The A/B verdicts of align eval human=true in `rows` (Store.submitted_rankings()), hashed: its board's
-    input. The pipeline reruns a human=true eval when they change (new verdicts, or changed ones)."""
-    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], r["batch"]]) for r in rows
-                   if r["kind"] == "pairwise" and str(r["batch"]).startswith("eval-"))
+    input. The pipeline reruns a human=true eval when they change (new verdicts, or changed ones). A verdict
+    that flags an answer unsafe adds its flags (the board's unsafe rule reads them); one without keeps the hash
+    an eval made before the rule recorded, so nothing reruns where no answer is flagged."""
+    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], r["batch"]]
+                              + ([sorted(unsafe_replies(r["flags"]))] if unsafe_replies(r.get("flags")) else []))
+                   for r in rows if r["kind"] == "pairwise" and str(r["batch"]).startswith("eval-"))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
