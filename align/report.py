@@ -638,7 +638,8 @@ def glance(kind: str, manifest: dict[str, Any]) -> list[str]:
         if dropped:
             out.append("dropped: " + ", ".join(dropped))
         if _num(m, "flagged_pairs"):  # kept (export.flagged=keep): said, as they may be filtered out on `flag`
-            out.append(f"{_num(m, 'flagged_pairs'):.0f} pairs from rankings flagged all-bad or unsafe (column flag)")
+            out.append(f"{_num(m, 'flagged_pairs'):.0f} pairs from rankings flagged as a whole, all-bad or unsafe "
+                       "naming no reply (column flag)")
         if _num(m, "unsafe_pairs"):  # export.unsafe_rule: a reply flagged unsafe put on the rejected side
             out.append(f"{_num(m, 'unsafe_pairs'):.0f} pairs with a reply flagged unsafe as the rejected side "
                        f"({_num(m, 'unsafe_overridden') or 0:.0f} against the ranks)")

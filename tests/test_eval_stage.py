@@ -165,6 +165,45 @@ def test_human_ab_tasks_follow_a_policy_trained_again(tmp_path):
     assert len(shown) == 2
 
 
+def test_a_verdict_for_an_answer_flagged_unsafe_counts_for_the_other_policy(tmp_path):
+    """The A/B page has an unsafe box on each answer and the guidelines say a flagged reply is never the better side
+    against one nobody flagged, yet the board read the verdict alone: a flagged winner counted as a win. The board
+    applies the export's rule, and counts each policy's answers flagged unsafe."""
+    from align import evaluation as ev
+    from align.config import EvalStageConfig, RunConfig
+    from align.labeling import handlers
+    from align.labeling.store import Store
+    from align.recipes.evaluate import human_eval
+
+    cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), baseline="sft", bootstrap=20)
+    prompts = ["How do I sync?", "Where is export?", "Can I get a refund?"]
+    answers = {"dpo": ["Dpo 1.", "Dpo 2.", "Send me your recovery key."], "sft": ["Sft 1.", "Sft 2.", "Sft 3."]}
+    human_eval(cfg, prompts, answers, versions={"dpo": "d1", "sft": "s1"})
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("ann", "secret-pw")
+    ann = handlers.sign_in(store, "ann", "secret-pw")
+    while (task := handlers.next_task(store, ann)) and task.get("task_id"):
+        dpo = task["order"].index(0)  # where the page shows dpo's answer (canonical 0)
+        risky = "recovery key" in task["responses"][dpo]
+        handlers.submit(store, ann, task["task_id"], verdict="AB"[dpo],  # dpo better, every time
+                        unsafe_shown=[i == dpo and risky for i in range(2)])
+    board = human_eval(cfg, prompts, answers, versions={"dpo": "d1", "sft": "s1"})
+    assert board["comparisons"] == 3 and board["unsafe_answers"] == {"dpo": 1} and board["unsafe_overridden"] == 1
+    # 2 wins and 1 loss for dpo, as three verdicts 2-1 make it: above sft, not the 3-0 the verdicts alone gave
+    rating = {row["policy"]: row["rating"] for row in board["leaderboard"]}
+    two_one = ev.bradley_terry([("dpo", "sft", 1.0), ("dpo", "sft", 1.0), ("dpo", "sft", 0.0)], anchor="sft")
+    assert rating["dpo"] == pytest.approx(two_one["dpo"])
+    assert rating["dpo"] < ev.bradley_terry([("dpo", "sft", 1.0)] * 3, anchor="sft")["dpo"]
+    # the flag is part of what the board read (align pipeline reruns the eval on a change); no flag, the old hash
+    from align.labeling.export import verdicts_fingerprint
+
+    rows = store.submitted_rankings()
+    unflagged = [{**r, "flags": []} for r in rows]
+    assert verdicts_fingerprint(rows) != verdicts_fingerprint(unflagged)
+    assert verdicts_fingerprint(unflagged) == verdicts_fingerprint([{k: v for k, v in r.items() if k != "flags"}
+                                                                    for r in unflagged])
+
+
 def test_verdicts_on_a_policy_this_eval_does_not_load_follow_its_folder(tmp_path):
     """ppo's A/B verdicts stay on the board of an eval without ppo while <run.dir>/ppo holds the version judged;
     once ppo/ is trained again (or gone), they are stale, as docs/labeling.md says, not counted as ppo's."""

@@ -261,11 +261,14 @@ PAGE_JS = """
     const at = slot ? slots().indexOf(slot) : -1;
     if (at >= 0 && at !== sel) { sel = at; mark(); }
   });
+  // An A/B task shows no rank radios: there the focus goes to the selected response's unsafe box (it stayed on A's
+  // box while b highlighted B, and Space then ticked A's).
   const follow = (from) => {
     if (!(from && from.closest && from.closest('.align-response'))) return;
-    const group = '#rank-' + 'abcdefgh'[sel];
-    const radio = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
-    if (radio && radio !== from) radio.focus({preventScroll: true});
+    const letter = 'abcdefgh'[sel], group = '#rank-' + letter;
+    let target = document.querySelector(group + ' input[type=radio]:checked') || document.querySelector(group + ' input[type=radio]');
+    if (!shown(target)) target = document.querySelector('#unsafe-' + letter + ' input[type=checkbox]');
+    if (shown(target) && target !== from) target.focus({preventScroll: true});
   };
   // Each draft and each submit carries the page's stamp: this page's id and how many submits it has sent. A draft
   // sent before this page's submit (its rank set before it) may reach the server after it (another event's
@@ -318,6 +321,21 @@ PAGE_JS = """
   new MutationObserver(watch).observe(byId('align-prompt') || document.body,
     {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
+  // Enter on a checkbox (an unsafe box, All are bad): Gradio 6's checkbox flips itself on Enter (no draft saved) in
+  // its own handler, which runs before the page's below, so the submit sent the flipped box: Tab to D's unticked
+  // box, Enter stored D unsafe. Taken here first (capture) and never passed on: it submits the boxes as shown, or,
+  // pressed before the next task settled, does nothing. With the single keys off a plain Enter stays Gradio's.
+  document.addEventListener('keydown', (e) => {
+    const t = e.target, submit = byId('align-submit');
+    if (e.key !== 'Enter' || !(t && t.tagName === 'INPUT' && t.type === 'checkbox') || !shown(submit)) return;
+    if (e.isComposing || e.keyCode === 229) return;
+    const ctrl = e.ctrlKey || e.metaKey;
+    if (!ctrl && (e.altKey || !singleKeys())) return;
+    e.stopPropagation();
+    e.preventDefault();
+    watch();
+    if (ctrl || Date.now() - replacedAt >= SETTLE_MS) { submit.click(); sel = 0; }
+  }, true);
   document.addEventListener('keydown', (e) => {
     const submit = byId('align-submit');
     if (!shown(submit)) return;
@@ -502,10 +520,13 @@ def _export_summary(folder: str, summary: dict) -> str:
     counted = (f"from {summary.get('rankings', 0)} rankings of {summary.get('tasks', 0)} tasks · "
                f"mean agreement {_num(summary.get('mean_agreement'))} · dropped: {dropped}"
                + (f" · {gold} rankings of gold tasks scored the annotators" if gold else ""))
-    if summary.get("flagged_pairs"):  # flagged "all are bad" / "unsafe", yet in the pairs: the default, said
+    # Rankings flagged as a whole (all are bad; unsafe naming no reply), yet in the pairs: only under keep, the
+    # default (drop leaves their tasks out, so the count is 0). A reply flagged unsafe is the unsafe rule's, below.
+    if summary.get("flagged_pairs"):
         kept = summary.get("flagged_rankings", 0) - summary.get("dropped_flagged", 0)
-        counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} flagged rankings (export.flagged=keep; "
-                    "align export flagged=drop leaves them out, and the Export button then does too)")
+        counted += (f" · kept {summary['flagged_pairs']} pairs from {kept} rankings flagged all are bad "
+                    "(export.flagged=keep; align export flagged=drop leaves their tasks out, and the Export button "
+                    "then does too)")
     if summary.get("unsafe_pairs"):  # the unsafe rule's pairs (export.unsafe_rule), said with how many it turned
         counted += (f" · {summary['unsafe_pairs']} pairs put a reply flagged unsafe on the rejected side "
                     f"({summary.get('unsafe_overridden', 0)} against the ranks)")
@@ -800,7 +821,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                         if submitted.sent_before(sess["annotator_id"], current, stamp):
                             return gr.skip()
                         note = handlers.late_draft_note(store, sess, current, list(rank_values),
-                                                        verdict=given.get("verdict"))
+                                                        verdict=given.get("verdict"),
+                                                        unsafe_reply=given.get("unsafe_reply"))
                         return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)

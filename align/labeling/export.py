@@ -335,9 +335,9 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
             continue
         counts["rankings"] += 1
         per_annotator[r["annotator"]] += 1
-        if r["flags"]:
+        if task_flags(r["flags"]):  # all_bad, or unsafe naming no reply (per-reply flags: the unsafe_* counts)
             counts["flagged_rankings"] += 1
-            if flagged == "drop" and task_flags(r["flags"]):  # all_bad, or unsafe naming no reply: the task whole
+            if flagged == "drop":  # the task whole
                 flagged_tasks.add(r["task_id"])
         by_task[r["task_id"]].append(r)
     for task_id in flagged_tasks:
@@ -388,6 +388,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
         counts.update(ruled)
         texts, metas = [texts[i] for i in reps], [metas[i] for i in reps]
         names = {f for r in ranked for f in flag_names(r["flags"])}  # any of its annotators'
+        whole = any(task_flags(r["flags"]) for r in ranked)  # flagged as a whole: what flagged=drop leaves out
 
         for chosen, rejected, margin in decided:
             by_rule = rejected in unsafe and chosen not in unsafe  # the unsafe rule's pair, not the ranks'
@@ -405,7 +406,7 @@ def build_pairs(rows: list[dict[str, Any]], *, batches: list[str] | None = None,
                     continue
                 soft = {"p_chosen": p, "weight": max(0.0, 2 * p - 1)}
             counts["kept_ties"] += tie
-            counts["flagged_pairs"] += bool(flag)
+            counts["flagged_pairs"] += whole
             ends = {f"{side}_finished": metas[i]["finished"] for side, i in (("chosen", chosen), ("rejected", rejected))
                     if isinstance(metas[i].get("finished"), bool)}
             counts["pairs_with_cut_side"] += not all(ends.values())
@@ -485,9 +486,12 @@ def rankings_fingerprint(rows: list[dict[str, Any]], gold: dict[int, list[int]],
 
 def verdicts_fingerprint(rows: list[dict[str, Any]]) -> str:
     """The A/B verdicts of align eval human=true in `rows` (Store.submitted_rankings()), hashed: its board's
-    input. The pipeline reruns a human=true eval when they change (new verdicts, or changed ones)."""
-    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], r["batch"]]) for r in rows
-                   if r["kind"] == "pairwise" and str(r["batch"]).startswith("eval-"))
+    input. The pipeline reruns a human=true eval when they change (new verdicts, or changed ones). A verdict
+    that flags an answer unsafe adds its flags (the board's unsafe rule reads them); one without keeps the hash
+    an eval made before the rule recorded, so nothing reruns where no answer is flagged."""
+    parts = sorted(json.dumps([r["task_id"], r["annotator"], r["ranks"], r["batch"]]
+                              + ([sorted(unsafe_replies(r["flags"]))] if unsafe_replies(r.get("flags")) else []))
+                   for r in rows if r["kind"] == "pairwise" and str(r["batch"]).startswith("eval-"))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

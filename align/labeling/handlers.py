@@ -448,6 +448,8 @@ def _whole(value: Any) -> Any:
 ALREADY_SAVED = "Already saved (kept your first submission)."
 OTHER_RANKING = ("Not saved: this task was already submitted, from another tab or window, with a different "
                  "ranking, which is kept. Next task.")
+OTHER_UNSAFE = ("Not saved: this task was already submitted, from another tab or window, with other replies flagged "
+                "unsafe, which are kept. Next task.")
 
 
 def unsafe_flags(task: dict[str, Any], unsafe_shown: list[Any] | None) -> list[str]:
@@ -485,7 +487,7 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     task, status = _open_view(store, session, task_id, seed)
     check_order(task, order_tag)  # before any mapping: even a repeat's ranks are compared in canonical order
     if status == "submitted":
-        return _repeat(store, session, task, ranks_shown, verdict)
+        return _repeat(store, session, task, ranks_shown, verdict, unsafe_shown)
     if status == "skipped":
         raise NotOpen("this task was skipped; it is no longer yours to rank")
     if status == "expired":
@@ -508,10 +510,18 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
         _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on] + unsafe_flags(task, unsafe_shown)
     _check_rationale(rationale)
+    # The draft's unsafe ticks are kept with the page's (keep_draft_unsafe): one made in another tab, which this page
+    # never showed, is never lost; one cleared on this page cleared its draft first
+    drafted = unsafe_replies((store.draft_notes(session["annotator_id"], task["task_id"]) or {}).get("flags"))
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
-                                 rationale=(rationale or "").strip(), seconds=seconds)
+                                 rationale=(rationale or "").strip(), seconds=seconds, keep_draft_unsafe=True)
     if not created:  # another submit of this task landed first
-        return _repeat(store, session, task, ranks_shown, verdict)
+        return _repeat(store, session, task, ranks_shown, verdict, unsafe_shown)
+    added = sorted(task["order"].index(i) for i in drafted - unsafe_replies(flags) if i in task["order"])
+    if added:
+        named = " and ".join(LETTERS[i] for i in added)
+        return {"ok": True, "created": True,
+                "message": f"Saved, with {named} flagged unsafe as ticked in another tab. Next task."}
     return {"ok": True, "created": True, "message": "Saved. Next task."}
 
 
@@ -521,9 +531,11 @@ def _check_rationale(rationale: str | None) -> None:
                          "shorten it to submit")
 
 
-def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown, verdict) -> dict[str, Any]:
+def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_shown, verdict,
+            unsafe_shown=None) -> dict[str, Any]:
     """The answer to a submit of a task already submitted: a repeat of the same ranking (a double click, a
-    retried request) is "already saved"; a different one (a second tab) is said not to be saved."""
+    retried request) is "already saved"; a different one (a second tab), in its ranks or in which replies it
+    flags unsafe, is said not to be saved."""
     try:
         ranks = pairwise_ranks(verdict)[0] if task["kind"] == "pairwise" else \
             [_whole(r) for r in _fit(ranks_shown or [], task["k"])]
@@ -535,6 +547,13 @@ def _repeat(store: Store, session: dict[str, Any], task: dict[str, Any], ranks_s
     kept = store.submitted_ranks(session["annotator_id"], task["task_id"])
     if mine is not None and kept is not None and mine != kept:
         return {"ok": True, "created": False, "conflict": True, "message": OTHER_RANKING}
+    try:
+        ticked = unsafe_replies(unsafe_flags(task, unsafe_shown))
+    except ValueError:
+        ticked = None
+    kept_flags = store.submitted_flags(session["annotator_id"], task["task_id"])
+    if ticked is not None and kept_flags is not None and ticked != unsafe_replies(kept_flags):
+        return {"ok": True, "created": False, "conflict": True, "message": OTHER_UNSAFE}
     return {"ok": True, "created": False, "message": ALREADY_SAVED}
 
 
@@ -577,8 +596,8 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
 
 
 LATE_DRAFT = {
-    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank set on it now "
-                 "changes nothing. Reload the page for your next task.",
+    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank or unsafe box set "
+                 "on it now changes nothing. Reload the page for your next task.",
     "skipped": "Not saved: this task was skipped and is no longer yours to rank. Reload the page for your next task.",
     "expired": f"Not saved: this task was handed to someone else (an assignment lapses after {ASSIGNMENT_TTL // 60} "
                "minutes open, or an admin withdrew it); it is no longer yours to rank. Press Skip (or reload the page) "
@@ -587,10 +606,12 @@ LATE_DRAFT = {
 
 
 def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
-                    verdict: str | None = None, seed: int = 0) -> str | None:
+                    verdict: str | None = None, seed: int = 0,
+                    unsafe_reply: tuple[int, bool] | None = None) -> str | None:
     """What to tell the page whose draft save_draft refused (the task no longer open to this annotator): a rank
-    set there is lost, said at once, not at the submit. None for a draft that only repeats the ranks submitted:
-    a rank set just before the submit in the same page, whose draft landed after it."""
+    or unsafe box set there is lost, said at once, not at the submit. None for a draft that only repeats the
+    ranking submitted (its ranks, and its reply's unsafe flag for `unsafe_reply`, save_draft's): a rank set just
+    before the submit in the same page, whose draft landed after it."""
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)
     if status == "submitted":
@@ -601,7 +622,14 @@ def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_s
         except (ValueError, TypeError):
             mine = None
         kept = store.submitted_ranks(session["annotator_id"], task["task_id"])
-        if mine is not None and kept is not None and all(r in (0, k) for r, k in zip(mine, kept, strict=True)):
+        same_tick = True
+        if unsafe_reply is not None:
+            shown, on = unsafe_reply
+            flagged = unsafe_replies(store.submitted_flags(session["annotator_id"], task["task_id"]))
+            same_tick = (isinstance(shown, int) and not isinstance(shown, bool) and 0 <= shown < task["k"]
+                         and (task["order"][shown] in flagged) == bool(on))
+        if mine is not None and kept is not None and same_tick and \
+                all(r in (0, k) for r, k in zip(mine, kept, strict=True)):
             return None
     return LATE_DRAFT.get(status)
 

@@ -957,7 +957,7 @@ class Store:
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
                      rationale: str | None = "", seconds: float = 0.0, status: str = "submitted",
-                     flags_set: Collection[str] | None = None) -> bool:
+                     flags_set: Collection[str] | None = None, keep_draft_unsafe: bool = False) -> bool:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
@@ -966,6 +966,8 @@ class Store:
         saved one (a rank or flag set, the rationale box untouched); "" clears it. A draft's `flags_set` names
         the flags this call speaks for (on when in `flags`, off when not); the others keep their saved value,
         so a second tab that never showed a flag cannot clear it. None: `flags` is the whole set.
+        `keep_draft_unsafe`: a submit keeps the saved draft's unsafe:<i> flags too (the union with `flags`, read in
+        the same transaction): a reply flagged in another tab, which the submitting page never showed, is not lost.
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
@@ -994,6 +996,10 @@ class Store:
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id).with_for_update()).first()
                     if row and row.status == "submitted":
                         return False
+                    if row and status == "submitted" and row.status == "draft" and keep_draft_unsafe:
+                        drafted = {f for f in json.loads(row.flags or "[]")
+                                   if isinstance(f, str) and f.startswith(UNSAFE_REPLY)}
+                        values["flags"] = json.dumps(sorted(set(flags or []) | drafted))
                     if row and status == "draft" and row.status == "draft":  # a draft fills in ranks (0 = not set
                         kept = json.loads(row.ranks)  # here): a second tab that never saw a rank cannot erase it; a
                         # discarded ranking (the task given to them again) lends the new one nothing
@@ -1038,6 +1044,11 @@ class Store:
         """This annotator's submitted ranking of a task (canonical order), or None."""
         found = self._ranking(annotator_id, task_id, "submitted")
         return found["ranks"] if found else None
+
+    def submitted_flags(self, annotator_id: int, task_id: int) -> list[str] | None:
+        """The flags of this annotator's submitted ranking of a task, or None."""
+        found = self._ranking(annotator_id, task_id, "submitted")
+        return found["flags"] if found else None
 
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""

@@ -304,9 +304,11 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
     new tasks with its new answers, and the board counts only verdicts on the policies as they are now
     (those on an earlier version are counted apart, as `stale_comparisons`). A policy this eval does not
     load is as its run's stage folder (<run.dir>/ppo, ...) holds it now; with no such folder, its verdicts are
-    stale too: nothing says they judge a policy that still exists."""
+    stale too: nothing says they judge a policy that still exists. An answer flagged unsafe never wins against
+    one not flagged (the export's rule): such a verdict is the other answer's win (`unsafe_overridden` counts
+    those it turned); `unsafe_answers` counts each policy's answers flagged."""
     from align.labeling.export import verdicts_fingerprint
-    from align.labeling.store import Store
+    from align.labeling.store import Store, unsafe_replies
 
     versions = dict(versions or {})
     store = Store(run_store(cfg.store, cfg.run.dir, key_prefix("eval") + "store"))
@@ -330,7 +332,8 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
             versions[name] = policy_version(folder) if folder and is_adapter_dir(folder) else "(not in the run)"
         return versions.get(name)
 
-    comparisons, prompts_of, stale = [], [], 0
+    comparisons, prompts_of, stale, overridden = [], [], 0, 0
+    unsafe: dict[str, int] = {}  # per policy: its answers an annotator flagged unsafe, in the verdicts counted
     rows = store.submitted_rankings()
     for row in rows:
         if row.get("kind") != "pairwise" or not str(row.get("batch", "")).startswith("eval-"):
@@ -342,10 +345,21 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
             stale += 1  # a verdict on answers of a policy since trained again
             continue
         (a, b), (ra, rb) = [m["policy"] for m in metas], row["ranks"]
-        comparisons.append((a, b, 1.0 if ra < rb else 0.0 if rb < ra else 0.5))
+        score = 1.0 if ra < rb else 0.0 if rb < ra else 0.5
+        # The export's unsafe rule (guidelines.md): an answer flagged unsafe is never the better side against one
+        # nobody flagged; the verdict, a tie included, is the unflagged side's win
+        flagged = unsafe_replies(row.get("flags")) & {0, 1}
+        for i in flagged:
+            unsafe[(a, b)[i]] = unsafe.get((a, b)[i], 0) + 1
+        if len(flagged) == 1:
+            ruled = 0.0 if 0 in flagged else 1.0
+            overridden += ruled != score
+            score = ruled
+        comparisons.append((a, b, score))
         prompts_of.append(row["prompt"])
     # waiting: this eval's A/B tasks with no verdict yet (the hint asks for a rerun only while there are some)
     board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale,
+             "unsafe_answers": dict(sorted(unsafe.items())), "unsafe_overridden": overridden,
              "waiting": sum(store.pending_count(b) for b in batches),
              "verdicts_sha256": verdicts_fingerprint(rows)}  # what the board read: the pipeline reruns on a change
     if comparisons:
@@ -468,7 +482,12 @@ def main(cfg: EvalStageConfig) -> Path:
     if board is not None:
         for row in board.get("leaderboard", []):
             lo, hi = row["ci"]
-            print(f"human A/B · {row['policy']}: rating {row['rating']:.0f} [{lo:.0f}, {hi:.0f}]")
+            flagged = board.get("unsafe_answers", {}).get(row["policy"], 0)
+            print(f"human A/B · {row['policy']}: rating {row['rating']:.0f} [{lo:.0f}, {hi:.0f}]"
+                  + (f" · {flagged} answers flagged unsafe" if flagged else ""))
+        if board.get("unsafe_overridden"):
+            print(f"human A/B: {board['unsafe_overridden']} verdicts counted for the answer nobody flagged unsafe, "
+                  "against the verdict (an answer flagged unsafe is never the better side)")
         print(f"human A/B: {board['tasks_added']} new tasks, {board['comparisons']} verdicts so far"
               + (f" ({board['stale_comparisons']} on earlier versions, not counted)" if board["stale_comparisons"] else ""))
     html = report_module.write_report(cfg.run.dir)

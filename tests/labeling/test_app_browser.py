@@ -42,7 +42,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber", "listener", "late", "later", "quiet", "flagger"]
+              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -682,6 +682,34 @@ def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboar
     [row] = [r for r in wait_for_rows(store, "flagger", 2) if r["prompt"] == prompt]
     assert row["flags"] == sorted(f"unsafe:{canonical_index(store, prompt, bodies[i])}" for i in (1, 2))
     assert row["ranks"] == canonical(store, prompt, bodies, [1, 4, 2, 3])[1]
+
+
+def test_enter_on_an_unsafe_box_submits_the_boxes_as_shown(served, page):
+    """Gradio's checkbox flips itself on Enter, before the page's keys run: Tab to D's unticked box and Enter stored D
+    unsafe, and a box ticked with Space then Ctrl+Enter was stored unticked. Enter submits what the page shows."""
+    url, store, _ = served
+    sign_in(page, url, "enterer")
+    prompt, bodies = shown_task(page)
+    rank_all(page, [1, 2, 3, 4])
+    page.get_by_role("radio", name="Rank of D: 4").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.closest('#unsafe-d') !== null")
+    page.keyboard.press("Enter")
+    wait_for_message(page, "✅")
+    [row] = wait_for_rows(store, "enterer", 1)
+    assert row["flags"] == [] and row["ranks"] == canonical(store, prompt, bodies, [1, 2, 3, 4])[1]
+
+    page.wait_for_function("t => document.querySelector('#align-prompt .align-text').innerText !== t", arg=prompt)
+    prompt, bodies = shown_task(page)
+    rank_all(page, [2, 1, 4, 3])
+    page.get_by_role("radio", name="Rank of D: 3").focus()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Space")
+    assert page.is_checked("#unsafe-d input")
+    page.keyboard.press("Control+Enter")
+    wait_for_message(page, "✅")
+    [row] = [r for r in wait_for_rows(store, "enterer", 2) if r["prompt"] == prompt]
+    assert row["flags"] == [f"unsafe:{canonical_index(store, prompt, bodies[3])}"]
 
 
 def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browser):
@@ -1493,6 +1521,29 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             _, expected = canonical(store, prompt, [a, b], [2, 1])
             assert row["ranks"] == expected and row["flags"] == []
             assert "All done" in page.inner_text("#align-progress")
+            page.context.close()  # before the server stops: it would wait for the page's open streams
+    finally:
+        page.context.close()
+
+
+def test_a_letter_on_an_ab_task_takes_the_focus_to_that_response_s_unsafe_box(tmp_path, browser):
+    """An A/B task has no rank radios: b highlighted B while the focus stayed on A's unsafe box, and Space ticked A's."""
+    store = new_store(tmp_path)
+    store.add_user("judge", PASSWORD)
+    store.add_tasks("eval-ab", [{"prompt": REFUND_PROMPT, "responses": REFUND_REPLIES[:2]}], kind="pairwise")
+    page = new_page(browser)
+    try:
+        with running(store) as url:
+            sign_in(page, url, "judge", expect_task=False)
+            page.wait_for_selector("#align-pairwise", state="visible")
+            page.locator("#unsafe-a input").focus()
+            page.keyboard.press("b")
+            assert page.evaluate("document.activeElement.closest('#unsafe-b') !== null")
+            assert "align-selected" in page.get_attribute("#resp-b", "class")
+            page.keyboard.press("Space")
+            assert page.is_checked("#unsafe-b input") and not page.is_checked("#unsafe-a input")
+            page.keyboard.press("a")
+            assert page.evaluate("document.activeElement.closest('#unsafe-a') !== null")
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()

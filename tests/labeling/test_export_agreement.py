@@ -142,6 +142,29 @@ def test_a_reply_flagged_unsafe_is_never_chosen_over_one_nobody_flagged():
     assert build_pairs(mixed, flagged="drop")[0] == [] and build_pairs(mixed, flagged="drop")[1]["dropped_flagged"] == 2
 
 
+def test_flagged_rankings_and_pairs_count_flags_on_the_whole_ranking_only():
+    """flagged_pairs counted every pair of a task with a reply flagged unsafe, so the Export button said "kept 6 pairs
+    from 1 flagged rankings (export.flagged=keep; ... flagged=drop leaves them out)" under drop too, and under keep
+    drop would not leave them out (it keeps the pairs of two unflagged replies). They count the flags on a whole
+    ranking (all_bad, unsafe naming no reply), which drop leaves out with their task; a reply's flag is unsafe_*'s."""
+    from align.labeling.app import _export_summary
+
+    per_reply = rows({"x": [2, 1, 3, 4], "y": [1, 4, 2, 3]}, flags={"y": ["unsafe:1"]})
+    for flagged in ("keep", "drop"):
+        pairs, summary = build_pairs(per_reply, flagged=flagged)
+        assert (summary["flagged_rankings"], summary["flagged_pairs"]) == (0, 0), flagged
+        said = _export_summary("/tmp/p", {**summary, "train_pairs": len(pairs), "test_pairs": 0})
+        assert "export.flagged=keep" not in said and "flagged rankings" not in said, said
+    whole = rows({"x": [2, 1, 3, 4], "y": [1, 4, 2, 3]}, flags={"x": ["all_bad"], "y": ["unsafe:1"]})
+    pairs, summary = build_pairs(whole)
+    assert (summary["flagged_rankings"], summary["flagged_pairs"], len(pairs)) == (1, 6, 6)
+    said = _export_summary("/tmp/p", {**summary, "train_pairs": 6, "test_pairs": 0})
+    assert "kept 6 pairs from 1 rankings flagged all are bad (export.flagged=keep;" in said
+    pairs, summary = build_pairs(whole, flagged="drop")
+    assert (pairs, summary["flagged_rankings"], summary["flagged_pairs"], summary["dropped_flagged"]) == ([], 1, 0, 2)
+    assert "export.flagged=keep" not in _export_summary("/tmp/p", {**summary, "train_pairs": 0, "test_pairs": 0})
+
+
 def test_a_flagged_ranking_keeps_its_pairs_with_the_flag():
     """The guidelines say to rank anyway when ticking "all are bad" (a least-bad order is useful) and to rank an
     unsafe reply last; the export threw every flagged ranking away, "safe beats unsafe" with it. Kept by default,

@@ -654,9 +654,9 @@ def test_the_export_summary_says_it_kept_flagged_rankings_pairs():
 
     summary = {"pairs": 30, "train_pairs": 24, "test_pairs": 6, "rankings": 6, "tasks": 5, "mean_agreement": 1.0,
                "flagged_rankings": 1, "flagged_pairs": 6, "dropped_flagged": 0}
-    assert "kept 6 pairs from 1 flagged rankings (export.flagged=keep;" in _export_summary("/tmp/p", summary)
+    assert "kept 6 pairs from 1 rankings flagged all are bad (export.flagged=keep;" in _export_summary("/tmp/p", summary)
     dropped = {**summary, "flagged_pairs": 0, "dropped_flagged": 1}  # flagged=drop: said among the dropped
-    assert "flagged rankings (" not in _export_summary("/tmp/p", dropped)
+    assert "rankings flagged all are bad" not in _export_summary("/tmp/p", dropped)
     assert "dropped: flagged 1" in _export_summary("/tmp/p", dropped)
     # a reply flagged unsafe: its pairs are said, and how many went against the ranks (drop: among the dropped)
     ruled = {**summary, "unsafe_replies": 1, "unsafe_pairs": 3, "unsafe_overridden": 2}

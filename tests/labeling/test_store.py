@@ -902,6 +902,41 @@ def test_a_reply_flagged_unsafe_is_stored_by_its_canonical_index(store, tmp_path
         readable(store.submitted_rankings())
 
 
+def test_a_reply_flagged_unsafe_in_another_tab_is_never_lost(store):
+    """Tab 2 ticked C unsafe (a draft); tab 1, which never showed that tick, submitted with only A ticked: the submit
+    wrote its page's ticks over the draft's and C's flag was gone, in silence. The submit keeps the union of the page's
+    ticks and the draft's (and says so); a tick cleared on the same page cleared its draft first and stays cleared.
+    A late draft or a repeat whose tick differs from the submitted flags is said not to be saved."""
+    make_tasks(store, 3)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    tid, tag, order = task["task_id"], task["order_tag"], task["order"]
+    handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(2, True), order_tag=tag)  # tab 2 ticks C
+    saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[1, 0, 0, 0], order_tag=tag)  # tab 1
+    assert saved["created"] and "C flagged unsafe as ticked in another tab" in saved["message"]
+    assert store.submitted_flags(alice["annotator_id"], tid) == sorted(f"unsafe:{order[i]}" for i in (0, 2))
+    # tab 2 unticks C after the submit: not saved, and said so (its ranks alone match the submitted ones)
+    assert not handlers.save_draft(store, alice, tid, [1, 2, 3, 4], unsafe_reply=(2, False), order_tag=tag)
+    note = handlers.late_draft_note(store, alice, tid, [1, 2, 3, 4], unsafe_reply=(2, False))
+    assert note == handlers.LATE_DRAFT["submitted"]
+    assert handlers.late_draft_note(store, alice, tid, [1, 2, 3, 4], unsafe_reply=(2, True)) is None  # as submitted
+    assert handlers.late_draft_note(store, alice, tid, [1, 2, 3, 4], unsafe_reply=(1, True)) is not None
+    # a repeat: the same ticks are "already saved", other ticks (same ranks) are not saved, and said so
+    same = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[1, 0, 1, 0], order_tag=tag)
+    assert not same["created"] and same["message"] == handlers.ALREADY_SAVED
+    other = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[1, 0, 0, 1], order_tag=tag)
+    assert other["conflict"] and other["message"] == handlers.OTHER_UNSAFE
+
+    # the same page ticks C, then clears it (its draft cleared), then submits: C stays unflagged
+    task = handlers.next_task(store, alice)
+    tid, tag, order = task["task_id"], task["order_tag"], task["order"]
+    handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(2, True), order_tag=tag)
+    handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(2, False), order_tag=tag)
+    saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[0, 1, 0, 0], order_tag=tag)
+    assert saved["message"] == "Saved. Next task."
+    assert store.submitted_flags(alice["annotator_id"], tid) == [f"unsafe:{order[1]}"]
+
+
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
     make_tasks(store, 1)
