@@ -23,9 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from align.labeling.store import ASSIGNMENT_TTL, Store, _check_ranks, unsafe_flag, unsafe_replies
+from align.labeling.store import ASSIGNMENT_TTL, FLAGS, Store, _check_ranks, unsafe_flag, unsafe_replies
 
-FLAGS = ("all_bad", "unsafe")
 MAX_RATIONALE = 5000  # characters: a reason, not a document (it is saved at each keystroke, exported with the pair)
 # At most this many characters of a prompt or response go to the page: a 1 MB response must not
 # freeze the annotator's browser. The stored text is never cut.
