@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from align import StageError, process_count
 from align.artifacts import HEADS_FILE, MANIFEST, key_prefix, read_manifest, shell, system_prompt_of
@@ -445,11 +446,13 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
     """The probes on held-out pairs: accuracy by annotator agreement, by labelling margin and by posterior
     where the data has them, and each edit of EDITS (flip rate, reward gain; the scorer's view when given).
 
-    `reward(conversations)` scores whole conversations; `chosen` / `rejected` are the pairs' rewards.
+    `reward(conversations)` scores whole conversations; `chosen` / `rejected` are the pairs' rewards. Each edit
+    scores every pair once more, with a bar: on 291 pairs on 2 CPU cores that is 6 minutes, silent until the end.
     """
     heldout, chosen, rejected, _ = without_ties(heldout, chosen, rejected)  # a kept tie has no right answer
     rows = heldout.to_list()
     n = len(rows)
+    bar = tqdm(total=len(EDITS), unit="probe", desc=f"probing the reward model on {n} held-out pairs")
     gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
     out: dict[str, Any] = {"pairs": n, "scorer": scorer_name}
     labels = [agreement_bucket(r) for r in rows]
@@ -473,6 +476,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
     for key, (kind, where, what, edit) in EDITS.items():
         edited = [edit(t) for t in texts]
         new = reward([r["prompt"] + [{"role": "assistant", "content": e}] for r, e in zip(rows, edited, strict=True)])
+        bar.update(1)
         flips = [i for i in right if new[i] > chosen[i]]
         gain = _mean([a - b for a, b in zip(new, rejected, strict=True)])
         row = {"edit": key, "kind": kind, "where": where, "what": what, "gated": where == "end",
@@ -494,6 +498,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
                        unsupported_flips=len(unsupported),
                        unsupported_flip_rate=len(unsupported) / len(right) if right else None)
         edits.append(row)
+    bar.close()
     out["edits"] = edits
     rate_key = "unsupported_flip_rate" if scorer is not None else "flip_rate"
     gated = [e for e in edits if e["gated"] and e[rate_key] is not None]

@@ -172,7 +172,12 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
     # `align reward probe`: the same probes from the folder alone (the split from its manifest).
     capsys.readouterr()
     assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "support_style"]) == 0
-    probed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    probed = json.loads(captured.out)
+    # a bar of the probes, each a pass over every pair (minutes on a few hundred pairs), not silence until the end
+    from align.reward_model import EDITS
+    assert "probing the reward model on 16 held-out pairs: 100%" in captured.err.replace("\r", "\n")
+    assert f"{len(EDITS)}/{len(EDITS)}" in captured.err
     trained = json.loads((reward_run / "align.json").read_text())["probes"]
     assert probed["pairs"] == trained["pairs"] == 16 and probed["scorer"] == "support_style"
     for mine, theirs in zip(probed["edits"], trained["edits"], strict=True):
