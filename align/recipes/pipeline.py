@@ -12,7 +12,7 @@ same config (W&B and resume settings aside), its upstream artifacts and the data
 unchanged since, is skipped (`already_done`), so a killed pipeline picks up where it stopped.
 Labelling is `simulate` (a scorer ranks, through the same submit path as a person) or `human`
 (the app starts, prints its address, and the pipeline waits until the batch has all its
-rankings); a batch another scorer ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
+rankings); a batch another scorer (or unsafe_flagger) ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, sample.store, default <run.dir>/labels.db: every round's
 samples and eval human=true's A/B tasks go there); each round keeps its figures.
