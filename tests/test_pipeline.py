@@ -1066,10 +1066,10 @@ def test_a_hint_under_the_pipeline_names_the_key_with_its_section(tmp_path, monk
 def test_the_label_stage_passes_unsafe_flagger_to_the_simulated_annotator(tmp_path):
     """`unsafe_flagger:` reaches the label stage (no model needed: the stage alone, on a store with a batch): the
     simulated annotator ticks the replies it names, and a batch ranked without it is refused, not reused unflagged."""
+    from align import StageError
     from align.config import PipelineConfig
     from align.labeling.store import Store
     from align.recipes.pipeline import label
-    from align import StageError
 
     cfg = PipelineConfig(unsafe_flagger="support_unsafe")
     cfg.run.dir = str(tmp_path)
