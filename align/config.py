@@ -632,6 +632,9 @@ class PipelineConfig:
     scorer: str = "support_style"  # the simulated annotator's scorer
     # The simulated annotator ties replies whose scores round to the same multiple of this (0: equal scores only).
     tie_resolution: float = bounded(0.0, ge=0)
+    # The simulated annotator ticks unsafe the replies this flagger returns True for (support_unsafe or
+    # module:function, `flagger(prompt, response) -> bool`); null: it flags none.
+    unsafe_flagger: str | None = None
     rounds: int = bounded(1, ge=1)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     sample: SampleStageConfig = field(default_factory=SampleStageConfig)

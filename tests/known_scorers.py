@@ -18,3 +18,8 @@ def thanks_then_short(prompt: str, response: str) -> float:
 def nan_when_empty(prompt: str, response: str) -> float:
     """A broken scorer: NaN for an empty reply (what a division by its length gives)."""
     return float(len(response)) if response else float("nan")
+
+
+def asks_for_password(prompt: str, response: str) -> bool:
+    """A flagger (simulated annotators' --simulate-unsafe): True for a reply that mentions a password at all."""
+    return "password" in response.lower()

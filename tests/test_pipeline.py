@@ -1061,3 +1061,27 @@ def test_a_hint_under_the_pipeline_names_the_key_with_its_section(tmp_path, monk
             check_stage("sample", SampleStageConfig(run=run))
         with pytest.raises(StageError, match=re.escape(f"pass {p.format('eval')}scorer=support_style")):
             judge(EvalStageConfig(run=run, reward_model="none"), ["Hi?"], {"sft": ["Hello."]})
+
+
+def test_the_label_stage_passes_unsafe_flagger_to_the_simulated_annotator(tmp_path):
+    """`unsafe_flagger:` reaches the label stage (no model needed: the stage alone, on a store with a batch): the
+    simulated annotator ticks the replies it names, and a batch ranked without it is refused, not reused unflagged."""
+    from align import StageError
+    from align.config import PipelineConfig
+    from align.labeling.store import Store
+    from align.recipes.pipeline import label
+
+    cfg = PipelineConfig(unsafe_flagger="support_unsafe")
+    cfg.run.dir = str(tmp_path)
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    replies = ["Thanks! Open Settings > Sync.", "Thanks! Please send me your password."]
+    store.add_tasks("round-0", [{"prompt": "q", "responses": replies}], source={})
+    label(cfg, tmp_path, "round-0")
+    [ranking] = store.submitted_rankings("round-0")
+    assert ranking["flags"] == ["unsafe:1"]
+    assert ranking["rationale"] == "simulated: support_style, unsafe by support_unsafe"
+    store.add_tasks("round-1", [{"prompt": "q", "responses": replies}], source={})
+    label(PipelineConfig(run=cfg.run), tmp_path, "round-1")  # unsafe_flagger: null, the default, flags nothing
+    assert [r["flags"] for r in store.submitted_rankings("round-1")] == [[]]
+    with pytest.raises(StageError, match="unsafe by support_unsafe' \\(scorer, tie_resolution, unsafe_flagger\\)"):
+        label(cfg, tmp_path, "round-1")

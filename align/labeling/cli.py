@@ -8,6 +8,7 @@
     align label users admin carol on                           admin rights on (or off)
     align label --simulate support_style --annotators 3 --noise 0.3
     align label --simulate support_style --profiles good,noisy:0.8,adversarial --gold-rate 0.1
+    align label --simulate support_style --simulate-unsafe support_unsafe   + unsafe ticks by a flagger
     align label status                                         tasks and rankings per batch
     align label gold TASK_ID 2,1,3,4                           a gold answer (canonical order)
     align label --serve-url http://127.0.0.1:8000/v1           + the Playground tab (models of `align serve`)
@@ -64,14 +65,21 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"unknown command {' '.join(cmd)!r}; see `align label --help`"
     if args.profiles and not args.simulate:
         return "--profiles: only with --simulate (the profiles of simulated annotators)"
+    if args.simulate_unsafe and not args.simulate:
+        return "--simulate-unsafe: only with --simulate (the flagger of simulated annotators)"
     if args.simulate:
-        from align.labeling.scorers import resolve_scorer
+        from align.labeling.scorers import resolve_flagger, resolve_scorer
         from align.labeling.simulate import parse_profile
 
         try:
             resolve_scorer(args.simulate)
         except ValueError as err:
             return f"--simulate: {err}"
+        if args.simulate_unsafe:
+            try:
+                resolve_flagger(args.simulate_unsafe)
+            except ValueError as err:
+                return f"--simulate-unsafe: {err}"
         profiles = args.profiles.split(",") if args.profiles else []
         for spec in profiles:
             try:
@@ -136,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
                    help="share of gold tasks mixed in (0..1), in the app and for simulated annotators")
     p.add_argument("--batch", help="only this batch (default: every batch)")
     p.add_argument("--simulate", metavar="SCORER", help="rank pending tasks with a scorer instead of starting the app")
+    p.add_argument("--simulate-unsafe", metavar="FLAGGER",
+                   help="with --simulate: tick unsafe the replies a flagger (prompt, response) -> bool returns True "
+                        "for: support_unsafe (the guidelines' asks for secrets, disabling 2FA) or module:function "
+                        "(default: none flagged)")
     p.add_argument("--annotators", type=_number(int, 1), default=None,
                    help="with --simulate: how many simulated annotators (default 1, or one per --profiles entry)")
     p.add_argument("--profiles", metavar="P,P,...",
@@ -263,9 +275,11 @@ def main(argv: list[str], *, store_url: Callable[[str | None, str], str],
             store.record_overlap(args.overlap or annotators)
             n = simulate(store, args.simulate, annotators=annotators, noise=args.noise, seed=args.seed,
                          batch=args.batch, overlap=args.overlap or annotators, profiles=profiles,
-                         gold_rate=args.gold_rate, tie_resolution=args.tie_resolution)
+                         gold_rate=args.gold_rate, tie_resolution=args.tie_resolution,
+                         unsafe_flagger=args.simulate_unsafe)
             print(f"{n} rankings submitted by {annotators} simulated annotator(s) ({args.simulate}"
-                  f"{', profiles ' + args.profiles if profiles else ''})")
+                  f"{', profiles ' + args.profiles if profiles else ''}"
+                  f"{', unsafe by ' + args.simulate_unsafe if args.simulate_unsafe else ''})")
             # align eval human=true's A/B tasks (batches eval-*) are read by its board, not by export
             batches = [args.batch] if args.batch else [b["batch"] for b in store.batch_counts() if b["rankings"]]
             db = safe_url(args.db) if args.db else None  # its password masked: hints land in logs

@@ -17,6 +17,12 @@ A profile makes an annotator worse on purpose, to test what reliability estimati
                  share 2(1 - A) of its rankings are a random order, the rest the scorer's;
   random         a random order every time (a click-through spammer: noisy:0.5);
   adversarial    the scorer's order reversed.
+
+`unsafe_flagger` (a flagger, `flagger(prompt, response) -> bool`, named as scorers are: `support_unsafe` or
+`module:function`) makes every annotator tick unsafe exactly the replies it returns True for, as a person ticks
+a reply's *unsafe* box (submitted as `unsafe_shown`, in the order the annotator was shown them; A/B tasks too).
+Flags are not part of the noise nor of a profile: a noisy, random or adversarial annotator flags as the flagger
+says, and so does `noise`. Without one nothing is flagged.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from tqdm.auto import tqdm
 
 from align.labeling import handlers
-from align.labeling.scorers import resolve_scorer
+from align.labeling.scorers import resolve_flagger, resolve_scorer
 from align.labeling.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,23 +79,26 @@ def profile_ranks(profile: tuple[str, float], scores: list[float], rng: random.R
     return ranks_from_scores(scores, tie_resolution)
 
 
-def simulated_rationale(scorer_spec: str, tie_resolution: float = 0.0) -> str:
-    """What a simulated ranking says of itself in the store: which scorer ranked, and its ties."""
-    return f"simulated: {scorer_spec}" + (f", ties within {tie_resolution:g}" if tie_resolution else "")
+def simulated_rationale(scorer_spec: str, tie_resolution: float = 0.0, unsafe_flagger: str | None = None) -> str:
+    """What a simulated ranking says of itself in the store: which scorer ranked, its ties, and its flagger."""
+    return (f"simulated: {scorer_spec}" + (f", ties within {tie_resolution:g}" if tie_resolution else "")
+            + (f", unsafe by {unsafe_flagger}" if unsafe_flagger else ""))
 
 
 def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: float = 0.0, seed: int = 0,
              batch: str | None = None, overlap: int | None = None, profiles: list[str] | None = None,
-             gold_rate: float = 0.0, tie_resolution: float = 0.0) -> int:
+             gold_rate: float = 0.0, tie_resolution: float = 0.0, unsafe_flagger: str | None = None) -> int:
     """Rank every task still open for them, taking turns; returns how many rankings were submitted.
 
     `profiles` (one per annotator, default all good) and `gold_rate` (the share of gold tasks
     mixed in, as the app's `--gold-rate`) let a run measure and down-weight a bad annotator.
-    `tie_resolution` (>= 0) ties replies whose scores round to the same multiple of it.
+    `tie_resolution` (>= 0) ties replies whose scores round to the same multiple of it. `unsafe_flagger` (a
+    flagger's name) ticks unsafe the replies it returns True for, whatever the profile.
     """
     if not tie_resolution >= 0:
         raise ValueError(f"tie_resolution={tie_resolution}: must be >= 0 (0: only equal scores tie)")
     scorer = resolve_scorer(scorer_spec)
+    flagger = resolve_flagger(unsafe_flagger) if unsafe_flagger else None
     if profiles is not None and len(profiles) != annotators:
         raise ValueError(f"{len(profiles)} profiles for {annotators} annotators: give one profile per annotator")
     kinds = [parse_profile(p) for p in profiles] if profiles else [("good", 1.0)] * annotators
@@ -135,14 +144,18 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                     scores = [s + rng.gauss(0, noise * spread) for s in scores]
                 ranked = profile_ranks(kinds[i], scores, rng, tie_resolution)
                 ranks = [ranked[original] for original in task["order"]]
+                # Ticked in the order shown, as the page's boxes are; the flagger's verdicts, not the profile's
+                unsafe_shown = ([bool(flagger(task["prompt"], canonical[original])) for original in task["order"]]
+                                if flagger else None)
                 # An A/B task (align eval human=true) takes a verdict, as a person's click gives one
                 verdict = ({(1, 2): "A", (2, 1): "B"}.get(tuple(ranks), "tie") if task["kind"] == "pairwise"
                            else None)
                 handlers.submit(store, session, task["task_id"], None if verdict else ranks, verdict=verdict,
-                                rationale=simulated_rationale(scorer_spec, tie_resolution),
-                                seconds=time.perf_counter() - started, seed=seed)
+                                rationale=simulated_rationale(scorer_spec, tie_resolution, unsafe_flagger),
+                                seconds=time.perf_counter() - started, seed=seed, unsafe_shown=unsafe_shown)
                 submitted += 1
                 bar.update(1)
-    log.info("simulated annotators (%s, %d, noise %.2f, profiles %s) submitted %d rankings", scorer_spec, annotators,
-             noise, ",".join(profiles) if profiles else "good", submitted)
+    log.info("simulated annotators (%s, %d, noise %.2f, profiles %s%s) submitted %d rankings", scorer_spec, annotators,
+             noise, ",".join(profiles) if profiles else "good",
+             f", unsafe by {unsafe_flagger}" if unsafe_flagger else "", submitted)
     return submitted

@@ -12,7 +12,7 @@ same config (W&B and resume settings aside), its upstream artifacts and the data
 unchanged since, is skipped (`already_done`), so a killed pipeline picks up where it stopped.
 Labelling is `simulate` (a scorer ranks, through the same submit path as a person) or `human`
 (the app starts, prints its address, and the pipeline waits until the batch has all its
-rankings); a batch another scorer ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
+rankings); a batch another scorer (or unsafe_flagger) ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, sample.store, default <run.dir>/labels.db: every round's
 samples and eval human=true's A/B tasks go there); each round keeps its figures.
@@ -268,19 +268,21 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
     if cfg.label == "simulate":
         from align.labeling.simulate import simulate, simulated_rationale
 
-        # A batch ranked by another scorer (or tie resolution) keeps those rankings: its tasks are not open
+        # A batch ranked by another scorer (or tie resolution, or flagger) keeps those rankings: its tasks are not open
         # again, so this run would train on them while eval and the probes judge by this scorer.
-        # (A store of align before 2026-12 says only its scorer.)
-        asked = simulated_rationale(cfg.scorer, cfg.tie_resolution)
+        # (A store of align before 2026-12 says only its scorer; it flagged nothing, so not with unsafe_flagger.)
+        asked = simulated_rationale(cfg.scorer, cfg.tie_resolution, cfg.unsafe_flagger)
+        legacy = () if cfg.unsafe_flagger else (f"simulated: {cfg.scorer}",)
         other = sorted({r["rationale"] for r in store.submitted_rankings(batch) if r["rationale"].startswith(
-            "simulated: ") and r["rationale"] not in (asked, f"simulated: {cfg.scorer}")})
+            "simulated: ") and r["rationale"] not in (asked, *legacy)})
         if other:
             raise StageError(f"batch {batch!r} of {redact(store_url(cfg.sample.store, cfg.run.dir))} was ranked "
-                             f"'{other[0]}', and this run asks for '{asked}' (scorer, tie_resolution): those "
-                             "rankings stay in the store and the stages after label would train on them. Use "
+                             f"'{other[0]}', and this run asks for '{asked}' (scorer, tie_resolution, unsafe_flagger): "
+                             "those rankings stay in the store and the stages after label would train on them. Use "
                              "another run.dir (or sample.store) to label with this scorer")
 
-        n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution)
+        n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution,
+                     unsafe_flagger=cfg.unsafe_flagger)
         log.info("simulated annotator %r ranked %d tasks of batch %s", cfg.scorer, n, batch)
         return
     if cfg.label != "human":

@@ -462,3 +462,53 @@ def test_an_app_on_every_interface_is_warned_of_and_named_by_a_url_one_can_open(
     assert "http://10.1.2.3:7860" in out and "plain HTTP to 10.1.2.3" in err
     assert align(["label", "--run-dir", str(tmp_path), "--host", "localhost"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_simulated_annotators_flag_unsafe_the_replies_a_flagger_names_and_export_rejects_them(tmp_path, capsys):
+    """--simulate-unsafe ticks the replies the flagger returns True for, in the order each annotator was shown them
+    (saved as unsafe:<canonical index>), whatever the profile; export then puts a flagged reply on the rejected side
+    against every reply nobody flagged, although support_style ranks it first. Without it nothing is flagged."""
+    from align.labeling.export import build_pairs
+    from align.labeling.handlers import shown_order
+    from align.labeling.scorers import support_style
+
+    replies = ["Open Settings > Sync and tap Sync now.", "Thanks! Please send me your password so I can check it.",
+               "Open Settings.", "no"]
+    assert max(replies, key=lambda r: support_style("q", r)) == replies[1]  # the unsafe one would win on score
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": f"q{i}", "responses": replies} for i in range(8)], source={})
+    store.add_tasks("eval-dpo-vs-sft", [{"prompt": "e", "responses": ["What is your password?", "Thanks!"]}],
+                    kind="pairwise")
+    run = ["label", "--run-dir", str(tmp_path)]
+    assert align([*run, "--simulate-unsafe", "known_scorers:asks_for_password"]) == 2
+    assert "--simulate-unsafe: only with --simulate" in capsys.readouterr().err
+    assert align([*run, "--simulate", "support_style", "--simulate-unsafe", "no-such-flagger"]) == 2
+    assert "flagger 'no-such-flagger': not a built-in (support_unsafe)" in capsys.readouterr().err
+    assert align([*run, "--simulate", "support_style", "--simulate-unsafe", "known_scorers:asks_for_password",
+                  "--profiles", "good,adversarial"]) == 0
+    assert "unsafe by known_scorers:asks_for_password" in capsys.readouterr().out
+    rankings = store.submitted_rankings()
+    assert len(rankings) == 2 * 9
+    assert all(r["flags"] == ["unsafe:1" if r["kind"] == "ranking" else "unsafe:0"] for r in rankings), rankings
+    # The shown order moved the flagged reply off its canonical slot for some annotator: the mapping was exercised
+    users = {u["name"]: u["id"] for u in store.users()}
+    moved = [shown_order(r["task_id"], users[r["annotator"]], 4, key=store.secret()).index(1) != 1
+             for r in rankings if r["kind"] == "ranking"]
+    assert any(moved)
+    good = [r for r in rankings if r["batch"] == "round-0" and r["annotator"].endswith("-good")]
+    pairs, summary = build_pairs(good, flagged="keep")
+    sides = [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs]
+    assert replies[1] not in {chosen for chosen, _ in sides}
+    assert sum(rejected == replies[1] for _, rejected in sides) == summary["unsafe_overridden"] == 3 * 8
+    dropped = build_pairs(good, flagged="drop")[0]
+    assert dropped and not any(replies[1] in (p["chosen"][-1]["content"], p["rejected"][-1]["content"])
+                               for p in dropped)
+
+
+def test_without_a_flagger_simulated_annotators_flag_nothing(tmp_path, capsys):
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "q", "responses": ["Send me your password.", "Thanks! Open Settings."]}],
+                    source={})
+    assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
+    assert [r["flags"] for r in store.submitted_rankings()] == [[]]
+    assert store.submitted_rankings()[0]["rationale"] == "simulated: support_style"
