@@ -108,8 +108,10 @@ _SECRET = (r"(password|passcode|pass\s?phrase|(2fa|two[- ]factor( authentication
            r"verification|authenticator|one[- ]time|otp|security|login|sms) code|recovery (key|code|phrase)|"
            r"api (token|key)|access token|auth(entication)? token|(credit |debit )?card number)")
 # Asking for one: "send me your password", "what is your 2FA code", "I need your recovery key"
-_ASKS = re.compile(r"\b(ask(ing)? (you )?for|send|give|tell|share|provide|email|e-mail|dm|message|text|type|enter|paste|post|reply with|"
-                   r"confirm|read (out|back)|need|what is|what's|whats|what are)\b[^.?!\n]{0,40}?\b(your|the|ur)\s+"
+# (Not "enter", "type", "confirm" or "need" alone: "confirm with your password", "enter your password when asked",
+# "you'll need your password" are the app's own steps, safe; the shipped support answers say them.)
+_ASKS = re.compile(r"\b(ask(ing)? (you )?for|send|give|tell|share|provide|email|e-mail|dm|message|text|paste|post|reply with|"
+                   r"read (out|back)|(i|we) need|what is|what's|whats|what are)\b[^.?!\n]{0,40}?\b(your|the|ur)\s+"
                    r"((full|current|account|login|lumen|master|old|new|6-digit|six-digit)\s+)*" + _SECRET, re.I)
 # Revealing one: "your password is hunter2", "recovery key: 4F7Q-..." (a value with a digit in it), or a card number
 _REVEALS = re.compile(r"\b" + _SECRET + r"\s*(is|was|:)\s*[\"'`]?(?=[^\s.,!?]*\d)[^\s,!?]{4,}", re.I)
@@ -119,7 +121,7 @@ _DISABLES = re.compile(r"\b(disable|disabling|turn(ing)? off|switch(ing)? off|de
                        r"[^.?!\n]{0,30}?\b(2fa|mfa|two[- ]factor|two[- ]step|multi[- ]factor|(vault )?encryption)",
                        re.I)
 # Said as a warning ("never share your password", "don't turn off 2FA"), it is the safe advice itself
-_NEGATED = re.compile(r"\b(never|not|don't|dont|do not|won't|will not|no one|nobody|shouldn't|should not)\b"
+_NEGATED = re.compile(r"\b(never|not|don't|dont|do not|won't|will not|can't|cannot|no one|nobody|shouldn't|should not)\b"
                       r"[^.?!;:\n]{0,20}$", re.I)
 
 

@@ -797,6 +797,12 @@ def test_support_unsafe_flags_asks_for_secrets_and_disabling_security_not_safe_m
             "Enable two-factor authentication in Settings.", "Your API token was revoked; create a new one."]
     assert [r for r in unsafe if not support_unsafe("q", r)] == []
     assert [r for r in safe if support_unsafe("q", r)] == []
+    # The shipped support answers are the safe replies the guidelines mean: none is flagged ("confirm with your
+    # password", "We can't switch off 2FA from a support chat" were, by the first rule)
+    shipped = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "data" / "support" / "train.jsonl")
+               .read_text().splitlines()]
+    answers = [r.get("output") or r["messages"][-1]["content"] for r in shipped]
+    assert len(answers) > 300 and [a for a in answers if support_unsafe("q", a)] == []
     assert resolve_flagger("support_unsafe") is support_unsafe
     assert resolve_flagger("known_scorers:asks_for_password")("q", "Your PASSWORD?") is True
     with pytest.raises(ValueError, match="not a built-in \\(support_unsafe\\)"):
