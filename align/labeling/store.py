@@ -997,8 +997,7 @@ class Store:
                     if row and row.status == "submitted":
                         return False
                     if row and status == "submitted" and row.status == "draft" and keep_draft_unsafe:
-                        drafted = {f for f in json.loads(row.flags or "[]")
-                                   if isinstance(f, str) and f.startswith(UNSAFE_REPLY)}
+                        drafted = {f for f in json.loads(row.flags or "[]") if names_reply(f)}
                         values["flags"] = json.dumps(sorted(set(flags or []) | drafted))
                     if row and status == "draft" and row.status == "draft":  # a draft fills in ranks (0 = not set
                         kept = json.loads(row.ranks)  # here): a second tab that never saw a rank cannot erase it; a
@@ -1098,8 +1097,7 @@ class Store:
                     if not isinstance(flags, list):
                         raise ValueError(f"flags {r['flags']!r} is not a list")
                     # an unsafe:<i> past the task's responses would flag another reply, or none: refused as ranks are
-                    check_flags([f for f in flags if isinstance(f, str) and f.startswith(UNSAFE_REPLY)],
-                                len(t["responses"]))
+                    check_flags([f for f in flags if names_reply(f)], len(t["responses"]))
                     unreadable = None
                 except ValueError as err:  # kept, marked: a reader of its batch refuses it (readable), others skip it
                     unreadable = (f"task {r['task_id']}'s ranking by {r['annotator']} (rankings.id {r['id']}) cannot "
@@ -1232,6 +1230,11 @@ UNSAFE_REPLY = "unsafe:"  # a ranking's flag naming one unsafe response by its c
 FLAGS = ("all_bad", "unsafe")  # the ranking's own flags; "unsafe" alone is what the app wrote before per-reply flags
 
 
+def names_reply(flag: object) -> bool:
+    """Whether a stored flag names one response (unsafe:<i>), not the whole ranking."""
+    return isinstance(flag, str) and flag.startswith(UNSAFE_REPLY)
+
+
 def unsafe_flag(index: int) -> str:
     """The flag that marks response `index` (canonical order) unsafe."""
     return f"{UNSAFE_REPLY}{index}"
@@ -1239,19 +1242,19 @@ def unsafe_flag(index: int) -> str:
 
 def unsafe_replies(flags: Collection[str] | None) -> set[int]:
     """The canonical indices of the responses a ranking's `flags` mark unsafe (its unsafe:<i> entries)."""
-    return {int(f[len(UNSAFE_REPLY):]) for f in flags or () if isinstance(f, str) and f.startswith(UNSAFE_REPLY)}
+    return {int(f[len(UNSAFE_REPLY):]) for f in flags or () if names_reply(f)}
 
 
 def task_flags(flags: Collection[str] | None) -> set[str]:
     """A ranking's flags that speak for the whole ranking: all_bad, and unsafe written without a response (the app
     before per-reply flags); flagged=drop drops such a ranking's task whole."""
-    return {f for f in flags or () if not (isinstance(f, str) and f.startswith(UNSAFE_REPLY))}
+    return {f for f in flags or () if not names_reply(f)}
 
 
 def flag_names(flags: Collection[str] | None) -> set[str]:
     """A ranking's flags as the export's `flag` column names them: unsafe:<i> is "unsafe" (which reply is
     the pair's own matter: rejected_unsafe, chosen_unsafe)."""
-    return {"unsafe" if isinstance(f, str) and f.startswith(UNSAFE_REPLY) else f for f in flags or ()}
+    return {"unsafe" if names_reply(f) else f for f in flags or ()}
 
 
 def check_flags(flags: Collection[str], k: int) -> None:
@@ -1259,7 +1262,7 @@ def check_flags(flags: Collection[str], k: int) -> None:
     for f in flags:
         if f in FLAGS:
             continue
-        index = f[len(UNSAFE_REPLY):] if isinstance(f, str) and f.startswith(UNSAFE_REPLY) else None
+        index = f[len(UNSAFE_REPLY):] if names_reply(f) else None
         if index is None or not (index.isdigit() and index.isascii() and index == str(int(index)) and int(index) < k):
             raise ValueError(f"flag {f!r} is not allowed: a flag is all_bad, unsafe, or unsafe:<i> with i the index "
                              f"of one of the task's {k} responses (0 to {k - 1}, canonical order)")
