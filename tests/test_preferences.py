@@ -160,6 +160,24 @@ def test_split_by_prompt_keeps_every_prompt_on_one_side():
     assert len(seen_test) == 2 and len(train) + len(test) == 60
 
 
+def test_split_by_prompt_splits_each_batch_on_its_own_and_a_prompt_stays_with_its_first_batch():
+    def row(batch, q):
+        return {"prompt": [{"role": "user", "content": q}], "batch": batch}
+
+    first = [row("a", f"q{i}") for i in range(10)]
+    alone = split_by_prompt(first, 0.2, seed=3)
+    # A second batch, which asks two of the first batch's prompts again: they keep the side they had.
+    second = [row("b", f"r{i}") for i in range(10)] + [row("b", "q0"), row("b", "q1")]
+    train, test = split_by_prompt(first + second, 0.2, seed=3)
+    side = {r["prompt"][0]["content"]: "test" for r in test} | {r["prompt"][0]["content"]: "train" for r in train}
+    assert len(side) == 20
+    assert all(side[r["prompt"][0]["content"]] == s for s, part in zip(("train", "test"), alone, strict=True) for r in part)
+    assert sum(s == "test" and q.startswith("r") for q, s in side.items()) == 2
+    # Batches of one prompt each have nothing to split on their own: split together, one held out as before.
+    train, test = split_by_prompt([row(f"b{i}", f"q{i}") for i in range(5)], 0.2, seed=0)
+    assert (len(train), len(test)) == (4, 1)
+
+
 BAD = [
     ("{not json", r"not JSON"),
     ("[1, 2]", r"expected a JSON object"),

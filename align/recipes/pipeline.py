@@ -15,7 +15,8 @@ Labelling is `simulate` (a scorer ranks, through the same submit path as a perso
 rankings); a batch another scorer (or unsafe_flagger) ranked is refused, not reused. With `rounds: N`, round r > 0 samples from round r-1's aligned policy,
 sends those samples for ranking, and retrains on the grown preference data, in
 <run.dir>/round-<r>/ (the store stays one, sample.store, default <run.dir>/labels.db: every round's
-samples and eval human=true's A/B tasks go there); each round keeps its figures.
+samples and eval human=true's A/B tasks go there); each round keeps its figures. A round's export holds
+out each round's own share of prompts, an earlier round's on the side they had (align.labeling.export.split_by_prompt).
 Round 0 samples the first `sample.num_prompts` prompts, and each later round from the prompts no
 earlier round used (align/recipes/sample.py); with `sample.selection: uncertainty`, a later round picks
 them from `sample.pool_factor` x as many by the previous round's reward model (docs/active.md),

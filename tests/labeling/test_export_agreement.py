@@ -399,6 +399,35 @@ def test_export_writes_a_dataset_the_training_stages_load(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_later_rounds_export_keeps_every_earlier_prompt_on_its_side(tmp_path):
+    """Round 1's export (batches round-0 and round-1) used to re-shuffle all prompts: round 0's training prompts
+    could be held out in round 1 and its held-out ones trained on, so the two rounds' held-out figures were over
+    different prompts. Each batch is split on its own now: round 0's split is the same in every later export."""
+    from align.labeling.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    replies = ["Thanks! Open Settings > Sync.", "no", "Open Settings."]
+    for r in range(3):
+        store.add_tasks(f"round-{r}", [{"prompt": f"Ticket {r}-{i}", "responses": replies} for i in range(20)],
+                        source={})
+    simulate(store, "support_style")
+
+    def sides(batches, seed=0):
+        out = tmp_path / f"prefs-{len(batches)}-{seed}"
+        export_preferences(store, out, batches=batches, test_fraction=0.25, seed=seed)
+        data, _ = load_preferences(out)
+        return [{p[-1]["content"] for p in data[s]["prompt"]} for s in ("train", "test")]
+
+    train0, test0 = sides(["round-0"])
+    assert len(test0) == 5 and len(train0) == 15
+    for batches in (["round-0", "round-1"], ["round-0", "round-1", "round-2"]):
+        train, test = sides(batches)
+        assert test0 <= test and train0 <= train, batches
+        assert len(test) == 5 * len(batches)  # each round holds out its own quarter
+    # The seed still chooses: another seed holds out other prompts of round 0.
+    assert sides(["round-0"], seed=1)[1] != test0
+
+
 def test_export_replaces_only_a_previous_export_and_deletes_nothing_it_did_not_write(tmp_path):
     from align.labeling.export import ExportError
     from align.labeling.store import Store
