@@ -39,7 +39,7 @@ from align.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from align.config import ConfigError, PPOStageConfig, save_config, to_dict
+from align.config import ConfigError, PPOStageConfig, RLConfig, save_config, to_dict
 from align.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from align.data import file_hash, load_prompts, with_system_prompt
 from align.gpu_training import (
@@ -84,8 +84,6 @@ PPO_ONLY = ("minibatch_size", "ppo_epochs", "kl_control", "kl_target", "kl_horiz
 
 def ignored_settings(cfg: PPOStageConfig) -> list[str]:
     """The PPO-only rl.* keys set away from their defaults (the quickstart's ppo.yaml sets several)."""
-    from align.config import RLConfig
-
     default = RLConfig()
     return [f"rl.{k}" for k in PPO_ONLY if getattr(cfg.rl, k) != getattr(default, k)]
 

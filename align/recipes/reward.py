@@ -30,7 +30,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from align import StageError, report
+from align import StageError, artifacts, report
 from align.artifacts import (
     is_main_process,
     model_identity,
@@ -43,7 +43,7 @@ from align.artifacts import (
     system_prompt_of,
     write_manifest,
 )
-from align.config import ConfigError, RewardStageConfig, save_config, to_dict
+from align.config import ConfigError, PPOStageConfig, RewardStageConfig, load_config, save_config, to_dict
 from align.cpu import keep_trainable_in, speed_up_cpu_training
 from align.data import DataError, file_hash
 from align.gpu_training import (
@@ -66,6 +66,7 @@ from align.preflight import check_adapter, check_stage
 from align.reward_model import (
     MAX_PROBE_FLIP_RATE,
     drop_earlier_extras,
+    gate,
     heldout_metrics,
     load_reward_model,
     pair_losses,
@@ -432,10 +433,6 @@ def ppo_gate_refuses(out: Path) -> list[str]:
     `key=value`, with the values `align ppo` would run with next (the sibling ppo.yaml of this command's
     --config, else its defaults); empty when the gate lets it through. Each is checked with the other off, so a
     hint that overrides them all is one the gate lets through."""
-    from align import artifacts
-    from align.config import PPOStageConfig, load_config
-    from align.reward_model import gate
-
     sibling = artifacts.config_folder / "ppo.yaml" if artifacts.config_folder else None
     try:
         ppo = load_config(PPOStageConfig, sibling if sibling and sibling.is_file() else None)
