@@ -541,9 +541,7 @@ def read_sft_examples(path: str | Path, fmt: str = "auto", *, system_prompt: str
         except DataError as err:
             if on_error == "raise":
                 raise
-            report.skipped += 1
-            report.problems.append(str(err))
-            log.warning("skipped %s", err)
+            skip_record(report, err)
             continue
         key = json.dumps(with_system_prompt(prompt, system_prompt), sort_keys=True)
         if turns == "all" and report.format in ("messages", "alpaca"):  # alpaca: its history's responses
@@ -638,6 +636,14 @@ def split_by_prompt(dataset, test_fraction: float, seed: int, groups: list[str] 
         return dataset, None
     train = sorted(set(range(len(keys))) - set(test))
     return dataset.select(train), dataset.select(test)
+
+
+def skip_record(report, problem: str | Exception) -> None:
+    """A record `data.on_error=skip` leaves out: counted, kept in `report.problems` (a LoadReport or a
+    PreferenceReport) for the error that names the first when nothing is left, and logged."""
+    report.skipped += 1
+    report.problems.append(str(problem))
+    log.warning("skipped %s", problem)
 
 
 def no_records(path: str | Path, skipped: int, problems: list[str], what: str = "examples") -> DataError:

@@ -48,6 +48,7 @@ from align.data import (
     missing,
     no_records,
     no_train_split,
+    skip_record,
     split_roles,
     with_system_prompt,
 )
@@ -258,9 +259,7 @@ def read_preference_pairs(path: str | Path, *, on_error: str = "raise") -> tuple
         except DataError as err:
             if on_error == "raise":
                 raise
-            report.skipped += 1
-            report.problems.append(str(err))
-            log.warning("skipped %s", err)
+            skip_record(report, err)
     if not rows["train"]:
         raise no_records(path, report.skipped, report.problems, "preference pairs")
     return rows, report

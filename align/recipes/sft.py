@@ -21,7 +21,7 @@ from align import StageError, report
 from align.artifacts import model_identity, print_done, settings_of, shell, stage_dir, write_manifest
 from align.config import SFTStageConfig, save_config, to_dict
 from align.cpu import keep_trainable_in, speed_up_cpu_training
-from align.data import DataError, file_hash, load_sft_dataset, split_by_prompt
+from align.data import DataError, file_hash, load_sft_dataset, skip_record, split_by_prompt
 from align.gpu_training import (
     describe_levers,
     fit_checkpointing,
@@ -89,9 +89,7 @@ def template_refused(dataset, tokenizer, report, on_error: str, model: str):
         if on_error == "raise":
             raise DataError(f"{said}; fix the record, or set data.on_error=skip to leave such examples out")
         refused.append(i)
-        report.skipped += 1
-        report.problems.append(said)
-        log.warning("skipped %s", said)
+        skip_record(report, said)
     if refused and len(refused) == len(dataset):
         raise DataError(f"{report.path}: the chat template of model.name={model} refuses every example (the first: "
                         f"{report.problems[-len(refused)]})")
