@@ -270,19 +270,30 @@ def _rtl_letter(char: str) -> bool:
 
 
 def _turns(text: str, at: int) -> bool:
-    """Whether `text[at]`, in left-to-right text, is a right-to-left character that is no letter (U+05BE ־ looks like
-    a hyphen, U+05C3 ׃ like a colon) with no right-to-left letter beside it: it turns the numbers and signs beside it
-    around. One that ends or starts a Hebrew or Arabic word is how that word is written (the Arabic question mark in
-    "مساعدتك؟", the Urdu full stop, the geresh of "ג׳", the maqaf of "ב־14"), the letter beside it is seen, and a
-    currency sign (﷼, ؋) is a glyph of its own: none of them is a marker. The letter before may carry marks (vowel
-    points, harakat)."""
-    kind = unicodedata.category(text[at])
-    if unicodedata.bidirectional(text[at]) not in ("R", "AL") or kind[0] in "LM" or kind == "Sc":
+    """Whether `text[at]`, in left-to-right text, is a right-to-left character standing alone, which turns the
+    numbers and signs beside it around: a sign with no right-to-left letter beside it (U+05BE ־ looks like a
+    hyphen, U+05C3 ׃ like a colon), or a letter with no right-to-left letter or sign beside it (U+05D9 י looks like
+    an apostrophe, U+0627 ا like an l: "from day ا1 - 14ا" was drawn "from day ا14 - 1ا", with no marker). One that
+    ends or starts a Hebrew or Arabic word is how that word is written (the Arabic question mark in "مساعدتك؟", the
+    Urdu full stop, the geresh of "ג׳", the maqaf of "ב־14"), the letter beside it is seen, and a currency sign (﷼,
+    ؋) is a glyph of its own: none of them is a marker. Marks (vowel points, harakat) on either side are skipped."""
+    char = text[at]
+    kind = unicodedata.category(char)
+    if unicodedata.bidirectional(char) not in ("R", "AL") or kind[0] == "M" or kind == "Sc":
         return False
-    start = at
+    start, end = at, at + 1
     while start and unicodedata.category(text[start - 1])[0] == "M":
         start -= 1
-    return not (_rtl_letter(text[start - 1:start]) or _rtl_letter(text[at + 1:at + 2]))
+    while end < len(text) and unicodedata.category(text[end])[0] == "M":
+        end += 1
+    beside = (text[start - 1:start], text[end:end + 1])
+    if kind[0] == "L":  # a letter: a one-letter word, alone among left-to-right text, numbers and spaces
+        return not any(_rtl_letter(c) or _rtl_sign(c) for c in beside)
+    return not any(_rtl_letter(c) for c in beside)
+
+
+def _rtl_sign(char: str) -> bool:
+    return bool(char) and unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] not in "LM"
 
 
 def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:

@@ -1118,8 +1118,8 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
     assert ('We re<span class="align-hidden">⟨U+200C⟩</span>fund wi<span class="align-hidden">⟨U+200D⟩</span>thin'
             in shown) and "\u200c" not in shown and "\u200d" not in shown
     for text, char in [("caf\u00e9\u200dg", "\u200d"), ("Gr\u00fc\u200c\u00dfe", "\u200c"), ("\u00e9\u200c\u0301", "\u200c"),
-                       ("a\u200c\u0628", "\u200c"), ("\u0628\u200cx", "\u200c"), ("\u0915\u200d\u0301", "\u200d"),
-                       ("\u0628\u200c\u0915", "\u200c"), ("\u0436\u200d\u0436", "\u200d"), ("\u6771\u200c\u4eac", "\u200c")]:
+                       ("a\u200c\u0628\u0627", "\u200c"), ("\u0628\u0627\u200cx", "\u200c"),
+                       ("\u0915\u200d\u0301", "\u200d"), ("\u0628\u0627\u200c\u0915", "\u200c"), ("\u0436\u200d\u0436", "\u200d"), ("\u6771\u200c\u4eac", "\u200c")]:
         shown = handlers.text_html(text)
         assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
     # ... while a Persian word's ZWNJ and a Devanagari conjunct's ZWJ are how those are written: not markers
@@ -1233,6 +1233,23 @@ def test_a_sign_that_ends_a_hebrew_or_arabic_word_and_a_currency_sign_are_no_mar
                        ("Why \u061f 30 days", "\u061f")]:
         shown = handlers.text_html(text)
         assert "holds 1 hidden or direction character," in shown and f"⟨U+{ord(char):04X}⟩" in shown, ascii(text)
+
+
+def test_a_lone_hebrew_or_arabic_letter_in_ltr_text_is_a_marker():
+    """A right-to-left letter turns the numbers beside it around as a sign does, and some look like punctuation or
+    a Latin letter: "from day ا1 - 14ا" (alef, like an l) was drawn "from day ا14 - 1ا", and yod, like an apostrophe,
+    made "5 - 50" read "50 - 5", under no marker (only signs were). A letter with no right-to-left letter or sign
+    beside it is a marker now, in left-to-right text; a word of two letters, a letter with its sign (ב־14, ג׳) or
+    with vowel points, and any letter in right-to-left text are drawn as stored."""
+    for text, char in [("from day \u06271 - 14\u0627", "\u0627"), ("The fee is \u05d95 - 50\u05d9 percent", "\u05d9"),
+                       ("The fee is \u05d5 5 - 50 \u05d5 percent", "\u05d5"), ("a \u05d0\u05b8 b 1 - 2", "\u05d0")]:
+        shown = handlers.text_html(text)
+        assert f"holds {text.count(char)} hidden or direction character" in shown and char not in shown, ascii(text)
+        assert f'<span class="align-hidden">⟨U+{ord(char):04X}⟩</span>' in shown
+    for plain in ("Hebrew: ב־14 ימים.", "The letter ג׳ sounds like j.", "שלום means hello, 1 - 14",
+                  "In Arabic, 'How can I help you?' is 'كيف يمكنني مساعدتك؟'", "ו 5 - 50 ו, ימים"):
+        shown = handlers.text_html(plain)
+        assert "align-warn" not in shown and html.escape(plain) in shown, plain
 
 
 def test_ordinary_text_with_format_characters_is_not_flagged():
