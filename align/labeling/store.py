@@ -378,6 +378,17 @@ def _note_key(batch: str) -> str:
     return "batch-note:" + hashlib.sha256(batch.encode()).hexdigest()[:53]
 
 
+def _create_private(path: str) -> None:
+    """A new SQLite store's file, made readable by its owner only (0600; SQLite gives its -wal and -shm files the
+    same mode): it holds the secret that keys the shuffles and the gold draw, password hashes and every ranking,
+    and under a umask of 022 it was readable by every user of the machine. An existing file keeps its mode (a
+    team may have opened it to a group on purpose)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
 def _backup_sqlite(path: str, version: int) -> str:
     """A copy of the SQLite store at `path` beside it, `<path>.v<version>.bak` (or `.v<version>.<n>.bak` when
     that is taken), made with SQLite's backup API: under WAL a plain copy of the file misses what the -wal file
@@ -387,6 +398,7 @@ def _backup_sqlite(path: str, version: int) -> str:
         target, n = f"{path}.v{version}.{n}.bak", n + 1
     partial = target + ".partial"
     try:
+        _create_private(partial)  # a copy of everything the store holds, as private as a new store
         source, copy = sqlite3.connect(path, timeout=LOCK_WAIT), sqlite3.connect(partial)
         try:
             source.backup(copy)
@@ -415,6 +427,7 @@ class Store:
         path = sqlite_path(url)
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _create_private(path)
         self.engine = _engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         try:

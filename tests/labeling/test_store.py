@@ -1781,3 +1781,22 @@ def test_a_sqlite_store_is_backed_up_before_its_schema_is_migrated(tmp_path, cap
     still_there(again, kept)
     Store(old.url)  # at this version: no second backup
     assert sorted(p.name for p in tmp_path.glob("labels.db.v*")) == ["labels.db.v1.bak"]
+    assert backup.stat().st_mode & 0o777 == 0o600  # a copy of the secret and the password hashes: the owner's
+
+
+def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path):
+    """labels.db holds the secret that keys the shuffles and the gold draw, password hashes and every ranking; made
+    under a umask of 022 it (and its -wal and -shm files) was readable by every user of the machine. An existing
+    file keeps the mode it has."""
+    old_umask = os.umask(0o022)
+    try:
+        store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+        make_tasks(store, 1)
+        for name in ("labels.db", "labels.db-wal", "labels.db-shm"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+        (tmp_path / "team.db").touch(mode=0o660)
+        os.chmod(tmp_path / "team.db", 0o660)
+        make_tasks(Store(f"sqlite:///{tmp_path / 'team.db'}"), 1)
+        assert (tmp_path / "team.db").stat().st_mode & 0o777 == 0o660
+    finally:
+        os.umask(old_umask)
