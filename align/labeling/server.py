@@ -83,6 +83,11 @@ PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|cancel|heartbeat/[^/]+)
 # Page-session hashes remembered per account (one per page load); past it an account forgets its own oldest,
 # never another account's (a global list, oldest dropped first, let one account flush out everyone's).
 HASHES_PER_ACCOUNT = 2_000
+# Calls one account may queue (queue/join): a burst, then a steady rate. Gradio's queue is one line for every
+# account: 1,500 joins from one signed-in annotator in 7 s held another's submit for 53 s and a page load for 39 s.
+# A page makes a few calls per action (a load ~5, a rank or a key 1-2, a submit 2), so a person never meets it.
+JOINS_BURST = 60
+JOINS_PER_SECOND = 10.0
 SECURITY_HEADERS = {
     # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
     # sent to, another host: no remote image, font, frame, fetch or form target.
@@ -273,6 +278,19 @@ class RequireSession:
         # so this check is defence in depth; the identity of every call comes from the cookie.
         self.owners: dict[str, int] = {}
         self.hashes_of: dict[int, OrderedDict[str, None]] = {}
+        self.joins: dict[int, tuple[float, float]] = {}  # annotator id -> (calls left, when counted): _too_many
+
+    def _too_many(self, annotator_id: int) -> float:
+        """0 when this account may queue one more call now (and counts it), else the seconds until it may: a token
+        bucket of JOINS_BURST calls refilled at JOINS_PER_SECOND."""
+        now = time.monotonic()
+        left, then = self.joins.get(annotator_id, (float(JOINS_BURST), now))
+        left = min(float(JOINS_BURST), left + (now - then) * JOINS_PER_SECOND)
+        if left < 1:
+            self.joins[annotator_id] = (left, now)
+            return (1 - left) / JOINS_PER_SECOND
+        self.joins[annotator_id] = (left - 1, now)
+        return 0.0
 
     def _owned_by_another(self, session_hash: Any, annotator_id: int) -> bool:
         if not isinstance(session_hash, str) or not session_hash:
@@ -381,6 +399,10 @@ class RequireSession:
             return JSONResponse({"detail": f"this page was opened by another account; you are signed in as {name}: "
                                            f"reload to rank as {name} (nothing from this page was saved)"},
                                 status_code=403)
+        if path == "/gradio_api/queue/join" and (wait := self._too_many(session["annotator_id"])):
+            return JSONResponse({"detail": f"too many calls from this account at once (over {JOINS_BURST}, then "
+                                           f"{JOINS_PER_SECOND:g} a second): nothing of this one was run; try again"},
+                                status_code=429, headers={"Retry-After": str(int(wait) + 1)})
         return body
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,30 @@ def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatc
         assert call(alice, "alices-page").status_code == 200
         assert call(bob, "bobs-page-19").status_code == 200 and call(alice, "bobs-page-19").status_code == 403
         assert call(alice, "bobs-page-0").status_code == 200  # bob's oldest, forgotten by bob's own newer ones
+
+
+def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monkeypatch):
+    """Gradio's queue is one line for every account, with no limit: 1,500 joins from one signed-in annotator in 7 s
+    held another annotator's submit for 53 s. Now an account past its burst of calls is refused at once (429,
+    Retry-After), before Gradio queues anything, while another account's calls go through; the burst comes back
+    at the account's steady rate."""
+    from align.labeling import server
+
+    monkeypatch.setattr(server, "JOINS_BURST", 5)
+    monkeypatch.setattr(server, "JOINS_PER_SECOND", 50.0)
+    with served(store) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        index = fn_index(alice, "do_refresh")
+        flood = [alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": index, "session_hash": "alices-page",
+                                                           "event_data": None, "trigger_id": None})
+                 for _ in range(40)]
+        refused = [r for r in flood if r.status_code == 429]
+        assert 0 < len(refused) < 40 and flood[0].status_code == 200, [r.status_code for r in flood]
+        assert "too many calls from this account" in refused[0].json()["detail"]
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert call(bob, "bobs-page").status_code == 200  # another account's call runs meanwhile
+        time.sleep(0.2)  # 10 calls' worth at 50 a second: alice may call again
+        assert call(alice, "alices-page").status_code == 200
 
 
 def test_only_this_servers_own_pages_can_sign_a_browser_in_or_out(store):
