@@ -520,18 +520,27 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
         _check_ranks(ranks, task["k"])
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on] + unsafe_flags(task, unsafe_shown)
     _check_rationale(rationale)
-    # The draft's unsafe ticks are kept with the page's (keep_draft_unsafe): one made in another tab, which this page
-    # never showed, is never lost; one cleared on this page cleared its draft first
-    drafted = unsafe_replies((store.draft_notes(session["annotator_id"], task["task_id"]) or {}).get("flags"))
+    # What the draft holds is kept with the page's (keep_draft): an unsafe tick, "all bad" (on a ranking: an A/B
+    # task's verdict says it) or a rationale made in another tab, which this page never showed, is never lost; one
+    # cleared on this page cleared its draft first. Read here only to say what was kept.
+    keep = ("unsafe", "rationale") + (("all_bad",) if task["kind"] != "pairwise" else ())
+    notes = store.draft_notes(session["annotator_id"], task["task_id"]) or {}
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
-                                 rationale=(rationale or "").strip(), seconds=seconds, keep_draft_unsafe=True)
+                                 rationale=(rationale or "").strip(), seconds=seconds, keep_draft=keep)
     if not created:  # another submit of this task landed first
         return _repeat(store, session, task, ranks_shown, verdict, unsafe_shown)
-    added = sorted(task["order"].index(i) for i in drafted - unsafe_replies(flags) if i in task["order"])
+    kept = []
+    added = sorted(task["order"].index(i) for i in unsafe_replies(notes.get("flags")) - unsafe_replies(flags)
+                   if i in task["order"])
     if added:
-        named = " and ".join(LETTERS[i] for i in added)
-        return {"ok": True, "created": True,
-                "message": f"Saved, with {named} flagged unsafe as ticked in another tab. Next task."}
+        kept.append(" and ".join(LETTERS[i] for i in added) + " flagged unsafe")
+    if "all_bad" in keep and "all_bad" in (notes.get("flags") or []) and not all_bad:
+        kept.append("all bad ticked")
+    if not (rationale or "").strip() and (notes.get("rationale") or "").strip():
+        kept.append("the rationale")
+    if kept:
+        said = kept[0] if len(kept) == 1 else ", ".join(kept[:-1]) + " and " + kept[-1]
+        return {"ok": True, "created": True, "message": f"Saved, with {said} as set in another tab. Next task."}
     return {"ok": True, "created": True, "message": "Saved. Next task."}
 
 

@@ -970,7 +970,7 @@ class Store:
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
                      rationale: str | None = "", seconds: float = 0.0, status: str = "submitted",
-                     flags_set: Collection[str] | None = None, keep_draft_unsafe: bool = False) -> bool:
+                     flags_set: Collection[str] | None = None, keep_draft: Collection[str] = ()) -> bool:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
@@ -979,8 +979,9 @@ class Store:
         saved one (a rank or flag set, the rationale box untouched); "" clears it. A draft's `flags_set` names
         the flags this call speaks for (on when in `flags`, off when not); the others keep their saved value,
         so a second tab that never showed a flag cannot clear it. None: `flags` is the whole set.
-        `keep_draft_unsafe`: a submit keeps the saved draft's unsafe:<i> flags too (the union with `flags`, read in
-        the same transaction): a reply flagged in another tab, which the submitting page never showed, is not lost.
+        `keep_draft`: what of the saved draft a submit keeps (read in the same transaction), so that what was set in
+        another tab, which the submitting page never showed, is not lost: "unsafe", its unsafe:<i> flags (the union
+        with `flags`); "all_bad", its all_bad flag (the union); "rationale", its rationale where the submit's is empty.
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
@@ -1005,13 +1006,17 @@ class Store:
                                               "this annotator")
                     # FOR UPDATE: a draft merges into the saved one (ranks, flags), so on PostgreSQL a second draft
                     # reading the row before this one commits would write back without it (SQLite: IMMEDIATE)
-                    row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks, rankings.c.flags).where(
+                    row = conn.execute(select(rankings.c.id, rankings.c.status, rankings.c.ranks, rankings.c.flags,
+                                              rankings.c.rationale).where(
                         rankings.c.task_id == task_id, rankings.c.annotator_id == annotator_id).with_for_update()).first()
                     if row and row.status == "submitted":
                         return False
-                    if row and status == "submitted" and row.status == "draft" and keep_draft_unsafe:
-                        drafted = {f for f in json.loads(row.flags or "[]") if names_reply(f)}
+                    if row and status == "submitted" and row.status == "draft" and keep_draft:
+                        drafted = {f for f in json.loads(row.flags or "[]")
+                                   if ("unsafe" in keep_draft and names_reply(f)) or (f in keep_draft and f == "all_bad")}
                         values["flags"] = json.dumps(sorted(set(flags or []) | drafted))
+                        if "rationale" in keep_draft and not values["rationale"] and row.rationale:
+                            values["rationale"] = row.rationale
                     if row and status == "draft" and row.status == "draft":  # a draft fills in ranks (0 = not set
                         kept = json.loads(row.ranks)  # here): a second tab that never saw a rank cannot erase it; a
                         # discarded ranking (the task given to them again) lends the new one nothing

@@ -892,9 +892,9 @@ def test_a_reply_flagged_unsafe_is_stored_by_its_canonical_index(store, tmp_path
             store.save_ranking(alice["annotator_id"], task["task_id"], [1, 2, 3, 4], flags=[flag])
     assert store.submitted_rankings() == []
     handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], unsafe_shown=[False, True, False, False, False],
-                    order_tag=task["order_tag"])
+                    all_bad=True, order_tag=task["order_tag"])  # the page shows the draft's all_bad ticked
     (row,) = store.submitted_rankings()
-    assert row["flags"] == [f"unsafe:{shown_b}"] and row["ranks"][shown_b] == 2  # the page's B, wherever it is stored
+    assert row["flags"] == ["all_bad", f"unsafe:{shown_b}"] and row["ranks"][shown_b] == 2  # the page's B, wherever stored
     # a row flagged past its task's responses (by hand): named as ranks out of range are
     with store.tx() as conn:
         conn.execute(update(rankings).where(rankings.c.task_id == task["task_id"]).values(flags='["unsafe:7"]'))
@@ -913,7 +913,7 @@ def test_a_reply_flagged_unsafe_in_another_tab_is_never_lost(store):
     tid, tag, order = task["task_id"], task["order_tag"], task["order"]
     handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(2, True), order_tag=tag)  # tab 2 ticks C
     saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[1, 0, 0, 0], order_tag=tag)  # tab 1
-    assert saved["created"] and "C flagged unsafe as ticked in another tab" in saved["message"]
+    assert saved["created"] and "C flagged unsafe as set in another tab" in saved["message"]
     assert store.submitted_flags(alice["annotator_id"], tid) == sorted(f"unsafe:{order[i]}" for i in (0, 2))
     # tab 2 unticks C after the submit: not saved, and said so (its ranks alone match the submitted ones)
     assert not handlers.save_draft(store, alice, tid, [1, 2, 3, 4], unsafe_reply=(2, False), order_tag=tag)
@@ -935,6 +935,35 @@ def test_a_reply_flagged_unsafe_in_another_tab_is_never_lost(store):
     saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[0, 1, 0, 0], order_tag=tag)
     assert saved["message"] == "Saved. Next task."
     assert store.submitted_flags(alice["annotator_id"], tid) == [f"unsafe:{order[1]}"]
+
+
+def test_all_bad_and_a_rationale_drafted_in_another_tab_are_kept_by_a_submit(store):
+    """Tab 1 drafted "all bad" and a rationale; tab 2, which showed neither, submitted: the ranking was stored with
+    neither, and the message said nothing (under export flagged=drop an all-bad task's pairs are dropped: the flag
+    decides what trains). A submit keeps the draft's all_bad (the union, as for unsafe ticks) and its rationale
+    where the page sends none, and says so; a rationale the page sends is the one stored; a box cleared on the
+    submitting page cleared its draft first and stays cleared."""
+    make_tasks(store, 3)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    tid, tag = task["task_id"], task["order_tag"]
+    handlers.save_draft(store, alice, tid, [None] * 4, all_bad=True, order_tag=tag)  # tab 1
+    handlers.save_draft(store, alice, tid, [None] * 4, rationale="B invents a menu", order_tag=tag)
+    handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(3, True), order_tag=tag)
+    saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], order_tag=tag)  # tab 2: no box ticked, no rationale
+    assert saved["message"] == "Saved, with D flagged unsafe, all bad ticked and the rationale as set in another tab. " \
+                               "Next task."
+    (row,) = store.submitted_rankings()
+    assert row["flags"] == sorted(["all_bad", f"unsafe:{task['order'][3]}"]) and row["rationale"] == "B invents a menu"
+
+    task = handlers.next_task(store, alice)  # the page's own rationale is the one stored; its cleared box stays so
+    tid, tag = task["task_id"], task["order_tag"]
+    handlers.save_draft(store, alice, tid, [None] * 4, all_bad=True, rationale="first thoughts", order_tag=tag)
+    handlers.save_draft(store, alice, tid, [None] * 4, all_bad=False, order_tag=tag)
+    saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], rationale="A is right", order_tag=tag)
+    assert saved["message"] == "Saved. Next task."
+    row = next(r for r in store.submitted_rankings() if r["task_id"] == tid)
+    assert row["flags"] == [] and row["rationale"] == "A is right"
 
 
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
@@ -1072,7 +1101,8 @@ def test_a_pairwise_submit_takes_the_verdict_of_the_task_it_names(store):
     assert handlers.pairwise_verdict(*(lambda t: (t["draft"], t["draft_flags"]))(handlers.next_task(store, alice))) == "tie"
     handlers.submit(store, alice, task["task_id"], [None] * 8, verdict="both_bad")
     (row,) = store.submitted_rankings()
-    assert row["ranks"] == [1, 1] and row["flags"] == ["all_bad"] and row["rationale"] == ""
+    # the verdict's flags are the submit's; the drafted rationale is kept, the submit sending none (another tab's)
+    assert row["ranks"] == [1, 1] and row["flags"] == ["all_bad"] and row["rationale"] == "A is rude"
 
 
 def test_model_text_becomes_inert_html_cut_at_the_limit():
