@@ -276,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageError as err:
         fail_wandb(1)
-        print(f"align {stage}: {err}", file=sys.stderr)
+        # "run `align sft run.dir=...` first" keeps the config family this command ran with, as a next: hint does
+        # (pasted bare, it ran sft with its built-in defaults, not the quickstart's); not under align pipeline,
+        # whose stages take their settings from the pipeline's config
+        said = str(err) if stage == "pipeline" else artifacts.with_sibling_configs(str(err))
+        print(f"align {stage}: {said}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the unfinished folder is gone (discard_unfinished said so)
         code = 143 if isinstance(err, Terminated) else 130

@@ -164,3 +164,19 @@ def test_the_rl_hint_runs_eval_with_the_scorer_it_trained_against(tiny_model, tm
     assert then == "align eval --config family/eval.yaml run.dir=fresh scorer=support_style"
     for command in (sft, then):
         assert align(shlex.split(command)[1:]) == 0, command
+
+
+def test_a_stage_missing_its_upstream_names_it_with_the_config_family(tmp_path, capsys):
+    """`align sample --config <dir>/sample.yaml` with no SFT said "run `align sft run.dir=...` first": pasted, that ran
+    sft with its built-in defaults (max_steps -1), not the family's. The command it names keeps the family now,
+    as a next: hint does; without --config it stays bare."""
+    folder, run = tmp_path / "family", tmp_path / "run"
+    (tmp_path / "data.jsonl").write_text('{"prompt": "How do I sync?"}\n')
+    configs(folder, "unused-model", tmp_path / "data.jsonl", run)
+    assert align(["sample", "--config", str(folder / "sample.yaml"), f"run.dir={run}"]) == 1
+    said = capsys.readouterr().err
+    assert f"run `align sft --config {folder / 'sft.yaml'} run.dir={run}` first" in said, said
+    assert align(["dpo", "--config", str(folder / "dpo.yaml"), f"run.dir={run}"]) == 1
+    assert f"align sft --config {folder / 'sft.yaml'} run.dir={run}" in capsys.readouterr().err
+    assert align(["sample", f"run.dir={run}"]) == 1
+    assert f"run `align sft run.dir={run}` first" in capsys.readouterr().err
