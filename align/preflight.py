@@ -832,7 +832,10 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
 def check_policy(key: str, policy: str) -> None:
     """`align sample`'s policy: an adapter folder, a model folder, or a model name."""
     path = Path(policy).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    stage_folder = any((path / f).exists() for f in (MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints"))
+    if path.is_dir() and ((path / "adapter_config.json").is_file() or stage_folder and not (path / "config.json").is_file()):
+        # an unfinished SFT folder is said to be one, with how to resume it (it was "no config.json: not a
+        # transformers model folder", as if a model folder were asked for)
         check_adapter(key, path, kind="policy")
     else:
         check_model(key, policy)

@@ -283,6 +283,9 @@ CASES = [
      ["adapter_truncated/adapter_model.safetensors is not a readable"]),
     ("unfinished stage folder", "dpo sft={d}/adapter_unfinished data.path={d}/prefs.jsonl", 2,
      ["sft=", "adapter_unfinished: an unfinished stage folder (no align.json"]),
+    # sample said "no config.json: not a transformers model folder" of it, as if a model folder were asked for
+    ("killed sft folder to sample", "sample run.dir={d}/run_killed_sft prompts={d}/prompts.jsonl", 2,
+     ["run_killed_sft/sft: an unfinished stage folder (no align.json", "train.resume_from_checkpoint=latest"]),
     ("empty sft folder", "dpo run.dir={d}/run_empty_sft data.path={d}/prefs.jsonl", 2,
      ["sft (default {d}/run_empty_sft/sft)={d}/run_empty_sft/sft: an empty folder"]),
     ("killed sft folder", "reward run.dir={d}/run_killed_sft data.path={d}/prefs.jsonl", 2,
