@@ -66,6 +66,24 @@ class Range:
                     or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
 
 
+# The largest int a config takes (2**63 - 1, a C long): `train.batch_size=100000000000000000000` passed the range
+# check (>= 1) and crashed in training, in itertools.islice, after the model had loaded.
+INT_LIMIT = 2**63 - 1
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, each part with the line and column it points at ("line 2, column 9: while
+    parsing a flow sequence; line 3, column 1: expected ',' or ']'"): its own message spans up to 8 lines, with the
+    offending text drawn under a caret."""
+    parts = []
+    for text, mark in ((getattr(err, "context", None), getattr(err, "context_mark", None)),
+                       (getattr(err, "problem", None), getattr(err, "problem_mark", None))):
+        if text:
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            parts.append(where + " ".join(str(text).split()))
+    return "; ".join(parts) or " ".join(str(err).split())
+
+
 def bounded(default: Any, **limits: Any) -> Any:
     """A numeric field and its allowed range (Range's keywords), checked on load and shown by --help."""
     return field(default=default, metadata={"range": Range(**limits)})
@@ -153,6 +171,12 @@ class LoraConfig:
         if not self.target_modules:  # names that match no layer are caught once the model is loaded
             raise ConfigError(f"{prefix}target_modules: empty, so LoRA would adapt nothing; name layers (q_proj, "
                               "v_proj, ...) or use all-linear")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:  # a string is a regex peft matches whole module names with: a bad one is said here, not after loading
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ConfigError(f"{prefix}target_modules: {self.target_modules!r} is neither all-linear nor a valid "
+                                  f"regex ({err}); a list of names is written [q_proj, v_proj]") from None
 
 
 @dataclass
@@ -741,7 +765,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             finally:
                 loader.dispose()
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a YAML config is UTF-8 "
                               f"(convert it: iconv -f latin1 -t utf-8 {path})") from None
@@ -1059,6 +1083,8 @@ def _check(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is int and abs(value) > INT_LIMIT:  # a count, a step, a seed: one past it crashed training (islice)
+        raise ConfigError(f"{key}: {value} is too large (at most {INT_LIMIT:,} in magnitude)")
     return value
 
 

@@ -59,6 +59,10 @@ def test_unknown_section_is_named():
     ("model.quantize=maybe", r"model.quantize: expected bool"),
     ("train.scheduler=steep", r"train.scheduler: 'steep' is not allowed; allowed values: cosine, linear"),
     ("lora.target_modules=5", r"lora.target_modules: expected list of str or str"),
+    # a bad regex was refused only after the data and the model's config had loaded (5-10 s, not well under one)
+    ("lora.target_modules=[q_proj", r"lora.target_modules: '\[q_proj' is neither all-linear nor a valid regex"),
+    # past a C long it passed the range check (>= 1) and crashed in training (itertools.islice), after loading
+    ("train.batch_size=100000000000000000000", r"train.batch_size: 100000000000000000000 is too large"),
     ("train=3", r"train: expected a section"),
 ])
 def test_wrong_types_name_the_key_and_expected_type(override, message):
@@ -71,8 +75,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(C.SFTStageConfig, tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
         load_config(C.SFTStageConfig, bad)
+    # in one line (PyYAML's message is 8, with a caret drawing), where the sequence opened and where it broke
+    assert "\n" not in str(err.value) and "line 1, column 8: while parsing a flow sequence; line 2, column 1" in str(err.value)
     # a section written twice: YAML keeps the last and drops the first (lr: 5 would never have been checked)
     twice = tmp_path / "twice.yaml"
     twice.write_text("train:\n  lr: 5\nmodel:\n  max_length: 64\ntrain:\n  max_steps: 1\n")
