@@ -1090,6 +1090,23 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
         elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
             log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
                         "%s continues from them", folder, MANIFEST, resume_key(folder, command))
+        elif old and not now:  # stopped before its first checkpoint: the earlier run's files beside this one's
+            for path in folder.iterdir():
+                if path.name in ("checkpoints", LOCK):  # checkpoints/: only the earlier runs' set aside
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            aside = sorted(p.name for p in (folder / "checkpoints").glob("abandoned-*"))
+            if aside:
+                log.warning("removed what was in %s but its checkpoints/: its %s went as this run started training, "
+                            "and it stopped before its first checkpoint; the earlier runs' checkpoints set aside in "
+                            "checkpoints/%s are kept", folder, MANIFEST, ", ".join(aside))
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.warning("removed %s: its %s went as this run started training, and it stopped before its first "
+                            "checkpoint", folder, MANIFEST)
     for parent in sorted((p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made

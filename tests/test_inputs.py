@@ -831,6 +831,33 @@ def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
                 f"{prefix[1]}train.resume_from_checkpoint=latest continues from them") in caplog.text
 
 
+def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_leaves_no_mix_of_two_runs(tmp_path, caplog):
+    """A finished sft run again (its align.json removed as training starts, its checkpoints set aside in
+    checkpoints/abandoned-*) and stopped before its first checkpoint left the earlier run's adapter and config.yaml
+    beside the new run's metrics, without a word. Now what the two runs left there goes, said in a line; the
+    checkpoints set aside are kept (their folder removed where there are none)."""
+    for aside in (True, False):
+        run = tmp_path / f"aside-{aside}"
+        sft = run / "sft"
+        sft.mkdir(parents=True)
+        for name in ("align.json", "adapter_model.safetensors", "config.yaml"):
+            (sft / name).write_text("earlier run")
+        caplog.clear()
+        with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="sft"):
+            (sft / "align.json").unlink()  # as training starts
+            if aside:
+                (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
+            (sft / "metrics.jsonl").write_text("")
+            raise KeyboardInterrupt
+        if aside:
+            assert sorted(p.name for p in sft.iterdir()) == ["checkpoints"]
+            assert (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").is_dir()
+            assert "checkpoints/abandoned-20261204-120000 are kept" in caplog.text
+        else:
+            assert not sft.exists()
+            assert "stopped before its first checkpoint" in caplog.text
+
+
 def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch, capsys):
     from align import cli
 
