@@ -183,8 +183,17 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 
 def _md(text: Any) -> str:
     """Text for report.md: its <, > and & as entities, so that a name (a run's or stage folder's, a policy's, an
-    annotator's) is shown, never read as HTML by a Markdown viewer (a `<script>` in one ran there)."""
-    return html.escape(str(text), quote=False)
+    annotator's) is shown, never read as HTML by a Markdown viewer (a `<script>` in one ran there); and no link or
+    image: "](" and "]:" escaped (an annotator named "![x](https://host/p.png)" made a viewer fetch that image)."""
+    return html.escape(str(text), quote=False).replace("](", "]\\(").replace("]:", "]\\:")
+
+
+def _md_code(text: str) -> str:
+    """`text` as a Markdown code span, its fence longer than any run of backticks in it (a backtick in a folder's
+    name closed a one-backtick span, and what followed was read as Markdown and HTML)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _md_value(value: Any) -> str:
@@ -327,8 +336,8 @@ def reward_section(folder: Path, manifest: dict[str, Any]) -> str:
         if buckets and {b["bucket"] for b in buckets} == {"single annotator"}:
             ceiling = None  # one annotator per pair agrees with itself: 100 %, no ceiling (the probes say so)
         notes.append(f"Held-out pairwise accuracy <b>{m['eval_accuracy']:.1%}</b>{_interval(m.get('eval_accuracy_ci'))} "
-                     f"on {m.get('eval_pairs', '?')} pairs"
-                     + (f" from {m['eval_prompts']} prompts (the interval counts prompts, not pairs, as independent)" if "eval_prompts" in m else "")
+                     f"on {_esc(m.get('eval_pairs', '?'))} pairs"
+                     + (f" from {_esc(m['eval_prompts'])} prompts (the interval counts prompts, not pairs, as independent)" if "eval_prompts" in m else "")
                      + (f" against the labels' picks (their mean posterior, how often a pick is itself right: {posterior:.1%}; "
                         f"annotator agreement {ceiling:.1%})" if isinstance(posterior, float) and isinstance(ceiling, float) else
                         f" against the labels' picks (their mean posterior, how often a pick is itself right: {posterior:.1%})"
@@ -390,7 +399,7 @@ def probes_html(probes: dict[str, Any]) -> str:
     if gate:
         parts.append(f"<p>Gate (PPO refuses above <code>max_probe_flip_rate</code>, 0.25 by default; DPO warns): the "
                      f"worst end-appended probe is <b>{_esc(gate['edit'])}</b> at <b>{gate['rate']:.0%}</b> "
-                     f"({gate['flips']} of {gate['of']} pairs; {_esc(gate['basis'])}).</p>")
+                     f"({_esc(gate['flips'])} of {_esc(gate['of'])} pairs; {_esc(gate['basis'])}).</p>")
     return "".join(parts)
 
 
@@ -403,7 +412,7 @@ def reliability_html(reliability: dict[str, Any]) -> str:
         "measured, not used (combine=dawid_skene would use it)"
     prior = reliability.get("prior") or {}
     return (f"<h3>Annotator reliability</h3><p class='meta'>{_esc(reliability.get('model', ''))}; {used}; "
-            f"prior accuracy {prior.get('accuracy')} worth {prior.get('strength')} judgements. An annotator "
+            f"prior accuracy {_esc(prior.get('accuracy'))} worth {_esc(prior.get('strength'))} judgements. An annotator "
             "nobody else (nor a gold answer) checked keeps the prior.</p>"
             + "".join(f"<p><b>Warning</b>: {_esc(w)}</p>" for w in reliability.get("warnings") or [])
             + _table(["annotator", "est. accuracy", "95% interval", "vote weight", "judgements", "checked", "gold",
@@ -509,7 +518,8 @@ def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
     """benchmarks/active_learning.py's curve (accuracy vs labelled tasks, active vs random) and its table."""
     parts = []
     png = folder / str(manifest.get("figure") or "curve.png")
-    if png.is_file():
+    # a figure of the folder's own: "../" or an absolute path in a manifest from elsewhere embedded any file here
+    if png.is_file() and png.resolve().is_relative_to(folder.resolve()):
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f"<div class='plots'><img alt='active learning curve' src='data:image/png;base64,{data}'></div>")
     curve = json.loads((folder / "curve.json").read_text()) if (folder / "curve.json").is_file() else {}
@@ -522,8 +532,8 @@ def active_learning_section(folder: Path, manifest: dict[str, Any]) -> str:
             + (f" ({row[a]['delta']:+.3f})" if "delta" in row[a] else "") + "</td>" for a in arms) + "</tr>"
             for n, row in table.items())
         s = curve.get("settings", {})
-        parts.append(f"<p>Held-out pairwise accuracy of the reward model after n labelled tasks ({curve.get('test_pairs')} "
-                     f"test pairs, {s.get('seeds')} seeds, 95% bootstrap interval; in brackets after it, the "
+        parts.append(f"<p>Held-out pairwise accuracy of the reward model after n labelled tasks ({_esc(curve.get('test_pairs'))} "
+                     f"test pairs, {_esc(s.get('seeds'))} seeds, 95% bootstrap interval; in brackets after it, the "
                      f"difference from random).</p><table><tr><th>tasks</th>{head}</tr>{body}</table>")
     return "".join(parts)
 
@@ -814,7 +824,9 @@ def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
         return "", ""
     url = str(run.get("url") or "")
     if url.startswith(("https://", "http://")):
-        return f" · <a href='{_esc(url)}'>W&amp;B run</a>", f"- W&B run: <{url}>"
+        # an autolink only of a URL that cannot end it early (a ">" in one closed it and the rest was HTML)
+        shown = f"<{url}>" if re.fullmatch(r"https?://[^\s<>`\\]+", url) else _md_marks(url)
+        return f" · <a href='{_esc(url)}'>W&amp;B run</a>", f"- W&B run: {shown}"
     folder = Path(str(run.get("folder") or ""))
     if not folder.name:
         return "", ""
@@ -824,7 +836,7 @@ def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
         href = folder.as_uri() if folder.is_absolute() else folder.as_posix()
     sync = f"wandb sync {shell(str(folder))}"
     return (f" · W&amp;B run ({_esc(run.get('mode') or 'offline')}): <a href='{_esc(href)}'>{_esc(folder.name)}</a>, "
-            f"uploaded by <code>{_esc(sync)}</code>", f"- W&B run (offline): `{sync}`")
+            f"uploaded by <code>{_esc(sync)}</code>", f"- W&B run (offline): {_md_code(sync)}")
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
@@ -906,7 +918,7 @@ def _trl_eval_renamed(row: dict[str, Any]) -> dict[str, Any]:
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-.meta{color:#666;font-size:13px} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee;box-sizing:border-box}
+.meta{color:#666;font-size:13px;overflow-wrap:anywhere} .plots img{max-width:49%;margin:.3em .5% 0 0;border:1px solid #eee;box-sizing:border-box}
 table{border-collapse:collapse;margin:.6em 0;font-size:14px} td,th{border:1px solid #ddd;padding:.25em .6em;vertical-align:top}
 table.kv td:first-child{color:#555} .samples td{max-width:420px;white-space:pre-wrap}
 .headline{background:#f3f7fb;border:1px solid #cfe0f0;border-radius:6px;padding:.2em 1em;margin:1em 0}

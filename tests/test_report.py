@@ -702,6 +702,39 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     assert f"human A/B (5 verdicts): {shown} 1010 [990, 1030]" in md
 
 
+def test_no_field_of_a_manifest_from_elsewhere_runs_loads_or_leaks_in_either_report(tmp_path):
+    """A run folder from someone else, rebuilt with python -m align.report: fields align writes as numbers went into
+    report.html unescaped (a <script> in the reward model's eval_pairs, the gate's flips, the prior of the
+    reliability model, an active-learning curve's test_pairs ran in the page); a W&B URL with a ">" and an offline
+    folder with a backtick in report.md ended their autolink and code span, the rest read as HTML; a name written as
+    a Markdown image made a viewer fetch it; and an active-learning manifest's figure of "../secret" embedded that
+    file in the page."""
+    import re
+
+    evil = "<script>alert(1)</script><img src=http://127.0.0.1:9/x.png>"
+    run = tmp_path / "run"
+    write(run, "reward", {**REWARD, "metrics": {**REWARD["metrics"], "eval_pairs": evil, "eval_prompts": evil},
+                          "probes": {**REWARD["probes"], "gate": {**GATE, "flips": evil, "of": evil}},
+                          "wandb": {"url": "https://wandb.ai/a><img src=http://127.0.0.1:9/md.png>"}})
+    write(run, "preferences", {**EXPORT, "summary": {"reliability": {"prior": {"accuracy": evil, "strength": evil},
+                                                                     "annotators": {}, "warnings": ["![x](http://127.0.0.1:9/md.png) disagrees"]}}})
+    write(run, "sft", {**SFT, "wandb": {"mode": "offline", "folder": str(run / "wandb" / "offline-run-`<img src=x>`")}})
+    (tmp_path / "secret.txt").write_text("TOP-SECRET-TOKEN")
+    write(run, "curve", {"stage": "active_learning", "figure": "../../secret.txt"})
+    (run / "curve" / "curve.json").write_text(json.dumps({"test_pairs": evil, "settings": {"seeds": evil},
+                                                          "curve": {"40": {"random": {"accuracy": 0.7, "ci": [0.6, 0.8]}}}}))
+    page = write_report(run).read_text()
+    assert "<script>alert" not in page and "<img src=http" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "VE9QLVNFQ1JFVC1UT0tFTg" not in page  # base64 of the secret
+    md = (run / "report.md").read_text()
+    # no tag outside a code span (inside one, a viewer shows it as text) and no autolink but the W&B one
+    text = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
+    assert not re.search(r"<[A-Za-z/!?]", text), [line for line in text.splitlines() if re.search(r"<[A-Za-z/!?]", line)]
+    assert "](http://127.0.0.1:9/md.png)" not in md and "]\\(http://127.0.0.1:9/md.png)" in md
+    assert "``wandb sync " in md  # a fence longer than the folder's backticks
+
+
 def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
     """Each of these failed write_report, and so the stage that wrote it: an eval manifest without its win-rate
     intervals or with null ones (the headline unpacked them), a metrics.jsonl line spoilt in the middle (only a
