@@ -83,11 +83,13 @@ PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|cancel|heartbeat/[^/]+)
 # Page-session hashes remembered per account (one per page load); past it an account forgets its own oldest,
 # never another account's (a global list, oldest dropped first, let one account flush out everyone's).
 HASHES_PER_ACCOUNT = 2_000
-# Calls one account may queue (queue/join): a burst, then a steady rate. Gradio's queue is one line for every
-# account: 1,500 joins from one signed-in annotator in 7 s held another's submit for 53 s and a page load for 39 s.
-# A page makes a few calls per action (a load ~5, a rank or a key 1-2, a submit 2), so a person never meets it.
-JOINS_BURST = 60
-JOINS_PER_SECOND = 10.0
+# Calls one account may have queued or running at once (queue/join). Gradio's queue is one line for every account:
+# 1,500 joins from one signed-in annotator in 7 s held another's submit for 53 s and a page load for 39 s. A page
+# never has many: each of its events runs once at a time (trigger_mode always_last or once), so however fast a
+# person types or clicks (the rationale drafts on every key), its calls wait for their answers; only a script that
+# joins without waiting meets the limit. Counted in Gradio's own queue (Queue.event_ids_to_events: each event
+# until its run ends), by the session hashes the account owns (RequireSession.owners).
+MAX_PENDING = 24
 SECURITY_HEADERS = {
     # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
     # sent to, another host: no remote image, font, frame, fetch or form target.
@@ -270,27 +272,21 @@ def _from_own_page(request: Request) -> bool:
 class RequireSession:
     """ASGI middleware: a request without a valid session stops here, before Gradio sees it."""
 
-    def __init__(self, app: Any, store: Store, secret: bytes):
-        self.app, self.store, self.secret = app, store, secret
+    def __init__(self, app: Any, store: Store, secret: bytes, blocks: gr.Blocks | None = None):
+        self.app, self.store, self.secret, self.blocks = app, store, secret, blocks
         # Gradio session hash -> the annotator who used it first, and each annotator's hashes, oldest first.
         # In memory only: after a restart the map is empty and the next account to use a hash owns it. A hash
         # is a random string the page makes for itself and sends only to this server, not a thing to guess,
         # so this check is defence in depth; the identity of every call comes from the cookie.
         self.owners: dict[str, int] = {}
         self.hashes_of: dict[int, OrderedDict[str, None]] = {}
-        self.joins: dict[int, tuple[float, float]] = {}  # annotator id -> (calls left, when counted): _too_many
 
-    def _too_many(self, annotator_id: int) -> float:
-        """0 when this account may queue one more call now (and counts it), else the seconds until it may: a token
-        bucket of JOINS_BURST calls refilled at JOINS_PER_SECOND."""
-        now = time.monotonic()
-        left, then = self.joins.get(annotator_id, (float(JOINS_BURST), now))
-        left = min(float(JOINS_BURST), left + (now - then) * JOINS_PER_SECOND)
-        if left < 1:
-            self.joins[annotator_id] = (left, now)
-            return (1 - left) / JOINS_PER_SECOND
-        self.joins[annotator_id] = (left - 1, now)
-        return 0.0
+    def _pending(self, annotator_id: int) -> int:
+        """This account's calls queued or running now, in Gradio's queue (0 when it cannot be read: no limit)."""
+        events = getattr(getattr(self.blocks, "_queue", None), "event_ids_to_events", None)
+        if not isinstance(events, dict):
+            return 0
+        return sum(self.owners.get(event.session_hash) == annotator_id for event in list(events.values()))
 
     def _owned_by_another(self, session_hash: Any, annotator_id: int) -> bool:
         if not isinstance(session_hash, str) or not session_hash:
@@ -399,10 +395,10 @@ class RequireSession:
             return JSONResponse({"detail": f"this page was opened by another account; you are signed in as {name}: "
                                            f"reload to rank as {name} (nothing from this page was saved)"},
                                 status_code=403)
-        if path == "/gradio_api/queue/join" and (wait := self._too_many(session["annotator_id"])):
-            return JSONResponse({"detail": f"too many calls from this account at once (over {JOINS_BURST}, then "
-                                           f"{JOINS_PER_SECOND:g} a second): nothing of this one was run; try again"},
-                                status_code=429, headers={"Retry-After": str(int(wait) + 1)})
+        if path == "/gradio_api/queue/join" and self._pending(session["annotator_id"]) >= MAX_PENDING:
+            return JSONResponse({"detail": f"too many calls from this account at once ({MAX_PENDING} waiting or "
+                                           "running): nothing of this one was run; try again in a moment"},
+                                status_code=429, headers={"Retry-After": "1"})
         return body
 
 
@@ -532,7 +528,7 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
         # Gradio's routes ask this too; the middleware has already refused anyone it would say None for.
         auth_dependency=lambda request: (getattr(request.state, "align_session", None) or {}).get("name"),
     )
-    app.add_middleware(RequireSession, store=store, secret=secret)
+    app.add_middleware(RequireSession, store=store, secret=secret, blocks=blocks)
     return app
 
 
