@@ -301,3 +301,14 @@ def test_a_hub_dataset_id_is_told_to_be_saved_to_a_folder_first(tmp_path, monkey
     with pytest.raises(DataError, match=r"HuggingFaceH4/ultrafeedback_binarized: no such file or folder .*if it is a "
                                         r"Hugging Face Hub dataset id.*save_to_disk\('data/ultrafeedback_binarized'\)"):
         load_preferences("HuggingFaceH4/ultrafeedback_binarized")
+
+
+def test_small_batches_hold_out_their_share_not_one_each():
+    """The floor of one held-out prompt applied to every batch: ten batches of 3 prompts at 0.1 held out 10 of 30,
+    twenty of 2 held out 20 of 40. Each batch holds out its share rounded now, and the floor is the whole split's."""
+    rows = [{"prompt": [{"role": "user", "content": f"q{b}-{i}"}], "batch": f"b{b}"} for b in range(10) for i in range(3)]
+    train, test = split_by_prompt(rows, 0.1, seed=0)
+    assert (len(train), len(test)) == (27, 3)  # no batch's share reaches a prompt: split together, 10 %
+    rows = [{"prompt": [{"role": "user", "content": f"q{b}-{i}"}], "batch": f"b{b}"} for b in range(4) for i in range(10)]
+    train, test = split_by_prompt(rows, 0.1, seed=0)
+    assert (len(train), len(test)) == (36, 4)

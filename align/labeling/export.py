@@ -215,30 +215,35 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
     The prompts of each `batch` (a sampling round; rows without one are one batch) are split on their own,
     `test_fraction` of them held out in a seeded shuffle, so a later round's export keeps every prompt of the
     earlier rounds on the side it had: round 1's held-out pairs are round 0's and round 1's own, never round
-    0's training prompts. A prompt met in an earlier batch keeps that batch's side. Where no batch has two new
-    prompts to split (batches of one prompt each), the prompts are split all together."""
+    0's training prompts, while the prompts of round 0's pairs stay the same (ties or a min_agreement dropping all
+    of a prompt's pairs, as more rankings arrive, reshuffle that batch). A prompt met in an earlier batch keeps
+    that batch's side. Each batch holds out its share rounded, none where that is under one prompt; where no
+    batch holds one out, the prompts are split all together (at least one held out)."""
     def key(row: dict[str, Any]) -> str:
         return json.dumps(row["prompt"], sort_keys=True)
 
     by_batch: dict[Any, list[str]] = {}
     for row in rows:
         by_batch.setdefault(row.get("batch"), []).append(key(row))
-    held_out: set[str] = set()
-    seen: set[str] = set()
-    for keys in by_batch.values():
-        new = [k for k in dict.fromkeys(keys) if k not in seen]
-        seen.update(new)
-        held_out.update(_held_out(new, test_fraction, seed))
-    if not held_out and len(by_batch) > 1:
+    if len(by_batch) == 1:
         held_out = _held_out(list(dict.fromkeys(key(r) for r in rows)), test_fraction, seed)
+    else:  # each batch its share, rounded, with no floor of one each: ten batches of 3 prompts at 0.1 held out 10
+        held_out, seen = set(), set()
+        for keys in by_batch.values():
+            new = [k for k in dict.fromkeys(keys) if k not in seen]
+            seen.update(new)
+            held_out.update(_held_out(new, test_fraction, seed, at_least_one=False))
+        if not held_out:
+            held_out = _held_out(list(seen), test_fraction, seed)
     side = [key(r) in held_out for r in rows]
     return [r for r, t in zip(rows, side, strict=True) if not t], [r for r, t in zip(rows, side, strict=True) if t]
 
 
-def _held_out(prompts: list[str], test_fraction: float, seed: int) -> set[str]:
-    """`test_fraction` of `prompts` (at least one, and never all) in a seeded shuffle."""
+def _held_out(prompts: list[str], test_fraction: float, seed: int, at_least_one: bool = True) -> set[str]:
+    """`test_fraction` of `prompts` (rounded; at least one unless told otherwise, and never all) in a seeded
+    shuffle."""
     n_test = round(len(prompts) * test_fraction)
-    n_test = min(max(n_test, 1 if test_fraction > 0 else 0), len(prompts) - 1)
+    n_test = min(max(n_test, 1 if test_fraction > 0 and at_least_one else 0), len(prompts) - 1)
     if n_test <= 0:
         return set()
     prompts = list(prompts)
