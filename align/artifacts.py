@@ -1008,13 +1008,25 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
     """
     run_dir = Path(run_dir)
     before = {folder: _signature(folder) for folder in _stage_folders(run_dir, outputs)}
+    # a finished artifact's manifest and log, to give it back if a rerun stopped before it changed anything else
+    saved = {folder: _saved(folder) for folder, signature in before.items() if signature}
     existed = {p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir()}
     try:
         yield
     except BaseException:
-        if is_main_process() and _discard(run_dir, outputs, before, existed, command):
+        if is_main_process() and _discard(run_dir, outputs, before, existed, command, saved):
             _rebuild_reports(run_dir)
         raise
+
+
+SAVED_LOG_BYTES = 64 << 20  # a finished stage's metrics.jsonl kept in memory while it is run again, up to this
+
+
+def _saved(folder: Path) -> tuple[bytes, bytes | None]:
+    """(align.json, metrics.jsonl or None) of a finished stage folder, as they are before it is run again."""
+    log_file = folder / "metrics.jsonl"
+    kept = log_file.read_bytes() if log_file.is_file() and log_file.stat().st_size <= SAVED_LOG_BYTES else None
+    return (folder / MANIFEST).read_bytes(), kept
 
 
 def _rebuild_reports(run_dir: Path) -> None:
@@ -1042,9 +1054,10 @@ def _stage_folders(run_dir: Path, outputs: tuple) -> list[Path]:
     return found + [Path(p) for p in outputs if Path(p).is_dir()]
 
 
-def _signature(folder: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of each file of a finished artifact; its checkpoints, metrics log and lock do not count."""
-    if not (folder / MANIFEST).is_file():
+def _signature(folder: Path, finished_only: bool = True) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each file of a finished artifact (`finished_only`: {} for a folder without its align.json);
+    its checkpoints, metrics log and lock do not count."""
+    if finished_only and not (folder / MANIFEST).is_file():
         return {}
     out = {}
     for root, dirs, files in os.walk(folder):
@@ -1057,7 +1070,7 @@ def _signature(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path],
-             command: str | None) -> bool:
+             command: str | None, saved: dict[Path, tuple[bytes, bytes | None]] | None = None) -> bool:
     """Tidies up after a failure; True when a folder a report shows changed: one kept unfinished (for its
     checkpoints) or a finished one that is finished no more."""
     import shutil
@@ -1090,23 +1103,19 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
         elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
             log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
                         "%s continues from them", folder, MANIFEST, resume_key(folder, command))
-        elif old and not now:  # stopped before its first checkpoint: the earlier run's files beside this one's
-            for path in folder.iterdir():
-                if path.name in ("checkpoints", LOCK):  # checkpoints/: only the earlier runs' set aside
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            aside = sorted(p.name for p in (folder / "checkpoints").glob("abandoned-*"))
-            if aside:
-                log.warning("removed what was in %s but its checkpoints/: its %s went as this run started training, "
-                            "and it stopped before its first checkpoint; the earlier runs' checkpoints set aside in "
-                            "checkpoints/%s are kept", folder, MANIFEST, ", ".join(aside))
+        elif old and not now:  # a finished stage's rerun, stopped before its first checkpoint
+            unchanged = _signature(folder, finished_only=False) == {k: v for k, v in old.items() if k != MANIFEST}
+            if unchanged and folder in (saved or {}):
+                manifest, metrics = saved[folder]  # nothing of the artifact rewritten yet: it is given back
+                if metrics is not None:
+                    (folder / "metrics.jsonl").write_bytes(metrics)
+                (folder / MANIFEST).write_bytes(manifest)
+                log.warning("%s is as it was: this run stopped before it changed the finished artifact (its %s, "
+                            "taken away as training started, is back)", folder, MANIFEST)
             else:
-                shutil.rmtree(folder, ignore_errors=True)
-                log.warning("removed %s: its %s went as this run started training, and it stopped before its first "
-                            "checkpoint", folder, MANIFEST)
+                log.warning("%s is unfinished: this run stopped before its first checkpoint, after it had begun "
+                            "to rewrite the finished artifact (its %s went as training started); its files are "
+                            "the two runs' together: run the stage again", folder, MANIFEST)
     for parent in sorted((p for p in (run_dir, *later_rounds(run_dir)) if p.is_dir() and p not in existed),
                          key=lambda p: len(p.parts), reverse=True):
         if not any(p.name != LOCK for p in parent.iterdir()):  # the pipeline's lock file is not a thing it made

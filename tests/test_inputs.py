@@ -831,31 +831,35 @@ def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
                 f"{prefix[1]}train.resume_from_checkpoint=latest continues from them") in caplog.text
 
 
-def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_leaves_no_mix_of_two_runs(tmp_path, caplog):
-    """A finished sft run again (its align.json removed as training starts, its checkpoints set aside in
-    checkpoints/abandoned-*) and stopped before its first checkpoint left the earlier run's adapter and config.yaml
-    beside the new run's metrics, without a word. Now what the two runs left there goes, said in a line; the
-    checkpoints set aside are kept (their folder removed where there are none)."""
-    for aside in (True, False):
-        run = tmp_path / f"aside-{aside}"
+def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_gets_its_artifact_back(tmp_path, caplog):
+    """A finished sft run again (its align.json removed as training starts, its metrics log started anew) and stopped
+    before its first checkpoint left the earlier run's adapter without its align.json, unusable, without a word.
+    Where the rerun changed nothing else, the artifact is given back whole (align.json and log); where it had begun
+    to rewrite it, the folder is left as it is (nothing deleted: the earlier adapter, a user's own notes) and said
+    to be unfinished."""
+    for rewritten in (False, True):
+        run = tmp_path / f"rewritten-{rewritten}"
         sft = run / "sft"
         sft.mkdir(parents=True)
-        for name in ("align.json", "adapter_model.safetensors", "config.yaml"):
-            (sft / name).write_text("earlier run")
+        for name in ("align.json", "adapter_model.safetensors", "config.yaml", "NOTES.md"):
+            (sft / name).write_text(f"earlier run's {name}")
+        (sft / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
         caplog.clear()
         with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="sft"):
             (sft / "align.json").unlink()  # as training starts
-            if aside:
-                (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
+            (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
             (sft / "metrics.jsonl").write_text("")
+            if rewritten:
+                (sft / "adapter_model.safetensors").write_text("half of this run's adapter")
             raise KeyboardInterrupt
-        if aside:
-            assert sorted(p.name for p in sft.iterdir()) == ["checkpoints"]
-            assert (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").is_dir()
-            assert "checkpoints/abandoned-20261204-120000 are kept" in caplog.text
+        assert (sft / "NOTES.md").read_text() == "earlier run's NOTES.md"
+        assert (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").is_dir()
+        if rewritten:
+            assert not (sft / "align.json").exists() and "is unfinished: this run stopped" in caplog.text
         else:
-            assert not sft.exists()
-            assert "stopped before its first checkpoint" in caplog.text
+            assert (sft / "align.json").read_text() == "earlier run's align.json"
+            assert (sft / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
+            assert "is as it was: this run stopped before it changed the finished artifact" in caplog.text
 
 
 def test_ctrl_c_is_one_line_and_the_unfinished_folder_goes(tmp_path, monkeypatch, capsys):
