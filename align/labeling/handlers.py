@@ -270,30 +270,52 @@ def _rtl_letter(char: str) -> bool:
 
 
 def _turns(text: str, at: int) -> bool:
-    """Whether `text[at]`, in left-to-right text, is a right-to-left character standing alone, which turns the
-    numbers and signs beside it around: a sign with no right-to-left letter beside it (U+05BE ־ looks like a
-    hyphen, U+05C3 ׃ like a colon), or a letter with no right-to-left letter or sign beside it (U+05D9 י looks like
-    an apostrophe, U+0627 ا like an l: "from day ا1 - 14ا" was drawn "from day ا14 - 1ا", with no marker). One that
-    ends or starts a Hebrew or Arabic word is how that word is written (the Arabic question mark in "مساعدتك؟", the
-    Urdu full stop, the geresh of "ג׳", the maqaf of "ב־14"), the letter beside it is seen, and a currency sign (﷼,
-    ؋) is a glyph of its own: none of them is a marker. Marks (vowel points, harakat) on either side are skipped."""
-    char = text[at]
-    kind = unicodedata.category(char)
-    if unicodedata.bidirectional(char) not in ("R", "AL") or kind[0] == "M" or kind == "Sc":
+    """Whether `text[at]`, in left-to-right text, is a right-to-left character that is no letter (U+05BE ־ looks like
+    a hyphen, U+05C3 ׃ like a colon) with no right-to-left letter beside it: it turns the numbers and signs beside it
+    around. One that ends or starts a Hebrew or Arabic word is how that word is written (the Arabic question mark in
+    "مساعدتك؟", the Urdu full stop, the geresh of "ג׳", the maqaf of "ב־14"), the letter beside it is seen, and a
+    currency sign (﷼, ؋) is a glyph of its own: none of them is a marker. The letter before may carry marks (vowel
+    points, harakat)."""
+    kind = unicodedata.category(text[at])
+    if unicodedata.bidirectional(text[at]) not in ("R", "AL") or kind[0] in "LM" or kind == "Sc":
         return False
-    start, end = at, at + 1
+    start = at
     while start and unicodedata.category(text[start - 1])[0] == "M":
         start -= 1
-    while end < len(text) and unicodedata.category(text[end])[0] == "M":
-        end += 1
-    beside = (text[start - 1:start], text[end:end + 1])
-    if kind[0] == "L":  # a letter: a one-letter word, alone among left-to-right text, numbers and spaces
-        return not any(_rtl_letter(c) or _rtl_sign(c) for c in beside)
-    return not any(_rtl_letter(c) for c in beside)
+    return not (_rtl_letter(text[start - 1:start]) or _rtl_letter(text[at + 1:at + 2]))
 
 
-def _rtl_sign(char: str) -> bool:
-    return bool(char) and unicodedata.bidirectional(char) in ("R", "AL") and unicodedata.category(char)[0] not in "LM"
+_DIGITS = ("EN", "AN")
+_NUMBER_JOINERS = ("ES", "CS")  # one of them between two digits is part of the number (1-14, 1:1, 1,000)
+
+
+def _numbers_turned(line: str) -> bool:
+    """Whether a left-to-right line holds two numbers a browser draws in the other order than stored: numbers the
+    Unicode bidi algorithm gives to a right-to-left run (after a Hebrew or Arabic letter or sign with no Latin
+    letter between, or written in Arabic-Indic digits) with only spaces, signs or right-to-left text between them.
+    "from day ا1 - 14ا" is drawn "from day ا14 - 1ا": the alef looks like an l, the yod like an apostrophe, two
+    letters or a letter and a sign do it as well, so no one character can be marked; the line above the reply says
+    it instead. One number among Hebrew words ("Hebrew: ב־14 ימים") is drawn where a Hebrew reader expects it."""
+    strong, turned, i = "L", 0, 0
+    while i < len(line):
+        kind = unicodedata.bidirectional(line[i])
+        if kind == "L":
+            strong, turned = "L", 0
+        elif kind in ("R", "AL"):
+            strong = "R"
+        elif kind in _DIGITS:
+            if kind == "AN" or strong == "R":
+                turned += 1
+                if turned == 2:
+                    return True
+            else:  # a number after a Latin letter reads left to right, as a Latin letter does
+                turned = 0
+            while i + 1 < len(line) and (unicodedata.bidirectional(line[i + 1]) in _DIGITS or (
+                    unicodedata.bidirectional(line[i + 1]) in _NUMBER_JOINERS and i + 2 < len(line)
+                    and unicodedata.bidirectional(line[i + 2]) in _DIGITS)):
+                i += 1  # the rest of this number
+        i += 1
+    return False
 
 
 def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
@@ -350,15 +372,18 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     `cut_off`: the sampler stopped the reply at its length limit (align sample's `finished` false),
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
     direction, lines = _direction(text[:limit]), _LINE_BREAK.split(text[:limit])
-    body, hidden, cut = [], 0, 0
+    body, hidden, cut, turned = [], 0, 0, 0
     for line, end in zip(lines[::2], [*lines[1::2], ""], strict=True):
         line_direction = _direction(line, direction)
         drawn, line_hidden, line_cut = _visible(html.escape(line), rtl=line_direction == "rtl")
         hidden, cut = hidden + line_hidden, cut + line_cut
+        turned += line_direction != "rtl" and _numbers_turned(line)
         body.append((f'<span class="align-line" dir="{line_direction}">{drawn}</span>'
                      if line_direction != direction else drawn) + end)
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
-                + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut))
+                + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut)
+                + [f"numbers beside Hebrew or Arabic text in {turned:,} line{'s' * (turned != 1)} may be drawn in another "
+                   "order than they are written (1 - 14 drawn as 14 - 1)"] * bool(turned))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
     # An empty or blank reply (a policy that ended its turn at once) drew an empty card, read as a page that
     # failed to load: said in words, after what is stored (its spaces and line breaks, escaped like the rest).
