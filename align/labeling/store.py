@@ -398,6 +398,8 @@ def _backup_sqlite(path: str, version: int) -> str:
         target, n = f"{path}.v{version}.{n}.bak", n + 1
     partial = target + ".partial"
     try:
+        if os.path.exists(partial):  # an earlier crashed backup's, at whatever mode it was made with
+            os.remove(partial)
         _create_private(partial)  # a copy of everything the store holds, as private as a new store
         source, copy = sqlite3.connect(path, timeout=LOCK_WAIT), sqlite3.connect(partial)
         try:
