@@ -280,13 +280,31 @@ class RequireSession:
         # so this check is defence in depth; the identity of every call comes from the cookie.
         self.owners: dict[str, int] = {}
         self.hashes_of: dict[int, OrderedDict[str, None]] = {}
+        # The session hashes of the calls each account queued (accepted joins only), newest last: _pending counts
+        # their events. Apart from `owners`, where any page-state request (a heartbeat's GET) records a hash, so
+        # 2,000 of them would push out the hashes of calls still waiting and take them off the count.
+        self.joined: dict[str, int] = {}
+        self.joined_of: dict[int, OrderedDict[str, None]] = {}
 
     def _pending(self, annotator_id: int) -> int:
         """This account's calls queued or running now, in Gradio's queue (0 when it cannot be read: no limit)."""
         events = getattr(getattr(self.blocks, "_queue", None), "event_ids_to_events", None)
         if not isinstance(events, dict):
             return 0
-        return sum(self.owners.get(event.session_hash) == annotator_id for event in list(events.values()))
+        return sum(self.joined.get(event.session_hash) == annotator_id for event in list(events.values()))
+
+    def _joins(self, session_hash: Any, annotator_id: int) -> None:
+        """Count `session_hash`'s events as this account's from now on (a join it let through)."""
+        if not isinstance(session_hash, str) or not session_hash:
+            return
+        self.joined[session_hash] = annotator_id
+        mine = self.joined_of.setdefault(annotator_id, OrderedDict())
+        mine[session_hash] = None
+        mine.move_to_end(session_hash)
+        if len(mine) > HASHES_PER_ACCOUNT:
+            gone = mine.popitem(last=False)[0]
+            if self.joined.get(gone) == annotator_id:
+                del self.joined[gone]
 
     def _owned_by_another(self, session_hash: Any, annotator_id: int) -> bool:
         if not isinstance(session_hash, str) or not session_hash:
@@ -395,10 +413,12 @@ class RequireSession:
             return JSONResponse({"detail": f"this page was opened by another account; you are signed in as {name}: "
                                            f"reload to rank as {name} (nothing from this page was saved)"},
                                 status_code=403)
-        if path == "/gradio_api/queue/join" and self._pending(session["annotator_id"]) >= MAX_PENDING:
-            return JSONResponse({"detail": f"too many calls from this account at once ({MAX_PENDING} waiting or "
-                                           "running): nothing of this one was run; try again in a moment"},
-                                status_code=429, headers={"Retry-After": "1"})
+        if path == "/gradio_api/queue/join":
+            if self._pending(session["annotator_id"]) >= MAX_PENDING:
+                return JSONResponse({"detail": f"too many calls from this account at once ({MAX_PENDING} waiting or "
+                                               "running): nothing of this one was run; try again in a moment"},
+                                    status_code=429, headers={"Retry-After": "1"})
+            self._joins(payload.get("session_hash") if isinstance(payload, dict) else None, session["annotator_id"])
         return body
 
 

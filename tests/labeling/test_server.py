@@ -102,11 +102,11 @@ def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monk
     """Gradio's queue is one line for every account, with no limit: 1,500 joins from one signed-in annotator in 7 s
     held another annotator's submit for 53 s. Now an account with MAX_PENDING calls queued or running is refused
     at once (429), before Gradio queues anything, another account's calls go through, and once its calls have
-    run the account may call again. (Each call here takes half a second: the handler is slowed.)"""
+    run the account may call again. (Each call here takes 3 s: the handler is slowed.)"""
     from align.labeling import handlers, server
 
     def slow(*args, **kwargs):
-        time.sleep(0.5)
+        time.sleep(3)  # long enough that her calls are still waiting while the test sends the rest
         raise PermissionError("admins only")
 
     monkeypatch.setattr(handlers, "admin_stats", slow)
@@ -122,10 +122,17 @@ def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monk
         refused = next(r for r in flood if r.status_code == 429)
         assert "too many calls from this account at once (5 waiting or running)" in refused.json()["detail"]
         assert refused.headers["retry-after"] == "1"
+        # page-state requests naming new hashes (a heartbeat's GET records one) push her old hashes out of the
+        # session-hash map: her waiting calls still count
+        monkeypatch.setattr(server, "HASHES_PER_ACCOUNT", 3)
+        for i in range(6):
+            raw(alice, f"fresh-{i}", "/gradio_api/cancel")
+        assert alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": index, "session_hash": "fresh-9",
+                                                          "event_data": None, "trigger_id": None}).status_code == 429
         started = time.monotonic()
         assert call(bob, "bobs-page").status_code == 200  # another account's call runs meanwhile
-        assert time.monotonic() - started < 5
-        time.sleep(1.5)  # her calls have run
+        assert time.monotonic() - started < 8  # beside hers (8 run at once), not after them
+        time.sleep(3.5)  # her calls have run
         assert call(alice, "page-0").status_code == 200
 
 
