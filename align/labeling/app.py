@@ -835,12 +835,16 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
 
             return do_draft
 
-        # .input: the annotator's own clicks and keys, not the updates show() makes
+        # .input: the annotator's own clicks and keys, not the updates show() makes. The rationale's .change: Gradio
+        # 6's Textbox sends no .input for a deletion (Backspace, Delete, select all + Delete), so a rationale cleared
+        # or cut short was never drafted, came back on a reload and was kept by the submit (store.keep_draft);
+        # .change also fires as show() fills the box with a task's draft, which drafts that same text again.
         for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), *((w, i) for i, w in enumerate(unsafes)),
                             (rationale, "rationale"), (pairwise, "verdict")]:
             inputs = [task_id, opened_by, order_tag, *ranks, *([widget] if own is not None else []), page_stamp]
-            widget.input(drafting(own), inputs, message, js=stamped(len(inputs)), trigger_mode="always_last",
-                         show_progress="hidden")
+            (widget.change if own == "rationale" else widget.input)(
+                drafting(own), inputs, message, js=stamped(len(inputs)), trigger_mode="always_last",
+                show_progress="hidden")
 
         def do_skip(current, page_account, request: gr.Request):
             try:

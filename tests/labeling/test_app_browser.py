@@ -42,7 +42,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer"]
+              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer", "eraser"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -646,6 +646,48 @@ def test_a_partial_ranking_survives_a_reload(served, browser):
         assert store.draft(annotator, task_id) is None  # the draft became the submitted ranking
     finally:
         again.context.close()
+
+
+def test_a_rationale_cut_short_or_deleted_stays_so_after_a_reload_and_in_the_submit(served, browser):
+    """Gradio 6's Textbox sends no .input for a deletion: a rationale cleared (select all + Delete) or cut short
+    (Backspace) was never drafted, came back on a reload, and the submit kept the draft's old text ("Saved, with
+    the rationale as set in another tab", with no other tab). The rationale is drafted on .change now."""
+    from align.labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "eraser", PASSWORD)["annotator_id"]
+    page = new_page(browser)
+    try:
+        sign_in(page, url, "eraser")
+        prompt, bodies = shown_task(page)
+        task_id = canonical(store, prompt, bodies, [1, 2, 3, 4])[0]
+        box = page.locator("#align-rationale textarea")
+
+        def drafted(text):
+            deadline = time.monotonic() + 10
+            while (store.draft_notes(annotator, task_id) or {}).get("rationale") != text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return (store.draft_notes(annotator, task_id) or {}).get("rationale")
+
+        box.press_sequentially("B is wrong")
+        assert drafted("B is wrong") == "B is wrong"
+        for _ in range(6):
+            box.press("Backspace")
+        assert drafted("B is") == "B is"
+        page.reload()
+        page.wait_for_selector("#resp-a", state="visible")
+        assert page.input_value("#align-rationale textarea") == "B is"
+        box = page.locator("#align-rationale textarea")
+        box.press("Control+a")
+        box.press("Delete")
+        assert drafted("") == ""
+        rank_all(page, [1, 2, 3, 4])
+        page.click("#align-submit")
+        assert "Saved. Next task." in wait_for_message(page, "✅")
+        (row,) = wait_for_rows(store, "eraser", 1)
+        assert row["rationale"] == ""
+    finally:
+        page.context.close()
 
 
 def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboard(served, page):
