@@ -284,9 +284,12 @@ PAGE_JS = """
     // the button gives the focus back: left on Skip, the next task's Enter (submit) would click Skip
     if (done) {
       sel = 0; reconnected.hidden = true; setTimeout(() => { done.blur(); mark(); }, 300);
-      // a rank radio keeps the focus through the next task's drawing: a space would rank that task
+      // a rank radio keeps the focus through the next task's drawing: a space would rank that task; and the
+      // rationale box after Ctrl+Enter: the next task's ranks typed by key (2 1 4 3) went into its rationale
       const focused = document.activeElement;
-      if (focused && focused !== done && focused.closest && focused.closest('.align-response')) focused.blur();
+      if (focused && focused !== done && focused.closest && focused.closest('.align-response, #align-rationale')) {
+        focused.blur();
+      }
     }
   }, true);
   // The single-key shortcuts can be turned off (#align-keys); the choice is kept in this browser for its next pages.

@@ -42,7 +42,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer", "eraser"]
+              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer", "eraser", "typist"]
 TIMEOUT_MS = 15_000
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -507,6 +507,24 @@ def test_the_page_has_a_heading_readable_buttons_and_single_keys_that_can_be_tur
     page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
     page.keyboard.type("12")
     assert [page.locator(f"#rank-{x} input:checked").count() for x in "ab"] == [1, 1]
+
+
+def test_after_ctrl_enter_in_the_rationale_the_next_tasks_keys_rank_it(served, page):
+    """Ctrl+Enter in the rationale submitted and left the focus in the next task's rationale box: the 2 1 4 3 a
+    keyboard annotator pressed next were typed into it, and stored with that ranking. The box gives the focus back
+    as a rank radio does."""
+    url, store, _ = served
+    sign_in(page, url, "typist")
+    handle = page.input_value("#align-task-id input")
+    rank_all(page, [2, 1, 4, 3])
+    page.locator("#align-rationale textarea").press_sequentially("B is best")
+    page.locator("#align-rationale textarea").press("Control+Enter")
+    wait_for_another_task(page, handle)
+    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+    page.keyboard.type("2143")
+    assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["2", "1", "4", "3"]
+    assert page.input_value("#align-rationale textarea") == ""
+    assert wait_for_rows(store, "typist", 1)[0]["rationale"] == "B is best"
 
 
 def test_the_digit_keys_rank_the_response_whose_radios_have_the_focus(served, page):
