@@ -187,26 +187,28 @@ def test_latest_over_a_finished_run_on_other_data_trains_the_new_data(tiny_model
 
 def test_a_rerun_of_a_finished_sft_is_no_longer_marked_finished_once_it_trains(tiny_model, sft_data, tmp_path,
                                                                               monkeypatch):
-    """Run again over a finished sft and stopped at its first step, the folder holds this run's metrics.jsonl and
-    checkpoints/: its old align.json (the mark of a finished run) is gone from the moment training started, so a
-    kill that tidies nothing up (SIGKILL) leaves no finished-looking artifact, and the report shows no sft."""
+    """Run again over a finished sft, its old align.json (the mark of a finished run) is gone from the moment
+    training starts, so a kill that tidies nothing up (SIGKILL) after the first step leaves no finished-looking
+    artifact over this run's log. Stopped with Ctrl-C there, before it had rewritten anything of the artifact, the
+    tidy-up gives the finished artifact back whole: its align.json and its log (it was left unusable, in silence)."""
     from align.report import write_report
     from align.training import MetricsJSONL
 
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=2",
                   "train.eval_steps=2")
+    manifest, log = (out / "align.json").read_text(), read_jsonl(out / "metrics.jsonl")
     marked = []
 
-    def stopped(self, args, state, control, **kwargs):  # a kill after the first step
-        marked.append((out / "align.json").exists())
+    def stopped(self, args, state, control, **kwargs):  # stopped after the first step
+        marked.append(((out / "align.json").exists(), read_jsonl(out / "metrics.jsonl")))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(MetricsJSONL, "on_step_end", stopped)
     rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}", *FAST,
                 "model.quantize=false", "train.max_steps=4", "train.eval_steps=2"])
-    assert rc == 130 and marked == [False]
-    assert not (out / "align.json").exists() and read_jsonl(out / "metrics.jsonl") == []  # this run's log, so far
-    assert "<section id='sft'>" not in write_report(tmp_path / "run").read_text()
+    assert rc == 130 and marked == [(False, [])]  # as a SIGKILL would leave it: no manifest over this run's log
+    assert (out / "align.json").read_text() == manifest and read_jsonl(out / "metrics.jsonl") == log and log
+    assert "<section id='sft'>" in write_report(tmp_path / "run").read_text()
 
 
 def test_a_run_stopped_after_its_last_step_finishes_with_latest_at_max_steps(tiny_model, sft_data, tmp_path,
