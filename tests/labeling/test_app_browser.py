@@ -226,6 +226,16 @@ def wait_for_draft(store, annotator: int, task_id: int, ranks: list[int], timeou
     return draft
 
 
+def wait_for_draft_rationale(store, annotator: int, task_id: int, text: str, timeout: float = 10.0) -> str | None:
+    """The rationale of the annotator's stored draft of `task_id` once it is `text` (or whatever it is after
+    `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while (drafted := (store.draft_notes(annotator, task_id) or {}).get("rationale")) != text and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    return drafted
+
+
 def rank_all(page, ranks: list[int]) -> None:
     for letter, rank in zip("abcd", ranks, strict=True):
         page.click(f"#rank-{letter} label:has-text('{rank}')")
@@ -682,10 +692,7 @@ def test_a_rationale_cut_short_or_deleted_stays_so_after_a_reload_and_in_the_sub
         box = page.locator("#align-rationale textarea")
 
         def drafted(text):
-            deadline = time.monotonic() + 10
-            while (store.draft_notes(annotator, task_id) or {}).get("rationale") != text and time.monotonic() < deadline:
-                time.sleep(0.1)
-            return (store.draft_notes(annotator, task_id) or {}).get("rationale")
+            return wait_for_draft_rationale(store, annotator, task_id, text)
 
         box.press_sequentially("B is wrong")
         assert drafted("B is wrong") == "B is wrong"
