@@ -276,6 +276,27 @@ PAGE_JS = """
   const pageId = Math.random().toString(36).slice(2, 12);
   let submits = 0;
   window.alignStamp = () => pageId + ':' + submits;
+  // What the annotator changed of the task on screen (an unsafe box, All are bad, the rationale) goes with the
+  // submit: that box's value is saved as the page shows it. The draft of an untick just made may land after the
+  // submit (each event has a queue of its own), and the draft still ticked was kept over the page's untick; what
+  // was not changed here keeps what another tab drafted. Taken from the DOM's own events: Gradio's updates (a task
+  // drawn, a draft filled in) send none. Kept by task: a change made as the next task was drawn is not carried.
+  let touchedTask = null, touched = new Set();
+  const touchedId = (target) => {
+    const box = target && target.closest && target.closest('[id^="unsafe-"], #align-all-bad, #align-rationale');
+    if (!box) return null;
+    return box.id === 'align-all-bad' ? 'all_bad' : box.id === 'align-rationale' ? 'rationale' : box.id;
+  };
+  const touch = (e) => {
+    const id = touchedId(e.target);
+    if (!id) return;
+    const box = document.querySelector('#align-task-id input'), now = box ? box.value : '';
+    if (now !== touchedTask) { touchedTask = now; touched = new Set(); }
+    touched.add(id);
+  };
+  document.addEventListener('input', touch, true);
+  document.addEventListener('change', touch, true);
+  window.alignTouched = (task) => String(task) === touchedTask ? [...touched].join(',') : '';
   document.addEventListener('click', (e) => {
     const slot = e.target.closest && e.target.closest('.align-response');
     if (slot) { sel = Math.max(0, slots().indexOf(slot)); mark(); }
@@ -396,8 +417,12 @@ RECONNECTED = ("The connection to the server was lost and the page has reloaded:
                "flag or rationale set while the connection was down may be missing: check them, then submit.")
 
 
-def stamped(n: int) -> str:
-    """The js of an event with `n` inputs, the last the page's stamp: it sends the stamp as it is when sent."""
+def stamped(n: int, touched: bool = False) -> str:
+    """The js of an event with `n` inputs, the last the page's stamp: it sends the stamp as it is when sent.
+    `touched`: the one before it is what the annotator changed of the task on the page (its first input, the task)."""
+    if touched:
+        return (f"(...a) => [...a.slice(0, {n - 2}), window.alignTouched ? window.alignTouched(a[0]) : '', "
+                "window.alignStamp ? window.alignStamp() : '']")
     return f"(...a) => [...a.slice(0, {n - 1}), window.alignStamp ? window.alignStamp() : '']"
 
 
@@ -583,6 +608,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 # The page's stamp (PAGE_JS alignStamp: its id, its submits so far), set by each draft's and submit's
                 # js as it is sent: a draft sent before the page's own submit says nothing when it lands after it.
                 page_stamp = gr.Textbox("", visible="hidden", elem_id="align-page-stamp")
+                # What the annotator changed on this page (PAGE_JS alignTouched), set by the submit's js: that box's
+                # value is the one saved, not the draft's, which its own change may not have reached yet.
+                page_touched = gr.Textbox("", visible="hidden", elem_id="align-page-touched")
                 prompt = gr.HTML("", elem_id="align-prompt")
                 slots, bodies, ranks, unsafes = [], [], [], []
                 for row_start in range(0, MAX_K, 2):
@@ -771,8 +799,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
 
         def do_submit(request: gr.Request, current, page_account, page_order, started, *values):
-            rank_values, (verdict, bad), unsafe_values = values[:MAX_K], values[MAX_K:MAX_K + 2], values[MAX_K + 2:-2]
-            why, stamp = values[-2:]
+            rank_values, (verdict, bad), unsafe_values = values[:MAX_K], values[MAX_K:MAX_K + 2], values[MAX_K + 2:-3]
+            why, touched, stamp = values[-3:]
             try:
                 sess = signed_in(request)
                 if sess is None:
@@ -781,6 +809,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 current = handlers.task_of(store, sess, current)
                 result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
                                          unsafe_shown=[bool(v) for v in unsafe_values], rationale=why or "",
+                                         touched=touched if isinstance(touched, str) else "",
                                          order_tag=page_order or "",  # a page without one is stale
                                          # 0 when this session's state was lost (it only feeds throughput)
                                          seconds=round(time.monotonic() - started, 2) if started else 0.0)
@@ -872,9 +901,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
         enable = "(current) => ({__type__: 'update', interactive: !!current})"
         submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, *unsafes, rationale,
-                         page_stamp]
+                         page_touched, page_stamp]
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
-            do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs)))
+            do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs), touched=True))
         submitting.then(None, task_id, submit, js=enable)
         submitting.failure(None, task_id, submit, js=enable)
         skip.click(do_skip, [task_id, opened_by], [message, *task_outputs])

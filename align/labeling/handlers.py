@@ -19,7 +19,7 @@ import html
 import random
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +497,21 @@ def unsafe_flags(task: dict[str, Any], unsafe_shown: list[Any] | None) -> list[s
     return [unsafe_flag(task["order"][i]) for i, on in enumerate(shown[:task["k"]]) if on]
 
 
+def page_touched(task: dict[str, Any], touched: Collection[str] | str | None) -> set[str]:
+    """The flags (unsafe:<i>, i canonical; all_bad) and "rationale" of what the page says the annotator changed on it,
+    given in shown terms: "unsafe-<letter>", "all_bad", "rationale", comma-separated. A token it does not know (a
+    page of another version, a forged request) is left out: that box's draft is kept as before."""
+    tokens = touched[:200].split(",") if isinstance(touched, str) else list(touched or [])
+    spoken = set()
+    for token in tokens[:len(LETTERS) + 2]:
+        token = str(token).strip()
+        if token in ("all_bad", "rationale"):
+            spoken.add(token)
+        elif token.startswith("unsafe-") and len(token) == 8 and token[-1] in LETTERS.lower()[:task["k"]]:
+            spoken.add(unsafe_flag(task["order"][LETTERS.lower().index(token[-1])]))
+    return spoken
+
+
 def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
     """The first k ranks; the page sends one per response slot it lays out, and the slots past k must be empty."""
     ranks = list(ranks_shown)
@@ -508,12 +523,14 @@ def _fit(ranks_shown: list[Any], k: int) -> list[Any]:
 def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any] | None = None, *,
            verdict: str | None = None, all_bad: bool = False, unsafe: bool = False, rationale: str = "",
            seconds: float = 0.0, seed: int = 0, order_tag: str | None = None,
-           unsafe_shown: list[Any] | None = None) -> dict[str, Any]:
+           unsafe_shown: list[Any] | None = None, touched: Collection[str] | str | None = None) -> dict[str, Any]:
     """Validate and save this annotator's ranking of task `task_id`, given in the order they were shown it
     (an A/B task takes the `verdict` of `pairwise_ranks` instead of ranks); `order_tag` is the one of the view
     the ranks were given in (the page's: "" when it had none), StaleOrder when that is no longer the task's order.
     `unsafe_shown`: a tick per response in shown order, saved as unsafe:<i> with i canonical (`unsafe_flags`);
     `unsafe` flags the ranking without naming a reply (what the app wrote before per-reply flags).
+    `touched`: what the annotator changed on the submitting page (`page_touched`): its value there is kept over the
+    draft's, which may not have heard of the change yet; the rest of the draft is kept with the page's (keep_draft).
 
     The task must be one they were given. Idempotent: a repeat (double click, replayed request)
     keeps the first submitted ranking and changes nothing, whatever task is open by then.
@@ -546,12 +563,18 @@ def submit(store: Store, session: dict[str, Any], task_id: int, ranks_shown: lis
     flags = [f for f, on in zip(FLAGS, (all_bad, unsafe), strict=True) if on] + unsafe_flags(task, unsafe_shown)
     _check_rationale(rationale)
     # What the draft holds is kept with the page's (keep_draft): an unsafe tick, "all bad" (on a ranking: an A/B
-    # task's verdict says it) or a rationale made in another tab, which this page never showed, is never lost; one
-    # cleared on this page cleared its draft first. Read here only to say what was kept.
+    # task's verdict says it) or a rationale made in another tab, which this page never showed, is never lost. A box
+    # the annotator changed on this page is saved as it shows it (spoken): the draft of an untick may land after the
+    # submit (each event has a queue of its own), and the draft's tick was kept over it. Read here only to say what
+    # was kept.
     keep = ("unsafe", "rationale") + (("all_bad",) if task["kind"] != "pairwise" else ())
+    spoken = page_touched(task, touched)
     notes = store.draft_notes(session["annotator_id"], task["task_id"]) or {}
+    notes["flags"] = [f for f in notes.get("flags") or [] if f not in spoken]
+    if "rationale" in spoken:
+        notes["rationale"] = ""
     created = store.save_ranking(session["annotator_id"], task["task_id"], to_canonical(task, ranks), flags=flags,
-                                 rationale=(rationale or "").strip(), seconds=seconds, keep_draft=keep)
+                                 rationale=(rationale or "").strip(), seconds=seconds, keep_draft=keep, spoken=spoken)
     if not created:  # another submit of this task landed first
         return _repeat(store, session, task, ranks_shown, verdict, unsafe_shown)
     kept = []

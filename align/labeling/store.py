@@ -972,7 +972,8 @@ class Store:
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,
                      rationale: str | None = "", seconds: float = 0.0, status: str = "submitted",
-                     flags_set: Collection[str] | None = None, keep_draft: Collection[str] = ()) -> bool:
+                     flags_set: Collection[str] | None = None, keep_draft: Collection[str] = (),
+                     spoken: Collection[str] = ()) -> bool:
         """Write a ranking in one transaction; True if this call made it, False if one was already submitted.
 
         A submitted ranking is final: a repeated submit (double click, retry) keeps the first one.
@@ -984,6 +985,8 @@ class Store:
         `keep_draft`: what of the saved draft a submit keeps (read in the same transaction), so that what was set in
         another tab, which the submitting page never showed, is not lost: "unsafe", its unsafe:<i> flags (the union
         with `flags`); "all_bad", its all_bad flag (the union); "rationale", its rationale where the submit's is empty.
+        `spoken`: the flags (and "rationale") the submitting page changed itself, whose value there is the one kept
+        whatever the draft holds: its own untick's draft may land after the submit (each event has a queue of its own).
         """
         if status not in ("draft", "submitted"):
             raise ValueError(f"status: {status!r} is not allowed; allowed values: draft, submitted")
@@ -1014,10 +1017,11 @@ class Store:
                     if row and row.status == "submitted":
                         return False
                     if row and status == "submitted" and row.status == "draft" and keep_draft:
-                        drafted = {f for f in json.loads(row.flags or "[]")
-                                   if ("unsafe" in keep_draft and names_reply(f)) or (f in keep_draft and f == "all_bad")}
+                        drafted = {f for f in json.loads(row.flags or "[]") if f not in spoken and (
+                            ("unsafe" in keep_draft and names_reply(f)) or (f in keep_draft and f == "all_bad"))}
                         values["flags"] = json.dumps(sorted(set(flags or []) | drafted))
-                        if "rationale" in keep_draft and not values["rationale"] and row.rationale:
+                        if ("rationale" in keep_draft and "rationale" not in spoken and not values["rationale"]
+                                and row.rationale):
                             values["rationale"] = row.rationale
                     if row and status == "draft" and row.status == "draft":  # a draft fills in ranks (0 = not set
                         kept = json.loads(row.ranks)  # here): a second tab that never saw a rank cannot erase it; a

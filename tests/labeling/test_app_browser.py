@@ -42,8 +42,12 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 PASSWORD = "correct horse"
 ANNOTATORS = ["mouse", "keys", "double", "ann1", "ann2", "plain", "seed", "reload", "victim", "mallory", "leaver",
               "replay", "locked", "framed", "blip", "stray", "aria", "wordy", "stale",
-              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer", "eraser", "typist"]
+              "tabber", "listener", "late", "later", "quiet", "flagger", "enterer", "eraser", "typist",
+              "racer"]
 TIMEOUT_MS = 15_000
+# A submit's call: task id, the page's account, the order's tag, shown_at, 8 ranks, verdict, all bad, 8 unsafe boxes,
+# why, what the annotator changed on the page, the page's stamp (app.py submit_inputs)
+SUBMIT_DATA = 25
 VIEWPORT = {"width": 1280, "height": 900}
 
 # A real-looking task for the screenshot: one prompt from data/support/prompts.jsonl and four
@@ -263,9 +267,7 @@ def submit_call(page) -> dict:
         page.click("#align-submit")
         # the answer, not the loading overlay's "processing | 0.2s" that #align-message holds before it
         page.wait_for_function("/[✅⚠]/.test(document.querySelector('#align-message').innerText)")
-    # task id, the page's account, the order's tag, shown_at, 8 ranks, verdict, all bad, 8 unsafe boxes, why, the
-    # page's stamp
-    [call] = [c for c in calls if len(c.get("data", [])) == 24]
+    [call] = [c for c in calls if len(c.get("data", [])) == SUBMIT_DATA]
     assert re.fullmatch(r"[0-9a-z]+:[1-9][0-9]*", call["data"][-1]), call["data"][-1]  # set as it was sent
     return call
 
@@ -715,6 +717,50 @@ def test_a_rationale_cut_short_or_deleted_stays_so_after_a_reload_and_in_the_sub
         page.context.close()
 
 
+def test_a_box_changed_on_the_page_is_submitted_as_shown_before_its_draft_lands(served, browser):
+    """Each event has a queue of its own: an untick's draft could land after the submit, which kept the draft's
+    still-ticked flag (and a rationale just cleared) as "set in another tab" (a CI run flaked so). The submit says
+    what the annotator changed on the page, and that is saved as shown; here the drafts of the changes never land."""
+    from align.labeling import handlers
+
+    url, store, _ = served
+    annotator = handlers.sign_in(store, "racer", PASSWORD)["annotator_id"]
+    page = new_page(browser)
+    try:
+        sign_in(page, url, "racer")
+        prompt, bodies = shown_task(page)
+        task_id, ranks = canonical(store, prompt, bodies, [2, 1, 3, 4])
+        rank_all(page, [2, 1, 3, 4])
+        page.click("#unsafe-a input")
+        page.click("#align-all-bad input")
+        page.locator("#align-rationale textarea").press_sequentially("A is rude")
+        assert wait_for_draft_rationale(store, annotator, task_id, "A is rude") == "A is rude"
+        deadline = time.monotonic() + 10
+        while len((store.draft_notes(annotator, task_id) or {}).get("flags", [])) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "all_bad" in store.draft_notes(annotator, task_id)["flags"]
+
+        def lost(route):  # every call but the submit's is taken in and never run: the drafts of what follows
+            body = route.request.post_data_json if route.request.post_data else {}
+            if len((body or {}).get("data", [])) == SUBMIT_DATA:
+                route.continue_()
+            else:
+                route.fulfill(status=200, content_type="application/json", body=json.dumps({"event_id": secrets.token_hex(8)}))
+
+        page.route("**/gradio_api/queue/join*", lost)
+        page.click("#unsafe-a input")
+        page.click("#align-all-bad input")
+        box = page.locator("#align-rationale textarea")
+        box.press("Control+a")
+        box.press("Delete")
+        page.click("#align-submit")
+        assert "Saved. Next task." in wait_for_message(page, "✅")
+        (row,) = wait_for_rows(store, "racer", 1)
+        assert row["ranks"] == ranks and row["flags"] == [] and row["rationale"] == ""
+    finally:
+        page.context.close()
+
+
 def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboard(served, page):
     """One Unsafe box flagged the whole ranking: nobody could tell which reply was unsafe. Each response has its own
     box now, ticked with the mouse, by Tab and Space, or with u on the selected response; the page shows the
@@ -1130,7 +1176,7 @@ def test_a_session_hash_is_not_a_login_and_the_cookie_cannot_be_read_by_the_page
                 victim.wait_for_timeout(500)
             victim_hash = calls[0]["session_hash"]
         as_victim = {"session_hash": victim_hash, "data": [victim_task, "mallory", "", None, "1", "2", "3", "4",
-                                                           *[None] * 4, None, False, *[False] * 8, "mine now", ""]}
+                                                           *[None] * 4, None, False, *[False] * 8, "mine now", "", ""]}
         # Without a cookie: refused before Gradio, for every route (and the page is the sign-in form).
         assert _gradio_post(anonymous, url, call, **as_victim).status_code == 401
         for response in (anonymous.request.post(f"{url}/gradio_api/queue/join", data={**call, **as_victim}),
@@ -1228,7 +1274,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 24) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == SUBMIT_DATA) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 401  # the submit, refused before any handler runs (align/labeling/server.py)
             # The page says so, and it stays said.
@@ -1313,7 +1359,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
             store.engine.dispose()
             folder.rename(tmp_path / "gone")
             with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
-                                      and len(r.request.post_data_json.get("data", [])) == 24) as answer:
+                                      and len(r.request.post_data_json.get("data", [])) == SUBMIT_DATA) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 503
             page.wait_for_selector("#align-store-busy", state="visible")

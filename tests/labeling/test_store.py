@@ -966,6 +966,26 @@ def test_all_bad_and_a_rationale_drafted_in_another_tab_are_kept_by_a_submit(sto
     assert row["flags"] == [] and row["rationale"] == "A is right"
 
 
+def test_what_the_submitting_page_changed_is_saved_as_it_shows_it_whatever_the_draft_holds(store):
+    """The page's own untick (or cleared rationale) may reach the draft after the submit: the draft still held the
+    tick, and the submit kept it "as set in another tab". What the page says it changed is saved as the page shows
+    it; what it did not change keeps the draft's; tokens it cannot have sent change nothing."""
+    make_tasks(store, 2)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    tid, tag, order = task["task_id"], task["order_tag"], task["order"]
+    for reply in (2, 3):
+        handlers.save_draft(store, alice, tid, [None] * 4, unsafe_reply=(reply, True), order_tag=tag)
+    handlers.save_draft(store, alice, tid, [None] * 4, all_bad=True, rationale="C and D are unsafe", order_tag=tag)
+    # this page unticked C and All are bad and cleared the rationale; no draft of that landed
+    saved = handlers.submit(store, alice, tid, [1, 2, 3, 4], unsafe_shown=[0, 0, 0, 0], order_tag=tag,
+                            touched="unsafe-c,all_bad,rationale,unsafe-e,unsafe-,unsafe-cc,unsafe:0,bogus")
+    assert saved["message"] == "Saved, with D flagged unsafe as set in another tab. Next task."
+    (row,) = store.submitted_rankings()
+    assert row["flags"] == [f"unsafe:{order[3]}"] and row["rationale"] == ""
+    assert handlers.page_touched(task, ["unsafe-a", "unsafe-d"]) == {f"unsafe:{order[0]}", f"unsafe:{order[3]}"}
+
+
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
     # On PostgreSQL every click reads the draft before any commits: only one may turn it into a ranking.
     make_tasks(store, 1)
