@@ -422,7 +422,7 @@ def next_task(store: Store, session: dict[str, Any], *, overlap: int = 1, gold_r
     draft = store.draft(session["annotator_id"], task_id)
     notes = store.draft_notes(session["annotator_id"], task_id) or {"flags": [], "rationale": ""}
     flagged = unsafe_replies(notes["flags"])
-    return {**view, "progress": store.progress(session["annotator_id"]),
+    return {**view, "progress": store.progress(session["annotator_id"], batch=batch),
             # a saved partial ranking in shown order (None where unranked), so a reload loses nothing
             "draft": [draft[i] or None for i in view["order"]] if draft else None,
             "draft_flags": notes["flags"], "draft_rationale": notes["rationale"],

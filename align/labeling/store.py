@@ -937,10 +937,14 @@ class Store:
                                                         assigned_at=now))
             return task_id
 
-    def progress(self, annotator_id: int) -> dict[str, int]:
+    def progress(self, annotator_id: int, batch: str | None = None) -> dict[str, int]:
+        """This annotator's assignments by status; `batch`: of that batch's tasks only (the app serving one batch
+        counted the tasks of every batch they had labelled before)."""
+        query = select(assignments.c.status, func.count()).where(assignments.c.annotator_id == annotator_id)
+        if batch is not None:
+            query = query.where(assignments.c.task_id.in_(select(tasks.c.id).where(tasks.c.batch == batch)))
         with self.engine.connect() as conn:
-            counts = dict(conn.execute(select(assignments.c.status, func.count()).where(
-                assignments.c.annotator_id == annotator_id).group_by(assignments.c.status)).all())
+            counts = dict(conn.execute(query.group_by(assignments.c.status)).all())
         return {"done": counts.get("submitted", 0), "skipped": counts.get("skipped", 0),
                 "assigned": sum(n for status, n in counts.items() if status != "expired")}  # an expired one: not theirs
 

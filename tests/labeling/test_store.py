@@ -369,6 +369,22 @@ def test_a_submit_racing_the_hand_over_of_its_stale_slot_is_one_ranking_not_two(
     assert store.progress(alice["annotator_id"])["done"] == 1
 
 
+def test_the_progress_of_an_app_serving_one_batch_counts_that_batch_only(store):
+    """`align label --batch eval-ab` showed "Progress: 3 / 4 done" on its first A/B task: the ranking batch's tasks
+    this annotator had labelled before were counted with it."""
+    make_tasks(store, 3, batch="round-0")
+    make_tasks(store, 2, batch="round-1")
+    alice = session(store, "alice")
+    for _ in range(3):
+        task = handlers.next_task(store, alice, batch="round-0")
+        handlers.submit(store, alice, task["task_id"], [1, 2, 3, 4], order_tag=task["order_tag"])
+    first = handlers.next_task(store, alice, batch="round-1")
+    assert first["progress"] == {"done": 0, "skipped": 0, "assigned": 1}
+    handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4], order_tag=first["order_tag"])
+    assert handlers.next_task(store, alice, batch="round-1")["progress"] == {"done": 1, "skipped": 0, "assigned": 2}
+    assert handlers.next_task(store, alice)["progress"]["done"] == 4  # every batch: every batch's count
+
+
 def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
     make_tasks(store, 1)
     alice = session(store, "alice")
