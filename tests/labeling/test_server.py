@@ -222,13 +222,13 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         ranks = ["1", "2", "3", "4", *[None] * 4]
         refused = "this page was opened by alice; you are signed in as bob: reload to rank as bob"
         # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
-        for path, data in (("do_submit", [task, "alice", alice_tag, 0.0, *ranks, None, False, *[False] * 8, "mine", ""]),
+        for path, data in (("do_submit", [task, "alice", alice_tag, 0.0, *ranks, None, False, *[False] * 8, "mine", "", ""]),
                            ("do_draft", [task, "alice", alice_tag, *ranks, ""]), ("do_skip", [task, "alice"])):
             answer = queued(bob, path, data, "restarted")
             assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
         assert store.draft(bob_id, task_id) is None and store.assignment_status(bob_id, task_id) == "assigned"
         assert store.submitted_rankings() == []
-        answer = queued(bob, "do_submit", [bobs_handle, "bob", pages["bob"][2], 0.0, *ranks, None, False, *[False] * 8, "", ""],
+        answer = queued(bob, "do_submit", [bobs_handle, "bob", pages["bob"][2], 0.0, *ranks, None, False, *[False] * 8, "", "", ""],
                         "bobs-page")  # bob's own page
         assert "Saved" in answer.text and [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
 
@@ -258,11 +258,11 @@ def test_an_annotators_page_does_not_tell_gold_tasks_apart(store, monkeypatch):
             assert progress.startswith(f"**Progress:** {n} / {n + 1} done")
             shown.append(handlers.task_of(store, her, handle))
             if n == 0:
-                theirs = queued(bob, "do_submit", [handle, "bob", tag, 0.0, "1", "2", *[None] * 6, None, False, *[False] * 8, "", ""],
+                theirs = queued(bob, "do_submit", [handle, "bob", tag, 0.0, "1", "2", *[None] * 6, None, False, *[False] * 8, "", "", ""],
                                 "bobs-page")
                 said = theirs.json()["data"][0]
                 assert "this task is not assigned to you" in said and not re.search(r"\d", said), said
-            answer = queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None, False, *[False] * 8, "", ""],
+            answer = queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None, False, *[False] * 8, "", "", ""],
                             "page")
             assert "Saved" in answer.text
             out = answer.json()["data"][1:]
@@ -273,7 +273,7 @@ def test_an_annotators_page_does_not_tell_gold_tasks_apart(store, monkeypatch):
         assert f" · task {handlers.task_of(store, boss_session, admins[0])} · " in admins[4], admins[4]
         # the same submit again: "already saved", whatever task the page shows by now
         assert "Already saved" in queued(alice, "do_submit", [handle, "alice", tag, 0.0, "1", "2", *[None] * 6, None,
-                                                              False, *[False] * 8, "", ""], "page").text
+                                                              False, *[False] * 8, "", "", ""], "page").text
 
 
 def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, monkeypatch, caplog):
@@ -293,7 +293,7 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
         alice = signed_in(url, "alice")
         task, _, tag = queued(alice, "do_load", [], "page").json()["data"][4:7]
         ranks = ["1", "2", "3", "4", *[None] * 4]
-        submit = [task, "alice", tag, 0.0, *ranks, None, False, *[False] * 8, "", ""]
+        submit = [task, "alice", tag, 0.0, *ranks, None, False, *[False] * 8, "", "", ""]
         for method in ("save_ranking", "skip", "assign"):
             monkeypatch.setattr(store, method, locked)
         not_saved = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
@@ -349,7 +349,7 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
     with served(store) as url:
         alice = signed_in(url, "alice")
         task, _, tag = queued(alice, "do_load", [], "page").json()["data"][4:7]
-        submit = {"data": [task, "alice", tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False, *[False] * 8, "", ""],
+        submit = {"data": [task, "alice", tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False, *[False] * 8, "", "", ""],
                   "session_hash": "page"}
         do_submit = fn_index(alice, "do_submit")  # /config too is 503 while the store is gone
         store.engine.dispose()
@@ -581,7 +581,7 @@ def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
         quiet = queued(alice, "do_draft", [second, "alice", tag2, "1", *[None] * 7, "p1:0"], "alices-page")
         assert quiet.json()["data"][0]["__type__"] == "update", quiet.text  # open: saved, nothing said
         queued(alice, "do_submit", [second, "alice", tag2, 0.0, "1", "2", "3", *[None] * 5, None, False, *[False] * 8, "",
-                                    "p1:1"], "alices-page")
+                                    "", "p1:1"], "alices-page")
         # the same ranks (the last one set just before the submit): nothing to say; other ranks: not saved, said;
         # unless the draft was sent by the page before its submit (its stamp: the same page, fewer submits sent)
         late = queued(alice, "do_draft", [second, "alice", tag2, None, None, "3", *[None] * 5, ""], "alices-page")
@@ -608,7 +608,7 @@ def test_a_submit_on_a_task_handed_on_shows_the_next_and_does_not_say_skip(store
         with store.tx() as conn:
             conn.execute(update(assignments).values(assigned_at=assignments.c.assigned_at - 31 * 60))
         queued(bob, "do_load", [], "bobs-page")
-        said = queued(alice, "do_submit", [task, "alice", tag, 0.0, "1", "2", "3", *[None] * 5, None, False, *[False] * 8, "", ""],
+        said = queued(alice, "do_submit", [task, "alice", tag, 0.0, "1", "2", "3", *[None] * 5, None, False, *[False] * 8, "", "", ""],
                       "alices-page").json()["data"]
         assert "handed to someone else" in said[0] and "your next task is below" in said[0], said[0]
         assert "Skip" not in said[0] and said[1] not in ("", task), said[:2]
@@ -625,12 +625,12 @@ def test_a_second_tab_left_on_a_task_submitted_or_skipped_moves_on(store):
         (task, _, tag), (same, _, tag2) = pages["tab-1"], pages["tab-2"]
         assert task == same
         ranks = ["1", "2", "3", *[None] * 5]
-        first = queued(alice, "do_submit", [task, "alice", tag, 0.0, *ranks, None, False, *[False] * 8, "", ""], "tab-1").json()
-        second = queued(alice, "do_submit", [task, "alice", tag2, 0.0, *ranks, None, False, *[False] * 8, "", ""], "tab-2").json()
+        first = queued(alice, "do_submit", [task, "alice", tag, 0.0, *ranks, None, False, *[False] * 8, "", "", ""], "tab-1").json()
+        second = queued(alice, "do_submit", [task, "alice", tag2, 0.0, *ranks, None, False, *[False] * 8, "", "", ""], "tab-2").json()
         assert "Already saved" in second["data"][0] and second["data"][1] == first["data"][1] != task, second["data"][:2]
         task = first["data"][1]  # both tabs on the next task now; the first skips it, the second submits it
         queued(alice, "do_skip", [task, "alice"], "tab-1")
-        said = queued(alice, "do_submit", [task, "alice", second["data"][3], 0.0, *ranks, None, False, *[False] * 8, "", ""],
+        said = queued(alice, "do_submit", [task, "alice", second["data"][3], 0.0, *ranks, None, False, *[False] * 8, "", "", ""],
                       "tab-2").json()["data"]
         assert "this task was skipped" in said[0] and said[1] not in ("", task), said[:2]
         assert len(store.submitted_rankings()) == 1
