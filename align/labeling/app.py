@@ -345,6 +345,7 @@ PAGE_JS = """
   new MutationObserver(watch).observe(byId('align-prompt') || document.body,
     {childList: true, subtree: true, characterData: true});
   setInterval(watch, 100);
+  window.alignKeysReady = () => { watch(); return Date.now() - replacedAt >= SETTLE_MS; };  // the task settled
   // Enter on a checkbox (an unsafe box, All are bad): Gradio 6's checkbox flips itself on Enter (no draft saved) in
   // its own handler, which runs before the page's below, so the submit sent the flipped box: Tab to D's unticked
   // box, Enter stored D unsafe. Taken here first (capture) and never passed on: it submits the boxes as shown, or,
@@ -435,14 +436,27 @@ class PageSubmits:
     def __init__(self, size: int = 10_000):
         self.size, self._stamps, self._lock = size, collections.OrderedDict(), threading.Lock()
 
-    def sent(self, annotator_id: int, task_id: int, stamp: str | None) -> None:
+    def sent(self, annotator_id: int, task_id: int, stamp: str | None) -> str | None:
+        """Record the stamp of a submit about to be made; the one it replaces is returned (for `put_back`)."""
         if not _stamp(stamp):
-            return
+            return None
         with self._lock:
+            previous = self._stamps.get((annotator_id, task_id))
             self._stamps[annotator_id, task_id] = stamp
             self._stamps.move_to_end((annotator_id, task_id))
             while len(self._stamps) > self.size:
                 self._stamps.popitem(last=False)
+        return previous
+
+    def put_back(self, annotator_id: int, task_id: int, stamp: str | None, previous: str | None) -> None:
+        """Undo `sent` of `stamp` (the submit saved nothing of this page's: refused, failed, another tab's kept)."""
+        with self._lock:
+            if self._stamps.get((annotator_id, task_id)) != stamp:
+                return
+            if previous is None:
+                del self._stamps[annotator_id, task_id]
+            else:
+                self._stamps[annotator_id, task_id] = previous
 
     def sent_before(self, annotator_id: int, task_id: int, stamp: str | None) -> bool:
         with self._lock:
@@ -807,12 +821,21 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                     return [signed_out, *unchanged]
                 handlers.check_page_account(sess, page_account)
                 current = handlers.task_of(store, sess, current)
-                result = handlers.submit(store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
-                                         unsafe_shown=[bool(v) for v in unsafe_values], rationale=why or "",
-                                         touched=touched if isinstance(touched, str) else "",
-                                         order_tag=page_order or "",  # a page without one is stale
-                                         # 0 when this session's state was lost (it only feeds throughput)
-                                         seconds=round(time.monotonic() - started, 2) if started else 0.0)
+                # before the submit: a draft of this page's refused as it commits is not said to be lost
+                previous = submitted.sent(sess["annotator_id"], current, stamp)
+                try:
+                    result = handlers.submit(
+                        store, sess, current, list(rank_values), verdict=verdict, all_bad=bool(bad),
+                        unsafe_shown=[bool(v) for v in unsafe_values], rationale=why or "",
+                        touched=touched if isinstance(touched, str) else "",
+                        order_tag=page_order or "",  # a page without one is stale
+                        # 0 when this session's state was lost (it only feeds throughput)
+                        seconds=round(time.monotonic() - started, 2) if started else 0.0)
+                except BaseException:
+                    submitted.put_back(sess["annotator_id"], current, stamp, previous)
+                    raise
+                if result.get("conflict"):  # another tab's ranking is the one kept
+                    submitted.put_back(sess["annotator_id"], current, stamp, previous)
             except handlers.NotOpen as err:  # skipped or handed on (another tab, 30 minutes): on to the next task
                 return moved_on(sess, _note(str(err).strip("'\""), "⚠️", error=True))
             except (ValueError, KeyError, PermissionError, handlers.AuthError, handlers.StaleOrder) as err:
@@ -820,8 +843,6 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             except STORE_ERRORS:
                 log.exception("submit of task %s not saved: the store failed", current)
                 return [_note(NOT_SAVED, "⚠️", error=True), *unchanged[:-1], gr.update(interactive=True)]
-            if not result.get("conflict"):
-                submitted.sent(sess["annotator_id"], current, stamp)
             if result.get("conflict"):  # another tab submitted this task with other ranks: on to the next
                 return moved_on(sess, _note(result["message"], "⚠️", error=True))
             # A repeat of a submit already saved ("already saved"): the next task too. A second tab left on the
@@ -829,15 +850,23 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # replayed request whose page shows the next task by now gets that task again (the open one first).
             return moved_on(sess, _note(result["message"], "✅"))
 
-        def drafting(own: str | int | None):
+        def drafting(own: str | int):
             """Every rank, flag and rationale the annotator sets is kept as a draft (never over a submitted
-            ranking). A flag and the rationale only from their own box (cleared too): a rank set in a second tab,
-            which may not show them as set, leaves them as saved. `own` an int: the Unsafe box of that shown slot."""
+            ranking), each from its own widget only: `own` "rank:<i>", the rank radios of shown slot i; an int, the
+            Unsafe box of that shown slot; "all_bad", "rationale", "verdict". A draft of one says nothing of the
+            others: a second tab that may not show them as set leaves them as saved, and this page's draft of D's
+            rank, sent before C was ranked again and landing after C's (each event has a queue of its own), no
+            longer wrote C's old rank back."""
+            rank_slot = int(own[5:]) if isinstance(own, str) and own.startswith("rank:") else None
 
             def do_draft(request: gr.Request, current, page_account, page_order, *values):
-                rank_values, value, stamp = values[:MAX_K], values[MAX_K] if own is not None else None, values[-1]
+                value, stamp = values[MAX_K], values[-1]
+                rank_values = [value if i == rank_slot else None for i in range(MAX_K)]
+                if rank_slot is not None and value in (None, ""):  # nothing to keep (a task just drawn: no rank)
+                    return gr.skip()
                 given = {"all_bad": {"all_bad": bool(value)}, "rationale": {"rationale": value or ""},
-                         "verdict": {"verdict": value}, None: {}}.get(own, {"unsafe_reply": (own, bool(value))})
+                         "verdict": {"verdict": value}}.get(own, {} if rank_slot is not None else
+                                                                {"unsafe_reply": (own, bool(value))})
                 try:
                     sess = signed_in(request)
                     if sess is None:
@@ -871,9 +900,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # 6's Textbox sends no .input for a deletion (Backspace, Delete, select all + Delete), so a rationale cleared
         # or cut short was never drafted, came back on a reload and was kept by the submit (store.keep_draft);
         # .change also fires as show() fills the box with a task's draft, which drafts that same text again.
-        for widget, own in [*((w, None) for w in ranks), (all_bad, "all_bad"), *((w, i) for i, w in enumerate(unsafes)),
-                            (rationale, "rationale"), (pairwise, "verdict")]:
-            inputs = [task_id, opened_by, order_tag, *ranks, *([widget] if own is not None else []), page_stamp]
+        for widget, own in [*((w, f"rank:{i}") for i, w in enumerate(ranks)), (all_bad, "all_bad"),
+                            *((w, i) for i, w in enumerate(unsafes)), (rationale, "rationale"), (pairwise, "verdict")]:
+            inputs = [task_id, opened_by, order_tag, *ranks, widget, page_stamp]
             (widget.change if own == "rationale" else widget.input)(
                 drafting(own), inputs, message, js=stamped(len(inputs)), trigger_mode="always_last",
                 show_progress="hidden")

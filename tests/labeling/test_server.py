@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -102,11 +103,14 @@ def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monk
     """Gradio's queue is one line for every account, with no limit: 1,500 joins from one signed-in annotator in 7 s
     held another annotator's submit for 53 s. Now an account with MAX_PENDING calls queued or running is refused
     at once (429), before Gradio queues anything, another account's calls go through, and once its calls have
-    run the account may call again. (Each call here takes 3 s: the handler is slowed.)"""
+    run the account may call again. (Her calls are held until the test lets them go.)"""
     from align.labeling import handlers, server
 
-    def slow(*args, **kwargs):
-        time.sleep(3)  # long enough that her calls are still waiting while the test sends the rest
+    release = threading.Event()
+
+    def slow(store, session, *args, **kwargs):
+        if session and session.get("name") == "alice":  # hers wait while the test sends the rest
+            release.wait(60)
         raise PermissionError("admins only")
 
     monkeypatch.setattr(handlers, "admin_stats", slow)
@@ -132,8 +136,11 @@ def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monk
         started = time.monotonic()
         assert call(bob, "bobs-page").status_code == 200  # another account's call runs meanwhile
         assert time.monotonic() - started < 8  # beside hers (8 run at once), not after them
-        time.sleep(3.5)  # her calls have run
-        assert call(alice, "page-0").status_code == 200
+        release.set()
+        deadline = time.monotonic() + 30  # her calls run, and then she may call again
+        while (answer := call(alice, "page-0")).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answer.status_code == 200
 
 
 def test_only_this_servers_own_pages_can_sign_a_browser_in_or_out(store):
@@ -223,7 +230,7 @@ def test_a_page_drawn_for_one_account_refuses_to_rank_as_another(store):
         refused = "this page was opened by alice; you are signed in as bob: reload to rank as bob"
         # bob's cookie on alice's page, as after a restart: a page session nobody owns any more
         for path, data in (("do_submit", [task, "alice", alice_tag, 0.0, *ranks, None, False, *[False] * 8, "mine", "", ""]),
-                           ("do_draft", [task, "alice", alice_tag, *ranks, ""]), ("do_skip", [task, "alice"])):
+                           ("do_draft", [task, "alice", alice_tag, *ranks, ranks[0], ""]), ("do_skip", [task, "alice"])):
             answer = queued(bob, path, data, "restarted")
             assert answer.status_code == 200 and refused in answer.text, (path, answer.text[:300])
         assert store.draft(bob_id, task_id) is None and store.assignment_status(bob_id, task_id) == "assigned"
@@ -298,7 +305,7 @@ def test_a_store_that_cannot_answer_is_said_in_plain_words_and_logged(store, mon
             monkeypatch.setattr(store, method, locked)
         not_saved = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
                      "press Submit again in a moment.")
-        for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", tag, *ranks, ""], not_saved),
+        for path, data, said in (("do_submit", submit, not_saved), ("do_draft", [task, "alice", tag, *ranks, ranks[0], ""], not_saved),
                                  ("do_skip", [task, "alice"], "Not skipped: the store is busy or unreachable"),
                                  ("do_load", [], "no task could be fetched: reload the page in a moment")):
             answer = queued(alice, path, data, "page")
@@ -575,22 +582,24 @@ def test_a_rank_set_on_a_task_no_longer_open_is_said_at_once(store):
         with store.tx() as conn:  # read for 31 minutes, no rank set
             conn.execute(update(assignments).values(assigned_at=assignments.c.assigned_at - 31 * 60))
         queued(bob, "do_load", [], "bobs-page")  # bob is given the task that stood open
-        said = queued(alice, "do_draft", [task, "alice", tag, "1", *[None] * 7, "p1:0"], "alices-page").text
+        said = queued(alice, "do_draft", [task, "alice", tag, "1", *[None] * 7, "1", "p1:0"], "alices-page").text
         assert "handed to someone else" in said and "Press Skip" in said, said
         second, _, tag2 = queued(alice, "do_skip", [task, "alice"], "alices-page").json()["data"][1:4]
-        quiet = queued(alice, "do_draft", [second, "alice", tag2, "1", *[None] * 7, "p1:0"], "alices-page")
+        quiet = queued(alice, "do_draft", [second, "alice", tag2, "1", *[None] * 7, "1", "p1:0"], "alices-page")
         assert quiet.json()["data"][0]["__type__"] == "update", quiet.text  # open: saved, nothing said
         queued(alice, "do_submit", [second, "alice", tag2, 0.0, "1", "2", "3", *[None] * 5, None, False, *[False] * 8, "",
                                     "", "p1:1"], "alices-page")
         # the same ranks (the last one set just before the submit): nothing to say; other ranks: not saved, said;
         # unless the draft was sent by the page before its submit (its stamp: the same page, fewer submits sent)
-        late = queued(alice, "do_draft", [second, "alice", tag2, None, None, "3", *[None] * 5, ""], "alices-page")
+        # (do_draft_2: the draft of C's rank radios; do_draft: A's)
+        late = queued(alice, "do_draft_2", [second, "alice", tag2, None, None, "3", *[None] * 5, "3", ""], "alices-page")
         assert late.json()["data"][0]["__type__"] == "update", late.text
         for stamp in ("", "p1:1", "p2:0", "p1", "p1:x", ":0"):
-            said = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5, stamp],
+            said = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5, "3", stamp],
                           "alices-page").text
             assert "already submitted" in said and "Reload the page" in said, (stamp, said)
-        before = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5, "p1:0"], "alices-page")
+        before = queued(alice, "do_draft", [second, "alice", tag2, "3", "2", "1", *[None] * 5, "3", "p1:0"],
+                        "alices-page")
         assert before.json()["data"][0]["__type__"] == "update", before.text
 
 
@@ -701,3 +710,24 @@ def test_the_export_summary_says_it_kept_flagged_rankings_pairs():
     ruled = {**summary, "unsafe_replies": 1, "unsafe_pairs": 3, "unsafe_overridden": 2}
     assert "3 pairs put a reply flagged unsafe on the rejected side (2 against the ranks)" in _export_summary("/tmp/p", ruled)
     assert "dropped: unsafe 3" in _export_summary("/tmp/p", {**summary, "dropped_unsafe": 3})
+
+
+def test_a_submit_that_saved_nothing_of_its_page_gives_the_stamp_before_it_back():
+    """The submit's stamp is recorded before it commits (a draft of the page refused in between was said lost);
+    a submit refused, failed or answered with another tab's ranking puts the one before it back."""
+    from align.labeling.app import PageSubmits
+
+    submits = PageSubmits()
+    assert submits.sent(1, 7, "p1:1") is None
+    assert submits.sent_before(1, 7, "p1:0") and not submits.sent_before(1, 7, "p1:1")
+    assert not submits.sent_before(1, 7, "p2:0")  # another page's draft
+    previous = submits.sent(1, 7, "p2:1")  # another tab's submit, refused
+    assert previous == "p1:1"
+    submits.put_back(1, 7, "p2:1", previous)
+    assert submits.sent_before(1, 7, "p1:0") and not submits.sent_before(1, 7, "p2:0")
+    submits.put_back(1, 7, "p3:1", None)  # not the latest: nothing changes
+    assert submits.sent_before(1, 7, "p1:0")
+    submits.sent(1, 8, "p1:2")
+    submits.put_back(1, 8, "p1:2", None)
+    assert not submits.sent_before(1, 8, "p1:1")
+    assert submits.sent(1, 9, "junk") is None and not submits.sent_before(1, 9, "p1:0")
