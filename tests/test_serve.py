@@ -572,11 +572,21 @@ def test_a_client_that_goes_away_before_its_whole_answer_stops_its_generation(se
         while (not generated or engine._inside) and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    prepare, jobs = engine.prepare, []
+
+    def kept(*args, **kwargs):
+        jobs.append(prepare(*args, **kwargs))
+        return jobs[-1]
+
     monkeypatch.setattr(engine, "run", recorded)
+    monkeypatch.setattr(engine, "prepare", kept)
     body = {"model": "sft", "messages": PROMPT, "max_tokens": 64, "temperature": 0}
     with engine._lock:  # a generation under way: the request waits its turn, and its client goes
         gone(body)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not jobs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert jobs[0].cancelled.wait(10)  # the server saw it go before its turn came (a fixed 0.3 s was a race)
     settled()
     assert generated == [0], generated
     progress = chat_engine._Progress.__call__

@@ -209,6 +209,12 @@ def task_on_page(store, page, name: str) -> int:
     return handlers.task_of(store, session, page.input_value("#align-task-id input"))
 
 
+def keys_ready(page) -> None:
+    """Until the page takes keys for the task on screen: they wait 300 ms after a task is replaced (meant for the old
+    one), counted from when the page saw it (a fixed 400 ms of the test's own left 100 ms for a busy machine)."""
+    page.wait_for_function("window.alignKeysReady && window.alignKeysReady()")
+
+
 def wait_for_another_task(page, task_id: str) -> None:
     """Until the page shows a task other than `task_id` (the page's handle of it). (Not "until #align-prompt's text changes": Gradio's
     loading overlay in that block has text of its own, and it changes before the next task is drawn.)"""
@@ -326,7 +332,7 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     prompt2, _ = shown_task(page)
     assert prompt2 != prompt
     page.locator("#align-progress").click()
-    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced: they were meant for the old one
+    keys_ready(page)
     before = page.input_value("#align-task-id input")
     page.keyboard.press("Alt+s")  # skip: a new task, no ranking
     wait_for_another_task(page, before)
@@ -336,7 +342,7 @@ def test_rank_with_the_keyboard_ties_and_flags(served, page):
     before = page.input_value("#align-task-id input")
     page.click("#align-skip")
     wait_for_another_task(page, before)
-    page.wait_for_timeout(400)
+    keys_ready(page)
     page.wait_for_function("!document.activeElement?.closest('#align-skip')")  # the page's 300 ms blur of Skip
     page.keyboard.type("2143")
     page.keyboard.press("Enter")
@@ -365,7 +371,7 @@ def test_stray_keys_neither_skip_nor_rank_the_next_task(served, page):
     page.keyboard.press("Alt+s")
     wait_for_another_task(page, handle)
     assert store.assignment_status(annotator, first) == "skipped"
-    page.wait_for_timeout(400)
+    keys_ready(page)
     page.keyboard.press(" ")
     page.wait_for_timeout(400)
     assert page.locator(".align-response input:checked").count() == 0
@@ -516,7 +522,7 @@ def test_the_page_has_a_heading_readable_buttons_and_single_keys_that_can_be_tur
     assert len(wait_for_rows(store, "quiet", 1)) == 1
     box.check()  # on again: the digits rank
     page.locator("#align-progress").click()
-    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+    keys_ready(page)
     page.keyboard.type("12")
     assert [page.locator(f"#rank-{x} input:checked").count() for x in "ab"] == [1, 1]
 
@@ -532,7 +538,7 @@ def test_after_ctrl_enter_in_the_rationale_the_next_tasks_keys_rank_it(served, p
     page.locator("#align-rationale textarea").press_sequentially("B is best")
     page.locator("#align-rationale textarea").press("Control+Enter")
     wait_for_another_task(page, handle)
-    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+    keys_ready(page)
     page.keyboard.type("2143")
     assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["2", "1", "4", "3"]
     assert page.input_value("#align-rationale textarea") == ""
@@ -582,7 +588,7 @@ def test_the_message_after_a_submit_is_read_out_each_time(served, page):
     for n in (1, 2):
         handle = page.input_value("#align-task-id input")
         page.locator("#align-progress").click()
-        page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+        keys_ready(page)
         page.keyboard.type("2143")
         page.keyboard.press("Enter")
         wait_for_another_task(page, handle)
@@ -778,7 +784,7 @@ def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboar
     page.wait_for_function("t => document.querySelector('#align-prompt .align-text').innerText !== t", arg=prompt)
     prompt, bodies = shown_task(page)
     page.locator("#align-progress").click()
-    page.wait_for_timeout(400)  # keys wait 300 ms after a task is replaced
+    keys_ready(page)
     page.keyboard.type("1423")  # A..D ranked: D is selected
     page.keyboard.press("b")
     page.keyboard.press("u")  # B's box, by its key
@@ -881,9 +887,11 @@ def test_a_page_drawn_before_its_order_changed_saves_nothing_and_says_reload(ser
     # Submit is turned off while its call runs, and on again once it answered.
     page.evaluate("""() => { window.__toggles = 0; new MutationObserver(() => window.__toggles++).observe(
         document.getElementById('align-submit'), {attributes: true, attributeFilter: ['disabled']}); }""")
+    said = page.evaluate("document.querySelector('#align-message [data-note]').dataset.note")  # the drafts' refusal
     page.click("#align-submit")
     page.wait_for_function("window.__toggles >= 2 && !document.getElementById('align-submit').disabled")
-    assert "nothing was saved" in page.inner_text("#align-message")
+    page.wait_for_function("n => document.querySelector('#align-message [data-note]').dataset.note !== n", arg=said)
+    assert "nothing was saved" in page.inner_text("#align-message")  # said again, by the submit
     assert rankings_of(store, "stale") == [] and store.draft(annotator, task_id) == saved
     assert shown_task(page) == (prompt, bodies)  # the ranks are still on the page
 
@@ -1233,12 +1241,14 @@ def test_sign_out_and_expiry_end_the_session_on_the_server(served, browser):
         sign_in(page, url, "leaver")
         from sqlalchemy import text
 
+        rank_all(page, [1, 2, 3, 4])  # a whole ranking: refused only for the session (one rank alone always is)
+        page.wait_for_timeout(500)  # its drafts sent before the session ends
         with store.engine.begin() as conn:  # as if 12 hours had passed: the server checks, not the browser
             conn.execute(text("UPDATE sessions SET expires = 0"))
-        page.click("#rank-a label:has-text('1')")
-        page.click("#align-submit")
-        page.wait_for_timeout(500)
-        assert rankings_of(store, "leaver") == []
+        with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
+                                  and len(r.request.post_data_json.get("data", [])) == SUBMIT_DATA) as answer:
+            page.click("#align-submit")
+        assert answer.value.status == 401 and rankings_of(store, "leaver") == []
         page.reload()
         page.wait_for_selector("#align-signin")  # back to the sign-in page
     finally:
@@ -1580,7 +1590,10 @@ def test_sign_in_is_locked_out_after_five_failures(served, page):
         sign_in(page, url, "locked", "guess", expect_task=False)
         assert "unknown user or wrong password" in page.inner_text("#align-signin-error")
     started = time.monotonic()
-    sign_in(page, url, "locked", expect_task=False)
+    page.fill("#align-name", "locked")  # on the form the refusal drew: no page load before it
+    page.fill("#align-password", PASSWORD)
+    page.click("#align-signin")
+    page.wait_for_selector("#align-signin-error")
     # The 4 s lock began with the fifth failure (2 s was too short: the sixth sign-in came 1.2 s after the fifth
     # with two busy loops here); the seconds left are fewer when this sign-in took longer.
     assert re.search(r"too many failed sign-ins: try again in [1-4] s", page.inner_text("#align-signin-error"))
@@ -1617,6 +1630,7 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             a_flag = f"unsafe:{canonical_index(store, prompt, a)}"
             while a_flag not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
                 time.sleep(0.1)
+            assert a_flag in store.draft_notes(annotator, task_id)["flags"]
             page.reload()  # the verdict and the flag are a draft: a reload (or a crash of the tab) loses neither
             page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'B'")
             assert page.locator("#unsafe-a input").is_checked() and not page.locator("#unsafe-b input").is_checked()
