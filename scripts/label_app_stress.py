@@ -101,6 +101,9 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
             """The handler `api` run as the page runs it: queue/join, then its event stream until it completes."""
             deps = client.get("/config").raise_for_status().json()["dependencies"]
             index = next(i for i, dep in enumerate(deps) if dep.get("api_name") == api)
+            if len(deps[index]["inputs"]) != len(data):  # Gradio answers a call of another shape with a bare 500
+                raise SystemExit(f"{api} takes {len(deps[index]['inputs'])} inputs, this script sends {len(data)}: "
+                                 "update it to the app (app.py submit_inputs)")
             page = f"{name}-page"
             joined = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": index, "session_hash": page,
                                                                 "event_data": None, "trigger_id": None})
@@ -124,9 +127,10 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
                     task, _, tag = call("do_load", [])[4:7]  # the task id the page would show, its order's tag
                     if task is None:
                         return
-                # task, the page's account, the order's tag, shown at, 8 ranks, verdict, flags, rationale, the
-                # page's stamp (app.PageSubmits)
-                out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 5, False, False, "", ""])
+                # task, the page's account, the order's tag, shown at, 8 ranks, verdict, all bad, 8 unsafe boxes,
+                # rationale, the boxes changed on the page, the page's stamp (app.py submit_inputs)
+                out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False,
+                                         *[False] * 8, "", "", ""])
                 if "saved" in out[0].lower():  # "Saved. Next task." or "Already saved": acknowledged
                     with lock:
                         acked[(name, task)] = out[0]
