@@ -34,6 +34,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from align.labeling import handlers  # noqa: E402
 from align.labeling.store import Store  # noqa: E402
 
 PASSWORD = "correct horse"
@@ -159,6 +160,9 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
     app.stop()
     rows = store.submitted_rankings()
     stored = Counter((r["annotator"], r["task_id"]) for r in rows)
+    # the page names a task by a handle of the annotator's own (handlers.task_handle): the task's id, from it
+    sessions = {name: handlers.sign_in(store, name, PASSWORD) for name, _ in acked}
+    acked = {(name, handlers.task_of(store, sessions[name], handle)): said for (name, handle), said in acked.items()}
     per_task = Counter(r["task_id"] for r in rows)
     print(f"{annotators} annotators, {kills} SIGKILLs in {time.monotonic() - started:.0f} s: {len(acked)} acknowledged "
           f"submits, {len(rows)} rankings stored; lost {sum(stored[k] != 1 for k in acked)}, tasks ranked twice "
