@@ -132,7 +132,8 @@ def kill(app: App, store: Store, annotators: int, seconds: float, every: float) 
                 # rationale, the boxes changed on the page, the page's stamp (app.py submit_inputs)
                 out = call("do_submit", [task, name, tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False,
                                          *[False] * 8, "", "", ""])
-                if "saved" in out[0].lower():  # "Saved. Next task." or "Already saved": acknowledged
+                # "✅ Saved. Next task." or "✅ Already saved": acknowledged ("⚠️ Not saved: the store is busy" is not)
+                if "✅" in out[0]:
                     with lock:
                         acked[(name, task)] = out[0]
                     task, tag = (out[1], out[3]) if "Next task" in out[0] else (None, None)

@@ -349,13 +349,16 @@ PAGE_JS = """
   // Enter on a checkbox (an unsafe box, All are bad): Gradio 6's checkbox flips itself on Enter (no draft saved) in
   // its own handler, which runs before the page's below, so the submit sent the flipped box: Tab to D's unticked
   // box, Enter stored D unsafe. Taken here first (capture) and never passed on: it submits the boxes as shown, or,
-  // pressed before the next task settled, does nothing. With the single keys off a plain Enter stays Gradio's.
+  // pressed before the next task settled, does nothing. With the single keys off (or with Alt) Enter flips the box,
+  // as Gradio's does.
   document.addEventListener('keydown', (e) => {
     const t = e.target, submit = byId('align-submit');
     if (e.key !== 'Enter' || !(t && t.tagName === 'INPUT' && t.type === 'checkbox') || !shown(submit)) return;
     if (e.isComposing || e.keyCode === 229) return;
     const ctrl = e.ctrlKey || e.metaKey;
-    if (!ctrl && (e.altKey || !singleKeys())) return;
+    // Left to Gradio, Enter flips the box in its own code with no input or change event: no draft was saved and the
+    // submit kept the draft's tick over the page's untick. The same flip as a click, with the box's events.
+    if (!ctrl && (e.altKey || !singleKeys())) { e.stopPropagation(); e.preventDefault(); t.click(); return; }
     e.stopPropagation();
     e.preventDefault();
     watch();
@@ -450,11 +453,13 @@ class PageSubmits:
 
     def put_back(self, annotator_id: int, task_id: int, stamp: str | None, previous: str | None) -> None:
         """Undo `sent` of `stamp` (the submit saved nothing of this page's: refused, failed, another tab's kept)."""
+        if not _stamp(stamp):  # none was recorded (a request is untrusted: a stamp of null, of junk)
+            return
         with self._lock:
             if self._stamps.get((annotator_id, task_id)) != stamp:
                 return
             if previous is None:
-                del self._stamps[annotator_id, task_id]
+                self._stamps.pop((annotator_id, task_id), None)
             else:
                 self._stamps[annotator_id, task_id] = previous
 
@@ -883,7 +888,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                             return gr.skip()
                         note = handlers.late_draft_note(store, sess, current, list(rank_values),
                                                         verdict=given.get("verdict"),
-                                                        unsafe_reply=given.get("unsafe_reply"))
+                                                        unsafe_reply=given.get("unsafe_reply"),
+                                                        all_bad=given.get("all_bad"), rationale=given.get("rationale"))
                         return _note(note, "⚠️", error=True) if note else gr.skip()
                 except (handlers.AuthError, handlers.StaleOrder) as err:  # shown: the annotator must reload
                     return _note(str(err), "⚠️", error=True)

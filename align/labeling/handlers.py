@@ -663,8 +663,8 @@ def save_draft(store: Store, session: dict[str, Any], task_id: int, ranks_shown:
 
 
 LATE_DRAFT = {
-    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank or unsafe box set "
-                 "on it now changes nothing. Reload the page for your next task.",
+    "submitted": "Not saved: this task was already submitted (from this tab or another), so a rank, flag or rationale "
+                 "set on it now changes nothing. Reload the page for your next task.",
     "skipped": "Not saved: this task was skipped and is no longer yours to rank. Reload the page for your next task.",
     "expired": f"Not saved: this task was handed to someone else (an assignment lapses after {ASSIGNMENT_TTL // 60} "
                "minutes open, or an admin withdrew it); it is no longer yours to rank. Press Skip (or reload the page) "
@@ -673,12 +673,12 @@ LATE_DRAFT = {
 
 
 def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_shown: list[Any], *,
-                    verdict: str | None = None, seed: int = 0,
-                    unsafe_reply: tuple[int, bool] | None = None) -> str | None:
-    """What to tell the page whose draft save_draft refused (the task no longer open to this annotator): a rank
-    or unsafe box set there is lost, said at once, not at the submit. None for a draft that only repeats the
-    ranking submitted (its ranks, and its reply's unsafe flag for `unsafe_reply`, save_draft's): a rank set just
-    before the submit in the same page, whose draft landed after it."""
+                    verdict: str | None = None, seed: int = 0, unsafe_reply: tuple[int, bool] | None = None,
+                    all_bad: bool | None = None, rationale: str | None = None) -> str | None:
+    """What to tell the page whose draft save_draft refused (the task no longer open to this annotator): a rank,
+    flag or rationale set there is lost, said at once, not at the submit. None for a draft that only repeats the
+    ranking submitted (its ranks, and what it says of its reply's unsafe flag, all_bad or the rationale, as
+    save_draft takes them): a rank set just before the submit in the same page, whose draft landed after it."""
     session = _require(session)
     task, status = _open_view(store, session, task_id, seed)
     if status == "submitted":
@@ -695,6 +695,12 @@ def late_draft_note(store: Store, session: dict[str, Any], task_id: int, ranks_s
             flagged = unsafe_replies(store.submitted_flags(session["annotator_id"], task["task_id"]))
             same_tick = (isinstance(shown, int) and not isinstance(shown, bool) and 0 <= shown < task["k"]
                          and (task["order"][shown] in flagged) == bool(on))
+        if all_bad is not None or rationale is not None:  # a draft of its own box carries no ranks
+            notes = store.submitted_notes(session["annotator_id"], task["task_id"]) or {"flags": [], "rationale": ""}
+            if all_bad is not None and ("all_bad" in notes["flags"]) != bool(all_bad):
+                same_tick = False
+            if rationale is not None and (rationale or "").strip() != (notes["rationale"] or "").strip():
+                same_tick = False
         if mine is not None and kept is not None and same_tick and \
                 all(r in (0, k) for r, k in zip(mine, kept, strict=True)):
             return None

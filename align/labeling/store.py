@@ -941,7 +941,7 @@ class Store:
         """This annotator's assignments by status; `batch`: of that batch's tasks only (the app serving one batch
         counted the tasks of every batch they had labelled before)."""
         query = select(assignments.c.status, func.count()).where(assignments.c.annotator_id == annotator_id)
-        if batch is not None:
+        if batch:  # "" as None: every batch, as assign takes it
             query = query.where(assignments.c.task_id.in_(select(tasks.c.id).where(tasks.c.batch == batch)))
         with self.engine.connect() as conn:
             counts = dict(conn.execute(query.group_by(assignments.c.status)).all())
@@ -1076,6 +1076,11 @@ class Store:
         """The flags of this annotator's submitted ranking of a task, or None."""
         found = self._ranking(annotator_id, task_id, "submitted")
         return found["flags"] if found else None
+
+    def submitted_notes(self, annotator_id: int, task_id: int) -> dict[str, Any] | None:
+        """The flags and rationale of this annotator's submitted ranking of a task, or None."""
+        found = self._ranking(annotator_id, task_id, "submitted")
+        return {"flags": found["flags"], "rationale": found["rationale"]} if found else None
 
     def draft(self, annotator_id: int, task_id: int) -> list[int] | None:
         """This annotator's saved draft of a task (canonical order, 0 = not ranked yet), or None."""

@@ -209,6 +209,16 @@ def task_on_page(store, page, name: str) -> int:
     return handlers.task_of(store, session, page.input_value("#align-task-id input"))
 
 
+def held_drafts(route) -> None:
+    """A page.route handler for queue/join: every call but a submit is taken in and never run (the drafts of what
+    follows, as if they landed after the submit)."""
+    body = route.request.post_data_json if route.request.post_data else {}
+    if len((body or {}).get("data", [])) == SUBMIT_DATA:
+        route.continue_()
+    else:
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"event_id": secrets.token_hex(8)}))
+
+
 def keys_ready(page) -> None:
     """Until the page takes keys for the task on screen: they wait 300 ms after a task is replaced (meant for the old
     one), counted from when the page saw it (a fixed 400 ms of the test's own left 100 ms for a busy machine)."""
@@ -746,14 +756,7 @@ def test_a_box_changed_on_the_page_is_submitted_as_shown_before_its_draft_lands(
             time.sleep(0.1)
         assert "all_bad" in store.draft_notes(annotator, task_id)["flags"]
 
-        def lost(route):  # every call but the submit's is taken in and never run: the drafts of what follows
-            body = route.request.post_data_json if route.request.post_data else {}
-            if len((body or {}).get("data", [])) == SUBMIT_DATA:
-                route.continue_()
-            else:
-                route.fulfill(status=200, content_type="application/json", body=json.dumps({"event_id": secrets.token_hex(8)}))
-
-        page.route("**/gradio_api/queue/join*", lost)
+        page.route("**/gradio_api/queue/join*", held_drafts)
         page.click("#unsafe-a input")
         page.click("#align-all-bad input")
         box = page.locator("#align-rationale textarea")
@@ -806,6 +809,8 @@ def test_the_reply_flagged_unsafe_is_stored_by_its_index_by_mouse_and_by_keyboar
 def test_enter_on_an_unsafe_box_submits_the_boxes_as_shown(served, page):
     """Gradio's checkbox flips itself on Enter, before the page's keys run: Tab to D's unticked box and Enter stored D
     unsafe, and a box ticked with Space then Ctrl+Enter was stored unticked. Enter submits what the page shows."""
+    from align.labeling import handlers
+
     url, store, _ = served
     sign_in(page, url, "enterer")
     prompt, bodies = shown_task(page)
@@ -829,6 +834,32 @@ def test_enter_on_an_unsafe_box_submits_the_boxes_as_shown(served, page):
     wait_for_message(page, "✅")
     [row] = [r for r in wait_for_rows(store, "enterer", 2) if r["prompt"] == prompt]
     assert row["flags"] == [f"unsafe:{canonical_index(store, prompt, bodies[3])}"]
+
+    # Single keys off: Enter on a box flips it, as Gradio's own does, but by a click: Gradio's flip sent no draft
+    # and no change of the page's, so a box drafted ticked, then unticked by Enter after a reload, was submitted
+    # ticked (the submit keeps the draft's ticks this page did not change).
+    page.wait_for_function("t => document.querySelector('#align-prompt .align-text').innerText !== t", arg=prompt)
+    prompt, bodies = shown_task(page)
+    page.get_by_label("Single-key shortcuts (letters, digits, Enter)").uncheck()
+    rank_all(page, [1, 2, 3, 4])
+    page.click("#unsafe-c input")
+    task_id = canonical(store, prompt, bodies, [1, 2, 3, 4])[0]
+    annotator = handlers.sign_in(store, "enterer", PASSWORD)["annotator_id"]
+    c_flag = f"unsafe:{canonical_index(store, prompt, bodies[2])}"
+    deadline = time.monotonic() + 10
+    while c_flag not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c_flag in store.draft_notes(annotator, task_id)["flags"]
+    page.reload()  # the tick is the draft's now, not a change made on this page
+    page.wait_for_selector("#resp-a", state="visible")
+    assert page.is_checked("#unsafe-c input") and page.locator("#align-keys input").is_checked() is False
+    page.locator("#unsafe-c input").focus()
+    page.keyboard.press("Enter")
+    assert not page.is_checked("#unsafe-c input")
+    page.click("#align-submit")
+    wait_for_message(page, "✅")
+    [row] = [r for r in wait_for_rows(store, "enterer", 3) if r["prompt"] == prompt]
+    assert row["flags"] == []
 
 
 def test_a_call_lost_in_transit_reloads_the_page_to_what_is_saved(served, browser):

@@ -731,3 +731,6 @@ def test_a_submit_that_saved_nothing_of_its_page_gives_the_stamp_before_it_back(
     submits.put_back(1, 8, "p1:2", None)
     assert not submits.sent_before(1, 8, "p1:1")
     assert submits.sent(1, 9, "junk") is None and not submits.sent_before(1, 9, "p1:0")
+    submits.put_back(1, 9, None, None)  # a stamp of null (a forged call) recorded nothing: nothing to put back
+    submits.put_back(1, 9, "junk", None)
+    assert submits.sent_before(1, 7, "p1:0")

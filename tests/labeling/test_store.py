@@ -383,6 +383,7 @@ def test_the_progress_of_an_app_serving_one_batch_counts_that_batch_only(store):
     handlers.submit(store, alice, first["task_id"], [1, 2, 3, 4], order_tag=first["order_tag"])
     assert handlers.next_task(store, alice, batch="round-1")["progress"] == {"done": 1, "skipped": 0, "assigned": 2}
     assert handlers.next_task(store, alice)["progress"]["done"] == 4  # every batch: every batch's count
+    assert handlers.next_task(store, alice, batch="")["progress"]["done"] == 4  # --batch "": every batch, as assign
 
 
 def test_double_submit_from_twenty_threads_keeps_one_ranking(store):
@@ -1000,6 +1001,22 @@ def test_what_the_submitting_page_changed_is_saved_as_it_shows_it_whatever_the_d
     (row,) = store.submitted_rankings()
     assert row["flags"] == [f"unsafe:{order[3]}"] and row["rationale"] == ""
     assert handlers.page_touched(task, ["unsafe-a", "unsafe-d"]) == {f"unsafe:{order[0]}", f"unsafe:{order[3]}"}
+
+
+def test_a_late_draft_of_all_bad_or_the_rationale_is_said_lost_unless_it_is_what_was_submitted(store):
+    """A draft of All are bad or of the rationale carries no ranks (each draft speaks for its own box): refused
+    after a submit, it was said nothing of, the change lost in silence. It is compared with what was submitted."""
+    make_tasks(store, 1)
+    alice = session(store, "alice")
+    task = handlers.next_task(store, alice)
+    tid, tag = task["task_id"], task["order_tag"]
+    handlers.submit(store, alice, tid, [1, 2, 3, 4], all_bad=True, rationale="all wrong", order_tag=tag)
+    blank = [None] * 4
+    assert handlers.late_draft_note(store, alice, tid, blank, all_bad=True) is None  # as submitted
+    assert handlers.late_draft_note(store, alice, tid, blank, rationale=" all wrong ") is None
+    assert handlers.late_draft_note(store, alice, tid, blank, all_bad=False) == handlers.LATE_DRAFT["submitted"]
+    assert handlers.late_draft_note(store, alice, tid, blank, rationale="all wrong, B worst") == \
+        handlers.LATE_DRAFT["submitted"]
 
 
 def test_twenty_submits_over_a_saved_draft_keep_the_first_acknowledged(store):
