@@ -100,6 +100,20 @@ def one_trainable_dtype(model) -> None:
     keep_trainable_in(model, torch.float32)
 
 
+def without_training_autocast(model) -> None:
+    """The model's own forward back, as training found it: accelerate wraps it in the mixed-precision autocast for
+    training (Accelerator.prepare_model, under bf16 or fp16) and leaves it so after. A reward model's held-out
+    accuracy and probes, which the PPO gate reads, were scored in that autocast while PPO, eval and `align reward
+    score` load the saved model (load_reward_model) and score it without: on a bf16 GPU two sets of numbers, and
+    near-tied pairs that flip between them. Not under FSDP or DeepSpeed, whose wrapped forward is the sharded one
+    (their mixed precision is the wrapper's own policy)."""
+    if sharded():
+        return
+    from accelerate.utils import extract_model_from_parallel
+
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def use_liger(setting: bool | str) -> bool:
     """`train.liger`: true (refused without CUDA or liger-kernel), false, or auto (on when both are there,
     unless the environment has ALIGN_LIGER=off: Liger installed but known not to run on this machine, as

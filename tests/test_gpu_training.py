@@ -426,3 +426,37 @@ def test_the_device_plan_names_the_adapter_a_stage_continues(tiny_model, tmp_pat
         plan, liger=False, lora=adapter_settings(tmp_path, Section()))  # the SFT's, not the section's
     assert adapter_name(adapter_settings(None, Section(use_dora=True))) == "DoRA"
     assert "base + LoRA (QLoRA)" in DevicePlan("cuda", True, torch.bfloat16, False).describe(adapter_name(None))
+
+
+def test_the_training_autocast_is_taken_off_the_model_before_a_reward_model_is_scored(tmp_path):
+    """accelerate wraps a model's forward in the bf16 autocast for training and leaves it on: a reward model's
+    held-out accuracy and probes (what the PPO gate reads) were scored in bf16 on a GPU while every later reader
+    (load_reward_model) scores without it. Run in a process of its own: accelerate's state is one per process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import os, torch
+        from accelerate import Accelerator
+        from align.gpu_training import without_training_autocast
+
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        model, sharded = torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Sequential(torch.nn.Linear(4, 4))
+        seen = []  # what the layer inside computes in (the wrapper hands its outputs back in fp32)
+        for m in (model, sharded):
+            m[0].register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+            accelerator.prepare_model(m)(torch.ones(1, 4))
+        without_training_autocast(model)
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # FSDP's forward is its own: left as it is
+        without_training_autocast(sharded)
+        model(torch.ones(1, 4))
+        sharded(torch.ones(1, 4))
+        print(" ".join(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["torch.bfloat16", "torch.bfloat16", "torch.float32", "torch.bfloat16"]

@@ -52,6 +52,7 @@ from align.gpu_training import (
     one_trainable_dtype,
     peak_gpu_mib,
     use_liger,
+    without_training_autocast,
 )
 from align.labeling.scorers import resolve_scorer
 from align.modeling import (
@@ -314,11 +315,11 @@ def main(cfg: RewardStageConfig) -> Path:
     for name, module in trainer.model.named_modules():
         if isinstance(module, torch.nn.Dropout) and ".lora_dropout." in f"{name}.":
             module.p = cfg.lora.dropout
-    # fp32 adapter and score head unless compute is bf16: TRL rounds a 4-bit model's adapter to bf16 (a T4 or V100
-    # has none in hardware), and peft leaves the score head (modules_to_save) in fp16, whose grads the GradScaler
-    # refuses
-    if not plan.bf16:
-        keep_trainable_in(trainer.model, torch.float32)
+    # fp32 adapter and score head, as DPO's and PPO's: TRL rounds a 4-bit model's trainable weights to bf16, the
+    # fresh score head too, where an optimizer step under ~1/256 of a weight is lost (the head's weights ~0.02 at
+    # lr 1e-4 are at that edge; gpu_training.one_trainable_dtype); peft leaves the score head in fp16 under fp16
+    # compute (a T4 or V100), whose grads the GradScaler refuses. Autocast still computes in bf16 or fp16.
+    keep_trainable_in(trainer.model, torch.float32)
     one_trainable_dtype(trainer.model)  # sharded: a fp32 score head or DoRA magnitudes beside bf16 LoRA weights
     if plan.device == "cpu":
         speed_up_cpu_training(trainer.model)
@@ -345,6 +346,7 @@ def main(cfg: RewardStageConfig) -> Path:
     refuse_non_finite(trainer.model, metrics["train_loss"], result.global_step)
 
     # --- evaluate on held-out pairs ---------------------------------------------------------
+    without_training_autocast(trainer.model)  # scored (here, the probes, the heads) as load_reward_model scores
     if has_eval:
         n = len(test)
         if plan.compute_dtype != torch.float32:  # scored as load_reward_model scores: a bf16 head ties answers
