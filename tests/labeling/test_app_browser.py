@@ -1036,7 +1036,7 @@ def test_model_text_is_shown_as_text_and_nothing_leaves_the_server(tmp_path, bro
             page.wait_for_function("document.querySelector('#align-prompt').innerText.includes('long one')")
             seconds = time.monotonic() - started
             long_body = next(b for b in (page.inner_text(f"#resp-{x} .align-text") for x in "ab") if b != "short")
-            assert long_body == huge[:20_000] and seconds < 10, seconds
+            assert long_body == huge[:20_000] and seconds < 20, seconds  # a 1 MB reply cut, not sent whole
             assert "1,030,000 more characters are not shown" in page.inner_text("#align-label-tab")
             assert [r["text"] for r in store.task(2)["responses"]][1] == huge  # the stored text is whole
             page.context.close()  # before the server stops: it would wait for the page's open streams
@@ -1573,7 +1573,14 @@ def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page,
                                                                                     "min_agreement: 1.0"))
         admin.click("#align-export")
         deadline = time.monotonic() + 60
-        while (again := json.loads((out / "align.json").read_text()))["config"]["min_agreement"] is None:
+
+        def manifest_now() -> dict:  # the folders swap by two renames: between them there is none to read
+            try:
+                return json.loads((out / "align.json").read_text())
+            except (FileNotFoundError, ValueError):
+                return {"config": {"min_agreement": None}}
+
+        while (again := manifest_now())["config"]["min_agreement"] is None:
             assert time.monotonic() < deadline, "the second export did not replace the first"
             time.sleep(0.2)
         assert again["config"]["min_agreement"] == 1.0  # the button kept the settings of the export it replaced
