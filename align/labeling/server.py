@@ -90,6 +90,12 @@ HASHES_PER_ACCOUNT = 2_000
 # joins without waiting meets the limit. Counted in Gradio's own queue (Queue.event_ids_to_events: each event
 # until its run ends), by the session hashes the account owns (RequireSession.owners).
 MAX_PENDING = 24
+# The page's event stream and heartbeat (GETs that read what its own queued calls answer, nothing of the store):
+# while the store is down, a session the store confirmed within STORE_GRACE seconds is taken for them. Refused,
+# Gradio's page took a stream answered 503 for a dropped connection and sent nothing more (the submit that would
+# have said "Not saved" was never sent) until it reloaded. Every other request is refused (503) as before.
+STREAMS = re.compile(r"/gradio_api/(queue/data|heartbeat/[^/]+)")
+STORE_GRACE = 60.0
 SECURITY_HEADERS = {
     # Gradio needs inline scripts and `Function` (gr.HTML templates); nothing may come from, or be
     # sent to, another host: no remote image, font, frame, fetch or form target.
@@ -285,6 +291,22 @@ class RequireSession:
         # 2,000 of them would push out the hashes of calls still waiting and take them off the count.
         self.joined: dict[str, int] = {}
         self.joined_of: dict[int, OrderedDict[str, None]] = {}
+        # cookie value -> (its session, when the store confirmed it), newest last: STREAMS while the store is down
+        self.confirmed: OrderedDict[str, tuple[dict, float]] = OrderedDict()
+
+    def _confirmed(self, value: str, session: dict | None) -> None:
+        self.confirmed.pop(value, None)
+        if session is not None:
+            self.confirmed[value] = (session, time.monotonic())
+            while len(self.confirmed) > 10_000:
+                self.confirmed.popitem(last=False)
+
+    def _still_good(self, value: str) -> dict | None:
+        """The session the store confirmed for this cookie within STORE_GRACE seconds and not expired since."""
+        session, at = self.confirmed.get(value, (None, 0.0))
+        if session is None or time.monotonic() - at > STORE_GRACE or session.get("expires", 0) <= time.time():
+            return None
+        return session
 
     def _pending(self, annotator_id: int) -> int:
         """This account's calls queued or running now, in Gradio's queue (0 when it cannot be read: no limit)."""
@@ -355,12 +377,20 @@ class RequireSession:
             try:
                 session = await run_in_threadpool(auth.session_of, self.store, self.secret, value)
             except STORE_ERRORS:
-                log.exception("%s %s: the session could not be checked: the store failed", scope.get("method"), path)
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1013})  # try again later
+                stream = scope["type"] == "http" and scope["method"] == "GET" and STREAMS.fullmatch(path)
+                session = self._still_good(value) if stream else None
+                if session is None:
+                    log.exception("%s %s: the session could not be checked: the store failed", scope.get("method"),
+                                  path)
+                    if scope["type"] == "websocket":
+                        await send({"type": "websocket.close", "code": 1013})  # try again later
+                        return
+                    await _store_down(wants_page)(scope, receive, send_secured)
                     return
-                await _store_down(wants_page)(scope, receive, send_secured)
-                return
+                log.warning("GET %s: the store failed; the session it confirmed under %.0f s ago is taken for the "
+                            "page's stream", path, STORE_GRACE)
+            else:
+                self._confirmed(value, session)
         if session is None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})

@@ -354,13 +354,21 @@ def test_a_store_gone_before_the_session_check_is_a_503_in_plain_words(tmp_path,
     store = Store(f"sqlite:///{folder / 'labels.db'}")
     store.add_tasks("b", [{"prompt": "a prompt", "responses": ["one", "two", "three", "four"]}])
     with served(store) as url:
-        alice = signed_in(url, "alice")
+        alice, carol = signed_in(url, "alice"), signed_in(url, "carol")
         task, _, tag = queued(alice, "do_load", [], "page").json()["data"][4:7]
         submit = {"data": [task, "alice", tag, 0.0, "1", "2", "3", "4", *[None] * 4, None, False, *[False] * 8, "", "", ""],
                   "session_hash": "page"}
         do_submit = fn_index(alice, "do_submit")  # /config too is 503 while the store is gone
         store.engine.dispose()
         folder.rename(tmp_path / "gone")
+        # The page's event stream and heartbeat go on for a session the store confirmed under a minute ago (a
+        # stream answered 503 made Gradio's page drop its connection and send nothing more); carol's, never
+        # confirmed by a call, does not; nor does any other route (below).
+        for path in ("/gradio_api/queue/data?session_hash=page", "/gradio_api/heartbeat/page"):
+            with alice.stream("GET", path) as stream:
+                assert stream.status_code == 200, path
+            with carol.stream("GET", path.replace("page", "carols-page")) as stream:
+                assert stream.status_code == 503, path
         page = alice.get("/", headers={"accept": "text/html"})
         assert page.status_code == 503 and "The store is busy or unreachable" in page.text
         for answer in (alice.get("/config"), alice.post("/gradio_api/queue/join", json=submit),
