@@ -261,6 +261,30 @@ def rank_all(page, ranks: list[int]) -> None:
         page.click(f"#rank-{letter} label:has-text('{rank}')")
 
 
+def traffic(page) -> list[str]:
+    """Every answer of a Gradio route the page gets from now on, as "time status METHOD path": printed by a test when it fails (pytest
+    shows a failed test's output), so a failure under load says which call went how."""
+    seen: list[str] = []
+
+    def note(response) -> None:
+        if "/gradio_api/" in response.url:
+            seen.append(f"{time.monotonic():.2f} {response.status} {response.request.method} "
+                        f"{response.url.split('?')[0].rsplit('/gradio_api', 1)[-1]}")
+
+    page.on("response", note)
+    return seen
+
+
+def wait_for_streams(seen: list[str], timeout: float = 10.0) -> None:
+    """Until each call the page queued has had its event stream answered (`traffic`): Gradio's page asks for a
+    call's answers (GET queue/data) after its join, and a refusal of that GET (a session ended meanwhile) is to
+    Gradio's page a dropped connection, after which it sends nothing more. A test that ends the session waits."""
+    deadline = time.monotonic() + timeout
+    while (sum(" 200 POST /queue/join" in line for line in seen) > sum(" GET /queue/data" in line for line in seen)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+
+
 @contextmanager
 def recorded_calls(page) -> Iterator[list[dict]]:
     """The bodies of the Gradio calls the page makes meanwhile: what a client sends for each event."""
@@ -1272,8 +1296,14 @@ def test_sign_out_and_expiry_end_the_session_on_the_server(served, browser):
         sign_in(page, url, "leaver")
         from sqlalchemy import text
 
+        seen = traffic(page)
         rank_all(page, [1, 2, 3, 4])  # a whole ranking: refused only for the session (one rank alone always is)
-        page.wait_for_timeout(500)  # its drafts sent before the session ends
+        from align.labeling import handlers
+
+        task_id, ranks = canonical(store, *shown_task(page), [1, 2, 3, 4])
+        annotator = handlers.sign_in(store, "leaver", PASSWORD)["annotator_id"]
+        assert wait_for_draft(store, annotator, task_id, ranks) == ranks  # its drafts in, and their answers
+        wait_for_streams(seen)  # asked for, before the session ends
         with store.engine.begin() as conn:  # as if 12 hours had passed: the server checks, not the browser
             conn.execute(text("UPDATE sessions SET expires = 0"))
         with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url
@@ -1303,6 +1333,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
     store.add_tasks("shift", _support_tasks(2))
     annotator = handlers.sign_in(store, "late", PASSWORD)["annotator_id"]
     page = new_page(browser)
+    seen = traffic(page)
     try:
         with serve(create_app(store)) as url:
             sign_in(page, url, "late")
@@ -1311,6 +1342,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             task_id, ranks = canonical(store, prompt, bodies, [3, 1, 2, 4])
             # The drafts the clicks sent are saved before the session ends: the refusal shown is the submit's.
             assert wait_for_draft(store, annotator, task_id, ranks) == ranks
+            wait_for_streams(seen)  # the drafts' answers asked for before the session ends (a CI run under load)
             assert page.is_hidden("#align-session-ended")
             with store.tx() as conn:  # the session's time is up
                 conn.execute(update(sessions).values(expires=0.0))
@@ -1331,6 +1363,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             assert [r["ranks"] for r in rankings_of(store, "late")] == [ranks]
             assert page.is_hidden("#align-session-ended")  # an accepted call takes the notice away
     finally:
+        print("\n".join(seen))
         page.context.close()
 
 
@@ -1390,6 +1423,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
     store.add_tasks("shift", _support_tasks(2))
     annotator = handlers.sign_in(store, "anna", PASSWORD)["annotator_id"]
     page = new_page(browser)
+    seen = traffic(page)
     try:
         with running(store) as url:
             sign_in(page, url, "anna")
@@ -1412,6 +1446,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
             assert [r["ranks"] for r in rankings_of(store, "anna")] == [ranks]
             assert page.is_hidden("#align-store-busy")
     finally:
+        print("\n".join(seen))
         page.context.close()
 
 
