@@ -256,6 +256,16 @@ def wait_for_draft_rationale(store, annotator: int, task_id: int, text: str, tim
     return drafted
 
 
+def wait_for_draft_flags(store, annotator: int, task_id: int, flags: set[str], timeout: float = 10.0) -> list[str]:
+    """The flags of the annotator's stored draft of `task_id` once they include `flags` (or whatever they are after
+    `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not flags <= set(drafted := (store.draft_notes(annotator, task_id) or {}).get("flags", [])) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    return drafted
+
+
 def rank_all(page, ranks: list[int]) -> None:
     for letter, rank in zip("abcd", ranks, strict=True):
         page.click(f"#rank-{letter} label:has-text('{rank}')")
@@ -775,10 +785,8 @@ def test_a_box_changed_on_the_page_is_submitted_as_shown_before_its_draft_lands(
         page.click("#align-all-bad input")
         page.locator("#align-rationale textarea").press_sequentially("A is rude")
         assert wait_for_draft_rationale(store, annotator, task_id, "A is rude") == "A is rude"
-        deadline = time.monotonic() + 10
-        while len((store.draft_notes(annotator, task_id) or {}).get("flags", [])) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "all_bad" in store.draft_notes(annotator, task_id)["flags"]
+        a_flag = f"unsafe:{canonical_index(store, prompt, bodies[0])}"
+        assert {"all_bad", a_flag} <= set(wait_for_draft_flags(store, annotator, task_id, {"all_bad", a_flag}))
 
         page.route("**/gradio_api/queue/join*", held_drafts)
         page.click("#unsafe-a input")
@@ -870,10 +878,7 @@ def test_enter_on_an_unsafe_box_submits_the_boxes_as_shown(served, page):
     task_id = canonical(store, prompt, bodies, [1, 2, 3, 4])[0]
     annotator = handlers.sign_in(store, "enterer", PASSWORD)["annotator_id"]
     c_flag = f"unsafe:{canonical_index(store, prompt, bodies[2])}"
-    deadline = time.monotonic() + 10
-    while c_flag not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c_flag in store.draft_notes(annotator, task_id)["flags"]
+    assert c_flag in wait_for_draft_flags(store, annotator, task_id, {c_flag})
     page.reload()  # the tick is the draft's now, not a change made on this page
     page.wait_for_selector("#resp-a", state="visible")
     assert page.is_checked("#unsafe-c input") and page.locator("#align-keys input").is_checked() is False
@@ -1699,11 +1704,8 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             task_id = task_on_page(store, page, "judge")
             b_better = canonical(store, prompt, [a, b], [2, 1])[1]
             assert wait_for_draft(store, annotator, task_id, b_better) == b_better
-            deadline = time.monotonic() + 10
             a_flag = f"unsafe:{canonical_index(store, prompt, a)}"
-            while a_flag not in (store.draft_notes(annotator, task_id) or {}).get("flags", []) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert a_flag in store.draft_notes(annotator, task_id)["flags"]
+            assert a_flag in wait_for_draft_flags(store, annotator, task_id, {a_flag})
             page.reload()  # the verdict and the flag are a draft: a reload (or a crash of the tab) loses neither
             page.wait_for_function("(document.querySelector('#align-pairwise input:checked') || {}).value === 'B'")
             assert page.locator("#unsafe-a input").is_checked() and not page.locator("#unsafe-b input").is_checked()
