@@ -47,6 +47,14 @@ class Ranks:
         torch.distributed.all_reduce(values)
         return values.to(where)
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set in any process, the same answer in every one. A check that stops the run asks
+        it: when one process stopped alone, the others failed in their next collective with torch.distributed's
+        traceback (gloo; NCCL, not run here, may wait there instead) before the launcher killed them."""
+        if self.world == 1:
+            return flag
+        return self.total(torch.tensor([float(flag)])).item() > 0
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's `values` (same shape on each), concatenated in rank order."""
         if self.world == 1:

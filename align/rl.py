@@ -350,7 +350,7 @@ def is_finite(*numbers: float) -> bool:
 
 
 def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, step: int, keep: int,
-                    max_steps: int) -> None:
+                    max_steps: int, *, scaler: torch.amp.GradScaler | None = None) -> None:
     """Everything a resumed run needs to repeat this one exactly, written to a temp folder then renamed."""
     if not is_main_process():
         return
@@ -360,6 +360,7 @@ def save_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, ste
     model.save_pretrained(str(tmp), selected_adapters=["default"])
     save_file(head.state_dict(), str(tmp / VALUE_HEAD))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                         # sampling on a GPU draws from its own generator
                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}},
@@ -385,10 +386,14 @@ def find_checkpoint(out: Path, resume: str | None, *, max_steps: int = -1,
 
 
 def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = None,
-                      weight_decay: float | None = None) -> None:
-    """The optimizer's and the schedule's state from `state`, at `lr` and `weight_decay` where given."""
+                      weight_decay: float | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The optimizer's and the schedule's state from `state`, at `lr` and `weight_decay` where given; an fp16
+    run's loss scale too (it starts at 65536 and halves at each overflow: restarted there, a resumed run would
+    skip those steps again)."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if lr is not None:
         set_rate(optimizer, scheduler, lr)
     if weight_decay is not None:
@@ -397,7 +402,7 @@ def restore_optimizer(optimizer, scheduler, state: dict, *, lr: float | None = N
 
 
 def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, *, lr: float | None = None,
-                    weight_decay: float | None = None) -> int:
+                    weight_decay: float | None = None, scaler: torch.amp.GradScaler | None = None) -> int:
     """Restore what save_checkpoint wrote into the live objects; returns the step to continue after.
 
     The optimizer's moments and the schedule's position come back; its rate and weight decay are
@@ -412,7 +417,7 @@ def load_checkpoint(folder: Path, model, head, optimizer, scheduler, kl_ctl, *, 
     # Onto the host: the optimizer's moments were saved from rank 0's GPU (torch.load would put them back
     # there on every rank, or fail on a machine without CUDA); load_state_dict moves each to its parameter.
     state = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
-    restore_optimizer(optimizer, scheduler, state, lr=lr, weight_decay=weight_decay)
+    restore_optimizer(optimizer, scheduler, state, lr=lr, weight_decay=weight_decay, scaler=scaler)
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"].get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])

@@ -351,6 +351,31 @@ def test_ppo_refuses_a_step_that_does_not_split_between_the_processes(tiny_model
     assert out.returncode != 0 and "multiples of 2" in out.stderr, out.stderr[-2000:]
 
 
+def not_a_number_on_rank_one(prompt: str, response: str) -> float:
+    """A scorer that breaks in the second process only."""
+    return float("nan") if os.environ.get("RANK") == "1" else 0.0
+
+
+@pytest.mark.distributed
+def test_a_reward_that_breaks_in_one_process_stops_both_with_the_folder_tidied(tiny_model, tmp_path):
+    """Each process checks its own share of the rewards. When one stopped alone, the other failed in the step's
+    next all-reduce (gloo saw its peer gone) with a traceback of torch.distributed's, and the launcher killed it.
+    Both stop at the same step now, each saying where the fault is; the folder is tidied as after any error."""
+    config = REPO / "configs/accelerate/cpu_2proc.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(free_port()), "-m", "align.cli", "ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}", "sft=none",
+           "scorer=test_distributed:not_a_number_on_rank_one", "rl.rollout_prompts=4", "rl.minibatch_size=2",
+           "train.max_steps=2", "generation.max_new_tokens=8", "model.quantize=false", "run.wandb=disabled"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "align ppo: step 1: the reward is not finite for 2 of 2 responses" in out.stderr, out.stderr[-3000:]
+    assert "align ppo: step 1: the reward is not finite for responses of another process" in out.stderr
+    assert "[rank0]:" not in out.stderr and "[rank1]:" not in out.stderr  # no process's traceback
+    assert not (tmp_path / "ppo").exists()
+
+
 @pytest.mark.distributed
 def test_the_reward_stage_merges_the_sft_adapter_once_for_both_processes(runs):
     """The reward model is built on the SFT model: the SFT adapter merged into an fp32 copy of the base, saved and

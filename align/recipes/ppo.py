@@ -199,13 +199,15 @@ def rollout(model, tokenizer, prompts: list[str], cfg: PPOStageConfig, step: int
 
 
 def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOStageConfig, kl_ctl, step: int,
-             has_ref: bool, ranks: Ranks | None = None) -> dict[str, float]:
+             has_ref: bool, ranks: Ranks | None = None, scaler: torch.amp.GradScaler | None = None
+             ) -> dict[str, float]:
     """Score → KL-shaped rewards → GAE → `ppo_epochs` of clipped losses over minibatches.
 
     The returned figures are the whole step's, the same in every process: the rollout's summed over the processes
     (rl.rollout_figures), the minibatches' losses and ratios each process's averaged (the mean loss the averaged
-    gradients follow)."""
+    gradients follow). `scaler`: the loss scaling of an fp16 model (see loss_scaler); None for none."""
     ranks = ranks or Ranks()
+    scaler = scaler or torch.amp.GradScaler(roll["ids"].device.type, enabled=False)
     rl, temp = cfg.rl, cfg.generation.temperature
     rl = replace(rl, minibatch_size=rl.minibatch_size // ranks.world)  # this rank's part of each minibatch
     ids, attention, context, mask = roll["ids"], roll["attention"], roll["context"], roll["mask"]
@@ -236,14 +238,19 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
             vf_loss, vf_stats = R.value_loss(values, old_values[batch], returns[batch], mask[batch],
                                              rl.clip_range_value)
             loss = pg_loss + rl.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                raise StageError(f"step {step}: the PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
-                                 f"{vf_loss.item()}); stopped before it reached the weights. Try a lower train.lr, "
-                                 "rl.score_clip, or rl.whiten_rewards=true; resume from the last checkpoint")
-            loss.backward()
-            ranks.average_gradients(params)
+            finite = bool(torch.isfinite(loss))
+            if ranks.any(not finite):  # every process stops here, or none does
+                said = (f"{loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})" if not finite else
+                        "not finite in another process")
+                raise StageError(f"step {step}: the PPO loss is {said}; stopped before it reached the weights. Try "
+                                 "a lower train.lr, rl.score_clip, or rl.whiten_rewards=true; resume from the last "
+                                 "checkpoint")
+            scaler.scale(loss).backward()
+            ranks.average_gradients(params)  # the same gradients in every process, so the same step below
+            scaler.unscale_(optimizer)  # fp16: the true gradients again, and whether any overflowed
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (the scale then halves)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             for k, v in {"policy/loss": pg_loss.item(), "value/loss": vf_loss.item(), **pg_stats, **vf_stats}.items():
                 stats.setdefault(k, []).append(v)
@@ -253,6 +260,19 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
     return {"kl_coef": kl_ctl.value,
             **R.rollout_figures(entropy, old_values, returns, kl.sum(-1), kl_ctl.value, mask, total=ranks.total),
             **dict(zip(keys, means, strict=True))}
+
+
+def loss_scaler(plan, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for an fp16 model (model.compute_dtype=float16, for GPUs without bf16: T4, V100), off for any
+    other. Its activations are fp16, and the gradients flowing back through them are each token's share of the
+    minibatch's mean loss: the more tokens, the more of them land among fp16's subnormals (below 6e-5, fewer
+    digits) or under its smallest number (6e-8). Measured on the embedded model (benchmarks/fp16_gradients.py):
+    the fp32 LoRA adapters' gradients had a cosine of 0.9945 to an fp32 model's over 8 sequences of 25 tokens,
+    0.92 with each token's share of the loss a tenth of that (a minibatch of 10x the tokens), 0.51 at a
+    hundredth; with the loss scaled by 65536, 1.0000 at all three. The loss is scaled up for the backward pass
+    and the gradients down before the step, which is skipped if one overflowed (the scale then halves): what
+    transformers' Trainer does for the other stages under fp16."""
+    return torch.amp.GradScaler(device.type, enabled=plan.compute_dtype == torch.float16)
 
 
 def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], out: Path, tracker_config: dict,
@@ -266,6 +286,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = lr_scheduler(optimizer, cfg.train)
+    scaler = loss_scaler(plan, next(model.parameters()).device)
     kl_ctl = R.kl_controller(cfg.rl.kl_control, cfg.rl.kl_coef, cfg.rl.kl_target, cfg.rl.kl_horizon)
 
     start = 0
@@ -273,7 +294,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
                                    trained_on=R.trained_on(cfg, sft, rm))
     if checkpoint:
         start = R.load_checkpoint(checkpoint, model, head, optimizer, scheduler, kl_ctl, lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+                                  weight_decay=cfg.train.weight_decay, scaler=scaler)
         rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= start]
         if is_main_process():  # drop what the killed run logged after its checkpoint: it is redone
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -294,15 +315,17 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         roll = rollout(model, tokenizer, batch, cfg, step, ranks.rank, system_prompt)
         generated = time.perf_counter() - began
         raw = torch.tensor(reward(batch, roll["texts"]), dtype=torch.float32, device=roll["mask"].device)
-        if not torch.isfinite(raw).all():
-            raise StageError(f"step {step}: the reward is not finite for {int((~torch.isfinite(raw)).sum())} of "
-                             f"{len(raw)} responses (first: {roll['texts'][0][:80]!r}); fix the reward model/scorer")
+        broken = (~torch.isfinite(raw)).nonzero().flatten().tolist()
+        if ranks.any(bool(broken)):  # every process stops here, or none does
+            said = (f"for {len(broken)} of {len(raw)} responses (first: {roll['texts'][broken[0]][:80]!r})"
+                    if broken else "for responses of another process")
+            raise StageError(f"step {step}: the reward is not finite {said}; fix the reward model/scorer")
         scores = R.scores_used(raw, roll["has_eos"], cfg.rl, ranks.total)  # over the whole step, not a rank's share
         scored = time.perf_counter() - began - generated
 
         # --- update
         # every figure the whole step's, the same in every process: the KL controller then moves alike everywhere
-        stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks)
+        stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks, scaler)
         lr = scheduler.get_last_lr()[0]  # the rate this step trained at (the next one's after scheduler.step)
         scheduler.step()
         kl_ctl.update(stats["kl"], len(batch) * ranks.world)
@@ -316,6 +339,8 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
                 "eos_fraction": has_eos.mean().item(), "lr": lr,
                 "time/step": elapsed, "time/rollout": generated, "time/score": scored,
                 "tokens_per_s": (lengths.sum().item() * (1 + cfg.rl.ppo_epochs)) / elapsed}
+        if scaler.is_enabled():  # fp16: falling at every step, the gradients overflow and no step is taken
+            last["loss_scale"] = scaler.get_scale()
         bad = [k for k, v in last.items() if k != "value/explained_variance" and not R.is_finite(v)]
         if bad:
             raise StageError(f"step {step}: {', '.join(bad)} not finite ({last[bad[0]]}); stopped. Try a lower "
@@ -328,7 +353,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
             tracker.table("samples", ["step", "prompt", "response", "reward"], rows[:cfg.rl.sample_rows], step)
         if (cfg.rl.save_steps and step % cfg.rl.save_steps == 0) or step == cfg.train.max_steps:
             R.save_checkpoint(out / "checkpoints" / f"step-{step}", model, head, optimizer, scheduler, kl_ctl, step,
-                              cfg.train.save_total_limit, cfg.train.max_steps)
+                              cfg.train.save_total_limit, cfg.train.max_steps, scaler=scaler)
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
