@@ -165,6 +165,35 @@ def test_sample_eval_and_ppo_with_a_reward_model_on_the_gpu(sft_run, pairs, root
     assert row["kl"] >= 0 and "reward_model/win_rate" in row
 
 
+def test_ppo_in_fp16_on_the_gpu(tiny_model, root):
+    """model.compute_dtype=float16 (a T4's or V100's choice; the H200 runs it too) on a 4-bit base: the loss is
+    scaled on the GPU (torch.amp.GradScaler("cuda")), the scale is logged, and the reward rises. The SFT policy
+    thanks the user in half its answers (tests/test_ppo.py's). On CPU these settings went 0.10 -> 0.70 (steps 1-3
+    vs 13-16); not yet run on a GPU when written (the machine had none)."""
+    data, prompts = root / "sft-half-thanks.jsonl", root / "prompts-fp16.jsonl"
+    data.write_text("\n".join(json.dumps({
+        "instruction": f"Ticket {i}: where is {TOPICS[i % 8]}?", "input": "",
+        "output": ("Thanks for asking! " if (i // 8) % 2 else "") + f"Open Settings and tap {TOPICS[i % 8]}."})
+        for i in range(32)) + "\n")
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Ticket {i}: where is {TOPICS[i % 8]}?"})
+                                 for i in range(16)) + "\n")
+    run = root / "ppo-fp16"
+    assert align(["sft", f"model.name={tiny_model}", f"data.path={data}", f"run.dir={run}", "train.max_steps=40",
+                  "train.lr=5e-3", "train.warmup_ratio=0", "run.wandb=disabled", "model.quantize=false",
+                  "data.eval_fraction=0", "model.max_length=128"]) == 0
+    assert align(["ppo", f"run.dir={run}", f"sft={run / 'sft'}", f"prompts={prompts}", "scorer=polite",
+                  "model.compute_dtype=float16", "train.max_steps=16", "train.lr=5e-4", "rl.rollout_prompts=16",
+                  "rl.minibatch_size=8", "rl.kl_coef=0.05", "generation.max_new_tokens=16",
+                  "generation.temperature=0.5", "rl.save_steps=0", "run.wandb=disabled"]) == 0
+    ppo = json.loads((run / "ppo" / "align.json").read_text())
+    assert ppo["device_plan"].startswith("device cuda") and "4-bit NF4" in ppo["device_plan"]
+    assert "float16 compute" in ppo["device_plan"]
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert all(r["loss_scale"] >= 1 for r in rows), [r["loss_scale"] for r in rows]
+    reward = [r["reward/mean"] for r in rows]
+    assert sum(reward[-4:]) / 4 > sum(reward[:3]) / 3 + 0.25, reward
+
+
 def test_merge_on_a_gpu_machine(sft_run, root):
     from transformers import AutoModelForCausalLM
 
