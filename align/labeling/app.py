@@ -934,14 +934,18 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # every call once the session has ended (a refused first step stopped the chain before the submit
         # was sent); and enables it after a failed submit too (Gradio 6's page runs .then only after a
         # success): Submit is never left disabled, so this page can submit after a sign-in elsewhere.
+        # show_progress="hidden" on submit and skip: on a call the server refused (session ended, another account,
+        # store down) Gradio drew an "Error" box over each of its outputs, every response, rank and box of the
+        # task, hiding the ranks the page keeps for the retry; the page's own bar says what happened.
         enable = "(current) => ({__type__: 'update', interactive: !!current})"
         submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, *unsafes, rationale,
                          page_touched, page_stamp]
         submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
-            do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs), touched=True))
+            do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs), touched=True),
+            show_progress="hidden")
         submitting.then(None, task_id, submit, js=enable)
         submitting.failure(None, task_id, submit, js=enable)
-        skip.click(do_skip, [task_id, opened_by], [message, *task_outputs])
+        skip.click(do_skip, [task_id, opened_by], [message, *task_outputs], show_progress="hidden")
 
         def do_refresh(request: gr.Request):
             try:

@@ -188,6 +188,14 @@ def rankings_of(store, name: str) -> list[dict]:
     return [r for r in store.submitted_rankings() if r["annotator"] == name]
 
 
+def error_overlays(page) -> int:
+    """Gradio's "Error" boxes shown over components (its status tracker's), as over every output of a call the
+    server refused before any handler ran."""
+    return page.locator('[data-testid="status-tracker"] .error').evaluate_all(  # a hidden tracker: opacity 0
+        "els => els.filter(e => e.offsetParent !== null"
+        " && getComputedStyle(e.closest('[data-testid=\"status-tracker\"]')).opacity !== '0').length")
+
+
 def wait_for_message(page, text: str) -> str:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -1355,11 +1363,14 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
                                       and len(r.request.post_data_json.get("data", [])) == SUBMIT_DATA) as answer:
                 page.click("#align-submit")
             assert answer.value.status == 401  # the submit, refused before any handler runs (align/labeling/server.py)
-            # The page says so, and it stays said.
+            # The page says so, and it stays said; its ranks stay in view (Gradio's "Error" boxes covered every
+            # response, rank and box the submit updates: "this page keeps your ranks", under them).
             page.wait_for_selector("#align-session-ended", state="visible")
             assert "sign in again in a new tab" in page.inner_text("#align-session-ended")
             page.wait_for_timeout(1000)
             assert page.is_visible("#align-session-ended") and rankings_of(store, "late") == []
+            assert error_overlays(page) == 0 and shown_task(page) == (prompt, bodies)
+            assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["3", "1", "2", "4"]
             other = page.context.new_page()  # same browser: its sign-in renews the cookie for both tabs
             sign_in(other, url, "late")
             other.close()
@@ -1403,6 +1414,7 @@ def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and
                                    ".includes('you are signed in as bob: reload to rank as bob')")
             page.wait_for_timeout(1000)
             assert page.is_visible("#align-other-account")  # stays: every call of this page is refused
+            assert error_overlays(page) == 0  # the bar says it, not "Error" over every response
             assert store.submitted_rankings() == []
             page.reload()  # as bob now: the bar is gone and a ranking saves under bob
             page.wait_for_selector("#resp-a", state="visible")
@@ -1444,7 +1456,7 @@ def test_a_submit_the_store_cannot_take_says_not_saved_and_goes_through_once_it_
             assert answer.value.status == 503
             page.wait_for_selector("#align-store-busy", state="visible")
             assert "Not saved: the store is busy or unreachable" in page.inner_text("#align-store-busy")
-            assert shown_task(page) == (prompt, bodies)
+            assert shown_task(page) == (prompt, bodies) and error_overlays(page) == 0  # the ranks in view
             (tmp_path / "gone").rename(folder)
             page.click("#align-submit")  # enabled again after the refused submit
             wait_for_message(page, "✅")
