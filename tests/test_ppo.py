@@ -40,6 +40,17 @@ def not_a_number(prompt: str, response: str) -> float:
     return float("nan")
 
 
+SCORED = {"calls": 0, "until": None}
+
+
+def thanks_until(prompt: str, response: str) -> float:
+    """thanks(), then not a number once SCORED["until"] responses were scored: a run that fails mid-way."""
+    SCORED["calls"] += 1
+    if SCORED["until"] is not None and SCORED["calls"] > SCORED["until"]:
+        return float("nan")
+    return thanks(prompt, response)
+
+
 @pytest.fixture(scope="module")
 def sft_dir(tiny_model, tmp_path_factory) -> Path:
     """An SFT policy that answers either "Thanks for asking! Open Settings..." or "Open Settings..."."""
@@ -114,18 +125,48 @@ def test_the_logged_rate_is_the_one_each_step_trained_at(sft_dir, prompts, tmp_p
     assert [r["lr"] for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl")] == pytest.approx([1e-3, 5e-4])
 
 
-def test_ppo_in_fp16_raises_the_reward_with_its_loss_scaled(sft_dir, prompts, tmp_path):
+def test_ppo_in_fp16_raises_the_reward_and_resumes_at_its_loss_scale(sft_dir, prompts, tmp_path, monkeypatch):
     """model.compute_dtype=float16 (a T4's or V100's choice), run here on the CPU: the stage learns, logs its loss
-    scale and keeps it in each checkpoint for a resume."""
-    assert ppo(tmp_path, sft_dir, prompts, "model.compute_dtype=float16", "train.max_steps=16", "train.lr=5e-4",
-               "rl.rollout_prompts=16", "rl.minibatch_size=8", "rl.kl_coef=0.05", "rl.save_steps=8") == 0
+    scale and keeps it in each checkpoint. A run that fails at step 9 resumes from step 8 at the scale that
+    checkpoint holds (set to 1024 there: on this model no gradient overflows, and it stays at 65536)."""
+    args = ["scorer=test_ppo:thanks_until", "model.compute_dtype=float16", "train.max_steps=16", "train.lr=5e-4",
+            "rl.rollout_prompts=16", "rl.minibatch_size=8", "rl.kl_coef=0.05", "rl.save_steps=8"]
+    monkeypatch.setitem(SCORED, "calls", 0)
+    monkeypatch.setitem(SCORED, "until", 8 * 16)  # step 9's rewards are not numbers: the run stops there
+    assert ppo(tmp_path, sft_dir, prompts, *args) == 1
+    checkpoint = tmp_path / "ppo" / "checkpoints" / "step-8" / "state.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["scaler"]["scale"] == 65536
+    state["scaler"]["scale"] = 1024.0
+    torch.save(state, checkpoint)
+    monkeypatch.setitem(SCORED, "until", None)
+    assert ppo(tmp_path, sft_dir, prompts, *args, "train.resume_from_checkpoint=latest") == 0
+
     rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert [r["loss_scale"] for r in rows] == [65536] * 8 + [1024] * 8
     reward = [r["reward/mean"] for r in rows]
     assert sum(reward[-4:]) / 4 > sum(reward[:3]) / 3 + 0.25, reward  # measured: 0.08 -> 0.92 (steps 1-3 vs 13-16)
-    assert all(r["loss_scale"] == 65536 for r in rows)  # no overflow on this model: no step skipped
-    state = torch.load(tmp_path / "ppo" / "checkpoints" / "step-8" / "state.pt", weights_only=False)
-    assert state["scaler"]["scale"] == 65536
     assert "float16 compute" in json.loads((tmp_path / "ppo" / "align.json").read_text())["device_plan"]
+
+
+def test_fp16_gradients_that_always_overflow_stop_the_run(sft_dir, prompts, tmp_path, monkeypatch, capsys):
+    """Gradients that are not finite at every minibatch, from a finite loss: each step is skipped and the scale
+    halves. Unchecked, the run went on to its end with no step taken and saved the SFT adapter as trained. It
+    stops at the end of the first step that leaves the scale under 1 (8 minibatches a step: 65536 / 2**24 after
+    step 3)."""
+    policy_loss = R.policy_loss
+
+    def poisoned(logprobs, *args):
+        loss, stats = policy_loss(logprobs, *args)
+        return loss + (logprobs * 0).sum().clamp(min=0).sqrt(), stats  # + 0, whose gradient is not a number
+
+    monkeypatch.setattr(R, "policy_loss", poisoned)
+    assert ppo(tmp_path, sft_dir, prompts, "model.compute_dtype=float16", "train.max_steps=6",
+               "rl.rollout_prompts=16", "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.save_steps=0") == 1
+    err = capsys.readouterr().err
+    assert "step 3: the loss scale fell to 0.00391 (from 65536" in err and "model.compute_dtype=float32" in err, err
+    assert not (tmp_path / "ppo" / "align.json").exists()
 
 
 def test_killed_run_resumes_to_the_same_figures(sft_dir, prompts, tmp_path):
@@ -695,9 +736,10 @@ def test_an_fp16_policys_gradients_are_scaled_back_to_an_fp32_ones(sft_dir, monk
 
     fp32 = first_step_gradients("float32", scaled=False)
     assert not P.loss_scaler(device_plan(replace(cfg.model, compute_dtype="float32")), torch.device("cpu")).is_enabled()
-    cosine = {scaled: torch.nn.functional.cosine_similarity(first_step_gradients("float16", scaled), fp32, dim=0).item()
-              for scaled in (False, True)}
+    fp16 = {scaled: first_step_gradients("float16", scaled) for scaled in (False, True)}
+    cosine = {scaled: torch.nn.functional.cosine_similarity(g, fp32, dim=0).item() for scaled, g in fp16.items()}
     assert cosine[True] > 0.9999 and cosine[False] < 0.5, cosine
+    assert fp16[True].norm() / fp32.norm() == pytest.approx(1, abs=1e-3)  # unscaled before the step, once
 
 
 # ---------------------------------------------------------------------------- the RL pieces by hand

@@ -230,7 +230,7 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
 
     stats: dict[str, list[float]] = {}
     order = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what unscale_ and step see
     for _ in range(rl.ppo_epochs):
         for batch in torch.randperm(n, generator=order).split(rl.minibatch_size):
             logp, values, _ = forward(model, head, ids[batch], attention[batch], context, temp)
@@ -264,14 +264,14 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
 
 def loss_scaler(plan, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for an fp16 model (model.compute_dtype=float16, for GPUs without bf16: T4, V100), off for any
-    other. Its activations are fp16, and the gradients flowing back through them are each token's share of the
-    minibatch's mean loss: the more tokens, the more of them land among fp16's subnormals (below 6e-5, fewer
-    digits) or under its smallest number (6e-8). Measured on the embedded model (benchmarks/fp16_gradients.py):
-    the fp32 LoRA adapters' gradients had a cosine of 0.9945 to an fp32 model's over 8 sequences of 25 tokens,
-    0.92 with each token's share of the loss a tenth of that (a minibatch of 10x the tokens), 0.51 at a
-    hundredth; with the loss scaled by 65536, 1.0000 at all three. The loss is scaled up for the backward pass
-    and the gradients down before the step, which is skipped if one overflowed (the scale then halves): what
-    transformers' Trainer does for the other stages under fp16."""
+    other. The gradients flowing back through fp16 matmuls are each token's share of the minibatch's mean loss:
+    the more tokens, the more of them fall among fp16's subnormals (below 6e-5, fewer digits) or under its
+    smallest number (6e-8). Measured on the embedded model (benchmarks/fp16_gradients.py), the fp32 adapters'
+    gradients' cosine to fp32 compute's: on an unquantized fp16 base 0.9945 at a minibatch's 2k tokens, 0.92 at
+    20k, 0.51 at 200k, and 1.0000 at all three with the loss scaled; on a 4-bit base (its embedding, norms and
+    head fp32: only the 4-bit matmuls compute in fp16) 0.998 scaled throughout, 0.83 unscaled at 200k. The loss
+    is scaled up for the backward pass and the gradients down before the step, which is skipped if one
+    overflowed (the scale then halves), as transformers' Trainer scales the other stages' losses under fp16."""
     return torch.amp.GradScaler(device.type, enabled=plan.compute_dtype == torch.float16)
 
 
@@ -339,8 +339,13 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
                 "eos_fraction": has_eos.mean().item(), "lr": lr,
                 "time/step": elapsed, "time/rollout": generated, "time/score": scored,
                 "tokens_per_s": (lengths.sum().item() * (1 + cfg.rl.ppo_epochs)) / elapsed}
-        if scaler.is_enabled():  # fp16: falling at every step, the gradients overflow and no step is taken
+        if scaler.is_enabled():
             last["loss_scale"] = scaler.get_scale()
+            if last["loss_scale"] < 1:  # the same in every process: every one stops here
+                raise StageError(f"step {step}: the loss scale fell to {last['loss_scale']:.3g} (from 65536, "
+                                 "halved at each minibatch whose gradients overflowed, its step skipped): fp16 "
+                                 "cannot hold this run's gradients. Set model.compute_dtype=float32 (or bfloat16 "
+                                 "where the GPU has it), or try a lower train.lr; resume from the last checkpoint")
         bad = [k for k, v in last.items() if k != "value/explained_variance" and not R.is_finite(v)]
         if bad:
             raise StageError(f"step {step}: {', '.join(bad)} not finite ({last[bad[0]]}); stopped. Try a lower "
