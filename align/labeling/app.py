@@ -1043,9 +1043,11 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             buttons = [pg_send, pg_clear]
             off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"
             on = "() => [{__type__: 'update', interactive: true}, {__type__: 'update', interactive: true}]"
+            # show_progress="hidden" as for Submit: a refused send drew "Error" over both panes and the message.
+            # The answers streaming into the panes show the progress.
             sending = pg_send.click(None, None, buttons, js=off).then(
                 pg_ask, [pg_left, pg_right, pg_message, pg_temperature, pg_histories],
-                [pg_histories, *pg_panes, pg_status, pg_message], concurrency_limit=4)
+                [pg_histories, *pg_panes, pg_status, pg_message], concurrency_limit=4, show_progress="hidden")
             sending.then(None, None, buttons, js=on)
             sending.failure(None, None, buttons, js=on)
             pg_clear.click(lambda: [([], []), conversation_html([]), conversation_html([]), ""], None,

@@ -209,6 +209,14 @@ def test_a_send_refused_as_the_session_ends_says_so_and_leaves_send_enabled(serv
         assert answer.value.status == 401
         page.wait_for_selector("#align-session-ended", state="visible")
         sync_api.expect(page.locator("#align-pg-send")).to_be_enabled()
+        # The message stays in its box, in view: Gradio drew an "Error" box over each of the send's outputs
+        # (both panes and the message box) on a refused call.
+        page.wait_for_timeout(500)
+        assert page.input_value("#align-pg-message textarea") == MESSAGE
+        overlays = page.locator('[data-testid="status-tracker"] .error').evaluate_all(
+            "els => els.filter(e => e.offsetParent !== null"
+            " && getComputedStyle(e.closest('[data-testid=\"status-tracker\"]')).opacity !== '0').length")
+        assert overlays == 0
     context.close()
 
 
