@@ -192,6 +192,11 @@ if [ "$full" = 1 ]; then
   step reward-qlora-b6 90 "$PY" benchmarks/reward.py "${rank_small[@]}" "${J[@]}"
   step dpo-lora-b6 120 "$PY" benchmarks/dpo.py "${rank_small[@]}" --quantize false "${J[@]}"
   step dpo-qlora-b30 150 "$PY" benchmarks/dpo.py "${rank_mid[@]}" "${J[@]}"
+  # fp16 compute (a T4's or V100's choice): PPO's loss scaling, measured where fp16 runs in hardware
+  fp16_factors=(--factors 1 0.1 0.01 0.001)
+  [ "$smoke" = 1 ] && fp16_factors=(--factors 0.01)
+  NOTE="LoRA-gradient cosine to fp32, fp16 unscaled / scaled, on a 4-bit base (see check.log)" \
+    step fp16-gradients 120 "$PY" benchmarks/fp16_gradients.py --quantize "${fp16_factors[@]}"
   [ "$smoke" = 0 ] && NOTE="7B QLoRA peak memory (goal <= 6 GB)" \
     step sft-7b-qlora-b8 300 "$PY" benchmarks/sft.py --size 7b --steps 3 --batch 8 --json "$OUT/results.jsonl" \
       --ours model.gradient_checkpointing=on ${LIGER[@]+"${LIGER[@]}"}
