@@ -207,7 +207,7 @@ def reward_features(model, tokenizer, conversations: list[list[dict[str, str]]],
     Read by a hook on the score head, at the token the classifier pools (the rightmost non-pad
     token, transformers' rule), from the same right-padded batches as align.reward_model.score.
     """
-    from align.reward_model import encode
+    from align.reward_model import encode, scoring_autocast
 
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -224,7 +224,8 @@ def reward_features(model, tokenizer, conversations: list[list[dict[str, str]]],
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
             seen.clear()
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            with scoring_autocast(model):
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
             hidden = seen[0]
             last = ((torch.arange(width, device=device) * (input_ids != pad)).argmax(-1)
                     if pad is not None else torch.full((len(batch),), width - 1, device=device))

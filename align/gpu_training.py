@@ -72,7 +72,9 @@ def fit_checkpointing(plan: DevicePlan, setting: str, model, tokens_per_step: in
     free, total = torch.cuda.mem_get_info(_local_gpu())
     free -= taken_later * total
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    needed = activation_bytes_per_token(config, plan.compute_dtype) * tokens_per_step
+    # fp16 compute on a 4-bit base keeps the residual stream in fp32 (modeling.prepare_4bit_for_training): counted so
+    stream = torch.float32 if plan.quantize and plan.compute_dtype == torch.float16 else plan.compute_dtype
+    needed = activation_bytes_per_token(config, stream) * tokens_per_step
     fits = needed * SAFETY + RESERVE_BYTES < free
     log.info("gradient checkpointing auto: the longest batch's activations need ~%.1f GiB without it, %.1f GiB "
              "is free%s: %s", needed / 2**30, free / 2**30, f" (less {taken_later:.0%} of the GPU for vLLM)"

@@ -289,6 +289,8 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, *, auto_class=None, trai
     if plan.quantize and training:
         prepare_4bit_for_training(model, plan)
         keep_4bit_backward(model)  # an evaluation must not switch the 4-bit layers to a kernel without backward
+    elif plan.quantize and plan.compute_dtype == torch.float16:
+        upcast_beside_4bit(model)  # as prepare_4bit_for_training's fp16 path: scored and sampled as trained
     if plan.device == "cuda" and "device_map" not in extra and placed_here:
         model.to(f"cuda:{_local_gpu()}")  # sharded, and no Trainer to place it: whole on this process's GPU
     return model
@@ -331,6 +333,17 @@ def prepare_4bit_for_training(model, plan: DevicePlan) -> None:
         return
     for param in model.parameters():
         param.requires_grad = False
+
+
+def upcast_beside_4bit(model) -> None:
+    """Every fp16 weight of a 4-bit model that is not 4-bit (embedding, norms, LM or score head) in fp32, as peft's
+    prepare_model_for_kbit_training casts them for training under fp16 compute: the residual stream then runs in
+    fp32 and only the 4-bit matmuls in fp16. Loaded for inference without it (a reward model scoring for PPO or
+    eval, a policy sampling), the same weights computed otherwise than they trained, in fp16 throughout, and a
+    base with large activations could overflow fp16's 65504 there only."""
+    for param in model.parameters():
+        if param.dtype == torch.float16 and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.float()
 
 
 def _local_gpu() -> int:

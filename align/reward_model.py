@@ -152,6 +152,12 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None):
     base = reward_base(ModelConfig(name=adapter_base_name(path), quantize=plan.quantize,
                                    double_quant=trained.double_quant), plan, sft, training=False)
     tokenizer = load_tokenizer(str(path))
+    # The trained score head is saved in fp32 (the stage keeps it so): peft copies the base's head for it, in the
+    # base's dtype, and a bf16 or fp16 copy rounded the trained weights as they loaded (never quantized: the last
+    # module). fp32 first, and the copy holds them as trained.
+    head = getattr(base, "score", None)
+    if isinstance(head, torch.nn.Module):
+        head.float()
     model = PeftModel.from_pretrained(base, str(path))
     # bitsandbytes' CPU repack (AVX512-BF16) computes the 4-bit layers with another kernel, and other numbers, than
     # the stage measured held-out accuracy and probes with (it trained with the repack off: keep_4bit_backward); the
@@ -217,6 +223,15 @@ def encode(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
+def scoring_autocast(model):
+    """The autocast a reward model scores under (score_conversations, and active.reward_features, whose rewards and
+    features must be its scores'): trained under fp16, the adapter and score head stay fp32 (the GradScaler needs
+    them so): fp16 autocast, as in training, or the fp32 adapter would be handed the fp16 base's hidden states."""
+    dtypes = {p.dtype for p in model.parameters()}
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, torch.float16) if {torch.float16, torch.float32} <= dtypes else nullcontext()
+
+
 @torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int = 16) -> list[float]:
     """One reward per conversation (prompt turns + the response turn), right-padded like training.
@@ -227,10 +242,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict[str, str
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    # Trained under fp16, the adapter and score head stay fp32 (the GradScaler needs them so): fp16 autocast, as in
-    # training, or the fp32 head would be handed the fp16 base's hidden states.
-    dtypes = {p.dtype for p in model.parameters()}
-    mixed = torch.autocast(device.type, torch.float16) if {torch.float16, torch.float32} <= dtypes else nullcontext()
+    mixed = scoring_autocast(model)
     encoded = [tuple(encode(tokenizer, c)) for c in conversations]
     distinct = sorted(set(encoded), key=len)
     reward: dict[tuple[int, ...], float] = {}

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import TrainerCallback
 
+from align import StageError
 from align.artifacts import begin_training
 from align.config import RunConfig, TrainConfig
 from align.evaluation import grouped_proportion_ci
@@ -284,7 +285,9 @@ def train_from(trainer: Any, checkpoint: str | None) -> Any:
     (its train_* figures, the best checkpoint loaded back when load_best_model_at_end)."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else {}
     if not 0 < trainer.args.max_steps <= state.get("global_step", 0):
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        refuse_lost_fp16_steps(trainer, result.global_step)
+        return result
     if not callable(getattr(trainer, "_run_epoch", None)):  # another transformers: a step past max_steps, not silently
         raise RuntimeError("this transformers' Trainer has no _run_epoch: align.training.train_from cannot "
                            f"finish the run at {checkpoint} without training a step past train.max_steps")
@@ -297,6 +300,23 @@ def train_from(trainer: Any, checkpoint: str | None) -> Any:
         return trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         del trainer._run_epoch
+
+
+def refuse_lost_fp16_steps(trainer: Any, step: int) -> None:
+    """A StageError, before anything is saved, when an fp16 run's loss scale fell under 1: accelerate's GradScaler
+    (on CUDA under model.compute_dtype=float16) skips each step whose gradients overflowed and halves the scale
+    from 65536, and transformers leaves those steps' losses out of the logged loss (logging_nan_inf_filter); the
+    weights never moved are finite. A run whose every step overflowed saved its untrained adapter as finished."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    scale = scaler.get_scale()
+    log.info("fp16 loss scale at the end: %g", scale)
+    if scale < 1:
+        raise StageError(f"training under fp16 to step {step}: the loss scale fell to {scale:.3g} (from 65536, "
+                         "halved at each step whose gradients overflowed, the step skipped): fp16 cannot hold this "
+                         "run's gradients, and nothing is saved. Set model.compute_dtype=float32 (or bfloat16 where "
+                         "the GPU has it), or a lower train.lr")
 
 
 def set_rate(optimizer, scheduler, lr: float) -> None:

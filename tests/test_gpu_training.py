@@ -53,6 +53,44 @@ def test_a_4bit_base_keeps_the_residual_stream_in_the_compute_dtype(tiny_model):
     assert first_layer_input_dtype(peft_way) == torch.float32  # what the cast did
 
 
+def test_a_4bit_fp16_base_computes_at_inference_as_it_trained(tiny_model):
+    """Under fp16 compute the training load keeps peft's upcast (fp16's range needs the fp32 residual stream);
+    loaded for inference (a reward model scoring for PPO or eval, a policy sampling) the same base ran in fp16
+    throughout, so it scored otherwise than its held-out figures, the gate's, measured."""
+    from align.cpu import keep_4bit_backward
+
+    plan = DevicePlan("cpu", quantize=True, compute_dtype=torch.float16, gradient_checkpointing=False)
+    ids = torch.tensor([[1, 5, 9, 14, 2, 7]])
+    logits = {}
+    for training in (True, False):
+        model = load_base_model(ModelConfig(name=tiny_model), plan, training=training).eval()
+        keep_4bit_backward(model)  # the CPU's eval-mode repack (another kernel) off, as the training load has it
+        assert first_layer_input_dtype(model) == torch.float32
+        with torch.no_grad():
+            logits[training] = model(input_ids=ids).logits.float()
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_checkpointing_counts_a_4bit_fp16_bases_fp32_stream(monkeypatch):
+    """fit_checkpointing's estimate at the stream's dtype: fp32 under fp16 compute on a 4-bit base (its norms and
+    embedding upcast), at twice fp16's bytes for what the layers keep, which turned checkpointing off too early."""
+    from types import SimpleNamespace
+
+    import align.gpu_training as G
+
+    config = SimpleNamespace(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=16,
+                             num_hidden_layers=24)
+    model = SimpleNamespace(config=config)
+    fp32 = activation_bytes_per_token(config, torch.float32) * 4096
+    fp16 = activation_bytes_per_token(config, torch.float16) * 4096
+    free = int((fp16 + fp32) / 2 * G.SAFETY) + RESERVE_BYTES  # enough for an fp16 stream, not for an fp32 one
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    monkeypatch.setattr(G, "sharded", lambda: False)
+    for quantize, on in ((True, True), (False, False)):
+        plan = DevicePlan("cuda", quantize=quantize, compute_dtype=torch.float16, gradient_checkpointing=True)
+        assert fit_checkpointing(plan, "auto", model, 4096).gradient_checkpointing is on, quantize
+
+
 @pytest.mark.parametrize("quantize, launch, device_map, moved", [
     (False, {}, {"": 0}, None),  # alone: straight onto the GPU, no copy in host RAM first
     (False, {"LOCAL_RANK": "1"}, {"": 1}, None),  # under accelerate launch: this rank's GPU

@@ -662,6 +662,51 @@ def test_scores_after_fp16_training_where_the_head_stayed_fp32(tiny_model):
     assert scores[torch.float16] == pytest.approx(scores[torch.float32], abs=0.02)
 
 
+def test_a_half_precision_reward_model_with_heads_and_no_held_out_pairs_saves_and_loads_its_head_as_trained(
+        sft_dir, tmp_path):
+    """bf16 (a GPU's auto; fp16 the same), here on the CPU, with uncertainty heads and no held-out split: the heads
+    were fitted on features the fp32 score head was handed in bf16, only made fp32-ready for the held-out scoring:
+    "expected m1 and m2 to have the same dtype", after all the training, nothing saved. And load_reward_model
+    copied the saved fp32 head into the bf16 base's head: PPO and eval scored with rounded weights."""
+    from safetensors.torch import load_file
+
+    from align.reward_model import load_reward_model
+
+    data = write_rankings(tmp_path / "prefs.jsonl", 8)
+    assert align(["reward", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}",
+                  "model.quantize=false", "model.compute_dtype=bfloat16", "train.max_steps=4", "train.lr=3e-3",
+                  "train.batch_size=8", "data.test_fraction=0", "heads=2", *FAST]) == 0
+    out = tmp_path / "run" / "reward"
+    saved = {k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if ".score." in k}
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    model, _ = load_reward_model(out)
+    loaded = {n.replace("modules_to_save.default.", ""): p.detach() for n, p in model.named_parameters()
+              if ".score.modules_to_save." in n}
+    assert loaded.keys() == saved.keys()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_an_fp16_run_whose_loss_scale_collapsed_is_refused_before_it_saves():
+    """accelerate's GradScaler (CUDA, fp16) skips every step whose gradients overflow and halves its scale; the
+    logged loss leaves those steps out and the weights stay finite, so a run that never stepped looked trained."""
+    from types import SimpleNamespace
+
+    from align import StageError
+    from align.training import train_from
+
+    def trainer(scaler):
+        return SimpleNamespace(args=SimpleNamespace(max_steps=12), accelerator=SimpleNamespace(scaler=scaler),
+                               train=lambda resume_from_checkpoint: SimpleNamespace(global_step=12))
+
+    assert train_from(trainer(None), None).global_step == 12  # fp32, bf16: no scaler
+    healthy = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    assert train_from(trainer(healthy), None).global_step == 12
+    collapsed = torch.amp.GradScaler("cpu", init_scale=0.5)
+    with pytest.raises(StageError, match=r"training under fp16 to step 12: the loss scale fell to 0.5 .*nothing is "
+                                         r"saved. Set model.compute_dtype=float32"):
+        train_from(trainer(collapsed), None)
+
+
 def test_the_fp32_score_head_stays_fp32_under_fp16_autocast(tiny_model):
     """score_conversations runs an fp16 model with an fp32 adapter under fp16 autocast; inside it the head's
     F.linear on fp32 inputs was cast back to fp16, and distinct answers tied again (score_head_in_fp32)."""

@@ -347,10 +347,10 @@ def main(cfg: RewardStageConfig) -> Path:
 
     # --- evaluate on held-out pairs ---------------------------------------------------------
     without_training_autocast(trainer.model)  # scored (here, the probes, the heads) as load_reward_model scores
+    if plan.compute_dtype != torch.float32:  # scored as load_reward_model scores: a bf16 head ties answers. Before
+        score_head_in_fp32(trainer.model)  # the heads too: they fed the fp32 head bf16 features (a dtype error)
     if has_eval:
         n = len(test)
-        if plan.compute_dtype != torch.float32:  # scored as load_reward_model scores: a bf16 head ties answers
-            score_head_in_fp32(trainer.model)
         rewards = score_conversations(trainer.model, tokenizer, [p + c for p, c in zip(test["prompt"], test["chosen"], strict=True)]
                                       + [p + r for p, r in zip(test["prompt"], test["rejected"], strict=True)],
                                       cfg.train.batch_size)  # together: each distinct response is scored once
