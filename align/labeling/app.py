@@ -95,7 +95,8 @@ button.primary:not(:disabled):hover { background: #9a3412 !important; border-col
 .align-warn-block { border: 2px solid var(--error-border-color, #ef4444); border-radius: 6px; padding: 8px 12px;
                     background: var(--error-background-fill, #fef2f2); }
 .align-warn-block ul { margin: 0; padding-left: 1.2em; }
-.align-error { color: var(--error-text-color, #b91c1c); }
+/* !important: Gradio's `.gradio-container-* .prose *` rule, more specific, drew a refusal in body grey */
+.align-error { color: var(--error-text-color, #b91c1c) !important; }
 /* PAGE_JS's live region: read by screen readers, drawn nowhere */
 .align-sr-only { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
                  clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
@@ -105,9 +106,16 @@ button.primary:not(:disabled):hover { background: #9a3412 !important; border-col
 .align-pg-user .align-label { color: var(--body-text-color-subdued); }
 /* PAGE_JS's notices of a refused call and of a reload after a lost connection: over the page's foot, seen
    wherever the page is scrolled (the refusal over the other) */
-#align-session-ended, #align-store-busy, #align-reconnected { position: fixed; left: 0; right: 0; bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px;
+#align-session-ended, #align-store-busy, #align-other-account, #align-reconnected { position: fixed; left: 0; right: 0;
+  bottom: 0; z-index: 1000; margin: 0; padding: 12px 20px; font-family: var(--font);
   background: #fef3c7; color: #78350f; border-top: 2px solid #f59e0b; font-weight: 600; }
-#align-session-ended, #align-store-busy { z-index: 1001; }
+#align-session-ended, #align-store-busy, #align-other-account { z-index: 1001; }
+/* room under the page's foot for a shown bar, which would cover its last controls (!important: Gradio sets the
+   body's padding inline) */
+body:has(> p[role][id^="align-"]:not([hidden])) { padding-bottom: 6em !important; }
+/* the title on a phone: "labelling" broke mid-word at 390 px */
+#align-title h1 { overflow-wrap: normal; word-break: keep-all; }
+@media (max-width: 480px) { #align-title h1 { font-size: 1.25em; } }
 """
 
 # Installed once per page by demo.load(js=...): the keyboard shortcuts, and the notice of a refused call.
@@ -739,11 +747,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             account = sess["name"] if sess else ""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
+                # no prompt (its accent border was left as a stub), no All are bad or rationale to fill in
                 return ["", account, "", 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
-                        "", *blank, *[gr.update(value="")] * MAX_K, *[gr.update(value=None)] * MAX_K,
-                        gr.update(visible=False, value=None), False, *[False] * MAX_K, "", gr.update(interactive=False)]
+                        gr.update(visible=False, value=""), *blank, *[gr.update(value="")] * MAX_K,
+                        *[gr.update(value=None)] * MAX_K, gr.update(visible=False, value=None),
+                        gr.update(visible=False, value=False), *[False] * MAX_K, gr.update(visible=False, value=""),
+                        gr.update(interactive=False)]
             responses, k = next_["responses"], len(next_["responses"])
             is_pair = next_.get("kind") == "pairwise"
             done, assigned = next_["progress"]["done"], next_["progress"]["assigned"]
@@ -758,7 +769,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                 + (f" · task {next_['task_id']}" if sess and sess.get("is_admin") else "")  # the admin's own view
                 + " · "
                 + ("A/B comparison" if is_pair else f"rank {k} responses, ties allowed"),
-                '<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"]),
+                gr.update(visible=True, value='<p class="align-label">Customer:</p>' + handlers.text_html(next_["prompt"])),
                 *[gr.update(visible=i < k) for i in range(MAX_K)],
                 *[gr.update(value=handlers.text_html(responses[i], cut_off=next_["cut_off"][i]) if i < k else "")
                   for i in range(MAX_K)],
@@ -768,7 +779,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
                           if is_pair else None),
                 # the draft's flags and rationale come back with its ranks
                 gr.update(value=not is_pair and "all_bad" in next_.get("draft_flags", []), visible=not is_pair),
-                *[bool(flagged[i]) for i in range(MAX_K)], next_.get("draft_rationale", ""), gr.update(interactive=True),
+                *[bool(flagged[i]) for i in range(MAX_K)], gr.update(visible=True, value=next_.get("draft_rationale", "")),
+                gr.update(interactive=True),
             ]
 
         def next_for(sess: dict, new: bool = True) -> dict | None:
@@ -812,7 +824,10 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         def moved_on(sess: dict, note: str) -> list:
             """`note` and the next task on the page; when the store cannot hand one out, `note` and what to do."""
             try:
-                return [note, *show(next_for(sess), sess)]
+                found = next_for(sess)
+                if found is None:  # the handlers' "Saved. Next task." (and its kin) over the all-done screen
+                    note = note.replace("Next task.", "That was your last task.")
+                return [note, *show(found, sess)]
             except STORE_ERRORS:
                 log.exception("no next task for %s: the store failed", sess["name"])
                 return [note + _note(NO_TASK, "⚠️", error=True), *unchanged]
@@ -979,8 +994,9 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             return _export_summary(folder, summary)
 
         admin_outputs = [admin_message, totals, reliability_warnings, per_annotator, per_batch, agreement]
-        refresh.click(do_refresh, None, admin_outputs)
-        admin_tab.select(do_refresh, None, admin_outputs)
+        # show_progress="hidden", as for Submit: a refused refresh drew "Error" over every table and figure
+        refresh.click(do_refresh, None, admin_outputs, show_progress="hidden")
+        admin_tab.select(do_refresh, None, admin_outputs, show_progress="hidden")
         export_button.click(do_export, None, export_summary)
 
         if playground is not None:

@@ -1383,6 +1383,38 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
         page.context.close()
 
 
+def test_an_admin_refresh_refused_as_the_session_ends_leaves_the_figures_in_view(tmp_path, browser):
+    """The Admin tab's Refresh (and selecting the tab) refused before any handler: Gradio drew "Error" over every
+    table and figure; the bar at the foot says what happened and the figures stay as they were."""
+    from sqlalchemy import update
+
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
+    from align.labeling.store import sessions
+
+    store = new_store(tmp_path)
+    store.add_tasks("shift", _support_tasks(2))
+    page = new_page(browser)
+    try:
+        with serve(create_app(store)) as url:
+            sign_in(page, url, "boss", expect_task=False)
+            page.get_by_role("tab", name="Admin").click()
+            page.wait_for_function("document.querySelector('#align-totals').innerText.includes('rankings')")
+            totals = page.inner_text("#align-totals")
+            with store.tx() as conn:
+                conn.execute(update(sessions).values(expires=0.0))
+            with page.expect_response(lambda r: "/gradio_api/queue/join" in r.url) as answer:
+                page.click("#align-refresh")
+            assert answer.value.status == 401
+            page.wait_for_selector("#align-session-ended", state="visible")
+            page.wait_for_timeout(500)
+            assert error_overlays(page) == 0 and totals in page.inner_text("#align-totals")
+            # the page's foot has room for the bar: it no longer covers the last control
+            assert page.evaluate("parseFloat(getComputedStyle(document.body).paddingBottom)") > 40
+    finally:
+        page.context.close()
+
+
 def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and_saves_nothing(tmp_path, browser):
     """The cookie is the browser's: once another tab signs in as bob, ann's open page is refused (403) before any
     handler runs. Gradio showed that only as fading toasts and "Error" overlays; the page now says, in a bar that
@@ -1415,6 +1447,8 @@ def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and
             page.wait_for_timeout(1000)
             assert page.is_visible("#align-other-account")  # stays: every call of this page is refused
             assert error_overlays(page) == 0  # the bar says it, not "Error" over every response
+            # a bar at the foot, in view wherever the page is scrolled (it was a line below the whole app)
+            assert page.evaluate("getComputedStyle(document.getElementById('align-other-account')).position") == "fixed"
             assert store.submitted_rankings() == []
             page.reload()  # as bob now: the bar is gone and a ranking saves under bob
             page.wait_for_selector("#resp-a", state="visible")
@@ -1540,6 +1574,10 @@ def test_a_replayed_submit_is_already_saved_and_never_ranks_the_next_task(served
     assert store.draft(annotator, second) is None and store.assignment_status(annotator, second) == "assigned"
     page.click("#align-submit")  # the next task, still unranked on the page, is refused as such
     wait_for_message(page, "give every response a rank")
+    # in the error colour, not in body grey beside "Saved" (Gradio's `.prose *` rule won over .align-error)
+    colours = page.evaluate("[getComputedStyle(document.querySelector('#align-message .align-error')).color,"
+                            " getComputedStyle(document.querySelector('#align-progress')).color]")
+    assert colours[0] != colours[1], colours
 
 
 def test_admin_tab_is_refused_to_annotators_and_exports_for_admins(served, page, browser):
@@ -1735,6 +1773,11 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             _, expected = canonical(store, prompt, [a, b], [2, 1])
             assert row["ranks"] == expected and row["flags"] == []
             assert "All done" in page.inner_text("#align-progress")
+            # the last one: not "Next task." over the all-done screen, and nothing left to fill in
+            said = page.inner_text("#align-message")
+            assert "That was your last task." in said and "Next task" not in said
+            for empty in ("#align-prompt", "#align-all-bad", "#align-rationale", "#align-pairwise"):
+                assert page.is_hidden(empty), empty
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()
