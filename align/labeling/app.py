@@ -113,6 +113,10 @@ button.primary:not(:disabled):hover { background: #9a3412 !important; border-col
 /* room under the page's foot for a shown bar, which would cover its last controls (!important: Gradio sets the
    body's padding inline) */
 body:has(> p[role][id^="align-"]:not([hidden])) { padding-bottom: 6em !important; }
+/* while a bar says the server refuses this page's calls, Gradio's toasts only echo it: one per refused call
+   ("Error (5)" over half a phone's screen, Submit included, after five rank clicks) */
+body:has(> #align-session-ended:not([hidden]), > #align-store-busy:not([hidden]), > #align-other-account:not([hidden]))
+  .toast-wrap { display: none !important; }
 /* the title on a phone: "labelling" broke mid-word at 390 px */
 #align-title h1 { overflow-wrap: normal; word-break: keep-all; }
 @media (max-width: 480px) { #align-title h1 { font-size: 1.25em; } }

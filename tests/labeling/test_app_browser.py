@@ -1370,6 +1370,7 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             page.wait_for_timeout(1000)
             assert page.is_visible("#align-session-ended") and rankings_of(store, "late") == []
             assert error_overlays(page) == 0 and shown_task(page) == (prompt, bodies)
+            assert page.locator(".toast-wrap").is_hidden()  # no pile of toasts over the page saying it again
             assert [page.locator(f"#rank-{x} input:checked").get_attribute("value") for x in "abcd"] == ["3", "1", "2", "4"]
             other = page.context.new_page()  # same browser: its sign-in renews the cookie for both tabs
             sign_in(other, url, "late")
