@@ -479,6 +479,7 @@ def headline(run_dir: Path) -> str:
 
 def _headline(m: dict[str, Any], folder: Path) -> str:
     changed = changed_parents(m, folder)  # a verdict on a policy (or by a judge) remade since is not its own
+    weak_judge = judge_caution(m, folder)
     items = []
     said_interval = f" (95% {(interval_method(m) + ' ').lstrip()}interval)"  # the plot's title says it the same way
     for name, row in (m.get("policies") or {}).items():
@@ -488,6 +489,8 @@ def _headline(m: dict[str, Any], folder: Path) -> str:
                 lo, hi = read["ci"] or (0.5, 0.5)  # no interval (an eval that recorded none): no verdict either
                 stale = [f"eval measured an earlier {n}; its folder {since}" for n, (_, since) in changed.items()
                          if n in (name, m.get("baseline"), key[:-9])]
+                if key == "reward_model/win_rate" and weak_judge:
+                    stale.append(weak_judge)
                 # the sign test said, where it alone keeps the interval from deciding (4 wins of 4: p 0.125)
                 undecided = read["verdict"].startswith("is not") and (lo > 0.5 or hi < 0.5)
                 items.append(f"<li><b>{_esc(name)}</b> {read['verdict']} <b>{_esc(m.get('baseline', ''))}</b> "
@@ -549,6 +552,32 @@ def _interval(ci: Any) -> str:
 
 
 COUNTS = ("wins", "ties", "losses")  # eval's per-judge counts beside each win-rate (`<judge>/wins`, ...)
+
+
+def near_chance(m: dict[str, Any], key: str) -> str | None:
+    """"63.6% [49.1%, 76.0%]" for an accuracy (`key`, with its `key`_ci) whose 95% interval holds 50%, else None."""
+    value, ci = _num(m, key), m.get(key + "_ci")
+    if value is None or not (isinstance(ci, (list, tuple)) and len(ci) == 2) or not ci[0] <= 0.5:
+        return None
+    return f"{value:.1%}{_interval(ci)}"
+
+
+def judging_reward_model(m: dict[str, Any], folder: Path) -> Path | None:
+    """The folder of the reward model that judged the eval in `folder` (its parent reward_model), where recorded."""
+    parent = (m.get("parents") or {}).get("reward_model")
+    if not isinstance(parent, dict) or not parent.get("path"):
+        return None
+    return parent_path(parent["path"], folder, m)
+
+
+def judge_caution(m: dict[str, Any], folder: Path) -> str | None:
+    """Why the reward_model judge of the eval in `folder` says little: its held-out accuracy does not rule out
+    chance. A verdict "beats" by such a judge led a report (86.5% by a reward model at 63.6% [49.1%, 76.0%])."""
+    where = judging_reward_model(m, folder)
+    rm = _manifest(where) if where is not None else None
+    said = near_chance((rm or {}).get("metrics") or {}, "eval_accuracy")
+    return (f"the reward model judging it ({where.parent.name}/{where.name}) ranks held-out pairs at {said}, "
+            "which does not rule out chance: its win-rates say little") if said else None
 
 
 def over_prompts(prompts: Any, ties: Any = None) -> str:
@@ -725,6 +754,13 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         failure = probe_failure(manifest["probes"], MAX_PROBE_FLIP_RATE)
         if failure:
             found.append(f"{failure}: PPO refuses it at that setting")
+    for stage, key, what in (("reward", "eval_accuracy", "held-out accuracy"),
+                             ("dpo", "heldout_accuracy", "held-out preference accuracy")):
+        if kind == stage and (said := near_chance(m, key)):
+            found.append(f"its {what}, {said}, does not rule out chance (50%): more labelled pairs (more held-out "
+                         "prompts for a narrower interval) or more training steps")
+    if kind == "eval" and folder is not None and (weak := judge_caution(manifest, folder)):
+        found.append(weak)
     if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (align.labeling.agreement)
         found += ((manifest.get("summary") or {}).get("reliability") or {}).get("warnings") or []
     if kind == "eval":
@@ -830,6 +866,8 @@ def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
     folder = Path(str(run.get("folder") or ""))
     if not folder.name:
         return "", ""
+    if (run_dir / "wandb" / folder.name).is_dir():  # this run's own, also where it was copied or moved since
+        folder = run_dir / "wandb" / folder.name
     try:  # a link that works where the report is opened: relative to the run directory, which holds it
         href = folder.resolve().relative_to(run_dir.resolve()).as_posix()
     except ValueError:
@@ -1025,9 +1063,12 @@ def write_report(run_dir: str | Path) -> Path:
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
+        apart = judges_apart(run_dir, current[-1]) if top else None
         top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
-               + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else ""))
-        mds[1] = f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
+               + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else "")
+               + (f"<div class='cautions'>{_esc(apart)}</div>" if apart else ""))
+        mds[1] = (f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
+                  + (f"\n{_md(apart)}\n" if apart else ""))
     if rounds:
         items = "".join(f"<li><a href='{_esc(r.name)}/report.html'>{_esc(r.name)}</a>"
                         + (f"<p class='caution'>{_esc(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
@@ -1040,9 +1081,10 @@ def write_report(run_dir: str | Path) -> Path:
     none = "" if top else f"<p>{_esc(NO_VERDICT)}</p>"
     top = f"<h2 id='verdict'>Verdict: did the policy beat its baseline?</h2>{top}{none}"
     mds[1] = "## Verdict: did the policy beat its baseline?\n\n" + (f"{NO_VERDICT}\n" if none else mds[1])
-    if glance_html:
-        glance_html = f"<h2 id='glance'>Stages at a glance</h2>{glance_html}"
-        mds[2] = f"## Stages at a glance\n\n{mds[2]}"
+    if glance_html:  # round 0's, where later rounds lead the verdict above (each round's report has its own)
+        which = " (round 0, this folder)" if rounds else ""
+        glance_html = f"<h2 id='glance'>Stages at a glance{which}</h2>{glance_html}"
+        mds[2] = f"## Stages at a glance{which}\n\n{mds[2]}"
     if own := stale_round(run_dir):  # this report is a later round's, built on what is there no more: above all
         top = f"<div class='cautions'>{_esc(own)}</div>{top}"
         mds[1] = f"{_md(own)}\n\n{mds[1]}"
@@ -1055,6 +1097,28 @@ def write_report(run_dir: str | Path) -> Path:
     out.write_text(page)
     (run_dir / "report.md").write_text("\n".join(mds))
     return out
+
+
+def judges_apart(run_dir: Path, last: Path) -> str | None:
+    """A caution when round 0's eval (in `run_dir`) and the `last` round's were judged by different reward models:
+    their reward_model win-rates are not comparable (a round's 50% -> 86.5% by two models that scored the same
+    SFT answers 0.78 and 2.03), and the judges both rounds share are the ones to compare them by."""
+    evals = [(d, _manifest(d)) for d in (stage_dir(run_dir, "eval"), stage_dir(last, "eval"))]
+    if any(m is None for _, m in evals):
+        return None
+    judges = [judging_reward_model(m, d) for d, m in evals]
+    if None in judges or judges[0].resolve() == judges[1].resolve():
+        return None
+
+    def keys(m: dict[str, Any]) -> set[str]:
+        return {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() for k in row
+                if k.endswith("/win_rate")}
+
+    shared = sorted((keys(evals[0][1]) & keys(evals[1][1])) - {"reward_model"})
+    return (f"The rounds' reward_model verdicts come from different reward models ({judges[0].parent.name}/"
+            f"{judges[0].name} and {judges[1].parent.name}/{judges[1].name}): they are not comparable with each other"
+            + (f"; compare the rounds by {', '.join(shared)}, the judge{'s' if len(shared) > 1 else ''} both share"
+               if shared else "") + ".")
 
 
 def main(argv: list[str] | None = None) -> int:

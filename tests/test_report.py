@@ -95,6 +95,15 @@ def test_cautions_name_only_what_crosses_its_line():
                         "max_probe_flip_rate=0.25: PPO refuses it at that setting")
     calm = {"metrics": {"length_correlation": 0.3}, "probes": {"gate": {**GATE, "rate": 0.2}}}
     assert cautions("reward", calm) == []
+    # an accuracy whose interval holds 50% (a reward model's, DPO's): said, as its glance figure reads as "worked"
+    chance = {"metrics": {"eval_accuracy": 0.636, "eval_accuracy_ci": [0.491, 0.760]}}
+    assert cautions("reward", chance) == ["its held-out accuracy, 63.6% [49.1%, 76.0%], does not rule out chance "
+                                          "(50%): more labelled pairs (more held-out prompts for a narrower "
+                                          "interval) or more training steps"]
+    assert cautions("dpo", DPO) == ["its held-out preference accuracy, 66.7% [45.0%, 83.0%], does not rule out "
+                                    "chance (50%): more labelled pairs (more held-out prompts for a narrower "
+                                    "interval) or more training steps"]
+    assert cautions("dpo", {"metrics": {**DPO["metrics"], "heldout_accuracy_ci": [0.51, 0.83]}}) == []
     assert cautions("eval", EVAL) == []
     seen = {**EVAL, "prompts_seen_in_training": {"sft": 48, "dpo": 0}}
     assert cautions("eval", seen) == ["sft was trained on 48 of the 48 eval prompts"]
@@ -140,7 +149,7 @@ def test_the_report_opens_with_the_runs_outcome_and_cautions(tmp_path):
         "- eval: dpo vs sft over 48 prompts: 50.0% [35.4%, 62.5%] by reward_model (0 ties), 80.2% [69.8%, 89.6%] by "
         "scorer:support_style (1 tie), KL 3.22 nats per answer",
         "", "Look at before using the result:", *[f"- sample: {c}" for c in cautions("sample", SAMPLE)],
-        *[f"- reward: {c}" for c in cautions("reward", REWARD)]]
+        *[f"- reward: {c}" for c in cautions("reward", REWARD)], *[f"- dpo: {c}" for c in cautions("dpo", DPO)]]
     md = (run / "report.md").read_text()
     assert "- reward (1:00): held-out accuracy 74.1% [51.9%, 92.6%] on 27 pairs from 6 prompts · worst probe" in md
     assert "<td><a href='#sft'>sft</a></td><td>2:10</td>" in page and "<td><a href='#sample'>sample</a></td><td></td>" \
@@ -213,6 +222,36 @@ def test_with_rounds_the_answer_on_top_is_the_last_rounds_and_says_so(tmp_path):
     top = page[:page.index("<table class='glance'>")]
     assert top.index("round-1, the last round:") < top.index("win-rate <b>90.0%</b>") \
         < top.index("round 0 (this folder):") < top.index("win-rate <b>80.2%</b>")
+
+
+def test_a_verdict_by_a_reward_model_near_chance_and_rounds_by_different_ones_say_so(tmp_path):
+    """Round 1's "beats" (86.5%) came from its own reward model, itself at 63.6% [49.1%, 76.0%] on held-out pairs,
+    and round 0's 50% from another: both lines said only "judged by reward_model". The verdict says the judge
+    is near chance, and that the rounds' reward_model verdicts do not compare; by the scorer they share, they do."""
+    run = tmp_path / "run"
+    weak = {**REWARD, "metrics": {**REWARD["metrics"], "eval_accuracy": 0.636, "eval_accuracy_ci": [0.491, 0.760]}}
+    write(run, "reward", REWARD)
+    write(run / "round-1", "reward", weak)
+    for where in (run, run / "round-1"):
+        write(where, "eval", {**EVAL, "parents": {"reward_model": {"path": str(where / "reward"), "stage": "reward"}}})
+    write_report(run / "round-1")
+    page = write_report(run).read_text()
+    top = page[:page.index("<h2 id='glance'>")]
+    last, first = top.split("round 0 (this folder):")
+    assert "caution</b>: the reward model judging it (round-1/reward) ranks held-out pairs at 63.6% [49.1%, 76.0%], " \
+           "which does not rule out chance: its win-rates say little" in last
+    assert "caution" not in first.split("<div class='cautions'>")[0]  # round 0's judge: 74.1% [51.9%, 92.6%]
+    assert ("The rounds&#x27; reward_model verdicts come from different reward models (run/reward and round-1/reward): "
+            "they are not comparable with each other; compare the rounds by scorer:support_style, the judge both "
+            "share.") in first
+    assert "Stages at a glance (round 0, this folder)" in page
+    md = (run / "report.md").read_text()
+    assert "they are not comparable with each other" in md and "## Stages at a glance (round 0, this folder)" in md
+    # the same reward model judging both rounds: nothing to say
+    write_report(run / "round-1")
+    (run / "round-1" / "eval" / MANIFEST).write_text(json.dumps(
+        {**EVAL, "parents": {"reward_model": {"path": str(run / "reward"), "stage": "reward"}}}))
+    assert "not comparable" not in write_report(run).read_text()
 
 
 def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
@@ -793,6 +832,13 @@ def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_
     odd = wandb_where({"wandb": {"url": "javascript:alert(1)", "folder": str(tmp_path / "<b>x")}}, tmp_path)
     assert "javascript" not in odd[0] and "<b>" not in odd[0] and "&lt;b&gt;x" in odd[0]
     assert wandb_where({}, tmp_path) == ("", "") and wandb_where({"wandb": None}, tmp_path) == ("", "")
+    # a run copied elsewhere: its own wandb/ folder, not the original's (which may still be there)
+    original = tmp_path / "original" / "wandb" / "offline-run-2-ef"
+    original.mkdir(parents=True)
+    copy = tmp_path / "copy"
+    (copy / "wandb" / original.name).mkdir(parents=True)
+    copied = wandb_where({"wandb": {"mode": "offline", "folder": str(original)}}, copy)
+    assert f"href='wandb/{original.name}'" in copied[0] and str(copy / "wandb" / original.name) in copied[1]
 
 
 def test_each_chart_says_in_words_what_it_draws(tmp_path):
