@@ -80,7 +80,10 @@ LINES = {"loss": "training batches", "eval_loss": "held-out set", "accuracy": "t
          "eval_accuracy_batch_mean": "held-out set (TRL: mean of per-batch means)", "rewards/accuracies": "training batches",
          "eval_rewards/accuracies": "held-out set"}
 # Eval's table rows whose figure has a unit or basis its key does not say.
-EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)"}
+EVAL_ROWS = {"kl": "KL (nats/answer, sampled T=1)", "length": "length (words)",
+             "cut": "answers cut at max_new_tokens (share)"}
+# a caution when the policies' shares of answers cut at max_new_tokens differ by this much (and one is at least it)
+CUT_GAP = 0.10
 
 
 # Okabe and Ito's colour-blind-safe palette; each line also has its own dash and marker
@@ -276,6 +279,8 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
             counts = [row.get(f"{key[:-len('/win_rate')]}/{c}") for c in COUNTS]
             return f"<b>{row[key]:.1%}</b>{_interval(row.get(key + '_ci'))}" + (
                 " · {} won, {} tied, {} lost".format(*counts) if all(isinstance(c, int) for c in counts) else "")
+        if key == "cut" and isinstance(row[key], (int, float)):
+            return f"{row[key]:.0%}"
         return _fmt(row[key])
 
     head = "".join(f"<th>{_esc(p)}</th>" for p in table)
@@ -761,6 +766,13 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
                          "prompts for a narrower interval) or more training steps")
     if kind == "eval" and folder is not None and (weak := judge_caution(manifest, folder)):
         found.append(weak)
+    if kind == "eval":
+        cuts = {n: row["cut"] for n, row in (manifest.get("policies") or {}).items()
+                if isinstance(row.get("cut"), (int, float))}
+        if len(cuts) > 1 and max(cuts.values()) >= CUT_GAP and max(cuts.values()) - min(cuts.values()) >= CUT_GAP:
+            said = ", ".join(f"{n}'s {c:.0%}" for n, c in cuts.items())
+            found.append(f"answers cut at max_new_tokens: {said}; a judge that marks a cut answer down favours the "
+                         "policy cut less often: raise eval.generation.max_new_tokens to judge them whole")
     if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (align.labeling.agreement)
         found += ((manifest.get("summary") or {}).get("reliability") or {}).get("warnings") or []
     if kind == "eval":

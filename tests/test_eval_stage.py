@@ -103,6 +103,22 @@ def test_policies_may_have_names_peft_would_refuse_as_adapter_names(eval_run, tm
     assert rows["values"]["scorer:known_scorers:says_thanks/win_rate"] == 1.0 and rows["values"]["kl"] > 0.1
 
 
+def test_each_policys_share_of_answers_cut_at_max_new_tokens_is_measured(eval_run, tmp_path):
+    """A judge that marks a cut answer down favours the policy cut less often (a report's DPO, cut 4 % of the
+    time against SFT's 21 %): the table says each policy's share. One token each: every answer is cut but one that
+    is its end-of-turn token alone (an empty answer)."""
+    policies = json.loads((eval_run / "eval" / "align.json").read_text())["config"]["policies"]
+    assert align(["eval", f"policies={{sft: {policies['sft']}, polite: {policies['polite']}}}", "baseline=sft",
+                  f"prompts={eval_run.parent / 'prompts.jsonl'}", "scorer=known_scorers:says_thanks", "bootstrap=20",
+                  "generation.max_new_tokens=1", "num_prompts=4", "kl_samples=0", f"run.dir={tmp_path / 'run'}",
+                  "run.wandb=disabled"]) == 0
+    rows = json.loads((tmp_path / "run" / "eval" / "align.json").read_text())["policies"]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
+    for name in ("sft", "polite"):
+        assert rows[name]["cut"] == sum(bool(s[name]) for s in samples) / len(samples) > 0, (name, rows[name])
+    assert "<td>answers cut at max_new_tokens (share)</td>" in (tmp_path / "run" / "report.html").read_text()
+
+
 def test_samples_metrics_and_report_are_written(eval_run):
     rows = [json.loads(line) for line in (eval_run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == len(PROMPTS)

@@ -107,6 +107,15 @@ def test_cautions_name_only_what_crosses_its_line():
     assert cautions("eval", EVAL) == []
     seen = {**EVAL, "prompts_seen_in_training": {"sft": 48, "dpo": 0}}
     assert cautions("eval", seen) == ["sft was trained on 48 of the 48 eval prompts"]
+    # one policy's answers cut at max_new_tokens far more often than the other's: a judge of cut answers is biased
+    cut = {**EVAL, "policies": {"sft": {**EVAL["policies"]["sft"], "cut": 0.21},
+                                "dpo": {**EVAL["policies"]["dpo"], "cut": 0.04}}}
+    assert cautions("eval", cut) == ["answers cut at max_new_tokens: sft's 21%, dpo's 4%; a judge that marks a cut "
+                                     "answer down favours the policy cut less often: raise "
+                                     "eval.generation.max_new_tokens to judge them whole"]
+    near = {**EVAL, "policies": {"sft": {**EVAL["policies"]["sft"], "cut": 0.12},
+                                 "dpo": {**EVAL["policies"]["dpo"], "cut": 0.05}}}
+    assert cautions("eval", near) == []
 
 
 def write(run: Path, folder: str, manifest: dict) -> None:

@@ -51,7 +51,7 @@ from align.generation import (
     Policy,
     chat_prompt,
     folded,
-    generate,
+    generate_answers,
     plain_sampling,
     stop_ids,
 )
@@ -411,10 +411,13 @@ def main(cfg: EvalStageConfig) -> Path:
     # generation.backend=vllm answers on the base the KL below runs on: 4-bit when it is, in model.compute_dtype
     vllm = {"quantize": bool(getattr(model, "is_loaded_in_4bit", False)), "compute_dtype": cfg.model.compute_dtype}
     responses: dict[str, list[str]] = {}
+    cut: dict[str, float] = {}  # the share of each policy's answers cut at max_new_tokens
     for name in paths:
         with folded(model, adapters[name]):
             policy = Policy(model, tokenizer, str(paths[name]), base_name, system_prompts[name], **vllm)
-            responses[name] = [r[0] for r in generate(policy, prompts, cfg.generation, desc=f"sampling {name}")]
+            answers = [r[0] for r in generate_answers(policy, prompts, cfg.generation, desc=f"sampling {name}")]
+            responses[name] = [a.text for a in answers]
+            cut[name] = ev.mean([float(not a.finished) for a in answers])
     kl = {name: sampled_kl(model, tokenizer, prompts, adapters[name], adapters[cfg.baseline], k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
                            batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name], label=name)
@@ -426,7 +429,8 @@ def main(cfg: EvalStageConfig) -> Path:
     metrics: dict[str, int | float] = {}
     table: dict[str, dict] = {}
     for name, texts in responses.items():
-        row = {"length": ev.mean([len(t.split()) for t in texts]), "distinct_1": ev.distinct_n(texts, 1),
+        # cut: a judge that marks a cut answer down (support_style does) favours the policy cut less often
+        row = {"length": ev.mean([len(t.split()) for t in texts]), "cut": cut[name], "distinct_1": ev.distinct_n(texts, 1),
                "distinct_2": ev.distinct_n(texts, 2), "repetition": ev.mean([ev.repetition(t) for t in texts])}
         if name in kl:
             row["kl"] = ev.mean(kl[name])
