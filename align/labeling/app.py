@@ -112,11 +112,15 @@ button.primary:not(:disabled):hover { background: #9a3412 !important; border-col
 #align-session-ended, #align-store-busy, #align-other-account { z-index: 1001; }
 /* room under the page's foot for a shown bar, which would cover its last controls (!important: Gradio sets the
    body's padding inline) */
-body:has(> p[role][id^="align-"]:not([hidden])) { padding-bottom: 6em !important; }
+body:has(> p[role][id^="align-"]:not([hidden])) { padding-bottom: 10em !important; }
 /* while a bar says the server refuses this page's calls, Gradio's toasts only echo it: one per refused call
    ("Error (5)" over half a phone's screen, Submit included, after five rank clicks) */
 body:has(> #align-session-ended:not([hidden]), > #align-store-busy:not([hidden]), > #align-other-account:not([hidden]))
   .toast-wrap { display: none !important; }
+/* a submit or skip on its way (both buttons off: the page turns them off before the call): the task dimmed and out of
+   the mouse's reach, as Gradio's progress overlay had it; a rank changed then was not the one submitted */
+body:has(#align-submit:disabled):has(#align-skip:disabled) :is(.align-response, #align-pairwise, #align-all-bad,
+  #align-rationale) { pointer-events: none; opacity: 0.6; }
 /* the title on a phone: "labelling" broke mid-word at 390 px */
 #align-title h1 { overflow-wrap: normal; word-break: keep-all; }
 @media (max-width: 480px) { #align-title h1 { font-size: 1.25em; } }
@@ -168,11 +172,22 @@ PAGE_JS = """
   document.body.appendChild(reconnected);
   const fetched = window.fetch;
   let sent = 0, refused = 0, failed = 0, foreign = 0;
+  // While a refusal bar is shown, Gradio's toasts are hidden (CSS): each only echoed it. Those toasts are closed when
+  // the bars go, or they came back as a pile ("Error (5)") over the page the moment a call was accepted.
+  const refusing = () => !(notice.hidden && busy.hidden && other.hidden);
+  const closeToasts = () => document.querySelectorAll('.toast-wrap .toast-close').forEach((b) => b.click());
   window.fetch = async (...args) => {
     const n = ++sent;
     const url = String((args[0] && args[0].url) || args[0]);
     if (url.includes('/gradio_api/app_id')) remember(true);  // Gradio reconnects: it reloads the page next
-    const response = await fetched(...args);
+    const before = refusing();
+    let response;
+    try {
+      response = await fetched(...args);
+    } catch (e) {  // no answer at all (the server gone): not a refusal; Gradio's own "Connection lost" says it
+      if (url.includes('/gradio_api/')) { notice.hidden = true; busy.hidden = true; }
+      throw e;
+    }
     if (url.includes('/gradio_api/')) {
       if (response.status === 401) { refused = n; notice.hidden = false; }
       else if (response.ok && n > refused) notice.hidden = true;  // not a call that was already on its way
@@ -184,6 +199,7 @@ PAGE_JS = """
           if (body && typeof body.detail === 'string') other.textContent = '\u26a0\ufe0f ' + body.detail;
         }).catch(() => {});
       } else if (response.ok && n > foreign) other.hidden = true;
+      if (before && !refusing()) closeToasts();
     }
     return response;
   };
@@ -751,14 +767,15 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             account = sess["name"] if sess else ""
             blank = [gr.update(visible=False)] * MAX_K
             if next_ is None:
-                # no prompt (its accent border was left as a stub), no All are bad or rationale to fill in
+                # no prompt (its accent border was left as a stub), no All are bad or rationale to fill in; "hidden",
+                # not False: kept in the page (False takes them out, and PAGE_JS's observer of the prompt with them)
                 return ["", account, "", 0.0, "No task is held for you as an admin until you ask: press *Skip* to be given one."
                         if idle else "**All done.** Nothing is left for you to label; thank you! When new tasks "
                         "come, reload the page (or press *Skip*) to get them.",
-                        gr.update(visible=False, value=""), *blank, *[gr.update(value="")] * MAX_K,
+                        gr.update(visible="hidden", value=""), *blank, *[gr.update(value="")] * MAX_K,
                         *[gr.update(value=None)] * MAX_K, gr.update(visible=False, value=None),
-                        gr.update(visible=False, value=False), *[False] * MAX_K, gr.update(visible=False, value=""),
-                        gr.update(interactive=False)]
+                        gr.update(visible="hidden", value=False), *[False] * MAX_K,
+                        gr.update(visible="hidden", value=""), gr.update(interactive=False)]
             responses, k = next_["responses"], len(next_["responses"])
             is_pair = next_.get("kind") == "pairwise"
             done, assigned = next_["progress"]["done"], next_["progress"]["assigned"]
@@ -830,7 +847,8 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             try:
                 found = next_for(sess)
                 if found is None:  # the handlers' "Saved. Next task." (and its kin) over the all-done screen
-                    note = note.replace("Next task.", "That was your last task.")
+                    note = note.replace("Next task.", "That was your last task.").replace(
+                        "; your next task is below", "")
                 return [note, *show(found, sess)]
             except STORE_ERRORS:
                 log.exception("no next task for %s: the store failed", sess["name"])
@@ -956,15 +974,21 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # show_progress="hidden" on submit and skip: on a call the server refused (session ended, another account,
         # store down) Gradio drew an "Error" box over each of its outputs, every response, rank and box of the
         # task, hiding the ranks the page keeps for the retry; the page's own bar says what happened.
-        enable = "(current) => ({__type__: 'update', interactive: !!current})"
+        # Skip the same way, and each turns both off: a skip on its way gave no sign (show_progress hidden) and a
+        # second click, or Submit, acted on the task after it unseen.
+        off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"
+        enable = ("(current) => [{__type__: 'update', interactive: !!current}, "
+                  "{__type__: 'update', interactive: true}]")
         submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, *unsafes, rationale,
                          page_touched, page_stamp]
-        submitting = submit.click(None, None, submit, js="() => ({__type__: 'update', interactive: false})").then(
+        submitting = submit.click(None, None, [submit, skip], js=off).then(
             do_submit, submit_inputs, [message, *task_outputs], js=stamped(len(submit_inputs), touched=True),
             show_progress="hidden")
-        submitting.then(None, task_id, submit, js=enable)
-        submitting.failure(None, task_id, submit, js=enable)
-        skip.click(do_skip, [task_id, opened_by], [message, *task_outputs], show_progress="hidden")
+        skipping = skip.click(None, None, [submit, skip], js=off).then(
+            do_skip, [task_id, opened_by], [message, *task_outputs], show_progress="hidden")
+        for chain in (submitting, skipping):
+            chain.then(None, task_id, [submit, skip], js=enable)
+            chain.failure(None, task_id, [submit, skip], js=enable)
 
         def do_refresh(request: gr.Request):
             try:

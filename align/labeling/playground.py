@@ -238,6 +238,9 @@ def send(client: ServeClient, models: tuple[str, str], message: str, histories: 
 
     last = 0.0
     try:
+        # at once: the message and both answers pending, shown while the models come to their first token: the
+        # page has no other sign of the send on its way but its greyed buttons (show_progress hidden)
+        yield panes()
         while not all(done[s] or notes[s] is not None for s in (0, 1)):
             side, kind, value = events.get()
             if kind == "text":

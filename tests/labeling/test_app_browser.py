@@ -1379,6 +1379,9 @@ def test_a_ranking_made_as_the_session_ends_is_submitted_after_signing_in_in_ano
             wait_for_message(page, "✅")
             assert [r["ranks"] for r in rankings_of(store, "late")] == [ranks]
             assert page.is_hidden("#align-session-ended")  # an accepted call takes the notice away
+            # and the toasts it kept hidden with it, at once: they came back as a pile over the page until they
+            # timed out (Gradio's 10 s from the refusal)
+            page.wait_for_function("!document.querySelector('.toast-wrap .toast-close')", timeout=2000)
     finally:
         print("\n".join(seen))
         page.context.close()
@@ -1459,6 +1462,48 @@ def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and
             wait_for_message(page, "✅")
             assert [r["annotator"] for r in store.submitted_rankings()] == ["bob"]
     finally:
+        page.context.close()
+
+
+def test_a_slow_skip_or_submit_turns_both_buttons_off_and_the_task_out_of_reach(tmp_path, browser, monkeypatch):
+    """Submit and Skip run without Gradio's progress overlay (it drew "Error" over the task on a refused call): a
+    skip on its way, the store slow, showed nothing, and Submit or a second Skip acted on the task after it unseen;
+    ranks changed during a slow submit were not the ones submitted. Both buttons are off and the task dimmed,
+    out of the mouse's reach, until the call ends."""
+    import threading
+
+    from align.labeling import handlers
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
+
+    store = new_store(tmp_path)
+    store.add_user("slow", PASSWORD)
+    store.add_tasks("shift", _support_tasks(3))
+    gate = threading.Event()
+    for name in ("skip", "submit"):
+        real = getattr(handlers, name)
+        monkeypatch.setattr(handlers, name, lambda *a, real=real, **k: (gate.wait(20), real(*a, **k))[1])
+    reach = ("[getComputedStyle(document.getElementById('resp-a')).pointerEvents,"
+             " document.getElementById('align-submit').disabled, document.getElementById('align-skip').disabled]")
+    page = new_page(browser)
+    try:
+        with serve(create_app(store)) as url:
+            sign_in(page, url, "slow")
+            assert page.evaluate(reach) == ["auto", False, False]
+            for act in ("#align-skip", "#align-submit"):
+                if act == "#align-submit":
+                    rank_all(page, [1, 2, 3, 4])
+                gate.clear()
+                page.click(act)
+                page.wait_for_function(f"(() => {{ const r = {reach}; return r[1] && r[2]; }})()")
+                assert page.evaluate(reach) == ["none", True, True]
+                gate.set()
+                page.wait_for_function(f"(() => {{ const r = {reach}; return !r[1] && !r[2]; }})()")
+                assert page.evaluate(reach)[0] == "auto"
+            wait_for_message(page, "✅")
+            assert len(rankings_of(store, "slow")) == 1
+    finally:
+        gate.set()
         page.context.close()
 
 
@@ -1779,6 +1824,8 @@ def test_pairwise_task_maps_the_verdict_to_ranks(tmp_path, browser):
             assert "That was your last task." in said and "Next task" not in said
             for empty in ("#align-prompt", "#align-all-bad", "#align-rationale", "#align-pairwise"):
                 assert page.is_hidden(empty), empty
+            # hidden, still in the page: PAGE_JS's observer of the prompt (the keys' timing) stays on it
+            assert page.locator("#align-prompt").count() == 1 and page.locator("#align-rationale").count() == 1
             page.context.close()  # before the server stops: it would wait for the page's open streams
     finally:
         page.context.close()
