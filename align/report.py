@@ -766,6 +766,8 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
                          "prompts for a narrower interval) or more training steps")
     if kind == "eval" and folder is not None and (weak := judge_caution(manifest, folder)):
         found.append(weak)
+    if kind == "eval" and folder is not None:
+        found += judged_by_the_labelling_rule(manifest, folder)
     if kind == "eval":
         cuts = {n: row["cut"] for n, row in (manifest.get("policies") or {}).items()
                 if isinstance(row.get("cut"), (int, float))}
@@ -1108,6 +1110,35 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report.html"
     out.write_text(page)
     (run_dir / "report.md").write_text("\n".join(mds))
+    return out
+
+
+def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
+    """A caution for each scorer judge of the eval in `folder` that is the rule its policies' labels were ranked
+    by: every annotator of a preference set behind a policy (or the judging reward model) a simulated one of
+    that scorer (`sim-<scorer>-<i>`, align.labeling.simulate). Its win-rate then says how well a policy learnt
+    the labelling rule, not how good its answers are beyond it (the quickstart's verdict is of this kind)."""
+    from align.labeling.simulate import account_stem
+
+    annotators: set[str] = set()
+    for parent in (m.get("parents") or {}).values():
+        if not isinstance(parent, dict) or not parent.get("path"):
+            continue
+        where = parent_path(parent["path"], folder, m)
+        trained = _manifest(where) or {}
+        labels = ((trained.get("parents") or {}).get("preferences") or {}).get("path")
+        export = _manifest(parent_path(labels, where, trained)) if labels else None
+        annotators |= set(((export or {}).get("summary") or {}).get("annotators") or {})
+    judges = {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() for k in row
+              if k.startswith("scorer:") and k.endswith("/win_rate")}
+    out = []
+    for judge in sorted(judges):
+        stem = f"sim-{account_stem(judge.removeprefix('scorer:'))}-"
+        if annotators and all(a.startswith(stem) for a in annotators):
+            out.append(f"{judge} is the rule the training labels were ranked by (simulated annotators "
+                       f"{', '.join(sorted(annotators))}): its win-rate says how well a policy learnt that rule, "
+                       "not how good its answers are beyond it; a judge the labels did not come from (people: "
+                       "eval human=true) says that")
     return out
 
 

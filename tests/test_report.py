@@ -263,6 +263,25 @@ def test_a_verdict_by_a_reward_model_near_chance_and_rounds_by_different_ones_sa
     assert "not comparable" not in write_report(run).read_text()
 
 
+def test_a_scorer_that_ranked_the_labels_is_said_to_judge_the_rule_not_the_answers(tmp_path):
+    """The quickstart's simulated annotator ranks by support_style, and eval judges by support_style: its
+    "beats" says the policy learnt the labelling rule. Said, unless a person's labels are among them."""
+    run = tmp_path / "run"
+    export = {**EXPORT, "summary": {"annotators": {"sim-support-style-0": 40}}}
+    write(run, "preferences", export)
+    write(run, "dpo", {**DPO, "parents": {"preferences": {"path": str(run / "preferences"), "stage": "export"}}})
+    write(run, "eval", {**EVAL, "parents": {"dpo": {"path": str(run / "dpo"), "stage": "dpo"}}})
+    write_report(run)
+    found = cautions("eval", json.loads((run / "eval" / MANIFEST).read_text()), run / "eval")
+    assert found == ["scorer:support_style is the rule the training labels were ranked by (simulated annotators "
+                     "sim-support-style-0): its win-rate says how well a policy learnt that rule, not how good its "
+                     "answers are beyond it; a judge the labels did not come from (people: eval human=true) says that"]
+    assert "eval: scorer:support_style is the rule the training labels were ranked by" in (run / "report.md").read_text()
+    (run / "preferences" / MANIFEST).write_text(json.dumps(
+        {**export, "summary": {"annotators": {"sim-support-style-0": 30, "ann": 10}}}))  # a person among them
+    assert cautions("eval", json.loads((run / "eval" / MANIFEST).read_text()), run / "eval") == []
+
+
 def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
     run = tmp_path / "run"
     write(run, "dpo", {**DPO, "created": "2026-12-02T09:00:00+0000"})

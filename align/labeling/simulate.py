@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 PROFILES = ("good", "noisy:A", "random", "adversarial")
 
 
+def account_stem(scorer_spec: str) -> str:
+    """The start of the accounts that rank by `scorer_spec`: `sim-<stem>-<i>` (align.report reads it back)."""
+    return "".join(c if c.isalnum() else "-" for c in scorer_spec)[:40]
+
+
 def ranks_from_scores(scores: list[float], tie_resolution: float = 0.0) -> list[int]:
     """Dense ranks, 1 = highest score; equal scores (rounded to multiples of `tie_resolution` if > 0) share a rank."""
     if tie_resolution > 0:
@@ -105,7 +110,7 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
     overlap = overlap or annotators
     rng = random.Random(seed)
     known = {u["name"] for u in store.users()}
-    safe = "".join(c if c.isalnum() else "-" for c in scorer_spec)[:40]
+    safe = account_stem(scorer_spec)
     submitted = 0
     pending = store.pending_count(batch, overlap)
     sessions = []
