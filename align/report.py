@@ -411,7 +411,9 @@ def probes_html(probes: dict[str, Any]) -> str:
 def reliability_html(reliability: dict[str, Any]) -> str:
     """The export's per-annotator reliability (align.labeling.agreement.dawid_skene) as a table."""
     people = reliability.get("annotators") or {}
-    rows = [[name, r["accuracy"], f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}", r["weight"], r["judgements"],
+    # unchecked (no other annotator on its tasks, no gold answer): its accuracy is the prior, not a measurement
+    rows = [[name, f"{r['accuracy']:.2f} (the prior: unchecked)" if not r["checked"] and not r["gold"]
+             else r["accuracy"], f"{r['interval'][0]:.2f}–{r['interval'][1]:.2f}", r["weight"], r["judgements"],
              r["checked"], r["gold"], r.get("gold_accuracy")] for name, r in people.items()]
     used = "used to decide the pairs (combine=dawid_skene)" if reliability.get("used_for_pairs") else \
         "measured, not used (combine=dawid_skene would use it)"
@@ -432,6 +434,10 @@ def preferences_section(folder: Path, manifest: dict[str, Any]) -> str:
     if isinstance(annotators, dict) and annotators:
         rows = "".join(f"<tr><td>{_esc(str(a))}</td><td>{_fmt(n)}</td></tr>" for a, n in annotators.items())
         parts.append(f"<h3>Annotators</h3><table><tr><th>annotator</th><th>rankings</th></tr>{rows}</table>")
+        if len(annotators) == 1:  # its mean_agreement of 1 (below) is one annotator agreeing with itself
+            parts.append("<p class='meta'>One annotator: agreement between annotators is not measured here "
+                         "(mean_agreement is 1 by definition); rank some tasks by two (align label --overlap 2) to "
+                         "measure it.</p>")
     if summary.get("reliability"):
         parts.append(reliability_html(summary["reliability"]))
     pairs = []

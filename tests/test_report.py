@@ -282,6 +282,25 @@ def test_a_scorer_that_ranked_the_labels_is_said_to_judge_the_rule_not_the_answe
     assert cautions("eval", json.loads((run / "eval" / MANIFEST).read_text()), run / "eval") == []
 
 
+def test_one_annotators_agreement_and_unchecked_accuracy_are_not_read_as_measured(tmp_path):
+    """With one annotator the export's mean_agreement is 1 and the reliability table's accuracy is the prior
+    (nobody checked it): both read as "perfect" or "measured" without a word."""
+    run = tmp_path / "run"
+    reliability = {"model": "dawid_skene", "prior": {"accuracy": 0.7, "strength": 4}, "used_for_pairs": False,
+                   "annotators": {"sim-a-0": {"accuracy": 0.7, "interval": [0.24, 0.98], "weight": 0.85,
+                                              "judgements": 184, "checked": 0, "gold": 0, "gold_accuracy": None}}}
+    write(run, "preferences", {**EXPORT, "summary": {"annotators": {"sim-a-0": 40}, "reliability": reliability}})
+    page = write_report(run).read_text()
+    assert "One annotator: agreement between annotators is not measured here" in page
+    assert "<td>0.70 (the prior: unchecked)</td>" in page
+    checked = {**reliability, "annotators": {"ann": {**reliability["annotators"]["sim-a-0"], "checked": 12},
+                                             "bob": {**reliability["annotators"]["sim-a-0"], "checked": 12}}}
+    (run / "preferences" / MANIFEST).write_text(json.dumps(
+        {**EXPORT, "summary": {"annotators": {"ann": 20, "bob": 20}, "reliability": checked}}))
+    page = write_report(run).read_text()
+    assert "One annotator" not in page and "the prior: unchecked" not in page
+
+
 def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
     run = tmp_path / "run"
     write(run, "dpo", {**DPO, "created": "2026-12-02T09:00:00+0000"})
