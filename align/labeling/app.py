@@ -1022,8 +1022,14 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             return _export_summary(folder, summary)
 
         admin_outputs = [admin_message, totals, reliability_warnings, per_annotator, per_batch, agreement]
-        # show_progress="hidden", as for Submit: a refused refresh drew "Error" over every table and figure
-        refresh.click(do_refresh, None, admin_outputs, show_progress="hidden")
+        # show_progress="hidden", as for Submit: a refused refresh drew "Error" over every table and figure. The
+        # button is off while the figures are read: the sign the overlay gave that a refresh is on its way.
+        refresh_off = "() => ({__type__: 'update', interactive: false})"
+        refresh_on = "() => ({__type__: 'update', interactive: true})"
+        refreshing = refresh.click(None, None, refresh, js=refresh_off).then(do_refresh, None, admin_outputs,
+                                                                             show_progress="hidden")
+        refreshing.then(None, None, refresh, js=refresh_on)
+        refreshing.failure(None, None, refresh, js=refresh_on)
         admin_tab.select(do_refresh, None, admin_outputs, show_progress="hidden")
         export_button.click(do_export, None, export_summary)
 

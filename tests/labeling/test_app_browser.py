@@ -1413,6 +1413,7 @@ def test_an_admin_refresh_refused_as_the_session_ends_leaves_the_figures_in_view
             page.wait_for_selector("#align-session-ended", state="visible")
             page.wait_for_timeout(500)
             assert error_overlays(page) == 0 and totals in page.inner_text("#align-totals")
+            assert page.is_enabled("#align-refresh")  # off while a refresh is on its way, on again after a refusal
             # the page's foot has room for the bar: it no longer covers the last control
             assert page.evaluate("parseFloat(getComputedStyle(document.body).paddingBottom)") > 40
     finally:
