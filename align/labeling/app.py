@@ -505,7 +505,7 @@ def _stamp(stamp: str | None) -> tuple[str, int] | None:
 
 
 def _js() -> str:
-    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {NOT_SAVED}"),
+    return PAGE_JS % (json.dumps(CSS), json.dumps(f"⚠️ {SESSION_ENDED}"), json.dumps(f"⚠️ {STORE_BUSY_BAR}"),
                       json.dumps(f"⚠️ {OTHER_ACCOUNT}"), json.dumps(f"⚠️ {RECONNECTED}"),
                       json.dumps(f"⚠️ {RATIONALE_FULL}"))
 
@@ -549,6 +549,10 @@ STORE_ERRORS = (SQLAlchemyError, OSError)
 NOT_SAVED = ("Not saved: the store is busy or unreachable. Your ranks are still on this page; "
              "press Submit again in a moment.")
 NOT_SKIPPED = "Not skipped: the store is busy or unreachable. Press Skip again in a moment."
+# The bar a 503 shows (PAGE_JS): for whichever call the server refused before any handler, a submit, a skip, a rank's
+# draft or the admin's refresh; NOT_SAVED's "press Submit" fitted only the first.
+STORE_BUSY_BAR = ("Not saved: the store is busy or unreachable. This page keeps your ranks: in a moment, press "
+                  "again what you pressed (Submit, Skip or Refresh).")
 NO_TASK = "The store is busy or unreachable, so no task could be fetched: reload the page in a moment."
 
 
