@@ -258,12 +258,11 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         ax.barh(labels, values, xerr=err, color=COLOURS[0], capsize=4)
         ax.axvline(0.5, color="#999", ls="--", lw=1)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("win-rate: share of prompts won (a tie counts half)")
+        # the dashed line's meaning in the axis label (a note drawn at its top overlapped the title)
+        ax.set_xlabel("win-rate: share of prompts won (a tie counts half); dashed: 0.5, no difference")
         over = f" {over_prompts(prompts.pop())}" if len(prompts) == 1 else ""
         title = f"Win-rate against {baseline}{over} (95% {(interval_method(manifest) + ' ').lstrip()}interval)"
         ax.set_title(_no_math(title))
-        ax.text(0.5, 1.0, " 0.5: no difference", transform=ax.get_xaxis_transform(), fontsize=7, color="#555",
-                va="bottom")
         said = "; ".join(f"{label} {value:.1%}{_interval(ci)}" for label, value, ci in named)
         parts.append(f"<div class='plots'><img alt='win-rate: {_esc(title)}: {_esc(said)} (0.5: no difference)' "
                      f"src='data:image/png;base64,{_figure_png(fig)}'></div>")
@@ -1090,9 +1089,12 @@ def write_report(run_dir: str | Path) -> Path:
         mds[1] = (f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
                   + (f"\n{_md(apart)}\n" if apart else ""))
     if rounds:
+        # the last round's verdict is the page's first: not said again here
+        lead = current[-1] if current and headline(current[-1]) else None
         items = "".join(f"<li><a href='{_esc(r.name)}/report.html'>{_esc(r.name)}</a>"
-                        + (f"<p class='caution'>{_esc(stale[r])}</p>" if r in stale else headline(r)) + "</li>"
-                        for r in rounds)
+                        + (f"<p class='caution'>{_esc(stale[r])}</p>" if r in stale else
+                           "<p class='meta'>its verdict is the first on this page</p>" if r == lead else headline(r))
+                        + "</li>" for r in rounds)
         bodies.append(f"<section id='rounds'><h2>later rounds</h2><ul>{items}</ul></section>")
         mds += ["## later rounds\n"] + [f"- [{_md(r.name)}]({r.name}/report.md)" + (f": {_md(stale[r])}" if r in stale else "")
                                          for r in rounds]

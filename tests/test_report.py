@@ -231,6 +231,8 @@ def test_with_rounds_the_answer_on_top_is_the_last_rounds_and_says_so(tmp_path):
     top = page[:page.index("<table class='glance'>")]
     assert top.index("round-1, the last round:") < top.index("win-rate <b>90.0%</b>") \
         < top.index("round 0 (this folder):") < top.index("win-rate <b>80.2%</b>")
+    assert page.count("win-rate <b>90.0%</b>") == 1  # said once: the list of rounds points at it
+    assert "<p class='meta'>its verdict is the first on this page</p>" in page
 
 
 def test_a_verdict_by_a_reward_model_near_chance_and_rounds_by_different_ones_say_so(tmp_path):
@@ -648,8 +650,8 @@ def test_every_figure_says_its_unit_and_basis(tmp_path, monkeypatch):
     write(tmp_path, "eval", EVAL)
     page = write_report(tmp_path).read_text()
     assert ("Loss", "cross-entropy, nats per token", ["training batches", "held-out set"]) in drawn
-    assert ("Win-rate against sft over 48 prompts (95% interval)", "win-rate: share of prompts won (a tie counts half)",
-            []) in drawn
+    assert ("Win-rate against sft over 48 prompts (95% interval)", "win-rate: share of prompts won (a tie counts half)"
+            "; dashed: 0.5, no difference", []) in drawn
     assert all(label for _, label, _ in drawn)
     assert "<tr><td>KL (nats/answer, sampled T=1)</td><td></td><td>3.222</td></tr>" in page
     assert "<tr><td>length (words)</td><td>34.1</td><td>16.6</td></tr>" in page
