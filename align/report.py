@@ -565,11 +565,18 @@ COUNTS = ("wins", "ties", "losses")  # eval's per-judge counts beside each win-r
 
 
 def near_chance(m: dict[str, Any], key: str) -> str | None:
-    """"63.6% [49.1%, 76.0%]" for an accuracy (`key`, with its `key`_ci) whose 95% interval holds 50%, else None."""
+    """For an accuracy (`key`, with its `key`_ci) no better than a coin: "63.6% [49.1%, 76.0%], which does not rule
+    out chance" where its 95% interval holds 50%, "30.0% [20.0%, 40.0%], below chance (the worse answer preferred
+    more often than not)" where it lies under 50%; else None (and for an interval that is not two numbers)."""
     value, ci = _num(m, key), m.get(key + "_ci")
-    if value is None or not (isinstance(ci, (list, tuple)) and len(ci) == 2) or not ci[0] <= 0.5:
+    if value is None or not (isinstance(ci, (list, tuple)) and len(ci) == 2
+                             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ci)):
         return None
-    return f"{value:.1%}{_interval(ci)}"
+    if ci[1] < 0.5:
+        return f"{value:.1%}{_interval(ci)}, below chance (the worse answer preferred more often than not)"
+    if ci[0] <= 0.5:
+        return f"{value:.1%}{_interval(ci)}, which does not rule out chance (50%)"
+    return None
 
 
 def judging_reward_model(m: dict[str, Any], folder: Path) -> Path | None:
@@ -584,10 +591,11 @@ def judge_caution(m: dict[str, Any], folder: Path) -> str | None:
     """Why the reward_model judge of the eval in `folder` says little: its held-out accuracy does not rule out
     chance. A verdict "beats" by such a judge led a report (86.5% by a reward model at 63.6% [49.1%, 76.0%])."""
     where = judging_reward_model(m, folder)
-    rm = _manifest(where) if where is not None else None
-    said = near_chance((rm or {}).get("metrics") or {}, "eval_accuracy")
-    return (f"the reward model judging it ({where.parent.name}/{where.name}) ranks held-out pairs at {said}, "
-            "which does not rule out chance: its win-rates say little") if said else None
+    if where is None or "reward_model" in changed_parents(m, folder):  # remade since: the stale caution says so
+        return None
+    said = near_chance((_manifest(where) or {}).get("metrics") or {}, "eval_accuracy")
+    return (f"the reward model judging it ({where.parent.name}/{where.name}) ranks held-out pairs at {said}: its "
+            "win-rates say little") if said else None
 
 
 def over_prompts(prompts: Any, ties: Any = None) -> str:
@@ -767,19 +775,20 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
     for stage, key, what in (("reward", "eval_accuracy", "held-out accuracy"),
                              ("dpo", "heldout_accuracy", "held-out preference accuracy")):
         if kind == stage and (said := near_chance(m, key)):
-            found.append(f"its {what}, {said}, does not rule out chance (50%): more labelled pairs (more held-out "
-                         "prompts for a narrower interval) or more training steps")
+            found.append(f"its {what} is {said}: more labelled pairs (more held-out prompts for a narrower "
+                         "interval) or more training steps")
     if kind == "eval" and folder is not None and (weak := judge_caution(manifest, folder)):
         found.append(weak)
     if kind == "eval" and folder is not None:
         found += judged_by_the_labelling_rule(manifest, folder)
     if kind == "eval":
         cuts = {n: row["cut"] for n, row in (manifest.get("policies") or {}).items()
-                if isinstance(row.get("cut"), (int, float))}
-        if len(cuts) > 1 and max(cuts.values()) >= CUT_GAP and max(cuts.values()) - min(cuts.values()) >= CUT_GAP:
+                if isinstance(row, dict) and isinstance(row.get("cut"), (int, float))}
+        gap = round(max(cuts.values()) - min(cuts.values()), 9) if cuts else 0.0  # 0.3 - 0.2 < 0.1 in floats
+        if len(cuts) > 1 and round(max(cuts.values()), 9) >= CUT_GAP and gap >= CUT_GAP:
             said = ", ".join(f"{n}'s {c:.0%}" for n, c in cuts.items())
             found.append(f"answers cut at max_new_tokens: {said}; a judge that marks a cut answer down favours the "
-                         "policy cut less often: raise eval.generation.max_new_tokens to judge them whole")
+                         "policy cut less often: raise eval's generation.max_new_tokens to judge them whole")
     if kind == "export":  # an annotator EM trusts though the gold answers say otherwise (align.labeling.agreement)
         found += ((manifest.get("summary") or {}).get("reliability") or {}).get("warnings") or []
     if kind == "eval":
@@ -845,8 +854,8 @@ def at_a_glance(sections: list[tuple[str, Path]]) -> tuple[str, str]:
         kind = kind if kind in STAGES else manifest.get("stage", kind)
         try:
             figures, found = glance(kind, manifest), cautions(kind, manifest, folder)
-        except (KeyError, TypeError, ValueError, IndexError):  # a manifest of another align version: its section says it
-            figures, found = [], []
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a manifest of another align version:
+            figures, found = [], []  # its section says it
         figures = figures or ["—"]  # or a folder it has no figures for (align merge's)
         name, clock = _esc(folder.name), _clock(manifest.get("seconds"))
         rows.append(f"<tr><td><a href='#{name}'>{name}</a></td><td>{clock}</td>"
@@ -885,8 +894,11 @@ def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
     folder = Path(str(run.get("folder") or ""))
     if not folder.name:
         return "", ""
-    if (run_dir / "wandb" / folder.name).is_dir():  # this run's own, also where it was copied or moved since
-        folder = run_dir / "wandb" / folder.name
+    from align.tracking import wandb_dir
+
+    own = wandb_dir(run_dir) / "wandb" / folder.name  # a round's are in its root run's wandb/
+    if own.is_dir():  # this run's own, also where it was copied or moved since
+        folder = own
     try:  # a link that works where the report is opened: relative to the run directory, which holds it
         href = folder.resolve().relative_to(run_dir.resolve()).as_posix()
     except ValueError:
@@ -1082,7 +1094,10 @@ def write_report(run_dir: str | Path) -> Path:
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
     if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
-        apart = judges_apart(run_dir, current[-1]) if top else None
+        try:
+            apart = judges_apart(run_dir, current[-1]) if top else None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a manifest of another shape
+            apart = None
         top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else "")
                + (f"<div class='cautions'>{_esc(apart)}</div>" if apart else ""))
@@ -1135,14 +1150,17 @@ def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
         where = parent_path(parent["path"], folder, m)
         trained = _manifest(where) or {}
         labels = ((trained.get("parents") or {}).get("preferences") or {}).get("path")
-        export = _manifest(parent_path(labels, where, trained)) if labels else None
-        annotators |= set(((export or {}).get("summary") or {}).get("annotators") or {})
-    judges = {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() for k in row
-              if k.startswith("scorer:") and k.endswith("/win_rate")}
+        export = _manifest(parent_path(labels, where, trained)) if isinstance(labels, str) else None
+        named = ((export or {}).get("summary") or {}).get("annotators")
+        annotators |= set(named) if isinstance(named, dict) else set()
+    judges = {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() if isinstance(row, dict) for k in row
+              if isinstance(k, str) and k.startswith("scorer:") and k.endswith("/win_rate")}
     out = []
     for judge in sorted(judges):
-        stem = f"sim-{account_stem(judge.removeprefix('scorer:'))}-"
-        if annotators and all(a.startswith(stem) for a in annotators):
+        # the whole name: sim-<stem>-<i>, or with a profile that ranks by the scorer (good, noisy:A); `support`'s
+        # stem starts `support_style`'s, and random or adversarial annotators do not rank by it
+        named = re.compile(rf"sim-{re.escape(account_stem(judge.removeprefix('scorer:')))}-\d+(-(good|noisy-[\d-]+))?")
+        if annotators and all(isinstance(a, str) and named.fullmatch(a) for a in annotators):
             out.append(f"{judge} is the rule the training labels were ranked by (simulated annotators "
                        f"{', '.join(sorted(annotators))}): its win-rate says how well a policy learnt that rule, "
                        "not how good its answers are beyond it; a judge the labels did not come from (people: "
@@ -1162,8 +1180,8 @@ def judges_apart(run_dir: Path, last: Path) -> str | None:
         return None
 
     def keys(m: dict[str, Any]) -> set[str]:
-        return {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() for k in row
-                if k.endswith("/win_rate")}
+        return {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() if isinstance(row, dict)
+                for k in row if isinstance(k, str) and k.endswith("/win_rate")}
 
     shared = sorted((keys(evals[0][1]) & keys(evals[1][1])) - {"reward_model"})
     return (f"The rounds' reward_model verdicts come from different reward models ({judges[0].parent.name}/"

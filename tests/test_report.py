@@ -97,12 +97,16 @@ def test_cautions_name_only_what_crosses_its_line():
     assert cautions("reward", calm) == []
     # an accuracy whose interval holds 50% (a reward model's, DPO's): said, as its glance figure reads as "worked"
     chance = {"metrics": {"eval_accuracy": 0.636, "eval_accuracy_ci": [0.491, 0.760]}}
-    assert cautions("reward", chance) == ["its held-out accuracy, 63.6% [49.1%, 76.0%], does not rule out chance "
-                                          "(50%): more labelled pairs (more held-out prompts for a narrower "
+    assert cautions("reward", chance) == ["its held-out accuracy is 63.6% [49.1%, 76.0%], which does not rule out "
+                                          "chance (50%): more labelled pairs (more held-out prompts for a narrower "
                                           "interval) or more training steps"]
-    assert cautions("dpo", DPO) == ["its held-out preference accuracy, 66.7% [45.0%, 83.0%], does not rule out "
-                                    "chance (50%): more labelled pairs (more held-out prompts for a narrower "
+    assert cautions("dpo", DPO) == ["its held-out preference accuracy is 66.7% [45.0%, 83.0%], which does not rule "
+                                    "out chance (50%): more labelled pairs (more held-out prompts for a narrower "
                                     "interval) or more training steps"]
+    # below chance is not "does not rule out chance": the interval rules it out, the wrong way round
+    worse = {"metrics": {"eval_accuracy": 0.3, "eval_accuracy_ci": [0.2, 0.4]}}
+    assert cautions("reward", worse)[0].startswith("its held-out accuracy is 30.0% [20.0%, 40.0%], below chance")
+    assert cautions("reward", {"metrics": {"eval_accuracy": 0.3, "eval_accuracy_ci": [None, None]}}) == []
     assert cautions("dpo", {"metrics": {**DPO["metrics"], "heldout_accuracy_ci": [0.51, 0.83]}}) == []
     assert cautions("eval", EVAL) == []
     seen = {**EVAL, "prompts_seen_in_training": {"sft": 48, "dpo": 0}}
@@ -112,10 +116,14 @@ def test_cautions_name_only_what_crosses_its_line():
                                 "dpo": {**EVAL["policies"]["dpo"], "cut": 0.04}}}
     assert cautions("eval", cut) == ["answers cut at max_new_tokens: sft's 21%, dpo's 4%; a judge that marks a cut "
                                      "answer down favours the policy cut less often: raise "
-                                     "eval.generation.max_new_tokens to judge them whole"]
+                                     "eval's generation.max_new_tokens to judge them whole"]
     near = {**EVAL, "policies": {"sft": {**EVAL["policies"]["sft"], "cut": 0.12},
                                  "dpo": {**EVAL["policies"]["dpo"], "cut": 0.05}}}
     assert cautions("eval", near) == []
+    ten = {**EVAL, "policies": {"sft": {"cut": 0.3}, "dpo": {"cut": 0.2}}}  # 0.3 - 0.2 < 0.1 in floats: 10 points
+    assert len(cautions("eval", ten)) == 1
+    odd = {**EVAL, "policies": {"sft": "n/a", "dpo": [1, 2]}}  # another shape: no caution, no failure
+    assert cautions("eval", odd) == []
 
 
 def write(run: Path, folder: str, manifest: dict) -> None:
@@ -250,7 +258,7 @@ def test_a_verdict_by_a_reward_model_near_chance_and_rounds_by_different_ones_sa
     top = page[:page.index("<h2 id='glance'>")]
     last, first = top.split("round 0 (this folder):")
     assert "caution</b>: the reward model judging it (round-1/reward) ranks held-out pairs at 63.6% [49.1%, 76.0%], " \
-           "which does not rule out chance: its win-rates say little" in last
+           "which does not rule out chance (50%): its win-rates say little" in last
     assert "caution" not in first.split("<div class='cautions'>")[0]  # round 0's judge: 74.1% [51.9%, 92.6%]
     assert ("The rounds&#x27; reward_model verdicts come from different reward models (run/reward and round-1/reward): "
             "they are not comparable with each other; compare the rounds by scorer:support_style, the judge both "
@@ -282,6 +290,13 @@ def test_a_scorer_that_ranked_the_labels_is_said_to_judge_the_rule_not_the_answe
     (run / "preferences" / MANIFEST).write_text(json.dumps(
         {**export, "summary": {"annotators": {"sim-support-style-0": 30, "ann": 10}}}))  # a person among them
     assert cautions("eval", json.loads((run / "eval" / MANIFEST).read_text()), run / "eval") == []
+    # a scorer whose name starts the annotators' scorer's (support, support_style) is not that rule
+    (run / "preferences" / MANIFEST).write_text(json.dumps(
+        {**export, "summary": {"annotators": {"sim-support-style-0": 30, "sim-support-style-1-noisy-0-8": 10}}}))
+    prefix = {**EVAL, "parents": {"dpo": {"path": str(run / "dpo"), "stage": "dpo"}},
+              "policies": {"sft": {}, "dpo": {"scorer:support/win_rate": 0.7, "scorer:support_style/win_rate": 0.8}}}
+    said = cautions("eval", prefix, run / "eval")
+    assert len(said) == 1 and said[0].startswith("scorer:support_style is the rule"), said
 
 
 def test_one_annotators_agreement_and_unchecked_accuracy_are_not_read_as_measured(tmp_path):
@@ -888,6 +903,10 @@ def test_a_stages_wandb_run_is_linked_online_and_named_offline_and_nothing_else_
     (copy / "wandb" / original.name).mkdir(parents=True)
     copied = wandb_where({"wandb": {"mode": "offline", "folder": str(original)}}, copy)
     assert f"href='wandb/{original.name}'" in copied[0] and str(copy / "wandb" / original.name) in copied[1]
+    (copy / "round-1").mkdir()  # a later round's W&B runs are in its root run's wandb/
+    (copy / "sft").mkdir()  # (a round-<r> folder is one below a run directory: round 0's stage folders)
+    in_round = wandb_where({"wandb": {"mode": "offline", "folder": str(original)}}, copy / "round-1")
+    assert str(copy / "wandb" / original.name) in in_round[1] and str(original) not in in_round[1]
 
 
 def test_each_chart_says_in_words_what_it_draws(tmp_path):
