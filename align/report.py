@@ -1093,19 +1093,20 @@ def write_report(run_dir: str | Path) -> Path:
     stale = stale_rounds(rounds)
     current = [r for r in rounds if r not in stale]
     top = headline(run_dir)
-    if current and headline(current[-1]):  # the answer is the last round's: first, and each labelled with its round
+    last_top = headline(current[-1]) if current else ""  # the last round's verdict, read once
+    if last_top:  # the answer is the last round's: first, and each labelled with its round
         try:
             apart = judges_apart(run_dir, current[-1]) if top else None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a manifest of another shape
             apart = None
-        top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{headline(current[-1])}"
+        top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{last_top}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else "")
                + (f"<div class='cautions'>{_esc(apart)}</div>" if apart else ""))
         mds[1] = (f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
                   + (f"\n{_md(apart)}\n" if apart else ""))
     if rounds:
         # the last round's verdict is the page's first: not said again here
-        lead = current[-1] if current and headline(current[-1]) else None
+        lead = current[-1] if last_top else None
         items = "".join(f"<li><a href='{_esc(r.name)}/report.html'>{_esc(r.name)}</a>"
                         + (f"<p class='caution'>{_esc(stale[r])}</p>" if r in stale else
                            "<p class='meta'>its verdict is the first on this page</p>" if r == lead else headline(r))
@@ -1136,6 +1137,12 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
+def eval_judges(m: dict[str, Any]) -> set[str]:
+    """The judges an eval manifest has win-rates by (reward_model, scorer:<name>, ...), over its policies' rows."""
+    return {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() if isinstance(row, dict)
+            for k in row if isinstance(k, str) and k.endswith("/win_rate")}
+
+
 def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
     """A caution for each scorer judge of the eval in `folder` that is the rule its policies' labels were ranked
     by: every annotator of a preference set behind a policy (or the judging reward model) a simulated one of
@@ -1153,10 +1160,8 @@ def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
         export = _manifest(parent_path(labels, where, trained)) if isinstance(labels, str) else None
         named = ((export or {}).get("summary") or {}).get("annotators")
         annotators |= set(named) if isinstance(named, dict) else set()
-    judges = {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() if isinstance(row, dict) for k in row
-              if isinstance(k, str) and k.startswith("scorer:") and k.endswith("/win_rate")}
     out = []
-    for judge in sorted(judges):
+    for judge in sorted(j for j in eval_judges(m) if j.startswith("scorer:")):
         # the whole name: sim-<stem>-<i>, or with a profile that ranks by the scorer (good, noisy:A); `support`'s
         # stem starts `support_style`'s, and random or adversarial annotators do not rank by it
         named = re.compile(rf"sim-{re.escape(account_stem(judge.removeprefix('scorer:')))}-\d+(-(good|noisy-[\d-]+))?")
@@ -1179,11 +1184,7 @@ def judges_apart(run_dir: Path, last: Path) -> str | None:
     if None in judges or judges[0].resolve() == judges[1].resolve():
         return None
 
-    def keys(m: dict[str, Any]) -> set[str]:
-        return {k[:-len("/win_rate")] for row in (m.get("policies") or {}).values() if isinstance(row, dict)
-                for k in row if isinstance(k, str) and k.endswith("/win_rate")}
-
-    shared = sorted((keys(evals[0][1]) & keys(evals[1][1])) - {"reward_model"})
+    shared = sorted((eval_judges(evals[0][1]) & eval_judges(evals[1][1])) - {"reward_model"})
     return (f"The rounds' reward_model verdicts come from different reward models ({judges[0].parent.name}/"
             f"{judges[0].name} and {judges[1].parent.name}/{judges[1].name}): they are not comparable with each other"
             + (f"; compare the rounds by {', '.join(shared)}, the judge{'s' if len(shared) > 1 else ''} both share"

@@ -980,7 +980,7 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # task, hiding the ranks the page keeps for the retry; the page's own bar says what happened.
         # Skip the same way, and each turns both off: a skip on its way gave no sign (show_progress hidden) and a
         # second click, or Submit, acted on the task after it unseen.
-        off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"
+        off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"  # two buttons
         enable = ("(current) => [{__type__: 'update', interactive: !!current}, "
                   "{__type__: 'update', interactive: true}]")
         submit_inputs = [task_id, opened_by, order_tag, shown_at, *ranks, pairwise, all_bad, *unsafes, rationale,
@@ -1095,7 +1095,6 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
             # the page itself turns them off and on again, after a failed send too: a server call for that is
             # refused once the session has ended, and stops the chain before the send.
             buttons = [pg_send, pg_clear]
-            off = "() => [{__type__: 'update', interactive: false}, {__type__: 'update', interactive: false}]"
             on = "() => [{__type__: 'update', interactive: true}, {__type__: 'update', interactive: true}]"
             # show_progress="hidden" as for Submit: a refused send drew "Error" over both panes and the message.
             # The answers streaming into the panes show the progress.
