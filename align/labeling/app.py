@@ -1030,11 +1030,12 @@ def build_app(store, guidelines_md: str | None = None, *, secret: bytes, overlap
         # button is off while the figures are read: the sign the overlay gave that a refresh is on its way.
         refresh_off = "() => ({__type__: 'update', interactive: false})"
         refresh_on = "() => ({__type__: 'update', interactive: true})"
-        refreshing = refresh.click(None, None, refresh, js=refresh_off).then(do_refresh, None, admin_outputs,
-                                                                             show_progress="hidden")
-        refreshing.then(None, None, refresh, js=refresh_on)
-        refreshing.failure(None, None, refresh, js=refresh_on)
-        admin_tab.select(do_refresh, None, admin_outputs, show_progress="hidden")
+        # Selecting the tab refreshes too, with the same sign (it showed none: the tables sat stale until it ended).
+        for trigger in (refresh.click, admin_tab.select):
+            refreshing = trigger(None, None, refresh, js=refresh_off).then(do_refresh, None, admin_outputs,
+                                                                           show_progress="hidden")
+            refreshing.then(None, None, refresh, js=refresh_on)
+            refreshing.failure(None, None, refresh, js=refresh_on)
         export_button.click(do_export, None, export_summary)
 
         if playground is not None:

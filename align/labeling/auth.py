@@ -43,7 +43,8 @@ SESSION_HOURS = 12.0
 REFUSED = "unknown user or wrong password"
 # What a page whose session ended is told (align/labeling/server.py's refusals, align/labeling/app.py's page). Not "reload": a
 # reload goes to the sign-in page and loses what the page holds and the draft could not save.
-SESSION_ENDED = "your session has ended: sign in again in a new tab, then come back and submit here (this page keeps your ranks)"
+SESSION_ENDED = ("your session has ended: sign in again in a new tab, then come back to this page and carry on "
+                 "(it keeps what you set on it, your ranks included)")
 
 
 class SignInRefused(AuthError):

@@ -1420,6 +1420,35 @@ def test_an_admin_refresh_refused_as_the_session_ends_leaves_the_figures_in_view
         page.context.close()
 
 
+def test_selecting_the_admin_tab_turns_refresh_off_until_its_figures_are_in(tmp_path, browser, monkeypatch):
+    """Selecting the Admin tab reads the figures as Refresh does, without Gradio's overlay: it showed no sign at all
+    (the tables sat empty or stale, Refresh pressable, until the store answered). Refresh is off meanwhile."""
+    import threading
+
+    from align.labeling import handlers
+    from align.labeling.server import create_app
+    from align.labeling.server import running as serve
+
+    store = new_store(tmp_path)
+    store.add_tasks("shift", _support_tasks(2))
+    gate = threading.Event()
+    real = handlers.admin_stats
+    monkeypatch.setattr(handlers, "admin_stats", lambda *a, **k: (gate.wait(20), real(*a, **k))[1])
+    page = new_page(browser)
+    try:
+        with serve(create_app(store)) as url:
+            sign_in(page, url, "boss", expect_task=False)
+            page.get_by_role("tab", name="Admin").click()
+            page.wait_for_function("document.getElementById('align-refresh').disabled")
+            assert "rankings" not in page.inner_text("#align-totals")
+            gate.set()
+            page.wait_for_function("!document.getElementById('align-refresh').disabled")
+            assert "rankings" in page.inner_text("#align-totals")
+    finally:
+        gate.set()
+        page.context.close()
+
+
 def test_a_page_left_open_after_another_tab_signs_in_as_someone_else_says_so_and_saves_nothing(tmp_path, browser):
     """The cookie is the browser's: once another tab signs in as bob, ann's open page is refused (403) before any
     handler runs. Gradio showed that only as fading toasts and "Error" overlays; the page now says, in a bar that
