@@ -33,6 +33,7 @@ from align.artifacts import (
     round_root,
     shell,
     stage_dir,
+    stages_of_kind,
 )
 
 # What each RL stage's logged `kl` is: one name, three quantities. PPO's is align's own (align/recipes/ppo.py), k1 = log
@@ -1143,29 +1144,51 @@ def eval_judges(m: dict[str, Any]) -> set[str]:
             for k in row if isinstance(k, str) and k.endswith("/win_rate")}
 
 
+def _trained_on(folder: Path, manifest: dict[str, Any], seen: set[Path], depth: int = 4) -> tuple[set[str], set[str]]:
+    """(the annotators of every preference set behind the stage in `folder`, the scorers it or a stage behind it
+    trained on as their reward), through its parents (`depth` levels: a PPO policy's labels are its reward
+    model's)."""
+    annotators: set[str] = set()
+    scorers: set[str] = set()
+    named = (manifest.get("summary") or {}).get("annotators")
+    annotators |= {a for a in named if isinstance(a, str)} if isinstance(named, dict) else set()
+    scorer = (manifest.get("config") or {}).get("scorer")
+    if manifest.get("stage") in stages_of_kind("policy") and isinstance(scorer, str) and scorer:
+        scorers.add(scorer)
+    for parent in (manifest.get("parents") or {}).values():
+        if depth <= 0 or not isinstance(parent, dict) or not isinstance(parent.get("path"), str):
+            continue
+        where = parent_path(parent["path"], folder, manifest)
+        if where in seen or (above := _manifest(where)) is None:
+            continue
+        seen.add(where)
+        more = _trained_on(where, above, seen, depth - 1)
+        annotators |= more[0]
+        scorers |= more[1]
+    return annotators, scorers
+
+
 def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
-    """A caution for each scorer judge of the eval in `folder` that is the rule its policies' labels were ranked
-    by: every annotator of a preference set behind a policy (or the judging reward model) a simulated one of
-    that scorer (`sim-<scorer>-<i>`, align.labeling.simulate). Its win-rate then says how well a policy learnt
-    the labelling rule, not how good its answers are beyond it (the quickstart's verdict is of this kind)."""
+    """A caution for each scorer judge of the eval in `folder` that its policies were trained towards: the reward
+    a policy behind it trained on (PPO or GRPO's `scorer`), or the rule its labels were ranked by, every
+    annotator of every preference set behind the policies (or the judging reward model), through their parents,
+    a simulated one of that scorer (`sim-<scorer>-<i>`, align.labeling.simulate). Its win-rate then says how well
+    a policy learnt that rule, not how good its answers are beyond it (the quickstart's verdict is of this kind)."""
     from align.labeling.simulate import account_stem
 
-    annotators: set[str] = set()
-    for parent in (m.get("parents") or {}).values():
-        if not isinstance(parent, dict) or not parent.get("path"):
-            continue
-        where = parent_path(parent["path"], folder, m)
-        trained = _manifest(where) or {}
-        labels = ((trained.get("parents") or {}).get("preferences") or {}).get("path")
-        export = _manifest(parent_path(labels, where, trained)) if isinstance(labels, str) else None
-        named = ((export or {}).get("summary") or {}).get("annotators")
-        annotators |= set(named) if isinstance(named, dict) else set()
+    annotators, rewards = _trained_on(folder, {"parents": m.get("parents") or {}}, set())
     out = []
     for judge in sorted(j for j in eval_judges(m) if j.startswith("scorer:")):
+        name = judge.removeprefix("scorer:")
+        if name in rewards:
+            out.append(f"{judge} is the reward a policy here was trained on: its win-rate says how well the policy "
+                       "learnt to raise it (reward hacking included), not how good its answers are beyond it; a "
+                       "judge it was not trained on (people: eval human=true) says that")
+            continue
         # the whole name: sim-<stem>-<i>, or with a profile that ranks by the scorer (good, noisy:A); `support`'s
         # stem starts `support_style`'s, and random or adversarial annotators do not rank by it
-        named = re.compile(rf"sim-{re.escape(account_stem(judge.removeprefix('scorer:')))}-\d+(-(good|noisy-[\d-]+))?")
-        if annotators and all(isinstance(a, str) and named.fullmatch(a) for a in annotators):
+        named = re.compile(rf"sim-{re.escape(account_stem(name))}-\d+(-(good|noisy-[\d-]+))?")
+        if annotators and all(named.fullmatch(a) for a in annotators):
             out.append(f"{judge} is the rule the training labels were ranked by (simulated annotators "
                        f"{', '.join(sorted(annotators))}): its win-rate says how well a policy learnt that rule, "
                        "not how good its answers are beyond it; a judge the labels did not come from (people: "

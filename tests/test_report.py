@@ -299,6 +299,27 @@ def test_a_scorer_that_ranked_the_labels_is_said_to_judge_the_rule_not_the_answe
     assert len(said) == 1 and said[0].startswith("scorer:support_style is the rule"), said
 
 
+def test_a_ppo_policy_is_traced_to_its_labels_through_its_reward_model_and_to_a_scorer_it_trained_on(tmp_path):
+    """A PPO policy's labels are its reward model's (two levels up, not one: it had no caution); one trained on
+    a scorer directly (ppo scorer=support_style) and judged by it was told nothing either: the judge is its reward."""
+    run = tmp_path / "run"
+    write(run, "preferences", {**EXPORT, "summary": {"annotators": {"sim-support-style-0": 40}}})
+    write(run, "reward", {**REWARD, "parents": {"preferences": {"path": str(run / "preferences"), "stage": "export"}}})
+    write(run, "ppo", {"stage": "ppo", "metrics": {"steps": 4}, "config": {"scorer": None},
+                       "parents": {"reward_model": {"path": str(run / "reward"), "stage": "reward"}}})
+    judged = {**EVAL, "parents": {"ppo": {"path": str(run / "ppo"), "stage": "ppo"}},
+              "policies": {"sft": {}, "ppo": {"scorer:support_style/win_rate": 0.8}}}
+    said = cautions("eval", judged, run / "eval")
+    assert len(said) == 1 and said[0].startswith("scorer:support_style is the rule the training labels"), said
+    (run / "ppo" / MANIFEST).write_text(json.dumps(
+        {"stage": "ppo", "metrics": {"steps": 4}, "config": {"scorer": "support_style"}, "parents": {}}))
+    said = cautions("eval", judged, run / "eval")
+    assert len(said) == 1 and said[0].startswith("scorer:support_style is the reward a policy here was trained on"), said
+    (run / "ppo" / MANIFEST).write_text(json.dumps(
+        {"stage": "ppo", "metrics": {"steps": 4}, "config": {"scorer": "support"}, "parents": {}}))
+    assert cautions("eval", judged, run / "eval") == []  # another scorer's reward: this judge is independent of it
+
+
 def test_one_annotators_agreement_and_unchecked_accuracy_are_not_read_as_measured(tmp_path):
     """With one annotator the export's mean_agreement is 1 and the reliability table's accuracy is the prior
     (nobody checked it): both read as "perfect" or "measured" without a word."""
