@@ -13,9 +13,11 @@ import functools
 import html
 import io
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -166,9 +168,9 @@ def _esc(value: Any) -> str:
 
 
 def _number(v: float) -> str:
-    """A logged float as a person reads it: a whole count (TRL logs num_tokens as 10700.0) in full, not 1.07e+04;
-    anything else to four significant digits."""
-    return f"{int(v):,}" if v.is_integer() and abs(v) >= 1e4 else f"{v:.4g}"
+    """A logged float as a person reads it: from 10,000 up to the unit, in full (TRL logs num_tokens as 10700.0; a
+    3.4-hour train_runtime), not 1.07e+04; anything else to four significant digits."""
+    return f"{v:,.0f}" if abs(v) >= 1e4 and math.isfinite(v) else f"{v:.4g}"  # 12,346 s, not 1.235e+04
 
 
 def _fmt(v: Any) -> str:
@@ -207,6 +209,91 @@ def _md_value(value: Any) -> str:
 def _md_marks(text: Any) -> str:
     """`text` as Markdown text: each Markdown mark escaped, its <, > and & as entities (_md)."""
     return _md(re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", str(text)))
+
+
+class _Markdown(HTMLParser):
+    """A section's HTML (the tables, notes and headings this module writes) as Markdown for report.md: every table
+    a Markdown table, each chart its alt text. Its text is unescaped by the parser and escaped again for Markdown
+    (_md): model text in a cell (an answer side by side, a probe's pair) stays text, never a link, image or HTML;
+    a `|` in it does not split the row, nor a newline end it."""
+
+    BLOCKS = {"p", "li", "h3", "div", "ul", "section", "details", "summary"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self.text: list[str] = []  # the block or cell being read
+        self.rows: list[list[str]] | None = None  # the table being read
+        self.prefix = ""
+
+    def _flush(self) -> None:
+        said = "".join(self.text).strip()
+        self.text = []
+        if said and self.rows is None:
+            self.lines += [f"{self.prefix}{said}", ""]
+        self.prefix = ""
+
+    def handle_starttag(self, tag, attrs):
+        if self.rows is not None:
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.text = []
+            elif tag == "br":
+                self.text.append("<br>")
+            elif tag == "b":
+                self.text.append("**")
+            return
+        if tag == "table":
+            self._flush()
+            self.rows = []
+        elif tag in self.BLOCKS:
+            self._flush()
+            self.prefix = {"li": "- ", "h3": "### "}.get(tag, "")
+        elif tag == "img":
+            alt = dict(attrs).get("alt")
+            if alt:
+                self._flush()
+                self.lines += [f"- figure: {_md(alt)}", ""]
+        elif tag == "b":
+            self.text.append("**")
+
+    def handle_endtag(self, tag):
+        if self.rows is not None:
+            if tag in ("td", "th") and self.rows:
+                self.rows[-1].append("".join(self.text).strip())
+                self.text = []
+            elif tag == "b":
+                self.text.append("**")
+            elif tag == "table":
+                rows, self.rows = [r for r in self.rows if r], None
+                if rows:
+                    width = max(len(r) for r in rows)
+                    rows = [r + [""] * (width - len(r)) for r in rows]
+                    self.lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * width,
+                                   *("| " + " | ".join(r) + " |" for r in rows[1:]), ""]
+            return
+        if tag in self.BLOCKS:
+            self._flush()
+        elif tag == "b":
+            self.text.append("**")
+
+    def handle_data(self, data):
+        said = _md(data)
+        if self.rows is not None:  # a cell: one line, its bars not the table's
+            said = said.replace("|", "\\|").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+        else:
+            said = re.sub(r"\s+", " ", said)
+        self.text.append(said.replace("$", "\\$"))  # GitHub reads $...$ as math: "$60 ... $5" in an answer was one
+
+
+def markdown_of(section_html: str) -> str:
+    """`section_html` (a SECTIONS function's) as Markdown (_Markdown)."""
+    parser = _Markdown()
+    parser.feed(section_html)
+    parser.close()
+    parser._flush()
+    return "\n".join(parser.lines)
 
 
 def _no_math(text: str) -> str:
@@ -295,8 +382,13 @@ def eval_section(folder: Path, manifest: dict[str, Any]) -> str:
         parts.append(f"<h3>Human arena (Bradley-Terry; {_esc(baseline)} = 1000; "
                      f"{_esc(verdicts(manifest['human']))})</h3><table><tr><th>policy</th><th>rating</th>"
                      f"<th>95% interval</th></tr>{rows}</table>")
-    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]] \
-        if (folder / "samples.jsonl").is_file() else []
+    samples = []
+    if (folder / "samples.jsonl").is_file():  # a line that cannot be read loses the answers only, not the figures
+        try:
+            samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()[:6]]
+            samples = [x for x in samples if isinstance(x, dict) and isinstance(x.get("prompt"), str)]
+        except ValueError as err:
+            parts.append(f"<p class='meta'>samples.jsonl cannot be read ({_esc(err)}): no answers shown.</p>")
     if samples:
         names = list(table)
         head = "".join(f"<th>{_esc(n)}</th>" for n in names)
@@ -901,12 +993,18 @@ def wandb_where(manifest: dict[str, Any], run_dir: Path) -> tuple[str, str]:
     if own.is_dir():  # this run's own, also where it was copied or moved since
         folder = own
     try:  # a link that works where the report is opened: relative to the run directory, which holds it
-        href = folder.resolve().relative_to(run_dir.resolve()).as_posix()
-    except ValueError:
-        href = folder.as_uri() if folder.is_absolute() else folder.as_posix()
+        href = quote(folder.resolve().relative_to(run_dir.resolve()).as_posix())
+    except ValueError:  # quoted: a relative folder is a path, never a scheme (a manifest's "javascript:..." ran)
+        href = folder.as_uri() if folder.is_absolute() else quote(folder.as_posix())
     sync = f"wandb sync {shell(str(folder))}"
     return (f" · W&amp;B run ({_esc(run.get('mode') or 'offline')}): <a href='{_esc(href)}'>{_esc(folder.name)}</a>, "
             f"uploaded by <code>{_esc(sync)}</code>", f"- W&B run (offline): {_md_code(sync)}")
+
+
+def metrics_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's metrics; {} for none or a field of another shape (a hand-edited `"metrics": null`)."""
+    m = manifest.get("metrics")
+    return m if isinstance(m, dict) else {}
 
 
 def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
@@ -923,12 +1021,12 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
     kind = stage if stage in SECTIONS else manifest.get("stage")
     try:
         extra = SECTIONS[kind](folder, manifest) if kind in SECTIONS else ""
-    except (KeyError, TypeError, ValueError, IndexError) as err:  # a manifest of another align version
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a manifest of another version
         extra = f"<p class='meta'>Its figures could not be drawn from its manifest ({_esc(repr(err))}).</p>"
     title = _esc(folder.name)  # a folder's name is a user's (align export output=...): text, never markup
     plan = f" · {_esc(manifest['device_plan'])}" if manifest.get("device_plan") else ""
     warning = manifest.get("reward_probe_warning")
-    metrics = "" if kind == "eval" else _metrics_table(manifest.get("metrics", {}))  # eval's table shows them all
+    metrics = "" if kind == "eval" else _metrics_table(metrics_of(manifest))  # eval's table shows them all
     if metrics and (imgs or extra):  # the figures above say it; every logged number a click away
         metrics = f"<details><summary>all metrics</summary>{metrics}</details>"
     wandb_html, wandb_md = wandb_where(manifest, folder.parent)
@@ -942,15 +1040,22 @@ def stage_section(stage: str, folder: Path) -> tuple[str, str] | None:
              f"<div class='plots'>{imgs}</div>" if imgs else "", extra, metrics, "</section>"]
     # its folder as a link beside report.md, as the page has it: the path it was built at (/home/me/runs/...)
     # named a folder on another machine once the run was copied or pushed, and GitHub linked nothing
-    md = [f"## {_md(folder.name)}", "", f"[{_md_marks(folder.name)}/]({quote(folder.name)}/)", "",
+    # with what the page has under its title: when, on which base, how (a run's setup explains its figures)
+    setup = " · ".join(_md(v) for v in (manifest.get("created"), manifest.get("base_model") and
+                                        f"base {manifest['base_model']}", manifest.get("device_plan")) if v)
+    md = [f"## {_md(folder.name)}", "", f"[{_md_marks(folder.name)}/]({quote(folder.name)}/)"
+          + (f" · {setup}" if setup else ""), "",
           *([wandb_md, ""] if wandb_md else []),
           *([_md(warning), ""] if warning else []),
           *([_md(unreadable), ""] if unreadable else [])]
     md += [f"- plot: {_md(said)}" for png, said in plots if png]
-    md += [f"- {_md(k)}: {_md_value(v)}" for k, v in (manifest.get("metrics") or {}).items()
-           if isinstance(v, (int, float, str))]
-    if kind == "eval":  # the board is no metric of an eval from before it logged one: said here as the page shows it
-        md += [f"- {_md(line)}" for line in human_lines(manifest)]
+    if extra:  # its tables (eval's win-rates, answers side by side, probes, annotators) as the page has them
+        md += ["", markdown_of(extra)]
+    if kind != "eval":  # every logged number, folded as on the page (GitHub opens a <details>); eval's are its table
+        listed = [f"- {_md(k)}: {_md_value(v)}" for k, v in metrics_of(manifest).items()
+                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+        md += ["", "<details><summary>all metrics</summary>", "", *listed, "", "</details>"] if listed and \
+            (any(png for png, _ in plots) or extra) else listed
     return "".join(parts), "\n".join(md) + "\n"
 
 
@@ -1100,11 +1205,12 @@ def write_report(run_dir: str | Path) -> Path:
             apart = judges_apart(run_dir, current[-1]) if top else None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a manifest of another shape
             apart = None
+        mds[1] = (f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}"
+                  + (f"\nround 0 (this folder):\n\n{mds[1]}" if top else "")  # (before `top` is the page's)
+                  + (f"\n{_md(apart)}\n" if apart else ""))
         top = (f"<p class='meta'>{_esc(current[-1].name)}, the last round:</p>{last_top}"
                + (f"<p class='meta'>round 0 (this folder):</p>{top}" if top else "")
                + (f"<div class='cautions'>{_esc(apart)}</div>" if apart else ""))
-        mds[1] = (f"{_md(current[-1].name)}, the last round:\n\n{_headline_md(current[-1])}\nround 0:\n\n{mds[1]}"
-                  + (f"\n{_md(apart)}\n" if apart else ""))
     if rounds:
         # the last round's verdict is the page's first: not said again here
         lead = current[-1] if last_top else None
@@ -1150,7 +1256,8 @@ def _trained_on(folder: Path, manifest: dict[str, Any], seen: set[Path], depth: 
     model's)."""
     annotators: set[str] = set()
     scorers: set[str] = set()
-    named = (manifest.get("summary") or {}).get("annotators")
+    summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+    named = summary.get("annotators") or summary.get("per_annotator")  # an older export's name for them
     annotators |= {a for a in named if isinstance(a, str)} if isinstance(named, dict) else set()
     scorer = (manifest.get("config") or {}).get("scorer")
     if manifest.get("stage") in stages_of_kind("policy") and isinstance(scorer, str) and scorer:

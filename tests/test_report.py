@@ -628,7 +628,10 @@ def test_a_human_only_eval_says_its_board(tmp_path):
                          "- dpo vs sft judged by people (blind A/B, "
                          "6 verdicts, 2 on earlier versions not counted): Bradley-Terry rating 1043 [990, 1100] against "
                          "sft's 1000\n")
-    assert f"\n- eval: {line}\n" in md and md.endswith(f"- dpo/length: 9.7\n- {line}\n")  # its section too
+    assert f"\n- eval: {line}\n" in md  # its section too, as the page has it: the board as a table
+    assert md.endswith("### Human arena (Bradley-Terry; sft = 1000; 6 verdicts, 2 on earlier versions not counted)\n\n"
+                       "| policy | rating | 95% interval |\n|---|---|---|\n| dpo | 1043 | [990, 1100] |\n"
+                       "| sft | 1000 | [1000, 1000] |\n\n")
     assert "<div class='headline'><ul><li><b>dpo</b> vs <b>sft</b> judged by people" in page
     assert "<h3>Human arena (Bradley-Terry; sft = 1000; 6 verdicts, 2 on earlier versions not counted)</h3>" in page
     waiting = {**human, "human": {"tasks_added": 6, "comparisons": 0, "stale_comparisons": 0}}  # none judged yet
@@ -816,7 +819,9 @@ def test_report_md_shows_names_as_text_never_as_html(tmp_path):
     write(run, f"x{folder}", {"stage": "merge", "metrics": {"k": bad}})
     write_report(run)
     md = (run / "report.md").read_text()
-    assert not re.search(r"<[A-Za-z/!?]", md), [line for line in md.splitlines() if re.search(r"<[A-Za-z/!?]", line)]
+    own = re.compile(r"</?(details|summary)>|<br>")  # the tags report.md writes itself (a fold; a line in a cell)
+    assert not re.search(r"<[A-Za-z/!?]", own.sub("", md)), [line for line in md.splitlines()
+                                                            if re.search(r"<[A-Za-z/!?]", own.sub("", line))]
     shown, folder = "&lt;script&gt;alert('x')&lt;/script&gt;&amp;", "&lt;img src=x onerror=alert(1)&gt;&amp;"
     assert f"# align run: run{folder}" in md and f"- {shown} is not distinguishable from sft judged by" in md
     assert f"- eval: {shown} was trained on 3 of the 48 eval prompts" in md and f"- preferences: {shown} disagrees" in md
@@ -854,9 +859,60 @@ def test_no_field_of_a_manifest_from_elsewhere_runs_loads_or_leaks_in_either_rep
     md = (run / "report.md").read_text()
     # no tag outside a code span (inside one, a viewer shows it as text) and no autolink but the W&B one
     text = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
+    text = re.sub(r"</?(details|summary)>|<br>", "", text)  # the tags report.md writes itself
     assert not re.search(r"<[A-Za-z/!?]", text), [line for line in text.splitlines() if re.search(r"<[A-Za-z/!?]", line)]
     assert "](http://127.0.0.1:9/md.png)" not in md and "]\\(http://127.0.0.1:9/md.png)" in md
     assert "``wandb sync " in md  # a fence longer than the folder's backticks
+
+
+def test_report_md_has_the_pages_tables_and_answers_with_model_text_kept_as_text(tmp_path):
+    """report.md listed eval's figures as raw fractions (`dpo/reward_model/win_rate_ci_low: 0.354`) and had none of
+    the page's tables: no win-rate table, no answers side by side (which a caution tells the reader to compare),
+    no probes, annotators or example pairs. They are there now, as Markdown tables; an answer is text in its cell
+    whatever it holds (a bar, a newline, an image, a formula, HTML)."""
+    run = tmp_path / "run"
+    write(run, "reward", REWARD)
+    write(run, "eval", {**EVAL, "policies": {"sft": {**EVAL["policies"]["sft"], "cut": 0.31},
+                                             "dpo": {**EVAL["policies"]["dpo"], "cut": 0.08}}})
+    answer = "a | b\n# not a heading\n![x](http://127.0.0.1:9/i.png) <script>alert(1)</script> costs $60 or $5 `x"
+    (run / "eval" / "samples.jsonl").write_text(json.dumps({"prompt": "Where is Sync?", "sft": "Here.", "dpo": answer}))
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "| figure | sft | dpo |\n|---|---|---|\n| reward_model/win_rate |  | **50.0%** [35.4%, 62.5%] · 24 won, 0 " \
+           "tied, 24 lost |" in md
+    assert "| answers cut at max_new_tokens (share) | 31% | 8% |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Where is Sync?"))
+    assert row == ("| Where is Sync? | Here. | a \\| b<br># not a heading<br>![x]\\(http://127.0.0.1:9/i.png) "
+                   "&lt;script&gt;alert(1)&lt;/script&gt; costs \\$60 or \\$5 `x |")
+    assert row.count(" | ") == 2  # three cells: the answer's bar does not split it
+    assert "Gate (PPO refuses above max_probe_flip_rate" in md and "| probe | edit of the rejected answer |" in md
+    assert "- figure: win-rate: Win-rate against sft over 48 prompts" in md
+    assert "<details><summary>all metrics</summary>\n\n- eval_accuracy: 0.7407\n" in md  # reward's, folded as on the page
+    assert "win_rate_ci_low" not in md
+    # a line of samples.jsonl that cannot be read loses the answers, not the win-rates
+    (run / "eval" / "samples.jsonl").write_text('{"prompt": "Where')
+    page = write_report(run).read_text()
+    assert "samples.jsonl cannot be read" in page and "<b>50.0%</b>" in page
+
+
+def test_a_wandb_folder_recorded_as_a_scheme_is_a_path_not_a_link_that_runs(tmp_path):
+    """A manifest's relative W&B folder went into the link as written: "javascript:alert(1)" was a link that ran."""
+    run = tmp_path / "run"
+    write(run, "sft", {**SFT, "wandb": {"mode": "offline", "folder": "javascript:alert(document.domain)"}})
+    page = write_report(run).read_text()
+    assert "href='javascript:" not in page and "href='javascript%3Aalert%28document.domain%29'" in page
+    write(run, "dpo", {**DPO, "metrics": None})  # a hand-edited manifest: its figures are missing, not the report
+    assert "<section id='dpo'>" in write_report(run).read_text()
+
+
+def test_round_0_without_an_eval_is_not_an_empty_label_in_report_md(tmp_path):
+    run = tmp_path / "run"
+    write(run, "sft", SFT)
+    write(run / "round-1", "eval", EVAL)
+    write_report(run / "round-1")
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "round-1, the last round:" in md and "round 0" not in md.split("## Stages at a glance")[0]
 
 
 def test_a_spoilt_field_or_log_line_costs_its_figure_not_the_report(tmp_path):
