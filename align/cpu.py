@@ -13,7 +13,10 @@ project is built on, embedded SmolLM2-135M, QLoRA SFT (benchmarks/README.md, ben
   in bf16 (2026-12-01, load average 1-6: no difference the noise lets one see). For exactness:
   the trainer updates the weights in their own dtype, and a bf16 weight drops an update smaller
   than ~1/256 of itself (PPO's lr 1e-5 on LoRA weights of ~1e-2); fp32 compute on fp32 weights is
-  also what the device plan promises. PPO calls it for its own adapters too.
+  also what the device plan promises. PPO calls it for its own adapters too, and SFT on every device since
+  2026-12-05 (a bf16 adapter under bf16 compute moved ~38 % of its weights over 20 AdamW steps at lr 5e-5, the
+  tail of a decaying schedule; under autocast peft's 4-bit LoRA layers keep their bf16 input, so fp32 weights
+  cost no activation memory).
 - `restore_policy_from_ref(policy)`: DPO and GRPO/RLOO copy the SFT adapter into a frozen "ref"
   adapter before TRL's bf16 cast reaches the trainable one, so the policy is restored from that
   exact fp32 copy: step 0 is then exactly the SFT policy (a rounded one would move the implicit

@@ -85,17 +85,17 @@ def test_adapter_loads_back_with_peft_and_generates(qlora_run):
     assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
 
 
-@pytest.mark.parametrize("compute, adapter", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
-def test_qlora_adapters_train_in_fp32_unless_compute_is_bf16(compute, adapter, tiny_model, sft_data, tmp_path,
-                                                             monkeypatch):
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_qlora_adapters_train_in_fp32_under_any_compute(compute, tiny_model, sft_data, tmp_path, monkeypatch):
     """As on a GPU (none of the CPU's own tweaks): TRL rounds a 4-bit model's adapter to bf16, the QLoRA paper's
-    choice under bf16 compute; under fp32 compute (a T4 or V100, whose hardware has no bf16) it stays fp32."""
+    recipe under bf16 compute, where AdamW drops the updates under ~1/256 of a weight (a decaying schedule's
+    tail); align's adapters train in fp32 under either compute, as its reward, DPO and PPO adapters do."""
     from align.recipes import sft
 
     monkeypatch.setattr(sft, "speed_up_cpu_training", lambda model: None)
     out = run_sft(tiny_model, sft_data, tmp_path, "model.quantize=true", f"model.compute_dtype={compute}",
                   "train.max_steps=1", "train.eval_steps=100")
-    assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {adapter}
+    assert {t.dtype for t in load_file(str(out / "adapter_model.safetensors")).values()} == {torch.float32}
 
 
 def test_lora_dora_rslora_switches(tiny_model, sft_data, tmp_path):
