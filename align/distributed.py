@@ -25,9 +25,15 @@ class Ranks:
         self.rank = process_rank()
         self.device = torch.device("cpu")
         if self.world > 1:
-            from accelerate import PartialState
+            import datetime
 
-            self.device = PartialState().device  # the process group, from the launcher's environment
+            from accelerate import PartialState
+            from transformers import TrainingArguments
+
+            # the process group, from the launcher's environment, with the Trainer stages' timeout: opened first
+            # here, NCCL's 10-minute default held for the whole stage, and rank 0 merging a large SFT adapter
+            # for the reward model (merged_once) outlasted it while the others waited at the barrier
+            self.device = PartialState(timeout=datetime.timedelta(seconds=TrainingArguments.ddp_timeout)).device
 
     def share(self, items: list) -> list:
         return items[self.rank::self.world]

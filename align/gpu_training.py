@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -114,6 +115,29 @@ def without_training_autocast(model) -> None:
     from accelerate.utils import extract_model_from_parallel
 
     extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
+@contextmanager
+def liger_confined(active: bool):
+    """Liger's kernels for this stage's training only. transformers applies them as training starts
+    (Trainer.train), to the model and to its architecture's module as well: Liger rebinds transformers' modeling
+    module's names (LlamaRMSNorm, LlamaMLP, apply_rotary_pos_emb), so in `align pipeline` every model loaded after
+    an SFT under liger=auto ran them too (PPO's loop, eval, a stage set to liger=false), its manifest saying
+    "liger off". Those names are put back as they were when training ends; the trained model keeps its own layers'
+    kernels (its RoPE is transformers' again: the same values)."""
+    if not active:
+        yield
+        return
+    modules = {name: module for name, module in list(sys.modules.items())
+               if name.startswith("transformers.models.") and module is not None}
+    kept = {name: dict(vars(module)) for name, module in modules.items()}
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            for key, value in kept[name].items():
+                if vars(module).get(key) is not value:
+                    setattr(module, key, value)
 
 
 def use_liger(setting: bool | str) -> bool:

@@ -28,7 +28,7 @@ from align import StageError
 from align.artifacts import begin_training
 from align.config import RunConfig, TrainConfig
 from align.evaluation import grouped_proportion_ci
-from align.gpu_training import use_liger
+from align.gpu_training import liger_confined, use_liger
 from align.modeling import DevicePlan
 from align.tracking import append_jsonl, read_jsonl, report_to, scalars
 
@@ -89,7 +89,21 @@ def trl_args(config_class: type[Args], train: TrainConfig, plan: DevicePlan, run
         # none); the default search for unused ones costs an extra graph pass per step.
         ddp_find_unused_parameters=False,
     )
-    return config_class(**{**shared, **stage_keys})
+    return one_gpu_a_process(config_class(**{**shared, **stage_keys}), plan)
+
+
+def one_gpu_a_process(args: Args, plan: DevicePlan) -> Args:
+    """`args` training on one GPU in this process. One process that sees several GPUs is told by transformers to
+    use them all (n_gpu = torch.cuda.device_count()): it multiplies the batch by that count, past the batch the
+    device plan sized memory for, and wraps an unquantized model in nn.DataParallel, whose replicas run the
+    instance forwards align and TRL patch in (DPO's unique rows, TRL's fused head) on cuda:0's module with another
+    GPU's inputs: DPO failed with "Expected all tensors to be on the same device". Several GPUs are `accelerate
+    launch`'s (docs/scaling.md), one process each."""
+    if plan.device == "cuda" and args.n_gpu > 1:  # n_gpu opens the device state (the Trainer would, at once)
+        log.info("%d GPUs visible to one process: training on cuda:0 alone (accelerate launch, one process a GPU, "
+                 "trains on them all: docs/scaling.md)", args.n_gpu)
+        args._n_gpu = 1  # what transformers sets itself under a launcher
+    return args
 
 
 def lr_schedule(train: TrainConfig) -> str:
@@ -285,7 +299,8 @@ def train_from(trainer: Any, checkpoint: str | None) -> Any:
     (its train_* figures, the best checkpoint loaded back when load_best_model_at_end)."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else {}
     if not 0 < trainer.args.max_steps <= state.get("global_step", 0):
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with liger_confined(getattr(trainer.args, "use_liger_kernel", False)):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
         refuse_lost_fp16_steps(trainer, result.global_step)
         return result
     if not callable(getattr(trainer, "_run_epoch", None)):  # another transformers: a step past max_steps, not silently
@@ -297,7 +312,8 @@ def train_from(trainer: Any, checkpoint: str | None) -> Any:
 
     trainer._run_epoch = no_steps_left  # this instance only, for this call
     try:
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        with liger_confined(getattr(trainer.args, "use_liger_kernel", False)):
+            return trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         del trainer._run_epoch
 

@@ -396,3 +396,28 @@ def test_each_process_takes_its_own_gpu_before_cuda_is_asked_anything(monkeypatc
     calls.clear()
     device_plan(ModelConfig(quantize=False))  # launched alone: the current device, untouched
     assert calls == [("bf16?",)]
+
+
+def test_one_process_that_sees_several_gpus_trains_on_one_at_the_batch_it_was_given(tmp_path):
+    """transformers gives one process every GPU it sees (n_gpu = device_count()): the batch times that count, past
+    what the device plan sized memory for, and an unquantized model in nn.DataParallel, whose replicas ran DPO's
+    patched forward on cuda:0's module (a device error). A stage's TrainingArguments train on one GPU."""
+    from functools import cached_property
+
+    from transformers import TrainingArguments
+
+    from align.config import RunConfig, TrainConfig
+    from align.training import trl_args
+
+    class SeesFour(TrainingArguments):  # as on a 4-GPU machine, one process, no launcher
+        @cached_property
+        def _setup_devices(self):
+            self._n_gpu = 4
+            return torch.device("cpu")
+
+    plan = DevicePlan("cuda", quantize=False, compute_dtype=torch.float32, gradient_checkpointing=False)
+    train = TrainConfig(batch_size=3)
+    args = trl_args(SeesFour, train, plan, RunConfig(dir=str(tmp_path), wandb="disabled"), "sft", tmp_path,
+                    has_eval=False)
+    assert args.n_gpu == 1 and args.train_batch_size == 3
+    assert SeesFour(output_dir=str(tmp_path), per_device_train_batch_size=3).train_batch_size == 12  # unguarded

@@ -398,6 +398,15 @@ from align.distributed import Ranks
 from align.modeling import DevicePlan
 from align.reward_model import merged_once
 
+opened = torch.distributed.init_process_group
+
+
+def init_process_group(*args, **kwargs):  # the group PPO opens waits as long as the Trainer stages' (30 min)
+    assert kwargs.get("timeout") is not None and kwargs["timeout"].total_seconds() == 1800, kwargs
+    return opened(*args, **kwargs)
+
+
+torch.distributed.init_process_group = init_process_group
 Ranks()  # align ppo opens accelerate's state so (no cpu=True) before it loads a reward model
 
 
@@ -415,7 +424,8 @@ with merged_once(merge, DevicePlan("cpu", False, torch.float32, False)) as folde
 @pytest.mark.distributed
 def test_the_merge_is_done_once_after_ppo_opened_the_process_group(tmp_path):
     """Opened without cpu=True on a machine without CUDA (as PPO's Ranks opens it), accelerate's state calls every
-    process process 0; the merge's ranks come from the process group, so one process merges."""
+    process process 0; the merge's ranks come from the process group, so one process merges. The group is opened
+    with the Trainer's 30-minute timeout, not NCCL's 10 minutes: the merge of a large model outlasted that."""
     script, merges = tmp_path / "merge.py", tmp_path / "merges.txt"
     script.write_text(MERGED_ONCE_AFTER_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",

@@ -367,6 +367,21 @@ def test_a_training_loss_gone_nan_is_refused_not_saved(tiny_model, tmp_path, mon
     assert not (tmp_path / "run" / "reward" / "adapter_model.safetensors").exists()
 
 
+def test_non_finite_weights_are_seen_in_a_zero3_shard():
+    """Under DeepSpeed ZeRO-3 a parameter's own tensor is an empty placeholder (finite whatever the weights are)
+    and its values are this process's `ds_tensor`: NaN weights there were saved as a finished reward model."""
+    from align import StageError
+    from align.recipes.reward import refuse_non_finite
+
+    model = torch.nn.Linear(2, 1)
+    model.weight.data = torch.empty(0)  # as ZeRO-3 partitions it
+    model.weight.ds_tensor = torch.tensor([0.5, float("nan")])
+    with pytest.raises(StageError, match=r"non-finite by step 3 \(weight holds NaN/inf\)"):
+        refuse_non_finite(model, 0.5, 3)
+    model.weight.ds_tensor = torch.tensor([0.5, 0.25])
+    refuse_non_finite(model, 0.5, 3)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_lora_dropout_is_applied_as_configured(tiny_model, tmp_path, monkeypatch, dropout):
     """TRL's RewardConfig turns every dropout off after peft wraps the model: lora.dropout=0.05 (the default then)

@@ -405,3 +405,30 @@ def test_a_constant_schedule_warms_up_when_a_warmup_is_asked_for(tmp_path):
     assert rates(["train.warmup_ratio=0"]) == [[1e-3] * 4] * 2
     # A warm-up shorter than a step is one step in both, as transformers rounds it up (ppo's rounded it away)
     assert rates(["train.warmup_ratio=0.05"]) == [[0.0, 1e-3, 1e-3, 1e-3]] * 2
+
+
+def test_liger_kernels_patched_into_transformers_modules_are_undone_when_training_ends(tmp_path):
+    """Liger rebinds the model's modeling module's names (LlamaRMSNorm, apply_rotary_pos_emb) as training starts:
+    in `align pipeline` every later model ran its kernels too, its manifest saying "liger off". train_from puts
+    them back when training ends (run here with a trainer whose train() patches as Liger does)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama import modeling_llama
+
+    from align.training import train_from
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+
+    def train(resume_from_checkpoint=None):
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: "liger's"
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (), {})
+        return SimpleNamespace(global_step=1)
+
+    for liger in (True, False):
+        trainer = SimpleNamespace(args=SimpleNamespace(max_steps=1, use_liger_kernel=liger), train=train)
+        try:
+            train_from(trainer, None)
+            undone = modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+        finally:
+            modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm = rope, norm
+        assert undone == liger  # without Liger nothing is touched (nor looked at)

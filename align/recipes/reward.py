@@ -206,11 +206,19 @@ def loss_columns(data: DatasetDict, cfg: RewardStageConfig, data_path: Path) -> 
     return data, weighting
 
 
+def own_shard(param: torch.Tensor) -> torch.Tensor:
+    """The values of `param` this process holds: DeepSpeed ZeRO-3's shard (its `.data` is an empty placeholder,
+    finite whatever the weights are), FSDP2's local one, else the whole parameter."""
+    if getattr(param, "ds_tensor", None) is not None:
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def refuse_non_finite(model, loss: float, step: int) -> None:
     """A StageError when training went NaN or infinite: saved, such a reward model scores every answer NaN,
     and PPO and eval would read that as a finished model (its manifest, rc 0)."""
     bad = next((name for name, p in model.named_parameters() if p.requires_grad
-                and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)  # FSDP2: own shard
+                and not torch.isfinite(own_shard(p)).all()), None)
     if math.isfinite(loss) and bad is None:
         return
     # transformers logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter), so
