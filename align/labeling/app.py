@@ -458,6 +458,9 @@ def stamped(n: int, touched: bool = False) -> str:
     return f"(...a) => [...a.slice(0, {n - 1}), window.alignStamp ? window.alignStamp() : '']"
 
 
+STAMP_CHARS = 64  # of a page's stamp read, and kept: "page id:submits sent" is ~25
+
+
 class PageSubmits:
     """The stamp (PAGE_JS alignStamp: "page id:submits sent") of the submit that saved each annotator's ranking of a
     task, the latest `size` kept: a draft of that task refused after it (submitted) was sent before it when it
@@ -468,9 +471,11 @@ class PageSubmits:
         self.size, self._stamps, self._lock = size, collections.OrderedDict(), threading.Lock()
 
     def sent(self, annotator_id: int, task_id: int, stamp: str | None) -> str | None:
-        """Record the stamp of a submit about to be made; the one it replaces is returned (for `put_back`)."""
+        """Record the stamp of a submit about to be made; the one it replaces is returned (for `put_back`). As much
+        of it as `_stamp` reads: a stamp padded to 900 kB kept that much per task (a few MB a minute, one account)."""
         if not _stamp(stamp):
             return None
+        stamp = stamp[:STAMP_CHARS]
         with self._lock:
             previous = self._stamps.get((annotator_id, task_id))
             self._stamps[annotator_id, task_id] = stamp
@@ -483,6 +488,7 @@ class PageSubmits:
         """Undo `sent` of `stamp` (the submit saved nothing of this page's: refused, failed, another tab's kept)."""
         if not _stamp(stamp):  # none was recorded (a request is untrusted: a stamp of null, of junk)
             return
+        stamp = stamp[:STAMP_CHARS]
         with self._lock:
             if self._stamps.get((annotator_id, task_id)) != stamp:
                 return
@@ -500,7 +506,7 @@ class PageSubmits:
 
 def _stamp(stamp: str | None) -> tuple[str, int] | None:
     """("page id", submits) from a page's stamp; None for none or a malformed one (a request is untrusted)."""
-    page, _, count = (stamp or "")[:64].partition(":")
+    page, _, count = (stamp if isinstance(stamp, str) else "")[:STAMP_CHARS].partition(":")
     return (page, int(count)) if page and count.isdigit() and len(count) <= 9 else None
 
 

@@ -150,7 +150,7 @@ def check_order(view: dict[str, Any], tag: str | None) -> None:
 # has (U+1F3F4, "gbeng", "gbsct" or "gbwls" in tags, U+E007F: 🏴 England, Scotland, Wales). Any other run of tags,
 # behind a black flag and a cancel tag or not, is drawn as nothing and may spell a hidden instruction.
 _INVISIBLE = {0x00, 0x0C, 0x2028, 0x2029, 0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F,
-              0x2065, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
+              0x2065, 0x3164, 0xFFA0, 0xFFFC, *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000)}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # What _visible looks at: all but the ASCII a page draws as it is (the controls it draws as nothing: NUL, FORM FEED)
 _SCANNED = re.compile(r"[^\x01-\x0b\x0d-\x7f]+")
@@ -357,6 +357,33 @@ def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
     return _SCANNED.sub(mark, escaped), hidden, cut  # ASCII (all of most text) is neither hidden nor a mark
 
 
+# Blank lines shown in a row at most; a longer run is one marker line. 250 line breaks put a reply's last line (a
+# "P.S. reply with your password") 5,000 px below a start that looked like another reply's, nothing saying more
+# followed: the annotator ranked what they saw.
+MAX_BLANK_LINES = 2
+
+
+def _blank_runs_folded(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str | None, Any]], int]:
+    """(line, its line break) pairs with each run of more than MAX_BLANK_LINES blank lines (spaces at most) as one
+    (None, how many); and how many blank lines were folded."""
+    out: list[tuple[str | None, Any]] = []
+    run: list[tuple[str, str]] = []
+    folded = 0
+    for line, end in [*pairs, (None, "")]:
+        if line is not None and not line.strip() and end:  # blank, or any space (the last line, no break, is not)
+            run.append((line, end))
+            continue
+        if len(run) > MAX_BLANK_LINES:
+            out.append((None, len(run)))
+            folded += len(run)
+        else:
+            out += run
+        run = []
+        if line is not None:
+            out.append((line, end))
+    return out, folded
+
+
 def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> str:
     """Model text as inert HTML for the page: every character escaped, so a `<form>`, an image or a
     script shows as the characters it is made of and nothing runs or loads; line breaks are kept by
@@ -373,7 +400,11 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     which the note says, so the annotator ranks it as unfinished (guidelines.md)."""
     direction, lines = _direction(text[:limit]), _LINE_BREAK.split(text[:limit])
     body, hidden, cut, turned = [], 0, 0, 0
-    for line, end in zip(lines[::2], [*lines[1::2], ""], strict=True):
+    pairs, folded = _blank_runs_folded(list(zip(lines[::2], [*lines[1::2], ""], strict=True)))
+    for line, end in pairs:
+        if line is None:  # a run of blank lines, folded
+            body.append(f'<span class="align-hidden">⟨{end:,} blank lines⟩</span>\n')
+            continue
         line_direction = _direction(line, direction)
         drawn, line_hidden, line_cut = _visible(html.escape(line), rtl=line_direction == "rtl")
         hidden, cut = hidden + line_hidden, cut + line_cut
@@ -383,7 +414,9 @@ def text_html(text: str, limit: int = SHOWN_CHARS, *, cut_off: bool = False) -> 
     warnings = ([f'holds {hidden:,} hidden or direction character{"s" * (hidden != 1)}, shown as ⟨U+…⟩'] * bool(hidden)
                 + [f"{cut:,} combining marks past {MAX_MARKS} on one character are not shown"] * bool(cut)
                 + [f"numbers beside Hebrew or Arabic text in {turned:,} line{'s' * (turned != 1)} may be drawn in another "
-                   "order than they are written (1 - 14 drawn as 14 - 1)"] * bool(turned))
+                   "order than they are written (1 - 14 drawn as 14 - 1)"] * bool(turned)
+                + [f"{folded:,} blank lines in runs of more than {MAX_BLANK_LINES} are folded into ⟨N blank lines⟩: read "
+                   "on past them"] * bool(folded))
     shown = f'<p class="align-warn">⚠️ {"; ".join(warnings)}</p>' if warnings else ""
     # An empty or blank reply (a policy that ended its turn at once) drew an empty card, read as a page that
     # failed to load: said in words, after what is stored (its spaces and line breaks, escaped like the rest).

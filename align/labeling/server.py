@@ -80,6 +80,7 @@ FORM_BODY = 1 << 16  # bytes: a sign-in form (a name of at most store.NAME_CHARS
 # The routes that take a page's session hash and read or drive its Gradio state: a hash's owner is checked and
 # recorded on these only (any other URL may carry a session_hash parameter; Gradio ignores it there).
 PAGE_STATE = re.compile(r"/gradio_api/(queue/(join|data)|cancel|heartbeat/[^/]+)")
+SESSION_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what one may be: Gradio's page makes 11 of [a-z0-9]
 # Page-session hashes remembered per account (one per page load); past it an account forgets its own oldest,
 # never another account's (a global list, oldest dropped first, let one account flush out everyone's).
 HASHES_PER_ACCOUNT = 2_000
@@ -422,6 +423,9 @@ class RequireSession:
         if route is None or not route.fullmatch(path):
             return JSONResponse({"detail": "not found"}, status_code=404)
         query = HTTPConnection(scope).query_params
+        if "deep_link" in query:  # Gradio draws the page from <its temp folder>/deep_links/<name>/state.json, a
+            # folder every Gradio process on the machine shares: a file planted there ran its script in the page
+            return JSONResponse({"detail": "deep links are not served here"}, status_code=400)
         claimed: list[Any] = query.getlist("session_hash") if PAGE_STATE.fullmatch(path) else []
         if path.startswith("/gradio_api/heartbeat/"):
             claimed.append(path.rsplit("/", 1)[1])
@@ -438,6 +442,13 @@ class RequireSession:
                 return JSONResponse({"detail": "the request body is not JSON"}, status_code=400)
             if isinstance(payload, dict):
                 claimed.append(payload.get("session_hash"))
+        # Each page-state request names its page: Gradio's own hashes are short words. An empty one ("") was let
+        # through uncounted and unowned, and Gradio filed its event under another key than its messages: its first
+        # queue-estimate broadcast raised and stopped the queue for every account (12 joins by one annotator).
+        if PAGE_STATE.fullmatch(path) and not (claimed and all(
+                isinstance(h, str) and SESSION_HASH.fullmatch(h) for h in claimed)):
+            return JSONResponse({"detail": "a page-state request names its page's session_hash (letters, digits, "
+                                           "_ and -, at most 64)"}, status_code=400)
         if any(self._owned_by_another(h, session["annotator_id"]) for h in claimed):
             name = session["name"]  # the page's own account is not known here: its session's owner id only
             return JSONResponse({"detail": f"this page was opened by another account; you are signed in as {name}: "

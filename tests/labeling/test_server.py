@@ -99,6 +99,43 @@ def test_no_account_can_push_another_accounts_session_hash_out(store, monkeypatc
         assert call(alice, "bobs-page-0").status_code == 200  # bob's oldest, forgotten by bob's own newer ones
 
 
+def test_a_page_state_request_without_a_session_hash_is_refused_and_the_queue_keeps_running(store):
+    """A join naming the session hash "" was let through uncounted and unowned; Gradio filed its event under a
+    fresh key while its messages waited under "", and its first queue broadcast raised: the queue stopped for
+    every account ("Queue is stopped.") after 12 such joins by one annotator. Each page-state request names a
+    hash of the page's kind now (a null, a number, "", one too long or of other characters: 400)."""
+    with served(store) as url:
+        alice, bob = signed_in(url, "alice"), signed_in(url, "bob")
+        index = fn_index(alice, "do_refresh")
+        for hash_ in ("", None, 7, "a" * 65, "x y", "../x", ["a"]):
+            body = {"data": [], "fn_index": index, "session_hash": hash_, "event_data": None, "trigger_id": None}
+            for _ in range(2 if hash_ == "" else 1):
+                answer = alice.post("/gradio_api/queue/join", json=body)
+                assert answer.status_code == 400 and "session_hash" in answer.text, (hash_, answer.text)
+            assert alice.post("/gradio_api/cancel", json={"event_id": "e", "session_hash": hash_}).status_code == 400
+        answer = alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": index})  # none at all
+        assert answer.status_code == 400
+        assert alice.get("/gradio_api/queue/data").status_code == 400
+        assert alice.get("/gradio_api/queue/data", params={"session_hash": ""}).status_code == 400
+        for _ in range(12):
+            alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": index, "session_hash": "",
+                                                      "event_data": None, "trigger_id": None})
+        assert call(bob, "bobs-page").status_code == 200  # the queue runs on, for every account
+        assert call(alice, "alices-page").status_code == 200
+
+
+def test_a_deep_link_is_never_served(store, tmp_path):
+    """Gradio draws a page from <its temp folder>/deep_links/<name>/state.json when the URL asks for it, a folder
+    every Gradio process on the machine shares: a file planted there replaced the page and its script ran, as
+    the annotator who opened the link. Any request naming a deep link is refused."""
+    with served(store) as url:
+        alice = signed_in(url, "alice")
+        for path in ("/", "/config", "/gradio_api/info"):
+            answer = alice.get(path, params={"deep_link": "planted"})
+            assert answer.status_code == 400 and "deep link" in answer.text, path
+        assert alice.get("/config").status_code == 200
+
+
 def test_one_account_flooding_the_queue_is_refused_not_everyone_else(store, monkeypatch):
     """Gradio's queue is one line for every account, with no limit: 1,500 joins from one signed-in annotator in 7 s
     held another annotator's submit for 53 s. Now an account with MAX_PENDING calls queued or running is refused
@@ -742,3 +779,10 @@ def test_a_submit_that_saved_nothing_of_its_page_gives_the_stamp_before_it_back(
     submits.put_back(1, 9, None, None)  # a stamp of null (a forged call) recorded nothing: nothing to put back
     submits.put_back(1, 9, "junk", None)
     assert submits.sent_before(1, 7, "p1:0")
+    # what is kept of a stamp is what is read of it: one padded to 900 kB kept that much a task, 10,000 tasks kept
+    padded = "p" * 54 + ":" + "1" * 9 + "x" * 900_000
+    submits.sent(1, 10, padded)
+    assert max(len(stamp) for stamp in submits._stamps.values()) == 64
+    assert submits.sent_before(1, 10, "p" * 54 + ":0")
+    submits.put_back(1, 10, padded, None)  # the same stamp, as the failed submit has it: put back
+    assert not submits.sent_before(1, 10, "p" * 54 + ":0")

@@ -1169,6 +1169,21 @@ def test_model_text_becomes_inert_html_cut_at_the_limit():
     assert len(huge) < handlers.SHOWN_CHARS + 200 and "980,000 more characters are not shown" in huge
 
 
+def test_a_long_run_of_blank_lines_is_folded_into_a_marker_so_the_text_after_it_is_in_view():
+    """250 line breaks put a reply's last line ("P.S. reply with your password") 5,000 px below a start that looked
+    like another reply's, nothing saying more followed. A run of more than two blank lines (any spaces in them) is
+    one marker line, and the warning says so; two stay as they are."""
+    good = "We refund within 14 days."
+    shown = handlers.text_html(good + "\n" + "\n \u00a0\u3000" * 250 + "\nP.S. reply with your password.")
+    assert shown.count("\n") <= 3 and "P.S. reply with your password." in shown
+    assert '<span class="align-hidden">⟨251 blank lines⟩</span>' in shown  # the empty one and 250 of spaces
+    assert "251 blank lines in runs of more than 2 are folded" in shown.split("</p>")[0]
+    two = handlers.text_html("a\n\n\nb")  # a paragraph break and one blank line more: as written
+    assert "align-warn" not in two and "a\n\n\nb" in two
+    assert "⟨3 blank lines⟩" in handlers.text_html("a\n\n\n\nb")
+    assert "⟨3 blank lines⟩" in handlers.text_html("a\r\n\r\n\r\n\r\nb")
+
+
 def test_hidden_and_direction_characters_become_markers_and_are_counted():
     shown = handlers.text_html("Yes, we \u202esyad 41 nihtiw dnufer ton od\u202c.")
     assert "\u202e" not in shown and "\u202c" not in shown
@@ -1176,7 +1191,7 @@ def test_hidden_and_direction_characters_become_markers_and_are_counted():
             '<span class="align-hidden">⟨U+202C⟩</span>.') in shown
     assert shown.startswith('<p class="align-warn">⚠️ holds 2 hidden or direction characters')
     for char in ("\u2066", "\u2069", "\u200e", "\u200f", "\u061c", "\u200b", "\u2060", "\u2062", "\ufff9",
-                 "\ufeff", "\U000e0000", "\U000e0041", "\U000e007f", "\u3164", "\U000e0100"):
+                 "\ufeff", "\U000e0000", "\U000e0041", "\U000e007f", "\u3164", "\U000e0100", "\ufffc"):
         assert f"⟨U+{ord(char):04X}⟩" in handlers.text_html(f"a{char}b") and char not in handlers.text_html(f"a{char}b")
     # ZWNJ and ZWJ outside a word or an emoji sequence; tags outside a well-formed flag sequence.
     for text, char in [("a \u200c b", "\u200c"), ("\u200dsyad", "\u200d"), ("🙂\u200d.", "\u200d"),
