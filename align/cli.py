@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if arg in ("--config", "-c") or arg.startswith("--config="):
             if arg.startswith("--config="):
                 given, i = arg.split("=", 1)[1], i + 1
+                if not given.strip():  # `--config=` read as the folder "." ("a folder, not a config file")
+                    print("align: --config needs a file", file=sys.stderr)
+                    return 2
             elif i + 1 >= len(rest):
                 print("align: --config needs a file", file=sys.stderr)
                 return 2
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(stage, cfg)  # `align ppo algo=grpo` runs the grpo stage's recipe
     except (ConfigError, DataError) as err:
         fail_wandb(2)  # a stage's run (opened before the error) is closed as failed, not left to close as finished
-        print(f"align {stage}: error: {err}", file=sys.stderr)
+        print(f"align {stage}: error: {err}{another_commands_config(config_path, stage, err)}", file=sys.stderr)
         return 2
     except StageError as err:
         fail_wandb(1)
@@ -300,6 +304,24 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def another_commands_config(path: str | None, stage: str, err: Exception) -> str:
+    """A hint when `path`, refused for an unknown top-level key, is another command's config: `align sft --config
+    pipeline.yaml` said only "unknown key 'stages'", naming neither the file nor what it is for."""
+    if not path or not re.match(r"unknown key '[^.']+';", str(err)):
+        return ""
+    try:
+        import yaml
+
+        keys = set(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    except Exception:  # noqa: BLE001 - a hint only: the error above stands as it is
+        return ""
+    from align import config as config_module
+
+    fits = [spec.command for spec in STAGES.values() if spec.config and spec.name != stage and not spec.runs_as
+            and keys <= {f.name for f in dataclasses.fields(getattr(config_module, spec.config))}]
+    return f" ({path} is a config of {' or '.join(fits)}: give align {stage} its own)" if fits else ""
 
 
 OPTIONS = ("--config", "--help")

@@ -410,6 +410,12 @@ class RewardStageConfig:
     heads: int = bounded(0, ge=2, special=(0,))
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self, prefix: str = "") -> None:
+        if self.sft and not self.from_sft:  # read by nothing: the run trained on the raw base without a word
+            raise ConfigError(f"{prefix}sft={self.sft} is read only with {prefix}from_sft=true (the reward model "
+                              f"starts from that SFT model); {prefix}from_sft=false starts it from the base, "
+                              f"{prefix}model.name")
+
 
 # Losses that read label_smoothing in TRL 1.16 (the flip probability / EXO's epsilon).
 SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -767,8 +773,14 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a YAML config is UTF-8 "
-                              f"(convert it: iconv -f latin1 -t utf-8 {path})") from None
+            start = path.read_bytes()[:4]
+            # by its byte-order mark (Windows' "Unicode" text is UTF-16): latin1 was the wrong conversion for it
+            wide = "utf-32" if start in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else \
+                "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else None
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}"
+                              + (f": it is {wide.upper()}, by its byte-order mark" if wide else "")
+                              + f"); a YAML config is UTF-8 (convert it: iconv -f {wide or 'latin1'} -t utf-8 {path})"
+                              ) from None
         except OSError as err:  # no permission to read it, an I/O error
             raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
         if not isinstance(raw, dict):
@@ -964,6 +976,7 @@ def _build(cls: type, raw: Any, prefix: str, base: Any = None):
         raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    _no_space_after_colon(where, raw)
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(
@@ -1035,11 +1048,33 @@ def _default(cls: type, name: str) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
+def _no_space_after_colon(where: str, mapping: dict) -> None:
+    """A ConfigError for a key that YAML read with its value in it: `{sft:/p/sft}` is the key "sft:/p/sft" with no
+    value (a flow mapping's key needs a space after its colon), which was refused as a wrong type ("expected mapping
+    of str to str or null") or an unknown key ('train.lr:1e-4')."""
+    for k, v in mapping.items():
+        if v is None and isinstance(k, str) and re.fullmatch(r"[^\s:]+:\S.*", k):
+            name, _, rest = k.partition(":")
+            raise ConfigError(f"{where}: {k!r} is read as one key with no value: in YAML a key needs a space after "
+                              f"its colon ({{{name}: {rest}}}, not {{{k}}})")
+
+
+def _yaml_reading(value: Any) -> str:
+    """Why YAML gave `value` where text or a number was wanted, for the error: its null and boolean words."""
+    if value is None:
+        return "; YAML reads ~, null and a key with nothing after it as null: give a value, quoted ('~') where that text is meant"
+    if isinstance(value, bool):
+        return "; YAML reads yes/no, on/off and true/false as booleans: quote it ('no')"
+    return ""
+
+
 def _check(key: str, value: Any, kind: Any) -> Any:
     """Return `value` if it fits `kind` (int widened to float), else raise a ConfigError."""
     if isinstance(value, _YAML11Int):
         raise ConfigError(f"{key}: {value.text} is {value.form()} in YAML 1.1, read as {value.value}; write the number "
                           f"in plain decimal ({value.value} if that is meant), or quote it where text is meant")
+    if isinstance(value, dict):
+        _no_space_after_colon(key, value)
     origin = get_origin(kind)
     if origin in (Union, types.UnionType):
         for option in get_args(kind):
@@ -1082,7 +1117,8 @@ def _check(key: str, value: Any, kind: Any) -> Any:
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})"
+                          + _yaml_reading(value))
     if kind is int and abs(value) > INT_LIMIT:  # a count, a step, a seed: one past it crashed training (islice)
         raise ConfigError(f"{key}: {value} is too large (at most {INT_LIMIT:,} in magnitude)")
     return value

@@ -408,14 +408,16 @@ def check_prompt(prompt: list[dict[str, str]], where: str, key: str) -> list[dic
     return prompt
 
 
-def to_prompt_completion(record: Any, fmt: str, where: str) -> tuple[list[dict], list[dict]]:
-    """One record → (prompt messages, completion messages), or a DataError naming the problem."""
+def to_prompt_completion(record: Any, fmt: str, where: str, *, prompt_only: bool = False
+                         ) -> tuple[list[dict], list[dict]]:
+    """One record → (prompt messages, completion messages), or a DataError naming the problem. `prompt_only`: the
+    prompt is what is read (a prompts file): an alpaca record needs no `output` then (its completion is empty)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {json_kind(record)}")
     if fmt == "alpaca":
         instruction = _text(record, "instruction", where)
         extra = _text(record, "input", where, required=False)
-        output = _text(record, "output", where)
+        output = _text(record, "output", where, required=not prompt_only)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         prompt = [*_history(record, where), {"role": "user", "content": user}]
         return _with_system_field(record, prompt, where, "instruction"), [{"role": "assistant", "content": output}]
@@ -692,7 +694,7 @@ def load_prompts(path: str | Path) -> list[str]:
                 except DataError:
                     raise DataError(f"{where}: cannot tell the prompt (keys: {', '.join(sorted(record)) or 'none'}); "
                                     f"a prompts file holds {PROMPT_RECORDS}") from None
-            prompt, _ = to_prompt_completion(record, fmt, where)
+            prompt, _ = to_prompt_completion(record, fmt, where, prompt_only=True)  # {"instruction": ...} alone
         user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
         if user is None:
             raise DataError(f"{where}: no user message to use as the prompt")

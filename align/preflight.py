@@ -866,10 +866,23 @@ def check_target_modules(key: str, targets: list[str] | str, model: str) -> None
             raise ConfigError(f"{key}: {targets!r} is neither all-linear nor a valid regex ({err})") from None
     else:
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        import torch
+    import torch
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+    if not missing:  # named, and of a kind LoRA adapts: peft refused an RMSNorm after the model had loaded
+        from transformers.pytorch_utils import Conv1D
+
+        kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D,
+                 torch.nn.MultiheadAttention)
+        matched = [(n, m) for n, m in built.named_modules() if n and (
+            re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
+        wrong = next(((n, m) for n, m in matched if not isinstance(m, kinds)), None)
+        if wrong:
+            raise ConfigError(f"{key}: {wrong[0]} is a {type(wrong[1]).__name__}, which LoRA cannot adapt (linear, "
+                              f"embedding and convolution layers only); the linear layers of {model} are "
+                              f"{', '.join(linear)} (or use all-linear)")
+        return
+    if missing:
         plain = [t.strip() for t in targets.split(",") if t.strip()] \
             if isinstance(targets, str) and re.fullmatch(r"[\w.,\s]+", targets) else []
         if plain and all(any(n == t or n.endswith("." + t) for n in names) for t in plain):
@@ -1057,7 +1070,15 @@ def deepspeed_zero_stage() -> int | None:
 
 
 def _launcher(p: str, cfg) -> None:
-    """What the launch (accelerate launch's environment) cannot do with this stage's settings."""
+    """What the launch (accelerate launch's environment) or this machine cannot do with this training stage's
+    settings."""
+    attn = (cfg.model.attn_implementation or "").removeprefix("paged|")
+    if attn == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():  # it ran the forward, and failed in the first backward (46 s in)
+            raise ConfigError(f"{p}model.attn_implementation=flex_attention trains on a GPU only (torch's FlexAttention "
+                              "has no backward on CPU) and this machine has none; leave it unset (sdpa)")
     sharding = [kind for kind in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     if getattr(cfg, "algo", None) == "ppo" and sharding:
         # Its own loop, not a Trainer: nothing would hand the model to FSDP or DeepSpeed, and every process would

@@ -59,6 +59,9 @@ def d(tmp_path_factory, tiny_model) -> Path:
 
     d = tmp_path_factory.mktemp("inputs")
     jsonl(d / "good.jsonl", [GOOD] * 12)
+    (d / "utf16.yaml").write_text("train:\n  lr: 1.0e-4\n", encoding="utf-16")  # with its byte-order mark
+    (d / "dpo_config.yaml").write_text("beta: 0.1\nloss: sigmoid\n")  # align dpo's keys
+    jsonl(d / "prompts_alpaca.jsonl", [{"instruction": "How do I sync?"}, {"instruction": "Export", "input": "as PDF"}])
     (d / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" +  # "café" in Latin-1: byte 0xe9
                                      json.dumps({**GOOD, "output": "Merci, caf\u00e9"}, ensure_ascii=False)
                                      .encode("latin-1") + b"\n")
@@ -274,6 +277,24 @@ CASES = [
     ("lora targets empty", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[]", 2,
      ["lora.target_modules: empty, so LoRA would adapt nothing"]),
     ("config not UTF-8", f"sft --config {{d}}/latin1.jsonl {M}", 2, ["latin1.jsonl: not UTF-8 text (byte"]),
+    ("config in UTF-16", f"sft --config {{d}}/utf16.yaml {M}", 2,
+     ["utf16.yaml: not UTF-8 text (byte 0: it is UTF-16, by its byte-order mark)", "iconv -f utf-16 -t utf-8"]),
+    ("another command's config", f"sft --config {{d}}/dpo_config.yaml {M}", 2,
+     ["unknown key 'beta'", "dpo_config.yaml is a config of align dpo: give align sft its own)"]),
+    ("--config= and no file", f"sft --config= {M}", 2, ["align: --config needs a file"]),
+    ("a flow mapping's key without a space", "eval 'policies={{sft:{d}/adapter}}' prompts={d}/prompts.jsonl", 2,
+     ["policies: 'sft:{d}/adapter' is read as one key with no value: in YAML a key needs a space after its colon "
+      "({{sft: {d}/adapter}}, not {{sft:{d}/adapter}})"]),
+    ("... a section's", f"sft {M} data.path={{d}}/good.jsonl 'train={{{{lr:1e-4}}}}'", 2,
+     ["train: 'lr:1e-4' is read as one key with no value"]),
+    ("a null where text is wanted", f"sft {M} data.path={{d}}/good.jsonl model.name=~", 2,
+     ["model.name: expected str, got None (NoneType); YAML reads ~, null and a key with nothing after it as null"]),
+    ("a LoRA target LoRA cannot adapt", f"sft {M} data.path={{d}}/good.jsonl lora.target_modules=[norm]", 2,
+     ["lora.target_modules: model.norm is a LlamaRMSNorm, which LoRA cannot adapt", "q_proj"]),
+    ("flex attention trained on a CPU", f"sft {M} data.path={{d}}/good.jsonl model.attn_implementation=flex_attention",
+     2, ["model.attn_implementation=flex_attention trains on a GPU only"]),
+    ("reward's sft unread", "reward from_sft=false sft={d}/adapter data.path={d}/prefs.jsonl", 2,
+     ["sft={d}/adapter is read only with from_sft=true"]),
     ("model.name an adapter", "sft model.name={d}/adapter data.path={d}/good.jsonl", 2, ["it is a LoRA adapter folder"]),
     ("truncated adapter to dpo", "dpo sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
      ["sft: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),
@@ -488,7 +509,7 @@ def test_the_good_inputs_beside_them_pass(d, tiny_model, tmp_path, no_model_load
     good = {
         "sft": (C.SFTStageConfig, [f"model.name={tiny_model}", f"data.path={d / 'good.jsonl'}",
                                    "lora.target_modules=[q_proj, self_attn.v_proj]"]),
-        "sample": (C.SampleStageConfig, [f"policy={d / 'adapter'}", f"prompts={d / 'prompts.jsonl'}"]),
+        "sample": (C.SampleStageConfig, [f"policy={d / 'adapter'}", f"prompts={d / 'prompts_alpaca.jsonl'}"]),
         "dpo": (C.DPOStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}"]),
         "reward": (C.RewardStageConfig, [f"sft={d / 'adapter'}", f"data.path={d / 'prefs.jsonl'}",
                                          "lora.target_modules=[q_proj]"]),
