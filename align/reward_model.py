@@ -480,8 +480,17 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
     texts = [r["rejected"][-1]["content"] for r in rows]
     prompts = [r["prompt"][-1]["content"] for r in rows]
     if scorer is not None:
-        s_chosen = [float(scorer(p, r["chosen"][-1]["content"])) for p, r in zip(prompts, rows, strict=True)]
-        s_rejected = [float(scorer(p, t)) for p, t in zip(prompts, texts, strict=True)]
+        # Every score the scorer gives, the edited answers' too, before the reward model scores any edit: a scorer
+        # that returns no number (or NaN) is a StageError naming the pair, not float()'s traceback minutes in.
+        from align.rl import scorer_scores
+
+        def by_scorer(answers: list[str]) -> list[float]:
+            return scorer_scores(scorer, scorer_name or getattr(scorer, "__name__", "scorer"), prompts, answers,
+                                 what="held-out pair", finite=True)
+
+        s_chosen = by_scorer([r["chosen"][-1]["content"] for r in rows])
+        s_rejected = by_scorer(texts)
+        s_edited = {key: by_scorer([edit(t) for t in texts]) for key, (*_, edit) in EDITS.items()}
     right = [i for i in range(n) if gaps[i] > 0]
     spread = _mean([abs(g) for g in gaps]) or None
     edits = []
@@ -495,7 +504,7 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
                "flips": len(flips), "of": len(right), "flip_rate": len(flips) / len(right) if right else None,
                "mean_gain": gain, "gain_vs_gap": gain / spread if spread and gain is not None else None}
         if scorer is not None:
-            s_new = [float(scorer(p, e)) for p, e in zip(prompts, edited, strict=True)]
+            s_new = s_edited[key]
             ordered = [i for i in range(n) if s_chosen[i] > s_rejected[i]]
             # A flip is supported (the labels could have taught it) only where the scorer orders the pair as
             # labelled and the phrase lifts the worse answer over the better by the scorer too. On a pair it

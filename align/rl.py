@@ -95,7 +95,7 @@ def make_reward(cfg: PPOStageConfig, policy=None, sft: Path | None = None) -> tu
     `sft` adapter for rl.reward_on_policy_base (its base is cfg.model.name)."""
     if cfg.scorer:
         fn = resolve_scorer(cfg.scorer)
-        return (lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}, None
+        return (lambda prompts, responses: scorer_scores(fn, cfg.scorer, prompts, responses)), {}, None
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
     figures = gate(rm, cfg.min_reward_accuracy, cfg.max_probe_flip_rate)
     if cfg.rl.reward_on_policy_base:
@@ -119,6 +119,20 @@ def resolve_scorer(spec: str) -> Callable[[str, str], float]:
         return labeling_resolve(spec)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def scorer_scores(fn: Callable[[str, str], float], spec: str, prompts: list[str], responses: list[str], *,
+                  what: str = "prompt", finite: bool = False) -> list[float]:
+    """`fn(prompt, response)` for each pair as floats (align.labeling.scorers.score_all); a scorer that raises or
+    returns no number (None, text, a list) is a StageError naming `spec`, what it gave and the `what` (prompt 3,
+    from 1) with its prompt, rather than float()'s traceback. Non-finite numbers pass unless `finite`: eval and PPO
+    refuse them naming the policy or step (the reward model's too)."""
+    from align.labeling.scorers import ScorerError, score_all
+
+    try:
+        return score_all(fn, spec, prompts, responses, what=what, finite=finite)
+    except ScorerError as err:
+        raise StageError(str(err)) from err
 
 
 # ---------------------------------------------------------------------------- masked statistics

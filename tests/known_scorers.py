@@ -23,3 +23,23 @@ def nan_when_empty(prompt: str, response: str) -> float:
 def asks_for_password(prompt: str, response: str) -> bool:
     """A flagger (simulated annotators' --simulate-unsafe): True for a reply that mentions a password at all."""
     return "password" in response.lower()
+
+
+def returns_none(prompt: str, response: str) -> None:
+    """A broken scorer: forgot its `return` (the bug a user's own scorer shows first)."""
+    score = float(len(response))  # noqa: F841
+
+
+def returns_text(prompt: str, response: str) -> str:
+    """A broken scorer: a label, not a number."""
+    return "good" if response else "bad"
+
+
+def returns_list(prompt: str, response: str) -> list[float]:
+    """A broken scorer: a score per word, not one number."""
+    return [float(len(w)) for w in response.split()]
+
+
+def parses_the_reply(prompt: str, response: str) -> float:
+    """A broken scorer that raises: float() of the reply's text, a ValueError `align label` said as its own."""
+    return float(response)

@@ -5,6 +5,7 @@ interval above 1/2, and KL from the baseline must be measured and positive."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,55 @@ def test_samples_metrics_and_report_are_written(eval_run):
     assert "alt='win-rate: " in page and "src='data:image/png;base64," in page
     assert "polite</b> beats <b>sft" in page
     assert json.loads((eval_run / "eval" / "align.json").read_text())["interval"] == "wilson"  # the report's label
+
+
+@pytest.mark.parametrize("scorer, said", [
+    ("known_scorers:returns_none", "returned None"),
+    ("known_scorers:returns_text", "returned str 'good'"),
+    ("known_scorers:returns_list", "returned list [9.0]"),
+])
+def test_a_scorer_that_returns_no_number_is_refused_naming_it_and_the_prompt(tmp_path, scorer, said):
+    """A scorer of the user's that returns None, text or a list ended in float()'s traceback ("float() argument
+    must be a string or a real number, not 'NoneType'", "could not convert string to float"), naming neither it
+    nor the answer; a bool is a number (True scores 1)."""
+    from align import StageError
+    from align.config import EvalStageConfig, RunConfig
+    from align.recipes.evaluate import judge
+
+    cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), reward_model="none", scorer=scorer)
+    with pytest.raises(StageError, match=rf"^scorer '{scorer}' {re.escape(said)} for prompt 1 \('Where is export\?'\): "
+                                         r"a scorer returns a number \(int or float\)$"):
+        judge(cfg, PROMPTS[1:3], {"sft": ["Settings.", "Settings."], "polite": ["Thanks!", "X"]})
+    cfg = EvalStageConfig(run=RunConfig(dir=str(tmp_path), wandb="disabled"), reward_model="none",
+                          scorer="known_scorers:asks_for_password")  # a flagger: True / False, a number
+    assert judge(cfg, PROMPTS[:2], {"sft": ["Your password?", "No."]}) == {
+        "scorer:known_scorers:asks_for_password": {"sft": [1.0, 0.0]}}
+
+
+def test_align_eval_tries_the_scorer_on_the_first_answer_before_the_other_policies_answer(eval_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The scorer judged once every policy had answered and the KL was measured: a scorer that returns no number
+    failed after all of that. It is tried on the first policy's first answer, and the stage stops with one line."""
+    from align.recipes import evaluate
+
+    generated = []
+    real = evaluate.generate_answers
+
+    def counting(policy, prompts, *args, **kwargs):
+        generated.append(kwargs.get("desc"))
+        return real(policy, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_answers", counting)
+    policies = json.loads((eval_run / "eval" / "align.json").read_text())["config"]["policies"]
+    assert align(["eval", f"policies={{sft: {policies['sft']}, polite: {policies['polite']}}}", "baseline=sft",
+                  f"prompts={eval_run.parent / 'prompts.jsonl'}", "scorer=known_scorers:returns_none", "bootstrap=20",
+                  "generation.max_new_tokens=4", "num_prompts=2", f"run.dir={tmp_path / 'run'}",
+                  "run.wandb=disabled"]) == 1
+    err = capsys.readouterr().err
+    assert ("align eval: scorer 'known_scorers:returns_none' returned None for prompt 1 ('How do I sync?'): a scorer "
+            "returns a number (int or float)") in err and "Traceback" not in err
+    assert len(generated) == 1  # the second policy never answered
+    assert not (tmp_path / "run" / "eval").exists()
 
 
 def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):

@@ -1085,3 +1085,22 @@ def test_the_label_stage_passes_unsafe_flagger_to_the_simulated_annotator(tmp_pa
     assert [r["flags"] for r in store.submitted_rankings("round-1")] == [[]]
     with pytest.raises(StageError, match="unsafe by support_unsafe' \\(scorer, tie_resolution, unsafe_flagger\\)"):
         label(cfg, tmp_path, "round-1")
+
+
+def test_the_label_stage_names_a_scorer_that_returns_no_number_and_gives_its_task_back(tmp_path):
+    """label=simulate with a scorer that returns None: a ScorerError (a ValueError) left `align pipeline` as a
+    traceback; a StageError names the scorer and the task, and the task is not left assigned to the annotator."""
+    from align import StageError
+    from align.config import PipelineConfig
+    from align.labeling.store import Store
+    from align.recipes.pipeline import label
+
+    cfg = PipelineConfig(scorer="known_scorers:returns_none")
+    cfg.run.dir = str(tmp_path)
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": "How do I sync?", "responses": ["Open Settings.", "Thanks!"]}], source={})
+    with pytest.raises(StageError, match=r"^label: scorer 'known_scorers:returns_none' returned None for task 1 "
+                                         r"\('How do I sync\?'\): a scorer returns a number \(int or float\)$"):
+        label(cfg, tmp_path, "round-0")
+    [annotator] = store.users()
+    assert store.assigned_tasks(annotator["id"], open_only=True) == []

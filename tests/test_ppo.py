@@ -421,6 +421,19 @@ def test_a_qlora_reward_model_is_rebuilt_on_the_4bit_weights_it_trained_on(sft_d
     assert built[0].double_quant is False
 
 
+def test_a_scorer_reward_that_is_no_number_is_refused_naming_the_scorer_and_the_prompt():
+    """PPO's and GRPO's reward from scorer=: one that returns text (or None, a list) ended in float()'s traceback
+    ("could not convert string to float") after the rollout; a StageError now says which scorer, what and where."""
+    from align import StageError
+
+    reward, figures, rm = R.make_reward(PPOStageConfig(scorer="known_scorers:returns_text"))
+    with pytest.raises(StageError, match=r"^scorer 'known_scorers:returns_text' returned str 'good' for prompt 1 "
+                                         r"\('How do I sync\?'\): a scorer returns a number \(int or float\)$"):
+        reward(["How do I sync?", "Where is export?"], ["Open Settings.", ""])
+    reward, _, _ = R.make_reward(PPOStageConfig(scorer="known_scorers:asks_for_password"))  # a bool is a number
+    assert reward(["a", "b"], ["Your password, please.", "Open Settings."]) == [1.0, 0.0]
+
+
 def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
     assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
                   "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1

@@ -84,6 +84,30 @@ def test_probes_by_hand():
     assert probe_failure(probes, 1.0) is None
 
 
+def test_a_probe_scorer_that_returns_no_number_is_refused_before_any_edit_is_scored():
+    """probe_scorer= (and `align reward probe --scorer`): one that returns None ended in float()'s traceback once
+    the reward model had been trained; every scorer score is now taken before the reward model scores an edit, and
+    a StageError names the scorer and the held-out pair. NaN too: it would count as no flip, silently."""
+    data = heldout(PAIRS)
+    chosen = thanks_anywhere([r["prompt"] + r["chosen"] for r in data])
+    rejected = thanks_anywhere([r["prompt"] + r["rejected"] for r in data])
+    edits_scored = []
+
+    def reward(conversations):
+        edits_scored.append(len(conversations))
+        return thanks_anywhere(conversations)
+
+    def none_for_a_short_reply(prompt, response):
+        return opening_only(prompt, response) if len(response) > 10 else None
+
+    with pytest.raises(StageError, match=r"^scorer 'mine:short' returned None for held-out pair 4 \('How do I sync\?'"
+                                         r"\): a scorer returns a number \(int or float\)$"):
+        probe(reward, data, chosen, rejected, scorer=none_for_a_short_reply, scorer_name="mine:short")
+    with pytest.raises(StageError, match=r"^scorer 'mine:nan' returned nan for held-out pair 1 .*finite number$"):
+        probe(reward, data, chosen, rejected, scorer=lambda p, r: float("nan"), scorer_name="mine:nan")
+    assert edits_scored == []
+
+
 def test_a_known_labeller_separates_what_the_labels_taught_from_the_habit():
     """The labeller rewards an opening Thanks: a flip there is supported; one from a Thanks at the end is not."""
     data = heldout(PAIRS)

@@ -2,7 +2,9 @@
 
 Used by simulated annotators (`align label --simulate NAME`), by `align eval scorer=NAME` as a
 judge independent of the reward model, and by `align ppo scorer=NAME` as a known reward.
-A name is a built-in below, or `module:function` for your own.
+A name is a built-in below, or `module:function` for your own. Every caller scores through `call_scorer`
+(`score_all` for a list): a scorer that returns anything but a number, or raises, is a ScorerError naming it,
+what it gave and the prompt, at the first answer it fails on rather than as float()'s traceback.
 
 Flaggers, `flagger(prompt, response) -> bool` (True: the reply is unsafe), are named the same way
 (`resolve_flagger`): a simulated annotator given one (`align label --simulate-unsafe NAME`) ticks the
@@ -14,10 +16,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import os
 import re
+import reprlib
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Scorer = Callable[[str, str], float]
@@ -200,3 +205,55 @@ def _resolve(spec: str, builtin: dict[str, Callable], what: str, contract: str) 
     except ValueError:  # a builtin without a signature: its first call says
         pass
     return fn
+
+
+class ScorerError(ValueError):
+    """A scorer that raised, or returned something that is not a number, on one answer: the message names the
+    scorer, what it gave, and which prompt. A ValueError, so `align label` says it in one line (exit 2); a stage
+    says it as its StageError (align.rl.scorer_scores)."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
+
+
+def _where(where: str, prompt: str) -> str:
+    return f"{where} ({prompt[:40]!r})"
+
+
+def call_scorer(scorer: Scorer, spec: str, prompt: str, response: str, where: str, *, finite: bool = False) -> float:
+    """`scorer(prompt, response)` as a float; a ScorerError names `spec`, what it returned or raised, and `where`
+    ("prompt 3", "task 12") with the prompt's first 40 characters.
+
+    A number is what float() takes that is not text: int, float, a bool (an int in Python: True/False score 1/0, as
+    a yes/no rule's `float(...)` would), numpy's and torch's scalars, Decimal, Fraction. Text is refused even where
+    it spells a number ("0.7"): float() would read it, but a scorer that returns text has a bug (the response, a
+    label) that parsing would hide. `finite`: NaN and infinity are refused too, for a caller with no check of its
+    own (eval and PPO have theirs, naming the policy or the step)."""
+    try:
+        value = scorer(prompt, response)
+    except Exception as err:  # the user's code: said with where it raised, not as a traceback through align's
+        frames = traceback.extract_tb(err.__traceback__)[1:]  # the first is this call's own line
+        at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        said = str(err) if len(str(err)) <= 200 else str(err)[:200] + "..."
+        raise ScorerError(f"scorer {spec!r} raised {type(err).__name__}: {said}{at} for {_where(where, prompt)}") \
+            from err
+    said = "None" if value is None else f"{type(value).__name__} {_SHORT.repr(value)}"
+    try:
+        if isinstance(value, (str, bytes, bytearray)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: torch's tensor of several numbers
+        raise ScorerError(f"scorer {spec!r} returned {said} for {_where(where, prompt)}: a scorer returns a number "
+                          "(int or float)") from None
+    if finite and not math.isfinite(number):
+        raise ScorerError(f"scorer {spec!r} returned {number} for {_where(where, prompt)}: a score must be a finite "
+                          "number")
+    return number
+
+
+def score_all(scorer: Scorer, spec: str, prompts: Sequence[str], responses: Sequence[str], *, what: str = "prompt",
+              finite: bool = False) -> list[float]:
+    """call_scorer on each (prompt, response), the i-th named `what` i (from 1) in an error."""
+    return [call_scorer(scorer, spec, p, r, f"{what} {i}", finite=finite)
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True), 1)]

@@ -35,7 +35,7 @@ import time
 from tqdm.auto import tqdm
 
 from align.labeling import handlers
-from align.labeling.scorers import resolve_flagger, resolve_scorer
+from align.labeling.scorers import call_scorer, resolve_flagger, resolve_scorer
 from align.labeling.store import Store
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,34 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
     # every task at --overlap 1 (`--annotators 3 --overlap 1` shares the tasks among the three). Where each is given
     # every task (overlap >= annotators) they go one after another still, the order the runs measured so far drew
     # their noise in.
+    rationale = simulated_rationale(scorer_spec, tie_resolution, unsafe_flagger)
+
+    def rank(session: dict, task: dict, kind: tuple[str, float]) -> None:
+        started = time.perf_counter()
+        # Scored, noised and ranked in the task's own order, then given in the order shown: the shown order
+        # is keyed with the store's secret (a new one per store), and drawn in it the noise would land on
+        # other responses in every run.
+        canonical = [""] * task["k"]
+        for shown, original in enumerate(task["order"]):
+            canonical[original] = task["responses"][shown]
+        # A number for every reply, or a ScorerError naming the scorer, what it gave and the task
+        scores = [call_scorer(scorer, scorer_spec, task["prompt"], r, f"task {task['task_id']}", finite=True)
+                  for r in canonical]
+        if noise > 0:
+            spread = (max(scores) - min(scores)) or 1.0
+            scores = [s + rng.gauss(0, noise * spread) for s in scores]
+        ranked = profile_ranks(kind, scores, rng, tie_resolution)
+        ranks = [ranked[original] for original in task["order"]]
+        # Ticked in the order shown, as the page's boxes are; the flagger's verdicts, not the profile's
+        unsafe_shown = ([bool(flagger(task["prompt"], canonical[original])) for original in task["order"]]
+                        if flagger else None)
+        # An A/B task (align eval human=true) takes a verdict, as a person's click gives one
+        verdict = ({(1, 2): "A", (2, 1): "B"}.get(tuple(ranks), "tie") if task["kind"] == "pairwise"
+                   else None)
+        handlers.submit(store, session, task["task_id"], None if verdict else ranks, verdict=verdict,
+                        rationale=rationale, seconds=time.perf_counter() - started, seed=seed,
+                        unsafe_shown=unsafe_shown)
+
     waiting = list(range(annotators))
     with tqdm(total=pending, desc=f"simulated annotators ({scorer_spec})", unit="ranking") as bar:
         while waiting:
@@ -136,28 +164,17 @@ def simulate(store: Store, scorer_spec: str, *, annotators: int = 1, noise: floa
                 if task is None:
                     waiting.remove(i)
                     continue
-                started = time.perf_counter()
-                # Scored, noised and ranked in the task's own order, then given in the order shown: the shown order
-                # is keyed with the store's secret (a new one per store), and drawn in it the noise would land on
-                # other responses in every run.
-                canonical = [""] * task["k"]
-                for shown, original in enumerate(task["order"]):
-                    canonical[original] = task["responses"][shown]
-                scores = [float(scorer(task["prompt"], r)) for r in canonical]
-                if noise > 0:
-                    spread = (max(scores) - min(scores)) or 1.0
-                    scores = [s + rng.gauss(0, noise * spread) for s in scores]
-                ranked = profile_ranks(kinds[i], scores, rng, tie_resolution)
-                ranks = [ranked[original] for original in task["order"]]
-                # Ticked in the order shown, as the page's boxes are; the flagger's verdicts, not the profile's
-                unsafe_shown = ([bool(flagger(task["prompt"], canonical[original])) for original in task["order"]]
-                                if flagger else None)
-                # An A/B task (align eval human=true) takes a verdict, as a person's click gives one
-                verdict = ({(1, 2): "A", (2, 1): "B"}.get(tuple(ranks), "tie") if task["kind"] == "pairwise"
-                           else None)
-                handlers.submit(store, session, task["task_id"], None if verdict else ranks, verdict=verdict,
-                                rationale=simulated_rationale(scorer_spec, tie_resolution, unsafe_flagger),
-                                seconds=time.perf_counter() - started, seed=seed, unsafe_shown=unsafe_shown)
+                try:
+                    rank(session, task, kinds[i])
+                except BaseException:
+                    # A scorer (or flagger) that raised, returned no number, or Ctrl-C: the task goes back, else it
+                    # stayed this annotator's for ASSIGNMENT_TTL, a rerun was handed nothing and status said pending
+                    try:
+                        store.release(session["annotator_id"], task["task_id"])
+                    except Exception as err:  # the error being raised says more than this one
+                        log.warning("task %s stays assigned to %s until it expires: %s", task["task_id"],
+                                    session["name"], err)
+                    raise
                 submitted += 1
                 bar.update(1)
     log.info("simulated annotators (%s, %d, noise %.2f, profiles %s%s) submitted %d rankings", scorer_spec, annotators,

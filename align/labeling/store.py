@@ -972,6 +972,16 @@ class Store:
                                                    assignments.c.annotator_id == annotator_id,
                                                    assignments.c.status == "assigned").values(status="skipped"))
 
+    def release(self, annotator_id: int, task_id: int) -> None:
+        """Give back an open assignment (status expired, as an abandoned one ends after ASSIGNMENT_TTL): its slot is
+        free at once, and the task may come to this annotator again (a skip is final for them). A simulated
+        annotator whose scorer failed on the task gives it back so: held, the next run was handed nothing and
+        `align label status` counted it pending for 30 minutes. A submitted assignment stays as it is."""
+        with self.tx() as conn:
+            conn.execute(update(assignments).where(assignments.c.task_id == task_id,
+                                                   assignments.c.annotator_id == annotator_id,
+                                                   assignments.c.status == "assigned").values(status="expired"))
+
     # ------------------------------------------------------------------------------ rankings
 
     def save_ranking(self, annotator_id: int, task_id: int, ranks: list[int], *, flags: list[str] | None = None,

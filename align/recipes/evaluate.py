@@ -57,7 +57,7 @@ from align.generation import (
 )
 from align.modeling import adapter_base_name, device_plan, is_adapter_dir, load_base_model, load_tokenizer
 from align.preflight import check_stage
-from align.rl import response_mask
+from align.rl import resolve_scorer, response_mask, scorer_scores
 from align.tracking import Tracker, log_artifact, scalars
 
 log = logging.getLogger(__name__)
@@ -266,11 +266,8 @@ def judge(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, list[st
     elif rm_path is not None and cfg.reward_model:
         raise StageError(f"reward model {rm_path} not found")
     if cfg.scorer:
-        from align.labeling.scorers import resolve_scorer
-
         fn = resolve_scorer(cfg.scorer)
-        judges[f"scorer:{cfg.scorer}"] = {n: [float(fn(p, x)) for p, x in zip(prompts, r, strict=True)]
-                                          for n, r in responses.items()}
+        judges[f"scorer:{cfg.scorer}"] = {n: scorer_scores(fn, cfg.scorer, prompts, r) for n, r in responses.items()}
     for name, by_policy in judges.items():
         for policy, scores in by_policy.items():
             bad = next((i for i, v in enumerate(scores) if not math.isfinite(v)), None)
@@ -418,6 +415,10 @@ def main(cfg: EvalStageConfig) -> Path:
             answers = [r[0] for r in generate_answers(policy, prompts, cfg.generation, desc=f"sampling {name}")]
             responses[name] = [a.text for a in answers]
             cut[name] = ev.mean([float(not a.finished) for a in answers])
+        if cfg.scorer and len(responses) == 1 and prompts:
+            # The scorer on the first answer now: one that returns no number (or raises) stops here, not once every
+            # policy has answered and the KL is measured
+            scorer_scores(resolve_scorer(cfg.scorer), cfg.scorer, prompts[:1], responses[name][:1])
     kl = {name: sampled_kl(model, tokenizer, prompts, adapters[name], adapters[cfg.baseline], k=cfg.kl_samples,
                            max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.generation.seed,
                            batch_size=cfg.generation.batch_size, system_prompt=system_prompts[name], label=name)

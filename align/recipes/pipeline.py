@@ -282,8 +282,13 @@ def label(cfg: PipelineConfig, run_dir: Path, batch: str) -> None:
                              "those rankings stay in the store and the stages after label would train on them. Use "
                              "another run.dir (or sample.store) to label with this scorer")
 
-        n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution,
-                     unsafe_flagger=cfg.unsafe_flagger)
+        from align.labeling.scorers import ScorerError
+
+        try:
+            n = simulate(store, cfg.scorer, batch=batch, tie_resolution=cfg.tie_resolution,
+                         unsafe_flagger=cfg.unsafe_flagger)
+        except ScorerError as err:  # a scorer that raised or returned no number: its task went back to the store
+            raise StageError(f"label: {err}") from err
         log.info("simulated annotator %r ranked %d tasks of batch %s", cfg.scorer, n, batch)
         return
     if cfg.label != "human":

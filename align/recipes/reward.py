@@ -79,6 +79,7 @@ from align.reward_model import (
     score_conversations,
     score_head_in_fp32,
 )
+from align.rl import scorer_scores
 from align.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
 from align.training import (
     MetricsJSONL,
@@ -288,6 +289,12 @@ def main(cfg: RewardStageConfig) -> Path:
     system_prompt = system_prompt_of(sft)
     data = add_system_prompt(data, system_prompt)
     probe_pairs = data.get("test")  # with every column, for the probes
+    if cfg.probe_scorer and probe_pairs is not None and len(probe_pairs):
+        # The probe scorer on one held-out answer now, before training: one that returns no number (or raises)
+        # stops here rather than at the probes, after the model trained
+        first = probe_pairs[0]
+        scorer_scores(resolve_scorer(cfg.probe_scorer), cfg.probe_scorer, [first["prompt"][-1]["content"]],
+                      [first["chosen"][-1]["content"]], what="held-out pair", finite=True)
     data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template
@@ -647,8 +654,12 @@ def probe_main(argv: list[str]) -> int:
     chosen, rejected = (score_conversations(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs[side],
                                                                                     strict=True)], args.batch_size)
                         for side in ("chosen", "rejected"))
-    probes = probe(lambda convs: score_conversations(model, tokenizer, convs, args.batch_size), pairs, chosen,
-                   rejected, scorer=scorer, scorer_name=args.scorer)
+    try:
+        probes = probe(lambda convs: score_conversations(model, tokenizer, convs, args.batch_size), pairs, chosen,
+                       rejected, scorer=scorer, scorer_name=args.scorer)
+    except StageError as err:  # a --scorer that returns no number
+        print(f"align reward probe: {err}", file=sys.stderr)
+        return 1
     _log_probes(probes)
     print(json.dumps(probes, indent=2))
     return 0

@@ -624,6 +624,46 @@ def test_scorers_and_simulated_rankings():
         resolve_scorer("os.path:basename")
 
 
+def test_a_score_is_a_number_or_an_error_naming_the_scorer_and_the_prompt():
+    """call_scorer, which every caller scores through: an int, a float, a bool (an int: True scores 1) and numpy's
+    scalars are numbers; None, text (even "0.7") and a list are a ScorerError naming the scorer, what it returned and
+    the prompt, where float() raised its own TypeError or ValueError; a scorer that raises is named the same way."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from align.labeling.scorers import ScorerError, call_scorer, score_all
+
+    def returning(value):
+        return lambda prompt, response: value
+
+    for value, number in ((3, 3.0), (0.25, 0.25), (True, 1.0), (False, 0.0), (np.float32(0.5), 0.5),
+                          (np.int64(-2), -2.0), (np.array(1.5), 1.5), (Fraction(1, 4), 0.25)):
+        assert call_scorer(returning(value), "mine:f", "q", "r", "prompt 1") == number, value
+        assert type(call_scorer(returning(value), "mine:f", "q", "r", "prompt 1")) is float
+    prompt = "How do I sync my notes between my phone and my laptop?"
+    for value, said in ((None, "None"), ("0.7", "str '0.7'"), ("good", "str 'good'"), ([1.0, 2.0], "list [1.0, 2.0]"),
+                        (np.array([1.0, 2.0]), "ndarray array([1., 2.])"), ({"score": 1}, "dict {'score': 1}")):
+        with pytest.raises(ScorerError) as err:
+            call_scorer(returning(value), "mine:f", prompt, "r", "prompt 3")
+        assert str(err.value) == (f"scorer 'mine:f' returned {said} for prompt 3 ('How do I sync my notes between my "
+                                  "phone '): a scorer returns a number (int or float)"), value
+    assert isinstance(err.value, ValueError)  # `align label` says it in one line
+    assert call_scorer(returning(float("nan")), "mine:f", "q", "r", "prompt 1") != 0  # NaN is the caller's to refuse
+    with pytest.raises(ScorerError, match=r"^scorer 'mine:f' returned -inf for task 2 \('q'\): a score must be a "
+                                          r"finite number$"):
+        call_scorer(returning(float("-inf")), "mine:f", "q", "r", "task 2", finite=True)
+
+    def parses(prompt, response):
+        return float(response)
+
+    with pytest.raises(ScorerError, match=r"^scorer 'mine:parses' raised ValueError: could not convert string to "
+                                          r"float: 'Sure\.' \(at .*test_export_agreement\.py:\d+\) for prompt 2 "
+                                          r"\('Bye\?'\)$"):
+        score_all(parses, "mine:parses", ["Hi?", "Bye?"], ["1.5", "Sure."])
+    assert score_all(parses, "mine:parses", ["Hi?"], ["1.5"]) == [1.5]
+
+
 def test_a_scorer_in_the_current_directory_is_found_without_it_on_sys_path(tmp_path, monkeypatch):
     """The installed `align` script does not put the current directory on sys.path (`python -m` does): a user's
     `mypkg.judges:helpfulness` beside them is found all the same, and an import its module makes still fails."""

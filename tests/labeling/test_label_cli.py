@@ -512,3 +512,31 @@ def test_without_a_flagger_simulated_annotators_flag_nothing(tmp_path, capsys):
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
     assert [r["flags"] for r in store.submitted_rankings()] == [[]]
     assert store.submitted_rankings()[0]["rationale"] == "simulated: support_style"
+
+
+@pytest.mark.parametrize("scorer, said", [
+    ("known_scorers:returns_none", "returned None for task 1 ('How do I sync?'): a scorer returns a number (int or "
+                                   "float)"),
+    ("known_scorers:returns_list", "returned list [4.0, 9.0] for task 1 ('How do I sync?'): a scorer returns a number"),
+    ("known_scorers:parses_the_reply", "raised ValueError: could not convert string to float: 'Open Settings.' (at "),
+])
+def test_a_scorer_that_fails_is_named_and_its_task_goes_back_to_the_store(tmp_path, capsys, scorer, said):
+    """A scorer that returns no number (None, a list) ended in float()'s traceback; one that raised a ValueError was
+    said as `align label`'s own error ("could not convert string to float"), naming neither scorer nor task. And the
+    task stayed assigned to the simulated annotator: another scorer's annotators were handed nothing until it
+    expired (30 minutes), and status counted it pending. Now one line names them, and the task is given back."""
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_tasks("round-0", [{"prompt": p, "responses": ["Open Settings.", "Thanks! Open Settings > Sync."]}
+                                for p in ("How do I sync?", "Where is export?")], source={})
+    run = ["label", "--run-dir", str(tmp_path)]
+    assert align([*run, "--simulate", scorer]) == 2
+    err = capsys.readouterr().err
+    assert f"align label: scorer '{scorer}' {said}" in err and "Traceback" not in err
+    failed = next(u["id"] for u in store.users() if u["name"].startswith("sim-"))
+    assert store.assigned_tasks(failed, open_only=True) == [] and store.assignment_status(failed, 1) == "expired"
+    assert store.submitted_rankings() == []
+    # Another scorer's annotator is given both tasks now, not one
+    assert align([*run, "--simulate", "support_style"]) == 0
+    assert "2 rankings submitted" in capsys.readouterr().out
+    assert align([*run, "status"]) == 0
+    assert "round-0: 2 tasks (0 gold), 2 rankings, 0 unranked, 0 pending" in capsys.readouterr().out
