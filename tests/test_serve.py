@@ -923,6 +923,33 @@ def test_a_port_in_use_is_refused_before_the_model_loads(run, capsys):
     assert f"port={port}: cannot listen there" in capsys.readouterr().err
 
 
+def test_a_host_not_of_this_machine_is_named_not_the_port(run, capsys, monkeypatch):
+    """host=nosuchhost.invalid said "cannot listen there (Name or service not known); choose another port", and an
+    address of another machine "(Cannot assign requested address)" with the same advice: no port would do."""
+    import errno
+
+    monkeypatch.setenv("ALIGN_SERVE_API_KEY", "k" * 32)  # a host that is not loopback needs a key first
+    hosts = [("nosuchhost.invalid", "")]  # .invalid: a name that never resolves (RFC 6761)
+    if _unassignable("192.0.2.1"):  # TEST-NET-1: no machine's own address
+        hosts.append(("192.0.2.1", os.strerror(errno.EADDRNOTAVAIL)))
+    for host, reason in hosts:
+        assert align(["serve", f"run.dir={run}", f"host={host}", "port=0"]) == 2
+        err = capsys.readouterr().err
+        assert f"host={host}: cannot listen there ({reason}" in err and "give an address of this machine" in err
+        assert "choose another port" not in err, err
+
+
+def _unassignable(host: str) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, 0))
+        except OSError:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------- the Playground's client
 
 

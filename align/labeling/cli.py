@@ -345,7 +345,7 @@ def _open_url(host: str, port: int) -> str:
 
 
 def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[str, str], dict] | None = None) -> int:
-    from align.labeling.server import create_app, loopback_name
+    from align.labeling.server import CannotListen, create_app, listen, loopback_name
     from align.labeling.server import serve as run_server
     from align.labeling.store import safe_url
 
@@ -358,24 +358,49 @@ def serve(store, args: argparse.Namespace, export_dir: str, export: Callable[[st
               file=sys.stderr)
         return 2
     stop_with_parent()
-    playground = None
-    if args.serve_url:
-        from align.labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient
+    # The address is taken first: one that cannot be listened on is said now, in one line, and the URL printed
+    # below is the app's own (uvicorn, binding it itself, printed the URL, then its "[Errno 98]": another
+    # program's URL).
+    try:
+        listener = listen(args.host, args.port)
+    except CannotListen as err:
+        print(f"align label: {_cannot_listen(args.host, args.port, err)}", file=sys.stderr)
+        return 2
+    try:
+        playground = None
+        if args.serve_url:
+            from align.labeling.playground import API_KEY_ENV, PlaygroundError, ServeClient
 
-        playground = ServeClient(args.serve_url, os.environ.get(API_KEY_ENV), max_tokens=args.serve_max_tokens)
-        try:
-            print(f"Playground tab: {', '.join(playground.models())} at {playground.url}")
-        except PlaygroundError as err:  # it may start later: the tab says so until it does
-            print(f"Playground tab: {err}")
-    app = create_app(store, session_hours=args.session_hours, guidelines_md=guidelines.read_text(),
-                     overlap=args.overlap or 1, gold_rate=args.gold_rate, batch=args.batch,
-                     export=(lambda: export(store.url, args.run_dir)) if export else None,
-                     export_dir=export_dir, playground=playground)
-    if not loopback_name(args.host):
-        print(f"align label: warning: --host {args.host} serves the app over plain HTTP to "
-              f"{'every network this machine is on' if _any_address(args.host) else args.host}: passwords and "
-              "session cookies cross it unencrypted; keep the app on 127.0.0.1 behind a reverse proxy that speaks "
-              "HTTPS (docs/labeling.md, Deployment and security, Binding)", file=sys.stderr)
-    print(f"labelling app for {safe_url(store.url)}: {_open_url(args.host, args.port)}  (Ctrl-C stops it)")
-    run_server(app, args.host, args.port)
+            playground = ServeClient(args.serve_url, os.environ.get(API_KEY_ENV),
+                                     max_tokens=args.serve_max_tokens)
+            try:
+                print(f"Playground tab: {', '.join(playground.models())} at {playground.url}")
+            except PlaygroundError as err:  # it may start later: the tab says so until it does
+                print(f"Playground tab: {err}")
+        app = create_app(store, session_hours=args.session_hours, guidelines_md=guidelines.read_text(),
+                         overlap=args.overlap or 1, gold_rate=args.gold_rate, batch=args.batch,
+                         export=(lambda: export(store.url, args.run_dir)) if export else None,
+                         export_dir=export_dir, playground=playground)
+        if not loopback_name(args.host):
+            to = "every network this machine is on" if _any_address(args.host) else args.host
+            print(f"align label: warning: --host {args.host} serves the app over plain HTTP to {to}: "
+                  "passwords and session cookies cross it unencrypted; keep the app on 127.0.0.1 behind a "
+                  "reverse proxy that speaks HTTPS (docs/labeling.md, Deployment and security, Binding)",
+                  file=sys.stderr)
+        print(f"labelling app for {safe_url(store.url)}: {_open_url(args.host, args.port)}  "
+              "(Ctrl-C stops it)")
+        run_server(app, listener)
+    finally:  # closed however it ends (serve closes it too)
+        listener.close()
     return 0
+
+
+def _cannot_listen(host: str, port: int, err) -> str:
+    """Why the app cannot listen on --host/--port, naming the flag to change: --port for a port another
+    program holds (or one below 1024 without the right), --host for an address not this machine's or a name
+    that does not resolve."""
+    if err.port_problem:
+        where = f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"--port {port}: cannot listen on {where} ({err.reason}): choose another --port"
+    return (f"--host {host}: cannot listen there ({err.reason}): give an address of this machine "
+            "(127.0.0.1, 0.0.0.0)")

@@ -31,6 +31,7 @@ read as Gradio reads it (JSON, leading whitespace allowed), and one that is not 
 
 from __future__ import annotations
 
+import errno
 import functools
 import html
 import ipaddress
@@ -54,6 +55,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
+from uvicorn.config import STARTUP_FAILURE
 
 from align.labeling import auth
 from align.labeling.app import STORE_ERRORS, build_app
@@ -598,11 +600,53 @@ def create_app(store: Store, *, throttle: auth.Throttle | None = None, session_h
 SHUTDOWN_SECONDS = 3
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve until Ctrl-C. Behind a reverse proxy on this machine, its X-Forwarded-For / -Proto are
-    believed (uvicorn's default: FORWARDED_ALLOW_IPS=127.0.0.1,::1), so lock-outs count the real
-    client address and the cookie is Secure (and `__Host-`) when the proxy speaks HTTPS."""
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS)
+class CannotListen(Exception):
+    """(host, port) cannot be listened on: `reason` is the system's word for why, `port_problem` whether
+    another port would do (it is taken, or below 1024 for a user without the right) rather than another host
+    (an address that is not this machine's, a name that does not resolve)."""
+
+    def __init__(self, reason: str, port_problem: bool):
+        super().__init__(reason)
+        self.reason, self.port_problem = reason, port_problem
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port), taken before the app's URL is printed: with uvicorn binding it
+    itself, the URL came first, then its "[Errno 98] error while attempting to bind": another program's URL.
+    The address family is the one uvicorn picks: IPv6 for an address with a colon, else IPv4 (`localhost` is
+    127.0.0.1); SO_REUSEADDR as uvicorn sets it. Raises CannotListen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        address = socket.getaddrinfo(host.strip("[]") or None, port, family, socket.SOCK_STREAM,
+                                     flags=socket.AI_PASSIVE)[0][4]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(2048)  # uvicorn's backlog
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as err:  # socket.gaierror included: a name that does not resolve
+        raise CannotListen(err.strerror or str(err), err.errno in (errno.EADDRINUSE, errno.EACCES)) from None
+    return sock
+
+
+def serve(app: FastAPI, listener: socket.socket) -> None:
+    """Serve on `listener` (listen()) until Ctrl-C. Behind a reverse proxy on this machine, its
+    X-Forwarded-For / -Proto are believed (uvicorn's default: FORWARDED_ALLOW_IPS=127.0.0.1,::1), so lock-outs
+    count the real client address and the cookie is Secure (and `__Host-`) when the proxy speaks HTTPS. An app
+    that fails to start exits with uvicorn's code for that (3), as uvicorn.run did."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_SECONDS))
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the Ctrl-C it caught
+        pass
+    finally:
+        listener.close()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)  # 3
 
 
 @contextmanager

@@ -16,6 +16,7 @@ backend; vLLM's server does not add it (a warning says so).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -86,9 +87,14 @@ def bind(host: str, port: int) -> socket.socket:
         # Listening now, before the model loads: a client that calls the printed URL at once waits in the
         # backlog until the server accepts, instead of being refused.
         listener.listen(128)
-    except OSError as err:
-        raise ConfigError(f"host={host} port={port}: cannot listen there ({err.strerror or err}); "
-                          "choose another port (port=0 takes a free one)") from None
+    except OSError as err:  # socket.gaierror included: a host name that does not resolve
+        reason = err.strerror or err
+        if err.errno in (errno.EADDRINUSE, errno.EACCES):  # taken, or below 1024 for a user without the right
+            raise ConfigError(f"host={host} port={port}: cannot listen there ({reason}); "
+                              "choose another port (port=0 takes a free one)") from None
+        # an address that is not this machine's, a name that does not resolve: another port would not do
+        raise ConfigError(f"host={host}: cannot listen there ({reason}); give an address of this machine "
+                          "(127.0.0.1, 0.0.0.0)") from None
     return listener
 
 

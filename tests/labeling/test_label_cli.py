@@ -171,9 +171,10 @@ def test_align_label_hands_the_export_recipe_to_the_app(tmp_path, monkeypatch):
     assert align(["label", "--run-dir", str(tmp_path), "--simulate", "support_style"]) == 0
     built: dict = {}
     monkeypatch.setattr(server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
-    monkeypatch.setattr(server, "serve", lambda app, host, port: built.update(served=(app, host, port)))
+    monkeypatch.setattr(server, "listen", lambda host, port: NoSocket(host, port))
+    monkeypatch.setattr(server, "serve", lambda app, listener: built.update(served=(app, listener.address)))
     assert align(["label", "--run-dir", str(tmp_path), "--session-hours", "2"]) == 0
-    assert built["served"] == ("app", "127.0.0.1", 7860) and built["session_hours"] == 2.0
+    assert built["served"] == ("app", ("127.0.0.1", 7860)) and built["session_hours"] == 2.0
     assert built["export_dir"] == str(tmp_path / "preferences")
     summary = built["export"]()  # what the button runs
     assert summary["pairs"] == 3
@@ -193,7 +194,8 @@ def test_serve_url_adds_the_playground_with_the_key_from_the_environment(tmp_pat
     store.add_user("boss", "pw-1234", admin=True)
     built: dict = {}
     monkeypatch.setattr(server, "create_app", lambda store, **kwargs: built.update(kwargs) or "app")
-    monkeypatch.setattr(server, "serve", lambda app, host, port: None)
+    monkeypatch.setattr(server, "listen", NoSocket)
+    monkeypatch.setattr(server, "serve", lambda app, listener: None)
     for bad in ("ftp://127.0.0.1/v1", "http://me:secret@127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1?model=x"):
         assert align(["label", "--run-dir", str(tmp_path), "--serve-url", bad]) == 2
         assert "--serve-url" in capsys.readouterr().err and not built
@@ -247,6 +249,77 @@ def test_align_export_says_when_the_only_rankings_are_ab_verdicts_or_gold(tmp_pa
     assert align(["export", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     err = capsys.readouterr().err
     assert "no preference pairs came out of 1 rankings of 1 tasks (dropped: " in err and "{" not in err
+
+
+class NoSocket:
+    """What a faked server.listen returns: the address asked for, and nothing bound."""
+
+    def __init__(self, host: str, port: int):
+        self.address = (host, port)
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_address_that_cannot_be_listened_on_is_said_in_one_line_before_any_url(tmp_path, capsys, monkeypatch):
+    """A port in use, an address of another machine, a name that does not resolve: the app printed its URL, then
+    uvicorn's "ERROR: [Errno 98] error while attempting to bind ..." (exit 3), and the URL was another program's.
+    Now the address is taken first: a refusal names the flag to change and why, and no URL is printed."""
+    import errno
+    import os
+    import socket
+
+    from align.labeling import server
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("boss", "pw-1234", admin=True)
+    monkeypatch.setattr(server, "create_app", lambda store, **kwargs: pytest.fail("the app was built"))
+    monkeypatch.setattr(server, "serve", lambda *args: pytest.fail("the app was served"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert align(["label", "--run-dir", str(tmp_path), "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+    assert err.strip() == (f"align label: --port {port}: cannot listen on 127.0.0.1:{port} "
+                           f"({os.strerror(errno.EADDRINUSE)}): choose another --port") and out == ""
+    hosts = [("nosuchhost.invalid", "")]  # .invalid: a name that never resolves (RFC 6761)
+    with socket.socket() as probe:
+        try:
+            probe.bind(("192.0.2.1", 0))  # TEST-NET-1: no machine's own address
+        except OSError:
+            hosts.append(("192.0.2.1", os.strerror(errno.EADDRNOTAVAIL)))
+    for host, reason in hosts:
+        assert align(["label", "--run-dir", str(tmp_path), "--host", host]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"align label: --host {host}: cannot listen there ({reason}") and out == "", err
+        assert err.rstrip().endswith("): give an address of this machine (127.0.0.1, 0.0.0.0)") and \
+            len(err.strip().splitlines()) == 1 and "warning" not in err, err
+
+
+def test_the_app_is_served_on_the_socket_taken_for_it(tmp_path, capsys, monkeypatch):
+    """The URL is printed once the address is the app's (listening: a browser that opens it at once waits),
+    the app is served on that very socket, and the socket is closed when the app stops."""
+    import socket
+
+    from align.labeling import server
+
+    store = Store(f"sqlite:///{tmp_path / 'labels.db'}")
+    store.add_user("boss", "pw-1234", admin=True)
+    served: list = []
+
+    def serve(app, listener):
+        with socket.create_connection(listener.getsockname(), timeout=5):  # in the backlog: it listens
+            served.append((listener, capsys.readouterr().out))
+
+    monkeypatch.setattr(server, "create_app", lambda store, **kwargs: "app")
+    monkeypatch.setattr(server, "serve", serve)
+    with server.listen("127.0.0.1", 0) as free:  # a port free now, for the app to take
+        port = free.getsockname()[1]
+    assert align(["label", "--run-dir", str(tmp_path), "--port", str(port)]) == 0
+    (listener, out), = served
+    assert f"labelling app for sqlite:///{tmp_path / 'labels.db'}: http://127.0.0.1:{port}  (Ctrl-C" in out
+    assert listener.family == socket.AF_INET and listener.fileno() == -1  # closed
 
 
 def test_labeling_imports_nothing_else_of_align_nor_torch():
@@ -445,7 +518,8 @@ def test_an_app_on_every_interface_is_warned_of_and_named_by_a_url_one_can_open(
     store.add_user("boss", "pw-1234", admin=True)
     served: list = []
     monkeypatch.setattr(server, "create_app", lambda store, **kwargs: "app")
-    monkeypatch.setattr(server, "serve", lambda app, host, port: served.append((host, port)))
+    monkeypatch.setattr(server, "listen", NoSocket)
+    monkeypatch.setattr(server, "serve", lambda app, listener: served.append(listener.address))
     monkeypatch.setattr(socket, "gethostname", lambda: "labelbox")
     assert align(["label", "--run-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
