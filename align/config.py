@@ -386,7 +386,7 @@ class RewardStageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Start the reward model from the SFT adapter merged into the base (true), or the raw base.
     from_sft: bool = True
-    sft: str | None = None  # default <run.dir>/sft
+    sft: str | None = None  # default <run.dir>/sft; read for its system prompt under from_sft=false too
     # no dropout unless asked for: TRL's reward training (and the quickstart's figures) run without
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
@@ -409,12 +409,6 @@ class RewardStageConfig:
     # where the next round selects by uncertainty.
     heads: int = bounded(0, ge=2, special=(0,))
     run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self, prefix: str = "") -> None:
-        if self.sft and not self.from_sft:  # read by nothing: the run trained on the raw base without a word
-            raise ConfigError(f"{prefix}sft={self.sft} is read only with {prefix}from_sft=true (the reward model "
-                              f"starts from that SFT model); {prefix}from_sft=false starts it from the base, "
-                              f"{prefix}model.name")
 
 
 # Losses that read label_smoothing in TRL 1.16 (the flip probability / EXO's epsilon).

@@ -279,7 +279,10 @@ class _Markdown(HTMLParser):
             self.text.append("**")
 
     def handle_data(self, data):
-        said = _md(data)
+        # a backslash or backtick is text (a backtick opened a code span, in which the escapes below showed as
+        # typed: an answer's code read `&lt;b&gt;`); no bare URL, www. name or address becomes GitHub's autolink
+        said = _md(data.replace("\\", "\\\\").replace("`", "\\`"))
+        said = said.replace("://", "&#58;//").replace("www.", "www&#46;").replace("@", "&#64;")
         if self.rows is not None:  # a cell: one line, its bars not the table's
             said = said.replace("|", "\\|").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
         else:
@@ -1283,7 +1286,8 @@ def judged_by_the_labelling_rule(m: dict[str, Any], folder: Path) -> list[str]:
     a policy learnt that rule, not how good its answers are beyond it (the quickstart's verdict is of this kind)."""
     from align.labeling.simulate import account_stem
 
-    annotators, rewards = _trained_on(folder, {"parents": m.get("parents") or {}}, set())
+    # the eval's own manifest (its cwd, run.dir: parents placed where a copied run has them); eval trains on nothing
+    annotators, rewards = _trained_on(folder, m, set())
     out = []
     for judge in sorted(j for j in eval_judges(m) if j.startswith("scorer:")):
         name = judge.removeprefix("scorer:")

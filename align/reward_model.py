@@ -452,6 +452,25 @@ def _posterior_bucket(p: float) -> str:
     return "<0.7" if p < 0.7 else "0.7-0.9" if p < 0.9 else ">=0.9"
 
 
+def scorer_views(scorer: Callable[[str, str], float], name: str | None, rows: list[dict]
+                 ) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """The probe scorer's scores of held-out `rows` (pairs as dicts): their chosen and rejected answers, and each
+    EDITS edit of the rejected. A scorer that returns no number, or NaN, on any of them is a StageError naming the
+    pair (not float()'s traceback, nor a NaN counted as no flip): the reward stage asks for them before it trains,
+    so such a scorer stops the stage before the training it would otherwise lose."""
+    from align.rl import scorer_scores
+
+    prompts = [r["prompt"][-1]["content"] for r in rows]
+    texts = [r["rejected"][-1]["content"] for r in rows]
+
+    def by_scorer(answers: list[str]) -> list[float]:
+        return scorer_scores(scorer, name or getattr(scorer, "__name__", "scorer"), prompts, answers,
+                             what="held-out pair", finite=True)
+
+    return (by_scorer([r["chosen"][-1]["content"] for r in rows]), by_scorer(texts),
+            {key: by_scorer([edit(t) for t in texts]) for key, (*_, edit) in EDITS.items()})
+
+
 def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, chosen: list[float],
           rejected: list[float], scorer: Callable[[str, str], float] | None = None,
           scorer_name: str | None = None) -> dict[str, Any]:
@@ -480,17 +499,9 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
     texts = [r["rejected"][-1]["content"] for r in rows]
     prompts = [r["prompt"][-1]["content"] for r in rows]
     if scorer is not None:
-        # Every score the scorer gives, the edited answers' too, before the reward model scores any edit: a scorer
-        # that returns no number (or NaN) is a StageError naming the pair, not float()'s traceback minutes in.
-        from align.rl import scorer_scores
-
-        def by_scorer(answers: list[str]) -> list[float]:
-            return scorer_scores(scorer, scorer_name or getattr(scorer, "__name__", "scorer"), prompts, answers,
-                                 what="held-out pair", finite=True)
-
-        s_chosen = by_scorer([r["chosen"][-1]["content"] for r in rows])
-        s_rejected = by_scorer(texts)
-        s_edited = {key: by_scorer([edit(t) for t in texts]) for key, (*_, edit) in EDITS.items()}
+        # Every score the scorer gives, the edited answers' too, before the reward model scores any edit (the reward
+        # stage takes them all before training too: scorer_views)
+        s_chosen, s_rejected, s_edited = scorer_views(scorer, scorer_name, rows)
     right = [i for i in range(n) if gaps[i] > 0]
     spread = _mean([abs(g) for g in gaps]) or None
     edits = []

@@ -95,7 +95,8 @@ def make_reward(cfg: PPOStageConfig, policy=None, sft: Path | None = None) -> tu
     `sft` adapter for rl.reward_on_policy_base (its base is cfg.model.name)."""
     if cfg.scorer:
         fn = resolve_scorer(cfg.scorer)
-        return (lambda prompts, responses: scorer_scores(fn, cfg.scorer, prompts, responses)), {}, None
+        return (lambda prompts, responses: scorer_scores(fn, cfg.scorer, prompts, responses,
+                                                         what="rollout prompt")), {}, None
     rm = Path(cfg.reward_model) if cfg.reward_model else stage_dir(cfg.run.dir, "reward")
     figures = gate(rm, cfg.min_reward_accuracy, cfg.max_probe_flip_rate)
     if cfg.rl.reward_on_policy_base:

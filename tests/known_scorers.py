@@ -30,6 +30,11 @@ def returns_none(prompt: str, response: str) -> None:
     score = float(len(response))  # noqa: F841
 
 
+def none_on_an_edit(prompt: str, response: str) -> float | None:
+    """A broken scorer that fails only on a probe's edited answer (one ending "Hope this helps!")."""
+    return None if response.endswith("Hope this helps!") else float(len(response))
+
+
 def returns_text(prompt: str, response: str) -> str:
     """A broken scorer: a label, not a number."""
     return "good" if response else "bad"

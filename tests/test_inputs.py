@@ -293,8 +293,6 @@ CASES = [
      ["lora.target_modules: model.norm is a LlamaRMSNorm, which LoRA cannot adapt", "q_proj"]),
     ("flex attention trained on a CPU", f"sft {M} data.path={{d}}/good.jsonl model.attn_implementation=flex_attention",
      2, ["model.attn_implementation=flex_attention trains on a GPU only"]),
-    ("reward's sft unread", "reward from_sft=false sft={d}/adapter data.path={d}/prefs.jsonl", 2,
-     ["sft={d}/adapter is read only with from_sft=true"]),
     ("model.name an adapter", "sft model.name={d}/adapter data.path={d}/good.jsonl", 2, ["it is a LoRA adapter folder"]),
     ("truncated adapter to dpo", "dpo sft={d}/adapter_truncated data.path={d}/prefs.jsonl", 2,
      ["sft: ", "adapter_truncated/adapter_model.safetensors is not a readable safetensors file"]),

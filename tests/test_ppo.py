@@ -427,7 +427,7 @@ def test_a_scorer_reward_that_is_no_number_is_refused_naming_the_scorer_and_the_
     from align import StageError
 
     reward, figures, rm = R.make_reward(PPOStageConfig(scorer="known_scorers:returns_text"))
-    with pytest.raises(StageError, match=r"^scorer 'known_scorers:returns_text' returned str 'good' for prompt 1 "
+    with pytest.raises(StageError, match=r"^scorer 'known_scorers:returns_text' returned str 'good' for rollout prompt 1 "
                                          r"\('How do I sync\?'\): a scorer returns a number \(int or float\)$"):
         reward(["How do I sync?", "Where is export?"], ["Open Settings.", ""])
     reward, _, _ = R.make_reward(PPOStageConfig(scorer="known_scorers:asks_for_password"))  # a bool is a number

@@ -882,9 +882,16 @@ def test_report_md_has_the_pages_tables_and_answers_with_model_text_kept_as_text
            "tied, 24 lost |" in md
     assert "| answers cut at max_new_tokens (share) | 31% | 8% |" in md
     row = next(line for line in md.splitlines() if line.startswith("| Where is Sync?"))
-    assert row == ("| Where is Sync? | Here. | a \\| b<br># not a heading<br>![x]\\(http://127.0.0.1:9/i.png) "
-                   "&lt;script&gt;alert(1)&lt;/script&gt; costs \\$60 or \\$5 `x |")
+    assert row == ("| Where is Sync? | Here. | a \\| b<br># not a heading<br>![x]\\(http&#58;//127.0.0.1:9/i.png) "
+                   "&lt;script&gt;alert(1)&lt;/script&gt; costs \\$60 or \\$5 \\`x |")
     assert row.count(" | ") == 2  # three cells: the answer's bar does not split it
+    # an answer with code: its backticks are text (a span showed `&lt;b&gt;` as typed), and no address a link
+    (run / "eval" / "samples.jsonl").write_text(json.dumps(
+        {"prompt": "Bold?", "sft": "Use `<b>` \\ see www.x.org or a@b.co", "dpo": "```py\nx = 1\n```"}))
+    write_report(run)
+    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| Bold?"))
+    assert row == ("| Bold? | Use \\`&lt;b&gt;\\` \\\\ see www&#46;x.org or a&#64;b.co | "
+                   "\\`\\`\\`py<br>x = 1<br>\\`\\`\\` |")
     assert "Gate (PPO refuses above max_probe_flip_rate" in md and "| probe | edit of the rejected answer |" in md
     assert "- figure: win-rate: Win-rate against sft over 48 prompts" in md
     assert "<details><summary>all metrics</summary>\n\n- eval_accuracy: 0.7407\n" in md  # reward's, folded as on the page

@@ -283,8 +283,9 @@ def test_probe_with_data_probes_every_pair_or_the_files_own_test_split(reward_ru
 
 def test_a_probe_scorer_that_returns_no_number_stops_before_training_and_probe_says_it(reward_run, sft_dir, tmp_path,
                                                                                        capsys, monkeypatch):
-    """probe_scorer= returning None ended in float()'s traceback at the probes, once the model had trained; it is
-    tried on one held-out pair before any model loads. `align reward probe --scorer` says it in one line too."""
+    """probe_scorer= returning None ended in float()'s traceback at the probes, once the model had trained; every
+    score it gives the probes (each held-out answer and each edit of it) is taken before any model loads. `align
+    reward probe --scorer` says it in one line too."""
     from align.recipes import reward as reward_recipe
 
     def no_model(*args, **kwargs):
@@ -298,6 +299,11 @@ def test_a_probe_scorer_that_returns_no_number_stops_before_training_and_probe_s
                   *FAST]) == 1
     err = capsys.readouterr().err
     assert f"align reward: {said}" in err and "a scorer returns a number (int or float)" in err
+    assert not (tmp_path / "run" / "reward").exists()
+    assert align(["reward", f"run.dir={tmp_path / 'run'}", f"sft={sft_dir}", f"data.path={data}", "model.quantize=false",
+                  "train.max_steps=2", "data.test_fraction=0.2", "probe_scorer=known_scorers:none_on_an_edit",
+                  *FAST]) == 1  # only on an edited answer: found before training all the same
+    assert "scorer 'known_scorers:none_on_an_edit' returned None for held-out pair 1" in capsys.readouterr().err
     assert not (tmp_path / "run" / "reward").exists()
     run, _ = reward_run
     assert align(["reward", "probe", "--model", str(run), "--scorer", "known_scorers:returns_none"]) == 1

@@ -361,6 +361,9 @@ def _visible(escaped: str, rtl: bool = False) -> tuple[str, int, int]:
 # "P.S. reply with your password") 5,000 px below a start that looked like another reply's, nothing saying more
 # followed: the annotator ranked what they saw.
 MAX_BLANK_LINES = 2
+# What a blank line may hold: spaces a page draws as space, not str.isspace's line and paragraph separators, form
+# feed or NEL, which are markers (_INVISIBLE) and would be folded out of sight with them
+_SPACES = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]*")
 
 
 def _blank_runs_folded(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str | None, Any]], int]:
@@ -370,7 +373,7 @@ def _blank_runs_folded(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str | N
     run: list[tuple[str, str]] = []
     folded = 0
     for line, end in [*pairs, (None, "")]:
-        if line is not None and not line.strip() and end:  # blank, or any space (the last line, no break, is not)
+        if line is not None and _SPACES.fullmatch(line) and end:  # spaces only (the last line, no break, is not)
             run.append((line, end))
             continue
         if len(run) > MAX_BLANK_LINES:

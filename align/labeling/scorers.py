@@ -238,12 +238,12 @@ def call_scorer(scorer: Scorer, spec: str, prompt: str, response: str, where: st
         said = str(err) if len(str(err)) <= 200 else str(err)[:200] + "..."
         raise ScorerError(f"scorer {spec!r} raised {type(err).__name__}: {said}{at} for {_where(where, prompt)}") \
             from err
-    said = "None" if value is None else f"{type(value).__name__} {_SHORT.repr(value)}"
     try:
         if isinstance(value, (str, bytes, bytearray)):
             raise TypeError
         number = float(value)
     except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: torch's tensor of several numbers
+        said = "None" if value is None else f"{type(value).__name__} {_SHORT.repr(value)}"  # (only when refused)
         raise ScorerError(f"scorer {spec!r} returned {said} for {_where(where, prompt)}: a scorer returns a number "
                           "(int or float)") from None
     if finite and not math.isfinite(number):

@@ -414,7 +414,7 @@ def _rounds(cfg: PipelineConfig, root: Path, store: str, policy_stage: str, trai
                                   [round_batch(i) for i in range(r + 1)] if cfg.export.combine == "dawid_skene" else None)),
             # The probes see the edits through the labelling scorer too (what the labels supported);
             # the next round picks its tasks by this round's reward model: it needs its heads.
-            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir) if cfg.reward.from_sft else None,
+            "reward": replace(on_base(cfg.reward), run=run, sft=str(sft_dir),
                               probe_scorer=cfg.reward.probe_scorer or cfg.labelling_scorer,
                               heads=cfg.reward.heads or (8 if selects and r < cfg.rounds - 1 else 0)),
             "dpo": replace(on_base(cfg.dpo), run=run, sft=str(sft_dir)),

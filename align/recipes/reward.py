@@ -78,8 +78,8 @@ from align.reward_model import (
     score,
     score_conversations,
     score_head_in_fp32,
+    scorer_views,
 )
-from align.rl import scorer_scores
 from align.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
 from align.training import (
     MetricsJSONL,
@@ -220,11 +220,21 @@ def refuse_non_finite(model, loss: float, step: int) -> None:
     and PPO and eval would read that as a finished model (its manifest, rc 0)."""
     bad = next((name for name, p in model.named_parameters() if p.requires_grad
                 and not torch.isfinite(own_shard(p)).all()), None)
-    if math.isfinite(loss) and bad is None:
+    elsewhere = False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # each process checks its own shard (ZeRO-3, FSDP2): decided together, or the one that found a NaN raises
+        # alone while the others wait in the save's collectives until the process group times out
+        nccl = torch.distributed.get_backend() == "nccl"
+        flag = torch.tensor([float(bad is not None)],
+                            device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        elsewhere = bad is None and flag.item() > 0
+    if math.isfinite(loss) and bad is None and not elsewhere:
         return
     # transformers logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter), so
     # train_loss can look fine over weights that are NaN: the weights decide.
-    what = f"{bad} holds NaN/inf" if bad else f"train_loss is {loss}"
+    what = f"{bad} holds NaN/inf" if bad else "a weight of another process's shard holds NaN/inf" if elsewhere else \
+        f"train_loss is {loss}"
     raise StageError(f"training went non-finite by step {step} ({what}): nothing is saved. Lower train.lr, or "
                      "check the data's weight, margin and p_chosen columns")
 
@@ -290,11 +300,9 @@ def main(cfg: RewardStageConfig) -> Path:
     data = add_system_prompt(data, system_prompt)
     probe_pairs = data.get("test")  # with every column, for the probes
     if cfg.probe_scorer and probe_pairs is not None and len(probe_pairs):
-        # The probe scorer on one held-out answer now, before training: one that returns no number (or raises)
-        # stops here rather than at the probes, after the model trained
-        first = probe_pairs[0]
-        scorer_scores(resolve_scorer(cfg.probe_scorer), cfg.probe_scorer, [first["prompt"][-1]["content"]],
-                      [first["chosen"][-1]["content"]], what="held-out pair", finite=True)
+        # Every probe-scorer score now, before training (a few hundred calls): one that returns no number, raises or
+        # gives NaN on any held-out answer or edit stops here rather than at the probes, losing the trained model
+        scorer_views(resolve_scorer(cfg.probe_scorer), cfg.probe_scorer, probe_pairs.to_list())
     data, weighting = loss_columns(data, cfg, data_path)
     train, test = data["train"], data.get("test")
     tokenizer = load_tokenizer(str(sft) if cfg.from_sft else model_cfg.name)  # the SFT's chat template

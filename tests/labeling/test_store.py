@@ -1182,6 +1182,9 @@ def test_a_long_run_of_blank_lines_is_folded_into_a_marker_so_the_text_after_it_
     assert "align-warn" not in two and "a\n\n\nb" in two
     assert "⟨3 blank lines⟩" in handlers.text_html("a\n\n\n\nb")
     assert "⟨3 blank lines⟩" in handlers.text_html("a\r\n\r\n\r\n\r\nb")
+    # a line of separators or form feeds is not blank: folded, its markers and the warning went out of sight
+    shown = handlers.text_html("a\n\u2028\n\u2028\n\x0c\nb")
+    assert "blank lines" not in shown and shown.count("⟨U+2028⟩") == 2 and "holds 3 hidden" in shown
 
 
 def test_hidden_and_direction_characters_become_markers_and_are_counted():
