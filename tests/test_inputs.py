@@ -607,6 +607,7 @@ def test_label_options_out_of_range(argv, said, tmp_path, capsys):
     (["--db", "sqlite:///", "status"], "--db sqlite:///: an in-memory database is gone when the command exits"),
     (["gold", "x", "1,2"], "gold TASK_ID RANKS: a task number and comma-separated ranks"),
     (["users", "remove", "bob"], "unknown command 'users remove bob'"),
+    (["run.dir={tmp}/r"], "run.dir={tmp}/r: align label takes flags, not key=value: --run-dir {tmp}/r"),
 ])
 def test_label_commands_refused_before_the_store_is_made(argv, said, d, tmp_path, capsys):
     fill = {"d": d, "tmp": tmp_path, "run": tmp_path / "run"}

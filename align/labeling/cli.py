@@ -62,6 +62,10 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"gold TASK_ID RANKS: a task number and comma-separated ranks, e.g. gold 12 2,1,3; got {cmd[1:]}"
         known = True
     if not known:
+        flag = {"run.dir": "--run-dir", "store": "--db", "port": "--port", "host": "--host"}.get(
+            cmd[0].partition("=")[0]) if cmd and "=" in cmd[0] else None
+        if flag:  # the stages' key=value form: align label takes flags (`align label run.dir=runs/x` was "unknown")
+            return f"{cmd[0]}: align label takes flags, not key=value: {flag} {cmd[0].partition('=')[2]}"
         return f"unknown command {' '.join(cmd)!r}; see `align label --help`"
     if args.profiles and not args.simulate:
         return "--profiles: only with --simulate (the profiles of simulated annotators)"
