@@ -31,6 +31,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align import StageError, artifacts, report
+from align.distributed import Ranks
 from align.artifacts import (
     is_main_process,
     model_identity,
@@ -220,15 +221,9 @@ def refuse_non_finite(model, loss: float, step: int) -> None:
     and PPO and eval would read that as a finished model (its manifest, rc 0)."""
     bad = next((name for name, p in model.named_parameters() if p.requires_grad
                 and not torch.isfinite(own_shard(p)).all()), None)
-    elsewhere = False
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # each process checks its own shard (ZeRO-3, FSDP2): decided together, or the one that found a NaN raises
-        # alone while the others wait in the save's collectives until the process group times out
-        nccl = torch.distributed.get_backend() == "nccl"
-        flag = torch.tensor([float(bad is not None)],
-                            device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        elsewhere = bad is None and flag.item() > 0
+    # each process checks its own shard (ZeRO-3, FSDP2): decided together, or the one that found a NaN raises
+    # alone while the others wait in the save's collectives until the process group times out
+    elsewhere = Ranks().any(bad is not None) and bad is None
     if math.isfinite(loss) and bad is None and not elsewhere:
         return
     # transformers logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter), so
