@@ -497,7 +497,6 @@ def probe(reward: Callable[[list[list[dict[str, str]]]], list[float]], heldout, 
         out["by_posterior"] = _accuracy_by([_posterior_bucket(r["p_chosen"]) for r in rows], gaps,
                                            ["<0.7", "0.7-0.9", ">=0.9"])
     texts = [r["rejected"][-1]["content"] for r in rows]
-    prompts = [r["prompt"][-1]["content"] for r in rows]
     if scorer is not None:
         # Every score the scorer gives, the edited answers' too, before the reward model scores any edit (the reward
         # stage takes them all before training too: scorer_views)

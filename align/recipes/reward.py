@@ -31,7 +31,6 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align import StageError, artifacts, report
-from align.distributed import Ranks
 from align.artifacts import (
     is_main_process,
     model_identity,
@@ -47,6 +46,7 @@ from align.artifacts import (
 from align.config import ConfigError, PPOStageConfig, RewardStageConfig, load_config, save_config, to_dict
 from align.cpu import keep_trainable_in, speed_up_cpu_training
 from align.data import DataError, file_hash
+from align.distributed import Ranks
 from align.gpu_training import (
     describe_levers,
     fit_checkpointing,
