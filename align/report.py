@@ -675,6 +675,27 @@ def near_chance(m: dict[str, Any], key: str) -> str | None:
     return None
 
 
+def dpo_did_not_move(manifest: dict[str, Any]) -> list[str]:
+    """A caution for a DPO whose policy did not move toward the preferred answers: a held-out implicit reward
+    margin at or below 0 (beta times how much the chosen-minus-rejected log-prob margin grew over the SFT's), or,
+    with no held-out pairs, a sigmoid loss whose run average stayed at ln 2 (its value at step 0, where the
+    policy is the reference). The accuracy caution misses both when the held-out pairs are few or absent."""
+    m = manifest.get("metrics") or {}
+    remedy = "raise train.lr or train.max_steps (or beta), and check that the labels prefer what they should"
+    margin = _num(m, "heldout_reward_margin")
+    if margin is not None and margin <= 0:
+        sft, dpo = _num(m, "heldout_logp_margin_sft"), _num(m, "heldout_logp_margin_dpo")
+        moved = f" (log-prob margin {sft:.2f} for SFT, {dpo:.2f} after)" if sft is not None and dpo is not None else ""
+        return [f"its held-out implicit reward margin is {margin:.3f}{moved}: on pairs it did not train on, the "
+                f"policy moved no closer to the preferred answers than the SFT: {remedy}"]
+    loss = _num(m, "train_loss")
+    sigmoid = ((manifest.get("config") or {}).get("loss") or "sigmoid") == "sigmoid"
+    if margin is None and sigmoid and loss is not None and abs(loss - math.log(2)) < 0.002:
+        return [f"its training loss averaged {loss:.4f}, DPO's value at step 0 (ln 2 = 0.6931): the policy has "
+                f"not moved from the SFT on the pairs it trained on: {remedy}"]
+    return []
+
+
 def judging_reward_model(m: dict[str, Any], folder: Path) -> Path | None:
     """The folder of the reward model that judged the eval in `folder` (its parent reward_model), where recorded."""
     parent = (m.get("parents") or {}).get("reward_model")
@@ -873,6 +894,8 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         if kind == stage and (said := near_chance(m, key)):
             found.append(f"its {what} is {said}: more labelled pairs (more held-out prompts for a narrower "
                          "interval) or more training steps")
+    if kind == "dpo":
+        found += dpo_did_not_move(manifest)
     if kind == "eval" and folder is not None and (weak := judge_caution(manifest, folder)):
         found.append(weak)
     if kind == "eval" and folder is not None:

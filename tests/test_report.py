@@ -108,6 +108,18 @@ def test_cautions_name_only_what_crosses_its_line():
     assert cautions("reward", worse)[0].startswith("its held-out accuracy is 30.0% [20.0%, 40.0%], below chance")
     assert cautions("reward", {"metrics": {"eval_accuracy": 0.3, "eval_accuracy_ci": [None, None]}}) == []
     assert cautions("dpo", {"metrics": {**DPO["metrics"], "heldout_accuracy_ci": [0.51, 0.83]}}) == []
+    # a DPO that moved no closer to the preferred answers: a held-out margin at 0 or below, or (no held-out pairs)
+    # a sigmoid loss that stayed at ln 2, its step-0 value; neither is said of a DPO that moved
+    still = {"metrics": {**DPO["metrics"], "heldout_accuracy_ci": [0.51, 0.83], "heldout_reward_margin": -0.004,
+                         "heldout_logp_margin_sft": 1.25, "heldout_logp_margin_dpo": 1.21}}
+    assert cautions("dpo", still) == ["its held-out implicit reward margin is -0.004 (log-prob margin 1.25 for SFT, "
+                                      "1.21 after): on pairs it did not train on, the policy moved no closer to the "
+                                      "preferred answers than the SFT: raise train.lr or train.max_steps (or beta), "
+                                      "and check that the labels prefer what they should"]
+    flat = {"metrics": {"train_loss": 0.6925, "global_step": 10}, "config": {"loss": "sigmoid"}}
+    assert cautions("dpo", flat)[0].startswith("its training loss averaged 0.6925, DPO's value at step 0 (ln 2 = 0.6931)")
+    assert cautions("dpo", {"metrics": {"train_loss": 0.64, "global_step": 10}}) == []
+    assert cautions("dpo", {**flat, "config": {"loss": "hinge"}}) == []  # another loss starts elsewhere
     assert cautions("eval", EVAL) == []
     seen = {**EVAL, "prompts_seen_in_training": {"sft": 48, "dpo": 0}}
     assert cautions("eval", seen) == ["sft was trained on 48 of the 48 eval prompts"]
