@@ -1136,3 +1136,32 @@ def stage_key(folder: Path, key: str, command: str | None) -> str:
     if command == "pipeline" and stage is not None:
         return f"{stage.runs_as[0] if stage.runs_as else stage.name}.{key}"
     return key
+
+
+def _holds_adapter(folder: Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def resolve_policies(cfg: Any) -> dict[str, Path]:
+    """Eval's policies, name -> folder: `policies=` as given, else each policy stage's folder in run.dir that holds
+    an adapter; StageError where they are not adapters, fewer than two (without human=true), or lack the baseline.
+    Here, not in the recipe, so that preflight refuses before the recipe's imports (seconds)."""
+    if cfg.policies:
+        found = {name: Path(p) for name, p in cfg.policies.items()}
+    else:
+        found = {s: stage_dir(cfg.run.dir, s) for s in stages_of_kind("policy")
+                 if _holds_adapter(stage_dir(cfg.run.dir, s))}
+    missing = [f"{n} ({p})" for n, p in found.items() if not _holds_adapter(p)]
+    if missing:
+        raise StageError(f"not adapter folders: {', '.join(missing)}")
+    if not found:
+        raise StageError(f"no policies in {cfg.run.dir}: none of its {', '.join(stages_of_kind('policy'))} folders "
+                         "holds an adapter; train them first (`align sft`, then `align dpo` or `align ppo`), or pass "
+                         "policies={name: folder, ...}")
+    if cfg.baseline not in found:
+        raise StageError(f"the baseline {cfg.baseline!r} is not among the policies {sorted(found)}; "
+                         "set baseline=<name> or policies={name: folder, ...}")
+    if len(found) < 2 and not cfg.human:
+        raise StageError(f"only {sorted(found)} to evaluate: eval compares at least two policies "
+                         "(train one with `align dpo` or `align ppo`, or pass policies={...})")
+    return found

@@ -57,6 +57,7 @@ from align.artifacts import (
     key_prefix,
     merge_paths,
     pipeline_stages,
+    resolve_policies,
     round_batch,
     run_store,
     shell,
@@ -276,6 +277,8 @@ def _eval(cfg, pending: set[str], p: str) -> None:
     if cfg.baseline not in names:
         raise ConfigError(f"{p}baseline: {cfg.baseline!r} is not {'among the policies' if cfg.policies else 'a policy stage'}; "
                           f"allowed values: {', '.join(names)}")
+    if not pending:  # too few policies (none trained yet), before the recipe's imports
+        resolve_policies(cfg)
     prompts = _prompts(f"{p}prompts", cfg.prompts)
     folders = list((cfg.policies or {}).values()) or [stage_dir(cfg.run.dir, s) for s in names]
     for policy in dict.fromkeys(str(f) if Path(f).exists() else cfg.model.name for f in folders):

@@ -112,7 +112,7 @@ def test_report_shows_a_folder_name_as_text(tmp_path):
 
 
 def test_every_artifact_stage_has_a_wandb_type_and_eval_knows_every_policy(tmp_path):
-    from align.recipes.evaluate import resolve_policies
+    from align.artifacts import resolve_policies
     from align.tracking import ARTIFACT_TYPES
 
     assert all(s.kind in ARTIFACT_TYPES for s in STAGES.values() if s.folder)

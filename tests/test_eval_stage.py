@@ -191,7 +191,11 @@ def test_align_eval_tries_the_scorer_on_the_first_answer_before_the_other_polici
     assert not (tmp_path / "run" / "eval").exists()
 
 
-def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys):
+def test_refuses_without_policies_and_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    def recipe(*_):  # preflight's refusal, before the recipe's imports (4 s of torch, transformers, peft)
+        raise AssertionError("the eval recipe ran")
+
+    monkeypatch.setattr("align.cli.run_stage", recipe)
     assert align(["eval", f"run.dir={tmp_path}", "run.wandb=disabled"]) == 1
     captured = capsys.readouterr()
     assert f"no policies in {tmp_path}: none of its sft, dpo, ppo" in captured.out + captured.err

@@ -36,6 +36,7 @@ from align.artifacts import (
     print_done,
     read_manifest,
     recorded_path,
+    resolve_policies,
     run_store,
     shell,
     stage_dir,
@@ -119,28 +120,6 @@ def seen_in_training(paths: dict[str, Path], prompts: list[str]) -> dict[str, in
                         "its figures are not on held-out prompts; point eval.prompts at prompts no stage trained on",
                         n, len(prompts), name)
     return counts
-
-
-def resolve_policies(cfg: EvalStageConfig) -> dict[str, Path]:
-    if cfg.policies:
-        found = {name: Path(p) for name, p in cfg.policies.items()}
-    else:
-        found = {s: stage_dir(cfg.run.dir, s) for s in stages_of_kind("policy")
-                 if is_adapter_dir(stage_dir(cfg.run.dir, s))}
-    missing = [f"{n} ({p})" for n, p in found.items() if not is_adapter_dir(p)]
-    if missing:
-        raise StageError(f"not adapter folders: {', '.join(missing)}")
-    if not found:
-        raise StageError(f"no policies in {cfg.run.dir}: none of its {', '.join(stages_of_kind('policy'))} folders "
-                         "holds an adapter; train them first (`align sft`, then `align dpo` or `align ppo`), or pass "
-                         "policies={name: folder, ...}")
-    if cfg.baseline not in found:
-        raise StageError(f"the baseline {cfg.baseline!r} is not among the policies {sorted(found)}; "
-                         "set baseline=<name> or policies={name: folder, ...}")
-    if len(found) < 2 and not cfg.human:
-        raise StageError(f"only {sorted(found)} to evaluate: eval compares at least two policies "
-                         "(train one with `align dpo` or `align ppo`, or pass policies={...})")
-    return found
 
 
 def load_adapters(paths: dict[str, Path], cfg: EvalStageConfig):
