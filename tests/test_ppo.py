@@ -755,6 +755,46 @@ def test_an_fp16_policys_gradients_are_scaled_back_to_an_fp32_ones(sft_dir, monk
     assert fp16[True].norm() / fp32.norm() == pytest.approx(1, abs=1e-3)  # unscaled before the step, once
 
 
+def test_a_step_whose_every_fp16_update_overflowed_leaves_the_schedule_where_it_was(sft_dir, monkeypatch):
+    """fp16's loss scaling skips an update whose gradients overflowed. A PPO step that took none (a first step
+    at 65536 on a model whose gradients overflow there) made torch warn that the scheduler stepped before the
+    optimizer, and moved the warmup without an update; the schedule now moves with the updates taken, as
+    accelerate's does for the Trainer's stages."""
+    import warnings
+
+    from align.modeling import device_plan
+    from align.recipes import ppo as P
+
+    cfg, _, _, _, roll = policy_and_rollout(sft_dir, monkeypatch)
+    cfg = replace(cfg, rl=replace(cfg.rl, minibatch_size=4, ppo_epochs=1))
+    plan = replace(device_plan(cfg.model), gradient_checkpointing=False)
+
+    def steps_taken(scaler) -> float:
+        model = P.build_policy(cfg, plan, sft_dir)
+        head = P.ValueHead(model.config.hidden_size)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(head.parameters()))
+        stats = P.ppo_step(model, head, optimizer, roll, torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0]), cfg,
+                           R.FixedKL(0.05), 1, has_ref=True, scaler=scaler)
+        return stats["optimizer_steps"], optimizer
+
+    assert steps_taken(None)[0] == 2  # 8 responses in minibatches of 4, one epoch
+    assert steps_taken(torch.amp.GradScaler("cpu"))[0] == 2
+    for name in ("policy_loss", "value_loss"):  # losses whose gradients overflow at the scaler's 65536
+        loss = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, loss=loss: (lambda value, stats: (value * 1e36, stats))(*loss(*a)))
+    overflowing = torch.amp.GradScaler("cpu")
+    taken, optimizer = steps_taken(overflowing)
+    assert taken == 0 and overflowing.get_scale() == 65536 / 4  # both updates skipped, the scale halved twice
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)  # a warmup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()"
+        P.advance_schedule(scheduler, taken)
+    assert scheduler.last_epoch == 0
+    optimizer.step()  # a later step's update (no gradients: it changes nothing)
+    P.advance_schedule(scheduler, 1.0)
+    assert scheduler.last_epoch == 1
+
+
 # ---------------------------------------------------------------------------- the RL pieces by hand
 
 

@@ -231,6 +231,7 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
     stats: dict[str, list[float]] = {}
     order = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # what unscale_ and step see
+    taken = 0  # optimizer steps: fp16's loss scaling skips one whose gradients overflowed
     for _ in range(rl.ppo_epochs):
         for batch in torch.randperm(n, generator=order).split(rl.minibatch_size):
             logp, values, _ = forward(model, head, ids[batch], attention[batch], context, temp)
@@ -248,18 +249,28 @@ def ppo_step(model, head, optimizer, roll: dict, scores: torch.Tensor, cfg: PPOS
             scaler.scale(loss).backward()
             ranks.average_gradients(params)  # the same gradients in every process, so the same step below
             scaler.unscale_(optimizer)  # fp16: the true gradients again, and whether any overflowed
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (the scale then halves)
             scaler.update()
+            taken += not scaler.is_enabled() or bool(torch.isfinite(norm))  # what the scaler's skip reads
             optimizer.zero_grad(set_to_none=True)
             for k, v in {"policy/loss": pg_loss.item(), "value/loss": vf_loss.item(), **pg_stats, **vf_stats}.items():
                 stats.setdefault(k, []).append(v)
 
     keys = sorted(stats)  # every rank logs the same keys, in this order
     means = ranks.mean(torch.tensor([sum(stats[k]) / len(stats[k]) for k in keys], dtype=torch.float64)).tolist()
-    return {"kl_coef": kl_ctl.value,
+    return {"kl_coef": kl_ctl.value, "optimizer_steps": float(taken),
             **R.rollout_figures(entropy, old_values, returns, kl.sum(-1), kl_ctl.value, mask, total=ranks.total),
             **dict(zip(keys, means, strict=True))}
+
+
+def advance_schedule(scheduler, optimizer_steps: float) -> None:
+    """The learning-rate schedule moves with the updates taken: a PPO step whose every update fp16's loss scaling
+    skipped (each minibatch's gradients overflowed) leaves it where it was, as accelerate's scheduler does for the
+    Trainer's stages (stepped anyway, the first such step made torch warn of a scheduler stepped before its
+    optimizer, and the warmup ran ahead of the updates)."""
+    if optimizer_steps:
+        scheduler.step()
 
 
 def loss_scaler(plan, device: torch.device) -> torch.amp.GradScaler:
@@ -327,7 +338,7 @@ def train_ppo(cfg: PPOStageConfig, plan, sft: Path | None, prompts: list[str], o
         # every figure the whole step's, the same in every process: the KL controller then moves alike everywhere
         stats = ppo_step(model, head, optimizer, roll, scores, cfg, kl_ctl, step, sft is not None, ranks, scaler)
         lr = scheduler.get_last_lr()[0]  # the rate this step trained at (the next one's after scheduler.step)
-        scheduler.step()
+        advance_schedule(scheduler, stats["optimizer_steps"])
         kl_ctl.update(stats["kl"], len(batch) * ranks.world)
         rows = [[step, p, t, s] for p, t, s in zip(batch, roll["texts"], raw.tolist(), strict=True)]  # this rank's
         raw, scores = ranks.gather(raw), ranks.gather(scores)
