@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -357,23 +358,27 @@ def not_a_number_on_rank_one(prompt: str, response: str) -> float:
 
 
 @pytest.mark.distributed
-def test_a_reward_that_breaks_in_one_process_stops_both_with_the_folder_tidied(tiny_model, tmp_path):
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_a_reward_that_breaks_in_one_process_stops_both_with_the_folder_tidied(algo, tiny_model, tmp_path):
     """Each process checks its own share of the rewards. When one stopped alone, the other failed in the step's
     next all-reduce (gloo saw its peer gone) with a traceback of torch.distributed's, and the launcher killed it.
-    Both stop at the same step now, each saying where the fault is; the folder is tidied as after any error."""
+    Both stop at the same step now, each saying where the fault is; the folder is tidied as after any error.
+    GRPO's check (in the reward function TRL calls in every process before it gathers the rewards) asks the same."""
     config = REPO / "configs/accelerate/cpu_2proc.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           str(free_port()), "-m", "align.cli", "ppo", f"model.name={tiny_model}", f"run.dir={tmp_path}", "sft=none",
-           "scorer=test_distributed:not_a_number_on_rank_one", "rl.rollout_prompts=4", "rl.minibatch_size=2",
-           "train.max_steps=2", "generation.max_new_tokens=8", "model.quantize=false", "run.wandb=disabled"]
+           str(free_port()), "-m", "align.cli", "ppo", f"algo={algo}", f"model.name={tiny_model}", f"run.dir={tmp_path}",
+           "sft=none", "scorer=test_distributed:not_a_number_on_rank_one", "rl.rollout_prompts=4", "rl.minibatch_size=2",
+           "rl.num_generations=2", "train.max_steps=2", "generation.max_new_tokens=8", "model.quantize=false",
+           "run.wandb=disabled"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
-    assert "align ppo: step 1: the reward is not finite for 2 of 2 responses" in out.stderr, out.stderr[-3000:]
-    assert "align ppo: step 1: the reward is not finite for responses of another process" in out.stderr
+    what = "responses" if algo == "ppo" else "completions"
+    assert re.search(rf"align ppo: step 1: the reward is not finite for (\d+) of \1 {what}", out.stderr), out.stderr[-3000:]
+    assert f"align ppo: step 1: the reward is not finite for {what} of another process" in out.stderr
     assert "[rank0]:" not in out.stderr and "[rank1]:" not in out.stderr  # no process's traceback
-    assert not (tmp_path / "ppo").exists()
+    assert not (tmp_path / algo).exists()
 
 
 @pytest.mark.distributed

@@ -434,11 +434,16 @@ def test_a_scorer_reward_that_is_no_number_is_refused_naming_the_scorer_and_the_
     assert reward(["a", "b"], ["Your password, please.", "Open Settings."]) == [1.0, 0.0]
 
 
-def test_nan_reward_stops_naming_the_step(sft_dir, prompts, tmp_path, capsys):
-    assert align(["ppo", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}", "scorer=test_ppo:not_a_number",
-                  "train.max_steps=2", "rl.rollout_prompts=4", *FAST]) == 1
-    assert "step 1: the reward is not finite" in capsys.readouterr().err
-    assert not (tmp_path / "ppo").exists()  # the failed run's folder (no checkpoint yet) is not left behind
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_nan_reward_stops_naming_the_step(algo, sft_dir, prompts, tmp_path, capsys):
+    """GRPO and RLOO (TRL's trainers) took a reward that is not a number as PPO's loop does not: inf made the
+    advantages NaN (a zero loss, `reward: inf` in the manifest, exit 0), NaN left the completion out of the mean."""
+    assert align(["ppo", f"algo={algo}", f"run.dir={tmp_path}", f"sft={sft_dir}", f"prompts={prompts}",
+                  "scorer=test_ppo:not_a_number", "train.max_steps=2", "rl.rollout_prompts=4", "rl.num_generations=4",
+                  *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "step 1: the reward is not finite" in err and "Traceback" not in err
+    assert not (tmp_path / algo).exists()  # the failed run's folder (no checkpoint yet) is not left behind
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

@@ -21,6 +21,7 @@ config.yaml, metrics.jsonl, align.json (parents sft + reward_model) and checkpoi
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from align import process_count, report
+from align import StageError, process_count, report
 from align import rl as R
 from align.artifacts import (
     eval_command,
@@ -42,6 +43,7 @@ from align.artifacts import (
 from align.config import ConfigError, PPOStageConfig, RLConfig, save_config, to_dict
 from align.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from align.data import file_hash, load_prompts, with_system_prompt
+from align.distributed import Ranks
 from align.gpu_training import (
     adapter_settings,
     describe_levers,
@@ -176,10 +178,22 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- reward, model ----------------------------------------------------------------------
     reward, gate_figures, rm = R.make_reward(cfg)
 
+    ranks: list[Ranks] = []  # made at the first call, when the trainer has opened the process group
+
     def reward_fn(prompts, completions, **_) -> list[float]:
         text = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         asked = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
-        return [float(x) for x in reward(asked, text)]
+        scores = [float(x) for x in reward(asked, text)]
+        # As PPO's loop: TRL took inf (advantages NaN, a zero loss, "reward": inf in the manifest, exit 0) and NaN
+        # (the completion left out of the mean with a warning). Every process decides together: TRL gathers next.
+        broken = [i for i, x in enumerate(scores) if not math.isfinite(x)]
+        ranks[:] = ranks or [Ranks()]
+        if ranks[0].any(bool(broken)):
+            said = (f"for {len(broken)} of {len(scores)} completions (first: {text[broken[0]][:80]!r}, "
+                    f"{scores[broken[0]]})" if broken else "for completions of another process")
+            raise StageError(f"step {trainer.state.global_step + 1}: the reward is not finite {said}; fix the "
+                             "reward model/scorer")
+        return scores
 
     reward_fn.__name__ = "reward"  # TRL logs it as `reward`
 
