@@ -62,6 +62,9 @@ class Policy:
     # adapter trained on and eval's KL ran on.
     quantize: bool = False
     compute_dtype: str = "auto"
+    # generation.backend=vllm: the largest LoRA rank of every adapter this run samples on the same base (eval's
+    # policies), so that the engine, built at the first, takes the rest; None: this adapter's own
+    max_lora_rank: int | None = None
 
 
 def stop_ids(tokenizer, generation_config=None) -> list[int]:
@@ -289,6 +292,13 @@ def check_backend(gen: GenerationConfig) -> None:
                     "or use generation.backend=transformers")
 
 
+def lora_rank(adapter: str | Path) -> int:
+    """An adapter folder's LoRA rank (adapter_config.json's r)."""
+    import json
+
+    return int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+
+
 def vllm_engine(base: str, gen: GenerationConfig, max_lora_rank: int, *, quantize: bool = False,
                 dtype: str = "auto"):
     """One vLLM engine per base model folder (and way of loading it), LoRA on, kept for every adapter on that base.
@@ -328,7 +338,6 @@ def release_vllm_engines() -> None:
 def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, k: int = 1,
                   system_prompt: str | None = None, desc: str | None = "sampling") -> list[list[Answer]]:
     """`generate_answers` through vLLM: same prompts, token ids and sampling settings; the adapter as a LoRARequest."""
-    import json
 
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -339,7 +348,7 @@ def vllm_generate(policy: Policy, prompts: list[str], gen: GenerationConfig, *, 
     adapter = source if is_adapter_dir(source) else None
     rank = 16
     if adapter:
-        r = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+        r = max(lora_rank(adapter), policy.max_lora_rank or 0)
         rank = next((x for x in VLLM_LORA_RANKS if x >= r), r)
     base = resolve_model_path(adapter_base_name(adapter) if adapter else source)
     engine = vllm_engine(base, gen, rank, quantize=policy.quantize, dtype=policy.compute_dtype)

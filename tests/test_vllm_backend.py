@@ -227,3 +227,19 @@ def test_vllm_loads_the_base_as_the_stage_does_4bit_and_in_its_dtype(fake_vllm, 
                   "scorer=length", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "generation.backend=vllm",
                   "generation.max_new_tokens=4", "model.quantize=true", "kl_samples=0", "bootstrap=10"]) == 0
     assert [(m["quantization"], m["dtype"]) for m in FakeLLM.made] == [("bitsandbytes", "auto")]
+
+
+def test_eval_builds_its_one_vllm_engine_for_the_largest_rank_among_its_policies(fake_vllm, tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """The engine is made at the first adapter sampled, for its rank: eval's policies of ranks 8 then 64 failed
+    at the second ("sample them in separate runs", which eval cannot), the other order passed."""
+    monkeypatch.setattr(fake_vllm, "check_backend", lambda gen: None)  # as on a GPU machine with vLLM
+    small, large = adapter(tiny_model, tmp_path / "sft", 8), adapter(tiny_model, tmp_path / "dpo", 64)
+    (prompts := tmp_path / "prompts.jsonl").write_text('{"prompt": "How do I sync?"}\n')
+    assert align(["eval", f"policies={{sft: {small}, dpo: {large}}}", "baseline=sft", f"prompts={prompts}",
+                  "scorer=length", f"run.dir={tmp_path / 'run'}", "run.wandb=disabled", "generation.backend=vllm",
+                  "generation.max_new_tokens=4", "model.quantize=false", "kl_samples=0", "bootstrap=10"]) == 0
+    (made,) = FakeLLM.made
+    assert made["max_lora_rank"] == 64
+    (engine,) = fake_vllm._engines.values()
+    assert [call[2].path for call in engine.calls] == [str(small.resolve()), str(large.resolve())]

@@ -53,6 +53,7 @@ from align.generation import (
     chat_prompt,
     folded,
     generate_answers,
+    lora_rank,
     plain_sampling,
     stop_ids,
 )
@@ -385,7 +386,8 @@ def main(cfg: EvalStageConfig) -> Path:
     model, tokenizer, base_name, adapters = load_adapters(paths, cfg)
     system_prompts = {name: system_prompt_of(path) for name, path in paths.items()}  # each policy's own
     # generation.backend=vllm answers on the base the KL below runs on: 4-bit when it is, in model.compute_dtype
-    vllm = {"quantize": bool(getattr(model, "is_loaded_in_4bit", False)), "compute_dtype": cfg.model.compute_dtype}
+    vllm = {"quantize": bool(getattr(model, "is_loaded_in_4bit", False)), "compute_dtype": cfg.model.compute_dtype,
+            "max_lora_rank": max(lora_rank(path) for path in paths.values())}  # one engine for them all
     responses: dict[str, list[str]] = {}
     cut: dict[str, float] = {}  # the share of each policy's answers cut at max_new_tokens
     for name in paths:
