@@ -13,7 +13,8 @@ skip their adapters for that call and nothing global is flipped. Measured on thi
 `set_adapter` walks every module and resets each adapter's requires_grad, ~60 ms a switch; the
 mixed-batch path makes the switch free but every token ~6 % slower (an index copy and a Python
 hook per layer per token), which costs more than the switch on any answer of a few dozen
-tokens; `disable_adapter()` for `base` builds peft's status report first, ~250 ms a request.
+tokens; `disable_adapter()` for `base` builds peft's status report first, ~250 ms a request, and
+is taken only where a LoRA layer refuses mixed batches (unmixable_layers: a MoE model's fused experts).
 
 A request without a system message of its own gets the adapter's system prompt as its first
 turn: the one the adapter was trained with (`sft.data.system_prompt`, from its align.json through
@@ -39,6 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,15 @@ class Result:
         return sum(c.tokens for c in self.choices)
 
 
+def unmixable_layers(model) -> list[str]:
+    """The kinds of LoRA layer in `model` that refuse peft's mixed-batch `adapter_names` (peft 0.21: a fused
+    parameter's ParamWrapper, MultiheadAttention), by class name; [] where every layer takes them."""
+    from peft.tuners import lora
+
+    kinds = tuple(k for k in (getattr(lora, "ParamWrapper", None), getattr(lora, "MultiheadAttention", None)) if k)
+    return sorted({f"lora.{type(m).__name__}" for m in model.modules() if isinstance(m, kinds)})
+
+
 class ChatEngine:
     """A model (a PeftModel with every served adapter, or a plain model serving `base` alone) and its tokenizers."""
 
@@ -143,13 +154,20 @@ class ChatEngine:
         # ["__base__"] * n during a base request, read by every LoRA layer's hook; None otherwise.
         self._rows: list[str] | None = None
         self._active = next((a for a in adapters.values() if a), None)  # peft's first adapter starts active
-        if self._active is not None:
+        # `base` with the adapters switched off (peft's disable_adapter) where a LoRA layer refuses mixed batches:
+        # a fused MoE expert's (lora.ParamWrapper, what all-linear adapts on Mixtral) or an nn.MultiheadAttention's
+        self._unmixable = self._active is not None and unmixable_layers(model)
+        self._off = False  # during a base request served so
+        if self._active is not None and not self._unmixable:
             from peft.tuners.lora import LoraLayer
             from peft.utils import AuxiliaryTrainingWrapper
 
             for module in model.modules():  # the layers peft's own adapter_names hooks would reach
                 if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                     module.register_forward_pre_hook(self._name_adapters, with_kwargs=True)
+        if self._unmixable:
+            log.info("base served with the adapters switched off for each request (~250 ms): %s cannot mix adapters "
+                     "in a batch", ", ".join(self._unmixable))
 
     @classmethod
     def load(cls, models: dict[str, Path], base: str, cfg) -> ChatEngine:
@@ -257,8 +275,9 @@ class ChatEngine:
     def _select(self, model: str, n: int) -> float:
         """Make `model` the one this call's n rows run with; the seconds a switch of adapter took."""
         adapter = self.adapters[model]
+        self._off = adapter is None and bool(self._unmixable)
         if adapter is None:
-            self._rows = ["__base__"] * n if self._active is not None else None
+            self._rows = ["__base__"] * n if self._active is not None and not self._unmixable else None
             return 0.0
         self._rows = None
         if adapter == self._active:
@@ -300,11 +319,11 @@ class ChatEngine:
                 ids = torch.tensor([job.prompt_ids] * (1 if sample else p.n), device=self.device)
                 progress = _Progress(rows, on_text, job.cancelled, self.closing)
                 try:
-                    with plain_sampling(self.model):
+                    with plain_sampling(self.model), self.model.disable_adapter() if self._off else nullcontext():
                         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings,
                                             stopping_criteria=StoppingCriteriaList([progress]))
                 finally:
-                    self._rows = None
+                    self._rows, self._off = None, False
                 seconds = time.perf_counter() - start
         finally:
             self.release(job)

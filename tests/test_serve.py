@@ -137,6 +137,44 @@ def test_a_dora_adapter_is_served_beside_lora_ones(run, tiny_model, tmp_path):
         assert result.choices[0].text == expected[name], name
 
 
+def test_base_is_served_beside_adapters_on_layers_that_refuse_mixed_batches(tiny_model):
+    """On a MoE model all-linear adapts the fused expert weights (peft's lora.ParamWrapper), which refuse peft's
+    mixed-batch adapter_names: every `base` request was a 500. There `base` runs with the adapters switched off
+    (peft's disable_adapter), and the adapter's answers are its own before and after."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from align.chat_engine import ChatEngine, Params, unmixable_layers
+    from align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)).eval()
+    prompt = torch.tensor([tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"]])
+
+    def greedy(m) -> list[int]:
+        return m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                          top_k=None, pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+
+    plain = greedy(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                           adapter_name="a0").eval()
+    adapted = greedy(model)
+    assert adapted != plain and unmixable_layers(model) == ["lora.ParamWrapper"]
+    engine = ChatEngine(model, {"base": tokenizer, "sft": tokenizer}, {"base": None, "sft": "a0"},
+                        max_prompt_tokens=200, max_waiting=4)
+    expected = {name: tokenizer.decode(ids, skip_special_tokens=True) for name, ids in (("sft", adapted),
+                                                                                     ("base", plain))}
+    assert expected["sft"] != expected["base"]
+    for name in ["sft", "base", "sft", "base"]:
+        assert engine.run(engine.prepare(name, PROMPT, Params(max_tokens=8, temperature=0))).choices[0].text == \
+            expected[name], name
+
+
 def test_a_merged_model_served_alone_keeps_the_system_prompt_it_was_trained_with(tiny_model, tmp_path):
     """align merge records the adapter's system prompt in the merged folder; served as `base` (model.name=<the
     folder>) the prompt was left out, and the merged model answered otherwise than its adapter (27 prompt tokens
