@@ -468,6 +468,30 @@ def test_grpo_and_rloo_raise_the_reward_and_write_an_adapter_peft_loads(algo, sf
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_grpo_samples_with_trls_settings_alone_not_the_model_folders(prompts, tmp_path, tiny_model, monkeypatch):
+    """generate() fills each setting a call leaves unset from the model folder's generation_config.json; TRL's
+    rollouts leave min_p, typical_p, no_repeat_ngram_size ... unset, so a folder that ships one (some do) sampled
+    GRPO's completions from another distribution than the softmax its log-probs and ratios are computed from."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    GenerationConfig(do_sample=True, no_repeat_ngram_size=1, typical_p=0.5, eos_token_id=0).save_pretrained(base)
+    seen = []
+    generate = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        effective = self._prepare_generation_config(kwargs.get("generation_config"))[0]
+        seen.append((effective.no_repeat_ngram_size, effective.typical_p))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    assert align(["ppo", "algo=grpo", f"run.dir={tmp_path / 'run'}", "sft=none", f"model.name={base}",
+                  f"prompts={prompts}", "scorer=test_ppo:thanks", *FAST, "train.max_steps=1", "rl.rollout_prompts=4",
+                  "rl.num_generations=4", "lora.r=4"]) == 0
+    assert seen and set(seen) == {(0, 1.0)}, seen  # generate()'s own neutral values
+
+
 def test_grpo_on_a_fresh_lora_over_a_4bit_base_trains_fp32_adapters_as_on_a_gpu(prompts, tmp_path, tiny_model,
                                                                              monkeypatch):
     """On CUDA (bf16 compute, none of the CPU tweaks) TRL casts a 4-bit model's adapter to bf16, where AdamW's

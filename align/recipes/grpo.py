@@ -44,6 +44,7 @@ from align.config import ConfigError, PPOStageConfig, RLConfig, save_config, to_
 from align.cpu import keep_trainable_in, restore_policy_from_ref, speed_up_cpu_training
 from align.data import file_hash, load_prompts, with_system_prompt
 from align.distributed import Ranks
+from align.generation import plain_sampling
 from align.gpu_training import (
     adapter_settings,
     describe_levers,
@@ -247,7 +248,11 @@ def main(cfg: PPOStageConfig) -> Path:
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
                                    trained_on=R.trained_on(cfg, sft, rm))
-    result = train_from(trainer, checkpoint)
+    # TRL's rollouts through generate() took every knob it leaves unset (min_p, typical_p, no_repeat_ngram_size, ...)
+    # from the model folder's generation_config.json: samples from another distribution than the softmax its
+    # log-probs and ratios are computed from (align's own PPO loop samples under the same swap).
+    with plain_sampling(policy):
+        result = train_from(trainer, checkpoint)
     logs = [r for r in trainer.state.log_history if "reward" in r]
     metrics = {"steps": result.global_step, "reward_mean_first": logs[0]["reward"] if logs else None,
                **{k.replace("/", "_"): v for k, v in (logs[-1] if logs else {}).items()},
