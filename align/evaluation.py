@@ -235,7 +235,8 @@ def sequence_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: tor
     """
     logp = torch.log_softmax(policy_logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    # a token the policy never draws adds 0, also where both logits are -inf (a masked vocabulary entry): 0 * nan
+    per_token = torch.where(torch.isneginf(logp), 0.0, logp.exp() * (logp - logq)).sum(-1)
     return (per_token * mask).sum(-1)
 
 

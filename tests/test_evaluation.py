@@ -155,3 +155,7 @@ def test_sequence_kl_matches_the_definition():
     assert kl.item() == pytest.approx(expected, abs=1e-6)
     assert ev.sequence_kl(p, q, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-7)
     assert ev.sequence_kl(p, p, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-7)
+    # a vocabulary entry both models mask with -inf adds nothing (0 * (-inf - -inf) was NaN)
+    masked = torch.full((1, 2, 1), -math.inf)
+    assert ev.sequence_kl(torch.cat([p, masked], -1), torch.cat([q, masked], -1),
+                          torch.ones(1, 2)).item() == pytest.approx(expected, abs=1e-6)
