@@ -173,9 +173,26 @@ def test_split_by_prompt_splits_each_batch_on_its_own_and_a_prompt_stays_with_it
     assert len(side) == 20
     assert all(side[r["prompt"][0]["content"]] == s for s, part in zip(("train", "test"), alone, strict=True) for r in part)
     assert sum(s == "test" and q.startswith("r") for q, s in side.items()) == 2
-    # Batches of one prompt each have nothing to split on their own: split together, one held out as before.
+    # Batches of one prompt each: the first cannot hold its one out, the second holds out the one owed.
     train, test = split_by_prompt([row(f"b{i}", f"q{i}") for i in range(5)], 0.2, seed=0)
-    assert (len(train), len(test)) == (4, 1)
+    assert (len(train), len(test)) == (4, 1) and test[0]["prompt"][0]["content"] == "q1"
+
+
+@pytest.mark.parametrize("later", [4, 12])
+def test_a_later_rounds_export_keeps_round_zeros_small_split(later):
+    """Round 0 of 4 prompts at 0.1 holds out one alone. With a round of 4 after it each batch held out its
+    rounded share, none, and the pooled fallback then held out one of all 8, a prompt round 0 trained on;
+    with 12 after it round 0's held-out prompt went to training."""
+    def row(batch, q):
+        return {"prompt": [{"role": "user", "content": q}], "batch": batch}
+
+    first = [row("round-0", f"round-0-p{i}") for i in range(4) for _ in range(6)]
+    alone = {r["prompt"][0]["content"] for r in split_by_prompt(first, 0.1, seed=0)[1]}
+    assert len(alone) == 1
+    second = [row("round-1", f"round-1-p{i}") for i in range(later) for _ in range(6)]
+    test = {r["prompt"][0]["content"] for r in split_by_prompt(first + second, 0.1, seed=0)[1]}
+    assert {q for q in test if q.startswith("round-0")} == alone
+    assert len(test) == max(1, round((4 + later) * 0.1))  # round 1 adds its share of the whole: none at 8 prompts, one at 16
 
 
 BAD = [

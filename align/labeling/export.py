@@ -212,43 +212,39 @@ def split_by_prompt(rows: list[dict[str, Any]], test_fraction: float, seed: int
     """(train, test) with every prompt on one side only (align.preferences splits a file without a test part
     by this too).
 
-    The prompts of each `batch` (a sampling round; rows without one are one batch) are split on their own,
-    `test_fraction` of them held out in a seeded shuffle, so a later round's export keeps every prompt of the
-    earlier rounds on the side it had: round 1's held-out pairs are round 0's and round 1's own, never round
-    0's training prompts, while the prompts of round 0's pairs stay the same (ties or a min_agreement dropping all
-    of a prompt's pairs, as more rankings arrive, reshuffle that batch). A prompt met in an earlier batch keeps
-    that batch's side. Each batch holds out its share rounded, none where that is under one prompt; where no
-    batch holds one out, the prompts are split all together (at least one held out)."""
+    The prompts of each `batch` (a sampling round; rows without one are one batch) are split in the order the
+    rows come (their tasks' order: round 0's first), each batch's choice made from its own prompts in a seeded
+    shuffle and never changed by a later batch: a later round's export keeps every prompt of the earlier rounds
+    on the side it had (round 1's held-out pairs are round 0's and round 1's own, never round 0's training
+    prompts), while the prompts of those rounds' pairs stay the same (ties or a min_agreement dropping all of a
+    prompt's pairs, as more rankings arrive, reshuffle that batch). A prompt met in an earlier batch keeps that
+    batch's side. After each batch `test_fraction` of the prompts so far are held out, rounded, at least one
+    and never all: the first batch holds out what it would alone, each later one the rest of that count
+    (ten batches of 3 prompts at 0.1 hold out 3, batches of one prompt each one of the second's)."""
     def key(row: dict[str, Any]) -> str:
         return json.dumps(row["prompt"], sort_keys=True)
 
     by_batch: dict[Any, list[str]] = {}
     for row in rows:
         by_batch.setdefault(row.get("batch"), []).append(key(row))
-    if len(by_batch) == 1:
-        held_out = _held_out(list(dict.fromkeys(key(r) for r in rows)), test_fraction, seed)
-    else:  # each batch its share, rounded, with no floor of one each: ten batches of 3 prompts at 0.1 held out 10
-        held_out, seen = set(), set()
-        for keys in by_batch.values():
-            new = [k for k in dict.fromkeys(keys) if k not in seen]
-            seen.update(new)
-            held_out.update(_held_out(new, test_fraction, seed, at_least_one=False))
-        if not held_out:
-            held_out = _held_out(list(seen), test_fraction, seed)
+    held_out: set[str] = set()
+    seen: dict[str, None] = {}
+    for keys in by_batch.values():
+        new = [k for k in dict.fromkeys(keys) if k not in seen]
+        seen.update(dict.fromkeys(new))
+        target = min(max(round(len(seen) * test_fraction), 1 if test_fraction > 0 else 0), len(seen) - 1)
+        held_out |= _held_out(new, min(max(target - len(held_out), 0), len(new)), seed)
     side = [key(r) in held_out for r in rows]
     return [r for r, t in zip(rows, side, strict=True) if not t], [r for r, t in zip(rows, side, strict=True) if t]
 
 
-def _held_out(prompts: list[str], test_fraction: float, seed: int, at_least_one: bool = True) -> set[str]:
-    """`test_fraction` of `prompts` (rounded; at least one unless told otherwise, and never all) in a seeded
-    shuffle."""
-    n_test = round(len(prompts) * test_fraction)
-    n_test = min(max(n_test, 1 if test_fraction > 0 and at_least_one else 0), len(prompts) - 1)
-    if n_test <= 0:
+def _held_out(prompts: list[str], n: int, seed: int) -> set[str]:
+    """`n` of `prompts` in a seeded shuffle of them."""
+    if n <= 0:
         return set()
     prompts = list(prompts)
     random.Random(seed).shuffle(prompts)
-    return set(prompts[:n_test])
+    return set(prompts[:n])
 
 
 def dense_ranks(ranks: list[int]) -> list[int]:
