@@ -91,8 +91,11 @@ def grouped_proportion_ci(values: Sequence[float], groups: Sequence[object] | No
     cluster, or ratio-estimator, variance). Their ratio to a simple random sample's p(1-p)/(n-1) is the
     design effect; the interval is Wilson's at the effective size n / design effect, shrunk further for
     the few groups the variance comes from (by (t_{n-1} / t_{G-1})^2, G groups: Korn & Graubard 1998).
-    At 0 or 1 there is no spread to measure: the design effect is taken as 1, and the interval still
-    does not collapse to a point. Without `groups`, each value is its own group: Wilson's interval.
+    At 0 or 1 there is no spread to measure: each group counts as one trial (Wilson's interval at G, the
+    largest design effect n / G, every pair of a prompt alike). Taken as 1 before, 27 of 27 pairs right on 6
+    prompts gave [0.818, 1], narrower than 25 of 27 with both wrong on one prompt ([0.600, 0.991]), and its
+    95 % interval held the truth in 81 % of draws where a prompt's pairs go together. Without `groups`, each
+    value is its own group: Wilson's interval.
     With a single group nothing is known of the next prompt: (0, 1).
     """
     labels = list(range(len(values))) if groups is None else list(groups)
@@ -105,8 +108,10 @@ def grouped_proportion_ci(values: Sequence[float], groups: Sequence[object] | No
     if g < 2:
         return 0.0, 1.0
     p = sums.sum() / n
+    if p in (0.0, 1.0):  # no spread to measure: each prompt one trial, as if its pairs were one (the largest
+        return wilson_interval(float(p), float(g), level=level)  # design effect, n / g); nothing estimated
     variance = g / (g - 1) * np.sum((sums - p * counts) ** 2) / n ** 2
-    n_eff = n if variance <= 0 or p in (0.0, 1.0) else min(n, p * (1 - p) / (n - 1) * n / variance)
+    n_eff = n if variance <= 0 else min(n, p * (1 - p) / (n - 1) * n / variance)
     n_df = n_eff * (_t_quantile(level, int(n) - 1) / _t_quantile(level, g - 1)) ** 2
     return wilson_interval(float(p), float(n_df), level=level)
 

@@ -66,10 +66,15 @@ def test_grouped_interval_counts_prompts_not_pairs():
     assert ev.grouped_proportion_ci(values) == pytest.approx(ev.wilson_interval(0.5, 12))  # each value alone: Wilson's
     assert 0.2 < ev.grouped_proportion_ci(values)[0] < 0.5
     assert ev.grouped_proportion_ci([1.0], ["a"]) == (0.0, 1.0)  # one prompt: nothing known of the next
-    # All right is not a point: at 0 or 1 there is no spread to measure, so the pairs count as independent (design
-    # effect 1), and the few prompts still widen it (2 prompts: t with 1 degree of freedom)
+    # All right is not a point: at 0 or 1 there is no spread to measure, so each prompt counts as one trial (the
+    # largest design effect), never narrower than a score one pair short of it on the same prompts
     lo, hi = ev.grouped_proportion_ci([1.0] * 10, ["a", "b"] * 5)
-    assert hi == 1.0 and lo < ev.wilson_interval(1.0, 10)[0] < 1.0
+    assert (lo, hi) == pytest.approx(ev.wilson_interval(1.0, 2)) and hi == 1.0
+    prompts = [f"p{i}" for i in range(6) for _ in range(5)][:27]  # 27 held-out pairs from 6 prompts
+    perfect = ev.grouped_proportion_ci([1.0] * 27, prompts)
+    two_wrong = ev.grouped_proportion_ci([0.0, 0.0] + [1.0] * 25, prompts)  # both on the first prompt
+    assert perfect == pytest.approx(ev.wilson_interval(1.0, 6)) and perfect[0] >= two_wrong[0]
+    assert ev.grouped_proportion_ci([0.0] * 27, prompts) == pytest.approx(ev.wilson_interval(0.0, 6))
     # A group weighs by its pairs: the estimate inside is 9/10, not the group means' 1/2
     lo, hi = ev.grouped_proportion_ci([1.0] * 9 + [0.0], ["big"] * 9 + ["small"], level=0.5)
     assert lo < 0.9 < hi
@@ -88,6 +93,19 @@ def test_grouped_interval_covers_at_the_reward_models_sizes():
         lo, hi = ev.grouped_proportion_ci(values, groups)
         hits += lo <= 0.75 <= hi
     assert hits / 400 >= 0.93
+
+
+def test_grouped_interval_covers_where_a_prompts_pairs_go_together():
+    """12 prompts of 6 pairs, a prompt's pairs all right (probability 0.9) or all wrong: every prompt right in 28 %
+    of draws, where the pairs counted as independent put the interval above 0.9 (coverage 0.72)."""
+    rng = np.random.default_rng(7)
+    groups = [g for g in range(12) for _ in range(6)]
+    hits = 0
+    for _ in range(400):
+        right = rng.random(12) < 0.9
+        lo, hi = ev.grouped_proportion_ci([float(right[g]) for g in groups], groups)
+        hits += lo <= 0.9 <= hi
+    assert hits / 400 >= 0.93, hits
 
 
 def test_bradley_terry_hand_computed():
