@@ -114,9 +114,18 @@ def merge_copies(ranks: Sequence[float], groups: list[list[int]]) -> list[float]
     return [sum(ranks[i] for i in group) / len(group) for group in groups]
 
 
+def dense_ranks(ranks: list[int]) -> list[int]:
+    """A ranking renumbered so tied answers share a rank and the next answer takes the next one (1, 1, 2, 3),
+    as align.labeling.simulate.ranks_from_scores writes them. The store accepts either numbering of a tie (1, 1, 3, 4
+    too), and only the order is the annotator's: the margin, a distance of ranks, must not depend on which."""
+    distinct = sorted(set(ranks))
+    return [distinct.index(r) + 1 for r in ranks]
+
+
 def answer_ranks(row: dict[str, Any]) -> list[float]:
-    """A ranking row's ranks (Store.submitted_rankings()) per distinct answer of its task."""
-    return merge_copies(row["ranks"], copy_groups([str(x.get("text", "")) for x in row["responses"]]))
+    """A ranking row's ranks (Store.submitted_rankings()) per distinct answer of its task, its tie numbered
+    densely as the export reads it: 1, 1, 3, 4 and 1, 1, 2, 3 are one order (α counted them apart)."""
+    return merge_copies(dense_ranks(row["ranks"]), copy_groups([str(x.get("text", "")) for x in row["responses"]]))
 
 
 def agreement_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -138,7 +147,6 @@ def agreement_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"krippendorff_alpha": krippendorff_alpha_ordinal(units),
             "pairwise_agreement": sum(task_agreement(list(a.values())) for a in shared.values()) / len(shared),
             "kendall_tau": sum(taus) / len(taus) if taus else None, "n_tasks": len(shared)}
-
 
 
 # ---------------------------------------------------------------------------- annotator reliability

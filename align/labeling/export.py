@@ -70,6 +70,7 @@ from typing import Any
 from align.labeling.agreement import (
     annotator_reliability,
     copy_groups,
+    dense_ranks,
     merge_copies,
     rankings_for_reliability,
     task_agreement,
@@ -245,14 +246,6 @@ def _held_out(prompts: list[str], n: int, seed: int) -> set[str]:
     prompts = list(prompts)
     random.Random(seed).shuffle(prompts)
     return set(prompts[:n])
-
-
-def dense_ranks(ranks: list[int]) -> list[int]:
-    """A ranking renumbered so tied answers share a rank and the next answer takes the next one (1, 1, 2, 3),
-    as align.labeling.simulate.ranks_from_scores writes them. The store accepts either numbering of a tie (1, 1, 3, 4
-    too), and only the order is the annotator's: the margin, a distance of ranks, must not depend on which."""
-    distinct = sorted(set(ranks))
-    return [distinct.index(r) + 1 for r in ranks]
 
 
 def mean_ranks(rank_lists: list[list[float]], weights: list[float] | None = None) -> list[float]:

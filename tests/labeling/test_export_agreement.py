@@ -591,6 +591,14 @@ def test_agreement_statistics_by_hand():
     assert agreement.krippendorff_alpha_ordinal([[1], [2]]) is None
 
 
+def test_a_tie_numbered_either_way_is_one_order_to_alpha():
+    """The store takes a tie as 1, 1, 3, 4 or 1, 1, 2, 3 (simulated annotators write the second); the export reads
+    both as one order, and so does the admin tab's α now (two annotators with the same order scored 0.927)."""
+    summary = agreement.agreement_summary(rows({"ann": [1, 1, 3, 4], "sim": [1, 1, 2, 3]}))
+    assert summary["krippendorff_alpha"] == 1.0 and summary["pairwise_agreement"] == 1.0
+    assert agreement.agreement_summary(rows({"ann": [1, 1, 3, 4], "sim": [1, 2, 3, 4]}))["krippendorff_alpha"] < 1
+
+
 def test_krippendorff_textbook_example_ordinal_alpha():
     # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", section C: 4 observers, 12 units,
     # missing values; the paper gives ordinal alpha = 0.815 (nominal 0.743, interval 0.849).
