@@ -449,7 +449,25 @@ def test_pairs_longer_than_max_length_are_counted_out_and_all_of_them_refused(ti
         assert align(["reward", f"run.dir={tmp_path / 'some'}", *run]) == 0
     assert "4 of 16 training pairs are longer than model.max_length=128 tokens and are left out" in caplog.text
     manifest = json.loads((tmp_path / "some" / "reward" / "align.json").read_text())
-    assert (manifest["data"]["train"], manifest["data"]["too_long"]) == (12, 4)
+    assert (manifest["data"]["train"], manifest["data"]["too_long"], manifest["data"]["too_long_heldout"]) == (12, 4, 0)
+    # held out, they are measured (on their last max_length tokens, as PPO scores a long answer) and counted
+    from align.config import RewardStageConfig
+    from align.preferences import load_preferences
+
+    held = {json.dumps(p) for p in load_preferences(write_rankings(tmp_path / "plain.jsonl", 4), test_fraction=0.25,
+                                                    seed=RewardStageConfig().train.seed)[0]["test"]["prompt"]}
+    rows = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    for row in rows:
+        if json.dumps(row["prompt"] if isinstance(row["prompt"], list) else
+                      [{"role": "user", "content": row["prompt"]}]) in held:
+            row["chosen"] += " Open Settings, then General, then Sync." * 20
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert align(["reward", f"run.dir={tmp_path / 'held'}", *run, "data.test_fraction=0.25"]) == 0
+    manifest = json.loads((tmp_path / "held" / "reward" / "align.json").read_text())
+    assert (manifest["data"]["test"], manifest["data"]["too_long"], manifest["data"]["too_long_heldout"]) == (4, 0, 4)
+    assert "4 of 4 held-out pairs have a side longer than model.max_length=128 tokens" in caplog.text
 
     capsys.readouterr()
     assert align(["reward", f"run.dir={tmp_path / 'all'}", *run, "model.max_length=16"]) == 1

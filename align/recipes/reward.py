@@ -349,6 +349,15 @@ def main(cfg: RewardStageConfig) -> Path:
     if dropped:
         log.warning("%d of %d training pairs are longer than model.max_length=%d tokens and are left out",
                     dropped, len(train), cfg.model.max_length)
+    # Held-out pairs are all measured (align's scoring, not TRL's filter), a side past max_length on its last
+    # max_length tokens, as PPO's and eval's scoring reads a long answer: counted, not left out
+    long_heldout = sum(max(len(tokenizer.apply_chat_template(p + a, tokenize=True, return_dict=True)["input_ids"])
+                           for a in (c, r)) > cfg.model.max_length
+                       for p, c, r in zip(test["prompt"], test["chosen"], test["rejected"], strict=True)) if has_eval else 0
+    if long_heldout:
+        log.warning("%d of %d held-out pairs have a side longer than model.max_length=%d tokens: scored on its last "
+                    "%d tokens (the start of the conversation cut), as PPO's scoring reads a long answer",
+                    long_heldout, len(test), cfg.model.max_length, cfg.model.max_length)
 
     # --- train ------------------------------------------------------------------------------
     checkpoint = resume_checkpoint(out, cfg.train.resume_from_checkpoint, max_steps=cfg.train.max_steps,
@@ -423,7 +432,7 @@ def main(cfg: RewardStageConfig) -> Path:
         lora_dropout_applied=True,  # before this key, TRL ran every reward model without (align pipeline reads it)
         data={"path": str(data_path), "sha256": data_sha256, "format": data_report.format,
               "split": data_report.split, "train": len(trainer.train_dataset), "test": len(test) if test else 0,
-              "skipped": data_report.skipped, "too_long": dropped},
+              "skipped": data_report.skipped, "too_long": dropped, "too_long_heldout": long_heldout},
     )
     log_artifact("reward", out, cfg.run.dir, parents)
     finish_wandb()
