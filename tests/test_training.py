@@ -198,7 +198,9 @@ def test_grpo_says_which_ppo_settings_it_ignores():
 
     quick = load_config(PPOStageConfig, Path(__file__).resolve().parents[1] / "configs/quickstart/ppo.yaml", ["algo=grpo"])
     assert {"rl.whiten_rewards", "rl.score_clip", "rl.kl_control"} <= set(ignored_settings(quick))
-    assert ignored_settings(load_config(PPOStageConfig, None, ["algo=grpo"])) == []
+    # the cut-answer penalty is on by default under PPO: said as long as it is on, as GRPO and RLOO have none
+    assert ignored_settings(load_config(PPOStageConfig, None, ["algo=grpo"])) == ["rl.missing_eos_penalty"]
+    assert ignored_settings(load_config(PPOStageConfig, None, ["algo=grpo", "rl.missing_eos_penalty=0"])) == []
 
 
 def test_grpo_splits_a_steps_completions_between_the_processes_as_ppo_its_prompts(tmp_path, monkeypatch):

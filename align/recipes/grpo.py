@@ -86,9 +86,12 @@ PPO_ONLY = ("minibatch_size", "ppo_epochs", "kl_control", "kl_target", "kl_horiz
 
 
 def ignored_settings(cfg: PPOStageConfig) -> list[str]:
-    """The PPO-only rl.* keys set away from their defaults (the quickstart's ppo.yaml sets several)."""
+    """The PPO-only rl.* keys set away from their defaults (the quickstart's ppo.yaml sets several), and
+    rl.missing_eos_penalty whenever it is on, as it is by default: a cut answer loses nothing under TRL's trainers
+    (a user coming from PPO was not told)."""
     default = RLConfig()
-    return [f"rl.{k}" for k in PPO_ONLY if getattr(cfg.rl, k) != getattr(default, k)]
+    return [f"rl.{k}" for k in PPO_ONLY if (bool(cfg.rl.missing_eos_penalty) if k == "missing_eos_penalty"
+                                            else getattr(cfg.rl, k) != getattr(default, k))]
 
 
 def _world() -> int:
