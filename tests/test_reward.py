@@ -184,6 +184,16 @@ def test_loads_on_its_own_and_scores_like_training(reward_run, tmp_path, capsys)
         assert mine["edit"] == theirs["edit"] and mine["mean_gain"] == pytest.approx(theirs["mean_gain"], abs=1e-3)
         assert "unsupported_flip_rate" in mine
     assert align(["reward", "probe", "--model", str(reward_run), "--scorer", "nonsense"]) == 2
+    # a model trained with probe_scorer= is probed with it by default (its gate, as PPO reads it), none on request
+    labelled = tmp_path / "labelled-by-a-scorer"
+    shutil.copytree(reward_run, labelled)
+    manifest = json.loads((labelled / "align.json").read_text())
+    manifest["config"]["probe_scorer"] = "support_style"
+    (labelled / "align.json").write_text(json.dumps(manifest))
+    for given, expected in (([], "support_style"), (["--scorer", "none"], None)):
+        capsys.readouterr()
+        assert align(["reward", "probe", "--model", str(labelled), *given]) == 0
+        assert json.loads(capsys.readouterr().out)["scorer"] == expected
     # data changed since training: re-split, its "held-out" pairs would include trained ones
     moved = tmp_path / "reward-copy"
     shutil.copytree(reward_run, moved)

@@ -624,7 +624,8 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--run-dir", default="runs/quickstart")
     parser.add_argument("--data", help="preference data to probe: its own test split if it has one (an align export "
                         "folder), else every pair (default: the held-out split of what the model was trained on)")
-    parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=)")
+    parser.add_argument("--scorer", help="the scorer that labelled the data, if one did (as probe_scorer=; default: "
+                        "the model's own probe_scorer on its own held-out pairs, none on --data; 'none' for none)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     if args.batch_size < 1:  # else a traceback once the model has loaded (a KeyError below 0)
@@ -632,8 +633,15 @@ def probe_main(argv: list[str]) -> int:
     folder = Path(args.model) if args.model else stage_dir(args.run_dir, "reward")
     try:
         check_adapter("--model", folder, tokenizer=True)
-        scorer = resolve_scorer(args.scorer) if args.scorer else None
         manifest = json.loads((folder / "align.json").read_text())
+        # Its own held-out pairs were labelled as its training pairs were: by its probe_scorer, if it had one (the
+        # gate PPO reads was counted with it; without, every flip counted and the gate could differ)
+        spec = args.scorer if args.scorer is not None else None if args.data else \
+            (manifest.get("config") or {}).get("probe_scorer")
+        spec = None if spec in ("none", "") else spec
+        scorer = resolve_scorer(spec) if spec else None
+        if spec and args.scorer is None:
+            log.info("probe scorer %s, the model's probe_scorer (--scorer none for none)", spec)
         data_path = Path(args.data) if args.data else trained_data(folder, manifest)
         if not data_path.exists():  # said here: load_preferences' hint names the stages' data.path, not --data
             raise ValueError(f"--data {data_path}: no such file or folder" if args.data else
@@ -668,7 +676,7 @@ def probe_main(argv: list[str]) -> int:
                         for side in ("chosen", "rejected"))
     try:
         probes = probe(lambda convs: score_conversations(model, tokenizer, convs, args.batch_size), pairs, chosen,
-                       rejected, scorer=scorer, scorer_name=args.scorer)
+                       rejected, scorer=scorer, scorer_name=spec)
     except StageError as err:  # a --scorer that returns no number
         print(f"align reward probe: {err}", file=sys.stderr)
         return 1
