@@ -186,10 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     stage, rest = argv[0], argv[1:]
     if stage in STAGES and STAGES[stage].runs_as:
-        print(f"align: {stage} runs as `{STAGES[stage].command}` (same config, reward and gate)", file=sys.stderr)
-        return 2
+        runs_as = STAGES[stage].runs_as[0]
+        asked = "-h" in rest or "--help" in rest  # `align <stage> --help`, as README says of every stage listed
+        print(f"align: {stage} runs as `{STAGES[stage].command}` (same config, reward and gate)"
+              + (f"; `align {runs_as} --help` lists its keys" if asked else ""), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if stage not in STAGES:
-        print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}", file=sys.stderr)
+        variants = ", ".join(f"{s.name} (`{s.command}`)" for s in STAGES.values() if s.runs_as)
+        print(f"align: unknown stage {stage!r}; stages: {', '.join(s.name for s in commands())}"
+              + (f"; and {variants}" if variants else ""), file=sys.stderr)
         return 2
     setup_environment()
     # Under accelerate launch every process runs this: the main one says what happens, the others only what goes

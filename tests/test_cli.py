@@ -26,8 +26,16 @@ def test_stage_help_shows_config_keys(capsys):
 
 def test_unknown_stage_and_bad_override(capsys):
     assert align(["trian"]) == 2
+    assert "and grpo (`align ppo algo=grpo`), rloo (`align ppo algo=rloo`)" in capsys.readouterr().err  # as --help
     assert align(["sft", "train.lrr=1"]) == 2
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_a_variants_help_says_how_it_runs_and_where_its_keys_are(capsys):
+    assert align(["grpo", "--help"]) == 0  # README: `align <stage> --help` for every stage `align --help` lists
+    assert "grpo runs as `align ppo algo=grpo` (same config, reward and gate); `align ppo --help` lists its keys" \
+        in capsys.readouterr().out
+    assert align(["rloo", "run.dir=x"]) == 2
 
 
 def test_console_script_sets_the_cpu_environment():
