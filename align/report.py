@@ -728,9 +728,13 @@ def _ties(n: int) -> str:
 
 
 def verdicts(board: dict[str, Any]) -> str:
-    """How many A/B verdicts eval's human board counts, and those on earlier versions it did not."""
-    n, stale = board.get("comparisons") or 0, board.get("stale_comparisons") or 0
-    return f"{n} verdict{'' if n == 1 else 's'}" + (f", {stale} on earlier versions not counted" if stale else "")
+    """How many A/B verdicts eval's human board counts (how many of them ties: all ties rate every policy 1000
+    with an interval of one point, which reads as certainty), and those on earlier versions it did not."""
+    n, stale, ties = board.get("comparisons") or 0, board.get("stale_comparisons") or 0, board.get("ties")
+    tied = ("" if not isinstance(ties, int) or not ties else ", all ties: no preference either way" if ties == n
+            else f", {ties} tie{'' if ties == 1 else 's'}")
+    return (f"{n} verdict{'' if n == 1 else 's'}{tied}"
+            + (f", {stale} on earlier versions not counted" if stale else ""))
 
 
 def human_lines(manifest: dict[str, Any]) -> list[str]:

@@ -64,8 +64,9 @@ def test_human_ab_tasks_are_labelled_and_come_back_as_a_board(eval_run, capsys):
     assert "human A/B: 0 new tasks, 8 verdicts so far" in out and "annotators judge the" not in out
     assert f"next: open {eval_run / 'report.html'}\n" in out
     assert "polite vs sft · scorer:known_scorers:says_thanks: win-rate " in out and " over 8 prompts (" in out
-    board = json.loads((eval_run / "eval" / "align.json").read_text())["human"]["leaderboard"]
-    assert [row["policy"] for row in board] == ["polite", "sft"]
+    human = json.loads((eval_run / "eval" / "align.json").read_text())["human"]
+    board = human["leaderboard"]
+    assert [row["policy"] for row in board] == ["polite", "sft"] and human["ties"] == 0
     # the verdicts it read, recorded: align pipeline reruns a human=true eval when the store's are others
     from align.recipes.pipeline import verdicts_state
     assert json.loads((eval_run / "eval" / "align.json").read_text())["rankings_sha256"] == verdicts_state(store.url)

@@ -138,6 +138,20 @@ def test_cautions_name_only_what_crosses_its_line():
     assert cautions("eval", odd) == []
 
 
+def test_a_human_board_of_ties_says_so_rather_than_a_point_interval():
+    """Two policies that answered alike: every A/B verdict a tie, both rated 1000 [1000, 1000], which read as
+    certainty; the line says they were all ties."""
+    from align.report import human_lines
+
+    board = {"comparisons": 3, "stale_comparisons": 0, "ties": 3,
+             "leaderboard": [{"policy": "dpo", "rating": 1000.0, "ci": [1000.0, 1000.0]},
+                             {"policy": "sft", "rating": 1000.0, "ci": [1000.0, 1000.0]}]}
+    assert human_lines({"baseline": "sft", "human": board}) == [
+        "human A/B (3 verdicts, all ties: no preference either way): dpo 1000 [1000, 1000] (Bradley-Terry, sft = 1000)"]
+    assert "(8 verdicts, 2 ties)" in human_lines({"baseline": "sft", "human": {**board, "comparisons": 8, "ties": 2}})[0]
+    assert "(8 verdicts)" in human_lines({"baseline": "sft", "human": {**board, "comparisons": 8, "ties": None}})[0]
+
+
 def write(run: Path, folder: str, manifest: dict) -> None:
     (run / folder).mkdir(parents=True)
     (run / folder / MANIFEST).write_text(json.dumps(manifest))

@@ -336,6 +336,7 @@ def human_eval(cfg: EvalStageConfig, prompts: list[str], responses: dict[str, li
         prompts_of.append(row["prompt"])
     # waiting: this eval's A/B tasks with no verdict yet (the hint asks for a rerun only while there are some)
     board = {"tasks_added": added, "comparisons": len(comparisons), "stale_comparisons": stale,
+             "ties": sum(score == 0.5 for *_, score in comparisons),
              "unsafe_answers": dict(sorted(unsafe.items())), "unsafe_overridden": overridden,
              "waiting": sum(store.pending_count(b) for b in batches),
              "verdicts_sha256": verdicts_fingerprint(rows)}  # what the board read: the pipeline reruns on a change
