@@ -40,3 +40,14 @@ def refuse_several_processes(stage: str, why: str) -> None:
     neither splits its work nor writes from one rank alone would do it all once per process, into one folder."""
     if process_count() > 1:
         raise StageError(f"align {stage} runs as one process ({why}): run it without accelerate launch")
+
+
+_said: set[tuple] = set()
+
+
+def said_once(say, message: str, *args) -> None:
+    """`say(message, *args)` (a logger's warning) the first time this process has it to say: a warning that the
+    preflight checks and then the stage itself come to (both read the prompts file) is printed once."""
+    if (message, args) not in _said:
+        _said.add((message, args))
+        say(message, *args)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align import said_once
+
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant"}
@@ -704,10 +706,10 @@ def load_prompts(path: str | Path) -> list[str]:
         prompts.append(user)
     if not prompts:
         raise no_records(path, 0, [], "prompts")
-    if cut:
-        log.warning("%s: %d of %d records have turns before their last user message (earlier turns, a system "
-                    "message): only that message is the prompt, without them. Prompts are single-turn: give a "
-                    "{\"prompt\": ...} JSONL that says each in full to sample or evaluate on it", path, cut, len(prompts))
+    if cut:  # once a process: preflight reads the file before the stage does
+        said_once(log.warning, "%s: %d of %d records have turns before their last user message (earlier turns, a "
+                  "system message): only that message is the prompt, without them. Prompts are single-turn: give a "
+                  "{\"prompt\": ...} JSONL that says each in full to sample or evaluate on it", path, cut, len(prompts))
     return prompts
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from align import said_once
 from align.config import RunConfig, redact
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def wandb_mode(cfg: RunConfig) -> str:
     if not has_wandb_key():
         return "offline"
     if not wandb_reachable():
-        log.warning("W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload the runs "
-                    "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
+        said_once(log.warning, "W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload "
+                  "the runs later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
         return "offline"
     return "online"
 

@@ -27,6 +27,14 @@ CHATML = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _warnings_said_afresh():
+    """align.said_once's memory is a process's: each test is a run of its own, whose warnings it may read."""
+    import align
+
+    align._said.clear()
+
+
 def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden: int = 64, layers: int = 2) -> Path:
     """A 2-layer Llama and a byte-level BPE trained on the shipped data, saved to `folder`."""
     import torch

@@ -321,10 +321,12 @@ def test_prompts_from_chat_records_that_end_with_the_users_turn(tmp_path, caplog
     without its answer ("the last message must be the assistant's")."""
     system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I export a note?"}
     caplog.set_level("WARNING")
-    assert load_prompts(write_jsonl(tmp_path / "m.jsonl", [
+    assert load_prompts(written := write_jsonl(tmp_path / "m.jsonl", [
         {"messages": [system, user]}, {"messages": [{"role": "user", "content": "Refund please"}]}])) == [
         "How do I export a note?", "Refund please"]
     assert "1 of 2 records have turns before their last user message" in caplog.text
+    load_prompts(written)  # read again (by the stage, after preflight did): said once
+    assert caplog.text.count("turns before their last user message") == 1
     caplog.clear()
     assert load_prompts(write_jsonl(tmp_path / "trl.jsonl", [{"prompt": [user]}, {"prompt": "Sync?"}])) == [
         "How do I export a note?", "Sync?"]

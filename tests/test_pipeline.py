@@ -194,6 +194,8 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
     try:
         assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
         assert asked == [("wandb.internal", 8080)] and "does not answer: logging offline" in caplog.text
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"  # the stage asks again after preflight
+        assert caplog.text.count("does not answer: logging offline") == 1  # said once (align export said it twice)
         assert tracking.wandb_mode(RunConfig(wandb="online")) == "online"  # asked for: as asked (and not probed)
         assert len(asked) == 1
         # behind a proxy wandb goes through it: taken as reachable, the direct connection never tried
