@@ -1100,18 +1100,22 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
             (folder / MANIFEST).unlink()
             log.warning("%s: the failed run began to rewrite this artifact; its %s is removed, so no later stage "
                         "takes it as finished", folder, MANIFEST)
-        elif old and not now and _checkpoints(folder / "checkpoints"):  # a finished stage's rerun, stopped
-            log.warning("kept %s: unfinished (its %s went as this run started training) but it holds checkpoints; "
-                        "%s continues from them", folder, MANIFEST, resume_key(folder, command))
-        elif old and not now:  # a finished stage's rerun, stopped before its first checkpoint
+        elif old and not now:  # a finished stage's rerun, stopped
             unchanged = _signature(folder, finished_only=False) == {k: v for k, v in old.items() if k != MANIFEST}
             if unchanged and folder in (saved or {}):
-                manifest, metrics = saved[folder]  # nothing of the artifact rewritten yet: it is given back
+                # Nothing of the artifact rewritten (a resume to more steps stopped before it saved the model, or a
+                # rerun before its first file): it is given back, whatever checkpoints the run left beside it. Asked
+                # after them, the branch was never reached on a resume, which always has some: a finished artifact
+                # whose files were untouched stayed unfinished for good.
+                manifest, metrics = saved[folder]
                 if metrics is not None:
                     (folder / "metrics.jsonl").write_bytes(metrics)
                 (folder / MANIFEST).write_bytes(manifest)
                 log.warning("%s is as it was: this run stopped before it changed the finished artifact (its %s, "
                             "taken away as training started, is back)", folder, MANIFEST)
+            elif _checkpoints(folder / "checkpoints"):
+                log.warning("kept %s: unfinished (its %s went as this run started training) but it holds "
+                            "checkpoints; %s continues from them", folder, MANIFEST, resume_key(folder, command))
             else:
                 log.warning("%s is unfinished: this run stopped before its first checkpoint, after it had begun "
                             "to rewrite the finished artifact (its %s went as training started); its files are "

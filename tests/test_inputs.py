@@ -844,6 +844,7 @@ def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
             (run / "sft" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
             (run / "grpo" / "align.json").unlink()  # a finished stage trained again: its manifest went as it started
             (run / "grpo" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+            (run / "grpo" / "adapter_model.safetensors").write_text("this run's")  # the artifact rewritten
             raise KeyboardInterrupt
         assert (f"sft: unfinished (no align.json) but it holds checkpoints; {prefix[0]}train.resume_from_checkpoint="
                 "latest continues from them") in caplog.text
@@ -857,8 +858,8 @@ def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_gets_its
     Where the rerun changed nothing else, the artifact is given back whole (align.json and log); where it had begun
     to rewrite it, the folder is left as it is (nothing deleted: the earlier adapter, a user's own notes) and said
     to be unfinished."""
-    for rewritten in (False, True):
-        run = tmp_path / f"rewritten-{rewritten}"
+    for rewritten, resumed in ((False, False), (True, False), (False, True)):
+        run = tmp_path / f"rewritten-{rewritten}-{resumed}"
         sft = run / "sft"
         sft.mkdir(parents=True)
         for name in ("align.json", "adapter_model.safetensors", "config.yaml", "NOTES.md"):
@@ -868,6 +869,8 @@ def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_gets_its
         with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="sft"):
             (sft / "align.json").unlink()  # as training starts
             (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
+            if resumed:  # trained on from the finished run's checkpoint (to more steps), one more saved: the
+                (sft / "checkpoints" / "checkpoint-12").mkdir()  # artifact's files untouched, it is given back
             (sft / "metrics.jsonl").write_text("")
             if rewritten:
                 (sft / "adapter_model.safetensors").write_text("half of this run's adapter")
