@@ -830,6 +830,7 @@ def _begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     folder = Path(out) / "checkpoints"
     keys = stage_key(Path(out), "", "pipeline" if in_pipeline else None)  # "sft." in a pipeline, else ""
     finished = (Path(out) / MANIFEST).is_file()  # not a run killed after its last checkpoint: that one goes on
+    _refuse_another_shape(folder, resume, trained_on, finished, max_steps, keys)  # before anything is touched
     if finished and is_main_process():
         (Path(out) / MANIFEST).unlink()
         log.info("%s: training again, so its %s (the finished run's) is removed; this run writes its own when it "
@@ -878,16 +879,41 @@ def _begin_training(out: str | Path, resume: str | None, *, max_steps: int = -1,
     changed = _settings_changed(found.parent, trained_on) if found else []
     if changed:
         log.warning("resuming from %s with settings its run did not have: %s. The checkpoint's weights, optimizer "
-                    "state and place in the schedule carry on under them (train.lr: from here on)%s", found,
-                    "; ".join(changed), "; a LoRA of another shape (lora.*) does not load from it: start from scratch "
-                    "(train.resume_from_checkpoint unset) or resume with its settings" if any(
-                        c.startswith("lora.") for c in changed) else "")
+                    "state and place in the schedule carry on under them (train.lr: from here on)", found,
+                    "; ".join(changed))
     if trained_on is not None and is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{TRAINED_ON}.tmp"
         tmp.write_text(json.dumps(trained_on, indent=2))
         tmp.replace(folder / TRAINED_ON)
     return found
+
+
+# The LoRA settings that change the adapter's tensors (their shapes, DoRA's magnitudes): a checkpoint of one
+# does not load into another. lora.alpha, dropout and use_rslora change none: a resume takes them as it goes on.
+LORA_SHAPE = ("lora.r", "lora.target_modules", "lora.use_dora")
+
+
+def _refuse_another_shape(folder: Path, resume: str | None, trained_on: dict[str, Any] | None, finished: bool,
+                          max_steps: int, keys: str) -> None:
+    """A ConfigError where the checkpoint a resume would load is of another LoRA shape than this run's: it failed
+    as the Trainer loaded it, with torch's size-mismatch traceback, after the finished artifact had lost its
+    align.json and its trained_on.json had been rewritten with the settings that could not load."""
+    if not resume:
+        return
+    if resume in ("latest", "auto"):  # the checkpoint _begin_training would go on from, if any
+        newest = max((p for p in _checkpoints(folder) if _complete(p)), key=_step, default=None)
+        if newest is None or _trained_otherwise(folder, trained_on) or (
+                finished and not 0 < (_step(newest) or 0) < max_steps):
+            return  # nothing resumed: a fresh start of any shape
+        where = folder
+    else:
+        where = Path(resume).parent
+    shape = [c for c in _settings_changed(where, trained_on) if c.split(" ")[0] in LORA_SHAPE]
+    if shape:
+        raise ConfigError(f"{keys}train.resume_from_checkpoint={resume}: its checkpoints hold a LoRA of another "
+                          f"shape ({'; '.join(shape)}), which does not load into this run's: resume with its "
+                          f"settings, or leave {keys}train.resume_from_checkpoint unset to train again from scratch")
 
 
 def _planned_steps(checkpoint: Path) -> int | None:

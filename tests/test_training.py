@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import warnings
 from dataclasses import replace
@@ -345,10 +346,11 @@ def test_latest_sets_aside_checkpoints_cut_short_by_a_kill(tmp_path, capsys):
 
 
 def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
-    """A checkpoint resumed under settings its run did not have (another lr, another LoRA shape) goes on, and the
-    log says which settings changed: a LoRA of another shape then fails to load, and the warning says why.
-    The inputs (data, base model) still decide, the settings never do; run.* and the length of training are not
-    settings (training longer is what resume is for)."""
+    """A checkpoint resumed under settings its run did not have (another lr, LoRA alpha) goes on, and the log says
+    which settings changed; a LoRA of another shape (r) does not load from it: refused before anything is touched
+    (it failed with torch's size mismatch after the finished artifact lost its align.json and trained_on.json took
+    the settings that could not load). The inputs (data, base model) still decide, the settings never do; run.* and
+    the length of training are not settings (training longer is what resume is for)."""
     from align.artifacts import settings_of
 
     cfg = load_config(SFTStageConfig, None, ["run.wandb=disabled"])
@@ -360,14 +362,20 @@ def test_a_resume_with_other_settings_says_which_and_goes_on(tmp_path, caplog):
     assert resume_checkpoint(tmp_path, "latest", max_steps=8, trained_on={**inputs, "settings": settings}) is None
     (tmp_path / "checkpoints" / "checkpoint-4").mkdir()
     (tmp_path / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    other = settings_of(load_config(SFTStageConfig, None, ["run.wandb=disabled", "train.lr=1e-5", "lora.r=8",
+    other = settings_of(load_config(SFTStageConfig, None, ["run.wandb=disabled", "train.lr=1e-5", "lora.alpha=8",
                                                            "train.max_steps=20", "run.dir=elsewhere"]))
+    reshaped = settings_of(load_config(SFTStageConfig, None, ["run.wandb=disabled", "lora.r=8", "lora.use_dora=true"]))
+    recorded = (tmp_path / "checkpoints" / "trained_on.json").read_text()
     for resume in ("latest", str(tmp_path / "checkpoints" / "checkpoint-4")):
+        with pytest.raises(ConfigError, match=rf"train.resume_from_checkpoint={re.escape(resume)}: its checkpoints "
+                           rf"hold a LoRA of another shape \(lora.r {cfg.lora.r} -> 8; lora.use_dora False -> True\)"):
+            resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": reshaped})
+        assert (tmp_path / "checkpoints" / "trained_on.json").read_text() == recorded  # untouched
         with caplog.at_level(logging.WARNING, logger="align.artifacts"):
             found = resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
         assert found == str(tmp_path / "checkpoints" / "checkpoint-4")
-        assert f"with settings its run did not have: lora.r {cfg.lora.r} -> 8; train.lr 0.0002 -> 1e-05" in caplog.text
-        assert "a LoRA of another shape (lora.*) does not load from it" in caplog.text
+        assert f"with settings its run did not have: lora.alpha {cfg.lora.alpha} -> 8; train.lr 0.0002 -> 1e-05" \
+            in caplog.text
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="align.artifacts"):  # now recorded as this run's
             resume_checkpoint(tmp_path, resume, max_steps=20, trained_on={**inputs, "settings": other})
