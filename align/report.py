@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -1269,8 +1270,12 @@ def write_report(run_dir: str | Path) -> Path:
             f"<style>{CSS}</style></head><body><h1>align run: {_esc(name)}</h1>"
             f"<p class='meta'>stages: {nav}</p>{top}{glance_html}{''.join(bodies)}</body></html>")
     out = run_dir / "report.html"
-    out.write_text(page)
-    (run_dir / "report.md").write_text("\n".join(mds))
+    for path, text in ((out, page), (run_dir / "report.md", "\n".join(mds))):
+        # written beside and swapped in: two stages that finish at once (reward beside dpo) each write the whole
+        # report, and a reader (or the other writer) never meets half of one, nor two interleaved
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return out
 
 
