@@ -905,6 +905,7 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         found.append(weak)
     if kind == "eval" and folder is not None:
         found += judged_by_the_labelling_rule(manifest, folder)
+        found += policies_on_remade_parents(manifest, folder)
     if kind == "eval":
         cuts = {n: row["cut"] for n, row in (manifest.get("policies") or {}).items()
                 if isinstance(row, dict) and isinstance(row.get("cut"), (int, float))}
@@ -933,6 +934,22 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
             found.append(f"built on {name} as it was at {manifest['parents'][name]['created']}; {where} {since}: "
                          + (f"its answers are not the {name}'s there now: {remedy}" if kind == "sample" else
                             f"it is not built on the {name} there now {remedy}"))
+    return found
+
+
+def policies_on_remade_parents(m: dict[str, Any], folder: Path) -> list[str]:
+    """A caution for each policy eval measured whose own parent (the SFT a DPO started from, ...) was made again
+    before eval ran or since: eval compares it with an SFT it did not start from, or judges it with a reward model
+    it was not trained against, with no word on the headline (the stage list said so, far below)."""
+    found = []
+    for name, parent in (m.get("parents") or {}).items():
+        if not isinstance(parent, dict) or not parent.get("path") or name == "reward_model":
+            continue
+        where = parent_path(parent["path"], folder, m)
+        own = _manifest(where)
+        for up, (there, since) in changed_parents(own or {}, where).items():
+            found.append(f"{name} was trained on {up} as it was at {own['parents'][up]['created']}; {there} {since}: "
+                         f"eval measured {name} against what it was not built on; train {name} again")
     return found
 
 

@@ -365,6 +365,23 @@ def test_one_annotators_agreement_and_unchecked_accuracy_are_not_read_as_measure
     assert "One annotator" not in page and "the prior: unchecked" not in page
 
 
+def test_an_eval_of_a_policy_whose_sft_was_made_again_says_so(tmp_path):
+    """sft made again after dpo trained from it, then eval: both are eval's as they are, so eval's own parents
+    are current, and the headline read "dpo beats sft" with no word that dpo started from another sft."""
+    run = tmp_path / "run"
+    write(run, "sft", {**SFT, "created": "2026-12-02T09:00:00+0000"})
+    write(run, "dpo", {**DPO, "created": "2026-12-02T08:00:00+0000",
+                       "parents": {"sft": {"path": str(run / "sft"), "created": "2026-12-02T07:00:00+0000"}}})
+    evaluated = {**EVAL, "parents": {"dpo": {"path": str(run / "dpo"), "created": "2026-12-02T08:00:00+0000"},
+                                     "sft": {"path": str(run / "sft"), "created": "2026-12-02T09:00:00+0000"}}}
+    assert cautions("eval", evaluated, run / "eval") == [
+        f"dpo was trained on sft as it was at 2026-12-02T07:00:00+0000; {run / 'sft'} was made again at "
+        "2026-12-02T09:00:00+0000: eval measured dpo against what it was not built on; train dpo again"]
+    (run / "dpo" / MANIFEST).write_text(json.dumps({**DPO, "created": "2026-12-02T08:00:00+0000", "parents": {
+        "sft": {"path": str(run / "sft"), "created": "2026-12-02T09:00:00+0000"}}}))
+    assert cautions("eval", evaluated, run / "eval") == []
+
+
 def test_an_eval_of_a_policy_made_again_since_says_so(tmp_path):
     run = tmp_path / "run"
     write(run, "dpo", {**DPO, "created": "2026-12-02T09:00:00+0000"})
