@@ -1048,11 +1048,12 @@ def discard_unfinished(run_dir: str | Path, *outputs: str | Path, command: str |
 SAVED_LOG_BYTES = 64 << 20  # a finished stage's metrics.jsonl kept in memory while it is run again, up to this
 
 
-def _saved(folder: Path) -> tuple[bytes, bytes | None]:
-    """(align.json, metrics.jsonl or None) of a finished stage folder, as they are before it is run again."""
+def _saved(folder: Path) -> tuple[bytes, bytes | None, frozenset[str]]:
+    """(align.json, metrics.jsonl or None, its checkpoints' names) of a finished stage folder, as they are before
+    it is run again."""
     log_file = folder / "metrics.jsonl"
     kept = log_file.read_bytes() if log_file.is_file() and log_file.stat().st_size <= SAVED_LOG_BYTES else None
-    return (folder / MANIFEST).read_bytes(), kept
+    return (folder / MANIFEST).read_bytes(), kept, frozenset(p.name for p in _checkpoints(folder / "checkpoints"))
 
 
 def _rebuild_reports(run_dir: Path) -> None:
@@ -1096,7 +1097,8 @@ def _signature(folder: Path, finished_only: bool = True) -> dict[str, tuple[int,
 
 
 def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: set[Path],
-             command: str | None, saved: dict[Path, tuple[bytes, bytes | None]] | None = None) -> bool:
+             command: str | None, saved: dict[Path, tuple[bytes, bytes | None, frozenset[str]]] | None = None
+             ) -> bool:
     """Tidies up after a failure; True when a folder a report shows changed: one kept unfinished (for its
     checkpoints) or a finished one that is finished no more."""
     import shutil
@@ -1128,12 +1130,14 @@ def _discard(run_dir: Path, outputs: tuple, before: dict[Path, dict], existed: s
                         "takes it as finished", folder, MANIFEST)
         elif old and not now:  # a finished stage's rerun, stopped
             unchanged = _signature(folder, finished_only=False) == {k: v for k, v in old.items() if k != MANIFEST}
-            if unchanged and folder in (saved or {}):
-                # Nothing of the artifact rewritten (a resume to more steps stopped before it saved the model, or a
-                # rerun before its first file): it is given back, whatever checkpoints the run left beside it. Asked
-                # after them, the branch was never reached on a resume, which always has some: a finished artifact
-                # whose files were untouched stayed unfinished for good.
-                manifest, metrics = saved[folder]
+            # Nothing of the artifact rewritten and no checkpoint saved (a resume to more steps stopped before its
+            # first save, or a rerun before its first file): it is given back. Asked after "holds checkpoints", the
+            # branch was never reached on a resume, which always has the finished run's: the artifact, its files
+            # untouched, stayed unfinished for good. A checkpoint this run saved keeps the folder unfinished: its log
+            # (metrics.jsonl, which a resume's train_loss reads) is this run's, not the finished one's.
+            unsaved = folder in (saved or {}) and {p.name for p in _checkpoints(folder / "checkpoints")} <= saved[folder][2]
+            if unchanged and unsaved:
+                manifest, metrics, _ = saved[folder]
                 if metrics is not None:
                     (folder / "metrics.jsonl").write_bytes(metrics)
                 (folder / MANIFEST).write_bytes(manifest)

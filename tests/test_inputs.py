@@ -844,7 +844,6 @@ def test_a_stopped_run_names_the_resume_key_its_command_takes(tmp_path, caplog):
             (run / "sft" / "checkpoints" / "checkpoint-4").mkdir(parents=True)
             (run / "grpo" / "align.json").unlink()  # a finished stage trained again: its manifest went as it started
             (run / "grpo" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-            (run / "grpo" / "adapter_model.safetensors").write_text("this run's")  # the artifact rewritten
             raise KeyboardInterrupt
         assert (f"sft: unfinished (no align.json) but it holds checkpoints; {prefix[0]}train.resume_from_checkpoint="
                 "latest continues from them") in caplog.text
@@ -865,18 +864,20 @@ def test_a_finished_stage_rerun_and_stopped_before_its_first_checkpoint_gets_its
         for name in ("align.json", "adapter_model.safetensors", "config.yaml", "NOTES.md"):
             (sft / name).write_text(f"earlier run's {name}")
         (sft / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+        if resumed:  # the finished run's last checkpoint, which a resume to more steps trains on from
+            (sft / "checkpoints" / "checkpoint-10").mkdir(parents=True)
         caplog.clear()
         with pytest.raises(KeyboardInterrupt), discard_unfinished(run, command="sft"):
             (sft / "align.json").unlink()  # as training starts
-            (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
-            if resumed:  # trained on from the finished run's checkpoint (to more steps), one more saved: the
-                (sft / "checkpoints" / "checkpoint-12").mkdir()  # artifact's files untouched, it is given back
+            if not resumed:  # a fresh run sets the finished run's checkpoints aside
+                (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").mkdir(parents=True)
             (sft / "metrics.jsonl").write_text("")
             if rewritten:
                 (sft / "adapter_model.safetensors").write_text("half of this run's adapter")
             raise KeyboardInterrupt
         assert (sft / "NOTES.md").read_text() == "earlier run's NOTES.md"
-        assert (sft / "checkpoints" / "abandoned-20261204-120000" / "checkpoint-10").is_dir()
+        assert (sft / "checkpoints" / ("checkpoint-10" if resumed else "abandoned-20261204-120000/checkpoint-10")
+                ).is_dir()
         if rewritten:
             assert not (sft / "align.json").exists() and "is unfinished: this run stopped" in caplog.text
         else:
