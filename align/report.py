@@ -884,6 +884,12 @@ def cautions(kind: str, manifest: dict[str, Any], folder: Path | None = None) ->
         found.append(f"{cut / answers:.0%} of {which} were cut at max_new_tokens: raise "
                      "sample.generation.max_new_tokens for answers a person can judge whole, with another run.dir "
                      "(or, for align sample, another batch=): a batch keeps the answers it has")
+    otherwise = manifest.get("sampled_otherwise") if kind == "sample" else None
+    if isinstance(otherwise, dict) and otherwise.get("tasks"):  # a rerun after the policy was trained again
+        found.append(f"{otherwise['tasks']} tasks of batch {manifest.get('batch') or '?'} keep answers sampled "
+                     f"otherwise than this run's ({', '.join(otherwise.get('differ') or []) or '?'} differ: an earlier "
+                     "policy or settings): the labels, and what trains on them, are of those answers; to sample from "
+                     "this policy, use another batch= (or another run.dir)")
     r = _num(m, "length_correlation")
     if kind == "reward" and r is not None and abs(r) > 0.5:
         found.append(f"the reward model's scores track answer length (Pearson r = {r:.2f}: "

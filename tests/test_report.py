@@ -88,6 +88,13 @@ def test_cautions_name_only_what_crosses_its_line():
                                           "sample.generation.max_new_tokens for answers a person can judge whole, with another run.dir "
                                           "(or, for align sample, another batch=): a batch keeps the answers it has"]
     assert cautions("sample", {"metrics": {"responses_sampled": 160, "responses_cut": 64}}) == []
+    # sampled again after `align sft` made the policy anew: the batch kept its answers, said in a log line only
+    kept = {"metrics": {"responses_sampled": 0}, "batch": "round-0",
+            "sampled_otherwise": {"tasks": 10, "differ": ["policy_created"]}}
+    assert cautions("sample", kept) == [
+        "10 tasks of batch round-0 keep answers sampled otherwise than this run's (policy_created differ: an earlier "
+        "policy or settings): the labels, and what trains on them, are of those answers; to sample from this "
+        "policy, use another batch= (or another run.dir)"]
     found = cautions("reward", REWARD)
     assert len(found) == 2 and "r = -0.53: shorter scores higher" in found[0]
     assert found[1] == ("the reward model prefers the worse answer of a held-out pair after appending 'Hope this "
