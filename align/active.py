@@ -71,7 +71,8 @@ class HeadEnsemble:
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {HEADS_FILE} (the reward heads align sample's uncertainty "
                                     f"reads): train it again with `align reward run.dir={shell(Path(folder).parent)} "
-                                    "heads=8`")
+                                    "heads=8`" + ("" if Path(folder).name == "reward" else
+                                                  f", which writes {shell(Path(folder).parent / 'reward')}"))
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
             tensors = {k: f.get_tensor(k) for k in ("weights", "mean", "scale")}

@@ -828,7 +828,9 @@ def check_selection_model(key: str, folder: str | None, run_dir: str) -> None:
         what = f"its {MANIFEST} says heads=0" if trained == 0 else f"no {HEADS_FILE} in it"
         raise ConfigError(f"{key}={folder}: {what} (the ensemble of reward heads whose disagreement "
                           "is the uncertainty); it was trained without them: train it again with "
-                          f"`align reward run.dir={shell(path.parent)} heads=8`")
+                          f"`align reward run.dir={shell(path.parent)} heads=8`"
+                          + ("" if path.name == "reward" else
+                             f", which writes {shell(path.parent / 'reward')}: point {key} there"))
     check_weights_file(key, heads)
 
 

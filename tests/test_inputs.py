@@ -416,7 +416,8 @@ CASES = [
       "selection_reward_model=", "selection=random"]),
     ("uncertainty by a model without heads", "sample policy={d}/adapter prompts={d}/prompts.jsonl "
      "selection=uncertainty selection_reward_model={d}/rm_adapter", 2,
-     ["selection_reward_model={d}/rm_adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8"]),
+     ["selection_reward_model={d}/rm_adapter: no reward_heads.safetensors in it", "align reward run.dir={d} heads=8`, "
+      "which writes {d}/reward: point selection_reward_model there"]),
     # a reward model's LoRA where a policy goes: dpo/reward/ppo started from it, sample generated with it
     ("dpo: a reward model as its sft", "dpo sft={d}/rm_adapter data.path={d}/prefs.jsonl", 2,
      ["sft={d}/rm_adapter: the output of `align reward` (a reward model), not a policy"]),
