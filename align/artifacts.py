@@ -955,7 +955,27 @@ def _trained_otherwise(folder: Path, trained_on: dict[str, Any] | None) -> list[
     if trained_on is None or recorded is None:
         return []
     keys = (set(recorded) | set(trained_on)) - {"settings"}
-    return [k for k in sorted(keys) if recorded.get(k) != trained_on.get(k)]
+    return [k for k in sorted(keys) if not _same_input(recorded.get(k), trained_on.get(k))]
+
+
+# How an align before content identities (model_identity) recorded a local folder: its path @ model_fingerprint.
+_PATH_IDENTITY = re.compile(r"(/.+)@([0-9a-f]{16})")
+
+
+def _same_input(recorded: Any, ours: Any) -> bool:
+    """An input as a checkpoint's record names it is the one this run starts from. A local folder recorded the old
+    way (_PATH_IDENTITY, by where it was and its align.json's mtime) is the same where it is still there, as it
+    was then, and is this run's: so a run recorded before checkpoints resume as they did (moved since, it is
+    taken for another, as it was then)."""
+    if recorded == ours:
+        return True
+    old = _PATH_IDENTITY.fullmatch(recorded) if isinstance(recorded, str) else None
+    if old is None or not Path(old[1]).is_dir():
+        return False
+    try:
+        return model_fingerprint(old[1]) == old[2] and model_identity(old[1]) == ours
+    except OSError:
+        return False
 
 
 def _settings_changed(folder: Path, trained_on: dict[str, Any] | None) -> list[str]:
@@ -992,14 +1012,46 @@ def settings_of(cfg: Any) -> dict[str, Any]:
 
 def model_identity(name: str | Path | None) -> str | None:
     """A model or adapter as a checkpoint's record names it: as embedded.model_key spells it (a Hub id as it is,
-    the embedded model by any of its names), a local folder with its fingerprint (model_fingerprint: replaced
-    in place, it is another model)."""
+    the embedded model by any of its names), a local folder by what it holds, not where it is (a run moved or
+    copied is the same run: its checkpoints resume), content_fingerprint."""
     from align.embedded import model_key
 
     if not name:
         return None
     key = model_key(str(name))
-    return f"{key}@{model_fingerprint(key)}" if Path(key).is_dir() else key
+    return content_fingerprint(key) if Path(key).is_dir() else key
+
+
+CONTENT_SAMPLE = 1 << 20  # bytes read from each end of a weight file by content_fingerprint
+
+
+def content_fingerprint(folder: str | Path) -> str:
+    """A local model folder's identity by what it holds, wherever it is and whatever its files' mtimes (a move,
+    cp -r, scp keep it; a model made or saved over again changes it), without reading all its weights. An align
+    artifact ("artifact:"): its manifest's stage, `created` stamp (made again, another), wall time, recorded
+    files with their sizes and metrics (two runs in one second differ in those). Another folder ("folder:"), or
+    an artifact whose manifest cannot be read: its config.json's text, and the name, size and first and last
+    CONTENT_SAMPLE bytes of each weight file (a model saved over it in the same shapes has other bytes at its
+    ends)."""
+    folder = Path(folder)
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+        if isinstance(m, dict) and m.get("created"):
+            made = [m.get("stage"), m["created"], m.get("seconds"), m.get("files"), m.get("metrics")]
+            return "artifact:" + hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    for p in sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json"
+                                                                     or p.name.endswith(WEIGHT_SUFFIXES))):
+        size = p.stat().st_size
+        digest.update(f"{p.name}\0{size}\0".encode())
+        with p.open("rb") as f:
+            digest.update(f.read(CONTENT_SAMPLE))
+            if size > CONTENT_SAMPLE:  # (the whole file when it is not twice that)
+                f.seek(max(CONTENT_SAMPLE, size - CONTENT_SAMPLE))
+                digest.update(f.read())
+    return "folder:" + digest.hexdigest()[:16]
 
 
 def model_fingerprint(folder: str | Path) -> str:

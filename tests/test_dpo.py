@@ -4,6 +4,7 @@ base), the output is a plain peft adapter, and the loss switch names what is all
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -613,3 +614,49 @@ def test_unseen_quantization_is_only_the_lossy_direction(tmp_path):
     assert unseen_quantization(tmp_path / "qlora", full) is None
     assert unseen_quantization(tmp_path / "qlora", four_bit) is None
     assert unseen_quantization(tmp_path / "bare", four_bit) is None
+
+
+def test_a_run_moved_while_stopped_resumes_from_its_checkpoints(sft_dir, tmp_path, monkeypatch, caplog, capsys):
+    """`mv run moved/run` (or cp -r, scp without times) is the same run: its SFT parent was identified by its path
+    and its align.json's mtime, so train.resume_from_checkpoint=latest set the checkpoints aside as "a run on other
+    inputs (sft differ)" and trained from scratch. An SFT made again is another parent: those are set aside."""
+    import shutil
+
+    from align.training import MetricsJSONL
+
+    data = write_pairs(tmp_path / "prefs.jsonl", 12)
+    run = tmp_path / "run"
+    shutil.copytree(sft_dir, run / "sft")
+
+    def args(run: Path) -> list[str]:
+        return ["dpo", f"run.dir={run}", f"sft={run / 'sft'}", f"data.path={data}", "model.quantize=false",
+                "train.max_steps=4", "train.eval_steps=2", "train.batch_size=4", "data.test_fraction=0", *FAST]
+
+    step_end = MetricsJSONL.on_step_end
+
+    def stopped(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsJSONL, "on_step_end", stopped)
+        assert align(args(run)) == 130
+    assert (run / "dpo" / "checkpoints" / "checkpoint-2").is_dir()
+    moved = tmp_path / "moved" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    for path in moved.rglob("*"):  # as cp -r leaves them: every file stamped now
+        os.utime(path)
+    caplog.set_level("INFO", logger="align.artifacts")
+    with monkeypatch.context() as m:
+        m.setattr(MetricsJSONL, "on_step_end", stopped)
+        assert align([*args(moved), "train.resume_from_checkpoint=latest"]) == 130
+    assert f"resuming from {moved / 'dpo' / 'checkpoints' / 'checkpoint-2'}" in caplog.text
+    assert "other inputs" not in caplog.text + capsys.readouterr().err
+    assert not list((moved / "dpo" / "checkpoints").glob("abandoned-*"))
+    # the SFT made again (its manifest's stamp): another parent, whose checkpoints do not go on
+    sft = moved / "sft" / "align.json"
+    sft.write_text(json.dumps({**json.loads(sft.read_text()), "created": "2999-01-01T00:00:00+0000"}))
+    assert align([*args(moved), "train.resume_from_checkpoint=latest", "train.max_steps=2"]) == 0
+    assert "a run on other inputs (sft differ" in capsys.readouterr().err

@@ -329,6 +329,42 @@ def test_latest_continues_only_an_unfinished_run_on_the_same_inputs(kind, tmp_pa
     assert "was trained on other inputs than this one (data differ" in caplog.text
 
 
+def test_a_local_model_is_identified_by_what_it_holds_and_an_old_record_still_reads(tmp_path, capsys):
+    """model_identity: a folder moved or copied with new mtimes is the same model, one saved over it (same sizes)
+    or an artifact made again another. A trained_on.json of before (path@mtime fingerprint) reads: the same
+    folder unchanged since resumes, a moved or changed one is set aside, no traceback."""
+    import json
+    import os
+
+    from align.artifacts import model_fingerprint, model_identity
+
+    base, sft = tmp_path / "base", tmp_path / "run" / "sft"
+    for folder in (base, sft):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"hidden_size": 8}')
+        (folder / "model.safetensors").write_bytes(b"\1" * 3000)
+    (sft / "align.json").write_text(json.dumps({"stage": "sft", "created": "2026-01-01T00:00:00+0000"}))
+    ids = model_identity(base), model_identity(sft)
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # new mtimes
+    os.utime(base / "model.safetensors", (1, 1))
+    assert (model_identity(base), model_identity(tmp_path / "copy" / "sft")) == ids
+    (base / "model.safetensors").write_bytes(b"\2" * 3000)  # saved over, the same shapes
+    (sft / "align.json").write_text(json.dumps({"stage": "sft", "created": "2026-01-01T00:00:09+0000"}))
+    assert model_identity(base) != ids[0] and model_identity(sft) != ids[1]
+
+    folder = tmp_path / "dpo" / "checkpoints"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    old = {"data": "sha", "sft": f"{sft}@{model_fingerprint(sft)}"}
+    (folder / "trained_on.json").write_text(json.dumps(old))
+    ours = {"data": "sha", "sft": model_identity(sft)}
+    assert resume_checkpoint(tmp_path / "dpo", "latest", max_steps=8, trained_on=ours).endswith("checkpoint-2")
+    assert json.loads((folder / "trained_on.json").read_text()) == ours  # recorded the new way from here on
+    (folder / "trained_on.json").write_text(json.dumps({**old, "sft": f"{tmp_path / 'gone'}@{'0' * 16}"}))
+    assert resume_checkpoint(tmp_path / "dpo", "latest", max_steps=8, trained_on=ours) is None
+    assert "a run on other inputs (sft differ" in capsys.readouterr().err
+
+
 def test_latest_sets_aside_checkpoints_cut_short_by_a_kill(tmp_path, capsys):
     """A kill while checkpoint-N was saved leaves it without trainer_state.json (written last) or with half of
     it: `latest` resumes from the newest complete one and moves those aside (it crashed on them, run after run)."""
