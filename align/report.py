@@ -961,8 +961,9 @@ def policies_on_remade_parents(m: dict[str, Any], folder: Path) -> list[str]:
 
 def changed_parents(manifest: dict[str, Any], folder: Path | None) -> dict[str, tuple[Path, str]]:
     """name -> (folder, what became of it) for each parent of `manifest` (of the stage in `folder`) that is not
-    the artifact it was when the stage read it: made again, unfinished (its folder there without a manifest: a
-    rerun stopped or still running), or gone."""
+    the artifact it was when the stage read it: made again, its manifest spoilt (half a file), unfinished (its
+    folder there without a manifest: a rerun stopped or still running), or gone. align pipeline remakes a stage
+    by the same rule (already_done)."""
     out = {}
     for name, parent in (manifest.get("parents") or {}).items():
         if not isinstance(parent, dict) or not parent.get("created"):
@@ -974,6 +975,7 @@ def changed_parents(manifest: dict[str, Any], folder: Path | None) -> dict[str, 
             now = None
         if now != parent["created"]:
             out[name] = (where, f"was made again at {now}" if now else
+                         f"has an {MANIFEST} that cannot be read" if (where / MANIFEST).is_file() else
                          f"is unfinished (no {MANIFEST}: a rerun stopped, or still running)" if where.is_dir() else
                          "is gone")
     return out

@@ -648,11 +648,17 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
     finally:
         data.write_text(text)
     reward = run / "reward" / "align.json"
-    before = reward.stat()
-    try:
-        os.utime(reward, (before.st_atime, time.time() + 60))  # the reward model retrained
-        assert rerun() == ["eval"]
+    before, text = reward.stat(), reward.read_text()
+    try:  # the reward model retrained (its manifest's stamp; its mtime alone, a copy's, is not a new model)
+        os.utime(reward, (before.st_atime, time.time() + 60))
+        assert rerun() == []
+        reward.write_text(json.dumps({**json.loads(text), "created": "2999-01-01T00:00:00+0000"}))
+        with caplog.at_level(logging.INFO, logger="align.recipes.pipeline"):
+            assert rerun() == ["eval"]
+        assert (f"── eval: it read its reward_model as made at {json.loads(text)['created']}; {run / 'reward'} was "
+                "made again at 2999-01-01T00:00:00+0000: making it again") in caplog.text
     finally:
+        reward.write_text(text)
         os.utime(reward, ns=(before.st_atime_ns, before.st_mtime_ns))
     # A ranked task made gold (its rankings now score the annotators, not train): the same count of
     # rankings, another export. (The count the pipeline compared before kept the stale one.)
@@ -678,18 +684,23 @@ def test_a_rerun_redoes_what_its_inputs_changed_and_nothing_else(tiny_model, dat
         assert rerun() == ["dpo"]
     finally:
         (tmp_path / adapter.name).rename(adapter)
-    text = reward.read_text()
     try:
         reward.write_text(text[:300])
-        assert rerun() == ["reward", "eval"]  # (eval: the half file is newer than it)
+        assert rerun() == ["reward", "eval"]  # (eval: its reward model is not the one it read)
     finally:
         reward.write_text(text)
         os.utime(reward, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert rerun() == []
-    # The run copied elsewhere is the same run: nothing to make again (every stage was, from sft)
+    # The run copied elsewhere is the same run: nothing to make again (every stage was, from sft), with its times
+    # kept or not: cp -r stamps the files anew as it walks them, and eval's align.json came out older than dpo's
+    # (reward, dpo and eval were made again, without a word)
     shutil.copytree(run, tmp_path / "copy", symlinks=True)
-    ran.clear()
-    assert align(pipeline_args(tiny_model, data, tmp_path / "copy")) == 0 and ran == []
+    subprocess.run(["cp", "-r", str(run), str(tmp_path / "cp-r")], check=True)
+    for age, stage in enumerate(STAGE_DIRS):  # each stage's manifest older than its parents'
+        os.utime(tmp_path / "cp-r" / stage / "align.json", (time.time() - 60 * age, time.time() - 60 * age))
+    for copy in ("copy", "cp-r"):
+        ran.clear()
+        assert align(pipeline_args(tiny_model, data, tmp_path / copy)) == 0 and ran == [], copy
     ran.clear()
     assert align([*pipeline_args(tiny_model, data, run), "scorer=length"]) != 0
     assert "was ranked 'simulated: known_scorers:thanks_then_short'" in capsys.readouterr().err and ran == []

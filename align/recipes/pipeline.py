@@ -166,8 +166,8 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     """Finished with the same config and nothing upstream remade since (a make-like rule).
 
     Every stage writes its manifest last and atomically, so a manifest means a finished stage.
-    Redone when: the config differs (W&B and resume settings aside); an upstream artifact's
-    manifest is newer; a data or prompts file it read has changed since (by sha256), or the local
+    Redone when: the config differs (W&B and resume settings aside); an upstream artifact was made
+    again since it read it (by its manifest's `created`: a copied run's mtimes do not count); a data or prompts file it read has changed since (by sha256), or the local
     base model folder it ran on (by its fingerprint: a model saved over it); an export's store's
     rankings have changed since it ran (added, changed, flagged, made gold).
     """
@@ -203,11 +203,24 @@ def already_done(folder: Path, cfg: Any, rankings: str | None = None) -> bool:
     # an eval from before it recorded its verdicts read none, as far as anyone knows: rerun once there are some
     unrecorded = verdicts_fingerprint([]) if m.get("stage") == "eval" else None
     if rankings is not None and m.get("rankings_sha256", unrecorded) != rankings:
+        log.info("── %s: the store's %s changed since it ran: making it again", folder.name,
+                 "A/B verdicts have" if m.get("stage") == "eval" else "rankings it reads have")
         return False
-    for parent in m.get("parents", {}).values():
-        upstream = parent_path(parent["path"], folder, m) / MANIFEST
-        if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
+    # A parent made again since this stage read it: its manifest's `created` is not the one recorded (the report's
+    # rule, report.changed_parents). Not mtimes: cp -r stamps a copy's files anew, in the order it walks them, and
+    # every stage after the first came out older than its parents. A parent gone, or left unfinished, is not
+    # compared: the pipeline makes its own before this, and another's is what the user gave
+    for name, (where, since) in report_module.changed_parents(m, folder).items():
+        if (where / MANIFEST).is_file():
+            log.info("── %s: it read its %s as made at %s; %s %s: making it again", folder.name, name,
+                     m["parents"][name]["created"], where, since)
             return False
+    for name, parent in (m.get("parents") or {}).items():  # one recorded without its stamp (align before it): mtimes
+        if isinstance(parent, dict) and not parent.get("created"):
+            upstream = parent_path(parent["path"], folder, m) / MANIFEST
+            if upstream.is_file() and upstream.stat().st_mtime > manifest.stat().st_mtime:
+                log.info("── %s: its %s, %s, is newer than it: making it again", folder.name, name, upstream.parent)
+                return False
     for path, sha in _inputs(m):
         path = in_this_run(path, folder, m)  # a copied run's own file, not the original's
         if path.exists() and file_hash(path) != sha:
