@@ -145,6 +145,9 @@ def routed(command: str, cfg: Any) -> Stage:
 _started: list[float] = []
 # The stages running in this process, outermost first (align pipeline, then the stage it runs): its locks say so.
 _running: list[str] = []
+# For each running stage, innermost last: {folder: its manifest's `created`} of the artifacts it may read, as they
+# were when it started (parents_as_read): its manifest names the parents it read, not those made again meanwhile.
+_read_at_start: list[dict[str, Any]] = []
 
 
 def key_prefix(section: str) -> str:
@@ -170,7 +173,8 @@ def run_stage(command: str, cfg: Any) -> Path:
         _started.append(time.time())  # a stack: the pipeline is a stage that runs stages
         _running.append(stage.name)
         try:
-            out = recipe.main(cfg)
+            with parents_as_read(cfg):
+                out = recipe.main(cfg)
         finally:
             _started.pop()
             _running.pop()
@@ -183,6 +187,52 @@ def run_stage(command: str, cfg: Any) -> Path:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     return out
+
+
+@contextmanager
+def parents_as_read(cfg: Any) -> Iterator[None]:
+    """While a stage runs on `cfg`: the finished artifacts it may read, as they are when it starts, are the parents
+    its manifest records (_parent). Read when it writes its manifest, a parent made again while it ran (an SFT
+    retrained beside a DPO on it) was recorded as the new one, and the report and align pipeline took the stage
+    for one built on it. Those artifacts: each folder its config names (or the folder of a file it names: an
+    export's pairs) and the stage folders of its run.dir (the parents it defaults to)."""
+    from align.config import to_dict
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str) and value and "://" not in value:
+            yield value
+
+    try:
+        named = list(strings(to_dict(cfg)))
+    except TypeError:  # not a config dataclass
+        named = []
+    run_dir = getattr(getattr(cfg, "run", None), "dir", None)
+    folders = _stage_folders(Path(run_dir), ()) if run_dir else []
+    for value in named:
+        try:
+            path = Path(value).expanduser()
+            folders += [path.parent] if path.is_file() else [path] if path.is_dir() else []
+        except (OSError, ValueError):  # a string no path can be (too long, a NUL): not a folder
+            continue
+    seen: dict[str, Any] = {}
+    for folder in folders:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict):
+            seen[os.path.abspath(folder)] = manifest.get("created")
+    _read_at_start.append(seen)
+    try:
+        yield
+    finally:
+        _read_at_start.pop()
 
 
 def give_back_freed_memory() -> None:
@@ -529,6 +579,12 @@ def _parent(path: str | Path) -> dict[str, Any]:
     if (path / MANIFEST).is_file():
         m = read_manifest(path)
         info.update(stage=m.get("stage"), created=m.get("created"))
+        read = _read_at_start[-1].get(str(path)) if _read_at_start else None
+        if read and read != m.get("created"):  # made again while this stage ran: it read the one before
+            log.warning("%s was made again (at %s) while this stage ran: recorded as the one it read, made at %s, so "
+                        "the report and align pipeline take this stage as built on an earlier %s", path,
+                        m.get("created"), read, m.get("stage") or "artifact")
+            info["created"] = read
     return info
 
 

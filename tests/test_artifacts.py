@@ -424,3 +424,40 @@ def test_a_stage_gives_back_the_memory_it_freed(tmp_path):
     assert done.returncode == 0, done.stderr
     freed_at, after = map(int, done.stdout.split())
     assert freed_at - after > 300, (freed_at, after)  # MiB: the 400 freed, less what the allocator may keep
+
+
+def test_a_parent_made_again_while_the_stage_ran_is_recorded_as_the_one_it_read(tmp_path, monkeypatch, caplog):
+    """A stage's manifest records each parent's `created` as it was when the stage started, not when it finished:
+    an SFT retrained beside a DPO on it was recorded as the new SFT, and the report and the pipeline took the DPO
+    for one built on it. Now the report calls it stale (and align pipeline makes it again), with a warning."""
+    from align.artifacts import run_stage
+    from align.recipes import dpo
+    from align.report import changed_parents
+
+    run = tmp_path / "run"
+    cfg = load_config(config_module.DPOStageConfig, None, [f"run.dir={run}", f"sft={tmp_path / 'elsewhere' / 'sft'}",
+                                                           "run.wandb=disabled"])
+    for folder, created in ((tmp_path / "elsewhere" / "sft", "2026-01-01T00:00:00+0000"),
+                            (run / "preferences", "2026-01-01T00:01:00+0000")):
+        folder.mkdir(parents=True)
+        (folder / MANIFEST).write_text(json.dumps({"stage": folder.name, "created": created}))
+
+    def trained_meanwhile(cfg):
+        for folder in (tmp_path / "elsewhere" / "sft", run / "preferences"):  # named by its config, and by default
+            manifest = json.loads((folder / MANIFEST).read_text())
+            (folder / MANIFEST).write_text(json.dumps({**manifest, "created": "2026-01-02T00:00:00+0000"}))
+        return write_manifest(run / "dpo", stage="dpo", config={}, base_model=None,
+                              parents={"sft": cfg.sft, "preferences": run / "preferences", "data": tmp_path / "x.jsonl"})
+
+    monkeypatch.setattr(dpo, "main", trained_meanwhile)
+    with caplog.at_level("WARNING", logger="align.artifacts"):
+        run_stage("dpo", cfg)
+    m = read_manifest(run / "dpo")
+    assert (m["parents"]["sft"]["created"], m["parents"]["preferences"]["created"]) == (
+        "2026-01-01T00:00:00+0000", "2026-01-01T00:01:00+0000")
+    assert sorted(changed_parents(m, run / "dpo")) == ["preferences", "sft"]
+    assert f"{tmp_path / 'elsewhere' / 'sft'} was made again (at 2026-01-02T00:00:00+0000) while this stage ran" \
+        in caplog.text
+    # unchanged while it ran: recorded as it is
+    write_manifest(run / "dpo", stage="dpo", config={}, base_model=None, parents={"sft": cfg.sft})
+    assert read_manifest(run / "dpo")["parents"]["sft"]["created"] == "2026-01-02T00:00:00+0000"
