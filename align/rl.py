@@ -322,7 +322,7 @@ class FixedKL:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """This run's rl.kl_coef, not the checkpoint's: restored, "resume with another kl_coef" silently kept
-        the old one while config.yaml and align.json recorded the new (as train.lr: ThisRunsRate)."""
+        the old one while config.yaml and align.json recorded the new (as train.lr: ThisRunsSettings)."""
         if state["value"] != self.value:
             log.info("resumed with rl.kl_coef=%g (the checkpoint's was %g)", self.value, state["value"])
 

@@ -344,12 +344,22 @@ def set_rate(optimizer, scheduler, lr: float) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr(): what the next step uses
 
 
-class ThisRunsRate(TrainerCallback):
-    """A run resumed from a checkpoint trains at this run's `train.lr`: the Trainer restores the checkpoint's
-    optimizer and schedule, rate included, so "resume with a lower train.lr" silently kept the old one while
-    config.yaml and align.json recorded the new. The schedule's position (warm-up, decay) is kept."""
+class ThisRunsSettings(TrainerCallback):
+    """A run resumed from a checkpoint trains at this run's `train.lr`, and logs, evaluates and saves at this run's
+    steps (train.logging_steps, train.eval_steps; save_steps): the Trainer restores the checkpoint's optimizer and
+    schedule, rate included, and its trainer_state.json, whose logging, eval and save steps are the ones it then
+    steps by. "Resume with a lower train.lr" silently kept the old rate, and a run resumed with train.eval_steps=
+    50000 still evaluated every 2 steps, while config.yaml and align.json recorded the new. The schedule's
+    position (warm-up, decay) is kept."""
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step:
+            was = {kind: getattr(state, f"{kind}_steps") for kind in ("logging", "eval", "save")}
+            state.compute_steps(args, state.max_steps)  # as the Trainer set them before it loaded the checkpoint's
+            moved = [f"{kind}_steps {n} -> {getattr(state, f'{kind}_steps')}" for kind, n in was.items()
+                     if getattr(state, f"{kind}_steps") != n]
+            if moved:
+                log.info("resumed at step %d with this run's %s", state.global_step, ", ".join(moved))
         if not state.global_step or optimizer is None or not hasattr(lr_scheduler, "lr_lambdas"):
             return
         if any(g.get("initial_lr", args.learning_rate) != args.learning_rate for g in optimizer.param_groups):

@@ -160,6 +160,20 @@ def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     assert got == {"train_loss": pytest.approx((6.0 + 2 * 5.0 + 1 * 5.0 + 3 * 2.0) / 7), "train_loss_since_resume": 2.0}
 
 
+def test_a_resumed_run_logs_evaluates_and_saves_at_its_own_steps(tiny_model, sft_data, tmp_path):
+    """The Trainer, resuming, takes the checkpoint's trainer_state.json, whose eval, save and logging steps it then
+    steps by: a run made with eval_steps=2, resumed with train.eval_steps=50000, still evaluated every 2 steps
+    while config.yaml recorded 50000. The resumed steps follow this run's train.eval_steps and logging_steps."""
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=4",
+                  "train.eval_steps=2")
+    out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=9",
+                  "train.eval_steps=3", "train.logging_steps=2", "train.resume_from_checkpoint=latest")
+    rows = read_jsonl(out / "metrics.jsonl")
+    # every 3 steps and at the last (the checkpoint's 2 gave 6, 8, 9); a loss every 2 steps (was every step)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6, 9], rows
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 6, 8], rows
+    assert (out / "checkpoints" / "checkpoint-6").is_dir() and not (out / "checkpoints" / "checkpoint-8").exists()
+
 def test_latest_over_a_finished_run_on_other_data_trains_the_new_data(tiny_model, sft_data, tmp_path, capsys):
     """The pipeline's case: sft finished, its data edited, run again with resume_from_checkpoint=latest. The
     finished run's checkpoint-4 is set aside and 4 steps train on the new data (it resumed at step 4, trained

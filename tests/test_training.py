@@ -142,13 +142,14 @@ def test_a_gather_of_rows_of_any_length_keeps_each_processs_rows_once():
 def test_a_run_resumed_to_train_longer_takes_its_first_step_at_the_new_schedules_rate():
     """Resumed at step 2 with max_steps raised from 2 to 4 (the same train.lr): the Trainer restores the optimizer
     at the old schedule's end (0 after a linear decay to 2 steps); the first resumed step must train at the new
-    schedule's rate for step 2, as a fresh 4-step run does (it trained at 0)."""
+    schedule's rate for step 2, as a fresh 4-step run does (it trained at 0). It logs, evaluates and saves at this
+    run's steps, not those of the checkpoint's trainer_state.json."""
     from types import SimpleNamespace
 
     import torch
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import TrainerState, get_linear_schedule_with_warmup
 
-    from align.training import ThisRunsRate
+    from align.training import ThisRunsSettings
 
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([weight], lr=1e-3)
@@ -161,9 +162,11 @@ def test_a_run_resumed_to_train_longer_takes_its_first_step_at_the_new_schedules
     # As restored from checkpoint-2 of the 2-step run: its schedule's position, and its rate at the end, 0
     scheduler.last_epoch = 2
     optimizer.param_groups[0]["lr"] = 0.0
-    ThisRunsRate().on_train_begin(SimpleNamespace(learning_rate=1e-3), SimpleNamespace(global_step=2), None,
-                                  optimizer=optimizer, lr_scheduler=scheduler)
+    args = SimpleNamespace(learning_rate=1e-3, logging_steps=1, eval_steps=3, save_steps=3)
+    state = TrainerState(global_step=2, max_steps=4, logging_steps=5, eval_steps=2, save_steps=2)  # the checkpoint's
+    ThisRunsSettings().on_train_begin(args, state, None, optimizer=optimizer, lr_scheduler=scheduler)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(fresh[2]) == pytest.approx(5e-4)
+    assert (state.logging_steps, state.eval_steps, state.save_steps) == (1, 3, 3)  # this run's, not the checkpoint's
 
 
 def test_grpo_maps_the_rl_keys(tmp_path):

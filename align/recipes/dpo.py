@@ -66,7 +66,7 @@ from align.tracking import finish_wandb, log_artifact, start_wandb_run
 from align.training import (
     HeldoutPairs,
     MetricsJSONL,
-    ThisRunsRate,
+    ThisRunsSettings,
     UniqueRows,
     distinct_rows_metrics,
     final_eval,
@@ -329,7 +329,7 @@ def main(cfg: DPOStageConfig) -> Path:
         train_dataset=train,
         eval_dataset=test,
         processing_class=tokenizer,
-        callbacks=[MetricsJSONL(out), ThisRunsRate()],
+        callbacks=[MetricsJSONL(out), ThisRunsSettings()],
     )
     # What TRL trains and evaluates on: its datasets, less what it dropped.
     counts = {"train": len(trainer.train_dataset), "test": len(trainer.eval_dataset) if test is not None else 0}

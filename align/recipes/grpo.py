@@ -64,7 +64,7 @@ from align.modeling import (
 )
 from align.preflight import check_stage
 from align.tracking import finish_wandb, log_artifact, start_wandb_run
-from align.training import MetricsJSONL, ThisRunsRate, resume_checkpoint, train_from, train_loss, trl_args
+from align.training import MetricsJSONL, ThisRunsSettings, resume_checkpoint, train_from, train_loss, trl_args
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def main(cfg: PPOStageConfig) -> Path:
     start_wandb_run(cfg.run, cfg.algo)  # before the trainer: its W&B callback logs into this run
     trainer = Trainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, plan, out), train_dataset=data,
                       processing_class=tokenizer, peft_config=None if sft else peft_lora_config(cfg.lora),
-                      callbacks=[MetricsJSONL(out), ThisRunsRate()])
+                      callbacks=[MetricsJSONL(out), ThisRunsSettings()])
     policy = trainer.model
     has_ref = "ref" in policy.peft_config  # TRL's frozen copy of the SFT adapter, its KL reference
     # TRL rounded a 4-bit model's adapter to bf16 (PPO's lr 1e-5 is under bf16's step for most LoRA weights):

@@ -84,7 +84,7 @@ from align.reward_model import (
 from align.tracking import append_jsonl, finish_wandb, log_artifact, scalars, start_wandb_run
 from align.training import (
     MetricsJSONL,
-    ThisRunsRate,
+    ThisRunsSettings,
     UniqueRows,
     distinct_rows_metrics,
     gathers_of_any_size,
@@ -326,7 +326,7 @@ def main(cfg: RewardStageConfig) -> Path:
         processing_class=tokenizer,
         # A fresh LoRA; the new score head is trained in full and saved with it.
         peft_config=peft_lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]),
-        callbacks=[MetricsJSONL(out), ThisRunsRate()],
+        callbacks=[MetricsJSONL(out), ThisRunsSettings()],
     )
     # TRL's RewardConfig (disable_dropout) sets every dropout's p to 0 once peft has wrapped the model: the base
     # model's stay off (GPT-2's, OPT's...), LoRA's are given back the lora.dropout asked for (else recorded, not run)

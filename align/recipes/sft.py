@@ -41,7 +41,7 @@ from align.preflight import check_stage
 from align.tracking import finish_wandb, log_artifact, start_wandb_run, summarize_eval, wandb_hint
 from align.training import (
     MetricsJSONL,
-    ThisRunsRate,
+    ThisRunsSettings,
     final_eval,
     resume_checkpoint,
     train_from,
@@ -197,7 +197,7 @@ def main(cfg: SFTStageConfig) -> Path:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(cfg.lora),
-        callbacks=[MetricsJSONL(out), ThisRunsRate()],
+        callbacks=[MetricsJSONL(out), ThisRunsSettings()],
     )
     # What TRL trains and evaluates on: its datasets, less what it dropped (packed, they hold chunks: the examples,
     # less those dropped above).
