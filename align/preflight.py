@@ -523,11 +523,19 @@ def check_run_dir(key: str, folder: str | Path, stage: str | None = None) -> Non
 
 
 def check_wandb(p: str, run) -> None:
-    """W&B online (run.wandb=online, or WANDB_MODE=online under auto) where it cannot start a run: no key, or a
-    server that does not answer. wandb.init then failed (no key; without a terminal it asks for none) or waited
-    90 s and failed, when the stage opened its run: for sample and eval after every answer was generated and
-    judged, and the stage ended with no manifest (its work redone on the next run)."""
-    from align.tracking import has_wandb_key, wandb_host, wandb_mode, wandb_reachable
+    """W&B online (run.wandb=online, or WANDB_MODE=online under auto) where it cannot start a run: no key, a
+    server that does not answer, or one that refuses the key. wandb.init then failed (no key; without a terminal it
+    asks for none), waited 90 s and failed, or failed with "user is not logged in", when the stage opened its run:
+    for sample and eval after every answer was generated and judged, and the stage ended with no manifest (its
+    work redone on the next run, a previous eval's manifest removed)."""
+    from align.tracking import (
+        has_wandb_key,
+        wandb_host,
+        wandb_key_refusal,
+        wandb_key_source,
+        wandb_mode,
+        wandb_reachable,
+    )
 
     if wandb_mode(run) != "online":
         return
@@ -539,6 +547,10 @@ def check_wandb(p: str, run) -> None:
     if not wandb_reachable():
         raise ConfigError(f"{asked}: {host} does not answer, so no run could be started; use {p}run.wandb=auto "
                           "(offline when it does not answer) or offline, and upload later with `wandb sync`")
+    if refused := wandb_key_refusal():
+        raise ConfigError(f"{asked}: {host} refuses {wandb_key_source()} ({refused}), so no run could be started; "
+                          f"log in again (`wandb login --relogin`), or use {p}run.wandb=auto (offline when the key "
+                          "is refused) or offline, and upload later with `wandb sync`")
 
 
 def check_model(key: str, name: str, *, tokenizer: bool = True) -> None:

@@ -31,9 +31,9 @@ USER_MODE = os.environ.get("WANDB_MODE", "").strip().lower()
 
 
 def wandb_mode(cfg: RunConfig) -> str:
-    """run.wandb, or for `auto`: the user's WANDB_MODE where set, else online with a key and a W&B server that
-    answers, offline otherwise (a key on a machine with no network: wandb.init waited 90 s, then every stage
-    failed with a traceback)."""
+    """run.wandb, or for `auto`: the user's WANDB_MODE where set, else online with a key that a W&B server answering
+    takes, offline otherwise (a key on a machine with no network: wandb.init waited 90 s, then every stage failed
+    with a traceback; a key the server refuses: eval and sample failed with one after all their work)."""
     if cfg.wandb != "auto":
         return cfg.wandb
     if USER_MODE in ("online", "offline", "disabled"):
@@ -43,10 +43,21 @@ def wandb_mode(cfg: RunConfig) -> str:
     if not has_wandb_key():
         return "offline"
     if not wandb_reachable():
-        said_once(log.warning, "W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload "
-                  "the runs later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
+        warn_once("W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload the runs "
+                  "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
+        return "offline"
+    if refused := wandb_key_refusal():
+        warn_once("W&B: %s refuses %s (%s): logging offline (run.wandb=auto); log in again (`wandb login "
+                  "--relogin`) and upload the runs with `wandb sync <run.dir>/wandb/offline-run-*`",
+                  wandb_host()[1], wandb_key_source(), refused)
         return "offline"
     return "online"
+
+
+def warn_once(message: str, *args: Any) -> None:
+    """log.warning(message, *args), once a process (align.said_once). wandb_mode is asked by the preflight, the
+    trainer's arguments, the stage's W&B run and its closing hint: a stage said "logging offline" four times."""
+    said_once(log.warning, message, *args)
 
 
 def wandb_host() -> tuple[str, str, int]:
@@ -88,25 +99,92 @@ def server_reachable(scheme: str, host: str, port: int, timeout: float) -> bool:
 
 
 def has_wandb_key() -> bool:
-    """Whether wandb would find a key: WANDB_API_KEY, or the `wandb login` entry for the server (WANDB_BASE_URL's,
-    else api.wandb.ai) in the netrc file wandb reads (NETRC's, else ~/.netrc). Only api.wandb.ai in ~/.netrc
-    was looked up: a self-hosted server's key, or one in a NETRC file, left run.wandb=auto offline."""
+    """Whether wandb would find a key (wandb_key)."""
+    return wandb_key() is not None
+
+
+def wandb_key() -> str | None:
+    """The key wandb would use: WANDB_API_KEY, or the `wandb login` entry for the server (WANDB_BASE_URL's, else
+    api.wandb.ai) in the netrc file wandb reads (NETRC's, else ~/.netrc). Only api.wandb.ai in ~/.netrc was
+    looked up: a self-hosted server's key, or one in a NETRC file, left run.wandb=auto offline."""
     if os.environ.get("WANDB_API_KEY"):
-        return True
+        return os.environ["WANDB_API_KEY"]
     url = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
     try:  # wandb's own reader (the file, the entry's name, a forge's upstream), where this wandb has it
         from wandb.sdk.lib.wbauth import read_netrc_auth
 
-        return read_netrc_auth(host=url) is not None
+        return read_netrc_auth(host=url)
     except Exception:  # noqa: BLE001 - no wandb, one that moved its reader, or a URL or key it refuses: ours
         pass
     path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
         found = netrc.netrc(os.path.expanduser(path))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
+        return None
     split = urlsplit(url)  # `wandb login --host` writes the server's host:port as the machine
-    return any(found.authenticators(name) for name in dict.fromkeys((split.netloc, split.hostname)) if name)
+    for name in dict.fromkeys((split.netloc, split.hostname)):
+        if name and (entry := found.authenticators(name)) and entry[2]:
+            return entry[2]
+    return None
+
+
+def wandb_key_source() -> str:
+    """Where wandb_key found the key, as the user set it."""
+    return "the key in WANDB_API_KEY" if os.environ.get("WANDB_API_KEY") else "the key of `wandb login` (netrc)"
+
+
+@functools.cache
+def wandb_key_refusal(timeout: float = 5.0) -> str | None:
+    """What the W&B server says when it refuses wandb_key (asked once a process), None when it takes it, there is
+    no key, or no clear answer came (no network, a TLS or proxy trouble: wandb.init is left to try). Asked as
+    `wandb login --verify` asks (the GraphQL viewer, the key as the password of the user "api"), directly: wandb's
+    own check starts its wandb-core process (1 s). A key the server refused failed wandb.init ("user is not logged
+    in") when the stage opened its run: for sample and eval after all their work."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    key = wandb_key()
+    if key is None:
+        return None
+    base = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+    request = urllib.request.Request(
+        f"{base}/graphql", data=json.dumps({"query": "query Viewer { viewer { id } }"}).encode(), method="POST",
+        headers={"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode(),
+                 "Content-Type": "application/json", "User-Agent": "align"})
+    said: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                body = json.loads(answer.read() or b"{}")
+            viewer = body.get("data", {}).get("viewer", "") if isinstance(body, dict) else ""
+            # no viewer: a key it knows no user by (wandb's validate_api_key before wandb-core read it so)
+            said.append("it knows no user by it" if viewer is None else None)
+        except urllib.error.HTTPError as err:
+            said.append(f"HTTP {err.code}: {_server_message(err)}" if err.code in (401, 403) else None)
+        except Exception:  # noqa: BLE001 - no clear answer: not taken for a refusal
+            said.append(None)
+
+    asking = threading.Thread(target=ask, daemon=True)  # a name lookup is not waited for past `timeout` either
+    asking.start()
+    asking.join(timeout)
+    return said[0] if said else None
+
+
+def _server_message(err: Exception) -> str:
+    """The first error message of a W&B server's answer (GraphQL's {"errors": [{"message": ...}]}), else its
+    text, in one line."""
+    try:
+        text = err.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001
+        text = ""
+    try:
+        text = json.loads(text)["errors"][0]["message"]
+    except Exception:  # noqa: BLE001 - not GraphQL's shape: the text as it is
+        pass
+    return " ".join(str(text).split())[:200] or err.reason or "refused"
 
 
 def run_name(run_dir: Path) -> str:

@@ -81,3 +81,56 @@ def sft_data(tmp_path) -> Path:
              "output": "Thanks for reaching out! Open Settings and tap Sync now."} for i in range(40)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture
+def wandb_server(monkeypatch):
+    """A W&B server on 127.0.0.1 that answers every request with `answer` (status, JSON body): 401 and GraphQL's
+    "user is not logged in" unless a test sets another, as a server does for a key it refuses. WANDB_BASE_URL points
+    at it, WANDB_API_KEY holds a well-formed key; `asked` holds each request's path and Authorization header."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    import align
+    from align import tracking
+
+    server = SimpleNamespace(answer=(401, {"errors": [{"message": "user is not logged in"}]}), asked=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            server.asked.append((self.path, self.headers.get("Authorization")))
+            status, body = server.answer
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{http.server_address[1]}"
+    for key in ("WANDB_MODE", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", server.url)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(tracking, "USER_MODE", "")
+    caches = (tracking.wandb_reachable, tracking.wandb_key_refusal)
+    for cache in caches:
+        cache.cache_clear()
+    align._said.clear()
+    try:
+        yield server
+    finally:
+        http.shutdown()
+        http.server_close()
+        for cache in caches:
+            cache.cache_clear()
+        align._said.clear()

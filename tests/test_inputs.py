@@ -1058,3 +1058,19 @@ def test_wandb_online_where_no_run_could_start_is_refused_before_any_work(tmp_pa
     finally:
         tracking.wandb_reachable.cache_clear()
         closed.close()
+
+
+def test_wandb_online_with_a_key_the_server_refuses_is_refused_before_any_work(wandb_server, tmp_path, capsys):
+    """run.wandb=online with a key the server refuses (401): wandb.init failed with a traceback ("user is not logged
+    in") when eval and sample opened their run, after all their work, and the failed eval removed the previous
+    finished eval's align.json. Now one line before any work, naming run.wandb and the key, and nothing touched."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "align.json").write_text('{"stage": "eval"}')  # a previous eval, finished
+    for stage in ("eval", "sample", "sft"):
+        assert align([stage, f"run.dir={run}", "run.wandb=online"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run.wandb=online: 127.0.0.1 refuses the key in WANDB_API_KEY (HTTP 401: " \
+            "user is not logged in), so no run could be started" in err and "run.wandb=auto" in err, err
+    assert (run / "eval" / "align.json").read_text() == '{"stage": "eval"}' and sorted(run.iterdir()) == [run / "eval"]
+    assert len(wandb_server.asked) == 1  # once a process

@@ -128,6 +128,7 @@ def test_wandb_auto_follows_the_users_wandb_mode_then_the_key(monkeypatch):
 
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
     monkeypatch.setattr(tracking, "wandb_reachable", lambda: True)
+    monkeypatch.setattr(tracking, "wandb_key_refusal", lambda: None)  # the server takes it
     for user, mode in (("disabled", "disabled"), ("offline", "offline"), ("dryrun", "offline"), ("", "online")):
         monkeypatch.setattr(tracking, "USER_MODE", user)
         assert tracking.wandb_mode(RunConfig(wandb="auto")) == mode
@@ -182,6 +183,7 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
 
     monkeypatch.setattr(tracking, "USER_MODE", "")
     monkeypatch.setattr(tracking, "has_wandb_key", lambda: True)
+    monkeypatch.setattr(tracking, "wandb_key_refusal", lambda: None)  # (a server that answers takes the key)
     monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.internal:8080")
     asked = []
 
@@ -215,6 +217,39 @@ def test_wandb_auto_with_a_key_and_no_network_logs_offline_and_says_so(monkeypat
     finally:
         tracking.wandb_reachable.cache_clear()
 
+
+def test_wandb_auto_with_a_key_the_server_refuses_logs_offline_and_says_so_once(wandb_server, caplog):
+    """A key set but refused by the server (401): auto went online, and wandb.init failed with "user is not logged
+    in", for eval and sample after all their work. The server is asked, once a process, as `wandb login --verify`
+    asks; the stage logs offline with one warning. Only a clear refusal counts: a key taken, or a server in
+    trouble (a 500), leaves auto online, as before."""
+    import base64
+
+    from align import tracking
+    from align.config import RunConfig
+
+    assert tracking.wandb_key_refusal() == "HTTP 401: user is not logged in"
+    for _ in range(3):  # the preflight, the trainer's arguments, the stage's run: one warning
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
+    assert caplog.text.count("refuses the key in WANDB_API_KEY (HTTP 401: user is not logged in): logging "
+                             "offline") == 1, caplog.text
+    assert wandb_server.asked == [("/graphql", "Basic " + base64.b64encode(b"api:" + b"x" * 40).decode())]
+    assert tracking.wandb_mode(RunConfig(wandb="online")) == "online"  # asked for: as asked (preflight refuses it)
+    for answer, mode in (((200, {"data": {"viewer": {"id": "VXNlcjox"}}}), "online"),
+                         ((200, {"data": {"viewer": None}}), "offline"),  # no user by this key (wandb's own reading)
+                         ((403, {"errors": [{"message": "permission denied"}]}), "offline"),
+                         ((500, {"errors": [{"message": "internal error"}]}), "online")):
+        wandb_server.answer = answer
+        tracking.wandb_key_refusal.cache_clear()
+        assert tracking.wandb_mode(RunConfig(wandb="auto")) == mode, answer
+    # no key: nothing asked
+    wandb_server.asked.clear()
+    tracking.wandb_key_refusal.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("WANDB_API_KEY")
+        mp.setenv("NETRC", "/nonexistent/netrc")
+        assert tracking.wandb_key_refusal() is None and tracking.wandb_mode(RunConfig(wandb="auto")) == "offline"
+    assert wandb_server.asked == []
 
 def test_the_simulated_annotator_ranked_every_task_through_the_store(run):
     from align.labeling.store import Store
