@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         from align.labeling.store import StoreError  # the labelling store's own: a URL it cannot open
 
         fail_wandb(1)
-        said = disk_error(err)
+        said = disk_error(err) or wandb_error(err)
         if said is None and not isinstance(err, StoreError):
             raise
         print(f"align {stage}: {said or err}", file=sys.stderr)
@@ -354,6 +354,20 @@ def disk_error(err: BaseException) -> str | None:
         seen = seen.__cause__ or seen.__context__
     if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):  # safetensors' own error
         return f"{str(err).strip()} (free space, then run it again)"
+    return None
+
+
+def wandb_error(err: BaseException) -> str | None:
+    """W&B's own error (wandb.errors.Error: a run it could not start, a request its server refused), said in one
+    line naming run.wandb, in place of its traceback (wandb.init's "user is not logged in" for a key the server
+    refuses, where the preflight could not ask); None for any other error. Nothing imports wandb to ask."""
+    errors = sys.modules.get("wandb.errors")
+    seen = err
+    while errors is not None and seen is not None:
+        if isinstance(seen, errors.Error):
+            return (f"W&B: {' '.join(str(seen).split()) or type(seen).__name__} (run.wandb=offline logs without the "
+                    "server; upload later with `wandb sync`)")
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

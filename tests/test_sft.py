@@ -107,6 +107,25 @@ def test_lora_dora_rslora_switches(tiny_model, sft_data, tmp_path):
     assert "unquantized base + DoRA with rsLoRA scaling" in json.loads((out / "align.json").read_text())["device_plan"]
 
 
+def test_a_wandb_error_that_escapes_a_stage_is_one_line(tiny_model, sft_data, tmp_path, wandb_server, monkeypatch,
+                                                        capsys):
+    """wandb.init's error for a key the server refuses, where the preflight could not ask (wandb_key_refusal: no
+    clear answer): a traceback of wandb's (CommError: user is not logged in). Now one line naming run.wandb."""
+    import wandb
+
+    from align import tracking
+
+    monkeypatch.setattr(tracking, "wandb_key_refusal", lambda: None)
+    wandb.teardown()  # wandb reads its server (WANDB_BASE_URL) once a process: an earlier test's would be kept
+    try:
+        rc = align(["sft", f"model.name={tiny_model}", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}",
+                    *FAST[1:], "run.wandb=online", "train.max_steps=1"])
+    finally:
+        wandb.teardown()  # nor this test's server kept for later ones
+    err = capsys.readouterr().err
+    assert rc == 1 and "align sft: W&B: user is not logged in (run.wandb=offline logs without the server" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run" / "sft" / "align.json").exists()
+
 def test_resume_continues_the_step_count(tiny_model, sft_data, tmp_path):
     """A resumed run continues checkpoint-4: its step count, metrics, rate and its weights (not a fresh adapter)."""
     out = run_sft(tiny_model, sft_data, tmp_path / "run", "model.quantize=false", "train.max_steps=4",
