@@ -42,22 +42,18 @@ def wandb_mode(cfg: RunConfig) -> str:
         return "offline"
     if not has_wandb_key():
         return "offline"
+    # Said once a process: the preflight, the trainer's arguments, the stage's W&B run and its closing hint each
+    # ask, and a stage said "logging offline" four times
     if not wandb_reachable():
-        warn_once("W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); upload the runs "
-                  "later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
+        said_once(log.warning, "W&B: a key is set, but %s does not answer: logging offline (run.wandb=auto); "
+                  "upload the runs later with `wandb sync <run.dir>/wandb/offline-run-*`", wandb_host()[1])
         return "offline"
     if refused := wandb_key_refusal():
-        warn_once("W&B: %s refuses %s (%s): logging offline (run.wandb=auto); log in again (`wandb login "
-                  "--relogin`) and upload the runs with `wandb sync <run.dir>/wandb/offline-run-*`",
+        said_once(log.warning, "W&B: %s refuses %s (%s): logging offline (run.wandb=auto); log in again "
+                  "(`wandb login --relogin`) and upload the runs with `wandb sync <run.dir>/wandb/offline-run-*`",
                   wandb_host()[1], wandb_key_source(), refused)
         return "offline"
     return "online"
-
-
-def warn_once(message: str, *args: Any) -> None:
-    """log.warning(message, *args), once a process (align.said_once). wandb_mode is asked by the preflight, the
-    trainer's arguments, the stage's W&B run and its closing hint: a stage said "logging offline" four times."""
-    said_once(log.warning, message, *args)
 
 
 def wandb_host() -> tuple[str, str, int]:
